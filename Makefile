@@ -1,0 +1,81 @@
+# moonwire build. `make` builds build/moonwire/core.so; `make test` runs the suite against
+# the build tree; `make test-asan` does the same with an ASan+UBSan build.
+LUA       ?= lua5.4
+BUSTED    ?= busted
+LUAROCKS  ?= luarocks
+PKG       ?= pkg-config
+CC        ?= cc
+
+LUA_CFLAGS := $(shell $(PKG) --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+# llhttp: a system libllhttp when pkg-config knows one, else the C sources Debian's
+# node-llhttp ships (compiled into the module; never copied into this repository).
+LLHTTP_PC := $(shell $(PKG) --exists libllhttp 2>/dev/null && echo yes)
+ifeq ($(LLHTTP_PC),yes)
+  LLHTTP_CFLAGS := $(shell $(PKG) --cflags libllhttp)
+  LLHTTP_LIBS   := $(shell $(PKG) --libs libllhttp)
+  LLHTTP_SRC    :=
+else
+  LLHTTP_DIR    ?= /usr/share/llhttp
+  LLHTTP_CFLAGS := -I/usr/share/include/llhttp
+  LLHTTP_LIBS   :=
+  LLHTTP_SRC    := $(wildcard $(LLHTTP_DIR)/llhttp.c $(LLHTTP_DIR)/api.c $(LLHTTP_DIR)/http.c)
+endif
+
+WARN      := -Wall -Wextra -Wshadow -Wno-unused-parameter
+CFLAGS    ?= -O2 -g
+ALL_CFLAGS = -std=gnu11 -fPIC $(WARN) $(CFLAGS) $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -fvisibility=hidden
+LIBS       = $(LLHTTP_LIBS) -lpthread
+
+SRC := $(wildcard src/*.c)
+HDR := $(wildcard src/*.h)
+
+BUILD ?= build
+OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRC)) $(patsubst $(LLHTTP_DIR)/%.c,$(BUILD)/obj/llhttp_%.o,$(LLHTTP_SRC))
+SO  := $(BUILD)/moonwire/core.so
+
+.PHONY: all test test-asan lint demo install clean deps bench
+
+all: $(SO)
+
+$(BUILD)/obj/%.o: src/%.c $(HDR) | $(BUILD)/obj
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+# third-party sources: no warnings of ours
+$(BUILD)/obj/llhttp_%.o: $(LLHTTP_DIR)/%.c | $(BUILD)/obj
+	$(CC) -std=gnu11 -fPIC $(CFLAGS) $(LLHTTP_CFLAGS) -w -c -o $@ $<
+
+$(BUILD)/obj:
+	mkdir -p $@ $(BUILD)/moonwire
+
+$(SO): $(OBJ)
+	$(CC) -shared $(CFLAGS) -o $@ $(OBJ) $(LIBS)
+
+deps:
+	@scripts/install-deps
+
+# The suite: busted on spec/ against the build tree; prints "N passed, N failed".
+test: deps all
+	@scripts/run-tests $(BUILD)
+
+ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+test-asan: deps
+	$(MAKE) BUILD=build-asan CFLAGS="$(ASAN_FLAGS)" all
+	@MW_ASAN=1 scripts/run-tests build-asan
+
+lint: deps
+	luacheck -q lua spec examples bench
+	cppcheck --quiet --error-exitcode=1 --enable=warning,portability,performance \
+	  --inline-suppr --suppress=missingIncludeSystem $(LUA_CFLAGS) src/
+
+demo: deps all
+	@echo "moonwire demo: TCP echo server (try: nc 127.0.0.1 8080)"
+	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA) examples/tcp_echo.lua 127.0.0.1 8080
+
+bench: all
+	bench/tcp_echo
+
+install:
+	$(LUAROCKS) --lua-version 5.4 make moonwire-scm-1.rockspec
+
+clean:
+	rm -rf build build-asan

@@ -1,0 +1,169 @@
+--- Channels: FIFO queues between tasks, with an optional buffer.
+-- Built on the core's park/unpark primitive: a blocked sender or receiver parks its task
+-- and is queued here; the other side unparks it with the value (or the failure).
+local core = require "moonwire.core"
+
+local park, unpark, current = core.park, core.unpark, core.current
+
+local Channel = {}
+Channel.__index = Channel
+Channel.__name = "moonwire.Channel"
+
+-- A FIFO of waiting tasks; entries whose task gave up (timeout, cancel) are skipped.
+local function qpush(q, e)
+  q.last = q.last + 1
+  q[q.last] = e
+end
+
+local function qpop(q)
+  while q.first <= q.last do
+    local e = q[q.first]
+    q[q.first] = nil
+    q.first = q.first + 1
+    if e.task then return e end
+  end
+end
+
+local function newq() return { first = 1, last = 0 } end
+
+local function check(self, fname)
+  if getmetatable(self) ~= Channel then
+    error(("bad argument #1 to '%s' (moonwire.Channel expected, got %s)"):format(fname, type(self)), 3)
+  end
+end
+
+local function wait(q, entry, timeout)
+  qpush(q, entry)
+  local ok, err, code = park(timeout)
+  entry.task = nil
+  if ok == nil then return nil, err, code end
+  return ok, err, code
+end
+
+local function self_task(fname)
+  local t = current()
+  if not t then error(("blocking call outside a task ('%s')"):format(fname), 3) end
+  return t
+end
+
+local function checktimeout(fname, timeout)
+  if timeout ~= nil and type(timeout) ~= "number" then
+    error(("bad argument #2 to '%s' (number expected, got %s)"):format(fname, type(timeout)), 3)
+  end
+end
+
+function Channel:send(value, timeout)
+  check(self, "send")
+  if value == nil then error("bad argument #1 to 'send' (value expected)", 2) end
+  checktimeout("send", timeout)
+  local me = self_task("send")
+  if self._closed then return nil, "closed", "closed" end
+  -- a receiver already waiting takes the value directly
+  local r = qpop(self._recvq)
+  while r do
+    r.task, r = nil, r.task
+    if unpark(r, value) then return true end
+    r = qpop(self._recvq)
+  end
+  if self._n < self.capacity then
+    self._tail = self._tail + 1
+    self._buf[self._tail] = value
+    self._n = self._n + 1
+    return true
+  end
+  return wait(self._sendq, { task = me, value = value }, timeout)
+end
+
+-- Moves the first waiting sender's value into the buffer (after a receive made room).
+local function admit_sender(self)
+  local s = qpop(self._sendq)
+  while s do
+    local t = s.task
+    s.task = nil
+    if unpark(t, true) then
+      self._tail = self._tail + 1
+      self._buf[self._tail] = s.value
+      self._n = self._n + 1
+      return
+    end
+    s = qpop(self._sendq)
+  end
+end
+
+function Channel:recv(timeout)
+  check(self, "recv")
+  if timeout ~= nil and type(timeout) ~= "number" then
+    error(("bad argument #1 to 'recv' (number expected, got %s)"):format(type(timeout)), 2)
+  end
+  local me = self_task("recv")
+  if self._n > 0 then
+    local h = self._head
+    local v = self._buf[h]
+    self._buf[h] = nil
+    self._head = h + 1
+    self._n = self._n - 1
+    admit_sender(self)
+    return v
+  end
+  -- rendezvous: take straight from a waiting sender
+  local s = qpop(self._sendq)
+  while s do
+    local t = s.task
+    s.task = nil
+    if unpark(t, true) then return s.value end
+    s = qpop(self._sendq)
+  end
+  if self._closed then return nil, "closed", "closed" end
+  return wait(self._recvq, { task = me }, timeout)
+end
+
+function Channel:close()
+  check(self, "close")
+  if self._closed then return end
+  self._closed = true
+  for _, q in ipairs{ self._recvq, self._sendq } do
+    local e = qpop(q)
+    while e do
+      local t = e.task
+      e.task = nil
+      unpark(t, nil, "closed", "closed")
+      e = qpop(q)
+    end
+  end
+end
+
+function Channel:closed()
+  check(self, "closed")
+  return self._closed
+end
+
+function Channel:count()
+  check(self, "count")
+  return self._n
+end
+Channel.__len = Channel.count
+
+--- Iterates over received values until the channel is closed and drained.
+function Channel:iter()
+  check(self, "iter")
+  return function()
+    local v = self:recv()
+    return v
+  end
+end
+
+function Channel:__tostring()
+  return ("moonwire.Channel (%d/%d%s)"):format(self._n, self.capacity, self._closed and ", closed" or "")
+end
+
+return function(capacity)
+  if capacity == nil then capacity = 0 end
+  if math.type(capacity) ~= "integer" or capacity < 0 then
+    error(("bad argument #1 to 'channel' (non-negative integer expected, got %s)"):format(
+      math.type(capacity) or type(capacity)), 2)
+  end
+  return setmetatable({
+    capacity = capacity, _buf = {}, _head = 1, _tail = 0, _n = 0, _closed = false,
+    _recvq = newq(), _sendq = newq(),
+  }, Channel)
+end

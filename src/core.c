@@ -1,0 +1,20 @@
+/* core: luaopen_moonwire_core. Creates (or finds) this lua_State's runtime and registers
+ * each layer's functions with the runtime as their upvalue. */
+#include "sched.h"
+#include "dns.h"
+#include "net.h"
+
+__attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
+
+int luaopen_moonwire_core(lua_State *L)
+{
+    mw_sched_newruntime(L);
+    int rtidx = lua_gettop(L);
+    lua_newtable(L);
+    mw_sched_open(L, rtidx);
+    mw_dns_open(L, rtidx);
+    mw_net_open(L, rtidx);
+    lua_pushliteral(L, "0.1.0");
+    lua_setfield(L, -2, "version");
+    return 1;
+}

@@ -1,0 +1,60 @@
+/* net: socket handles (listeners and byte streams, TCP and Unix) and the buffered stream
+ * methods on them. A stream reads and writes through a transport (plain socket calls here;
+ * TLS slots in beside it), so read/recv/write/accept exist once for every kind. */
+#ifndef MW_NET_H
+#define MW_NET_H
+
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "sched.h"
+
+#define MW_SOCK_MT "moonwire.Socket"
+#define MW_LISTENER_MT "moonwire.Listener"
+
+typedef struct mw_sock mw_sock;
+
+/* A transport moves bytes for a stream. Both calls return a byte count (read: 0 at end of
+ * stream) or -1 with errno set; on EAGAIN they set *want to the readiness to wait for
+ * (EPOLLIN or EPOLLOUT: TLS may need to write in order to read). */
+typedef struct mw_transport {
+    ssize_t (*read)(mw_sock *s, char *buf, size_t len, uint32_t *want);
+    ssize_t (*writev)(mw_sock *s, const struct iovec *iov, int n, uint32_t *want);
+} mw_transport;
+
+enum { MW_ROLE_READ, MW_ROLE_WRITE };
+
+struct mw_sock {
+    mw_io io;
+    mw_rt *rt;
+    mw_task *waiter[2];        /* the reading and the writing task, when parked */
+    uint32_t want[2];          /* readiness each of them waits for */
+    int family;                /* AF_INET, AF_INET6, AF_UNIX */
+    int closed, eof;
+    double timeout;            /* default timeout (s), < 0: none */
+    size_t maxline, scan;      /* line limit; bytes of the buffer known to hold no '\n' */
+    int64_t rdeadline, wdeadline;
+    mw_buf rbuf;
+    const mw_transport *tp;
+    void *tls;                 /* the TLS session, when the transport is TLS */
+};
+
+extern const mw_transport mw_plain_transport;
+
+/* Pushes a new handle in the closed state with metatable `mt`. */
+mw_sock *mw_sock_new(lua_State *L, mw_rt *rt, const char *mt);
+/* Opens a closed handle on fd (registers it with the loop); 0, or -1 with errno (fd closed). */
+int mw_sock_open(mw_sock *s, int fd);
+/* Closes the handle; with `wake`, parked tasks get nil, "closed". Idempotent. */
+void mw_sock_close(mw_sock *s, int wake);
+/* The handle at idx (either type); raises if it is not one or it is closed. */
+mw_sock *mw_sock_check(lua_State *L, int idx, const char *mt);
+/* Parks the running task t on s for `role` until `want` readiness (or a wake). */
+int mw_sock_wait(lua_State *L, mw_sock *s, mw_task *t, int role, uint32_t want,
+                 int64_t deadline, lua_KFunction k, lua_KContext ctx);
+
+/* Fills the method table on top of the stack with the stream methods (read, recv, write). */
+void mw_stream_methods(lua_State *L);
+void mw_net_open(lua_State *L, int rtidx);
+
+#endif

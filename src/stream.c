@@ -1,0 +1,275 @@
+/* stream: buffered reads with io.read's patterns, gathered writes with backpressure.
+ * Each method is a non-blocking try; when the transport says EAGAIN the task parks on the
+ * handle and the continuation runs the same try again. A timed-out or cancelled read
+ * leaves what it had buffered in place, so a retry loses nothing. */
+#define _GNU_SOURCE
+#include "net.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+
+enum { F_LINE, F_LINEKEEP, F_ALL, F_COUNT, F_SOME };
+#define TRY_WAIT (-1)
+#define TRY_AGAIN (-2)
+#define FILLS_PER_TURN 16
+
+static ssize_t plain_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
+{
+    ssize_t n = recv(s->io.fd, buf, len, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLIN;
+    return n;
+}
+
+static ssize_t plain_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
+{
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = (struct iovec *)iov;
+    m.msg_iovlen = (size_t)n;
+    ssize_t r = sendmsg(s->io.fd, &m, MSG_NOSIGNAL);
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLOUT;
+    return r;
+}
+
+const mw_transport mw_plain_transport = { plain_read, plain_writev };
+
+static void consume(mw_sock *s, size_t n)
+{
+    mw_buf_consume(&s->rbuf, n);
+    s->scan = 0;
+}
+
+/* 1: got bytes, 0: end of stream, TRY_WAIT: would block, -3: error (errno). */
+static int fill(mw_sock *s, size_t hint, uint32_t *want)
+{
+    size_t avail;
+    char *w = mw_buf_reserve(&s->rbuf, &s->rt->pool, hint < 4096 ? 4096 : hint, &avail);
+    if (!w) { errno = ENOMEM; return -3; }
+    for (;;) {
+        ssize_t n = s->tp->read(s, w, avail, want);
+        if (n > 0) { mw_buf_commit(&s->rbuf, (size_t)n); return 1; }
+        if (n == 0) { s->eof = 1; return 0; }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return TRY_WAIT;
+        return -3;
+    }
+}
+
+/* Returns the number of values pushed, TRY_WAIT or TRY_AGAIN. */
+static int read_try(lua_State *L, mw_sock *s, int fmt, size_t n, uint32_t *want)
+{
+    for (int fills = 0;; fills++) {
+        size_t len = mw_buf_len(&s->rbuf);
+        const char *p = mw_buf_head(&s->rbuf);
+        size_t hint = 0;
+        switch (fmt) {
+        case F_LINE:
+        case F_LINEKEEP: {
+            const char *nl = len > s->scan ? memchr(p + s->scan, '\n', len - s->scan) : NULL;
+            if (nl) {
+                size_t whole = (size_t)(nl - p) + 1, out = whole;
+                if (fmt == F_LINE) {
+                    out--;
+                    if (out > 0 && p[out - 1] == '\r') out--;
+                }
+                lua_pushlstring(L, p, out);
+                consume(s, whole);
+                return 1;
+            }
+            s->scan = len;
+            if (s->eof) {
+                if (len == 0) return mw_pushfail(L, "closed", "closed");
+                lua_pushlstring(L, p, len);
+                consume(s, len);
+                return 1;
+            }
+            if (len >= s->maxline) return mw_pushfail(L, "line too long", "toolong");
+            break;
+        }
+        case F_ALL:
+            if (s->eof) {
+                lua_pushlstring(L, p, len);
+                consume(s, len);
+                return 1;
+            }
+            hint = len < 65536 ? 16384 : len;
+            break;
+        case F_COUNT:
+            if (len >= n) {
+                lua_pushlstring(L, p, n);
+                consume(s, n);
+                return 1;
+            }
+            if (s->eof) return mw_pushfail(L, "closed", "closed");
+            hint = n - len;
+            break;
+        default: /* F_SOME */
+            if (len > 0) {
+                size_t k = len < n ? len : n;
+                lua_pushlstring(L, p, k);
+                consume(s, k);
+                return 1;
+            }
+            if (s->eof) return mw_pushfail(L, "closed", "closed");
+            break;
+        }
+        if (fills >= FILLS_PER_TURN) return TRY_AGAIN;
+        int r = fill(s, hint, want);
+        if (r == TRY_WAIT) return TRY_WAIT;
+        if (r == -3) return mw_pusherrno(L, errno);
+    }
+}
+
+/* Parses the pattern at idx (raising on a bad one). */
+static int parse_fmt(lua_State *L, int idx, size_t *n)
+{
+    if (lua_type(L, idx) == LUA_TNUMBER) {
+        lua_Integer k = luaL_checkinteger(L, idx);
+        luaL_argcheck(L, k >= 0, idx, "count must be non-negative");
+        *n = (size_t)k;
+        return F_COUNT;
+    }
+    const char *f = luaL_optstring(L, idx, "l");
+    if (*f == '*') f++;  /* Lua 5.1 style "*l" */
+    switch (*f) {
+    case 'l': return F_LINE;
+    case 'L': return F_LINEKEEP;
+    case 'a': return F_ALL;
+    default: return luaL_argerror(L, idx, lua_pushfstring(L, "invalid format '%s'", f));
+    }
+}
+
+static int read_k(lua_State *L, int status, lua_KContext ctx);
+
+static int read_step(lua_State *L, mw_sock *s, mw_task *t, int fmt, size_t n, lua_KContext ctx)
+{
+    uint32_t want = EPOLLIN;
+    int r = read_try(L, s, fmt, n, &want);
+    if (r == TRY_WAIT) {
+        mw_buf_release(&s->rbuf, &s->rt->pool);  /* idle: hold no buffer */
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, s->rdeadline, read_k, ctx);
+    }
+    if (r == TRY_AGAIN) return mw_sched_requeue(L, t, read_k, ctx);
+    return mw_sched_checkpoint(L, t, r);
+}
+
+/* ctx: 0 for read(fmt), 1 for recv(n) */
+static int read_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_sock *s = lua_touserdata(L, 1);
+    mw_task *t = s->rt->current;
+    int why = mw_sched_reason(t);
+    (void)status;
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (s->closed) return mw_pushfail(L, "closed", "closed");
+    size_t n = 0;
+    int fmt;
+    if (ctx) {
+        fmt = F_SOME;
+        n = (size_t)luaL_optinteger(L, 2, 65536);
+    } else {
+        fmt = parse_fmt(L, 2, &n);
+    }
+    return read_step(L, s, t, fmt, n, ctx);
+}
+
+static int s_read(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    size_t n = 0;
+    int fmt = parse_fmt(L, 2, &n);
+    s->rdeadline = mw_sched_deadline(L, s->rt, 3, s->timeout);
+    mw_task *t = mw_sched_self(L, s->rt);
+    return read_step(L, s, t, fmt, n, 0);
+}
+
+static int s_recv(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    lua_Integer n = luaL_optinteger(L, 2, 65536);
+    luaL_argcheck(L, n > 0, 2, "size must be positive");
+    s->rdeadline = mw_sched_deadline(L, s->rt, 3, s->timeout);
+    mw_task *t = mw_sched_self(L, s->rt);
+    return read_step(L, s, t, F_SOME, (size_t)n, 1);
+}
+
+/* 0: all sent, TRY_WAIT, -3: error (errno). *sent counts bytes of args 2..top sent. */
+static int write_try(lua_State *L, mw_sock *s, int top, size_t *sent, uint32_t *want)
+{
+    for (;;) {
+        struct iovec iov[64];
+        int cnt = 0;
+        size_t skip = *sent;
+        for (int i = 2; i <= top && cnt < 64; i++) {
+            size_t len;
+            const char *p = lua_tolstring(L, i, &len);
+            if (skip >= len) { skip -= len; continue; }
+            iov[cnt].iov_base = (void *)(p + skip);
+            iov[cnt].iov_len = len - skip;
+            skip = 0;
+            cnt++;
+        }
+        if (cnt == 0) return 0;
+        ssize_t n = s->tp->writev(s, iov, cnt, want);
+        if (n >= 0) { *sent += (size_t)n; continue; }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return TRY_WAIT;
+        return -3;
+    }
+}
+
+static int write_k(lua_State *L, int status, lua_KContext ctx);
+
+static int write_step(lua_State *L, mw_sock *s, mw_task *t, size_t sent)
+{
+    uint32_t want = EPOLLOUT;
+    int r = write_try(L, s, lua_gettop(L), &sent, &want);
+    if (r == TRY_WAIT)
+        return mw_sock_wait(L, s, t, MW_ROLE_WRITE, want, s->wdeadline, write_k, (lua_KContext)sent);
+    if (r == -3) {
+        int e = errno;
+        mw_pusherrno(L, e);
+        lua_pushinteger(L, (lua_Integer)sent);
+        return 4;
+    }
+    lua_pushvalue(L, 1);
+    return mw_sched_checkpoint(L, t, 1);
+}
+
+static int write_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_sock *s = lua_touserdata(L, 1);
+    mw_task *t = s->rt->current;
+    int why = mw_sched_reason(t);
+    (void)status;
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) {
+        mw_sched_pushwake(L, why);
+        lua_pushinteger(L, (lua_Integer)ctx);
+        return 4;
+    }
+    if (s->closed) {
+        mw_pushfail(L, "closed", "closed");
+        lua_pushinteger(L, (lua_Integer)ctx);
+        return 4;
+    }
+    return write_step(L, s, t, (size_t)ctx);
+}
+
+static int s_write(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    int top = lua_gettop(L);
+    for (int i = 2; i <= top; i++) luaL_checklstring(L, i, NULL);  /* numbers become strings */
+    mw_task *t = mw_sched_self(L, s->rt);
+    s->wdeadline = mw_sched_after(s->rt, s->timeout);
+    return write_step(L, s, t, 0);
+}
+
+void mw_stream_methods(lua_State *L)
+{
+    static const luaL_Reg m[] = {
+        { "read", s_read }, { "recv", s_recv }, { "write", s_write }, { NULL, NULL }
+    };
+    luaL_setfuncs(L, m, 0);
+}
