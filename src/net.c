@@ -510,6 +510,8 @@ static int unix_listen(lua_State *L)
 typedef struct {
     int n, cur;
     int nodelay, keepalive, lasterr;
+    socklen_t locallen;                  /* > 0: bind to `local` before connecting */
+    struct sockaddr_storage local;
     struct { socklen_t len; struct sockaddr_storage sa; } a[];
 } addrs_t;
 
@@ -526,6 +528,7 @@ static addrs_t *push_addrs(lua_State *L, int n)
 }
 
 static int connect_k(lua_State *L, int status, lua_KContext ctx);
+static void local_opts(lua_State *L, addrs_t *a);
 
 static int connect_next(lua_State *L, mw_sock *s, mw_task *t, addrs_t *a)
 {
@@ -537,6 +540,15 @@ static int connect_next(lua_State *L, mw_sock *s, mw_task *t, addrs_t *a)
         if (fam != AF_UNIX) {
             if (a->nodelay) set_int_option(fd, 0, 1);
             if (a->keepalive) set_int_option(fd, 1, 1);
+        }
+        if (a->locallen > 0) {
+            if (a->local.ss_family != fam) { a->lasterr = EAFNOSUPPORT; close(fd); continue; }
+            set_int_option(fd, 2, 1);
+            if (bind(fd, (struct sockaddr *)&a->local, a->locallen) < 0) {
+                a->lasterr = errno;
+                close(fd);
+                continue;
+            }
         }
         s->family = fam;
         int r = connect(fd, (struct sockaddr *)&a->a[i].sa, a->a[i].len);
@@ -599,6 +611,7 @@ static int connect_dns_k(lua_State *L, int status, lua_KContext ctx)
     addrs_t *a = push_addrs(L, n);
     a->nodelay = (int)(ctx & 1);
     a->keepalive = (int)((ctx >> 1) & 1);
+    local_opts(L, a);
     int i = 0;
     for (struct addrinfo *ai = j->res; ai; ai = ai->ai_next) {
         if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
@@ -622,6 +635,30 @@ static void connect_opts(lua_State *L, double *timeout, int *nodelay, int *keepa
     *timeout = opt_num(L, 3, "timeout", -1);
     *nodelay = opt_bool(L, 3, "nodelay", 1);
     *keepalive = opt_bool(L, 3, "keepalive", 0);
+}
+
+/* Applies the local_host/local_port options (literal addresses only) to a. */
+static void local_opts(lua_State *L, addrs_t *a)
+{
+    if (!lua_istable(L, 3)) return;
+    const char *host = opt_str(L, 3, "local_host", NULL);
+    lua_Integer port = opt_int(L, 3, "local_port", 0);
+    if (!host && port == 0) return;
+    if (port < 0 || port > 65535) luaL_error(L, "bad option 'local_port' (out of range)");
+    if (!host) host = "0.0.0.0";
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&a->local;
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a->local;
+    if (inet_pton(AF_INET, host, &s4->sin_addr) == 1) {
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons((uint16_t)port);
+        a->locallen = sizeof *s4;
+    } else if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons((uint16_t)port);
+        a->locallen = sizeof *s6;
+    } else {
+        luaL_error(L, "bad option 'local_host' (IP address expected, got '%s')", host);
+    }
 }
 
 static int tcp_connect(lua_State *L)
@@ -657,6 +694,7 @@ static int tcp_connect(lua_State *L)
         a->a[0].len = sizeof *sa;
         a->nodelay = nodelay;
         a->keepalive = keepalive;
+        local_opts(L, a);
         return connect_next(L, s, t, a);
     }
     if (inet_pton(AF_INET6, h, &a6) == 1) {
@@ -668,6 +706,7 @@ static int tcp_connect(lua_State *L)
         a->a[0].len = sizeof *sa;
         a->nodelay = nodelay;
         a->keepalive = keepalive;
+        local_opts(L, a);
         return connect_next(L, s, t, a);
     }
     mw_dnsjob *j = mw_dns_push(L, rt, host, (int)port, AF_UNSPEC);

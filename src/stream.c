@@ -69,6 +69,7 @@ static int read_try(lua_State *L, mw_sock *s, int fmt, size_t n, uint32_t *want)
             const char *nl = len > s->scan ? memchr(p + s->scan, '\n', len - s->scan) : NULL;
             if (nl) {
                 size_t whole = (size_t)(nl - p) + 1, out = whole;
+                if (whole - 1 > s->maxline) return mw_pushfail(L, "line too long", "toolong");
                 if (fmt == F_LINE) {
                     out--;
                     if (out > 0 && p[out - 1] == '\r') out--;

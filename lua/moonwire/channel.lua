@@ -34,10 +34,10 @@ end
 
 local function wait(q, entry, timeout)
   qpush(q, entry)
-  local ok, err, code = park(timeout)
+  local v, err, code = park(timeout)
   entry.task = nil
-  if ok == nil then return nil, err, code end
-  return ok, err, code
+  if v == nil then return nil, err, code end
+  return v
 end
 
 local function self_task(fname)
@@ -61,8 +61,9 @@ function Channel:send(value, timeout)
   -- a receiver already waiting takes the value directly
   local r = qpop(self._recvq)
   while r do
-    r.task, r = nil, r.task
-    if unpark(r, value) then return true end
+    local t = r.task
+    r.task = nil
+    if unpark(t, value) then return true end
     r = qpop(self._recvq)
   end
   if self._n < self.capacity then

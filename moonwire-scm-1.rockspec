@@ -1,0 +1,53 @@
+rockspec_format = "3.0"
+package = "moonwire"
+version = "scm-1"
+source = {
+  url = "git+file://.",
+}
+description = {
+  summary = "Network programming in plain Lua: event loop, tasks, TCP/Unix sockets, HTTP, WebSocket, TLS",
+  detailed = [[
+moonwire is a Lua 5.4 extension module written in C: an epoll event loop and a coroutine
+scheduler under straight-line Lua code. sock:read() parks only the calling task.
+]],
+  license = "MIT",
+  labels = { "networking", "async", "http", "websocket" },
+}
+dependencies = {
+  "lua >= 5.4, < 5.5",
+}
+-- llhttp: the Makefile links a system libllhttp found by pkg-config, else compiles the C
+-- sources Debian's node-llhttp package ships (/usr/share/llhttp, header in
+-- /usr/share/include/llhttp). OpenSSL and zlib are found in the usual places.
+external_dependencies = {
+  OPENSSL = { header = "openssl/ssl.h", library = "ssl" },
+  ZLIB = { header = "zlib.h", library = "z" },
+}
+build = {
+  type = "make",
+  build_target = "all",
+  build_variables = {
+    CFLAGS = "$(CFLAGS)",
+    LUA_INCDIR = "$(LUA_INCDIR)",
+    OPENSSL_INCDIR = "$(OPENSSL_INCDIR)",
+    ZLIB_INCDIR = "$(ZLIB_INCDIR)",
+  },
+  install_pass = false,
+  install = {
+    lua = {
+      ["moonwire"] = "lua/moonwire/init.lua",
+      ["moonwire.channel"] = "lua/moonwire/channel.lua",
+      ["moonwire.cli"] = "lua/moonwire/cli.lua",
+    },
+    lib = {
+      ["moonwire.core"] = "build/moonwire/core.so",
+    },
+    bin = {
+      moonwire = "bin/moonwire",
+    },
+  },
+}
+test = {
+  type = "command",
+  command = "make test",
+}
