@@ -17,7 +17,7 @@ ifeq ($(LLHTTP_PC),yes)
   LLHTTP_SRC    :=
 else
   LLHTTP_DIR    ?= /usr/share/llhttp
-  LLHTTP_CFLAGS := -I/usr/share/include/llhttp
+  LLHTTP_CFLAGS := -I/usr/share/include/llhttp -DLLHTTP_STRICT_MODE=1
   LLHTTP_LIBS   :=
   LLHTTP_SRC    := $(wildcard $(LLHTTP_DIR)/llhttp.c $(LLHTTP_DIR)/api.c $(LLHTTP_DIR)/http.c)
 endif
@@ -49,7 +49,7 @@ $(BUILD)/obj:
 	mkdir -p $@ $(BUILD)/moonwire
 
 $(SO): $(OBJ)
-	$(CC) -shared $(CFLAGS) -o $@ $(OBJ) $(LIBS)
+	$(CC) -shared $(CFLAGS) -Wl,-z,nodelete -o $@ $(OBJ) $(LIBS)
 
 deps:
 	@scripts/install-deps

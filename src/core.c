@@ -6,8 +6,15 @@
 
 __attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
 
+#include <stdlib.h>
+
 int luaopen_moonwire_core(lua_State *L)
 {
+#if defined(__SANITIZE_ADDRESS__)
+    /* sanitizer test builds: the ASan runtime is preloaded into lua5.4 only; keep it
+     * out of the programs the tests start (scripts/run-tests sets MW_ASAN_PRELOAD) */
+    if (getenv("MW_ASAN_PRELOAD")) unsetenv("LD_PRELOAD");
+#endif
     mw_sched_newruntime(L);
     int rtidx = lua_gettop(L);
     lua_newtable(L);

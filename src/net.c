@@ -101,6 +101,14 @@ static mw_sock *checkany(lua_State *L, int idx)
 static void unwait_reader(mw_task *t) { ((mw_sock *)t->wait_obj)->waiter[MW_ROLE_READ] = NULL; }
 static void unwait_writer(mw_task *t) { ((mw_sock *)t->wait_obj)->waiter[MW_ROLE_WRITE] = NULL; }
 
+mw_task *mw_sock_claim(lua_State *L, mw_sock *s, int role)
+{
+    mw_task *t = mw_sched_self(L, s->rt);
+    if (s->waiter[role] && s->waiter[role] != t)
+        luaL_error(L, "socket already has a %s task", role == MW_ROLE_READ ? "reading" : "writing");
+    return t;
+}
+
 int mw_sock_wait(lua_State *L, mw_sock *s, mw_task *t, int role, uint32_t want,
                  int64_t deadline, lua_KFunction k, lua_KContext ctx)
 {
@@ -351,8 +359,9 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx)
 static int l_accept(lua_State *L)
 {
     mw_sock *l = mw_sock_check(L, 1, MW_LISTENER_MT);
-    l->rdeadline = mw_sched_deadline(L, l->rt, 2, l->timeout);
-    mw_task *t = mw_sched_self(L, l->rt);
+    int64_t d = mw_sched_deadline(L, l->rt, 2, l->timeout);
+    mw_task *t = mw_sock_claim(L, l, MW_ROLE_READ);
+    l->rdeadline = d;
     lua_settop(L, 2);
     lua_checkstack(L, 4);
     return accept_step(L, l, t);
@@ -469,6 +478,27 @@ static int tcp_listen(lua_State *L)
     return 1;
 }
 
+/* Whether a listening socket is bound to `path`, from /proc/net/unix (a connect probe
+ * would show the live listener a spurious connection). When unsure, says yes. */
+static int unix_path_listening(const char *path)
+{
+    FILE *f = fopen("/proc/net/unix", "re");
+    if (!f) return 1;
+    char line[4096 + 128];
+    size_t plen = strlen(path);
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f)) {
+        size_t n = strlen(line);
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
+        if (n <= plen || strcmp(line + n - plen, path) != 0 || line[n - plen - 1] != ' ') continue;
+        unsigned long num, refs, proto, flags;
+        if (sscanf(line, "%lx: %lx %lx %lx", &num, &refs, &proto, &flags) == 4 && (flags & 0x10000))
+            found = 1;  /* __SO_ACCEPTCON: it listens */
+    }
+    fclose(f);
+    return found;
+}
+
 static int unix_listen(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
@@ -490,8 +520,10 @@ static int unix_listen(lua_State *L)
     socklen_t len;
     if (unix_addr(path, plen, &a, &len) < 0) return mw_pusherrno(L, ENAMETOOLONG);
     if (unlink_stale && path[0] != '@') {
+        /* stale only if nobody accepts on it: never take a live listener's path */
         struct stat st;
-        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path);
+        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) && !unix_path_listening(path))
+            unlink(path);
     }
     mw_sock *l = mw_sock_new(L, rt, MW_LISTENER_MT);
     l->family = AF_UNIX;

@@ -49,6 +49,9 @@ int mw_sock_open(mw_sock *s, int fd);
 void mw_sock_close(mw_sock *s, int wake);
 /* The handle at idx (either type); raises if it is not one or it is closed. */
 mw_sock *mw_sock_check(lua_State *L, int idx, const char *mt);
+/* The running task, after checking that no other task is parked on s for `role`
+ * (raises "socket already has a reading task" / "... writing task"). */
+mw_task *mw_sock_claim(lua_State *L, mw_sock *s, int role);
 /* Parks the running task t on s for `role` until `want` readiness (or a wake). */
 int mw_sock_wait(lua_State *L, mw_sock *s, mw_task *t, int role, uint32_t want,
                  int64_t deadline, lua_KFunction k, lua_KContext ctx);

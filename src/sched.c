@@ -512,7 +512,7 @@ static int l_deadline_push(lua_State *L)
     double s = luaL_checknumber(L, 1);
     mw_task *t = mw_sched_self(L, rt);
     int64_t prev = t->scope_deadline;
-    int64_t d = s <= 0 ? rt->loop.now : s > 1e9 ? MW_NO_DEADLINE : rt->loop.now + (int64_t)(s * 1e9);
+    int64_t d = mw_sched_after(rt, s);  /* negative: no deadline, as for every timeout */
     if (d < prev) t->scope_deadline = d;
     lua_pushinteger(L, prev);
     return 1;

@@ -85,7 +85,7 @@ static int read_try(lua_State *L, mw_sock *s, int fmt, size_t n, uint32_t *want)
                 consume(s, len);
                 return 1;
             }
-            if (len >= s->maxline) return mw_pushfail(L, "line too long", "toolong");
+            if (len > s->maxline) return mw_pushfail(L, "line too long", "toolong");
             break;
         }
         case F_ALL:
@@ -180,8 +180,9 @@ static int s_read(lua_State *L)
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     size_t n = 0;
     int fmt = parse_fmt(L, 2, &n);
-    s->rdeadline = mw_sched_deadline(L, s->rt, 3, s->timeout);
-    mw_task *t = mw_sched_self(L, s->rt);
+    int64_t d = mw_sched_deadline(L, s->rt, 3, s->timeout);
+    mw_task *t = mw_sock_claim(L, s, MW_ROLE_READ);
+    s->rdeadline = d;
     return read_step(L, s, t, fmt, n, 0);
 }
 
@@ -190,8 +191,9 @@ static int s_recv(lua_State *L)
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     lua_Integer n = luaL_optinteger(L, 2, 65536);
     luaL_argcheck(L, n > 0, 2, "size must be positive");
-    s->rdeadline = mw_sched_deadline(L, s->rt, 3, s->timeout);
-    mw_task *t = mw_sched_self(L, s->rt);
+    int64_t d = mw_sched_deadline(L, s->rt, 3, s->timeout);
+    mw_task *t = mw_sock_claim(L, s, MW_ROLE_READ);
+    s->rdeadline = d;
     return read_step(L, s, t, F_SOME, (size_t)n, 1);
 }
 
@@ -262,7 +264,7 @@ static int s_write(lua_State *L)
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     int top = lua_gettop(L);
     for (int i = 2; i <= top; i++) luaL_checklstring(L, i, NULL);  /* numbers become strings */
-    mw_task *t = mw_sched_self(L, s->rt);
+    mw_task *t = mw_sock_claim(L, s, MW_ROLE_WRITE);
     s->wdeadline = mw_sched_after(s->rt, s->timeout);
     return write_step(L, s, t, 0);
 }
