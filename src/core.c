@@ -4,6 +4,10 @@
 #include "dns.h"
 #include "net.h"
 
+void mw_fs_open(lua_State *L);
+void mw_http_open(lua_State *L);
+void mw_zlib_open(lua_State *L);
+
 __attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
 
 #include <stdlib.h>
@@ -21,6 +25,9 @@ int luaopen_moonwire_core(lua_State *L)
     mw_sched_open(L, rtidx);
     mw_dns_open(L, rtidx);
     mw_net_open(L, rtidx);
+    mw_fs_open(L);
+    mw_http_open(L);
+    mw_zlib_open(L);
     lua_pushliteral(L, "0.1.0");
     lua_setfield(L, -2, "version");
     return 1;

@@ -56,6 +56,10 @@ mw_task *mw_sock_claim(lua_State *L, mw_sock *s, int role);
 int mw_sock_wait(lua_State *L, mw_sock *s, mw_task *t, int role, uint32_t want,
                  int64_t deadline, lua_KFunction k, lua_KContext ctx);
 
+/* Reads once from the transport into s->rbuf (room for at least `hint` bytes): 1 got
+ * bytes, 0 end of stream (s->eof set), -1 would block (*want: readiness to wait for),
+ * -3 error (errno). */
+int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want);
 /* Fills the method table on top of the stack with the stream methods (read, recv, write). */
 void mw_stream_methods(lua_State *L);
 void mw_net_open(lua_State *L, int rtidx);

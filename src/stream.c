@@ -40,8 +40,7 @@ static void consume(mw_sock *s, size_t n)
     s->scan = 0;
 }
 
-/* 1: got bytes, 0: end of stream, TRY_WAIT: would block, -3: error (errno). */
-static int fill(mw_sock *s, size_t hint, uint32_t *want)
+int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want)
 {
     size_t avail;
     char *w = mw_buf_reserve(&s->rbuf, &s->rt->pool, hint < 4096 ? 4096 : hint, &avail);
@@ -116,7 +115,7 @@ static int read_try(lua_State *L, mw_sock *s, int fmt, size_t n, uint32_t *want)
             break;
         }
         if (fills >= FILLS_PER_TURN) return TRY_AGAIN;
-        int r = fill(s, hint, want);
+        int r = mw_stream_fill(s, hint, want);
         if (r == TRY_WAIT) return TRY_WAIT;
         if (r == -3) return mw_pusherrno(L, errno);
     }
@@ -269,10 +268,96 @@ static int s_write(lua_State *L)
     return write_step(L, s, t, 0);
 }
 
+static void mw_stream_sendfile(lua_State *L);
+
 void mw_stream_methods(lua_State *L)
 {
     static const luaL_Reg m[] = {
         { "read", s_read }, { "recv", s_recv }, { "write", s_write }, { NULL, NULL }
     };
     luaL_setfuncs(L, m, 0);
+    mw_stream_sendfile(L);
+}
+
+/* ---- sendfile ----------------------------------------------------------------------- */
+
+#include <fcntl.h>
+#include <sys/sendfile.h>
+#include <unistd.h>
+
+/* The open file of a sendfile in progress: a userdata on the task's stack (index 5),
+ * so a cancelled or failed send closes it. */
+typedef struct { int fd; off_t off; size_t left; } sendfile_t;
+
+static int sf_gc(lua_State *L)
+{
+    sendfile_t *f = lua_touserdata(L, 1);
+    if (f->fd >= 0) close(f->fd);
+    f->fd = -1;
+    return 0;
+}
+
+static int sendfile_k(lua_State *L, int status, lua_KContext ctx);
+
+static int sendfile_step(lua_State *L, mw_sock *s, mw_task *t, sendfile_t *f)
+{
+    while (f->left > 0) {
+        ssize_t n = sendfile(s->io.fd, f->fd, &f->off, f->left > 0x7ffff000 ? 0x7ffff000 : f->left);
+        if (n > 0) { f->left -= (size_t)n; continue; }
+        if (n == 0) return mw_pushfail(L, "file shorter than expected", "EIO");
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return mw_sock_wait(L, s, t, MW_ROLE_WRITE, EPOLLOUT, s->wdeadline, sendfile_k, 0);
+        return mw_pusherrno(L, errno);
+    }
+    close(f->fd);  /* done: close it now rather than at collection */
+    f->fd = -1;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int sendfile_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_sock *s = lua_touserdata(L, 1);
+    sendfile_t *f = lua_touserdata(L, 5);
+    mw_task *t = s->rt->current;
+    int why = mw_sched_reason(t);
+    (void)status; (void)ctx;
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (s->closed) return mw_pushfail(L, "closed", "closed");
+    return sendfile_step(L, s, t, f);
+}
+
+/* sock:sendfile(path, offset, length) -> true | nil, err, code */
+static int s_sendfile(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    size_t plen;
+    const char *path = luaL_checklstring(L, 2, &plen);
+    lua_Integer off = luaL_optinteger(L, 3, 0);
+    lua_Integer len = luaL_checkinteger(L, 4);
+    luaL_argcheck(L, off >= 0, 3, "offset must be non-negative");
+    luaL_argcheck(L, len >= 0, 4, "length must be non-negative");
+    mw_task *t = mw_sock_claim(L, s, MW_ROLE_WRITE);
+    s->wdeadline = mw_sched_after(s->rt, s->timeout);
+    lua_settop(L, 4);
+    sendfile_t *f = lua_newuserdatauv(L, sizeof *f, 0);
+    f->fd = -1;
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, sf_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    if (strlen(path) != plen) return mw_pushfail(L, "path contains a NUL byte", "EINVAL");
+    f->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (f->fd < 0) return mw_pusherrno(L, errno);
+    f->off = (off_t)off;
+    f->left = (size_t)len;
+    /* index 1: the socket, 5: the file: sendfile_k finds them there */
+    return sendfile_step(L, s, t, f);
+}
+
+static void mw_stream_sendfile(lua_State *L)
+{
+    lua_pushcfunction(L, s_sendfile);
+    lua_setfield(L, -2, "sendfile");
 }

@@ -13,6 +13,15 @@ local M = {
 
 M.channel = require "moonwire.channel"
 
+-- protocol modules load on first use: mw.http
+setmetatable(M, { __index = function(t, k)
+  if k == "http" then
+    local v = require "moonwire.http"
+    rawset(t, k, v)
+    return v
+  end
+end })
+
 local deadline_push, deadline_pop = core.deadline_push, core.deadline_pop
 
 local function finish(prev, ok, ...)

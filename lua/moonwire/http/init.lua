@@ -1,0 +1,35 @@
+--- moonwire.http: the HTTP/1.1 server (and, later, client).
+local mw = require "moonwire"
+local server = require "moonwire.http.server"
+
+local M = {}
+
+M.server = server.server
+
+local router_ok, router = pcall(require, "moonwire.http.router")
+if router_ok then M.router = router.new end
+
+--- Runs a server until SIGTERM/SIGINT (graceful shutdown), in a loop of its own when
+-- called outside one. With workers = N > 1, forks N processes (see docs/http.md).
+function M.serve(opts)
+  if type(opts) ~= "table" then error("bad argument #1 to 'serve' (table expected)", 2) end
+  local workers = opts.workers or 1
+  if workers > 1 then return require("moonwire.http.workers").serve(opts) end
+  local function main()
+    local srv, err = M.server(opts)
+    if not srv then error("cannot listen: " .. tostring(err), 0) end
+    if opts.on_listen then opts.on_listen(srv) end
+    local function stop() srv:close() end
+    mw.signal("SIGTERM", stop)
+    mw.signal("SIGINT", stop)
+    srv._accept:join()
+    srv:close()
+    mw.signal("SIGTERM", nil)
+    mw.signal("SIGINT", nil)
+    return true
+  end
+  if mw.current() then return main() end
+  return mw.run(main)
+end
+
+return M

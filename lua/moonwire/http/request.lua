@@ -1,0 +1,168 @@
+--- The request object handed to HTTP handlers.
+-- The C core builds each request table (method, target, path, query_string, version,
+-- headers, keepalive, _conn) and gives it this metatable; everything else is computed on
+-- first use and cached in the table.
+local Request = {}
+
+local lazy = {}   -- fields computed on first access
+
+local function decode(s)
+  s = s:gsub("+", " ")
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- Decodes an application/x-www-form-urlencoded string: repeated keys give arrays.
+local function parse_urlencoded(s)
+  local t = {}
+  for pair in s:gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    k, v = decode(k), decode(v)
+    local old = t[k]
+    if old == nil then
+      t[k] = v
+    elseif type(old) == "table" then
+      old[#old + 1] = v
+    else
+      t[k] = { old, v }
+    end
+  end
+  return t
+end
+Request.parse_urlencoded = parse_urlencoded
+
+-- Case-insensitive header lookups: the table holds lower-case names.
+local headers_mt = {
+  __index = function(t, k)
+    if type(k) == "string" then
+      local lk = k:lower()
+      if lk ~= k then return rawget(t, lk) end
+    end
+  end,
+}
+
+function lazy.remote_addr(req)
+  local host, port = req.socket:getpeername()
+  rawset(req, "remote_port", port)
+  return host
+end
+
+function lazy.remote_port(req)
+  local _, port = req.socket:getpeername()
+  return port
+end
+
+function lazy.socket(req)
+  return req._conn_socket
+end
+
+function lazy.params()
+  return {}
+end
+
+local methods = {}
+
+function Request:__index(k)
+  local m = methods[k]
+  if m then return m end
+  local f = lazy[k]
+  if f then
+    local v = f(self)
+    rawset(self, k, v)
+    return v
+  end
+end
+
+-- headers get their case-insensitive metatable when the server hands the request over
+function Request.prepare(req, sock)
+  setmetatable(req.headers, headers_mt)
+  rawset(req, "_conn_socket", sock)
+end
+
+function methods:query()
+  local q = rawget(self, "_query")
+  if not q then
+    q = parse_urlencoded(self.query_string)
+    rawset(self, "_query", q)
+  end
+  return q
+end
+
+--- Every value of a header field, in order.
+function methods:header_list(name)
+  local lname = name:lower()
+  local multi = rawget(self, "_multi")
+  local list = multi and multi[lname]
+  if list then return table.move(list, 1, #list, 1, {}) end
+  local v = self.headers[lname]
+  return v and { v } or {}
+end
+
+-- Sends "100 Continue" before the first body read, if the client asked for it.
+local function continue_if_expected(self)
+  local hc = self._conn
+  local _, _, expect = hc:state()
+  if expect then
+    hc:clear_expect()
+    local res = rawget(self, "_res")
+    if not (res and res.sent) then
+      self.socket:write("HTTP/1.1 100 Continue\r\n\r\n")
+    end
+  end
+end
+
+--- The whole body (at most the server's limits.body bytes), or nil, err, code.
+function methods:body()
+  local cached = rawget(self, "_body")
+  if cached then return cached end
+  continue_if_expected(self)
+  local srv = self._server
+  local body, err, status = self._conn:read_body("all", srv.limits.body, srv.timeouts.body)
+  if not body then
+    rawset(self, "_body_error", status or true)
+    return nil, err, status
+  end
+  rawset(self, "_body", body)
+  return body
+end
+
+--- An iterator over the body's chunks, for bodies of any size.
+function methods:body_reader()
+  continue_if_expected(self)
+  local hc, timeout = self._conn, self._server.timeouts.body
+  return function()
+    local chunk, err, status = hc:read_body("chunk", -1, timeout)
+    if chunk == nil and err then
+      rawset(self, "_body_error", status or true)
+      error("request body: " .. tostring(err), 2)
+    end
+    return chunk
+  end
+end
+
+function methods:form()
+  local ct = self.headers["content-type"] or ""
+  if not ct:lower():find("^application/x%-www%-form%-urlencoded") then return {} end
+  local body, err, code = self:body()
+  if not body then return nil, err, code end
+  return parse_urlencoded(body)
+end
+
+function methods:cookies()
+  local c = rawget(self, "_cookies")
+  if c then return c end
+  c = {}
+  local h = self.headers.cookie
+  if h then
+    for pair in h:gmatch("[^;]+") do
+      local k, v = pair:match("^%s*([^=]-)%s*=%s*(.-)%s*$")
+      if k and k ~= "" and c[k] == nil then
+        if v:sub(1, 1) == '"' and v:sub(-1) == '"' then v = v:sub(2, -2) end
+        c[k] = v
+      end
+    end
+  end
+  rawset(self, "_cookies", c)
+  return c
+end
+
+return Request

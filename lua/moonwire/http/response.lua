@@ -1,0 +1,245 @@
+--- The response object handed to HTTP handlers.
+-- Headers are kept as a flat array {name, value, ...} that the C core turns into the head
+-- bytes (status line, Server, Date, headers, Content-Length) for one gathered write.
+local core = require "moonwire.core"
+
+local http_head, gzip = core.http_head, core.gzip
+local mime_ok, mime = pcall(require, "moonwire.http.mime")
+
+local Response = {}
+Response.__index = Response
+
+local function argerror(n, fname, msg)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+end
+
+function Response.new(srv, req, sock)
+  return setmetatable({
+    _srv = srv, _req = req, _sock = sock, _status = 200, _h = {}, _nh = 0,
+    sent = false, _finished = false, _bytes = 0,
+  }, Response)
+end
+
+function Response:status(code)
+  if math.type(code) ~= "integer" or code < 100 or code > 999 then
+    argerror(1, "status", "status code expected, got " .. tostring(code))
+  end
+  if self.sent then error("response head already sent", 2) end
+  self._status = code
+  self._touched = true
+  return self
+end
+
+local function find(self, lname)
+  local h = self._h
+  for i = 1, 2 * self._nh, 2 do
+    if h[i]:lower() == lname then return i end
+  end
+end
+
+--- Adds a header (repeatable); value nil removes every header of that name.
+function Response:header(name, value)
+  if type(name) ~= "string" then argerror(1, "header", "string expected, got " .. type(name)) end
+  if self.sent then error("response head already sent", 2) end
+  self._touched = true
+  if value == nil then
+    local lname = name:lower()
+    local i = find(self, lname)
+    while i do
+      table.remove(self._h, i)
+      table.remove(self._h, i)
+      self._nh = self._nh - 1
+      i = find(self, lname)
+    end
+    return self
+  end
+  local tv = type(value)
+  if tv == "number" then
+    value = tostring(math.tointeger(value) or value)
+  elseif tv ~= "string" then
+    argerror(2, "header", "string expected, got " .. tv)
+  end
+  if value:find("[\r\n%z]") then argerror(2, "header", "value contains CR, LF or NUL") end
+  local n = self._nh
+  self._h[2 * n + 1] = name
+  self._h[2 * n + 2] = value
+  self._nh = n + 1
+  return self
+end
+
+--- The first value set for a header, or nil.
+function Response:get_header(name)
+  local i = find(self, name:lower())
+  return i and self._h[i + 1]
+end
+
+-- Connection flags for the C head builder: 1 close, 2 keep-alive for HTTP/1.0.
+local function connflags(self)
+  local req, srv = self._req, self._srv
+  if not req.keepalive or srv.closing or self._close then
+    self._close = true
+    return 1
+  end
+  if req.version == "1.0" then return 2 end
+  return 0
+end
+
+local function accepts_gzip(req)
+  local ae = req.headers["accept-encoding"]
+  return ae and ae:find("gzip", 1, true) and not ae:find("gzip;%s*q=0[^.]") and not ae:find("gzip;%s*q=0$")
+end
+
+local function maybe_gzip(self, body)
+  local srv = self._srv
+  if not srv.gzip or #body < srv.gzip_min or self._status < 200 or self._status == 206
+      or not accepts_gzip(self._req) or find(self, "content-encoding") then
+    return body
+  end
+  local ct = self:get_header("content-type")
+  if not (ct and mime_ok and mime.compressible(ct)) then return body end
+  local z = gzip(body)
+  if #z >= #body then return body end
+  self:header("content-encoding", "gzip")
+  local vary = self:get_header("vary")
+  if not vary then self:header("vary", "Accept-Encoding") end
+  return z
+end
+
+local function write(self, ...)
+  local ok, err, code = self._sock:write(...)
+  if not ok then
+    self._close = true
+    return nil, err, code
+  end
+  return true
+end
+
+--- Sends the whole response: head and body in one write.
+function Response:send(body)
+  if self.sent then error("response already sent", 2) end
+  if body == nil then
+    body = ""
+  elseif type(body) ~= "string" then
+    argerror(1, "send", "string expected, got " .. type(body))
+  end
+  body = maybe_gzip(self, body)
+  local head = http_head(self._status, self._h, self._nh, #body, connflags(self), self._srv.server_name)
+  self.sent, self._finished = true, true
+  local st = self._status
+  if self._req.method == "HEAD" or st == 204 or st == 304 or st < 200 then
+    self._bytes = 0
+    return write(self, head)
+  end
+  self._bytes = #body
+  return write(self, head, body)
+end
+
+-- Streaming: chunked for HTTP/1.1 without a known length; close-delimited for 1.0.
+local function start_stream(self)
+  local length = tonumber(self:get_header("content-length") or nil)
+  local flags = connflags(self)
+  if length then
+    self._mode = "length"
+    length = math.tointeger(length)
+  elseif self._req.version == "1.0" then
+    self._mode = "raw"
+    self._close = true
+    flags = 1
+    length = -2
+  else
+    self._mode = "chunked"
+    length = -1
+  end
+  local head = http_head(self._status, self._h, self._nh, length, flags, self._srv.server_name)
+  self.sent = true
+  if self._req.method == "HEAD" then self._mode = "none" end
+  return write(self, head)
+end
+
+--- Streams a piece of the body (backpressure: waits while the client is slow).
+function Response:write(chunk)
+  if type(chunk) ~= "string" then
+    if type(chunk) == "number" then chunk = tostring(chunk)
+    else argerror(1, "write", "string expected, got " .. type(chunk)) end
+  end
+  if self._finished then error("response already finished", 2) end
+  if not self.sent then
+    local ok, err, code = start_stream(self)
+    if not ok then return nil, err, code end
+  end
+  if #chunk == 0 or self._mode == "none" then return true end
+  self._bytes = self._bytes + #chunk
+  if self._mode == "chunked" then
+    return write(self, ("%x\r\n"):format(#chunk), chunk, "\r\n")
+  end
+  return write(self, chunk)
+end
+
+--- Ends the response (the last chunk of a streamed body; an empty body otherwise).
+function Response:finish()
+  if self._finished then return true end
+  if not self.sent then return self:send("") end
+  self._finished = true
+  if self._mode == "chunked" then return write(self, "0\r\n\r\n") end
+  return true
+end
+
+function Response:redirect(url, code)
+  if type(url) ~= "string" then argerror(1, "redirect", "string expected, got " .. type(url)) end
+  code = code or 302
+  self:status(code)
+  self:header("location", url)
+  self:header("content-type", "text/plain; charset=utf-8")
+  return self:send("Redirecting to " .. url .. "\n")
+end
+
+--- Sends a file (or a byte range of it) with sendfile(2).
+function Response:sendfile(path, offset, length)
+  if type(path) ~= "string" then argerror(1, "sendfile", "string expected, got " .. type(path)) end
+  if self.sent then error("response already sent", 2) end
+  local size, err, code = core.stat(path)
+  if not size then return nil, err, code end
+  offset = offset or 0
+  length = length or (size - offset)
+  if offset < 0 or length < 0 or offset + length > size then
+    error("bad range for sendfile", 2)
+  end
+  if not self:get_header("content-type") and mime_ok then self:header("content-type", mime.type(path)) end
+  local head = http_head(self._status, self._h, self._nh, length, connflags(self), self._srv.server_name)
+  self.sent, self._finished = true, true
+  local ok
+  ok, err, code = write(self, head)
+  if not ok or self._req.method == "HEAD" or length == 0 then return ok, err, code end
+  ok, err, code = self._sock:sendfile(path, offset, length)
+  if not ok then
+    self._close = true
+    return nil, err, code
+  end
+  self._bytes = length
+  return true
+end
+
+local cookie_attrs = {
+  { "path", "Path" }, { "domain", "Domain" }, { "max_age", "Max-Age" }, { "expires", "Expires" },
+  { "samesite", "SameSite" },
+}
+
+function Response:cookie(name, value, opts)
+  if type(name) ~= "string" or name:find("[%c%s\"(),/:;<=>?@%[\\%]{}]") or name == "" then
+    argerror(1, "cookie", "cookie name expected")
+  end
+  if type(value) ~= "string" or value:find("[%c%s\",;\\]") then
+    argerror(2, "cookie", "cookie value without spaces, quotes, commas, semicolons or backslashes expected")
+  end
+  local parts = { name .. "=" .. value }
+  opts = opts or {}
+  for _, a in ipairs(cookie_attrs) do
+    local v = opts[a[1]]
+    if v ~= nil then parts[#parts + 1] = a[2] .. "=" .. tostring(v) end
+  end
+  if opts.secure then parts[#parts + 1] = "Secure" end
+  if opts.httponly then parts[#parts + 1] = "HttpOnly" end
+  return self:header("set-cookie", table.concat(parts, "; "))
+end
+
+return Response

@@ -1,0 +1,225 @@
+--- The HTTP/1.1 server: one task per connection, requests parsed in C, answered in order.
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local Request = require "moonwire.http.request"
+local Response = require "moonwire.http.response"
+
+local http_conn, http_head = core.http_conn, core.http_head
+local prepare = Request.prepare
+local traceback = debug.traceback
+
+local M = {}
+
+local Server = {}
+Server.__index = Server
+
+local default_limits = { request_line = 8192, head = 16384, headers = 100, body = 1048576 }
+local default_timeouts = { head = 10, body = 30, idle = 5, write = 30 }
+-- a body the handler left unread is read and dropped up to this size, else the connection closes
+local DRAIN_MAX = 65536
+
+local function merge(defaults, given, what)
+  local t = {}
+  for k, v in pairs(defaults) do t[k] = v end
+  if given ~= nil then
+    if type(given) ~= "table" then error(("bad option '%s' (table expected)"):format(what), 4) end
+    for k, v in pairs(given) do
+      if defaults[k] == nil then error(("unknown %s option '%s'"):format(what, tostring(k)), 4) end
+      if type(v) ~= "number" then error(("bad %s option '%s' (number expected)"):format(what, k), 4) end
+      t[k] = v
+    end
+  end
+  return t
+end
+
+local function stderr_log(line) io.stderr:write(line, "\n") end
+
+local function make_logger(log)
+  if log == nil or log == false then return nil end
+  if type(log) == "function" then return log end
+  if log == "stderr" then return stderr_log end
+  if type(log) == "string" then
+    local f = assert(io.open(log, "a"))
+    f:setvbuf("line")
+    return function(line) f:write(line, "\n") end
+  end
+  error("bad option 'log' (path, \"stderr\" or function expected)", 4)
+end
+
+-- Combined log format.
+local function access_line(req, res)
+  local h = req.headers
+  local host = req.remote_addr or "-"
+  return ('%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"'):format(host,
+    os.date("%d/%b/%Y:%H:%M:%S %z"), req.method, req.target, req.version, res._status,
+    res._bytes or 0, h.referer or "-", h["user-agent"] or "-")
+end
+
+local function send_error(sock, status, msg)
+  local body = msg and (msg .. "\n") or ""
+  local head = http_head(status, { "content-type", "text/plain; charset=utf-8" }, 1, #body, 1, "moonwire")
+  sock:write(head, body)
+end
+
+-- After a response: make the connection ready for the next request, or say it is done.
+local function settle(srv, hc, req, res)
+  if res._close or not req.keepalive or srv.closing then return false end
+  local _, msg_done, expect = hc:state()
+  if msg_done then return true end
+  if rawget(req, "_body_error") then return false end
+  if expect then return false end  -- the client waits for 100 Continue: never drain
+  local ok = hc:read_body("discard", DRAIN_MAX, srv.timeouts.body)
+  return ok == true
+end
+
+local function run_handler(srv, req, res)
+  local ok, err = xpcall(srv.handler, traceback, req, res)
+  if not ok then
+    srv.error_log(("moonwire: handler error for %s %s: %s"):format(req.method, req.target, tostring(err)))
+    if not res.sent then
+      res._h, res._nh, res._status = {}, 0, 500
+      res:header("content-type", "text/plain; charset=utf-8")
+      res._close = true
+      res:send("Internal Server Error\n")
+    else
+      res._close = true
+    end
+    return
+  end
+  if not res._finished then
+    if res.sent then
+      res:finish()
+    elseif res._touched then
+      res:send("")
+    else
+      res._status = 204
+      res:send()
+    end
+  end
+end
+
+local function serve_connection(srv, sock)
+  local conns = srv._conns
+  conns[sock] = "idle"
+  srv._nconns = srv._nconns + 1
+  local t = srv.timeouts
+  sock:settimeout(t.write)
+  local hc = http_conn(sock, srv.limits, Request)
+  while not srv.closing do
+    local req, err, status = hc:read_request(t.idle, t.head)
+    if not req then
+      if math.type(status) == "integer" then send_error(sock, status, err) end
+      break
+    end
+    conns[sock] = "busy"
+    prepare(req, sock)
+    rawset(req, "_server", srv)
+    local res = Response.new(srv, req, sock)
+    rawset(req, "_res", res)
+    run_handler(srv, req, res)
+    if srv.log then srv.log(access_line(req, res)) end
+    if res._upgraded then
+      conns[sock] = nil
+      srv._nconns = srv._nconns - 1
+      return
+    end
+    if not settle(srv, hc, req, res) then break end
+    conns[sock] = "idle"
+  end
+  conns[sock] = nil
+  srv._nconns = srv._nconns - 1
+  sock:close()
+  if srv._drained and srv._nconns == 0 then srv._drained:close() end
+end
+
+local function accept_loop(srv)
+  local l = srv.listener
+  while true do
+    local sock, err, code = l:accept()
+    if not sock then
+      if code == "closed" or code == "cancelled" or srv.closing then return end
+      if code == "EMFILE" or code == "ENFILE" then
+        mw.sleep(0.05)         -- out of descriptors: let connections finish
+      else
+        srv.error_log("moonwire: accept failed: " .. tostring(err))
+      end
+    else
+      mw.spawn(serve_connection, srv, sock)
+    end
+  end
+end
+
+--- Stops accepting, lets in-flight requests finish (at most `grace` seconds), closes idle
+-- keep-alive connections. Returns when every connection is closed.
+function Server:close(grace)
+  if self.closing then
+    if self._drained then self._drained:recv(grace or self.grace) end
+    return true
+  end
+  self.closing = true
+  self.listener:close()
+  grace = grace or self.grace
+  -- idle connections are parked in read_request: closing their socket ends them
+  for sock, state in pairs(self._conns) do
+    if state == "idle" then sock:close() end
+  end
+  if self._nconns > 0 then
+    self._drained = mw.channel(0)
+    if mw.current() then
+      self._drained:recv(grace)
+      for sock in pairs(self._conns) do sock:close() end
+    end
+  end
+  return true
+end
+
+function Server:connections()
+  return self._nconns
+end
+
+local function check_opts(opts)
+  if type(opts) ~= "table" then error("bad argument #1 to 'server' (table expected, got " .. type(opts) .. ")", 3) end
+  local h = opts.handler
+  local mt = getmetatable(h)
+  if type(h) ~= "function" and not (mt and mt.__call) then
+    error("bad option 'handler' (function expected, got " .. type(h) .. ")", 3)
+  end
+end
+
+--- Creates and starts a server inside a running loop; returns at once.
+function M.server(opts)
+  check_opts(opts)
+  local srv = setmetatable({
+    handler = opts.handler,
+    limits = merge(default_limits, opts.limits, "limits"),
+    timeouts = merge(default_timeouts, opts.timeouts, "timeouts"),
+    log = make_logger(opts.log),
+    error_log = opts.error_log or stderr_log,
+    server_name = opts.server_name == nil and "moonwire" or opts.server_name or nil,
+    gzip = opts.gzip ~= false,
+    gzip_min = opts.gzip_min or 1024,
+    grace = opts.grace or 10,
+    closing = false,
+    _conns = {}, _nconns = 0,
+  }, Server)
+  local l, err, code
+  if opts.listener then
+    l = opts.listener
+  elseif opts.unix then
+    l, err, code = mw.unix.listen{ path = opts.unix, backlog = opts.backlog }
+  else
+    l, err, code = mw.tcp.listen{ host = opts.host or "127.0.0.1", port = opts.port or 8080,
+      backlog = opts.backlog, reuseport = opts.reuseport }
+  end
+  if not l then return nil, err, code end
+  srv.listener = l
+  if opts.unix then
+    srv.path = l:getsockname()
+  else
+    srv.host, srv.port = l:getsockname()
+  end
+  srv._accept = mw.spawn(accept_loop, srv)
+  return srv
+end
+
+return M

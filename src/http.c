@@ -1,0 +1,849 @@
+/* http: HTTP/1.1 messages over a stream. llhttp (strict) parses request heads and bodies
+ * straight from the socket's read buffer; callbacks only record spans and flags (never
+ * call Lua); Lua values are built after llhttp_execute returns. The response side builds
+ * the head bytes (status line, headers, cached Date) for one gathered write by the stream.
+ * This file enforces the protocol rules of docs/http.md that llhttp does not. */
+#define _GNU_SOURCE
+#include "net.h"
+
+#include <ctype.h>
+#include <pthread.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include <llhttp.h>
+
+#define HC_MT "moonwire.HttpConn"
+
+typedef struct { uint32_t noff, nlen, voff, vlen; } hspan;
+
+typedef struct mw_http {
+    llhttp_t p;
+    mw_sock *s;                /* the socket (kept alive as user value 1) */
+    /* limits */
+    size_t max_line, max_head, max_headers;
+    /* the message being parsed; spans are offsets from `base` (the head's first byte) */
+    const char *base;
+    size_t parsed;             /* bytes from the head start (or body start) fed to llhttp */
+    uint32_t url_off, url_len;
+    int url_open, field_open, value_open;
+    hspan *hdrs;
+    int nhdrs, caphdrs;
+    int head_done, msg_done, upgrade;
+    int err_status;            /* our verdict from a callback: 400, 413, 414, 431, 501, 505 */
+    const char *err_msg;
+    /* body */
+    mw_buf body;
+    uint64_t body_max, body_seen;
+    int64_t deadline;          /* head or body deadline, ns */
+    int64_t idle_deadline, head_timeout;
+    int expect_continue;
+} mw_http;
+
+/* ---- llhttp callbacks: spans and verdicts only ------------------------------------- */
+
+static mw_http *H(llhttp_t *p) { return (mw_http *)p; }
+
+static int fail(llhttp_t *p, int status, const char *msg)
+{
+    H(p)->err_status = status;
+    H(p)->err_msg = msg;
+    return HPE_USER;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    mw_http *h = H(p);
+    h->url_off = h->url_len = 0;
+    h->url_open = h->field_open = h->value_open = 0;
+    h->nhdrs = 0;
+    return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len)
+{
+    mw_http *h = H(p);
+    if (!h->url_open) {
+        h->url_open = 1;
+        h->url_off = (uint32_t)(at - h->base);
+        h->url_len = 0;
+    }
+    h->url_len += (uint32_t)len;
+    if (h->url_len > h->max_line) return fail(p, 414, "request line too long");
+    return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len)
+{
+    mw_http *h = H(p);
+    if (!h->field_open) {
+        if ((size_t)h->nhdrs >= h->max_headers) return fail(p, 431, "too many header fields");
+        if (h->nhdrs == h->caphdrs) {
+            int cap = h->caphdrs ? h->caphdrs * 2 : 16;
+            hspan *n = realloc(h->hdrs, (size_t)cap * sizeof *n);
+            if (!n) return fail(p, 500, "not enough memory");
+            h->hdrs = n;
+            h->caphdrs = cap;
+        }
+        hspan *sp = &h->hdrs[h->nhdrs++];
+        sp->noff = (uint32_t)(at - h->base);
+        sp->nlen = sp->voff = sp->vlen = 0;
+        h->field_open = 1;
+        h->value_open = 0;
+    }
+    h->hdrs[h->nhdrs - 1].nlen += (uint32_t)len;
+    return 0;
+}
+
+static int on_header_field_complete(llhttp_t *p)
+{
+    H(p)->field_open = 0;
+    return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len)
+{
+    mw_http *h = H(p);
+    hspan *sp = &h->hdrs[h->nhdrs - 1];
+    if (!h->value_open) {
+        h->value_open = 1;
+        sp->voff = (uint32_t)(at - h->base);
+        sp->vlen = 0;
+    }
+    sp->vlen += (uint32_t)len;
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    H(p)->value_open = 0;
+    return 0;
+}
+
+static int name_is(const mw_http *h, const hspan *sp, const char *name, size_t n)
+{
+    return sp->nlen == n && strncasecmp(h->base + sp->noff, name, n) == 0;
+}
+
+/* trims optional white space around a value span */
+static void value_of(const mw_http *h, const hspan *sp, const char **v, size_t *n)
+{
+    const char *s = h->base + sp->voff;
+    size_t len = sp->vlen;
+    while (len > 0 && (s[0] == ' ' || s[0] == '\t')) { s++; len--; }
+    while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\t')) len--;
+    *v = s;
+    *n = len;
+}
+
+/* RFC 3986 host [":" port]: reg-name, IPv4 or [IP-literal]. */
+static int valid_host(const char *s, size_t n)
+{
+    size_t i = 0;
+    if (n == 0) return 0;
+    if (s[0] == '[') {
+        while (i < n && s[i] != ']') {
+            char c = s[i];
+            if (i > 0 && !isxdigit((unsigned char)c) && c != ':' && c != '.') return 0;
+            i++;
+        }
+        if (i == n) return 0;
+        i++;
+    } else {
+        for (; i < n && s[i] != ':'; i++) {
+            unsigned char c = (unsigned char)s[i];
+            if (!(isalnum(c) || strchr("-._~!$&'()*+,;=%", c))) return 0;
+        }
+    }
+    if (i < n) {
+        if (s[i] != ':') return 0;
+        for (i++; i < n; i++)
+            if (!isdigit((unsigned char)s[i])) return 0;
+    }
+    return 1;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    mw_http *h = H(p);
+    if (p->type == HTTP_REQUEST) {
+        if (p->http_major != 1 || p->http_minor > 1) return fail(p, 505, "HTTP version not supported");
+        int hosts = 0, te = 0, cl = 0;
+        for (int i = 0; i < h->nhdrs; i++) {
+            const hspan *sp = &h->hdrs[i];
+            const char *v;
+            size_t n;
+            if (name_is(h, sp, "host", 4)) {
+                hosts++;
+                value_of(h, sp, &v, &n);
+                if (!valid_host(v, n)) return fail(p, 400, "invalid Host header");
+            } else if (name_is(h, sp, "transfer-encoding", 17)) {
+                te++;
+                value_of(h, sp, &v, &n);
+                if (!(n == 7 && strncasecmp(v, "chunked", 7) == 0)) {
+                    /* a coding we do not implement, with chunked last: 501; else 400 */
+                    if (n > 7 && strncasecmp(v + n - 7, "chunked", 7) == 0)
+                        return fail(p, 501, "unsupported transfer coding");
+                    return fail(p, 400, "invalid Transfer-Encoding");
+                }
+            } else if (name_is(h, sp, "content-length", 14)) {
+                cl++;
+            } else if (name_is(h, sp, "expect", 6)) {
+                value_of(h, sp, &v, &n);
+                if (n == 12 && strncasecmp(v, "100-continue", 12) == 0) h->expect_continue = 1;
+            }
+        }
+        if (hosts > 1 || (hosts == 0 && p->http_minor == 1)) return fail(p, 400, "missing or repeated Host header");
+        if (te > 1) return fail(p, 400, "repeated Transfer-Encoding");
+        if (te && cl) return fail(p, 400, "Content-Length with Transfer-Encoding");
+        if (cl > 1) return fail(p, 400, "repeated Content-Length");
+        if (te && p->http_minor == 0) return fail(p, 400, "Transfer-Encoding in HTTP/1.0");
+    }
+    h->head_done = 1;
+    return HPE_PAUSED;  /* stop here: the head is handed to Lua before any body byte */
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len)
+{
+    mw_http *h = H(p);
+    h->body_seen += len;
+    if (h->body_seen > h->body_max) return fail(p, 413, "request body too large");
+    size_t avail;
+    char *w = mw_buf_reserve(&h->body, NULL, len, &avail);
+    if (!w) return fail(p, 500, "not enough memory");
+    memcpy(w, at, len);
+    mw_buf_commit(&h->body, len);
+    return 0;
+}
+
+static int on_chunk_header(llhttp_t *p)
+{
+    mw_http *h = H(p);
+    /* refuse before the data arrives: the chunk size is known now */
+    if (p->content_length > h->body_max - h->body_seen) return fail(p, 413, "request body too large");
+    return 0;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    H(p)->msg_done = 1;
+    return HPE_PAUSED;  /* never parse into a pipelined next request */
+}
+
+/* The callbacks table: written once (pthread_once), then only read, by every loop thread. */
+static llhttp_settings_t settings;
+static pthread_once_t settings_once = PTHREAD_ONCE_INIT;
+
+static void init_settings(void)
+{
+    llhttp_settings_init(&settings);
+    settings.on_message_begin = on_message_begin;
+    settings.on_url = on_url;
+    settings.on_header_field = on_header_field;
+    settings.on_header_field_complete = on_header_field_complete;
+    settings.on_header_value = on_header_value;
+    settings.on_header_value_complete = on_header_value_complete;
+    settings.on_headers_complete = on_headers_complete;
+    settings.on_body = on_body;
+    settings.on_chunk_header = on_chunk_header;
+    settings.on_message_complete = on_message_complete;
+}
+
+/* ---- feeding llhttp ------------------------------------------------------------------- */
+
+/* Runs llhttp over the unparsed buffered bytes. 0 ok (maybe paused), or a status
+ * (400...) with h->err_msg set. */
+static int feed(mw_http *h)
+{
+    mw_buf *b = &h->s->rbuf;
+    size_t len = mw_buf_len(b);
+    h->base = mw_buf_head(b);
+    if (h->parsed > len) h->parsed = len;
+    llhttp_errno_t e = llhttp_execute(&h->p, h->base + h->parsed, len - h->parsed);
+    if (e == HPE_OK) {
+        h->parsed = len;
+        return 0;
+    }
+    if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
+        h->parsed = (size_t)(llhttp_get_error_pos(&h->p) - h->base);
+        if (e == HPE_PAUSED_UPGRADE) {
+            h->upgrade = 1;
+            h->msg_done = 1;
+        }
+        llhttp_resume(&h->p);
+        return 0;
+    }
+    if (e == HPE_USER && h->err_status) return h->err_status;
+    h->err_msg = llhttp_get_error_reason(&h->p);
+    if (!h->err_msg) h->err_msg = llhttp_errno_name(e);
+    return 400;
+}
+
+static int pushverdict(lua_State *L, const char *msg, int status)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, msg);
+    if (status) lua_pushinteger(L, status);
+    else lua_pushnil(L);
+    return 3;
+}
+
+static mw_http *checkhc(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    if (!h->s) luaL_error(L, "attempt to use a closed HTTP connection");
+    return h;
+}
+
+/* ---- request heads ------------------------------------------------------------------------ */
+
+static int hex(int c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    c |= 0x20;
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+/* Pushes the percent-decoded s[0, n). */
+static void push_decoded(lua_State *L, const char *s, size_t n)
+{
+    if (!memchr(s, '%', n)) {
+        lua_pushlstring(L, s, n);
+        return;
+    }
+    luaL_Buffer b;
+    char *out = luaL_buffinitsize(L, &b, n);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        int a, c;
+        if (s[i] == '%' && i + 2 < n && (a = hex((unsigned char)s[i + 1])) >= 0 &&
+            (c = hex((unsigned char)s[i + 2])) >= 0) {
+            out[k++] = (char)(a * 16 + c);
+            i += 2;
+        } else {
+            out[k++] = s[i];
+        }
+    }
+    luaL_pushresultsize(&b, k);
+}
+
+/* Pushes the headers table (lower-case name -> value; repeated fields joined). A field seen
+ * more than once is also listed, every value in order, in reqidx's `_multi[name]`. */
+static void build_headers(lua_State *L, mw_http *h, int reqidx)
+{
+    lua_createtable(L, 0, h->nhdrs);
+    int hidx = lua_gettop(L);
+    char small[64];
+    for (int i = 0; i < h->nhdrs; i++) {
+        const hspan *sp = &h->hdrs[i];
+        const char *name = h->base + sp->noff;
+        const char *v;
+        size_t vn;
+        value_of(h, sp, &v, &vn);
+        if (sp->nlen <= sizeof small) {
+            for (uint32_t j = 0; j < sp->nlen; j++) small[j] = (char)tolower((unsigned char)name[j]);
+            lua_pushlstring(L, small, sp->nlen);
+        } else {
+            luaL_Buffer b;
+            char *o = luaL_buffinitsize(L, &b, sp->nlen);
+            for (uint32_t j = 0; j < sp->nlen; j++) o[j] = (char)tolower((unsigned char)name[j]);
+            luaL_pushresultsize(&b, sp->nlen);
+        }
+        int kidx = lua_gettop(L);
+        lua_pushvalue(L, kidx);
+        if (lua_rawget(L, hidx) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, v, vn);
+            lua_rawset(L, hidx);
+            continue;
+        }
+        /* repeated: the list of every value, in request._multi[name] */
+        int oldidx = lua_gettop(L);
+        if (lua_getfield(L, reqidx, "_multi") == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_newtable(L);
+            lua_pushvalue(L, -1);
+            lua_setfield(L, reqidx, "_multi");
+        }
+        lua_pushvalue(L, kidx);
+        if (lua_rawget(L, -2) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_createtable(L, 2, 0);
+            lua_pushvalue(L, oldidx);
+            lua_rawseti(L, -2, 1);
+            lua_pushvalue(L, kidx);
+            lua_pushvalue(L, -2);
+            lua_rawset(L, -4);
+        }
+        lua_pushlstring(L, v, vn);
+        lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+        lua_pop(L, 2);  /* the list and _multi */
+        /* joined value (cookies with "; ", the rest with ", ") */
+        int cookie = sp->nlen == 6 && strncasecmp(name, "cookie", 6) == 0;
+        lua_pushstring(L, cookie ? "; " : ", ");
+        lua_pushlstring(L, v, vn);
+        lua_concat(L, 3);
+        lua_rawset(L, hidx);
+    }
+}
+
+/* Builds the request table (metatable: user value 2) from the parsed head. */
+static void build_request(lua_State *L, mw_http *h)
+{
+    lua_createtable(L, 0, 12);
+    lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
+    lua_setfield(L, -2, "method");
+    const char *url = h->base + h->url_off;
+    size_t ulen = h->url_len;
+    lua_pushlstring(L, url, ulen);
+    lua_setfield(L, -2, "target");
+    lua_pushstring(L, h->p.http_minor == 1 ? "1.1" : "1.0");
+    lua_setfield(L, -2, "version");
+    /* path and query; absolute-form targets keep only their path */
+    const char *path = url;
+    size_t plen = ulen;
+    if (plen > 0 && path[0] != '/' && path[0] != '*') {
+        const char *sch = memchr(path, ':', plen);
+        if (sch && (size_t)(sch - path) + 3 <= plen && sch[1] == '/' && sch[2] == '/') {
+            const char *rest = sch + 3;
+            size_t rn = plen - (size_t)(rest - path);
+            const char *slash = memchr(rest, '/', rn);
+            const char *q = memchr(rest, '?', rn);
+            if (slash && (!q || slash < q)) {
+                plen -= (size_t)(slash - path);
+                path = slash;
+            } else {
+                plen = q ? plen - (size_t)(q - path) : 0;
+                path = q ? q : path + ulen;
+                /* no path: "/" */
+            }
+        }
+    }
+    const char *q = memchr(path, '?', plen);
+    size_t pn = q ? (size_t)(q - path) : plen;
+    if (pn == 0) lua_pushliteral(L, "/");
+    else push_decoded(L, path, pn);
+    lua_setfield(L, -2, "path");
+    if (q) lua_pushlstring(L, q + 1, plen - pn - 1);
+    else lua_pushliteral(L, "");
+    lua_setfield(L, -2, "query_string");
+    build_headers(L, h, lua_gettop(L));
+    lua_setfield(L, -2, "headers");
+    lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
+    lua_setfield(L, -2, "keepalive");
+    if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "upgrade");
+    }
+    lua_pushvalue(L, 1);
+    lua_setfield(L, -2, "_conn");
+    lua_getiuservalue(L, 1, 2);
+    lua_setmetatable(L, -2);
+}
+
+static int read_request_k(lua_State *L, int status, lua_KContext ctx);
+
+static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
+{
+    mw_sock *s = h->s;
+    for (;;) {
+        if (mw_buf_len(&s->rbuf) > h->parsed) {
+            int st = feed(h);
+            if (st) return pushverdict(L, h->err_msg, st);
+        }
+        size_t len = mw_buf_len(&s->rbuf);
+        if (h->head_done) {
+            if (h->parsed > h->max_head) return pushverdict(L, "request head too large", 431);
+            build_request(L, h);
+            /* the head is in Lua now: drop it, then let llhttp reach the end of a message
+             * without a body (it completes on a zero-length execute) */
+            mw_buf_consume(&s->rbuf, h->parsed);
+            h->parsed = 0;
+            h->base = mw_buf_head(&s->rbuf);
+            llhttp_errno_t e = llhttp_execute(&h->p, h->base, 0);
+            if (e == HPE_PAUSED) llhttp_resume(&h->p);
+            else if (e == HPE_PAUSED_UPGRADE) { h->upgrade = 1; h->msg_done = 1; llhttp_resume(&h->p); }
+            return mw_sched_checkpoint(L, t, 1);
+        }
+        if (!h->url_open && len > h->max_line) return pushverdict(L, "request line too long", 414);
+        if (len > h->max_head) return pushverdict(L, "request head too large", 431);
+        uint32_t want = EPOLLIN;
+        int r = mw_stream_fill(s, 4096, &want);
+        if (r == 1) {
+            if (len == 0) h->deadline = mw_sched_after(s->rt, (double)h->head_timeout / 1e9);
+            continue;
+        }
+        if (r == 0) {
+            if (len == 0) return mw_pushfail(L, "closed", "closed");
+            return pushverdict(L, "connection closed in the request head", 0);
+        }
+        if (r == -3) return mw_pusherrno(L, errno);
+        if (len == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, len == 0 ? h->idle_deadline : h->deadline,
+                            read_request_k, 0);
+    }
+}
+
+static int read_request_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_http *h = lua_touserdata(L, 1);
+    mw_task *t = h->s->rt->current;
+    int why = mw_sched_reason(t);
+    (void)status; (void)ctx;
+    if (why == MW_WAKE_TIMEOUT) {
+        if (mw_buf_len(&h->s->rbuf) == 0) return mw_pushfail(L, "timeout", "timeout");  /* idle */
+        return pushverdict(L, "request head timeout", 408);
+    }
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (h->s->closed) return mw_pushfail(L, "closed", "closed");
+    return read_request_step(L, h, t);
+}
+
+/* hc:read_request(idle_timeout, head_timeout) -> request | nil, msg, status|nil
+ * status is the code to answer with (400, 408, 413, 414, 431, 501, 505); nil: just close. */
+static int hc_read_request(lua_State *L)
+{
+    mw_http *h = checkhc(L);
+    if (h->s->closed) return mw_pushfail(L, "closed", "closed");
+    double idle = luaL_optnumber(L, 2, -1), head = luaL_optnumber(L, 3, -1);
+    if (!h->msg_done && (h->head_done || h->parsed)) return luaL_error(L, "the previous request's body was not read to its end");
+    mw_task *t = mw_sock_claim(L, h->s, MW_ROLE_READ);
+    lua_settop(L, 1);
+    h->head_done = h->msg_done = h->upgrade = 0;
+    h->err_status = 0;
+    h->expect_continue = 0;
+    h->parsed = 0;
+    h->body_seen = 0;
+    h->body_max = UINT64_MAX;
+    mw_buf_free(&h->body, NULL);
+    h->idle_deadline = mw_sched_after(h->s->rt, idle);
+    h->head_timeout = head < 0 ? -1 : (int64_t)(head * 1e9);
+    h->deadline = mw_sched_after(h->s->rt, head);  /* bytes already buffered: starts now */
+    return read_request_step(L, h, t);
+}
+
+/* ---- bodies --------------------------------------------------------------------------- */
+
+/* mode: 0 whole body (up to max), 1 next chunk, 2 discard (up to max) */
+static int read_body_k(lua_State *L, int status, lua_KContext ctx);
+
+static int body_result(lua_State *L, mw_http *h, int mode)
+{
+    if (mode == 2) {
+        mw_buf_free(&h->body, NULL);
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (mode == 1 && mw_buf_len(&h->body) == 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushlstring(L, mw_buf_head(&h->body), mw_buf_len(&h->body));
+    mw_buf_free(&h->body, NULL);
+    return 1;
+}
+
+static int read_body_step(lua_State *L, mw_http *h, mw_task *t, int mode)
+{
+    mw_sock *s = h->s;
+    for (;;) {
+        if (!h->msg_done && mw_buf_len(&s->rbuf) > 0) {
+            h->parsed = 0;
+            int st = feed(h);
+            mw_buf_consume(&s->rbuf, h->parsed);
+            h->parsed = 0;
+            if (st) {
+                mw_buf_free(&h->body, NULL);
+                return pushverdict(L, h->err_msg, st);
+            }
+            if (mode == 2) mw_buf_free(&h->body, NULL);
+        }
+        if (h->msg_done) return body_result(L, h, mode);
+        if (mode == 1 && mw_buf_len(&h->body) > 0) return body_result(L, h, mode);
+        uint32_t want = EPOLLIN;
+        int r = mw_stream_fill(s, 16384, &want);
+        if (r == 1) continue;
+        if (r == 0) {
+            mw_buf_free(&h->body, NULL);
+            return pushverdict(L, "connection closed in the request body", 0);
+        }
+        if (r == -3) return mw_pusherrno(L, errno);
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, h->deadline, read_body_k, mode);
+    }
+}
+
+static int read_body_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_http *h = lua_touserdata(L, 1);
+    mw_task *t = h->s->rt->current;
+    int why = mw_sched_reason(t);
+    (void)status;
+    if (why == MW_WAKE_TIMEOUT) return pushverdict(L, "request body timeout", 408);
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (h->s->closed) return mw_pushfail(L, "closed", "closed");
+    return read_body_step(L, h, t, (int)ctx);
+}
+
+/* hc:read_body(mode, max, timeout): mode "all" -> body | nil, msg, status;
+ * "chunk" -> next piece | nil (end) | nil, msg, status; "discard" -> true | nil, msg, status */
+static int hc_read_body(lua_State *L)
+{
+    static const char *const modes[] = { "all", "chunk", "discard", NULL };
+    mw_http *h = checkhc(L);
+    int mode = luaL_checkoption(L, 2, NULL, modes);
+    lua_Integer max = luaL_optinteger(L, 3, -1);
+    double timeout = luaL_optnumber(L, 4, -1);
+    if (!h->head_done) return luaL_error(L, "no request head was read");
+    if (h->msg_done && mw_buf_len(&h->body) == 0) {
+        if (mode == 0) lua_pushliteral(L, "");
+        else if (mode == 1) lua_pushnil(L);
+        else lua_pushboolean(L, 1);
+        return 1;
+    }
+    h->body_max = max < 0 ? UINT64_MAX : (uint64_t)max;
+    if (max >= 0 && !(h->p.flags & F_CHUNKED) && (h->p.flags & F_CONTENT_LENGTH) &&
+        h->p.content_length > h->body_max - h->body_seen)
+        return pushverdict(L, "request body too large", 413);
+    mw_task *t = mw_sock_claim(L, h->s, MW_ROLE_READ);
+    lua_settop(L, 1);
+    h->deadline = mw_sched_after(h->s->rt, timeout);
+    return read_body_step(L, h, t, mode);
+}
+
+/* hc:state() -> head_done, msg_done, expect_continue, upgrade, content_length|nil, chunked */
+static int hc_state(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    lua_pushboolean(L, h->head_done);
+    lua_pushboolean(L, h->msg_done);
+    lua_pushboolean(L, h->expect_continue);
+    lua_pushboolean(L, h->upgrade);
+    if (h->p.flags & F_CONTENT_LENGTH) lua_pushinteger(L, (lua_Integer)(h->head_done && !h->msg_done ? h->p.content_length : 0));
+    else lua_pushnil(L);
+    lua_pushboolean(L, (h->p.flags & F_CHUNKED) != 0);
+    return 6;
+}
+
+/* hc:continue_sent(): the 100 Continue went out (or is no longer wanted) */
+static int hc_clear_expect(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    h->expect_continue = 0;
+    return 0;
+}
+
+/* ---- response heads ---------------------------------------------------------------------- */
+
+typedef struct { time_t t; char s[40]; size_t n; } datecache;
+
+static const char *reason(int code)
+{
+    switch (code) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 412: return "Precondition Failed";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 416: return "Range Not Satisfiable";
+    case 417: return "Expectation Failed";
+    case 426: return "Upgrade Required";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Unknown";
+    }
+}
+
+static int is_tchar(unsigned char c)
+{
+    return isalnum(c) || (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+/* Appends "Date: ...\r\n", formatting the date at most once a second. */
+static void add_date(luaL_Buffer *b, datecache *dc)
+{
+    time_t now = time(NULL);
+    if (now != dc->t) {
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        dc->n = strftime(dc->s, sizeof dc->s, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+        dc->t = now;
+    }
+    luaL_addlstring(b, dc->s, dc->n);
+}
+
+/* http_head(status, headers, nheaders, length, flags [, server]) -> head bytes
+ * headers: flat array {name1, value1, name2, value2, ...} of which the first 2*nheaders
+ * count; length: body length (>= 0), -1 chunked, -2 none (no Content-Length: HEAD/304
+ * handled by the caller passing the real length with flags.nobody); flags: bit 1 close,
+ * bit 2 keep-alive answer for HTTP/1.0, bit 4 omit Content-Length even if length >= 0. */
+static int l_http_head(lua_State *L)
+{
+    datecache *dc = lua_touserdata(L, lua_upvalueindex(1));
+    lua_Integer status = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, status >= 100 && status <= 999, 1, "status out of range");
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_Integer nh = luaL_checkinteger(L, 3);
+    lua_Integer length = luaL_checkinteger(L, 4);
+    lua_Integer flags = luaL_optinteger(L, 5, 0);
+    const char *server = luaL_optstring(L, 6, NULL);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    char line[64];
+    int n = snprintf(line, sizeof line, "HTTP/1.1 %d ", (int)status);
+    luaL_addlstring(&b, line, (size_t)n);
+    luaL_addstring(&b, reason((int)status));
+    luaL_addlstring(&b, "\r\n", 2);
+    if (server) {
+        luaL_addlstring(&b, "Server: ", 8);
+        luaL_addstring(&b, server);
+        luaL_addlstring(&b, "\r\n", 2);
+    }
+    add_date(&b, dc);
+    int has_cl = 0, has_te = 0, has_conn = 0;
+    for (lua_Integer i = 1; i <= 2 * nh; i += 2) {
+        size_t kn, vn;
+        lua_rawgeti(L, 2, i);
+        lua_rawgeti(L, 2, i + 1);
+        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "bad header #%d (strings expected)", (int)(i / 2 + 1));
+        /* both stay referenced by the table after the pops below */
+        const char *k = lua_tolstring(L, -2, &kn);
+        const char *v = lua_tolstring(L, -1, &vn);
+        for (size_t j = 0; j < kn; j++)
+            if (!is_tchar((unsigned char)k[j])) return luaL_error(L, "invalid header name '%s'", k);
+        if (kn == 0) return luaL_error(L, "empty header name");
+        for (size_t j = 0; j < vn; j++)
+            if (v[j] == '\r' || v[j] == '\n' || v[j] == '\0')
+                return luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", k);
+        if (kn == 14 && strncasecmp(k, "content-length", 14) == 0) has_cl = 1;
+        else if (kn == 17 && strncasecmp(k, "transfer-encoding", 17) == 0) has_te = 1;
+        else if (kn == 10 && strncasecmp(k, "connection", 10) == 0) has_conn = 1;
+        lua_pop(L, 2);  /* balanced stack use while the luaL_Buffer is open */
+        luaL_addlstring(&b, k, kn);
+        luaL_addlstring(&b, ": ", 2);
+        luaL_addlstring(&b, v, vn);
+        luaL_addlstring(&b, "\r\n", 2);
+    }
+    int bodyless = status < 200 || status == 204 || status == 304;
+    if (length >= 0 && !has_cl && !has_te && !bodyless && !(flags & 4)) {
+        n = snprintf(line, sizeof line, "Content-Length: %lld\r\n", (long long)length);
+        luaL_addlstring(&b, line, (size_t)n);
+    } else if (length == -1 && !has_te && !bodyless) {
+        luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
+    }
+    if (!has_conn) {
+        if (flags & 1) luaL_addstring(&b, "Connection: close\r\n");
+        else if (flags & 2) luaL_addstring(&b, "Connection: keep-alive\r\n");
+    }
+    luaL_addlstring(&b, "\r\n", 2);
+    luaL_pushresult(&b);
+    return 1;
+}
+
+/* ---- the connection object ----------------------------------------------------------------- */
+
+static int hc_gc(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    free(h->hdrs);
+    h->hdrs = NULL;
+    h->caphdrs = h->nhdrs = 0;
+    mw_buf_free(&h->body, NULL);
+    h->s = NULL;
+    return 0;
+}
+
+static size_t opt_size(lua_State *L, int t, const char *k, size_t dflt)
+{
+    size_t v = dflt;
+    if (lua_getfield(L, t, k) != LUA_TNIL) {
+        lua_Integer n = lua_tointeger(L, -1);
+        if (n <= 0) luaL_error(L, "bad limit '%s' (positive integer expected)", k);
+        v = (size_t)n;
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* http_conn(sock, limits, request_mt) -> hc (server side: parses requests) */
+static int l_http_conn(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    mw_http *h = lua_newuserdatauv(L, sizeof *h, 2);
+    memset(h, 0, sizeof *h);
+    luaL_setmetatable(L, HC_MT);
+    int hidx = lua_gettop(L);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, hidx, 1);
+    lua_pushvalue(L, 3);
+    lua_setiuservalue(L, hidx, 2);
+    h->max_line = 8192;
+    h->max_head = 16384;
+    h->max_headers = 100;
+    if (lua_istable(L, 2)) {
+        h->max_line = opt_size(L, 2, "request_line", h->max_line);
+        h->max_head = opt_size(L, 2, "head", h->max_head);
+        h->max_headers = opt_size(L, 2, "headers", h->max_headers);
+    }
+    llhttp_init(&h->p, HTTP_REQUEST, &settings);
+    h->s = s;
+    h->msg_done = 1;
+    return 1;
+}
+
+void mw_http_open(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        { "read_request", hc_read_request }, { "read_body", hc_read_body },
+        { "state", hc_state }, { "clear_expect", hc_clear_expect }, { NULL, NULL }
+    };
+    pthread_once(&settings_once, init_settings);
+    if (luaL_newmetatable(L, HC_MT)) {
+        lua_newtable(L);
+        luaL_setfuncs(L, methods, 0);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, hc_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_http_conn);
+    lua_setfield(L, -2, "http_conn");
+    datecache *dc = lua_newuserdatauv(L, sizeof *dc, 0);
+    memset(dc, 0, sizeof *dc);
+    lua_pushcclosure(L, l_http_head, 1);
+    lua_setfield(L, -2, "http_head");
+}
