@@ -418,7 +418,8 @@ static double opt_num(lua_State *L, int t, const char *k, double dflt)
 /* Binds and listens the fd; on failure closes it and pushes the failure (returns > 0). */
 static int bind_listen(lua_State *L, mw_sock *l, int fd, const struct sockaddr *sa, socklen_t len, int backlog)
 {
-    if (bind(fd, sa, len) < 0 || listen(fd, backlog) < 0) {
+    /* backlog < 0: bind only (reserves a port for SO_REUSEPORT workers) */
+    if (bind(fd, sa, len) < 0 || (backlog >= 0 && listen(fd, backlog) < 0)) {
         int e = errno;
         close(fd);
         return mw_pusherrno(L, e);
@@ -436,6 +437,7 @@ static int tcp_listen(lua_State *L)
     lua_Integer backlog = opt_int(L, 1, "backlog", 511);
     int reuseaddr = opt_bool(L, 1, "reuseaddr", 1);
     int reuseport = opt_bool(L, 1, "reuseport", 0);
+    int do_listen = opt_bool(L, 1, "listen", 1);
     lua_getfield(L, 1, "ipv6only");
     int v6only = lua_isnil(L, -1) ? -1 : lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -472,7 +474,7 @@ static int tcp_listen(lua_State *L)
     socklen_t len = res->ai_addrlen;
     memcpy(&ss, res->ai_addr, len);
     freeaddrinfo(res);
-    int r = bind_listen(L, l, fd, (struct sockaddr *)&ss, len, (int)backlog);
+    int r = bind_listen(L, l, fd, (struct sockaddr *)&ss, len, do_listen ? (int)backlog : -1);
     if (r) return r;
     l->timeout = opt_num(L, 1, "timeout", -1);
     return 1;

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <sys/epoll.h>
 #include <unistd.h>
 
 #define TASK_MT "moonwire.Task"
@@ -311,17 +313,21 @@ static void resume(mw_rt *rt, mw_task *t)
 
 /* Ends every live task: detaches its waits, closes its thread (running its <close>
  * variables) and records `why` as its error. */
-static void kill_all(mw_rt *rt, const char *why)
+static void kill_all(mw_rt *rt, const char *why, mw_task *keep)
 {
     mw_task *t;
     for (t = rt->live; t; t = t->next) {
+        if (t == keep) continue;
         detach(t);
         mw_timer_stop(&rt->loop, &t->timer);
         t->state = MW_T_FAILED;
         t->killed = 1;
     }
     rt->runq_head = rt->runq_tail = NULL;
-    while ((t = rt->live) != NULL) {
+    for (;;) {
+        t = rt->live;
+        if (t && t == keep) t = t->next;
+        if (!t) break;
         lua_pushstring(rt->L, why);
         set_error(rt, t, 0);
         lua_resetthread(t->co);
@@ -368,7 +374,7 @@ static int l_run(lua_State *L)
     int rc = run_loop(rt);
     int err = errno;
     int stopped = rt->stopping;
-    if (rt->nlive > 0) kill_all(rt, "stopped");
+    if (rt->nlive > 0) kill_all(rt, "stopped", NULL);
     rt->running = 0;
     rt->stopping = 0;
     rt->main = NULL;
@@ -705,6 +711,84 @@ static int l_signal(lua_State *L)
     return 1;
 }
 
+/* ---- processes ------------------------------------------------------------------------ */
+
+/* fork() -> pid (0 in the child) | nil, err, code. The child gets a loop of its own (the
+ * epoll instance is shared across fork, so it must never touch the parent's), keeps its
+ * signal handlers, loses the resolver threads (threads do not survive fork) and every task
+ * but the calling one: it goes on as that task alone. */
+static int l_fork(lua_State *L)
+{
+    mw_rt *rt = mw_rt_up(L);
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) return mw_pusherrno(L, errno);
+    if (pid == 0) {
+        int fresh = epoll_create1(EPOLL_CLOEXEC);
+        if (fresh < 0) _exit(127);
+        close(rt->loop.epfd);
+        rt->loop.epfd = fresh;
+        if (rt->sigio.fd >= 0) {
+            /* the signalfd's mask is shared with the parent's copy: take a new one */
+            close(rt->sigio.fd);
+            rt->sigio.fd = signalfd(-1, &rt->sigset, SFD_NONBLOCK | SFD_CLOEXEC);
+            if (rt->sigio.fd >= 0) mw_loop_add(&rt->loop, &rt->sigio);
+        }
+        rt->resolver = NULL;  /* its threads and maybe its locked mutex stay behind: leaked */
+        mw_task *keep = rt->current && rt->current->co == L ? rt->current : NULL;
+        if (rt->running) {
+            rt->main = keep;  /* the loop now lives for this task: the old main is gone */
+            kill_all(rt, "forked", keep);
+        }
+    }
+    lua_pushinteger(L, pid);
+    return 1;
+}
+
+/* waitpid([pid = -1]) without blocking -> pid, "exit"|"signal", code | 0 (none ready) | nil, err, code */
+static int l_waitpid(lua_State *L)
+{
+    pid_t pid = (pid_t)luaL_optinteger(L, 1, -1);
+    int st;
+    pid_t r = waitpid(pid, &st, WNOHANG);
+    if (r < 0) return mw_pusherrno(L, errno);
+    lua_pushinteger(L, r);
+    if (r == 0) return 1;
+    if (WIFSIGNALED(st)) {
+        lua_pushliteral(L, "signal");
+        lua_pushinteger(L, WTERMSIG(st));
+    } else {
+        lua_pushliteral(L, "exit");
+        lua_pushinteger(L, WEXITSTATUS(st));
+    }
+    return 3;
+}
+
+static int signo_of(lua_State *L, int idx)
+{
+    const char *name = luaL_checkstring(L, idx);
+    for (int i = 0; signames[i].name; i++)
+        if (strcmp(signames[i].name, name) == 0) return signames[i].signo;
+    if (strcmp(name, "SIGKILL") == 0) return SIGKILL;
+    return luaL_argerror(L, idx, lua_pushfstring(L, "unknown signal '%s'", name));
+}
+
+/* kill(pid, signame) -> true | nil, err, code */
+static int l_kill(lua_State *L)
+{
+    pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+    int sig = signo_of(L, 2);
+    if (kill(pid, sig) < 0) return mw_pusherrno(L, errno);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_getpid(lua_State *L)
+{
+    lua_pushinteger(L, getpid());
+    return 1;
+}
+
 /* ---- the runtime ---------------------------------------------------------------------- */
 
 static int rt_gc(lua_State *L)
@@ -760,6 +844,7 @@ void mw_sched_open(lua_State *L, int rtidx)
         { "current", l_current }, { "sleep", l_sleep }, { "yield", l_yield },
         { "park", l_park }, { "unpark", l_unpark }, { "deadline_push", l_deadline_push },
         { "deadline_pop", l_deadline_pop }, { "on_error", l_on_error }, { "signal", l_signal },
+        { "fork", l_fork }, { "waitpid", l_waitpid }, { "kill", l_kill }, { "getpid", l_getpid },
         { NULL, NULL }
     };
     if (luaL_newmetatable(L, TASK_MT)) {

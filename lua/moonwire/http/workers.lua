@@ -1,0 +1,101 @@
+--- Multi-process serving: N forked workers share the port through SO_REUSEPORT (the kernel
+-- spreads connections over their listeners); the parent supervises them: a worker that dies
+-- is restarted, SIGTERM/SIGINT stop them all gracefully.
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local server = require "moonwire.http.server"
+
+local M = {}
+
+local RESTART_DELAY = 0.1   -- a worker that keeps dying is not restarted in a hot loop
+
+local function worker_main(opts)
+  local srv, err = server.server(opts)
+  if not srv then error("worker cannot listen: " .. tostring(err), 0) end
+  local function stop() srv:close() end
+  mw.signal("SIGTERM", stop)
+  mw.signal("SIGINT", stop)
+  srv._accept:join()
+  srv:close()
+end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+function M.serve(opts)
+  if mw.current() then error("http.serve with workers must be called outside mw.run", 3) end
+  local n = opts.workers
+  if math.type(n) ~= "integer" or n < 1 then error("bad option 'workers' (positive integer expected)", 3) end
+  -- reserve the port (bound, not listening: it takes no connections) so port = 0 works
+  local reserve, err = mw.tcp.listen{ host = opts.host or "127.0.0.1", port = opts.port or 8080,
+    reuseport = true, listen = false }
+  if not reserve then error("cannot listen: " .. tostring(err), 2) end
+  local host, port = reserve:getsockname()
+  local wopts = copy(opts)
+  wopts.host, wopts.port, wopts.reuseport, wopts.workers = host, port, true, nil
+
+  return mw.run(function()
+    local children, count = {}, 0
+    local stopping = false
+    local all_gone = mw.channel(1)
+
+    local function start_worker(slot)
+      local pid, ferr = core.fork()
+      if not pid then
+        io.stderr:write("moonwire: fork failed: ", tostring(ferr), "\n")
+        return
+      end
+      if pid == 0 then                           -- the worker: never returns to this code
+        reserve:close()
+        mw.signal("SIGCHLD", nil)
+        local ok, werr = pcall(worker_main, wopts)
+        if not ok then io.stderr:write("moonwire: worker: ", tostring(werr), "\n") end
+        io.stdout:flush()
+        os.exit(ok and 0 or 1, false)
+      end
+      children[pid] = slot
+      count = count + 1
+    end
+
+    mw.signal("SIGCHLD", function()
+      while true do
+        local pid, how, code = core.waitpid(-1)
+        if not pid or pid == 0 then break end
+        local slot = children[pid]
+        if slot then
+          children[pid] = nil
+          count = count - 1
+          if not stopping then
+            io.stderr:write(("moonwire: worker %d exited (%s %d), restarting\n"):format(pid, how, code))
+            mw.sleep(RESTART_DELAY)
+            if not stopping then start_worker(slot) end
+          end
+        end
+      end
+      if stopping and count == 0 then all_gone:send(true, 0) end
+    end)
+
+    local function stop()
+      if stopping then return end
+      stopping = true
+      for pid in pairs(children) do core.kill(pid, "SIGTERM") end
+      if count == 0 then all_gone:send(true, 0) end
+    end
+    mw.signal("SIGTERM", stop)
+    mw.signal("SIGINT", stop)
+
+    for i = 1, n do start_worker(i) end
+    if opts.on_listen then
+      opts.on_listen{ host = host, port = port, workers = children, pid = core.getpid() }
+    end
+    all_gone:recv()
+    for _, s in ipairs{ "SIGTERM", "SIGINT", "SIGCHLD" } do mw.signal(s, nil) end
+    reserve:close()
+    return true
+  end)
+end
+
+return M
