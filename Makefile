@@ -34,7 +34,7 @@ BUILD ?= build
 OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRC)) $(patsubst $(LLHTTP_DIR)/%.c,$(BUILD)/obj/llhttp_%.o,$(LLHTTP_SRC))
 SO  := $(BUILD)/moonwire/core.so
 
-.PHONY: all test test-asan lint demo install clean deps bench
+.PHONY: all test test-asan lint demo install clean deps bench fuzz
 
 all: $(SO)
 
@@ -74,6 +74,24 @@ demo: deps all
 
 bench: all
 	bench/tcp_echo
+
+# libFuzzer targets (clang): each runs for FUZZ_SECONDS on a scratch copy of its corpus.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS := http_request
+FUZZ_FLAGS   := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
+fuzz: deps $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  corpus=$(CURDIR)/build/fuzz/corpus-$$t; mkdir -p $$corpus; \
+	  seeds=fuzz/corpus/$${t%%_*}; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	  build/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 \
+	    -print_final_stats=1 $$corpus $$seeds 2>&1 | tail -n 12; \
+	done
+
+build/fuzz/%: fuzz/%.c $(SRC) $(HDR)
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) -llua5.4 -lz -lpthread
 
 install:
 	$(LUAROCKS) --lua-version 5.4 make moonwire-scm-1.rockspec

@@ -770,6 +770,25 @@ static int unix_connect(lua_State *L)
     return connect_next(L, s, t, a);
 }
 
+/* socketpair() -> sock, sock: a connected pair of Unix stream sockets */
+static int l_socketpair(lua_State *L)
+{
+    mw_rt *rt = mw_rt_up(L);
+    mw_sock *a = mw_sock_new(L, rt, MW_SOCK_MT);
+    mw_sock *b = mw_sock_new(L, rt, MW_SOCK_MT);
+    int fds[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) < 0)
+        return mw_pusherrno(L, errno);
+    a->family = b->family = AF_UNIX;
+    if (mw_sock_open(a, fds[0]) < 0) {
+        int e = errno;
+        close(fds[1]);
+        return mw_pusherrno(L, e);
+    }
+    if (mw_sock_open(b, fds[1]) < 0) return mw_pusherrno(L, errno);
+    return 2;
+}
+
 /* ---- registration ------------------------------------------------------------------- */
 
 static void new_type(lua_State *L, const char *mt, const luaL_Reg *own, int stream)
@@ -801,7 +820,9 @@ void mw_net_open(lua_State *L, int rtidx)
     };
     static const luaL_Reg listener_own[] = { { "accept", l_accept }, { NULL, NULL } };
     static const luaL_Reg tcp[] = { { "listen", tcp_listen }, { "connect", tcp_connect }, { NULL, NULL } };
-    static const luaL_Reg unx[] = { { "listen", unix_listen }, { "connect", unix_connect }, { NULL, NULL } };
+    static const luaL_Reg unx[] = {
+        { "listen", unix_listen }, { "connect", unix_connect }, { "pair", l_socketpair }, { NULL, NULL }
+    };
     new_type(L, MW_SOCK_MT, sock_own, 1);
     new_type(L, MW_LISTENER_MT, listener_own, 0);
     lua_newtable(L);
