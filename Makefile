@@ -69,8 +69,7 @@ lint: deps
 	  --inline-suppr --suppress=missingIncludeSystem --suppress=toomanyconfigs $(LUA_CFLAGS) src/
 
 demo: deps all
-	@echo "moonwire demo: TCP echo server (try: nc 127.0.0.1 8080)"
-	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA) examples/tcp_echo.lua 127.0.0.1 8080
+	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA) examples/app.lua 8080
 
 bench: all
 	bench/tcp_echo
