@@ -392,18 +392,33 @@ static void build_headers(lua_State *L, mw_http *h, int reqidx)
     }
 }
 
+/* Request field names, interned once: read_request has them as upvalues 1..K_COUNT, so
+ * building a request never looks a C string up in Lua's string cache. */
+enum { K_METHOD = 1, K_TARGET, K_VERSION, K_PATH, K_QUERY_STRING, K_HEADERS, K_KEEPALIVE,
+       K_UPGRADE, K_CONN, K_COUNT = K_CONN };
+static const char *const key_names[] = { "method", "target", "version", "path", "query_string",
+                                         "headers", "keepalive", "upgrade", "_conn" };
+
+/* t[key] = top; pops the value (the table is just below it) */
+static void setkey(lua_State *L, int k)
+{
+    lua_pushvalue(L, lua_upvalueindex(k));
+    lua_insert(L, -2);
+    lua_rawset(L, -3);
+}
+
 /* Builds the request table (metatable: user value 2) from the parsed head. */
 static void build_request(lua_State *L, mw_http *h)
 {
     lua_createtable(L, 0, 12);
     lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
-    lua_setfield(L, -2, "method");
+    setkey(L, K_METHOD);
     const char *url = h->base + h->url_off;
     size_t ulen = h->url_len;
     lua_pushlstring(L, url, ulen);
-    lua_setfield(L, -2, "target");
+    setkey(L, K_TARGET);
     lua_pushstring(L, h->p.http_minor == 1 ? "1.1" : "1.0");
-    lua_setfield(L, -2, "version");
+    setkey(L, K_VERSION);
     /* path and query; absolute-form targets keep only their path */
     const char *path = url;
     size_t plen = ulen;
@@ -428,20 +443,20 @@ static void build_request(lua_State *L, mw_http *h)
     size_t pn = q ? (size_t)(q - path) : plen;
     if (pn == 0) lua_pushliteral(L, "/");
     else push_decoded(L, path, pn);
-    lua_setfield(L, -2, "path");
+    setkey(L, K_PATH);
     if (q) lua_pushlstring(L, q + 1, plen - pn - 1);
     else lua_pushliteral(L, "");
-    lua_setfield(L, -2, "query_string");
+    setkey(L, K_QUERY_STRING);
     build_headers(L, h, lua_gettop(L));
-    lua_setfield(L, -2, "headers");
+    setkey(L, K_HEADERS);
     lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
-    lua_setfield(L, -2, "keepalive");
+    setkey(L, K_KEEPALIVE);
     if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
         lua_pushboolean(L, 1);
-        lua_setfield(L, -2, "upgrade");
+        setkey(L, K_UPGRADE);
     }
     lua_pushvalue(L, 1);
-    lua_setfield(L, -2, "_conn");
+    setkey(L, K_CONN);
     lua_getiuservalue(L, 1, 2);
     lua_setmetatable(L, -2);
 }
@@ -721,8 +736,12 @@ static int l_http_head(lua_State *L)
     luaL_Buffer b;
     luaL_buffinit(L, &b);
     char line[64];
-    int n = snprintf(line, sizeof line, "HTTP/1.1 %d ", (int)status);
-    luaL_addlstring(&b, line, (size_t)n);
+    memcpy(line, "HTTP/1.1 ", 9);
+    line[9] = (char)('0' + status / 100);
+    line[10] = (char)('0' + status / 10 % 10);
+    line[11] = (char)('0' + status % 10);
+    line[12] = ' ';
+    luaL_addlstring(&b, line, 13);
     luaL_addstring(&b, reason((int)status));
     luaL_addlstring(&b, "\r\n", 2);
     if (server) {
@@ -758,8 +777,13 @@ static int l_http_head(lua_State *L)
     }
     int bodyless = status < 200 || status == 204 || status == 304;
     if (length >= 0 && !has_cl && !has_te && !bodyless && !(flags & 4)) {
-        n = snprintf(line, sizeof line, "Content-Length: %lld\r\n", (long long)length);
-        luaL_addlstring(&b, line, (size_t)n);
+        char *e = line + sizeof line, *d = e;
+        *--d = '\n';
+        *--d = '\r';
+        lua_Integer v = length;
+        do { *--d = (char)('0' + v % 10); v /= 10; } while (v > 0);
+        luaL_addlstring(&b, "Content-Length: ", 16);
+        luaL_addlstring(&b, d, (size_t)(e - d));
     } else if (length == -1 && !has_te && !bodyless) {
         luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
     }
@@ -828,13 +852,16 @@ static int l_http_conn(lua_State *L)
 void mw_http_open(lua_State *L)
 {
     static const luaL_Reg methods[] = {
-        { "read_request", hc_read_request }, { "read_body", hc_read_body },
-        { "state", hc_state }, { "clear_expect", hc_clear_expect }, { NULL, NULL }
+        { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
+        { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);
     if (luaL_newmetatable(L, HC_MT)) {
         lua_newtable(L);
         luaL_setfuncs(L, methods, 0);
+        for (int i = 0; i < K_COUNT; i++) lua_pushstring(L, key_names[i]);
+        lua_pushcclosure(L, hc_read_request, K_COUNT);
+        lua_setfield(L, -2, "read_request");
         lua_setfield(L, -2, "__index");
         lua_pushcfunction(L, hc_gc);
         lua_setfield(L, -2, "__gc");
