@@ -30,7 +30,7 @@ typedef struct mw_http {
     const char *base;
     size_t parsed;             /* bytes from the head start (or body start) fed to llhttp */
     uint32_t url_off, url_len;
-    int url_open, field_open, value_open;
+    int url_open, field_open, value_open, value_done;
     hspan *hdrs;
     int nhdrs, caphdrs;
     int head_done, msg_done, upgrade;
@@ -93,7 +93,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
         sp->noff = (uint32_t)(at - h->base);
         sp->nlen = sp->voff = sp->vlen = 0;
         h->field_open = 1;
-        h->value_open = 0;
+        h->value_open = h->value_done = 0;
     }
     h->hdrs[h->nhdrs - 1].nlen += (uint32_t)len;
     return 0;
@@ -108,6 +108,8 @@ static int on_header_field_complete(llhttp_t *p)
 static int on_header_value(llhttp_t *p, const char *at, size_t len)
 {
     mw_http *h = H(p);
+    /* a value with no field before it: an empty header name */
+    if (!h->value_open && (h->nhdrs == 0 || h->value_done)) return fail(p, 400, "empty header name");
     hspan *sp = &h->hdrs[h->nhdrs - 1];
     if (!h->value_open) {
         h->value_open = 1;
@@ -121,6 +123,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 static int on_header_value_complete(llhttp_t *p)
 {
     H(p)->value_open = 0;
+    H(p)->value_done = 1;
     return 0;
 }
 
@@ -171,6 +174,12 @@ static int on_headers_complete(llhttp_t *p)
 {
     mw_http *h = H(p);
     if (p->type == HTTP_REQUEST) {
+        if (p->http_major == 0) {
+            /* "GET /" (HTTP/0.9 style, no version at all) is malformed; "HTTP/0.9" is a version */
+            const char *after = h->base + h->url_off + h->url_len;
+            if (strncmp(after, " HTTP/", 6) == 0) return fail(p, 505, "HTTP version not supported");
+            return fail(p, 400, "missing HTTP version");
+        }
         if (p->http_major != 1 || p->http_minor > 1) return fail(p, 505, "HTTP version not supported");
         int hosts = 0, te = 0, cl = 0;
         for (int i = 0; i < h->nhdrs; i++) {
@@ -186,8 +195,11 @@ static int on_headers_complete(llhttp_t *p)
                 value_of(h, sp, &v, &n);
                 if (!(n == 7 && strncasecmp(v, "chunked", 7) == 0)) {
                     /* a coding we do not implement, with chunked last: 501; else 400 */
-                    if (n > 7 && strncasecmp(v + n - 7, "chunked", 7) == 0)
-                        return fail(p, 501, "unsupported transfer coding");
+                    if (n > 7 && strncasecmp(v + n - 7, "chunked", 7) == 0) {
+                        const char *c = v + n - 8;
+                        while (c > v && (*c == ' ' || *c == '\t')) c--;
+                        if (*c == ',') return fail(p, 501, "unsupported transfer coding");
+                    }
                     return fail(p, 400, "invalid Transfer-Encoding");
                 }
             } else if (name_is(h, sp, "content-length", 14)) {
@@ -255,6 +267,18 @@ static void init_settings(void)
 
 /* ---- feeding llhttp ------------------------------------------------------------------- */
 
+/* Whether the request line ends in a well-formed "HTTP/d.d" (then an unsupported version
+ * is a 505, not a 400). */
+static int wellformed_version(const char *p, size_t len)
+{
+    const char *eol = memchr(p, '\r', len);
+    if (!eol) eol = memchr(p, '\n', len);
+    if (!eol || eol - p < 9) return 0;
+    const char *v = eol - 8;
+    return memcmp(v, "HTTP/", 5) == 0 && isdigit((unsigned char)v[5]) && v[6] == '.' &&
+           isdigit((unsigned char)v[7]) && v[-1] == ' ';
+}
+
 /* Runs llhttp over the unparsed buffered bytes. 0 ok (maybe paused), or a status
  * (400...) with h->err_msg set. */
 static int feed(mw_http *h)
@@ -277,9 +301,13 @@ static int feed(mw_http *h)
         llhttp_resume(&h->p);
         return 0;
     }
-    if (e == HPE_USER && h->err_status) return h->err_status;
+    if (h->err_status) return h->err_status;  /* our verdict from a callback */
     h->err_msg = llhttp_get_error_reason(&h->p);
     if (!h->err_msg) h->err_msg = llhttp_errno_name(e);
+    if (e == HPE_INVALID_VERSION && wellformed_version(h->base, len)) {
+        h->err_msg = "HTTP version not supported";
+        return 505;
+    }
     return 400;
 }
 
@@ -461,6 +489,31 @@ static void build_request(lua_State *L, mw_http *h)
     lua_setmetatable(L, -2);
 }
 
+/* What llhttp lets through even in strict mode, checked over the whole head once it is
+ * complete: every LF preceded by CR (no bare LF), no obs-fold (a line starting with SP or
+ * HTAB), no line starting with ':' (empty field name), and a request line of exactly
+ * "method SP target SP version". */
+static const char *strict_head(const char *p, size_t n)
+{
+    const char *eol = memchr(p, '\r', n);
+    if (!eol) return "malformed request line";
+    int spaces = 0;
+    for (const char *c = p; c < eol; c++) {
+        if (*c == ' ') {
+            if (c == p || c[-1] == ' ') return "malformed request line";
+            spaces++;
+        }
+    }
+    if (spaces != 2) return "malformed request line";
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] != '\n') continue;
+        if (i == 0 || p[i - 1] != '\r') return "bare LF in the request head";
+        if (i + 1 < n && (p[i + 1] == ' ' || p[i + 1] == '\t')) return "obsolete line folding";
+        if (i + 1 < n && p[i + 1] == ':') return "empty header name";
+    }
+    return NULL;
+}
+
 static int read_request_k(lua_State *L, int status, lua_KContext ctx);
 
 static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
@@ -474,6 +527,8 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
         size_t len = mw_buf_len(&s->rbuf);
         if (h->head_done) {
             if (h->parsed > h->max_head) return pushverdict(L, "request head too large", 431);
+            const char *bad = strict_head(h->base, h->parsed);
+            if (bad) return pushverdict(L, bad, 400);
             build_request(L, h);
             /* the head is in Lua now: drop it, then let llhttp reach the end of a message
              * without a body (it completes on a zero-length execute) */

@@ -248,6 +248,8 @@ local function serve(h, req, res, nxt)
     return plain(res, 405, "Method Not Allowed\n")
   end
   if unsafe(rel, req.target) then return plain(res, 404, NOT_FOUND) end
+  -- hidden files (.env, .git/...) are not served unless asked for
+  if not h.dotfiles and find(rel, "/%.") then return miss(res, nxt) end
   local name = h.dir .. rel
   local real, size, mtime, kind = resolve(h, name)
   if kind == "dir" then
@@ -277,6 +279,10 @@ local OPTIONS = {
     if type(v) == "boolean" then return v end
     return nil, "boolean"
   end,
+  dotfiles = function(v)
+    if type(v) == "boolean" then return v end
+    return nil, "boolean"
+  end,
 }
 
 local function bad(level, n, fname, msg)
@@ -296,7 +302,7 @@ function M.build(level, fname, prefix, dir, opts)
   if type(dir) ~= "string" then bad(level, 2, fname, "string expected, got " .. type(dir)) end
   if dir == "" or find(dir, "\0", 1, true) then bad(level, 2, fname, "directory path expected") end
   if opts ~= nil and type(opts) ~= "table" then bad(level, 3, fname, "table expected, got " .. type(opts)) end
-  local h = { index = "index.html", max_age = 0, etag = true }
+  local h = { index = "index.html", max_age = 0, etag = true, dotfiles = false }
   for k, v in pairs(opts or {}) do
     local check = OPTIONS[k]
     if not check then bad(level, 3, fname, format("unknown option '%s'", tostring(k))) end
@@ -315,7 +321,8 @@ function M.build(level, fname, prefix, dir, opts)
 end
 
 --- static.handler(prefix, dir [, opts]) → function(req, res [, next]); opts: index
--- ("index.html"; false: no index files), max_age (0; > 0 adds Cache-Control), etag (true).
+-- ("index.html"; false: no index files), max_age (0; > 0 adds Cache-Control), etag (true),
+-- dotfiles (false: names starting with "." are not served).
 -- With `next`, a missing file or another method calls it instead of answering 404/405.
 function M.handler(prefix, dir, opts)
   local fn = M.build(3, "handler", prefix, dir, opts)
