@@ -42,15 +42,17 @@ typedef struct mw_http {
     int64_t deadline;          /* head or body deadline, ns */
     int64_t idle_deadline, head_timeout;
     int expect_continue;
+    int skip_body;             /* client side: the request was HEAD, the response has no body */
 } mw_http;
 
 /* ---- llhttp callbacks: spans and verdicts only ------------------------------------- */
 
 static mw_http *H(llhttp_t *p) { return (mw_http *)p; }
 
+/* Records our verdict (status 0: a client-side error with no status to answer). */
 static int fail(llhttp_t *p, int status, const char *msg)
 {
-    H(p)->err_status = status;
+    H(p)->err_status = status ? status : -1;
     H(p)->err_msg = msg;
     return HPE_USER;
 }
@@ -74,6 +76,19 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
     }
     h->url_len += (uint32_t)len;
     if (h->url_len > h->max_line) return fail(p, 414, "request line too long");
+    return 0;
+}
+
+static int on_status(llhttp_t *p, const char *at, size_t len)
+{
+    mw_http *h = H(p);
+    if (!h->url_open) {
+        h->url_open = 1;
+        h->url_off = (uint32_t)(at - h->base);
+        h->url_len = 0;
+    }
+    h->url_len += (uint32_t)len;
+    if (h->url_len > h->max_line) return fail(p, 0, "status line too long");
     return 0;
 }
 
@@ -216,6 +231,7 @@ static int on_headers_complete(llhttp_t *p)
         if (te && p->http_minor == 0) return fail(p, 400, "Transfer-Encoding in HTTP/1.0");
     }
     h->head_done = 1;
+    if (p->type == HTTP_RESPONSE && h->skip_body) return 1;  /* HEAD: no body whatever it says */
     return HPE_PAUSED;  /* stop here: the head is handed to Lua before any body byte */
 }
 
@@ -255,6 +271,7 @@ static void init_settings(void)
     llhttp_settings_init(&settings);
     settings.on_message_begin = on_message_begin;
     settings.on_url = on_url;
+    settings.on_status = on_status;
     settings.on_header_field = on_header_field;
     settings.on_header_field_complete = on_header_field_complete;
     settings.on_header_value = on_header_value;
@@ -311,11 +328,15 @@ static int feed(mw_http *h)
     return 400;
 }
 
+/* nil, msg, status (the code the server answers with) on the server side; nil, msg, "http"
+ * on the client side, where there is nobody to answer. */
 static int pushverdict(lua_State *L, const char *msg, int status)
 {
+    mw_http *h = lua_touserdata(L, 1);
     lua_pushnil(L);
     lua_pushstring(L, msg);
-    if (status) lua_pushinteger(L, status);
+    if (h->p.type == HTTP_RESPONSE) lua_pushliteral(L, "http");
+    else if (status > 0) lua_pushinteger(L, status);
     else lua_pushnil(L);
     return 3;
 }
@@ -423,9 +444,10 @@ static void build_headers(lua_State *L, mw_http *h, int reqidx)
 /* Request field names, interned once: read_request has them as upvalues 1..K_COUNT, so
  * building a request never looks a C string up in Lua's string cache. */
 enum { K_METHOD = 1, K_TARGET, K_VERSION, K_PATH, K_QUERY_STRING, K_HEADERS, K_KEEPALIVE,
-       K_UPGRADE, K_CONN, K_COUNT = K_CONN };
+       K_UPGRADE, K_CONN, K_STATUS, K_REASON, K_COUNT = K_REASON };
 static const char *const key_names[] = { "method", "target", "version", "path", "query_string",
-                                         "headers", "keepalive", "upgrade", "_conn" };
+                                         "headers", "keepalive", "upgrade", "_conn", "status",
+                                         "reason" };
 
 /* t[key] = top; pops the value (the table is just below it) */
 static void setkey(lua_State *L, int k)
@@ -514,6 +536,26 @@ static const char *strict_head(const char *p, size_t n)
     return NULL;
 }
 
+/* Builds the response table (client side). */
+static void build_response(lua_State *L, mw_http *h)
+{
+    lua_createtable(L, 0, 8);
+    lua_pushinteger(L, h->p.status_code);
+    setkey(L, K_STATUS);
+    lua_pushlstring(L, h->base + h->url_off, h->url_len);
+    setkey(L, K_REASON);
+    lua_pushstring(L, h->p.http_minor == 1 ? "1.1" : "1.0");
+    setkey(L, K_VERSION);
+    build_headers(L, h, lua_gettop(L));
+    setkey(L, K_HEADERS);
+    lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
+    setkey(L, K_KEEPALIVE);
+    lua_pushvalue(L, 1);
+    setkey(L, K_CONN);
+    lua_getiuservalue(L, 1, 2);
+    lua_setmetatable(L, -2);
+}
+
 static int read_request_k(lua_State *L, int status, lua_KContext ctx);
 
 static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
@@ -526,10 +568,15 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
         }
         size_t len = mw_buf_len(&s->rbuf);
         if (h->head_done) {
-            if (h->parsed > h->max_head) return pushverdict(L, "request head too large", 431);
-            const char *bad = strict_head(h->base, h->parsed);
-            if (bad) return pushverdict(L, bad, 400);
-            build_request(L, h);
+            if (h->parsed > h->max_head)
+                return pushverdict(L, h->p.type == HTTP_REQUEST ? "request head too large" : "response head too large", 431);
+            if (h->p.type == HTTP_REQUEST) {
+                const char *bad = strict_head(h->base, h->parsed);
+                if (bad) return pushverdict(L, bad, 400);
+                build_request(L, h);
+            } else {
+                build_response(L, h);
+            }
             /* the head is in Lua now: drop it, then let llhttp reach the end of a message
              * without a body (it completes on a zero-length execute) */
             mw_buf_consume(&s->rbuf, h->parsed);
@@ -540,8 +587,12 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
             else if (e == HPE_PAUSED_UPGRADE) { h->upgrade = 1; h->msg_done = 1; llhttp_resume(&h->p); }
             return mw_sched_checkpoint(L, t, 1);
         }
-        if (!h->url_open && len > h->max_line) return pushverdict(L, "request line too long", 414);
-        if (len > h->max_head) return pushverdict(L, "request head too large", 431);
+        if (h->p.type == HTTP_REQUEST) {
+            if (!h->url_open && len > h->max_line) return pushverdict(L, "request line too long", 414);
+            if (len > h->max_head) return pushverdict(L, "request head too large", 431);
+        } else if (len > h->max_head) {
+            return pushverdict(L, "response head too large", 0);
+        }
         uint32_t want = EPOLLIN;
         int r = mw_stream_fill(s, 4096, &want);
         if (r == 1) {
@@ -550,7 +601,8 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
         }
         if (r == 0) {
             if (len == 0) return mw_pushfail(L, "closed", "closed");
-            return pushverdict(L, "connection closed in the request head", 0);
+            return pushverdict(L, h->p.type == HTTP_REQUEST ? "connection closed in the request head"
+                                                            : "connection closed in the response head", 0);
         }
         if (r == -3) return mw_pusherrno(L, errno);
         if (len == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
@@ -567,6 +619,7 @@ static int read_request_k(lua_State *L, int status, lua_KContext ctx)
     (void)status; (void)ctx;
     if (why == MW_WAKE_TIMEOUT) {
         if (mw_buf_len(&h->s->rbuf) == 0) return mw_pushfail(L, "timeout", "timeout");  /* idle */
+        if (h->p.type == HTTP_RESPONSE) return mw_pushfail(L, "timeout", "timeout");
         return pushverdict(L, "request head timeout", 408);
     }
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
@@ -581,7 +634,8 @@ static int hc_read_request(lua_State *L)
     mw_http *h = checkhc(L);
     if (h->s->closed) return mw_pushfail(L, "closed", "closed");
     double idle = luaL_optnumber(L, 2, -1), head = luaL_optnumber(L, 3, -1);
-    if (!h->msg_done && (h->head_done || h->parsed)) return luaL_error(L, "the previous request's body was not read to its end");
+    if (!h->msg_done && (h->head_done || h->parsed)) return luaL_error(L, "the previous message's body was not read to its end");
+    h->skip_body = lua_toboolean(L, 4);
     mw_task *t = mw_sock_claim(L, h->s, MW_ROLE_READ);
     lua_settop(L, 1);
     h->head_done = h->msg_done = h->upgrade = 0;
@@ -639,8 +693,14 @@ static int read_body_step(lua_State *L, mw_http *h, mw_task *t, int mode)
         int r = mw_stream_fill(s, 16384, &want);
         if (r == 1) continue;
         if (r == 0) {
+            if (h->p.type == HTTP_RESPONSE && llhttp_message_needs_eof(&h->p)) {
+                llhttp_finish(&h->p);  /* the body was delimited by the close */
+                h->msg_done = 1;
+                continue;
+            }
             mw_buf_free(&h->body, NULL);
-            return pushverdict(L, "connection closed in the request body", 0);
+            return pushverdict(L, h->p.type == HTTP_REQUEST ? "connection closed in the request body"
+                                                            : "connection closed in the response body", 0);
         }
         if (r == -3) return mw_pusherrno(L, errno);
         return mw_sock_wait(L, s, t, MW_ROLE_READ, want, h->deadline, read_body_k, mode);
@@ -653,7 +713,10 @@ static int read_body_k(lua_State *L, int status, lua_KContext ctx)
     mw_task *t = h->s->rt->current;
     int why = mw_sched_reason(t);
     (void)status;
-    if (why == MW_WAKE_TIMEOUT) return pushverdict(L, "request body timeout", 408);
+    if (why == MW_WAKE_TIMEOUT) {
+        if (h->p.type == HTTP_RESPONSE) return mw_pushfail(L, "timeout", "timeout");
+        return pushverdict(L, "request body timeout", 408);
+    }
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
     if (h->s->closed) return mw_pushfail(L, "closed", "closed");
     return read_body_step(L, h, t, (int)ctx);
@@ -773,11 +836,52 @@ static void add_date(luaL_Buffer *b, datecache *dc)
     luaL_addlstring(b, dc->s, dc->n);
 }
 
+/* Appends "name: value\r\n" for the first nh pairs of the flat array at idx, checking
+ * names (tokens) and values (no CR, LF, NUL). Sets bits in *seen: 1 content-length,
+ * 2 transfer-encoding, 4 connection, 8 host. */
+static void add_headers(lua_State *L, luaL_Buffer *b, int idx, lua_Integer nh, int *seen)
+{
+    for (lua_Integer i = 1; i <= 2 * nh; i += 2) {
+        size_t kn, vn;
+        lua_rawgeti(L, idx, i);
+        lua_rawgeti(L, idx, i + 1);
+        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "bad header #%d (strings expected)", (int)(i / 2 + 1));
+        /* both stay referenced by the table after the pops below */
+        const char *k = lua_tolstring(L, -2, &kn);
+        const char *v = lua_tolstring(L, -1, &vn);
+        if (kn == 0) luaL_error(L, "empty header name");
+        for (size_t j = 0; j < kn; j++)
+            if (!is_tchar((unsigned char)k[j])) luaL_error(L, "invalid header name '%s'", k);
+        for (size_t j = 0; j < vn; j++)
+            if (v[j] == '\r' || v[j] == '\n' || v[j] == '\0')
+                luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", k);
+        if (kn == 14 && strncasecmp(k, "content-length", 14) == 0) *seen |= 1;
+        else if (kn == 17 && strncasecmp(k, "transfer-encoding", 17) == 0) *seen |= 2;
+        else if (kn == 10 && strncasecmp(k, "connection", 10) == 0) *seen |= 4;
+        else if (kn == 4 && strncasecmp(k, "host", 4) == 0) *seen |= 8;
+        lua_pop(L, 2);  /* balanced stack use while the luaL_Buffer is open */
+        luaL_addlstring(b, k, kn);
+        luaL_addlstring(b, ": ", 2);
+        luaL_addlstring(b, v, vn);
+        luaL_addlstring(b, "\r\n", 2);
+    }
+}
+
+static void add_length(luaL_Buffer *b, lua_Integer length)
+{
+    char num[32], *e = num + sizeof num, *d = e;
+    *--d = '\n';
+    *--d = '\r';
+    do { *--d = (char)('0' + length % 10); length /= 10; } while (length > 0);
+    luaL_addlstring(b, "Content-Length: ", 16);
+    luaL_addlstring(b, d, (size_t)(e - d));
+}
+
 /* http_head(status, headers, nheaders, length, flags [, server]) -> head bytes
  * headers: flat array {name1, value1, name2, value2, ...} of which the first 2*nheaders
- * count; length: body length (>= 0), -1 chunked, -2 none (no Content-Length: HEAD/304
- * handled by the caller passing the real length with flags.nobody); flags: bit 1 close,
- * bit 2 keep-alive answer for HTTP/1.0, bit 4 omit Content-Length even if length >= 0. */
+ * count; length: body length (>= 0), -1 chunked, -2 none; flags: bit 1 close, bit 2
+ * keep-alive answer for HTTP/1.0, bit 4 omit Content-Length even if length >= 0. */
 static int l_http_head(lua_State *L)
 {
     datecache *dc = lua_touserdata(L, lua_upvalueindex(1));
@@ -790,7 +894,7 @@ static int l_http_head(lua_State *L)
     const char *server = luaL_optstring(L, 6, NULL);
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    char line[64];
+    char line[16];
     memcpy(line, "HTTP/1.1 ", 9);
     line[9] = (char)('0' + status / 100);
     line[10] = (char)('0' + status / 10 % 10);
@@ -805,46 +909,59 @@ static int l_http_head(lua_State *L)
         luaL_addlstring(&b, "\r\n", 2);
     }
     add_date(&b, dc);
-    int has_cl = 0, has_te = 0, has_conn = 0;
-    for (lua_Integer i = 1; i <= 2 * nh; i += 2) {
-        size_t kn, vn;
-        lua_rawgeti(L, 2, i);
-        lua_rawgeti(L, 2, i + 1);
-        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
-            return luaL_error(L, "bad header #%d (strings expected)", (int)(i / 2 + 1));
-        /* both stay referenced by the table after the pops below */
-        const char *k = lua_tolstring(L, -2, &kn);
-        const char *v = lua_tolstring(L, -1, &vn);
-        for (size_t j = 0; j < kn; j++)
-            if (!is_tchar((unsigned char)k[j])) return luaL_error(L, "invalid header name '%s'", k);
-        if (kn == 0) return luaL_error(L, "empty header name");
-        for (size_t j = 0; j < vn; j++)
-            if (v[j] == '\r' || v[j] == '\n' || v[j] == '\0')
-                return luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", k);
-        if (kn == 14 && strncasecmp(k, "content-length", 14) == 0) has_cl = 1;
-        else if (kn == 17 && strncasecmp(k, "transfer-encoding", 17) == 0) has_te = 1;
-        else if (kn == 10 && strncasecmp(k, "connection", 10) == 0) has_conn = 1;
-        lua_pop(L, 2);  /* balanced stack use while the luaL_Buffer is open */
-        luaL_addlstring(&b, k, kn);
-        luaL_addlstring(&b, ": ", 2);
-        luaL_addlstring(&b, v, vn);
-        luaL_addlstring(&b, "\r\n", 2);
-    }
+    int seen = 0;
+    add_headers(L, &b, 2, nh, &seen);
     int bodyless = status < 200 || status == 204 || status == 304;
-    if (length >= 0 && !has_cl && !has_te && !bodyless && !(flags & 4)) {
-        char *e = line + sizeof line, *d = e;
-        *--d = '\n';
-        *--d = '\r';
-        lua_Integer v = length;
-        do { *--d = (char)('0' + v % 10); v /= 10; } while (v > 0);
-        luaL_addlstring(&b, "Content-Length: ", 16);
-        luaL_addlstring(&b, d, (size_t)(e - d));
-    } else if (length == -1 && !has_te && !bodyless) {
-        luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
-    }
-    if (!has_conn) {
+    if (length >= 0 && !(seen & 3) && !bodyless && !(flags & 4)) add_length(&b, length);
+    else if (length == -1 && !(seen & 2) && !bodyless) luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
+    if (!(seen & 4)) {
         if (flags & 1) luaL_addstring(&b, "Connection: close\r\n");
         else if (flags & 2) luaL_addstring(&b, "Connection: keep-alive\r\n");
+    }
+    luaL_addlstring(&b, "\r\n", 2);
+    luaL_pushresult(&b);
+    return 1;
+}
+
+/* http_request_head(method, target, host, headers, nheaders, length) -> head bytes
+ * length: body length (>= 0; 0 adds Content-Length only for methods that carry bodies),
+ * -1 chunked, -2 no body. Host is added unless the headers set it. */
+static int l_http_request_head(lua_State *L)
+{
+    size_t mn, tn, hn;
+    const char *method = luaL_checklstring(L, 1, &mn);
+    const char *target = luaL_checklstring(L, 2, &tn);
+    const char *host = luaL_checklstring(L, 3, &hn);
+    luaL_checktype(L, 4, LUA_TTABLE);
+    lua_Integer nh = luaL_checkinteger(L, 5);
+    lua_Integer length = luaL_checkinteger(L, 6);
+    luaL_argcheck(L, mn > 0, 1, "empty method");
+    for (size_t i = 0; i < mn; i++)
+        if (!is_tchar((unsigned char)method[i])) luaL_argerror(L, 1, "invalid method");
+    luaL_argcheck(L, tn > 0, 2, "empty target");
+    for (size_t i = 0; i < tn; i++)
+        if ((unsigned char)target[i] <= ' ' || target[i] == 0x7f) luaL_argerror(L, 2, "invalid character in target");
+    for (size_t i = 0; i < hn; i++)
+        if ((unsigned char)host[i] <= ' ' || host[i] == 0x7f) luaL_argerror(L, 3, "invalid character in host");
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addlstring(&b, method, mn);
+    luaL_addchar(&b, ' ');
+    luaL_addlstring(&b, target, tn);
+    luaL_addlstring(&b, " HTTP/1.1\r\n", 11);
+    int seen = 0;
+    add_headers(L, &b, 4, nh, &seen);
+    if (!(seen & 8)) {
+        luaL_addlstring(&b, "Host: ", 6);
+        luaL_addlstring(&b, host, hn);
+        luaL_addlstring(&b, "\r\n", 2);
+    }
+    int bodied = !(mn == 3 && memcmp(method, "GET", 3) == 0) && !(mn == 4 && memcmp(method, "HEAD", 4) == 0) &&
+                 !(mn == 6 && memcmp(method, "DELETE", 6) == 0) && !(mn == 7 && memcmp(method, "OPTIONS", 7) == 0);
+    if (length > 0 || (length == 0 && bodied)) {
+        if (!(seen & 3)) add_length(&b, length);
+    } else if (length == -1 && !(seen & 3)) {
+        luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
     }
     luaL_addlstring(&b, "\r\n", 2);
     luaL_pushresult(&b);
@@ -876,12 +993,16 @@ static size_t opt_size(lua_State *L, int t, const char *k, size_t dflt)
     return v;
 }
 
-/* http_conn(sock, limits, request_mt) -> hc (server side: parses requests) */
+/* http_conn(sock, limits, mt [, client]) -> hc: parses requests (server side) or, with
+ * client set, responses; read_request(idle, head [, head_request]) returns the message
+ * table with metatable mt. */
 static int l_http_conn(lua_State *L)
 {
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
     luaL_checktype(L, 3, LUA_TTABLE);
+    int client = lua_toboolean(L, 4);
+    lua_settop(L, 3);
     mw_http *h = lua_newuserdatauv(L, sizeof *h, 2);
     memset(h, 0, sizeof *h);
     luaL_setmetatable(L, HC_MT);
@@ -898,7 +1019,7 @@ static int l_http_conn(lua_State *L)
         h->max_head = opt_size(L, 2, "head", h->max_head);
         h->max_headers = opt_size(L, 2, "headers", h->max_headers);
     }
-    llhttp_init(&h->p, HTTP_REQUEST, &settings);
+    llhttp_init(&h->p, client ? HTTP_RESPONSE : HTTP_REQUEST, &settings);
     h->s = s;
     h->msg_done = 1;
     return 1;
@@ -928,4 +1049,6 @@ void mw_http_open(lua_State *L)
     memset(dc, 0, sizeof *dc);
     lua_pushcclosure(L, l_http_head, 1);
     lua_setfield(L, -2, "http_head");
+    lua_pushcfunction(L, l_http_request_head);
+    lua_setfield(L, -2, "http_request_head");
 }
