@@ -239,7 +239,7 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
 {
     mw_http *h = H(p);
     h->body_seen += len;
-    if (h->body_seen > h->body_max) return fail(p, 413, "request body too large");
+    if (h->body_seen > h->body_max) return fail(p, 413, "body too large");
     size_t avail;
     char *w = mw_buf_reserve(&h->body, NULL, len, &avail);
     if (!w) return fail(p, 500, "not enough memory");
@@ -252,7 +252,7 @@ static int on_chunk_header(llhttp_t *p)
 {
     mw_http *h = H(p);
     /* refuse before the data arrives: the chunk size is known now */
-    if (p->content_length > h->body_max - h->body_seen) return fail(p, 413, "request body too large");
+    if (p->content_length > h->body_max - h->body_seen) return fail(p, 413, "body too large");
     return 0;
 }
 
@@ -335,7 +335,7 @@ static int pushverdict(lua_State *L, const char *msg, int status)
     mw_http *h = lua_touserdata(L, 1);
     lua_pushnil(L);
     lua_pushstring(L, msg);
-    if (h->p.type == HTTP_RESPONSE) lua_pushliteral(L, "http");
+    if (h->p.type == HTTP_RESPONSE) lua_pushstring(L, status == 413 ? "toolarge" : "http");
     else if (status > 0) lua_pushinteger(L, status);
     else lua_pushnil(L);
     return 3;
@@ -741,7 +741,7 @@ static int hc_read_body(lua_State *L)
     h->body_max = max < 0 ? UINT64_MAX : (uint64_t)max;
     if (max >= 0 && !(h->p.flags & F_CHUNKED) && (h->p.flags & F_CONTENT_LENGTH) &&
         h->p.content_length > h->body_max - h->body_seen)
-        return pushverdict(L, "request body too large", 413);
+        return pushverdict(L, "body too large", 413);
     mw_task *t = mw_sock_claim(L, h->s, MW_ROLE_READ);
     lua_settop(L, 1);
     h->deadline = mw_sched_after(h->s->rt, timeout);

@@ -309,6 +309,21 @@ static int h_tostring(lua_State *L)
     return 1;
 }
 
+/* s:alive() -> whether an idle connection is still usable: the peer has not closed it and
+ * sent nothing unasked (a pooled HTTP connection must be silent). Never blocks. */
+static int h_alive(lua_State *L)
+{
+    mw_sock *s = luaL_checkudata(L, 1, MW_SOCK_MT);
+    if (s->closed || s->eof || mw_buf_len(&s->rbuf) > 0) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    char c;
+    ssize_t n = recv(s->io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    lua_pushboolean(L, n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+    return 1;
+}
+
 static int h_shutdown(lua_State *L)
 {
     static const char *const hows[] = { "write", "read", "both", NULL };
@@ -816,7 +831,8 @@ static void new_type(lua_State *L, const char *mt, const luaL_Reg *own, int stre
 void mw_net_open(lua_State *L, int rtidx)
 {
     static const luaL_Reg sock_own[] = {
-        { "getpeername", h_getpeername }, { "shutdown", h_shutdown }, { NULL, NULL }
+        { "getpeername", h_getpeername }, { "shutdown", h_shutdown }, { "alive", h_alive },
+        { NULL, NULL }
     };
     static const luaL_Reg listener_own[] = { { "accept", l_accept }, { NULL, NULL } };
     static const luaL_Reg tcp[] = { { "listen", tcp_listen }, { "connect", tcp_connect }, { NULL, NULL } };

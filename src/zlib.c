@@ -70,8 +70,184 @@ static int l_gunzip(lua_State *L)
     return 1;
 }
 
+
+/* ---- streams: deflate/inflate objects (HTTP decoding, WebSocket permessage-deflate) ---- */
+
+#define DEFLATER_MT "moonwire.Deflater"
+#define INFLATER_MT "moonwire.Inflater"
+
+typedef struct { z_stream z; int open; } zbox;
+
+static int zbox_gc_deflate(lua_State *L)
+{
+    zbox *b = lua_touserdata(L, 1);
+    if (b->open) deflateEnd(&b->z);
+    b->open = 0;
+    return 0;
+}
+
+static int zbox_gc_inflate(lua_State *L)
+{
+    zbox *b = lua_touserdata(L, 1);
+    if (b->open) inflateEnd(&b->z);
+    b->open = 0;
+    return 0;
+}
+
+/* Window bits for the framing: "gzip", "zlib", "raw" (negative: raw deflate), or "auto"
+ * (inflate only: gzip or zlib). */
+static int window_bits(lua_State *L, int idx, int bits, int inflate)
+{
+    static const char *const kinds[] = { "raw", "zlib", "gzip", "auto", NULL };
+    int kind = luaL_checkoption(L, idx, "raw", kinds);
+    if (kind == 3 && !inflate) luaL_argerror(L, idx, "'auto' is for inflaters only");
+    switch (kind) {
+    case 0: return -bits;
+    case 1: return bits;
+    case 2: return bits + 16;
+    default: return bits + 32;
+    }
+}
+
+/* deflater(framing = "raw", level = 6, window_bits = 15) */
+static int l_deflater(lua_State *L)
+{
+    lua_Integer level = luaL_optinteger(L, 2, 6);
+    lua_Integer bits = luaL_optinteger(L, 3, 15);
+    luaL_argcheck(L, level >= -1 && level <= 9, 2, "level must be -1..9");
+    luaL_argcheck(L, bits >= 8 && bits <= 15, 3, "window bits must be 8..15");
+    /* zlib's raw deflate cannot produce an 8-bit window; 9 is what peers accept for 8 */
+    int wb = window_bits(L, 1, bits == 8 ? 9 : (int)bits, 0);
+    zbox *b = lua_newuserdatauv(L, sizeof *b, 0);
+    memset(b, 0, sizeof *b);
+    luaL_setmetatable(L, DEFLATER_MT);
+    if (deflateInit2(&b->z, (int)level, Z_DEFLATED, wb, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+        return luaL_error(L, "deflateInit2 failed");
+    b->open = 1;
+    return 1;
+}
+
+/* d:compress(data, flush) -> output; flush: "none", "sync", "full", "finish" */
+static int d_compress(lua_State *L)
+{
+    static const char *const modes[] = { "none", "sync", "full", "finish", NULL };
+    static const int zmodes[] = { Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FULL_FLUSH, Z_FINISH };
+    zbox *b = luaL_checkudata(L, 1, DEFLATER_MT);
+    size_t n;
+    const char *in = luaL_checklstring(L, 2, &n);
+    int flush = zmodes[luaL_checkoption(L, 3, "sync", modes)];
+    if (!b->open) return luaL_error(L, "attempt to use a finished deflater");
+    luaL_Buffer out;
+    luaL_buffinit(L, &out);
+    b->z.next_in = (Bytef *)in;
+    b->z.avail_in = (uInt)n;
+    int r;
+    do {
+        char *p = luaL_prepbuffsize(&out, 16384);
+        b->z.next_out = (Bytef *)p;
+        b->z.avail_out = 16384;
+        r = deflate(&b->z, flush);
+        if (r == Z_STREAM_ERROR) return luaL_error(L, "deflate failed");
+        luaL_addsize(&out, 16384 - b->z.avail_out);
+    } while (b->z.avail_out == 0 || (flush == Z_FINISH && r != Z_STREAM_END));
+    if (flush == Z_FINISH) {
+        deflateEnd(&b->z);
+        b->open = 0;
+    }
+    luaL_pushresult(&out);
+    return 1;
+}
+
+static int d_reset(lua_State *L)
+{
+    zbox *b = luaL_checkudata(L, 1, DEFLATER_MT);
+    if (b->open) deflateReset(&b->z);
+    return 0;
+}
+
+/* inflater(framing = "raw", window_bits = 15) */
+static int l_inflater(lua_State *L)
+{
+    lua_Integer bits = luaL_optinteger(L, 2, 15);
+    luaL_argcheck(L, bits >= 8 && bits <= 15, 2, "window bits must be 8..15");
+    int wb = window_bits(L, 1, (int)bits, 1);
+    zbox *b = lua_newuserdatauv(L, sizeof *b, 0);
+    memset(b, 0, sizeof *b);
+    luaL_setmetatable(L, INFLATER_MT);
+    if (inflateInit2(&b->z, wb) != Z_OK) return luaL_error(L, "inflateInit2 failed");
+    b->open = 1;
+    return 1;
+}
+
+/* i:decompress(data, max) -> output [, "end"] | nil, err, code ("toolarge": the output
+ * would pass max bytes, checked as it is produced, so a bomb stops early; "zlib": bad data) */
+static int i_decompress(lua_State *L)
+{
+    zbox *b = luaL_checkudata(L, 1, INFLATER_MT);
+    size_t n;
+    const char *in = luaL_checklstring(L, 2, &n);
+    lua_Integer max = luaL_optinteger(L, 3, (lua_Integer)64 * 1024 * 1024);
+    if (!b->open) return mw_pushfail(L, "data after the end of the compressed stream", "zlib");
+    luaL_Buffer out;
+    luaL_buffinit(L, &out);
+    b->z.next_in = (Bytef *)in;
+    b->z.avail_in = (uInt)n;
+    size_t total = 0;
+    int r = Z_OK;
+    while (b->z.avail_in > 0 || r == Z_OK) {
+        char *p = luaL_prepbuffsize(&out, 16384);
+        b->z.next_out = (Bytef *)p;
+        b->z.avail_out = 16384;
+        r = inflate(&b->z, Z_SYNC_FLUSH);
+        size_t got = 16384 - b->z.avail_out;
+        luaL_addsize(&out, got);
+        total += got;
+        if (total > (size_t)max) return mw_pushfail(L, "decompressed data too large", "toolarge");
+        if (r == Z_STREAM_END) {
+            luaL_pushresult(&out);
+            lua_pushliteral(L, "end");
+            return 2;
+        }
+        if (r == Z_BUF_ERROR) break;  /* needs more input (or output fully drained) */
+        if (r != Z_OK) return mw_pushfail(L, b->z.msg ? b->z.msg : "invalid compressed data", "zlib");
+        if (b->z.avail_in == 0 && b->z.avail_out > 0) break;
+    }
+    luaL_pushresult(&out);
+    return 1;
+}
+
+static int i_reset(lua_State *L)
+{
+    zbox *b = luaL_checkudata(L, 1, INFLATER_MT);
+    if (b->open) inflateReset(&b->z);
+    return 0;
+}
+
+static void mw_zlib_stream_open(lua_State *L)
+{
+    static const luaL_Reg dm[] = { { "compress", d_compress }, { "reset", d_reset }, { NULL, NULL } };
+    static const luaL_Reg im[] = { { "decompress", i_decompress }, { "reset", i_reset }, { NULL, NULL } };
+    luaL_newmetatable(L, DEFLATER_MT);
+    luaL_newlib(L, dm);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, zbox_gc_deflate);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, INFLATER_MT);
+    luaL_newlib(L, im);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, zbox_gc_inflate);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_deflater);
+    lua_setfield(L, -2, "deflater");
+    lua_pushcfunction(L, l_inflater);
+    lua_setfield(L, -2, "inflater");
+}
+
 void mw_zlib_open(lua_State *L)
 {
     static const luaL_Reg f[] = { { "gzip", l_gzip }, { "gunzip", l_gunzip }, { NULL, NULL } };
     luaL_setfuncs(L, f, 0);
+    mw_zlib_stream_open(L);
 }

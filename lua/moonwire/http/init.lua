@@ -1,4 +1,4 @@
---- moonwire.http: the HTTP/1.1 server (and, later, client).
+--- moonwire.http: the HTTP/1.1 server and client.
 local mw = require "moonwire"
 local server = require "moonwire.http.server"
 
@@ -6,8 +6,11 @@ local M = {}
 
 M.server = server.server
 
-local router_ok, router = pcall(require, "moonwire.http.router")
-if router_ok then M.router = router.new end
+M.router = require("moonwire.http.router").new
+
+-- the client
+local client = require "moonwire.http.client"
+M.client, M.request, M.get, M.post = client.client, client.request, client.get, client.post
 
 --- Runs a server until SIGTERM/SIGINT (graceful shutdown), in a loop of its own when
 -- called outside one. With workers = N > 1, forks N processes (see docs/http.md).

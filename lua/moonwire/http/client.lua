@@ -1,0 +1,543 @@
+--- The HTTP/1.1 client: pooled keep-alive connections per origin, streaming bodies both
+-- ways, redirects, timeouts, gzip/deflate decoding, HTTP proxies. Responses are parsed by
+-- llhttp in C (the same glue as the server, in response mode).
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local url = require "moonwire.url"
+
+local http_conn, request_head = core.http_conn, core.http_request_head
+local park, unpark, current = core.park, core.unpark, core.current
+
+local M = {}
+
+local Client = {}
+Client.__index = Client
+
+local Response = {}   -- metatable of response tables (built in C)
+local methods = {}
+
+local defaults = {
+  max_per_origin = 10,      -- connections per origin; more requests wait for a free one
+  max_idle = 32,            -- idle connections kept per origin
+  idle_timeout = 30,        -- an idle connection older than this is not reused
+  timeout = 30,             -- connect + send + response head, as one deadline
+  connect_timeout = 10,     -- DNS + TCP connect
+  read_timeout = nil,       -- each body read (default: timeout)
+  redirects = 5,
+  max_body = 64 * 1024 * 1024,
+  decompress = false,
+  user_agent = "moonwire/" .. mw.version,
+  max_head = 65536,
+  max_headers = 200,
+}
+
+local idempotent = { GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true, TRACE = true }
+
+local function argerror(n, fname, msg, level)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), (level or 2) + 1)
+end
+
+-- ---------------------------------------------------------------------------------------
+-- base64 for Basic credentials
+
+local b64chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local function base64(s)
+  return (s:gsub("..?.?", function(chunk)
+    local a, b, c = chunk:byte(1, 3)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local out = {}
+    for i = 1, 4 do
+      local idx = (n >> (6 * (4 - i))) & 63
+      out[i] = b64chars:sub(idx + 1, idx + 1)
+    end
+    if not b then out[3], out[4] = "=", "=" elseif not c then out[4] = "=" end
+    return table.concat(out)
+  end))
+end
+M.base64 = base64
+
+-- ---------------------------------------------------------------------------------------
+-- the pool
+
+local function pool_of(self, key)
+  local p = self._pools[key]
+  if not p then
+    p = { idle = {}, active = 0, waiters = { first = 1, last = 0 } }
+    self._pools[key] = p
+  end
+  return p
+end
+
+local function wake_waiter(p)
+  local w = p.waiters
+  while w.first <= w.last do
+    local t = w[w.first]
+    w[w.first] = nil
+    w.first = w.first + 1
+    if t and unpark(t, true) then return end
+  end
+end
+
+-- Returns a connection record {sock, hc, pool, reused} or nil, err, code.
+local function checkout(self, key, connect)
+  local p = pool_of(self, key)
+  while true do
+    local idle = p.idle
+    local now = mw.now()
+    while #idle > 0 do
+      local c = table.remove(idle)
+      if now - c.idle_since < self.idle_timeout and c.sock:alive() then
+        p.active = p.active + 1
+        c.reused, c.released = true, false
+        return c
+      end
+      c.sock:close()
+    end
+    if p.active < self.max_per_origin then
+      p.active = p.active + 1
+      local sock, err, code = connect()
+      if not sock then
+        p.active = p.active - 1
+        wake_waiter(p)
+        return nil, err, code
+      end
+      sock:settimeout(self.read_timeout or self.timeout)
+      local c = { sock = sock, pool = p, reused = false }
+      c.hc = http_conn(sock, self._limits, Response, true)
+      return c
+    end
+    local me = current()
+    if not me then error("blocking call outside a task", 3) end
+    local w = p.waiters
+    w.last = w.last + 1
+    w[w.last] = me
+    local ok, err, code = park()
+    if not ok then
+      for i = w.first, w.last do if w[i] == me then w[i] = false end end
+      return nil, err, code
+    end
+  end
+end
+
+local function release(self, c, reusable)
+  if c.released then return end
+  c.released = true
+  local p = c.pool
+  p.active = p.active - 1
+  if reusable and #p.idle < self.max_idle and not self._closed then
+    c.idle_since = mw.now()
+    p.idle[#p.idle + 1] = c
+  else
+    c.sock:close()
+  end
+  wake_waiter(p)
+end
+
+-- ---------------------------------------------------------------------------------------
+-- responses
+
+local headers_mt = {
+  __index = function(t, k)
+    if type(k) == "string" then
+      local lk = k:lower()
+      if lk ~= k then return rawget(t, lk) end
+    end
+  end,
+}
+
+function Response:__index(k)
+  return methods[k]
+end
+
+local function done_with(res, reusable)
+  local c = rawget(res, "_c")
+  if c then
+    rawset(res, "_c", nil)
+    release(c.client, c, reusable)
+  end
+end
+
+local function finished(res)
+  local c = rawget(res, "_c")
+  if not c then return end
+  local _, msg_done = c.hc:state()
+  if msg_done then done_with(res, res.keepalive) end
+end
+
+local function decoder_for(res)
+  if not res._decompress then return nil end
+  local ce = res.headers["content-encoding"]
+  if not ce then return nil end
+  ce = ce:lower()
+  if ce == "gzip" or ce == "x-gzip" then return core.inflater("gzip") end
+  if ce == "deflate" then return core.inflater("auto") end  -- zlib framing, as most servers send
+  return nil
+end
+
+--- The whole body (at most max_body bytes, after decoding), or nil, err, code.
+function methods:body()
+  local cached = rawget(self, "_body")
+  if cached then return cached end
+  local c = rawget(self, "_c")
+  if not c then
+    if rawget(self, "_consumed") then error("the body was already read by body_reader()", 2) end
+    return ""
+  end
+  local cl = c.client
+  local body, err, code = c.hc:read_body("all", self._max_body, cl.read_timeout or cl.timeout)
+  if not body then
+    done_with(self, false)
+    return nil, err, code
+  end
+  local dec = decoder_for(self)
+  if dec then
+    local out, derr, dcode = dec:decompress(body, self._max_body)
+    if not out then
+      done_with(self, false)
+      return nil, "response body: " .. derr, dcode
+    end
+    body = out
+  end
+  rawset(self, "_body", body)
+  done_with(self, self.keepalive)
+  return body
+end
+
+--- Iterates over the body's chunks in constant memory; raises on an I/O error.
+function methods:body_reader()
+  local c = rawget(self, "_c")
+  rawset(self, "_consumed", true)
+  if not c then return function() return nil end end
+  local cl = c.client
+  local timeout = cl.read_timeout or cl.timeout
+  local dec = decoder_for(self)
+  local max = self._max_body
+  return function()
+    while true do
+      local cc = rawget(self, "_c")
+      if not cc then return nil end
+      local chunk, err = cc.hc:read_body("chunk", -1, timeout)
+      if chunk == nil then
+        if err then
+          done_with(self, false)
+          error("response body: " .. tostring(err), 2)
+        end
+        done_with(self, self.keepalive)
+        return nil
+      end
+      if dec then
+        local out, derr = dec:decompress(chunk, max)
+        if not out then
+          done_with(self, false)
+          error("response body: " .. tostring(derr), 2)
+        end
+        if out ~= "" then return out end
+      else
+        return chunk
+      end
+    end
+  end
+end
+
+--- Every value of a header field, in order.
+function methods:header_list(name)
+  local lname = name:lower()
+  local multi = rawget(self, "_multi")
+  local list = multi and multi[lname]
+  if list then return table.move(list, 1, #list, 1, {}) end
+  local v = self.headers[lname]
+  return v and { v } or {}
+end
+
+--- Drops the response: an unread body closes the connection instead of returning it.
+function methods:close()
+  local c = rawget(self, "_c")
+  if not c then return end
+  local _, msg_done = c.hc:state()
+  done_with(self, msg_done and self.keepalive)
+end
+
+Response.__close = methods.close
+Response.__gc = function(self)
+  local c = rawget(self, "_c")
+  if c and not c.released then
+    -- collected with its body unread: the connection cannot be reused
+    c.released = true
+    c.pool.active = c.pool.active - 1
+    c.sock:close()
+    wake_waiter(c.pool)
+  end
+end
+
+-- ---------------------------------------------------------------------------------------
+-- requests
+
+local function header_pairs(o, u, self, flat)
+  local n = 0
+  local seen = {}
+  local function add(k, v)
+    flat[2 * n + 1] = k
+    flat[2 * n + 2] = v
+    n = n + 1
+    seen[k:lower()] = true
+  end
+  local h = o.headers
+  if h ~= nil then
+    if type(h) ~= "table" then argerror(1, "request", "option 'headers' must be a table", 4) end
+    for k, v in pairs(h) do
+      if type(k) ~= "string" then argerror(1, "request", "header names must be strings", 4) end
+      if type(v) == "table" then
+        for _, item in ipairs(v) do add(k, tostring(item)) end
+      elseif v ~= false then
+        add(k, tostring(v))
+      end
+    end
+  end
+  if not seen["user-agent"] and self.user_agent then add("User-Agent", self.user_agent) end
+  if o._decompress and not seen["accept-encoding"] then add("Accept-Encoding", "gzip, deflate") end
+  if u.user and not seen.authorization then
+    add("Authorization", "Basic " .. base64(u.user .. ":" .. (u.password or "")))
+  end
+  return n
+end
+
+local function body_length(body)
+  local tb = type(body)
+  if body == nil then return -2 end
+  if tb == "string" then return #body end
+  if tb == "table" then
+    local n = 0
+    for i, piece in ipairs(body) do
+      if type(piece) ~= "string" then argerror(1, "request", "body piece #" .. i .. " is not a string", 5) end
+      n = n + #piece
+    end
+    return n
+  end
+  if tb == "function" then return -1 end
+  argerror(1, "request", "option 'body' must be a string, a table of strings or a function", 5)
+end
+
+local function send_body(sock, head, body)
+  local tb = type(body)
+  if body == nil then return sock:write(head) end
+  if tb == "string" then return sock:write(head, body) end
+  if tb == "table" then return sock:write(head, table.unpack(body)) end
+  local ok, err, code = sock:write(head)
+  if not ok then return nil, err, code end
+  while true do
+    local chunk = body()
+    if chunk == nil or chunk == "" then
+      if chunk == "" then goto continue end
+      return sock:write("0\r\n\r\n")
+    end
+    if type(chunk) ~= "string" then error("body function returned a " .. type(chunk), 0) end
+    ok, err, code = sock:write(("%x\r\n"):format(#chunk), chunk, "\r\n")
+    if not ok then return nil, err, code end
+    ::continue::
+  end
+end
+
+local function no_proxy_match(host, list)
+  for entry in list:gmatch("[^,%s]+") do
+    if entry == "*" then return true end
+    entry = entry:gsub("^%.", ""):lower()
+    if host == entry or host:sub(-#entry - 1) == "." .. entry then return true end
+  end
+  return false
+end
+
+-- The proxy URL for u, from the option or the environment (http_proxy / no_proxy).
+local function proxy_for(o, u)
+  local p = o.proxy
+  if p == false then return nil end
+  if p == nil and u.scheme == "http" then
+    p = os.getenv("http_proxy") or os.getenv("HTTP_PROXY")
+    local np = os.getenv("no_proxy") or os.getenv("NO_PROXY")
+    if p and np and no_proxy_match(u.host, np) then p = nil end
+  end
+  if p == nil or p == "" then return nil end
+  local pu, err = url.parse(p)
+  if not pu then return nil, "bad proxy: " .. err end
+  return pu
+end
+
+-- One exchange: returns the response (head read) or nil, err, code.
+local function exchange(self, o, u, method, body)
+  local proxy, perr = proxy_for(o, u)
+  if perr then return nil, perr, "EINVAL" end
+  if u.scheme ~= "http" then
+    return nil, "unsupported URL scheme '" .. u.scheme .. "'", "EINVAL"
+  end
+  local key, connect, target
+  if o.unix then
+    key = "unix:" .. o.unix
+    connect = function() return mw.unix.connect(o.unix, { timeout = self.connect_timeout }) end
+    target = u.target
+  elseif proxy then
+    key = "proxy:" .. proxy.host .. ":" .. proxy.port
+    connect = function() return mw.tcp.connect(proxy.host, proxy.port, { timeout = self.connect_timeout }) end
+    target = u.scheme .. "://" .. u.authority .. u.target
+  else
+    key = u.scheme .. "://" .. u.host .. ":" .. u.port
+    connect = function() return mw.tcp.connect(u.host, u.port, { timeout = self.connect_timeout }) end
+    target = u.target
+  end
+  local flat = {}
+  local nh = header_pairs(o, u, self, flat)
+  if proxy and proxy.user then
+    flat[2 * nh + 1], flat[2 * nh + 2] = "Proxy-Authorization",
+      "Basic " .. base64(proxy.user .. ":" .. (proxy.password or ""))
+    nh = nh + 1
+  end
+  local length = body_length(body)
+  local head = request_head(method, target, u.authority, flat, nh, length)
+  local replayable = type(body) ~= "function"
+  for attempt = 1, 2 do
+    local c, err, code = checkout(self, key, connect)
+    if not c then return nil, err, code end
+    c.client = self
+    local ok
+    ok, err, code = send_body(c.sock, head, body)
+    local res
+    if ok then
+      repeat
+        res, err, code = c.hc:read_request(-1, -1, method == "HEAD")
+      until not res or res.status < 100 or res.status >= 200 or res.status == 101
+    end
+    if res then
+      setmetatable(res.headers, headers_mt)
+      rawset(res, "_c", c)
+      return res
+    end
+    release(self, c, false)
+    -- a pooled connection the server closed meanwhile: try once more on a fresh one
+    local stale = c.reused and (code == "closed" or code == "ECONNRESET" or code == "EPIPE")
+    if not (stale and attempt == 1 and replayable and idempotent[method]) then
+      return nil, err, code
+    end
+  end
+end
+
+local redirect_codes = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
+local credential_headers = { authorization = true, cookie = true, ["proxy-authorization"] = true }
+
+local function origin_of(u) return u.scheme .. "://" .. u.host .. ":" .. u.port end
+
+local function strip_credentials(headers)
+  if not headers then return nil end
+  local out = {}
+  for k, v in pairs(headers) do
+    if not credential_headers[k:lower()] then out[k] = v end
+  end
+  return out
+end
+
+--- client:request{ method, url, headers, body, timeout, redirects, decompress, unix, proxy, max_body }
+function Client:request(o)
+  if type(o) ~= "table" then argerror(1, "request", "table expected, got " .. type(o)) end
+  if type(o.url) ~= "string" then argerror(1, "request", "option 'url' must be a string") end
+  local method = o.method or (o.body ~= nil and "POST" or "GET")
+  if type(method) ~= "string" then argerror(1, "request", "option 'method' must be a string") end
+  method = method:upper()
+  local u, uerr = url.parse(o.url)
+  if not u then return nil, uerr, "EINVAL" end
+  local max_redirects = o.redirects
+  if max_redirects == nil then max_redirects = self.redirects end
+  if max_redirects == false then max_redirects = 0 end
+  local timeout = o.timeout or self.timeout
+  local opts = {
+    headers = o.headers, unix = o.unix, proxy = o.proxy,
+    _decompress = o.decompress == nil and self.decompress or o.decompress,
+  }
+  local body = o.body
+  local visited = {}
+  local current_url = o.url
+  for hop = 0, max_redirects do
+    local res, err, code = mw.timeout(timeout, exchange, self, opts, u, method, body)
+    if not res then return nil, err, code end
+    rawset(res, "url", current_url)
+    rawset(res, "_decompress", opts._decompress)
+    rawset(res, "_max_body", o.max_body or self.max_body)
+    finished(res)
+    local loc = res.headers.location
+    if not (redirect_codes[res.status] and loc and max_redirects > 0) then return res end
+    if hop == max_redirects then
+      res:close()
+      return nil, "too many redirects (" .. max_redirects .. ")", "redirect"
+    end
+    local keep_method = res.status == 307 or res.status == 308
+    if keep_method and type(body) == "function" then return res end  -- cannot replay the body
+    -- let the redirect's own (small) body go so its connection can be reused
+    if not res:body() then res:close() end
+    local next_url = url.resolve(current_url, loc)
+    local nu, nerr = url.parse(next_url)
+    if not nu then return nil, "bad redirect location: " .. nerr, "redirect" end
+    if not keep_method and method ~= "GET" and method ~= "HEAD" then
+      method, body = "GET", nil
+    end
+    if origin_of(nu) ~= origin_of(u) then
+      opts.headers = strip_credentials(opts.headers)
+      nu.user, nu.password = nil, nil
+    end
+    local k = method .. " " .. next_url
+    if visited[k] then return nil, "redirect loop at " .. next_url, "redirect" end
+    visited[k] = true
+    u, current_url = nu, next_url
+  end
+end
+
+function Client:get(target, opts)
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  o.url, o.method = target, "GET"
+  return self:request(o)
+end
+
+function Client:post(target, body, opts)
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  o.url, o.method, o.body = target, "POST", body
+  return self:request(o)
+end
+
+--- Closes every idle connection; later requests open new ones.
+function Client:close()
+  for _, p in pairs(self._pools) do
+    for _, c in ipairs(p.idle) do c.sock:close() end
+    p.idle = {}
+  end
+end
+
+--- Idle and active connection counts (for tests and monitoring).
+function Client:stats()
+  local idle, active = 0, 0
+  for _, p in pairs(self._pools) do
+    idle = idle + #p.idle
+    active = active + p.active
+  end
+  return { idle = idle, active = active }
+end
+
+function M.client(opts)
+  if opts ~= nil and type(opts) ~= "table" then argerror(1, "client", "table expected, got " .. type(opts)) end
+  local self = setmetatable({ _pools = {} }, Client)
+  for k, v in pairs(defaults) do self[k] = v end
+  for k, v in pairs(opts or {}) do
+    if defaults[k] == nil and k ~= "read_timeout" then
+      argerror(1, "client", "unknown option '" .. tostring(k) .. "'")
+    end
+    self[k] = v
+  end
+  self._limits = { request_line = 8192, head = self.max_head, headers = self.max_headers }
+  return self
+end
+
+local default_client
+local function default() default_client = default_client or M.client() return default_client end
+M.default = default
+
+function M.request(o) return default():request(o) end
+function M.get(u, o) return default():get(u, o) end
+function M.post(u, b, o) return default():post(u, b, o) end
+
+return M

@@ -1,0 +1,137 @@
+--- URLs: parsing (RFC 3986: userinfo, IPv6 literals, ports), percent-encoding, queries.
+local M = {}
+
+local default_ports = { http = 80, https = 443, ws = 80, wss = 443 }
+M.default_ports = default_ports
+
+local function argerror(n, fname, msg)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+end
+
+--- Percent-decodes s (and "+" as space when `form` is set).
+function M.decode(s, form)
+  if form then s = s:gsub("+", " ") end
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- Percent-encodes everything but RFC 3986 unreserved characters (and those in `keep`).
+function M.encode(s, keep)
+  local pattern = "[^%w%-%._~" .. (keep and keep:gsub("%p", "%%%0") or "") .. "]"
+  return (s:gsub(pattern, function(c) return ("%%%02X"):format(c:byte()) end))
+end
+
+--- Builds a query string from a table: {a = 1, b = {"x", "y"}} -> "a=1&b=x&b=y" (keys sorted).
+function M.build_query(t)
+  if type(t) ~= "table" then argerror(1, "build_query", "table expected, got " .. type(t)) end
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = tostring(k) end
+  table.sort(keys)
+  local out = {}
+  for _, k in ipairs(keys) do
+    local v = t[k]
+    if v == nil then v = t[tonumber(k)] end
+    local list = type(v) == "table" and v or { v }
+    for _, item in ipairs(list) do
+      if item == true then
+        out[#out + 1] = M.encode(k)
+      elseif item ~= false then
+        out[#out + 1] = M.encode(k) .. "=" .. M.encode(tostring(item))
+      end
+    end
+  end
+  return table.concat(out, "&")
+end
+
+--- Parses a query string into a table (repeated keys -> arrays).
+function M.parse_query(s)
+  local t = {}
+  for pair in s:gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    k, v = M.decode(k, true), M.decode(v, true)
+    local old = t[k]
+    if old == nil then t[k] = v
+    elseif type(old) == "table" then old[#old + 1] = v
+    else t[k] = { old, v } end
+  end
+  return t
+end
+
+--- Parses an absolute URL. Returns a table {scheme, user, password, host, port (number,
+-- the scheme's default when absent), path ("/" when empty), query (or nil), fragment,
+-- target (path [+ "?" query]), authority ("host[:port]" as the Host header wants it),
+-- ipv6 (true for a bracketed literal)}, or nil, err.
+function M.parse(s)
+  if type(s) ~= "string" then argerror(1, "parse", "string expected, got " .. type(s)) end
+  if s:find("[%z%s]") then return nil, "invalid URL (spaces or control characters): " .. s end
+  local scheme, rest = s:match("^(%a[%w+.-]*)://(.*)$")
+  if not scheme then return nil, "invalid URL (no scheme://): " .. s end
+  scheme = scheme:lower()
+  local authority, tail = rest:match("^([^/?#]*)(.*)$")
+  local u = { scheme = scheme }
+  local userinfo, hostport = authority:match("^(.*)@(.*)$")
+  if userinfo then
+    local user, pass = userinfo:match("^([^:]*):(.*)$")
+    u.user = M.decode(user or userinfo)
+    u.password = pass and M.decode(pass)
+  else
+    hostport = authority
+  end
+  local host, port
+  if hostport:sub(1, 1) == "[" then
+    host, port = hostport:match("^%[([%x:.]+)%]:?(%d*)$")
+    if not host then return nil, "invalid IPv6 literal in URL: " .. s end
+    u.ipv6 = true
+  else
+    host, port = hostport:match("^([^:]*):?(%d*)$")
+    if not host then return nil, "invalid port in URL: " .. s end
+  end
+  if host == "" then return nil, "no host in URL: " .. s end
+  u.host = host:lower()
+  if port ~= "" then
+    u.port = math.tointeger(tonumber(port))
+    if not u.port or u.port < 1 or u.port > 65535 then return nil, "invalid port in URL: " .. s end
+  else
+    u.port = default_ports[scheme]
+  end
+  local path, query, fragment = tail:match("^([^?#]*)%??([^#]*)#?(.*)$")
+  u.path = path ~= "" and path or "/"
+  u.query = tail:find("?", 1, true) and query or nil
+  u.fragment = fragment ~= "" and fragment or nil
+  u.target = u.query and (u.path .. "?" .. u.query) or u.path
+  local h = u.ipv6 and ("[" .. u.host .. "]") or u.host
+  u.authority = (port ~= "" and u.port ~= default_ports[scheme]) and (h .. ":" .. u.port) or h
+  return u
+end
+
+--- Resolves a reference (e.g. a Location header) against a base URL string.
+function M.resolve(base, ref)
+  if ref:match("^%a[%w+.-]*://") then return ref end
+  local b = assert(M.parse(base))
+  local origin = b.scheme .. "://" .. (b.user and "" or "") .. b.authority
+  if ref:sub(1, 2) == "//" then return b.scheme .. ":" .. ref end
+  if ref:sub(1, 1) == "/" then return origin .. ref end
+  if ref:sub(1, 1) == "?" then return origin .. b.path .. ref end
+  if ref == "" then return origin .. b.target end
+  local dir = b.path:match("^(.*/)") or "/"
+  local path = dir .. ref:match("^[^?#]*")
+  local q = ref:match("%?.*$") or ""
+  -- remove dot segments (RFC 3986 5.2.4)
+  local segs = {}
+  for seg in (path .. "/"):gmatch("([^/]*)/") do segs[#segs + 1] = seg end
+  local stack = { "" }
+  for i = 2, #segs do
+    local seg = segs[i]
+    if seg == ".." then
+      if #stack > 1 then stack[#stack] = nil end
+    elseif seg ~= "." then
+      stack[#stack + 1] = seg
+    end
+  end
+  local last = segs[#segs]
+  if last == "." or last == ".." then stack[#stack + 1] = "" end
+  local p = table.concat(stack, "/")
+  if p == "" then p = "/" end
+  return origin .. p .. q
+end
+
+return M
