@@ -145,7 +145,7 @@ local headers_mt = {
   end,
 }
 
-function Response:__index(k)
+function Response.__index(_, k)
   return methods[k]
 end
 
