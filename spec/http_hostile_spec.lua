@@ -1,0 +1,822 @@
+-- HTTP/1.1 server under hostile input (docs/http.md "Protocol rules", DESIGN.md "Protocol rules
+-- the core enforces"): exact bytes over raw sockets. Limits (414/431), versions (505), Host
+-- rules, Content-Length / Transfer-Encoding framing and smuggling, chunk syntax, header syntax
+-- (obs-fold, NUL, bare CR/LF), absolute-form targets, clients that vanish, and the head /
+-- idle / body timeouts (totals, so trickling clients are still cut off).
+-- Every rejected request must get one answer, then the connection closes, and the handler
+-- never sees it (nor anything pipelined after it).
+
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local http = require "moonwire.http"
+
+local KiB = 1024
+
+---------------------------------------------------------------------------------------------
+-- fixtures
+
+local calls, seen, errors = 0, {}, {}
+
+local function record(req, res)
+  calls = calls + 1
+  seen[#seen + 1] = req
+  res:header("content-type", "text/plain")
+  res:send("handled " .. req.method .. " " .. req.path)
+end
+
+-- Starts a server (default handler: `record`); resets the call records.
+local function serve(opts, handler)
+  opts = opts or {}
+  calls, seen, errors = 0, {}, {}
+  opts.host, opts.port, opts.handler = "127.0.0.1", 0, handler or record
+  opts.error_log = function(msg) errors[#errors + 1] = msg end
+  return assert(http.server(opts))
+end
+
+local function guard(srv)
+  return setmetatable({}, { __close = function() pcall(srv.close, srv, 0) end })
+end
+
+local function connect(srv)
+  return assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+end
+
+-- Reads until the peer closes (a reset counts as closed). Returns the bytes and "closed", or
+-- the bytes so far and "timeout".
+local function read_all(s, timeout)
+  local parts = {}
+  local deadline = mw.now() + (timeout or 5)
+  while true do
+    local left = deadline - mw.now()
+    if left <= 0 then return table.concat(parts), "timeout" end
+    local piece, _, code = s:recv(65536, left)
+    if not piece then
+      if code == "timeout" then return table.concat(parts), "timeout" end
+      return table.concat(parts), "closed"
+    end
+    parts[#parts + 1] = piece
+  end
+end
+
+-- Writes `bytes` on a fresh connection (from a task of its own: the server may close before
+-- it has read them all) and reads until the server closes.
+local function exchange(srv, bytes, timeout)
+  local s <close> = connect(srv)
+  local writer = mw.spawn(function() s:write(bytes) end)
+  local data, how = read_all(s, timeout)
+  writer:cancel()
+  writer:join()
+  return data, how
+end
+
+local function count_responses(data)
+  local n = 0
+  for _ in data:gmatch("HTTP/1%.1 %d%d%d ") do n = n + 1 end
+  return n
+end
+
+-- The request is answered with `status` (exactly one response), the connection closes, and the
+-- handler never runs.
+local function rejects(srv, bytes, status)
+  local data, how = exchange(srv, bytes)
+  assert.equal("closed", how, "connection left open; got: " .. data)
+  assert.matches("^HTTP/1%.1 " .. status .. " ", data, nil, "expected " .. status .. ", got: " .. data)
+  assert.equal(1, count_responses(data), "exactly one response expected, got: " .. data)
+  assert.matches("\r\nConnection: close\r\n", data, 1, true)
+  assert.equal(0, calls, "the handler ran for " .. ((seen[1] or {}).target or "?"))
+  return data
+end
+
+-- The request is accepted: one 200 from the handler.
+local function accepts(srv, bytes)
+  local s <close> = connect(srv)
+  assert(s:write(bytes))
+  local line = assert(s:read("l", 5))
+  assert.equal("HTTP/1.1 200 OK", line)
+  assert.equal(1, calls)
+  return seen[1]
+end
+
+-- Reads one Content-Length-framed response: status line, body.
+local function response(s)
+  local line = assert(s:read("l", 5))
+  local len
+  repeat
+    local h = assert(s:read("l", 5))
+    len = len or h:match("^[Cc]ontent%-[Ll]ength: (%d+)$")
+  until h == ""
+  len = assert(math.tointeger(tonumber(len)), "no Content-Length")
+  return line, len > 0 and assert(s:read(len, 5)) or ""
+end
+
+local function head(lines)
+  return table.concat(lines, "\r\n") .. "\r\n\r\n"
+end
+
+local SMUGGLED = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+---------------------------------------------------------------------------------------------
+
+describe("http hostile: size limits", function()
+  it("request line above 8 KiB -> 414", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      rejects(srv, head { "GET /" .. ("a"):rep(9000) .. " HTTP/1.1", "Host: x" }, 414)
+      srv:close()
+    end)
+  end)
+
+  it("a request line just under 8 KiB is accepted", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local target = "/" .. ("a"):rep(8100)
+      local req = accepts(srv, head { "GET " .. target .. " HTTP/1.1", "Host: x" })
+      assert.equal(target, req.path)
+      srv:close()
+    end)
+  end)
+
+  it("an unterminated request line above the limit -> 414 without waiting for its end", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      rejects(srv, "GET /" .. ("a"):rep(9000), 414)
+      srv:close()
+    end, 5)
+  end)
+
+  it("limits.request_line is configurable", function()
+    run(function()
+      local srv = serve { limits = { request_line = 100 } }
+      local _g <close> = guard(srv)
+      rejects(srv, head { "GET /" .. ("a"):rep(150) .. " HTTP/1.1", "Host: x" }, 414)
+      srv:close()
+    end)
+  end)
+
+  it("request head above 16 KiB -> 431", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local lines = { "GET / HTTP/1.1", "Host: x" }
+      for i = 1, 20 do lines[#lines + 1] = ("X-H%d: %s"):format(i, ("v"):rep(1000)) end
+      rejects(srv, head(lines), 431)
+      srv:close()
+    end)
+  end)
+
+  it("an unterminated head above the limit -> 431 without waiting for its end", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local lines = { "GET / HTTP/1.1", "Host: x" }
+      for i = 1, 20 do lines[#lines + 1] = ("X-H%d: %s"):format(i, ("v"):rep(1000)) end
+      rejects(srv, table.concat(lines, "\r\n") .. "\r\n", 431)
+      srv:close()
+    end, 5)
+  end)
+
+  it("limits.head is configurable", function()
+    run(function()
+      local srv = serve { limits = { head = 2048 } }
+      local _g <close> = guard(srv)
+      rejects(srv, head { "GET / HTTP/1.1", "Host: x", "X-Big: " .. ("v"):rep(3000) }, 431)
+      srv:close()
+    end)
+  end)
+
+  it("more than 100 header fields -> 431; exactly 100 are accepted", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local lines = { "GET / HTTP/1.1", "Host: x" }
+      for i = 1, 99 do lines[#lines + 1] = "X-N" .. i .. ": v" end
+      local req = accepts(srv, head(lines))   -- Host + 99 = 100 fields
+      assert.equal("v", req.headers["x-n99"])
+      calls = 0
+      lines[#lines + 1] = "X-N100: v"         -- 101 fields
+      rejects(srv, head(lines), 431)
+      srv:close()
+    end)
+  end)
+
+  it("limits.headers is configurable", function()
+    run(function()
+      local srv = serve { limits = { headers = 5 } }
+      local _g <close> = guard(srv)
+      rejects(srv, head { "GET / HTTP/1.1", "Host: x", "A: 1", "B: 2", "C: 3", "D: 4", "E: 5" }, 431)
+      srv:close()
+    end)
+  end)
+end)
+
+describe("http hostile: versions", function()
+  for _, v in ipairs { "2.0", "1.2", "3.0", "0.9", "1.9" } do
+    it("HTTP/" .. v .. " -> 505 (never answered as if it were 1.1)", function()
+      run(function()
+        local srv = serve()
+        local _g <close> = guard(srv)
+        rejects(srv, head { "GET / HTTP/" .. v, "Host: x" }, 505)
+        srv:close()
+      end)
+    end)
+  end
+
+  it("the HTTP/2 connection preface is refused (400 or 505) and never handled", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local data, how = exchange(srv, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+      assert.equal("closed", how)
+      local status = data:match("^HTTP/1%.1 (%d%d%d) ")
+      assert.is_true(status == "505" or status == "400", "got: " .. data)
+      assert.equal(0, calls)
+      srv:close()
+    end)
+  end)
+end)
+
+describe("http hostile: Host", function()
+  local bad = {
+    { "missing in HTTP/1.1", { "GET / HTTP/1.1", "X-A: b" } },
+    { "repeated (same value)", { "GET / HTTP/1.1", "Host: x", "Host: x" } },
+    { "repeated (different values)", { "GET / HTTP/1.1", "Host: a.example", "Host: b.example" } },
+    { "with a space", { "GET / HTTP/1.1", "Host: a b" } },
+    { "with a slash", { "GET / HTTP/1.1", "Host: a/b" } },
+    { "with userinfo", { "GET / HTTP/1.1", "Host: user@a.example" } },
+    { "with a bad port", { "GET / HTTP/1.1", "Host: a.example:http" } },
+    { "with two ports", { "GET / HTTP/1.1", "Host: a.example:80:90" } },
+    { "with an unclosed IPv6 literal", { "GET / HTTP/1.1", "Host: [::1" } },
+    { "with a bad IPv6 literal", { "GET / HTTP/1.1", "Host: [::g]" } },
+  }
+  for _, case in ipairs(bad) do
+    it(case[1] .. " -> 400", function()
+      run(function()
+        local srv = serve()
+        local _g <close> = guard(srv)
+        rejects(srv, head(case[2]), 400)
+        srv:close()
+      end)
+    end)
+  end
+
+  it("valid forms are accepted; HTTP/1.0 needs no Host", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      for _, host in ipairs { "example.com", "example.com:8080", "127.0.0.1:80", "[::1]:8080", "[::1]",
+                              "xn--bcher-kva.example", "a-b.c_d" } do
+        calls, seen = 0, {}
+        local req = accepts(srv, head { "GET / HTTP/1.1", "Host: " .. host })
+        assert.equal(host, req.headers.host)
+      end
+      calls, seen = 0, {}
+      local req = accepts(srv, head { "GET / HTTP/1.0" })
+      assert.equal("1.0", req.version)
+      srv:close()
+    end)
+  end)
+end)
+
+describe("http hostile: message framing", function()
+  local cases = {
+    { "Content-Length with Transfer-Encoding", 400,
+      { "POST / HTTP/1.1", "Host: x", "Content-Length: 5", "Transfer-Encoding: chunked" },
+      "0\r\n\r\n" },
+    { "Transfer-Encoding with Content-Length", 400,
+      { "POST / HTTP/1.1", "Host: x", "Transfer-Encoding: chunked", "Content-Length: 5" },
+      "0\r\n\r\n" },
+    { "duplicate differing Content-Length", 400,
+      { "POST / HTTP/1.1", "Host: x", "Content-Length: 5", "Content-Length: 6" }, "hello!" },
+    { "duplicate identical Content-Length", 400,
+      { "POST / HTTP/1.1", "Host: x", "Content-Length: 5", "Content-Length: 5" }, "hello" },
+    { "list-valued Content-Length", 400,
+      { "POST / HTTP/1.1", "Host: x", "Content-Length: 5, 5" }, "hello" },
+    { "list-valued differing Content-Length", 400,
+      { "POST / HTTP/1.1", "Host: x", "Content-Length: 5, 6" }, "hello!" },
+    { "Content-Length: +5", 400, { "POST / HTTP/1.1", "Host: x", "Content-Length: +5" }, "hello" },
+    { "Content-Length: -5", 400, { "POST / HTTP/1.1", "Host: x", "Content-Length: -5" }, "hello" },
+    { "Content-Length with a space inside", 400,
+      { "POST / HTTP/1.1", "Host: x", "Content-Length: 5 5" }, "hello" },
+    { "empty Content-Length", 400, { "POST / HTTP/1.1", "Host: x", "Content-Length:" }, "hello" },
+    { "hex Content-Length", 400, { "POST / HTTP/1.1", "Host: x", "Content-Length: 0x5" }, "hello" },
+    { "Content-Length with a trailing letter", 400,
+      { "POST / HTTP/1.1", "Host: x", "Content-Length: 5a" }, "hello" },
+    { "overflowing Content-Length", 400,
+      { "POST / HTTP/1.1", "Host: x", "Content-Length: 184467440737095516160" }, "hello" },
+    { "Transfer-Encoding: gzip, chunked", 501,
+      { "POST / HTTP/1.1", "Host: x", "Transfer-Encoding: gzip, chunked" }, "0\r\n\r\n" },
+    { "Transfer-Encoding: chunked, gzip", 400,
+      { "POST / HTTP/1.1", "Host: x", "Transfer-Encoding: chunked, gzip" }, "0\r\n\r\n" },
+    { "Transfer-Encoding: identity", 400,
+      { "POST / HTTP/1.1", "Host: x", "Transfer-Encoding: identity" }, "0\r\n\r\n" },
+    { "Transfer-Encoding: gzip", 400,
+      { "POST / HTTP/1.1", "Host: x", "Transfer-Encoding: gzip" }, "0\r\n\r\n" },
+    { "Transfer-Encoding: xchunked", 400,
+      { "POST / HTTP/1.1", "Host: x", "Transfer-Encoding: xchunked" }, "0\r\n\r\n" },
+  }
+  for _, case in ipairs(cases) do
+    it(case[1] .. " -> " .. case[2] .. ", close; the request smuggled after it is never answered", function()
+      run(function()
+        local srv = serve()
+        local _g <close> = guard(srv)
+        rejects(srv, head(case[3]) .. case[4] .. SMUGGLED, case[2])
+        srv:close()
+      end)
+    end)
+  end
+
+  it("chunk extensions and trailer fields are accepted; the next request follows", function()
+    run(function()
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        local body = assert(req:body())
+        res:header("content-type", "text/plain")
+        res:send(req.path .. " " .. body)
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(head { "POST /ext HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" }
+        .. "5;name=value\r\nhello\r\n6;flag\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+        .. "POST /next HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok"))
+      assert.same({ "HTTP/1.1 200 OK", "/ext hello world" }, { response(s) })
+      assert.same({ "HTTP/1.1 200 OK", "/next ok" }, { response(s) })
+      srv:close()
+    end)
+  end)
+
+  it("a request delivered one byte per segment is parsed exactly", function()
+    run(function()
+      local got
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        got = { path = req.path, query = req.query_string, a = req.headers["x-a"],
+                list = req:header_list("x-b"), body = req:body() }
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local bytes = head { "POST /one%20byte?q=1 HTTP/1.1", "Host: x", "X-A:  spaced value ", "X-B: 1",
+        "X-B: 2", "Transfer-Encoding: chunked" } .. "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+      for i = 1, #bytes do
+        assert(s:write(bytes:sub(i, i)))
+        mw.sleep(0.001)
+      end
+      assert.same({ "HTTP/1.1 200 OK", "ok" }, { response(s) })
+      assert.same({ path = "/one byte", query = "q=1", a = "spaced value", list = { "1", "2" }, body = "abcde" },
+        got)
+      srv:close()
+    end)
+  end)
+
+  it("optional white space around a Content-Length value is not part of it (accepted)", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(head { "POST /ows HTTP/1.1", "Host: x", "Content-Length:   5  " } .. "hello"
+        .. "GET /next HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "handled POST /ows" }, { response(s) })
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /next" }, { response(s) })
+      srv:close()
+    end)
+  end)
+
+  -- Handlers that read the body see the framing error with its status; the connection closes.
+  local function body_handler(req, res)
+    calls = calls + 1
+    local body, err, code = req:body()
+    seen[#seen + 1] = { body = body, err = err, code = code, path = req.path }
+    if not body then
+      res:status(code or 500)
+      return res:send(tostring(err))
+    end
+    res:send("body " .. body)
+  end
+
+  local chunk_cases = {
+    { "a chunk size that is not hex (zz)", "zz\r\nhello\r\n0\r\n\r\n" },
+    { "an overflowing chunk size", "fffffffffffffffffff\r\nhello\r\n0\r\n\r\n" },
+    { "a negative chunk size", "-5\r\nhello\r\n0\r\n\r\n" },
+    { "a chunk without its CRLF", "5\r\nhelloXX0\r\n\r\n" },
+    { "a chunk size with a space inside", "5 0\r\nhello\r\n0\r\n\r\n" },
+  }
+  for _, case in ipairs(chunk_cases) do
+    it(case[1] .. " -> 400 to the reading handler, close, the smuggled request never answered", function()
+      run(function()
+        local srv = serve(nil, body_handler)
+        local _g <close> = guard(srv)
+        local data, how = exchange(srv, head { "POST /upload HTTP/1.1", "Host: x",
+          "Transfer-Encoding: chunked" } .. case[2] .. SMUGGLED)
+        assert.equal("closed", how)
+        assert.equal(1, calls)
+        assert.is_nil(seen[1].body)
+        assert.equal(400, seen[1].code)
+        assert.matches("^HTTP/1%.1 400 ", data)
+        assert.equal(1, count_responses(data))
+        srv:close()
+      end)
+    end)
+  end
+
+  it("a bad chunk the handler never reads: the connection closes after the answer", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local data, how = exchange(srv, head { "POST /ignore HTTP/1.1", "Host: x",
+        "Transfer-Encoding: chunked" } .. "zz\r\nhello\r\n0\r\n\r\n" .. SMUGGLED)
+      assert.equal("closed", how)
+      assert.equal(1, count_responses(data))
+      assert.same({ "/ignore" }, { seen[1].path })
+      srv:close()
+    end)
+  end)
+
+  it("a chunked body with a smuggled request inside its data is just data", function()
+    run(function()
+      local srv = serve(nil, body_handler)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local inner = SMUGGLED
+      assert(s:write(head { "POST /a HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" }
+        .. ("%x\r\n%s\r\n0\r\n\r\n"):format(#inner, inner)))
+      local data = assert(s:read("l", 5))
+      assert.equal("HTTP/1.1 200 OK", data)
+      assert.equal(1, calls)
+      assert.equal(inner, seen[1].body)
+      srv:close()
+    end)
+  end)
+end)
+
+describe("http hostile: header and request-line syntax", function()
+  local cases = {
+    { "obs-fold (a line starting with a space)", { "GET / HTTP/1.1", "Host: x", "X-A: a", " folded" } },
+    { "obs-fold (a line starting with a tab)", { "GET / HTTP/1.1", "Host: x", "X-A: a", "\tfolded" } },
+    { "NUL in a header value", { "GET / HTTP/1.1", "Host: x", "X-A: a\0b" } },
+    { "NUL in a header name", { "GET / HTTP/1.1", "Host: x", "X\0A: b" } },
+    { "bare CR in a header value", { "GET / HTTP/1.1", "Host: x", "X-A: a\rb" } },
+    { "bare CR in a header name", { "GET / HTTP/1.1", "Host: x", "X\rA: b" } },
+    { "LF inside a header name", { "GET / HTTP/1.1", "Host: x", "X-\nA: b" } },
+    { "LF inside a header value", { "GET / HTTP/1.1", "Host: x", "X-A: a\nb" } },
+    { "a space inside a header name", { "GET / HTTP/1.1", "Host: x", "X A: b" } },
+    { "a space before the colon", { "GET / HTTP/1.1", "Host: x", "X-A : b" } },
+    { "an empty header name", { "GET / HTTP/1.1", "Host: x", ": b" } },
+    { "a header line without a colon", { "GET / HTTP/1.1", "Host: x", "X-A b" } },
+    { "a control character in a value", { "GET / HTTP/1.1", "Host: x", "X-A: a\1b" } },
+    { "an unknown method", { "FROB / HTTP/1.1", "Host: x" } },
+    { "a lower-case method", { "get / HTTP/1.1", "Host: x" } },
+    { "a space inside the target", { "GET /a b HTTP/1.1", "Host: x" } },
+    { "a control character in the target", { "GET /a\1b HTTP/1.1", "Host: x" } },
+    { "a lower-case protocol name", { "GET / http/1.1", "Host: x" } },
+  }
+  for _, case in ipairs(cases) do
+    it(case[1] .. " -> 400 and close", function()
+      run(function()
+        local srv = serve()
+        local _g <close> = guard(srv)
+        rejects(srv, head(case[2]) .. SMUGGLED, 400)
+        srv:close()
+      end)
+    end)
+  end
+
+  for _, case in ipairs {
+    { "everywhere", "GET / HTTP/1.1\nHost: x\n\n" },
+    { "ending a header line", "GET / HTTP/1.1\r\nHost: x\n\r\n" },
+    { "ending the head (the empty line)", "GET / HTTP/1.1\r\nHost: x\r\n\n" },
+  } do
+    it("bare LF line endings (" .. case[1] .. ") -> 400 (strict mode)", function()
+      run(function()
+        local srv = serve()
+        local _g <close> = guard(srv)
+        rejects(srv, case[2] .. SMUGGLED, 400)
+        srv:close()
+      end)
+    end)
+  end
+
+  it("a header value reaching the handler never holds CR or LF (obs-fold refused or unfolded)", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local data = exchange(srv, head { "GET / HTTP/1.1", "Host: x", "X-A: first", " folded", "X-B: b" })
+      if calls == 0 then
+        assert.matches("^HTTP/1%.1 400 ", data)
+      else
+        local v = seen[1].headers["x-a"]
+        assert.is_nil(v:find("[\r\n]"), ("x-a reached the handler as %q"):format(v))
+        assert.equal("first folded", v:gsub("%s+", " "))
+        assert.equal("b", seen[1].headers["x-b"])
+      end
+      srv:close()
+    end)
+  end)
+
+  it("an HTTP/0.9-style request line (no version) is refused and never handled", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local data, how = exchange(srv, "GET /\r\n\r\n")
+      assert.equal("closed", how)
+      assert.equal(0, calls)
+      if data ~= "" then
+        local status = data:match("^HTTP/1%.1 (%d%d%d) ")
+        assert.is_true(status == "505" or status == "400", "got: " .. data)
+      end
+      srv:close()
+    end)
+  end)
+
+  it("a good request pipelined after a bad one is never answered", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      rejects(srv, "GET / HTTP/1.1\r\nHost: a b\r\n\r\n" .. "GET /good HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+      srv:close()
+    end)
+  end)
+
+  it("a good request then a bad one: the first is answered, the second gets 400 and the close", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local data, how = exchange(srv, "GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+        .. "GET /second HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n" .. SMUGGLED)
+      assert.equal("closed", how)
+      assert.equal(2, count_responses(data))
+      assert.matches("^HTTP/1%.1 200 .-handled GET /first.-HTTP/1%.1 400 ", data)
+      assert.equal(1, calls)
+      srv:close()
+    end)
+  end)
+
+  it("absolute-form targets: path and query come from the URL", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for _, target in ipairs { "http://example/x?y=1", "http://example:8080/a%20b", "http://example",
+                                "http://example?q=1" } do
+        assert(s:write(head { "GET " .. target .. " HTTP/1.1", "Host: example" }))
+        assert.equal("HTTP/1.1 200 OK", (response(s)))
+      end
+      assert.equal(4, #seen)
+      assert.same({ "http://example/x?y=1", "/x", "y=1", { y = "1" } },
+        { seen[1].target, seen[1].path, seen[1].query_string, seen[1]:query() })
+      assert.same({ "/a b", "" }, { seen[2].path, seen[2].query_string })
+      assert.same({ "/", "" }, { seen[3].path, seen[3].query_string })
+      assert.same({ "/", "q=1" }, { seen[4].path, seen[4].query_string })
+      srv:close()
+    end)
+  end)
+end)
+
+describe("http hostile: clients that vanish", function()
+  -- waits (bounded) until the server holds no connection
+  local function settle(srv)
+    for _ = 1, 500 do
+      if srv:connections() == 0 then return true end
+      mw.sleep(0.01)
+    end
+    return false
+  end
+
+  it("a client closing mid-head leaves the server healthy", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      for _, partial in ipairs { "G", "GET / HTTP/1.1\r\nHo", "GET / HTTP/1.1\r\nHost: x\r\n" } do
+        local s = connect(srv)
+        assert(s:write(partial))
+        s:close()
+      end
+      assert.is_true(settle(srv))
+      assert.equal(0, calls)
+      local req = accepts(srv, head { "GET /after HTTP/1.1", "Host: x" })
+      assert.equal("/after", req.path)
+      assert.equal(0, #errors)
+      srv:close()
+    end)
+  end)
+
+  it("a client closing mid-body: the reading handler gets an error; the server stays healthy", function()
+    run(function()
+      local entered = mw.channel(1)
+      local result
+      local srv = serve(nil, function(req, res)
+        if req.path == "/upload" then
+          entered:send(true)
+          result = { req:body() }
+          return res:send("late")
+        end
+        record(req, res)
+      end)
+      local _g <close> = guard(srv)
+      local s = connect(srv)
+      assert(s:write(head { "POST /upload HTTP/1.1", "Host: x", "Content-Length: 1000" } .. ("x"):rep(100)))
+      assert(entered:recv(5))
+      s:close()
+      assert.is_true(settle(srv))
+      assert.is_nil(result[1])
+      assert.is_string(result[2])
+      local req = accepts(srv, head { "GET /after HTTP/1.1", "Host: x" })
+      assert.equal("/after", req.path)
+      srv:close()
+    end)
+  end)
+
+  it("a client closing mid-body of a streamed upload: body_reader raises, the server goes on", function()
+    run(function()
+      local entered = mw.channel(1)
+      local got
+      local srv = serve(nil, function(req, res)
+        if req.path == "/upload" then
+          entered:send(true)
+          got = 0
+          for chunk in req:body_reader() do got = got + #chunk end
+          return res:send("late")
+        end
+        record(req, res)
+      end)
+      local _g <close> = guard(srv)
+      local s = connect(srv)
+      assert(s:write(head { "POST /upload HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" }
+        .. "64\r\n" .. ("x"):rep(100) .. "\r\n64\r\nxx"))
+      assert(entered:recv(5))
+      s:close()
+      assert.is_true(settle(srv))
+      assert.equal(1, #errors)
+      assert.matches("request body", errors[1], 1, true)
+      local req = accepts(srv, head { "GET /after HTTP/1.1", "Host: x" })
+      assert.equal("/after", req.path)
+      srv:close()
+    end)
+  end)
+
+  it("a client closing while a large response streams: the write fails, the server goes on", function()
+    run(function()
+      local result
+      local srv = serve(nil, function(req, res)
+        if req.path == "/big" then
+          local piece = ("z"):rep(256 * KiB)
+          for _ = 1, 400 do   -- 100 MiB, far more than the socket buffers hold
+            local ok, err = res:write(piece)
+            if not ok then
+              result = err
+              return
+            end
+          end
+          result = "finished"
+          return
+        end
+        record(req, res)
+      end)
+      local _g <close> = guard(srv)
+      local s = connect(srv)
+      assert(s:write(head { "GET /big HTTP/1.1", "Host: x" }))
+      assert.equal("HTTP/1.1 200 OK", s:read("l", 5))
+      s:close()
+      assert.is_true(settle(srv))
+      assert.is_string(result)
+      assert.are_not.equal("finished", result)
+      local req = accepts(srv, head { "GET /after HTTP/1.1", "Host: x" })
+      assert.equal("/after", req.path)
+      srv:close()
+    end, 20)
+  end)
+end)
+
+describe("http hostile: timeouts", function()
+  -- Trickles `first`, then `piece` every `every` seconds until the write fails (or n pieces).
+  local function trickle(s, first, piece, every, n)
+    return mw.spawn(function()
+      if not s:write(first) then return end
+      for _ = 1, n or 100 do
+        if not mw.sleep(every) then return end
+        if not s:write(piece) then return end
+      end
+    end)
+  end
+
+  it("slowloris: a head trickled in faster than any per-read timeout is cut off at timeouts.head", function()
+    run(function()
+      local srv = serve { timeouts = { head = 0.5 } }
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local t0 = mw.now()
+      local writer = trickle(s, "GET / HTTP/1.1\r\n", "X-Slow: 1\r\n", 0.05)
+      local data, how = read_all(s, 5)
+      local elapsed = mw.now() - t0
+      writer:cancel()
+      writer:join()
+      assert.equal("closed", how)
+      assert.is_true(elapsed >= 0.45 and elapsed < 1.5, "cut off after " .. elapsed .. " s")
+      if data ~= "" then assert.matches("^HTTP/1%.1 408 ", data) end
+      assert.equal(0, calls)
+      srv:close()
+    end)
+  end)
+
+  it("a head that stops arriving gets 408", function()
+    run(function()
+      local srv = serve { timeouts = { head = 0.3 } }
+      local _g <close> = guard(srv)
+      local t0 = mw.now()
+      local data = rejects(srv, "GET / HTTP/1.1\r\nHost: x\r\n", 408)
+      local elapsed = mw.now() - t0
+      assert.is_true(elapsed >= 0.25 and elapsed < 1.5, "answered after " .. elapsed .. " s")
+      assert.matches("^HTTP/1%.1 408 ", data)
+      srv:close()
+    end)
+  end)
+
+  it("a client that never reads: the blocked write times out after timeouts.write, the connection closes",
+    function()
+    run(function()
+      local result
+      local srv = serve({ timeouts = { write = 0.5 } }, function(_, res)
+        calls = calls + 1
+        local piece = ("w"):rep(1024 * KiB)
+        local t0 = mw.now()
+        for _ = 1, 256 do   -- 256 MiB: far more than the socket buffers hold
+          local ok, _, code = res:write(piece)
+          if not ok then
+            result = { code = code, elapsed = mw.now() - t0 }
+            return
+          end
+        end
+        result = { code = "finished" }
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(head { "GET / HTTP/1.1", "Host: x" }))
+      local deadline = mw.now() + 10
+      while not result and mw.now() < deadline do mw.sleep(0.05) end
+      assert.is_table(result, "the handler never returned")
+      assert.equal("timeout", result.code)
+      assert.is_true(result.elapsed < 5, "write timed out after " .. result.elapsed .. " s")
+      local _, how = read_all(s, 10)
+      assert.equal("closed", how)
+      srv:close()
+    end, 20)
+  end)
+
+  it("an idle keep-alive connection is closed after timeouts.idle (silently)", function()
+    run(function()
+      local srv = serve { timeouts = { idle = 0.3 } }
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(head { "GET / HTTP/1.1", "Host: x" }))
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /" }, { response(s) })
+      local t0 = mw.now()
+      local data, how = read_all(s, 5)
+      local elapsed = mw.now() - t0
+      assert.equal("closed", how)
+      assert.equal("", data)
+      assert.is_true(elapsed >= 0.25 and elapsed < 1.5, "closed after " .. elapsed .. " s")
+      -- a connection that never sends a byte, likewise
+      local s2 <close> = connect(srv)
+      t0 = mw.now()
+      data, how = read_all(s2, 5)
+      elapsed = mw.now() - t0
+      assert.equal("closed", how)
+      assert.equal("", data)
+      assert.is_true(elapsed >= 0.25 and elapsed < 1.5, "closed after " .. elapsed .. " s")
+      srv:close()
+    end)
+  end)
+
+  it("a body trickled slower than timeouts.body allows: req:body() fails with 408 at the total", function()
+    run(function()
+      local result
+      local srv = serve({ timeouts = { body = 0.5 } }, function(req, res)
+        calls = calls + 1
+        result = { req:body() }
+        if not result[1] then
+          res:status(result[3] or 500)
+          return res:send(tostring(result[2]))
+        end
+        res:send("complete")
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local t0 = mw.now()
+      local writer = trickle(s, head { "POST / HTTP/1.1", "Host: x", "Content-Length: 1000" }, "x", 0.05)
+      local line = s:read("l", 5)
+      local elapsed = mw.now() - t0
+      writer:cancel()
+      writer:join()
+      assert.equal("HTTP/1.1 408 Request Timeout", line)
+      assert.is_nil(result[1])
+      assert.equal(408, result[3])
+      assert.is_true(elapsed >= 0.45 and elapsed < 1.5, "timed out after " .. elapsed .. " s")
+      local _, how = read_all(s, 5)
+      assert.equal("closed", how)
+      srv:close()
+    end)
+  end)
+end)

@@ -1,0 +1,1298 @@
+-- HTTP/1.1 server (docs/http.md): normal behaviour over raw sockets and with real clients
+-- (curl, python3 http.client). GET/HEAD, keep-alive, HTTP/1.0, pipelining, Expect:
+-- 100-continue, chunked uploads, streaming bodies, limits.body, query/form/cookie parsing,
+-- headers, streamed/redirect/sendfile/gzip responses, handler errors, 204, Date/Server,
+-- graceful close. Every server listens on 127.0.0.1 port 0 and is closed by its test.
+-- Real clients run in the background (the server lives in this process): `shell` starts
+-- them with os.execute(... &) and polls for their exit status from the event loop.
+
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local http = require "moonwire.http"
+
+local KiB, MiB = 1024, 1024 * 1024
+local CURL = "curl -q -sS --noproxy '*' --max-time 10"  -- -q: no ~/.curlrc
+local PYTHON = "/usr/bin/python3"
+
+---------------------------------------------------------------------------------------------
+-- fixtures
+
+local function readfile(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local data = f:read("a")
+  f:close()
+  return data
+end
+
+local function writefile(path, data)
+  local f = assert(io.open(path, "wb"))
+  assert(f:write(data))
+  f:close()
+  return path
+end
+
+-- A fresh temporary path (removed by the caller through `cleanup`).
+local temps = {}
+local function tmp(suffix)
+  local name = os.tmpname()
+  temps[#temps + 1] = name
+  if suffix then
+    name = name .. suffix
+    temps[#temps + 1] = name
+  end
+  return name
+end
+
+local function cleanup()
+  for _, name in ipairs(temps) do os.remove(name) end
+  temps = {}
+end
+
+-- Runs a shell command in the background and waits (from the loop, without blocking it) for
+-- its exit. Returns exit code, stdout, stderr.
+local function shell(cmd, limit)
+  local base = os.tmpname()
+  local out, err, rc = base .. ".out", base .. ".err", base .. ".rc"
+  local script = ("(%s) >%s 2>%s </dev/null; echo $? >%s.tmp; mv %s.tmp %s")
+    :format(cmd, out, err, rc, rc, rc)
+  assert(os.execute("(" .. script .. ") >/dev/null 2>&1 &"))
+  local deadline = mw.now() + (limit or 15)
+  local code
+  while true do
+    local s = readfile(rc)
+    if s and s ~= "" then
+      code = math.tointeger(tonumber(s))
+      break
+    end
+    if mw.now() > deadline then error("command did not finish in time: " .. cmd) end
+    mw.sleep(0.01)
+  end
+  local o, e = readfile(out), readfile(err)
+  os.remove(base)
+  os.remove(out)
+  os.remove(err)
+  os.remove(rc)
+  return code, o, e
+end
+
+-- Runs curl with `args` (a string of shell words); asserts it exited 0.
+local function curl(args, limit)
+  local code, out, err = shell(CURL .. " " .. args, limit)
+  assert.equal(0, code, "curl failed: " .. tostring(err))
+  return out, err
+end
+
+-- Runs a python3 script; asserts it exited 0; returns its stdout.
+local function python(source)
+  local file = writefile(tmp(".py"), source)
+  local code, out, err = shell(PYTHON .. " " .. file)
+  assert.equal(0, code, "python failed: " .. tostring(err) .. tostring(out))
+  return out
+end
+
+-- Parses a header dump (curl -D) into lower-case name -> value (last wins) and the status.
+local function parse_dump(text)
+  local blocks = {}
+  for block in (text .. "\r\n\r\n"):gmatch("(.-)\r\n\r\n") do
+    if block ~= "" then blocks[#blocks + 1] = block end
+  end
+  local last = blocks[#blocks]
+  local status = tonumber(last:match("^HTTP/[%d.]+ (%d%d%d)"))
+  local headers = {}
+  for name, value in last:gmatch("\n([^:\r\n]+):%s*([^\r\n]*)") do headers[name:lower()] = value end
+  return status, headers, blocks
+end
+
+local errors = {}
+
+-- Starts a server with `handler` (handler errors are collected in `errors`).
+local function serve(handler, opts)
+  opts = opts or {}
+  opts.host, opts.port, opts.handler = "127.0.0.1", 0, handler
+  errors = {}
+  opts.error_log = opts.error_log or function(msg) errors[#errors + 1] = msg end
+  return assert(http.server(opts))
+end
+
+-- Closes the server when the test body ends, however it ends.
+local function guard(srv)
+  return setmetatable({}, { __close = function() pcall(srv.close, srv, 0) end })
+end
+
+local function connect(srv)
+  return assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+end
+
+local function url(srv, path)
+  return ("'http://127.0.0.1:%d%s'"):format(srv.port, path or "/")
+end
+
+-- Reads one response from a raw socket: { status, version, line, headers (lower-case, joined
+-- with ", "), fields (list of {name, value}), body, chunks (raw size lines when chunked) }.
+local function read_response(s, opts)
+  opts = opts or {}
+  local t = opts.timeout or 5
+  local line, err = s:read("L", t)
+  if not line then return nil, err end
+  local r = { line = line, headers = {}, fields = {} }
+  assert.matches("\r\n$", line)
+  local version, status = line:match("^HTTP/(%d%.%d) (%d%d%d) ")
+  assert(status, "bad status line: " .. line)
+  r.version, r.status = version, math.tointeger(tonumber(status))
+  while true do
+    local h = assert(s:read("L", t))
+    assert.matches("\r\n$", h)
+    if h == "\r\n" then break end
+    local name, value = h:match("^([^:%s]+):[ \t]*(.-)[ \t]*\r\n$")
+    assert(name, "bad header line: " .. h)
+    name = name:lower()
+    r.fields[#r.fields + 1] = { name, value }
+    r.headers[name] = r.headers[name] and (r.headers[name] .. ", " .. value) or value
+  end
+  local st = r.status
+  if opts.head or st < 200 or st == 204 or st == 304 then
+    r.body = ""
+  elseif r.headers["transfer-encoding"] == "chunked" then
+    local parts, chunks = {}, {}
+    while true do
+      local size_line = assert(s:read("l", t))
+      chunks[#chunks + 1] = size_line
+      local n = assert(tonumber(size_line:match("^%x+"), 16), "bad chunk size: " .. size_line)
+      if n == 0 then
+        assert.equal("", s:read("l", t))
+        break
+      end
+      parts[#parts + 1] = assert(s:read(n, t))
+      assert.equal("", s:read("l", t))
+    end
+    r.body, r.chunks = table.concat(parts), chunks
+  elseif r.headers["content-length"] then
+    local n = assert(math.tointeger(tonumber(r.headers["content-length"])))
+    r.body = n == 0 and "" or assert(s:read(n, t))
+  else
+    r.body = assert(s:read("a", t))
+  end
+  return r
+end
+
+-- Reads until the peer closes (a reset counts as closed). Returns the bytes and "closed", or
+-- the bytes so far and "timeout".
+local function read_all(s, timeout)
+  local parts = {}
+  local deadline = mw.now() + (timeout or 5)
+  while true do
+    local left = deadline - mw.now()
+    if left <= 0 then return table.concat(parts), "timeout" end
+    local piece, _, code = s:recv(65536, left)
+    if not piece then
+      if code == "timeout" then return table.concat(parts), "timeout" end
+      return table.concat(parts), "closed"
+    end
+    parts[#parts + 1] = piece
+  end
+end
+
+-- A request's bytes.
+local function request(method, target, headers, body, version)
+  local lines = { ("%s %s HTTP/%s"):format(method, target, version or "1.1") }
+  local has_host = false
+  for _, h in ipairs(headers or {}) do
+    lines[#lines + 1] = h
+    if h:lower():find("^host:") then has_host = true end
+  end
+  if not has_host and (version or "1.1") == "1.1" then table.insert(lines, 2, "Host: test") end
+  if body and not (headers and table.concat(headers, "\n"):lower():find("content%-length")) then
+    lines[#lines + 1] = "Content-Length: " .. #body
+  end
+  return table.concat(lines, "\r\n") .. "\r\n\r\n" .. (body or "")
+end
+
+-- One request over a fresh connection; returns the response (and, with `keep`, the still open
+-- socket; else the socket is closed).
+local function fetch(srv, method, target, headers, body, keep)
+  local s = connect(srv)
+  assert(s:write(request(method, target, headers, body)))
+  local r = assert(read_response(s, { head = method == "HEAD" }))
+  if keep then return r, s end
+  s:close()
+  return r
+end
+
+-- Waits (bounded) until `cond()` holds.
+local function wait_for(cond, limit)
+  local deadline = mw.now() + (limit or 5)
+  while not cond() do
+    if mw.now() > deadline then return false end
+    mw.sleep(0.01)
+  end
+  return true
+end
+
+local IMF_DATE = "^%u%l%l, %d%d %u%l%l %d%d%d%d %d%d:%d%d:%d%d GMT$"
+
+local function text_handler(body, ctype)
+  return function(_, res)
+    res:header("content-type", ctype or "text/plain; charset=utf-8")
+    res:send(body)
+  end
+end
+
+---------------------------------------------------------------------------------------------
+
+describe("http server: basics", function()
+  after_each(cleanup)
+
+  it("answers GET with status, Content-Length, Date, Server and the body", function()
+    run(function()
+      local seen
+      local srv = serve(function(req, res)
+        seen = { method = req.method, target = req.target, path = req.path, version = req.version,
+                 qs = req.query_string, addr = req.remote_addr, port = req.remote_port }
+        res:header("content-type", "text/plain")
+        res:send("hello world")
+      end)
+      local _g <close> = guard(srv)
+      local r, s = fetch(srv, "GET", "/hello", nil, nil, true)
+      local _, cport = s:getsockname()
+      s:close()
+      assert.equal(200, r.status)
+      assert.equal("1.1", r.version)
+      assert.equal("HTTP/1.1 200 OK\r\n", r.line)
+      assert.equal("hello world", r.body)
+      assert.equal("11", r.headers["content-length"])
+      assert.equal("text/plain", r.headers["content-type"])
+      assert.equal("moonwire", r.headers["server"])
+      assert.matches(IMF_DATE, r.headers["date"])
+      assert.same({ method = "GET", target = "/hello", path = "/hello", version = "1.1", qs = "",
+                    addr = "127.0.0.1", port = cport }, seen)
+      srv:close()
+    end)
+  end)
+
+  it("Date is the current time; server_name sets or omits the Server header", function()
+    run(function()
+      local srv1 = serve(text_handler("x"), { server_name = "custom/1.0" })
+      local _g1 <close> = guard(srv1)
+      local srv2 = serve(text_handler("x"), { server_name = false })
+      local _g2 <close> = guard(srv2)
+      local r1 = fetch(srv1, "GET", "/")
+      local r2 = fetch(srv2, "GET", "/")
+      assert.equal("custom/1.0", r1.headers["server"])
+      assert.is_nil(r2.headers["server"])
+      assert.matches(IMF_DATE, r2.headers["date"])
+      -- the current time (cached at most a second; allow one more for the round trip)
+      local now, recent = os.time(), {}
+      for back = 0, 2 do recent[os.date("!%a, %d %b %Y %H:%M:%S GMT", now - back)] = true end
+      assert.is_true(recent[r1.headers["date"]], "stale Date: " .. r1.headers["date"])
+      srv1:close()
+      srv2:close()
+    end)
+  end)
+
+  it("HEAD gets the same headers as GET (Content-Length included) and no body", function()
+    run(function()
+      local body = ("0123456789"):rep(50)
+      local srv = serve(text_handler(body, "application/octet-stream"))
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("HEAD", "/x"), request("GET", "/x")))
+      local head = assert(read_response(s, { head = true }))
+      -- the GET right after proves no body bytes followed the HEAD response
+      local get = assert(read_response(s))
+      assert.equal(200, head.status)
+      assert.equal(200, get.status)
+      assert.equal(body, get.body)
+      assert.equal("500", head.headers["content-length"])
+      local function without_date(r)
+        local t = {}
+        for _, f in ipairs(r.fields) do
+          if f[1] ~= "date" then t[#t + 1] = f[1] .. ": " .. f[2] end
+        end
+        return t
+      end
+      assert.same(without_date(get), without_date(head))
+      srv:close()
+    end)
+  end)
+
+  it("HEAD on a streamed response sends the head only; the next request parses cleanly", function()
+    run(function()
+      local srv = serve(function(req, res)
+        res:header("content-type", "text/plain")
+        res:write("streamed ")
+        res:write(req.path)
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("HEAD", "/h"), request("GET", "/g")))
+      local h = assert(read_response(s, { head = true }))
+      assert.equal(200, h.status)
+      local g = assert(read_response(s))
+      assert.equal("streamed /g", g.body)
+      srv:close()
+    end)
+  end)
+
+  it("res.sent tells whether the head went out; sending twice or changing the status after raises", function()
+    run(function()
+      local states = {}
+      local srv = serve(function(_, res)
+        states[#states + 1] = res.sent
+        res:send("once")
+        states[#states + 1] = res.sent
+        states[#states + 1] = pcall(res.send, res, "twice")
+        states[#states + 1] = pcall(res.status, res, 404)
+        states[#states + 1] = pcall(res.header, res, "x-late", "1")
+      end)
+      local _g <close> = guard(srv)
+      local r = fetch(srv, "GET", "/")
+      assert.equal("once", r.body)
+      assert.same({ false, true, false, false, false }, states)
+      assert.equal(0, #errors)
+      srv:close()
+    end)
+  end)
+
+  it("writes an access log line in combined log format", function()
+    run(function()
+      local lines = {}
+      local srv = serve(text_handler("12345"), { log = function(line) lines[#lines + 1] = line end })
+      local _g <close> = guard(srv)
+      fetch(srv, "GET", "/logged?x=1", { "User-Agent: spec-agent/1.0", "Referer: http://ref.example/" })
+      assert.equal(1, #lines)
+      assert.matches('^127%.0%.0%.1 %- %- %[%d%d/%a%a%a/%d%d%d%d:%d%d:%d%d:%d%d [+-]%d%d%d%d%] '
+        .. '"GET /logged%?x=1 HTTP/1%.1" 200 5 "http://ref%.example/" "spec%-agent/1%.0"$', lines[1])
+      srv:close()
+    end)
+  end)
+
+  it("listens on a Unix socket with opts.unix", function()
+    run(function()
+      local path = helper.socket_path("http")
+      local srv = assert(http.server { unix = path, handler = function(req, res) res:send("unix " .. req.path) end })
+      local _g <close> = guard(srv)
+      local s <close> = assert(mw.unix.connect(path, { timeout = 5 }))
+      assert(s:write(request("GET", "/u")))
+      local r = assert(read_response(s))
+      assert.equal("unix /u", r.body)
+      srv:close()
+      os.remove(path)
+    end)
+  end)
+
+  it("a handler returning without sending gives 204; one that set something gives it as set", function()
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path == "/status" then
+          res:status(404)
+        elseif req.path == "/header" then
+          res:header("x-set", "yes")
+        end
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/nothing"), request("GET", "/status"), request("GET", "/header")))
+      local r1 = assert(read_response(s))
+      assert.equal(204, r1.status)
+      assert.equal("", r1.body)
+      assert.is_nil(r1.headers["content-length"])
+      assert.is_nil(r1.headers["transfer-encoding"])
+      local r2 = assert(read_response(s))
+      assert.equal(404, r2.status)
+      assert.equal("0", r2.headers["content-length"])
+      local r3 = assert(read_response(s))
+      assert.equal(200, r3.status)
+      assert.equal("yes", r3.headers["x-set"])
+      assert.equal("0", r3.headers["content-length"])
+      srv:close()
+    end)
+  end)
+
+  it("a handler that raises gives 500, logs the error with its traceback, and the server goes on", function()
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path == "/boom" then
+          res:header("x-partial", "should be dropped")
+          error("kaboom in handler")
+        end
+        res:send("fine")
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/boom")))
+      local r = assert(read_response(s))
+      assert.equal(500, r.status)
+      assert.is_nil(r.headers["x-partial"])
+      assert.equal(1, #errors)
+      assert.matches("kaboom in handler", errors[1], 1, true)
+      assert.matches("traceback", errors[1], 1, true)
+      assert.matches("/boom", errors[1], 1, true)
+      -- the next request (on a new connection) is served
+      local r2 = fetch(srv, "GET", "/ok")
+      assert.equal(200, r2.status)
+      assert.equal("fine", r2.body)
+      srv:close()
+    end)
+  end)
+
+  it("a handler that raises after the head went out gets its connection closed", function()
+    run(function()
+      local srv = serve(function(_, res)
+        res:write("first part")
+        error("late failure")
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/late")))
+      local data, how = read_all(s, 5)
+      assert.equal("closed", how)
+      assert.matches("^HTTP/1.1 200 OK\r\n", data)
+      assert.matches("first part", data, 1, true)
+      assert.is_nil(data:find("0\r\n\r\n$"), "the chunked body must not look complete")
+      assert.equal(1, #errors)
+      assert.matches("late failure", errors[1], 1, true)
+      srv:close()
+    end)
+  end)
+end)
+
+describe("http server: connections", function()
+  after_each(cleanup)
+
+  it("curl reuses one keep-alive connection for two URLs", function()
+    run(function()
+      local ports, count = {}, 0
+      local srv = serve(function(req, res)
+        count = count + 1
+        ports[req.remote_port] = true
+        res:send("path " .. req.path)
+      end)
+      local _g <close> = guard(srv)
+      local out, err = curl("-v " .. url(srv, "/one") .. " " .. url(srv, "/two"))
+      assert.equal("path /onepath /two", out)
+      assert.matches("Re%-using existing connection", err)
+      assert.equal(2, count)
+      local n = 0
+      for _ in pairs(ports) do n = n + 1 end
+      assert.equal(1, n)
+      srv:close()
+    end, 20)
+  end)
+
+  it("serves many requests in sequence on one connection", function()
+    run(function()
+      local srv = serve(function(req, res) res:send(req.path) end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for i = 1, 50 do
+        assert(s:write(request("GET", "/n" .. i)))
+        local r = assert(read_response(s))
+        assert.equal("/n" .. i, r.body)
+        assert.is_nil(r.headers["connection"])
+      end
+      assert.equal(1, srv:connections())
+      srv:close()
+    end)
+  end)
+
+  it("Connection: close on HTTP/1.1 is honoured: answer, then close", function()
+    run(function()
+      local srv = serve(text_handler("bye"))
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/", { "Connection: close" })))
+      local r = assert(read_response(s))
+      assert.equal("bye", r.body)
+      assert.equal("close", r.headers["connection"])
+      assert.same({ "", "closed" }, { read_all(s, 5) })
+      srv:close()
+    end)
+  end)
+
+  it("HTTP/1.0 without keep-alive: Connection: close and the connection closes", function()
+    run(function()
+      local seen
+      local srv = serve(function(req, res)
+        seen = req.version
+        res:send("old")
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("GET /old HTTP/1.0\r\n\r\n"))
+      local r = assert(read_response(s))
+      assert.equal("1.0", seen)
+      assert.equal(200, r.status)
+      assert.equal("old", r.body)
+      assert.equal("close", r.headers["connection"]:lower())
+      assert.same({ "", "closed" }, { read_all(s, 5) })
+      srv:close()
+    end)
+  end)
+
+  it("HTTP/1.0 with Connection: keep-alive keeps the connection", function()
+    run(function()
+      local srv = serve(function(req, res) res:send(req.path) end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"))
+      local r = assert(read_response(s))
+      assert.equal("/a", r.body)
+      assert.equal("keep-alive", r.headers["connection"]:lower())
+      assert(s:write("GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"))
+      local r2 = assert(read_response(s))
+      assert.equal("/b", r2.body)
+      -- a third without keep-alive ends it
+      assert(s:write("GET /c HTTP/1.0\r\n\r\n"))
+      local r3 = assert(read_response(s))
+      assert.equal("/c", r3.body)
+      assert.same({ "", "closed" }, { read_all(s, 5) })
+      srv:close()
+    end)
+  end)
+
+  it("answers pipelined requests (three in one write) in order", function()
+    run(function()
+      local order = {}
+      local srv = serve(function(req, res)
+        order[#order + 1] = req.path
+        if req.path == "/1" then mw.sleep(0.05) end -- the slowest comes first
+        if req.method == "POST" then
+          res:send(req.path .. ":" .. assert(req:body()))
+        else
+          res:send(req.path)
+        end
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/1") .. request("POST", "/2", nil, "body-of-2")
+        .. request("GET", "/3")))
+      local bodies = {}
+      for i = 1, 3 do bodies[i] = assert(read_response(s)).body end
+      assert.same({ "/1", "/2:body-of-2", "/3" }, bodies)
+      assert.same({ "/1", "/2", "/3" }, order)
+      srv:close()
+    end)
+  end)
+
+  it("answers 500 pipelined requests sent in one write, in order", function()
+    run(function()
+      local srv = serve(function(req, res) res:send(req.path) end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local reqs = {}
+      for i = 1, 500 do reqs[i] = request("GET", "/p" .. i) end
+      assert(s:write(table.concat(reqs)))
+      for i = 1, 500 do assert.equal("/p" .. i, assert(read_response(s)).body) end
+      srv:close()
+    end)
+  end)
+
+  it("python http.client: GET and POST over one keep-alive connection", function()
+    run(function()
+      local ports = {}
+      local srv = serve(function(req, res)
+        ports[req.remote_port] = true
+        res:header("content-type", "text/plain")
+        res:header("x-method", req.method)
+        if req.method == "POST" then
+          local body = assert(req:body())
+          res:send("got " .. #body .. " " .. body:sub(1, 5) .. " " .. req.headers["content-type"])
+        else
+          res:send("q=" .. req:query().q)
+        end
+      end)
+      local _g <close> = guard(srv)
+      local out = python(([[
+import http.client
+c = http.client.HTTPConnection("127.0.0.1", %d, timeout=10)
+c.request("GET", "/py?q=a%%20b")
+r = c.getresponse()
+print(r.status, r.getheader("x-method"), r.read().decode())
+c.request("POST", "/post", body=b"hello" * 1000, headers={"Content-Type": "application/x-test"})
+r = c.getresponse()
+print(r.status, r.getheader("x-method"), r.read().decode())
+print(r.getheader("Server"), r.getheader("Date") is not None)
+c.close()
+]]):format(srv.port))
+      assert.equal("200 GET q=a b\n200 POST got 5000 hello application/x-test\nmoonwire True\n", out)
+      local n = 0
+      for _ in pairs(ports) do n = n + 1 end
+      assert.equal(1, n)
+      srv:close()
+    end, 20)
+  end)
+end)
+
+describe("http server: request bodies", function()
+  after_each(cleanup)
+
+  it("curl's Expect: 100-continue upload (> 1 KiB) reaches the handler", function()
+    run(function()
+      local expect, got
+      local srv = serve(function(req, res)
+        expect = req.headers.expect
+        got = assert(req:body())
+        res:send(tostring(#got))
+      end)
+      local _g <close> = guard(srv)
+      local data = helper.pattern(64 * KiB)
+      local file = writefile(tmp(".bin"), data)
+      local out, err = curl("-v -H 'Expect: 100-continue' --data-binary @" .. file .. " " .. url(srv, "/up"))
+      assert.equal("100-continue", expect)
+      assert.equal(tostring(#data), out)
+      assert.equal(data, got)
+      assert.matches("HTTP/1.1 100 Continue", err, 1, true)
+      srv:close()
+    end, 20)
+  end)
+
+  it("sends 100 Continue only when the handler reads the body", function()
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path == "/read" then
+          res:send("echo " .. assert(req:body()))
+        else
+          res:status(403)
+          res:send("no")
+        end
+      end)
+      local _g <close> = guard(srv)
+      -- the handler reads: 100 first, then (after the body) the final response
+      local s <close> = connect(srv)
+      assert(s:write("POST /read HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"))
+      local cont = assert(read_response(s))
+      assert.equal(100, cont.status)
+      assert.equal("HTTP/1.1 100 Continue\r\n", cont.line)
+      assert(s:write("hello"))
+      local r = assert(read_response(s))
+      assert.equal(200, r.status)
+      assert.equal("echo hello", r.body)
+      -- the handler answers without reading: no 100, ever
+      local s2 <close> = connect(srv)
+      assert(s2:write("POST /deny HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"))
+      local r2 = assert(read_response(s2))
+      assert.equal(403, r2.status)
+      assert.equal("no", r2.body)
+      local rest = read_all(s2, 1)
+      assert.is_nil(rest:find("100 Continue", 1, true))
+      srv:close()
+    end)
+  end)
+
+  it("curl chunked upload (Transfer-Encoding: chunked) arrives whole", function()
+    run(function()
+      local te, body
+      local srv = serve(function(req, res)
+        te = req.headers["transfer-encoding"]
+        body = assert(req:body())
+        res:header("content-type", "application/octet-stream")
+        res:send(body)
+      end)
+      local _g <close> = guard(srv)
+      local data = helper.pattern(200 * KiB)
+      local file = writefile(tmp(".bin"), data)
+      local outfile = tmp(".out")
+      curl("-H 'Transfer-Encoding: chunked' --data-binary @" .. file .. " -o " .. outfile .. " "
+        .. url(srv, "/chunked"))
+      assert.equal("chunked", te)
+      assert.equal(#data, #body)
+      assert.equal(data, body)
+      assert.equal(data, readfile(outfile))
+      srv:close()
+    end, 20)
+  end)
+
+  it("req:body_reader() streams a 5 MiB Content-Length upload (above limits.body) in pieces", function()
+    run(function()
+      local size = 5 * MiB
+      local data = helper.pattern(size)
+      local pieces, biggest, ok
+      local srv = serve(function(req, res)
+        local parts = {}
+        biggest = 0
+        for chunk in req:body_reader() do
+          parts[#parts + 1] = chunk
+          if #chunk > biggest then biggest = #chunk end
+        end
+        pieces = #parts
+        ok = table.concat(parts) == data
+        res:send("read " .. #table.concat(parts))
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local writer = mw.spawn(function()
+        assert(s:write("PUT /big HTTP/1.1\r\nHost: x\r\nContent-Length: " .. size .. "\r\n\r\n"))
+        for i = 1, size, 64 * KiB do assert(s:write(data:sub(i, i + 64 * KiB - 1))) end
+      end)
+      local r = assert(read_response(s, { timeout = 20 }))
+      assert(writer:join())
+      assert.equal(200, r.status)
+      assert.equal("read " .. size, r.body)
+      assert.is_true(ok)
+      assert.is_true(pieces > 1, "expected several pieces")
+      assert.is_true(biggest < size)
+      srv:close()
+    end, 30)
+  end)
+
+  it("req:body_reader() streams a 5 MiB chunked upload from curl", function()
+    run(function()
+      local size = 5 * MiB
+      local data = helper.pattern(size)
+      local ok, total
+      local srv = serve(function(req, res)
+        local parts = {}
+        for chunk in req:body_reader() do parts[#parts + 1] = chunk end
+        local all = table.concat(parts)
+        total, ok = #all, all == data
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local file = writefile(tmp(".bin"), data)
+      local out = curl("-H 'Transfer-Encoding: chunked' --data-binary @" .. file .. " "
+        .. url(srv, "/big"), 30)
+      assert.equal("ok", out)
+      assert.equal(size, total)
+      assert.is_true(ok)
+      srv:close()
+    end, 40)
+  end)
+
+  local function limit_handler(results)
+    return function(req, res)
+      local body, err, code = req:body()
+      results[#results + 1] = { body, err, code }
+      if not body then
+        res:status(code or 500)
+        return res:send(err)
+      end
+      res:send("len " .. #body)
+    end
+  end
+
+  it("req:body() above limits.body returns nil, err, 413 (Content-Length)", function()
+    run(function()
+      local results = {}
+      local srv = serve(limit_handler(results), { limits = { body = 1000 } })
+      local _g <close> = guard(srv)
+      -- at the limit: fine
+      local r1 = fetch(srv, "POST", "/", nil, ("a"):rep(1000))
+      assert.equal(200, r1.status)
+      assert.equal("len 1000", r1.body)
+      -- above it
+      local r2 = fetch(srv, "POST", "/", nil, ("a"):rep(1001))
+      assert.equal(413, r2.status)
+      assert.is_nil(results[2][1])
+      assert.is_string(results[2][2])
+      assert.equal(413, results[2][3])
+      srv:close()
+    end)
+  end)
+
+  it("req:body() above limits.body returns nil, err, 413 (chunked)", function()
+    run(function()
+      local results = {}
+      local srv = serve(limit_handler(results), { limits = { body = 1000 } })
+      local _g <close> = guard(srv)
+      -- at the limit, in two chunks: fine
+      local s1 <close> = connect(srv)
+      assert(s1:write("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. "1f4\r\n" .. ("b"):rep(500) .. "\r\n1f4\r\n" .. ("b"):rep(500) .. "\r\n0\r\n\r\n"))
+      local r1 = assert(read_response(s1))
+      assert.equal("len 1000", r1.body)
+      -- above it: the second chunk crosses the limit
+      local s <close> = connect(srv)
+      assert(s:write("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. "258\r\n" .. ("b"):rep(600) .. "\r\n258\r\n" .. ("b"):rep(600) .. "\r\n0\r\n\r\n"))
+      local r3 = assert(read_response(s))
+      assert.is_nil(results[2][1])
+      assert.equal(413, results[2][3])
+      assert.equal(413, r3.status)
+      srv:close()
+    end)
+  end)
+
+  it("413 from the Content-Length comes before the body data arrives", function()
+    run(function()
+      local results = {}
+      local srv = serve(limit_handler(results)) -- default limit 1 MiB; body timeout 30 s > watchdog
+      local _g <close> = guard(srv)
+      local t0 = mw.now()
+      local s <close> = connect(srv)
+      assert(s:write("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " .. (MiB + 1) .. "\r\n\r\n"))
+      local r = assert(read_response(s))
+      assert.equal(413, r.status)
+      assert.equal(413, results[1][3])
+      assert.is_true(mw.now() - t0 < 2)
+      srv:close()
+    end, 5)
+  end)
+
+  it("413 from a chunk size comes before the chunk data arrives", function()
+    run(function()
+      local results = {}
+      local srv = serve(limit_handler(results))
+      local _g <close> = guard(srv)
+      local t0 = mw.now()
+      local s <close> = connect(srv)
+      assert(s:write("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .. ("%x"):format(2 * MiB) .. "\r\nonly a few bytes"))
+      local r = assert(read_response(s))
+      assert.equal(413, results[1][3])
+      assert.equal(413, r.status)
+      assert.is_true(mw.now() - t0 < 2)
+      srv:close()
+    end, 5)
+  end)
+
+  it("an unread body is skipped so the next request on the connection is served", function()
+    run(function()
+      local srv = serve(function(req, res) res:send(req.method .. " " .. req.path) end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("POST", "/ignored", nil, ("z"):rep(3000))
+        .. "POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        .. request("GET", "/next")))
+      assert.equal("POST /ignored", assert(read_response(s)).body)
+      assert.equal("POST /chunked", assert(read_response(s)).body)
+      assert.equal("GET /next", assert(read_response(s)).body)
+      srv:close()
+    end)
+  end)
+end)
+
+describe("http server: request parsing", function()
+  after_each(cleanup)
+
+  it("parses the query: repeated keys give arrays, percent and + decoding", function()
+    run(function()
+      local seen
+      local srv = serve(function(req, res)
+        seen = { target = req.target, path = req.path, qs = req.query_string, q = req:query() }
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local target = "/caf%C3%A9/a%20b?a=1&a=2&a=3&b=x%20y&c=d+e&empty=&flag&k%3D=v%26w&u=%E2%9C%93"
+      fetch(srv, "GET", target)
+      assert.same({
+        target = target,
+        path = "/café/a b",
+        qs = "a=1&a=2&a=3&b=x%20y&c=d+e&empty=&flag&k%3D=v%26w&u=%E2%9C%93",
+        q = { a = { "1", "2", "3" }, b = "x y", c = "d e", empty = "", flag = "", ["k="] = "v&w", u = "✓" },
+      }, seen)
+      -- no query
+      fetch(srv, "GET", "/plain")
+      assert.equal("", seen.qs)
+      assert.same({}, seen.q)
+      srv:close()
+    end)
+  end)
+
+  it("req:form() decodes an urlencoded body (raw and from curl)", function()
+    run(function()
+      local forms = {}
+      local srv = serve(function(req, res)
+        forms[#forms + 1] = req:form()
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      fetch(srv, "POST", "/f", { "Content-Type: application/x-www-form-urlencoded; charset=UTF-8" },
+        "name=J%C3%B6rg&tags=a&tags=b&x=1+2&eq=a%3Db")
+      assert.same({ name = "Jörg", tags = { "a", "b" }, x = "1 2", eq = "a=b" }, forms[1])
+      curl("--data-urlencode 'msg=hello world & more' -d tag=1 -d tag=2 " .. url(srv, "/f"))
+      assert.same({ msg = "hello world & more", tag = { "1", "2" } }, forms[2])
+      -- another content type: not a form
+      fetch(srv, "POST", "/f", { "Content-Type: application/json" }, '{"a":1}')
+      assert.same({}, forms[3])
+      srv:close()
+    end, 20)
+  end)
+
+  it("req:cookies() parses Cookie headers (several fields joined with '; ')", function()
+    run(function()
+      local seen = {}
+      local srv = serve(function(req, res)
+        seen[#seen + 1] = { joined = req.headers.cookie, cookies = req:cookies() }
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      fetch(srv, "GET", "/", { 'Cookie: a=1; b="quoted"', "Cookie: c=3;  d = 4 " })
+      assert.equal('a=1; b="quoted"; c=3;  d = 4', seen[1].joined)
+      assert.same({ a = "1", b = "quoted", c = "3", d = "4" }, seen[1].cookies)
+      curl("-b 'sid=abc123; theme=dark' " .. url(srv, "/"))
+      assert.same({ sid = "abc123", theme = "dark" }, seen[2].cookies)
+      fetch(srv, "GET", "/")
+      assert.same({}, seen[3].cookies)
+      srv:close()
+    end, 20)
+  end)
+
+  it("headers: lower-case names, case-insensitive lookup, repeated fields joined and listed", function()
+    run(function()
+      local seen
+      local srv = serve(function(req, res)
+        local names = {}
+        for k in pairs(req.headers) do names[#names + 1] = k end
+        table.sort(names)
+        seen = {
+          names = names,
+          lower = req.headers["x-multi"], mixed = req.headers["X-Multi"], upper = req.headers["X-MULTI"],
+          list = req:header_list("X-MULTI"), single = req:header_list("Content-Type"),
+          none = req:header_list("x-absent"), absent = req.headers["X-Absent"],
+          padded = req.headers["x-pad"], empty = req.headers["x-empty"],
+        }
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      fetch(srv, "GET", "/", { "X-Multi: one", "x-multi: two, three", "Content-Type: text/plain",
+        "X-MULTI: four", "X-Pad: \t padded value \t", "X-Empty:" })
+      assert.same({ "content-type", "host", "x-empty", "x-multi", "x-pad" }, seen.names)
+      assert.equal("one, two, three, four", seen.lower)
+      assert.equal(seen.lower, seen.mixed)
+      assert.equal(seen.lower, seen.upper)
+      assert.same({ "one", "two, three", "four" }, seen.list)
+      assert.same({ "text/plain" }, seen.single)
+      assert.same({}, seen.none)
+      assert.is_nil(seen.absent)
+      assert.equal("padded value", seen.padded)
+      assert.equal("", seen.empty)
+      srv:close()
+    end)
+  end)
+
+  it("accepts a single header value of several KiB", function()
+    run(function()
+      local got
+      local srv = serve(function(req, res)
+        got = req.headers["x-big"]
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local big = ("v"):rep(6000)
+      local r = fetch(srv, "GET", "/", { "X-Big: " .. big })
+      assert.equal(200, r.status)
+      assert.equal(big, got)
+      srv:close()
+    end)
+  end)
+end)
+
+describe("http server: responses", function()
+  after_each(cleanup)
+
+  it("res:header: repeatable, removable with nil, CR/LF in a value raises", function()
+    run(function()
+      local raised
+      local srv = serve(function(_, res)
+        res:header("x-a", "1")
+        res:header("x-a", "2")
+        res:header("x-gone", "soon")
+        res:header("X-Gone", nil)
+        raised = not pcall(res.header, res, "x-bad", "a\r\nInjected: yes")
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local r = fetch(srv, "GET", "/")
+      assert.is_true(raised)
+      assert.equal("1, 2", r.headers["x-a"])
+      assert.is_nil(r.headers["x-gone"])
+      assert.is_nil(r.headers["injected"])
+      assert.is_nil(r.headers["x-bad"])
+      srv:close()
+    end)
+  end)
+
+  it("res:cookie adds Set-Cookie fields with their attributes", function()
+    run(function()
+      local raised
+      local srv = serve(function(_, res)
+        res:cookie("sid", "abc123", { path = "/", max_age = 3600, httponly = true, secure = true,
+                                      samesite = "Lax", domain = "example.test" })
+        res:cookie("theme", "dark")
+        raised = not pcall(res.cookie, res, "bad", "has space")
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local r = fetch(srv, "GET", "/")
+      assert.is_true(raised)
+      local cookies = {}
+      for _, f in ipairs(r.fields) do
+        if f[1] == "set-cookie" then cookies[#cookies + 1] = f[2] end
+      end
+      assert.equal(2, #cookies)
+      assert.matches("^sid=abc123; ", cookies[1])
+      for _, attr in ipairs { "Path=/", "Max-Age=3600", "HttpOnly", "Secure", "SameSite=Lax",
+                              "Domain=example.test" } do
+        assert.matches("; " .. attr:gsub("%p", "%%%0"), cookies[1])
+      end
+      assert.equal("theme=dark", cookies[2])
+      -- curl stores them in its jar
+      local jar = tmp(".jar")
+      curl("-c " .. jar .. " " .. url(srv, "/"))
+      local text = readfile(jar)
+      assert.matches("theme\tdark", text, 1, true)
+      srv:close()
+    end, 20)
+  end)
+
+  it("res:write streams with chunked framing; curl gets the whole body", function()
+    run(function()
+      local srv = serve(function(req, res)
+        res:header("content-type", "text/plain")
+        if req.path == "/big" then
+          for i = 1, 64 do assert(res:write(helper.pattern(16 * KiB):sub(1, 16 * KiB - i) .. "\n")) end
+        else
+          assert(res:write("part1;"))
+          assert(res:write(""))          -- an empty write sends nothing
+          assert(res:write("part-two;"))
+          assert(res:finish())
+        end
+      end)
+      local _g <close> = guard(srv)
+      -- raw: exact framing
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/small", { "Connection: close" })))
+      local data, how = read_all(s, 5)
+      assert.equal("closed", how)
+      local head, body = data:match("^(.-\r\n)\r\n(.*)$")
+      assert.matches("\r\nTransfer%-Encoding: chunked\r\n", head)
+      assert.is_nil(head:lower():find("content-length", 1, true))
+      assert.equal("6\r\npart1;\r\n9\r\npart-two;\r\n0\r\n\r\n", body)
+      -- keep-alive: the next response follows the last chunk
+      local s2 <close> = connect(srv)
+      assert(s2:write(request("GET", "/small") .. request("GET", "/small")))
+      local r1 = assert(read_response(s2))
+      local r2 = assert(read_response(s2))
+      assert.equal("part1;part-two;", r1.body)
+      assert.same({ "6", "9", "0" }, r1.chunks)
+      assert.equal(r1.body, r2.body)
+      -- curl
+      local expected = {}
+      for i = 1, 64 do expected[i] = helper.pattern(16 * KiB):sub(1, 16 * KiB - i) .. "\n" end
+      local out = curl(url(srv, "/big"))
+      assert.equal(table.concat(expected), out)
+      srv:close()
+    end, 20)
+  end)
+
+  it("res:write waits for a slow client (backpressure) and loses nothing", function()
+    run(function()
+      local size, piece = 32 * MiB, 64 * KiB
+      local data = helper.pattern(size)
+      local finished = false
+      local srv = serve(function(_, res)
+        res:header("content-length", tostring(size))
+        for i = 1, size, piece do assert(res:write(data:sub(i, i + piece - 1))) end
+        finished = true
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/stream")))
+      repeat local line = assert(s:read("l", 5)) until line == ""
+      local first = assert(s:read(MiB, 10))
+      -- 31 MiB are still to come: more than socket buffers hold, so the handler must be waiting
+      assert.is_false(finished, "the whole response was buffered instead of waiting for the client")
+      local rest = assert(s:read(size - MiB, 20))
+      assert.is_true(first .. rest == data)
+      assert.is_true(wait_for(function() return finished end))
+      srv:close()
+    end, 30)
+  end)
+
+  it("res:write with a Content-Length streams unchunked; HTTP/1.0 gets a close-delimited body", function()
+    run(function()
+      local srv = serve(function(_, res)
+        res:header("content-length", "10")
+        res:write("01234")
+        res:write("56789")
+      end)
+      local _g <close> = guard(srv)
+      local r = fetch(srv, "GET", "/")
+      assert.equal("0123456789", r.body)
+      assert.is_nil(r.headers["transfer-encoding"])
+      assert.equal("10", r.headers["content-length"])
+      local srv2 = serve(function(_, res)
+        res:write("abc")
+        res:write("def")
+      end)
+      local _g2 <close> = guard(srv2)
+      local s <close> = connect(srv2)
+      assert(s:write("GET / HTTP/1.0\r\n\r\n"))
+      local data, how = read_all(s, 5)
+      assert.equal("closed", how)
+      local head, body = data:match("^(.-\r\n)\r\n(.*)$")
+      assert.is_nil(head:lower():find("transfer-encoding", 1, true))
+      assert.equal("abcdef", body)
+      srv:close()
+      srv2:close()
+    end)
+  end)
+
+  it("res:redirect sends Location with 302 (or the given code); curl -L follows", function()
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path == "/old" then return res:redirect("/new") end
+        if req.path == "/moved" then return res:redirect("/new", 301) end
+        res:send("arrived at " .. req.path)
+      end)
+      local _g <close> = guard(srv)
+      local r = fetch(srv, "GET", "/old")
+      assert.equal(302, r.status)
+      assert.equal("/new", r.headers["location"])
+      local r2 = fetch(srv, "GET", "/moved")
+      assert.equal(301, r2.status)
+      assert.equal("/new", r2.headers["location"])
+      local out = curl("-L -w ' %{num_redirects}' " .. url(srv, "/old"))
+      assert.equal("arrived at /new 1", out)
+      srv:close()
+    end, 20)
+  end)
+
+  it("res:sendfile sends a file (Content-Length, type from the extension), a range, and HEAD", function()
+    run(function()
+      local data = helper.pattern(300 * KiB)
+      local file = writefile(tmp(".txt"), data)
+      local missing
+      local srv = serve(function(req, res)
+        if req.path == "/range" then return assert(res:sendfile(file, 100, 50)) end
+        if req.path == "/missing" then
+          local ok, err, code = res:sendfile(file .. ".nope")
+          missing = { ok, type(err), code }
+          res:status(404)
+          return res:send("missing")
+        end
+        assert(res:sendfile(file))
+      end)
+      local _g <close> = guard(srv)
+      local dump, outfile = tmp(".hdr"), tmp(".out")
+      curl("-D " .. dump .. " -o " .. outfile .. " " .. url(srv, "/file"))
+      assert.equal(data, readfile(outfile))
+      local status, headers = parse_dump(readfile(dump))
+      assert.equal(200, status)
+      assert.equal(tostring(#data), headers["content-length"])
+      assert.equal("text/plain; charset=utf-8", headers["content-type"])
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/range"), request("HEAD", "/file"), request("GET", "/missing")))
+      local r = assert(read_response(s))
+      assert.equal("50", r.headers["content-length"])
+      assert.equal(data:sub(101, 150), r.body)
+      local h = assert(read_response(s, { head = true }))
+      assert.equal(tostring(#data), h.headers["content-length"])
+      local m = assert(read_response(s))
+      assert.equal(404, m.status)
+      assert.same({ nil, "string", "ENOENT" }, missing)
+      srv:close()
+    end, 20)
+  end)
+
+  it("gzips a compressible response above 1 KiB when the client accepts gzip", function()
+    run(function()
+      local text = ("All work and no play makes Jack a dull boy. "):rep(300)
+      local srv = serve(function(req, res)
+        if req.path == "/small" then
+          res:header("content-type", "text/plain")
+          return res:send(("s"):rep(1000))
+        elseif req.path == "/png" then
+          res:header("content-type", "image/png")
+          return res:send(text)
+        end
+        res:header("content-type", "text/plain; charset=utf-8")
+        res:send(text)
+      end)
+      local _g <close> = guard(srv)
+      -- curl --compressed: decoded body identical, the response was gzip
+      local dump = tmp(".hdr")
+      local out = curl("--compressed -D " .. dump .. " " .. url(srv, "/text"))
+      assert.equal(text, out)
+      local _, headers = parse_dump(readfile(dump))
+      assert.equal("gzip", headers["content-encoding"])
+      assert.is_true(tonumber(headers["content-length"]) < #text)
+      -- raw: headers
+      local r = fetch(srv, "GET", "/text", { "Accept-Encoding: gzip, deflate" })
+      assert.equal("gzip", r.headers["content-encoding"])
+      assert.matches("accept%-encoding", r.headers["vary"]:lower())
+      assert.equal("\31\139", r.body:sub(1, 2)) -- gzip magic
+      -- no Accept-Encoding, q=0, too small, not compressible: identity
+      for _, case in ipairs {
+        { "/text", {} }, { "/text", { "Accept-Encoding: gzip;q=0" } },
+        { "/small", { "Accept-Encoding: gzip" } }, { "/png", { "Accept-Encoding: gzip" } },
+      } do
+        local plain = fetch(srv, "GET", case[1], case[2])
+        assert.is_nil(plain.headers["content-encoding"], case[1] .. " " .. table.concat(case[2]))
+        assert.equal(case[1] == "/small" and ("s"):rep(1000) or text, plain.body)
+      end
+      srv:close()
+      -- gzip = false turns it off
+      local srv2 = serve(text_handler(text), { gzip = false })
+      local _g2 <close> = guard(srv2)
+      local r2 = fetch(srv2, "GET", "/", { "Accept-Encoding: gzip" })
+      assert.is_nil(r2.headers["content-encoding"])
+      assert.equal(text, r2.body)
+      srv2:close()
+    end, 20)
+  end)
+end)
+
+describe("http server: srv:close()", function()
+  after_each(cleanup)
+
+  it("is graceful: an in-flight slow handler finishes, idle keep-alive connections are closed", function()
+    run(function()
+      local entered = mw.channel(1)
+      local srv = serve(function(req, res)
+        if req.path == "/slow" then
+          entered:send(true)
+          mw.sleep(0.6)
+          return res:send("slow done")
+        end
+        res:send("quick")
+      end)
+      -- an idle keep-alive connection
+      local idle <close> = connect(srv)
+      assert(idle:write(request("GET", "/quick")))
+      assert.equal("quick", assert(read_response(idle)).body)
+      -- an in-flight request
+      local busy <close> = connect(srv)
+      assert(busy:write(request("GET", "/slow")))
+      assert(entered:recv(5))
+      assert.equal(2, srv:connections())
+      local t0 = mw.now()
+      local closer = mw.spawn(function() return srv:close() end)
+      -- the idle one is closed at once, with nothing sent
+      assert.same({ "", "closed" }, { read_all(idle, 5) })
+      assert.is_true(mw.now() - t0 < 0.5, "idle connection closed only after the slow handler")
+      -- the slow one gets its full response, with Connection: close, then the close
+      local r = assert(read_response(busy))
+      assert.equal("slow done", r.body)
+      assert.equal("close", r.headers["connection"])
+      assert.same({ "", "closed" }, { read_all(busy, 5) })
+      assert.same({ true, true }, { closer:join(5) })
+      assert.equal(0, srv:connections())
+      -- nothing listens any more
+      helper.fails("ECONNREFUSED", mw.tcp.connect("127.0.0.1", srv.port, { timeout = 2 }))
+    end)
+  end)
+
+  it("cuts off handlers still running after the grace period", function()
+    run(function()
+      local entered = mw.channel(1)
+      local srv = serve(function(_, res)
+        entered:send(true)
+        mw.sleep(30)
+        res:send("too late")
+      end)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/forever")))
+      assert(entered:recv(5))
+      local t0 = mw.now()
+      assert.is_true(srv:close(0.2))
+      local elapsed = mw.now() - t0
+      assert.is_true(elapsed >= 0.15 and elapsed < 2, "close took " .. elapsed)
+      local data, how = read_all(s, 5)
+      assert.equal("closed", how)
+      assert.is_nil(data:find("too late", 1, true))
+    end)
+  end)
+end)

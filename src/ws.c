@@ -1,0 +1,599 @@
+/* ws: RFC 6455 framing over a stream, and RFC 7692 permessage-deflate. The receive side
+ * parses frames straight from the socket's read buffer, incrementally: payload bytes are
+ * unmasked (a machine word at a time) and, for text, UTF-8 checked as they arrive, so a bad
+ * byte fails at once, even in the middle of a frame. What the peer did wrong comes back as
+ * the close code to answer with (1002, 1007, 1009). The send side frames (and masks, for a
+ * client) and compresses. The handshake and the connection API live in Lua. */
+#define _GNU_SOURCE
+#include "net.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <zlib.h>
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+
+#define WS_MT "moonwire.WsConn"
+
+enum { OP_CONT = 0, OP_TEXT = 1, OP_BINARY = 2, OP_CLOSE = 8, OP_PING = 9, OP_PONG = 10 };
+
+typedef struct mw_ws {
+    mw_sock *s;
+    int client;                 /* we are the client: peer frames unmasked, ours masked */
+    uint64_t max_frame, max_message;
+    /* permessage-deflate */
+    int deflate;
+    int rx_reset, tx_reset;     /* no_context_takeover for what we receive / send */
+    int rx_bits, tx_bits;
+    z_stream inf, def;
+    int inf_open, def_open;
+    /* the frame being parsed */
+    int in_frame, fin, opcode, masked;
+    uint8_t mask[4];
+    uint64_t remaining, mask_off;
+    /* the message being assembled */
+    int msg_opcode;             /* 0: none, OP_TEXT, OP_BINARY */
+    int msg_compressed;
+    mw_buf msg;
+    uint32_t utf8;              /* incremental UTF-8 state: 0 = between characters */
+    uint8_t ctl[125];
+    size_t ctl_len;
+    /* masking keys come from a buffer of getrandom() bytes */
+    uint8_t rnd[256];
+    size_t rnd_left;
+} mw_ws;
+
+/* ---- UTF-8 ----------------------------------------------------------------------------- */
+
+/* Checks p[0, n) continuing from *st (0: at a character boundary; else the number of
+ * continuation bytes still needed << 16 | lowest << 8 | highest allowed next byte).
+ * Returns 0, or -1 at the first byte that cannot be part of well-formed UTF-8. */
+static int utf8_check(uint32_t *st, const uint8_t *p, size_t n)
+{
+    uint32_t s = *st;
+    size_t i = 0;
+    while (i < n) {
+        if (s == 0) {
+            while (i + 8 <= n) {  /* ASCII runs a word at a time */
+                uint64_t w;
+                memcpy(&w, p + i, 8);
+                if (w & 0x8080808080808080ULL) break;
+                i += 8;
+            }
+            if (i >= n) break;
+            uint8_t c = p[i++];
+            if (c < 0x80) continue;
+            uint32_t lo = 0x80, hi = 0xBF, need;
+            if (c < 0xC2) return -1;
+            else if (c < 0xE0) need = 1;
+            else if (c < 0xF0) {
+                need = 2;
+                if (c == 0xE0) lo = 0xA0;       /* no overlong forms */
+                if (c == 0xED) hi = 0x9F;       /* no surrogates */
+            } else if (c < 0xF5) {
+                need = 3;
+                if (c == 0xF0) lo = 0x90;
+                if (c == 0xF4) hi = 0x8F;       /* nothing above U+10FFFF */
+            } else return -1;
+            s = need << 16 | lo << 8 | hi;
+        } else {
+            uint8_t c = p[i++];
+            if (c < ((s >> 8) & 0xFF) || c > (s & 0xFF)) return -1;
+            uint32_t need = (s >> 16) - 1;
+            s = need ? (need << 16 | 0x80 << 8 | 0xBF) : 0;
+        }
+    }
+    *st = s;
+    return 0;
+}
+
+/* utf8_valid(s) -> boolean (for the Lua layer: close reasons it sends, tests) */
+static int l_utf8_valid(lua_State *L)
+{
+    size_t n;
+    const char *p = luaL_checklstring(L, 1, &n);
+    uint32_t st = 0;
+    lua_pushboolean(L, utf8_check(&st, (const uint8_t *)p, n) == 0 && st == 0);
+    return 1;
+}
+
+/* ---- masking ----------------------------------------------------------------------------- */
+
+static void unmask(uint8_t *p, size_t n, const uint8_t key[4], uint64_t off)
+{
+    uint8_t k[8];
+    for (int i = 0; i < 8; i++) k[i] = key[(off + (uint64_t)i) & 3];
+    uint64_t kw;
+    memcpy(&kw, k, 8);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        w ^= kw;
+        memcpy(p + i, &w, 8);
+    }
+    for (; i < n; i++) p[i] ^= key[(off + i) & 3];
+}
+
+static int random_fill(uint8_t *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t r = getrandom(p, n, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* random(n) -> n bytes from the kernel's CSPRNG */
+static int l_random(lua_State *L)
+{
+    lua_Integer n = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, n >= 0 && n <= 65536, 1, "0..65536 expected");
+    luaL_Buffer b;
+    uint8_t *p = (uint8_t *)luaL_buffinitsize(L, &b, (size_t)n);
+    if (random_fill(p, (size_t)n) < 0) return luaL_error(L, "getrandom failed: %s", strerror(errno));
+    luaL_pushresultsize(&b, (size_t)n);
+    return 1;
+}
+
+/* ws_accept(key) -> the Sec-WebSocket-Accept value for a Sec-WebSocket-Key */
+static int l_ws_accept(lua_State *L)
+{
+    static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    size_t n;
+    const char *key = luaL_checklstring(L, 1, &n);
+    unsigned char md[SHA_DIGEST_LENGTH];
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    if (!ctx) return luaL_error(L, "not enough memory");
+    EVP_DigestInit_ex(ctx, EVP_sha1(), NULL);
+    EVP_DigestUpdate(ctx, key, n);
+    EVP_DigestUpdate(ctx, guid, sizeof guid - 1);
+    EVP_DigestFinal_ex(ctx, md, NULL);
+    EVP_MD_CTX_free(ctx);
+    char out[4 * ((SHA_DIGEST_LENGTH + 2) / 3) + 1];
+    int len = EVP_EncodeBlock((unsigned char *)out, md, SHA_DIGEST_LENGTH);
+    lua_pushlstring(L, out, (size_t)len);
+    return 1;
+}
+
+/* ---- receiving ------------------------------------------------------------------------------ */
+
+static mw_ws *checkws(lua_State *L)
+{
+    mw_ws *w = luaL_checkudata(L, 1, WS_MT);
+    if (!w->s) luaL_error(L, "attempt to use a closed WebSocket");
+    return w;
+}
+
+/* nil, message, close code (an integer: what to answer the peer with) */
+static int protocol_error(lua_State *L, mw_ws *w, const char *msg, int code)
+{
+    mw_buf_free(&w->msg, NULL);
+    w->msg_opcode = 0;
+    w->in_frame = 0;
+    lua_pushnil(L);
+    lua_pushstring(L, msg);
+    lua_pushinteger(L, code);
+    return 3;
+}
+
+static int valid_close_code(int c)
+{
+    if (c >= 3000 && c <= 4999) return 1;
+    return (c >= 1000 && c <= 1003) || (c >= 1007 && c <= 1014);
+}
+
+/* Inflates the finished compressed message into a new string on the stack; 0 or a close
+ * code. */
+static int inflate_message(lua_State *L, mw_ws *w)
+{
+    if (!w->inf_open) {
+        memset(&w->inf, 0, sizeof w->inf);
+        if (inflateInit2(&w->inf, -w->rx_bits) != Z_OK) return 1011;
+        w->inf_open = 1;
+    }
+    /* RFC 7692 7.2.2: append the tail the sender removed */
+    size_t avail;
+    char *tail = mw_buf_reserve(&w->msg, NULL, 4, &avail);
+    if (!tail) return 1011;
+    memcpy(tail, "\x00\x00\xff\xff", 4);
+    mw_buf_commit(&w->msg, 4);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    w->inf.next_in = (Bytef *)mw_buf_head(&w->msg);
+    w->inf.avail_in = (uInt)mw_buf_len(&w->msg);
+    uint64_t total = 0;
+    for (;;) {
+        char *p = luaL_prepbuffsize(&b, 65536);
+        w->inf.next_out = (Bytef *)p;
+        w->inf.avail_out = 65536;
+        int r = inflate(&w->inf, Z_SYNC_FLUSH);
+        size_t got = 65536 - w->inf.avail_out;
+        luaL_addsize(&b, got);
+        total += got;
+        if (total > w->max_message) {
+            luaL_pushresult(&b);
+            lua_pop(L, 1);
+            return 1009;  /* a decompression bomb stops here, not after */
+        }
+        if (r == Z_STREAM_END) {
+            inflateReset(&w->inf);
+            break;
+        }
+        if (r == Z_BUF_ERROR || (r == Z_OK && w->inf.avail_in == 0 && w->inf.avail_out > 0)) break;
+        if (r != Z_OK) {
+            luaL_pushresult(&b);
+            lua_pop(L, 1);
+            return 1007;
+        }
+    }
+    if (w->rx_reset) inflateReset(&w->inf);
+    luaL_pushresult(&b);
+    return 0;
+}
+
+static const char *const kinds[] = { "continuation", "text", "binary", "", "", "", "", "",
+                                     "close", "ping", "pong" };
+
+/* A whole frame was read: returns the values for Lua, or -1 to go on reading. */
+static int frame_done(lua_State *L, mw_ws *w)
+{
+    w->in_frame = 0;
+    int op = w->opcode;
+    if (op >= OP_CLOSE) {
+        if (op == OP_CLOSE) {
+            if (w->ctl_len == 1) return protocol_error(L, w, "close frame with a 1-byte payload", 1002);
+            int code = 1005;
+            if (w->ctl_len >= 2) {
+                code = w->ctl[0] << 8 | w->ctl[1];
+                if (!valid_close_code(code)) return protocol_error(L, w, "invalid close code", 1002);
+                uint32_t st = 0;
+                if (utf8_check(&st, w->ctl + 2, w->ctl_len - 2) < 0 || st != 0)
+                    return protocol_error(L, w, "close reason is not valid UTF-8", 1007);
+            }
+            lua_pushlstring(L, (const char *)w->ctl, w->ctl_len);
+            lua_pushstring(L, "close");
+            lua_pushinteger(L, code);
+            if (w->ctl_len > 2) lua_pushlstring(L, (const char *)w->ctl + 2, w->ctl_len - 2);
+            else lua_pushliteral(L, "");
+            return 4;
+        }
+        lua_pushlstring(L, (const char *)w->ctl, w->ctl_len);
+        lua_pushstring(L, kinds[op]);
+        return 2;
+    }
+    if (!w->fin) return -1;
+    int mop = w->msg_opcode;
+    w->msg_opcode = 0;
+    if (w->msg_compressed) {
+        int code = inflate_message(L, w);
+        mw_buf_free(&w->msg, NULL);
+        if (code == 1009) return protocol_error(L, w, "message too big (after decompression)", 1009);
+        if (code) return protocol_error(L, w, "invalid compressed data", code);
+        if (mop == OP_TEXT) {
+            size_t n;
+            const char *p = lua_tolstring(L, -1, &n);
+            uint32_t st = 0;
+            if (utf8_check(&st, (const uint8_t *)p, n) < 0 || st != 0) {
+                lua_pop(L, 1);
+                return protocol_error(L, w, "text message is not valid UTF-8", 1007);
+            }
+        }
+    } else {
+        if (mop == OP_TEXT && w->utf8 != 0)
+            return protocol_error(L, w, "text message ends inside a UTF-8 sequence", 1007);
+        lua_pushlstring(L, mw_buf_head(&w->msg), mw_buf_len(&w->msg));
+        mw_buf_free(&w->msg, NULL);
+    }
+    lua_pushstring(L, kinds[mop]);
+    return 2;
+}
+
+/* Parses a frame header from p[0, len); returns its length, 0 when more bytes are needed,
+ * or -code (a close code) with *msg set. */
+static int parse_header(mw_ws *w, const uint8_t *p, size_t len, const char **msg)
+{
+    if (len < 2) return 0;
+    int fin = p[0] >> 7, rsv = (p[0] >> 4) & 7, op = p[0] & 15;
+    int masked = p[1] >> 7, l7 = p[1] & 127;
+    size_t hl = 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + (masked ? 4 : 0);
+    if (len < hl) return 0;
+    uint64_t plen = (uint64_t)l7;
+    if (l7 == 126) {
+        plen = (uint64_t)p[2] << 8 | p[3];
+        if (plen < 126) { *msg = "non-minimal frame length"; return -1002; }
+    } else if (l7 == 127) {
+        plen = 0;
+        for (int i = 0; i < 8; i++) plen = plen << 8 | p[2 + i];
+        if (plen >> 63) { *msg = "frame length with the high bit set"; return -1002; }
+        if (plen < 65536) { *msg = "non-minimal frame length"; return -1002; }
+    }
+    if ((op > OP_BINARY && op < OP_CLOSE) || op > OP_PONG) { *msg = "reserved opcode"; return -1002; }
+    if (rsv & 3) { *msg = "reserved bits set"; return -1002; }
+    int rsv1 = rsv >> 2;
+    if (masked == w->client) {
+        *msg = w->client ? "masked frame from the server" : "unmasked frame from the client";
+        return -1002;
+    }
+    if (op >= OP_CLOSE) {
+        if (!fin) { *msg = "fragmented control frame"; return -1002; }
+        if (plen > 125) { *msg = "control frame payload above 125 bytes"; return -1002; }
+        if (rsv1) { *msg = "compressed control frame"; return -1002; }
+    } else {
+        if (op == OP_CONT && !w->msg_opcode) { *msg = "continuation frame without a message"; return -1002; }
+        if (op != OP_CONT && w->msg_opcode) { *msg = "new message inside a fragmented message"; return -1002; }
+        if (rsv1 && (!w->deflate || op == OP_CONT)) { *msg = "RSV1 set without permessage-deflate"; return -1002; }
+        if (plen > w->max_frame) { *msg = "frame too big"; return -1009; }
+        if (plen + mw_buf_len(&w->msg) > w->max_message) { *msg = "message too big"; return -1009; }
+        if (op != OP_CONT) {
+            w->msg_opcode = op;
+            w->msg_compressed = rsv1;
+            w->utf8 = 0;
+        }
+    }
+    w->fin = fin;
+    w->opcode = op;
+    w->masked = masked;
+    if (masked) memcpy(w->mask, p + hl - 4, 4);
+    w->remaining = plen;
+    w->mask_off = 0;
+    if (op >= OP_CLOSE) w->ctl_len = 0;
+    return (int)hl;
+}
+
+static int receive_k(lua_State *L, int status, lua_KContext ctx);
+
+static int receive_step(lua_State *L, mw_ws *w, mw_task *t)
+{
+    mw_sock *s = w->s;
+    for (;;) {
+        mw_buf *b = &s->rbuf;
+        size_t len = mw_buf_len(b);
+        if (!w->in_frame && len > 0) {
+            const char *msg = NULL;
+            int hl = parse_header(w, (const uint8_t *)mw_buf_head(b), len, &msg);
+            if (hl < 0) return protocol_error(L, w, msg, -hl);
+            if (hl > 0) {
+                mw_buf_consume(b, (size_t)hl);
+                w->in_frame = 1;
+                if (w->remaining == 0) {
+                    int r = frame_done(L, w);
+                    if (r >= 0) return mw_sched_checkpoint(L, t, r);
+                }
+                continue;
+            }
+        } else if (w->in_frame && len > 0) {
+            size_t n = len < w->remaining ? len : (size_t)w->remaining;
+            uint8_t *dst;
+            if (w->opcode >= OP_CLOSE) {
+                dst = w->ctl + w->ctl_len;
+                w->ctl_len += n;
+            } else {
+                size_t avail;
+                dst = (uint8_t *)mw_buf_reserve(&w->msg, NULL, n, &avail);
+                if (!dst) return protocol_error(L, w, "not enough memory", 1011);
+                mw_buf_commit(&w->msg, n);
+            }
+            memcpy(dst, mw_buf_head(b), n);
+            mw_buf_consume(b, n);
+            if (w->masked) unmask(dst, n, w->mask, w->mask_off);
+            w->mask_off += n;
+            w->remaining -= n;
+            /* fail fast: the first byte that cannot be UTF-8 closes the connection */
+            if (w->opcode < OP_CLOSE && w->msg_opcode == OP_TEXT && !w->msg_compressed &&
+                utf8_check(&w->utf8, dst, n) < 0)
+                return protocol_error(L, w, "text message is not valid UTF-8", 1007);
+            if (w->remaining == 0) {
+                int r = frame_done(L, w);
+                if (r >= 0) return mw_sched_checkpoint(L, t, r);
+            }
+            continue;
+        }
+        uint32_t want = EPOLLIN;
+        int r = mw_stream_fill(s, 4096, &want);
+        if (r == 1) continue;
+        if (r == 0) return mw_pushfail(L, "closed", "closed");
+        if (r == -3) return mw_pusherrno(L, errno);
+        if (mw_buf_len(b) == 0) mw_buf_release(b, &s->rt->pool);
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, s->rdeadline, receive_k, 0);
+    }
+}
+
+static int receive_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_ws *w = lua_touserdata(L, 1);
+    mw_task *t = w->s->rt->current;
+    int why = mw_sched_reason(t);
+    (void)status; (void)ctx;
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (w->s->closed) return mw_pushfail(L, "closed", "closed");
+    return receive_step(L, w, t);
+}
+
+/* wc:receive_frame([timeout]) -> payload, kind [, code, reason (close)]
+ *   | nil, message, closecode (the peer broke the protocol) | nil, message, code (I/O) */
+static int ws_receive(lua_State *L)
+{
+    mw_ws *w = checkws(L);
+    if (w->s->closed) return mw_pushfail(L, "closed", "closed");
+    int64_t d = mw_sched_deadline(L, w->s->rt, 2, -1);
+    mw_task *t = mw_sock_claim(L, w->s, MW_ROLE_READ);
+    w->s->rdeadline = d;
+    lua_settop(L, 1);
+    return receive_step(L, w, t);
+}
+
+/* ---- sending ----------------------------------------------------------------------------- */
+
+/* wc:encode(opcode, payload, fin, rsv1) -> header, payload: the frame as two strings to
+ * write together; a client's payload comes back masked (a copy), a server's as it was. */
+static int ws_encode(lua_State *L)
+{
+    mw_ws *w = checkws(L);
+    lua_Integer op = luaL_checkinteger(L, 2);
+    size_t n;
+    const char *payload = luaL_checklstring(L, 3, &n);
+    int fin = lua_isnone(L, 4) ? 1 : lua_toboolean(L, 4);
+    int rsv1 = lua_toboolean(L, 5);
+    luaL_argcheck(L, op >= 0 && op <= 15, 2, "opcode out of range");
+    if (op >= OP_CLOSE && n > 125) return luaL_argerror(L, 3, "control frame payload above 125 bytes");
+    uint8_t h[14];
+    size_t hl = 2;
+    h[0] = (uint8_t)((fin ? 0x80 : 0) | (rsv1 ? 0x40 : 0) | op);
+    if (n < 126) {
+        h[1] = (uint8_t)n;
+    } else if (n < 65536) {
+        h[1] = 126;
+        h[2] = (uint8_t)(n >> 8);
+        h[3] = (uint8_t)n;
+        hl = 4;
+    } else {
+        h[1] = 127;
+        for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+        hl = 10;
+    }
+    if (!w->client) {
+        lua_pushlstring(L, (const char *)h, hl);
+        lua_pushvalue(L, 3);
+        return 2;
+    }
+    h[1] |= 0x80;
+    if (w->rnd_left < 4) {
+        if (random_fill(w->rnd, sizeof w->rnd) < 0) return luaL_error(L, "getrandom failed");
+        w->rnd_left = sizeof w->rnd;
+    }
+    uint8_t *key = w->rnd + sizeof w->rnd - w->rnd_left;
+    w->rnd_left -= 4;
+    memcpy(h + hl, key, 4);
+    hl += 4;
+    lua_pushlstring(L, (const char *)h, hl);
+    luaL_Buffer b;
+    uint8_t *out = (uint8_t *)luaL_buffinitsize(L, &b, n);
+    memcpy(out, payload, n);
+    unmask(out, n, key, 0);
+    luaL_pushresultsize(&b, n);
+    return 2;
+}
+
+/* wc:deflate(payload) -> the compressed payload of one message (RFC 7692: sync flush,
+ * the final 00 00 ff ff removed; the context reset afterwards when not taken over) */
+static int ws_deflate(lua_State *L)
+{
+    mw_ws *w = checkws(L);
+    size_t n;
+    const char *in = luaL_checklstring(L, 2, &n);
+    if (!w->deflate) return luaL_error(L, "permessage-deflate was not negotiated");
+    if (!w->def_open) {
+        memset(&w->def, 0, sizeof w->def);
+        /* zlib cannot write an 8-bit window; 9 is compatible with a peer that asked for 8 */
+        int bits = w->tx_bits < 9 ? 9 : w->tx_bits;
+        if (deflateInit2(&w->def, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -bits, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+            return luaL_error(L, "deflateInit2 failed");
+        w->def_open = 1;
+    }
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    w->def.next_in = (Bytef *)in;
+    w->def.avail_in = (uInt)n;
+    do {
+        char *p = luaL_prepbuffsize(&b, 16384);
+        w->def.next_out = (Bytef *)p;
+        w->def.avail_out = 16384;
+        if (deflate(&w->def, Z_SYNC_FLUSH) == Z_STREAM_ERROR) return luaL_error(L, "deflate failed");
+        luaL_addsize(&b, 16384 - w->def.avail_out);
+    } while (w->def.avail_out == 0);
+    if (w->tx_reset) deflateReset(&w->def);
+    luaL_pushresult(&b);
+    size_t len;
+    const char *out = lua_tolstring(L, -1, &len);
+    if (len >= 4 && memcmp(out + len - 4, "\x00\x00\xff\xff", 4) == 0)
+        lua_pushlstring(L, out, len - 4);
+    else
+        lua_pushvalue(L, -1);
+    return 1;
+}
+
+/* ---- the object -------------------------------------------------------------------------- */
+
+static int ws_gc(lua_State *L)
+{
+    mw_ws *w = luaL_checkudata(L, 1, WS_MT);
+    if (w->inf_open) inflateEnd(&w->inf);
+    if (w->def_open) deflateEnd(&w->def);
+    w->inf_open = w->def_open = 0;
+    mw_buf_free(&w->msg, NULL);
+    w->s = NULL;
+    return 0;
+}
+
+static uint64_t opt_u64(lua_State *L, int t, const char *k, uint64_t dflt)
+{
+    uint64_t v = dflt;
+    if (lua_getfield(L, t, k) != LUA_TNIL) {
+        lua_Integer n = lua_tointeger(L, -1);
+        if (n <= 0) luaL_error(L, "bad option '%s' (positive integer expected)", k);
+        v = (uint64_t)n;
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* ws_conn(sock, opts) -> wc; opts: client, max_frame, max_message, deflate (table:
+ * rx_bits, tx_bits, rx_no_context_takeover, tx_no_context_takeover) */
+static int l_ws_conn(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    mw_ws *w = lua_newuserdatauv(L, sizeof *w, 1);
+    memset(w, 0, sizeof *w);
+    luaL_setmetatable(L, WS_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    lua_getfield(L, 2, "client");
+    w->client = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    w->max_message = opt_u64(L, 2, "max_message", 16 * 1024 * 1024);
+    w->max_frame = opt_u64(L, 2, "max_frame", w->max_message);
+    if (lua_getfield(L, 2, "deflate") == LUA_TTABLE) {
+        w->deflate = 1;
+        w->rx_bits = (int)opt_u64(L, -1, "rx_bits", 15);
+        w->tx_bits = (int)opt_u64(L, -1, "tx_bits", 15);
+        if (w->rx_bits < 8 || w->rx_bits > 15 || w->tx_bits < 8 || w->tx_bits > 15)
+            return luaL_error(L, "bad deflate window bits");
+        lua_getfield(L, -1, "rx_no_context_takeover");
+        w->rx_reset = lua_toboolean(L, -1);
+        lua_getfield(L, -2, "tx_no_context_takeover");
+        w->tx_reset = lua_toboolean(L, -1);
+        lua_pop(L, 2);
+    }
+    lua_pop(L, 1);
+    w->s = s;
+    return 1;
+}
+
+void mw_ws_open(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        { "receive_frame", ws_receive }, { "encode", ws_encode }, { "deflate", ws_deflate },
+        { NULL, NULL }
+    };
+    if (luaL_newmetatable(L, WS_MT)) {
+        luaL_newlib(L, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, ws_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    static const luaL_Reg f[] = {
+        { "ws_conn", l_ws_conn }, { "ws_accept", l_ws_accept }, { "random", l_random },
+        { "utf8_valid", l_utf8_valid }, { NULL, NULL }
+    };
+    luaL_setfuncs(L, f, 0);
+}
