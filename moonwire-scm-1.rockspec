@@ -48,6 +48,7 @@ build = {
       ["moonwire.http.mime"] = "lua/moonwire/http/mime.lua",
       ["moonwire.http.workers"] = "lua/moonwire/http/workers.lua",
       ["moonwire.http.client"] = "lua/moonwire/http/client.lua",
+      ["moonwire.websocket"] = "lua/moonwire/websocket.lua",
     },
     lib = {
       ["moonwire.core"] = "build/moonwire/core.so",

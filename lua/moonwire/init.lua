@@ -14,9 +14,11 @@ local M = {
 M.channel = require "moonwire.channel"
 
 -- protocol modules load on first use: mw.http
+local lazy = { http = "moonwire.http", websocket = "moonwire.websocket", url = "moonwire.url" }
 setmetatable(M, { __index = function(t, k)
-  if k == "http" then
-    local v = require "moonwire.http"
+  local name = lazy[k]
+  if name then
+    local v = require(name)
     rawset(t, k, v)
     return v
   end

@@ -147,6 +147,11 @@ function methods:form()
   return parse_urlencoded(body)
 end
 
+--- Upgrades to a WebSocket: see docs/websocket.md.
+function methods:websocket(opts)
+  return require("moonwire.websocket").upgrade(self, opts)
+end
+
 function methods:cookies()
   local c = rawget(self, "_cookies")
   if c then return c end

@@ -119,9 +119,10 @@ local function serve_connection(srv, sock)
     run_handler(srv, req, res)
     if srv.log then srv.log(access_line(req, res)) end
     if res._upgraded then
-      conns[sock] = nil
-      srv._nconns = srv._nconns - 1
-      return
+      -- the handler owned the connection (a WebSocket): make sure it is closed
+      local ws = res._ws
+      if ws and ws.state ~= "closed" then ws:close(1000) end
+      break
     end
     if not settle(srv, hc, req, res) then break end
     conns[sock] = "idle"

@@ -1,0 +1,631 @@
+--- WebSocket (RFC 6455) with permessage-deflate (RFC 7692), both roles, one API.
+-- Frames are parsed and built in C (src/ws.c); the handshakes, control frames, the close
+-- handshake, keepalive and broadcast queues are here.
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local url = require "moonwire.url"
+
+local ws_conn, ws_accept, random, utf8_valid = core.ws_conn, core.ws_accept, core.random, core.utf8_valid
+local park, unpark, current = core.park, core.unpark, core.current
+
+local M = {}
+
+local WebSocket = {}
+WebSocket.__index = WebSocket
+WebSocket.__name = "moonwire.WebSocket"
+
+local OP = { continuation = 0, text = 1, binary = 2, close = 8, ping = 9, pong = 10 }
+
+local defaults = {
+  max_message = 16 * 1024 * 1024,
+  max_frame = nil,              -- default: max_message
+  fragment_size = nil,          -- split outgoing messages into frames of this size
+  close_timeout = 5,            -- the close handshake must complete within this
+  ping_interval = nil,          -- send a ping every N seconds
+  idle_timeout = nil,           -- close (1001) when nothing arrived for N seconds
+  send_queue = 1024,            -- broadcast: messages queued per connection
+  on_full = "close",            -- broadcast: "close" the slow connection or "drop" the message
+  deflate_threshold = 128,      -- messages shorter than this are sent uncompressed
+}
+
+local function argerror(n, fname, msg)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+end
+
+local b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local function base64(s)
+  return (s:gsub("..?.?", function(chunk)
+    local a, b, c = chunk:byte(1, 3)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local o = {}
+    for i = 1, 4 do
+      local idx = (n >> (6 * (4 - i))) & 63
+      o[i] = b64:sub(idx + 1, idx + 1)
+    end
+    if not b then o[3], o[4] = "=", "=" elseif not c then o[4] = "=" end
+    return table.concat(o)
+  end))
+end
+
+local function valid_send_code(code)
+  return (code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014) or (code >= 3000 and code <= 4999)
+end
+
+-- ---------------------------------------------------------------------------------------
+-- the connection object
+
+local function new(sock, wc, opts, protocol, extensions, deflate)
+  local self = setmetatable({
+    sock = sock, wc = wc, state = "open", protocol = protocol, extensions = extensions or "",
+    _deflate = deflate, _outq = { first = 1, last = 0 }, _writer = nil, _pings = {},
+    _last_rx = mw.now(), _closers = {},
+  }, WebSocket)
+  for k, v in pairs(defaults) do
+    local o = opts and opts[k]
+    if o == nil then o = v end
+    self[k] = o
+  end
+  if self.ping_interval or self.idle_timeout then mw.spawn(M._keepalive, self) end
+  return self
+end
+
+local function wake_closers(self)
+  for _, t in ipairs(self._closers) do unpark(t, true) end
+  self._closers = {}
+end
+
+-- Ends the connection now (no more frames either way).
+local function finish(self, code, reason)
+  if self.state ~= "closed" then
+    self.state = "closed"
+    self.close_code, self.close_reason = code, reason or ""
+  end
+  self.sock:close()
+  wake_closers(self)
+end
+
+-- Writes one frame (header, payload), in order with queued broadcast frames.
+local function write_frame(self, h, p)
+  local q = self._outq
+  if self._writer or q.first <= q.last then
+    q.last = q.last + 1
+    q[q.last] = { h, p }
+    return true
+  end
+  local ok, err, code = self.sock:write(h, p)
+  if not ok then
+    finish(self, 1006, "")
+    return nil, err, code
+  end
+  return true
+end
+
+local function send_control(self, op, payload)
+  local h, p = self.wc:encode(op, payload, true, false)
+  return write_frame(self, h, p)
+end
+
+-- The peer broke the protocol: answer with the close code and drop the connection.
+local function fail(self, code, msg)
+  if self.state == "open" or self.state == "closing" then
+    local payload = string.pack(">I2", code) .. msg:sub(1, 120)
+    if not utf8_valid(payload:sub(3)) then payload = payload:sub(1, 2) end
+    mw.timeout(1, send_control, self, OP.close, payload)
+  end
+  finish(self, code, msg)
+end
+
+--- Receives the next message: data, "text"|"binary"; or nil, "closed", code, reason once
+-- the connection is closed; or nil, err, code (timeout, cancelled: the connection stays).
+function WebSocket:receive(timeout)
+  while true do
+    if self.state == "closed" then return nil, "closed", self.close_code, self.close_reason end
+    local closer = self._close_reader
+    if closer and closer ~= current() then
+      -- close() is reading the peer's close frame: wait for it to finish
+      self._closers[#self._closers + 1] = current()
+      park(self.close_timeout + 1)
+      return nil, "closed", self.close_code, self.close_reason
+    end
+    self._reader = current()
+    local a, b, c, d = self.wc:receive_frame(timeout)
+    self._reader = nil
+    if a == nil then
+      if math.type(c) == "integer" then
+        fail(self, c, b)
+        return nil, "closed", c, b
+      elseif c == "closed" or c == "ECONNRESET" then
+        finish(self, 1006, "")
+        return nil, "closed", 1006, ""
+      end
+      return nil, b, c
+    end
+    self._last_rx = mw.now()
+    if b == "text" or b == "binary" then return a, b end
+    if b == "ping" then
+      if self.state == "open" then send_control(self, OP.pong, a) end
+    elseif b == "pong" then
+      local waiter = self._pings[a]
+      if waiter then
+        self._pings[a] = nil
+        self.rtt = mw.now() - waiter.t0
+        if waiter.task then unpark(waiter.task, self.rtt) end
+      end
+    elseif b == "close" then
+      if self.state == "open" then
+        -- the peer closes: echo its code, then the connection is done
+        self.state = "closing"
+        local echo = c == 1005 and "" or string.pack(">I2", c)
+        mw.timeout(1, send_control, self, OP.close, echo)
+      end
+      finish(self, c, d)
+      return nil, "closed", c, d
+    end
+  end
+end
+
+--- for msg, kind in ws:messages() do ... end (ends when the connection closes)
+function WebSocket:messages()
+  return function()
+    local msg, kind = self:receive()
+    if msg == nil then return nil end
+    return msg, kind
+  end
+end
+
+local function check_kind(kind, fname)
+  if kind == nil then return "text" end
+  if kind ~= "text" and kind ~= "binary" then argerror(2, fname, "'text' or 'binary' expected") end
+  return kind
+end
+
+--- Sends a message (fragmented when fragment_size is set; compressed above the threshold
+-- when permessage-deflate was negotiated).
+function WebSocket:send(data, kind)
+  if type(data) ~= "string" then argerror(1, "send", "string expected, got " .. type(data)) end
+  kind = check_kind(kind, "send")
+  if kind == "text" and not utf8_valid(data) then argerror(1, "send", "text message is not valid UTF-8") end
+  if self.state ~= "open" then return nil, "closed", "closed" end
+  local payload, rsv1 = data, false
+  if self._deflate and #data >= self.deflate_threshold then
+    payload, rsv1 = self.wc:deflate(data), true
+  end
+  local op = OP[kind]
+  local fs = self.fragment_size
+  if not fs or #payload <= fs then
+    local h, p = self.wc:encode(op, payload, true, rsv1)
+    return write_frame(self, h, p)
+  end
+  local pos, n = 1, #payload
+  while pos <= n do
+    local last = pos + fs > n
+    local h, p = self.wc:encode(pos == 1 and op or OP.continuation, payload:sub(pos, pos + fs - 1), last,
+      pos == 1 and rsv1)
+    local ok, err, code = write_frame(self, h, p)
+    if not ok then return nil, err, code end
+    pos = pos + fs
+  end
+  return true
+end
+
+--- A writer for a message whose size is not known up front: w:write(chunk) sends a frame,
+-- w:close() ends the message. Not compressed.
+function WebSocket:writer(kind)
+  kind = check_kind(kind, "writer")
+  local ws, first, done = self, true, false
+  local w = {}
+  function w.write(_, chunk)
+    if type(chunk) ~= "string" then argerror(1, "write", "string expected, got " .. type(chunk)) end
+    if done then error("message writer already closed", 2) end
+    if ws.state ~= "open" then return nil, "closed", "closed" end
+    local h, p = ws.wc:encode(first and OP[kind] or OP.continuation, chunk, false, false)
+    first = false
+    return write_frame(ws, h, p)
+  end
+  function w.close()
+    if done then return true end
+    done = true
+    if ws.state ~= "open" then return nil, "closed", "closed" end
+    local h, p = ws.wc:encode(first and OP[kind] or OP.continuation, "", true, false)
+    return write_frame(ws, h, p)
+  end
+  return w
+end
+
+--- Sends a ping and waits for its pong (another task must be receiving): returns the round
+-- trip in seconds, or nil, err, code.
+function WebSocket:ping(data, timeout)
+  if data ~= nil and (type(data) ~= "string" or #data > 125) then
+    argerror(1, "ping", "string of at most 125 bytes expected")
+  end
+  if self.state ~= "open" then return nil, "closed", "closed" end
+  data = data or random(8)
+  local me = current()
+  if not me then error("blocking call outside a task", 2) end
+  local waiter = { t0 = mw.now(), task = me }
+  self._pings[data] = waiter
+  local ok, err, code = send_control(self, OP.ping, data)
+  if not ok then
+    self._pings[data] = nil
+    return nil, err, code
+  end
+  local rtt
+  rtt, err, code = park(timeout)
+  if not rtt then
+    self._pings[data] = nil
+    return nil, err, code
+  end
+  return rtt
+end
+
+--- Closes with the close handshake (waits for the peer's close frame at most close_timeout).
+function WebSocket:close(code, reason)
+  code = code or 1000
+  reason = reason or ""
+  if math.type(code) ~= "integer" or not valid_send_code(code) then
+    argerror(1, "close", "close code 1000-1003, 1007-1014 or 3000-4999 expected")
+  end
+  if type(reason) ~= "string" or #reason > 123 or not utf8_valid(reason) then
+    argerror(2, "close", "UTF-8 string of at most 123 bytes expected")
+  end
+  if self.state == "closed" then return true end
+  if self.state == "open" then
+    self.state = "closing"
+    self.close_code, self.close_reason = code, reason
+    local ok = mw.timeout(self.close_timeout, send_control, self, OP.close, string.pack(">I2", code) .. reason)
+    if not ok then
+      finish(self, 1006, "")
+      return true
+    end
+  end
+  -- wait for the peer's close: through the reading task if there is one, else read here
+  local deadline = mw.now() + self.close_timeout
+  local reader = self._reader
+  if reader and reader ~= current() then
+    self._closers[#self._closers + 1] = current()
+    park(self.close_timeout)
+  else
+    self._close_reader = current()
+    while self.state ~= "closed" do
+      local left = deadline - mw.now()
+      if left <= 0 then break end
+      local msg, err, c = self:receive(left)
+      if msg == nil and err ~= "closed" and c ~= nil then break end
+    end
+    self._close_reader = nil
+  end
+  if self.state ~= "closed" then finish(self, self.close_code or 1006, self.close_reason) end
+  return true
+end
+
+function WebSocket:__close() self:close(1001) end
+
+-- drains the broadcast queue of one connection
+local function writer_task(self)
+  local q = self._outq
+  while q.first <= q.last do
+    local f = q[q.first]
+    q[q.first] = nil
+    q.first = q.first + 1
+    local ok = self.sock:write(f[1], f[2])
+    if not ok then
+      self._writer = nil
+      finish(self, 1006, "")
+      return
+    end
+  end
+  self._writer = nil
+end
+
+local function enqueue(self, h, p)
+  if self.state ~= "open" then return false end
+  local q = self._outq
+  if q.last - q.first + 1 >= self.send_queue then
+    if self.on_full == "drop" then return false end
+    finish(self, 1006, "send queue full")
+    return false
+  end
+  q.last = q.last + 1
+  q[q.last] = { h, p }
+  if not self._writer then self._writer = mw.spawn(writer_task, self) end
+  return true
+end
+
+--- Sends one message to many connections: framed (and compressed, where receivers share
+-- the parameters and reset their context) once, the same bytes queued to every connection;
+-- a slow receiver never holds the others up (see send_queue / on_full).
+function M.broadcast(list, data, kind)
+  if type(list) ~= "table" then argerror(1, "broadcast", "table expected, got " .. type(list)) end
+  if type(data) ~= "string" then argerror(2, "broadcast", "string expected, got " .. type(data)) end
+  kind = kind or "text"
+  if kind ~= "text" and kind ~= "binary" then argerror(3, "broadcast", "'text' or 'binary' expected") end
+  local op = OP[kind]
+  local plain_h, shared_z, sent = nil, {}, 0
+  for _, ws in ipairs(list) do
+    if ws.state == "open" then
+      local h, p
+      local d = ws._deflate
+      if d and #data >= ws.deflate_threshold then
+        if d.tx_no_context_takeover and not ws.wc_client then
+          local z = shared_z[d.tx_bits]
+          if not z then
+            local zp = ws.wc:deflate(data)
+            z = { ws.wc:encode(op, zp, true, true) }
+            shared_z[d.tx_bits] = z
+          end
+          h, p = z[1], z[2]
+        else
+          h, p = ws.wc:encode(op, ws.wc:deflate(data), true, true)
+        end
+      elseif ws.wc_client then
+        h, p = ws.wc:encode(op, data, true, false)
+      else
+        if not plain_h then plain_h = ws.wc:encode(op, data, true, false) end
+        h, p = plain_h, data
+      end
+      if enqueue(ws, h, p) then sent = sent + 1 end
+    end
+  end
+  return sent
+end
+
+function M._keepalive(self)
+  local interval = self.ping_interval or self.idle_timeout
+  while self.state == "open" do
+    mw.sleep(interval)
+    if self.state ~= "open" then return end
+    if self.idle_timeout and mw.now() - self._last_rx > self.idle_timeout then
+      fail(self, 1001, "idle timeout")
+      return
+    end
+    if self.ping_interval then send_control(self, OP.ping, "") end
+  end
+end
+
+-- ---------------------------------------------------------------------------------------
+-- permessage-deflate negotiation
+
+local function parse_extensions(value)
+  local offers = {}
+  if not value then return offers end
+  for ext in value:gmatch("[^,]+") do
+    local parts = {}
+    for part in ext:gmatch("[^;]+") do parts[#parts + 1] = part:match("^%s*(.-)%s*$") end
+    local offer = { name = (parts[1] or ""):lower(), params = {} }
+    for i = 2, #parts do
+      local k, v = parts[i]:match("^([^=]+)=?(.*)$")
+      if k then
+        k = k:match("^%s*(.-)%s*$"):lower()
+        v = v:match("^%s*\"?(.-)\"?%s*$")
+        if offer.params[k] ~= nil then offer.bad = true end
+        offer.params[k] = v ~= "" and v or true
+      end
+    end
+    offers[#offers + 1] = offer
+  end
+  return offers
+end
+M._parse_extensions = parse_extensions
+
+local function bits_param(v, allow_flag)
+  if v == true then return allow_flag and true or nil end
+  if type(v) ~= "string" or not v:match("^%d%d?$") then return nil end
+  local n = tonumber(v)
+  if n < 8 or n > 15 then return nil end
+  return n
+end
+
+-- Server side: picks an acceptable permessage-deflate offer; returns the response value and
+-- the C parameters, or nil.
+local function accept_deflate(header, prefs)
+  for _, offer in ipairs(parse_extensions(header)) do
+    if offer.name == "permessage-deflate" and not offer.bad then
+      local p, ok = offer.params, true
+      local resp = { "permessage-deflate" }
+      local c = { rx_bits = 15, tx_bits = 15 }
+      for k, v in pairs(p) do
+        if k == "server_no_context_takeover" then
+          if v ~= true then ok = false end
+        elseif k == "client_no_context_takeover" then
+          if v ~= true then ok = false end
+        elseif k == "server_max_window_bits" then
+          local n = bits_param(v, false)
+          -- zlib cannot compress with an 8-bit window: decline such an offer
+          if not n or n == 8 then ok = false else c.tx_bits = n end
+        elseif k == "client_max_window_bits" then
+          if not bits_param(v, true) then ok = false end
+        else
+          ok = false
+        end
+      end
+      if ok then
+        if p.server_no_context_takeover or prefs.server_no_context_takeover then
+          resp[#resp + 1] = "server_no_context_takeover"
+          c.tx_no_context_takeover = true
+        end
+        if p.client_no_context_takeover or prefs.client_no_context_takeover then
+          resp[#resp + 1] = "client_no_context_takeover"
+          c.rx_no_context_takeover = true
+        end
+        if p.server_max_window_bits then resp[#resp + 1] = "server_max_window_bits=" .. c.tx_bits end
+        return table.concat(resp, "; "), c
+      end
+    end
+  end
+end
+
+-- ---------------------------------------------------------------------------------------
+-- server handshake
+
+local function has_token(value, token)
+  if not value then return false end
+  for t in value:gmatch("[^,]+") do
+    if t:match("^%s*(.-)%s*$"):lower() == token then return true end
+  end
+  return false
+end
+
+local function refuse(res, status, msg, extra)
+  res:status(status)
+  res:header("content-type", "text/plain; charset=utf-8")
+  for k, v in pairs(extra or {}) do res:header(k, v) end
+  res._close = true
+  res:send(msg .. "\n")
+  return nil, msg, status
+end
+
+local function origin_allowed(origins, origin)
+  if origins == nil then return true end
+  if type(origins) == "function" then return origins(origin) end
+  for _, o in ipairs(origins) do
+    if o == origin then return true end
+  end
+  return false
+end
+
+--- Upgrades a request: req:websocket(opts) -> ws | nil, err, status (the refusal is sent).
+function M.upgrade(req, opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
+  local res = rawget(req, "_res")
+  if not res or res.sent then error("websocket: the response was already sent", 3) end
+  local h = req.headers
+  if req.method ~= "GET" or req.version ~= "1.1" then
+    return refuse(res, 400, "WebSocket handshake needs GET and HTTP/1.1")
+  end
+  if not has_token(h.upgrade, "websocket") then
+    return refuse(res, 426, "WebSocket upgrade required", { upgrade = "websocket", connection = "Upgrade" })
+  end
+  if not has_token(h.connection, "upgrade") then
+    return refuse(res, 400, "Connection header must contain 'Upgrade'")
+  end
+  if h["sec-websocket-version"] ~= "13" then
+    return refuse(res, 426, "unsupported WebSocket version", { ["sec-websocket-version"] = "13" })
+  end
+  local key = h["sec-websocket-key"]
+  if not key or not key:match("^[%w+/][%w+/][%w+/][%w+/]" .. ("[%w+/]"):rep(18) .. "==$") then
+    return refuse(res, 400, "invalid Sec-WebSocket-Key")
+  end
+  if not origin_allowed(opts.origins, h.origin) then
+    return refuse(res, 403, "origin not allowed")
+  end
+  local protocol
+  if opts.protocols and h["sec-websocket-protocol"] then
+    local offered = {}
+    for p in h["sec-websocket-protocol"]:gmatch("[^,%s]+") do offered[p] = true end
+    for _, p in ipairs(opts.protocols) do
+      if offered[p] then protocol = p break end
+    end
+  end
+  local ext, dparams
+  if opts.deflate ~= false then
+    ext, dparams = accept_deflate(h["sec-websocket-extensions"], type(opts.deflate) == "table" and opts.deflate or {})
+  end
+  local lines = {
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+    "Sec-WebSocket-Accept: ", ws_accept(key), "\r\n",
+  }
+  if protocol then lines[#lines + 1] = "Sec-WebSocket-Protocol: " .. protocol .. "\r\n" end
+  if ext then lines[#lines + 1] = "Sec-WebSocket-Extensions: " .. ext .. "\r\n" end
+  lines[#lines + 1] = "\r\n"
+  res.sent, res._finished, res._upgraded = true, true, true
+  res._status = 101
+  local sock = req.socket
+  local ok, err, code = sock:write(table.concat(lines))
+  if not ok then return nil, err, code end
+  local wc = ws_conn(sock, { client = false, max_message = opts.max_message or defaults.max_message,
+    max_frame = opts.max_frame, deflate = dparams })
+  local ws = new(sock, wc, opts, protocol, ext, dparams)
+  res._ws = ws
+  return ws
+end
+
+-- ---------------------------------------------------------------------------------------
+-- client handshake
+
+local function client_deflate(header, offered)
+  local offers = parse_extensions(header)
+  if #offers == 0 then return nil end
+  if #offers > 1 or offers[1].name ~= "permessage-deflate" or not offered or offers[1].bad then
+    return false, "server chose an extension we did not offer: " .. header
+  end
+  local c = { rx_bits = 15, tx_bits = 15 }
+  for k, v in pairs(offers[1].params) do
+    if k == "server_no_context_takeover" and v == true then
+      c.rx_no_context_takeover = true
+    elseif k == "client_no_context_takeover" and v == true then
+      c.tx_no_context_takeover = true
+    elseif k == "server_max_window_bits" and bits_param(v, false) then
+      c.rx_bits = 15
+    elseif k == "client_max_window_bits" and bits_param(v, false) then
+      c.tx_bits = bits_param(v, false)
+      if c.tx_bits == 8 then return false, "server asked for an 8-bit window (not supported)" end
+    else
+      return false, "bad permessage-deflate parameter from the server: " .. k
+    end
+  end
+  return c
+end
+
+local function handshake(u, opts)
+  local sock, err, code = mw.tcp.connect(u.host, u.port, { timeout = opts.timeout })
+  if not sock then return nil, err, code end
+  local key = base64(random(16))
+  local flat, n = {}, 0
+  local function add(k, v) flat[2 * n + 1], flat[2 * n + 2] = k, v n = n + 1 end
+  add("Upgrade", "websocket")
+  add("Connection", "Upgrade")
+  add("Sec-WebSocket-Key", key)
+  add("Sec-WebSocket-Version", "13")
+  if opts.protocols then add("Sec-WebSocket-Protocol", table.concat(opts.protocols, ", ")) end
+  if opts.deflate then add("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits") end
+  if opts.origin then add("Origin", opts.origin) end
+  for k, v in pairs(opts.headers or {}) do add(k, tostring(v)) end
+  local head = core.http_request_head("GET", u.target, u.authority, flat, n, -2)
+  local ok
+  ok, err, code = sock:write(head)
+  if not ok then sock:close() return nil, err, code end
+  local hc = core.http_conn(sock, { head = 65536 }, {}, true)
+  local res
+  res, err, code = hc:read_request(-1, -1, false)
+  if not res then sock:close() return nil, "handshake: " .. tostring(err), code end
+  local h = setmetatable(res.headers, { __index = function(t, k) return rawget(t, k:lower()) end })
+  local function bad(msg) sock:close() return nil, "handshake: " .. msg, "handshake" end
+  if res.status ~= 101 then return bad("server answered " .. res.status .. " " .. (res.reason or "")) end
+  if not has_token(h.upgrade, "websocket") or not has_token(h.connection, "upgrade") then
+    return bad("missing Upgrade/Connection in the server's answer")
+  end
+  if h["sec-websocket-accept"] ~= ws_accept(key) then return bad("wrong Sec-WebSocket-Accept") end
+  local protocol = h["sec-websocket-protocol"]
+  if protocol then
+    local offered = false
+    for _, p in ipairs(opts.protocols or {}) do if p == protocol then offered = true end end
+    if not offered then return bad("server chose a subprotocol we did not offer: " .. protocol) end
+  end
+  local dparams, derr = client_deflate(h["sec-websocket-extensions"], opts.deflate)
+  if dparams == false then return bad(derr) end
+  local wc = ws_conn(sock, { client = true, max_message = opts.max_message or defaults.max_message,
+    max_frame = opts.max_frame, deflate = dparams })
+  local ws = new(sock, wc, opts, protocol, h["sec-websocket-extensions"], dparams)
+  ws.wc_client = true
+  return ws
+end
+
+--- mw.websocket.connect(url, { headers, protocols, deflate, timeout, max_message, origin, ... })
+function M.connect(target, opts)
+  if type(target) ~= "string" then argerror(1, "connect", "string expected, got " .. type(target)) end
+  if opts ~= nil and type(opts) ~= "table" then argerror(2, "connect", "table expected, got " .. type(opts)) end
+  opts = opts or {}
+  local u, err = url.parse(target)
+  if not u then return nil, err, "EINVAL" end
+  if u.scheme == "wss" then
+    local tls = package.loaded["moonwire.tls"] or select(2, pcall(require, "moonwire.tls"))
+    if type(tls) ~= "table" then return nil, "wss:// needs TLS support", "EINVAL" end
+  elseif u.scheme ~= "ws" then
+    return nil, "unsupported URL scheme '" .. u.scheme .. "'", "EINVAL"
+  end
+  if opts.timeout then return mw.timeout(opts.timeout, handshake, u, opts) end
+  return handshake(u, opts)
+end
+
+return M
