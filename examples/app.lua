@@ -1,4 +1,5 @@
--- A small web app: router with parameters, a form post, streaming, static files.
+-- A small web app: router with parameters, a form post, streaming, static files, and a
+-- WebSocket chat at /chat.
 --   make demo    (or: LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/?.so;;' lua5.4 examples/app.lua [port])
 local http = require "moonwire.http"
 
@@ -61,6 +62,10 @@ app:get("/stats", function(_, res)
   res:header("content-type", "application/json")
   res:send(('{"served":%d}\n'):format(served))
 end)
+
+-- the WebSocket chat (examples/chat): /chat and /chat/ws
+package.path = here .. "/chat/?.lua;" .. package.path
+require("chat").install(app)
 
 app:static("/", here .. "/public")
 
