@@ -9,9 +9,10 @@
  * `seconds` (default 5). One thread, epoll, level-triggered.
  *
  * Prints one line of key=value pairs on stdout, e.g.
- *   rt=512345 secs=5.000 rt_per_s=102469.0 p50_us=950.2 p99_us=1310.0
- *   max_us=4022.1 errors=0 conns=100 size=32 client_cpu_pct=61
- * (one line; client_cpu_pct is this process's own CPU use). Exit status 0 on success, 1 if anything went wrong (connect
+ *   rt=512345 secs=5.000 rt_per_s=102469.0 p50_us=950.5 p90_us=1100.5 p99_us=1310.5
+ *   p999_us=2500.5 max_us=4022.1 errors=0 conns=100 size=32 client_cpu_pct=61
+ *   client_cpu_s=3.050
+ * (one line; client_cpu_* is this process's own CPU use, utime + stime). Exit status 0 on success, 1 if anything went wrong (connect
  * failed, a connection broke or echoed wrong bytes, no round trip done).
  */
 #define _GNU_SOURCE
@@ -279,11 +280,12 @@ int main(int argc, char **argv)
     getrusage(RUSAGE_SELF, &ru);
     double cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
                  (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-    printf("rt=%llu secs=%.3f rt_per_s=%.1f p50_us=%.1f p99_us=%.1f max_us=%.1f "
-           "errors=%llu conns=%ld size=%zu client_cpu_pct=%.0f\n",
+    printf("rt=%llu secs=%.3f rt_per_s=%.1f p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f "
+           "max_us=%.1f errors=%llu conns=%ld size=%zu client_cpu_pct=%.0f client_cpu_s=%.3f\n",
            (unsigned long long)nrt, elapsed, (double)nrt / elapsed, percentile(0.50),
-           percentile(0.99), (double)lat_max_ns / 1000.0, (unsigned long long)nerrors,
-           nconns, msg_size, 100.0 * cpu / elapsed);
+           percentile(0.90), percentile(0.99), percentile(0.999),
+           (double)lat_max_ns / 1000.0, (unsigned long long)nerrors,
+           nconns, msg_size, 100.0 * cpu / elapsed, cpu);
     fflush(stdout);
     for (long i = 0; i < nconns; i++)
         if (conns[i].fd >= 0)

@@ -26,7 +26,7 @@ function M.install(app)
     res:sendfile(here .. "/index.html")
   end)
 
-  app:get("/chat/ws", function(req, res)
+  app:get("/chat/ws", function(req)
     local ws = req:websocket{ protocols = { "chat" }, ping_interval = 20, max_message = 64 * 1024 }
     if not ws then return end
     local name = (req:query().name or ""):gsub("[^%w _-]", ""):sub(1, 24)
