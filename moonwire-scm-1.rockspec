@@ -49,6 +49,7 @@ build = {
       ["moonwire.http.workers"] = "lua/moonwire/http/workers.lua",
       ["moonwire.http.client"] = "lua/moonwire/http/client.lua",
       ["moonwire.websocket"] = "lua/moonwire/websocket.lua",
+      ["moonwire.tls"] = "lua/moonwire/tls.lua",
     },
     lib = {
       ["moonwire.core"] = "build/moonwire/core.so",

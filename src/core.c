@@ -8,6 +8,7 @@ void mw_fs_open(lua_State *L);
 void mw_http_open(lua_State *L);
 void mw_zlib_open(lua_State *L);
 void mw_ws_open(lua_State *L);
+void mw_tls_open(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
 
@@ -30,6 +31,7 @@ int luaopen_moonwire_core(lua_State *L)
     mw_http_open(L);
     mw_zlib_open(L);
     mw_ws_open(L);
+    mw_tls_open(L);
     lua_pushliteral(L, "0.1.0");
     lua_setfield(L, -2, "version");
     return 1;

@@ -604,7 +604,7 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
             return pushverdict(L, h->p.type == HTTP_REQUEST ? "connection closed in the request head"
                                                             : "connection closed in the response head", 0);
         }
-        if (r == -3) return mw_pusherrno(L, errno);
+        if (r == -3) return mw_stream_pusherr(L, s, errno);
         if (len == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
         return mw_sock_wait(L, s, t, MW_ROLE_READ, want, len == 0 ? h->idle_deadline : h->deadline,
                             read_request_k, 0);
@@ -702,7 +702,7 @@ static int read_body_step(lua_State *L, mw_http *h, mw_task *t, int mode)
             return pushverdict(L, h->p.type == HTTP_REQUEST ? "connection closed in the request body"
                                                             : "connection closed in the response body", 0);
         }
-        if (r == -3) return mw_pusherrno(L, errno);
+        if (r == -3) return mw_stream_pusherr(L, s, errno);
         return mw_sock_wait(L, s, t, MW_ROLE_READ, want, h->deadline, read_body_k, mode);
     }
 }

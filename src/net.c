@@ -65,6 +65,8 @@ int mw_sock_open(mw_sock *s, int fd)
 
 void mw_sock_close(mw_sock *s, int wake)
 {
+    if (s->tp->close) s->tp->close(s);
+    s->tp = &mw_plain_transport;
     if (s->io.fd >= 0) {
         mw_loop_del(&s->rt->loop, &s->io);
         close(s->io.fd);
@@ -349,6 +351,15 @@ static int accept_step(lua_State *L, mw_sock *l, mw_task *t)
             s->family = l->family;
             if (l->family != AF_UNIX) set_int_option(fd, 0, 1);  /* nodelay */
             if (mw_sock_open(s, fd) < 0) return mw_pusherrno(L, errno);
+            if (l->tls_ctx) {
+                /* a TLS listener: the handshake happens on the connection's first I/O */
+                if (mw_tls_attach_ctx(s, l->tls_ctx) < 0) {
+                    mw_sock_close(s, 0);
+                    return mw_pushfail(L, "tls: cannot create a session", "tls");
+                }
+                lua_getiuservalue(L, 1, 1);
+                lua_setiuservalue(L, -2, 1);  /* the socket keeps the context alive */
+            }
             return mw_sched_checkpoint(L, t, 1);
         }
         if (errno == EINTR || errno == ECONNABORTED) continue;
@@ -492,6 +503,12 @@ static int tcp_listen(lua_State *L)
     int r = bind_listen(L, l, fd, (struct sockaddr *)&ss, len, do_listen ? (int)backlog : -1);
     if (r) return r;
     l->timeout = opt_num(L, 1, "timeout", -1);
+    if (lua_getfield(L, 1, "tls") == LUA_TUSERDATA) {
+        l->tls_ctx = luaL_checkudata(L, -1, "moonwire.TlsContext");
+        lua_setiuservalue(L, -2, 1);
+    } else {
+        lua_pop(L, 1);
+    }
     return 1;
 }
 

@@ -32,12 +32,23 @@ static ssize_t plain_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t
     return r;
 }
 
-const mw_transport mw_plain_transport = { plain_read, plain_writev };
+const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL };
 
 static void consume(mw_sock *s, size_t n)
 {
     mw_buf_consume(&s->rbuf, n);
     s->scan = 0;
+}
+
+int mw_stream_pusherr(lua_State *L, mw_sock *s, int err)
+{
+    if (err == EPROTO && s->tls) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "tls: %s", mw_tls_error(s));
+        lua_pushliteral(L, "tls");
+        return 3;
+    }
+    return mw_pusherrno(L, err);
 }
 
 int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want)
@@ -117,7 +128,7 @@ static int read_try(lua_State *L, mw_sock *s, int fmt, size_t n, uint32_t *want)
         if (fills >= FILLS_PER_TURN) return TRY_AGAIN;
         int r = mw_stream_fill(s, hint, want);
         if (r == TRY_WAIT) return TRY_WAIT;
-        if (r == -3) return mw_pusherrno(L, errno);
+        if (r == -3) return mw_stream_pusherr(L, s, errno);
     }
 }
 
@@ -231,7 +242,7 @@ static int write_step(lua_State *L, mw_sock *s, mw_task *t, size_t sent)
         return mw_sock_wait(L, s, t, MW_ROLE_WRITE, want, s->wdeadline, write_k, (lua_KContext)sent);
     if (r == -3) {
         int e = errno;
-        mw_pusherrno(L, e);
+        mw_stream_pusherr(L, s, e);
         lua_pushinteger(L, (lua_Integer)sent);
         return 4;
     }
@@ -334,6 +345,7 @@ static int s_sendfile(lua_State *L)
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     size_t plen;
     const char *path = luaL_checklstring(L, 2, &plen);
+    if (s->tls) return mw_pushfail(L, "sendfile is not available on TLS sockets", "EOPNOTSUPP");
     lua_Integer off = luaL_optinteger(L, 3, 0);
     lua_Integer len = luaL_checkinteger(L, 4);
     luaL_argcheck(L, off >= 0, 3, "offset must be non-negative");

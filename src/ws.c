@@ -400,7 +400,7 @@ static int receive_step(lua_State *L, mw_ws *w, mw_task *t)
         int r = mw_stream_fill(s, 4096, &want);
         if (r == 1) continue;
         if (r == 0) return mw_pushfail(L, "closed", "closed");
-        if (r == -3) return mw_pusherrno(L, errno);
+        if (r == -3) return mw_stream_pusherr(L, s, errno);
         if (mw_buf_len(b) == 0) mw_buf_release(b, &s->rt->pool);
         return mw_sock_wait(L, s, t, MW_ROLE_READ, want, s->rdeadline, receive_k, 0);
     }

@@ -8,13 +8,42 @@ local M = {
   run = core.run, spawn = core.spawn, stop = core.stop, now = core.now,
   current = core.current, sleep = core.sleep, yield = core.yield,
   on_error = core.on_error, signal = core.signal, resolve = core.resolve,
-  tcp = core.tcp, unix = core.unix,
+  unix = core.unix,
+}
+
+-- TCP with optional TLS: connect/listen take `tls = { ... }` (or a context)
+local tcp_connect, tcp_listen = core.tcp.connect, core.tcp.listen
+local function argcheck(ok, n, fname, msg)
+  if not ok then error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3) end
+end
+M.tcp = {
+  connect = function(host, port, opts)
+    argcheck(type(host) == "string", 1, "connect", "string expected, got " .. type(host))
+    argcheck(math.type(port) == "integer" or (type(port) == "string" and tonumber(port)), 2, "connect",
+      "port number expected, got " .. type(port))
+    argcheck(opts == nil or type(opts) == "table", 3, "connect", "table expected, got " .. type(opts))
+    if opts and opts.tls then
+      return require("moonwire.tls").connect(tcp_connect, host, port, opts)
+    end
+    return tcp_connect(host, port, opts)
+  end,
+  listen = function(opts)
+    argcheck(type(opts) == "table", 1, "listen", "table expected, got " .. type(opts))
+    if opts.tls and not require("moonwire.tls").is_context(opts.tls) then
+      local o = {}
+      for k, v in pairs(opts) do o[k] = v end
+      o.tls = require("moonwire.tls").server_context(opts.tls)
+      return tcp_listen(o)
+    end
+    return tcp_listen(opts)
+  end,
 }
 
 M.channel = require "moonwire.channel"
 
 -- protocol modules load on first use: mw.http
-local lazy = { http = "moonwire.http", websocket = "moonwire.websocket", url = "moonwire.url" }
+local lazy = { http = "moonwire.http", websocket = "moonwire.websocket", url = "moonwire.url",
+  tls = "moonwire.tls" }
 setmetatable(M, { __index = function(t, k)
   local name = lazy[k]
   if name then

@@ -568,7 +568,8 @@ local function client_deflate(header, offered)
 end
 
 local function handshake(u, opts)
-  local sock, err, code = mw.tcp.connect(u.host, u.port, { timeout = opts.timeout })
+  local sock, err, code = mw.tcp.connect(u.host, u.port, { timeout = opts.timeout,
+    tls = u.scheme == "wss" and (opts.tls or true) or nil })
   if not sock then return nil, err, code end
   local key = base64(random(16))
   local flat, n = {}, 0
@@ -618,10 +619,7 @@ function M.connect(target, opts)
   opts = opts or {}
   local u, err = url.parse(target)
   if not u then return nil, err, "EINVAL" end
-  if u.scheme == "wss" then
-    local tls = package.loaded["moonwire.tls"] or select(2, pcall(require, "moonwire.tls"))
-    if type(tls) ~= "table" then return nil, "wss:// needs TLS support", "EINVAL" end
-  elseif u.scheme ~= "ws" then
+  if u.scheme ~= "ws" and u.scheme ~= "wss" then
     return nil, "unsupported URL scheme '" .. u.scheme .. "'", "EINVAL"
   end
   if opts.timeout then return mw.timeout(opts.timeout, handshake, u, opts) end

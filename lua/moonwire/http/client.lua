@@ -350,8 +350,9 @@ end
 local function proxy_for(o, u)
   local p = o.proxy
   if p == false then return nil end
-  if p == nil and u.scheme == "http" then
-    p = os.getenv("http_proxy") or os.getenv("HTTP_PROXY")
+  if p == nil then
+    if u.scheme == "https" then p = os.getenv("https_proxy") or os.getenv("HTTPS_PROXY")
+    else p = os.getenv("http_proxy") or os.getenv("HTTP_PROXY") end
     local np = os.getenv("no_proxy") or os.getenv("NO_PROXY")
     if p and np and no_proxy_match(u.host, np) then p = nil end
   end
@@ -365,11 +366,64 @@ end
 local function exchange(self, o, u, method, body)
   local proxy, perr = proxy_for(o, u)
   if perr then return nil, perr, "EINVAL" end
-  if u.scheme ~= "http" then
+  if u.scheme ~= "http" and u.scheme ~= "https" then
     return nil, "unsupported URL scheme '" .. u.scheme .. "'", "EINVAL"
   end
+  local https = u.scheme == "https"
+  local tlsopt = o.tls or self.tls or true
   local key, connect, target
-  if o.unix then
+  if https then
+    local tls = require "moonwire.tls"
+    local ctx = tls.client_context(tlsopt)
+    local vhost = type(tlsopt) == "table" and tlsopt.host or u.host
+    local function handshake(sock)
+      local ok, err, code = sock:starttls(ctx, { host = vhost, timeout = self.connect_timeout })
+      if not ok then sock:close() return nil, err, code end
+      return sock
+    end
+    -- a pooled connection is only reused under the same TLS settings (verification!)
+    key = "https://" .. u.host .. ":" .. u.port .. (o.unix and ("@" .. o.unix) or "") .. "|" .. tostring(ctx)
+      .. "|" .. tostring(vhost)
+    if o.unix then
+      connect = function()
+        local sock, err, code = mw.unix.connect(o.unix, { timeout = self.connect_timeout })
+        if not sock then return nil, err, code end
+        return handshake(sock)
+      end
+    elseif proxy then
+      -- a tunnel through the proxy: CONNECT, then TLS end to end
+      key = key .. "|" .. proxy.host .. ":" .. proxy.port
+      connect = function()
+        local sock, err, code = mw.tcp.connect(proxy.host, proxy.port, { timeout = self.connect_timeout })
+        if not sock then return nil, err, code end
+        local flat, n = {}, 0
+        if proxy.user then
+          flat[1], flat[2] = "Proxy-Authorization", "Basic " .. base64(proxy.user .. ":" .. (proxy.password or ""))
+          n = 1
+        end
+        local hp = (u.ipv6 and ("[" .. u.host .. "]") or u.host) .. ":" .. u.port
+        local ok
+        ok, err, code = sock:write(request_head("CONNECT", hp, hp, flat, n, -2))
+        if not ok then sock:close() return nil, err, code end
+        local hc = http_conn(sock, self._limits, {}, true)
+        local r
+        r, err, code = hc:read_request(-1, -1, true)
+        if not r then sock:close() return nil, "proxy CONNECT: " .. tostring(err), code end
+        if r.status ~= 200 then
+          sock:close()
+          return nil, "proxy CONNECT answered " .. r.status, "proxy"
+        end
+        return handshake(sock)
+      end
+    else
+      connect = function()
+        local sock, err, code = mw.tcp.connect(u.host, u.port, { timeout = self.connect_timeout })
+        if not sock then return nil, err, code end
+        return handshake(sock)
+      end
+    end
+    target = u.target
+  elseif o.unix then
     key = "unix:" .. o.unix
     connect = function() return mw.unix.connect(o.unix, { timeout = self.connect_timeout }) end
     target = u.target
@@ -384,7 +438,7 @@ local function exchange(self, o, u, method, body)
   end
   local flat = {}
   local nh = header_pairs(o, u, self, flat)
-  if proxy and proxy.user then
+  if proxy and proxy.user and not https then
     flat[2 * nh + 1], flat[2 * nh + 2] = "Proxy-Authorization",
       "Basic " .. base64(proxy.user .. ":" .. (proxy.password or ""))
     nh = nh + 1
@@ -446,7 +500,7 @@ function Client:request(o)
   if max_redirects == false then max_redirects = 0 end
   local timeout = o.timeout or self.timeout
   local opts = {
-    headers = o.headers, unix = o.unix, proxy = o.proxy,
+    headers = o.headers, unix = o.unix, proxy = o.proxy, tls = o.tls,
     _decompress = o.decompress == nil and self.decompress or o.decompress,
   }
   local body = o.body
@@ -523,7 +577,7 @@ function M.client(opts)
   local self = setmetatable({ _pools = {} }, Client)
   for k, v in pairs(defaults) do self[k] = v end
   for k, v in pairs(opts or {}) do
-    if defaults[k] == nil and k ~= "read_timeout" then
+    if defaults[k] == nil and k ~= "read_timeout" and k ~= "tls" then
       argerror(1, "client", "unknown option '" .. tostring(k) .. "'")
     end
     self[k] = v

@@ -25,10 +25,18 @@ function M.serve(opts)
     local function stop() srv:close() end
     mw.signal("SIGTERM", stop)
     mw.signal("SIGINT", stop)
+    if srv.tls then
+      -- certificate rotation: SIGHUP re-reads the files; open connections are not dropped
+      mw.signal("SIGHUP", function()
+        local ok, rerr = srv.tls:reload()
+        if not ok then srv.error_log("moonwire: TLS reload failed: " .. tostring(rerr)) end
+      end)
+    end
     srv._accept:join()
     srv:close()
     mw.signal("SIGTERM", nil)
     mw.signal("SIGINT", nil)
+    if srv.tls then mw.signal("SIGHUP", nil) end
     return true
   end
   if mw.current() then return main() end

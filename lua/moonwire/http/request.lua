@@ -59,6 +59,11 @@ function lazy.params()
   return {}
 end
 
+-- TLS details of an https request (version, cipher, alpn, sni, peer_subject for mTLS), or nil
+function lazy.tls(req)
+  return req.socket:tls_info() or false
+end
+
 local methods = {}
 
 function Request:__index(k)

@@ -210,12 +210,33 @@ function Response:sendfile(path, offset, length)
   local ok
   ok, err, code = write(self, head)
   if not ok or self._req.method == "HEAD" or length == 0 then return ok, err, code end
-  ok, err, code = self._sock:sendfile(path, offset, length)
+  if self._sock:tls_info() then
+    ok, err, code = self:_copyfile(path, offset, length)   -- no sendfile(2) through TLS
+  else
+    ok, err, code = self._sock:sendfile(path, offset, length)
+  end
   if not ok then
     self._close = true
     return nil, err, code
   end
   self._bytes = length
+  return true
+end
+
+-- Copies a file range through the socket in 64 KiB pieces (TLS connections).
+function Response:_copyfile(path, offset, length)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err, "ENOENT" end
+  f:seek("set", offset)
+  local left = length
+  while left > 0 do
+    local piece = f:read(math.min(left, 65536))
+    if not piece then f:close() return nil, "file shorter than expected", "EIO" end
+    local ok, werr, code = self._sock:write(piece)
+    if not ok then f:close() return nil, werr, code end
+    left = left - #piece
+  end
+  f:close()
   return true
 end
 

@@ -209,8 +209,9 @@ function M.server(opts)
   elseif opts.unix then
     l, err, code = mw.unix.listen{ path = opts.unix, backlog = opts.backlog }
   else
+    if opts.tls then srv.tls = require("moonwire.tls").server_context(opts.tls) end
     l, err, code = mw.tcp.listen{ host = opts.host or "127.0.0.1", port = opts.port or 8080,
-      backlog = opts.backlog, reuseport = opts.reuseport }
+      backlog = opts.backlog, reuseport = opts.reuseport, tls = srv.tls }
   end
   if not l then return nil, err, code end
   srv.listener = l

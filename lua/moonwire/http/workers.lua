@@ -15,6 +15,7 @@ local function worker_main(opts)
   local function stop() srv:close() end
   mw.signal("SIGTERM", stop)
   mw.signal("SIGINT", stop)
+  if srv.tls then mw.signal("SIGHUP", function() srv.tls:reload() end) end
   srv._accept:join()
   srv:close()
 end

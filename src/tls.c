@@ -1,0 +1,576 @@
+/* tls: OpenSSL under the stream layer. A context (moonwire.TlsContext) holds an SSL_CTX
+ * configured from Lua options; a socket gets a TLS session by starttls (or by accept on a
+ * TLS listener) and from then on reads and writes through the TLS transport below, so read,
+ * write, accept and everything above (HTTP, WebSocket) work unchanged. WANT_READ/WANT_WRITE
+ * become EAGAIN with the readiness to wait for. Secure by default: TLS 1.2+, clients verify
+ * the chain and the host name against the system CA store. */
+#define _GNU_SOURCE
+#include "net.h"
+
+#include <errno.h>
+#include <string.h>
+#include <strings.h>
+#include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#define CTX_MT "moonwire.TlsContext"
+
+typedef struct mw_tlsctx {
+    SSL_CTX *ctx;
+    int server;
+    int insecure;
+    unsigned char *alpn;        /* wire format, for the server's selection */
+    unsigned int alpn_len;
+    /* SNI: extra contexts by host name, a Lua table in user value 1 (name -> TlsContext) */
+    int has_sni;
+    lua_State *L;               /* only used inside the SNI callback (no Lua calls there) */
+    SSL_CTX **sni_ctx;
+    char **sni_name;
+    int nsni;
+    /* what reload() re-reads */
+    char *cert_file, *key_file;
+} mw_tlsctx;
+
+typedef struct mw_tlsconn {
+    SSL *ssl;
+    int handshake_done;
+    char err[256];
+} mw_tlsconn;
+
+/* ---- errors ----------------------------------------------------------------------------------- */
+
+/* The reason of the latest OpenSSL error (and the verification result) into buf. */
+static void tls_reason(SSL *ssl, char *buf, size_t n)
+{
+    unsigned long e = ERR_peek_last_error();
+    const char *r = e ? ERR_reason_error_string(e) : NULL;
+    long vr = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
+    if (vr != X509_V_OK && e && ERR_GET_REASON(e) == SSL_R_CERTIFICATE_VERIFY_FAILED)
+        snprintf(buf, n, "certificate verify failed: %s", X509_verify_cert_error_string(vr));
+    else if (r)
+        snprintf(buf, n, "%s", r);
+    else
+        snprintf(buf, n, "TLS error");
+    ERR_clear_error();
+}
+
+/* ---- the transport ------------------------------------------------------------------------- */
+
+/* Maps an SSL_get_error result to our transport contract. */
+static ssize_t ssl_result(mw_sock *s, mw_tlsconn *c, int r, uint32_t *want)
+{
+    int e = SSL_get_error(c->ssl, r);
+    switch (e) {
+    case SSL_ERROR_WANT_READ:
+        *want = EPOLLIN;
+        errno = EAGAIN;
+        return -1;
+    case SSL_ERROR_WANT_WRITE:
+        *want = EPOLLOUT;
+        errno = EAGAIN;
+        return -1;
+    case SSL_ERROR_ZERO_RETURN:
+        return 0;                       /* close_notify */
+    case SSL_ERROR_SYSCALL:
+        ERR_clear_error();
+        if (errno == 0 || errno == EAGAIN) return 0;  /* the peer closed without close_notify */
+        return -1;
+    default:
+        tls_reason(c->ssl, c->err, sizeof c->err);
+        errno = EPROTO;
+        (void)s;
+        return -1;
+    }
+}
+
+static ssize_t tls_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
+{
+    mw_tlsconn *c = s->tls;
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_read(c->ssl, buf, len > 0x7fffffff ? 0x7fffffff : (int)len);
+    if (r > 0) return r;
+    return ssl_result(s, c, r, want);
+}
+
+static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
+{
+    mw_tlsconn *c = s->tls;
+    /* one record for small pieces: coalesce up to 16 KiB (the same bytes are offered again
+     * after WANT_WRITE: SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER) */
+    char buf[16384];
+    const char *p = iov[0].iov_base;
+    size_t len = iov[0].iov_len;
+    if (n > 1 && len < sizeof buf) {
+        len = 0;
+        for (int i = 0; i < n && len < sizeof buf; i++) {
+            size_t k = iov[i].iov_len;
+            if (k > sizeof buf - len) k = sizeof buf - len;
+            memcpy(buf + len, iov[i].iov_base, k);
+            len += k;
+        }
+        p = buf;
+    }
+    if (len == 0) return 0;
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_write(c->ssl, p, len > 0x7fffffff ? 0x7fffffff : (int)len);
+    if (r > 0) return r;
+    return ssl_result(s, c, r, want);
+}
+
+static void tls_close(mw_sock *s)
+{
+    mw_tlsconn *c = s->tls;
+    if (!c) return;
+    if (c->handshake_done && s->io.fd >= 0) {
+        ERR_clear_error();
+        SSL_shutdown(c->ssl);           /* best effort close_notify, never waits */
+        ERR_clear_error();
+    }
+    SSL_free(c->ssl);
+    free(c);
+    s->tls = NULL;
+}
+
+const mw_transport mw_tls_transport = { tls_read, tls_writev, tls_close };
+
+const char *mw_tls_error(mw_sock *s)
+{
+    mw_tlsconn *c = s->tls;
+    return c && c->err[0] ? c->err : "TLS error";
+}
+
+/* ---- contexts -------------------------------------------------------------------------------- */
+
+static int alpn_wire(lua_State *L, int t, unsigned char **out, unsigned int *outlen)
+{
+    size_t n = lua_rawlen(L, t), total = 0;
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, t, (lua_Integer)i);
+        size_t k;
+        if (!lua_tolstring(L, -1, &k) || k == 0 || k > 255) luaL_error(L, "bad option 'alpn' (list of protocol names expected)");
+        total += k + 1;
+        lua_pop(L, 1);
+    }
+    unsigned char *w = malloc(total ? total : 1);
+    if (!w) luaL_error(L, "not enough memory");
+    size_t pos = 0;
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, t, (lua_Integer)i);
+        size_t k;
+        const char *s = lua_tolstring(L, -1, &k);
+        w[pos++] = (unsigned char)k;
+        memcpy(w + pos, s, k);
+        pos += k;
+        lua_pop(L, 1);
+    }
+    *out = w;
+    *outlen = (unsigned int)total;
+    return 0;
+}
+
+static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                       const unsigned char *in, unsigned int inlen, void *arg)
+{
+    mw_tlsctx *t = arg;
+    (void)ssl;
+    if (!t->alpn) return SSL_TLSEXT_ERR_NOACK;
+    if (SSL_select_next_proto((unsigned char **)out, outlen, t->alpn, t->alpn_len, in, inlen) != OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_NOACK;
+    return SSL_TLSEXT_ERR_OK;
+}
+
+static int sni_select(SSL *ssl, int *al, void *arg)
+{
+    mw_tlsctx *t = arg;
+    (void)al;
+    const char *name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    if (!name) return SSL_TLSEXT_ERR_OK;
+    for (int i = 0; i < t->nsni; i++) {
+        if (strcasecmp(t->sni_name[i], name) == 0) {
+            SSL_set_SSL_CTX(ssl, t->sni_ctx[i]);
+            return SSL_TLSEXT_ERR_OK;
+        }
+    }
+    return SSL_TLSEXT_ERR_OK;  /* unknown name: the default certificate */
+}
+
+/* Loads a certificate chain and key, from files or PEM strings ("-----BEGIN" ...). */
+static const char *load_cert(SSL_CTX *ctx, const char *cert, const char *key)
+{
+    if (strncmp(cert, "-----BEGIN", 10) == 0) {
+        BIO *b = BIO_new_mem_buf(cert, -1);
+        X509 *x = PEM_read_bio_X509(b, NULL, NULL, NULL);
+        if (!x || SSL_CTX_use_certificate(ctx, x) != 1) { X509_free(x); BIO_free(b); return "cannot use the certificate"; }
+        X509_free(x);
+        X509 *extra;
+        while ((extra = PEM_read_bio_X509(b, NULL, NULL, NULL)) != NULL)
+            if (SSL_CTX_add_extra_chain_cert(ctx, extra) != 1) { X509_free(extra); BIO_free(b); return "cannot use the chain"; }
+        ERR_clear_error();
+        BIO_free(b);
+    } else if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
+        return "cannot load the certificate chain file";
+    }
+    if (strncmp(key, "-----BEGIN", 10) == 0) {
+        BIO *b = BIO_new_mem_buf(key, -1);
+        EVP_PKEY *k = PEM_read_bio_PrivateKey(b, NULL, NULL, NULL);
+        BIO_free(b);
+        if (!k || SSL_CTX_use_PrivateKey(ctx, k) != 1) { EVP_PKEY_free(k); return "cannot use the private key"; }
+        EVP_PKEY_free(k);
+    } else if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+        return "cannot load the private key file";
+    }
+    if (SSL_CTX_check_private_key(ctx) != 1) return "the private key does not match the certificate";
+    return NULL;
+}
+
+static int version_of(lua_State *L, const char *v)
+{
+    if (!v || strcmp(v, "1.2") == 0) return TLS1_2_VERSION;
+    if (strcmp(v, "1.3") == 0) return TLS1_3_VERSION;
+    return luaL_error(L, "bad option 'min_version' ('1.2' or '1.3' expected, got '%s')", v);
+}
+
+static const char *optstr(lua_State *L, int t, const char *k)
+{
+    const char *v = NULL;
+    if (lua_getfield(L, t, k) != LUA_TNIL) {
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "bad option '%s' (string expected)", k);
+        v = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1);  /* still referenced by the options table */
+    return v;
+}
+
+static int optbool(lua_State *L, int t, const char *k)
+{
+    lua_getfield(L, t, k);
+    int v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+static SSL_CTX *new_ssl_ctx(lua_State *L, int server, int t, char *err, size_t errn)
+{
+    SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    if (!ctx) { tls_reason(NULL, err, errn); return NULL; }
+    SSL_CTX_set_min_proto_version(ctx, version_of(L, optstr(L, t, "min_version")));
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    const char *ciphers = optstr(L, t, "ciphers");
+    if (ciphers && SSL_CTX_set_cipher_list(ctx, ciphers) != 1) {
+        snprintf(err, errn, "bad cipher list");
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+static int ctx_gc(lua_State *L)
+{
+    mw_tlsctx *t = luaL_checkudata(L, 1, CTX_MT);
+    if (t->ctx) SSL_CTX_free(t->ctx);
+    t->ctx = NULL;
+    for (int i = 0; i < t->nsni; i++) {
+        SSL_CTX_free(t->sni_ctx[i]);
+        free(t->sni_name[i]);
+    }
+    free(t->sni_ctx);
+    free(t->sni_name);
+    t->sni_ctx = NULL;
+    t->sni_name = NULL;
+    t->nsni = 0;
+    free(t->alpn);
+    t->alpn = NULL;
+    free(t->cert_file);
+    free(t->key_file);
+    t->cert_file = t->key_file = NULL;
+    return 0;
+}
+
+static void configure_verify(lua_State *L, SSL_CTX *ctx, int t, int server, int insecure)
+{
+    const char *cafile = optstr(L, t, "cafile"), *capath = optstr(L, t, "capath");
+    if (cafile || capath) {
+        if (SSL_CTX_load_verify_locations(ctx, cafile, capath) != 1)
+            luaL_error(L, "cannot load the CA file/path");
+    } else if (!server) {
+        SSL_CTX_set_default_verify_paths(ctx);
+    }
+    if (server) {
+        lua_getfield(L, t, "verify_client");
+        int vc = lua_toboolean(L, -1);
+        int optional = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "optional") == 0;
+        lua_pop(L, 1);
+        if (vc) SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (optional ? 0 : SSL_VERIFY_FAIL_IF_NO_PEER_CERT), NULL);
+    } else {
+        SSL_CTX_set_verify(ctx, insecure ? SSL_VERIFY_NONE : SSL_VERIFY_PEER, NULL);
+    }
+}
+
+/* tls_context(opts) -> ctx
+ * opts: server (bool), cert, key (files or PEM strings), sni = { [name] = { cert, key } },
+ * alpn (list), min_version ("1.2"), ciphers, cafile, capath, insecure (client),
+ * verify_client (server: true | "optional") */
+static int l_tls_context(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    int server = optbool(L, 1, "server");
+    int insecure = optbool(L, 1, "insecure");
+    lua_getfield(L, 1, "insecure");
+    if (!lua_isnil(L, -1) && !lua_isboolean(L, -1)) luaL_error(L, "bad option 'insecure' (boolean expected)");
+    lua_pop(L, 1);
+    mw_tlsctx *t = lua_newuserdatauv(L, sizeof *t, 1);
+    memset(t, 0, sizeof *t);
+    luaL_setmetatable(L, CTX_MT);
+    int tidx = lua_gettop(L);
+    char err[256];
+    t->server = server;
+    t->insecure = insecure;
+    t->ctx = new_ssl_ctx(L, server, 1, err, sizeof err);
+    if (!t->ctx) return luaL_error(L, "tls: %s", err);
+    configure_verify(L, t->ctx, 1, server, insecure);
+    const char *cert = optstr(L, 1, "cert"), *key = optstr(L, 1, "key");
+    if (server) {
+        if (!cert || !key) return luaL_error(L, "tls: a server context needs 'cert' and 'key'");
+        const char *e = load_cert(t->ctx, cert, key);
+        if (e) { ERR_clear_error(); return luaL_error(L, "tls: %s", e); }
+        if (strncmp(cert, "-----BEGIN", 10) != 0) {
+            t->cert_file = strdup(cert);
+            t->key_file = strdup(key);
+        }
+        static const unsigned char sid[] = "moonwire";
+        SSL_CTX_set_session_id_context(t->ctx, sid, sizeof sid - 1);
+        SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_SERVER);
+        SSL_CTX_set_alpn_select_cb(t->ctx, alpn_select, t);
+        if (lua_getfield(L, 1, "sni") == LUA_TTABLE) {
+            int sidx = lua_gettop(L);
+            lua_pushnil(L);
+            while (lua_next(L, sidx)) {
+                if (lua_type(L, -2) != LUA_TSTRING || !lua_istable(L, -1)) luaL_error(L, "bad option 'sni' (name -> { cert, key } expected)");
+                int e2 = lua_gettop(L);
+                const char *c2 = optstr(L, e2, "cert"), *k2 = optstr(L, e2, "key");
+                if (!c2 || !k2) luaL_error(L, "tls: sni entry '%s' needs 'cert' and 'key'", lua_tostring(L, -2));
+                SSL_CTX *sc = new_ssl_ctx(L, 1, 1, err, sizeof err);
+                if (!sc) luaL_error(L, "tls: %s", err);
+                const char *le = load_cert(sc, c2, k2);
+                if (le) { SSL_CTX_free(sc); ERR_clear_error(); luaL_error(L, "tls: sni '%s': %s", lua_tostring(L, -2), le); }
+                configure_verify(L, sc, 1, 1, 0);
+                SSL_CTX_set_session_id_context(sc, sid, sizeof sid - 1);
+                SSL_CTX_set_alpn_select_cb(sc, alpn_select, t);
+                SSL_CTX **nc = realloc(t->sni_ctx, (size_t)(t->nsni + 1) * sizeof *nc);
+                char **nn = nc ? realloc(t->sni_name, (size_t)(t->nsni + 1) * sizeof *nn) : NULL;
+                if (!nc || !nn) { SSL_CTX_free(sc); luaL_error(L, "not enough memory"); }
+                t->sni_ctx = nc;
+                t->sni_name = nn;
+                t->sni_ctx[t->nsni] = sc;
+                t->sni_name[t->nsni] = strdup(lua_tostring(L, -2));
+                t->nsni++;
+                lua_pop(L, 1);
+            }
+            SSL_CTX_set_tlsext_servername_callback(t->ctx, sni_select);
+            SSL_CTX_set_tlsext_servername_arg(t->ctx, t);
+        }
+        lua_pop(L, 1);
+    } else if (cert || key) {
+        if (!cert || !key) return luaL_error(L, "tls: a client certificate needs both 'cert' and 'key'");
+        const char *e = load_cert(t->ctx, cert, key);
+        if (e) { ERR_clear_error(); return luaL_error(L, "tls: %s", e); }
+    }
+    if (lua_getfield(L, 1, "alpn") == LUA_TTABLE) {
+        alpn_wire(L, lua_gettop(L), &t->alpn, &t->alpn_len);
+        if (!server) SSL_CTX_set_alpn_protos(t->ctx, t->alpn, t->alpn_len);
+    } else if (server) {
+        static const unsigned char h1[] = "\x08http/1.1";
+        t->alpn = malloc(sizeof h1 - 1);
+        if (t->alpn) { memcpy(t->alpn, h1, sizeof h1 - 1); t->alpn_len = sizeof h1 - 1; }
+    }
+    lua_pop(L, 1);
+    lua_settop(L, tidx);
+    return 1;
+}
+
+/* ctx:reload() -> true | nil, err: re-reads the certificate and key files (new connections
+ * use them; open ones keep theirs) */
+static int ctx_reload(lua_State *L)
+{
+    mw_tlsctx *t = luaL_checkudata(L, 1, CTX_MT);
+    if (!t->cert_file) return mw_pushfail(L, "the certificate was not given as files", "tls");
+    const char *e = load_cert(t->ctx, t->cert_file, t->key_file);
+    if (e) {
+        ERR_clear_error();
+        return mw_pushfail(L, e, "tls");
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* ---- sessions on sockets ------------------------------------------------------------------- */
+
+/* Attaches a TLS session to an open socket (handshake not done yet). */
+static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
+{
+    if (s->tls) return "the socket already uses TLS";
+    mw_tlsconn *c = calloc(1, sizeof *c);
+    if (!c) return "not enough memory";
+    c->ssl = SSL_new(t->ctx);
+    if (!c->ssl || SSL_set_fd(c->ssl, s->io.fd) != 1) {
+        if (c->ssl) SSL_free(c->ssl);
+        free(c);
+        return "SSL_new failed";
+    }
+    if (t->server) {
+        SSL_set_accept_state(c->ssl);
+    } else {
+        SSL_set_connect_state(c->ssl);
+        if (host && *host) {
+            unsigned char tmp[16];
+            int ip = inet_pton(AF_INET, host, tmp) == 1 || inet_pton(AF_INET6, host, tmp) == 1;
+            if (!ip) SSL_set_tlsext_host_name(c->ssl, host);  /* SNI is for names only */
+            if (!t->insecure) {
+                if (ip) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), host);
+                else SSL_set1_host(c->ssl, host);
+            }
+        }
+    }
+    s->tls = c;
+    s->tp = &mw_tls_transport;
+    return NULL;
+}
+
+int mw_tls_attach_ctx(mw_sock *s, void *ctx)
+{
+    return attach(s, ctx, NULL) ? -1 : 0;
+}
+
+static int handshake_k(lua_State *L, int status, lua_KContext ctx);
+
+static int handshake_step(lua_State *L, mw_sock *s, mw_task *t)
+{
+    mw_tlsconn *c = s->tls;
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        c->handshake_done = 1;
+        lua_pushvalue(L, 1);
+        return 1;
+    }
+    uint32_t want = 0;
+    ssize_t x = ssl_result(s, c, r, &want);
+    if (x < 0 && errno == EAGAIN)
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, s->rdeadline, handshake_k, 0);
+    if (x == 0) return mw_pushfail(L, "tls: the peer closed the connection during the handshake", "tls");
+    if (errno == EPROTO) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "tls: %s", c->err);
+        lua_pushliteral(L, "tls");
+        return 3;
+    }
+    return mw_pusherrno(L, errno);
+}
+
+static int handshake_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_sock *s = lua_touserdata(L, 1);
+    mw_task *t = s->rt->current;
+    int why = mw_sched_reason(t);
+    (void)status; (void)ctx;
+    if (why == MW_WAKE_TIMEOUT) return mw_pushfail(L, "tls: handshake timeout", "timeout");
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (s->closed) return mw_pushfail(L, "closed", "closed");
+    return handshake_step(L, s, t);
+}
+
+/* sock:starttls(ctx [, { host = name, timeout = s, defer = bool }]) -> sock | nil, err, code
+ * Client contexts verify host (SNI and certificate name). defer: no handshake now (it happens
+ * on the first read or write). */
+static int s_starttls(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    mw_tlsctx *t = luaL_checkudata(L, 2, CTX_MT);
+    const char *host = NULL;
+    double timeout = 10;
+    int defer = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        host = optstr(L, 3, "host");
+        lua_getfield(L, 3, "timeout");
+        if (!lua_isnil(L, -1)) timeout = luaL_checknumber(L, -1);
+        lua_pop(L, 1);
+        defer = optbool(L, 3, "defer");
+    }
+    if (!t->server && !t->insecure && !host)
+        return luaL_error(L, "starttls: a client needs 'host' to verify (or insecure = true)");
+    const char *e = attach(s, t, host);
+    if (e) return mw_pushfail(L, e, "tls");
+    lua_settop(L, 2);
+    lua_setiuservalue(L, 1, 1);   /* the socket keeps its context alive */
+    if (defer) {
+        lua_pushvalue(L, 1);
+        return 1;
+    }
+    mw_task *tk = mw_sock_claim(L, s, MW_ROLE_READ);
+    s->rdeadline = mw_sched_after(s->rt, timeout);
+    return handshake_step(L, s, tk);
+}
+
+/* sock:tls_info() -> { version, cipher, alpn, peer_subject, peer_verified, sni } | nil */
+static int s_tls_info(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    mw_tlsconn *c = s->tls;
+    if (!c) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_createtable(L, 0, 6);
+    lua_pushstring(L, SSL_get_version(c->ssl));
+    lua_setfield(L, -2, "version");
+    const char *cipher = SSL_get_cipher_name(c->ssl);
+    if (cipher) { lua_pushstring(L, cipher); lua_setfield(L, -2, "cipher"); }
+    const unsigned char *alpn;
+    unsigned int alen;
+    SSL_get0_alpn_selected(c->ssl, &alpn, &alen);
+    if (alen) { lua_pushlstring(L, (const char *)alpn, alen); lua_setfield(L, -2, "alpn"); }
+    const char *sni = SSL_get_servername(c->ssl, TLSEXT_NAMETYPE_host_name);
+    if (sni) { lua_pushstring(L, sni); lua_setfield(L, -2, "sni"); }
+    X509 *peer = SSL_get1_peer_certificate(c->ssl);
+    if (peer) {
+        char buf[512];
+        X509_NAME_oneline(X509_get_subject_name(peer), buf, sizeof buf);
+        lua_pushstring(L, buf);
+        lua_setfield(L, -2, "peer_subject");
+        lua_pushboolean(L, SSL_get_verify_result(c->ssl) == X509_V_OK);
+        lua_setfield(L, -2, "peer_verified");
+        X509_free(peer);
+    }
+    lua_pushboolean(L, SSL_session_reused(c->ssl));
+    lua_setfield(L, -2, "resumed");
+    return 1;
+}
+
+void mw_tls_open(lua_State *L)
+{
+    static const luaL_Reg cm[] = { { "reload", ctx_reload }, { NULL, NULL } };
+    if (luaL_newmetatable(L, CTX_MT)) {
+        luaL_newlib(L, cm);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, ctx_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    /* stream methods on sockets */
+    luaL_getmetatable(L, MW_SOCK_MT);
+    lua_getfield(L, -1, "__index");
+    lua_pushcfunction(L, s_starttls);
+    lua_setfield(L, -2, "starttls");
+    lua_pushcfunction(L, s_tls_info);
+    lua_setfield(L, -2, "tls_info");
+    lua_pop(L, 2);
+    lua_pushcfunction(L, l_tls_context);
+    lua_setfield(L, -2, "tls_context");
+}
