@@ -25,7 +25,7 @@ endif
 WARN      := -Wall -Wextra -Wshadow -Wno-unused-parameter
 CFLAGS    ?= -O2 -g
 ALL_CFLAGS = -std=gnu11 -fPIC $(WARN) $(CFLAGS) $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -fvisibility=hidden
-LIBS       = $(LLHTTP_LIBS) -lssl -lcrypto -lz -lpthread
+LIBS       = $(LLHTTP_LIBS) -lssl -lcrypto -lz -lm -lpthread
 
 SRC := $(wildcard src/*.c)
 HDR := $(wildcard src/*.h)

@@ -50,6 +50,13 @@ build = {
       ["moonwire.http.client"] = "lua/moonwire/http/client.lua",
       ["moonwire.websocket"] = "lua/moonwire/websocket.lua",
       ["moonwire.tls"] = "lua/moonwire/tls.lua",
+      ["moonwire.bench.cli"] = "lua/moonwire/bench/cli.lua",
+      ["moonwire.bench.engine"] = "lua/moonwire/bench/engine.lua",
+      ["moonwire.bench.wrk"] = "lua/moonwire/bench/wrk.lua",
+      ["moonwire.bench.serial"] = "lua/moonwire/bench/serial.lua",
+      ["moonwire.bench.format"] = "lua/moonwire/bench/format.lua",
+      ["moonwire.bench.json"] = "lua/moonwire/bench/json.lua",
+      ["moonwire.bench.report"] = "lua/moonwire/bench/report.lua",
     },
     lib = {
       ["moonwire.core"] = "build/moonwire/core.so",

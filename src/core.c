@@ -9,6 +9,8 @@ void mw_http_open(lua_State *L);
 void mw_zlib_open(lua_State *L);
 void mw_ws_open(lua_State *L);
 void mw_tls_open(lua_State *L);
+void mw_hdr_open(lua_State *L);
+void mw_thread_open(lua_State *L, int rtidx);
 
 __attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
 
@@ -32,6 +34,8 @@ int luaopen_moonwire_core(lua_State *L)
     mw_zlib_open(L);
     mw_ws_open(L);
     mw_tls_open(L);
+    mw_hdr_open(L);
+    mw_thread_open(L, rtidx);
     lua_pushliteral(L, "0.1.0");
     lua_setfield(L, -2, "version");
     return 1;

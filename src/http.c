@@ -14,6 +14,7 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <llhttp.h>
 
@@ -43,6 +44,8 @@ typedef struct mw_http {
     int64_t idle_deadline, head_timeout;
     int expect_continue;
     int skip_body;             /* client side: the request was HEAD, the response has no body */
+    int discard;               /* body bytes are dropped, not collected (the load generator) */
+    uint64_t lean_bytes;
 } mw_http;
 
 /* ---- llhttp callbacks: spans and verdicts only ------------------------------------- */
@@ -231,7 +234,10 @@ static int on_headers_complete(llhttp_t *p)
         if (te && p->http_minor == 0) return fail(p, 400, "Transfer-Encoding in HTTP/1.0");
     }
     h->head_done = 1;
-    if (p->type == HTTP_RESPONSE && h->skip_body) return 1;  /* HEAD: no body whatever it says */
+    /* no body whatever the head says: answers to HEAD, and 1xx/204/304 */
+    if (p->type == HTTP_RESPONSE && (h->skip_body || p->status_code < 200 || p->status_code == 204 ||
+                                     p->status_code == 304))
+        return 1;
     return HPE_PAUSED;  /* stop here: the head is handed to Lua before any body byte */
 }
 
@@ -239,6 +245,7 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
 {
     mw_http *h = H(p);
     h->body_seen += len;
+    if (h->discard) return 0;
     if (h->body_seen > h->body_max) return fail(p, 413, "body too large");
     size_t avail;
     char *w = mw_buf_reserve(&h->body, NULL, len, &avail);
@@ -627,6 +634,124 @@ static int read_request_k(lua_State *L, int status, lua_KContext ctx)
     return read_request_step(L, h, t);
 }
 
+static void reset_message(mw_http *h)
+{
+    h->head_done = h->msg_done = h->upgrade = 0;
+    h->err_status = 0;
+    h->expect_continue = 0;
+    h->parsed = 0;
+    h->body_seen = 0;
+    h->body_max = UINT64_MAX;
+    h->discard = 0;
+    mw_buf_free(&h->body, NULL);
+}
+
+/* ---- lean responses (the load generator): status and size only, nothing built ---------- */
+
+static int lean_k(lua_State *L, int status, lua_KContext ctx);
+
+static int lean_step(lua_State *L, mw_http *h, mw_task *t)
+{
+    mw_sock *s = h->s;
+    for (;;) {
+        size_t len = mw_buf_len(&s->rbuf);
+        if (len > h->parsed || (h->head_done && !h->msg_done)) {
+            int st = feed(h);
+            if (st) return pushverdict(L, h->err_msg, st);
+            if (h->head_done) {
+                mw_buf_consume(&s->rbuf, h->parsed);
+                h->lean_bytes += h->parsed;
+                h->parsed = 0;
+            }
+        }
+        if (h->msg_done) {
+            lua_pushinteger(L, h->p.status_code);
+            lua_pushinteger(L, (lua_Integer)h->lean_bytes);
+            lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
+            return 3;
+        }
+        if (h->head_done && mw_buf_len(&s->rbuf) > 0) continue;
+        if (!h->head_done && mw_buf_len(&s->rbuf) > h->max_head) return pushverdict(L, "response head too large", 0);
+        uint32_t want = EPOLLIN;
+        int r = mw_stream_fill(s, 16384, &want);
+        if (r == 1) continue;
+        if (r == 0) {
+            if (h->head_done && llhttp_message_needs_eof(&h->p)) {
+                llhttp_finish(&h->p);
+                h->msg_done = 1;
+                continue;
+            }
+            if (!h->head_done && mw_buf_len(&s->rbuf) == 0) return mw_pushfail(L, "closed", "closed");
+            return pushverdict(L, "connection closed in the response", 0);
+        }
+        if (r == -3) return mw_stream_pusherr(L, s, errno);
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, h->deadline, lean_k, 0);
+    }
+}
+
+static int lean_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_http *h = lua_touserdata(L, 1);
+    mw_task *t = h->s->rt->current;
+    int why = mw_sched_reason(t);
+    (void)status; (void)ctx;
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (h->s->closed) return mw_pushfail(L, "closed", "closed");
+    return lean_step(L, h, t);
+}
+
+/* http_count(s) -> how many complete requests the bytes hold (a pipelined batch) */
+static int l_http_count(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    const char *end = s + n;
+    int count = 0;
+    /* CRLFCRLF ends a head, and a Content-Length in it tells how much body to skip */
+    const char *c = s;
+    while (c < end) {
+        const char *he = memmem(c, (size_t)(end - c), "\r\n\r\n", 4);
+        if (!he) break;
+        size_t body = 0;
+        for (const char *l = c; l < he; ) {
+            const char *le = memmem(l, (size_t)(he - l), "\r\n", 2);
+            if (!le) le = he;
+            if ((size_t)(le - l) > 15 && strncasecmp(l, "content-length:", 15) == 0) body = (size_t)strtoull(l + 15, NULL, 10);
+            l = le + 2;
+        }
+        count++;
+        c = he + 4 + body;
+    }
+    lua_pushinteger(L, count);
+    return 1;
+}
+
+/* isatty(fd) -> boolean */
+static int l_isatty(lua_State *L)
+{
+    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+    return 1;
+}
+
+/* hc:read_lean([timeout [, head_request]]) -> status, bytes, keepalive | nil, err, code: reads one whole
+ * response (head and body), keeping only its status and size */
+static int hc_read_lean(lua_State *L)
+{
+    mw_http *h = checkhc(L);
+    if (h->s->closed) return mw_pushfail(L, "closed", "closed");
+    double timeout = luaL_optnumber(L, 2, -1);
+    int head = lua_toboolean(L, 3);
+    if (!h->msg_done && (h->head_done || h->parsed)) return luaL_error(L, "the previous message was not read to its end");
+    mw_task *t = mw_sock_claim(L, h->s, MW_ROLE_READ);
+    lua_settop(L, 1);
+    reset_message(h);
+    h->discard = 1;
+    h->skip_body = head;
+    h->lean_bytes = 0;
+    h->deadline = mw_sched_after(h->s->rt, timeout);
+    return lean_step(L, h, t);
+}
+
 /* hc:read_request(idle_timeout, head_timeout) -> request | nil, msg, status|nil
  * status is the code to answer with (400, 408, 413, 414, 431, 501, 505); nil: just close. */
 static int hc_read_request(lua_State *L)
@@ -638,13 +763,7 @@ static int hc_read_request(lua_State *L)
     h->skip_body = lua_toboolean(L, 4);
     mw_task *t = mw_sock_claim(L, h->s, MW_ROLE_READ);
     lua_settop(L, 1);
-    h->head_done = h->msg_done = h->upgrade = 0;
-    h->err_status = 0;
-    h->expect_continue = 0;
-    h->parsed = 0;
-    h->body_seen = 0;
-    h->body_max = UINT64_MAX;
-    mw_buf_free(&h->body, NULL);
+    reset_message(h);
     h->idle_deadline = mw_sched_after(h->s->rt, idle);
     h->head_timeout = head < 0 ? -1 : (int64_t)(head * 1e9);
     h->deadline = mw_sched_after(h->s->rt, head);  /* bytes already buffered: starts now */
@@ -1029,6 +1148,7 @@ void mw_http_open(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
+        { "read_lean", hc_read_lean },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);
@@ -1051,4 +1171,8 @@ void mw_http_open(lua_State *L)
     lua_setfield(L, -2, "http_head");
     lua_pushcfunction(L, l_http_request_head);
     lua_setfield(L, -2, "http_request_head");
+    lua_pushcfunction(L, l_http_count);
+    lua_setfield(L, -2, "http_count");
+    lua_pushcfunction(L, l_isatty);
+    lua_setfield(L, -2, "isatty");
 }

@@ -1,5 +1,6 @@
 /* loop: epoll + binary min-heap of timers + cached monotonic clock. No Lua here.
  * Only a failing epoll_wait ends a poll with an error; everything else is the callbacks'. */
+#define _GNU_SOURCE
 #include "loop.h"
 
 #include <errno.h>
@@ -140,18 +141,23 @@ static void fire_timers(mw_loop *lp)
 int mw_loop_poll(mw_loop *lp, int block)
 {
     struct epoll_event evs[MW_MAX_EVENTS];
-    int timeout = 0;
+    struct timespec ts = { 0, 0 }, *tp = &ts;
     if (block) {
         if (lp->nheap == 0) {
-            timeout = -1;
+            tp = NULL;
         } else {
             int64_t d = lp->heap[0]->when - mw_loop_clock();
-            /* round up: waking a little late is fine, spinning until the deadline is not */
-            timeout = d <= 0 ? 0 : (int)((d + 999999) / 1000000);
-            if (d > (int64_t)1000000 * 1000000000) timeout = 1000000000;
+            if (d < 0) d = 0;
+            ts.tv_sec = d / 1000000000;
+            ts.tv_nsec = d % 1000000000;
         }
     }
-    int n = epoll_wait(lp->epfd, evs, MW_MAX_EVENTS, timeout);
+    /* epoll_pwait2 takes a nanosecond timeout: timers fire on time, not on the next ms */
+    int n = epoll_pwait2(lp->epfd, evs, MW_MAX_EVENTS, tp, NULL);
+    if (n < 0 && errno == ENOSYS) {
+        int ms = tp ? (int)(ts.tv_sec * 1000 + (ts.tv_nsec + 999999) / 1000000) : -1;
+        n = epoll_wait(lp->epfd, evs, MW_MAX_EVENTS, ms);
+    }
     if (n < 0 && errno != EINTR) return -1;
     for (int i = 0; i < n; i++) {
         mw_io *io = evs[i].data.ptr;

@@ -416,6 +416,13 @@ static int l_now(lua_State *L)
     return 1;
 }
 
+/* hrtime() -> the monotonic clock now, in integer nanoseconds (not the cached loop clock) */
+static int l_hrtime(lua_State *L)
+{
+    lua_pushinteger(L, mw_loop_clock());
+    return 1;
+}
+
 static int l_current(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
@@ -844,7 +851,7 @@ void mw_sched_open(lua_State *L, int rtidx)
         { "current", l_current }, { "sleep", l_sleep }, { "yield", l_yield },
         { "park", l_park }, { "unpark", l_unpark }, { "deadline_push", l_deadline_push },
         { "deadline_pop", l_deadline_pop }, { "on_error", l_on_error }, { "signal", l_signal },
-        { "fork", l_fork }, { "waitpid", l_waitpid }, { "kill", l_kill }, { "getpid", l_getpid },
+        { "hrtime", l_hrtime }, { "fork", l_fork }, { "waitpid", l_waitpid }, { "kill", l_kill }, { "getpid", l_getpid },
         { NULL, NULL }
     };
     if (luaL_newmetatable(L, TASK_MT)) {

@@ -6,6 +6,7 @@ usage: moonwire <command> [args]
 
 commands:
   run SCRIPT [ARGS...]   run a Lua script (it calls require "moonwire" itself)
+  bench [OPTIONS] URL    load test (wrk-compatible; moonwire bench --help)
   version                print the version
   help                   this text
 ]]
@@ -16,6 +17,10 @@ function commands.version()
   local mw = require "moonwire"
   io.stdout:write("moonwire ", mw.version, " (", _VERSION, ")\n")
   return 0
+end
+
+function commands.bench(args)
+  return require("moonwire.bench.cli").main(args)
 end
 
 function commands.help()

@@ -93,29 +93,19 @@ function M.parse(s)
   else
     u.port = default_ports[scheme]
   end
-  local path, query, fragment = tail:match("^([^?#]*)%??([^#]*)#?(.*)$")
+  local before, fragment = tail:match("^([^#]*)#?(.*)$")
+  local path, query = before:match("^([^?]*)%??(.*)$")
   u.path = path ~= "" and path or "/"
-  u.query = tail:find("?", 1, true) and query or nil
-  u.fragment = fragment ~= "" and fragment or nil
+  u.query = before:find("?", 1, true) and query or nil
+  u.fragment = tail:find("#", 1, true) and fragment or nil
   u.target = u.query and (u.path .. "?" .. u.query) or u.path
   local h = u.ipv6 and ("[" .. u.host .. "]") or u.host
   u.authority = (port ~= "" and u.port ~= default_ports[scheme]) and (h .. ":" .. u.port) or h
   return u
 end
 
---- Resolves a reference (e.g. a Location header) against a base URL string.
-function M.resolve(base, ref)
-  if ref:match("^%a[%w+.-]*://") then return ref end
-  local b = assert(M.parse(base))
-  local origin = b.scheme .. "://" .. (b.user and "" or "") .. b.authority
-  if ref:sub(1, 2) == "//" then return b.scheme .. ":" .. ref end
-  if ref:sub(1, 1) == "/" then return origin .. ref end
-  if ref:sub(1, 1) == "?" then return origin .. b.path .. ref end
-  if ref == "" then return origin .. b.target end
-  local dir = b.path:match("^(.*/)") or "/"
-  local path = dir .. ref:match("^[^?#]*")
-  local q = ref:match("%?.*$") or ""
-  -- remove dot segments (RFC 3986 5.2.4)
+-- RFC 3986 5.2.4: removes "." and ".." segments from an absolute path.
+local function remove_dots(path)
   local segs = {}
   for seg in (path .. "/"):gmatch("([^/]*)/") do segs[#segs + 1] = seg end
   local stack = { "" }
@@ -130,8 +120,29 @@ function M.resolve(base, ref)
   local last = segs[#segs]
   if last == "." or last == ".." then stack[#stack + 1] = "" end
   local p = table.concat(stack, "/")
-  if p == "" then p = "/" end
-  return origin .. p .. q
+  return p == "" and "/" or p
+end
+
+--- Resolves a reference (e.g. a Location header) against a base URL string (RFC 3986 5.2).
+function M.resolve(base, ref)
+  if ref:match("^%a[%w+.-]*:") then return ref end        -- absolute (any scheme)
+  local b = assert(M.parse(base))
+  local auth = b.user and (M.encode(b.user) .. (b.password and (":" .. M.encode(b.password)) or "") .. "@") or ""
+  local origin = b.scheme .. "://" .. auth .. b.authority
+  if ref:sub(1, 2) == "//" then return b.scheme .. ":" .. ref end
+  local rpath, rrest = ref:match("^([^?#]*)(.*)$")
+  local rquery = rrest:match("^%?([^#]*)")
+  local rfrag = rrest:match("#(.*)$")
+  local path, query
+  if rpath == "" then
+    path = b.path
+    query = rquery or b.query
+  elseif rpath:sub(1, 1) == "/" then
+    path, query = remove_dots(rpath), rquery
+  else
+    path, query = remove_dots((b.path:match("^(.*/)") or "/") .. rpath), rquery
+  end
+  return origin .. path .. (query and ("?" .. query) or "") .. (rfrag and ("#" .. rfrag) or "")
 end
 
 return M

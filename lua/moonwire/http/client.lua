@@ -124,7 +124,8 @@ local function release(self, c, reusable)
   c.released = true
   local p = c.pool
   p.active = p.active - 1
-  if reusable and #p.idle < self.max_idle and not self._closed then
+  local waiting = p.waiters.first <= p.waiters.last
+  if reusable and (#p.idle < self.max_idle or waiting) and not self._closed then
     c.idle_since = mw.now()
     p.idle[#p.idle + 1] = c
   else
@@ -174,6 +175,19 @@ local function decoder_for(res)
   return nil
 end
 
+-- What is left of the request's deadline (body reads share it), or the client's read_timeout.
+function methods:_body_timeout()
+  local c = rawget(self, "_c")
+  local rt = c and c.client.read_timeout
+  local deadline = rawget(self, "_deadline")
+  if deadline then
+    local left = math.max(0, deadline - mw.now())
+    if rt and rt < left then return rt end
+    return left
+  end
+  return rt or (c and c.client.timeout)
+end
+
 --- The whole body (at most max_body bytes, after decoding), or nil, err, code.
 function methods:body()
   local cached = rawget(self, "_body")
@@ -183,8 +197,7 @@ function methods:body()
     if rawget(self, "_consumed") then error("the body was already read by body_reader()", 2) end
     return ""
   end
-  local cl = c.client
-  local body, err, code = c.hc:read_body("all", self._max_body, cl.read_timeout or cl.timeout)
+  local body, err, code = c.hc:read_body("all", self._max_body, self:_body_timeout())
   if not body then
     done_with(self, false)
     return nil, err, code
@@ -208,8 +221,7 @@ function methods:body_reader()
   local c = rawget(self, "_c")
   rawset(self, "_consumed", true)
   if not c then return function() return nil end end
-  local cl = c.client
-  local timeout = cl.read_timeout or cl.timeout
+  local timeout = self:_body_timeout()
   local dec = decoder_for(self)
   local max = self._max_body
   return function()
@@ -298,7 +310,7 @@ local function header_pairs(o, u, self, flat)
   if u.user and not seen.authorization then
     add("Authorization", "Basic " .. base64(u.user .. ":" .. (u.password or "")))
   end
-  return n
+  return n, seen["content-length"]
 end
 
 local function body_length(body)
@@ -317,7 +329,9 @@ local function body_length(body)
   argerror(1, "request", "option 'body' must be a string, a table of strings or a function", 5)
 end
 
-local function send_body(sock, head, body)
+-- Sends the head and the body; a function body goes chunked, or raw when the caller gave
+-- a content-length (`raw`).
+local function send_body(sock, head, body, raw)
   local tb = type(body)
   if body == nil then return sock:write(head) end
   if tb == "string" then return sock:write(head, body) end
@@ -326,14 +340,16 @@ local function send_body(sock, head, body)
   if not ok then return nil, err, code end
   while true do
     local chunk = body()
-    if chunk == nil or chunk == "" then
-      if chunk == "" then goto continue end
+    if chunk == nil then
+      if raw then return true end
       return sock:write("0\r\n\r\n")
     end
     if type(chunk) ~= "string" then error("body function returned a " .. type(chunk), 0) end
-    ok, err, code = sock:write(("%x\r\n"):format(#chunk), chunk, "\r\n")
-    if not ok then return nil, err, code end
-    ::continue::
+    if chunk ~= "" then
+      if raw then ok, err, code = sock:write(chunk)
+      else ok, err, code = sock:write(("%x\r\n"):format(#chunk), chunk, "\r\n") end
+      if not ok then return nil, err, code end
+    end
   end
 end
 
@@ -437,7 +453,7 @@ local function exchange(self, o, u, method, body)
     target = u.target
   end
   local flat = {}
-  local nh = header_pairs(o, u, self, flat)
+  local nh, has_length = header_pairs(o, u, self, flat)
   if proxy and proxy.user and not https then
     flat[2 * nh + 1], flat[2 * nh + 2] = "Proxy-Authorization",
       "Basic " .. base64(proxy.user .. ":" .. (proxy.password or ""))
@@ -451,7 +467,7 @@ local function exchange(self, o, u, method, body)
     if not c then return nil, err, code end
     c.client = self
     local ok
-    ok, err, code = send_body(c.sock, head, body)
+    ok, err, code = send_body(c.sock, head, body, has_length)
     local res
     if ok then
       repeat
@@ -499,12 +515,13 @@ function Client:request(o)
   if max_redirects == nil then max_redirects = self.redirects end
   if max_redirects == false then max_redirects = 0 end
   local timeout = o.timeout or self.timeout
+  local deadline = mw.now() + timeout
   local opts = {
     headers = o.headers, unix = o.unix, proxy = o.proxy, tls = o.tls,
     _decompress = o.decompress == nil and self.decompress or o.decompress,
   }
   local body = o.body
-  local visited = {}
+  local visited = { [method .. " " .. o.url] = true }
   local current_url = o.url
   for hop = 0, max_redirects do
     local res, err, code = mw.timeout(timeout, exchange, self, opts, u, method, body)
@@ -512,6 +529,7 @@ function Client:request(o)
     rawset(res, "url", current_url)
     rawset(res, "_decompress", opts._decompress)
     rawset(res, "_max_body", o.max_body or self.max_body)
+    rawset(res, "_deadline", deadline)
     finished(res)
     local loc = res.headers.location
     if not (redirect_codes[res.status] and loc and max_redirects > 0) then return res end
@@ -532,6 +550,8 @@ function Client:request(o)
     if origin_of(nu) ~= origin_of(u) then
       opts.headers = strip_credentials(opts.headers)
       nu.user, nu.password = nil, nil
+    elseif not nu.user then
+      nu.user, nu.password = u.user, u.password   -- same origin: same credentials
     end
     local k = method .. " " .. next_url
     if visited[k] then return nil, "redirect loop at " .. next_url, "redirect" end

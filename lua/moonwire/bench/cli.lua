@@ -1,0 +1,377 @@
+--- `moonwire bench`: wrk's flags, wrk's output, wrk's scripts; plus constant-rate mode with
+-- coordinated-omission correction, HDR percentiles, JSON and HTML reports, thresholds,
+-- pipelining and https.
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local url = require "moonwire.url"
+local serial = require "moonwire.bench.serial"
+local wrkenv = require "moonwire.bench.wrk"
+local fmt = require "moonwire.bench.format"
+
+local M = {}
+
+local usage = [[
+Usage: moonwire bench <options> <url> [-- script args]
+  Options (as wrk's):
+    -c, --connections <N>  Connections to keep open      (10)
+    -d, --duration    <T>  Duration of test              (10s)
+    -t, --threads     <N>  Number of threads to use      (2)
+    -s, --script      <S>  Load Lua script file
+    -H, --header      <H>  Add header to request
+        --latency          Print latency statistics
+        --timeout     <T>  Socket/request timeout        (2s)
+  Beyond wrk:
+    -R, --rate        <N>  Constant rate (requests/s, all threads), latency corrected for
+                           coordinated omission (open model)
+        --pipeline    <N>  Pipeline N requests per connection
+    -m, --method      <M>  Request method (GET)
+    -b, --body        <B>  Request body
+        --json      <FILE> Write the results as JSON ("-": stdout)
+        --html      <FILE> Write a self-contained HTML report
+        --threshold <EXPR> Fail (exit 1) unless EXPR holds: 'p99<50ms', 'p50<=10ms',
+                           'errors<0.1%', 'rps>10000', 'mean<5ms', 'max<1s' (repeatable)
+        --verify           Verify https certificates (off by default, as in wrk)
+        --quiet            No progress line
+  Numbers accept SI units (1k, 1M); times accept units (2s, 1m, 2h, 500ms).
+]]
+
+local function die(msg)
+  io.stderr:write("moonwire bench: ", msg, "\n")
+  return 2
+end
+
+local function parse_args(argv)
+  local o = { connections = 10, threads = 2, duration = 10, timeout = 2, headers = {}, thresholds = {},
+    pipeline = 1, script_args = {} }
+  local i = 1
+  local function value(name)
+    i = i + 1
+    local v = argv[i]
+    if v == nil then error(("option %s needs a value"):format(name), 0) end
+    return v
+  end
+  while i <= #argv do
+    local a = argv[i]
+    local long, inline = a:match("^(%-%-[%w-]+)=(.*)$")
+    if long then a = long table.insert(argv, i + 1, inline) end
+    local short, attached = a:match("^(%-[cdtsHRmb])(.+)$")   -- getopt style: -t2, -c100
+    if short then a = short table.insert(argv, i + 1, attached) end
+    if a == "--" then
+      for j = i + 1, #argv do o.script_args[#o.script_args + 1] = argv[j] end
+      break
+    elseif a == "-c" or a == "--connections" then o.connections = fmt.count(value(a))
+    elseif a == "-d" or a == "--duration" then o.duration = fmt.duration(value(a))
+    elseif a == "-t" or a == "--threads" then o.threads = fmt.count(value(a))
+    elseif a == "-s" or a == "--script" then o.script = value(a)
+    elseif a == "-H" or a == "--header" then
+      local h = value(a)
+      local k, v = h:match("^%s*([^:]+):%s*(.-)%s*$")
+      if not k then error("bad header '" .. h .. "' (Name: value expected)", 0) end
+      o.headers[k] = v
+    elseif a == "--latency" then o.latency = true
+    elseif a == "--timeout" then o.timeout = fmt.duration(value(a))
+    elseif a == "-R" or a == "--rate" then o.rate = fmt.count(value(a))
+    elseif a == "--pipeline" then o.pipeline = fmt.count(value(a))
+    elseif a == "-m" or a == "--method" then o.method = value(a):upper()
+    elseif a == "-b" or a == "--body" then o.body = value(a)
+    elseif a == "--json" then o.json = value(a)
+    elseif a == "--html" then o.html = value(a)
+    elseif a == "--threshold" then o.thresholds[#o.thresholds + 1] = value(a)
+    elseif a == "--verify" then o.verify = true
+    elseif a == "--quiet" then o.quiet = true
+    elseif a == "-h" or a == "--help" then o.help = true
+    elseif a:sub(1, 1) == "-" and #a > 1 then error("unknown option " .. a, 0)
+    elseif not o.url then o.url = a
+    else o.script_args[#o.script_args + 1] = a end
+    i = i + 1
+  end
+  for _, k in ipairs{ "connections", "threads", "duration", "timeout", "pipeline" } do
+    if not o[k] or o[k] <= 0 then error(("bad value for %s"):format(k), 0) end
+  end
+  o.connections = math.floor(o.connections)
+  o.threads = math.floor(o.threads)
+  o.pipeline = math.floor(o.pipeline)
+  if o.connections < o.threads then error("number of connections must be >= threads", 0) end
+  if o.rate and o.rate <= 0 then error("bad value for rate", 0) end
+  if o.rate and o.pipeline > 1 then error("--rate and --pipeline do not go together", 0) end
+  return o
+end
+M.parse_args = parse_args
+
+-- ---------------------------------------------------------------------------------------
+-- statistics objects as wrk's done() sees them
+
+local function stats_object(h)
+  local count, min, max, mean, stdev = h:stats()
+  local buckets
+  local obj = { min = min, max = max, mean = mean, stdev = stdev, count = count, _h = h }
+  function obj.percentile(_, p) return h:percentile(p) end
+  return setmetatable(obj, {
+    __call = function(_, i)
+      buckets = buckets or h:buckets()
+      local b = buckets[i]
+      if b then return b[1], b[2] end
+    end,
+    __len = function()
+      buckets = buckets or h:buckets()
+      return #buckets
+    end,
+    __index = function(_, i)
+      if math.type(i) == "integer" then
+        buckets = buckets or h:buckets()
+        local b = buckets[i]
+        return b and b[1]
+      end
+    end,
+  })
+end
+M.stats_object = stats_object
+
+-- ---------------------------------------------------------------------------------------
+-- thresholds
+
+local function threshold_value(name, s)
+  if name == "errors" then
+    local pct = s:match("^([%d.]+)%%$")
+    if pct then return tonumber(pct), "%" end
+    return tonumber(s), ""
+  end
+  if name == "rps" then return fmt.count(s), "" end
+  local secs = fmt.duration(s)
+  return secs and secs * 1e6, "us"
+end
+
+--- Evaluates 'p99<50ms' style expressions against a result; returns ok, message.
+function M.check_threshold(expr, r)
+  local name, op, val = expr:match("^%s*([%w.]+)%s*([<>]=?)%s*(.-)%s*$")
+  if not name then return false, "cannot parse threshold '" .. expr .. "'" end
+  local limit, unit = threshold_value(name, val)
+  if not limit then return false, "bad value in threshold '" .. expr .. "'" end
+  local actual
+  local p = name:match("^p([%d.]+)$")
+  if p then actual = r.latency:percentile(tonumber(p))
+  elseif name == "mean" then actual = r.latency.mean
+  elseif name == "max" then actual = r.latency.max
+  elseif name == "min" then actual = r.latency.min
+  elseif name == "rps" then actual = r.rps
+  elseif name == "errors" then
+    actual = unit == "%" and (r.requests_total > 0 and 100 * r.errors_total / math.max(1, r.requests_total) or
+      (r.errors_total > 0 and 100 or 0)) or r.errors_total
+  elseif name == "requests" then actual = r.requests_total
+  else return false, "unknown metric '" .. name .. "' in threshold '" .. expr .. "'" end
+  local ok
+  if op == "<" then ok = actual < limit elseif op == "<=" then ok = actual <= limit
+  elseif op == ">" then ok = actual > limit else ok = actual >= limit end
+  local shown = unit == "us" and fmt.time_us(actual) or (unit == "%" and ("%.3f%%"):format(actual))
+    or tostring(math.tointeger(actual) or ("%.2f"):format(actual))
+  return ok, ("%s %s (actual %s)"):format(ok and "PASS" or "FAIL", expr, shown)
+end
+
+-- ---------------------------------------------------------------------------------------
+-- output
+
+local function print_wrk(o, r, out)
+  local lat, req = r.latency, r.requests
+  out:write(("Running %s test @ %s\n"):format(fmt.time_us(o.duration * 1e6):gsub("%.00", ""), o.url))
+  out:write(("  %d threads and %d connections\n"):format(o.threads, o.connections))
+  out:write("  Thread Stats   Avg      Stdev     Max   +/- Stdev\n")
+  local function within(s)
+    return s._h:within(s.mean - s.stdev, s.mean + s.stdev)
+  end
+  out:write(("    Latency %9s %9s %9s %8.2f%%\n"):format(fmt.time_us(lat.mean), fmt.time_us(lat.stdev),
+    fmt.time_us(lat.max), within(lat)))
+  out:write(("    Req/Sec %9s %9s %9s %8.2f%%\n"):format(fmt.metric(req.mean), fmt.metric(req.stdev),
+    fmt.metric(req.max), within(req)))
+  if o.latency then
+    out:write("  Latency Distribution\n")
+    for _, p in ipairs{ 50, 75, 90, 99 } do
+      out:write(("    %3d%% %9s\n"):format(p, fmt.time_us(lat:percentile(p))))
+    end
+    out:write("  HDR Percentiles\n")
+    for _, p in ipairs{ 99.9, 99.99, 99.999 } do
+      out:write(("  %7.3f%% %9s\n"):format(p, fmt.time_us(lat:percentile(p))))
+    end
+  end
+  out:write(("  %d requests in %s, %s read\n"):format(r.requests_total, fmt.time_us(r.duration_us),
+    fmt.bytes(r.bytes)))
+  local e = r.errors
+  if e.connect + e.read + e.write + e.timeout > 0 then
+    out:write(("  Socket errors: connect %d, read %d, write %d, timeout %d\n"):format(e.connect, e.read,
+      e.write, e.timeout))
+  end
+  if e.status > 0 then out:write(("  Non-2xx or 3xx responses: %d\n"):format(e.status)) end
+  if r.hung > 0 then out:write(("  Requests without an answer at the end: %d\n"):format(r.hung)) end
+  out:write(("Requests/sec: %9.2f\n"):format(r.rps))
+  out:write(("Transfer/sec: %9s\n"):format(fmt.bytes(r.bytes / (r.duration_us / 1e6))))
+  if o.rate then
+    out:write(("Requested rate: %.0f/s, achieved %.2f/s\n"):format(o.rate, r.rps))
+  end
+end
+
+function M.json(o, r)
+  local lat = r.latency
+  local pct = {}
+  for _, p in ipairs{ 50, 75, 90, 95, 99, 99.9, 99.99, 99.999 } do pct[tostring(p)] = lat:percentile(p) end
+  local doc = {
+    url = o.url, threads = o.threads, connections = o.connections, duration_s = r.duration_us / 1e6,
+    rate = o.rate, pipeline = o.pipeline,
+    requests = r.requests_total, bytes = r.bytes, rps = r.rps,
+    errors = r.errors, hung = r.hung, statuses = r.statuses,
+    latency_us = { min = lat.min, max = lat.max, mean = lat.mean, stdev = lat.stdev, percentiles = pct },
+    requests_per_thread_per_s = { mean = r.requests.mean, stdev = r.requests.stdev, max = r.requests.max },
+    timeline = r.timeline, thresholds = r.threshold_results,
+  }
+  return require("moonwire.bench.json").encode(doc)
+end
+
+-- ---------------------------------------------------------------------------------------
+-- the run
+
+local thread_code = 'return require("moonwire.bench.engine").thread_main(...)'
+
+local function merge_results(results)
+  local lat, req = core.histogram(), core.histogram()
+  local total, bytes, dur, hung = 0, 0, 0, 0
+  local errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 }
+  local statuses, timeline = {}, {}
+  for _, res in ipairs(results) do
+    lat:merge(core.histogram_decode(res.latency))
+    req:merge(core.histogram_decode(res.requests))
+    total, bytes, hung = total + res.count, bytes + res.bytes, hung + res.hung
+    if res.duration_us > dur then dur = res.duration_us end
+    for k, v in pairs(res.errors) do errors[k] = errors[k] + v end
+    for k, v in pairs(res.statuses) do statuses[k] = (statuses[k] or 0) + v end
+    for i, s in ipairs(res.timeline) do
+      local t = timeline[i]
+      if not t then
+        timeline[i] = { t = s.t, rps = s.rps, p50 = s.p50, p99 = s.p99, max = s.max, errors = s.errors }
+      else
+        t.rps = t.rps + s.rps
+        t.errors = t.errors + s.errors
+        if s.p99 > t.p99 then t.p99 = s.p99 end
+        if s.p50 > t.p50 then t.p50 = s.p50 end
+        if s.max > t.max then t.max = s.max end
+      end
+    end
+  end
+  local errors_total = errors.connect + errors.read + errors.write + errors.timeout + errors.status
+  return {
+    latency = stats_object(lat), requests = stats_object(req), requests_total = total, bytes = bytes,
+    duration_us = dur, errors = errors, errors_total = errors_total, statuses = statuses,
+    rps = dur > 0 and total / (dur / 1e6) or 0, timeline = timeline, hung = hung,
+  }
+end
+
+local function progress_line(o, shared, t0)
+  local last, last_t = 0, mw.now()
+  while true do
+    mw.sleep(1)
+    local count, errs, p99 = 0, 0, 0
+    for i = 0, o.threads - 1 do
+      count = count + shared:get(3 * i + 1)
+      errs = errs + shared:get(3 * i + 2)
+      p99 = math.max(p99, shared:get(3 * i + 3))
+    end
+    local now = mw.now()
+    io.stdout:write(("\r  %5.1fs  %10s req/s  errors %d  p99 %s    "):format(now - t0,
+      fmt.metric((count - last) / (now - last_t)), errs, fmt.time_us(p99)))
+    io.stdout:flush()
+    last, last_t = count, now
+  end
+end
+
+function M.main(argv)
+  local ok, o = pcall(parse_args, argv)
+  if not ok then return die(o .. "\n" .. usage) end
+  if o.help then io.stdout:write(usage) return 0 end
+  if not o.url then return die("a URL is required\n" .. usage) end
+  local target, uerr = url.parse(o.url)
+  if not target then return die(uerr) end
+  if target.scheme ~= "http" and target.scheme ~= "https" then return die("unsupported scheme " .. target.scheme) end
+  target.port_given = o.url:match("^%a+://[^/]*:(%d+)") and target.port or nil
+
+  local code = 0
+  local result
+  local run_ok, run_err = pcall(mw.run, function()
+    local addrs, derr = mw.resolve(target.host, target.port)
+    if not addrs or #addrs == 0 then error("cannot resolve " .. target.host .. ": " .. tostring(derr), 0) end
+    -- the main state: setup() and done() run here, against thread objects
+    local main_env, main_wrk = wrkenv.env(target, o.headers, nil)
+    main_wrk.method = o.method or "GET"
+    main_wrk.body = o.body
+    if o.script then wrkenv.load(o.script, main_env) end
+    local shared = core.counters(3 * o.threads)
+    local handles, threads = {}, {}
+    for i = 1, o.threads do
+      local h = core.thread()
+      handles[i] = h
+      local th = {
+        id = i,
+        addr = setmetatable({ host = addrs[1].host, port = addrs[1].port, family = addrs[1].family }, wrkenv.Addr),
+      }
+      function th.get(_, name) return h:get(name) end
+      function th.set(_, name, v) h:set(name, v) end
+      function th.stop() end
+      threads[i] = th
+    end
+    if main_env.setup then for _, th in ipairs(threads) do main_env.setup(th) end end
+    local per, extra = o.connections // o.threads, o.connections % o.threads
+    local t0 = mw.now()
+    for i, h in ipairs(handles) do
+      local cfg = {
+        thread_id = i, threads = o.threads, target = target, headers = o.headers,
+        addr = { host = threads[i].addr.host, port = threads[i].addr.port },
+        conns_in_thread = per + (i <= extra and 1 or 0), duration = o.duration, timeout = o.timeout,
+        rate = o.rate and o.rate / o.threads, pipeline = o.pipeline, method = o.method or main_wrk.method,
+        body = o.body or main_wrk.body, script = o.script, script_args = o.script_args, verify = o.verify,
+        counters = shared:address(),
+      }
+      assert(h:start(thread_code, serial.encode(cfg)))
+    end
+    local prog
+    if not o.quiet and core.isatty(1) and o.json ~= "-" then prog = mw.spawn(progress_line, o, shared, t0) end
+    local results = {}
+    for i, h in ipairs(handles) do
+      local s, terr = h:join()
+      if not s then error("thread " .. i .. " failed: " .. tostring(terr), 0) end
+      results[i] = serial.decode(s)
+    end
+    if prog then prog:cancel() io.stdout:write("\r", (" "):rep(70), "\r") end
+    result = merge_results(results)
+    local out = o.json == "-" and io.stderr or io.stdout
+    print_wrk(o, result, out)
+    if main_env.done then
+      main_env.done({ duration = result.duration_us, requests = result.requests_total, bytes = result.bytes,
+        errors = result.errors }, result.latency, result.requests)
+    end
+    local tres = {}
+    for _, expr in ipairs(o.thresholds) do
+      local pass, msg = M.check_threshold(expr, result)
+      tres[#tres + 1] = { expr = expr, pass = pass, message = msg }
+      out:write(msg, "\n")
+      if not pass then code = 1 end
+    end
+    result.threshold_results = tres
+    local _ = shared
+  end)
+  if not run_ok then return die(tostring(run_err)) end
+  if o.json then
+    local doc = M.json(o, result)
+    if o.json == "-" then io.stdout:write(doc, "\n")
+    else
+      local f, ferr = io.open(o.json, "w")
+      if not f then return die(ferr) end
+      f:write(doc, "\n")
+      f:close()
+    end
+  end
+  if o.html then
+    local f, ferr = io.open(o.html, "w")
+    if not f then return die(ferr) end
+    f:write(require("moonwire.bench.report").html(o, result))
+    f:close()
+  end
+  return code
+end
+
+return M

@@ -1,0 +1,227 @@
+--- The load generator of one thread: its own event loop, C connections driven by one task
+-- each, llhttp parsing the responses in C (status and size only unless the script has a
+-- response() hook), latencies into an HDR histogram in microseconds. Open model (-R):
+-- each connection sends on a schedule and latency counts from the scheduled time, so a
+-- stalling server is not hidden (coordinated omission, as wrk2 corrects it).
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local serial = require "moonwire.bench.serial"
+local wrkenv = require "moonwire.bench.wrk"
+
+local hrtime, http_conn = core.hrtime, core.http_conn
+
+local M = {}
+
+local Response = {}
+
+local function connect(cfg)
+  local opts = { timeout = cfg.timeout }
+  if cfg.target.scheme == "https" then opts.tls = { insecure = not cfg.verify } end
+  return mw.tcp.connect(cfg.addr.host, cfg.addr.port, opts)
+end
+
+-- Per-thread state shared by its connections.
+local function new_state(cfg)
+  return {
+    cfg = cfg, stop = false,
+    latency = core.histogram(), requests = core.histogram(), second = core.histogram(),
+    count = 0, bytes = 0, inflight = 0, shared_count = 0,
+    errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 },
+    statuses = {}, timeline = {},
+  }
+end
+
+local function record(st, status, latency_us, bytes, rate_interval)
+  st.count = st.count + 1
+  st.bytes = st.bytes + (bytes or 0)
+  if latency_us < 0 then latency_us = 0 end
+  st.latency:record(latency_us)
+  st.second:record(latency_us)
+  if status then
+    st.statuses[status] = (st.statuses[status] or 0) + 1
+    if status > 399 then st.errors.status = st.errors.status + 1 end
+  end
+  local _ = rate_interval
+end
+
+-- One connection's life: connect, send, read, again, until the thread stops.
+local function connection(st, id, hooks)
+  local cfg = st.cfg
+  local interval_ns = cfg.rate and cfg.rate > 0 and math.floor(1e9 * cfg.conns_in_thread / cfg.rate) or nil
+  -- spread the connections' schedules over one interval
+  local next_send = interval_ns and (st.t_start + (id - 1) * interval_ns // cfg.conns_in_thread) or nil
+  local fixed = hooks.fixed_request
+  local depth = fixed and hooks.fixed_depth or 1
+  local timeout = cfg.timeout
+  while not st.stop do
+    local sock = connect(cfg)
+    if not sock then
+      st.errors.connect = st.errors.connect + 1
+      mw.sleep(0.05)
+    else
+      local hc = http_conn(sock, { head = 65536, headers = 1000 }, Response, true)
+      local alive = true
+      while alive and not st.stop do
+        if hooks.delay then
+          local ms = hooks.delay()
+          if ms and ms > 0 then mw.sleep(ms / 1000) end
+          if st.stop then break end
+        end
+        local req = fixed
+        if hooks.request then
+          req = hooks.request()
+          if hooks.request_depth == nil then hooks.request_depth = math.max(1, wrkenv.count_requests(req)) end
+          depth = hooks.request_depth
+        end
+        local t0
+        if next_send then
+          local now = hrtime()
+          if next_send > now then
+            mw.sleep((next_send - now) / 1e9)
+            if st.stop then break end
+          end
+          t0 = next_send
+          next_send = next_send + interval_ns
+        else
+          t0 = hrtime()
+        end
+        st.inflight = st.inflight + depth
+        local ok = sock:write(req)
+        if not ok then
+          st.errors.write = st.errors.write + 1
+          st.inflight = st.inflight - depth
+          break
+        end
+        for _ = 1, depth do
+          local status, bytes, keep
+          if hooks.response then
+            local res, _, code = hc:read_request(-1, timeout)
+            if res then
+              local body
+              body, _, code = res._conn:read_body("all", -1, timeout)
+              if body then
+                status, bytes, keep = res.status, #body, res.keepalive
+                hooks.response(res.status, res.headers, body)
+              end
+            end
+            if not status then
+              if code == "timeout" then st.errors.timeout = st.errors.timeout + 1
+              else st.errors.read = st.errors.read + 1 end
+              alive = false
+            end
+          else
+            status, bytes, keep = hc:read_lean(timeout)
+            if not status then
+              if bytes == "timeout" then st.errors.timeout = st.errors.timeout + 1
+              elseif keep ~= "closed" or st.count == 0 then st.errors.read = st.errors.read + 1 end
+              alive = false
+            end
+          end
+          st.inflight = st.inflight - 1
+          if not alive then break end
+          record(st, status, (hrtime() - t0) // 1000, bytes)
+          if keep == false then alive = false end
+        end
+      end
+      sock:close()
+    end
+  end
+end
+
+-- Samples the thread's req/s every 100 ms (wrk's "Req/Sec") and keeps a per-second timeline.
+local function sampler(st)
+  local last, last_t = 0, hrtime()
+  local sec_count, sec_t, sec_errors = 0, hrtime(), 0
+  while not st.stop do
+    mw.sleep(0.1)
+    local now = hrtime()
+    local n = st.count - last
+    st.requests:record(math.floor(n * 1e9 / (now - last_t)))
+    last, last_t = st.count, now
+    local shared = st.shared
+    if shared then
+      local base = 3 * (st.cfg.thread_id - 1)
+      local errs = 0
+      for _, v in pairs(st.errors) do errs = errs + v end
+      shared:set(base + 1, st.count)
+      shared:set(base + 2, errs)
+    end
+    if now - sec_t >= 1e9 then
+      local errs = 0
+      for _, v in pairs(st.errors) do errs = errs + v end
+      local c = st.count - sec_count
+      st.timeline[#st.timeline + 1] = {
+        t = (now - st.t_start) / 1e9, rps = c * 1e9 / (now - sec_t),
+        p50 = st.second:percentile(50), p99 = st.second:percentile(99), max = select(3, st.second:stats()),
+        errors = errs - sec_errors,
+      }
+      if st.shared then st.shared:set(3 * (st.cfg.thread_id - 1) + 3, st.timeline[#st.timeline].p99) end
+      st.second:reset()
+      sec_count, sec_t, sec_errors = st.count, now, errs
+      if st.progress then st.progress(st) end
+    end
+  end
+end
+
+--- Runs the load of one thread; cfg as built by the CLI. Returns the result table.
+function M.run(cfg, hooks, on_stop)
+  local st = new_state(cfg)
+  st.hooks = hooks
+  if cfg.counters then st.shared = core.counters_attach(cfg.counters, 3 * cfg.threads) end
+  mw.run(function()
+    st.t_start = hrtime()
+    for i = 1, cfg.conns_in_thread do mw.spawn(connection, st, i, hooks) end
+    local samp = mw.spawn(sampler, st)
+    local deadline = st.t_start + math.floor(cfg.duration * 1e9)
+    while not st.stop and hrtime() < deadline do
+      mw.sleep(math.min(0.05, (deadline - hrtime()) / 1e9))
+      if on_stop and on_stop() then st.stop = true end
+    end
+    st.stop = true
+    st.t_end = hrtime()
+    st.hung = st.inflight
+    mw.stop()
+    local _ = samp
+  end)
+  st.t_end = st.t_end or hrtime()
+  return {
+    latency = st.latency:encode(), requests = st.requests:encode(),
+    count = st.count, bytes = st.bytes, errors = st.errors, statuses = st.statuses,
+    duration_us = (st.t_end - st.t_start) // 1000, timeline = st.timeline, hung = st.hung or 0,
+  }
+end
+
+--- Entry point of a bench thread: arg is the serialized config; the thread's globals
+-- hold what setup() gave it through thread:set. Returns the serialized result.
+function M.thread_main(arg)
+  local cfg = serial.decode(arg)
+  local hooks = {}
+  local stop_flag = false
+  local thread = { id = cfg.thread_id }
+  function thread.stop() stop_flag = true end
+  function thread.get(_, name) return rawget(_G, name) end
+  function thread.set(_, name, v) rawset(_G, name, v) end
+  local _, wrk = wrkenv.env(cfg.target, cfg.headers, thread, _G)
+  wrk.method = cfg.method or "GET"
+  wrk.body = cfg.body
+  wrk.request = function() return wrk.format(nil, nil, nil, nil) end
+  if cfg.script then
+    wrkenv.load(cfg.script, _G)
+    local init = rawget(_G, "init")
+    if init then init(cfg.script_args or {}) end
+    hooks.request = rawget(_G, "request")
+    hooks.response = rawget(_G, "response")
+    hooks.delay = rawget(_G, "delay")
+    if not hooks.request then
+      hooks.fixed_request = wrk.format(nil, nil, nil, nil)
+      hooks.fixed_depth = math.max(1, wrkenv.count_requests(hooks.fixed_request))
+    end
+  else
+    hooks.fixed_request = wrk.format(nil, nil, nil, nil):rep(cfg.pipeline or 1)
+    hooks.fixed_depth = cfg.pipeline or 1
+  end
+  local result = M.run(cfg, hooks, function() return stop_flag end)
+  return serial.encode(result)
+end
+
+return M

@@ -1,0 +1,90 @@
+--- The environment wrk scripts run in, unchanged: the `wrk` table, the global hooks, and a
+-- few LuaJIT-era compatibility names (unpack, loadstring, bit) Lua 5.4 lacks.
+local core = require "moonwire.core"
+
+local M = {}
+
+local Addr = {}
+Addr.__index = Addr
+function Addr:__tostring()
+  if self.host:find(":", 1, true) then return ("[%s]:%d"):format(self.host, self.port) end
+  return ("%s:%d"):format(self.host, self.port)
+end
+M.Addr = Addr
+
+local function new_bit()
+  return {
+    band = function(a, ...) for _, b in ipairs{ ... } do a = a & b end return a end,
+    bor = function(a, ...) for _, b in ipairs{ ... } do a = a | b end return a end,
+    bxor = function(a, ...) for _, b in ipairs{ ... } do a = a ~ b end return a end,
+    bnot = function(a) return ~a end,
+    lshift = function(a, n) return (a << n) & 0xffffffff end,
+    rshift = function(a, n) return (a & 0xffffffff) >> n end,
+    arshift = function(a, n) return a >> n end,
+    tobit = function(a) a = a & 0xffffffff if a >= 0x80000000 then a = a - 0x100000000 end return a end,
+    tohex = function(a, n) return ("%0" .. (n or 8) .. "x"):format(a & 0xffffffff) end,
+  }
+end
+
+--- The global environment for a script, with `wrk` filled from the target: `G` itself (a
+-- bench thread's own state runs the script in its real globals, so thread:get/set reach
+-- them) or a fresh table over _G.
+function M.env(target, headers, thread, G)
+  local env = G or setmetatable({}, { __index = _G })
+  if not G then env._G = env end
+  env.unpack = table.unpack
+  env.loadstring = load
+  env.bit = new_bit()
+  env.setfenv = function(f, t) return f, t end
+  local wrk = {
+    scheme = target.scheme, host = target.host, port = target.port_given, method = "GET",
+    path = target.path, headers = {}, body = nil, thread = thread,
+  }
+  for k, v in pairs(headers or {}) do wrk.headers[k] = v end
+  function wrk.format(method, path, hdrs, body)
+    method = method or wrk.method
+    path = path or wrk.path
+    hdrs = hdrs or wrk.headers
+    body = body or wrk.body
+    local out = { method, " ", path, " HTTP/1.1\r\n" }
+    local has_host, has_len = false, false
+    for k in pairs(hdrs) do
+      local lk = tostring(k):lower()
+      if lk == "host" then has_host = true end
+      if lk == "content-length" then has_len = true end
+    end
+    if not has_host then
+      out[#out + 1] = "Host: " .. target.authority .. "\r\n"
+    end
+    for k, v in pairs(hdrs) do out[#out + 1] = tostring(k) .. ": " .. tostring(v) .. "\r\n" end
+    if body and not has_len then out[#out + 1] = "Content-Length: " .. #body .. "\r\n" end
+    out[#out + 1] = "\r\n"
+    if body then out[#out + 1] = body end
+    return table.concat(out)
+  end
+  function wrk.lookup(host, service)
+    local list, err = require("moonwire").resolve(host, tonumber(service) or 0)
+    if not list then error("wrk.lookup: " .. tostring(err), 2) end
+    local out = {}
+    for i, a in ipairs(list) do out[i] = setmetatable({ host = a.host, port = a.port, family = a.family }, Addr) end
+    return out
+  end
+  function wrk.connect(addr)
+    local sock = require("moonwire").tcp.connect(addr.host, addr.port, { timeout = 2 })
+    if sock then sock:close() return true end
+    return false
+  end
+  env.wrk = wrk
+  return env, wrk
+end
+
+--- Loads a script file into env (raises with the script's error).
+function M.load(path, env)
+  local chunk, err = loadfile(path, "t", env)
+  if not chunk then error("cannot load script: " .. err, 0) end
+  chunk()
+end
+
+M.count_requests = core.http_count
+
+return M
