@@ -1,0 +1,1918 @@
+-- HTTP/1.1 client (docs/client.md) against our own server (docs/http.md) and raw-socket fake
+-- servers: requests and responses, request bodies (string, table, function → chunked),
+-- keep-alive reuse counted server-side, pooling limits (1,000 requests through 50
+-- connections), stale pooled connections (transparent retry of idempotent requests only),
+-- 200 MiB streaming both ways in flat memory, max_body, malformed and truncated responses,
+-- timeouts, connection errors, redirects of every kind, decompression, Unix sockets, proxies,
+-- userinfo. Every server listens on 127.0.0.1 port 0 (or a fresh Unix socket path) and is
+-- closed by its test; only loopback traffic.
+
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local http = require "moonwire.http"
+local core = require "moonwire.core"
+
+local KiB, MiB = 1024, 1024 * 1024
+
+---------------------------------------------------------------------------------------------
+-- fixtures
+
+-- Handler errors of our servers (a test that cares asserts the list is empty).
+local handler_errors = {}
+
+-- Starts our server on 127.0.0.1 port 0 (or opts.unix) with `handler`.
+local function serve(handler, opts)
+  opts = opts or {}
+  if not opts.unix then opts.host, opts.port = opts.host or "127.0.0.1", 0 end
+  opts.handler = handler
+  handler_errors = {}
+  opts.error_log = opts.error_log or function(msg) handler_errors[#handler_errors + 1] = msg end
+  return assert(http.server(opts))
+end
+
+-- Closes a server when the test body ends, however it ends.
+local function guard(srv)
+  return setmetatable({}, { __close = function() pcall(srv.close, srv, 0) end })
+end
+
+local function base(srv) return "http://127.0.0.1:" .. srv.port end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+-- Our server, recording every request in `log` ({ method, target, path, headers (a plain
+-- copy), body, req, conn = the server-side connection's number }) and counting distinct
+-- server-side connections (`log.nconns`). `answer(req, res, entry)` answers (default "ok").
+local function recorder(answer, opts)
+  local log = { nconns = 0, conn_of = setmetatable({}, { __mode = "k" }) }
+  local srv = serve(function(req, res)
+    local sock = req.socket
+    if not log.conn_of[sock] then
+      log.nconns = log.nconns + 1
+      log.conn_of[sock] = log.nconns
+    end
+    local entry = { method = req.method, target = req.target, path = req.path,
+                    headers = copy(req.headers), req = req, conn = log.conn_of[sock] }
+    log[#log + 1] = entry
+    if answer then return answer(req, res, entry) end
+    entry.body = req:body()
+    res:header("content-type", "text/plain")
+    res:send("ok")
+  end, opts)
+  return srv, log
+end
+
+-- A raw TCP server: `handler(sock, n)` runs in a task of its own for the n-th accepted
+-- connection (the socket is closed when it returns). `f.accepted` counts connections.
+-- An error in a handler fails the test (a task nobody joined raised).
+local function fake(handler)
+  local l, port = helper.listen()
+  local f = { port = port, url = "http://127.0.0.1:" .. port, accepted = 0 }
+  mw.spawn(function()
+    while true do
+      local s = l:accept()
+      if not s then return end
+      f.accepted = f.accepted + 1
+      local n = f.accepted
+      mw.spawn(function()
+        local _s <close> = s
+        handler(s, n)
+      end)
+    end
+  end)
+  function f.close() l:close() end
+  return setmetatable(f, { __close = function() l:close() end })
+end
+
+-- Reads one request from a raw socket: { method, target, version, headers (lower-case,
+-- repeated joined with ", "), fields (list of {name, value}), body (de-chunked) }, or
+-- nil, err, code when the connection ends first.
+local function read_request(s, timeout)
+  timeout = timeout or 5
+  local line, err, code = s:read("l", timeout)
+  if not line then return nil, err, code end
+  local r = { line = line, headers = {}, fields = {} }
+  r.method, r.target, r.version = line:match("^(%S+) (%S+) HTTP/(%d%.%d)$")
+  assert(r.method, "bad request line: " .. line)
+  while true do
+    local h = assert(s:read("l", timeout))
+    if h == "" then break end
+    local name, value = h:match("^([^:%s]+):[ \t]*(.-)[ \t]*$")
+    assert(name, "bad header line: " .. h)
+    name = name:lower()
+    r.fields[#r.fields + 1] = { name, value }
+    r.headers[name] = r.headers[name] and (r.headers[name] .. ", " .. value) or value
+  end
+  if r.headers["transfer-encoding"] then
+    assert.equal("chunked", r.headers["transfer-encoding"])
+    local parts = {}
+    while true do
+      local size_line = assert(s:read("l", timeout))
+      local size = assert(tonumber(size_line:match("^%x+"), 16), "bad chunk size: " .. size_line)
+      if size == 0 then
+        assert.equal("", s:read("l", timeout))
+        break
+      end
+      parts[#parts + 1] = assert(s:read(size, timeout))
+      assert.equal("", s:read("l", timeout))
+    end
+    r.body = table.concat(parts)
+  elseif r.headers["content-length"] then
+    local n = assert(math.tointeger(tonumber(r.headers["content-length"])))
+    r.body = n > 0 and assert(s:read(n, timeout)) or ""
+  else
+    r.body = ""
+  end
+  return r
+end
+
+-- Response bytes: status line, header lines (a list of "Name: value"), body.
+local function response(status_line, headers, body)
+  local t = { status_line }
+  for _, h in ipairs(headers or {}) do t[#t + 1] = h end
+  return table.concat(t, "\r\n") .. "\r\n\r\n" .. (body or "")
+end
+
+local function ok_response(body)
+  body = body or "ok"
+  return response("HTTP/1.1 200 OK", { "Content-Length: " .. #body }, body)
+end
+
+-- A fake server answering every request on every connection with `answer(req, n, i)`
+-- (n: connection number, i: request number on it); records requests in f.requests.
+local function fake_http(answer)
+  local f
+  f = fake(function(s, n)
+    local i = 0
+    while true do
+      local req = read_request(s)
+      if not req then return end
+      i = i + 1
+      req.conn = n
+      f.requests[#f.requests + 1] = req
+      local out = ok_response()
+      if answer then out = answer(req, n, i) end
+      if out == false then return end          -- close without answering
+      if not s:write(out) then return end
+    end
+  end)
+  f.requests = {}
+  return f
+end
+
+-- Waits (bounded) until `cond()` holds.
+local function wait_for(cond, limit)
+  local deadline = mw.now() + (limit or 5)
+  while not cond() do
+    if mw.now() > deadline then return false end
+    mw.sleep(0.005)
+  end
+  return true
+end
+
+local function rss_kib()
+  local f = io.open("/proc/self/status")
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  return tonumber(text:match("VmRSS:%s*(%d+)"))
+end
+
+-- A checker that the bytes fed to it, in any pieces, are `block` repeated: returns
+-- feed(chunk) and result() → total bytes, first mismatch offset or nil.
+local function repeat_checker(block)
+  local n, pos, total, bad = #block, 0, 0, nil
+  local function feed(chunk)
+    local i, len = 1, #chunk
+    while i <= len do
+      local take = math.min(len - i + 1, n - pos)
+      if not bad and chunk:sub(i, i + take - 1) ~= block:sub(pos + 1, pos + take) then
+        bad = total + i - 1
+      end
+      i = i + take
+      pos = (pos + take) % n
+    end
+    total = total + len
+  end
+  return feed, function() return total, bad end
+end
+
+local function b64(s)
+  local chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+  return (s:gsub("..?.?", function(c)
+    local a, b, d = c:byte(1, 3)
+    local v = a * 65536 + (b or 0) * 256 + (d or 0)
+    local out = ""
+    for i = 3, 0, -1 do
+      local k = (v >> (6 * i)) & 63
+      out = out .. chars:sub(k + 1, k + 1)
+    end
+    if not b then return out:sub(1, 2) .. "==" end
+    if not d then return out:sub(1, 3) .. "=" end
+    return out
+  end))
+end
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: requests and responses", function()
+  it("GET: status, reason, version, lower-case headers with case-insensitive lookup, body, url", function()
+    run(function()
+      local srv, log = recorder(function(req, res)
+        res:header("Content-Type", "text/plain")
+        res:header("X-Multi", "a")
+        res:header("X-Multi", "b")
+        res:cookie("s1", "v1")
+        res:cookie("s2", "v2")
+        res:send("hello " .. req.target)
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local u = base(srv) .. "/path/x?y=1&z=%20"
+      local res = assert(c:get(u))
+      assert.equal(200, res.status)
+      assert.equal("OK", res.reason)
+      assert.equal("1.1", res.version)
+      assert.equal("text/plain", res.headers["content-type"])
+      assert.equal("text/plain", res.headers["Content-Type"])
+      assert.equal("text/plain", res.headers["CONTENT-TYPE"])
+      assert.equal("a, b", res.headers["x-multi"])
+      assert.same({ "a", "b" }, res:header_list("x-multi"))
+      assert.same({ "a", "b" }, res:header_list("X-Multi"))
+      assert.same({ "s1=v1", "s2=v2" }, res:header_list("set-cookie"))
+      assert.same({ "text/plain" }, res:header_list("content-type"))
+      assert.same({}, res:header_list("x-absent"))
+      assert.is_nil(res.headers["x-absent"])
+      for name in pairs(res.headers) do assert.equal(name:lower(), name) end
+      assert.equal("hello /path/x?y=1&z=%20", res:body())
+      assert.equal("hello /path/x?y=1&z=%20", res:body()) -- a second call gives it again
+      assert.equal(u, res.url)
+      -- the request as the server got it
+      local r = log[1]
+      assert.equal("GET", r.method)
+      assert.equal("/path/x?y=1&z=%20", r.target)
+      assert.equal("127.0.0.1:" .. srv.port, r.headers.host)
+      assert.equal("moonwire/" .. mw.version, r.headers["user-agent"])
+      assert.is_nil(r.headers["content-length"])
+      assert.is_nil(r.headers["transfer-encoding"])
+      assert.is_nil(r.headers["accept-encoding"])
+      assert.is_nil(r.headers["authorization"])
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("http.get/post/request use the default client; the method defaults to GET, or POST with a body", function()
+    run(function()
+      local srv, log = recorder()
+      local _g <close> = guard(srv)
+      local b = base(srv)
+      local res = assert(http.get(b .. "/get"))
+      assert.equal("ok", res:body())
+      res = assert(http.post(b .. "/post", "payload"))
+      assert.equal("ok", res:body())
+      res = assert(http.request { url = b .. "/implicit-post", body = "x" })
+      assert.equal(200, res.status)
+      res:body()
+      res = assert(http.request { url = b .. "/implicit-get" })
+      res:body()
+      res = assert(http.request { url = b .. "/put", method = "PUT", body = "" })
+      res:body()
+      res = assert(http.request { url = b .. "/delete", method = "DELETE" })
+      res:body()
+      local got = {}
+      for i, r in ipairs(log) do got[i] = { r.method, r.path, r.body, r.headers["content-length"] } end
+      assert.same({
+        { "GET", "/get", "", nil },
+        { "POST", "/post", "payload", "7" },
+        { "POST", "/implicit-post", "x", "1" },
+        { "GET", "/implicit-get", "", nil },
+        { "PUT", "/put", "", "0" },
+        { "DELETE", "/delete", "", nil },
+      }, got)
+      assert.is_function(http.client().request)
+      srv:close()
+    end)
+  end)
+
+  it("client:get/post/request; opts of get/post are honoured (headers)", function()
+    run(function()
+      local srv, log = recorder()
+      local _g <close> = guard(srv)
+      local c = http.client()
+      assert(c:get(base(srv) .. "/g", { headers = { ["X-A"] = "1" } })):body()
+      assert(c:post(base(srv) .. "/p", "body!", { headers = { ["X-B"] = "2" } })):body()
+      assert(c:request { url = base(srv) .. "/r", method = "PATCH", body = "zz" }):body()
+      assert.equal("1", log[1].headers["x-a"])
+      assert.equal("GET", log[1].method)
+      assert.equal("2", log[2].headers["x-b"])
+      assert.equal("POST", log[2].method)
+      assert.equal("body!", log[2].body)
+      assert.equal("PATCH", log[3].method)
+      assert.equal("zz", log[3].body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("request headers: custom fields, a table value sends the field once per item, User-Agent and Host set", function()
+    run(function()
+      local f = fake_http()
+      local _f <close> = f
+      local c = http.client { user_agent = "tester/2" }
+      assert(c:get(f.url .. "/a", { headers = { ["X-One"] = "1", ["X-Multi"] = { "a", "b", "c" } } })):body()
+      assert(c:get(f.url .. "/b", { headers = { ["User-Agent"] = "custom/1", Host = "virtual.example" } })):body()
+      local r1, r2 = f.requests[1], f.requests[2]
+      assert.equal("1", r1.headers["x-one"])
+      local multi = {}
+      for _, fld in ipairs(r1.fields) do if fld[1] == "x-multi" then multi[#multi + 1] = fld[2] end end
+      assert.same({ "a", "b", "c" }, multi)
+      assert.equal("tester/2", r1.headers["user-agent"])
+      assert.equal("127.0.0.1:" .. f.port, r1.headers.host)
+      local counts = {}
+      for _, fld in ipairs(r2.fields) do counts[fld[1]] = (counts[fld[1]] or 0) + 1 end
+      assert.equal(1, counts["user-agent"])
+      assert.equal(1, counts.host)
+      assert.equal("custom/1", r2.headers["user-agent"])
+      assert.equal("virtual.example", r2.headers.host)
+      c:close()
+    end)
+  end)
+
+  it("request bodies: string and table (Content-Length), function (chunked), function with a content-length", function()
+    run(function()
+      local f = fake_http()
+      local _f <close> = f
+      local c = http.client()
+      local function gen(pieces)
+        local i = 0
+        return function()
+          i = i + 1
+          return pieces[i]
+        end
+      end
+      assert(c:request { url = f.url .. "/s", method = "POST", body = "string body" }):body()
+      assert(c:request { url = f.url .. "/t", method = "POST", body = { "tab", "le ", "", "body" } }):body()
+      assert(c:request { url = f.url .. "/f", method = "POST", body = gen { "fun", "", "ction", " body" } }):body()
+      assert(c:request { url = f.url .. "/fl", method = "PUT", body = gen { "with ", "length" },
+                         headers = { ["Content-Length"] = "11" } }):body()
+      assert(c:request { url = f.url .. "/e", method = "POST", body = gen {} }):body()
+      local r = f.requests
+      assert.equal("string body", r[1].body)
+      assert.equal("11", r[1].headers["content-length"])
+      assert.equal("table body", r[2].body)
+      assert.equal("10", r[2].headers["content-length"])
+      assert.is_nil(r[2].headers["transfer-encoding"])
+      -- function body: chunked; an empty piece does not end it
+      assert.equal("function body", r[3].body)
+      assert.equal("chunked", r[3].headers["transfer-encoding"])
+      assert.is_nil(r[3].headers["content-length"])
+      assert.equal("with length", r[4].body)
+      assert.equal("11", r[4].headers["content-length"])
+      assert.is_nil(r[4].headers["transfer-encoding"])
+      assert.equal("", r[5].body)
+      assert.equal("chunked", r[5].headers["transfer-encoding"])
+      assert.equal(1, f.accepted)
+      c:close()
+    end)
+  end)
+
+  it("a chunked response: body() gives it whole, body_reader() in pieces; the connection is reused", function()
+    run(function()
+      local pieces = {}
+      for i = 1, 200 do pieces[i] = ("piece %03d;"):format(i) end
+      local whole = table.concat(pieces)
+      local srv, log = recorder(function(_, res)
+        res:header("content-type", "application/octet-stream")
+        for _, p in ipairs(pieces) do res:write(p) end
+        res:finish()
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local res = assert(c:get(base(srv) .. "/one"))
+      assert.equal("chunked", res.headers["transfer-encoding"])
+      assert.equal(whole, res:body())
+      res = assert(c:get(base(srv) .. "/two"))
+      local got, n = {}, 0
+      for chunk in res:body_reader() do
+        assert.is_true(#chunk > 0)
+        n = n + 1
+        got[n] = chunk
+      end
+      assert.equal(whole, table.concat(got))
+      assert.equal(1, log.nconns)
+      assert.same({ idle = 1, active = 0 }, c:stats())
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("HEAD: the headers (Content-Length included) and no body; the connection stays usable", function()
+    run(function()
+      local srv, log = recorder(function(_, res)
+        res:header("content-type", "application/octet-stream")
+        res:send(("x"):rep(1000))
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local res = assert(c:request { url = base(srv) .. "/h", method = "HEAD", timeout = 2 })
+      assert.equal(200, res.status)
+      assert.equal("1000", res.headers["content-length"])
+      assert.equal("", res:body())
+      res = assert(c:get(base(srv) .. "/g", { timeout = 2 }))
+      assert.equal(("x"):rep(1000), res:body())
+      assert.equal("HEAD", log[1].method)
+      assert.equal(1, log.nconns)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("HEAD against a raw server: no body bytes are awaited; the next response on the connection parses", function()
+    run(function()
+      local f = fake_http(function(req)
+        if req.method == "HEAD" then
+          return response("HTTP/1.1 200 OK", { "Content-Length: 1000", "Content-Type: text/plain" })
+        end
+        return ok_response("after head")
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:request { url = f.url .. "/", method = "HEAD", timeout = 2 })
+      assert.equal("1000", res.headers["content-length"])
+      assert.equal("", res:body())
+      assert.equal("after head", assert(c:get(f.url .. "/", { timeout = 2 })):body())
+      assert.equal(1, f.accepted)
+      c:close()
+    end)
+  end)
+
+  -- A raw server answering /204 and /304 with the given heads, anything else with "fine".
+  local function bodyless(head204, head304)
+    return fake_http(function(req)
+      if req.target == "/204" then return head204 end
+      if req.target == "/304" then return head304 end
+      return ok_response("fine")
+    end)
+  end
+
+  it("204 and 304 from a raw server have no body; the connection stays usable", function()
+    run(function()
+      local f = bodyless(response("HTTP/1.1 204 No Content", { "X-A: 1" }),
+                         response("HTTP/1.1 304 Not Modified", { 'ETag: "v1"' }))
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/204", { timeout = 2 }))
+      assert.equal(204, res.status)
+      assert.equal("1", res.headers["x-a"])
+      assert.same({ "", n = 1 }, table.pack(mw.timeout(2, res.body, res)))
+      res = assert(c:get(f.url .. "/304", { timeout = 2 }))
+      assert.equal(304, res.status)
+      assert.equal('"v1"', res.headers.etag)
+      assert.same({ "", n = 1 }, table.pack(mw.timeout(2, res.body, res)))
+      assert.equal("fine", assert(c:get(f.url .. "/ok", { timeout = 2 })):body())
+      assert.equal(1, f.accepted)
+      c:close()
+    end)
+  end)
+
+  it("a 304 with a Content-Length (the length of the unsent representation) has no body", function()
+    run(function()
+      local f = bodyless(response("HTTP/1.1 204 No Content", {}),
+                         response("HTTP/1.1 304 Not Modified", { 'ETag: "v1"', "Content-Length: 50" }))
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/304", { timeout = 2 }))
+      assert.equal(304, res.status)
+      assert.equal("50", res.headers["content-length"])
+      assert.same({ "", n = 1 }, table.pack(mw.timeout(2, res.body, res)))
+      assert.equal("fine", assert(c:get(f.url .. "/ok", { timeout = 2 })):body())
+      assert.equal(1, f.accepted)
+      c:close()
+    end)
+  end)
+
+  it("204 and 304 from our server: empty bodies, one connection", function()
+    run(function()
+      local srv, log = recorder(function(req, res)
+        if req.path == "/304" then
+          res:status(304)
+          res:header("etag", '"e"')
+          return res:send()
+        end
+        res:status(204)
+        res:send()
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      for _, p in ipairs { "/204", "/304", "/204" } do
+        local res = assert(c:get(base(srv) .. p, { timeout = 2 }))
+        assert.equal(tonumber(p:sub(2)) or 204, res.status)
+        assert.equal("", res:body())
+      end
+      assert.equal(1, log.nconns)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("a close-delimited body (HTTP/1.0, or 1.1 with Connection: close) ends at the close; not pooled", function()
+    run(function()
+      local f = fake(function(s, n)
+        assert(read_request(s))
+        if n == 1 then
+          s:write("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nbody until close")
+        else
+          s:write("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nanother body")
+        end
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/", { timeout = 3 }))
+      assert.equal("1.0", res.version)
+      assert.equal("body until close", res:body())
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      res = assert(c:get(f.url .. "/", { timeout = 3 }))
+      assert.equal("another body", res:body())
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      assert.equal(2, f.accepted)
+      c:close()
+    end)
+  end)
+
+  it("IPv6 literal URLs connect to [::1] and send a bracketed Host", function()
+    if not helper.has_ipv6() then pending("no ::1 on this machine") end
+    run(function()
+      local srv, log = recorder(nil, { host = "::1" })
+      local _g <close> = guard(srv)
+      local res = assert(http.client():get(("http://[::1]:%d/six"):format(srv.port)))
+      assert.equal("ok", res:body())
+      assert.equal(("[::1]:%d"):format(srv.port), log[1].headers.host)
+      srv:close()
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: keep-alive and the pool", function()
+  it("sequential requests, from one task and from several, reuse one connection (counted server-side)", function()
+    run(function()
+      local srv, log = recorder()
+      local _g <close> = guard(srv)
+      local c = http.client()
+      for i = 1, 10 do
+        assert.equal("ok", assert(c:get(base(srv) .. "/seq/" .. i)):body())
+      end
+      for i = 1, 5 do
+        local t = mw.spawn(function() return assert(c:get(base(srv) .. "/task/" .. i)):body() end)
+        assert.same({ true, "ok" }, { t:join() })
+      end
+      assert.equal(15, #log)
+      assert.equal(1, log.nconns)
+      assert.same({ idle = 1, active = 0 }, c:stats())
+      c:close()
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      -- after close(), a new connection
+      assert(c:get(base(srv) .. "/after-close")):body()
+      assert.equal(2, log.nconns)
+      srv:close()
+    end)
+  end)
+
+  it("stats() counts a held response as active; res:close() of an unread body closes the connection", function()
+    run(function()
+      local big = ("b"):rep(100 * KiB)
+      local srv, log = recorder(function(_, res)
+        res:header("content-type", "application/octet-stream")
+        res:send(big)
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local res = assert(c:get(base(srv) .. "/1"))
+      assert.same({ idle = 0, active = 1 }, c:stats())
+      res:close()
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      res:close() -- twice is harmless
+      do
+        local r <close> = assert(c:get(base(srv) .. "/2"))
+        assert.equal(200, r.status)
+      end
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      -- a body read to its end returns the connection
+      res = assert(c:get(base(srv) .. "/3"))
+      assert.equal(big, res:body())
+      assert.same({ idle = 1, active = 0 }, c:stats())
+      res = assert(c:get(base(srv) .. "/4"))
+      local n = 0
+      for chunk in res:body_reader() do n = n + #chunk end
+      assert.equal(#big, n)
+      assert.same({ idle = 1, active = 0 }, c:stats())
+      assert.equal(3, log.nconns) -- /1 and /2 closed theirs; /3 and /4 shared one
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("Connection: close from the server: the connection is not reused", function()
+    run(function()
+      local srv, log = recorder(function(_, res)
+        res:header("connection", "close")
+        res:send("bye")
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      assert.equal("bye", assert(c:get(base(srv) .. "/a")):body())
+      assert.equal("bye", assert(c:get(base(srv) .. "/b")):body())
+      assert.equal(2, log.nconns)
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  -- 1,000 tasks, one GET each, through one client with `settings`; returns the number of
+  -- server-side connections used and the most requests the server had in flight at once.
+  local function thousand(settings)
+    local open, max_open = 0, 0
+    local srv, log = recorder(function(req, res)
+      open = open + 1
+      if open > max_open then max_open = open end
+      mw.yield() -- let other requests in while this one is in flight
+      open = open - 1
+      res:send(req.path:match("%d+$"))
+    end)
+    local _g <close> = guard(srv)
+    local c = http.client(settings)
+    local tasks = {}
+    for i = 1, 1000 do
+      tasks[i] = mw.spawn(function()
+        local res, err = c:get(base(srv) .. "/n/" .. i)
+        if not res then return "request failed: " .. tostring(err) end
+        return res.status, res:body()
+      end)
+    end
+    local failures = {}
+    for i, t in ipairs(tasks) do
+      local ok, status, body = t:join()
+      if not (ok and status == 200 and body == tostring(i)) then
+        failures[#failures + 1] = ("#%d: %s %s %s"):format(i, tostring(ok), tostring(status), tostring(body))
+      end
+    end
+    assert.same({}, failures)
+    assert.equal(1000, #log)
+    assert.equal(0, c:stats().active)
+    c:close()
+    srv:close()
+    return log.nconns, max_open
+  end
+
+  it("1,000 concurrent requests through max_per_origin = 50: all succeed over at most 50 connections", function()
+    run(function()
+      local nconns, max_open = thousand { max_per_origin = 50 }
+      assert.is_true(max_open <= 50, "requests in flight at once: " .. max_open)
+      assert.is_true(nconns >= 2, "the requests did not run concurrently")
+      assert.is_true(nconns <= 50, "server-side connections: " .. nconns)
+    end, 30)
+  end)
+
+  it("1,000 concurrent requests through max_per_origin = 50 and max_idle = 50: at most 50 connections", function()
+    run(function()
+      local nconns, max_open = thousand { max_per_origin = 50, max_idle = 50 }
+      assert.is_true(max_open <= 50, "requests in flight at once: " .. max_open)
+      assert.is_true(nconns >= 2 and nconns <= 50, "server-side connections: " .. nconns)
+    end, 30)
+  end)
+
+  it("max_per_origin (default 10): 100 concurrent requests never open more than 10 connections at once", function()
+    run(function()
+      local gate = mw.channel()
+      local inflight, max_inflight = 0, 0
+      local srv, log = recorder(function(_, res)
+        inflight = inflight + 1
+        if inflight > max_inflight then max_inflight = inflight end
+        gate:recv() -- held until the test opens the gate
+        inflight = inflight - 1
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client { max_idle = 10 }
+      local tasks = {}
+      for i = 1, 100 do
+        tasks[i] = mw.spawn(function() return assert(c:get(base(srv) .. "/" .. i)):body() end)
+      end
+      assert(wait_for(function() return inflight == 10 end), "10 requests never reached the server")
+      assert.equal(10, c:stats().active)
+      gate:close()
+      for _, t in ipairs(tasks) do assert.same({ true, "ok" }, { t:join() }) end
+      assert.equal(10, max_inflight)
+      assert.equal(100, #log)
+      assert.equal(10, log.nconns)
+      c:close()
+      srv:close()
+    end, 20)
+  end)
+
+  it("a waiting request gets the connection that comes back (max_per_origin = 1)", function()
+    run(function()
+      local gate = mw.channel()
+      local srv, log = recorder(function(req, res)
+        if req.path == "/slow" then gate:recv() end
+        res:send(req.path)
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client { max_per_origin = 1 }
+      local a = mw.spawn(function() return assert(c:get(base(srv) .. "/slow")):body() end)
+      assert(wait_for(function() return #log == 1 end))
+      local b = mw.spawn(function() return assert(c:get(base(srv) .. "/fast")):body() end)
+      mw.sleep(0.05)
+      assert.equal(1, #log) -- b waits for the one connection
+      assert.equal("waiting", b:status())
+      gate:close()
+      assert.same({ true, "/slow" }, { a:join() })
+      assert.same({ true, "/fast" }, { b:join() })
+      assert.equal(1, log.nconns)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("max_idle caps the idle connections kept; idle_timeout retires old ones", function()
+    run(function()
+      local gate = mw.channel()
+      local held = 0
+      local srv, log = recorder(function(req, res)
+        if req.path:find("^/hold") then
+          held = held + 1
+          gate:recv()
+        end
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client { max_idle = 2 }
+      local tasks = {}
+      for i = 1, 5 do tasks[i] = mw.spawn(function() return assert(c:get(base(srv) .. "/hold" .. i)):body() end) end
+      assert(wait_for(function() return held == 5 end))
+      gate:close()
+      for _, t in ipairs(tasks) do assert.same({ true, "ok" }, { t:join() }) end
+      assert.equal(5, log.nconns)
+      assert.same({ idle = 2, active = 0 }, c:stats())
+      c:close()
+
+      local c2 = http.client { idle_timeout = 0.1 }
+      assert(c2:get(base(srv) .. "/t1")):body()
+      assert(c2:get(base(srv) .. "/t2")):body()
+      assert.equal(6, log.nconns) -- reused while young
+      mw.sleep(0.2)
+      assert(c2:get(base(srv) .. "/t3")):body()
+      assert.equal(7, log.nconns) -- older than idle_timeout: a new connection
+      c2:close()
+      srv:close()
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: stale pooled connections", function()
+  it("an idle connection the server closed is replaced transparently", function()
+    run(function()
+      local closed = mw.channel(1)
+      local f = fake(function(s, n)
+        local req = assert(read_request(s))
+        -- keep-alive response (no Connection: close), then the server drops the connection
+        assert(s:write(ok_response("conn " .. n .. " " .. req.target)))
+        if n == 1 then
+          s:close()
+          closed:send(true)
+          return
+        end
+        while true do
+          req = read_request(s)
+          if not req then return end
+          s:write(ok_response("conn " .. n .. " " .. req.target))
+        end
+      end)
+      local _f <close> = f
+      local c = http.client()
+      assert.equal("conn 1 /first", assert(c:get(f.url .. "/first")):body())
+      assert.same({ idle = 1, active = 0 }, c:stats())
+      assert(closed:recv(5))
+      assert.equal("conn 2 /second", assert(c:get(f.url .. "/second")):body())
+      assert.equal(2, f.accepted)
+      c:close()
+    end)
+  end)
+
+  -- Connection 1 answers its first request (keep-alive), then reads the next request whole
+  -- and closes without answering: the client finds out only after sending. Later
+  -- connections answer everything.
+  local function closes_on_second_request()
+    return fake_http(function(req, n, i)
+      if n == 1 and i == 2 then return false end
+      return ok_response(("conn %d %s %s %s"):format(n, req.method, req.target, req.body))
+    end)
+  end
+
+  for _, case in ipairs {
+    { "GET" }, { "HEAD" }, { "DELETE" }, { "OPTIONS" }, { "PUT", "string body" }, { "PUT", { "table ", "body" } },
+  } do
+    local method, body = case[1], case[2]
+    it(("retries an idempotent %s%s once on a new connection"):format(method,
+      body and (" with a " .. type(body) .. " body") or ""), function()
+      run(function()
+        local f = closes_on_second_request()
+        local _f <close> = f
+        local c = http.client()
+        assert.equal("conn 1 GET /warm ", assert(c:get(f.url .. "/warm")):body())
+        local res, err = c:request { url = f.url .. "/again", method = method, body = body }
+        assert(res, "request failed: " .. tostring(err))
+        assert.equal(200, res.status)
+        local flat = type(body) == "table" and table.concat(body) or body or ""
+        if method ~= "HEAD" then
+          assert.equal(("conn 2 %s /again %s"):format(method, flat), res:body())
+        end
+        assert.equal(2, f.accepted)
+        -- the request reached the server twice: on the stale connection, then on the new one
+        assert.equal(3, #f.requests)
+        assert.same({ 1, method, flat }, { f.requests[2].conn, f.requests[2].method, f.requests[2].body })
+        assert.same({ 2, method, flat }, { f.requests[3].conn, f.requests[3].method, f.requests[3].body })
+        c:close()
+      end)
+    end)
+  end
+
+  it("does not retry a POST: it fails with the error and is sent only once", function()
+    run(function()
+      local f = closes_on_second_request()
+      local _f <close> = f
+      local c = http.client()
+      assert(c:get(f.url .. "/warm")):body()
+      helper.fails({ "closed", "ECONNRESET", "EPIPE" },
+        c:request { url = f.url .. "/post", method = "POST", body = "once" })
+      mw.sleep(0.05)
+      assert.equal(1, f.accepted)
+      assert.equal(2, #f.requests)
+      assert.equal("POST", f.requests[2].method)
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      c:close()
+    end)
+  end)
+
+  it("does not retry a PUT whose body is a function (not replayable)", function()
+    run(function()
+      local f = closes_on_second_request()
+      local _f <close> = f
+      local c = http.client()
+      assert(c:get(f.url .. "/warm")):body()
+      local sent = false
+      helper.fails({ "closed", "ECONNRESET", "EPIPE" }, c:request { url = f.url .. "/put", method = "PUT",
+        body = function()
+          if sent then return nil end
+          sent = true
+          return "streamed"
+        end })
+      mw.sleep(0.05)
+      assert.equal(1, f.accepted)
+      assert.equal(2, #f.requests)
+      c:close()
+    end)
+  end)
+
+  it("a fresh connection the server closes without answering fails with 'closed' (no retry)", function()
+    run(function()
+      local f = fake_http(function() return false end)
+      local _f <close> = f
+      local c = http.client()
+      helper.fails("closed", c:get(f.url .. "/", { timeout = 3 }))
+      mw.sleep(0.05)
+      assert.equal(1, f.accepted)
+      c:close()
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: streaming 200 MiB", function()
+  local SIZE = 200 * MiB
+  local BLOCK = helper.pattern(64 * KiB)
+
+  it("downloads a 200 MiB chunked body with body_reader() in flat memory", function()
+    run(function()
+      local srv = serve(function(_, res)
+        res:header("content-type", "application/octet-stream")
+        for _ = 1, SIZE // #BLOCK do
+          if not res:write(BLOCK) then return end
+        end
+        res:finish()
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      collectgarbage()
+      collectgarbage()
+      local lua0, rss0 = collectgarbage("count"), rss_kib()
+      local lua_max, rss_max = lua0, rss0
+      local res = assert(c:get(base(srv) .. "/big", { timeout = 60 }))
+      assert.equal("chunked", res.headers["transfer-encoding"])
+      local feed, result = repeat_checker(BLOCK)
+      local n = 0
+      for chunk in res:body_reader() do
+        feed(chunk)
+        n = n + 1
+        if n % 64 == 0 then
+          lua_max = math.max(lua_max, collectgarbage("count"))
+          if rss0 then rss_max = math.max(rss_max, rss_kib()) end
+        end
+      end
+      local total, bad = result()
+      assert.equal(SIZE, total)
+      assert.is_nil(bad, "content differs at offset " .. tostring(bad))
+      local growth = (lua_max - lua0) / 1024
+      assert.is_true(growth < 20, ("Lua memory grew by %.1f MiB"):format(growth))
+      if rss0 then
+        local rgrowth = (rss_max - rss0) / 1024
+        assert.is_true(rgrowth < 100, ("RSS grew by %.1f MiB"):format(rgrowth))
+      end
+      assert.same({ idle = 1, active = 0 }, c:stats())
+      c:close()
+      srv:close()
+    end, 90)
+  end)
+
+  it("uploads 200 MiB from a body function (chunked) in flat memory; the server gets every byte", function()
+    run(function()
+      local got_total, got_bad, chunked
+      local srv = serve(function(req, res)
+        chunked = req.headers["transfer-encoding"]
+        local feed, result = repeat_checker(BLOCK)
+        for chunk in req:body_reader() do feed(chunk) end
+        got_total, got_bad = result()
+        res:send(tostring(got_total))
+      end, { timeouts = { body = 120 } })
+      local _g <close> = guard(srv)
+      local c = http.client()
+      collectgarbage()
+      collectgarbage()
+      local lua0, rss0 = collectgarbage("count"), rss_kib()
+      local lua_max, rss_max = lua0, rss0
+      local sent, calls = 0, 0
+      local res = assert(c:request { url = base(srv) .. "/up", method = "PUT", timeout = 60,
+        body = function()
+          calls = calls + 1
+          if calls % 64 == 0 then
+            lua_max = math.max(lua_max, collectgarbage("count"))
+            if rss0 then rss_max = math.max(rss_max, rss_kib()) end
+          end
+          if sent >= SIZE then return nil end
+          sent = sent + #BLOCK
+          return BLOCK
+        end })
+      assert.equal(200, res.status)
+      assert.equal(tostring(SIZE), res:body())
+      assert.equal("chunked", chunked)
+      assert.equal(SIZE, got_total)
+      assert.is_nil(got_bad, "content differs at offset " .. tostring(got_bad))
+      local growth = (lua_max - lua0) / 1024
+      assert.is_true(growth < 20, ("Lua memory grew by %.1f MiB"):format(growth))
+      if rss0 then
+        local rgrowth = (rss_max - rss0) / 1024
+        assert.is_true(rgrowth < 100, ("RSS grew by %.1f MiB"):format(rgrowth))
+      end
+      c:close()
+      srv:close()
+    end, 90)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: max_body", function()
+  it("a Content-Length above max_body: 'toolarge' (per request and per client); exactly max_body is fine", function()
+    run(function()
+      local srv, log = recorder(function(req, res)
+        res:header("content-type", "application/octet-stream")
+        res:send(("z"):rep(tonumber(req.path:match("%d+"))))
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client { max_body = 1000 }
+      local res = assert(c:get(base(srv) .. "/1000"))
+      assert.equal(1000, #res:body())
+      res = assert(c:get(base(srv) .. "/1001"))
+      helper.fails("toolarge", res:body())
+      res = assert(c:get(base(srv) .. "/5000", { max_body = 10000 }))
+      assert.equal(5000, #res:body())
+      res = assert(c:get(base(srv) .. "/600", { max_body = 500 }))
+      helper.fails("toolarge", res:body())
+      assert.equal(0, c:stats().active)
+      assert.equal(4, #log)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("a chunked body above max_body: 'toolarge'", function()
+    run(function()
+      local srv = serve(function(_, res)
+        for _ = 1, 100 do res:write(("c"):rep(100)) end
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local res = assert(c:get(base(srv) .. "/", { max_body = 5000 }))
+      helper.fails("toolarge", res:body())
+      res = assert(c:get(base(srv) .. "/", { max_body = 10000 }))
+      assert.equal(10000, #res:body())
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("max_body applies after decoding: a small gzip body inflating past it gives 'toolarge'", function()
+    run(function()
+      local srv = serve(function(_, res)
+        res:header("content-type", "text/plain")
+        res:send(("a"):rep(4 * MiB)) -- gzipped by the server to a few KiB
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client { decompress = true }
+      local res = assert(c:get(base(srv) .. "/", { max_body = MiB }))
+      assert.equal("gzip", res.headers["content-encoding"])
+      assert.is_true(tonumber(res.headers["content-length"]) < MiB)
+      helper.fails("toolarge", res:body())
+      res = assert(c:get(base(srv) .. "/", { max_body = 4 * MiB }))
+      assert.equal(4 * MiB, #res:body())
+      c:close()
+      srv:close()
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: broken servers", function()
+  it("a server closing mid-body (Content-Length 100, 10 bytes sent): body() → nil, err; not pooled", function()
+    run(function()
+      local f = fake(function(s)
+        assert(read_request(s))
+        s:write("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/", { timeout = 3 }))
+      assert.equal(200, res.status)
+      local body, err, code = res:body()
+      assert.is_nil(body)
+      assert.is_string(err)
+      assert.is_not_nil(code)
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      -- the same through body_reader(): it raises
+      res = assert(c:get(f.url .. "/", { timeout = 3 }))
+      local pieces = {}
+      local ok, rerr = pcall(function()
+        for chunk in res:body_reader() do pieces[#pieces + 1] = chunk end
+      end)
+      assert.is_false(ok)
+      assert.is_string(tostring(rerr))
+      assert.equal("0123456789", table.concat(pieces))
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      c:close()
+    end)
+  end)
+
+  it("a server closing mid-chunk: body() → nil, err", function()
+    run(function()
+      local f = fake(function(s)
+        assert(read_request(s))
+        s:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n10\r\nonly")
+      end)
+      local _f <close> = f
+      local res = assert(http.client():get(f.url .. "/", { timeout = 3 }))
+      local body, err = res:body()
+      assert.is_nil(body)
+      assert.is_string(err)
+    end)
+  end)
+
+  it("a server closing inside the head: nil, err, code", function()
+    run(function()
+      local f = fake(function(s)
+        assert(read_request(s))
+        s:write("HTTP/1.1 200 OK\r\nContent-Len")
+      end)
+      local _f <close> = f
+      helper.fails({ "http", "closed" }, http.client():get(f.url .. "/", { timeout = 3 }))
+    end)
+  end)
+
+  for _, case in ipairs {
+    { "no status code", "HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n" },
+    { "letters in the status code", "HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n" },
+    { "not HTTP at all", "SSH-2.0-OpenSSH_9.0\r\n\r\n" },
+    { "a wrong protocol name", "HTTQ/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" },
+    { "a bad version", "HTTP/1.x 200 OK\r\nContent-Length: 0\r\n\r\n" },
+    { "a header line without a colon", "HTTP/1.1 200 OK\r\nBroken header line\r\nContent-Length: 0\r\n\r\n" },
+    { "a bad Content-Length", "HTTP/1.1 200 OK\r\nContent-Length: 12abc\r\n\r\n" },
+  } do
+    it("a malformed response head (" .. case[1] .. "): nil, err, 'http'", function()
+      run(function()
+        local f = fake(function(s)
+          assert(read_request(s))
+          s:write(case[2])
+          s:read("a", 2)
+        end)
+        local _f <close> = f
+        helper.fails("http", http.client():get(f.url .. "/", { timeout = 3 }))
+      end)
+    end)
+  end
+
+  it("a response head above max_head: nil, err, 'http' (one under the limit is fine)", function()
+    run(function()
+      local f = fake_http(function(req)
+        local size = tonumber(req.target:match("%d+"))
+        return response("HTTP/1.1 200 OK", { "X-Big: " .. ("h"):rep(size), "Content-Length: 2" }, "ok")
+      end)
+      local _f <close> = f
+      local c = http.client { max_head = 4096 }
+      local res = assert(c:get(f.url .. "/3000", { timeout = 3 }))
+      assert.equal(3000, #res.headers["x-big"])
+      assert.equal("ok", res:body())
+      helper.fails("http", c:get(f.url .. "/8000", { timeout = 3 }))
+      -- the default limit is 64 KiB
+      local d = http.client()
+      res = assert(d:get(f.url .. "/60000", { timeout = 3 }))
+      assert.equal(60000, #res.headers["x-big"])
+      res:body()
+      helper.fails("http", d:get(f.url .. "/70000", { timeout = 3 }))
+      c:close()
+      d:close()
+    end)
+  end)
+
+  it("more header fields than max_headers: nil, err, 'http'", function()
+    run(function()
+      local f = fake_http(function(req)
+        local n = tonumber(req.target:match("%d+"))
+        local h = { "Content-Length: 0" }
+        for i = 1, n do h[#h + 1] = ("X-H%d: %d"):format(i, i) end
+        return response("HTTP/1.1 200 OK", h)
+      end)
+      local _f <close> = f
+      local c = http.client { max_headers = 50 }
+      local res = assert(c:get(f.url .. "/40", { timeout = 3 }))
+      assert.equal("40", res.headers["x-h40"])
+      res:body()
+      helper.fails("http", c:get(f.url .. "/60", { timeout = 3 }))
+      c:close()
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: timeouts", function()
+  -- a server that reads the request and never answers
+  local function silent()
+    return fake(function(s)
+      read_request(s)
+      s:read("a", 10)
+    end)
+  end
+
+  it("a server that never answers: nil, 'timeout', 'timeout' within the request's timeout", function()
+    run(function()
+      local f = silent()
+      local _f <close> = f
+      local c = http.client()
+      local t0 = mw.now()
+      assert.same({ nil, "timeout", "timeout", n = 3 }, table.pack(c:get(f.url .. "/", { timeout = 0.3 })))
+      local dt = mw.now() - t0
+      assert.is_true(dt >= 0.25 and dt < 1.5, "timed out after " .. dt)
+      assert.equal(0, c:stats().active)
+      c:close()
+    end)
+  end)
+
+  it("the client's timeout setting applies when the request gives none", function()
+    run(function()
+      local f = silent()
+      local _f <close> = f
+      local c = http.client { timeout = 0.3 }
+      local t0 = mw.now()
+      helper.fails("timeout", c:get(f.url .. "/"))
+      local dt = mw.now() - t0
+      assert.is_true(dt >= 0.25 and dt < 1.5, "timed out after " .. dt)
+      c:close()
+    end)
+  end)
+
+  it("connect_timeout: a connect that cannot complete fails with 'timeout'", function()
+    run(function()
+      -- a listener that never accepts, its backlog filled up: further connects hang
+      local _l <close>, port = helper.listen { backlog = 1 }
+      local conns, full = {}, false
+      for _ = 1, 32 do
+        local s = mw.tcp.connect("127.0.0.1", port, { timeout = 0.2 })
+        if not s then
+          full = true
+          break
+        end
+        conns[#conns + 1] = s
+      end
+      assert(full, "could not fill the listen backlog")
+      local c = http.client { connect_timeout = 0.3, timeout = 5 }
+      local t0 = mw.now()
+      helper.fails("timeout", c:get(("http://127.0.0.1:%d/"):format(port)))
+      local dt = mw.now() - t0
+      assert.is_true(dt >= 0.25 and dt < 2, "timed out after " .. dt)
+      for _, s in ipairs(conns) do s:close() end
+      c:close()
+    end)
+  end)
+
+  -- the head and 10 of 100 body bytes, then silence
+  local function stalls_in_body()
+    return fake(function(s)
+      assert(read_request(s))
+      s:write("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+      s:read("a", 10)
+    end)
+  end
+
+  it("read_timeout: a body that stalls gives nil, 'timeout', 'timeout' (body_reader raises)", function()
+    run(function()
+      local f = stalls_in_body()
+      local _f <close> = f
+      local c = http.client { read_timeout = 0.3 }
+      local res = assert(c:get(f.url .. "/"))
+      local t0 = mw.now()
+      assert.same({ nil, "timeout", "timeout", n = 3 }, table.pack(res:body()))
+      local dt = mw.now() - t0
+      assert.is_true(dt >= 0.25 and dt < 1.5, "timed out after " .. dt)
+      res = assert(c:get(f.url .. "/"))
+      local ok, err = pcall(function() for _ in res:body_reader() do end end)
+      assert.is_false(ok)
+      assert.matches("timeout", tostring(err))
+      assert.equal(0, c:stats().active)
+      c:close()
+    end)
+  end)
+
+  it("the request's timeout covers res:body() as well (docs: the whole exchange)", function()
+    run(function()
+      local f = stalls_in_body()
+      local _f <close> = f
+      local c = http.client() -- timeout 30
+      local t0 = mw.now()
+      local res = assert(c:get(f.url .. "/", { timeout = 0.5 }))
+      local r = table.pack(mw.timeout(3, res.body, res))
+      local dt = mw.now() - t0
+      assert.same({ nil, "timeout", "timeout", n = 3 }, r)
+      assert.is_true(dt < 1.5, ("res:body() timed out after %.2f s, not within the request's 0.5 s"):format(dt))
+      c:close()
+    end)
+  end)
+
+  it("a slow server within the timeout is fine", function()
+    run(function()
+      local f = fake(function(s)
+        assert(read_request(s))
+        mw.sleep(0.1)
+        s:write("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsl")
+        mw.sleep(0.1)
+        s:write("ow")
+        s:read("a", 5)
+      end)
+      local _f <close> = f
+      local res = assert(http.client():get(f.url .. "/", { timeout = 2 }))
+      assert.equal("slow", res:body())
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: connection errors and bad URLs", function()
+  it("a host name that does not resolve: nil, err, 'dns'", function()
+    run(function()
+      helper.fails("dns", http.client():get("http://no-such-host.invalid/", { timeout = 10 }))
+    end, 15)
+  end)
+
+  it("nothing listening: nil, err, 'ECONNREFUSED'", function()
+    run(function()
+      local port = helper.free_port()
+      local c = http.client()
+      helper.fails("ECONNREFUSED", c:get(("http://127.0.0.1:%d/"):format(port)))
+      assert.same({ idle = 0, active = 0 }, c:stats())
+    end)
+  end)
+
+  it("bad URLs and unsupported schemes: nil, err, 'EINVAL'", function()
+    run(function()
+      local c = http.client()
+      for _, u in ipairs { "not a url", "ftp://127.0.0.1/x", "gopher://127.0.0.1:1/", "http://",
+                           "http://127.0.0.1:99999/", "http://[::1/", "/relative/only" } do
+        local ok, msg, code = c:get(u)
+        assert.is_nil(ok, u)
+        assert.is_string(msg, u)
+        assert.equal("EINVAL", code, u .. ": " .. tostring(msg))
+      end
+    end)
+  end)
+
+  it("misuse raises: no table, no url, bad body or headers, unknown client option", function()
+    run(function()
+      assert.has_error(function() http.request("http://127.0.0.1/") end)
+      assert.has_error(function() http.request {} end)
+      assert.has_error(function() http.request { url = 42 } end)
+      assert.has_error(function() http.request { url = "http://127.0.0.1:1/", body = 42 } end)
+      assert.has_error(function() http.request { url = "http://127.0.0.1:1/", headers = "x" } end)
+      assert.has_error(function() http.client { no_such_option = 1 } end)
+      assert.has_error(function() http.client("x") end)
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: redirects", function()
+  -- A server answering by route: `routes[path](req, res)`; unknown paths echo method and body.
+  local function router(routes)
+    return recorder(function(req, res, entry)
+      entry.body = req:body()
+      local h = routes[req.path]
+      if h then return h(req, res, entry) end
+      res:header("content-type", "text/plain")
+      res:send(("%s %s [%s]"):format(req.method, req.target, entry.body))
+    end)
+  end
+
+  local function redirect(code, location)
+    return function(_, res)
+      res:status(code)
+      res:header("location", location)
+      res:send("moved")
+    end
+  end
+
+  for _, code in ipairs { 301, 302, 303 } do
+    it(code .. " turns POST (and PUT, DELETE) into GET without a body; GET and HEAD stay", function()
+      run(function()
+        local srv, log = router { ["/from"] = redirect(code, "/to") }
+        local _g <close> = guard(srv)
+        local c = http.client()
+        local res = assert(c:post(base(srv) .. "/from", "payload", { headers = { ["content-type"] = "text/plain" } }))
+        assert.equal(200, res.status)
+        assert.equal("GET /to []", res:body())
+        assert.equal(base(srv) .. "/to", res.url)
+        assert.same({ "POST", "payload" }, { log[1].method, log[1].body })
+        assert.same({ "GET", "" }, { log[2].method, log[2].body })
+        assert.is_nil(log[2].headers["content-length"])
+        assert.is_nil(log[2].headers["transfer-encoding"])
+        for _, m in ipairs { "PUT", "DELETE" } do
+          res = assert(c:request { url = base(srv) .. "/from", method = m, body = m == "PUT" and "x" or nil })
+          assert.equal("GET /to []", res:body())
+        end
+        res = assert(c:request { url = base(srv) .. "/from", method = "HEAD" })
+        assert.equal(200, res.status)
+        assert.equal("", res:body())
+        assert.equal("HEAD", log[#log].method)
+        assert.equal("/to", log[#log].path)
+        res = assert(c:get(base(srv) .. "/from"))
+        assert.equal("GET /to []", res:body())
+        -- a function body is simply dropped
+        local sent = false
+        res = assert(c:request { url = base(srv) .. "/from", method = "POST", body = function()
+          if sent then return nil end
+          sent = true
+          return "streamed"
+        end })
+        assert.equal("GET /to []", res:body())
+        assert.same({}, handler_errors)
+        c:close()
+        srv:close()
+      end)
+    end)
+  end
+
+  for _, code in ipairs { 307, 308 } do
+    it(code .. " keeps the method and the body (string and table bodies)", function()
+      run(function()
+        local srv, log = router { ["/from"] = redirect(code, "/to") }
+        local _g <close> = guard(srv)
+        local c = http.client()
+        local res = assert(c:post(base(srv) .. "/from", "payload"))
+        assert.equal("POST /to [payload]", res:body())
+        assert.equal("payload", log[2].body)
+        assert.equal("7", log[2].headers["content-length"])
+        res = assert(c:request { url = base(srv) .. "/from", method = "PUT", body = { "ta", "ble" } })
+        assert.equal("PUT /to [table]", res:body())
+        res = assert(c:request { url = base(srv) .. "/from", method = "DELETE" })
+        assert.equal("DELETE /to []", res:body())
+        c:close()
+        srv:close()
+      end)
+    end)
+
+    it(code .. " with a function body (not replayable) returns the " .. code .. " response itself", function()
+      run(function()
+        local srv, log = router { ["/from"] = redirect(code, "/to") }
+        local _g <close> = guard(srv)
+        local c = http.client()
+        local sent = false
+        local res = assert(c:request { url = base(srv) .. "/from", method = "POST", body = function()
+          if sent then return nil end
+          sent = true
+          return "streamed"
+        end })
+        assert.equal(code, res.status)
+        assert.equal("/to", res.headers.location)
+        assert.equal("moved", res:body())
+        assert.equal(base(srv) .. "/from", res.url)
+        assert.equal(1, #log)
+        assert.equal("streamed", log[1].body)
+        c:close()
+        srv:close()
+      end)
+    end)
+  end
+
+  it("relative, dot-segment, absolute-path, query-only, scheme-relative and absolute Locations", function()
+    run(function()
+      local srv, log
+      local b
+      srv, log = router {
+        ["/a/b"] = function(req, res)
+          local to = req:query().to
+          if not to then return res:send("GET " .. req.target) end
+          res:status(302)
+          res:header("location", (to:gsub("PORT", tostring(srv.port))))
+          res:send("")
+        end,
+      }
+      local _g <close> = guard(srv)
+      b = base(srv)
+      local c = http.client()
+      for _, case in ipairs {
+        { "c", "/a/c" },
+        { "./c/d", "/a/c/d" },
+        { "../x?y=1", "/x?y=1" },
+        { "../../../x", "/x" },
+        { "/abs/path", "/abs/path" },
+        { "?q=2", "/a/b?q=2" },
+        { "//127.0.0.1:PORT/sr", "/sr" },
+        { "http://127.0.0.1:PORT/full?z", "/full?z" },
+      } do
+        local loc, target = case[1], case[2]
+        local u = b .. "/a/b?to=" .. require("moonwire.url").encode(loc)
+        local res = assert(c:get(u))
+        assert.equal(200, res.status, loc)
+        assert.equal(b .. target, res.url, loc)
+        assert.equal("GET " .. target .. " []", (res:body():gsub("^GET (%S+)$", "GET %1 []")), loc)
+        assert.equal(target, log[#log].target, loc)
+      end
+      assert.equal(1, log.nconns) -- each redirect's body was read: one connection throughout
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("cross-origin: Authorization, Cookie and Proxy-Authorization are dropped, other headers kept", function()
+    run(function()
+      local srv_b, log_b = router {}
+      local _gb <close> = guard(srv_b)
+      local srv_a, log_a = router { ["/go"] = redirect(302, base(srv_b) .. "/landed") }
+      local _ga <close> = guard(srv_a)
+      local c = http.client()
+      local headers = { Authorization = "Bearer secret", cookie = "sid=1", ["Proxy-Authorization"] = "Basic eA==",
+                        ["X-Keep"] = "kept" }
+      local res = assert(c:get(base(srv_a) .. "/go", { headers = headers }))
+      assert.equal("GET /landed []", res:body())
+      assert.equal(base(srv_b) .. "/landed", res.url)
+      local a, b = log_a[1].headers, log_b[1].headers
+      assert.same({ "Bearer secret", "sid=1", "Basic eA==", "kept" },
+                  { a.authorization, a.cookie, a["proxy-authorization"], a["x-keep"] })
+      assert.is_nil(b.authorization)
+      assert.is_nil(b.cookie)
+      assert.is_nil(b["proxy-authorization"])
+      assert.equal("kept", b["x-keep"])
+      -- another host name on the same port is another origin too
+      local srv_c, log_c = router { ["/go"] = redirect(302, ("http://localhost:%d/landed"):format(srv_b.port)) }
+      local _gc <close> = guard(srv_c)
+      assert(c:get(base(srv_c) .. "/go", { headers = headers })):body()
+      assert.is_nil(log_b[2].headers.authorization)
+      assert.is_nil(log_b[2].headers.cookie)
+      assert.equal("Bearer secret", log_c[1].headers.authorization)
+      c:close()
+      srv_a:close()
+      srv_b:close()
+      srv_c:close()
+    end)
+  end)
+
+  it("same-origin: Authorization and Cookie headers are carried", function()
+    run(function()
+      local srv, log = router { ["/go"] = redirect(302, "/landed") }
+      local _g <close> = guard(srv)
+      local res = assert(http.client():get(base(srv) .. "/go",
+        { headers = { Authorization = "Bearer secret", Cookie = "sid=1" } }))
+      assert.equal("GET /landed []", res:body())
+      assert.equal("Bearer secret", log[2].headers.authorization)
+      assert.equal("sid=1", log[2].headers.cookie)
+      srv:close()
+    end)
+  end)
+
+  it("userinfo credentials: carried on a same-origin redirect, dropped on a cross-origin one", function()
+    run(function()
+      local srv_b, log_b = router {}
+      local _gb <close> = guard(srv_b)
+      local srv, log = router {
+        ["/same"] = redirect(302, "/landed"),
+        ["/cross"] = redirect(302, base(srv_b) .. "/landed"),
+      }
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local with_user = ("http://user:pw@127.0.0.1:%d"):format(srv.port)
+      local basic = "Basic " .. b64("user:pw")
+      assert(c:get(with_user .. "/cross")):body()
+      assert.equal(basic, log[1].headers.authorization)
+      assert.is_nil(log_b[1].headers.authorization)
+      assert(c:get(with_user .. "/same")):body()
+      assert.equal(basic, log[2].headers.authorization)
+      assert.equal("/landed", log[3].path)
+      assert.equal(basic, log[3].headers.authorization)
+      c:close()
+      srv:close()
+      srv_b:close()
+    end)
+  end)
+
+  it("a redirect loop fails with 'redirect' (found before the redirect limit)", function()
+    run(function()
+      local srv, log = router {
+        ["/loop1"] = redirect(302, "/loop2"),
+        ["/loop2"] = redirect(302, "/loop1"),
+      }
+      local _g <close> = guard(srv)
+      local c = http.client { redirects = 10 }
+      helper.fails("redirect", c:get(base(srv) .. "/loop1"))
+      assert.is_true(#log <= 3, #log .. " requests before the loop was noticed")
+      assert.equal(0, c:stats().active)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("a redirect back to the URL first asked for is a loop: not followed", function()
+    run(function()
+      local srv, log = router {
+        ["/self"] = redirect(301, "/self"),
+        ["/p1"] = redirect(302, "/p2"),
+        ["/p2"] = redirect(302, "/p1"),
+      }
+      local _g <close> = guard(srv)
+      local c = http.client { redirects = 10 }
+      helper.fails("redirect", c:get(base(srv) .. "/self"))
+      assert.equal(1, #log, "requests to /self")
+      helper.fails("redirect", c:get(base(srv) .. "/p1"))
+      assert.equal(3, #log, "requests for /p1 -> /p2 -> /p1")
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("past the limit: nil, err, 'redirect' after exactly redirects + 1 requests; at the limit it succeeds", function()
+    run(function()
+      local srv, log = recorder(function(req, res)
+        local i = tonumber(req.path:match("^/c/(%d+)$"))
+        if i and i < 10 then
+          res:status(302)
+          res:header("location", "/c/" .. (i + 1))
+          return res:send("")
+        end
+        res:send("end " .. req.path)
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      helper.fails("redirect", c:get(base(srv) .. "/c/1", { redirects = 3 }))
+      assert.equal(4, #log)
+      -- default limit 5: from /c/5, five redirects reach /c/10
+      local res = assert(c:get(base(srv) .. "/c/5"))
+      assert.equal("end /c/10", res:body())
+      assert.equal(4 + 6, #log)
+      -- six are one too many
+      helper.fails("redirect", c:get(base(srv) .. "/c/4"))
+      assert.equal(10 + 6, #log)
+      assert.equal(0, c:stats().active)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("redirects = 0 or false (per request or per client) returns the 3xx itself", function()
+    run(function()
+      local srv, log = router { ["/go"] = redirect(302, "/landed") }
+      local _g <close> = guard(srv)
+      local c = http.client()
+      for _, opts in ipairs { { redirects = 0 }, { redirects = false } } do
+        local res = assert(c:get(base(srv) .. "/go", opts))
+        assert.equal(302, res.status)
+        assert.equal("/landed", res.headers.location)
+        assert.equal("moved", res:body())
+        assert.equal(base(srv) .. "/go", res.url)
+      end
+      local res = assert(http.client { redirects = 0 }:get(base(srv) .. "/go"))
+      assert.equal(302, res.status)
+      res:body()
+      for _, r in ipairs(log) do assert.equal("/go", r.path) end
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("a 3xx without Location is returned as it is", function()
+    run(function()
+      local srv, log = router { ["/choices"] = function(_, res)
+        res:status(300)
+        res:send("pick one")
+      end }
+      local _g <close> = guard(srv)
+      local res = assert(http.client():get(base(srv) .. "/choices"))
+      assert.equal(300, res.status)
+      assert.equal("pick one", res:body())
+      assert.equal(1, #log)
+      srv:close()
+    end)
+  end)
+
+  it("a bad Location fails with 'redirect'", function()
+    run(function()
+      local srv = router { ["/bad"] = redirect(302, "http://[::1/x") }
+      local _g <close> = guard(srv)
+      helper.fails("redirect", http.client():get(base(srv) .. "/bad"))
+      srv:close()
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: decompress", function()
+  local TEXT = ("All work and no play makes Jack a dull boy. "):rep(500)
+
+  it("gzip from our server: Accept-Encoding sent, body() and body_reader() decoded", function()
+    run(function()
+      local srv, log = recorder(function(_, res)
+        res:header("content-type", "text/plain")
+        res:send(TEXT)
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local res = assert(c:get(base(srv) .. "/", { decompress = true }))
+      assert.equal("gzip", res.headers["content-encoding"])
+      assert.is_true(tonumber(res.headers["content-length"]) < #TEXT)
+      assert.equal(TEXT, res:body())
+      assert.equal("gzip, deflate", log[1].headers["accept-encoding"])
+      res = assert(c:get(base(srv) .. "/", { decompress = true }))
+      local parts = {}
+      for chunk in res:body_reader() do parts[#parts + 1] = chunk end
+      assert.equal(TEXT, table.concat(parts))
+      -- client-level setting
+      res = assert(http.client { decompress = true }:get(base(srv) .. "/"))
+      assert.equal(TEXT, res:body())
+      assert.equal("gzip, deflate", log[3].headers["accept-encoding"])
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("without decompress: no Accept-Encoding, the server answers in identity", function()
+    run(function()
+      local srv, log = recorder(function(_, res)
+        res:header("content-type", "text/plain")
+        res:send(TEXT)
+      end)
+      local _g <close> = guard(srv)
+      local res = assert(http.client():get(base(srv) .. "/"))
+      assert.is_nil(res.headers["content-encoding"])
+      assert.equal(TEXT, res:body())
+      assert.is_nil(log[1].headers["accept-encoding"])
+      srv:close()
+    end)
+  end)
+
+  it("a caller's own Accept-Encoding is sent as given, once", function()
+    run(function()
+      local f = fake_http()
+      local _f <close> = f
+      assert(http.client():get(f.url .. "/", { decompress = true, headers = { ["Accept-Encoding"] = "gzip" } })):body()
+      local n = 0
+      for _, fld in ipairs(f.requests[1].fields) do if fld[1] == "accept-encoding" then n = n + 1 end end
+      assert.equal(1, n)
+      assert.equal("gzip", f.requests[1].headers["accept-encoding"])
+    end)
+  end)
+
+  it("deflate (zlib framing) from a raw server, with Content-Length and chunked", function()
+    run(function()
+      local d = core.deflater("zlib")
+      local z = d:compress(TEXT, "finish")
+      local f = fake_http(function(req)
+        if req.target == "/chunked" then
+          local parts = { "HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n" }
+          for i = 1, #z, 100 do
+            local piece = z:sub(i, i + 99)
+            parts[#parts + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
+          end
+          parts[#parts + 1] = "0\r\n\r\n"
+          return table.concat(parts)
+        end
+        return response("HTTP/1.1 200 OK", { "Content-Encoding: deflate", "Content-Length: " .. #z }, z)
+      end)
+      local _f <close> = f
+      local c = http.client { decompress = true }
+      assert.equal(TEXT, assert(c:get(f.url .. "/length")):body())
+      assert.equal(TEXT, assert(c:get(f.url .. "/chunked")):body())
+      local parts = {}
+      for chunk in assert(c:get(f.url .. "/chunked")):body_reader() do parts[#parts + 1] = chunk end
+      assert.equal(TEXT, table.concat(parts))
+      assert.equal(1, f.accepted)
+      c:close()
+    end)
+  end)
+
+  it("gzip in many small chunks from a raw server is decoded", function()
+    run(function()
+      local z = core.gzip(TEXT)
+      local f = fake(function(s)
+        assert(read_request(s))
+        s:write("HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i = 1, #z, 7 do
+          local piece = z:sub(i, i + 6)
+          s:write(("%x\r\n%s\r\n"):format(#piece, piece))
+        end
+        s:write("0\r\n\r\n")
+        s:read("a", 5)
+      end)
+      local _f <close> = f
+      local res = assert(http.client():get(f.url .. "/", { decompress = true }))
+      assert.equal(TEXT, res:body())
+    end)
+  end)
+
+  it("corrupt compressed data: body() returns nil, err", function()
+    run(function()
+      local bad = "\31\139\8\0\0\0\0\0\0\3" .. ("garbage!"):rep(20)
+      local f = fake_http(function()
+        return response("HTTP/1.1 200 OK", { "Content-Encoding: gzip", "Content-Length: " .. #bad }, bad)
+      end)
+      local _f <close> = f
+      local res = assert(http.client():get(f.url .. "/", { decompress = true }))
+      local body, err = res:body()
+      assert.is_nil(body)
+      assert.is_string(err)
+    end)
+  end)
+end)
+
+---------------------------------------------------------------------------------------------
+
+describe("http client: unix, proxy, userinfo", function()
+  it("unix: connects to a Unix socket; the URL gives Host and the target", function()
+    run(function()
+      local path = helper.socket_path("client")
+      local _rm <close> = setmetatable({}, { __close = function() os.remove(path) end })
+      local srv, log = recorder(nil, { unix = path })
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local res = assert(c:get("http://moon.local/p/q?x=1", { unix = path }))
+      assert.equal("ok", res:body())
+      assert(c:post("http://moon.local:8080/post", "data", { unix = path })):body()
+      assert.equal("moon.local", log[1].headers.host)
+      assert.equal("/p/q?x=1", log[1].target)
+      assert.equal("moon.local:8080", log[2].headers.host)
+      assert.equal("data", log[2].body)
+      assert.equal(1, log.nconns)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("proxy: the absolute-form target goes to the proxy, with Host and Proxy-Authorization", function()
+    run(function()
+      local f = fake_http(function(req)
+        return ok_response("proxied " .. req.target)
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get("http://example.invalid:8080/p?q=1", { proxy = f.url }))
+      assert.equal("proxied http://example.invalid:8080/p?q=1", res:body())
+      local r = f.requests[1]
+      assert.equal("GET", r.method)
+      assert.equal("http://example.invalid:8080/p?q=1", r.target)
+      assert.equal("example.invalid:8080", r.headers.host)
+      assert.is_nil(r.headers["proxy-authorization"])
+      -- credentials for the proxy; userinfo of the URL still becomes Authorization
+      local pu = ("http://pu:pp@127.0.0.1:%d"):format(f.port)
+      res = assert(c:post("http://u:p@other.invalid/x", "body", { proxy = pu }))
+      assert.equal("proxied http://other.invalid/x", res:body())
+      r = f.requests[2]
+      assert.equal("POST", r.method)
+      assert.equal("other.invalid", r.headers.host)
+      assert.equal("Basic " .. b64("pu:pp"), r.headers["proxy-authorization"])
+      assert.equal("Basic " .. b64("u:p"), r.headers.authorization)
+      assert.equal("body", r.body)
+      c:close()
+    end)
+  end)
+
+  -- Runs `source` in a child lua5.4 (this process's module paths) with extra environment
+  -- `env` ("NAME=value ..."), in the background, and waits from the loop for it to exit.
+  -- Returns its output.
+  local function child(env, source, limit)
+    limit = limit or 10
+    local file = os.tmpname()
+    local f = assert(io.open(file, "w"))
+    f:write(("package.path = %q\npackage.cpath = %q\n"):format(package.path, package.cpath), source)
+    f:close()
+    local out, rc = file .. ".out", file .. ".rc"
+    local preload = os.getenv("MW_ASAN_PRELOAD")
+    local pre = preload and ("LD_PRELOAD=" .. preload .. " ") or ""
+    assert(os.execute(("(env -u http_proxy -u HTTP_PROXY -u no_proxy -u NO_PROXY %s%s timeout -k 1 %d lua5.4 %s"
+      .. " >%s 2>&1; echo $? >%s.tmp; mv %s.tmp %s) </dev/null >/dev/null 2>&1 &")
+      :format(pre, env, limit, file, out, rc, rc, rc)))
+    assert(wait_for(function()
+      local r = io.open(rc)
+      if r then r:close() end
+      return r ~= nil
+    end, limit + 2), "the child process did not finish")
+    local o = io.open(out):read("a")
+    os.remove(file)
+    os.remove(out)
+    os.remove(rc)
+    return o
+  end
+
+  local CHILD = [[
+local mw = require "moonwire"
+local http = require "moonwire.http"
+mw.run(function()
+  local res, err, code = http.get("http://example.invalid/env?x=1", { timeout = 5, proxy = PROXY })
+  if res then print("status " .. res.status .. " " .. res:body())
+  else print("error " .. tostring(code)) end
+end)
+]]
+
+  it("http_proxy from the environment is used; no_proxy and proxy = false bypass it", function()
+    run(function()
+      local f = fake_http(function(req) return ok_response("proxied " .. req.target) end)
+      local _f <close> = f
+      local env = "http_proxy=http://127.0.0.1:" .. f.port
+      assert.equal("status 200 proxied http://example.invalid/env?x=1\n",
+                   child(env, (CHILD:gsub("PROXY", "nil"))))
+      assert.equal(1, #f.requests)
+      assert.equal("example.invalid", f.requests[1].headers.host)
+      -- bypassed: a direct connection to example.invalid, whose name does not resolve
+      assert.equal("error dns\n", child(env .. " no_proxy=localhost,.invalid", (CHILD:gsub("PROXY", "nil"))))
+      assert.equal("error dns\n", child(env, (CHILD:gsub("PROXY", "false"))))
+      assert.equal(1, #f.requests)
+    end, 30)
+  end)
+
+  it("proxy = false connects directly", function()
+    run(function()
+      local srv, log = recorder()
+      local _g <close> = guard(srv)
+      assert.equal("ok", assert(http.client():get(base(srv) .. "/direct", { proxy = false })):body())
+      assert.equal("/direct", log[1].target)
+      srv:close()
+    end)
+  end)
+
+  it("userinfo becomes Authorization: Basic (percent-decoded); an explicit header wins", function()
+    run(function()
+      local srv, log = recorder()
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local p = srv.port
+      assert(c:get(("http://Aladdin:open%%20sesame@127.0.0.1:%d/a"):format(p))):body()
+      assert.equal("Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==", log[1].headers.authorization)
+      assert(c:get(("http://bob@127.0.0.1:%d/b"):format(p))):body()
+      assert.equal("Basic " .. b64("bob:"), log[2].headers.authorization)
+      assert(c:get(("http://a%%40b:p%%3Aw@127.0.0.1:%d/c"):format(p))):body()
+      assert.equal("Basic " .. b64("a@b:p:w"), log[3].headers.authorization)
+      assert(c:get(("http://x:y@127.0.0.1:%d/d"):format(p), { headers = { authorization = "Bearer t" } })):body()
+      assert.equal("Bearer t", log[4].headers.authorization)
+      assert.equal(1, #log[4].req:header_list("authorization"))
+      assert.equal("127.0.0.1:" .. p, log[1].headers.host)
+      c:close()
+      srv:close()
+    end)
+  end)
+end)
