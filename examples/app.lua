@@ -63,6 +63,13 @@ app:get("/stats", function(_, res)
   res:send(('{"served":%d}\n'):format(served))
 end)
 
+-- a WebSocket echo endpoint (what examples/bench/ws_echo.lua loads)
+app:get("/ws", function(req)
+  local ws = req:websocket()
+  if not ws then return end
+  for msg, kind in ws:messages() do ws:send(msg, kind) end
+end)
+
 -- the WebSocket chat (examples/chat): /chat and /chat/ws
 package.path = here .. "/chat/?.lua;" .. package.path
 require("chat").install(app)

@@ -79,6 +79,7 @@ local function parse_args(argv)
     elseif a == "--threshold" then o.thresholds[#o.thresholds + 1] = value(a)
     elseif a == "--verify" then o.verify = true
     elseif a == "--quiet" then o.quiet = true
+    elseif a == "--scenario" then o.scenario = value(a)
     elseif a == "-h" or a == "--help" then o.help = true
     elseif a:sub(1, 1) == "-" and #a > 1 then error("unknown option " .. a, 0)
     elseif not o.url then o.url = a
@@ -91,7 +92,7 @@ local function parse_args(argv)
   o.connections = math.floor(o.connections)
   o.threads = math.floor(o.threads)
   o.pipeline = math.floor(o.pipeline)
-  if o.connections < o.threads then error("number of connections must be >= threads", 0) end
+  if o.connections < o.threads and not o.scenario then error("number of connections must be >= threads", 0) end
   if o.rate and o.rate <= 0 then error("bad value for rate", 0) end
   if o.rate and o.pipeline > 1 then error("--rate and --pipeline do not go together", 0) end
   return o
@@ -280,10 +281,92 @@ local function progress_line(o, shared, t0)
   end
 end
 
+local scenario_code = 'return require("moonwire.bench.scenario").thread_main(...)'
+
+local function write_outputs(o, doc_fn, html_fn)
+  if o.json then
+    local doc = doc_fn()
+    if o.json == "-" then io.stdout:write(doc, "\n")
+    else
+      local f, ferr = io.open(o.json, "w")
+      if not f then return die(ferr) end
+      f:write(doc, "\n")
+      f:close()
+    end
+  end
+  if o.html then
+    local f, ferr = io.open(o.html, "w")
+    if not f then return die(ferr) end
+    f:write(html_fn())
+    f:close()
+  end
+end
+
+local function run_scenario(o)
+  local scenario = require "moonwire.bench.scenario"
+  local ok, sc = pcall(scenario.load, o.scenario)
+  if not ok then return die(sc) end
+  local code, merged = 0, nil
+  local out = o.json == "-" and io.stderr or io.stdout
+  local run_ok, run_err = pcall(mw.run, function()
+    local data = sc.setup and sc.setup() or nil
+    local handles = {}
+    for i = 1, o.threads do
+      local h = core.thread()
+      handles[i] = h
+      assert(h:start(scenario_code, serial.encode{ thread_id = i, threads = o.threads,
+        scenario = o.scenario, data = data }))
+    end
+    out:write(("Running scenario %s: %d threads, %.0fs\n"):format(o.scenario, o.threads,
+      scenario.total_duration(sc.stages)))
+    local results = {}
+    for i, h in ipairs(handles) do
+      local s, terr = h:join()
+      if not s then error("thread " .. i .. " failed: " .. tostring(terr), 0) end
+      results[i] = serial.decode(s)
+    end
+    merged = scenario.merge(results)
+    out:write(("  max %d users, %.1fs\n"):format(merged.max_users, merged.duration))
+    scenario.print(merged, out)
+    local tres = {}
+    local all = {}
+    for _, e in ipairs(sc.thresholds or {}) do all[#all + 1] = e end
+    for _, e in ipairs(o.thresholds) do all[#all + 1] = e end
+    for _, expr in ipairs(all) do
+      local pass, msg = scenario.check_threshold(expr, merged)
+      tres[#tres + 1] = { expr = expr, pass = pass, message = msg }
+      out:write(msg, "\n")
+      if not pass then code = 1 end
+    end
+    merged.threshold_results = tres
+    if sc.teardown then sc.teardown(data) end
+  end)
+  if not run_ok then return die(tostring(run_err)) end
+  local function doc()
+    local metrics = {}
+    for name, m in pairs(merged.metrics) do
+      local c = {}
+      for k, v in pairs(m) do if k ~= "_h" then c[k] = v end end
+      metrics[name] = c
+    end
+    return require("moonwire.bench.json").encode({ scenario = o.scenario, threads = o.threads,
+      duration_s = merged.duration, max_users = merged.max_users, metrics = metrics, checks = merged.checks,
+      user_errors = merged.errors, thresholds = merged.threshold_results })
+  end
+  local werr = write_outputs(o, doc, function()
+    return require("moonwire.bench.report").html(o, { metrics = merged.metrics, checks = merged.checks,
+      threshold_results = merged.threshold_results, duration_us = merged.duration * 1e6, scenario = true,
+      timeline = {}, requests_total = 0, rps = 0, bytes = 0,
+      errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 }, statuses = {}, hung = 0 })
+  end)
+  return werr or code
+end
+
 function M.main(argv)
   local ok, o = pcall(parse_args, argv)
   if not ok then return die(o .. "\n" .. usage) end
   if o.help then io.stdout:write(usage) return 0 end
+  if o.scenario then return run_scenario(o) end
   if not o.url then return die("a URL is required\n" .. usage) end
   local target, uerr = url.parse(o.url)
   if not target then return die(uerr) end

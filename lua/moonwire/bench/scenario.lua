@@ -1,0 +1,239 @@
+--- Runs a scenario's virtual users in one bench thread, and merges the threads' metrics.
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local serial = require "moonwire.bench.serial"
+local fmt = require "moonwire.bench.format"
+local bench = require "moonwire.bench"
+
+local hrtime = core.hrtime
+
+local M = {}
+
+--- Loads a scenario file (in the current state) and checks its shape.
+function M.load(path)
+  local chunk, err = loadfile(path)
+  if not chunk then error("cannot load scenario: " .. err, 0) end
+  local sc = chunk()
+  if type(sc) ~= "table" then error("scenario " .. path .. " must return a table", 0) end
+  if type(sc.user) ~= "function" then error("scenario " .. path .. ": 'user' must be a function", 0) end
+  local stages = sc.stages
+  if not stages then
+    local users, dur = sc.users or 1, fmt.duration(sc.duration or "10s")
+    if not dur then error("scenario: bad duration", 0) end
+    stages = { { duration = 0, target = users }, { duration = dur, target = users } }
+  end
+  local norm = {}
+  for i, st in ipairs(stages) do
+    local d = fmt.duration(st.duration)
+    if not d or type(st.target) ~= "number" or st.target < 0 then
+      error(("scenario: stage %d needs a duration and a target >= 0"):format(i), 0)
+    end
+    norm[i] = { duration = d, target = st.target }
+  end
+  sc.stages = norm
+  return sc
+end
+
+function M.total_duration(stages)
+  local d = 0
+  for _, st in ipairs(stages) do d = d + st.duration end
+  return d
+end
+
+-- This thread's share of a target: threads split users as evenly as they can.
+local function share(target, thread, threads)
+  local base = math.floor(target / threads)
+  local rest = math.floor(target) - base * threads
+  return base + (thread <= rest and 1 or 0)
+end
+
+local function run_users(cfg, sc)
+  bench._reset()
+  local rt = { active = 0, stop = false, vus = {}, errors = 0, first_error = nil }
+  local data = cfg.data
+  local iterations = bench.counter("iterations")
+  local iter_dur = bench.trend("iteration_duration")
+  local function vu_loop(vu)
+    while not rt.stop and vu.id <= rt.active do
+      local t0 = hrtime()
+      local ok, err = pcall(sc.user, vu, data)
+      if not ok then
+        rt.errors = rt.errors + 1
+        rt.first_error = rt.first_error or tostring(err)
+      end
+      iterations:add(1)
+      iter_dur:add((hrtime() - t0) / 1e6)
+      vu.iteration = vu.iteration + 1
+    end
+    vu.running = false
+  end
+  local max_users = 0
+  mw.run(function()
+    local prev = 0
+    local t_start = hrtime()
+    for _, st in ipairs(sc.stages) do
+      local from, to = share(prev, cfg.thread_id, cfg.threads), share(st.target, cfg.thread_id, cfg.threads)
+      local t0 = hrtime()
+      repeat
+        local elapsed = (hrtime() - t0) / 1e9
+        local f = st.duration > 0 and math.min(1, elapsed / st.duration) or 1
+        rt.active = math.floor(from + (to - from) * f + 0.5)
+        if rt.active > max_users then max_users = rt.active end
+        for id = 1, rt.active do
+          local vu = rt.vus[id]
+          if not vu then
+            vu = { id = id, iteration = 0, thread = cfg.thread_id }
+            rt.vus[id] = vu
+          end
+          if not vu.running then
+            vu.running = true
+            mw.spawn(vu_loop, vu)
+          end
+        end
+        if f >= 1 then break end
+        mw.sleep(0.1)
+      until false
+      prev = st.target
+    end
+    rt.stop = true
+    -- let running iterations finish (bounded), then end the loop
+    local deadline = hrtime() + 10e9
+    while hrtime() < deadline do
+      local busy = false
+      for _, vu in pairs(rt.vus) do if vu.running then busy = true break end end
+      if not busy then break end
+      mw.sleep(0.05)
+    end
+    rt.duration = (hrtime() - t_start) / 1e9
+    mw.stop()
+  end)
+  local reg = bench._registry()
+  local out = { trends = {}, counters = {}, checks = reg.checks, order = reg.order, errors = rt.errors,
+    first_error = rt.first_error, duration = rt.duration or 0, max_users = max_users }
+  for name, t in pairs(reg.trends) do out.trends[name] = t.h:encode() end
+  for name, c in pairs(reg.counters) do out.counters[name] = c.value end
+  return out
+end
+
+--- Entry point of a scenario bench thread.
+function M.thread_main(arg)
+  local cfg = serial.decode(arg)
+  local sc = M.load(cfg.scenario)
+  return serial.encode(run_users(cfg, sc))
+end
+
+--- Merges the threads' results into { metrics = name -> summary, checks, ... }.
+function M.merge(results)
+  local trends, counters, checks, order, seen = {}, {}, {}, {}, {}
+  local duration, errors, first_error, max_users = 0, 0, nil, 0
+  for _, r in ipairs(results) do
+    for _, name in ipairs(r.order) do
+      if not seen[name] then seen[name] = true order[#order + 1] = name end
+    end
+    for name, enc in pairs(r.trends) do
+      local h = core.histogram_decode(enc)
+      if trends[name] then trends[name]:merge(h) else trends[name] = h end
+    end
+    for name, v in pairs(r.counters) do counters[name] = (counters[name] or 0) + v end
+    for name, c in pairs(r.checks) do
+      local m = checks[name] or { pass = 0, fail = 0, rate = c.rate }
+      m.pass, m.fail = m.pass + c.pass, m.fail + c.fail
+      checks[name] = m
+    end
+    if r.duration > duration then duration = r.duration end
+    errors = errors + r.errors
+    first_error = first_error or r.first_error
+    max_users = max_users + r.max_users
+  end
+  local metrics = {}
+  for name, h in pairs(trends) do
+    local count, min, max, mean = h:stats()
+    metrics[name] = { kind = "trend", count = count, min = min / 1000, max = max / 1000, avg = mean / 1000,
+      med = h:percentile(50) / 1000, p50 = h:percentile(50) / 1000, p90 = h:percentile(90) / 1000,
+      p95 = h:percentile(95) / 1000, p99 = h:percentile(99) / 1000, p99_9 = h:percentile(99.9) / 1000,
+      _h = h }
+  end
+  for name, v in pairs(counters) do
+    metrics[name] = { kind = "counter", value = v, rate = duration > 0 and v / duration or 0 }
+  end
+  return { metrics = metrics, checks = checks, order = order, duration = duration, errors = errors,
+    first_error = first_error, max_users = max_users }
+end
+
+local function dots(name) return name .. (" "):rep(math.max(1, 30 - #name)):gsub(" ", ".") end
+
+--- k6-style summary lines.
+function M.print(r, out)
+  local names = {}
+  for name in pairs(r.checks) do if name ~= "http_req_failed" then names[#names + 1] = name end end
+  table.sort(names)
+  local pass, fail = 0, 0
+  for _, name in ipairs(names) do
+    local c = r.checks[name]
+    pass, fail = pass + c.pass, fail + c.fail
+    out:write(("  %s %s  ✓ %d ✗ %d\n"):format(c.fail == 0 and "✓" or "✗", name, c.pass, c.fail))
+  end
+  if #names > 0 then
+    out:write(("  %s: %.2f%% ✓ %d ✗ %d\n"):format(dots("checks"), 100 * pass / math.max(1, pass + fail), pass, fail))
+  end
+  local f = r.checks.http_req_failed
+  if f then
+    out:write(("  %s: %.2f%% ✓ %d ✗ %d\n"):format(dots("http_req_failed"), 100 * f.pass / math.max(1, f.pass + f.fail),
+      f.pass, f.fail))
+  end
+  local order = {}
+  for _, n in ipairs(r.order) do order[#order + 1] = n end
+  table.sort(order)
+  for _, name in ipairs(order) do
+    local m = r.metrics[name]
+    if m and m.kind == "trend" then
+      out:write(("  %s: avg=%.2f min=%.2f med=%.2f max=%.2f p(90)=%.2f p(95)=%.2f p(99)=%.2f\n"):format(dots(name),
+        m.avg, m.min, m.med, m.max, m.p90, m.p95, m.p99))
+    elseif m then
+      out:write(("  %s: %d  %.2f/s\n"):format(dots(name), m.value, m.rate))
+    end
+  end
+  if r.errors > 0 then
+    out:write(("  user errors: %d (first: %s)\n"):format(r.errors, r.first_error))
+  end
+end
+
+--- 'metric.stat<value' (trend), 'metric>value' (counter), 'checks>99%' (rate) -> ok, message
+function M.check_threshold(expr, r)
+  local lhs, op, val = expr:match("^%s*([%w_.]+)%s*([<>]=?)%s*(.-)%s*$")
+  if not lhs then return false, "cannot parse threshold '" .. expr .. "'" end
+  local name, stat = lhs:match("^([%w_]+)%.(%w[%w_.]*)$")
+  name = name or lhs
+  local actual, limit
+  local pct = val:match("^([%d.]+)%%$")
+  if name == "checks" or (r.checks[name] and not r.metrics[name]) then
+    local pass, fail = 0, 0
+    if name == "checks" then
+      for n, c in pairs(r.checks) do if n ~= "http_req_failed" then pass, fail = pass + c.pass, fail + c.fail end end
+    else
+      pass, fail = r.checks[name].pass, r.checks[name].fail
+    end
+    actual = 100 * pass / math.max(1, pass + fail)
+    limit = tonumber(pct or val)
+  else
+    local m = r.metrics[name]
+    if not m then return false, "unknown metric '" .. name .. "' in threshold '" .. expr .. "'" end
+    if m.kind == "trend" then
+      stat = (stat or "avg"):gsub("%.", "_")
+      if stat:match("^p[%d_]+$") and not m[stat] then actual = m._h:percentile(tonumber((stat:sub(2):gsub("_", ".")))) / 1000
+      else actual = m[stat] end
+      local secs = fmt.duration(val)
+      limit = val:match("%a") and secs and secs * 1000 or tonumber(val)
+    else
+      actual = stat == "rate" and m.rate or m.value
+      limit = fmt.count(val)
+    end
+  end
+  if not actual or not limit then return false, "bad threshold '" .. expr .. "'" end
+  local ok
+  if op == "<" then ok = actual < limit elseif op == "<=" then ok = actual <= limit
+  elseif op == ">" then ok = actual > limit else ok = actual >= limit end
+  return ok, ("%s %s (actual %.3f)"):format(ok and "PASS" or "FAIL", expr, actual)
+end
+
+return M
