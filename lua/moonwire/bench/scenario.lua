@@ -220,7 +220,8 @@ function M.check_threshold(expr, r)
     if not m then return false, "unknown metric '" .. name .. "' in threshold '" .. expr .. "'" end
     if m.kind == "trend" then
       stat = (stat or "avg"):gsub("%.", "_")
-      if stat:match("^p[%d_]+$") and not m[stat] then actual = m._h:percentile(tonumber((stat:sub(2):gsub("_", ".")))) / 1000
+      if stat:match("^p[%d_]+$") and not m[stat] then
+        actual = m._h:percentile(tonumber((stat:sub(2):gsub("_", ".")))) / 1000
       else actual = m[stat] end
       local secs = fmt.duration(val)
       limit = val:match("%a") and secs and secs * 1000 or tonumber(val)
