@@ -53,6 +53,7 @@ $(SO): $(OBJ)
 
 deps:
 	@scripts/install-deps
+	@scripts/install-peers
 
 # The suite: busted on spec/ against the build tree; prints "N passed, N failed".
 test: deps all

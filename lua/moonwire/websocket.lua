@@ -500,7 +500,8 @@ function M.upgrade(req, opts)
     return refuse(res, 400, "Connection header must contain 'Upgrade'")
   end
   if h["sec-websocket-version"] ~= "13" then
-    return refuse(res, 426, "unsupported WebSocket version", { ["sec-websocket-version"] = "13" })
+    return refuse(res, 426, "unsupported WebSocket version",
+      { ["sec-websocket-version"] = "13", upgrade = "websocket", connection = "Upgrade" })
   end
   local key = h["sec-websocket-key"]
   if not key or not key:match("^[%w+/][%w+/][%w+/][%w+/]" .. ("[%w+/]"):rep(18) .. "==$") then
