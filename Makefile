@@ -34,7 +34,7 @@ BUILD ?= build
 OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRC)) $(patsubst $(LLHTTP_DIR)/%.c,$(BUILD)/obj/llhttp_%.o,$(LLHTTP_SRC))
 SO  := $(BUILD)/moonwire/core.so
 
-.PHONY: all test test-asan lint demo install clean deps bench fuzz
+.PHONY: all test test-asan lint demo install clean deps test-deps bench fuzz
 
 all: $(SO)
 
@@ -53,14 +53,17 @@ $(SO): $(OBJ)
 
 deps:
 	@scripts/install-deps
+
+# the suite also drives real peers: node's ws (npm), headless chromium
+test-deps: deps
 	@scripts/install-peers
 
 # The suite: busted on spec/ against the build tree; prints "N passed, N failed".
-test: deps all
+test: test-deps all
 	@scripts/run-tests $(BUILD)
 
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
-test-asan: deps
+test-asan: test-deps
 	$(MAKE) BUILD=build-asan CFLAGS="$(ASAN_FLAGS)" all
 	@MW_ASAN=1 scripts/run-tests build-asan
 
