@@ -65,7 +65,7 @@ local function new(sock, wc, opts, protocol, extensions, deflate)
     if o == nil then o = v end
     self[k] = o
   end
-  if self.ping_interval or self.idle_timeout then mw.spawn(M._keepalive, self) end
+  if self.ping_interval or self.idle_timeout then self._keepalive_task = mw.spawn(M._keepalive, self) end
   return self
 end
 
@@ -82,6 +82,9 @@ local function finish(self, code, reason)
   end
   self.sock:close()
   wake_closers(self)
+  -- the keepalive task ends now rather than after its next interval
+  local ka = self._keepalive_task
+  if ka and ka ~= current() then ka:cancel() end
 end
 
 -- Writes one frame (header, payload), in order with queued broadcast frames.
@@ -570,7 +573,8 @@ end
 
 local function handshake(u, opts)
   local sock, err, code = mw.tcp.connect(u.host, u.port, { timeout = opts.timeout,
-    tls = u.scheme == "wss" and (opts.tls or true) or nil })
+    tls = u.scheme == "wss" and (opts.tls or true) or nil,
+    local_host = opts.local_host, local_port = opts.local_port })
   if not sock then return nil, err, code end
   local key = base64(random(16))
   local flat, n = {}, 0

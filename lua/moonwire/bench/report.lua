@@ -229,16 +229,17 @@ local function percentile_chart(lat)
     local cx, cy = X(nines(p)), Y(v / div)
     out[#out + 1] = ('<circle cx="%s" cy="%s" r="4" fill="#fff" stroke="%s" stroke-width="2"/>')
       :format(f1(cx), f1(cy), COLORS.p50)
-    local anchor = p >= 99.999 and "end" or "middle"
+    local anchor = p >= 99.999 and "end" or p <= 50 and "start" or "middle"
+    local dx = anchor == "end" and -6 or anchor == "start" and 6 or 0
     out[#out + 1] = ('<text x="%s" y="%s" class="value" text-anchor="%s">%s</text>')
-      :format(f1(cx + (anchor == "end" and -6 or 0)), f1(math.max(cy - 9, MT + 12)), anchor, esc(time_us(v)))
+      :format(f1(cx + dx), f1(math.max(cy - 9, MT + 12)), anchor, esc(time_us(v)))
   end
   return close_chart(out)
 end
 
 -- x ticks for seconds 0..tmax
 local function time_ticks(tmax)
-  local ticks, top = nice_ticks(tmax, 10)
+  local ticks, top = nice_ticks(tmax, 8)
   local xt = {}
   for _, t in ipairs(ticks) do xt[#xt + 1] = { v = t, label = tick_text(t) } end
   return xt, top
@@ -331,15 +332,6 @@ end
 ---------------------------------------------------------------------------------------------
 -- tables
 
-local function kv_table(rows, cls)
-  local s = { ('<table class="%s"><tbody>'):format(cls or "kv") }
-  for _, row in ipairs(rows) do
-    s[#s + 1] = ('<tr><th>%s</th><td>%s</td></tr>'):format(esc(row[1]), row[3] and row[2] or esc(row[2]))
-  end
-  s[#s + 1] = "</tbody></table>"
-  return table.concat(s)
-end
-
 local function grid_table(head, rows, numeric_from)
   local s = { "<table><thead><tr>" }
   for i, h in ipairs(head) do
@@ -396,14 +388,17 @@ local function statuses_section(r)
 end
 
 local function latency_table(lat)
-  local rows = {}
   if latency_count(lat) == 0 then return '<p class="empty">No latency samples.</p>' end
-  rows[#rows + 1] = { "min", time_us(lat.min) }
-  for _, p in ipairs(PCT_TABLE) do rows[#rows + 1] = { "p" .. pct_label(p):sub(1, -2), time_us(lat:percentile(p)) } end
-  rows[#rows + 1] = { "max", time_us(lat.max) }
-  rows[#rows + 1] = { "mean", time_us(lat.mean) }
-  rows[#rows + 1] = { "stdev", time_us(lat.stdev) }
-  return kv_table(rows, "kv lat")
+  local head, row = { "min" }, { time_us(lat.min) }
+  for _, p in ipairs(PCT_TABLE) do
+    head[#head + 1] = "p" .. pct_label(p):sub(1, -2)
+    row[#row + 1] = esc(time_us(lat:percentile(p)))
+  end
+  for _, k in ipairs{ "max", "mean", "stdev" } do
+    head[#head + 1] = k
+    row[#row + 1] = esc(time_us(lat[k]))
+  end
+  return grid_table(head, { row }, 1)
 end
 
 local function thresholds_section(r)
@@ -472,7 +467,9 @@ local function metrics_section(r)
       trends)
   end
   if #counters > 0 then s[#s + 1] = "<h3>Counters</h3>" .. grid_table({ "metric", "value", "rate" }, counters) end
-  if #checks > 0 then s[#s + 1] = "<h3>Checks</h3>" .. grid_table({ "check", "passed", "failed", "pass rate" }, checks) end
+  if #checks > 0 then
+    s[#s + 1] = "<h3>Checks</h3>" .. grid_table({ "check", "passed", "failed", "pass rate" }, checks)
+  end
   if #others > 0 then s[#s + 1] = "<h3>Other</h3>" .. grid_table({ "metric", "values" }, others, 99) end
   return table.concat(s, "\n")
 end
@@ -504,7 +501,7 @@ box-shadow:0 1px 2px rgba(0,0,0,.04)}
 .card .sub{font-size:12px;color:var(--muted)}
 .card.bad .value{color:var(--bad)}
 .cols{display:grid;grid-template-columns:1fr 1fr;gap:24px}
-.cols3{display:grid;grid-template-columns:3fr 1fr;gap:20px;align-items:start}
+.pct{margin-top:10px;overflow-x:auto}.pct th,.pct td{padding:5px 6px}
 table{border-collapse:collapse;width:100%;font-size:14px;font-variant-numeric:tabular-nums}
 th,td{text-align:left;padding:5px 10px;border-bottom:1px solid var(--line)}
 thead th{font-size:12px;color:var(--muted);text-transform:uppercase;letter-spacing:.04em;font-weight:600}
@@ -534,7 +531,7 @@ code{font:13px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono"
 .note{font-size:13px;color:var(--muted);margin:8px 0 0}
 .empty{color:var(--muted);font-style:italic;margin:6px 0}
 footer{font-size:12px;color:var(--muted);text-align:center}
-@media (max-width:760px){.cards{grid-template-columns:repeat(2,1fr)}.cols,.cols3{grid-template-columns:1fr}}
+@media (max-width:760px){.cards{grid-template-columns:repeat(2,1fr)}.cols{grid-template-columns:1fr}}
 ]]
 
 local function card(label, value, sub, bad)
@@ -598,8 +595,8 @@ function M.html(o, r)
   if th then h[#h + 1] = "<section><h2>Thresholds</h2>" .. th .. "</section>" end
 
   if lat ~= nil then
-    h[#h + 1] = ('<section><h2>Latency distribution</h2><div class="cols3"><div>%s</div><div>%s</div></div>' ..
-      '<p class="note">%s</p></section>'):format(percentile_chart(lat), latency_table(lat),
+    h[#h + 1] = ('<section><h2>Latency distribution</h2>%s<div class="pct">%s</div><p class="note">%s</p></section>')
+      :format(percentile_chart(lat), latency_table(lat),
       o.rate and "Constant-rate run: latency counts from each request's scheduled send time, so server stalls " ..
         "are not hidden by coordinated omission." or
       "Closed-model run: each connection waits for its response before sending again, so latency excludes " ..
