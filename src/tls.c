@@ -125,7 +125,8 @@ static void tls_close(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
     if (!c) return;
-    if (c->handshake_done && s->io.fd >= 0) {
+    /* handshakes driven by SSL_read/SSL_write (accepted, deferred) never set the flag */
+    if ((c->handshake_done || SSL_is_init_finished(c->ssl)) && s->io.fd >= 0) {
         ERR_clear_error();
         SSL_shutdown(c->ssl);           /* best effort close_notify, never waits */
         ERR_clear_error();
@@ -255,11 +256,15 @@ static int optbool(lua_State *L, int t, const char *k)
 
 static SSL_CTX *new_ssl_ctx(lua_State *L, int server, int t, char *err, size_t errn)
 {
+    int minv = version_of(L, optstr(L, t, "min_version"));  /* may raise: before allocating */
     SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
     if (!ctx) { tls_reason(NULL, err, errn); return NULL; }
-    SSL_CTX_set_min_proto_version(ctx, version_of(L, optstr(L, t, "min_version")));
+    SSL_CTX_set_min_proto_version(ctx, minv);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    /* a peer closing without close_notify is an end of stream (HTTP framing catches a
+     * truncated body); without this OpenSSL 3 reports it as an error */
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE |
+                             SSL_OP_IGNORE_UNEXPECTED_EOF);
     const char *ciphers = optstr(L, t, "ciphers");
     if (ciphers && SSL_CTX_set_cipher_list(ctx, ciphers) != 1) {
         snprintf(err, errn, "bad cipher list");
@@ -399,7 +404,17 @@ static int ctx_reload(lua_State *L)
 {
     mw_tlsctx *t = luaL_checkudata(L, 1, CTX_MT);
     if (!t->cert_file) return mw_pushfail(L, "the certificate was not given as files", "tls");
-    const char *e = load_cert(t->ctx, t->cert_file, t->key_file);
+    /* check the new pair on a scratch context first: a half-replaced pair (new certificate,
+     * old key) must leave the live context as it was */
+    SSL_CTX *scratch = SSL_CTX_new(TLS_server_method());
+    if (!scratch) return mw_pushfail(L, "not enough memory", "tls");
+    const char *e = load_cert(scratch, t->cert_file, t->key_file);
+    SSL_CTX_free(scratch);
+    if (e) {
+        ERR_clear_error();
+        return mw_pushfail(L, e, "tls");
+    }
+    e = load_cert(t->ctx, t->cert_file, t->key_file);
     if (e) {
         ERR_clear_error();
         return mw_pushfail(L, e, "tls");

@@ -105,8 +105,12 @@ local function serve_connection(srv, sock)
   local t = srv.timeouts
   sock:settimeout(t.write)
   local hc = http_conn(sock, srv.limits, Request)
+  -- a new connection must send its first request (and its TLS handshake) within `head`;
+  -- later requests on it may wait `idle` for their first byte
+  local wait = math.min(t.idle, t.head)
   while not srv.closing do
-    local req, err, status = hc:read_request(t.idle, t.head)
+    local req, err, status = hc:read_request(wait, t.head)
+    wait = t.idle
     if not req then
       if math.type(status) == "integer" then send_error(sock, status, err) end
       break

@@ -1,0 +1,998 @@
+-- TLS (docs/tls.md) between moonwire's own ends: contexts and their options, our client's
+-- verification (good chain through an intermediate with `cafile`; expired, not yet valid,
+-- wrong host, self-signed, unknown CA refused with code "tls" and a clear message; the system
+-- store by default; `insecure = true`), SNI and ALPN, mTLS (accepted, refused without or with
+-- a foreign client certificate), a peer that sends garbage instead of a ClientHello, stalled
+-- handshakes on both sides, STARTTLS on a plain connection, certificate reload under an open
+-- keep-alive connection, https client pooling per origin and TLS settings, https with
+-- `decompress`, https -> https redirects, large bodies and res:sendfile through TLS, wss.
+-- The certificates come from spec/fixtures/make-certs, run once into a temporary directory.
+-- Every server listens on 127.0.0.1 port 0 and is closed by its test.
+
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local http = require "moonwire.http"
+
+local SPEC_DIR = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+local MAKE_CERTS = SPEC_DIR .. "/fixtures/make-certs"
+
+---------------------------------------------------------------------------------------------
+-- fixtures
+
+local function readfile(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local data = f:read("a")
+  f:close()
+  return data
+end
+
+local function writefile(path, data)
+  local f = assert(io.open(path, "wb"))
+  assert(f:write(data))
+  f:close()
+  return path
+end
+
+local function copyfile(from, to)
+  return writefile(to, assert(readfile(from), "cannot read " .. from))
+end
+
+local D   -- the certificate directory (setup / teardown of the top-level describe)
+local function cert(name) return D .. "/" .. name end
+
+local function make_certs()
+  local dir = os.tmpname()
+  os.remove(dir)
+  local ok = os.execute(("%s %s >%s.log 2>&1"):format(MAKE_CERTS, dir, dir))
+  local log = readfile(dir .. ".log") or ""
+  os.remove(dir .. ".log")
+  assert(ok, "spec/fixtures/make-certs failed: " .. log)
+  D = dir
+end
+
+local function remove_certs()
+  if D then os.execute("rm -rf " .. D) end
+  D = nil
+end
+
+-- the server options for a certificate of make-certs: chain file + key
+local function server_tls(name, extra)
+  local chain = readfile(cert(name .. "-chain.pem")) and cert(name .. "-chain.pem") or cert(name .. ".pem")
+  local t = { cert = chain, key = cert(name .. ".key") }
+  for k, v in pairs(extra or {}) do t[k] = v end
+  return t
+end
+
+local function trusting(extra)   -- client options trusting the test root CA
+  local t = { cafile = cert("ca.pem") }
+  for k, v in pairs(extra or {}) do t[k] = v end
+  return t
+end
+
+local errors = {}
+
+-- An https server on 127.0.0.1, port 0 (TLS options, handler, other server options).
+local function serve(tls, handler, opts)
+  opts = opts or {}
+  opts.host, opts.port, opts.tls = "127.0.0.1", 0, tls
+  opts.handler = handler or function(_, res) res:send("ok") end
+  errors = {}
+  opts.error_log = opts.error_log or function(msg) errors[#errors + 1] = msg end
+  return assert(http.server(opts))
+end
+
+-- Closes the server when the test body ends, however it ends.
+local function guard(srv)
+  return setmetatable({}, { __close = function() pcall(srv.close, srv, 0) end })
+end
+
+local function base(srv, host) return ("https://%s:%d"):format(host or "127.0.0.1", srv.port) end
+
+-- The results of a task (raises its error if it failed).
+local function joined(task)
+  local r = table.pack(task:join())
+  if not r[1] then error(r[2], 0) end
+  return table.unpack(r, 2, r.n)
+end
+
+-- Reads one HTTP/1.1 response with a Content-Length (or none) from a socket.
+local function read_response(s, timeout)
+  timeout = timeout or 5
+  local line, err, code = s:read("l", timeout)
+  if not line then return nil, err, code end
+  local status = math.tointeger(tonumber(line:match("^HTTP/1%.%d (%d%d%d)")))
+  assert(status, "bad status line: " .. line)
+  local headers = {}
+  while true do
+    local h = assert(s:read("l", timeout))
+    if h == "" then break end
+    local name, value = h:match("^([^:]+):%s*(.-)%s*$")
+    headers[name:lower()] = value
+  end
+  local n = math.tointeger(tonumber(headers["content-length"] or "0"))
+  local body = n > 0 and assert(s:read(n, timeout)) or ""
+  return { status = status, headers = headers, body = body }
+end
+
+local function get(s, path)
+  assert(s:write(("GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n"):format(path or "/")))
+  return assert(read_response(s))
+end
+
+-- Reads until the peer closes; returns the bytes, "closed" or "timeout", and the time it took.
+local function read_until_closed(s, limit)
+  local parts, t0 = {}, mw.now()
+  local deadline = t0 + limit
+  while true do
+    local left = deadline - mw.now()
+    if left <= 0 then return table.concat(parts), "timeout", mw.now() - t0 end
+    local piece, _, code = s:recv(65536, left)
+    if not piece then
+      if code == "timeout" then return table.concat(parts), "timeout", mw.now() - t0 end
+      return table.concat(parts), "closed", mw.now() - t0
+    end
+    parts[#parts + 1] = piece
+  end
+end
+
+-- The subject our client saw on a fresh TLS connection to `port` (verifying with the test CA).
+local function subject_at(port, extra, when)
+  local s, err = mw.tcp.connect("127.0.0.1", port, { tls = trusting(extra), timeout = 5 })
+  assert(s, (when and (when .. ": ") or "") .. tostring(err))
+  local info = s:tls_info()
+  s:close()
+  return info.peer_subject, info
+end
+
+---------------------------------------------------------------------------------------------
+
+describe("tls", function()
+  setup(make_certs)
+  teardown(remove_certs)
+  after_each(function()
+    -- a test that failed half-way must not leave the files of another one behind
+    for _, n in ipairs { "reload-chain.pem", "reload.key" } do os.remove(cert(n)) end
+  end)
+
+  describe("contexts", function()
+    it("builds server and client contexts, and raises on bad options and files", function()
+      local tls = mw.tls
+      assert.is_true(tls.is_context(tls.context { server = true, cert = cert("server-chain.pem"),
+        key = cert("server.key") }))
+      assert.is_true(tls.is_context(tls.context { cafile = cert("ca.pem") }))
+      assert.is_true(tls.is_context(tls.context {}))   -- a client with the system store
+      assert.is_false(tls.is_context({}))
+      helper.raises("cert", tls.context, { server = true })
+      helper.raises("tls:", tls.context, { server = true, cert = cert("nope.pem"), key = cert("server.key") })
+      helper.raises("private key", tls.context, { server = true, cert = cert("server-chain.pem"),
+        key = cert("other.key") })
+      helper.raises("min_version", tls.context, { server = true, cert = cert("server-chain.pem"),
+        key = cert("server.key"), min_version = "1.0" })
+      helper.raises("min_version", tls.context, { min_version = "1.1" })
+      helper.raises("insecure", tls.context, { insecure = "yes" })
+      helper.raises("CA", tls.context, { cafile = cert("no-such-ca.pem") })
+      helper.raises("alpn", tls.context, { alpn = { "" } })
+      helper.raises("cipher", tls.context, { ciphers = "NO-SUCH-CIPHER" })
+      helper.raises("both", tls.context, { cert = cert("client.pem") })
+      helper.raises("table", tls.context, "server.pem")
+    end)
+
+    it("starttls as a client needs a host to verify (or insecure = true)", function()
+      run(function()
+        local c, s = helper.tcp_pair()
+        local _ <close> = helper.closer(c, s)
+        helper.raises("host", c.starttls, c, mw.tls.context { cafile = cert("ca.pem") })
+      end)
+    end)
+
+    it("takes the certificate and key as PEM strings", function()
+      run(function()
+        local srv = serve({ cert = readfile(cert("server-chain.pem")), key = readfile(cert("server.key")) },
+          function(req, res) res:send(req.tls.version) end)
+        local _ <close> = guard(srv)
+        local res = assert(http.get(base(srv) .. "/", { tls = trusting() }))
+        assert.equal(200, res.status)
+        assert.matches("^TLSv1%.[23]$", res:body())
+        -- a server whose certificate came as strings has no files to re-read
+        local ok, err, code = srv.tls:reload()
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("files", err)
+      end)
+    end)
+  end)
+
+  describe("client verification", function()
+    it("accepts the good certificate through the intermediate with cafile", function()
+      run(function()
+        local srv = serve(server_tls("server"), function(req, res)
+          res:send(("%s|%s|%s"):format(req.tls.version, req.tls.cipher, tostring(req.tls.alpn)))
+        end)
+        local _ <close> = guard(srv)
+        -- by IP address (the certificate has IP:127.0.0.1) and by name
+        for _, host in ipairs { "127.0.0.1", "localhost" } do
+          local s = assert(mw.tcp.connect("127.0.0.1", srv.port,
+            { tls = trusting { host = host }, timeout = 5 }))
+          local info = s:tls_info()
+          assert.equal("/O=moonwire tests/CN=localhost", info.peer_subject)
+          assert.is_true(info.peer_verified)
+          assert.matches("^TLSv1%.[23]$", info.version)
+          assert.is_string(info.cipher)
+          assert.is_false(info.resumed)
+          local res = get(s, "/")
+          assert.equal(200, res.status)
+          -- (the client offered no ALPN: none is the default for clients)
+          assert.matches("^TLSv1%.[23]|[%w_-]+|nil$", res.body)
+          s:close()
+        end
+        local res = assert(http.get(base(srv) .. "/", { tls = trusting() }))
+        assert.equal(200, res.status)
+        res:body()
+      end)
+    end)
+
+    it("needs the intermediate: a server sending its leaf alone is refused", function()
+      run(function()
+        local srv = serve({ cert = cert("server.pem"), key = cert("server.key") })
+        local _ <close> = guard(srv)
+        local msg = helper.fails("tls", mw.tcp.connect("127.0.0.1", srv.port, { tls = trusting(), timeout = 5 }))
+        assert.matches("^tls: certificate verify failed: unable to get local issuer certificate", msg)
+        -- trusting the intermediate as well is enough
+        local bundle = writefile(cert("ca+int.pem"), readfile(cert("ca.pem")) .. readfile(cert("int.pem")))
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = { cafile = bundle }, timeout = 5 }))
+        assert.is_true(s:tls_info().peer_verified)
+        s:close()
+      end)
+    end)
+
+    -- name, files, the reason OpenSSL gives, the word the message must hold
+    local bad = {
+      { "an expired certificate", "expired", "certificate has expired", "expired" },
+      { "a certificate not yet valid", "notyet", "certificate is not yet valid", "not yet valid" },
+      { "a certificate for another host (by name)", "wronghost", "hostname mismatch", "hostname mismatch",
+        "localhost" },
+      { "a certificate for another host (by IP address)", "wronghost", "IP address mismatch", "mismatch" },
+      { "a self-signed certificate", "selfsigned", "self%-signed certificate", "self-signed" },
+      { "a certificate from an unknown CA", "unknown", "unable to get local issuer certificate", "issuer" },
+    }
+    for _, case in ipairs(bad) do
+      local what, name, reason, word, host = case[1], case[2], case[3], case[4], case[5]
+      it("refuses " .. what .. " with code \"tls\" and a clear message", function()
+        run(function()
+          local handled = false
+          local srv = serve(server_tls(name), function(_, res) handled = true res:send("no") end)
+          local _ <close> = guard(srv)
+          local msg = helper.fails("tls", mw.tcp.connect(host or "127.0.0.1", srv.port,
+            { tls = trusting(), timeout = 5 }))
+          assert.matches("^tls: certificate verify failed: " .. reason .. "$", msg)
+          assert.truthy(msg:find(word, 1, true), msg)
+          -- the https client says the same
+          local ok, err, code = http.get(base(srv, host) .. "/", { tls = trusting() })
+          assert.is_nil(ok)
+          assert.equal("tls", code)
+          assert.matches("certificate verify failed: " .. reason, err)
+          -- and so does a wss client
+          ok, err, code = mw.websocket.connect(("wss://%s:%d/"):format(host or "127.0.0.1", srv.port),
+            { tls = trusting(), timeout = 5 })
+          assert.is_nil(ok)
+          assert.equal("tls", code)
+          assert.matches("certificate verify failed: " .. reason, err)
+          assert.is_false(handled)
+        end)
+      end)
+
+      it("accepts " .. what .. " with insecure = true", function()
+        run(function()
+          local srv = serve(server_tls(name), function(req, res) res:send(req.tls.version) end)
+          local _ <close> = guard(srv)
+          local s = assert(mw.tcp.connect(host or "127.0.0.1", srv.port,
+            { tls = { insecure = true }, timeout = 5 }))
+          assert.equal(200, get(s, "/").status)
+          s:close()
+          local res = assert(http.get(base(srv, host) .. "/", { tls = { insecure = true } }))
+          assert.equal(200, res.status)
+          assert.matches("^TLSv1%.[23]$", res:body())
+        end)
+      end)
+    end
+
+    it("verifies against the system store by default (tls = true): the test CA is not in it", function()
+      run(function()
+        local srv = serve(server_tls("server"))
+        local _ <close> = guard(srv)
+        local msg = helper.fails("tls", mw.tcp.connect("127.0.0.1", srv.port, { tls = true, timeout = 5 }))
+        assert.matches("certificate verify failed", msg)
+        local ok, err, code = http.get(base(srv) .. "/")
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("certificate verify failed", err)
+      end)
+    end)
+
+    it("verifies the name given as `host` rather than the address connected to", function()
+      run(function()
+        local srv = serve(server_tls("server"))
+        local _ <close> = guard(srv)
+        local msg = helper.fails("tls", mw.tcp.connect("127.0.0.1", srv.port,
+          { tls = trusting { host = "wrong.test" }, timeout = 5 }))
+        assert.matches("hostname mismatch", msg)
+        -- the https client's `tls.host` too
+        local ok, err, code = http.get(base(srv) .. "/", { tls = trusting { host = "wrong.test" } })
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("hostname mismatch", err)
+        local res = assert(http.get(base(srv) .. "/", { tls = trusting { host = "localhost" } }))
+        assert.equal("ok", res:body())
+      end)
+    end)
+  end)
+
+  describe("SNI and ALPN", function()
+    it("serves the SNI certificate to clients asking for its name, the default to others", function()
+      run(function()
+        local seen = {}
+        local srv = serve(server_tls("server", { sni = { ["other.test"] = { cert = cert("other-chain.pem"),
+          key = cert("other.key") } } }), function(req, res)
+          seen[#seen + 1] = req.tls.sni or "-"
+          res:send("ok")
+        end)
+        local _ <close> = guard(srv)
+        assert.equal("/O=moonwire tests/CN=other.test", subject_at(srv.port, { host = "other.test" }))
+        assert.equal("/O=moonwire tests/CN=localhost", subject_at(srv.port, { host = "localhost" }))
+        -- a name the server has no certificate for gets the default one (so verification fails)
+        local msg = helper.fails("tls", mw.tcp.connect("127.0.0.1", srv.port,
+          { tls = trusting { host = "third.test" }, timeout = 5 }))
+        assert.matches("hostname mismatch", msg)
+        -- the handler sees the name (none for an IP address: SNI is for names only)
+        assert.equal("ok", assert(http.get(base(srv) .. "/", { tls = trusting { host = "other.test" } })):body())
+        assert.equal("ok", assert(http.get(base(srv) .. "/", { tls = trusting() })):body())
+        assert.same({ "other.test", "-" }, seen)
+      end)
+    end)
+
+    it("negotiates ALPN: http/1.1 by default, nothing for protocols the server does not speak", function()
+      run(function()
+        local alpn = {}
+        local srv = serve(server_tls("server"), function(req, res)
+          alpn[#alpn + 1] = req.tls.alpn or "-"
+          res:send("ok")
+        end)
+        local _ <close> = guard(srv)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port,
+          { tls = trusting { alpn = { "h2", "http/1.1" } }, timeout = 5 }))
+        assert.equal("http/1.1", s:tls_info().alpn)
+        assert.equal(200, get(s, "/").status)
+        s:close()
+        s = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = trusting { alpn = { "h2" } }, timeout = 5 }))
+        assert.is_nil(s:tls_info().alpn)
+        assert.equal(200, get(s, "/").status)
+        s:close()
+        assert.same({ "http/1.1", "-" }, alpn)
+        -- a server speaking another protocol
+        local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0,
+          tls = server_tls("server", { alpn = { "moonwire/1" } }) })
+        local _, port = l:getsockname()
+        local done = mw.spawn(function()
+          local a = assert(l:accept(5))
+          assert(a:write("hi\n"))
+          local info = a:tls_info()
+          a:close()
+          return info.alpn
+        end)
+        s = assert(mw.tcp.connect("127.0.0.1", port,
+          { tls = trusting { alpn = { "http/1.1", "moonwire/1" } }, timeout = 5 }))
+        assert.equal("hi", s:read("l", 5))
+        assert.equal("moonwire/1", s:tls_info().alpn)
+        s:close()
+        assert.equal("moonwire/1", joined(done))
+        l:close()
+      end)
+    end)
+
+    it("min_version = \"1.3\" on both ends gives TLS 1.3", function()
+      run(function()
+        local srv = serve(server_tls("server", { min_version = "1.3" }), function(req, res)
+          res:send(req.tls.version)
+        end)
+        local _ <close> = guard(srv)
+        local res = assert(http.get(base(srv) .. "/", { tls = trusting { min_version = "1.3" } }))
+        assert.equal("TLSv1.3", res:body())
+      end)
+    end)
+  end)
+
+  describe("mTLS", function()
+    local function mtls_server(seen, verify)
+      return serve(server_tls("server", { cafile = cert("ca.pem"), verify_client = verify or true }),
+        function(req, res)
+          seen[#seen + 1] = { subject = req.tls.peer_subject, verified = req.tls.peer_verified }
+          res:send(tostring(req.tls.peer_subject))
+        end)
+    end
+
+    it("accepts a client certificate from the CA: the handler sees its subject, verified", function()
+      run(function()
+        local seen = {}
+        local srv = mtls_server(seen)
+        local _ <close> = guard(srv)
+        local res = assert(http.get(base(srv) .. "/", {
+          tls = trusting { cert = cert("client.pem"), key = cert("client.key") } }))
+        assert.equal(200, res.status)
+        assert.equal("/O=moonwire tests/CN=moonwire test client", res:body())
+        assert.same({ { subject = "/O=moonwire tests/CN=moonwire test client", verified = true } }, seen)
+        -- PEM strings work for the client certificate too
+        res = assert(http.get(base(srv) .. "/", {
+          tls = trusting { cert = readfile(cert("client.pem")), key = readfile(cert("client.key")) } }))
+        assert.equal(200, res.status)
+        assert.equal(2, #seen)
+      end)
+    end)
+
+    it("refuses a client without a certificate, or with one from an unknown CA", function()
+      run(function()
+        local seen = {}
+        local srv = mtls_server(seen)
+        local _ <close> = guard(srv)
+        local ok, err, code = http.get(base(srv) .. "/", { tls = trusting() })
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("certificate required", err)
+        ok, err, code = http.get(base(srv) .. "/", {
+          tls = trusting { cert = cert("client-unknown.pem"), key = cert("client-unknown.key") } })
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("unknown ca", err)
+        -- a TLS 1.3 client only learns it at its first read: the connection gives no request
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = trusting(), timeout = 5 }))
+        s:write("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        local data, why = read_until_closed(s, 5)
+        assert.equal("", data)
+        assert.equal("closed", why)
+        s:close()
+        assert.same({}, seen)
+        -- the server goes on serving good clients
+        local res = assert(http.get(base(srv) .. "/", {
+          tls = trusting { cert = cert("client.pem"), key = cert("client.key") } }))
+        assert.equal(200, res.status)
+      end)
+    end)
+
+    it("verify_client = \"optional\": with and without a certificate", function()
+      run(function()
+        local seen = {}
+        local srv = mtls_server(seen, "optional")
+        local _ <close> = guard(srv)
+        assert.equal(200, assert(http.get(base(srv) .. "/", { tls = trusting() })).status)
+        assert.equal(200, assert(http.get(base(srv) .. "/", {
+          tls = trusting { cert = cert("client.pem"), key = cert("client.key") } })).status)
+        assert.equal(2, #seen)
+        assert.is_nil(seen[1].subject)
+        assert.same({ subject = "/O=moonwire tests/CN=moonwire test client", verified = true }, seen[2])
+      end)
+    end)
+  end)
+
+  describe("hostile and stalled peers", function()
+    it("a peer sending garbage instead of a ClientHello is dropped; the next client is served", function()
+      run(function()
+        local handled = 0
+        local srv = serve(server_tls("server"), function(_, res) handled = handled + 1 res:send("ok") end)
+        local _ <close> = guard(srv)
+        local garbage = {
+          "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",                     -- plain HTTP on the TLS port
+          "\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",                      -- a record with a broken hello
+          "\x16\x03\x01\xff\xff" .. ("\0"):rep(100),                       -- an oversized record length
+          ("\xde\xad\xbe\xef"):rep(4096),                                   -- noise
+        }
+        for i, bytes in ipairs(garbage) do
+          local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+          s:write(bytes)
+          local data, why = read_until_closed(s, 5)
+          s:close()
+          assert.equal("closed", why, "garbage #" .. i .. " did not get the connection closed")
+          -- at most a TLS alert, never an HTTP answer
+          assert.is_nil(data:find("HTTP/", 1, true), "garbage #" .. i .. " got " .. data)
+          local res = assert(http.get(base(srv) .. "/", { tls = trusting() }))
+          assert.equal("ok", res:body())
+        end
+        assert.equal(#garbage, handled)
+        assert.same({}, errors)
+        -- every dropped connection is gone from the server
+        local deadline = mw.now() + 5
+        while srv:connections() > 1 and mw.now() < deadline do mw.sleep(0.01) end
+        assert.is_true(srv:connections() <= 1)
+      end)
+    end)
+
+    it("a client that connects and never starts the handshake is closed after the head timeout", function()
+      run(function()
+        local srv = serve(server_tls("server"), nil, { timeouts = { head = 0.5 } })
+        local _ <close> = guard(srv)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+        local data, why, took = read_until_closed(s, 4)
+        s:close()
+        assert.equal("", data)
+        assert.equal("closed", why, "the server kept a silent TLS connection open for 4 s")
+        assert.is_true(took >= 0.4, "closed after " .. took .. " s")
+        assert.equal("ok", assert(http.get(base(srv) .. "/", { tls = trusting() })):body())
+      end)
+    end)
+
+    it("a client that stalls half-way through its ClientHello is closed after the head timeout", function()
+      run(function()
+        local srv = serve(server_tls("server"), nil, { timeouts = { head = 0.5 } })
+        local _ <close> = guard(srv)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+        -- a handshake record announcing 512 bytes, of which only 4 come
+        s:write("\x16\x03\x01\x02\x00\x01\x00\x01")
+        local _, why, took = read_until_closed(s, 4)
+        s:close()
+        assert.equal("closed", why, "the server kept a stalled TLS handshake open for 4 s")
+        assert.is_true(took >= 0.4, "closed after " .. took .. " s")
+      end)
+    end)
+
+    it("a silent TLS connection is not kept forever: timeouts.idle closes it", function()
+      run(function()
+        local srv = serve(server_tls("server"), nil, { timeouts = { head = 0.5, idle = 0.5 } })
+        local _ <close> = guard(srv)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+        local data, why, took = read_until_closed(s, 4)
+        s:close()
+        assert.equal("", data)
+        assert.equal("closed", why)
+        assert.is_true(took >= 0.4 and took < 3, "closed after " .. took .. " s")
+      end)
+    end)
+
+    it("our client gives up on a server that never answers the ClientHello: \"timeout\"", function()
+      run(function()
+        local l, port = helper.listen()
+        local got = mw.spawn(function()
+          local a = assert(l:accept(5))
+          local first = a:read(5, 5)      -- the ClientHello's record header; never answered
+          local rest = read_until_closed(a, 5)
+          a:close()
+          return first, rest
+        end)
+        local t0 = mw.now()
+        local msg = helper.fails("timeout", mw.tcp.connect("127.0.0.1", port,
+          { tls = trusting(), timeout = 0.5 }))
+        local took = mw.now() - t0
+        assert.matches("^tls: handshake timeout", msg)
+        assert.is_true(took >= 0.45 and took < 3, "gave up after " .. took .. " s")
+        local first = joined(got)
+        assert.equal("\x16\x03", first:sub(1, 2))   -- a TLS handshake record
+        l:close()
+        -- the https client too
+        l, port = helper.listen()
+        local quiet = mw.spawn(function()
+          local a = assert(l:accept(5))
+          read_until_closed(a, 5)
+          a:close()
+        end)
+        local c = http.client { connect_timeout = 0.5, timeout = 5, tls = trusting() }
+        t0 = mw.now()
+        local ok, err, code = c:get(("https://127.0.0.1:%d/"):format(port))
+        took = mw.now() - t0
+        assert.is_nil(ok)
+        assert.equal("timeout", code, err)
+        assert.is_true(took < 3, "gave up after " .. took .. " s")
+        joined(quiet)
+        c:close()
+        l:close()
+      end)
+    end)
+
+    it("a server that closes during the handshake gives a \"tls\" failure, not a hang", function()
+      run(function()
+        local l, port = helper.listen()
+        local t = mw.spawn(function()
+          local a = assert(l:accept(5))
+          -- read the whole ClientHello record (so closing sends a FIN, not a reset), then close
+          local head = assert(a:read(5, 5))
+          assert(a:read(head:byte(4) * 256 + head:byte(5), 5))
+          a:close()
+        end)
+        local msg = helper.fails("tls", mw.tcp.connect("127.0.0.1", port, { tls = trusting(), timeout = 5 }))
+        assert.matches("^tls: ", msg)
+        joined(t)
+        l:close()
+      end)
+    end)
+  end)
+
+  describe("starttls", function()
+    it("upgrades a plain line-protocol connection on both sides", function()
+      run(function()
+        local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+        local cctx = mw.tls.context { cafile = cert("ca.pem") }
+        local l, port = helper.listen()
+        local server = mw.spawn(function()
+          local a = assert(l:accept(5))
+          assert(a:write("220 hello, plain\r\n"))
+          assert.equal("STARTTLS", a:read("l", 5))
+          assert.is_nil(a:tls_info())
+          assert(a:write("220 go ahead\r\n"))
+          assert(a:starttls(sctx, { timeout = 5 }))
+          local info = a:tls_info()
+          local lines = {}
+          while true do
+            local line = a:read("l", 5)
+            if not line or line == "QUIT" then break end
+            lines[#lines + 1] = line
+            assert(a:write("echo " .. line .. "\r\n"))
+          end
+          assert(a:write("221 bye\r\n"))
+          a:close()    -- sends close_notify
+          return info, lines
+        end)
+        local c = assert(mw.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+        assert.equal("220 hello, plain", c:read("l", 5))
+        assert(c:write("STARTTLS\r\n"))
+        assert.equal("220 go ahead", c:read("l", 5))
+        assert.is_nil(c:tls_info())
+        assert.equal(c, assert(c:starttls(cctx, { host = "localhost", timeout = 5 })))
+        local info = c:tls_info()
+        assert.equal("/O=moonwire tests/CN=localhost", info.peer_subject)
+        assert.is_true(info.peer_verified)
+        local big = helper.pattern(300000)
+        for _, line in ipairs { "one", "two", big } do
+          assert(c:write(line .. "\r\n"))
+          assert.equal("echo " .. line, c:read("l", 5))
+        end
+        assert(c:write("QUIT\r\n"))
+        assert.equal("221 bye", c:read("l", 5))
+        -- the server's close_notify reads as a clean end
+        local rest, why = read_until_closed(c, 5)
+        assert.equal("", rest)
+        assert.equal("closed", why)
+        c:close()
+        local sinfo, lines = joined(server)
+        assert.equal("localhost", sinfo.sni)
+        assert.equal(info.version, sinfo.version)
+        assert.same({ "one", "two", big }, lines)
+        l:close()
+      end)
+    end)
+
+    it("refuses to upgrade twice, and fails cleanly when the peer is not a TLS server", function()
+      run(function()
+        local cctx = mw.tls.context { cafile = cert("ca.pem") }
+        local srv = serve(server_tls("server"))
+        local _ <close> = guard(srv)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = trusting(), timeout = 5 }))
+        local ok, err, code = s:starttls(cctx, { host = "localhost" })
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("already", err)
+        s:close()
+        -- a plain peer answering the ClientHello with text
+        local l, port = helper.listen()
+        local t = mw.spawn(function()
+          local a = assert(l:accept(5))
+          a:write("500 what?\r\n500 what?\r\n")
+          read_until_closed(a, 5)
+          a:close()
+        end)
+        local c = assert(mw.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+        helper.fails("tls", c:starttls(cctx, { host = "localhost", timeout = 5 }))
+        c:close()
+        joined(t)
+        l:close()
+      end)
+    end)
+
+    it("a deferred server-side starttls handshakes on the first read", function()
+      run(function()
+        local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+        local c, a = helper.tcp_pair()
+        local _ <close> = helper.closer(c, a)
+        assert.equal(a, assert(a:starttls(sctx, { defer = true })))
+        local t = mw.spawn(function()
+          local line = a:read("l", 5)
+          a:write("got " .. tostring(line) .. "\n")
+          return line
+        end)
+        assert(c:starttls(mw.tls.context { cafile = cert("ca.pem") }, { host = "localhost", timeout = 5 }))
+        assert(c:write("deferred\n"))
+        assert.equal("got deferred", c:read("l", 5))
+        assert.equal("deferred", joined(t))
+      end)
+    end)
+  end)
+
+  describe("closing", function()
+    -- the peer reads a clean end ("closed") only after a close_notify: OpenSSL 3 reports a
+    -- bare EOF as "unexpected eof while reading"
+    local function clean_end(s)
+      local piece, err, code = s:recv(100, 5)
+      return piece, code == "closed" and "closed" or tostring(err)
+    end
+
+    it("an accepted TLS socket (handshake on its first read) sends close_notify when closed", function()
+      run(function()
+        local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0, tls = server_tls("server") })
+        local _, port = l:getsockname()
+        local t = mw.spawn(function()
+          local a = assert(l:accept(5))
+          local line = a:read("l", 5)
+          assert(a:write("bye\n"))
+          a:close()
+          return line
+        end)
+        local c = assert(mw.tcp.connect("127.0.0.1", port, { tls = trusting(), timeout = 5 }))
+        assert(c:write("hi\n"))
+        assert.equal("bye", c:read("l", 5))
+        local piece, how = clean_end(c)
+        assert.is_nil(piece)
+        assert.equal("closed", how, "the server closed without close_notify")
+        c:close()
+        assert.equal("hi", joined(t))
+        l:close()
+      end)
+    end)
+
+    it("the https server's Connection: close ends with close_notify", function()
+      run(function()
+        local srv = serve(server_tls("server"))
+        local _ <close> = guard(srv)
+        local c = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = trusting(), timeout = 5 }))
+        assert(c:write("GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
+        local res = assert(read_response(c))
+        assert.equal("ok", res.body)
+        local piece, how = clean_end(c)
+        assert.is_nil(piece)
+        assert.equal("closed", how, "the server closed without close_notify")
+        c:close()
+      end)
+    end)
+
+    it("a connecting client's close sends close_notify", function()
+      run(function()
+        local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0, tls = server_tls("server") })
+        local _, port = l:getsockname()
+        local t = mw.spawn(function()
+          local a = assert(l:accept(5))
+          local line = a:read("l", 5)
+          local piece, how = clean_end(a)
+          a:close()
+          return line, piece, how
+        end)
+        local c = assert(mw.tcp.connect("127.0.0.1", port, { tls = trusting(), timeout = 5 }))
+        assert(c:write("last words\n"))
+        c:close()
+        local line, piece, how = joined(t)
+        assert.equal("last words", line)
+        assert.is_nil(piece)
+        assert.equal("closed", how)
+        l:close()
+      end)
+    end)
+  end)
+
+  describe("certificate reload", function()
+    it("srv.tls:reload(): new connections get the new certificate, an open keep-alive one goes on", function()
+      run(function()
+        local chain, key = cert("reload-chain.pem"), cert("reload.key")
+        copyfile(cert("server-chain.pem"), chain)
+        copyfile(cert("server.key"), key)
+        local srv = serve({ cert = chain, key = key }, function(req, res) res:send("path " .. req.path) end)
+        local _ <close> = guard(srv)
+        assert.equal("/O=moonwire tests/CN=localhost", subject_at(srv.port))
+        -- a keep-alive connection opened before the reload
+        local old = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = trusting(), timeout = 5 }))
+        assert.equal("path /before", get(old, "/before").body)
+        -- new files, then reload
+        copyfile(cert("server2-chain.pem"), chain)
+        copyfile(cert("server2.key"), key)
+        assert.is_true(srv.tls:reload())
+        assert.equal("/O=moonwire tests/CN=moonwire test server 2", subject_at(srv.port, nil, "after the reload"))
+        local res = assert(http.get(base(srv) .. "/new", { tls = trusting() }))
+        assert.equal("path /new", res:body())
+        -- the old connection still works, with the old certificate
+        assert.equal("path /after", get(old, "/after").body)
+        assert.equal("/O=moonwire tests/CN=localhost", old:tls_info().peer_subject)
+        old:close()
+      end)
+    end)
+
+    it("a reload that fails (certificate replaced, key not yet) keeps the current pair in use", function()
+      run(function()
+        local chain, key = cert("reload-chain.pem"), cert("reload.key")
+        copyfile(cert("server-chain.pem"), chain)
+        copyfile(cert("server.key"), key)
+        local srv = serve({ cert = chain, key = key }, function(req, res) res:send("path " .. req.path) end)
+        local _ <close> = guard(srv)
+        local old = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = trusting(), timeout = 5 }))
+        assert.equal("path /before", get(old, "/before").body)
+        -- the new certificate is in place, its key is not: they do not match
+        copyfile(cert("other-chain.pem"), chain)
+        local ok, err, code = srv.tls:reload()
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.is_string(err)
+        assert.equal("path /open", get(old, "/open").body)
+        old:close()
+        assert.equal("/O=moonwire tests/CN=localhost", subject_at(srv.port, nil, "after a failed reload"))
+        assert.equal("path /still", assert(http.get(base(srv) .. "/still", { tls = trusting() })):body())
+        -- once the key is there too, the reload goes through
+        copyfile(cert("other.key"), key)
+        assert.is_true(srv.tls:reload())
+        assert.equal("/O=moonwire tests/CN=other.test", subject_at(srv.port, { host = "other.test" }))
+      end)
+    end)
+  end)
+
+  describe("https client", function()
+    it("pools connections: several requests go over one TLS connection", function()
+      run(function()
+        local ports = {}
+        local srv = serve(server_tls("server"), function(req, res)
+          ports[#ports + 1] = req.remote_port
+          res:send("n" .. #ports)
+        end)
+        local _ <close> = guard(srv)
+        local c = http.client { tls = trusting() }
+        for i = 1, 5 do
+          local res = assert(c:get(base(srv) .. "/" .. i))
+          assert.equal("n" .. i, res:body())
+        end
+        assert.equal(5, #ports)
+        for i = 2, 5 do assert.equal(ports[1], ports[i], "request " .. i .. " used a new connection") end
+        assert.same({ idle = 1, active = 0 }, c:stats())
+        -- other TLS settings for the same origin: not the same pool entry
+        local res = assert(c:get(base(srv) .. "/other", { tls = trusting { host = "localhost" } }))
+        res:body()
+        assert.not_equal(ports[1], ports[6])
+        -- the first connection is still reused for the first settings
+        assert(c:get(base(srv) .. "/again")):body()
+        assert.equal(ports[1], ports[7])
+        c:close()
+      end)
+    end)
+
+    it("concurrent requests share a bounded pool of TLS connections", function()
+      run(function()
+        local conns = {}
+        local srv = serve(server_tls("server"), function(req, res)
+          conns[req.remote_port] = true
+          mw.sleep(0.01)
+          res:send("ok")
+        end)
+        local _ <close> = guard(srv)
+        local c = http.client { tls = trusting(), max_per_origin = 3 }
+        local tasks = {}
+        for i = 1, 30 do
+          tasks[i] = mw.spawn(function()
+            local res = assert(c:get(base(srv) .. "/" .. i))
+            return res:body()
+          end)
+        end
+        for i = 1, 30 do assert.equal("ok", joined(tasks[i])) end
+        local n = 0
+        for _ in pairs(conns) do n = n + 1 end
+        assert.is_true(n >= 1 and n <= 3, n .. " connections")
+        c:close()
+      end)
+    end)
+
+    it("decompress: a gzip response over TLS is decoded", function()
+      run(function()
+        local text = ("some compressible text over TLS\n"):rep(2000)
+        local asked = {}
+        local srv = serve(server_tls("server"), function(req, res)
+          asked[#asked + 1] = req.headers["accept-encoding"] or "-"
+          res:header("content-type", "text/plain")
+          res:send(text)
+        end)
+        local _ <close> = guard(srv)
+        local res = assert(http.get(base(srv) .. "/", { tls = trusting(), decompress = true }))
+        assert.equal(200, res.status)
+        assert.equal("gzip", res.headers["content-encoding"])
+        assert.is_true(tonumber(res.headers["content-length"]) < #text / 10)
+        assert.equal(text, res:body())
+        -- without decompress nothing is asked for, nothing encoded
+        res = assert(http.get(base(srv) .. "/", { tls = trusting() }))
+        assert.is_nil(res.headers["content-encoding"])
+        assert.equal(text, res:body())
+        assert.matches("gzip", asked[1])
+        assert.equal("-", asked[2])
+      end)
+    end)
+
+    it("follows redirects from https to https (same and another server)", function()
+      run(function()
+        local b = serve(server_tls("server"), function(req, res) res:send("B " .. req.path) end)
+        local _b <close> = guard(b)
+        local a = serve(server_tls("server"), function(req, res)
+          if req.path == "/rel" then
+            res:redirect("/abs")
+          elseif req.path == "/abs" then
+            res:redirect(("https://localhost:%d/end"):format(b.port), 301)
+          else
+            res:send("A " .. req.path)
+          end
+        end)
+        local _a <close> = guard(a)
+        local res = assert(http.get(base(a) .. "/rel", { tls = trusting() }))
+        assert.equal(200, res.status)
+        assert.equal("B /end", res:body())
+        assert.equal(("https://localhost:%d/end"):format(b.port), res.url)
+        -- the hop to a host that does not verify fails with "tls"
+        local c = serve(server_tls("expired"), function(_, r) r:send("no") end)
+        local _c <close> = guard(c)
+        local d = serve(server_tls("server"), function(_, r)
+          r:redirect(("https://127.0.0.1:%d/x"):format(c.port))
+        end)
+        local _d <close> = guard(d)
+        local ok, err, code = http.get(base(d) .. "/", { tls = trusting() })
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("expired", err)
+      end)
+    end)
+
+    it("moves large bodies both ways, and res:sendfile works through TLS", function()
+      run(function()
+        local size = 3 * 1024 * 1024 + 17
+        local data = helper.pattern(size)
+        local file = writefile(cert("big.bin"), data)
+        local srv = serve(server_tls("server"), function(req, res)
+          if req.method == "POST" then
+            local body = assert(req:body())
+            res:send(("%d %s"):format(#body, tostring(body == data)))
+          else
+            res:header("content-type", "application/octet-stream")
+            res:sendfile(file)
+          end
+        end, { limits = { body = 8 * 1024 * 1024 } })
+        local _ <close> = guard(srv)
+        local c = http.client { tls = trusting(), max_body = 16 * 1024 * 1024 }
+        local res = assert(c:get(base(srv) .. "/big.bin"))
+        assert.equal(tostring(size), res.headers["content-length"])
+        local got = assert(res:body())
+        assert.equal(#data, #got)
+        assert.is_true(got == data, "the downloaded bytes differ")
+        res = assert(c:post(base(srv) .. "/up", data))
+        assert.equal(size .. " true", res:body())
+        c:close()
+        os.remove(file)
+      end)
+    end)
+  end)
+
+  describe("wss", function()
+    it("moonwire's wss client against moonwire's wss server", function()
+      run(function()
+        local closes = {}
+        local srv = serve(server_tls("server"), function(req)
+          local ws = assert(req:websocket())
+          for msg, kind in ws:messages() do ws:send(msg, kind) end
+          closes[#closes + 1] = ws.close_code
+        end)
+        local _ <close> = guard(srv)
+        local ws = assert(mw.websocket.connect(("wss://localhost:%d/echo"):format(srv.port),
+          { tls = trusting(), timeout = 5, deflate = true }))
+        for _, m in ipairs { { "hello", "text" }, { "\0\1\2\255", "binary" },
+          { helper.pattern(200000), "text" } } do
+          ws:send(m[1], m[2])
+          local got, kind = ws:receive(5)
+          assert.equal(m[2], kind)
+          assert.is_true(got == m[1])
+        end
+        ws:close(1000, "bye")
+        assert.equal("closed", ws.state)
+        local deadline = mw.now() + 5
+        while #closes == 0 and mw.now() < deadline do mw.sleep(0.01) end
+        assert.same({ 1000 }, closes)
+        -- without the CA: refused
+        local ok, _, code = mw.websocket.connect(("wss://127.0.0.1:%d/echo"):format(srv.port), { timeout = 5 })
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+      end)
+    end)
+  end)
+end)
