@@ -289,7 +289,8 @@ static int frame_done(lua_State *L, mw_ws *w)
     } else {
         if (mop == OP_TEXT && w->utf8 != 0)
             return protocol_error(L, w, "text message ends inside a UTF-8 sequence", 1007);
-        lua_pushlstring(L, mw_buf_head(&w->msg), mw_buf_len(&w->msg));
+        if (mw_buf_len(&w->msg) == 0) lua_pushliteral(L, "");
+        else lua_pushlstring(L, mw_buf_head(&w->msg), mw_buf_len(&w->msg));
         mw_buf_free(&w->msg, NULL);
     }
     lua_pushstring(L, kinds[mop]);
@@ -513,10 +514,10 @@ static int ws_deflate(lua_State *L)
     luaL_pushresult(&b);
     size_t len;
     const char *out = lua_tolstring(L, -1, &len);
-    if (len >= 4 && memcmp(out + len - 4, "\x00\x00\xff\xff", 4) == 0)
-        lua_pushlstring(L, out, len - 4);
-    else
-        lua_pushvalue(L, -1);
+    if (len >= 4 && memcmp(out + len - 4, "\x00\x00\xff\xff", 4) == 0) len -= 4;
+    /* RFC 7692 7.2.1: what is left must not be empty; an empty stored block is one 0x00 */
+    if (len == 0) lua_pushlstring(L, "\0", 1);
+    else lua_pushlstring(L, out, len);
     return 1;
 }
 

@@ -16,6 +16,10 @@ WebSocket.__name = "moonwire.WebSocket"
 
 local OP = { continuation = 0, text = 1, binary = 2, close = 8, ping = 9, pong = 10 }
 
+-- every connection option (nil defaults included: pairs() would skip those)
+local option_names = { "max_message", "max_frame", "fragment_size", "close_timeout", "ping_interval",
+  "idle_timeout", "send_queue", "on_full", "deflate_threshold" }
+
 local defaults = {
   max_message = 16 * 1024 * 1024,
   max_frame = nil,              -- default: max_message
@@ -60,9 +64,9 @@ local function new(sock, wc, opts, protocol, extensions, deflate)
     _deflate = deflate, _outq = { first = 1, last = 0 }, _writer = nil, _pings = {},
     _last_rx = mw.now(), _closers = {},
   }, WebSocket)
-  for k, v in pairs(defaults) do
+  for _, k in ipairs(option_names) do
     local o = opts and opts[k]
-    if o == nil then o = v end
+    if o == nil then o = defaults[k] end
     self[k] = o
   end
   if self.ping_interval or self.idle_timeout then self._keepalive_task = mw.spawn(M._keepalive, self) end
@@ -297,7 +301,8 @@ function WebSocket:close(code, reason)
     end
     self._close_reader = nil
   end
-  if self.state ~= "closed" then finish(self, self.close_code or 1006, self.close_reason) end
+  -- no close frame from the peer in time: an abnormal closure (RFC 6455 7.1.5)
+  if self.state ~= "closed" then finish(self, 1006, "") end
   return true
 end
 
