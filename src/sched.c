@@ -450,7 +450,9 @@ static int l_sleep(lua_State *L)
     double s = luaL_checknumber(L, 1);
     luaL_argcheck(L, s == s, 1, "not a number");
     mw_task *t = mw_sched_self(L, rt);
-    int64_t d = s <= 0 ? rt->loop.now : s > 1e9 ? MW_NO_DEADLINE : rt->loop.now + (int64_t)(s * 1e9);
+    /* from the real clock, not the cached one: a sleep never ends early */
+    int64_t now = mw_loop_clock();
+    int64_t d = s <= 0 ? now : s > 1e9 ? MW_NO_DEADLINE : now + (int64_t)(s * 1e9);
     return mw_sched_wait(L, t, d, sleep_k, (lua_KContext)d);
 }
 

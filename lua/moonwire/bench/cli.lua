@@ -137,7 +137,7 @@ local function threshold_value(name, s)
     if pct then return tonumber(pct), "%" end
     return tonumber(s), ""
   end
-  if name == "rps" then return fmt.count(s), "" end
+  if name == "rps" or name == "requests" then return fmt.count(s), "" end
   local secs = fmt.duration(s)
   return secs and secs * 1e6, "us"
 end
@@ -213,16 +213,17 @@ function M.json(o, r)
   local lat = r.latency
   local pct = {}
   for _, p in ipairs{ 50, 75, 90, 95, 99, 99.9, 99.99, 99.999 } do pct[tostring(p)] = lat:percentile(p) end
+  local json = require "moonwire.bench.json"
   local doc = {
     url = o.url, threads = o.threads, connections = o.connections, duration_s = r.duration_us / 1e6,
-    rate = o.rate, pipeline = o.pipeline,
+    rate = o.rate or json.null, pipeline = o.pipeline,
     requests = r.requests_total, bytes = r.bytes, rps = r.rps,
     errors = r.errors, hung = r.hung, statuses = r.statuses,
     latency_us = { min = lat.min, max = lat.max, mean = lat.mean, stdev = lat.stdev, percentiles = pct },
     requests_per_thread_per_s = { mean = r.requests.mean, stdev = r.requests.stdev, max = r.requests.max },
-    timeline = r.timeline, thresholds = r.threshold_results,
+    timeline = json.array(r.timeline), thresholds = json.array(r.threshold_results or {}),
   }
-  return require("moonwire.bench.json").encode(doc)
+  return json.encode(doc)
 end
 
 -- ---------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ function M.main(argv)
         conns_in_thread = per + (i <= extra and 1 or 0), duration = o.duration, timeout = o.timeout,
         rate = o.rate and o.rate / o.threads, pipeline = o.pipeline, method = o.method or main_wrk.method,
         body = o.body or main_wrk.body, script = o.script, script_args = o.script_args, verify = o.verify,
-        counters = shared:address(),
+        counters = shared:address(), url = o.url,
       }
       assert(h:start(thread_code, serial.encode(cfg)))
     end

@@ -13,6 +13,9 @@ local hrtime, http_conn = core.hrtime, core.http_conn
 local M = {}
 
 local Response = {}
+local headers_ci = { __index = function(t, k)
+  if type(k) == "string" then return rawget(t, k:lower()) end
+end }
 
 local function connect(cfg)
   local opts = { timeout = cfg.timeout }
@@ -25,7 +28,7 @@ local function new_state(cfg)
   return {
     cfg = cfg, stop = false,
     latency = core.histogram(), requests = core.histogram(), second = core.histogram(),
-    count = 0, bytes = 0, inflight = 0, shared_count = 0,
+    count = 0, bytes = 0, inflight = 0, shared_count = 0, pending = {},
     errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 },
     statuses = {}, timeline = {},
   }
@@ -61,6 +64,7 @@ local function connection(st, id, hooks)
     else
       local hc = http_conn(sock, { head = 65536, headers = 1000 }, Response, true)
       local alive = true
+      local timed_out_at_end = false
       while alive and not st.stop do
         if hooks.delay then
           local ms = hooks.delay()
@@ -86,6 +90,7 @@ local function connection(st, id, hooks)
           t0 = hrtime()
         end
         st.inflight = st.inflight + depth
+        st.pending[id] = t0
         local ok = sock:write(req)
         if not ok then
           st.errors.write = st.errors.write + 1
@@ -101,27 +106,40 @@ local function connection(st, id, hooks)
               body, _, code = res._conn:read_body("all", -1, timeout)
               if body then
                 status, bytes, keep = res.status, #body, res.keepalive
+                -- wrk hands the names as the server sent them: any case finds them here
+                setmetatable(res.headers, headers_ci)
                 hooks.response(res.status, res.headers, body)
               end
             end
             if not status then
-              if code == "timeout" then st.errors.timeout = st.errors.timeout + 1
-              else st.errors.read = st.errors.read + 1 end
+              if code == "timeout" then
+                if st.stop then timed_out_at_end = true else st.errors.timeout = st.errors.timeout + 1 end
+              else
+                st.errors.read = st.errors.read + 1
+              end
               alive = false
             end
           else
             status, bytes, keep = hc:read_lean(timeout)
             if not status then
-              if bytes == "timeout" then st.errors.timeout = st.errors.timeout + 1
-              elseif keep ~= "closed" or st.count == 0 then st.errors.read = st.errors.read + 1 end
+              if bytes == "timeout" then
+                -- timing out while draining at the end: still unanswered, reported as hung
+                if st.stop then timed_out_at_end = true else st.errors.timeout = st.errors.timeout + 1 end
+              elseif keep ~= "closed" or st.count == 0 then
+                st.errors.read = st.errors.read + 1
+              end
               alive = false
             end
           end
           st.inflight = st.inflight - 1
-          if not alive then break end
+          if not alive then
+            if not timed_out_at_end then st.pending[id] = nil end
+            break
+          end
           record(st, status, (hrtime() - t0) // 1000, bytes)
           if keep == false then alive = false end
         end
+        if not timed_out_at_end then st.pending[id] = nil end
       end
       sock:close()
     end
@@ -132,6 +150,17 @@ end
 local function sampler(st)
   local last, last_t = 0, hrtime()
   local sec_count, sec_t, sec_errors = 0, hrtime(), 0
+  st.final_second = function()
+    local now = hrtime()
+    if now - sec_t < 0.05e9 then return end
+    local errs = 0
+    for _, v in pairs(st.errors) do errs = errs + v end
+    st.timeline[#st.timeline + 1] = {
+      t = (now - st.t_start) / 1e9, rps = (st.count - sec_count) * 1e9 / (now - sec_t),
+      p50 = st.second:percentile(50), p99 = st.second:percentile(99), max = select(3, st.second:stats()),
+      errors = errs - sec_errors,
+    }
+  end
   while not st.stop do
     mw.sleep(0.1)
     local now = hrtime()
@@ -179,7 +208,14 @@ function M.run(cfg, hooks, on_stop)
     end
     st.stop = true
     st.t_end = hrtime()
-    st.hung = st.inflight
+    if st.final_second then st.final_second() end
+    -- drain: the requests in flight get up to the timeout (at most 2 s) to complete; those
+    -- still unanswered then are reported as hung (wrk never reports them at all)
+    local drain_until = hrtime() + math.floor(math.min(cfg.timeout, 2) * 1e9)
+    while st.inflight > 0 and hrtime() < drain_until do mw.sleep(0.005) end
+    local hung = 0
+    for _ in pairs(st.pending) do hung = hung + 1 end
+    st.hung = hung
     mw.stop()
     local _ = samp
   end)
@@ -208,7 +244,11 @@ function M.thread_main(arg)
   if cfg.script then
     wrkenv.load(cfg.script, _G)
     local init = rawget(_G, "init")
-    if init then init(cfg.script_args or {}) end
+    if init then
+      local args = { [0] = cfg.url }
+      for i, a in ipairs(cfg.script_args or {}) do args[i] = a end
+      init(args)
+    end
     hooks.request = rawget(_G, "request")
     hooks.response = rawget(_G, "response")
     hooks.delay = rawget(_G, "delay")

@@ -1,6 +1,11 @@
 --- A small JSON encoder (objects with sorted keys, arrays for sequences) for bench output.
 local M = {}
 
+-- markers: a JSON null (a table key that must appear), and a table that is always an array
+M.null = setmetatable({}, { __name = "json.null" })
+local array_mt = { __jsonarray = true }
+function M.array(t) return setmetatable(t or {}, array_mt) end
+
 local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f", ["\n"] = "\\n",
   ["\r"] = "\\r", ["\t"] = "\\t" }
 
@@ -28,7 +33,9 @@ local function enc(v, out)
     elseif math.type(v) == "integer" then out[#out + 1] = tostring(v)
     else out[#out + 1] = ("%.6g"):format(v) end
   elseif t == "string" then out[#out + 1] = str(v)
+  elseif v == M.null then out[#out + 1] = "null"
   elseif t == "table" then
+    if getmetatable(v) == array_mt and next(v) == nil then out[#out + 1] = "[]" return end
     if next(v) == nil then out[#out + 1] = "{}" return end
     if is_array(v) then
       out[#out + 1] = "["

@@ -17,11 +17,17 @@ local function ser(v, out)
   elseif t == "string" then
     out[#out + 1] = ("%q"):format(v)
   elseif t == "number" then
-    if math.type(v) == "integer" then out[#out + 1] = ("%d"):format(v)
+    if math.type(v) == "integer" then
+      -- "-9223372036854775808" would read back as a float
+      out[#out + 1] = v == math.mininteger and "math.mininteger" or ("%d"):format(v)
     elseif v ~= v then out[#out + 1] = "(0/0)"
     elseif v == math.huge then out[#out + 1] = "math.huge"
     elseif v == -math.huge then out[#out + 1] = "-math.huge"
-    else out[#out + 1] = ("%.17g"):format(v) end
+    else
+      local f = ("%.17g"):format(v)
+      if not f:find("[%.eEn]") then f = f .. ".0" end   -- keep floats floats
+      out[#out + 1] = f
+    end
   elseif t == "boolean" or t == "nil" then
     out[#out + 1] = tostring(v)
   else

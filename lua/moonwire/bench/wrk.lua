@@ -12,19 +12,35 @@ function Addr:__tostring()
 end
 M.Addr = Addr
 
+-- LuaJIT's bit: every result is a signed 32-bit number
+local function tobit(a)
+  a = math.tointeger(a) or math.floor(a)
+  a = a & 0xffffffff
+  if a >= 0x80000000 then a = a - 0x100000000 end
+  return a
+end
+
 local function new_bit()
   return {
-    band = function(a, ...) for _, b in ipairs{ ... } do a = a & b end return a end,
-    bor = function(a, ...) for _, b in ipairs{ ... } do a = a | b end return a end,
-    bxor = function(a, ...) for _, b in ipairs{ ... } do a = a ~ b end return a end,
-    bnot = function(a) return ~a end,
-    lshift = function(a, n) return (a << n) & 0xffffffff end,
-    rshift = function(a, n) return (a & 0xffffffff) >> n end,
-    arshift = function(a, n) return a >> n end,
-    tobit = function(a) a = a & 0xffffffff if a >= 0x80000000 then a = a - 0x100000000 end return a end,
-    tohex = function(a, n) return ("%0" .. (n or 8) .. "x"):format(a & 0xffffffff) end,
+    tobit = tobit,
+    band = function(a, ...) a = tobit(a) for _, b in ipairs{ ... } do a = a & tobit(b) end return tobit(a) end,
+    bor = function(a, ...) a = tobit(a) for _, b in ipairs{ ... } do a = a | tobit(b) end return tobit(a) end,
+    bxor = function(a, ...) a = tobit(a) for _, b in ipairs{ ... } do a = a ~ tobit(b) end return tobit(a) end,
+    bnot = function(a) return tobit(~tobit(a)) end,
+    lshift = function(a, n) return tobit(tobit(a) << (n & 31)) end,
+    rshift = function(a, n) return tobit((tobit(a) & 0xffffffff) >> (n & 31)) end,
+    arshift = function(a, n) return tobit(tobit(a) >> (n & 31) | (tobit(a) < 0 and ~(0xffffffff >> (n & 31)) or 0)) end,
+    rol = function(a, n) a = tobit(a) & 0xffffffff n = n & 31 return tobit((a << n) | (a >> (32 - n))) end,
+    ror = function(a, n) a = tobit(a) & 0xffffffff n = n & 31 return tobit((a >> n) | (a << (32 - n))) end,
+    bswap = function(a)
+      a = tobit(a) & 0xffffffff
+      return tobit(((a & 0xff) << 24) | ((a & 0xff00) << 8) | ((a >> 8) & 0xff00) | (a >> 24))
+    end,
+    tohex = function(a, n) return ("%0" .. (n or 8) .. "x"):format(tobit(a) & 0xffffffff) end,
   }
 end
+
+local services = { http = 80, https = 443, ws = 80, wss = 443 }
 
 --- The global environment for a script, with `wrk` filled from the target: `G` itself (a
 -- bench thread's own state runs the script in its real globals, so thread:get/set reach
@@ -38,7 +54,7 @@ function M.env(target, headers, thread, G)
   env.setfenv = function(f, t) return f, t end
   local wrk = {
     scheme = target.scheme, host = target.host, port = target.port_given, method = "GET",
-    path = target.path, headers = {}, body = nil, thread = thread,
+    path = target.target, headers = {}, body = nil, thread = thread,
   }
   for k, v in pairs(headers or {}) do wrk.headers[k] = v end
   function wrk.format(method, path, hdrs, body)
@@ -63,7 +79,8 @@ function M.env(target, headers, thread, G)
     return table.concat(out)
   end
   function wrk.lookup(host, service)
-    local list, err = require("moonwire").resolve(host, tonumber(service) or 0)
+    local port = tonumber(service) or services[service] or 0
+    local list, err = require("moonwire").resolve(host, math.tointeger(port))
     if not list then error("wrk.lookup: " .. tostring(err), 2) end
     local out = {}
     for i, a in ipairs(list) do out[i] = setmetatable({ host = a.host, port = a.port, family = a.family }, Addr) end
