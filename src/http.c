@@ -45,6 +45,8 @@ typedef struct mw_http {
     int expect_continue;
     int skip_body;             /* client side: the request was HEAD, the response has no body */
     int discard;               /* body bytes are dropped, not collected (the load generator) */
+    mw_buf trailers;           /* trailer fields after a chunked body: "name:value\n"... */
+    int in_trailer_field;
     uint64_t lean_bytes;
 } mw_http;
 
@@ -95,9 +97,29 @@ static int on_status(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
+/* Appends to the trailer record buffer (trailers arrive after the head was consumed, so
+ * they are copied, never kept as spans). */
+static int trailer_add(mw_http *h, const char *s, size_t n)
+{
+    if (mw_buf_len(&h->trailers) + n > h->max_head) return -1;
+    size_t avail;
+    char *w = mw_buf_reserve(&h->trailers, NULL, n ? n : 1, &avail);
+    if (!w) return -1;
+    memcpy(w, s, n);
+    mw_buf_commit(&h->trailers, n);
+    return 0;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
     mw_http *h = H(p);
+    if (h->head_done) {  /* a trailer field */
+        if (!h->in_trailer_field && mw_buf_len(&h->trailers) > 0 && trailer_add(h, "\n", 1) < 0)
+            return fail(p, 431, "trailers too large");
+        h->in_trailer_field = 1;
+        if (trailer_add(h, at, len) < 0) return fail(p, 431, "trailers too large");
+        return 0;
+    }
     if (!h->field_open) {
         if ((size_t)h->nhdrs >= h->max_headers) return fail(p, 431, "too many header fields");
         if (h->nhdrs == h->caphdrs) {
@@ -119,13 +141,19 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
 
 static int on_header_field_complete(llhttp_t *p)
 {
-    H(p)->field_open = 0;
+    mw_http *h = H(p);
+    if (h->head_done) {
+        h->in_trailer_field = 0;
+        return trailer_add(h, ":", 1) < 0 ? fail(p, 431, "trailers too large") : 0;
+    }
+    h->field_open = 0;
     return 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len)
 {
     mw_http *h = H(p);
+    if (h->head_done) return trailer_add(h, at, len) < 0 ? fail(p, 431, "trailers too large") : 0;
     /* a value with no field before it: an empty header name */
     if (!h->value_open && (h->nhdrs == 0 || h->value_done)) return fail(p, 400, "empty header name");
     hspan *sp = &h->hdrs[h->nhdrs - 1];
@@ -140,6 +168,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 
 static int on_header_value_complete(llhttp_t *p)
 {
+    if (H(p)->head_done) return 0;
     H(p)->value_open = 0;
     H(p)->value_done = 1;
     return 0;
@@ -643,7 +672,9 @@ static void reset_message(mw_http *h)
     h->body_seen = 0;
     h->body_max = UINT64_MAX;
     h->discard = 0;
+    h->in_trailer_field = 0;
     mw_buf_free(&h->body, NULL);
+    mw_buf_free(&h->trailers, NULL);
 }
 
 /* ---- lean responses (the load generator): status and size only, nothing built ---------- */
@@ -881,6 +912,36 @@ static int hc_state(lua_State *L)
     return 6;
 }
 
+/* hc:trailers() -> { name = value } (lower-case names) once the body was read, or nil */
+static int hc_trailers(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    if (!h->msg_done || mw_buf_len(&h->trailers) == 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_newtable(L);
+    const char *p = mw_buf_head(&h->trailers), *end = p + mw_buf_len(&h->trailers);
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        if (!nl) nl = end;
+        const char *colon = memchr(p, ':', (size_t)(nl - p));
+        if (colon) {
+            luaL_Buffer b;
+            char *o = luaL_buffinitsize(L, &b, (size_t)(colon - p));
+            for (const char *c = p; c < colon; c++) o[c - p] = (char)tolower((unsigned char)*c);
+            luaL_pushresultsize(&b, (size_t)(colon - p));
+            const char *v = colon + 1, *ve = nl;
+            while (v < ve && (*v == ' ' || *v == '\t')) v++;
+            while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+            lua_pushlstring(L, v, (size_t)(ve - v));
+            lua_rawset(L, -3);
+        }
+        p = nl + 1;
+    }
+    return 1;
+}
+
 /* hc:continue_sent(): the 100 Continue went out (or is no longer wanted) */
 static int hc_clear_expect(lua_State *L)
 {
@@ -1096,6 +1157,7 @@ static int hc_gc(lua_State *L)
     h->hdrs = NULL;
     h->caphdrs = h->nhdrs = 0;
     mw_buf_free(&h->body, NULL);
+    mw_buf_free(&h->trailers, NULL);
     h->s = NULL;
     return 0;
 }
@@ -1148,7 +1210,7 @@ void mw_http_open(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
-        { "read_lean", hc_read_lean },
+        { "read_lean", hc_read_lean }, { "trailers", hc_trailers },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);

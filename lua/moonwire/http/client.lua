@@ -153,6 +153,8 @@ end
 local function done_with(res, reusable)
   local c = rawget(res, "_c")
   if c then
+    local tr = c.hc:trailers()
+    if tr then rawset(res, "trailers", setmetatable(tr, headers_mt)) end
     rawset(res, "_c", nil)
     release(c.client, c, reusable)
   end

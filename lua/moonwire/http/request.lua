@@ -59,6 +59,13 @@ function lazy.params()
   return {}
 end
 
+-- trailer fields of a chunked body, once the body was read (nil before, or without any)
+function lazy.trailers(req)
+  local t = req._conn:trailers()
+  if t then setmetatable(t, headers_mt) end
+  return t
+end
+
 -- TLS details of an https request (version, cipher, alpn, sni, peer_subject for mTLS), or nil
 function lazy.tls(req)
   return req.socket:tls_info() or false
