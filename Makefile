@@ -38,11 +38,12 @@ SO  := $(BUILD)/moonwire/core.so
 
 all: $(SO)
 
-$(BUILD)/obj/%.o: src/%.c $(HDR) | $(BUILD)/obj
+# objects depend on this file too: changed flags rebuild them
+$(BUILD)/obj/%.o: src/%.c $(HDR) Makefile | $(BUILD)/obj
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
 # third-party sources: no warnings of ours
-$(BUILD)/obj/llhttp_%.o: $(LLHTTP_DIR)/%.c | $(BUILD)/obj
+$(BUILD)/obj/llhttp_%.o: $(LLHTTP_DIR)/%.c Makefile | $(BUILD)/obj
 	$(CC) -std=gnu11 -fPIC $(CFLAGS) $(LLHTTP_CFLAGS) -w -c -o $@ $<
 
 $(BUILD)/obj:
