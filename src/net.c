@@ -316,7 +316,7 @@ static int h_tostring(lua_State *L)
 static int h_alive(lua_State *L)
 {
     mw_sock *s = luaL_checkudata(L, 1, MW_SOCK_MT);
-    if (s->closed || s->eof || mw_buf_len(&s->rbuf) > 0) {
+    if (s->closed || s->eof || mw_buf_len(&s->rbuf) > 0 || (s->tls && mw_tls_pending(s))) {
         lua_pushboolean(L, 0);
         return 1;
     }

@@ -68,6 +68,8 @@ int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want);
 /* Pushes nil, message, code for an I/O error of s (a TLS error gives "tls: reason", "tls"). */
 int mw_stream_pusherr(lua_State *L, mw_sock *s, int err);
 const char *mw_tls_error(mw_sock *s);
+/* Whether the TLS session holds bytes read from the socket but not yet returned. */
+int mw_tls_pending(mw_sock *s);
 /* Fills the method table on top of the stack with the stream methods (read, recv, write). */
 void mw_stream_methods(lua_State *L);
 void mw_net_open(lua_State *L, int rtidx);

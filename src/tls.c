@@ -138,6 +138,12 @@ static void tls_close(mw_sock *s)
 
 const mw_transport mw_tls_transport = { tls_read, tls_writev, tls_close };
 
+int mw_tls_pending(mw_sock *s)
+{
+    mw_tlsconn *c = s->tls;
+    return c && SSL_has_pending(c->ssl);
+}
+
 const char *mw_tls_error(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
@@ -261,6 +267,9 @@ static SSL_CTX *new_ssl_ctx(lua_State *L, int server, int t, char *err, size_t e
     if (!ctx) { tls_reason(NULL, err, errn); return NULL; }
     SSL_CTX_set_min_proto_version(ctx, minv);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+    /* one read(2) for a record's header and body (and whatever follows): safe with our
+     * edge-triggered waits because we only wait after SSL_read asked for more bytes */
+    SSL_CTX_set_read_ahead(ctx, 1);
     /* a peer closing without close_notify is an end of stream (HTTP framing catches a
      * truncated body); without this OpenSSL 3 reports it as an error */
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE |

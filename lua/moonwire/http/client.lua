@@ -10,6 +10,20 @@ local park, unpark, current = core.park, core.unpark, core.current
 
 local M = {}
 
+-- Parsed URLs, reused (read-only) by the requests that name the same URL.
+local url_cache, url_cached = {}, 0
+local function parse_cached(s)
+  local u = url_cache[s]
+  if u then return u end
+  local err
+  u, err = url.parse(s)
+  if not u then return nil, err end
+  if url_cached >= 512 then url_cache, url_cached = {}, 0 end
+  url_cache[s], url_cached = u, url_cached + 1
+  return u
+end
+
+
 local Client = {}
 Client.__index = Client
 
@@ -86,7 +100,10 @@ local function checkout(self, key, connect)
     local now = mw.now()
     while #idle > 0 do
       local c = table.remove(idle)
-      if now - c.idle_since < self.idle_timeout and c.sock:alive() then
+      local age = now - c.idle_since
+      -- a connection back in the pool for under a second is trusted without a syscall; a
+      -- stale one is caught by the retry in exchange() for idempotent requests
+      if age < self.idle_timeout and (age < 1 or c.sock:alive()) then
         p.active = p.active + 1
         c.reused, c.released = true, false
         return c
@@ -286,16 +303,18 @@ end
 -- ---------------------------------------------------------------------------------------
 -- requests
 
+local no_headers = setmetatable({}, { __newindex = function() error("read-only") end })
+
 local function header_pairs(o, u, self, flat)
   local n = 0
-  local seen = {}
+  local h = o.headers
+  local seen = h and {} or no_headers
   local function add(k, v)
     flat[2 * n + 1] = k
     flat[2 * n + 2] = v
     n = n + 1
-    seen[k:lower()] = true
+    if h then seen[k:lower()] = true end
   end
-  local h = o.headers
   if h ~= nil then
     if type(h) ~= "table" then argerror(1, "request", "option 'headers' must be a table", 4) end
     for k, v in pairs(h) do
@@ -364,25 +383,33 @@ local function no_proxy_match(host, list)
   return false
 end
 
+-- The proxy settings of the environment, read once per client.
+local function env_proxies()
+  return {
+    http = os.getenv("http_proxy") or os.getenv("HTTP_PROXY"),
+    https = os.getenv("https_proxy") or os.getenv("HTTPS_PROXY"),
+    no = os.getenv("no_proxy") or os.getenv("NO_PROXY"),
+  }
+end
+
 -- The proxy URL for u, from the option or the environment (http_proxy / no_proxy).
-local function proxy_for(o, u)
+local function proxy_for(self, o, u)
   local p = o.proxy
   if p == false then return nil end
   if p == nil then
-    if u.scheme == "https" then p = os.getenv("https_proxy") or os.getenv("HTTPS_PROXY")
-    else p = os.getenv("http_proxy") or os.getenv("HTTP_PROXY") end
-    local np = os.getenv("no_proxy") or os.getenv("NO_PROXY")
-    if p and np and no_proxy_match(u.host, np) then p = nil end
+    local env = self._env
+    p = u.scheme == "https" and env.https or env.http
+    if p and env.no and no_proxy_match(u.host, env.no) then p = nil end
   end
   if p == nil or p == "" then return nil end
-  local pu, err = url.parse(p)
+  local pu, err = parse_cached(p)
   if not pu then return nil, "bad proxy: " .. err end
   return pu
 end
 
 -- One exchange: returns the response (head read) or nil, err, code.
 local function exchange(self, o, u, method, body)
-  local proxy, perr = proxy_for(o, u)
+  local proxy, perr = proxy_for(self, o, u)
   if perr then return nil, perr, "EINVAL" end
   if u.scheme ~= "http" and u.scheme ~= "https" then
     return nil, "unsupported URL scheme '" .. u.scheme .. "'", "EINVAL"
@@ -390,7 +417,17 @@ local function exchange(self, o, u, method, body)
   local https = u.scheme == "https"
   local tlsopt = o.tls or self.tls or true
   local key, connect, target
-  if https then
+  -- the connect function for an origin (and proxy / TLS settings) is made once, then reused
+  -- (the plain case is keyed by the parsed URL itself, which parse_cached() reuses)
+  local simple = not o.unix and not proxy and not o.tls
+  local ckey = simple and u or (u.scheme .. "|" .. u.host .. "|" .. u.port .. "|" .. tostring(o.unix) .. "|" ..
+    (proxy and (proxy.host .. ":" .. proxy.port .. ":" .. tostring(proxy.user)) or "") .. "|" ..
+    (https and tostring(tlsopt) or ""))
+  local cached = self._connectors[ckey]
+  if cached then
+    key, connect = cached.key, cached.connect
+    target = (proxy and not https and not o.unix) and (u.scheme .. "://" .. u.authority .. u.target) or u.target
+  elseif https then
     local tls = require "moonwire.tls"
     local ctx = tls.client_context(tlsopt)
     local vhost = type(tlsopt) == "table" and tlsopt.host or u.host
@@ -454,7 +491,12 @@ local function exchange(self, o, u, method, body)
     connect = function() return mw.tcp.connect(u.host, u.port, { timeout = self.connect_timeout }) end
     target = u.target
   end
-  local flat = {}
+  if not cached then
+    if self._nconnectors >= 256 then self._connectors, self._nconnectors = {}, 0 end
+    self._connectors[ckey] = { key = key, connect = connect }
+    self._nconnectors = self._nconnectors + 1
+  end
+  local flat = self._flat   -- scratch: request_head() copies it at once
   local nh, has_length = header_pairs(o, u, self, flat)
   if proxy and proxy.user and not https then
     flat[2 * nh + 1], flat[2 * nh + 2] = "Proxy-Authorization",
@@ -511,7 +553,7 @@ function Client:request(o)
   local method = o.method or (o.body ~= nil and "POST" or "GET")
   if type(method) ~= "string" then argerror(1, "request", "option 'method' must be a string") end
   method = method:upper()
-  local u, uerr = url.parse(o.url)
+  local u, uerr = parse_cached(o.url)
   if not u then return nil, uerr, "EINVAL" end
   local max_redirects = o.redirects
   if max_redirects == nil then max_redirects = self.redirects end
@@ -523,7 +565,7 @@ function Client:request(o)
     _decompress = o.decompress == nil and self.decompress or o.decompress,
   }
   local body = o.body
-  local visited = { [method .. " " .. o.url] = true }
+  local visited   -- made on the first redirect
   local current_url = o.url
   for hop = 0, max_redirects do
     local res, err, code = mw.timeout(timeout, exchange, self, opts, u, method, body)
@@ -544,7 +586,7 @@ function Client:request(o)
     -- let the redirect's own (small) body go so its connection can be reused
     if not res:body() then res:close() end
     local next_url = url.resolve(current_url, loc)
-    local nu, nerr = url.parse(next_url)
+    local nu, nerr = url.parse(next_url)   -- a private copy: it may be changed below
     if not nu then return nil, "bad redirect location: " .. nerr, "redirect" end
     if not keep_method and method ~= "GET" and method ~= "HEAD" then
       method, body = "GET", nil
@@ -555,6 +597,7 @@ function Client:request(o)
     elseif not nu.user then
       nu.user, nu.password = u.user, u.password   -- same origin: same credentials
     end
+    visited = visited or { [(o.method or (o.body ~= nil and "POST" or "GET")):upper() .. " " .. o.url] = true }
     local k = method .. " " .. next_url
     if visited[k] then return nil, "redirect loop at " .. next_url, "redirect" end
     visited[k] = true
@@ -605,6 +648,9 @@ function M.client(opts)
     self[k] = v
   end
   self._limits = { request_line = 8192, head = self.max_head, headers = self.max_headers }
+  self._env = env_proxies()
+  self._connectors, self._nconnectors = {}, 0
+  self._flat = {}
   return self
 end
 
