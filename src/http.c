@@ -942,6 +942,18 @@ static int hc_trailers(lua_State *L)
     return 1;
 }
 
+/* hc:release(): frees the parser's buffers (a connection that left HTTP, e.g. a WebSocket) */
+static int hc_release(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    free(h->hdrs);
+    h->hdrs = NULL;
+    h->caphdrs = h->nhdrs = 0;
+    mw_buf_free(&h->body, NULL);
+    mw_buf_free(&h->trailers, NULL);
+    return 0;
+}
+
 /* hc:continue_sent(): the 100 Continue went out (or is no longer wanted) */
 static int hc_clear_expect(lua_State *L)
 {
@@ -1210,7 +1222,7 @@ void mw_http_open(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
-        { "read_lean", hc_read_lean }, { "trailers", hc_trailers },
+        { "read_lean", hc_read_lean }, { "trailers", hc_trailers }, { "release", hc_release },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);

@@ -16,6 +16,7 @@
 #include <openssl/sha.h>
 
 #define WS_MT "moonwire.WsConn"
+#define RND_SIZE 256
 
 enum { OP_CONT = 0, OP_TEXT = 1, OP_BINARY = 2, OP_CLOSE = 8, OP_PING = 9, OP_PONG = 10 };
 
@@ -27,8 +28,7 @@ typedef struct mw_ws {
     int deflate;
     int rx_reset, tx_reset;     /* no_context_takeover for what we receive / send */
     int rx_bits, tx_bits;
-    z_stream inf, def;
-    int inf_open, def_open;
+    z_stream *inf, *def;        /* made on first use: most connections never compress */
     /* the frame being parsed */
     int in_frame, fin, opcode, masked;
     uint8_t mask[4];
@@ -40,8 +40,8 @@ typedef struct mw_ws {
     uint32_t utf8;              /* incremental UTF-8 state: 0 = between characters */
     uint8_t ctl[125];
     size_t ctl_len;
-    /* masking keys come from a buffer of getrandom() bytes */
-    uint8_t rnd[256];
+    /* masking keys (clients only) come from a buffer of getrandom() bytes */
+    uint8_t *rnd;
     size_t rnd_left;
 } mw_ws;
 
@@ -194,10 +194,14 @@ static int valid_close_code(int c)
  * code. */
 static int inflate_message(lua_State *L, mw_ws *w)
 {
-    if (!w->inf_open) {
-        memset(&w->inf, 0, sizeof w->inf);
-        if (inflateInit2(&w->inf, -w->rx_bits) != Z_OK) return 1011;
-        w->inf_open = 1;
+    if (!w->inf) {
+        w->inf = calloc(1, sizeof *w->inf);
+        if (!w->inf) return 1011;
+        if (inflateInit2(w->inf, -w->rx_bits) != Z_OK) {
+            free(w->inf);
+            w->inf = NULL;
+            return 1011;
+        }
     }
     /* RFC 7692 7.2.2: append the tail the sender removed */
     size_t avail;
@@ -207,15 +211,15 @@ static int inflate_message(lua_State *L, mw_ws *w)
     mw_buf_commit(&w->msg, 4);
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    w->inf.next_in = (Bytef *)mw_buf_head(&w->msg);
-    w->inf.avail_in = (uInt)mw_buf_len(&w->msg);
+    w->inf->next_in = (Bytef *)mw_buf_head(&w->msg);
+    w->inf->avail_in = (uInt)mw_buf_len(&w->msg);
     uint64_t total = 0;
     for (;;) {
         char *p = luaL_prepbuffsize(&b, 65536);
-        w->inf.next_out = (Bytef *)p;
-        w->inf.avail_out = 65536;
-        int r = inflate(&w->inf, Z_SYNC_FLUSH);
-        size_t got = 65536 - w->inf.avail_out;
+        w->inf->next_out = (Bytef *)p;
+        w->inf->avail_out = 65536;
+        int r = inflate(w->inf, Z_SYNC_FLUSH);
+        size_t got = 65536 - w->inf->avail_out;
         luaL_addsize(&b, got);
         total += got;
         if (total > w->max_message) {
@@ -224,17 +228,17 @@ static int inflate_message(lua_State *L, mw_ws *w)
             return 1009;  /* a decompression bomb stops here, not after */
         }
         if (r == Z_STREAM_END) {
-            inflateReset(&w->inf);
+            inflateReset(w->inf);
             break;
         }
-        if (r == Z_BUF_ERROR || (r == Z_OK && w->inf.avail_in == 0 && w->inf.avail_out > 0)) break;
+        if (r == Z_BUF_ERROR || (r == Z_OK && w->inf->avail_in == 0 && w->inf->avail_out > 0)) break;
         if (r != Z_OK) {
             luaL_pushresult(&b);
             lua_pop(L, 1);
             return 1007;
         }
     }
-    if (w->rx_reset) inflateReset(&w->inf);
+    if (w->rx_reset) inflateReset(w->inf);
     luaL_pushresult(&b);
     return 0;
 }
@@ -467,10 +471,11 @@ static int ws_encode(lua_State *L)
     }
     h[1] |= 0x80;
     if (w->rnd_left < 4) {
-        if (random_fill(w->rnd, sizeof w->rnd) < 0) return luaL_error(L, "getrandom failed");
-        w->rnd_left = sizeof w->rnd;
+        if (!w->rnd && !(w->rnd = malloc(RND_SIZE))) return luaL_error(L, "not enough memory");
+        if (random_fill(w->rnd, RND_SIZE) < 0) return luaL_error(L, "getrandom failed");
+        w->rnd_left = RND_SIZE;
     }
-    uint8_t *key = w->rnd + sizeof w->rnd - w->rnd_left;
+    uint8_t *key = w->rnd + RND_SIZE - w->rnd_left;
     w->rnd_left -= 4;
     memcpy(h + hl, key, 4);
     hl += 4;
@@ -491,26 +496,29 @@ static int ws_deflate(lua_State *L)
     size_t n;
     const char *in = luaL_checklstring(L, 2, &n);
     if (!w->deflate) return luaL_error(L, "permessage-deflate was not negotiated");
-    if (!w->def_open) {
-        memset(&w->def, 0, sizeof w->def);
+    if (!w->def) {
+        w->def = calloc(1, sizeof *w->def);
+        if (!w->def) return luaL_error(L, "not enough memory");
         /* zlib cannot write an 8-bit window; 9 is compatible with a peer that asked for 8 */
         int bits = w->tx_bits < 9 ? 9 : w->tx_bits;
-        if (deflateInit2(&w->def, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -bits, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+        if (deflateInit2(w->def, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -bits, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
+            free(w->def);
+            w->def = NULL;
             return luaL_error(L, "deflateInit2 failed");
-        w->def_open = 1;
+        }
     }
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    w->def.next_in = (Bytef *)in;
-    w->def.avail_in = (uInt)n;
+    w->def->next_in = (Bytef *)in;
+    w->def->avail_in = (uInt)n;
     do {
         char *p = luaL_prepbuffsize(&b, 16384);
-        w->def.next_out = (Bytef *)p;
-        w->def.avail_out = 16384;
-        if (deflate(&w->def, Z_SYNC_FLUSH) == Z_STREAM_ERROR) return luaL_error(L, "deflate failed");
-        luaL_addsize(&b, 16384 - w->def.avail_out);
-    } while (w->def.avail_out == 0);
-    if (w->tx_reset) deflateReset(&w->def);
+        w->def->next_out = (Bytef *)p;
+        w->def->avail_out = 16384;
+        if (deflate(w->def, Z_SYNC_FLUSH) == Z_STREAM_ERROR) return luaL_error(L, "deflate failed");
+        luaL_addsize(&b, 16384 - w->def->avail_out);
+    } while (w->def->avail_out == 0);
+    if (w->tx_reset) deflateReset(w->def);
     luaL_pushresult(&b);
     size_t len;
     const char *out = lua_tolstring(L, -1, &len);
@@ -526,9 +534,10 @@ static int ws_deflate(lua_State *L)
 static int ws_gc(lua_State *L)
 {
     mw_ws *w = luaL_checkudata(L, 1, WS_MT);
-    if (w->inf_open) inflateEnd(&w->inf);
-    if (w->def_open) deflateEnd(&w->def);
-    w->inf_open = w->def_open = 0;
+    if (w->inf) { inflateEnd(w->inf); free(w->inf); w->inf = NULL; }
+    if (w->def) { deflateEnd(w->def); free(w->def); w->def = NULL; }
+    free(w->rnd);
+    w->rnd = NULL;
     mw_buf_free(&w->msg, NULL);
     w->s = NULL;
     return 0;

@@ -58,24 +58,42 @@ end
 -- ---------------------------------------------------------------------------------------
 -- the connection object
 
+-- Defaults live in the class table (no option shares a method's name): a connection holds
+-- only what differs, which matters with 10,000s of idle connections.
+for k, v in pairs(defaults) do WebSocket[k] = v end
+
 local function new(sock, wc, opts, protocol, extensions, deflate)
   local self = setmetatable({
     sock = sock, wc = wc, state = "open", protocol = protocol, extensions = extensions or "",
-    _deflate = deflate, _outq = { first = 1, last = 0 }, _writer = nil, _pings = {},
-    _last_rx = mw.now(), _closers = {},
+    _deflate = deflate, _last_rx = mw.now(),
   }, WebSocket)
-  for _, k in ipairs(option_names) do
-    local o = opts and opts[k]
-    if o == nil then o = defaults[k] end
-    self[k] = o
+  if opts then
+    for _, k in ipairs(option_names) do
+      local o = opts[k]
+      if o ~= nil then self[k] = o end
+    end
   end
   if self.ping_interval or self.idle_timeout then self._keepalive_task = mw.spawn(M._keepalive, self) end
   return self
 end
 
 local function wake_closers(self)
-  for _, t in ipairs(self._closers) do unpark(t, true) end
-  self._closers = {}
+  local closers = self._closers
+  if not closers then return end
+  self._closers = nil
+  for _, t in ipairs(closers) do unpark(t, true) end
+end
+
+local function add_closer(self)
+  local closers = self._closers
+  if not closers then closers = {} self._closers = closers end
+  closers[#closers + 1] = current()
+end
+
+local function outq(self)
+  local q = self._outq
+  if not q then q = { first = 1, last = 0 } self._outq = q end
+  return q
 end
 
 -- Ends the connection now (no more frames either way).
@@ -94,7 +112,8 @@ end
 -- Writes one frame (header, payload), in order with queued broadcast frames.
 local function write_frame(self, h, p)
   local q = self._outq
-  if self._writer or q.first <= q.last then
+  if self._writer or (q and q.first <= q.last) then
+    q = outq(self)
     q.last = q.last + 1
     q[q.last] = { h, p }
     return true
@@ -130,7 +149,7 @@ function WebSocket:receive(timeout)
     local closer = self._close_reader
     if closer and closer ~= current() then
       -- close() is reading the peer's close frame: wait for it to finish
-      self._closers[#self._closers + 1] = current()
+      add_closer(self)
       park(self.close_timeout + 1)
       return nil, "closed", self.close_code, self.close_reason
     end
@@ -152,7 +171,7 @@ function WebSocket:receive(timeout)
     if b == "ping" then
       if self.state == "open" then send_control(self, OP.pong, a) end
     elseif b == "pong" then
-      local waiter = self._pings[a]
+      local waiter = self._pings and self._pings[a]
       if waiter then
         self._pings[a] = nil
         self.rtt = mw.now() - waiter.t0
@@ -250,6 +269,7 @@ function WebSocket:ping(data, timeout)
   local me = current()
   if not me then error("blocking call outside a task", 2) end
   local waiter = { t0 = mw.now(), task = me }
+  self._pings = self._pings or {}
   self._pings[data] = waiter
   local ok, err, code = send_control(self, OP.ping, data)
   if not ok then
@@ -289,7 +309,7 @@ function WebSocket:close(code, reason)
   local deadline = mw.now() + self.close_timeout
   local reader = self._reader
   if reader and reader ~= current() then
-    self._closers[#self._closers + 1] = current()
+    add_closer(self)
     park(self.close_timeout)
   else
     self._close_reader = current()
@@ -310,7 +330,7 @@ function WebSocket:__close() self:close(1001) end
 
 -- drains the broadcast queue of one connection
 local function writer_task(self)
-  local q = self._outq
+  local q = outq(self)
   while q.first <= q.last do
     local f = q[q.first]
     q[q.first] = nil
@@ -327,7 +347,7 @@ end
 
 local function enqueue(self, h, p)
   if self.state ~= "open" then return false end
-  local q = self._outq
+  local q = outq(self)
   if q.last - q.first + 1 >= self.send_queue then
     if self.on_full == "drop" then return false end
     finish(self, 1006, "send queue full")
@@ -546,6 +566,7 @@ function M.upgrade(req, opts)
     max_frame = opts.max_frame, deflate = dparams })
   local ws = new(sock, wc, opts, protocol, ext, dparams)
   res._ws = ws
+  req._conn:release()   -- the HTTP parser's buffers are not needed any more
   return ws
 end
 
