@@ -57,26 +57,31 @@ function M.env(target, headers, thread, G)
     path = target.target, headers = {}, body = nil, thread = thread,
   }
   for k, v in pairs(headers or {}) do wrk.headers[k] = v end
+  local host_line = "Host: " .. target.authority .. "\r\n"
+  -- called for every request by request() hooks: no tables, one lower() only for names
+  -- that could be Host or Content-Length
   function wrk.format(method, path, hdrs, body)
-    method = method or wrk.method
-    path = path or wrk.path
+    local s = (method or wrk.method) .. " " .. (path or wrk.path) .. " HTTP/1.1\r\n"
     hdrs = hdrs or wrk.headers
     body = body or wrk.body
-    local out = { method, " ", path, " HTTP/1.1\r\n" }
     local has_host, has_len = false, false
-    for k in pairs(hdrs) do
-      local lk = tostring(k):lower()
-      if lk == "host" then has_host = true end
-      if lk == "content-length" then has_len = true end
+    local h = ""
+    for k, v in pairs(hdrs) do
+      k = tostring(k)
+      local n = #k
+      if n == 4 or n == 14 then
+        local lk = k:lower()
+        if lk == "host" then has_host = true elseif lk == "content-length" then has_len = true end
+      end
+      h = h .. k .. ": " .. tostring(v) .. "\r\n"
     end
-    if not has_host then
-      out[#out + 1] = "Host: " .. target.authority .. "\r\n"
+    if not has_host then s = s .. host_line end
+    s = s .. h
+    if body then
+      if not has_len then s = s .. "Content-Length: " .. #body .. "\r\n" end
+      return s .. "\r\n" .. body
     end
-    for k, v in pairs(hdrs) do out[#out + 1] = tostring(k) .. ": " .. tostring(v) .. "\r\n" end
-    if body and not has_len then out[#out + 1] = "Content-Length: " .. #body .. "\r\n" end
-    out[#out + 1] = "\r\n"
-    if body then out[#out + 1] = body end
-    return table.concat(out)
+    return s .. "\r\n"
   end
   function wrk.lookup(host, service)
     local port = tonumber(service) or services[service] or 0
