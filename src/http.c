@@ -480,10 +480,10 @@ static void build_headers(lua_State *L, mw_http *h, int reqidx)
 /* Request field names, interned once: read_request has them as upvalues 1..K_COUNT, so
  * building a request never looks a C string up in Lua's string cache. */
 enum { K_METHOD = 1, K_TARGET, K_VERSION, K_PATH, K_QUERY_STRING, K_HEADERS, K_KEEPALIVE,
-       K_UPGRADE, K_CONN, K_STATUS, K_REASON, K_COUNT = K_REASON };
+       K_UPGRADE, K_CONN, K_STATUS, K_REASON, K_SOCKET, K_SERVER, K_COUNT = K_SERVER };
 static const char *const key_names[] = { "method", "target", "version", "path", "query_string",
                                          "headers", "keepalive", "upgrade", "_conn", "status",
-                                         "reason" };
+                                         "reason", "socket", "_server" };
 
 /* t[key] = top; pops the value (the table is just below it) */
 static void setkey(lua_State *L, int k)
@@ -534,9 +534,15 @@ static void build_request(lua_State *L, mw_http *h)
     else lua_pushliteral(L, "");
     setkey(L, K_QUERY_STRING);
     build_headers(L, h, lua_gettop(L));
+    if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);  /* case-insensitive */
+    else lua_pop(L, 1);
     setkey(L, K_HEADERS);
     lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
     setkey(L, K_KEEPALIVE);
+    lua_getiuservalue(L, 1, 1);
+    setkey(L, K_SOCKET);
+    if (lua_getiuservalue(L, 1, 4) != LUA_TNIL) setkey(L, K_SERVER);
+    else lua_pop(L, 1);
     if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
         lua_pushboolean(L, 1);
         setkey(L, K_UPGRADE);
@@ -912,6 +918,14 @@ static int hc_state(lua_State *L)
     return 6;
 }
 
+/* hc:msg_done() -> whether the current message was read to its end */
+static int hc_msg_done(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    lua_pushboolean(L, h->msg_done);
+    return 1;
+}
+
 /* hc:trailers() -> { name = value } (lower-case names) once the body was read, or nil */
 static int hc_trailers(lua_State *L)
 {
@@ -1186,17 +1200,18 @@ static size_t opt_size(lua_State *L, int t, const char *k, size_t dflt)
     return v;
 }
 
-/* http_conn(sock, limits, mt [, client]) -> hc: parses requests (server side) or, with
- * client set, responses; read_request(idle, head [, head_request]) returns the message
- * table with metatable mt. */
+/* http_conn(sock, limits, mt [, client [, headers_mt [, server]]]) -> hc: parses requests
+ * (server side) or, with client set, responses; read_request(idle, head [, head_request])
+ * returns the message table with metatable mt (requests also get `socket`, `_server`, and
+ * headers_mt on their headers). */
 static int l_http_conn(lua_State *L)
 {
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
     luaL_checktype(L, 3, LUA_TTABLE);
     int client = lua_toboolean(L, 4);
-    lua_settop(L, 3);
-    mw_http *h = lua_newuserdatauv(L, sizeof *h, 2);
+    lua_settop(L, 6);
+    mw_http *h = lua_newuserdatauv(L, sizeof *h, 4);
     memset(h, 0, sizeof *h);
     luaL_setmetatable(L, HC_MT);
     int hidx = lua_gettop(L);
@@ -1204,6 +1219,10 @@ static int l_http_conn(lua_State *L)
     lua_setiuservalue(L, hidx, 1);
     lua_pushvalue(L, 3);
     lua_setiuservalue(L, hidx, 2);
+    lua_pushvalue(L, 5);               /* the metatable of headers tables (optional) */
+    lua_setiuservalue(L, hidx, 3);
+    lua_pushvalue(L, 6);               /* the server, as request._server (optional) */
+    lua_setiuservalue(L, hidx, 4);
     h->max_line = 8192;
     h->max_head = 16384;
     h->max_headers = 100;
@@ -1223,6 +1242,7 @@ void mw_http_open(lua_State *L)
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
         { "read_lean", hc_read_lean }, { "trailers", hc_trailers }, { "release", hc_release },
+        { "msg_done", hc_msg_done },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);

@@ -266,8 +266,7 @@ end
 
 local function progress_line(o, shared, t0)
   local last, last_t = 0, mw.now()
-  while true do
-    mw.sleep(1)
+  while mw.sleep(1) do   -- ends when cancelled
     local count, errs, p99 = 0, 0, 0
     for i = 0, o.threads - 1 do
       count = count + shared:get(3 * i + 1)

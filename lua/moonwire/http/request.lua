@@ -51,10 +51,6 @@ function lazy.remote_port(req)
   return port
 end
 
-function lazy.socket(req)
-  return req._conn_socket
-end
-
 function lazy.params()
   return {}
 end
@@ -84,11 +80,8 @@ function Request:__index(k)
   end
 end
 
--- headers get their case-insensitive metatable when the server hands the request over
-function Request.prepare(req, sock)
-  setmetatable(req.headers, headers_mt)
-  rawset(req, "_conn_socket", sock)
-end
+-- the C core gives request headers this metatable (case-insensitive lookups)
+Request.headers_mt = headers_mt
 
 function methods:query()
   local q = rawget(self, "_query")

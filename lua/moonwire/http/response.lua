@@ -14,10 +14,15 @@ local function argerror(n, fname, msg)
 end
 
 function Response.new(srv, req, sock)
-  return setmetatable({
-    _srv = srv, _req = req, _sock = sock, _status = 200, _h = {}, _nh = 0,
-    sent = false, _finished = false, _bytes = 0,
+  -- every field the response may get is in the constructor, so it is sized once; the
+  -- header list has room for two headers
+  local res = setmetatable({
+    _srv = srv, _req = req, _sock = sock, _status = 200, _h = { false, false, false, false }, _nh = 0,
+    sent = false, _finished = false, _bytes = 0, _touched = false, _close = false, _mode = false,
+    _upgraded = false, _ws = false,
   }, Response)
+  req._res = res
+  return res
 end
 
 function Response:status(code)
@@ -30,10 +35,13 @@ function Response:status(code)
   return self
 end
 
+local find_ctl = string.find
+
 local function find(self, lname)
   local h = self._h
   for i = 1, 2 * self._nh, 2 do
-    if h[i]:lower() == lname then return i end
+    local k = h[i]
+    if k == lname or k:lower() == lname then return i end
   end
 end
 
@@ -59,7 +67,7 @@ function Response:header(name, value)
   elseif tv ~= "string" then
     argerror(2, "header", "string expected, got " .. tv)
   end
-  if value:find("[\r\n%z]") then argerror(2, "header", "value contains CR, LF or NUL") end
+  if find_ctl(value, "[\r\n%z]") then argerror(2, "header", "value contains CR, LF or NUL") end
   local n = self._nh
   self._h[2 * n + 1] = name
   self._h[2 * n + 2] = value

@@ -5,7 +5,6 @@ local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"
 
 local http_conn, http_head = core.http_conn, core.http_head
-local prepare = Request.prepare
 local traceback = debug.traceback
 
 local M = {}
@@ -64,8 +63,8 @@ end
 -- After a response: make the connection ready for the next request, or say it is done.
 local function settle(srv, hc, req, res)
   if res._close or not req.keepalive or srv.closing then return false end
-  local _, msg_done, expect = hc:state()
-  if msg_done then return true end
+  if hc:msg_done() then return true end
+  local _, _, expect = hc:state()
   if rawget(req, "_body_error") then return false end
   if expect then return false end  -- the client waits for 100 Continue: never drain
   local ok = hc:read_body("discard", DRAIN_MAX, srv.timeouts.body)
@@ -104,7 +103,7 @@ local function serve_connection(srv, sock)
   srv._nconns = srv._nconns + 1
   local t = srv.timeouts
   sock:settimeout(t.write)
-  local hc = http_conn(sock, srv.limits, Request)
+  local hc = http_conn(sock, srv.limits, Request, false, Request.headers_mt, srv)
   -- a new connection must send its first request (and its TLS handshake) within `head`;
   -- later requests on it may wait `idle` for their first byte
   local wait = math.min(t.idle, t.head)
@@ -116,10 +115,7 @@ local function serve_connection(srv, sock)
       break
     end
     conns[sock] = "busy"
-    prepare(req, sock)
-    rawset(req, "_server", srv)
-    local res = Response.new(srv, req, sock)
-    rawset(req, "_res", res)
+    local res = Response.new(srv, req, sock)   -- also sets req._res
     run_handler(srv, req, res)
     if srv.log then srv.log(access_line(req, res)) end
     if res._upgraded then
