@@ -98,9 +98,7 @@ local function accepts_gzip(req)
 end
 
 local function maybe_gzip(self, body)
-  local srv = self._srv
-  if not srv.gzip or #body < srv.gzip_min or self._status < 200 or self._status == 206
-      or not accepts_gzip(self._req) or find(self, "content-encoding") then
+  if self._status < 200 or self._status == 206 or not accepts_gzip(self._req) or find(self, "content-encoding") then
     return body
   end
   local ct = self:get_header("content-type")
@@ -122,7 +120,8 @@ local function write(self, ...)
   return true
 end
 
---- Sends the whole response: head and body in one write.
+--- Sends the whole response: head and body in one write. (The hot path of every simple
+-- handler: written out without helper calls.)
 function Response:send(body)
   if self.sent then error("response already sent", 2) end
   if body == nil then
@@ -130,16 +129,31 @@ function Response:send(body)
   elseif type(body) ~= "string" then
     argerror(1, "send", "string expected, got " .. type(body))
   end
-  body = maybe_gzip(self, body)
-  local head = http_head(self._status, self._h, self._nh, #body, connflags(self), self._srv.server_name)
-  self.sent, self._finished = true, true
-  local st = self._status
-  if self._req.method == "HEAD" or st == 204 or st == 304 or st < 200 then
-    self._bytes = 0
-    return write(self, head)
+  local srv, req = self._srv, self._req
+  if srv.gzip and #body >= srv.gzip_min then body = maybe_gzip(self, body) end
+  local flags = 0
+  if not req.keepalive or srv.closing or self._close then
+    self._close = true
+    flags = 1
+  elseif req.version == "1.0" then
+    flags = 2
   end
-  self._bytes = #body
-  return write(self, head, body)
+  local st, n = self._status, #body
+  local head = http_head(st, self._h, self._nh, n, flags, srv.server_name)
+  self.sent, self._finished = true, true
+  local ok, err, code
+  if st >= 200 and st ~= 204 and st ~= 304 and req.method ~= "HEAD" then
+    self._bytes = n
+    ok, err, code = self._sock:write(head, body)
+  else
+    self._bytes = 0
+    ok, err, code = self._sock:write(head)
+  end
+  if not ok then
+    self._close = true
+    return nil, err, code
+  end
+  return true
 end
 
 -- Streaming: chunked for HTTP/1.1 without a known length; close-delimited for 1.0.

@@ -71,8 +71,8 @@ local function settle(srv, hc, req, res)
   return ok == true
 end
 
-local function run_handler(srv, req, res)
-  local ok, err = xpcall(srv.handler, traceback, req, res)
+-- After the handler, when it raised or left the response unfinished.
+local function after_handler(srv, req, res, ok, err)
   if not ok then
     srv.error_log(("moonwire: handler error for %s %s: %s"):format(req.method, req.target, tostring(err)))
     if not res.sent then
@@ -104,6 +104,7 @@ local function serve_connection(srv, sock)
   local t = srv.timeouts
   sock:settimeout(t.write)
   local hc = http_conn(sock, srv.limits, Request, false, Request.headers_mt, srv)
+  local handler = srv.handler
   -- a new connection must send its first request (and its TLS handshake) within `head`;
   -- later requests on it may wait `idle` for their first byte
   local wait = math.min(t.idle, t.head)
@@ -116,7 +117,8 @@ local function serve_connection(srv, sock)
     end
     conns[sock] = "busy"
     local res = Response.new(srv, req, sock)   -- also sets req._res
-    run_handler(srv, req, res)
+    local ok, herr = xpcall(handler, traceback, req, res)
+    if not ok or not res._finished then after_handler(srv, req, res, ok, herr) end
     if srv.log then srv.log(access_line(req, res)) end
     if res._upgraded then
       -- the handler owned the connection (a WebSocket): make sure it is closed
