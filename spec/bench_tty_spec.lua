@@ -23,10 +23,11 @@ describe("moonwire bench on a terminal", function()
       local out, rc = base .. ".out", base .. ".rc"
       finally(function() os.remove(base) os.remove(out) os.remove(rc) end)
       local preload = os.getenv("MW_ASAN_PRELOAD")
-      local env = ("LUA_PATH=%q LUA_CPATH=%q %s"):format(package.path, package.cpath,
-        preload and ("LD_PRELOAD=" .. preload) or "")
-      local cmd = ("env %s timeout 20 script -qfec 'lua5.4 bin/moonwire bench -t1 -c2 -d1.5s http://127.0.0.1:%d/' %s"
-        .. " >/dev/null 2>&1 </dev/null; echo $? > %s.tmp; mv %s.tmp %s"):format(env, srv.port, out, rc, rc, rc)
+      local env = ("LUA_PATH=%q LUA_CPATH=%q"):format(package.path, package.cpath)
+      -- under ASan only lua5.4 gets the sanitizer runtime, not `timeout` or `script`
+      local lua = preload and ("env LD_PRELOAD=" .. preload .. " lua5.4") or "lua5.4"
+      local cmd = ("env %s timeout 20 script -qfec '%s bin/moonwire bench -t1 -c2 -d1.5s http://127.0.0.1:%d/' %s"
+        .. " >/dev/null 2>&1 </dev/null; echo $? > %s.tmp; mv %s.tmp %s"):format(env, lua, srv.port, out, rc, rc, rc)
       assert(os.execute("(" .. cmd .. ") &"))
       local code
       for _ = 1, 1000 do
