@@ -153,9 +153,9 @@ function WebSocket:receive(timeout)
       park(self.close_timeout + 1)
       return nil, "closed", self.close_code, self.close_reason
     end
-    self._reader = current()
+    self._reader = true   -- a task is blocked receiving (close() then waits for it)
     local a, b, c, d = self.wc:receive_frame(timeout)
-    self._reader = nil
+    self._reader = false
     if a == nil then
       if math.type(c) == "integer" then
         fail(self, c, b)
@@ -166,8 +166,11 @@ function WebSocket:receive(timeout)
       end
       return nil, b, c
     end
+    if b == "text" or b == "binary" then
+      if self.idle_timeout then self._last_rx = mw.now() end
+      return a, b
+    end
     self._last_rx = mw.now()
-    if b == "text" or b == "binary" then return a, b end
     if b == "ping" then
       if self.state == "open" then send_control(self, OP.pong, a) end
     elseif b == "pong" then
@@ -307,8 +310,7 @@ function WebSocket:close(code, reason)
   end
   -- wait for the peer's close: through the reading task if there is one, else read here
   local deadline = mw.now() + self.close_timeout
-  local reader = self._reader
-  if reader and reader ~= current() then
+  if self._reader then
     add_closer(self)
     park(self.close_timeout)
   else
