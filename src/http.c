@@ -581,7 +581,7 @@ static const char *strict_head(const char *p, size_t n)
 /* Builds the response table (client side). */
 static void build_response(lua_State *L, mw_http *h)
 {
-    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 12);  /* room for what the client adds (url, _c, _deadline, ...) */
     lua_pushinteger(L, h->p.status_code);
     setkey(L, K_STATUS);
     lua_pushlstring(L, h->base + h->url_off, h->url_len);
@@ -589,6 +589,8 @@ static void build_response(lua_State *L, mw_http *h)
     lua_pushstring(L, h->p.http_minor == 1 ? "1.1" : "1.0");
     setkey(L, K_VERSION);
     build_headers(L, h, lua_gettop(L));
+    if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);
+    else lua_pop(L, 1);
     setkey(L, K_HEADERS);
     lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
     setkey(L, K_KEEPALIVE);

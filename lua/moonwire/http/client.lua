@@ -10,6 +10,16 @@ local park, unpark, current = core.park, core.unpark, core.current
 
 local M = {}
 
+-- case-insensitive lookups in headers tables (the C core sets it on responses)
+local headers_mt = {
+  __index = function(t, k)
+    if type(k) == "string" then
+      local lk = k:lower()
+      if lk ~= k then return rawget(t, lk) end
+    end
+  end,
+}
+
 -- Parsed URLs, reused (read-only) by the requests that name the same URL.
 local url_cache, url_cached = {}, 0
 local function parse_cached(s)
@@ -120,7 +130,7 @@ local function checkout(self, key, connect)
       end
       sock:settimeout(self.read_timeout or self.timeout)
       local c = { sock = sock, pool = p, reused = false }
-      c.hc = http_conn(sock, self._limits, Response, true)
+      c.hc = http_conn(sock, self._limits, Response, true, headers_mt)
       return c
     end
     local me = current()
@@ -154,14 +164,6 @@ end
 -- ---------------------------------------------------------------------------------------
 -- responses
 
-local headers_mt = {
-  __index = function(t, k)
-    if type(k) == "string" then
-      local lk = k:lower()
-      if lk ~= k then return rawget(t, lk) end
-    end
-  end,
-}
 
 function Response.__index(_, k)
   return methods[k]
@@ -170,8 +172,10 @@ end
 local function done_with(res, reusable)
   local c = rawget(res, "_c")
   if c then
-    local tr = c.hc:trailers()
-    if tr then rawset(res, "trailers", setmetatable(tr, headers_mt)) end
+    if res.headers["transfer-encoding"] then   -- only chunked bodies have trailers
+      local tr = c.hc:trailers()
+      if tr then rawset(res, "trailers", setmetatable(tr, headers_mt)) end
+    end
     rawset(res, "_c", nil)
     release(c.client, c, reusable)
   end
@@ -179,9 +183,7 @@ end
 
 local function finished(res)
   local c = rawget(res, "_c")
-  if not c then return end
-  local _, msg_done = c.hc:state()
-  if msg_done then done_with(res, res.keepalive) end
+  if c and c.hc:msg_done() then done_with(res, res.keepalive) end
 end
 
 local function decoder_for(res)
@@ -305,31 +307,40 @@ end
 
 local no_headers = setmetatable({}, { __newindex = function() error("read-only") end })
 
+-- Fills `flat` with the request's header pairs; returns their count and whether the caller
+-- set a content-length. (Per request: no closures, no tables unless headers were given.)
 local function header_pairs(o, u, self, flat)
   local n = 0
   local h = o.headers
-  local seen = h and {} or no_headers
-  local function add(k, v)
-    flat[2 * n + 1] = k
-    flat[2 * n + 2] = v
-    n = n + 1
-    if h then seen[k:lower()] = true end
-  end
+  local seen = no_headers
   if h ~= nil then
     if type(h) ~= "table" then argerror(1, "request", "option 'headers' must be a table", 4) end
+    seen = {}
     for k, v in pairs(h) do
       if type(k) ~= "string" then argerror(1, "request", "header names must be strings", 4) end
       if type(v) == "table" then
-        for _, item in ipairs(v) do add(k, tostring(item)) end
+        for _, item in ipairs(v) do
+          flat[2 * n + 1], flat[2 * n + 2] = k, tostring(item)
+          n = n + 1
+        end
       elseif v ~= false then
-        add(k, tostring(v))
+        flat[2 * n + 1], flat[2 * n + 2] = k, tostring(v)
+        n = n + 1
       end
+      seen[k:lower()] = true
     end
   end
-  if not seen["user-agent"] and self.user_agent then add("User-Agent", self.user_agent) end
-  if o._decompress and not seen["accept-encoding"] then add("Accept-Encoding", "gzip, deflate") end
+  if not seen["user-agent"] and self.user_agent then
+    flat[2 * n + 1], flat[2 * n + 2] = "User-Agent", self.user_agent
+    n = n + 1
+  end
+  if o._decompress and not seen["accept-encoding"] then
+    flat[2 * n + 1], flat[2 * n + 2] = "Accept-Encoding", "gzip, deflate"
+    n = n + 1
+  end
   if u.user and not seen.authorization then
-    add("Authorization", "Basic " .. base64(u.user .. ":" .. (u.password or "")))
+    flat[2 * n + 1], flat[2 * n + 2] = "Authorization", "Basic " .. base64(u.user .. ":" .. (u.password or ""))
+    n = n + 1
   end
   return n, seen["content-length"]
 end
@@ -519,7 +530,6 @@ local function exchange(self, o, u, method, body)
       until not res or res.status < 100 or res.status >= 200 or res.status == 101
     end
     if res then
-      setmetatable(res.headers, headers_mt)
       rawset(res, "_c", c)
       return res
     end
