@@ -36,20 +36,7 @@ local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
 end
 
-local b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local function base64(s)
-  return (s:gsub("..?.?", function(chunk)
-    local a, b, c = chunk:byte(1, 3)
-    local n = a * 65536 + (b or 0) * 256 + (c or 0)
-    local o = {}
-    for i = 1, 4 do
-      local idx = (n >> (6 * (4 - i))) & 63
-      o[i] = b64:sub(idx + 1, idx + 1)
-    end
-    if not b then o[3], o[4] = "=", "=" elseif not c then o[4] = "=" end
-    return table.concat(o)
-  end))
-end
+local base64 = require("moonwire.http.client").base64
 
 local function valid_send_code(code)
   return (code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014) or (code >= 3000 and code <= 4999)

@@ -438,22 +438,9 @@ function M.main(argv)
     local _ = shared
   end)
   if not run_ok then return die(tostring(run_err)) end
-  if o.json then
-    local doc = M.json(o, result)
-    if o.json == "-" then io.stdout:write(doc, "\n")
-    else
-      local f, ferr = io.open(o.json, "w")
-      if not f then return die(ferr) end
-      f:write(doc, "\n")
-      f:close()
-    end
-  end
-  if o.html then
-    local f, ferr = io.open(o.html, "w")
-    if not f then return die(ferr) end
-    f:write(require("moonwire.bench.report").html(o, result))
-    f:close()
-  end
+  local werr = write_outputs(o, function() return M.json(o, result) end,
+    function() return require("moonwire.bench.report").html(o, result) end)
+  if werr then return werr end
   return code
 end
 
