@@ -55,6 +55,11 @@ local defaults = {
   max_headers = 200,
 }
 
+-- method names callers commonly pass, already upper-case (no string work per request)
+local upper = { GET = "GET", get = "GET", POST = "POST", post = "POST", PUT = "PUT", put = "PUT",
+  HEAD = "HEAD", head = "HEAD", DELETE = "DELETE", delete = "DELETE", PATCH = "PATCH", patch = "PATCH",
+  OPTIONS = "OPTIONS", options = "OPTIONS" }
+
 local idempotent = { GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true, TRACE = true }
 
 local function argerror(n, fname, msg, level)
@@ -172,7 +177,7 @@ end
 local function done_with(res, reusable)
   local c = rawget(res, "_c")
   if c then
-    if res.headers["transfer-encoding"] then   -- only chunked bodies have trailers
+    if rawget(res.headers, "transfer-encoding") then   -- only chunked bodies have trailers
       local tr = c.hc:trailers()
       if tr then rawset(res, "trailers", setmetatable(tr, headers_mt)) end
     end
@@ -562,7 +567,7 @@ function Client:request(o)
   if type(o.url) ~= "string" then argerror(1, "request", "option 'url' must be a string") end
   local method = o.method or (o.body ~= nil and "POST" or "GET")
   if type(method) ~= "string" then argerror(1, "request", "option 'method' must be a string") end
-  method = method:upper()
+  method = upper[method] or method:upper()
   local u, uerr = parse_cached(o.url)
   if not u then return nil, uerr, "EINVAL" end
   local max_redirects = o.redirects
@@ -585,8 +590,9 @@ function Client:request(o)
     rawset(res, "_max_body", o.max_body or self.max_body)
     rawset(res, "_deadline", deadline)
     finished(res)
-    local loc = res.headers.location
-    if not (redirect_codes[res.status] and loc and max_redirects > 0) then return res end
+    if not redirect_codes[res.status] or max_redirects <= 0 then return res end
+    local loc = rawget(res.headers, "location")
+    if not loc then return res end
     if hop == max_redirects then
       res:close()
       return nil, "too many redirects (" .. max_redirects .. ")", "redirect"
