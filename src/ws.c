@@ -488,6 +488,59 @@ static int ws_encode(lua_State *L)
     return 2;
 }
 
+/* wc:try_send(opcode, payload, fin, rsv1) -> true (the whole frame went out now) | false, sent
+ * (not attempted: client role, or another task is writing; or only `sent` bytes of header +
+ * payload went out, the caller writes the rest) | nil, err, code. The fast path of a server's
+ * send: no Lua string for the header, one writev, no wait. */
+static int ws_try_send(lua_State *L)
+{
+    mw_ws *w = checkws(L);
+    lua_Integer op = luaL_checkinteger(L, 2);
+    size_t n;
+    const char *payload = luaL_checklstring(L, 3, &n);
+    int fin = lua_isnone(L, 4) ? 1 : lua_toboolean(L, 4);
+    int rsv1 = lua_toboolean(L, 5);
+    mw_sock *s = w->s;
+    if (w->client || s->closed || s->waiter[MW_ROLE_WRITE]) {
+        lua_pushboolean(L, 0);
+        lua_pushinteger(L, 0);
+        return 2;
+    }
+    uint8_t h[10];
+    size_t hl = 2;
+    h[0] = (uint8_t)((fin ? 0x80 : 0) | (rsv1 ? 0x40 : 0) | (op & 15));
+    if (n < 126) {
+        h[1] = (uint8_t)n;
+    } else if (n < 65536) {
+        h[1] = 126;
+        h[2] = (uint8_t)(n >> 8);
+        h[3] = (uint8_t)n;
+        hl = 4;
+    } else {
+        h[1] = 127;
+        for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+        hl = 10;
+    }
+    struct iovec iov[2] = { { h, hl }, { (void *)payload, n } };
+    uint32_t want = 0;
+    size_t sent = 0;
+    for (;;) {
+        ssize_t r = s->tp->writev(s, iov, n ? 2 : 1, &want);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        if (r < 0) return mw_stream_pusherr(L, s, errno);
+        sent = (size_t)r;
+        break;
+    }
+    if (sent == hl + n) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    lua_pushboolean(L, 0);
+    lua_pushinteger(L, (lua_Integer)sent);
+    return 2;
+}
+
 /* wc:deflate(payload) -> the compressed payload of one message (RFC 7692: sync flush,
  * the final 00 00 ff ff removed; the context reset afterwards when not taken over) */
 static int ws_deflate(lua_State *L)
@@ -592,6 +645,7 @@ void mw_ws_open(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         { "receive_frame", ws_receive }, { "encode", ws_encode }, { "deflate", ws_deflate },
+        { "try_send", ws_try_send },
         { NULL, NULL }
     };
     if (luaL_newmetatable(L, WS_MT)) {

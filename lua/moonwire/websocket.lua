@@ -209,6 +209,20 @@ function WebSocket:send(data, kind)
   local op = OP[kind]
   local fs = self.fragment_size
   if not fs or #payload <= fs then
+    -- fast path (server side, nothing queued): the frame goes out in one writev from C
+    local q = self._outq
+    if not self._writer and (not q or q.first > q.last) then
+      local done, sent, code = self.wc:try_send(op, payload, true, rsv1)
+      if done then return true end
+      if done == nil then
+        finish(self, 1006, "")
+        return nil, sent, code
+      end
+      if sent > 0 then   -- the socket took part of it: write the rest, in order
+        local h, p = self.wc:encode(op, payload, true, rsv1)
+        return write_frame(self, (h .. p):sub(sent + 1), "")
+      end
+    end
     local h, p = self.wc:encode(op, payload, true, rsv1)
     return write_frame(self, h, p)
   end
