@@ -3,14 +3,7 @@
 #include "sched.h"
 #include "dns.h"
 #include "net.h"
-
-void mw_fs_open(lua_State *L);
-void mw_http_open(lua_State *L);
-void mw_zlib_open(lua_State *L);
-void mw_ws_open(lua_State *L);
-void mw_tls_open(lua_State *L);
-void mw_hdr_open(lua_State *L);
-void mw_thread_open(lua_State *L, int rtidx);
+#include "core.h"
 
 __attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
 

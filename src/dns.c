@@ -126,6 +126,7 @@ static struct mw_resolver *resolver_get(mw_rt *rt)
     r->refs = 1;
     r->rt = rt;
     rt->resolver = r;
+    rt->resolver_free = mw_resolver_free;
     return r;
 }
 

@@ -2,6 +2,7 @@
  * Non-blocking-safe enough for local files; no Lua state kept here. */
 #define _GNU_SOURCE
 #include "sched.h"
+#include "core.h"
 
 #include <errno.h>
 #include <limits.h>

@@ -2,6 +2,7 @@
  * microseconds up to 2^40), mergeable exactly across threads; with wrk2's correction for
  * coordinated omission. Lua-free core plus a small binding (moonwire.Histogram). */
 #include "sched.h"
+#include "core.h"
 
 #include <math.h>
 #include <stdlib.h>

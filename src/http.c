@@ -5,6 +5,7 @@
  * This file enforces the protocol rules of docs/http.md that llhttp does not. */
 #define _GNU_SOURCE
 #include "net.h"
+#include "core.h"
 
 #include <ctype.h>
 #include <pthread.h>
@@ -71,7 +72,9 @@ static int on_message_begin(llhttp_t *p)
     return 0;
 }
 
-static int on_url(llhttp_t *p, const char *at, size_t len)
+/* The request target (requests) or the reason phrase (responses): one span, which llhttp
+ * may deliver in pieces; longer than max_line is refused (414 for a request). */
+static int on_first_line_span(llhttp_t *p, const char *at, size_t len)
 {
     mw_http *h = H(p);
     if (!h->url_open) {
@@ -80,20 +83,8 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
         h->url_len = 0;
     }
     h->url_len += (uint32_t)len;
-    if (h->url_len > h->max_line) return fail(p, 414, "request line too long");
-    return 0;
-}
-
-static int on_status(llhttp_t *p, const char *at, size_t len)
-{
-    mw_http *h = H(p);
-    if (!h->url_open) {
-        h->url_open = 1;
-        h->url_off = (uint32_t)(at - h->base);
-        h->url_len = 0;
-    }
-    h->url_len += (uint32_t)len;
-    if (h->url_len > h->max_line) return fail(p, 0, "status line too long");
+    if (h->url_len > h->max_line)
+        return p->type == HTTP_REQUEST ? fail(p, 414, "request line too long") : fail(p, 0, "status line too long");
     return 0;
 }
 
@@ -306,8 +297,8 @@ static void init_settings(void)
 {
     llhttp_settings_init(&settings);
     settings.on_message_begin = on_message_begin;
-    settings.on_url = on_url;
-    settings.on_status = on_status;
+    settings.on_url = on_first_line_span;
+    settings.on_status = on_first_line_span;
     settings.on_header_field = on_header_field;
     settings.on_header_field_complete = on_header_field_complete;
     settings.on_header_value = on_header_value;

@@ -316,7 +316,7 @@ static int h_tostring(lua_State *L)
 static int h_alive(lua_State *L)
 {
     mw_sock *s = luaL_checkudata(L, 1, MW_SOCK_MT);
-    if (s->closed || s->eof || mw_buf_len(&s->rbuf) > 0 || (s->tls && mw_tls_pending(s))) {
+    if (s->closed || s->eof || mw_buf_len(&s->rbuf) > 0 || (s->tp->pending && s->tp->pending(s))) {
         lua_pushboolean(L, 0);
         return 1;
     }
@@ -351,14 +351,14 @@ static int accept_step(lua_State *L, mw_sock *l, mw_task *t)
             s->family = l->family;
             if (l->family != AF_UNIX) set_int_option(fd, 0, 1);  /* nodelay */
             if (mw_sock_open(s, fd) < 0) return mw_pusherrno(L, errno);
-            if (l->tls_ctx) {
-                /* a TLS listener: the handshake happens on the connection's first I/O */
-                if (mw_tls_attach_ctx(s, l->tls_ctx) < 0) {
+            if (l->on_accept) {
+                /* e.g. a TLS listener: the handshake happens on the connection's first I/O */
+                if (l->on_accept(s, l->accept_arg) < 0) {
                     mw_sock_close(s, 0);
                     return mw_pushfail(L, "tls: cannot create a session", "tls");
                 }
                 lua_getiuservalue(L, 1, 1);
-                lua_setiuservalue(L, -2, 1);  /* the socket keeps the context alive */
+                lua_setiuservalue(L, -2, 1);  /* the socket keeps what the hook uses alive */
             }
             return mw_sched_checkpoint(L, t, 1);
         }
@@ -503,12 +503,6 @@ static int tcp_listen(lua_State *L)
     int r = bind_listen(L, l, fd, (struct sockaddr *)&ss, len, do_listen ? (int)backlog : -1);
     if (r) return r;
     l->timeout = opt_num(L, 1, "timeout", -1);
-    if (lua_getfield(L, 1, "tls") == LUA_TUSERDATA) {
-        l->tls_ctx = luaL_checkudata(L, -1, "moonwire.TlsContext");
-        lua_setiuservalue(L, -2, 1);
-    } else {
-        lua_pop(L, 1);
-    }
     return 1;
 }
 

@@ -21,6 +21,8 @@ typedef struct mw_transport {
     ssize_t (*read)(mw_sock *s, char *buf, size_t len, uint32_t *want);
     ssize_t (*writev)(mw_sock *s, const struct iovec *iov, int n, uint32_t *want);
     void (*close)(mw_sock *s);             /* before the fd closes; may be NULL */
+    int (*pending)(mw_sock *s);            /* bytes read from the fd, not yet returned; may be NULL */
+    const char *(*errmsg)(mw_sock *s);     /* the reason of the last EPROTO; may be NULL */
 } mw_transport;
 
 enum { MW_ROLE_READ, MW_ROLE_WRITE };
@@ -37,14 +39,13 @@ struct mw_sock {
     int64_t rdeadline, wdeadline;
     mw_buf rbuf;
     const mw_transport *tp;
-    void *tls;                 /* the TLS session, when the transport is TLS */
-    void *tls_ctx;             /* listeners: the server context accepted sockets get */
+    void *tls;                 /* the transport's session state (TLS) */
+    /* listeners: called on every accepted socket (a TLS listener attaches its session) */
+    int (*on_accept)(mw_sock *s, void *arg);
+    void *accept_arg;
 };
 
 extern const mw_transport mw_plain_transport;
-extern const mw_transport mw_tls_transport;
-/* Attaches a TLS session from a server context (a TLS listener's accept); 0 or -1. */
-int mw_tls_attach_ctx(mw_sock *s, void *ctx);
 
 /* Pushes a new handle in the closed state with metatable `mt`. */
 mw_sock *mw_sock_new(lua_State *L, mw_rt *rt, const char *mt);
@@ -65,11 +66,9 @@ int mw_sock_wait(lua_State *L, mw_sock *s, mw_task *t, int role, uint32_t want,
  * bytes, 0 end of stream (s->eof set), -1 would block (*want: readiness to wait for),
  * -3 error (errno). */
 int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want);
-/* Pushes nil, message, code for an I/O error of s (a TLS error gives "tls: reason", "tls"). */
+/* Pushes nil, message, code for an I/O error of s (a transport's protocol error gives
+ * "tls: reason", "tls"). */
 int mw_stream_pusherr(lua_State *L, mw_sock *s, int err);
-const char *mw_tls_error(mw_sock *s);
-/* Whether the TLS session holds bytes read from the socket but not yet returned. */
-int mw_tls_pending(mw_sock *s);
 /* Fills the method table on top of the stack with the stream methods (read, recv, write). */
 void mw_stream_methods(lua_State *L);
 void mw_net_open(lua_State *L, int rtidx);

@@ -3,7 +3,6 @@
  * a userdata on its stack or by the object it waits on, never by the continuation. */
 #define _GNU_SOURCE
 #include "sched.h"
-#include "dns.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -373,13 +372,11 @@ static int l_run(lua_State *L)
     rt->stopping = 0;
     int rc = run_loop(rt);
     int err = errno;
-    int stopped = rt->stopping;
     if (rt->nlive > 0) kill_all(rt, "stopped", NULL);
     rt->running = 0;
     rt->stopping = 0;
     rt->main = NULL;
     if (rc < 0) return luaL_error(L, "epoll_wait failed: %s", strerror(err));
-    (void)stopped;
     if (main->state == MW_T_FAILED) {
         if (main->killed) return 0;          /* mw.stop() before main returned */
         lua_getiuservalue(L, mainidx, 2);
@@ -812,7 +809,7 @@ static int rt_gc(lua_State *L)
         pthread_sigmask(SIG_SETMASK, &rt->oldmask, NULL);
         rt->sigmask_saved = 0;
     }
-    if (rt->resolver) mw_resolver_free(rt->resolver);
+    if (rt->resolver) rt->resolver_free(rt->resolver);
     rt->resolver = NULL;
     mw_loop_free(&rt->loop);
     mw_buf_pool_free(&rt->pool);

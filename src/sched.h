@@ -57,6 +57,7 @@ struct mw_rt {
     mw_task *main;
     mw_buf_pool pool;
     mw_resolver *resolver;
+    void (*resolver_free)(mw_resolver *r);  /* set by the dns layer with the resolver */
     /* signals */
     mw_io sigio;
     sigset_t sigset;           /* signals routed to the signalfd */

@@ -32,7 +32,7 @@ static ssize_t plain_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t
     return r;
 }
 
-const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL };
+const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL, NULL, NULL };
 
 static void consume(mw_sock *s, size_t n)
 {
@@ -42,9 +42,9 @@ static void consume(mw_sock *s, size_t n)
 
 int mw_stream_pusherr(lua_State *L, mw_sock *s, int err)
 {
-    if (err == EPROTO && s->tls) {
+    if (err == EPROTO && s->tp->errmsg) {
         lua_pushnil(L);
-        lua_pushfstring(L, "tls: %s", mw_tls_error(s));
+        lua_pushfstring(L, "tls: %s", s->tp->errmsg(s));
         lua_pushliteral(L, "tls");
         return 3;
     }
@@ -345,7 +345,7 @@ static int s_sendfile(lua_State *L)
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     size_t plen;
     const char *path = luaL_checklstring(L, 2, &plen);
-    if (s->tls) return mw_pushfail(L, "sendfile is not available on TLS sockets", "EOPNOTSUPP");
+    if (s->tp != &mw_plain_transport) return mw_pushfail(L, "sendfile is not available on TLS sockets", "EOPNOTSUPP");
     lua_Integer off = luaL_optinteger(L, 3, 0);
     lua_Integer len = luaL_checkinteger(L, 4);
     luaL_argcheck(L, off >= 0, 3, "offset must be non-negative");

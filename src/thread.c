@@ -5,6 +5,7 @@
  * eventfd, so join() parks only the calling task. */
 #define _GNU_SOURCE
 #include "sched.h"
+#include "core.h"
 
 #include <errno.h>
 #include <pthread.h>

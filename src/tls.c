@@ -6,6 +6,7 @@
  * the chain and the host name against the system CA store. */
 #define _GNU_SOURCE
 #include "net.h"
+#include "core.h"
 
 #include <errno.h>
 #include <string.h>
@@ -136,19 +137,19 @@ static void tls_close(mw_sock *s)
     s->tls = NULL;
 }
 
-const mw_transport mw_tls_transport = { tls_read, tls_writev, tls_close };
-
-int mw_tls_pending(mw_sock *s)
+static int tls_pending(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
     return c && SSL_has_pending(c->ssl);
 }
 
-const char *mw_tls_error(mw_sock *s)
+static const char *tls_errmsg(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
     return c && c->err[0] ? c->err : "TLS error";
 }
+
+static const mw_transport mw_tls_transport = { tls_read, tls_writev, tls_close, tls_pending, tls_errmsg };
 
 /* ---- contexts -------------------------------------------------------------------------------- */
 
@@ -465,9 +466,24 @@ static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
     return NULL;
 }
 
-int mw_tls_attach_ctx(mw_sock *s, void *ctx)
+/* the accept hook of a TLS listener */
+static int attach_accepted(mw_sock *s, void *ctx)
 {
     return attach(s, ctx, NULL) ? -1 : 0;
+}
+
+/* listener:set_tls(ctx): sockets it accepts are TLS (handshake on their first I/O) */
+static int l_set_tls(lua_State *L)
+{
+    mw_sock *l = mw_sock_check(L, 1, MW_LISTENER_MT);
+    mw_tlsctx *t = luaL_checkudata(L, 2, CTX_MT);
+    luaL_argcheck(L, t->server, 2, "a server context expected");
+    lua_settop(L, 2);
+    lua_setiuservalue(L, 1, 1);     /* the listener keeps its context alive */
+    l->on_accept = attach_accepted;
+    l->accept_arg = t;
+    lua_settop(L, 1);
+    return 1;
 }
 
 static int handshake_k(lua_State *L, int status, lua_KContext ctx);
@@ -594,6 +610,11 @@ void mw_tls_open(lua_State *L)
     lua_setfield(L, -2, "starttls");
     lua_pushcfunction(L, s_tls_info);
     lua_setfield(L, -2, "tls_info");
+    lua_pop(L, 2);
+    luaL_getmetatable(L, MW_LISTENER_MT);
+    lua_getfield(L, -1, "__index");
+    lua_pushcfunction(L, l_set_tls);
+    lua_setfield(L, -2, "set_tls");
     lua_pop(L, 2);
     lua_pushcfunction(L, l_tls_context);
     lua_setfield(L, -2, "tls_context");

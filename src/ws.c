@@ -6,6 +6,7 @@
  * client) and compresses. The handshake and the connection API live in Lua. */
 #define _GNU_SOURCE
 #include "net.h"
+#include "core.h"
 
 #include <errno.h>
 #include <stdlib.h>

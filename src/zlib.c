@@ -2,6 +2,7 @@
  * decoding). Output sizes are bounded by the caller's limit, so a small hostile input
  * cannot expand into unbounded memory. */
 #include "sched.h"
+#include "core.h"
 
 #include <string.h>
 #include <zlib.h>

@@ -29,11 +29,11 @@ M.tcp = {
   end,
   listen = function(opts)
     argcheck(type(opts) == "table", 1, "listen", "table expected, got " .. type(opts))
-    if opts.tls and not require("moonwire.tls").is_context(opts.tls) then
-      local o = {}
-      for k, v in pairs(opts) do o[k] = v end
-      o.tls = require("moonwire.tls").server_context(opts.tls)
-      return tcp_listen(o)
+    if opts.tls then
+      local ctx = require("moonwire.tls").server_context(opts.tls)
+      local l, err, code = tcp_listen(opts)
+      if not l then return nil, err, code end
+      return l:set_tls(ctx)
     end
     return tcp_listen(opts)
   end,

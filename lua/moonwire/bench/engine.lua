@@ -34,7 +34,7 @@ local function new_state(cfg)
   }
 end
 
-local function record(st, status, latency_us, bytes, rate_interval)
+local function record(st, status, latency_us, bytes)
   st.count = st.count + 1
   st.bytes = st.bytes + (bytes or 0)
   if latency_us < 0 then latency_us = 0 end
@@ -44,7 +44,6 @@ local function record(st, status, latency_us, bytes, rate_interval)
     st.statuses[status] = (st.statuses[status] or 0) + 1
     if status > 399 then st.errors.status = st.errors.status + 1 end
   end
-  local _ = rate_interval
 end
 
 -- One connection's life: connect, send, read, again, until the thread stops.

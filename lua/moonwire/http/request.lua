@@ -6,29 +6,8 @@ local Request = {}
 
 local lazy = {}   -- fields computed on first access
 
-local function decode(s)
-  s = s:gsub("+", " ")
-  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
-end
-
---- Decodes an application/x-www-form-urlencoded string: repeated keys give arrays.
-local function parse_urlencoded(s)
-  local t = {}
-  for pair in s:gmatch("[^&]+") do
-    local k, v = pair:match("^([^=]*)=?(.*)$")
-    k, v = decode(k), decode(v)
-    local old = t[k]
-    if old == nil then
-      t[k] = v
-    elseif type(old) == "table" then
-      old[#old + 1] = v
-    else
-      t[k] = { old, v }
-    end
-  end
-  return t
-end
-Request.parse_urlencoded = parse_urlencoded
+-- application/x-www-form-urlencoded (queries, form bodies): repeated keys give arrays
+local parse_urlencoded = require("moonwire.url").parse_query
 
 -- Case-insensitive header lookups: the table holds lower-case names.
 local headers_mt = {

@@ -1,0 +1,17 @@
+/* core: how each layer registers its Lua functions into the module table on top of the
+ * stack (luaopen_moonwire_core calls them in layer order). The rest of each layer's C
+ * contract is in its own header; these files have no other public symbols. */
+#ifndef MW_CORE_H
+#define MW_CORE_H
+
+#include <lua.h>
+
+void mw_fs_open(lua_State *L);      /* fs.c: stat, realpath */
+void mw_http_open(lua_State *L);    /* http.c: HttpConn, head builders */
+void mw_zlib_open(lua_State *L);    /* zlib.c: gzip/gunzip, deflater/inflater */
+void mw_ws_open(lua_State *L);      /* ws.c: WsConn, accept key, random, utf8_valid */
+void mw_tls_open(lua_State *L);     /* tls.c: contexts; starttls/tls_info/set_tls */
+void mw_hdr_open(lua_State *L);     /* hdr.c: histograms */
+void mw_thread_open(lua_State *L, int rtidx);  /* thread.c: threads, shared counters */
+
+#endif
