@@ -24,6 +24,10 @@ static void on_sock_event(mw_io *io, uint32_t ev)
 {
     mw_sock *s = (mw_sock *)io;
     const uint32_t always = EPOLLERR | EPOLLHUP;
+    if (ev & (EPOLLIN | EPOLLRDHUP | always)) {
+        s->rready = 1;
+        if (ev & (EPOLLRDHUP | always)) s->rdhup = 1;
+    }
     for (int role = 0; role < 2; role++) {
         mw_task *t = s->waiter[role];
         uint32_t want = s->want[role];
@@ -60,6 +64,8 @@ int mw_sock_open(mw_sock *s, int fd)
     s->closed = 0;
     s->eof = 0;
     s->scan = 0;
+    s->rready = 1;
+    s->rdhup = 0;
     return 0;
 }
 

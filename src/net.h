@@ -34,6 +34,10 @@ struct mw_sock {
     uint32_t want[2];          /* readiness each of them waits for */
     int family;                /* AF_INET, AF_INET6, AF_UNIX */
     int closed, eof;
+    /* plain reads: rready is 0 once a read came back short (the kernel queue was drained)
+     * and set again by the next readable event, so a drained socket costs no EAGAIN call;
+     * rdhup: the peer's FIN was seen, so a short read may be followed by the end. */
+    unsigned char rready, rdhup;
     double timeout;            /* default timeout (s), < 0: none */
     size_t maxline, scan;      /* line limit; bytes of the buffer known to hold no '\n' */
     int64_t rdeadline, wdeadline;

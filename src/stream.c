@@ -14,10 +14,24 @@ enum { F_LINE, F_LINEKEEP, F_ALL, F_COUNT, F_SOME };
 #define TRY_AGAIN (-2)
 #define FILLS_PER_TURN 16
 
+/* Edge-triggered: a read that comes back short drained the kernel's queue, and data that
+ * arrives later raises a new event, so the next read waits for it instead of asking the
+ * kernel for an EAGAIN (as nginx does). Not after the peer's FIN: its edge may already
+ * have been consumed together with the data, so the end must be read. */
 static ssize_t plain_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
 {
+    if (!s->rready) {
+        *want = EPOLLIN;
+        errno = EAGAIN;
+        return -1;
+    }
     ssize_t n = recv(s->io.fd, buf, len, 0);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLIN;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        s->rready = 0;
+        *want = EPOLLIN;
+    } else if (n > 0 && (size_t)n < len && !s->rdhup) {
+        s->rready = 0;
+    }
     return n;
 }
 
