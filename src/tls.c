@@ -9,7 +9,9 @@
 #include "core.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <strings.h>
 #include <arpa/inet.h>
 #include <openssl/err.h>
@@ -57,7 +59,86 @@ static void tls_reason(SSL *ssl, char *buf, size_t n)
     ERR_clear_error();
 }
 
+/* ---- the socket BIO ------------------------------------------------------------------------ */
+
+/* OpenSSL reads and writes the socket through this BIO rather than its own socket BIO, so
+ * TLS shares the plain transport's drained-socket bookkeeping (mw_sock.rready): a record read
+ * short leaves the socket drained and the next SSL_read waits for the event instead of
+ * asking the kernel for an EAGAIN. */
+static BIO_METHOD *sock_bio_method;
+static pthread_once_t sock_bio_once = PTHREAD_ONCE_INIT;
+
+static int sbio_read(BIO *b, char *buf, int len)
+{
+    mw_sock *s = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (!s->rready) {
+        errno = EAGAIN;
+        BIO_set_retry_read(b);
+        return -1;
+    }
+    ssize_t n = recv(s->io.fd, buf, (size_t)len, 0);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            s->rready = 0;
+            BIO_set_retry_read(b);
+        } else if (errno == EINTR) {
+            BIO_set_retry_read(b);
+        }
+        return -1;
+    }
+    if (n > 0 && n < len && !s->rdhup) s->rready = 0;
+    return (int)n;
+}
+
+static int sbio_write(BIO *b, const char *buf, int len)
+{
+    mw_sock *s = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    ssize_t n = send(s->io.fd, buf, (size_t)len, MSG_NOSIGNAL);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_write(b);
+    return (int)n;
+}
+
+static long sbio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    (void)b; (void)num; (void)ptr;
+    return cmd == BIO_CTRL_FLUSH || cmd == BIO_CTRL_DUP;
+}
+
+static int sbio_create(BIO *b)
+{
+    BIO_set_init(b, 1);
+    return 1;
+}
+
+static void sock_bio_setup(void)
+{
+    BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "moonwire socket");
+    if (m && BIO_meth_set_read(m, sbio_read) && BIO_meth_set_write(m, sbio_write) &&
+        BIO_meth_set_ctrl(m, sbio_ctrl) && BIO_meth_set_create(m, sbio_create))
+        sock_bio_method = m;
+    else if (m)
+        BIO_meth_free(m);
+}
+
+/* A BIO over the socket's descriptor, or NULL. */
+static BIO *sock_bio(mw_sock *s)
+{
+    pthread_once(&sock_bio_once, sock_bio_setup);
+    if (!sock_bio_method) return NULL;
+    BIO *b = BIO_new(sock_bio_method);
+    if (b) BIO_set_data(b, s);
+    return b;
+}
+
 /* ---- the transport ------------------------------------------------------------------------- */
+
+/* SSL_get_error needs an empty error queue; it is nearly always empty already */
+static inline void clear_errors(void)
+{
+    if (ERR_peek_error()) ERR_clear_error();
+}
 
 /* Maps an SSL_get_error result to our transport contract. */
 static ssize_t ssl_result(mw_sock *s, mw_tlsconn *c, int r, uint32_t *want)
@@ -89,7 +170,7 @@ static ssize_t ssl_result(mw_sock *s, mw_tlsconn *c, int r, uint32_t *want)
 static ssize_t tls_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
 {
     mw_tlsconn *c = s->tls;
-    ERR_clear_error();
+    clear_errors();
     errno = 0;
     int r = SSL_read(c->ssl, buf, len > 0x7fffffff ? 0x7fffffff : (int)len);
     if (r > 0) return r;
@@ -115,7 +196,7 @@ static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *
         p = buf;
     }
     if (len == 0) return 0;
-    ERR_clear_error();
+    clear_errors();
     errno = 0;
     int r = SSL_write(c->ssl, p, len > 0x7fffffff ? 0x7fffffff : (int)len);
     if (r > 0) return r;
@@ -442,11 +523,13 @@ static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
     mw_tlsconn *c = calloc(1, sizeof *c);
     if (!c) return "not enough memory";
     c->ssl = SSL_new(t->ctx);
-    if (!c->ssl || SSL_set_fd(c->ssl, s->io.fd) != 1) {
+    BIO *b = c->ssl ? sock_bio(s) : NULL;
+    if (!b) {
         if (c->ssl) SSL_free(c->ssl);
         free(c);
         return "SSL_new failed";
     }
+    SSL_set_bio(c->ssl, b, b);   /* one reference, owned by the session from now on */
     if (t->server) {
         SSL_set_accept_state(c->ssl);
     } else {
