@@ -16,6 +16,7 @@ int luaopen_moonwire_core(lua_State *L)
      * out of the programs the tests start (scripts/run-tests sets MW_ASAN_PRELOAD) */
     if (getenv("MW_ASAN_PRELOAD")) unsetenv("LD_PRELOAD");
 #endif
+    mw_alloc_install(L);
     mw_sched_newruntime(L);
     int rtidx = lua_gettop(L);
     lua_newtable(L);

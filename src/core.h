@@ -6,6 +6,7 @@
 
 #include <lua.h>
 
+void mw_alloc_install(lua_State *L);   /* alloc.c: the size-class allocator for the state */
 void mw_fs_open(lua_State *L);      /* fs.c: stat, realpath */
 void mw_http_open(lua_State *L);    /* http.c: HttpConn, head builders */
 void mw_zlib_open(lua_State *L);    /* zlib.c: gzip/gunzip, deflater/inflater */
