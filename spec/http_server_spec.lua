@@ -271,6 +271,30 @@ describe("http server: basics", function()
     end)
   end)
 
+  it("send: a body larger than the socket takes at once, and a head too big for one buffer, arrive whole", function()
+    run(function()
+      local big = helper.pattern(8 * 1024 * 1024)
+      local long = ("v"):rep(6000)            -- a head above the 4 KiB fast-path buffer
+      local srv = serve(function(req, res)
+        if req.path == "/long" then res:header("x-long", long) end
+        res:header("content-type", "application/octet-stream")
+        assert(res:send(big))
+      end)
+      local _g <close> = guard(srv)
+      local s = connect(srv)
+      for _, path in ipairs { "/big", "/long", "/big" } do   -- keep-alive: each in order
+        assert(s:write(request("GET", path)))
+        local r = assert(read_response(s, { timeout = 20 }))
+        assert.equal(200, r.status)
+        assert.equal(#big, #r.body)
+        assert.is_true(r.body == big, "body bytes differ")
+        assert.equal(path == "/long" and long or nil, r.headers["x-long"])
+      end
+      s:close()
+      assert.same({}, errors)
+    end)
+  end)
+
   it("Date is the current time; server_name sets or omits the Server header", function()
     run(function()
       local srv1 = serve(text_handler("x"), { server_name = "custom/1.0" })

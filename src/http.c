@@ -49,6 +49,7 @@ typedef struct mw_http {
     mw_buf trailers;           /* trailer fields after a chunked body: "name:value\n"... */
     int in_trailer_field;
     uint64_t lean_bytes;
+    int idle_wait;             /* parked in read_request with nothing of the next head yet */
 } mw_http;
 
 /* ---- llhttp callbacks: spans and verdicts only ------------------------------------- */
@@ -641,6 +642,7 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
         }
         if (r == -3) return mw_stream_pusherr(L, s, errno);
         if (len == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
+        h->idle_wait = len == 0;
         return mw_sock_wait(L, s, t, MW_ROLE_READ, want, len == 0 ? h->idle_deadline : h->deadline,
                             read_request_k, 0);
     }
@@ -652,6 +654,7 @@ static int read_request_k(lua_State *L, int status, lua_KContext ctx)
     mw_task *t = h->s->rt->current;
     int why = mw_sched_reason(t);
     (void)status; (void)ctx;
+    h->idle_wait = 0;
     if (why == MW_WAKE_TIMEOUT) {
         if (mw_buf_len(&h->s->rbuf) == 0) return mw_pushfail(L, "timeout", "timeout");  /* idle */
         if (h->p.type == HTTP_RESPONSE) return mw_pushfail(L, "timeout", "timeout");
@@ -911,6 +914,15 @@ static int hc_state(lua_State *L)
     return 6;
 }
 
+/* hc:idle() -> whether the connection waits in read_request for the first byte of its next
+ * request (a server closing idle keep-alive connections closes these) */
+static int hc_idle(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    lua_pushboolean(L, h->idle_wait && h->s && !h->s->closed);
+    return 1;
+}
+
 /* hc:msg_done() -> whether the current message was read to its end */
 static int hc_msg_done(lua_State *L)
 {
@@ -1022,8 +1034,31 @@ static int is_tchar(unsigned char c)
     return isalnum(c) || (c && strchr("!#$%&'*+-.^_`|~", c));
 }
 
+/* Where a head is built: a luaL_Buffer, or a fixed array (the send fast path), which
+ * records an overflow instead of growing. */
+typedef struct {
+    luaL_Buffer *lb;
+    char *p;
+    size_t n, cap;
+    int overflow;
+} sink;
+
+static void put(sink *k, const char *s, size_t n)
+{
+    if (k->lb) {
+        luaL_addlstring(k->lb, s, n);
+    } else if (k->n + n <= k->cap) {
+        memcpy(k->p + k->n, s, n);
+        k->n += n;
+    } else {
+        k->overflow = 1;
+    }
+}
+
+static void puts_(sink *k, const char *s) { put(k, s, strlen(s)); }
+
 /* Appends "Date: ...\r\n", formatting the date at most once a second. */
-static void add_date(luaL_Buffer *b, datecache *dc)
+static void add_date(sink *k, datecache *dc)
 {
     time_t now = time(NULL);
     if (now != dc->t) {
@@ -1032,13 +1067,13 @@ static void add_date(luaL_Buffer *b, datecache *dc)
         dc->n = strftime(dc->s, sizeof dc->s, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
         dc->t = now;
     }
-    luaL_addlstring(b, dc->s, dc->n);
+    put(k, dc->s, dc->n);
 }
 
 /* Appends "name: value\r\n" for the first nh pairs of the flat array at idx, checking
  * names (tokens) and values (no CR, LF, NUL). Sets bits in *seen: 1 content-length,
  * 2 transfer-encoding, 4 connection, 8 host. */
-static void add_headers(lua_State *L, luaL_Buffer *b, int idx, lua_Integer nh, int *seen)
+static void add_headers(lua_State *L, sink *k, int idx, lua_Integer nh, int *seen)
 {
     for (lua_Integer i = 1; i <= 2 * nh; i += 2) {
         size_t kn, vn;
@@ -1047,34 +1082,66 @@ static void add_headers(lua_State *L, luaL_Buffer *b, int idx, lua_Integer nh, i
         if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
             luaL_error(L, "bad header #%d (strings expected)", (int)(i / 2 + 1));
         /* both stay referenced by the table after the pops below */
-        const char *k = lua_tolstring(L, -2, &kn);
+        const char *key = lua_tolstring(L, -2, &kn);
         const char *v = lua_tolstring(L, -1, &vn);
         if (kn == 0) luaL_error(L, "empty header name");
         for (size_t j = 0; j < kn; j++)
-            if (!is_tchar((unsigned char)k[j])) luaL_error(L, "invalid header name '%s'", k);
+            if (!is_tchar((unsigned char)key[j])) luaL_error(L, "invalid header name '%s'", key);
         for (size_t j = 0; j < vn; j++)
             if (v[j] == '\r' || v[j] == '\n' || v[j] == '\0')
-                luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", k);
-        if (kn == 14 && strncasecmp(k, "content-length", 14) == 0) *seen |= 1;
-        else if (kn == 17 && strncasecmp(k, "transfer-encoding", 17) == 0) *seen |= 2;
-        else if (kn == 10 && strncasecmp(k, "connection", 10) == 0) *seen |= 4;
-        else if (kn == 4 && strncasecmp(k, "host", 4) == 0) *seen |= 8;
+                luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
+        if (kn == 14 && strncasecmp(key, "content-length", 14) == 0) *seen |= 1;
+        else if (kn == 17 && strncasecmp(key, "transfer-encoding", 17) == 0) *seen |= 2;
+        else if (kn == 10 && strncasecmp(key, "connection", 10) == 0) *seen |= 4;
+        else if (kn == 4 && strncasecmp(key, "host", 4) == 0) *seen |= 8;
         lua_pop(L, 2);  /* balanced stack use while the luaL_Buffer is open */
-        luaL_addlstring(b, k, kn);
-        luaL_addlstring(b, ": ", 2);
-        luaL_addlstring(b, v, vn);
-        luaL_addlstring(b, "\r\n", 2);
+        put(k, key, kn);
+        put(k, ": ", 2);
+        put(k, v, vn);
+        put(k, "\r\n", 2);
     }
 }
 
-static void add_length(luaL_Buffer *b, lua_Integer length)
+static void add_length(sink *k, lua_Integer length)
 {
     char num[32], *e = num + sizeof num, *d = e;
     *--d = '\n';
     *--d = '\r';
     do { *--d = (char)('0' + length % 10); length /= 10; } while (length > 0);
-    luaL_addlstring(b, "Content-Length: ", 16);
-    luaL_addlstring(b, d, (size_t)(e - d));
+    put(k, "Content-Length: ", 16);
+    put(k, d, (size_t)(e - d));
+}
+
+/* The response head: status line, Server, Date, the headers (flat array at hidx), then
+ * Content-Length / Transfer-Encoding and Connection as length and flags say. */
+static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, int hidx, lua_Integer nh,
+                       lua_Integer length, lua_Integer flags, const char *server)
+{
+    char line[16];
+    memcpy(line, "HTTP/1.1 ", 9);
+    line[9] = (char)('0' + status / 100);
+    line[10] = (char)('0' + status / 10 % 10);
+    line[11] = (char)('0' + status % 10);
+    line[12] = ' ';
+    put(k, line, 13);
+    puts_(k, reason((int)status));
+    put(k, "\r\n", 2);
+    if (server) {
+        put(k, "Server: ", 8);
+        puts_(k, server);
+        put(k, "\r\n", 2);
+    }
+    add_date(k, dc);
+    int seen = 0;
+    add_headers(L, k, hidx, nh, &seen);
+    int bodyless = status < 200 || status == 204 || status == 304;
+    if (length >= 0 && !(seen & 3) && !bodyless && !(flags & 4)) add_length(k, length);
+    else if (length == -1 && !(seen & 2) && !bodyless) puts_(k, "Transfer-Encoding: chunked\r\n");
+    if (!(seen & 4)) {
+        if (flags & 1) puts_(k, "Connection: close\r\n");
+        else if (flags & 2) puts_(k, "Connection: keep-alive\r\n");
+    }
+    put(k, "\r\n", 2);
 }
 
 /* http_head(status, headers, nheaders, length, flags [, server]) -> head bytes
@@ -1093,32 +1160,89 @@ static int l_http_head(lua_State *L)
     const char *server = luaL_optstring(L, 6, NULL);
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    char line[16];
-    memcpy(line, "HTTP/1.1 ", 9);
-    line[9] = (char)('0' + status / 100);
-    line[10] = (char)('0' + status / 10 % 10);
-    line[11] = (char)('0' + status % 10);
-    line[12] = ' ';
-    luaL_addlstring(&b, line, 13);
-    luaL_addstring(&b, reason((int)status));
-    luaL_addlstring(&b, "\r\n", 2);
-    if (server) {
-        luaL_addlstring(&b, "Server: ", 8);
-        luaL_addstring(&b, server);
-        luaL_addlstring(&b, "\r\n", 2);
-    }
-    add_date(&b, dc);
-    int seen = 0;
-    add_headers(L, &b, 2, nh, &seen);
-    int bodyless = status < 200 || status == 204 || status == 304;
-    if (length >= 0 && !(seen & 3) && !bodyless && !(flags & 4)) add_length(&b, length);
-    else if (length == -1 && !(seen & 2) && !bodyless) luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
-    if (!(seen & 4)) {
-        if (flags & 1) luaL_addstring(&b, "Connection: close\r\n");
-        else if (flags & 2) luaL_addstring(&b, "Connection: keep-alive\r\n");
-    }
-    luaL_addlstring(&b, "\r\n", 2);
+    sink k = { &b, NULL, 0, 0, 0 };
+    build_head(L, &k, dc, status, 2, nh, length, flags, server);
     luaL_pushresult(&b);
+    return 1;
+}
+
+/* http_send(sock, status, headers, nheaders, body, flags, server, with_body) -> true when
+ * the head (built as http_head builds it, with Content-Length #body) and the body (when
+ * with_body) went out whole in one write; false, rest [, rest2] when the socket took only
+ * part (the caller writes the rest with sock:write); false alone when the head is too big
+ * for this path (the caller uses http_head); nil, err, code on a write error. The response
+ * fast path: no head string, one call. */
+static int l_http_send(lua_State *L)
+{
+    datecache *dc = lua_touserdata(L, lua_upvalueindex(1));
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    lua_Integer status = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, status >= 100 && status <= 999, 2, "status out of range");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_Integer nh = luaL_checkinteger(L, 4);
+    size_t blen;
+    const char *body = luaL_checklstring(L, 5, &blen);
+    lua_Integer flags = luaL_optinteger(L, 6, 0);
+    const char *server = luaL_optstring(L, 7, NULL);
+    int with_body = lua_toboolean(L, 8);
+    char head[4096];
+    sink k = { NULL, head, 0, sizeof head, 0 };
+    build_head(L, &k, dc, status, 3, nh, (lua_Integer)blen, flags, server);
+    if (k.overflow) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    if (s->closed) return mw_pushfail(L, "closed", "closed");
+    size_t total = k.n + (with_body ? blen : 0), sent = 0;
+    if (!s->waiter[MW_ROLE_WRITE]) {    /* another task writing: it goes first, through write */
+        while (sent < total) {
+            struct iovec iov[2];
+            int cnt = 0;
+            if (sent < k.n) {
+                iov[cnt].iov_base = head + sent;
+                iov[cnt++].iov_len = k.n - sent;
+            }
+            if (with_body && blen > 0) {
+                size_t off = sent > k.n ? sent - k.n : 0;
+                iov[cnt].iov_base = (void *)(body + off);
+                iov[cnt++].iov_len = blen - off;
+            }
+            uint32_t want = EPOLLOUT;
+            ssize_t n = s->tp->writev(s, iov, cnt, &want);
+            if (n > 0) { sent += (size_t)n; continue; }
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+            if (n == 0) break;
+            return mw_stream_pusherr(L, s, errno);
+        }
+        if (sent == total) {
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+    }
+    lua_pushboolean(L, 0);
+    int nret = 1;
+    if (sent < k.n) {
+        lua_pushlstring(L, head + sent, k.n - sent);
+        nret++;
+    }
+    if (with_body && blen > 0) {
+        size_t off = sent > k.n ? sent - k.n : 0;
+        lua_pushlstring(L, body + off, blen - off);
+        nret++;
+    }
+    return nret;
+}
+
+/* http_value_ok(v) -> whether v may be a header value (no CR, LF or NUL) */
+static int l_http_value_ok(lua_State *L)
+{
+    size_t n;
+    const char *v = luaL_checklstring(L, 1, &n);
+    int ok = 1;
+    for (size_t i = 0; i < n; i++)
+        if (v[i] == '\r' || v[i] == '\n' || v[i] == '\0') { ok = 0; break; }
+    lua_pushboolean(L, ok);
     return 1;
 }
 
@@ -1144,12 +1268,13 @@ static int l_http_request_head(lua_State *L)
         if ((unsigned char)host[i] <= ' ' || host[i] == 0x7f) luaL_argerror(L, 3, "invalid character in host");
     luaL_Buffer b;
     luaL_buffinit(L, &b);
+    sink k = { &b, NULL, 0, 0, 0 };
     luaL_addlstring(&b, method, mn);
     luaL_addchar(&b, ' ');
     luaL_addlstring(&b, target, tn);
     luaL_addlstring(&b, " HTTP/1.1\r\n", 11);
     int seen = 0;
-    add_headers(L, &b, 4, nh, &seen);
+    add_headers(L, &k, 4, nh, &seen);
     if (!(seen & 8)) {
         luaL_addlstring(&b, "Host: ", 6);
         luaL_addlstring(&b, host, hn);
@@ -1158,7 +1283,7 @@ static int l_http_request_head(lua_State *L)
     int bodied = !(mn == 3 && memcmp(method, "GET", 3) == 0) && !(mn == 4 && memcmp(method, "HEAD", 4) == 0) &&
                  !(mn == 6 && memcmp(method, "DELETE", 6) == 0) && !(mn == 7 && memcmp(method, "OPTIONS", 7) == 0);
     if (length > 0 || (length == 0 && bodied)) {
-        if (!(seen & 3)) add_length(&b, length);
+        if (!(seen & 3)) add_length(&k, length);
     } else if (length == -1 && !(seen & 3)) {
         luaL_addstring(&b, "Transfer-Encoding: chunked\r\n");
     }
@@ -1235,7 +1360,7 @@ void mw_http_open(lua_State *L)
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
         { "read_lean", hc_read_lean }, { "trailers", hc_trailers }, { "release", hc_release },
-        { "msg_done", hc_msg_done },
+        { "msg_done", hc_msg_done }, { "idle", hc_idle },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);
@@ -1254,8 +1379,13 @@ void mw_http_open(lua_State *L)
     lua_setfield(L, -2, "http_conn");
     datecache *dc = lua_newuserdatauv(L, sizeof *dc, 0);
     memset(dc, 0, sizeof *dc);
+    lua_pushvalue(L, -1);
     lua_pushcclosure(L, l_http_head, 1);
-    lua_setfield(L, -2, "http_head");
+    lua_setfield(L, -3, "http_head");
+    lua_pushcclosure(L, l_http_send, 1);
+    lua_setfield(L, -2, "http_send");
+    lua_pushcfunction(L, l_http_value_ok);
+    lua_setfield(L, -2, "http_value_ok");
     lua_pushcfunction(L, l_http_request_head);
     lua_setfield(L, -2, "http_request_head");
     lua_pushcfunction(L, l_http_count);

@@ -3,7 +3,7 @@
 -- bytes (status line, Server, Date, headers, Content-Length) for one gathered write.
 local core = require "moonwire.core"
 
-local http_head, gzip = core.http_head, core.gzip
+local http_head, http_send, value_ok, gzip = core.http_head, core.http_send, core.http_value_ok, core.gzip
 local mime_ok, mime = pcall(require, "moonwire.http.mime")
 
 local Response = {}
@@ -35,8 +35,6 @@ function Response:status(code)
   return self
 end
 
-local find_ctl = string.find
-
 local function find(self, lname)
   local h = self._h
   for i = 1, 2 * self._nh, 2 do
@@ -67,7 +65,7 @@ function Response:header(name, value)
   elseif tv ~= "string" then
     argerror(2, "header", "string expected, got " .. tv)
   end
-  if find_ctl(value, "[\r\n%z]") then argerror(2, "header", "value contains CR, LF or NUL") end
+  if not value_ok(value) then argerror(2, "header", "value contains CR, LF or NUL") end
   local n = self._nh
   self._h[2 * n + 1] = name
   self._h[2 * n + 2] = value
@@ -139,21 +137,26 @@ function Response:send(body)
     flags = 2
   end
   local st, n = self._status, #body
-  local head = http_head(st, self._h, self._nh, n, flags, srv.server_name)
+  local with_body = st >= 200 and st ~= 204 and st ~= 304 and req.method ~= "HEAD"
+  local sock = self._sock
+  -- head and body in one write from C; what the socket did not take goes through write
+  local ok, a, b = http_send(sock, st, self._h, self._nh, body, flags, srv.server_name, with_body)
   self.sent, self._finished = true, true
-  local ok, err, code
-  if st >= 200 and st ~= 204 and st ~= 304 and req.method ~= "HEAD" then
-    self._bytes = n
-    ok, err, code = self._sock:write(head, body)
+  self._bytes = with_body and n or 0
+  if ok then return true end
+  local err, code
+  if ok == false then
+    if a == nil then        -- a head too large for the fast path
+      a = http_head(st, self._h, self._nh, n, flags, srv.server_name)
+      b = with_body and body or nil
+    end
+    if b then ok, err, code = sock:write(a, b) else ok, err, code = sock:write(a) end
+    if ok then return true end
   else
-    self._bytes = 0
-    ok, err, code = self._sock:write(head)
+    err, code = a, b
   end
-  if not ok then
-    self._close = true
-    return nil, err, code
-  end
-  return true
+  self._close = true
+  return nil, err, code
 end
 
 -- Streaming: chunked for HTTP/1.1 without a known length; close-delimited for 1.0.

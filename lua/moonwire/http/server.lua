@@ -99,11 +99,11 @@ end
 
 local function serve_connection(srv, sock)
   local conns = srv._conns
-  conns[sock] = "idle"
   srv._nconns = srv._nconns + 1
   local t = srv.timeouts
   sock:settimeout(t.write)
   local hc = http_conn(sock, srv.limits, Request, false, Request.headers_mt, srv)
+  conns[sock] = hc     -- hc:idle() says whether it waits for its next request
   local handler = srv.handler
   -- a new connection must send its first request (and its TLS handshake) within `head`;
   -- later requests on it may wait `idle` for their first byte
@@ -115,7 +115,6 @@ local function serve_connection(srv, sock)
       if math.type(status) == "integer" then send_error(sock, status, err) end
       break
     end
-    conns[sock] = "busy"
     local res = Response.new(srv, req, sock)   -- also sets req._res
     local ok, herr = xpcall(handler, traceback, req, res)
     if not ok or not res._finished then after_handler(srv, req, res, ok, herr) end
@@ -127,7 +126,6 @@ local function serve_connection(srv, sock)
       break
     end
     if not settle(srv, hc, req, res) then break end
-    conns[sock] = "idle"
   end
   conns[sock] = nil
   srv._nconns = srv._nconns - 1
@@ -163,8 +161,8 @@ function Server:close(grace)
   self.listener:close()
   grace = grace or self.grace
   -- idle connections are parked in read_request: closing their socket ends them
-  for sock, state in pairs(self._conns) do
-    if state == "idle" then sock:close() end
+  for sock, hc in pairs(self._conns) do
+    if hc:idle() then sock:close() end
   end
   if self._nconns > 0 then
     self._drained = mw.channel(0)
