@@ -186,6 +186,17 @@ function helper.socket_path(tag)
   return name .. "-" .. (tag or "mw") .. ".sock"
 end
 
+-- Puts the collector in incremental mode until the returned value is closed (then back to
+-- the mode it was in). lua5.4 starts scripts in generational mode, whose minor and major
+-- collections depend on what earlier tests left in the heap; a test that measures memory
+-- growth uses this so that it measures the code, not the history.
+function helper.incremental_gc()
+  local previous = collectgarbage("incremental")
+  collectgarbage()
+  collectgarbage()
+  return setmetatable({}, { __close = function() collectgarbage(previous) end })
+end
+
 -- Runs Lua source in a separate `lua5.4` process (with this process's module paths, so the
 -- same build tree), killed after `limit` seconds. Returns its combined stdout+stderr, then
 -- "exit" and the exit status or "signal" and the signal number (as io.popen's close says).

@@ -477,26 +477,24 @@ static const char *const key_names[] = { "method", "target", "version", "path", 
                                          "headers", "keepalive", "upgrade", "_conn", "status",
                                          "reason", "socket", "_server" };
 
-/* t[key] = top; pops the value (the table is just below it) */
-static void setkey(lua_State *L, int k)
-{
-    lua_pushvalue(L, lua_upvalueindex(k));
-    lua_insert(L, -2);
-    lua_rawset(L, -3);
-}
+/* Pushes request field name k (an upvalue): push it, then the value, then rawset(-3). */
+#define KEY(L, k) lua_pushvalue((L), lua_upvalueindex(k))
 
 /* Builds the request table (metatable: user value 2) from the parsed head. */
 static void build_request(lua_State *L, mw_http *h)
 {
     lua_createtable(L, 0, 12);
+    KEY(L, K_METHOD);
     lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
-    setkey(L, K_METHOD);
+    lua_rawset(L, -3);
     const char *url = h->base + h->url_off;
     size_t ulen = h->url_len;
+    KEY(L, K_TARGET);
     lua_pushlstring(L, url, ulen);
-    setkey(L, K_TARGET);
+    lua_rawset(L, -3);
+    KEY(L, K_VERSION);
     lua_pushstring(L, h->p.http_minor == 1 ? "1.1" : "1.0");
-    setkey(L, K_VERSION);
+    lua_rawset(L, -3);
     /* path and query; absolute-form targets keep only their path */
     const char *path = url;
     size_t plen = ulen;
@@ -519,28 +517,37 @@ static void build_request(lua_State *L, mw_http *h)
     }
     const char *q = memchr(path, '?', plen);
     size_t pn = q ? (size_t)(q - path) : plen;
+    KEY(L, K_PATH);
     if (pn == 0) lua_pushliteral(L, "/");
     else push_decoded(L, path, pn);
-    setkey(L, K_PATH);
+    lua_rawset(L, -3);
+    KEY(L, K_QUERY_STRING);
     if (q) lua_pushlstring(L, q + 1, plen - pn - 1);
     else lua_pushliteral(L, "");
-    setkey(L, K_QUERY_STRING);
-    build_headers(L, h, lua_gettop(L));
+    lua_rawset(L, -3);
+    int reqidx = lua_gettop(L);
+    KEY(L, K_HEADERS);
+    build_headers(L, h, reqidx);
     if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);  /* case-insensitive */
     else lua_pop(L, 1);
-    setkey(L, K_HEADERS);
+    lua_rawset(L, -3);
+    KEY(L, K_KEEPALIVE);
     lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
-    setkey(L, K_KEEPALIVE);
+    lua_rawset(L, -3);
+    KEY(L, K_SOCKET);
     lua_getiuservalue(L, 1, 1);
-    setkey(L, K_SOCKET);
-    if (lua_getiuservalue(L, 1, 4) != LUA_TNIL) setkey(L, K_SERVER);
-    else lua_pop(L, 1);
+    lua_rawset(L, -3);
+    KEY(L, K_SERVER);
+    if (lua_getiuservalue(L, 1, 4) != LUA_TNIL) lua_rawset(L, -3);
+    else lua_pop(L, 2);
     if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
+        KEY(L, K_UPGRADE);
         lua_pushboolean(L, 1);
-        setkey(L, K_UPGRADE);
+        lua_rawset(L, -3);
     }
+    KEY(L, K_CONN);
     lua_pushvalue(L, 1);
-    setkey(L, K_CONN);
+    lua_rawset(L, -3);
     lua_getiuservalue(L, 1, 2);
     lua_setmetatable(L, -2);
 }
@@ -574,20 +581,27 @@ static const char *strict_head(const char *p, size_t n)
 static void build_response(lua_State *L, mw_http *h)
 {
     lua_createtable(L, 0, 12);  /* room for what the client adds (url, _c, _deadline, ...) */
+    KEY(L, K_STATUS);
     lua_pushinteger(L, h->p.status_code);
-    setkey(L, K_STATUS);
+    lua_rawset(L, -3);
+    KEY(L, K_REASON);
     lua_pushlstring(L, h->base + h->url_off, h->url_len);
-    setkey(L, K_REASON);
+    lua_rawset(L, -3);
+    KEY(L, K_VERSION);
     lua_pushstring(L, h->p.http_minor == 1 ? "1.1" : "1.0");
-    setkey(L, K_VERSION);
-    build_headers(L, h, lua_gettop(L));
+    lua_rawset(L, -3);
+    int residx = lua_gettop(L);
+    KEY(L, K_HEADERS);
+    build_headers(L, h, residx);
     if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);
     else lua_pop(L, 1);
-    setkey(L, K_HEADERS);
+    lua_rawset(L, -3);
+    KEY(L, K_KEEPALIVE);
     lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
-    setkey(L, K_KEEPALIVE);
+    lua_rawset(L, -3);
+    KEY(L, K_CONN);
     lua_pushvalue(L, 1);
-    setkey(L, K_CONN);
+    lua_rawset(L, -3);
     lua_getiuservalue(L, 1, 2);
     lua_setmetatable(L, -2);
 }
@@ -1234,14 +1248,17 @@ static int l_http_send(lua_State *L)
     return nret;
 }
 
-/* http_value_ok(v) -> whether v may be a header value (no CR, LF or NUL) */
+/* http_value_ok(v [, name]) -> whether v is a string that may be a header value (no CR, LF
+ * or NUL) and, when a second argument is given, that it is a string too; never raises */
 static int l_http_value_ok(lua_State *L)
 {
-    size_t n;
-    const char *v = luaL_checklstring(L, 1, &n);
-    int ok = 1;
-    for (size_t i = 0; i < n; i++)
-        if (v[i] == '\r' || v[i] == '\n' || v[i] == '\0') { ok = 0; break; }
+    int ok = lua_type(L, 1) == LUA_TSTRING && (lua_gettop(L) < 2 || lua_type(L, 2) == LUA_TSTRING);
+    if (ok) {
+        size_t n;
+        const char *v = lua_tolstring(L, 1, &n);
+        for (size_t i = 0; i < n; i++)
+            if (v[i] == '\r' || v[i] == '\n' || v[i] == '\0') { ok = 0; break; }
+    }
     lua_pushboolean(L, ok);
     return 1;
 }

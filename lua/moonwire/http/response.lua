@@ -45,6 +45,14 @@ end
 
 --- Adds a header (repeatable); value nil removes every header of that name.
 function Response:header(name, value)
+  if not self.sent and value_ok(value, name) then    -- the common case: two plain strings
+    self._touched = true
+    local n, h = self._nh, self._h
+    h[2 * n + 1] = name
+    h[2 * n + 2] = value
+    self._nh = n + 1
+    return self
+  end
   if type(name) ~= "string" then argerror(1, "header", "string expected, got " .. type(name)) end
   if self.sent then error("response head already sent", 2) end
   self._touched = true

@@ -60,10 +60,9 @@ local function send_error(sock, status, msg)
   sock:write(head, body)
 end
 
--- After a response: make the connection ready for the next request, or say it is done.
-local function settle(srv, hc, req, res)
-  if res._close or not req.keepalive or srv.closing then return false end
-  if hc:msg_done() then return true end
+-- After a response whose request body was not read to its end: read and drop what is left
+-- (up to DRAIN_MAX) so the connection can serve the next request, or say it cannot.
+local function settle(srv, hc, req)
   local _, _, expect = hc:state()
   if rawget(req, "_body_error") then return false end
   if expect then return false end  -- the client waits for 100 Continue: never drain
@@ -125,7 +124,9 @@ local function serve_connection(srv, sock)
       if ws and ws.state ~= "closed" then ws:close(1000) end
       break
     end
-    if not settle(srv, hc, req, res) then break end
+    -- ready for the next request? (the common case inline, the rest in settle)
+    if res._close or not req.keepalive or srv.closing then break end
+    if not hc:msg_done() and not settle(srv, hc, req) then break end
   end
   conns[sock] = nil
   srv._nconns = srv._nconns - 1
