@@ -35,4 +35,27 @@ describe("WebSocket send", function()
       srv:close()
     end, 20)
   end)
+
+  it("a handler that raises after the upgrade: the peer gets close 1011, the error is logged, the server serves on", function()
+    run(function()
+      local logged = {}
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0,
+        error_log = function(line) logged[#logged + 1] = line end,
+        handler = function(req, res)
+          if req.path == "/plain" then return res:send("still serving") end
+          local ws = assert(req:websocket())
+          assert(ws:receive(5))
+          error("boom after the upgrade")
+        end })
+      local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/ws"):format(srv.port)))
+      assert(ws:send("go"))
+      local msg, state, code = ws:receive(5)
+      assert.same({ nil, "closed", 1011 }, { msg, state, code })
+      assert.equal(1, #logged)
+      assert.matches("handler error for GET /ws: .*boom after the upgrade", logged[1])
+      local res = assert(http.get(("http://127.0.0.1:%d/plain"):format(srv.port)))
+      assert.equal("still serving", res:body())
+      srv:close()
+    end, 20)
+  end)
 end)

@@ -104,29 +104,47 @@ local function serve_connection(srv, sock)
   local hc = http_conn(sock, srv.limits, Request, false, Request.headers_mt, srv)
   conns[sock] = hc     -- hc:idle() says whether it waits for its next request
   local handler = srv.handler
-  -- a new connection must send its first request (and its TLS handshake) within `head`;
-  -- later requests on it may wait `idle` for their first byte
-  local wait = math.min(t.idle, t.head)
-  while not srv.closing do
-    local req, err, status = hc:read_request(wait, t.head)
-    wait = t.idle
-    if not req then
-      if math.type(status) == "integer" then send_error(sock, status, err) end
-      break
+  local req, res       -- the request being answered (nil between requests)
+  -- One protected call per connection, not per request: a handler that raises ends the
+  -- loop, and the connection closes after its 500 anyway.
+  local function requests()
+    -- a new connection must send its first request (and its TLS handshake) within `head`;
+    -- later requests on it may wait `idle` for their first byte
+    local wait = math.min(t.idle, t.head)
+    while not srv.closing do
+      local r, err, status = hc:read_request(wait, t.head)
+      wait = t.idle
+      if not r then
+        if math.type(status) == "integer" then send_error(sock, status, err) end
+        return
+      end
+      local rs = Response.new(srv, r, sock)   -- also sets r._res
+      req, res = r, rs
+      handler(r, rs)
+      if not rs._finished then after_handler(srv, r, rs, true) end
+      req, res = nil, nil
+      if srv.log then srv.log(access_line(r, rs)) end
+      if rs._upgraded then
+        -- the handler owned the connection (a WebSocket): make sure it is closed
+        local ws = rs._ws
+        if ws and ws.state ~= "closed" then ws:close(1000) end
+        return
+      end
+      -- ready for the next request? (the common case inline, the rest in settle)
+      if rs._close or not r.keepalive or srv.closing then return end
+      if not hc:msg_done() and not settle(srv, hc, r) then return end
     end
-    local res = Response.new(srv, req, sock)   -- also sets req._res
-    local ok, herr = xpcall(handler, traceback, req, res)
-    if not ok or not res._finished then after_handler(srv, req, res, ok, herr) end
-    if srv.log then srv.log(access_line(req, res)) end
-    if res._upgraded then
-      -- the handler owned the connection (a WebSocket): make sure it is closed
-      local ws = res._ws
-      if ws and ws.state ~= "closed" then ws:close(1000) end
-      break
+  end
+  local ok, err = xpcall(requests, traceback)
+  if not ok then
+    if req then
+      after_handler(srv, req, res, false, err)
+      if srv.log then srv.log(access_line(req, res)) end
+      local ws = res._upgraded and res._ws
+      if ws and ws.state ~= "closed" then ws:close(1011) end
+    else
+      srv.error_log("moonwire: error serving a connection: " .. tostring(err))
     end
-    -- ready for the next request? (the common case inline, the rest in settle)
-    if res._close or not req.keepalive or srv.closing then break end
-    if not hc:msg_done() and not settle(srv, hc, req) then break end
   end
   conns[sock] = nil
   srv._nconns = srv._nconns - 1
