@@ -36,7 +36,7 @@ describe("WebSocket send", function()
     end, 20)
   end)
 
-  it("a handler that raises after the upgrade: the peer gets close 1011, the error is logged, the server serves on", function()
+  it("a handler raising after the upgrade: the peer gets 1011, the error is logged, the server goes on", function()
     run(function()
       local logged = {}
       local srv = assert(http.server{ host = "127.0.0.1", port = 0,
