@@ -5,6 +5,7 @@
 #define MW_CORE_H
 
 #include <lua.h>
+#include <lauxlib.h>
 
 void mw_alloc_install(lua_State *L);   /* alloc.c: the size-class allocator for the state */
 void mw_fs_open(lua_State *L);      /* fs.c: stat, realpath */
@@ -14,5 +15,18 @@ void mw_ws_open(lua_State *L);      /* ws.c: WsConn, accept key, random, utf8_va
 void mw_tls_open(lua_State *L);     /* tls.c: contexts; starttls/tls_info/set_tls */
 void mw_hdr_open(lua_State *L);     /* hdr.c: histograms */
 void mw_thread_open(lua_State *L, int rtidx);  /* thread.c: threads, shared counters */
+
+/* luaL_checkudata for hot paths: the expected metatable is the C function's upvalue `up`,
+ * so the check is a pointer comparison instead of a registry lookup by name; anything
+ * else goes through luaL_checkudata (and its error message). */
+static inline void *mw_checkudata_up(lua_State *L, int idx, int up, const char *tname)
+{
+    if (lua_type(L, idx) == LUA_TUSERDATA && lua_getmetatable(L, idx)) {
+        int same = lua_rawequal(L, -1, lua_upvalueindex(up));
+        lua_pop(L, 1);
+        if (same) return lua_touserdata(L, idx);
+    }
+    return luaL_checkudata(L, idx, tname);
+}
 
 #endif

@@ -803,7 +803,8 @@ static int hc_read_lean(lua_State *L)
  * status is the code to answer with (400, 408, 413, 414, 431, 501, 505); nil: just close. */
 static int hc_read_request(lua_State *L)
 {
-    mw_http *h = checkhc(L);
+    mw_http *h = mw_checkudata_up(L, 1, K_COUNT + 1, HC_MT);   /* upvalues: keys, metatable */
+    if (!h->s) luaL_error(L, "attempt to use a closed HTTP connection");
     if (h->s->closed) return mw_pushfail(L, "closed", "closed");
     double idle = luaL_optnumber(L, 2, -1), head = luaL_optnumber(L, 3, -1);
     if (!h->msg_done && (h->head_done || h->parsed)) return luaL_error(L, "the previous message's body was not read to its end");
@@ -940,7 +941,7 @@ static int hc_idle(lua_State *L)
 /* hc:msg_done() -> whether the current message was read to its end */
 static int hc_msg_done(lua_State *L)
 {
-    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    mw_http *h = mw_checkudata_up(L, 1, 1, HC_MT);
     lua_pushboolean(L, h->msg_done);
     return 1;
 }
@@ -1189,7 +1190,8 @@ static int l_http_head(lua_State *L)
 static int l_http_send(lua_State *L)
 {
     datecache *dc = lua_touserdata(L, lua_upvalueindex(1));
-    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    mw_sock *s = mw_checkudata_up(L, 1, 2, MW_SOCK_MT);
+    if (s->closed) luaL_error(L, "attempt to use a closed socket");
     lua_Integer status = luaL_checkinteger(L, 2);
     luaL_argcheck(L, status >= 100 && status <= 999, 2, "status out of range");
     luaL_checktype(L, 3, LUA_TTABLE);
@@ -1377,7 +1379,7 @@ void mw_http_open(lua_State *L)
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
         { "read_lean", hc_read_lean }, { "trailers", hc_trailers }, { "release", hc_release },
-        { "msg_done", hc_msg_done }, { "idle", hc_idle },
+        { "idle", hc_idle },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);
@@ -1385,8 +1387,12 @@ void mw_http_open(lua_State *L)
         lua_newtable(L);
         luaL_setfuncs(L, methods, 0);
         for (int i = 0; i < K_COUNT; i++) lua_pushstring(L, key_names[i]);
-        lua_pushcclosure(L, hc_read_request, K_COUNT);
+        lua_pushvalue(L, -1 - K_COUNT - 1);
+        lua_pushcclosure(L, hc_read_request, K_COUNT + 1);
         lua_setfield(L, -2, "read_request");
+        lua_pushvalue(L, -2);
+        lua_pushcclosure(L, hc_msg_done, 1);
+        lua_setfield(L, -2, "msg_done");
         lua_setfield(L, -2, "__index");
         lua_pushcfunction(L, hc_gc);
         lua_setfield(L, -2, "__gc");
@@ -1399,7 +1405,8 @@ void mw_http_open(lua_State *L)
     lua_pushvalue(L, -1);
     lua_pushcclosure(L, l_http_head, 1);
     lua_setfield(L, -3, "http_head");
-    lua_pushcclosure(L, l_http_send, 1);
+    luaL_getmetatable(L, MW_SOCK_MT);     /* made by the net layer, which opens first */
+    lua_pushcclosure(L, l_http_send, 2);
     lua_setfield(L, -2, "http_send");
     lua_pushcfunction(L, l_http_value_ok);
     lua_setfield(L, -2, "http_value_ok");
