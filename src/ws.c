@@ -166,9 +166,13 @@ static int l_ws_accept(lua_State *L)
 
 /* ---- receiving ------------------------------------------------------------------------------ */
 
+/* (every method has the metatable as its upvalue) */
+/* the runtime's buffer pool, for the message buffer (a block per message otherwise) */
+static mw_buf_pool *wpool(mw_ws *w) { return w->s ? &w->s->rt->pool : NULL; }
+
 static mw_ws *checkws(lua_State *L)
 {
-    mw_ws *w = luaL_checkudata(L, 1, WS_MT);
+    mw_ws *w = mw_checkudata_up(L, 1, 1, WS_MT);
     if (!w->s) luaL_error(L, "attempt to use a closed WebSocket");
     return w;
 }
@@ -176,7 +180,7 @@ static mw_ws *checkws(lua_State *L)
 /* nil, message, close code (an integer: what to answer the peer with) */
 static int protocol_error(lua_State *L, mw_ws *w, const char *msg, int code)
 {
-    mw_buf_free(&w->msg, NULL);
+    mw_buf_free(&w->msg, wpool(w));
     w->msg_opcode = 0;
     w->in_frame = 0;
     lua_pushnil(L);
@@ -206,7 +210,7 @@ static int inflate_message(lua_State *L, mw_ws *w)
     }
     /* RFC 7692 7.2.2: append the tail the sender removed */
     size_t avail;
-    char *tail = mw_buf_reserve(&w->msg, NULL, 4, &avail);
+    char *tail = mw_buf_reserve(&w->msg, wpool(w), 4, &avail);
     if (!tail) return 1011;
     memcpy(tail, "\x00\x00\xff\xff", 4);
     mw_buf_commit(&w->msg, 4);
@@ -279,7 +283,7 @@ static int frame_done(lua_State *L, mw_ws *w)
     w->msg_opcode = 0;
     if (w->msg_compressed) {
         int code = inflate_message(L, w);
-        mw_buf_free(&w->msg, NULL);
+        mw_buf_free(&w->msg, wpool(w));
         if (code == 1009) return protocol_error(L, w, "message too big (after decompression)", 1009);
         if (code) return protocol_error(L, w, "invalid compressed data", code);
         if (mop == OP_TEXT) {
@@ -296,9 +300,10 @@ static int frame_done(lua_State *L, mw_ws *w)
             return protocol_error(L, w, "text message ends inside a UTF-8 sequence", 1007);
         if (mw_buf_len(&w->msg) == 0) lua_pushliteral(L, "");
         else lua_pushlstring(L, mw_buf_head(&w->msg), mw_buf_len(&w->msg));
-        mw_buf_free(&w->msg, NULL);
+        mw_buf_free(&w->msg, wpool(w));
     }
-    lua_pushstring(L, kinds[mop]);
+    if (mop == OP_TEXT || mop == OP_BINARY) lua_pushvalue(L, lua_upvalueindex(mop == OP_TEXT ? 2 : 3));
+    else lua_pushstring(L, kinds[mop]);
     return 2;
 }
 
@@ -383,7 +388,7 @@ static int receive_step(lua_State *L, mw_ws *w, mw_task *t)
                 w->ctl_len += n;
             } else {
                 size_t avail;
-                dst = (uint8_t *)mw_buf_reserve(&w->msg, NULL, n, &avail);
+                dst = (uint8_t *)mw_buf_reserve(&w->msg, wpool(w), n, &avail);
                 if (!dst) return protocol_error(L, w, "not enough memory", 1011);
                 mw_buf_commit(&w->msg, n);
             }
@@ -650,7 +655,11 @@ void mw_ws_open(lua_State *L)
         { NULL, NULL }
     };
     if (luaL_newmetatable(L, WS_MT)) {
-        luaL_newlib(L, methods);
+        luaL_newlibtable(L, methods);
+        lua_pushvalue(L, -2);
+        lua_pushliteral(L, "text");
+        lua_pushliteral(L, "binary");
+        luaL_setfuncs(L, methods, 3);     /* upvalues: metatable, "text", "binary" */
         lua_setfield(L, -2, "__index");
         lua_pushcfunction(L, ws_gc);
         lua_setfield(L, -2, "__gc");
