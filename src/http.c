@@ -472,10 +472,10 @@ static void build_headers(lua_State *L, mw_http *h, int reqidx)
 /* Request field names, interned once: read_request has them as upvalues 1..K_COUNT, so
  * building a request never looks a C string up in Lua's string cache. */
 enum { K_METHOD = 1, K_TARGET, K_VERSION, K_PATH, K_QUERY_STRING, K_HEADERS, K_KEEPALIVE,
-       K_UPGRADE, K_CONN, K_STATUS, K_REASON, K_SOCKET, K_SERVER, K_COUNT = K_SERVER };
+       K_UPGRADE, K_CONN, K_STATUS, K_REASON, K_COUNT = K_REASON };
 static const char *const key_names[] = { "method", "target", "version", "path", "query_string",
                                          "headers", "keepalive", "upgrade", "_conn", "status",
-                                         "reason", "socket", "_server" };
+                                         "reason" };
 
 /* Pushes request field name k (an upvalue): push it, then the value, then rawset(-3). */
 #define KEY(L, k) lua_pushvalue((L), lua_upvalueindex(k))
@@ -534,12 +534,7 @@ static void build_request(lua_State *L, mw_http *h)
     KEY(L, K_KEEPALIVE);
     lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
     lua_rawset(L, -3);
-    KEY(L, K_SOCKET);
-    lua_getiuservalue(L, 1, 1);
-    lua_rawset(L, -3);
-    KEY(L, K_SERVER);
-    if (lua_getiuservalue(L, 1, 4) != LUA_TNIL) lua_rawset(L, -3);
-    else lua_pop(L, 2);
+    /* socket and _server are looked up on first use (request.lua: hc:socket(), hc:server()) */
     if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
         KEY(L, K_UPGRADE);
         lua_pushboolean(L, 1);
@@ -927,6 +922,21 @@ static int hc_state(lua_State *L)
     else lua_pushnil(L);
     lua_pushboolean(L, (h->p.flags & F_CHUNKED) != 0);
     return 6;
+}
+
+/* hc:socket(), hc:server() -> the socket and the server object the connection was made with */
+static int hc_socket(lua_State *L)
+{
+    luaL_checkudata(L, 1, HC_MT);
+    lua_getiuservalue(L, 1, 1);
+    return 1;
+}
+
+static int hc_server(lua_State *L)
+{
+    luaL_checkudata(L, 1, HC_MT);
+    lua_getiuservalue(L, 1, 4);
+    return 1;
 }
 
 /* hc:idle() -> whether the connection waits in read_request for the first byte of its next
@@ -1379,7 +1389,7 @@ void mw_http_open(lua_State *L)
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
         { "read_lean", hc_read_lean }, { "trailers", hc_trailers }, { "release", hc_release },
-        { "idle", hc_idle },
+        { "idle", hc_idle }, { "socket", hc_socket }, { "server", hc_server },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);

@@ -30,6 +30,16 @@ function lazy.remote_port(req)
   return port
 end
 
+-- the connection's socket and the server (kept by the connection object, not copied into
+-- every request)
+function lazy.socket(req)
+  return rawget(req, "_conn"):socket()
+end
+
+function lazy._server(req)
+  return rawget(req, "_conn"):server() or false
+end
+
 function lazy.params()
   return {}
 end

@@ -13,14 +13,23 @@ local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
 end
 
+-- Fields a response starts with live in the class: an instance holds only what it was
+-- given and what changed. (A table constructor costs Lua a hash insertion per field; the
+-- five below and the two or three that send() writes fit the first size of hash part.)
+Response._status = 200
+Response.sent = false
+Response._finished = false
+Response._bytes = 0
+Response._touched = false
+Response._close = false
+Response._mode = false
+Response._upgraded = false
+Response._ws = false
+
 function Response.new(srv, req, sock)
-  -- every field the response may get is in the constructor, so it is sized once; the
-  -- header list has room for two headers
-  local res = setmetatable({
-    _srv = srv, _req = req, _sock = sock, _status = 200, _h = { false, false, false, false }, _nh = 0,
-    sent = false, _finished = false, _bytes = 0, _touched = false, _close = false, _mode = false,
-    _upgraded = false, _ws = false,
-  }, Response)
+  -- the header list has room for two headers
+  local res = setmetatable({ _srv = srv, _req = req, _sock = sock, _h = { false, false, false, false }, _nh = 0 },
+    Response)
   req._res = res
   return res
 end
@@ -46,8 +55,7 @@ end
 --- Adds a header (repeatable); value nil removes every header of that name.
 function Response:header(name, value)
   if not self.sent and value_ok(value, name) then    -- the common case: two plain strings
-    self._touched = true
-    local n, h = self._nh, self._h
+    local n, h = self._nh, self._h    -- (a header set makes _nh > 0: the response was touched)
     h[2 * n + 1] = name
     h[2 * n + 2] = value
     self._nh = n + 1

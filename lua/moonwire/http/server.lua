@@ -87,7 +87,7 @@ local function after_handler(srv, req, res, ok, err)
   if not res._finished then
     if res.sent then
       res:finish()
-    elseif res._touched then
+    elseif res._touched or res._nh > 0 then
       res:send("")
     else
       res._status = 204
