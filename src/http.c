@@ -1095,17 +1095,17 @@ static void add_date(sink *k, datecache *dc)
     put(k, dc->s, dc->n);
 }
 
-/* Appends "name: value\r\n" for the first nh pairs of the flat array at idx, checking
+/* Appends "name: value\r\n" for nh pairs of the flat array at idx from index first, checking
  * names (tokens) and values (no CR, LF, NUL). Sets bits in *seen: 1 content-length,
  * 2 transfer-encoding, 4 connection, 8 host. */
-static void add_headers(lua_State *L, sink *k, int idx, lua_Integer nh, int *seen)
+static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_Integer nh, int *seen)
 {
-    for (lua_Integer i = 1; i <= 2 * nh; i += 2) {
+    for (lua_Integer i = first; i < first + 2 * nh; i += 2) {
         size_t kn, vn;
         lua_rawgeti(L, idx, i);
         lua_rawgeti(L, idx, i + 1);
         if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "bad header #%d (strings expected)", (int)(i / 2 + 1));
+            luaL_error(L, "bad header #%d (strings expected)", (int)((i - first) / 2 + 1));
         /* both stay referenced by the table after the pops below */
         const char *key = lua_tolstring(L, -2, &kn);
         const char *v = lua_tolstring(L, -1, &vn);
@@ -1139,8 +1139,8 @@ static void add_length(sink *k, lua_Integer length)
 
 /* The response head: status line, Server, Date, the headers (flat array at hidx), then
  * Content-Length / Transfer-Encoding and Connection as length and flags say. */
-static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, int hidx, lua_Integer nh,
-                       lua_Integer length, lua_Integer flags, const char *server)
+static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, int hidx, lua_Integer first,
+                       lua_Integer nh, lua_Integer length, lua_Integer flags, const char *server)
 {
     char line[16];
     memcpy(line, "HTTP/1.1 ", 9);
@@ -1158,7 +1158,7 @@ static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status,
     }
     add_date(k, dc);
     int seen = 0;
-    add_headers(L, k, hidx, nh, &seen);
+    add_headers(L, k, hidx, first, nh, &seen);
     int bodyless = status < 200 || status == 204 || status == 304;
     if (length >= 0 && !(seen & 3) && !bodyless && !(flags & 4)) add_length(k, length);
     else if (length == -1 && !(seen & 2) && !bodyless) puts_(k, "Transfer-Encoding: chunked\r\n");
@@ -1169,9 +1169,9 @@ static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status,
     put(k, "\r\n", 2);
 }
 
-/* http_head(status, headers, nheaders, length, flags [, server]) -> head bytes
- * headers: flat array {name1, value1, name2, value2, ...} of which the first 2*nheaders
- * count; length: body length (>= 0), -1 chunked, -2 none; flags: bit 1 close, bit 2
+/* http_head(status, headers, nheaders, length, flags [, server [, first]]) -> head bytes
+ * headers: flat array {name1, value1, name2, value2, ...} from index first (default 1), of
+ * which 2*nheaders entries count; length: body length (>= 0), -1 chunked, -2 none; flags: bit 1 close, bit 2
  * keep-alive answer for HTTP/1.0, bit 4 omit Content-Length even if length >= 0. */
 static int l_http_head(lua_State *L)
 {
@@ -1183,15 +1183,16 @@ static int l_http_head(lua_State *L)
     lua_Integer length = luaL_checkinteger(L, 4);
     lua_Integer flags = luaL_optinteger(L, 5, 0);
     const char *server = luaL_optstring(L, 6, NULL);
+    lua_Integer first = luaL_optinteger(L, 7, 1);
     luaL_Buffer b;
     luaL_buffinit(L, &b);
     sink k = { &b, NULL, 0, 0, 0 };
-    build_head(L, &k, dc, status, 2, nh, length, flags, server);
+    build_head(L, &k, dc, status, 2, first, nh, length, flags, server);
     luaL_pushresult(&b);
     return 1;
 }
 
-/* http_send(sock, status, headers, nheaders, body, flags, server, with_body) -> true when
+/* http_send(sock, status, headers, nheaders, body, flags, server, with_body [, first]) -> true when
  * the head (built as http_head builds it, with Content-Length #body) and the body (when
  * with_body) went out whole in one write; false, rest [, rest2] when the socket took only
  * part (the caller writes the rest with sock:write); false alone when the head is too big
@@ -1211,9 +1212,10 @@ static int l_http_send(lua_State *L)
     lua_Integer flags = luaL_optinteger(L, 6, 0);
     const char *server = luaL_optstring(L, 7, NULL);
     int with_body = lua_toboolean(L, 8);
+    lua_Integer first = luaL_optinteger(L, 9, 1);
     char head[4096];
     sink k = { NULL, head, 0, sizeof head, 0 };
-    build_head(L, &k, dc, status, 3, nh, (lua_Integer)blen, flags, server);
+    build_head(L, &k, dc, status, 3, first, nh, (lua_Integer)blen, flags, server);
     if (k.overflow) {
         lua_pushboolean(L, 0);
         return 1;
@@ -1303,7 +1305,7 @@ static int l_http_request_head(lua_State *L)
     luaL_addlstring(&b, target, tn);
     luaL_addlstring(&b, " HTTP/1.1\r\n", 11);
     int seen = 0;
-    add_headers(L, &k, 4, nh, &seen);
+    add_headers(L, &k, 4, 1, nh, &seen);
     if (!(seen & 8)) {
         luaL_addlstring(&b, "Host: ", 6);
         luaL_addlstring(&b, host, hn);

@@ -560,8 +560,9 @@ function M.upgrade(req, opts)
   if protocol then lines[#lines + 1] = "Sec-WebSocket-Protocol: " .. protocol .. "\r\n" end
   if ext then lines[#lines + 1] = "Sec-WebSocket-Extensions: " .. ext .. "\r\n" end
   lines[#lines + 1] = "\r\n"
-  res.sent, res._finished, res._upgraded = true, true, true
-  res._status = 101
+  local slots = res.slots
+  res.sent, res[slots.FIN], res._upgraded = true, true, true
+  res[slots.STATUS] = 101
   local sock = req.socket
   local ok, err, code = sock:write(table.concat(lines))
   if not ok then return nil, err, code end

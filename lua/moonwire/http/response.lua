@@ -13,13 +13,18 @@ local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
 end
 
--- Fields a response starts with live in the class: an instance holds only what it was
--- given and what changed. (A table constructor costs Lua a hash insertion per field; the
--- five below and the two or three that send() writes fit the first size of hash part.)
-Response._status = 200
+-- A response is one table. Its fields sit in the array part (a constructor fills that
+-- without a hash insertion per field, which is most of what making a table costs Lua), and
+-- its header list follows them: name, value pairs from index HBASE on. `sent` is its one
+-- named field (public); the rarely changed _touched, _close, _mode, _upgraded and _ws are
+-- named and default from the class. server.lua and websocket.lua use the same slots.
+local SRV <const>, REQ <const>, SOCK <const>, NH <const>, FIN <const>, BYTES <const>, STATUS <const> =
+  1, 2, 3, 4, 5, 6, 7
+local HBASE <const> = 8
+Response.slots = { SRV = SRV, REQ = REQ, SOCK = SOCK, NH = NH, FIN = FIN, BYTES = BYTES, STATUS = STATUS,
+  HBASE = HBASE }
+
 Response.sent = false
-Response._finished = false
-Response._bytes = 0
 Response._touched = false
 Response._close = false
 Response._mode = false
@@ -27,11 +32,17 @@ Response._upgraded = false
 Response._ws = false
 
 function Response.new(srv, req, sock)
-  -- the header list has room for two headers
-  local res = setmetatable({ _srv = srv, _req = req, _sock = sock, _h = { false, false, false, false }, _nh = 0 },
-    Response)
+  -- the fields, then room for two headers
+  local res = setmetatable({ srv, req, sock, 0, false, 0, 200, false, false, false, false }, Response)
   req._res = res
   return res
+end
+
+-- Drops every header and sets the status (the 500 answer to a handler that raised).
+function Response:_reset(status)
+  for i = HBASE, HBASE + 2 * self[NH] - 1 do self[i] = false end
+  self[NH] = 0
+  self[STATUS] = status
 end
 
 function Response:status(code)
@@ -39,15 +50,15 @@ function Response:status(code)
     argerror(1, "status", "status code expected, got " .. tostring(code))
   end
   if self.sent then error("response head already sent", 2) end
-  self._status = code
+  self[STATUS] = code
   self._touched = true
   return self
 end
 
+-- The index of the first header named lname (lower case), or nil.
 local function find(self, lname)
-  local h = self._h
-  for i = 1, 2 * self._nh, 2 do
-    local k = h[i]
+  for i = HBASE, HBASE + 2 * self[NH] - 1, 2 do
+    local k = self[i]
     if k == lname or k:lower() == lname then return i end
   end
 end
@@ -55,10 +66,11 @@ end
 --- Adds a header (repeatable); value nil removes every header of that name.
 function Response:header(name, value)
   if not self.sent and value_ok(value, name) then    -- the common case: two plain strings
-    local n, h = self._nh, self._h    -- (a header set makes _nh > 0: the response was touched)
-    h[2 * n + 1] = name
-    h[2 * n + 2] = value
-    self._nh = n + 1
+    local n = self[NH]                -- (a header set makes NH > 0: the response was touched)
+    local i = HBASE + 2 * n
+    self[i] = name
+    self[i + 1] = value
+    self[NH] = n + 1
     return self
   end
   if type(name) ~= "string" then argerror(1, "header", "string expected, got " .. type(name)) end
@@ -68,9 +80,9 @@ function Response:header(name, value)
     local lname = name:lower()
     local i = find(self, lname)
     while i do
-      table.remove(self._h, i)
-      table.remove(self._h, i)
-      self._nh = self._nh - 1
+      table.remove(self, i)
+      table.remove(self, i)
+      self[NH] = self[NH] - 1
       i = find(self, lname)
     end
     return self
@@ -82,22 +94,22 @@ function Response:header(name, value)
     argerror(2, "header", "string expected, got " .. tv)
   end
   if not value_ok(value) then argerror(2, "header", "value contains CR, LF or NUL") end
-  local n = self._nh
-  self._h[2 * n + 1] = name
-  self._h[2 * n + 2] = value
-  self._nh = n + 1
+  local n = self[NH]
+  self[HBASE + 2 * n] = name
+  self[HBASE + 2 * n + 1] = value
+  self[NH] = n + 1
   return self
 end
 
 --- The first value set for a header, or nil.
 function Response:get_header(name)
   local i = find(self, name:lower())
-  return i and self._h[i + 1]
+  return i and self[i + 1]
 end
 
 -- Connection flags for the C head builder: 1 close, 2 keep-alive for HTTP/1.0.
 local function connflags(self)
-  local req, srv = self._req, self._srv
+  local req, srv = self[REQ], self[SRV]
   if not req.keepalive or srv.closing or self._close then
     self._close = true
     return 1
@@ -112,7 +124,7 @@ local function accepts_gzip(req)
 end
 
 local function maybe_gzip(self, body)
-  if self._status < 200 or self._status == 206 or not accepts_gzip(self._req) or find(self, "content-encoding") then
+  if self[STATUS] < 200 or self[STATUS] == 206 or not accepts_gzip(self[REQ]) or find(self, "content-encoding") then
     return body
   end
   local ct = self:get_header("content-type")
@@ -126,7 +138,7 @@ local function maybe_gzip(self, body)
 end
 
 local function write(self, ...)
-  local ok, err, code = self._sock:write(...)
+  local ok, err, code = self[SOCK]:write(...)
   if not ok then
     self._close = true
     return nil, err, code
@@ -143,7 +155,7 @@ function Response:send(body)
   elseif type(body) ~= "string" then
     argerror(1, "send", "string expected, got " .. type(body))
   end
-  local srv, req = self._srv, self._req
+  local srv, req = self[SRV], self[REQ]
   if srv.gzip and #body >= srv.gzip_min then body = maybe_gzip(self, body) end
   local flags = 0
   if not req.keepalive or srv.closing or self._close then
@@ -152,18 +164,18 @@ function Response:send(body)
   elseif req.version == "1.0" then
     flags = 2
   end
-  local st, n = self._status, #body
+  local st, n = self[STATUS], #body
   local with_body = st >= 200 and st ~= 204 and st ~= 304 and req.method ~= "HEAD"
-  local sock = self._sock
+  local sock = self[SOCK]
   -- head and body in one write from C; what the socket did not take goes through write
-  local ok, a, b = http_send(sock, st, self._h, self._nh, body, flags, srv.server_name, with_body)
-  self.sent, self._finished = true, true
-  self._bytes = with_body and n or 0
+  local ok, a, b = http_send(sock, st, self, self[NH], body, flags, srv.server_name, with_body, HBASE)
+  self.sent, self[FIN] = true, true
+  self[BYTES] = with_body and n or 0
   if ok then return true end
   local err, code
   if ok == false then
     if a == nil then        -- a head too large for the fast path
-      a = http_head(st, self._h, self._nh, n, flags, srv.server_name)
+      a = http_head(st, self, self[NH], n, flags, srv.server_name, HBASE)
       b = with_body and body or nil
     end
     if b then ok, err, code = sock:write(a, b) else ok, err, code = sock:write(a) end
@@ -182,7 +194,7 @@ local function start_stream(self)
   if length then
     self._mode = "length"
     length = math.tointeger(length)
-  elseif self._req.version == "1.0" then
+  elseif self[REQ].version == "1.0" then
     self._mode = "raw"
     self._close = true
     flags = 1
@@ -191,9 +203,9 @@ local function start_stream(self)
     self._mode = "chunked"
     length = -1
   end
-  local head = http_head(self._status, self._h, self._nh, length, flags, self._srv.server_name)
+  local head = http_head(self[STATUS], self, self[NH], length, flags, self[SRV].server_name, HBASE)
   self.sent = true
-  if self._req.method == "HEAD" then self._mode = "none" end
+  if self[REQ].method == "HEAD" then self._mode = "none" end
   return write(self, head)
 end
 
@@ -203,13 +215,13 @@ function Response:write(chunk)
     if type(chunk) == "number" then chunk = tostring(chunk)
     else argerror(1, "write", "string expected, got " .. type(chunk)) end
   end
-  if self._finished then error("response already finished", 2) end
+  if self[FIN] then error("response already finished", 2) end
   if not self.sent then
     local ok, err, code = start_stream(self)
     if not ok then return nil, err, code end
   end
   if #chunk == 0 or self._mode == "none" then return true end
-  self._bytes = self._bytes + #chunk
+  self[BYTES] = self[BYTES] + #chunk
   if self._mode == "chunked" then
     return write(self, ("%x\r\n"):format(#chunk), chunk, "\r\n")
   end
@@ -218,9 +230,9 @@ end
 
 --- Ends the response (the last chunk of a streamed body; an empty body otherwise).
 function Response:finish()
-  if self._finished then return true end
+  if self[FIN] then return true end
   if not self.sent then return self:send("") end
-  self._finished = true
+  self[FIN] = true
   if self._mode == "chunked" then return write(self, "0\r\n\r\n") end
   return true
 end
@@ -246,21 +258,21 @@ function Response:sendfile(path, offset, length)
     error("bad range for sendfile", 2)
   end
   if not self:get_header("content-type") and mime_ok then self:header("content-type", mime.type(path)) end
-  local head = http_head(self._status, self._h, self._nh, length, connflags(self), self._srv.server_name)
-  self.sent, self._finished = true, true
+  local head = http_head(self[STATUS], self, self[NH], length, connflags(self), self[SRV].server_name, HBASE)
+  self.sent, self[FIN] = true, true
   local ok
   ok, err, code = write(self, head)
-  if not ok or self._req.method == "HEAD" or length == 0 then return ok, err, code end
-  if self._sock:tls_info() then
+  if not ok or self[REQ].method == "HEAD" or length == 0 then return ok, err, code end
+  if self[SOCK]:tls_info() then
     ok, err, code = self:_copyfile(path, offset, length)   -- no sendfile(2) through TLS
   else
-    ok, err, code = self._sock:sendfile(path, offset, length)
+    ok, err, code = self[SOCK]:sendfile(path, offset, length)
   end
   if not ok then
     self._close = true
     return nil, err, code
   end
-  self._bytes = length
+  self[BYTES] = length
   return true
 end
 
@@ -273,7 +285,7 @@ function Response:_copyfile(path, offset, length)
   while left > 0 do
     local piece = f:read(math.min(left, 65536))
     if not piece then f:close() return nil, "file shorter than expected", "EIO" end
-    local ok, werr, code = self._sock:write(piece)
+    local ok, werr, code = self[SOCK]:write(piece)
     if not ok then f:close() return nil, werr, code end
     left = left - #piece
   end

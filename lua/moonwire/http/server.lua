@@ -5,6 +5,10 @@ local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"
 
 local http_conn, http_head = core.http_conn, core.http_head
+-- a response's array slots (see response.lua)
+local FIN <const>, BYTES <const>, STATUS <const>, NH <const> = 5, 6, 7, 4
+assert(Response.slots.FIN == FIN and Response.slots.BYTES == BYTES and Response.slots.STATUS == STATUS
+  and Response.slots.NH == NH)
 local traceback = debug.traceback
 
 local M = {}
@@ -50,8 +54,8 @@ local function access_line(req, res)
   local h = req.headers
   local host = req.remote_addr or "-"
   return ('%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"'):format(host,
-    os.date("%d/%b/%Y:%H:%M:%S %z"), req.method, req.target, req.version, res._status,
-    res._bytes or 0, h.referer or "-", h["user-agent"] or "-")
+    os.date("%d/%b/%Y:%H:%M:%S %z"), req.method, req.target, req.version, res[STATUS],
+    res[BYTES] or 0, h.referer or "-", h["user-agent"] or "-")
 end
 
 local function send_error(sock, status, msg)
@@ -75,7 +79,7 @@ local function after_handler(srv, req, res, ok, err)
   if not ok then
     srv.error_log(("moonwire: handler error for %s %s: %s"):format(req.method, req.target, tostring(err)))
     if not res.sent then
-      res._h, res._nh, res._status = {}, 0, 500
+      res:_reset(500)
       res:header("content-type", "text/plain; charset=utf-8")
       res._close = true
       res:send("Internal Server Error\n")
@@ -84,13 +88,13 @@ local function after_handler(srv, req, res, ok, err)
     end
     return
   end
-  if not res._finished then
+  if not res[FIN] then
     if res.sent then
       res:finish()
-    elseif res._touched or res._nh > 0 then
+    elseif res._touched or res[NH] > 0 then
       res:send("")
     else
-      res._status = 204
+      res[STATUS] = 204
       res:send()
     end
   end
@@ -121,7 +125,7 @@ local function serve_connection(srv, sock)
       local rs = Response.new(srv, r, sock)   -- also sets r._res
       req, res = r, rs
       handler(r, rs)
-      if not rs._finished then after_handler(srv, r, rs, true) end
+      if not rs[FIN] then after_handler(srv, r, rs, true) end
       req, res = nil, nil
       if srv.log then srv.log(access_line(r, rs)) end
       if rs._upgraded then
