@@ -1054,10 +1054,20 @@ static const char *reason(int code)
     }
 }
 
-static int is_tchar(unsigned char c)
-{
-    return isalnum(c) || (c && strchr("!#$%&'*+-.^_`|~", c));
-}
+/* RFC 9110 tchar: ALPHA / DIGIT / "!#$%&'*+-.^_`|~" */
+static const unsigned char tchar_tab[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
+    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1, ['8'] = 1, ['9'] = 1,
+    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1, ['I'] = 1,
+    ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1,
+    ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1,
+    ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1,
+    ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
+};
+
+static inline int is_tchar(unsigned char c) { return tchar_tab[c]; }
 
 /* Where a head is built: a luaL_Buffer, or a fixed array (the send fast path), which
  * records an overflow instead of growing. */
@@ -1068,7 +1078,7 @@ typedef struct {
     int overflow;
 } sink;
 
-static void put(sink *k, const char *s, size_t n)
+static inline void put(sink *k, const char *s, size_t n)
 {
     if (k->lb) {
         luaL_addlstring(k->lb, s, n);
@@ -1080,7 +1090,7 @@ static void put(sink *k, const char *s, size_t n)
     }
 }
 
-static void puts_(sink *k, const char *s) { put(k, s, strlen(s)); }
+static inline void puts_(sink *k, const char *s) { put(k, s, strlen(s)); }
 
 /* Appends "Date: ...\r\n", formatting the date at most once a second. */
 static void add_date(sink *k, datecache *dc)
@@ -1112,9 +1122,8 @@ static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_I
         if (kn == 0) luaL_error(L, "empty header name");
         for (size_t j = 0; j < kn; j++)
             if (!is_tchar((unsigned char)key[j])) luaL_error(L, "invalid header name '%s'", key);
-        for (size_t j = 0; j < vn; j++)
-            if (v[j] == '\r' || v[j] == '\n' || v[j] == '\0')
-                luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
+        if (vn && (memchr(v, '\r', vn) || memchr(v, '\n', vn) || memchr(v, '\0', vn)))
+            luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
         if (kn == 14 && strncasecmp(key, "content-length", 14) == 0) *seen |= 1;
         else if (kn == 17 && strncasecmp(key, "transfer-encoding", 17) == 0) *seen |= 2;
         else if (kn == 10 && strncasecmp(key, "connection", 10) == 0) *seen |= 4;
