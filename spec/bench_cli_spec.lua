@@ -100,16 +100,14 @@ local function kv(text)
   return t
 end
 
--- Runs `moonwire bench --quiet ARGS...` from the build tree (killed after `limit` seconds);
+-- Runs `moonwire bench --quiet ARGS...` from the build tree under test (killed after `limit` seconds);
 -- `env` adds environment variables. Returns { code, out, err, kv, context }.
 local function bench(args, limit, env)
   limit = limit or 20
   local words = {}
   for i, a in ipairs(args) do words[i] = quote(a) end
-  local vars = {
-    "LUA_PATH=" .. quote(ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;;"),
-    "LUA_CPATH=" .. quote(ROOT .. "/build/?.so;;"),
-  }
+  -- this process's module paths: the build tree under test (build-asan under make test-asan)
+  local vars = { "LUA_PATH=" .. quote(package.path), "LUA_CPATH=" .. quote(package.cpath) }
   local preload = os.getenv("MW_ASAN_PRELOAD")   -- under `make test-asan`
   if preload then vars[#vars + 1] = "LD_PRELOAD=" .. quote(preload) end
   for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "=" .. quote(v) end
