@@ -100,47 +100,50 @@ local function after_handler(srv, req, res, ok, err)
   end
 end
 
+-- The requests of one connection, in order; `cur` holds the request being answered and its
+-- response (false between requests), for serve_connection when a handler raises.
+local function requests(srv, sock, hc, cur)
+  local t, handler = srv.timeouts, srv.handler
+  -- a new connection must send its first request (and its TLS handshake) within `head`;
+  -- later requests on it may wait `idle` for their first byte
+  local wait = math.min(t.idle, t.head)
+  while not srv.closing do
+    local r, err, status = hc:read_request(wait, t.head)
+    wait = t.idle
+    if not r then
+      if math.type(status) == "integer" then send_error(sock, status, err) end
+      return
+    end
+    local rs = Response.new(srv, r, sock)   -- also sets r._res
+    cur[1], cur[2] = r, rs
+    handler(r, rs)
+    if not rs[FIN] then after_handler(srv, r, rs, true) end
+    cur[1], cur[2] = false, false
+    if srv.log then srv.log(access_line(r, rs)) end
+    if rs._upgraded then
+      -- the handler owned the connection (a WebSocket): make sure it is closed
+      local ws = rs._ws
+      if ws and ws.state ~= "closed" then ws:close(1000) end
+      return
+    end
+    -- ready for the next request? (the common case inline, the rest in settle)
+    if rs._close or not r.keepalive or srv.closing then return end
+    if not hc:msg_done() and not settle(srv, hc, r) then return end
+  end
+end
+
 local function serve_connection(srv, sock)
   local conns = srv._conns
   srv._nconns = srv._nconns + 1
-  local t = srv.timeouts
-  sock:settimeout(t.write)
+  sock:settimeout(srv.timeouts.write)
   local hc = http_conn(sock, srv.limits, Request, false, Request.headers_mt, srv)
   conns[sock] = hc     -- hc:idle() says whether it waits for its next request
-  local handler = srv.handler
-  local req, res       -- the request being answered (nil between requests)
   -- One protected call per connection, not per request: a handler that raises ends the
   -- loop, and the connection closes after its 500 anyway.
-  local function requests()
-    -- a new connection must send its first request (and its TLS handshake) within `head`;
-    -- later requests on it may wait `idle` for their first byte
-    local wait = math.min(t.idle, t.head)
-    while not srv.closing do
-      local r, err, status = hc:read_request(wait, t.head)
-      wait = t.idle
-      if not r then
-        if math.type(status) == "integer" then send_error(sock, status, err) end
-        return
-      end
-      local rs = Response.new(srv, r, sock)   -- also sets r._res
-      req, res = r, rs
-      handler(r, rs)
-      if not rs[FIN] then after_handler(srv, r, rs, true) end
-      req, res = nil, nil
-      if srv.log then srv.log(access_line(r, rs)) end
-      if rs._upgraded then
-        -- the handler owned the connection (a WebSocket): make sure it is closed
-        local ws = rs._ws
-        if ws and ws.state ~= "closed" then ws:close(1000) end
-        return
-      end
-      -- ready for the next request? (the common case inline, the rest in settle)
-      if rs._close or not r.keepalive or srv.closing then return end
-      if not hc:msg_done() and not settle(srv, hc, r) then return end
-    end
-  end
-  local ok, err = xpcall(requests, traceback)
+  local cur = { false, false }
+  local ok, err = xpcall(requests, traceback, srv, sock, hc, cur)
   if not ok then
+    local req, res = cur[1], cur[2]
     if req then
       after_handler(srv, req, res, false, err)
       if srv.log then srv.log(access_line(req, res)) end
