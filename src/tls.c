@@ -170,6 +170,13 @@ static ssize_t ssl_result(mw_sock *s, mw_tlsconn *c, int r, uint32_t *want)
 static ssize_t tls_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
 {
     mw_tlsconn *c = s->tls;
+    if (!s->rready && (c->handshake_done || SSL_is_init_finished(c->ssl)) && !SSL_has_pending(c->ssl)) {
+        /* the socket is drained and OpenSSL holds no bytes: nothing to decrypt until the
+         * next readable event (a short cut past SSL_read's state machine) */
+        *want = EPOLLIN;
+        errno = EAGAIN;
+        return -1;
+    }
     clear_errors();
     errno = 0;
     int r = SSL_read(c->ssl, buf, len > 0x7fffffff ? 0x7fffffff : (int)len);
