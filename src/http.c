@@ -483,7 +483,7 @@ static const char *const key_names[] = { "method", "target", "version", "path", 
 /* Builds the request table (metatable: user value 2) from the parsed head. */
 static void build_request(lua_State *L, mw_http *h)
 {
-    lua_createtable(L, 0, 12);
+    lua_createtable(L, 2, 8);   /* [1] the connection, [2] the response (request.lua) */
     KEY(L, K_METHOD);
     lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
     lua_rawset(L, -3);
@@ -521,10 +521,7 @@ static void build_request(lua_State *L, mw_http *h)
     if (pn == 0) lua_pushliteral(L, "/");
     else push_decoded(L, path, pn);
     lua_rawset(L, -3);
-    KEY(L, K_QUERY_STRING);
-    if (q) lua_pushlstring(L, q + 1, plen - pn - 1);
-    else lua_pushliteral(L, "");
-    lua_rawset(L, -3);
+    /* query_string is cut from target on first use (request.lua) */
     int reqidx = lua_gettop(L);
     KEY(L, K_HEADERS);
     build_headers(L, h, reqidx);
@@ -540,9 +537,8 @@ static void build_request(lua_State *L, mw_http *h)
         lua_pushboolean(L, 1);
         lua_rawset(L, -3);
     }
-    KEY(L, K_CONN);
     lua_pushvalue(L, 1);
-    lua_rawset(L, -3);
+    lua_rawseti(L, -2, 1);
     lua_getiuservalue(L, 1, 2);
     lua_setmetatable(L, -2);
 }

@@ -518,7 +518,7 @@ end
 function M.upgrade(req, opts)
   opts = opts or {}
   if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
-  local res = rawget(req, "_res")
+  local res = rawget(req, 2)            -- the request's response (Request.slots.RES)
   if not res or res.sent then error("websocket: the response was already sent", 3) end
   local h = req.headers
   if req.method ~= "GET" or req.version ~= "1.1" then
@@ -570,7 +570,7 @@ function M.upgrade(req, opts)
     max_frame = opts.max_frame, deflate = dparams })
   local ws = new(sock, wc, opts, protocol, ext, dparams)
   res._ws = ws
-  req._conn:release()   -- the HTTP parser's buffers are not needed any more
+  req[1]:release()      -- the HTTP parser's buffers are not needed any more (slot 1: the connection)
   return ws
 end
 

@@ -1,8 +1,10 @@
 --- The request object handed to HTTP handlers.
--- The C core builds each request table (method, target, path, query_string, version,
--- headers, keepalive, _conn) and gives it this metatable; everything else is computed on
--- first use and cached in the table.
+-- The C core builds each request table (method, target, path, version, headers, keepalive;
+-- the connection object in slot 1) and gives it this metatable; everything else is computed
+-- on first use and cached in the table. Slot 2 holds the response (response.lua sets it).
 local Request = {}
+local CONN <const>, RES <const> = 1, 2
+Request.slots = { CONN = CONN, RES = RES }
 
 local lazy = {}   -- fields computed on first access
 
@@ -33,11 +35,17 @@ end
 -- the connection's socket and the server (kept by the connection object, not copied into
 -- every request)
 function lazy.socket(req)
-  return rawget(req, "_conn"):socket()
+  return req[CONN]:socket()
 end
 
 function lazy._server(req)
-  return rawget(req, "_conn"):server() or false
+  return req[CONN]:server() or false
+end
+
+-- what follows the first "?" of the target
+function lazy.query_string(req)
+  local q = req.target:find("?", 1, true)
+  return q and req.target:sub(q + 1) or ""
 end
 
 function lazy.params()
@@ -46,7 +54,7 @@ end
 
 -- trailer fields of a chunked body, once the body was read (nil before, or without any)
 function lazy.trailers(req)
-  local t = req._conn:trailers()
+  local t = req[CONN]:trailers()
   if t then setmetatable(t, headers_mt) end
   return t
 end
@@ -93,11 +101,11 @@ end
 
 -- Sends "100 Continue" before the first body read, if the client asked for it.
 local function continue_if_expected(self)
-  local hc = self._conn
+  local hc = self[CONN]
   local _, _, expect = hc:state()
   if expect then
     hc:clear_expect()
-    local res = rawget(self, "_res")
+    local res = rawget(self, RES)
     if not (res and res.sent) then
       self.socket:write("HTTP/1.1 100 Continue\r\n\r\n")
     end
@@ -110,7 +118,7 @@ function methods:body()
   if cached then return cached end
   continue_if_expected(self)
   local srv = self._server
-  local body, err, status = self._conn:read_body("all", srv.limits.body, srv.timeouts.body)
+  local body, err, status = self[CONN]:read_body("all", srv.limits.body, srv.timeouts.body)
   if not body then
     rawset(self, "_body_error", status or true)
     return nil, err, status
@@ -122,7 +130,7 @@ end
 --- An iterator over the body's chunks, for bodies of any size.
 function methods:body_reader()
   continue_if_expected(self)
-  local hc, timeout = self._conn, self._server.timeouts.body
+  local hc, timeout = self[CONN], self._server.timeouts.body
   return function()
     local chunk, err, status = hc:read_body("chunk", -1, timeout)
     if chunk == nil and err then

@@ -34,7 +34,7 @@ Response._ws = false
 function Response.new(srv, req, sock)
   -- the fields, then room for two headers
   local res = setmetatable({ srv, req, sock, 0, false, 0, 200, false, false, false, false }, Response)
-  req._res = res
+  req[2] = res        -- the request's response slot (request.lua: Request.slots.RES)
   return res
 end
 

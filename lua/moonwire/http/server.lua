@@ -114,7 +114,7 @@ local function requests(srv, sock, hc, cur)
       if math.type(status) == "integer" then send_error(sock, status, err) end
       return
     end
-    local rs = Response.new(srv, r, sock)   -- also sets r._res
+    local rs = Response.new(srv, r, sock)   -- also puts itself in the request (slot 2)
     cur[1], cur[2] = r, rs
     handler(r, rs)
     if not rs[FIN] then after_handler(srv, r, rs, true) end
