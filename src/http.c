@@ -483,7 +483,9 @@ static const char *const key_names[] = { "method", "target", "version", "path", 
 /* Builds the request table (metatable: user value 2) from the parsed head. */
 static void build_request(lua_State *L, mw_http *h)
 {
-    lua_createtable(L, 2, 8);   /* [1] the connection, [2] the response (request.lua) */
+    /* [1] the connection, [2] the response (request.lua), [3] whether the message ended with
+     * its head (no body: the server need not ask the connection) */
+    lua_createtable(L, 3, 8);
     KEY(L, K_METHOD);
     lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
     lua_rawset(L, -3);
@@ -626,6 +628,10 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
             llhttp_errno_t e = llhttp_execute(&h->p, h->base, 0);
             if (e == HPE_PAUSED) llhttp_resume(&h->p);
             else if (e == HPE_PAUSED_UPGRADE) { h->upgrade = 1; h->msg_done = 1; llhttp_resume(&h->p); }
+            if (h->p.type == HTTP_REQUEST) {
+                lua_pushboolean(L, h->msg_done);
+                lua_rawseti(L, -2, 3);
+            }
             return mw_sched_checkpoint(L, t, 1);
         }
         if (h->p.type == HTTP_REQUEST) {

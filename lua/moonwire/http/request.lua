@@ -1,7 +1,8 @@
 --- The request object handed to HTTP handlers.
 -- The C core builds each request table (method, target, path, version, headers, keepalive;
 -- the connection object in slot 1) and gives it this metatable; everything else is computed
--- on first use and cached in the table. Slot 2 holds the response (response.lua sets it).
+-- on first use and cached in the table. Slot 2 holds the response (response.lua sets it),
+-- slot 3 whether the message ended with its head (the server's keep-alive check).
 local Request = {}
 local CONN <const>, RES <const> = 1, 2
 Request.slots = { CONN = CONN, RES = RES }

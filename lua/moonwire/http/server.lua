@@ -128,7 +128,7 @@ local function requests(srv, sock, hc, cur)
     end
     -- ready for the next request? (the common case inline, the rest in settle)
     if rs._close or not r.keepalive or srv.closing then return end
-    if not hc:msg_done() and not settle(srv, hc, r) then return end
+    if not r[3] and not hc:msg_done() and not settle(srv, hc, r) then return end   -- [3]: no body
   end
 end
 
