@@ -484,8 +484,9 @@ static const char *const key_names[] = { "method", "target", "version", "path", 
 static void build_request(lua_State *L, mw_http *h)
 {
     /* [1] the connection, [2] the response (request.lua), [3] whether the message ended with
-     * its head (no body: the server need not ask the connection) */
-    lua_createtable(L, 3, 8);
+     * its head (no body: the server need not ask the connection), [4] [5] the head and its
+     * header spans until the headers table is built */
+    lua_createtable(L, 5, 8);
     KEY(L, K_METHOD);
     lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
     lua_rawset(L, -3);
@@ -524,12 +525,13 @@ static void build_request(lua_State *L, mw_http *h)
     else push_decoded(L, path, pn);
     lua_rawset(L, -3);
     /* query_string is cut from target on first use (request.lua) */
-    int reqidx = lua_gettop(L);
-    KEY(L, K_HEADERS);
-    build_headers(L, h, reqidx);
-    if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);  /* case-insensitive */
-    else lua_pop(L, 1);
-    lua_rawset(L, -3);
+    /* headers: the table is built on first use (hc:headers_of, request.lua) from the head's
+     * bytes and its header spans, kept in slots 4 and 5 until then: a handler that never
+     * looks at a header costs no table and no string per header */
+    lua_pushlstring(L, h->base, h->parsed);
+    lua_rawseti(L, -2, 4);
+    lua_pushlstring(L, (const char *)h->hdrs, (size_t)h->nhdrs * sizeof(hspan));
+    lua_rawseti(L, -2, 5);
     KEY(L, K_KEEPALIVE);
     lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
     lua_rawset(L, -3);
@@ -924,6 +926,52 @@ static int hc_state(lua_State *L)
     else lua_pushnil(L);
     lua_pushboolean(L, (h->p.flags & F_CHUNKED) != 0);
     return 6;
+}
+
+/* hc:headers_of(req) -> req's headers table, built from the head and the header spans
+ * read_request left in req[4] and req[5] (which are then dropped). Names are lower case;
+ * repeated fields are joined, and every value is listed in req._multi. */
+static int hc_headers_of(lua_State *L)
+{
+    luaL_checkudata(L, 1, HC_MT);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_rawgeti(L, 2, 4);
+    lua_rawgeti(L, 2, 5);
+    if (lua_type(L, 3) != LUA_TSTRING || lua_type(L, 4) != LUA_TSTRING) return luaL_error(L, "the request's head is gone");
+    size_t headlen, spanlen;
+    const char *head = lua_tolstring(L, 3, &headlen);
+    const char *spans = lua_tolstring(L, 4, &spanlen);
+    mw_http view;
+    memset(&view, 0, sizeof view);
+    view.base = head;
+    view.nhdrs = (int)(spanlen / sizeof(hspan));
+    hspan local[32];
+    hspan *hs = view.nhdrs <= 32 ? local : malloc(spanlen);
+    if (!hs) return luaL_error(L, "not enough memory");
+    memcpy(hs, spans, spanlen);   /* aligned copies (a Lua string's bytes need not be) */
+    view.hdrs = hs;
+    for (int i = 0; i < view.nhdrs; i++) {
+        if ((size_t)hs[i].noff + hs[i].nlen > headlen || (size_t)hs[i].voff + hs[i].vlen > headlen) {
+            if (hs != local) free(hs);
+            return luaL_error(L, "the request's head is damaged");
+        }
+    }
+    /* build_headers may raise (memory): the spans must not leak then */
+    if (hs != local) {
+        void *box = lua_newuserdatauv(L, spanlen, 0);
+        memcpy(box, hs, spanlen);
+        free(hs);
+        hs = box;
+        view.hdrs = hs;
+    }
+    build_headers(L, &view, 2);
+    if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);  /* case-insensitive */
+    else lua_pop(L, 1);
+    lua_pushboolean(L, 0);
+    lua_rawseti(L, 2, 4);
+    lua_pushboolean(L, 0);
+    lua_rawseti(L, 2, 5);
+    return 1;
 }
 
 /* hc:socket(), hc:server() -> the socket and the server object the connection was made with */
@@ -1402,7 +1450,7 @@ void mw_http_open(lua_State *L)
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
         { "read_lean", hc_read_lean }, { "trailers", hc_trailers }, { "release", hc_release },
-        { "idle", hc_idle }, { "socket", hc_socket }, { "server", hc_server },
+        { "idle", hc_idle }, { "socket", hc_socket }, { "server", hc_server }, { "headers_of", hc_headers_of },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);

@@ -1,6 +1,6 @@
 --- The request object handed to HTTP handlers.
--- The C core builds each request table (method, target, path, version, headers, keepalive;
--- the connection object in slot 1) and gives it this metatable; everything else is computed
+-- The C core builds each request table (method, target, path, version, keepalive; the
+-- connection object in slot 1, the head for `headers` in slots 4 and 5) and gives it this metatable; everything else is computed
 -- on first use and cached in the table. Slot 2 holds the response (response.lua sets it),
 -- slot 3 whether the message ended with its head (the server's keep-alive check).
 local Request = {}
@@ -41,6 +41,11 @@ end
 
 function lazy._server(req)
   return req[CONN]:server() or false
+end
+
+-- the header table, built from the head the C core kept (slots 4 and 5) on first use
+function lazy.headers(req)
+  return req[CONN]:headers_of(req)
 end
 
 -- what follows the first "?" of the target
@@ -93,6 +98,7 @@ end
 --- Every value of a header field, in order.
 function methods:header_list(name)
   local lname = name:lower()
+  local _ = self.headers          -- built on first use, with _multi
   local multi = rawget(self, "_multi")
   local list = multi and multi[lname]
   if list then return table.move(list, 1, #list, 1, {}) end
