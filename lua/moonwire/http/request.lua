@@ -1,8 +1,9 @@
 --- The request object handed to HTTP handlers.
--- The C core builds each request table (method, target, path, version, keepalive; the
--- connection object in slot 1, the head for `headers` in slots 4 and 5) and gives it this metatable; everything else is computed
--- on first use and cached in the table. Slot 2 holds the response (response.lua sets it),
--- slot 3 whether the message ended with its head (the server's keep-alive check).
+-- The C core builds each request table (method, target, path, version, keepalive) and gives
+-- it this metatable; everything else is computed on first use and cached in the table. The
+-- array slots are private: 1 the connection object, 2 the response (response.lua sets it),
+-- 3 whether the message ended with its head (the server's keep-alive check), 4 and 5 the
+-- head and its header spans until `headers` is built from them.
 local Request = {}
 local CONN <const>, RES <const> = 1, 2
 Request.slots = { CONN = CONN, RES = RES }
