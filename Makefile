@@ -89,8 +89,13 @@ fuzz: deps $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
 	  corpus=$(CURDIR)/build/fuzz/corpus-$$t; mkdir -p $$corpus; \
 	  seeds=fuzz/corpus/$${t%%_*}; \
 	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
-	  build/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 \
-	    -print_final_stats=1 $$corpus $$seeds 2>&1 | tail -n 12; \
+	  log=build/fuzz/$$t.log; \
+	  if build/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 \
+	    -artifact_prefix=build/fuzz/ -print_final_stats=1 $$corpus $$seeds >$$log 2>&1; then \
+	    tail -n 12 $$log; \
+	  else \
+	    tail -n 60 $$log; echo "fuzz: $$t FAILED (the input is in build/fuzz/, the log in $$log)"; exit 1; \
+	  fi; \
 	done
 
 build/fuzz/%: fuzz/%.c $(SRC) $(HDR)

@@ -25,6 +25,15 @@
 #include <string.h>
 #include <sys/mman.h>
 
+/* sanitizer builds: GCC says so with __SANITIZE_ADDRESS__, clang with __has_feature */
+#if defined(__SANITIZE_ADDRESS__)
+#define MW_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MW_SANITIZED 1
+#endif
+#endif
+
 #define SMALL_MAX 256           /* 8-byte classes up to here */
 #define CLASS_MAX 1024          /* 32-byte classes up to here; larger: the previous allocator */
 #define NCLASS (SMALL_MAX / 8 + (CLASS_MAX - SMALL_MAX) / 32)
@@ -124,7 +133,7 @@ static void *arena_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 
 void mw_alloc_install(lua_State *L)
 {
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(MW_SANITIZED)
     (void)L;
 #else
     const char *e = getenv("MOONWIRE_ALLOC");
