@@ -32,8 +32,9 @@ Response._upgraded = false
 Response._ws = false
 
 function Response.new(srv, req, sock)
-  -- the fields, then room for two headers
-  local res = setmetatable({ srv, req, sock, 0, false, 0, 200, false, false, false, false }, Response)
+  -- the fields, room for two headers, and `sent` (made here: set later on a table without a
+  -- hash part, it would cost a rehash that counts the whole array)
+  local res = setmetatable({ srv, req, sock, 0, false, 0, 200, false, false, false, false, sent = false }, Response)
   req[2] = res        -- the request's response slot (request.lua: Request.slots.RES)
   return res
 end
