@@ -198,17 +198,21 @@ function helper.incremental_gc()
 end
 
 -- Runs Lua source in a separate `lua5.4` process (with this process's module paths, so the
--- same build tree), killed after `limit` seconds. Returns its combined stdout+stderr, then
--- "exit" and the exit status or "signal" and the signal number (as io.popen's close says).
-function helper.subprocess(source, limit)
+-- same build tree), killed after `limit` seconds; `env` (optional) adds environment
+-- variables { NAME = value }. Returns its combined stdout+stderr, then "exit" and the exit
+-- status or "signal" and the signal number (as io.popen's close says).
+function helper.subprocess(source, limit, env)
   local file = os.tmpname()
   local f = assert(io.open(file, "w"))
   f:write(("package.path = %q\npackage.cpath = %q\n"):format(package.path, package.cpath), source)
   f:close()
+  local vars = {}
   -- under `make test-asan` the module drops LD_PRELOAD; a child lua5.4 needs it back
   local preload = os.getenv("MW_ASAN_PRELOAD")
-  local env = preload and ("env LD_PRELOAD=" .. preload .. " ") or ""
-  local p = assert(io.popen(("%stimeout -k 1 %d lua5.4 %s 2>&1"):format(env, limit or 10, file)))
+  if preload then vars[#vars + 1] = "LD_PRELOAD=" .. preload end
+  for k, v in pairs(env or {}) do vars[#vars + 1] = ("%s='%s'"):format(k, (tostring(v):gsub("'", "'\\''"))) end
+  local prefix = #vars > 0 and ("env " .. table.concat(vars, " ") .. " ") or ""
+  local p = assert(io.popen(("%stimeout -k 1 %d lua5.4 %s 2>&1"):format(prefix, limit or 10, file)))
   local out = p:read("a")
   local _, how, code = p:close()
   os.remove(file)

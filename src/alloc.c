@@ -158,3 +158,11 @@ void mw_alloc_install(lua_State *L)
     lua_setallocf(L, arena_alloc, a);
 #endif
 }
+
+/* core.allocator() -> "moonwire" when the state uses the size-class allocator, else "system" */
+int mw_alloc_name(lua_State *L)
+{
+    void *ud;
+    lua_pushstring(L, lua_getallocf(L, &ud) == arena_alloc ? "moonwire" : "system");
+    return 1;
+}

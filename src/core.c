@@ -30,6 +30,8 @@ int luaopen_moonwire_core(lua_State *L)
     mw_tls_open(L);
     mw_hdr_open(L);
     mw_thread_open(L, rtidx);
+    lua_pushcfunction(L, mw_alloc_name);
+    lua_setfield(L, -2, "allocator");
     lua_pushliteral(L, "0.1.0");
     lua_setfield(L, -2, "version");
     return 1;

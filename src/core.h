@@ -8,6 +8,7 @@
 #include <lauxlib.h>
 
 void mw_alloc_install(lua_State *L);   /* alloc.c: the size-class allocator for the state */
+int mw_alloc_name(lua_State *L);       /* alloc.c: core.allocator() */
 void mw_fs_open(lua_State *L);      /* fs.c: stat, realpath */
 void mw_http_open(lua_State *L);    /* http.c: HttpConn, head builders */
 void mw_zlib_open(lua_State *L);    /* zlib.c: gzip/gunzip, deflater/inflater */
