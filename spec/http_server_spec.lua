@@ -953,6 +953,38 @@ describe("http server: request parsing", function()
     end, 20)
   end)
 
+  it("headers: built on first use, the same with many fields; header_list before headers", function()
+    run(function()
+      local seen = {}
+      local srv = serve(function(req, res)
+        -- header_list first: it must build the table (and its repeated-field lists) itself
+        seen[#seen + 1] = { list = req:header_list("x-rep"), n = 0, last = req.headers["x-h40"] }
+        for _ in pairs(req.headers) do seen[#seen].n = seen[#seen].n + 1 end
+        seen[#seen].again = req.headers       -- built once, then the same table
+        seen[#seen].same = rawequal(seen[#seen].again, req.headers)
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local many = {}
+      for i = 1, 40 do many[#many + 1] = ("X-H%d: value %d"):format(i, i) end
+      many[#many + 1] = "X-Rep: a"
+      many[#many + 1] = "X-Rep: b"
+      local r, s = fetch(srv, "GET", "/", many, nil, true)     -- more fields than fit on the C stack
+      assert.equal(200, r.status)
+      assert(s:write(request("GET", "/", { "X-Rep: c" })))      -- and a few, on the same connection
+      assert.equal(200, assert(read_response(s)).status)
+      s:close()
+      assert.same({ "a", "b" }, seen[1].list)
+      assert.equal(42, seen[1].n)                                -- 40 + x-rep + host
+      assert.equal("value 40", seen[1].last)
+      assert.is_true(seen[1].same)
+      assert.same({ "c" }, seen[2].list)
+      assert.equal(2, seen[2].n)
+      assert.same({}, errors)
+      srv:close()
+    end)
+  end)
+
   it("headers: lower-case names, case-insensitive lookup, repeated fields joined and listed", function()
     run(function()
       local seen

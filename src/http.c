@@ -471,9 +471,9 @@ static void build_headers(lua_State *L, mw_http *h, int reqidx)
 
 /* Request field names, interned once: read_request has them as upvalues 1..K_COUNT, so
  * building a request never looks a C string up in Lua's string cache. */
-enum { K_METHOD = 1, K_TARGET, K_VERSION, K_PATH, K_QUERY_STRING, K_HEADERS, K_KEEPALIVE,
+enum { K_METHOD = 1, K_TARGET, K_VERSION, K_PATH, K_HEADERS, K_KEEPALIVE,
        K_UPGRADE, K_CONN, K_STATUS, K_REASON, K_COUNT = K_REASON };
-static const char *const key_names[] = { "method", "target", "version", "path", "query_string",
+static const char *const key_names[] = { "method", "target", "version", "path",
                                          "headers", "keepalive", "upgrade", "_conn", "status",
                                          "reason" };
 
@@ -945,24 +945,15 @@ static int hc_headers_of(lua_State *L)
     memset(&view, 0, sizeof view);
     view.base = head;
     view.nhdrs = (int)(spanlen / sizeof(hspan));
+    /* an aligned copy of the spans (a Lua string's bytes need not be): on the C stack, or in
+     * a userdata for many headers (so build_headers raising leaks nothing) */
     hspan local[32];
-    hspan *hs = view.nhdrs <= 32 ? local : malloc(spanlen);
-    if (!hs) return luaL_error(L, "not enough memory");
-    memcpy(hs, spans, spanlen);   /* aligned copies (a Lua string's bytes need not be) */
-    view.hdrs = hs;
+    view.hdrs = view.nhdrs <= 32 ? local : lua_newuserdatauv(L, spanlen, 0);
+    memcpy(view.hdrs, spans, spanlen);
     for (int i = 0; i < view.nhdrs; i++) {
-        if ((size_t)hs[i].noff + hs[i].nlen > headlen || (size_t)hs[i].voff + hs[i].vlen > headlen) {
-            if (hs != local) free(hs);
+        const hspan *sp = &view.hdrs[i];
+        if ((size_t)sp->noff + sp->nlen > headlen || (size_t)sp->voff + sp->vlen > headlen)
             return luaL_error(L, "the request's head is damaged");
-        }
-    }
-    /* build_headers may raise (memory): the spans must not leak then */
-    if (hs != local) {
-        void *box = lua_newuserdatauv(L, spanlen, 0);
-        memcpy(box, hs, spanlen);
-        free(hs);
-        hs = box;
-        view.hdrs = hs;
     }
     build_headers(L, &view, 2);
     if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);  /* case-insensitive */
@@ -1279,7 +1270,6 @@ static int l_http_send(lua_State *L)
         lua_pushboolean(L, 0);
         return 1;
     }
-    if (s->closed) return mw_pushfail(L, "closed", "closed");
     size_t total = k.n + (with_body ? blen : 0), sent = 0;
     if (!s->waiter[MW_ROLE_WRITE]) {    /* another task writing: it goes first, through write */
         while (sent < total) {

@@ -51,6 +51,10 @@ struct mw_sock {
 
 extern const mw_transport mw_plain_transport;
 
+/* recv on the socket's descriptor, keeping the drained-socket bookkeeping (rready): -1 with
+ * EAGAIN, without a syscall, when the last read found the socket drained. For transports. */
+ssize_t mw_sock_recv(mw_sock *s, char *buf, size_t len);
+
 /* Pushes a new handle in the closed state with metatable `mt`. */
 mw_sock *mw_sock_new(lua_State *L, mw_rt *rt, const char *mt);
 /* Opens a closed handle on fd (registers it with the loop); 0, or -1 with errno (fd closed). */

@@ -18,20 +18,22 @@ enum { F_LINE, F_LINEKEEP, F_ALL, F_COUNT, F_SOME };
  * arrives later raises a new event, so the next read waits for it instead of asking the
  * kernel for an EAGAIN (as nginx does). Not after the peer's FIN: its edge may already
  * have been consumed together with the data, so the end must be read. */
-static ssize_t plain_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
+ssize_t mw_sock_recv(mw_sock *s, char *buf, size_t len)
 {
     if (!s->rready) {
-        *want = EPOLLIN;
         errno = EAGAIN;
         return -1;
     }
     ssize_t n = recv(s->io.fd, buf, len, 0);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        s->rready = 0;
-        *want = EPOLLIN;
-    } else if (n > 0 && (size_t)n < len && !s->rdhup) {
-        s->rready = 0;
-    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) s->rready = 0;
+    else if (n > 0 && (size_t)n < len && !s->rdhup) s->rready = 0;
+    return n;
+}
+
+static ssize_t plain_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
+{
+    ssize_t n = mw_sock_recv(s, buf, len);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLIN;
     return n;
 }
 

@@ -70,24 +70,9 @@ static pthread_once_t sock_bio_once = PTHREAD_ONCE_INIT;
 
 static int sbio_read(BIO *b, char *buf, int len)
 {
-    mw_sock *s = BIO_get_data(b);
     BIO_clear_retry_flags(b);
-    if (!s->rready) {
-        errno = EAGAIN;
-        BIO_set_retry_read(b);
-        return -1;
-    }
-    ssize_t n = recv(s->io.fd, buf, (size_t)len, 0);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            s->rready = 0;
-            BIO_set_retry_read(b);
-        } else if (errno == EINTR) {
-            BIO_set_retry_read(b);
-        }
-        return -1;
-    }
-    if (n > 0 && n < len && !s->rdhup) s->rready = 0;
+    ssize_t n = mw_sock_recv(BIO_get_data(b), buf, (size_t)len);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_read(b);
     return (int)n;
 }
 

@@ -24,7 +24,6 @@ local HBASE <const> = 8
 Response.slots = { SRV = SRV, REQ = REQ, SOCK = SOCK, NH = NH, FIN = FIN, BYTES = BYTES, STATUS = STATUS,
   HBASE = HBASE }
 
-Response.sent = false
 Response._touched = false
 Response._close = false
 Response._mode = false
