@@ -30,20 +30,9 @@ local function quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
-local function readfile(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local data = f:read("a")
-  f:close()
-  return data
-end
+local readfile = helper.readfile
 
-local function writefile(path, data)
-  local f = assert(io.open(path, "wb"))
-  assert(f:write(data))
-  f:close()
-  return path
-end
+local writefile = helper.writefile
 
 local temps, tempdirs = {}, {}
 local function tmp(suffix)

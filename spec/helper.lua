@@ -197,6 +197,23 @@ function helper.incremental_gc()
   return setmetatable({}, { __close = function() collectgarbage(previous) end })
 end
 
+-- A file's bytes, or nil when it cannot be read.
+function helper.readfile(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local data = f:read("a")
+  f:close()
+  return data
+end
+
+-- Writes data to a file (raises on failure); returns the path.
+function helper.writefile(path, data)
+  local f = assert(io.open(path, "wb"))
+  assert(f:write(data))
+  f:close()
+  return path
+end
+
 -- Runs Lua source in a separate `lua5.4` process (with this process's module paths, so the
 -- same build tree), killed after `limit` seconds; `env` (optional) adds environment
 -- variables { NAME = value }. Returns its combined stdout+stderr, then "exit" and the exit

@@ -16,19 +16,9 @@ local KiB, MiB = 1024, 1024 * 1024
 local NGINX = "/usr/sbin/nginx"
 local SIZE = 200 * MiB
 
-local function readfile(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local data = f:read("a")
-  f:close()
-  return data
-end
+local readfile = helper.readfile
 
-local function writefile(path, data)
-  local f = assert(io.open(path, "wb"))
-  assert(f:write(data))
-  f:close()
-end
+local writefile = helper.writefile
 
 local function file_size(path)
   local f = io.open(path, "rb")

@@ -18,20 +18,9 @@ local PYTHON = "/usr/bin/python3"
 ---------------------------------------------------------------------------------------------
 -- fixtures
 
-local function readfile(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local data = f:read("a")
-  f:close()
-  return data
-end
+local readfile = helper.readfile
 
-local function writefile(path, data)
-  local f = assert(io.open(path, "wb"))
-  assert(f:write(data))
-  f:close()
-  return path
-end
+local writefile = helper.writefile
 
 -- A fresh temporary path (removed by the caller through `cleanup`).
 local temps = {}

@@ -7,13 +7,7 @@ local mw = helper.mw
 local run = helper.run
 local http = require "moonwire.http"
 
-local function readfile(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local d = f:read("a")
-  f:close()
-  return d
-end
+local readfile = helper.readfile
 
 -- Starts the workers server in the background; returns port, supervisor pid, log path.
 local function start_server(workers)

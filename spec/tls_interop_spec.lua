@@ -30,20 +30,9 @@ local LIMIT = 30
 ---------------------------------------------------------------------------------------------
 -- fixtures
 
-local function readfile(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local data = f:read("a")
-  f:close()
-  return data
-end
+local readfile = helper.readfile
 
-local function writefile(path, data)
-  local f = assert(io.open(path, "wb"))
-  assert(f:write(data))
-  f:close()
-  return path
-end
+local writefile = helper.writefile
 
 local function copyfile(from, to)
   return writefile(to, assert(readfile(from), "cannot read " .. from))

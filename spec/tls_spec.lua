@@ -20,20 +20,9 @@ local MAKE_CERTS = SPEC_DIR .. "/fixtures/make-certs"
 ---------------------------------------------------------------------------------------------
 -- fixtures
 
-local function readfile(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local data = f:read("a")
-  f:close()
-  return data
-end
+local readfile = helper.readfile
 
-local function writefile(path, data)
-  local f = assert(io.open(path, "wb"))
-  assert(f:write(data))
-  f:close()
-  return path
-end
+local writefile = helper.writefile
 
 local function copyfile(from, to)
   return writefile(to, assert(readfile(from), "cannot read " .. from))

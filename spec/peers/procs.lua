@@ -36,13 +36,7 @@ function P.quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
-function P.readfile(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local data = f:read("a")
-  f:close()
-  return data
-end
+P.readfile = require("spec.helper").readfile
 
 function P.exists(path)
   local f = io.open(path, "rb")
