@@ -951,6 +951,8 @@ describe("http server: request parsing", function()
         for _ in pairs(req.headers) do seen[#seen].n = seen[#seen].n + 1 end
         seen[#seen].again = req.headers       -- built once, then the same table
         seen[#seen].same = rawequal(seen[#seen].again, req.headers)
+        -- the head is let go once the table is built: building again is a clear error
+        seen[#seen].rebuild = select(2, pcall(req[1].headers_of, req[1], req))
         res:send("ok")
       end)
       local _g <close> = guard(srv)
@@ -967,6 +969,7 @@ describe("http server: request parsing", function()
       assert.equal(42, seen[1].n)                                -- 40 + x-rep + host
       assert.equal("value 40", seen[1].last)
       assert.is_true(seen[1].same)
+      assert.matches("the request's head is gone", seen[1].rebuild)
       assert.same({ "c" }, seen[2].list)
       assert.equal(2, seen[2].n)
       assert.same({}, errors)
