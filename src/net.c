@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include "net.h"
 #include "dns.h"
+#include "core.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -20,6 +21,124 @@
 
 /* ---- handles ---------------------------------------------------------------------- */
 
+/* ---- watches: a function to run, in a worker, once the socket is readable ------------ */
+
+/* Drops the watch of s (armed or not); `L` NULL: from __gc, no Lua call allowed. */
+static void drop_watch(mw_sock *s, lua_State *L)
+{
+    mw_rt *rt = s->rt;
+    if (s->wprev) s->wprev->wnext = s->wnext;
+    else rt->watching = s->wnext;
+    if (s->wnext) s->wnext->wprev = s->wprev;
+    s->wprev = s->wnext = NULL;
+    if (s->armed) rt->nwatch--;
+    s->armed = 0;
+    int ref = s->watch_ref;
+    s->watch_ref = LUA_NOREF;
+    if (!L) return;
+    lua_checkstack(L, 3);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    lua_pushnil(L);
+    lua_setiuservalue(L, -2, 2);
+    lua_pushnil(L);
+    lua_setiuservalue(L, -2, 3);
+    lua_pop(L, 1);
+}
+
+/* The watch fires: its fn(arg) goes to a worker; it stays registered, disarmed. */
+static void fire_watch(mw_sock *s)
+{
+    mw_rt *rt = s->rt;
+    lua_State *L = rt->L;
+    s->armed = 0;
+    rt->nwatch--;
+    lua_checkstack(L, 5);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->watch_ref);
+    lua_getiuservalue(L, -1, 2);
+    lua_getiuservalue(L, -2, 3);
+    lua_remove(L, -3);
+    mw_sched_dispatch(rt, L);
+}
+
+void mw_sock_unwatch_all(mw_rt *rt, lua_State *L)
+{
+    while (rt->watching) drop_watch(rt->watching, L);
+}
+
+/* Whether a read on s may find something now (bytes, the end, an error, closed). */
+static int may_read(mw_sock *s)
+{
+    return s->closed || s->rready || mw_buf_len(&s->rbuf) > 0 || (s->tp->pending && s->tp->pending(s));
+}
+
+/* Arms the watch of s: it fires at once when there may be something to read already. */
+static void arm_watch(mw_sock *s)
+{
+    s->armed = 1;
+    s->rt->nwatch++;
+    if (may_read(s)) {
+        fire_watch(s);
+        return;
+    }
+    mw_buf_release(&s->rbuf, &s->rt->pool);  /* it is empty: an idle socket holds no buffer */
+}
+
+/* watch(sock, fn, arg): runs fn(arg) in a worker task once sock has something to read
+ * (bytes, the end, an error, or it was closed) -- at once when it may have already. One
+ * shot: watch(sock) arms it again, with the same fn and arg; unwatch(sock) drops it.
+ * No task waits meanwhile. The socket must have no reading task while armed. */
+static int l_watch(lua_State *L)
+{
+    mw_sock *s = luaL_checkudata(L, 1, MW_SOCK_MT);
+    mw_rt *rt = s->rt;
+    if (!rt->running) return luaL_error(L, "watch: the loop is not running");
+    if (s->armed) return luaL_error(L, "watch: the socket is already watched");
+    if (s->waiter[MW_ROLE_READ]) return luaL_error(L, "watch: the socket has a reading task");
+    if (lua_isnoneornil(L, 2)) {
+        if (s->watch_ref == LUA_NOREF) return luaL_error(L, "watch: the socket has no watch to arm");
+    } else {
+        luaL_checktype(L, 2, LUA_TFUNCTION);
+        if (s->watch_ref != LUA_NOREF) drop_watch(s, L);
+        lua_settop(L, 3);
+        lua_setiuservalue(L, 1, 3);
+        lua_setiuservalue(L, 1, 2);
+        s->watch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        s->wprev = NULL;
+        s->wnext = rt->watching;
+        if (rt->watching) rt->watching->wprev = s;
+        rt->watching = s;
+    }
+    arm_watch(s);
+    return 0;
+}
+
+/* rewatch(sock) -> true when the watch is armed again; false, not armed, when a read may
+ * find something now (the caller reads, then calls rewatch again). */
+static int l_rewatch(lua_State *L)
+{
+    mw_sock *s = mw_checkudata_up(L, 1, 1, MW_SOCK_MT);     /* upvalue: the metatable */
+    if (s->watch_ref == LUA_NOREF) return luaL_error(L, "rewatch: the socket has no watch");
+    if (s->armed) return luaL_error(L, "rewatch: the socket is already watched");
+    if (may_read(s)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    arm_watch(s);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* unwatch(sock) -> whether its watch was armed (the watch is dropped, fn not run) */
+static int l_unwatch(lua_State *L)
+{
+    mw_sock *s = luaL_checkudata(L, 1, MW_SOCK_MT);
+    int armed = s->armed;
+    if (s->watch_ref != LUA_NOREF) drop_watch(s, L);
+    lua_pushboolean(L, armed);
+    return 1;
+}
+
 static void on_sock_event(mw_io *io, uint32_t ev)
 {
     mw_sock *s = (mw_sock *)io;
@@ -27,6 +146,10 @@ static void on_sock_event(mw_io *io, uint32_t ev)
     if (ev & (EPOLLIN | EPOLLRDHUP | always)) {
         s->rready = 1;
         if (ev & (EPOLLRDHUP | always)) s->rdhup = 1;
+    }
+    if (s->armed) {
+        uint32_t want = s->want[MW_ROLE_READ] | EPOLLIN | EPOLLRDHUP;
+        if (ev & (want | always)) fire_watch(s);
     }
     for (int role = 0; role < 2; role++) {
         mw_task *t = s->waiter[role];
@@ -38,8 +161,9 @@ static void on_sock_event(mw_io *io, uint32_t ev)
 
 mw_sock *mw_sock_new(lua_State *L, mw_rt *rt, const char *mt)
 {
-    mw_sock *s = lua_newuserdatauv(L, sizeof *s, 1);
+    mw_sock *s = lua_newuserdatauv(L, sizeof *s, 3);
     memset(s, 0, sizeof *s);
+    s->watch_ref = LUA_NOREF;
     s->io.fd = -1;
     s->io.on_event = on_sock_event;
     s->rt = rt;
@@ -81,6 +205,12 @@ void mw_sock_close(mw_sock *s, int wake)
     s->closed = 1;
     mw_buf_free(&s->rbuf, &s->rt->pool);
     s->scan = 0;
+    if (s->watch_ref != LUA_NOREF) {
+        /* closed while watched: the watch runs and finds it closed. Not from __gc (nothing
+         * may run then; a watched handle is only collected by lua_close) */
+        if (s->armed && wake && s->rt->running) fire_watch(s);
+        else if (!wake) drop_watch(s, NULL);
+    }
     for (int role = 0; role < 2; role++) {
         mw_task *t = s->waiter[role];
         if (!t) continue;
@@ -866,4 +996,11 @@ void mw_net_open(lua_State *L, int rtidx)
     lua_pushvalue(L, rtidx);
     luaL_setfuncs(L, unx, 1);
     lua_setfield(L, -2, "unix");
+    lua_pushcfunction(L, l_watch);
+    lua_setfield(L, -2, "watch");
+    lua_pushcfunction(L, l_unwatch);
+    lua_setfield(L, -2, "unwatch");
+    luaL_getmetatable(L, MW_SOCK_MT);
+    lua_pushcclosure(L, l_rewatch, 1);
+    lua_setfield(L, -2, "rewatch");
 }

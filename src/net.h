@@ -47,6 +47,11 @@ struct mw_sock {
     /* listeners: called on every accepted socket (a TLS listener attaches its session) */
     int (*on_accept)(mw_sock *s, void *arg);
     void *accept_arg;
+    /* a watch (core.watch): fn, arg in uservalues 2 and 3, dispatched to a worker when the
+     * socket is readable while armed; watch_ref anchors the handle (LUA_NOREF: none) */
+    int watch_ref;
+    int armed;
+    mw_sock *wprev, *wnext;    /* rt->watching */
 };
 
 extern const mw_transport mw_plain_transport;

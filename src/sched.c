@@ -220,6 +220,65 @@ static void push_runtime(lua_State *L)
     lua_rawgetp(L, LUA_REGISTRYINDEX, &rt_key);
 }
 
+/* ---- workers ------------------------------------------------------------------------ */
+
+/* Idle workers kept at most; a burst beyond this ends the extra workers when it is over. */
+#define MW_IDLE_MAX 128
+
+static void unwait_idle(mw_task *t)
+{
+    mw_rt *rt = t->rt;
+    if (t->wprev) t->wprev->wnext = t->wnext;
+    else rt->idle = t->wnext;
+    if (t->wnext) t->wnext->wprev = t->wprev;
+    t->wprev = t->wnext = NULL;
+    rt->nidle--;
+}
+
+/* ctx 0: fn(arg) returned (or this is the start: the stack holds fn, arg);
+ * ctx 1: woken while idle: fn, arg are on the stack. */
+static int worker_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_rt *rt = mw_rt_up(L);
+    mw_task *t = rt->current;
+    (void)status;
+    if (ctx == 1 && mw_sched_reason(t) != MW_WAKE_READY) return 0;   /* cancelled */
+    if (lua_gettop(L) >= 2) {
+        lua_callk(L, 1, 0, 0, worker_k);        /* fn(arg); a yield inside comes back here */
+        lua_settop(L, 0);
+    }
+    if (rt->nidle >= MW_IDLE_MAX || rt->stopping) return 0;
+    t->wprev = NULL;
+    t->wnext = rt->idle;
+    if (rt->idle) rt->idle->wprev = t;
+    rt->idle = t;
+    rt->nidle++;
+    t->wait_obj = rt;
+    t->unwait = unwait_idle;
+    return mw_sched_wait(L, t, MW_NO_DEADLINE, worker_k, 1);
+}
+
+static int worker_main(lua_State *L)
+{
+    return worker_k(L, LUA_OK, 0);
+}
+
+void mw_sched_dispatch(mw_rt *rt, lua_State *L)
+{
+    mw_task *w = rt->idle;
+    if (w) {
+        if (!lua_checkstack(w->co, 3)) luaL_error(L, "stack overflow");
+        lua_xmove(L, w->co, 2);
+        mw_sched_wake(w, MW_WAKE_READY);     /* its unwait takes it off the idle stack */
+        w->nargs = 2;
+        return;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, rt->worker_ref);
+    lua_insert(L, -3);
+    spawn(L, rt, lua_gettop(L) - 2, 2);
+    lua_pop(L, 4);                           /* the task, the body, fn, arg */
+}
+
 static void report_error(mw_rt *rt, mw_task *t)
 {
     lua_State *L = rt->L;
@@ -349,7 +408,7 @@ static int run_loop(mw_rt *rt)
             if (t == last) break;
         }
         if (rt->sigpending) spawn_signal_handlers(rt);
-        if (rt->stopping || rt->nlive == 0) return 0;
+        if (rt->stopping || (rt->nlive == rt->nidle && rt->nwatch == 0)) return 0;
         if (mw_loop_poll(&rt->loop, rt->runq_head == NULL) < 0) return -1;
     }
 }
@@ -372,6 +431,7 @@ static int l_run(lua_State *L)
     rt->stopping = 0;
     int rc = run_loop(rt);
     int err = errno;
+    mw_sock_unwatch_all(rt, L);
     if (rt->nlive > 0) kill_all(rt, "stopped", NULL);
     rt->running = 0;
     rt->stopping = 0;
@@ -834,6 +894,9 @@ mw_rt *mw_sched_newruntime(lua_State *L)
     lua_setmetatable(L, -2);
     lua_newtable(L);
     lua_setiuservalue(L, -2, 1);
+    lua_pushvalue(L, -1);
+    lua_pushcclosure(L, worker_main, 1);
+    rt->worker_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     if (mw_loop_init(&rt->loop) < 0) luaL_error(L, "epoll_create1 failed: %s", strerror(errno));
     lua_pushvalue(L, -1);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &rt_key);

@@ -19,6 +19,7 @@
 typedef struct mw_rt mw_rt;
 typedef struct mw_task mw_task;
 typedef struct mw_resolver mw_resolver;
+struct mw_sock;
 
 enum { MW_T_READY, MW_T_RUNNING, MW_T_WAITING, MW_T_DONE, MW_T_FAILED };
 /* why a waiting task was woken */
@@ -56,6 +57,14 @@ struct mw_rt {
     int running, stopping;
     mw_task *main;
     mw_buf_pool pool;
+    /* workers: tasks that run a watch's function (mw_sched_dispatch) and then wait, idle,
+     * for the next one instead of ending, so a watch that fires costs no new coroutine */
+    mw_task *idle;             /* idle workers (a stack, linked by wnext/wprev) */
+    int nidle;
+    int worker_ref;            /* registry ref of the worker's body (a C closure) */
+    /* sockets with a watch armed (net.c): they keep the loop running as a task would */
+    struct mw_sock *watching;
+    int nwatch;
     mw_resolver *resolver;
     void (*resolver_free)(mw_resolver *r);  /* set by the dns layer with the resolver */
     /* signals */
@@ -88,6 +97,12 @@ int mw_sched_requeue(lua_State *L, mw_task *t, lua_KFunction k, lua_KContext ctx
  * other ready tasks run, so one fast peer cannot starve the rest. */
 #define MW_STREAK_MAX 64
 int mw_sched_checkpoint(lua_State *L, mw_task *t, int nres);
+
+/* Runs fn(arg), the two values on top of L (popped), in a task: an idle worker when there
+ * is one, else a new worker. Never yields; may be called from an event callback. */
+void mw_sched_dispatch(mw_rt *rt, lua_State *L);
+/* Drops every armed watch (net.c): at the end of run(). */
+void mw_sock_unwatch_all(mw_rt *rt, lua_State *L);
 
 /* Why the task was woken; resets to MW_WAKE_NONE. */
 int mw_sched_reason(mw_task *t);
