@@ -32,6 +32,7 @@ typedef struct mw_ws {
     z_stream *inf, *def;        /* made on first use: most connections never compress */
     /* the frame being parsed */
     int in_frame, fin, opcode, masked;
+    int nowait;                /* receive_frame returns false instead of waiting */
     uint8_t mask[4];
     uint64_t remaining, mask_off;
     /* the message being assembled */
@@ -413,6 +414,11 @@ static int receive_step(lua_State *L, mw_ws *w, mw_task *t)
         if (r == 0) return mw_pushfail(L, "closed", "closed");
         if (r == -3) return mw_stream_pusherr(L, s, errno);
         if (mw_buf_len(b) == 0) mw_buf_release(b, &s->rt->pool);
+        if (w->nowait) {               /* nothing more now: the caller watches the socket */
+            s->want[MW_ROLE_READ] = want;
+            lua_pushboolean(L, 0);
+            return 1;
+        }
         return mw_sock_wait(L, s, t, MW_ROLE_READ, want, s->rdeadline, receive_k, 0);
     }
 }
@@ -428,12 +434,14 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx)
     return receive_step(L, w, t);
 }
 
-/* wc:receive_frame([timeout]) -> payload, kind [, code, reason (close)]
- *   | nil, message, closecode (the peer broke the protocol) | nil, message, code (I/O) */
+/* wc:receive_frame([timeout [, nowait]]) -> payload, kind [, code, reason (close)]
+ *   | nil, message, closecode (the peer broke the protocol) | nil, message, code (I/O)
+ *   | false (nowait, and no whole frame has arrived: watch the socket) */
 static int ws_receive(lua_State *L)
 {
     mw_ws *w = checkws(L);
     if (w->s->closed) return mw_pushfail(L, "closed", "closed");
+    w->nowait = lua_toboolean(L, 3);
     int64_t d = mw_sched_deadline(L, w->s->rt, 2, -1);
     mw_task *t = mw_sock_claim(L, w->s, MW_ROLE_READ);
     w->s->rdeadline = d;

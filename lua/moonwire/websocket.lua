@@ -7,6 +7,8 @@ local url = require "moonwire.url"
 
 local ws_conn, ws_accept, random, utf8_valid = core.ws_conn, core.ws_accept, core.random, core.utf8_valid
 local park, unpark, current = core.park, core.unpark, core.current
+local watch, rewatch, unwatch = core.watch, core.rewatch, core.unwatch
+local traceback = debug.traceback
 
 local M = {}
 
@@ -48,11 +50,12 @@ end
 -- Defaults live in the class table (no option shares a method's name): a connection holds
 -- only what differs, which matters with 10,000s of idle connections.
 for k, v in pairs(defaults) do WebSocket[k] = v end
+WebSocket.extensions = ""
 
 local function new(sock, wc, opts, protocol, extensions, deflate)
   local self = setmetatable({
-    sock = sock, wc = wc, state = "open", protocol = protocol, extensions = extensions or "",
-    _deflate = deflate, _last_rx = mw.now(),
+    sock = sock, wc = wc, state = "open", protocol = protocol, extensions = extensions,
+    _deflate = deflate,
   }, WebSocket)
   if opts then
     for _, k in ipairs(option_names) do
@@ -60,6 +63,7 @@ local function new(sock, wc, opts, protocol, extensions, deflate)
       if o ~= nil then self[k] = o end
     end
   end
+  if self.idle_timeout then self._last_rx = mw.now() end
   if self.ping_interval or self.idle_timeout then self._keepalive_task = mw.spawn(M._keepalive, self) end
   return self
 end
@@ -128,9 +132,8 @@ local function fail(self, code, msg)
   finish(self, code, msg)
 end
 
---- Receives the next message: data, "text"|"binary"; or nil, "closed", code, reason once
--- the connection is closed; or nil, err, code (timeout, cancelled: the connection stays).
-function WebSocket:receive(timeout)
+-- The next message (see WebSocket:receive); with `nowait`, false when none has arrived whole.
+local function recv(self, timeout, nowait)
   while true do
     if self.state == "closed" then return nil, "closed", self.close_code, self.close_reason end
     local closer = self._close_reader
@@ -140,9 +143,10 @@ function WebSocket:receive(timeout)
       park(self.close_timeout + 1)
       return nil, "closed", self.close_code, self.close_reason
     end
-    self._reader = true   -- a task is blocked receiving (close() then waits for it)
-    local a, b, c, d = self.wc:receive_frame(timeout)
-    self._reader = false
+    if not nowait then self._reader = true end  -- a task is blocked receiving (close() then waits for it)
+    local a, b, c, d = self.wc:receive_frame(timeout, nowait)
+    if not nowait then self._reader = false end
+    if a == false then return false end
     if a == nil then
       if math.type(c) == "integer" then
         fail(self, c, b)
@@ -157,7 +161,7 @@ function WebSocket:receive(timeout)
       if self.idle_timeout then self._last_rx = mw.now() end
       return a, b
     end
-    self._last_rx = mw.now()
+    if self.idle_timeout then self._last_rx = mw.now() end
     if b == "ping" then
       if self.state == "open" then send_control(self, OP.pong, a) end
     elseif b == "pong" then
@@ -180,10 +184,18 @@ function WebSocket:receive(timeout)
   end
 end
 
+--- Receives the next message: data, "text"|"binary"; or nil, "closed", code, reason once
+-- the connection is closed; or nil, err, code (timeout, cancelled: the connection stays).
+function WebSocket:receive(timeout)
+  if self._on_message then error("ws:receive: this connection's messages go to its on('message') handler", 2) end
+  return recv(self, timeout)
+end
+
 --- for msg, kind in ws:messages() do ... end (ends when the connection closes)
 function WebSocket:messages()
+  if self._on_message then error("ws:messages: this connection's messages go to its on('message') handler", 2) end
   return function()
-    local msg, kind = self:receive()
+    local msg, kind = recv(self)
     if msg == nil then return nil end
     return msg, kind
   end
@@ -311,22 +323,106 @@ function WebSocket:close(code, reason)
   end
   -- wait for the peer's close: through the reading task if there is one, else read here
   local deadline = mw.now() + self.close_timeout
+  local rewatch_after = false
   if self._reader then
     add_closer(self)
     park(self.close_timeout)
   else
+    -- a message handler's socket is watched while no message is being handled: read here
+    -- instead, and watch again after, so that its close handler runs
+    rewatch_after = self._pump == false and unwatch(self.sock)
     self._close_reader = current()
     while self.state ~= "closed" do
       local left = deadline - mw.now()
       if left <= 0 then break end
-      local msg, err, c = self:receive(left)
+      local msg, err, c = recv(self, left)
       if msg == nil and err ~= "closed" and c ~= nil then break end
     end
     self._close_reader = nil
   end
   -- no close frame from the peer in time: an abnormal closure (RFC 6455 7.1.5)
   if self.state ~= "closed" then finish(self, 1006, "") end
+  if rewatch_after then watch(self.sock, M._pump, self) end
   return true
+end
+
+-- ---------------------------------------------------------------------------------------
+-- message handlers: a connection without a task
+
+local function report(self, what, err)
+  local srv = self._srv
+  local line = ("moonwire: WebSocket %s error: %s"):format(what, tostring(err))
+  if srv then srv.error_log(line) else io.stderr:write(line, "\n") end
+end
+
+-- A handled connection's messages, in order, to its handler; then, when no whole message
+-- is left, the socket is watched again, so an idle connection holds no task. Once the
+-- connection is closed, the close handler.
+local function pump_messages(self)
+  local sock = self.sock
+  while true do
+    local msg, kind, code, reason = recv(self, nil, true)
+    if msg == false then
+      self._pump = false
+      watch(sock)
+      return
+    elseif msg ~= nil then
+      self._on_message(self, msg, kind)
+      -- nothing more to read now? then watch (without another read that finds nothing)
+      self._pump = false
+      if rewatch(sock) then return end
+      self._pump = true
+    elseif kind == "closed" then
+      self._pump = "ended"
+      unwatch(self.sock)
+      local on_close = self._on_close
+      if on_close then on_close(self, code, reason) end
+      return
+    else
+      finish(self, 1006, "")     -- an I/O error: the connection is gone
+    end
+  end
+end
+
+-- Runs in a worker task (see core.watch) when a handled connection's socket is readable.
+-- A handler that raises is logged and the connection closed (1011).
+function M._pump(self)
+  local srv = self._srv
+  while self._pump ~= "ended" do
+    self._pump = true
+    local ok, err = xpcall(pump_messages, traceback, self)
+    if ok then
+      if self._pump ~= "ended" then return end
+    else
+      report(self, self._pump == "ended" and "close handler" or "message handler", err)
+      if self.state == "open" then self:close(1011) end
+    end
+  end
+  if srv then srv:_ws_done(self) end
+end
+
+--- ws:on("message", fn): from now on fn(ws, data, kind) gets every message, in order, in a
+-- task of its own (it may block; the next message waits for it); ws:receive() is not used.
+-- The connection then needs no task of its own: a server handler may return and leave it
+-- open. ws:on("close", fn): fn(ws, code, reason) runs once the connection is closed.
+-- A handler that raises is logged and the connection closed with 1011. Returns ws.
+function WebSocket:on(event, fn)
+  if event ~= "message" and event ~= "close" then argerror(1, "on", "'message' or 'close' expected") end
+  if type(fn) ~= "function" then argerror(2, "on", "function expected, got " .. type(fn)) end
+  if event == "close" then
+    self._on_close = fn
+    return self
+  end
+  if self._on_message then
+    self._on_message = fn
+    return self
+  end
+  if self._reader or self._close_reader then error("ws:on: a task is receiving on this connection", 2) end
+  if not current() then error("ws:on: called outside a task", 2) end
+  self._on_message = fn
+  self._pump = false
+  watch(self.sock, M._pump, self)
+  return self
 end
 
 function WebSocket:__close() self:close(1001) end
@@ -569,6 +665,7 @@ function M.upgrade(req, opts)
   local wc = ws_conn(sock, { client = false, max_message = opts.max_message or defaults.max_message,
     max_frame = opts.max_frame, deflate = dparams })
   local ws = new(sock, wc, opts, protocol, ext, dparams)
+  ws._srv = res[1]      -- the server (Response.slots.SRV): for a handled connection's end
   res._ws = ws
   req[1]:release()      -- the HTTP parser's buffers are not needed any more (slot 1: the connection)
   return ws

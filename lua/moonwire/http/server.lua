@@ -121,8 +121,10 @@ local function requests(srv, sock, hc, cur)
     cur[1], cur[2] = false, false
     if srv.log then srv.log(access_line(r, rs)) end
     if rs._upgraded then
-      -- the handler owned the connection (a WebSocket): make sure it is closed
+      -- the handler owned the connection (a WebSocket): make sure it is closed, unless
+      -- the WebSocket has a message handler, which keeps it without this task
       local ws = rs._ws
+      if ws and ws._on_message then return ws end
       if ws and ws.state ~= "closed" then ws:close(1000) end
       return
     end
@@ -130,6 +132,14 @@ local function requests(srv, sock, hc, cur)
     if rs._close or not r.keepalive or srv.closing then return end
     if not r[3] and not hc:msg_done() and not settle(srv, hc, r) then return end   -- [3]: no body
   end
+end
+
+-- A connection is over: forget it, close it, and say so when it was the last one.
+local function conn_done(srv, sock)
+  srv._conns[sock] = nil
+  srv._nconns = srv._nconns - 1
+  sock:close()
+  if srv._drained and srv._nconns == 0 then srv._drained:close() end
 end
 
 local function serve_connection(srv, sock)
@@ -142,6 +152,10 @@ local function serve_connection(srv, sock)
   -- loop, and the connection closes after its 500 anyway.
   local cur = { false, false }
   local ok, err = xpcall(requests, traceback, srv, sock, hc, cur)
+  if ok and err and err.state ~= "closed" then
+    conns[sock] = err    -- a WebSocket with a message handler: Server:_ws_done ends it
+    return
+  end
   if not ok then
     local req, res = cur[1], cur[2]
     if req then
@@ -153,10 +167,12 @@ local function serve_connection(srv, sock)
       srv.error_log("moonwire: error serving a connection: " .. tostring(err))
     end
   end
-  conns[sock] = nil
-  srv._nconns = srv._nconns - 1
-  sock:close()
-  if srv._drained and srv._nconns == 0 then srv._drained:close() end
+  conn_done(srv, sock)
+end
+
+-- (websocket.lua) a WebSocket with a message handler, handed over above, is closed
+function Server:_ws_done(ws)
+  if self._conns[ws.sock] == ws then conn_done(self, ws.sock) end
 end
 
 local function accept_loop(srv)
@@ -186,9 +202,11 @@ function Server:close(grace)
   self.closing = true
   self.listener:close()
   grace = grace or self.grace
-  -- idle connections are parked in read_request: closing their socket ends them
-  for sock, hc in pairs(self._conns) do
-    if hc:idle() then sock:close() end
+  -- idle connections are parked in read_request: closing their socket ends them;
+  -- WebSockets with a message handler go away with the close handshake
+  for sock, c in pairs(self._conns) do
+    if type(c) == "table" then mw.spawn(c.close, c, 1001)
+    elseif c:idle() then sock:close() end
   end
   if self._nconns > 0 then
     self._drained = mw.channel(0)
