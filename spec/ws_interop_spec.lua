@@ -147,6 +147,51 @@ local function echo_server(ws_opts)
   return srv, seen
 end
 
+-- The same endpoint written with message handlers (ws:on): the handler returns at once and
+-- the connection lives on without a task; `cmd:return` closes with 1000 (there is no handler
+-- to return from). The close handler marks the record done.
+local function handler_echo_server(ws_opts)
+  local seen = {}
+  local srv = serve(function(req)
+    local rec = { messages = 0, style = "on" }
+    seen[req.path] = rec
+    local ws, err, status = req:websocket(ws_opts)
+    if not ws then
+      rec.refused = { err, status }
+      return
+    end
+    rec.protocol, rec.extensions = ws.protocol, ws.extensions
+    ws:on("close", function(w, code, reason)
+      rec.ending = rec.ending or { "closed", code, reason }
+      rec.state = w.state
+      rec.done = true
+    end)
+    ws:on("message", function(w, msg, kind)
+      rec.messages = rec.messages + 1
+      local cmd, arg
+      if kind == "text" then cmd, arg = msg:match("^cmd:(%S+) ?(.*)$") end
+      if cmd == "return" then
+        rec.ending = { "returned" }
+        w:close(1000)
+      elseif cmd == "close" then
+        local c, r = arg:match("^(%d+) ?(.*)$")
+        rec.close_result = w:close(math.tointeger(tonumber(c)), r)
+        rec.ending = { "we closed", w.close_code, w.close_reason }
+      elseif cmd == "ping" then
+        -- the pong arrives as a message would: not while this handler runs
+        mw.spawn(function()
+          local rtt, e = w:ping(arg, 5)
+          rec.ping_rtt = rtt
+          w:send(rtt and ("pong:" .. arg) or ("ping failed: " .. tostring(e)))
+        end)
+      else
+        assert(w:send(msg, kind))
+      end
+    end)
+  end)
+  return srv, seen
+end
+
 -- Our client on `path` of a peer server, with a reader task feeding `inbox` (so pings, which
 -- need another task receiving, work). Returns the connection and next(): the next message
 -- (msg, kind) or the close (nil, "closed", code, reason).
@@ -366,6 +411,23 @@ describe("WebSocket interop with python3-websockets:", function()
     end, LIMIT)
   end)
 
+  it("python client <-> our server written with message handlers (ws:on): every kind of message, pings " ..
+     "and closes both ways, permessage-deflate", function()
+    run(function()
+      local srv, seen = handler_echo_server { protocols = { "chat", "superchat" } }
+      local _g <close> = guard(srv)
+      local r, out, err = py_client(srv.port, "--protocols superchat,chat --c3")
+      check_client_report(r, "python", out, err)
+      assert.equal("1000", r["c3.close_code"])
+      assert.same({ "returned" }, seen["/c3"].ending)
+      assert.equal("chat", r["c1.protocol"])
+      assert.equal("permessage-deflate", r["c1.extensions"])
+      check_our_server_saw(seen, "python")
+      assert.same({ "chat", "permessage-deflate" }, { seen["/c1"].protocol, seen["/c1"].extensions })
+      assert.is_true(procs.wait_for(function() return srv:connections() == 0 end), "connections left open")
+    end, LIMIT)
+  end)
+
   it("python client offering no context takeover both ways and 10/11-bit windows <-> our server", function()
     run(function()
       local srv, seen = echo_server { protocols = { "chat" } }
@@ -528,6 +590,21 @@ describe("WebSocket interop with node's ws:", function()
       assert.is_true(tonumber(r["c1.big_text_wire_out"]) < MiB / 8, "ws sent " .. r["c1.big_text_wire_out"])
       check_our_server_saw(seen, "node")
       assert.same({ "chat", "permessage-deflate" }, { seen["/c1"].protocol, seen["/c1"].extensions })
+    end, LIMIT)
+  end)
+
+  it("ws client <-> our server written with message handlers (ws:on): every kind of message, pings and " ..
+     "closes both ways, permessage-deflate", function()
+    run(function()
+      local srv, seen = handler_echo_server { protocols = { "chat", "superchat" } }
+      local _g <close> = guard(srv)
+      local r, out, err = node_client(srv.port, { protocols = { "superchat", "chat" }, c3 = true })
+      check_client_report(r, "node", out, err)
+      assert.equal("1000", r["c3.close_code"])
+      assert.same({ "returned" }, seen["/c3"].ending)
+      assert.same({ "chat", "permessage-deflate", "{}" }, { r["c1.protocol"], r["c1.extensions"], r["c1.negotiated"] })
+      check_our_server_saw(seen, "node")
+      assert.is_true(procs.wait_for(function() return srv:connections() == 0 end), "connections left open")
     end, LIMIT)
   end)
 
