@@ -602,6 +602,87 @@ describe("http server: connections", function()
     end)
   end)
 
+  -- Responses to pipelined requests are gathered and written together before the loop polls
+  -- (docs/architecture.md): none may wait for a later handler, be lost or be reordered.
+  it("a pipelined response is not held back by the next request's handler while it waits", function()
+    run(function()
+      local release = mw.channel(1)
+      local srv = serve(function(req, res)
+        if req.path == "/slow" then assert(release:recv(5)) end
+        res:send(req.path)
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/fast") .. request("GET", "/slow")))
+      -- /fast's response arrives while /slow's handler is still waiting for us
+      assert.equal("/fast", assert(read_response(s)).body)
+      release:send(true)
+      assert.equal("/slow", assert(read_response(s)).body)
+      srv:close()
+    end)
+  end)
+
+  it("pipelined responses of every kind keep their order: small, large, HEAD, streamed, " ..
+     "a 100-continue body, and the last one closing", function()
+    run(function()
+      local big = helper.pattern(100 * KiB)
+      local srv = serve(function(req, res)
+        if req.path == "/big" then return res:send(big) end
+        if req.path == "/stream" then
+          res:write("part1,")
+          res:write("part2")
+          return res:finish()
+        end
+        if req.method == "POST" then return res:send("posted:" .. assert(req:body())) end
+        res:send(req.path)
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/a") .. request("GET", "/big") .. request("GET", "/b") ..
+        request("HEAD", "/head") .. request("GET", "/stream") ..
+        request("POST", "/post", { "Expect: 100-continue" }, "xyz") ..
+        request("GET", "/c") .. request("GET", "/last", { "Connection: close" })))
+      assert.equal("/a", assert(read_response(s)).body)
+      local r = assert(read_response(s))
+      assert.is_true(r.body == big, "the 100 KiB body came back changed")
+      assert.equal("/b", assert(read_response(s)).body)
+      r = assert(read_response(s, { head = true }))
+      assert.equal("5", r.headers["content-length"])
+      assert.equal("part1,part2", assert(read_response(s)).body)
+      r = assert(read_response(s))
+      if r.status == 100 then r = assert(read_response(s)) end
+      assert.equal("posted:xyz", r.body)
+      assert.equal("/c", assert(read_response(s)).body)
+      assert.equal("/last", assert(read_response(s)).body)
+      assert.same({ "", "closed" }, { read_all(s, 5) })
+      srv:close()
+    end)
+  end)
+
+  it("3,000 pipelined requests to a client that reads slowly: every response arrives, in order", function()
+    run(function()
+      local body = ("x"):rep(2000)
+      local srv = serve(function(req, res) res:send(req.path .. body) end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local writer = mw.spawn(function()
+        local reqs = {}
+        for i = 1, 3000 do reqs[#reqs + 1] = request("GET", "/" .. i) end
+        assert(s:write(table.concat(reqs)))
+        return true
+      end)
+      -- ~6 MB of answers: more than the socket buffers hold, so the server's writes are
+      -- partial and wait while we read in small steps
+      for i = 1, 3000 do
+        local r = assert(read_response(s))
+        assert.equal("/" .. i .. body, r.body)
+        if i % 500 == 0 then mw.sleep(0.01) end
+      end
+      assert.is_true(select(2, writer:join()))
+      srv:close()
+    end, 30)
+  end)
+
   it("python http.client: GET and POST over one keep-alive connection", function()
     run(function()
       local ports = {}

@@ -20,6 +20,9 @@
 #include <llhttp.h>
 
 #define HC_MT "moonwire.HttpConn"
+/* a response to a pipelined request is gathered (see l_http_send) while the output buffer
+ * stays within one standard block */
+#define MW_GATHER_MAX MW_BUF_BLOCK
 
 typedef struct { uint32_t noff, nlen, voff, vlen; } hspan;
 
@@ -1271,6 +1274,19 @@ static int l_http_send(lua_State *L)
         return 1;
     }
     size_t total = k.n + (with_body ? blen : 0), sent = 0;
+    /* More requests already arrived (pipelined) and this one is small: gather it, to go out
+     * with the next ones in one write before the loop polls; the last of them goes out with
+     * what was gathered, in one write. Not when the connection will close, nor after a write
+     * that waits (it would be overtaken). What the socket does not take now stays gathered. */
+    int more = mw_buf_len(&s->rbuf) > 0;
+    if ((more || mw_buf_len(&s->obuf) > 0) && !(flags & 1) && !s->waiter[MW_ROLE_WRITE] &&
+        mw_buf_len(&s->obuf) + total <= MW_GATHER_MAX &&
+        mw_sock_gather(s, head, k.n, body, with_body ? blen : 0) == 0) {
+        uint32_t want = EPOLLOUT;
+        if (!more && mw_sock_flush(s, &want) < 0) return mw_stream_pusherr(L, s, errno);
+        lua_pushboolean(L, 1);
+        return 1;
+    }
     if (!s->waiter[MW_ROLE_WRITE]) {    /* another task writing: it goes first, through write */
         while (sent < total) {
             struct iovec iov[2];
@@ -1285,7 +1301,7 @@ static int l_http_send(lua_State *L)
                 iov[cnt++].iov_len = blen - off;
             }
             uint32_t want = EPOLLOUT;
-            ssize_t n = s->tp->writev(s, iov, cnt, &want);
+            ssize_t n = mw_sock_writev(s, iov, cnt, &want);
             if (n > 0) { sent += (size_t)n; continue; }
             if (n < 0 && errno == EINTR) continue;
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;

@@ -147,6 +147,7 @@ static void on_sock_event(mw_io *io, uint32_t ev)
         s->rready = 1;
         if (ev & (EPOLLRDHUP | always)) s->rdhup = 1;
     }
+    if (s->obuf.data && (ev & (EPOLLOUT | always))) mw_sock_output_event(s, 0);
     if (s->armed) {
         uint32_t want = s->want[MW_ROLE_READ] | EPOLLIN | EPOLLRDHUP;
         if (ev & (want | always)) fire_watch(s);
@@ -195,6 +196,7 @@ int mw_sock_open(mw_sock *s, int fd)
 
 void mw_sock_close(mw_sock *s, int wake)
 {
+    if (s->obuf.data || s->dirty) mw_sock_output_event(s, 1);
     if (s->tp->close) s->tp->close(s);
     s->tp = &mw_plain_transport;
     if (s->io.fd >= 0) {
@@ -468,6 +470,7 @@ static int h_shutdown(lua_State *L)
     static const int how_v[] = { SHUT_WR, SHUT_RD, SHUT_RDWR };
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     int how = luaL_checkoption(L, 2, "write", hows);
+    if (how_v[how] != SHUT_RD && s->obuf.data) mw_sock_output_event(s, 1);  /* gathered bytes first */
     if (shutdown(s->io.fd, how_v[how]) < 0) return mw_pusherrno(L, errno);
     lua_pushboolean(L, 1);
     return 1;

@@ -52,6 +52,11 @@ struct mw_sock {
     int watch_ref;
     int armed;
     mw_sock *wprev, *wnext;    /* rt->watching */
+    /* output buffer: small responses to pipelined requests are gathered here and written
+     * once, before the loop polls (rt->dirty) or before the next write of any kind */
+    mw_buf obuf;
+    int dirty;
+    mw_sock *dprev, *dnext;    /* rt->dirty */
 };
 
 extern const mw_transport mw_plain_transport;
@@ -74,6 +79,18 @@ mw_task *mw_sock_claim(lua_State *L, mw_sock *s, int role);
 /* Parks the running task t on s for `role` until `want` readiness (or a wake). */
 int mw_sock_wait(lua_State *L, mw_sock *s, mw_task *t, int role, uint32_t want,
                  int64_t deadline, lua_KFunction k, lua_KContext ctx);
+
+/* The bytes gathered in s->obuf go out first: 1 all written (the buffer is released), 0
+ * some left (EAGAIN; *want: the readiness to wait for), -1 error (errno). */
+int mw_sock_flush(mw_sock *s, uint32_t *want);
+/* The transport's writev, after what s->obuf holds (-1 with EAGAIN while some of that is
+ * left). Every write to a stream goes through here. */
+ssize_t mw_sock_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want);
+/* Appends a and b to s->obuf and marks s dirty (written before the loop polls): 0, or -1
+ * when memory is exhausted (nothing appended). */
+int mw_sock_gather(mw_sock *s, const char *a, size_t an, const char *b, size_t bn);
+/* (net.c) the socket became writable, or (closing) is being closed: see stream.c. */
+void mw_sock_output_event(mw_sock *s, int closing);
 
 /* Reads once from the transport into s->rbuf (room for at least `hint` bytes): 1 got
  * bytes, 0 end of stream (s->eof set), -1 would block (*want: readiness to wait for),

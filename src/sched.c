@@ -408,6 +408,7 @@ static int run_loop(mw_rt *rt)
             if (t == last) break;
         }
         if (rt->sigpending) spawn_signal_handlers(rt);
+        if (rt->dirty) mw_sock_flush_dirty(rt);
         if (rt->stopping || (rt->nlive == rt->nidle && rt->nwatch == 0)) return 0;
         if (mw_loop_poll(&rt->loop, rt->runq_head == NULL) < 0) return -1;
     }

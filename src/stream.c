@@ -30,6 +30,95 @@ ssize_t mw_sock_recv(mw_sock *s, char *buf, size_t len)
     return n;
 }
 
+/* ---- the output buffer ---------------------------------------------------------------- */
+
+static void dirty_add(mw_sock *s)
+{
+    if (s->dirty) return;
+    mw_rt *rt = s->rt;
+    s->dirty = 1;
+    s->dprev = NULL;
+    s->dnext = rt->dirty;
+    if (rt->dirty) rt->dirty->dprev = s;
+    rt->dirty = s;
+}
+
+static void dirty_remove(mw_sock *s)
+{
+    if (!s->dirty) return;
+    mw_rt *rt = s->rt;
+    if (s->dprev) s->dprev->dnext = s->dnext;
+    else rt->dirty = s->dnext;
+    if (s->dnext) s->dnext->dprev = s->dprev;
+    s->dprev = s->dnext = NULL;
+    s->dirty = 0;
+}
+
+int mw_sock_flush(mw_sock *s, uint32_t *want)
+{
+    while (mw_buf_len(&s->obuf) > 0) {
+        struct iovec iov = { (void *)mw_buf_head(&s->obuf), mw_buf_len(&s->obuf) };
+        ssize_t n = s->tp->writev(s, &iov, 1, want);
+        if (n > 0) { mw_buf_consume(&s->obuf, (size_t)n); continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+        if (n == 0) errno = EPIPE;
+        return -1;
+    }
+    mw_buf_release(&s->obuf, &s->rt->pool);
+    dirty_remove(s);
+    return 1;
+}
+
+ssize_t mw_sock_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
+{
+    if (mw_buf_len(&s->obuf) > 0) {
+        int r = mw_sock_flush(s, want);
+        if (r == 0) errno = EAGAIN;
+        if (r <= 0) return -1;
+    }
+    return s->tp->writev(s, iov, n, want);
+}
+
+int mw_sock_gather(mw_sock *s, const char *a, size_t an, const char *b, size_t bn)
+{
+    size_t avail;
+    char *p = mw_buf_reserve(&s->obuf, &s->rt->pool, an + bn, &avail);
+    if (!p) return -1;
+    memcpy(p, a, an);
+    if (bn) memcpy(p + an, b, bn);
+    mw_buf_commit(&s->obuf, an + bn);
+    dirty_add(s);
+    return 0;
+}
+
+/* Before the loop polls: what the dirty sockets gathered goes out, one write each. What the
+ * socket does not take waits for its next writable event (on_sock_event marks it dirty
+ * again); on an error it is dropped (the next read or write reports the error). */
+void mw_sock_flush_dirty(mw_rt *rt)
+{
+    mw_sock *s;
+    while ((s = rt->dirty) != NULL) {
+        dirty_remove(s);
+        uint32_t want = EPOLLOUT;
+        if (mw_sock_flush(s, &want) < 0) mw_buf_free(&s->obuf, &rt->pool);
+    }
+}
+
+/* Called when a socket becomes writable, and when it closes (a last try, then the rest is
+ * dropped: the peer stopped reading or is gone). */
+void mw_sock_output_event(mw_sock *s, int closing)
+{
+    if (closing) {
+        uint32_t want;
+        if (mw_buf_len(&s->obuf) > 0) (void)mw_sock_flush(s, &want);
+        mw_buf_free(&s->obuf, &s->rt->pool);
+        dirty_remove(s);
+    } else if (mw_buf_len(&s->obuf) > 0) {
+        dirty_add(s);
+    }
+}
+
 static ssize_t plain_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
 {
     ssize_t n = mw_sock_recv(s, buf, len);
@@ -240,7 +329,7 @@ static int write_try(lua_State *L, mw_sock *s, int top, size_t *sent, uint32_t *
             cnt++;
         }
         if (cnt == 0) return 0;
-        ssize_t n = s->tp->writev(s, iov, cnt, want);
+        ssize_t n = mw_sock_writev(s, iov, cnt, want);
         if (n >= 0) { *sent += (size_t)n; continue; }
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) return TRY_WAIT;
@@ -328,6 +417,10 @@ static int sendfile_k(lua_State *L, int status, lua_KContext ctx);
 
 static int sendfile_step(lua_State *L, mw_sock *s, mw_task *t, sendfile_t *f)
 {
+    uint32_t want = EPOLLOUT;
+    int r = mw_buf_len(&s->obuf) > 0 ? mw_sock_flush(s, &want) : 1;  /* what was gathered first */
+    if (r == 0) return mw_sock_wait(L, s, t, MW_ROLE_WRITE, want, s->wdeadline, sendfile_k, 0);
+    if (r < 0) return mw_pusherrno(L, errno);
     while (f->left > 0) {
         ssize_t n = sendfile(s->io.fd, f->fd, &f->off, f->left > 0x7ffff000 ? 0x7ffff000 : f->left);
         if (n > 0) { f->left -= (size_t)n; continue; }

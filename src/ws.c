@@ -539,7 +539,7 @@ static int ws_try_send(lua_State *L)
     uint32_t want = 0;
     size_t sent = 0;
     for (;;) {
-        ssize_t r = s->tp->writev(s, iov, n ? 2 : 1, &want);
+        ssize_t r = mw_sock_writev(s, iov, n ? 2 : 1, &want);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
         if (r < 0) return mw_stream_pusherr(L, s, errno);
