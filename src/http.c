@@ -185,6 +185,15 @@ static void value_of(const mw_http *h, const hspan *sp, const char **v, size_t *
     *n = len;
 }
 
+/* reg-name characters (RFC 3986: unreserved, sub-delims, and '%' of pct-encoded) */
+static unsigned char regname_char[256];
+
+static void init_regname(void)
+{
+    for (int c = 0; c < 256; c++)
+        regname_char[c] = (unsigned char)(c != 0 && (isalnum(c) || strchr("-._~!$&'()*+,;=%", c)));
+}
+
 /* RFC 3986 host [":" port]: reg-name, IPv4 or [IP-literal]. */
 static int valid_host(const char *s, size_t n)
 {
@@ -199,10 +208,8 @@ static int valid_host(const char *s, size_t n)
         if (i == n) return 0;
         i++;
     } else {
-        for (; i < n && s[i] != ':'; i++) {
-            unsigned char c = (unsigned char)s[i];
-            if (!(isalnum(c) || strchr("-._~!$&'()*+,;=%", c))) return 0;
-        }
+        for (; i < n && s[i] != ':'; i++)
+            if (!regname_char[(unsigned char)s[i]]) return 0;
     }
     if (i < n) {
         if (s[i] != ':') return 0;
@@ -311,6 +318,7 @@ static void init_settings(void)
     settings.on_body = on_body;
     settings.on_chunk_header = on_chunk_header;
     settings.on_message_complete = on_message_complete;
+    init_regname();
 }
 
 /* ---- feeding llhttp ------------------------------------------------------------------- */
@@ -483,24 +491,26 @@ static const char *const key_names[] = { "method", "target", "version", "path",
 /* Pushes request field name k (an upvalue): push it, then the value, then rawset(-3). */
 #define KEY(L, k) lua_pushvalue((L), lua_upvalueindex(k))
 
-/* Builds the request table (metatable: user value 2) from the parsed head. */
+/* Builds the request table (metatable: user value 2) from the parsed head. Its fields are
+ * array slots (request.lua resolves the public names): setting a named field on a new table
+ * costs Lua a hash insertion each, an array slot a fraction of that. */
 static void build_request(lua_State *L, mw_http *h)
 {
     /* [1] the connection, [2] the response (request.lua), [3] whether the message ended with
-     * its head (no body: the server need not ask the connection), [4] [5] the head and its
-     * header spans until the headers table is built */
-    lua_createtable(L, 5, 8);
-    KEY(L, K_METHOD);
+     * its head (no body: the server need not ask the connection), [4] the head's bytes
+     * followed by its header spans and [5] the head's length, until the headers table is
+     * built; [6] method [7] target [8] version [9] path [10] keepalive [11] upgrade. The
+     * hash part has room for the fields request.lua caches on first use. */
+    lua_createtable(L, 11, 4);
     lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
-    lua_rawset(L, -3);
+    lua_rawseti(L, -2, 6);
     const char *url = h->base + h->url_off;
     size_t ulen = h->url_len;
-    KEY(L, K_TARGET);
     lua_pushlstring(L, url, ulen);
-    lua_rawset(L, -3);
-    KEY(L, K_VERSION);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, 7);
     lua_pushstring(L, h->p.http_minor == 1 ? "1.1" : "1.0");
-    lua_rawset(L, -3);
+    lua_rawseti(L, -3, 8);
     /* path and query; absolute-form targets keep only their path */
     const char *path = url;
     size_t plen = ulen;
@@ -523,26 +533,31 @@ static void build_request(lua_State *L, mw_http *h)
     }
     const char *q = memchr(path, '?', plen);
     size_t pn = q ? (size_t)(q - path) : plen;
-    KEY(L, K_PATH);
     if (pn == 0) lua_pushliteral(L, "/");
+    else if (path == url && pn == ulen && !memchr(path, '%', pn)) lua_pushvalue(L, -1);  /* the target */
     else push_decoded(L, path, pn);
-    lua_rawset(L, -3);
+    lua_rawseti(L, -3, 9);
+    lua_pop(L, 1);      /* the target */
     /* query_string is cut from target on first use (request.lua) */
     /* headers: the table is built on first use (hc:headers_of, request.lua) from the head's
-     * bytes and its header spans, kept in slots 4 and 5 until then: a handler that never
-     * looks at a header costs no table and no string per header */
-    lua_pushlstring(L, h->base, h->parsed);
+     * bytes and its header spans, kept in slots 4 (one string) and 5 (where the spans start)
+     * until then: a handler that never looks at a header costs no table and no string per
+     * header */
+    size_t spanlen = (size_t)h->nhdrs * sizeof(hspan);
+    luaL_Buffer b;
+    char *hb = luaL_buffinitsize(L, &b, h->parsed + spanlen);   /* one string: head, then spans */
+    memcpy(hb, h->base, h->parsed);
+    if (spanlen) memcpy(hb + h->parsed, h->hdrs, spanlen);
+    luaL_pushresultsize(&b, h->parsed + spanlen);
     lua_rawseti(L, -2, 4);
-    lua_pushlstring(L, (const char *)h->hdrs, (size_t)h->nhdrs * sizeof(hspan));
+    lua_pushinteger(L, (lua_Integer)h->parsed);
     lua_rawseti(L, -2, 5);
-    KEY(L, K_KEEPALIVE);
     lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
-    lua_rawset(L, -3);
+    lua_rawseti(L, -2, 10);
     /* socket and _server are looked up on first use (request.lua: hc:socket(), hc:server()) */
     if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
-        KEY(L, K_UPGRADE);
         lua_pushboolean(L, 1);
-        lua_rawset(L, -3);
+        lua_rawseti(L, -2, 11);
     }
     lua_pushvalue(L, 1);
     lua_rawseti(L, -2, 1);
@@ -566,11 +581,13 @@ static const char *strict_head(const char *p, size_t n)
         }
     }
     if (spaces != 2) return "malformed request line";
-    for (size_t i = 0; i < n; i++) {
-        if (p[i] != '\n') continue;
-        if (i == 0 || p[i - 1] != '\r') return "bare LF in the request head";
-        if (i + 1 < n && (p[i + 1] == ' ' || p[i + 1] == '\t')) return "obsolete line folding";
-        if (i + 1 < n && p[i + 1] == ':') return "empty header name";
+    /* from one LF to the next (memchr: a few calls per head rather than a test per byte) */
+    const char *end = p + n;
+    for (const char *lf = memchr(p, '\n', n); lf; lf = memchr(lf + 1, '\n', (size_t)(end - lf - 1))) {
+        if (lf == p || lf[-1] != '\r') return "bare LF in the request head";
+        if (lf + 1 < end && (lf[1] == ' ' || lf[1] == '\t')) return "obsolete line folding";
+        if (lf + 1 < end && lf[1] == ':') return "empty header name";
+        if (lf + 1 >= end) break;
     }
     return NULL;
 }
@@ -940,10 +957,14 @@ static int hc_headers_of(lua_State *L)
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_rawgeti(L, 2, 4);
     lua_rawgeti(L, 2, 5);
-    if (lua_type(L, 3) != LUA_TSTRING || lua_type(L, 4) != LUA_TSTRING) return luaL_error(L, "the request's head is gone");
-    size_t headlen, spanlen;
-    const char *head = lua_tolstring(L, 3, &headlen);
-    const char *spans = lua_tolstring(L, 4, &spanlen);
+    if (lua_type(L, 3) != LUA_TSTRING || !lua_isinteger(L, 4)) return luaL_error(L, "the request's head is gone");
+    size_t total;
+    const char *head = lua_tolstring(L, 3, &total);
+    lua_Integer hl = lua_tointeger(L, 4);
+    if (hl < 0 || (size_t)hl > total || (total - (size_t)hl) % sizeof(hspan) != 0)
+        return luaL_error(L, "the request's head is damaged");
+    size_t headlen = (size_t)hl, spanlen = total - headlen;
+    const char *spans = head + headlen;
     mw_http view;
     memset(&view, 0, sizeof view);
     view.base = head;

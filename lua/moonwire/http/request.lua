@@ -1,12 +1,22 @@
 --- The request object handed to HTTP handlers.
--- The C core builds each request table (method, target, path, version, keepalive) and gives
--- it this metatable; everything else is computed on first use and cached in the table. The
--- array slots are private: 1 the connection object, 2 the response (response.lua sets it),
--- 3 whether the message ended with its head (the server's keep-alive check), 4 and 5 the
--- head and its header spans until `headers` is built from them.
+-- The C core builds each request table and gives it this metatable. Its parsed fields sit in
+-- array slots (a table costs Lua a hash insertion per named field, an array slot much less)
+-- and are read by name through __index: method, target, version, path, keepalive, upgrade.
+-- Everything else is computed on first use and cached in the table. The other array slots
+-- are private: 1 the connection object, 2 the response (response.lua sets it), 3 whether the
+-- message ended with its head (the server's keep-alive check), 4 the head followed by its
+-- header spans, and 5 the head's length, until `headers` is built from them.
 local Request = {}
 local CONN <const>, RES <const> = 1, 2
-Request.slots = { CONN = CONN, RES = RES }
+local METHOD <const>, TARGET <const>, VERSION <const>, PATH <const>, KEEPALIVE <const>, UPGRADE <const> =
+  6, 7, 8, 9, 10, 11
+Request.slots = { CONN = CONN, RES = RES, METHOD = METHOD, TARGET = TARGET, VERSION = VERSION, PATH = PATH,
+  KEEPALIVE = KEEPALIVE, UPGRADE = UPGRADE }
+
+-- the parsed fields, by name (a value assigned to one of these names is kept in the table
+-- and read from there instead)
+local named = { method = METHOD, target = TARGET, version = VERSION, path = PATH, keepalive = KEEPALIVE,
+  upgrade = UPGRADE }
 
 local lazy = {}   -- fields computed on first access
 
@@ -74,6 +84,8 @@ end
 local methods = {}
 
 function Request:__index(k)
+  local i = named[k]
+  if i then return self[i] end     -- (a nil slot comes back here with an integer: nil)
   local m = methods[k]
   if m then return m end
   local f = lazy[k]

@@ -4,6 +4,7 @@
 local core = require "moonwire.core"
 
 local http_head, http_send, value_ok, gzip = core.http_head, core.http_send, core.http_value_ok, core.gzip
+local type, error = type, error
 local mime_ok, mime = pcall(require, "moonwire.http.mime")
 
 local Response = {}
@@ -21,6 +22,8 @@ end
 local SRV <const>, REQ <const>, SOCK <const>, NH <const>, FIN <const>, BYTES <const>, STATUS <const> =
   1, 2, 3, 4, 5, 6, 7
 local HBASE <const> = 8
+-- the request's parsed fields (request.lua: Request.slots)
+local R_METHOD <const>, R_VERSION <const>, R_KEEPALIVE <const> = 6, 8, 10
 Response.slots = { SRV = SRV, REQ = REQ, SOCK = SOCK, NH = NH, FIN = FIN, BYTES = BYTES, STATUS = STATUS,
   HBASE = HBASE }
 
@@ -30,13 +33,11 @@ Response._mode = false
 Response._upgraded = false
 Response._ws = false
 
-function Response.new(srv, req, sock)
-  -- the fields, room for two headers, and `sent` (made here: set later on a table without a
-  -- hash part, it would cost a rehash that counts the whole array)
-  local res = setmetatable({ srv, req, sock, 0, false, 0, 200, false, false, false, false, sent = false }, Response)
-  req[2] = res        -- the request's response slot (request.lua: Request.slots.RES)
-  return res
-end
+-- server.lua makes each response with one table constructor, in its request loop (a call
+-- less per request): { srv, req, sock, 0, false, 0, 200, false, false, false, false,
+-- sent = false }, this metatable, and the request's slot 2 set to it. `sent` is made there
+-- because set later on a table without a hash part, it would cost a rehash that counts the
+-- whole array.
 
 -- Drops every header and sets the status (the 500 answer to a handler that raised).
 function Response:_reset(status)
@@ -110,11 +111,11 @@ end
 -- Connection flags for the C head builder: 1 close, 2 keep-alive for HTTP/1.0.
 local function connflags(self)
   local req, srv = self[REQ], self[SRV]
-  if not req.keepalive or srv.closing or self._close then
+  if not req[R_KEEPALIVE] or srv.closing or self._close then
     self._close = true
     return 1
   end
-  if req.version == "1.0" then return 2 end
+  if req[R_VERSION] == "1.0" then return 2 end
   return 0
 end
 
@@ -158,14 +159,14 @@ function Response:send(body)
   local srv, req = self[SRV], self[REQ]
   if srv.gzip and #body >= srv.gzip_min then body = maybe_gzip(self, body) end
   local flags = 0
-  if not req.keepalive or srv.closing or self._close then
+  if not req[R_KEEPALIVE] or srv.closing or self._close then
     self._close = true
     flags = 1
-  elseif req.version == "1.0" then
+  elseif req[R_VERSION] == "1.0" then
     flags = 2
   end
   local st, n = self[STATUS], #body
-  local with_body = st >= 200 and st ~= 204 and st ~= 304 and req.method ~= "HEAD"
+  local with_body = st >= 200 and st ~= 204 and st ~= 304 and req[R_METHOD] ~= "HEAD"
   local sock = self[SOCK]
   -- head and body in one write from C; what the socket did not take goes through write
   local ok, a, b = http_send(sock, st, self, self[NH], body, flags, srv.server_name, with_body, HBASE)

@@ -9,7 +9,9 @@ local http_conn, http_head = core.http_conn, core.http_head
 local FIN <const>, BYTES <const>, STATUS <const>, NH <const> = 5, 6, 7, 4
 assert(Response.slots.FIN == FIN and Response.slots.BYTES == BYTES and Response.slots.STATUS == STATUS
   and Response.slots.NH == NH)
+assert(Request.slots.KEEPALIVE == 10 and Request.slots.METHOD == 6 and Request.slots.VERSION == 8)
 local traceback = debug.traceback
+local setmetatable = setmetatable
 
 local M = {}
 
@@ -104,17 +106,20 @@ end
 -- response (false between requests), for serve_connection when a handler raises.
 local function requests(srv, sock, hc, cur)
   local t, handler = srv.timeouts, srv.handler
+  local idle, head = t.idle, t.head
   -- a new connection must send its first request (and its TLS handshake) within `head`;
   -- later requests on it may wait `idle` for their first byte
-  local wait = math.min(t.idle, t.head)
+  local wait = math.min(idle, head)
   while not srv.closing do
-    local r, err, status = hc:read_request(wait, t.head)
-    wait = t.idle
+    local r, err, status = hc:read_request(wait, head)
+    wait = idle
     if not r then
       if math.type(status) == "integer" then send_error(sock, status, err) end
       return
     end
-    local rs = Response.new(srv, r, sock)   -- also puts itself in the request (slot 2)
+    -- the response (Response.new, written out): its slots, room for two headers, `sent`
+    local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, sent = false }, Response)
+    r[2] = rs                               -- the request's response slot
     cur[1], cur[2] = r, rs
     handler(r, rs)
     if not rs[FIN] then after_handler(srv, r, rs, true) end
@@ -129,7 +134,7 @@ local function requests(srv, sock, hc, cur)
       return
     end
     -- ready for the next request? (the common case inline, the rest in settle)
-    if rs._close or not r.keepalive or srv.closing then return end
+    if rs._close or not r[10] or srv.closing then return end   -- [10]: keepalive
     if not r[3] and not hc:msg_done() and not settle(srv, hc, r) then return end   -- [3]: no body
   end
 end
