@@ -1272,24 +1272,16 @@ static int l_http_head(lua_State *L)
  * part (the caller writes the rest with sock:write); false alone when the head is too big
  * for this path (the caller uses http_head); nil, err, code on a write error. The response
  * fast path: no head string, one call. */
-static int l_http_send(lua_State *L)
+/* http_send's work, for it and for the res:send fast path: the head of the response whose
+ * headers are in the table at tidx (from index first), then the body. Pushes what http_send
+ * returns and returns how many values. */
+static int send_core(lua_State *L, datecache *dc, mw_sock *s, int tidx, lua_Integer status, lua_Integer first,
+                     lua_Integer nh, const char *body, size_t blen, lua_Integer flags, const char *server,
+                     int with_body)
 {
-    datecache *dc = lua_touserdata(L, lua_upvalueindex(1));
-    mw_sock *s = mw_checkudata_up(L, 1, 2, MW_SOCK_MT);
-    if (s->closed) luaL_error(L, "attempt to use a closed socket");
-    lua_Integer status = luaL_checkinteger(L, 2);
-    luaL_argcheck(L, status >= 100 && status <= 999, 2, "status out of range");
-    luaL_checktype(L, 3, LUA_TTABLE);
-    lua_Integer nh = luaL_checkinteger(L, 4);
-    size_t blen;
-    const char *body = luaL_checklstring(L, 5, &blen);
-    lua_Integer flags = luaL_optinteger(L, 6, 0);
-    const char *server = luaL_optstring(L, 7, NULL);
-    int with_body = lua_toboolean(L, 8);
-    lua_Integer first = luaL_optinteger(L, 9, 1);
     char head[4096];
     sink k = { NULL, head, 0, sizeof head, 0 };
-    build_head(L, &k, dc, status, 3, first, nh, (lua_Integer)blen, flags, server);
+    build_head(L, &k, dc, status, tidx, first, nh, (lua_Integer)blen, flags, server);
     if (k.overflow) {
         lua_pushboolean(L, 0);
         return 1;
@@ -1346,6 +1338,179 @@ static int l_http_send(lua_State *L)
         nret++;
     }
     return nret;
+}
+
+
+static int l_http_send(lua_State *L)
+{
+    datecache *dc = lua_touserdata(L, lua_upvalueindex(1));
+    mw_sock *s = mw_checkudata_up(L, 1, 2, MW_SOCK_MT);
+    if (s->closed) luaL_error(L, "attempt to use a closed socket");
+    lua_Integer status = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, status >= 100 && status <= 999, 2, "status out of range");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_Integer nh = luaL_checkinteger(L, 4);
+    size_t blen;
+    const char *body = luaL_checklstring(L, 5, &blen);
+    lua_Integer flags = luaL_optinteger(L, 6, 0);
+    const char *server = luaL_optstring(L, 7, NULL);
+    int with_body = lua_toboolean(L, 8);
+    lua_Integer first = luaL_optinteger(L, 9, 1);
+    return send_core(L, dc, s, 3, status, first, nh, body, blen, flags, server, with_body);
+}
+
+/* ---- res:send and res:header (response.lua) in C ------------------------------------- */
+
+/* The response's slots (response.lua) and the request's (request.lua). */
+enum { RS_SRV = 1, RS_REQ = 2, RS_SOCK = 3, RS_NH = 4, RS_FIN = 5, RS_BYTES = 6, RS_STATUS = 7, RS_HBASE = 8 };
+enum { RQ_METHOD = 6, RQ_VERSION = 8, RQ_KEEPALIVE = 10 };
+/* upvalues of both: 1 the date cache, 2 the socket metatable, 3 the Lua implementation (for
+ * everything but the common case), 4 write_rest (send: what the socket did not take), then
+ * the keys "sent", "closing", "_close", "_gzip_from", "server_name" */
+enum { UP_DC = 1, UP_SOCKMT, UP_SLOW, UP_REST, UP_SENT, UP_CLOSING, UP_CLOSE, UP_GZIP, UP_SERVER };
+
+static int results_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    return lua_gettop(L) - (int)ctx;
+}
+
+/* Calls upvalue `up` with the first n values on the stack (after dropping the rest) and
+ * returns what it returns. */
+static int call_lua(lua_State *L, int up, int n)
+{
+    lua_settop(L, n);
+    lua_pushvalue(L, lua_upvalueindex(up));
+    lua_insert(L, 1);
+    lua_callk(L, n, LUA_MULTRET, 0, results_k);
+    return results_k(L, LUA_OK, 0);
+}
+
+static int rawget_up(lua_State *L, int t, int up)
+{
+    lua_pushvalue(L, lua_upvalueindex(up));
+    return lua_rawget(L, t < 0 ? t - 1 : t);
+}
+
+/* res:send(body): a string (or nil) body, the head not sent yet, no compression to decide:
+ * done here; anything else goes to the Lua implementation. */
+static int l_res_send(lua_State *L)
+{
+    int top0 = lua_gettop(L);
+    size_t blen = 0;
+    const char *body = "";
+    if (top0 < 1 || top0 > 2 || lua_type(L, 1) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);
+    if (top0 == 2 && !lua_isnil(L, 2)) {
+        if (lua_type(L, 2) != LUA_TSTRING) return call_lua(L, UP_SLOW, top0);
+        body = lua_tolstring(L, 2, &blen);
+    }
+    lua_settop(L, 2);
+    if (rawget_up(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return call_lua(L, UP_SLOW, top0);
+    if (lua_rawgeti(L, 1, RS_SRV) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);      /* 4 */
+    rawget_up(L, 4, UP_GZIP);                                                              /* 5 */
+    if (!lua_isnumber(L, 5) || (lua_Number)blen >= lua_tonumber(L, 5)) return call_lua(L, UP_SLOW, top0);
+    if (lua_rawgeti(L, 1, RS_REQ) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);      /* 6 */
+    lua_rawgeti(L, 6, RQ_KEEPALIVE);                                                       /* 7 */
+    lua_rawgeti(L, 6, RQ_VERSION);                                                         /* 8 */
+    lua_rawgeti(L, 6, RQ_METHOD);                                                          /* 9 */
+    rawget_up(L, 4, UP_CLOSING);                                                           /* 10 */
+    rawget_up(L, 1, UP_CLOSE);                                                             /* 11 */
+    int isnum;
+    lua_rawgeti(L, 1, RS_STATUS);                                                          /* 12 */
+    lua_Integer status = lua_tointegerx(L, 12, &isnum);
+    if (!isnum || status < 100 || status > 999) return call_lua(L, UP_SLOW, top0);
+    lua_rawgeti(L, 1, RS_NH);                                                              /* 13 */
+    lua_Integer nh = lua_tointegerx(L, 13, &isnum);
+    if (!isnum) return call_lua(L, UP_SLOW, top0);
+    lua_rawgeti(L, 1, RS_SOCK);                                                            /* 14 */
+    mw_sock *s = mw_checkudata_up(L, 14, UP_SOCKMT, MW_SOCK_MT);
+    if (s->closed) luaL_error(L, "attempt to use a closed socket");
+    rawget_up(L, 4, UP_SERVER);                                                            /* 15 */
+    const char *server = lua_type(L, 15) == LUA_TSTRING ? lua_tostring(L, 15) : NULL;
+    lua_Integer flags = 0;
+    size_t vl = 0, ml = 0;
+    const char *version = lua_tolstring(L, 8, &vl), *method = lua_tolstring(L, 9, &ml);
+    if (!lua_toboolean(L, 7) || lua_toboolean(L, 10) || lua_toboolean(L, 11)) {
+        flags = 1;
+        lua_pushvalue(L, lua_upvalueindex(UP_CLOSE));
+        lua_pushboolean(L, 1);
+        lua_rawset(L, 1);
+    } else if (version && vl == 3 && memcmp(version, "1.0", 3) == 0) {
+        flags = 2;
+    }
+    int with_body = status >= 200 && status != 204 && status != 304 &&
+                    !(method && ml == 4 && memcmp(method, "HEAD", 4) == 0);
+    datecache *dc = lua_touserdata(L, lua_upvalueindex(UP_DC));
+    int base = lua_gettop(L);
+    int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags, server, with_body);
+    if (nret == 1 && lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+        return call_lua(L, UP_SLOW, top0);          /* a head too big for this path: nothing sent */
+    /* sent (whole, in part, or failed): as response.lua does */
+    lua_pushvalue(L, lua_upvalueindex(UP_SENT));
+    lua_pushboolean(L, 1);
+    lua_rawset(L, 1);
+    lua_pushboolean(L, 1);
+    lua_rawseti(L, 1, RS_FIN);
+    lua_pushinteger(L, with_body ? (lua_Integer)blen : 0);
+    lua_rawseti(L, 1, RS_BYTES);
+    if (lua_toboolean(L, base + 1)) return 1;       /* true */
+    if (lua_isnil(L, base + 1)) {                   /* nil, err, code */
+        lua_pushvalue(L, lua_upvalueindex(UP_CLOSE));
+        lua_pushboolean(L, 1);
+        lua_rawset(L, 1);
+        return nret;
+    }
+    /* false, rest [, rest2]: write_rest(self, rest [, rest2]) writes them (and may wait) */
+    lua_pushvalue(L, lua_upvalueindex(UP_REST));
+    lua_pushvalue(L, 1);
+    for (int i = base + 2; i <= base + nret; i++) lua_pushvalue(L, i);
+    int callbase = base + nret;
+    lua_callk(L, nret, LUA_MULTRET, callbase, results_k);
+    return results_k(L, LUA_OK, callbase);
+}
+
+/* res:header(name, value): two strings, a value without CR, LF or NUL, the head not sent
+ * yet: appended here; anything else goes to the Lua implementation. */
+static int l_res_header(lua_State *L)
+{
+    int top0 = lua_gettop(L);
+    if (top0 != 3 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING || lua_type(L, 3) != LUA_TSTRING)
+        return call_lua(L, UP_SLOW, top0);
+    size_t vn;
+    const char *v = lua_tolstring(L, 3, &vn);
+    if (vn && (memchr(v, '\r', vn) || memchr(v, '\n', vn) || memchr(v, '\0', vn))) return call_lua(L, UP_SLOW, top0);
+    if (rawget_up(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return call_lua(L, UP_SLOW, top0);
+    int isnum;
+    lua_rawgeti(L, 1, RS_NH);
+    lua_Integer n = lua_tointegerx(L, -1, &isnum);
+    if (!isnum || n < 0) return call_lua(L, UP_SLOW, top0);
+    lua_pushvalue(L, 2);
+    lua_rawseti(L, 1, RS_HBASE + 2 * n);
+    lua_pushvalue(L, 3);
+    lua_rawseti(L, 1, RS_HBASE + 2 * n + 1);
+    lua_pushinteger(L, n + 1);
+    lua_rawseti(L, 1, RS_NH);
+    lua_pushvalue(L, 1);
+    return 1;
+}
+
+/* http_response_methods(send_lua, header_lua, write_rest) -> send, header: res:send and
+ * res:header with their common case in C (upvalues: see UP_*) */
+static int l_http_response_methods(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    static const char *const keys[] = { "sent", "closing", "_close", "_gzip_from", "server_name" };
+    for (int m = 0; m < 2; m++) {
+        lua_pushvalue(L, lua_upvalueindex(1));   /* the date cache */
+        luaL_getmetatable(L, MW_SOCK_MT);
+        lua_pushvalue(L, m == 0 ? 1 : 2);
+        lua_pushvalue(L, 3);
+        for (int i = 0; i < 5; i++) lua_pushstring(L, keys[i]);
+        lua_pushcclosure(L, m == 0 ? l_res_send : l_res_header, UP_SERVER);
+    }
+    return 2;
 }
 
 /* http_value_ok(v [, name]) -> whether v is a string that may be a header value (no CR, LF
@@ -1503,9 +1668,12 @@ void mw_http_open(lua_State *L)
     lua_pushvalue(L, -1);
     lua_pushcclosure(L, l_http_head, 1);
     lua_setfield(L, -3, "http_head");
+    lua_pushvalue(L, -1);
     luaL_getmetatable(L, MW_SOCK_MT);     /* made by the net layer, which opens first */
     lua_pushcclosure(L, l_http_send, 2);
-    lua_setfield(L, -2, "http_send");
+    lua_setfield(L, -3, "http_send");
+    lua_pushcclosure(L, l_http_response_methods, 1);   /* upvalue: the date cache */
+    lua_setfield(L, -2, "http_response_methods");
     lua_pushcfunction(L, l_http_value_ok);
     lua_setfield(L, -2, "http_value_ok");
     lua_pushcfunction(L, l_http_request_head);

@@ -10,8 +10,9 @@ local mime_ok, mime = pcall(require, "moonwire.http.mime")
 local Response = {}
 Response.__index = Response
 
-local function argerror(n, fname, msg)
-  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+-- (level: 4 from send_lua and header_lua, which run under a C function)
+local function argerror(n, fname, msg, level)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), level or 3)
 end
 
 -- A response is one table. Its fields sit in the array part (a constructor fills that
@@ -64,18 +65,12 @@ local function find(self, lname)
   end
 end
 
---- Adds a header (repeatable); value nil removes every header of that name.
-function Response:header(name, value)
-  if not self.sent and value_ok(value, name) then    -- the common case: two plain strings
-    local n = self[NH]                -- (a header set makes NH > 0: the response was touched)
-    local i = HBASE + 2 * n
-    self[i] = name
-    self[i + 1] = value
-    self[NH] = n + 1
-    return self
-  end
-  if type(name) ~= "string" then argerror(1, "header", "string expected, got " .. type(name)) end
-  if self.sent then error("response head already sent", 2) end
+--- res:header(name, value): adds a header (repeatable); value nil removes every header of
+-- that name. Its common case (two plain strings) runs in C (core.http_response_methods), and
+-- the rest here, one call level down.
+local function header_lua(self, name, value)
+  if type(name) ~= "string" then argerror(1, "header", "string expected, got " .. type(name), 4) end
+  if self.sent then error("response head already sent", 3) end
   self._touched = true
   if value == nil then
     local lname = name:lower()
@@ -92,9 +87,9 @@ function Response:header(name, value)
   if tv == "number" then
     value = tostring(math.tointeger(value) or value)
   elseif tv ~= "string" then
-    argerror(2, "header", "string expected, got " .. tv)
+    argerror(2, "header", "string expected, got " .. tv, 4)
   end
-  if not value_ok(value) then argerror(2, "header", "value contains CR, LF or NUL") end
+  if not value_ok(value) then argerror(2, "header", "value contains CR, LF or NUL", 4) end
   local n = self[NH]
   self[HBASE + 2 * n] = name
   self[HBASE + 2 * n + 1] = value
@@ -147,14 +142,15 @@ local function write(self, ...)
   return true
 end
 
---- Sends the whole response: head and body in one write. (The hot path of every simple
--- handler: written out without helper calls.)
-function Response:send(body)
-  if self.sent then error("response already sent", 2) end
+--- res:send(body): sends the whole response, head and body in one write. Its common case
+-- runs in C (core.http_response_methods); the rest (compression, errors, a head too big for
+-- the C path) here, one call level down.
+local function send_lua(self, body)
+  if self.sent then error("response already sent", 3) end
   if body == nil then
     body = ""
   elseif type(body) ~= "string" then
-    argerror(1, "send", "string expected, got " .. type(body))
+    argerror(1, "send", "string expected, got " .. type(body), 4)
   end
   local srv, req = self[SRV], self[REQ]
   if srv.gzip and #body >= srv.gzip_min then body = maybe_gzip(self, body) end
@@ -187,6 +183,17 @@ function Response:send(body)
   self._close = true
   return nil, err, code
 end
+
+-- What the socket did not take of a response the C path of res:send wrote.
+local function write_rest(self, a, b)
+  local ok, err, code
+  if b then ok, err, code = self[SOCK]:write(a, b) else ok, err, code = self[SOCK]:write(a) end
+  if ok then return true end
+  self._close = true
+  return nil, err, code
+end
+
+Response.send, Response.header = core.http_response_methods(send_lua, header_lua, write_rest)
 
 -- Streaming: chunked for HTTP/1.1 without a known length; close-delimited for 1.0.
 local function start_stream(self)

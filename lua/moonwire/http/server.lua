@@ -248,6 +248,8 @@ function M.server(opts)
     server_name = opts.server_name == nil and "moonwire" or opts.server_name or nil,
     gzip = opts.gzip ~= false,
     gzip_min = opts.gzip_min or 1024,
+    -- (res:send's C path: bodies from this size on may be compressed)
+    _gzip_from = opts.gzip ~= false and (opts.gzip_min or 1024) or math.huge,
     grace = opts.grace or 10,
     closing = false,
     _conns = {}, _nconns = 0,
