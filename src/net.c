@@ -147,7 +147,7 @@ static void on_sock_event(mw_io *io, uint32_t ev)
         s->rready = 1;
         if (ev & (EPOLLRDHUP | always)) s->rdhup = 1;
     }
-    if (s->obuf.data && (ev & (EPOLLOUT | always))) mw_sock_output_event(s, 0);
+    if (s->obuf.data && (ev & (EPOLLOUT | EPOLLIN | always))) mw_sock_output_event(s, 0);  /* TLS may need either */
     if (s->armed) {
         uint32_t want = s->want[MW_ROLE_READ] | EPOLLIN | EPOLLRDHUP;
         if (ev & (want | always)) fire_watch(s);
@@ -211,7 +211,7 @@ void mw_sock_close(mw_sock *s, int wake)
         /* closed while watched: the watch runs and finds it closed. Not from __gc (nothing
          * may run then; a watched handle is only collected by lua_close) */
         if (s->armed && wake && s->rt->running) fire_watch(s);
-        else if (!wake) drop_watch(s, NULL);
+        else if (!wake || !s->rt->running) drop_watch(s, NULL);
     }
     for (int role = 0; role < 2; role++) {
         mw_task *t = s->waiter[role];
