@@ -34,8 +34,8 @@ Response._mode = false
 Response._upgraded = false
 Response._ws = false
 
--- server.lua makes each response with one table constructor, in its request loop (a call
--- less per request): { srv, req, sock, 0, false, 0, 200, false, false, false, false,
+-- server.lua makes each response with one table constructor (new_response):
+-- { srv, req, sock, 0, false, 0, 200, false, false, false, false,
 -- sent = false }, this metatable, and the request's slot 2 set to it. `sent` is made there
 -- because set later on a table without a hash part, it would cost a rehash that counts the
 -- whole array.

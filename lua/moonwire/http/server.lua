@@ -102,24 +102,32 @@ local function after_handler(srv, req, res, ok, err)
   end
 end
 
+-- A request's response (see response.lua): its slots, room for two headers, and `sent`; it
+-- goes in the request's slot 2. (A function of its own: written out in requests(), the
+-- constructor's registers make that frame so large that a connection's coroutine needs a
+-- stack twice the size, 1.4 KiB more for every WebSocket connection with a receiving task.)
+local function new_response(srv, r, sock)
+  local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, sent = false }, Response)
+  r[2] = rs
+  return rs
+end
+
 -- The requests of one connection, in order; `cur` holds the request being answered and its
 -- response (false between requests), for serve_connection when a handler raises.
 local function requests(srv, sock, hc, cur)
-  local t, handler = srv.timeouts, srv.handler
-  local idle, head = t.idle, t.head
+  -- (few locals: this frame's size adds to the stack of every connection's coroutine, and a
+  -- WebSocket handler's frames above it are close to where Lua doubles that stack)
+  local handler, idle, head = srv.handler, srv.timeouts.idle, srv.timeouts.head
+  if srv.closing then return end
   -- a new connection must send its first request (and its TLS handshake) within `head`;
   -- later requests on it may wait `idle` for their first byte
-  local wait = math.min(idle, head)
-  while not srv.closing do
-    local r, err, status = hc:read_request(wait, head)
-    wait = idle
+  local r, err, status = hc:read_request(math.min(idle, head), head)
+  while true do
     if not r then
       if math.type(status) == "integer" then send_error(sock, status, err) end
       return
     end
-    -- the response (Response.new, written out): its slots, room for two headers, `sent`
-    local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, sent = false }, Response)
-    r[2] = rs                               -- the request's response slot
+    local rs = new_response(srv, r, sock)
     cur[1], cur[2] = r, rs
     handler(r, rs)
     if not rs[FIN] then after_handler(srv, r, rs, true) end
@@ -136,6 +144,7 @@ local function requests(srv, sock, hc, cur)
     -- ready for the next request? (the common case inline, the rest in settle)
     if rs._close or not r[10] or srv.closing then return end   -- [10]: keepalive
     if not r[3] and not hc:msg_done() and not settle(srv, hc, r) then return end   -- [3]: no body
+    r, err, status = hc:read_request(idle, head)
   end
 end
 
