@@ -641,6 +641,25 @@ describe("http server: connections", function()
     end)
   end)
 
+  it("an idle keep-alive connection keeps nothing of its last request and response", function()
+    run(function()
+      local seen = setmetatable({}, { __mode = "k" })
+      local srv = serve(function(req, res)
+        seen[req], seen[res] = true, true
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/")))
+      assert.equal("ok", assert(read_response(s)).body)
+      mw.sleep(0.01)                             -- the server parks for the next request
+      collectgarbage()
+      collectgarbage()
+      assert.is_nil(next(seen), "the idle connection still holds its last request or response")
+      srv:close()
+    end)
+  end)
+
   -- Responses to pipelined requests are gathered and written together before the loop polls
   -- (docs/architecture.md): none may wait for a later handler, be lost or be reordered.
   it("a pipelined response is not held back by the next request's handler while it waits", function()

@@ -144,6 +144,7 @@ local function requests(srv, sock, hc, cur)
     -- ready for the next request? (the common case inline, the rest in settle)
     if rs._close or not r[10] or srv.closing then return end   -- [10]: keepalive
     if not r[3] and not hc:msg_done() and not settle(srv, hc, r) then return end   -- [3]: no body
+    r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
     r, err, status = hc:read_request(idle, head)
   end
 end
