@@ -53,6 +53,13 @@ typedef struct mw_http {
     int in_trailer_field;
     uint64_t lean_bytes;
     int idle_wait;             /* parked in read_request with nothing of the next head yet */
+    /* for res:send's C path (server side): the server's name and from which body size a
+     * response may be compressed (read once from the server table), and what the request
+     * being answered said (set with each request; responses are finished in order) */
+    char server_name[64];
+    int has_server_name;       /* 1 a name, 0 none, -1 too long for this path */
+    double gzip_from;
+    int req_keepalive, req_http10, req_head;
 } mw_http;
 
 /* ---- llhttp callbacks: spans and verdicts only ------------------------------------- */
@@ -552,7 +559,10 @@ static void build_request(lua_State *L, mw_http *h)
     lua_rawseti(L, -2, 4);
     lua_pushinteger(L, (lua_Integer)h->parsed);
     lua_rawseti(L, -2, 5);
-    lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
+    h->req_keepalive = llhttp_should_keep_alive(&h->p);
+    h->req_http10 = h->p.http_minor != 1;
+    h->req_head = h->p.method == HTTP_HEAD;
+    lua_pushboolean(L, h->req_keepalive);
     lua_rawseti(L, -2, 10);
     /* socket and _server are looked up on first use (request.lua: hc:socket(), hc:server()) */
     if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
@@ -1365,9 +1375,9 @@ static int l_http_send(lua_State *L)
 enum { RS_SRV = 1, RS_REQ = 2, RS_SOCK = 3, RS_NH = 4, RS_FIN = 5, RS_BYTES = 6, RS_STATUS = 7, RS_HBASE = 8 };
 enum { RQ_METHOD = 6, RQ_VERSION = 8, RQ_KEEPALIVE = 10 };
 /* upvalues of both: 1 the date cache, 2 the socket metatable, 3 the Lua implementation (for
- * everything but the common case), 4 write_rest (send: what the socket did not take), then
- * the keys "sent", "closing", "_close", "_gzip_from", "server_name" */
-enum { UP_DC = 1, UP_SOCKMT, UP_SLOW, UP_REST, UP_SENT, UP_CLOSING, UP_CLOSE, UP_GZIP, UP_SERVER };
+ * everything but the common case), 4 write_rest (send: what the socket did not take), the
+ * keys "sent", "closing", "_close", and the HttpConn metatable */
+enum { UP_DC = 1, UP_SOCKMT, UP_SLOW, UP_REST, UP_SENT, UP_CLOSING, UP_CLOSE, UP_HCMT };
 
 static int results_k(lua_State *L, int status, lua_KContext ctx)
 {
@@ -1406,43 +1416,42 @@ static int l_res_send(lua_State *L)
     }
     lua_settop(L, 2);
     if (rawget_up(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return call_lua(L, UP_SLOW, top0);
-    if (lua_rawgeti(L, 1, RS_SRV) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);      /* 4 */
-    rawget_up(L, 4, UP_GZIP);                                                              /* 5 */
-    if (!lua_isnumber(L, 5) || (lua_Number)blen >= lua_tonumber(L, 5)) return call_lua(L, UP_SLOW, top0);
-    if (lua_rawgeti(L, 1, RS_REQ) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);      /* 6 */
-    lua_rawgeti(L, 6, RQ_KEEPALIVE);                                                       /* 7 */
-    lua_rawgeti(L, 6, RQ_VERSION);                                                         /* 8 */
-    lua_rawgeti(L, 6, RQ_METHOD);                                                          /* 9 */
-    rawget_up(L, 4, UP_CLOSING);                                                           /* 10 */
-    rawget_up(L, 1, UP_CLOSE);                                                             /* 11 */
+    /* the request's connection (its slot 1) knows the rest: the server's settings and what
+     * the request said */
+    if (lua_rawgeti(L, 1, RS_REQ) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);      /* 4 */
+    lua_rawgeti(L, 4, 1);                                                                  /* 5 */
+    mw_http *h = lua_touserdata(L, 5);
+    if (!h || !lua_getmetatable(L, 5)) return call_lua(L, UP_SLOW, top0);                  /* 6 */
+    int is_hc = lua_rawequal(L, 6, lua_upvalueindex(UP_HCMT));
+    if (!is_hc || !h->s || h->has_server_name < 0 || h->gzip_from < 0 || (double)blen >= h->gzip_from)
+        return call_lua(L, UP_SLOW, top0);
     int isnum;
-    lua_rawgeti(L, 1, RS_STATUS);                                                          /* 12 */
-    lua_Integer status = lua_tointegerx(L, 12, &isnum);
+    lua_rawgeti(L, 1, RS_STATUS);                                                          /* 7 */
+    lua_Integer status = lua_tointegerx(L, 7, &isnum);
     if (!isnum || status < 100 || status > 999) return call_lua(L, UP_SLOW, top0);
-    lua_rawgeti(L, 1, RS_NH);                                                              /* 13 */
-    lua_Integer nh = lua_tointegerx(L, 13, &isnum);
+    lua_rawgeti(L, 1, RS_NH);                                                              /* 8 */
+    lua_Integer nh = lua_tointegerx(L, 8, &isnum);
     if (!isnum) return call_lua(L, UP_SLOW, top0);
-    lua_rawgeti(L, 1, RS_SOCK);                                                            /* 14 */
-    mw_sock *s = mw_checkudata_up(L, 14, UP_SOCKMT, MW_SOCK_MT);
+    mw_sock *s = h->s;
     if (s->closed) luaL_error(L, "attempt to use a closed socket");
-    rawget_up(L, 4, UP_SERVER);                                                            /* 15 */
-    const char *server = lua_type(L, 15) == LUA_TSTRING ? lua_tostring(L, 15) : NULL;
+    lua_getiuservalue(L, 5, 4);                                                            /* 9: srv */
+    int closing = lua_istable(L, 9) && rawget_up(L, 9, UP_CLOSING) != LUA_TNIL && lua_toboolean(L, -1);
+    lua_settop(L, 9);
+    rawget_up(L, 1, UP_CLOSE);                                                             /* 10 */
     lua_Integer flags = 0;
-    size_t vl = 0, ml = 0;
-    const char *version = lua_tolstring(L, 8, &vl), *method = lua_tolstring(L, 9, &ml);
-    if (!lua_toboolean(L, 7) || lua_toboolean(L, 10) || lua_toboolean(L, 11)) {
+    if (!h->req_keepalive || closing || lua_toboolean(L, 10)) {
         flags = 1;
         lua_pushvalue(L, lua_upvalueindex(UP_CLOSE));
         lua_pushboolean(L, 1);
         lua_rawset(L, 1);
-    } else if (version && vl == 3 && memcmp(version, "1.0", 3) == 0) {
+    } else if (h->req_http10) {
         flags = 2;
     }
-    int with_body = status >= 200 && status != 204 && status != 304 &&
-                    !(method && ml == 4 && memcmp(method, "HEAD", 4) == 0);
+    int with_body = status >= 200 && status != 204 && status != 304 && !h->req_head;
     datecache *dc = lua_touserdata(L, lua_upvalueindex(UP_DC));
     int base = lua_gettop(L);
-    int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags, server, with_body);
+    int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags,
+                         h->has_server_name ? h->server_name : NULL, with_body);
     if (nret == 1 && lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
         return call_lua(L, UP_SLOW, top0);          /* a head too big for this path: nothing sent */
     /* sent (whole, in part, or failed): as response.lua does */
@@ -1501,14 +1510,15 @@ static int l_http_response_methods(lua_State *L)
     luaL_checktype(L, 1, LUA_TFUNCTION);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     luaL_checktype(L, 3, LUA_TFUNCTION);
-    static const char *const keys[] = { "sent", "closing", "_close", "_gzip_from", "server_name" };
+    static const char *const keys[] = { "sent", "closing", "_close" };
     for (int m = 0; m < 2; m++) {
         lua_pushvalue(L, lua_upvalueindex(1));   /* the date cache */
         luaL_getmetatable(L, MW_SOCK_MT);
         lua_pushvalue(L, m == 0 ? 1 : 2);
         lua_pushvalue(L, 3);
-        for (int i = 0; i < 5; i++) lua_pushstring(L, keys[i]);
-        lua_pushcclosure(L, m == 0 ? l_res_send : l_res_header, UP_SERVER);
+        for (int i = 0; i < 3; i++) lua_pushstring(L, keys[i]);
+        luaL_getmetatable(L, HC_MT);
+        lua_pushcclosure(L, m == 0 ? l_res_send : l_res_header, UP_HCMT);
     }
     return 2;
 }
@@ -1630,6 +1640,17 @@ static int l_http_conn(lua_State *L)
         h->max_line = opt_size(L, 2, "request_line", h->max_line);
         h->max_head = opt_size(L, 2, "head", h->max_head);
         h->max_headers = opt_size(L, 2, "headers", h->max_headers);
+    }
+    h->gzip_from = -1;          /* unknown: res:send takes its Lua path */
+    if (lua_istable(L, 6)) {
+        if (lua_getfield(L, 6, "server_name") == LUA_TSTRING) {
+            size_t n;
+            const char *name = lua_tolstring(L, -1, &n);
+            h->has_server_name = n < sizeof h->server_name && strlen(name) == n ? 1 : -1;
+            if (h->has_server_name == 1) memcpy(h->server_name, name, n + 1);
+        }
+        if (lua_getfield(L, 6, "_gzip_from") == LUA_TNUMBER) h->gzip_from = lua_tonumber(L, -1);
+        lua_pop(L, 2);
     }
     llhttp_init(&h->p, client ? HTTP_RESPONSE : HTTP_REQUEST, &settings);
     h->s = s;
