@@ -491,6 +491,9 @@ static void build_headers(lua_State *L, mw_http *h, int reqidx)
  * building a request never looks a C string up in Lua's string cache. */
 enum { K_METHOD = 1, K_TARGET, K_VERSION, K_PATH, K_HEADERS, K_KEEPALIVE,
        K_UPGRADE, K_CONN, K_STATUS, K_REASON, K_COUNT = K_REASON };
+/* after the keys and the metatable: common values, interned once */
+enum { V_11 = K_COUNT + 2, V_10, V_GET, V_HEAD, V_POST, V_LAST = V_POST };
+static const char *const value_names[] = { "1.1", "1.0", "GET", "HEAD", "POST" };
 static const char *const key_names[] = { "method", "target", "version", "path",
                                          "headers", "keepalive", "upgrade", "_conn", "status",
                                          "reason" };
@@ -509,14 +512,19 @@ static void build_request(lua_State *L, mw_http *h)
      * built; [6] method [7] target [8] version [9] path [10] keepalive [11] upgrade. The
      * hash part has room for the fields request.lua caches on first use. */
     lua_createtable(L, 11, 4);
-    lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
+    switch (h->p.method) {
+    case HTTP_GET: KEY(L, V_GET); break;
+    case HTTP_HEAD: KEY(L, V_HEAD); break;
+    case HTTP_POST: KEY(L, V_POST); break;
+    default: lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->p.method));
+    }
     lua_rawseti(L, -2, 6);
     const char *url = h->base + h->url_off;
     size_t ulen = h->url_len;
     lua_pushlstring(L, url, ulen);
     lua_pushvalue(L, -1);
     lua_rawseti(L, -3, 7);
-    lua_pushstring(L, h->p.http_minor == 1 ? "1.1" : "1.0");
+    KEY(L, h->p.http_minor == 1 ? V_11 : V_10);
     lua_rawseti(L, -3, 8);
     /* path and query; absolute-form targets keep only their path */
     const char *path = url;
@@ -835,7 +843,8 @@ static int hc_read_request(lua_State *L)
     mw_http *h = mw_checkudata_up(L, 1, K_COUNT + 1, HC_MT);   /* upvalues: keys, metatable */
     if (!h->s) luaL_error(L, "attempt to use a closed HTTP connection");
     if (h->s->closed) return mw_pushfail(L, "closed", "closed");
-    double idle = luaL_optnumber(L, 2, -1), head = luaL_optnumber(L, 3, -1);
+    double idle = lua_isnoneornil(L, 2) ? -1 : luaL_checknumber(L, 2);
+    double head = lua_isnoneornil(L, 3) ? -1 : luaL_checknumber(L, 3);
     if (!h->msg_done && (h->head_done || h->parsed)) return luaL_error(L, "the previous message's body was not read to its end");
     h->skip_body = lua_toboolean(L, 4);
     mw_task *t = mw_sock_claim(L, h->s, MW_ROLE_READ);
@@ -1672,7 +1681,8 @@ void mw_http_open(lua_State *L)
         luaL_setfuncs(L, methods, 0);
         for (int i = 0; i < K_COUNT; i++) lua_pushstring(L, key_names[i]);
         lua_pushvalue(L, -1 - K_COUNT - 1);
-        lua_pushcclosure(L, hc_read_request, K_COUNT + 1);
+        for (int i = V_11; i <= V_LAST; i++) lua_pushstring(L, value_names[i - V_11]);
+        lua_pushcclosure(L, hc_read_request, V_LAST);
         lua_setfield(L, -2, "read_request");
         lua_pushvalue(L, -2);
         lua_pushcclosure(L, hc_msg_done, 1);
