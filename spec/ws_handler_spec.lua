@@ -29,6 +29,24 @@ local function upper_server(ev, opts)
   return srv, logged
 end
 
+-- A server whose handled connections (an empty message handler) are passed to the test.
+local function handed_server()
+  local conns = mw.channel(8)
+  local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+    local ws = assert(req:websocket())
+    ws:on("message", function() end)
+    conns:send(ws)
+  end })
+  return srv, conns
+end
+
+local function wait_no_connections(srv)
+  assert.is_true(mw.timeout(5, function()
+    while srv:connections() > 0 do mw.sleep(0.01) end
+    return true
+  end), "connections left open")
+end
+
 describe("WebSocket message handlers", function()
   it("echo through ws:on('message') after the handler returned; the close handler runs once", function()
     run(function()
@@ -120,10 +138,7 @@ describe("WebSocket message handlers", function()
         end })
       local ws = assert(mw.websocket.connect(url(srv)))
       ws:close()
-      assert.is_true(helper.mw.timeout(5, function()
-        while srv:connections() > 0 do mw.sleep(0.01) end
-        return true
-      end))
+      wait_no_connections(srv)
       assert.equal(1, #logged)
       assert.matches("WebSocket close handler error: .*boom in a close handler", logged[1])
       srv:close()
@@ -150,22 +165,14 @@ describe("WebSocket message handlers", function()
       assert.is_true(closing:join())
       -- the close handler gets the close frame received: the client's echo of the code
       assert.same({ 4001, "" }, ev:recv(5))
-      assert.is_true(helper.mw.timeout(5, function()
-        while srv:connections() > 0 do mw.sleep(0.01) end
-        return true
-      end))
+      wait_no_connections(srv)
       srv:close()
     end)
   end)
 
   it("ws:ping() from another task: the pong is read while no message is handled", function()
     run(function()
-      local conns = mw.channel(8)
-      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
-        local ws = assert(req:websocket())
-        ws:on("message", function() end)
-        conns:send(ws)
-      end })
+      local srv, conns = handed_server()
       local ws = assert(mw.websocket.connect(url(srv)))
       mw.spawn(function() ws:receive() end)      -- our client answers pings while receiving
       local server_ws = assert(conns:recv(5))
@@ -280,12 +287,7 @@ describe("WebSocket message handlers", function()
 
   it("ws:receive() and ws:messages() on a handled connection raise, naming the handler", function()
     run(function()
-      local conns = mw.channel(8)
-      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
-        local ws = assert(req:websocket())
-        ws:on("message", function() end)
-        conns:send(ws)
-      end })
+      local srv, conns = handed_server()
       local ws = assert(mw.websocket.connect(url(srv)))
       local server_ws = assert(conns:recv(5))
       helper.raises("ws:receive: this connection's messages go to its on('message') handler",

@@ -102,8 +102,38 @@ end
 -- Our echo endpoint: echoes every message with its kind, except the text commands the peers'
 -- clients send: `cmd:ping DATA` (a ping of ours from another task, then "pong:DATA"),
 -- `cmd:close CODE REASON` (we close) and `cmd:return` (the handler returns with the connection
--- open: the server closes it with 1000). Records per request path what it saw.
-local function echo_server(ws_opts)
+-- open: the server closes it with 1000). Records per request path what it saw. Answers one
+-- message; returns true when the connection is done with (closed, or to be returned).
+local function echo_answer(ws, rec, msg, kind)
+  rec.messages = rec.messages + 1
+  local cmd, arg
+  if kind == "text" then cmd, arg = msg:match("^cmd:(%S+) ?(.*)$") end
+  if cmd == "return" then
+    rec.ending = { "returned" }
+    return true
+  elseif cmd == "close" then
+    local c, r = arg:match("^(%d+) ?(.*)$")
+    rec.close_result = ws:close(math.tointeger(tonumber(c)), r)
+    rec.ending = { "we closed", ws.close_code, ws.close_reason }
+    return true
+  elseif cmd == "ping" then
+    -- (with message handlers the pong arrives as a message would: not while one runs)
+    mw.spawn(function()
+      local rtt, e = ws:ping(arg, 5)
+      rec.ping_rtt = rtt
+      ws:send(rtt and ("pong:" .. arg) or ("ping failed: " .. tostring(e)))
+    end)
+  else
+    assert(ws:send(msg, kind))
+  end
+  return false
+end
+
+-- echo_server(ws_opts) -> srv, seen: the endpoint with a receiving task per connection.
+-- With `handlers`, written with message handlers (ws:on) instead: the server's handler returns
+-- at once and the connection lives on without a task; `cmd:return` closes with 1000 (there is
+-- no handler to return from), and the close handler marks the record done.
+local function echo_server(ws_opts, handlers)
   local seen = {}
   local srv = serve(function(req)
     local rec = { messages = 0 }
@@ -114,32 +144,24 @@ local function echo_server(ws_opts)
       return
     end
     rec.protocol, rec.extensions = ws.protocol, ws.extensions
+    if handlers then
+      ws:on("close", function(w, code, reason)
+        rec.ending = rec.ending or { "closed", code, reason }
+        rec.state = w.state
+        rec.done = true
+      end)
+      ws:on("message", function(w, msg, kind)
+        if echo_answer(w, rec, msg, kind) and w.state == "open" then w:close(1000) end
+      end)
+      return
+    end
     while true do
       local msg, kind, code, reason = ws:receive()
       if msg == nil then
         rec.ending = { kind, code, reason }
         break
       end
-      rec.messages = rec.messages + 1
-      local cmd, arg
-      if kind == "text" then cmd, arg = msg:match("^cmd:(%S+) ?(.*)$") end
-      if cmd == "return" then
-        rec.ending = { "returned" }
-        break
-      elseif cmd == "close" then
-        local c, r = arg:match("^(%d+) ?(.*)$")
-        rec.close_result = ws:close(math.tointeger(tonumber(c)), r)
-        rec.ending = { "we closed", ws.close_code, ws.close_reason }
-        break
-      elseif cmd == "ping" then
-        mw.spawn(function()
-          local rtt, e = ws:ping(arg, 5)
-          rec.ping_rtt = rtt
-          ws:send(rtt and ("pong:" .. arg) or ("ping failed: " .. tostring(e)))
-        end)
-      else
-        assert(ws:send(msg, kind))
-      end
+      if echo_answer(ws, rec, msg, kind) then break end
     end
     rec.state = ws.state
     rec.done = true
@@ -147,50 +169,7 @@ local function echo_server(ws_opts)
   return srv, seen
 end
 
--- The same endpoint written with message handlers (ws:on): the handler returns at once and
--- the connection lives on without a task; `cmd:return` closes with 1000 (there is no handler
--- to return from). The close handler marks the record done.
-local function handler_echo_server(ws_opts)
-  local seen = {}
-  local srv = serve(function(req)
-    local rec = { messages = 0, style = "on" }
-    seen[req.path] = rec
-    local ws, err, status = req:websocket(ws_opts)
-    if not ws then
-      rec.refused = { err, status }
-      return
-    end
-    rec.protocol, rec.extensions = ws.protocol, ws.extensions
-    ws:on("close", function(w, code, reason)
-      rec.ending = rec.ending or { "closed", code, reason }
-      rec.state = w.state
-      rec.done = true
-    end)
-    ws:on("message", function(w, msg, kind)
-      rec.messages = rec.messages + 1
-      local cmd, arg
-      if kind == "text" then cmd, arg = msg:match("^cmd:(%S+) ?(.*)$") end
-      if cmd == "return" then
-        rec.ending = { "returned" }
-        w:close(1000)
-      elseif cmd == "close" then
-        local c, r = arg:match("^(%d+) ?(.*)$")
-        rec.close_result = w:close(math.tointeger(tonumber(c)), r)
-        rec.ending = { "we closed", w.close_code, w.close_reason }
-      elseif cmd == "ping" then
-        -- the pong arrives as a message would: not while this handler runs
-        mw.spawn(function()
-          local rtt, e = w:ping(arg, 5)
-          rec.ping_rtt = rtt
-          w:send(rtt and ("pong:" .. arg) or ("ping failed: " .. tostring(e)))
-        end)
-      else
-        assert(w:send(msg, kind))
-      end
-    end)
-  end)
-  return srv, seen
-end
+local function handler_echo_server(ws_opts) return echo_server(ws_opts, true) end
 
 -- Our client on `path` of a peer server, with a reader task feeding `inbox` (so pings, which
 -- need another task receiving, work). Returns the connection and next(): the next message
@@ -392,41 +371,28 @@ describe("WebSocket interop with python3-websockets:", function()
     end, LIMIT)
   end)
 
-  it("python client <-> our server: every kind of message, pings and closes both ways; " ..
-     "permessage-deflate negotiated; our preferred subprotocol", function()
-    run(function()
-      local srv, seen = echo_server { protocols = { "chat", "superchat" } }
-      local _g <close> = guard(srv)
-      local r, out, err = py_client(srv.port, "--protocols superchat,chat --c3")
-      check_client_report(r, "python", out, err)
-      assert.equal("1000", r["c3.close_code"])
-      assert.same({ "returned" }, seen["/c3"].ending)
-      assert.equal("chat", r["c1.protocol"])
-      assert.equal("permessage-deflate; client_max_window_bits", r["c1.offer"])
-      assert.equal("permessage-deflate", r["c1.extensions"])
-      assert.equal("permessage-deflate(remote_no_context_takeover=False,local_no_context_takeover=False," ..
-        "remote_max_window_bits=15,local_max_window_bits=15)", r["c1.negotiated"])
-      check_our_server_saw(seen, "python")
-      assert.same({ "chat", "permessage-deflate" }, { seen["/c1"].protocol, seen["/c1"].extensions })
-    end, LIMIT)
-  end)
-
-  it("python client <-> our server written with message handlers (ws:on): every kind of message, pings " ..
-     "and closes both ways, permessage-deflate", function()
-    run(function()
-      local srv, seen = handler_echo_server { protocols = { "chat", "superchat" } }
-      local _g <close> = guard(srv)
-      local r, out, err = py_client(srv.port, "--protocols superchat,chat --c3")
-      check_client_report(r, "python", out, err)
-      assert.equal("1000", r["c3.close_code"])
-      assert.same({ "returned" }, seen["/c3"].ending)
-      assert.equal("chat", r["c1.protocol"])
-      assert.equal("permessage-deflate", r["c1.extensions"])
-      check_our_server_saw(seen, "python")
-      assert.same({ "chat", "permessage-deflate" }, { seen["/c1"].protocol, seen["/c1"].extensions })
-      assert.is_true(procs.wait_for(function() return srv:connections() == 0 end), "connections left open")
-    end, LIMIT)
-  end)
+  -- our server in both styles: a receiving task per connection, and message handlers (ws:on)
+  for _, style in ipairs { { "", echo_server }, { " written with message handlers (ws:on)", handler_echo_server } } do
+    it("python client <-> our server" .. style[1] .. ": every kind of message, pings and closes both ways; " ..
+       "permessage-deflate negotiated; our preferred subprotocol", function()
+      run(function()
+        local srv, seen = style[2] { protocols = { "chat", "superchat" } }
+        local _g <close> = guard(srv)
+        local r, out, err = py_client(srv.port, "--protocols superchat,chat --c3")
+        check_client_report(r, "python", out, err)
+        assert.equal("1000", r["c3.close_code"])
+        assert.same({ "returned" }, seen["/c3"].ending)
+        assert.equal("chat", r["c1.protocol"])
+        assert.equal("permessage-deflate; client_max_window_bits", r["c1.offer"])
+        assert.equal("permessage-deflate", r["c1.extensions"])
+        assert.equal("permessage-deflate(remote_no_context_takeover=False,local_no_context_takeover=False," ..
+          "remote_max_window_bits=15,local_max_window_bits=15)", r["c1.negotiated"])
+        check_our_server_saw(seen, "python")
+        assert.same({ "chat", "permessage-deflate" }, { seen["/c1"].protocol, seen["/c1"].extensions })
+        assert.is_true(procs.wait_for(function() return srv:connections() == 0 end), "connections left open")
+      end, LIMIT)
+    end)
+  end
 
   it("python client offering no context takeover both ways and 10/11-bit windows <-> our server", function()
     run(function()
@@ -576,37 +542,26 @@ describe("WebSocket interop with node's ws:", function()
     end, LIMIT)
   end)
 
-  it("ws client <-> our server: every kind of message, pings and closes both ways; " ..
-     "permessage-deflate (compressed on the wire both ways); our preferred subprotocol", function()
-    run(function()
-      local srv, seen = echo_server { protocols = { "chat", "superchat" } }
-      local _g <close> = guard(srv)
-      local r, out, err = node_client(srv.port, { protocols = { "superchat", "chat" }, c3 = true })
-      check_client_report(r, "node", out, err)
-      assert.equal("1000", r["c3.close_code"])
-      assert.same({ "returned" }, seen["/c3"].ending)
-      assert.same({ "chat", "permessage-deflate", "{}" }, { r["c1.protocol"], r["c1.extensions"], r["c1.negotiated"] })
-      assert.is_true(tonumber(r["c1.big_text_wire_in"]) < MiB / 8, "we sent " .. r["c1.big_text_wire_in"])
-      assert.is_true(tonumber(r["c1.big_text_wire_out"]) < MiB / 8, "ws sent " .. r["c1.big_text_wire_out"])
-      check_our_server_saw(seen, "node")
-      assert.same({ "chat", "permessage-deflate" }, { seen["/c1"].protocol, seen["/c1"].extensions })
-    end, LIMIT)
-  end)
-
-  it("ws client <-> our server written with message handlers (ws:on): every kind of message, pings and " ..
-     "closes both ways, permessage-deflate", function()
-    run(function()
-      local srv, seen = handler_echo_server { protocols = { "chat", "superchat" } }
-      local _g <close> = guard(srv)
-      local r, out, err = node_client(srv.port, { protocols = { "superchat", "chat" }, c3 = true })
-      check_client_report(r, "node", out, err)
-      assert.equal("1000", r["c3.close_code"])
-      assert.same({ "returned" }, seen["/c3"].ending)
-      assert.same({ "chat", "permessage-deflate", "{}" }, { r["c1.protocol"], r["c1.extensions"], r["c1.negotiated"] })
-      check_our_server_saw(seen, "node")
-      assert.is_true(procs.wait_for(function() return srv:connections() == 0 end), "connections left open")
-    end, LIMIT)
-  end)
+  for _, style in ipairs { { "", echo_server }, { " written with message handlers (ws:on)", handler_echo_server } } do
+    it("ws client <-> our server" .. style[1] .. ": every kind of message, pings and closes both ways; " ..
+       "permessage-deflate (compressed on the wire both ways); our preferred subprotocol", function()
+      run(function()
+        local srv, seen = style[2] { protocols = { "chat", "superchat" } }
+        local _g <close> = guard(srv)
+        local r, out, err = node_client(srv.port, { protocols = { "superchat", "chat" }, c3 = true })
+        check_client_report(r, "node", out, err)
+        assert.equal("1000", r["c3.close_code"])
+        assert.same({ "returned" }, seen["/c3"].ending)
+        assert.same({ "chat", "permessage-deflate", "{}" },
+          { r["c1.protocol"], r["c1.extensions"], r["c1.negotiated"] })
+        assert.is_true(tonumber(r["c1.big_text_wire_in"]) < MiB / 8, "we sent " .. r["c1.big_text_wire_in"])
+        assert.is_true(tonumber(r["c1.big_text_wire_out"]) < MiB / 8, "ws sent " .. r["c1.big_text_wire_out"])
+        check_our_server_saw(seen, "node")
+        assert.same({ "chat", "permessage-deflate" }, { seen["/c1"].protocol, seen["/c1"].extensions })
+        assert.is_true(procs.wait_for(function() return srv:connections() == 0 end), "connections left open")
+      end, LIMIT)
+    end)
+  end
 
   it("ws client with serverNoContextTakeover, clientNoContextTakeover and 11/10-bit windows <-> our server " ..
      "(fragmenting)", function()
