@@ -104,8 +104,8 @@ end
 
 -- A request's response (see response.lua): its slots, room for two headers, and `sent`; it
 -- goes in the request's slot 2. (A function of its own: written out in requests(), the
--- constructor's registers make that frame so large that a connection's coroutine needs a
--- stack twice the size, 1.4 KiB more for every WebSocket connection with a receiving task.)
+-- constructor's dozen registers would enlarge that frame, which is part of the stack of every
+-- connection's coroutine; see requests().)
 local function new_response(srv, r, sock)
   local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, sent = false }, Response)
   r[2] = rs
