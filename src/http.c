@@ -487,18 +487,15 @@ static void build_headers(lua_State *L, mw_http *h, int reqidx)
     }
 }
 
-/* Request field names, interned once: read_request has them as upvalues 1..K_COUNT, so
- * building a request never looks a C string up in Lua's string cache. */
-enum { K_METHOD = 1, K_TARGET, K_VERSION, K_PATH, K_HEADERS, K_KEEPALIVE,
-       K_UPGRADE, K_CONN, K_STATUS, K_REASON, K_COUNT = K_REASON };
-/* after the keys and the metatable: common values, interned once */
+/* Response field names (client side), interned once: read_request has them as upvalues
+ * 1..K_COUNT, so building a message never looks a C string up in Lua's string cache. */
+enum { K_VERSION = 1, K_HEADERS, K_KEEPALIVE, K_CONN, K_STATUS, K_REASON, K_COUNT = K_REASON };
+static const char *const key_names[] = { "version", "headers", "keepalive", "_conn", "status", "reason" };
+/* after the keys and the metatable: common request values, interned once */
 enum { V_11 = K_COUNT + 2, V_10, V_GET, V_HEAD, V_POST, V_LAST = V_POST };
 static const char *const value_names[] = { "1.1", "1.0", "GET", "HEAD", "POST" };
-static const char *const key_names[] = { "method", "target", "version", "path",
-                                         "headers", "keepalive", "upgrade", "_conn", "status",
-                                         "reason" };
 
-/* Pushes request field name k (an upvalue): push it, then the value, then rawset(-3). */
+/* Pushes the interned string k (an upvalue of read_request, see above). */
 #define KEY(L, k) lua_pushvalue((L), lua_upvalueindex(k))
 
 /* Builds the request table (metatable: user value 2) from the parsed head. Its fields are
@@ -1138,6 +1135,12 @@ static const char *reason(int code)
     }
 }
 
+/* Whether a header value may go on the wire as it is: no CR, LF or NUL. */
+static int value_clean(const char *v, size_t n)
+{
+    return n == 0 || !(memchr(v, '\r', n) || memchr(v, '\n', n) || memchr(v, '\0', n));
+}
+
 /* RFC 9110 tchar: ALPHA / DIGIT / "!#$%&'*+-.^_`|~" */
 static const unsigned char tchar_tab[256] = {
     ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
@@ -1206,8 +1209,7 @@ static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_I
         if (kn == 0) luaL_error(L, "empty header name");
         for (size_t j = 0; j < kn; j++)
             if (!is_tchar((unsigned char)key[j])) luaL_error(L, "invalid header name '%s'", key);
-        if (vn && (memchr(v, '\r', vn) || memchr(v, '\n', vn) || memchr(v, '\0', vn)))
-            luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
+        if (!value_clean(v, vn)) luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
         if (kn == 14 && strncasecmp(key, "content-length", 14) == 0) *seen |= 1;
         else if (kn == 17 && strncasecmp(key, "transfer-encoding", 17) == 0) *seen |= 2;
         else if (kn == 10 && strncasecmp(key, "connection", 10) == 0) *seen |= 4;
@@ -1285,12 +1287,6 @@ static int l_http_head(lua_State *L)
     return 1;
 }
 
-/* http_send(sock, status, headers, nheaders, body, flags, server, with_body [, first]) -> true when
- * the head (built as http_head builds it, with Content-Length #body) and the body (when
- * with_body) went out whole in one write; false, rest [, rest2] when the socket took only
- * part (the caller writes the rest with sock:write); false alone when the head is too big
- * for this path (the caller uses http_head); nil, err, code on a write error. The response
- * fast path: no head string, one call. */
 /* http_send's work, for it and for the res:send fast path: the head of the response whose
  * headers are in the table at tidx (from index first), then the body. Pushes what http_send
  * returns and returns how many values. */
@@ -1359,7 +1355,12 @@ static int send_core(lua_State *L, datecache *dc, mw_sock *s, int tidx, lua_Inte
     return nret;
 }
 
-
+/* http_send(sock, status, headers, nheaders, body, flags, server, with_body [, first]) -> true when
+ * the head (built as http_head builds it, with Content-Length #body) and the body (when
+ * with_body) went out whole in one write; false, rest [, rest2] when the socket took only
+ * part (the caller writes the rest with sock:write); false alone when the head is too big
+ * for this path (the caller uses http_head); nil, err, code on a write error. res:send's
+ * Lua path. */
 static int l_http_send(lua_State *L)
 {
     datecache *dc = lua_touserdata(L, lua_upvalueindex(1));
@@ -1380,13 +1381,12 @@ static int l_http_send(lua_State *L)
 
 /* ---- res:send and res:header (response.lua) in C ------------------------------------- */
 
-/* The response's slots (response.lua) and the request's (request.lua). */
-enum { RS_SRV = 1, RS_REQ = 2, RS_SOCK = 3, RS_NH = 4, RS_FIN = 5, RS_BYTES = 6, RS_STATUS = 7, RS_HBASE = 8 };
-enum { RQ_METHOD = 6, RQ_VERSION = 8, RQ_KEEPALIVE = 10 };
-/* upvalues of both: 1 the date cache, 2 the socket metatable, 3 the Lua implementation (for
- * everything but the common case), 4 write_rest (send: what the socket did not take), the
- * keys "sent", "closing", "_close", and the HttpConn metatable */
-enum { UP_DC = 1, UP_SOCKMT, UP_SLOW, UP_REST, UP_SENT, UP_CLOSING, UP_CLOSE, UP_HCMT };
+/* The response's slots (response.lua). */
+enum { RS_REQ = 2, RS_NH = 4, RS_FIN = 5, RS_BYTES = 6, RS_STATUS = 7, RS_HBASE = 8 };
+/* upvalues of both: 1 the date cache, 2 the Lua implementation (for everything but the
+ * common case), 3 write_rest (send: what the socket did not take), the keys "sent",
+ * "closing", "_close", and the HttpConn metatable */
+enum { UP_DC = 1, UP_SLOW, UP_REST, UP_SENT, UP_CLOSING, UP_CLOSE, UP_HCMT };
 
 static int results_k(lua_State *L, int status, lua_KContext ctx)
 {
@@ -1496,7 +1496,7 @@ static int l_res_header(lua_State *L)
         return call_lua(L, UP_SLOW, top0);
     size_t vn;
     const char *v = lua_tolstring(L, 3, &vn);
-    if (vn && (memchr(v, '\r', vn) || memchr(v, '\n', vn) || memchr(v, '\0', vn))) return call_lua(L, UP_SLOW, top0);
+    if (!value_clean(v, vn)) return call_lua(L, UP_SLOW, top0);
     if (rawget_up(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return call_lua(L, UP_SLOW, top0);
     int isnum;
     lua_rawgeti(L, 1, RS_NH);
@@ -1522,7 +1522,6 @@ static int l_http_response_methods(lua_State *L)
     static const char *const keys[] = { "sent", "closing", "_close" };
     for (int m = 0; m < 2; m++) {
         lua_pushvalue(L, lua_upvalueindex(1));   /* the date cache */
-        luaL_getmetatable(L, MW_SOCK_MT);
         lua_pushvalue(L, m == 0 ? 1 : 2);
         lua_pushvalue(L, 3);
         for (int i = 0; i < 3; i++) lua_pushstring(L, keys[i]);
@@ -1540,8 +1539,7 @@ static int l_http_value_ok(lua_State *L)
     if (ok) {
         size_t n;
         const char *v = lua_tolstring(L, 1, &n);
-        for (size_t i = 0; i < n; i++)
-            if (v[i] == '\r' || v[i] == '\n' || v[i] == '\0') { ok = 0; break; }
+        ok = value_clean(v, n);
     }
     lua_pushboolean(L, ok);
     return 1;

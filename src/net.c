@@ -19,8 +19,6 @@
 
 #define DEFAULT_MAXLINE (1024 * 1024)
 
-/* ---- handles ---------------------------------------------------------------------- */
-
 /* ---- watches: a function to run, in a worker, once the socket is readable ------------ */
 
 /* Drops the watch of s (armed or not); `L` NULL: from __gc, no Lua call allowed. */
@@ -61,7 +59,8 @@ static void fire_watch(mw_sock *s)
     mw_sched_dispatch(rt, L);
 }
 
-void mw_sock_unwatch_all(mw_rt *rt, lua_State *L)
+/* the runtime's after_run: a run that ended leaves no watch behind */
+static void unwatch_all(mw_rt *rt, lua_State *L)
 {
     while (rt->watching) drop_watch(rt->watching, L);
 }
@@ -72,15 +71,11 @@ static int may_read(mw_sock *s)
     return s->closed || s->rready || mw_buf_len(&s->rbuf) > 0 || (s->tp->pending && s->tp->pending(s));
 }
 
-/* Arms the watch of s: it fires at once when there may be something to read already. */
-static void arm_watch(mw_sock *s)
+/* Arms the watch of a socket that has nothing to read now. */
+static void arm(mw_sock *s)
 {
     s->armed = 1;
     s->rt->nwatch++;
-    if (may_read(s)) {
-        fire_watch(s);
-        return;
-    }
     mw_buf_release(&s->rbuf, &s->rt->pool);  /* it is empty: an idle socket holds no buffer */
 }
 
@@ -109,7 +104,13 @@ static int l_watch(lua_State *L)
         if (rt->watching) rt->watching->wprev = s;
         rt->watching = s;
     }
-    arm_watch(s);
+    if (may_read(s)) {       /* something to read already: the watch fires at once */
+        s->armed = 1;
+        rt->nwatch++;
+        fire_watch(s);
+    } else {
+        arm(s);
+    }
     return 0;
 }
 
@@ -120,12 +121,9 @@ static int l_rewatch(lua_State *L)
     mw_sock *s = mw_checkudata_up(L, 1, 1, MW_SOCK_MT);     /* upvalue: the metatable */
     if (s->watch_ref == LUA_NOREF) return luaL_error(L, "rewatch: the socket has no watch");
     if (s->armed) return luaL_error(L, "rewatch: the socket is already watched");
-    if (may_read(s)) {
-        lua_pushboolean(L, 0);
-        return 1;
-    }
-    arm_watch(s);
-    lua_pushboolean(L, 1);
+    int now = may_read(s);
+    if (!now) arm(s);
+    lua_pushboolean(L, !now);
     return 1;
 }
 
@@ -138,6 +136,8 @@ static int l_unwatch(lua_State *L)
     lua_pushboolean(L, armed);
     return 1;
 }
+
+/* ---- handles ---------------------------------------------------------------------- */
 
 static void on_sock_event(mw_io *io, uint32_t ev)
 {
@@ -989,6 +989,9 @@ void mw_net_open(lua_State *L, int rtidx)
     static const luaL_Reg unx[] = {
         { "listen", unix_listen }, { "connect", unix_connect }, { "pair", l_socketpair }, { NULL, NULL }
     };
+    mw_rt *rt = lua_touserdata(L, rtidx);
+    rt->before_poll = mw_sock_flush_dirty;
+    rt->after_run = unwatch_all;
     new_type(L, MW_SOCK_MT, sock_own, 1);
     new_type(L, MW_LISTENER_MT, listener_own, 0);
     lua_newtable(L);

@@ -31,7 +31,7 @@ struct mw_sock {
     mw_io io;
     mw_rt *rt;
     mw_task *waiter[2];        /* the reading and the writing task, when parked */
-    uint32_t want[2];          /* readiness each of them waits for */
+    uint32_t want[2];          /* readiness each of them waits for (read: also a watch) */
     int family;                /* AF_INET, AF_INET6, AF_UNIX */
     int closed, eof;
     /* plain reads: rready is 0 once a read came back short (the kernel queue was drained)
@@ -91,6 +91,8 @@ ssize_t mw_sock_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *wan
 int mw_sock_gather(mw_sock *s, const char *a, size_t an, const char *b, size_t bn);
 /* (net.c) the socket became writable, or (closing) is being closed: see stream.c. */
 void mw_sock_output_event(mw_sock *s, int closing);
+/* Writes the output buffers of the dirty sockets: the runtime's before_poll. */
+void mw_sock_flush_dirty(mw_rt *rt);
 
 /* Reads once from the transport into s->rbuf (room for at least `hint` bytes): 1 got
  * bytes, 0 end of stream (s->eof set), -1 would block (*want: readiness to wait for),

@@ -408,7 +408,7 @@ static int run_loop(mw_rt *rt)
             if (t == last) break;
         }
         if (rt->sigpending) spawn_signal_handlers(rt);
-        if (rt->dirty) mw_sock_flush_dirty(rt);
+        if (rt->dirty) rt->before_poll(rt);
         if (rt->stopping || (rt->nlive == rt->nidle && rt->nwatch == 0)) return 0;
         if (mw_loop_poll(&rt->loop, rt->runq_head == NULL) < 0) return -1;
     }
@@ -432,7 +432,7 @@ static int l_run(lua_State *L)
     rt->stopping = 0;
     int rc = run_loop(rt);
     int err = errno;
-    mw_sock_unwatch_all(rt, L);
+    if (rt->after_run) rt->after_run(rt, L);
     if (rt->nlive > 0) kill_all(rt, "stopped", NULL);
     rt->running = 0;
     rt->stopping = 0;

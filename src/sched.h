@@ -67,6 +67,10 @@ struct mw_rt {
     int nwatch;
     /* sockets whose output buffer holds bytes to write before the loop polls (net.c) */
     struct mw_sock *dirty;
+    /* set by the net layer (sched does not know sockets): writes the dirty sockets' output
+     * before each poll; drops every watch at the end of run() */
+    void (*before_poll)(mw_rt *rt);
+    void (*after_run)(mw_rt *rt, lua_State *L);
     mw_resolver *resolver;
     void (*resolver_free)(mw_resolver *r);  /* set by the dns layer with the resolver */
     /* signals */
@@ -103,10 +107,6 @@ int mw_sched_checkpoint(lua_State *L, mw_task *t, int nres);
 /* Runs fn(arg), the two values on top of L (popped), in a task: an idle worker when there
  * is one, else a new worker. Never yields; may be called from an event callback. */
 void mw_sched_dispatch(mw_rt *rt, lua_State *L);
-/* Writes the output buffers of the dirty sockets (net.c): before every poll. */
-void mw_sock_flush_dirty(mw_rt *rt);
-/* Drops every armed watch (net.c): at the end of run(). */
-void mw_sock_unwatch_all(mw_rt *rt, lua_State *L);
 
 /* Why the task was woken; resets to MW_WAKE_NONE. */
 int mw_sched_reason(mw_task *t);

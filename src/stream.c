@@ -166,7 +166,10 @@ int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want)
         if (n > 0) { mw_buf_commit(&s->rbuf, (size_t)n); return 1; }
         if (n == 0) { s->eof = 1; return 0; }
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return TRY_WAIT;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            s->want[MW_ROLE_READ] = *want;   /* also what a watch on s waits for */
+            return TRY_WAIT;
+        }
         return -3;
     }
 }

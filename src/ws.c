@@ -32,7 +32,6 @@ typedef struct mw_ws {
     z_stream *inf, *def;        /* made on first use: most connections never compress */
     /* the frame being parsed */
     int in_frame, fin, opcode, masked;
-    int nowait;                /* receive_frame returns false instead of waiting */
     uint8_t mask[4];
     uint64_t remaining, mask_off;
     /* the message being assembled */
@@ -167,10 +166,10 @@ static int l_ws_accept(lua_State *L)
 
 /* ---- receiving ------------------------------------------------------------------------------ */
 
-/* (every method has the metatable as its upvalue) */
 /* the runtime's buffer pool, for the message buffer (a block per message otherwise) */
 static mw_buf_pool *wpool(mw_ws *w) { return w->s ? &w->s->rt->pool : NULL; }
 
+/* every method has the metatable as its upvalue 1 */
 static mw_ws *checkws(lua_State *L)
 {
     mw_ws *w = mw_checkudata_up(L, 1, 1, WS_MT);
@@ -362,7 +361,8 @@ static int parse_header(mw_ws *w, const uint8_t *p, size_t len, const char **msg
 
 static int receive_k(lua_State *L, int status, lua_KContext ctx);
 
-static int receive_step(lua_State *L, mw_ws *w, mw_task *t)
+/* nowait: return false instead of waiting (the caller watches the socket) */
+static int receive_step(lua_State *L, mw_ws *w, mw_task *t, int nowait)
 {
     mw_sock *s = w->s;
     for (;;) {
@@ -414,8 +414,7 @@ static int receive_step(lua_State *L, mw_ws *w, mw_task *t)
         if (r == 0) return mw_pushfail(L, "closed", "closed");
         if (r == -3) return mw_stream_pusherr(L, s, errno);
         if (mw_buf_len(b) == 0) mw_buf_release(b, &s->rt->pool);
-        if (w->nowait) {               /* nothing more now: the caller watches the socket */
-            s->want[MW_ROLE_READ] = want;
+        if (nowait) {
             lua_pushboolean(L, 0);
             return 1;
         }
@@ -431,7 +430,7 @@ static int receive_k(lua_State *L, int status, lua_KContext ctx)
     (void)status; (void)ctx;
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
     if (w->s->closed) return mw_pushfail(L, "closed", "closed");
-    return receive_step(L, w, t);
+    return receive_step(L, w, t, 0);
 }
 
 /* wc:receive_frame([timeout [, nowait]]) -> payload, kind [, code, reason (close)]
@@ -441,12 +440,12 @@ static int ws_receive(lua_State *L)
 {
     mw_ws *w = checkws(L);
     if (w->s->closed) return mw_pushfail(L, "closed", "closed");
-    w->nowait = lua_toboolean(L, 3);
+    int nowait = lua_toboolean(L, 3);
     int64_t d = mw_sched_deadline(L, w->s->rt, 2, -1);
     mw_task *t = mw_sock_claim(L, w->s, MW_ROLE_READ);
     w->s->rdeadline = d;
     lua_settop(L, 1);
-    return receive_step(L, w, t);
+    return receive_step(L, w, t, nowait);
 }
 
 /* ---- sending ----------------------------------------------------------------------------- */

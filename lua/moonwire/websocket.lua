@@ -157,11 +157,8 @@ local function recv(self, timeout, nowait)
       end
       return nil, b, c
     end
-    if b == "text" or b == "binary" then
-      if self.idle_timeout then self._last_rx = mw.now() end
-      return a, b
-    end
     if self.idle_timeout then self._last_rx = mw.now() end
+    if b == "text" or b == "binary" then return a, b end
     if b == "ping" then
       if self.state == "open" then send_control(self, OP.pong, a) end
     elseif b == "pong" then
@@ -184,16 +181,23 @@ local function recv(self, timeout, nowait)
   end
 end
 
+-- ws:receive and ws:messages are not for a connection with a message handler
+local function check_unhandled(self, fname)
+  if self._on_message then
+    error(("ws:%s: this connection's messages go to its on('message') handler"):format(fname), 3)
+  end
+end
+
 --- Receives the next message: data, "text"|"binary"; or nil, "closed", code, reason once
 -- the connection is closed; or nil, err, code (timeout, cancelled: the connection stays).
 function WebSocket:receive(timeout)
-  if self._on_message then error("ws:receive: this connection's messages go to its on('message') handler", 2) end
+  check_unhandled(self, "receive")
   return recv(self, timeout)
 end
 
 --- for msg, kind in ws:messages() do ... end (ends when the connection closes)
 function WebSocket:messages()
-  if self._on_message then error("ws:messages: this connection's messages go to its on('message') handler", 2) end
+  check_unhandled(self, "messages")
   return function()
     local msg, kind = recv(self)
     if msg == nil then return nil end
@@ -374,7 +378,7 @@ local function pump_messages(self)
       self._pump = true
     elseif kind == "closed" then
       self._pump = "ended"
-      unwatch(self.sock)
+      unwatch(sock)
       local on_close = self._on_close
       if on_close then on_close(self, code, reason) end
       return

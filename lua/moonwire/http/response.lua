@@ -142,6 +142,12 @@ local function write(self, ...)
   return true
 end
 
+-- What the socket did not take of a response (res:send's C path, and send_lua below).
+local function write_rest(self, a, b)
+  if b then return write(self, a, b) end
+  return write(self, a)
+end
+
 --- res:send(body): sends the whole response, head and body in one write. Its common case
 -- runs in C (core.http_response_methods); the rest (compression, errors, a head too big for
 -- the C path) here, one call level down.
@@ -152,45 +158,25 @@ local function send_lua(self, body)
   elseif type(body) ~= "string" then
     argerror(1, "send", "string expected, got " .. type(body), 4)
   end
-  local srv, req = self[SRV], self[REQ]
-  if srv.gzip and #body >= srv.gzip_min then body = maybe_gzip(self, body) end
-  local flags = 0
-  if not req[R_KEEPALIVE] or srv.closing or self._close then
-    self._close = true
-    flags = 1
-  elseif req[R_VERSION] == "1.0" then
-    flags = 2
-  end
+  local srv = self[SRV]
+  if #body >= srv._gzip_from then body = maybe_gzip(self, body) end   -- (server.lua)
+  local flags = connflags(self)
   local st, n = self[STATUS], #body
-  local with_body = st >= 200 and st ~= 204 and st ~= 304 and req[R_METHOD] ~= "HEAD"
-  local sock = self[SOCK]
+  local with_body = st >= 200 and st ~= 204 and st ~= 304 and self[REQ][R_METHOD] ~= "HEAD"
   -- head and body in one write from C; what the socket did not take goes through write
-  local ok, a, b = http_send(sock, st, self, self[NH], body, flags, srv.server_name, with_body, HBASE)
+  local ok, a, b = http_send(self[SOCK], st, self, self[NH], body, flags, srv.server_name, with_body, HBASE)
   self.sent, self[FIN] = true, true
   self[BYTES] = with_body and n or 0
   if ok then return true end
-  local err, code
-  if ok == false then
-    if a == nil then        -- a head too large for the fast path
-      a = http_head(st, self, self[NH], n, flags, srv.server_name, HBASE)
-      b = with_body and body or nil
-    end
-    if b then ok, err, code = sock:write(a, b) else ok, err, code = sock:write(a) end
-    if ok then return true end
-  else
-    err, code = a, b
+  if ok == nil then
+    self._close = true
+    return nil, a, b
   end
-  self._close = true
-  return nil, err, code
-end
-
--- What the socket did not take of a response the C path of res:send wrote.
-local function write_rest(self, a, b)
-  local ok, err, code
-  if b then ok, err, code = self[SOCK]:write(a, b) else ok, err, code = self[SOCK]:write(a) end
-  if ok then return true end
-  self._close = true
-  return nil, err, code
+  if a == nil then          -- a head too large for the fast path
+    a = http_head(st, self, self[NH], n, flags, srv.server_name, HBASE)
+    b = with_body and body or nil
+  end
+  return write_rest(self, a, b)
 end
 
 Response.send, Response.header = core.http_response_methods(send_lua, header_lua, write_rest)
@@ -202,7 +188,7 @@ local function start_stream(self)
   if length then
     self._mode = "length"
     length = math.tointeger(length)
-  elseif self[REQ].version == "1.0" then
+  elseif self[REQ][R_VERSION] == "1.0" then
     self._mode = "raw"
     self._close = true
     flags = 1
@@ -213,7 +199,7 @@ local function start_stream(self)
   end
   local head = http_head(self[STATUS], self, self[NH], length, flags, self[SRV].server_name, HBASE)
   self.sent = true
-  if self[REQ].method == "HEAD" then self._mode = "none" end
+  if self[REQ][R_METHOD] == "HEAD" then self._mode = "none" end
   return write(self, head)
 end
 
@@ -270,7 +256,7 @@ function Response:sendfile(path, offset, length)
   self.sent, self[FIN] = true, true
   local ok
   ok, err, code = write(self, head)
-  if not ok or self[REQ].method == "HEAD" or length == 0 then return ok, err, code end
+  if not ok or self[REQ][R_METHOD] == "HEAD" or length == 0 then return ok, err, code end
   if self[SOCK]:tls_info() then
     ok, err, code = self:_copyfile(path, offset, length)   -- no sendfile(2) through TLS
   else

@@ -9,7 +9,9 @@ local http_conn, http_head = core.http_conn, core.http_head
 local FIN <const>, BYTES <const>, STATUS <const>, NH <const> = 5, 6, 7, 4
 assert(Response.slots.FIN == FIN and Response.slots.BYTES == BYTES and Response.slots.STATUS == STATUS
   and Response.slots.NH == NH)
-assert(Request.slots.KEEPALIVE == 10 and Request.slots.METHOD == 6 and Request.slots.VERSION == 8)
+-- a request's: keep-alive, and whether the message ended with its head (see request.lua)
+local R_KEEPALIVE <const>, R_NOBODY <const> = 10, 3
+assert(Request.slots.KEEPALIVE == R_KEEPALIVE and Request.slots.METHOD == 6 and Request.slots.VERSION == 8)
 local traceback = debug.traceback
 local setmetatable = setmetatable
 
@@ -142,8 +144,8 @@ local function requests(srv, sock, hc, cur)
       return
     end
     -- ready for the next request? (the common case inline, the rest in settle)
-    if rs._close or not r[10] or srv.closing then return end   -- [10]: keepalive
-    if not r[3] and not hc:msg_done() and not settle(srv, hc, r) then return end   -- [3]: no body
+    if rs._close or not r[R_KEEPALIVE] or srv.closing then return end
+    if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return end
     r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
     r, err, status = hc:read_request(idle, head)
   end
@@ -258,12 +260,12 @@ function M.server(opts)
     server_name = opts.server_name == nil and "moonwire" or opts.server_name or nil,
     gzip = opts.gzip ~= false,
     gzip_min = opts.gzip_min or 1024,
-    -- (res:send's C path: bodies from this size on may be compressed)
-    _gzip_from = opts.gzip ~= false and (opts.gzip_min or 1024) or math.huge,
     grace = opts.grace or 10,
     closing = false,
     _conns = {}, _nconns = 0,
   }, Server)
+  -- bodies from this size on may be compressed (res:send, and its C path through http_conn)
+  srv._gzip_from = srv.gzip and srv.gzip_min or math.huge
   local l, err, code
   if opts.listener then
     l = opts.listener
