@@ -1382,11 +1382,11 @@ static int l_http_send(lua_State *L)
 /* ---- res:send and res:header (response.lua) in C ------------------------------------- */
 
 /* The response's slots (response.lua). */
-enum { RS_REQ = 2, RS_NH = 4, RS_FIN = 5, RS_BYTES = 6, RS_STATUS = 7, RS_HBASE = 8 };
+enum { RS_REQ = 2, RS_NH = 4, RS_FIN = 5, RS_BYTES = 6, RS_STATUS = 7, RS_CLOSE = 8, RS_HBASE = 10 };
 /* upvalues of both: 1 the date cache, 2 the Lua implementation (for everything but the
- * common case), 3 write_rest (send: what the socket did not take), the keys "sent",
- * "closing", "_close", and the HttpConn metatable */
-enum { UP_DC = 1, UP_SLOW, UP_REST, UP_SENT, UP_CLOSING, UP_CLOSE, UP_HCMT };
+ * common case), 3 write_rest (send: what the socket did not take), the keys "sent" and
+ * "closing", and the HttpConn metatable */
+enum { UP_DC = 1, UP_SLOW, UP_REST, UP_SENT, UP_CLOSING, UP_HCMT };
 
 static int results_k(lua_State *L, int status, lua_KContext ctx)
 {
@@ -1446,13 +1446,12 @@ static int l_res_send(lua_State *L)
     lua_getiuservalue(L, 5, 4);                                                            /* 9: srv */
     int closing = lua_istable(L, 9) && rawget_up(L, 9, UP_CLOSING) != LUA_TNIL && lua_toboolean(L, -1);
     lua_settop(L, 9);
-    rawget_up(L, 1, UP_CLOSE);                                                             /* 10 */
+    lua_rawgeti(L, 1, RS_CLOSE);                                                           /* 10 */
     lua_Integer flags = 0;
     if (!h->req_keepalive || closing || lua_toboolean(L, 10)) {
         flags = 1;
-        lua_pushvalue(L, lua_upvalueindex(UP_CLOSE));
         lua_pushboolean(L, 1);
-        lua_rawset(L, 1);
+        lua_rawseti(L, 1, RS_CLOSE);
     } else if (h->req_http10) {
         flags = 2;
     }
@@ -1473,9 +1472,8 @@ static int l_res_send(lua_State *L)
     lua_rawseti(L, 1, RS_BYTES);
     if (lua_toboolean(L, base + 1)) return 1;       /* true */
     if (lua_isnil(L, base + 1)) {                   /* nil, err, code */
-        lua_pushvalue(L, lua_upvalueindex(UP_CLOSE));
         lua_pushboolean(L, 1);
-        lua_rawset(L, 1);
+        lua_rawseti(L, 1, RS_CLOSE);
         return nret;
     }
     /* false, rest [, rest2]: write_rest(self, rest [, rest2]) writes them (and may wait) */
@@ -1519,12 +1517,12 @@ static int l_http_response_methods(lua_State *L)
     luaL_checktype(L, 1, LUA_TFUNCTION);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     luaL_checktype(L, 3, LUA_TFUNCTION);
-    static const char *const keys[] = { "sent", "closing", "_close" };
+    static const char *const keys[] = { "sent", "closing" };
     for (int m = 0; m < 2; m++) {
         lua_pushvalue(L, lua_upvalueindex(1));   /* the date cache */
         lua_pushvalue(L, m == 0 ? 1 : 2);
         lua_pushvalue(L, 3);
-        for (int i = 0; i < 3; i++) lua_pushstring(L, keys[i]);
+        for (int i = 0; i < 2; i++) lua_pushstring(L, keys[i]);
         luaL_getmetatable(L, HC_MT);
         lua_pushcclosure(L, m == 0 ? l_res_send : l_res_header, UP_HCMT);
     }

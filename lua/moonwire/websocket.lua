@@ -600,7 +600,7 @@ local function refuse(res, status, msg, extra)
   res:status(status)
   res:header("content-type", "text/plain; charset=utf-8")
   for k, v in pairs(extra or {}) do res:header(k, v) end
-  res._close = true
+  res[res.slots.CLOSE] = true
   res:send(msg .. "\n")
   return nil, msg, status
 end
@@ -661,7 +661,7 @@ function M.upgrade(req, opts)
   if ext then lines[#lines + 1] = "Sec-WebSocket-Extensions: " .. ext .. "\r\n" end
   lines[#lines + 1] = "\r\n"
   local slots = res.slots
-  res.sent, res[slots.FIN], res._upgraded = true, true, true
+  res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
   res[slots.STATUS] = 101
   local sock = req.socket
   local ok, err, code = sock:write(table.concat(lines))

@@ -17,25 +17,26 @@ end
 
 -- A response is one table. Its fields sit in the array part (a constructor fills that
 -- without a hash insertion per field, which is most of what making a table costs Lua), and
--- its header list follows them: name, value pairs from index HBASE on. `sent` is its one
--- named field (public); the rarely changed _touched, _close, _mode, _upgraded and _ws are
--- named and default from the class. server.lua and websocket.lua use the same slots.
+-- its header list follows them: name, value pairs from index HBASE on. CLOSE says the
+-- connection closes after it, UPGRADED that the handler took the connection over (both read
+-- by the server after every request). `sent` is its one named field (public); the rarely
+-- changed _touched, _mode and _ws are named and default from the class. server.lua and
+-- websocket.lua use the same slots.
 local SRV <const>, REQ <const>, SOCK <const>, NH <const>, FIN <const>, BYTES <const>, STATUS <const> =
   1, 2, 3, 4, 5, 6, 7
-local HBASE <const> = 8
+local CLOSE <const>, UPGRADED <const> = 8, 9
+local HBASE <const> = 10
 -- the request's parsed fields (request.lua: Request.slots)
 local R_METHOD <const>, R_VERSION <const>, R_KEEPALIVE <const> = 6, 8, 10
 Response.slots = { SRV = SRV, REQ = REQ, SOCK = SOCK, NH = NH, FIN = FIN, BYTES = BYTES, STATUS = STATUS,
-  HBASE = HBASE }
+  CLOSE = CLOSE, UPGRADED = UPGRADED, HBASE = HBASE }
 
 Response._touched = false
-Response._close = false
 Response._mode = false
-Response._upgraded = false
 Response._ws = false
 
 -- server.lua makes each response with one table constructor (new_response):
--- { srv, req, sock, 0, false, 0, 200, false, false, false, false,
+-- { srv, req, sock, 0, false, 0, 200, false, false, false, false, false, false,
 -- sent = false }, this metatable, and the request's slot 2 set to it. `sent` is made there
 -- because set later on a table without a hash part, it would cost a rehash that counts the
 -- whole array.
@@ -106,8 +107,8 @@ end
 -- Connection flags for the C head builder: 1 close, 2 keep-alive for HTTP/1.0.
 local function connflags(self)
   local req, srv = self[REQ], self[SRV]
-  if not req[R_KEEPALIVE] or srv.closing or self._close then
-    self._close = true
+  if not req[R_KEEPALIVE] or srv.closing or self[CLOSE] then
+    self[CLOSE] = true
     return 1
   end
   if req[R_VERSION] == "1.0" then return 2 end
@@ -136,7 +137,7 @@ end
 local function write(self, ...)
   local ok, err, code = self[SOCK]:write(...)
   if not ok then
-    self._close = true
+    self[CLOSE] = true
     return nil, err, code
   end
   return true
@@ -169,7 +170,7 @@ local function send_lua(self, body)
   self[BYTES] = with_body and n or 0
   if ok then return true end
   if ok == nil then
-    self._close = true
+    self[CLOSE] = true
     return nil, a, b
   end
   if a == nil then          -- a head too large for the fast path
@@ -190,7 +191,7 @@ local function start_stream(self)
     length = math.tointeger(length)
   elseif self[REQ][R_VERSION] == "1.0" then
     self._mode = "raw"
-    self._close = true
+    self[CLOSE] = true
     flags = 1
     length = -2
   else
@@ -263,7 +264,7 @@ function Response:sendfile(path, offset, length)
     ok, err, code = self[SOCK]:sendfile(path, offset, length)
   end
   if not ok then
-    self._close = true
+    self[CLOSE] = true
     return nil, err, code
   end
   self[BYTES] = length

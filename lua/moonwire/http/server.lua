@@ -6,9 +6,10 @@ local Response = require "moonwire.http.response"
 
 local http_conn, http_head = core.http_conn, core.http_head
 -- a response's array slots (see response.lua)
-local FIN <const>, BYTES <const>, STATUS <const>, NH <const> = 5, 6, 7, 4
+local FIN <const>, BYTES <const>, STATUS <const>, NH <const>, CLOSE <const>, UPGRADED <const> = 5, 6, 7, 4, 8, 9
 assert(Response.slots.FIN == FIN and Response.slots.BYTES == BYTES and Response.slots.STATUS == STATUS
-  and Response.slots.NH == NH)
+  and Response.slots.NH == NH and Response.slots.CLOSE == CLOSE and Response.slots.UPGRADED == UPGRADED
+  and Response.slots.HBASE == 10)
 -- a request's: keep-alive, and whether the message ended with its head (see request.lua)
 local R_KEEPALIVE <const>, R_NOBODY <const> = 10, 3
 assert(Request.slots.KEEPALIVE == R_KEEPALIVE and Request.slots.METHOD == 6 and Request.slots.VERSION == 8)
@@ -42,7 +43,7 @@ end
 local function stderr_log(line) io.stderr:write(line, "\n") end
 
 local function make_logger(log)
-  if log == nil or log == false then return nil end
+  if log == nil or log == false then return false end   -- (false: a raw hit for srv.log)
   if type(log) == "function" then return log end
   if log == "stderr" then return stderr_log end
   if type(log) == "string" then
@@ -85,10 +86,10 @@ local function after_handler(srv, req, res, ok, err)
     if not res.sent then
       res:_reset(500)
       res:header("content-type", "text/plain; charset=utf-8")
-      res._close = true
+      res[CLOSE] = true
       res:send("Internal Server Error\n")
     else
-      res._close = true
+      res[CLOSE] = true
     end
     return
   end
@@ -109,7 +110,8 @@ end
 -- constructor's dozen registers would enlarge that frame, which is part of the stack of every
 -- connection's coroutine; see requests().)
 local function new_response(srv, r, sock)
-  local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, sent = false }, Response)
+  local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, false, false,
+    sent = false }, Response)
   r[2] = rs
   return rs
 end
@@ -135,7 +137,7 @@ local function requests(srv, sock, hc, cur)
     if not rs[FIN] then after_handler(srv, r, rs, true) end
     cur[1], cur[2] = false, false
     if srv.log then srv.log(access_line(r, rs)) end
-    if rs._upgraded then
+    if rs[UPGRADED] then
       -- the handler owned the connection (a WebSocket): make sure it is closed, unless
       -- the WebSocket has a message handler, which keeps it without this task
       local ws = rs._ws
@@ -144,7 +146,7 @@ local function requests(srv, sock, hc, cur)
       return
     end
     -- ready for the next request? (the common case inline, the rest in settle)
-    if rs._close or not r[R_KEEPALIVE] or srv.closing then return end
+    if rs[CLOSE] or not r[R_KEEPALIVE] or srv.closing then return end
     if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return end
     r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
     r, err, status = hc:read_request(idle, head)
@@ -178,7 +180,7 @@ local function serve_connection(srv, sock)
     if req then
       after_handler(srv, req, res, false, err)
       if srv.log then srv.log(access_line(req, res)) end
-      local ws = res._upgraded and res._ws
+      local ws = res[UPGRADED] and res._ws
       if ws and ws.state ~= "closed" then ws:close(1011) end
     else
       srv.error_log("moonwire: error serving a connection: " .. tostring(err))
