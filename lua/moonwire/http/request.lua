@@ -7,9 +7,14 @@
 -- message ended with its head (the server's keep-alive check), 4 the head followed by its
 -- header spans, and 5 the head's length, until `headers` is built from them.
 local Request = {}
-local CONN <const>, RES <const> = 1, 2
-local METHOD <const>, TARGET <const>, VERSION <const>, PATH <const>, KEEPALIVE <const>, UPGRADE <const> =
-  6, 7, 8, 9, 10, 11
+local CONN <const> = 1
+local RES <const> = 2
+local METHOD <const> = 6
+local TARGET <const> = 7
+local VERSION <const> = 8
+local PATH <const> = 9
+local KEEPALIVE <const> = 10
+local UPGRADE <const> = 11
 Request.slots = { CONN = CONN, RES = RES, METHOD = METHOD, TARGET = TARGET, VERSION = VERSION, PATH = PATH,
   KEEPALIVE = KEEPALIVE, UPGRADE = UPGRADE }
 

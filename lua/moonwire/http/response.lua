@@ -21,13 +21,23 @@ end
 -- connection closes after it, UPGRADED that the handler took the connection over (both read
 -- by the server after every request). `sent` is its one named field (public); the rarely
 -- changed _touched, _mode and _ws are named and default from the class. server.lua and
--- websocket.lua use the same slots.
-local SRV <const>, REQ <const>, SOCK <const>, NH <const>, FIN <const>, BYTES <const>, STATUS <const> =
-  1, 2, 3, 4, 5, 6, 7
-local CLOSE <const>, UPGRADED <const> = 8, 9
+-- websocket.lua use the same slots. (One constant per declaration: Lua folds only the last
+-- name of `local a <const>, b <const> = 1, 2`; the others become upvalues of every function
+-- that uses them, an extra instruction per access.)
+local SRV <const> = 1
+local REQ <const> = 2
+local SOCK <const> = 3
+local NH <const> = 4
+local FIN <const> = 5
+local BYTES <const> = 6
+local STATUS <const> = 7
+local CLOSE <const> = 8
+local UPGRADED <const> = 9
 local HBASE <const> = 10
 -- the request's parsed fields (request.lua: Request.slots)
-local R_METHOD <const>, R_VERSION <const>, R_KEEPALIVE <const> = 6, 8, 10
+local R_METHOD <const> = 6
+local R_VERSION <const> = 8
+local R_KEEPALIVE <const> = 10
 Response.slots = { SRV = SRV, REQ = REQ, SOCK = SOCK, NH = NH, FIN = FIN, BYTES = BYTES, STATUS = STATUS,
   CLOSE = CLOSE, UPGRADED = UPGRADED, HBASE = HBASE }
 

@@ -5,13 +5,19 @@ local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"
 
 local http_conn, http_head = core.http_conn, core.http_head
--- a response's array slots (see response.lua)
-local FIN <const>, BYTES <const>, STATUS <const>, NH <const>, CLOSE <const>, UPGRADED <const> = 5, 6, 7, 4, 8, 9
+-- a response's array slots (see response.lua; one constant per declaration, as there)
+local FIN <const> = 5
+local BYTES <const> = 6
+local STATUS <const> = 7
+local NH <const> = 4
+local CLOSE <const> = 8
+local UPGRADED <const> = 9
 assert(Response.slots.FIN == FIN and Response.slots.BYTES == BYTES and Response.slots.STATUS == STATUS
   and Response.slots.NH == NH and Response.slots.CLOSE == CLOSE and Response.slots.UPGRADED == UPGRADED
   and Response.slots.HBASE == 10)
 -- a request's: keep-alive, and whether the message ended with its head (see request.lua)
-local R_KEEPALIVE <const>, R_NOBODY <const> = 10, 3
+local R_KEEPALIVE <const> = 10
+local R_NOBODY <const> = 3
 assert(Request.slots.KEEPALIVE == R_KEEPALIVE and Request.slots.METHOD == 6 and Request.slots.VERSION == 8)
 local traceback = debug.traceback
 local setmetatable = setmetatable
