@@ -1138,7 +1138,14 @@ static const char *reason(int code)
 /* Whether a header value may go on the wire as it is: no CR, LF or NUL. */
 static int value_clean(const char *v, size_t n)
 {
-    return n == 0 || !(memchr(v, '\r', n) || memchr(v, '\n', n) || memchr(v, '\0', n));
+    if (n <= 32) {      /* the usual short value: one pass (three memchr calls cost more) */
+        for (size_t i = 0; i < n; i++) {
+            unsigned char c = (unsigned char)v[i];
+            if (c <= '\r' && (c == '\r' || c == '\n' || c == '\0')) return 0;
+        }
+        return 1;
+    }
+    return !(memchr(v, '\r', n) || memchr(v, '\n', n) || memchr(v, '\0', n));
 }
 
 /* RFC 9110 tchar: ALPHA / DIGIT / "!#$%&'*+-.^_`|~" */
@@ -1155,6 +1162,15 @@ static const unsigned char tchar_tab[256] = {
 };
 
 static inline int is_tchar(unsigned char c) { return tchar_tab[c]; }
+
+/* Whether s[0, n) is a field name: one or more tchars. */
+static int name_ok(const char *s, size_t n)
+{
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!is_tchar((unsigned char)s[i])) return 0;
+    return 1;
+}
 
 /* Where a head is built: a luaL_Buffer, or a fixed array (the send fast path), which
  * records an overflow instead of growing. */
@@ -1193,9 +1209,10 @@ static void add_date(sink *k, datecache *dc)
 }
 
 /* Appends "name: value\r\n" for nh pairs of the flat array at idx from index first, checking
- * names (tokens) and values (no CR, LF, NUL). Sets bits in *seen: 1 content-length,
- * 2 transfer-encoding, 4 connection, 8 host. */
-static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_Integer nh, int *seen)
+ * names (tokens) and values (no CR, LF, NUL) unless `checked` says res:header did that as it
+ * stored them. Sets bits in *seen: 1 content-length, 2 transfer-encoding, 4 connection,
+ * 8 host. */
+static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_Integer nh, int *seen, int checked)
 {
     for (lua_Integer i = first; i < first + 2 * nh; i += 2) {
         size_t kn, vn;
@@ -1206,10 +1223,11 @@ static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_I
         /* both stay referenced by the table after the pops below */
         const char *key = lua_tolstring(L, -2, &kn);
         const char *v = lua_tolstring(L, -1, &vn);
-        if (kn == 0) luaL_error(L, "empty header name");
-        for (size_t j = 0; j < kn; j++)
-            if (!is_tchar((unsigned char)key[j])) luaL_error(L, "invalid header name '%s'", key);
-        if (!value_clean(v, vn)) luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
+        if (!checked) {
+            if (kn == 0) luaL_error(L, "empty header name");
+            if (!name_ok(key, kn)) luaL_error(L, "invalid header name '%s'", key);
+            if (!value_clean(v, vn)) luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
+        }
         if (kn == 14 && strncasecmp(key, "content-length", 14) == 0) *seen |= 1;
         else if (kn == 17 && strncasecmp(key, "transfer-encoding", 17) == 0) *seen |= 2;
         else if (kn == 10 && strncasecmp(key, "connection", 10) == 0) *seen |= 4;
@@ -1232,6 +1250,11 @@ static void add_length(sink *k, lua_Integer length)
     put(k, d, (size_t)(e - d));
 }
 
+/* build_head's flags: 1 close, 2 keep-alive answer for HTTP/1.0, 4 no Content-Length; and,
+ * not from Lua: the headers were checked as res:header stored them */
+#define HF_LUA 7
+#define HF_CHECKED 8
+
 /* The response head: status line, Server, Date, the headers (flat array at hidx), then
  * Content-Length / Transfer-Encoding and Connection as length and flags say. */
 static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, int hidx, lua_Integer first,
@@ -1253,7 +1276,7 @@ static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status,
     }
     add_date(k, dc);
     int seen = 0;
-    add_headers(L, k, hidx, first, nh, &seen);
+    add_headers(L, k, hidx, first, nh, &seen, (int)(flags & HF_CHECKED));
     int bodyless = status < 200 || status == 204 || status == 304;
     if (length >= 0 && !(seen & 3) && !bodyless && !(flags & 4)) add_length(k, length);
     else if (length == -1 && !(seen & 2) && !bodyless) puts_(k, "Transfer-Encoding: chunked\r\n");
@@ -1276,7 +1299,7 @@ static int l_http_head(lua_State *L)
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_Integer nh = luaL_checkinteger(L, 3);
     lua_Integer length = luaL_checkinteger(L, 4);
-    lua_Integer flags = luaL_optinteger(L, 5, 0);
+    lua_Integer flags = luaL_optinteger(L, 5, 0) & HF_LUA;
     const char *server = luaL_optstring(L, 6, NULL);
     lua_Integer first = luaL_optinteger(L, 7, 1);
     luaL_Buffer b;
@@ -1372,7 +1395,7 @@ static int l_http_send(lua_State *L)
     lua_Integer nh = luaL_checkinteger(L, 4);
     size_t blen;
     const char *body = luaL_checklstring(L, 5, &blen);
-    lua_Integer flags = luaL_optinteger(L, 6, 0);
+    lua_Integer flags = luaL_optinteger(L, 6, 0) & HF_LUA;
     const char *server = luaL_optstring(L, 7, NULL);
     int with_body = lua_toboolean(L, 8);
     lua_Integer first = luaL_optinteger(L, 9, 1);
@@ -1458,7 +1481,7 @@ static int l_res_send(lua_State *L)
     int with_body = status >= 200 && status != 204 && status != 304 && !h->req_head;
     datecache *dc = lua_touserdata(L, lua_upvalueindex(UP_DC));
     int base = lua_gettop(L);
-    int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags,
+    int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags | HF_CHECKED,
                          h->has_server_name ? h->server_name : NULL, with_body);
     if (nret == 1 && lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
         return call_lua(L, UP_SLOW, top0);          /* a head too big for this path: nothing sent */
@@ -1485,16 +1508,18 @@ static int l_res_send(lua_State *L)
     return results_k(L, LUA_OK, callbase);
 }
 
-/* res:header(name, value): two strings, a value without CR, LF or NUL, the head not sent
- * yet: appended here; anything else goes to the Lua implementation. */
+/* res:header(name, value): two strings, a token for a name, a value without CR, LF or NUL,
+ * the head not sent yet: appended here; anything else goes to the Lua implementation. Both
+ * check what they store, so res:send's C path does not check again. */
 static int l_res_header(lua_State *L)
 {
     int top0 = lua_gettop(L);
     if (top0 != 3 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING || lua_type(L, 3) != LUA_TSTRING)
         return call_lua(L, UP_SLOW, top0);
-    size_t vn;
+    size_t kn, vn;
+    const char *k = lua_tolstring(L, 2, &kn);
     const char *v = lua_tolstring(L, 3, &vn);
-    if (!value_clean(v, vn)) return call_lua(L, UP_SLOW, top0);
+    if (!name_ok(k, kn) || !value_clean(v, vn)) return call_lua(L, UP_SLOW, top0);
     if (rawget_up(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return call_lua(L, UP_SLOW, top0);
     int isnum;
     lua_rawgeti(L, 1, RS_NH);
@@ -1571,7 +1596,7 @@ static int l_http_request_head(lua_State *L)
     luaL_addlstring(&b, target, tn);
     luaL_addlstring(&b, " HTTP/1.1\r\n", 11);
     int seen = 0;
-    add_headers(L, &k, 4, 1, nh, &seen);
+    add_headers(L, &k, 4, 1, nh, &seen, 0);
     if (!(seen & 8)) {
         luaL_addlstring(&b, "Host: ", 6);
         luaL_addlstring(&b, host, hn);
