@@ -1712,7 +1712,12 @@ void mw_http_open(lua_State *L)
         lua_pushcfunction(L, hc_gc);
         lua_setfield(L, -2, "__gc");
     }
-    lua_pop(L, 1);
+    /* hc:read_request also as a plain function: the server's request loop calls it without
+     * looking it up through the userdata's metatable on every request */
+    lua_getfield(L, -1, "__index");
+    lua_getfield(L, -1, "read_request");
+    lua_setfield(L, -4, "http_read_request");
+    lua_pop(L, 2);
     lua_pushcfunction(L, l_http_conn);
     lua_setfield(L, -2, "http_conn");
     datecache *dc = lua_newuserdatauv(L, sizeof *dc, 0);

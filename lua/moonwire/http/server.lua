@@ -4,7 +4,7 @@ local core = require "moonwire.core"
 local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"
 
-local http_conn, http_head = core.http_conn, core.http_head
+local http_conn, http_head, read_request = core.http_conn, core.http_head, core.http_read_request
 -- a response's array slots (see response.lua; one constant per declaration, as there)
 local FIN <const> = 5
 local BYTES <const> = 6
@@ -131,7 +131,7 @@ local function requests(srv, sock, hc, cur)
   if srv.closing then return end
   -- a new connection must send its first request (and its TLS handshake) within `head`;
   -- later requests on it may wait `idle` for their first byte
-  local r, err, status = hc:read_request(math.min(idle, head), head)
+  local r, err, status = read_request(hc, math.min(idle, head), head)
   while true do
     if not r then
       if math.type(status) == "integer" then send_error(sock, status, err) end
@@ -155,7 +155,7 @@ local function requests(srv, sock, hc, cur)
     if rs[CLOSE] or not r[R_KEEPALIVE] or srv.closing then return end
     if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return end
     r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
-    r, err, status = hc:read_request(idle, head)
+    r, err, status = read_request(hc, idle, head)
   end
 end
 
