@@ -61,6 +61,7 @@ typedef struct mw_http {
     int has_server_name;       /* 1 a name, 0 none, -1 too long for this path */
     double gzip_from;
     int req_keepalive, req_http10, req_head;
+    int closing;               /* the server is closing: responses say Connection: close */
 } mw_http;
 
 /* ---- llhttp callbacks: spans and verdicts only ------------------------------------- */
@@ -1046,6 +1047,15 @@ static int hc_idle(lua_State *L)
     return 1;
 }
 
+/* hc:closing(): the server is shutting down, so the responses still made on this connection
+ * close it (res:send's C path reads this instead of the server's `closing` field) */
+static int hc_closing(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    h->closing = 1;
+    return 0;
+}
+
 /* hc:msg_done() -> whether the current message was read to its end */
 static int hc_msg_done(lua_State *L)
 {
@@ -1423,9 +1433,8 @@ static int l_http_send(lua_State *L)
 /* The response's slots (response.lua). */
 enum { RS_REQ = 2, RS_NH = 4, RS_FIN = 5, RS_BYTES = 6, RS_STATUS = 7, RS_CLOSE = 8, RS_HBASE = 10 };
 /* upvalues of both: 1 the date cache, 2 the Lua implementation (for everything but the
- * common case), 3 write_rest (send: what the socket did not take), the keys "sent" and
- * "closing" */
-enum { UP_DC = 1, UP_SLOW, UP_REST, UP_SENT, UP_CLOSING, UP_COUNT = UP_CLOSING };
+ * common case), 3 write_rest (send: what the socket did not take), the key "sent" */
+enum { UP_DC = 1, UP_SLOW, UP_REST, UP_SENT, UP_COUNT = UP_SENT };
 
 static int results_k(lua_State *L, int status, lua_KContext ctx)
 {
@@ -1481,12 +1490,10 @@ static int l_res_send(lua_State *L)
     if (!isnum) return call_lua(L, UP_SLOW, top0);
     mw_sock *s = h->s;
     if (s->closed) luaL_error(L, "attempt to use a closed socket");
-    lua_getiuservalue(L, 5, 4);                                                            /* 9: srv */
-    int closing = lua_istable(L, 9) && rawget_up(L, 9, UP_CLOSING) != LUA_TNIL && lua_toboolean(L, -1);
-    lua_settop(L, 9);
+    lua_pushnil(L);                                                                        /* 9 */
     lua_rawgeti(L, 1, RS_CLOSE);                                                           /* 10 */
     lua_Integer flags = 0;
-    if (!h->req_keepalive || closing || lua_toboolean(L, 10)) {
+    if (!h->req_keepalive || h->closing || lua_toboolean(L, 10)) {
         flags = 1;
         lua_pushboolean(L, 1);
         lua_rawseti(L, 1, RS_CLOSE);
@@ -1557,12 +1564,12 @@ static int l_http_response_methods(lua_State *L)
     luaL_checktype(L, 1, LUA_TFUNCTION);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     luaL_checktype(L, 3, LUA_TFUNCTION);
-    static const char *const keys[] = { "sent", "closing" };
+
     for (int m = 0; m < 2; m++) {
         lua_pushvalue(L, lua_upvalueindex(1));   /* the date cache */
         lua_pushvalue(L, m == 0 ? 1 : 2);
         lua_pushvalue(L, 3);
-        for (int i = 0; i < 2; i++) lua_pushstring(L, keys[i]);
+        lua_pushliteral(L, "sent");
         lua_pushcclosure(L, m == 0 ? l_res_send : l_res_header, UP_COUNT);
     }
     return 2;
@@ -1708,7 +1715,7 @@ void mw_http_open(lua_State *L)
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
         { "read_lean", hc_read_lean }, { "trailers", hc_trailers }, { "release", hc_release },
-        { "idle", hc_idle }, { "socket", hc_socket }, { "server", hc_server }, { "headers_of", hc_headers_of },
+        { "idle", hc_idle }, { "closing", hc_closing }, { "socket", hc_socket }, { "server", hc_server }, { "headers_of", hc_headers_of },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);

@@ -227,11 +227,13 @@ function Server:close(grace)
   self.closing = true
   self.listener:close()
   grace = grace or self.grace
-  -- idle connections are parked in read_request: closing their socket ends them;
-  -- WebSockets with a message handler go away with the close handshake
+  -- idle connections are parked in read_request: closing their socket ends them; the
+  -- others close after their response (res:send's C path asks the connection, not
+  -- self.closing); WebSockets with a message handler go away with the close handshake
   for sock, c in pairs(self._conns) do
     if type(c) == "table" then mw.spawn(c.close, c, 1001)
-    elseif c:idle() then sock:close() end
+    elseif c:idle() then sock:close()
+    else c:closing() end
   end
   if self._nconns > 0 then
     self._drained = mw.channel(0)
