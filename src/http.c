@@ -518,9 +518,8 @@ static const char *const value_names[] = { "1.1", "1.0", "GET", "HEAD", "POST" }
 static void build_request(lua_State *L, mw_http *h)
 {
     /* [1] the connection, [2] the response (request.lua), [3] whether the message ended with
-     * its head (no body: the server need not ask the connection), [4] the head's bytes
-     * followed by its header spans and [5] the head's length, until the headers table is
-     * built; [6] method [7] target [8] version [9] path [10] keepalive [11] upgrade. The
+     * its head (no body: the server need not ask the connection), [4] the head's bytes,
+     * until the headers table is built, [5] unused; [6] method [7] target [8] version [9] path [10] keepalive [11] upgrade. The
      * hash part has room for the fields request.lua caches on first use. */
     lua_createtable(L, 11, 4);
     switch (h->p.method) {
@@ -566,18 +565,10 @@ static void build_request(lua_State *L, mw_http *h)
     lua_pop(L, 1);      /* the target */
     /* query_string is cut from target on first use (request.lua) */
     /* headers: the table is built on first use (hc:headers_of, request.lua) from the head's
-     * bytes and its header spans, kept in slots 4 (one string) and 5 (where the spans start)
-     * until then: a handler that never looks at a header costs no table and no string per
-     * header */
-    size_t spanlen = (size_t)h->nhdrs * sizeof(hspan);
-    luaL_Buffer b;
-    char *hb = luaL_buffinitsize(L, &b, h->parsed + spanlen);   /* one string: head, then spans */
-    memcpy(hb, h->base, h->parsed);
-    if (spanlen) memcpy(hb + h->parsed, h->hdrs, spanlen);
-    luaL_pushresultsize(&b, h->parsed + spanlen);
+     * bytes, kept in slot 4 until then: a handler that never looks at a header costs no
+     * table and no string per header */
+    lua_pushlstring(L, h->base, h->parsed);
     lua_rawseti(L, -2, 4);
-    lua_pushinteger(L, (lua_Integer)h->parsed);
-    lua_rawseti(L, -2, 5);
     h->req_keepalive = llhttp_should_keep_alive(&h->p);
     h->req_http10 = h->p.http_minor != 1;
     h->req_head = h->p.method == HTTP_HEAD;
@@ -982,44 +973,66 @@ static int hc_state(lua_State *L)
     return 6;
 }
 
-/* hc:headers_of(req) -> req's headers table, built from the head and the header spans
- * read_request left in req[4] and req[5] (which are then dropped). Names are lower case;
- * repeated fields are joined, and every value is listed in req._multi. */
+/* The header fields of a request head that passed llhttp (strict) and strict_head: every
+ * line after the request line up to the empty one is "name:value" (every LF preceded by CR,
+ * no folding, no empty name). Fills out[0, cap) and returns how many fields there are, or
+ * -1 if a line has no colon (not a head read_request kept). */
+static int head_spans(const char *head, size_t n, hspan *out, int cap)
+{
+    const char *end = head + n;
+    const char *p = memchr(head, '\n', n);
+    int k = 0;
+    if (!p) return -1;
+    for (p++; p < end; ) {
+        const char *lf = memchr(p, '\n', (size_t)(end - p));
+        if (!lf || lf == p || lf[-1] != '\r') return -1;
+        const char *eol = lf - 1;
+        if (eol == p) break;                        /* the empty line: the end of the head */
+        const char *colon = memchr(p, ':', (size_t)(eol - p));
+        if (!colon || colon == p) return -1;
+        if (k < cap) {
+            out[k].noff = (uint32_t)(p - head);
+            out[k].nlen = (uint32_t)(colon - p);
+            out[k].voff = (uint32_t)(colon + 1 - head);
+            out[k].vlen = (uint32_t)(eol - colon - 1);
+        }
+        k++;
+        p = lf + 1;
+    }
+    return k;
+}
+
+/* hc:headers_of(req) -> req's headers table, built from the head read_request left in
+ * req[4] (which is then dropped): its lines are found again here, so a request whose
+ * handler never looks at a header costs no table, no string per header and no copy of the
+ * parser's spans. Names are lower case; repeated fields are joined, and every value is
+ * listed in req._multi. */
 static int hc_headers_of(lua_State *L)
 {
     luaL_checkudata(L, 1, HC_MT);
     luaL_checktype(L, 2, LUA_TTABLE);
-    lua_rawgeti(L, 2, 4);
-    lua_rawgeti(L, 2, 5);
-    if (lua_type(L, 3) != LUA_TSTRING || !lua_isinteger(L, 4)) return luaL_error(L, "the request's head is gone");
-    size_t total;
-    const char *head = lua_tolstring(L, 3, &total);
-    lua_Integer hl = lua_tointeger(L, 4);
-    if (hl < 0 || (size_t)hl > total || (total - (size_t)hl) % sizeof(hspan) != 0)
-        return luaL_error(L, "the request's head is damaged");
-    size_t headlen = (size_t)hl, spanlen = total - headlen;
-    const char *spans = head + headlen;
+    if (lua_rawgeti(L, 2, 4) != LUA_TSTRING) return luaL_error(L, "the request's head is gone");
+    size_t headlen;
+    const char *head = lua_tolstring(L, 3, &headlen);
     mw_http view;
     memset(&view, 0, sizeof view);
     view.base = head;
-    view.nhdrs = (int)(spanlen / sizeof(hspan));
-    /* an aligned copy of the spans (a Lua string's bytes need not be): on the C stack, or in
-     * a userdata for many headers (so build_headers raising leaks nothing) */
+    /* the spans: on the C stack, or in a userdata for many headers (so build_headers
+     * raising leaks nothing) */
     hspan local[32];
-    view.hdrs = view.nhdrs <= 32 ? local : lua_newuserdatauv(L, spanlen, 0);
-    memcpy(view.hdrs, spans, spanlen);
-    for (int i = 0; i < view.nhdrs; i++) {
-        const hspan *sp = &view.hdrs[i];
-        if ((size_t)sp->noff + sp->nlen > headlen || (size_t)sp->voff + sp->vlen > headlen)
-            return luaL_error(L, "the request's head is damaged");
+    int n = head_spans(head, headlen, local, 32);
+    if (n < 0) return luaL_error(L, "the request's head is damaged");
+    view.hdrs = local;
+    if (n > 32) {
+        view.hdrs = lua_newuserdatauv(L, (size_t)n * sizeof(hspan), 0);
+        head_spans(head, headlen, view.hdrs, n);
     }
+    view.nhdrs = n;
     build_headers(L, &view, 2);
     if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);  /* case-insensitive */
     else lua_pop(L, 1);
     lua_pushboolean(L, 0);
     lua_rawseti(L, 2, 4);
-    lua_pushboolean(L, 0);
-    lua_rawseti(L, 2, 5);
     return 1;
 }
 

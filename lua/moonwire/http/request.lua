@@ -4,8 +4,8 @@
 -- and are read by name through __index: method, target, version, path, keepalive, upgrade.
 -- Everything else is computed on first use and cached in the table. The other array slots
 -- are private: 1 the connection object, 2 the response (response.lua sets it), 3 whether the
--- message ended with its head (the server's keep-alive check), 4 the head followed by its
--- header spans, and 5 the head's length, until `headers` is built from them.
+-- message ended with its head (the server's keep-alive check), 4 the head's bytes, until
+-- `headers` is built from them; 5 is unused.
 local Request = {}
 local CONN <const> = 1
 local RES <const> = 2
