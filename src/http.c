@@ -1560,14 +1560,12 @@ static int l_res_header(lua_State *L)
     lua_rawgeti(L, 1, RS_NH);
     lua_Integer n = lua_tointegerx(L, -1, &isnum);
     if (!isnum || n < 0) return call_lua(L, UP_SLOW, top0);
-    lua_pushvalue(L, 2);
-    lua_rawseti(L, 1, RS_HBASE + 2 * n);
-    lua_pushvalue(L, 3);
+    lua_settop(L, 3);                   /* the value, then the name, straight off the stack */
     lua_rawseti(L, 1, RS_HBASE + 2 * n + 1);
+    lua_rawseti(L, 1, RS_HBASE + 2 * n);
     lua_pushinteger(L, n + 1);
     lua_rawseti(L, 1, RS_NH);
-    lua_pushvalue(L, 1);
-    return 1;
+    return 1;                           /* self */
 }
 
 /* http_response_methods(send_lua, header_lua, write_rest) -> send, header: res:send and

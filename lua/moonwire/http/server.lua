@@ -122,8 +122,9 @@ local function new_response(srv, r, sock)
   return rs
 end
 
--- The requests of one connection, in order; `cur` holds the request being answered and its
--- response (false between requests), for serve_connection when a handler raises.
+-- The requests of one connection, in order; cur[1] holds the request being answered (false
+-- between requests; its response is in its slot 2), for serve_connection when a handler
+-- raises.
 local function requests(srv, sock, hc, cur)
   -- (few locals: this frame's size adds to the stack of every connection's coroutine, and a
   -- WebSocket handler's frames above it are close to where Lua doubles that stack)
@@ -138,10 +139,10 @@ local function requests(srv, sock, hc, cur)
       return
     end
     local rs = new_response(srv, r, sock)
-    cur[1], cur[2] = r, rs
+    cur[1] = r
     handler(r, rs)
     if not rs[FIN] then after_handler(srv, r, rs, true) end
-    cur[1], cur[2] = false, false
+    cur[1] = false
     if srv.log then srv.log(access_line(r, rs)) end
     if rs[UPGRADED] then
       -- the handler owned the connection (a WebSocket): make sure it is closed, unless
@@ -175,14 +176,15 @@ local function serve_connection(srv, sock)
   conns[sock] = hc     -- hc:idle() says whether it waits for its next request
   -- One protected call per connection, not per request: a handler that raises ends the
   -- loop, and the connection closes after its 500 anyway.
-  local cur = { false, false }
+  local cur = { false }
   local ok, err = xpcall(requests, traceback, srv, sock, hc, cur)
   if ok and err and err.state ~= "closed" then
     conns[sock] = err    -- a WebSocket with a message handler: Server:_ws_done ends it
     return
   end
   if not ok then
-    local req, res = cur[1], cur[2]
+    local req = cur[1]
+    local res = req and rawget(req, 2)
     if req then
       after_handler(srv, req, res, false, err)
       if srv.log then srv.log(access_line(req, res)) end
