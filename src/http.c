@@ -1350,8 +1350,10 @@ static int l_http_head(lua_State *L)
 }
 
 /* http_send's work, for it and for the res:send fast path: the head of the response whose
- * headers are in the table at tidx (from index first), then the body. Pushes what http_send
- * returns and returns how many values. */
+ * headers are in the table at tidx (from index first), then the body. Returns 0 when it all
+ * went out (or was gathered), -1 when the head is too big for this path (nothing was sent);
+ * else pushes what http_send returns (false, rest [, rest2], or nil, err, code) and returns
+ * how many values. */
 static int send_core(lua_State *L, datecache *dc, mw_sock *s, int tidx, lua_Integer status, lua_Integer first,
                      lua_Integer nh, const char *body, size_t blen, lua_Integer flags, const char *server,
                      int with_body)
@@ -1359,10 +1361,7 @@ static int send_core(lua_State *L, datecache *dc, mw_sock *s, int tidx, lua_Inte
     char head[4096];
     sink k = { NULL, head, 0, sizeof head, 0 };
     build_head(L, &k, dc, status, tidx, first, nh, (lua_Integer)blen, flags, server);
-    if (k.overflow) {
-        lua_pushboolean(L, 0);
-        return 1;
-    }
+    if (k.overflow) return -1;
     size_t total = k.n + (with_body ? blen : 0), sent = 0;
     /* More requests already arrived (pipelined) and this one is small: gather it, to go out
      * with the next ones in one write before the loop polls; the last of them goes out with
@@ -1374,8 +1373,7 @@ static int send_core(lua_State *L, datecache *dc, mw_sock *s, int tidx, lua_Inte
         mw_sock_gather(s, head, k.n, body, with_body ? blen : 0) == 0) {
         uint32_t want = EPOLLOUT;
         if (!more && mw_sock_flush(s, &want) < 0) return mw_stream_pusherr(L, s, errno);
-        lua_pushboolean(L, 1);
-        return 1;
+        return 0;
     }
     if (!s->waiter[MW_ROLE_WRITE]) {    /* another task writing: it goes first, through write */
         while (sent < total) {
@@ -1398,10 +1396,7 @@ static int send_core(lua_State *L, datecache *dc, mw_sock *s, int tidx, lua_Inte
             if (n == 0) break;
             return mw_stream_pusherr(L, s, errno);
         }
-        if (sent == total) {
-            lua_pushboolean(L, 1);
-            return 1;
-        }
+        if (sent == total) return 0;
     }
     lua_pushboolean(L, 0);
     int nret = 1;
@@ -1438,7 +1433,10 @@ static int l_http_send(lua_State *L)
     const char *server = luaL_optstring(L, 7, NULL);
     int with_body = lua_toboolean(L, 8);
     lua_Integer first = luaL_optinteger(L, 9, 1);
-    return send_core(L, dc, s, 3, status, first, nh, body, blen, flags, server, with_body);
+    int n = send_core(L, dc, s, 3, status, first, nh, body, blen, flags, server, with_body);
+    if (n > 0) return n;
+    lua_pushboolean(L, n == 0);
+    return 1;
 }
 
 /* ---- res:send and res:header (response.lua) in C ------------------------------------- */
@@ -1480,10 +1478,9 @@ static int l_res_send(lua_State *L)
     size_t blen = 0;
     const char *body = "";
     if (top0 < 1 || top0 > 2 || lua_type(L, 1) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);
-    if (top0 == 2 && !lua_isnil(L, 2)) {
-        if (lua_type(L, 2) != LUA_TSTRING) return call_lua(L, UP_SLOW, top0);
-        body = lua_tolstring(L, 2, &blen);
-    }
+    int tb = top0 == 2 ? lua_type(L, 2) : LUA_TNIL;
+    if (tb == LUA_TSTRING) body = lua_tolstring(L, 2, &blen);
+    else if (tb != LUA_TNIL) return call_lua(L, UP_SLOW, top0);
     lua_settop(L, 2);
     if (rawget_up(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return call_lua(L, UP_SLOW, top0);
     /* the request's connection (its slot 1) knows the rest: the server's settings and what
@@ -1493,20 +1490,18 @@ static int l_res_send(lua_State *L)
     mw_http *h = hc_of(L, 5);
     if (!h || !h->s || h->has_server_name < 0 || h->gzip_from < 0 || (double)blen >= h->gzip_from)
         return call_lua(L, UP_SLOW, top0);
-    lua_pushnil(L);                                                                        /* 6 */
     int isnum;
-    lua_rawgeti(L, 1, RS_STATUS);                                                          /* 7 */
-    lua_Integer status = lua_tointegerx(L, 7, &isnum);
+    lua_rawgeti(L, 1, RS_STATUS);
+    lua_Integer status = lua_tointegerx(L, -1, &isnum);
     if (!isnum || status < 100 || status > 999) return call_lua(L, UP_SLOW, top0);
-    lua_rawgeti(L, 1, RS_NH);                                                              /* 8 */
-    lua_Integer nh = lua_tointegerx(L, 8, &isnum);
+    lua_rawgeti(L, 1, RS_NH);
+    lua_Integer nh = lua_tointegerx(L, -1, &isnum);
     if (!isnum) return call_lua(L, UP_SLOW, top0);
     mw_sock *s = h->s;
     if (s->closed) luaL_error(L, "attempt to use a closed socket");
-    lua_pushnil(L);                                                                        /* 9 */
-    lua_rawgeti(L, 1, RS_CLOSE);                                                           /* 10 */
+    lua_rawgeti(L, 1, RS_CLOSE);
     lua_Integer flags = 0;
-    if (!h->req_keepalive || h->closing || lua_toboolean(L, 10)) {
+    if (!h->req_keepalive || h->closing || lua_toboolean(L, -1)) {
         flags = 1;
         lua_pushboolean(L, 1);
         lua_rawseti(L, 1, RS_CLOSE);
@@ -1518,8 +1513,7 @@ static int l_res_send(lua_State *L)
     int base = lua_gettop(L);
     int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags | HF_CHECKED,
                          h->has_server_name ? h->server_name : NULL, with_body);
-    if (nret == 1 && lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
-        return call_lua(L, UP_SLOW, top0);          /* a head too big for this path: nothing sent */
+    if (nret < 0) return call_lua(L, UP_SLOW, top0);    /* a head too big for this path: nothing sent */
     /* sent (whole, in part, or failed): as response.lua does */
     lua_pushvalue(L, lua_upvalueindex(UP_SENT));
     lua_pushboolean(L, 1);
@@ -1528,7 +1522,10 @@ static int l_res_send(lua_State *L)
     lua_rawseti(L, 1, RS_FIN);
     lua_pushinteger(L, with_body ? (lua_Integer)blen : 0);
     lua_rawseti(L, 1, RS_BYTES);
-    if (lua_toboolean(L, base + 1)) return 1;       /* true */
+    if (nret == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
     if (lua_isnil(L, base + 1)) {                   /* nil, err, code */
         lua_pushboolean(L, 1);
         lua_rawseti(L, 1, RS_CLOSE);
