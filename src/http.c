@@ -1129,7 +1129,18 @@ static int hc_clear_expect(lua_State *L)
 
 /* ---- response heads ---------------------------------------------------------------------- */
 
-typedef struct { time_t t; char s[40]; size_t n; } datecache;
+/* The Date line, formatted at most once a second; and the head's start for the usual
+ * answer, "HTTP/1.1 200 OK", Server and Date, for the server name last used (one copy
+ * instead of seven pieces). */
+typedef struct {
+    time_t t;
+    char s[40];
+    size_t n;
+    time_t ok_t;                /* when ok was made (0: never) */
+    char ok_server[64];         /* for which server name ("" none) */
+    char ok[160];
+    size_t okn;
+} datecache;
 
 static const char *reason(int code)
 {
@@ -1294,26 +1305,54 @@ static void add_length(sink *k, lua_Integer length)
 #define HF_LUA 7
 #define HF_CHECKED 8
 
+/* The head's start for 200 from the cache (see datecache), remade when the second or the
+ * server name changed; 0 if the name does not fit (the caller builds it piece by piece). */
+static int add_ok_start(sink *k, datecache *dc, const char *server)
+{
+    time_t now = time(NULL);
+    const char *sv = server ? server : "";
+    if (now != dc->ok_t || strcmp(sv, dc->ok_server) != 0) {
+        size_t sn = strlen(sv);
+        if (sn >= sizeof dc->ok_server) return 0;
+        sink ok = { NULL, dc->ok, 0, sizeof dc->ok, 0 };
+        put(&ok, "HTTP/1.1 200 OK\r\n", 17);
+        if (server) {
+            put(&ok, "Server: ", 8);
+            put(&ok, sv, sn);
+            put(&ok, "\r\n", 2);
+        }
+        add_date(&ok, dc);
+        if (ok.overflow) return 0;
+        memcpy(dc->ok_server, sv, sn + 1);
+        dc->okn = ok.n;
+        dc->ok_t = now;
+    }
+    put(k, dc->ok, dc->okn);
+    return 1;
+}
+
 /* The response head: status line, Server, Date, the headers (flat array at hidx), then
  * Content-Length / Transfer-Encoding and Connection as length and flags say. */
 static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, int hidx, lua_Integer first,
                        lua_Integer nh, lua_Integer length, lua_Integer flags, const char *server)
 {
-    char line[16];
-    memcpy(line, "HTTP/1.1 ", 9);
-    line[9] = (char)('0' + status / 100);
-    line[10] = (char)('0' + status / 10 % 10);
-    line[11] = (char)('0' + status % 10);
-    line[12] = ' ';
-    put(k, line, 13);
-    puts_(k, reason((int)status));
-    put(k, "\r\n", 2);
-    if (server) {
-        put(k, "Server: ", 8);
-        puts_(k, server);
+    if (status != 200 || !add_ok_start(k, dc, server)) {
+        char line[16];
+        memcpy(line, "HTTP/1.1 ", 9);
+        line[9] = (char)('0' + status / 100);
+        line[10] = (char)('0' + status / 10 % 10);
+        line[11] = (char)('0' + status % 10);
+        line[12] = ' ';
+        put(k, line, 13);
+        puts_(k, reason((int)status));
         put(k, "\r\n", 2);
+        if (server) {
+            put(k, "Server: ", 8);
+            puts_(k, server);
+            put(k, "\r\n", 2);
+        }
+        add_date(k, dc);
     }
-    add_date(k, dc);
     int seen = 0;
     add_headers(L, k, hidx, first, nh, &seen, (int)(flags & HF_CHECKED));
     int bodyless = status < 200 || status == 204 || status == 304;
