@@ -45,7 +45,7 @@ Response._touched = false
 Response._mode = false
 Response._ws = false
 
--- server.lua makes each response with one table constructor (new_response):
+-- server.lua makes each response with one table constructor (in its request loop):
 -- { srv, req, sock, 0, false, 0, 200, false, false, false, false, false, false,
 -- sent = false }, this metatable, and the request's slot 2 set to it. `sent` is made there
 -- because set later on a table without a hash part, it would cost a rehash that counts the

@@ -111,23 +111,13 @@ local function after_handler(srv, req, res, ok, err)
   end
 end
 
--- A request's response (see response.lua): its slots, room for two headers, and `sent`; it
--- goes in the request's slot 2. (A function of its own: written out in requests(), the
--- constructor's dozen registers would enlarge that frame, which is part of the stack of every
--- connection's coroutine; see requests().)
-local function new_response(srv, r, sock)
-  local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, false, false,
-    sent = false }, Response)
-  r[2] = rs
-  return rs
-end
-
 -- The requests of one connection, in order; cur[1] holds the request being answered (false
 -- between requests; its response is in its slot 2), for serve_connection when a handler
 -- raises.
 local function requests(srv, sock, hc, cur)
   -- (few locals: this frame's size adds to the stack of every connection's coroutine, and a
-  -- WebSocket handler's frames above it are close to where Lua doubles that stack)
+  -- WebSocket handler's frames run above it; the response's constructor takes 14 registers
+  -- for a moment, measured not to enlarge an idle connection, HTTP or WebSocket)
   local handler, idle, head = srv.handler, srv.timeouts.idle, srv.timeouts.head
   if srv.closing then return end
   -- a new connection must send its first request (and its TLS handshake) within `head`;
@@ -138,7 +128,11 @@ local function requests(srv, sock, hc, cur)
       if math.type(status) == "integer" then send_error(sock, status, err) end
       return
     end
-    local rs = new_response(srv, r, sock)
+    -- the response (see response.lua): its slots, room for two headers, and `sent`; it goes
+    -- in the request's slot 2
+    local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, false, false,
+      sent = false }, Response)
+    r[2] = rs
     cur[1] = r
     handler(r, rs)
     if not rs[FIN] then after_handler(srv, r, rs, true) end
