@@ -61,7 +61,9 @@ typedef struct mw_http {
     int has_server_name;       /* 1 a name, 0 none, -1 too long for this path */
     double gzip_from;
     int req_keepalive, req_http10, req_head;
-    int closing;               /* the server is closing: responses say Connection: close */
+    int closing;               /* the server is closing: responses say Connection: close, and
+                                * read_request reads no further request */
+    double idle_s, head_s;     /* read_request's timeouts when given none (the server's) */
 } mw_http;
 
 /* ---- llhttp callbacks: spans and verdicts only ------------------------------------- */
@@ -838,19 +840,24 @@ static int hc_read_lean(lua_State *L)
     return lean_step(L, h, t);
 }
 
-/* hc:read_request(idle_timeout, head_timeout) -> request | nil, msg, status|nil
- * status is the code to answer with (400, 408, 413, 414, 431, 501, 505); nil: just close. */
+/* hc:read_request([idle_timeout, head_timeout [, head_request]]) -> request | nil, msg, status|nil
+ * status is the code to answer with (400, 408, 413, 414, 431, 501, 505); nil: just close.
+ * Without timeouts: the server's (its `timeouts` table, read when hc was made). "closed"
+ * once hc:closing() was called. */
 static int hc_read_request(lua_State *L)
 {
     mw_http *h = hc_of(L, 1);
     if (!h) h = mw_checkudata_up(L, 1, K_COUNT + 1, HC_MT);   /* upvalues: keys, metatable */
     if (!h->s) luaL_error(L, "attempt to use a closed HTTP connection");
-    if (h->s->closed) return mw_pushfail(L, "closed", "closed");
-    int isnum;
-    double idle = lua_tonumberx(L, 2, &isnum);
-    if (!isnum) idle = lua_isnoneornil(L, 2) ? -1 : luaL_checknumber(L, 2);
-    double head = lua_tonumberx(L, 3, &isnum);
-    if (!isnum) head = lua_isnoneornil(L, 3) ? -1 : luaL_checknumber(L, 3);
+    if (h->s->closed || h->closing) return mw_pushfail(L, "closed", "closed");
+    double idle = h->idle_s, head = h->head_s;
+    if (lua_gettop(L) > 1) {
+        int isnum;
+        idle = lua_tonumberx(L, 2, &isnum);
+        if (!isnum) idle = lua_isnoneornil(L, 2) ? -1 : luaL_checknumber(L, 2);
+        head = lua_tonumberx(L, 3, &isnum);
+        if (!isnum) head = lua_isnoneornil(L, 3) ? -1 : luaL_checknumber(L, 3);
+    }
     if (!h->msg_done && (h->head_done || h->parsed)) return luaL_error(L, "the previous message's body was not read to its end");
     h->skip_body = lua_toboolean(L, 4);
     mw_task *t = mw_sock_claim(L, h->s, MW_ROLE_READ);
@@ -1711,7 +1718,8 @@ static size_t opt_size(lua_State *L, int t, const char *k, size_t dflt)
 /* http_conn(sock, limits, mt [, client [, headers_mt [, server]]]) -> hc: parses requests
  * (server side) or, with client set, responses; read_request(idle, head [, head_request])
  * returns the message table with metatable mt (requests also get `socket`, `_server`, and
- * headers_mt on their headers). */
+ * headers_mt on their headers). The server table gives res:send's C path its name and
+ * compression threshold, and read_request its default timeouts. */
 static int l_http_conn(lua_State *L)
 {
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
@@ -1741,6 +1749,7 @@ static int l_http_conn(lua_State *L)
         h->max_headers = opt_size(L, 2, "headers", h->max_headers);
     }
     h->gzip_from = -1;          /* unknown: res:send takes its Lua path */
+    h->idle_s = h->head_s = -1; /* none */
     if (lua_istable(L, 6)) {
         if (lua_getfield(L, 6, "server_name") == LUA_TSTRING) {
             size_t n;
@@ -1750,6 +1759,12 @@ static int l_http_conn(lua_State *L)
         }
         if (lua_getfield(L, 6, "_gzip_from") == LUA_TNUMBER) h->gzip_from = lua_tonumber(L, -1);
         lua_pop(L, 2);
+        if (lua_getfield(L, 6, "timeouts") == LUA_TTABLE) {
+            if (lua_getfield(L, -1, "idle") == LUA_TNUMBER) h->idle_s = lua_tonumber(L, -1);
+            if (lua_getfield(L, -2, "head") == LUA_TNUMBER) h->head_s = lua_tonumber(L, -1);
+            lua_pop(L, 2);
+        }
+        lua_pop(L, 1);
     }
     llhttp_init(&h->p, client ? HTTP_RESPONSE : HTTP_REQUEST, &settings);
     h->s = s;

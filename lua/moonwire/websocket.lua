@@ -662,6 +662,7 @@ function M.upgrade(req, opts)
   lines[#lines + 1] = "\r\n"
   local slots = res.slots
   res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
+  res[slots.CLOSE] = true     -- (no next request on this connection)
   res[slots.STATUS] = 101
   local sock = req.socket
   local ok, err, code = sock:write(table.concat(lines))

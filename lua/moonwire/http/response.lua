@@ -18,12 +18,12 @@ end
 -- A response is one table. Its fields sit in the array part (a constructor fills that
 -- without a hash insertion per field, which is most of what making a table costs Lua), and
 -- its header list follows them: name, value pairs from index HBASE on. CLOSE says the
--- connection closes after it, UPGRADED that the handler took the connection over (both read
--- by the server after every request). `sent` is its one named field (public); the rarely
--- changed _touched, _mode and _ws are named and default from the class. server.lua and
--- websocket.lua use the same slots. (One constant per declaration: Lua folds only the last
--- name of `local a <const>, b <const> = 1, 2`; the others become upvalues of every function
--- that uses them, an extra instruction per access.)
+-- connection closes after it, UPGRADED that the handler took the connection over (then CLOSE
+-- is set too: the server reads CLOSE after every request, UPGRADED only then). `sent` is
+-- its one named field (public); the rarely changed _touched, _mode and _ws are named and
+-- default from the class. server.lua and websocket.lua use the same slots. (One constant
+-- per declaration: Lua folds only the last name of `local a <const>, b <const> = 1, 2`; the
+-- others become upvalues of every function that uses them, an extra instruction per access.)
 local SRV <const> = 1
 local REQ <const> = 2
 local SOCK <const> = 3

@@ -118,11 +118,13 @@ local function requests(srv, sock, hc, cur)
   -- (few locals: this frame's size adds to the stack of every connection's coroutine, and a
   -- WebSocket handler's frames run above it; the response's constructor takes 14 registers
   -- for a moment, measured not to enlarge an idle connection, HTTP or WebSocket)
-  local handler, idle, head = srv.handler, srv.timeouts.idle, srv.timeouts.head
+  local handler, log = srv.handler, srv.log
   if srv.closing then return end
-  -- a new connection must send its first request (and its TLS handshake) within `head`;
-  -- later requests on it may wait `idle` for their first byte
-  local r, err, status = read_request(hc, math.min(idle, head), head)
+  -- a new connection must send its first request (and its TLS handshake) within the head
+  -- timeout; later requests on it may wait the idle timeout for their first byte (hc knows
+  -- both: read_request without them uses the server's)
+  local head = srv.timeouts.head
+  local r, err, status = read_request(hc, math.min(srv.timeouts.idle, head), head)
   while true do
     if not r then
       if math.type(status) == "integer" then send_error(sock, status, err) end
@@ -137,20 +139,22 @@ local function requests(srv, sock, hc, cur)
     handler(r, rs)
     if not rs[FIN] then after_handler(srv, r, rs, true) end
     cur[1] = false
-    if srv.log then srv.log(access_line(r, rs)) end
-    if rs[UPGRADED] then
-      -- the handler owned the connection (a WebSocket): make sure it is closed, unless
-      -- the WebSocket has a message handler, which keeps it without this task
-      local ws = rs._ws
-      if ws and ws._on_message then return ws end
-      if ws and ws.state ~= "closed" then ws:close(1000) end
+    if log then log(access_line(r, rs)) end
+    -- ready for the next request? (the common case inline, the rest in settle; a closing
+    -- server's connections: read_request says "closed")
+    if rs[CLOSE] or not r[R_KEEPALIVE] then
+      if rs[UPGRADED] then
+        -- the handler owned the connection (a WebSocket): make sure it is closed, unless
+        -- the WebSocket has a message handler, which keeps it without this task
+        local ws = rs._ws
+        if ws and ws._on_message then return ws end
+        if ws and ws.state ~= "closed" then ws:close(1000) end
+      end
       return
     end
-    -- ready for the next request? (the common case inline, the rest in settle)
-    if rs[CLOSE] or not r[R_KEEPALIVE] or srv.closing then return end
     if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return end
     r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
-    r, err, status = read_request(hc, idle, head)
+    r, err, status = read_request(hc)
   end
 end
 
