@@ -521,8 +521,9 @@ static void build_request(lua_State *L, mw_http *h)
 {
     /* [1] the connection, [2] the response (request.lua), [3] whether the message ended with
      * its head (no body: the server need not ask the connection), [4] the head's bytes,
-     * until the headers table is built, [5] unused; [6] method [7] target [8] version [9] path [10] keepalive [11] upgrade. The
-     * hash part has room for the fields request.lua caches on first use. */
+     * until the headers table is built, [5] unused; [6] method [7] target [8] version
+     * [9] path [10] keepalive [11] upgrade. The hash part has room for the fields
+     * request.lua caches on first use. */
     lua_createtable(L, 11, 4);
     switch (h->p.method) {
     case HTTP_GET: KEY(L, V_GET); break;
@@ -1144,7 +1145,8 @@ typedef struct {
     char s[40];
     size_t n;
     time_t ok_t;                /* when ok was made (0: never) */
-    char ok_server[64];         /* for which server name ("" none) */
+    int ok_noserver;            /* made without a Server line */
+    char ok_server[64];         /* else for which server name */
     char ok[160];
     size_t okn;
 } datecache;
@@ -1318,7 +1320,7 @@ static int add_ok_start(sink *k, datecache *dc, const char *server)
 {
     time_t now = time(NULL);
     const char *sv = server ? server : "";
-    if (now != dc->ok_t || strcmp(sv, dc->ok_server) != 0) {
+    if (now != dc->ok_t || dc->ok_noserver != !server || strcmp(sv, dc->ok_server) != 0) {
         size_t sn = strlen(sv);
         if (sn >= sizeof dc->ok_server) return 0;
         sink ok = { NULL, dc->ok, 0, sizeof dc->ok, 0 };
@@ -1331,6 +1333,7 @@ static int add_ok_start(sink *k, datecache *dc, const char *server)
         add_date(&ok, dc);
         if (ok.overflow) return 0;
         memcpy(dc->ok_server, sv, sn + 1);
+        dc->ok_noserver = !server;
         dc->okn = ok.n;
         dc->ok_t = now;
     }
@@ -1618,7 +1621,6 @@ static int l_http_response_methods(lua_State *L)
     luaL_checktype(L, 1, LUA_TFUNCTION);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     luaL_checktype(L, 3, LUA_TFUNCTION);
-
     for (int m = 0; m < 2; m++) {
         lua_pushvalue(L, lua_upvalueindex(1));   /* the date cache */
         lua_pushvalue(L, m == 0 ? 1 : 2);
