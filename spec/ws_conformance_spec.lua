@@ -523,6 +523,36 @@ describe("ws server 1: framing", function()
       bye(c, results)
     end))
 
+  it("idle_timeout: every message keeps the connection; silence closes it with 1001", case({ idle_timeout = 0.5 },
+    function(srv, results)
+      local c = upgrade(srv)
+      -- a message every 0.1 s for 1.2 s: well past the timeout, but never 0.5 s of silence
+      local t0 = mw.now()
+      for i = 1, 12 do
+        c:echo("text", "m" .. i)
+        mw.sleep(0.1)
+      end
+      assert.is_true(mw.now() - t0 >= 1.2)
+      -- then silence: the close comes, not before 0.5 s (the check runs every 0.5 s)
+      local t1 = mw.now()
+      assert.equal("idle timeout", c:expect_close(1001))
+      assert.is_true(mw.now() - t1 >= 0.4, "closed before the idle timeout")
+      local r = assert(results:recv(T))
+      assert.equal(1001, r.code)
+    end))
+
+  it("ping_interval: the server pings; data still flows; the pong is taken", case({ ping_interval = 0.2 },
+    function(srv, results)
+      local c = upgrade(srv)
+      for _ = 1, 2 do
+        local f = c:next_frame()
+        assert.equal(OP.ping, f.op)
+        c:send(OP.pong, f.payload)
+        c:echo("binary", bin(300))
+      end
+      bye(c, results)
+    end))
+
   it("a 16-bit length encoding a value below 126 -> 1002", case(nil, function(srv, results)
     violation(srv, results, frame(OP.text, "short", { form = 16 }), 1002)
   end))

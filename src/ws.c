@@ -671,6 +671,10 @@ void mw_ws_open(lua_State *L)
         lua_pushcfunction(L, ws_gc);
         lua_setfield(L, -2, "__gc");
     }
+    /* the methods also as a table: websocket.lua calls the per-frame ones as plain
+     * functions, without looking them up through the connection's metatable each time */
+    lua_getfield(L, -1, "__index");
+    lua_setfield(L, -3, "ws_methods");
     lua_pop(L, 1);
     static const luaL_Reg f[] = {
         { "ws_conn", l_ws_conn }, { "ws_accept", l_ws_accept }, { "random", l_random },

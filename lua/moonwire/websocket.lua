@@ -8,6 +8,8 @@ local url = require "moonwire.url"
 local ws_conn, ws_accept, random, utf8_valid = core.ws_conn, core.ws_accept, core.random, core.utf8_valid
 local park, unpark, current = core.park, core.unpark, core.current
 local watch, rewatch, unwatch = core.watch, core.rewatch, core.unwatch
+-- the per-frame methods of the C connection object, called as plain functions
+local receive_frame, try_send = core.ws_methods.receive_frame, core.ws_methods.try_send
 local traceback = debug.traceback
 
 local M = {}
@@ -53,15 +55,19 @@ for k, v in pairs(defaults) do WebSocket[k] = v end
 WebSocket.extensions = ""
 
 local function new(sock, wc, opts, protocol, extensions, deflate)
+  -- (what every message reads is in the table itself, false when unset: a field missing
+  -- here is looked up in the class on each read. _tuned: idle_timeout or fragment_size,
+  -- which each message would read, is set)
   local self = setmetatable({
     sock = sock, wc = wc, state = "open", protocol = protocol, extensions = extensions,
-    _deflate = deflate,
+    _deflate = deflate, _writer = false, _tuned = false,
   }, WebSocket)
   if opts then
     for _, k in ipairs(option_names) do
       local o = opts[k]
       if o ~= nil then self[k] = o end
     end
+    self._tuned = (self.idle_timeout or self.fragment_size) and true or false
   end
   if self.idle_timeout then self._last_rx = mw.now() end
   if self.ping_interval or self.idle_timeout then self._keepalive_task = mw.spawn(M._keepalive, self) end
@@ -135,8 +141,9 @@ end
 -- The next message (see WebSocket:receive); with `nowait`, false when none has arrived whole.
 local function recv(self, timeout, nowait)
   while true do
-    if self.state == "closed" then return nil, "closed", self.close_code, self.close_reason end
-    local closer = self._close_reader
+    local state = self.state
+    if state == "closed" then return nil, "closed", self.close_code, self.close_reason end
+    local closer = state ~= "open" and self._close_reader    -- (close() made it "closing")
     if closer and closer ~= current() then
       -- close() is reading the peer's close frame: wait for it to finish
       add_closer(self)
@@ -144,7 +151,7 @@ local function recv(self, timeout, nowait)
       return nil, "closed", self.close_code, self.close_reason
     end
     if not nowait then self._reader = true end  -- a task is blocked receiving (close() then waits for it)
-    local a, b, c, d = self.wc:receive_frame(timeout, nowait)
+    local a, b, c, d = receive_frame(self.wc, timeout, nowait)
     if not nowait then self._reader = false end
     if a == false then return false end
     if a == nil then
@@ -157,7 +164,7 @@ local function recv(self, timeout, nowait)
       end
       return nil, b, c
     end
-    if self.idle_timeout then self._last_rx = mw.now() end
+    if self._tuned and self.idle_timeout then self._last_rx = mw.now() end
     if b == "text" or b == "binary" then return a, b end
     if b == "ping" then
       if self.state == "open" then send_control(self, OP.pong, a) end
@@ -223,12 +230,12 @@ function WebSocket:send(data, kind)
     payload, rsv1 = self.wc:deflate(data), true
   end
   local op = OP[kind]
-  local fs = self.fragment_size
+  local fs = self._tuned and self.fragment_size
   if not fs or #payload <= fs then
     -- fast path (server side, nothing queued): the frame goes out in one writev from C
-    local q = self._outq
-    if not self._writer and (not q or q.first > q.last) then
-      local done, sent, code = self.wc:try_send(op, payload, true, rsv1)
+    -- (queued frames have a writer task until the queue is empty)
+    if not self._writer then
+      local done, sent, code = try_send(self.wc, op, payload, true, rsv1)
       if done then return true end
       if done == nil then
         finish(self, 1006, "")
@@ -440,12 +447,12 @@ local function writer_task(self)
     q.first = q.first + 1
     local ok = self.sock:write(f[1], f[2])
     if not ok then
-      self._writer = nil
+      self._writer = false
       finish(self, 1006, "")
       return
     end
   end
-  self._writer = nil
+  self._writer = false
 end
 
 local function enqueue(self, h, p)
