@@ -20,6 +20,13 @@ WebSocket.__name = "moonwire.WebSocket"
 
 local OP = { continuation = 0, text = 1, binary = 2, close = 8, ping = 9, pong = 10 }
 
+-- A handled connection's _pump: its socket is watched, a worker is handing it messages, or
+-- its close handler ran. (Integers: Lua compares with an integer constant inline, with a
+-- string or boolean constant through a function call.)
+local PUMP_WATCHED <const> = 0
+local PUMP_BUSY <const> = 1
+local PUMP_ENDED <const> = 2
+
 -- every connection option (nil defaults included: pairs() would skip those)
 local option_names = { "max_message", "max_frame", "fragment_size", "close_timeout", "ping_interval",
   "idle_timeout", "send_queue", "on_full", "deflate_threshold" }
@@ -142,18 +149,20 @@ end
 local function recv(self, timeout, nowait)
   while true do
     local state = self.state
-    if state == "closed" then return nil, "closed", self.close_code, self.close_reason end
-    local closer = state ~= "open" and self._close_reader    -- (close() made it "closing")
-    if closer and closer ~= current() then
-      -- close() is reading the peer's close frame: wait for it to finish
-      add_closer(self)
-      park(self.close_timeout + 1)
-      return nil, "closed", self.close_code, self.close_reason
+    if state ~= "open" then
+      if state == "closed" then return nil, "closed", self.close_code, self.close_reason end
+      local closer = self._close_reader    -- (close() made the state "closing")
+      if closer and closer ~= current() then
+        -- close() is reading the peer's close frame: wait for it to finish
+        add_closer(self)
+        park(self.close_timeout + 1)
+        return nil, "closed", self.close_code, self.close_reason
+      end
     end
     if not nowait then self._reader = true end  -- a task is blocked receiving (close() then waits for it)
     local a, b, c, d = receive_frame(self.wc, timeout, nowait)
     if not nowait then self._reader = false end
-    if a == false then return false end
+    if not a and a ~= nil then return false end     -- (tests first: each == costs a call)
     if a == nil then
       if math.type(c) == "integer" then
         fail(self, c, b)
@@ -222,7 +231,7 @@ end
 -- when permessage-deflate was negotiated).
 function WebSocket:send(data, kind)
   if type(data) ~= "string" then argerror(1, "send", "string expected, got " .. type(data)) end
-  kind = check_kind(kind, "send")
+  if kind == nil then kind = "text" else kind = check_kind(kind, "send") end
   if kind == "text" and not utf8_valid(data) then argerror(1, "send", "text message is not valid UTF-8") end
   if self.state ~= "open" then return nil, "closed", "closed" end
   local payload, rsv1 = data, false
@@ -341,7 +350,7 @@ function WebSocket:close(code, reason)
   else
     -- a message handler's socket is watched while no message is being handled: read here
     -- instead, and watch again after, so that its close handler runs
-    rewatch_after = self._pump == false and unwatch(self.sock)
+    rewatch_after = self._pump == PUMP_WATCHED and unwatch(self.sock)
     self._close_reader = current()
     while self.state ~= "closed" do
       local left = deadline - mw.now()
@@ -373,18 +382,18 @@ local function pump_messages(self)
   local sock = self.sock
   while true do
     local msg, kind, code, reason = recv(self, nil, true)
-    if msg == false then
-      self._pump = false
-      watch(sock)
-      return
-    elseif msg ~= nil then
+    if msg then
       self._on_message(self, msg, kind)
       -- nothing more to read now? then watch (without another read that finds nothing)
-      self._pump = false
+      self._pump = PUMP_WATCHED
       if rewatch(sock) then return end
-      self._pump = true
+      self._pump = PUMP_BUSY
+    elseif msg == false then
+      self._pump = PUMP_WATCHED
+      watch(sock)
+      return
     elseif kind == "closed" then
-      self._pump = "ended"
+      self._pump = PUMP_ENDED
       unwatch(sock)
       local on_close = self._on_close
       if on_close then on_close(self, code, reason) end
@@ -399,13 +408,13 @@ end
 -- A handler that raises is logged and the connection closed (1011).
 function M._pump(self)
   local srv = self._srv
-  while self._pump ~= "ended" do
-    self._pump = true
+  while self._pump ~= PUMP_ENDED do
+    self._pump = PUMP_BUSY
     local ok, err = xpcall(pump_messages, traceback, self)
     if ok then
-      if self._pump ~= "ended" then return end
+      if self._pump ~= PUMP_ENDED then return end
     else
-      report(self, self._pump == "ended" and "close handler" or "message handler", err)
+      report(self, self._pump == PUMP_ENDED and "close handler" or "message handler", err)
       if self.state == "open" then self:close(1011) end
     end
   end
@@ -431,7 +440,7 @@ function WebSocket:on(event, fn)
   if self._reader or self._close_reader then error("ws:on: a task is receiving on this connection", 2) end
   if not current() then error("ws:on: called outside a task", 2) end
   self._on_message = fn
-  self._pump = false
+  self._pump = PUMP_WATCHED
   watch(self.sock, M._pump, self)
   return self
 end
