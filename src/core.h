@@ -6,6 +6,9 @@
 
 #include <lua.h>
 #include <lauxlib.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
 void mw_alloc_install(lua_State *L);   /* alloc.c: the size-class allocator for the state */
 int mw_alloc_name(lua_State *L);       /* alloc.c: core.allocator() */
@@ -16,6 +19,21 @@ void mw_ws_open(lua_State *L);      /* ws.c: WsConn, accept key, random, utf8_va
 void mw_tls_open(lua_State *L);     /* tls.c: contexts; starttls/tls_info/set_tls */
 void mw_hdr_open(lua_State *L);     /* hdr.c: histograms */
 void mw_thread_open(lua_State *L, int rtidx);  /* thread.c: threads, shared counters */
+
+/* The full userdata at idx when it has `size` bytes and the 64-bit `magic` at byte `off`,
+ * else NULL: how the hottest paths tell their own objects, two API calls cheaper than a
+ * metatable comparison (a userdata of another kind has another size, or not that number
+ * there). */
+static inline void *mw_udata_magic(lua_State *L, int idx, size_t size, size_t off, uint64_t magic)
+{
+    char *p = lua_touserdata(L, idx);
+    if (p && lua_rawlen(L, idx) == size) {
+        uint64_t m;
+        memcpy(&m, p + off, sizeof m);
+        if (m == magic) return p;
+    }
+    return NULL;
+}
 
 /* luaL_checkudata for hot paths: the expected metatable is the C function's upvalue `up`,
  * so the check is a pointer comparison instead of a registry lookup by name; anything

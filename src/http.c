@@ -77,9 +77,7 @@ static mw_http *H(llhttp_t *p) { return (mw_http *)p; }
  * else. */
 static mw_http *hc_of(lua_State *L, int idx)
 {
-    mw_http *h = lua_touserdata(L, idx);
-    if (h && lua_rawlen(L, idx) == sizeof *h && h->magic == HC_MAGIC) return h;
-    return NULL;
+    return mw_udata_magic(L, idx, sizeof(mw_http), offsetof(mw_http, magic), HC_MAGIC);
 }
 
 /* Records our verdict (status 0: a client-side error with no status to answer). */

@@ -65,6 +65,12 @@ static void unwatch_all(mw_rt *rt, lua_State *L)
     while (rt->watching) drop_watch(rt->watching, L);
 }
 
+/* The magic number of each kind of handle. */
+static uint64_t magic_of(const char *mt)
+{
+    return strcmp(mt, MW_SOCK_MT) == 0 ? MW_SOCK_MAGIC : MW_LISTENER_MAGIC;
+}
+
 /* Whether a read on s may find something now (bytes, the end, an error, closed). */
 static int may_read(mw_sock *s)
 {
@@ -118,7 +124,8 @@ static int l_watch(lua_State *L)
  * find something now (the caller reads, then calls rewatch again). */
 static int l_rewatch(lua_State *L)
 {
-    mw_sock *s = mw_checkudata_up(L, 1, 1, MW_SOCK_MT);     /* upvalue: the metatable */
+    mw_sock *s = mw_udata_magic(L, 1, sizeof(mw_sock), offsetof(mw_sock, magic), MW_SOCK_MAGIC);
+    if (!s) s = mw_checkudata_up(L, 1, 1, MW_SOCK_MT);     /* upvalue: the metatable */
     if (s->watch_ref == LUA_NOREF) return luaL_error(L, "rewatch: the socket has no watch");
     if (s->armed) return luaL_error(L, "rewatch: the socket is already watched");
     int now = may_read(s);
@@ -160,10 +167,12 @@ static void on_sock_event(mw_io *io, uint32_t ev)
     }
 }
 
+
 mw_sock *mw_sock_new(lua_State *L, mw_rt *rt, const char *mt)
 {
     mw_sock *s = lua_newuserdatauv(L, sizeof *s, 3);
     memset(s, 0, sizeof *s);
+    s->magic = magic_of(mt);
     s->watch_ref = LUA_NOREF;
     s->io.fd = -1;
     s->io.on_event = on_sock_event;
@@ -223,7 +232,8 @@ void mw_sock_close(mw_sock *s, int wake)
 
 mw_sock *mw_sock_check(lua_State *L, int idx, const char *mt)
 {
-    mw_sock *s = luaL_checkudata(L, idx, mt);
+    mw_sock *s = mw_udata_magic(L, idx, sizeof(mw_sock), offsetof(mw_sock, magic), magic_of(mt));
+    if (!s) s = luaL_checkudata(L, idx, mt);
     if (s->closed) luaL_error(L, "attempt to use a closed socket");
     return s;
 }

@@ -11,6 +11,9 @@
 
 #define MW_SOCK_MT "moonwire.Socket"
 #define MW_LISTENER_MT "moonwire.Listener"
+/* their magic numbers (mw_sock.magic; see mw_udata_magic in core.h) */
+#define MW_SOCK_MAGIC UINT64_C(0x6d77736f636b6574)       /* "mwsocket" */
+#define MW_LISTENER_MAGIC UINT64_C(0x6d776c697374656e)   /* "mwlisten" */
 
 typedef struct mw_sock mw_sock;
 
@@ -29,6 +32,7 @@ enum { MW_ROLE_READ, MW_ROLE_WRITE };
 
 struct mw_sock {
     mw_io io;
+    uint64_t magic;            /* which kind (mw_sock_check): socket or listener */
     mw_rt *rt;
     mw_task *waiter[2];        /* the reading and the writing task, when parked */
     uint32_t want[2];          /* readiness each of them waits for (read: also a watch) */

@@ -22,6 +22,7 @@
 enum { OP_CONT = 0, OP_TEXT = 1, OP_BINARY = 2, OP_CLOSE = 8, OP_PING = 9, OP_PONG = 10 };
 
 typedef struct mw_ws {
+    uint64_t magic;             /* WS_MAGIC: see checkws */
     mw_sock *s;
     int client;                 /* we are the client: peer frames unmasked, ours masked */
     uint64_t max_frame, max_message;
@@ -170,9 +171,12 @@ static int l_ws_accept(lua_State *L)
 static mw_buf_pool *wpool(mw_ws *w) { return w->s ? &w->s->rt->pool : NULL; }
 
 /* every method has the metatable as its upvalue 1 */
+#define WS_MAGIC UINT64_C(0x6d7777736f636b31)   /* "mwwsock1" */
+
 static mw_ws *checkws(lua_State *L)
 {
-    mw_ws *w = mw_checkudata_up(L, 1, 1, WS_MT);
+    mw_ws *w = mw_udata_magic(L, 1, sizeof(mw_ws), offsetof(mw_ws, magic), WS_MAGIC);
+    if (!w) w = mw_checkudata_up(L, 1, 1, WS_MT);
     if (!w->s) luaL_error(L, "attempt to use a closed WebSocket");
     return w;
 }
@@ -629,6 +633,7 @@ static int l_ws_conn(lua_State *L)
     luaL_checktype(L, 2, LUA_TTABLE);
     mw_ws *w = lua_newuserdatauv(L, sizeof *w, 1);
     memset(w, 0, sizeof *w);
+    w->magic = WS_MAGIC;
     luaL_setmetatable(L, WS_MT);
     lua_pushvalue(L, 1);
     lua_setiuservalue(L, -2, 1);
