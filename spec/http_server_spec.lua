@@ -1471,6 +1471,36 @@ describe("http server: srv:close()", function()
     end)
   end)
 
+  it("closing: requests pipelined behind the one in flight are not answered", function()
+    run(function()
+      -- first: its handler is running when the server closes; it answers after (then the
+      -- response says Connection: close) or before (keep-alive, as it was then)
+      for _, first in ipairs { "/slow", "/sent-then-slow" } do
+        local entered, served = mw.channel(1), {}
+        local srv = serve(function(req, res)
+          served[#served + 1] = req.path
+          if req.path == "/sent-then-slow" then res:send("done " .. req.path) end
+          if req.path ~= "/next" then
+            entered:send(true)
+            mw.sleep(0.3)
+          end
+          if not res.sent then res:send("done " .. req.path) end
+        end)
+        local _g <close> = guard(srv)
+        local s <close> = connect(srv)
+        assert(s:write(request("GET", first) .. request("GET", "/next")))
+        assert(entered:recv(5))
+        local closer = mw.spawn(function() return srv:close() end)
+        local r = assert(read_response(s))
+        assert.equal("done " .. first, r.body)
+        assert.equal(first == "/slow" and "close" or nil, r.headers["connection"])
+        assert.same({ "", "closed" }, { read_all(s, 5) })
+        assert.same({ true, true }, { closer:join(5) })
+        assert.same({ first }, served)
+      end
+    end)
+  end)
+
   it("cuts off handlers still running after the grace period", function()
     run(function()
       local entered = mw.channel(1)
