@@ -167,7 +167,6 @@ static void on_sock_event(mw_io *io, uint32_t ev)
     }
 }
 
-
 mw_sock *mw_sock_new(lua_State *L, mw_rt *rt, const char *mt)
 {
     mw_sock *s = lua_newuserdatauv(L, sizeof *s, 3);

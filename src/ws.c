@@ -170,9 +170,9 @@ static int l_ws_accept(lua_State *L)
 /* the runtime's buffer pool, for the message buffer (a block per message otherwise) */
 static mw_buf_pool *wpool(mw_ws *w) { return w->s ? &w->s->rt->pool : NULL; }
 
-/* every method has the metatable as its upvalue 1 */
 #define WS_MAGIC UINT64_C(0x6d7777736f636b31)   /* "mwwsock1" */
 
+/* every method has the metatable as its upvalue 1 */
 static mw_ws *checkws(lua_State *L)
 {
     mw_ws *w = mw_udata_magic(L, 1, sizeof(mw_ws), offsetof(mw_ws, magic), WS_MAGIC);
