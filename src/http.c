@@ -37,8 +37,14 @@ typedef struct mw_http {
     size_t parsed;             /* bytes from the head start (or body start) fed to llhttp */
     uint32_t url_off, url_len;
     int url_open, field_open, value_open, value_done;
-    hspan *hdrs;
+    hspan *hdrs;               /* responses (client side): every field's span */
     int nhdrs, caphdrs;
+    hspan cur;                 /* requests: the field being parsed; each is checked once whole
+                                * (check_field) and not kept: the head is found again from its
+                                * bytes if the handler asks for headers (hc:headers_of) */
+    int hosts, te, cl;         /* requests: how many Host, Transfer-Encoding, Content-Length */
+    int ferr_status;           /* requests: the first field's verdict (400, 501), for the end */
+    const char *ferr_msg;      /* of the head, after the version's */
     int head_done, msg_done, upgrade;
     int err_status;            /* our verdict from a callback: 400, 413, 414, 431, 501, 505 */
     const char *err_msg;
@@ -94,7 +100,14 @@ static int on_message_begin(llhttp_t *p)
     h->url_off = h->url_len = 0;
     h->url_open = h->field_open = h->value_open = 0;
     h->nhdrs = 0;
+    h->hosts = h->te = h->cl = h->ferr_status = 0;
     return 0;
+}
+
+/* The span of the field being parsed. */
+static hspan *cur_span(mw_http *h)
+{
+    return h->p.type == HTTP_REQUEST ? &h->cur : &h->hdrs[h->nhdrs - 1];
 }
 
 /* The request target (requests) or the reason phrase (responses): one span, which llhttp
@@ -138,20 +151,21 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
     }
     if (!h->field_open) {
         if ((size_t)h->nhdrs >= h->max_headers) return fail(p, 431, "too many header fields");
-        if (h->nhdrs == h->caphdrs) {
+        if (p->type == HTTP_RESPONSE && h->nhdrs == h->caphdrs) {
             int cap = h->caphdrs ? h->caphdrs * 2 : 16;
             hspan *n = realloc(h->hdrs, (size_t)cap * sizeof *n);
             if (!n) return fail(p, 500, "not enough memory");
             h->hdrs = n;
             h->caphdrs = cap;
         }
-        hspan *sp = &h->hdrs[h->nhdrs++];
+        h->nhdrs++;
+        hspan *sp = cur_span(h);
         sp->noff = (uint32_t)(at - h->base);
         sp->nlen = sp->voff = sp->vlen = 0;
         h->field_open = 1;
         h->value_open = h->value_done = 0;
     }
-    h->hdrs[h->nhdrs - 1].nlen += (uint32_t)len;
+    cur_span(h)->nlen += (uint32_t)len;
     return 0;
 }
 
@@ -172,7 +186,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
     if (h->head_done) return trailer_add(h, at, len) < 0 ? fail(p, 431, "trailers too large") : 0;
     /* a value with no field before it: an empty header name */
     if (!h->value_open && (h->nhdrs == 0 || h->value_done)) return fail(p, 400, "empty header name");
-    hspan *sp = &h->hdrs[h->nhdrs - 1];
+    hspan *sp = cur_span(h);
     if (!h->value_open) {
         h->value_open = 1;
         sp->voff = (uint32_t)(at - h->base);
@@ -182,17 +196,21 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
-static int on_header_value_complete(llhttp_t *p)
-{
-    if (H(p)->head_done) return 0;
-    H(p)->value_open = 0;
-    H(p)->value_done = 1;
-    return 0;
-}
-
 static int name_is(const mw_http *h, const hspan *sp, const char *name, size_t n)
 {
     return sp->nlen == n && strncasecmp(h->base + sp->noff, name, n) == 0;
+}
+
+static void check_field(mw_http *h, const hspan *sp);
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    mw_http *h = H(p);
+    if (h->head_done) return 0;
+    h->value_open = 0;
+    h->value_done = 1;
+    if (p->type == HTTP_REQUEST && h->nhdrs > 0) check_field(h, &h->cur);
+    return 0;
 }
 
 /* trims optional white space around a value span */
@@ -240,6 +258,47 @@ static int valid_host(const char *s, size_t n)
     return 1;
 }
 
+/* A request's header field, once whole: counts Host, Transfer-Encoding and Content-Length,
+ * checks Host and Transfer-Encoding, notes Expect: 100-continue. The first bad field's
+ * verdict is kept for the end of the head (on_headers_complete), where the version is
+ * judged first. */
+static void check_field(mw_http *h, const hspan *sp)
+{
+    const char *v;
+    size_t n;
+    const char *bad = NULL;
+    int status = 400;
+    if (name_is(h, sp, "host", 4)) {
+        h->hosts++;
+        value_of(h, sp, &v, &n);
+        if (!valid_host(v, n)) bad = "invalid Host header";
+    } else if (name_is(h, sp, "transfer-encoding", 17)) {
+        h->te++;
+        value_of(h, sp, &v, &n);
+        if (!(n == 7 && strncasecmp(v, "chunked", 7) == 0)) {
+            bad = "invalid Transfer-Encoding";
+            /* a coding we do not implement, with chunked last: 501; else 400 */
+            if (n > 7 && strncasecmp(v + n - 7, "chunked", 7) == 0) {
+                const char *c = v + n - 8;
+                while (c > v && (*c == ' ' || *c == '\t')) c--;
+                if (*c == ',') {
+                    bad = "unsupported transfer coding";
+                    status = 501;
+                }
+            }
+        }
+    } else if (name_is(h, sp, "content-length", 14)) {
+        h->cl++;
+    } else if (name_is(h, sp, "expect", 6)) {
+        value_of(h, sp, &v, &n);
+        if (n == 12 && strncasecmp(v, "100-continue", 12) == 0) h->expect_continue = 1;
+    }
+    if (bad && !h->ferr_status) {
+        h->ferr_status = status;
+        h->ferr_msg = bad;
+    }
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     mw_http *h = H(p);
@@ -251,34 +310,8 @@ static int on_headers_complete(llhttp_t *p)
             return fail(p, 400, "missing HTTP version");
         }
         if (p->http_major != 1 || p->http_minor > 1) return fail(p, 505, "HTTP version not supported");
-        int hosts = 0, te = 0, cl = 0;
-        for (int i = 0; i < h->nhdrs; i++) {
-            const hspan *sp = &h->hdrs[i];
-            const char *v;
-            size_t n;
-            if (name_is(h, sp, "host", 4)) {
-                hosts++;
-                value_of(h, sp, &v, &n);
-                if (!valid_host(v, n)) return fail(p, 400, "invalid Host header");
-            } else if (name_is(h, sp, "transfer-encoding", 17)) {
-                te++;
-                value_of(h, sp, &v, &n);
-                if (!(n == 7 && strncasecmp(v, "chunked", 7) == 0)) {
-                    /* a coding we do not implement, with chunked last: 501; else 400 */
-                    if (n > 7 && strncasecmp(v + n - 7, "chunked", 7) == 0) {
-                        const char *c = v + n - 8;
-                        while (c > v && (*c == ' ' || *c == '\t')) c--;
-                        if (*c == ',') return fail(p, 501, "unsupported transfer coding");
-                    }
-                    return fail(p, 400, "invalid Transfer-Encoding");
-                }
-            } else if (name_is(h, sp, "content-length", 14)) {
-                cl++;
-            } else if (name_is(h, sp, "expect", 6)) {
-                value_of(h, sp, &v, &n);
-                if (n == 12 && strncasecmp(v, "100-continue", 12) == 0) h->expect_continue = 1;
-            }
-        }
+        if (h->ferr_status) return fail(p, h->ferr_status, h->ferr_msg);
+        int hosts = h->hosts, te = h->te, cl = h->cl;
         if (hosts > 1 || (hosts == 0 && p->http_minor == 1)) return fail(p, 400, "missing or repeated Host header");
         if (te > 1) return fail(p, 400, "repeated Transfer-Encoding");
         if (te && cl) return fail(p, 400, "Content-Length with Transfer-Encoding");
