@@ -1501,6 +1501,51 @@ describe("http server: srv:close()", function()
     end)
   end)
 
+  it("closing: an unread request body is not drained (a slow uploader does not hold close up)", function()
+    run(function()
+      local answered = mw.channel(1)
+      local srv = serve(function(_, res)
+        res:send("early answer")          -- the body is left unread
+        answered:send(true)
+        mw.sleep(0.3)                     -- and the handler goes on a little
+      end, { timeouts = { body = 20 } })
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n" .. ("x"):rep(10)))
+      local trickle = mw.spawn(function()   -- the rest of the body, a byte now and then
+        for _ = 1, 100 do
+          if not mw.sleep(0.1) or not s:write("y") then return end   -- (cancelled: stop)
+        end
+      end)
+      assert(answered:recv(5))
+      local t0 = mw.now()
+      assert.is_true(srv:close(10))
+      local took = mw.now() - t0
+      assert.is_true(took < 3, ("close took %.2f s: it waited for the body"):format(took))
+      assert.equal(0, srv:connections())
+      trickle:cancel()
+    end)
+  end)
+
+  it("a handler that raises after its socket closed: the connection is still counted out", function()
+    run(function()
+      local srv = serve(function(req)
+        req.socket:close()
+        error("boom after close")
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/")))
+      assert.same({ "", "closed" }, { read_all(s, 5) })
+      local deadline = mw.now() + 5
+      while srv:connections() > 0 and mw.now() < deadline do mw.sleep(0.01) end
+      assert.equal(0, srv:connections())
+      local joined = table.concat(errors, "\n")
+      assert.matches("boom after close", joined)
+      srv:close()
+    end)
+  end)
+
   it("cuts off handlers still running after the grace period", function()
     run(function()
       local entered = mw.channel(1)

@@ -94,7 +94,8 @@ local function header_lua(self, name, value)
     end
     return self
   end
-  if not name:find("^[%w!#$%%&'*+%-.^_`|~]+$") then argerror(1, "header", "invalid header name", 4) end
+  -- (explicit ranges, not %w: that one follows the C locale)
+  if not name:find("^[A-Za-z0-9!#$%%&'*+%-.^_`|~]+$") then argerror(1, "header", "invalid header name", 4) end
   local tv = type(value)
   if tv == "number" then
     value = tostring(math.tointeger(value) or value)

@@ -78,6 +78,7 @@ end
 -- After a response whose request body was not read to its end: read and drop what is left
 -- (up to DRAIN_MAX) so the connection can serve the next request, or say it cannot.
 local function settle(srv, hc, req)
+  if srv.closing then return false end  -- no next request: do not wait for the rest of a body
   local _, _, expect = hc:state()
   if rawget(req, "_body_error") then return false end
   if expect then return false end  -- the client waits for 100 Continue: never drain
@@ -166,6 +167,16 @@ local function conn_done(srv, sock)
   if srv._drained and srv._nconns == 0 then srv._drained:close() end
 end
 
+-- A handler raised: the 500 (or the end of what was sent), the access log line, and 1011
+-- for a WebSocket it had taken over.
+local function answer_failure(srv, req, err)
+  local res = rawget(req, 2)
+  after_handler(srv, req, res, false, err)
+  if srv.log then srv.log(access_line(req, res)) end
+  local ws = res[UPGRADED] and res._ws
+  if ws and ws.state ~= "closed" then ws:close(1011) end
+end
+
 local function serve_connection(srv, sock)
   local conns = srv._conns
   srv._nconns = srv._nconns + 1
@@ -182,12 +193,11 @@ local function serve_connection(srv, sock)
   end
   if not ok then
     local req = cur[1]
-    local res = req and rawget(req, 2)
     if req then
-      after_handler(srv, req, res, false, err)
-      if srv.log then srv.log(access_line(req, res)) end
-      local ws = res[UPGRADED] and res._ws
-      if ws and ws.state ~= "closed" then ws:close(1011) end
+      -- (protected: the 500 can fail too, on a socket closed meanwhile; the connection is
+      -- done all the same)
+      local aok, aerr = pcall(answer_failure, srv, req, err)
+      if not aok then srv.error_log("moonwire: error answering a failed request: " .. tostring(aerr)) end
     else
       srv.error_log("moonwire: error serving a connection: " .. tostring(err))
     end
