@@ -5,6 +5,7 @@
 #include "net.h"
 #include "dns.h"
 #include "core.h"
+#include "list.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -25,10 +26,7 @@
 static void drop_watch(mw_sock *s, lua_State *L)
 {
     mw_rt *rt = s->rt;
-    if (s->wprev) s->wprev->wnext = s->wnext;
-    else rt->watching = s->wnext;
-    if (s->wnext) s->wnext->wprev = s->wprev;
-    s->wprev = s->wnext = NULL;
+    MW_LIST_UNLINK(rt->watching, s, wprev, wnext);
     if (s->armed) rt->nwatch--;
     s->armed = 0;
     int ref = s->watch_ref;
@@ -105,10 +103,7 @@ static int l_watch(lua_State *L)
         lua_setiuservalue(L, 1, 3);
         lua_setiuservalue(L, 1, 2);
         s->watch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        s->wprev = NULL;
-        s->wnext = rt->watching;
-        if (rt->watching) rt->watching->wprev = s;
-        rt->watching = s;
+        MW_LIST_PUSH(rt->watching, s, wprev, wnext);
     }
     if (may_read(s)) {       /* something to read already: the watch fires at once */
         s->armed = 1;

@@ -3,6 +3,7 @@
  * a userdata on its stack or by the object it waits on, never by the continuation. */
 #define _GNU_SOURCE
 #include "sched.h"
+#include "list.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -228,10 +229,7 @@ static void push_runtime(lua_State *L)
 static void unwait_idle(mw_task *t)
 {
     mw_rt *rt = t->rt;
-    if (t->wprev) t->wprev->wnext = t->wnext;
-    else rt->idle = t->wnext;
-    if (t->wnext) t->wnext->wprev = t->wprev;
-    t->wprev = t->wnext = NULL;
+    MW_LIST_UNLINK(rt->idle, t, wprev, wnext);
     rt->nidle--;
 }
 
@@ -248,10 +246,7 @@ static int worker_k(lua_State *L, int status, lua_KContext ctx)
         lua_settop(L, 0);
     }
     if (rt->nidle >= MW_IDLE_MAX || rt->stopping) return 0;
-    t->wprev = NULL;
-    t->wnext = rt->idle;
-    if (rt->idle) rt->idle->wprev = t;
-    rt->idle = t;
+    MW_LIST_PUSH(rt->idle, t, wprev, wnext);
     rt->nidle++;
     t->wait_obj = rt;
     t->unwait = unwait_idle;
@@ -408,7 +403,7 @@ static int run_loop(mw_rt *rt)
             if (t == last) break;
         }
         if (rt->sigpending) spawn_signal_handlers(rt);
-        if (rt->dirty) rt->before_poll(rt);
+        if (rt->before_poll) rt->before_poll(rt);
         if (rt->stopping || (rt->nlive == rt->nidle && rt->nwatch == 0)) return 0;
         if (mw_loop_poll(&rt->loop, rt->runq_head == NULL) < 0) return -1;
     }
@@ -615,10 +610,7 @@ static int l_on_error(lua_State *L)
 static void unlink_joiner(mw_task *self)
 {
     mw_task *t = self->wait_obj;
-    if (self->wprev) self->wprev->wnext = self->wnext;
-    else t->joiners = self->wnext;
-    if (self->wnext) self->wnext->wprev = self->wprev;
-    self->wprev = self->wnext = NULL;
+    MW_LIST_UNLINK(t->joiners, self, wprev, wnext);
 }
 
 static int push_outcome(lua_State *L, mw_task *t, int idx)
@@ -659,10 +651,7 @@ static int t_join(lua_State *L)
     mw_task *self = mw_sched_self(L, rt);
     if (self == t) return luaL_error(L, "a task cannot join itself");
     t->joined = 1;
-    self->wprev = NULL;
-    self->wnext = t->joiners;
-    if (t->joiners) t->joiners->wprev = self;
-    t->joiners = self;
+    MW_LIST_PUSH(t->joiners, self, wprev, wnext);
     self->wait_obj = t;
     self->unwait = unlink_joiner;
     return mw_sched_wait(L, self, d, join_k, 0);

@@ -4,6 +4,7 @@
  * leaves what it had buffered in place, so a retry loses nothing. */
 #define _GNU_SOURCE
 #include "net.h"
+#include "list.h"
 
 #include <errno.h>
 #include <string.h>
@@ -35,22 +36,14 @@ ssize_t mw_sock_recv(mw_sock *s, char *buf, size_t len)
 static void dirty_add(mw_sock *s)
 {
     if (s->dirty) return;
-    mw_rt *rt = s->rt;
     s->dirty = 1;
-    s->dprev = NULL;
-    s->dnext = rt->dirty;
-    if (rt->dirty) rt->dirty->dprev = s;
-    rt->dirty = s;
+    MW_LIST_PUSH(s->rt->dirty, s, dprev, dnext);
 }
 
 static void dirty_remove(mw_sock *s)
 {
     if (!s->dirty) return;
-    mw_rt *rt = s->rt;
-    if (s->dprev) s->dprev->dnext = s->dnext;
-    else rt->dirty = s->dnext;
-    if (s->dnext) s->dnext->dprev = s->dprev;
-    s->dprev = s->dnext = NULL;
+    MW_LIST_UNLINK(s->rt->dirty, s, dprev, dnext);
     s->dirty = 0;
 }
 
