@@ -171,6 +171,10 @@ end
 
 local function handler_echo_server(ws_opts) return echo_server(ws_opts, true) end
 
+-- our server in both styles, for the client interop cases: a receiving task per
+-- connection, and message handlers (ws:on)
+local SERVER_STYLES = { { "", echo_server }, { " written with message handlers (ws:on)", handler_echo_server } }
+
 -- Our client on `path` of a peer server, with a reader task feeding `inbox` (so pings, which
 -- need another task receiving, work). Returns the connection and next(): the next message
 -- (msg, kind) or the close (nil, "closed", code, reason).
@@ -371,8 +375,7 @@ describe("WebSocket interop with python3-websockets:", function()
     end, LIMIT)
   end)
 
-  -- our server in both styles: a receiving task per connection, and message handlers (ws:on)
-  for _, style in ipairs { { "", echo_server }, { " written with message handlers (ws:on)", handler_echo_server } } do
+  for _, style in ipairs(SERVER_STYLES) do
     it("python client <-> our server" .. style[1] .. ": every kind of message, pings and closes both ways; " ..
        "permessage-deflate negotiated; our preferred subprotocol", function()
       run(function()
@@ -542,7 +545,7 @@ describe("WebSocket interop with node's ws:", function()
     end, LIMIT)
   end)
 
-  for _, style in ipairs { { "", echo_server }, { " written with message handlers (ws:on)", handler_echo_server } } do
+  for _, style in ipairs(SERVER_STYLES) do
     it("ws client <-> our server" .. style[1] .. ": every kind of message, pings and closes both ways; " ..
        "permessage-deflate (compressed on the wire both ways); our preferred subprotocol", function()
       run(function()

@@ -201,17 +201,6 @@ static int name_is(const mw_http *h, const hspan *sp, const char *name, size_t n
     return sp->nlen == n && strncasecmp(h->base + sp->noff, name, n) == 0;
 }
 
-static void check_field(mw_http *h, const hspan *sp);
-
-static int on_header_value_complete(llhttp_t *p)
-{
-    mw_http *h = H(p);
-    if (h->head_done) return 0;
-    h->value_open = 0;
-    h->value_done = 1;
-    if (p->type == HTTP_REQUEST && h->nhdrs > 0) check_field(h, &h->cur);
-    return 0;
-}
 
 /* trims optional white space around a value span */
 static void value_of(const mw_http *h, const hspan *sp, const char **v, size_t *n)
@@ -297,6 +286,16 @@ static void check_field(mw_http *h, const hspan *sp)
         h->ferr_status = status;
         h->ferr_msg = bad;
     }
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    mw_http *h = H(p);
+    if (h->head_done) return 0;
+    h->value_open = 0;
+    h->value_done = 1;
+    if (p->type == HTTP_REQUEST && h->nhdrs > 0) check_field(h, &h->cur);
+    return 0;
 }
 
 static int on_headers_complete(llhttp_t *p)
@@ -552,10 +551,10 @@ static void build_request(lua_State *L, mw_http *h)
 {
     /* [1] the connection, [2] the response (request.lua), [3] whether the message ended with
      * its head (no body: the server need not ask the connection), [4] the head's bytes,
-     * until the headers table is built, [5] unused; [6] method [7] target [8] version
-     * [9] path [10] keepalive [11] upgrade. The hash part has room for the fields
-     * request.lua caches on first use. */
-    lua_createtable(L, 11, 4);
+     * until the headers table is built, [5] upgrade; [6] method [7] target [8] version
+     * [9] path [10] keepalive. The hash part has room for the fields request.lua caches on
+     * first use. */
+    lua_createtable(L, 10, 4);
     switch (h->p.method) {
     case HTTP_GET: KEY(L, V_GET); break;
     case HTTP_HEAD: KEY(L, V_HEAD); break;
@@ -611,7 +610,7 @@ static void build_request(lua_State *L, mw_http *h)
     /* socket and _server are looked up on first use (request.lua: hc:socket(), hc:server()) */
     if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
         lua_pushboolean(L, 1);
-        lua_rawseti(L, -2, 11);
+        lua_rawseti(L, -2, 5);
     }
     lua_pushvalue(L, 1);
     lua_rawseti(L, -2, 1);
@@ -884,11 +883,8 @@ static int hc_read_request(lua_State *L)
     if (h->s->closed || h->closing) return mw_pushfail(L, "closed", "closed");
     double idle = h->idle_s, head = h->head_s;
     if (lua_gettop(L) > 1) {
-        int isnum;
-        idle = lua_tonumberx(L, 2, &isnum);
-        if (!isnum) idle = lua_isnoneornil(L, 2) ? -1 : luaL_checknumber(L, 2);
-        head = lua_tonumberx(L, 3, &isnum);
-        if (!isnum) head = lua_isnoneornil(L, 3) ? -1 : luaL_checknumber(L, 3);
+        idle = luaL_optnumber(L, 2, -1);
+        head = luaL_optnumber(L, 3, -1);
     }
     if (!h->msg_done && (h->head_done || h->parsed)) return luaL_error(L, "the previous message's body was not read to its end");
     h->skip_body = lua_toboolean(L, 4);
@@ -1544,10 +1540,11 @@ static int call_lua(lua_State *L, int up, int n)
     return results_k(L, LUA_OK, 0);
 }
 
+/* t[upvalue up] (t: a positive index) */
 static int rawget_up(lua_State *L, int t, int up)
 {
     lua_pushvalue(L, lua_upvalueindex(up));
-    return lua_rawget(L, t < 0 ? t - 1 : t);
+    return lua_rawget(L, t);
 }
 
 /* res:send(body): a string (or nil) body, the head not sent yet, no compression to decide:

@@ -5,7 +5,7 @@
 -- Everything else is computed on first use and cached in the table. The other array slots
 -- are private: 1 the connection object, 2 the response (response.lua sets it), 3 whether the
 -- message ended with its head (the server's keep-alive check), 4 the head's bytes, until
--- `headers` is built from them; 5 is unused.
+-- `headers` is built from them.
 local Request = {}
 local CONN <const> = 1
 local RES <const> = 2
@@ -14,7 +14,7 @@ local TARGET <const> = 7
 local VERSION <const> = 8
 local PATH <const> = 9
 local KEEPALIVE <const> = 10
-local UPGRADE <const> = 11
+local UPGRADE <const> = 5
 Request.slots = { CONN = CONN, RES = RES, METHOD = METHOD, TARGET = TARGET, VERSION = VERSION, PATH = PATH,
   KEEPALIVE = KEEPALIVE, UPGRADE = UPGRADE }
 
