@@ -404,30 +404,21 @@ local function pump_messages(self)
   end
 end
 
--- After a pump that raised or that ran the close handler: a handler that raised is logged
--- and the connection closed (1011), then pumped until its close handler ran; then the
--- server forgets it.
-local function pump_after(self, ok, err)
-  while true do
+-- Runs in a worker task (see core.watch) when a handled connection's socket is readable.
+-- A handler that raises is logged and the connection closed (1011), then pumped until its
+-- close handler ran; then the server forgets it.
+function M._pump(self)
+  repeat
+    self._pump = PUMP_BUSY
+    local ok, err = xpcall(pump_messages, traceback, self)
+    if ok and self._pump ~= PUMP_ENDED then return end     -- (the common case: watched again)
     if not ok then
       report(self, self._pump == PUMP_ENDED and "close handler" or "message handler", err)
       if self.state == "open" then self:close(1011) end
     end
-    if self._pump == PUMP_ENDED then break end
-    self._pump = PUMP_BUSY
-    ok, err = xpcall(pump_messages, traceback, self)
-    if ok and self._pump ~= PUMP_ENDED then return end
-  end
+  until self._pump == PUMP_ENDED
   local srv = self._srv
   if srv then srv:_ws_done(self) end
-end
-
--- Runs in a worker task (see core.watch) when a handled connection's socket is readable.
-function M._pump(self)
-  self._pump = PUMP_BUSY
-  local ok, err = xpcall(pump_messages, traceback, self)
-  if ok and self._pump ~= PUMP_ENDED then return end     -- (the common case: watched again)
-  return pump_after(self, ok, err)
 end
 
 --- ws:on("message", fn): from now on fn(ws, data, kind) gets every message, in order, in a
