@@ -128,7 +128,7 @@ void mw_timer_stop(mw_loop *lp, mw_timer *t)
     else sift_down(lp, i);
 }
 
-static void fire_timers(mw_loop *lp)
+void mw_loop_run_timers(mw_loop *lp)
 {
     /* A callback may start or stop other timers; re-read the top every time. */
     while (lp->nheap > 0 && lp->heap[0]->when <= lp->now) {
@@ -165,6 +165,5 @@ int mw_loop_poll(mw_loop *lp, int block)
         io->on_event(io, evs[i].events);
     }
     mw_loop_update(lp);
-    fire_timers(lp);
     return 0;
 }

@@ -53,8 +53,12 @@ void mw_timer_stop(mw_loop *lp, mw_timer *t);
 static inline int mw_timer_armed(const mw_timer *t) { return t->index >= 0; }
 
 /* Waits for events at most until the nearest timer (or forever when there is none and
- * `block` is set; not at all when `block` is 0), dispatches io callbacks, updates the
- * clock, then fires due timers. Returns 0, or -1 when epoll_wait itself fails. */
+ * `block` is set; not at all when `block` is 0), dispatches the batch to the io callbacks,
+ * then updates the clock. Returns 0, or -1 when epoll_wait itself fails. The batch holds
+ * raw handle pointers until the last callback returns: that is why callbacks may not free
+ * a handle, nor run Lua (a collection could). */
 int mw_loop_poll(mw_loop *lp, int block);
+/* Fires the timers that are due on the cached clock (after mw_loop_poll). */
+void mw_loop_run_timers(mw_loop *lp);
 
 #endif

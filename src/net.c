@@ -23,9 +23,17 @@
 /* ---- watches: a function to run, in a worker, once the socket is readable ------------ */
 
 /* Drops the watch of s (armed or not); `L` NULL: from __gc, no Lua call allowed. */
+static void unqueue(mw_sock *s)
+{
+    if (!s->fired) return;
+    s->fired = 0;
+    MW_LIST_UNLINK(s->rt->fired, s, fprev, fnext);
+}
+
 static void drop_watch(mw_sock *s, lua_State *L)
 {
     mw_rt *rt = s->rt;
+    unqueue(s);
     MW_LIST_UNLINK(rt->watching, s, wprev, wnext);
     if (s->armed) rt->nwatch--;
     s->armed = 0;
@@ -42,11 +50,13 @@ static void drop_watch(mw_sock *s, lua_State *L)
     lua_pop(L, 1);
 }
 
-/* The watch fires: its fn(arg) goes to a worker; it stays registered, disarmed. */
+/* The watch fires: its fn(arg) goes to a worker; it stays registered, disarmed. This
+ * allocates, so it never runs inside an event batch (see queue_fire). */
 static void fire_watch(mw_sock *s)
 {
     mw_rt *rt = s->rt;
     lua_State *L = rt->L;
+    unqueue(s);
     s->armed = 0;
     rt->nwatch--;
     lua_checkstack(L, 5);
@@ -55,6 +65,23 @@ static void fire_watch(mw_sock *s)
     lua_getiuservalue(L, -2, 3);
     lua_remove(L, -3);
     mw_sched_dispatch(rt, L);
+}
+
+/* From an event callback: the watch fires once the batch is over (run_fired). Starting a
+ * worker allocates, and a collection inside the batch could free a socket that a later
+ * event of the same batch points to. A queued socket is anchored by its watch_ref, and
+ * leaves the queue when its watch is dropped. */
+static void queue_fire(mw_sock *s)
+{
+    if (s->fired) return;
+    s->fired = 1;
+    MW_LIST_PUSH(s->rt->fired, s, fprev, fnext);
+}
+
+/* the runtime's after_poll: runs the watches that fired in the batch */
+static void run_fired(mw_rt *rt)
+{
+    while (rt->fired) fire_watch(rt->fired);
 }
 
 /* the runtime's after_run: a run that ended leaves no watch behind */
@@ -152,7 +179,7 @@ static void on_sock_event(mw_io *io, uint32_t ev)
     if (s->obuf.data && (ev & (EPOLLOUT | EPOLLIN | always))) mw_sock_output_event(s, 0);  /* TLS may need either */
     if (s->armed) {
         uint32_t want = s->want[MW_ROLE_READ] | EPOLLIN | EPOLLRDHUP;
-        if (ev & (want | always)) fire_watch(s);
+        if (ev & (want | always)) queue_fire(s);
     }
     for (int role = 0; role < 2; role++) {
         mw_task *t = s->waiter[role];
@@ -995,6 +1022,7 @@ void mw_net_open(lua_State *L, int rtidx)
     };
     mw_rt *rt = lua_touserdata(L, rtidx);
     rt->before_poll = mw_sock_flush_dirty;
+    rt->after_poll = run_fired;
     rt->after_run = unwatch_all;
     new_type(L, MW_SOCK_MT, sock_own, 1);
     new_type(L, MW_LISTENER_MT, listener_own, 0);

@@ -56,6 +56,9 @@ struct mw_sock {
     int watch_ref;
     int armed;
     mw_sock *wprev, *wnext;    /* rt->watching */
+    /* the watch fired in the loop's current batch: queued on rt->fired, run after it */
+    int fired;
+    mw_sock *fprev, *fnext;
     /* output buffer: small responses to pipelined requests are gathered here and written
      * once, before the loop polls (rt->dirty) or before the next write of any kind */
     mw_buf obuf;

@@ -55,6 +55,10 @@ struct mw_rt {
     mw_task *live;             /* list of live tasks */
     int nlive;
     int running, stopping;
+    /* set while the loop dispatches a batch of events (loop.h: no Lua may run then, since a
+     * collection could free a handle the batch still points to). mw_sched_dispatch and
+     * spawn abort when it is set: the rule is checked, not left to care. */
+    int in_batch;
     mw_task *main;
     mw_buf_pool pool;
     /* workers: tasks that run a watch's function (mw_sched_dispatch) and then wait, idle,
@@ -64,12 +68,15 @@ struct mw_rt {
     int worker_ref;            /* registry ref of the worker's body (a C closure) */
     /* sockets with a watch armed (net.c): they keep the loop running as a task would */
     struct mw_sock *watching;
+    struct mw_sock *fired;     /* watches that fired in the current batch, not yet run */
     int nwatch;
     /* sockets whose output buffer holds bytes to write before the loop polls (net.c) */
     struct mw_sock *dirty;
     /* set by the net layer (sched does not know sockets): writes the dirty sockets' output
-     * before each poll; drops every watch at the end of run() */
+     * before each poll; runs the watches that fired in the poll's batch once the batch is
+     * over; drops every watch at the end of run() */
     void (*before_poll)(mw_rt *rt);
+    void (*after_poll)(mw_rt *rt);
     void (*after_run)(mw_rt *rt, lua_State *L);
     mw_resolver *resolver;
     void (*resolver_free)(mw_resolver *r);  /* set by the dns layer with the resolver */
@@ -105,7 +112,8 @@ int mw_sched_requeue(lua_State *L, mw_task *t, lua_KFunction k, lua_KContext ctx
 int mw_sched_checkpoint(lua_State *L, mw_task *t, int nres);
 
 /* Runs fn(arg), the two values on top of L (popped), in a task: an idle worker when there
- * is one, else a new worker. Never yields; may be called from an event callback. */
+ * is one, else a new worker. Never yields. It may allocate (and so collect): never call it
+ * from an event callback (aborts inside a batch); queue the work for after_poll instead. */
 void mw_sched_dispatch(mw_rt *rt, lua_State *L);
 
 /* Why the task was woken; resets to MW_WAKE_NONE. */
