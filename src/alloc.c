@@ -18,7 +18,7 @@
  * Not installed in sanitizer builds (ASan must see every allocation) or when the
  * environment has MOONWIRE_ALLOC=system. */
 #define _GNU_SOURCE
-#include "core.h"
+#include "alloc.h"
 
 #include <stdint.h>
 #include <stdlib.h>

@@ -1,9 +1,19 @@
-/* core: luaopen_moonwire_core. Creates (or finds) this lua_State's runtime and registers
- * each layer's functions with the runtime as their upvalue. */
+/* core: luaopen_moonwire_core, above every layer. Creates (or finds) this lua_State's
+ * runtime and registers each layer's functions, in layer order, with the runtime as their
+ * upvalue. Nothing includes this file's symbols: each layer's open function is declared in
+ * the layer's own header, and helpers the layers share live below them (mwlua.h). */
+#include "alloc.h"
 #include "sched.h"
 #include "dns.h"
 #include "net.h"
-#include "core.h"
+#include "stream.h"
+#include "fs.h"
+#include "http.h"
+#include "mwzlib.h"
+#include "ws.h"
+#include "tls.h"
+#include "hdr.h"
+#include "thread.h"
 
 __attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
 
@@ -23,6 +33,7 @@ int luaopen_moonwire_core(lua_State *L)
     mw_sched_open(L, rtidx);
     mw_dns_open(L, rtidx);
     mw_net_open(L, rtidx);
+    mw_stream_open(L, rtidx);
     mw_fs_open(L);
     mw_http_open(L);
     mw_zlib_open(L);

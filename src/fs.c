@@ -1,8 +1,8 @@
 /* fs: the few file-system calls the Lua layer needs (static files): stat and realpath.
  * Non-blocking-safe enough for local files; no Lua state kept here. */
 #define _GNU_SOURCE
+#include "fs.h"
 #include "sched.h"
-#include "core.h"
 
 #include <errno.h>
 #include <limits.h>

@@ -1,8 +1,8 @@
 /* hdr: HDR-style latency histograms (log-linear buckets, 3 significant digits, values in
  * microseconds up to 2^40), mergeable exactly across threads; with wrk2's correction for
  * coordinated omission. Lua-free core plus a small binding (moonwire.Histogram). */
+#include "hdr.h"
 #include "sched.h"
-#include "core.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -4,8 +4,9 @@
  * the head bytes (status line, headers, cached Date) for one gathered write by the stream.
  * This file enforces the protocol rules of docs/http.md that llhttp does not. */
 #define _GNU_SOURCE
-#include "net.h"
-#include "core.h"
+#include "http.h"
+#include "stream.h"
+#include "mwlua.h"
 
 #include <ctype.h>
 #include <pthread.h>

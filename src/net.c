@@ -4,7 +4,7 @@
 #define _GNU_SOURCE
 #include "net.h"
 #include "dns.h"
-#include "core.h"
+#include "mwlua.h"
 #include "list.h"
 
 #include <arpa/inet.h>
@@ -166,6 +166,43 @@ static int l_unwatch(lua_State *L)
     return 1;
 }
 
+/* Edge-triggered: a read that comes back short drained the kernel's queue, and data that
+ * arrives later raises a new event, so the next read waits for it instead of asking the
+ * kernel for an EAGAIN (as nginx does). Not after the peer's FIN: its edge may already
+ * have been consumed together with the data, so the end must be read. */
+ssize_t mw_sock_recv(mw_sock *s, char *buf, size_t len)
+{
+    if (!s->rready) {
+        errno = EAGAIN;
+        return -1;
+    }
+    ssize_t n = recv(s->io.fd, buf, len, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) s->rready = 0;
+    else if (n > 0 && (size_t)n < len && !s->rdhup) s->rready = 0;
+    return n;
+}
+
+static ssize_t plain_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
+{
+    ssize_t n = mw_sock_recv(s, buf, len);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLIN;
+    return n;
+}
+
+static ssize_t plain_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
+{
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = (struct iovec *)iov;
+    m.msg_iovlen = (size_t)n;
+    ssize_t r = sendmsg(s->io.fd, &m, MSG_NOSIGNAL);
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLOUT;
+    return r;
+}
+
+/* Plain sockets: recv and sendmsg on the descriptor. */
+const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL, NULL, NULL };
+
 /* ---- handles ---------------------------------------------------------------------- */
 
 static void on_sock_event(mw_io *io, uint32_t ev)
@@ -176,7 +213,7 @@ static void on_sock_event(mw_io *io, uint32_t ev)
         s->rready = 1;
         if (ev & (EPOLLRDHUP | always)) s->rdhup = 1;
     }
-    if (s->obuf.data && (ev & (EPOLLOUT | EPOLLIN | always))) mw_sock_output_event(s, 0);  /* TLS may need either */
+    if (s->obuf.data && (ev & (EPOLLOUT | EPOLLIN | always))) s->rt->sock_output(s, 0);  /* TLS may need either */
     if (s->armed) {
         uint32_t want = s->want[MW_ROLE_READ] | EPOLLIN | EPOLLRDHUP;
         if (ev & (want | always)) queue_fire(s);
@@ -226,7 +263,7 @@ int mw_sock_open(mw_sock *s, int fd)
 
 void mw_sock_close(mw_sock *s, int wake)
 {
-    if (s->obuf.data || s->dirty) mw_sock_output_event(s, 1);
+    if (s->obuf.data || s->dirty) s->rt->sock_output(s, 1);
     if (s->tp->close) s->tp->close(s);
     s->tp = &mw_plain_transport;
     if (s->io.fd >= 0) {
@@ -501,7 +538,7 @@ static int h_shutdown(lua_State *L)
     static const int how_v[] = { SHUT_WR, SHUT_RD, SHUT_RDWR };
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     int how = luaL_checkoption(L, 2, "write", hows);
-    if (how_v[how] != SHUT_RD && s->obuf.data) mw_sock_output_event(s, 1);  /* gathered bytes first */
+    if (how_v[how] != SHUT_RD && s->obuf.data) s->rt->sock_output(s, 1);  /* gathered bytes first */
     if (shutdown(s->io.fd, how_v[how]) < 0) return mw_pusherrno(L, errno);
     lua_pushboolean(L, 1);
     return 1;
@@ -987,7 +1024,7 @@ static int l_socketpair(lua_State *L)
 
 /* ---- registration ------------------------------------------------------------------- */
 
-static void new_type(lua_State *L, const char *mt, const luaL_Reg *own, int stream)
+static void new_type(lua_State *L, const char *mt, const luaL_Reg *own)
 {
     static const luaL_Reg common[] = {
         { "close", h_close }, { "getsockname", h_getsockname }, { "setoption", h_setoption },
@@ -998,7 +1035,6 @@ static void new_type(lua_State *L, const char *mt, const luaL_Reg *own, int stre
     lua_newtable(L);
     luaL_setfuncs(L, common, 0);
     luaL_setfuncs(L, own, 0);
-    if (stream) mw_stream_methods(L);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, h_gc);
     lua_setfield(L, -2, "__gc");
@@ -1021,11 +1057,10 @@ void mw_net_open(lua_State *L, int rtidx)
         { "listen", unix_listen }, { "connect", unix_connect }, { "pair", l_socketpair }, { NULL, NULL }
     };
     mw_rt *rt = lua_touserdata(L, rtidx);
-    rt->before_poll = mw_sock_flush_dirty;
     rt->after_poll = run_fired;
     rt->after_run = unwatch_all;
-    new_type(L, MW_SOCK_MT, sock_own, 1);
-    new_type(L, MW_LISTENER_MT, listener_own, 0);
+    new_type(L, MW_SOCK_MT, sock_own);
+    new_type(L, MW_LISTENER_MT, listener_own);
     lua_newtable(L);
     lua_pushvalue(L, rtidx);
     luaL_setfuncs(L, tcp, 1);

@@ -1,6 +1,9 @@
-/* net: socket handles (listeners and byte streams, TCP and Unix) and the buffered stream
- * methods on them. A stream reads and writes through a transport (plain socket calls here;
- * TLS slots in beside it), so read/recv/write/accept exist once for every kind. */
+/* net: socket handles (listeners and byte streams, TCP and Unix): creating, connecting,
+ * accepting, options, closing, watches, and the plain transport. The buffered stream that
+ * sits on a socket (stream.h) registers itself from above: its methods, its before-poll
+ * flush and its output hook (rt->sock_output); net calls none of its symbols. A stream
+ * reads and writes through a transport (plain socket calls here; TLS slots in beside it),
+ * so read/recv/write/accept exist once for every kind. */
 #ifndef MW_NET_H
 #define MW_NET_H
 
@@ -11,7 +14,7 @@
 
 #define MW_SOCK_MT "moonwire.Socket"
 #define MW_LISTENER_MT "moonwire.Listener"
-/* their magic numbers (mw_sock.magic; see mw_udata_magic in core.h) */
+/* their magic numbers (mw_sock.magic; see mw_udata_magic in mwlua.h) */
 #define MW_SOCK_MAGIC UINT64_C(0x6d77736f636b6574)       /* "mwsocket" */
 #define MW_LISTENER_MAGIC UINT64_C(0x6d776c697374656e)   /* "mwlisten" */
 
@@ -87,29 +90,7 @@ mw_task *mw_sock_claim(lua_State *L, mw_sock *s, int role);
 int mw_sock_wait(lua_State *L, mw_sock *s, mw_task *t, int role, uint32_t want,
                  int64_t deadline, lua_KFunction k, lua_KContext ctx);
 
-/* The bytes gathered in s->obuf go out first: 1 all written (the buffer is released), 0
- * some left (EAGAIN; *want: the readiness to wait for), -1 error (errno). */
-int mw_sock_flush(mw_sock *s, uint32_t *want);
-/* The transport's writev, after what s->obuf holds (-1 with EAGAIN while some of that is
- * left). Every write to a stream goes through here. */
-ssize_t mw_sock_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want);
-/* Appends a and b to s->obuf and marks s dirty (written before the loop polls): 0, or -1
- * when memory is exhausted (nothing appended). */
-int mw_sock_gather(mw_sock *s, const char *a, size_t an, const char *b, size_t bn);
-/* (net.c) the socket became writable, or (closing) is being closed: see stream.c. */
-void mw_sock_output_event(mw_sock *s, int closing);
-/* Writes the output buffers of the dirty sockets: the runtime's before_poll. */
-void mw_sock_flush_dirty(mw_rt *rt);
-
-/* Reads once from the transport into s->rbuf (room for at least `hint` bytes): 1 got
- * bytes, 0 end of stream (s->eof set), -1 would block (*want: readiness to wait for),
- * -3 error (errno). */
-int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want);
-/* Pushes nil, message, code for an I/O error of s (a transport's protocol error gives
- * "tls: reason", "tls"). */
-int mw_stream_pusherr(lua_State *L, mw_sock *s, int err);
-/* Fills the method table on top of the stack with the stream methods (read, recv, write). */
-void mw_stream_methods(lua_State *L);
+/* Registers tcp, unix, watch/unwatch/rewatch and the Socket and Listener types. */
 void mw_net_open(lua_State *L, int rtidx);
 
 #endif

@@ -77,6 +77,9 @@ struct mw_rt {
      * over; drops every watch at the end of run() */
     void (*before_poll)(mw_rt *rt);
     void (*after_poll)(mw_rt *rt);
+    /* set by the stream layer: a socket with gathered output became writable (closing 0)
+     * or is being closed or shut down (closing 1); net calls it, knowing no stream */
+    void (*sock_output)(struct mw_sock *s, int closing);
     void (*after_run)(mw_rt *rt, lua_State *L);
     mw_resolver *resolver;
     void (*resolver_free)(mw_resolver *r);  /* set by the dns layer with the resolver */

@@ -3,7 +3,7 @@
  * handle and the continuation runs the same try again. A timed-out or cancelled read
  * leaves what it had buffered in place, so a retry loses nothing. */
 #define _GNU_SOURCE
-#include "net.h"
+#include "stream.h"
 #include "list.h"
 
 #include <errno.h>
@@ -14,22 +14,6 @@ enum { F_LINE, F_LINEKEEP, F_ALL, F_COUNT, F_SOME };
 #define TRY_WAIT (-1)
 #define TRY_AGAIN (-2)
 #define FILLS_PER_TURN 16
-
-/* Edge-triggered: a read that comes back short drained the kernel's queue, and data that
- * arrives later raises a new event, so the next read waits for it instead of asking the
- * kernel for an EAGAIN (as nginx does). Not after the peer's FIN: its edge may already
- * have been consumed together with the data, so the end must be read. */
-ssize_t mw_sock_recv(mw_sock *s, char *buf, size_t len)
-{
-    if (!s->rready) {
-        errno = EAGAIN;
-        return -1;
-    }
-    ssize_t n = recv(s->io.fd, buf, len, 0);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) s->rready = 0;
-    else if (n > 0 && (size_t)n < len && !s->rdhup) s->rready = 0;
-    return n;
-}
 
 /* ---- the output buffer ---------------------------------------------------------------- */
 
@@ -88,7 +72,7 @@ int mw_sock_gather(mw_sock *s, const char *a, size_t an, const char *b, size_t b
 /* Before the loop polls: what the dirty sockets gathered goes out, one write each. What the
  * socket does not take waits for its next writable event (on_sock_event marks it dirty
  * again); on an error it is dropped (the next read or write reports the error). */
-void mw_sock_flush_dirty(mw_rt *rt)
+static void flush_dirty(mw_rt *rt)
 {
     mw_sock *s;
     while ((s = rt->dirty) != NULL) {
@@ -98,9 +82,9 @@ void mw_sock_flush_dirty(mw_rt *rt)
     }
 }
 
-/* Called when a socket becomes writable, and when it closes (a last try, then the rest is
- * dropped: the peer stopped reading or is gone). */
-void mw_sock_output_event(mw_sock *s, int closing)
+/* The runtime's sock_output: a socket with gathered output became writable, or is being
+ * closed (a last try, then the rest is dropped: the peer stopped reading or is gone). */
+static void output_event(mw_sock *s, int closing)
 {
     if (closing) {
         uint32_t want;
@@ -112,25 +96,6 @@ void mw_sock_output_event(mw_sock *s, int closing)
     }
 }
 
-static ssize_t plain_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
-{
-    ssize_t n = mw_sock_recv(s, buf, len);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLIN;
-    return n;
-}
-
-static ssize_t plain_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
-{
-    struct msghdr m;
-    memset(&m, 0, sizeof m);
-    m.msg_iov = (struct iovec *)iov;
-    m.msg_iovlen = (size_t)n;
-    ssize_t r = sendmsg(s->io.fd, &m, MSG_NOSIGNAL);
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLOUT;
-    return r;
-}
-
-const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL, NULL, NULL };
 
 static void consume(mw_sock *s, size_t n)
 {
@@ -382,13 +347,19 @@ static int s_write(lua_State *L)
 
 static void mw_stream_sendfile(lua_State *L);
 
-void mw_stream_methods(lua_State *L)
+void mw_stream_open(lua_State *L, int rtidx)
 {
     static const luaL_Reg m[] = {
         { "read", s_read }, { "recv", s_recv }, { "write", s_write }, { NULL, NULL }
     };
+    mw_rt *rt = lua_touserdata(L, rtidx);
+    rt->before_poll = flush_dirty;
+    rt->sock_output = output_event;
+    luaL_getmetatable(L, MW_SOCK_MT);
+    lua_getfield(L, -1, "__index");
     luaL_setfuncs(L, m, 0);
     mw_stream_sendfile(L);
+    lua_pop(L, 2);
 }
 
 /* ---- sendfile ----------------------------------------------------------------------- */

@@ -4,8 +4,8 @@
  * runs, nothing but the thread touches that state. Completion is signalled through an
  * eventfd, so join() parks only the calling task. */
 #define _GNU_SOURCE
+#include "thread.h"
 #include "sched.h"
-#include "core.h"
 
 #include <errno.h>
 #include <pthread.h>

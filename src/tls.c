@@ -5,8 +5,8 @@
  * become EAGAIN with the readiness to wait for. Secure by default: TLS 1.2+, clients verify
  * the chain and the host name against the system CA store. */
 #define _GNU_SOURCE
-#include "net.h"
-#include "core.h"
+#include "tls.h"
+#include "stream.h"
 
 #include <errno.h>
 #include <pthread.h>

@@ -5,8 +5,9 @@
  * the close code to answer with (1002, 1007, 1009). The send side frames (and masks, for a
  * client) and compresses. The handshake and the connection API live in Lua. */
 #define _GNU_SOURCE
-#include "net.h"
-#include "core.h"
+#include "ws.h"
+#include "stream.h"
+#include "mwlua.h"
 
 #include <errno.h>
 #include <stdlib.h>

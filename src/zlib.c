@@ -1,8 +1,8 @@
 /* zlib: one-shot gzip/gunzip for HTTP bodies (the server's compression, the client's
  * decoding). Output sizes are bounded by the caller's limit, so a small hostile input
  * cannot expand into unbounded memory. */
+#include "mwzlib.h"
 #include "sched.h"
-#include "core.h"
 
 #include <string.h>
 #include <zlib.h>

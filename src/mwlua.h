@@ -1,24 +1,14 @@
-/* core: how each layer registers its Lua functions into the module table on top of the
- * stack (luaopen_moonwire_core calls them in layer order). The rest of each layer's C
- * contract is in its own header; these files have no other public symbols. */
-#ifndef MW_CORE_H
-#define MW_CORE_H
+/* mwlua: small Lua C API helpers that several layers share (how hot paths tell their own
+ * userdata). Below every layer: it includes only Lua's headers, so any file may use it
+ * without reaching up to the module's entry (core.c). */
+#ifndef MW_MWLUA_H
+#define MW_MWLUA_H
 
 #include <lua.h>
 #include <lauxlib.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-
-void mw_alloc_install(lua_State *L);   /* alloc.c: the size-class allocator for the state */
-int mw_alloc_name(lua_State *L);       /* alloc.c: core.allocator() */
-void mw_fs_open(lua_State *L);      /* fs.c: stat, realpath */
-void mw_http_open(lua_State *L);    /* http.c: HttpConn, head builders */
-void mw_zlib_open(lua_State *L);    /* zlib.c: gzip/gunzip, deflater/inflater */
-void mw_ws_open(lua_State *L);      /* ws.c: WsConn, accept key, random, utf8_valid */
-void mw_tls_open(lua_State *L);     /* tls.c: contexts; starttls/tls_info/set_tls */
-void mw_hdr_open(lua_State *L);     /* hdr.c: histograms */
-void mw_thread_open(lua_State *L, int rtidx);  /* thread.c: threads, shared counters */
 
 /* The full userdata at idx when it has `size` bytes and the 64-bit `magic` at byte `off`,
  * else NULL: how the hottest paths tell their own objects, two API calls cheaper than a

@@ -1,0 +1,31 @@
+/* stream: the buffered byte stream over a socket (net.h) or a TLS session: reads with
+ * io.read's patterns, gathered writes with backpressure, the output buffer written before
+ * each poll. Above net, below tls, http and ws. */
+#ifndef MW_STREAM_H
+#define MW_STREAM_H
+
+#include "net.h"
+
+/* The bytes gathered in s->obuf go out first: 1 all written (the buffer is released), 0
+ * some left (EAGAIN; *want: the readiness to wait for), -1 error (errno). */
+int mw_sock_flush(mw_sock *s, uint32_t *want);
+/* The transport's writev, after what s->obuf holds (-1 with EAGAIN while some of that is
+ * left). Every write to a stream goes through here. */
+ssize_t mw_sock_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want);
+/* Appends a and b to s->obuf and marks s dirty (written before the loop polls): 0, or -1
+ * when memory is exhausted (nothing appended). */
+int mw_sock_gather(mw_sock *s, const char *a, size_t an, const char *b, size_t bn);
+
+/* Reads once from the transport into s->rbuf (room for at least `hint` bytes): 1 got
+ * bytes, 0 end of stream (s->eof set), -1 would block (*want: readiness to wait for),
+ * -3 error (errno). */
+int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want);
+/* Pushes nil, message, code for an I/O error of s (a transport's protocol error gives
+ * "tls: reason", "tls"). */
+int mw_stream_pusherr(lua_State *L, mw_sock *s, int err);
+/* Adds the stream methods (read, recv, write, sendfile) to the Socket type that net made,
+ * and registers the runtime's before_poll (write the dirty sockets' output) and
+ * sock_output hooks. After mw_net_open. */
+void mw_stream_open(lua_State *L, int rtidx);
+
+#endif
