@@ -90,7 +90,9 @@ end
 local function after_handler(srv, req, res, ok, err)
   if not ok then
     srv.error_log(("moonwire: handler error for %s %s: %s"):format(req.method, req.target, tostring(err)))
-    if not res.sent then
+    if res._answer_failure then
+      res:_answer_failure()    -- its body failed: that failure's answer (response.lua), not 500
+    elseif not res.sent then
       res:_reset(500)
       res:header("content-type", "text/plain; charset=utf-8")
       res[CLOSE] = true
