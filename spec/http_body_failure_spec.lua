@@ -243,3 +243,165 @@ describe("http server: a request whose body fails", function()
     end)
   end)
 end)
+
+---------------------------------------------------------------------------------------------
+-- lingering close
+
+describe("http server: lingering close", function()
+  -- Writes `piece` over and over (from a task of its own) until a write fails; the task
+  -- returns how many bytes went and the code of the failed write.
+  local function flood(s, piece)
+    return mw.spawn(function()
+      local sent = 0
+      while true do
+        local ok, _, code = s:write(piece)
+        if not ok then return sent, code end
+        sent = sent + #piece
+      end
+    end)
+  end
+
+  it("a client sending 2 MiB to a 1 MiB limit before it reads gets the whole 413", function()
+    run(function()
+      local srv = serve({ limits = { body = MiB } }, handlers.returns)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      -- the whole request in one write, the way a naive client sends it, then the read:
+      -- closing with 2 MiB unread would reset the connection and lose the answer
+      local body = ("b"):rep(2 * MiB)
+      s:write(head { "POST /up HTTP/1.1", "Host: x", "Content-Length: " .. #body } .. body)
+      local data, how = read_all(s, 10)
+      assert.equal("closed", how, "the answer was lost to a " .. tostring(how) .. "; got: " .. data)
+      assert.matches("^HTTP/1%.1 413 ", data)
+      local len = assert(tonumber(data:match("\r\nContent%-Length: (%d+)\r\n")))
+      assert.equal(len, #data - assert(data:find("\r\n\r\n", 1, true)) - 3, "incomplete: " .. data)
+      assert.matches("\r\nConnection: close\r\n", data, 1, true)
+      s:close()
+      assert.is_true(drained(srv))
+      srv:close()
+    end, 20)
+  end)
+
+  it("a client still sending after a bad head gets the whole 400", function()
+    run(function()
+      local srv = serve({}, handlers.returns)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local bad = head { "POST /up HTTP/1.1", "Host: x", "Content-Length: 1x" }
+      local writer = flood(s, bad .. ("z"):rep(64 * KiB - #bad))
+      local data, how = read_all(s, 10)
+      assert.equal("closed", how, "the answer was lost to a " .. tostring(how) .. "; got: " .. data)
+      assert.matches("^HTTP/1%.1 400 ", data)
+      assert.equal(0, calls)
+      s:close()
+      writer:join()
+      assert.is_true(drained(srv))
+      srv:close()
+    end, 20)
+  end)
+
+  it("a flood of empty lines before a request: the error answer arrives whole", function()
+    run(function()
+      local srv = serve({}, handlers.returns)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local writer = mw.spawn(function()   -- 2 MiB of CRLF, as fast as the server takes it
+        for _ = 1, 64 do
+          if not s:write(("\r\n"):rep(16 * KiB)) then return end
+        end
+      end)
+      local data, how = read_all(s, 10)
+      assert.equal("closed", how, "the answer was lost to a " .. tostring(how) .. "; got: " .. data)
+      -- (the status is the parser's verdict on the flood: 400, or 414 for an endless first line)
+      assert.matches("^HTTP/1%.1 4%d%d ", data)
+      local len = assert(tonumber(data:match("\r\nContent%-Length: (%d+)\r\n")))
+      assert.equal(len, #data - assert(data:find("\r\n\r\n", 1, true)) - 3, "incomplete: " .. data)
+      assert.equal(0, calls)
+      s:close()
+      writer:join()
+      assert.is_true(drained(srv))
+      srv:close()
+    end, 20)
+  end)
+
+  it("a client that floods forever is cut off after timeouts.linger", function()
+    run(function()
+      local srv = serve({ limits = { body = KiB, linger = 1e12 }, timeouts = { linger = 0.5 } },
+        handlers.returns)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local t0 = mw.now()
+      assert(s:write(head { "POST /up HTTP/1.1", "Host: x", "Content-Length: 1000000000" }))
+      local writer = flood(s, ("f"):rep(64 * KiB))
+      local data, how = read_all(s, 10)
+      assert.equal("closed", how)
+      assert.matches("^HTTP/1%.1 413 ", data)
+      -- the server goes on reading (the flood's writes go through) until the bound, then
+      -- closes: the flood's next writes fail
+      assert.is_true(drained(srv, 5), "still lingering after 5 s")
+      local elapsed = mw.now() - t0
+      assert.is_true(elapsed >= 0.4 and elapsed < 2, "cut off after " .. elapsed .. " s")
+      local ok, sent, code = writer:join(5)
+      assert.is_true(ok)
+      assert.is_true(sent > 2 * MiB, "only " .. sent .. " bytes went before the close")
+      assert.is_string(code)
+      srv:close()
+    end, 20)
+  end)
+
+  it("a client that floods forever is cut off after limits.linger bytes", function()
+    run(function()
+      local srv = serve({ limits = { body = KiB, linger = 256 * KiB }, timeouts = { linger = 30 } },
+        handlers.returns)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local t0 = mw.now()
+      assert(s:write(head { "POST /up HTTP/1.1", "Host: x", "Content-Length: 1000000000" }))
+      local writer = flood(s, ("f"):rep(64 * KiB))
+      local data, how = read_all(s, 10)
+      assert.equal("closed", how)
+      assert.matches("^HTTP/1%.1 413 ", data)
+      assert.is_true(drained(srv, 5), "still lingering after 5 s")
+      assert.is_true(mw.now() - t0 < 5)
+      local ok, _, code = writer:join(5)
+      assert.is_true(ok)
+      assert.is_string(code)
+      srv:close()
+    end, 20)
+  end)
+
+  it("a lingering connection is counted, and srv:close() ends it at once", function()
+    run(function()
+      local srv = serve({ limits = { body = KiB, linger = 1e12 }, timeouts = { linger = 30 } },
+        handlers.returns)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(head { "POST /up HTTP/1.1", "Host: x", "Content-Length: 1000000000" }))
+      local writer = flood(s, ("f"):rep(64 * KiB))
+      local data, how = read_all(s, 10)
+      assert.equal("closed", how)
+      assert.matches("^HTTP/1%.1 413 ", data)
+      mw.sleep(0.2)
+      assert.equal(1, srv:connections())      -- still reading the flood
+      local t0 = mw.now()
+      assert.is_true(srv:close(10))
+      assert.is_true(mw.now() - t0 < 1, ("close took %.2f s"):format(mw.now() - t0))
+      assert.equal(0, srv:connections())
+      assert.is_true((writer:join(5)))
+    end, 20)
+  end)
+
+  it("a request answered without error does not linger: Connection: close closes at once", function()
+    run(function()
+      local srv = serve({ timeouts = { linger = 30 } }, handlers.returns)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(head { "POST /up HTTP/1.1", "Host: x", "Content-Length: 5", "Connection: close" } .. "hello"))
+      local data, how = read_all(s, 5)
+      assert.equal("closed", how)
+      assert.matches("^HTTP/1%.1 200 ", data)
+      assert.is_true(drained(srv, 1))   -- the client keeps its socket open: no lingering
+      srv:close()
+    end)
+  end)
+end)
