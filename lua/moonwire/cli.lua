@@ -8,7 +8,7 @@ commands:
   run SCRIPT [ARGS...]   run a Lua script (it calls require "moonwire" itself)
   bench [OPTIONS] URL    load test (wrk-compatible; moonwire bench --help)
   version                print the version
-  help                   this text
+  help, --help, -h       this text
 ]]
 
 local commands = {}
@@ -27,6 +27,8 @@ function commands.help()
   io.stdout:write(usage)
   return 0
 end
+commands["--help"] = commands.help
+commands["-h"] = commands.help
 
 function commands.run(args)
   local script = args[1]

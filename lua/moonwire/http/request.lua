@@ -6,6 +6,8 @@
 -- are private: 1 the connection object, 2 the response (response.lua sets it), 3 whether the
 -- message ended with its head (the server's keep-alive check), 4 the head's bytes, until
 -- `headers` is built from them.
+local Failed = require("moonwire.http.response").Failed
+
 local Request = {}
 local CONN <const> = 1
 local RES <const> = 2
@@ -137,6 +139,16 @@ local function continue_if_expected(self)
   end
 end
 
+-- Reading the body failed: the status to answer with (400, 413, 408; anything else: the
+-- client is gone) and the message are kept, and a response not sent yet is answered with
+-- them whatever the handler does (response.lua: Response.Failed); the connection closes.
+local function body_failed(self, err, status)
+  rawset(self, "_body_error", status or true)
+  rawset(self, "_body_errmsg", err)
+  local res = rawget(self, RES)
+  if res and not res.sent then setmetatable(res, Failed) end
+end
+
 --- The whole body (at most the server's limits.body bytes), or nil, err, code.
 function methods:body()
   local cached = rawget(self, "_body")
@@ -145,7 +157,7 @@ function methods:body()
   local srv = self._server
   local body, err, status = self[CONN]:read_body("all", srv.limits.body, srv.timeouts.body)
   if not body then
-    rawset(self, "_body_error", status or true)
+    body_failed(self, err, status)
     return nil, err, status
   end
   rawset(self, "_body", body)
@@ -159,7 +171,7 @@ function methods:body_reader()
   return function()
     local chunk, err, status = hc:read_body("chunk", -1, timeout)
     if chunk == nil and err then
-      rawset(self, "_body_error", status or true)
+      body_failed(self, err, status)
       error("request body: " .. tostring(err), 2)
     end
     return chunk

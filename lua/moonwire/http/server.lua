@@ -27,8 +27,8 @@ local M = {}
 local Server = {}
 Server.__index = Server
 
-local default_limits = { request_line = 8192, head = 16384, headers = 100, body = 1048576 }
-local default_timeouts = { head = 10, body = 30, idle = 5, write = 30 }
+local default_limits = { request_line = 8192, head = 16384, headers = 100, body = 1048576, linger = 4194304 }
+local default_timeouts = { head = 10, body = 30, idle = 5, write = 30, linger = 5 }
 -- a body the handler left unread is read and dropped up to this size, else the connection closes
 local DRAIN_MAX = 65536
 
@@ -86,11 +86,36 @@ local function settle(srv, hc, req)
   return ok == true
 end
 
+-- The lingering close (nginx's): after an error answer while the client may still be sending
+-- (a body left unread, bytes after a bad head), shut the write side down (the answer, then the
+-- end of the stream), then read and drop what still comes until the client closes, for at
+-- most timeouts.linger seconds and limits.linger bytes. Closing at once with unread bytes
+-- would reset the connection, and a reset can destroy the answer before the client reads it.
+-- The connection stays counted meanwhile; a closing server does not linger, and Server:close
+-- closes the sockets of the connections that do (their slot in _conns says `true`). (Called
+-- protected: the socket may have been closed under it.)
+local function linger(srv, sock)
+  if srv.closing then return end
+  srv._conns[sock] = true
+  if not sock:shutdown("write") then return end
+  local left = srv.limits.linger
+  local deadline = mw.now() + srv.timeouts.linger
+  while left > 0 do
+    local wait = deadline - mw.now()
+    if wait <= 0 or srv.closing then return end
+    local piece = sock:recv(math.min(left, 65536), wait)
+    if not piece then return end
+    left = left - #piece
+  end
+end
+
 -- After the handler, when it raised or left the response unfinished.
 local function after_handler(srv, req, res, ok, err)
   if not ok then
     srv.error_log(("moonwire: handler error for %s %s: %s"):format(req.method, req.target, tostring(err)))
-    if not res.sent then
+    if res._answer_failure then
+      res:_answer_failure()    -- its body failed: that failure's answer (response.lua), not 500
+    elseif not res.sent then
       res:_reset(500)
       res:header("content-type", "text/plain; charset=utf-8")
       res[CLOSE] = true
@@ -114,7 +139,8 @@ end
 
 -- The requests of one connection, in order; cur[1] holds the request being answered (false
 -- between requests; its response is in its slot 2), for serve_connection when a handler
--- raises.
+-- raises. Returns a WebSocket that keeps the connection, or true when the connection closes
+-- after an error while the client may still be sending (serve_connection lingers).
 local function requests(srv, sock, hc, cur)
   -- (few locals: this frame's size adds to the stack of every connection's coroutine, and a
   -- WebSocket handler's frames run above it; the response's constructor takes 14 registers
@@ -128,7 +154,10 @@ local function requests(srv, sock, hc, cur)
   local r, err, status = read_request(hc, math.min(srv.timeouts.idle, head), head)
   while true do
     if not r then
-      if math.type(status) == "integer" then send_error(sock, status, err) end
+      if math.type(status) == "integer" then
+        send_error(sock, status, err)
+        return true
+      end
       return
     end
     -- the response (see response.lua): its slots, room for two headers, and `sent`; it goes
@@ -150,10 +179,11 @@ local function requests(srv, sock, hc, cur)
         local ws = rs._ws
         if ws and ws._on_message then return ws end
         if ws and ws.state ~= "closed" then ws:close(1000) end
+        return
       end
-      return
+      return not r[R_NOBODY] and not hc:msg_done()    -- a body left unread: linger
     end
-    if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return end
+    if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return true end
     r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
     r, err, status = read_request(hc)
   end
@@ -187,9 +217,13 @@ local function serve_connection(srv, sock)
   -- loop, and the connection closes after its 500 anyway.
   local cur = { false }
   local ok, err = xpcall(requests, traceback, srv, sock, hc, cur)
-  if ok and err and err.state ~= "closed" then
-    conns[sock] = err    -- a WebSocket with a message handler: Server:_ws_done ends it
-    return
+  if ok and err then
+    if err == true then
+      pcall(linger, srv, sock)
+    elseif err.state ~= "closed" then
+      conns[sock] = err    -- a WebSocket with a message handler: Server:_ws_done ends it
+      return
+    end
   end
   if not ok then
     local req = cur[1]
@@ -198,6 +232,7 @@ local function serve_connection(srv, sock)
       -- done all the same)
       local aok, aerr = pcall(answer_failure, srv, req, err)
       if not aok then srv.error_log("moonwire: error answering a failed request: " .. tostring(aerr)) end
+      if not req[R_NOBODY] and not hc:msg_done() then pcall(linger, srv, sock) end
     else
       srv.error_log("moonwire: error serving a connection: " .. tostring(err))
     end
@@ -242,7 +277,7 @@ function Server:close(grace)
   -- self.closing); WebSockets with a message handler go away with the close handshake
   for sock, c in pairs(self._conns) do
     if type(c) == "table" then mw.spawn(c.close, c, 1001)
-    elseif c:idle() then sock:close()
+    elseif c == true or c:idle() then sock:close()    -- idle, or lingering
     else c:closing() end
   end
   if self._nconns > 0 then
