@@ -16,6 +16,7 @@ local mw = helper.mw
 local run = helper.run
 local http = require "moonwire.http"
 
+local core = require "moonwire.core"
 local KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 local function serve(handler)
@@ -145,4 +146,150 @@ describe("WebSocket writer", function()
       srv:close()
     end, 40)
   end)
+end)
+
+-- The same messages through both ways out, in both roles: at once (try_send: one writev
+-- from C) and queued behind a blocked writer (encode, then the writer task). What the peer
+-- reads (opcode, fin, rsv1, unmasked payload of every frame) must be the same.
+describe("WebSocket send paths", function()
+  local MARK = "--end of phase--"
+  local cases = {
+    { "text", "" }, { "text", "hello" }, { "binary", ("b"):rep(125) }, { "binary", ("c"):rep(126) },
+    { "text", ("d"):rep(65535) }, { "binary", ("e"):rep(65536) },
+    { "binary", helper.pattern(150000) },          -- fragment_size = 100000: two frames
+    { "binary", core.random(50000):rep(3) },       -- two frames, deflated or not
+    { "text", ("compressible "):rep(50) },          -- deflated where negotiated
+    { writer = { "ab", "", "cd" } },                 -- ws:writer(): a frame per write, then the end
+  }
+
+  local function send_case(ws, c)
+    if c.writer then
+      local w = ws:writer("text")
+      for _, chunk in ipairs(c.writer) do assert(w:write(chunk)) end
+      return assert(w:close())
+    end
+    return assert(ws:send(c[2], c[1]))
+  end
+
+  -- The moonwire side: the cases at once, then the cases queued behind a blocked writer.
+  local function exercise(ws, sync)
+    for _, c in ipairs(cases) do send_case(ws, c) end
+    assert(ws:send(MARK))
+    assert(sync.go:recv(10))           -- the peer has read phase 1 and stops reading
+    local tasks = { mw.spawn(function() return ws:send(sync.big, "binary") end) }
+    for i, c in ipairs(cases) do
+      tasks[#tasks + 1] = mw.spawn(function()
+        send_case(ws, c)
+        -- (the writer's later frames are queued after the others' messages: the mark after them)
+        return i < #cases or ws:send(MARK)
+      end)
+    end
+    mw.yield()                          -- each task has queued its (first) frame now
+    local frames = ws:buffered()
+    sync.queued:send(frames)
+    for _, t in ipairs(tasks) do assert.same({ true, true }, { t:join(10) }) end
+  end
+
+  -- The peer's side: every frame until the mark (unmasked), as { op, fin, rsv1, payload }.
+  -- (`skip`: the frames up to the first final one are the blocker's, not unmasked: that
+  -- is byte by byte in Lua)
+  local function read_all(s, skip)
+    local frames = {}
+    while true do
+      local h = assert(s:read(2, 10))
+      local b0, b1 = h:byte(1, 2)
+      local n = b1 & 0x7f
+      if n == 126 then n = string.unpack(">I2", assert(s:read(2, 10)))
+      elseif n == 127 then n = string.unpack(">I8", assert(s:read(8, 10))) end
+      local key = b1 & 0x80 ~= 0 and { assert(s:read(4, 10)):byte(1, 4) }
+      local p = n > 0 and assert(s:read(n, 10)) or ""
+      if skip then
+        p = ("<%d bytes>"):format(n)
+        skip = b0 & 0x80 == 0
+      elseif key then
+        local out = {}
+        for i = 1, #p do out[i] = string.char(p:byte(i) ~ key[(i - 1) % 4 + 1]) end
+        p = table.concat(out)
+      end
+      if p == MARK then return frames end
+      frames[#frames + 1] = { b0 & 0x0f, b0 & 0x80 ~= 0, b0 & 0x40 ~= 0, p }
+    end
+  end
+
+  -- Reads both phases and checks that they are the same.
+  -- what blocks the writer: 8 MiB that do not compress
+  local function incompressible()
+    local parts = {}
+    for i = 1, BIG // 65536 do parts[i] = core.random(65536) end
+    return table.concat(parts)
+  end
+
+  local function peer(s, sync, deflate)
+    local fast = read_all(s)
+    sync.go:send(true)
+    local queued = assert(sync.queued:recv(10))
+    assert.equal(#cases, queued, "every case waited in the queue")
+    local slow = read_all(s, true)
+    -- first the blocker's message, in frames of fragment_size
+    assert.equal(2, slow[1][1])
+    repeat local f = table.remove(slow, 1) until f[2]
+    -- (second fragments, the pattern's unless deflated below fragment_size; the writer: four frames)
+    assert.equal(#cases + (deflate and 4 or 5), #fast)
+    for i = 1, #fast do assert.same(fast[i], slow[i], "frame " .. i) end
+    assert.equal(#fast, #slow)
+    return fast
+  end
+
+  local OFFER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+  for _, deflate in ipairs { false, true } do
+    it(("server role%s: the same frames at once and queued"):format(deflate and ", deflate" or ""), function()
+      run(function()
+        local sync = { go = mw.channel(1), queued = mw.channel(1), big = incompressible() }
+        local srv = serve(function(req)
+          local ws = assert(req:websocket { fragment_size = 100000, deflate = deflate and {} or false })
+          exercise(ws, sync)
+          ws:close()
+        end)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+        assert(s:write("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" ..
+          "Sec-WebSocket-Key: " .. KEY .. "\r\nSec-WebSocket-Version: 13\r\n" ..
+          (deflate and "Sec-WebSocket-Extensions: " .. OFFER .. "\r\n" or "") .. "\r\n"))
+        assert.matches("^HTTP/1%.1 101 ", assert(s:read("l", 5)))
+        repeat local line = assert(s:read("l", 5)) until line == ""
+        local fast = peer(s, sync, deflate)
+        assert.equal(deflate, fast[#fast - 4][3], "the compressible message was deflated")
+        s:close()
+        srv:close()
+      end, 30)
+    end)
+
+    it(("client role%s: the same frames at once and queued"):format(deflate and ", deflate" or ""), function()
+      run(function()
+        local sync = { go = mw.channel(1), queued = mw.channel(1), big = incompressible() }
+        local l, port = helper.listen()
+        local client = mw.spawn(function()
+          local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/"):format(port),
+            { fragment_size = 100000, deflate = deflate, close_timeout = 0.1 }))
+          exercise(ws, sync)
+          ws:close()
+          return true
+        end)
+        local s = assert(l:accept(5))
+        local key
+        repeat
+          local line = assert(s:read("l", 5))
+          key = key or line:match("^[Ss]ec%-[Ww]eb[Ss]ocket%-[Kk]ey: *(%S+)")
+        until line == ""
+        assert(s:write("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" ..
+          "Sec-WebSocket-Accept: " .. core.ws_accept(key) .. "\r\n" ..
+          (deflate and "Sec-WebSocket-Extensions: " .. OFFER .. "\r\n" or "") .. "\r\n"))
+        local fast = peer(s, sync, deflate)
+        assert.equal(deflate, fast[#fast - 4][3], "the compressible message was deflated")
+        assert.same({ true, true }, { client:join(5) })
+        s:close()
+        l:close()
+      end, 30)
+    end)
+  end
 end)
