@@ -198,20 +198,27 @@ local function queue_and_wait(self, h, p)
   return nil, err, code
 end
 
+-- What try_send left (it did not send the whole frame): false, the unsent bytes, which
+-- are written now, before the slot is let go; or nil, err, code.
+local function sent_part(self, done, rest, code)
+  if done == nil then
+    finish(self, 1006, "")
+    return nil, rest, code
+  end
+  self._writer = current() or false
+  local ok, err
+  ok, err, code = write_held(self, rest, "")
+  if ok then release(self) end
+  return ok, err, code
+end
+
 -- Sends one frame of opcode `op` (see above); a control frame never waits for the slot.
+-- (ws:send begins with the first three lines itself: one call less per message)
 local function send_frame(self, op, payload, fin, rsv1)
   if not self._writer then
     local done, rest, code = try_send(self.wc, op, payload, fin, rsv1)
     if done then return true end
-    if done == nil then
-      finish(self, 1006, "")
-      return nil, rest, code
-    end
-    self._writer = current() or false
-    local ok, err
-    ok, err, code = write_held(self, rest, "")
-    if ok then release(self) end
-    return ok, err, code
+    return sent_part(self, done, rest, code)
   end
   local h, p = self.wc:encode(op, payload, fin, rsv1)
   if op < OP.close then return queue_and_wait(self, h, p) end
@@ -358,6 +365,11 @@ function WebSocket:send(data, kind)
   end
   local fs = self._tuned and self.fragment_size
   if fs and #payload > fs then return send_fragments(self, OP[kind], payload, fs, rsv1) end
+  if not self._writer then       -- (send_frame's start, inline)
+    local done, rest, code = try_send(self.wc, OP[kind], payload, true, rsv1)
+    if done then return true end
+    return sent_part(self, done, rest, code)
+  end
   return send_frame(self, OP[kind], payload, true, rsv1)
 end
 
