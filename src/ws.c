@@ -455,19 +455,20 @@ static int ws_receive(lua_State *L)
 
 /* ---- sending ----------------------------------------------------------------------------- */
 
-/* wc:encode(opcode, payload, fin, rsv1) -> header, payload: the frame as two strings to
- * write together; a client's payload comes back masked (a copy), a server's as it was. */
-static int ws_encode(lua_State *L)
+/* Reads a frame's arguments (opcode, payload, fin, rsv1 at 2..5) and writes its header into
+ * h; a client's frame gets a fresh masking key, which is also left in *key. Returns the
+ * header's length. Both ways out, encode and try_send, frame here. */
+static size_t frame_head(lua_State *L, mw_ws *w, uint8_t h[14], const char **payload, size_t *len,
+                         uint8_t **key)
 {
-    mw_ws *w = checkws(L);
     lua_Integer op = luaL_checkinteger(L, 2);
     size_t n;
-    const char *payload = luaL_checklstring(L, 3, &n);
+    *payload = luaL_checklstring(L, 3, &n);
+    *len = n;
     int fin = lua_isnone(L, 4) ? 1 : lua_toboolean(L, 4);
     int rsv1 = lua_toboolean(L, 5);
     luaL_argcheck(L, op >= 0 && op <= 15, 2, "opcode out of range");
-    if (op >= OP_CLOSE && n > 125) return luaL_argerror(L, 3, "control frame payload above 125 bytes");
-    uint8_t h[14];
+    if (op >= OP_CLOSE && n > 125) luaL_argerror(L, 3, "control frame payload above 125 bytes");
     size_t hl = 2;
     h[0] = (uint8_t)((fin ? 0x80 : 0) | (rsv1 ? 0x40 : 0) | op);
     if (n < 126) {
@@ -482,63 +483,64 @@ static int ws_encode(lua_State *L)
         for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
         hl = 10;
     }
-    if (!w->client) {
-        lua_pushlstring(L, (const char *)h, hl);
-        lua_pushvalue(L, 3);
-        return 2;
-    }
+    *key = NULL;
+    if (!w->client) return hl;
     h[1] |= 0x80;
     if (w->rnd_left < 4) {
-        if (!w->rnd && !(w->rnd = malloc(RND_SIZE))) return luaL_error(L, "not enough memory");
-        if (random_fill(w->rnd, RND_SIZE) < 0) return luaL_error(L, "getrandom failed");
+        if (!w->rnd && !(w->rnd = malloc(RND_SIZE))) luaL_error(L, "not enough memory");
+        if (random_fill(w->rnd, RND_SIZE) < 0) luaL_error(L, "getrandom failed");
         w->rnd_left = RND_SIZE;
     }
-    uint8_t *key = w->rnd + RND_SIZE - w->rnd_left;
+    *key = w->rnd + RND_SIZE - w->rnd_left;
     w->rnd_left -= 4;
-    memcpy(h + hl, key, 4);
-    hl += 4;
-    lua_pushlstring(L, (const char *)h, hl);
+    memcpy(h + hl, *key, 4);
+    return hl + 4;
+}
+
+/* A client's payload, masked: a copy pushed on the stack (it stays valid while there) */
+static const char *masked_copy(lua_State *L, const char *payload, size_t n, const uint8_t *key)
+{
     luaL_Buffer b;
     uint8_t *out = (uint8_t *)luaL_buffinitsize(L, &b, n);
     memcpy(out, payload, n);
     unmask(out, n, key, 0);
     luaL_pushresultsize(&b, n);
+    return lua_tostring(L, -1);
+}
+
+/* wc:encode(opcode, payload, fin, rsv1) -> header, payload: the frame as two strings to
+ * write together; a client's payload comes back masked (a copy), a server's as it was. */
+static int ws_encode(lua_State *L)
+{
+    mw_ws *w = checkws(L);
+    uint8_t h[14], *key;
+    const char *payload;
+    size_t n, hl = frame_head(L, w, h, &payload, &n, &key);
+    lua_pushlstring(L, (const char *)h, hl);
+    if (!key) {
+        lua_pushvalue(L, 3);
+        return 2;
+    }
+    masked_copy(L, payload, n, key);
     return 2;
 }
 
-/* wc:try_send(opcode, payload, fin, rsv1) -> true (the whole frame went out now) | false, sent
- * (not attempted: client role, or another task is writing; or only `sent` bytes of header +
- * payload went out, the caller writes the rest) | nil, err, code. The fast path of a server's
- * send: no Lua string for the header, one writev, no wait. */
+/* wc:try_send(opcode, payload, fin, rsv1) -> true (the whole frame went out now)
+ *   | false, rest (only part of it did, or none: `rest` is the frame's unsent bytes, which the
+ *     caller writes before any other frame) | nil, err, code.
+ * The way every frame of a connection whose writer slot is free goes out: no Lua string for
+ * the header, one writev, no wait. Raises, as a socket's write does, when another task is
+ * writing on the socket. */
 static int ws_try_send(lua_State *L)
 {
     mw_ws *w = checkws(L);
-    lua_Integer op = luaL_checkinteger(L, 2);
-    size_t n;
-    const char *payload = luaL_checklstring(L, 3, &n);
-    int fin = lua_isnone(L, 4) ? 1 : lua_toboolean(L, 4);
-    int rsv1 = lua_toboolean(L, 5);
     mw_sock *s = w->s;
-    if (w->client || s->closed || s->waiter[MW_ROLE_WRITE]) {
-        lua_pushboolean(L, 0);
-        lua_pushinteger(L, 0);
-        return 2;
-    }
-    uint8_t h[10];
-    size_t hl = 2;
-    h[0] = (uint8_t)((fin ? 0x80 : 0) | (rsv1 ? 0x40 : 0) | (op & 15));
-    if (n < 126) {
-        h[1] = (uint8_t)n;
-    } else if (n < 65536) {
-        h[1] = 126;
-        h[2] = (uint8_t)(n >> 8);
-        h[3] = (uint8_t)n;
-        hl = 4;
-    } else {
-        h[1] = 127;
-        for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
-        hl = 10;
-    }
+    if (s->closed) return mw_pushfail(L, "closed", "closed");
+    if (s->waiter[MW_ROLE_WRITE]) return luaL_error(L, "socket already has a writing task");
+    uint8_t h[14], *key;
+    const char *payload;
+    size_t n, hl = frame_head(L, w, h, &payload, &n, &key);
+    if (key) payload = masked_copy(L, payload, n, key);
     struct iovec iov[2] = { { h, hl }, { (void *)payload, n } };
     uint32_t want = 0;
     size_t sent = 0;
@@ -555,7 +557,12 @@ static int ws_try_send(lua_State *L)
         return 1;
     }
     lua_pushboolean(L, 0);
-    lua_pushinteger(L, (lua_Integer)sent);
+    luaL_Buffer rest;
+    char *out = luaL_buffinitsize(L, &rest, hl + n - sent);
+    size_t hrest = sent < hl ? hl - sent : 0;
+    memcpy(out, h + (hl - hrest), hrest);
+    memcpy(out + hrest, payload + (sent - (hl - hrest)), n - (sent - (hl - hrest)));
+    luaL_pushresultsize(&rest, hl + n - sent);
     return 2;
 }
 

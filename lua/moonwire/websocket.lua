@@ -94,10 +94,16 @@ local function add_closer(self)
   closers[#closers + 1] = current()
 end
 
-local function outq(self)
+-- Drops what waits in the send queue (the connection is done): the tasks parked on their
+-- messages get nil, "closed".
+local function drop_queue(self)
   local q = self._outq
-  if not q then q = { first = 1, last = 0 } self._outq = q end
-  return q
+  if not q then return end
+  self._outq, self._pong = nil, nil
+  for i = q.first, q.last do
+    local waiter = q[i][3]
+    if waiter then unpark(waiter, nil, "closed", "closed") end
+  end
 end
 
 -- Ends the connection now (no more frames either way).
@@ -107,32 +113,151 @@ local function finish(self, code, reason)
     self.close_code, self.close_reason = code, reason or ""
   end
   self.sock:close()
+  drop_queue(self)
   wake_closers(self)
   -- the keepalive task ends now rather than after its next interval
   local ka = self._keepalive_task
   if ka and ka ~= current() then ka:cancel() end
 end
 
--- Writes one frame (header, payload), in order with queued broadcast frames.
-local function write_frame(self, h, p)
+-- ---------------------------------------------------------------------------------------
+-- sending: one writer
+--
+-- A socket allows one writing task, so a connection has one writer at a time
+-- (self._writer): the task whose frame is going out, or the queue's writer task. A frame is
+-- sent at once, in one writev from C (try_send), when nobody writes; what the socket does
+-- not take the sender writes, waiting, before it lets the slot go. While somebody writes,
+-- frames wait in the send queue (self._outq), in order, and the writer task sends them
+-- after: a sending task's message parks it until it is written (backpressure), a
+-- broadcast, ping, pong or close frame does not wait and counts against send_queue
+-- (on_full). Of the pongs waiting there only the latest is kept (RFC 6455 5.5.3).
+
+-- Sends the queue: runs in the writer task, which holds the slot until the queue is empty.
+local function writer_task(self)
   local q = self._outq
-  if self._writer or (q and q.first <= q.last) then
-    q = outq(self)
-    q.last = q.last + 1
-    q[q.last] = { h, p }
+  while q.first <= q.last do
+    local e = q[q.first]
+    q[q.first] = nil
+    q.first = q.first + 1
+    if e == self._pong then self._pong = nil end
+    local ok, err, code = self.sock:write(e[1], e[2])
+    if e[3] then unpark(e[3], ok and true, err, code) end
+    if not ok then
+      self._writer = false
+      finish(self, 1006, "")
+      return
+    end
+  end
+  self._writer = false
+end
+
+-- Queues a frame (header, payload); `waiter`: the task that will park until it is written
+-- (not counted against send_queue: its task is the bound). Returns the queue entry, or nil,
+-- err, code when the queue is full.
+local function enqueue(self, h, p, waiter)
+  if self.state ~= "open" and self.state ~= "closing" then return nil, "closed", "closed" end
+  local q = self._outq
+  if not q then q = { first = 1, last = 0 } self._outq = q end
+  if not waiter and q.last - q.first + 1 >= self.send_queue then
+    if self.on_full == "drop" then return nil, "send queue full", "full" end
+    finish(self, 1006, "send queue full")
+    return nil, "closed", "closed"
+  end
+  local e = { h, p, waiter }
+  q.last = q.last + 1
+  q[q.last] = e
+  if not self._writer then self._writer = mw.spawn(writer_task, self) end
+  return e
+end
+
+-- Lets the writer slot go: to the writer task if frames were queued meanwhile.
+local function release(self)
+  local q = self._outq
+  if q and q.first <= q.last then self._writer = mw.spawn(writer_task, self) else self._writer = false end
+end
+
+-- With the slot held: writes h, p (waiting while the socket is full); a failure ends the
+-- connection.
+local function write_held(self, h, p)
+  local ok, err, code = self.sock:write(h, p)
+  if ok then return true end
+  self._writer = false
+  finish(self, 1006, "")
+  return nil, err, code
+end
+
+-- The slot is taken: queues a message's frames (h, p) and waits until they are written.
+local function queue_and_wait(self, h, p)
+  local me = current()
+  local e, err, code = enqueue(self, h, p, me)
+  if not e or not me then return e and true, err, code end
+  local ok
+  ok, err, code = park()
+  if ok then return true end
+  e[3] = false     -- (cancelled: the frame still goes out in its turn, nobody waits for it)
+  return nil, err, code
+end
+
+-- What try_send left (it did not send the whole frame): false, the unsent bytes, which
+-- are written now, before the slot is let go; or nil, err, code.
+local function sent_part(self, done, rest, code)
+  if done == nil then
+    finish(self, 1006, "")
+    return nil, rest, code
+  end
+  self._writer = current() or false
+  local ok, err
+  ok, err, code = write_held(self, rest, "")
+  if ok then release(self) end
+  return ok, err, code
+end
+
+-- Sends one frame of opcode `op` (see above); a control frame never waits for the slot.
+-- (ws:send begins with the first three lines itself: one call less per message)
+local function send_frame(self, op, payload, fin, rsv1)
+  if not self._writer then
+    local done, rest, code = try_send(self.wc, op, payload, fin, rsv1)
+    if done then return true end
+    return sent_part(self, done, rest, code)
+  end
+  local h, p = self.wc:encode(op, payload, fin, rsv1)
+  if op < OP.close then return queue_and_wait(self, h, p) end
+  local pong = self._pong
+  if pong and op == OP.pong then
+    pong[1], pong[2] = h, p      -- answer only the latest ping
     return true
   end
-  local ok, err, code = self.sock:write(h, p)
-  if not ok then
-    finish(self, 1006, "")
-    return nil, err, code
+  local e, err, code = enqueue(self, h, p)
+  if not e then return nil, err, code end
+  if op == OP.pong then self._pong = e end
+  return true
+end
+
+-- A message in frames of `fs` bytes: the slot is held from the first to the last, so that
+-- no other message comes between them (control frames wait too).
+local function send_fragments(self, op, payload, fs, rsv1)
+  local n, wc = #payload, self.wc
+  if self._writer then
+    local frames = {}
+    for pos = 1, n, fs do
+      frames[#frames + 1], frames[#frames + 2] = wc:encode(pos == 1 and op or OP.continuation,
+        payload:sub(pos, pos + fs - 1), pos + fs > n, pos == 1 and rsv1)
+    end
+    return queue_and_wait(self, table.concat(frames), "")
   end
+  self._writer = current() or false
+  for pos = 1, n, fs do
+    local h, p = wc:encode(pos == 1 and op or OP.continuation, payload:sub(pos, pos + fs - 1), pos + fs > n,
+      pos == 1 and rsv1)
+    local ok, err, code = write_held(self, h, p)
+    if not ok then return nil, err, code end
+  end
+  release(self)
   return true
 end
 
 local function send_control(self, op, payload)
-  local h, p = self.wc:encode(op, payload, true, false)
-  return write_frame(self, h, p)
+  return send_frame(self, op, payload, true, false)
 end
 
 -- The peer broke the protocol: answer with the close code and drop the connection.
@@ -238,36 +363,14 @@ function WebSocket:send(data, kind)
   if self._deflate and #data >= self.deflate_threshold then
     payload, rsv1 = self.wc:deflate(data), true
   end
-  local op = OP[kind]
   local fs = self._tuned and self.fragment_size
-  if not fs or #payload <= fs then
-    -- fast path (server side, nothing queued): the frame goes out in one writev from C
-    -- (queued frames have a writer task until the queue is empty)
-    if not self._writer then
-      local done, sent, code = try_send(self.wc, op, payload, true, rsv1)
-      if done then return true end
-      if done == nil then
-        finish(self, 1006, "")
-        return nil, sent, code
-      end
-      if sent > 0 then   -- the socket took part of it: write the rest, in order
-        local h, p = self.wc:encode(op, payload, true, rsv1)
-        return write_frame(self, (h .. p):sub(sent + 1), "")
-      end
-    end
-    local h, p = self.wc:encode(op, payload, true, rsv1)
-    return write_frame(self, h, p)
+  if fs and #payload > fs then return send_fragments(self, OP[kind], payload, fs, rsv1) end
+  if not self._writer then       -- (send_frame's start, inline)
+    local done, rest, code = try_send(self.wc, OP[kind], payload, true, rsv1)
+    if done then return true end
+    return sent_part(self, done, rest, code)
   end
-  local pos, n = 1, #payload
-  while pos <= n do
-    local last = pos + fs > n
-    local h, p = self.wc:encode(pos == 1 and op or OP.continuation, payload:sub(pos, pos + fs - 1), last,
-      pos == 1 and rsv1)
-    local ok, err, code = write_frame(self, h, p)
-    if not ok then return nil, err, code end
-    pos = pos + fs
-  end
-  return true
+  return send_frame(self, OP[kind], payload, true, rsv1)
 end
 
 --- A writer for a message whose size is not known up front: w:write(chunk) sends a frame,
@@ -280,18 +383,27 @@ function WebSocket:writer(kind)
     if type(chunk) ~= "string" then argerror(1, "write", "string expected, got " .. type(chunk)) end
     if done then error("message writer already closed", 2) end
     if ws.state ~= "open" then return nil, "closed", "closed" end
-    local h, p = ws.wc:encode(first and OP[kind] or OP.continuation, chunk, false, false)
+    local op = first and OP[kind] or OP.continuation
     first = false
-    return write_frame(ws, h, p)
+    return send_frame(ws, op, chunk, false, false)
   end
   function w.close()
     if done then return true end
     done = true
     if ws.state ~= "open" then return nil, "closed", "closed" end
-    local h, p = ws.wc:encode(first and OP[kind] or OP.continuation, "", true, false)
-    return write_frame(ws, h, p)
+    return send_frame(ws, first and OP[kind] or OP.continuation, "", true, false)
   end
   return w
+end
+
+--- What waits in the send queue for the writer: frames, bytes (not what a blocked writer is
+-- writing now).
+function WebSocket:buffered()
+  local q = self._outq
+  if not q then return 0, 0 end
+  local bytes = 0
+  for i = q.first, q.last do bytes = bytes + #q[i][1] + #q[i][2] end
+  return q.last - q.first + 1, bytes
 end
 
 --- Sends a ping and waits for its pong (another task must be receiving): returns the round
@@ -446,37 +558,6 @@ function WebSocket:on(event, fn)
 end
 
 function WebSocket:__close() self:close(1001) end
-
--- drains the broadcast queue of one connection
-local function writer_task(self)
-  local q = outq(self)
-  while q.first <= q.last do
-    local f = q[q.first]
-    q[q.first] = nil
-    q.first = q.first + 1
-    local ok = self.sock:write(f[1], f[2])
-    if not ok then
-      self._writer = false
-      finish(self, 1006, "")
-      return
-    end
-  end
-  self._writer = false
-end
-
-local function enqueue(self, h, p)
-  if self.state ~= "open" then return false end
-  local q = outq(self)
-  if q.last - q.first + 1 >= self.send_queue then
-    if self.on_full == "drop" then return false end
-    finish(self, 1006, "send queue full")
-    return false
-  end
-  q.last = q.last + 1
-  q[q.last] = { h, p }
-  if not self._writer then self._writer = mw.spawn(writer_task, self) end
-  return true
-end
 
 --- Sends one message to many connections: framed (and compressed, where receivers share
 -- the parameters and reset their context) once, the same bytes queued to every connection;
