@@ -25,7 +25,7 @@ endif
 WARN      := -Wall -Wextra -Wshadow -Wno-unused-parameter
 CFLAGS    ?= -O2 -g
 ALL_CFLAGS = -std=gnu11 -fPIC $(WARN) $(CFLAGS) $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -fvisibility=hidden
-LIBS       = $(LLHTTP_LIBS) -lssl -lcrypto -lz -lm -lpthread
+LIBS       = $(LLHTTP_LIBS) -lnghttp2 -lssl -lcrypto -lz -lm -lpthread
 
 SRC := $(wildcard src/*.c)
 HDR := $(wildcard src/*.h)
@@ -100,7 +100,7 @@ fuzz: deps $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
 
 build/fuzz/%: fuzz/%.c $(SRC) $(HDR)
 	@mkdir -p build/fuzz
-	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) -llua5.4 -lssl -lcrypto -lz -lpthread
+	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) -llua5.4 -lnghttp2 -lssl -lcrypto -lz -lpthread
 
 install:
 	$(LUAROCKS) --lua-version 5.4 make moonwire-scm-1.rockspec

@@ -225,9 +225,9 @@ describe("http hostile: versions", function()
     end)
   end
 
-  it("the HTTP/2 connection preface is refused (400 or 505) and never handled", function()
+  it("with http2 = false, the HTTP/2 connection preface is refused (400 or 505) and never handled", function()
     run(function()
-      local srv = serve()
+      local srv = serve { http2 = false }
       local _g <close> = guard(srv)
       local data, how = exchange(srv, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
       assert.equal("closed", how)

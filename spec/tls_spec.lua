@@ -341,13 +341,28 @@ describe("tls", function()
       end)
     end)
 
+    it("negotiates ALPN: h2 preferred by an HTTP server, http/1.1 without http2", function()
+      run(function()
+        local srv = serve(server_tls("server"))
+        local _ <close> = guard(srv)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port,
+          { tls = trusting { alpn = { "http/1.1", "h2" } }, timeout = 5 }))
+        assert.equal("h2", s:tls_info().alpn)
+        s:close()
+        s = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = trusting { alpn = { "http/1.1" } }, timeout = 5 }))
+        assert.equal("http/1.1", s:tls_info().alpn)
+        assert.equal(200, get(s, "/").status)
+        s:close()
+      end)
+    end)
+
     it("negotiates ALPN: http/1.1 by default, nothing for protocols the server does not speak", function()
       run(function()
         local alpn = {}
         local srv = serve(server_tls("server"), function(req, res)
           alpn[#alpn + 1] = req.tls.alpn or "-"
           res:send("ok")
-        end)
+        end, { http2 = false })
         local _ <close> = guard(srv)
         local s = assert(mw.tcp.connect("127.0.0.1", srv.port,
           { tls = trusting { alpn = { "h2", "http/1.1" } }, timeout = 5 }))

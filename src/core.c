@@ -9,6 +9,7 @@
 #include "stream.h"
 #include "fs.h"
 #include "http.h"
+#include "h2.h"
 #include "mwzlib.h"
 #include "ws.h"
 #include "tls.h"
@@ -36,6 +37,7 @@ int luaopen_moonwire_core(lua_State *L)
     mw_stream_open(L, rtidx);
     mw_fs_open(L);
     mw_http_open(L);
+    mw_h2_open(L);
     mw_zlib_open(L);
     mw_ws_open(L);
     mw_tls_open(L);

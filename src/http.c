@@ -452,7 +452,7 @@ static int hex(int c)
 }
 
 /* Pushes the percent-decoded s[0, n). */
-static void push_decoded(lua_State *L, const char *s, size_t n)
+void mw_http_push_decoded(lua_State *L, const char *s, size_t n)
 {
     if (!memchr(s, '%', n)) {
         lua_pushlstring(L, s, n);
@@ -594,7 +594,7 @@ static void build_request(lua_State *L, mw_http *h)
     size_t pn = q ? (size_t)(q - path) : plen;
     if (pn == 0) lua_pushliteral(L, "/");
     else if (path == url && pn == ulen && !memchr(path, '%', pn)) lua_pushvalue(L, -1);  /* the target */
-    else push_decoded(L, path, pn);
+    else mw_http_push_decoded(L, path, pn);
     lua_rawseti(L, -3, 9);
     lua_pop(L, 1);      /* the target */
     /* query_string is cut from target on first use (request.lua) */

@@ -4,8 +4,11 @@
 #define MW_HTTP_H
 
 #include <lua.h>
+#include <stddef.h>
 
 /* Registers HttpConn and the head builders into the module table on top. */
 void mw_http_open(lua_State *L);
+/* Pushes s[0, n) with its %XX escapes decoded (a request path; h2.c uses it too). */
+void mw_http_push_decoded(lua_State *L, const char *s, size_t n);
 
 #endif

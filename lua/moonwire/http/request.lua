@@ -6,8 +6,6 @@
 -- are private: 1 the connection object, 2 the response (response.lua sets it), 3 whether the
 -- message ended with its head (the server's keep-alive check), 4 the head's bytes, until
 -- `headers` is built from them.
-local Failed = require("moonwire.http.response").Failed
-
 local Request = {}
 local CONN <const> = 1
 local RES <const> = 2
@@ -146,7 +144,7 @@ local function body_failed(self, err, status)
   rawset(self, "_body_error", status or true)
   rawset(self, "_body_errmsg", err)
   local res = rawget(self, RES)
-  if res and not res.sent then setmetatable(res, Failed) end
+  if res and not res.sent then setmetatable(res, getmetatable(res).Failed) end
 end
 
 --- The whole body (at most the server's limits.body bytes), or nil, err, code.

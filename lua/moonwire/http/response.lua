@@ -200,10 +200,8 @@ Response.send, Response.header = core.http_response_methods(send_lua, header_lua
 -- (status below 400, or none: the server's 204) is replaced by the failure's own (400 bad
 -- framing, 413 too large, 408 timed out; nothing when the client is gone); a 4xx or 5xx it
 -- chose stands. Either way the connection closes after it (the body was not read to its end).
-local Failed = setmetatable({}, { __index = Response })
-Failed.__index = Failed
-Response.Failed = Failed
-
+-- (one class per protocol: failed_class(base, send_raw) makes it for HTTP/1.1 here and for
+-- HTTP/2 in h2.lua, send_raw sending a body without these checks)
 local function failure(self)
   local req = self[REQ]
   return rawget(req, "_body_error"), rawget(req, "_body_errmsg")
@@ -215,44 +213,54 @@ local function taken(self)
   return nil, "request body failed: " .. tostring(msg), status
 end
 
--- The failure's answer in place of the handler's (when `force`, or when the handler's status is
--- below 400): true when done so (sent, or nothing to send), false when the handler's answer
--- stands.
-local function take_over(self, force)
-  self[CLOSE] = true
-  if not force and self[STATUS] >= 400 then return false end
-  self._taken = true
-  local status, msg = failure(self)
-  if math.type(status) ~= "integer" then      -- the client is gone: nothing to answer
-    self.sent, self[FIN], self[BYTES] = true, true, 0
+function Response.failed_class(base, send_raw)
+  local Failed = setmetatable({}, { __index = base })
+  Failed.__index = Failed
+  Failed.Failed = Failed
+
+  -- The failure's answer in place of the handler's (when `force`, or when the handler's
+  -- status is below 400): true when done so (sent, or nothing to send), false when the
+  -- handler's answer stands.
+  local function take_over(self, force)
+    self[CLOSE] = true
+    if not force and self[STATUS] >= 400 then return false end
+    self._taken = true
+    local status, msg = failure(self)
+    if math.type(status) ~= "integer" then      -- the client is gone: nothing to answer
+      self.sent, self[FIN], self[BYTES] = true, true, 0
+      return true
+    end
+    self:_reset(status)
+    self:header("content-type", "text/plain; charset=utf-8")
+    send_raw(self, tostring(msg) .. "\n")
     return true
   end
-  self:_reset(status)
-  self:header("content-type", "text/plain; charset=utf-8")
-  send_lua(self, tostring(msg) .. "\n")
-  return true
+
+  function Failed:send(body)
+    if self._taken or (not self.sent and take_over(self)) then return taken(self) end
+    return send_raw(self, body)
+  end
+
+  function Failed:write(chunk)
+    if self._taken or (not self.sent and take_over(self)) then return taken(self) end
+    return base.write(self, chunk)
+  end
+
+  function Failed:sendfile(path, offset, length)
+    if self._taken or (not self.sent and take_over(self)) then return taken(self) end
+    return base.sendfile(self, path, offset, length)
+  end
+
+  -- (server.lua) a handler raised after its body failed: the failure's answer, not a 500
+  function Failed:_answer_failure()
+    if not self.sent then take_over(self, true) end
+    self[CLOSE] = true
+  end
+  return Failed
 end
 
-function Failed:send(body)
-  if self._taken or (not self.sent and take_over(self)) then return taken(self) end
-  return send_lua(self, body)
-end
-
-function Failed:write(chunk)
-  if self._taken or (not self.sent and take_over(self)) then return taken(self) end
-  return Response.write(self, chunk)
-end
-
-function Failed:sendfile(path, offset, length)
-  if self._taken or (not self.sent and take_over(self)) then return taken(self) end
-  return Response.sendfile(self, path, offset, length)
-end
-
--- (server.lua) a handler raised after its body failed: the failure's answer, not a 500
-function Failed:_answer_failure()
-  if not self.sent then take_over(self, true) end
-  self[CLOSE] = true
-end
+Response.Failed = Response.failed_class(Response, send_lua)
+Response._maybe_gzip = maybe_gzip
 
 -- Streaming: chunked for HTTP/1.1 without a known length; close-delimited for 1.0.
 local function start_stream(self)

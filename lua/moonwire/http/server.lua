@@ -5,6 +5,7 @@ local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"
 
 local http_conn, http_head, read_request = core.http_conn, core.http_head, core.http_read_request
+local h2_preface = core.h2_preface
 -- a response's array slots (see response.lua; one constant per declaration, as there)
 local FIN <const> = 5
 local BYTES <const> = 6
@@ -32,6 +33,7 @@ local default_timeouts = { head = 10, body = 30, idle = 5, write = 30, linger = 
 -- a body the handler left unread is read and dropped up to this size, else the connection closes
 local DRAIN_MAX = 65536
 
+local h2_settings
 local function merge(defaults, given, what)
   local t = {}
   for k, v in pairs(defaults) do t[k] = v end
@@ -207,10 +209,39 @@ local function answer_failure(srv, req, err)
   if ws and ws.state ~= "closed" then ws:close(1011) end
 end
 
+-- An HTTP/2 connection (h2.lua), with this file's after_handler and access log.
+local h2_hooks = { after_handler = after_handler, access_line = access_line }
+
+local function serve_h2(srv, sock)
+  local ok, err = xpcall(require("moonwire.http.h2").serve, traceback, srv, sock, h2_hooks)
+  if not ok then srv.error_log("moonwire: error serving an HTTP/2 connection: " .. tostring(err)) end
+  conn_done(srv, sock)
+end
+
+-- Whether the connection speaks HTTP/2: its first bytes are the client preface (cleartext
+-- prior knowledge), on TLS only when ALPN chose h2 (never prior knowledge over a TLS
+-- connection that negotiated http/1.1). nil when the connection ended or timed out first.
+local function wants_h2(srv, sock)
+  local yes = h2_preface(sock, math.min(srv.timeouts.idle, srv.timeouts.head))
+  if yes == nil then return nil end
+  if yes and srv.tls then
+    local info = sock:tls_info()
+    return info ~= nil and info.alpn == "h2"
+  end
+  return yes
+end
+
 local function serve_connection(srv, sock)
   local conns = srv._conns
   srv._nconns = srv._nconns + 1
   sock:settimeout(srv.timeouts.write)
+  if srv.h2_settings then
+    local h2 = wants_h2(srv, sock)
+    if h2 ~= false then
+      if h2 then return serve_h2(srv, sock) end
+      return conn_done(srv, sock)
+    end
+  end
   local hc = http_conn(sock, srv.limits, Request, false, Request.headers_mt, srv)
   conns[sock] = hc     -- hc:idle() says whether it waits for its next request
   -- One protected call per connection, not per request: a handler that raises ends the
@@ -278,6 +309,7 @@ function Server:close(grace)
   for sock, c in pairs(self._conns) do
     if type(c) == "table" then mw.spawn(c.close, c, 1001)
     elseif c == true or c:idle() then sock:close()    -- idle, or lingering
+    elseif c.shutdown then c:shutdown(true)   -- HTTP/2: GOAWAY; in-flight streams finish
     else c:closing() end
   end
   if self._nconns > 0 then
@@ -292,6 +324,23 @@ end
 
 function Server:connections()
   return self._nconns
+end
+
+-- HTTP/2 (h2.lua, h2.c): on unless `http2 = false`; a table sets its limits (max_streams,
+-- stream_window, conn_window, header_fields, header_bytes, hwm, out_hwm, glitches,
+-- settings_timeout); the timeouts are the server's (head, idle, write).
+local h2_defaults = { max_streams = 100, stream_window = 262144, conn_window = 8388608, header_fields = 128,
+  header_bytes = 65536, hwm = 65536, out_hwm = 65536, glitches = 1000, settings_timeout = 10 }
+
+function h2_settings(given, srv)
+  if given == false then return false end
+  if given ~= nil and given ~= true and type(given) ~= "table" then
+    error("bad option 'http2' (boolean or table expected)", 4)
+  end
+  local t = merge(h2_defaults, type(given) == "table" and given or nil, "http2")
+  t.head_timeout, t.idle_timeout, t.write_timeout = srv.timeouts.head, srv.timeouts.idle, srv.timeouts.write
+  t.connect_protocol = true
+  return t
 end
 
 local function check_opts(opts)
@@ -319,6 +368,7 @@ function M.server(opts)
     closing = false,
     _conns = {}, _nconns = 0,
   }, Server)
+  srv.h2_settings = h2_settings(opts.http2, srv)
   -- bodies from this size on may be compressed (res:send, and its C path through http_conn)
   srv._gzip_from = srv.gzip and srv.gzip_min or math.huge
   local l, err, code
@@ -327,7 +377,16 @@ function M.server(opts)
   elseif opts.unix then
     l, err, code = mw.unix.listen{ path = opts.unix, backlog = opts.backlog }
   else
-    if opts.tls then srv.tls = require("moonwire.tls").server_context(opts.tls) end
+    if opts.tls then
+      local tls = opts.tls
+      if srv.h2_settings and type(tls) == "table" and tls.alpn == nil then
+        -- h2 preferred by ALPN, http/1.1 for the rest
+        tls = setmetatable({ alpn = { "h2", "http/1.1" } }, { __index = opts.tls })
+        for k, v in pairs(opts.tls) do tls[k] = v end
+        tls.alpn = { "h2", "http/1.1" }
+      end
+      srv.tls = require("moonwire.tls").server_context(tls)
+    end
     l, err, code = mw.tcp.listen{ host = opts.host or "127.0.0.1", port = opts.port or 8080,
       backlog = opts.backlog, reuseport = opts.reuseport, tls = srv.tls }
   end

@@ -1,0 +1,184 @@
+--- HTTP/2 for the server: one task reads the connection (h2:next, in C on libnghttp2) and
+-- starts a task per request stream; the handler gets the same `req` and `res` an HTTP/1.1
+-- request gets (request.lua's Request over an H2Stream; a Response whose sending methods
+-- submit to the stream). server.lua calls M.serve with its own after_handler/access_line,
+-- so what happens after a handler is one path for both versions.
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local Request = require "moonwire.http.request"
+local Response = require "moonwire.http.response"
+
+local h2_server = core.h2_server
+local traceback = debug.traceback
+local setmetatable, type, error = setmetatable, type, error
+
+local S = Response.slots
+local SRV <const> = 1
+local REQ <const> = 2
+local SOCK <const> = 3        -- the H2Stream
+local NH <const> = 4
+local FIN <const> = 5
+local BYTES <const> = 6
+local STATUS <const> = 7
+local CLOSE <const> = 8
+local HBASE <const> = 10
+assert(S.SRV == SRV and S.REQ == REQ and S.SOCK == SOCK and S.NH == NH and S.FIN == FIN and S.BYTES == BYTES
+  and S.STATUS == STATUS and S.CLOSE == CLOSE and S.HBASE == HBASE)
+local R_METHOD <const> = 6
+assert(Request.slots.METHOD == R_METHOD)
+
+local M = {}
+
+-- The response of a request that came over HTTP/2: Response's header, status, cookie and
+-- redirect as they are; sending goes to the stream.
+local R2 = setmetatable({}, { __index = Response })
+R2.__index = R2
+M.Response = R2
+
+local function argerror(n, fname, msg)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+end
+
+local function bodyless(self)
+  local st = self[STATUS]
+  return st < 200 or st == 204 or st == 304
+end
+
+-- sends the head and the whole body (no checks: Failed's send_raw too)
+local function send_raw(self, body)
+  if body == nil then body = "" end
+  local srv = self[SRV]
+  if #body >= srv._gzip_from then body = Response._maybe_gzip(self, body) end
+  local none = bodyless(self)
+  local head = self[REQ][R_METHOD] == "HEAD"
+  self.sent, self[FIN] = true, true
+  self[BYTES] = (none or head) and 0 or #body
+  local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE,
+    (none or head) and nil or body, true, srv.server_name, none and -1 or #body)
+  if not ok then self[CLOSE] = true end
+  return ok, err, code
+end
+
+function R2:send(body)
+  if self.sent then error("response already sent", 2) end
+  if body ~= nil and type(body) ~= "string" then argerror(1, "send", "string expected, got " .. type(body)) end
+  return send_raw(self, body)
+end
+
+-- the head of a streamed body (no content-length unless the handler set one)
+local function start_stream(self)
+  self.sent = true
+  local head = self[REQ][R_METHOD] == "HEAD"
+  if head then self._mode = "none" end
+  local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE, nil, head,
+    self[SRV].server_name, -1)
+  if not ok then self[CLOSE] = true end
+  if head then self[FIN] = true end
+  return ok, err, code
+end
+
+--- Streams a piece of the body; waits while the client reads slowly (its stream only).
+function R2:write(chunk)
+  if type(chunk) ~= "string" then
+    if type(chunk) == "number" then chunk = tostring(chunk)
+    else argerror(1, "write", "string expected, got " .. type(chunk)) end
+  end
+  if self[FIN] and self._mode ~= "none" then error("response already finished", 2) end
+  if not self.sent then
+    local ok, err, code = start_stream(self)
+    if not ok then return nil, err, code end
+  end
+  if #chunk == 0 or self._mode == "none" then return true end
+  self[BYTES] = self[BYTES] + #chunk
+  local ok, err, code = self[SOCK]:write(chunk)
+  if not ok then self[CLOSE] = true end
+  return ok, err, code
+end
+
+--- Ends the response: the last DATA frame (with the trailers set by res:trailer).
+function R2:finish()
+  if self[FIN] then return true end
+  if not self.sent then return self:send("") end
+  self[FIN] = true
+  local tr = self._trailers
+  if tr then self[SOCK]:set_trailers(tr, #tr // 2) end
+  local ok, err, code = self[SOCK]:write("", true)
+  if not ok then self[CLOSE] = true end
+  return ok, err, code
+end
+
+--- A file (or a byte range of it), read and sent in 64 KiB pieces (the stream's flow
+-- control paces it).
+function R2:sendfile(path, offset, length)
+  if type(path) ~= "string" then argerror(1, "sendfile", "string expected, got " .. type(path)) end
+  if self.sent then error("response already sent", 2) end
+  local size, err, code = core.stat(path)
+  if not size then return nil, err, code end
+  offset = offset or 0
+  length = length or (size - offset)
+  if offset < 0 or length < 0 or offset + length > size then error("bad range for sendfile", 2) end
+  if not self:get_header("content-type") then
+    local ok, mime = pcall(require, "moonwire.http.mime")
+    if ok then self:header("content-type", mime.type(path)) end
+  end
+  self:header("content-length", tostring(length))
+  local ok
+  ok, err, code = start_stream(self)
+  if not ok or self._mode == "none" then return ok, err, code end
+  if length > 0 then
+    ok, err, code = self:_copyfile(path, offset, length)
+    if not ok then
+      self[CLOSE] = true
+      self[SOCK]:reset()
+      return nil, err, code
+    end
+    self[BYTES] = length
+  end
+  return self:finish()
+end
+
+-- Response._copyfile writes through self[SOCK]:write: the stream's write here
+R2.Failed = Response.failed_class(R2, send_raw)
+
+--- One request stream: the handler in this task, then what happens after it (server.lua's
+-- after_handler and access log), then the stream's slot is given back.
+local function serve_stream(srv, hooks, tasks, st, method, target, path, authority, scheme, has_body)
+  local req = setmetatable({ st, false, not has_body, false, false, method, target, "2", path, true }, Request)
+  local res = setmetatable({ srv, req, st, 0, false, 0, 200, false, false, false, false, false, false,
+    sent = false }, R2)
+  req[2] = res
+  req.scheme = scheme
+  if authority then req.authority = authority end
+  local ok, err = xpcall(srv.handler, traceback, req, res)
+  local aok, aerr = pcall(hooks.after_handler, srv, req, res, ok, err)
+  if not aok then srv.error_log("moonwire: error finishing an HTTP/2 response: " .. tostring(aerr)) end
+  if srv.log then srv.log(hooks.access_line(req, res)) end
+  tasks[st:id()] = nil
+  st:done()
+end
+
+--- Serves an HTTP/2 connection whose client preface is buffered (prior knowledge, or ALPN
+-- h2 on TLS) until it ends; returns when every stream's handler has finished.
+function M.serve(srv, sock, hooks)
+  local h2 = h2_server(sock, srv.h2_settings, srv)
+  srv._conns[sock] = h2          -- Server:close: h2:shutdown(true), or closes an idle one
+  local tasks = {}
+  while true do
+    local ev, st, method, target, path, authority, scheme, has_body = h2:next()
+    if ev == "request" then
+      tasks[st:id()] = mw.spawn(serve_stream, srv, hooks, tasks, st, method, target, path, authority,
+        scheme, has_body)
+    elseif ev == "reset" then
+      -- the client reset a stream whose handler runs: its pending call gets "stream reset"
+      -- (reads and writes on the stream) or "cancelled" (anything else)
+      local t = tasks[st]
+      if t then t:cancel() end
+    else
+      break
+    end
+  end
+  for _, t in pairs(tasks) do t:cancel() end
+  for _, t in pairs(tasks) do t:join() end
+end
+
+return M

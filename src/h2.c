@@ -1,0 +1,1372 @@
+/* h2: HTTP/2 server connections on libnghttp2. One C-owned nghttp2_session per connection,
+ * fed by the stream layer's reads (plain or TLS) in the connection's task (h2:next), its
+ * output gathered into the socket's output buffer up to a high-water mark; while that is
+ * backed up the connection reads nothing, so floods of PING or SETTINGS cannot grow memory.
+ * Lua never sees frames: it gets requests (h2:next) and answers them through H2Stream
+ * methods with the same contract as HttpConn's (read_body, headers_of, trailers, ...).
+ * nghttp2 callbacks never call Lua: they record into the stream structs and wake tasks. */
+#define _GNU_SOURCE
+#include "h2.h"
+#include "http.h"
+#include "stream.h"
+#include "mwlua.h"
+#include "list.h"
+
+#include <errno.h>
+#include <nghttp2/nghttp2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Options a Debian-patched 1.52 has without saying so in its version: found by symbol. */
+extern void nghttp2_option_set_max_continuations(nghttp2_option *, size_t) __attribute__((weak));
+extern void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_t, uint64_t)
+    __attribute__((weak));
+
+#define H2_MT "moonwire.H2Conn"
+#define H2S_MT "moonwire.H2Stream"
+
+typedef struct h2conn h2conn;
+typedef struct h2stream h2stream;
+
+/* A packed list of header fields: name \0 value \0, n of them. */
+typedef struct fields {
+    char *p;
+    size_t len, cap;
+    int n;
+} fields;
+
+struct h2stream {
+    int32_t id;
+    h2conn *c;                 /* NULL once the connection is gone */
+    mw_rt *rt;
+    unsigned in_session : 1;   /* nghttp2 still knows the stream */
+    unsigned lua_owned : 1;    /* an H2Stream userdata points here */
+    unsigned closed : 1;       /* closed by nghttp2 (reset, or done both ways) */
+    unsigned head_done : 1;    /* the request head is complete */
+    unsigned body_done : 1;    /* END_STREAM received */
+    unsigned handler : 1;      /* Lua runs a handler for it: counts against max_streams */
+    unsigned queued : 1;       /* on c's event queue */
+    unsigned seen : 1;         /* Lua got its request */
+    unsigned responded : 1;    /* a response head was submitted */
+    unsigned out_eof : 1;      /* the response body is complete */
+    unsigned deferred : 1;     /* the data provider said DEFERRED */
+    unsigned expect : 1;       /* Expect: 100-continue, not answered yet */
+    unsigned bad : 1;          /* the head broke a rule: RST, no handler */
+    uint32_t close_code;
+    int64_t content_length;    /* the request's, -1 unknown */
+    int64_t received;          /* DATA bytes of the request */
+    size_t hbytes;             /* decoded header list size */
+    fields head, trailers, trout;
+    mw_buf in, out;            /* request body not read yet; response body not sent yet */
+    mw_task *reader, *writer;  /* a handler waiting for body bytes / for room to write */
+    h2stream *qnext;           /* the event queue */
+    h2stream *prev, *next;     /* every stream of the connection */
+};
+
+struct h2conn {
+    nghttp2_session *session;
+    mw_sock *sock;
+    mw_rt *rt;
+    mw_task *task;             /* the task in h2:next, while it waits */
+    h2stream *qhead, *qtail;   /* streams with an event for Lua (a request, a reset) */
+    h2stream *streams;
+    int handlers;              /* handlers running (reset ones included) */
+    int fatal;                 /* the session failed: finish what is queued, then close */
+    int goaway;                /* a GOAWAY was submitted */
+    int preface_seen;
+    int hdr_open;              /* header blocks begun, not finished */
+    int64_t head_deadline;     /* for the preface and an unfinished header block */
+    int64_t idle_since;
+    int64_t settings_sent;     /* our SETTINGS not acknowledged yet since (0: none pending) */
+    uint32_t glitches;         /* frames that did no work (floods) */
+    uint32_t requests;
+    /* limits and timeouts */
+    uint32_t max_streams, stream_window, conn_window, max_fields, max_header_bytes;
+    size_t hwm, out_hwm;
+    double t_head, t_idle, t_write, t_settings;
+    uint32_t max_glitches;
+    /* the Date header, cached per second */
+    time_t date_sec;
+    char date[40];
+};
+
+/* ---- small helpers ----------------------------------------------------------------------- */
+
+static int fields_add(fields *f, const uint8_t *n, size_t nl, const uint8_t *v, size_t vl)
+{
+    size_t need = f->len + nl + vl + 2;
+    if (need > f->cap) {
+        size_t cap = f->cap ? f->cap * 2 : 256;
+        while (cap < need) cap *= 2;
+        char *p = realloc(f->p, cap);
+        if (!p) return -1;
+        f->p = p;
+        f->cap = cap;
+    }
+    memcpy(f->p + f->len, n, nl);
+    f->p[f->len + nl] = 0;
+    memcpy(f->p + f->len + nl + 1, v, vl);
+    f->p[f->len + nl + 1 + vl] = 0;
+    f->len = need;
+    f->n++;
+    return 0;
+}
+
+static void fields_free(fields *f)
+{
+    free(f->p);
+    memset(f, 0, sizeof *f);
+}
+
+/* Walks a packed list: *pos is the offset; returns 0 at the end. */
+static int fields_next(const fields *f, size_t *pos, const char **n, size_t *nl, const char **v, size_t *vl)
+{
+    if (*pos >= f->len) return 0;
+    *n = f->p + *pos;
+    *nl = strlen(*n);
+    *v = *n + *nl + 1;
+    *vl = strlen(*v);
+    *pos += *nl + *vl + 2;
+    return 1;
+}
+
+static const char *fields_get(const fields *f, const char *name)
+{
+    size_t pos = 0, nl, vl;
+    const char *n, *v;
+    while (fields_next(f, &pos, &n, &nl, &v, &vl))
+        if (strcmp(n, name) == 0) return v;
+    return NULL;
+}
+
+static void stream_free(h2stream *st)
+{
+    fields_free(&st->head);
+    fields_free(&st->trailers);
+    fields_free(&st->trout);
+    free(st->in.data);
+    free(st->out.data);
+    free(st);
+}
+
+/* Frees st once neither nghttp2 nor Lua refers to it (and it waits in no queue). */
+static void stream_release(h2stream *st)
+{
+    if (st->in_session || st->lua_owned || st->queued) return;
+    if (st->c) MW_LIST_UNLINK(st->c->streams, st, prev, next);
+    stream_free(st);
+}
+
+static void queue_event(h2conn *c, h2stream *st)
+{
+    if (st->queued) return;
+    st->queued = 1;
+    st->qnext = NULL;
+    if (c->qtail) c->qtail->qnext = st;
+    else c->qhead = st;
+    c->qtail = st;
+    if (c->task) mw_sched_wake(c->task, MW_WAKE_READY);
+}
+
+static h2stream *pop_event(h2conn *c)
+{
+    h2stream *st = c->qhead;
+    if (!st) return NULL;
+    c->qhead = st->qnext;
+    if (!c->qhead) c->qtail = NULL;
+    st->queued = 0;
+    st->qnext = NULL;
+    return st;
+}
+
+static void wake(mw_task **slot)
+{
+    if (*slot) mw_sched_wake(*slot, MW_WAKE_READY);
+}
+
+/* Gathers what nghttp2 has to send into the socket's output buffer, up to the high-water
+ * mark (the rest stays in nghttp2 until the buffer drains). 0, or -1 when the session
+ * failed (c->fatal). When it stops at the mark, the connection's task is woken so that it
+ * waits for the socket to drain instead of reading. */
+static int flush_session(h2conn *c)
+{
+    mw_sock *s = c->sock;
+    if (s->closed) {
+        c->fatal = 1;
+        return -1;
+    }
+    while (mw_buf_len(&s->obuf) < c->hwm) {
+        const uint8_t *data;
+        ssize_t n = nghttp2_session_mem_send(c->session, &data);
+        if (n < 0) {
+            c->fatal = 1;
+            return -1;
+        }
+        if (n == 0) return 0;
+        if (mw_sock_gather(s, (const char *)data, (size_t)n, NULL, 0) < 0) {
+            c->fatal = 1;
+            return -1;
+        }
+    }
+    if (nghttp2_session_want_write(c->session) && c->task) mw_sched_wake(c->task, MW_WAKE_READY);
+    return 0;
+}
+
+/* ---- nghttp2 callbacks (no Lua here) ------------------------------------------------------ */
+
+static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
+{
+    h2conn *c = ud;
+    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+    /* handlers still running count, reset ones included: a client that resets streams
+     * cannot make us run more than max_streams handlers at once */
+    if ((uint32_t)c->handlers >= c->max_streams || c->goaway) {
+        nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, f->hd.stream_id, NGHTTP2_REFUSED_STREAM);
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    h2stream *st = calloc(1, sizeof *st);
+    if (!st) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    st->id = f->hd.stream_id;
+    st->c = c;
+    st->rt = c->rt;
+    st->in_session = 1;
+    st->content_length = -1;
+    MW_LIST_PUSH(c->streams, st, prev, next);
+    nghttp2_session_set_stream_user_data(ss, st->id, st);
+    c->hdr_open++;
+    if (c->hdr_open == 1) c->head_deadline = mw_sched_after(c->rt, c->t_head);
+    return 0;
+}
+
+static int valid_h2_name(const uint8_t *n, size_t nl)
+{
+    static const char *const banned[] = { "connection", "keep-alive", "proxy-connection",
+                                          "transfer-encoding", "upgrade", NULL };
+    for (int i = 0; banned[i]; i++)
+        if (strlen(banned[i]) == nl && memcmp(banned[i], n, nl) == 0) return 0;
+    return 1;
+}
+
+static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t *n, size_t nl,
+                     const uint8_t *v, size_t vl, uint8_t flags, void *ud)
+{
+    h2conn *c = ud;
+    (void)flags;
+    h2stream *st = nghttp2_session_get_stream_user_data(ss, f->hd.stream_id);
+    if (!st || st->bad) return 0;
+    /* nghttp2 limits no header list size: count it here (RFC 9113 §10.5.1 overhead) */
+    st->hbytes += nl + vl + 32;
+    fields *dst = st->head_done ? &st->trailers : &st->head;
+    if ((uint32_t)dst->n >= c->max_fields || st->hbytes > c->max_header_bytes) {
+        st->bad = 1;
+        nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_ENHANCE_YOUR_CALM);
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    /* nghttp2 checks pseudo-headers, case, connection-specific fields and TE itself */
+    if (!valid_h2_name(n, nl)) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    if (nl == 14 && memcmp(n, "content-length", 14) == 0) {
+        int64_t len = 0;
+        for (size_t i = 0; i < vl; i++) len = len * 10 + (v[i] - '0');  /* nghttp2 checked digits */
+        st->content_length = len;
+    }
+    if (nl == 6 && memcmp(n, "expect", 6) == 0 && vl == 12 && strncasecmp((const char *)v, "100-continue", 12) == 0)
+        st->expect = 1;
+    if (fields_add(dst, n, nl, v, vl) < 0) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    return 0;
+}
+
+static void count_glitch(h2conn *c)
+{
+    if (++c->glitches > c->max_glitches + 2 * c->requests && !c->goaway) {
+        c->goaway = 1;
+        nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
+                              nghttp2_session_get_last_proc_stream_id(c->session),
+                              NGHTTP2_ENHANCE_YOUR_CALM, NULL, 0);
+    }
+}
+
+static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
+{
+    h2conn *c = ud;
+    h2stream *st = f->hd.stream_id ? nghttp2_session_get_stream_user_data(ss, f->hd.stream_id) : NULL;
+    switch (f->hd.type) {
+    case NGHTTP2_HEADERS:
+        if (!st) return 0;
+        if (!st->head_done) {
+            if (c->hdr_open > 0) c->hdr_open--;
+            st->head_done = 1;
+            if (st->bad) return 0;
+            c->requests++;
+            if (f->hd.flags & NGHTTP2_FLAG_END_STREAM) st->body_done = 1;
+            st->handler = 1;
+            c->handlers++;
+            queue_event(c, st);
+        } else if (f->hd.flags & NGHTTP2_FLAG_END_STREAM) {
+            st->body_done = 1;                     /* trailers */
+            wake(&st->reader);
+        }
+        return 0;
+    case NGHTTP2_DATA:
+        if (f->hd.length == 0 && !(f->hd.flags & NGHTTP2_FLAG_END_STREAM)) count_glitch(c);
+        if (st && (f->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+            st->body_done = 1;
+            if (st->content_length >= 0 && st->received != st->content_length) {
+                nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_PROTOCOL_ERROR);
+                st->bad = 1;
+            }
+            wake(&st->reader);
+        }
+        return 0;
+    case NGHTTP2_SETTINGS:
+        if (f->hd.flags & NGHTTP2_FLAG_ACK) c->settings_sent = 0;
+        else count_glitch(c);
+        return 0;
+    case NGHTTP2_PING:
+    case NGHTTP2_PRIORITY:
+    case NGHTTP2_RST_STREAM:
+    case NGHTTP2_WINDOW_UPDATE:
+        count_glitch(c);
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const uint8_t *data,
+                         size_t len, void *ud)
+{
+    h2conn *c = ud;
+    (void)flags;
+    h2stream *st = nghttp2_session_get_stream_user_data(ss, id);
+    if (!st || st->bad) {
+        /* nobody reads it: give the window back at once */
+        nghttp2_session_consume(ss, id, len);
+        return 0;
+    }
+    st->received += (int64_t)len;
+    if (st->content_length >= 0 && st->received > st->content_length) {
+        st->bad = 1;
+        nghttp2_session_consume(ss, id, len);
+        nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, id, NGHTTP2_PROTOCOL_ERROR);
+        wake(&st->reader);
+        return 0;
+    }
+    size_t avail;
+    char *p = mw_buf_reserve(&st->in, NULL, len, &avail);
+    if (!p) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    memcpy(p, data, len);
+    mw_buf_commit(&st->in, len);
+    (void)c;
+    wake(&st->reader);
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void *ud)
+{
+    h2conn *c = ud;
+    h2stream *st = nghttp2_session_get_stream_user_data(ss, id);
+    if (!st) return 0;
+    nghttp2_session_set_stream_user_data(ss, id, NULL);
+    st->in_session = 0;
+    st->closed = 1;
+    st->close_code = code;
+    if (!st->head_done && c->hdr_open > 0) c->hdr_open--;
+    wake(&st->reader);
+    wake(&st->writer);
+    /* a reset while its handler runs: Lua cancels the handler (h2:next says "reset") */
+    if (st->handler && st->seen && !(st->out_eof && st->responded && code == NGHTTP2_NO_ERROR))
+        queue_event(c, st);
+    if (st->handler && !st->seen && !st->queued) {
+        st->handler = 0;
+        c->handlers--;
+    }
+    stream_release(st);
+    return 0;   /* never a fatal error here (CVE-2023-35945's path) */
+}
+
+static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t len,
+                             uint32_t *flags, nghttp2_data_source *src, void *ud)
+{
+    h2stream *st = src->ptr;
+    (void)ud;
+    size_t have = mw_buf_len(&st->out);
+    if (have == 0 && !st->out_eof) {
+        st->deferred = 1;
+        return NGHTTP2_ERR_DEFERRED;
+    }
+    size_t n = have < len ? have : len;
+    memcpy(buf, mw_buf_head(&st->out), n);
+    mw_buf_consume(&st->out, n);
+    if (mw_buf_len(&st->out) == 0) mw_buf_release(&st->out, NULL);
+    if (st->writer && mw_buf_len(&st->out) < st->c->out_hwm / 2) wake(&st->writer);
+    if (st->out_eof && mw_buf_len(&st->out) == 0) {
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        if (st->trout.n > 0) {
+            nghttp2_nv nv[64];
+            size_t pos = 0, nl, vl;
+            const char *nm, *v;
+            int k = 0;
+            while (k < 64 && fields_next(&st->trout, &pos, &nm, &nl, &v, &vl)) {
+                nv[k] = (nghttp2_nv){ (uint8_t *)nm, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
+                k++;
+            }
+            if (nghttp2_submit_trailer(ss, id, nv, (size_t)k) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+        }
+    }
+    return (ssize_t)n;
+}
+
+/* ---- the connection --------------------------------------------------------------------- */
+
+static h2conn *checkconn(lua_State *L)
+{
+    h2conn *c = luaL_checkudata(L, 1, H2_MT);
+    if (!c->session) luaL_error(L, "attempt to use a closed HTTP/2 connection");
+    return c;
+}
+
+static double optnum(lua_State *L, int t, const char *k, double d)
+{
+    lua_getfield(L, t, k);
+    double v = luaL_optnumber(L, -1, d);
+    lua_pop(L, 1);
+    return v;
+}
+
+static void conn_free(h2conn *c)
+{
+    if (!c->session) return;
+    /* the session goes without callbacks: its streams are ours to let go */
+    h2stream *st = c->streams;
+    while (st) {
+        h2stream *nx = st->next;
+        st->c = NULL;
+        st->in_session = 0;
+        st->queued = 0;
+        st->closed = 1;
+        wake(&st->reader);
+        wake(&st->writer);
+        if (!st->lua_owned) stream_free(st);
+        st = nx;
+    }
+    c->streams = NULL;
+    c->qhead = c->qtail = NULL;
+    nghttp2_session_del(c->session);
+    c->session = NULL;
+}
+
+static int h2_gc(lua_State *L)
+{
+    conn_free(luaL_checkudata(L, 1, H2_MT));
+    return 0;
+}
+
+/* core.h2_server(sock, opts, server) -> H2Conn. opts: max_streams (100), stream_window
+ * (256 KiB), conn_window (8 MiB), header_fields (128), header_bytes (64 KiB), hwm (64 KiB:
+ * the socket output that pauses reading), out_hwm (64 KiB: a stream's queued body that
+ * makes res:write wait), timeouts head/idle/write/settings (10/5/30/10 s), glitches (1000),
+ * connect_protocol (bool: RFC 8441). The client's preface may already be buffered. */
+static int l_h2_server(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    h2conn *c = lua_newuserdatauv(L, sizeof *c, 2);
+    memset(c, 0, sizeof *c);
+    luaL_setmetatable(L, H2_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    lua_pushvalue(L, 3);
+    lua_setiuservalue(L, -2, 2);
+    c->sock = s;
+    c->rt = s->rt;
+    c->max_streams = (uint32_t)optnum(L, 2, "max_streams", 100);
+    c->stream_window = (uint32_t)optnum(L, 2, "stream_window", 256 * 1024);
+    c->conn_window = (uint32_t)optnum(L, 2, "conn_window", 8 * 1024 * 1024);
+    c->max_fields = (uint32_t)optnum(L, 2, "header_fields", 128);
+    c->max_header_bytes = (uint32_t)optnum(L, 2, "header_bytes", 65536);
+    c->hwm = (size_t)optnum(L, 2, "hwm", 65536);
+    c->out_hwm = (size_t)optnum(L, 2, "out_hwm", 65536);
+    c->t_head = optnum(L, 2, "head_timeout", 10);
+    c->t_idle = optnum(L, 2, "idle_timeout", 5);
+    c->t_write = optnum(L, 2, "write_timeout", 30);
+    c->t_settings = optnum(L, 2, "settings_timeout", 10);
+    c->max_glitches = (uint32_t)optnum(L, 2, "glitches", 1000);
+    lua_getfield(L, 2, "connect_protocol");
+    int connect_protocol = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+
+    nghttp2_session_callbacks *cbs;
+    nghttp2_option *opt;
+    if (nghttp2_session_callbacks_new(&cbs) != 0) return luaL_error(L, "not enough memory");
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
+    nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+    if (nghttp2_option_new(&opt) != 0) {
+        nghttp2_session_callbacks_del(cbs);
+        return luaL_error(L, "not enough memory");
+    }
+    /* the window is given back as the handler reads (nghttp2_session_consume) */
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    nghttp2_option_set_max_outbound_ack(opt, 1000);
+    nghttp2_option_set_max_settings(opt, 32);
+    if (nghttp2_option_set_max_continuations) nghttp2_option_set_max_continuations(opt, 8);
+    if (nghttp2_option_set_stream_reset_rate_limit) nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
+    int rv = nghttp2_session_server_new2(&c->session, cbs, c, opt);
+    nghttp2_session_callbacks_del(cbs);
+    nghttp2_option_del(opt);
+    if (rv != 0) return luaL_error(L, "nghttp2_session_server_new2: %s", nghttp2_strerror(rv));
+
+    nghttp2_settings_entry iv[5];
+    int n = 0;
+    iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, c->max_streams };
+    iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, c->stream_window };
+    iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, c->max_header_bytes };
+    iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_ENABLE_PUSH, 0 };
+    if (connect_protocol) iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1 };
+    nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, iv, (size_t)n);
+    if (c->conn_window > 65535)
+        nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, (int32_t)c->conn_window);
+    c->settings_sent = c->rt->loop.now;
+    c->head_deadline = mw_sched_after(c->rt, c->t_head);
+    c->idle_since = c->rt->loop.now;
+    return 1;
+}
+
+/* The deadline the connection's read waits under: the preface or an unfinished header
+ * block (head timeout), an unacknowledged SETTINGS, an idle connection. */
+static int64_t read_deadline(h2conn *c)
+{
+    int64_t d = MW_NO_DEADLINE;
+    if (!c->preface_seen || c->hdr_open > 0) d = c->head_deadline;
+    if (c->settings_sent && c->t_settings >= 0) {
+        int64_t sd = c->settings_sent + (int64_t)(c->t_settings * 1e9);
+        if (sd < d) d = sd;
+    }
+    if (c->handlers == 0 && nghttp2_session_get_next_stream_id(c->session) && c->t_idle >= 0 &&
+        c->hdr_open == 0 && c->preface_seen) {
+        int64_t id = c->idle_since + (int64_t)(c->t_idle * 1e9);
+        if (id < d) d = id;
+    }
+    return d;
+}
+
+static int next_k(lua_State *L, int status, lua_KContext ctx);
+
+/* Ends the connection's session: a GOAWAY (if none went yet) with `code`, flushed. */
+static void end_session(h2conn *c, uint32_t code)
+{
+    if (!c->goaway) {
+        c->goaway = 1;
+        nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
+                              nghttp2_session_get_last_proc_stream_id(c->session), code, NULL, 0);
+    }
+    c->fatal = 1;
+    const uint8_t *data;
+    ssize_t n;
+    while ((n = nghttp2_session_mem_send(c->session, &data)) > 0)
+        if (mw_sock_gather(c->sock, (const char *)data, (size_t)n, NULL, 0) < 0) break;
+}
+
+/* Pushes the event of st: "request", stream, method, target, path, authority, scheme,
+ * has_body, protocol | "reset", id. */
+static int push_event(lua_State *L, h2conn *c, h2stream *st)
+{
+    if (!st->seen) {
+        st->seen = 1;
+        if (st->closed || st->bad) {
+            /* reset before Lua saw it: no handler at all */
+            st->handler = 0;
+            c->handlers--;
+            stream_release(st);
+            return -1;
+        }
+        lua_pushliteral(L, "request");
+        h2stream **ud = lua_newuserdatauv(L, sizeof *ud, 1);
+        *ud = st;
+        st->lua_owned = 1;
+        luaL_setmetatable(L, H2S_MT);
+        lua_pushvalue(L, 1);
+        lua_setiuservalue(L, -2, 1);
+        const char *m = fields_get(&st->head, ":method"), *p = fields_get(&st->head, ":path");
+        const char *a = fields_get(&st->head, ":authority"), *sc = fields_get(&st->head, ":scheme");
+        const char *pr = fields_get(&st->head, ":protocol");
+        lua_pushstring(L, m ? m : "");
+        lua_pushstring(L, p ? p : "");
+        /* the path: before any '?', %XX decoded (as HTTP/1.1's) */
+        const char *pp = p ? p : "";
+        const char *q = strchr(pp, '?');
+        size_t pn = q ? (size_t)(q - pp) : strlen(pp);
+        if (pn == 0) lua_pushliteral(L, "/");
+        else mw_http_push_decoded(L, pp, pn);
+        if (a) lua_pushstring(L, a); else lua_pushnil(L);
+        if (sc) lua_pushstring(L, sc); else lua_pushnil(L);
+        lua_pushboolean(L, !st->body_done);
+        if (pr) lua_pushstring(L, pr); else lua_pushnil(L);
+        return 9;
+    }
+    lua_pushliteral(L, "reset");
+    lua_pushinteger(L, st->id);
+    stream_release(st);
+    return 2;
+}
+
+static int next_step(lua_State *L, h2conn *c, mw_task *t)
+{
+    mw_sock *s = c->sock;
+    for (int fills = 0;;) {
+        h2stream *st;
+        while ((st = pop_event(c)) != NULL) {
+            int r = push_event(L, c, st);
+            if (r > 0) return mw_sched_checkpoint(L, t, r);
+        }
+        if (!c->fatal) flush_session(c);
+        if (c->fatal || (!nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session))) {
+            if (c->handlers > 0 && !c->fatal && !s->closed) {
+                /* a GOAWAY went out; in-flight handlers finish: wait for them */
+                c->task = t;
+                return mw_sched_wait(L, t, MW_NO_DEADLINE, next_k, 0);
+            }
+            return mw_pushfail(L, "closed", "closed");
+        }
+        if (mw_buf_len(&s->obuf) >= c->hwm) {
+            /* backed up: write, and read nothing until the output drains */
+            uint32_t want = EPOLLOUT;
+            int r = mw_sock_flush(s, &want);
+            if (r < 0) return mw_stream_pusherr(L, s, errno);
+            if (mw_buf_len(&s->obuf) >= c->hwm)
+                return mw_sock_wait(L, s, t, MW_ROLE_WRITE, want, mw_sched_after(c->rt, c->t_write), next_k, 0);
+            continue;
+        }
+        size_t len = mw_buf_len(&s->rbuf);
+        if (len > 0) {
+            ssize_t n = nghttp2_session_mem_recv(c->session, (const uint8_t *)mw_buf_head(&s->rbuf), len);
+            if (n < 0) {
+                /* a connection error: nghttp2 queued its GOAWAY (or the peer broke the
+                 * preface, or a flood limit hit): send what is queued, then close */
+                end_session(c, n == NGHTTP2_ERR_FLOODED ? NGHTTP2_ENHANCE_YOUR_CALM : NGHTTP2_PROTOCOL_ERROR);
+                continue;
+            }
+            if (!c->preface_seen && n > 0) c->preface_seen = 1;
+            mw_buf_consume(&s->rbuf, (size_t)n);
+            s->scan = 0;
+            c->idle_since = c->rt->loop.now;
+            continue;
+        }
+        if (s->eof) return mw_pushfail(L, "closed", "closed");
+        if (fills >= 16) return mw_sched_requeue(L, t, next_k, 0);
+        uint32_t want = EPOLLIN;
+        int r = mw_stream_fill(s, 16384, &want);
+        fills++;
+        if (r == 1 || r == 0) continue;
+        if (r == -3) {
+            c->fatal = 1;
+            return mw_stream_pusherr(L, s, errno);
+        }
+        mw_buf_release(&s->rbuf, &s->rt->pool);  /* idle: hold no buffer */
+        c->task = t;
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, read_deadline(c), next_k, 0);
+    }
+}
+
+static int next_k(lua_State *L, int status, lua_KContext ctx)
+{
+    h2conn *c = lua_touserdata(L, 1);
+    mw_task *t = c->rt->current;
+    (void)status;
+    (void)ctx;
+    c->task = NULL;
+    int why = mw_sched_reason(t);
+    if (!c->session) return mw_pushfail(L, "closed", "closed");
+    if (why == MW_WAKE_TIMEOUT) {
+        int64_t now = c->rt->loop.now;
+        if (c->settings_sent && now >= c->settings_sent + (int64_t)(c->t_settings * 1e9)) {
+            end_session(c, NGHTTP2_SETTINGS_TIMEOUT);
+            return mw_pushfail(L, "SETTINGS not acknowledged", "timeout");
+        }
+        if (!c->preface_seen || c->hdr_open > 0) {
+            end_session(c, NGHTTP2_PROTOCOL_ERROR);
+            return mw_pushfail(L, "timeout", "timeout");
+        }
+        end_session(c, NGHTTP2_NO_ERROR);         /* idle */
+        return mw_pushfail(L, "idle", "timeout");
+    }
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (c->sock->closed) return mw_pushfail(L, "closed", "closed");
+    return next_step(L, c, t);
+}
+
+/* h2:next() -> "request", stream, method, target, path, authority, scheme, has_body, protocol |
+ * "reset", stream id (its handler is still running) | nil, msg, code (the connection is
+ * over). The connection's task does all its reading here. */
+static int h2_next(lua_State *L)
+{
+    h2conn *c = checkconn(L);
+    mw_task *t = mw_sock_claim(L, c->sock, MW_ROLE_READ);
+    return next_step(L, c, t);
+}
+
+/* h2:shutdown(graceful) -> true: graceful, a GOAWAY with the last stream id processed
+ * (in-flight streams finish, newer ones are refused); else GOAWAY at once and close. */
+static int h2_shutdown(lua_State *L)
+{
+    h2conn *c = checkconn(L);
+    int graceful = lua_toboolean(L, 2);
+    if (!c->goaway) {
+        if (graceful) nghttp2_submit_shutdown_notice(c->session);
+        c->goaway = 1;
+        nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
+                              nghttp2_session_get_last_proc_stream_id(c->session), NGHTTP2_NO_ERROR, NULL, 0);
+    }
+    if (!graceful) c->fatal = 1;
+    flush_session(c);
+    if (c->task) mw_sched_wake(c->task, MW_WAKE_READY);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* h2:stats() -> { handlers, requests, glitches, streams } */
+static int h2_stats(lua_State *L)
+{
+    h2conn *c = checkconn(L);
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, c->handlers);
+    lua_setfield(L, -2, "handlers");
+    lua_pushinteger(L, c->requests);
+    lua_setfield(L, -2, "requests");
+    lua_pushinteger(L, c->glitches);
+    lua_setfield(L, -2, "glitches");
+    return 1;
+}
+
+/* h2:idle() -> whether no handler runs (a closing server ends such a connection at once) */
+static int h2_idle(lua_State *L)
+{
+    h2conn *c = checkconn(L);
+    lua_pushboolean(L, c->handlers == 0);
+    return 1;
+}
+
+/* ---- streams ----------------------------------------------------------------------------- */
+
+static h2stream *checkstream(lua_State *L)
+{
+    h2stream **ud = luaL_checkudata(L, 1, H2S_MT);
+    if (!*ud) luaL_error(L, "attempt to use a finished HTTP/2 stream");
+    return *ud;
+}
+
+static int st_gc(lua_State *L)
+{
+    h2stream **ud = luaL_checkudata(L, 1, H2S_MT);
+    h2stream *st = *ud;
+    if (!st) return 0;
+    *ud = NULL;
+    if (st->c && st->handler) {
+        st->handler = 0;
+        st->c->handlers--;
+    }
+    st->lua_owned = 0;
+    if (!st->c) stream_free(st);
+    else stream_release(st);
+    return 0;
+}
+
+/* stream:done(): the handler is over (its slot against max_streams is free again); a stream
+ * whose response did not end is reset (INTERNAL_ERROR). */
+static int st_done(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    h2conn *c = st->c;
+    if (c && st->handler) {
+        st->handler = 0;
+        c->handlers--;
+        if (c->handlers == 0) c->idle_since = c->rt->loop.now;
+        if (!st->closed && c->session) {
+            if (!st->responded || !st->out_eof)
+                nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
+            else if (!st->body_done)
+                nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
+            flush_session(c);
+        }
+        if (c->task) mw_sched_wake(c->task, MW_WAKE_READY);
+    }
+    return 0;
+}
+
+/* nil, msg, status: a body that failed, as HttpConn's read_body says it */
+static int body_fail(lua_State *L, const char *msg, int status)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, msg);
+    lua_pushinteger(L, status);
+    return 3;
+}
+
+static int stream_fail(lua_State *L, h2stream *st)
+{
+    if (!st->c || !st->c->session) return mw_pushfail(L, "closed", "closed");
+    return mw_pushfail(L, "stream reset", "reset");
+}
+
+/* Gives the window of n bytes read back to the peer. */
+static void consumed(h2stream *st, size_t n)
+{
+    h2conn *c = st->c;
+    if (!c || !c->session || n == 0) return;
+    if (st->in_session) nghttp2_session_consume(c->session, st->id, n);
+    else nghttp2_session_consume_connection(c->session, n);
+    flush_session(c);
+}
+
+static int body_k(lua_State *L, int status, lua_KContext ctx);
+
+static void unwait_reader(mw_task *t)
+{
+    h2stream *st = t->wait_obj;
+    if (st->reader == t) st->reader = NULL;
+}
+
+/* modes: 0 all, 1 chunk, 2 discard (as HttpConn's read_body) */
+static int body_step(lua_State *L, h2stream *st, mw_task *t, int mode)
+{
+    lua_Integer max = luaL_optinteger(L, 3, -1);
+    for (;;) {
+        size_t have = mw_buf_len(&st->in);
+        if (mode == 1 && have > 0) {
+            lua_pushlstring(L, mw_buf_head(&st->in), have);
+            mw_buf_consume(&st->in, have);
+            mw_buf_release(&st->in, NULL);
+            consumed(st, have);
+            return 1;
+        }
+        if (mode == 2 && have > 0) {
+            mw_buf_consume(&st->in, have);
+            mw_buf_release(&st->in, NULL);
+            consumed(st, have);
+            continue;
+        }
+        if (mode == 0 && max >= 0 && (int64_t)have > max) return body_fail(L, "request body too large", 413);
+        if (st->bad) return body_fail(L, "bad request body", 400);
+        if (st->body_done) {
+            if (mode == 0) {
+                lua_pushlstring(L, have ? mw_buf_head(&st->in) : "", have);
+                mw_buf_consume(&st->in, have);
+                mw_buf_release(&st->in, NULL);
+                consumed(st, have);
+                return 1;
+            }
+            if (mode == 1) lua_pushnil(L);
+            else lua_pushboolean(L, 1);
+            return 1;
+        }
+        if (st->closed || !st->c) return stream_fail(L, st);
+        if (mode == 0 && have > 0) {
+            /* a whole body is read at once: give the window back as it arrives, or a body
+             * larger than the stream window could never complete */
+            h2conn *c = st->c;
+            if (c->session && st->in_session) {
+                int32_t unacked = nghttp2_session_get_stream_effective_recv_data_length(c->session, st->id);
+                if (unacked > 0) {
+                    nghttp2_session_consume(c->session, st->id, (size_t)unacked);
+                    flush_session(c);
+                }
+            }
+        }
+        if (st->expect && st->c && st->c->session && !st->responded) {
+            /* the client waits for 100 Continue before it sends the body */
+            st->expect = 0;
+            nghttp2_nv nv = { (uint8_t *)":status", (uint8_t *)"100", 7, 3, NGHTTP2_NV_FLAG_NONE };
+            nghttp2_submit_headers(st->c->session, NGHTTP2_FLAG_NONE, st->id, NULL, &nv, 1, NULL);
+            flush_session(st->c);
+        }
+        st->reader = t;
+        t->wait_obj = st;
+        t->unwait = unwait_reader;
+        return mw_sched_wait(L, t, mw_sched_deadline(L, st->rt, 4, -1), body_k, mode);
+    }
+}
+
+static int body_k(lua_State *L, int status, lua_KContext ctx)
+{
+    h2stream **ud = lua_touserdata(L, 1);
+    h2stream *st = *ud;
+    (void)status;
+    mw_task *t = st->rt->current;
+    int why = mw_sched_reason(t);
+    if (why == MW_WAKE_TIMEOUT) return body_fail(L, "request body timeout", 408);
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    return body_step(L, st, t, (int)ctx);
+}
+
+/* stream:read_body(mode, max, timeout): as HttpConn's ("all" -> body | nil, msg, status;
+ * "chunk" -> next piece | nil at the end; "discard" -> true). Reading gives the flow-control
+ * window back, so a handler that never reads holds at most one window. */
+static int st_read_body(lua_State *L)
+{
+    static const char *const modes[] = { "all", "chunk", "discard", NULL };
+    h2stream *st = checkstream(L);
+    int mode = luaL_checkoption(L, 2, NULL, modes);
+    mw_task *t = mw_sched_self(L, st->rt);
+    if (st->reader && st->reader != t) return luaL_error(L, "stream already has a reading task");
+    if (mode == 0 && st->content_length >= 0 && !lua_isnoneornil(L, 3) && st->content_length > lua_tointeger(L, 3))
+        return body_fail(L, "request body too large", 413);
+    return body_step(L, st, t, mode);
+}
+
+/* stream:state() -> head_done, msg_done, expect, upgrade, content_length, chunked (as
+ * HttpConn's, for request.lua) */
+static int st_state(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    lua_pushboolean(L, 1);
+    lua_pushboolean(L, st->body_done && mw_buf_len(&st->in) == 0);
+    lua_pushboolean(L, 0);    /* 100 Continue is sent by read_body itself */
+    lua_pushboolean(L, 0);
+    if (st->content_length >= 0) lua_pushinteger(L, st->content_length); else lua_pushnil(L);
+    lua_pushboolean(L, 0);
+    return 6;
+}
+
+static int st_noop(lua_State *L)
+{
+    checkstream(L);
+    return 0;
+}
+
+/* The H2Conn's uservalue i (1 the socket, 2 the server). */
+static int push_conn_uv(lua_State *L, int i)
+{
+    checkstream(L);
+    lua_getiuservalue(L, 1, 1);
+    if (lua_isnil(L, -1)) return 1;
+    lua_getiuservalue(L, -1, i);
+    return 1;
+}
+
+static int st_socket(lua_State *L) { return push_conn_uv(L, 1); }
+static int st_server(lua_State *L) { return push_conn_uv(L, 2); }
+
+static int st_id(lua_State *L)
+{
+    lua_pushinteger(L, checkstream(L)->id);
+    return 1;
+}
+
+/* Pushes a headers table from a packed list: lower-case names (HTTP/2's), repeated fields
+ * kept in req._multi (as HTTP/1.1's), cookie crumbs joined with "; " (RFC 9113 §8.2.3),
+ * :authority as host when there is no Host. */
+static void push_fields(lua_State *L, const fields *f, int reqidx, int request)
+{
+    lua_createtable(L, 0, f->n);
+    int hidx = lua_gettop(L);
+    size_t pos = 0, nl, vl;
+    const char *n, *v;
+    luaL_Buffer cookie;
+    int ncookie = 0;
+    while (fields_next(f, &pos, &n, &nl, &v, &vl)) {
+        if (n[0] == ':') {
+            if (request && strcmp(n, ":authority") == 0 && !fields_get(f, "host")) {
+                lua_pushlstring(L, v, vl);
+                lua_setfield(L, hidx, "host");
+            }
+            continue;
+        }
+        if (request && strcmp(n, "cookie") == 0) {
+            if (ncookie++ == 0) luaL_buffinit(L, &cookie);
+            else luaL_addstring(&cookie, "; ");
+            luaL_addlstring(&cookie, v, vl);
+            continue;
+        }
+        lua_pushlstring(L, n, nl);
+        int kidx = lua_gettop(L);
+        lua_pushvalue(L, kidx);
+        if (lua_rawget(L, hidx) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, v, vl);
+            lua_rawset(L, hidx);
+            continue;
+        }
+        /* repeated: every value in req._multi[name] */
+        int oldidx = lua_gettop(L);
+        if (reqidx && lua_getfield(L, reqidx, "_multi") == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_newtable(L);
+            lua_pushvalue(L, -1);
+            lua_setfield(L, reqidx, "_multi");
+        } else if (!reqidx) {
+            lua_pop(L, 2);
+            continue;
+        }
+        lua_pushvalue(L, kidx);
+        if (lua_rawget(L, -2) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_createtable(L, 2, 0);
+            lua_pushvalue(L, oldidx);
+            lua_rawseti(L, -2, 1);
+            lua_pushvalue(L, kidx);
+            lua_pushvalue(L, -2);
+            lua_rawset(L, -4);
+        }
+        lua_pushlstring(L, v, vl);
+        lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+        lua_settop(L, kidx - 1);
+    }
+    if (ncookie > 0) {
+        luaL_pushresult(&cookie);
+        lua_setfield(L, hidx, "cookie");
+    }
+}
+
+/* stream:headers_of(req) -> the request's header table (request.lua's lazy `headers`) */
+static int st_headers_of(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    push_fields(L, &st->head, 2, 1);
+    return 1;
+}
+
+/* stream:trailers() -> the request's trailer fields once the body ended, or nil */
+static int st_trailers(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    if (!st->body_done || st->trailers.n == 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    push_fields(L, &st->trailers, 0, 0);
+    return 1;
+}
+
+static const char *cached_date(h2conn *c)
+{
+    time_t now = time(NULL);
+    if (now != c->date_sec) {
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(c->date, sizeof c->date, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        c->date_sec = now;
+    }
+    return c->date;
+}
+
+/* An nv array in a userdata (so a raise leaks nothing), with lower-cased names copied into
+ * a luaL_Buffer-free arena after the array. */
+typedef struct nvlist {
+    nghttp2_nv *nv;
+    int n, cap;
+    char *arena;
+    size_t used, size;
+} nvlist;
+
+static void nv_add(nvlist *l, const char *n, size_t nl, const char *v, size_t vl, int lower)
+{
+    if (l->n >= l->cap) return;
+    char *nn = (char *)n;
+    if (lower && l->used + nl <= l->size) {
+        nn = l->arena + l->used;
+        for (size_t i = 0; i < nl; i++) {
+            char ch = n[i];
+            nn[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+        }
+        l->used += nl;
+    }
+    l->nv[l->n++] = (nghttp2_nv){ (uint8_t *)nn, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
+}
+
+/* stream:respond(status, res, nh, hbase, body, eof, server_name, content_length) -> true |
+ * nil, msg, code. Submits the head (and with `body` a first part of the body; eof: the body
+ * ends there). Header names are lower-cased; connection-specific fields are dropped. */
+static int st_respond(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    int status = (int)luaL_checkinteger(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int nh = (int)luaL_checkinteger(L, 4);
+    int hbase = (int)luaL_checkinteger(L, 5);
+    size_t blen = 0;
+    const char *body = luaL_optlstring(L, 6, NULL, &blen);
+    int eof = lua_toboolean(L, 7);
+    const char *server = luaL_optstring(L, 8, NULL);
+    lua_Integer clen = luaL_optinteger(L, 9, -1);
+    h2conn *c = st->c;
+    if (st->responded && status >= 200) return luaL_error(L, "response head already sent");
+    if (!c || !c->session || st->closed) return stream_fail(L, st);
+    int cap = nh + 4;
+    size_t arena = 0;
+    for (int i = 0; i < nh; i++) {
+        size_t kl;
+        lua_rawgeti(L, 3, hbase + 2 * i);
+        lua_tolstring(L, -1, &kl);
+        arena += kl;
+        lua_pop(L, 1);
+    }
+    nvlist *l = lua_newuserdatauv(L, sizeof *l + (size_t)cap * sizeof(nghttp2_nv) + arena, 0);
+    int lidx = lua_gettop(L);
+    l->nv = (nghttp2_nv *)(l + 1);
+    l->n = 0;
+    l->cap = cap;
+    l->arena = (char *)(l->nv + cap);
+    l->used = 0;
+    l->size = arena;
+    char st_buf[8];
+    int sl = snprintf(st_buf, sizeof st_buf, "%d", status);
+    lua_pushlstring(L, st_buf, (size_t)sl);        /* kept on the stack while submitting */
+    nv_add(l, ":status", 7, lua_tostring(L, -1), (size_t)sl, 0);
+    for (int i = 0; i < nh; i++) {
+        size_t kl, vl;
+        lua_rawgeti(L, 3, hbase + 2 * i);
+        lua_rawgeti(L, 3, hbase + 2 * i + 1);
+        const char *k = lua_tolstring(L, -2, &kl), *v = lua_tolstring(L, -1, &vl);
+        if (!k || !v) return luaL_error(L, "bad header list");
+        char lk[24];
+        size_t m = kl < sizeof lk ? kl : sizeof lk;
+        for (size_t j = 0; j < m; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
+        if (kl < sizeof lk && !valid_h2_name((const uint8_t *)lk, kl)) { lua_pop(L, 2); continue; }
+        if (kl == 14 && memcmp(lk, "content-length", 14) == 0) clen = -2;  /* the handler's own */
+        nv_add(l, k, kl, v, vl, 1);
+        /* the values stay referenced by the response table until submit returns */
+        lua_pop(L, 2);
+    }
+    if (server && *server) nv_add(l, "server", 6, server, strlen(server), 0);
+    if (status >= 200) {
+        const char *date = cached_date(c);
+        nv_add(l, "date", 4, date, strlen(date), 0);
+    }
+    char clbuf[24];
+    if (clen >= 0 && status >= 200 && status != 204 && status != 304) {
+        int cl = snprintf(clbuf, sizeof clbuf, "%lld", (long long)clen);
+        nv_add(l, "content-length", 14, clbuf, (size_t)cl, 0);
+    }
+    if (status < 200) {
+        /* 1xx (103 Early Hints): a HEADERS frame that does not end the stream */
+        int rv = nghttp2_submit_headers(c->session, NGHTTP2_FLAG_NONE, st->id, NULL, l->nv, (size_t)l->n, NULL);
+        lua_settop(L, lidx - 1);
+        if (rv != 0) return mw_pushfail(L, nghttp2_strerror(rv), "http2");
+        flush_session(c);
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (body && blen) {
+        size_t avail;
+        char *p = mw_buf_reserve(&st->out, NULL, blen, &avail);
+        if (!p) return luaL_error(L, "not enough memory");
+        memcpy(p, body, blen);
+        mw_buf_commit(&st->out, blen);
+    }
+    st->out_eof = eof ? 1 : 0;
+    st->responded = 1;
+    nghttp2_data_provider prd;
+    prd.source.ptr = st;
+    prd.read_callback = read_body_out;
+    int rv = nghttp2_submit_response(c->session, st->id, l->nv, (size_t)l->n,
+                                     (eof && mw_buf_len(&st->out) == 0) ? NULL : &prd);
+    lua_settop(L, lidx - 1);
+    if (rv != 0) return mw_pushfail(L, nghttp2_strerror(rv), "http2");
+    flush_session(c);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int write_k(lua_State *L, int status, lua_KContext ctx);
+
+static void unwait_writer(mw_task *t)
+{
+    h2stream *st = t->wait_obj;
+    if (st->writer == t) st->writer = NULL;
+}
+
+static int write_wait(lua_State *L, h2stream *st)
+{
+    for (;;) {
+        if (st->closed || !st->c || !st->c->session) return stream_fail(L, st);
+        if (mw_buf_len(&st->out) < st->c->out_hwm) {
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        mw_task *t = mw_sched_self(L, st->rt);
+        st->writer = t;
+        t->wait_obj = st;
+        t->unwait = unwait_writer;
+        return mw_sched_wait(L, t, mw_sched_after(st->c->rt, st->c->t_write), write_k, 0);
+    }
+}
+
+static int write_k(lua_State *L, int status, lua_KContext ctx)
+{
+    h2stream **ud = lua_touserdata(L, 1);
+    h2stream *st = *ud;
+    (void)status;
+    (void)ctx;
+    int why = mw_sched_reason(st->rt->current);
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    return write_wait(L, st);
+}
+
+/* stream:write(data [, eof]) -> true | nil, msg, code: queues body bytes (after respond),
+ * waits while the stream holds more than out_hwm unsent (the peer reads slowly or its
+ * window is shut: the stream stalls, never the connection). */
+static int st_write(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    size_t len;
+    const char *p = luaL_checklstring(L, 2, &len);
+    int eof = lua_toboolean(L, 3);
+    if (!st->responded) return luaL_error(L, "write before the response head");
+    if (st->out_eof) return luaL_error(L, "response already finished");
+    if (st->closed || !st->c || !st->c->session) return stream_fail(L, st);
+    if (len) {
+        size_t avail;
+        char *w = mw_buf_reserve(&st->out, NULL, len, &avail);
+        if (!w) return luaL_error(L, "not enough memory");
+        memcpy(w, p, len);
+        mw_buf_commit(&st->out, len);
+    }
+    if (eof) st->out_eof = 1;
+    if (st->deferred) {
+        st->deferred = 0;
+        nghttp2_session_resume_data(st->c->session, st->id);
+    }
+    flush_session(st->c);
+    if (eof) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return write_wait(L, st);
+}
+
+/* stream:set_trailers(res_table, nh, hbase): trailer fields sent after the body (before
+ * the write or finish that ends it) */
+static int st_set_trailers(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int n = (int)luaL_checkinteger(L, 3);
+    for (int i = 1; i <= n; i++) {
+        size_t kl, vl;
+        lua_rawgeti(L, 2, 2 * i - 1);
+        lua_rawgeti(L, 2, 2 * i);
+        const char *k = luaL_checklstring(L, -2, &kl), *v = luaL_checklstring(L, -1, &vl);
+        char lk[256];
+        if (kl >= sizeof lk) return luaL_error(L, "trailer name too long");
+        for (size_t j = 0; j < kl; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
+        if (fields_add(&st->trout, (const uint8_t *)lk, kl, (const uint8_t *)v, vl) < 0)
+            return luaL_error(L, "not enough memory");
+        lua_pop(L, 2);
+    }
+    return 0;
+}
+
+/* stream:reset([code]) : RST_STREAM (default CANCEL) */
+static int st_reset(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    uint32_t code = (uint32_t)luaL_optinteger(L, 2, NGHTTP2_CANCEL);
+    if (st->c && st->c->session && !st->closed) {
+        nghttp2_submit_rst_stream(st->c->session, NGHTTP2_FLAG_NONE, st->id, code);
+        flush_session(st->c);
+    }
+    return 0;
+}
+
+/* stream:closed() -> whether the stream is over (reset, or the connection gone) */
+static int st_closed(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    lua_pushboolean(L, st->closed || !st->c || !st->c->session);
+    return 1;
+}
+
+/* core.h2_preface(sock [, timeout]) -> true when the buffered input starts with the HTTP/2
+ * client preface, false when it cannot, nil, msg, code on an error. Reads until it knows;
+ * consumes nothing. */
+static const char PREFACE[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+static int preface_k(lua_State *L, int status, lua_KContext ctx);
+
+static int preface_step(lua_State *L, mw_sock *s, mw_task *t)
+{
+    for (;;) {
+        size_t len = mw_buf_len(&s->rbuf);
+        size_t m = len < 24 ? len : 24;
+        if (memcmp(mw_buf_head(&s->rbuf), PREFACE, m) != 0) {
+            lua_pushboolean(L, 0);
+            return 1;
+        }
+        if (len >= 24) {
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        if (s->eof) {
+            lua_pushboolean(L, 0);
+            return 1;
+        }
+        uint32_t want = EPOLLIN;
+        int r = mw_stream_fill(s, 16384, &want);
+        if (r == 1 || r == 0) continue;
+        if (r == -3) return mw_stream_pusherr(L, s, errno);
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, s->rdeadline, preface_k, 0);
+    }
+}
+
+static int preface_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_sock *s = lua_touserdata(L, 1);
+    mw_task *t = s->rt->current;
+    (void)status;
+    (void)ctx;
+    int why = mw_sched_reason(t);
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
+    if (s->closed) return mw_pushfail(L, "closed", "closed");
+    return preface_step(L, s, t);
+}
+
+static int l_h2_preface(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    int64_t d = mw_sched_deadline(L, s->rt, 2, s->timeout);
+    mw_task *t = mw_sock_claim(L, s, MW_ROLE_READ);
+    s->rdeadline = d;
+    if (mw_buf_len(&s->rbuf) == 0 && s->eof) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    return preface_step(L, s, t);
+}
+
+void mw_h2_open(lua_State *L)
+{
+    static const luaL_Reg conn_m[] = {
+        { "next", h2_next }, { "shutdown", h2_shutdown }, { "stats", h2_stats }, { "idle", h2_idle },
+        { NULL, NULL }
+    };
+    static const luaL_Reg st_m[] = {
+        { "read_body", st_read_body }, { "state", st_state }, { "clear_expect", st_noop },
+        { "socket", st_socket }, { "server", st_server }, { "headers_of", st_headers_of },
+        { "trailers", st_trailers }, { "respond", st_respond }, { "write", st_write },
+        { "set_trailers", st_set_trailers }, { "reset", st_reset }, { "done", st_done },
+        { "closed", st_closed }, { "id", st_id }, { NULL, NULL }
+    };
+    luaL_newmetatable(L, H2_MT);
+    luaL_newlib(L, conn_m);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, h2_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, h2_gc);
+    lua_setfield(L, -2, "__close");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, H2S_MT);
+    luaL_newlib(L, st_m);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, st_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_h2_server);
+    lua_setfield(L, -2, "h2_server");
+    lua_pushcfunction(L, l_h2_preface);
+    lua_setfield(L, -2, "h2_preface");
+}

@@ -1,0 +1,11 @@
+/* h2: HTTP/2 server connections on libnghttp2 (H2Conn, H2Stream), see h2.c.
+ * The module's entry (core.c) calls the open function in layer order. */
+#ifndef MW_H2_H
+#define MW_H2_H
+
+#include <lua.h>
+
+/* Registers h2_server, h2_preface and the H2Conn/H2Stream types into the table on top. */
+void mw_h2_open(lua_State *L);
+
+#endif
