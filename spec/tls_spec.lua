@@ -316,6 +316,33 @@ describe("tls", function()
         assert.equal("ok", res:body())
       end)
     end)
+
+    -- Regression: attach() set the name to verify only for a non-empty host, so host = ""
+    -- passed the "a client needs a host" check and then verified the chain alone: a
+    -- certificate the CA issued for another name was accepted. An empty host is a missing
+    -- one now, everywhere a client decides to verify.
+    it("an empty host does not turn name checks off: every client raises unless insecure = true", function()
+      run(function()
+        local handled = false
+        local srv = serve(server_tls("wronghost"), function(_, res) handled = true res:send("no") end)
+        local _ <close> = guard(srv)
+        helper.raises("host", mw.tcp.connect, "127.0.0.1", srv.port, { tls = trusting { host = "" }, timeout = 5 })
+        helper.raises("host", http.get, base(srv) .. "/", { tls = trusting { host = "" } })
+        helper.raises("host", mw.websocket.connect, ("wss://127.0.0.1:%d/"):format(srv.port),
+          { tls = trusting { host = "" }, timeout = 5 })
+        local c = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+        helper.raises("host", c.starttls, c, mw.tls.context { cafile = cert("ca.pem") }, { host = "", timeout = 5 })
+        assert.is_nil(c:tls_info())
+        c:close()
+        assert.is_false(handled)
+        -- spelled out: no name check (and no SNI)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = { insecure = true, host = "" }, timeout = 5 }))
+        assert.equal(200, get(s, "/").status)
+        s:close()
+        local res = assert(http.get(base(srv) .. "/", { tls = { insecure = true, host = "" } }))
+        assert.equal("no", res:body())
+      end)
+    end)
   end)
 
   describe("SNI and ALPN", function()
@@ -722,6 +749,34 @@ describe("tls", function()
         assert.equal("deferred", joined(t))
       end)
     end)
+
+    -- Regression (the CVE-2011-0411 class): bytes that arrived before the upgrade and sat
+    -- in the socket's read buffer were returned by the first read after the handshake, as if
+    -- they had come over TLS. A man in the middle appends them to the plaintext "go ahead".
+    it("refuses to upgrade while plaintext bytes are buffered (nil, err, \"tls\"): they never read as TLS", function()
+      run(function()
+        local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+        local cctx = mw.tls.context { cafile = cert("ca.pem") }
+        local c, a = helper.tcp_pair()
+        local _ <close> = helper.closer(c, a)
+        local t = mw.spawn(function()
+          assert(a:write("220 go ahead\r\nINJECTED\r\n"))   -- one write: one segment
+          local ok = a:starttls(sctx, { timeout = 5 })
+          if ok then a:write("real\n") end
+        end)
+        assert.equal("220 go ahead", c:read("l", 5))
+        local ok, err, code = c:starttls(cctx, { host = "localhost", timeout = 5 })
+        local first = ok and c:read("l", 5)
+        assert.is_nil(first, "read after the handshake: " .. tostring(first))
+        assert.equal("tls", code)
+        assert.matches("buffered", err)
+        assert.is_nil(c:tls_info())
+        -- the plaintext is still there for the caller to see
+        assert.equal("INJECTED", c:read("l", 5))
+        c:close()
+        joined(t)
+      end)
+    end)
   end)
 
   describe("closing", function()
@@ -980,6 +1035,73 @@ describe("tls", function()
         assert.equal(size .. " true", res:body())
         c:close()
         os.remove(file)
+      end)
+    end)
+  end)
+
+  describe("https through a CONNECT proxy", function()
+    -- A proxy on 127.0.0.1 for one tunnel: answers CONNECT with 200 (followed by `extra`,
+    -- in the same write), then relays both ways until either side ends. Returns the port
+    -- and the task (its result: the CONNECT target).
+    local function connect_proxy(extra)
+      local l, port = helper.listen()
+      local t = mw.spawn(function()
+        local a = assert(l:accept(5))
+        l:close()
+        local target = assert(a:read("l", 5)):match("^CONNECT (%S+) HTTP/1%.1$")
+        repeat local h = assert(a:read("l", 5)) until h == ""
+        local host, p = target:match("^(.*):(%d+)$")
+        local o = assert(mw.tcp.connect(host, math.tointeger(tonumber(p)), { timeout = 5 }))
+        assert(a:write("HTTP/1.1 200 Connection established\r\n\r\n" .. (extra or "")))
+        local function pump(from, to)
+          while true do
+            local piece = from:recv(65536, 5)
+            if not piece or not to:write(piece) then break end
+          end
+          pcall(to.shutdown, to, "write")
+        end
+        local back = mw.spawn(pump, o, a)
+        pump(a, o)
+        back:join()
+        a:close()
+        o:close()
+        return target
+      end)
+      return port, t
+    end
+
+    it("an honest proxy: the origin's response comes through the tunnel", function()
+      run(function()
+        local srv = serve(server_tls("server"), function(_, res) res:send("origin") end)
+        local _ <close> = guard(srv)
+        local port, t = connect_proxy()
+        local c = http.client()
+        local res = assert(c:get(base(srv) .. "/", { tls = trusting(), proxy = "http://127.0.0.1:" .. port }))
+        assert.equal(200, res.status)
+        assert.equal("origin", res:body())
+        c:close()
+        assert.equal("127.0.0.1:" .. srv.port, joined(t))
+      end)
+    end)
+
+    -- Regression (the CVE-2011-0411 class): the bytes a proxy sent after its 200 stayed in
+    -- the socket's buffer through the handshake and were parsed as the origin's response to
+    -- a verified https:// request. Now they are a protocol error of the proxy.
+    it("a proxy that appends bytes after its 200 fails the request; they are never a response", function()
+      run(function()
+        local handled = false
+        local srv = serve(server_tls("server"), function(_, res) handled = true res:send("origin") end)
+        local _ <close> = guard(srv)
+        local port, t = connect_proxy("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+        local c = http.client()
+        local res, err, code = c:get(base(srv) .. "/", { tls = trusting(), proxy = "http://127.0.0.1:" .. port })
+        assert.is_nil(res, res and ("got a response: " .. res.status .. " " .. tostring(res:body())))
+        assert.equal("proxy", code)
+        assert.matches("after", err)
+        assert.is_false(handled)
+        assert.same({ idle = 0, active = 0 }, c:stats())
+        c:close()
+        joined(t)
       end)
     end)
   end)

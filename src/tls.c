@@ -210,10 +210,13 @@ static void tls_close(mw_sock *s)
     s->tls = NULL;
 }
 
+/* decrypted bytes not yet read, or 1 for records read from the fd and not yet decrypted */
 static int tls_pending(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
-    return c && SSL_has_pending(c->ssl);
+    if (!c) return 0;
+    int n = SSL_pending(c->ssl);
+    return n > 0 ? n : SSL_has_pending(c->ssl);
 }
 
 static const char *tls_errmsg(mw_sock *s)
@@ -512,6 +515,7 @@ static int ctx_reload(lua_State *L)
 static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
 {
     if (s->tls) return "the socket already uses TLS";
+    if (!t->server && !t->insecure && !(host && *host)) return "a client needs a host name to verify";
     mw_tlsconn *c = calloc(1, sizeof *c);
     if (!c) return "not enough memory";
     c->ssl = SSL_new(t->ctx);
@@ -618,8 +622,14 @@ static int s_starttls(lua_State *L)
         lua_pop(L, 1);
         defer = optbool(L, 3, "defer");
     }
+    if (host && !*host) host = NULL;   /* an empty name is no name: never "verify nothing" */
     if (!t->server && !t->insecure && !host)
         return luaL_error(L, "starttls: a client needs 'host' to verify (or insecure = true)");
+    /* bytes read before the upgrade came in plaintext: returned by the first read after the
+     * handshake they would pass for TLS data (CVE-2011-0411: a man in the middle appends
+     * them to the plaintext "go ahead") */
+    if (!s->tls && mw_buf_len(&s->rbuf) > 0)
+        return mw_pushfail(L, "tls: bytes received before the upgrade are still buffered", "tls");
     const char *e = attach(s, t, host);
     if (e) return mw_pushfail(L, e, "tls");
     lua_settop(L, 2);

@@ -484,6 +484,12 @@ local function exchange(self, o, u, method, body)
           sock:close()
           return nil, "proxy CONNECT answered " .. r.status, "proxy"
         end
+        -- the origin speaks first only after our ClientHello: bytes already here came from
+        -- the proxy (or whoever is on the plaintext leg) and must never pass for TLS data
+        if sock:buffered() > 0 then
+          sock:close()
+          return nil, "proxy CONNECT: the proxy sent bytes after its 200 response", "proxy"
+        end
         return handshake(sock)
       end
     else
