@@ -848,6 +848,104 @@ describe("tls", function()
     end)
   end)
 
+  describe("fork", function()
+    -- Regression: a forked child ends every task but the forking one, and their <close>
+    -- variables run; closing an inherited TLS socket sent close_notify on the descriptor
+    -- the parent still uses, so the peer saw the parent's connection end. The child now
+    -- frees inherited sessions without a close_notify. (A child process, so that the test
+    -- process itself never forks.)
+    it("a forked child closing inherited TLS connections sends no close_notify on them", function()
+      local out, how, status = helper.subprocess(([[
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local D = %q
+mw.run(function()
+  local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0,
+    tls = { cert = D .. "/server-chain.pem", key = D .. "/server.key" } })
+  local _, port = l:getsockname()
+  local server = mw.spawn(function()
+    local a <close> = assert(l:accept(5))
+    local lines = {}
+    while true do
+      local line, err = a:read("l", 2)
+      lines[#lines + 1] = line or ("<" .. tostring(err) .. ">")
+      if not line or line == "bye" then break end
+      assert(a:write("echo " .. line .. "\n"))
+    end
+    return table.concat(lines, ",")
+  end)
+  local ready, go = mw.channel(1), mw.channel(1)
+  local client = mw.spawn(function()
+    local c <close> = assert(mw.tcp.connect("127.0.0.1", port, { tls = { cafile = D .. "/ca.pem" }, timeout = 5 }))
+    assert(c:write("one\n"))
+    assert(c:read("l", 5) == "echo one")
+    ready:send(true)
+    go:recv()
+    assert(c:write("two\n"))
+    local answer = c:read("l", 2)
+    c:write("bye\n")
+    return answer
+  end)
+  ready:recv()
+  local pid = assert(core.fork())
+  if pid == 0 then os.exit(0, false) end   -- the child: its other tasks were ended at fork
+  local deadline = mw.now() + 5
+  while core.waitpid(pid) ~= pid and mw.now() < deadline do mw.sleep(0.01) end
+  go:send(true)
+  print("client", client:join())
+  print("server", server:join())
+  l:close()
+end)
+]]):format(D), 10)
+      assert.equal("exit", how, out)
+      assert.equal(0, status, out)
+      assert.matches("client\ttrue\techo two\n", out, 1, true)
+      assert.matches("server\ttrue\tone,two,bye\n", out, 1, true)
+    end)
+  end)
+
+  describe("writes to a peer that is gone", function()
+    -- Regression: once the peer's close_notify had been read, OpenSSL reports a failed
+    -- SSL_write as "zero return"; the TLS transport passed that on as a write of 0 bytes and
+    -- the stream's write loop took it for progress: 100% CPU forever, the loop never
+    -- polling again (a peer could do this to a server on purpose). In a child process,
+    -- which a spinning loop cannot take the test process down with.
+    it("a write after the peer's close_notify fails with EPIPE or ECONNRESET, without spinning", function()
+      local out, how, status = helper.subprocess(([[
+local mw = require "moonwire"
+local D = %q
+mw.run(function()
+  local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0,
+    tls = { cert = D .. "/server-chain.pem", key = D .. "/server.key" } })
+  local _, port = l:getsockname()
+  local t = mw.spawn(function()
+    local a = assert(l:accept(5))
+    assert(a:read("l", 5) == "hi")
+    return a
+  end)
+  local c = assert(mw.tcp.connect("127.0.0.1", port, { tls = { cafile = D .. "/ca.pem" }, timeout = 5 }))
+  assert(c:write("hi\n"))
+  local _, a = assert(t:join())
+  c:close()                                   -- close_notify, then the FIN
+  local piece, _, code = a:recv(100, 5)
+  print("read", piece, code)
+  local ok, wcode
+  for _ = 1, 20 do
+    ok, _, wcode = a:write(("x"):rep(100000))
+    if not ok then break end
+  end
+  print("write", ok, wcode)
+  a:close()
+  l:close()
+end)
+]]):format(D), 10)
+      assert.equal("exit", how, out)
+      assert.equal(0, status, out)
+      assert.matches("read\tnil\tclosed\n", out, 1, true)
+      assert.truthy(out:find("write\tnil\tEPIPE\n", 1, true) or out:find("write\tnil\tECONNRESET\n", 1, true), out)
+    end)
+  end)
+
   describe("certificate reload", function()
     it("srv.tls:reload(): new connections get the new certificate, an open keep-alive one goes on", function()
       run(function()

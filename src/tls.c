@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <strings.h>
+#include <unistd.h>
 #include <arpa/inet.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -39,6 +40,7 @@ typedef struct mw_tlsctx {
 typedef struct mw_tlsconn {
     SSL *ssl;
     int handshake_done;
+    pid_t pid;                  /* the process that made the session (see tls_close) */
     char err[256];
 } mw_tlsconn;
 
@@ -192,15 +194,26 @@ static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *
     errno = 0;
     int r = SSL_write(c->ssl, p, len > 0x7fffffff ? 0x7fffffff : (int)len);
     if (r > 0) return r;
-    return ssl_result(s, c, r, want);
+    ssize_t x = ssl_result(s, c, r, want);
+    if (x == 0) {
+        /* "closed" (the peer's close_notify came in, or a bare EOF) is an end for a read;
+         * for a write that moved nothing it must be an error, or the caller's write loop
+         * takes 0 bytes for progress and spins */
+        errno = EPIPE;
+        return -1;
+    }
+    return x;
 }
 
 static void tls_close(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
     if (!c) return;
-    /* handshakes driven by SSL_read/SSL_write (accepted, deferred) never set the flag */
-    if ((c->handshake_done || SSL_is_init_finished(c->ssl)) && s->io.fd >= 0) {
+    /* handshakes driven by SSL_read/SSL_write (accepted, deferred) never set the flag. A
+     * forked child closing a session it inherited (its tasks are ended at fork, their
+     * <close> variables run) only frees it: the connection is still the parent's, and a
+     * close_notify from here would end it for the peer */
+    if ((c->handshake_done || SSL_is_init_finished(c->ssl)) && s->io.fd >= 0 && c->pid == getpid()) {
         ERR_clear_error();
         SSL_shutdown(c->ssl);           /* best effort close_notify, never waits */
         ERR_clear_error();
@@ -518,6 +531,7 @@ static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
     if (!t->server && !t->insecure && !(host && *host)) return "a client needs a host name to verify";
     mw_tlsconn *c = calloc(1, sizeof *c);
     if (!c) return "not enough memory";
+    c->pid = getpid();
     c->ssl = SSL_new(t->ctx);
     BIO *b = c->ssl ? sock_bio(s) : NULL;
     if (!b) {
