@@ -848,6 +848,72 @@ describe("tls", function()
     end)
   end)
 
+  describe("allocation failures", function()
+    -- Regression: the copies of the SNI names and of the certificate / key paths (strdup)
+    -- were not checked, so a failed copy left a NULL name that the SNI callback compared
+    -- with every client's name, or a NULL key path that reload() read: a crash later, far
+    -- from the cause. A growing SNI table also kept a stale pointer if the second of its two
+    -- reallocs failed. Now a failed copy raises "not enough memory" at once. A preloaded
+    -- strdup that fails for one given string, in a child process (not under ASan, whose
+    -- own strdup comes first).
+    local asan = os.getenv("MW_ASAN_PRELOAD")
+    local shim
+    local function failing_strdup()
+      if shim then return shim end
+      local src = os.tmpname() .. ".c"
+      shim = src:gsub("%.c$", ".so")
+      writefile(src, [[
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <string.h>
+char *strdup(const char *s)
+{
+    static char *(*real)(const char *);
+    const char *fail = getenv("MW_FAIL_STRDUP");
+    if (fail && strcmp(s, fail) == 0) return NULL;
+    if (!real) real = (char *(*)(const char *))dlsym(RTLD_NEXT, "strdup");
+    return real(s);
+}
+]])
+      assert(os.execute(("cc -shared -fPIC -o %s %s -ldl"):format(shim, src)), "cannot build the strdup shim")
+      os.remove(src)
+      return shim
+    end
+    teardown(function() if shim then os.remove(shim) end end)
+
+    local CHILD = [[
+local mw = require "moonwire"
+local D = %q
+local ok, ctx = pcall(mw.tls.context, { server = true, cert = D .. "/server-chain.pem", key = D .. "/server.key",
+  sni = { ["nomem.test"] = { cert = D .. "/other-chain.pem", key = D .. "/other.key" } } })
+print("context", ok, ok or ctx)
+if not ok then return end
+print("reload", ctx:reload())
+mw.run(function()
+  local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0 })
+  l:set_tls(ctx)
+  local _, port = l:getsockname()
+  mw.spawn(function() local a = l:accept(5) if a then a:read("l", 5) a:close() end end)
+  local c, err = mw.tcp.connect("127.0.0.1", port, { tls = { insecure = true, host = "other.test" }, timeout = 5 })
+  print("connect", c ~= nil, err)
+end)
+]]
+
+    for _, case in ipairs { { "an SNI name", "nomem.test" }, { "the key path", "/server.key" },
+                            { "the certificate path", "/server-chain.pem" } } do
+      it("a failed copy of " .. case[1] .. " raises \"not enough memory\" (no crash later)", function()
+        if asan then pending("a preloaded strdup does not come before ASan's") return end
+        local name = case[2]:sub(1, 1) == "/" and (D .. case[2]) or case[2]
+        local out, how, status = helper.subprocess(CHILD:format(D), 10,
+          { LD_PRELOAD = failing_strdup(), MW_FAIL_STRDUP = name })
+        assert.equal("exit", how, out)
+        assert.equal(0, status, out)
+        assert.matches("context\tfalse\t[^\n]*not enough memory", out)
+      end)
+    end
+  end)
+
   describe("fork", function()
     -- Regression: a forked child ends every task but the forking one, and their <close>
     -- variables run; closing an inherited TLS socket sent close_notify on the descriptor

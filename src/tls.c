@@ -445,6 +445,7 @@ static int l_tls_context(lua_State *L)
         if (strncmp(cert, "-----BEGIN", 10) != 0) {
             t->cert_file = strdup(cert);
             t->key_file = strdup(key);
+            if (!t->cert_file || !t->key_file) return luaL_error(L, "not enough memory");  /* __gc frees */
         }
         static const unsigned char sid[] = "moonwire";
         SSL_CTX_set_session_id_context(t->ctx, sid, sizeof sid - 1);
@@ -465,13 +466,16 @@ static int l_tls_context(lua_State *L)
                 configure_verify(L, sc, 1, 1, 0);
                 SSL_CTX_set_session_id_context(sc, sid, sizeof sid - 1);
                 SSL_CTX_set_alpn_select_cb(sc, alpn_select, t);
-                SSL_CTX **nc = realloc(t->sni_ctx, (size_t)(t->nsni + 1) * sizeof *nc);
+                /* each block is kept as soon as it moved: a failure after one realloc must
+                 * not leave the context pointing at the freed old block */
+                char *name = strdup(lua_tostring(L, -2));
+                SSL_CTX **nc = name ? realloc(t->sni_ctx, (size_t)(t->nsni + 1) * sizeof *nc) : NULL;
+                if (nc) t->sni_ctx = nc;
                 char **nn = nc ? realloc(t->sni_name, (size_t)(t->nsni + 1) * sizeof *nn) : NULL;
-                if (!nc || !nn) { SSL_CTX_free(sc); luaL_error(L, "not enough memory"); }
-                t->sni_ctx = nc;
-                t->sni_name = nn;
+                if (nn) t->sni_name = nn;
+                if (!nn) { free(name); SSL_CTX_free(sc); luaL_error(L, "not enough memory"); }
                 t->sni_ctx[t->nsni] = sc;
-                t->sni_name[t->nsni] = strdup(lua_tostring(L, -2));
+                t->sni_name[t->nsni] = name;
                 t->nsni++;
                 lua_pop(L, 1);
             }
