@@ -854,30 +854,12 @@ describe("tls", function()
     -- with every client's name, or a NULL key path that reload() read: a crash later, far
     -- from the cause. A growing SNI table also kept a stale pointer if the second of its two
     -- reallocs failed. Now a failed copy raises "not enough memory" at once. A preloaded
-    -- strdup that fails for one given string, in a child process (not under ASan, whose
-    -- own strdup comes first).
+    -- strdup that fails for one given string (spec/fixtures/fail-shim.c), in a child process
+    -- (not under ASan, whose own strdup comes first).
     local asan = os.getenv("MW_ASAN_PRELOAD")
     local shim
     local function failing_strdup()
-      if shim then return shim end
-      local src = os.tmpname() .. ".c"
-      shim = src:gsub("%.c$", ".so")
-      writefile(src, [[
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdlib.h>
-#include <string.h>
-char *strdup(const char *s)
-{
-    static char *(*real)(const char *);
-    const char *fail = getenv("MW_FAIL_STRDUP");
-    if (fail && strcmp(s, fail) == 0) return NULL;
-    if (!real) real = (char *(*)(const char *))dlsym(RTLD_NEXT, "strdup");
-    return real(s);
-}
-]])
-      assert(os.execute(("cc -shared -fPIC -o %s %s -ldl"):format(shim, src)), "cannot build the strdup shim")
-      os.remove(src)
+      shim = shim or helper.build_shim(SPEC_DIR .. "/fixtures/fail-shim.c")
       return shim
     end
     teardown(function() if shim then os.remove(shim) end end)

@@ -198,9 +198,13 @@ static int t_start(lua_State *L)
     const char *code = luaL_checklstring(L, 2, &cn);
     const char *arg = luaL_optlstring(L, 3, "", &an);
     if (t->started) return luaL_error(L, "the thread was already started");
-    t->code = malloc(cn);
+    /* the thread's copies; a start that fails frees them (nothing started: it may be
+     * tried again, and each try would leave its copies behind) */
+    free(t->code);
+    free(t->arg);
+    t->code = malloc(cn ? cn : 1);
     t->arg = malloc(an + 1);
-    if (!t->code || !t->arg) return luaL_error(L, "not enough memory");
+    if (!t->code || !t->arg) return luaL_error(L, "not enough memory");  /* __gc frees */
     memcpy(t->code, code, cn);
     memcpy(t->arg, arg, an);
     t->codelen = cn;
@@ -210,7 +214,12 @@ static int t_start(lua_State *L)
     pthread_sigmask(SIG_SETMASK, &all, &old);  /* signals stay with the main loop */
     int e = pthread_create(&t->th, NULL, thread_main, t);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (e) return mw_pusherrno(L, e);
+    if (e) {
+        free(t->code);
+        free(t->arg);
+        t->code = t->arg = NULL;
+        return mw_pusherrno(L, e);
+    }
     t->started = 1;
     lua_pushboolean(L, 1);
     return 1;
