@@ -423,7 +423,8 @@ describe("http client: requests and responses", function()
       assert(c:request { url = f.url .. "/t", method = "PUT", body = { "he", "llo" },
                          headers = { ["content-length"] = 5 } }):body()
       assert(c:request { url = f.url .. "/z", method = "POST", headers = { ["Content-Length"] = "0" } }):body()
-      assert(c:request { url = f.url .. "/c", method = "POST", body = coroutine.wrap(function() coroutine.yield("x") end),
+      local once = coroutine.wrap(function() coroutine.yield("x") end)
+      assert(c:request { url = f.url .. "/c", method = "POST", body = once,
                          headers = { ["Transfer-Encoding"] = "chunked" } }):body()
       assert.same({ "hello", "hello", "", "x" }, { f.requests[1].body, f.requests[2].body, f.requests[3].body,
                                                     f.requests[4].body })
@@ -445,7 +446,8 @@ describe("http client: requests and responses", function()
       local _raw <close> = raw
       for n, pieces in ipairs { { "hello", smuggled }, { "hel" } } do
         local i = 0
-        local res, err, code = c:request { url = raw.url .. "/f", method = "PUT", headers = { ["Content-Length"] = "5" },
+        local res, err, code = c:request { url = raw.url .. "/f", method = "PUT",
+          headers = { ["Content-Length"] = "5" },
           body = function() i = i + 1 return pieces[i] end }
         assert.is_nil(res)
         assert.equal("EINVAL", code)
@@ -455,7 +457,8 @@ describe("http client: requests and responses", function()
         assert.equal(pieces[1], got[n]:match("\r\n\r\n(.*)$"))
       end
       -- a body function that raises: the error comes through, the connection is not kept
-      local ok, err = pcall(c.request, c, { url = raw.url .. "/r", method = "POST", body = function() error("boom", 0) end })
+      local ok, err = pcall(c.request, c, { url = raw.url .. "/r", method = "POST",
+        body = function() error("boom", 0) end })
       assert.is_false(ok)
       assert.equal("boom", err)
       assert.same({ idle = 0, active = 0 }, c:stats())

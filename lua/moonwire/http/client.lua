@@ -421,7 +421,9 @@ local function send_body(sock, head, body, raw)
     local chunk = body()
     if chunk == nil then
       if raw then
-        if raw > 0 then return nil, "the body function ended " .. raw .. " bytes short of its Content-Length", "EINVAL" end
+        if raw > 0 then
+          return nil, "the body function ended " .. raw .. " bytes short of its Content-Length", "EINVAL"
+        end
         return true
       end
       return sock:write("0\r\n\r\n")
