@@ -429,6 +429,29 @@ describe("bench: error counting", function()
     end, 20)
   end)
 
+  -- Regression: the threads were joined in order, so a thread that failed while another
+  -- ran was reported only once that one had run its whole duration; and a CLI that gave up
+  -- on the run could free the shared counters those still running threads wrote to. Now
+  -- the first failure stops the others at once and is reported once every thread ended.
+  it("a thread that fails while another runs: the run stops at once, exit 2 naming the thread", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local _ <close> = guard(srv)
+      local script = writefile(tmp(".lua"), [[
+function init()
+  if wrk.thread.id == 2 then error("boom in thread 2") end
+end
+]])
+      local t0 = mw.now()
+      local r = bench({ "-t2", "-c2", "-d6s", "-s", script, url(srv) }, 20)
+      local took = mw.now() - t0
+      assert.equal(2, r.code, r.context)
+      assert.matches("thread 2 failed: [^\n]*boom in thread 2", r.err)
+      assert.is_true(took < 4, ("the CLI ran %.1f s of a 6 s run after thread 2 failed"):format(took) .. r.context)
+      cleanup()
+    end, 30)
+  end)
+
   it("a server answering 500: every response is a status error (Non-2xx), errors.status in JSON", function()
     run(function()
       local srv = serve(function(_, res)

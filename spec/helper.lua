@@ -236,6 +236,16 @@ function helper.subprocess(source, limit, env)
   return out, how, code
 end
 
+-- Builds a C file into a shared object for LD_PRELOAD in a `helper.subprocess` (a libc call
+-- made to fail: spec/fixtures/fail-shim.c). Returns its path; the caller removes it.
+function helper.build_shim(source)
+  local base = os.tmpname()
+  os.remove(base)
+  local so = base .. ".so"
+  assert(os.execute(("cc -shared -fPIC -o %s %s -ldl"):format(so, source)), "cannot build " .. source)
+  return so
+end
+
 -- A deterministic, position-dependent byte pattern of `n` bytes (detects reordering/loss).
 function helper.pattern(n)
   local parts, size, i = {}, 0, 0

@@ -381,6 +381,91 @@ describe("http client: requests and responses", function()
     end)
   end)
 
+  -- Regression: a caller's Content-Length or Transfer-Encoding was sent as given beside a
+  -- body of another length, so the server read part of the body (or the next request) as a
+  -- request of its own: a smuggling hazard for apps that forward headers. Such a request now
+  -- raises before anything is sent; a body function that does not produce its
+  -- Content-Length fails the request and closes the connection.
+  it("a caller's Content-Length or Transfer-Encoding that does not frame the body raises; nothing is sent", function()
+    run(function()
+      local f = fake_http()
+      local _f <close> = f
+      local c = http.client()
+      local smuggled = "x\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+      local bad = {
+        { "Content-Length shorter than the body", { ["Content-Length"] = "1" }, smuggled },
+        { "Content-Length longer than the body", { ["content-length"] = 100 }, "short" },
+        { "Content-Length of a table body", { ["Content-Length"] = "3" }, { "ab", "cd" } },
+        { "Content-Length not a number", { ["Content-Length"] = "5, 5" }, "hello" },
+        { "Content-Length with a sign", { ["Content-Length"] = "+5" }, "hello" },
+        { "two Content-Length fields", { ["Content-Length"] = "5", ["content-length"] = "5" }, "hello" },
+        { "a repeated Content-Length", { ["Content-Length"] = { "5", "5" } }, "hello" },
+        { "Transfer-Encoding with a string body", { ["Transfer-Encoding"] = "chunked" }, "0\r\n\r\n" .. smuggled },
+        { "Transfer-Encoding with a table body", { ["transfer-encoding"] = "chunked" }, { "a" } },
+        { "Content-Length without a body", { ["Content-Length"] = "5" }, nil },
+        { "Transfer-Encoding without a body", { ["Transfer-Encoding"] = "chunked" }, nil },
+        { "Content-Length and Transfer-Encoding", { ["Content-Length"] = "5", ["Transfer-Encoding"] = "chunked" },
+          function() return nil end },
+        { "a Transfer-Encoding that does not end in chunked", { ["Transfer-Encoding"] = "gzip" },
+          function() return nil end },
+      }
+      for _, case in ipairs(bad) do
+        local ok, err = pcall(c.request, c, { url = f.url .. "/", method = "POST", headers = case[2], body = case[3] })
+        assert.is_false(ok, case[1] .. ": the request was sent")
+        assert.matches("bad argument #1 to 'request'", tostring(err), 1, true)
+        assert.matches("headers", tostring(err), 1, true)
+      end
+      assert.equal(0, #f.requests)
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      -- a Content-Length equal to the body's is fine, and so is 0 without a body
+      assert(c:request { url = f.url .. "/s", method = "POST", body = "hello",
+                         headers = { ["Content-Length"] = "5" } }):body()
+      assert(c:request { url = f.url .. "/t", method = "PUT", body = { "he", "llo" },
+                         headers = { ["content-length"] = 5 } }):body()
+      assert(c:request { url = f.url .. "/z", method = "POST", headers = { ["Content-Length"] = "0" } }):body()
+      local once = coroutine.wrap(function() coroutine.yield("x") end)
+      assert(c:request { url = f.url .. "/c", method = "POST", body = once,
+                         headers = { ["Transfer-Encoding"] = "chunked" } }):body()
+      assert.same({ "hello", "hello", "", "x" }, { f.requests[1].body, f.requests[2].body, f.requests[3].body,
+                                                    f.requests[4].body })
+      assert.equal("chunked", f.requests[4].headers["transfer-encoding"])
+      assert.equal(1, f.accepted)
+      c:close()
+      -- a body function that gives more or less than its Content-Length: nil, err, and the
+      -- connection is closed (the server never gets the extra bytes)
+      local got = {}
+      local raw = fake(function(sock, n)
+        local parts = {}
+        while true do
+          local piece = sock:recv(65536, 5)
+          if not piece then break end
+          parts[#parts + 1] = piece
+        end
+        got[n] = table.concat(parts)
+      end)
+      local _raw <close> = raw
+      for n, pieces in ipairs { { "hello", smuggled }, { "hel" } } do
+        local i = 0
+        local res, err, code = c:request { url = raw.url .. "/f", method = "PUT",
+          headers = { ["Content-Length"] = "5" },
+          body = function() i = i + 1 return pieces[i] end }
+        assert.is_nil(res)
+        assert.equal("EINVAL", code)
+        assert.matches("Content%-Length", err)
+        assert.same({ idle = 0, active = 0 }, c:stats())
+        assert.is_true(wait_for(function() return got[n] ~= nil end))
+        assert.equal(pieces[1], got[n]:match("\r\n\r\n(.*)$"))
+      end
+      -- a body function that raises: the error comes through, the connection is not kept
+      local ok, err = pcall(c.request, c, { url = raw.url .. "/r", method = "POST",
+        body = function() error("boom", 0) end })
+      assert.is_false(ok)
+      assert.equal("boom", err)
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      c:close()
+    end)
+  end)
+
   it("a chunked response: body() gives it whole, body_reader() in pieces; the connection is reused", function()
     run(function()
       local pieces = {}
@@ -615,6 +700,27 @@ describe("http client: keep-alive and the pool", function()
       assert.equal(3, log.nconns) -- /1 and /2 closed theirs; /3 and /4 shared one
       c:close()
       srv:close()
+    end)
+  end)
+
+  -- Regression: a connection was pooled with bytes after the response in its buffer (a 204
+  -- that carries a body), and the next request on it took those bytes for its response.
+  it("a response followed by stray bytes (a 204 with a body): the connection is not reused", function()
+    run(function()
+      local f = fake_http(function(_, n, i)
+        if n == 1 and i == 1 then
+          return response("HTTP/1.1 204 No Content", {}) .. ok_response("stale")
+        end
+        return ok_response("fresh")
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/", { timeout = 2 }))
+      assert.equal(204, res.status)
+      assert.equal("", res:body())
+      assert.equal("fresh", assert(c:get(f.url .. "/", { timeout = 2 })):body())
+      assert.equal(2, f.accepted)
+      c:close()
     end)
   end)
 
@@ -1391,6 +1497,12 @@ describe("http client: redirects", function()
           return "streamed"
         end })
         assert.equal("GET /to []", res:body())
+        -- the caller's framing headers go with the body they framed
+        local n = #log
+        res = assert(c:post(base(srv) .. "/from", "payload", { headers = { ["Content-Length"] = "7" } }))
+        assert.equal("GET /to []", res:body())
+        assert.equal("7", log[n + 1].headers["content-length"])
+        assert.is_nil(log[n + 2].headers["content-length"])
         assert.same({}, handler_errors)
         c:close()
         srv:close()

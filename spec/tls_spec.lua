@@ -316,6 +316,33 @@ describe("tls", function()
         assert.equal("ok", res:body())
       end)
     end)
+
+    -- Regression: attach() set the name to verify only for a non-empty host, so host = ""
+    -- passed the "a client needs a host" check and then verified the chain alone: a
+    -- certificate the CA issued for another name was accepted. An empty host is a missing
+    -- one now, everywhere a client decides to verify.
+    it("an empty host does not turn name checks off: every client raises unless insecure = true", function()
+      run(function()
+        local handled = false
+        local srv = serve(server_tls("wronghost"), function(_, res) handled = true res:send("no") end)
+        local _ <close> = guard(srv)
+        helper.raises("host", mw.tcp.connect, "127.0.0.1", srv.port, { tls = trusting { host = "" }, timeout = 5 })
+        helper.raises("host", http.get, base(srv) .. "/", { tls = trusting { host = "" } })
+        helper.raises("host", mw.websocket.connect, ("wss://127.0.0.1:%d/"):format(srv.port),
+          { tls = trusting { host = "" }, timeout = 5 })
+        local c = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+        helper.raises("host", c.starttls, c, mw.tls.context { cafile = cert("ca.pem") }, { host = "", timeout = 5 })
+        assert.is_nil(c:tls_info())
+        c:close()
+        assert.is_false(handled)
+        -- spelled out: no name check (and no SNI)
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { tls = { insecure = true, host = "" }, timeout = 5 }))
+        assert.equal(200, get(s, "/").status)
+        s:close()
+        local res = assert(http.get(base(srv) .. "/", { tls = { insecure = true, host = "" } }))
+        assert.equal("no", res:body())
+      end)
+    end)
   end)
 
   describe("SNI and ALPN", function()
@@ -737,6 +764,34 @@ describe("tls", function()
         assert.equal("deferred", joined(t))
       end)
     end)
+
+    -- Regression (the CVE-2011-0411 class): bytes that arrived before the upgrade and sat
+    -- in the socket's read buffer were returned by the first read after the handshake, as if
+    -- they had come over TLS. A man in the middle appends them to the plaintext "go ahead".
+    it("refuses to upgrade while plaintext bytes are buffered (nil, err, \"tls\"): they never read as TLS", function()
+      run(function()
+        local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+        local cctx = mw.tls.context { cafile = cert("ca.pem") }
+        local c, a = helper.tcp_pair()
+        local _ <close> = helper.closer(c, a)
+        local t = mw.spawn(function()
+          assert(a:write("220 go ahead\r\nINJECTED\r\n"))   -- one write: one segment
+          local ok = a:starttls(sctx, { timeout = 5 })
+          if ok then a:write("real\n") end
+        end)
+        assert.equal("220 go ahead", c:read("l", 5))
+        local ok, err, code = c:starttls(cctx, { host = "localhost", timeout = 5 })
+        local first = ok and c:read("l", 5)
+        assert.is_nil(first, "read after the handshake: " .. tostring(first))
+        assert.equal("tls", code)
+        assert.matches("buffered", err)
+        assert.is_nil(c:tls_info())
+        -- the plaintext is still there for the caller to see
+        assert.equal("INJECTED", c:read("l", 5))
+        c:close()
+        joined(t)
+      end)
+    end)
   end)
 
   describe("closing", function()
@@ -805,6 +860,152 @@ describe("tls", function()
         assert.equal("closed", how)
         l:close()
       end)
+    end)
+  end)
+
+  describe("allocation failures", function()
+    -- Regression: the copies of the SNI names and of the certificate / key paths (strdup)
+    -- were not checked, so a failed copy left a NULL name that the SNI callback compared
+    -- with every client's name, or a NULL key path that reload() read: a crash later, far
+    -- from the cause. A growing SNI table also kept a stale pointer if the second of its two
+    -- reallocs failed. Now a failed copy raises "not enough memory" at once. A preloaded
+    -- strdup that fails for one given string (spec/fixtures/fail-shim.c), in a child process
+    -- (not under ASan, whose own strdup comes first).
+    local asan = os.getenv("MW_ASAN_PRELOAD")
+    local shim
+    local function failing_strdup()
+      shim = shim or helper.build_shim(SPEC_DIR .. "/fixtures/fail-shim.c")
+      return shim
+    end
+    teardown(function() if shim then os.remove(shim) end end)
+
+    local CHILD = [[
+local mw = require "moonwire"
+local D = %q
+local ok, ctx = pcall(mw.tls.context, { server = true, cert = D .. "/server-chain.pem", key = D .. "/server.key",
+  sni = { ["nomem.test"] = { cert = D .. "/other-chain.pem", key = D .. "/other.key" } } })
+print("context", ok, ok or ctx)
+if not ok then return end
+print("reload", ctx:reload())
+mw.run(function()
+  local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0 })
+  l:set_tls(ctx)
+  local _, port = l:getsockname()
+  mw.spawn(function() local a = l:accept(5) if a then a:read("l", 5) a:close() end end)
+  local c, err = mw.tcp.connect("127.0.0.1", port, { tls = { insecure = true, host = "other.test" }, timeout = 5 })
+  print("connect", c ~= nil, err)
+end)
+]]
+
+    for _, case in ipairs { { "an SNI name", "nomem.test" }, { "the key path", "/server.key" },
+                            { "the certificate path", "/server-chain.pem" } } do
+      it("a failed copy of " .. case[1] .. " raises \"not enough memory\" (no crash later)", function()
+        if asan then pending("a preloaded strdup does not come before ASan's") return end
+        local name = case[2]:sub(1, 1) == "/" and (D .. case[2]) or case[2]
+        local out, how, status = helper.subprocess(CHILD:format(D), 10,
+          { LD_PRELOAD = failing_strdup(), MW_FAIL_STRDUP = name })
+        assert.equal("exit", how, out)
+        assert.equal(0, status, out)
+        assert.matches("context\tfalse\t[^\n]*not enough memory", out)
+      end)
+    end
+  end)
+
+  describe("fork", function()
+    -- Regression: a forked child ends every task but the forking one, and their <close>
+    -- variables run; closing an inherited TLS socket sent close_notify on the descriptor
+    -- the parent still uses, so the peer saw the parent's connection end. The child now
+    -- frees inherited sessions without a close_notify. (A child process, so that the test
+    -- process itself never forks.)
+    it("a forked child closing inherited TLS connections sends no close_notify on them", function()
+      local out, how, status = helper.subprocess(([[
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local D = %q
+mw.run(function()
+  local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0,
+    tls = { cert = D .. "/server-chain.pem", key = D .. "/server.key" } })
+  local _, port = l:getsockname()
+  local server = mw.spawn(function()
+    local a <close> = assert(l:accept(5))
+    local lines = {}
+    while true do
+      local line, err = a:read("l", 2)
+      lines[#lines + 1] = line or ("<" .. tostring(err) .. ">")
+      if not line or line == "bye" then break end
+      assert(a:write("echo " .. line .. "\n"))
+    end
+    return table.concat(lines, ",")
+  end)
+  local ready, go = mw.channel(1), mw.channel(1)
+  local client = mw.spawn(function()
+    local c <close> = assert(mw.tcp.connect("127.0.0.1", port, { tls = { cafile = D .. "/ca.pem" }, timeout = 5 }))
+    assert(c:write("one\n"))
+    assert(c:read("l", 5) == "echo one")
+    ready:send(true)
+    go:recv()
+    assert(c:write("two\n"))
+    local answer = c:read("l", 2)
+    c:write("bye\n")
+    return answer
+  end)
+  ready:recv()
+  local pid = assert(core.fork())
+  if pid == 0 then os.exit(0, false) end   -- the child: its other tasks were ended at fork
+  local deadline = mw.now() + 5
+  while core.waitpid(pid) ~= pid and mw.now() < deadline do mw.sleep(0.01) end
+  go:send(true)
+  print("client", client:join())
+  print("server", server:join())
+  l:close()
+end)
+]]):format(D), 10)
+      assert.equal("exit", how, out)
+      assert.equal(0, status, out)
+      assert.matches("client\ttrue\techo two\n", out, 1, true)
+      assert.matches("server\ttrue\tone,two,bye\n", out, 1, true)
+    end)
+  end)
+
+  describe("writes to a peer that is gone", function()
+    -- Regression: once the peer's close_notify had been read, OpenSSL reports a failed
+    -- SSL_write as "zero return"; the TLS transport passed that on as a write of 0 bytes and
+    -- the stream's write loop took it for progress: 100% CPU forever, the loop never
+    -- polling again (a peer could do this to a server on purpose). In a child process,
+    -- which a spinning loop cannot take the test process down with.
+    it("a write after the peer's close_notify fails with EPIPE or ECONNRESET, without spinning", function()
+      local out, how, status = helper.subprocess(([[
+local mw = require "moonwire"
+local D = %q
+mw.run(function()
+  local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0,
+    tls = { cert = D .. "/server-chain.pem", key = D .. "/server.key" } })
+  local _, port = l:getsockname()
+  local t = mw.spawn(function()
+    local a = assert(l:accept(5))
+    assert(a:read("l", 5) == "hi")
+    return a
+  end)
+  local c = assert(mw.tcp.connect("127.0.0.1", port, { tls = { cafile = D .. "/ca.pem" }, timeout = 5 }))
+  assert(c:write("hi\n"))
+  local _, a = assert(t:join())
+  c:close()                                   -- close_notify, then the FIN
+  local piece, _, code = a:recv(100, 5)
+  print("read", piece, code)
+  local ok, wcode
+  for _ = 1, 20 do
+    ok, _, wcode = a:write(("x"):rep(100000))
+    if not ok then break end
+  end
+  print("write", ok, wcode)
+  a:close()
+  l:close()
+end)
+]]):format(D), 10)
+      assert.equal("exit", how, out)
+      assert.equal(0, status, out)
+      assert.matches("read\tnil\tclosed\n", out, 1, true)
+      assert.truthy(out:find("write\tnil\tEPIPE\n", 1, true) or out:find("write\tnil\tECONNRESET\n", 1, true), out)
     end)
   end)
 
@@ -995,6 +1196,73 @@ describe("tls", function()
         assert.equal(size .. " true", res:body())
         c:close()
         os.remove(file)
+      end)
+    end)
+  end)
+
+  describe("https through a CONNECT proxy", function()
+    -- A proxy on 127.0.0.1 for one tunnel: answers CONNECT with 200 (followed by `extra`,
+    -- in the same write), then relays both ways until either side ends. Returns the port
+    -- and the task (its result: the CONNECT target).
+    local function connect_proxy(extra)
+      local l, port = helper.listen()
+      local t = mw.spawn(function()
+        local a = assert(l:accept(5))
+        l:close()
+        local target = assert(a:read("l", 5)):match("^CONNECT (%S+) HTTP/1%.1$")
+        repeat local h = assert(a:read("l", 5)) until h == ""
+        local host, p = target:match("^(.*):(%d+)$")
+        local o = assert(mw.tcp.connect(host, math.tointeger(tonumber(p)), { timeout = 5 }))
+        assert(a:write("HTTP/1.1 200 Connection established\r\n\r\n" .. (extra or "")))
+        local function pump(from, to)
+          while true do
+            local piece = from:recv(65536, 5)
+            if not piece or not to:write(piece) then break end
+          end
+          pcall(to.shutdown, to, "write")
+        end
+        local back = mw.spawn(pump, o, a)
+        pump(a, o)
+        back:join()
+        a:close()
+        o:close()
+        return target
+      end)
+      return port, t
+    end
+
+    it("an honest proxy: the origin's response comes through the tunnel", function()
+      run(function()
+        local srv = serve(server_tls("server"), function(_, res) res:send("origin") end)
+        local _ <close> = guard(srv)
+        local port, t = connect_proxy()
+        local c = http.client()
+        local res = assert(c:get(base(srv) .. "/", { tls = trusting(), proxy = "http://127.0.0.1:" .. port }))
+        assert.equal(200, res.status)
+        assert.equal("origin", res:body())
+        c:close()
+        assert.equal("127.0.0.1:" .. srv.port, joined(t))
+      end)
+    end)
+
+    -- Regression (the CVE-2011-0411 class): the bytes a proxy sent after its 200 stayed in
+    -- the socket's buffer through the handshake and were parsed as the origin's response to
+    -- a verified https:// request. Now they are a protocol error of the proxy.
+    it("a proxy that appends bytes after its 200 fails the request; they are never a response", function()
+      run(function()
+        local handled = false
+        local srv = serve(server_tls("server"), function(_, res) handled = true res:send("origin") end)
+        local _ <close> = guard(srv)
+        local port, t = connect_proxy("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+        local c = http.client()
+        local res, err, code = c:get(base(srv) .. "/", { tls = trusting(), proxy = "http://127.0.0.1:" .. port })
+        assert.is_nil(res, res and ("got a response: " .. res.status .. " " .. tostring(res:body())))
+        assert.equal("proxy", code)
+        assert.matches("after", err)
+        assert.is_false(handled)
+        assert.same({ idle = 0, active = 0 }, c:stats())
+        c:close()
+        joined(t)
       end)
     end)
   end)

@@ -347,10 +347,23 @@ static int s_write(lua_State *L)
 
 static void mw_stream_sendfile(lua_State *L);
 
+/* sock:buffered() -> n: bytes received and not yet returned by a read (the stream's buffer,
+ * plus what the transport holds: TLS may count its undecrypted records as 1). No syscall:
+ * a connection that holds some is not at a message boundary (pools, starttls check it). */
+static int s_buffered(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    size_t n = mw_buf_len(&s->rbuf);
+    if (s->tp->pending) n += (size_t)s->tp->pending(s);
+    lua_pushinteger(L, (lua_Integer)n);
+    return 1;
+}
+
 void mw_stream_open(lua_State *L, int rtidx)
 {
     static const luaL_Reg m[] = {
-        { "read", s_read }, { "recv", s_recv }, { "write", s_write }, { NULL, NULL }
+        { "read", s_read }, { "recv", s_recv }, { "write", s_write }, { "buffered", s_buffered },
+        { NULL, NULL }
     };
     mw_rt *rt = lua_touserdata(L, rtidx);
     rt->before_poll = flush_dirty;

@@ -198,9 +198,13 @@ static int t_start(lua_State *L)
     const char *code = luaL_checklstring(L, 2, &cn);
     const char *arg = luaL_optlstring(L, 3, "", &an);
     if (t->started) return luaL_error(L, "the thread was already started");
-    t->code = malloc(cn);
+    /* the thread's copies; a start that fails frees them (nothing started: it may be
+     * tried again, and each try would leave its copies behind) */
+    free(t->code);
+    free(t->arg);
+    t->code = malloc(cn ? cn : 1);
     t->arg = malloc(an + 1);
-    if (!t->code || !t->arg) return luaL_error(L, "not enough memory");
+    if (!t->code || !t->arg) return luaL_error(L, "not enough memory");  /* __gc frees */
     memcpy(t->code, code, cn);
     memcpy(t->arg, arg, an);
     t->codelen = cn;
@@ -210,7 +214,12 @@ static int t_start(lua_State *L)
     pthread_sigmask(SIG_SETMASK, &all, &old);  /* signals stay with the main loop */
     int e = pthread_create(&t->th, NULL, thread_main, t);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (e) return mw_pusherrno(L, e);
+    if (e) {
+        free(t->code);
+        free(t->arg);
+        t->code = t->arg = NULL;
+        return mw_pusherrno(L, e);
+    }
     t->started = 1;
     lua_pushboolean(L, 1);
     return 1;
@@ -319,35 +328,38 @@ void mw_thread_open(lua_State *L, int rtidx)
 }
 
 /* ---- shared counters: a block of 64-bit cells that bench threads update and the main
- * thread reads while they run (the live progress line). The creator owns the block and
- * must outlive the threads' views. ---- */
+ * thread reads while they run (the live progress line). The block counts its views (the
+ * creator's and every thread's): the last one to go frees it, so a thread that still runs
+ * when the creator gives up on the run (another thread failed) never writes freed memory. ---- */
 
 #define COUNTERS_MT "moonwire.Counters"
 
-typedef struct { uint64_t *cells; int n; int owner; } counters_t;
+typedef struct { int refs; uint64_t cells[]; } counters_block;
+typedef struct { counters_block *b; int n; } counters_t;
 
 static int c_new(lua_State *L)
 {
     lua_Integer n = luaL_checkinteger(L, 1);
     luaL_argcheck(L, n > 0 && n <= 4096, 1, "1..4096 cells");
     counters_t *c = lua_newuserdatauv(L, sizeof *c, 0);
-    c->cells = calloc((size_t)n, sizeof *c->cells);
+    c->b = NULL;
     c->n = (int)n;
-    c->owner = 1;
-    if (!c->cells) return luaL_error(L, "not enough memory");
     luaL_setmetatable(L, COUNTERS_MT);
+    c->b = calloc(1, sizeof *c->b + (size_t)n * sizeof c->b->cells[0]);
+    if (!c->b) return luaL_error(L, "not enough memory");
+    c->b->refs = 1;
     return 1;
 }
 
-/* counters_attach(address, n): a view of another thread's block */
+/* counters_attach(address, n): a view of another thread's block (it lives while viewed) */
 static int c_attach(lua_State *L)
 {
     lua_Integer addr = luaL_checkinteger(L, 1);
     lua_Integer n = luaL_checkinteger(L, 2);
     counters_t *c = lua_newuserdatauv(L, sizeof *c, 0);
-    c->cells = (uint64_t *)(uintptr_t)addr;
+    c->b = (counters_block *)(uintptr_t)addr;
     c->n = (int)n;
-    c->owner = 0;
+    __atomic_add_fetch(&c->b->refs, 1, __ATOMIC_RELAXED);
     luaL_setmetatable(L, COUNTERS_MT);
     return 1;
 }
@@ -356,8 +368,8 @@ static uint64_t *cell(lua_State *L)
 {
     counters_t *c = luaL_checkudata(L, 1, COUNTERS_MT);
     lua_Integer i = luaL_checkinteger(L, 2);
-    luaL_argcheck(L, i >= 1 && i <= c->n && c->cells, 2, "cell out of range");
-    return &c->cells[i - 1];
+    luaL_argcheck(L, i >= 1 && i <= c->n && c->b, 2, "cell out of range");
+    return &c->b->cells[i - 1];
 }
 
 static int c_set(lua_State *L)
@@ -377,15 +389,15 @@ static int c_get(lua_State *L)
 static int c_address(lua_State *L)
 {
     counters_t *c = luaL_checkudata(L, 1, COUNTERS_MT);
-    lua_pushinteger(L, (lua_Integer)(uintptr_t)c->cells);
+    lua_pushinteger(L, (lua_Integer)(uintptr_t)c->b);
     return 1;
 }
 
 static int c_gc(lua_State *L)
 {
     counters_t *c = luaL_checkudata(L, 1, COUNTERS_MT);
-    if (c->owner) free(c->cells);
-    c->cells = NULL;
+    if (c->b && __atomic_sub_fetch(&c->b->refs, 1, __ATOMIC_ACQ_REL) == 0) free(c->b);
+    c->b = NULL;
     return 0;
 }
 

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <strings.h>
+#include <unistd.h>
 #include <arpa/inet.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -39,6 +40,7 @@ typedef struct mw_tlsctx {
 typedef struct mw_tlsconn {
     SSL *ssl;
     int handshake_done;
+    pid_t pid;                  /* the process that made the session (see tls_close) */
     char err[256];
 } mw_tlsconn;
 
@@ -192,15 +194,26 @@ static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *
     errno = 0;
     int r = SSL_write(c->ssl, p, len > 0x7fffffff ? 0x7fffffff : (int)len);
     if (r > 0) return r;
-    return ssl_result(s, c, r, want);
+    ssize_t x = ssl_result(s, c, r, want);
+    if (x == 0) {
+        /* "closed" (the peer's close_notify came in, or a bare EOF) is an end for a read;
+         * for a write that moved nothing it must be an error, or the caller's write loop
+         * takes 0 bytes for progress and spins */
+        errno = EPIPE;
+        return -1;
+    }
+    return x;
 }
 
 static void tls_close(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
     if (!c) return;
-    /* handshakes driven by SSL_read/SSL_write (accepted, deferred) never set the flag */
-    if ((c->handshake_done || SSL_is_init_finished(c->ssl)) && s->io.fd >= 0) {
+    /* handshakes driven by SSL_read/SSL_write (accepted, deferred) never set the flag. A
+     * forked child closing a session it inherited (its tasks are ended at fork, their
+     * <close> variables run) only frees it: the connection is still the parent's, and a
+     * close_notify from here would end it for the peer */
+    if ((c->handshake_done || SSL_is_init_finished(c->ssl)) && s->io.fd >= 0 && c->pid == getpid()) {
         ERR_clear_error();
         SSL_shutdown(c->ssl);           /* best effort close_notify, never waits */
         ERR_clear_error();
@@ -210,10 +223,13 @@ static void tls_close(mw_sock *s)
     s->tls = NULL;
 }
 
+/* decrypted bytes not yet read, or 1 for records read from the fd and not yet decrypted */
 static int tls_pending(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
-    return c && SSL_has_pending(c->ssl);
+    if (!c) return 0;
+    int n = SSL_pending(c->ssl);
+    return n > 0 ? n : SSL_has_pending(c->ssl);
 }
 
 static const char *tls_errmsg(mw_sock *s)
@@ -429,6 +445,7 @@ static int l_tls_context(lua_State *L)
         if (strncmp(cert, "-----BEGIN", 10) != 0) {
             t->cert_file = strdup(cert);
             t->key_file = strdup(key);
+            if (!t->cert_file || !t->key_file) return luaL_error(L, "not enough memory");  /* __gc frees */
         }
         static const unsigned char sid[] = "moonwire";
         SSL_CTX_set_session_id_context(t->ctx, sid, sizeof sid - 1);
@@ -449,13 +466,16 @@ static int l_tls_context(lua_State *L)
                 configure_verify(L, sc, 1, 1, 0);
                 SSL_CTX_set_session_id_context(sc, sid, sizeof sid - 1);
                 SSL_CTX_set_alpn_select_cb(sc, alpn_select, t);
-                SSL_CTX **nc = realloc(t->sni_ctx, (size_t)(t->nsni + 1) * sizeof *nc);
+                /* each block is kept as soon as it moved: a failure after one realloc must
+                 * not leave the context pointing at the freed old block */
+                char *name = strdup(lua_tostring(L, -2));
+                SSL_CTX **nc = name ? realloc(t->sni_ctx, (size_t)(t->nsni + 1) * sizeof *nc) : NULL;
+                if (nc) t->sni_ctx = nc;
                 char **nn = nc ? realloc(t->sni_name, (size_t)(t->nsni + 1) * sizeof *nn) : NULL;
-                if (!nc || !nn) { SSL_CTX_free(sc); luaL_error(L, "not enough memory"); }
-                t->sni_ctx = nc;
-                t->sni_name = nn;
+                if (nn) t->sni_name = nn;
+                if (!nn) { free(name); SSL_CTX_free(sc); luaL_error(L, "not enough memory"); }
                 t->sni_ctx[t->nsni] = sc;
-                t->sni_name[t->nsni] = strdup(lua_tostring(L, -2));
+                t->sni_name[t->nsni] = name;
                 t->nsni++;
                 lua_pop(L, 1);
             }
@@ -512,8 +532,10 @@ static int ctx_reload(lua_State *L)
 static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
 {
     if (s->tls) return "the socket already uses TLS";
+    if (!t->server && !t->insecure && !(host && *host)) return "a client needs a host name to verify";
     mw_tlsconn *c = calloc(1, sizeof *c);
     if (!c) return "not enough memory";
+    c->pid = getpid();
     c->ssl = SSL_new(t->ctx);
     BIO *b = c->ssl ? sock_bio(s) : NULL;
     if (!b) {
@@ -618,8 +640,14 @@ static int s_starttls(lua_State *L)
         lua_pop(L, 1);
         defer = optbool(L, 3, "defer");
     }
+    if (host && !*host) host = NULL;   /* an empty name is no name: never "verify nothing" */
     if (!t->server && !t->insecure && !host)
         return luaL_error(L, "starttls: a client needs 'host' to verify (or insecure = true)");
+    /* bytes read before the upgrade came in plaintext: returned by the first read after the
+     * handshake they would pass for TLS data (CVE-2011-0411: a man in the middle appends
+     * them to the plaintext "go ahead") */
+    if (!s->tls && mw_buf_len(&s->rbuf) > 0)
+        return mw_pushfail(L, "tls: bytes received before the upgrade are still buffered", "tls");
     const char *e = attach(s, t, host);
     if (e) return mw_pushfail(L, e, "tls");
     lua_settop(L, 2);

@@ -31,6 +31,11 @@ function M.client_context(opt)
   if M.is_context(opt) then return opt end
   if opt == true then opt = {} end
   if type(opt) ~= "table" then error("bad option 'tls' (true, table or context expected)", 3) end
+  local host = opt.host
+  if host ~= nil and (type(host) ~= "string" or host == "" and opt.insecure ~= true) then
+    -- an empty name would verify the chain alone: any certificate of the CA would do
+    error("bad option 'tls.host' (a non-empty host name expected, or insecure = true)", 3)
+  end
   local parts = {}
   for _, k in ipairs(client_keys) do parts[#parts + 1] = tostring(opt[k]) end
   if opt.alpn then parts[#parts + 1] = table.concat(opt.alpn, ",") end

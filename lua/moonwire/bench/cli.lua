@@ -264,6 +264,29 @@ local function merge_results(results)
   }
 end
 
+-- Joins every started thread (all at once, so the first failure is seen as it happens);
+-- the first failure sets the stop flag, so the others end their run early, and is raised
+-- once all have ended: no thread outlives the run, or reports into a run given up on.
+-- `failure`: a failure that happened already (a thread that could not start).
+local function join_all(handles, shared, stop_cell, failure)
+  if failure then shared:set(stop_cell, 1) end
+  local results, joiners = {}, {}
+  for i, h in pairs(handles) do
+    joiners[#joiners + 1] = mw.spawn(function()
+      local s, terr = h:join()
+      if s then
+        results[i] = serial.decode(s)
+      else
+        failure = failure or ("thread " .. i .. " failed: " .. tostring(terr))
+        shared:set(stop_cell, 1)
+      end
+    end)
+  end
+  for _, j in ipairs(joiners) do j:join() end
+  if failure then error(failure, 0) end
+  return results
+end
+
 local function progress_line(o, shared, t0)
   local last, last_t = 0, mw.now()
   while mw.sleep(1) do   -- ends when cancelled
@@ -383,7 +406,8 @@ function M.main(argv)
     main_wrk.method = o.method or "GET"
     main_wrk.body = o.body
     if o.script then wrkenv.load(o.script, main_env) end
-    local shared = core.counters(3 * o.threads)
+    -- 3 cells per thread (count, errors, p99) and a stop flag (see join_all)
+    local shared = core.counters(3 * o.threads + 1)
     local handles, threads = {}, {}
     for i = 1, o.threads do
       local h = core.thread()
@@ -400,6 +424,7 @@ function M.main(argv)
     if main_env.setup then for _, th in ipairs(threads) do main_env.setup(th) end end
     local per, extra = o.connections // o.threads, o.connections % o.threads
     local t0 = mw.now()
+    local started = {}
     for i, h in ipairs(handles) do
       local cfg = {
         thread_id = i, threads = o.threads, target = target, headers = o.headers,
@@ -409,16 +434,15 @@ function M.main(argv)
         body = o.body or main_wrk.body, script = o.script, script_args = o.script_args, verify = o.verify,
         counters = shared:address(), url = o.url,
       }
-      assert(h:start(thread_code, serial.encode(cfg)))
+      local started_ok, serr = h:start(thread_code, serial.encode(cfg))
+      if not started_ok then
+        join_all(started, shared, 3 * o.threads + 1, ("thread %d cannot start: %s"):format(i, tostring(serr)))
+      end
+      started[i] = h
     end
     local prog
     if not o.quiet and core.isatty(1) and o.json ~= "-" then prog = mw.spawn(progress_line, o, shared, t0) end
-    local results = {}
-    for i, h in ipairs(handles) do
-      local s, terr = h:join()
-      if not s then error("thread " .. i .. " failed: " .. tostring(terr), 0) end
-      results[i] = serial.decode(s)
-    end
+    local results = join_all(started, shared, 3 * o.threads + 1)
     if prog then prog:cancel() io.stdout:write("\r", (" "):rep(70), "\r") end
     result = merge_results(results)
     local out = o.json == "-" and io.stderr or io.stdout

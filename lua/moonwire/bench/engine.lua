@@ -195,7 +195,9 @@ end
 function M.run(cfg, hooks, on_stop)
   local st = new_state(cfg)
   st.hooks = hooks
-  if cfg.counters then st.shared = core.counters_attach(cfg.counters, 3 * cfg.threads) end
+  -- the shared cells: 3 per thread (count, errors, p99), then the run's stop flag
+  local stop_cell = 3 * cfg.threads + 1
+  if cfg.counters then st.shared = core.counters_attach(cfg.counters, stop_cell) end
   mw.run(function()
     st.t_start = hrtime()
     for i = 1, cfg.conns_in_thread do mw.spawn(connection, st, i, hooks) end
@@ -204,6 +206,7 @@ function M.run(cfg, hooks, on_stop)
     while not st.stop and hrtime() < deadline do
       mw.sleep(math.min(0.05, (deadline - hrtime()) / 1e9))
       if on_stop and on_stop() then st.stop = true end
+      if st.shared and st.shared:get(stop_cell) ~= 0 then st.stop = true end   -- another thread failed
     end
     st.stop = true
     st.t_end = hrtime()

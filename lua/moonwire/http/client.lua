@@ -118,7 +118,7 @@ local function checkout(self, key, connect)
       local age = now - c.idle_since
       -- a connection back in the pool for under a second is trusted without a syscall; a
       -- stale one is caught by the retry in exchange() for idempotent requests
-      if age < self.idle_timeout and (age < 1 or c.sock:alive()) then
+      if age < self.idle_timeout and c.sock:buffered() == 0 and (age < 1 or c.sock:alive()) then
         p.active = p.active + 1
         c.reused, c.released = true, false
         return c
@@ -157,6 +157,8 @@ local function release(self, c, reusable)
   local p = c.pool
   p.active = p.active - 1
   local waiting = p.waiters.first <= p.waiters.last
+  -- bytes after the response (a 204 with a body...) would be the next request's answer
+  if reusable and c.sock:buffered() > 0 then reusable = false end
   if reusable and (#p.idle < self.max_idle or waiting) and not self._closed then
     c.idle_since = mw.now()
     p.idle[#p.idle + 1] = c
@@ -347,7 +349,47 @@ local function header_pairs(o, u, self, flat)
     flat[2 * n + 1], flat[2 * n + 2] = "Authorization", "Basic " .. base64(u.user .. ":" .. (u.password or ""))
     n = n + 1
   end
-  return n, seen["content-length"]
+  return n, seen["content-length"] or seen["transfer-encoding"]
+end
+
+-- Every value a caller gave for the header field `lname`, as strings.
+local function values_of(headers, lname)
+  local list = {}
+  for k, v in pairs(headers) do
+    if k:lower() == lname then
+      if type(v) == "table" then
+        for _, item in ipairs(v) do list[#list + 1] = tostring(item) end
+      elseif v ~= false then
+        list[#list + 1] = tostring(v)
+      end
+    end
+  end
+  return list
+end
+
+-- A caller's own Content-Length or Transfer-Encoding must frame the body we send: otherwise
+-- the server reads part of the body, or the next request, as a request of its own (a
+-- smuggling hazard for apps that forward headers). Raises naming the option; returns the
+-- Content-Length a body function must produce, if one was given.
+local function check_framing(headers, length)
+  local cl, te = values_of(headers, "content-length"), values_of(headers, "transfer-encoding")
+  local function bad(msg) argerror(1, "request", "option 'headers': " .. msg, 5) end
+  if #cl > 0 and #te > 0 then bad("both Content-Length and Transfer-Encoding") end
+  if #cl > 1 or #te > 1 then bad("Content-Length and Transfer-Encoding may be given once") end
+  if cl[1] then
+    local n = cl[1]:match("^%d+$") and math.tointeger(tonumber(cl[1]))
+    if not n then bad("Content-Length '" .. cl[1] .. "' is not a decimal number") end
+    if length == -1 then return n end   -- a body function: send_body counts
+    local want = length >= 0 and length or 0
+    if cl[1] ~= tostring(want) then
+      bad("Content-Length " .. cl[1] .. " does not match the body's length " .. want)
+    end
+  elseif te[1] then
+    if length ~= -1 then bad("Transfer-Encoding needs a body function (the body goes chunked)") end
+    local last = te[1]:lower():match("([^,]*)$"):match("^%s*(.-)%s*$")
+    if last ~= "chunked" then bad("Transfer-Encoding '" .. te[1] .. "' does not end in chunked") end
+  end
+  return nil
 end
 
 local function body_length(body)
@@ -367,7 +409,7 @@ local function body_length(body)
 end
 
 -- Sends the head and the body; a function body goes chunked, or raw when the caller gave
--- a content-length (`raw`).
+-- a content-length (`raw`: that length, which the function must produce exactly).
 local function send_body(sock, head, body, raw)
   local tb = type(body)
   if body == nil then return sock:write(head) end
@@ -378,13 +420,24 @@ local function send_body(sock, head, body, raw)
   while true do
     local chunk = body()
     if chunk == nil then
-      if raw then return true end
+      if raw then
+        if raw > 0 then
+          return nil, "the body function ended " .. raw .. " bytes short of its Content-Length", "EINVAL"
+        end
+        return true
+      end
       return sock:write("0\r\n\r\n")
     end
     if type(chunk) ~= "string" then error("body function returned a " .. type(chunk), 0) end
     if chunk ~= "" then
-      if raw then ok, err, code = sock:write(chunk)
-      else ok, err, code = sock:write(("%x\r\n"):format(#chunk), chunk, "\r\n") end
+      if raw then
+        -- what goes past the Content-Length would reach the server as another request
+        if #chunk > raw then return nil, "the body function gave more than its Content-Length", "EINVAL" end
+        raw = raw - #chunk
+        ok, err, code = sock:write(chunk)
+      else
+        ok, err, code = sock:write(("%x\r\n"):format(#chunk), chunk, "\r\n")
+      end
       if not ok then return nil, err, code end
     end
   end
@@ -484,6 +537,12 @@ local function exchange(self, o, u, method, body)
           sock:close()
           return nil, "proxy CONNECT answered " .. r.status, "proxy"
         end
+        -- the origin speaks first only after our ClientHello: bytes already here came from
+        -- the proxy (or whoever is on the plaintext leg) and must never pass for TLS data
+        if sock:buffered() > 0 then
+          sock:close()
+          return nil, "proxy CONNECT: the proxy sent bytes after its 200 response", "proxy"
+        end
         return handshake(sock)
       end
     else
@@ -513,13 +572,14 @@ local function exchange(self, o, u, method, body)
     self._nconnectors = self._nconnectors + 1
   end
   local flat = self._flat   -- scratch: request_head() copies it at once
-  local nh, has_length = header_pairs(o, u, self, flat)
+  local nh, framed = header_pairs(o, u, self, flat)
   if proxy and proxy.user and not https then
     flat[2 * nh + 1], flat[2 * nh + 2] = "Proxy-Authorization",
       "Basic " .. base64(proxy.user .. ":" .. (proxy.password or ""))
     nh = nh + 1
   end
   local length = body_length(body)
+  local raw = framed and check_framing(o.headers, length)
   local head = request_head(method, target, u.authority, flat, nh, length)
   local replayable = type(body) ~= "function"
   for attempt = 1, 2 do
@@ -527,7 +587,17 @@ local function exchange(self, o, u, method, body)
     if not c then return nil, err, code end
     c.client = self
     local ok
-    ok, err, code = send_body(c.sock, head, body, has_length)
+    if replayable then
+      ok, err, code = send_body(c.sock, head, body, raw)
+    else
+      -- a body function may raise: the connection goes back (closed) before the error does
+      local done
+      done, ok, err, code = pcall(send_body, c.sock, head, body, raw)
+      if not done then
+        release(self, c, false)
+        error(ok, 0)
+      end
+    end
     local res
     if ok then
       repeat
@@ -551,6 +621,17 @@ local redirect_codes = { [301] = true, [302] = true, [303] = true, [307] = true,
 local credential_headers = { authorization = true, cookie = true, ["proxy-authorization"] = true }
 
 local function origin_of(u) return u.scheme .. "://" .. u.host .. ":" .. u.port end
+
+-- The headers without Content-Length and Transfer-Encoding (a redirect that drops the body).
+local function without_framing(headers)
+  if not headers then return nil end
+  local out = {}
+  for k, v in pairs(headers) do
+    local lk = k:lower()
+    if lk ~= "content-length" and lk ~= "transfer-encoding" then out[k] = v end
+  end
+  return out
+end
 
 local function strip_credentials(headers)
   if not headers then return nil end
@@ -606,6 +687,7 @@ function Client:request(o)
     if not nu then return nil, "bad redirect location: " .. nerr, "redirect" end
     if not keep_method and method ~= "GET" and method ~= "HEAD" then
       method, body = "GET", nil
+      opts.headers = without_framing(opts.headers)
     end
     if origin_of(nu) ~= origin_of(u) then
       opts.headers = strip_credentials(opts.headers)
