@@ -13,6 +13,8 @@ scheduler under straight-line Lua code. sock:read() parks only the calling task.
   license = "MIT",
   labels = { "networking", "async", "http", "websocket" },
 }
+-- the core is built on epoll, signalfd and eventfd
+supported_platforms = { "linux" }
 dependencies = {
   "lua >= 5.4, < 5.5",
 }
@@ -30,7 +32,9 @@ build = {
     CFLAGS = "$(CFLAGS)",
     LUA_INCDIR = "$(LUA_INCDIR)",
     OPENSSL_INCDIR = "$(OPENSSL_INCDIR)",
+    OPENSSL_LIBDIR = "$(OPENSSL_LIBDIR)",
     ZLIB_INCDIR = "$(ZLIB_INCDIR)",
+    ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
   },
   install_pass = false,
   install = {
