@@ -70,8 +70,8 @@ describe("the build", function()
     -- a deps step that "installs" llhttp where this make looks for it (absent when it starts)
     local install = ("mkdir -p %s/share/llhttp %s/share/include/llhttp && cp %s/*.c %s/share/llhttp/ && "
       .. "cp /usr/share/include/llhttp/llhttp.h %s/share/include/llhttp/"):format(dir, dir, src, dir, dir)
-    local out, ok = make(("-j2 BUILD=%s/build LLHTTP_DIR=%s/share/llhttp PKG=false CFLAGS=-O0 INSTALL_DEPS='%s' deps-build")
-      :format(dir, dir, install))
+    local out, ok = make(("-j2 BUILD=%s/build LLHTTP_DIR=%s/share/llhttp PKG=false CFLAGS=-O0 "
+      .. "INSTALL_DEPS='%s' deps-build"):format(dir, dir, install))
     local so = dir .. "/build/moonwire/core.so"
     local made = file_exists(so)
     local undefined = made and undefined_llhttp(so) or {}
