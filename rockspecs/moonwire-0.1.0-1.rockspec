@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "a59831cba5946df88dc6b76ee8e1464a",
+  md5 = "02cffeb24ab50c6e26d211297ff7594b",
   dir = "moonwire-0.1.0",
 }
 description = {
