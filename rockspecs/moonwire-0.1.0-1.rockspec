@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "02cffeb24ab50c6e26d211297ff7594b",
+  md5 = "1e38eed13d586f55204e077b7c4b948c",
   dir = "moonwire-0.1.0",
 }
 description = {
