@@ -13,6 +13,8 @@ scheduler under straight-line Lua code. sock:read() parks only the calling task.
   license = "MIT",
   labels = { "networking", "async", "http", "websocket" },
 }
+-- the core is built on epoll, signalfd and eventfd
+supported_platforms = { "linux" }
 dependencies = {
   "lua >= 5.4, < 5.5",
 }
@@ -22,6 +24,7 @@ dependencies = {
 external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h", library = "ssl" },
   ZLIB = { header = "zlib.h", library = "z" },
+  NGHTTP2 = { header = "nghttp2/nghttp2.h", library = "nghttp2" },
 }
 build = {
   type = "make",
@@ -30,7 +33,11 @@ build = {
     CFLAGS = "$(CFLAGS)",
     LUA_INCDIR = "$(LUA_INCDIR)",
     OPENSSL_INCDIR = "$(OPENSSL_INCDIR)",
+    OPENSSL_LIBDIR = "$(OPENSSL_LIBDIR)",
     ZLIB_INCDIR = "$(ZLIB_INCDIR)",
+    ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
+    NGHTTP2_INCDIR = "$(NGHTTP2_INCDIR)",
+    NGHTTP2_LIBDIR = "$(NGHTTP2_LIBDIR)",
   },
   install_pass = false,
   install = {
@@ -48,6 +55,7 @@ build = {
       ["moonwire.http.mime"] = "lua/moonwire/http/mime.lua",
       ["moonwire.http.workers"] = "lua/moonwire/http/workers.lua",
       ["moonwire.http.client"] = "lua/moonwire/http/client.lua",
+      ["moonwire.http.h2"] = "lua/moonwire/http/h2.lua",
       ["moonwire.websocket"] = "lua/moonwire/websocket.lua",
       ["moonwire.tls"] = "lua/moonwire/tls.lua",
       ["moonwire.bench"] = "lua/moonwire/bench/init.lua",
