@@ -463,7 +463,7 @@ describe("tls interop", function()
         assert.matches("^hello over TLSv1%.[23]$", out)
         assert.equal(2, #seen)
         assert.equal("localhost", seen[2].sni)
-        assert.equal("http/1.1", seen[2].alpn)   -- curl offers ALPN
+        assert.equal("h2", seen[2].alpn)   -- curl offers ALPN (h2, http/1.1)
       end)
     end)
 
