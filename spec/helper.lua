@@ -246,6 +246,33 @@ function helper.build_shim(source)
   return so
 end
 
+-- Runs a shell command in the background (killed after `limit` seconds, default 20) and
+-- waits for its exit from the loop, which keeps serving meanwhile (so the command may talk
+-- to servers of the test). Returns exit code, stdout, stderr.
+function helper.shell(cmd, limit)
+  limit = limit or 20
+  local base = os.tmpname()
+  local out, err, rc = base .. ".out", base .. ".err", base .. ".rc"
+  local quoted = "'" .. cmd:gsub("'", "'\\''") .. "'"
+  local script = ("(timeout -k 2 %d sh -c %s) >%s 2>%s </dev/null; echo $? >%s.tmp; mv %s.tmp %s")
+    :format(limit, quoted, out, err, rc, rc, rc)
+  assert(os.execute("(" .. script .. ") >/dev/null 2>&1 &"))
+  local deadline = mw.now() + limit + 5
+  local code
+  while true do
+    local s = helper.readfile(rc)
+    if s and s ~= "" then
+      code = math.tointeger(tonumber(s))
+      break
+    end
+    if mw.now() > deadline then error("command did not finish in time: " .. cmd, 2) end
+    mw.sleep(0.01)
+  end
+  local o, e = helper.readfile(out) or "", helper.readfile(err) or ""
+  for _, f in ipairs { base, out, err, rc } do os.remove(f) end
+  return code, o, e
+end
+
 -- A deterministic, position-dependent byte pattern of `n` bytes (detects reordering/loss).
 function helper.pattern(n)
   local parts, size, i = {}, 0, 0

@@ -57,6 +57,7 @@ struct h2stream {
     uint32_t close_code;
     int64_t content_length;    /* the request's, -1 unknown */
     int64_t received;          /* DATA bytes of the request */
+    size_t unconsumed;         /* received, window not given back yet (consumed()) */
     size_t hbytes;             /* decoded header list size */
     fields head, trailers, trout;
     mw_buf in, out;            /* request body not read yet; response body not sent yet */
@@ -358,6 +359,7 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     if (!p) return NGHTTP2_ERR_CALLBACK_FAILURE;
     memcpy(p, data, len);
     mw_buf_commit(&st->in, len);
+    st->unconsumed += len;
     (void)c;
     wake(&st->reader);
     return 0;
@@ -816,6 +818,8 @@ static int stream_fail(lua_State *L, h2stream *st)
 static void consumed(h2stream *st, size_t n)
 {
     h2conn *c = st->c;
+    if (n > st->unconsumed) n = st->unconsumed;
+    st->unconsumed -= n;
     if (!c || !c->session || n == 0) return;
     if (st->in_session) nghttp2_session_consume(c->session, st->id, n);
     else nghttp2_session_consume_connection(c->session, n);
@@ -867,14 +871,7 @@ static int body_step(lua_State *L, h2stream *st, mw_task *t, int mode)
         if (mode == 0 && have > 0) {
             /* a whole body is read at once: give the window back as it arrives, or a body
              * larger than the stream window could never complete */
-            h2conn *c = st->c;
-            if (c->session && st->in_session) {
-                int32_t unacked = nghttp2_session_get_stream_effective_recv_data_length(c->session, st->id);
-                if (unacked > 0) {
-                    nghttp2_session_consume(c->session, st->id, (size_t)unacked);
-                    flush_session(c);
-                }
-            }
+            consumed(st, st->unconsumed);
         }
         if (st->expect && st->c && st->c->session && !st->responded) {
             /* the client waits for 100 Continue before it sends the body */
@@ -1164,7 +1161,7 @@ static int st_respond(lua_State *L)
     prd.source.ptr = st;
     prd.read_callback = read_body_out;
     int rv = nghttp2_submit_response(c->session, st->id, l->nv, (size_t)l->n,
-                                     (eof && mw_buf_len(&st->out) == 0) ? NULL : &prd);
+                                     (eof && mw_buf_len(&st->out) == 0 && st->trout.n == 0) ? NULL : &prd);
     lua_settop(L, lidx - 1);
     if (rv != 0) return mw_pushfail(L, nghttp2_strerror(rv), "http2");
     flush_session(c);

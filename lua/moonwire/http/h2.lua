@@ -53,6 +53,8 @@ local function send_raw(self, body)
   local head = self[REQ][R_METHOD] == "HEAD"
   self.sent, self[FIN] = true, true
   self[BYTES] = (none or head) and 0 or #body
+  local tr = self._trailers
+  if tr then self[SOCK]:set_trailers(tr, #tr // 2) end
   local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE,
     (none or head) and nil or body, true, srv.server_name, none and -1 or #body)
   if not ok then self[CLOSE] = true end
@@ -135,6 +137,13 @@ function R2:sendfile(path, offset, length)
     self[BYTES] = length
   end
   return self:finish()
+end
+
+--- A 103 Early Hints HEADERS frame before the response.
+function R2:hint(headers)
+  local list = Response._field_list("hint", headers)
+  if self.sent then error("response head already sent", 2) end
+  return self[SOCK]:respond(103, list, #list // 2, 1)
 end
 
 -- Response._copyfile writes through self[SOCK]:write: the stream's write here

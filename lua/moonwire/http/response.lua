@@ -44,6 +44,7 @@ Response.slots = { SRV = SRV, REQ = REQ, SOCK = SOCK, NH = NH, FIN = FIN, BYTES 
 Response._touched = false
 Response._mode = false
 Response._ws = false
+Response._trailers = false
 Response._taken = false
 
 -- server.lua makes each response with one table constructor (in its request loop):
@@ -308,8 +309,58 @@ function Response:finish()
   if self[FIN] then return true end
   if not self.sent then return self:send("") end
   self[FIN] = true
-  if self._mode == "chunked" then return write(self, "0\r\n\r\n") end
+  if self._mode == "chunked" then
+    local tr = self._trailers
+    if not tr then return write(self, "0\r\n\r\n") end
+    local parts = { "0\r\n" }
+    for i = 1, #tr, 2 do parts[#parts + 1] = tr[i] .. ": " .. tr[i + 1] .. "\r\n" end
+    parts[#parts + 1] = "\r\n"
+    return write(self, table.concat(parts))
+  end
   return true
+end
+
+-- A header list given as a table (name -> value or list of values), checked as res:header
+-- checks, as a flat { name, value, ... } array.
+local function field_list(fname, t)
+  if type(t) ~= "table" then argerror(1, fname, "table expected, got " .. type(t), 4) end
+  local list = {}
+  for name, v in pairs(t) do
+    if type(name) ~= "string" or not name:find("^[A-Za-z0-9!#$%%&'*+%-.^_`|~]+$") then
+      argerror(1, fname, "invalid header name", 4)
+    end
+    for _, value in ipairs(type(v) == "table" and v or { v }) do
+      value = tostring(value)
+      if not value_ok(value) then argerror(1, fname, "value contains CR, LF or NUL", 4) end
+      list[#list + 1] = name:lower()
+      list[#list + 1] = value
+    end
+  end
+  return list
+end
+Response._field_list = field_list
+
+--- res:trailer(name, value): a trailer field, sent after a streamed body (HTTP/1.1 chunked
+-- responses, and every HTTP/2 response); call it before finish().
+function Response:trailer(name, value)
+  if self[FIN] then error("response already finished", 2) end
+  local list = field_list("trailer", { [name] = value })
+  local tr = self._trailers or {}
+  for i = 1, #list do tr[#tr + 1] = list[i] end
+  self._trailers = tr
+  return self
+end
+
+--- res:hint(headers): a 103 Early Hints response ahead of the real one (HTTP/1.1 and 2;
+-- nothing for an HTTP/1.0 client, which must not get a 1xx).
+function Response:hint(headers)
+  local list = field_list("hint", headers)
+  if self.sent then error("response head already sent", 2) end
+  if self[REQ][R_VERSION] == "1.0" then return true end
+  local parts = { "HTTP/1.1 103 Early Hints\r\n" }
+  for i = 1, #list, 2 do parts[#parts + 1] = list[i] .. ": " .. list[i + 1] .. "\r\n" end
+  parts[#parts + 1] = "\r\n"
+  return write(self, table.concat(parts))
 end
 
 function Response:redirect(url, code)

@@ -1,0 +1,470 @@
+-- luacheck: no max line length
+-- HTTP/2 server (src/h2.c, lua/moonwire/http/h2.lua) against real peers: curl (prior
+-- knowledge, ALPN over TLS), h2load (many streams on many connections), python-h2 (flow
+-- control, resets, trailers), and the rule that matters most: the same handler gives the
+-- same status, headers and body bytes over HTTP/1.1 and HTTP/2.
+local helper = require "spec.helper"
+local mw = helper.mw
+local http = require "moonwire.http"
+
+local run, shell = helper.run, helper.shell
+local CURL = "curl -q -sS --noproxy '*' --max-time 10"
+local PYTHON = "/usr/bin/python3"
+local SPEC_DIR = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+
+local D   -- certificates (spec/fixtures/make-certs), made once for this file
+local function cert(name) return D .. "/" .. name end
+
+local errors
+local function serve(handler, opts)
+  opts = opts or {}
+  opts.host, opts.port, opts.handler = "127.0.0.1", 0, handler
+  errors = {}
+  opts.error_log = function(msg) errors[#errors + 1] = msg end
+  return assert(http.server(opts))
+end
+
+local function guard(srv)
+  return setmetatable({}, { __close = function() pcall(srv.close, srv, 0) end })
+end
+
+local function url(srv, path, scheme)
+  return ("%s://127.0.0.1:%d%s"):format(scheme or "http", srv.port, path or "/")
+end
+
+-- curl with `args`; returns stdout (asserts exit 0)
+local function curl(args, limit)
+  local code, out, err = shell(CURL .. " " .. args, limit)
+  assert.equal(0, code, "curl failed: " .. tostring(err))
+  return out, err
+end
+
+-- headers of a curl -D dump: status, lower-case name -> value (the last block)
+local function parse_dump(text)
+  local blocks = {}
+  for block in (text .. "\r\n\r\n"):gmatch("(.-)\r\n\r\n") do
+    if block ~= "" then blocks[#blocks + 1] = block end
+  end
+  local last = blocks[#blocks] or ""
+  local status = tonumber(last:match("^HTTP/[%d.]+ (%d%d%d)"))
+  local headers = {}
+  for name, value in last:gmatch("\n([^:\r\n]+):%s*([^\r\n]*)") do headers[name:lower()] = value end
+  return status, headers, blocks
+end
+
+local function python(source, limit)
+  local file = helper.writefile(os.tmpname() .. ".py", source)
+  local code, out, err = shell(PYTHON .. " " .. file, limit)
+  os.remove(file)
+  assert.equal(0, code, "python failed: " .. tostring(err) .. tostring(out))
+  return out
+end
+
+-- A python-h2 client prelude: connect(port) -> sock, conn (h2 state machine, preface sent),
+-- pump(sock, conn, until) reads events until until(event) is true or the connection ends.
+local H2PY = [[
+import socket, sys, time, json
+import h2.connection, h2.config, h2.events, h2.settings
+def connect(port, **settings):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    if settings:
+        c.update_settings(settings)
+    s.sendall(c.data_to_send())
+    return s, c
+def pump(s, c, until, limit=5.0):
+    end = time.time() + limit
+    while time.time() < end:
+        data = s.recv(65536)
+        if not data:
+            return "closed"
+        for e in c.receive_data(data):
+            r = until(e)
+            if r:
+                s.sendall(c.data_to_send())
+                return r
+        s.sendall(c.data_to_send())
+    return "timeout"
+def get(port, path, headers=()):
+    s, c = connect(port)
+    c.send_headers(1, [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "x")] + list(headers), end_stream=True)
+    s.sendall(c.data_to_send())
+    out = {"body": b""}
+    def until(e):
+        if isinstance(e, h2.events.ResponseReceived):
+            out["headers"] = dict((k.decode(), v.decode()) for k, v in e.headers)
+        elif isinstance(e, h2.events.DataReceived):
+            out["body"] += e.data
+            c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        elif isinstance(e, h2.events.TrailersReceived):
+            out["trailers"] = dict((k.decode(), v.decode()) for k, v in e.headers)
+        elif isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+            out["end"] = type(e).__name__
+            return True
+    out["how"] = pump(s, c, until)
+    s.close()
+    out["body"] = out["body"].decode("latin-1")
+    return out
+]]
+
+describe("HTTP/2 server", function()
+  setup(function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute(("%s/fixtures/make-certs %s >/dev/null 2>&1"):format(SPEC_DIR, dir)), "make-certs failed")
+    D = dir
+  end)
+  teardown(function() if D then os.execute("rm -rf " .. D) end end)
+
+  it("curl by prior knowledge: version 2, :authority as host, the access log says HTTP/2", function()
+    run(function()
+      local lines = {}
+      local srv = serve(function(req, res)
+        res:header("content-type", "text/plain")
+        res:send(("%s %s %s %s"):format(req.version, req.method, req.path, req.headers.host))
+      end, { log = function(line) lines[#lines + 1] = line end })
+      local _ <close> = guard(srv)
+      local out = curl("--http2-prior-knowledge -w '|%{http_version}' " .. url(srv, "/a%20b?x=1"))
+      assert.equal(("2 GET /a b 127.0.0.1:%d|2"):format(srv.port), out)
+      -- the same port speaks HTTP/1.1 to a client that does not know
+      out = curl("--http1.1 -w '|%{http_version}' " .. url(srv, "/p"))
+      assert.equal(("1.1 GET /p 127.0.0.1:%d|1.1"):format(srv.port), out)
+      assert.matches('"GET /a%%20b%?x=1 HTTP/2" 200', lines[1])
+      assert.same({}, errors)
+    end)
+  end)
+
+  it("the same handler gives the same status, headers and body over HTTP/1.1 and HTTP/2", function()
+    run(function()
+      local dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir -p " .. dir))
+      helper.writefile(dir .. "/page.html", ("<p>static</p>\n"):rep(300))
+      local app = http.router()
+      app:get("/text", function(_, res) res:header("content-type", "text/plain") res:send("plain text") end)
+      app:get("/json/:id", function(req, res)
+        res:header("content-type", "application/json")
+        res:send('{"id":"' .. req.params.id .. '"}')
+      end)
+      app:get("/gzip", function(_, res)
+        res:header("content-type", "text/html")
+        res:send(("compress me "):rep(500))
+      end)
+      app:get("/stream", function(_, res)
+        res:header("content-type", "text/plain")
+        for i = 1, 20 do res:write(("line %d\n"):format(i)) end
+        res:finish()
+      end)
+      app:get("/empty", function() end)
+      app:get("/redirect", function(_, res) res:redirect("/text", 301) end)
+      app:get("/raise", function() error("boom") end)
+      app:get("/cookies", function(req, res)
+        local c = req:cookies()
+        res:cookie("seen", (c.a or "-") .. "." .. (c.b or "-"))
+        res:send("ok")
+      end)
+      app:post("/echo", function(req, res) res:send(assert(req:body())) end)
+      app:static("/files", dir)
+      local srv = serve(app)
+      local _ <close> = guard(srv)
+      local cases = {
+        { "/text" }, { "/json/42" }, { "/gzip", "--compressed" }, { "/stream" }, { "/empty" },
+        { "/redirect" }, { "/raise" }, { "/nope" }, { "/cookies", "-H 'Cookie: a=1' -H 'Cookie: b=2'" },
+        { "/echo", "--data-binary 'some posted bytes'" }, { "/files/page.html" },
+        { "/files/page.html", "-H 'Range: bytes=10-99'" }, { "/files/page.html", "-I" },
+      }
+      local compared = { "content-type", "content-encoding", "content-length", "location", "etag",
+        "content-range", "accept-ranges", "set-cookie", "vary", "last-modified" }
+      for _, case in ipairs(cases) do
+        local path, args = case[1], case[2] or ""
+        local dump1, dump2 = os.tmpname(), os.tmpname()
+        local body1 = curl(("--http1.1 -D %s %s '%s'"):format(dump1, args, url(srv, path)))
+        local body2 = curl(("--http2-prior-knowledge -D %s %s '%s'"):format(dump2, args, url(srv, path)))
+        local st1, h1 = parse_dump(helper.readfile(dump1))
+        local st2, h2 = parse_dump(helper.readfile(dump2))
+        os.remove(dump1)
+        os.remove(dump2)
+        assert.equal(st1, st2, path)
+        if args ~= "-I" then assert.equal(body1, body2, path) end
+        for _, name in ipairs(compared) do
+          if not (name == "content-length" and (h1["transfer-encoding"] or not h2[name])) then
+            assert.equal(h1[name], h2[name], path .. ": " .. name)
+          end
+        end
+      end
+      -- the ETag revalidates over HTTP/2 too
+      local dump = os.tmpname()
+      curl(("--http2-prior-knowledge -D %s '%s'"):format(dump, url(srv, "/files/page.html")))
+      local _, h = parse_dump(helper.readfile(dump))
+      curl(("--http2-prior-knowledge -D %s -H 'If-None-Match: %s' '%s'"):format(dump, h.etag, url(srv, "/files/page.html")))
+      assert.equal(304, (parse_dump(helper.readfile(dump))))
+      os.remove(dump)
+      os.execute("rm -rf " .. dir)
+      assert.equal(2, #errors)           -- the two /raise requests, logged
+    end, 60)
+  end)
+
+  it("over TLS: h2 by ALPN with curl, and a 4 MiB body both ways", function()
+    run(function()
+      local big = helper.pattern(4 * 1024 * 1024)
+      local srv = serve(function(req, res)
+        if req.method == "POST" then
+          local body = assert(req:body())
+          res:send(("%d %s %s"):format(#body, tostring(body == big), req.tls.alpn))
+        else
+          res:send(big)
+        end
+      end, { tls = { cert = cert("server-chain.pem"), key = cert("server.key") },
+             limits = { body = 8 * 1024 * 1024 } })
+      local _ <close> = guard(srv)
+      local file = helper.writefile(os.tmpname(), big)
+      local out = curl(("--cacert %s --http2 -w '|%%{http_version}' --data-binary @%s %s")
+        :format(cert("ca.pem"), file, url(srv, "/up", "https")), 30)
+      assert.equal(("%d true h2|2"):format(#big), out)
+      out = curl(("--cacert %s --http2 %s | md5sum"):format(cert("ca.pem"), url(srv, "/down", "https")), 30)
+      local code, sum = shell("md5sum " .. file)
+      assert.equal(0, code)
+      assert.equal(sum:match("^%x+"), out:match("^%x+"))
+      os.remove(file)
+    end, 60)
+  end)
+
+  it("h2load: 10 connections x 100 streams, every request answered", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("hello") end)
+      local _ <close> = guard(srv)
+      local code, out, err = shell(("h2load -n 20000 -c 10 -m 100 %s"):format(url(srv, "/")), 60)
+      assert.equal(0, code, err)
+      assert.matches("requests: 20000 total, 20000 started, 20000 done, 20000 succeeded, 0 failed, 0 errored", out, 1, true)
+      assert.matches("status codes: 20000 2xx", out, 1, true)
+    end, 90)
+  end)
+
+  it("a handler that never reads holds at most one stream window; reading gives it back", function()
+    run(function()
+      local release = mw.channel(1)
+      local got = mw.channel(1)
+      local srv = serve(function(req, res)
+        if req.path == "/hold" then release:recv(10) end
+        local body = assert(req:body())
+        got:send(#body)
+        res:send("read " .. #body)
+      end, { limits = { body = 4 * 1024 * 1024 }, http2 = { stream_window = 65536 } })
+      local _ <close> = guard(srv)
+      -- the client sends 1 MiB; the server's handler waits: the client is stopped by the
+      -- window (it can send 64 KiB), then released, the whole body arrives
+      local out = python(H2PY .. ([[
+s, c = connect(%d)
+c.send_headers(1, [(":method", "POST"), (":path", "/hold"), (":scheme", "http"), (":authority", "x")])
+s.sendall(c.data_to_send())
+body = b"x" * (1024 * 1024)
+sent = 0
+end = time.time() + 1.0
+s.settimeout(0.1)
+while time.time() < end and sent < len(body):
+    n = min(c.local_flow_control_window(1), c.max_outbound_frame_size, len(body) - sent)
+    if n > 0:
+        c.send_data(1, body[sent:sent + n])
+        sent += n
+        s.sendall(c.data_to_send())
+    try:
+        data = s.recv(65536)
+        for e in c.receive_data(data):
+            pass
+        s.sendall(c.data_to_send())
+    except socket.timeout:
+        pass
+print("stalled at", sent)
+]]):format(srv.port) .. [[
+sys.stdout.flush()
+]])
+      local stalled = tonumber(out:match("stalled at (%d+)"))
+      assert.is_true(stalled <= 65536, "the client sent " .. tostring(stalled) .. " bytes before the handler read")
+      release:send(true)
+      out = python(H2PY .. ([[
+s, c = connect(%d)
+c.send_headers(1, [(":method", "POST"), (":path", "/go"), (":scheme", "http"), (":authority", "x")])
+body = b"y" * (1024 * 1024)
+sent = 0
+resp = b""
+s.settimeout(0.05)
+done = False
+end = time.time() + 10
+while not done and time.time() < end:
+    n = min(c.local_flow_control_window(1), c.max_outbound_frame_size, len(body) - sent)
+    if n > 0:
+        c.send_data(1, body[sent:sent + n], end_stream=(sent + n == len(body)))
+        sent += n
+    s.sendall(c.data_to_send())
+    try:
+        data = s.recv(65536)
+    except socket.timeout:
+        continue
+    if not data: break
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.DataReceived): resp += e.data
+        if isinstance(e, h2.events.StreamEnded): done = True
+print(resp.decode())
+]]):format(srv.port))
+      assert.equal("read 1048576", out:match("read %d+"))
+      assert.equal(1048576, got:recv(5))
+    end, 30)
+  end)
+
+  it("a reset stream cancels its handler's pending call; the connection goes on", function()
+    run(function()
+      local results = mw.channel(4)
+      local srv = serve(function(req, res)
+        if req.path == "/wait" then
+          local body, err, code = req:body()
+          results:send { body, err, code }
+          return
+        end
+        res:send("fine")
+      end)
+      local _ <close> = guard(srv)
+      local out = python(H2PY .. ([[
+s, c = connect(%d)
+c.send_headers(1, [(":method", "POST"), (":path", "/wait"), (":scheme", "http"), (":authority", "x")])
+c.send_data(1, b"part")
+s.sendall(c.data_to_send())
+time.sleep(0.2)
+c.reset_stream(1)
+c.send_headers(3, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")], end_stream=True)
+s.sendall(c.data_to_send())
+body = b""
+def until(e):
+    global body
+    if isinstance(e, h2.events.DataReceived): body += e.data
+    if isinstance(e, h2.events.StreamEnded) and e.stream_id == 3: return True
+print(pump(s, c, until), body.decode())
+]]):format(srv.port))
+      assert.equal("True fine", out:match("^(.-)\n"))
+      local r = results:recv(5)
+      assert.is_nil(r[1])
+      assert.equal("reset", r[3])
+    end)
+  end)
+
+  it("MAX_CONCURRENT_STREAMS counts running handlers, reset ones included", function()
+    run(function()
+      -- handlers that go on after their stream was reset (they ignore the cancel)
+      local running, release = 0, false
+      local srv = serve(function(_, res)
+        running = running + 1
+        local deadline = mw.now() + 10
+        while not release and mw.now() < deadline do mw.sleep(0.01) end
+        running = running - 1
+        res:send("late")
+      end, { http2 = { max_streams = 4 } })
+      local _ <close> = guard(srv)
+      local out = python(H2PY .. ([[
+s, c = connect(%d)
+for i in range(4):
+    c.send_headers(1 + 2 * i, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")], end_stream=True)
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+for i in range(4):
+    c.reset_stream(1 + 2 * i)
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.send_headers(9, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")], end_stream=True)
+s.sendall(c.data_to_send())
+def until(e):
+    if isinstance(e, h2.events.StreamReset) and e.stream_id == 9: return "refused %%d" %% e.error_code
+    if isinstance(e, h2.events.ResponseReceived) and e.stream_id == 9: return "answered"
+print(pump(s, c, until))
+]]):format(srv.port))
+      assert.equal("refused 7", out:match("^(.-)\n"))    -- REFUSED_STREAM
+      assert.equal(4, running)
+      release = true
+      local deadline = mw.now() + 5
+      while running > 0 and mw.now() < deadline do mw.sleep(0.01) end
+      assert.equal(0, running)
+    end)
+  end)
+
+  it("trailers both ways, and 103 Early Hints before the answer", function()
+    run(function()
+      local seen = mw.channel(1)
+      local srv = serve(function(req, res)
+        if req.method == "POST" then
+          local body = assert(req:body())
+          seen:send { body, req.trailers and req.trailers["x-sum"] }
+        end
+        res:hint { link = "</style.css>; rel=preload; as=style" }
+        res:header("content-type", "text/plain")
+        res:trailer("x-checksum", "abc123")
+        res:write("part one, ")
+        res:write("part two")
+        res:finish()
+      end)
+      local _ <close> = guard(srv)
+      local out = python(H2PY .. ([[
+r = get(%d, "/t")
+print(r["body"], r["trailers"].get("x-checksum"), r["end"])
+s, c = connect(%d)
+c.send_headers(1, [(":method", "POST"), (":path", "/p"), (":scheme", "http"), (":authority", "x"), ("te", "trailers")])
+c.send_data(1, b"payload")
+c.send_headers(1, [("x-sum", "7")], end_stream=True)
+s.sendall(c.data_to_send())
+info = []
+def until(e):
+    if isinstance(e, h2.events.InformationalResponseReceived): info.append(dict(e.headers)[b":status"].decode())
+    if isinstance(e, h2.events.StreamEnded): return True
+pump(s, c, until)
+print(",".join(info))
+]]):format(srv.port, srv.port))
+      local line1, line2 = out:match("^(.-)\n(.-)\n")
+      assert.equal("part one, part two abc123 StreamEnded", line1)
+      assert.equal("103", line2)
+      assert.same({ "payload", "7" }, seen:recv(5))
+      -- curl sees the hint over HTTP/1.1 too
+      local dump = os.tmpname()
+      local body = curl(("--http1.1 -D %s %s"):format(dump, url(srv, "/t")))
+      local _, _, blocks = parse_dump(helper.readfile(dump))
+      os.remove(dump)
+      assert.equal("part one, part two", body)
+      assert.matches("^HTTP/1.1 103", blocks[1])
+      assert.matches("[Ll]ink: </style.css>", blocks[1])
+    end)
+  end)
+
+  it("Server:close() drains: GOAWAY, the in-flight stream finishes", function()
+    run(function()
+      local started = mw.channel(1)
+      local srv = serve(function(_, res)
+        started:send(true)
+        mw.sleep(0.3)
+        res:send("finished")
+      end)
+      local t = mw.spawn(shell, ("%s -v --http2-prior-knowledge %s"):format(CURL, url(srv, "/")))
+      assert(started:recv(5))
+      srv:close(5)
+      local ok, code, out, err = t:join()
+      assert.is_true(ok)
+      assert.equal(0, code, err)
+      assert.equal("finished", out)
+      -- the shutdown notice, then the GOAWAY naming the last stream processed
+      assert.matches("GOAWAY, error=0, last_stream=2147483647", err, 1, true)
+      assert.matches("GOAWAY, error=0, last_stream=1", err, 1, true)
+      assert.equal(0, srv:connections())
+    end)
+  end)
+
+  it("a connection that sends nothing after the preface is closed after the idle timeout", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("x") end, { timeouts = { idle = 0.3, head = 0.3 } })
+      local _ <close> = guard(srv)
+      local out = python(H2PY .. ([[
+s, c = connect(%d)
+t0 = time.time()
+def until(e):
+    if isinstance(e, h2.events.ConnectionTerminated): return "goaway %%d" %% e.error_code
+print(pump(s, c, until), round(time.time() - t0, 1) < 2)
+]]):format(srv.port))
+      assert.equal("goaway 0 True", out:match("^(.-)\n"))
+    end)
+  end)
+end)
