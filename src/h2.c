@@ -399,8 +399,10 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
         return NGHTTP2_ERR_DEFERRED;
     }
     size_t n = have < len ? have : len;
-    memcpy(buf, mw_buf_head(&st->out), n);
-    mw_buf_consume(&st->out, n);
+    if (n > 0) {
+        memcpy(buf, mw_buf_head(&st->out), n);
+        mw_buf_consume(&st->out, n);
+    }
     if (mw_buf_len(&st->out) == 0) mw_buf_release(&st->out, NULL);
     if (st->writer && mw_buf_len(&st->out) < st->c->out_hwm / 2) wake(&st->writer);
     if (st->out_eof && mw_buf_len(&st->out) == 0) {
@@ -1290,7 +1292,7 @@ static int preface_step(lua_State *L, mw_sock *s, mw_task *t)
     for (;;) {
         size_t len = mw_buf_len(&s->rbuf);
         size_t m = len < 24 ? len : 24;
-        if (memcmp(mw_buf_head(&s->rbuf), PREFACE, m) != 0) {
+        if (m > 0 && memcmp(mw_buf_head(&s->rbuf), PREFACE, m) != 0) {
             lua_pushboolean(L, 0);
             return 1;
         }
