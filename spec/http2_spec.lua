@@ -431,6 +431,27 @@ print(",".join(info))
     end)
   end)
 
+  it("WebSocket over HTTP/2 (RFC 8441): Node's extended CONNECT gets the same ws object", function()
+    run(function()
+      local done = mw.channel(1)
+      local srv = serve(function(req)
+        local ws = assert(req:websocket { protocols = { "chat" } })
+        for msg, kind in ws:messages() do ws:send("echo: " .. msg, kind) end
+        done:send { req.version, req.method, ws.protocol, ws.close_code }
+      end)
+      local _ <close> = guard(srv)
+      local code, out, err = shell(("node %s/peers/h2_websocket_client.js %d"):format(SPEC_DIR, srv.port))
+      assert.equal(0, code, err)
+      assert.matches("status 200 chat\nframe 1 echo: hello over h2\nframe 8 ", out)
+      assert.matches("\nend\n", out)
+      local r = done:recv(5)
+      assert.same({ "2", "CONNECT", "chat" }, { r[1], r[2], r[3] })
+      -- a plain GET over HTTP/2 cannot become a WebSocket
+      local body = curl("--http2-prior-knowledge -w '|%{http_code}' " .. url(srv, "/ws"))
+      assert.matches("|400$", body)
+    end)
+  end)
+
   it("Server:close() drains: GOAWAY, the in-flight stream finishes", function()
     run(function()
       local started = mw.channel(1)

@@ -712,28 +712,12 @@ local function origin_allowed(origins, origin)
 end
 
 --- Upgrades a request: req:websocket(opts) -> ws | nil, err, status (the refusal is sent).
-function M.upgrade(req, opts)
-  opts = opts or {}
-  if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
-  local res = rawget(req, 2)            -- the request's response (Request.slots.RES)
-  if not res or res.sent then error("websocket: the response was already sent", 3) end
-  local h = req.headers
-  if req.method ~= "GET" or req.version ~= "1.1" then
-    return refuse(res, 400, "WebSocket handshake needs GET and HTTP/1.1")
-  end
-  if not has_token(h.upgrade, "websocket") then
-    return refuse(res, 426, "WebSocket upgrade required", { upgrade = "websocket", connection = "Upgrade" })
-  end
-  if not has_token(h.connection, "upgrade") then
-    return refuse(res, 400, "Connection header must contain 'Upgrade'")
-  end
+-- What both HTTP versions negotiate the same way: the version, the origin, a subprotocol,
+-- permessage-deflate. true, protocol, ext, dparams; or nil, msg, status (refused: sent).
+local function negotiate(res, h, opts)
   if h["sec-websocket-version"] ~= "13" then
     return refuse(res, 426, "unsupported WebSocket version",
       { ["sec-websocket-version"] = "13", upgrade = "websocket", connection = "Upgrade" })
-  end
-  local key = h["sec-websocket-key"]
-  if not key or not key:match("^[%w+/][%w+/][%w+/][%w+/]" .. ("[%w+/]"):rep(18) .. "==$") then
-    return refuse(res, 400, "invalid Sec-WebSocket-Key")
   end
   if not origin_allowed(opts.origins, h.origin) then
     return refuse(res, 403, "origin not allowed")
@@ -750,6 +734,81 @@ function M.upgrade(req, opts)
   if opts.deflate ~= false then
     ext, dparams = accept_deflate(h["sec-websocket-extensions"], type(opts.deflate) == "table" and opts.deflate or {})
   end
+  return true, protocol, ext, dparams
+end
+
+-- The WebSocket's socket, the same object on both versions: the connection's own (HTTP/1.1)
+-- or one end of a socket pair whose other end two tasks copy to and from the HTTP/2 stream
+-- (RFC 8441), so that framing, deflate, queues and close codes are one path. The tunnel
+-- (res._tunnel) is over when both copies end; h2.lua waits for it before ending the stream.
+local function h2_tunnel(st)
+  local a, b = assert(mw.unix.pair())
+  local up = mw.spawn(function()        -- DATA from the client -> the WebSocket
+    while true do
+      local chunk = st:read_body("chunk")
+      if not chunk then break end
+      if not b:write(chunk) then break end
+    end
+    pcall(b.shutdown, b, "write")
+  end)
+  local down = mw.spawn(function()      -- the WebSocket's frames -> DATA to the client
+    while true do
+      local data = b:recv(65536)
+      if not data then break end
+      if not st:write(data) then break end
+    end
+    pcall(st.write, st, "", true)
+    up:cancel()
+    b:close()
+  end)
+  return a, { join = function() down:join() up:join() end }
+end
+
+function M.upgrade(req, opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
+  local res = rawget(req, 2)            -- the request's response (Request.slots.RES)
+  if not res or res.sent then error("websocket: the response was already sent", 3) end
+  local h = req.headers
+  local slots = res.slots
+  if req.version == "2" then
+    -- RFC 8441: an extended CONNECT with :protocol websocket; the answer is a 200 on the stream
+    if req.method ~= "CONNECT" or req.protocol ~= "websocket" then
+      return refuse(res, 400, "WebSocket over HTTP/2 needs an extended CONNECT (:protocol websocket)")
+    end
+    local ok, protocol, ext, dparams = negotiate(res, h, opts)
+    if not ok then return nil, protocol, ext end
+    if protocol then res:header("sec-websocket-protocol", protocol) end
+    if ext then res:header("sec-websocket-extensions", ext) end
+    local st = req[1]
+    local sent, err, code = st:respond(200, res, res[slots.NH], slots.HBASE, nil, false, res[slots.SRV].server_name, -1)
+    if not sent then return nil, err, code end
+    res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
+    res[slots.STATUS] = 200
+    local sock, tunnel = h2_tunnel(st)
+    res._tunnel = tunnel
+    local wc = ws_conn(sock, { client = false, max_message = opts.max_message or defaults.max_message,
+      max_frame = opts.max_frame, deflate = dparams })
+    local ws = new(sock, wc, opts, protocol, ext, dparams)
+    res._ws = ws
+    return ws
+  end
+  if req.method ~= "GET" or req.version ~= "1.1" then
+    return refuse(res, 400, "WebSocket handshake needs GET and HTTP/1.1")
+  end
+  if not has_token(h.upgrade, "websocket") then
+    return refuse(res, 426, "WebSocket upgrade required", { upgrade = "websocket", connection = "Upgrade" })
+  end
+  if not has_token(h.connection, "upgrade") then
+    return refuse(res, 400, "Connection header must contain 'Upgrade'")
+  end
+  local key = h["sec-websocket-key"]
+  if h["sec-websocket-version"] == "13"
+    and (not key or not key:match("^[%w+/][%w+/][%w+/][%w+/]" .. ("[%w+/]"):rep(18) .. "==$")) then
+    return refuse(res, 400, "invalid Sec-WebSocket-Key")
+  end
+  local ok, protocol, ext, dparams = negotiate(res, h, opts)
+  if not ok then return nil, protocol, ext end
   local lines = {
     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
     "Sec-WebSocket-Accept: ", ws_accept(key), "\r\n",
@@ -757,13 +816,12 @@ function M.upgrade(req, opts)
   if protocol then lines[#lines + 1] = "Sec-WebSocket-Protocol: " .. protocol .. "\r\n" end
   if ext then lines[#lines + 1] = "Sec-WebSocket-Extensions: " .. ext .. "\r\n" end
   lines[#lines + 1] = "\r\n"
-  local slots = res.slots
   res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
   res[slots.CLOSE] = true     -- (no next request on this connection)
   res[slots.STATUS] = 101
   local sock = req.socket
-  local ok, err, code = sock:write(table.concat(lines))
-  if not ok then return nil, err, code end
+  local sent, err, code = sock:write(table.concat(lines))
+  if not sent then return nil, err, code end
   local wc = ws_conn(sock, { client = false, max_message = opts.max_message or defaults.max_message,
     max_frame = opts.max_frame, deflate = dparams })
   local ws = new(sock, wc, opts, protocol, ext, dparams)
