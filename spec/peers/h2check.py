@@ -993,7 +993,7 @@ def _(ctx):
 def _(ctx):
     c = ctx.conn()
     c.send(PREFACE + raw_frame(PING, 0, 0, b"12345678"))
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/4.1/1", "a frame of an unknown type is ignored")
@@ -1041,7 +1041,7 @@ def _(ctx):
     n = over_max_frame(c)
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", str(n))], end_stream=False)
     c.raw(DATA, END_STREAM, sid, b"x" * n)
-    c.stream_error(sid, FRAME_SIZE_ERROR)
+    return c.stream_error(sid, FRAME_SIZE_ERROR)
 
 
 @case("http2/4.2/3", "a HEADERS frame over SETTINGS_MAX_FRAME_SIZE -> FRAME_SIZE_ERROR")
@@ -1051,14 +1051,14 @@ def _(ctx):
     block = hand_request(ctx)
     block += hp_lit("x-big", "b" * (n - len(block) - 4))
     c.raw(HEADERS, END_STREAM | END_HEADERS, 1, block.ljust(n, b"\0")[:n])
-    c.conn_error(FRAME_SIZE_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR)
 
 
 @case("http2/4.2/4", "a PING frame over SETTINGS_MAX_FRAME_SIZE -> FRAME_SIZE_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(PING, 0, 0, b"p" * over_max_frame(c))
-    c.conn_error(FRAME_SIZE_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR)
 
 
 @case("http2/4.3/1", "an invalid header block fragment -> COMPRESSION_ERROR")
@@ -1066,7 +1066,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     # literal with incremental indexing, new name, whose string length runs past the block
     c.raw(HEADERS, END_STREAM | END_HEADERS, 1, hand_request(ctx) + b"\x40\x7f\x10ab")
-    c.conn_error(COMPRESSION_ERROR)
+    return c.conn_error(COMPRESSION_ERROR)
 
 
 @case("http2/4.3/2", "PRIORITY between HEADERS and CONTINUATION -> PROTOCOL_ERROR")
@@ -1076,7 +1076,7 @@ def _(ctx):
     c.send(c.headers_frame(1, block[:4], end_headers=False))
     c.send_frame(PriorityFrame(1, depends_on=0, stream_weight=16))
     c.continuation(1, block[4:])
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/4.3/3", "HEADERS on another stream inside a header block -> PROTOCOL_ERROR")
@@ -1085,7 +1085,7 @@ def _(ctx):
     block = hand_request(ctx)
     c.send(c.headers_frame(1, block[:4], end_headers=False))
     c.send(c.headers_frame(3, block))
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/4.3/4", "a header block whose fields are split across a CONTINUATION is served")
@@ -1102,42 +1102,42 @@ def _(ctx):
 def _(ctx):
     c = ctx.conn().handshake()
     c.data(1, b"x")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/5.1/2", "RST_STREAM on an idle stream -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.rst(1, CANCEL)
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/5.1/3", "WINDOW_UPDATE on an idle stream -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.window_update(1, 100)
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/5.1/4", "CONTINUATION on an idle stream -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.continuation(1, hand_request(ctx))
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/5.1/5", "DATA on a half-closed (remote) stream -> STREAM_CLOSED")
 def _(ctx):
     c, sid = half_closed_remote(ctx)
     c.data(sid, b"x")
-    c.stream_error(sid, STREAM_CLOSED)
+    return c.stream_error(sid, STREAM_CLOSED)
 
 
 @case("http2/5.1/6", "HEADERS on a half-closed (remote) stream -> STREAM_CLOSED")
 def _(ctx):
     c, sid = half_closed_remote(ctx)
     c.send(c.headers_frame(sid, plain_block([("x-trailer", "t")])))
-    c.stream_error(sid, STREAM_CLOSED)
+    return c.stream_error(sid, STREAM_CLOSED)
 
 
 @case("http2/5.1/7", "CONTINUATION on a half-closed (remote) stream -> STREAM_CLOSED or "
@@ -1145,7 +1145,7 @@ def _(ctx):
 def _(ctx):
     c, sid = half_closed_remote(ctx)
     c.continuation(sid, plain_block([("x-trailer", "t")]))
-    c.stream_error(sid, STREAM_CLOSED, PROTOCOL_ERROR)
+    return c.stream_error(sid, STREAM_CLOSED, PROTOCOL_ERROR)
 
 
 @case("http2/5.1/8", "DATA on a closed stream (after RST_STREAM) -> STREAM_CLOSED")
@@ -1154,7 +1154,7 @@ def _(ctx):
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "6")], end_stream=False)
     c.rst(sid, CANCEL)
     c.data(sid, b"abcdef")
-    c.stream_error(sid, STREAM_CLOSED)
+    return c.stream_error(sid, STREAM_CLOSED)
 
 
 @case("http2/5.1/9", "HEADERS on a closed stream (after RST_STREAM) -> STREAM_CLOSED")
@@ -1163,7 +1163,7 @@ def _(ctx):
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "6")], end_stream=False)
     c.rst(sid, CANCEL)
     c.send(c.headers_frame(sid, plain_block([("x-trailer", "t")])))
-    c.stream_error(sid, STREAM_CLOSED)
+    return c.stream_error(sid, STREAM_CLOSED)
 
 
 @case("http2/5.1/10", "CONTINUATION on a closed stream (after RST_STREAM) -> STREAM_CLOSED or "
@@ -1173,7 +1173,7 @@ def _(ctx):
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "6")], end_stream=False)
     c.rst(sid, CANCEL)
     c.continuation(sid, plain_block([("x-trailer", "t")]))
-    c.stream_error(sid, STREAM_CLOSED, PROTOCOL_ERROR)
+    return c.stream_error(sid, STREAM_CLOSED, PROTOCOL_ERROR)
 
 
 @case("http2/5.1/11", "DATA on a stream closed by END_STREAM both ways -> STREAM_CLOSED")
@@ -1183,7 +1183,7 @@ def _(ctx):
     c.ok(sid)
     c.streams.pop(sid)
     c.data(sid, b"late")
-    c.stream_error(sid, STREAM_CLOSED)
+    return c.stream_error(sid, STREAM_CLOSED)
 
 
 @case("http2/5.1/12", "HEADERS on a stream closed by END_STREAM both ways -> STREAM_CLOSED")
@@ -1193,14 +1193,14 @@ def _(ctx):
     c.ok(sid)
     c.streams.pop(sid)
     c.send(c.headers_frame(sid, plain_block([("x-late", "1")])))
-    c.stream_error(sid, STREAM_CLOSED)
+    return c.stream_error(sid, STREAM_CLOSED)
 
 
 @case("http2/5.1.1/1", "an even stream id from the client -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.send(c.headers_frame(2, hand_request(ctx)))
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/5.1.1/2", "a stream id lower than one already opened -> PROTOCOL_ERROR")
@@ -1208,7 +1208,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     c.send(c.headers_frame(5, hand_request(ctx)))
     c.send(c.headers_frame(3, hand_request(ctx)))
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/5.1.2/1", "a stream over the advertised MAX_CONCURRENT_STREAMS -> REFUSED_STREAM "
@@ -1225,21 +1225,21 @@ def _(ctx):
         out += c.headers_frame(c.new_sid(), plain_block(c.fields()))
     c.send(bytes(out))
     extra = c.request(sid=c.new_sid())
-    c.stream_error(extra, REFUSED_STREAM, PROTOCOL_ERROR)
+    return c.stream_error(extra, REFUSED_STREAM, PROTOCOL_ERROR)
 
 
 @case("http2/5.3.1/1", "HEADERS depending on its own stream -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.send(c.headers_frame(1, hand_request(ctx), priority=(1, 16, False)))
-    c.stream_error(1, PROTOCOL_ERROR)
+    return c.stream_error(1, PROTOCOL_ERROR)
 
 
 @case("http2/5.3.1/2", "PRIORITY depending on its own stream -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.send_frame(PriorityFrame(1, depends_on=1, stream_weight=16))
-    c.stream_error(1, PROTOCOL_ERROR)
+    return c.stream_error(1, PROTOCOL_ERROR)
 
 
 @case("http2/5.4.1/1", "an invalid PING -> GOAWAY FRAME_SIZE_ERROR, then the connection closes")
@@ -1266,14 +1266,14 @@ def _(ctx):
     c.send(c.headers_frame(1, block[:4], end_headers=False))
     c.raw(0xfe, 0, 0, b"ext")
     c.continuation(1, block[4:])
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.1/1", "DATA on stream 0 -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(DATA, END_STREAM, 0, b"x")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.1/2", "DATA with a pad length beyond the payload -> PROTOCOL_ERROR")
@@ -1281,7 +1281,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "4")], end_stream=False)
     c.raw(DATA, END_STREAM | PADDED, sid, b"\x06" + b"ab" + b"\0\0")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.1/3", "DATA with a pad length equal to the payload length -> PROTOCOL_ERROR")
@@ -1289,7 +1289,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "0")], end_stream=False)
     c.raw(DATA, END_STREAM | PADDED, sid, b"\x04abc")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.1/4", "a PADDED DATA frame with no room for the pad length -> FRAME_SIZE_ERROR "
@@ -1298,14 +1298,14 @@ def _(ctx):
     c = ctx.conn().handshake()
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "0")], end_stream=False)
     c.raw(DATA, END_STREAM | PADDED, sid, b"")
-    c.conn_error(FRAME_SIZE_ERROR, PROTOCOL_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR, PROTOCOL_ERROR)
 
 
 @case("http2/6.2/1", "HEADERS on stream 0 -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(HEADERS, END_STREAM | END_HEADERS, 0, hand_request(ctx))
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.2/2", "HEADERS with a pad length beyond the payload -> PROTOCOL_ERROR")
@@ -1313,7 +1313,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     block = hand_request(ctx)
     c.raw(HEADERS, END_STREAM | END_HEADERS | PADDED, 1, bytes([len(block) + 10]) + block)
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.2/3", "HEADERS with the PRIORITY flag but too short -> FRAME_SIZE_ERROR or "
@@ -1321,7 +1321,7 @@ def _(ctx):
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(HEADERS, END_STREAM | END_HEADERS | PRIO_FLAG, 1, b"\0\0\0")
-    c.conn_error(FRAME_SIZE_ERROR, PROTOCOL_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR, PROTOCOL_ERROR)
 
 
 @case("http2/6.2/4", "DATA inside a header block -> PROTOCOL_ERROR")
@@ -1330,56 +1330,56 @@ def _(ctx):
     block = plain_block(c.fields("POST", ctx.routes.echo, body=b"x"))
     c.send(c.headers_frame(1, block[:4], end_stream=False, end_headers=False))
     c.data(1, b"x")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.3/1", "PRIORITY on stream 0 -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(PRIORITY, 0, 0, b"\0\0\0\1\x10")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.3/2", "PRIORITY with a length other than 5 -> FRAME_SIZE_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(PRIORITY, 0, 1, b"\0\0\0\0\x10\0")
-    c.stream_error(1, FRAME_SIZE_ERROR)
+    return c.stream_error(1, FRAME_SIZE_ERROR)
 
 
 @case("http2/6.4/1", "RST_STREAM on stream 0 -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(RST_STREAM, 0, 0, b"\0\0\0\x08")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.4/2", "RST_STREAM with a length other than 4 -> FRAME_SIZE_ERROR")
 def _(ctx):
     c, sid = half_closed_remote(ctx)
     c.raw(RST_STREAM, 0, sid, b"\0\0\x08")
-    c.conn_error(FRAME_SIZE_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR)
 
 
 @case("http2/6.5/1", "SETTINGS ACK with a payload -> FRAME_SIZE_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(SETTINGS, ACK, 0, b"\0\x01\0\0\x10\0")
-    c.conn_error(FRAME_SIZE_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR)
 
 
 @case("http2/6.5/2", "SETTINGS on a stream other than 0 -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(SETTINGS, 0, 1, b"\0\x03\0\0\0\x64")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.5/3", "SETTINGS with a length not a multiple of 6 -> FRAME_SIZE_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(SETTINGS, 0, 0, b"\0\x03\0\0\0\x64\0")
-    c.conn_error(FRAME_SIZE_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR)
 
 
 def settings_raw(pairs):
@@ -1400,7 +1400,7 @@ for _i, (_label, _pairs, _code) in enumerate([
     def _bad_settings(ctx, _pairs=_pairs, _code=_code):
         c = ctx.conn().handshake()
         c.raw(SETTINGS, 0, 0, settings_raw(_pairs))
-        c.conn_error(_code)
+        return c.conn_error(_code)
     case("http2/6.5.2/%d" % _i, "%s -> %s" % (_label, ename(_code)))(_bad_settings)
 
 
@@ -1470,21 +1470,21 @@ def _(ctx):
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(PING, 0, 1, b"h2check!")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.7/4", "PING with a length other than 8 -> FRAME_SIZE_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(PING, 0, 0, b"1234567")
-    c.conn_error(FRAME_SIZE_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR)
 
 
 @case("http2/6.8/1", "GOAWAY on a stream other than 0 -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(GOAWAY, 0, 1, b"\0\0\0\0\0\0\0\0")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.8/2", "a request in flight with a client GOAWAY is still answered")
@@ -1500,21 +1500,21 @@ def _(ctx):
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(WINDOW_UPDATE, 0, 0, b"\0\0\0\0")
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.9/2", "WINDOW_UPDATE of 0 on a stream -> PROTOCOL_ERROR")
 def _(ctx):
     c, sid = half_closed_remote(ctx)
     c.raw(WINDOW_UPDATE, 0, sid, b"\0\0\0\0")
-    c.stream_error(sid, PROTOCOL_ERROR)
+    return c.stream_error(sid, PROTOCOL_ERROR)
 
 
 @case("http2/6.9/3", "WINDOW_UPDATE with a length other than 4 -> FRAME_SIZE_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(WINDOW_UPDATE, 0, 0, b"\0\0\0\1\0")
-    c.conn_error(FRAME_SIZE_ERROR)
+    return c.conn_error(FRAME_SIZE_ERROR)
 
 
 @case("http2/6.9.1/1", "INITIAL_WINDOW_SIZE=1: the server sends 1 DATA byte, then waits")
@@ -1535,7 +1535,7 @@ def _(ctx):
 def _(ctx):
     c = ctx.conn().handshake()
     c.window_update(0, MAX_WINDOW)
-    c.conn_error(FLOW_CONTROL_ERROR)
+    return c.conn_error(FLOW_CONTROL_ERROR)
 
 
 @case("http2/6.9.1/3", "WINDOW_UPDATE overflowing a stream window -> FLOW_CONTROL_ERROR")
@@ -1546,7 +1546,7 @@ def _(ctx):
     sid = c.request(path=ctx.routes.big(200000)[0])   # the connection window keeps it open
     c.window_update(sid, MAX_WINDOW)
     c.window_update(sid, MAX_WINDOW)
-    c.stream_error(sid, FLOW_CONTROL_ERROR)
+    return c.stream_error(sid, FLOW_CONTROL_ERROR)
 
 
 @case("http2/6.9.1/4", "the server sends no more than the 65,535-byte connection window")
@@ -1631,7 +1631,7 @@ def _(ctx):
     sid = c.request(path=path)
     c.window_update(sid, MAX_WINDOW)
     c.settings({S_INITIAL_WINDOW_SIZE: 100000})
-    c.conn_error(FLOW_CONTROL_ERROR)
+    return c.conn_error(FLOW_CONTROL_ERROR)
 
 
 @case("http2/6.10/1", "CONTINUATION followed by a frame other than CONTINUATION -> "
@@ -1642,7 +1642,7 @@ def _(ctx):
     c.send(c.headers_frame(1, block[:3], end_headers=False))
     c.continuation(1, block[3:6], end_headers=False)
     c.ping()
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.10/2", "CONTINUATION on stream 0 -> PROTOCOL_ERROR")
@@ -1651,7 +1651,7 @@ def _(ctx):
     block = hand_request(ctx)
     c.send(c.headers_frame(1, block[:3], end_headers=False))
     c.raw(CONTINUATION, END_HEADERS, 0, block[3:])
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.10/3", "CONTINUATION after HEADERS with END_HEADERS -> PROTOCOL_ERROR")
@@ -1659,7 +1659,7 @@ def _(ctx):
     c = ctx.conn().handshake({S_INITIAL_WINDOW_SIZE: 0})
     c.send(c.headers_frame(1, hand_request(ctx)))
     c.continuation(1, plain_block([("x-late", "1")]))
-    c.conn_error(PROTOCOL_ERROR, STREAM_CLOSED)
+    return c.conn_error(PROTOCOL_ERROR, STREAM_CLOSED)
 
 
 @case("http2/6.10/4", "CONTINUATION after CONTINUATION with END_HEADERS -> PROTOCOL_ERROR")
@@ -1669,7 +1669,7 @@ def _(ctx):
     c.send(c.headers_frame(1, block[:3], end_headers=False))
     c.continuation(1, block[3:])
     c.continuation(1, plain_block([("x-late", "1")]))
-    c.conn_error(PROTOCOL_ERROR, STREAM_CLOSED)
+    return c.conn_error(PROTOCOL_ERROR, STREAM_CLOSED)
 
 
 @case("http2/6.10/5", "CONTINUATION after DATA -> PROTOCOL_ERROR")
@@ -1678,7 +1678,7 @@ def _(ctx):
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "6")], end_stream=False)
     c.data(sid, b"abc", end_stream=False)
     c.continuation(sid, plain_block([("x-late", "1")]))
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/6.10/6", "CONTINUATION on another stream than its HEADERS -> PROTOCOL_ERROR")
@@ -1687,7 +1687,7 @@ def _(ctx):
     block = hand_request(ctx)
     c.send(c.headers_frame(1, block[:3], end_headers=False))
     c.continuation(3, block[3:])
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/8.1/1", "a second HEADERS without END_STREAM (trailers) -> PROTOCOL_ERROR")
@@ -1696,7 +1696,7 @@ def _(ctx):
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "4")], end_stream=False)
     c.data(sid, b"data", end_stream=False)
     c.send(c.headers_frame(sid, plain_block([("x-trailer", "t")]), end_stream=False))
-    c.stream_error(sid, PROTOCOL_ERROR)
+    return c.stream_error(sid, PROTOCOL_ERROR)
 
 
 @case("http2/8.1.1/1", "content-length larger than the DATA sent -> PROTOCOL_ERROR")
@@ -1704,7 +1704,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "10")], end_stream=False)
     c.data(sid, b"abc")
-    c.malformed(sid)
+    return c.malformed(sid)
 
 
 @case("http2/8.1.1/2", "content-length smaller than the DATA sent -> PROTOCOL_ERROR")
@@ -1712,7 +1712,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "2")], end_stream=False)
     c.data(sid, b"abc")
-    c.malformed(sid)
+    return c.malformed(sid)
 
 
 @case("http2/8.1.1/3", "content-length mismatch over several DATA frames -> PROTOCOL_ERROR")
@@ -1721,7 +1721,7 @@ def _(ctx):
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "5")], end_stream=False)
     c.data(sid, b"abc", end_stream=False)
     c.data(sid, b"def", end_stream=True)
-    c.malformed(sid)
+    return c.malformed(sid)
 
 
 @case("http2/8.1.1/4", "DATA on a request with content-length 0 -> PROTOCOL_ERROR")
@@ -1729,7 +1729,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "0")], end_stream=False)
     c.data(sid, b"x")
-    c.malformed(sid)
+    return c.malformed(sid)
 
 
 def malformed_case(cid, name, make):
@@ -1737,7 +1737,7 @@ def malformed_case(cid, name, make):
     def run(ctx):
         c = ctx.conn().handshake()
         c.send(c.headers_frame(1, plain_block(make(ctx, c))))
-        c.malformed(1)
+        return c.malformed(1)
     case(cid, name)(run)
 
 
@@ -1796,7 +1796,7 @@ def _(ctx):
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "4")], end_stream=False)
     c.data(sid, b"data", end_stream=False)
     c.send(c.headers_frame(sid, plain_block([(":method", "POST")]), end_stream=True))
-    c.malformed(sid)
+    return c.malformed(sid)
 
 
 def without(name):
@@ -1830,7 +1830,7 @@ malformed_case("http2/8.3.1/10", "a duplicated :authority -> malformed", doubled
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(PUSH_PROMISE, END_HEADERS, 1, b"\0\0\0\x02" + hand_request(ctx))
-    c.conn_error(PROTOCOL_ERROR)
+    return c.conn_error(PROTOCOL_ERROR)
 
 
 @case("http2/8.2.3/1", "cookie crumbs in separate fields are served")
@@ -1848,7 +1848,7 @@ def compression_case(cid, name, block_fn):
     def run(ctx):
         c = ctx.conn().handshake()
         c.raw(HEADERS, END_STREAM | END_HEADERS, 1, block_fn(ctx))
-        c.conn_error(COMPRESSION_ERROR)
+        return c.conn_error(COMPRESSION_ERROR)
     case(cid, name)(run)
 
 
@@ -1886,7 +1886,7 @@ def _(ctx):
     c.send(c.headers_frame(3, hand_request(ctx, hp_lit("x-huge", "h" * 5000, "inc"))))
     c.ok(3, ROOT_BODY)
     c.raw(HEADERS, END_STREAM | END_HEADERS, 5, hand_request(ctx, hp_indexed(62)))
-    c.conn_error(COMPRESSION_ERROR)
+    return c.conn_error(COMPRESSION_ERROR)
 
 
 # =============================================================================================
@@ -1949,11 +1949,14 @@ def _(ctx):
     c.send(b"".join(c.headers_frame(s, plain_block(c.fields(path=slow))) for s in sids))
     extra = c.new_sid()
     c.send(c.headers_frame(extra, plain_block(c.fields(path=slow))))
-    c.stream_error(extra, REFUSED_STREAM, PROTOCOL_ERROR)
+    how = c.stream_error(extra, REFUSED_STREAM, PROTOCOL_ERROR)
+    if how != "rst":
+        return how      # a connection error: the others cannot be served
     served, resets, pending = collect(c, sids, SLOW_SECONDS + ctx.read_timeout * 2)
     if served != m:
         raise Fail("%d of %d /slow streams served (resets %r, %d pending)" % (
             served, m, resets, len(pending)))
+    return "extra stream reset with %s, %d served" % (ename(c.stream(extra).rst), served)
 
 
 @case("abuse/streams/reset-still-count", "streams reset while their handlers run still count: "
@@ -2003,12 +2006,16 @@ def _(ctx):
         raise Fail("2,000 HEADERS+RST_STREAM pairs accepted: no GOAWAY, connection open")
     if c.goaway is not None and c.goaway.error_code == NO_ERROR:
         raise Fail("GOAWAY NO_ERROR (expected ENHANCE_YOUR_CALM or another error)")
+    how = "GOAWAY %s" % ename(c.goaway.error_code) if c.goaway is not None else "closed"
     if before is not None:
         time.sleep(0.2)
         after = ctx.stats()
         started = after.get("handlers_started", 0) - before.get("handlers_started", 0) - 1
         if started > 2 * m + 10:
-            raise Fail("%d handlers started for the reset streams (limit %d)" % (started, 2 * m))
+            raise Fail("%s, but %d handlers started for the reset streams (limit %d)" % (
+                how, started, 2 * m))
+        how += ", %d handlers started" % started
+    return how + " after %d streams" % (c.next_sid // 2)
 
 
 @case("abuse/continuation-flood", "more than 8 CONTINUATION frames for one header block -> "
@@ -2023,9 +2030,9 @@ def _(ctx):
         for i in range(parts):
             chunk = rest[i * size:(i + 1) * size]
             c.continuation(1, chunk, end_headers=(i == parts - 1))
-    except (Closed, WriteBlocked):
-        return
-    c.conn_error(ENHANCE_YOUR_CALM, PROTOCOL_ERROR, INTERNAL_ERROR)
+    except (Closed, WriteBlocked) as e:
+        return "while sending CONTINUATION %d: %s" % (i + 1, e)
+    return c.conn_error(ENHANCE_YOUR_CALM, PROTOCOL_ERROR, INTERNAL_ERROR)
 
 
 def refused_and_alive(c, sid):
@@ -2044,6 +2051,7 @@ def refused_and_alive(c, sid):
     c.rst_ok = (sid,)
     c.alive("the connection to survive the refused stream")
     c.ok(c.request(), ROOT_BODY)
+    return "status %d" % st.status if st.rst is None else "RST_STREAM %s" % ename(st.rst)
 
 
 def send_block(c, sid, block):
@@ -2062,7 +2070,7 @@ def _(ctx):
     send_block(c, 1, plain_block(c.fields(extra=[("x-big-%d" % i, "b" * 4000)
                                                  for i in range(18)])))
     c.next_sid = 3
-    refused_and_alive(c, 1)
+    return refused_and_alive(c, 1)
 
 
 @case("abuse/headers/count", "a header list of 200 small fields -> the stream is refused, the "
@@ -2072,7 +2080,7 @@ def _(ctx):
     c.plain = True
     send_block(c, 1, plain_block(c.fields(extra=[("x-f%d" % i, "v") for i in range(200)])))
     c.next_sid = 3
-    refused_and_alive(c, 1)
+    return refused_and_alive(c, 1)
 
 
 @case("abuse/headers/hpack-bomb", "a small block decoding to > 64 KiB (dynamic table "
@@ -2083,7 +2091,7 @@ def _(ctx):
     block = hand_request(ctx, hp_lit("x-bomb", "b" * 3000, "inc") + hp_indexed(62) * 100)
     send_block(c, 1, block)
     c.next_sid = 3
-    refused_and_alive(c, 1)
+    return refused_and_alive(c, 1)
 
 
 @case("abuse/settings/many", "a SETTINGS frame with 100 entries -> GOAWAY ENHANCE_YOUR_CALM",
@@ -2091,7 +2099,7 @@ def _(ctx):
 def _(ctx):
     c = ctx.conn().handshake()
     c.raw(SETTINGS, 0, 0, settings_raw([(S_HEADER_TABLE_SIZE, 4096 + i) for i in range(100)]))
-    c.conn_error(ENHANCE_YOUR_CALM)
+    return c.conn_error(ENHANCE_YOUR_CALM)
 
 
 def flood(ctx, c, frame_bytes, count=10000, batch=200):
@@ -2109,9 +2117,10 @@ def flood(ctx, c, frame_bytes, count=10000, batch=200):
     if c.goaway is not None:
         if c.goaway.error_code != ENHANCE_YOUR_CALM:
             raise Fail("GOAWAY %s, expected ENHANCE_YOUR_CALM" % ename(c.goaway.error_code))
-        return
+        return "GOAWAY ENHANCE_YOUR_CALM"
     if not c.closed:
         raise Fail("%d frames accepted: no GOAWAY, connection open" % count)
+    return "closed without GOAWAY"
 
 
 @case("abuse/flood/empty-data", "10,000 empty DATA frames -> GOAWAY ENHANCE_YOUR_CALM",
@@ -2119,35 +2128,35 @@ def flood(ctx, c, frame_bytes, count=10000, batch=200):
 def _(ctx):
     c = ctx.conn().handshake()
     sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "1")], end_stream=False)
-    flood(ctx, c, raw_frame(DATA, 0, sid))
+    return flood(ctx, c, raw_frame(DATA, 0, sid))
 
 
 @case("abuse/flood/window-update", "10,000 WINDOW_UPDATE frames -> GOAWAY ENHANCE_YOUR_CALM",
       abuse=True, budget=20)
 def _(ctx):
     c = ctx.conn().handshake()
-    flood(ctx, c, WindowUpdateFrame(0, window_increment=1).serialize())
+    return flood(ctx, c, WindowUpdateFrame(0, window_increment=1).serialize())
 
 
 @case("abuse/flood/priority", "10,000 PRIORITY frames -> GOAWAY ENHANCE_YOUR_CALM",
       abuse=True, budget=20)
 def _(ctx):
     c = ctx.conn().handshake()
-    flood(ctx, c, PriorityFrame(3, depends_on=0, stream_weight=16).serialize())
+    return flood(ctx, c, PriorityFrame(3, depends_on=0, stream_weight=16).serialize())
 
 
 @case("abuse/flood/settings", "10,000 SETTINGS frames -> GOAWAY ENHANCE_YOUR_CALM",
       abuse=True, budget=20)
 def _(ctx):
     c = ctx.conn().handshake()
-    flood(ctx, c, raw_frame(SETTINGS, 0, 0))
+    return flood(ctx, c, raw_frame(SETTINGS, 0, 0))
 
 
 @case("abuse/flood/ping", "10,000 PING frames -> GOAWAY ENHANCE_YOUR_CALM", abuse=True,
       budget=20)
 def _(ctx):
     c = ctx.conn().handshake()
-    flood(ctx, c, raw_frame(PING, 0, 0, b"floodpng"))
+    return flood(ctx, c, raw_frame(PING, 0, 0, b"floodpng"))
 
 
 @case("abuse/flood/rst", "10,000 RST_STREAM frames on a closed stream -> GOAWAY "
@@ -2156,7 +2165,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     sid = c.request()
     c.ok(sid)
-    flood(ctx, c, RstStreamFrame(sid, error_code=CANCEL).serialize())
+    return flood(ctx, c, RstStreamFrame(sid, error_code=CANCEL).serialize())
 
 
 @case("abuse/output-flood", "PINGs while never reading: the server closes or stops reading "
@@ -2170,8 +2179,8 @@ def _(ctx):
         while sent < cap:
             c.send(batch)
             sent += 1000
-    except (Closed, WriteBlocked):
-        return
+    except (Closed, WriteBlocked) as e:
+        return "after %d PINGs: %s" % (sent, e)
     raise Fail("%d PINGs (%d MB) written without the server stalling or closing" % (
         sent, sent * 17 // 1000000))
 
@@ -2180,15 +2189,17 @@ def _(ctx):
       abuse=True, budget=-1)
 def _(ctx):
     c = ctx.conn()
-    wait_closed(ctx, c)
+    c.auto_ack = False      # no bytes at all from us
+    return wait_closed(ctx, c)
 
 
 @case("abuse/timeout/partial-preface", "half a preface: closed after the head timeout",
       abuse=True, budget=-1)
 def _(ctx):
     c = ctx.conn()
+    c.auto_ack = False
     c.send(PREFACE[:10])
-    wait_closed(ctx, c)
+    return wait_closed(ctx, c)
 
 
 @case("abuse/timeout/unfinished-block", "HEADERS without END_HEADERS and no CONTINUATION: "
@@ -2197,7 +2208,7 @@ def _(ctx):
     c = ctx.conn().handshake()
     block = hand_request(ctx)
     c.send(c.headers_frame(1, block[:4], end_headers=False))
-    wait_closed(ctx, c)
+    return wait_closed(ctx, c)
 
 
 @case("abuse/timeout/idle", "an idle connection gets GOAWAY or is closed after the idle "
@@ -2205,7 +2216,7 @@ def _(ctx):
 def _(ctx):
     c = ctx.conn().handshake()
     c.ok(c.request(), ROOT_BODY)
-    wait_closed(ctx, c)
+    return wait_closed(ctx, c)
 
 
 def timeout_wait(ctx):
@@ -2219,13 +2230,17 @@ def wait_closed(ctx, c):
         raise Fail("still open after %.1f s (--timeout-scale %g)" % (timeout_wait(ctx), ctx.scale))
     if how.startswith("goaway") and c.closed_within(ctx.read_timeout + ctx.scale) is None:
         raise Fail("%s after %.1f s, but the connection stayed open" % (how, time.monotonic() - t0))
+    return "%s after %.1f s" % (how, time.monotonic() - t0)
 
 
 # ---- the lax server (for checking that cases can fail) ---------------------------------------
-def lax_server(port):
+def lax_server(port, grumpy=False):
     """Answers every finished request with 200 "hello" (or the echoed body / n bytes), ACKs
     SETTINGS and PING, ignores everything else, never sends GOAWAY or RST_STREAM, ignores flow
-    control, never times out, and queues output without limit."""
+    control, never times out, and queues output without limit.
+    grumpy: the opposite mistake, GOAWAY PROTOCOL_ERROR for every frame a server must accept
+    but this one does not expect (PRIORITY, RST_STREAM, WINDOW_UPDATE, unknown types, PING ACK,
+    PING with undefined flags, unknown settings, a set reserved bit)."""
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", port))
@@ -2239,6 +2254,7 @@ def lax_server(port):
             while True:
                 item = out.get()
                 if item is None:
+                    sock.close()
                     return
                 try:
                     sock.sendall(item)
@@ -2277,7 +2293,15 @@ def lax_server(port):
                         break
                     t, fl, sid = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & MAX_WINDOW
                     body = bytes(buf[9:9 + n])
+                    reserved = buf[5] & 0x80
                     del buf[:9 + n]
+                    if grumpy and (t in (PRIORITY, RST_STREAM, WINDOW_UPDATE) or t > 9 or
+                                   (t == PING and fl) or reserved or
+                                   (t == SETTINGS and any(body[i] or body[i + 1] > 6
+                                                          for i in range(0, n - 5, 6)))):
+                        out.put(raw_frame(GOAWAY, 0, 0, struct.pack(">II", 0, PROTOCOL_ERROR)))
+                        out.put(None)
+                        return
                     if t == SETTINGS and not fl & ACK:
                         out.put(raw_frame(SETTINGS, ACK, 0))
                     elif t == PING and not fl & ACK:
@@ -2336,6 +2360,8 @@ def main():
                     help="run only cases whose id or name contains SUBSTRING (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--json", action="store_true", help="print a JSON summary")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="print how each case passed (GOAWAY, RST_STREAM, close, status)")
     ap.add_argument("--routes", choices=["moonwire", "nghttpd"], default="moonwire")
     ap.add_argument("--no-abuse", action="store_true", help="skip the abuse/ cases")
     ap.add_argument("--timeout-scale", type=float, default=1.0, metavar="S",
@@ -2348,13 +2374,15 @@ def main():
                     help="abuse/output-flood: PINGs to write before judging (>= 100000)")
     ap.add_argument("--make-docroot", metavar="DIR", help="write nghttpd's files and exit")
     ap.add_argument("--lax-server", type=int, metavar="PORT", help="run the lax server")
+    ap.add_argument("--grumpy", action="store_true",
+                    help="with --lax-server: reject what a server must accept instead")
     args = ap.parse_args()
 
     if args.make_docroot:
         make_docroot(args.make_docroot)
         return 0
     if args.lax_server is not None:
-        lax_server(args.lax_server)
+        lax_server(args.lax_server, args.grumpy)
         return 0
     selected = [c for c in CASES
                 if (not args.case or any(s in c["id"] or s in c["name"] for s in args.case))
@@ -2373,6 +2401,7 @@ def main():
     results = []
     for c in selected:
         t0 = time.monotonic()
+        detail = None
         budget = c["budget"] if c["budget"] > 0 else timeout_wait(ctx) * 2 + ctx.read_timeout + 5
         if t0 >= run_end:
             result, reason = "FAIL", "the run's --max-time budget is exhausted"
@@ -2380,7 +2409,7 @@ def main():
             ctx.deadline = min(t0 + budget, run_end)
             ctx.conns = []
             try:
-                c["fn"](ctx)
+                detail = c["fn"](ctx)
                 result, reason = "PASS", ""
                 if c["abuse"]:
                     for conn in ctx.conns:
@@ -2406,9 +2435,13 @@ def main():
         secs = time.monotonic() - t0
         results.append({"id": c["id"], "name": c["name"], "result": result, "reason": reason,
                         "seconds": round(secs, 3)})
+        if result == "PASS" and detail:
+            results[-1]["detail"] = str(detail)
         if not args.json:
             line = "%s %s %s" % (result, c["id"], c["name"])
             print(line + (": " + reason if reason else ""), flush=True)
+            if args.verbose and result == "PASS" and detail:
+                print("    (%s, %.2f s)" % (detail, secs), flush=True)
     passed = sum(r["result"] == "PASS" for r in results)
     failed = sum(r["result"] == "FAIL" for r in results)
     skipped = sum(r["result"] == "SKIP" for r in results)
