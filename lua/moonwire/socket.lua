@@ -459,9 +459,10 @@ function tcp:sslhandshake(reused, server_name, verify)
   if not self.s then return nil, "closed" end
   if self.tls then return true end
   if type(reused) == "table" then  -- lua-resty-* option tables
-    reused, server_name, verify = nil, reused.server_name, reused.ssl_verify
+    server_name, verify = reused.server_name, reused.ssl_verify
   end
   local tls = require "moonwire.tls"
+  require "moonwire.socket.ssl"   -- adds getpeercertificate, info, ... to the methods
   local ctx = tls.client_context(verify and {} or { insecure = true })
   local host = server_name or (verify and self.host) or nil
   local ok, err = self.s:starttls(ctx, { host = host, timeout = retry(self, now()) or -1 })

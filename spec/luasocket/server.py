@@ -1,9 +1,12 @@
 #!/usr/bin/python3
 """Scripted TCP peer for spec/luasocket_spec.lua: the same byte sequences for the real
 LuaSocket and for moonwire.socket. Prints "PORT DEADPORT" (a listening port and a port nobody
-listens on), then serves until a connection sends "quit" (or 120 s pass). Each connection names its scenario in its first
+listens on), then serves until a connection sends "quit" (or 120 s pass). With CERT KEY
+arguments it also prints a third port where the same scenarios run over TLS. Each connection names its scenario in its first
 line; the steps are below. No timing: waits are on the client's own bytes or its EOF."""
 import socket
+import ssl
+import sys
 import struct
 import threading
 
@@ -74,7 +77,22 @@ def serve(c, quit):
     except OSError:
         pass
     finally:
+        if isinstance(c, ssl.SSLSocket):
+            try:
+                c.unwrap()   # close_notify, so the end is "closed" and not an unclean EOF
+            except (OSError, ValueError):
+                pass
         c.close()
+
+
+def serve_tls(ctx, c, quit):
+    try:
+        c.settimeout(10)
+        c = ctx.wrap_socket(c, server_side=True)
+    except (OSError, ssl.SSLError):
+        c.close()
+        return
+    serve(c, quit)
 
 
 def main():
@@ -86,19 +104,33 @@ def main():
     dead.bind(("127.0.0.1", 0))
     dead_port = dead.getsockname()[1]
     dead.close()
-    print(srv.getsockname()[1], dead_port, flush=True)
+    tls_srv = ctx = None
+    if len(sys.argv) == 3:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+        tls_srv = socket.socket()
+        tls_srv.bind(("127.0.0.1", 0))
+        tls_srv.listen(64)
+        print(srv.getsockname()[1], dead_port, tls_srv.getsockname()[1], flush=True)
+    else:
+        print(srv.getsockname()[1], dead_port, flush=True)
 
     quit = threading.Event()
 
-    def accept_loop():
+    def accept_loop(lsock, tls):
         while True:
             try:
-                c, _ = srv.accept()
+                c, _ = lsock.accept()
             except OSError:
                 return
-            threading.Thread(target=serve, args=(c, quit), daemon=True).start()
+            if tls:
+                threading.Thread(target=serve_tls, args=(tls, c, quit), daemon=True).start()
+            else:
+                threading.Thread(target=serve, args=(c, quit), daemon=True).start()
 
-    threading.Thread(target=accept_loop, daemon=True).start()
+    threading.Thread(target=accept_loop, args=(srv, None), daemon=True).start()
+    if tls_srv:
+        threading.Thread(target=accept_loop, args=(tls_srv, ctx), daemon=True).start()
     quit.wait(120)
 
 

@@ -85,16 +85,16 @@ function tcp:sni(name)
   return true
 end
 
---- sslsock:dohandshake() -> true | nil, err
+--- sslsock:dohandshake() -> true | false, err (LuaSec's shape)
 function tcp:dohandshake()
   checkssl(self, "dohandshake")
   if self.tls then return true end
-  if not self.s then return nil, "closed" end
+  if not self.s then return false, "closed" end
   local c = self.sslp
   local host = self.sni_name or c.params.server_name
   if not c.server and c.verify then host = host or self.host end
   local ok, err = self.s:starttls(c.ctx, { host = host, timeout = retry(self, now()) or -1 })
-  if not ok then return nil, err end
+  if not ok then return false, err end
   self.tls = true
   return true
 end
