@@ -696,6 +696,31 @@ static int s_tls_info(lua_State *L)
     return 1;
 }
 
+/* sock:tls_peer_certificate() -> der, signature_name | nil: the peer's leaf certificate (DER)
+ * and its signature algorithm's short name ("RSA-SHA256"), for LuaSec-style
+ * getpeercertificate() (pgmoon's SCRAM-SHA-256-PLUS channel binding hashes it). The
+ * certificate is borrowed (get0) and the bytes go straight into a Lua buffer: nothing to free
+ * if a push raises. */
+static int s_tls_peer_certificate(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    mw_tlsconn *c = s->tls;
+    X509 *peer = c ? SSL_get0_peer_certificate(c->ssl) : NULL;
+    int n = peer ? i2d_X509(peer, NULL) : -1;
+    if (n <= 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    luaL_Buffer b;
+    unsigned char *p = (unsigned char *)luaL_buffinitsize(L, &b, (size_t)n);
+    if (i2d_X509(peer, &p) != n) return luaL_error(L, "i2d_X509 changed its mind");
+    luaL_pushresultsize(&b, (size_t)n);
+    const char *sig = OBJ_nid2sn(X509_get_signature_nid(peer));
+    if (sig) lua_pushstring(L, sig);
+    else lua_pushnil(L);
+    return 2;
+}
+
 void mw_tls_open(lua_State *L)
 {
     static const luaL_Reg cm[] = { { "reload", ctx_reload }, { NULL, NULL } };
@@ -713,6 +738,8 @@ void mw_tls_open(lua_State *L)
     lua_setfield(L, -2, "starttls");
     lua_pushcfunction(L, s_tls_info);
     lua_setfield(L, -2, "tls_info");
+    lua_pushcfunction(L, s_tls_peer_certificate);
+    lua_setfield(L, -2, "tls_peer_certificate");
     lua_pop(L, 2);
     luaL_getmetatable(L, MW_LISTENER_MT);
     lua_getfield(L, -1, "__index");

@@ -1,0 +1,382 @@
+-- moonwire.socket (docs/luasocket.md): LuaSocket's TCP API on moonwire's sockets.
+-- Differential: spec/luasocket/client.lua runs twice against the scripted peer
+-- spec/luasocket/server.py, once with Debian's LuaSocket in a plain lua5.4 and once under
+-- mw.run with the shim installed as `socket`; the transcripts (every return value of every
+-- call: lines with CRLF/LF/CR/no terminator, *a, counts, 0, prefixes, timeouts in both modes
+-- with resumption, non-blocking mode, send ranges, refused, reset, closed mid-read, use after
+-- close, names, options, stats, bind/accept, helpers) must be equal except for the documented
+-- differences. The same for a real driver (nrk's redis-lua against redis-server). Then what
+-- only the shim does: tasks that wait cooperatively, the keepalive pool, install/with,
+-- LuaSocket's own socket.http and socket.smtp running unchanged, and TLS (sslhandshake, a
+-- LuaSec-style ssl.wrap with getpeercertificate).
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local lsocket = require "moonwire.socket"
+
+local SPEC_DIR = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+local DIR = SPEC_DIR .. "/luasocket"
+
+-- A transcript from a LuaSocket script: real (plain lua5.4) or under the shim.
+local function transcript(script, shim, ...)
+  local args = {}
+  for i, a in ipairs({ ... }) do args[i] = ("%q"):format(tostring(a)) end
+  local src
+  if shim then
+    src = ("arg = { [0] = %q, %q, %s }\ndofile(%q)\n"):format(DIR .. "/run_shim.lua",
+      script, table.concat(args, ", "), DIR .. "/run_shim.lua")
+  else
+    src = ("arg = { [0] = %q, %s }\ndofile(%q)\n"):format(script, table.concat(args, ", "), script)
+  end
+  local out, how, code = helper.subprocess(src, 30)
+  return out, how, code
+end
+
+local function lines(s)
+  local t = {}
+  for l in s:gmatch("[^\n]*") do t[#t + 1] = l end
+  return t
+end
+
+-- Compares line by line; `known` maps a line of the real transcript to the shim's (documented
+-- differences, docs/luasocket.md).
+local function compare(real, shim, known)
+  local a, b = lines(real), lines(shim)
+  local used = {}
+  for i = 1, math.max(#a, #b) do
+    local want = a[i] and known[a[i]] or a[i]
+    if want ~= a[i] then used[a[i]] = true end
+    assert(want == b[i], ("line %d differs:\n real: %s\n want: %s\n shim: %s")
+      :format(i, tostring(a[i]), tostring(want), tostring(b[i])))
+  end
+  for k in pairs(known) do assert(used[k], "known difference not seen: " .. k) end
+end
+
+local function has_real_luasocket()
+  return os.execute("lua5.4 -e 'require \"socket.core\"' >/dev/null 2>&1")
+end
+
+-- the test certificates (spec/fixtures/make-certs) in a temporary directory
+local function make_certs()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute(("%s/../fixtures/make-certs %s >/dev/null 2>&1"):format(DIR, dir)),
+    "spec/fixtures/make-certs failed")
+  return dir
+end
+
+describe("moonwire.socket against Debian's LuaSocket (and LuaSec)", function()
+  local server, port, dead, tls_port, certs
+
+  setup(function()
+    assert(has_real_luasocket(), "Debian's lua-socket is missing (scripts/install-deps test)")
+    certs = make_certs()
+    server = assert(io.popen(("exec python3 %s/server.py %s/server-chain.pem %s/server.key")
+      :format(DIR, certs, certs)))
+    port, dead, tls_port = server:read("n", "n", "n")
+    assert(port and dead and tls_port, "spec/luasocket/server.py did not start")
+  end)
+
+  teardown(function()
+    if port then
+      run(function()
+        local c = mw.tcp.connect("127.0.0.1", port)
+        if c then c:write("quit\n") c:close() end
+      end)
+    end
+    if server then server:close() end
+    if certs then os.execute("rm -rf " .. certs) end
+  end)
+
+  it("the TLS script (ssl.wrap, sni, dohandshake, getpeercertificate) gives the same transcript", function()
+    assert(os.execute("lua5.4 -e 'require \"ssl\"' >/dev/null 2>&1"),
+      "Debian's lua-sec is missing (scripts/install-deps test)")
+    local args = { tls_port, certs .. "/ca.pem", certs .. "/server.pem" }
+    local real, how, code = transcript(DIR .. "/tls_client.lua", false, table.unpack(args))
+    assert.same({ "exit", 0 }, { how, code }, real)
+    local shim
+    shim, how, code = transcript(DIR .. "/tls_client.lua", true, table.unpack(args))
+    assert.same({ "exit", 0 }, { how, code }, shim)
+    assert.matches("\ndone\n$", real)
+    compare(real, shim, {})
+  end)
+
+  it("sslhandshake (OpenResty style) over the shim's connection", function()
+    run(function()
+      local c = assert(lsocket.connect("127.0.0.1", tls_port))
+      assert.is_true(c:sslhandshake(false, "localhost", false))   -- no verification
+      assert.equal(7.0, c:send("counts\n"))
+      assert.equal("abc", c:receive(3))
+      local cert = c:getpeercertificate()
+      assert.equal(helper.readfile(certs .. "/server.pem"), cert:pem())
+      c:close()
+      c = assert(lsocket.connect("127.0.0.1", tls_port))
+      local ok, err = c:sslhandshake(nil, "localhost", true)     -- the system store: refused
+      assert.is_nil(ok)
+      assert.matches("certificate verify failed", err)
+      c:close()
+    end)
+  end)
+
+  it("the client script gives the same transcript, every pattern, timeout and error", function()
+    local real, how, code = transcript(DIR .. "/client.lua", false, port, dead)
+    assert.same({ "exit", 0 }, { how, code }, real)
+    local shim
+    shim, how, code = transcript(DIR .. "/client.lua", true, port, dead)
+    assert.same({ "exit", 0 }, { how, code }, shim)
+    assert.matches("\ndone\n$", real)
+    compare(real, shim, {
+      -- receive(0) returns "" at once; LuaSocket first waits for a byte (here: times out)
+      ['nonblocking 0 -> nil, "timeout", ""'] = 'nonblocking 0 -> "", nil, nil',
+    })
+  end)
+end)
+
+-- A redis-server of this test's own on a free port (nil when redis-server is missing).
+local function start_redis()
+  local port = run(helper.free_port)
+  local p = assert(io.popen(("sh -c 'redis-server --port %d --bind 127.0.0.1 --save \"\" " ..
+    "--appendonly no >/dev/null 2>&1 & echo $!'"):format(port)))
+  local pid = p:read("n")
+  p:close()
+  local up = run(function()
+    for _ = 1, 100 do   -- until it listens (at most 5 s)
+      local c = mw.tcp.connect("127.0.0.1", port)
+      if c then c:close() return true end
+      mw.sleep(0.05)
+    end
+    return false
+  end)
+  if not up then os.execute("kill " .. pid) error("redis-server did not start") end
+  return port, pid
+end
+
+describe("moonwire.socket runs nrk's redis-lua unchanged", function()
+  local port, pid
+  setup(function() port, pid = start_redis() end)
+  teardown(function() if pid then os.execute("kill " .. pid) end end)
+
+  it("with the same transcript as under Debian's LuaSocket", function()
+    local real, how, code = transcript(DIR .. "/redis_client.lua", false, port)
+    assert.same({ "exit", 0 }, { how, code }, real)
+    local shim
+    shim, how, code = transcript(DIR .. "/redis_client.lua", true, port)
+    assert.same({ "exit", 0 }, { how, code }, shim)
+    assert.matches("\nquit\t", real)
+    compare(real, shim, {})
+  end)
+
+  it("two tasks: BLPOP parks its task while the other pushes (one loop, one thread)", function()
+    package.path = package.path .. ";/usr/share/lua/5.3/?.lua"
+    run(function()
+      lsocket.with(function()
+        package.loaded.redis = nil
+        local redis = require "redis"
+        local order = {}
+        local waiter = mw.spawn(function()
+          local c = redis.connect("127.0.0.1", port)
+          order[#order + 1] = "blpop"
+          local r = c:blpop("coop", 5)
+          order[#order + 1] = "popped " .. r[2]
+          c:quit()
+        end)
+        local pusher = mw.spawn(function()
+          local c = redis.connect("127.0.0.1", port)
+          while #order == 0 do mw.yield() end
+          mw.sleep(0.05)   -- the BLPOP is on its way; redis answers it whenever it comes
+          order[#order + 1] = "push"
+          c:rpush("coop", "x")
+          c:quit()
+        end)
+        assert.is_true(pusher:join(5))
+        assert.is_true(waiter:join(5))
+        assert.same({ "blpop", "push", "popped x" }, order)
+      end)
+      package.loaded.redis = nil
+    end)
+  end)
+end)
+
+describe("moonwire.socket in a task", function()
+  it("a receive parks only its task: another task's whole exchange completes meanwhile", function()
+    run(function()
+      local l, port = helper.listen()
+      local release = mw.channel()
+      mw.spawn(function()   -- server: the first connection waits for `release`, the second echoes
+        local a = assert(l:accept())
+        local b = assert(l:accept())
+        b:write(assert(b:read("l")) .. "!\n")
+        release:recv()
+        a:write("late line\r\n")
+        a:close() b:close()
+      end)
+      local order = {}
+      local slow = mw.spawn(function()
+        local c = assert(lsocket.connect("127.0.0.1", port))
+        order[#order + 1] = "waiting"
+        local line = assert(c:receive("*l"))
+        order[#order + 1] = line
+        c:close()
+      end)
+      while #order == 0 do mw.yield() end
+      local c = assert(lsocket.connect("127.0.0.1", port))
+      assert.equal(3.0, c:send("hi\n", 1))
+      assert.equal("hi!", c:receive())
+      order[#order + 1] = "other done"
+      c:close()
+      release:send(true)
+      assert.is_true(slow:join(5))
+      assert.same({ "waiting", "other done", "late line" }, order)
+      l:close()
+    end)
+  end)
+
+  it("a timed-out receive leaves the socket usable; settimeout(0) never waits", function()
+    run(function()
+      local a, b = helper.tcp_pair()
+      local s = lsocket.tcp()
+      s.kind, s.s = "client", a        -- adopt a connected moonwire socket
+      s:settimeout(0.05)
+      b:write("12")
+      assert.same({ nil, "timeout", "12" }, { s:receive(4) })
+      b:write("345")
+      assert.same({ "12345", nil, nil }, { s:receive(5, "12") })
+      s:settimeout(0)
+      local t0 = mw.now()
+      assert.same({ nil, "timeout", "" }, { s:receive("*l") })
+      assert.is_true(mw.now() - t0 < 0.05)
+      s:close() b:close()
+    end)
+  end)
+
+  it("extensions: \"l\"/\"a\" without '*', receive(0) at once, nested tables in send", function()
+    run(function()
+      local a, b = helper.tcp_pair()
+      local s = lsocket.tcp()
+      s.kind, s.s = "client", a
+      s:settimeout(1)
+      local t0 = mw.now()
+      assert.same({ "", nil, nil }, { s:receive(0) })      -- nothing buffered, nothing sent
+      assert.same({ "p", nil, nil }, { s:receive(0, "p") })
+      assert.is_true(mw.now() - t0 < 0.5)
+      assert.equal(8.0, s:send({ "a", { "b", { "c" } }, 1, "\r\n", "x\n" }))
+      assert.equal("abc1\r\nx\n", b:read(8))
+      b:write("line\r\nrest")
+      b:shutdown()
+      assert.equal("line", s:receive("l"))
+      assert.equal("rest", s:receive("a"))
+      s:close() b:close()
+    end)
+  end)
+
+  it("setkeepalive pools the connection for the next connect; getreusedtimes counts", function()
+    run(function()
+      local l, port = helper.listen()
+      local accepted = 0
+      mw.spawn(function()
+        while true do
+          local c = l:accept()
+          if not c then return end
+          accepted = accepted + 1
+          mw.spawn(function()
+            for line in function() return c:read("l") end do c:write(line, "\n") end
+            c:close()
+          end)
+        end
+      end)
+      for i = 0, 2 do
+        local c = lsocket.tcp()
+        assert.equal(1.0, c:connect("127.0.0.1", port))
+        assert.equal(i, c:getreusedtimes())
+        c:send("n" .. i .. "\n")
+        assert.equal("n" .. i, c:receive())
+        assert.equal(1, c:setkeepalive(0))
+        assert.same({ nil, "closed", "" }, { c:receive() })
+      end
+      assert.equal(1, accepted)
+      -- unread data is refused
+      local c = lsocket.tcp()
+      c:connect("127.0.0.1", port)
+      c:send("a\n")
+      assert.equal("a", c:receive(1))  -- the "\n" came in the same read and stays unread
+      assert.same({ nil, "unread data in buffer" }, { c:setkeepalive() })
+      c:close()
+      l:close()
+    end)
+  end)
+
+  it("install() and with() scope `require \"socket\"`, restoring what was there", function()
+    local before, before_core = package.loaded.socket, package.loaded["socket.core"]
+    local uninstall = lsocket.install()
+    assert.equal(lsocket, require "socket")
+    assert.equal(lsocket, require "socket.core")
+    assert.equal(require "moonwire.socket.ssl", require "ssl")
+    uninstall()
+    assert.equal(before, package.loaded.socket)
+    assert.equal(before_core, package.loaded["socket.core"])
+    assert.same({ "x", 2 }, { lsocket.with(function(v) return require("socket") == lsocket and v, 2 end, "x") })
+    assert.equal(before, package.loaded.socket)
+    assert.has_error(function() lsocket.with(error, "boom") end, "boom")
+    assert.equal(before, package.loaded.socket)
+  end)
+
+  it("LuaSocket's own socket.http runs unchanged against a moonwire HTTP server", function()
+    run(function()
+      local http = require "moonwire.http"
+      local srv = assert(http.server { host = "127.0.0.1", port = 0, handler = function(req, res)
+        res:header("content-type", "text/plain")
+        res:send(req.method .. " " .. req.path .. " " .. (req:body() or ""))
+      end })
+      lsocket.with(function()
+        local lhttp = require "socket.http"
+        local body, status, headers = lhttp.request(("http://127.0.0.1:%d/hello"):format(srv.port))
+        assert.equal("GET /hello ", body)
+        assert.equal(200, status)
+        assert.equal("text/plain", headers["content-type"])
+        body, status = lhttp.request(("http://127.0.0.1:%d/post"):format(srv.port), "a=1")
+        assert.equal("POST /post a=1", body)
+        assert.equal(200, status)
+        local ok, err = lhttp.request(("http://127.0.0.1:%d/"):format(helper.free_port()))
+        assert.same({ nil, "connection refused" }, { ok, err })
+      end)
+      srv:close()
+    end)
+  end)
+
+  it("LuaSocket's socket.smtp sends a message to a scripted SMTP server", function()
+    run(function()
+      local l, port = helper.listen()
+      local seen = {}
+      mw.spawn(function()
+        local c = assert(l:accept())
+        local function reply(s) c:write(s, "\r\n") end
+        reply("220 test ESMTP")
+        while true do
+          local line = c:read("l")
+          if not line then break end
+          seen[#seen + 1] = line:match("^(%u+)") or line
+          if line:match("^EHLO") then reply("250-test") reply("250 OK")
+          elseif line == "DATA" then
+            reply("354 go")
+            local body = {}
+            repeat line = c:read("l") body[#body + 1] = line until line == "."
+            seen[#seen + 1] = table.concat(body, "\n"):match("\n\n(.-)\n%.$")
+            reply("250 queued")
+          elseif line == "QUIT" then reply("221 bye") break
+          else reply("250 OK") end
+        end
+        c:close()
+      end)
+      lsocket.with(function()
+        local smtp = require "socket.smtp"
+        local ok, err = smtp.send {
+          from = "<a@example.test>", rcpt = "<b@example.test>", server = "127.0.0.1", port = port,
+          source = smtp.message { headers = { subject = "hi" }, body = "hello over moonwire" },
+        }
+        assert.same({ 1, nil }, { ok, err })
+      end)
+      assert.same({ "EHLO", "MAIL", "RCPT", "DATA", "hello over moonwire", "QUIT" }, seen)
+      l:close()
+    end)
+  end)
+end)
