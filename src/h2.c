@@ -74,6 +74,7 @@ struct h2conn {
     h2stream *qhead, *qtail;   /* streams with an event for Lua (a request, a reset) */
     h2stream *streams;
     int handlers;              /* handlers running (reset ones included) */
+    int nopen;                 /* streams nghttp2 still has (not closed) */
     int fatal;                 /* the session failed: finish what is queued, then close */
     int goaway;                /* a GOAWAY was submitted */
     int preface_seen;
@@ -233,6 +234,7 @@ static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *u
     st->c = c;
     st->rt = c->rt;
     st->in_session = 1;
+    c->nopen++;
     st->content_length = -1;
     MW_LIST_PUSH(c->streams, st, prev, next);
     nghttp2_session_set_stream_user_data(ss, st->id, st);
@@ -372,6 +374,7 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
     if (!st) return 0;
     nghttp2_session_set_stream_user_data(ss, id, NULL);
     st->in_session = 0;
+    c->nopen--;
     st->closed = 1;
     st->close_code = code;
     if (!st->head_done && c->hdr_open > 0) c->hdr_open--;
@@ -550,10 +553,15 @@ static int64_t read_deadline(h2conn *c)
         int64_t sd = c->settings_sent + (int64_t)(c->t_settings * 1e9);
         if (sd < d) d = sd;
     }
-    if (c->handlers == 0 && nghttp2_session_get_next_stream_id(c->session) && c->t_idle >= 0 &&
-        c->hdr_open == 0 && c->preface_seen) {
-        int64_t id = c->idle_since + (int64_t)(c->t_idle * 1e9);
-        if (id < d) d = id;
+    if (c->handlers == 0 && c->hdr_open == 0 && c->preface_seen) {
+        /* no handler runs: idle when no stream is left either; else the streams only wait
+         * to send what their handlers left, and a client that neither reads nor opens the
+         * window for the write timeout is cut off (a stream stuck at a zero window) */
+        double t = c->nopen > 0 ? c->t_write : c->t_idle;
+        if (t >= 0) {
+            int64_t id = c->idle_since + (int64_t)(t * 1e9);
+            if (id < d) d = id;
+        }
     }
     return d;
 }

@@ -55,8 +55,10 @@ local function send_raw(self, body)
   self[BYTES] = (none or head) and 0 or #body
   local tr = self._trailers
   if tr then self[SOCK]:set_trailers(tr, #tr // 2) end
-  local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE,
-    (none or head) and nil or body, true, srv.server_name, none and -1 or #body)
+  local data = body
+  if none or head then data = nil end
+  local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE, data, true, srv.server_name,
+    none and -1 or #body)
   if not ok then self[CLOSE] = true end
   return ok, err, code
 end
