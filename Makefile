@@ -22,10 +22,15 @@ else
   LLHTTP_SRC    := $(wildcard $(LLHTTP_DIR)/llhttp.c $(LLHTTP_DIR)/api.c $(LLHTTP_DIR)/http.c)
 endif
 
+# libpq (moonwire.pg): its include directory from pg_config or pkg-config when present,
+# else Debian's place (so parsing this file never needs libpq-dev installed yet)
+PQ_INCDIR ?= $(shell pg_config --includedir 2>/dev/null || $(PKG) --variable=includedir libpq 2>/dev/null)
+PQ_CFLAGS := -I$(if $(PQ_INCDIR),$(PQ_INCDIR),/usr/include/postgresql)
+
 WARN      := -Wall -Wextra -Wshadow -Wno-unused-parameter
 CFLAGS    ?= -O2 -g
-ALL_CFLAGS = -std=gnu11 -fPIC $(WARN) $(CFLAGS) $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -fvisibility=hidden
-LIBS       = $(LLHTTP_LIBS) -lssl -lcrypto -lz -lm -lpthread
+ALL_CFLAGS = -std=gnu11 -fPIC $(WARN) $(CFLAGS) $(LUA_CFLAGS) $(LLHTTP_CFLAGS) $(PQ_CFLAGS) -fvisibility=hidden
+LIBS       = $(LLHTTP_LIBS) -lpq -lssl -lcrypto -lz -lm -lpthread
 
 SRC := $(wildcard src/*.c)
 HDR := $(wildcard src/*.h)
@@ -71,7 +76,7 @@ test-asan: test-deps
 lint: deps
 	luacheck -q lua spec examples bench
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability,performance \
-	  --inline-suppr --suppress=missingIncludeSystem --suppress=toomanyconfigs $(LUA_CFLAGS) src/
+	  --inline-suppr --suppress=missingIncludeSystem --suppress=toomanyconfigs $(LUA_CFLAGS) $(PQ_CFLAGS) src/
 
 demo: deps all
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA) examples/app.lua 8080
@@ -100,7 +105,7 @@ fuzz: deps $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
 
 build/fuzz/%: fuzz/%.c $(SRC) $(HDR)
 	@mkdir -p build/fuzz
-	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) -llua5.4 -lssl -lcrypto -lz -lpthread
+	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) $(PQ_CFLAGS) -llua5.4 -lpq -lssl -lcrypto -lz -lpthread
 
 install:
 	$(LUAROCKS) --lua-version 5.4 make moonwire-scm-1.rockspec
