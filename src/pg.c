@@ -53,10 +53,21 @@ static char pg_null;           /* its address is pg.null */
 
 /* ---- loop integration ---------------------------------------------------------------- */
 
+static pg_slot *slot(mw_pg *p, uint64_t seq);
+
 static void on_event(mw_io *io, uint32_t ev)
 {
     mw_pg *p = (mw_pg *)io;
-    if (p->driver) mw_sched_wake(p->driver, MW_WAKE_READY);
+    if (p->driver) {
+        mw_sched_wake(p->driver, MW_WAKE_READY);
+    } else {
+        /* nobody drives (the driver left with its result and the next has not run
+         * yet): the first waiting task takes over, so no readiness is lost */
+        for (uint64_t s = p->recv; s < p->tail; s++) {
+            mw_task *w = slot(p, s)->waiter;
+            if (w && w->state == MW_T_WAITING) { mw_sched_wake(w, MW_WAKE_READY); break; }
+        }
+    }
     if (p->nwait && (ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)))
         mw_sched_wake(p->nwait, MW_WAKE_READY);
 }
@@ -547,6 +558,9 @@ static int connect_k(lua_State *L, int status, lua_KContext ctx)
     return 3;
 }
 
+/* the server's notices (NOTICE, WARNING) are not printed to stderr */
+static void quiet(void *arg, const char *msg) { (void)arg; (void)msg; }
+
 /* connect(conninfo [, timeout]) -> conn | nil, msg, code */
 static int l_connect(lua_State *L)
 {
@@ -564,6 +578,7 @@ static int l_connect(lua_State *L)
     luaL_setmetatable(L, PG_MT);
     p->c = PQconnectStart(info);
     if (!p->c) return luaL_error(L, "not enough memory");
+    PQsetNoticeProcessor(p->c, quiet, NULL);
     if (PQstatus(p->c) == CONNECTION_BAD) {
         t->wake = MW_WAKE_READY;
         return connect_k(L, LUA_YIELD, (lua_KContext)d);

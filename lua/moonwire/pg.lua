@@ -388,6 +388,7 @@ local function pool_open(self)
   end
   db._on_release = function() pool_wake(self) end
   self.conns[#self.conns + 1] = db
+  pool_wake(self)   -- those waiting while it opened may share it
   return db
 end
 
