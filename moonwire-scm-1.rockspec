@@ -22,6 +22,7 @@ dependencies = {
 external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h", library = "ssl" },
   ZLIB = { header = "zlib.h", library = "z" },
+  PQ = { header = "libpq-fe.h", library = "pq" },
 }
 build = {
   type = "make",
@@ -31,6 +32,7 @@ build = {
     LUA_INCDIR = "$(LUA_INCDIR)",
     OPENSSL_INCDIR = "$(OPENSSL_INCDIR)",
     ZLIB_INCDIR = "$(ZLIB_INCDIR)",
+    PQ_INCDIR = "$(PQ_INCDIR)",
   },
   install_pass = false,
   install = {
@@ -50,6 +52,7 @@ build = {
       ["moonwire.http.client"] = "lua/moonwire/http/client.lua",
       ["moonwire.websocket"] = "lua/moonwire/websocket.lua",
       ["moonwire.tls"] = "lua/moonwire/tls.lua",
+      ["moonwire.pg"] = "lua/moonwire/pg.lua",
       ["moonwire.bench"] = "lua/moonwire/bench/init.lua",
       ["moonwire.bench.scenario"] = "lua/moonwire/bench/scenario.lua",
       ["moonwire.bench.cli"] = "lua/moonwire/bench/cli.lua",

@@ -44,8 +44,11 @@ local function append(path, text)
   f:close()
 end
 
+-- PG_TASKSET=CPUS pins the server (bench/pg: the server on one core, the client on another)
 local function pg_ctl(srv, args)
-  return sh(("runuser -u postgres -- %s/pg_ctl -D %s %s"):format(BIN, srv.data, args))
+  local pin = os.getenv("PG_TASKSET")
+  return sh(("%srunuser -u postgres -- %s/pg_ctl -D %s %s"):format(pin and ("taskset -c " .. pin .. " ") or "",
+    BIN, srv.data, args))
 end
 
 function M.start()
@@ -66,6 +69,7 @@ function M.start()
     .. "--auth-local=trust -E UTF8 --locale=C --no-sync"):format(BIN, srv.data, dir))
   write(srv.data .. "/pg_hba.conf", table.concat({
     "local all all trust",
+    "host all mw_bench 127.0.0.1/32 trust",   -- bench/pg only (no such role in the specs)
     "host all all 127.0.0.1/32 scram-sha-256",
     "", }, "\n"))
   append(srv.data .. "/postgresql.conf", table.concat({

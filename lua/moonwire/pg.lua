@@ -305,7 +305,7 @@ end
 --- db:copy_to(sql) -> iterator of chunks (lines of COPY's text format), for a generic for;
 -- leaving the loop early cancels the COPY (the iterator's closing value).
 function Db:copy_to(sql)
-  local st, err, code, fields = copy_begin(self, sql)
+  local st, err, code = copy_begin(self, sql)
   if not st then error(("copy_to: %s (%s)"):format(err, code), 2) end
   local c = self._c
   local done = false
