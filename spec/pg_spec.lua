@@ -148,6 +148,20 @@ describe("moonwire.pg", function()
     end)
   end)
 
+  it("tasks ended by mw.stop while waiting for results leave no pointer behind", function()
+    local db
+    local ok, err = pcall(mw.run, function()
+      db = connect()
+      for _ = 1, 3 do mw.spawn(function() db:query("SELECT pg_sleep(0.2)") end) end
+      mw.sleep(0.02)
+      mw.stop()
+    end)
+    assert.is_true(ok, err)
+    collectgarbage(); collectgarbage()   -- the ended tasks are freed
+    db:close()                           -- completes their slots: must not touch them
+    assert.equal("closed", db:status())
+  end)
+
   it("prepared statements: named and unnamed, run and execute", function()
     run(function()
       local db = connect()

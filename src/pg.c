@@ -105,11 +105,18 @@ static int ready_now(mw_pg *p)
     return pfd.fd >= 0 && poll(&pfd, 1, 0) > 0;
 }
 
+
+/* A waiting task leaves (woken, or ended by mw.stop): no pointer to it stays behind.
+ * A task that comes back to wait for its slot records itself again. */
 static void unwait(mw_task *t)
 {
     mw_pg *p = t->wait_obj;
     if (p->driver == t) p->driver = NULL;
     if (p->nwait == t) p->nwait = NULL;
+    for (uint64_t s = p->head; s < p->tail; s++) {
+        pg_slot *sl = slot(p, s);
+        if (sl->waiter == t) sl->waiter = NULL;
+    }
 }
 
 /* Parks t as the connection's driver (or notification waiter) until the socket is ready. */
@@ -629,7 +636,7 @@ static int request_k(lua_State *L, int status, lua_KContext ctx)
         if (p->driver && p->driver != t) {
             sl->waiter = t;                 /* passive: the driver completes the slot */
             t->wait_obj = p;
-            t->unwait = NULL;
+            t->unwait = unwait;
             return mw_sched_wait(L, t, sl->deadline, request_k, ctx);
         }
         int fl = PQflush(p->c);
@@ -738,10 +745,14 @@ static int request(lua_State *L, int kind)
     default: break;
     }
     uint64_t seq;
-    if (!ok || !PQpipelineSync(p->c)) {
-        /* not sent: the connection is unusable or the query malformed before sending */
+    if (!ok) {                      /* nothing queued: the connection is unusable */
         if (PQstatus(p->c) == CONNECTION_BAD) { set_broken(p, PQerrorMessage(p->c)); return fail_broken(L, p); }
         return mw_pushfail(L, PQerrorMessage(p->c), "08000");
+    }
+    if (!PQpipelineSync(p->c)) {    /* a query queued without its Sync: results would not
+                                     * match the slots any more */
+        set_broken(p, PQerrorMessage(p->c));
+        return fail_broken(L, p);
     }
     pg_slot *sl = push_slot(L, p, &seq);
     sl->deadline = mw_sched_after(rt, p->timeout);
