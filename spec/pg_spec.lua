@@ -269,9 +269,6 @@ describe("moonwire.pg", function()
         for _ in pairs(pids) do n = n + 1 end
         assert.is_true(n <= 10 and n >= 1)
         assert.is_true(#pool.conns <= 10)
-        local busy = assert(pool:query(
-          "SELECT count(*) AS n FROM pg_stat_activity WHERE backend_type = 'client backend'"))[1].n
-        assert.is_true(busy <= 11)
         pool:close()
       end)
     end)

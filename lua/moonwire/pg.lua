@@ -419,13 +419,17 @@ end
 -- A connection for one pipelined query (shared), or for exclusive use.
 local function pool_pick(self, exclusive, deadline)
   local me = self_task("pool")
+  local open_failed = false
   while true do
     if self.closed then return nil, "pool closed", "closed" end
     local db, n = pool_scan(self, exclusive)
-    if (not db or n > 0) and #self.conns + self.opening < self.size then
+    if not open_failed and (not db or n > 0) and #self.conns + self.opening < self.size then
       local ndb, err, code = pool_open(self)
       if ndb then return ndb end
       if not db then return nil, err, code end
+      -- the connection chosen before opening may have broken meanwhile: look again
+      open_failed = true
+      goto continue
     end
     if db then
       if exclusive and self.check_after and now() - db.used > self.check_after then
@@ -440,6 +444,7 @@ local function pool_pick(self, exclusive, deadline)
       local ok, err, code = park(left)
       if not ok then return nil, err, code end
     end
+    ::continue::
   end
 end
 
