@@ -32,10 +32,15 @@ else
   LLHTTP_FOUND  := $(if $(and $(word 3,$(LLHTTP_SRC)),$(wildcard $(LLHTTP_INCDIR)/llhttp.h)),$(LLHTTP_DIR))
 endif
 
+# libpq (moonwire.pg): its include directory from pg_config or pkg-config when present,
+# else Debian's place (so parsing this file never needs libpq-dev installed yet)
+PQ_INCDIR ?= $(shell pg_config --includedir 2>/dev/null || $(PKG) --variable=includedir libpq 2>/dev/null)
+PQ_CFLAGS := -I$(if $(PQ_INCDIR),$(PQ_INCDIR),/usr/include/postgresql)
+
 WARN      := -Wall -Wextra -Wshadow -Wno-unused-parameter
 CFLAGS    ?= -O2 -g
-ALL_CFLAGS = -std=gnu11 -fPIC $(WARN) $(CFLAGS) $(LUA_CFLAGS) $(EXT_CFLAGS) $(LLHTTP_CFLAGS) -fvisibility=hidden
-LIBS       = $(LLHTTP_LIBS) $(EXT_LIBS) -lnghttp2 -lssl -lcrypto -lz -lm -lpthread
+ALL_CFLAGS = -std=gnu11 -fPIC $(WARN) $(CFLAGS) $(LUA_CFLAGS) $(EXT_CFLAGS) $(LLHTTP_CFLAGS) $(PQ_CFLAGS) -fvisibility=hidden
+LIBS       = $(LLHTTP_LIBS) $(EXT_LIBS) -lpq -lnghttp2 -lssl -lcrypto -lz -lm -lpthread
 
 SRC := $(wildcard src/*.c)
 HDR := $(wildcard src/*.h)
@@ -105,7 +110,7 @@ test-asan: test-deps
 lint: deps
 	luacheck -q lua spec examples bench
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability,performance \
-	  --inline-suppr --suppress=missingIncludeSystem --suppress=toomanyconfigs $(LUA_CFLAGS) src/
+	  --inline-suppr --suppress=missingIncludeSystem --suppress=toomanyconfigs $(LUA_CFLAGS) $(PQ_CFLAGS) src/
 
 demo: deps-build
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA) examples/app.lua 8080
@@ -137,7 +142,7 @@ fuzz-run: $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
 
 build/fuzz/%: fuzz/%.c $(SRC) $(HDR) | llhttp-check
 	@mkdir -p build/fuzz
-	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(EXT_CFLAGS) $(LLHTTP_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) $(LLHTTP_LIBS) $(EXT_LIBS) -llua5.4 -lnghttp2 -lssl -lcrypto -lz -lpthread
+	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(EXT_CFLAGS) $(LLHTTP_CFLAGS) $(PQ_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) $(LLHTTP_LIBS) $(EXT_LIBS) -llua5.4 -lpq -lnghttp2 -lssl -lcrypto -lz -lpthread
 
 install:
 	$(LUAROCKS) --lua-version 5.4 make moonwire-scm-1.rockspec

@@ -25,6 +25,7 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h", library = "ssl" },
   ZLIB = { header = "zlib.h", library = "z" },
   NGHTTP2 = { header = "nghttp2/nghttp2.h", library = "nghttp2" },
+  PQ = { header = "libpq-fe.h", library = "pq" },
 }
 build = {
   type = "make",
@@ -38,6 +39,7 @@ build = {
     ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
     NGHTTP2_INCDIR = "$(NGHTTP2_INCDIR)",
     NGHTTP2_LIBDIR = "$(NGHTTP2_LIBDIR)",
+    PQ_INCDIR = "$(PQ_INCDIR)",
   },
   install_pass = false,
   install = {
@@ -60,6 +62,7 @@ build = {
       ["moonwire.tls"] = "lua/moonwire/tls.lua",
       ["moonwire.socket"] = "lua/moonwire/socket.lua",
       ["moonwire.socket.ssl"] = "lua/moonwire/socket/ssl.lua",
+      ["moonwire.pg"] = "lua/moonwire/pg.lua",
       ["moonwire.bench"] = "lua/moonwire/bench/init.lua",
       ["moonwire.bench.scenario"] = "lua/moonwire/bench/scenario.lua",
       ["moonwire.bench.cli"] = "lua/moonwire/bench/cli.lua",

@@ -15,6 +15,7 @@
 #include "tls.h"
 #include "hdr.h"
 #include "thread.h"
+#include "pg.h"
 
 __attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
 
@@ -43,6 +44,7 @@ int luaopen_moonwire_core(lua_State *L)
     mw_tls_open(L);
     mw_hdr_open(L);
     mw_thread_open(L, rtidx);
+    mw_pg_open(L, rtidx);
     lua_pushcfunction(L, mw_alloc_name);
     lua_setfield(L, -2, "allocator");
     lua_pushliteral(L, "0.1.0");

@@ -1,0 +1,493 @@
+--- moonwire.pg: PostgreSQL through libpq's asynchronous API, on moonwire's loop.
+-- The C layer (core.pg) owns the socket, the pipeline and the type mapping; this module adds
+-- the public shape: connect with asynchronous DNS, exclusive use for transactions and COPY,
+-- prepared statements, notifications and a pool. See docs/postgres.md.
+local core = require "moonwire.core"
+
+local C = core.pg
+local park, unpark, current, now = core.park, core.unpark, core.current, core.now
+local pack, unpack = table.pack, table.unpack
+
+local M = { null = C.null }
+
+--- Marks a string to be sent in binary format (bytea parameters whose bytes must not be
+-- read as escapes). Strings with NUL bytes are sent that way anyway.
+function M.bytea(s)
+  if type(s) ~= "string" then
+    error(("bad argument #1 to 'bytea' (string expected, got %s)"):format(type(s)), 2)
+  end
+  return { bytea = s }
+end
+
+-- ---- host names: resolved on moonwire's resolver, then given to libpq as hostaddr -------
+
+local function is_addr(h)
+  return h == "" or h:find("^/") or h:find("^%d+%.%d+%.%d+%.%d+$") or h:find(":") or h:find(",")
+end
+
+-- Returns the conninfo with hostaddr added when its (single) host is a name.
+local function with_hostaddr(info, timeout)
+  local host
+  local url = info:match("^postgres[q]?[l]?://(.*)$")
+  if url then
+    local auth = url:match("^([^/?]*)")
+    host = auth:gsub("^.*@", "")
+    if host:find("^%[") then return info end
+    host = host:gsub(":%d*$", "")
+    if url:find("[?&]hostaddr=") or url:find("[?&]host=") then return info end
+  else
+    if info:find("hostaddr%s*=") then return info end
+    host = info:match("host%s*=%s*'([^']*)'") or info:match("host%s*=%s*(%S+)")
+  end
+  if not host or is_addr(host) then return info end
+  local addrs, err, code = core.resolve(host, nil, timeout)
+  if not addrs then return nil, err, code end
+  local addr = addrs[1] and addrs[1].host
+  if not addr then return nil, host .. ": no address", "dns" end
+  if url then
+    return info .. (info:find("?", 1, true) and "&" or "?") .. "hostaddr=" .. addr
+  end
+  return info .. " hostaddr=" .. addr
+end
+
+-- ---- connections ------------------------------------------------------------------------
+
+local Db = {}
+Db.__index = Db
+Db.__name = "moonwire.pg.Connection"
+
+local function self_task(fname)
+  local t = current()
+  if not t then error(("blocking call outside a task ('%s')"):format(fname), 3) end
+  return t
+end
+
+-- Waits while another task holds the connection (a transaction, a COPY).
+local function wait_free(self, me)
+  while self._owner and self._owner ~= me do
+    local q = self._waitq
+    q[#q + 1] = me
+    local ok, err, code = park()
+    if not ok then return nil, err, code end
+  end
+  return true
+end
+
+local function lock(self)
+  local me = self_task("lock")
+  local ok, err, code = wait_free(self, me)
+  if not ok then return nil, err, code end
+  self._owner = me
+  return true
+end
+
+local function unlock(self)
+  self._owner = nil
+  local q = self._waitq
+  self._waitq = {}
+  for i = 1, #q do unpark(q[i], true) end
+  if self._on_release then self._on_release(self) end
+end
+
+--- pg.connect(conninfo_or_url [, opts]) -> connection | nil, msg, code
+-- opts: json = decode function for json/jsonb columns; connect_timeout (s);
+-- query_timeout (s, per query: the server is asked to cancel it).
+function M.connect(info, opts)
+  if type(info) ~= "string" then
+    error(("bad argument #1 to 'connect' (string expected, got %s)"):format(type(info)), 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error(("bad argument #2 to 'connect' (table expected, got %s)"):format(type(opts)), 2)
+  end
+  opts = opts or {}
+  if opts.json ~= nil and type(opts.json) ~= "function" then
+    error("bad argument #2 to 'connect' (opts.json must be a function)", 2)
+  end
+  self_task("connect")
+  local start = now()
+  local conninfo, err, code = with_hostaddr(info, opts.connect_timeout)
+  if not conninfo then return nil, err, code end
+  local timeout = opts.connect_timeout
+  if timeout then timeout = math.max(0, timeout - (now() - start)) end
+  local c
+  c, err, code = C.connect(conninfo, timeout)
+  if not c then return nil, err, code end
+  if opts.json then c:set_decoder(opts.json) end
+  if opts.query_timeout then c:set_timeout(opts.query_timeout) end
+  return setmetatable({ _c = c, _waitq = {}, created = now(), used = now() }, Db)
+end
+
+--- db:query(sql, ...) -> rows (rows.affected) | nil, msg, sqlstate, fields
+function Db:query(sql, ...)
+  if self._owner and self._owner ~= current() then
+    local ok, err, code = wait_free(self, self_task("query"))
+    if not ok then return nil, err, code end
+  end
+  return self._c:query(sql, ...)
+end
+
+local Stmt = {}
+Stmt.__index = Stmt
+local nstmt = 0
+
+--- db:prepare([name,] sql) -> statement | nil, msg, sqlstate, fields
+function Db:prepare(name, sql)
+  if sql == nil then
+    sql = name
+    nstmt = nstmt + 1
+    name = "mw_" .. nstmt
+  end
+  if type(sql) ~= "string" then
+    error(("bad argument to 'prepare' (string expected, got %s)"):format(type(sql)), 2)
+  end
+  if self._owner and self._owner ~= current() then
+    local ok, err, code = wait_free(self, self_task("prepare"))
+    if not ok then return nil, err, code end
+  end
+  local ok, err, code, fields = self._c:prepare(name, sql)
+  if not ok then return nil, err, code, fields end
+  return setmetatable({ name = name, sql = sql, db = self }, Stmt)
+end
+
+--- db:execute(stmt, ...) -> as query
+function Db:execute(stmt, ...)
+  if self._owner and self._owner ~= current() then
+    local ok, err, code = wait_free(self, self_task("execute"))
+    if not ok then return nil, err, code end
+  end
+  return self._c:query_prepared(stmt.name, ...)
+end
+
+--- stmt:run(...) -> as query
+function Stmt:run(...)
+  return self.db:execute(self, ...)
+end
+
+local function finish_tx(self, ok, ...)
+  local c = self._c
+  if not ok then                       -- fn raised: roll back, re-raise
+    c:query("ROLLBACK")
+    unlock(self)
+    error((...), 0)
+  end
+  if not (...) then                    -- fn returned nil/false, err...: roll back
+    c:query("ROLLBACK")
+    unlock(self)
+    return ...
+  end
+  if c:txstatus() == "inerror" then
+    c:query("ROLLBACK")
+    unlock(self)
+    return nil, "transaction aborted by a failed statement", "25P02"
+  end
+  local r, err, code, fields = c:query("COMMIT")
+  unlock(self)
+  if not r then return nil, err, code, fields end
+  return ...
+end
+
+--- db:transaction(fn, ...) -> fn's results. BEGIN, fn(db, ...), COMMIT. Other tasks'
+-- queries on this connection wait meanwhile. If fn raises: ROLLBACK and the error is
+-- raised again; if fn returns nil or false (nil, err...): ROLLBACK and those values are
+-- returned; if a statement failed inside: ROLLBACK, nil, msg, "25P02".
+function Db:transaction(fn, ...)
+  if type(fn) ~= "function" then
+    error(("bad argument #1 to 'transaction' (function expected, got %s)"):format(type(fn)), 2)
+  end
+  local ok, err, code = lock(self)
+  if not ok then return nil, err, code end
+  local r, fields
+  r, err, code, fields = self._c:query("BEGIN")
+  if not r then
+    unlock(self)
+    return nil, err, code, fields
+  end
+  return finish_tx(self, pcall(fn, self, ...))
+end
+
+--- db:listen(channel) / db:unlisten(channel)
+function Db:listen(channel)
+  return self:query("LISTEN " .. self._c:escape_identifier(channel))
+end
+
+function Db:unlisten(channel)
+  return self:query("UNLISTEN " .. self._c:escape_identifier(channel))
+end
+
+--- db:notification([timeout]) -> { channel=, payload=, pid= } | nil, msg, code
+function Db:notification(timeout)
+  local ch, payload, pid = self._c:notification(timeout)
+  if not ch then return nil, payload, pid end
+  return { channel = ch, payload = payload, pid = pid }
+end
+
+--- for n in db:notifications([timeout]) do ... end: ends on a timeout or a lost connection
+function Db:notifications(timeout)
+  return function()
+    return (self:notification(timeout))
+  end
+end
+
+-- Takes the connection for COPY: exclusive, drained, out of pipeline mode.
+local function copy_begin(self, sql)
+  local ok, err, code = lock(self)
+  if not ok then return nil, err, code end
+  local c = self._c
+  ok, err, code = c:sync()
+  if ok then ok, err, code = c:x_begin(sql) end
+  if not ok then
+    unlock(self)
+    return nil, err, code
+  end
+  local st, fields
+  st, err, code, fields = c:x_result()
+  if st == "copy_in" or st == "copy_out" then return st end
+  -- not a COPY: collect the end and give the connection back
+  while c:x_result() do end
+  unlock(self)
+  if st then return nil, "not a COPY statement", "42601" end
+  return nil, err, code, fields
+end
+
+local function copy_finish(self)
+  local c = self._c
+  local res, err, code, fields = c:x_result()
+  while true do
+    local more = c:x_result()
+    if not more then break end
+  end
+  unlock(self)
+  if not res then return nil, err, code, fields end
+  return res.affected or 0
+end
+
+--- db:copy_from(sql, source) -> rows copied | nil, msg, code
+-- source: a string, an array of strings, or a function returning the next chunk (nil at
+-- the end). Chunks go out as they come, so memory stays flat.
+function Db:copy_from(sql, src)
+  local st, err, code, fields = copy_begin(self, sql)
+  if not st then return nil, err, code, fields end
+  local c = self._c
+  if st ~= "copy_in" then
+    c:copy_end("not COPY FROM STDIN") -- a COPY TO: read it to the end
+    while c:copy_get() do end
+    copy_finish(self)
+    return nil, "not a COPY FROM STDIN statement", "42601"
+  end
+  local next_chunk
+  if type(src) == "string" then
+    local done = false
+    next_chunk = function() if done then return nil end done = true return src end
+  elseif type(src) == "table" then
+    local i = 0
+    next_chunk = function() i = i + 1 return src[i] end
+  else
+    next_chunk = src
+  end
+  local ok, perr = pcall(function()
+    while true do
+      local chunk = next_chunk()
+      if chunk == nil then break end
+      local sent, serr, scode = c:copy_put(chunk)
+      if not sent then return nil, serr, scode end
+    end
+    return true
+  end)
+  if not ok then
+    c:copy_end(tostring(perr))
+    copy_finish(self)
+    error(perr, 0)
+  end
+  c:copy_end()
+  return copy_finish(self)
+end
+
+--- db:copy_to(sql) -> iterator of chunks (lines of COPY's text format), for a generic for;
+-- leaving the loop early cancels the COPY (the iterator's closing value).
+function Db:copy_to(sql)
+  local st, err, code = copy_begin(self, sql)
+  if not st then error(("copy_to: %s (%s)"):format(err, code), 2) end
+  local c = self._c
+  local done = false
+  if st ~= "copy_out" then
+    c:copy_end("not COPY TO STDOUT")
+    copy_finish(self)
+    error("copy_to: not a COPY TO STDOUT statement", 2)
+  end
+  local closer = setmetatable({}, { __close = function()
+    if done then return end
+    done = true
+    c:cancel()
+    while c:copy_get() do end
+    copy_finish(self)
+  end })
+  return function()
+    if done then return nil end
+    local chunk, cerr, ccode = c:copy_get()
+    if chunk then return chunk end
+    done = true
+    local n, ferr, fcode = copy_finish(self)
+    if chunk == nil then error(("copy_to: %s (%s)"):format(cerr, ccode), 2) end
+    if not n then error(("copy_to: %s (%s)"):format(ferr, fcode), 2) end
+    return nil
+  end, nil, nil, closer
+end
+
+--- db:cancel() -> asks the server to stop the statement it runs for this connection
+function Db:cancel() return self._c:cancel() end
+
+--- db:status() -> "ok" | "broken" | "closed", queries in flight
+function Db:status() return self._c:status() end
+
+function Db:escape_identifier(s) return self._c:escape_identifier(s) end
+
+function Db:close() self._c:close() end
+Db.__close = Db.close
+
+-- ---- the pool ---------------------------------------------------------------------------
+
+local Pool = {}
+Pool.__index = Pool
+Pool.__name = "moonwire.pg.Pool"
+
+--- pg.pool{ url=, size=10, max_lifetime=s, check_after=s, acquire_timeout=s, json=,
+--   connect_timeout=, query_timeout= } -> pool
+function M.pool(opts)
+  if type(opts) ~= "table" or type(opts.url) ~= "string" then
+    error("bad argument #1 to 'pool' (table with url expected)", 2)
+  end
+  local size = opts.size or 10
+  if math.type(size) ~= "integer" or size < 1 then
+    error("bad argument #1 to 'pool' (size must be a positive integer)", 2)
+  end
+  return setmetatable({ opts = opts, size = size, conns = {}, opening = 0, waitq = {},
+    max_lifetime = opts.max_lifetime, check_after = opts.check_after or 30 }, Pool)
+end
+
+local function pool_wake(self)
+  local q = self.waitq
+  self.waitq = {}
+  for i = 1, #q do unpark(q[i], true) end
+end
+
+local function pool_remove(self, db)
+  for i, d in ipairs(self.conns) do
+    if d == db then table.remove(self.conns, i) break end
+  end
+  db:close()
+  pool_wake(self)
+end
+
+local function pool_open(self)
+  self.opening = self.opening + 1
+  local db, err, code = M.connect(self.opts.url, self.opts)
+  self.opening = self.opening - 1
+  if not db then
+    pool_wake(self)
+    return nil, err, code
+  end
+  db._on_release = function() pool_wake(self) end
+  self.conns[#self.conns + 1] = db
+  pool_wake(self)   -- those waiting while it opened may share it
+  return db
+end
+
+-- Drops broken connections and idle ones past max_lifetime; returns the usable
+-- connection with the fewest queries in flight and that number.
+local function pool_scan(self, exclusive)
+  local best, bn
+  local t = now()
+  local conns = self.conns
+  local i = 1
+  while i <= #conns do
+    local db = conns[i]
+    local st, n = db._c:status()
+    local old = self.max_lifetime and t - db.created > self.max_lifetime
+    if st ~= "ok" or (old and n == 0 and not db._owner) then
+      table.remove(conns, i)
+      db:close()
+    else
+      if not db._owner and not old and (not exclusive or n == 0) and (not best or n < bn) then
+        best, bn = db, n
+      end
+      i = i + 1
+    end
+  end
+  return best, bn
+end
+
+-- A connection for one pipelined query (shared), or for exclusive use.
+local function pool_pick(self, exclusive, deadline)
+  local me = self_task("pool")
+  local open_failed = false
+  while true do
+    if self.closed then return nil, "pool closed", "closed" end
+    local db, n = pool_scan(self, exclusive)
+    if not open_failed and (not db or n > 0) and #self.conns + self.opening < self.size then
+      local ndb, err, code = pool_open(self)
+      if ndb then return ndb end
+      if not db then return nil, err, code end
+      -- the connection chosen before opening may have broken meanwhile: look again
+      open_failed = true
+      goto continue
+    end
+    if db then
+      if exclusive and self.check_after and now() - db.used > self.check_after then
+        if not db._c:query("SELECT 1") then pool_remove(self, db) db = nil end
+      end
+      if db then return db end
+    else
+      local q = self.waitq
+      q[#q + 1] = me
+      local left = deadline and deadline - now()
+      if left and left <= 0 then return nil, "timeout waiting for a connection", "timeout" end
+      local ok, err, code = park(left)
+      if not ok then return nil, err, code end
+    end
+    ::continue::
+  end
+end
+
+--- pool:query(sql, ...) -> as db:query, on the least busy connection
+function Pool:query(sql, ...)
+  local db, err, code = pool_pick(self, false)
+  if not db then return nil, err, code end
+  db.used = now()
+  return db:query(sql, ...)
+end
+
+--- pool:acquire() -> db for exclusive use until pool:release(db) | nil, msg, code
+function Pool:acquire()
+  local t = self.opts.acquire_timeout
+  local db, err, code = pool_pick(self, true, t and now() + t)
+  if not db then return nil, err, code end
+  db._owner = current()
+  db.used = now()
+  return db
+end
+
+function Pool:release(db)
+  if db._c:status() ~= "ok" then pool_remove(self, db) end
+  unlock(db)
+end
+
+--- pool:transaction(fn, ...) -> as db:transaction, on an acquired connection
+function Pool:transaction(fn, ...)
+  local db, err, code = self:acquire()
+  if not db then return nil, err, code end
+  db._owner = nil
+  local r = pack(pcall(db.transaction, db, fn, ...))
+  self:release(db)
+  if not r[1] then error(r[2], 0) end
+  return unpack(r, 2, r.n)
+end
+
+function Pool:close()
+  self.closed = true
+  for _, db in ipairs(self.conns) do db:close() end
+  self.conns = {}
+  pool_wake(self)
+end
+Pool.__close = Pool.close
+
+return M

@@ -1,0 +1,566 @@
+-- moonwire.pg against a real PostgreSQL 15 (spec/pg_server.lua starts one for this file).
+local helper = require "spec.helper"
+local pgsrv = require "spec.pg_server"
+local mw = helper.mw
+local pg = require "moonwire.pg"
+
+local run = helper.run
+
+if not pgsrv.available() then
+  describe("moonwire.pg", function()
+    pending("PostgreSQL 15 (postgresql package) and the postgres user are needed")
+  end)
+  return
+end
+
+describe("moonwire.pg", function()
+  local srv
+  setup(function() srv = pgsrv.start() end)
+  teardown(function() pgsrv.stop() end)
+
+  local function connect(opts) return assert(pg.connect(srv.url, opts)) end
+
+  describe("types", function()
+    it("maps result columns by type OID", function()
+      run(function()
+        local db = connect()
+        local r = assert(db:query([[SELECT 1::int2 AS i2, 2::int4 AS i4, 9007199254740993::int8 AS i8,
+          1.5::float4 AS f4, 0.1::float8 AS f8, 'NaN'::float8 AS nan, '-Infinity'::float8 AS ninf,
+          12345678901234567890.123::numeric AS num, true AS t, false AS f,
+          'héllo'::text AS txt, 'v'::varchar(3) AS vc, 'nm'::name AS nm, 'c'::char(2) AS ch,
+          '\x00ff41'::bytea AS by, '{"a":[1,2]}'::json AS j, '{"b": 1}'::jsonb AS jb,
+          NULL::int AS n, NULL::text AS nt]]))
+        local row = r[1]
+        assert.equal(1, row.i2); assert.equal(2, row.i4); assert.equal(9007199254740993, row.i8)
+        assert.is_true(math.type(row.i8) == "integer")
+        assert.equal(1.5, row.f4); assert.equal(0.1, row.f8)
+        assert.is_true(row.nan ~= row.nan); assert.equal(-math.huge, row.ninf)
+        assert.equal("12345678901234567890.123", row.num)
+        assert.is_true(row.t); assert.is_false(row.f)
+        assert.equal("héllo", row.txt); assert.equal("v", row.vc); assert.equal("nm", row.nm)
+        assert.equal("c ", row.ch)
+        assert.equal("\0\255A", row.by)
+        assert.equal('{"a":[1,2]}', row.j); assert.equal('{"b": 1}', row.jb)
+        assert.equal(pg.null, row.n); assert.equal(pg.null, row.nt)
+        assert.equal(1, r.affected)
+        db:close()
+      end)
+    end)
+
+    it("parses int, text, float and bool arrays with NULLs, quoting and nesting", function()
+      run(function()
+        local db = connect()
+        local row = assert(db:query([[SELECT '{1,NULL,-3}'::int[] AS a, '{}'::int4[] AS e,
+          ARRAY['a b', 'q"u', 'back\slash', NULL, 'NULL', '', '{x,y}'] AS t,
+          '{{1,2},{3,4}}'::int8[] AS m, '{1.5,NaN}'::float8[] AS fl, '{t,f,NULL}'::bool[] AS b]]))[1]
+        assert.same({ 1, pg.null, -3 }, row.a)
+        assert.same({}, row.e)
+        assert.same({ "a b", 'q"u', "back\\slash", pg.null, "NULL", "", "{x,y}" }, row.t)
+        assert.same({ { 1, 2 }, { 3, 4 } }, row.m)
+        assert.equal(1.5, row.fl[1]); assert.is_true(row.fl[2] ~= row.fl[2])
+        assert.same({ true, false, pg.null }, row.b)
+      end)
+    end)
+
+    it("decodes json columns with the decoder given to connect", function()
+      run(function()
+        local seen = {}
+        local db = connect { json = function(s) seen[#seen + 1] = s return { decoded = s } end }
+        local row = assert(db:query([[SELECT '[1]'::json AS j, '{"k": 2}'::jsonb AS jb,
+          ARRAY['{"x":1}'::json] AS ja, 'plain' AS t]]))[1]
+        assert.same({ decoded = "[1]" }, row.j)
+        assert.same({ decoded = '{"k": 2}' }, row.jb)
+        assert.same({ { decoded = '{"x":1}' } }, row.ja)
+        assert.equal("plain", row.t)
+        assert.equal(3, #seen)
+      end)
+    end)
+  end)
+
+  describe("parameters", function()
+    it("are sent apart from the SQL: quotes, NULs (bytea), NULL, booleans, numbers", function()
+      run(function()
+        local db = connect()
+        local evil = "x'); DROP TABLE nothing; --\\'\""
+        local r = assert(db:query("SELECT $1::text AS s, $2::bytea AS b, $3::int AS n, $4::bool AS t, "
+          .. "$5::bool AS f, $6::float8 AS d, $7::int8 AS big, $8::text AS nul, pg_typeof($9::text)::text AS ty",
+          evil, "a\0b\0\255", nil, true, false, 0.1 + 0.2, math.maxinteger, pg.null, "x"))
+        local row = r[1]
+        assert.equal(evil, row.s)
+        assert.equal("a\0b\0\255", row.b)
+        assert.equal(pg.null, row.n); assert.equal(pg.null, row.nul)
+        assert.is_true(row.t); assert.is_false(row.f)
+        assert.equal(0.1 + 0.2, row.d)
+        assert.equal(math.maxinteger, row.big)
+        assert.equal("text", row.ty)
+      end)
+    end)
+
+    it("pg.bytea sends bytes verbatim (a backslash is not an escape); text cannot hold NUL", function()
+      run(function()
+        local db = connect()
+        assert.equal("\\x41", assert(db:query("SELECT $1::bytea AS b", pg.bytea("\\x41")))[1].b)
+        assert.equal("A", assert(db:query("SELECT $1::bytea AS b", "\\x41"))[1].b) -- text: bytea's escape
+        local r, err, code = db:query("SELECT $1::text AS t", "a\0b")
+        assert.is_nil(r); assert.is_string(err); assert.equal("22021", code)
+        assert.has_error(function() db:query("SELECT $1", {}) end)
+        assert.has_error(function() db:query("SELECT $1", print) end)
+      end)
+    end)
+  end)
+
+  describe("errors", function()
+    it("return nil, message, sqlstate and the server's fields; the connection stays usable", function()
+      run(function()
+        local db = connect()
+        local r, err, code, f = db:query("SELECT * FROM no_such_table")
+        assert.is_nil(r)
+        assert.equal('relation "no_such_table" does not exist', err)
+        assert.equal("42P01", code)
+        assert.equal("ERROR", f.severity); assert.equal(15, f.position); assert.equal("42P01", f.sqlstate)
+        assert(db:query("CREATE TEMP TABLE u (k int PRIMARY KEY)"))
+        assert(db:query("INSERT INTO u VALUES (1)"))
+        r, err, code, f = db:query("INSERT INTO u VALUES (1)")
+        assert.is_nil(r); assert.equal("23505", code); assert.matches("duplicate key", err)
+        assert.matches("already exists", f.detail); assert.equal("u_pkey", f.constraint)
+        assert.equal(1, assert(db:query("SELECT 1 AS one"))[1].one)
+        assert.equal(3, assert(db:query("SELECT generate_series(1,3)")).affected)
+        assert.equal(1, assert(db:query("UPDATE u SET k = 2")).affected)
+      end)
+    end)
+
+    it("a failing query among many tasks' pipelined queries fails alone", function()
+      run(function()
+        local db = connect()
+        local tasks, out = {}, {}
+        for i = 1, 30 do
+          tasks[i] = mw.spawn(function()
+            if i % 3 == 0 then out[i] = { db:query("SELECT 1/0") }
+            else out[i] = { db:query("SELECT $1::int AS v", i) } end
+          end)
+        end
+        for i = 1, 30 do assert(tasks[i]:join()) end
+        for i = 1, 30 do
+          if i % 3 == 0 then assert.equal("22012", out[i][3])
+          else assert.equal(i, out[i][1][1].v) end
+        end
+      end)
+    end)
+  end)
+
+  it("tasks ended by mw.stop while waiting for results leave no pointer behind", function()
+    local db
+    local ok, err = pcall(mw.run, function()
+      db = connect()
+      for _ = 1, 3 do mw.spawn(function() db:query("SELECT pg_sleep(0.2)") end) end
+      mw.sleep(0.02)
+      mw.stop()
+    end)
+    assert.is_true(ok, err)
+    collectgarbage(); collectgarbage()   -- the ended tasks are freed
+    db:close()                           -- completes their slots: must not touch them
+    assert.equal("closed", db:status())
+  end)
+
+  it("prepared statements: named and unnamed, run and execute", function()
+    run(function()
+      local db = connect()
+      local st = assert(db:prepare("add1", "SELECT $1::int + 1 AS v"))
+      assert.equal("add1", st.name)
+      assert.equal(6, assert(st:run(5))[1].v)
+      local anon = assert(db:prepare("SELECT $1::text || $2::text AS s"))
+      assert.equal("ab", assert(db:execute(anon, "a", "b"))[1].s)
+      local r, _, code = db:prepare("bad", "SELEC 1")
+      assert.is_nil(r); assert.equal("42601", code)
+    end)
+  end)
+
+  describe("transactions", function()
+    it("commit; a raising fn rolls back and re-raises; a failed statement rolls back", function()
+      run(function()
+        local db = connect()
+        assert(db:query("CREATE TABLE tx (v int)"))
+        assert.equal(7, db:transaction(function(d)
+          assert(d:query("INSERT INTO tx VALUES (1)"))
+          return 7
+        end))
+        assert.has_error(function()
+          db:transaction(function(d)
+            assert(d:query("INSERT INTO tx VALUES (2)"))
+            error("boom", 0)
+          end)
+        end, "boom")
+        local ok, err, code = db:transaction(function(d)
+          assert(d:query("INSERT INTO tx VALUES (3)"))
+          d:query("INSERT INTO tx VALUES ('x')") -- fails: the transaction is aborted
+          return true
+        end)
+        assert.is_nil(ok); assert.matches("aborted", err); assert.equal("25P02", code)
+        local a, e = db:transaction(function() return nil, "changed my mind" end)
+        assert.is_nil(a); assert.equal("changed my mind", e)
+        local rows = assert(db:query("SELECT v FROM tx"))
+        assert.equal(1, #rows); assert.same({ v = 1 }, rows[1])
+        assert(db:query("DROP TABLE tx"))
+      end)
+    end)
+
+    it("other tasks' queries on the connection wait until the transaction ends", function()
+      run(function()
+        local db = connect()
+        assert(db:query("CREATE TABLE tx2 (v int)"))
+        local seen
+        local other
+        db:transaction(function(d)
+          assert(d:query("INSERT INTO tx2 VALUES (1)"))
+          other = mw.spawn(function() seen = assert(db:query("SELECT count(*) AS n FROM tx2"))[1].n end)
+          mw.sleep(0.02)
+          assert.is_nil(seen)
+          return true
+        end)
+        assert(other:join())
+        assert.equal(1, seen)
+        assert(db:query("DROP TABLE tx2"))
+      end)
+    end)
+  end)
+
+  it("50 tasks on one connection are served together (pipelined)", function()
+    run(function()
+      local db = connect()
+      local tasks = {}
+      local t0 = mw.now()
+      for i = 1, 50 do
+        tasks[i] = mw.spawn(function()
+          for j = 1, 100 do
+            local r = assert(db:query("SELECT $1::int * 1000 + $2::int AS v", i, j))
+            assert.equal(i * 1000 + j, r[1].v)
+          end
+        end)
+      end
+      for i = 1, 50 do assert(tasks[i]:join()) end
+      local _, inflight = db:status()
+      assert.equal(0, inflight)
+      assert.is_true(mw.now() - t0 < 5)
+    end)
+  end)
+
+  describe("pool", function()
+    it("100 tasks on a pool of 10", function()
+      run(function()
+        local pool = pg.pool { url = srv.url, size = 10 }
+        local tasks = {}
+        for i = 1, 100 do
+          tasks[i] = mw.spawn(function()
+            for j = 1, 20 do
+              assert.equal(i + j, assert(pool:query("SELECT $1::int + $2::int AS v", i, j))[1].v)
+            end
+            return pool:transaction(function(d)
+              return assert(d:query("SELECT pg_backend_pid() AS pid"))[1].pid
+            end)
+          end)
+        end
+        local pids = {}
+        for i = 1, 100 do
+          local ok, pid = tasks[i]:join()
+          assert(ok, pid)
+          pids[pid] = true
+        end
+        local n = 0
+        for _ in pairs(pids) do n = n + 1 end
+        assert.is_true(n <= 10 and n >= 1)
+        assert.is_true(#pool.conns <= 10)
+        pool:close()
+      end)
+    end)
+
+    it("acquire waits when all connections are held, up to acquire_timeout", function()
+      run(function()
+        local pool = pg.pool { url = srv.url, size = 2, acquire_timeout = 0.05 }
+        local a = assert(pool:acquire())
+        local b = assert(pool:acquire())
+        assert.are_not.equal(a, b)
+        local t0 = mw.now()
+        local c, err, code = pool:acquire()
+        assert.is_nil(c); assert.equal("timeout", code); assert.is_string(err)
+        assert.is_true(mw.now() - t0 < 1)
+        local waiter = mw.spawn(function() return pool:acquire() end)
+        mw.sleep(0.01)
+        pool:release(a)
+        local ok, got = waiter:join()
+        assert.is_true(ok); assert.equal(a, got)
+        pool:release(got); pool:release(b)
+        pool:close()
+      end)
+    end)
+
+    it("retires connections past max_lifetime", function()
+      run(function()
+        local pool = pg.pool { url = srv.url, size = 1, max_lifetime = 0.05 }
+        local p1 = assert(pool:query("SELECT pg_backend_pid() AS p"))[1].p
+        assert.equal(p1, assert(pool:query("SELECT pg_backend_pid() AS p"))[1].p)
+        mw.sleep(0.08)
+        local p2 = assert(pool:query("SELECT pg_backend_pid() AS p"))[1].p
+        assert.are_not.equal(p1, p2)
+        assert.equal(1, #pool.conns)
+        pool:close()
+      end)
+    end)
+  end)
+
+  it("LISTEN/NOTIFY: notifications reach a waiting task", function()
+    run(function()
+      local db = connect()
+      local sender = connect()
+      assert(db:listen("mw chan"))
+      local got = {}
+      local listener = mw.spawn(function()
+        for n in db:notifications(5) do
+          got[#got + 1] = n
+          if #got == 3 then break end
+        end
+      end)
+      for i = 1, 3 do assert(sender:query("SELECT pg_notify('mw chan', $1)", "msg " .. i)) end
+      assert(listener:join())
+      assert.equal(3, #got)
+      assert.equal("mw chan", got[1].channel); assert.equal("msg 1", got[1].payload)
+      assert.equal("msg 3", got[3].payload); assert.is_number(got[1].pid)
+      -- queries on the listening connection go on meanwhile
+      assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
+      local n, err, code = db:notification(0.02)
+      assert.is_nil(n); assert.equal("timeout", code); assert.equal("timeout", err)
+    end)
+  end)
+
+  describe("cancel", function()
+    it("a timed-out pg_sleep(10) returns within 100 ms; other tasks keep being served", function()
+      run(function()
+        local db = connect()
+        local other = connect()
+        local served, stop = 0, false
+        local worker = mw.spawn(function()
+          while not stop do
+            assert(other:query("SELECT 1"))
+            served = served + 1
+          end
+        end)
+        local t0 = mw.now()
+        local ok, err, code = pcall(mw.timeout, 0.05, function() return db:query("SELECT pg_sleep(10)") end)
+        local dt = mw.now() - t0
+        assert.is_true(ok)
+        assert.is_nil(err) -- the query's first value
+        assert.equal("timeout", code)
+        assert.is_true(dt < 0.1, "took " .. dt)
+        -- the connection is usable again: the server stopped the sleep
+        t0 = mw.now()
+        assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
+        assert.is_true(mw.now() - t0 < 0.5)
+        stop = true
+        assert(worker:join())
+        assert.is_true(served > 10)
+      end)
+    end)
+
+    it("task:cancel() on a task in a long query", function()
+      run(function()
+        local db = connect { query_timeout = 5 }
+        local t = mw.spawn(function() return db:query("SELECT pg_sleep(10)") end)
+        mw.sleep(0.02)
+        local t0 = mw.now()
+        t:cancel()
+        local ok, r, err, code = t:join()
+        assert.is_true(ok); assert.is_nil(r); assert.equal("cancelled", code); assert.is_string(err)
+        assert.equal(2, assert(db:query("SELECT 2 AS v"))[1].v)
+        assert.is_true(mw.now() - t0 < 0.5)
+      end)
+    end)
+
+    it("query_timeout applies per query", function()
+      run(function()
+        local db = connect { query_timeout = 0.05 }
+        local r, _, code = db:query("SELECT pg_sleep(5)")
+        assert.is_nil(r); assert.equal("timeout", code)
+        assert.equal(3, assert(db:query("SELECT 3 AS v"))[1].v)
+      end)
+    end)
+  end)
+
+  describe("COPY", function()
+    it("streams 1 million rows in and out with flat memory", function()
+      run(function()
+        local db = connect()
+        assert(db:query("CREATE TABLE big (i int, s text)"))
+        collectgarbage()
+        local base = collectgarbage("count")
+        local peak = base
+        local i = 0
+        local n = assert(db:copy_from("COPY big FROM STDIN", function()
+          if i >= 1000000 then return nil end
+          local t = {}
+          for k = 1, 1000 do t[k] = (i + k) .. "\trow " .. (i + k) .. "\n" end
+          i = i + 1000
+          if i % 50000 == 0 then peak = math.max(peak, collectgarbage("count")) end
+          return table.concat(t)
+        end))
+        assert.equal(1000000, n)
+        assert.is_true(peak - base < 16 * 1024, ("copy_from grew %.0f KiB"):format(peak - base))
+        collectgarbage()
+        base = collectgarbage("count")
+        peak = base
+        local rows, bytes, chunks = 0, 0, 0
+        for chunk in db:copy_to("COPY big TO STDOUT") do
+          chunks = chunks + 1
+          bytes = bytes + #chunk
+          rows = rows + select(2, chunk:gsub("\n", ""))
+          if chunks % 50000 == 0 then peak = math.max(peak, collectgarbage("count")) end
+        end
+        assert.equal(1000000, rows)
+        assert.is_true(bytes > 10e6)
+        assert.is_true(peak - base < 16 * 1024, ("copy_to grew %.0f KiB"):format(peak - base))
+        assert.equal(1000000, assert(db:query("SELECT count(*) AS n FROM big"))[1].n)
+        -- leaving a copy_to loop early gives the connection back
+        local early = 0
+        for _ in db:copy_to("COPY big TO STDOUT") do
+          early = early + 1
+          if early == 3 then break end
+        end
+        assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
+        -- a bad row: the COPY fails with the server's error
+        local r, _, code = db:copy_from("COPY big FROM STDIN", "x\ty\n")
+        assert.is_nil(r); assert.equal("22P02", code)
+        assert(db:query("DROP TABLE big"))
+      end, 120)
+    end)
+  end)
+
+  describe("authentication and TLS", function()
+    it("SCRAM-SHA-256: the right password connects, a wrong one fails", function()
+      run(function()
+        local db = assert(pg.connect(srv.conninfo))
+        assert.equal("scram-sha-256", assert(db:query("SHOW password_encryption"))[1].password_encryption)
+        local bad, err, code = pg.connect(("host=127.0.0.1 port=%d user=postgres password=wrong sslmode=disable")
+          :format(srv.port))
+        assert.is_nil(bad)
+        assert.matches("password authentication failed", err)
+        assert.equal("08006", code)
+      end)
+    end)
+
+    it("TLS verify-full against the test CA (host name resolved by moonwire)", function()
+      run(function()
+        local info = ("host=localhost port=%d user=postgres dbname=postgres sslmode=verify-full sslrootcert=%s "
+          .. "password='%s'"):format(srv.port, srv.ca, pgsrv.PASSWORD:gsub("'", "\\'"))
+        local db = assert(pg.connect(info))
+        local row = assert(db:query("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))[1]
+        assert.is_true(row.ssl)
+        assert.matches("^TLS", row.version)
+        -- many queries over TLS, pipelined
+        local tasks = {}
+        for i = 1, 20 do
+          tasks[i] = mw.spawn(function()
+            for j = 1, 20 do assert.equal(j, assert(db:query("SELECT $1::int AS v", j))[1].v) end
+            return assert(db:query("SELECT repeat('x', 100000) AS big"))[1].big
+          end)
+        end
+        for i = 1, 20 do
+          local ok, big = tasks[i]:join()
+          assert.is_true(ok); assert.equal(100000, #big)
+        end
+        -- a wrong CA (the server certificate itself is no CA) fails verification
+        local bad, err, code = pg.connect((info:gsub("ca%.pem", "server.crt")))
+        assert.is_nil(bad); assert.equal("08006", code); assert.matches("certificate", err)
+      end)
+    end)
+
+    it("connect failures: a closed port, a connect timeout", function()
+      run(function()
+        local r, err, code = pg.connect(("host=127.0.0.1 port=%d user=x"):format(srv.port == 1 and 2 or 1))
+        assert.is_nil(r); assert.is_string(err); assert.equal("08006", code)
+        -- a listener that never answers: the connect_timeout option ends the attempt
+        local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0 })
+        local _, lport = l:getsockname()
+        local t0 = mw.now()
+        r, err, code = pg.connect(("host=127.0.0.1 port=%d user=x sslmode=disable"):format(lport),
+          { connect_timeout = 0.05 })
+        assert.is_nil(r); assert.equal("timeout", code); assert.is_string(err)
+        assert.is_true(mw.now() - t0 < 0.5)
+        l:close()
+      end)
+    end)
+  end)
+
+  it("the server restarted under load: in-flight queries fail, none hangs, the pool recovers", function()
+    run(function()
+      local pool = pg.pool { url = srv.url, size = 5, connect_timeout = 2 }
+      local stop, ok_count, err_count, codes = false, 0, 0, {}
+      local tasks = {}
+      for i = 1, 20 do
+        tasks[i] = mw.spawn(function()
+          while not stop do
+            local r, _, code = pool:query("SELECT pg_sleep(0.001), $1::int AS v", i)
+            if r then ok_count = ok_count + 1
+            else
+              err_count = err_count + 1
+              codes[code] = true
+              mw.sleep(0.01)
+            end
+          end
+        end)
+      end
+      mw.sleep(0.2)
+      assert.is_true(ok_count > 0)
+      -- pg_ctl blocks the loop for a moment: the tasks' queries see the server go at once
+      pgsrv.stop_server("immediate")
+      mw.sleep(0.2)
+      assert.is_true(err_count > 0)
+      pgsrv.start_server()
+      local before = ok_count
+      local t0 = mw.now()
+      while ok_count == before and mw.now() - t0 < 10 do mw.sleep(0.05) end
+      assert.is_true(ok_count > before, "the pool did not recover")
+      stop = true
+      for i = 1, 20 do assert(tasks[i]:join()) end
+      assert.is_true(codes["08006"] or codes["57P01"] or false)
+      pool:close()
+    end, 60)
+  end)
+
+  it("examples/pg_api.lua: a JSON API over a table, driven over HTTP", function()
+    run(function()
+      local http = require "moonwire.http"
+      package.path = "examples/?.lua;" .. package.path
+      local api = require "pg_api"
+      local pool = pg.pool { url = srv.url, size = 4 }
+      assert(pool:query("DROP TABLE IF EXISTS items"))
+      assert(pool:query(api.SCHEMA))
+      local server = assert(http.server { host = "127.0.0.1", port = 0, handler = api.router(pool) })
+      local base = ("http://127.0.0.1:%d"):format(server.port)
+      local function req(method, path, body)
+        local res = assert(http.request { method = method, url = base .. path, body = body,
+          headers = body and { ["content-type"] = "application/json" } or nil })
+        return res.status, res:body()
+      end
+      local st, body = req("GET", "/items")
+      assert.equal(200, st); assert.equal("[]\n", body)
+      st, body = req("POST", "/items", '{"name": "bolt\'s \\"best\\"", "qty": 3}')
+      assert.equal(201, st); assert.equal('{"id":1,"name":"bolt\'s \\"best\\"","qty":3}\n', body)
+      st, body = req("POST", "/items", '{"name": "nut"}')
+      assert.equal(201, st); assert.matches('"qty":0', body)
+      st, body = req("POST", "/items", '{"name": "x", "qty": -1}')
+      assert.equal(400, st); assert.matches('"sqlstate":"23514"', body)
+      st, body = req("POST", "/items", "not json")
+      assert.equal(400, st); assert.matches('"sqlstate":"22P02"', body)
+      st, body = req("PUT", "/items/2", '{"qty": 9}')
+      assert.equal(200, st); assert.equal('{"id":2,"name":"nut","qty":9}\n', body)
+      st = req("GET", "/items/99")
+      assert.equal(404, st)
+      st, body = req("GET", "/items")
+      assert.equal(200, st); assert.matches('^%[{"id":1.*{"id":2.*%]', body)
+      st = req("DELETE", "/items/1")
+      assert.equal(204, st)
+      st = req("DELETE", "/items/1")
+      assert.equal(404, st)
+      server:close()
+      pool:close()
+    end)
+  end)
+end)
