@@ -403,6 +403,23 @@ describe("http hostile: message framing", function()
     { "a negative chunk size", "-5\r\nhello\r\n0\r\n\r\n" },
     { "a chunk without its CRLF", "5\r\nhelloXX0\r\n\r\n" },
     { "a chunk size with a space inside", "5 0\r\nhello\r\n0\r\n\r\n" },
+    -- the head's line rules (CRLF only, no folding, no empty name) hold for the chunk lines
+    -- and the trailer section too: a bare LF there could end the message early for a proxy
+    -- in front that reads it differently (request smuggling)
+    { "a bare LF ending a chunk-size line", "5\nhello\r\n0\r\n\r\n" },
+    { "a bare LF ending chunk data", "5\r\nhello\n0\r\n\r\n" },
+    { "a bare LF ending the last chunk", "5\r\nhello\r\n0\n\r\n" },
+    { "a CR not followed by LF after a chunk size", "5\rhello\r\n0\r\n\r\n" },
+    { "a bare LF ending a chunk extension", "5;a=b\nhello\r\n0\r\n\r\n" },
+    { "a space before a chunk extension", "5 ;a=b\r\nhello\r\n0\r\n\r\n" },
+    { "a tab after a chunk size", "5\t\r\nhello\r\n0\r\n\r\n" },
+    { "a bare LF ending the trailer section (no trailers)", "5\r\nhello\r\n0\r\n\n" },
+    { "a bare LF ending the trailer section after a field", "0\r\nX-T: y\r\n\n" },
+    { "a bare LF ending a trailer field", "0\r\nX-T: y\n\r\n" },
+    { "a folded trailer line (space)", "0\r\nX-T: y\r\n z\r\n\r\n" },
+    { "a folded trailer line (tab)", "0\r\nX-T: y\r\n\tz\r\n\r\n" },
+    { "a trailer with an empty name", "0\r\n: y\r\n\r\n" },
+    { "a CR not followed by LF ending the trailer section", "0\r\n\r\r" },
   }
   for _, case in ipairs(chunk_cases) do
     it(case[1] .. " -> 400 to the reading handler, close, the smuggled request never answered", function()
@@ -431,6 +448,62 @@ describe("http hostile: message framing", function()
       assert.equal("closed", how)
       assert.equal(1, count_responses(data))
       assert.same({ "/ignore" }, { seen[1].path })
+      srv:close()
+    end)
+  end)
+
+  it("a bare LF ending the trailer section the handler never reads: closed after one answer", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local data, how = exchange(srv, head { "POST /ignore HTTP/1.1", "Host: x",
+        "Transfer-Encoding: chunked" } .. "5\r\nhello\r\n0\r\n\n" .. SMUGGLED)
+      assert.equal("closed", how)
+      assert.equal(1, count_responses(data), data)
+      assert.same({ "/ignore" }, { seen[1].path })
+      srv:close()
+    end)
+  end)
+
+  it("the trailer rules hold when the trailer section arrives one byte per segment", function()
+    run(function()
+      local srv = serve(nil, body_handler)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(head { "POST /slow HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" } .. "5\r\nhello\r\n0"))
+      local rest = "\r\nX-T: y\r\n\n" .. SMUGGLED
+      for i = 1, #rest do
+        assert(s:write(rest:sub(i, i)))
+        mw.sleep(0.001)
+      end
+      local data, how = read_all(s)
+      assert.equal("closed", how)
+      assert.equal(1, count_responses(data), data)
+      assert.equal(400, seen[1].code)
+      srv:close()
+    end)
+  end)
+
+  it("good trailers delivered one byte per segment are read; the next request follows", function()
+    run(function()
+      local got
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        local body = assert(req:body())
+        if req.path == "/a" then got = { body = body, t = req.trailers and req.trailers["x-t"] } end
+        res:send(req.path)
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local bytes = head { "POST /a HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" }
+        .. "5\r\nhello\r\n0\r\nX-T: y\r\nX-U:\tz\r\n\r\n" .. "GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+      for i = 1, #bytes do
+        assert(s:write(bytes:sub(i, i)))
+        mw.sleep(0.001)
+      end
+      assert.same({ "HTTP/1.1 200 OK", "/a" }, { response(s) })
+      assert.same({ "HTTP/1.1 200 OK", "/b" }, { response(s) })
+      assert.same({ body = "hello", t = "y" }, got)
       srv:close()
     end)
   end)
