@@ -413,6 +413,8 @@ describe("http hostile: message framing", function()
     { "a bare LF ending a chunk extension", "5;a=b\nhello\r\n0\r\n\r\n" },
     { "a space before a chunk extension", "5 ;a=b\r\nhello\r\n0\r\n\r\n" },
     { "a tab after a chunk size", "5\t\r\nhello\r\n0\r\n\r\n" },
+    { "a chunk extension with an empty name", "5;=b\r\nhello\r\n0\r\n\r\n" },
+    { "a chunk extension with an empty value", "5;a=\r\nhello\r\n0\r\n\r\n" },
     { "a bare LF ending the trailer section (no trailers)", "5\r\nhello\r\n0\r\n\n" },
     { "a bare LF ending the trailer section after a field", "0\r\nX-T: y\r\n\n" },
     { "a bare LF ending a trailer field", "0\r\nX-T: y\n\r\n" },
@@ -473,7 +475,7 @@ describe("http hostile: message framing", function()
       assert(s:write(head { "POST /slow HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" } .. "5\r\nhello\r\n0"))
       local rest = "\r\nX-T: y\r\n\n" .. SMUGGLED
       for i = 1, #rest do
-        assert(s:write(rest:sub(i, i)))
+        if not s:write(rest:sub(i, i)) then break end  -- (the server may have closed already)
         mw.sleep(0.001)
       end
       local data, how = read_all(s)

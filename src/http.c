@@ -58,6 +58,12 @@ typedef struct mw_http {
     int discard;               /* body bytes are dropped, not collected (the load generator) */
     mw_buf trailers;           /* trailer fields after a chunked body: "name:value\n"... */
     int in_trailer_field;
+    /* the trailer section's bytes, scanned with the head's line rules as llhttp consumes
+     * them (scan_trailers): on_chunk_header pauses at the last chunk (tr_mark) so that feed
+     * knows where the section starts */
+    int tr_mark, tr_on;
+    int tr_lf, tr_before, tr_last;  /* the last byte scanned was an LF; the byte before it; the last */
+    uint32_t ext_len;          /* the chunk extension name or value being parsed, so far */
     uint64_t lean_bytes;
     int idle_wait;             /* parked in read_request with nothing of the next head yet */
     /* for res:send's C path (server side): the server's name and from which body size a
@@ -344,6 +350,28 @@ static int on_chunk_header(llhttp_t *p)
     mw_http *h = H(p);
     /* refuse before the data arrives: the chunk size is known now */
     if (p->content_length > h->body_max - h->body_seen) return fail(p, 413, "body too large");
+    if (p->content_length == 0) {
+        /* the last chunk: the trailer section starts where this pause leaves llhttp */
+        h->tr_mark = 1;
+        return HPE_PAUSED;
+    }
+    return 0;
+}
+
+/* chunk-ext = *( ";" chunk-ext-name [ "=" chunk-ext-val ] ): llhttp lets an empty name or
+ * an empty value through */
+static int on_chunk_ext_span(llhttp_t *p, const char *at, size_t len)
+{
+    (void)at;
+    H(p)->ext_len += (uint32_t)len;
+    return 0;
+}
+
+static int on_chunk_ext_complete(llhttp_t *p)
+{
+    mw_http *h = H(p);
+    if (h->ext_len == 0) return fail(p, 400, "empty chunk extension name or value");
+    h->ext_len = 0;
     return 0;
 }
 
@@ -370,11 +398,48 @@ static void init_settings(void)
     settings.on_headers_complete = on_headers_complete;
     settings.on_body = on_body;
     settings.on_chunk_header = on_chunk_header;
+    settings.on_chunk_extension_name = on_chunk_ext_span;
+    settings.on_chunk_extension_value = on_chunk_ext_span;
+    settings.on_chunk_extension_name_complete = on_chunk_ext_complete;
+    settings.on_chunk_extension_value_complete = on_chunk_ext_complete;
     settings.on_message_complete = on_message_complete;
     init_regname();
 }
 
 /* ---- feeding llhttp ------------------------------------------------------------------- */
+
+/* The rules for every line break of a head and of a trailer section, which llhttp (strict)
+ * does not enforce everywhere: the LF follows a CR (no bare LF), and the line after it does
+ * not start with SP or HTAB (obs-fold) nor with ':' (an empty field name). `before` is the
+ * byte before the LF (-1: none), `after` the byte after it (-1: none, the section ended).
+ * NULL, or the rule broken. */
+static const char *line_break_bad(int before, int after)
+{
+    if (before != '\r') return "bare LF";
+    if (after == ' ' || after == '\t') return "obsolete line folding";
+    if (after == ':') return "empty field name";
+    return NULL;
+}
+
+/* Scans the trailer-section bytes s[0, n) llhttp consumed with line_break_bad, each line
+ * break once the byte after it is known; `end`: the section ended after them. */
+static const char *scan_trailers(mw_http *h, const char *s, size_t n, int end)
+{
+    for (size_t i = 0; i < n; i++) {
+        int c = (unsigned char)s[i];
+        if (h->tr_lf) {
+            const char *bad = line_break_bad(h->tr_before, c);
+            if (bad) return bad;
+            h->tr_lf = 0;
+        }
+        if (c == '\n') {
+            h->tr_lf = 1;
+            h->tr_before = h->tr_last;
+        }
+        h->tr_last = c;
+    }
+    return end && h->tr_lf ? line_break_bad(h->tr_before, -1) : NULL;
+}
 
 /* Whether the request line ends in a well-formed "HTTP/d.d" (then an unsupported version
  * is a 505, not a 400). */
@@ -388,27 +453,60 @@ static int wellformed_version(const char *p, size_t len)
            isdigit((unsigned char)v[7]) && v[-1] == ' ';
 }
 
+/* Resumes llhttp after a pause (e) that left it at `at`. llhttp pauses again right after
+ * the end of a message whose head asked for an upgrade (HPE_PAUSED_UPGRADE): that pause is
+ * taken here too, and left with llhttp_resume_after_upgrade, so a connection whose handler
+ * declined the upgrade goes on with its next request (one that took it, a WebSocket, reads
+ * the socket itself from then on). h->upgrade keeps the flag for the Lua layer. */
+static void resume(mw_http *h, llhttp_errno_t e, const char *at)
+{
+    if (e == HPE_PAUSED) {
+        llhttp_resume(&h->p);
+        if (!(h->msg_done && h->p.upgrade)) return;
+        e = llhttp_execute(&h->p, at, 0);
+    }
+    if (e == HPE_PAUSED_UPGRADE) {
+        h->upgrade = 1;
+        h->msg_done = 1;
+        llhttp_resume_after_upgrade(&h->p);
+    }
+}
+
 /* Runs llhttp over the unparsed buffered bytes. 0 ok (maybe paused), or a status
  * (400...) with h->err_msg set. */
 static int feed(mw_http *h)
 {
+    if (h->err_status) return h->err_status;  /* a verdict given before: the stream is broken */
     mw_buf *b = &h->s->rbuf;
     size_t len = mw_buf_len(b);
     h->base = mw_buf_head(b);
     if (h->parsed > len) h->parsed = len;
-    llhttp_errno_t e = llhttp_execute(&h->p, h->base + h->parsed, len - h->parsed);
-    if (e == HPE_OK) {
-        h->parsed = len;
-        return 0;
-    }
-    if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
-        h->parsed = (size_t)(llhttp_get_error_pos(&h->p) - h->base);
-        if (e == HPE_PAUSED_UPGRADE) {
-            h->upgrade = 1;
-            h->msg_done = 1;
+    llhttp_errno_t e;
+    for (;;) {
+        const char *from = h->base + h->parsed;
+        e = llhttp_execute(&h->p, from, len - h->parsed);
+        if (e != HPE_OK && e != HPE_PAUSED && e != HPE_PAUSED_UPGRADE) break;
+        size_t to = e == HPE_OK ? len : (size_t)(llhttp_get_error_pos(&h->p) - h->base);
+        if (h->tr_on) {
+            const char *bad = scan_trailers(h, from, (size_t)(h->base + to - from), h->msg_done);
+            if (bad) {
+                h->msg_done = 0;   /* never "complete": nothing after it is read as a request */
+                h->err_msg = bad;
+                return h->err_status = 400;
+            }
+            if (h->msg_done) h->tr_on = 0;
         }
-        llhttp_resume(&h->p);
-        return 0;
+        h->parsed = to;
+        if (e != HPE_OK) resume(h, e, h->base + to);
+        if (!h->tr_mark) return 0;
+        /* paused at the last chunk: scan the trailer section from here, right after the
+         * last-chunk line's CRLF */
+        h->tr_mark = 0;
+        h->tr_on = 1;
+        h->tr_lf = 1;
+        h->tr_before = '\r';
+        h->tr_last = '\n';
+        if (h->parsed == len) return 0;
     }
     if (h->err_status) return h->err_status;  /* our verdict from a callback */
     h->err_msg = llhttp_get_error_reason(&h->p);
@@ -637,9 +735,8 @@ static const char *strict_head(const char *p, size_t n)
     /* from one LF to the next (memchr: a few calls per head rather than a test per byte) */
     const char *end = p + n;
     for (const char *lf = memchr(p, '\n', n); lf; lf = memchr(lf + 1, '\n', (size_t)(end - lf - 1))) {
-        if (lf == p || lf[-1] != '\r') return "bare LF in the request head";
-        if (lf + 1 < end && (lf[1] == ' ' || lf[1] == '\t')) return "obsolete line folding";
-        if (lf + 1 < end && lf[1] == ':') return "empty header name";
+        const char *bad = line_break_bad(lf == p ? -1 : lf[-1], lf + 1 < end ? lf[1] : -1);
+        if (bad) return bad;
         if (lf + 1 >= end) break;
     }
     return NULL;
@@ -701,8 +798,7 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
             h->parsed = 0;
             h->base = mw_buf_head(&s->rbuf);
             llhttp_errno_t e = llhttp_execute(&h->p, h->base, 0);
-            if (e == HPE_PAUSED) llhttp_resume(&h->p);
-            else if (e == HPE_PAUSED_UPGRADE) { h->upgrade = 1; h->msg_done = 1; llhttp_resume(&h->p); }
+            if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) resume(h, e, h->base);
             if (h->p.type == HTTP_REQUEST) {
                 lua_pushboolean(L, h->msg_done);
                 lua_rawseti(L, -2, 3);
@@ -761,6 +857,8 @@ static void reset_message(mw_http *h)
     h->body_max = UINT64_MAX;
     h->discard = 0;
     h->in_trailer_field = 0;
+    h->tr_mark = h->tr_on = 0;
+    h->ext_len = 0;
     mw_buf_free(&h->body, NULL);
     mw_buf_free(&h->trailers, NULL);
 }
