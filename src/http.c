@@ -881,6 +881,12 @@ static int lean_step(lua_State *L, mw_http *h, mw_task *t)
                 h->parsed = 0;
             }
         }
+        if (h->msg_done && h->p.status_code < 200 && h->p.status_code != 101) {
+            /* an interim response (100 Continue, 103 Early Hints) is not the answer: read on
+             * to the final one, as the client does (its bytes count) */
+            h->head_done = h->msg_done = 0;
+            continue;
+        }
         if (h->msg_done) {
             lua_pushinteger(L, h->p.status_code);
             lua_pushinteger(L, (lua_Integer)h->lean_bytes);
