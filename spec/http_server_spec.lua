@@ -891,6 +891,27 @@ describe("http server: request bodies", function()
     end)
   end)
 
+  -- RFC 9110 §10.1.1: a server MUST ignore Expect: 100-continue in an HTTP/1.0 request, and
+  -- never sends a 1xx to an HTTP/1.0 client (§15.2)
+  it("Expect: 100-continue from HTTP/1.0 is ignored: no 100 Continue, just the answer", function()
+    run(function()
+      local expect
+      local srv = serve(function(req, res)
+        expect = req.headers.expect
+        res:send("echo " .. assert(req:body()))
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("POST /old HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello"))
+      local data, how = read_all(s)
+      assert.equal("closed", how)
+      assert.equal("100-continue", expect)
+      assert.is_nil(data:find("100 Continue", 1, true), data)
+      assert.matches("^HTTP/1%.1 200 OK\r\n.-\r\n\r\necho hello$", data)
+      srv:close()
+    end)
+  end)
+
   it("curl chunked upload (Transfer-Encoding: chunked) arrives whole", function()
     run(function()
       local te, body

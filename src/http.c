@@ -286,7 +286,8 @@ static void check_field(mw_http *h, const hspan *sp)
         h->cl++;
     } else if (name_is(h, sp, "expect", 6)) {
         value_of(h, sp, &v, &n);
-        if (n == 12 && strncasecmp(v, "100-continue", 12) == 0) h->expect_continue = 1;
+        /* ignored from HTTP/1.0 (RFC 9110 §10.1.1): no 1xx goes to an HTTP/1.0 client */
+        if (n == 12 && strncasecmp(v, "100-continue", 12) == 0 && h->p.http_minor >= 1) h->expect_continue = 1;
     }
     if (bad && !h->ferr_status) {
         h->ferr_status = status;
