@@ -606,6 +606,56 @@ describe("http hostile: header and request-line syntax", function()
     end)
   end)
 
+  -- RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line
+  -- (old clients send a CRLF after a POST body); a bounded number (8) is skipped
+  it("empty lines (CRLF) before the request line are skipped, up to 8; the request is answered", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      for _, n in ipairs { 1, 2, 8 } do
+        local s <close> = connect(srv)
+        assert(s:write(("\r\n"):rep(n) .. "GET /blank" .. n .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert.same({ "HTTP/1.1 200 OK", "handled GET /blank" .. n }, { response(s) })
+      end
+      -- a CRLF split across segments, before a request on a kept-alive connection
+      local s <close> = connect(srv)
+      assert(s:write("GET /first HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /first" }, { response(s) })
+      assert(s:write("\r"))
+      mw.sleep(0.02)
+      assert(s:write("\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /second" }, { response(s) })
+      srv:close()
+    end)
+  end)
+
+  it("a POST body followed by a stray CRLF, then a pipelined request: both are answered", function()
+    run(function()
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        res:send(req.path .. " " .. assert(req:body()))
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("POST /form HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\na=1\r\n"
+        .. "GET /next HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "/form a=1" }, { response(s) })
+      assert.same({ "HTTP/1.1 200 OK", "/next " }, { response(s) })
+      srv:close()
+    end)
+  end)
+
+  it("more than 8 empty lines, or a bare LF, before the request line -> 400 and close", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      rejects(srv, ("\r\n"):rep(9) .. "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+      rejects(srv, "\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+      rejects(srv, "\r\n\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+      srv:close()
+    end)
+  end)
+
   it("a good request pipelined after a bad one is never answered", function()
     run(function()
       local srv = serve()

@@ -66,6 +66,7 @@ typedef struct mw_http {
     uint32_t ext_len;          /* the chunk extension name or value being parsed, so far */
     uint64_t lean_bytes;
     int idle_wait;             /* parked in read_request with nothing of the next head yet */
+    int blank_lines;           /* requests: empty lines skipped before this request line */
     /* for res:send's C path (server side): the server's name and from which body size a
      * response may be compressed (read once from the server table), and what the request
      * being answered said (set with each request; responses are finished in order) */
@@ -774,11 +775,31 @@ static void build_response(lua_State *L, mw_http *h)
 
 static int read_request_k(lua_State *L, int status, lua_KContext ctx);
 
+/* RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF) received before the
+ * request line (old clients send one after a POST body). Up to MW_BLANK_LINES of them are
+ * dropped from the buffer; more are left to the request line check, which refuses them.
+ * Returns 1 when the buffer holds a lone CR that may be the start of one (wait for more). */
+#define MW_BLANK_LINES 8
+
+static int skip_blank_lines(mw_http *h)
+{
+    mw_buf *b = &h->s->rbuf;
+    const char *p = mw_buf_head(b);
+    size_t n = mw_buf_len(b), k = 0;
+    while (h->blank_lines < MW_BLANK_LINES && n - k >= 2 && p[k] == '\r' && p[k + 1] == '\n') {
+        k += 2;
+        h->blank_lines++;
+    }
+    if (k) mw_buf_consume(b, k);
+    return h->blank_lines < MW_BLANK_LINES && n - k == 1 && p[k] == '\r';
+}
+
 static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
 {
     mw_sock *s = h->s;
     for (;;) {
-        if (mw_buf_len(&s->rbuf) > h->parsed) {
+        if (mw_buf_len(&s->rbuf) > h->parsed &&
+            !(h->p.type == HTTP_REQUEST && h->parsed == 0 && skip_blank_lines(h)) && mw_buf_len(&s->rbuf) > 0) {
             int st = feed(h);
             if (st) return pushverdict(L, h->err_msg, st);
         }
@@ -859,6 +880,7 @@ static void reset_message(mw_http *h)
     h->discard = 0;
     h->in_trailer_field = 0;
     h->tr_mark = h->tr_on = 0;
+    h->blank_lines = 0;
     h->ext_len = 0;
     mw_buf_free(&h->body, NULL);
     mw_buf_free(&h->trailers, NULL);
