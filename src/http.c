@@ -966,6 +966,8 @@ static int l_http_count(lua_State *L)
             l = le + 2;
         }
         count++;
+        /* a body longer than the bytes left (a huge or bogus Content-Length) ends the batch */
+        if (body > (size_t)(end - (he + 4))) break;
         c = he + 4 + body;
     }
     lua_pushinteger(L, count);
