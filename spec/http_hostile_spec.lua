@@ -547,6 +547,11 @@ describe("http hostile: header and request-line syntax", function()
     { "a space inside the target", { "GET /a b HTTP/1.1", "Host: x" } },
     { "a control character in the target", { "GET /a\1b HTTP/1.1", "Host: x" } },
     { "a lower-case protocol name", { "GET / http/1.1", "Host: x" } },
+    -- a bare CR in the request line is malformed (400), whatever version precedes it (not 505)
+    { "a bare CR after the version", { "GET / HTTP/1.1\rX", "Host: x" } },
+    { "a bare CR ending the request line", { "GET / HTTP/1.1\r", "Host: x" } },
+    { "a bare CR after an unsupported version", { "GET / HTTP/2.0\rX", "Host: x" } },
+    { "a bare CR inside the target", { "GET /a\rb HTTP/1.1", "Host: x" } },
   }
   for _, case in ipairs(cases) do
     it(case[1] .. " -> 400 and close", function()

@@ -443,13 +443,12 @@ static const char *scan_trailers(mw_http *h, const char *s, size_t n, int end)
     return end && h->tr_lf ? line_break_bad(h->tr_before, -1) : NULL;
 }
 
-/* Whether the request line ends in a well-formed "HTTP/d.d" (then an unsupported version
- * is a 505, not a 400). */
+/* Whether the request line ends in a well-formed "HTTP/d.d" CRLF (then an unsupported
+ * version is a 505, not a 400; a bare CR or LF ending it is malformed, a 400). */
 static int wellformed_version(const char *p, size_t len)
 {
     const char *eol = memchr(p, '\r', len);
-    if (!eol) eol = memchr(p, '\n', len);
-    if (!eol || eol - p < 9) return 0;
+    if (!eol || eol - p < 9 || (size_t)(eol - p) + 1 >= len || eol[1] != '\n') return 0;
     const char *v = eol - 8;
     return memcmp(v, "HTTP/", 5) == 0 && isdigit((unsigned char)v[5]) && v[6] == '.' &&
            isdigit((unsigned char)v[7]) && v[-1] == ' ';
