@@ -348,6 +348,47 @@ describe("http hostile: message framing", function()
     end)
   end)
 
+  -- RFC 9110 §5.6.3: OWS is spaces and horizontal tabs; RFC 9112 §7.1.1: a chunk extension's
+  -- value is a token or a quoted-string
+  it("tabs as optional white space around field values and Transfer-Encoding: chunked are accepted", function()
+    run(function()
+      local got = {}
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        got[#got + 1] = { req.headers["x-a"], assert(req:body()) }
+        res:send(req.path)
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for i, te in ipairs { "Transfer-Encoding:\tchunked\t", "Transfer-Encoding: \tchunked \t",
+                            "Transfer-Encoding:chunked\t", "Transfer-Encoding:\tchunked" } do
+        assert(s:write(head { "POST /te" .. i .. " HTTP/1.1", "Host: x", "X-A:\t v \t", te }
+          .. "5\r\nhello\r\n0\r\n\r\n"))
+        assert.same({ "HTTP/1.1 200 OK", "/te" .. i }, { response(s) })
+        assert.same({ "v", "hello" }, got[i])
+      end
+      srv:close()
+    end)
+  end)
+
+  it("chunk extensions with token and quoted-string values are accepted", function()
+    run(function()
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        res:send(req.path .. " " .. assert(req:body()))
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for i, ext in ipairs { ';name="value"', ";name=token", ';a="b c";d=e', ';a=""', ';a="b\tc"', ";flag",
+                             ";a;b", ";a=b" } do
+        assert(s:write(head { "POST /ext" .. i .. " HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" }
+          .. "5" .. ext .. "\r\nhello\r\n0" .. ext .. "\r\n\r\n"))
+        assert.same({ "HTTP/1.1 200 OK", "/ext" .. i .. " hello" }, { response(s) }, ext)
+      end
+      srv:close()
+    end)
+  end)
+
   it("a request delivered one byte per segment is parsed exactly", function()
     run(function()
       local got

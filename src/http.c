@@ -324,6 +324,9 @@ static int on_headers_complete(llhttp_t *p)
         if (te && cl) return fail(p, 400, "Content-Length with Transfer-Encoding");
         if (cl > 1) return fail(p, 400, "repeated Content-Length");
         if (te && p->http_minor == 0) return fail(p, 400, "Transfer-Encoding in HTTP/1.0");
+        /* the value is "chunked" with optional white space (check_field): llhttp 8 takes a
+         * space after it but not a tab (RFC 9110 §5.6.3 allows both) */
+        if (te) p->flags |= F_CHUNKED;
     }
     h->head_done = 1;
     /* no body whatever the head says: answers to HEAD, and 1xx/204/304 */
