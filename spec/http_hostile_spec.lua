@@ -746,6 +746,45 @@ describe("http hostile: header and request-line syntax", function()
   end)
 end)
 
+describe("http hostile: absolute-form targets and Host", function()
+  -- RFC 9112 §3.2.2: the target's authority wins over a conflicting Host, which must still be
+  -- present and valid
+  it("the authority of an absolute-form target replaces a conflicting Host", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for _, case in ipairs {
+        { "http://a.example/x", "b.example" },
+        { "http://a.example:8080?q=1", "b.example:8080" },
+        { "http://a.example", "a.example" },
+      } do
+        assert(s:write(head { "GET " .. case[1] .. " HTTP/1.1", "Host: " .. case[2] }))
+        assert.equal("HTTP/1.1 200 OK", (response(s)))
+      end
+      assert.same({ "a.example", "/x" }, { seen[1].headers.host, seen[1].path })
+      assert.same({ "a.example:8080", "/", "q=1" }, { seen[2].headers.host, seen[2].path, seen[2].query_string })
+      assert.equal("a.example", seen[3].headers["Host"])
+      srv:close()
+    end)
+  end)
+
+  for _, case in ipairs {
+    { "an empty authority", "GET http:///x HTTP/1.1" },
+    { "userinfo in the authority", "GET http://user@a.example/x HTTP/1.1" },
+    { "a bad port", "GET http://a.example:8x/x HTTP/1.1" },
+  } do
+    it("an absolute-form target with " .. case[1] .. " -> 400", function()
+      run(function()
+        local srv = serve()
+        local _g <close> = guard(srv)
+        rejects(srv, head { case[2], "Host: a.example" } .. SMUGGLED, 400)
+        srv:close()
+      end)
+    end)
+  end
+end)
+
 describe("http hostile: clients that vanish", function()
   -- waits (bounded) until the server holds no connection
   local function settle(srv)

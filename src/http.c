@@ -254,6 +254,21 @@ static int valid_host(const char *s, size_t n)
     return 1;
 }
 
+/* An absolute-form request target (scheme "://" authority [path] ["?" query]): sets *auth,
+ * *alen to its authority and returns where its path (or query) starts; NULL for the other
+ * forms (origin "/...", asterisk "*", authority "host:port" of CONNECT). */
+static const char *absolute_form(const char *url, size_t n, const char **auth, size_t *alen)
+{
+    if (n == 0 || url[0] == '/' || url[0] == '*') return NULL;
+    const char *sch = memchr(url, ':', n);
+    if (!sch || (size_t)(sch - url) + 3 > n || sch[1] != '/' || sch[2] != '/') return NULL;
+    const char *a = sch + 3, *end = url + n, *e = a;
+    while (e < end && *e != '/' && *e != '?') e++;
+    *auth = a;
+    *alen = (size_t)(e - a);
+    return e;
+}
+
 /* A request's header field, once whole: counts Host, Transfer-Encoding and Content-Length,
  * checks Host and Transfer-Encoding, notes Expect: 100-continue. The first bad field's
  * verdict is kept for the end of the head (on_headers_complete), where the version is
@@ -324,6 +339,11 @@ static int on_headers_complete(llhttp_t *p)
         if (te && cl) return fail(p, 400, "Content-Length with Transfer-Encoding");
         if (cl > 1) return fail(p, 400, "repeated Content-Length");
         if (te && p->http_minor == 0) return fail(p, 400, "Transfer-Encoding in HTTP/1.0");
+        /* an absolute-form target's authority replaces Host (RFC 9112 §3.2.2, hc:headers_of) */
+        const char *auth;
+        size_t alen;
+        if (absolute_form(h->base + h->url_off, h->url_len, &auth, &alen) && !valid_host(auth, alen))
+            return fail(p, 400, "invalid authority in the request target");
         /* the value is "chunked" with optional white space (check_field): llhttp 8 takes a
          * space after it but not a tab (RFC 9110 §5.6.3 allows both) */
         if (te) p->flags |= F_CHUNKED;
@@ -671,25 +691,13 @@ static void build_request(lua_State *L, mw_http *h)
     lua_rawseti(L, -3, 7);
     KEY(L, h->p.http_minor == 1 ? V_11 : V_10);
     lua_rawseti(L, -3, 8);
-    /* path and query; absolute-form targets keep only their path */
-    const char *path = url;
-    size_t plen = ulen;
-    if (plen > 0 && path[0] != '/' && path[0] != '*') {
-        const char *sch = memchr(path, ':', plen);
-        if (sch && (size_t)(sch - path) + 3 <= plen && sch[1] == '/' && sch[2] == '/') {
-            const char *rest = sch + 3;
-            size_t rn = plen - (size_t)(rest - path);
-            const char *slash = memchr(rest, '/', rn);
-            const char *q = memchr(rest, '?', rn);
-            if (slash && (!q || slash < q)) {
-                plen -= (size_t)(slash - path);
-                path = slash;
-            } else {
-                plen = q ? plen - (size_t)(q - path) : 0;
-                path = q ? q : path + ulen;
-                /* no path: "/" */
-            }
-        }
+    /* path and query; absolute-form targets keep only their path (none: "/") */
+    const char *path = url, *auth;
+    size_t plen = ulen, alen;
+    const char *after = absolute_form(url, ulen, &auth, &alen);
+    if (after) {
+        plen = ulen - (size_t)(after - url);
+        path = after;
     }
     const char *q = memchr(path, '?', plen);
     size_t pn = q ? (size_t)(q - path) : plen;
@@ -1195,6 +1203,17 @@ static int hc_headers_of(lua_State *L)
     }
     view.nhdrs = n;
     build_headers(L, &view, 2);
+    /* RFC 9112 §3.2.2: with an absolute-form target, Host is the target's authority */
+    size_t ulen, alen;
+    const char *auth;
+    if (lua_rawgeti(L, 2, 7) == LUA_TSTRING) {
+        const char *url = lua_tolstring(L, -1, &ulen);
+        if (absolute_form(url, ulen, &auth, &alen)) {
+            lua_pushlstring(L, auth, alen);
+            lua_setfield(L, -3, "host");
+        }
+    }
+    lua_pop(L, 1);
     if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);  /* case-insensitive */
     else lua_pop(L, 1);
     lua_pushboolean(L, 0);
