@@ -1,7 +1,9 @@
 /* libFuzzer target: the HTTP request parser glue (src/http.c) end to end. Each input is
- * written into one end of a socket pair; the server side reads requests and bodies from
- * the other end exactly as the server does, until an error or the end of input. Built with
- * the core sources by `make fuzz` (clang, -fsanitize=fuzzer,address,undefined). */
+ * written into one end of a socket pair; the server side reads requests, bodies and
+ * trailers from the other end exactly as the server does (empty lines before a request
+ * line, chunked bodies with extensions and trailers, declined upgrades followed by the next
+ * request: see the seeds in fuzz/corpus/http), until an error or the end of input. Built
+ * with the core sources by `make fuzz` (clang, -fsanitize=fuzzer,address,undefined). */
 #include <stdint.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -28,12 +30,18 @@ static const char harness[] =
     "      if not req then break end\n"
     "      -- (the method and the path: array slots 6 and 9, see lua/moonwire/http/request.lua)\n"
     "      assert(type(req[6]) == 'string' and type(req[9]) == 'string' and type(req[7]) == 'string')\n"
-    "      for k, v in pairs(hc:headers_of(req)) do assert(k == k:lower() and type(v) == 'string') end\n"
+    "      for k, v in pairs(hc:headers_of(req)) do\n"
+    "        assert(k == k:lower() and type(v) == 'string' and not v:find('[\\r\\n]'))\n"
+    "      end\n"
     "      local mode = #data % 3 == 0 and 'chunk' or 'all'\n"
     "      local body = hc:read_body(mode, 65536, 1)\n"
     "      while mode == 'chunk' and body do body = hc:read_body('chunk', -1, 1) end\n"
     "      local _, done = hc:state()\n"
     "      if not done then break end\n"
+    "      -- trailers of a chunked body (checked with the head's line rules)\n"
+    "      for k, v in pairs(hc:trailers() or {}) do\n"
+    "        assert(k == k:lower() and k ~= '' and not v:find('[\\r\\n]'))\n"
+    "      end\n"
     "    end\n"
     "    a:close() b:close()\n"
     "  end)\n"

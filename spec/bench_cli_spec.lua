@@ -471,6 +471,39 @@ end
     end, 20)
   end)
 
+  -- 1xx responses before the final one (here 103 Early Hints) are not answers: counted,
+  -- the bench would report twice the requests the server answered
+  it("a server sending 103 Early Hints before each 200: only the 200s count", function()
+    run(function()
+      local answered = 0
+      local srv = serve(function(req, res)
+        assert(req.socket:write("HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"))
+        answered = answered + 1
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local r = bench({ "-t1", "-c2", "-d0.5s", "--json", "-", url(srv) })
+      assert.equal(0, r.code, r.context)
+      local d = json_of(r)
+      assert.is_true(d.requests > 10, r.context)
+      assert.is_nil(d.statuses["103"], r.context)
+      assert.equal(d.requests, d.statuses["200"], r.context)
+      assert.is_true(d.requests <= answered, ("%d requests counted, %d answered"):format(d.requests, answered)
+        .. r.context)
+      assert.equal(0, d.errors.status + d.errors.read, r.context)
+      -- and with a response() hook (which reads whole responses): the 103s never reach it
+      answered = 0
+      local json = tmp(".json")
+      r = bench({ "-t1", "-c2", "-d0.5s", "--json", json, "-s", SCRIPTS .. "response.lua", url(srv) })
+      assert.equal(0, r.code, r.context)
+      d = json_of(r, json)
+      assert.is_nil(d.statuses["103"], r.context)
+      assert.equal(d.requests, d.statuses["200"], r.context)
+      assert.equal(d.requests, tonumber(r.kv.sum), r.context)
+      assert.is_true(d.requests <= answered, r.context)
+    end, 20)
+  end)
+
   it("a server that never answers: timeouts with --timeout 0.3s, and the requests unanswered at the end", function()
     run(function()
       local port, _close <close> = silent_server()

@@ -392,6 +392,13 @@ describe("bench wrk environment", function()
     assert.equal(2, wrkenv.count_requests(get .. post))
     assert.equal(3, wrkenv.count_requests(post .. get .. post))
     assert.equal(0, wrkenv.count_requests(""))
+    -- a Content-Length beyond the bytes (or near 2^64, which once wrapped the pointer and
+    -- read out of bounds: run under ASan) ends the count there
+    for _, cl in ipairs { "18446744073709550616", "18446744073709551615", "1000" } do
+      local bogus = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " .. cl .. "\r\n\r\nab"
+      assert.equal(1, wrkenv.count_requests(bogus))
+      assert.equal(2, wrkenv.count_requests(get .. bogus .. get))
+    end
   end)
 
   it("unpack, loadstring, bit: LuaJIT's names in a script's environment", function()

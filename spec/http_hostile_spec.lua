@@ -348,6 +348,47 @@ describe("http hostile: message framing", function()
     end)
   end)
 
+  -- RFC 9110 §5.6.3: OWS is spaces and horizontal tabs; RFC 9112 §7.1.1: a chunk extension's
+  -- value is a token or a quoted-string
+  it("tabs as optional white space around field values and Transfer-Encoding: chunked are accepted", function()
+    run(function()
+      local got = {}
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        got[#got + 1] = { req.headers["x-a"], assert(req:body()) }
+        res:send(req.path)
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for i, te in ipairs { "Transfer-Encoding:\tchunked\t", "Transfer-Encoding: \tchunked \t",
+                            "Transfer-Encoding:chunked\t", "Transfer-Encoding:\tchunked" } do
+        assert(s:write(head { "POST /te" .. i .. " HTTP/1.1", "Host: x", "X-A:\t v \t", te }
+          .. "5\r\nhello\r\n0\r\n\r\n"))
+        assert.same({ "HTTP/1.1 200 OK", "/te" .. i }, { response(s) })
+        assert.same({ "v", "hello" }, got[i])
+      end
+      srv:close()
+    end)
+  end)
+
+  it("chunk extensions with token and quoted-string values are accepted", function()
+    run(function()
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        res:send(req.path .. " " .. assert(req:body()))
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for i, ext in ipairs { ';name="value"', ";name=token", ';a="b c";d=e', ';a=""', ';a="b\tc"', ";flag",
+                             ";a;b", ";a=b" } do
+        assert(s:write(head { "POST /ext" .. i .. " HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" }
+          .. "5" .. ext .. "\r\nhello\r\n0" .. ext .. "\r\n\r\n"))
+        assert.same({ "HTTP/1.1 200 OK", "/ext" .. i .. " hello" }, { response(s) }, ext)
+      end
+      srv:close()
+    end)
+  end)
+
   it("a request delivered one byte per segment is parsed exactly", function()
     run(function()
       local got
@@ -403,6 +444,25 @@ describe("http hostile: message framing", function()
     { "a negative chunk size", "-5\r\nhello\r\n0\r\n\r\n" },
     { "a chunk without its CRLF", "5\r\nhelloXX0\r\n\r\n" },
     { "a chunk size with a space inside", "5 0\r\nhello\r\n0\r\n\r\n" },
+    -- the head's line rules (CRLF only, no folding, no empty name) hold for the chunk lines
+    -- and the trailer section too: a bare LF there could end the message early for a proxy
+    -- in front that reads it differently (request smuggling)
+    { "a bare LF ending a chunk-size line", "5\nhello\r\n0\r\n\r\n" },
+    { "a bare LF ending chunk data", "5\r\nhello\n0\r\n\r\n" },
+    { "a bare LF ending the last chunk", "5\r\nhello\r\n0\n\r\n" },
+    { "a CR not followed by LF after a chunk size", "5\rhello\r\n0\r\n\r\n" },
+    { "a bare LF ending a chunk extension", "5;a=b\nhello\r\n0\r\n\r\n" },
+    { "a space before a chunk extension", "5 ;a=b\r\nhello\r\n0\r\n\r\n" },
+    { "a tab after a chunk size", "5\t\r\nhello\r\n0\r\n\r\n" },
+    { "a chunk extension with an empty name", "5;=b\r\nhello\r\n0\r\n\r\n" },
+    { "a chunk extension with an empty value", "5;a=\r\nhello\r\n0\r\n\r\n" },
+    { "a bare LF ending the trailer section (no trailers)", "5\r\nhello\r\n0\r\n\n" },
+    { "a bare LF ending the trailer section after a field", "0\r\nX-T: y\r\n\n" },
+    { "a bare LF ending a trailer field", "0\r\nX-T: y\n\r\n" },
+    { "a folded trailer line (space)", "0\r\nX-T: y\r\n z\r\n\r\n" },
+    { "a folded trailer line (tab)", "0\r\nX-T: y\r\n\tz\r\n\r\n" },
+    { "a trailer with an empty name", "0\r\n: y\r\n\r\n" },
+    { "a CR not followed by LF ending the trailer section", "0\r\n\r\r" },
   }
   for _, case in ipairs(chunk_cases) do
     it(case[1] .. " -> 400 to the reading handler, close, the smuggled request never answered", function()
@@ -431,6 +491,62 @@ describe("http hostile: message framing", function()
       assert.equal("closed", how)
       assert.equal(1, count_responses(data))
       assert.same({ "/ignore" }, { seen[1].path })
+      srv:close()
+    end)
+  end)
+
+  it("a bare LF ending the trailer section the handler never reads: closed after one answer", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local data, how = exchange(srv, head { "POST /ignore HTTP/1.1", "Host: x",
+        "Transfer-Encoding: chunked" } .. "5\r\nhello\r\n0\r\n\n" .. SMUGGLED)
+      assert.equal("closed", how)
+      assert.equal(1, count_responses(data), data)
+      assert.same({ "/ignore" }, { seen[1].path })
+      srv:close()
+    end)
+  end)
+
+  it("the trailer rules hold when the trailer section arrives one byte per segment", function()
+    run(function()
+      local srv = serve(nil, body_handler)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(head { "POST /slow HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" } .. "5\r\nhello\r\n0"))
+      local rest = "\r\nX-T: y\r\n\n" .. SMUGGLED
+      for i = 1, #rest do
+        if not s:write(rest:sub(i, i)) then break end  -- (the server may have closed already)
+        mw.sleep(0.001)
+      end
+      local data, how = read_all(s)
+      assert.equal("closed", how)
+      assert.equal(1, count_responses(data), data)
+      assert.equal(400, seen[1].code)
+      srv:close()
+    end)
+  end)
+
+  it("good trailers delivered one byte per segment are read; the next request follows", function()
+    run(function()
+      local got
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        local body = assert(req:body())
+        if req.path == "/a" then got = { body = body, t = req.trailers and req.trailers["x-t"] } end
+        res:send(req.path)
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      local bytes = head { "POST /a HTTP/1.1", "Host: x", "Transfer-Encoding: chunked" }
+        .. "5\r\nhello\r\n0\r\nX-T: y\r\nX-U:\tz\r\n\r\n" .. "GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+      for i = 1, #bytes do
+        assert(s:write(bytes:sub(i, i)))
+        mw.sleep(0.001)
+      end
+      assert.same({ "HTTP/1.1 200 OK", "/a" }, { response(s) })
+      assert.same({ "HTTP/1.1 200 OK", "/b" }, { response(s) })
+      assert.same({ body = "hello", t = "y" }, got)
       srv:close()
     end)
   end)
@@ -472,6 +588,11 @@ describe("http hostile: header and request-line syntax", function()
     { "a space inside the target", { "GET /a b HTTP/1.1", "Host: x" } },
     { "a control character in the target", { "GET /a\1b HTTP/1.1", "Host: x" } },
     { "a lower-case protocol name", { "GET / http/1.1", "Host: x" } },
+    -- a bare CR in the request line is malformed (400), whatever version precedes it (not 505)
+    { "a bare CR after the version", { "GET / HTTP/1.1\rX", "Host: x" } },
+    { "a bare CR ending the request line", { "GET / HTTP/1.1\r", "Host: x" } },
+    { "a bare CR after an unsupported version", { "GET / HTTP/2.0\rX", "Host: x" } },
+    { "a bare CR inside the target", { "GET /a\rb HTTP/1.1", "Host: x" } },
   }
   for _, case in ipairs(cases) do
     it(case[1] .. " -> 400 and close", function()
@@ -531,6 +652,56 @@ describe("http hostile: header and request-line syntax", function()
     end)
   end)
 
+  -- RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line
+  -- (old clients send a CRLF after a POST body); a bounded number (8) is skipped
+  it("empty lines (CRLF) before the request line are skipped, up to 8; the request is answered", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      for _, n in ipairs { 1, 2, 8 } do
+        local s <close> = connect(srv)
+        assert(s:write(("\r\n"):rep(n) .. "GET /blank" .. n .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert.same({ "HTTP/1.1 200 OK", "handled GET /blank" .. n }, { response(s) })
+      end
+      -- a CRLF split across segments, before a request on a kept-alive connection
+      local s <close> = connect(srv)
+      assert(s:write("GET /first HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /first" }, { response(s) })
+      assert(s:write("\r"))
+      mw.sleep(0.02)
+      assert(s:write("\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /second" }, { response(s) })
+      srv:close()
+    end)
+  end)
+
+  it("a POST body followed by a stray CRLF, then a pipelined request: both are answered", function()
+    run(function()
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        res:send(req.path .. " " .. assert(req:body()))
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("POST /form HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\na=1\r\n"
+        .. "GET /next HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "/form a=1" }, { response(s) })
+      assert.same({ "HTTP/1.1 200 OK", "/next " }, { response(s) })
+      srv:close()
+    end)
+  end)
+
+  it("more than 8 empty lines, or a bare LF, before the request line -> 400 and close", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      rejects(srv, ("\r\n"):rep(9) .. "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+      rejects(srv, "\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+      rejects(srv, "\r\n\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+      srv:close()
+    end)
+  end)
+
   it("a good request pipelined after a bad one is never answered", function()
     run(function()
       local srv = serve()
@@ -573,6 +744,45 @@ describe("http hostile: header and request-line syntax", function()
       srv:close()
     end)
   end)
+end)
+
+describe("http hostile: absolute-form targets and Host", function()
+  -- RFC 9112 §3.2.2: the target's authority wins over a conflicting Host, which must still be
+  -- present and valid
+  it("the authority of an absolute-form target replaces a conflicting Host", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for _, case in ipairs {
+        { "http://a.example/x", "b.example" },
+        { "http://a.example:8080?q=1", "b.example:8080" },
+        { "http://a.example", "a.example" },
+      } do
+        assert(s:write(head { "GET " .. case[1] .. " HTTP/1.1", "Host: " .. case[2] }))
+        assert.equal("HTTP/1.1 200 OK", (response(s)))
+      end
+      assert.same({ "a.example", "/x" }, { seen[1].headers.host, seen[1].path })
+      assert.same({ "a.example:8080", "/", "q=1" }, { seen[2].headers.host, seen[2].path, seen[2].query_string })
+      assert.equal("a.example", seen[3].headers["Host"])
+      srv:close()
+    end)
+  end)
+
+  for _, case in ipairs {
+    { "an empty authority", "GET http:///x HTTP/1.1" },
+    { "userinfo in the authority", "GET http://user@a.example/x HTTP/1.1" },
+    { "a bad port", "GET http://a.example:8x/x HTTP/1.1" },
+  } do
+    it("an absolute-form target with " .. case[1] .. " -> 400", function()
+      run(function()
+        local srv = serve()
+        local _g <close> = guard(srv)
+        rejects(srv, head { case[2], "Host: a.example" } .. SMUGGLED, 400)
+        srv:close()
+      end)
+    end)
+  end
 end)
 
 describe("http hostile: clients that vanish", function()

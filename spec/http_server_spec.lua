@@ -499,6 +499,55 @@ describe("http server: connections", function()
     end, 20)
   end)
 
+  -- An Upgrade the handler ignores (curl --http2 asks for h2c) leaves the connection an
+  -- HTTP/1.1 one: the next request on it is parsed and answered (not a 408 at the head
+  -- timeout). req.upgrade still tells the handler an upgrade was asked for.
+  it("curl --http2 (Upgrade: h2c, declined): both URLs on one connection get their 200", function()
+    run(function()
+      local ups = {}
+      local srv = serve(function(req, res)
+        ups[#ups + 1] = req.upgrade == true
+        res:send("path " .. req.path)
+      end, { timeouts = { head = 3 } })
+      local _g <close> = guard(srv)
+      local out, err = curl("-v --http2 -w ' %{http_code};' " .. url(srv, "/a") .. " " .. url(srv, "/b"))
+      assert.equal("path /a 200;path /b 200;", out, err)
+      assert.matches("Upgrade: h2c", err, 1, true)
+      assert.matches("Re%-using existing connection", err)
+      assert.is_true(ups[1], "req.upgrade for the request asking for h2c")
+      srv:close()
+    end, 20)
+  end)
+
+  local H2C = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+
+  it("a declined upgrade, raw: the next request (sent later, or pipelined, or after a body) is answered", function()
+    run(function()
+      local seen = {}
+      local srv = serve(function(req, res)
+        seen[#seen + 1] = { req.path, req.upgrade == true, req:body() }
+        res:send("path " .. req.path)
+      end, { timeouts = { head = 3 } })
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      -- the next request written after the answer
+      assert(s:write("GET /a HTTP/1.1\r\nHost: x\r\n" .. H2C .. "\r\n"))
+      assert.equal("path /a", assert(read_response(s)).body)
+      assert(s:write("GET /b HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.equal("path /b", assert(read_response(s, { timeout = 2 })).body)
+      -- pipelined behind it, and behind an upgrade request with a body
+      assert(s:write("GET /c HTTP/1.1\r\nHost: x\r\n" .. H2C .. "\r\nGET /d HTTP/1.1\r\nHost: x\r\n\r\n"
+        .. "POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" .. H2C .. "\r\nok"
+        .. "POST /f HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"))
+      for _, path in ipairs { "/c", "/d", "/e", "/f" } do
+        assert.equal("path " .. path, assert(read_response(s, { timeout = 2 })).body)
+      end
+      assert.same({ { "/a", true, "" }, { "/b", false, "" }, { "/c", true, "" }, { "/d", false, "" },
+        { "/e", true, "ok" }, { "/f", false, "abc" } }, seen)
+      srv:close()
+    end)
+  end)
+
   it("serves many requests in sequence on one connection", function()
     run(function()
       local srv = serve(function(req, res) res:send(req.path) end)
@@ -838,6 +887,27 @@ describe("http server: request bodies", function()
       assert.equal("no", r2.body)
       local rest = read_all(s2, 1)
       assert.is_nil(rest:find("100 Continue", 1, true))
+      srv:close()
+    end)
+  end)
+
+  -- RFC 9110 §10.1.1: a server MUST ignore Expect: 100-continue in an HTTP/1.0 request, and
+  -- never sends a 1xx to an HTTP/1.0 client (§15.2)
+  it("Expect: 100-continue from HTTP/1.0 is ignored: no 100 Continue, just the answer", function()
+    run(function()
+      local expect
+      local srv = serve(function(req, res)
+        expect = req.headers.expect
+        res:send("echo " .. assert(req:body()))
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("POST /old HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello"))
+      local data, how = read_all(s)
+      assert.equal("closed", how)
+      assert.equal("100-continue", expect)
+      assert.is_nil(data:find("100 Continue", 1, true), data)
+      assert.matches("^HTTP/1%.1 200 OK\r\n.-\r\n\r\necho hello$", data)
       srv:close()
     end)
   end)

@@ -59,8 +59,15 @@ typedef struct mw_http {
     int discard;               /* body bytes are dropped, not collected (the load generator) */
     mw_buf trailers;           /* trailer fields after a chunked body: "name:value\n"... */
     int in_trailer_field;
+    /* the trailer section's bytes, scanned with the head's line rules as llhttp consumes
+     * them (scan_trailers): on_chunk_header pauses at the last chunk (tr_mark) so that feed
+     * knows where the section starts */
+    int tr_mark, tr_on;
+    int tr_lf, tr_before, tr_last;  /* the last byte scanned was an LF; the byte before it; the last */
+    uint32_t ext_len;          /* the chunk extension name or value being parsed, so far */
     uint64_t lean_bytes;
     int idle_wait;             /* parked in read_request with nothing of the next head yet */
+    int blank_lines;           /* requests: empty lines skipped before this request line */
     /* for res:send's C path (server side): the server's name and from which body size a
      * response may be compressed (read once from the server table), and what the request
      * being answered said (set with each request; responses are finished in order) */
@@ -248,6 +255,21 @@ static int valid_host(const char *s, size_t n)
     return 1;
 }
 
+/* An absolute-form request target (scheme "://" authority [path] ["?" query]): sets *auth,
+ * *alen to its authority and returns where its path (or query) starts; NULL for the other
+ * forms (origin "/...", asterisk "*", authority "host:port" of CONNECT). */
+static const char *absolute_form(const char *url, size_t n, const char **auth, size_t *alen)
+{
+    if (n == 0 || url[0] == '/' || url[0] == '*') return NULL;
+    const char *sch = memchr(url, ':', n);
+    if (!sch || (size_t)(sch - url) + 3 > n || sch[1] != '/' || sch[2] != '/') return NULL;
+    const char *a = sch + 3, *end = url + n, *e = a;
+    while (e < end && *e != '/' && *e != '?') e++;
+    *auth = a;
+    *alen = (size_t)(e - a);
+    return e;
+}
+
 /* A request's header field, once whole: counts Host, Transfer-Encoding and Content-Length,
  * checks Host and Transfer-Encoding, notes Expect: 100-continue. The first bad field's
  * verdict is kept for the end of the head (on_headers_complete), where the version is
@@ -281,7 +303,8 @@ static void check_field(mw_http *h, const hspan *sp)
         h->cl++;
     } else if (name_is(h, sp, "expect", 6)) {
         value_of(h, sp, &v, &n);
-        if (n == 12 && strncasecmp(v, "100-continue", 12) == 0) h->expect_continue = 1;
+        /* ignored from HTTP/1.0 (RFC 9110 §10.1.1): no 1xx goes to an HTTP/1.0 client */
+        if (n == 12 && strncasecmp(v, "100-continue", 12) == 0 && h->p.http_minor >= 1) h->expect_continue = 1;
     }
     if (bad && !h->ferr_status) {
         h->ferr_status = status;
@@ -317,6 +340,14 @@ static int on_headers_complete(llhttp_t *p)
         if (te && cl) return fail(p, 400, "Content-Length with Transfer-Encoding");
         if (cl > 1) return fail(p, 400, "repeated Content-Length");
         if (te && p->http_minor == 0) return fail(p, 400, "Transfer-Encoding in HTTP/1.0");
+        /* an absolute-form target's authority replaces Host (RFC 9112 §3.2.2, hc:headers_of) */
+        const char *auth;
+        size_t alen;
+        if (absolute_form(h->base + h->url_off, h->url_len, &auth, &alen) && !valid_host(auth, alen))
+            return fail(p, 400, "invalid authority in the request target");
+        /* the value is "chunked" with optional white space (check_field): llhttp 8 takes a
+         * space after it but not a tab (RFC 9110 §5.6.3 allows both) */
+        if (te) p->flags |= F_CHUNKED;
     }
     h->head_done = 1;
     /* no body whatever the head says: answers to HEAD, and 1xx/204/304 */
@@ -345,6 +376,28 @@ static int on_chunk_header(llhttp_t *p)
     mw_http *h = H(p);
     /* refuse before the data arrives: the chunk size is known now */
     if (p->content_length > h->body_max - h->body_seen) return fail(p, 413, "body too large");
+    if (p->content_length == 0) {
+        /* the last chunk: the trailer section starts where this pause leaves llhttp */
+        h->tr_mark = 1;
+        return HPE_PAUSED;
+    }
+    return 0;
+}
+
+/* chunk-ext = *( ";" chunk-ext-name [ "=" chunk-ext-val ] ): llhttp lets an empty name or
+ * an empty value through */
+static int on_chunk_ext_span(llhttp_t *p, const char *at, size_t len)
+{
+    (void)at;
+    H(p)->ext_len += (uint32_t)len;
+    return 0;
+}
+
+static int on_chunk_ext_complete(llhttp_t *p)
+{
+    mw_http *h = H(p);
+    if (h->ext_len == 0) return fail(p, 400, "empty chunk extension name or value");
+    h->ext_len = 0;
     return 0;
 }
 
@@ -371,45 +424,114 @@ static void init_settings(void)
     settings.on_headers_complete = on_headers_complete;
     settings.on_body = on_body;
     settings.on_chunk_header = on_chunk_header;
+    settings.on_chunk_extension_name = on_chunk_ext_span;
+    settings.on_chunk_extension_value = on_chunk_ext_span;
+    settings.on_chunk_extension_name_complete = on_chunk_ext_complete;
+    settings.on_chunk_extension_value_complete = on_chunk_ext_complete;
     settings.on_message_complete = on_message_complete;
     init_regname();
 }
 
 /* ---- feeding llhttp ------------------------------------------------------------------- */
 
-/* Whether the request line ends in a well-formed "HTTP/d.d" (then an unsupported version
- * is a 505, not a 400). */
+/* The rules for every line break of a head and of a trailer section, which llhttp (strict)
+ * does not enforce everywhere: the LF follows a CR (no bare LF), and the line after it does
+ * not start with SP or HTAB (obs-fold) nor with ':' (an empty field name). `before` is the
+ * byte before the LF (-1: none), `after` the byte after it (-1: none, the section ended).
+ * NULL, or the rule broken. */
+static const char *line_break_bad(int before, int after)
+{
+    if (before != '\r') return "bare LF";
+    if (after == ' ' || after == '\t') return "obsolete line folding";
+    if (after == ':') return "empty field name";
+    return NULL;
+}
+
+/* Scans the trailer-section bytes s[0, n) llhttp consumed with line_break_bad, each line
+ * break once the byte after it is known; `end`: the section ended after them. */
+static const char *scan_trailers(mw_http *h, const char *s, size_t n, int end)
+{
+    for (size_t i = 0; i < n; i++) {
+        int c = (unsigned char)s[i];
+        if (h->tr_lf) {
+            const char *bad = line_break_bad(h->tr_before, c);
+            if (bad) return bad;
+            h->tr_lf = 0;
+        }
+        if (c == '\n') {
+            h->tr_lf = 1;
+            h->tr_before = h->tr_last;
+        }
+        h->tr_last = c;
+    }
+    return end && h->tr_lf ? line_break_bad(h->tr_before, -1) : NULL;
+}
+
+/* Whether the request line ends in a well-formed "HTTP/d.d" CRLF (then an unsupported
+ * version is a 505, not a 400; a bare CR or LF ending it is malformed, a 400). */
 static int wellformed_version(const char *p, size_t len)
 {
     const char *eol = memchr(p, '\r', len);
-    if (!eol) eol = memchr(p, '\n', len);
-    if (!eol || eol - p < 9) return 0;
+    if (!eol || eol - p < 9 || (size_t)(eol - p) + 1 >= len || eol[1] != '\n') return 0;
     const char *v = eol - 8;
     return memcmp(v, "HTTP/", 5) == 0 && isdigit((unsigned char)v[5]) && v[6] == '.' &&
            isdigit((unsigned char)v[7]) && v[-1] == ' ';
+}
+
+/* Resumes llhttp after a pause (e) that left it at `at`. llhttp pauses again right after
+ * the end of a message whose head asked for an upgrade (HPE_PAUSED_UPGRADE): that pause is
+ * taken here too, and left with llhttp_resume_after_upgrade, so a connection whose handler
+ * declined the upgrade goes on with its next request (one that took it, a WebSocket, reads
+ * the socket itself from then on). h->upgrade keeps the flag for the Lua layer. */
+static void resume(mw_http *h, llhttp_errno_t e, const char *at)
+{
+    if (e == HPE_PAUSED) {
+        llhttp_resume(&h->p);
+        if (!(h->msg_done && h->p.upgrade)) return;
+        e = llhttp_execute(&h->p, at, 0);
+    }
+    if (e == HPE_PAUSED_UPGRADE) {
+        h->upgrade = 1;
+        h->msg_done = 1;
+        llhttp_resume_after_upgrade(&h->p);
+    }
 }
 
 /* Runs llhttp over the unparsed buffered bytes. 0 ok (maybe paused), or a status
  * (400...) with h->err_msg set. */
 static int feed(mw_http *h)
 {
+    if (h->err_status) return h->err_status;  /* a verdict given before: the stream is broken */
     mw_buf *b = &h->s->rbuf;
     size_t len = mw_buf_len(b);
     h->base = mw_buf_head(b);
     if (h->parsed > len) h->parsed = len;
-    llhttp_errno_t e = llhttp_execute(&h->p, h->base + h->parsed, len - h->parsed);
-    if (e == HPE_OK) {
-        h->parsed = len;
-        return 0;
-    }
-    if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
-        h->parsed = (size_t)(llhttp_get_error_pos(&h->p) - h->base);
-        if (e == HPE_PAUSED_UPGRADE) {
-            h->upgrade = 1;
-            h->msg_done = 1;
+    llhttp_errno_t e;
+    for (;;) {
+        const char *from = h->base + h->parsed;
+        e = llhttp_execute(&h->p, from, len - h->parsed);
+        if (e != HPE_OK && e != HPE_PAUSED && e != HPE_PAUSED_UPGRADE) break;
+        size_t to = e == HPE_OK ? len : (size_t)(llhttp_get_error_pos(&h->p) - h->base);
+        if (h->tr_on) {
+            const char *bad = scan_trailers(h, from, (size_t)(h->base + to - from), h->msg_done);
+            if (bad) {
+                h->msg_done = 0;   /* never "complete": nothing after it is read as a request */
+                h->err_msg = bad;
+                return h->err_status = 400;
+            }
+            if (h->msg_done) h->tr_on = 0;
         }
-        llhttp_resume(&h->p);
-        return 0;
+        h->parsed = to;
+        if (e != HPE_OK) resume(h, e, h->base + to);
+        if (!h->tr_mark) return 0;
+        /* paused at the last chunk: scan the trailer section from here, right after the
+         * last-chunk line's CRLF */
+        h->tr_mark = 0;
+        h->tr_on = 1;
+        h->tr_lf = 1;
+        h->tr_before = '\r';
+        h->tr_last = '\n';
+        if (h->parsed == len) return 0;
     }
     if (h->err_status) return h->err_status;  /* our verdict from a callback */
     h->err_msg = llhttp_get_error_reason(&h->p);
@@ -570,25 +692,13 @@ static void build_request(lua_State *L, mw_http *h)
     lua_rawseti(L, -3, 7);
     KEY(L, h->p.http_minor == 1 ? V_11 : V_10);
     lua_rawseti(L, -3, 8);
-    /* path and query; absolute-form targets keep only their path */
-    const char *path = url;
-    size_t plen = ulen;
-    if (plen > 0 && path[0] != '/' && path[0] != '*') {
-        const char *sch = memchr(path, ':', plen);
-        if (sch && (size_t)(sch - path) + 3 <= plen && sch[1] == '/' && sch[2] == '/') {
-            const char *rest = sch + 3;
-            size_t rn = plen - (size_t)(rest - path);
-            const char *slash = memchr(rest, '/', rn);
-            const char *q = memchr(rest, '?', rn);
-            if (slash && (!q || slash < q)) {
-                plen -= (size_t)(slash - path);
-                path = slash;
-            } else {
-                plen = q ? plen - (size_t)(q - path) : 0;
-                path = q ? q : path + ulen;
-                /* no path: "/" */
-            }
-        }
+    /* path and query; absolute-form targets keep only their path (none: "/") */
+    const char *path = url, *auth;
+    size_t plen = ulen, alen;
+    const char *after = absolute_form(url, ulen, &auth, &alen);
+    if (after) {
+        plen = ulen - (size_t)(after - url);
+        path = after;
     }
     const char *q = memchr(path, '?', plen);
     size_t pn = q ? (size_t)(q - path) : plen;
@@ -638,9 +748,8 @@ static const char *strict_head(const char *p, size_t n)
     /* from one LF to the next (memchr: a few calls per head rather than a test per byte) */
     const char *end = p + n;
     for (const char *lf = memchr(p, '\n', n); lf; lf = memchr(lf + 1, '\n', (size_t)(end - lf - 1))) {
-        if (lf == p || lf[-1] != '\r') return "bare LF in the request head";
-        if (lf + 1 < end && (lf[1] == ' ' || lf[1] == '\t')) return "obsolete line folding";
-        if (lf + 1 < end && lf[1] == ':') return "empty header name";
+        const char *bad = line_break_bad(lf == p ? -1 : lf[-1], lf + 1 < end ? lf[1] : -1);
+        if (bad) return bad;
         if (lf + 1 >= end) break;
     }
     return NULL;
@@ -677,11 +786,31 @@ static void build_response(lua_State *L, mw_http *h)
 
 static int read_request_k(lua_State *L, int status, lua_KContext ctx);
 
+/* RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF) received before the
+ * request line (old clients send one after a POST body). Up to MW_BLANK_LINES of them are
+ * dropped from the buffer; more are left to the request line check, which refuses them.
+ * Returns 1 when the buffer holds a lone CR that may be the start of one (wait for more). */
+#define MW_BLANK_LINES 8
+
+static int skip_blank_lines(mw_http *h)
+{
+    mw_buf *b = &h->s->rbuf;
+    const char *p = mw_buf_head(b);
+    size_t n = mw_buf_len(b), k = 0;
+    while (h->blank_lines < MW_BLANK_LINES && n - k >= 2 && p[k] == '\r' && p[k + 1] == '\n') {
+        k += 2;
+        h->blank_lines++;
+    }
+    if (k) mw_buf_consume(b, k);
+    return h->blank_lines < MW_BLANK_LINES && n - k == 1 && p[k] == '\r';
+}
+
 static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
 {
     mw_sock *s = h->s;
     for (;;) {
-        if (mw_buf_len(&s->rbuf) > h->parsed) {
+        if (mw_buf_len(&s->rbuf) > h->parsed &&
+            !(h->p.type == HTTP_REQUEST && h->parsed == 0 && skip_blank_lines(h)) && mw_buf_len(&s->rbuf) > 0) {
             int st = feed(h);
             if (st) return pushverdict(L, h->err_msg, st);
         }
@@ -702,8 +831,7 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
             h->parsed = 0;
             h->base = mw_buf_head(&s->rbuf);
             llhttp_errno_t e = llhttp_execute(&h->p, h->base, 0);
-            if (e == HPE_PAUSED) llhttp_resume(&h->p);
-            else if (e == HPE_PAUSED_UPGRADE) { h->upgrade = 1; h->msg_done = 1; llhttp_resume(&h->p); }
+            if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) resume(h, e, h->base);
             if (h->p.type == HTTP_REQUEST) {
                 lua_pushboolean(L, h->msg_done);
                 lua_rawseti(L, -2, 3);
@@ -762,6 +890,9 @@ static void reset_message(mw_http *h)
     h->body_max = UINT64_MAX;
     h->discard = 0;
     h->in_trailer_field = 0;
+    h->tr_mark = h->tr_on = 0;
+    h->blank_lines = 0;
+    h->ext_len = 0;
     mw_buf_free(&h->body, NULL);
     mw_buf_free(&h->trailers, NULL);
 }
@@ -783,6 +914,12 @@ static int lean_step(lua_State *L, mw_http *h, mw_task *t)
                 h->lean_bytes += h->parsed;
                 h->parsed = 0;
             }
+        }
+        if (h->msg_done && h->p.status_code < 200 && h->p.status_code != 101) {
+            /* an interim response (100 Continue, 103 Early Hints) is not the answer: read on
+             * to the final one, as the client does (its bytes count) */
+            h->head_done = h->msg_done = 0;
+            continue;
         }
         if (h->msg_done) {
             lua_pushinteger(L, h->p.status_code);
@@ -840,6 +977,8 @@ static int l_http_count(lua_State *L)
             l = le + 2;
         }
         count++;
+        /* a body longer than the bytes left (a huge or bogus Content-Length) ends the batch */
+        if (body > (size_t)(end - (he + 4))) break;
         c = he + 4 + body;
     }
     lua_pushinteger(L, count);
@@ -1065,6 +1204,17 @@ static int hc_headers_of(lua_State *L)
     }
     view.nhdrs = n;
     build_headers(L, &view, 2);
+    /* RFC 9112 §3.2.2: with an absolute-form target, Host is the target's authority */
+    size_t ulen, alen;
+    const char *auth;
+    if (lua_rawgeti(L, 2, 7) == LUA_TSTRING) {
+        const char *url = lua_tolstring(L, -1, &ulen);
+        if (absolute_form(url, ulen, &auth, &alen)) {
+            lua_pushlstring(L, auth, alen);
+            lua_setfield(L, -3, "host");
+        }
+    }
+    lua_pop(L, 1);
     if (lua_getiuservalue(L, 1, 3) == LUA_TTABLE) lua_setmetatable(L, -2);  /* case-insensitive */
     else lua_pop(L, 1);
     lua_pushboolean(L, 0);

@@ -99,7 +99,10 @@ local function connection(st, id, hooks)
         for _ = 1, depth do
           local status, bytes, keep
           if hooks.response then
-            local res, _, code = hc:read_request(-1, timeout)
+            local res, _, code
+            repeat  -- interim responses (100, 103) are not the answer, as in the client
+              res, _, code = hc:read_request(-1, timeout)
+            until not res or res.status >= 200 or res.status == 101
             if res then
               local body
               body, _, code = res._conn:read_body("all", -1, timeout)
