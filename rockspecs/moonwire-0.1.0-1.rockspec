@@ -31,6 +31,7 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h", library = "ssl" },
   ZLIB = { header = "zlib.h", library = "z" },
   NGHTTP2 = { header = "nghttp2/nghttp2.h", library = "nghttp2" },
+  PQ = { header = "libpq-fe.h", library = "pq" },
 }
 build = {
   type = "make",
@@ -44,6 +45,7 @@ build = {
     ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
     NGHTTP2_INCDIR = "$(NGHTTP2_INCDIR)",
     NGHTTP2_LIBDIR = "$(NGHTTP2_LIBDIR)",
+    PQ_INCDIR = "$(PQ_INCDIR)",
   },
   install_pass = false,
   install = {
@@ -62,6 +64,9 @@ build = {
       ["moonwire.http.workers"] = "lua/moonwire/http/workers.lua",
       ["moonwire.http.client"] = "lua/moonwire/http/client.lua",
       ["moonwire.http.h2"] = "lua/moonwire/http/h2.lua",
+      ["moonwire.socket"] = "lua/moonwire/socket.lua",
+      ["moonwire.socket.ssl"] = "lua/moonwire/socket/ssl.lua",
+      ["moonwire.pg"] = "lua/moonwire/pg.lua",
       ["moonwire.websocket"] = "lua/moonwire/websocket.lua",
       ["moonwire.tls"] = "lua/moonwire/tls.lua",
       ["moonwire.bench"] = "lua/moonwire/bench/init.lua",
