@@ -135,6 +135,30 @@ describe("HTTP/2 server", function()
     end)
   end)
 
+  it("Upgrade: h2c when the listener takes it (http2.h2c): the request is stream 1, the next ones HTTP/2", function()
+    run(function()
+      local seen = {}
+      local srv = serve(function(req, res)
+        seen[#seen + 1] = req.version .. " " .. req.method .. " " .. req.path
+        local body = req.method == "POST" and assert(req:body()) or ""
+        res:send(req.version .. ":" .. body)
+      end, { http2 = { h2c = true } })
+      local _ <close> = guard(srv)
+      local out, err = curl(("--http2 -v %s %s"):format(url(srv, "/first"), url(srv, "/second")))
+      assert.equal("2:2:", out)
+      assert.matches("< HTTP/1.1 101 Switching Protocols", err, 1, true)
+      assert.same({ "2 GET /first", "2 GET /second" }, seen)
+      -- a request with a body is not upgraded (RFC 9113 §3.1's deprecation: only bodiless)
+      out = curl(("--http2 --data-binary abc %s"):format(url(srv, "/post")))
+      assert.equal("1.1:abc", out)
+      -- without h2c on the listener, the upgrade is declined and both are HTTP/1.1
+      local srv2 = serve(function(req, res) res:send(req.version) end)
+      local _2 <close> = guard(srv2)
+      out = curl(("--http2 %s %s"):format(url(srv2, "/a"), url(srv2, "/b")))
+      assert.equal("1.11.1", out)
+    end)
+  end)
+
   it("the same handler gives the same status, headers and body over HTTP/1.1 and HTTP/2", function()
     run(function()
       local dir = os.tmpname()

@@ -470,7 +470,55 @@ static int h2_gc(lua_State *L)
     return 0;
 }
 
-/* core.h2_server(sock, opts, server) -> H2Conn. opts: max_streams (100), stream_window
+/* An HTTP/1.1 request upgraded to h2c (RFC 7540 §3.2) becomes stream 1, half-closed
+ * (remote), answered on HTTP/2: up = { settings = <HTTP2-Settings, decoded>, head = <0|1>,
+ * fields = { name, value, ... } } with the pseudo-header fields first. 0, or -1 when
+ * memory ran out; a bad HTTP2-Settings payload makes the session end (fatal). */
+static int upgrade(lua_State *L, h2conn *c, int idx)
+{
+    size_t n;
+    lua_getfield(L, idx, "settings");
+    const char *payload = luaL_checklstring(L, -1, &n);
+    lua_getfield(L, idx, "head");
+    int head = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (nghttp2_session_upgrade2(c->session, (const uint8_t *)payload, n, head, NULL) != 0) {
+        lua_pop(L, 1);
+        c->fatal = 1;
+        return 0;
+    }
+    lua_pop(L, 1);
+    h2stream *st = calloc(1, sizeof *st);
+    if (!st) return -1;
+    st->id = 1;
+    st->c = c;
+    st->rt = c->rt;
+    st->in_session = 1;
+    c->nopen++;
+    st->content_length = -1;
+    MW_LIST_PUSH(c->streams, st, prev, next);
+    nghttp2_session_set_stream_user_data(c->session, 1, st);
+    lua_getfield(L, idx, "fields");
+    int nf = (int)lua_rawlen(L, -1);
+    for (int i = 1; i + 1 <= nf; i += 2) {
+        size_t kl, vl;
+        lua_rawgeti(L, -1, i);
+        lua_rawgeti(L, -2, i + 1);
+        const char *k = lua_tolstring(L, -2, &kl), *v = lua_tolstring(L, -1, &vl);
+        if (k && v && fields_add(&st->head, (const uint8_t *)k, kl, (const uint8_t *)v, vl) < 0) return -1;
+        lua_pop(L, 2);
+    }
+    lua_pop(L, 1);
+    st->head_done = 1;
+    st->body_done = 1;
+    st->handler = 1;
+    c->handlers++;
+    c->requests++;
+    queue_event(c, st);
+    return 0;
+}
+
+/* core.h2_server(sock, opts, server [, upgrade]) -> H2Conn. opts: max_streams (100), stream_window
  * (256 KiB), conn_window (8 MiB), header_fields (128), header_bytes (64 KiB), hwm (64 KiB:
  * the socket output that pauses reading), out_hwm (64 KiB: a stream's queued body that
  * makes res:write wait), timeouts head/idle/write/settings (10/5/30/10 s), glitches (1000),
@@ -540,6 +588,7 @@ static int l_h2_server(lua_State *L)
     c->settings_sent = c->rt->loop.now;
     c->head_deadline = mw_sched_after(c->rt, c->t_head);
     c->idle_since = c->rt->loop.now;
+    if (lua_istable(L, 4) && upgrade(L, c, 4) < 0) return luaL_error(L, "not enough memory");
     return 1;
 }
 

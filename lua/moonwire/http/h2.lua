@@ -173,10 +173,64 @@ local function serve_stream(srv, hooks, tasks, st, method, target, path, authori
   st:done()
 end
 
+-- base64url (RFC 4648 §5, padding optional), as HTTP2-Settings carries SETTINGS; nil when bad
+local B64 = {}
+do
+  local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+  for i = 1, #alphabet do B64[alphabet:byte(i)] = i - 1 end
+end
+
+local function base64url(s)
+  s = s:gsub("=+$", "")
+  local out, bits, nbits = {}, 0, 0
+  for i = 1, #s do
+    local v = B64[s:byte(i)]
+    if not v then return nil end
+    bits, nbits = (bits << 6) | v, nbits + 6
+    if nbits >= 8 then
+      nbits = nbits - 8
+      out[#out + 1] = string.char((bits >> nbits) & 0xff)
+    end
+  end
+  return table.concat(out)
+end
+
+local hop_by_hop = { connection = true, upgrade = true, ["http2-settings"] = true, ["keep-alive"] = true,
+  ["proxy-connection"] = true, ["transfer-encoding"] = true, te = true, host = true }
+
+--- An HTTP/1.1 request with `Upgrade: h2c` (server.lua, on a listener with http2.h2c): when
+-- it has no body, offers h2c and carries exactly one valid HTTP2-Settings, answers 101 and
+-- returns what M.serve needs to answer it as stream 1; nil to go on with HTTP/1.1.
+function M.h2c_upgrade(req, sock)
+  if not req[3] then return nil end        -- a body (slot 3: the message ended with its head)
+  local h = req.headers
+  local up, conn = (h.upgrade or ""):lower(), (h.connection or ""):lower()
+  if not up:find("%f[%w]h2c%f[^%w]") or not conn:find("http2%-settings") then return nil end
+  local multi = rawget(req, "_multi")
+  if multi and multi["http2-settings"] then return nil end
+  local settings = h["http2-settings"] and base64url(h["http2-settings"])
+  if not settings or #settings % 6 ~= 0 then return nil end
+  local fields = { ":method", req.method, ":scheme", "http", ":path", req.target,
+    ":authority", h.host or "" }
+  for name, value in pairs(h) do
+    if not hop_by_hop[name] then
+      for _, v in ipairs(multi and multi[name] or { value }) do
+        fields[#fields + 1] = name
+        fields[#fields + 1] = v
+      end
+    end
+  end
+  if not sock:write("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n") then
+    return nil
+  end
+  return { h2c = true, settings = settings, head = req.method == "HEAD", fields = fields }
+end
+
 --- Serves an HTTP/2 connection whose client preface is buffered (prior knowledge, or ALPN
--- h2 on TLS) until it ends; returns when every stream's handler has finished.
-function M.serve(srv, sock, hooks)
-  local h2 = h2_server(sock, srv.h2_settings, srv)
+-- h2 on TLS) until it ends; returns when every stream's handler has finished. `upgraded`:
+-- a request that came as HTTP/1.1 with Upgrade: h2c (M.h2c_upgrade), answered as stream 1.
+function M.serve(srv, sock, hooks, upgraded)
+  local h2 = h2_server(sock, srv.h2_settings, srv, upgraded)
   srv._conns[sock] = h2          -- Server:close: h2:shutdown(true), or closes an idle one
   local tasks = {}
   while true do

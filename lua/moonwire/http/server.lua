@@ -19,6 +19,7 @@ assert(Response.slots.FIN == FIN and Response.slots.BYTES == BYTES and Response.
 -- a request's: keep-alive, and whether the message ended with its head (see request.lua)
 local R_KEEPALIVE <const> = 10
 local R_NOBODY <const> = 3
+local R_UPGRADE <const> = 5
 assert(Request.slots.KEEPALIVE == R_KEEPALIVE and Request.slots.METHOD == 6 and Request.slots.VERSION == 8)
 local traceback = debug.traceback
 local setmetatable = setmetatable
@@ -41,7 +42,8 @@ local function merge(defaults, given, what)
     if type(given) ~= "table" then error(("bad option '%s' (table expected)"):format(what), 4) end
     for k, v in pairs(given) do
       if defaults[k] == nil then error(("unknown %s option '%s'"):format(what, tostring(k)), 4) end
-      if type(v) ~= "number" then error(("bad %s option '%s' (number expected)"):format(what, k), 4) end
+      local want = type(defaults[k])
+      if type(v) ~= want then error(("bad %s option '%s' (%s expected)"):format(what, k, want), 4) end
       t[k] = v
     end
   end
@@ -162,6 +164,11 @@ local function requests(srv, sock, hc, cur)
       end
       return
     end
+    -- Upgrade: h2c on a listener that takes it: this request is answered over HTTP/2
+    if r[R_UPGRADE] and srv.h2c then
+      local up = require("moonwire.http.h2").h2c_upgrade(r, sock)
+      if up then return up end
+    end
     -- the response (see response.lua): its slots, room for two headers, and `sent`; it goes
     -- in the request's slot 2
     local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, false, false,
@@ -212,8 +219,8 @@ end
 -- An HTTP/2 connection (h2.lua), with this file's after_handler and access log.
 local h2_hooks = { after_handler = after_handler, access_line = access_line }
 
-local function serve_h2(srv, sock)
-  local ok, err = xpcall(require("moonwire.http.h2").serve, traceback, srv, sock, h2_hooks)
+local function serve_h2(srv, sock, upgraded)
+  local ok, err = xpcall(require("moonwire.http.h2").serve, traceback, srv, sock, h2_hooks, upgraded)
   if not ok then srv.error_log("moonwire: error serving an HTTP/2 connection: " .. tostring(err)) end
   conn_done(srv, sock)
 end
@@ -251,6 +258,8 @@ local function serve_connection(srv, sock)
   if ok and err then
     if err == true then
       pcall(linger, srv, sock)
+    elseif err.h2c then
+      return serve_h2(srv, sock, err)       -- the request upgraded to h2c is stream 1
     elseif err.state ~= "closed" then
       conns[sock] = err    -- a WebSocket with a message handler: Server:_ws_done ends it
       return
@@ -328,9 +337,10 @@ end
 
 -- HTTP/2 (h2.lua, h2.c): on unless `http2 = false`; a table sets its limits (max_streams,
 -- stream_window, conn_window, header_fields, header_bytes, hwm, out_hwm, glitches,
--- settings_timeout); the timeouts are the server's (head, idle, write).
+-- settings_timeout, h2c: accept `Upgrade: h2c` on requests without a body); the timeouts are
+-- the server's (head, idle, write).
 local h2_defaults = { max_streams = 100, stream_window = 262144, conn_window = 8388608, header_fields = 128,
-  header_bytes = 65536, hwm = 65536, out_hwm = 65536, glitches = 1000, settings_timeout = 10 }
+  header_bytes = 65536, hwm = 65536, out_hwm = 65536, glitches = 1000, settings_timeout = 10, h2c = false }
 
 function h2_settings(given, srv)
   if given == false then return false end
@@ -369,6 +379,7 @@ function M.server(opts)
     _conns = {}, _nconns = 0,
   }, Server)
   srv.h2_settings = h2_settings(opts.http2, srv)
+  srv.h2c = srv.h2_settings and srv.h2_settings.h2c or false
   -- bodies from this size on may be compressed (res:send, and its C path through http_conn)
   srv._gzip_from = srv.gzip and srv.gzip_min or math.huge
   local l, err, code
