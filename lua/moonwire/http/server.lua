@@ -317,8 +317,9 @@ function Server:close(grace)
   -- self.closing); WebSockets with a message handler go away with the close handshake
   for sock, c in pairs(self._conns) do
     if type(c) == "table" then mw.spawn(c.close, c, 1001)
-    elseif c == true or c:idle() then sock:close()    -- idle, or lingering
-    elseif c.shutdown then c:shutdown(true)   -- HTTP/2: GOAWAY; in-flight streams finish
+    elseif c == true then sock:close()                -- lingering
+    elseif c.shutdown then c:shutdown(true)   -- HTTP/2: GOAWAY; in-flight streams finish, idle ones close
+    elseif c:idle() then sock:close()
     else c:closing() end
   end
   if self._nconns > 0 then
