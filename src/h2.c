@@ -216,6 +216,14 @@ static int flush_session(h2conn *c)
     return 0;
 }
 
+/* A handler submitted something: the connection's task draws it out on its next turn, with
+ * whatever the other handlers of this turn submit (one pass of mem_send for them all). When
+ * the task is not parked in h2:next it is already queued to run, and flushes then. */
+static void kick(h2conn *c)
+{
+    if (c->task) mw_sched_wake(c->task, MW_WAKE_READY);
+}
+
 /* ---- nghttp2 callbacks (no Lua here) ------------------------------------------------------ */
 
 static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
@@ -632,8 +640,8 @@ static void end_session(h2conn *c, uint32_t code)
         if (mw_sock_gather(c->sock, (const char *)data, (size_t)n, NULL, 0) < 0) break;
 }
 
-/* Pushes the event of st: "request", stream, method, target, path, authority, scheme,
- * has_body, protocol | "reset", id. */
+/* Pushes the event of st: "request", stream, id, method, target, path, has_body | "reset",
+ * id. */
 static int push_event(lua_State *L, h2conn *c, h2stream *st)
 {
     if (!st->seen) {
@@ -653,8 +661,7 @@ static int push_event(lua_State *L, h2conn *c, h2stream *st)
         lua_pushvalue(L, 1);
         lua_setiuservalue(L, -2, 1);
         const char *m = fields_get(&st->head, ":method"), *p = fields_get(&st->head, ":path");
-        const char *a = fields_get(&st->head, ":authority"), *sc = fields_get(&st->head, ":scheme");
-        const char *pr = fields_get(&st->head, ":protocol");
+        lua_pushinteger(L, st->id);
         lua_pushstring(L, m ? m : "");
         lua_pushstring(L, p ? p : "");
         /* the path: before any '?', %XX decoded (as HTTP/1.1's) */
@@ -663,11 +670,8 @@ static int push_event(lua_State *L, h2conn *c, h2stream *st)
         size_t pn = q ? (size_t)(q - pp) : strlen(pp);
         if (pn == 0) lua_pushliteral(L, "/");
         else mw_http_push_decoded(L, pp, pn);
-        if (a) lua_pushstring(L, a); else lua_pushnil(L);
-        if (sc) lua_pushstring(L, sc); else lua_pushnil(L);
         lua_pushboolean(L, !st->body_done);
-        if (pr) lua_pushstring(L, pr); else lua_pushnil(L);
-        return 9;
+        return 7;
     }
     lua_pushliteral(L, "reset");
     lua_pushinteger(L, st->id);
@@ -760,7 +764,7 @@ static int next_k(lua_State *L, int status, lua_KContext ctx)
     return next_step(L, c, t);
 }
 
-/* h2:next() -> "request", stream, method, target, path, authority, scheme, has_body, protocol |
+/* h2:next() -> "request", stream, id, method, target, path, has_body |
  * "reset", stream id (its handler is still running) | nil, msg, code (the connection is
  * over). The connection's task does all its reading here. */
 static int h2_next(lua_State *L)
@@ -851,9 +855,8 @@ static int st_done(lua_State *L)
                 nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
             else if (!st->body_done)
                 nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
-            flush_session(c);
         }
-        if (c->task) mw_sched_wake(c->task, MW_WAKE_READY);
+        kick(c);
     }
     return 0;
 }
@@ -1005,6 +1008,15 @@ static int push_conn_uv(lua_State *L, int i)
 
 static int st_socket(lua_State *L) { return push_conn_uv(L, 1); }
 static int st_server(lua_State *L) { return push_conn_uv(L, 2); }
+
+/* stream:pseudo(name) -> the request's pseudo-header (":scheme", ":authority", ...) or nil */
+static int st_pseudo(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    const char *v = fields_get(&st->head, luaL_checkstring(L, 2));
+    if (v) lua_pushstring(L, v); else lua_pushnil(L);
+    return 1;
+}
 
 static int st_id(lua_State *L)
 {
@@ -1161,12 +1173,23 @@ static int st_respond(lua_State *L)
         arena += kl;
         lua_pop(L, 1);
     }
-    nvlist *l = lua_newuserdatauv(L, sizeof *l + (size_t)cap * sizeof(nghttp2_nv) + arena, 0);
+    /* the list and the lower-cased names: on the C stack for a usual head, else in a
+     * userdata (either way a raise leaks nothing) */
+    nghttp2_nv nv_small[24];
+    char arena_small[1024];
+    nvlist list, *l = &list;
+    if (cap <= 24 && arena <= sizeof arena_small) {
+        l->nv = nv_small;
+        l->arena = arena_small;
+        lua_pushnil(L);
+    } else {
+        char *mem = lua_newuserdatauv(L, (size_t)cap * sizeof(nghttp2_nv) + arena, 0);
+        l->nv = (nghttp2_nv *)mem;
+        l->arena = (char *)(l->nv + cap);
+    }
     int lidx = lua_gettop(L);
-    l->nv = (nghttp2_nv *)(l + 1);
     l->n = 0;
     l->cap = cap;
-    l->arena = (char *)(l->nv + cap);
     l->used = 0;
     l->size = arena;
     char st_buf[8];
@@ -1223,7 +1246,7 @@ static int st_respond(lua_State *L)
                                      (eof && mw_buf_len(&st->out) == 0 && st->trout.n == 0) ? NULL : &prd);
     lua_settop(L, lidx - 1);
     if (rv != 0) return mw_pushfail(L, nghttp2_strerror(rv), "http2");
-    flush_session(c);
+    kick(c);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -1405,7 +1428,7 @@ void mw_h2_open(lua_State *L)
         { "socket", st_socket }, { "server", st_server }, { "headers_of", st_headers_of },
         { "trailers", st_trailers }, { "respond", st_respond }, { "write", st_write },
         { "set_trailers", st_set_trailers }, { "reset", st_reset }, { "done", st_done },
-        { "closed", st_closed }, { "id", st_id }, { NULL, NULL }
+        { "closed", st_closed }, { "id", st_id }, { "pseudo", st_pseudo }, { NULL, NULL }
     };
     luaL_newmetatable(L, H2_MT);
     luaL_newlib(L, conn_m);

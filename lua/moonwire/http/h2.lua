@@ -153,23 +153,24 @@ R2.Failed = Response.failed_class(R2, send_raw)
 
 --- One request stream: the handler in this task, then what happens after it (server.lua's
 -- after_handler and access log), then the stream's slot is given back.
-local function serve_stream(srv, hooks, tasks, st, method, target, path, authority, scheme, has_body, protocol)
+-- (req.scheme, req.authority and req.protocol are the stream's pseudo-headers, read on first
+-- use: request.lua; a named field set here would cost every request a hash insertion)
+local function serve_stream(srv, hooks, tasks, id, st, method, target, path, has_body)
   local req = setmetatable({ st, false, not has_body, false, false, method, target, "2", path, true }, Request)
   local res = setmetatable({ srv, req, st, 0, false, 0, 200, false, false, false, false, false, false,
     sent = false }, R2)
   req[2] = res
-  req.scheme = scheme
-  if authority then req.authority = authority end
-  if protocol then req.protocol = protocol end     -- an extended CONNECT (RFC 8441)
   local ok, err = xpcall(srv.handler, traceback, req, res)
-  local aok, aerr = pcall(hooks.after_handler, srv, req, res, ok, err)
-  if not aok then srv.error_log("moonwire: error finishing an HTTP/2 response: " .. tostring(aerr)) end
+  if not ok or not res[FIN] then
+    local aok, aerr = pcall(hooks.after_handler, srv, req, res, ok, err)
+    if not aok then srv.error_log("moonwire: error finishing an HTTP/2 response: " .. tostring(aerr)) end
+  end
   if srv.log then srv.log(hooks.access_line(req, res)) end
   -- a WebSocket over this stream (websocket.lua) lives on after a handler that set ws:on
   -- handlers: the stream ends with it
   local tunnel = rawget(res, "_tunnel")
   if tunnel then tunnel.join() end
-  tasks[st:id()] = nil
+  tasks[id] = nil
   st:done()
 end
 
@@ -234,10 +235,9 @@ function M.serve(srv, sock, hooks, upgraded)
   srv._conns[sock] = h2          -- Server:close: h2:shutdown(true), or closes an idle one
   local tasks = {}
   while true do
-    local ev, st, method, target, path, authority, scheme, has_body, protocol = h2:next()
+    local ev, st, id, method, target, path, has_body = h2:next()
     if ev == "request" then
-      tasks[st:id()] = mw.spawn(serve_stream, srv, hooks, tasks, st, method, target, path, authority,
-        scheme, has_body, protocol)
+      tasks[id] = mw.spawn(serve_stream, srv, hooks, tasks, id, st, method, target, path, has_body)
     elseif ev == "reset" then
       -- the client reset a stream whose handler runs: its pending call gets "stream reset"
       -- (reads and writes on the stream) or "cancelled" (anything else)

@@ -86,6 +86,22 @@ function lazy.tls(req)
   return req.socket:tls_info() or false
 end
 
+-- HTTP/2's pseudo-headers (the stream knows them; HTTP/1.1 has none: nil)
+function lazy.scheme(req)
+  local c = req[CONN]
+  return c.pseudo and c:pseudo(":scheme") or (req.tls and "https" or "http")
+end
+
+function lazy.authority(req)
+  local c = req[CONN]
+  return c.pseudo and c:pseudo(":authority") or nil
+end
+
+function lazy.protocol(req)
+  local c = req[CONN]
+  return c.pseudo and c:pseudo(":protocol") or nil
+end
+
 local methods = {}
 
 function Request:__index(k)
