@@ -29,6 +29,7 @@ int luaopen_moonwire_core(lua_State *L)
     mw_ws_open(L);
     mw_tls_open(L);
     mw_hdr_open(L);
+    mw_redis_open(L, rtidx);
     mw_thread_open(L, rtidx);
     lua_pushcfunction(L, mw_alloc_name);
     lua_setfield(L, -2, "allocator");

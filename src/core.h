@@ -17,7 +17,8 @@ void mw_http_open(lua_State *L);    /* http.c: HttpConn, head builders */
 void mw_zlib_open(lua_State *L);    /* zlib.c: gzip/gunzip, deflater/inflater */
 void mw_ws_open(lua_State *L);      /* ws.c: WsConn, accept key, random, utf8_valid */
 void mw_tls_open(lua_State *L);     /* tls.c: contexts; starttls/tls_info/set_tls */
-void mw_hdr_open(lua_State *L);     /* hdr.c: histograms */
+void mw_hdr_open(lua_State *L);
+void mw_redis_open(lua_State *L, int rtidx);   /* redis.c: RESP codec, decoder, RespConn */     /* hdr.c: histograms */
 void mw_thread_open(lua_State *L, int rtidx);  /* thread.c: threads, shared counters */
 
 /* The full userdata at idx when it has `size` bytes and the 64-bit `magic` at byte `off`,
