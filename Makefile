@@ -82,7 +82,7 @@ bench: all
 # libFuzzer targets (clang): each runs for FUZZ_SECONDS on a scratch copy of its corpus.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := http_request ws_frames
+FUZZ_TARGETS := http_request ws_frames resp resp_diff
 FUZZ_FLAGS   := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
 fuzz: deps $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
 	@set -e; for t in $(FUZZ_TARGETS); do \
@@ -101,6 +101,11 @@ fuzz: deps $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
 build/fuzz/%: fuzz/%.c $(SRC) $(HDR)
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(LLHTTP_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) -llua5.4 -lssl -lcrypto -lz -lpthread
+
+# the differential target against hiredis 0.14's reader: the parser alone, and libhiredis
+build/fuzz/resp_diff: fuzz/resp_diff.c src/resp.c src/resp.h
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 -o $@ fuzz/resp_diff.c src/resp.c -lhiredis
 
 install:
 	$(LUAROCKS) --lua-version 5.4 make moonwire-scm-1.rockspec

@@ -18,13 +18,15 @@ void mw_resp_init(mw_resp *r, size_t max_bulk, int max_depth)
     r->depth = 0;
 }
 
-/* A decimal int64: an optional '-', 1 to 19 digits, nothing else. */
+/* A decimal int64 as Redis writes one: "0", or an optional '-' and 1 to 19 digits without
+ * a leading zero; nothing else (as hiredis's string2ll). */
 static int parse_int(const char *p, size_t n, int64_t *out)
 {
     size_t i = 0;
     int neg = 0;
+    if (n == 1 && p[0] == '0') { *out = 0; return 0; }
     if (n > 0 && p[0] == '-') { neg = 1; i = 1; }
-    if (i == n || n - i > 19) return -1;
+    if (i == n || n - i > 19 || p[i] == '0') return -1;
     uint64_t v = 0;
     for (; i < n; i++) {
         unsigned d = (unsigned char)p[i] - '0';
@@ -111,11 +113,12 @@ int64_t mw_resp_scan(mw_resp *r, const char *b, size_t n, const char **err)
             }
             r->scan = 0;
             size_t end = (size_t)(nl - b);              /* the '\n' */
+            /* the same verdict as the partial case above, whatever the split */
+            if (end - pos - 1 > r->max_bulk + 32) return fail(r, err, "line too long");
             if (b[end - 1] != '\r' || end - 1 < pos + 1) return fail(r, err, "line not ended by CRLF");
             int type = (unsigned char)b[pos];
             const char *line = b + pos + 1;
             size_t ll = end - 1 - (pos + 1);
-            if (ll > r->max_bulk + 32) return fail(r, err, "line too long");
             int64_t v;
             double d;
             r->pos = end + 1;
