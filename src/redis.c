@@ -27,16 +27,24 @@
 
 /* Checks the command at L[first..last]: a name, then strings and numbers (raises naming
  * the argument: #1 is the first after the name, as in r:set(key, value)). */
-static void check_args(lua_State *L, int first, int last, const char *fname)
+static void check_args(lua_State *L, int first, int last, const char *fname, int level)
 {
-    if (last < first || lua_type(L, first) != LUA_TSTRING)
-        luaL_error(L, "bad command name to '%s' (string expected, got %s)", fname, luaL_typename(L, first));
-    for (int i = first + 1; i <= last; i++) {
-        int t = lua_type(L, i);
-        if (t != LUA_TSTRING && t != LUA_TNUMBER)
-            luaL_error(L, "bad argument #%d to '%s' (string or number expected, got %s)",
-                       i - first, fname, luaL_typename(L, i));
+    const char *bad = NULL;
+    int at = 0;
+    if (last < first || lua_type(L, first) != LUA_TSTRING) {
+        bad = luaL_typename(L, first);
+    } else {
+        for (int i = first + 1; i <= last && !bad; i++) {
+            int t = lua_type(L, i);
+            if (t != LUA_TSTRING && t != LUA_TNUMBER) { bad = luaL_typename(L, i); at = i - first; }
+        }
     }
+    if (!bad) return;
+    luaL_where(L, level);    /* the caller's line: level 2 when a Lua method wrapped the call */
+    if (at) lua_pushfstring(L, "bad argument #%d to '%s' (string or number expected, got %s)", at, fname, bad);
+    else lua_pushfstring(L, "bad command name to '%s' (string expected, got %s)", fname, bad);
+    lua_concat(L, 2);
+    lua_error(L);
 }
 
 /* Where encoded bytes go: two pieces at a time (the chunk so far, and a long argument). */
@@ -94,7 +102,12 @@ static int encode(lua_State *L, encoder *e, int first, int last)
         } else {
             double d = lua_tonumber(L, i);
             if (isinf(d)) len = (size_t)snprintf(num, sizeof num, "%s", d > 0 ? "inf" : "-inf");
-            else len = (size_t)snprintf(num, sizeof num, "%.17g", d);
+            else {
+                for (int prec = 15; prec <= 17; prec++) {   /* the shortest that reads back */
+                    len = (size_t)snprintf(num, sizeof num, "%.*g", prec, d);
+                    if (strtod(num, NULL) == d) break;
+                }
+            }
             p = num;
         }
         if (enc_bulk(e, p, len) < 0) return -1;
@@ -113,7 +126,7 @@ static int sink_luabuf(void *ud, const char *a, size_t an, const char *b, size_t
 static int l_encode(lua_State *L)
 {
     int top = lua_gettop(L);
-    check_args(L, 1, top, "encode");
+    check_args(L, 1, top, "encode", 1);
     luaL_Buffer b;
     encoder e;
     e.n = 0;
@@ -595,7 +608,7 @@ static int rc_call(lua_State *L)
 {
     rconn *c = checkrc(L);
     int top = lua_gettop(L);
-    check_args(L, 2, top, lua_isstring(L, 2) ? lua_tostring(L, 2) : "call");
+    check_args(L, 2, top, lua_isstring(L, 2) ? lua_tostring(L, 2) : "call", 2);
     mw_task *t = mw_sched_self(L, c->rt);
     if (c->failed) return push_failure(L, 1);
     encoder e;
@@ -622,7 +635,7 @@ static int rc_batch(lua_State *L)
         int k = (int)lua_rawlen(L, 3);
         luaL_checkstack(L, k + 4, "too many arguments");
         for (int j = 1; j <= k; j++) lua_rawgeti(L, 3, j);
-        check_args(L, 4, 3 + k, lua_isstring(L, 4) ? lua_tostring(L, 4) : "batch");
+        check_args(L, 4, 3 + k, lua_isstring(L, 4) ? lua_tostring(L, 4) : "batch", 2);
         lua_settop(L, 2);
     }
     mw_task *t = mw_sched_self(L, c->rt);
