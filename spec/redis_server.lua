@@ -43,7 +43,13 @@ local function wait_ready(srv, limit)
     local p = io.popen("redis-cli -s " .. q(srv.path) .. " ping 2>/dev/null")
     local out = p:read("a")
     p:close()
-    if out:find("PONG") then return true end
+    if out:find("PONG") then
+      -- the pid file may come a moment after the socket answers; ask the server itself
+      p = io.popen("redis-cli -s " .. q(srv.path) .. " info server 2>/dev/null")
+      srv.pid = tonumber(p:read("a"):match("process_id:(%d+)"))
+      p:close()
+      return srv.pid ~= nil
+    end
     sh("sleep 0.05")
   end
   return false
