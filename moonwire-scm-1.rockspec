@@ -50,6 +50,7 @@ build = {
       ["moonwire.http.client"] = "lua/moonwire/http/client.lua",
       ["moonwire.websocket"] = "lua/moonwire/websocket.lua",
       ["moonwire.tls"] = "lua/moonwire/tls.lua",
+      ["moonwire.redis"] = "lua/moonwire/redis.lua",
       ["moonwire.bench"] = "lua/moonwire/bench/init.lua",
       ["moonwire.bench.scenario"] = "lua/moonwire/bench/scenario.lua",
       ["moonwire.bench.cli"] = "lua/moonwire/bench/cli.lua",
