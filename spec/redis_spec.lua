@@ -327,6 +327,36 @@ describe("moonwire.redis", function()
     end)
   end)
 
+  it("sends SUBSCRIBE without a reply slot (r:send) and delivers messages as pushes", function()
+    run(function()
+      local sub <close> = connect { resp = 3, pushes = true }
+      local pub <close> = connect()
+      assert.is_true(sub:send("SUBSCRIBE", "news"))
+      assert.same({ "subscribe", "news", 1 }, sub:push_recv(2))
+      assert.equal(1, pub:publish("news", "hello"))
+      assert.same({ "message", "news", "hello" }, sub:push_recv(2))
+      assert.equal("PONG", sub:ping())           -- RESP3: commands go on while subscribed
+      helper.fails("timeout", sub:push_recv(0.05))
+    end)
+  end)
+
+  -- A run that ends (mw.stop) while a call is in flight kills the connection's reader task
+  -- without letting it clear its mark; the next run's calls must start a new reader
+  -- instead of waiting forever.
+  it("keeps working in a later run after a run ended with a call in flight", function()
+    local r
+    run(function()
+      r = connect()
+      mw.spawn(function() r:blpop("never-filled", 0.2) end)
+      mw.sleep(0.02)
+    end)
+    run(function()
+      r:settimeout(3)
+      assert.equal("PONG", r:ping())
+      r:close()
+    end)
+  end)
+
   it("fails with 'protocol' on a peer that does not speak RESP, and closes", function()
     run(function()
       local l, port = helper.listen()

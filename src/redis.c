@@ -556,12 +556,18 @@ static int reader_main(lua_State *L)
     lua_settop(L, 1);
     lua_pushvalue(L, lua_upvalueindex(1));
     c->reader = c->rt->current;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->reader->ref);   /* anchored: ensure_reader reads its state */
+    lua_setiuservalue(L, 1, 5);
     return reader_step(L, c, c->reader);
 }
 
 /* Starts the reader unless there is one. L: a connection method (upvalue 2: the reader). */
 static void ensure_reader(lua_State *L, rconn *c)
 {
+    /* a reader ended by the end of a run (mw.stop) never cleared its mark */
+    if (c->reader && c->reader != (mw_task *)1 &&
+        (c->reader->state == MW_T_DONE || c->reader->state == MW_T_FAILED))
+        c->reader = NULL;
     if (c->reader) return;
     c->reader = (mw_task *)1;   /* until it runs: at most one is dispatched */
     lua_pushvalue(L, lua_upvalueindex(2));
@@ -619,6 +625,24 @@ static int rc_call(lua_State *L)
         return luaL_error(L, "not enough memory");
     lua_settop(L, 1);
     return wait_reply(L, c, t, 0);
+}
+
+/* rc:send(cmd, ...) -> true | nil, err, code: writes a command that takes no reply slot,
+ * for commands whose answers come as RESP3 pushes (SUBSCRIBE and its family). */
+static int rc_send(lua_State *L)
+{
+    rconn *c = checkrc(L);
+    int top = lua_gettop(L);
+    check_args(L, 2, top, lua_isstring(L, 2) ? lua_tostring(L, 2) : "send", 2);
+    if (c->failed) return push_failure(L, 1);
+    encoder e;
+    e.n = 0;
+    e.sink = sink_sock;
+    e.ud = c->s;
+    if (encode(L, &e, 2, top) < 0 || enc_flush(&e, NULL, 0) < 0) return luaL_error(L, "not enough memory");
+    queue_out(c);
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 /* rc:batch(cmds) -> { reply, ... } (error replies as error objects) | nil, err, code.
@@ -766,7 +790,7 @@ static int l_conn(lua_State *L)
     lua_getfield(L, 2, "pushes");
     int pushes = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    rconn *c = lua_newuserdatauv(L, sizeof *c, 4);
+    rconn *c = lua_newuserdatauv(L, sizeof *c, 5);
     memset(c, 0, sizeof *c);
     c->magic = RC_MAGIC;
     c->s = s;
@@ -826,7 +850,7 @@ void mw_redis_open(lua_State *L, int rtidx)
 
     if (luaL_newmetatable(L, RC_MT)) {
         static const luaL_Reg m[] = {
-            { "call", rc_call }, { "batch", rc_batch }, { "push_recv", rc_push_recv },
+            { "call", rc_call }, { "batch", rc_batch }, { "send", rc_send }, { "push_recv", rc_push_recv },
             { "pending", rc_pending }, { "alive", rc_alive }, { "settimeout", rc_settimeout },
             { "close", rc_close }, { NULL, NULL }
         };

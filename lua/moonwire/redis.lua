@@ -217,6 +217,10 @@ end
 --- r:pending() -> replies owed, pushes queued, pushes dropped
 function Redis:pending() return self._rc:pending() end
 
+--- r:send(cmd, ...) -> true | nil, err, code: writes a command without waiting for a reply
+-- (for RESP3 commands answered by pushes: SUBSCRIBE, UNSUBSCRIBE, ...; read them with push_recv).
+function Redis:send(...) return self._rc:send(...) end
+
 --- r:push_recv([timeout]) -> the next RESP3 push (a table) | nil, err, code (needs `pushes`)
 function Redis:push_recv(timeout) return self._rc:push_recv(timeout) end
 
