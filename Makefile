@@ -121,7 +121,7 @@ bench: all
 # libFuzzer targets (clang): each runs for FUZZ_SECONDS on a scratch copy of its corpus.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := http_request ws_frames
+FUZZ_TARGETS := http_request ws_frames resp resp_diff
 FUZZ_FLAGS   := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
 fuzz: deps
 	@$(MAKE) --no-print-directory fuzz-run
@@ -143,6 +143,11 @@ fuzz-run: $(patsubst %,build/fuzz/%,$(FUZZ_TARGETS))
 build/fuzz/%: fuzz/%.c $(SRC) $(HDR) | llhttp-check
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 $(LUA_CFLAGS) $(EXT_CFLAGS) $(LLHTTP_CFLAGS) $(PQ_CFLAGS) -o $@ $< $(SRC) $(LLHTTP_SRC) $(LLHTTP_LIBS) $(EXT_LIBS) -llua5.4 -lpq -lnghttp2 -lssl -lcrypto -lz -lpthread
+
+# the differential target against hiredis 0.14's reader: the parser alone, and libhiredis
+build/fuzz/resp_diff: fuzz/resp_diff.c src/resp.c src/resp.h
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) -std=gnu11 -o $@ fuzz/resp_diff.c src/resp.c -lhiredis
 
 install:
 	$(LUAROCKS) --lua-version 5.4 make moonwire-scm-1.rockspec

@@ -63,6 +63,7 @@ build = {
       ["moonwire.socket"] = "lua/moonwire/socket.lua",
       ["moonwire.socket.ssl"] = "lua/moonwire/socket/ssl.lua",
       ["moonwire.pg"] = "lua/moonwire/pg.lua",
+      ["moonwire.redis"] = "lua/moonwire/redis.lua",
       ["moonwire.bench"] = "lua/moonwire/bench/init.lua",
       ["moonwire.bench.scenario"] = "lua/moonwire/bench/scenario.lua",
       ["moonwire.bench.cli"] = "lua/moonwire/bench/cli.lua",

@@ -67,6 +67,7 @@ build = {
       ["moonwire.socket"] = "lua/moonwire/socket.lua",
       ["moonwire.socket.ssl"] = "lua/moonwire/socket/ssl.lua",
       ["moonwire.pg"] = "lua/moonwire/pg.lua",
+      ["moonwire.redis"] = "lua/moonwire/redis.lua",
       ["moonwire.websocket"] = "lua/moonwire/websocket.lua",
       ["moonwire.tls"] = "lua/moonwire/tls.lua",
       ["moonwire.bench"] = "lua/moonwire/bench/init.lua",

@@ -16,6 +16,7 @@
 #include "hdr.h"
 #include "thread.h"
 #include "pg.h"
+#include "redis.h"
 
 __attribute__((visibility("default"))) int luaopen_moonwire_core(lua_State *L);
 
@@ -43,6 +44,7 @@ int luaopen_moonwire_core(lua_State *L)
     mw_ws_open(L);
     mw_tls_open(L);
     mw_hdr_open(L);
+    mw_redis_open(L, rtidx);
     mw_thread_open(L, rtidx);
     mw_pg_open(L, rtidx);
     lua_pushcfunction(L, mw_alloc_name);

@@ -41,6 +41,7 @@ struct mw_task {
     mw_timer timer;
     void (*unwait)(mw_task *t); /* detaches the task from its wait source */
     void *wait_obj;
+    uint64_t wait_tag;         /* the wait source's own tag for this wait (resp.c: the reply slot) */
     mw_task *qnext;            /* run queue */
     mw_task *prev, *next;      /* all live tasks */
     mw_task *wprev, *wnext;    /* a wait list (joiners of another task) */

@@ -43,7 +43,7 @@ M.channel = require "moonwire.channel"
 
 -- protocol modules load on first use: mw.http
 local lazy = { http = "moonwire.http", websocket = "moonwire.websocket", url = "moonwire.url",
-  tls = "moonwire.tls" }
+  tls = "moonwire.tls", redis = "moonwire.redis" }
 setmetatable(M, { __index = function(t, k)
   local name = lazy[k]
   if name then

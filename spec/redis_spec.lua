@@ -1,0 +1,379 @@
+-- moonwire.redis against a real redis-server (spec/redis_server.lua starts one per file, on
+-- a free port and a Unix socket in a temp dir, and a TLS one with the test CA; stopped in
+-- teardown): URLs, Unix sockets, AUTH with an ACL user, SELECT, HELLO 3 and RESP3 values,
+-- error replies and nulls, pipelines (10,000 commands), 100 tasks sharing one connection,
+-- transactions, scripts (NOSCRIPT), pools (reuse, waiting), TLS, timeouts, refused
+-- connections, a server killed mid-call, RESP3 pushes (client tracking) and a peer that
+-- breaks the protocol.
+
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local redis = require "moonwire.redis"
+local server = require "spec.redis_server"
+
+local SPEC_DIR = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "spec"
+
+local srv, certs
+setup(function()
+  certs = os.tmpname()
+  os.remove(certs)
+  local p = io.popen(SPEC_DIR .. "/fixtures/make-certs " .. certs .. " 2>&1")
+  local log = p:read("a")
+  assert(p:close(), "make-certs failed: " .. log)
+  srv = server.start { tls = certs }
+end)
+
+teardown(function()
+  if srv then srv.stop() end
+  if certs then os.execute("rm -rf '" .. certs .. "'") end
+end)
+
+local function connect(opts)
+  return assert(redis.connect(srv.url, opts))
+end
+
+describe("moonwire.redis", function()
+  it("connects by URL and runs commands as methods; nil replies are redis.null", function()
+    run(function()
+      local r <close> = connect()
+      assert.equal("OK", r:set("greeting", "hello"))
+      assert.equal("hello", r:get("greeting"))
+      assert.equal(redis.null, r:get("no-such-key"))
+      assert.equal(1, r:del("greeting"))
+      assert.equal(5, r:incrby("counter:a", 5))
+      assert.equal("OK", r:call("SET", "k2", 42))
+      assert.equal("42", r:call("get", "k2"))
+      assert.same({ "42", redis.null }, r:mget("k2", "nope"))
+      assert.equal("PONG", r:ping())
+    end)
+  end)
+
+  it("returns nil, message, 'redis' for an error reply, and the connection goes on", function()
+    run(function()
+      local r <close> = connect()
+      r:set("str", "x")
+      local v, err, code = r:lpush("str", "y")
+      assert.is_nil(v)
+      assert.matches("^WRONGTYPE", err)
+      assert.equal("redis", code)
+      v, err, code = r:call("NO-SUCH-COMMAND")
+      assert.is_nil(v)
+      assert.matches("^ERR unknown command", err)
+      assert.equal("redis", code)
+      assert.equal("x", r:get("str"))
+    end)
+  end)
+
+  it("raises naming the argument for tables and nil, before anything is sent", function()
+    run(function()
+      local r <close> = connect()
+      helper.raises("bad argument #2 to 'set' (string or number expected, got table)", r.set, r, "k", {})
+      helper.raises("bad argument #2 to 'set' (string or number expected, got nil)", r.set, r, "k", nil)
+      helper.raises("bad argument #1 to 'get'", function() r:pipeline(function(p) p:get({}) end) end)
+      assert.equal("PONG", r:ping())
+    end)
+  end)
+
+  it("selects the database of the URL path", function()
+    run(function()
+      local r2 <close> = assert(redis.connect(srv.url .. "/2"))
+      r2:set("where", "db2")
+      local r0 <close> = connect()
+      assert.equal(redis.null, r0:get("where"))
+      r0:select(2)
+      assert.equal("db2", r0:get("where"))
+    end)
+  end)
+
+  it("connects over a Unix socket (unix:// URL and { path = })", function()
+    run(function()
+      local a <close> = assert(redis.connect("unix://" .. srv.path .. "?db=3"))
+      a:set("u", "unix")
+      local b <close> = assert(redis.connect { path = srv.path, db = 3 })
+      assert.equal("unix", b:get("u"))
+    end)
+  end)
+
+  it("authenticates an ACL user (AUTH user pass, and HELLO 3 AUTH); a wrong password fails", function()
+    run(function()
+      local admin <close> = connect()
+      assert.equal("OK", admin:acl("SETUSER", "alice", "on", ">s3cret", "~*", "+@all"))
+      local port = srv.port
+      local a <close> = assert(redis.connect(("redis://alice:s3cret@127.0.0.1:%d"):format(port)))
+      assert.equal("alice", a:acl("WHOAMI"))
+      local a3 <close> = assert(redis.connect { port = port, user = "alice", password = "s3cret", resp = 3 })
+      assert.equal("alice", a3:acl("WHOAMI"))
+      local v, err, code = redis.connect(("redis://alice:wrong@127.0.0.1:%d"):format(port))
+      assert.is_nil(v)
+      assert.matches("WRONGPASS", err)
+      assert.equal("redis", code)
+    end)
+  end)
+
+  it("speaks RESP3 after HELLO 3: maps, sets, doubles, booleans, big numbers, verbatim, nulls", function()
+    run(function()
+      local r <close> = connect { resp = 3 }
+      assert.equal(3, r.hello.proto)
+      assert.equal("redis", r.hello.server)
+      r:hset("h3", "a", "1", "b", "2")
+      assert.same({ a = "1", b = "2" }, r:hgetall("h3"))
+      r:sadd("s3", "x")
+      assert.same({ "x" }, r:smembers("s3"))
+      assert.equal(3.141, r:debug("PROTOCOL", "double"))
+      assert.equal(true, r:debug("PROTOCOL", "true"))
+      assert.equal(false, r:debug("PROTOCOL", "false"))
+      assert.equal(redis.null, r:debug("PROTOCOL", "null"))
+      assert.equal("1234567999999999999999999999999999999", r:debug("PROTOCOL", "bignum"))
+      assert.equal("This is a verbatim\nstring", r:debug("PROTOCOL", "verbatim"))
+      assert.equal("Some real reply following the attribute", r:debug("PROTOCOL", "attrib"))
+      assert.same({ [0] = false, [1] = true, [2] = false }, r:debug("PROTOCOL", "map"))
+      assert.same({ 0, 1, 2 }, r:debug("PROTOCOL", "set"))
+      assert.equal(2.5, r:zincrby("z3", 2.5, "m"))
+    end)
+  end)
+
+  it("pipelines 10,000 commands in one batch and returns every reply in order", function()
+    run(function()
+      local r <close> = connect()
+      r:del("pcount")
+      local res = assert(r:pipeline(function(p)
+        for _ = 1, 10000 do p:incr("pcount") end
+        p:get("no-such")
+        p:lpush("pcount", "x")
+      end))
+      assert.equal(10002, #res)
+      for i = 1, 10000 do assert.equal(i, res[i]) end
+      assert.equal(redis.null, res[10001])
+      assert.is_true(redis.is_error(res[10002]))
+      assert.matches("^WRONGTYPE", res[10002].message)
+    end)
+  end)
+
+  it("shares one connection between 100 tasks, each getting its own replies", function()
+    run(function()
+      local r <close> = connect()
+      local tasks = {}
+      for i = 1, 100 do
+        tasks[i] = mw.spawn(function()
+          local key = "task:" .. i
+          r:del(key)
+          for j = 1, 100 do
+            assert.equal(j, r:incr(key))
+            assert.equal(tostring(j), r:get(key))
+          end
+          return true
+        end)
+      end
+      for i = 1, 100 do assert.is_true(select(2, tasks[i]:join())) end
+      assert.equal(0, (r:pending()))
+    end, 30)
+  end)
+
+  it("runs a transaction: MULTI/EXEC results, EXECABORT, and a WATCH abort", function()
+    run(function()
+      local r <close> = connect()
+      local res = assert(r:transaction(function(t)
+        t:set("tx", 1)
+        t:incr("tx")
+        t:get("tx")
+      end))
+      assert.same({ "OK", 2, "2" }, res)
+      local v, err, code = r:transaction(function(t) t:set("tx", 1) t:call("NO-SUCH") end)
+      assert.is_nil(v)
+      assert.matches("^EXECABORT", err)
+      assert.equal("redis", code)
+      -- WATCH needs the connection to itself: take one from a pool
+      local pool = redis.pool { url = srv.url, size = 1 }
+      local c = assert(pool:acquire())
+      c:watch("tx")
+      local other <close> = connect()
+      other:set("tx", "changed")
+      v, err, code = c:transaction(function(t) t:set("tx", "mine") end)
+      assert.is_nil(v)
+      assert.equal("aborted", code)
+      assert.equal("transaction aborted", err)
+      assert.equal("changed", other:get("tx"))
+      pool:release(c)
+      pool:close()
+    end)
+  end)
+
+  it("runs scripts by EVALSHA, loading them on NOSCRIPT", function()
+    run(function()
+      local r <close> = connect()
+      local s = redis.script("return { KEYS[1], ARGV[1], redis.call('INCR', KEYS[1]) }")
+      r:script("FLUSH")
+      r:del("sk")
+      assert.same({ "sk", "a", 1 }, s:run(r, { "sk" }, { "a" }))   -- NOSCRIPT, then EVAL
+      assert.equal(1, r:script("EXISTS", s.sha)[1])
+      assert.same({ "sk", "b", 2 }, s:run(r, { "sk" }, { "b" }))   -- EVALSHA
+      local bad = redis.script("return redis.call('NO-SUCH')")
+      local v, err, code = bad:run(r)
+      assert.is_nil(v)
+      assert.equal("redis", code)
+      assert.matches("Unknown Redis command", err)
+    end)
+  end)
+
+  it("pools connections: reuse, at most `size`, waiting for a release, acquire timeout", function()
+    run(function()
+      local pool = redis.pool { url = srv.url, size = 2 }
+      local a = assert(pool:acquire())
+      local id = a:client("ID")
+      pool:release(a)
+      local b = assert(pool:acquire())
+      assert.equal(id, b:client("ID"))             -- the same connection again
+      local c = assert(pool:acquire())
+      assert.are_not.equal(id, c:client("ID"))
+      helper.fails("timeout", pool:acquire(0.05))  -- both lent out
+      local got
+      local waiter = mw.spawn(function() got = assert(pool:acquire(5)) end)
+      mw.sleep(0.01)
+      assert.is_nil(got)
+      pool:release(b)
+      waiter:join()
+      assert.equal(b, got)
+      -- many tasks through pool:call, never more than 2 connections
+      local ts = {}
+      pool:release(c)
+      pool:release(got)
+      for i = 1, 20 do ts[i] = mw.spawn(function() return pool:call("INCR", "pooled") end) end
+      for i = 1, 20 do assert.is_true((ts[i]:join())) end
+      assert.equal(2, pool._n)
+      pool:close()
+    end)
+  end)
+
+  it("connects with TLS (rediss://, verified against cafile) and refuses an unknown CA", function()
+    run(function()
+      local url = ("rediss://localhost:%d"):format(srv.tls_port)
+      local r <close> = assert(redis.connect(url, { cafile = certs .. "/ca.pem" }))
+      assert.equal("OK", r:set("tls", "yes"))
+      assert.equal("yes", r:get("tls"))
+      helper.fails("tls", redis.connect(url, { connect_timeout = 5 }))
+    end)
+  end)
+
+  it("times out a call (per connection and per call) and keeps the connection usable", function()
+    run(function()
+      local r <close> = connect { timeout = 0.1 }
+      r:del("emptylist")
+      helper.fails("timeout", r:blpop("emptylist", 0.5))
+      -- the BLPOP reply (null, in 0.5 s) is read and dropped; the next call gets its own
+      r:settimeout(5)
+      assert.equal("PONG", r:ping())
+      r:settimeout(nil)
+      helper.fails("timeout", mw.timeout(0.05, r.blpop, r, "emptylist", 0.2))
+      assert.equal("OK", r:set("after", "timeout"))
+      assert.equal("timeout", r:get("after"))
+    end)
+  end)
+
+  it("reports a refused connection", function()
+    run(function()
+      helper.fails("ECONNREFUSED", redis.connect(("redis://127.0.0.1:%d"):format(helper.free_port())))
+    end)
+  end)
+
+  it("fails every in-flight call when the server dies; none hangs; later calls fail at once", function()
+    local victim = server.start()
+    local ok, err = pcall(run, function()
+      local r = assert(redis.connect(victim.url))
+      local ts = {}
+      for i = 1, 20 do
+        ts[i] = mw.spawn(function() return r:blpop("never" .. i, 0) end)
+      end
+      mw.sleep(0.05)
+      assert.equal(20, (r:pending()))
+      victim.kill()
+      for i = 1, 20 do
+        local _, v, msg, code = ts[i]:join()
+        assert.is_nil(v)
+        assert.is_string(msg)
+        assert.is_string(code)
+      end
+      assert.is_false(r:alive())
+      local v, msg = r:get("x")
+      assert.is_nil(v)
+      assert.is_string(msg)
+      r:close()
+    end, 10)
+    victim.stop()
+    assert(ok, err)
+  end)
+
+  it("keeps RESP3 pushes (client tracking) apart from replies, and queues them with `pushes`", function()
+    run(function()
+      local r <close> = connect { resp = 3, pushes = true }
+      local w <close> = connect()
+      assert.equal("OK", r:client("TRACKING", "on"))
+      w:set("tracked", "1")
+      assert.equal("1", r:get("tracked"))
+      w:set("tracked", "2")                      -- an invalidation push goes to r
+      for i = 1, 50 do assert.equal("PONG", r:ping(), "reply " .. i) end
+      assert.equal("2", r:get("tracked"))
+      local push = assert(r:push_recv(2))
+      assert.same({ "invalidate", { "tracked" } }, push)
+      -- without `pushes`, they are dropped (counted), replies still match
+      local q <close> = connect { resp = 3 }
+      q:client("TRACKING", "on")
+      q:get("tracked")
+      w:set("tracked", "3")
+      for _ = 1, 10 do assert.equal("PONG", q:ping()) end
+      assert.equal("3", q:get("tracked"))
+      local _, _, dropped = q:pending()
+      assert.equal(1, dropped)
+    end)
+  end)
+
+  it("sends SUBSCRIBE without a reply slot (r:send) and delivers messages as pushes", function()
+    run(function()
+      local sub <close> = connect { resp = 3, pushes = true }
+      local pub <close> = connect()
+      assert.is_true(sub:send("SUBSCRIBE", "news"))
+      assert.same({ "subscribe", "news", 1 }, sub:push_recv(2))
+      assert.equal(1, pub:publish("news", "hello"))
+      assert.same({ "message", "news", "hello" }, sub:push_recv(2))
+      assert.equal("PONG", sub:ping())           -- RESP3: commands go on while subscribed
+      helper.fails("timeout", sub:push_recv(0.05))
+    end)
+  end)
+
+  -- A run that ends (mw.stop) while a call is in flight kills the connection's reader task
+  -- without letting it clear its mark; the next run's calls must start a new reader
+  -- instead of waiting forever.
+  it("keeps working in a later run after a run ended with a call in flight", function()
+    local r
+    run(function()
+      r = connect()
+      mw.spawn(function() r:blpop("never-filled", 0.2) end)
+      mw.sleep(0.02)
+    end)
+    run(function()
+      r:settimeout(3)
+      assert.equal("PONG", r:ping())
+      r:close()
+    end)
+  end)
+
+  it("fails with 'protocol' on a peer that does not speak RESP, and closes", function()
+    run(function()
+      local l, port = helper.listen()
+      mw.spawn(function()
+        local s = l:accept()
+        s:read("l")
+        s:write("HTTP/1.1 400 Bad Request\r\n\r\n")
+        s:read("a")
+        s:close()
+      end)
+      local r = assert(redis.connect({ port = port }))
+      local v, err, code = r:ping()
+      assert.is_nil(v)
+      assert.matches("protocol error", err)
+      assert.equal("protocol", code)
+      assert.is_false(r:alive())
+      l:close()
+    end)
+  end)
+end)
