@@ -455,6 +455,25 @@ print(",".join(info))
     end)
   end)
 
+  it("Node's http2 client: a GET, and a POST streamed in pieces read with req:body_reader()", function()
+    run(function()
+      local pieces = {}
+      local srv = serve(function(req, res)
+        if req.method == "POST" then
+          for chunk in req:body_reader() do pieces[#pieces + 1] = chunk end
+          res:send(table.concat(pieces))
+        else
+          res:send("v" .. req.version)
+        end
+      end)
+      local _ <close> = guard(srv)
+      local code, out, err = shell(("node %s/peers/h2_node_client.js %d"):format(SPEC_DIR, srv.port))
+      assert.equal(0, code, err)
+      assert.equal("200 v2\n200 one two three\n", out)
+      assert.is_true(#pieces >= 2, "the body arrived in " .. #pieces .. " piece(s)")
+    end)
+  end)
+
   it("WebSocket over HTTP/2 (RFC 8441): Node's extended CONNECT gets the same ws object", function()
     run(function()
       local done = mw.channel(1)
