@@ -83,6 +83,7 @@ struct h2conn {
     int64_t idle_since;
     int64_t settings_sent;     /* our SETTINGS not acknowledged yet since (0: none pending) */
     uint32_t glitches;         /* frames that did no work (floods) */
+    uint64_t data_bytes;       /* DATA payload both ways: a long download earns its WINDOW_UPDATEs */
     uint32_t requests;
     /* limits and timeouts */
     uint32_t max_streams, stream_window, conn_window, max_fields, max_header_bytes;
@@ -288,9 +289,14 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
     return 0;
 }
 
+/* A frame that did no work (an empty DATA, a PING, a SETTINGS, a PRIORITY, an RST_STREAM, a
+ * WINDOW_UPDATE): past the budget (the configured allowance, plus two per request, plus one
+ * per 16 KiB of DATA either way, so real traffic never runs out) the connection is ended
+ * with GOAWAY ENHANCE_YOUR_CALM. */
 static void count_glitch(h2conn *c)
 {
-    if (++c->glitches > c->max_glitches + 2 * c->requests && !c->goaway) {
+    uint64_t budget = (uint64_t)c->max_glitches + 2u * c->requests + c->data_bytes / 16384;
+    if (++c->glitches > budget && !c->goaway) {
         c->goaway = 1;
         nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
                               nghttp2_session_get_last_proc_stream_id(c->session),
@@ -357,6 +363,7 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
         return 0;
     }
     st->received += (int64_t)len;
+    c->data_bytes += len;
     if (st->content_length >= 0 && st->received > st->content_length) {
         st->bad = 1;
         nghttp2_session_consume(ss, id, len);
@@ -370,7 +377,6 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     memcpy(p, data, len);
     mw_buf_commit(&st->in, len);
     st->unconsumed += len;
-    (void)c;
     wake(&st->reader);
     return 0;
 }
@@ -416,6 +422,7 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
     }
     if (mw_buf_len(&st->out) == 0) mw_buf_release(&st->out, NULL);
     if (st->writer && mw_buf_len(&st->out) < st->c->out_hwm / 2) wake(&st->writer);
+    st->c->data_bytes += n;
     if (st->out_eof && mw_buf_len(&st->out) == 0) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
         if (st->trout.n > 0) {
