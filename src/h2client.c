@@ -171,6 +171,15 @@ static void poke_driver(hconn *c)
     if (s->waiter[MW_ROLE_READ]) mw_sched_wake(s->waiter[MW_ROLE_READ], MW_WAKE_READY);
 }
 
+/* Wakes the bench task of c when it waits on c's socket (a task killed meanwhile was
+ * detached from the socket: never touched). */
+static void wake_btask(hconn *c)
+{
+    mw_task *t = c->btask;
+    if (t && (c->sock->waiter[MW_ROLE_READ] == t || c->sock->waiter[MW_ROLE_WRITE] == t))
+        mw_sched_wake(t, MW_WAKE_READY);
+}
+
 static void conn_fail(hconn *c, const char *msg, const char *code)
 {
     if (c->fatal) return;
@@ -178,7 +187,7 @@ static void conn_fail(hconn *c, const char *msg, const char *code)
     snprintf(c->err, sizeof c->err, "%s", msg);
     c->errcode = code;
     for (hstream *st = c->streams; st; st = st->next) wake_stream(st);
-    if (c->btask) mw_sched_wake(c->btask, MW_WAKE_READY);
+    wake_btask(c);
 }
 
 static int code_slot(uint32_t code) { return code < 15 ? (int)code : 15; }
@@ -483,6 +492,8 @@ static double optnum(lua_State *L, int t, const char *k, double d)
     return v;
 }
 
+static void bench_leave(hconn *c);
+
 static void bench_free_spec(hconn *c)
 {
     free(c->bnv);
@@ -507,6 +518,7 @@ static void conn_free(hconn *c)
         st = nx;
     }
     c->streams = NULL;
+    bench_leave(c);
     nghttp2_session_del(c->session);
     c->session = NULL;
     bench_free_spec(c);
@@ -527,7 +539,7 @@ static int l_h2_client(lua_State *L)
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     if (lua_isnoneornil(L, 2)) lua_newtable(L);
     luaL_checktype(L, 2, LUA_TTABLE);
-    hconn *c = lua_newuserdatauv(L, sizeof *c, 1);
+    hconn *c = lua_newuserdatauv(L, sizeof *c, 2);
     memset(c, 0, sizeof *c);
     luaL_setmetatable(L, HC_MT);
     lua_pushvalue(L, 1);
@@ -837,7 +849,6 @@ static int hs_gc(lua_State *L)
     hstream *st = *ud;
     if (!st) return 0;
     *ud = NULL;
-    st->lua_owned = 0;
     st->reader = st->writer = NULL;
     hconn *c = st->c;
     if (!c) {
@@ -845,13 +856,15 @@ static int hs_gc(lua_State *L)
         return 0;
     }
     if (!st->closed && c->session && !c->fatal) {
-        /* dropped before the end: the server stops sending it, its window comes back */
+        /* dropped before the end: the server stops sending it, its window comes back
+         * (still ours while nghttp2 runs: flushing may close the stream) */
         nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
         size_t have = mw_buf_len(&st->in);
         if (have && st->in_session) nghttp2_session_consume(c->session, st->id, have);
         flush_session(c);
     }
     mw_buf_free(&st->in, NULL);
+    st->lua_owned = 0;
     stream_release(st);
     return 0;
 }
@@ -1267,8 +1280,7 @@ static int hb_stop(lua_State *L)
 {
     hbench *b = checkbench(L, 1);
     b->stop = 1;
-    for (hconn *c = b->running; c; c = c->bnext)
-        if (c->btask) mw_sched_wake(c->btask, MW_WAKE_READY);
+    for (hconn *c = b->running; c; c = c->bnext) wake_btask(c);
     return 0;
 }
 
@@ -1580,6 +1592,8 @@ static int hc_bench(lua_State *L)
         lua_settop(L, 3);
     }
     c->b = b;
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, 1, 2);     /* b outlives the connection */
     c->bnext = b->running;
     b->running = c;
     c->last_progress = mw_loop_clock();
