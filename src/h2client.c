@@ -72,6 +72,12 @@ struct hbench {
     hconn *running;                /* connections in conn:bench (a list by bnext) */
 };
 
+/* a bench run's parameters (conn:bench's spec), read once per call */
+typedef struct bspec {
+    int streams;
+    int64_t interval, next_send, end, drain_end, timeout;
+} bspec;
+
 struct hconn {
     nghttp2_session *session;
     mw_sock *sock;
@@ -95,6 +101,7 @@ struct hconn {
     size_t bbodylen;
     int active;
     int64_t last_progress;
+    bspec sp;
 };
 
 /* ---- small helpers ----------------------------------------------------------------------- */
@@ -1398,11 +1405,6 @@ static void bench_done(hconn *c, hstream *st)
 
 static int bench_k(lua_State *L, int status, lua_KContext ctx);
 
-typedef struct bspec {
-    int streams;
-    int64_t interval, next_send, end, drain_end, timeout;
-} bspec;
-
 static void read_spec(lua_State *L, int idx, bspec *sp)
 {
     sp->streams = (int)optnum(L, idx, "streams", 1);
@@ -1437,8 +1439,7 @@ static int bench_return(lua_State *L, hconn *c, const bspec *sp, const char *why
 
 static int bench_step(lua_State *L, hconn *c, mw_task *t)
 {
-    bspec sp;
-    read_spec(L, 3, &sp);
+    bspec sp = c->sp;
     hbench *b = c->b;
     int rounds = 0;
     for (;;) {
@@ -1493,8 +1494,7 @@ static int bench_step(lua_State *L, hconn *c, mw_task *t)
             }
             if (td < wake_at) wake_at = td;
         }
-        lua_pushinteger(L, sp.next_send);
-        lua_setfield(L, 3, "next_send");
+        c->sp = sp;
         /* the loop clock and hrtime are the same monotonic clock */
         mw_task **slot = &c->btask;
         c->btask = t;
@@ -1597,6 +1597,7 @@ static int hc_bench(lua_State *L)
     c->bnext = b->running;
     b->running = c;
     c->last_progress = mw_loop_clock();
+    read_spec(L, 3, &c->sp);
     return bench_step(L, c, t);
 }
 
