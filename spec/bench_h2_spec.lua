@@ -134,8 +134,9 @@ describe("moonwire bench --h2", function()
       assert(os.execute(("%s/spec/fixtures/make-certs %s >/dev/null 2>&1"):format(procs.root, D)))
       os.execute("mkdir -p " .. D .. "/www && printf hello > " .. D .. "/www/index.html")
       local port = helper.free_port()
-      local p = procs.start("nghttpd", ("/usr/sbin/nghttpd --address=127.0.0.1 -d %s/www %d %s/server.key %s/server-chain.pem")
-        :format(D, port, D, D), 30)
+      local p = procs.start("nghttpd",
+        ("/usr/sbin/nghttpd --address=127.0.0.1 -d %s/www %d %s/server.key %s/server-chain.pem")
+          :format(D, port, D, D), 30)
       assert(procs.wait_for(function()
         local s = mw.tcp.connect("127.0.0.1", port, { timeout = 1 })
         if s then s:close() return true end

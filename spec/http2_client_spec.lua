@@ -344,8 +344,9 @@ describe("http2 client over TLS (ALPN)", function()
       local f = assert(io.open(www .. "/index.html", "w"))
       f:write(("0123456789"):rep(100000))
       f:close()
-      local p = procs.start("nghttpd", ("/usr/sbin/nghttpd --address=127.0.0.1 -d %s --echo-upload --trailer 'x-tr: yes' %d %s %s")
-        :format(www, port, D .. "/server.key", D .. "/server-chain.pem"), 30)
+      local p = procs.start("nghttpd",
+        ("/usr/sbin/nghttpd --address=127.0.0.1 -d %s --echo-upload --trailer 'x-tr: yes' %d %s %s")
+          :format(www, port, D .. "/server.key", D .. "/server-chain.pem"), 30)
       local _ <close> = p
       assert(procs.wait_for(function()
         local s = mw.tcp.connect("127.0.0.1", port, { timeout = 1 })
