@@ -86,6 +86,7 @@ struct hconn {
     int fatal;
     char err[160];
     const char *errcode;
+    char errcodebuf[24];
     int goaway_recv, goaway_sent;
     int32_t goaway_last;
     uint32_t goaway_code;
@@ -460,7 +461,11 @@ static int io_round(lua_State *L, hconn *c, mw_task *t, mw_task **slot, int64_t 
     int r = mw_stream_fill(s, 16384, &want);
     if (r == 1 || r == 0) return -1;
     if (r == -3) {
-        conn_fail(c, strerror(errno), mw_errname(errno));
+        /* the stream layer's words for it ("tls: reason", "tls" for a TLS failure) */
+        mw_stream_pusherr(L, s, errno);
+        snprintf(c->errcodebuf, sizeof c->errcodebuf, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "EIO");
+        conn_fail(c, lua_tostring(L, -2) ? lua_tostring(L, -2) : "I/O error", c->errcodebuf);
+        lua_pop(L, 3);
         return -1;
     }
     if (!nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session)) {

@@ -1009,6 +1009,7 @@ function Client:stats()
     idle = idle + #p.idle
     active = active + p.active
   end
+  if self._h2count == 0 then return { idle = idle, active = active } end
   local h2, streams = 0, 0
   for _, p in pairs(self._h2) do
     if p.conn and p.conn:usable() then
@@ -1016,6 +1017,7 @@ function Client:stats()
       streams = streams + p.conn:streams()
     end
   end
+  -- once HTTP/2 was used: its usable connections, their open requests, connections opened
   return { idle = idle, active = active, h2 = h2, h2_streams = streams, h2_opened = self._h2count }
 end
 
