@@ -68,6 +68,7 @@ build = {
       ["moonwire.bench.scenario"] = "lua/moonwire/bench/scenario.lua",
       ["moonwire.bench.cli"] = "lua/moonwire/bench/cli.lua",
       ["moonwire.bench.engine"] = "lua/moonwire/bench/engine.lua",
+      ["moonwire.bench.h2"] = "lua/moonwire/bench/h2.lua",
       ["moonwire.bench.wrk"] = "lua/moonwire/bench/wrk.lua",
       ["moonwire.bench.serial"] = "lua/moonwire/bench/serial.lua",
       ["moonwire.bench.format"] = "lua/moonwire/bench/format.lua",

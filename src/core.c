@@ -10,6 +10,7 @@
 #include "fs.h"
 #include "http.h"
 #include "h2.h"
+#include "h2client.h"
 #include "mwzlib.h"
 #include "ws.h"
 #include "tls.h"
@@ -40,6 +41,7 @@ int luaopen_moonwire_core(lua_State *L)
     mw_fs_open(L);
     mw_http_open(L);
     mw_h2_open(L);
+    mw_h2client_open(L);
     mw_zlib_open(L);
     mw_ws_open(L);
     mw_tls_open(L);

@@ -75,6 +75,9 @@ static uint64_t percentile(const hdr_t *h, double p)
 
 static hdr_t *checkh(lua_State *L, int idx) { return luaL_checkudata(L, idx, HDR_MT); }
 
+mw_hdr *mw_hdr_check(lua_State *L, int idx) { return (mw_hdr *)checkh(L, idx); }
+void mw_hdr_record(mw_hdr *h, uint64_t v) { record((hdr_t *)h, v, 1); }
+
 static int l_new(lua_State *L)
 {
     hdr_t *h = lua_newuserdatauv(L, sizeof *h, 0);

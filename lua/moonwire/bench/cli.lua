@@ -24,7 +24,9 @@ Usage: moonwire bench <options> <url> [-- script args]
     -R, --rate        <N>  Constant rate (requests/s, all threads), latency corrected for
                            coordinated omission (open model)
         --pipeline    <N>  Pipeline N requests per connection
-    -m, --method      <M>  Request method (GET)
+        --h2               HTTP/2: prior knowledge on http://, ALPN h2 on https://
+    -m, --streams     <N>  HTTP/2 concurrent streams per connection (1), as h2load's -m
+    -m, --method      <M>  Request method (GET); -m with a number means --streams
     -b, --body        <B>  Request body
         --json      <FILE> Write the results as JSON ("-": stdout)
         --html      <FILE> Write a self-contained HTML report
@@ -72,7 +74,13 @@ local function parse_args(argv)
     elseif a == "--timeout" then o.timeout = fmt.duration(value(a))
     elseif a == "-R" or a == "--rate" then o.rate = fmt.count(value(a))
     elseif a == "--pipeline" then o.pipeline = fmt.count(value(a))
-    elseif a == "-m" or a == "--method" then o.method = value(a):upper()
+    elseif a == "-m" then
+      -- h2load's -m (streams per connection) when numeric; else the method, as before
+      local v = value(a)
+      if v:match("^%d+[kK]?$") then o.streams = fmt.count(v) else o.method = v:upper() end
+    elseif a == "--method" then o.method = value(a):upper()
+    elseif a == "--streams" then o.streams = fmt.count(value(a))
+    elseif a == "--h2" then o.h2 = true
     elseif a == "-b" or a == "--body" then o.body = value(a)
     elseif a == "--json" then o.json = value(a)
     elseif a == "--html" then o.html = value(a)
@@ -95,6 +103,9 @@ local function parse_args(argv)
   if o.connections < o.threads and not o.scenario then error("number of connections must be >= threads", 0) end
   if o.rate and o.rate <= 0 then error("bad value for rate", 0) end
   if o.rate and o.pipeline > 1 then error("--rate and --pipeline do not go together", 0) end
+  if o.streams and (o.streams < 1 or o.streams ~= math.floor(o.streams)) then error("bad value for streams", 0) end
+  if o.streams and not o.h2 then error("-m N (streams per connection) needs --h2", 0) end
+  if o.h2 and o.pipeline > 1 then error("--pipeline is for HTTP/1.1 (use -m for HTTP/2 streams)", 0) end
   return o
 end
 M.parse_args = parse_args
@@ -207,6 +218,24 @@ local function print_wrk(o, r, out)
   if o.rate then
     out:write(("Requested rate: %.0f/s, achieved %.2f/s\n"):format(o.rate, r.rps))
   end
+  local h2 = r.h2
+  if h2 then
+    out:write(("HTTP/2: %d connections x %d streams, %d reconnects, %d REFUSED_STREAM retries\n"):format(
+      o.connections, h2.streams, h2.reconnects, h2.refused_retries))
+    local function codes(name, t)
+      local keys = {}
+      for k in pairs(t) do keys[#keys + 1] = k end
+      table.sort(keys)
+      local parts = {}
+      for _, k in ipairs(keys) do parts[#parts + 1] = k .. " " .. t[k] end
+      out:write(("  %s received: %s\n"):format(name, #parts > 0 and table.concat(parts, ", ") or "none"))
+    end
+    codes("RST_STREAM", h2.rst)
+    codes("GOAWAY", h2.goaway)
+    local tt = h2.ttfb
+    out:write(("  Time to first byte: mean %s, p50 %s, p99 %s, max %s\n"):format(fmt.time_us(tt.mean),
+      fmt.time_us(tt:percentile(50)), fmt.time_us(tt:percentile(99)), fmt.time_us(tt.max)))
+  end
 end
 
 function M.json(o, r)
@@ -223,6 +252,14 @@ function M.json(o, r)
     requests_per_thread_per_s = { mean = r.requests.mean, stdev = r.requests.stdev, max = r.requests.max },
     timeline = json.array(r.timeline), thresholds = json.array(r.threshold_results or {}),
   }
+  if r.h2 then
+    local tt = r.h2.ttfb
+    local tp = {}
+    for _, p in ipairs{ 50, 75, 90, 95, 99, 99.9, 99.99, 99.999 } do tp[tostring(p)] = tt:percentile(p) end
+    doc.h2 = { streams = r.h2.streams, reconnects = r.h2.reconnects, refused_retries = r.h2.refused_retries,
+      rst = r.h2.rst, goaway = r.h2.goaway,
+      ttfb_us = { min = tt.min, max = tt.max, mean = tt.mean, stdev = tt.stdev, percentiles = tp } }
+  end
   return json.encode(doc)
 end
 
@@ -236,7 +273,17 @@ local function merge_results(results)
   local total, bytes, dur, hung = 0, 0, 0, 0
   local errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 }
   local statuses, timeline = {}, {}
+  local h2
   for _, res in ipairs(results) do
+    if res.h2 then
+      h2 = h2 or { streams = res.h2.streams, reconnects = 0, refused_retries = 0, rst = {}, goaway = {},
+        ttfb = core.histogram() }
+      h2.reconnects = h2.reconnects + res.h2.reconnects
+      h2.refused_retries = h2.refused_retries + res.h2.refused_retries
+      for k, v in pairs(res.h2.rst) do h2.rst[k] = (h2.rst[k] or 0) + v end
+      for k, v in pairs(res.h2.goaway) do h2.goaway[k] = (h2.goaway[k] or 0) + v end
+      h2.ttfb:merge(core.histogram_decode(res.h2.ttfb))
+    end
     lat:merge(core.histogram_decode(res.latency))
     req:merge(core.histogram_decode(res.requests))
     total, bytes, hung = total + res.count, bytes + res.bytes, hung + res.hung
@@ -261,6 +308,8 @@ local function merge_results(results)
     latency = stats_object(lat), requests = stats_object(req), requests_total = total, bytes = bytes,
     duration_us = dur, errors = errors, errors_total = errors_total, statuses = statuses,
     rps = dur > 0 and total / (dur / 1e6) or 0, timeline = timeline, hung = hung,
+    h2 = h2 and { streams = h2.streams, reconnects = h2.reconnects, refused_retries = h2.refused_retries,
+      rst = h2.rst, goaway = h2.goaway, ttfb = stats_object(h2.ttfb) },
   }
 end
 
@@ -432,7 +481,7 @@ function M.main(argv)
         conns_in_thread = per + (i <= extra and 1 or 0), duration = o.duration, timeout = o.timeout,
         rate = o.rate and o.rate / o.threads, pipeline = o.pipeline, method = o.method or main_wrk.method,
         body = o.body or main_wrk.body, script = o.script, script_args = o.script_args, verify = o.verify,
-        counters = shared:address(), url = o.url,
+        counters = shared:address(), url = o.url, h2 = o.h2, streams = o.streams or 1,
       }
       local started_ok, serr = h:start(thread_code, serial.encode(cfg))
       if not started_ok then

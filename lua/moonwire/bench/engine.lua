@@ -148,6 +148,17 @@ local function connection(st, id, hooks)
   end
 end
 
+-- Requests and errors so far (the HTTP/2 C driver keeps its own counts).
+local function counts(st)
+  local errs = 0
+  for _, v in pairs(st.errors) do errs = errs + v end
+  if st.h2b then
+    local n, e = st.h2b:count()
+    return st.count + n, errs + e
+  end
+  return st.count, errs
+end
+
 -- Samples the thread's req/s every 100 ms (wrk's "Req/Sec") and keeps a per-second timeline.
 local function sampler(st)
   local last, last_t = 0, hrtime()
@@ -155,10 +166,9 @@ local function sampler(st)
   st.final_second = function()
     local now = hrtime()
     if now - sec_t < 0.05e9 then return end
-    local errs = 0
-    for _, v in pairs(st.errors) do errs = errs + v end
+    local count, errs = counts(st)
     st.timeline[#st.timeline + 1] = {
-      t = (now - st.t_start) / 1e9, rps = (st.count - sec_count) * 1e9 / (now - sec_t),
+      t = (now - st.t_start) / 1e9, rps = (count - sec_count) * 1e9 / (now - sec_t),
       p50 = st.second:percentile(50), p99 = st.second:percentile(99), max = select(3, st.second:stats()),
       errors = errs - sec_errors,
     }
@@ -166,21 +176,18 @@ local function sampler(st)
   while not st.stop do
     mw.sleep(0.1)
     local now = hrtime()
-    local n = st.count - last
+    local count, errs = counts(st)
+    local n = count - last
     st.requests:record(math.floor(n * 1e9 / (now - last_t)))
-    last, last_t = st.count, now
+    last, last_t = count, now
     local shared = st.shared
     if shared then
       local base = 3 * (st.cfg.thread_id - 1)
-      local errs = 0
-      for _, v in pairs(st.errors) do errs = errs + v end
-      shared:set(base + 1, st.count)
+      shared:set(base + 1, count)
       shared:set(base + 2, errs)
     end
     if now - sec_t >= 1e9 then
-      local errs = 0
-      for _, v in pairs(st.errors) do errs = errs + v end
-      local c = st.count - sec_count
+      local c = count - sec_count
       st.timeline[#st.timeline + 1] = {
         t = (now - st.t_start) / 1e9, rps = c * 1e9 / (now - sec_t),
         p50 = st.second:percentile(50), p99 = st.second:percentile(99), max = select(3, st.second:stats()),
@@ -188,7 +195,7 @@ local function sampler(st)
       }
       if st.shared then st.shared:set(3 * (st.cfg.thread_id - 1) + 3, st.timeline[#st.timeline].p99) end
       st.second:reset()
-      sec_count, sec_t, sec_errors = st.count, now, errs
+      sec_count, sec_t, sec_errors = count, now, errs
       if st.progress then st.progress(st) end
     end
   end
@@ -201,19 +208,31 @@ function M.run(cfg, hooks, on_stop)
   -- the shared cells: 3 per thread (count, errors, p99), then the run's stop flag
   local stop_cell = 3 * cfg.threads + 1
   if cfg.counters then st.shared = core.counters_attach(cfg.counters, stop_cell) end
+  local h2tasks
   mw.run(function()
     st.t_start = hrtime()
-    for i = 1, cfg.conns_in_thread do mw.spawn(connection, st, i, hooks) end
-    local samp = mw.spawn(sampler, st)
     local deadline = st.t_start + math.floor(cfg.duration * 1e9)
+    if cfg.h2 then
+      st.t_end_ns = deadline
+      st.t_drain_ns = deadline + math.floor(math.min(cfg.timeout, 2) * 1e9)
+      h2tasks = require("moonwire.bench.h2").start(st, hooks, hooks.fixed_request)
+    else
+      for i = 1, cfg.conns_in_thread do mw.spawn(connection, st, i, hooks) end
+    end
+    local samp = mw.spawn(sampler, st)
     while not st.stop and hrtime() < deadline do
       mw.sleep(math.min(0.05, (deadline - hrtime()) / 1e9))
       if on_stop and on_stop() then st.stop = true end
       if st.shared and st.shared:get(stop_cell) ~= 0 then st.stop = true end   -- another thread failed
     end
     st.stop = true
+    if st.h2b then st.h2b:stop() end
     st.t_end = hrtime()
     if st.final_second then st.final_second() end
+    if h2tasks then
+      -- each connection ends once its streams are answered, or at the drain deadline
+      for _, t in ipairs(h2tasks) do t:join() end
+    end
     -- drain: the requests in flight get up to the timeout (at most 2 s) to complete; those
     -- still unanswered then are reported as hung (wrk never reports them at all)
     local drain_until = hrtime() + math.floor(math.min(cfg.timeout, 2) * 1e9)
@@ -225,11 +244,13 @@ function M.run(cfg, hooks, on_stop)
     local _ = samp
   end)
   st.t_end = st.t_end or hrtime()
-  return {
-    latency = st.latency:encode(), requests = st.requests:encode(),
+  local result = {
     count = st.count, bytes = st.bytes, errors = st.errors, statuses = st.statuses,
     duration_us = (st.t_end - st.t_start) // 1000, timeline = st.timeline, hung = st.hung or 0,
   }
+  if st.h2b then require("moonwire.bench.h2").finish(st, result) end
+  result.latency, result.requests = st.latency:encode(), st.requests:encode()
+  return result
 end
 
 --- Entry point of a bench thread: arg is the serialized config; the thread's globals

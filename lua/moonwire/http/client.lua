@@ -1,11 +1,13 @@
---- The HTTP/1.1 client: pooled keep-alive connections per origin, streaming bodies both
--- ways, redirects, timeouts, gzip/deflate decoding, HTTP proxies. Responses are parsed by
--- llhttp in C (the same glue as the server, in response mode).
+--- The HTTP client: pooled keep-alive connections per origin, streaming bodies both ways,
+-- redirects, timeouts, gzip/deflate decoding, HTTP proxies. HTTP/1.1 responses are parsed by
+-- llhttp in C (the same glue as the server, in response mode); HTTP/2 (h2 by ALPN on https,
+-- prior knowledge with http2 = true) multiplexes the requests of every task over one
+-- connection per origin (h2client.c, libnghttp2).
 local mw = require "moonwire"
 local core = require "moonwire.core"
 local url = require "moonwire.url"
 
-local http_conn, request_head = core.http_conn, core.http_request_head
+local http_conn, request_head, h2_client = core.http_conn, core.http_request_head, core.h2_client
 local park, unpark, current = core.park, core.unpark, core.current
 
 local M = {}
@@ -53,6 +55,9 @@ local defaults = {
   user_agent = "moonwire/" .. mw.version,
   max_head = 65536,
   max_headers = 200,
+  http2 = nil,              -- nil: h2 by ALPN on https; true: also prior knowledge on http; false: 1.1 only
+  h2_stream_window = 1048576,     -- HTTP/2 receive window per stream
+  h2_conn_window = 16777216,      -- HTTP/2 receive window of the connection
 }
 
 -- method names callers commonly pass, already upper-case (no string work per request)
@@ -206,20 +211,87 @@ end
 -- What is left of the request's deadline (body reads share it), or the client's read_timeout.
 function methods:_body_timeout()
   local c = rawget(self, "_c")
-  local rt = c and c.client.read_timeout
+  local cl = rawget(self, "_client") or (c and c.client)
+  local rt = cl and cl.read_timeout
   local deadline = rawget(self, "_deadline")
   if deadline then
     local left = math.max(0, deadline - mw.now())
     if rt and rt < left then return rt end
     return left
   end
-  return rt or (c and c.client.timeout)
+  return rt or (cl and cl.timeout)
+end
+
+-- HTTP/2 responses: the stream's end (trailers kept; a body not read to the end resets it)
+local function h2_done(res, complete)
+  local s = rawget(res, "_s")
+  if not s then return end
+  rawset(res, "_s", nil)
+  if complete then
+    local tr = s:trailers()
+    if tr then rawset(res, "trailers", setmetatable(tr, headers_mt)) end
+  else
+    s:reset()
+  end
+end
+
+local function h2_body(self)
+  local s = rawget(self, "_s")
+  local body, err, code = s:read("all", self._max_body, self:_body_timeout())
+  if not body then
+    h2_done(self, false)
+    return nil, err, code
+  end
+  local dec = decoder_for(self)
+  if dec then
+    local out, derr, dcode = dec:decompress(body, self._max_body)
+    if not out then
+      h2_done(self, false)
+      return nil, "response body: " .. derr, dcode
+    end
+    body = out
+  end
+  rawset(self, "_body", body)
+  h2_done(self, true)
+  return body
+end
+
+local function h2_body_reader(self)
+  local timeout = self:_body_timeout()
+  local dec = decoder_for(self)
+  local max = self._max_body
+  return function()
+    while true do
+      local s = rawget(self, "_s")
+      if not s then return nil end
+      local chunk, err = s:read("chunk", -1, timeout)
+      if chunk == nil then
+        if err then
+          h2_done(self, false)
+          error("response body: " .. tostring(err), 2)
+        end
+        h2_done(self, true)
+        return nil
+      end
+      if dec then
+        local out, derr = dec:decompress(chunk, max)
+        if not out then
+          h2_done(self, false)
+          error("response body: " .. tostring(derr), 2)
+        end
+        if out ~= "" then return out end
+      else
+        return chunk
+      end
+    end
+  end
 end
 
 --- The whole body (at most max_body bytes, after decoding), or nil, err, code.
 function methods:body()
   local cached = rawget(self, "_body")
   if cached then return cached end
+  if rawget(self, "_s") then return h2_body(self) end
   local c = rawget(self, "_c")
   if not c then
     if rawget(self, "_consumed") then error("the body was already read by body_reader()", 2) end
@@ -248,6 +320,7 @@ end
 function methods:body_reader()
   local c = rawget(self, "_c")
   rawset(self, "_consumed", true)
+  if rawget(self, "_s") then return h2_body_reader(self) end
   if not c then return function() return nil end end
   local timeout = self:_body_timeout()
   local dec = decoder_for(self)
@@ -291,6 +364,11 @@ end
 
 --- Drops the response: an unread body closes the connection instead of returning it.
 function methods:close()
+  if rawget(self, "_s") then
+    local done = rawget(self, "_s"):state()
+    h2_done(self, done)
+    return
+  end
   local c = rawget(self, "_c")
   if not c then return end
   local _, msg_done = c.hc:state()
@@ -476,6 +554,166 @@ local function proxy_for(self, o, u)
   return pu
 end
 
+
+-- ---------------------------------------------------------------------------------------
+-- HTTP/2: one connection per origin, shared by every task (nghttp2 queues requests past the
+-- server's MAX_CONCURRENT_STREAMS until a stream is free)
+
+local function h2_pool(self, key)
+  local p = self._h2[key]
+  if not p then
+    p = { waiters = { first = 1, last = 0 }, used = 0 }
+    self._h2[key] = p
+  end
+  return p
+end
+
+local function wake_all(p)
+  local w = p.waiters
+  while w.first <= w.last do
+    local t = w[w.first]
+    w[w.first] = nil
+    w.first = w.first + 1
+    if t then unpark(t, true) end
+  end
+end
+
+-- The origin's HTTP/2 connection: the pooled one while it takes requests, else a new one
+-- (one task connects, the others wait for it). nil, sock, "h1" when the server chose
+-- HTTP/1.1 by ALPN (the socket is handed over to the HTTP/1.1 pool).
+local function h2_checkout(self, key, connect, alpn)
+  local p = h2_pool(self, key)
+  while true do
+    if p.h1 then return nil, nil, "h1" end
+    local hc = p.conn
+    if hc then
+      local now = mw.now()
+      -- a connection that sat idle is polled first: a GOAWAY or a close it got meanwhile
+      local ok = hc:usable() and (now - p.used < 1 or hc:poll())
+      if ok then
+        p.used = now
+        return hc
+      end
+      p.conn = nil
+      if hc:streams() == 0 then hc:close() end   -- else its streams finish on it
+    elseif not p.connecting then
+      p.connecting = true
+      local sock, err, code = connect()
+      p.connecting = false
+      if not sock then
+        wake_all(p)
+        return nil, err, code
+      end
+      if alpn then
+        local info = sock:tls_info()
+        if not (info and info.alpn == "h2") then
+          p.h1 = true      -- this origin speaks HTTP/1.1: later requests go there at once
+          wake_all(p)
+          return nil, sock, "h1"
+        end
+      end
+      hc = h2_client(sock, self._h2opts)
+      p.conn, p.used = hc, mw.now()
+      self._h2count = self._h2count + 1
+      wake_all(p)
+      return hc
+    else
+      local me = current()
+      if not me then error("blocking call outside a task", 3) end
+      local w = p.waiters
+      w.last = w.last + 1
+      w[w.last] = me
+      local ok, err, code = park()
+      if not ok then
+        for i = w.first, w.last do if w[i] == me then w[i] = false end end
+        return nil, err, code
+      end
+    end
+  end
+end
+
+-- Request trailers as a flat list (the option: a table, or a function called once the body
+-- has been sent that returns one).
+local function trailer_pairs(tr)
+  if type(tr) == "function" then tr = tr() end
+  if tr == nil then return nil, 0 end
+  if type(tr) ~= "table" then error("bad option 'trailers' (table or function expected)", 0) end
+  local flat, n = {}, 0
+  for k, v in pairs(tr) do
+    flat[2 * n + 1], flat[2 * n + 2] = tostring(k), tostring(v)
+    n = n + 1
+  end
+  return flat, n
+end
+
+-- Sends the request on hc: returns the stream or nil, err, code.
+local function h2_send(hc, method, scheme, authority, target, flat, nh, body, trailers)
+  local tb = type(body)
+  if tb == "table" then body, tb = table.concat(body), "string" end
+  if tb ~= "function" and trailers == nil then
+    return hc:request(method, scheme, authority, target, flat, nh, body)
+  end
+  local st, err, code = hc:request(method, scheme, authority, target, flat, nh, tb == "string" and body or nil, true)
+  if not st then return nil, err, code end
+  if tb == "function" then
+    while true do
+      local chunk = body()
+      if chunk == nil then break end
+      if type(chunk) ~= "string" then error("body function returned a " .. type(chunk), 0) end
+      if chunk ~= "" then
+        local ok
+        ok, err, code = st:write(chunk)
+        if not ok then return nil, err, code, st end
+      end
+    end
+  end
+  local tflat, tn = trailer_pairs(trailers)
+  if tn > 0 then st:set_trailers(tflat, tn) end
+  local ok
+  ok, err, code = st:write("", true)
+  if not ok then return nil, err, code, st end
+  return st
+end
+
+-- One HTTP/2 exchange: the response (head read) or nil, err, code; nil, sock, "h1" when
+-- the origin turned out to speak HTTP/1.1.
+local function h2_exchange(self, o, key, connect, alpn, u, method, target, flat, nh, body)
+  local authority = u.authority
+  local hosts = o.headers and values_of(o.headers, "host")
+  if hosts and hosts[1] then authority = hosts[1] end
+  local replayable = type(body) ~= "function"
+  local refused = 0
+  for attempt = 1, 4 do
+    local hc, err, code = h2_checkout(self, key, connect, alpn)
+    if not hc then return nil, err, code end
+    local st, status, headers, multi, st2
+    if replayable then
+      st, err, code, st2 = h2_send(hc, method, u.scheme, authority, target, flat, nh, body, o.trailers)
+    else
+      local done
+      done, st, err, code, st2 = pcall(h2_send, hc, method, u.scheme, authority, target, flat, nh, body, o.trailers)
+      if not done then error(st, 0) end
+    end
+    st = st or st2
+    if st then
+      status, headers, multi = st:head()
+      if status then
+        local res = setmetatable({ status = status, reason = "", version = "2",
+          headers = setmetatable(headers, headers_mt), _multi = multi, _s = st, _client = self,
+          keepalive = true }, Response)
+        return res
+      end
+      err, code = headers, multi
+      if code ~= "refused" then st:reset() end
+    end
+    -- a request the server did not process: once more (on a new connection after a GOAWAY)
+    local retry = replayable and attempt < 4 and
+      ((code == "refused" and (refused < 1 or not hc:usable())) or code == "goaway")
+    if code == "refused" then refused = refused + (hc:usable() and 1 or 0) end
+    if not retry then return nil, err, code end
+  end
+end
+
 -- One exchange: returns the response (head read) or nil, err, code.
 local function exchange(self, o, u, method, body)
   local proxy, perr = proxy_for(self, o, u)
@@ -486,19 +724,32 @@ local function exchange(self, o, u, method, body)
   local https = u.scheme == "https"
   local tlsopt = o.tls or self.tls or true
   local key, connect, target
+  local http2 = o.http2
+  if http2 == nil then http2 = self.http2 end
+  -- h2 by ALPN on https (unless http2 = false); by prior knowledge on http when asked
+  -- (not through a forward proxy, which speaks HTTP/1.1 to us)
+  local alpn = https and http2 ~= false
+  local use_h2 = alpn or (http2 == true and not proxy)
   -- the connect function for an origin (and proxy / TLS settings) is made once, then reused
   -- (the plain case is keyed by the parsed URL itself, which parse_cached() reuses)
-  local simple = not o.unix and not proxy and not o.tls
+  local simple = not o.unix and not proxy and not o.tls and o.http2 == nil
   local ckey = simple and u or (u.scheme .. "|" .. u.host .. "|" .. u.port .. "|" .. tostring(o.unix) .. "|" ..
     (proxy and (proxy.host .. ":" .. proxy.port .. ":" .. tostring(proxy.user)) or "") .. "|" ..
-    (https and tostring(tlsopt) or ""))
+    (https and tostring(tlsopt) or "") .. "|" .. tostring(alpn))
   local cached = self._connectors[ckey]
   if cached then
     key, connect = cached.key, cached.connect
     target = (proxy and not https and not o.unix) and (u.scheme .. "://" .. u.authority .. u.target) or u.target
   elseif https then
     local tls = require "moonwire.tls"
-    local ctx = tls.client_context(tlsopt)
+    local topt = tlsopt
+    if alpn and not tls.is_context(tlsopt) then
+      -- offer h2 and http/1.1 by ALPN
+      topt = {}
+      if type(tlsopt) == "table" then for k, v in pairs(tlsopt) do topt[k] = v end end
+      topt.alpn = topt.alpn or { "h2", "http/1.1" }
+    end
+    local ctx = tls.client_context(topt)
     local vhost = type(tlsopt) == "table" and tlsopt.host or u.host
     local function handshake(sock)
       local ok, err, code = sock:starttls(ctx, { host = vhost, timeout = self.connect_timeout })
@@ -580,6 +831,28 @@ local function exchange(self, o, u, method, body)
   end
   local length = body_length(body)
   local raw = framed and check_framing(o.headers, length)
+  if use_h2 then
+    if length >= 0 and not framed then
+      flat[2 * nh + 1], flat[2 * nh + 2] = "content-length", tostring(length)
+      nh = nh + 1
+    end
+    local res, err, code = h2_exchange(self, o, key, connect, alpn, u, method, target, flat, nh, body)
+    if res or code ~= "h1" then return res, err, code end
+    -- the server chose HTTP/1.1: its socket is the first connection of the HTTP/1.1 pool
+    if err then
+      local given = err
+      local plain = connect
+      connect = function()
+        if given then
+          local sock = given
+          given = nil
+          return sock
+        end
+        return plain()
+      end
+    end
+    if length >= 0 and not framed then nh = nh - 1 end
+  end
   local head = request_head(method, target, u.authority, flat, nh, length)
   local replayable = type(body) ~= "function"
   for attempt = 1, 2 do
@@ -657,7 +930,7 @@ function Client:request(o)
   local timeout = o.timeout or self.timeout
   local deadline = mw.now() + timeout
   local opts = {
-    headers = o.headers, unix = o.unix, proxy = o.proxy, tls = o.tls,
+    headers = o.headers, unix = o.unix, proxy = o.proxy, tls = o.tls, http2 = o.http2, trailers = o.trailers,
     _decompress = o.decompress == nil and self.decompress or o.decompress,
   }
   local body = o.body
@@ -723,6 +996,10 @@ function Client:close()
     for _, c in ipairs(p.idle) do c.sock:close() end
     p.idle = {}
   end
+  for _, p in pairs(self._h2) do
+    if p.conn then p.conn:close() end
+    p.conn = nil
+  end
 end
 
 --- Idle and active connection counts (for tests and monitoring).
@@ -732,7 +1009,16 @@ function Client:stats()
     idle = idle + #p.idle
     active = active + p.active
   end
-  return { idle = idle, active = active }
+  if self._h2count == 0 then return { idle = idle, active = active } end
+  local h2, streams = 0, 0
+  for _, p in pairs(self._h2) do
+    if p.conn and p.conn:usable() then
+      h2 = h2 + 1
+      streams = streams + p.conn:streams()
+    end
+  end
+  -- once HTTP/2 was used: its usable connections, their open requests, connections opened
+  return { idle = idle, active = active, h2 = h2, h2_streams = streams, h2_opened = self._h2count }
 end
 
 function M.client(opts)
@@ -740,7 +1026,7 @@ function M.client(opts)
   local self = setmetatable({ _pools = {} }, Client)
   for k, v in pairs(defaults) do self[k] = v end
   for k, v in pairs(opts or {}) do
-    if defaults[k] == nil and k ~= "read_timeout" and k ~= "tls" then
+    if defaults[k] == nil and k ~= "read_timeout" and k ~= "tls" and k ~= "http2" then
       argerror(1, "client", "unknown option '" .. tostring(k) .. "'")
     end
     self[k] = v
@@ -749,6 +1035,9 @@ function M.client(opts)
   self._env = env_proxies()
   self._connectors, self._nconnectors = {}, 0
   self._flat = {}
+  self._h2, self._h2count = {}, 0
+  self._h2opts = { stream_window = self.h2_stream_window, conn_window = self.h2_conn_window,
+    header_fields = self.max_headers, header_bytes = self.max_head }
   return self
 end
 

@@ -1,0 +1,211 @@
+--- The HTTP/2 load of one bench thread: `-c` connections with `-m` concurrent streams each
+-- (h2load's meaning). Without request()/response()/delay() hooks the requests are run by
+-- the C driver (h2client.c: conn:bench), which submits and counts them with no Lua call per
+-- request; with hooks, `m` tasks per connection run the hooks and send each request on the
+-- shared connection. wrk-format requests (raw HTTP/1.1 bytes) are translated into
+-- pseudo-headers. A GOAWAY or a broken connection opens a new one; refused streams are
+-- sent again (counted).
+local mw = require "moonwire"
+local core = require "moonwire.core"
+
+local hrtime = core.hrtime
+
+local M = {}
+
+-- The first request of raw HTTP/1.1 bytes as { method, path, authority, headers (flat,
+-- without Host and connection-specific fields), body }, or nil, err.
+function M.translate(raw, default_authority)
+  local head_end = raw:find("\r\n\r\n", 1, true)
+  if not head_end then return nil, "request without an end of head" end
+  local line, rest = raw:match("^([^\r\n]*)\r\n(.*)$")
+  local method, path = (line or ""):match("^(%S+)%s+(%S+)%s+HTTP/1%.[01]$")
+  if not method then return nil, "bad request line '" .. tostring(line) .. "'" end
+  local flat, authority, length = {}, default_authority, nil
+  local head = raw:sub(#line + 3, head_end + 1)
+  for k, v in head:gmatch("([^:\r\n]+):[ \t]*([^\r\n]*)\r\n") do
+    local lk = k:lower()
+    if lk == "host" then authority = v
+    elseif lk == "content-length" then length = tonumber(v) flat[#flat + 1] = lk flat[#flat + 1] = v
+    elseif lk ~= "connection" and lk ~= "keep-alive" and lk ~= "transfer-encoding" and lk ~= "upgrade"
+      and lk ~= "proxy-connection" then
+      flat[#flat + 1] = lk
+      flat[#flat + 1] = v
+    end
+  end
+  local body = length and raw:sub(head_end + 4, head_end + 3 + length) or nil
+  if body == "" then body = nil end
+  local _ = rest
+  return { method = method, path = path, authority = authority, headers = flat, body = body }
+end
+
+local function connect(cfg)
+  local opts = { timeout = cfg.timeout }
+  if cfg.target.scheme == "https" then
+    opts.tls = { insecure = not cfg.verify, alpn = { "h2" } }
+  end
+  local sock, err, code = mw.tcp.connect(cfg.addr.host, cfg.addr.port, opts)
+  if not sock then return nil, err, code end
+  if cfg.target.scheme == "https" then
+    local info = sock:tls_info()
+    if not (info and info.alpn == "h2") then
+      sock:close()
+      return nil, "the server did not negotiate h2 by ALPN", "alpn"
+    end
+  end
+  return sock
+end
+
+local conn_opts = { stream_window = 1048576, conn_window = 16777216 }
+
+-- One connection of the C driver, reopened after a GOAWAY or an error until the run ends.
+local function c_connection(st, id, spec)
+  local cfg = st.cfg
+  local sp = {}
+  for k, v in pairs(spec) do sp[k] = v end
+  local interval = cfg.rate and cfg.rate > 0 and math.floor(1e9 * cfg.conns_in_thread / cfg.rate) or 0
+  sp.interval_ns = interval
+  sp.next_send = interval > 0 and (st.t_start + (id - 1) * interval // cfg.conns_in_thread) or 0
+  sp.end_ns, sp.drain_ns = st.t_end_ns, st.t_drain_ns
+  sp.timeout_ns = math.floor(cfg.timeout * 1e9)
+  sp.streams = cfg.streams or 1
+  local b = st.h2b
+  local first = true
+  while not st.stop and hrtime() < st.t_end_ns do
+    local sock, err = connect(cfg)
+    if not sock then
+      st.errors.connect = st.errors.connect + 1
+      st.connect_error = st.connect_error or err
+      mw.sleep(0.05)
+    else
+      if not first then b:add("reconnects") end
+      first = false
+      local hc = core.h2_client(sock, conn_opts)
+      local why = hc:bench(b, sp)
+      hc:close()
+      sock:close()
+      if why == "done" or why == "hung" then break end
+    end
+  end
+end
+
+-- The hooks' path: m tasks per connection share it, one request each at a time.
+local function lua_stream(st, shared, hooks, spec)
+  local cfg = st.cfg
+  local timeout = cfg.timeout
+  while not st.stop and not shared.dead do
+    if hooks.delay then
+      local ms = hooks.delay()
+      if ms and ms > 0 then mw.sleep(ms / 1000) end
+      if st.stop then break end
+    end
+    local r = spec
+    if hooks.request then
+      local err
+      r, err = M.translate(hooks.request(), spec.authority)
+      if not r then error("request(): " .. err, 0) end
+    end
+    local t0 = hrtime()
+    st.inflight = st.inflight + 1
+    local hc = shared.hc
+    local s, err, code = hc:request(r.method, spec.scheme, r.authority or spec.authority, r.path, r.headers,
+      #r.headers // 2, r.body)
+    local status, headers, body
+    if s then
+      status, headers, code = s:head(timeout)
+      if status then
+        st.ttfb:record((hrtime() - t0) // 1000)
+        body, err, code = s:read("all", -1, timeout)
+      else
+        err = headers
+      end
+    end
+    st.inflight = st.inflight - 1
+    if body then
+      st.count = st.count + 1
+      st.bytes = st.bytes + #body
+      local us = (hrtime() - t0) // 1000
+      st.latency:record(us)
+      st.second:record(us)
+      st.statuses[status] = (st.statuses[status] or 0) + 1
+      if status > 399 then st.errors.status = st.errors.status + 1 end
+      if hooks.response then hooks.response(status, headers, body) end
+    else
+      if code == "timeout" then
+        if not st.stop then st.errors.timeout = st.errors.timeout + 1 end
+      elseif code == "reset" then
+        st.errors.read = st.errors.read + 1
+      elseif code == "refused" then
+        st.h2b:add("reconnects", 0)
+      else
+        st.errors.read = st.errors.read + 1
+      end
+      if not hc:usable() then shared.dead = true end
+      local _ = err
+    end
+  end
+end
+
+local function lua_connection(st, id, hooks, spec)
+  local cfg = st.cfg
+  local first = true
+  local _ = id
+  while not st.stop do
+    local sock = connect(cfg)
+    if not sock then
+      st.errors.connect = st.errors.connect + 1
+      mw.sleep(0.05)
+    else
+      if not first then st.h2b:add("reconnects") end
+      first = false
+      local shared = { hc = core.h2_client(sock, conn_opts) }
+      local workers = {}
+      for i = 1, cfg.streams or 1 do workers[i] = mw.spawn(lua_stream, st, shared, hooks, spec) end
+      for _, w in ipairs(workers) do w:join() end
+      shared.hc:close()
+      sock:close()
+    end
+  end
+end
+
+--- Starts the thread's HTTP/2 connections; returns the tasks (they end by themselves once
+-- st.stop is set and what is in flight is answered, or st.t_drain_ns passes).
+function M.start(st, hooks, fixed_raw)
+  local cfg = st.cfg
+  local authority = cfg.target.authority
+  st.ttfb = core.histogram()
+  st.h2b = core.h2_bench(st.latency, st.second, st.ttfb)
+  local spec
+  if fixed_raw then
+    local err
+    spec, err = M.translate(fixed_raw, authority)
+    if not spec then error("request: " .. err, 0) end
+  else
+    spec = { method = cfg.method or "GET", path = cfg.target.target, authority = authority, headers = {} }
+  end
+  spec.scheme = cfg.target.scheme
+  spec.authority = spec.authority or authority
+  local tasks = {}
+  local lua_path = hooks.request or hooks.response or hooks.delay
+  for i = 1, cfg.conns_in_thread do
+    if lua_path then tasks[i] = mw.spawn(lua_connection, st, i, hooks, spec)
+    else tasks[i] = mw.spawn(c_connection, st, i, spec) end
+  end
+  return tasks
+end
+
+--- The thread's HTTP/2 figures, merged into its result.
+function M.finish(st, result)
+  local s = st.h2b:stats()
+  result.count = result.count + s.count
+  result.bytes = result.bytes + s.bytes
+  for code, n in pairs(s.statuses) do result.statuses[code] = (result.statuses[code] or 0) + n end
+  result.errors.status = result.errors.status + s.status_errors
+  result.errors.timeout = result.errors.timeout + s.timeouts
+  result.errors.read = result.errors.read + s.read_errors
+  result.hung = result.hung + s.hung
+  result.h2 = { streams = st.cfg.streams or 1, rst = s.rst, goaway = s.goaway, refused_retries = s.refused_retries,
+    reconnects = s.reconnects, ttfb = st.ttfb:encode() }
+  return result
+end
+
+return M

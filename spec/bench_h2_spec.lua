@@ -1,0 +1,165 @@
+-- `moonwire bench --h2` (docs/bench.md): HTTP/2 by prior knowledge against our server (its
+-- MAX_CONCURRENT_STREAMS respected, counts checked against the server's own), against
+-- nghttpd over TLS by ALPN, the same order of magnitude as h2load on the same server, a
+-- wrk script (request() and response() hooks) run unchanged over HTTP/2, constant rate, and
+-- the JSON document's h2 fields. The CLI runs in the background and is polled from the loop
+-- so the servers keep serving; runs are short and every wait is bounded.
+
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local http = require "moonwire.http"
+local procs = require "spec.peers.procs"
+
+local SCRIPTS = procs.root .. "/spec/wrk_scripts/"
+
+local function bench(args, limit)
+  limit = limit or 20
+  local words = {}
+  for i, a in ipairs(args) do words[i] = procs.quote(a) end
+  local cmd = ("%s timeout -k 1 %d lua5.4 %s bench --quiet %s"):format(procs.lua_env(), limit,
+    procs.quote(procs.root .. "/bin/moonwire"), table.concat(words, " "))
+  local code, out, err = procs.shell(cmd, limit + 5)
+  return { code = code, out = out, err = err,
+    context = ("\n$ moonwire bench %s\nexit %s\n--- stdout:\n%s\n--- stderr:\n%s"):format(table.concat(words, " "),
+      tostring(code), out, err) }
+end
+
+local function serve(handler, opts)
+  opts = opts or {}
+  opts.host, opts.port, opts.handler = "127.0.0.1", 0, handler
+  opts.error_log = function() end
+  return assert(http.server(opts))
+end
+
+-- our JSON documents (no brackets inside strings) as Lua tables
+local function decode(s)
+  local src = s:match("%b{}")
+  assert(src, "no JSON document in: " .. tostring(s))
+  src = src:gsub("%[", "{"):gsub("%]", "}"):gsub('"([^"]-)"%s*:', '["%1"]='):gsub("null", "nil")
+  return assert(load("return " .. src, "json", "t", {}))()
+end
+
+describe("moonwire bench --h2", function()
+  it("prior knowledge on http://: -c x -m streams, counts match the server's, MAX_CONCURRENT_STREAMS kept", function()
+    run(function()
+      local served, now, peak, ports = 0, 0, 0, {}
+      local srv = serve(function(req, res)
+        assert(req.version == "2")
+        ports[req.remote_port] = true
+        now = now + 1
+        if now > peak then peak = now end
+        mw.sleep(0.001)
+        now = now - 1
+        served = served + 1
+        res:send("hello")
+      end, { http2 = { max_streams = 8 } })
+      local r = bench({ "--h2", "-t1", "-c2", "-m", "20", "-d1s", "--latency", "--json", "-",
+        "http://127.0.0.1:" .. srv.port .. "/" }, 20)
+      srv:close(0)
+      assert.equal(0, r.code, r.context)
+      local doc = assert(decode(r.out), r.context)
+      assert.is_true(doc.requests > 100, r.context)
+      -- every request the server answered was counted (none in flight at the end)
+      assert.equal(served, doc.requests, r.context)
+      assert.equal(doc.requests, doc.statuses["200"], r.context)
+      assert.equal(0, doc.hung)
+      assert.is_true(peak <= 16, "peak " .. peak)    -- 2 connections x 8 (the server's limit)
+      local n = 0
+      for _ in pairs(ports) do n = n + 1 end
+      assert.equal(2, n)
+      assert.equal(20, doc.h2.streams)
+      assert.equal(0, doc.h2.reconnects)
+      assert.is_table(doc.h2.rst)
+      assert.is_table(doc.h2.goaway)
+      assert.is_number(doc.h2.refused_retries)
+      assert.is_true(doc.h2.ttfb_us.percentiles["99"] > 0)
+      assert.is_true(doc.h2.ttfb_us.mean <= doc.latency_us.mean + 1)
+      assert.matches("RST_STREAM received: none", r.err, 1, true)
+      assert.matches("Time to first byte", r.err, 1, true)
+    end, 40)
+  end)
+
+  it("the same order of magnitude as h2load against the same server", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("hello") end)
+      local url = "http://127.0.0.1:" .. srv.port .. "/"
+      local r = bench({ "--h2", "-t1", "-c2", "-m", "10", "-d1s", "--json", "-", url }, 20)
+      local code, out = procs.shell("h2load -c 2 -m 10 -D 1 " .. url, 20)
+      srv:close(0)
+      assert.equal(0, r.code, r.context)
+      assert.equal(0, code, out)
+      local ours = decode(r.out).rps
+      local theirs = tonumber(out:match("finished in [%d.]+s, ([%d.]+) req/s"))
+      assert.is_number(theirs, out)
+      assert.is_true(ours > theirs / 10 and ours < theirs * 10, ("ours %.0f, h2load %.0f"):format(ours, theirs))
+    end, 40)
+  end)
+
+  it("a wrk script with request() and response() hooks runs unchanged over HTTP/2", function()
+    run(function()
+      local srv = serve(function(req, res)
+        res:header("X-Token", req.headers["x-token"] or "none")
+        res:send("body:" .. req.method)
+      end)
+      local r = bench({ "--h2", "-t2", "-c2", "-m", "4", "-d1s", "-s", SCRIPTS .. "response.lua",
+        "http://127.0.0.1:" .. srv.port .. "/" }, 20)
+      srv:close(0)
+      assert.equal(0, r.code, r.context)
+      local sum = tonumber(r.out:match("@sum=(%d+)"))
+      local requests = tonumber(r.out:match("@requests=(%d+)"))
+      assert.is_true(sum and sum > 0, r.context)
+      assert.equal(requests, sum, r.context)
+      assert.matches("@1.status=200", r.out, 1, true)
+      assert.matches("@1.body=body:GET", r.out, 1, true)
+    end, 40)
+  end)
+
+  it("constant rate (-R) over HTTP/2: the achieved rate is near the requested one", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local r = bench({ "--h2", "-t1", "-c2", "-m", "4", "-d2s", "-R", "500", "--json", "-",
+        "http://127.0.0.1:" .. srv.port .. "/" }, 20)
+      srv:close(0)
+      assert.equal(0, r.code, r.context)
+      local doc = decode(r.out)
+      assert.is_true(doc.rps > 400 and doc.rps < 600, r.context)
+    end, 40)
+  end)
+
+  it("against nghttpd over TLS (ALPN h2)", function()
+    run(function()
+      local D = os.tmpname()
+      os.remove(D)
+      assert(os.execute(("%s/spec/fixtures/make-certs %s >/dev/null 2>&1"):format(procs.root, D)))
+      os.execute("mkdir -p " .. D .. "/www && printf hello > " .. D .. "/www/index.html")
+      local port = helper.free_port()
+      local p = procs.start("nghttpd",
+        ("/usr/sbin/nghttpd --address=127.0.0.1 -d %s/www %d %s/server.key %s/server-chain.pem")
+          :format(D, port, D, D), 30)
+      assert(procs.wait_for(function()
+        local s = mw.tcp.connect("127.0.0.1", port, { timeout = 1 })
+        if s then s:close() return true end
+      end, 10))
+      local r = bench({ "--h2", "-t1", "-c2", "-m", "8", "-d1s", "--json", "-",
+        "https://127.0.0.1:" .. port .. "/index.html" }, 20)
+      p:stop()
+      os.execute("rm -rf " .. D)
+      assert.equal(0, r.code, r.context)
+      local doc = decode(r.out)
+      assert.is_true(doc.requests > 100, r.context)
+      assert.equal(doc.requests, doc.statuses["200"], r.context)
+      assert.equal(5 * doc.requests, doc.bytes, r.context)
+    end, 40)
+  end)
+
+  it("-m N needs --h2; --h2 and --pipeline do not go together", function()
+    run(function()
+      local r = bench({ "-m", "10", "http://127.0.0.1:1/" }, 10)
+      assert.equal(2, r.code, r.context)
+      assert.matches("needs --h2", r.err, 1, true)
+      r = bench({ "--h2", "--pipeline", "4", "http://127.0.0.1:1/" }, 10)
+      assert.equal(2, r.code, r.context)
+    end)
+  end)
+end)

@@ -1,0 +1,437 @@
+-- HTTP/2 client (docs/client.md, src/h2client.c) against our own HTTP/2 server (prior
+-- knowledge on cleartext, ALPN on TLS), a scripted python3-h2 server (GOAWAY and
+-- REFUSED_STREAM retries), nghttpd (TLS with the test CA, trailers) and nginx (http2 on a
+-- TLS listener): GET/POST, 10 MiB streamed both ways under flow control, 100 tasks over one
+-- connection, the server's MAX_CONCURRENT_STREAMS respected, trailers both ways, a
+-- gRPC-style exchange, resets. Servers listen on 127.0.0.1 port 0; only loopback traffic.
+
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local http = require "moonwire.http"
+local procs = require "spec.peers.procs"
+
+local MiB = 1024 * 1024
+
+local function serve(handler, opts)
+  opts = opts or {}
+  opts.host, opts.port, opts.handler = "127.0.0.1", 0, handler
+  opts.error_log = opts.error_log or function() end
+  return assert(http.server(opts))
+end
+
+local function guard(srv)
+  return setmetatable({}, { __close = function() pcall(srv.close, srv, 0) end })
+end
+
+local function base(srv) return "http://127.0.0.1:" .. srv.port end
+
+-- a gRPC message frame: compressed flag 0, 4-byte big-endian length, the message
+local function grpc_frame(msg) return string.pack(">B I4", 0, #msg) .. msg end
+
+describe("http2 client against our server", function()
+  it("GET by prior knowledge: status, headers, body, version 2", function()
+    run(function()
+      local srv = serve(function(req, res)
+        res:header("x-proto", req.version)
+        res:send("hello " .. req.method)
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local res = assert(c:get(base(srv) .. "/x"))
+      assert.equal(200, res.status)
+      assert.equal("2", res.version)
+      assert.equal("2", res.headers["X-Proto"])
+      assert.equal("hello GET", res:body())
+      -- a second request goes on the same connection
+      assert.equal("hello GET", assert(c:get(base(srv) .. "/y")):body())
+      assert.equal(1, c:stats().h2_opened)
+      -- http2 = false on the request: HTTP/1.1
+      local r1 = assert(c:request{ url = base(srv) .. "/z", http2 = false })
+      assert.equal("1.1", r1.version)
+      assert.equal("1.1", r1.headers["x-proto"])
+      r1:body()
+      c:close()
+    end)
+  end)
+
+  it("POST 10 MiB streamed both ways, flow-controlled, in chunks", function()
+    run(function()
+      local got_in = 0
+      local srv = serve(function(req, res)
+        for chunk in req:body_reader() do got_in = got_in + #chunk end
+        local piece = ("y"):rep(64 * 1024)
+        for _ = 1, 160 do assert(res:write(piece)) end
+        res:finish()
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local sent = 0
+      local piece = ("x"):rep(64 * 1024)
+      local res = assert(c:request{ method = "POST", url = base(srv) .. "/up", body = function()
+        if sent >= 10 * MiB then return nil end
+        sent = sent + #piece
+        return piece
+      end })
+      assert.equal(200, res.status)
+      assert.equal(10 * MiB, got_in)
+      local n, chunks = 0, 0
+      for chunk in res:body_reader() do
+        n, chunks = n + #chunk, chunks + 1
+        assert.is_true(#chunk <= MiB, "a chunk above one stream window")
+      end
+      assert.equal(10 * MiB, n)
+      assert.is_true(chunks > 10)
+      c:close()
+    end, 30)
+  end)
+
+  it("a response nobody reads holds at most one stream window (the server's writer stalls)", function()
+    run(function()
+      local written = 0
+      local srv = serve(function(_, res)
+        local piece = ("z"):rep(64 * 1024)
+        for _ = 1, 64 do
+          if not res:write(piece) then return end
+          written = written + #piece
+        end
+        res:finish()
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true, h2_stream_window = 256 * 1024 }
+      local res = assert(c:get(base(srv) .. "/big"))
+      mw.sleep(0.3)
+      -- the stream window (256 KiB) plus what the server's stream buffers (64 KiB + a frame)
+      assert.is_true(written <= 512 * 1024, "the server wrote " .. written .. " bytes nobody read")
+      assert.equal(4 * MiB, #assert(res:body()))
+      c:close()
+    end)
+  end)
+
+  it("100 tasks share one connection (one TCP connection seen by the server)", function()
+    run(function()
+      local ports = {}
+      local srv = serve(function(req, res)
+        ports[req.remote_port] = true
+        mw.sleep(0.01)
+        res:send(req.path)
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local tasks = {}
+      for i = 1, 100 do
+        tasks[i] = mw.spawn(function()
+          local res = assert(c:get(base(srv) .. "/t" .. i))
+          return res:body()
+        end)
+      end
+      for i = 1, 100 do assert.equal("/t" .. i, select(2, tasks[i]:join())) end
+      local n = 0
+      for _ in pairs(ports) do n = n + 1 end
+      assert.equal(1, n)
+      assert.equal(1, c:stats().h2_opened)
+      c:close()
+    end)
+  end)
+
+  it("respects the server's MAX_CONCURRENT_STREAMS (5): requests wait for a free stream", function()
+    run(function()
+      local now, peak = 0, 0
+      local srv = serve(function(_, res)
+        now = now + 1
+        if now > peak then peak = now end
+        mw.sleep(0.02)
+        now = now - 1
+        res:send("ok")
+      end, { http2 = { max_streams = 5 } })
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local tasks = {}
+      for i = 1, 40 do
+        tasks[i] = mw.spawn(function()
+          local res, err, code = c:get(base(srv) .. "/m" .. i)
+          if not res then return nil, err, code end
+          return res:body()
+        end)
+      end
+      for i = 1, 40 do
+        local ok, body, err = tasks[i]:join()
+        assert.is_true(ok)
+        assert.equal("ok", body, tostring(err))
+      end
+      assert.equal(5, peak)
+      c:close()
+    end)
+  end)
+
+  it("response trailers after the body; request trailers with a streamed body", function()
+    run(function()
+      local seen_trailers
+      local srv = serve(function(req, res)
+        req:body()
+        seen_trailers = req.trailers
+        res:trailer("x-checksum", "abc123")
+        res:trailer("x-count", "2")
+        res:write("part1,")
+        res:write("part2")
+        res:finish()
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local parts = { "a", "b" }
+      local res = assert(c:request{ method = "POST", url = base(srv) .. "/tr",
+        body = function() return table.remove(parts, 1) end,
+        trailers = function() return { ["x-sent"] = "2 parts" } end })
+      assert.is_nil(res.trailers)
+      assert.equal("part1,part2", res:body())
+      assert.equal("abc123", res.trailers["x-checksum"])
+      assert.equal("2", res.trailers["X-Count"])
+      assert.equal("2 parts", seen_trailers and seen_trailers["x-sent"])
+      c:close()
+    end)
+  end)
+
+  it("a gRPC-style exchange: length-prefixed messages, te: trailers, grpc-status trailer", function()
+    run(function()
+      local srv = serve(function(req, res)
+        assert(req.headers["content-type"] == "application/grpc")
+        assert(req.headers.te == "trailers")
+        local body = req:body()
+        local flag, len = string.unpack(">B I4", body)
+        local msg = body:sub(6, 5 + len)
+        res:header("content-type", "application/grpc")
+        res:trailer("grpc-status", "0")
+        res:trailer("grpc-message", "OK")
+        res:write(grpc_frame("echo:" .. msg .. ":" .. flag))
+        res:finish()
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local frame = grpc_frame("ping")
+      local sent = false
+      local res = assert(c:request{ method = "POST", url = base(srv) .. "/pkg.Echo/Say",
+        headers = { ["content-type"] = "application/grpc", te = "trailers" },
+        body = function()
+          if sent then return nil end
+          sent = true
+          return frame
+        end })
+      assert.equal(200, res.status)
+      assert.equal("application/grpc", res.headers["content-type"])
+      local reply = res:body()
+      local flag, len = string.unpack(">B I4", reply)
+      assert.equal(0, flag)
+      assert.equal("echo:ping:0", reply:sub(6, 5 + len))
+      assert.equal("0", res.trailers["grpc-status"])
+      assert.equal("OK", res.trailers["grpc-message"])
+      c:close()
+    end)
+  end)
+
+  it("a stream reset by the server: nil, msg, 'reset'; the connection goes on", function()
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path == "/boom" then
+          res:write("partial")
+          error("handler failed")
+        end
+        res:send("fine")
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local res = assert(c:get(base(srv) .. "/boom"))
+      local body, err, code = res:body()
+      assert.is_nil(body)
+      assert.equal("reset", code)
+      assert.matches("INTERNAL_ERROR", err)
+      assert.equal("fine", assert(c:get(base(srv) .. "/ok")):body())
+      assert.equal(1, c:stats().h2_opened)
+      c:close()
+    end)
+  end)
+
+  it("timeouts as in HTTP/1.1: nil, 'timeout', 'timeout'", function()
+    run(function()
+      local srv = serve(function(_, res)
+        mw.sleep(1)
+        res:send("late")
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local res, err, code = c:request{ url = base(srv) .. "/slow", timeout = 0.1 }
+      assert.is_nil(res)
+      assert.equal("timeout", code, err)
+      c:close()
+    end)
+  end)
+end)
+
+describe("http2 client retries", function()
+  local function fake(mode)
+    local p = procs.start("h2_fake_server", procs.PYTHON .. " " .. procs.peers .. "/h2_fake_server.py " .. mode, 30)
+    local ev = p:wait_event(function(e) return e.event == "listening" end)
+    return p, "http://127.0.0.1:" .. ev.port
+  end
+
+  it("requests above a GOAWAY's last stream id are retried on a new connection", function()
+    run(function()
+      local p, url = fake("goaway")
+      local _ <close> = p
+      local c = http.client{ http2 = true }
+      assert.equal("conn=1 stream=1", assert(c:get(url .. "/first")):body())
+      local tasks = {}
+      for i = 1, 3 do
+        tasks[i] = mw.spawn(function()
+          local res, err, code = c:get(url .. "/r" .. i)
+          if not res then return nil, err, code end
+          return res:body()
+        end)
+      end
+      for i = 1, 3 do
+        local ok, body, err = tasks[i]:join()
+        assert.is_true(ok)
+        assert.matches("^conn=2 ", body or tostring(err))
+      end
+      assert.equal(2, c:stats().h2_opened)
+      c:close()
+    end, 20)
+  end)
+
+  it("a REFUSED_STREAM reset is retried once", function()
+    run(function()
+      local p, url = fake("refuse")
+      local _ <close> = p
+      local c = http.client{ http2 = true }
+      local res = assert(c:get(url .. "/a"))
+      assert.equal("conn=1 stream=3", res:body())
+      local n = 0
+      for _, e in ipairs(p:events()) do if e.event == "request" then n = n + 1 end end
+      assert.equal(2, n)
+      c:close()
+    end, 20)
+  end)
+end)
+
+describe("http2 client over TLS (ALPN)", function()
+  local D
+  setup(function()
+    D = os.tmpname()
+    os.remove(D)
+    assert(os.execute(("%s/fixtures/make-certs %s >/dev/null 2>&1"):format(procs.root .. "/spec", D)))
+  end)
+  teardown(function() if D then os.execute("rm -rf " .. D) end end)
+
+  it("https to our server negotiates h2; http2 = false keeps HTTP/1.1", function()
+    run(function()
+      local srv = serve(function(req, res) res:send(req.version) end,
+        { tls = { cert = D .. "/server-chain.pem", key = D .. "/server.key" } })
+      local _ <close> = guard(srv)
+      local c = http.client{ tls = { cafile = D .. "/ca.pem" } }
+      local url = "https://localhost:" .. srv.port .. "/"
+      local res = assert(c:get(url))
+      assert.equal("2", res.version)
+      assert.equal("2", res:body())
+      local r1 = assert(c:request{ url = url, http2 = false })
+      assert.equal("1.1", r1.version)
+      assert.equal("1.1", r1:body())
+      c:close()
+    end)
+  end)
+
+  it("against nghttpd: GET, POST echo, response trailers", function()
+    run(function()
+      local port = helper.free_port()
+      local www = D .. "/www"
+      os.execute("mkdir -p " .. www)
+      local f = assert(io.open(www .. "/index.html", "w"))
+      f:write(("0123456789"):rep(100000))
+      f:close()
+      local p = procs.start("nghttpd",
+        ("/usr/sbin/nghttpd --address=127.0.0.1 -d %s --echo-upload --trailer 'x-tr: yes' %d %s %s")
+          :format(www, port, D .. "/server.key", D .. "/server-chain.pem"), 30)
+      local _ <close> = p
+      assert(procs.wait_for(function()
+        local s = mw.tcp.connect("127.0.0.1", port, { timeout = 1 })
+        if s then s:close() return true end
+      end, 10))
+      local c = http.client{ tls = { cafile = D .. "/ca.pem" } }
+      local url = "https://localhost:" .. port
+      local res = assert(c:get(url .. "/index.html"))
+      assert.equal(200, res.status)
+      assert.equal("2", res.version)
+      assert.equal(1000000, #res:body())
+      assert.equal("yes", res.trailers and res.trailers["x-tr"])
+      local body = ("p"):rep(3 * MiB)
+      res = assert(c:post(url .. "/echo", body))
+      assert.equal(200, res.status)
+      assert.equal(body, res:body())
+      assert.equal(1, c:stats().h2_opened)
+      c:close()
+    end, 30)
+  end)
+
+  it("against nginx (listen ssl http2): 200 requests from 20 tasks on one connection", function()
+    run(function()
+      local dir = D .. "/nginx"
+      local port = helper.free_port()
+      os.execute(("mkdir -p %s/tmp %s/www"):format(dir, dir))
+      local conf = ([[
+daemon off;
+master_process off;
+worker_processes 1;
+error_log DIR/error.log;
+pid DIR/nginx.pid;
+events { worker_connections 256; }
+http {
+  log_format mw '$connection $connection_requests "$request" $status';
+  access_log DIR/access.log mw;
+  client_body_temp_path DIR/tmp/body;
+  proxy_temp_path DIR/tmp/proxy;
+  fastcgi_temp_path DIR/tmp/fastcgi;
+  uwsgi_temp_path DIR/tmp/uwsgi;
+  scgi_temp_path DIR/tmp/scgi;
+  keepalive_requests 100000;
+  server {
+    listen 127.0.0.1:PORT ssl http2;
+    ssl_certificate CERTS/server-chain.pem;
+    ssl_certificate_key CERTS/server.key;
+    location = /ok { return 200 "ok $server_protocol"; }
+  }
+}
+]]):gsub("DIR", dir):gsub("PORT", tostring(port)):gsub("CERTS", D)
+      local f = assert(io.open(dir .. "/nginx.conf", "w"))
+      f:write(conf)
+      f:close()
+      local p = procs.start("nginx", ("/usr/sbin/nginx -c %s/nginx.conf -p %s"):format(dir, dir), 60)
+      local _ <close> = p
+      assert(procs.wait_for(function()
+        local s = mw.tcp.connect("127.0.0.1", port, { timeout = 1 })
+        if s then s:close() return true end
+      end, 10), "nginx did not start")
+      local c = http.client{ tls = { cafile = D .. "/ca.pem" } }
+      local tasks = {}
+      for i = 1, 20 do
+        tasks[i] = mw.spawn(function()
+          for _ = 1, 10 do
+            local res = assert(c:get("https://localhost:" .. port .. "/ok"))
+            assert.equal("2", res.version)
+            assert.equal("ok HTTP/2.0", res:body())
+          end
+          return true
+        end)
+      end
+      for i = 1, 20 do assert.is_true(tasks[i]:join()) end
+      local conns = {}
+      local lines = 0
+      for line in io.lines(dir .. "/access.log") do
+        conns[line:match("^(%d+)")] = true
+        lines = lines + 1
+      end
+      local n = 0
+      for _ in pairs(conns) do n = n + 1 end
+      assert.equal(200, lines)
+      assert.equal(1, n)
+      c:close()
+    end, 30)
+  end)
+end)

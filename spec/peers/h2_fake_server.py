@@ -1,0 +1,94 @@
+#!/usr/bin/python3
+"""A scripted HTTP/2 server (cleartext, prior knowledge) for moonwire's HTTP/2 client spec,
+on Debian's python3-h2.
+
+    /usr/bin/python3 spec/peers/h2_fake_server.py MODE [--lifetime SECONDS]
+
+Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening port=N`, then
+`event=request conn=C stream=S path=P` for every request it sees. Answers 200 with the body
+"conn=C stream=S". MODE:
+    goaway   on the first connection: answers stream 1, then, once three more requests
+             arrived, sends GOAWAY with last_stream_id 1 (they were not processed) and closes;
+             every later connection is answered normally
+    refuse   resets the first request of the first connection with REFUSED_STREAM
+    normal   answers everything
+"""
+import argparse
+import socket
+import threading
+import time
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+
+
+def emit(**kv):
+    print("\t".join("%s=%s" % (k, v) for k, v in kv.items()), flush=True)
+
+
+def serve(sock, conn_no, mode):
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    pending = []
+    refused = False
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived):
+                hdrs = dict((k.decode() if isinstance(k, bytes) else k, v.decode() if isinstance(v, bytes) else v)
+                            for k, v in ev.headers)
+                sid = ev.stream_id
+                emit(event="request", conn=conn_no, stream=sid, path=hdrs.get(":path"))
+                if mode == "refuse" and conn_no == 1 and not refused:
+                    refused = True
+                    conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    continue
+                if mode == "goaway" and conn_no == 1 and sid > 1:
+                    pending.append(sid)
+                    if len(pending) >= 3:
+                        conn.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR, last_stream_id=1)
+                        sock.sendall(conn.data_to_send())
+                        time.sleep(0.2)
+                        sock.close()
+                        return
+                    continue
+                body = ("conn=%d stream=%d" % (conn_no, sid)).encode()
+                conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
+                conn.send_data(sid, body, end_stream=True)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                sock.close()
+                return
+        out = conn.data_to_send()
+        if out:
+            sock.sendall(out)
+    sock.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode")
+    ap.add_argument("--lifetime", type=float, default=30)
+    args = ap.parse_args()
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(16)
+    emit(event="listening", port=ls.getsockname()[1])
+    ls.settimeout(args.lifetime)
+    n = 0
+    while True:
+        try:
+            s, _ = ls.accept()
+        except socket.timeout:
+            return
+        n += 1
+        threading.Thread(target=serve, args=(s, n, args.mode), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1642 @@
+/* h2client: HTTP/2 client connections on libnghttp2 (H2Client, H2ClientStream), and the
+ * bench driver that runs requests over one without a Lua call per request.
+ *
+ * One C-owned nghttp2 client session per connection. Many tasks share it: there is no
+ * reading task of its own (an idle pooled connection is no task, so it keeps no loop
+ * alive). A task that needs something from the connection (a response head, body bytes,
+ * room to write) drives it while no other task does: it writes what nghttp2 has to send
+ * (gathered into the socket's output buffer up to a high-water mark), reads, and feeds
+ * nghttp2; the callbacks record into the stream structs and wake the tasks parked on their
+ * streams. When the driving task has what it came for, it hands the driving over to one of
+ * the parked tasks. nghttp2 callbacks never run Lua. Request bodies go through a data
+ * provider from a per-stream buffer (a writer waits while it is above out_hwm); response
+ * windows are given back as the caller reads (no automatic WINDOW_UPDATE). */
+#define _GNU_SOURCE
+#include "h2client.h"
+#include "hdr.h"
+#include "stream.h"
+#include "mwlua.h"
+#include "list.h"
+
+#include <errno.h>
+#include <nghttp2/nghttp2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HC_MT "moonwire.H2Client"
+#define HS_MT "moonwire.H2ClientStream"
+#define HB_MT "moonwire.H2Bench"
+
+typedef struct hconn hconn;
+typedef struct hstream hstream;
+typedef struct hbench hbench;
+
+/* A packed list of header fields: name \0 value \0, n of them. */
+typedef struct fields {
+    char *p;
+    size_t len, cap;
+    int n;
+} fields;
+
+struct hstream {
+    int32_t id;
+    hconn *c;                  /* NULL once the connection is gone */
+    unsigned in_session : 1;   /* nghttp2 may still refer to it (queued or open) */
+    unsigned lua_owned : 1;    /* an H2ClientStream userdata points here */
+    unsigned sent : 1;         /* its HEADERS went out */
+    unsigned closed : 1;
+    unsigned head_done : 1;    /* the final response head is complete */
+    unsigned body_done : 1;    /* END_STREAM received */
+    unsigned out_eof : 1;      /* the request body is complete */
+    unsigned deferred : 1;     /* the data provider said DEFERRED */
+    unsigned bad : 1;          /* the response broke a limit */
+    unsigned bench : 1;        /* a bench request: counted, not kept */
+    uint32_t close_code;
+    int status;
+    size_t hbytes;
+    fields head, trailers, trout;
+    mw_buf in, out;            /* response body not read yet; request body not sent yet */
+    mw_task *reader, *writer;  /* tasks parked on this stream */
+    int64_t t0;                /* bench: when the request was due */
+    int retries;               /* bench: REFUSED_STREAM resubmissions */
+    hstream *prev, *next;
+};
+
+struct hbench {
+    mw_hdr *latency, *second, *ttfb;
+    int64_t count, bytes, refused_retries, reconnects, hung, timeouts, read_errors, status_errors;
+    int64_t statuses[600];
+    int64_t rst[16], goaway[16];   /* by error code (14 and above: 15) */
+    int stop;
+    hconn *running;                /* connections in conn:bench (a list by bnext) */
+};
+
+/* a bench run's parameters (conn:bench's spec), read once per call */
+typedef struct bspec {
+    int streams;
+    int64_t interval, next_send, end, drain_end, timeout;
+} bspec;
+
+struct hconn {
+    nghttp2_session *session;
+    mw_sock *sock;
+    mw_rt *rt;
+    hstream *streams;
+    int fatal;
+    char err[160];
+    const char *errcode;
+    char errcodebuf[24];
+    int goaway_recv, goaway_sent;
+    int32_t goaway_last;
+    uint32_t goaway_code;
+    size_t hwm, out_hwm;
+    uint32_t max_fields, max_header_bytes;
+    /* the bench driver */
+    hbench *b;
+    hconn *bnext;
+    mw_task *btask;
+    nghttp2_nv *bnv;
+    size_t bnvlen;
+    char *bstore, *bbody;
+    size_t bbodylen;
+    int active;
+    int64_t last_progress;
+    bspec sp;
+};
+
+/* ---- small helpers ----------------------------------------------------------------------- */
+
+static int fields_add(fields *f, const uint8_t *n, size_t nl, const uint8_t *v, size_t vl)
+{
+    size_t need = f->len + nl + vl + 2;
+    if (need > f->cap) {
+        size_t cap = f->cap ? f->cap * 2 : 256;
+        while (cap < need) cap *= 2;
+        char *p = realloc(f->p, cap);
+        if (!p) return -1;
+        f->p = p;
+        f->cap = cap;
+    }
+    memcpy(f->p + f->len, n, nl);
+    f->p[f->len + nl] = 0;
+    memcpy(f->p + f->len + nl + 1, v, vl);
+    f->p[f->len + nl + 1 + vl] = 0;
+    f->len = need;
+    f->n++;
+    return 0;
+}
+
+static void fields_free(fields *f)
+{
+    free(f->p);
+    memset(f, 0, sizeof *f);
+}
+
+static int fields_next(const fields *f, size_t *pos, const char **n, size_t *nl, const char **v, size_t *vl)
+{
+    if (*pos >= f->len) return 0;
+    *n = f->p + *pos;
+    *nl = strlen(*n);
+    *v = *n + *nl + 1;
+    *vl = strlen(*v);
+    *pos += *nl + *vl + 2;
+    return 1;
+}
+
+static void stream_free(hstream *st)
+{
+    fields_free(&st->head);
+    fields_free(&st->trailers);
+    fields_free(&st->trout);
+    free(st->in.data);
+    free(st->out.data);
+    free(st);
+}
+
+static void stream_release(hstream *st)
+{
+    if (st->in_session || st->lua_owned) return;
+    if (st->c) MW_LIST_UNLINK(st->c->streams, st, prev, next);
+    stream_free(st);
+}
+
+static void wake(mw_task **slot)
+{
+    if (*slot) mw_sched_wake(*slot, MW_WAKE_READY);
+}
+
+static void wake_stream(hstream *st)
+{
+    wake(&st->reader);
+    wake(&st->writer);
+}
+
+/* Wakes the task driving the connection (parked on its socket), if any. */
+static void poke_driver(hconn *c)
+{
+    mw_sock *s = c->sock;
+    if (s->waiter[MW_ROLE_READ]) mw_sched_wake(s->waiter[MW_ROLE_READ], MW_WAKE_READY);
+}
+
+/* Wakes the bench task of c when it waits on c's socket (a task killed meanwhile was
+ * detached from the socket: never touched). */
+static void wake_btask(hconn *c)
+{
+    mw_task *t = c->btask;
+    if (t && (c->sock->waiter[MW_ROLE_READ] == t || c->sock->waiter[MW_ROLE_WRITE] == t))
+        mw_sched_wake(t, MW_WAKE_READY);
+}
+
+static void conn_fail(hconn *c, const char *msg, const char *code)
+{
+    if (c->fatal) return;
+    c->fatal = 1;
+    snprintf(c->err, sizeof c->err, "%s", msg);
+    c->errcode = code;
+    for (hstream *st = c->streams; st; st = st->next) wake_stream(st);
+    wake_btask(c);
+}
+
+static int code_slot(uint32_t code) { return code < 15 ? (int)code : 15; }
+
+/* Gathers what nghttp2 has to send into the socket's output buffer, up to the high-water
+ * mark; past it, the driving task is woken to wait for the socket to drain. */
+static void flush_session(hconn *c)
+{
+    mw_sock *s = c->sock;
+    if (c->fatal) return;
+    if (s->closed) {
+        conn_fail(c, "closed", "closed");
+        return;
+    }
+    while (mw_buf_len(&s->obuf) < c->hwm) {
+        const uint8_t *data;
+        ssize_t n = nghttp2_session_mem_send(c->session, &data);
+        if (n < 0) {
+            conn_fail(c, nghttp2_strerror((int)n), "http2");
+            return;
+        }
+        if (n == 0) return;
+        if (mw_sock_gather(s, (const char *)data, (size_t)n, NULL, 0) < 0) {
+            conn_fail(c, "not enough memory", "ENOMEM");
+            return;
+        }
+    }
+    if (nghttp2_session_want_write(c->session)) poke_driver(c);
+}
+
+/* ---- nghttp2 callbacks (no Lua here) ------------------------------------------------------ */
+
+static void bench_done(hconn *c, hstream *st);
+
+static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t *n, size_t nl,
+                     const uint8_t *v, size_t vl, uint8_t flags, void *ud)
+{
+    hconn *c = ud;
+    (void)flags;
+    hstream *st = nghttp2_session_get_stream_user_data(ss, f->hd.stream_id);
+    if (!st || st->bad) return 0;
+    if (nl == 7 && memcmp(n, ":status", 7) == 0 && !st->head_done) {
+        int status = 0;
+        for (size_t i = 0; i < vl && i < 3; i++) status = status * 10 + (v[i] - '0');  /* nghttp2 checked it */
+        st->status = status;
+        if (st->bench) return 0;
+    }
+    if (st->bench) return 0;
+    st->hbytes += nl + vl + 32;
+    fields *dst = st->head_done ? &st->trailers : &st->head;
+    if ((uint32_t)dst->n >= c->max_fields || st->hbytes > c->max_header_bytes) {
+        st->bad = 1;
+        nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_ENHANCE_YOUR_CALM);
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+    if (fields_add(dst, n, nl, v, vl) < 0) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    return 0;
+}
+
+static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
+{
+    hconn *c = ud;
+    hstream *st = f->hd.stream_id ? nghttp2_session_get_stream_user_data(ss, f->hd.stream_id) : NULL;
+    switch (f->hd.type) {
+    case NGHTTP2_HEADERS:
+        if (!st) return 0;
+        if (!st->head_done) {
+            if (st->status >= 100 && st->status < 200) {
+                /* an interim response (100 Continue, 103): not the answer */
+                fields_free(&st->head);
+                st->hbytes = 0;
+                st->status = 0;
+                return 0;
+            }
+            st->head_done = 1;
+            if (st->bench && c->b) {
+                hbench *b = c->b;
+                int64_t us = (mw_loop_clock() - st->t0) / 1000;
+                mw_hdr_record(b->ttfb, us < 0 ? 0 : (uint64_t)us);
+            }
+        }
+        if (f->hd.flags & NGHTTP2_FLAG_END_STREAM) st->body_done = 1;
+        wake(&st->reader);
+        return 0;
+    case NGHTTP2_DATA:
+        if (st && (f->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+            st->body_done = 1;
+            wake(&st->reader);
+        }
+        return 0;
+    case NGHTTP2_GOAWAY:
+        c->goaway_recv = 1;
+        c->goaway_last = f->goaway.last_stream_id;
+        c->goaway_code = f->goaway.error_code;
+        if (c->b) c->b->goaway[code_slot(f->goaway.error_code)]++;
+        return 0;
+    case NGHTTP2_RST_STREAM:
+        if (c->b) c->b->rst[code_slot(f->rst_stream.error_code)]++;
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const uint8_t *data,
+                         size_t len, void *ud)
+{
+    hconn *c = ud;
+    (void)flags;
+    hstream *st = nghttp2_session_get_stream_user_data(ss, id);
+    if (!st || st->bench || st->bad || !st->lua_owned) {
+        /* nobody reads it: the window goes back at once */
+        if (st && st->bench && c->b) c->b->bytes += (int64_t)len;
+        nghttp2_session_consume(ss, id, len);
+        return 0;
+    }
+    size_t avail;
+    char *p = mw_buf_reserve(&st->in, NULL, len, &avail);
+    if (!p) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    memcpy(p, data, len);
+    mw_buf_commit(&st->in, len);
+    wake(&st->reader);
+    return 0;
+}
+
+static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
+{
+    (void)ud;
+    if (f->hd.type == NGHTTP2_HEADERS && f->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        hstream *st = nghttp2_session_get_stream_user_data(ss, f->hd.stream_id);
+        if (st) st->sent = 1;
+    }
+    return 0;
+}
+
+static hstream *find_stream(hconn *c, int32_t id)
+{
+    for (hstream *st = c->streams; st; st = st->next)
+        if (st->id == id) return st;
+    return NULL;
+}
+
+static void stream_closed(hconn *c, hstream *st, uint32_t code)
+{
+    st->in_session = 0;
+    st->closed = 1;
+    st->close_code = code;
+    wake_stream(st);
+    if (st->bench) {
+        bench_done(c, st);
+        return;
+    }
+    stream_release(st);
+}
+
+/* A request HEADERS that never went out (GOAWAY received, cancelled): its stream never
+ * opened, so nghttp2 calls no on_stream_close for it. */
+static int on_frame_not_send(nghttp2_session *ss, const nghttp2_frame *f, int err, void *ud)
+{
+    hconn *c = ud;
+    (void)ss;
+    (void)err;
+    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+    hstream *st = find_stream(c, f->hd.stream_id);
+    if (st && st->in_session) stream_closed(c, st, NGHTTP2_REFUSED_STREAM);
+    return 0;
+}
+
+static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void *ud)
+{
+    hconn *c = ud;
+    hstream *st = nghttp2_session_get_stream_user_data(ss, id);
+    if (!st) return 0;
+    nghttp2_session_set_stream_user_data(ss, id, NULL);
+    stream_closed(c, st, code);
+    return 0;   /* never a fatal error here (CVE-2023-35945's path) */
+}
+
+static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t len,
+                             uint32_t *flags, nghttp2_data_source *src, void *ud)
+{
+    hstream *st = src->ptr;
+    hconn *c = ud;
+    size_t have = mw_buf_len(&st->out);
+    if (have == 0 && !st->out_eof) {
+        st->deferred = 1;
+        return NGHTTP2_ERR_DEFERRED;
+    }
+    size_t n = have < len ? have : len;
+    if (n) memcpy(buf, mw_buf_head(&st->out), n);
+    mw_buf_consume(&st->out, n);
+    if (mw_buf_len(&st->out) == 0) mw_buf_release(&st->out, NULL);
+    if (mw_buf_len(&st->out) < c->out_hwm / 2) {
+        if (st->writer) wake(&st->writer);
+        else if (!st->bench && !st->out_eof) poke_driver(c);   /* the writer may be driving */
+    }
+    if (st->out_eof && mw_buf_len(&st->out) == 0) {
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        if (st->trout.n > 0) {
+            nghttp2_nv nv[64];
+            size_t pos = 0, nl, vl;
+            const char *nm, *v;
+            int k = 0;
+            while (k < 64 && fields_next(&st->trout, &pos, &nm, &nl, &v, &vl)) {
+                nv[k] = (nghttp2_nv){ (uint8_t *)nm, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
+                k++;
+            }
+            if (nghttp2_submit_trailer(ss, id, nv, (size_t)k) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+        }
+    }
+    return (ssize_t)n;
+}
+
+/* ---- driving the connection -------------------------------------------------------------- */
+
+/* One round of I/O by the running task t, which needs progress on the connection. Returns
+ * -1 when something happened (the caller checks its condition again), else the count of
+ * results to return (the task parked: on its stream `slot` while another task drives, or
+ * on the socket). */
+static int io_round(lua_State *L, hconn *c, mw_task *t, mw_task **slot, int64_t deadline,
+                    lua_KFunction k, lua_KContext ctx)
+{
+    mw_sock *s = c->sock;
+    if (c->fatal) return -1;
+    if ((s->waiter[MW_ROLE_READ] && s->waiter[MW_ROLE_READ] != t) ||
+        (s->waiter[MW_ROLE_WRITE] && s->waiter[MW_ROLE_WRITE] != t)) {
+        /* another task drives: wait on the stream */
+        *slot = t;
+        return mw_sched_wait(L, t, deadline, k, ctx);
+    }
+    flush_session(c);
+    if (c->fatal) return -1;
+    if (mw_buf_len(&s->obuf) >= c->hwm) {
+        uint32_t want = EPOLLOUT;
+        int r = mw_sock_flush(s, &want);
+        if (r < 0) {
+            conn_fail(c, strerror(errno), mw_errname(errno));
+            return -1;
+        }
+        if (mw_buf_len(&s->obuf) >= c->hwm)
+            return mw_sock_wait(L, s, t, MW_ROLE_WRITE, want, deadline, k, ctx);
+        return -1;
+    }
+    size_t len = mw_buf_len(&s->rbuf);
+    if (len > 0) {
+        ssize_t n = nghttp2_session_mem_recv(c->session, (const uint8_t *)mw_buf_head(&s->rbuf), len);
+        if (n < 0) {
+            flush_session(c);     /* nghttp2's GOAWAY, if it made one */
+            conn_fail(c, nghttp2_strerror((int)n), "http2");
+            return -1;
+        }
+        mw_buf_consume(&s->rbuf, (size_t)n);
+        s->scan = 0;
+        c->last_progress = mw_loop_clock();
+        flush_session(c);
+        return -1;
+    }
+    if (s->eof) {
+        conn_fail(c, "closed", "closed");
+        return -1;
+    }
+    uint32_t want = EPOLLIN;
+    int r = mw_stream_fill(s, 16384, &want);
+    if (r == 1 || r == 0) return -1;
+    if (r == -3) {
+        /* the stream layer's words for it ("tls: reason", "tls" for a TLS failure) */
+        mw_stream_pusherr(L, s, errno);
+        snprintf(c->errcodebuf, sizeof c->errcodebuf, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "EIO");
+        conn_fail(c, lua_tostring(L, -2) ? lua_tostring(L, -2) : "I/O error", c->errcodebuf);
+        lua_pop(L, 3);
+        return -1;
+    }
+    if (!nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session)) {
+        conn_fail(c, "connection ended (GOAWAY)", "closed");
+        return -1;
+    }
+    return mw_sock_wait(L, s, t, MW_ROLE_READ, want, deadline, k, ctx);
+}
+
+/* The running task stops needing the connection: when nobody drives it any more, one of
+ * the tasks parked on a stream takes over. */
+static void handoff(hconn *c)
+{
+    mw_sock *s = c->sock;
+    if (c->fatal || s->waiter[MW_ROLE_READ] || s->waiter[MW_ROLE_WRITE]) return;
+    for (hstream *st = c->streams; st; st = st->next) {
+        if (st->reader) { wake(&st->reader); return; }
+        if (st->writer) { wake(&st->writer); return; }
+    }
+}
+
+/* ---- the connection ---------------------------------------------------------------------- */
+
+static hconn *checkconn(lua_State *L)
+{
+    hconn *c = luaL_checkudata(L, 1, HC_MT);
+    if (!c->session) luaL_error(L, "attempt to use a closed HTTP/2 connection");
+    return c;
+}
+
+static double optnum(lua_State *L, int t, const char *k, double d)
+{
+    lua_getfield(L, t, k);
+    double v = luaL_optnumber(L, -1, d);
+    lua_pop(L, 1);
+    return v;
+}
+
+static void bench_leave(hconn *c);
+
+static void bench_free_spec(hconn *c)
+{
+    free(c->bnv);
+    free(c->bstore);
+    free(c->bbody);
+    c->bnv = NULL;
+    c->bstore = c->bbody = NULL;
+    c->bnvlen = c->bbodylen = 0;
+}
+
+static void conn_free(hconn *c)
+{
+    if (!c->session) return;
+    hstream *st = c->streams;
+    while (st) {
+        hstream *nx = st->next;
+        st->c = NULL;
+        st->in_session = 0;
+        st->closed = 1;
+        wake_stream(st);
+        if (!st->lua_owned) stream_free(st);
+        st = nx;
+    }
+    c->streams = NULL;
+    bench_leave(c);
+    nghttp2_session_del(c->session);
+    c->session = NULL;
+    bench_free_spec(c);
+}
+
+static int hc_gc(lua_State *L)
+{
+    conn_free(luaL_checkudata(L, 1, HC_MT));
+    return 0;
+}
+
+/* core.h2_client(sock, opts) -> H2Client. opts: stream_window (1 MiB), conn_window
+ * (16 MiB), hwm (64 KiB of socket output that makes the driver wait for the socket),
+ * out_hwm (64 KiB of a request body queued that makes st:write wait), header_fields (200),
+ * header_bytes (64 KiB). The preface and SETTINGS (ENABLE_PUSH 0) are queued at once. */
+static int l_h2_client(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    if (lua_isnoneornil(L, 2)) lua_newtable(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    hconn *c = lua_newuserdatauv(L, sizeof *c, 2);
+    memset(c, 0, sizeof *c);
+    luaL_setmetatable(L, HC_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    c->sock = s;
+    c->rt = s->rt;
+    uint32_t stream_window = (uint32_t)optnum(L, 2, "stream_window", 1 << 20);
+    uint32_t conn_window = (uint32_t)optnum(L, 2, "conn_window", 16 << 20);
+    c->hwm = (size_t)optnum(L, 2, "hwm", 65536);
+    c->out_hwm = (size_t)optnum(L, 2, "out_hwm", 65536);
+    c->max_fields = (uint32_t)optnum(L, 2, "header_fields", 200);
+    c->max_header_bytes = (uint32_t)optnum(L, 2, "header_bytes", 65536);
+    if (stream_window > 0x7fffffff) stream_window = 0x7fffffff;
+    if (conn_window > 0x7fffffff) conn_window = 0x7fffffff;
+
+    nghttp2_session_callbacks *cbs;
+    nghttp2_option *opt;
+    if (nghttp2_session_callbacks_new(&cbs) != 0) return luaL_error(L, "not enough memory");
+    nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, on_frame_send);
+    nghttp2_session_callbacks_set_on_frame_not_send_callback(cbs, on_frame_not_send);
+    if (nghttp2_option_new(&opt) != 0) {
+        nghttp2_session_callbacks_del(cbs);
+        return luaL_error(L, "not enough memory");
+    }
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    /* until the server's SETTINGS arrive, one stream at a time: requests queue in nghttp2
+     * instead of being refused by a server whose limit is lower than the default 100 */
+    nghttp2_option_set_peer_max_concurrent_streams(opt, 1);
+    nghttp2_option_set_max_outbound_ack(opt, 1000);
+    nghttp2_option_set_max_settings(opt, 32);
+    int rv = nghttp2_session_client_new2(&c->session, cbs, c, opt);
+    nghttp2_session_callbacks_del(cbs);
+    nghttp2_option_del(opt);
+    if (rv != 0) return luaL_error(L, "nghttp2_session_client_new2: %s", nghttp2_strerror(rv));
+    nghttp2_settings_entry iv[3] = {
+        { NGHTTP2_SETTINGS_ENABLE_PUSH, 0 },
+        { NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, stream_window },
+        { NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, c->max_header_bytes },
+    };
+    nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, iv, 3);
+    if (conn_window > 65535)
+        nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, (int32_t)conn_window);
+    c->last_progress = c->rt->loop.now;
+    flush_session(c);
+    return 1;
+}
+
+static int is_conn_specific(const char *n, size_t nl)
+{
+    static const char *const banned[] = { "connection", "keep-alive", "proxy-connection",
+                                          "transfer-encoding", "upgrade", "host", NULL };
+    for (int i = 0; banned[i]; i++)
+        if (strlen(banned[i]) == nl && memcmp(banned[i], n, nl) == 0) return 1;
+    return 0;
+}
+
+/* An nv array plus an arena of lower-cased names, in one block. */
+typedef struct nvlist {
+    nghttp2_nv *nv;
+    int n, cap;
+    char *arena;
+    size_t used, size;
+} nvlist;
+
+static void nv_add(nvlist *l, const char *n, size_t nl, const char *v, size_t vl, int lower)
+{
+    if (l->n >= l->cap) return;
+    char *nn = (char *)n;
+    if (lower && l->used + nl <= l->size) {
+        nn = l->arena + l->used;
+        for (size_t i = 0; i < nl; i++) {
+            char ch = n[i];
+            nn[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+        }
+        l->used += nl;
+    }
+    l->nv[l->n++] = (nghttp2_nv){ (uint8_t *)nn, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
+}
+
+/* Builds the request's nv list (pseudo-headers, then the flat name/value pairs at `fidx`,
+ * nh of them: names lower-cased, connection-specific ones and TE other than "trailers"
+ * dropped) into a block from `alloc` (a userdata, or malloc for the bench). The strings
+ * stay owned by the Lua stack (or are copied by the caller). */
+static nvlist *build_nv(lua_State *L, int base, int fidx, int nh, int use_malloc)
+{
+    size_t arena = 0;
+    for (int i = 0; i < nh; i++) {
+        size_t kl;
+        lua_rawgeti(L, fidx, 2 * i + 1);
+        if (!lua_tolstring(L, -1, &kl)) luaL_error(L, "bad header list");
+        arena += kl;
+        lua_pop(L, 1);
+    }
+    int cap = nh + 4;
+    size_t size = sizeof(nvlist) + (size_t)cap * sizeof(nghttp2_nv) + arena;
+    nvlist *l = use_malloc ? malloc(size) : lua_newuserdatauv(L, size, 0);
+    if (!l) luaL_error(L, "not enough memory");
+    l->nv = (nghttp2_nv *)(l + 1);
+    l->n = 0;
+    l->cap = cap;
+    l->arena = (char *)(l->nv + cap);
+    l->used = 0;
+    l->size = arena;
+    static const char *const pseudo[] = { ":method", ":scheme", ":authority", ":path" };
+    for (int i = 0; i < 4; i++) {
+        size_t vl;
+        const char *v = luaL_checklstring(L, base + i, &vl);
+        nv_add(l, pseudo[i], strlen(pseudo[i]), v, vl, 0);
+    }
+    for (int i = 0; i < nh; i++) {
+        size_t kl, vl;
+        lua_rawgeti(L, fidx, 2 * i + 1);
+        lua_rawgeti(L, fidx, 2 * i + 2);
+        const char *k = lua_tolstring(L, -2, &kl), *v = lua_tolstring(L, -1, &vl);
+        /* the strings stay alive: the flat table holds them */
+        lua_pop(L, 2);
+        if (!k || !v) {
+            if (use_malloc) free(l);
+            luaL_error(L, "bad header list");
+        }
+        char lk[24];
+        int skip = 0;
+        if (kl < sizeof lk) {
+            for (size_t j = 0; j < kl; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
+            skip = is_conn_specific(lk, kl) || (kl == 2 && memcmp(lk, "te", 2) == 0 && !(vl == 8 && strncasecmp(v, "trailers", 8) == 0));
+        }
+        if (!skip) nv_add(l, k, kl, v, vl, 1);
+    }
+    return l;
+}
+
+static int conn_fail_push(lua_State *L, hconn *c)
+{
+    return mw_pushfail(L, c->err[0] ? c->err : "closed", c->errcode ? c->errcode : "closed");
+}
+
+static hstream *new_stream(hconn *c)
+{
+    hstream *st = calloc(1, sizeof *st);
+    if (!st) return NULL;
+    st->c = c;
+    st->in_session = 1;
+    MW_LIST_PUSH(c->streams, st, prev, next);
+    return st;
+}
+
+/* conn:request(method, scheme, authority, path, flat, nh [, body [, more]]) -> stream |
+ * nil, msg, code. `body` (a string) is queued as the request body; with `more` the body
+ * goes on with stream:write (and the request ends with write(..., true)). */
+static int hc_request(lua_State *L)
+{
+    hconn *c = checkconn(L);
+    luaL_checktype(L, 6, LUA_TTABLE);
+    int nh = (int)luaL_checkinteger(L, 7);
+    size_t blen = 0;
+    const char *body = luaL_optlstring(L, 8, NULL, &blen);
+    int more = lua_toboolean(L, 9);
+    if (c->fatal) return conn_fail_push(L, c);
+    if (c->goaway_recv || c->goaway_sent) return mw_pushfail(L, "connection is going away", "goaway");
+    nvlist *l = build_nv(L, 2, 6, nh, 0);
+    int lidx = lua_gettop(L);
+    hstream **ud = lua_newuserdatauv(L, sizeof *ud, 1);
+    *ud = NULL;
+    luaL_setmetatable(L, HS_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    hstream *st = new_stream(c);
+    if (!st) return luaL_error(L, "not enough memory");
+    if (body && blen) {
+        size_t avail;
+        char *p = mw_buf_reserve(&st->out, NULL, blen, &avail);
+        if (!p) {
+            st->in_session = 0;
+            stream_release(st);
+            return luaL_error(L, "not enough memory");
+        }
+        memcpy(p, body, blen);
+        mw_buf_commit(&st->out, blen);
+    }
+    st->out_eof = more ? 0 : 1;
+    nghttp2_data_provider prd;
+    prd.source.ptr = st;
+    prd.read_callback = read_body_out;
+    int32_t id = nghttp2_submit_request(c->session, NULL, l->nv, (size_t)l->n,
+                                        (st->out_eof && mw_buf_len(&st->out) == 0) ? NULL : &prd, st);
+    if (id < 0) {
+        st->in_session = 0;
+        stream_release(st);
+        return mw_pushfail(L, nghttp2_strerror(id), id == NGHTTP2_ERR_STREAM_ID_NOT_AVAILABLE ? "goaway" : "http2");
+    }
+    st->id = id;
+    st->lua_owned = 1;
+    *ud = st;
+    flush_session(c);
+    lua_remove(L, lidx);
+    return 1;
+}
+
+/* conn:usable() -> whether new requests may go on this connection */
+static int hc_usable(lua_State *L)
+{
+    hconn *c = luaL_checkudata(L, 1, HC_MT);
+    lua_pushboolean(L, c->session && !c->fatal && !c->goaway_recv && !c->goaway_sent && !c->sock->closed &&
+                           nghttp2_session_check_request_allowed(c->session));
+    return 1;
+}
+
+/* conn:streams() -> requests not finished (queued or open), the peer's
+ * MAX_CONCURRENT_STREAMS */
+static int hc_streams(lua_State *L)
+{
+    hconn *c = luaL_checkudata(L, 1, HC_MT);
+    int n = 0;
+    for (hstream *st = c->streams; st; st = st->next) if (!st->closed) n++;
+    lua_pushinteger(L, n);
+    lua_pushinteger(L, c->session ? (lua_Integer)nghttp2_session_get_remote_settings(c->session,
+                                                  NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS) : 0);
+    return 2;
+}
+
+/* conn:poll() -> usable: processes what the socket holds now, without waiting (a pooled
+ * connection's GOAWAY or close is seen before a request is put on it) */
+static int hc_poll(lua_State *L)
+{
+    hconn *c = checkconn(L);
+    mw_sock *s = c->sock;
+    if (!c->fatal && !s->waiter[MW_ROLE_READ] && !s->waiter[MW_ROLE_WRITE]) {
+        for (int i = 0; i < 16 && !c->fatal; i++) {
+            size_t len = mw_buf_len(&s->rbuf);
+            if (len > 0) {
+                ssize_t n = nghttp2_session_mem_recv(c->session, (const uint8_t *)mw_buf_head(&s->rbuf), len);
+                if (n < 0) {
+                    conn_fail(c, nghttp2_strerror((int)n), "http2");
+                    break;
+                }
+                mw_buf_consume(&s->rbuf, (size_t)n);
+                s->scan = 0;
+                continue;
+            }
+            if (s->eof) {
+                conn_fail(c, "closed", "closed");
+                break;
+            }
+            uint32_t want = EPOLLIN;
+            int r = mw_stream_fill(s, 16384, &want);
+            if (r == -1) break;
+            if (r == -3) conn_fail(c, strerror(errno), mw_errname(errno));
+        }
+        flush_session(c);
+    }
+    return hc_usable(L);
+}
+
+/* conn:info() -> { goaway = code name | nil, last_stream_id, max_streams, error } */
+static int hc_info(lua_State *L)
+{
+    hconn *c = luaL_checkudata(L, 1, HC_MT);
+    lua_createtable(L, 0, 4);
+    if (c->goaway_recv) {
+        lua_pushstring(L, nghttp2_http2_strerror(c->goaway_code));
+        lua_setfield(L, -2, "goaway");
+        lua_pushinteger(L, c->goaway_last);
+        lua_setfield(L, -2, "last_stream_id");
+    }
+    if (c->session) {
+        lua_pushinteger(L, nghttp2_session_get_remote_settings(c->session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS));
+        lua_setfield(L, -2, "max_streams");
+    }
+    if (c->fatal) {
+        lua_pushstring(L, c->err);
+        lua_setfield(L, -2, "error");
+    }
+    return 1;
+}
+
+/* conn:close(): a GOAWAY (NO_ERROR) when the connection is still good, then the socket
+ * closes; every stream still waiting fails with "closed". */
+static int hc_close(lua_State *L)
+{
+    hconn *c = luaL_checkudata(L, 1, HC_MT);
+    if (!c->session) return 0;
+    if (!c->fatal && !c->goaway_sent && !c->sock->closed) {
+        c->goaway_sent = 1;
+        nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE, 0, NGHTTP2_NO_ERROR, NULL, 0);
+        flush_session(c);
+    }
+    conn_fail(c, "closed", "closed");
+    return 0;
+}
+
+/* ---- streams ----------------------------------------------------------------------------- */
+
+static hstream *checkstream(lua_State *L)
+{
+    hstream **ud = luaL_checkudata(L, 1, HS_MT);
+    if (!*ud) luaL_error(L, "attempt to use a finished HTTP/2 stream");
+    return *ud;
+}
+
+static int hs_gc(lua_State *L)
+{
+    hstream **ud = luaL_checkudata(L, 1, HS_MT);
+    hstream *st = *ud;
+    if (!st) return 0;
+    *ud = NULL;
+    st->reader = st->writer = NULL;
+    hconn *c = st->c;
+    if (!c) {
+        stream_free(st);
+        return 0;
+    }
+    if (!st->closed && c->session && !c->fatal) {
+        /* dropped before the end: the server stops sending it, its window comes back
+         * (still ours while nghttp2 runs: flushing may close the stream) */
+        nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
+        size_t have = mw_buf_len(&st->in);
+        if (have && st->in_session) nghttp2_session_consume(c->session, st->id, have);
+        flush_session(c);
+    }
+    mw_buf_free(&st->in, NULL);
+    st->lua_owned = 0;
+    stream_release(st);
+    return 0;
+}
+
+/* Pushes nil, msg, code for a stream that cannot go on. Refused streams (REFUSED_STREAM,
+ * above a GOAWAY's last stream id, never sent) say "refused": safe to retry elsewhere. */
+static int stream_fail(lua_State *L, hstream *st)
+{
+    hconn *c = st->c;
+    if (st->closed) {
+        int refused = !st->head_done &&
+                      (st->close_code == NGHTTP2_REFUSED_STREAM || !st->sent ||
+                       (c && c->goaway_recv && st->id > c->goaway_last));
+        if (refused) return mw_pushfail(L, "stream refused by the server", "refused");
+        if (st->bad) return mw_pushfail(L, "response header list too large", "http");
+        char msg[96];
+        snprintf(msg, sizeof msg, "stream reset (%s)", nghttp2_http2_strerror(st->close_code));
+        return mw_pushfail(L, msg, "reset");
+    }
+    if (!c || !c->session) return mw_pushfail(L, "closed", "closed");
+    return conn_fail_push(L, c);
+}
+
+static void unwait_reader(mw_task *t)
+{
+    hstream *st = t->wait_obj;
+    if (st->reader == t) st->reader = NULL;
+}
+
+static void unwait_writer(mw_task *t)
+{
+    hstream *st = t->wait_obj;
+    if (st->writer == t) st->writer = NULL;
+}
+
+/* Waits for progress on st's connection (see io_round); `reading` picks the slot. */
+static int stream_round(lua_State *L, hstream *st, mw_task *t, int reading, int64_t deadline,
+                        lua_KFunction k, lua_KContext ctx)
+{
+    t->wait_obj = st;
+    t->unwait = reading ? unwait_reader : unwait_writer;
+    return io_round(L, st->c, t, reading ? &st->reader : &st->writer, deadline, k, ctx);
+}
+
+/* Pushes a headers table (lower-case names; repeated fields joined with ", ", every
+ * value of those in a second table `multi`) from a packed list; returns 1 or 2 values. */
+static int push_fields(lua_State *L, const fields *f)
+{
+    lua_createtable(L, 0, f->n);
+    int hidx = lua_gettop(L);
+    int midx = 0;
+    size_t pos = 0, nl, vl;
+    const char *n, *v;
+    while (fields_next(f, &pos, &n, &nl, &v, &vl)) {
+        if (n[0] == ':') continue;
+        lua_pushlstring(L, n, nl);
+        lua_pushvalue(L, -1);
+        if (lua_rawget(L, hidx) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, v, vl);
+            lua_rawset(L, hidx);
+            continue;
+        }
+        /* repeated */
+        if (!midx) {
+            lua_newtable(L);
+            midx = lua_gettop(L);
+            lua_insert(L, hidx + 1);
+            midx = hidx + 1;
+        }
+        int kidx = lua_gettop(L) - 1, oldidx = lua_gettop(L);
+        lua_pushvalue(L, kidx);
+        if (lua_rawget(L, midx) == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_createtable(L, 2, 0);
+            lua_pushvalue(L, oldidx);
+            lua_rawseti(L, -2, 1);
+            lua_pushvalue(L, kidx);
+            lua_pushvalue(L, -2);
+            lua_rawset(L, midx);
+        }
+        lua_pushlstring(L, v, vl);
+        lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+        lua_pop(L, 1);
+        /* headers[name] = old .. ", " .. v */
+        lua_pushvalue(L, kidx);
+        lua_pushvalue(L, oldidx);
+        lua_pushliteral(L, ", ");
+        lua_pushlstring(L, v, vl);
+        lua_concat(L, 3);
+        lua_rawset(L, hidx);
+        lua_settop(L, kidx - 1);
+    }
+    if (midx) return 2;
+    return 1;
+}
+
+static int head_k(lua_State *L, int status, lua_KContext ctx);
+
+static int head_step(lua_State *L, hstream *st, mw_task *t, int64_t deadline)
+{
+    for (;;) {
+        hconn *c = st->c;
+        if (st->head_done && !st->bad) {
+            handoff(c);
+            lua_pushinteger(L, st->status);
+            int n = push_fields(L, &st->head);
+            if (n == 1) lua_pushnil(L);
+            fields_free(&st->head);
+            st->hbytes = 0;
+            return 3;
+        }
+        if (st->closed || !c || !c->session || c->fatal) {
+            if (c) handoff(c);
+            return stream_fail(L, st);
+        }
+        int r = stream_round(L, st, t, 1, deadline, head_k, (lua_KContext)deadline);
+        if (r >= 0) return r;
+    }
+}
+
+static int resume_common(lua_State *L, hstream **stp)
+{
+    hstream **ud = lua_touserdata(L, 1);
+    *stp = ud ? *ud : NULL;
+    if (!*stp) return mw_pushfail(L, "closed", "closed");
+    hstream *st = *stp;
+    mw_task *t = st->c ? st->c->rt->current : NULL;
+    if (!t) return mw_pushfail(L, "closed", "closed");
+    int why = mw_sched_reason(t);
+    if (why == MW_WAKE_TIMEOUT || (why != MW_WAKE_READY && why != MW_WAKE_NONE)) {
+        if (st->c) handoff(st->c);
+        return mw_sched_pushwake(L, why);
+    }
+    return -1;
+}
+
+static int head_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    hstream *st;
+    int r = resume_common(L, &st);
+    if (r >= 0) return r;
+    return head_step(L, st, st->c->rt->current, (int64_t)ctx);
+}
+
+/* stream:head([timeout]) -> status, headers, multi | nil, msg, code: waits for the final
+ * response head (interim 1xx ones are skipped). code "refused": the server did not
+ * process the request (retry it); "reset": the stream was reset. */
+static int hs_head(lua_State *L)
+{
+    hstream *st = checkstream(L);
+    if (!st->c) return stream_fail(L, st);
+    mw_task *t = mw_sched_self(L, st->c->rt);
+    int64_t d = mw_sched_deadline(L, st->c->rt, 2, -1);
+    return head_step(L, st, t, d);
+}
+
+/* Gives n bytes of window back to the peer. */
+static void consumed(hstream *st, size_t n)
+{
+    hconn *c = st->c;
+    if (!c || !c->session || n == 0 || c->fatal) return;
+    if (st->in_session) nghttp2_session_consume(c->session, st->id, n);
+    else nghttp2_session_consume_connection(c->session, n);
+    flush_session(c);
+}
+
+static int read_all_k(lua_State *L, int status, lua_KContext ctx);
+static int read_chunk_k(lua_State *L, int status, lua_KContext ctx);
+
+/* modes: 0 all (up to max), 1 chunk */
+static int read_step(lua_State *L, hstream *st, mw_task *t, int mode, int64_t deadline)
+{
+    lua_Integer max = luaL_optinteger(L, 3, -1);
+    for (;;) {
+        hconn *c = st->c;
+        size_t have = mw_buf_len(&st->in);
+        if (mode == 1 && have > 0) {
+            if (c) handoff(c);
+            lua_pushlstring(L, mw_buf_head(&st->in), have);
+            mw_buf_consume(&st->in, have);
+            mw_buf_release(&st->in, NULL);
+            consumed(st, have);
+            return 1;
+        }
+        if (mode == 0 && max >= 0 && (int64_t)have > max) {
+            if (c) handoff(c);
+            return mw_pushfail(L, "response body too large", "toolarge");
+        }
+        if (st->body_done) {
+            if (c) handoff(c);
+            if (mode == 0) {
+                lua_pushlstring(L, have ? mw_buf_head(&st->in) : "", have);
+                mw_buf_consume(&st->in, have);
+                mw_buf_release(&st->in, NULL);
+                consumed(st, have);
+                return 1;
+            }
+            lua_pushnil(L);
+            return 1;
+        }
+        if (st->closed || !c || !c->session || c->fatal) {
+            if (c) handoff(c);
+            return stream_fail(L, st);
+        }
+        if (mode == 0 && have > 0 && st->in_session) {
+            /* a whole body is read at once: its window goes back as it arrives */
+            int32_t unacked = nghttp2_session_get_stream_effective_recv_data_length(c->session, st->id);
+            if (unacked > 0) {
+                nghttp2_session_consume(c->session, st->id, (size_t)unacked);
+                flush_session(c);
+            }
+        }
+        int r = stream_round(L, st, t, 1, deadline, mode ? read_chunk_k : read_all_k, (lua_KContext)deadline);
+        if (r >= 0) return r;
+    }
+}
+
+static int read_k(lua_State *L, lua_KContext ctx, int mode)
+{
+    hstream *st;
+    int r = resume_common(L, &st);
+    if (r >= 0) return r;
+    return read_step(L, st, st->c->rt->current, mode, (int64_t)ctx);
+}
+
+static int read_all_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    return read_k(L, ctx, 0);
+}
+
+static int read_chunk_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    return read_k(L, ctx, 1);
+}
+
+/* stream:read(mode, max, timeout): "all" -> the whole body (at most max bytes) | nil, msg,
+ * code; "chunk" -> the next piece, nil at the end | nil, msg, code. Reading gives the
+ * window back: a response nobody reads holds at most one stream window. */
+static int hs_read(lua_State *L)
+{
+    static const char *const modes[] = { "all", "chunk", NULL };
+    hstream *st = checkstream(L);
+    int mode = luaL_checkoption(L, 2, NULL, modes);
+    if (!st->c) return stream_fail(L, st);
+    mw_rt *rt = st->c->rt;
+    mw_task *t = mw_sched_self(L, rt);
+    if (st->reader && st->reader != t) return luaL_error(L, "stream already has a reading task");
+    return read_step(L, st, t, mode, mw_sched_deadline(L, rt, 4, -1));
+}
+
+static int write_k(lua_State *L, int status, lua_KContext ctx);
+
+static int write_step(lua_State *L, hstream *st, mw_task *t, int64_t deadline)
+{
+    for (;;) {
+        hconn *c = st->c;
+        if (st->closed || !c || !c->session || c->fatal) {
+            /* a response that ended the stream early (say, a 413) is not a write error
+             * here: the caller finds it in the head */
+            if (c) handoff(c);
+            if (st->closed && st->head_done) {
+                lua_pushboolean(L, 1);
+                return 1;
+            }
+            return stream_fail(L, st);
+        }
+        if (mw_buf_len(&st->out) < c->out_hwm) {
+            handoff(c);
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        int r = stream_round(L, st, t, 0, deadline, write_k, (lua_KContext)deadline);
+        if (r >= 0) return r;
+    }
+}
+
+static int write_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    hstream *st;
+    int r = resume_common(L, &st);
+    if (r >= 0) return r;
+    return write_step(L, st, st->c->rt->current, (int64_t)ctx);
+}
+
+/* stream:write(data [, eof [, timeout]]) -> true | nil, msg, code: queues request body
+ * bytes; waits while more than out_hwm of them are not sent yet (the server's window is
+ * shut: this stream stalls, never the connection). */
+static int hs_write(lua_State *L)
+{
+    hstream *st = checkstream(L);
+    size_t len;
+    const char *p = luaL_checklstring(L, 2, &len);
+    int eof = lua_toboolean(L, 3);
+    if (st->out_eof) return luaL_error(L, "request body already finished");
+    hconn *c = st->c;
+    if (st->closed || !c || !c->session || c->fatal) {
+        if (st->closed && st->head_done) {
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        return stream_fail(L, st);
+    }
+    if (len) {
+        size_t avail;
+        char *w = mw_buf_reserve(&st->out, NULL, len, &avail);
+        if (!w) return luaL_error(L, "not enough memory");
+        memcpy(w, p, len);
+        mw_buf_commit(&st->out, len);
+    }
+    if (eof) st->out_eof = 1;
+    if (st->deferred) {
+        st->deferred = 0;
+        nghttp2_session_resume_data(c->session, st->id);
+    }
+    flush_session(c);
+    mw_task *t = mw_sched_self(L, c->rt);
+    int64_t d = mw_sched_deadline(L, c->rt, 4, -1);
+    return write_step(L, st, t, d);
+}
+
+/* stream:set_trailers(flat, n): trailer fields sent after the request body (call it
+ * before the write that ends the body) */
+static int hs_set_trailers(lua_State *L)
+{
+    hstream *st = checkstream(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int n = (int)luaL_checkinteger(L, 3);
+    if (st->out_eof) return luaL_error(L, "request body already finished");
+    for (int i = 1; i <= n; i++) {
+        size_t kl, vl;
+        lua_rawgeti(L, 2, 2 * i - 1);
+        lua_rawgeti(L, 2, 2 * i);
+        const char *k = luaL_checklstring(L, -2, &kl), *v = luaL_checklstring(L, -1, &vl);
+        char lk[256];
+        if (kl >= sizeof lk) return luaL_error(L, "trailer name too long");
+        for (size_t j = 0; j < kl; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
+        if (fields_add(&st->trout, (const uint8_t *)lk, kl, (const uint8_t *)v, vl) < 0)
+            return luaL_error(L, "not enough memory");
+        lua_pop(L, 2);
+    }
+    return 0;
+}
+
+/* stream:trailers() -> the response's trailer fields once the body ended, or nil */
+static int hs_trailers(lua_State *L)
+{
+    hstream *st = checkstream(L);
+    if (!st->body_done || st->trailers.n == 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    push_fields(L, &st->trailers);
+    lua_settop(L, 2);
+    return 1;
+}
+
+/* stream:state() -> body_done (everything received), closed, id */
+static int hs_state(lua_State *L)
+{
+    hstream *st = checkstream(L);
+    lua_pushboolean(L, st->body_done && mw_buf_len(&st->in) == 0);
+    lua_pushboolean(L, st->closed);
+    lua_pushinteger(L, st->id);
+    return 3;
+}
+
+/* stream:reset([code]): RST_STREAM (default CANCEL); the window of what it holds comes
+ * back to the connection */
+static int hs_reset(lua_State *L)
+{
+    hstream *st = checkstream(L);
+    uint32_t code = (uint32_t)luaL_optinteger(L, 2, NGHTTP2_CANCEL);
+    hconn *c = st->c;
+    if (c && c->session && !c->fatal && !st->closed) {
+        nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, code);
+        size_t have = mw_buf_len(&st->in);
+        if (have && st->in_session) nghttp2_session_consume(c->session, st->id, have);
+        mw_buf_free(&st->in, NULL);
+        flush_session(c);
+    }
+    return 0;
+}
+
+/* ---- the bench driver -------------------------------------------------------------------- */
+
+static hbench *checkbench(lua_State *L, int idx) { return luaL_checkudata(L, idx, HB_MT); }
+
+/* core.h2_bench(latency, second, ttfb) -> H2Bench: the counters of one bench thread's
+ * HTTP/2 connections, recording into the three histograms (microseconds). */
+static int l_h2_bench(lua_State *L)
+{
+    mw_hdr *lat = mw_hdr_check(L, 1), *sec = mw_hdr_check(L, 2), *tt = mw_hdr_check(L, 3);
+    hbench *b = lua_newuserdatauv(L, sizeof *b, 3);
+    memset(b, 0, sizeof *b);
+    b->latency = lat;
+    b->second = sec;
+    b->ttfb = tt;
+    for (int i = 1; i <= 3; i++) {
+        lua_pushvalue(L, i);
+        lua_setiuservalue(L, -2, i);
+    }
+    luaL_setmetatable(L, HB_MT);
+    return 1;
+}
+
+/* b:stop(): the connections stop sending and finish what is in flight */
+static int hb_stop(lua_State *L)
+{
+    hbench *b = checkbench(L, 1);
+    b->stop = 1;
+    for (hconn *c = b->running; c; c = c->bnext) wake_btask(c);
+    return 0;
+}
+
+static int hb_count(lua_State *L)
+{
+    hbench *b = checkbench(L, 1);
+    lua_pushinteger(L, b->count);
+    lua_pushinteger(L, b->timeouts + b->read_errors + b->status_errors);
+    return 2;
+}
+
+static void push_codes(lua_State *L, const int64_t *v, const char *name)
+{
+    lua_newtable(L);
+    for (int i = 0; i < 16; i++) {
+        if (!v[i]) continue;
+        lua_pushinteger(L, v[i]);
+        lua_setfield(L, -2, i < 15 ? nghttp2_http2_strerror((uint32_t)i) : "OTHER");
+    }
+    lua_setfield(L, -2, name);
+}
+
+/* b:stats() -> { count, bytes, statuses = {[code] = n}, status_errors, timeouts,
+ * read_errors, hung, refused_retries, reconnects, rst = {CODE = n}, goaway = {CODE = n} } */
+static int hb_stats(lua_State *L)
+{
+    hbench *b = checkbench(L, 1);
+    lua_newtable(L);
+#define F(k) lua_pushinteger(L, b->k); lua_setfield(L, -2, #k)
+    F(count); F(bytes); F(status_errors); F(timeouts); F(read_errors); F(hung); F(refused_retries);
+    F(reconnects);
+#undef F
+    lua_newtable(L);
+    for (int i = 0; i < 600; i++) {
+        if (!b->statuses[i]) continue;
+        lua_pushinteger(L, b->statuses[i]);
+        lua_rawseti(L, -2, i);
+    }
+    lua_setfield(L, -2, "statuses");
+    push_codes(L, b->rst, "rst");
+    push_codes(L, b->goaway, "goaway");
+    return 1;
+}
+
+/* b:add(field, n): counts from the Lua side (reconnects, connect errors) */
+static int hb_add(lua_State *L)
+{
+    hbench *b = checkbench(L, 1);
+    const char *k = luaL_checkstring(L, 2);
+    lua_Integer n = luaL_optinteger(L, 3, 1);
+    if (strcmp(k, "reconnects") == 0) b->reconnects += n;
+    else if (strcmp(k, "read_errors") == 0) b->read_errors += n;
+    else if (strcmp(k, "timeouts") == 0) b->timeouts += n;
+    else if (strcmp(k, "hung") == 0) b->hung += n;
+    else return luaL_argerror(L, 2, "unknown counter");
+    return 0;
+}
+
+static int bench_submit(hconn *c, hstream *st)
+{
+    nghttp2_data_provider prd;
+    prd.source.ptr = st;
+    prd.read_callback = read_body_out;
+    if (c->bbodylen) {
+        size_t avail;
+        char *p = mw_buf_reserve(&st->out, NULL, c->bbodylen, &avail);
+        if (!p) return -1;
+        memcpy(p, c->bbody, c->bbodylen);
+        mw_buf_commit(&st->out, c->bbodylen);
+    }
+    st->out_eof = 1;
+    int32_t id = nghttp2_submit_request(c->session, NULL, c->bnv, c->bnvlen, c->bbodylen ? &prd : NULL, st);
+    if (id < 0) return -1;
+    st->id = id;
+    st->in_session = 1;
+    st->closed = 0;
+    st->sent = 0;
+    return 0;
+}
+
+/* A bench request's stream closed: count it (latency from when it was due), or submit it
+ * again when the server refused it (REFUSED_STREAM or above a GOAWAY's last stream id). */
+static void bench_done(hconn *c, hstream *st)
+{
+    hbench *b = c->b;
+    int refused = !st->head_done && (st->close_code == NGHTTP2_REFUSED_STREAM || !st->sent ||
+                                     (c->goaway_recv && st->id > c->goaway_last));
+    if (b && refused && st->retries < 1 && !c->goaway_recv && !c->goaway_sent && !c->fatal) {
+        st->retries++;
+        b->refused_retries++;
+        mw_buf_free(&st->out, NULL);
+        st->status = 0;
+        if (bench_submit(c, st) == 0) return;
+    }
+    c->active--;
+    if (b) {
+        if (st->head_done && st->close_code == NGHTTP2_NO_ERROR && st->body_done) {
+            int64_t us = (mw_loop_clock() - st->t0) / 1000;
+            if (us < 0) us = 0;
+            mw_hdr_record(b->latency, (uint64_t)us);
+            mw_hdr_record(b->second, (uint64_t)us);
+            b->count++;
+            if (st->status > 0 && st->status < 600) b->statuses[st->status]++;
+            if (st->status > 399) b->status_errors++;
+        } else if (!refused || st->retries >= 1) {
+            b->read_errors++;
+        } else {
+            /* refused by a connection going away: the next connection sends it again */
+            b->refused_retries++;
+        }
+    }
+    MW_LIST_UNLINK(c->streams, st, prev, next);
+    stream_free(st);
+}
+
+static int bench_k(lua_State *L, int status, lua_KContext ctx);
+
+static void read_spec(lua_State *L, int idx, bspec *sp)
+{
+    sp->streams = (int)optnum(L, idx, "streams", 1);
+    sp->interval = (int64_t)optnum(L, idx, "interval_ns", 0);
+    sp->next_send = (int64_t)optnum(L, idx, "next_send", 0);
+    sp->end = (int64_t)optnum(L, idx, "end_ns", 0);
+    sp->drain_end = (int64_t)optnum(L, idx, "drain_ns", 0);
+    sp->timeout = (int64_t)optnum(L, idx, "timeout_ns", 2e9);
+    if (sp->streams < 1) sp->streams = 1;
+}
+
+static void bench_leave(hconn *c)
+{
+    hbench *b = c->b;
+    c->btask = NULL;
+    if (!b) return;
+    hconn **pp = &b->running;
+    while (*pp && *pp != c) pp = &(*pp)->bnext;
+    if (*pp) *pp = c->bnext;
+    c->bnext = NULL;
+}
+
+/* returns with the spec's next_send written back, the reason as a string */
+static int bench_return(lua_State *L, hconn *c, const bspec *sp, const char *why)
+{
+    lua_pushinteger(L, sp->next_send);
+    lua_setfield(L, 3, "next_send");
+    bench_leave(c);
+    lua_pushstring(L, why);
+    return 1;
+}
+
+static int bench_step(lua_State *L, hconn *c, mw_task *t)
+{
+    bspec sp = c->sp;
+    hbench *b = c->b;
+    int rounds = 0;
+    for (;;) {
+        int64_t now = mw_loop_clock();
+        int stopping = b->stop || now >= sp.end;
+        if (c->fatal) {
+            b->read_errors += c->active;
+            return bench_return(L, c, &sp, c->errcode && strcmp(c->errcode, "closed") == 0 ? "closed" : "error");
+        }
+        if (stopping) {
+            if (c->active == 0) return bench_return(L, c, &sp, "done");
+            if (now >= sp.drain_end) {
+                b->hung += c->active;
+                return bench_return(L, c, &sp, "hung");
+            }
+        }
+        /* the peer's limit, and whether the connection may take more */
+        uint32_t peer = nghttp2_session_get_remote_settings(c->session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+        int limit = sp.streams < (int64_t)peer ? sp.streams : (int)peer;
+        int may = !stopping && !c->goaway_recv && !c->goaway_sent;
+        if (!may && c->active == 0) return bench_return(L, c, &sp, c->goaway_recv ? "goaway" : "done");
+        int64_t wake_at = stopping ? sp.drain_end : sp.end;
+        while (may && c->active < limit) {
+            int64_t t0 = now;
+            if (sp.interval > 0) {
+                if (sp.next_send > now) {
+                    if (sp.next_send < wake_at) wake_at = sp.next_send;
+                    break;
+                }
+                t0 = sp.next_send;
+                sp.next_send += sp.interval;
+            }
+            hstream *st = new_stream(c);
+            if (!st) return luaL_error(L, "not enough memory");
+            if (c->active == 0) c->last_progress = now;
+            st->bench = 1;
+            st->t0 = t0;
+            if (bench_submit(c, st) < 0) {
+                MW_LIST_UNLINK(c->streams, st, prev, next);
+                stream_free(st);
+                c->goaway_sent = 1;   /* stream ids exhausted: a new connection */
+                break;
+            }
+            c->active++;
+        }
+        if (c->active > 0) {
+            /* no byte from the server for `timeout` while requests are in flight */
+            int64_t td = c->last_progress + sp.timeout;
+            if (td <= now) {
+                b->timeouts += c->active;
+                return bench_return(L, c, &sp, "timeout");
+            }
+            if (td < wake_at) wake_at = td;
+        }
+        c->sp = sp;
+        /* the loop clock and hrtime are the same monotonic clock */
+        mw_task **slot = &c->btask;
+        c->btask = t;
+        int r = io_round(L, c, t, slot, wake_at, bench_k, 0);
+        if (r >= 0) return r;
+        c->btask = NULL;
+        /* progress: submit again; now and then let the other tasks run */
+        if (++rounds >= MW_STREAK_MAX) {
+            c->btask = t;
+            return mw_sched_requeue(L, t, bench_k, 0);
+        }
+    }
+}
+
+static int bench_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    (void)ctx;
+    hconn *c = lua_touserdata(L, 1);
+    mw_task *t = c->rt->current;
+    int why = mw_sched_reason(t);
+    if (!c->session) return mw_pushfail(L, "closed", "closed");
+    c->btask = NULL;
+    if (why == MW_WAKE_TIMEOUT) why = MW_WAKE_READY;   /* a deadline of ours: looked at in the step */
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) {
+        bench_leave(c);
+        return mw_sched_pushwake(L, why);
+    }
+    return bench_step(L, c, t);
+}
+
+/* conn:bench(b, spec) -> reason: runs requests on the connection until the run ends or
+ * the connection does ("done", "goaway", "timeout", "closed", "error", "hung"), keeping
+ * spec.streams of them in flight (at most the peer's MAX_CONCURRENT_STREAMS). spec: method,
+ * scheme, authority, path, headers (flat list), body, streams, interval_ns (0: closed
+ * model; else one request per interval, latency counted from when it was due),
+ * next_send, end_ns, drain_ns, timeout_ns (no progress for that long with requests in
+ * flight: they count as timeouts and the connection ends). No Lua runs per request. */
+static int hc_bench(lua_State *L)
+{
+    hconn *c = checkconn(L);
+    hbench *b = checkbench(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    mw_task *t = mw_sched_self(L, c->rt);
+    if (c->b && c->b != b) return luaL_error(L, "connection already benched");
+    lua_settop(L, 3);
+    if (!c->bnv) {
+        lua_getfield(L, 3, "method");
+        lua_getfield(L, 3, "scheme");
+        lua_getfield(L, 3, "authority");
+        lua_getfield(L, 3, "path");
+        lua_getfield(L, 3, "headers");
+        int fidx = lua_gettop(L);
+        if (!lua_istable(L, fidx)) {
+            lua_newtable(L);
+            lua_replace(L, fidx);
+        }
+        int nh = (int)lua_rawlen(L, fidx) / 2;
+        nvlist *l = build_nv(L, 4, fidx, nh, 1);
+        /* copy names and values: the nv list outlives the Lua strings */
+        size_t total = 0;
+        for (int i = 0; i < l->n; i++) total += l->nv[i].namelen + l->nv[i].valuelen;
+        c->bstore = malloc(total ? total : 1);
+        c->bnv = malloc(sizeof(nghttp2_nv) * (size_t)l->n);
+        if (!c->bstore || !c->bnv) {
+            free(l);
+            bench_free_spec(c);
+            return luaL_error(L, "not enough memory");
+        }
+        char *p = c->bstore;
+        for (int i = 0; i < l->n; i++) {
+            nghttp2_nv nv = l->nv[i];
+            memcpy(p, nv.name, nv.namelen);
+            c->bnv[i].name = (uint8_t *)p;
+            p += nv.namelen;
+            memcpy(p, nv.value, nv.valuelen);
+            c->bnv[i].value = (uint8_t *)p;
+            p += nv.valuelen;
+            c->bnv[i].namelen = nv.namelen;
+            c->bnv[i].valuelen = nv.valuelen;
+            c->bnv[i].flags = NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE;
+        }
+        c->bnvlen = (size_t)l->n;
+        free(l);
+        lua_settop(L, 3);
+        size_t blen = 0;
+        lua_getfield(L, 3, "body");
+        const char *body = lua_tolstring(L, -1, &blen);
+        if (body && blen) {
+            c->bbody = malloc(blen);
+            if (!c->bbody) return luaL_error(L, "not enough memory");
+            memcpy(c->bbody, body, blen);
+            c->bbodylen = blen;
+        }
+        lua_settop(L, 3);
+    }
+    c->b = b;
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, 1, 2);     /* b outlives the connection */
+    c->bnext = b->running;
+    b->running = c;
+    c->last_progress = mw_loop_clock();
+    read_spec(L, 3, &c->sp);
+    return bench_step(L, c, t);
+}
+
+void mw_h2client_open(lua_State *L)
+{
+    static const luaL_Reg conn_m[] = {
+        { "request", hc_request }, { "usable", hc_usable }, { "streams", hc_streams }, { "poll", hc_poll },
+        { "info", hc_info }, { "close", hc_close }, { "bench", hc_bench }, { NULL, NULL }
+    };
+    static const luaL_Reg st_m[] = {
+        { "head", hs_head }, { "read", hs_read }, { "write", hs_write }, { "set_trailers", hs_set_trailers },
+        { "trailers", hs_trailers }, { "state", hs_state }, { "reset", hs_reset }, { NULL, NULL }
+    };
+    static const luaL_Reg bench_m[] = {
+        { "stop", hb_stop }, { "count", hb_count }, { "stats", hb_stats }, { "add", hb_add }, { NULL, NULL }
+    };
+    luaL_newmetatable(L, HC_MT);
+    luaL_newlib(L, conn_m);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, hc_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, HS_MT);
+    luaL_newlib(L, st_m);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, hs_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, HB_MT);
+    luaL_newlib(L, bench_m);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_h2_client);
+    lua_setfield(L, -2, "h2_client");
+    lua_pushcfunction(L, l_h2_bench);
+    lua_setfield(L, -2, "h2_bench");
+}
