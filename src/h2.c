@@ -11,6 +11,7 @@
 #include "stream.h"
 #include "mwlua.h"
 #include "list.h"
+#include "h2fields.h"
 
 #include <errno.h>
 #include <nghttp2/nghttp2.h>
@@ -29,13 +30,6 @@ extern void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_
 
 typedef struct h2conn h2conn;
 typedef struct h2stream h2stream;
-
-/* A packed list of header fields: name \0 value \0, n of them. */
-typedef struct fields {
-    char *p;
-    size_t len, cap;
-    int n;
-} fields;
 
 struct h2stream {
     int32_t id;
@@ -96,53 +90,6 @@ struct h2conn {
 };
 
 /* ---- small helpers ----------------------------------------------------------------------- */
-
-static int fields_add(fields *f, const uint8_t *n, size_t nl, const uint8_t *v, size_t vl)
-{
-    size_t need = f->len + nl + vl + 2;
-    if (need > f->cap) {
-        size_t cap = f->cap ? f->cap * 2 : 256;
-        while (cap < need) cap *= 2;
-        char *p = realloc(f->p, cap);
-        if (!p) return -1;
-        f->p = p;
-        f->cap = cap;
-    }
-    memcpy(f->p + f->len, n, nl);
-    f->p[f->len + nl] = 0;
-    memcpy(f->p + f->len + nl + 1, v, vl);
-    f->p[f->len + nl + 1 + vl] = 0;
-    f->len = need;
-    f->n++;
-    return 0;
-}
-
-static void fields_free(fields *f)
-{
-    free(f->p);
-    memset(f, 0, sizeof *f);
-}
-
-/* Walks a packed list: *pos is the offset; returns 0 at the end. */
-static int fields_next(const fields *f, size_t *pos, const char **n, size_t *nl, const char **v, size_t *vl)
-{
-    if (*pos >= f->len) return 0;
-    *n = f->p + *pos;
-    *nl = strlen(*n);
-    *v = *n + *nl + 1;
-    *vl = strlen(*v);
-    *pos += *nl + *vl + 2;
-    return 1;
-}
-
-static const char *fields_get(const fields *f, const char *name)
-{
-    size_t pos = 0, nl, vl;
-    const char *n, *v;
-    while (fields_next(f, &pos, &n, &nl, &v, &vl))
-        if (strcmp(n, name) == 0) return v;
-    return NULL;
-}
 
 static void stream_free(h2stream *st)
 {
@@ -252,15 +199,6 @@ static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *u
     return 0;
 }
 
-static int valid_h2_name(const uint8_t *n, size_t nl)
-{
-    static const char *const banned[] = { "connection", "keep-alive", "proxy-connection",
-                                          "transfer-encoding", "upgrade", NULL };
-    for (int i = 0; banned[i]; i++)
-        if (strlen(banned[i]) == nl && memcmp(banned[i], n, nl) == 0) return 0;
-    return 1;
-}
-
 static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t *n, size_t nl,
                      const uint8_t *v, size_t vl, uint8_t flags, void *ud)
 {
@@ -277,7 +215,7 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     }
     /* nghttp2 checks pseudo-headers, case, connection-specific fields and TE itself */
-    if (!valid_h2_name(n, nl)) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    if (h2_conn_specific((const char *)n, nl)) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     if (nl == 14 && memcmp(n, "content-length", 14) == 0) {
         int64_t len = 0;
         for (size_t i = 0; i < vl; i++) len = len * 10 + (v[i] - '0');  /* nghttp2 checked digits */
@@ -1129,30 +1067,6 @@ static const char *cached_date(h2conn *c)
     return c->date;
 }
 
-/* An nv array in a userdata (so a raise leaks nothing), with lower-cased names copied into
- * a luaL_Buffer-free arena after the array. */
-typedef struct nvlist {
-    nghttp2_nv *nv;
-    int n, cap;
-    char *arena;
-    size_t used, size;
-} nvlist;
-
-static void nv_add(nvlist *l, const char *n, size_t nl, const char *v, size_t vl, int lower)
-{
-    if (l->n >= l->cap) return;
-    char *nn = (char *)n;
-    if (lower && l->used + nl <= l->size) {
-        nn = l->arena + l->used;
-        for (size_t i = 0; i < nl; i++) {
-            char ch = n[i];
-            nn[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
-        }
-        l->used += nl;
-    }
-    l->nv[l->n++] = (nghttp2_nv){ (uint8_t *)nn, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
-}
-
 /* stream:respond(status, res, nh, hbase, body, eof, server_name, content_length) -> true |
  * nil, msg, code. Submits the head (and with `body` a first part of the body; eof: the body
  * ends there). Header names are lower-cased; connection-specific fields are dropped. */
@@ -1212,7 +1126,7 @@ static int st_respond(lua_State *L)
         char lk[24];
         size_t m = kl < sizeof lk ? kl : sizeof lk;
         for (size_t j = 0; j < m; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
-        if (kl < sizeof lk && !valid_h2_name((const uint8_t *)lk, kl)) { lua_pop(L, 2); continue; }
+        if (kl < sizeof lk && h2_conn_specific(lk, kl)) { lua_pop(L, 2); continue; }
         if (kl == 14 && memcmp(lk, "content-length", 14) == 0) clen = -2;  /* the handler's own */
         nv_add(l, k, kl, v, vl, 1);
         /* the values stay referenced by the response table until submit returns */
@@ -1325,25 +1239,30 @@ static int st_write(lua_State *L)
     return write_wait(L, st);
 }
 
-/* stream:set_trailers(res_table, nh, hbase): trailer fields sent after the body (before
- * the write or finish that ends it) */
+/* Appends the n name/value pairs of the flat table at idx (names lower-cased) to f; raises
+ * on a bad entry or memory exhaustion. Trailers the server or the client will send. */
+void mw_h2_fields_from(lua_State *L, int idx, int n, fields *f)
+{
+    for (int i = 1; i <= n; i++) {
+        size_t kl, vl;
+        lua_rawgeti(L, idx, 2 * i - 1);
+        lua_rawgeti(L, idx, 2 * i);
+        const char *k = luaL_checklstring(L, -2, &kl), *v = luaL_checklstring(L, -1, &vl);
+        char lk[256];
+        if (kl >= sizeof lk) luaL_error(L, "trailer name too long");
+        for (size_t j = 0; j < kl; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
+        if (fields_add(f, (const uint8_t *)lk, kl, (const uint8_t *)v, vl) < 0) luaL_error(L, "not enough memory");
+        lua_pop(L, 2);
+    }
+}
+
+/* stream:set_trailers(list, n): trailer fields sent after the body (before the write or
+ * finish that ends it) */
 static int st_set_trailers(lua_State *L)
 {
     h2stream *st = checkstream(L);
     luaL_checktype(L, 2, LUA_TTABLE);
-    int n = (int)luaL_checkinteger(L, 3);
-    for (int i = 1; i <= n; i++) {
-        size_t kl, vl;
-        lua_rawgeti(L, 2, 2 * i - 1);
-        lua_rawgeti(L, 2, 2 * i);
-        const char *k = luaL_checklstring(L, -2, &kl), *v = luaL_checklstring(L, -1, &vl);
-        char lk[256];
-        if (kl >= sizeof lk) return luaL_error(L, "trailer name too long");
-        for (size_t j = 0; j < kl; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
-        if (fields_add(&st->trout, (const uint8_t *)lk, kl, (const uint8_t *)v, vl) < 0)
-            return luaL_error(L, "not enough memory");
-        lua_pop(L, 2);
-    }
+    mw_h2_fields_from(L, 2, (int)luaL_checkinteger(L, 3), &st->trout);
     return 0;
 }
 

@@ -5,7 +5,12 @@
 
 #include <lua.h>
 
+#include "h2fields.h"
+
 /* Registers h2_server, h2_preface and the H2Conn/H2Stream types into the table on top. */
 void mw_h2_open(lua_State *L);
+/* Appends the n name/value pairs of the flat table at idx to f, names lower-cased (trailers
+ * to send; h2client.c uses it too). Raises on a bad entry or memory exhaustion. */
+void mw_h2_fields_from(lua_State *L, int idx, int n, fields *f);
 
 #endif

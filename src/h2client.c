@@ -17,6 +17,8 @@
 #include "stream.h"
 #include "mwlua.h"
 #include "list.h"
+#include "h2fields.h"
+#include "h2.h"
 
 #include <errno.h>
 #include <nghttp2/nghttp2.h>
@@ -31,13 +33,6 @@
 typedef struct hconn hconn;
 typedef struct hstream hstream;
 typedef struct hbench hbench;
-
-/* A packed list of header fields: name \0 value \0, n of them. */
-typedef struct fields {
-    char *p;
-    size_t len, cap;
-    int n;
-} fields;
 
 struct hstream {
     int32_t id;
@@ -106,43 +101,6 @@ struct hconn {
 };
 
 /* ---- small helpers ----------------------------------------------------------------------- */
-
-static int fields_add(fields *f, const uint8_t *n, size_t nl, const uint8_t *v, size_t vl)
-{
-    size_t need = f->len + nl + vl + 2;
-    if (need > f->cap) {
-        size_t cap = f->cap ? f->cap * 2 : 256;
-        while (cap < need) cap *= 2;
-        char *p = realloc(f->p, cap);
-        if (!p) return -1;
-        f->p = p;
-        f->cap = cap;
-    }
-    memcpy(f->p + f->len, n, nl);
-    f->p[f->len + nl] = 0;
-    memcpy(f->p + f->len + nl + 1, v, vl);
-    f->p[f->len + nl + 1 + vl] = 0;
-    f->len = need;
-    f->n++;
-    return 0;
-}
-
-static void fields_free(fields *f)
-{
-    free(f->p);
-    memset(f, 0, sizeof *f);
-}
-
-static int fields_next(const fields *f, size_t *pos, const char **n, size_t *nl, const char **v, size_t *vl)
-{
-    if (*pos >= f->len) return 0;
-    *n = f->p + *pos;
-    *nl = strlen(*n);
-    *v = *n + *nl + 1;
-    *vl = strlen(*v);
-    *pos += *nl + *vl + 2;
-    return 1;
-}
 
 static void stream_free(hstream *st)
 {
@@ -603,38 +561,6 @@ static int l_h2_client(lua_State *L)
     return 1;
 }
 
-static int is_conn_specific(const char *n, size_t nl)
-{
-    static const char *const banned[] = { "connection", "keep-alive", "proxy-connection",
-                                          "transfer-encoding", "upgrade", "host", NULL };
-    for (int i = 0; banned[i]; i++)
-        if (strlen(banned[i]) == nl && memcmp(banned[i], n, nl) == 0) return 1;
-    return 0;
-}
-
-/* An nv array plus an arena of lower-cased names, in one block. */
-typedef struct nvlist {
-    nghttp2_nv *nv;
-    int n, cap;
-    char *arena;
-    size_t used, size;
-} nvlist;
-
-static void nv_add(nvlist *l, const char *n, size_t nl, const char *v, size_t vl, int lower)
-{
-    if (l->n >= l->cap) return;
-    char *nn = (char *)n;
-    if (lower && l->used + nl <= l->size) {
-        nn = l->arena + l->used;
-        for (size_t i = 0; i < nl; i++) {
-            char ch = n[i];
-            nn[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
-        }
-        l->used += nl;
-    }
-    l->nv[l->n++] = (nghttp2_nv){ (uint8_t *)nn, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
-}
-
 /* Builds the request's nv list (pseudo-headers, then the flat name/value pairs at `fidx`,
  * nh of them: names lower-cased, connection-specific ones and TE other than "trailers"
  * dropped) into a block from `alloc` (a userdata, or malloc for the bench). The strings
@@ -680,7 +606,7 @@ static nvlist *build_nv(lua_State *L, int base, int fidx, int nh, int use_malloc
         int skip = 0;
         if (kl < sizeof lk) {
             for (size_t j = 0; j < kl; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
-            skip = is_conn_specific(lk, kl) || (kl == 2 && memcmp(lk, "te", 2) == 0 && !(vl == 8 && strncasecmp(v, "trailers", 8) == 0));
+            skip = h2_conn_specific(lk, kl) || (kl == 4 && memcmp(lk, "host", 4) == 0) || (kl == 2 && memcmp(lk, "te", 2) == 0 && !(vl == 8 && strncasecmp(v, "trailers", 8) == 0));
         }
         if (!skip) nv_add(l, k, kl, v, vl, 1);
     }
@@ -1210,18 +1136,7 @@ static int hs_set_trailers(lua_State *L)
     luaL_checktype(L, 2, LUA_TTABLE);
     int n = (int)luaL_checkinteger(L, 3);
     if (st->out_eof) return luaL_error(L, "request body already finished");
-    for (int i = 1; i <= n; i++) {
-        size_t kl, vl;
-        lua_rawgeti(L, 2, 2 * i - 1);
-        lua_rawgeti(L, 2, 2 * i);
-        const char *k = luaL_checklstring(L, -2, &kl), *v = luaL_checklstring(L, -1, &vl);
-        char lk[256];
-        if (kl >= sizeof lk) return luaL_error(L, "trailer name too long");
-        for (size_t j = 0; j < kl; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
-        if (fields_add(&st->trout, (const uint8_t *)lk, kl, (const uint8_t *)v, vl) < 0)
-            return luaL_error(L, "not enough memory");
-        lua_pop(L, 2);
-    }
+    mw_h2_fields_from(L, 2, n, &st->trout);
     return 0;
 }
 

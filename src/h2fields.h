@@ -1,0 +1,104 @@
+/* h2fields: what the HTTP/2 server (h2.c) and client (h2client.c) share: a packed list of
+ * header fields (name \0 value \0, as nghttp2 hands them over one by one), an nv list with
+ * an arena for lower-cased names, and the connection-specific field names HTTP/2 forbids
+ * (RFC 9113 §8.2.2). Lua-free. */
+#ifndef MW_H2FIELDS_H
+#define MW_H2FIELDS_H
+
+#include <nghttp2/nghttp2.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct fields {
+    char *p;
+    size_t len, cap;
+    int n;
+} fields;
+
+/* Appends name nl, value vl: 0, or -1 when memory ran out (nothing appended). */
+static inline int fields_add(fields *f, const uint8_t *n, size_t nl, const uint8_t *v, size_t vl)
+{
+    size_t need = f->len + nl + vl + 2;
+    if (need > f->cap) {
+        size_t cap = f->cap ? f->cap * 2 : 256;
+        while (cap < need) cap *= 2;
+        char *p = realloc(f->p, cap);
+        if (!p) return -1;
+        f->p = p;
+        f->cap = cap;
+    }
+    memcpy(f->p + f->len, n, nl);
+    f->p[f->len + nl] = 0;
+    memcpy(f->p + f->len + nl + 1, v, vl);
+    f->p[f->len + nl + 1 + vl] = 0;
+    f->len = need;
+    f->n++;
+    return 0;
+}
+
+static inline void fields_free(fields *f)
+{
+    free(f->p);
+    memset(f, 0, sizeof *f);
+}
+
+/* Walks a packed list: *pos is the offset (start at 0); returns 0 at the end. */
+static inline int fields_next(const fields *f, size_t *pos, const char **n, size_t *nl,
+                              const char **v, size_t *vl)
+{
+    if (*pos >= f->len) return 0;
+    *n = f->p + *pos;
+    *nl = strlen(*n);
+    *v = *n + *nl + 1;
+    *vl = strlen(*v);
+    *pos += *nl + *vl + 2;
+    return 1;
+}
+
+/* The first value of `name`, or NULL. */
+static inline const char *fields_get(const fields *f, const char *name)
+{
+    size_t pos = 0, nl, vl;
+    const char *n, *v;
+    while (fields_next(f, &pos, &n, &nl, &v, &vl))
+        if (strcmp(n, name) == 0) return v;
+    return NULL;
+}
+
+/* Whether a (lower-case) field name is connection-specific: never sent over HTTP/2. */
+static inline int h2_conn_specific(const char *n, size_t nl)
+{
+    static const char *const banned[] = { "connection", "keep-alive", "proxy-connection",
+                                          "transfer-encoding", "upgrade", NULL };
+    for (int i = 0; banned[i]; i++)
+        if (strlen(banned[i]) == nl && memcmp(banned[i], n, nl) == 0) return 1;
+    return 0;
+}
+
+/* An nv array plus an arena for lower-cased names (storage owned by the caller). */
+typedef struct nvlist {
+    nghttp2_nv *nv;
+    int n, cap;
+    char *arena;
+    size_t used, size;
+} nvlist;
+
+/* Adds name/value (the name lower-cased into the arena when `lower`); the strings must
+ * outlive the submit that uses the list. Past cap, nothing is added. */
+static inline void nv_add(nvlist *l, const char *n, size_t nl, const char *v, size_t vl, int lower)
+{
+    if (l->n >= l->cap) return;
+    char *nn = (char *)n;
+    if (lower && l->used + nl <= l->size) {
+        nn = l->arena + l->used;
+        for (size_t i = 0; i < nl; i++) {
+            char ch = n[i];
+            nn[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+        }
+        l->used += nl;
+    }
+    l->nv[l->n++] = (nghttp2_nv){ (uint8_t *)nn, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
+}
+
+#endif
