@@ -371,6 +371,29 @@ describe("http hostile: message framing", function()
     end)
   end)
 
+  it("a tab around a Content-Length value is optional white space (whole or byte by byte); inside it, a 400", function()
+    run(function()
+      local srv = serve(nil, function(req, res)
+        calls = calls + 1
+        res:send(req.path .. " " .. assert(req:body()))
+      end)
+      local _g <close> = guard(srv)
+      for i, cl in ipairs { "Content-Length:\t5\t", "Content-Length: 5\t", "content-length:\t 5 \t" } do
+        local s <close> = connect(srv)
+        assert(s:write(head { "POST /cl" .. i .. " HTTP/1.1", "Host: x", cl } .. "hello"))
+        assert.same({ "HTTP/1.1 200 OK", "/cl" .. i .. " hello" }, { response(s) })
+        -- the same head one byte per write (the tab and the line's start in different reads)
+        local s2 <close> = connect(srv)
+        local bytes = head { "POST /b" .. i .. " HTTP/1.1", "Host: x", cl } .. "hello"
+        for k = 1, #bytes do assert(s2:write(bytes:sub(k, k))) mw.sleep(0) end
+        assert.same({ "HTTP/1.1 200 OK", "/b" .. i .. " hello" }, { response(s2) })
+      end
+      calls = 0
+      rejects(srv, head { "POST / HTTP/1.1", "Host: x", "Content-Length: 1\t0" } .. "0123456789", 400)
+      srv:close()
+    end)
+  end)
+
   it("chunk extensions with token and quoted-string values are accepted", function()
     run(function()
       local srv = serve(nil, function(req, res)

@@ -499,6 +499,29 @@ static void resume(mw_http *h, llhttp_errno_t e, const char *at)
 
 /* Runs llhttp over the unparsed buffered bytes. 0 ok (maybe paused), or a status
  * (400...) with h->err_msg set. */
+/* llhttp 8 refuses a tab after a Content-Length value, where RFC 9110 §5.6.3 allows it as
+ * optional white space (a space it takes). A Content-Length value is digits only, so a tab
+ * anywhere in that field line is either such white space or an error either way: turned
+ * into a space before llhttp sees it, the verdict is the same and the RFC's form passes.
+ * Only head bytes are touched (up to the empty line); memchr keeps heads without a tab
+ * (nearly all) to one scan. */
+static void cl_tabs(mw_http *h, size_t from, size_t len)
+{
+    char *base = (char *)h->base;
+    if (!memchr(base + from, '\t', len - from)) return;
+    size_t line = from;
+    while (line > 0 && base[line - 1] != '\n') line--;
+    for (size_t i = from; i < len; i++) {
+        char c = base[i];
+        if (c == '\n') {
+            if (i == line || (i == line + 1 && base[line] == '\r')) return;   /* the empty line */
+            line = i + 1;
+        } else if (c == '\t' && i >= line + 15 && strncasecmp(base + line, "content-length:", 15) == 0) {
+            base[i] = ' ';
+        }
+    }
+}
+
 static int feed(mw_http *h)
 {
     if (h->err_status) return h->err_status;  /* a verdict given before: the stream is broken */
@@ -509,6 +532,7 @@ static int feed(mw_http *h)
     llhttp_errno_t e;
     for (;;) {
         const char *from = h->base + h->parsed;
+        if (!h->head_done) cl_tabs(h, h->parsed, len);
         e = llhttp_execute(&h->p, from, len - h->parsed);
         if (e != HPE_OK && e != HPE_PAUSED && e != HPE_PAUSED_UPGRADE) break;
         size_t to = e == HPE_OK ? len : (size_t)(llhttp_get_error_pos(&h->p) - h->base);
