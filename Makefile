@@ -12,7 +12,7 @@ LUA_INCDIR ?=
 LUA_CFLAGS := $(if $(LUA_INCDIR),-I$(LUA_INCDIR),$(shell $(PKG) --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4))
 # OpenSSL and zlib from the usual places; LuaRocks passes its external-dependency dirs.
 EXT_CFLAGS := $(foreach d,$(sort $(OPENSSL_INCDIR) $(ZLIB_INCDIR) $(NGHTTP2_INCDIR)),-I$(d))
-EXT_LIBS   := $(foreach d,$(sort $(OPENSSL_LIBDIR) $(ZLIB_LIBDIR) $(NGHTTP2_LIBDIR)),-L$(d))
+EXT_LIBS   := $(foreach d,$(sort $(OPENSSL_LIBDIR) $(ZLIB_LIBDIR) $(NGHTTP2_LIBDIR) $(PQ_LIBDIR)),-L$(d))
 # llhttp: a system libllhttp when pkg-config knows one, else the C sources Debian's
 # node-llhttp ships (compiled into the module; never copied into this repository).
 # Targets that install packages first (demo, test, fuzz) build through a recursive make, so

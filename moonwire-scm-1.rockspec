@@ -25,7 +25,7 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h", library = "ssl" },
   ZLIB = { header = "zlib.h", library = "z" },
   NGHTTP2 = { header = "nghttp2/nghttp2.h", library = "nghttp2" },
-  PQ = { header = "libpq-fe.h", library = "pq" },
+  PQ = { library = "pq" },   -- (its header is under postgresql/ on Debian, not on Fedora)
 }
 build = {
   type = "make",
@@ -39,7 +39,7 @@ build = {
     ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
     NGHTTP2_INCDIR = "$(NGHTTP2_INCDIR)",
     NGHTTP2_LIBDIR = "$(NGHTTP2_LIBDIR)",
-    PQ_INCDIR = "$(PQ_INCDIR)",
+    PQ_LIBDIR = "$(PQ_LIBDIR)",
   },
   install_pass = false,
   install = {

@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "1e38eed13d586f55204e077b7c4b948c",
+  md5 = "6a86a1b67c919a54af7014db861a8472",
   dir = "moonwire-0.1.0",
 }
 description = {
@@ -31,7 +31,7 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h", library = "ssl" },
   ZLIB = { header = "zlib.h", library = "z" },
   NGHTTP2 = { header = "nghttp2/nghttp2.h", library = "nghttp2" },
-  PQ = { header = "libpq-fe.h", library = "pq" },
+  PQ = { library = "pq" },   -- (its header is under postgresql/ on Debian, not on Fedora)
 }
 build = {
   type = "make",
@@ -45,7 +45,7 @@ build = {
     ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
     NGHTTP2_INCDIR = "$(NGHTTP2_INCDIR)",
     NGHTTP2_LIBDIR = "$(NGHTTP2_LIBDIR)",
-    PQ_INCDIR = "$(PQ_INCDIR)",
+    PQ_LIBDIR = "$(PQ_LIBDIR)",
   },
   install_pass = false,
   install = {
