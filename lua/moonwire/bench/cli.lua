@@ -32,6 +32,15 @@ Usage: moonwire bench <options> <url> [-- script args]
                            'errors<0.1%', 'rps>10000', 'mean<5ms', 'max<1s' (repeatable)
         --verify           Verify https certificates (off by default, as in wrk)
         --quiet            No progress line
+  Distributed (coordinated through Redis; docs/bench.md):
+        --agent      <URL> Run as an agent: wait for work at redis://HOST[:PORT][/DB]
+                           (or rediss://); -t is the capacity it announces
+        --agent-name <N>   The agent's name (host:pid)
+        --source     <IP>  Bind the agent's load connections to this source address
+        --agents     <N>   Run the test on N agents (with --via)
+        --via        <URL> The Redis the agents wait on
+        --agent-wait <T>   How long to wait for the agents           (30s)
+        --on-agent-loss <continue|stop>  When an agent is lost       (continue)
   Numbers accept SI units (1k, 1M); times accept units (2s, 1m, 2h, 500ms).
 ]]
 
@@ -61,7 +70,9 @@ local function parse_args(argv)
       break
     elseif a == "-c" or a == "--connections" then o.connections = fmt.count(value(a))
     elseif a == "-d" or a == "--duration" then o.duration = fmt.duration(value(a))
-    elseif a == "-t" or a == "--threads" then o.threads = fmt.count(value(a))
+    elseif a == "-t" or a == "--threads" then
+      o.threads = fmt.count(value(a))
+      o.threads_given = true
     elseif a == "-s" or a == "--script" then o.script = value(a)
     elseif a == "-H" or a == "--header" then
       local h = value(a)
@@ -80,6 +91,17 @@ local function parse_args(argv)
     elseif a == "--verify" then o.verify = true
     elseif a == "--quiet" then o.quiet = true
     elseif a == "--scenario" then o.scenario = value(a)
+    elseif a == "--agent" then o.agent = value(a)
+    elseif a == "--agent-name" then o.agent_name = value(a)
+    elseif a == "--source" then o.source = value(a)
+    elseif a == "--agents" then o.agents = fmt.count(value(a))
+    elseif a == "--via" then o.via = value(a)
+    elseif a == "--agent-wait" then o.agent_wait = fmt.duration(value(a))
+    elseif a == "--on-agent-loss" then
+      o.on_agent_loss = value(a)
+      if o.on_agent_loss ~= "continue" and o.on_agent_loss ~= "stop" then
+        error("--on-agent-loss takes continue or stop", 0)
+      end
     elseif a == "-h" or a == "--help" then o.help = true
     elseif a:sub(1, 1) == "-" and #a > 1 then error("unknown option " .. a, 0)
     elseif not o.url then o.url = a
@@ -95,6 +117,16 @@ local function parse_args(argv)
   if o.connections < o.threads and not o.scenario then error("number of connections must be >= threads", 0) end
   if o.rate and o.rate <= 0 then error("bad value for rate", 0) end
   if o.rate and o.pipeline > 1 then error("--rate and --pipeline do not go together", 0) end
+  if o.agents then
+    if o.agents < 1 or o.agents ~= math.floor(o.agents) then error("bad value for agents", 0) end
+    o.agents = math.floor(o.agents)
+    if not o.via then error("--agents needs --via redis://...", 0) end
+  elseif o.via then error("--via needs --agents N", 0) end
+  for _, u in ipairs{ o.agent or false, o.via or false } do
+    if u and not u:match("^rediss?://") then error("bad Redis URL '" .. u .. "' (redis:// or rediss:// expected)", 0) end
+  end
+  if o.agent and o.agents then error("--agent and --agents do not go together", 0) end
+  if o.agent_wait and o.agent_wait <= 0 then error("bad value for agent-wait", 0) end
   return o
 end
 M.parse_args = parse_args
@@ -171,7 +203,7 @@ end
 -- ---------------------------------------------------------------------------------------
 -- output
 
-local function print_wrk(o, r, out)
+function M.print_wrk(o, r, out)
   local lat, req = r.latency, r.requests
   out:write(("Running %s test @ %s\n"):format(fmt.time_us(o.duration * 1e6):gsub("%.00", ""), o.url))
   out:write(("  %d threads and %d connections\n"):format(o.threads, o.connections))
@@ -209,7 +241,7 @@ local function print_wrk(o, r, out)
   end
 end
 
-function M.json(o, r)
+function M.json_doc(o, r)
   local lat = r.latency
   local pct = {}
   for _, p in ipairs{ 50, 75, 90, 95, 99, 99.9, 99.99, 99.999 } do pct[tostring(p)] = lat:percentile(p) end
@@ -223,7 +255,11 @@ function M.json(o, r)
     requests_per_thread_per_s = { mean = r.requests.mean, stdev = r.requests.stdev, max = r.requests.max },
     timeline = json.array(r.timeline), thresholds = json.array(r.threshold_results or {}),
   }
-  return json.encode(doc)
+  return doc
+end
+
+function M.json(o, r)
+  return require("moonwire.bench.json").encode(M.json_doc(o, r))
 end
 
 -- ---------------------------------------------------------------------------------------
@@ -231,7 +267,7 @@ end
 
 local thread_code = 'return require("moonwire.bench.engine").thread_main(...)'
 
-local function merge_results(results)
+function M.merge_results(results)
   local lat, req = core.histogram(), core.histogram()
   local total, bytes, dur, hung = 0, 0, 0, 0
   local errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 }
@@ -306,7 +342,7 @@ end
 
 local scenario_code = 'return require("moonwire.bench.scenario").thread_main(...)'
 
-local function write_outputs(o, doc_fn, html_fn)
+function M.write_outputs(o, doc_fn, html_fn)
   if o.json then
     local doc = doc_fn()
     if o.json == "-" then io.stdout:write(doc, "\n")
@@ -376,7 +412,7 @@ local function run_scenario(o)
       duration_s = merged.duration, max_users = merged.max_users, metrics = metrics, checks = merged.checks,
       user_errors = merged.errors, thresholds = merged.threshold_results })
   end
-  local werr = write_outputs(o, doc, function()
+  local werr = M.write_outputs(o, doc, function()
     return require("moonwire.bench.report").html(o, { metrics = merged.metrics, checks = merged.checks,
       threshold_results = merged.threshold_results, duration_us = merged.duration * 1e6, scenario = true,
       timeline = {}, requests_total = 0, rps = 0, bytes = 0,
@@ -389,6 +425,8 @@ function M.main(argv)
   local ok, o = pcall(parse_args, argv)
   if not ok then return die(o .. "\n" .. usage) end
   if o.help then io.stdout:write(usage) return 0 end
+  if o.agent then return require("moonwire.bench.agent").main(o) end
+  if o.agents then return require("moonwire.bench.coordinator").main(o) end
   if o.scenario then return run_scenario(o) end
   if not o.url then return die("a URL is required\n" .. usage) end
   local target, uerr = url.parse(o.url)
@@ -444,9 +482,9 @@ function M.main(argv)
     if not o.quiet and core.isatty(1) and o.json ~= "-" then prog = mw.spawn(progress_line, o, shared, t0) end
     local results = join_all(started, shared, 3 * o.threads + 1)
     if prog then prog:cancel() io.stdout:write("\r", (" "):rep(70), "\r") end
-    result = merge_results(results)
+    result = M.merge_results(results)
     local out = o.json == "-" and io.stderr or io.stdout
-    print_wrk(o, result, out)
+    M.print_wrk(o, result, out)
     if main_env.done then
       main_env.done({ duration = result.duration_us, requests = result.requests_total, bytes = result.bytes,
         errors = result.errors }, result.latency, result.requests)
@@ -462,7 +500,7 @@ function M.main(argv)
     local _ = shared
   end)
   if not run_ok then return die(tostring(run_err)) end
-  local werr = write_outputs(o, function() return M.json(o, result) end,
+  local werr = M.write_outputs(o, function() return M.json(o, result) end,
     function() return require("moonwire.bench.report").html(o, result) end)
   if werr then return werr end
   return code

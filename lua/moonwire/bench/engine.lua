@@ -18,7 +18,7 @@ local headers_ci = { __index = function(t, k)
 end }
 
 local function connect(cfg)
-  local opts = { timeout = cfg.timeout }
+  local opts = { timeout = cfg.timeout, local_host = cfg.source }
   if cfg.target.scheme == "https" then opts.tls = { insecure = not cfg.verify } end
   return mw.tcp.connect(cfg.addr.host, cfg.addr.port, opts)
 end
@@ -162,6 +162,7 @@ local function sampler(st)
       p50 = st.second:percentile(50), p99 = st.second:percentile(99), max = select(3, st.second:stats()),
       errors = errs - sec_errors,
     }
+    if st.reporter then st.reporter(st) end
   end
   while not st.stop do
     mw.sleep(0.1)
@@ -187,6 +188,7 @@ local function sampler(st)
         errors = errs - sec_errors,
       }
       if st.shared then st.shared:set(3 * (st.cfg.thread_id - 1) + 3, st.timeline[#st.timeline].p99) end
+      if st.reporter then st.reporter(st) end   -- before the reset: it reads st.second
       st.second:reset()
       sec_count, sec_t, sec_errors = st.count, now, errs
       if st.progress then st.progress(st) end
@@ -202,7 +204,13 @@ function M.run(cfg, hooks, on_stop)
   local stop_cell = 3 * cfg.threads + 1
   if cfg.counters then st.shared = core.counters_attach(cfg.counters, stop_cell) end
   mw.run(function()
+    -- a distributed run starts every agent's threads at one agreed instant (bench/agent.lua)
+    if cfg.start_at then
+      local wait = cfg.start_at - hrtime()
+      if wait > 0 then mw.sleep(wait / 1e9) end
+    end
     st.t_start = hrtime()
+    if cfg.reporter then st.reporter = require(cfg.reporter).reporter(cfg, st) end
     for i = 1, cfg.conns_in_thread do mw.spawn(connection, st, i, hooks) end
     local samp = mw.spawn(sampler, st)
     local deadline = st.t_start + math.floor(cfg.duration * 1e9)
@@ -228,7 +236,7 @@ function M.run(cfg, hooks, on_stop)
   return {
     latency = st.latency:encode(), requests = st.requests:encode(),
     count = st.count, bytes = st.bytes, errors = st.errors, statuses = st.statuses,
-    duration_us = (st.t_end - st.t_start) // 1000, timeline = st.timeline, hung = st.hung or 0,
+    duration_us = (st.t_end - st.t_start) // 1000, t_start = st.t_start, timeline = st.timeline, hung = st.hung or 0,
   }
 end
 
