@@ -77,19 +77,16 @@ local function writefile(path, s)
   f:close()
 end
 
--- Watches the coordinator while a job runs: its heartbeat key (absent for longer than the
--- TTL while Redis is reachable = gone; a reconnection restarts the grace period) and the
--- run's stop key. Calls on_stop(reason) once.
+-- Watches the coordinator while a job runs: its heartbeat key (refreshed twice a second
+-- with a TTL: absent = it expired, so the coordinator is gone; but after a reconnection
+-- Redis may have lost it, so a key missing counts only once the connection has been up for
+-- a TTL) and the run's stop key. Calls on_stop(reason) once.
 local function watch(link, run, on_stop, done)
-  local seen = mw.now()
   while not done() do
     local v = link:call("MGET", key("run", run, "coord"), key("run", run, "stop"))
     if v then
-      local now = mw.now()
-      if v[1] ~= dist.null then seen = now end
-      if link.up_since and link.up_since > seen then seen = link.up_since end
       if v[2] ~= dist.null then return on_stop("stopped by the coordinator") end
-      if now - seen > dist.TTL + 0.5 then return on_stop("coordinator gone") end
+      if v[1] == dist.null and dist.gone(link) then return on_stop("coordinator gone") end
     end
     mw.sleep(0.25)
   end
@@ -185,7 +182,7 @@ local function run_job(a, job)
       local r = serial.decode(s)
       r.g = job.threads[i].g
       r.started_us = offset and (r.t_start // 1000 + offset) or nil
-      r.t_start = nil
+      r.mono_start_ns, r.t_start = r.t_start, nil   -- this machine's monotonic clock
       results[#results + 1] = r
     else
       failures[#failures + 1] = ("thread %d failed: %s"):format(job.threads[i].g, tostring(terr))
@@ -203,17 +200,13 @@ end
 -- across a Redis restart), or the coordinator is gone.
 local function deliver(a, run, final)
   local body = serial.encode(final)
-  local seen = mw.now()
   while true do
     local sent = a.link:call("XADD", key("run", run, "events"), "*", "k", "final", "a", a.name, "d", body)
     if sent then
       local ack = a.blk:call("BLPOP", key("run", run, "ack", a.name), 2)
       if ack and ack ~= dist.null then return true end
       local c = a.link:call("EXISTS", key("run", run, "coord"))
-      local now = mw.now()
-      if c == 1 then seen = now end
-      if a.link.up_since and a.link.up_since > seen then seen = a.link.up_since end
-      if c and now - seen > dist.TTL + 0.5 then return false end
+      if c == 0 and dist.gone(a.link) then return false end
     else
       mw.sleep(0.2)
     end

@@ -123,7 +123,9 @@ local function parse_args(argv)
     if not o.via then error("--agents needs --via redis://...", 0) end
   elseif o.via then error("--via needs --agents N", 0) end
   for _, u in ipairs{ o.agent or false, o.via or false } do
-    if u and not u:match("^rediss?://") then error("bad Redis URL '" .. u .. "' (redis:// or rediss:// expected)", 0) end
+    if u and not u:match("^rediss?://") then
+      error("bad Redis URL '" .. u .. "' (redis:// or rediss:// expected)", 0)
+    end
   end
   if o.agent and o.agents then error("--agent and --agents do not go together", 0) end
   if o.agent_wait and o.agent_wait <= 0 then error("bad value for agent-wait", 0) end

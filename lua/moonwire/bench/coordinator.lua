@@ -319,8 +319,7 @@ function M.main(o)
           for i, name in ipairs(names) do
             local ag = state[name]
             if v[i] ~= dist.null then ag.seen = now end
-            local since = math.max(ag.seen, link.up_since or 0)
-            if now - since > dist.TTL + 0.5 then
+            if v[i] == dist.null and dist.gone(link) then
               ag.lost = true
               pending = pending - 1
               io.stderr:write(("moonwire bench: agent %s lost (no heartbeat for %.1fs)\n"):format(name, now - ag.seen))
@@ -357,11 +356,12 @@ function M.main(o)
       if ag.final then
         results = ag.final.results
         for _, f in ipairs(ag.final.failures) do failures[#failures + 1] = ag.name .. ": " .. f end
-        local first
+        local first, mono
         for _, r in ipairs(results) do
           if r.started_us and (not first or r.started_us < first) then first = r.started_us end
+          if r.mono_start_ns and (not mono or r.mono_start_ns < mono) then mono = r.mono_start_ns end
         end
-        ag.started_us = first
+        ag.started_us, ag.mono_start_ns = first, mono
         if first then starts[#starts + 1] = first end
       else
         results = o.scenario and {} or from_intervals(ag)
@@ -400,7 +400,7 @@ function M.main(o)
     local row = { name = ag.name, threads = ag.threads, connections = ag.connections,
       state = ag.lost and "lost" or (ag.final and ag.final.stopped and ("stopped: " .. ag.final.stopped) or "ok"),
       clock_offset_us = ag.final and ag.final.offset, rtt_us = ag.final and ag.final.rtt,
-      start_skew_us = ag.started_us and (ag.started_us - report.start_us) or nil }
+      start_skew_us = ag.started_us and (ag.started_us - report.start_us) or nil, mono_start_ns = ag.mono_start_ns }
     if ag.lost then lost = lost + 1 end
     if o.scenario then
       local m = scenario_mod.merge(ag.results)
@@ -464,6 +464,7 @@ function M.main(o)
         requests = row.requests, rps = row.rps, errors = row.errors, state = row.state, lost = row.state == "lost",
         latency_us = { p50 = row.p50, p99 = row.p99 }, clock_offset_us = row.clock_offset_us or json.null,
         rtt_us = row.rtt_us or json.null, start_skew_us = row.start_skew_us or json.null,
+        start_monotonic_ns = row.mono_start_ns or json.null,
         thresholds = json.array(row.thresholds or {}) }
     end
     return json.array(list)

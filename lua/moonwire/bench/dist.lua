@@ -62,6 +62,13 @@ end
 
 M.null = redis.null
 
+--- Whether a heartbeat key found missing on `link` means its owner is gone: the key expired
+-- (TTL), unless the connection is younger than a TTL (Redis restarted and lost it; the
+-- owner puts it back within a heartbeat).
+function M.gone(link)
+  return link.up_since ~= nil and mw.now() - link.up_since > M.TTL
+end
+
 --- Redis time in microseconds (from TIME), or nil, err.
 function M.redis_time(link)
   local t, err = link:call("TIME")

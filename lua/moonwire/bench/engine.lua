@@ -196,6 +196,16 @@ local function sampler(st)
   end
 end
 
+--- Waits in the loop until hrtime() reaches `t` (ns): sleeps to 2 ms before, then yields
+-- until it (a timer can fire a few ms off a far instant).
+function M.wait_until(t)
+  while true do
+    local w = t - hrtime()
+    if w <= 0 then return end
+    mw.sleep(w > 3e6 and (w - 2e6) / 1e9 or 0)
+  end
+end
+
 --- Runs the load of one thread; cfg as built by the CLI. Returns the result table.
 function M.run(cfg, hooks, on_stop)
   local st = new_state(cfg)
@@ -205,10 +215,7 @@ function M.run(cfg, hooks, on_stop)
   if cfg.counters then st.shared = core.counters_attach(cfg.counters, stop_cell) end
   mw.run(function()
     -- a distributed run starts every agent's threads at one agreed instant (bench/agent.lua)
-    if cfg.start_at then
-      local wait = cfg.start_at - hrtime()
-      if wait > 0 then mw.sleep(wait / 1e9) end
-    end
+    if cfg.start_at then M.wait_until(cfg.start_at) end
     st.t_start = hrtime()
     if cfg.reporter then st.reporter = require(cfg.reporter).reporter(cfg, st) end
     for i = 1, cfg.conns_in_thread do mw.spawn(connection, st, i, hooks) end

@@ -72,7 +72,7 @@ local function run_users(cfg, sc)
   local shared = cfg.counters and core.counters_attach(cfg.counters, cfg.stop_cell)
   local function stopped() return shared and shared:get(cfg.stop_cell) ~= 0 end
   mw.run(function()
-    if cfg.start_at and cfg.start_at > hrtime() then mw.sleep((cfg.start_at - hrtime()) / 1e9) end
+    if cfg.start_at then require("moonwire.bench.engine").wait_until(cfg.start_at) end
     local prev = 0
     local t_start = hrtime()
     rt.t_start = t_start
