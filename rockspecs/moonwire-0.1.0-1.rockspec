@@ -80,6 +80,9 @@ build = {
       ["moonwire.bench.format"] = "lua/moonwire/bench/format.lua",
       ["moonwire.bench.json"] = "lua/moonwire/bench/json.lua",
       ["moonwire.bench.report"] = "lua/moonwire/bench/report.lua",
+      ["moonwire.bench.dist"] = "lua/moonwire/bench/dist.lua",
+      ["moonwire.bench.agent"] = "lua/moonwire/bench/agent.lua",
+      ["moonwire.bench.coordinator"] = "lua/moonwire/bench/coordinator.lua",
     },
     lib = {
       ["moonwire.core"] = "build/moonwire/core.so",

@@ -134,7 +134,7 @@ describe("core.histogram", function()
     assert.same(stats(core.histogram()), stats(core.histogram_decode(core.histogram():encode())))
     helper.raises("not an encoded histogram", core.histogram_decode, "")
     helper.raises("not an encoded histogram", core.histogram_decode, s .. "x")
-    helper.raises("not an encoded histogram", core.histogram_decode, s:sub(1, 32) .. string.pack("<I4I8", 1e8, 1))
+    helper.raises("not an encoded histogram", core.histogram_decode, s:sub(1, 48) .. string.pack("<I4I8", 1e8, 1))
   end)
 
   it("record_corrected fills in the samples a stall hid, as wrk2 does", function()

@@ -18,7 +18,8 @@
 
 typedef struct {
     uint64_t total, min, max;
-    double sum;
+    uint64_t sum_lo, sum_hi;               /* the sum, a 128-bit integer: exact in any order */
+    uint64_t clamped;                      /* samples above MAX_VALUE, kept in the top bucket */
     uint64_t counts[NBUCKETS];
 } hdr_t;
 
@@ -46,14 +47,26 @@ static uint64_t highest_of(int i)
     return ((sub + 1) << b) - 1;
 }
 
+typedef unsigned __int128 u128;
+
+static u128 sum_of(const hdr_t *h) { return (u128)h->sum_hi << 64 | h->sum_lo; }
+
+static void sum_add(hdr_t *h, u128 x)
+{
+    u128 s = sum_of(h) + x;
+    h->sum_lo = (uint64_t)s;
+    h->sum_hi = (uint64_t)(s >> 64);
+}
+
 static void record(hdr_t *h, uint64_t v, uint64_t n)
 {
     if (n == 0) return;
+    if (v > MAX_VALUE) h->clamped += n;
     h->counts[index_of(v)] += n;
     if (h->total == 0 || v < h->min) h->min = v;
     if (v > h->max) h->max = v;
     h->total += n;
-    h->sum += (double)v * (double)n;
+    sum_add(h, (u128)v * n);
 }
 
 static uint64_t percentile(const hdr_t *h, double p)
@@ -121,19 +134,22 @@ static int h_merge(lua_State *L)
         if (o->max > h->max) h->max = o->max;
     }
     h->total += o->total;
-    h->sum += o->sum;
+    sum_add(h, sum_of(o));
+    h->clamped += o->clamped;
     return 0;
 }
 
-/* h:encode() -> string (non-empty buckets only); histogram.decode(s) -> h */
+/* h:encode() -> string (non-empty buckets only, native byte order: total, min, max, clamped,
+ * sum as a 128-bit integer, then index/count pairs); histogram_decode(s) -> h */
 static int h_encode(lua_State *L)
 {
     hdr_t *h = checkh(L, 1);
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    uint64_t hdr[3] = { h->total, h->min, h->max };
+    uint64_t hdr[4] = { h->total, h->min, h->max, h->clamped };
     luaL_addlstring(&b, (const char *)hdr, sizeof hdr);
-    luaL_addlstring(&b, (const char *)&h->sum, sizeof h->sum);
+    uint64_t sum[2] = { h->sum_lo, h->sum_hi };
+    luaL_addlstring(&b, (const char *)sum, sizeof sum);
     for (int i = 0; i < NBUCKETS; i++) {
         if (!h->counts[i]) continue;
         uint32_t idx = (uint32_t)i;
@@ -148,16 +164,20 @@ static int l_decode(lua_State *L)
 {
     size_t n;
     const char *s = luaL_checklstring(L, 1, &n);
-    size_t head = 3 * sizeof(uint64_t) + sizeof(double), rec = sizeof(uint32_t) + sizeof(uint64_t);
+    size_t head = 6 * sizeof(uint64_t), rec = sizeof(uint32_t) + sizeof(uint64_t);
     if (n < head || (n - head) % rec) return luaL_argerror(L, 1, "not an encoded histogram");
     l_new(L);
     hdr_t *h = lua_touserdata(L, -1);
-    uint64_t hdr[3];
+    uint64_t hdr[4];
     memcpy(hdr, s, sizeof hdr);
     h->total = hdr[0];
     h->min = hdr[1];
     h->max = hdr[2];
-    memcpy(&h->sum, s + sizeof hdr, sizeof h->sum);
+    h->clamped = hdr[3];
+    uint64_t sum[2];
+    memcpy(sum, s + sizeof hdr, sizeof sum);
+    h->sum_lo = sum[0];
+    h->sum_hi = sum[1];
     for (size_t off = head; off < n; off += rec) {
         uint32_t idx;
         uint64_t c;
@@ -180,7 +200,7 @@ static int h_percentile(lua_State *L)
 static int h_stats(lua_State *L)
 {
     hdr_t *h = checkh(L, 1);
-    double mean = h->total ? h->sum / (double)h->total : 0, var = 0;
+    double mean = h->total ? (double)sum_of(h) / (double)h->total : 0, var = 0;
     if (h->total > 1) {
         for (int i = 0; i < NBUCKETS; i++) {
             if (!h->counts[i]) continue;
@@ -231,6 +251,14 @@ static int h_buckets(lua_State *L)
     return 1;
 }
 
+/* h:clamped() -> how many samples were above the largest value kept (2^41 - 1): they count
+ * in the top bucket, so percentiles there are capped; max keeps the true value */
+static int h_clamped(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)checkh(L, 1)->clamped);
+    return 1;
+}
+
 static int h_reset(lua_State *L)
 {
     hdr_t *h = checkh(L, 1);
@@ -243,7 +271,8 @@ void mw_hdr_open(lua_State *L)
     static const luaL_Reg m[] = {
         { "record", h_record }, { "record_corrected", h_record_corrected }, { "merge", h_merge },
         { "encode", h_encode }, { "percentile", h_percentile }, { "stats", h_stats },
-        { "within", h_within }, { "buckets", h_buckets }, { "reset", h_reset }, { NULL, NULL }
+        { "within", h_within }, { "buckets", h_buckets }, { "reset", h_reset },
+        { "clamped", h_clamped }, { NULL, NULL }
     };
     if (luaL_newmetatable(L, HDR_MT)) {
         luaL_newlib(L, m);

@@ -34,6 +34,15 @@ Usage: moonwire bench <options> <url> [-- script args]
                            'errors<0.1%', 'rps>10000', 'mean<5ms', 'max<1s' (repeatable)
         --verify           Verify https certificates (off by default, as in wrk)
         --quiet            No progress line
+  Distributed (coordinated through Redis; docs/bench.md):
+        --agent      <URL> Run as an agent: wait for work at redis://HOST[:PORT][/DB]
+                           (or rediss://); -t is the capacity it announces
+        --agent-name <N>   The agent's name (host:pid)
+        --source     <IP>  Bind the agent's load connections to this source address
+        --agents     <N>   Run the test on N agents (with --via)
+        --via        <URL> The Redis the agents wait on
+        --agent-wait <T>   How long to wait for the agents           (30s)
+        --on-agent-loss <continue|stop>  When an agent is lost       (continue)
   Numbers accept SI units (1k, 1M); times accept units (2s, 1m, 2h, 500ms).
 ]]
 
@@ -63,7 +72,9 @@ local function parse_args(argv)
       break
     elseif a == "-c" or a == "--connections" then o.connections = fmt.count(value(a))
     elseif a == "-d" or a == "--duration" then o.duration = fmt.duration(value(a))
-    elseif a == "-t" or a == "--threads" then o.threads = fmt.count(value(a))
+    elseif a == "-t" or a == "--threads" then
+      o.threads = fmt.count(value(a))
+      o.threads_given = true
     elseif a == "-s" or a == "--script" then o.script = value(a)
     elseif a == "-H" or a == "--header" then
       local h = value(a)
@@ -88,6 +99,17 @@ local function parse_args(argv)
     elseif a == "--verify" then o.verify = true
     elseif a == "--quiet" then o.quiet = true
     elseif a == "--scenario" then o.scenario = value(a)
+    elseif a == "--agent" then o.agent = value(a)
+    elseif a == "--agent-name" then o.agent_name = value(a)
+    elseif a == "--source" then o.source = value(a)
+    elseif a == "--agents" then o.agents = fmt.count(value(a))
+    elseif a == "--via" then o.via = value(a)
+    elseif a == "--agent-wait" then o.agent_wait = fmt.duration(value(a))
+    elseif a == "--on-agent-loss" then
+      o.on_agent_loss = value(a)
+      if o.on_agent_loss ~= "continue" and o.on_agent_loss ~= "stop" then
+        error("--on-agent-loss takes continue or stop", 0)
+      end
     elseif a == "-h" or a == "--help" then o.help = true
     elseif a:sub(1, 1) == "-" and #a > 1 then error("unknown option " .. a, 0)
     elseif not o.url then o.url = a
@@ -106,6 +128,18 @@ local function parse_args(argv)
   if o.streams and (o.streams < 1 or o.streams ~= math.floor(o.streams)) then error("bad value for streams", 0) end
   if o.streams and not o.h2 then error("-m N (streams per connection) needs --h2", 0) end
   if o.h2 and o.pipeline > 1 then error("--pipeline is for HTTP/1.1 (use -m for HTTP/2 streams)", 0) end
+  if o.agents then
+    if o.agents < 1 or o.agents ~= math.floor(o.agents) then error("bad value for agents", 0) end
+    o.agents = math.floor(o.agents)
+    if not o.via then error("--agents needs --via redis://...", 0) end
+  elseif o.via then error("--via needs --agents N", 0) end
+  for _, u in ipairs{ o.agent or false, o.via or false } do
+    if u and not u:match("^rediss?://") then
+      error("bad Redis URL '" .. u .. "' (redis:// or rediss:// expected)", 0)
+    end
+  end
+  if o.agent and o.agents then error("--agent and --agents do not go together", 0) end
+  if o.agent_wait and o.agent_wait <= 0 then error("bad value for agent-wait", 0) end
   return o
 end
 M.parse_args = parse_args
@@ -182,7 +216,7 @@ end
 -- ---------------------------------------------------------------------------------------
 -- output
 
-local function print_wrk(o, r, out)
+function M.print_wrk(o, r, out)
   local lat, req = r.latency, r.requests
   out:write(("Running %s test @ %s\n"):format(fmt.time_us(o.duration * 1e6):gsub("%.00", ""), o.url))
   out:write(("  %d threads and %d connections\n"):format(o.threads, o.connections))
@@ -238,7 +272,7 @@ local function print_wrk(o, r, out)
   end
 end
 
-function M.json(o, r)
+function M.json_doc(o, r)
   local lat = r.latency
   local pct = {}
   for _, p in ipairs{ 50, 75, 90, 95, 99, 99.9, 99.99, 99.999 } do pct[tostring(p)] = lat:percentile(p) end
@@ -260,7 +294,11 @@ function M.json(o, r)
       rst = r.h2.rst, goaway = r.h2.goaway,
       ttfb_us = { min = tt.min, max = tt.max, mean = tt.mean, stdev = tt.stdev, percentiles = tp } }
   end
-  return json.encode(doc)
+  return doc
+end
+
+function M.json(o, r)
+  return require("moonwire.bench.json").encode(M.json_doc(o, r))
 end
 
 -- ---------------------------------------------------------------------------------------
@@ -268,7 +306,7 @@ end
 
 local thread_code = 'return require("moonwire.bench.engine").thread_main(...)'
 
-local function merge_results(results)
+function M.merge_results(results)
   local lat, req = core.histogram(), core.histogram()
   local total, bytes, dur, hung = 0, 0, 0, 0
   local errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 }
@@ -355,7 +393,7 @@ end
 
 local scenario_code = 'return require("moonwire.bench.scenario").thread_main(...)'
 
-local function write_outputs(o, doc_fn, html_fn)
+function M.write_outputs(o, doc_fn, html_fn)
   if o.json then
     local doc = doc_fn()
     if o.json == "-" then io.stdout:write(doc, "\n")
@@ -425,7 +463,7 @@ local function run_scenario(o)
       duration_s = merged.duration, max_users = merged.max_users, metrics = metrics, checks = merged.checks,
       user_errors = merged.errors, thresholds = merged.threshold_results })
   end
-  local werr = write_outputs(o, doc, function()
+  local werr = M.write_outputs(o, doc, function()
     return require("moonwire.bench.report").html(o, { metrics = merged.metrics, checks = merged.checks,
       threshold_results = merged.threshold_results, duration_us = merged.duration * 1e6, scenario = true,
       timeline = {}, requests_total = 0, rps = 0, bytes = 0,
@@ -438,6 +476,8 @@ function M.main(argv)
   local ok, o = pcall(parse_args, argv)
   if not ok then return die(o .. "\n" .. usage) end
   if o.help then io.stdout:write(usage) return 0 end
+  if o.agent then return require("moonwire.bench.agent").main(o) end
+  if o.agents then return require("moonwire.bench.coordinator").main(o) end
   if o.scenario then return run_scenario(o) end
   if not o.url then return die("a URL is required\n" .. usage) end
   local target, uerr = url.parse(o.url)
@@ -493,9 +533,9 @@ function M.main(argv)
     if not o.quiet and core.isatty(1) and o.json ~= "-" then prog = mw.spawn(progress_line, o, shared, t0) end
     local results = join_all(started, shared, 3 * o.threads + 1)
     if prog then prog:cancel() io.stdout:write("\r", (" "):rep(70), "\r") end
-    result = merge_results(results)
+    result = M.merge_results(results)
     local out = o.json == "-" and io.stderr or io.stdout
-    print_wrk(o, result, out)
+    M.print_wrk(o, result, out)
     if main_env.done then
       main_env.done({ duration = result.duration_us, requests = result.requests_total, bytes = result.bytes,
         errors = result.errors }, result.latency, result.requests)
@@ -511,7 +551,7 @@ function M.main(argv)
     local _ = shared
   end)
   if not run_ok then return die(tostring(run_err)) end
-  local werr = write_outputs(o, function() return M.json(o, result) end,
+  local werr = M.write_outputs(o, function() return M.json(o, result) end,
     function() return require("moonwire.bench.report").html(o, result) end)
   if werr then return werr end
   return code

@@ -18,7 +18,7 @@ local headers_ci = { __index = function(t, k)
 end }
 
 local function connect(cfg)
-  local opts = { timeout = cfg.timeout }
+  local opts = { timeout = cfg.timeout, local_host = cfg.source }
   if cfg.target.scheme == "https" then opts.tls = { insecure = not cfg.verify } end
   return mw.tcp.connect(cfg.addr.host, cfg.addr.port, opts)
 end
@@ -172,6 +172,7 @@ local function sampler(st)
       p50 = st.second:percentile(50), p99 = st.second:percentile(99), max = select(3, st.second:stats()),
       errors = errs - sec_errors,
     }
+    if st.reporter then st.reporter(st) end
   end
   while not st.stop do
     mw.sleep(0.1)
@@ -194,10 +195,21 @@ local function sampler(st)
         errors = errs - sec_errors,
       }
       if st.shared then st.shared:set(3 * (st.cfg.thread_id - 1) + 3, st.timeline[#st.timeline].p99) end
+      if st.reporter then st.reporter(st) end   -- before the reset: it reads st.second
       st.second:reset()
       sec_count, sec_t, sec_errors = count, now, errs
       if st.progress then st.progress(st) end
     end
+  end
+end
+
+--- Waits in the loop until hrtime() reaches `t` (ns): sleeps to 2 ms before, then yields
+-- until it (a timer can fire a few ms off a far instant).
+function M.wait_until(t)
+  while true do
+    local w = t - hrtime()
+    if w <= 0 then return end
+    mw.sleep(w > 3e6 and (w - 2e6) / 1e9 or 0)
   end
 end
 
@@ -210,7 +222,10 @@ function M.run(cfg, hooks, on_stop)
   if cfg.counters then st.shared = core.counters_attach(cfg.counters, stop_cell) end
   local h2tasks
   mw.run(function()
+    -- a distributed run starts every agent's threads at one agreed instant (bench/agent.lua)
+    if cfg.start_at then M.wait_until(cfg.start_at) end
     st.t_start = hrtime()
+    if cfg.reporter then st.reporter = require(cfg.reporter).reporter(cfg, st) end
     local deadline = st.t_start + math.floor(cfg.duration * 1e9)
     if cfg.h2 then
       st.t_end_ns = deadline
@@ -246,7 +261,7 @@ function M.run(cfg, hooks, on_stop)
   st.t_end = st.t_end or hrtime()
   local result = {
     count = st.count, bytes = st.bytes, errors = st.errors, statuses = st.statuses,
-    duration_us = (st.t_end - st.t_start) // 1000, timeline = st.timeline, hung = st.hung or 0,
+    duration_us = (st.t_end - st.t_start) // 1000, t_start = st.t_start, timeline = st.timeline, hung = st.hung or 0,
   }
   if st.h2b then require("moonwire.bench.h2").finish(st, result) end
   result.latency, result.requests = st.latency:encode(), st.requests:encode()

@@ -415,6 +415,23 @@ local function thresholds_section(r)
   return head .. grid_table({ "result", "threshold", "detail" }, rows, 99)
 end
 
+-- a distributed run: one row per agent beside the merged figures above
+local function agents_section(r)
+  local list = type(r.agents) == "table" and r.agents or nil
+  if not list or #list == 0 then return nil end
+  local rows = {}
+  for _, a in ipairs(list) do
+    local state = tostring(a.state or "")
+    rows[#rows + 1] = { esc(a.name or ""), num(a.threads), a.connections and num(a.connections) or "-",
+      grouped(tonumber(a.requests) or 0), grouped(tonumber(a.rps) or 0, 2), time_us(tonumber(a.p50) or 0),
+      time_us(tonumber(a.p99) or 0), grouped(tonumber(a.errors) or 0),
+      state == "ok" and '<span class="badge pass">ok</span>'
+        or ('<span class="badge fail">%s</span>'):format(esc(state)) }
+  end
+  return grid_table({ "agent", "threads", "connections", "requests", "req/s", "p50", "p99", "errors", "state" },
+    rows, 2)
+end
+
 local function is_time_metric(name)
   return name:match("duration") or name:match("_ms$") or name:match("time") or name:match("rtt")
 end
@@ -589,6 +606,8 @@ function M.html(o, r)
   h[#h + 1] = card("unanswered at end", grouped(hung), "requests still in flight", hung > 0 and errors_total > 0)
   h[#h + 1] = "</div></section>"
 
+  local ag = agents_section(r)
+  if ag then h[#h + 1] = "<section><h2>Agents</h2>" .. ag .. "</section>" end
   local th = thresholds_section(r)
   if th then h[#h + 1] = "<section><h2>Thresholds</h2>" .. th .. "</section>" end
   local ms = metrics_section(r)

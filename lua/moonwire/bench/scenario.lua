@@ -68,10 +68,16 @@ local function run_users(cfg, sc)
     vu.running = false
   end
   local max_users = 0
+  -- a distributed run (bench/agent.lua): an agreed start instant and a stop cell
+  local shared = cfg.counters and core.counters_attach(cfg.counters, cfg.stop_cell)
+  local function stopped() return shared and shared:get(cfg.stop_cell) ~= 0 end
   mw.run(function()
+    if cfg.start_at then require("moonwire.bench.engine").wait_until(cfg.start_at) end
     local prev = 0
     local t_start = hrtime()
+    rt.t_start = t_start
     for _, st in ipairs(sc.stages) do
+      if stopped() then break end
       local from, to = share(prev, cfg.thread_id, cfg.threads), share(st.target, cfg.thread_id, cfg.threads)
       local t0 = hrtime()
       repeat
@@ -82,7 +88,7 @@ local function run_users(cfg, sc)
         for id = 1, rt.active do
           local vu = rt.vus[id]
           if not vu then
-            vu = { id = id, iteration = 0, thread = cfg.thread_id }
+            vu = { id = id, iteration = 0, thread = cfg.thread_id, source = cfg.source }
             rt.vus[id] = vu
           end
           if not vu.running then
@@ -90,7 +96,7 @@ local function run_users(cfg, sc)
             mw.spawn(vu_loop, vu)
           end
         end
-        if f >= 1 then break end
+        if f >= 1 or stopped() then break end
         mw.sleep(0.1)
       until false
       prev = st.target
@@ -109,7 +115,7 @@ local function run_users(cfg, sc)
   end)
   local reg = bench._registry()
   local out = { trends = {}, counters = {}, checks = reg.checks, order = reg.order, errors = rt.errors,
-    first_error = rt.first_error, duration = rt.duration or 0, max_users = max_users }
+    first_error = rt.first_error, duration = rt.duration or 0, max_users = max_users, t_start = rt.t_start }
   for name, t in pairs(reg.trends) do out.trends[name] = t.h:encode() end
   for name, c in pairs(reg.counters) do out.counters[name] = c.value end
   return out

@@ -1,0 +1,518 @@
+-- Distributed `moonwire bench` (docs/bench.md, "Distributed runs"): a real redis-server
+-- started once for this file (spec/redis_server.lua); agents are separate processes bound to
+-- their own loopback source addresses (127.0.0.2, .3, ...); the coordinator is a subprocess;
+-- the HTTP/WebSocket target serves in this process and records who asked and when. Each test
+-- uses its own Redis database, so agents of one test never take work of another. Runs are
+-- short (-d 2..3) and every wait is bounded.
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local http = require "moonwire.http"
+local core = require "moonwire.core"
+local redis = require "moonwire.redis"
+local serial = require "moonwire.bench.serial"
+local redis_server = require "spec.redis_server"
+
+local ROOT = (function()
+  local p = assert(io.popen("pwd"))
+  local dir = p:read("l")
+  p:close()
+  return dir
+end)()
+
+local function quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+local function readfile(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function writefile(path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+end
+
+-- a small JSON decoder (null -> NULL)
+local NULL = setmetatable({}, { __tostring = function() return "null" end })
+local function json_decode(s)
+  local pos = 1
+  local value
+  local function ws() pos = s:find("[^ \t\r\n]", pos) or #s + 1 end
+  local function str()
+    local out = {}
+    pos = pos + 1
+    while true do
+      local c = s:sub(pos, pos)
+      if c == '"' then pos = pos + 1 return table.concat(out) end
+      if c == "\\" then
+        local e = s:sub(pos + 1, pos + 1)
+        if e == "u" then
+          out[#out + 1] = utf8.char(tonumber(s:sub(pos + 2, pos + 5), 16))
+          pos = pos + 6
+        else
+          out[#out + 1] = ({ n = "\n", t = "\t", r = "\r", b = "\b", f = "\f" })[e] or e
+          pos = pos + 2
+        end
+      else
+        out[#out + 1] = c
+        pos = pos + 1
+      end
+    end
+  end
+  function value()
+    ws()
+    local c = s:sub(pos, pos)
+    if c == "{" or c == "[" then
+      local t, obj = {}, c == "{"
+      pos = pos + 1
+      ws()
+      if s:sub(pos, pos) == (obj and "}" or "]") then pos = pos + 1 return t end
+      while true do
+        if obj then
+          ws()
+          local k = str()
+          ws()
+          pos = pos + 1   -- ':'
+          t[k] = value()
+        else
+          t[#t + 1] = value()
+        end
+        ws()
+        local d = s:sub(pos, pos)
+        pos = pos + 1
+        if d ~= "," then return t end
+      end
+    end
+    if c == '"' then return str() end
+    for word, v in pairs{ ["true"] = true, ["false"] = false, null = NULL } do
+      if s:sub(pos, pos + #word - 1) == word then pos = pos + #word return v end
+    end
+    local num = s:match("^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
+    pos = pos + #num
+    return tonumber(num)
+  end
+  return value()
+end
+
+---------------------------------------------------------------------------------------------
+-- processes
+
+local procs = {}      -- pid -> true, killed at teardown
+local temps = {}
+
+local function tmp(suffix)
+  local name = os.tmpname()
+  temps[#temps + 1] = name
+  if suffix then
+    name = name .. suffix
+    temps[#temps + 1] = name
+  end
+  return name
+end
+
+local function env_prefix()
+  local vars = { "LUA_PATH=" .. quote(package.path), "LUA_CPATH=" .. quote(package.cpath) }
+  local preload = os.getenv("MW_ASAN_PRELOAD")
+  if preload then vars[#vars + 1] = "LD_PRELOAD=" .. quote(preload) end
+  return "env " .. table.concat(vars, " ")
+end
+
+local function alive(pid) return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true end
+
+local function kill(pid, sig)
+  if pid and alive(pid) then os.execute(("kill -%s %d 2>/dev/null"):format(sig or "KILL", pid)) end
+end
+
+-- Starts `moonwire bench ARGS` in the background (exec'd: the pid is lua5.4's own);
+-- -> { pid, out, err, rc }
+local function bg(args)
+  local words = {}
+  for i, a in ipairs(args) do words[i] = quote(a) end
+  local h = { out = tmp(".out"), err = tmp(".err"), rc = tmp(".rc") }
+  os.remove(h.rc)
+  local inner = ("exec %s lua5.4 %s bench %s >%s 2>%s </dev/null"):format(env_prefix(),
+    quote(ROOT .. "/bin/moonwire"), table.concat(words, " "), h.out, h.err)
+  -- the wrapper records the exit status; `$!` of the inner job is lua5.4's pid
+  local p = assert(io.popen(("(%s & echo $! ; wait $! ; echo $? >%s.tmp ; mv %s.tmp %s) 2>/dev/null &"):format(
+    inner, h.rc, h.rc, h.rc)))
+  h.pid = math.tointeger(tonumber(p:read("l")))
+  p:close()
+  procs[h.pid] = true
+  return h
+end
+
+-- Waits (from the loop) for a bg process to exit; -> code, stdout, stderr
+local function wait(h, limit)
+  local deadline = mw.now() + limit
+  while true do
+    local s = readfile(h.rc)
+    if s and s ~= "" then break end
+    if mw.now() > deadline then
+      kill(h.pid)
+      error("process did not finish in time:\n" .. (readfile(h.out) or "") .. (readfile(h.err) or ""))
+    end
+    mw.sleep(0.05)
+  end
+  procs[h.pid] = nil
+  return math.tointeger(tonumber(readfile(h.rc))), readfile(h.out) or "", readfile(h.err) or ""
+end
+
+local function context(h)
+  return "\n--- stdout:\n" .. (readfile(h.out) or "") .. "\n--- stderr:\n" .. (readfile(h.err) or "")
+end
+
+---------------------------------------------------------------------------------------------
+-- redis, agents, the target
+
+local srv            -- the redis-server
+local db_next = 0
+
+local function via(db) return ("redis://127.0.0.1:%d/%d"):format(srv.port, db) end
+
+-- n agents on 127.0.0.2.. for a fresh database; -> url, { agent handles }
+local function agents(n, threads)
+  db_next = db_next + 1
+  local u = via(db_next)
+  local list = {}
+  for i = 1, n do
+    list[i] = bg{ "--agent", u, "--agent-name", ("agent%d"):format(i), "--source", ("127.0.0.%d"):format(i + 1),
+      "-t", tostring(threads or 1) }
+  end
+  return u, list
+end
+
+local function stop_agents(list)
+  for _, a in ipairs(list) do kill(a.pid) procs[a.pid] = nil end
+end
+
+-- The target: counts requests per source address, remembers the time of the last one,
+-- answers /ws as a WebSocket echo and counts /setup calls.
+local function target()
+  local t = { count = 0, by_source = {}, last = 0, setup = 0 }
+  t.srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req, res)
+    t.count = t.count + 1
+    t.last = mw.now()
+    t.by_source[req.remote_addr] = (t.by_source[req.remote_addr] or 0) + 1
+    if req.path == "/ws" then
+      local ws = req:websocket()
+      if ws then for msg, kind in ws:messages() do ws:send(msg, kind) end end
+      return
+    end
+    if req.path == "/setup" then t.setup = t.setup + 1 end
+    res:send("ok")
+  end })
+  t.url = ("http://127.0.0.1:%d/"):format(t.srv.port)
+  return t
+end
+
+local function wait_for(cond, limit, what)
+  local deadline = mw.now() + limit
+  while not cond() do
+    if mw.now() > deadline then error("timed out waiting for " .. what) end
+    mw.sleep(0.02)
+  end
+end
+
+local function coordinator(u, n, extra)
+  local args = { "--agents", tostring(n), "--via", u, "--quiet", "--agent-wait", "10s" }
+  for _, a in ipairs(extra) do args[#args + 1] = a end
+  return bg(args)
+end
+
+---------------------------------------------------------------------------------------------
+
+describe("distributed bench", function()
+  setup(function() srv = redis_server.start() end)
+  teardown(function()
+    for pid in pairs(procs) do kill(pid) end
+    if srv then srv.stop() end
+    for _, f in ipairs(temps) do os.remove(f) end
+  end)
+
+  it("merges histograms bit-exactly through the serialization path (values out of range are counted)", function()
+    run(function()
+      local r = assert(redis.connect(srv.url .. "/15"))
+      math.randomseed(17)
+      local one = core.histogram()
+      local parts = { core.histogram(), core.histogram(), core.histogram() }
+      for i = 1, 200000 do
+        local v
+        local k = i % 7
+        if k == 0 then v = math.random(0, 2047)
+        elseif k < 5 then v = math.floor(math.exp(math.random() * 28))
+        elseif k == 5 then v = math.random(0, 1 << 45)              -- far beyond 2^41 - 1
+        else v = math.random(1, 100) * 1000 end
+        one:record(v)
+        parts[math.random(1, 3)]:record(v)
+      end
+      one:record(1 << 50, 3)
+      parts[2]:record(1 << 50, 3)
+      -- each part as an agent sends it: a stream entry (binary field + serialized table)
+      for i, h in ipairs(parts) do
+        assert(r:xadd("hdrtest", "*", "d", serial.encode{ part = i, count = (h:stats()) }, "h", h:encode()))
+      end
+      local entries = assert(r:xrange("hdrtest", "-", "+"))
+      assert.equal(3, #entries)
+      local merged = core.histogram()
+      for j = #entries, 1, -1 do   -- merge order does not matter
+        local f = entries[j][2]
+        assert.equal("h", f[3])
+        local d = serial.decode(f[2])
+        local h = core.histogram_decode(f[4])
+        assert.equal(d.count, (h:stats()))
+        merged:merge(h)
+      end
+      assert.equal(one:encode(), merged:encode())            -- every bucket, count, min, max, sum
+      assert.same(one:buckets(), merged:buckets())
+      assert.same({ one:stats() }, { merged:stats() })
+      assert.is_true(one:clamped() > 0)
+      assert.equal(one:clamped(), merged:clamped())
+      for _, p in ipairs{ 50, 90, 99, 99.9, 99.999 } do assert.equal(one:percentile(p), merged:percentile(p)) end
+      r:close()
+    end)
+  end)
+
+  it("runs one test on three agents bound to their own source addresses, started together", function()
+    run(function()
+      local t = target()
+      local u, list = agents(3)
+      local json = tmp(".json")
+      local c = coordinator(u, 3, { "-c", "6", "-d", "2", "--latency", "--json", json, t.url })
+      local code, out = wait(c, 30)
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      local doc = json_decode(readfile(json))
+      assert.equal(3, doc.threads)
+      assert.equal(3, #doc.agents)
+      local sum, starts, offsets = 0, {}, {}
+      for i, a in ipairs(doc.agents) do
+        assert.equal("agent" .. i, a.name)
+        assert.equal("ok", a.state)
+        assert.equal(2, a.connections)
+        assert.is_true(a.requests > 0)
+        sum = sum + a.requests
+        starts[#starts + 1] = a.start_monotonic_ns
+        offsets[#offsets + 1] = a.clock_offset_us
+        -- the agent's own load came from its source address
+        assert.is_true((t.by_source["127.0.0." .. (i + 1)] or 0) >= a.requests, "source " .. i)
+      end
+      assert.equal(doc.requests, sum)
+      assert.equal(0, doc.out_of_range)
+      assert.is_nil(t.by_source["127.0.0.1"])
+      -- one machine: the agents' monotonic clocks are one clock, so their measured offsets to
+      -- Redis must agree (to within a round trip), and the starts compare directly. The spread
+      -- is mostly scheduling on this shared 2-core box (the agents start loading at once).
+      table.sort(offsets)
+      assert.is_true(offsets[3] - offsets[1] < 500, ("clock offsets differ by %d us"):format(offsets[3] - offsets[1]))
+      table.sort(starts)
+      assert.is_true(starts[3] - starts[1] < 25e6, ("start spread %d ns"):format(starts[3] - starts[1]))
+      assert.matches("Agents:", out)
+      assert.matches("Requests/sec:", out)
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  it("judges thresholds on the merged figures, not on each agent's alone (both ways)", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local json = tmp(".json")
+      -- 200 req/s over 2 s: about 400 requests merged, about 200 on each agent
+      local c = coordinator(u, 2, { "-c", "4", "-d", "2", "-R", "200", "--json", json,
+        "--threshold", "requests>300", "--threshold", "requests<300", t.url })
+      local code = wait(c, 30)
+      stop_agents(list)
+      assert.equal(1, code, context(c))
+      local doc = json_decode(readfile(json))
+      assert.is_true(doc.requests > 300 and doc.requests < 500, context(c))
+      assert.is_true(doc.thresholds[1].pass)     -- requests>300: passes merged...
+      assert.is_false(doc.thresholds[2].pass)    -- requests<300: fails merged...
+      for _, a in ipairs(doc.agents) do
+        assert.is_false(a.thresholds[1].pass)    -- ...fails on each agent alone
+        assert.is_true(a.thresholds[2].pass)     -- ...passes on each agent alone
+      end
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  it("marks an agent killed mid-test as lost, keeps its intervals and still reports", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local json = tmp(".json")
+      local c = coordinator(u, 2, { "-c", "4", "-d", "3", "-R", "400", "--json", json, t.url })
+      wait_for(function() return (t.by_source["127.0.0.3"] or 0) > 0 end, 15, "agent 2's load")
+      mw.sleep(1.3)   -- at least one interval snapshot sent
+      kill(list[2].pid)
+      local code, out = wait(c, 30)
+      stop_agents(list)
+      assert.equal(1, code, context(c))
+      assert.matches("lost", out)
+      local doc = json_decode(readfile(json))
+      assert.equal("ok", doc.agents[1].state)
+      assert.is_true(doc.agents[2].lost)
+      assert.is_true(doc.agents[2].requests > 0, "its intervals are kept")
+      assert.is_true(doc.agents[2].requests < t.by_source["127.0.0.3"] + 1)
+      assert.equal(doc.requests, doc.agents[1].requests + doc.agents[2].requests)
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  it("stops every agent when one is lost with --on-agent-loss stop", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local json = tmp(".json")
+      local c = coordinator(u, 2, { "-c", "4", "-d", "20", "-R", "400", "--json", json,
+        "--on-agent-loss", "stop", t.url })
+      wait_for(function() return (t.by_source["127.0.0.3"] or 0) > 0 end, 15, "agent 2's load")
+      local t0 = mw.now()
+      kill(list[2].pid)
+      local code = wait(c, 30)
+      stop_agents(list)
+      assert.equal(1, code, context(c))
+      assert.is_true(mw.now() - t0 < 10, "the run stopped early")
+      local doc = json_decode(readfile(json))
+      assert.equal("stopped: stopped by the coordinator", doc.agents[1].state)
+      assert.is_true(doc.agents[2].lost)
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  it("has agents stop their load within the bound when the coordinator dies", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local c = coordinator(u, 2, { "-c", "4", "-d", "30", "-R", "400", t.url })
+      wait_for(function() return t.count > 50 end, 15, "load")
+      kill(c.pid)
+      local killed = mw.now()
+      procs[c.pid] = nil
+      -- quiet for a second: the load stopped
+      wait_for(function() return mw.now() - t.last > 1 end, 10, "the load to stop")
+      local after = t.last - killed
+      assert.is_true(after < 3.5, ("requests went on %.2fs after the coordinator died"):format(after))
+      -- and the agents are alive, idle again
+      for _, a in ipairs(list) do assert.is_true(alive(a.pid)) end
+      local r = assert(redis.connect(u))
+      wait_for(function()
+        local s = r:get("mwbench:agent:agent1")
+        return s ~= redis.null and serial.decode(s).state == "idle"
+      end, 10, "agent1 idle")
+      r:close()
+      stop_agents(list)
+      local agent_log = readfile(list[1].err)
+      assert.matches("coordinator gone", agent_log)
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  it("survives a Redis restart mid-test: agents keep recording and deliver", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local json = tmp(".json")
+      local c = coordinator(u, 2, { "-c", "4", "-d", "4", "-R", "400", "--json", json, t.url })
+      wait_for(function() return t.count > 100 end, 15, "load")
+      mw.sleep(0.5)
+      srv.kill()
+      wait_for(function() return not alive(srv.pid) end, 5, "redis to die")
+      mw.sleep(0.8)
+      assert.is_true(os.execute(("redis-server --daemonize yes --dir %s --pidfile %s/redis.pid --logfile " ..
+        "%s/redis.log --save '' --appendonly no --bind 127.0.0.1 --port %d --unixsocket %s --unixsocketperm 700 " ..
+        ">/dev/null"):format(quote(srv.dir), srv.dir, srv.dir, srv.port, quote(srv.path))))
+      wait_for(function()
+        local pid = tonumber(readfile(srv.dir .. "/redis.pid") or "")
+        if pid then srv.pid = pid end
+        return pid ~= nil
+      end, 5, "redis to restart")
+      local code = wait(c, 40)
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      local doc = json_decode(readfile(json))
+      for _, a in ipairs(doc.agents) do assert.equal("ok", a.state) end
+      -- every response the agents got is in the report: exact results, delivered after the restart
+      assert.is_true(doc.requests >= t.count - 8 and doc.requests <= t.count,
+        ("%d vs %d"):format(doc.requests, t.count))
+      t.srv:close(0)
+    end, 50)
+  end)
+
+  it("splits a scenario (setup once, stages, an HTTP and a WebSocket group) over three agents", function()
+    run(function()
+      local t = target()
+      local u, list = agents(3)
+      local sc = tmp(".lua")
+      writefile(sc, ([[
+local mw = require "moonwire"
+local bench = require "moonwire.bench"
+local BASE = %q
+return {
+  stages = { { duration = "1s", target = 6 }, { duration = "1s", target = 6 }, { duration = "0.5s", target = 0 } },
+  thresholds = { "checks>99%%" },
+  setup = function()
+    local c = mw.http.client()
+    local res = assert(c:get(BASE .. "setup"))
+    res:body()
+    return { path = "hello", ws = BASE:gsub("^http", "ws") .. "ws" }
+  end,
+  user = function(vu, data)
+    if vu.id %% 2 == 0 then
+      local ws = assert(mw.websocket.connect(data.ws, { local_host = vu.source }))
+      for i = 1, 5 do
+        local t0 = bench.now()
+        ws:send("m" .. i)
+        local msg = ws:receive()
+        bench.check("echo", msg == "m" .. i)
+        bench.trend("ws_rtt"):add((bench.now() - t0) * 1000)
+        bench.counter("ws_msgs"):add(1)
+      end
+      ws:close()
+    else
+      local res = bench.http.get(BASE .. data.path)
+      bench.check("status 200", res and res.status == 200)
+    end
+    bench.sleep(0.05)
+  end,
+}
+]]):format(t.url))
+      local json = tmp(".json")
+      local c = coordinator(u, 3, { "--scenario", sc, "--json", json })
+      local code = wait(c, 30)
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      local doc = json_decode(readfile(json))
+      assert.equal(1, t.setup)                     -- setup ran once, on the coordinator
+      assert.equal(3, doc.threads)
+      assert.equal(6, doc.max_users)
+      assert.is_true(doc.metrics.ws_msgs.value > 0)
+      assert.is_true(doc.metrics.http_reqs.value > 0)
+      assert.equal(0, doc.checks.echo.fail)
+      assert.is_true(doc.thresholds[1].pass)
+      local iters = 0
+      for _, a in ipairs(doc.agents) do
+        assert.equal("ok", a.state)
+        assert.is_true(a.requests > 0)
+      end
+      for _, a in ipairs(doc.agents) do iters = iters + a.requests end
+      assert.equal(doc.metrics.http_reqs.value, iters)
+      -- the WebSocket users connected from their agent's source address
+      for i = 2, 4 do assert.is_true((t.by_source["127.0.0." .. i] or 0) > 0) end
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  it("fails clearly when the agents do not come", function()
+    run(function()
+      db_next = db_next + 1
+      local c = bg{ "--agents", "2", "--via", via(db_next), "--agent-wait", "1s", "http://127.0.0.1:1/" }
+      local code, _, err = wait(c, 15)
+      assert.equal(2, code)
+      assert.matches("only 0 of 2 agents present after 1s", err)
+    end, 20)
+  end)
+end)
