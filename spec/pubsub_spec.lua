@@ -148,7 +148,8 @@ describe("moonwire.pubsub over Redis", function()
 end)
 
 describe("moonwire.pubsub when Redis fails", function()
-  it("killed mid-stream: publish says so, local delivery goes on; restarted: resubscribed within the backoff bound, history recovered without a gap", function()
+  it("killed mid-stream: publish says so, local delivery goes on; restarted: resubscribed within " ..
+     "the backoff bound, history recovered without a gap", function()
     run(function()
       local a, b = node { history = 1000 }, node { history = 1000, backoff_min = 0.3 }
       wait_for(function() return a.state == "up" and b.state == "up" end)

@@ -157,7 +157,7 @@ local function unref(self, t)
 end
 
 -- Handlers run in the topic's task, which lives while its queue is not empty.
-local function drain(self, t)
+local function drain(t)
   local q = t.q
   while q.first <= q.last do
     local data = q[q.first]
@@ -190,7 +190,7 @@ local function deliver(self, t, data)
     q.last = q.last + 1
     q[q.last] = data
     self.stats.delivered = self.stats.delivered + 1
-    if not t.task then t.task = spawn(drain, self, t) end
+    if not t.task then t.task = spawn(drain, t) end
   end
 end
 
@@ -323,7 +323,9 @@ end
 function PS:_conn()
   local c = self._pub
   if c and c:alive() then return c end
-  if self._pub_retry and now() < self._pub_retry then return nil, self._pub_err or "Redis unavailable", "unavailable" end
+  if self._pub_retry and now() < self._pub_retry then
+    return nil, self._pub_err or "Redis unavailable", "unavailable"
+  end
   local waiting = self._connecting
   if waiting then
     waiting[#waiting + 1] = core.current()

@@ -39,7 +39,9 @@ function M.new(target, opts)
   local redis = require "moonwire.redis"
   if type(target) == "table" and opts == nil then opts, target = target, target.url end
   opts = opts or {}
-  if type(opts) ~= "table" then error("bad argument #2 to 'subscriber' (table expected, got " .. type(opts) .. ")", 2) end
+  if type(opts) ~= "table" then
+    error("bad argument #2 to 'subscriber' (table expected, got " .. type(opts) .. ")", 2)
+  end
   local copts = {}
   for k, v in pairs(opts) do copts[k] = v end
   for _, k in ipairs { "on_message", "on_state", "backoff_min", "backoff_max", "probe_interval",
@@ -76,7 +78,9 @@ local function change(self, kind, op, names)
   local list = {}
   for i = 1, #names do
     local n = names[i]
-    if type(n) ~= "string" then error(("bad argument #%d to '%s' (string expected, got %s)"):format(i, kind, type(n)), 3) end
+    if type(n) ~= "string" then
+      error(("bad argument #%d to '%s' (string expected, got %s)"):format(i, kind, type(n)), 3)
+    end
     if (op == "add") ~= (set[n] ~= nil) then
       set[n] = op == "add" or nil
       list[#list + 1] = n
