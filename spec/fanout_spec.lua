@@ -4,6 +4,8 @@
 --    file, stopped in teardown): every client gets every message exactly once, and the
 --    messages of each publisher in the order it published them.
 --  * 1 server x 2 workers without Redis: the workers bus reaches the clients of both workers.
+--  * headless Chromium: two pages on two chat demo servers (examples/chat, workers = 2 each)
+--    sharing the Redis talk to each other (spec/peers/chat_browser.js; screenshot in build/).
 
 local helper = require "spec.helper"
 local mw = helper.mw
@@ -12,6 +14,8 @@ local websocket = require "moonwire.websocket"
 local server = require "spec.redis_server"
 
 local readfile = helper.readfile
+local procs = require "spec.peers.procs"
+local quote = procs.quote
 
 local redis_srv
 setup(function() redis_srv = server.start() end)
@@ -193,5 +197,49 @@ describe("WebSocket fan-out", function()
       check_all(list, publishers, N)
       for _, c in ipairs(list) do c.ws:close() end
     end, 30)
+  end)
+
+  it("Chromium: two pages on two chat servers sharing Redis talk to each other; a screenshot", function()
+    assert(procs.exists(procs.CHROMIUM) and procs.exists(procs.peers .. "/node_modules/ws/package.json"),
+      "Chromium or node's ws is missing: run scripts/install-peers")
+    run(function()
+      local function chat_server()
+        local log = os.tmpname()
+        local cmd = ("(env LUA_PATH=%s LUA_CPATH=%s MOONWIRE_REDIS=%s MOONWIRE_WORKERS=2 " ..
+          "timeout -k 1 60 lua5.4 %s 0 >%s 2>&1 &)")
+          :format(quote(package.path), quote(package.cpath), quote(redis_srv.url),
+            quote(procs.root .. "/examples/chat/chat.lua"), quote(log))
+        assert(os.execute(cmd))
+        local port, pid
+        for _ = 1, 500 do
+          port, pid = (readfile(log) or ""):match("chat on http://127.0.0.1:(%d+)/chat %(supervisor pid (%d+)%)")
+          if port then break end
+          mw.sleep(0.01)
+        end
+        assert(port, "the chat server did not start: " .. (readfile(log) or ""))
+        return { port = port, log = log, pid = tonumber(pid) }
+      end
+      local s1, s2 = chat_server(), chat_server()
+      finally(function()
+        for _, s in ipairs { s1, s2 } do
+          os.execute("kill -TERM " .. s.pid .. " 2>/dev/null")   -- the supervisor stops its workers
+          os.remove(s.log)
+        end
+      end)
+      local shot = procs.root .. "/build/chat-redis-screenshot.png"
+      os.remove(shot)
+      local code, out, err = procs.shell(("env MW_CHROMIUM=%s %s %s %s %s %s"):format(quote(procs.CHROMIUM), procs.NODE,
+        quote(procs.peers .. "/chat_browser.js"), quote("http://127.0.0.1:" .. s1.port), quote(shot),
+        quote("http://127.0.0.1:" .. s2.port)), 50)
+      local r = procs.kv(out)
+      local context = ("\nchat_browser.js (exit %s) said:\n%s\n%s"):format(tostring(code), out, err)
+      assert.equal(0, code, "the browser run failed" .. context)
+      assert.equal("1", r.done, context)
+      local long = "alice: a longer one: " .. ("the quick brown fox jumps over the lazy dog; "):rep(8):sub(1, -2)
+      assert.equal("* bob joined (2 online) | alice: hello from alice ✓ | " .. long, r["bob.log"], context)
+      assert.equal("* alice joined (1 online) | * bob joined (2 online) | alice: hello from alice ✓ | " ..
+        long .. " | * bob left (1 online)", r["alice.log"], context)
+      assert.is_truthy(readfile(shot), "no screenshot")
+    end, 60)
   end)
 end)

@@ -64,7 +64,7 @@ if required_as ~= "chat" then
   http.serve{ host = "127.0.0.1", port = tonumber(arg and arg[1]) or 8080, handler = app,
     workers = tonumber(os.getenv("MOONWIRE_WORKERS") or "2"),
     on_listen = function(srv)
-      print(("chat on http://%s:%d/chat"):format(srv.host, srv.port))
+      print(("chat on http://%s:%d/chat (supervisor pid %s)"):format(srv.host, srv.port, srv.pid or "-"))
       io.stdout:flush()
     end }
 end
