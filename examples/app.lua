@@ -1,6 +1,7 @@
 -- A small web app: router with parameters, a form post, streaming, static files, and a
 -- WebSocket chat at /chat.
 --   make demo    (or: LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/?.so;;' lua5.4 examples/app.lua [port])
+--   MOONWIRE_REDIS=redis://127.0.0.1:6379 lets servers sharing that Redis chat together.
 local http = require "moonwire.http"
 
 local here = (arg and arg[0] or "examples/app.lua"):match("^(.*)/[^/]*$") or "."
@@ -76,8 +77,10 @@ require("chat").install(app)
 
 app:static("/", here .. "/public")
 
+-- two workers (MOONWIRE_WORKERS); the chat reaches across them (and across servers sharing
+-- $MOONWIRE_REDIS). The guestbook and /stats are per worker.
 http.serve{
-  host = "127.0.0.1", port = port, handler = app,
+  host = "127.0.0.1", port = port, handler = app, workers = tonumber(os.getenv("MOONWIRE_WORKERS") or "2"),
   on_listen = function(srv)
     print(("moonwire demo on http://%s:%d/  (Ctrl-C to stop)"):format(srv.host, srv.port))
     io.stdout:flush()

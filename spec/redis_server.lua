@@ -81,7 +81,8 @@ function M.start(opts)
     end
     for _, a in ipairs(opts.args or {}) do args[#args + 1] = q(a) end
     os.remove(dir .. "/redis.pid")
-    if sh(table.concat(args, " ") .. " >/dev/null 2>&1") and wait_ready(srv, 5) then
+    local cmd = table.concat(args, " ") .. " >/dev/null 2>&1"
+    if sh(cmd) and wait_ready(srv, 5) then
       srv.url = "redis://127.0.0.1:" .. srv.port
       function srv.stop()
         if srv.pid and alive(srv.pid) then
@@ -97,6 +98,17 @@ function M.start(opts)
         if srv.pid then sh("kill -9 " .. srv.pid) end
       end
       function srv.log() return readfile(dir .. "/redis.log") end
+      -- starts it again on the same port and directory (it loads dump.rdb if one was SAVEd)
+      function srv.restart()
+        srv.kill()
+        for _ = 1, 100 do
+          if not alive(srv.pid) then break end
+          sh("sleep 0.02")
+        end
+        os.remove(dir .. "/redis.pid")
+        srv.pid = nil
+        assert(sh(cmd) and wait_ready(srv, 5), "redis-server did not restart")
+      end
       return srv
     end
     if srv.pid and alive(srv.pid) then sh("kill -9 " .. srv.pid) end

@@ -408,5 +408,8 @@ function Pool:close()
   end
 end
 
+--- redis.subscriber(url_or_opts [, opts]) -> subscriber (see moonwire.redis.subscriber)
+function M.subscriber(...) return require("moonwire.redis.subscriber").new(...) end
+
 M.parse_url = parse_url
 return M

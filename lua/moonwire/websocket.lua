@@ -115,6 +115,9 @@ local function finish(self, code, reason)
   self.sock:close()
   drop_queue(self)
   wake_closers(self)
+  if self._topics then
+    for topic, ps in pairs(self._topics) do ps:leave(self, topic) end
+  end
   -- the keepalive task ends now rather than after its next interval
   local ka = self._keepalive_task
   if ka and ka ~= current() then ka:cancel() end
@@ -558,6 +561,21 @@ function WebSocket:on(event, fn)
 end
 
 function WebSocket:__close() self:close(1001) end
+
+--- ws:join(topic [, ps]): from now on every message published on the topic (moonwire.pubsub;
+-- ps: pubsub.default() unless given) is sent to this connection, framed once per process and
+-- queued like a broadcast. Left by ws:leave(topic) or when the connection closes.
+function WebSocket:join(topic, ps)
+  if type(topic) ~= "string" then argerror(1, "join", "string expected, got " .. type(topic)) end
+  return (ps or require("moonwire.pubsub").default()):join(self, topic)
+end
+
+--- ws:leave(topic) -> whether it was a member
+function WebSocket:leave(topic)
+  if type(topic) ~= "string" then argerror(1, "leave", "string expected, got " .. type(topic)) end
+  local ps = self._topics and self._topics[topic]
+  return ps and ps:leave(self, topic) or false
+end
 
 --- Sends one message to many connections: framed (and compressed, where receivers share
 -- the parameters and reset their context) once, the same bytes queued to every connection;

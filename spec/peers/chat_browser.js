@@ -2,7 +2,7 @@
 // Drives headless Chromium (Debian's /usr/bin/chromium) over the DevTools protocol, with npm's
 // `ws` as the DevTools client, through the chat demo (examples/chat):
 //
-//   node spec/peers/chat_browser.js BASE-URL SCREENSHOT.png
+//   node spec/peers/chat_browser.js BASE-URL SCREENSHOT.png [BOB-BASE-URL]
 //
 // Opens BASE-URL/chat?name=alice, waits until it is connected, opens BASE-URL/chat?name=bob,
 // waits until alice sees bob join, types a message into alice's page and presses Enter, waits
@@ -18,7 +18,7 @@ const path = require('path');
 const WebSocket = require('ws');
 
 const CHROMIUM = process.env.MW_CHROMIUM || '/usr/bin/chromium';
-const [base, screenshot] = process.argv.slice(2);
+const [base, screenshot, bobBase] = process.argv.slice(2);   // bob on another server if given
 const MESSAGE = 'hello from alice ✓';
 // above the server's deflate_threshold (128 bytes): travels compressed both ways
 const LONG = 'a longer one: ' + 'the quick brown fox jumps over the lazy dog; '.repeat(8).trim();
@@ -122,7 +122,7 @@ async function main() {
   const alice = await openPage(`${base}/chat?name=alice`);
   let a = await waitFor(alice, 'alice to connect', (s) => s.status.startsWith('connected as alice'));
   out('alice.status', a.status);
-  const bob = await openPage(`${base}/chat?name=bob`);
+  const bob = await openPage(`${bobBase || base}/chat?name=bob`);
   const b = await waitFor(bob, 'bob to connect', (s) => s.status.startsWith('connected as bob'));
   out('bob.status', b.status);
   a = await waitFor(alice, 'alice to see bob join', (s) => s.log.some((l) => l.includes('bob joined')));

@@ -4,6 +4,7 @@
 local mw = require "moonwire"
 local core = require "moonwire.core"
 local server = require "moonwire.http.server"
+local bus = require "moonwire.pubsub.bus"
 
 local M = {}
 
@@ -42,6 +43,7 @@ function M.serve(opts)
     local children, count = {}, 0
     local stopping = false
     local all_gone = mw.channel(1)
+    if opts.bus ~= false then bus.hub_start() end   -- moonwire.pubsub between the workers
 
     local function start_worker(slot)
       local pid, ferr = core.fork()
@@ -51,6 +53,7 @@ function M.serve(opts)
       end
       if pid == 0 then                           -- the worker: never returns to this code
         reserve:close()
+        bus.forked()
         mw.signal("SIGCHLD", nil)
         local ok, werr = pcall(worker_main, wopts)
         if not ok then io.stderr:write("moonwire: worker: ", tostring(werr), "\n") end
@@ -95,6 +98,7 @@ function M.serve(opts)
     all_gone:recv()
     for _, s in ipairs{ "SIGTERM", "SIGINT", "SIGCHLD" } do mw.signal(s, nil) end
     reserve:close()
+    bus.hub_stop()
     return true
   end)
 end

@@ -1,0 +1,502 @@
+--- moonwire.pubsub: topics, fanned out to local subscribers, to the other workers of this
+-- server (the workers bus) and to every server sharing a Redis.
+-- A publish is delivered to this process's subscribers at once and sent on with an envelope
+-- carrying the origin node id and a per-(node, topic) sequence number; when it comes back from
+-- Redis it is recognised by its node id and dropped. So each message reaches each process once,
+-- in the order its publisher published it, and local delivery goes on while Redis is down
+-- (publish then returns nil, err: the message did not leave this process).
+-- Redis channels are per topic, reference-counted, unsubscribed after a delay (join/leave churn
+-- costs Redis nothing). History topics are kept in Redis Streams (offset + epoch, one script)
+-- and a resubscribed node recovers what it missed, or reports that it cannot. Handlers run in
+-- a task per topic fed by a bounded queue; WebSocket members are written with
+-- websocket.broadcast (framed once, bounded per-connection queues): the Redis read never waits.
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local bus = require "moonwire.pubsub.bus"
+
+local M = {}
+
+local PS = {}
+PS.__index = PS
+PS.__name = "moonwire.PubSub"
+
+local now, spawn = mw.now, mw.spawn
+
+local function argerror(n, fname, msg)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+end
+
+local function hex(n)
+  return (core.random(n):gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+
+-- The history publish (after Centrifugo): offset and epoch in a hash, the envelope in a stream
+-- whose entry id is 0-<offset>, then PUBLISH with the offset and epoch in the envelope.
+-- KEYS: meta hash, stream, channel. ARGV: envelope head ("node seq"), data, maxlen, ttl.
+local PUBLISH_HISTORY = [[
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = t[1] .. t[2]
+  redis.call('HSET', KEYS[1], 'e', epoch)
+end
+local off = redis.call('HINCRBY', KEYS[1], 'o', 1)
+local env = ARGV[1] .. ' ' .. off .. ' ' .. epoch .. '\n' .. ARGV[2]
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. off, 'e', env)
+if tonumber(ARGV[4]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('PUBLISH', KEYS[3], env)
+return off
+]]
+
+local function parse_env(env)
+  local node, seq, off, epoch, pos = env:match("^(%S+) (%d+) (%d+) (%S+)\n()")
+  if not node then return nil end
+  return node, tonumber(seq), tonumber(off), epoch, env:sub(pos)
+end
+
+--- pubsub.new(opts) -> ps (inside a task)
+-- opts: redis (URL or connect options table; nil: this process and its sibling workers only),
+-- node (id, default random), prefix ("mw:"), history (number: entries kept for every topic,
+-- or function(topic) -> number | nil), history_ttl (s, 0: none), queue (1024, per-topic
+-- handler queue), unsubscribe_delay (1 s), backoff_min/backoff_max/probe_interval/probe_timeout
+-- (the subscriber's), timeout (per publish, 2 s), on_event(event, topic, info),
+-- kind ("text" | "binary": WebSocket members' frames), bus (false: not the workers bus).
+function M.new(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then argerror(1, "new", "table expected, got " .. type(opts)) end
+  if not mw.current() then error("pubsub.new: called outside a task", 2) end
+  local hist = opts.history
+  if hist ~= nil and type(hist) ~= "number" and type(hist) ~= "function" then
+    error("bad option 'history' (number or function expected)", 2)
+  end
+  local self = setmetatable({
+    node = opts.node or hex(6), prefix = opts.prefix or "mw:",
+    _history = type(hist) == "number" and function() return hist end or hist,
+    history_ttl = opts.history_ttl or 0,
+    queue = opts.queue or 1024, unsubscribe_delay = opts.unsubscribe_delay or 1,
+    timeout = opts.timeout or 2, kind = opts.kind or "text",
+    on_event = opts.on_event or function() end,
+    _topics = {}, _seq = {}, _idle = {}, _nidle = 0,
+    stats = { published = 0, delivered = 0, dropped = 0, duplicates = 0, lost = 0, recovered = 0,
+      publish_errors = 0 },
+    state = "local",
+  }, PS)
+  if opts.redis then
+    local redis = require "moonwire.redis"
+    self._redis, self._redis_url = redis, opts.redis
+    self.backoff_min, self.backoff_max = opts.backoff_min or 0.1, opts.backoff_max or 5
+    self.state = "down"
+    self._script = redis.script(PUBLISH_HISTORY)
+    self._sub = redis.subscriber(opts.redis, {
+      backoff_min = opts.backoff_min, backoff_max = opts.backoff_max,
+      probe_interval = opts.probe_interval, probe_timeout = opts.probe_timeout,
+      connect_timeout = opts.connect_timeout,
+      on_message = function(ch, data) self:_incoming(ch:sub(#self.prefix + 1), data) end,
+      on_state = function(state, info) self:_sub_state(state, info) end,
+    })
+  elseif opts.bus ~= false and bus.available() then
+    self._bus = true
+    assert(bus.join(function(body)
+      local topic, env = string.unpack(">s2s4", body)
+      self:_incoming(topic, env)
+    end))
+  end
+  return self
+end
+
+-- ---- topics ------------------------------------------------------------------------------
+
+local function topic_of(self, topic)
+  local t = self._topics[topic]
+  if t then
+    if t.idle then
+      t.idle = nil
+      self._idle[topic] = nil
+    end
+    return t
+  end
+  t = { name = topic, refs = 0, members = {}, midx = {}, handlers = {}, last = {}, drops = 0 }
+  self._topics[topic] = t
+  if self._sub then
+    self._sub:subscribe(self.prefix .. topic)
+    if self._history and self._history(topic) then t.history = true end
+  end
+  return t
+end
+
+-- The sweeper: topics nobody used for unsubscribe_delay are forgotten, their Redis channels
+-- unsubscribed in one batch.
+local function sweep(self)
+  while self._nidle > 0 do
+    mw.sleep(self.unsubscribe_delay)
+    local cut, gone = now() - self.unsubscribe_delay, {}
+    for name, since in pairs(self._idle) do
+      if since <= cut then
+        self._idle[name] = nil
+        self._topics[name] = nil
+        gone[#gone + 1] = self.prefix .. name
+      end
+    end
+    self._nidle = 0
+    for _ in pairs(self._idle) do self._nidle = self._nidle + 1 end
+    if self._sub and #gone > 0 then self._sub:unsubscribe(table.unpack(gone)) end
+  end
+  self._sweeper = nil
+end
+
+local function unref(self, t)
+  t.refs = t.refs - 1
+  if t.refs > 0 then return end
+  t.idle = true
+  self._idle[t.name] = now()
+  self._nidle = self._nidle + 1
+  if not self._sweeper and not self.closed then self._sweeper = spawn(sweep, self) end
+end
+
+-- Handlers run in the topic's task, which lives while its queue is not empty.
+local function drain(t)
+  local q = t.q
+  while q.first <= q.last do
+    local data = q[q.first]
+    q[q.first] = nil
+    q.first = q.first + 1
+    local hs = t.handlers
+    for i = 1, #hs do
+      local ok, err = pcall(hs[i].fn, data, t.name)
+      if not ok then io.stderr:write("moonwire: pubsub handler: ", tostring(err), "\n") end
+    end
+  end
+  t.task = nil
+end
+
+local ws_broadcast
+
+local function deliver(self, t, data)
+  if t.members[1] then
+    ws_broadcast = ws_broadcast or require("moonwire.websocket").broadcast
+    self.stats.delivered = self.stats.delivered + ws_broadcast(t.members, data, self.kind)
+  end
+  if t.handlers[1] then
+    local q = t.q
+    if not q then q = { first = 1, last = 0 } t.q = q end
+    if q.last - q.first + 1 >= self.queue then
+      t.drops = t.drops + 1
+      self.stats.dropped = self.stats.dropped + 1
+      return
+    end
+    q.last = q.last + 1
+    q[q.last] = data
+    self.stats.delivered = self.stats.delivered + 1
+    if not t.task then t.task = spawn(drain, t) end
+  end
+end
+
+local function event(self, name, topic, info)
+  local ok, err = pcall(self.on_event, name, topic, info)
+  if not ok then io.stderr:write("moonwire: pubsub on_event: ", tostring(err), "\n") end
+end
+
+-- ---- incoming (Redis or the workers bus) -------------------------------------------------
+
+local recover
+
+function PS:_incoming(topic, env)
+  local t = self._topics[topic]
+  if not t then return end
+  local node, seq, off, epoch, data = parse_env(env)
+  if not node then return end
+  if t.history and off > 0 then
+    if t.recovering then
+      local p = t.pending
+      p[#p + 1] = env
+      return
+    end
+    if t.epoch and t.epoch ~= "" and t.epoch ~= epoch then
+      -- the stream was started again (Redis restarted empty): what came before is gone
+      self.stats.lost = self.stats.lost + 1
+      event(self, "lost", topic, { reason = "epoch", epoch = epoch, was = t.epoch })
+      t.off = nil
+    end
+    t.epoch = epoch
+    if t.off and off <= t.off then
+      self.stats.duplicates = self.stats.duplicates + 1
+      return
+    end
+    if t.off and off > t.off + 1 then
+      t.pending = { env }
+      return recover(self, t)
+    end
+    t.off = off
+  end
+  if node == self.node then return end          -- our own, delivered when published
+  local last = t.last[node]
+  if last and seq > last + 1 and not t.history then
+    local n = seq - last - 1
+    t.drops = t.drops + n
+    self.stats.lost = self.stats.lost + n
+    event(self, "drop", topic, { count = n, node = node })
+  end
+  t.last[node] = seq
+  deliver(self, t, data)
+end
+
+-- Recovers a history topic from its stream after a gap or a reconnect: live messages for the
+-- topic wait in t.pending meanwhile. Reports "recovered" (count) or "lost" (epoch, trimmed).
+function recover(self, t)
+  if t.recovering then return end
+  t.recovering = true
+  t.pending = t.pending or {}
+  spawn(function()
+    local conn = self:_conn()
+    local res
+    if conn then
+      local meta, stream = self:_keys(t.name)
+      res = mw.timeout(self.timeout, conn.pipeline, conn, function(p)
+        p:hmget(meta, "e", "o")
+        p:xrange(stream, "(0-" .. (t.off or 0), "+")
+      end)
+    end
+    local pending = t.pending
+    t.recovering, t.pending = nil, nil
+    if not res or self._topics[t.name] ~= t then return end   -- tried again at the next "up"
+    local epoch, top = res[1][1], tonumber(res[1][2]) or 0
+    epoch = type(epoch) == "string" and epoch or ""
+    local entries = type(res[2]) == "table" and res[2] or {}
+    if t.epoch and t.epoch ~= "" and epoch ~= t.epoch then
+      self.stats.lost = self.stats.lost + 1
+      event(self, "lost", t.name, { reason = "epoch", epoch = epoch, was = t.epoch })
+      t.off = 0
+    else
+      local first = entries[1] and tonumber(entries[1][1]:match("%-(%d+)$"))
+      local from = (t.off or 0) + 1
+      if (first and first > from) or (not first and top >= from) then
+        local n = (first or top + 1) - from
+        self.stats.lost = self.stats.lost + n
+        event(self, "lost", t.name, { reason = "trimmed", count = n })
+      end
+    end
+    t.epoch = epoch
+    local n = 0
+    for _, e in ipairs(entries) do
+      local fields = e[2]
+      local env = fields[2]
+      local node, _, off, _, data = parse_env(env)
+      if node and off > (t.off or 0) then
+        t.off = off
+        if node ~= self.node then
+          n = n + 1
+          deliver(self, t, data)
+        end
+      end
+    end
+    self.stats.recovered = self.stats.recovered + n
+    event(self, "recovered", t.name, { count = n, offset = t.off })
+    for _, env in ipairs(pending) do self:_incoming(t.name, env) end
+  end)
+end
+
+function PS:_keys(topic)
+  local base = self.prefix .. "{" .. topic .. "}"
+  return base .. ":meta", base .. ":stream", self.prefix .. topic
+end
+
+function PS:_sub_state(state, info)
+  self.state = state
+  if state == "down" and self._pub then
+    -- the publishing connection went through the same outage: a fresh one next time
+    self._pub:close()
+    self._pub = nil
+  end
+  event(self, state, nil, info)
+  if state == "up" then
+    for _, t in pairs(self._topics) do
+      if t.history and t.off then recover(self, t) end
+    end
+  end
+end
+
+-- The publishing connection: connected on demand (by one task; the others wait for it), not
+-- retried before the backoff ran out.
+function PS:_conn()
+  local c = self._pub
+  if c and c:alive() then return c end
+  if self._pub_retry and now() < self._pub_retry then
+    return nil, self._pub_err or "Redis unavailable", "unavailable"
+  end
+  local waiting = self._connecting
+  if waiting then
+    waiting[#waiting + 1] = core.current()
+    core.park(self.timeout + 1)
+    if self._pub then return self._pub end
+    return nil, self._pub_err or "Redis unavailable", "unavailable"
+  end
+  waiting = {}
+  self._connecting = waiting
+  local err, code
+  c, err, code = self._redis.connect(self._redis_url, { connect_timeout = self.timeout })
+  self._connecting = nil
+  for i = 1, #waiting do core.unpark(waiting[i], true) end
+  if not c then
+    self._pub, self._pub_err = nil, "Redis unavailable: " .. tostring(err)
+    self._pub_retry = now() + self.backoff_min
+    return nil, self._pub_err, code or "unavailable"
+  end
+  c:settimeout(self.timeout)
+  self._pub, self._pub_retry = c, nil
+  return c
+end
+
+-- ---- the API -----------------------------------------------------------------------------
+
+--- ps:publish(topic, data) -> true | nil, err, code
+-- Delivered to this process's subscribers at once; then to the other workers (bus) or to
+-- Redis. nil, err: it did not leave this process (Redis down, a full bus queue).
+function PS:publish(topic, data)
+  if type(topic) ~= "string" then argerror(1, "publish", "string expected, got " .. type(topic)) end
+  if type(data) ~= "string" then argerror(2, "publish", "string expected, got " .. type(data)) end
+  if self.closed then error("pubsub: publish after close", 2) end
+  local seq = (self._seq[topic] or 0) + 1
+  self._seq[topic] = seq
+  self.stats.published = self.stats.published + 1
+  local t = self._topics[topic]
+  if t then deliver(self, t, data) end
+  local ok, err, code = true, nil, nil
+  if self._redis then
+    local conn
+    conn, err, code = self:_conn()
+    if conn then
+      local size = self._history and self._history(topic)
+      if size then
+        local meta, stream, ch = self:_keys(topic)
+        ok, err, code = self._script:run(conn, { meta, stream, ch },
+          { self.node .. " " .. seq, data, size, self.history_ttl })
+      else
+        ok, err, code = conn:publish(self.prefix .. topic, self.node .. " " .. seq .. " 0 -\n" .. data)
+      end
+    else
+      ok = nil
+    end
+  elseif self._bus then
+    ok, err, code = bus.send(string.pack(">s2s4", topic, self.node .. " " .. seq .. " 0 -\n" .. data))
+  end
+  if not ok then
+    self.stats.publish_errors = self.stats.publish_errors + 1
+    return nil, err, code
+  end
+  return true
+end
+
+local Handle = {}
+Handle.__index = Handle
+function Handle:close() self.ps:unsubscribe(self) end
+Handle.__close = Handle.close
+
+--- ps:subscribe(topic, fn) -> handle: fn(data, topic) gets every message of the topic, in a
+-- task of the topic (it may block; a full queue drops and counts). handle:close() ends it.
+function PS:subscribe(topic, fn)
+  if type(topic) ~= "string" then argerror(1, "subscribe", "string expected, got " .. type(topic)) end
+  if type(fn) ~= "function" then argerror(2, "subscribe", "function expected, got " .. type(fn)) end
+  local t = topic_of(self, topic)
+  local h = setmetatable({ ps = self, topic = topic, fn = fn }, Handle)
+  t.handlers[#t.handlers + 1] = h
+  t.refs = t.refs + 1
+  return h
+end
+
+--- ps:unsubscribe(handle)
+function PS:unsubscribe(h)
+  local t = self._topics[h.topic]
+  if not t or h.ps ~= self then return end
+  for i, x in ipairs(t.handlers) do
+    if x == h then
+      table.remove(t.handlers, i)
+      unref(self, t)
+      return
+    end
+  end
+end
+
+--- ps:join(ws, topic): the WebSocket connection gets every message of the topic (see ws:join).
+function PS:join(ws, topic)
+  if type(topic) ~= "string" then argerror(2, "join", "string expected, got " .. type(topic)) end
+  if ws.state ~= "open" then return nil, "closed", "closed" end
+  local joined = ws._topics
+  if not joined then joined = {} ws._topics = joined end
+  if joined[topic] then return true end
+  joined[topic] = self
+  local t = topic_of(self, topic)
+  local n = #t.members + 1
+  t.members[n] = ws
+  t.midx[ws] = n
+  t.refs = t.refs + 1
+  return true
+end
+
+--- ps:leave(ws, topic)
+function PS:leave(ws, topic)
+  local joined = ws._topics
+  if not joined or joined[topic] ~= self then return false end
+  joined[topic] = nil
+  local t = self._topics[topic]
+  local i = t and t.midx[ws]
+  if not i then return false end
+  local m = t.members
+  local n = #m
+  m[i], m[n] = m[n], nil
+  if i < n then t.midx[m[i]] = i end
+  t.midx[ws] = nil
+  unref(self, t)
+  return true
+end
+
+--- ps:members(topic) -> number of local WebSocket members
+function PS:members(topic)
+  local t = self._topics[topic]
+  return t and #t.members or 0
+end
+
+--- ps:topic_stats(topic) -> { refs, members, drops, offset, epoch } | nil
+function PS:topic_stats(topic)
+  local t = self._topics[topic]
+  if not t then return nil end
+  return { refs = t.refs, members = #t.members, drops = t.drops, offset = t.off, epoch = t.epoch }
+end
+
+--- ps:subscriber() -> the Redis subscriber (nil without Redis)
+function PS:subscriber() return self._sub end
+
+--- ps:close()
+function PS:close()
+  if self.closed then return end
+  self.closed = true
+  if self._sub then self._sub:close() end
+  if self._pub then self._pub:close() end
+  if self._sweeper and self._sweeper ~= mw.current() then self._sweeper:cancel() end
+end
+
+-- ---- the process's default instance ------------------------------------------------------
+
+local default_opts, default_ps, default_pid
+
+--- pubsub.configure(opts): the options of pubsub.default() (call before the workers fork).
+function M.configure(opts)
+  if type(opts) ~= "table" then argerror(1, "configure", "table expected, got " .. type(opts)) end
+  default_opts = opts
+  if default_ps and default_pid == core.getpid() then default_ps:close() end
+  default_ps = nil
+end
+
+--- pubsub.default() -> this process's instance (made on first use, after a fork anew).
+function M.default()
+  local pid = core.getpid()
+  if not default_ps or default_pid ~= pid then
+    default_ps = M.new(default_opts or {})
+    default_pid = pid
+  end
+  return default_ps
+end
+
+return M

@@ -1,0 +1,232 @@
+--- moonwire.redis.subscriber: a Redis pub/sub subscriber that stays subscribed.
+-- One dedicated RESP3 connection (pushes kept) read by one task. It remembers every channel,
+-- pattern and shard channel asked for; when the connection is lost it reconnects with
+-- jittered exponential backoff and resubscribes all of them in one write, and tells the app
+-- (on_state "down" / "up"). When nothing arrived for probe_interval it publishes a probe to its
+-- own channel and expects it back within probe_timeout, else it treats the connection as dead
+-- (a SIGSTOPped server, a silent failover). Messages go to on_message inline, from the reading
+-- task: it must not block (moonwire.pubsub queues what it cannot hand over at once).
+local mw = require "moonwire"
+local core = require "moonwire.core"
+
+local M = {}
+
+local Sub = {}
+Sub.__index = Sub
+Sub.__name = "moonwire.RedisSubscriber"
+
+local KINDS = { subscribe = "SUBSCRIBE", psubscribe = "PSUBSCRIBE", ssubscribe = "SSUBSCRIBE" }
+local BATCH = 1000   -- channels per (re)subscribe command; all the commands leave in one write
+
+local function hex(n)
+  local b = core.random(n)
+  return (b:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+
+local function optnum(opts, k, default)
+  local v = opts[k]
+  if v == nil then return default end
+  if type(v) ~= "number" or v <= 0 then error(("bad option '%s' (positive number expected)"):format(k), 3) end
+  return v
+end
+
+--- redis.subscriber(url_or_opts [, opts]) -> subscriber (it connects in its own task)
+-- opts (besides the connect options): on_message(channel, data, pattern, kind),
+-- on_state(state, info) ("up" | "down"), backoff_min (0.1 s), backoff_max (5 s),
+-- probe_interval (5 s), probe_timeout (2 s), connect_timeout (probe_timeout + 1).
+function M.new(target, opts)
+  if not mw.current() then error("redis.subscriber: called outside a task", 2) end
+  local redis = require "moonwire.redis"
+  if type(target) == "table" and opts == nil then opts, target = target, target.url end
+  opts = opts or {}
+  if type(opts) ~= "table" then
+    error("bad argument #2 to 'subscriber' (table expected, got " .. type(opts) .. ")", 2)
+  end
+  local copts = {}
+  for k, v in pairs(opts) do copts[k] = v end
+  for _, k in ipairs { "on_message", "on_state", "backoff_min", "backoff_max", "probe_interval",
+    "probe_timeout", "url" } do copts[k] = nil end
+  copts.resp, copts.pushes = 3, true
+  copts.max_pushes = opts.max_pushes or 100000
+  local self = setmetatable({
+    _target = target, _copts = copts, _redis = redis,
+    on_message = opts.on_message or function() end,
+    on_state = opts.on_state or function() end,
+    backoff_min = optnum(opts, "backoff_min", 0.1), backoff_max = optnum(opts, "backoff_max", 5),
+    probe_interval = optnum(opts, "probe_interval", 5), probe_timeout = optnum(opts, "probe_timeout", 2),
+    state = "down", closed = false,
+    _sets = { subscribe = {}, psubscribe = {}, ssubscribe = {} },
+    _probe = "mw:probe:" .. hex(8),
+    stats = { connects = 0, reconnects = 0, probes = 0, probe_failures = 0, dropped = 0, messages = 0 },
+  }, Sub)
+  copts.connect_timeout = opts.connect_timeout or (self.probe_timeout + 1)
+  redis.parse_url(type(target) == "string" and target or "redis://127.0.0.1")  -- bad URLs raise now
+  self._task = mw.spawn(M._run, self)
+  return self
+end
+
+local function send_batches(conn, cmd, list)
+  for i = 1, #list, BATCH do
+    local ok = conn:send(cmd, table.unpack(list, i, math.min(i + BATCH - 1, #list)))
+    if not ok then return false end
+  end
+  return true
+end
+
+local function change(self, kind, op, names)
+  local set = self._sets[kind]
+  local list = {}
+  for i = 1, #names do
+    local n = names[i]
+    if type(n) ~= "string" then
+      error(("bad argument #%d to '%s' (string expected, got %s)"):format(i, kind, type(n)), 3)
+    end
+    if (op == "add") ~= (set[n] ~= nil) then
+      set[n] = op == "add" or nil
+      list[#list + 1] = n
+    end
+  end
+  local conn = self._conn
+  if #list > 0 and conn and self.state == "up" then
+    -- a failed send is the connection failing: the reader reconnects and resubscribes
+    send_batches(conn, (op == "add" and "" or "UN") .. KINDS[kind], list)
+  end
+end
+
+--- sub:subscribe(ch, ...), sub:unsubscribe(ch, ...), and the psubscribe / ssubscribe pairs:
+-- remembered at once, sent when connected (never wait).
+for kind in pairs(KINDS) do
+  Sub[kind] = function(self, ...) change(self, kind, "add", { ... }) end
+  Sub["un" .. kind] = function(self, ...) change(self, kind, "del", { ... }) end
+end
+
+--- sub:channels(kind) -> the set of channels (or patterns) subscribed (kind: "subscribe" default)
+function Sub:channels(kind) return self._sets[kind or "subscribe"] end
+
+local function set_state(self, state, info)
+  if self.state == state then return end
+  self.state = state
+  local ok, err = pcall(self.on_state, state, info)
+  if not ok then io.stderr:write("moonwire: subscriber on_state: ", tostring(err), "\n") end
+end
+
+-- Resubscribes everything in one write; `up` once Redis answered a PING sent after them
+-- (it answers in order: every subscription is in effect by then).
+local function resubscribe(self, conn)
+  local ok = conn:send("SUBSCRIBE", self._probe)
+  for kind, set in pairs(self._sets) do
+    local list = {}
+    for n in pairs(set) do list[#list + 1] = n end
+    if ok and #list > 0 then ok = send_batches(conn, KINDS[kind], list) end
+  end
+  if not ok then return false end
+  mw.spawn(function()
+    local pong = mw.timeout(self.probe_timeout + self.backoff_max, conn.call, conn, "PING")
+    if pong and conn == self._conn then
+      set_state(self, "up", { reconnects = self.stats.reconnects })
+    elseif conn == self._conn then
+      conn:close()
+    end
+  end)
+  return true
+end
+
+local MSG = { message = true, smessage = true, pmessage = true }
+
+local function dispatch(self, v)
+  local kind = v[1]
+  if not MSG[kind] then return end
+  local ch, data, pat = v[2], v[3], nil
+  if kind == "pmessage" then pat, ch, data = v[2], v[3], v[4] end
+  if ch == self._probe then
+    self._probe_due = nil
+    return
+  end
+  self.stats.messages = self.stats.messages + 1
+  local ok, err = pcall(self.on_message, ch, data, pat, kind)
+  if not ok then io.stderr:write("moonwire: subscriber on_message: ", tostring(err), "\n") end
+end
+
+-- Reads one connection until it fails or a probe goes unanswered.
+local function read_loop(self, conn)
+  local now = mw.now
+  local seen_drops = 0
+  while not self.closed do
+    local due = self._probe_due
+    local wait = due and (due - now()) or self.probe_interval
+    if wait <= 0 then
+      self.stats.probe_failures = self.stats.probe_failures + 1
+      return "probe unanswered"
+    end
+    local v, err, code = conn:push_recv(wait)
+    if v then
+      dispatch(self, v)
+      local _, _, dropped = conn:pending()
+      if dropped ~= seen_drops then
+        self.stats.dropped = self.stats.dropped + (dropped - seen_drops)
+        seen_drops = dropped
+      end
+    elseif code == "timeout" then
+      if not self._probe_due then
+        self.stats.probes = self.stats.probes + 1
+        local ok, perr = mw.timeout(self.probe_timeout, conn.call, conn, "PUBLISH", self._probe, "p")
+        if not ok then
+          self.stats.probe_failures = self.stats.probe_failures + 1
+          return "probe failed: " .. tostring(perr)
+        end
+        self._probe_due = now() + self.probe_timeout
+      end
+    else
+      return err or code
+    end
+  end
+end
+
+local function jitter(d) return d * (0.5 + math.random() * 0.5) end
+
+function M._run(self)
+  local delay = self.backoff_min
+  local first = true
+  while not self.closed do
+    local conn, err = self._redis.connect(self._target, self._copts)
+    if self.closed then
+      if conn then conn:close() end
+      return
+    end
+    if conn then
+      self._conn = conn
+      self.stats.connects = self.stats.connects + 1
+      if not first then self.stats.reconnects = self.stats.reconnects + 1 end
+      first = false
+      self._probe_due = nil
+      if resubscribe(self, conn) then
+        err = read_loop(self, conn)
+      end
+      self._conn = nil
+      conn:close()
+      if self.closed then break end
+      delay = self.backoff_min
+      self.last_error = err
+      set_state(self, "down", { error = err })
+    else
+      self.last_error = err
+      set_state(self, "down", { error = err })
+    end
+    mw.sleep(jitter(delay))
+    delay = math.min(delay * 2, self.backoff_max)
+  end
+end
+
+--- sub:close(): unsubscribes from everything and ends the reading task.
+function Sub:close()
+  if self.closed then return end
+  self.closed = true
+  local conn = self._conn
+  self._conn = nil
+  if conn then conn:close() end
+  if self._task and self._task ~= mw.current() then self._task:cancel() end
+  self.state = "closed"
+end
+Sub.__close = Sub.close
+
+return M

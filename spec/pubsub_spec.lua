@@ -1,0 +1,282 @@
+-- moonwire.pubsub and moonwire.redis.subscriber against a real redis-server (started once for
+-- this file by spec/redis_server.lua, stopped in teardown). Several pubsub instances in one
+-- process stand for several nodes: each has its own node id and its own Redis connections.
+-- Covers: local delivery and bounded handler queues, fan-out between nodes once each and in
+-- order, 10,000 topics with join/leave churn (delayed unsubscribe), and the faults: Redis
+-- killed mid-stream, restarted (with and without its data), SIGSTOPped, CLIENT KILL TYPE
+-- pubsub, a subscriber cut at its output-buffer limit. Intervals are scaled down by options.
+
+local helper = require "spec.helper"
+local mw = helper.mw
+local run = helper.run
+local redis = require "moonwire.redis"
+local pubsub = require "moonwire.pubsub"
+local server = require "spec.redis_server"
+
+local srv
+setup(function() srv = server.start() end)
+teardown(function()
+  if srv then
+    os.execute("kill -CONT " .. (srv.pid or 0) .. " 2>/dev/null")
+    srv.stop()
+  end
+end)
+
+local FAST = { backoff_min = 0.05, backoff_max = 0.5, probe_interval = 0.3, probe_timeout = 0.3,
+  unsubscribe_delay = 0.2 }
+
+local function node(extra)
+  local o = { redis = srv.url }
+  for k, v in pairs(FAST) do o[k] = v end
+  for k, v in pairs(extra or {}) do o[k] = v end
+  local events = {}
+  o.on_event = function(name, topic, info) events[#events + 1] = { name, topic, info } end
+  local ps = pubsub.new(o)
+  ps.events = events
+  return ps
+end
+
+-- Waits (polling the loop, at most `limit` s) until cond() is true.
+local function wait_for(cond, limit, what)
+  local deadline = mw.now() + (limit or 5)
+  while not cond() do
+    if mw.now() > deadline then error("timed out waiting for " .. (what or "condition"), 2) end
+    mw.sleep(0.01)
+  end
+end
+
+local function up(ps) return function() return ps.state == "up" end end
+
+local function count_events(ps, name)
+  local n = 0
+  for _, e in ipairs(ps.events) do if e[1] == name then n = n + 1 end end
+  return n
+end
+
+local function admin()
+  return assert(redis.connect(srv.url))
+end
+
+describe("moonwire.pubsub, local", function()
+  it("delivers to this process's handlers at once, in order; a full topic queue drops and counts", function()
+    run(function()
+      local ps = pubsub.new { queue = 10 }
+      local got = {}
+      ps:subscribe("t", function(data) got[#got + 1] = data end)
+      for i = 1, 5 do assert.is_true(ps:publish("t", "m" .. i)) end
+      wait_for(function() return #got == 5 end)
+      assert.same({ "m1", "m2", "m3", "m4", "m5" }, got)
+      -- a slow handler: 100 messages into a queue of 10
+      local slow = {}
+      ps:subscribe("slow", function(data) mw.sleep(0.001) slow[#slow + 1] = data end)
+      for i = 1, 100 do ps:publish("slow", tostring(i)) end
+      wait_for(function() return #slow + ps:topic_stats("slow").drops == 100 end)
+      assert.equal(90, ps:topic_stats("slow").drops)
+      assert.equal(90, ps.stats.dropped)
+      ps:close()
+    end)
+  end)
+
+  it("raises on misuse, naming the argument", function()
+    run(function()
+      local ps = pubsub.new()
+      assert.has_error(function() ps:publish(1, "x") end, "bad argument #1 to 'publish' (string expected, got number)")
+      assert.has_error(function() ps:subscribe("t") end, "bad argument #2 to 'subscribe' (function expected, got nil)")
+      ps:close()
+    end)
+  end)
+end)
+
+describe("moonwire.pubsub over Redis", function()
+  it("a publish reaches every node once, in each publisher's order; a node's own once", function()
+    run(function()
+      local a, b, c = node(), node(), node()
+      wait_for(function() return a.state == "up" and b.state == "up" and c.state == "up" end)
+      local got = { a = {}, b = {}, c = {} }
+      for name, ps in pairs { a = a, b = b, c = c } do
+        ps:subscribe("room", function(data) table.insert(got[name], data) end)
+      end
+      mw.sleep(0.05)  -- the SUBSCRIBEs are sent; Redis has them before the publishes below
+      local N = 300
+      local pa = mw.spawn(function() for i = 1, N do assert(a:publish("room", "a" .. i)) end end)
+      local pb = mw.spawn(function() for i = 1, N do assert(b:publish("room", "b" .. i)) end end)
+      pa:join() pb:join()
+      wait_for(function() return #got.a == 2 * N and #got.b == 2 * N and #got.c == 2 * N end, 5, "deliveries")
+      mw.sleep(0.1)
+      for name, list in pairs(got) do
+        assert.equal(2 * N, #list, name)
+        local next_a, next_b = 1, 1
+        for _, m in ipairs(list) do
+          local who, i = m:match("^(%a)(%d+)$")
+          i = tonumber(i)
+          if who == "a" then assert.equal(next_a, i) next_a = i + 1
+          else assert.equal(next_b, i) next_b = i + 1 end
+        end
+      end
+      a:close() b:close() c:close()
+    end)
+  end)
+
+  it("10,000 topics with join/leave churn: one Redis subscription per topic, gone after the delay", function()
+    run(function()
+      local a, b = node(), node()
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local N = 10000
+      local got, handles = 0, {}
+      local function fn() got = got + 1 end
+      for i = 1, N do handles[i] = b:subscribe("t" .. i, fn) end
+      local r = admin()
+      wait_for(function() return r:pubsub("NUMSUB", "mw:t1")[2] == 1 and r:pubsub("NUMSUB", "mw:t" .. N)[2] == 1 end)
+      -- churn: leave and join every topic 5 times; nothing reaches Redis (the delay hides it)
+      local before = r:info("stats"):match("total_commands_processed:(%d+)")
+      for _ = 1, 5 do
+        for i = 1, N do handles[i]:close() end
+        for i = 1, N do handles[i] = b:subscribe("t" .. i, fn) end
+      end
+      mw.sleep(0.5)
+      local after = r:info("stats"):match("total_commands_processed:(%d+)")
+      assert.is_true(tonumber(after) - tonumber(before) < 50, "churn reached Redis")
+      for i = 1, N do mw.spawn(function() a:publish("t" .. i, "x") end) end
+      wait_for(function() return got == N end, 10, "10,000 deliveries")
+      -- everyone leaves: unsubscribed after the delay, in batches
+      for i = 1, N do handles[i]:close() end
+      wait_for(function() return r:pubsub("NUMSUB", "mw:t1")[2] == 0 and r:pubsub("NUMSUB", "mw:t" .. N)[2] == 0 end)
+      assert.is_nil(next(b._topics))
+      r:close() a:close() b:close()
+    end, 30)
+  end)
+end)
+
+describe("moonwire.pubsub when Redis fails", function()
+  it("killed mid-stream: publish says so, local delivery goes on; restarted: resubscribed within " ..
+     "the backoff bound, history recovered without a gap", function()
+    run(function()
+      local a, b = node { history = 1000 }, node { history = 1000, backoff_min = 0.3 }
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local ga, gb = {}, {}
+      a:subscribe("h", function(d) ga[#ga + 1] = d end)
+      b:subscribe("h", function(d) gb[#gb + 1] = d end)
+      mw.sleep(0.05)
+      for i = 1, 10 do assert(a:publish("h", tostring(i))) end
+      wait_for(function() return #gb == 10 end)
+      -- b misses 11..20: its subscription is cut (as a failover would) and it waits its backoff
+      -- (0.3 s at least) before reconnecting; meanwhile a publishes, Redis saves and dies
+      local r = admin()
+      assert.equal(1, r:client("KILL", "ID", b:subscriber()._conn:client("ID")))
+      for i = 11, 20 do assert(a:publish("h", tostring(i))) end
+      assert.equal("OK", r:save())       -- what the restarted Redis will load
+      r:close()
+      srv.kill()
+      wait_for(function() return a.state == "down" end, 3, "a down")
+      local ok, err = a:publish("h", "21")
+      assert.is_nil(ok)
+      assert.is_string(err)
+      assert.equal(21, #ga)             -- delivered locally all the same
+      assert.equal("21", ga[21])
+      assert.equal(10, #gb)
+      srv.restart()
+      local t0 = mw.now()
+      wait_for(up(a), 3, "a up again")
+      wait_for(up(b), 3, "b up again")
+      -- the bound: backoff_max (0.5 s) + one connect attempt that may catch the server starting
+      -- (connect_timeout: probe_timeout + 1 s)
+      local took = mw.now() - t0
+      assert.is_true(took < 0.5 + 1.3 + 0.5, ("resubscribed after %.2f s, over the backoff bound"):format(took))
+      wait_for(function() return #gb == 20 end, 3, "b recovered 11..20")
+      for i = 1, 20 do assert.equal(tostring(i), gb[i]) end
+      assert.equal(1, count_events(b, "recovered"))
+      assert.equal(0, count_events(b, "lost"))
+      a:close() b:close()
+    end, 20)
+  end)
+
+  it("restarted empty: the epoch change is reported, never a silent gap", function()
+    run(function()
+      local a, b = node { history = 100 }, node { history = 100 }
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local gb = {}
+      b:subscribe("e", function(d) gb[#gb + 1] = d end)
+      mw.sleep(0.05)
+      for i = 1, 5 do assert(a:publish("e", tostring(i))) end
+      wait_for(function() return #gb == 5 end)
+      local r = admin() r:flushall() r:save() r:close()   -- the restarted server starts empty
+      srv.restart()
+      wait_for(function() return count_events(b, "lost") == 1 end, 3, "lost reported")
+      local lost
+      for _, e in ipairs(b.events) do if e[1] == "lost" then lost = e end end
+      assert.equal("e", lost[2])
+      assert.equal("epoch", lost[3].reason)
+      -- and the topic goes on from the new stream
+      wait_for(up(a), 3)
+      assert(a:publish("e", "after"))
+      wait_for(function() return gb[#gb] == "after" end, 3)
+      a:close() b:close()
+    end, 20)
+  end)
+
+  it("SIGSTOP for a while, then SIGCONT: the probe notices and the subscriber comes back", function()
+    run(function()
+      local a = node()
+      wait_for(up(a), 3)
+      local got = {}
+      a:subscribe("s", function(d) got[#got + 1] = d end)
+      local b = node()
+      wait_for(up(b), 3)
+      os.execute("kill -STOP " .. srv.pid)
+      wait_for(function() return a.state == "down" end, 3, "the probe to notice")
+      assert.is_true(a:subscriber().stats.probe_failures >= 1)
+      os.execute("kill -CONT " .. srv.pid)
+      wait_for(up(a), 3, "up after SIGCONT")
+      wait_for(up(b), 3)
+      assert(b:publish("s", "hello"))
+      wait_for(function() return got[1] == "hello" end, 3)
+      a:close() b:close()
+    end, 20)
+  end)
+
+  it("CLIENT KILL TYPE pubsub: reconnected and resubscribed, reported down then up", function()
+    run(function()
+      local a, b = node(), node()
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local got = {}
+      a:subscribe("k", function(d) got[#got + 1] = d end)
+      mw.sleep(0.05)
+      local r = admin()
+      assert.is_true(r:client("KILL", "TYPE", "pubsub") >= 2)
+      wait_for(function() return count_events(a, "down") >= 1 end, 3)
+      wait_for(up(a), 3)
+      wait_for(up(b), 3)
+      assert.equal(1, a:subscriber().stats.reconnects)
+      assert(b:publish("k", "after kill"))
+      wait_for(function() return got[1] == "after kill" end, 3)
+      r:close() a:close() b:close()
+    end, 20)
+  end)
+
+  it("a subscriber cut at its output-buffer limit reconnects and counts what it lost", function()
+    run(function()
+      local r = admin()
+      assert.equal("OK", r:config("SET", "client-output-buffer-limit", "pubsub 256kb 128kb 1"))
+      local a, b = node(), node()
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local got = 0
+      b:subscribe("flood", function() got = got + 1 end)
+      mw.sleep(0.05)
+      local big = ("x"):rep(16 * 1024)
+      local N = 400     -- 6.4 MB in one write: more than the subscriber's socket and 256 kB
+      local tasks = {}
+      for i = 1, N do tasks[i] = mw.spawn(function() return a:publish("flood", big) end) end
+      for i = 1, N do assert(tasks[i]:join()) end
+      wait_for(function() return b:subscriber().stats.reconnects >= 1 end, 5, "the cut subscriber to reconnect")
+      wait_for(up(b), 3)
+      assert(a:publish("flood", "last"))
+      local ok = pcall(wait_for, function() return got + b.stats.lost == N + 1 end, 5)
+      assert(ok, ("every message delivered or counted: %d + %d ~= %d (reconnects %d)"):format(got, b.stats.lost, N + 1,
+        b:subscriber().stats.reconnects))
+      assert.is_true(b.stats.lost > 0)
+      assert.is_true(count_events(b, "drop") >= 1)
+      assert.equal("OK", r:config("SET", "client-output-buffer-limit", "pubsub 32mb 8mb 60"))
+      r:close() a:close() b:close()
+    end, 20)
+  end)
+end)
