@@ -20,7 +20,8 @@ typedef struct mw_buf_pool {
 } mw_buf_pool;
 
 static inline size_t mw_buf_len(const mw_buf *b) { return b->w - b->r; }
-static inline const char *mw_buf_head(const mw_buf *b) { return b->data + b->r; }
+/* (an empty buffer may have no block: NULL, never NULL + 0) */
+static inline const char *mw_buf_head(const mw_buf *b) { return b->data ? b->data + b->r : b->data; }
 
 /* Makes room for at least `need` more bytes (compacting, then growing) and returns the
  * write position, or NULL when memory is exhausted. *avail gets the free space. */

@@ -71,6 +71,7 @@ struct h2conn {
     int nopen;                 /* streams nghttp2 still has (not closed) */
     int fatal;                 /* the session failed: finish what is queued, then close */
     int goaway;                /* a GOAWAY was submitted */
+    int graceful;              /* ... by Server:close(): in-flight handlers may finish */
     int preface_seen;
     int hdr_open;              /* header blocks begun, not finished */
     int64_t head_deadline;     /* for the preface and an unfinished header block */
@@ -295,8 +296,8 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     h2conn *c = ud;
     (void)flags;
     h2stream *st = nghttp2_session_get_stream_user_data(ss, id);
-    if (!st || st->bad) {
-        /* nobody reads it: give the window back at once */
+    if (!st || st->bad || (st->seen && !st->handler)) {
+        /* nobody reads it (a bad stream, or its handler is done): give the window back at once */
         nghttp2_session_consume(ss, id, len);
         return 0;
     }
@@ -635,8 +636,9 @@ static int next_step(lua_State *L, h2conn *c, mw_task *t)
         }
         if (!c->fatal) flush_session(c);
         if (c->fatal || (!nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session))) {
-            if (c->handlers > 0 && !c->fatal && !s->closed) {
-                /* a GOAWAY went out; in-flight handlers finish: wait for them */
+            if (c->handlers > 0 && c->graceful && !c->fatal && !s->closed) {
+                /* our graceful GOAWAY went out; in-flight handlers finish: wait for them (a
+                 * connection error ends at once instead: Lua cancels the handlers) */
                 c->task = t;
                 return mw_sched_wait(L, t, MW_NO_DEADLINE, next_k, 0);
             }
@@ -725,6 +727,7 @@ static int h2_shutdown(lua_State *L)
 {
     h2conn *c = checkconn(L);
     int graceful = lua_toboolean(L, 2);
+    c->graceful = graceful;
     if (!c->goaway) {
         if (graceful) nghttp2_submit_shutdown_notice(c->session);
         c->goaway = 1;
@@ -785,6 +788,8 @@ static int st_gc(lua_State *L)
     return 0;
 }
 
+static void consumed(h2stream *st, size_t n);
+
 /* stream:done(): the handler is over (its slot against max_streams is free again); a stream
  * whose response did not end is reset (INTERNAL_ERROR). */
 static int st_done(lua_State *L)
@@ -795,6 +800,10 @@ static int st_done(lua_State *L)
         st->handler = 0;
         c->handlers--;
         if (c->handlers == 0) c->idle_since = c->rt->loop.now;
+        /* a body the handler left unread: its window goes back to the peer (else unread
+         * uploads would shrink the connection's window for good), the bytes are dropped */
+        mw_buf_free(&st->in, NULL);
+        consumed(st, st->unconsumed);
         if (!st->closed && c->session) {
             if (!st->responded || !st->out_eof)
                 nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
@@ -1074,6 +1083,7 @@ static int st_respond(lua_State *L)
 {
     h2stream *st = checkstream(L);
     int status = (int)luaL_checkinteger(L, 2);
+    luaL_argcheck(L, status >= 100 && status <= 999, 2, "status code expected");
     luaL_checktype(L, 3, LUA_TTABLE);
     int nh = (int)luaL_checkinteger(L, 4);
     int hbase = (int)luaL_checkinteger(L, 5);

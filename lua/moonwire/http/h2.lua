@@ -72,7 +72,7 @@ end
 -- the head of a streamed body (no content-length unless the handler set one)
 local function start_stream(self)
   self.sent = true
-  local head = self[REQ][R_METHOD] == "HEAD"
+  local head = self[REQ][R_METHOD] == "HEAD" or bodyless(self)   -- no DATA after a 204 or a 304
   if head then self._mode = "none" end
   local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE, nil, head,
     self[SRV].server_name, -1)
@@ -87,7 +87,8 @@ function R2:write(chunk)
     if type(chunk) == "number" then chunk = tostring(chunk)
     else argerror(1, "write", "string expected, got " .. type(chunk)) end
   end
-  if self[FIN] and self._mode ~= "none" then error("response already finished", 2) end
+  if self._mode == "none" then return true end      -- HEAD, or a status without a body
+  if self[FIN] then error("response already finished", 2) end
   if not self.sent then
     local ok, err, code = start_stream(self)
     if not ok then return nil, err, code end

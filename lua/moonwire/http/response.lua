@@ -291,8 +291,15 @@ function Response:write(chunk)
     if type(chunk) == "number" then chunk = tostring(chunk)
     else argerror(1, "write", "string expected, got " .. type(chunk)) end
   end
+  if self._mode == "none" then return true end      -- HEAD, or a status without a body
   if self[FIN] then error("response already finished", 2) end
   if not self.sent then
+    local st = self[STATUS]
+    if st < 200 or st == 204 or st == 304 then
+      -- a status that has no body (RFC 9110 §6.4.1): the head alone; what is written is dropped
+      self._mode = "none"
+      return self:send("")
+    end
     local ok, err, code = start_stream(self)
     if not ok then return nil, err, code end
   end
