@@ -189,6 +189,18 @@ def main():
         c.request(5, "GET", READ_ALL | SEND)
         c.save(name)
 
+    # a connection error (a frame longer than SETTINGS_MAX_FRAME_SIZE) while a handler reads
+    # a body / streams a response: nghttp2 ends the session with GOAWAY(FRAME_SIZE_ERROR)
+    c = Conn()
+    c.request(1, "POST", READ_ALL | SEND, end_stream=False)
+    c.add(DataFrame(1, b"partial"))
+    c.out += b"\x01\x00\x04\x00\x00\x00\x00\x00\x01" + b"x" * 20
+    c.save("connection_error_partial_body")
+    c = Conn()
+    c.request(1, "GET", READ_ALL | STREAM | BIG)
+    c.out += b"\x01\x00\x04\x00\x00\x00\x00\x00\x01" + b"x" * 20
+    c.save("connection_error_streaming")
+
 
 if __name__ == "__main__":
     main()
