@@ -5,7 +5,7 @@
  * with h2:next() as lua/moonwire/http/h2.lua drives it, a task per request stream and a
  * cancel on "reset", until next() says the connection is over (at most 256 events); the
  * handlers still running are then cancelled and joined. A task drains what the server sends.
- * Reads and writes wait at most 50 ms, so an input that makes a handler wait costs that.
+ * Reads and writes wait at most 10 ms, so an input that makes a handler wait costs that.
  *
  * Each request's handler picks what it does from a selector byte of the request (the last
  * byte of the target xor 7 * its length): bits 0-1 read the body ("all" with a limit of
@@ -38,7 +38,7 @@ static const char harness[] =
     "local PREFACE = 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n'\n"
     "local SETTINGS = { max_streams = 8, stream_window = 8192, conn_window = 100000, header_fields = 32,\n"
     "  header_bytes = 4096, hwm = 16384, out_hwm = 2048, head_timeout = 0.5, idle_timeout = 0.5,\n"
-    "  write_timeout = 0.05, settings_timeout = 0.5, glitches = 64, connect_protocol = true }\n"
+    "  write_timeout = 0.01, settings_timeout = 0.5, glitches = 64, connect_protocol = true }\n"
     "local MODES = { 'all', 'chunk', 'discard', 'none' }\n"
     "local STOPS = { cancelled = true, reset = true, closed = true, timeout = true }\n"
     "local HEAD = { 'content-type', 'text/plain', 'X-Fuzz', 'yes', 'Connection', 'close' }\n"
@@ -80,7 +80,7 @@ static const char harness[] =
     "  end\n"
     "  if mode == 'all' then\n"
     "    local max = sel & 16 ~= 0 and 1000 or 8192\n"
-    "    local body, msg, code = st:read_body('all', max, 0.05)\n"
+    "    local body, msg, code = st:read_body('all', max, 0.01)\n"
     "    if body then\n"
     "      assert(type(body) == 'string' and #body <= max)\n"
     "      if clen then assert(#body == clen, 'body length differs from content-length') end\n"
@@ -89,7 +89,7 @@ static const char harness[] =
     "    else assert(body == nil and (code == 400 or code == 408 or code == 413), 'read_body: ' .. tostring(msg)) end\n"
     "  elseif mode == 'chunk' then\n"
     "    for _ = 1, 10000 do\n"
-    "      local piece, msg, code = st:read_body('chunk', -1, 0.05)\n"
+    "      local piece, msg, code = st:read_body('chunk', -1, 0.01)\n"
     "      if piece == nil then\n"
     "        if msg ~= nil then\n"
     "          if STOPS[code] then got = -1\n"
@@ -103,7 +103,7 @@ static const char harness[] =
     "      got = got + #piece\n"
     "    end\n"
     "  elseif mode == 'discard' then\n"
-    "    local ok, msg, code = st:read_body('discard', -1, 0.05)\n"
+    "    local ok, msg, code = st:read_body('discard', -1, 0.01)\n"
     "    if ok then assert(ok == true) elseif STOPS[code] then got = -1\n"
     "    else assert(code == 400 or code == 408, 'read_body discard: ' .. tostring(msg)) end\n"
     "  end\n"
