@@ -2,6 +2,9 @@
 -- at 51e8201. Not part of the suite (busted runs spec/ only); run it with
 --   scripts/run-tests build fuzz/repro/h2_findings_spec.lua
 -- and move each test into the spec of its area with the fix.
+-- Findings: a connection error (GOAWAY) holds running handlers and the connection until
+-- their timeouts; a body streamed after a 204; unread request bodies shrink the connection's
+-- receive window for good.
 local helper = require "spec.helper"
 local mw = helper.mw
 local http = require "moonwire.http"
@@ -67,5 +70,58 @@ describe("a streamed body after a bodyless status (res:status(204); res:write(..
       c:close()
       srv:close(0)
     end, 15)
+  end)
+end)
+
+describe("HTTP/2 flow control: request bodies a handler never reads", function()
+  -- their bytes are never given back to the connection's receive window (nghttp2_session_consume
+  -- runs only as a handler reads): once conn_window bytes were left unread, the client can send
+  -- no more body bytes on the connection, and a handler that reads its body waits for the
+  -- body timeout (408). With the defaults: 32 unread 256 KiB uploads (a 401 or 413 answered
+  -- before reading) wedge a browser's connection for every later upload.
+  it("uploads keep flowing after handlers that answered without reading", function()
+    helper.run(function()
+      local results = {}
+      local srv = assert(http.server { host = "127.0.0.1", port = 0, timeouts = { body = 2 },
+        http2 = { stream_window = 16384, conn_window = 65535 },
+        handler = function(req, res)
+          if req.path == "/read" then
+            local body, err = req:body()
+            results[#results + 1] = body and #body or err
+          end
+          res:status(403)
+          res:send("no")     -- the upload of the other paths is never read
+        end })
+      local file = helper.writefile(os.tmpname() .. ".py", [[
+import socket, sys, time
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+c.initiate_connection(); s.sendall(c.data_to_send())
+for path in ["/noread"] * 5 + ["/read"]:
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x")])
+    sent, finished, t0 = 0, False, time.time()
+    while not finished and time.time() - t0 < 4:
+        w = min(c.local_flow_control_window(sid), 16384 - sent, c.max_outbound_frame_size)
+        if sent < 16384 and w > 0:
+            c.send_data(sid, b"x" * w, end_stream=(sent + w == 16384)); sent += w
+        s.sendall(c.data_to_send())
+        s.settimeout(0.1)
+        try: data = s.recv(65536)
+        except socket.timeout: data = b""
+        for ev in c.receive_data(data):
+            if isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and ev.stream_id == sid:
+                finished = True
+        s.sendall(c.data_to_send())
+    print(path, sent)
+]])
+      local code, out, err = helper.shell(("/usr/bin/python3 %s %d"):format(file, srv.port), 40)
+      os.remove(file)
+      srv:close(0)
+      assert.equal(0, code, err)
+      assert.matches("/read 16384", out)        -- "/read 0" on main: the window is shut
+      assert.same({ 16384 }, results)            -- { "request body timeout" } on main
+    end, 60)
   end)
 end)
