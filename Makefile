@@ -121,7 +121,7 @@ bench: all
 # libFuzzer targets (clang): each runs for FUZZ_SECONDS on a scratch copy of its corpus.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := http_request ws_frames resp resp_diff
+FUZZ_TARGETS := http_request ws_frames h2_frames resp resp_diff
 FUZZ_FLAGS   := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
 fuzz: deps
 	@$(MAKE) --no-print-directory fuzz-run
