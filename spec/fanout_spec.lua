@@ -205,10 +205,9 @@ describe("WebSocket fan-out", function()
     run(function()
       local function chat_server()
         local log = os.tmpname()
-        local cmd = ("(env LUA_PATH=%s LUA_CPATH=%s MOONWIRE_REDIS=%s MOONWIRE_WORKERS=2 " ..
-          "timeout -k 1 60 lua5.4 %s 0 >%s 2>&1 &)")
-          :format(quote(package.path), quote(package.cpath), quote(redis_srv.url),
-            quote(procs.root .. "/examples/chat/chat.lua"), quote(log))
+        -- (procs.lua_env: this build tree, and the ASan runtime under make test-asan)
+        local cmd = ("(%s MOONWIRE_REDIS=%s MOONWIRE_WORKERS=2 timeout -k 1 60 lua5.4 %s 0 >%s 2>&1 &)")
+          :format(procs.lua_env(), quote(redis_srv.url), quote(procs.root .. "/examples/chat/chat.lua"), quote(log))
         assert(os.execute(cmd))
         local port, pid
         for _ = 1, 500 do
