@@ -27,6 +27,14 @@ extern void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_
 
 #define H2_MT "moonwire.H2Conn"
 #define H2S_MT "moonwire.H2Stream"
+#define H2S_MAGIC UINT64_C(0x6d7768327374726d)   /* "mwh2strm": see mw_udata_magic */
+
+/* The H2Stream userdata: a box for the stream (freed by whichever of nghttp2 and Lua lets
+ * go last), told on the hot path by its size and magic number. */
+typedef struct h2box {
+    uint64_t magic;
+    struct h2stream *st;
+} h2box;
 
 typedef struct h2conn h2conn;
 typedef struct h2stream h2stream;
@@ -600,8 +608,9 @@ static int push_event(lua_State *L, h2conn *c, h2stream *st)
             return -1;
         }
         lua_pushliteral(L, "request");
-        h2stream **ud = lua_newuserdatauv(L, sizeof *ud, 1);
-        *ud = st;
+        h2box *ud = lua_newuserdatauv(L, sizeof *ud, 1);
+        ud->magic = H2S_MAGIC;
+        ud->st = st;
         st->lua_owned = 1;
         luaL_setmetatable(L, H2S_MT);
         lua_pushvalue(L, 1);
@@ -767,17 +776,18 @@ static int h2_idle(lua_State *L)
 
 static h2stream *checkstream(lua_State *L)
 {
-    h2stream **ud = luaL_checkudata(L, 1, H2S_MT);
-    if (!*ud) luaL_error(L, "attempt to use a finished HTTP/2 stream");
-    return *ud;
+    h2box *ud = mw_udata_magic(L, 1, sizeof(h2box), offsetof(h2box, magic), H2S_MAGIC);
+    if (!ud) ud = luaL_checkudata(L, 1, H2S_MT);
+    if (!ud->st) luaL_error(L, "attempt to use a finished HTTP/2 stream");
+    return ud->st;
 }
 
 static int st_gc(lua_State *L)
 {
-    h2stream **ud = luaL_checkudata(L, 1, H2S_MT);
-    h2stream *st = *ud;
+    h2box *ud = luaL_checkudata(L, 1, H2S_MT);
+    h2stream *st = ud->st;
     if (!st) return 0;
-    *ud = NULL;
+    ud->st = NULL;
     if (st->c && st->handler) {
         st->handler = 0;
         st->c->handlers--;
@@ -905,8 +915,7 @@ static int body_step(lua_State *L, h2stream *st, mw_task *t, int mode)
 
 static int body_k(lua_State *L, int status, lua_KContext ctx)
 {
-    h2stream **ud = lua_touserdata(L, 1);
-    h2stream *st = *ud;
+    h2stream *st = ((h2box *)lua_touserdata(L, 1))->st;
     (void)status;
     mw_task *t = st->rt->current;
     int why = mw_sched_reason(t);
@@ -1064,6 +1073,16 @@ static int st_trailers(lua_State *L)
     return 1;
 }
 
+/* Writes the decimal digits of v (>= 0) into buf (room for 20) and returns their count. */
+static size_t fmt_uint(char *buf, uint64_t v)
+{
+    char tmp[20];
+    size_t n = 0;
+    do { tmp[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    for (size_t i = 0; i < n; i++) buf[i] = tmp[n - 1 - i];
+    return n;
+}
+
 static const char *cached_date(h2conn *c)
 {
     time_t now = time(NULL);
@@ -1123,10 +1142,9 @@ static int st_respond(lua_State *L)
     l->cap = cap;
     l->used = 0;
     l->size = arena;
-    char st_buf[8];
-    int sl = snprintf(st_buf, sizeof st_buf, "%d", status);
-    lua_pushlstring(L, st_buf, (size_t)sl);        /* kept on the stack while submitting */
-    nv_add(l, ":status", 7, lua_tostring(L, -1), (size_t)sl, 0);
+    char st_buf[4];
+    size_t sl = fmt_uint(st_buf, (uint64_t)status);   /* 3 digits: checked above */
+    nv_add(l, ":status", 7, st_buf, sl, 0);
     for (int i = 0; i < nh; i++) {
         size_t kl, vl;
         lua_rawgeti(L, 3, hbase + 2 * i);
@@ -1149,8 +1167,7 @@ static int st_respond(lua_State *L)
     }
     char clbuf[24];
     if (clen >= 0 && status >= 200 && status != 204 && status != 304) {
-        int cl = snprintf(clbuf, sizeof clbuf, "%lld", (long long)clen);
-        nv_add(l, "content-length", 14, clbuf, (size_t)cl, 0);
+        nv_add(l, "content-length", 14, clbuf, fmt_uint(clbuf, (uint64_t)clen), 0);
     }
     if (status < 200) {
         /* 1xx (103 Early Hints): a HEADERS frame that does not end the stream */
@@ -1208,8 +1225,7 @@ static int write_wait(lua_State *L, h2stream *st)
 
 static int write_k(lua_State *L, int status, lua_KContext ctx)
 {
-    h2stream **ud = lua_touserdata(L, 1);
-    h2stream *st = *ud;
+    h2stream *st = ((h2box *)lua_touserdata(L, 1))->st;
     (void)status;
     (void)ctx;
     int why = mw_sched_reason(st->rt->current);
