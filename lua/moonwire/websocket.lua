@@ -336,14 +336,18 @@ function WebSocket:receive(timeout)
   return recv(self, timeout)
 end
 
+-- ws:messages()'s iterator: the next message, or nil (and why) once the connection is
+-- closed, which ends the loop. (One function for every connection, and a tail call: an idle
+-- task waiting for a message has one frame fewer; see docs/websocket.md, "What an idle
+-- connection costs".)
+local function next_message(self)
+  return recv(self)
+end
+
 --- for msg, kind in ws:messages() do ... end (ends when the connection closes)
 function WebSocket:messages()
   check_unhandled(self, "messages")
-  return function()
-    local msg, kind = recv(self)
-    if msg == nil then return nil end
-    return msg, kind
-  end
+  return next_message, self
 end
 
 local function check_kind(kind, fname)
@@ -767,9 +771,9 @@ function M.upgrade(req, opts)
   local wc = ws_conn(sock, { client = false, max_message = opts.max_message or defaults.max_message,
     max_frame = opts.max_frame, deflate = dparams })
   local ws = new(sock, wc, opts, protocol, ext, dparams)
-  ws._srv = res[1]      -- the server (Response.slots.SRV): for a handled connection's end
-  res._ws = ws
-  req[1]:release()      -- the HTTP parser's buffers are not needed any more (slot 1: the connection)
+  local srv = res[1]    -- the server (Response.slots.SRV)
+  ws._srv = srv         -- (for a handled connection's end)
+  srv:_upgraded(req, ws)
   return ws
 end
 
