@@ -81,6 +81,18 @@ local function new(sock, wc, opts, protocol, extensions, deflate)
   return self
 end
 
+-- The C connection object. (ws_conn only reads its options: one table serves every
+-- connection, refilled each time, rather than one more table per handshake.)
+local conn_opts = {}
+local function open_conn(sock, client, opts, dparams)
+  local o = conn_opts
+  o.client, o.max_message, o.max_frame, o.deflate = client, opts.max_message or defaults.max_message,
+    opts.max_frame, dparams
+  local wc = ws_conn(sock, o)
+  o.deflate = nil
+  return wc
+end
+
 local function wake_closers(self)
   local closers = self._closers
   if not closers then return end
@@ -650,6 +662,7 @@ end
 -- Server side: picks an acceptable permessage-deflate offer; returns the response value and
 -- the C parameters, or nil.
 local function accept_deflate(header, prefs)
+  if not header then return nil end
   for _, offer in ipairs(parse_extensions(header)) do
     if offer.name == "permessage-deflate" and not offer.bad then
       local p, ok = offer.params, true
@@ -722,6 +735,8 @@ local function origin_allowed(origins, origin)
 end
 
 local no_opts = {}
+-- a Sec-WebSocket-Key: 16 bytes in base64
+local KEY_PATTERN = "^" .. ("[%w+/]"):rep(22) .. "==$"
 
 --- Upgrades a request: req:websocket(opts) -> ws | nil, err, status (the refusal is sent).
 function M.upgrade(req, opts)
@@ -744,7 +759,7 @@ function M.upgrade(req, opts)
       { ["sec-websocket-version"] = "13", upgrade = "websocket", connection = "Upgrade" })
   end
   local key = h["sec-websocket-key"]
-  if not key or not key:match("^[%w+/][%w+/][%w+/][%w+/]" .. ("[%w+/]"):rep(18) .. "==$") then
+  if not key or not key:match(KEY_PATTERN) then
     return refuse(res, 400, "invalid Sec-WebSocket-Key")
   end
   if not origin_allowed(opts.origins, h.origin) then
@@ -773,8 +788,7 @@ function M.upgrade(req, opts)
     ws_accept(key), protocol and "\r\nSec-WebSocket-Protocol: " or "", protocol or "",
     ext and "\r\nSec-WebSocket-Extensions: " or "", ext or "", "\r\n\r\n")
   if not ok then return nil, err, code end
-  local wc = ws_conn(sock, { client = false, max_message = opts.max_message or defaults.max_message,
-    max_frame = opts.max_frame, deflate = dparams })
+  local wc = open_conn(sock, false, opts, dparams)
   local ws = new(sock, wc, opts, protocol, ext, dparams)
   local srv = res[1]    -- the server (Response.slots.SRV)
   ws._srv = srv         -- (for a handled connection's end)
@@ -848,8 +862,7 @@ local function handshake(u, opts)
   end
   local dparams, derr = client_deflate(h["sec-websocket-extensions"], opts.deflate)
   if dparams == false then return bad(derr) end
-  local wc = ws_conn(sock, { client = true, max_message = opts.max_message or defaults.max_message,
-    max_frame = opts.max_frame, deflate = dparams })
+  local wc = open_conn(sock, true, opts, dparams)
   local ws = new(sock, wc, opts, protocol, h["sec-websocket-extensions"], dparams)
   ws.wc_client = true
   return ws
