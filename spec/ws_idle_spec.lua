@@ -91,4 +91,118 @@ describe("an idle WebSocket connection served by a task", function()
       assert.equal(echo("ok"), socks[101]:read(4, 5))
     end, 30)
   end)
+
+  ---------------------------------------------------------------------------------------------
+  -- the upgrade hand-off: a request asking to switch protocols is answered outside the loop
+
+  -- A server whose handler is `h`, with its error log kept.
+  local function serve(h)
+    local errors = {}
+    local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = h,
+      error_log = function(line) errors[#errors + 1] = line end })
+    return srv, errors
+  end
+
+  local function status_of(sock)
+    local status = assert(sock:read("l", 5))
+    local len
+    repeat
+      local l = assert(sock:read("l", 5))
+      len = len or tonumber(l:lower():match("^content%-length: (%d+)"))
+    until l == ""
+    return status, len and sock:read(len, 5)
+  end
+
+  it("a request asking to upgrade that the handler answers as any other: answered, then the connection " ..
+     "closes (Connection: close)", function()
+    run(function()
+      local srv = serve(function(req, res) res:send(req.method .. " " .. req.path) end)
+      local socks = { assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 })) }
+      local _g <close> = guard(srv, socks)
+      local s = socks[1]
+      -- (an h2c upgrade nobody takes up: what follows its head is not parsed as HTTP/1.1 any more)
+      assert(s:write("GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n" ..
+        "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"))
+      local head = {}
+      repeat local l = assert(s:read("l", 5)) head[#head + 1] = l until l == ""
+      assert.equal("HTTP/1.1 200 OK", head[1])
+      assert.truthy(table.concat(head, "\n"):lower():find("\nconnection: close\n", 1, true))
+      assert.equal("GET /a", s:read(6, 5))
+      assert.is_nil(s:read(1, 5))
+      -- "Connection: upgrade" without an Upgrade header: the connection goes on
+      local s2 = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+      socks[2] = s2
+      for _, path in ipairs { "/b", "/c" } do
+        assert(s2:write("GET " .. path .. " HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n\r\n"))
+        assert.same({ "HTTP/1.1 200 OK", "GET " .. path }, { status_of(s2) })
+      end
+    end, 20)
+  end)
+
+  it("a handler that raises before upgrading: 500 and the connection closes; after: 1011, logged", function()
+    run(function()
+      local srv, errors = serve(function(req)
+        if req.path == "/before" then error("boom before") end
+        local ws = assert(req:websocket())
+        for msg in ws:messages() do
+          if msg == "raise" then error("boom after") end
+        end
+      end)
+      local socks = {}
+      local _g <close> = guard(srv, socks)
+      local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+      socks[1] = s
+      assert(s:write((HEAD:gsub("/ws", "/before"))))
+      assert.same({ "HTTP/1.1 500 Internal Server Error", "Internal Server Error\n" }, { status_of(s) })
+      assert.is_nil(s:read(1, 5))
+      local w = open(srv.port)
+      socks[2] = w
+      assert(w:write(frame("raise")))
+      -- a close frame: 1011
+      assert.equal(string.char(0x88, 2) .. string.pack(">I2", 1011), w:read(4, 5))
+      assert(w:write(string.char(0x88, 0x82, 0, 0, 0, 0) .. string.pack(">I2", 1011)))
+      local deadline = mw.now() + 5
+      while #errors < 2 and mw.now() < deadline do mw.sleep(0.01) end
+      assert.equal(2, #errors)
+      assert.matches("handler error for GET /before: .*boom before", errors[1])
+      assert.matches("handler error for GET /ws: .*boom after.*traceback", errors[2])
+    end, 20)
+  end)
+
+  it("the upgraded request keeps its fields, headers and socket; its body is gone", function()
+    run(function()
+      local got = mw.channel(1)
+      local srv = serve(function(req)
+        local ws = assert(req:websocket())
+        local body, err = req:body()
+        got:send { req.method, req.path, req.headers.upgrade, req.headers["sec-websocket-version"],
+          req.remote_addr, req.socket == ws.sock, body, err }
+        for _ in ws:messages() do end
+      end)
+      local socks = { open(srv.port) }
+      local _g <close> = guard(srv, socks)
+      assert.same({ "GET", "/ws", "websocket", "13", "127.0.0.1", true, nil, "the connection was upgraded" },
+        got:recv(5))
+    end, 20)
+  end)
+
+  it("srv:close() closes a task's WebSocket with 1001, and the task ends", function()
+    run(function()
+      local ended = mw.channel(1)
+      local srv = serve(function(req)
+        local ws = assert(req:websocket())
+        for _ in ws:messages() do end
+        ended:send { ws.close_code }
+      end)
+      local socks = { open(srv.port) }
+      local _g <close> = guard(srv, socks)
+      local s = socks[1]
+      local closer = mw.spawn(srv.close, srv, 5)
+      assert.equal(string.char(0x88, 2) .. string.pack(">I2", 1001), s:read(4, 5))
+      assert(s:write(string.char(0x88, 0x82, 0, 0, 0, 0) .. string.pack(">I2", 1001)))
+      assert.same({ 1001 }, ended:recv(5))
+      assert.same({ true, true }, { closer:join() })
+      assert.equal(0, srv:connections())
+    end, 20)
+  end)
 end)

@@ -290,6 +290,10 @@ end
 -- again, a tail call): it closes the WebSocket, or serves the next request when the
 -- handler answered without upgrading.
 function serve_upgrade(srv, sock, r)
+  -- (llhttp takes what follows a head with an Upgrade header, or a CONNECT, for the new
+  -- protocol's bytes: a handler that answers without upgrading ends the connection, with
+  -- Connection: close, rather than leave it waiting for a request that is never parsed)
+  if r.headers.upgrade or r.method == "CONNECT" then r[2][CLOSE] = true end
   local ok, err = xpcall(srv.handler, traceback, r, r[2])
   if ok then return serve_http1(srv, sock, r[1], r) end
   request_failed(srv, sock, r[1], r, err)
