@@ -781,7 +781,7 @@ function M.upgrade(req, opts)
   res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
   res[slots.CLOSE] = true     -- (no next request on this connection)
   res[slots.STATUS] = 101
-  local sock = req.socket
+  local sock = res[slots.SOCK]
   -- (the head in pieces, one writev: no table, no concatenation)
   local ok, err, code = sock:write(
     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",

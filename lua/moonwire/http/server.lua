@@ -318,7 +318,8 @@ local upgraded_res = { false, false, false, 0, true, 0, 101, true, true, sent = 
 -- go of its HTTP connection object (and its parser's buffers) and of its response. The
 -- WebSocket takes the connection's place in _conns (Server:close closes it with 1001).
 function Server:_upgraded(req, ws)
-  local _ = req.socket, req.headers     -- (cached in req: request.lua; the websocket's upgrade read both)
+  local _ = req.headers       -- (cached in req: request.lua; the WebSocket's upgrade read them)
+  rawset(req, "socket", ws.sock)
   rawset(req, "_server", self)
   req[1]:release()
   req[1], req[2] = released_conn, upgraded_res
