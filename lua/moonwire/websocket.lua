@@ -775,7 +775,8 @@ function M.upgrade(req, opts)
   end
   local ext, dparams
   if opts.deflate ~= false then
-    ext, dparams = accept_deflate(h["sec-websocket-extensions"], type(opts.deflate) == "table" and opts.deflate or no_opts)
+    local prefs = type(opts.deflate) == "table" and opts.deflate or no_opts
+    ext, dparams = accept_deflate(h["sec-websocket-extensions"], prefs)
   end
   local slots = res.slots
   res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
