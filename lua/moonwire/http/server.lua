@@ -286,9 +286,9 @@ end
 -- handler runs from here, under two frames instead of four: a handler that upgrades and
 -- keeps the connection's task (looping over ws:messages()) then keeps alive only what it
 -- holds itself, not the loop's locals (the HTTP connection object and the response:
--- Server:_upgraded lets go of what the request holds). Then the loop goes on (serve_http1
--- again, a tail call): it closes the WebSocket, or serves the next request when the
--- handler answered without upgrading.
+-- Server:_upgraded lets go of what the request holds). Then the loop goes on from what
+-- follows the handler (serve_http1 again, a tail call): it closes the WebSocket, or the
+-- connection, or (`Connection: upgrade` without an Upgrade header) serves the next request.
 function serve_upgrade(srv, sock, r)
   -- (llhttp takes what follows a head with an Upgrade header, or a CONNECT, for the new
   -- protocol's bytes: a handler that answers without upgrading ends the connection, with
