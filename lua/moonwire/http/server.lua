@@ -156,54 +156,56 @@ local function requests(srv, sock, hc, cur, r)
   local rs, err, status
   if r then
     rs = r[2]
-  else
-    if srv.closing then return end
+    goto answered
+  end
+  if srv.closing then return end
+  do
     -- a new connection must send its first request (and its TLS handshake) within the head
     -- timeout; later requests on it may wait the idle timeout for their first byte (hc knows
     -- both: read_request without them uses the server's)
     local head = srv.timeouts.head
     r, err, status = read_request(hc, math.min(srv.timeouts.idle, head), head)
   end
-  while true do
-    if not rs then
-      if not r then
-        if math.type(status) == "integer" then
-          send_error(sock, status, err)
-          return true
-        end
-        return
-      end
-      -- the response (see response.lua): its slots, room for two headers, and `sent`; it goes
-      -- in the request's slot 2
-      rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, false, false,
-        sent = false }, Response)
-      r[2] = rs
-      if r[R_UPGRADE] then return r end
-      cur[1] = r
-      handler(r, rs)
+  -- (a loop of gotos: a request answered by serve_upgrade enters it after its handler)
+  ::next_request::
+  if not r then
+    if math.type(status) == "integer" then
+      send_error(sock, status, err)
+      return true
     end
-    if not rs[FIN] then after_handler(srv, r, rs, true) end
-    cur[1] = false
-    if log then log(access_line(r, rs)) end
-    -- ready for the next request? (the common case inline, the rest in settle; a closing
-    -- server's connections: read_request says "closed")
-    if rs[CLOSE] or not r[R_KEEPALIVE] then
-      if rs[UPGRADED] then
-        -- the handler took the connection over (a WebSocket, in the server's _conns since
-        -- Server:_upgraded): make sure it is closed, unless the WebSocket has a message
-        -- handler, which keeps it without this task
-        local ws = srv._conns[sock]
-        if type(ws) ~= "table" then return end     -- (the 101 could not be sent)
-        if ws._on_message then return ws end
-        if ws.state ~= "closed" then ws:close(1000) end
-        return
-      end
-      return not r[R_NOBODY] and not hc:msg_done()    -- a body left unread: linger
-    end
-    if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return true end
-    r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
-    r, err, status = read_request(hc)
+    return
   end
+  -- the response (see response.lua): its slots, room for two headers, and `sent`; it goes in
+  -- the request's slot 2
+  rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, false, false,
+    sent = false }, Response)
+  r[2] = rs
+  if r[R_UPGRADE] then return r end
+  cur[1] = r
+  handler(r, rs)
+  ::answered::
+  if not rs[FIN] then after_handler(srv, r, rs, true) end
+  cur[1] = false
+  if log then log(access_line(r, rs)) end
+  -- ready for the next request? (the common case inline, the rest in settle; a closing
+  -- server's connections: read_request says "closed")
+  if rs[CLOSE] or not r[R_KEEPALIVE] then
+    if rs[UPGRADED] then
+      -- the handler took the connection over (a WebSocket, in the server's _conns since
+      -- Server:_upgraded): make sure it is closed, unless the WebSocket has a message handler,
+      -- which keeps it without this task
+      local ws = srv._conns[sock]
+      if type(ws) ~= "table" then return end     -- (the 101 could not be sent)
+      if ws._on_message then return ws end
+      if ws.state ~= "closed" then ws:close(1000) end
+      return
+    end
+    return not r[R_NOBODY] and not hc:msg_done()    -- a body left unread: linger
+  end
+  if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return true end
+  r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
+  r, err, status = read_request(hc)
+  goto next_request
 end
 
 -- A connection is over: forget it, close it, and say so when it was the last one.
