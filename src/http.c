@@ -743,10 +743,10 @@ static void build_request(lua_State *L, mw_http *h)
     lua_pushboolean(L, h->req_keepalive);
     lua_rawseti(L, -2, 10);
     /* socket and _server are looked up on first use (request.lua: hc:socket(), hc:server()) */
-    if (h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE)) {
-        lua_pushboolean(L, 1);
-        lua_rawseti(L, -2, 5);
-    }
+    /* [5] is set for every request, false too: the server reads it for each one (the upgrade
+     * hand-off), and reading a missing slot would call the request's __index */
+    lua_pushboolean(L, h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE));
+    lua_rawseti(L, -2, 5);
     lua_pushvalue(L, 1);
     lua_rawseti(L, -2, 1);
     lua_getiuservalue(L, 1, 2);

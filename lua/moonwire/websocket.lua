@@ -81,6 +81,18 @@ local function new(sock, wc, opts, protocol, extensions, deflate)
   return self
 end
 
+-- The C connection object. (ws_conn only reads its options: one table serves every
+-- connection, refilled each time, rather than one more table per handshake.)
+local conn_opts = {}
+local function open_conn(sock, client, opts, dparams)
+  local o = conn_opts
+  o.client, o.max_message, o.max_frame, o.deflate = client, opts.max_message or defaults.max_message,
+    opts.max_frame, dparams
+  local wc = ws_conn(sock, o)
+  o.deflate = nil
+  return wc
+end
+
 local function wake_closers(self)
   local closers = self._closers
   if not closers then return end
@@ -339,14 +351,18 @@ function WebSocket:receive(timeout)
   return recv(self, timeout)
 end
 
+-- ws:messages()'s iterator: the next message, or nil (and why) once the connection is
+-- closed, which ends the loop. (One function for every connection, and a tail call: an idle
+-- task waiting for a message has one frame fewer; see docs/websocket.md, "What an idle
+-- connection costs".)
+local function next_message(self)
+  return recv(self)
+end
+
 --- for msg, kind in ws:messages() do ... end (ends when the connection closes)
 function WebSocket:messages()
   check_unhandled(self, "messages")
-  return function()
-    local msg, kind = recv(self)
-    if msg == nil then return nil end
-    return msg, kind
-  end
+  return next_message, self
 end
 
 local function check_kind(kind, fname)
@@ -664,6 +680,7 @@ end
 -- Server side: picks an acceptable permessage-deflate offer; returns the response value and
 -- the C parameters, or nil.
 local function accept_deflate(header, prefs)
+  if not header then return nil end
   for _, offer in ipairs(parse_extensions(header)) do
     if offer.name == "permessage-deflate" and not offer.bad then
       local p, ok = offer.params, true
@@ -703,11 +720,17 @@ end
 -- ---------------------------------------------------------------------------------------
 -- server handshake
 
+-- Whether a comma-separated header value lists token (lower case). (Not with gmatch: its
+-- iterator makes two objects, about 700 bytes, and every handshake checks two headers; what
+-- a handshake leaves behind adds to what 10,000s of connections opened in a row cost.)
 local function has_token(value, token)
   if not value then return false end
-  for t in value:gmatch("[^,]+") do
-    if t:match("^%s*(.-)%s*$"):lower() == token then return true end
-  end
+  local pos = 1
+  repeat
+    local comma = value:find(",", pos, true)
+    if value:sub(pos, comma and comma - 1):match("^%s*(.-)%s*$"):lower() == token then return true end
+    pos = comma and comma + 1
+  until not pos
   return false
 end
 
@@ -730,6 +753,10 @@ local function origin_allowed(origins, origin)
 end
 
 --- Upgrades a request: req:websocket(opts) -> ws | nil, err, status (the refusal is sent).
+local no_opts = {}
+-- a Sec-WebSocket-Key: 16 bytes in base64
+local KEY_PATTERN = "^" .. ("[%w+/]"):rep(22) .. "==$"
+
 -- What both HTTP versions negotiate the same way: the version, the origin, a subprotocol,
 -- permessage-deflate. true, protocol, ext, dparams; or nil, msg, status (refused: sent).
 local function negotiate(res, h, opts)
@@ -750,7 +777,8 @@ local function negotiate(res, h, opts)
   end
   local ext, dparams
   if opts.deflate ~= false then
-    ext, dparams = accept_deflate(h["sec-websocket-extensions"], type(opts.deflate) == "table" and opts.deflate or {})
+    local prefs = type(opts.deflate) == "table" and opts.deflate or no_opts
+    ext, dparams = accept_deflate(h["sec-websocket-extensions"], prefs)
   end
   return true, protocol, ext, dparams
 end
@@ -783,7 +811,7 @@ local function h2_tunnel(st)
 end
 
 function M.upgrade(req, opts)
-  opts = opts or {}
+  opts = opts or no_opts
   if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
   local res = rawget(req, 2)            -- the request's response (Request.slots.RES)
   if not res or res.sent then error("websocket: the response was already sent", 3) end
@@ -805,8 +833,7 @@ function M.upgrade(req, opts)
     res[slots.STATUS] = 200
     local sock, tunnel = h2_tunnel(st)
     res._tunnel = tunnel
-    local wc = ws_conn(sock, { client = false, max_message = opts.max_message or defaults.max_message,
-      max_frame = opts.max_frame, deflate = dparams })
+    local wc = open_conn(sock, false, opts, dparams)
     local ws = new(sock, wc, opts, protocol, ext, dparams)
     res._ws = ws
     return ws
@@ -822,30 +849,26 @@ function M.upgrade(req, opts)
   end
   local key = h["sec-websocket-key"]
   if h["sec-websocket-version"] == "13"
-    and (not key or not key:match("^[%w+/][%w+/][%w+/][%w+/]" .. ("[%w+/]"):rep(18) .. "==$")) then
+    and (not key or not key:match(KEY_PATTERN)) then
     return refuse(res, 400, "invalid Sec-WebSocket-Key")
   end
   local ok, protocol, ext, dparams = negotiate(res, h, opts)
   if not ok then return nil, protocol, ext end
-  local lines = {
-    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
-    "Sec-WebSocket-Accept: ", ws_accept(key), "\r\n",
-  }
-  if protocol then lines[#lines + 1] = "Sec-WebSocket-Protocol: " .. protocol .. "\r\n" end
-  if ext then lines[#lines + 1] = "Sec-WebSocket-Extensions: " .. ext .. "\r\n" end
-  lines[#lines + 1] = "\r\n"
   res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
   res[slots.CLOSE] = true     -- (no next request on this connection)
   res[slots.STATUS] = 101
-  local sock = req.socket
-  local sent, err, code = sock:write(table.concat(lines))
+  local sock = res[slots.SOCK]
+  -- (the head in pieces, one writev: no table, no concatenation)
+  local sent, err, code = sock:write(
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    ws_accept(key), protocol and "\r\nSec-WebSocket-Protocol: " or "", protocol or "",
+    ext and "\r\nSec-WebSocket-Extensions: " or "", ext or "", "\r\n\r\n")
   if not sent then return nil, err, code end
-  local wc = ws_conn(sock, { client = false, max_message = opts.max_message or defaults.max_message,
-    max_frame = opts.max_frame, deflate = dparams })
+  local wc = open_conn(sock, false, opts, dparams)
   local ws = new(sock, wc, opts, protocol, ext, dparams)
-  ws._srv = res[1]      -- the server (Response.slots.SRV): for a handled connection's end
-  res._ws = ws
-  req[1]:release()      -- the HTTP parser's buffers are not needed any more (slot 1: the connection)
+  local srv = res[1]    -- the server (Response.slots.SRV)
+  ws._srv = srv         -- (for a handled connection's end)
+  srv:_upgraded(req, ws)
   return ws
 end
 
@@ -915,8 +938,7 @@ local function handshake(u, opts)
   end
   local dparams, derr = client_deflate(h["sec-websocket-extensions"], opts.deflate)
   if dparams == false then return bad(derr) end
-  local wc = ws_conn(sock, { client = true, max_message = opts.max_message or defaults.max_message,
-    max_frame = opts.max_frame, deflate = dparams })
+  local wc = open_conn(sock, true, opts, dparams)
   local ws = new(sock, wc, opts, protocol, h["sec-websocket-extensions"], dparams)
   ws.wc_client = true
   return ws

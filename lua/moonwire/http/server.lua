@@ -20,7 +20,8 @@ assert(Response.slots.FIN == FIN and Response.slots.BYTES == BYTES and Response.
 local R_KEEPALIVE <const> = 10
 local R_NOBODY <const> = 3
 local R_UPGRADE <const> = 5
-assert(Request.slots.KEEPALIVE == R_KEEPALIVE and Request.slots.METHOD == 6 and Request.slots.VERSION == 8)
+assert(Request.slots.KEEPALIVE == R_KEEPALIVE and Request.slots.METHOD == 6 and Request.slots.VERSION == 8
+  and Request.slots.UPGRADE == R_UPGRADE)
 local traceback = debug.traceback
 local setmetatable = setmetatable
 
@@ -142,60 +143,70 @@ local function after_handler(srv, req, res, ok, err)
 end
 
 -- The requests of one connection, in order; cur[1] holds the request being answered (false
--- between requests; its response is in its slot 2), for serve_connection when a handler
--- raises. Returns a WebSocket that keeps the connection, or true when the connection closes
--- after an error while the client may still be sending (serve_connection lingers).
-local function requests(srv, sock, hc, cur)
-  -- (few locals: this frame's size adds to the stack of every connection's coroutine, and a
-  -- WebSocket handler's frames run above it; the response's constructor takes 14 registers
-  -- for a moment, measured not to enlarge an idle connection, HTTP or WebSocket)
+-- between requests; its response is in its slot 2), for serve_http1 when a handler raises.
+-- A request that asks to switch protocols is returned before its handler runs (the upgrade
+-- hand-off: serve_upgrade); `r`, when given, is such a request, answered there and not
+-- upgraded or done with: the loop goes on from what follows its handler. Returns a
+-- WebSocket that keeps the connection, or true when the connection closes after an error
+-- while the client may still be sending (serve_http1 lingers).
+local function requests(srv, sock, hc, cur, r)
+  -- (few locals: this frame's size adds to the stack of every connection's coroutine; the
+  -- response's constructor takes 14 registers for a moment, measured not to enlarge an idle
+  -- connection)
   local handler, log = srv.handler, srv.log
+  local rs, err, status
+  if r then
+    rs = r[2]
+    goto answered
+  end
   if srv.closing then return end
-  -- a new connection must send its first request (and its TLS handshake) within the head
-  -- timeout; later requests on it may wait the idle timeout for their first byte (hc knows
-  -- both: read_request without them uses the server's)
-  local head = srv.timeouts.head
-  local r, err, status = read_request(hc, math.min(srv.timeouts.idle, head), head)
-  while true do
-    if not r then
-      if math.type(status) == "integer" then
-        send_error(sock, status, err)
-        return true
-      end
+  do
+    -- a new connection must send its first request (and its TLS handshake) within the head
+    -- timeout; later requests on it may wait the idle timeout for their first byte (hc knows
+    -- both: read_request without them uses the server's)
+    local head = srv.timeouts.head
+    r, err, status = read_request(hc, math.min(srv.timeouts.idle, head), head)
+  end
+  -- (a loop of gotos: a request answered by serve_upgrade enters it after its handler)
+  ::next_request::
+  if not r then
+    if math.type(status) == "integer" then
+      send_error(sock, status, err)
+      return true
+    end
+    return
+  end
+  -- the response (see response.lua): its slots, room for two headers, and `sent`; it goes in
+  -- the request's slot 2
+  rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, false, false,
+    sent = false }, Response)
+  r[2] = rs
+  if r[R_UPGRADE] then return r end
+  cur[1] = r
+  handler(r, rs)
+  ::answered::
+  if not rs[FIN] then after_handler(srv, r, rs, true) end
+  cur[1] = false
+  if log then log(access_line(r, rs)) end
+  -- ready for the next request? (the common case inline, the rest in settle; a closing
+  -- server's connections: read_request says "closed")
+  if rs[CLOSE] or not r[R_KEEPALIVE] then
+    if rs[UPGRADED] then
+      -- the handler took the connection over (a WebSocket, in the server's _conns since
+      -- Server:_upgraded): make sure it is closed, unless the WebSocket has a message handler,
+      -- which keeps it without this task
+      local ws = srv._conns[sock]
+      if type(ws) ~= "table" then return end     -- (the 101 could not be sent)
+      if ws._on_message then return ws end
+      if ws.state ~= "closed" then ws:close(1000) end
       return
     end
-    -- Upgrade: h2c on a listener that takes it: this request is answered over HTTP/2
-    if r[R_UPGRADE] and srv.h2c then
-      local up = require("moonwire.http.h2").h2c_upgrade(r, sock)
-      if up then return up end
-    end
-    -- the response (see response.lua): its slots, room for two headers, and `sent`; it goes
-    -- in the request's slot 2
-    local rs = setmetatable({ srv, r, sock, 0, false, 0, 200, false, false, false, false, false, false,
-      sent = false }, Response)
-    r[2] = rs
-    cur[1] = r
-    handler(r, rs)
-    if not rs[FIN] then after_handler(srv, r, rs, true) end
-    cur[1] = false
-    if log then log(access_line(r, rs)) end
-    -- ready for the next request? (the common case inline, the rest in settle; a closing
-    -- server's connections: read_request says "closed")
-    if rs[CLOSE] or not r[R_KEEPALIVE] then
-      if rs[UPGRADED] then
-        -- the handler owned the connection (a WebSocket): make sure it is closed, unless
-        -- the WebSocket has a message handler, which keeps it without this task
-        local ws = rs._ws
-        if ws and ws._on_message then return ws end
-        if ws and ws.state ~= "closed" then ws:close(1000) end
-        return
-      end
-      return not r[R_NOBODY] and not hc:msg_done()    -- a body left unread: linger
-    end
-    if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return true end
-    r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
-    r, err, status = read_request(hc)
+    return not r[R_NOBODY] and not hc:msg_done()    -- a body left unread: linger
   end
+  if not r[R_NOBODY] and not hc:msg_done() and not settle(srv, hc, r) then return true end
+  r, rs = nil, nil      -- luacheck: ignore 311 (an idle connection keeps nothing of its last request)
+  r, err, status = read_request(hc)
+  goto next_request
 end
 
 -- A connection is over: forget it, close it, and say so when it was the last one.
@@ -208,12 +219,26 @@ end
 
 -- A handler raised: the 500 (or the end of what was sent), the access log line, and 1011
 -- for a WebSocket it had taken over.
-local function answer_failure(srv, req, err)
+local function answer_failure(srv, sock, req, err)
   local res = rawget(req, 2)
   after_handler(srv, req, res, false, err)
   if srv.log then srv.log(access_line(req, res)) end
-  local ws = res[UPGRADED] and res._ws
-  if ws and ws.state ~= "closed" then ws:close(1011) end
+  local ws = res[UPGRADED] and srv._conns[sock]
+  if type(ws) == "table" and ws.state ~= "closed" then ws:close(1011) end
+end
+
+-- The request loop raised, or the handler of a request handed off to serve_upgrade: the
+-- request being answered (if any) gets its answer.
+local function request_failed(srv, sock, hc, req, err)
+  if req then
+    -- (protected: the 500 can fail too, on a socket closed meanwhile; the connection is
+    -- done all the same)
+    local aok, aerr = pcall(answer_failure, srv, sock, req, err)
+    if not aok then srv.error_log("moonwire: error answering a failed request: " .. tostring(aerr)) end
+    if not req[R_NOBODY] and not hc:msg_done() then pcall(linger, srv, sock) end
+  else
+    srv.error_log("moonwire: error serving a connection: " .. tostring(err))
+  end
 end
 
 -- An HTTP/2 connection (h2.lua), with this file's after_handler and access log.
@@ -238,6 +263,76 @@ local function wants_h2(srv, sock)
   return yes
 end
 
+local serve_upgrade
+
+-- The HTTP/1.1 requests of a connection (from what follows the handler of r, when given:
+-- see requests), then its end. One protected call for all of them, not one per request: a
+-- handler that raises ends the loop, and the connection closes after its 500 anyway.
+local function serve_http1(srv, sock, hc, r)
+  local cur = { false }
+  local ok, err = xpcall(requests, traceback, srv, sock, hc, cur, r)
+  if ok and getmetatable(err) == Request then return serve_upgrade(srv, sock, err) end
+  if ok and err then
+    if err == true then
+      pcall(linger, srv, sock)
+    elseif err.state ~= "closed" then
+      srv._conns[sock] = err    -- a WebSocket with a message handler: Server:_ws_done ends it
+      return
+    end
+  end
+  if not ok then request_failed(srv, sock, hc, cur[1], err) end
+  conn_done(srv, sock)
+end
+
+-- The upgrade hand-off. A request that asks to switch protocols (Connection: upgrade, as a
+-- WebSocket handshake does) leaves the request loop before its handler runs, and the
+-- handler runs from here, under two frames instead of four: a handler that upgrades and
+-- keeps the connection's task (looping over ws:messages()) then keeps alive only what it
+-- holds itself, not the loop's locals (the HTTP connection object and the response:
+-- Server:_upgraded lets go of what the request holds). Then the loop goes on from what
+-- follows the handler (serve_http1 again, a tail call): it closes the WebSocket, or the
+-- connection, or (`Connection: upgrade` without an Upgrade header) serves the next request.
+function serve_upgrade(srv, sock, r)
+  -- Upgrade: h2c on a listener that takes it: this request is answered over HTTP/2, as stream 1
+  if srv.h2c then
+    local up = require("moonwire.http.h2").h2c_upgrade(r, sock)
+    if up then return serve_h2(srv, sock, up) end
+  end
+  -- (a declined upgrade goes on as HTTP/1.1: http.c resumes parsing after it; a CONNECT the
+  -- handler did not take over has tunnel bytes, not requests, behind it: the connection ends)
+  if r.method == "CONNECT" then r[2][CLOSE] = true end
+  local ok, err = xpcall(srv.handler, traceback, r, r[2])
+  if ok then return serve_http1(srv, sock, r[1], r) end
+  request_failed(srv, sock, r[1], r, err)
+  conn_done(srv, sock)
+end
+
+-- What an upgraded request holds instead of its HTTP connection object (request.lua asks it
+-- for the body and the trailers: there are none any more) and of its response (what the
+-- loop reads of a response after its handler: the 101 was sent, the connection was taken
+-- over). A request keeps its socket, headers and server.
+local released_conn = {
+  msg_done = function() return true end,
+  state = function() return true, true, false, false end,
+  read_body = function() return nil, "the connection was upgraded", "closed" end,
+  trailers = function() return nil end,
+  clear_expect = function() end,
+}
+local upgraded_res = { false, false, false, 0, true, 0, 101, true, true, sent = true }
+
+-- (websocket.lua) req was upgraded to ws: the connection is the WebSocket's now. A task
+-- looping over ws:messages() keeps req alive as long as the connection lasts, so req lets
+-- go of its HTTP connection object (and its parser's buffers) and of its response. The
+-- WebSocket takes the connection's place in _conns (Server:close closes it with 1001).
+function Server:_upgraded(req, ws)
+  local _ = req.headers       -- (cached in req: request.lua; the WebSocket's upgrade read them)
+  rawset(req, "socket", ws.sock)
+  rawset(req, "_server", self)
+  req[1]:release()
+  req[1], req[2] = released_conn, upgraded_res
+  self._conns[ws.sock] = ws
+end
+
 local function serve_connection(srv, sock)
   local conns = srv._conns
   srv._nconns = srv._nconns + 1
@@ -251,33 +346,7 @@ local function serve_connection(srv, sock)
   end
   local hc = http_conn(sock, srv.limits, Request, false, Request.headers_mt, srv)
   conns[sock] = hc     -- hc:idle() says whether it waits for its next request
-  -- One protected call per connection, not per request: a handler that raises ends the
-  -- loop, and the connection closes after its 500 anyway.
-  local cur = { false }
-  local ok, err = xpcall(requests, traceback, srv, sock, hc, cur)
-  if ok and err then
-    if err == true then
-      pcall(linger, srv, sock)
-    elseif err.h2c then
-      return serve_h2(srv, sock, err)       -- the request upgraded to h2c is stream 1
-    elseif err.state ~= "closed" then
-      conns[sock] = err    -- a WebSocket with a message handler: Server:_ws_done ends it
-      return
-    end
-  end
-  if not ok then
-    local req = cur[1]
-    if req then
-      -- (protected: the 500 can fail too, on a socket closed meanwhile; the connection is
-      -- done all the same)
-      local aok, aerr = pcall(answer_failure, srv, req, err)
-      if not aok then srv.error_log("moonwire: error answering a failed request: " .. tostring(aerr)) end
-      if not req[R_NOBODY] and not hc:msg_done() then pcall(linger, srv, sock) end
-    else
-      srv.error_log("moonwire: error serving a connection: " .. tostring(err))
-    end
-  end
-  conn_done(srv, sock)
+  return serve_http1(srv, sock, hc)    -- (a tail call: this frame keeps nothing alive meanwhile)
 end
 
 -- (websocket.lua) a WebSocket with a message handler, handed over above, is closed
@@ -338,8 +407,7 @@ end
 
 -- HTTP/2 (h2.lua, h2.c): on unless `http2 = false`; a table sets its limits (max_streams,
 -- stream_window, conn_window, header_fields, header_bytes, hwm, out_hwm, glitches,
--- settings_timeout, h2c: accept `Upgrade: h2c` on requests without a body); the timeouts are
--- the server's (head, idle, write).
+-- settings_timeout); the timeouts are the server's (head, idle, write).
 local h2_defaults = { max_streams = 100, stream_window = 262144, conn_window = 8388608, header_fields = 128,
   header_bytes = 65536, hwm = 65536, out_hwm = 65536, glitches = 1000, settings_timeout = 10, h2c = false }
 
