@@ -73,6 +73,7 @@ struct h2conn {
     mw_sock *sock;
     mw_rt *rt;
     mw_task *task;             /* the task in h2:next, while it waits */
+    int reading;               /* ... waits for the socket to be readable (not to drain) */
     h2stream *qhead, *qtail;   /* streams with an event for Lua (a request, a reset) */
     h2stream *streams;
     int handlers;              /* handlers running (reset ones included) */
@@ -689,6 +690,7 @@ static int next_step(lua_State *L, h2conn *c, mw_task *t)
         }
         mw_buf_release(&s->rbuf, &s->rt->pool);  /* idle: hold no buffer */
         c->task = t;
+        c->reading = 1;
         return mw_sock_wait(L, s, t, MW_ROLE_READ, want, read_deadline(c), next_k, 0);
     }
 }
@@ -700,6 +702,7 @@ static int next_k(lua_State *L, int status, lua_KContext ctx)
     (void)status;
     (void)ctx;
     c->task = NULL;
+    c->reading = 0;
     int why = mw_sched_reason(t);
     if (!c->session) return mw_pushfail(L, "closed", "closed");
     if (why == MW_WAKE_TIMEOUT) {
@@ -814,13 +817,20 @@ static int st_done(lua_State *L)
          * uploads would shrink the connection's window for good), the bytes are dropped */
         mw_buf_free(&st->in, NULL);
         consumed(st, st->unconsumed);
+        int submitted = 0;
         if (!st->closed && c->session) {
             if (!st->responded || !st->out_eof)
-                nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
+                submitted = !nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
             else if (!st->body_done)
-                nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
+                submitted = !nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
         }
-        kick(c);
+        if (submitted || (c->handlers == 0 && c->graceful)) {
+            kick(c);      /* an RST to send, or a draining connection may end now */
+        } else if (c->handlers == 0 && c->task && c->reading && c->session) {
+            /* the last handler ended: the connection's read now waits under the idle
+             * deadline (moved without waking the task) */
+            mw_sched_set_deadline(c->task, read_deadline(c));
+        }
     }
     return 0;
 }
@@ -1194,7 +1204,10 @@ static int st_respond(lua_State *L)
                                      (eof && mw_buf_len(&st->out) == 0 && st->trout.n == 0) ? NULL : &prd);
     lua_settop(L, lidx - 1);
     if (rv != 0) return mw_pushfail(L, nghttp2_strerror(rv), "http2");
-    kick(c);
+    /* the only handler running: out now (waking the connection's task would cost more);
+     * several: the connection's task draws them all out in one pass */
+    if (c->handlers <= 1) flush_session(c);
+    else kick(c);
     lua_pushboolean(L, 1);
     return 1;
 }

@@ -123,6 +123,14 @@ void mw_sched_wake(mw_task *t, int reason)
     enqueue(t->rt, t);
 }
 
+void mw_sched_set_deadline(mw_task *t, int64_t deadline)
+{
+    if (t->state != MW_T_WAITING) return;
+    int64_t d = deadline < t->scope_deadline ? deadline : t->scope_deadline;
+    if (d == MW_NO_DEADLINE) mw_timer_stop(&t->rt->loop, &t->timer);
+    else (void)mw_timer_start(&t->rt->loop, &t->timer, d);   /* (an armed timer: no allocation) */
+}
+
 static void on_task_timer(mw_timer *tm)
 {
     mw_task *t = (mw_task *)((char *)tm - offsetof(mw_task, timer));

@@ -124,6 +124,10 @@ void mw_sched_dispatch(mw_rt *rt, lua_State *L);
 int mw_sched_reason(mw_task *t);
 /* Makes a waiting task ready; `reason` is MW_WAKE_*. No-op for a task not waiting. */
 void mw_sched_wake(mw_task *t, int reason);
+/* Moves the deadline of a task waiting in mw_sched_wait (its timer fires MW_WAKE_TIMEOUT
+ * then, as if the wait had been given it); the enclosing mw.timeout still applies. No-op
+ * for a task not waiting. */
+void mw_sched_set_deadline(mw_task *t, int64_t deadline);
 /* Pushes nil, message, code for a non-READY wake reason and returns 3. */
 int mw_sched_pushwake(lua_State *L, int reason);
 
