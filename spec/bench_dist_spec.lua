@@ -500,8 +500,55 @@ return {
       end
       for _, a in ipairs(doc.agents) do iters = iters + a.requests end
       assert.equal(doc.metrics.http_reqs.value, iters)
-      -- the WebSocket users connected from their agent's source address
+      -- the WebSocket users and bench.http connected from their agent's source address:
+      -- 127.0.0.1 made only the coordinator's setup request
       for i = 2, 4 do assert.is_true((t.by_source["127.0.0." .. i] or 0) > 0) end
+      assert.equal(1, t.by_source["127.0.0.1"])
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  it("marks a scenario agent killed mid-test as lost and keeps the intervals it sent", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local sc = tmp(".lua")
+      writefile(sc, ([[
+local bench = require "moonwire.bench"
+return {
+  users = 4, duration = "4s",
+  user = function()
+    local res = bench.http.get(%q)
+    bench.check("status 200", res and res.status == 200)
+    bench.trend("mine"):add(1)
+    bench.sleep(0.05)
+  end,
+}
+]]):format(t.url))
+      local json = tmp(".json")
+      local c = coordinator(u, 2, { "--scenario", sc, "--json", json })
+      wait_for(function() return (t.by_source["127.0.0.3"] or 0) > 0 end, 15, "agent 2's load")
+      mw.sleep(1.3)   -- at least one interval snapshot sent
+      kill(list[2].pid)
+      local killed = t.by_source["127.0.0.3"]
+      local code, out = wait(c, 30)
+      stop_agents(list)
+      assert.equal(1, code, context(c))
+      assert.matches("lost", out)
+      local doc = json_decode(readfile(json))
+      assert.equal("ok", doc.agents[1].state)
+      assert.is_true(doc.agents[2].lost)
+      local a2 = doc.agents[2].requests
+      assert.is_true(a2 > 0, "its intervals are kept" .. context(c))
+      -- what it reported was answered before it died
+      assert.is_true(a2 <= killed, ("%d reported, %d served"):format(a2, killed))
+      assert.equal(doc.metrics.http_reqs.value, doc.agents[1].requests + a2)
+      -- every metric kind of its snapshots is merged: trends, counters, checks
+      assert.equal(doc.metrics.http_reqs.value, doc.metrics.http_req_duration.count)
+      assert.equal(doc.metrics.http_reqs.value, doc.metrics.mine.count)
+      assert.equal(doc.metrics.http_reqs.value, doc.checks["status 200"].pass)
+      assert.equal(0, doc.checks["status 200"].fail)
+      assert.equal(4, doc.max_users)
       t.srv:close(0)
     end, 40)
   end)

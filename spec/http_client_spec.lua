@@ -640,6 +640,25 @@ describe("http client: requests and responses", function()
       srv:close()
     end)
   end)
+
+  it("local_host binds the client's connections to that local address; a non-string raises", function()
+    run(function()
+      local from = {}
+      local srv = serve(function(req, res)
+        from[#from + 1] = req.remote_addr
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local c = http.client{ local_host = "127.0.0.9" }
+      for _ = 1, 2 do assert.equal("ok", assert(c:get(base(srv) .. "/")):body()) end
+      assert.same({ "127.0.0.9", "127.0.0.9" }, from)
+      assert.equal("ok", assert(http.client():get(base(srv) .. "/")):body())
+      assert.equal("127.0.0.1", from[3])
+      assert.has_error(function() http.client{ local_host = 9 } end,
+        "bad argument #1 to 'client' (bad option 'local_host' (string expected, got number))")
+      srv:close()
+    end)
+  end)
 end)
 
 ---------------------------------------------------------------------------------------------

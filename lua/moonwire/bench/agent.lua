@@ -2,7 +2,8 @@
 -- itself (a heartbeat key with a TTL), waits for a job in its Redis list, runs its share of
 -- the test on its own bench threads starting at the instant the coordinator chose (Redis
 -- TIME, corrected by this machine's measured clock offset), streams per-second interval
--- snapshots (serialized HDR histograms, one stream entry per thread and second), delivers
+-- snapshots (serialized HDR histograms, one stream entry per thread and second; for a
+-- scenario, every trend's histogram and the counters and checks of that second), delivers
 -- its exact final results until the coordinator acknowledges them, and waits again.
 -- It stops its load when the coordinator's heartbeat disappears, and survives a lost Redis
 -- connection (it records on and delivers when Redis is back).
@@ -33,16 +34,15 @@ local function hostname()
 end
 
 -- ---------------------------------------------------------------------------------------
--- in a bench thread: the interval reporter the engine calls once a second (cfg.reporter)
+-- in a bench thread: the interval snapshots (plain runs: the engine calls M.reporter's
+-- function once a second, cfg.reporter; scenarios: bench/scenario.lua uses M.sender)
 
---- Returns the function the engine's sampler calls each second, before it resets
--- st.second: it queues the second's histogram and counters, and a task sends the queue
--- to the run's stream (kept while Redis is unreachable, at most 600 entries).
-function M.reporter(cfg, _)
-  local rep = cfg.report
+--- Returns push(d, h): queues an `interval` entry (d, a table, is serialized; h is a
+-- histogram's encoding) that a task sends to the run's stream (kept while Redis is
+-- unreachable, at most 600 entries).
+function M.sender(rep)
   local link = dist.link(rep.url)
-  local queue, seq = {}, 0
-  local last_count, last_bytes, last_err = 0, 0, {}
+  local queue = {}
   mw.spawn(function()
     while true do
       while queue[1] do
@@ -53,6 +53,19 @@ function M.reporter(cfg, _)
       mw.sleep(0.1)
     end
   end)
+  return function(d, h)
+    if #queue >= 600 then table.remove(queue, 1) end
+    queue[#queue + 1] = { d = serial.encode(d), h = h }
+  end
+end
+
+--- Returns the function the engine's sampler calls each second, before it resets
+-- st.second: it queues the second's histogram and counters.
+function M.reporter(cfg, _)
+  local rep = cfg.report
+  local push = M.sender(rep)
+  local seq = 0
+  local last_count, last_bytes, last_err = 0, 0, {}
   return function(s)
     seq = seq + 1
     local errors = {}
@@ -63,8 +76,7 @@ function M.reporter(cfg, _)
     local d = { th = rep.thread, seq = seq, t = (hrtime() - s.t_start) / 1e9, n = s.count - last_count,
       bytes = s.bytes - last_bytes, errors = errors }
     last_count, last_bytes = s.count, s.bytes
-    if #queue >= 600 then table.remove(queue, 1) end
-    queue[#queue + 1] = { d = serial.encode(d), h = s.second:encode() }
+    push(d, s.second:encode())
   end
 end
 
@@ -161,7 +173,8 @@ local function run_job(a, job)
       }
     else
       cfg = { thread_id = th.g, threads = job.T, scenario = prep.scenario, data = job.data,
-        start_at = start_at, counters = shared:address(), stop_cell = stop_cell, source = a.source }
+        start_at = start_at, counters = shared:address(), stop_cell = stop_cell, source = a.source,
+        report = { url = a.url, stream = key("run", run, "events"), agent = a.name, thread = th.g } }
     end
     local h = core.thread()
     for name, v in pairs(th.set or {}) do h:set(name, v) end

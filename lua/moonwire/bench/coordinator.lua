@@ -102,6 +102,41 @@ local function from_intervals(ag)
   return out
 end
 
+-- The same for a scenario agent: one pseudo thread result per thread in the shape
+-- scenario.lua's run_users returns, summed from its per-second snapshots (d.sc).
+local function scenario_from_intervals(ag)
+  local out = {}
+  for g, th in pairs(ag.intervals) do
+    local trends, counters, checks = {}, {}, {}
+    local r = { g = g, trends = {}, counters = counters, checks = checks, order = {}, errors = 0, duration = 0,
+      max_users = 0 }
+    for _, iv in pairs(th) do
+      local s = iv.d.sc
+      if s then
+        for name, enc in pairs(s.trends) do
+          local h = core.histogram_decode(enc)
+          if trends[name] then trends[name]:merge(h) else trends[name] = h end
+        end
+        for name, v in pairs(s.counters) do counters[name] = (counters[name] or 0) + v end
+        for name, c in pairs(s.checks) do
+          local m = checks[name] or { pass = 0, fail = 0, rate = c.rate }
+          m.pass, m.fail = m.pass + c.pass, m.fail + c.fail
+          checks[name] = m
+        end
+        if #s.order > #r.order then r.order = s.order end   -- names only grow
+        r.errors = r.errors + s.errors
+        r.first_error = r.first_error or s.first_error
+        if s.max_users > r.max_users then r.max_users = s.max_users end
+        if iv.d.t > r.duration then r.duration = iv.d.t end
+      end
+    end
+    for name, h in pairs(trends) do r.trends[name] = h:encode() end
+    out[#out + 1] = r
+  end
+  table.sort(out, function(a, b) return a.g < b.g end)
+  return out
+end
+
 local function agents_text(rows, out)
   out:write("  Agents:\n")
   out:write(("    %-24s %7s %6s %10s %11s %9s %9s %7s  %s\n"):format("name", "threads", "conns", "requests",
@@ -364,7 +399,7 @@ function M.main(o)
         ag.started_us, ag.mono_start_ns = first, mono
         if first then starts[#starts + 1] = first end
       else
-        results = o.scenario and {} or from_intervals(ag)
+        results = o.scenario and scenario_from_intervals(ag) or from_intervals(ag)
       end
       ag.results = results
       for _, r in ipairs(results) do all[#all + 1] = r end

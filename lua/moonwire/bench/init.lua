@@ -10,9 +10,15 @@ local hrtime = core.hrtime
 
 -- the metrics of this Lua state (each bench thread has its own; the main state merges)
 local registry = { trends = {}, counters = {}, checks = {}, order = {} }
+local client, source
 
-function M._reset()
-  registry = { trends = {}, counters = {}, checks = {}, order = {} }
+--- Called by the scenario runner before the users start: `source`, the local address the
+-- HTTP client binds (an agent's --source); `per_second`, whether each trend also keeps the
+-- current second's histogram (`sec`, for a distributed run's interval snapshots).
+function M._reset(opts)
+  opts = opts or {}
+  registry = { trends = {}, counters = {}, checks = {}, order = {}, per_second = opts.per_second }
+  client, source = nil, opts.source
 end
 
 function M._registry() return registry end
@@ -25,7 +31,8 @@ function M.trend(name)
   if type(name) ~= "string" then error("bad argument #1 to 'trend' (string expected)", 2) end
   local t = registry.trends[name]
   if not t then
-    t = setmetatable({ name = name, h = core.histogram() }, Trend)
+    t = setmetatable({ name = name, h = core.histogram(), sec = registry.per_second and core.histogram() or nil },
+      Trend)
     registry.trends[name] = t
     registry.order[#registry.order + 1] = name
   end
@@ -36,7 +43,9 @@ end
 function Trend:add(v)
   if type(v) ~= "number" then error("bad argument #1 to 'add' (number expected)", 2) end
   if v < 0 then v = 0 end
-  self.h:record(math.floor(v * 1000 + 0.5))
+  v = math.floor(v * 1000 + 0.5)
+  self.h:record(v)
+  if self.sec then self.sec:record(v) end
 end
 
 local Counter = {}
@@ -74,9 +83,8 @@ function M.now() return hrtime() / 1e9 end
 M.sleep = mw.sleep
 
 -- The HTTP client with timing: http_req_duration (ms), http_reqs, http_req_failed.
-local client
 local function timed(fn, ...)
-  client = client or mw.http.client{ max_per_origin = 100000, max_idle = 100000 }
+  client = client or mw.http.client{ max_per_origin = 100000, max_idle = 100000, local_host = source }
   local t0 = hrtime()
   local res, err, code = fn(client, ...)
   local body_ok = true

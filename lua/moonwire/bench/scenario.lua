@@ -47,9 +47,44 @@ local function share(target, thread, threads)
   return base + (thread <= rest and 1 or 0)
 end
 
+-- A distributed run's interval snapshots (bench/agent.lua): once a second, what this thread
+-- recorded in that second (each trend's second histogram, counter and check deltas, user
+-- errors) goes to the run's stream, so a lost agent's figures survive it. `h` is the
+-- second's http_req_duration (the coordinator's live line) and `n` its http_reqs.
+local function interval_reporter(cfg, rt)
+  local push = require("moonwire.bench.agent").sender(cfg.report)
+  local seq, last_counters, last_checks, last_errors = 0, {}, {}, 0
+  local empty = core.histogram():encode()
+  return function()
+    seq = seq + 1
+    local reg = bench._registry()
+    local trends, counters, checks = {}, {}, {}
+    for name, t in pairs(reg.trends) do
+      trends[name] = t.sec:encode()
+      t.sec:reset()
+    end
+    for name, c in pairs(reg.counters) do
+      counters[name] = c.value - (last_counters[name] or 0)
+      last_counters[name] = c.value
+    end
+    for name, c in pairs(reg.checks) do
+      local l = last_checks[name] or { pass = 0, fail = 0 }
+      checks[name] = { pass = c.pass - l.pass, fail = c.fail - l.fail, rate = c.rate }
+      last_checks[name] = { pass = c.pass, fail = c.fail }
+    end
+    local order = {}
+    for i, name in ipairs(reg.order) do order[i] = name end
+    local sc = { trends = trends, counters = counters, checks = checks, order = order,
+      errors = rt.errors - last_errors, first_error = rt.first_error, max_users = rt.max_users }
+    last_errors = rt.errors
+    push({ th = cfg.report.thread, seq = seq, t = (hrtime() - rt.t_start) / 1e9, n = counters.http_reqs or 0,
+      bytes = 0, errors = {}, sc = sc }, trends.http_req_duration or empty)
+  end
+end
+
 local function run_users(cfg, sc)
-  bench._reset()
-  local rt = { active = 0, stop = false, vus = {}, errors = 0, first_error = nil }
+  bench._reset{ source = cfg.source, per_second = cfg.report ~= nil }
+  local rt = { active = 0, stop = false, vus = {}, errors = 0, first_error = nil, max_users = 0 }
   local data = cfg.data
   local iterations = bench.counter("iterations")
   local iter_dur = bench.trend("iteration_duration")
@@ -67,7 +102,6 @@ local function run_users(cfg, sc)
     end
     vu.running = false
   end
-  local max_users = 0
   -- a distributed run (bench/agent.lua): an agreed start instant and a stop cell
   local shared = cfg.counters and core.counters_attach(cfg.counters, cfg.stop_cell)
   local function stopped() return shared and shared:get(cfg.stop_cell) ~= 0 end
@@ -76,6 +110,17 @@ local function run_users(cfg, sc)
     local prev = 0
     local t_start = hrtime()
     rt.t_start = t_start
+    if cfg.report then
+      local report = interval_reporter(cfg, rt)
+      mw.spawn(function()
+        local k = 0
+        while true do
+          k = k + 1
+          require("moonwire.bench.engine").wait_until(t_start + k * 1000000000)
+          report()
+        end
+      end)
+    end
     for _, st in ipairs(sc.stages) do
       if stopped() then break end
       local from, to = share(prev, cfg.thread_id, cfg.threads), share(st.target, cfg.thread_id, cfg.threads)
@@ -84,7 +129,7 @@ local function run_users(cfg, sc)
         local elapsed = (hrtime() - t0) / 1e9
         local f = st.duration > 0 and math.min(1, elapsed / st.duration) or 1
         rt.active = math.floor(from + (to - from) * f + 0.5)
-        if rt.active > max_users then max_users = rt.active end
+        if rt.active > rt.max_users then rt.max_users = rt.active end
         for id = 1, rt.active do
           local vu = rt.vus[id]
           if not vu then
@@ -115,7 +160,7 @@ local function run_users(cfg, sc)
   end)
   local reg = bench._registry()
   local out = { trends = {}, counters = {}, checks = reg.checks, order = reg.order, errors = rt.errors,
-    first_error = rt.first_error, duration = rt.duration or 0, max_users = max_users, t_start = rt.t_start }
+    first_error = rt.first_error, duration = rt.duration or 0, max_users = rt.max_users, t_start = rt.t_start }
   for name, t in pairs(reg.trends) do out.trends[name] = t.h:encode() end
   for name, c in pairs(reg.counters) do out.counters[name] = c.value end
   return out

@@ -48,6 +48,7 @@ local defaults = {
   idle_timeout = 30,        -- an idle connection older than this is not reused
   timeout = 30,             -- connect + send + response head, as one deadline
   connect_timeout = 10,     -- DNS + TCP connect
+  local_host = nil,         -- bind TCP connections to this local address (an IP literal)
   read_timeout = nil,       -- each body read (default: timeout)
   redirects = 5,
   max_body = 64 * 1024 * 1024,
@@ -559,6 +560,11 @@ end
 -- HTTP/2: one connection per origin, shared by every task (nghttp2 queues requests past the
 -- server's MAX_CONCURRENT_STREAMS until a stream is free)
 
+-- A TCP connection to the origin or a proxy, bound to the client's local_host when given.
+local function tcp_connect(self, host, port)
+  return mw.tcp.connect(host, port, { timeout = self.connect_timeout, local_host = self.local_host })
+end
+
 local function h2_pool(self, key)
   local p = self._h2[key]
   if not p then
@@ -769,7 +775,7 @@ local function exchange(self, o, u, method, body)
       -- a tunnel through the proxy: CONNECT, then TLS end to end
       key = key .. "|" .. proxy.host .. ":" .. proxy.port
       connect = function()
-        local sock, err, code = mw.tcp.connect(proxy.host, proxy.port, { timeout = self.connect_timeout })
+        local sock, err, code = tcp_connect(self, proxy.host, proxy.port)
         if not sock then return nil, err, code end
         local flat, n = {}, 0
         if proxy.user then
@@ -798,7 +804,7 @@ local function exchange(self, o, u, method, body)
       end
     else
       connect = function()
-        local sock, err, code = mw.tcp.connect(u.host, u.port, { timeout = self.connect_timeout })
+        local sock, err, code = tcp_connect(self, u.host, u.port)
         if not sock then return nil, err, code end
         return handshake(sock)
       end
@@ -810,11 +816,11 @@ local function exchange(self, o, u, method, body)
     target = u.target
   elseif proxy then
     key = "proxy:" .. proxy.host .. ":" .. proxy.port
-    connect = function() return mw.tcp.connect(proxy.host, proxy.port, { timeout = self.connect_timeout }) end
+    connect = function() return tcp_connect(self, proxy.host, proxy.port) end
     target = u.scheme .. "://" .. u.authority .. u.target
   else
     key = u.scheme .. "://" .. u.host .. ":" .. u.port
-    connect = function() return mw.tcp.connect(u.host, u.port, { timeout = self.connect_timeout }) end
+    connect = function() return tcp_connect(self, u.host, u.port) end
     target = u.target
   end
   if not cached then
@@ -1026,10 +1032,13 @@ function M.client(opts)
   local self = setmetatable({ _pools = {} }, Client)
   for k, v in pairs(defaults) do self[k] = v end
   for k, v in pairs(opts or {}) do
-    if defaults[k] == nil and k ~= "read_timeout" and k ~= "tls" and k ~= "http2" then
+    if defaults[k] == nil and k ~= "read_timeout" and k ~= "tls" and k ~= "http2" and k ~= "local_host" then
       argerror(1, "client", "unknown option '" .. tostring(k) .. "'")
     end
     self[k] = v
+  end
+  if self.local_host ~= nil and type(self.local_host) ~= "string" then
+    argerror(1, "client", "bad option 'local_host' (string expected, got " .. type(self.local_host) .. ")")
   end
   self._limits = { request_line = 8192, head = self.max_head, headers = self.max_headers }
   self._env = env_proxies()
