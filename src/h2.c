@@ -373,17 +373,7 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
     st->c->data_bytes += n;
     if (st->out_eof && mw_buf_len(&st->out) == 0) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
-        if (st->trout.n > 0) {
-            nghttp2_nv nv[64];
-            size_t pos = 0, nl, vl;
-            const char *nm, *v;
-            int k = 0;
-            while (k < 64 && fields_next(&st->trout, &pos, &nm, &nl, &v, &vl)) {
-                nv[k] = (nghttp2_nv){ (uint8_t *)nm, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
-                k++;
-            }
-            if (nghttp2_submit_trailer(ss, id, nv, (size_t)k) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-        }
+        if (h2_submit_trailers(ss, id, &st->trout) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
     }
     return (ssize_t)n;
 }
@@ -1031,29 +1021,9 @@ static void push_fields(lua_State *L, const fields *f, int reqidx, int request)
             lua_rawset(L, hidx);
             continue;
         }
-        /* repeated: every value in req._multi[name] */
+        /* repeated: every value in req._multi[name] (a trailer list keeps the first) */
         int oldidx = lua_gettop(L);
-        if (reqidx && lua_getfield(L, reqidx, "_multi") == LUA_TNIL) {
-            lua_pop(L, 1);
-            lua_newtable(L);
-            lua_pushvalue(L, -1);
-            lua_setfield(L, reqidx, "_multi");
-        } else if (!reqidx) {
-            lua_pop(L, 2);
-            continue;
-        }
-        lua_pushvalue(L, kidx);
-        if (lua_rawget(L, -2) == LUA_TNIL) {
-            lua_pop(L, 1);
-            lua_createtable(L, 2, 0);
-            lua_pushvalue(L, oldidx);
-            lua_rawseti(L, -2, 1);
-            lua_pushvalue(L, kidx);
-            lua_pushvalue(L, -2);
-            lua_rawset(L, -4);
-        }
-        lua_pushlstring(L, v, vl);
-        lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+        if (reqidx) mw_http_add_multi(L, reqidx, kidx, oldidx, v, vl);
         lua_settop(L, kidx - 1);
     }
     if (ncookie > 0) {

@@ -352,17 +352,7 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
     }
     if (st->out_eof && mw_buf_len(&st->out) == 0) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
-        if (st->trout.n > 0) {
-            nghttp2_nv nv[64];
-            size_t pos = 0, nl, vl;
-            const char *nm, *v;
-            int k = 0;
-            while (k < 64 && fields_next(&st->trout, &pos, &nm, &nl, &v, &vl)) {
-                nv[k] = (nghttp2_nv){ (uint8_t *)nm, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
-                k++;
-            }
-            if (nghttp2_submit_trailer(ss, id, nv, (size_t)k) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-        }
+        if (h2_submit_trailers(ss, id, &st->trout) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
     }
     return (ssize_t)n;
 }

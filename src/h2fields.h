@@ -101,4 +101,21 @@ static inline void nv_add(nvlist *l, const char *n, size_t nl, const char *v, si
     l->nv[l->n++] = (nghttp2_nv){ (uint8_t *)nn, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
 }
 
+/* Submits the fields of f (up to 64) as trailers on stream id, from a data provider's read
+ * callback at the end of the body: 0 when submitted (the caller then sets
+ * NGHTTP2_DATA_FLAG_NO_END_STREAM), -1 when there are none or nghttp2 refused them. */
+static inline int h2_submit_trailers(nghttp2_session *ss, int32_t id, const fields *f)
+{
+    if (f->n == 0) return -1;
+    nghttp2_nv nv[64];
+    size_t pos = 0, nl, vl;
+    const char *nm, *v;
+    int k = 0;
+    while (k < 64 && fields_next(f, &pos, &nm, &nl, &v, &vl)) {
+        nv[k] = (nghttp2_nv){ (uint8_t *)nm, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
+        k++;
+    }
+    return nghttp2_submit_trailer(ss, id, nv, (size_t)k) == 0 ? 0 : -1;
+}
+
 #endif

@@ -620,6 +620,29 @@ void mw_http_push_decoded(lua_State *L, const char *s, size_t n)
     luaL_pushresultsize(&b, k);
 }
 
+void mw_http_add_multi(lua_State *L, int reqidx, int kidx, int oldidx, const char *v, size_t vn)
+{
+    if (lua_getfield(L, reqidx, "_multi") == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, reqidx, "_multi");
+    }
+    lua_pushvalue(L, kidx);
+    if (lua_rawget(L, -2) == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_createtable(L, 2, 0);
+        lua_pushvalue(L, oldidx);
+        lua_rawseti(L, -2, 1);
+        lua_pushvalue(L, kidx);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, -4);
+    }
+    lua_pushlstring(L, v, vn);
+    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+    lua_pop(L, 2);  /* the list and _multi */
+}
+
 /* Pushes the headers table (lower-case name -> value; repeated fields joined). A field seen
  * more than once is also listed, every value in order, in reqidx's `_multi[name]`. */
 static void build_headers(lua_State *L, mw_http *h, int reqidx)
@@ -652,25 +675,7 @@ static void build_headers(lua_State *L, mw_http *h, int reqidx)
         }
         /* repeated: the list of every value, in request._multi[name] */
         int oldidx = lua_gettop(L);
-        if (lua_getfield(L, reqidx, "_multi") == LUA_TNIL) {
-            lua_pop(L, 1);
-            lua_newtable(L);
-            lua_pushvalue(L, -1);
-            lua_setfield(L, reqidx, "_multi");
-        }
-        lua_pushvalue(L, kidx);
-        if (lua_rawget(L, -2) == LUA_TNIL) {
-            lua_pop(L, 1);
-            lua_createtable(L, 2, 0);
-            lua_pushvalue(L, oldidx);
-            lua_rawseti(L, -2, 1);
-            lua_pushvalue(L, kidx);
-            lua_pushvalue(L, -2);
-            lua_rawset(L, -4);
-        }
-        lua_pushlstring(L, v, vn);
-        lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-        lua_pop(L, 2);  /* the list and _multi */
+        mw_http_add_multi(L, reqidx, kidx, oldidx, v, vn);
         /* joined value (cookies with "; ", the rest with ", ") */
         int cookie = sp->nlen == 6 && strncasecmp(name, "cookie", 6) == 0;
         lua_pushstring(L, cookie ? "; " : ", ");

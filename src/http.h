@@ -10,5 +10,9 @@
 void mw_http_open(lua_State *L);
 /* Pushes s[0, n) with its %XX escapes decoded (a request path; h2.c uses it too). */
 void mw_http_push_decoded(lua_State *L, const char *s, size_t n);
+/* A header field seen again: appends v to req._multi[name] (the request at reqidx, the name
+ * at kidx, its first value at oldidx; creates the list with that first value). Leaves the
+ * stack as it found it. h2.c uses it too. */
+void mw_http_add_multi(lua_State *L, int reqidx, int kidx, int oldidx, const char *v, size_t vn);
 
 #endif
