@@ -280,3 +280,37 @@ describe("moonwire.pubsub when Redis fails", function()
     end, 20)
   end)
 end)
+
+-- Regression (found by bench/fanout): a server whose WebSockets joined a topic did not exit on
+-- SIGTERM: the default pubsub instance's Redis subscriber kept mw.run going after the server
+-- closed. http.serve (and each worker) now close that instance after their server.
+describe("moonwire.pubsub and the server's shutdown", function()
+  it("http.serve returns on SIGTERM after a WebSocket joined a topic over Redis", function()
+    local out, how, code = helper.subprocess(([[
+local mw = require "moonwire"
+local http = require "moonwire.http"
+local core = require "moonwire.core"
+require("moonwire.pubsub").configure { redis = %q }
+http.serve {
+  host = "127.0.0.1", port = 0,
+  handler = function(req)
+    local ws = assert(req:websocket())
+    assert(ws:join("room"))
+    for _ in ws:messages() do end
+  end,
+  on_listen = function(srv)
+    mw.spawn(function()
+      local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%%d/"):format(srv.port)))
+      mw.sleep(0.3)            -- joined, the subscriber is up
+      core.kill(core.getpid(), "SIGTERM")
+      ws:receive(5)            -- the server closes it (1001)
+    end)
+  end,
+}
+print("serve returned")
+]]):format(srv.url), 10)
+    assert.equal("exit", how, out)
+    assert.equal(0, code, out)
+    assert.matches("serve returned", out, 1, true)
+  end)
+end)

@@ -489,6 +489,14 @@ function M.configure(opts)
   default_ps = nil
 end
 
+--- pubsub.close_default(): closes this process's default instance, if it made one. The HTTP
+-- server's graceful shutdown (http.serve, and each worker) calls it, so a process whose
+-- WebSockets joined topics exits on SIGTERM instead of keeping its subscriber alive.
+function M.close_default()
+  if default_ps and default_pid == core.getpid() then default_ps:close() end
+  default_ps = nil
+end
+
 --- pubsub.default() -> this process's instance (made on first use, after a fork anew).
 function M.default()
   local pid = core.getpid()

@@ -34,6 +34,7 @@ function M.serve(opts)
     end
     srv._accept:join()
     srv:close()
+    server.close_pubsub()
     mw.signal("SIGTERM", nil)
     mw.signal("SIGINT", nil)
     if srv.tls then mw.signal("SIGHUP", nil) end

@@ -431,6 +431,14 @@ local function check_opts(opts)
   end
 end
 
+--- The process's default pubsub instance (ws:join's), if one was made, is closed: http.serve
+-- and each worker call this after their server closed, or its subscriber would keep the loop
+-- (and the process) running after SIGTERM.
+function M.close_pubsub()
+  local ps = package.loaded["moonwire.pubsub"]
+  if ps then ps.close_default() end
+end
+
 --- Creates and starts a server inside a running loop; returns at once.
 function M.server(opts)
   check_opts(opts)

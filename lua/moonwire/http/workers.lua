@@ -19,6 +19,7 @@ local function worker_main(opts)
   if srv.tls then mw.signal("SIGHUP", function() srv.tls:reload() end) end
   srv._accept:join()
   srv:close()
+  server.close_pubsub()
 end
 
 local function copy(t)
