@@ -59,28 +59,7 @@ local function cleanup()
   temps, tempdirs = {}, {}
 end
 
--- Runs a shell command in the background and waits for its exit from the loop (which keeps
--- serving meanwhile). Returns exit code, stdout, stderr.
-local function shell(cmd, limit)
-  local base = os.tmpname()
-  local out, err, rc = base .. ".out", base .. ".err", base .. ".rc"
-  local script = ("(%s) >%s 2>%s </dev/null; echo $? >%s.tmp; mv %s.tmp %s"):format(cmd, out, err, rc, rc, rc)
-  assert(os.execute("(" .. script .. ") >/dev/null 2>&1 &"))
-  local deadline = mw.now() + limit
-  local code
-  while true do
-    local s = readfile(rc)
-    if s and s ~= "" then
-      code = math.tointeger(tonumber(s))
-      break
-    end
-    if mw.now() > deadline then error("command did not finish in time: " .. cmd) end
-    mw.sleep(0.02)
-  end
-  local o, e = readfile(out), readfile(err)
-  for _, f in ipairs{ base, out, err, rc } do os.remove(f) end
-  return code, o, e
-end
+local shell = helper.shell
 
 -- The `@name=value` lines our wrk scripts print from setup() and done().
 local function kv(text)

@@ -273,6 +273,20 @@ function helper.shell(cmd, limit)
   return code, o, e
 end
 
+-- Parses a header dump (curl -D) into its status, lower-case name -> value (last wins) and
+-- the list of response heads (1xx ones first).
+function helper.parse_dump(text)
+  local blocks = {}
+  for block in (text .. "\r\n\r\n"):gmatch("(.-)\r\n\r\n") do
+    if block ~= "" then blocks[#blocks + 1] = block end
+  end
+  local last = blocks[#blocks] or ""
+  local status = tonumber(last:match("^HTTP/[%d.]+ (%d%d%d)"))
+  local headers = {}
+  for name, value in last:gmatch("\n([^:\r\n]+):%s*([^\r\n]*)") do headers[name:lower()] = value end
+  return status, headers, blocks
+end
+
 -- A deterministic, position-dependent byte pattern of `n` bytes (detects reordering/loss).
 function helper.pattern(n)
   local parts, size, i = {}, 0, 0

@@ -39,18 +39,7 @@ local function curl(args, limit)
   return out, err
 end
 
--- headers of a curl -D dump: status, lower-case name -> value (the last block)
-local function parse_dump(text)
-  local blocks = {}
-  for block in (text .. "\r\n\r\n"):gmatch("(.-)\r\n\r\n") do
-    if block ~= "" then blocks[#blocks + 1] = block end
-  end
-  local last = blocks[#blocks] or ""
-  local status = tonumber(last:match("^HTTP/[%d.]+ (%d%d%d)"))
-  local headers = {}
-  for name, value in last:gmatch("\n([^:\r\n]+):%s*([^\r\n]*)") do headers[name:lower()] = value end
-  return status, headers, blocks
-end
+local parse_dump = helper.parse_dump
 
 local function python(source, limit)
   local file = helper.writefile(os.tmpname() .. ".py", source)

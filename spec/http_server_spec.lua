@@ -39,32 +39,7 @@ local function cleanup()
   temps = {}
 end
 
--- Runs a shell command in the background and waits (from the loop, without blocking it) for
--- its exit. Returns exit code, stdout, stderr.
-local function shell(cmd, limit)
-  local base = os.tmpname()
-  local out, err, rc = base .. ".out", base .. ".err", base .. ".rc"
-  local script = ("(%s) >%s 2>%s </dev/null; echo $? >%s.tmp; mv %s.tmp %s")
-    :format(cmd, out, err, rc, rc, rc)
-  assert(os.execute("(" .. script .. ") >/dev/null 2>&1 &"))
-  local deadline = mw.now() + (limit or 15)
-  local code
-  while true do
-    local s = readfile(rc)
-    if s and s ~= "" then
-      code = math.tointeger(tonumber(s))
-      break
-    end
-    if mw.now() > deadline then error("command did not finish in time: " .. cmd) end
-    mw.sleep(0.01)
-  end
-  local o, e = readfile(out), readfile(err)
-  os.remove(base)
-  os.remove(out)
-  os.remove(err)
-  os.remove(rc)
-  return code, o, e
-end
+local shell = helper.shell
 
 -- Runs curl with `args` (a string of shell words); asserts it exited 0.
 local function curl(args, limit)
@@ -81,18 +56,7 @@ local function python(source)
   return out
 end
 
--- Parses a header dump (curl -D) into lower-case name -> value (last wins) and the status.
-local function parse_dump(text)
-  local blocks = {}
-  for block in (text .. "\r\n\r\n"):gmatch("(.-)\r\n\r\n") do
-    if block ~= "" then blocks[#blocks + 1] = block end
-  end
-  local last = blocks[#blocks]
-  local status = tonumber(last:match("^HTTP/[%d.]+ (%d%d%d)"))
-  local headers = {}
-  for name, value in last:gmatch("\n([^:\r\n]+):%s*([^\r\n]*)") do headers[name:lower()] = value end
-  return status, headers, blocks
-end
+local parse_dump = helper.parse_dump
 
 local errors = {}
 

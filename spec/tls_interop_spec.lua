@@ -95,26 +95,7 @@ local function wait_for(cond, limit)
   return true
 end
 
--- Runs a shell command in the background (killed after `limit` s) and waits, from the loop,
--- for its exit. Returns exit code, stdout, stderr.
-local function shell(cmd, limit)
-  limit = limit or 20
-  local b = os.tmpname()
-  local out, err, rc = b .. ".out", b .. ".err", b .. ".rc"
-  local script = ("(timeout -k 2 %d sh -c %s) >%s 2>%s </dev/null; echo $? >%s.tmp; mv %s.tmp %s")
-    :format(limit, quote(cmd), out, err, rc, rc, rc)
-  assert(os.execute("(" .. script .. ") >/dev/null 2>&1 &"))
-  local code
-  local finished = wait_for(function()
-    local s = readfile(rc)
-    code = s and math.tointeger(tonumber(s))
-    return code ~= nil
-  end, limit + 5)
-  local o, e = readfile(out) or "", readfile(err) or ""
-  for _, f in ipairs { b, out, err, rc } do os.remove(f) end
-  if not finished then error("command did not finish in time: " .. cmd, 2) end
-  return code, o, e
-end
+local shell = helper.shell
 
 -- A long-running program in the background (a server), under `timeout limit`; to-be-closed.
 local Proc = {}

@@ -236,25 +236,30 @@ local function h2_done(res, complete)
   end
 end
 
-local function h2_body(self)
-  local s = rawget(self, "_s")
-  local body, err, code = s:read("all", self._max_body, self:_body_timeout())
+-- What a whole-body read gave (HTTP/1.1 or HTTP/2 alike): decoded (gzip/deflate) and kept,
+-- and the connection handed to done(self, reusable), or nil, err, code.
+local function whole_body(self, done, reusable, body, err, code)
   if not body then
-    h2_done(self, false)
+    done(self, false)
     return nil, err, code
   end
   local dec = decoder_for(self)
   if dec then
     local out, derr, dcode = dec:decompress(body, self._max_body)
     if not out then
-      h2_done(self, false)
+      done(self, false)
       return nil, "response body: " .. derr, dcode
     end
     body = out
   end
   rawset(self, "_body", body)
-  h2_done(self, true)
+  done(self, reusable)
   return body
+end
+
+local function h2_body(self)
+  local s = rawget(self, "_s")
+  return whole_body(self, h2_done, true, s:read("all", self._max_body, self:_body_timeout()))
 end
 
 local function h2_body_reader(self)
@@ -298,23 +303,7 @@ function methods:body()
     if rawget(self, "_consumed") then error("the body was already read by body_reader()", 2) end
     return ""
   end
-  local body, err, code = c.hc:read_body("all", self._max_body, self:_body_timeout())
-  if not body then
-    done_with(self, false)
-    return nil, err, code
-  end
-  local dec = decoder_for(self)
-  if dec then
-    local out, derr, dcode = dec:decompress(body, self._max_body)
-    if not out then
-      done_with(self, false)
-      return nil, "response body: " .. derr, dcode
-    end
-    body = out
-  end
-  rawset(self, "_body", body)
-  done_with(self, self.keepalive)
-  return body
+  return whole_body(self, done_with, self.keepalive, c.hc:read_body("all", self._max_body, self:_body_timeout()))
 end
 
 --- Iterates over the body's chunks in constant memory; raises on an I/O error.
