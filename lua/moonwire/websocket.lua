@@ -850,9 +850,7 @@ function M.upgrade(req, opts)
     local sock, tunnel = h2_tunnel(st)
     res._tunnel = tunnel
     local wc = open_conn(sock, false, opts, dparams)
-    local ws = new(sock, wc, opts, protocol, ext, dparams)
-    res._ws = ws
-    return ws
+    return new(sock, wc, opts, protocol, ext, dparams)
   end
   if req.method ~= "GET" or req.version ~= "1.1" then
     return refuse(res, 400, "WebSocket handshake needs GET and HTTP/1.1")

@@ -20,7 +20,7 @@ end
 -- its header list follows them: name, value pairs from index HBASE on. CLOSE says the
 -- connection closes after it, UPGRADED that the handler took the connection over (then CLOSE
 -- is set too: the server reads CLOSE after every request, UPGRADED only then). `sent` is
--- its one named field (public); the rarely changed _touched, _mode and _ws are named and
+-- its one named field (public); the rarely changed _touched and _mode are named and
 -- default from the class. server.lua and websocket.lua use the same slots. (One constant
 -- per declaration: Lua folds only the last name of `local a <const>, b <const> = 1, 2`; the
 -- others become upvalues of every function that uses them, an extra instruction per access.)
@@ -43,7 +43,6 @@ Response.slots = { SRV = SRV, REQ = REQ, SOCK = SOCK, NH = NH, FIN = FIN, BYTES 
 
 Response._touched = false
 Response._mode = false
-Response._ws = false
 Response._trailers = false
 Response._taken = false
 
