@@ -325,6 +325,68 @@ describe("stale wake-ups", function()
   end)
 end)
 
+describe("core.dispatch (workers: a task that waits for its next job)", function()
+  local core = require "moonwire.core"
+  it("runs fn(...) with every argument in a task it returns, and reuses that task for the next job", function()
+    run(function()
+      local got, tasks = {}, {}
+      local function job(i, a, b, c, d, e, f, g, h) got[#got + 1] = { i, a, b, c, d, e, f, g, h, mw.current() } end
+      tasks[1] = core.dispatch(job, 1, "a", nil, false, 4, 5, 6, 7, "h")
+      assert.equal(0, #got)                       -- not during dispatch
+      mw.sleep(0)
+      assert.same({ 1, "a", nil, false, 4, 5, 6, 7, "h" }, { table.unpack(got[1], 1, 9) })
+      assert.equal(tasks[1], got[1][10])
+      tasks[2] = core.dispatch(job, 2)
+      mw.sleep(0)
+      assert.equal(2, got[2][1])
+      assert.equal(tasks[1], tasks[2])            -- the idle worker took it: no new coroutine
+      assert.equal(tasks[1], got[2][10])
+      assert.equal("waiting", tasks[1]:status())
+    end)
+  end)
+
+  it("a job that blocks holds its worker; another job gets another one", function()
+    run(function()
+      local ch = mw.channel(0)
+      local a = core.dispatch(function() ch:recv() end)
+      local b = core.dispatch(function() end)
+      assert.not_equal(a, b)
+      mw.sleep(0)
+      ch:send(1)
+      mw.sleep(0)
+    end)
+  end)
+
+  it("a cancel left pending by a job that ended without blocking ends that worker, not a later job", function()
+    run(function()
+      local second = {}
+      local w = core.dispatch(function() mw.current():cancel() end)   -- pending, never consumed
+      mw.sleep(0)
+      assert.equal("done", w:status())                -- the pending cancel ended the worker
+      local w2 = core.dispatch(function() second.r = table.pack(mw.sleep(0.01)) end)
+      assert.not_equal(w, w2)
+      mw.sleep(0.05)
+      assert.same({ true, n = 1 }, second.r)          -- the later job's sleep was not cancelled
+    end)
+  end)
+
+  it("idle workers do not keep mw.run from returning", function()
+    local n = 0
+    assert.equal("over", mw.run(function()
+      for _ = 1, 5 do core.dispatch(function() n = n + 1 end) end
+      mw.sleep(0)
+      return "over"
+    end))
+    assert.equal(5, n)
+  end)
+
+  it("raises naming the argument when fn is not a function", function()
+    run(function()
+      assert.has_error(function() core.dispatch(42) end, "bad argument #1 to 'dispatch' (function expected, got number)")
+    end)
+  end)
+end)
+
 describe("task:status and mw.current", function()
   it("goes ready -> running -> waiting -> done", function()
     run(function()

@@ -252,16 +252,17 @@ static void unwait_idle(mw_task *t)
     rt->nidle--;
 }
 
-/* ctx 0: fn(arg) returned (or this is the start: the stack holds fn, arg);
- * ctx 1: woken while idle: fn, arg are on the stack. */
+/* ctx 0: fn(...) returned (or this is the start: the stack holds fn and its arguments);
+ * ctx 1: woken while idle: fn and its arguments are on the stack. */
 static int worker_k(lua_State *L, int status, lua_KContext ctx)
 {
     mw_rt *rt = mw_rt_up(L);
     mw_task *t = rt->current;
     (void)status;
     if (ctx == 1 && mw_sched_reason(t) != MW_WAKE_READY) return 0;   /* cancelled */
-    if (lua_gettop(L) >= 2) {
-        lua_callk(L, 1, 0, 0, worker_k);        /* fn(arg); a yield inside comes back here */
+    int n = lua_gettop(L);
+    if (n >= 1) {
+        lua_callk(L, n - 1, 0, 0, worker_k);    /* fn(...); a yield inside comes back here */
         lua_settop(L, 0);
     }
     if (rt->nidle >= MW_IDLE_MAX || rt->stopping) return 0;
@@ -277,21 +278,40 @@ static int worker_main(lua_State *L)
     return worker_k(L, LUA_OK, 0);
 }
 
-void mw_sched_dispatch(mw_rt *rt, lua_State *L)
+mw_task *mw_sched_dispatch_n(mw_rt *rt, lua_State *L, int nargs)
 {
     check_not_in_batch(rt, "mw_sched_dispatch");
     mw_task *w = rt->idle;
     if (w) {
-        if (!lua_checkstack(w->co, 3)) luaL_error(L, "stack overflow");
-        lua_xmove(L, w->co, 2);
+        if (!lua_checkstack(w->co, nargs + 2)) luaL_error(L, "stack overflow");
+        lua_xmove(L, w->co, nargs + 1);
         mw_sched_wake(w, MW_WAKE_READY);     /* its unwait takes it off the idle stack */
-        w->nargs = 2;
-        return;
+        w->nargs = nargs + 1;
+        return w;
     }
+    int fidx = lua_gettop(L) - nargs;        /* fn, then its arguments */
     lua_rawgeti(L, LUA_REGISTRYINDEX, rt->worker_ref);
-    lua_insert(L, -3);
-    spawn(L, rt, lua_gettop(L) - 2, 2);
-    lua_pop(L, 4);                           /* the task, the body, fn, arg */
+    lua_insert(L, fidx);
+    w = spawn(L, rt, fidx, nargs + 1);
+    lua_settop(L, fidx - 1);                 /* the task, the body, fn, its arguments */
+    return w;
+}
+
+void mw_sched_dispatch(mw_rt *rt, lua_State *L)
+{
+    mw_sched_dispatch_n(rt, L, 1);
+}
+
+/* dispatch(fn, ...) -> task: fn(...) in an idle worker (a new one when none is idle); the
+ * worker waits for the next job when fn returns. For work started often (a request stream
+ * each): no coroutine is made per call. */
+static int l_dispatch(lua_State *L)
+{
+    mw_rt *rt = mw_rt_up(L);
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    mw_task *w = mw_sched_dispatch_n(rt, L, lua_gettop(L) - 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->ref);
+    return 1;
 }
 
 static void report_error(mw_rt *rt, mw_task *t)
@@ -924,7 +944,7 @@ void mw_sched_open(lua_State *L, int rtidx)
         { "join", t_join }, { "cancel", t_cancel }, { "status", t_status }, { NULL, NULL }
     };
     static const luaL_Reg funcs[] = {
-        { "run", l_run }, { "spawn", l_spawn }, { "stop", l_stop }, { "now", l_now },
+        { "run", l_run }, { "spawn", l_spawn }, { "dispatch", l_dispatch }, { "stop", l_stop }, { "now", l_now },
         { "current", l_current }, { "sleep", l_sleep }, { "yield", l_yield },
         { "park", l_park }, { "unpark", l_unpark }, { "deadline_push", l_deadline_push },
         { "deadline_pop", l_deadline_pop }, { "on_error", l_on_error }, { "signal", l_signal },

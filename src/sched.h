@@ -119,6 +119,8 @@ int mw_sched_checkpoint(lua_State *L, mw_task *t, int nres);
  * is one, else a new worker. Never yields. It may allocate (and so collect): never call it
  * from an event callback (aborts inside a batch); queue the work for after_poll instead. */
 void mw_sched_dispatch(mw_rt *rt, lua_State *L);
+/* The same for fn and the nargs values after it; returns the worker's task. */
+mw_task *mw_sched_dispatch_n(mw_rt *rt, lua_State *L, int nargs);
 
 /* Why the task was woken; resets to MW_WAKE_NONE. */
 int mw_sched_reason(mw_task *t);

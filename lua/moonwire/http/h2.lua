@@ -8,7 +8,8 @@ local core = require "moonwire.core"
 local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"
 
-local h2_server = core.h2_server
+local h2_server, dispatch, park, unpark, current = core.h2_server, core.dispatch, core.park, core.unpark,
+  core.current
 local traceback = debug.traceback
 local setmetatable, type, error = setmetatable, type, error
 
@@ -153,7 +154,9 @@ end
 R2.Failed = Response.failed_class(R2, send_raw)
 
 --- One request stream: the handler in this task, then what happens after it (server.lua's
--- after_handler and access log), then the stream's slot is given back.
+-- after_handler and access log), then the stream's slot is given back. It runs in a worker
+-- (core.dispatch): a task that waits for the next stream when this one is over, so a
+-- request costs no new coroutine; tasks[id] is that task while the stream is this one's.
 -- (req.scheme, req.authority and req.protocol are the stream's pseudo-headers, read on first
 -- use: request.lua; a named field set here would cost every request a hash insertion)
 local function serve_stream(srv, hooks, tasks, id, st, method, target, path, has_body)
@@ -173,6 +176,16 @@ local function serve_stream(srv, hooks, tasks, id, st, method, target, path, has
   if tunnel then tunnel.join() end
   tasks[id] = nil
   st:done()
+  local waiter = tasks[0]          -- the connection is over and waits for its handlers
+  if waiter then unpark(waiter, true) end
+end
+
+-- whether a stream's handler still runs (tasks[0] is the connection's task waiting for them)
+local function running(tasks)
+  for id in pairs(tasks) do
+    if id ~= 0 then return true end
+  end
+  return false
 end
 
 -- base64url (RFC 4648 §5, padding optional), as HTTP2-Settings carries SETTINGS; nil when bad
@@ -238,7 +251,7 @@ function M.serve(srv, sock, hooks, upgraded)
   while true do
     local ev, st, id, method, target, path, has_body = h2:next()
     if ev == "request" then
-      tasks[id] = mw.spawn(serve_stream, srv, hooks, tasks, id, st, method, target, path, has_body)
+      tasks[id] = dispatch(serve_stream, srv, hooks, tasks, id, st, method, target, path, has_body)
     elseif ev == "reset" then
       -- the client reset a stream whose handler runs: its pending call gets "stream reset"
       -- (reads and writes on the stream) or "cancelled" (anything else)
@@ -249,7 +262,12 @@ function M.serve(srv, sock, hooks, upgraded)
     end
   end
   for _, t in pairs(tasks) do t:cancel() end
-  for _, t in pairs(tasks) do t:join() end
+  -- the handlers run in workers, which do not end with them: wait until each stream's is over
+  tasks[0] = current()
+  while running(tasks) do
+    if not park() then break end     -- this task cancelled (the server killed): go
+  end
+  tasks[0] = nil
 end
 
 return M
