@@ -1,10 +1,10 @@
 /* libFuzzer target: the HTTP/2 session glue (src/h2.c) end to end. Each input is a byte
  * stream of frames a client sends after its preface: the harness writes the client preface
  * and the input into one end of a socket pair, then shuts that end's write side down; the
- * other end is an H2Conn (core.h2_server, short timeouts, small windows and limits) driven
- * with h2:next() as lua/moonwire/http/h2.lua drives it, a task per request stream and a
- * cancel on "reset", until next() says the connection is over (at most 256 events); the
- * handlers still running are then cancelled and joined. A task drains what the server sends.
+ * other end is an H2Conn (core.h2_server, short timeouts, small windows and limits) served
+ * with h2:run(fn) as lua/moonwire/http/h2.lua serves it (each request stream's handler in a
+ * worker, cancelled when its stream is reset), until the connection is over and every
+ * handler has ended. A task drains what the server sends.
  * Reads and writes wait at most 10 ms, so an input that makes a handler wait costs that.
  *
  * Each request's handler picks what it does from a selector byte of the request (the last
@@ -154,40 +154,24 @@ static const char harness[] =
     "    end)\n"
     "    assert(core.h2_preface(a, 1) == true)\n"
     "    local h2 = core.h2_server(a, SETTINGS, {})\n"
-    "    local tasks, all = {}, {}\n"
-    "    for _ = 1, 256 do\n"
-    "      local ev, st, sid, method, target, path, has_body = h2:next()\n"
-    "      if ev == 'request' then\n"
-    "        local sel = (target:byte(-1) or 0) ~ (#target * 7)\n"
-    "        local id = st:id()\n"
-    "        assert(tasks[id] == nil, 'a stream id twice')\n"
-    "        local t = core.spawn(function()\n"
-    "          local ok, err = pcall(handler, st, sel, sid, method, target, path, has_body)\n"
-    "          tasks[id] = nil\n"
-    "          st:done()\n"
-    "          if not ok then error(err, 0) end\n"
-    "        end)\n"
-    "        tasks[id] = t\n"
-    "        all[#all + 1] = t\n"
-    "        -- a server closing: gracefully (in-flight streams finish) or at once\n"
-    "        if method == 'PATCH' then h2:shutdown(#target % 2 == 0) end\n"
-    "      elseif ev == 'reset' then\n"
-    "        assert(math.type(st) == 'integer')\n"
-    "        local t = tasks[st]\n"
-    "        if t then t:cancel() end\n"
-    "      else\n"
-    "        assert(ev == nil and type(st) == 'string', 'h2:next: ' .. tostring(ev))\n"
-    "        break\n"
-    "      end\n"
-    "      local s = h2:stats()\n"
-    "      assert(s.handlers >= 0 and s.handlers <= SETTINGS.max_streams)\n"
-    "      assert(type(h2:idle()) == 'boolean')\n"
-    "    end\n"
-    "    for _, t in pairs(tasks) do t:cancel() end\n"
-    "    for _, t in ipairs(all) do\n"
-    "      local ok, err = t:join()\n"
+    "    local seen = {}\n"
+    "    local function serve(h2c, st, method, target, path, has_body)\n"
+    "      local sel = (target:byte(-1) or 0) ~ (#target * 7)\n"
+    "      local id = st:id()\n"
+    "      assert(not seen[id], 'a stream id twice')\n"
+    "      seen[id] = true\n"
+    "      local s = h2c:stats()\n"
+    "      assert(s.handlers >= 1 and s.handlers <= SETTINGS.max_streams)\n"
+    "      assert(h2c:idle() == false)\n"
+    "      -- a server closing: gracefully (in-flight streams finish) or at once\n"
+    "      if method == 'PATCH' then h2c:shutdown(#target % 2 == 0) end\n"
+    "      local ok, err = pcall(handler, st, sel, id, method, target, path, has_body)\n"
+    "      st:done()\n"
     "      if not ok then failures[#failures + 1] = tostring(err) end\n"
     "    end\n"
+    "    local ok, msg, code = h2:run(serve, h2)\n"
+    "    assert(ok == nil and type(msg) == 'string' and type(code) == 'string', 'h2:run: ' .. tostring(ok))\n"
+    "    assert(h2:stats().handlers == 0, 'h2:run returned with handlers running')\n"
     "    a:close()\n"
     "    writer:cancel() writer:join()\n"
     "    drain:join()\n"

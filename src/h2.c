@@ -64,6 +64,8 @@ struct h2stream {
     fields head, trailers, trout;
     mw_buf in, out;            /* request body not read yet; response body not sent yet */
     mw_task *reader, *writer;  /* a handler waiting for body bytes / for room to write */
+    mw_task *task;             /* the worker running its handler, until st:done(); anchored
+                                * by the H2Stream userdata (its user value 2) */
     h2stream *qnext;           /* the event queue */
     h2stream *prev, *next;     /* every stream of the connection */
 };
@@ -72,7 +74,12 @@ struct h2conn {
     nghttp2_session *session;
     mw_sock *sock;
     mw_rt *rt;
-    mw_task *task;             /* the task in h2:next, while it waits */
+    mw_task *task;             /* the task in h2:run, while it waits */
+    int nfix;                  /* h2:run(fn, ...): how many values follow fn (stack 3..) */
+    int mt_idx;                /* ... and where the H2Stream metatable is on its stack */
+    int ending;                /* the connection is over: h2:run ends once its handlers have */
+    mw_task *over_waiter;      /* ... h2:run's task while it waits for them (cleared by its
+                                * unwait however the wait ends: never dangles) */
     int reading;               /* ... waits for the socket to be readable (not to drain) */
     h2stream *qhead, *qtail;   /* streams with an event for Lua (a request, a reset) */
     h2stream *streams;
@@ -585,9 +592,10 @@ static void end_session(h2conn *c, uint32_t code)
         if (mw_sock_gather(c->sock, (const char *)data, (size_t)n, NULL, 0) < 0) break;
 }
 
-/* Pushes the event of st: "request", stream, id, method, target, path, has_body | "reset",
- * id. */
-static int push_event(lua_State *L, h2conn *c, h2stream *st)
+/* The event of st: a request gets its handler, fn(<the values after fn>, stream, method,
+ * target, path, has_body) in a worker (core.dispatch's pool: no coroutine per stream); a
+ * reset while the handler runs cancels the handler's pending call. */
+static void run_event(lua_State *L, h2conn *c, h2stream *st)
 {
     if (!st->seen) {
         st->seen = 1;
@@ -596,33 +604,40 @@ static int push_event(lua_State *L, h2conn *c, h2stream *st)
             st->handler = 0;
             c->handlers--;
             stream_release(st);
-            return -1;
+            return;
         }
-        lua_pushliteral(L, "request");
-        h2box *ud = lua_newuserdatauv(L, sizeof *ud, 1);
+        luaL_checkstack(L, c->nfix + 10, NULL);
+        int base = lua_gettop(L);
+        h2box *ud = lua_newuserdatauv(L, sizeof *ud, 2);
         ud->magic = H2S_MAGIC;
         ud->st = st;
         st->lua_owned = 1;
-        luaL_setmetatable(L, H2S_MT);
+        lua_pushvalue(L, c->mt_idx);
+        lua_setmetatable(L, -2);
         lua_pushvalue(L, 1);
         lua_setiuservalue(L, -2, 1);
-        const char *m = fields_get(&st->head, ":method"), *p = fields_get(&st->head, ":path");
-        lua_pushinteger(L, st->id);
-        lua_pushstring(L, m ? m : "");
-        lua_pushstring(L, p ? p : "");
+        for (int i = 0; i <= c->nfix; i++) lua_pushvalue(L, 2 + i);     /* fn, its values */
+        lua_pushvalue(L, base + 1);
+        size_t ml = 0, pl = 0;
+        const char *m = fields_getl(&st->head, ":method", &ml), *p = fields_getl(&st->head, ":path", &pl);
+        lua_pushlstring(L, m ? m : "", ml);
+        lua_pushlstring(L, p ? p : "", pl);
         /* the path: before any '?', %XX decoded (as HTTP/1.1's) */
         const char *pp = p ? p : "";
-        const char *q = strchr(pp, '?');
-        size_t pn = q ? (size_t)(q - pp) : strlen(pp);
+        const char *q = memchr(pp, '?', pl);
+        size_t pn = q ? (size_t)(q - pp) : pl;
         if (pn == 0) lua_pushliteral(L, "/");
         else mw_http_push_decoded(L, pp, pn);
         lua_pushboolean(L, !st->body_done);
-        return 7;
+        mw_task *w = mw_sched_dispatch_n(c->rt, L, c->nfix + 5);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, w->ref);     /* the box anchors the worker's task */
+        lua_setiuservalue(L, base + 1, 2);
+        lua_settop(L, base);
+        st->task = w;
+        return;
     }
-    lua_pushliteral(L, "reset");
-    lua_pushinteger(L, st->id);
+    if (st->task) mw_sched_cancel(st->task);
     stream_release(st);
-    return 2;
 }
 
 static int next_step(lua_State *L, h2conn *c, mw_task *t)
@@ -630,15 +645,12 @@ static int next_step(lua_State *L, h2conn *c, mw_task *t)
     mw_sock *s = c->sock;
     for (int fills = 0;;) {
         h2stream *st;
-        while ((st = pop_event(c)) != NULL) {
-            int r = push_event(L, c, st);
-            if (r > 0) return mw_sched_checkpoint(L, t, r);
-        }
+        while ((st = pop_event(c)) != NULL) run_event(L, c, st);
         if (!c->fatal) flush_session(c);
         if (c->fatal || (!nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session))) {
             if (c->handlers > 0 && c->graceful && !c->fatal && !s->closed) {
                 /* our graceful GOAWAY went out; in-flight handlers finish: wait for them (a
-                 * connection error ends at once instead: Lua cancels the handlers) */
+                 * connection error ends at once instead: run_over cancels the handlers) */
                 c->task = t;
                 return mw_sched_wait(L, t, MW_NO_DEADLINE, next_k, 0);
             }
@@ -685,12 +697,8 @@ static int next_step(lua_State *L, h2conn *c, mw_task *t)
     }
 }
 
-static int next_k(lua_State *L, int status, lua_KContext ctx)
+static int resume_step(lua_State *L, h2conn *c, mw_task *t)
 {
-    h2conn *c = lua_touserdata(L, 1);
-    mw_task *t = c->rt->current;
-    (void)status;
-    (void)ctx;
     c->task = NULL;
     c->reading = 0;
     int why = mw_sched_reason(t);
@@ -713,14 +721,79 @@ static int next_k(lua_State *L, int status, lua_KContext ctx)
     return next_step(L, c, t);
 }
 
-/* h2:next() -> "request", stream, id, method, target, path, has_body |
- * "reset", stream id (its handler is still running) | nil, msg, code (the connection is
- * over). The connection's task does all its reading here. */
-static int h2_next(lua_State *L)
+static void unwait_over(mw_task *t)
+{
+    h2conn *c = t->wait_obj;
+    if (c->over_waiter == t) c->over_waiter = NULL;
+}
+
+static int over_k(lua_State *L, int status, lua_KContext ctx);
+
+static int over_wait(lua_State *L, h2conn *c, mw_task *t, int nres)
+{
+    c->over_waiter = t;
+    t->wait_obj = c;
+    t->unwait = unwait_over;
+    return mw_sched_wait(L, t, MW_NO_DEADLINE, over_k, nres);
+}
+
+static int over_k(lua_State *L, int status, lua_KContext ctx)
+{
+    h2conn *c = lua_touserdata(L, 1);
+    mw_task *t = c->rt->current;
+    (void)status;
+    if (mw_sched_reason(t) == MW_WAKE_CANCEL || c->handlers <= 0) return (int)ctx;
+    return over_wait(L, c, t, (int)ctx);
+}
+
+/* The connection is over: the nres values on top (nil, msg, code) are h2:run's results,
+ * once the handlers still running (cancelled here: their pending calls fail) have ended.
+ * Events Lua never saw are dropped. A second call (an inner wait's continuation already
+ * did this) returns at once. */
+static int run_over(lua_State *L, h2conn *c, mw_task *t, int nres)
+{
+    if (c->ending) return nres;
+    c->ending = 1;
+    h2stream *st;
+    while ((st = pop_event(c)) != NULL) {
+        if (!st->seen) {
+            st->seen = 1;
+            st->handler = 0;
+            c->handlers--;
+        }
+        stream_release(st);
+    }
+    for (st = c->streams; st; st = st->next)
+        if (st->handler && st->task) mw_sched_cancel(st->task);
+    if (c->handlers <= 0) return nres;
+    return over_wait(L, c, t, nres);
+}
+
+static int next_k(lua_State *L, int status, lua_KContext ctx)
+{
+    h2conn *c = lua_touserdata(L, 1);
+    mw_task *t = c->rt->current;
+    (void)status;
+    (void)ctx;
+    return run_over(L, c, t, resume_step(L, c, t));
+}
+
+/* h2:run(fn, ...) -> nil, msg, code when the connection is over and every handler has ended.
+ * The connection's task does all its reading here; each request stream's handler runs as
+ * fn(..., stream, method, target, path, has_body) in a worker. A stream the client resets
+ * while its handler runs cancels the handler's pending call ("stream reset" from the
+ * stream's own reads and writes); when the connection ends, the handlers still running are
+ * cancelled and waited for. */
+static int h2_run(lua_State *L)
 {
     h2conn *c = checkconn(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    if (c->mt_idx) return luaL_error(L, "h2:run: the connection is already served");
     mw_task *t = mw_sock_claim(L, c->sock, MW_ROLE_READ);
-    return next_step(L, c, t);
+    c->nfix = lua_gettop(L) - 2;
+    luaL_getmetatable(L, H2S_MT);
+    c->mt_idx = lua_gettop(L);
+    return run_over(L, c, t, next_step(L, c, t));
 }
 
 /* h2:shutdown(graceful) -> true: graceful, a GOAWAY with the last stream id processed
@@ -781,9 +854,11 @@ static int st_gc(lua_State *L)
     h2stream *st = ud->st;
     if (!st) return 0;
     ud->st = NULL;
+    st->task = NULL;
     if (st->c && st->handler) {
         st->handler = 0;
         st->c->handlers--;
+        if (st->c->handlers == 0 && st->c->over_waiter) mw_sched_wake(st->c->over_waiter, MW_WAKE_READY);
     }
     st->lua_owned = 0;
     if (!st->c) stream_free(st);
@@ -814,7 +889,10 @@ static int st_done(lua_State *L)
             else if (!st->body_done)
                 submitted = !nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
         }
-        if (submitted || (c->handlers == 0 && c->graceful)) {
+        st->task = NULL;
+        if (c->handlers == 0 && c->over_waiter) {
+            mw_sched_wake(c->over_waiter, MW_WAKE_READY);
+        } else if (submitted || (c->handlers == 0 && c->graceful)) {
             kick(c);      /* an RST to send, or a draining connection may end now */
         } else if (c->handlers == 0 && c->task && c->reading && c->session) {
             /* the last handler ended: the connection's read now waits under the idle
@@ -1355,7 +1433,7 @@ static int l_h2_preface(lua_State *L)
 void mw_h2_open(lua_State *L)
 {
     static const luaL_Reg conn_m[] = {
-        { "next", h2_next }, { "shutdown", h2_shutdown }, { "stats", h2_stats }, { "idle", h2_idle },
+        { "run", h2_run }, { "shutdown", h2_shutdown }, { "stats", h2_stats }, { "idle", h2_idle },
         { NULL, NULL }
     };
     static const luaL_Reg st_m[] = {

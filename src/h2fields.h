@@ -66,6 +66,19 @@ static inline const char *fields_get(const fields *f, const char *name)
     return NULL;
 }
 
+/* The first value of `name` and its length (*vl), or NULL. */
+static inline const char *fields_getl(const fields *f, const char *name, size_t *vlen)
+{
+    size_t pos = 0, nl, vl;
+    const char *n, *v;
+    while (fields_next(f, &pos, &n, &nl, &v, &vl))
+        if (strcmp(n, name) == 0) {
+            *vlen = vl;
+            return v;
+        }
+    return NULL;
+}
+
 /* Whether a (lower-case) field name is connection-specific: never sent over HTTP/2. */
 static inline int h2_conn_specific(const char *n, size_t nl)
 {

@@ -702,13 +702,17 @@ static int t_join(lua_State *L)
     return mw_sched_wait(L, self, d, join_k, 0);
 }
 
-static int t_cancel(lua_State *L)
+int mw_sched_cancel(mw_task *t)
 {
-    mw_task *t = checktask(L, 1);
     int alive = t->state != MW_T_DONE && t->state != MW_T_FAILED;
     if (t->state == MW_T_WAITING) mw_sched_wake(t, MW_WAKE_CANCEL);
     else if (alive) t->cancel_pending = 1;
-    lua_pushboolean(L, alive);
+    return alive;
+}
+
+static int t_cancel(lua_State *L)
+{
+    lua_pushboolean(L, mw_sched_cancel(checktask(L, 1)));
     return 1;
 }
 

@@ -122,6 +122,10 @@ void mw_sched_dispatch(mw_rt *rt, lua_State *L);
 /* The same for fn and the nargs values after it; returns the worker's task. */
 mw_task *mw_sched_dispatch_n(mw_rt *rt, lua_State *L, int nargs);
 
+/* task:cancel(): a waiting task's pending call fails with "cancelled" now, a running one's
+ * next blocking call does; 0 when the task is over (nothing to cancel). */
+int mw_sched_cancel(mw_task *t);
+
 /* Why the task was woken; resets to MW_WAKE_NONE. */
 int mw_sched_reason(mw_task *t);
 /* Makes a waiting task ready; `reason` is MW_WAKE_*. No-op for a task not waiting. */

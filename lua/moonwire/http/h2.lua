@@ -1,5 +1,5 @@
---- HTTP/2 for the server: one task reads the connection (h2:next, in C on libnghttp2) and
--- starts a task per request stream; the handler gets the same `req` and `res` an HTTP/1.1
+--- HTTP/2 for the server: one task reads the connection (h2:run, in C on libnghttp2) and
+-- runs each request stream's handler in a worker; the handler gets the same `req` and `res` an HTTP/1.1
 -- request gets (request.lua's Request over an H2Stream; a Response whose sending methods
 -- submit to the stream). server.lua calls M.serve with its own after_handler/access_line,
 -- so what happens after a handler is one path for both versions.
@@ -8,8 +8,7 @@ local core = require "moonwire.core"
 local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"
 
-local h2_server, dispatch, park, unpark, current = core.h2_server, core.dispatch, core.park, core.unpark,
-  core.current
+local h2_server = core.h2_server
 local traceback = debug.traceback
 local setmetatable, type, error = setmetatable, type, error
 
@@ -154,12 +153,12 @@ end
 R2.Failed = Response.failed_class(R2, send_raw)
 
 --- One request stream: the handler in this task, then what happens after it (server.lua's
--- after_handler and access log), then the stream's slot is given back. It runs in a worker
--- (core.dispatch): a task that waits for the next stream when this one is over, so a
--- request costs no new coroutine; tasks[id] is that task while the stream is this one's.
+-- after_handler and access log), then the stream's slot is given back. h2:run calls it in a
+-- worker (a task that waits for the next stream when this one is over: a request costs no
+-- new coroutine); a reset stream cancels its pending call.
 -- (req.scheme, req.authority and req.protocol are the stream's pseudo-headers, read on first
 -- use: request.lua; a named field set here would cost every request a hash insertion)
-local function serve_stream(srv, hooks, tasks, id, st, method, target, path, has_body)
+local function serve_stream(srv, hooks, st, method, target, path, has_body)
   local req = setmetatable({ st, false, not has_body, false, false, method, target, "2", path, true }, Request)
   local res = setmetatable({ srv, req, st, 0, false, 0, 200, false, false, false, false, false, false,
     sent = false }, R2)
@@ -169,23 +168,15 @@ local function serve_stream(srv, hooks, tasks, id, st, method, target, path, has
     local aok, aerr = pcall(hooks.after_handler, srv, req, res, ok, err)
     if not aok then srv.error_log("moonwire: error finishing an HTTP/2 response: " .. tostring(aerr)) end
   end
-  if srv.log then srv.log(hooks.access_line(req, res)) end
+  if srv.log then
+    local lok, lerr = pcall(srv.log, hooks.access_line(req, res))
+    if not lok then srv.error_log("moonwire: error in the access log: " .. tostring(lerr)) end
+  end
   -- a WebSocket over this stream (websocket.lua) lives on after a handler that set ws:on
   -- handlers: the stream ends with it
   local tunnel = rawget(res, "_tunnel")
   if tunnel then tunnel.join() end
-  tasks[id] = nil
   st:done()
-  local waiter = tasks[0]          -- the connection is over and waits for its handlers
-  if waiter then unpark(waiter, true) end
-end
-
--- whether a stream's handler still runs (tasks[0] is the connection's task waiting for them)
-local function running(tasks)
-  for id in pairs(tasks) do
-    if id ~= 0 then return true end
-  end
-  return false
 end
 
 -- base64url (RFC 4648 §5, padding optional), as HTTP2-Settings carries SETTINGS; nil when bad
@@ -247,27 +238,7 @@ end
 function M.serve(srv, sock, hooks, upgraded)
   local h2 = h2_server(sock, srv.h2_settings, srv, upgraded)
   srv._conns[sock] = h2          -- Server:close: h2:shutdown(true), or closes an idle one
-  local tasks = {}
-  while true do
-    local ev, st, id, method, target, path, has_body = h2:next()
-    if ev == "request" then
-      tasks[id] = dispatch(serve_stream, srv, hooks, tasks, id, st, method, target, path, has_body)
-    elseif ev == "reset" then
-      -- the client reset a stream whose handler runs: its pending call gets "stream reset"
-      -- (reads and writes on the stream) or "cancelled" (anything else)
-      local t = tasks[st]
-      if t then t:cancel() end
-    else
-      break
-    end
-  end
-  for _, t in pairs(tasks) do t:cancel() end
-  -- the handlers run in workers, which do not end with them: wait until each stream's is over
-  tasks[0] = current()
-  while running(tasks) do
-    if not park() then break end     -- this task cancelled (the server killed): go
-  end
-  tasks[0] = nil
+  h2:run(serve_stream, srv, hooks)
 end
 
 return M
