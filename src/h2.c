@@ -327,7 +327,7 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
         return 0;
     }
     size_t avail;
-    char *p = mw_buf_reserve(&st->in, NULL, len, &avail);
+    char *p = mw_buf_reserve(&st->in, &st->rt->pool, len, &avail);
     if (!p) return NGHTTP2_ERR_CALLBACK_FAILURE;
     memcpy(p, data, len);
     mw_buf_commit(&st->in, len);
@@ -375,7 +375,7 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
         memcpy(buf, mw_buf_head(&st->out), n);
         mw_buf_consume(&st->out, n);
     }
-    if (mw_buf_len(&st->out) == 0) mw_buf_release(&st->out, NULL);
+    if (mw_buf_len(&st->out) == 0) mw_buf_release(&st->out, &st->rt->pool);
     if (st->writer && mw_buf_len(&st->out) < st->c->out_hwm / 2) wake(&st->writer);
     st->c->data_bytes += n;
     if (st->out_eof && mw_buf_len(&st->out) == 0) {
@@ -850,7 +850,8 @@ static h2stream *checkstream(lua_State *L)
 
 static int st_gc(lua_State *L)
 {
-    h2box *ud = luaL_checkudata(L, 1, H2S_MT);
+    h2box *ud = mw_udata_magic(L, 1, sizeof(h2box), offsetof(h2box, magic), H2S_MAGIC);
+    if (!ud) ud = luaL_checkudata(L, 1, H2S_MT);
     h2stream *st = ud->st;
     if (!st) return 0;
     ud->st = NULL;
@@ -880,7 +881,7 @@ static int st_done(lua_State *L)
         if (c->handlers == 0) c->idle_since = c->rt->loop.now;
         /* a body the handler left unread: its window goes back to the peer (else unread
          * uploads would shrink the connection's window for good), the bytes are dropped */
-        mw_buf_free(&st->in, NULL);
+        mw_buf_free(&st->in, &st->rt->pool);
         consumed(st, st->unconsumed);
         int submitted = 0;
         if (!st->closed && c->session) {
@@ -947,13 +948,13 @@ static int body_step(lua_State *L, h2stream *st, mw_task *t, int mode)
         if (mode == 1 && have > 0) {
             lua_pushlstring(L, mw_buf_head(&st->in), have);
             mw_buf_consume(&st->in, have);
-            mw_buf_release(&st->in, NULL);
+            mw_buf_release(&st->in, &st->rt->pool);
             consumed(st, have);
             return 1;
         }
         if (mode == 2 && have > 0) {
             mw_buf_consume(&st->in, have);
-            mw_buf_release(&st->in, NULL);
+            mw_buf_release(&st->in, &st->rt->pool);
             consumed(st, have);
             continue;
         }
@@ -963,7 +964,7 @@ static int body_step(lua_State *L, h2stream *st, mw_task *t, int mode)
             if (mode == 0) {
                 lua_pushlstring(L, have ? mw_buf_head(&st->in) : "", have);
                 mw_buf_consume(&st->in, have);
-                mw_buf_release(&st->in, NULL);
+                mw_buf_release(&st->in, &st->rt->pool);
                 consumed(st, have);
                 return 1;
             }
@@ -1238,7 +1239,7 @@ static int st_respond(lua_State *L)
     }
     if (body && blen) {
         size_t avail;
-        char *p = mw_buf_reserve(&st->out, NULL, blen, &avail);
+        char *p = mw_buf_reserve(&st->out, &st->rt->pool, blen, &avail);
         if (!p) return luaL_error(L, "not enough memory");
         memcpy(p, body, blen);
         mw_buf_commit(&st->out, blen);
@@ -1308,7 +1309,7 @@ static int st_write(lua_State *L)
     if (st->closed || !st->c || !st->c->session) return stream_fail(L, st);
     if (len) {
         size_t avail;
-        char *w = mw_buf_reserve(&st->out, NULL, len, &avail);
+        char *w = mw_buf_reserve(&st->out, &st->rt->pool, len, &avail);
         if (!w) return luaL_error(L, "not enough memory");
         memcpy(w, p, len);
         mw_buf_commit(&st->out, len);

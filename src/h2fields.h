@@ -82,11 +82,13 @@ static inline const char *fields_getl(const fields *f, const char *name, size_t 
 /* Whether a (lower-case) field name is connection-specific: never sent over HTTP/2. */
 static inline int h2_conn_specific(const char *n, size_t nl)
 {
-    static const char *const banned[] = { "connection", "keep-alive", "proxy-connection",
-                                          "transfer-encoding", "upgrade", NULL };
-    for (int i = 0; banned[i]; i++)
-        if (strlen(banned[i]) == nl && memcmp(banned[i], n, nl) == 0) return 1;
-    return 0;
+    switch (nl) {
+    case 7: return memcmp(n, "upgrade", 7) == 0;
+    case 10: return memcmp(n, "connection", 10) == 0 || memcmp(n, "keep-alive", 10) == 0;
+    case 16: return memcmp(n, "proxy-connection", 16) == 0;
+    case 17: return memcmp(n, "transfer-encoding", 17) == 0;
+    default: return 0;
+    }
 }
 
 /* An nv array plus an arena for lower-cased names (storage owned by the caller). */
