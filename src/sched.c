@@ -242,8 +242,13 @@ static void push_runtime(lua_State *L)
 
 /* ---- workers ------------------------------------------------------------------------ */
 
-/* Idle workers kept at most; a burst beyond this ends the extra workers when it is over. */
-#define MW_IDLE_MAX 128
+/* Idle workers kept at most (an HTTP/2 server dispatches a stream's handler to one: 10
+ * connections x 100 streams keep ~1000 busy at once); a burst beyond this ends the extra
+ * workers when it is over. Past MW_IDLE_KEEP, an idle worker ends after MW_IDLE_LINGER
+ * seconds without a job, so a burst's workers do not stay for good. */
+#define MW_IDLE_MAX 1024
+#define MW_IDLE_KEEP 128
+#define MW_IDLE_LINGER 10.0
 
 static void unwait_idle(mw_task *t)
 {
@@ -270,7 +275,8 @@ static int worker_k(lua_State *L, int status, lua_KContext ctx)
     rt->nidle++;
     t->wait_obj = rt;
     t->unwait = unwait_idle;
-    return mw_sched_wait(L, t, MW_NO_DEADLINE, worker_k, 1);
+    int64_t d = rt->nidle > MW_IDLE_KEEP ? mw_sched_after(rt, MW_IDLE_LINGER) : MW_NO_DEADLINE;
+    return mw_sched_wait(L, t, d, worker_k, 1);
 }
 
 static int worker_main(lua_State *L)
