@@ -73,4 +73,64 @@ describe("res:send and res:header: the C fast path and the Lua path agree", func
       slow:close(0)
     end, 30)
   end)
+
+  -- HTTP/2 (h2.lua's R2.send in C, core.h2_response_send, beside its Lua send_lua): the same
+  -- cases plus a trailer and a streamed response, which only the Lua path takes; the fast
+  -- server's answers must equal the slow one's, field for field
+  it("over HTTP/2, on every case, field for field", function()
+    helper.run(function()
+      local function serve2(opts)
+        opts.host, opts.port = "127.0.0.1", 0
+        opts.handler = function(req, res)
+          local i = tonumber(req.path:match("%d+"))
+          local c = CASES[i]
+          if req.method == "POST" then assert(req:body()) end
+          if c then
+            res:status(c[3])
+            res:header("content-type", "application/octet-stream")
+            res:header("x-case", tostring(i))
+            res:send(c[4])
+          elseif i == 100 then
+            res:trailer("x-sum", "1234")
+            res:send("with a trailer")
+          elseif i == 101 then
+            res:header("x-case", "101")
+            res:send()                                   -- nil: the Lua path
+          end
+        end
+        return assert(http.server(opts))
+      end
+      local fast = serve2({ gzip = false })
+      local slow = serve2({ gzip = true, gzip_min = 0 })
+      local function get(port, i, method)
+        local r = assert(http.request { url = ("http://127.0.0.1:%d/case%d"):format(port, i), method = method,
+          body = method == "POST" and "body" or nil, http2 = true, timeout = 5 })
+        assert.equal("2", r.version)
+        local body = assert(r:body())
+        local h = {}
+        for k, v in pairs(r.headers) do if k ~= "date" then h[#h + 1] = k .. ": " .. tostring(v) end end
+        table.sort(h)
+        local tr = {}
+        for k, v in pairs(r.trailers or {}) do tr[#tr + 1] = k .. ": " .. v end
+        return r.status, table.concat(h, "\n"), body, table.concat(tr, "\n")
+      end
+      local ids = {}
+      for i, c in ipairs(CASES) do if c[2] == "1.1" then ids[#ids + 1] = { i, c[1] } end end
+      ids[#ids + 1] = { 100, "GET" }
+      ids[#ids + 1] = { 101, "GET" }
+      for _, id in ipairs(ids) do
+        local a = { get(fast.port, id[1], id[2]) }
+        local b = { get(slow.port, id[1], id[2]) }
+        assert.same(b, a, ("case %d (%s)"):format(id[1], id[2]))
+        if id[1] == 100 then assert.equal("x-sum: 1234", a[4]) end
+        if id[1] == 1 then
+          assert.matches("content%-length: 5", a[2])
+          assert.matches("server: moonwire", a[2])
+          assert.equal("hello", a[3])
+        end
+      end
+      fast:close(0)
+      slow:close(0)
+    end, 30)
+  end)
 end)

@@ -1157,19 +1157,13 @@ static const char *cached_date(h2conn *c)
 /* stream:respond(status, res, nh, hbase, body, eof, server_name, content_length) -> true |
  * nil, msg, code. Submits the head (and with `body` a first part of the body; eof: the body
  * ends there). Header names are lower-cased; connection-specific fields are dropped. */
-static int st_respond(lua_State *L)
+/* The response head of st: status, the nh name/value pairs of the table at hidx from slot
+ * hbase, Server (when server), Date, Content-Length (clen >= 0, unless the handler set
+ * one); then body (NULL: none yet), eof: the body is complete. Pushes true, or nil, err,
+ * code. res:send's C path (response_send) and stream:respond both come here. */
+static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh, int hbase,
+                        const char *body, size_t blen, int eof, const char *server, lua_Integer clen)
 {
-    h2stream *st = checkstream(L);
-    int status = (int)luaL_checkinteger(L, 2);
-    luaL_argcheck(L, status >= 100 && status <= 999, 2, "status code expected");
-    luaL_checktype(L, 3, LUA_TTABLE);
-    int nh = (int)luaL_checkinteger(L, 4);
-    int hbase = (int)luaL_checkinteger(L, 5);
-    size_t blen = 0;
-    const char *body = luaL_optlstring(L, 6, NULL, &blen);
-    int eof = lua_toboolean(L, 7);
-    const char *server = luaL_optstring(L, 8, NULL);
-    lua_Integer clen = luaL_optinteger(L, 9, -1);
     h2conn *c = st->c;
     if (st->responded && status >= 200) return luaL_error(L, "response head already sent");
     if (!c || !c->session || st->closed) return stream_fail(L, st);
@@ -1177,7 +1171,7 @@ static int st_respond(lua_State *L)
     size_t arena = 0;
     for (int i = 0; i < nh; i++) {
         size_t kl;
-        lua_rawgeti(L, 3, hbase + 2 * i);
+        lua_rawgeti(L, hidx, hbase + 2 * i);
         lua_tolstring(L, -1, &kl);
         arena += kl;
         lua_pop(L, 1);
@@ -1206,8 +1200,8 @@ static int st_respond(lua_State *L)
     nv_add(l, ":status", 7, st_buf, sl, 0);
     for (int i = 0; i < nh; i++) {
         size_t kl, vl;
-        lua_rawgeti(L, 3, hbase + 2 * i);
-        lua_rawgeti(L, 3, hbase + 2 * i + 1);
+        lua_rawgeti(L, hidx, hbase + 2 * i);
+        lua_rawgeti(L, hidx, hbase + 2 * i + 1);
         const char *k = lua_tolstring(L, -2, &kl), *v = lua_tolstring(L, -1, &vl);
         if (!k || !v) return luaL_error(L, "bad header list");
         char lk[24];
@@ -1258,6 +1252,115 @@ static int st_respond(lua_State *L)
     if (c->handlers <= 1) flush_session(c);
     else kick(c);
     lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* stream:respond(status, headers, nh, hbase [, body [, eof [, server [, content_length]]]])
+ * -> true | nil, err, code */
+static int st_respond(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    int status = (int)luaL_checkinteger(L, 2);
+    luaL_argcheck(L, status >= 100 && status <= 999, 2, "status code expected");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int nh = (int)luaL_checkinteger(L, 4);
+    int hbase = (int)luaL_checkinteger(L, 5);
+    size_t blen = 0;
+    const char *body = luaL_optlstring(L, 6, NULL, &blen);
+    int eof = lua_toboolean(L, 7);
+    const char *server = luaL_optstring(L, 8, NULL);
+    lua_Integer clen = luaL_optinteger(L, 9, -1);
+    return respond_core(L, st, status, 3, nh, hbase, body, blen, eof, server, clen);
+}
+
+/* The response's slots (response.lua), and what the request's slot 6 holds */
+enum { R2_SRV = 1, R2_REQ = 2, R2_SOCK = 3, R2_NH = 4, R2_FIN = 5, R2_BYTES = 6, R2_STATUS = 7,
+       R2_CLOSE = 8, R2_HBASE = 10, RQ_METHOD = 6 };
+/* upvalues of res:send's C path: the Lua implementation, then keys and a constant */
+enum { U2_SLOW = 1, U2_SENT, U2_TRAILERS, U2_GZIP_FROM, U2_SERVER_NAME, U2_HEAD, U2_COUNT = U2_HEAD };
+
+static int results_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    return lua_gettop(L) - (int)ctx;
+}
+
+static int send_slow(lua_State *L, int n)
+{
+    lua_settop(L, n);
+    lua_pushvalue(L, lua_upvalueindex(U2_SLOW));
+    lua_insert(L, 1);
+    lua_callk(L, n, LUA_MULTRET, 0, results_k);
+    return results_k(L, LUA_OK, 0);
+}
+
+static int rawget_up(lua_State *L, int t, int up)
+{
+    lua_pushvalue(L, lua_upvalueindex(up));
+    return lua_rawget(L, t);
+}
+
+/* res:send(body) for a response over HTTP/2 (h2.lua's R2): a string body, the head not
+ * sent, no trailers, no compression to decide, a status with a body, not HEAD: done here,
+ * as h2.lua's send_raw does it; anything else goes to the Lua implementation. */
+static int response_send(lua_State *L)
+{
+    int top0 = lua_gettop(L);
+    if (top0 != 2 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING) return send_slow(L, top0);
+    size_t blen;
+    const char *body = lua_tolstring(L, 2, &blen);
+    if (rawget_up(L, 1, U2_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return send_slow(L, top0);
+    if (rawget_up(L, 1, U2_TRAILERS) != LUA_TNIL) return send_slow(L, top0);
+    if (lua_rawgeti(L, 1, R2_SRV) != LUA_TTABLE) return send_slow(L, top0);
+    int srv = lua_gettop(L);
+    int isnum;
+    rawget_up(L, srv, U2_GZIP_FROM);
+    lua_Number gz = lua_tonumberx(L, -1, &isnum);
+    if (!isnum || (lua_Number)blen >= gz) return send_slow(L, top0);
+    int tn = rawget_up(L, srv, U2_SERVER_NAME);
+    if (tn != LUA_TSTRING && tn != LUA_TNIL && !(tn == LUA_TBOOLEAN && !lua_toboolean(L, -1))) return send_slow(L, top0);
+    const char *server = tn == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    if (lua_rawgeti(L, 1, R2_REQ) != LUA_TTABLE) return send_slow(L, top0);
+    lua_rawgeti(L, -1, RQ_METHOD);
+    lua_pushvalue(L, lua_upvalueindex(U2_HEAD));
+    if (lua_rawequal(L, -1, -2)) return send_slow(L, top0);
+    lua_rawgeti(L, 1, R2_STATUS);
+    lua_Integer status = lua_tointegerx(L, -1, &isnum);
+    if (!isnum || status < 200 || status > 999 || status == 204 || status == 304) return send_slow(L, top0);
+    lua_rawgeti(L, 1, R2_NH);
+    lua_Integer nh = lua_tointegerx(L, -1, &isnum);
+    if (!isnum || nh < 0) return send_slow(L, top0);
+    lua_rawgeti(L, 1, R2_SOCK);
+    h2box *ud = mw_udata_magic(L, -1, sizeof(h2box), offsetof(h2box, magic), H2S_MAGIC);
+    if (!ud || !ud->st) return send_slow(L, top0);
+    /* as send_raw: sent, finished, the bytes, then the head and the body at once */
+    lua_pushvalue(L, lua_upvalueindex(U2_SENT));
+    lua_pushboolean(L, 1);
+    lua_rawset(L, 1);
+    lua_pushboolean(L, 1);
+    lua_rawseti(L, 1, R2_FIN);
+    lua_pushinteger(L, (lua_Integer)blen);
+    lua_rawseti(L, 1, R2_BYTES);
+    int base = lua_gettop(L);
+    int n = respond_core(L, ud->st, (int)status, 1, (int)nh, R2_HBASE, body, blen, 1, server, (lua_Integer)blen);
+    if (lua_isnil(L, base + 1)) {
+        lua_pushboolean(L, 1);
+        lua_rawseti(L, 1, R2_CLOSE);
+    }
+    return n;
+}
+
+/* h2_response_send(send_lua) -> res:send with its common case in C */
+static int l_h2_response_send(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_settop(L, 1);
+    lua_pushliteral(L, "sent");
+    lua_pushliteral(L, "_trailers");
+    lua_pushliteral(L, "_gzip_from");
+    lua_pushliteral(L, "server_name");
+    lua_pushliteral(L, "HEAD");
+    lua_pushcclosure(L, response_send, U2_COUNT);
     return 1;
 }
 
@@ -1462,4 +1565,6 @@ void mw_h2_open(lua_State *L)
     lua_setfield(L, -2, "h2_server");
     lua_pushcfunction(L, l_h2_preface);
     lua_setfield(L, -2, "h2_preface");
+    lua_pushcfunction(L, l_h2_response_send);
+    lua_setfield(L, -2, "h2_response_send");
 }

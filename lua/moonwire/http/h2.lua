@@ -63,11 +63,15 @@ local function send_raw(self, body)
   return ok, err, code
 end
 
-function R2:send(body)
+-- res:send's common case (a string body, nothing to compress, no trailers, a status with a
+-- body, not HEAD) is done in C (core.h2_response_send), which calls this for the rest;
+-- http_fastpath_spec runs the same cases through both.
+local function send_lua(self, body)
   if self.sent then error("response already sent", 2) end
   if body ~= nil and type(body) ~= "string" then argerror(1, "send", "string expected, got " .. type(body)) end
   return send_raw(self, body)
 end
+R2.send = core.h2_response_send(send_lua)
 
 -- the head of a streamed body (no content-length unless the handler set one)
 local function start_stream(self)
