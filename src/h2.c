@@ -533,9 +533,6 @@ static int l_h2_server(lua_State *L)
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_outbound_ack(opt, 1000);
     nghttp2_option_set_max_settings(opt, 32);
-    /* closed streams are not kept for the priority tree (by default up to max_streams of
-     * them, ~120 bytes each, stay in a session that has served requests) */
-    nghttp2_option_set_no_closed_streams(opt, 1);
     if (nghttp2_option_set_max_continuations) nghttp2_option_set_max_continuations(opt, 8);
     if (nghttp2_option_set_stream_reset_rate_limit) nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
     mw_h2mem_init(&c->mem);
