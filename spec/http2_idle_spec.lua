@@ -10,7 +10,6 @@ local helper = require "spec.helper"
 local mw = helper.mw
 local run = helper.run
 local http = require "moonwire.http"
-local core = require "moonwire.core"
 
 local PREFACE = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 local function frame(ftype, flags, id, payload)
@@ -162,26 +161,25 @@ local function per_conn(open)
   local port, stop = start_child()
   local _stop <close> = setmetatable({}, { __close = stop })
   local warm = {}
-  for i = 1, 20 do warm[#warm + 1] = open_h1(port); warm[#warm + 1] = open_h2(port, 1) end
+  for _ = 1, 20 do warm[#warm + 1] = open_h1(port); warm[#warm + 1] = open_h2(port, 1) end
   for _, c in ipairs(warm) do c:close() end
   local before, _, lua0 = stats(port)
   local conns = {}
   local _close <close> = setmetatable({}, { __close = function() for _, c in ipairs(conns) do c:close() end end })
   for i = 1, N do conns[i] = open(port) end
   local after, alloc, lua1 = stats(port)
-  print(("  %.2f KiB per connection, %.2f KiB of it Lua's"):format((after - before) / N, (lua1 - lua0) / N))
-  return (after - before) / N, alloc
+  return (after - before) / N, alloc, (lua1 - lua0) / N
 end
 
 describe("an idle HTTP/2 connection", function()
   it("costs the server at most twice what an idle HTTP/1.1 keep-alive connection costs (fresh)",
     function()
     run(function()
-      local h1, alloc = per_conn(open_h1)
-      local h2 = per_conn(function(port) return (open_h2(port)) end)
-      local h2req = per_conn(function(port) return (open_h2(port, 3)) end)
-      local report = ("per idle connection: HTTP/1.1 %.2f KiB, HTTP/2 %.2f KiB (%.2fx), after 3 requests %.2f KiB (%.2fx)")
-        :format(h1, h2, h2 / h1, h2req, h2req / h1)
+      local h1, alloc, h1lua = per_conn(open_h1)
+      local h2, _, h2lua = per_conn(function(port) return (open_h2(port)) end)
+      local h2req, _, h2reqlua = per_conn(function(port) return (open_h2(port, 3)) end)
+      local report = ("per idle connection (of it Lua's): HTTP/1.1 %.2f KiB (%.2f), HTTP/2 %.2f KiB (%.2f, %.2fx), "
+        .. "after 3 requests %.2f KiB (%.2f, %.2fx)"):format(h1, h1lua, h2, h2lua, h2 / h1, h2req, h2reqlua, h2req / h1)
       if alloc == "system" then
         -- sanitizer builds: RSS says nothing about the allocator's real footprint
         print("(not checked under a sanitizer) " .. report)
