@@ -188,7 +188,7 @@ describe("an idle HTTP/2 connection", function()
       assert(h1 > 0.5, report)
       assert(h2 <= 2 * h1, report)
       -- after requests it also holds its HPACK state (the rings' page, the entries) and the
-      -- streams nghttp2 keeps closed (up to max_streams of them, ~440 bytes each, and the
+      -- streams nghttp2 keeps closed (up to max_streams of them, ~230 bytes each, and the
       -- stream map's page they keep resident): 5.1x here, 7.0x before the pages went back
       assert(h2req <= 6 * h1, report)
     end, 120)

@@ -89,9 +89,9 @@ static void *h_calloc(size_t n, size_t size, void *ud)
 {
     if (size && n > SIZE_MAX / size) return NULL;
     void *p = take(ud, n * size);
-    if (!p) return calloc(n, size);
-    memset(p, 0, n * size);   /* fresh pages are zero; kept for a reused offset's sake */
-    return p;
+    /* a block of the region is zero already: its pages were mapped fresh, no offset is
+     * handed out twice, and a trim only ever makes pages read back as zeros */
+    return p ? p : calloc(n, size);
 }
 
 static void *h_realloc(void *ptr, size_t size, void *ud)
