@@ -12,6 +12,7 @@
 #include "mwlua.h"
 #include "list.h"
 #include "h2fields.h"
+#include "h2mem.h"
 
 #include <errno.h>
 #include <nghttp2/nghttp2.h>
@@ -100,10 +101,14 @@ struct h2conn {
     uint32_t max_streams, stream_window, conn_window, max_fields, max_header_bytes;
     size_t hwm, out_hwm;
     double t_head, t_idle, t_write, t_settings;
+    double t_trim;             /* idle this long: the session's spare pages go back (h2mem.h) */
+    int64_t trimmed_for;       /* the idle_since of the last trim */
+    uint32_t trims;
     uint32_t max_glitches;
     /* the Date header, cached per second */
     time_t date_sec;
     char date[40];
+    mw_h2mem mem;              /* the session's allocator */
 };
 
 /* ---- small helpers ----------------------------------------------------------------------- */
@@ -164,6 +169,7 @@ static int flush_session(h2conn *c)
         c->fatal = 1;
         return -1;
     }
+    c->mem.drained = 0;
     while (mw_buf_len(&s->obuf) < c->hwm) {
         const uint8_t *data;
         ssize_t n = nghttp2_session_mem_send(c->session, &data);
@@ -171,7 +177,10 @@ static int flush_session(h2conn *c)
             c->fatal = 1;
             return -1;
         }
-        if (n == 0) return 0;
+        if (n == 0) {
+            c->mem.drained = 1;
+            return 0;
+        }
         if (mw_sock_gather(s, (const char *)data, (size_t)n, NULL, 0) < 0) {
             c->fatal = 1;
             return -1;
@@ -422,6 +431,7 @@ static void conn_free(h2conn *c)
     c->qhead = c->qtail = NULL;
     nghttp2_session_del(c->session);
     c->session = NULL;
+    mw_h2mem_free(&c->mem);
 }
 
 static int h2_gc(lua_State *L)
@@ -508,6 +518,8 @@ static int l_h2_server(lua_State *L)
     c->t_write = optnum(L, 2, "write_timeout", 30);
     c->t_settings = optnum(L, 2, "settings_timeout", 10);
     c->max_glitches = (uint32_t)optnum(L, 2, "glitches", 1000);
+    c->t_trim = optnum(L, 2, "trim_after", 1);
+    c->trimmed_for = -1;
     lua_getfield(L, 2, "connect_protocol");
     int connect_protocol = lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -530,10 +542,16 @@ static int l_h2_server(lua_State *L)
     nghttp2_option_set_max_settings(opt, 32);
     if (nghttp2_option_set_max_continuations) nghttp2_option_set_max_continuations(opt, 8);
     if (nghttp2_option_set_stream_reset_rate_limit) nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
-    int rv = nghttp2_session_server_new2(&c->session, cbs, c, opt);
+    mw_h2mem_init(&c->mem);
+    mw_h2mem_begin(&c->mem);
+    int rv = nghttp2_session_server_new3(&c->session, cbs, c, opt, &c->mem.hooks);
+    mw_h2mem_end(&c->mem);
     nghttp2_session_callbacks_del(cbs);
     nghttp2_option_del(opt);
-    if (rv != 0) return luaL_error(L, "nghttp2_session_server_new2: %s", nghttp2_strerror(rv));
+    if (rv != 0) {
+        mw_h2mem_free(&c->mem);
+        return luaL_error(L, "nghttp2_session_server_new3: %s", nghttp2_strerror(rv));
+    }
 
     nghttp2_settings_entry iv[5];
     int n = 0;
@@ -550,6 +568,16 @@ static int l_h2_server(lua_State *L)
     c->idle_since = c->rt->loop.now;
     if (lua_istable(L, 4) && upgrade(L, c, 4) < 0) return luaL_error(L, "not enough memory");
     return 1;
+}
+
+/* When an idle connection (no handler, no stream, no header block) gives its session's
+ * spare pages back (h2mem.h), once per idle spell: MW_NO_DEADLINE if it did already. Not at
+ * once: a client that sends its next request within trim_after pays no madvise and no page
+ * faults for it. */
+static int64_t trim_deadline(h2conn *c)
+{
+    if (c->t_trim < 0 || c->nopen > 0 || c->trimmed_for == c->idle_since) return MW_NO_DEADLINE;
+    return c->idle_since + (int64_t)(c->t_trim * 1e9);
 }
 
 /* The deadline the connection's read waits under: the preface or an unfinished header
@@ -571,6 +599,8 @@ static int64_t read_deadline(h2conn *c)
             int64_t id = c->idle_since + (int64_t)(t * 1e9);
             if (id < d) d = id;
         }
+        int64_t td = trim_deadline(c);
+        if (td < d) d = td;
     }
     return d;
 }
@@ -590,6 +620,7 @@ static void end_session(h2conn *c, uint32_t code)
     ssize_t n;
     while ((n = nghttp2_session_mem_send(c->session, &data)) > 0)
         if (mw_sock_gather(c->sock, (const char *)data, (size_t)n, NULL, 0) < 0) break;
+    c->mem.drained = n == 0;
 }
 
 /* The event of st: a request gets its handler, fn(<the values after fn>, stream, method,
@@ -705,6 +736,14 @@ static int resume_step(lua_State *L, h2conn *c, mw_task *t)
     if (!c->session) return mw_pushfail(L, "closed", "closed");
     if (why == MW_WAKE_TIMEOUT) {
         int64_t now = c->rt->loop.now;
+        if (c->handlers == 0 && c->hdr_open == 0 && c->preface_seen && now >= trim_deadline(c)) {
+            /* idle for trim_after: the frame buffer is dead once mem_send said 0 (h2mem.h);
+             * then back to reading under the other deadlines */
+            c->trimmed_for = c->idle_since;
+            c->trims++;
+            mw_h2mem_trim(&c->mem);
+            return next_step(L, c, t);
+        }
         if (c->settings_sent && now >= c->settings_sent + (int64_t)(c->t_settings * 1e9)) {
             end_session(c, NGHTTP2_SETTINGS_TIMEOUT);
             return mw_pushfail(L, "SETTINGS not acknowledged", "timeout");
@@ -816,17 +855,22 @@ static int h2_shutdown(lua_State *L)
     return 1;
 }
 
-/* h2:stats() -> { handlers, requests, glitches, streams } */
+/* h2:stats() -> { handlers, requests, glitches, trims (times idle pages went back), trimmed
+ * (they did in this idle spell) } */
 static int h2_stats(lua_State *L)
 {
     h2conn *c = checkconn(L);
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 5);
     lua_pushinteger(L, c->handlers);
     lua_setfield(L, -2, "handlers");
     lua_pushinteger(L, c->requests);
     lua_setfield(L, -2, "requests");
     lua_pushinteger(L, c->glitches);
     lua_setfield(L, -2, "glitches");
+    lua_pushinteger(L, c->trims);
+    lua_setfield(L, -2, "trims");
+    lua_pushboolean(L, c->trimmed_for == c->idle_since);
+    lua_setfield(L, -2, "trimmed");
     return 1;
 }
 

@@ -1,0 +1,149 @@
+/* h2mem: a region of pages for a server session's creation-time nghttp2 blocks (see
+ * h2mem.h). A block in the region is never reused once nghttp2 frees it (a freed block
+ * stays mapped until the session goes); anything that does not fit comes from malloc, and
+ * so does every allocation after creation. madvise only ever covers whole pages of the
+ * region, which is ours alone. */
+#define _GNU_SOURCE
+#include "h2mem.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* Room for what nghttp2 1.52 makes at creation after the session struct, in its order: the
+ * HPACK deflater's and inflater's rings of 1 KiB share a page (written once a response has
+ * gone out, or the client indexes a field), the stream map's 4 KiB table has the next (zero
+ * again whenever no stream is open), the frame buffer (16 KiB + 10 bytes) the next five; a
+ * page to spare. Address space only: pages never written are not resident. (Another order
+ * or other sizes cost resident pages, never correctness.) */
+#define REGION_PAGES 8
+#define SMALL 1024             /* smaller blocks (bookkeeping nghttp2 writes at once) go to malloc */
+#define FRAME 16384            /* a block this large is the frame buffer (the minimum frame
+                                * payload; nothing else nghttp2 makes at creation is as large) */
+
+static size_t page_size(void)
+{
+    static size_t ps;
+    if (!ps) {
+        long v = sysconf(_SC_PAGESIZE);
+        ps = v > 0 ? (size_t)v : 4096;
+    }
+    return ps;
+}
+
+static int in_region(const mw_h2mem *m, const void *p)
+{
+    return m->region && (const unsigned char *)p >= m->region &&
+           (const unsigned char *)p < m->region + REGION_PAGES * page_size();
+}
+
+/* A block in the region, or NULL (then malloc's). The session struct, nghttp2's first
+ * block, stays on the heap: it is written at once and is live for good, and there it takes
+ * its 2.9 KiB, not a page. */
+static void *take(mw_h2mem *m, size_t size)
+{
+    if (!m->creating || m->creating++ == 1 || size < SMALL) return NULL;
+    size_t ps = page_size(), cap = REGION_PAGES * ps;
+    if (!m->region) {
+        void *r = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (r == MAP_FAILED) {
+            m->creating = 0;   /* no region: malloc for all */
+            return NULL;
+        }
+        m->region = r;
+    }
+    /* a block of a page or more owns its pages whole (no other block shares the pages a
+     * trim may give back); smaller ones are packed, none across a page boundary */
+    size_t off = size >= ps ? (m->used + ps - 1) & ~(ps - 1) : (m->used + 15) & ~(size_t)15;
+    if (size < ps && (off & (ps - 1)) + size > ps) off = (off + ps - 1) & ~(ps - 1);
+    size_t len = size >= ps ? (size + ps - 1) & ~(ps - 1) : size;
+    if (off > cap || len > cap - off) return NULL;
+    m->used = off + len;
+    if (size >= FRAME && !m->frame_len) {
+        m->frame_off = off;
+        m->frame_len = len;
+    }
+    return m->region + off;
+}
+
+static void *h_malloc(size_t size, void *ud)
+{
+    void *p = take(ud, size);
+    return p ? p : malloc(size);
+}
+
+static void h_free(void *ptr, void *ud)
+{
+    mw_h2mem *m = ud;
+    if (!ptr) return;
+    if (in_region(m, ptr)) {
+        if (m->frame_len && (unsigned char *)ptr == m->region + m->frame_off) m->frame_len = 0;
+        return;
+    }
+    free(ptr);
+}
+
+static void *h_calloc(size_t n, size_t size, void *ud)
+{
+    if (size && n > SIZE_MAX / size) return NULL;
+    void *p = take(ud, n * size);
+    /* a block of the region is zero already: its pages were mapped fresh, no offset is
+     * handed out twice, and a trim only ever makes pages read back as zeros */
+    return p ? p : calloc(n, size);
+}
+
+static void *h_realloc(void *ptr, size_t size, void *ud)
+{
+    mw_h2mem *m = ud;
+    if (!ptr) return h_malloc(size, ud);
+    if (!in_region(m, ptr)) return realloc(ptr, size);
+    /* out of the region: the old block's size is not kept, so copy up to the region's end */
+    void *p = malloc(size);
+    if (!p) return NULL;
+    size_t room = (size_t)(m->region + REGION_PAGES * page_size() - (unsigned char *)ptr);
+    memcpy(p, ptr, size < room ? size : room);
+    h_free(ptr, ud);
+    return p;
+}
+
+void mw_h2mem_init(mw_h2mem *m)
+{
+    memset(m, 0, sizeof *m);
+    m->hooks.mem_user_data = m;
+    m->hooks.malloc = h_malloc;
+    m->hooks.free = h_free;
+    m->hooks.calloc = h_calloc;
+    m->hooks.realloc = h_realloc;
+}
+
+static int zero_page(const unsigned char *p, size_t n)
+{
+    const uint64_t *w = (const uint64_t *)(const void *)p;
+    for (size_t i = 0; i < n / 8; i += 8) {
+        uint64_t acc = w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+        if (acc) return 0;
+    }
+    return 1;
+}
+
+size_t mw_h2mem_trim(mw_h2mem *m)
+{
+    if (!m->region) return 0;
+    size_t ps = page_size(), given = 0;
+    size_t end = (m->used + ps - 1) & ~(ps - 1);
+    for (size_t off = 0; off < end; off += ps) {
+        int frame = m->frame_len && off >= m->frame_off && off < m->frame_off + m->frame_len;
+        if (frame ? !m->drained : !zero_page(m->region + off, ps)) continue;
+        if (madvise(m->region + off, ps, MADV_DONTNEED) == 0) given += ps;
+    }
+    return given;
+}
+
+void mw_h2mem_free(mw_h2mem *m)
+{
+    if (m->region) munmap(m->region, REGION_PAGES * page_size());
+    m->region = NULL;
+    m->used = m->frame_len = 0;
+}

@@ -1,0 +1,38 @@
+/* h2mem: the allocator (nghttp2_mem) of a server connection's nghttp2 session, so that an
+ * idle HTTP/2 connection keeps few pages resident. The blocks of 1 KiB or more that nghttp2
+ * makes while it creates the session (the HPACK rings, the table of the stream map, the 16 KiB
+ * output frame buffer; not the session struct) go to a region of pages mapped for the session;
+ * mw_h2mem_trim gives back the pages that hold nothing the session needs (MADV_DONTNEED).
+ * Everything else is malloc's. Lua-free; h2.c owns the calls. */
+#ifndef MW_H2MEM_H
+#define MW_H2MEM_H
+
+#include <nghttp2/nghttp2.h>
+#include <stddef.h>
+
+typedef struct mw_h2mem {
+    nghttp2_mem hooks;         /* what nghttp2_session_server_new3 takes (mem_user_data: this) */
+    int creating;              /* in mw_h2mem_begin .. _end: 1 + the allocations made so far */
+    /* set by the caller: its last nghttp2_session_mem_send returned 0 and its output was
+     * copied. Only mem_send packs frames into the frame buffer, and when it has returned 0
+     * (a server session, no NO_COPY data, no PAUSE) it has reset the buffer: the next frame
+     * is written from its start before anything reads it. Its bytes are dead until then. */
+    int drained;
+    unsigned char *region;     /* mapped at the first block, unmapped by mw_h2mem_free */
+    size_t used;               /* bytes of the region handed out (a bump pointer) */
+    size_t frame_off, frame_len;  /* the frame buffer's whole pages in the region (len 0: none) */
+} mw_h2mem;
+
+/* Sets the hooks up (the struct must not move while a session uses it). */
+void mw_h2mem_init(mw_h2mem *m);
+/* Brackets nghttp2_session_server_new3: only blocks made in between go to the region. */
+static inline void mw_h2mem_begin(mw_h2mem *m) { m->creating = 1; }
+static inline void mw_h2mem_end(mw_h2mem *m) { m->creating = 0; }
+/* Gives back the pages of the frame buffer (when `drained`) and the region's other pages
+ * that hold only zero bytes (a MADV_DONTNEED page reads back as zeros). Returns the bytes
+ * given back (resident or not). */
+size_t mw_h2mem_trim(mw_h2mem *m);
+/* Unmaps the region: after nghttp2_session_del (or a failed creation) only. */
+void mw_h2mem_free(mw_h2mem *m);
+
+#endif
