@@ -1,9 +1,10 @@
 /* h2: HTTP/2 server connections on libnghttp2. One C-owned nghttp2_session per connection,
- * fed by the stream layer's reads (plain or TLS) in the connection's task (h2:next), its
+ * fed by the stream layer's reads (plain or TLS) in the connection's task (h2:run), its
  * output gathered into the socket's output buffer up to a high-water mark; while that is
  * backed up the connection reads nothing, so floods of PING or SETTINGS cannot grow memory.
- * Lua never sees frames: it gets requests (h2:next) and answers them through H2Stream
- * methods with the same contract as HttpConn's (read_body, headers_of, trailers, ...).
+ * Lua never sees frames: h2:run starts a handler per request stream in a worker, which
+ * answers through H2Stream methods with the same contract as HttpConn's (read_body,
+ * headers_of, trailers, ...).
  * nghttp2 callbacks never call Lua: they record into the stream structs and wake tasks. */
 #define _GNU_SOURCE
 #include "h2.h"
@@ -192,7 +193,7 @@ static int flush_session(h2conn *c)
 
 /* A handler submitted something: the connection's task draws it out on its next turn, with
  * whatever the other handlers of this turn submit (one pass of mem_send for them all). When
- * the task is not parked in h2:next it is already queued to run, and flushes then. */
+ * the task is not parked in h2:run it is already queued to run, and flushes then. */
 static void kick(h2conn *c)
 {
     if (c->task) mw_sched_wake(c->task, MW_WAKE_READY);
@@ -358,7 +359,7 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
     if (!st->head_done && c->hdr_open > 0) c->hdr_open--;
     wake(&st->reader);
     wake(&st->writer);
-    /* a reset while its handler runs: Lua cancels the handler (h2:next says "reset") */
+    /* a reset while its handler runs: h2:run cancels the handler (run_event) */
     if (st->handler && st->seen && !(st->out_eof && st->responded && code == NGHTTP2_NO_ERROR))
         queue_event(c, st);
     if (st->handler && !st->seen && !st->queued) {
