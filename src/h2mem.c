@@ -1,13 +1,14 @@
 /* h2mem: a region of pages for a server session's creation-time nghttp2 blocks (see
  * h2mem.h). A block in the region is never reused once nghttp2 frees it (a freed block
- * stays mapped until the session goes); anything that does not fit comes from malloc, and
- * so does every allocation after creation. madvise only ever covers whole pages of the
+ * stays mapped until the session goes); anything that does not fit, and every allocation
+ * after creation, is a heap block (blk_alloc: malloc's, small ones recycled per thread). madvise only ever covers whole pages of the
  * region, which is ours alone. */
 #define _GNU_SOURCE
 #include "h2mem.h"
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <malloc.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -68,10 +69,64 @@ static void *take(mw_h2mem *m, size_t size)
     return m->region + off;
 }
 
+/* Blocks from outside the region are malloc's. nghttp2 makes and frees about four small
+ * ones per request (the stream, its outbound items, the header list copy): freed ones wait
+ * on a per-thread list by size class (what malloc_usable_size says they hold, in steps of
+ * 16 bytes) for the next request, as many as SC_KEEP per class, instead of going through
+ * free and malloc each time. No header: an idle session's blocks cost what malloc's do. */
+#define SC_STEP 16
+#define SC_MAX 512
+#define SC_N (SC_MAX / SC_STEP)
+#define SC_KEEP 64
+
+typedef struct freeblk {
+    struct freeblk *next;
+} freeblk;
+
+static __thread freeblk *sc_head[SC_N + 1];
+static __thread unsigned sc_count[SC_N + 1];
+
+static void *blk_alloc(size_t size)
+{
+    if (size <= SC_MAX) {
+        size_t cls = size ? (size + SC_STEP - 1) / SC_STEP : 1;
+        freeblk *f = sc_head[cls];
+        if (f) {
+            sc_head[cls] = f->next;
+            sc_count[cls]--;
+            return f;
+        }
+        return malloc(cls * SC_STEP);
+    }
+    return malloc(size);
+}
+
+static void blk_free(void *ptr)
+{
+    size_t have = malloc_usable_size(ptr);
+    if (have >= SC_STEP && have <= SC_MAX + SC_STEP - 1) {
+        size_t cls = have / SC_STEP;              /* it holds cls * SC_STEP bytes at least */
+        if (cls > SC_N) cls = SC_N;
+        if (sc_count[cls] < SC_KEEP) {
+            freeblk *f = ptr;
+            f->next = sc_head[cls];
+            sc_head[cls] = f;
+            sc_count[cls]++;
+            return;
+        }
+    }
+    free(ptr);
+}
+
+static size_t blk_cap(void *ptr)
+{
+    return malloc_usable_size(ptr);
+}
+
 static void *h_malloc(size_t size, void *ud)
 {
     void *p = take(ud, size);
-    return p ? p : malloc(size);
+    return p ? p : blk_alloc(size);
 }
 
 static void h_free(void *ptr, void *ud)
@@ -82,7 +137,7 @@ static void h_free(void *ptr, void *ud)
         if (m->frame_len && (unsigned char *)ptr == m->region + m->frame_off) m->frame_len = 0;
         return;
     }
-    free(ptr);
+    blk_free(ptr);
 }
 
 static void *h_calloc(size_t n, size_t size, void *ud)
@@ -91,19 +146,27 @@ static void *h_calloc(size_t n, size_t size, void *ud)
     void *p = take(ud, n * size);
     /* a block of the region is zero already: its pages were mapped fresh, no offset is
      * handed out twice, and a trim only ever makes pages read back as zeros */
-    return p ? p : calloc(n, size);
+    if (p) return p;
+    p = blk_alloc(n * size);
+    if (p) memset(p, 0, n * size);
+    return p;
 }
 
 static void *h_realloc(void *ptr, size_t size, void *ud)
 {
     mw_h2mem *m = ud;
     if (!ptr) return h_malloc(size, ud);
-    if (!in_region(m, ptr)) return realloc(ptr, size);
-    /* out of the region: the old block's size is not kept, so copy up to the region's end */
-    void *p = malloc(size);
+    size_t have;
+    if (in_region(m, ptr)) {
+        /* the old block's size is not kept: copy up to the region's end */
+        have = (size_t)(m->region + REGION_PAGES * page_size() - (unsigned char *)ptr);
+    } else {
+        have = blk_cap(ptr);
+        if (size <= have) return ptr;
+    }
+    void *p = blk_alloc(size);
     if (!p) return NULL;
-    size_t room = (size_t)(m->region + REGION_PAGES * page_size() - (unsigned char *)ptr);
-    memcpy(p, ptr, size < room ? size : room);
+    memcpy(p, ptr, size < have ? size : have);
     h_free(ptr, ud);
     return p;
 }
