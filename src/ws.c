@@ -455,6 +455,26 @@ static int ws_receive(lua_State *L)
 
 /* ---- sending ----------------------------------------------------------------------------- */
 
+/* Writes an unmasked frame header (opcode, fin, rsv1, payload length n) into h; returns its
+ * length (2, 4 or 10). */
+static size_t head_bytes(uint8_t h[14], lua_Integer op, int fin, int rsv1, size_t n)
+{
+    h[0] = (uint8_t)((fin ? 0x80 : 0) | (rsv1 ? 0x40 : 0) | op);
+    if (n < 126) {
+        h[1] = (uint8_t)n;
+        return 2;
+    }
+    if (n < 65536) {
+        h[1] = 126;
+        h[2] = (uint8_t)(n >> 8);
+        h[3] = (uint8_t)n;
+        return 4;
+    }
+    h[1] = 127;
+    for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+    return 10;
+}
+
 /* Reads a frame's arguments (opcode, payload, fin, rsv1 at 2..5) and writes its header into
  * h; a client's frame gets a fresh masking key, which is also left in *key. Returns the
  * header's length. Both ways out, encode and try_send, frame here. */
@@ -469,20 +489,7 @@ static size_t frame_head(lua_State *L, mw_ws *w, uint8_t h[14], const char **pay
     int rsv1 = lua_toboolean(L, 5);
     luaL_argcheck(L, op >= 0 && op <= 15, 2, "opcode out of range");
     if (op >= OP_CLOSE && n > 125) luaL_argerror(L, 3, "control frame payload above 125 bytes");
-    size_t hl = 2;
-    h[0] = (uint8_t)((fin ? 0x80 : 0) | (rsv1 ? 0x40 : 0) | op);
-    if (n < 126) {
-        h[1] = (uint8_t)n;
-    } else if (n < 65536) {
-        h[1] = 126;
-        h[2] = (uint8_t)(n >> 8);
-        h[3] = (uint8_t)n;
-        hl = 4;
-    } else {
-        h[1] = 127;
-        for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
-        hl = 10;
-    }
+    size_t hl = head_bytes(h, op, fin, rsv1, n);
     *key = NULL;
     if (!w->client) return hl;
     h[1] |= 0x80;
@@ -525,11 +532,44 @@ static int ws_encode(lua_State *L)
     return 2;
 }
 
+/* The one way a frame goes out at once, for try_send and send_all: one write of iov (what
+ * the stream gathered first), no wait. Returns the bytes the socket took (0: it is full), or
+ * -1 with errno set. */
+static ssize_t write_now(mw_sock *s, const struct iovec *iov, int cnt)
+{
+    uint32_t want = 0;
+    for (;;) {
+        ssize_t r = mw_sock_writev(s, iov, cnt, &want);
+        if (r >= 0) return r;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        return -1;
+    }
+}
+
+/* What write_now left of a frame (header a[0, an), payload b[0, bn), `sent` bytes gone):
+ * pushes false and the unsent bytes; returns 2. */
+static int push_rest(lua_State *L, const char *a, size_t an, const char *b, size_t bn, size_t sent)
+{
+    lua_pushboolean(L, 0);
+    luaL_Buffer rest;
+    char *out = luaL_buffinitsize(L, &rest, an + bn - sent);
+    size_t arest = sent < an ? an - sent : 0;
+    memcpy(out, a + (an - arest), arest);
+    memcpy(out + arest, b + (sent - (an - arest)), bn - (sent - (an - arest)));
+    luaL_pushresultsize(&rest, an + bn - sent);
+    return 2;
+}
+
+/* Frames up to this size go out as one buffer (header and payload copied together): one
+ * iovec, which the plain transport sends with send(2) rather than sendmsg(2). */
+#define CONTIG_MAX 512
+
 /* wc:try_send(opcode, payload, fin, rsv1) -> true (the whole frame went out now)
  *   | false, rest (only part of it did, or none: `rest` is the frame's unsent bytes, which the
  *     caller writes before any other frame) | nil, err, code.
  * The way every frame of a connection whose writer slot is free goes out: no Lua string for
- * the header, one writev, no wait. Raises, as a socket's write does, when another task is
+ * the header, one write, no wait. Raises, as a socket's write does, when another task is
  * writing on the socket. */
 static int ws_try_send(lua_State *L)
 {
@@ -541,29 +581,122 @@ static int ws_try_send(lua_State *L)
     const char *payload;
     size_t n, hl = frame_head(L, w, h, &payload, &n, &key);
     if (key) payload = masked_copy(L, payload, n, key);
+    char one[CONTIG_MAX];
     struct iovec iov[2] = { { h, hl }, { (void *)payload, n } };
-    uint32_t want = 0;
-    size_t sent = 0;
-    for (;;) {
-        ssize_t r = mw_sock_writev(s, iov, n ? 2 : 1, &want);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-        if (r < 0) return mw_stream_pusherr(L, s, errno);
-        sent = (size_t)r;
-        break;
+    int cnt = n ? 2 : 1;
+    if (hl + n <= sizeof one) {
+        memcpy(one, h, hl);
+        memcpy(one + hl, payload, n);
+        iov[0].iov_base = one;
+        iov[0].iov_len = hl + n;
+        cnt = 1;
     }
-    if (sent == hl + n) {
+    ssize_t r = write_now(s, iov, cnt);
+    if (r < 0) return mw_stream_pusherr(L, s, errno);
+    if ((size_t)r == hl + n) {
         lua_pushboolean(L, 1);
         return 1;
     }
-    lua_pushboolean(L, 0);
-    luaL_Buffer rest;
-    char *out = luaL_buffinitsize(L, &rest, hl + n - sent);
-    size_t hrest = sent < hl ? hl - sent : 0;
-    memcpy(out, h + (hl - hrest), hrest);
-    memcpy(out + hrest, payload + (sent - (hl - hrest)), n - (sent - (hl - hrest)));
-    luaL_pushresultsize(&rest, hl + n - sent);
-    return 2;
+    return push_rest(L, (const char *)h, hl, payload, n, (size_t)r);
+}
+
+/* ws_frame(opcode, payload) -> a whole unmasked frame (fin set, no rsv1) as one string: a
+ * broadcast's bytes for every server-side member (ws_send_all) and every queue. */
+static int l_ws_frame(lua_State *L)
+{
+    lua_Integer op = luaL_checkinteger(L, 1);
+    size_t n;
+    const char *payload = luaL_checklstring(L, 2, &n);
+    luaL_argcheck(L, op >= 0 && op <= 15, 1, "opcode out of range");
+    if (op >= OP_CLOSE && n > 125) luaL_argerror(L, 2, "control frame payload above 125 bytes");
+    uint8_t h[14];
+    size_t hl = head_bytes(h, op, 1, 0, n);
+    luaL_Buffer b;
+    char *out = luaL_buffinitsize(L, &b, hl + n);
+    memcpy(out, h, hl);
+    memcpy(out + hl, payload, n);
+    luaL_pushresultsize(&b, hl + n);
+    return 1;
+}
+
+/* ws_send_all(list, i, frame, len) -> k, sent, how [, rest | err, code]
+ * A broadcast's loop over its members list[i], list[i + 1], ... up to the first nil, as
+ * ipairs goes (WebSocket tables): frame is the whole
+ * message as ws_frame made it, len the message's length (for deflate_threshold). Members
+ * whose state is not "open" are skipped. A member whose frame can go out as it is, at once
+ * (a server-side connection, nobody writing on it, not compressing this message) gets it
+ * through write_now, as try_send would send it; sent counts those that took all of it. The
+ * loop stops at member k, returning how:
+ *   true   every member was done (k: the first nil's index);
+ *   0      member k is another case (a writer busy, deflate, a client, a closed socket, not a
+ *          WebSocket): the caller's general path handles it, nothing was written;
+ *   false  member k took only part of the frame: rest is what it did not take;
+ *   nil    writing to member k failed: err, code.
+ * The caller handles member k, then calls again from k + 1. No Lua runs in here: the list
+ * cannot change under the loop. */
+static int l_ws_send_all(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_Integer i = luaL_checkinteger(L, 2);
+    size_t fl;
+    const char *frame = luaL_checklstring(L, 3, &fl);
+    lua_Integer len = luaL_checkinteger(L, 4);
+    lua_settop(L, 4);
+    lua_pushliteral(L, "state");                /* 5 */
+    lua_pushliteral(L, "open");                 /* 6 */
+    lua_pushliteral(L, "_writer");              /* 7 */
+    lua_pushliteral(L, "_deflate");             /* 8 */
+    lua_pushliteral(L, "wc");                   /* 9 */
+    lua_pushliteral(L, "deflate_threshold");    /* 10 */
+    lua_Integer sent = 0;
+    struct iovec iov = { (void *)frame, fl };
+    for (;; i++, lua_settop(L, 10)) {
+        int t = lua_rawgeti(L, 1, i);           /* 11: the member */
+        if (t == LUA_TNIL) break;               /* (the end, as for ipairs) */
+        if (t != LUA_TTABLE) goto other;
+        lua_pushvalue(L, 5);
+        lua_rawget(L, 11);
+        if (!lua_rawequal(L, -1, 6)) continue;
+        lua_pushvalue(L, 7);
+        lua_rawget(L, 11);
+        if (lua_toboolean(L, -1)) goto other;
+        lua_pushvalue(L, 8);
+        lua_rawget(L, 11);
+        if (lua_toboolean(L, -1)) {
+            /* deflate negotiated: compressed (the general path) from the threshold on */
+            int isint;
+            lua_pushvalue(L, 10);
+            lua_gettable(L, 11);
+            lua_Integer threshold = lua_tointegerx(L, -1, &isint);
+            if (!isint || len >= threshold) goto other;
+        }
+        lua_pushvalue(L, 9);
+        lua_rawget(L, 11);
+        mw_ws *w = mw_udata_magic(L, -1, sizeof(mw_ws), offsetof(mw_ws, magic), WS_MAGIC);
+        if (!w || !w->s || w->client || w->s->closed || w->s->waiter[MW_ROLE_WRITE]) goto other;
+        ssize_t r = write_now(w->s, &iov, 1);
+        if ((size_t)r == fl) {
+            sent++;
+            continue;
+        }
+        int e = errno;
+        lua_settop(L, 10);
+        lua_pushinteger(L, i);
+        lua_pushinteger(L, sent);
+        if (r < 0) return 2 + mw_stream_pusherr(L, w->s, e);     /* nil, err, code */
+        return 2 + push_rest(L, frame, fl, "", 0, (size_t)r);
+    }
+    lua_settop(L, 10);
+    lua_pushinteger(L, i);
+    lua_pushinteger(L, sent);
+    lua_pushboolean(L, 1);
+    return 3;
+other:
+    lua_settop(L, 10);
+    lua_pushinteger(L, i);
+    lua_pushinteger(L, sent);
+    lua_pushinteger(L, 0);
+    return 3;
 }
 
 /* wc:deflate(payload) -> the compressed payload of one message (RFC 7692: sync flush,
@@ -691,7 +824,8 @@ void mw_ws_open(lua_State *L)
     lua_pop(L, 1);
     static const luaL_Reg f[] = {
         { "ws_conn", l_ws_conn }, { "ws_accept", l_ws_accept }, { "random", l_random },
-        { "utf8_valid", l_utf8_valid }, { NULL, NULL }
+        { "utf8_valid", l_utf8_valid }, { "ws_frame", l_ws_frame }, { "ws_send_all", l_ws_send_all },
+        { NULL, NULL }
     };
     luaL_setfuncs(L, f, 0);
 }
