@@ -141,7 +141,7 @@ end
 --
 -- A socket allows one writing task, so a connection has one writer at a time
 -- (self._writer): the task whose frame is going out, or the queue's writer task. A frame is
--- sent at once, in one writev from C (try_send), when nobody writes; what the socket does
+-- sent at once, in one write from C (try_send), when nobody writes; what the socket does
 -- not take the sender writes, waiting, before it lets the slot go. While somebody writes,
 -- frames wait in the send queue (self._outq), in order, and the writer task sends them
 -- after: a sending task's message parks it until it is written (backpressure), a
