@@ -257,7 +257,11 @@ describe("WebSocket send paths", function()
   local OFFER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
 
   for _, deflate in ipairs { false, true } do
-    it(("server role%s: the same frames at once and queued"):format(deflate and ", deflate" or ""), function()
+   for _, uring in ipairs { true, false } do
+    it(("server role%s%s: the same frames at once and queued"):format(deflate and ", deflate" or "",
+        uring and "" or ", broadcast without io_uring"), function()
+      local was = core.ws_uring(uring)
+      finally(function() core.ws_uring(was) end)
       run(function()
         local sync = { go = mw.channel(1), queued = mw.channel(1), big = incompressible() }
         local srv = serve(function(req)
@@ -277,6 +281,7 @@ describe("WebSocket send paths", function()
         srv:close()
       end, 30)
     end)
+   end
 
     it(("client role%s: the same frames at once and queued"):format(deflate and ", deflate" or ""), function()
       run(function()
@@ -345,79 +350,92 @@ describe("WebSocket broadcast with a slow member", function()
     for i = from, to do assert.same({ 1, "m" .. i }, { read_frame(s) }) end
   end
 
-  it("on_full = 'close': the slow member is closed at its third message, and leaves the topic; " ..
-     "every other member (the one that took its place in the list too) gets every message", function()
-    run(function()
-      local ps, srv, clients, conns = setup_members("close")
-      assert.is_true(ps:publish("t", "m1"))
-      assert.is_true(ps:publish("t", "m2"))
-      assert.equal(2 * K, ps.stats.delivered)
-      assert.same({ 2, 8 }, { conns[1]:buffered() })   -- two frames of 2 + 2 bytes
-      assert.is_true(ps:publish("t", "m3"))            -- the slow member's queue is full
-      assert.equal("closed", conns[1].state)
-      assert.equal(K - 1, ps:members("t"))
-      assert.equal(2 * K + K - 1, ps.stats.delivered)
-      assert.is_true(ps:publish("t", "m4"))
-      assert.equal(2 * K + 2 * (K - 1), ps.stats.delivered)
-      for i = 2, K do expect_messages(clients[i], 1, 4) end
-      for i = 1, K do clients[i]:close() end
-      for i = 2, K do conns[i]:close() end
-      ps:close()
-      srv:close()
-    end, 30)
-  end)
+  -- (broadcast's plain members go through io_uring where the kernel has it, else one send
+  -- each: both ways)
+  for _, uring in ipairs { true, false } do
+    local how = uring and "" or " (without io_uring)"
+    local function uring_mode()
+      local was = core.ws_uring(uring)
+      finally(function() core.ws_uring(was) end)
+    end
 
-  it("on_full = 'drop': the slow member loses what does not fit and stays; the broadcast's count " ..
-     "leaves it out", function()
-    run(function()
-      local ps, srv, clients, conns = setup_members("drop")
-      local list = {}
-      for i = 1, K do list[i] = conns[i] end
-      for i = 1, 2 do assert.equal(K, mw.websocket.broadcast(list, "m" .. i)) end
-      for i = 3, 4 do assert.equal(K - 1, mw.websocket.broadcast(list, "m" .. i)) end
-      assert.equal("open", conns[1].state)
-      assert.same({ 2, 8 }, { conns[1]:buffered() })   -- two frames of 2 + 2 bytes
-      -- a closed member is skipped, and not counted
-      conns[K]:close()
-      assert.equal(K - 2, mw.websocket.broadcast(list, "m5"))
-      for i = 2, K - 1 do expect_messages(clients[i], 1, 5) end
-      -- the slow one reads: BIG, then the two messages that fit
-      local op, p = read_frame(clients[1])
-      assert.same({ 2, BIG }, { op, #p })
-      expect_messages(clients[1], 1, 2)
-      for i = 1, K do clients[i]:close() end
-      for i = 1, K - 1 do conns[i]:close() end
-      ps:close()
-      srv:close()
-    end, 30)
-  end)
+    it("on_full = 'close': the slow member is closed at its third message, and leaves the topic; " ..
+       "every other member (the one that took its place in the list too) gets every message" .. how, function()
+      uring_mode()
+      run(function()
+        local ps, srv, clients, conns = setup_members("close")
+        assert.is_true(ps:publish("t", "m1"))
+        assert.is_true(ps:publish("t", "m2"))
+        assert.equal(2 * K, ps.stats.delivered)
+        assert.same({ 2, 8 }, { conns[1]:buffered() })   -- two frames of 2 + 2 bytes
+        assert.is_true(ps:publish("t", "m3"))            -- the slow member's queue is full
+        assert.equal("closed", conns[1].state)
+        assert.equal(K - 1, ps:members("t"))
+        assert.equal(2 * K + K - 1, ps.stats.delivered)
+        assert.is_true(ps:publish("t", "m4"))
+        assert.equal(2 * K + 2 * (K - 1), ps.stats.delivered)
+        for i = 2, K do expect_messages(clients[i], 1, 4) end
+        for i = 1, K do clients[i]:close() end
+        for i = 2, K do conns[i]:close() end
+        ps:close()
+        srv:close()
+      end, 30)
+    end)
 
-  it("a member whose write fails is closed and leaves the topic; the one that takes its place " ..
-     "in the list still gets the message", function()
-    run(function()
-      local ps = pubsub.new {}
-      local joined = mw.channel(K)
-      local srv = serve(function(req)
-        local ws = assert(req:websocket { deflate = false })
-        assert(ws:join("t", ps))
-        joined:send(ws)
-        while ws.state == "open" do mw.sleep(0.05) end
-      end)
-      local clients, conns = {}, {}
-      for i = 1, K do
-        clients[i] = raw_upgrade(srv.port)
-        conns[i] = assert(joined:recv(5))
-      end
-      conns[1].sock:close()                           -- its next write fails
-      assert.is_true(ps:publish("t", "m1"))
-      assert.equal("closed", conns[1].state)
-      assert.equal(K - 1, ps:members("t"))
-      assert.equal(K - 1, ps.stats.delivered)
-      for i = 2, K do expect_messages(clients[i], 1, 1) end
-      for i = 1, K do clients[i]:close() end
-      for i = 2, K do conns[i]:close() end
-      ps:close()
-      srv:close()
-    end, 30)
-  end)
+    it("on_full = 'drop': the slow member loses what does not fit and stays; the broadcast's count " ..
+       "leaves it out" .. how, function()
+      uring_mode()
+      run(function()
+        local ps, srv, clients, conns = setup_members("drop")
+        local list = {}
+        for i = 1, K do list[i] = conns[i] end
+        for i = 1, 2 do assert.equal(K, mw.websocket.broadcast(list, "m" .. i)) end
+        for i = 3, 4 do assert.equal(K - 1, mw.websocket.broadcast(list, "m" .. i)) end
+        assert.equal("open", conns[1].state)
+        assert.same({ 2, 8 }, { conns[1]:buffered() })   -- two frames of 2 + 2 bytes
+        -- a closed member is skipped, and not counted
+        conns[K]:close()
+        assert.equal(K - 2, mw.websocket.broadcast(list, "m5"))
+        for i = 2, K - 1 do expect_messages(clients[i], 1, 5) end
+        -- the slow one reads: BIG, then the two messages that fit
+        local op, p = read_frame(clients[1])
+        assert.same({ 2, BIG }, { op, #p })
+        expect_messages(clients[1], 1, 2)
+        for i = 1, K do clients[i]:close() end
+        for i = 1, K - 1 do conns[i]:close() end
+        ps:close()
+        srv:close()
+      end, 30)
+    end)
+
+    it("a member whose write fails is closed and leaves the topic; the one that takes its place " ..
+       "in the list still gets the message" .. how, function()
+      uring_mode()
+      run(function()
+        local ps = pubsub.new {}
+        local joined = mw.channel(K)
+        local srv = serve(function(req)
+          local ws = assert(req:websocket { deflate = false })
+          assert(ws:join("t", ps))
+          joined:send(ws)
+          while ws.state == "open" do mw.sleep(0.05) end
+        end)
+        local clients, conns = {}, {}
+        for i = 1, K do
+          clients[i] = raw_upgrade(srv.port)
+          conns[i] = assert(joined:recv(5))
+        end
+        conns[1].sock:close()                           -- its next write fails
+        assert.is_true(ps:publish("t", "m1"))
+        assert.equal("closed", conns[1].state)
+        assert.equal(K - 1, ps:members("t"))
+        assert.equal(K - 1, ps.stats.delivered)
+        for i = 2, K do expect_messages(clients[i], 1, 1) end
+        for i = 1, K do clients[i]:close() end
+        for i = 2, K do conns[i]:close() end
+        ps:close()
+        srv:close()
+      end, 30)
+    end)
+  end
 end)

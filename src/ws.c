@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include "ws.h"
 #include "stream.h"
+#include "uring.h"
 #include "mwlua.h"
 
 #include <errno.h>
@@ -619,84 +620,145 @@ static int l_ws_frame(lua_State *L)
     return 1;
 }
 
-/* ws_send_all(list, i, frame, len) -> k, sent, how [, rest | err, code]
- * A broadcast's loop over its members list[i], list[i + 1], ... up to the first nil, as
- * ipairs goes (WebSocket tables): frame is the whole
- * message as ws_frame made it, len the message's length (for deflate_threshold). Members
- * whose state is not "open" are skipped. A member whose frame can go out as it is, at once
- * (a server-side connection, nobody writing on it, not compressing this message) gets it
- * through write_now, as try_send would send it; sent counts those that took all of it. The
- * loop stops at member k, returning how:
- *   true   every member was done (k: the first nil's index);
- *   0      member k is another case (a writer busy, deflate, a client, a closed socket, not a
- *          WebSocket): the caller's general path handles it, nothing was written;
- *   false  member k took only part of the frame: rest is what it did not take;
- *   nil    writing to member k failed: err, code.
- * The caller handles member k, then calls again from k + 1. No Lua runs in here: the list
- * cannot change under the loop. */
+/* A batch of members whose frame goes out as it is, and what came of it */
+typedef struct {
+    int n;
+    int fd[MW_URING_BATCH];
+    mw_sock *s[MW_URING_BATCH];
+    lua_Integer at[MW_URING_BATCH];     /* the member's index in the list */
+    ssize_t res[MW_URING_BATCH];        /* bytes taken, or -errno */
+} send_batch;
+
+/* ws_send_all's stack: 1 list, 2 frame, 3 len, 4-9 field names, 10 `left` (or nil), 11 a member */
+enum { SA_LIST = 1, SA_STATE = 4, SA_OPEN, SA_WRITER, SA_DEFLATE, SA_WC, SA_THRESHOLD, SA_LEFT, SA_MEMBER };
+
+/* Appends (list[at], how, rest) to `left`, made on first use. */
+static void leave_to_lua(lua_State *L, lua_Integer at, int how, const char *rest, size_t n)
+{
+    if (lua_isnil(L, SA_LEFT)) {
+        lua_createtable(L, 6, 0);
+        lua_replace(L, SA_LEFT);
+    }
+    lua_Integer k = (lua_Integer)lua_rawlen(L, SA_LEFT);
+    lua_rawgeti(L, SA_LIST, at);
+    lua_rawseti(L, SA_LEFT, k + 1);
+    lua_pushinteger(L, how);
+    lua_rawseti(L, SA_LEFT, k + 2);
+    if (rest) lua_pushlstring(L, rest, n);
+    else lua_pushboolean(L, 0);
+    lua_rawseti(L, SA_LEFT, k + 3);
+}
+
+/* Sends the batch's frame: through io_uring where it works, the rest (or all) as try_send
+ * sends (write_now); then settles each member: took it all (counted), part (left: 1 and the
+ * unsent bytes), failed (left: 2). */
+static void flush_batch(lua_State *L, mw_uring *u, send_batch *b, const char *frame, size_t fl, lua_Integer *sent)
+{
+    int k = mw_uring_send_many(u, b->fd, b->n, frame, fl, b->res);
+    for (int i = k; i < b->n; i++) {
+        struct iovec iov = { (void *)frame, fl };
+        ssize_t r = write_now(b->s[i], &iov, 1);
+        b->res[i] = r < 0 ? -errno : r;
+    }
+    for (int i = 0; i < b->n; i++) {
+        ssize_t r = b->res[i];
+        if (r == (ssize_t)fl) (*sent)++;
+        else if (r >= 0 || r == -EAGAIN || r == -EWOULDBLOCK || r == -EINTR) {
+            size_t took = r > 0 ? (size_t)r : 0;
+            leave_to_lua(L, b->at[i], 1, frame + took, fl - took);
+        } else {
+            leave_to_lua(L, b->at[i], 2, NULL, 0);
+        }
+    }
+    b->n = 0;
+}
+
+/* ws_send_all(list, frame, len) -> sent, left | nil
+ * A broadcast's walk over its members list[1], list[2], ... up to the first nil, as ipairs
+ * goes (WebSocket tables): frame is the whole message as ws_frame made it, len the message's
+ * length (for deflate_threshold). Members whose state is not "open" are skipped. A member
+ * whose frame can go out as it is, at once (a server-side connection, nobody writing on it,
+ * not compressing this message) gets it: plain sockets with nothing gathered in batches
+ * through io_uring (uring.c), the others, and all where io_uring does not work, through
+ * write_now, as try_send sends; sent counts those that took all of it. The other members
+ * come back in `left` as triples (member, how, rest):
+ *   how 0  another case (a writer busy, deflate, a client, a closed socket, not a
+ *          WebSocket): nothing was written, the caller's general path handles it;
+ *   how 1  the member took only part of the frame: rest is what it did not take;
+ *   how 2  writing to the member failed.
+ * No Lua code runs in here, so the list does not change during the walk; the caller
+ * handles `left` after it (closing a member may change the list). */
 static int l_ws_send_all(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
-    lua_Integer i = luaL_checkinteger(L, 2);
     size_t fl;
-    const char *frame = luaL_checklstring(L, 3, &fl);
-    lua_Integer len = luaL_checkinteger(L, 4);
-    lua_settop(L, 4);
-    lua_pushliteral(L, "state");                /* 5 */
-    lua_pushliteral(L, "open");                 /* 6 */
-    lua_pushliteral(L, "_writer");              /* 7 */
-    lua_pushliteral(L, "_deflate");             /* 8 */
-    lua_pushliteral(L, "wc");                   /* 9 */
-    lua_pushliteral(L, "deflate_threshold");    /* 10 */
+    const char *frame = luaL_checklstring(L, 2, &fl);
+    lua_Integer len = luaL_checkinteger(L, 3);
+    mw_uring *u = lua_touserdata(L, lua_upvalueindex(1));
+    send_batch batch, *b = &batch;
+    b->n = 0;
+    lua_settop(L, 3);
+    lua_pushliteral(L, "state");
+    lua_pushliteral(L, "open");
+    lua_pushliteral(L, "_writer");
+    lua_pushliteral(L, "_deflate");
+    lua_pushliteral(L, "wc");
+    lua_pushliteral(L, "deflate_threshold");
+    lua_pushnil(L);                             /* SA_LEFT */
     lua_Integer sent = 0;
-    struct iovec iov = { (void *)frame, fl };
-    for (;; i++, lua_settop(L, 10)) {
-        int t = lua_rawgeti(L, 1, i);           /* 11: the member */
-        if (t == LUA_TNIL) break;               /* (the end, as for ipairs) */
+    for (lua_Integer i = 1;; i++, lua_settop(L, SA_LEFT)) {
+        int t = lua_rawgeti(L, SA_LIST, i);
+        if (t == LUA_TNIL) break;
         if (t != LUA_TTABLE) goto other;
-        lua_pushvalue(L, 5);
-        lua_rawget(L, 11);
-        if (!lua_rawequal(L, -1, 6)) continue;
-        lua_pushvalue(L, 7);
-        lua_rawget(L, 11);
+        lua_pushvalue(L, SA_STATE);
+        lua_rawget(L, SA_MEMBER);
+        if (!lua_rawequal(L, -1, SA_OPEN)) continue;
+        lua_pushvalue(L, SA_WRITER);
+        lua_rawget(L, SA_MEMBER);
         if (lua_toboolean(L, -1)) goto other;
-        lua_pushvalue(L, 8);
-        lua_rawget(L, 11);
+        lua_pushvalue(L, SA_DEFLATE);
+        lua_rawget(L, SA_MEMBER);
         if (lua_toboolean(L, -1)) {
             /* deflate negotiated: compressed (the general path) from the threshold on */
             int isint;
-            lua_pushvalue(L, 10);
-            lua_gettable(L, 11);
+            lua_pushvalue(L, SA_THRESHOLD);
+            lua_gettable(L, SA_MEMBER);
             lua_Integer threshold = lua_tointegerx(L, -1, &isint);
             if (!isint || len >= threshold) goto other;
         }
-        lua_pushvalue(L, 9);
-        lua_rawget(L, 11);
+        lua_pushvalue(L, SA_WC);
+        lua_rawget(L, SA_MEMBER);
         mw_ws *w = mw_udata_magic(L, -1, sizeof(mw_ws), offsetof(mw_ws, magic), WS_MAGIC);
         if (!w || !w->s || w->client || w->s->closed || w->s->waiter[MW_ROLE_WRITE]) goto other;
-        ssize_t r = write_now(w->s, &iov, 1);
-        if ((size_t)r == fl) {
-            sent++;
+        if (w->s->tp == &mw_plain_transport && mw_buf_len(&w->s->obuf) == 0) {
+            b->fd[b->n] = w->s->io.fd;
+            b->s[b->n] = w->s;
+            b->at[b->n] = i;
+            if (++b->n == MW_URING_BATCH) flush_batch(L, u, b, frame, fl, &sent);
             continue;
         }
-        int e = errno;
-        lua_settop(L, 10);
-        lua_pushinteger(L, i);
-        lua_pushinteger(L, sent);
-        if (r < 0) return 2 + mw_stream_pusherr(L, w->s, e);     /* nil, err, code */
-        return 2 + push_rest(L, frame, fl, "", 0, (size_t)r);
+        struct iovec iov = { (void *)frame, fl };
+        ssize_t r = write_now(w->s, &iov, 1);
+        if ((size_t)r == fl) sent++;
+        else if (r >= 0) leave_to_lua(L, i, 1, frame + r, fl - (size_t)r);
+        else leave_to_lua(L, i, 2, NULL, 0);
+        continue;
+    other:
+        leave_to_lua(L, i, 0, NULL, 0);
     }
-    lua_settop(L, 10);
-    lua_pushinteger(L, i);
+    if (b->n) flush_batch(L, u, b, frame, fl, &sent);
     lua_pushinteger(L, sent);
-    lua_pushboolean(L, 1);
-    return 3;
-other:
-    lua_settop(L, 10);
-    lua_pushinteger(L, i);
-    lua_pushinteger(L, sent);
-    lua_pushinteger(L, 0);
-    return 3;
+    lua_pushvalue(L, SA_LEFT);
+    return 2;
+}
+
+/* ws_uring(on) -> was: broadcast's use of io_uring on or off (tests run both ways) */
+static int l_ws_uring(lua_State *L)
+{
+    mw_uring *u = lua_touserdata(L, lua_upvalueindex(1));
+    luaL_checkany(L, 1);
+    lua_pushboolean(L, mw_uring_enable(u, lua_toboolean(L, 1)));
+    return 1;
 }
 
 /* wc:deflate(payload) -> the compressed payload of one message (RFC 7692: sync flush,
@@ -824,8 +886,14 @@ void mw_ws_open(lua_State *L)
     lua_pop(L, 1);
     static const luaL_Reg f[] = {
         { "ws_conn", l_ws_conn }, { "ws_accept", l_ws_accept }, { "random", l_random },
-        { "utf8_valid", l_utf8_valid }, { "ws_frame", l_ws_frame }, { "ws_send_all", l_ws_send_all },
-        { NULL, NULL }
+        { "utf8_valid", l_utf8_valid }, { "ws_frame", l_ws_frame }, { NULL, NULL }
     };
     luaL_setfuncs(L, f, 0);
+    /* broadcast's walk and its switch share one io_uring holder (made on first use) */
+    mw_uring_push(L);
+    lua_pushvalue(L, -1);
+    lua_pushcclosure(L, l_ws_send_all, 1);
+    lua_setfield(L, -3, "ws_send_all");
+    lua_pushcclosure(L, l_ws_uring, 1);
+    lua_setfield(L, -2, "ws_uring");
 }

@@ -634,9 +634,9 @@ end
 --- Sends one message to many connections: framed (and compressed, where receivers share
 -- the parameters and reset their context) once, the same bytes queued to every connection;
 -- a slow receiver never holds the others up (see send_queue / on_full).
--- The loop over the members is C's (ws_send_all: one write of the one frame to each
--- server-side member nobody writes on, as try_send would); the other members, and what a
--- socket did not take, come back here one at a time.
+-- The walk over the members is C's (ws_send_all: the one frame to each server-side member
+-- nobody writes on, at once, as try_send would send it; in batches through io_uring where
+-- the kernel offers it); the other members, and what a socket did not take, come back here.
 function M.broadcast(list, data, kind)
   if type(list) ~= "table" then argerror(1, "broadcast", "table expected, got " .. type(list)) end
   if type(data) ~= "string" then argerror(2, "broadcast", "string expected, got " .. type(data)) end
@@ -644,25 +644,23 @@ function M.broadcast(list, data, kind)
   if kind ~= "text" and kind ~= "binary" then argerror(3, "broadcast", "'text' or 'binary' expected") end
   if list[1] == nil then return 0 end
   local op = OP[kind]
-  local frame, len = ws_frame(op, data), #data
-  local sent, i, shared_z = 0, 1, nil
-  while true do
-    local k, n, how, rest, code = ws_send_all(list, i, frame, len)
-    sent = sent + n
-    if how == true then return sent end
-    local ws = list[k]
+  local frame = ws_frame(op, data)
+  local sent, left = ws_send_all(list, frame, #data)
+  if not left then return sent end
+  -- (after the walk: closing a member here makes it leave its topics, which changes the list)
+  local shared_z
+  for j = 1, #left, 3 do
+    local ws, how = left[j], left[j + 1]
     if how == 0 then
       shared_z = shared_z or {}
       sent = sent + broadcast_one(ws, op, data, frame, shared_z)
-    elseif how == false then
-      if enqueue(ws, rest, "") then sent = sent + 1 end
+    elseif how == 1 then
+      if enqueue(ws, left[j + 2], "") then sent = sent + 1 end
     else
       finish(ws, 1006, "")
     end
-    -- a member that was closed here left its topics (moonwire.pubsub): the list's last member
-    -- took its place, and is visited now
-    if list[k] == ws then i = k + 1 else i = k end
   end
+  return sent
 end
 
 function M._keepalive(self)
