@@ -95,8 +95,13 @@ mw_uring *mw_uring_push(lua_State *L)
 int mw_uring_enable(mw_uring *u, int on)
 {
     int was = !u->off;
-    u->off = !on;
+    if (on >= 0) u->off = !on;
     return was;
+}
+
+int mw_uring_made(const mw_uring *u)
+{
+    return u->fd >= 0 && u->pid == getpid();
 }
 
 /* Takes the completions of `want` submitted sends (user_data: their index). Returns 0, or -1

@@ -17,9 +17,12 @@ typedef struct mw_uring mw_uring;
 /* Pushes a ring holder (a userdata; no ring yet: made on first use). */
 mw_uring *mw_uring_push(lua_State *L);
 
-/* Turns the use of io_uring off (0) or on (1) for this holder (tests run both ways);
- * returns whether it was on. */
+/* Turns the use of io_uring off (0) or on (1) for this holder (tests run both ways; -1:
+ * leaves it); returns whether it was on (off too once io_uring proved unusable here). */
 int mw_uring_enable(mw_uring *u, int on);
+
+/* Whether this process's ring exists (one descriptor, kept once made). */
+int mw_uring_made(const mw_uring *u);
 
 /* Sends buf[0, len) to the descriptors fds[0, n) (n <= MW_URING_BATCH) and returns how many
  * of them it took, k (0 when io_uring is off or cannot be used here): for i < k, res[i] is

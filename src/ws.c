@@ -752,13 +752,17 @@ static int l_ws_send_all(lua_State *L)
     return 2;
 }
 
-/* ws_uring(on) -> was: broadcast's use of io_uring on or off (tests run both ways) */
+/* ws_uring([on]) -> on, made: broadcast's use of io_uring (tests run both ways: `on` turns it
+ * on or off, and the result is what it was), and whether this Lua state's ring (one
+ * descriptor, kept once made) exists. */
 static int l_ws_uring(lua_State *L)
 {
     mw_uring *u = lua_touserdata(L, lua_upvalueindex(1));
-    luaL_checkany(L, 1);
-    lua_pushboolean(L, mw_uring_enable(u, lua_toboolean(L, 1)));
-    return 1;
+    int made = mw_uring_made(u);
+    int was = lua_isnoneornil(L, 1) ? mw_uring_enable(u, -1) : mw_uring_enable(u, lua_toboolean(L, 1));
+    lua_pushboolean(L, was);
+    lua_pushboolean(L, made);
+    return 2;
 }
 
 /* wc:deflate(payload) -> the compressed payload of one message (RFC 7692: sync flush,
