@@ -9,7 +9,11 @@
 --   (2.1 million pongs, 555 MB of Lua heap in 7 s). Now control frames count against
 --   send_queue and only the latest pending pong is kept (RFC 6455 5.5.3);
 -- * the fast path (one writev from C, wc:try_send) and the queued path (encoded frames the
---   writer drains) drifted apart: the same messages through both must give the same bytes.
+--   writer drains) drifted apart: the same messages through both must give the same bytes
+--   (broadcast's C loop over its members, ws_send_all, too);
+-- * a broadcast skipped a member: when one member was closed during it (its send queue full
+--   with on_full = "close", or a failed write), it left its topics, the last member of the
+--   topic's list took its place, and the loop went on past that place.
 
 local helper = require "spec.helper"
 local mw = helper.mw
@@ -156,6 +160,12 @@ describe("WebSocket send paths", function()
   local cases = {
     { "text", "" }, { "text", "hello" }, { "binary", ("b"):rep(125) }, { "binary", ("c"):rep(126) },
     { "text", ("d"):rep(65535) }, { "binary", ("e"):rep(65536) },
+    -- mw.websocket.broadcast({ ws }, ...): at once, a server's through the C loop over the
+    -- members (ws_send_all: one frame for all), a client's through try_send; queued, the
+    -- same frame (a client's masked for it)
+    { "text", "", broadcast = true }, { "text", "hello", broadcast = true },
+    { "binary", ("b"):rep(125), broadcast = true }, { "binary", ("c"):rep(126), broadcast = true },
+    { "binary", ("e"):rep(65536), broadcast = true }, { "text", ("compressible "):rep(50), broadcast = true },
     { "binary", helper.pattern(150000) },          -- fragment_size = 100000: two frames
     { "binary", core.random(50000):rep(3) },       -- two frames, deflated or not
     { "text", ("compressible "):rep(50) },          -- deflated where negotiated
@@ -163,6 +173,10 @@ describe("WebSocket send paths", function()
   }
 
   local function send_case(ws, c)
+    if c.broadcast then
+      assert.equal(1, mw.websocket.broadcast({ ws }, c[2], c[1]))
+      return true
+    end
     if c.writer then
       local w = ws:writer("text")
       for _, chunk in ipairs(c.writer) do assert(w:write(chunk)) end
@@ -243,7 +257,11 @@ describe("WebSocket send paths", function()
   local OFFER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
 
   for _, deflate in ipairs { false, true } do
-    it(("server role%s: the same frames at once and queued"):format(deflate and ", deflate" or ""), function()
+   for _, uring in ipairs { true, false } do
+    it(("server role%s%s: the same frames at once and queued"):format(deflate and ", deflate" or "",
+        uring and "" or ", broadcast without io_uring"), function()
+      local was = core.ws_uring(uring)
+      finally(function() core.ws_uring(was) end)
       run(function()
         local sync = { go = mw.channel(1), queued = mw.channel(1), big = incompressible() }
         local srv = serve(function(req)
@@ -263,6 +281,7 @@ describe("WebSocket send paths", function()
         srv:close()
       end, 30)
     end)
+   end
 
     it(("client role%s: the same frames at once and queued"):format(deflate and ", deflate" or ""), function()
       run(function()
@@ -289,6 +308,133 @@ describe("WebSocket send paths", function()
         assert.same({ true, true }, { client:join(5) })
         s:close()
         l:close()
+      end, 30)
+    end)
+  end
+end)
+
+-- Broadcast to many members, one of them slow (it stopped reading: a large message blocks its
+-- writer): the others get every message at once; the slow one's queue is bounded by send_queue,
+-- and on_full says what happens past it.
+describe("WebSocket broadcast with a slow member", function()
+  local pubsub = require "moonwire.pubsub"
+  local K = 4                        -- members; the first one is slow
+
+  -- Members with send_queue = 2 and the given on_full, joined to topic "t" of a local pubsub;
+  -- the first member's writer blocked on BIG bytes. Returns the pubsub, the server, the
+  -- raw clients (in join order) and the server-side connections.
+  local function setup_members(on_full)
+    local ps = pubsub.new {}
+    local joined = mw.channel(K)
+    local srv = serve(function(req)
+      local ws = assert(req:websocket { deflate = false, send_queue = 2, on_full = on_full })
+      assert(ws:join("t", ps))
+      joined:send(ws)
+      while ws.state == "open" do mw.sleep(0.05) end
+    end)
+    local clients, conns = {}, {}
+    for i = 1, K do
+      clients[i] = raw_upgrade(srv.port)
+      conns[i] = assert(joined:recv(5))
+    end
+    assert.equal(K, ps:members("t"))
+    -- the slow member: what its socket does not take of BIG is queued, its writer blocks
+    assert.equal(1, mw.websocket.broadcast({ conns[1] }, ("b"):rep(BIG), "binary"))
+    assert.is_truthy(conns[1]._writer)
+    mw.yield()                         -- the writer task took the rest: nothing waits behind it
+    assert.same({ 0, 0 }, { conns[1]:buffered() })
+    return ps, srv, clients, conns
+  end
+
+  local function expect_messages(s, from, to)
+    for i = from, to do assert.same({ 1, "m" .. i }, { read_frame(s) }) end
+  end
+
+  -- (broadcast's plain members go through io_uring where the kernel has it, else one send
+  -- each: both ways)
+  for _, uring in ipairs { true, false } do
+    local how = uring and "" or " (without io_uring)"
+    local function uring_mode()
+      local was = core.ws_uring(uring)
+      finally(function() core.ws_uring(was) end)
+    end
+
+    it("on_full = 'close': the slow member is closed at its third message, and leaves the topic; " ..
+       "every other member (the one that took its place in the list too) gets every message" .. how, function()
+      uring_mode()
+      run(function()
+        local ps, srv, clients, conns = setup_members("close")
+        assert.is_true(ps:publish("t", "m1"))
+        assert.is_true(ps:publish("t", "m2"))
+        assert.equal(2 * K, ps.stats.delivered)
+        assert.same({ 2, 8 }, { conns[1]:buffered() })   -- two frames of 2 + 2 bytes
+        assert.is_true(ps:publish("t", "m3"))            -- the slow member's queue is full
+        assert.equal("closed", conns[1].state)
+        assert.equal(K - 1, ps:members("t"))
+        assert.equal(2 * K + K - 1, ps.stats.delivered)
+        assert.is_true(ps:publish("t", "m4"))
+        assert.equal(2 * K + 2 * (K - 1), ps.stats.delivered)
+        for i = 2, K do expect_messages(clients[i], 1, 4) end
+        for i = 1, K do clients[i]:close() end
+        for i = 2, K do conns[i]:close() end
+        ps:close()
+        srv:close()
+      end, 30)
+    end)
+
+    it("on_full = 'drop': the slow member loses what does not fit and stays; the broadcast's count " ..
+       "leaves it out" .. how, function()
+      uring_mode()
+      run(function()
+        local ps, srv, clients, conns = setup_members("drop")
+        local list = {}
+        for i = 1, K do list[i] = conns[i] end
+        for i = 1, 2 do assert.equal(K, mw.websocket.broadcast(list, "m" .. i)) end
+        for i = 3, 4 do assert.equal(K - 1, mw.websocket.broadcast(list, "m" .. i)) end
+        assert.equal("open", conns[1].state)
+        assert.same({ 2, 8 }, { conns[1]:buffered() })   -- two frames of 2 + 2 bytes
+        -- a closed member is skipped, and not counted
+        conns[K]:close()
+        assert.equal(K - 2, mw.websocket.broadcast(list, "m5"))
+        for i = 2, K - 1 do expect_messages(clients[i], 1, 5) end
+        -- the slow one reads: BIG, then the two messages that fit
+        local op, p = read_frame(clients[1])
+        assert.same({ 2, BIG }, { op, #p })
+        expect_messages(clients[1], 1, 2)
+        for i = 1, K do clients[i]:close() end
+        for i = 1, K - 1 do conns[i]:close() end
+        ps:close()
+        srv:close()
+      end, 30)
+    end)
+
+    it("a member whose write fails is closed and leaves the topic; the one that takes its place " ..
+       "in the list still gets the message" .. how, function()
+      uring_mode()
+      run(function()
+        local ps = pubsub.new {}
+        local joined = mw.channel(K)
+        local srv = serve(function(req)
+          local ws = assert(req:websocket { deflate = false })
+          assert(ws:join("t", ps))
+          joined:send(ws)
+          while ws.state == "open" do mw.sleep(0.05) end
+        end)
+        local clients, conns = {}, {}
+        for i = 1, K do
+          clients[i] = raw_upgrade(srv.port)
+          conns[i] = assert(joined:recv(5))
+        end
+        conns[1].sock:close()                           -- its next write fails
+        assert.is_true(ps:publish("t", "m1"))
+        assert.equal("closed", conns[1].state)
+        assert.equal(K - 1, ps:members("t"))
+        assert.equal(K - 1, ps.stats.delivered)
+        for i = 2, K do expect_messages(clients[i], 1, 1) end
+        for i = 1, K do clients[i]:close() end
+        for i = 2, K do conns[i]:close() end
+        ps:close()
+        srv:close()
       end, 30)
     end)
   end

@@ -191,11 +191,18 @@ static ssize_t plain_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
 
 static ssize_t plain_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
 {
-    struct msghdr m;
-    memset(&m, 0, sizeof m);
-    m.msg_iov = (struct iovec *)iov;
-    m.msg_iovlen = (size_t)n;
-    ssize_t r = sendmsg(s->io.fd, &m, MSG_NOSIGNAL);
+    ssize_t r;
+    if (n == 1) {
+        /* one buffer (a broadcast's frame, a small WebSocket frame): send(2) skips the
+         * msghdr and iovec copies sendmsg(2) makes */
+        r = send(s->io.fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
+    } else {
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = (struct iovec *)iov;
+        m.msg_iovlen = (size_t)n;
+        r = sendmsg(s->io.fd, &m, MSG_NOSIGNAL);
+    }
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) *want = EPOLLOUT;
     return r;
 }

@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include "ws.h"
 #include "stream.h"
+#include "uring.h"
 #include "mwlua.h"
 
 #include <errno.h>
@@ -455,6 +456,26 @@ static int ws_receive(lua_State *L)
 
 /* ---- sending ----------------------------------------------------------------------------- */
 
+/* Writes an unmasked frame header (opcode, fin, rsv1, payload length n) into h; returns its
+ * length (2, 4 or 10). */
+static size_t head_bytes(uint8_t h[14], lua_Integer op, int fin, int rsv1, size_t n)
+{
+    h[0] = (uint8_t)((fin ? 0x80 : 0) | (rsv1 ? 0x40 : 0) | op);
+    if (n < 126) {
+        h[1] = (uint8_t)n;
+        return 2;
+    }
+    if (n < 65536) {
+        h[1] = 126;
+        h[2] = (uint8_t)(n >> 8);
+        h[3] = (uint8_t)n;
+        return 4;
+    }
+    h[1] = 127;
+    for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+    return 10;
+}
+
 /* Reads a frame's arguments (opcode, payload, fin, rsv1 at 2..5) and writes its header into
  * h; a client's frame gets a fresh masking key, which is also left in *key. Returns the
  * header's length. Both ways out, encode and try_send, frame here. */
@@ -469,20 +490,7 @@ static size_t frame_head(lua_State *L, mw_ws *w, uint8_t h[14], const char **pay
     int rsv1 = lua_toboolean(L, 5);
     luaL_argcheck(L, op >= 0 && op <= 15, 2, "opcode out of range");
     if (op >= OP_CLOSE && n > 125) luaL_argerror(L, 3, "control frame payload above 125 bytes");
-    size_t hl = 2;
-    h[0] = (uint8_t)((fin ? 0x80 : 0) | (rsv1 ? 0x40 : 0) | op);
-    if (n < 126) {
-        h[1] = (uint8_t)n;
-    } else if (n < 65536) {
-        h[1] = 126;
-        h[2] = (uint8_t)(n >> 8);
-        h[3] = (uint8_t)n;
-        hl = 4;
-    } else {
-        h[1] = 127;
-        for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
-        hl = 10;
-    }
+    size_t hl = head_bytes(h, op, fin, rsv1, n);
     *key = NULL;
     if (!w->client) return hl;
     h[1] |= 0x80;
@@ -525,11 +533,44 @@ static int ws_encode(lua_State *L)
     return 2;
 }
 
+/* The one way a frame goes out at once, for try_send and send_all: one write of iov (what
+ * the stream gathered first), no wait. Returns the bytes the socket took (0: it is full), or
+ * -1 with errno set. */
+static ssize_t write_now(mw_sock *s, const struct iovec *iov, int cnt)
+{
+    uint32_t want = 0;
+    for (;;) {
+        ssize_t r = mw_sock_writev(s, iov, cnt, &want);
+        if (r >= 0) return r;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        return -1;
+    }
+}
+
+/* What write_now left of a frame (header a[0, an), payload b[0, bn), `sent` bytes gone):
+ * pushes false and the unsent bytes; returns 2. */
+static int push_rest(lua_State *L, const char *a, size_t an, const char *b, size_t bn, size_t sent)
+{
+    lua_pushboolean(L, 0);
+    luaL_Buffer rest;
+    char *out = luaL_buffinitsize(L, &rest, an + bn - sent);
+    size_t arest = sent < an ? an - sent : 0;
+    memcpy(out, a + (an - arest), arest);
+    memcpy(out + arest, b + (sent - (an - arest)), bn - (sent - (an - arest)));
+    luaL_pushresultsize(&rest, an + bn - sent);
+    return 2;
+}
+
+/* Frames up to this size go out as one buffer (header and payload copied together): one
+ * iovec, which the plain transport sends with send(2) rather than sendmsg(2). */
+#define CONTIG_MAX 512
+
 /* wc:try_send(opcode, payload, fin, rsv1) -> true (the whole frame went out now)
  *   | false, rest (only part of it did, or none: `rest` is the frame's unsent bytes, which the
  *     caller writes before any other frame) | nil, err, code.
  * The way every frame of a connection whose writer slot is free goes out: no Lua string for
- * the header, one writev, no wait. Raises, as a socket's write does, when another task is
+ * the header, one write, no wait. Raises, as a socket's write does, when another task is
  * writing on the socket. */
 static int ws_try_send(lua_State *L)
 {
@@ -541,28 +582,186 @@ static int ws_try_send(lua_State *L)
     const char *payload;
     size_t n, hl = frame_head(L, w, h, &payload, &n, &key);
     if (key) payload = masked_copy(L, payload, n, key);
+    char one[CONTIG_MAX];
     struct iovec iov[2] = { { h, hl }, { (void *)payload, n } };
-    uint32_t want = 0;
-    size_t sent = 0;
-    for (;;) {
-        ssize_t r = mw_sock_writev(s, iov, n ? 2 : 1, &want);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-        if (r < 0) return mw_stream_pusherr(L, s, errno);
-        sent = (size_t)r;
-        break;
+    int cnt = n ? 2 : 1;
+    if (hl + n <= sizeof one) {
+        memcpy(one, h, hl);
+        memcpy(one + hl, payload, n);
+        iov[0].iov_base = one;
+        iov[0].iov_len = hl + n;
+        cnt = 1;
     }
-    if (sent == hl + n) {
+    ssize_t r = write_now(s, iov, cnt);
+    if (r < 0) return mw_stream_pusherr(L, s, errno);
+    if ((size_t)r == hl + n) {
         lua_pushboolean(L, 1);
         return 1;
     }
-    lua_pushboolean(L, 0);
-    luaL_Buffer rest;
-    char *out = luaL_buffinitsize(L, &rest, hl + n - sent);
-    size_t hrest = sent < hl ? hl - sent : 0;
-    memcpy(out, h + (hl - hrest), hrest);
-    memcpy(out + hrest, payload + (sent - (hl - hrest)), n - (sent - (hl - hrest)));
-    luaL_pushresultsize(&rest, hl + n - sent);
+    return push_rest(L, (const char *)h, hl, payload, n, (size_t)r);
+}
+
+/* ws_frame(opcode, payload) -> a whole unmasked frame (fin set, no rsv1) as one string: a
+ * broadcast's bytes for every server-side member (ws_send_all) and every queue. */
+static int l_ws_frame(lua_State *L)
+{
+    lua_Integer op = luaL_checkinteger(L, 1);
+    size_t n;
+    const char *payload = luaL_checklstring(L, 2, &n);
+    luaL_argcheck(L, op >= 0 && op <= 15, 1, "opcode out of range");
+    if (op >= OP_CLOSE && n > 125) luaL_argerror(L, 2, "control frame payload above 125 bytes");
+    uint8_t h[14];
+    size_t hl = head_bytes(h, op, 1, 0, n);
+    luaL_Buffer b;
+    char *out = luaL_buffinitsize(L, &b, hl + n);
+    memcpy(out, h, hl);
+    memcpy(out + hl, payload, n);
+    luaL_pushresultsize(&b, hl + n);
+    return 1;
+}
+
+/* A batch of members whose frame goes out as it is, and what came of it */
+typedef struct {
+    int n;
+    int fd[MW_URING_BATCH];
+    mw_sock *s[MW_URING_BATCH];
+    lua_Integer at[MW_URING_BATCH];     /* the member's index in the list */
+    ssize_t res[MW_URING_BATCH];        /* bytes taken, or -errno */
+} send_batch;
+
+/* ws_send_all's stack: 1 list, 2 frame, 3 len, 4-9 field names, 10 `left` (or nil), 11 a member */
+enum { SA_LIST = 1, SA_STATE = 4, SA_OPEN, SA_WRITER, SA_DEFLATE, SA_WC, SA_THRESHOLD, SA_LEFT, SA_MEMBER };
+
+/* Appends (list[at], how, rest) to `left`, made on first use. */
+static void leave_to_lua(lua_State *L, lua_Integer at, int how, const char *rest, size_t n)
+{
+    if (lua_isnil(L, SA_LEFT)) {
+        lua_createtable(L, 6, 0);
+        lua_replace(L, SA_LEFT);
+    }
+    lua_Integer k = (lua_Integer)lua_rawlen(L, SA_LEFT);
+    lua_rawgeti(L, SA_LIST, at);
+    lua_rawseti(L, SA_LEFT, k + 1);
+    lua_pushinteger(L, how);
+    lua_rawseti(L, SA_LEFT, k + 2);
+    if (rest) lua_pushlstring(L, rest, n);
+    else lua_pushboolean(L, 0);
+    lua_rawseti(L, SA_LEFT, k + 3);
+}
+
+/* Sends the batch's frame: through io_uring where it works, the rest (or all) as try_send
+ * sends (write_now); then settles each member: took it all (counted), part (left: 1 and the
+ * unsent bytes), failed (left: 2). */
+static void flush_batch(lua_State *L, mw_uring *u, send_batch *b, const char *frame, size_t fl, lua_Integer *sent)
+{
+    int k = mw_uring_send_many(u, b->fd, b->n, frame, fl, b->res);
+    for (int i = k; i < b->n; i++) {
+        struct iovec iov = { (void *)frame, fl };
+        ssize_t r = write_now(b->s[i], &iov, 1);
+        b->res[i] = r < 0 ? -errno : r;
+    }
+    for (int i = 0; i < b->n; i++) {
+        ssize_t r = b->res[i];
+        if (r == (ssize_t)fl) (*sent)++;
+        else if (r >= 0 || r == -EAGAIN || r == -EWOULDBLOCK || r == -EINTR) {
+            size_t took = r > 0 ? (size_t)r : 0;
+            leave_to_lua(L, b->at[i], 1, frame + took, fl - took);
+        } else {
+            leave_to_lua(L, b->at[i], 2, NULL, 0);
+        }
+    }
+    b->n = 0;
+}
+
+/* ws_send_all(list, frame, len) -> sent, left | nil
+ * A broadcast's walk over its members list[1], list[2], ... up to the first nil, as ipairs
+ * goes (WebSocket tables): frame is the whole message as ws_frame made it, len the message's
+ * length (for deflate_threshold). Members whose state is not "open" are skipped. A member
+ * whose frame can go out as it is, at once (a server-side connection, nobody writing on it,
+ * not compressing this message) gets it: plain sockets with nothing gathered in batches
+ * through io_uring (uring.c), the others, and all where io_uring does not work, through
+ * write_now, as try_send sends; sent counts those that took all of it. The other members
+ * come back in `left` as triples (member, how, rest):
+ *   how 0  another case (a writer busy, deflate, a client, a closed socket, not a
+ *          WebSocket): nothing was written, the caller's general path handles it;
+ *   how 1  the member took only part of the frame: rest is what it did not take;
+ *   how 2  writing to the member failed.
+ * No Lua code runs in here, so the list does not change during the walk; the caller
+ * handles `left` after it (closing a member may change the list). */
+static int l_ws_send_all(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    size_t fl;
+    const char *frame = luaL_checklstring(L, 2, &fl);
+    lua_Integer len = luaL_checkinteger(L, 3);
+    mw_uring *u = lua_touserdata(L, lua_upvalueindex(1));
+    send_batch batch, *b = &batch;
+    b->n = 0;
+    lua_settop(L, 3);
+    lua_pushliteral(L, "state");
+    lua_pushliteral(L, "open");
+    lua_pushliteral(L, "_writer");
+    lua_pushliteral(L, "_deflate");
+    lua_pushliteral(L, "wc");
+    lua_pushliteral(L, "deflate_threshold");
+    lua_pushnil(L);                             /* SA_LEFT */
+    lua_Integer sent = 0;
+    for (lua_Integer i = 1;; i++, lua_settop(L, SA_LEFT)) {
+        int t = lua_rawgeti(L, SA_LIST, i);
+        if (t == LUA_TNIL) break;
+        if (t != LUA_TTABLE) goto other;
+        lua_pushvalue(L, SA_STATE);
+        lua_rawget(L, SA_MEMBER);
+        if (!lua_rawequal(L, -1, SA_OPEN)) continue;
+        lua_pushvalue(L, SA_WRITER);
+        lua_rawget(L, SA_MEMBER);
+        if (lua_toboolean(L, -1)) goto other;
+        lua_pushvalue(L, SA_DEFLATE);
+        lua_rawget(L, SA_MEMBER);
+        if (lua_toboolean(L, -1)) {
+            /* deflate negotiated: compressed (the general path) from the threshold on */
+            int isint;
+            lua_pushvalue(L, SA_THRESHOLD);
+            lua_gettable(L, SA_MEMBER);
+            lua_Integer threshold = lua_tointegerx(L, -1, &isint);
+            if (!isint || len >= threshold) goto other;
+        }
+        lua_pushvalue(L, SA_WC);
+        lua_rawget(L, SA_MEMBER);
+        mw_ws *w = mw_udata_magic(L, -1, sizeof(mw_ws), offsetof(mw_ws, magic), WS_MAGIC);
+        if (!w || !w->s || w->client || w->s->closed || w->s->waiter[MW_ROLE_WRITE]) goto other;
+        if (w->s->tp == &mw_plain_transport && mw_buf_len(&w->s->obuf) == 0) {
+            b->fd[b->n] = w->s->io.fd;
+            b->s[b->n] = w->s;
+            b->at[b->n] = i;
+            if (++b->n == MW_URING_BATCH) flush_batch(L, u, b, frame, fl, &sent);
+            continue;
+        }
+        struct iovec iov = { (void *)frame, fl };
+        ssize_t r = write_now(w->s, &iov, 1);
+        if ((size_t)r == fl) sent++;
+        else if (r >= 0) leave_to_lua(L, i, 1, frame + r, fl - (size_t)r);
+        else leave_to_lua(L, i, 2, NULL, 0);
+        continue;
+    other:
+        leave_to_lua(L, i, 0, NULL, 0);
+    }
+    if (b->n) flush_batch(L, u, b, frame, fl, &sent);
+    lua_pushinteger(L, sent);
+    lua_pushvalue(L, SA_LEFT);
+    return 2;
+}
+
+/* ws_uring([on]) -> on, made: broadcast's use of io_uring (tests run both ways: `on` turns it
+ * on or off, and the result is what it was), and whether this Lua state's ring (one
+ * descriptor, kept once made) exists. */
+static int l_ws_uring(lua_State *L)
+{
+    mw_uring *u = lua_touserdata(L, lua_upvalueindex(1));
+    int made = mw_uring_made(u);
+    int was = lua_isnoneornil(L, 1) ? mw_uring_enable(u, -1) : mw_uring_enable(u, lua_toboolean(L, 1));
+    lua_pushboolean(L, was);
+    lua_pushboolean(L, made);
     return 2;
 }
 
@@ -691,7 +890,14 @@ void mw_ws_open(lua_State *L)
     lua_pop(L, 1);
     static const luaL_Reg f[] = {
         { "ws_conn", l_ws_conn }, { "ws_accept", l_ws_accept }, { "random", l_random },
-        { "utf8_valid", l_utf8_valid }, { NULL, NULL }
+        { "utf8_valid", l_utf8_valid }, { "ws_frame", l_ws_frame }, { NULL, NULL }
     };
     luaL_setfuncs(L, f, 0);
+    /* broadcast's walk and its switch share one io_uring holder (made on first use) */
+    mw_uring_push(L);
+    lua_pushvalue(L, -1);
+    lua_pushcclosure(L, l_ws_send_all, 1);
+    lua_setfield(L, -3, "ws_send_all");
+    lua_pushcclosure(L, l_ws_uring, 1);
+    lua_setfield(L, -2, "ws_uring");
 }

@@ -10,6 +10,7 @@ local park, unpark, current = core.park, core.unpark, core.current
 local watch, rewatch, unwatch = core.watch, core.rewatch, core.unwatch
 -- the per-frame methods of the C connection object, called as plain functions
 local receive_frame, try_send = core.ws_methods.receive_frame, core.ws_methods.try_send
+local ws_frame, ws_send_all = core.ws_frame, core.ws_send_all
 local traceback = debug.traceback
 
 local M = {}
@@ -140,7 +141,7 @@ end
 --
 -- A socket allows one writing task, so a connection has one writer at a time
 -- (self._writer): the task whose frame is going out, or the queue's writer task. A frame is
--- sent at once, in one writev from C (try_send), when nobody writes; what the socket does
+-- sent at once, in one write from C (try_send), when nobody writes; what the socket does
 -- not take the sender writes, waiting, before it lets the slot go. While somebody writes,
 -- frames wait in the send queue (self._outq), in order, and the writer task sends them
 -- after: a sending task's message parks it until it is written (backpressure), a
@@ -593,55 +594,70 @@ function WebSocket:leave(topic)
   return ps and ps:leave(self, topic) or false
 end
 
+-- A broadcast's member that ws_send_all left to Lua (a writer busy, deflate, a client's
+-- masked frame, a closed socket): framed for it, sent at once or queued. Returns 1 when the
+-- message went out or was queued, else 0.
+local function broadcast_one(ws, op, data, frame, shared_z)
+  if ws.state ~= "open" then return 0 end
+  local h, p
+  local d = ws._deflate
+  if d and #data >= ws.deflate_threshold then
+    if d.tx_no_context_takeover and not ws.wc_client then
+      local z = shared_z[d.tx_bits]
+      if not z then
+        local zp = ws.wc:deflate(data)
+        z = { ws.wc:encode(op, zp, true, true) }
+        shared_z[d.tx_bits] = z
+      end
+      h, p = z[1], z[2]
+    else
+      h, p = ws.wc:encode(op, ws.wc:deflate(data), true, true)
+    end
+  elseif not ws._writer then
+    -- nobody writes: one write now, as send_frame's first step does (a writer task per
+    -- member per message cost five times more); only what the socket did not take is queued
+    local done, rest = try_send(ws.wc, op, data, true, false)
+    if done then return 1 end
+    if done == nil then
+      finish(ws, 1006, "")
+      return 0
+    end
+    h, p = rest, ""
+  elseif ws.wc_client then
+    h, p = ws.wc:encode(op, data, true, false)
+  else
+    h, p = frame, ""
+  end
+  return enqueue(ws, h, p) and 1 or 0
+end
+
 --- Sends one message to many connections: framed (and compressed, where receivers share
 -- the parameters and reset their context) once, the same bytes queued to every connection;
 -- a slow receiver never holds the others up (see send_queue / on_full).
+-- The walk over the members is C's (ws_send_all: the one frame to each server-side member
+-- nobody writes on, at once, as try_send would send it; in batches through io_uring where
+-- the kernel offers it); the other members, and what a socket did not take, come back here.
 function M.broadcast(list, data, kind)
   if type(list) ~= "table" then argerror(1, "broadcast", "table expected, got " .. type(list)) end
   if type(data) ~= "string" then argerror(2, "broadcast", "string expected, got " .. type(data)) end
   kind = kind or "text"
   if kind ~= "text" and kind ~= "binary" then argerror(3, "broadcast", "'text' or 'binary' expected") end
+  if list[1] == nil then return 0 end
   local op = OP[kind]
-  local plain_h, shared_z, sent = nil, {}, 0
-  for _, ws in ipairs(list) do
-    if ws.state == "open" then
-      local h, p
-      local d = ws._deflate
-      if d and #data >= ws.deflate_threshold then
-        if d.tx_no_context_takeover and not ws.wc_client then
-          local z = shared_z[d.tx_bits]
-          if not z then
-            local zp = ws.wc:deflate(data)
-            z = { ws.wc:encode(op, zp, true, true) }
-            shared_z[d.tx_bits] = z
-          end
-          h, p = z[1], z[2]
-        else
-          h, p = ws.wc:encode(op, ws.wc:deflate(data), true, true)
-        end
-      elseif not ws._writer then
-        -- nobody writes: one writev now, as send_frame's first step does (a writer task
-        -- per member per message cost five times more); only what the socket did not take
-        -- is queued
-        local done, rest = try_send(ws.wc, op, data, true, false)
-        if done then
-          h = true
-        elseif done == false then
-          h, p = rest, ""
-        else
-          finish(ws, 1006, "")
-        end
-      elseif ws.wc_client then
-        h, p = ws.wc:encode(op, data, true, false)
-      else
-        if not plain_h then plain_h = ws.wc:encode(op, data, true, false) end
-        h, p = plain_h, data
-      end
-      if h == true then
-        sent = sent + 1
-      elseif h and enqueue(ws, h, p) then
-        sent = sent + 1
-      end
+  local frame = ws_frame(op, data)
+  local sent, left = ws_send_all(list, frame, #data)
+  if not left then return sent end
+  -- (after the walk: closing a member here makes it leave its topics, which changes the list)
+  local shared_z
+  for j = 1, #left, 3 do
+    local ws, how = left[j], left[j + 1]
+    if how == 0 then
+      shared_z = shared_z or {}
+      sent = sent + broadcast_one(ws, op, data, frame, shared_z)
+    elseif how == 1 then
+      if enqueue(ws, left[j + 2], "") then sent = sent + 1 end
+    else
+      finish(ws, 1006, "")
     end
   end
   return sent
