@@ -263,7 +263,7 @@ local function wants_h2(srv, sock)
   return yes
 end
 
-local serve_upgrade
+local serve_upgrade, run_upgraded
 
 -- The HTTP/1.1 requests of a connection (from what follows the handler of r, when given:
 -- see requests), then its end. One protected call for all of them, not one per request: a
@@ -301,7 +301,18 @@ function serve_upgrade(srv, sock, r)
   -- (a declined upgrade goes on as HTTP/1.1: http.c resumes parsing after it; a CONNECT the
   -- handler did not take over has tunnel bytes, not requests, behind it: the connection ends)
   if r.method == "CONNECT" then r[2][CLOSE] = true end
-  local ok, err = xpcall(srv.handler, traceback, r, r[2])
+  rawset(r, "_server", srv)     -- (what Server:_upgraded sets: no lookup in the new task)
+  rawset(r, "socket", sock)
+  mw.spawn(run_upgraded, r)
+end
+
+-- The handler of a request asking to switch protocols, in a task of its own (serve_upgrade),
+-- then what follows it in the request loop. (One parameter: the handler's frame is as low
+-- on the stack as a Lua body puts it.)
+function run_upgraded(r)
+  if WATCH then WATCH(coroutine.running()) end
+  local ok, err = xpcall(rawget(r, "_server").handler, traceback, r, r[2])
+  local srv, sock = rawget(r, "_server"), rawget(r, "socket")
   if ok then return serve_http1(srv, sock, r[1], r) end
   request_failed(srv, sock, r[1], r, err)
   conn_done(srv, sock)
