@@ -479,6 +479,18 @@ static int l_spawn(lua_State *L)
     return 1;
 }
 
+/* dispatch(fn, arg): fn(arg) in an idle worker task (a new one when none is idle); no task
+ * object, nothing to join. fn must not raise: a worker that raises is reported (on_error) and
+ * ends. */
+static int l_dispatch(lua_State *L)
+{
+    mw_rt *rt = mw_rt_up(L);
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    mw_sched_dispatch(rt, L);
+    return 0;
+}
+
 static int l_stop(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
@@ -924,7 +936,7 @@ void mw_sched_open(lua_State *L, int rtidx)
         { "join", t_join }, { "cancel", t_cancel }, { "status", t_status }, { NULL, NULL }
     };
     static const luaL_Reg funcs[] = {
-        { "run", l_run }, { "spawn", l_spawn }, { "stop", l_stop }, { "now", l_now },
+        { "run", l_run }, { "spawn", l_spawn }, { "dispatch", l_dispatch }, { "stop", l_stop }, { "now", l_now },
         { "current", l_current }, { "sleep", l_sleep }, { "yield", l_yield },
         { "park", l_park }, { "unpark", l_unpark }, { "deadline_push", l_deadline_push },
         { "deadline_pop", l_deadline_pop }, { "on_error", l_on_error }, { "signal", l_signal },

@@ -6,7 +6,7 @@ local core = require "moonwire.core"
 local url = require "moonwire.url"
 
 local ws_conn, ws_accept, random, utf8_valid = core.ws_conn, core.ws_accept, core.random, core.utf8_valid
-local park, unpark, current, spawn = core.park, core.unpark, core.current, core.spawn
+local park, unpark, current, dispatch = core.park, core.unpark, core.current, core.dispatch
 local watch, rewatch, unwatch = core.watch, core.rewatch, core.unwatch
 -- the per-frame methods of the C connection object, called as plain functions
 local receive_frame, try_send = core.ws_methods.receive_frame, core.ws_methods.try_send
@@ -904,21 +904,36 @@ local function handshake_server(req, res, opts)
   return ws
 end
 
+-- A handshake job in a worker task (M.upgrade): job = { task, req, res, opts }; the waiting
+-- task gets the job back first (so that a task that stopped waiting is not woken by it), then
+-- handshake_server's results or false, the error with its traceback.
+local function handshake_job(job)
+  local ok, ws, err, status = xpcall(handshake_server, traceback, job[2], job[3], job[4])
+  if not job.abandoned then
+    if ok then unpark(job[1], job, ws, err, status) else unpark(job[1], job, false, ws) end
+  end
+end
+
 function M.upgrade(req, opts)
   opts = opts or no_opts
   if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
   local res = rawget(req, 2)            -- the request's response (Request.slots.RES)
   if not res or res.sent then error("websocket: the response was already sent", 3) end
   if req.version == "2" then return handshake_server(req, res, opts) end
-  -- HTTP/1.1: the handshake runs in a task of its own. A Lua stack never shrinks back to its
-  -- first size while its task waits, and the handshake's frames would grow the stack of the
-  -- handler's task, which a handler looping over ws:messages() keeps as long as the
-  -- connection lasts: a fresh task's 40 slots instead of 80 (docs/websocket.md, "What an idle
-  -- connection costs").
-  local ok, ws, err, status = spawn(handshake_server, req, res, opts):join()
-  if ok then return ws, err, status end
-  if ok == nil then return nil, ws, err end        -- (this task was cancelled, or its deadline passed)
-  error(ws, 0)
+  -- HTTP/1.1: the handshake runs in a worker task (the pool the scheduler keeps, no new task
+  -- each time). A Lua stack never shrinks back to its first size while its task waits, and
+  -- the handshake's frames would grow the stack of the handler's task, which a handler
+  -- looping over ws:messages() keeps as long as the connection lasts: 40 slots instead of 80
+  -- (docs/websocket.md, "What an idle connection costs").
+  local job = { current(), req, res, opts }
+  dispatch(handshake_job, job)
+  local back, ws, err, status = park()
+  if back ~= job then                   -- (cancelled, or a deadline passed: ws, err are why)
+    job.abandoned = true
+    return nil, ws, err
+  end
+  if ws == false then error(err, 0) end
+  return ws, err, status
 end
 
 -- ---------------------------------------------------------------------------------------

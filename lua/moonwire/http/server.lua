@@ -6,6 +6,7 @@ local Response = require "moonwire.http.response"
 
 local http_conn, http_head, read_request = core.http_conn, core.http_head, core.http_read_request
 local h2_preface = core.h2_preface
+local dispatch = core.dispatch
 -- a response's array slots (see response.lua; one constant per declaration, as there)
 local FIN <const> = 5
 local BYTES <const> = 6
@@ -367,6 +368,10 @@ end
 
 local function accept_loop(srv)
   local l = srv.listener
+  -- (each connection in a worker task, from the scheduler's pool: a connection upgraded to a
+  -- WebSocket gives its task back, serve_upgrade, and a task made for each one would be
+  -- garbage, which a burst of new connections adds to the process's size)
+  local function serve(sock) return serve_connection(srv, sock) end
   while true do
     local sock, err, code = l:accept()
     if not sock then
@@ -377,7 +382,7 @@ local function accept_loop(srv)
         srv.error_log("moonwire: accept failed: " .. tostring(err))
       end
     else
-      mw.spawn(serve_connection, srv, sock)
+      dispatch(serve, sock)
     end
   end
 end
