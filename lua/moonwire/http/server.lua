@@ -264,7 +264,7 @@ local function wants_h2(srv, sock)
   return yes
 end
 
-local serve_upgrade, run_upgraded
+local serve_upgrade, upgraded_body
 
 -- The HTTP/1.1 requests of a connection (from what follows the handler of r, when given:
 -- see requests), then its end. One protected call for all of them, not one per request: a
@@ -287,11 +287,13 @@ end
 
 -- The upgrade hand-off. A request that asks to switch protocols (Connection: upgrade, as a
 -- WebSocket handshake does) leaves the request loop before its handler runs, and the
--- handler runs from here, under two frames instead of four: a handler that upgrades and
--- keeps the connection's task (looping over ws:messages()) then keeps alive only what it
--- holds itself, not the loop's locals (the HTTP connection object and the response:
--- Server:_upgraded lets go of what the request holds). Then the loop goes on from what
--- follows the handler (serve_http1 again, a tail call): it closes the WebSocket, or the
+-- handler runs in a fresh task, its frame four slots up the stack: a handler that upgrades
+-- and loops over ws:messages() keeps that task as long as the connection lasts, with only
+-- what it holds itself (not the loop's locals, the HTTP connection object and the response:
+-- Server:_upgraded lets go of what the request holds) and a stack that nothing deeper has
+-- grown (Lua never shrinks a waiting task's stack back to its first 40 slots; the request
+-- loop's task, deeper, goes back to the worker pool). Then the loop goes on from what follows
+-- the handler (serve_http1 again, in the new task): it closes the WebSocket, or the
 -- connection, or (`Connection: upgrade` without an Upgrade header) serves the next request.
 function serve_upgrade(srv, sock, r)
   -- Upgrade: h2c on a listener that takes it: this request is answered over HTTP/2, as stream 1
@@ -304,20 +306,19 @@ function serve_upgrade(srv, sock, r)
   if r.method == "CONNECT" then r[2][CLOSE] = true end
   rawset(r, "_server", srv)     -- (what Server:_upgraded sets: no lookup in the new task)
   rawset(r, "socket", sock)
-  mw.spawn(run_upgraded, r)
+  mw.spawn(upgraded_body, r, srv.handler, r[2])
 end
 
--- The handler of a request asking to switch protocols, in a task of its own (serve_upgrade),
--- then what follows it in the request loop. (One parameter: the handler's frame is as low
--- on the stack as a Lua body puts it.)
-function run_upgraded(r)
-  if WATCH then WATCH(coroutine.running()) end
-  local ok, err = xpcall(rawget(r, "_server").handler, traceback, r, r[2])
+-- The handler of a request asking to switch protocols runs in a task of its own
+-- (serve_upgrade), its frame four slots up the stack (core.protected_body); then what follows
+-- it in the request loop.
+local function after_upgrade_handler(r, ok, err)
   local srv, sock = rawget(r, "_server"), rawget(r, "socket")
   if ok then return serve_http1(srv, sock, r[1], r) end
   request_failed(srv, sock, r[1], r, err)
   conn_done(srv, sock)
 end
+upgraded_body = core.protected_body(after_upgrade_handler, traceback)
 
 -- What an upgraded request holds instead of its HTTP connection object (request.lua asks it
 -- for the body and the trailers: there are none any more) and of its response (what the
