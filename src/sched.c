@@ -494,8 +494,8 @@ static int l_dispatch(lua_State *L)
 /* A task body for a function whose frame should start low on the task's stack (a Lua stack
  * never shrinks back while its task waits, so a task that waits long, as a WebSocket
  * handler's does, should not grow it): body(a, f, b) calls f(a, b) protected, with the
- * message handler msgh, then after(a, ok, err). f's frame starts four slots up the stack
- * (xpcall from a Lua function: eight). protected_body(after, msgh) -> body. */
+ * message handler msgh, then after(a, ok, err). f's frame starts at slot 5 of the task's stack
+ * (under xpcall called from a Lua function: slot 8). protected_body(after, msgh) -> body. */
 static int body_done(lua_State *L, int status, lua_KContext ctx)
 {
     (void)L; (void)status; (void)ctx;

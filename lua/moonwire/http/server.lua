@@ -287,7 +287,7 @@ end
 
 -- The upgrade hand-off. A request that asks to switch protocols (Connection: upgrade, as a
 -- WebSocket handshake does) leaves the request loop before its handler runs, and the
--- handler runs in a fresh task, its frame four slots up the stack: a handler that upgrades
+-- handler runs in a fresh task, its frame at slot 5 of the stack: a handler that upgrades
 -- and loops over ws:messages() keeps that task as long as the connection lasts, with only
 -- what it holds itself (not the loop's locals, the HTTP connection object and the response:
 -- Server:_upgraded lets go of what the request holds) and a stack that nothing deeper has
@@ -310,7 +310,7 @@ function serve_upgrade(srv, sock, r)
 end
 
 -- The handler of a request asking to switch protocols runs in a task of its own
--- (serve_upgrade), its frame four slots up the stack (core.protected_body); then what follows
+-- (serve_upgrade), its frame at slot 5 of the stack (core.protected_body); then what follows
 -- it in the request loop.
 local function after_upgrade_handler(r, ok, err)
   local srv, sock = rawget(r, "_server"), rawget(r, "socket")
