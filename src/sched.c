@@ -979,7 +979,8 @@ void mw_sched_open(lua_State *L, int rtidx)
         { "join", t_join }, { "cancel", t_cancel }, { "status", t_status }, { NULL, NULL }
     };
     static const luaL_Reg funcs[] = {
-        { "run", l_run }, { "spawn", l_spawn }, { "dispatch", l_dispatch }, { "protected_body", l_protected_body }, { "stop", l_stop }, { "now", l_now },
+        { "run", l_run }, { "spawn", l_spawn }, { "dispatch", l_dispatch },
+        { "protected_body", l_protected_body }, { "stop", l_stop }, { "now", l_now },
         { "current", l_current }, { "sleep", l_sleep }, { "yield", l_yield },
         { "park", l_park }, { "unpark", l_unpark }, { "deadline_push", l_deadline_push },
         { "deadline_pop", l_deadline_pop }, { "on_error", l_on_error }, { "signal", l_signal },

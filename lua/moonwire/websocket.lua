@@ -343,7 +343,8 @@ local function recv(self, timeout, nowait)
     local a, b, c, d = receive_frame(self.wc, timeout, nowait)
     if not nowait then self._reader = false end
     if not a and a ~= nil then return false end     -- (tests first: each == costs a call)
-    if a and not self._tuned and (b == "text" or b == "binary") then return a, b end   -- (received's first case, inline)
+    -- (received's first case, inline)
+    if a and not self._tuned and (b == "text" or b == "binary") then return a, b end
     a, b, c, d = received(self, a, b, c, d)
     if a ~= AGAIN then return a, b, c, d end
   end
