@@ -505,6 +505,49 @@ static int l_spawn(lua_State *L)
     return 1;
 }
 
+/* A task body for a function whose frame should start low on the task's stack (a Lua stack
+ * never shrinks back while its task waits, so a task that waits long, as a WebSocket
+ * handler's does, should not grow it): body(a, f, b) calls f(a, b) protected, with the
+ * message handler msgh, then after(a, ok, err). f's frame starts at slot 5 of the task's stack
+ * (under xpcall called from a Lua function: slot 8). protected_body(after, msgh) -> body. */
+static int body_done(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)L; (void)status; (void)ctx;
+    return 0;
+}
+
+static int body_k(lua_State *L, int status, lua_KContext ctx)
+{
+    int ok = status == LUA_OK || status == LUA_YIELD;
+    (void)ctx;
+    lua_settop(L, ok ? 2 : 3);                  /* a, msgh[, the error] */
+    lua_pushvalue(L, lua_upvalueindex(1));      /* after */
+    lua_pushvalue(L, 1);
+    lua_pushboolean(L, ok);
+    if (ok) lua_pushnil(L); else lua_pushvalue(L, 3);
+    lua_callk(L, 3, 0, 0, body_done);
+    return 0;
+}
+
+static int protected_body(lua_State *L)
+{
+    lua_settop(L, 3);                           /* a f b */
+    lua_pushvalue(L, lua_upvalueindex(2));
+    lua_insert(L, 2);                           /* a msgh f b */
+    lua_pushvalue(L, 1);
+    lua_insert(L, 4);                           /* a msgh f a b */
+    return body_k(L, lua_pcallk(L, 2, 0, 2, 0, body_k), 0);
+}
+
+static int l_protected_body(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    lua_pushcclosure(L, protected_body, 2);
+    return 1;
+}
+
 static int l_stop(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
@@ -954,7 +997,8 @@ void mw_sched_open(lua_State *L, int rtidx)
         { "join", t_join }, { "cancel", t_cancel }, { "status", t_status }, { NULL, NULL }
     };
     static const luaL_Reg funcs[] = {
-        { "run", l_run }, { "spawn", l_spawn }, { "dispatch", l_dispatch }, { "stop", l_stop }, { "now", l_now },
+        { "run", l_run }, { "spawn", l_spawn }, { "dispatch", l_dispatch },
+        { "protected_body", l_protected_body }, { "stop", l_stop }, { "now", l_now },
         { "current", l_current }, { "sleep", l_sleep }, { "yield", l_yield },
         { "park", l_park }, { "unpark", l_unpark }, { "deadline_push", l_deadline_push },
         { "deadline_pop", l_deadline_pop }, { "on_error", l_on_error }, { "signal", l_signal },

@@ -6,7 +6,7 @@ local core = require "moonwire.core"
 local url = require "moonwire.url"
 
 local ws_conn, ws_accept, random, utf8_valid = core.ws_conn, core.ws_accept, core.random, core.utf8_valid
-local park, unpark, current = core.park, core.unpark, core.current
+local park, unpark, current, dispatch = core.park, core.unpark, core.current, core.dispatch
 local watch, rewatch, unwatch = core.watch, core.rewatch, core.unwatch
 -- the per-frame methods of the C connection object, called as plain functions
 local receive_frame, try_send = core.ws_methods.receive_frame, core.ws_methods.try_send
@@ -286,12 +286,52 @@ local function fail(self, code, msg)
   finish(self, code, msg)
 end
 
+-- What receive_frame's results (a, b, c, d: not false) mean for the receiving task: a
+-- message, data, kind; nil, "closed", code, reason once the connection is closed; nil, err,
+-- code (timeout, cancelled: the connection stays); or AGAIN after a control frame, which is
+-- answered here.
+local AGAIN = {}
+local function received(self, a, b, c, d)
+  if a == nil then
+    if math.type(c) == "integer" then
+      fail(self, c, b)
+      return nil, "closed", c, b
+    elseif c == "closed" or c == "ECONNRESET" then
+      finish(self, 1006, "")
+      return nil, "closed", 1006, ""
+    end
+    return nil, b, c
+  end
+  if self._tuned and self.idle_timeout then self._last_rx = mw.now() end
+  if b == "text" or b == "binary" then return a, b end
+  if b == "ping" then
+    if self.state == "open" then send_control(self, OP.pong, a) end
+  elseif b == "pong" then
+    local waiter = self._pings and self._pings[a]
+    if waiter then
+      self._pings[a] = nil
+      self.rtt = mw.now() - waiter.t0
+      if waiter.task then unpark(waiter.task, self.rtt) end
+    end
+  elseif b == "close" then
+    if self.state == "open" then
+      -- the peer closes: echo its code, then the connection is done
+      self.state = "closing"
+      local echo = c == 1005 and "" or string.pack(">I2", c)
+      mw.timeout(1, send_control, self, OP.close, echo)
+    end
+    finish(self, c, d)
+    return nil, "closed", c, d
+  end
+  return AGAIN
+end
+
 -- The next message (see WebSocket:receive); with `nowait`, false when none has arrived whole.
 local function recv(self, timeout, nowait)
   while true do
-    local state = self.state
-    if state ~= "open" then
-      if state == "closed" then return nil, "closed", self.close_code, self.close_reason end
+    -- (no local below the read: a waiting task's frame stays low; see next_message)
+    if self.state ~= "open" then
+      if self.state == "closed" then return nil, "closed", self.close_code, self.close_reason end
       local closer = self._close_reader    -- (close() made the state "closing")
       if closer and closer ~= current() then
         -- close() is reading the peer's close frame: wait for it to finish
@@ -304,37 +344,10 @@ local function recv(self, timeout, nowait)
     local a, b, c, d = receive_frame(self.wc, timeout, nowait)
     if not nowait then self._reader = false end
     if not a and a ~= nil then return false end     -- (tests first: each == costs a call)
-    if a == nil then
-      if math.type(c) == "integer" then
-        fail(self, c, b)
-        return nil, "closed", c, b
-      elseif c == "closed" or c == "ECONNRESET" then
-        finish(self, 1006, "")
-        return nil, "closed", 1006, ""
-      end
-      return nil, b, c
-    end
-    if self._tuned and self.idle_timeout then self._last_rx = mw.now() end
-    if b == "text" or b == "binary" then return a, b end
-    if b == "ping" then
-      if self.state == "open" then send_control(self, OP.pong, a) end
-    elseif b == "pong" then
-      local waiter = self._pings and self._pings[a]
-      if waiter then
-        self._pings[a] = nil
-        self.rtt = mw.now() - waiter.t0
-        if waiter.task then unpark(waiter.task, self.rtt) end
-      end
-    elseif b == "close" then
-      if self.state == "open" then
-        -- the peer closes: echo its code, then the connection is done
-        self.state = "closing"
-        local echo = c == 1005 and "" or string.pack(">I2", c)
-        mw.timeout(1, send_control, self, OP.close, echo)
-      end
-      finish(self, c, d)
-      return nil, "closed", c, d
-    end
+    -- (received's first case, inline)
+    if a and not self._tuned and (b == "text" or b == "binary") then return a, b end
+    a, b, c, d = received(self, a, b, c, d)
+    if a ~= AGAIN then return a, b, c, d end
   end
 end
 
@@ -345,19 +358,28 @@ local function check_unhandled(self, fname)
   end
 end
 
+-- ws:messages()'s iterator: the next message, or nil (and why) once the connection is
+-- closed, which ends the loop. One function for every connection, and recv's loop again with
+-- no timeout, in a frame with one register below the read: what a task waiting here holds on
+-- its stack is the least it can be (see docs/websocket.md, "What an idle connection costs").
+local function next_message(self)
+  while self.state == "open" do
+    self._reader = true
+    local a, b, c, d = receive_frame(self.wc)
+    self._reader = false
+    if a and not self._tuned and (b == "text" or b == "binary") then return a, b end
+    a, b, c, d = received(self, a, b, c, d)
+    if a ~= AGAIN then return a, b, c, d end
+  end
+  return recv(self)
+end
+
 --- Receives the next message: data, "text"|"binary"; or nil, "closed", code, reason once
 -- the connection is closed; or nil, err, code (timeout, cancelled: the connection stays).
 function WebSocket:receive(timeout)
   check_unhandled(self, "receive")
+  if timeout == nil then return next_message(self) end
   return recv(self, timeout)
-end
-
--- ws:messages()'s iterator: the next message, or nil (and why) once the connection is
--- closed, which ends the loop. (One function for every connection, and a tail call: an idle
--- task waiting for a message has one frame fewer; see docs/websocket.md, "What an idle
--- connection costs".)
-local function next_message(self)
-  return recv(self)
 end
 
 --- for msg, kind in ws:messages() do ... end (ends when the connection closes)
@@ -842,11 +864,8 @@ local function h2_tunnel(st)
   return a, { join = function() down:join() up:join() end }
 end
 
-function M.upgrade(req, opts)
-  opts = opts or no_opts
-  if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
-  local res = rawget(req, 2)            -- the request's response (Request.slots.RES)
-  if not res or res.sent then error("websocket: the response was already sent", 3) end
+-- The handshake of M.upgrade (checked arguments): ws | nil, err, status.
+local function handshake_server(req, res, opts)
   local h = req.headers
   local slots = res.slots
   if req.version == "2" then
@@ -900,6 +919,38 @@ function M.upgrade(req, opts)
   ws._srv = srv         -- (for a handled connection's end)
   srv:_upgraded(req, ws)
   return ws
+end
+
+-- A handshake job in a worker task (M.upgrade): job = { task, req, res, opts }; the waiting
+-- task gets the job back first (so that a task that stopped waiting is not woken by it), then
+-- handshake_server's results or false, the error with its traceback.
+local function handshake_job(job)
+  local ok, ws, err, status = xpcall(handshake_server, traceback, job[2], job[3], job[4])
+  if not job.abandoned then
+    if ok then unpark(job[1], job, ws, err, status) else unpark(job[1], job, false, ws) end
+  end
+end
+
+function M.upgrade(req, opts)
+  opts = opts or no_opts
+  if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
+  local res = rawget(req, 2)            -- the request's response (Request.slots.RES)
+  if not res or res.sent then error("websocket: the response was already sent", 3) end
+  if req.version == "2" then return handshake_server(req, res, opts) end
+  -- HTTP/1.1: the handshake runs in a worker task (the pool the scheduler keeps, no new task
+  -- each time). A Lua stack never shrinks back to its first size while its task waits, and
+  -- the handshake's frames would grow the stack of the handler's task, which a handler
+  -- looping over ws:messages() keeps as long as the connection lasts: 40 slots instead of 80
+  -- (docs/websocket.md, "What an idle connection costs").
+  local job = { current(), req, res, opts }
+  dispatch(handshake_job, job)
+  local back, ws, err, status = park()
+  if back ~= job then                   -- (cancelled, or a deadline passed: ws, err are why)
+    job.abandoned = true
+    return nil, ws, err
+  end
+  if ws == false then error(err, 0) end
+  return ws, err, status
 end
 
 -- ---------------------------------------------------------------------------------------

@@ -209,7 +209,9 @@ end
 --- Handles a request. `outer` (optional) is called instead of answering 404 when nothing
 -- here matches the path: that is how a mounted router falls through to its parent.
 function Router:handle(req, res, outer)
-  if not req.params then req.params = {} end
+  -- (raw: __index would run at the top of this frame, and its frames could grow the stack of
+  -- a task that then keeps it, as a WebSocket handler's does: docs/websocket.md)
+  if not rawget(req, "params") then rawset(req, "params", {}) end
   if #self.stack == 0 then return dispatch(self, req, res, outer) end
   return chain(self, req, res, outer)
 end

@@ -6,6 +6,7 @@ local Response = require "moonwire.http.response"
 
 local http_conn, http_head, read_request = core.http_conn, core.http_head, core.http_read_request
 local h2_preface = core.h2_preface
+local dispatch = core.dispatch
 -- a response's array slots (see response.lua; one constant per declaration, as there)
 local FIN <const> = 5
 local BYTES <const> = 6
@@ -263,7 +264,7 @@ local function wants_h2(srv, sock)
   return yes
 end
 
-local serve_upgrade
+local serve_upgrade, upgraded_body
 
 -- The HTTP/1.1 requests of a connection (from what follows the handler of r, when given:
 -- see requests), then its end. One protected call for all of them, not one per request: a
@@ -286,11 +287,13 @@ end
 
 -- The upgrade hand-off. A request that asks to switch protocols (Connection: upgrade, as a
 -- WebSocket handshake does) leaves the request loop before its handler runs, and the
--- handler runs from here, under two frames instead of four: a handler that upgrades and
--- keeps the connection's task (looping over ws:messages()) then keeps alive only what it
--- holds itself, not the loop's locals (the HTTP connection object and the response:
--- Server:_upgraded lets go of what the request holds). Then the loop goes on from what
--- follows the handler (serve_http1 again, a tail call): it closes the WebSocket, or the
+-- handler runs in a fresh task, its frame at slot 5 of the stack: a handler that upgrades
+-- and loops over ws:messages() keeps that task as long as the connection lasts, with only
+-- what it holds itself (not the loop's locals, the HTTP connection object and the response:
+-- Server:_upgraded lets go of what the request holds) and a stack that nothing deeper has
+-- grown (Lua never shrinks a waiting task's stack back to its first 40 slots; the request
+-- loop's task, deeper, goes back to the worker pool). Then the loop goes on from what follows
+-- the handler (serve_http1 again, in the new task): it closes the WebSocket, or the
 -- connection, or (`Connection: upgrade` without an Upgrade header) serves the next request.
 function serve_upgrade(srv, sock, r)
   -- Upgrade: h2c on a listener that takes it: this request is answered over HTTP/2, as stream 1
@@ -301,11 +304,21 @@ function serve_upgrade(srv, sock, r)
   -- (a declined upgrade goes on as HTTP/1.1: http.c resumes parsing after it; a CONNECT the
   -- handler did not take over has tunnel bytes, not requests, behind it: the connection ends)
   if r.method == "CONNECT" then r[2][CLOSE] = true end
-  local ok, err = xpcall(srv.handler, traceback, r, r[2])
+  rawset(r, "_server", srv)     -- (what Server:_upgraded sets: no lookup in the new task)
+  rawset(r, "socket", sock)
+  mw.spawn(upgraded_body, r, srv.handler, r[2])
+end
+
+-- The handler of a request asking to switch protocols runs in a task of its own
+-- (serve_upgrade), its frame at slot 5 of the stack (core.protected_body); then what follows
+-- it in the request loop.
+local function after_upgrade_handler(r, ok, err)
+  local srv, sock = rawget(r, "_server"), rawget(r, "socket")
   if ok then return serve_http1(srv, sock, r[1], r) end
   request_failed(srv, sock, r[1], r, err)
   conn_done(srv, sock)
 end
+upgraded_body = core.protected_body(after_upgrade_handler, traceback)
 
 -- What an upgraded request holds instead of its HTTP connection object (request.lua asks it
 -- for the body and the trailers: there are none any more) and of its response (what the
@@ -356,6 +369,10 @@ end
 
 local function accept_loop(srv)
   local l = srv.listener
+  -- (each connection in a worker task, from the scheduler's pool: a connection upgraded to a
+  -- WebSocket gives its task back, serve_upgrade, and a task made for each one would be
+  -- garbage, which a burst of new connections adds to the process's size)
+  local function serve(sock) return serve_connection(srv, sock) end
   while true do
     local sock, err, code = l:accept()
     if not sock then
@@ -366,7 +383,7 @@ local function accept_loop(srv)
         srv.error_log("moonwire: accept failed: " .. tostring(err))
       end
     else
-      mw.spawn(serve_connection, srv, sock)
+      dispatch(serve, sock)
     end
   end
 end
