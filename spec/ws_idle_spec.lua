@@ -62,7 +62,7 @@ describe("an idle WebSocket connection served by a task", function()
 
   -- The Lua heap each of N more idle connections adds, served by `handler`, our raw client
   -- socket included.
-  local function heap_per_conn(handler)
+  local function heap_per_conn(handler, echo_once)
     local per_conn
     run(function()
       local _gc <close> = helper.incremental_gc()
@@ -73,7 +73,13 @@ describe("an idle WebSocket connection served by a task", function()
       collectgarbage()
       local N = 200
       local before = collectgarbage("count")
-      for i = 2, N + 1 do socks[i] = open(srv.port) end
+      for i = 2, N + 1 do
+        socks[i] = open(srv.port)
+        if echo_once then       -- the task has sent once (ws:send from the handler) before it idles
+          assert(socks[i]:write(frame("hi")))
+          assert.equal(echo("hi"), socks[i]:read(4, 5))
+        end
+      end
       assert.equal(N + 1, srv:connections())
       collectgarbage()
       collectgarbage()
@@ -101,6 +107,17 @@ describe("an idle WebSocket connection served by a task", function()
       for msg, kind in ws:messages() do ws:send(msg, kind) end
     end)
     local per_conn = heap_per_conn(app)
+    assert.is_true(per_conn < LIMIT, ("%.0f bytes of Lua heap per idle connection"):format(per_conn))
+  end)
+
+  it("costs less than 3.75 KiB of Lua heap after the task has echoed a message too (ws:send adds no " ..
+     "Lua frame: its common case is in C)", function()
+    local app = http.router()
+    app:get("/ws", function(req)
+      local ws = req:websocket()
+      for msg, kind in ws:messages() do ws:send(msg, kind) end
+    end)
+    local per_conn = heap_per_conn(app, true)
     assert.is_true(per_conn < LIMIT, ("%.0f bytes of Lua heap per idle connection"):format(per_conn))
   end)
 

@@ -58,4 +58,86 @@ describe("WebSocket send", function()
       srv:close()
     end, 20)
   end)
+
+  -- ws:send's common case is C (core.ws_send); the Lua send takes the rest. The same cases
+  -- through both must put the same frames on the wire: the Lua path forced by `_tuned` (set
+  -- when fragment_size or idle_timeout is, neither of which is here, so it changes nothing
+  -- else), and the same errors for the same misuse.
+  local KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+  local CASES = { { "", "text" }, { "hello" }, { "héllo wörld", "text" }, { ("b"):rep(125), "binary" },
+    { ("c"):rep(126), "binary" }, { ("d"):rep(65535), "text" }, { ("e"):rep(65536), "binary" },
+    { ("compressible "):rep(50), "text" }, { ("x"):rep(127) } }
+
+  local function read_frames(s, n)
+    local frames = {}
+    for i = 1, n do
+      local h = assert(s:read(2, 10))
+      local b0, b1 = h:byte(1, 2)
+      local len = b1 & 0x7f
+      if len == 126 then len = string.unpack(">I2", assert(s:read(2, 10)))
+      elseif len == 127 then len = string.unpack(">I8", assert(s:read(8, 10))) end
+      assert.equal(0, b1 & 0x80, "a server's frames are not masked")
+      frames[i] = { b0, len > 0 and assert(s:read(len, 10)) or "" }
+    end
+    return frames
+  end
+
+  for _, deflate in ipairs { false, true } do
+    it(("the C path and the Lua path send the same frames and raise the same errors%s"):format(
+        deflate and " (permessage-deflate)" or ""), function()
+      run(function()
+        local errs = { {}, {} }
+        local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+          local ws = assert(req:websocket { deflate = deflate and {} or false })
+          for pass = 1, 2 do
+            ws._tuned = pass == 2
+            for _, c in ipairs(CASES) do assert(ws:send(c[1], c[2])) end
+            errs[pass][1] = select(2, pcall(ws.send, ws, "\xff\xfe", "text"))
+            errs[pass][2] = select(2, pcall(ws.send, ws, "x", "binery"))
+            errs[pass][3] = select(2, pcall(ws.send, ws, 42))
+          end
+          ws._tuned = false
+          ws:receive()
+        end })
+        local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+        assert(s:write("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" ..
+          "Sec-WebSocket-Key: " .. KEY .. "\r\nSec-WebSocket-Version: 13\r\n" ..
+          (deflate and "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; " ..
+            "client_no_context_takeover\r\n" or "") .. "\r\n"))
+        assert.matches("^HTTP/1%.1 101 ", assert(s:read("l", 5)))
+        repeat local line = assert(s:read("l", 5)) until line == ""
+        local c_path = read_frames(s, #CASES)
+        local lua_path = read_frames(s, #CASES)
+        assert.same(lua_path, c_path)
+        assert.equal(deflate, c_path[8][1] & 0x40 ~= 0, "the compressible message was deflated")
+        assert.equal(0x81, c_path[2][1])                      -- kind nil: text
+        assert.same(errs[2], errs[1])
+        assert.matches("bad argument #1 to 'send' %(text message is not valid UTF%-8%)", errs[1][1])
+        assert.matches("bad argument #2 to 'send'", errs[1][2])
+        assert.matches("bad argument #1 to 'send' %(string expected, got number%)", errs[1][3])
+        s:close()
+        srv:close()
+      end, 20)
+    end)
+  end
+
+  it("the C path on a closed WebSocket returns nil, 'closed', 'closed' as the Lua path does", function()
+    run(function()
+      local got = {}
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket())
+        ws:close()
+        got[1] = { ws:send("late") }
+        ws._tuned = true
+        got[2] = { ws:send("late") }
+      end })
+      local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/"):format(srv.port)))
+      ws:receive(5)
+      ws:close()
+      mw.sleep(0.05)
+      assert.same({ nil, "closed", "closed" }, got[1])
+      assert.same(got[2], got[1])
+      srv:close()
+    end, 20)
+  end)
 end)

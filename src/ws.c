@@ -479,17 +479,10 @@ static size_t head_bytes(uint8_t h[14], lua_Integer op, int fin, int rsv1, size_
 /* Reads a frame's arguments (opcode, payload, fin, rsv1 at 2..5) and writes its header into
  * h; a client's frame gets a fresh masking key, which is also left in *key. Returns the
  * header's length. Both ways out, encode and try_send, frame here. */
-static size_t frame_head(lua_State *L, mw_ws *w, uint8_t h[14], const char **payload, size_t *len,
-                         uint8_t **key)
+/* The head of a frame of n payload bytes into h (masked for a client: *key, else NULL). */
+static size_t frame_head_of(lua_State *L, mw_ws *w, uint8_t h[14], int op, int fin, int rsv1, size_t n,
+                            uint8_t **key)
 {
-    lua_Integer op = luaL_checkinteger(L, 2);
-    size_t n;
-    *payload = luaL_checklstring(L, 3, &n);
-    *len = n;
-    int fin = lua_isnone(L, 4) ? 1 : lua_toboolean(L, 4);
-    int rsv1 = lua_toboolean(L, 5);
-    luaL_argcheck(L, op >= 0 && op <= 15, 2, "opcode out of range");
-    if (op >= OP_CLOSE && n > 125) luaL_argerror(L, 3, "control frame payload above 125 bytes");
     size_t hl = head_bytes(h, op, fin, rsv1, n);
     *key = NULL;
     if (!w->client) return hl;
@@ -503,6 +496,21 @@ static size_t frame_head(lua_State *L, mw_ws *w, uint8_t h[14], const char **pay
     w->rnd_left -= 4;
     memcpy(h + hl, *key, 4);
     return hl + 4;
+}
+
+/* frame_head_of with the frame's arguments from the stack: 2 opcode, 3 payload, 4 fin, 5 rsv1 */
+static size_t frame_head(lua_State *L, mw_ws *w, uint8_t h[14], const char **payload, size_t *len,
+                         uint8_t **key)
+{
+    lua_Integer op = luaL_checkinteger(L, 2);
+    size_t n;
+    *payload = luaL_checklstring(L, 3, &n);
+    *len = n;
+    int fin = lua_isnone(L, 4) ? 1 : lua_toboolean(L, 4);
+    int rsv1 = lua_toboolean(L, 5);
+    luaL_argcheck(L, op >= 0 && op <= 15, 2, "opcode out of range");
+    if (op >= OP_CLOSE && n > 125) luaL_argerror(L, 3, "control frame payload above 125 bytes");
+    return frame_head_of(L, w, h, (int)op, fin, rsv1, n, key);
 }
 
 /* A client's payload, masked: a copy pushed on the stack (it stays valid while there) */
@@ -572,18 +580,15 @@ static int push_rest(lua_State *L, const char *a, size_t an, const char *b, size
  * The way every frame of a connection whose writer slot is free goes out: no Lua string for
  * the header, one write, no wait. Raises, as a socket's write does, when another task is
  * writing on the socket. */
-static int ws_try_send(lua_State *L)
+/* try_send's work: the frame (h, hl; a client's payload masked first) written now as far as
+ * the socket takes it; pushes true, or false and the unsent bytes, or nil, err, code. */
+static int send_now(lua_State *L, mw_ws *w, const uint8_t *h, size_t hl, const char *payload, size_t n,
+                    const uint8_t *key)
 {
-    mw_ws *w = checkws(L);
     mw_sock *s = w->s;
-    if (s->closed) return mw_pushfail(L, "closed", "closed");
-    if (s->waiter[MW_ROLE_WRITE]) return luaL_error(L, "socket already has a writing task");
-    uint8_t h[14], *key;
-    const char *payload;
-    size_t n, hl = frame_head(L, w, h, &payload, &n, &key);
     if (key) payload = masked_copy(L, payload, n, key);
     char one[CONTIG_MAX];
-    struct iovec iov[2] = { { h, hl }, { (void *)payload, n } };
+    struct iovec iov[2] = { { (void *)h, hl }, { (void *)payload, n } };
     int cnt = n ? 2 : 1;
     if (hl + n <= sizeof one) {
         memcpy(one, h, hl);
@@ -599,6 +604,112 @@ static int ws_try_send(lua_State *L)
         return 1;
     }
     return push_rest(L, (const char *)h, hl, payload, n, (size_t)r);
+}
+
+static int ws_try_send(lua_State *L)
+{
+    mw_ws *w = checkws(L);
+    mw_sock *s = w->s;
+    if (s->closed) return mw_pushfail(L, "closed", "closed");
+    if (s->waiter[MW_ROLE_WRITE]) return luaL_error(L, "socket already has a writing task");
+    uint8_t h[14], *key;
+    const char *payload;
+    size_t n, hl = frame_head(L, w, h, &payload, &n, &key);
+    return send_now(L, w, h, hl, payload, n, key);
+}
+
+/* ws:send(data [, kind]) for websocket.lua's WebSocket, its common case here: a whole
+ * message written at once when nobody writes, nothing to fragment, nothing to compress
+ * (try_send, as the Lua send's own first step). A task sending from its handler's frame then
+ * adds no Lua frame, so its stack stays as small as its receive left it (a Lua stack never
+ * shrinks back while its task waits: docs/websocket.md). The rest (other kinds, invalid
+ * UTF-8, a closed or busy connection, fragment_size or idle_timeout set, a message to
+ * compress) goes to the Lua send, and what the socket did not take to its sent_part;
+ * ws_send_spec runs the same cases through both. Upvalues: see WSU_*. */
+enum { WSU_SLOW = 1, WSU_PART, WSU_TEXT, WSU_BINARY, WSU_STATE, WSU_OPEN, WSU_WRITER, WSU_TUNED,
+       WSU_DEFLATE, WSU_WC, WSU_COUNT = WSU_WC };
+
+static int send_results(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    return lua_gettop(L) - (int)ctx;
+}
+
+static int send_slow(lua_State *L, int n)
+{
+    lua_settop(L, n);
+    lua_pushvalue(L, lua_upvalueindex(WSU_SLOW));
+    lua_insert(L, 1);
+    lua_callk(L, n, LUA_MULTRET, 0, send_results);
+    return send_results(L, LUA_OK, 0);
+}
+
+static int field_up(lua_State *L, int up)
+{
+    lua_pushvalue(L, lua_upvalueindex(up));
+    return lua_rawget(L, 1);
+}
+
+static int ws_send_c(lua_State *L)
+{
+    int top = lua_gettop(L);
+    if (top < 2 || top > 3 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING) return send_slow(L, top);
+    int op = OP_TEXT;
+    if (top == 3 && !lua_isnil(L, 3)) {
+        if (lua_rawequal(L, 3, lua_upvalueindex(WSU_BINARY))) op = OP_BINARY;
+        else if (!lua_rawequal(L, 3, lua_upvalueindex(WSU_TEXT))) return send_slow(L, top);
+    }
+    size_t n;
+    const char *d = lua_tolstring(L, 2, &n);
+    if (op == OP_TEXT) {
+        uint32_t st = 0;
+        if (utf8_check(&st, (const uint8_t *)d, n) < 0 || st != 0) return send_slow(L, top);
+    }
+    lua_settop(L, 3);
+    field_up(L, WSU_STATE);
+    if (!lua_rawequal(L, -1, lua_upvalueindex(WSU_OPEN))) return send_slow(L, top);
+    if (field_up(L, WSU_WRITER) != LUA_TNIL && lua_toboolean(L, -1)) return send_slow(L, top);
+    if (field_up(L, WSU_TUNED) != LUA_TNIL && lua_toboolean(L, -1)) return send_slow(L, top);
+    if (field_up(L, WSU_DEFLATE) != LUA_TNIL && lua_toboolean(L, -1)) {
+        int isnum;
+        lua_getfield(L, 1, "deflate_threshold");
+        lua_Number t = lua_tonumberx(L, -1, &isnum);
+        if (!isnum || (lua_Number)n >= t) return send_slow(L, top);
+    }
+    field_up(L, WSU_WC);
+    mw_ws *w = mw_udata_magic(L, -1, sizeof(mw_ws), offsetof(mw_ws, magic), WS_MAGIC);
+    if (!w || !w->s || w->s->closed || w->s->waiter[MW_ROLE_WRITE]) return send_slow(L, top);
+    /* (no nested C call: a C function's frame takes LUA_MINSTACK slots, which would grow
+     * the task's stack) */
+    lua_settop(L, 3);
+    uint8_t h[14], *key;
+    size_t hl = frame_head_of(L, w, h, op, 1, 0, n, &key);
+    int r = send_now(L, w, h, hl, d, n, key);
+    if (r == 1) return 1;                                   /* true: all of it went */
+    /* sent_part(self, done, rest [, code]): queues what is left, or fails the connection */
+    lua_pushvalue(L, lua_upvalueindex(WSU_PART));
+    lua_pushvalue(L, 1);
+    lua_rotate(L, 4, 2);
+    lua_callk(L, r + 1, LUA_MULTRET, 3, send_results);
+    return send_results(L, LUA_OK, 3);
+}
+
+/* ws_send(send_lua, sent_part) -> ws:send with its common case in C */
+static int l_ws_send(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    lua_pushliteral(L, "text");
+    lua_pushliteral(L, "binary");
+    lua_pushliteral(L, "state");
+    lua_pushliteral(L, "open");
+    lua_pushliteral(L, "_writer");
+    lua_pushliteral(L, "_tuned");
+    lua_pushliteral(L, "_deflate");
+    lua_pushliteral(L, "wc");
+    lua_pushcclosure(L, ws_send_c, WSU_COUNT);
+    return 1;
 }
 
 /* ws_frame(opcode, payload) -> a whole unmasked frame (fin set, no rsv1) as one string: a
@@ -890,7 +1001,7 @@ void mw_ws_open(lua_State *L)
     lua_pop(L, 1);
     static const luaL_Reg f[] = {
         { "ws_conn", l_ws_conn }, { "ws_accept", l_ws_accept }, { "random", l_random },
-        { "utf8_valid", l_utf8_valid }, { "ws_frame", l_ws_frame }, { NULL, NULL }
+        { "utf8_valid", l_utf8_valid }, { "ws_frame", l_ws_frame }, { "ws_send", l_ws_send }, { NULL, NULL }
     };
     luaL_setfuncs(L, f, 0);
     /* broadcast's walk and its switch share one io_uring holder (made on first use) */

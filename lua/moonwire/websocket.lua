@@ -414,6 +414,11 @@ function WebSocket:send(data, kind)
   end
   return send_frame(self, OP[kind], payload, true, rsv1)
 end
+-- Its common case (a message at once, nobody writing, nothing to fragment or compress) is in
+-- C (core.ws_send), which calls this function for the rest and sent_part for what the socket
+-- did not take: a task sending from its handler adds no Lua frame to its stack (see
+-- docs/websocket.md). ws_send_spec runs the same cases through both.
+WebSocket.send = core.ws_send(WebSocket.send, sent_part)
 
 --- A writer for a message whose size is not known up front: w:write(chunk) sends a frame,
 -- w:close() ends the message. Not compressed.
