@@ -99,25 +99,25 @@ describe("an idle WebSocket connection served by a task", function()
   -- loop's frames, the HTTP connection object and the response stayed alive under the handler.
   local LIMIT = 3.75 * 1024
 
-  it("costs less than 3.75 KiB of Lua heap, our raw client socket included (README's style: a " ..
-     "router route looping over ws:messages())", function()
+  -- the README's style: a router route looping over ws:messages(), echoing
+  local function readme_app()
     local app = http.router()
     app:get("/ws", function(req)
       local ws = req:websocket()
       for msg, kind in ws:messages() do ws:send(msg, kind) end
     end)
-    local per_conn = heap_per_conn(app)
+    return app
+  end
+
+  it("costs less than 3.75 KiB of Lua heap, our raw client socket included (README's style: a " ..
+     "router route looping over ws:messages())", function()
+    local per_conn = heap_per_conn(readme_app())
     assert.is_true(per_conn < LIMIT, ("%.0f bytes of Lua heap per idle connection"):format(per_conn))
   end)
 
   it("costs less than 3.75 KiB of Lua heap after the task has echoed a message too (ws:send adds no " ..
      "Lua frame: its common case is in C)", function()
-    local app = http.router()
-    app:get("/ws", function(req)
-      local ws = req:websocket()
-      for msg, kind in ws:messages() do ws:send(msg, kind) end
-    end)
-    local per_conn = heap_per_conn(app, true)
+    local per_conn = heap_per_conn(readme_app(), true)
     assert.is_true(per_conn < LIMIT, ("%.0f bytes of Lua heap per idle connection"):format(per_conn))
   end)
 

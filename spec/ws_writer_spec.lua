@@ -323,11 +323,13 @@ describe("WebSocket broadcast with a slow member", function()
   -- Members with send_queue = 2 and the given on_full, joined to topic "t" of a local pubsub;
   -- the first member's writer blocked on BIG bytes. Returns the pubsub, the server, the
   -- raw clients (in join order) and the server-side connections.
-  local function setup_members(on_full)
+  -- K members with the WebSocket options `opts`, joined to topic "t" of a new local pubsub:
+  -- the pubsub, the server, the raw clients and the server-side connections (in join order)
+  local function join_members(opts)
     local ps = pubsub.new {}
     local joined = mw.channel(K)
     local srv = serve(function(req)
-      local ws = assert(req:websocket { deflate = false, send_queue = 2, on_full = on_full })
+      local ws = assert(req:websocket(opts))
       assert(ws:join("t", ps))
       joined:send(ws)
       while ws.state == "open" do mw.sleep(0.05) end
@@ -337,6 +339,11 @@ describe("WebSocket broadcast with a slow member", function()
       clients[i] = raw_upgrade(srv.port)
       conns[i] = assert(joined:recv(5))
     end
+    return ps, srv, clients, conns
+  end
+
+  local function setup_members(on_full)
+    local ps, srv, clients, conns = join_members { deflate = false, send_queue = 2, on_full = on_full }
     assert.equal(K, ps:members("t"))
     -- the slow member: what its socket does not take of BIG is queued, its writer blocks
     assert.equal(1, mw.websocket.broadcast({ conns[1] }, ("b"):rep(BIG), "binary"))
@@ -412,19 +419,7 @@ describe("WebSocket broadcast with a slow member", function()
        "in the list still gets the message" .. how, function()
       uring_mode()
       run(function()
-        local ps = pubsub.new {}
-        local joined = mw.channel(K)
-        local srv = serve(function(req)
-          local ws = assert(req:websocket { deflate = false })
-          assert(ws:join("t", ps))
-          joined:send(ws)
-          while ws.state == "open" do mw.sleep(0.05) end
-        end)
-        local clients, conns = {}, {}
-        for i = 1, K do
-          clients[i] = raw_upgrade(srv.port)
-          conns[i] = assert(joined:recv(5))
-        end
+        local ps, srv, clients, conns = join_members { deflate = false }
         conns[1].sock:close()                           -- its next write fails
         assert.is_true(ps:publish("t", "m1"))
         assert.equal("closed", conns[1].state)

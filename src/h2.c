@@ -1324,60 +1324,39 @@ enum { R2_SRV = 1, R2_REQ = 2, R2_SOCK = 3, R2_NH = 4, R2_FIN = 5, R2_BYTES = 6,
 /* upvalues of res:send's C path: the Lua implementation, then keys and a constant */
 enum { U2_SLOW = 1, U2_SENT, U2_TRAILERS, U2_GZIP_FROM, U2_SERVER_NAME, U2_HEAD, U2_COUNT = U2_HEAD };
 
-static int results_k(lua_State *L, int status, lua_KContext ctx)
-{
-    (void)status;
-    return lua_gettop(L) - (int)ctx;
-}
-
-static int send_slow(lua_State *L, int n)
-{
-    lua_settop(L, n);
-    lua_pushvalue(L, lua_upvalueindex(U2_SLOW));
-    lua_insert(L, 1);
-    lua_callk(L, n, LUA_MULTRET, 0, results_k);
-    return results_k(L, LUA_OK, 0);
-}
-
-static int rawget_up(lua_State *L, int t, int up)
-{
-    lua_pushvalue(L, lua_upvalueindex(up));
-    return lua_rawget(L, t);
-}
-
 /* res:send(body) for a response over HTTP/2 (h2.lua's R2): a string body, the head not
  * sent, no trailers, no compression to decide, a status with a body, not HEAD: done here,
  * as h2.lua's send_raw does it; anything else goes to the Lua implementation. */
 static int response_send(lua_State *L)
 {
     int top0 = lua_gettop(L);
-    if (top0 != 2 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING) return send_slow(L, top0);
+    if (top0 != 2 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING) return mw_call_upvalue(L, U2_SLOW, top0);
     size_t blen;
     const char *body = lua_tolstring(L, 2, &blen);
-    if (rawget_up(L, 1, U2_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return send_slow(L, top0);
-    if (rawget_up(L, 1, U2_TRAILERS) != LUA_TNIL) return send_slow(L, top0);
-    if (lua_rawgeti(L, 1, R2_SRV) != LUA_TTABLE) return send_slow(L, top0);
+    if (mw_rawget_upvalue(L, 1, U2_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return mw_call_upvalue(L, U2_SLOW, top0);
+    if (mw_rawget_upvalue(L, 1, U2_TRAILERS) != LUA_TNIL) return mw_call_upvalue(L, U2_SLOW, top0);
+    if (lua_rawgeti(L, 1, R2_SRV) != LUA_TTABLE) return mw_call_upvalue(L, U2_SLOW, top0);
     int srv = lua_gettop(L);
     int isnum;
-    rawget_up(L, srv, U2_GZIP_FROM);
+    mw_rawget_upvalue(L, srv, U2_GZIP_FROM);
     lua_Number gz = lua_tonumberx(L, -1, &isnum);
-    if (!isnum || (lua_Number)blen >= gz) return send_slow(L, top0);
-    int tn = rawget_up(L, srv, U2_SERVER_NAME);
-    if (tn != LUA_TSTRING && tn != LUA_TNIL && !(tn == LUA_TBOOLEAN && !lua_toboolean(L, -1))) return send_slow(L, top0);
+    if (!isnum || (lua_Number)blen >= gz) return mw_call_upvalue(L, U2_SLOW, top0);
+    int tn = mw_rawget_upvalue(L, srv, U2_SERVER_NAME);
+    if (tn != LUA_TSTRING && tn != LUA_TNIL && !(tn == LUA_TBOOLEAN && !lua_toboolean(L, -1))) return mw_call_upvalue(L, U2_SLOW, top0);
     const char *server = tn == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-    if (lua_rawgeti(L, 1, R2_REQ) != LUA_TTABLE) return send_slow(L, top0);
+    if (lua_rawgeti(L, 1, R2_REQ) != LUA_TTABLE) return mw_call_upvalue(L, U2_SLOW, top0);
     lua_rawgeti(L, -1, RQ_METHOD);
     lua_pushvalue(L, lua_upvalueindex(U2_HEAD));
-    if (lua_rawequal(L, -1, -2)) return send_slow(L, top0);
+    if (lua_rawequal(L, -1, -2)) return mw_call_upvalue(L, U2_SLOW, top0);
     lua_rawgeti(L, 1, R2_STATUS);
     lua_Integer status = lua_tointegerx(L, -1, &isnum);
-    if (!isnum || status < 200 || status > 999 || status == 204 || status == 304) return send_slow(L, top0);
+    if (!isnum || status < 200 || status > 999 || status == 204 || status == 304) return mw_call_upvalue(L, U2_SLOW, top0);
     lua_rawgeti(L, 1, R2_NH);
     lua_Integer nh = lua_tointegerx(L, -1, &isnum);
-    if (!isnum || nh < 0) return send_slow(L, top0);
+    if (!isnum || nh < 0) return mw_call_upvalue(L, U2_SLOW, top0);
     lua_rawgeti(L, 1, R2_SOCK);
     h2box *ud = mw_udata_magic(L, -1, sizeof(h2box), offsetof(h2box, magic), H2S_MAGIC);
-    if (!ud || !ud->st) return send_slow(L, top0);
+    if (!ud || !ud->st) return mw_call_upvalue(L, U2_SLOW, top0);
     /* as send_raw: sent, finished, the bytes, then the head and the body at once */
     lua_pushvalue(L, lua_upvalueindex(U2_SENT));
     lua_pushboolean(L, 1);

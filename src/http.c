@@ -1703,30 +1703,6 @@ enum { RS_REQ = 2, RS_NH = 4, RS_FIN = 5, RS_BYTES = 6, RS_STATUS = 7, RS_CLOSE 
  * common case), 3 write_rest (send: what the socket did not take), the key "sent" */
 enum { UP_DC = 1, UP_SLOW, UP_REST, UP_SENT, UP_COUNT = UP_SENT };
 
-static int results_k(lua_State *L, int status, lua_KContext ctx)
-{
-    (void)status;
-    return lua_gettop(L) - (int)ctx;
-}
-
-/* Calls upvalue `up` with the first n values on the stack (after dropping the rest) and
- * returns what it returns. */
-static int call_lua(lua_State *L, int up, int n)
-{
-    lua_settop(L, n);
-    lua_pushvalue(L, lua_upvalueindex(up));
-    lua_insert(L, 1);
-    lua_callk(L, n, LUA_MULTRET, 0, results_k);
-    return results_k(L, LUA_OK, 0);
-}
-
-/* t[upvalue up] (t: a positive index) */
-static int rawget_up(lua_State *L, int t, int up)
-{
-    lua_pushvalue(L, lua_upvalueindex(up));
-    return lua_rawget(L, t);
-}
-
 /* res:send(body): a string (or nil) body, the head not sent yet, no compression to decide:
  * done here; anything else goes to the Lua implementation. */
 static int l_res_send(lua_State *L)
@@ -1734,26 +1710,26 @@ static int l_res_send(lua_State *L)
     int top0 = lua_gettop(L);
     size_t blen = 0;
     const char *body = "";
-    if (top0 < 1 || top0 > 2 || lua_type(L, 1) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);
+    if (top0 < 1 || top0 > 2 || lua_type(L, 1) != LUA_TTABLE) return mw_call_upvalue(L, UP_SLOW, top0);
     int tb = top0 == 2 ? lua_type(L, 2) : LUA_TNIL;
     if (tb == LUA_TSTRING) body = lua_tolstring(L, 2, &blen);
-    else if (tb != LUA_TNIL) return call_lua(L, UP_SLOW, top0);
+    else if (tb != LUA_TNIL) return mw_call_upvalue(L, UP_SLOW, top0);
     lua_settop(L, 2);
-    if (rawget_up(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return call_lua(L, UP_SLOW, top0);
+    if (mw_rawget_upvalue(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return mw_call_upvalue(L, UP_SLOW, top0);
     /* the request's connection (its slot 1) knows the rest: the server's settings and what
      * the request said */
-    if (lua_rawgeti(L, 1, RS_REQ) != LUA_TTABLE) return call_lua(L, UP_SLOW, top0);      /* 4 */
+    if (lua_rawgeti(L, 1, RS_REQ) != LUA_TTABLE) return mw_call_upvalue(L, UP_SLOW, top0);      /* 4 */
     lua_rawgeti(L, 4, 1);                                                                  /* 5 */
     mw_http *h = hc_of(L, 5);
     if (!h || !h->s || h->has_server_name < 0 || h->gzip_from < 0 || (double)blen >= h->gzip_from)
-        return call_lua(L, UP_SLOW, top0);
+        return mw_call_upvalue(L, UP_SLOW, top0);
     int isnum;
     lua_rawgeti(L, 1, RS_STATUS);
     lua_Integer status = lua_tointegerx(L, -1, &isnum);
-    if (!isnum || status < 100 || status > 999) return call_lua(L, UP_SLOW, top0);
+    if (!isnum || status < 100 || status > 999) return mw_call_upvalue(L, UP_SLOW, top0);
     lua_rawgeti(L, 1, RS_NH);
     lua_Integer nh = lua_tointegerx(L, -1, &isnum);
-    if (!isnum) return call_lua(L, UP_SLOW, top0);
+    if (!isnum) return mw_call_upvalue(L, UP_SLOW, top0);
     mw_sock *s = h->s;
     if (s->closed) luaL_error(L, "attempt to use a closed socket");
     lua_rawgeti(L, 1, RS_CLOSE);
@@ -1770,7 +1746,7 @@ static int l_res_send(lua_State *L)
     int base = lua_gettop(L);
     int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags | HF_CHECKED,
                          h->has_server_name ? h->server_name : NULL, with_body);
-    if (nret < 0) return call_lua(L, UP_SLOW, top0);    /* a head too big for this path: nothing sent */
+    if (nret < 0) return mw_call_upvalue(L, UP_SLOW, top0);    /* a head too big for this path: nothing sent */
     /* sent (whole, in part, or failed): as response.lua does */
     lua_pushvalue(L, lua_upvalueindex(UP_SENT));
     lua_pushboolean(L, 1);
@@ -1793,8 +1769,8 @@ static int l_res_send(lua_State *L)
     lua_pushvalue(L, 1);
     for (int i = base + 2; i <= base + nret; i++) lua_pushvalue(L, i);
     int callbase = base + nret;
-    lua_callk(L, nret, LUA_MULTRET, callbase, results_k);
-    return results_k(L, LUA_OK, callbase);
+    lua_callk(L, nret, LUA_MULTRET, callbase, mw_results_k);
+    return mw_results_k(L, LUA_OK, callbase);
 }
 
 /* res:header(name, value): two strings, a token for a name, a value without CR, LF or NUL,
@@ -1804,16 +1780,16 @@ static int l_res_header(lua_State *L)
 {
     int top0 = lua_gettop(L);
     if (top0 != 3 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING || lua_type(L, 3) != LUA_TSTRING)
-        return call_lua(L, UP_SLOW, top0);
+        return mw_call_upvalue(L, UP_SLOW, top0);
     size_t kn, vn;
     const char *k = lua_tolstring(L, 2, &kn);
     const char *v = lua_tolstring(L, 3, &vn);
-    if (!name_ok(k, kn) || !value_clean(v, vn)) return call_lua(L, UP_SLOW, top0);
-    if (rawget_up(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return call_lua(L, UP_SLOW, top0);
+    if (!name_ok(k, kn) || !value_clean(v, vn)) return mw_call_upvalue(L, UP_SLOW, top0);
+    if (mw_rawget_upvalue(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return mw_call_upvalue(L, UP_SLOW, top0);
     int isnum;
     lua_rawgeti(L, 1, RS_NH);
     lua_Integer n = lua_tointegerx(L, -1, &isnum);
-    if (!isnum || n < 0) return call_lua(L, UP_SLOW, top0);
+    if (!isnum || n < 0) return mw_call_upvalue(L, UP_SLOW, top0);
     lua_settop(L, 3);                   /* the value, then the name, straight off the stack */
     lua_rawseti(L, 1, RS_HBASE + 2 * n + 1);
     lua_rawseti(L, 1, RS_HBASE + 2 * n);

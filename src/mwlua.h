@@ -38,4 +38,32 @@ static inline void *mw_checkudata_up(lua_State *L, int idx, int up, const char *
     return luaL_checkudata(L, idx, tname);
 }
 
+/* The C fast paths with a Lua implementation for everything else (res:send and res:header
+ * on HTTP/1.1 and HTTP/2, ws:send) leave through these. */
+
+/* A continuation: the results are the values above stack slot ctx. */
+static inline int mw_results_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    return lua_gettop(L) - (int)ctx;
+}
+
+/* Calls upvalue `up` with the first n values of the stack (the rest dropped) and returns
+ * what it returns; it may yield. */
+static inline int mw_call_upvalue(lua_State *L, int up, int n)
+{
+    lua_settop(L, n);
+    lua_pushvalue(L, lua_upvalueindex(up));
+    lua_insert(L, 1);
+    lua_callk(L, n, LUA_MULTRET, 0, mw_results_k);
+    return mw_results_k(L, LUA_OK, 0);
+}
+
+/* Pushes t[upvalue up] (raw; t a positive index) and returns its type. */
+static inline int mw_rawget_upvalue(lua_State *L, int t, int up)
+{
+    lua_pushvalue(L, lua_upvalueindex(up));
+    return lua_rawget(L, t);
+}
+
 #endif

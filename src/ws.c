@@ -629,56 +629,35 @@ static int ws_try_send(lua_State *L)
 enum { WSU_SLOW = 1, WSU_PART, WSU_TEXT, WSU_BINARY, WSU_STATE, WSU_OPEN, WSU_WRITER, WSU_TUNED,
        WSU_DEFLATE, WSU_WC, WSU_COUNT = WSU_WC };
 
-static int send_results(lua_State *L, int status, lua_KContext ctx)
-{
-    (void)status;
-    return lua_gettop(L) - (int)ctx;
-}
-
-static int send_slow(lua_State *L, int n)
-{
-    lua_settop(L, n);
-    lua_pushvalue(L, lua_upvalueindex(WSU_SLOW));
-    lua_insert(L, 1);
-    lua_callk(L, n, LUA_MULTRET, 0, send_results);
-    return send_results(L, LUA_OK, 0);
-}
-
-static int field_up(lua_State *L, int up)
-{
-    lua_pushvalue(L, lua_upvalueindex(up));
-    return lua_rawget(L, 1);
-}
-
 static int ws_send_c(lua_State *L)
 {
     int top = lua_gettop(L);
-    if (top < 2 || top > 3 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING) return send_slow(L, top);
+    if (top < 2 || top > 3 || lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TSTRING) return mw_call_upvalue(L, WSU_SLOW, top);
     int op = OP_TEXT;
     if (top == 3 && !lua_isnil(L, 3)) {
         if (lua_rawequal(L, 3, lua_upvalueindex(WSU_BINARY))) op = OP_BINARY;
-        else if (!lua_rawequal(L, 3, lua_upvalueindex(WSU_TEXT))) return send_slow(L, top);
+        else if (!lua_rawequal(L, 3, lua_upvalueindex(WSU_TEXT))) return mw_call_upvalue(L, WSU_SLOW, top);
     }
     size_t n;
     const char *d = lua_tolstring(L, 2, &n);
     if (op == OP_TEXT) {
         uint32_t st = 0;
-        if (utf8_check(&st, (const uint8_t *)d, n) < 0 || st != 0) return send_slow(L, top);
+        if (utf8_check(&st, (const uint8_t *)d, n) < 0 || st != 0) return mw_call_upvalue(L, WSU_SLOW, top);
     }
     lua_settop(L, 3);
-    field_up(L, WSU_STATE);
-    if (!lua_rawequal(L, -1, lua_upvalueindex(WSU_OPEN))) return send_slow(L, top);
-    if (field_up(L, WSU_WRITER) != LUA_TNIL && lua_toboolean(L, -1)) return send_slow(L, top);
-    if (field_up(L, WSU_TUNED) != LUA_TNIL && lua_toboolean(L, -1)) return send_slow(L, top);
-    if (field_up(L, WSU_DEFLATE) != LUA_TNIL && lua_toboolean(L, -1)) {
+    mw_rawget_upvalue(L, 1, WSU_STATE);
+    if (!lua_rawequal(L, -1, lua_upvalueindex(WSU_OPEN))) return mw_call_upvalue(L, WSU_SLOW, top);
+    if (mw_rawget_upvalue(L, 1, WSU_WRITER) != LUA_TNIL && lua_toboolean(L, -1)) return mw_call_upvalue(L, WSU_SLOW, top);
+    if (mw_rawget_upvalue(L, 1, WSU_TUNED) != LUA_TNIL && lua_toboolean(L, -1)) return mw_call_upvalue(L, WSU_SLOW, top);
+    if (mw_rawget_upvalue(L, 1, WSU_DEFLATE) != LUA_TNIL && lua_toboolean(L, -1)) {
         int isnum;
         lua_getfield(L, 1, "deflate_threshold");
         lua_Number t = lua_tonumberx(L, -1, &isnum);
-        if (!isnum || (lua_Number)n >= t) return send_slow(L, top);
+        if (!isnum || (lua_Number)n >= t) return mw_call_upvalue(L, WSU_SLOW, top);
     }
-    field_up(L, WSU_WC);
+    mw_rawget_upvalue(L, 1, WSU_WC);
     mw_ws *w = mw_udata_magic(L, -1, sizeof(mw_ws), offsetof(mw_ws, magic), WS_MAGIC);
-    if (!w || !w->s || w->s->closed || w->s->waiter[MW_ROLE_WRITE]) return send_slow(L, top);
+    if (!w || !w->s || w->s->closed || w->s->waiter[MW_ROLE_WRITE]) return mw_call_upvalue(L, WSU_SLOW, top);
     /* (no nested C call: a C function's frame takes LUA_MINSTACK slots, which would grow
      * the task's stack) */
     lua_settop(L, 3);
@@ -690,8 +669,8 @@ static int ws_send_c(lua_State *L)
     lua_pushvalue(L, lua_upvalueindex(WSU_PART));
     lua_pushvalue(L, 1);
     lua_rotate(L, 4, 2);
-    lua_callk(L, r + 1, LUA_MULTRET, 3, send_results);
-    return send_results(L, LUA_OK, 3);
+    lua_callk(L, r + 1, LUA_MULTRET, 3, mw_results_k);
+    return mw_results_k(L, LUA_OK, 3);
 }
 
 /* ws_send(send_lua, sent_part) -> ws:send with its common case in C */
