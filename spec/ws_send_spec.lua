@@ -36,6 +36,24 @@ describe("WebSocket send", function()
     end, 20)
   end)
 
+  it("a client's message the socket takes only in part (masked, through the C path) arrives whole", function()
+    run(function()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket())
+        mw.sleep(0.2)                         -- not reading yet: the client's first write is partial
+        for msg, kind in ws:messages() do assert(ws:send(#msg .. " " .. kind)) end
+      end })
+      local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/"):format(srv.port)))
+      local big = helper.pattern(8 * 1024 * 1024)
+      assert(ws:send(big, "binary"))
+      assert(ws:send("after", "text"))
+      assert.same({ "8388608 binary", "text" }, { ws:receive(10) })
+      assert.same({ "5 text", "text" }, { ws:receive(10) })
+      ws:close()
+      srv:close()
+    end, 20)
+  end)
+
   it("a handler raising after the upgrade: the peer gets 1011, the error is logged, the server goes on", function()
     run(function()
       local logged = {}

@@ -665,12 +665,14 @@ static int ws_send_c(lua_State *L)
     size_t hl = frame_head_of(L, w, h, op, 1, 0, n, &key);
     int r = send_now(L, w, h, hl, d, n, key);
     if (r == 1) return 1;                                   /* true: all of it went */
-    /* sent_part(self, done, rest [, code]): queues what is left, or fails the connection */
+    /* sent_part(self, done, rest [, code]): queues what is left, or fails the connection
+     * (send_now's results are the top r values: a client's masked copy sits below them) */
+    int first = lua_gettop(L) - r + 1;
     lua_pushvalue(L, lua_upvalueindex(WSU_PART));
     lua_pushvalue(L, 1);
-    lua_rotate(L, 4, 2);
-    lua_callk(L, r + 1, LUA_MULTRET, 3, mw_results_k);
-    return mw_results_k(L, LUA_OK, 3);
+    lua_rotate(L, first, 2);
+    lua_callk(L, r + 1, LUA_MULTRET, first - 1, mw_results_k);
+    return mw_results_k(L, LUA_OK, first - 1);
 }
 
 /* ws_send(send_lua, sent_part) -> ws:send with its common case in C */
