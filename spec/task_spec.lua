@@ -382,7 +382,8 @@ describe("core.dispatch (workers: a task that waits for its next job)", function
 
   it("raises naming the argument when fn is not a function", function()
     run(function()
-      assert.has_error(function() core.dispatch(42) end, "bad argument #1 to 'dispatch' (function expected, got number)")
+      assert.has_error(function() core.dispatch(42) end,
+        "bad argument #1 to 'dispatch' (function expected, got number)")
     end)
   end)
 end)

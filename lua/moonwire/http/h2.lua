@@ -1,9 +1,8 @@
 --- HTTP/2 for the server: one task reads the connection (h2:run, in C on libnghttp2) and
--- runs each request stream's handler in a worker; the handler gets the same `req` and `res` an HTTP/1.1
--- request gets (request.lua's Request over an H2Stream; a Response whose sending methods
+-- runs each request stream's handler in a worker; the handler gets the same `req` and `res`
+-- an HTTP/1.1 request gets (request.lua's Request over an H2Stream; a Response whose sending methods
 -- submit to the stream). server.lua calls M.serve with its own after_handler/access_line,
 -- so what happens after a handler is one path for both versions.
-local mw = require "moonwire"
 local core = require "moonwire.core"
 local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"

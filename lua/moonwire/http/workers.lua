@@ -10,9 +10,11 @@ local M = {}
 
 local RESTART_DELAY = 0.1   -- a worker that keeps dying is not restarted in a hot loop
 
-local function worker_main(opts)
+local function worker_main(opts, ready)
   local srv, err = server.server(opts)
   if not srv then error("worker cannot listen: " .. tostring(err), 0) end
+  ready:write("1")                 -- the parent's on_listen waits for every worker's listener
+  ready:close()
   local function stop() srv:close() end
   mw.signal("SIGTERM", stop)
   mw.signal("SIGINT", stop)
@@ -46,23 +48,31 @@ function M.serve(opts)
     local all_gone = mw.channel(1)
     if opts.bus ~= false then bus.hub_start() end   -- moonwire.pubsub between the workers
 
+    -- Forks the worker of `slot`; returns the parent's end of a pair on which the worker
+    -- writes one byte once it listens (EOF if it never does).
     local function start_worker(slot)
+      local ready, ready_w = core.unix.pair()
       local pid, ferr = core.fork()
       if not pid then
         io.stderr:write("moonwire: fork failed: ", tostring(ferr), "\n")
-        return
+        ready:close()
+        ready_w:close()
+        return nil
       end
       if pid == 0 then                           -- the worker: never returns to this code
         reserve:close()
+        ready:close()
         bus.forked()
         mw.signal("SIGCHLD", nil)
-        local ok, werr = pcall(worker_main, wopts)
+        local ok, werr = pcall(worker_main, wopts, ready_w)
         if not ok then io.stderr:write("moonwire: worker: ", tostring(werr), "\n") end
         io.stdout:flush()
         os.exit(ok and 0 or 1, false)
       end
+      ready_w:close()
       children[pid] = slot
       count = count + 1
+      return ready
     end
 
     mw.signal("SIGCHLD", function()
@@ -76,7 +86,10 @@ function M.serve(opts)
           if not stopping then
             io.stderr:write(("moonwire: worker %d exited (%s %d), restarting\n"):format(pid, how, code))
             mw.sleep(RESTART_DELAY)
-            if not stopping then start_worker(slot) end
+            if not stopping then
+              local ready = start_worker(slot)
+              if ready then ready:close() end
+            end
           end
         end
       end
@@ -92,7 +105,13 @@ function M.serve(opts)
     mw.signal("SIGTERM", stop)
     mw.signal("SIGINT", stop)
 
-    for i = 1, n do start_worker(i) end
+    -- on_listen once every worker listens (a client told the port at once is not refused)
+    local readies = {}
+    for i = 1, n do readies[#readies + 1] = start_worker(i) end
+    for _, ready in ipairs(readies) do
+      ready:read(1, 30)                          -- "1", or nil when that worker failed
+      ready:close()
+    end
     if opts.on_listen then
       opts.on_listen{ host = host, port = port, workers = children, pid = core.getpid() }
     end
