@@ -121,7 +121,7 @@ static void stream_free(h2stream *st)
     fields_free(&st->trout);
     free(st->in.data);
     free(st->out.data);
-    free(st);
+    mw_h2mem_release(st);
 }
 
 /* Frees st once neither nghttp2 nor Lua refers to it (and it waits in no queue). */
@@ -211,8 +211,9 @@ static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *u
         nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, f->hd.stream_id, NGHTTP2_REFUSED_STREAM);
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     }
-    h2stream *st = calloc(1, sizeof *st);
+    h2stream *st = mw_h2mem_alloc(sizeof *st);
     if (!st) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    memset(st, 0, sizeof *st);
     st->id = f->hd.stream_id;
     st->c = c;
     st->rt = c->rt;

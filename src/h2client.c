@@ -18,6 +18,7 @@
 #include "mwlua.h"
 #include "list.h"
 #include "h2fields.h"
+#include "h2mem.h"
 #include "h2.h"
 
 #include <errno.h>
@@ -98,6 +99,7 @@ struct hconn {
     int active;
     int64_t last_progress;
     bspec sp;
+    mw_h2mem mem;              /* the session's allocator: no region, recycled small blocks */
 };
 
 /* ---- small helpers ----------------------------------------------------------------------- */
@@ -109,7 +111,7 @@ static void stream_free(hstream *st)
     fields_free(&st->trout);
     free(st->in.data);
     free(st->out.data);
-    free(st);
+    mw_h2mem_release(st);
 }
 
 static void stream_release(hstream *st)
@@ -481,6 +483,7 @@ static void conn_free(hconn *c)
     bench_leave(c);
     nghttp2_session_del(c->session);
     c->session = NULL;
+    mw_h2mem_free(&c->mem);
     bench_free_spec(c);
 }
 
@@ -534,10 +537,11 @@ static int l_h2_client(lua_State *L)
     nghttp2_option_set_peer_max_concurrent_streams(opt, 1);
     nghttp2_option_set_max_outbound_ack(opt, 1000);
     nghttp2_option_set_max_settings(opt, 32);
-    int rv = nghttp2_session_client_new2(&c->session, cbs, c, opt);
+    mw_h2mem_init(&c->mem);
+    int rv = nghttp2_session_client_new3(&c->session, cbs, c, opt, &c->mem.hooks);
     nghttp2_session_callbacks_del(cbs);
     nghttp2_option_del(opt);
-    if (rv != 0) return luaL_error(L, "nghttp2_session_client_new2: %s", nghttp2_strerror(rv));
+    if (rv != 0) return luaL_error(L, "nghttp2_session_client_new3: %s", nghttp2_strerror(rv));
     nghttp2_settings_entry iv[3] = {
         { NGHTTP2_SETTINGS_ENABLE_PUSH, 0 },
         { NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, stream_window },
@@ -610,8 +614,9 @@ static int conn_fail_push(lua_State *L, hconn *c)
 
 static hstream *new_stream(hconn *c)
 {
-    hstream *st = calloc(1, sizeof *st);
+    hstream *st = mw_h2mem_alloc(sizeof *st);
     if (!st) return NULL;
+    memset(st, 0, sizeof *st);
     st->c = c;
     st->in_session = 1;
     MW_LIST_PUSH(c->streams, st, prev, next);

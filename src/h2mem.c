@@ -77,7 +77,7 @@ static void *take(mw_h2mem *m, size_t size)
 #define SC_STEP 16
 #define SC_MAX 512
 #define SC_N (SC_MAX / SC_STEP)
-#define SC_KEEP 64
+#define SC_KEEP 256
 
 typedef struct freeblk {
     struct freeblk *next;
@@ -86,7 +86,7 @@ typedef struct freeblk {
 static __thread freeblk *sc_head[SC_N + 1];
 static __thread unsigned sc_count[SC_N + 1];
 
-static void *blk_alloc(size_t size)
+void *mw_h2mem_alloc(size_t size)
 {
     if (size <= SC_MAX) {
         size_t cls = size ? (size + SC_STEP - 1) / SC_STEP : 1;
@@ -101,7 +101,7 @@ static void *blk_alloc(size_t size)
     return malloc(size);
 }
 
-static void blk_free(void *ptr)
+void mw_h2mem_release(void *ptr)
 {
     size_t have = malloc_usable_size(ptr);
     if (have >= SC_STEP && have <= SC_MAX + SC_STEP - 1) {
@@ -126,7 +126,7 @@ static size_t blk_cap(void *ptr)
 static void *h_malloc(size_t size, void *ud)
 {
     void *p = take(ud, size);
-    return p ? p : blk_alloc(size);
+    return p ? p : mw_h2mem_alloc(size);
 }
 
 static void h_free(void *ptr, void *ud)
@@ -137,7 +137,7 @@ static void h_free(void *ptr, void *ud)
         if (m->frame_len && (unsigned char *)ptr == m->region + m->frame_off) m->frame_len = 0;
         return;
     }
-    blk_free(ptr);
+    mw_h2mem_release(ptr);
 }
 
 static void *h_calloc(size_t n, size_t size, void *ud)
@@ -147,7 +147,7 @@ static void *h_calloc(size_t n, size_t size, void *ud)
     /* a block of the region is zero already: its pages were mapped fresh, no offset is
      * handed out twice, and a trim only ever makes pages read back as zeros */
     if (p) return p;
-    p = blk_alloc(n * size);
+    p = mw_h2mem_alloc(n * size);
     if (p) memset(p, 0, n * size);
     return p;
 }
@@ -164,7 +164,7 @@ static void *h_realloc(void *ptr, size_t size, void *ud)
         have = blk_cap(ptr);
         if (size <= have) return ptr;
     }
-    void *p = blk_alloc(size);
+    void *p = mw_h2mem_alloc(size);
     if (!p) return NULL;
     memcpy(p, ptr, size < have ? size : have);
     h_free(ptr, ud);

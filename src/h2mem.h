@@ -35,4 +35,11 @@ size_t mw_h2mem_trim(mw_h2mem *m);
 /* Unmaps the region: after nghttp2_session_del (or a failed creation) only. */
 void mw_h2mem_free(mw_h2mem *m);
 
+/* The heap blocks behind the hooks, for the glue's own per-stream structs too: malloc's,
+ * small ones (up to 512 bytes) recycled through per-thread lists by size class; any block
+ * from malloc may be released here. A client session uses the hooks without a region
+ * (mw_h2mem_init, no begin/end): only this. */
+void *mw_h2mem_alloc(size_t size);
+void mw_h2mem_release(void *ptr);
+
 #endif
