@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "896ee995bf299132b4daa4eab237448f",
+  md5 = "48865a17d32c0dfc238b01e96d97af3b",
   dir = "moonwire-0.1.0",
 }
 description = {
