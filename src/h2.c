@@ -170,24 +170,13 @@ static int flush_session(h2conn *c)
         c->fatal = 1;
         return -1;
     }
-    c->mem.drained = 0;
-    while (mw_buf_len(&s->obuf) < c->hwm) {
-        const uint8_t *data;
-        ssize_t n = nghttp2_session_mem_send(c->session, &data);
-        if (n < 0) {
-            c->fatal = 1;
-            return -1;
-        }
-        if (n == 0) {
-            c->mem.drained = 1;
-            return 0;
-        }
-        if (mw_sock_gather(s, (const char *)data, (size_t)n, NULL, 0) < 0) {
-            c->fatal = 1;
-            return -1;
-        }
+    int r = h2_drain(c->session, s, c->hwm);
+    c->mem.drained = r == 0;
+    if (r < 0) {
+        c->fatal = 1;
+        return -1;
     }
-    if (nghttp2_session_want_write(c->session) && c->task) mw_sched_wake(c->task, MW_WAKE_READY);
+    if (r == 1 && nghttp2_session_want_write(c->session) && c->task) mw_sched_wake(c->task, MW_WAKE_READY);
     return 0;
 }
 
@@ -376,27 +365,15 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
 {
     h2stream *st = src->ptr;
     (void)ud;
-    size_t have = mw_buf_len(&st->out);
-    if (have == 0 && !st->out_eof) {
+    ssize_t n = h2_body_read(ss, id, &st->out, &st->rt->pool, st->out_eof, &st->trout, buf, len, flags);
+    if (n == NGHTTP2_ERR_DEFERRED) {
         st->deferred = 1;
-        return NGHTTP2_ERR_DEFERRED;
+        return n;
     }
-    size_t n = have < len ? have : len;
-    if (n > 0) {
-        memcpy(buf, mw_buf_head(&st->out), n);
-        mw_buf_consume(&st->out, n);
-    }
-    if (mw_buf_len(&st->out) == 0) mw_buf_release(&st->out, &st->rt->pool);
     if (st->writer && mw_buf_len(&st->out) < st->c->out_hwm / 2) wake(&st->writer);
-    st->c->data_bytes += n;
-    if (st->out_eof && mw_buf_len(&st->out) == 0) {
-        *flags |= NGHTTP2_DATA_FLAG_EOF;
-        if (h2_submit_trailers(ss, id, &st->trout) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-    }
-    return (ssize_t)n;
+    st->c->data_bytes += (uint64_t)n;
+    return n;
 }
-
-/* ---- the connection --------------------------------------------------------------------- */
 
 static h2conn *checkconn(lua_State *L)
 {
@@ -618,11 +595,7 @@ static void end_session(h2conn *c, uint32_t code)
                               nghttp2_session_get_last_proc_stream_id(c->session), code, NULL, 0);
     }
     c->fatal = 1;
-    const uint8_t *data;
-    ssize_t n;
-    while ((n = nghttp2_session_mem_send(c->session, &data)) > 0)
-        if (mw_sock_gather(c->sock, (const char *)data, (size_t)n, NULL, 0) < 0) break;
-    c->mem.drained = n == 0;
+    c->mem.drained = h2_drain(c->session, c->sock, SIZE_MAX) == 0;   /* all of it, past hwm */
 }
 
 /* The event of st: a request gets its handler, fn(<the values after fn>, stream, method,

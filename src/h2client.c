@@ -170,20 +170,10 @@ static void flush_session(hconn *c)
         conn_fail(c, "closed", "closed");
         return;
     }
-    while (mw_buf_len(&s->obuf) < c->hwm) {
-        const uint8_t *data;
-        ssize_t n = nghttp2_session_mem_send(c->session, &data);
-        if (n < 0) {
-            conn_fail(c, nghttp2_strerror((int)n), "http2");
-            return;
-        }
-        if (n == 0) return;
-        if (mw_sock_gather(s, (const char *)data, (size_t)n, NULL, 0) < 0) {
-            conn_fail(c, "not enough memory", "ENOMEM");
-            return;
-        }
-    }
-    if (nghttp2_session_want_write(c->session)) poke_driver(c);
+    int r = h2_drain(c->session, s, c->hwm);
+    if (r == NGHTTP2_ERR_NOMEM) conn_fail(c, "not enough memory", "ENOMEM");
+    else if (r < 0) conn_fail(c, nghttp2_strerror(r), "http2");
+    else if (r == 1 && nghttp2_session_want_write(c->session)) poke_driver(c);
 }
 
 /* ---- nghttp2 callbacks (no Lua here) ------------------------------------------------------ */
@@ -339,24 +329,16 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
 {
     hstream *st = src->ptr;
     hconn *c = ud;
-    size_t have = mw_buf_len(&st->out);
-    if (have == 0 && !st->out_eof) {
+    ssize_t n = h2_body_read(ss, id, &st->out, NULL, st->out_eof, &st->trout, buf, len, flags);
+    if (n == NGHTTP2_ERR_DEFERRED) {
         st->deferred = 1;
-        return NGHTTP2_ERR_DEFERRED;
+        return n;
     }
-    size_t n = have < len ? have : len;
-    if (n) memcpy(buf, mw_buf_head(&st->out), n);
-    mw_buf_consume(&st->out, n);
-    if (mw_buf_len(&st->out) == 0) mw_buf_release(&st->out, NULL);
     if (mw_buf_len(&st->out) < c->out_hwm / 2) {
         if (st->writer) wake(&st->writer);
         else if (!st->bench && !st->out_eof) poke_driver(c);   /* the writer may be driving */
     }
-    if (st->out_eof && mw_buf_len(&st->out) == 0) {
-        *flags |= NGHTTP2_DATA_FLAG_EOF;
-        if (h2_submit_trailers(ss, id, &st->trout) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-    }
-    return (ssize_t)n;
+    return n;
 }
 
 /* ---- driving the connection -------------------------------------------------------------- */

@@ -1,9 +1,12 @@
 /* h2fields: what the HTTP/2 server (h2.c) and client (h2client.c) share: a packed list of
  * header fields (name \0 value \0, as nghttp2 hands them over one by one), an nv list with
- * an arena for lower-cased names, and the connection-specific field names HTTP/2 forbids
- * (RFC 9113 §8.2.2). Lua-free. */
+ * an arena for lower-cased names, the connection-specific field names HTTP/2 forbids
+ * (RFC 9113 §8.2.2), drawing a session's output into the socket's buffer and a stream's body
+ * into DATA frames. Lua-free. */
 #ifndef MW_H2FIELDS_H
 #define MW_H2FIELDS_H
+
+#include "stream.h"
 
 #include <nghttp2/nghttp2.h>
 #include <stdint.h>
@@ -131,6 +134,41 @@ static inline int h2_submit_trailers(nghttp2_session *ss, int32_t id, const fiel
         k++;
     }
     return nghttp2_submit_trailer(ss, id, nv, (size_t)k) == 0 ? 0 : -1;
+}
+
+/* Draws what the session has to send into s's output buffer until it holds hwm bytes:
+ * 0 when nghttp2 has nothing more (its mem_send said 0), 1 when it stopped at hwm, or a
+ * negative nghttp2 error (NGHTTP2_ERR_NOMEM: the buffer could not grow). */
+static inline int h2_drain(nghttp2_session *ss, mw_sock *s, size_t hwm)
+{
+    while (mw_buf_len(&s->obuf) < hwm) {
+        const uint8_t *data;
+        ssize_t n = nghttp2_session_mem_send(ss, &data);
+        if (n <= 0) return (int)n;
+        if (mw_sock_gather(s, (const char *)data, (size_t)n, NULL, 0) < 0) return NGHTTP2_ERR_NOMEM;
+    }
+    return 1;
+}
+
+/* A data provider's read: up to len bytes of out into buf, then, once out is empty and
+ * complete (eof), the end of the stream or the trailers of trout. NGHTTP2_ERR_DEFERRED
+ * when out is empty and more is to come. */
+static inline ssize_t h2_body_read(nghttp2_session *ss, int32_t id, mw_buf *out, mw_buf_pool *pool, int eof,
+                                   const fields *trout, uint8_t *buf, size_t len, uint32_t *flags)
+{
+    size_t have = mw_buf_len(out);
+    if (have == 0 && !eof) return NGHTTP2_ERR_DEFERRED;
+    size_t n = have < len ? have : len;
+    if (n > 0) {
+        memcpy(buf, mw_buf_head(out), n);
+        mw_buf_consume(out, n);
+    }
+    if (mw_buf_len(out) == 0) mw_buf_release(out, pool);
+    if (eof && mw_buf_len(out) == 0) {
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        if (h2_submit_trailers(ss, id, trout) == 0) *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    }
+    return (ssize_t)n;
 }
 
 #endif

@@ -34,9 +34,7 @@ local R2 = setmetatable({}, { __index = Response })
 R2.__index = R2
 M.Response = R2
 
-local function argerror(n, fname, msg)
-  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
-end
+local argerror, write_arg = Response._argerror, Response._write_arg
 
 local function bodyless(self)
   local st = self[STATUS]
@@ -86,10 +84,7 @@ end
 
 --- Streams a piece of the body; waits while the client reads slowly (its stream only).
 function R2:write(chunk)
-  if type(chunk) ~= "string" then
-    if type(chunk) == "number" then chunk = tostring(chunk)
-    else argerror(1, "write", "string expected, got " .. type(chunk)) end
-  end
+  chunk = write_arg(chunk)
   if self._mode == "none" then return true end      -- HEAD, or a status without a body
   if self[FIN] then error("response already finished", 2) end
   if not self.sent then

@@ -284,12 +284,19 @@ local function start_stream(self)
   return write(self, head)
 end
 
+-- res:write's argument as a string (a number is turned into one); raises for anything else
+-- (level: res:write's caller). HTTP/2's res:write (h2.lua) takes it the same way.
+local function write_arg(chunk)
+  if type(chunk) == "string" then return chunk end
+  if type(chunk) == "number" then return tostring(chunk) end
+  argerror(1, "write", "string expected, got " .. type(chunk), 4)
+end
+Response._write_arg = write_arg
+Response._argerror = argerror
+
 --- Streams a piece of the body (backpressure: waits while the client is slow).
 function Response:write(chunk)
-  if type(chunk) ~= "string" then
-    if type(chunk) == "number" then chunk = tostring(chunk)
-    else argerror(1, "write", "string expected, got " .. type(chunk)) end
-  end
+  chunk = write_arg(chunk)
   if self._mode == "none" then return true end      -- HEAD, or a status without a body
   if self[FIN] then error("response already finished", 2) end
   if not self.sent then
