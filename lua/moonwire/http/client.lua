@@ -262,27 +262,43 @@ local function h2_body(self)
   return whole_body(self, h2_done, true, s:read("all", self._max_body, self:_body_timeout()))
 end
 
-local function h2_body_reader(self)
+-- The next chunk of the body from the response's HTTP/2 stream or HTTP/1.1 connection: a
+-- string; nil at the end (nil, err on a failure); false once the connection was let go.
+local function h2_read_chunk(self, timeout)
+  local s = rawget(self, "_s")
+  if not s then return false end
+  return s:read("chunk", -1, timeout)
+end
+
+local function h1_read_chunk(self, timeout)
+  local c = rawget(self, "_c")
+  if not c then return false end
+  return c.hc:read_body("chunk", -1, timeout)
+end
+
+-- A body's chunks as an iterator, decoded, in constant memory; raises on an I/O error. One
+-- path for both versions: `read` is h2_read_chunk or h1_read_chunk, `done(self, reusable)`
+-- lets the connection go, reusable when the body ended (`keep`).
+local function chunk_reader(self, read, done, keep)
   local timeout = self:_body_timeout()
   local dec = decoder_for(self)
   local max = self._max_body
   return function()
     while true do
-      local s = rawget(self, "_s")
-      if not s then return nil end
-      local chunk, err = s:read("chunk", -1, timeout)
+      local chunk, err = read(self, timeout)
+      if chunk == false then return nil end
       if chunk == nil then
         if err then
-          h2_done(self, false)
+          done(self, false)
           error("response body: " .. tostring(err), 2)
         end
-        h2_done(self, true)
+        done(self, keep)
         return nil
       end
       if dec then
         local out, derr = dec:decompress(chunk, max)
         if not out then
-          h2_done(self, false)
+          done(self, false)
           error("response body: " .. tostring(derr), 2)
         end
         if out ~= "" then return out end
@@ -310,36 +326,9 @@ end
 function methods:body_reader()
   local c = rawget(self, "_c")
   rawset(self, "_consumed", true)
-  if rawget(self, "_s") then return h2_body_reader(self) end
+  if rawget(self, "_s") then return chunk_reader(self, h2_read_chunk, h2_done, true) end
   if not c then return function() return nil end end
-  local timeout = self:_body_timeout()
-  local dec = decoder_for(self)
-  local max = self._max_body
-  return function()
-    while true do
-      local cc = rawget(self, "_c")
-      if not cc then return nil end
-      local chunk, err = cc.hc:read_body("chunk", -1, timeout)
-      if chunk == nil then
-        if err then
-          done_with(self, false)
-          error("response body: " .. tostring(err), 2)
-        end
-        done_with(self, self.keepalive)
-        return nil
-      end
-      if dec then
-        local out, derr = dec:decompress(chunk, max)
-        if not out then
-          done_with(self, false)
-          error("response body: " .. tostring(derr), 2)
-        end
-        if out ~= "" then return out end
-      else
-        return chunk
-      end
-    end
-  end
+  return chunk_reader(self, h1_read_chunk, done_with, self.keepalive)
 end
 
 --- Every value of a header field, in order.
