@@ -551,3 +551,35 @@ describe("static dotfiles", function()
     assert.truthy(res.file:find("%.env$"))
   end)
 end)
+
+-- res:sendfile's checks are one function for both versions (response.lua's sendfile_range):
+-- the same answers and the same errors, at the caller, over HTTP/1.1 and HTTP/2.
+describe("res:sendfile misuse and a missing file, HTTP/1.1 and HTTP/2", function()
+  local http = require "moonwire.http"
+  it("raises naming the argument or the range, and returns nil, err for a missing file", function()
+    helper.run(function()
+      local dir = own_tree()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(_, res)
+        local out = {}
+        out[1] = select(2, pcall(function() res:sendfile(42) end))
+        out[2] = select(2, pcall(function() res:sendfile(dir .. "/hello.txt", 5, 100) end))
+        local ok, err = res:sendfile(dir .. "/no-such-file")
+        out[3] = tostring(ok) .. " " .. tostring(err ~= nil)
+        res:send(table.concat(out, "\n"))
+      end })
+      local bodies = {}
+      for _, h2 in ipairs { false, true } do
+        local r = assert(http.request { url = ("http://127.0.0.1:%d/"):format(srv.port), http2 = h2 })
+        bodies[#bodies + 1] = assert(r:body())
+      end
+      srv:close(0)
+      assert.equal(bodies[1], bodies[2])
+      local lines = {}
+      for l in bodies[1]:gmatch("[^\n]+") do lines[#lines + 1] = l end
+      assert.matches("http_static_spec%.lua:%d+: bad argument #1 to 'sendfile' %(string expected, got number%)",
+        lines[1])
+      assert.matches("http_static_spec%.lua:%d+: bad range for sendfile", lines[2])
+      assert.equal("nil true", lines[3])
+    end, 15)
+  end)
+end)

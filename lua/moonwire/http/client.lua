@@ -103,6 +103,22 @@ local function pool_of(self, key)
   return p
 end
 
+-- Waits in the pool's queue of tasks (an HTTP/1.1 or an HTTP/2 pool) until wake_waiter or
+-- wake_all lets it go: true, or nil, err, code when the wait failed (its place is given up).
+local function wait_turn(p)
+  local me = current()
+  if not me then error("blocking call outside a task", 4) end
+  local w = p.waiters
+  w.last = w.last + 1
+  w[w.last] = me
+  local ok, err, code = park()
+  if not ok then
+    for i = w.first, w.last do if w[i] == me then w[i] = false end end
+    return nil, err, code
+  end
+  return true
+end
+
 local function wake_waiter(p)
   local w = p.waiters
   while w.first <= w.last do
@@ -144,16 +160,8 @@ local function checkout(self, key, connect)
       c.hc = http_conn(sock, self._limits, Response, true, headers_mt)
       return c
     end
-    local me = current()
-    if not me then error("blocking call outside a task", 3) end
-    local w = p.waiters
-    w.last = w.last + 1
-    w[w.last] = me
-    local ok, err, code = park()
-    if not ok then
-      for i = w.first, w.last do if w[i] == me then w[i] = false end end
-      return nil, err, code
-    end
+    local ok, err, code = wait_turn(p)
+    if not ok then return nil, err, code end
   end
 end
 
@@ -602,16 +610,8 @@ local function h2_checkout(self, key, connect, alpn)
       wake_all(p)
       return hc
     else
-      local me = current()
-      if not me then error("blocking call outside a task", 3) end
-      local w = p.waiters
-      w.last = w.last + 1
-      w[w.last] = me
-      local ok, err, code = park()
-      if not ok then
-        for i = w.first, w.last do if w[i] == me then w[i] = false end end
-        return nil, err, code
-      end
+      local ok, err, code = wait_turn(p)
+      if not ok then return nil, err, code end
     end
   end
 end

@@ -113,19 +113,10 @@ end
 --- A file (or a byte range of it), read and sent in 64 KiB pieces (the stream's flow
 -- control paces it).
 function R2:sendfile(path, offset, length)
-  if type(path) ~= "string" then argerror(1, "sendfile", "string expected, got " .. type(path)) end
-  if self.sent then error("response already sent", 2) end
-  local size, err, code = core.stat(path)
-  if not size then return nil, err, code end
-  offset = offset or 0
-  length = length or (size - offset)
-  if offset < 0 or length < 0 or offset + length > size then error("bad range for sendfile", 2) end
-  if not self:get_header("content-type") then
-    local ok, mime = pcall(require, "moonwire.http.mime")
-    if ok then self:header("content-type", mime.type(path)) end
-  end
+  local ok, err, code
+  offset, length, code = Response._sendfile_range(self, path, offset, length)
+  if not offset then return nil, length, code end
   self:header("content-length", tostring(length))
-  local ok
   ok, err, code = start_stream(self)
   if not ok or self._mode == "none" then return ok, err, code end
   if length > 0 then

@@ -385,18 +385,27 @@ function Response:redirect(url, code)
   return self:send("Redirecting to " .. url .. "\n")
 end
 
---- Sends a file (or a byte range of it) with sendfile(2).
-function Response:sendfile(path, offset, length)
-  if type(path) ~= "string" then argerror(1, "sendfile", "string expected, got " .. type(path)) end
-  if self.sent then error("response already sent", 2) end
+-- res:sendfile's checks and head fields, for both versions (HTTP/2's: h2.lua): the offset
+-- and length of the range to send, a content type from the path unless one is set; nil, err,
+-- code when the file cannot be read. Raises (at sendfile's caller) for misuse.
+local function sendfile_range(self, path, offset, length)
+  if type(path) ~= "string" then argerror(1, "sendfile", "string expected, got " .. type(path), 4) end
+  if self.sent then error("response already sent", 3) end
   local size, err, code = core.stat(path)
   if not size then return nil, err, code end
   offset = offset or 0
   length = length or (size - offset)
-  if offset < 0 or length < 0 or offset + length > size then
-    error("bad range for sendfile", 2)
-  end
+  if offset < 0 or length < 0 or offset + length > size then error("bad range for sendfile", 3) end
   if not self:get_header("content-type") and mime_ok then self:header("content-type", mime.type(path)) end
+  return offset, length
+end
+Response._sendfile_range = sendfile_range
+
+--- Sends a file (or a byte range of it) with sendfile(2).
+function Response:sendfile(path, offset, length)
+  local err, code
+  offset, length, code = sendfile_range(self, path, offset, length)
+  if not offset then return nil, length, code end
   local head = http_head(self[STATUS], self, self[NH], length, connflags(self), self[SRV].server_name, HBASE)
   self.sent, self[FIN] = true, true
   local ok
