@@ -55,6 +55,28 @@ describe("http2 client against our server", function()
     end)
   end)
 
+  it("a response field sent more than once: joined in headers, every value in header_list, as on HTTP/1.1",
+    function()
+    run(function()
+      local srv = serve(function(_, res)
+        res:header("x-r", "1")
+        res:header("x-r", "2")
+        res:header("x-r", "3")
+        res:header("x-once", "a")
+        res:send("ok")
+      end)
+      local _ <close> = guard(srv)
+      local got = {}
+      for _, h2 in ipairs { true, false } do
+        local res = assert(http.request { url = base(srv) .. "/", http2 = h2 })
+        assert.equal(h2 and "2" or "1.1", res.version)
+        got[#got + 1] = { res.headers["x-r"], res:header_list("x-r"), res:header_list("x-once"), res:body() }
+      end
+      assert.same({ "1, 2, 3", { "1", "2", "3" }, { "a" }, "ok" }, got[1])
+      assert.same(got[2], got[1])
+    end)
+  end)
+
   it("POST 10 MiB streamed both ways, flow-controlled, in chunks", function()
     run(function()
       local got_in = 0

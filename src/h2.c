@@ -132,6 +132,23 @@ static void stream_release(h2stream *st)
     stream_free(st);
 }
 
+/* A request stream nghttp2 knows (its stream user data), on the connection's list. */
+static h2stream *stream_new(h2conn *c, int32_t id)
+{
+    h2stream *st = mw_h2mem_alloc(sizeof *st);
+    if (!st) return NULL;
+    memset(st, 0, sizeof *st);
+    st->id = id;
+    st->c = c;
+    st->rt = c->rt;
+    st->in_session = 1;
+    c->nopen++;
+    st->content_length = -1;
+    MW_LIST_PUSH(c->streams, st, prev, next);
+    nghttp2_session_set_stream_user_data(c->session, id, st);
+    return st;
+}
+
 static void queue_event(h2conn *c, h2stream *st)
 {
     if (st->queued) return;
@@ -200,17 +217,8 @@ static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *u
         nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, f->hd.stream_id, NGHTTP2_REFUSED_STREAM);
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     }
-    h2stream *st = mw_h2mem_alloc(sizeof *st);
+    h2stream *st = stream_new(c, f->hd.stream_id);
     if (!st) return NGHTTP2_ERR_CALLBACK_FAILURE;
-    memset(st, 0, sizeof *st);
-    st->id = f->hd.stream_id;
-    st->c = c;
-    st->rt = c->rt;
-    st->in_session = 1;
-    c->nopen++;
-    st->content_length = -1;
-    MW_LIST_PUSH(c->streams, st, prev, next);
-    nghttp2_session_set_stream_user_data(ss, st->id, st);
     c->hdr_open++;
     if (c->hdr_open == 1) c->head_deadline = mw_sched_after(c->rt, c->t_head);
     return 0;
@@ -437,16 +445,8 @@ static int upgrade(lua_State *L, h2conn *c, int idx)
         return 0;
     }
     lua_pop(L, 1);
-    h2stream *st = calloc(1, sizeof *st);
+    h2stream *st = stream_new(c, 1);
     if (!st) return -1;
-    st->id = 1;
-    st->c = c;
-    st->rt = c->rt;
-    st->in_session = 1;
-    c->nopen++;
-    st->content_length = -1;
-    MW_LIST_PUSH(c->streams, st, prev, next);
-    nghttp2_session_set_stream_user_data(c->session, 1, st);
     lua_getfield(L, idx, "fields");
     int nf = (int)lua_rawlen(L, -1);
     for (int i = 1; i + 1 <= nf; i += 2) {

@@ -17,6 +17,7 @@
 #include "stream.h"
 #include "mwlua.h"
 #include "list.h"
+#include "http.h"
 #include "h2fields.h"
 #include "h2mem.h"
 #include "h2.h"
@@ -843,27 +844,15 @@ static int push_fields(lua_State *L, const fields *f)
             lua_rawset(L, hidx);
             continue;
         }
-        /* repeated */
+        /* repeated: every value in _multi[name] (as the server's requests keep them), and
+         * the values joined in headers[name] */
         if (!midx) {
             lua_newtable(L);
-            midx = lua_gettop(L);
             lua_insert(L, hidx + 1);
             midx = hidx + 1;
         }
         int kidx = lua_gettop(L) - 1, oldidx = lua_gettop(L);
-        lua_pushvalue(L, kidx);
-        if (lua_rawget(L, midx) == LUA_TNIL) {
-            lua_pop(L, 1);
-            lua_createtable(L, 2, 0);
-            lua_pushvalue(L, oldidx);
-            lua_rawseti(L, -2, 1);
-            lua_pushvalue(L, kidx);
-            lua_pushvalue(L, -2);
-            lua_rawset(L, midx);
-        }
-        lua_pushlstring(L, v, vl);
-        lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-        lua_pop(L, 1);
+        mw_http_add_multi(L, midx, kidx, oldidx, v, vl);
         /* headers[name] = old .. ", " .. v */
         lua_pushvalue(L, kidx);
         lua_pushvalue(L, oldidx);
@@ -873,8 +862,10 @@ static int push_fields(lua_State *L, const fields *f)
         lua_rawset(L, hidx);
         lua_settop(L, kidx - 1);
     }
-    if (midx) return 2;
-    return 1;
+    if (!midx) return 1;
+    lua_getfield(L, midx, "_multi");
+    lua_replace(L, midx);
+    return 2;
 }
 
 static int head_k(lua_State *L, int status, lua_KContext ctx);
