@@ -543,6 +543,9 @@ static int l_h2_server(lua_State *L)
     if (c->conn_window > 65535)
         nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, (int32_t)c->conn_window);
     c->settings_sent = c->rt->loop.now;
+    /* a busy connection: TLS keeps its record buffers between reads and writes until the
+     * connection has been idle for trim_after (resume_step) */
+    if (s->tp->trim) s->tp->trim(s, 1);
     c->head_deadline = mw_sched_after(c->rt, c->t_head);
     c->idle_since = c->rt->loop.now;
     if (lua_istable(L, 4) && upgrade(L, c, 4) < 0) return luaL_error(L, "not enough memory");
@@ -717,6 +720,7 @@ static int resume_step(lua_State *L, h2conn *c, mw_task *t)
             c->trimmed_for = c->idle_since;
             c->trims++;
             mw_h2mem_trim(&c->mem);
+            if (c->sock->tp->trim) c->sock->tp->trim(c->sock, 1);
             return next_step(L, c, t);
         }
         if (c->settings_sent && now >= c->settings_sent + (int64_t)(c->t_settings * 1e9)) {

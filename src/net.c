@@ -208,7 +208,7 @@ static ssize_t plain_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t
 }
 
 /* Plain sockets: recv and sendmsg on the descriptor. */
-const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL, NULL, NULL };
+const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL, NULL, NULL, NULL };
 
 /* ---- handles ---------------------------------------------------------------------- */
 

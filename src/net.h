@@ -29,6 +29,10 @@ typedef struct mw_transport {
     void (*close)(mw_sock *s);             /* before the fd closes; may be NULL */
     int (*pending)(mw_sock *s);            /* bytes read from the fd, not yet returned; may be NULL */
     const char *(*errmsg)(mw_sock *s);     /* the reason of the last EPROTO; may be NULL */
+    /* gives back the transport's buffers now if none holds unread or unsent bytes; then
+     * hold = 1 keeps them between calls (a busy connection: no allocation per record), 0
+     * gives them back after each call (the default: an idle connection holds none); may be NULL */
+    void (*trim)(mw_sock *s, int hold);
 } mw_transport;
 
 enum { MW_ROLE_READ, MW_ROLE_WRITE };

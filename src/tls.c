@@ -238,7 +238,21 @@ static const char *tls_errmsg(mw_sock *s)
     return c && c->err[0] ? c->err : "TLS error";
 }
 
-static const mw_transport mw_tls_transport = { tls_read, tls_writev, tls_close, tls_pending, tls_errmsg };
+/* SSL_MODE_RELEASE_BUFFERS (the context's default) frees the record buffers (16 KiB and more
+ * each way) after every SSL_read and SSL_write: an idle connection costs none, a busy one a
+ * malloc and a free per record. A busy protocol (HTTP/2) holds them and gives them back when
+ * it has been idle a while. SSL_free_buffers declines while a record is partly read or
+ * written; it is only asked when OpenSSL holds no bytes. */
+static void tls_trim(mw_sock *s, int hold)
+{
+    mw_tlsconn *c = s->tls;
+    if (!c) return;
+    if (!SSL_has_pending(c->ssl) && SSL_want(c->ssl) == SSL_NOTHING) SSL_free_buffers(c->ssl);
+    if (hold) SSL_clear_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
+    else SSL_set_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
+}
+
+static const mw_transport mw_tls_transport = { tls_read, tls_writev, tls_close, tls_pending, tls_errmsg, tls_trim };
 
 /* ---- contexts -------------------------------------------------------------------------------- */
 
