@@ -138,9 +138,12 @@ static inline int h2_submit_trailers(nghttp2_session *ss, int32_t id, const fiel
 
 /* Draws what the session has to send into s's output buffer until it holds hwm bytes:
  * 0 when nghttp2 has nothing more (its mem_send said 0), 1 when it stopped at hwm, or a
- * negative nghttp2 error (NGHTTP2_ERR_NOMEM: the buffer could not grow). */
+ * negative nghttp2 error (NGHTTP2_ERR_NOMEM: the buffer could not grow). want_write is
+ * asked first: a turn with nothing queued costs no pass of mem_send (it stays true while
+ * the frame mem_send returned last awaits its after-send work, so that work is done). */
 static inline int h2_drain(nghttp2_session *ss, mw_sock *s, size_t hwm)
 {
+    if (!nghttp2_session_want_write(ss)) return 0;
     while (mw_buf_len(&s->obuf) < hwm) {
         const uint8_t *data;
         ssize_t n = nghttp2_session_mem_send(ss, &data);
