@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "7757bce601e49526d824112320c9e904",
+  md5 = "df82d66087865f898fa19b46d7071d9d",
   dir = "moonwire-0.1.0",
 }
 description = {
