@@ -366,7 +366,10 @@ static int optbool(lua_State *L, int t, const char *k)
 
 static SSL_CTX *new_ssl_ctx(lua_State *L, int server, int t, char *err, size_t errn)
 {
-    int minv = version_of(L, optstr(L, t, "min_version"));  /* may raise: before allocating */
+    /* these may raise: read before anything is allocated */
+    int minv = version_of(L, optstr(L, t, "min_version"));
+    const char *ciphers = optstr(L, t, "ciphers");
+    const char *suites = optstr(L, t, "ciphersuites");
     SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
     if (!ctx) { tls_reason(NULL, err, errn); return NULL; }
     SSL_CTX_set_min_proto_version(ctx, minv);
@@ -378,9 +381,16 @@ static SSL_CTX *new_ssl_ctx(lua_State *L, int server, int t, char *err, size_t e
      * truncated body); without this OpenSSL 3 reports it as an error */
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE |
                              SSL_OP_IGNORE_UNEXPECTED_EOF);
-    const char *ciphers = optstr(L, t, "ciphers");
     if (ciphers && SSL_CTX_set_cipher_list(ctx, ciphers) != 1) {
         snprintf(err, errn, "bad cipher list");
+        ERR_clear_error();
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    /* TLS 1.3's suites are a list of their own (the cipher list above is TLS 1.2's) */
+    if (suites && (!*suites || SSL_CTX_set_ciphersuites(ctx, suites) != 1)) {
+        snprintf(err, errn, "bad ciphersuites list (TLS 1.3 suite names, ':' between them)");
+        ERR_clear_error();
         SSL_CTX_free(ctx);
         return NULL;
     }
@@ -431,7 +441,8 @@ static void configure_verify(lua_State *L, SSL_CTX *ctx, int t, int server, int 
 
 /* tls_context(opts) -> ctx
  * opts: server (bool), cert, key (files or PEM strings), sni = { [name] = { cert, key } },
- * alpn (list), min_version ("1.2"), ciphers, cafile, capath, insecure (client),
+ * alpn (list), min_version ("1.2"), ciphers (TLS 1.2), ciphersuites (TLS 1.3), cafile, capath,
+ * insecure (client),
  * verify_client (server: true | "optional") */
 static int l_tls_context(lua_State *L)
 {

@@ -5,14 +5,14 @@ local core = require "moonwire.core"
 
 local M = {}
 
-local client_keys = { "cafile", "capath", "cert", "key", "insecure", "min_version", "ciphers" }
+local client_keys = { "cafile", "capath", "cert", "key", "insecure", "min_version", "ciphers", "ciphersuites" }
 
 local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
 end
 
---- mw.tls.context{ server = bool, cert, key, sni, alpn, min_version, ciphers, cafile,
--- capath, insecure, verify_client } -> context (raises on bad options or files)
+--- mw.tls.context{ server = bool, cert, key, sni, alpn, min_version, ciphers, ciphersuites,
+-- cafile, capath, insecure, verify_client } -> context (raises on bad options or files)
 function M.context(opts)
   if type(opts) ~= "table" then argerror(1, "context", "table expected, got " .. type(opts)) end
   return core.tls_context(opts)

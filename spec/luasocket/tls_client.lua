@@ -77,4 +77,11 @@ do   -- verify = "none" accepts it
   show("all", s:receive("*a"))
   s:close()
 end
+do   -- TLS 1.3's suites: the client's single suite is the one used
+  local s = open({ mode = "client", protocol = "tlsv1_3", verify = "none",
+                   ciphersuites = "TLS_CHACHA20_POLY1305_SHA256" })
+  show("ciphersuites", s:dohandshake())
+  show("cipher", s:info("cipher"))
+  s:close()
+end
 print("done")

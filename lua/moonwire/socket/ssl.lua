@@ -26,7 +26,8 @@ local ctx_mt = { __name = "SSL context" }
 
 --- ssl.newcontext(params) -> context | nil, err. params: mode ("client"/"server"), protocol
 -- ("any", "tlsv1_2", "tlsv1_3"), verify ("none"/"peer" or a list), certificate, key,
--- cafile, capath, alpn, ciphers; options are accepted and ignored (moonwire sets its own).
+-- cafile, capath, alpn, ciphers, ciphersuites; options are accepted and ignored (moonwire sets
+-- its own).
 function M.newcontext(params)
   if type(params) ~= "table" then argerror(1, "newcontext", "table expected, got " .. type(params)) end
   local server = params.mode == "server"
@@ -36,7 +37,7 @@ function M.newcontext(params)
   local verify = wants_peer(params.verify)
   local o = {
     cert = params.certificate, key = params.key, cafile = params.cafile, capath = params.capath,
-    ciphers = params.ciphers,
+    ciphers = params.ciphers, ciphersuites = params.ciphersuites,
     alpn = type(params.alpn) == "string" and { params.alpn } or params.alpn,
     min_version = params.protocol == "tlsv1_3" and "1.3" or nil,
   }
