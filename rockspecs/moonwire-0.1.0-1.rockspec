@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "d11c131a6f454ec56c26abbbbabd5605",
+  md5 = "9f928879e6a6952c4f99cfbea91424e6",
   dir = "moonwire-0.1.0",
 }
 description = {
