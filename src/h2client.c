@@ -1308,6 +1308,8 @@ static void bench_leave(hconn *c)
 {
     hbench *b = c->b;
     c->btask = NULL;
+    /* the run is over: TLS gives its record buffers back (hc_bench held them) */
+    if (c->sock && c->sock->tp->trim) c->sock->tp->trim(c->sock, 0);
     if (!b) return;
     hconn **pp = &b->running;
     while (*pp && *pp != c) pp = &(*pp)->bnext;
@@ -1479,6 +1481,9 @@ static int hc_bench(lua_State *L)
         }
         lua_settop(L, 3);
     }
+    /* a run keeps the connection busy: TLS holds its record buffers until bench_leave
+     * instead of a malloc and a free per record */
+    if (c->sock && c->sock->tp->trim) c->sock->tp->trim(c->sock, 1);
     c->b = b;
     lua_pushvalue(L, 2);
     lua_setiuservalue(L, 1, 2);     /* b outlives the connection */
