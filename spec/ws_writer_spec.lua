@@ -320,11 +320,9 @@ describe("WebSocket broadcast with a slow member", function()
   local pubsub = require "moonwire.pubsub"
   local K = 4                        -- members; the first one is slow
 
-  -- Members with send_queue = 2 and the given on_full, joined to topic "t" of a local pubsub;
-  -- the first member's writer blocked on BIG bytes. Returns the pubsub, the server, the
-  -- raw clients (in join order) and the server-side connections.
   -- K members with the WebSocket options `opts`, joined to topic "t" of a new local pubsub:
-  -- the pubsub, the server, the raw clients and the server-side connections (in join order)
+  -- the pubsub, the server, the raw clients and the server-side connections (in join order),
+  -- and a to-be-closed value that closes them all (clients, connections, pubsub, server)
   local function join_members(opts)
     local ps = pubsub.new {}
     local joined = mw.channel(K)
@@ -339,18 +337,23 @@ describe("WebSocket broadcast with a slow member", function()
       clients[i] = raw_upgrade(srv.port)
       conns[i] = assert(joined:recv(5))
     end
-    return ps, srv, clients, conns
+    local all = {}
+    for i = 1, K do all[i], all[K + i] = clients[i], conns[i] end
+    all[2 * K + 1], all[2 * K + 2] = ps, srv
+    return ps, srv, clients, conns, helper.closer(table.unpack(all, 1, 2 * K + 2))
   end
 
+  -- Members with send_queue = 2 and the given on_full (join_members' results); the first
+  -- member's writer blocked on BIG bytes.
   local function setup_members(on_full)
-    local ps, srv, clients, conns = join_members { deflate = false, send_queue = 2, on_full = on_full }
+    local ps, srv, clients, conns, all = join_members { deflate = false, send_queue = 2, on_full = on_full }
     assert.equal(K, ps:members("t"))
     -- the slow member: what its socket does not take of BIG is queued, its writer blocks
     assert.equal(1, mw.websocket.broadcast({ conns[1] }, ("b"):rep(BIG), "binary"))
     assert.is_truthy(conns[1]._writer)
     mw.yield()                         -- the writer task took the rest: nothing waits behind it
     assert.same({ 0, 0 }, { conns[1]:buffered() })
-    return ps, srv, clients, conns
+    return ps, srv, clients, conns, all
   end
 
   local function expect_messages(s, from, to)
@@ -370,7 +373,8 @@ describe("WebSocket broadcast with a slow member", function()
        "every other member (the one that took its place in the list too) gets every message" .. how, function()
       uring_mode()
       run(function()
-        local ps, srv, clients, conns = setup_members("close")
+        local ps, _, clients, conns, all = setup_members("close")
+        local _ <close> = all
         assert.is_true(ps:publish("t", "m1"))
         assert.is_true(ps:publish("t", "m2"))
         assert.equal(2 * K, ps.stats.delivered)
@@ -382,10 +386,6 @@ describe("WebSocket broadcast with a slow member", function()
         assert.is_true(ps:publish("t", "m4"))
         assert.equal(2 * K + 2 * (K - 1), ps.stats.delivered)
         for i = 2, K do expect_messages(clients[i], 1, 4) end
-        for i = 1, K do clients[i]:close() end
-        for i = 2, K do conns[i]:close() end
-        ps:close()
-        srv:close()
       end, 30)
     end)
 
@@ -393,7 +393,8 @@ describe("WebSocket broadcast with a slow member", function()
        "leaves it out" .. how, function()
       uring_mode()
       run(function()
-        local ps, srv, clients, conns = setup_members("drop")
+        local _, _, clients, conns, all = setup_members("drop")
+        local _ <close> = all
         local list = {}
         for i = 1, K do list[i] = conns[i] end
         for i = 1, 2 do assert.equal(K, mw.websocket.broadcast(list, "m" .. i)) end
@@ -408,10 +409,6 @@ describe("WebSocket broadcast with a slow member", function()
         local op, p = read_frame(clients[1])
         assert.same({ 2, BIG }, { op, #p })
         expect_messages(clients[1], 1, 2)
-        for i = 1, K do clients[i]:close() end
-        for i = 1, K - 1 do conns[i]:close() end
-        ps:close()
-        srv:close()
       end, 30)
     end)
 
@@ -419,17 +416,14 @@ describe("WebSocket broadcast with a slow member", function()
        "in the list still gets the message" .. how, function()
       uring_mode()
       run(function()
-        local ps, srv, clients, conns = join_members { deflate = false }
+        local ps, _, clients, conns, all = join_members { deflate = false }
+        local _ <close> = all
         conns[1].sock:close()                           -- its next write fails
         assert.is_true(ps:publish("t", "m1"))
         assert.equal("closed", conns[1].state)
         assert.equal(K - 1, ps:members("t"))
         assert.equal(K - 1, ps.stats.delivered)
         for i = 2, K do expect_messages(clients[i], 1, 1) end
-        for i = 1, K do clients[i]:close() end
-        for i = 2, K do conns[i]:close() end
-        ps:close()
-        srv:close()
       end, 30)
     end)
   end
