@@ -63,10 +63,15 @@ static int write_all(int fd, const unsigned char *p, size_t n) {
     return 0;
 }
 
-/* A GET / on stream 1 from the HPACK static table: :method GET (2), :path / (4),
- * :scheme http (6), then :authority (1) as a literal without indexing. */
+/* A GET / on stream 1 as curl sends it: :method GET (2), :path / (4), :scheme http (6) from
+ * the HPACK static table, then :authority (1), user-agent (58) and accept (19) as literals
+ * with incremental indexing, so that the server's HPACK decoder keeps them in its dynamic
+ * table as it does for a browser's or curl's request. */
 static const unsigned char get_headers[] = {
-    0x82, 0x84, 0x86, 0x01, 9, '1', '2', '7', '.', '0', '.', '0', '.', '1'};
+    0x82, 0x84, 0x86,
+    0x41, 9, '1', '2', '7', '.', '0', '.', '0', '.', '1',
+    0x7a, 9, 'h', '2', '_', 'i', 'd', 'l', 'e', '/', '1',
+    0x53, 3, '*', '/', '*'};
 
 struct conn {
     int fd;
