@@ -85,6 +85,10 @@ struct h2conn {
     int reading;               /* ... waits for the socket to be readable (not to drain) */
     h2stream *qhead, *qtail;   /* streams with an event for Lua (a request, a reset) */
     h2stream *streams;
+    h2stream *hst;             /* the stream of the header block being decoded (a block's
+                                * frames come without any other frame between them): on_header
+                                * needs no lookup per field; cleared when nghttp2 closes that
+                                * stream or it is freed) */
     int handlers;              /* handlers running (reset ones included) */
     int nopen;                 /* streams nghttp2 still has (not closed) */
     int fatal;                 /* the session failed: finish what is queued, then close */
@@ -116,6 +120,7 @@ struct h2conn {
 
 static void stream_free(h2stream *st)
 {
+    if (st->c && st->c->hst == st) st->c->hst = NULL;
     fields_free(&st->head);
     fields_free(&st->trailers);
     fields_free(&st->trout);
@@ -219,6 +224,7 @@ static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *u
     }
     h2stream *st = stream_new(c, f->hd.stream_id);
     if (!st) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    c->hst = st;
     c->hdr_open++;
     if (c->hdr_open == 1) c->head_deadline = mw_sched_after(c->rt, c->t_head);
     return 0;
@@ -229,7 +235,11 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
 {
     h2conn *c = ud;
     (void)flags;
-    h2stream *st = nghttp2_session_get_stream_user_data(ss, f->hd.stream_id);
+    h2stream *st = c->hst;
+    if (!st || st->id != f->hd.stream_id) {
+        st = nghttp2_session_get_stream_user_data(ss, f->hd.stream_id);   /* trailers */
+        c->hst = st;
+    }
     if (!st || st->bad) return 0;
     /* nghttp2 limits no header list size: count it here (RFC 9113 §10.5.1 overhead) */
     st->hbytes += nl + vl + 32;
@@ -350,6 +360,7 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
     h2stream *st = nghttp2_session_get_stream_user_data(ss, id);
     if (!st) return 0;
     nghttp2_session_set_stream_user_data(ss, id, NULL);
+    if (c->hst == st) c->hst = NULL;     /* as the lookup would say from now on */
     st->in_session = 0;
     c->nopen--;
     st->closed = 1;
@@ -415,6 +426,7 @@ static void conn_free(h2conn *c)
         st = nx;
     }
     c->streams = NULL;
+    c->hst = NULL;
     c->qhead = c->qtail = NULL;
     nghttp2_session_del(c->session);
     c->session = NULL;
@@ -1220,7 +1232,7 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
     l->size = arena;
     char st_buf[4];
     size_t sl = fmt_uint(st_buf, (uint64_t)status);   /* 3 digits: checked above */
-    nv_add(l, ":status", 7, st_buf, sl, 0);
+    nv_add(l, ":status", 7, st_buf, sl, NV_STATIC);
     for (int i = 0; i < nh; i++) {
         size_t kl, vl;
         lua_rawgeti(L, hidx, hbase + 2 * i);
@@ -1232,18 +1244,18 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
         for (size_t j = 0; j < m; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
         if (kl < sizeof lk && h2_conn_specific(lk, kl)) { lua_pop(L, 2); continue; }
         if (kl == 14 && memcmp(lk, "content-length", 14) == 0) clen = -2;  /* the handler's own */
-        nv_add(l, k, kl, v, vl, 1);
+        nv_add(l, k, kl, v, vl, NV_LOWER);
         /* the values stay referenced by the response table until submit returns */
         lua_pop(L, 2);
     }
-    if (server && *server) nv_add(l, "server", 6, server, strlen(server), 0);
+    if (server && *server) nv_add(l, "server", 6, server, strlen(server), NV_STATIC);
     if (status >= 200) {
         const char *date = cached_date(c);
-        nv_add(l, "date", 4, date, strlen(date), 0);
+        nv_add(l, "date", 4, date, strlen(date), NV_STATIC);
     }
     char clbuf[24];
     if (clen >= 0 && status >= 200 && status != 204 && status != 304) {
-        nv_add(l, "content-length", 14, clbuf, fmt_uint(clbuf, (uint64_t)clen), 0);
+        nv_add(l, "content-length", 14, clbuf, fmt_uint(clbuf, (uint64_t)clen), NV_STATIC);
     }
     if (status < 200) {
         /* 1xx (103 Early Hints): a HEADERS frame that does not end the stream */

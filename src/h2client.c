@@ -566,7 +566,7 @@ static nvlist *build_nv(lua_State *L, int base, int fidx, int nh, int use_malloc
     for (int i = 0; i < 4; i++) {
         size_t vl;
         const char *v = luaL_checklstring(L, base + i, &vl);
-        nv_add(l, pseudo[i], strlen(pseudo[i]), v, vl, 0);
+        nv_add(l, pseudo[i], strlen(pseudo[i]), v, vl, NV_STATIC);
     }
     for (int i = 0; i < nh; i++) {
         size_t kl, vl;
@@ -585,7 +585,7 @@ static nvlist *build_nv(lua_State *L, int base, int fidx, int nh, int use_malloc
             for (size_t j = 0; j < kl; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
             skip = h2_conn_specific(lk, kl) || (kl == 4 && memcmp(lk, "host", 4) == 0) || (kl == 2 && memcmp(lk, "te", 2) == 0 && !(vl == 8 && strncasecmp(v, "trailers", 8) == 0));
         }
-        if (!skip) nv_add(l, k, kl, v, vl, 1);
+        if (!skip) nv_add(l, k, kl, v, vl, NV_LOWER);
     }
     return l;
 }

@@ -102,13 +102,18 @@ typedef struct nvlist {
     size_t used, size;
 } nvlist;
 
-/* Adds name/value (the name lower-cased into the arena when `lower`); the strings must
- * outlive the submit that uses the list. Past cap, nothing is added. */
-static inline void nv_add(nvlist *l, const char *n, size_t nl, const char *v, size_t vl, int lower)
+/* How nv_add takes a name: as given, lower-cased into the arena, or a string literal in
+ * lower case (static storage: nghttp2 keeps the pointer instead of a copy,
+ * NGHTTP2_NV_FLAG_NO_COPY_NAME). */
+enum { NV_AS_IS = 0, NV_LOWER = 1, NV_STATIC = 2 };
+
+/* Adds name/value (see the enum above for `how`); the strings must outlive the submit that
+ * uses the list (a NV_STATIC name, the frame's packing too). Past cap, nothing is added. */
+static inline void nv_add(nvlist *l, const char *n, size_t nl, const char *v, size_t vl, int how)
 {
     if (l->n >= l->cap) return;
     char *nn = (char *)n;
-    if (lower && l->used + nl <= l->size) {
+    if (how == NV_LOWER && l->used + nl <= l->size) {
         nn = l->arena + l->used;
         for (size_t i = 0; i < nl; i++) {
             char ch = n[i];
@@ -116,7 +121,8 @@ static inline void nv_add(nvlist *l, const char *n, size_t nl, const char *v, si
         }
         l->used += nl;
     }
-    l->nv[l->n++] = (nghttp2_nv){ (uint8_t *)nn, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE };
+    l->nv[l->n++] = (nghttp2_nv){ (uint8_t *)nn, (uint8_t *)v, nl, vl,
+                                  how == NV_STATIC ? NGHTTP2_NV_FLAG_NO_COPY_NAME : NGHTTP2_NV_FLAG_NONE };
 }
 
 /* Submits the fields of f (up to 64) as trailers on stream id, from a data provider's read
