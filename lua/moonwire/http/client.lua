@@ -816,6 +816,11 @@ local function exchange(self, o, u, method, body)
   local length = body_length(body)
   local raw = framed and check_framing(o.headers, length)
   if use_h2 then
+    -- the scratch list is the client's, shared by its tasks: an HTTP/2 exchange can wait
+    -- (for the connection another task is opening, for a free stream, for a retry, for
+    -- ALPN to pick HTTP/1.1) before it sends the head, and meanwhile another task's request
+    -- would refill the scratch list; this request keeps a list of its own
+    flat = table.move(flat, 1, 2 * nh, 1, {})
     if length >= 0 and not framed then
       flat[2 * nh + 1], flat[2 * nh + 2] = "content-length", tostring(length)
       nh = nh + 1
