@@ -49,6 +49,7 @@ struct hstream {
     unsigned deferred : 1;     /* the data provider said DEFERRED */
     unsigned bad : 1;          /* the response broke a limit */
     unsigned bench : 1;        /* a bench request: counted, not kept */
+    unsigned rst : 1;          /* an RST_STREAM was submitted (stream_reset) */
     uint32_t close_code;
     int status;
     size_t hbytes;
@@ -120,6 +121,17 @@ static void stream_release(hstream *st)
     if (st->in_session || st->lua_owned) return;
     if (st->c) MW_LIST_UNLINK(st->c->streams, st, prev, next);
     stream_free(st);
+}
+
+/* Submits RST_STREAM for st once. A second one would not be harmless: the first, for a
+ * request whose HEADERS still waits in nghttp2's queue (for a stream slot), only cancels the
+ * HEADERS; a second would go out as an RST_STREAM on an idle stream, a connection error for
+ * the server (RFC 9113 §5.1), and end every other request on the connection. */
+static void stream_reset(nghttp2_session *ss, hstream *st, uint32_t code)
+{
+    if (st->rst) return;
+    st->rst = 1;
+    nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, st->id, code);
 }
 
 static void wake(mw_task **slot)
@@ -199,7 +211,7 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
     fields *dst = st->head_done ? &st->trailers : &st->head;
     if ((uint32_t)dst->n >= c->max_fields || st->hbytes > c->max_header_bytes) {
         st->bad = 1;
-        nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_ENHANCE_YOUR_CALM);
+        stream_reset(ss, st, NGHTTP2_ENHANCE_YOUR_CALM);
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     }
     if (fields_add(dst, n, nl, v, vl) < 0) return NGHTTP2_ERR_CALLBACK_FAILURE;
@@ -302,16 +314,20 @@ static void stream_closed(hconn *c, hstream *st, uint32_t code)
     stream_release(st);
 }
 
-/* A request HEADERS that never went out (GOAWAY received, cancelled): its stream never
- * opened, so nghttp2 calls no on_stream_close for it. */
+/* A request HEADERS that never went out (GOAWAY received, cancelled while it waited for a
+ * stream slot). nghttp2 1.52 opens the stream (with our stream user data) before it checks
+ * whether the HEADERS may go, and closes it after this callback, so on_stream_close may
+ * follow for the same stream: its user data is cleared first, and the stream is closed
+ * here once (whether or not on_stream_close comes, and with whatever code). */
 static int on_frame_not_send(nghttp2_session *ss, const nghttp2_frame *f, int err, void *ud)
 {
     hconn *c = ud;
-    (void)ss;
     (void)err;
     if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
     hstream *st = find_stream(c, f->hd.stream_id);
-    if (st && st->in_session) stream_closed(c, st, NGHTTP2_REFUSED_STREAM);
+    if (!st || !st->in_session) return 0;
+    nghttp2_session_set_stream_user_data(ss, f->hd.stream_id, NULL);
+    stream_closed(c, st, NGHTTP2_REFUSED_STREAM);
     return 0;
 }
 
@@ -774,7 +790,7 @@ static int hs_gc(lua_State *L)
     if (!st->closed && c->session && !c->fatal) {
         /* dropped before the end: the server stops sending it, its window comes back
          * (still ours while nghttp2 runs: flushing may close the stream) */
-        nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
+        stream_reset(c->session, st, NGHTTP2_CANCEL);
         size_t have = mw_buf_len(&st->in);
         if (have && st->in_session) nghttp2_session_consume(c->session, st->id, have);
         flush_session(c);
@@ -1139,7 +1155,7 @@ static int hs_reset(lua_State *L)
     uint32_t code = (uint32_t)luaL_optinteger(L, 2, NGHTTP2_CANCEL);
     hconn *c = st->c;
     if (c && c->session && !c->fatal && !st->closed) {
-        nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, code);
+        stream_reset(c->session, st, code);
         size_t have = mw_buf_len(&st->in);
         if (have && st->in_session) nghttp2_session_consume(c->session, st->id, have);
         mw_buf_free(&st->in, NULL);
