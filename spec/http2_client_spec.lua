@@ -156,6 +156,61 @@ describe("http2 client against our server", function()
     end)
   end)
 
+  it("tasks whose requests wait (for the connection, for a stream) each send their own head and body", function()
+    -- the requests are made before the connection exists, so all but one wait in the
+    -- client; each has its own header value and a body of its own length
+    run(function()
+      local srv = serve(function(req, res)
+        local body = assert(req:body())
+        res:send(("%s %s %s"):format(req.headers["x-task"], req.headers["content-length"], body))
+      end, { http2 = { max_streams = 3 } })
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local tasks = {}
+      for i = 1, 30 do
+        tasks[i] = mw.spawn(function()
+          local res = assert(c:request{ method = "POST", url = base(srv) .. "/echo",
+            headers = { ["x-task"] = "t" .. i }, body = ("b"):rep(i) })
+          return res:body()
+        end)
+      end
+      for i = 1, 30 do
+        local ok, body = tasks[i]:join()
+        assert(ok, body)
+        assert.equal(("t%d %d %s"):format(i, i, ("b"):rep(i)), body)
+      end
+      assert.equal(1, c:stats().h2_opened)
+      c:close()
+    end)
+  end)
+
+  it("a request given up while it waits for a stream slot, its response object collected: the connection goes on", function()
+    -- MAX_CONCURRENT_STREAMS 1: the second request's HEADERS waits in nghttp2's queue; it
+    -- times out, is cancelled and its stream object collected; when the slot frees, nghttp2
+    -- drops the cancelled HEADERS (on_frame_not_send, then on_stream_close for the same
+    -- stream: the stream must be let go once)
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path == "/slow" then mw.sleep(0.3) end
+        res:send(req.path)
+      end, { http2 = { max_streams = 1 } })
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      assert.equal("/warm", assert(c:get(base(srv) .. "/warm")):body())   -- SETTINGS seen
+      local slow = mw.spawn(function() return assert(c:get(base(srv) .. "/slow")):body() end)
+      mw.sleep(0.05)
+      local res, err, code = c:request{ url = base(srv) .. "/queued", timeout = 0.1 }
+      assert.is_nil(res)
+      assert.equal("timeout", code, err)
+      collectgarbage()
+      collectgarbage()
+      assert.equal("/slow", select(2, slow:join()))
+      assert.equal("/after", assert(c:get(base(srv) .. "/after")):body())
+      assert.equal(1, c:stats().h2_opened)
+      c:close()
+    end)
+  end)
+
   it("respects the server's MAX_CONCURRENT_STREAMS (5): requests wait for a free stream", function()
     run(function()
       local now, peak = 0, 0
