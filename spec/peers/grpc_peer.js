@@ -14,7 +14,8 @@
 //   node grpc_peer.js client PORT     calls each method on 127.0.0.1:PORT and prints a line per
 //                                     call, tab-separated: method=, code= (the gRPC status),
 //                                     details=, replies= (joined with "|"), trailer= (the
-//                                     x-served-by trailing metadata); exit status 0 at the end
+//                                     x-served-by trailing metadata); then 50 Say calls at once
+//                                     (method=Burst good=<replies that matched>); exit 0 at the end
 const grpc = require('@grpc/grpc-js');
 
 const raw = (b) => b;
@@ -102,6 +103,11 @@ async function client(port) {
     console.log([`method=${r.method}`, `code=${r.code}`, `details=${r.details}`,
       `replies=${r.replies.join('|')}`, `trailer=${r.trailer || ''}`].join('\t'));
   }
+  // 50 unary calls at once (multiplexed on the channel's connection): how many came back
+  // with their own reply
+  const burst = await Promise.all(Array.from({ length: 50 }, (_, i) => call(c, 'Say', 'unary', `b${i}`)));
+  const good = burst.filter((r, i) => r.code === 0 && r.replies[0] === `echo:b${i}`).length;
+  console.log(`method=Burst\tcode=0\tgood=${good}`);
   c.close();
 }
 
