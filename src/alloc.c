@@ -25,14 +25,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
-/* sanitizer builds: GCC says so with __SANITIZE_ADDRESS__, clang with __has_feature */
-#if defined(__SANITIZE_ADDRESS__)
-#define MW_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MW_SANITIZED 1
-#endif
-#endif
+#include "sanitize.h"
 
 #define SMALL_MAX 256           /* 8-byte classes up to here */
 #define CLASS_MAX 1024          /* 32-byte classes up to here; larger: the previous allocator */

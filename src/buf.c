@@ -1,9 +1,16 @@
 /* buf: see buf.h. Standard blocks come from and go back to the pool; larger buffers
  * (a long line, read("a")) are plain realloc'd memory freed when released. */
 #include "buf.h"
+#include "sanitize.h"
 
 #include <stdlib.h>
 #include <string.h>
+
+#ifdef MW_SANITIZED
+#define POOL_KEEP 0             /* sanitize.h: every block goes back to free() */
+#else
+#define POOL_KEEP MW_BUF_POOL_MAX
+#endif
 
 static char *pool_get(mw_buf_pool *p)
 {
@@ -13,7 +20,7 @@ static char *pool_get(mw_buf_pool *p)
 
 static void give_back(mw_buf *b, mw_buf_pool *p)
 {
-    if (b->cap == MW_BUF_BLOCK && p && p->n < MW_BUF_POOL_MAX) p->blocks[p->n++] = b->data;
+    if (b->cap == MW_BUF_BLOCK && p && p->n < POOL_KEEP) p->blocks[p->n++] = b->data;
     else free(b->data);
     b->data = NULL;
     b->cap = b->r = b->w = 0;

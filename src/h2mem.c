@@ -5,6 +5,7 @@
  * region, which is ours alone. */
 #define _GNU_SOURCE
 #include "h2mem.h"
+#include "sanitize.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -77,7 +78,11 @@ static void *take(mw_h2mem *m, size_t size)
 #define SC_STEP 16
 #define SC_MAX 512
 #define SC_N (SC_MAX / SC_STEP)
+#ifdef MW_SANITIZED
+#define SC_KEEP 0              /* sanitize.h: every block goes back to free() */
+#else
 #define SC_KEEP 256
+#endif
 
 typedef struct freeblk {
     struct freeblk *next;
@@ -103,6 +108,7 @@ void *mw_h2mem_alloc(size_t size)
 
 void mw_h2mem_release(void *ptr)
 {
+#if SC_KEEP > 0
     size_t have = malloc_usable_size(ptr);
     if (have >= SC_STEP && have <= SC_MAX + SC_STEP - 1) {
         size_t cls = have / SC_STEP;              /* it holds cls * SC_STEP bytes at least */
@@ -115,6 +121,7 @@ void mw_h2mem_release(void *ptr)
             return;
         }
     }
+#endif
     free(ptr);
 }
 
