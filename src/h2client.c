@@ -53,6 +53,7 @@ struct hstream {
     uint32_t close_code;
     int status;
     size_t hbytes;
+    size_t unconsumed;         /* DATA taken in for Lua, its window not given back yet */
     fields head, trailers, trout;
     mw_buf in, out;            /* response body not read yet; request body not sent yet */
     mw_task *reader, *writer;  /* tasks parked on this stream */
@@ -133,6 +134,8 @@ static void stream_reset(nghttp2_session *ss, hstream *st, uint32_t code)
     st->rst = 1;
     nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, st->id, code);
 }
+
+static void drop_input(hstream *st);
 
 static void wake(mw_task **slot)
 {
@@ -280,6 +283,7 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     if (!p) return NGHTTP2_ERR_CALLBACK_FAILURE;
     memcpy(p, data, len);
     mw_buf_commit(&st->in, len);
+    st->unconsumed += len;
     wake(&st->reader);
     return 0;
 }
@@ -788,14 +792,12 @@ static int hs_gc(lua_State *L)
         return 0;
     }
     if (!st->closed && c->session && !c->fatal) {
-        /* dropped before the end: the server stops sending it, its window comes back
-         * (still ours while nghttp2 runs: flushing may close the stream) */
+        /* dropped before the end: the server stops sending it (still ours while nghttp2
+         * runs: flushing may close the stream) */
         stream_reset(c->session, st, NGHTTP2_CANCEL);
-        size_t have = mw_buf_len(&st->in);
-        if (have && st->in_session) nghttp2_session_consume(c->session, st->id, have);
         flush_session(c);
     }
-    mw_buf_free(&st->in, NULL);
+    drop_input(st);
     st->lua_owned = 0;
     stream_release(st);
     return 0;
@@ -832,13 +834,21 @@ static void unwait_writer(mw_task *t)
     if (st->writer == t) st->writer = NULL;
 }
 
-/* Waits for progress on st's connection (see io_round); `reading` picks the slot. */
+/* Waits for progress on st's connection (see io_round); `reading` picks the slot. The wait
+ * record names st only while the task waits: a round that made progress instead (-1) takes
+ * it back, or a later wait of another kind (a sleep) would run unwait_reader on a stream
+ * that may be freed by then. */
 static int stream_round(lua_State *L, hstream *st, mw_task *t, int reading, int64_t deadline,
                         lua_KFunction k, lua_KContext ctx)
 {
     t->wait_obj = st;
     t->unwait = reading ? unwait_reader : unwait_writer;
-    return io_round(L, st->c, t, reading ? &st->reader : &st->writer, deadline, k, ctx);
+    int r = io_round(L, st->c, t, reading ? &st->reader : &st->writer, deadline, k, ctx);
+    if (r < 0 && t->wait_obj == st) {
+        t->wait_obj = NULL;
+        t->unwait = NULL;
+    }
+    return r;
 }
 
 /* Pushes a headers table (lower-case names; repeated fields joined with ", ", every
@@ -949,10 +959,21 @@ static int hs_head(lua_State *L)
 static void consumed(hstream *st, size_t n)
 {
     hconn *c = st->c;
+    if (n > st->unconsumed) n = st->unconsumed;    /* each byte's window goes back once */
+    st->unconsumed -= n;
     if (!c || !c->session || n == 0 || c->fatal) return;
     if (st->in_session) nghttp2_session_consume(c->session, st->id, n);
-    else nghttp2_session_consume_connection(c->session, n);
+    else nghttp2_session_consume_connection(c->session, n);    /* closed: the connection's */
     flush_session(c);
+}
+
+/* What Lua will never read of st: dropped, its window given back (to the connection alone
+ * once the stream is closed: else a response closed or collected unread would keep its
+ * bytes of the connection window for good). */
+static void drop_input(hstream *st)
+{
+    mw_buf_free(&st->in, NULL);
+    consumed(st, st->unconsumed);
 }
 
 static int read_all_k(lua_State *L, int status, lua_KContext ctx);
@@ -993,13 +1014,10 @@ static int read_step(lua_State *L, hstream *st, mw_task *t, int mode, int64_t de
             if (c) handoff(c);
             return stream_fail(L, st);
         }
-        if (mode == 0 && have > 0 && st->in_session) {
-            /* a whole body is read at once: its window goes back as it arrives */
-            int32_t unacked = nghttp2_session_get_stream_effective_recv_data_length(c->session, st->id);
-            if (unacked > 0) {
-                nghttp2_session_consume(c->session, st->id, (size_t)unacked);
-                flush_session(c);
-            }
+        if (mode == 0 && have > 0) {
+            /* a whole body is read at once: its window goes back as it arrives (a body
+             * larger than the stream window could never complete otherwise) */
+            consumed(st, st->unconsumed);
         }
         int r = stream_round(L, st, t, 1, deadline, mode ? read_chunk_k : read_all_k, (lua_KContext)deadline);
         if (r >= 0) return r;
@@ -1156,11 +1174,9 @@ static int hs_reset(lua_State *L)
     hconn *c = st->c;
     if (c && c->session && !c->fatal && !st->closed) {
         stream_reset(c->session, st, code);
-        size_t have = mw_buf_len(&st->in);
-        if (have && st->in_session) nghttp2_session_consume(c->session, st->id, have);
-        mw_buf_free(&st->in, NULL);
         flush_session(c);
     }
+    drop_input(st);
     return 0;
 }
 

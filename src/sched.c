@@ -600,6 +600,8 @@ static int l_sleep(lua_State *L)
     /* from the real clock, not the cached one: a sleep never ends early */
     int64_t now = mw_loop_clock();
     int64_t d = s <= 0 ? now : s > 1e9 ? MW_NO_DEADLINE : now + (int64_t)(s * 1e9);
+    t->wait_obj = NULL;            /* a sleep waits on nothing: no record to undo */
+    t->unwait = NULL;
     return mw_sched_wait(L, t, d, sleep_k, (lua_KContext)d);
 }
 
@@ -648,6 +650,7 @@ static int l_park(lua_State *L)
     int64_t d = mw_sched_deadline(L, rt, 1, -1);
     mw_task *t = mw_sched_self(L, rt);
     t->wait_obj = (void *)&park_marker;
+    t->unwait = NULL;              /* unpark finds it by the marker; nothing to undo */
     return mw_sched_wait(L, t, d, park_k, lua_gettop(L));
 }
 
