@@ -590,8 +590,14 @@ local function h2_checkout(self, key, connect, alpn)
       if hc:streams() == 0 then hc:close() end   -- else its streams finish on it
     elseif not p.connecting then
       p.connecting = true
-      local sock, err, code = connect()
+      -- a connect that raises (a bad option) must not leave the origin marked as
+      -- connecting: the tasks waiting for it, and every later request, would wait for good
+      local done, sock, err, code = pcall(connect)
       p.connecting = false
+      if not done then
+        wake_all(p)
+        error(sock, 0)
+      end
       if not sock then
         wake_all(p)
         return nil, err, code
