@@ -1468,6 +1468,17 @@ end)
 describe("http server: srv:close()", function()
   after_each(cleanup)
 
+  it("right after http.server, before its accept task first ran: the task ends quietly", function()
+    -- (it called accept on the closed listener, which raised: run() reports a task's
+    -- uncaught error)
+    run(function()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(_, res) res:send("x") end })
+      assert.is_true(srv:close(0))
+      mw.sleep(0.01)
+      assert.equal(0, srv:connections())
+    end)
+  end)
+
   it("is graceful: an in-flight slow handler finishes, idle keep-alive connections are closed", function()
     run(function()
       local entered = mw.channel(1)

@@ -99,3 +99,18 @@ describe("http.serve with workers", function()
     end, 30)
   end)
 end)
+
+describe("the workers' pubsub bus (moonwire.pubsub.bus)", function()
+  it("a hub stopped before its accept task first ran: the task ends quietly", function()
+    -- (it called accept on the closed listener, which raised: run() reports a task's
+    -- uncaught error)
+    local bus = require "moonwire.pubsub.bus"
+    run(function()
+      local path = bus.hub_start()
+      assert.truthy(path:find("/bus%.sock$"))
+      bus.hub_stop()
+      mw.sleep(0.01)
+      assert.is_nil(io.open(path, "rb"))      -- its socket file is gone too
+    end)
+  end)
+end)

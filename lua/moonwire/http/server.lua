@@ -373,7 +373,9 @@ local function accept_loop(srv)
   -- WebSocket gives its task back, serve_upgrade, and a task made for each one would be
   -- garbage, which a burst of new connections adds to the process's size)
   local function serve(sock) return serve_connection(srv, sock) end
-  while true do
+  -- (closing is checked first: a server closed before this task first ran has a closed
+  -- listener, and accept on it raises)
+  while not srv.closing do
     local sock, err, code = l:accept()
     if not sock then
       if code == "closed" or code == "cancelled" or srv.closing then return end

@@ -46,9 +46,12 @@ function M.hub_start()
   p:close()
   local path = dir .. "/bus.sock"
   local l = assert(mw.unix.listen(path))
-  hub = { listener = l, dir = dir, path = path, peers = {} }
+  local h = { listener = l, dir = dir, path = path, peers = {} }
+  hub = h
   hub.task = mw.spawn(function()
-    while true do
+    -- (stopped is checked first: a hub stopped before this task first ran has a closed
+    -- listener, and accept on it raises)
+    while not h.stopped do
       local sock = l:accept()
       if not sock then break end
       local ch = mw.channel(M.queue)
@@ -74,6 +77,7 @@ end
 --- bus.hub_stop(): closes the hub and removes its directory.
 function M.hub_stop()
   if not hub then return end
+  hub.stopped = true
   hub.listener:close()
   for _, ch in pairs(hub.peers) do ch:close() end
   os.remove(hub.path)
