@@ -450,6 +450,34 @@ describe("http2 client retries", function()
     end, 20)
   end)
 
+  it("a connection that drops without GOAWAY: requests never sent go again on a new one, the sent one fails", function()
+    run(function()
+      local p, url = fake("drop")
+      local _ <close> = p
+      local c = http.client{ http2 = true }
+      local tasks = {}
+      for i = 1, 3 do
+        tasks[i] = mw.spawn(function()
+          local res, err, code = c:get(url .. "/r" .. i)
+          if not res then return nil, err, code end
+          return res:body()
+        end)
+        mw.sleep(0.02)     -- r1 goes out first; r2, r3 wait for the only stream slot
+      end
+      local ok, body, err, code = tasks[1]:join()
+      assert.is_true(ok)
+      assert.is_nil(body)                  -- sent, maybe processed: not retried
+      assert.truthy(code == "closed" or code == "ECONNRESET", tostring(code) .. " " .. tostring(err))
+      for i = 2, 3 do
+        ok, body, err = tasks[i]:join()
+        assert.is_true(ok)
+        assert.matches("^conn=2 ", body or tostring(err))
+      end
+      assert.equal(2, c:stats().h2_opened)
+      c:close()
+    end, 20)
+  end)
+
   it("a REFUSED_STREAM reset is retried once", function()
     run(function()
       local p, url = fake("refuse")

@@ -818,6 +818,9 @@ static int stream_fail(lua_State *L, hstream *st)
         snprintf(msg, sizeof msg, "stream reset (%s)", nghttp2_http2_strerror(st->close_code));
         return mw_pushfail(L, msg, "reset");
     }
+    /* the connection failed (closed, reset, no GOAWAY) before this request's HEADERS went
+     * out (it waited for a stream slot): the server never saw it, so it may go again */
+    if (!st->sent && !st->head_done) return mw_pushfail(L, "request not sent: the connection ended", "refused");
     if (!c || !c->session) return mw_pushfail(L, "closed", "closed");
     return conn_fail_push(L, c);
 }

@@ -11,6 +11,9 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
              arrived, sends GOAWAY with last_stream_id 1 (they were not processed) and closes;
              every later connection is answered normally
     refuse   resets the first request of the first connection with REFUSED_STREAM
+    drop     the first connection allows one stream at a time (MAX_CONCURRENT_STREAMS 1)
+             and closes, without GOAWAY or answer, once its first request arrived; every
+             later connection is answered normally
     normal   answers everything
 """
 import argparse
@@ -22,6 +25,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 
 
 def emit(**kv):
@@ -30,6 +34,9 @@ def emit(**kv):
 
 def serve(sock, conn_no, mode):
     conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
+    if mode == "drop" and conn_no == 1:
+        conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1})
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
     pending = []
@@ -44,6 +51,10 @@ def serve(sock, conn_no, mode):
                             for k, v in ev.headers)
                 sid = ev.stream_id
                 emit(event="request", conn=conn_no, stream=sid, path=hdrs.get(":path"))
+                if mode == "drop" and conn_no == 1:
+                    time.sleep(0.2)        # the client's other requests wait for the slot
+                    sock.close()
+                    return
                 if mode == "refuse" and conn_no == 1 and not refused:
                     refused = True
                     conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
