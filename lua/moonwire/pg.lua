@@ -62,12 +62,27 @@ local function self_task(fname)
   return t
 end
 
+-- Parks the running task `me` in the queue q (a list its waker empties, unparking each)
+-- until it is unparked, `timeout` passes or it is cancelled. A task that gave up takes itself
+-- out of q: else the waker would unpark it later, in whatever it waits for by then.
+local function park_in(q, me, timeout)
+  q[#q + 1] = me
+  local ok, err, code = park(timeout)
+  if not ok then
+    for i = #q, 1, -1 do
+      if q[i] == me then
+        table.remove(q, i)
+        break
+      end
+    end
+  end
+  return ok, err, code
+end
+
 -- Waits while another task holds the connection (a transaction, a COPY).
 local function wait_free(self, me)
   while self._owner and self._owner ~= me do
-    local q = self._waitq
-    q[#q + 1] = me
-    local ok, err, code = park()
+    local ok, err, code = park_in(self._waitq, me)
     if not ok then return nil, err, code end
   end
   return true
@@ -163,25 +178,34 @@ function Stmt:run(...)
   return self.db:execute(self, ...)
 end
 
+-- The transaction's end never leaves the connection locked: its statements may raise (a
+-- connection another task closed meanwhile does), and the waiting tasks must get their
+-- turn (and that error) all the same.
+local function rollback(c)
+  pcall(c.query, c, "ROLLBACK")        -- best effort: fn's own error is the one that counts
+end
+
 local function finish_tx(self, ok, ...)
   local c = self._c
   if not ok then                       -- fn raised: roll back, re-raise
-    c:query("ROLLBACK")
+    rollback(c)
     unlock(self)
     error((...), 0)
   end
   if not (...) then                    -- fn returned nil/false, err...: roll back
-    c:query("ROLLBACK")
+    rollback(c)
     unlock(self)
     return ...
   end
-  if c:txstatus() == "inerror" then
-    c:query("ROLLBACK")
+  local sok, status = pcall(c.txstatus, c)
+  if sok and status == "inerror" then
+    rollback(c)
     unlock(self)
     return nil, "transaction aborted by a failed statement", "25P02"
   end
-  local r, err, code, fields = c:query("COMMIT")
+  local done, r, err, code, fields = pcall(c.query, c, "COMMIT")
   unlock(self)
+  if not done then error(r, 0) end
   if not r then return nil, err, code, fields end
   return ...
 end
@@ -196,10 +220,11 @@ function Db:transaction(fn, ...)
   end
   local ok, err, code = lock(self)
   if not ok then return nil, err, code end
-  local r, fields
-  r, err, code, fields = self._c:query("BEGIN")
-  if not r then
+  local done, r, fields
+  done, r, err, code, fields = pcall(self._c.query, self._c, "BEGIN")
+  if not done or not r then
     unlock(self)
+    if not done then error(r, 0) end
     return nil, err, code, fields
   end
   return finish_tx(self, pcall(fn, self, ...))
@@ -380,8 +405,13 @@ end
 
 local function pool_open(self)
   self.opening = self.opening + 1
-  local db, err, code = M.connect(self.opts.url, self.opts)
+  -- (a connect that raises, a bad option, must give its opening slot back)
+  local done, db, err, code = pcall(M.connect, self.opts.url, self.opts)
   self.opening = self.opening - 1
+  if not done then
+    pool_wake(self)
+    error(db, 0)
+  end
   if not db then
     pool_wake(self)
     return nil, err, code
@@ -437,11 +467,9 @@ local function pool_pick(self, exclusive, deadline)
       end
       if db then return db end
     else
-      local q = self.waitq
-      q[#q + 1] = me
       local left = deadline and deadline - now()
       if left and left <= 0 then return nil, "timeout waiting for a connection", "timeout" end
-      local ok, err, code = park(left)
+      local ok, err, code = park_in(self.waitq, me, left)
       if not ok then return nil, err, code end
     end
     ::continue::
