@@ -377,3 +377,37 @@ describe("moonwire.redis", function()
     end)
   end)
 end)
+
+describe("redis clients when something raises or lags", function()
+  it("a pool whose connect raises (a bad option) gives its slot back: the next acquire raises too, at once", function()
+    run(function()
+      local pool = redis.pool{ url = srv.url, size = 1, acquire_timeout = 5,
+        tls = { cafile = "/nonexistent/ca.pem" } }
+      for _ = 1, 2 do
+        local ok, err = pcall(pool.acquire, pool)
+        assert.is_false(ok)
+        assert.matches("CA file", err)
+      end
+    end)
+  end)
+
+  it("a subscription made while the subscriber connects (before it is up) is sent once it is", function()
+    run(function()
+      local got = {}
+      local sub <close> = redis.subscriber(srv.url, { on_message = function(ch, data) got[ch] = data end })
+      sub:subscribe("early")
+      while not sub._conn do mw.yield() end      -- connected; its PING not answered yet
+      sub:subscribe("late")
+      while sub.state ~= "up" do mw.sleep(0.005) end
+      local r <close> = connect()
+      local channels = {}
+      for _, ch in ipairs(r:pubsub("CHANNELS", "*")) do channels[ch] = true end
+      assert.is_true(channels.early and channels.late)
+      r:publish("early", "1")
+      r:publish("late", "2")
+      local deadline = mw.now() + 5
+      while got.late == nil and mw.now() < deadline do mw.sleep(0.01) end
+      assert.same({ early = "1", late = "2" }, got)
+    end)
+  end)
+end)

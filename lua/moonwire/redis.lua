@@ -356,7 +356,13 @@ function Pool:acquire(timeout)
     end
     if self._n < self.size then
       self._n = self._n + 1
-      local conn, err, code = M.connect(self._copts)
+      -- (a connect that raises, a bad option, gives its slot back)
+      local done, conn, err, code = pcall(M.connect, self._copts)
+      if not done then
+        self._n = self._n - 1
+        wake_waiter(self, false)
+        error(conn, 0)
+      end
       if not conn then
         self._n = self._n - 1
         wake_waiter(self, false)   -- another waiter may try in its turn

@@ -88,6 +88,9 @@ local function change(self, kind, op, names)
   end
   local conn = self._conn
   if #list > 0 and conn and self.state == "up" then
+    -- (while not up, the connection's reconcile sends it: see resubscribe)
+    local sent = self._sent[kind]
+    for i = 1, #list do sent[list[i]] = op == "add" or nil end
     -- a failed send is the connection failing: the reader reconnects and resubscribes
     send_batches(conn, (op == "add" and "" or "UN") .. KINDS[kind], list)
   end
@@ -110,22 +113,54 @@ local function set_state(self, state, info)
   if not ok then io.stderr:write("moonwire: subscriber on_state: ", tostring(err), "\n") end
 end
 
--- Resubscribes everything in one write; `up` once Redis answered a PING sent after them
--- (it answers in order: every subscription is in effect by then).
-local function resubscribe(self, conn)
-  local ok = conn:send("SUBSCRIBE", self._probe)
-  for kind, set in pairs(self._sets) do
-    local list = {}
-    for n in pairs(set) do list[#list + 1] = n end
-    if ok and #list > 0 then ok = send_batches(conn, KINDS[kind], list) end
+-- Sends what the wanted sets (_sets) and what this connection was sent (_sent) differ by,
+-- until they agree: true and whether it sent anything, or false when a send failed (the
+-- connection is failing).
+-- Subscriptions made while the connection was not up yet go out here: change() sends only
+-- on an up connection.
+local function reconcile(self, conn)
+  local any = false
+  while true do
+    local busy = false
+    for kind, set in pairs(self._sets) do
+      local sent, adds, dels = self._sent[kind], {}, {}
+      for n in pairs(set) do if not sent[n] then adds[#adds + 1] = n end end
+      for n in pairs(sent) do if not set[n] then dels[#dels + 1] = n end end
+      for i = 1, #adds do sent[adds[i]] = true end
+      for i = 1, #dels do sent[dels[i]] = nil end
+      if #adds > 0 then
+        busy = true
+        if not send_batches(conn, KINDS[kind], adds) then return false end
+      end
+      if #dels > 0 then
+        busy = true
+        if not send_batches(conn, "UN" .. KINDS[kind], dels) then return false end
+      end
+    end
+    if not busy then return true, any end   -- they agree, no send waited since they were compared
+    any = true
   end
-  if not ok then return false end
+end
+
+-- Resubscribes everything in one write; `up` once Redis answered a PING sent after them
+-- (it answers in order: every subscription is in effect by then) with nothing changed
+-- meanwhile (what did goes out, and another PING follows it).
+local function resubscribe(self, conn)
+  self._sent = { subscribe = {}, psubscribe = {}, ssubscribe = {} }
+  if not conn:send("SUBSCRIBE", self._probe) or not reconcile(self, conn) then return false end
   mw.spawn(function()
-    local pong = mw.timeout(self.probe_timeout + self.backoff_max, conn.call, conn, "PING")
-    if pong and conn == self._conn then
-      set_state(self, "up", { reconnects = self.stats.reconnects })
-    elseif conn == self._conn then
-      conn:close()
+    while true do
+      local pong = mw.timeout(self.probe_timeout + self.backoff_max, conn.call, conn, "PING")
+      if not (pong and conn == self._conn) then
+        if conn == self._conn then conn:close() end
+        return
+      end
+      local ok, sent = reconcile(self, conn)
+      if not ok then return end            -- the connection is failing: the reader sees it
+      if not sent then
+        if conn == self._conn then set_state(self, "up", { reconnects = self.stats.reconnects }) end
+        return
+      end
     end
   end)
   return true
@@ -188,7 +223,9 @@ function M._run(self)
   local delay = self.backoff_min
   local first = true
   while not self.closed do
-    local conn, err = self._redis.connect(self._target, self._copts)
+    -- (a connect that raises, a bad option, is a failed attempt: the task goes on)
+    local done, conn, err = pcall(self._redis.connect, self._target, self._copts)
+    if not done then conn, err = nil, conn end
     if self.closed then
       if conn then conn:close() end
       return
