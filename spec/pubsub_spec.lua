@@ -148,6 +148,18 @@ describe("moonwire.pubsub over Redis", function()
 end)
 
 describe("moonwire.pubsub when Redis fails", function()
+  it("a publish whose connect raised (here: from a nested coroutine) does not leave it connecting for good", function()
+    run(function()
+      local ps = node { timeout = 0.5 }
+      wait_for(function() return ps.state == "up" end)
+      local ok, err = pcall(coroutine.wrap(function() return ps:publish("t", "x") end))
+      assert.is_false(ok)
+      assert.matches("nested coroutine", err)
+      assert(ps:publish("t", "from the task"))       -- (was: "Redis unavailable", for good)
+      ps:close()
+    end)
+  end)
+
   it("killed mid-stream: publish says so, local delivery goes on; restarted: resubscribed within " ..
      "the backoff bound, history recovered without a gap", function()
     run(function()
