@@ -609,6 +609,23 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("a query that times out as it ends does not get the next task's query cancelled", function()
+      -- (its cancel request arrived after it ended and stopped the query behind it: 29 of
+      -- 40 rounds; now no cancel is sent while another query waits behind it)
+      run(function()
+        local db = connect()
+        for _ = 1, 12 do
+          local a = mw.spawn(function() return mw.timeout(0.05, db.query, db, "SELECT pg_sleep(0.05)") end)
+          local b = mw.spawn(function() return db:query("SELECT pg_sleep(0.05), 'B' AS who") end)
+          a:join()
+          local _, r, err, code = b:join()
+          assert(r, tostring(err) .. " " .. tostring(code))
+          assert.equal("B", r[1].who)
+        end
+        db:close()
+      end, 30)
+    end)
+
     it("a pool whose connect raises (a bad option) gives its opening slot back", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, json = 5 }

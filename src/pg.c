@@ -607,12 +607,14 @@ static int request_k(lua_State *L, int status, lua_KContext ctx)
     pg_slot *sl = p->c ? slot(p, seq) : NULL;
     if (!sl) return mw_pushfail(L, "connection closed", BROKEN_CODE);
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE && sl->state != SLOT_DONE) {
-        /* timeout or cancel: the server is told to stop when this query is the one it
-         * runs now; its result will be dropped on arrival */
+        /* timeout or cancel: its result will be dropped on arrival. The server is told to
+         * stop only when this query is the one it runs now and no other query waits
+         * behind it: a cancel request acts on whatever the server runs when it arrives,
+         * and if this query ended just before, that would be the next task's query */
         sl->waiter = NULL;
         if (sl->state == SLOT_PENDING) {
             sl->state = SLOT_ABANDONED;
-            if (seq == p->recv) send_cancel(p);
+            if (seq == p->recv && p->tail == seq + 1) send_cancel(p);
         }
         elect(p);
         return mw_sched_pushwake(L, why);
