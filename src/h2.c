@@ -58,6 +58,9 @@ struct h2stream {
     unsigned deferred : 1;     /* the data provider said DEFERRED */
     unsigned expect : 1;       /* Expect: 100-continue, not answered yet */
     unsigned bad : 1;          /* the head broke a rule: RST, no handler */
+    unsigned data_eof : 1;     /* the data provider gave its last piece (END_STREAM, or the
+                                * trailers that carry it, are packed) */
+    unsigned rst_after_eof : 1;  /* RST_STREAM(NO_ERROR) once that is out (st_done) */
     uint32_t close_code;
     int64_t content_length;    /* the request's, -1 unknown */
     int64_t received;          /* DATA bytes of the request */
@@ -153,6 +156,8 @@ static h2stream *stream_new(h2conn *c, int32_t id)
     nghttp2_session_set_stream_user_data(c->session, id, st);
     return st;
 }
+
+static void consumed(h2stream *st, size_t n);
 
 static void queue_event(h2conn *c, h2stream *st)
 {
@@ -389,6 +394,13 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
         st->deferred = 1;
         return n;
     }
+    if (*flags & NGHTTP2_DATA_FLAG_EOF) {
+        st->data_eof = 1;
+        /* the response is complete and the handler ended before the request body did: the
+         * client may stop sending it (RFC 9113 §8.1), once this last DATA (or the trailers
+         * just submitted) has gone: an RST queued now goes out after them, not before */
+        if (st->rst_after_eof) nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, id, NGHTTP2_NO_ERROR);
+    }
     if (st->writer && mw_buf_len(&st->out) < st->c->out_hwm / 2) wake(&st->writer);
     st->c->data_bytes += (uint64_t)n;
     return n;
@@ -621,9 +633,12 @@ static void run_event(lua_State *L, h2conn *c, h2stream *st)
     if (!st->seen) {
         st->seen = 1;
         if (st->closed || st->bad) {
-            /* reset before Lua saw it: no handler at all */
+            /* reset before Lua saw it: no handler at all; what its body brought is dropped
+             * and its window given back (nghttp2 does not, for a closed stream) */
             st->handler = 0;
             c->handlers--;
+            mw_buf_free(&st->in, &st->rt->pool);
+            consumed(st, st->unconsumed);
             stream_release(st);
             return;
         }
@@ -902,8 +917,6 @@ static int st_gc(lua_State *L)
     return 0;
 }
 
-static void consumed(h2stream *st, size_t n);
-
 /* stream:done(): the handler is over (its slot against max_streams is free again); a stream
  * whose response did not end is reset (INTERNAL_ERROR). */
 static int st_done(lua_State *L)
@@ -922,8 +935,12 @@ static int st_done(lua_State *L)
         if (!st->closed && c->session) {
             if (!st->responded || !st->out_eof)
                 submitted = !nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
-            else if (!st->body_done)
+            else if (!st->body_done && st->data_eof)
                 submitted = !nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
+            else if (!st->body_done) {
+                st->rst_after_eof = 1;       /* read_body_out sends it after the last DATA */
+                submitted = 1;               /* (the connection's task draws that DATA out) */
+            }
         }
         st->task = NULL;
         if (c->handlers == 0 && c->over_waiter) {
@@ -1020,10 +1037,12 @@ static int body_step(lua_State *L, h2stream *st, mw_task *t, int mode)
             nghttp2_submit_headers(st->c->session, NGHTTP2_FLAG_NONE, st->id, NULL, &nv, 1, NULL);
             flush_session(st->c);
         }
+        /* the deadline first: a bad timeout raises, and must find no wait recorded */
+        int64_t deadline = mw_sched_deadline(L, st->rt, 4, -1);
         st->reader = t;
         t->wait_obj = st;
         t->unwait = unwait_reader;
-        return mw_sched_wait(L, t, mw_sched_deadline(L, st->rt, 4, -1), body_k, mode);
+        return mw_sched_wait(L, t, deadline, body_k, mode);
     }
 }
 
@@ -1278,8 +1297,9 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
     nghttp2_data_provider prd;
     prd.source.ptr = st;
     prd.read_callback = read_body_out;
-    int rv = nghttp2_submit_response(c->session, st->id, l->nv, (size_t)l->n,
-                                     (eof && mw_buf_len(&st->out) == 0 && st->trout.n == 0) ? NULL : &prd);
+    int bodiless = eof && mw_buf_len(&st->out) == 0 && st->trout.n == 0;
+    st->data_eof = bodiless;         /* END_STREAM on the HEADERS itself */
+    int rv = nghttp2_submit_response(c->session, st->id, l->nv, (size_t)l->n, bodiless ? NULL : &prd);
     lua_settop(L, lidx - 1);
     if (rv != 0) return mw_pushfail(L, nghttp2_strerror(rv), "http2");
     /* the only handler running: out now (waking the connection's task would cost more);
