@@ -520,4 +520,33 @@ print(pump(s, c, until), round(time.time() - t0, 1) < 2)
       assert.equal("goaway 0 True", out:match("^(.-)\n"))
     end)
   end)
+  it("a read_body that raises on a bad timeout leaves no wait recorded (the body arriving later wakes nobody)", function()
+    -- (it recorded the reading task first: the body's DATA woke that task after it was
+    -- collected, a heap-use-after-free under ASan)
+    helper.run(function()
+      local raised
+      local srv = serve(function(req, res)
+        local st = req[1]
+        local t = mw.spawn(function() return pcall(st.read_body, st, "chunk", -1, {}) end)
+        local _, ok, err = t:join()
+        raised = not ok and tostring(err)
+        t = nil -- luacheck: ignore 311 (the task must be collectable)
+        collectgarbage()
+        collectgarbage()
+        res:send(assert(req:body()))
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local sent = false
+      local res = assert(c:request{ method = "POST", url = url(srv, "/"), body = function()
+        if sent then return nil end
+        sent = true
+        mw.sleep(0.2)                  -- the handler's reader raised and was collected by now
+        return "late body"
+      end })
+      assert.equal("late body", res:body())
+      assert.matches("number expected", raised)
+      c:close()
+    end)
+  end)
 end)

@@ -1699,6 +1699,46 @@ def _(ctx):
     return c.stream_error(sid, PROTOCOL_ERROR)
 
 
+@case("http2/8.1/2", "a response completed before the request body ended arrives whole, "
+      "END_STREAM before any RST_STREAM (RFC 9113 8.1)")
+def _(ctx):
+    c = ctx.conn().handshake()
+    path, n = ctx.routes.big(150000)
+    sids = []
+    for _ in range(2):          # one stream, then two at once
+        sid = c.request(path=path, end_stream=False)
+        c.data(sid, b"a" * 100, end_stream=False)
+        sids.append(sid)
+    for sid in sids:
+        st = c.ok(sid)          # (fails on an RST_STREAM before END_STREAM)
+        if len(st.data) != n:
+            raise Fail("stream %d: body of %d bytes, expected %d" % (sid, len(st.data), n))
+
+
+@case("http2/6.9/connection-window", "DATA of streams reset before they were served gives the "
+      "connection window back (9.6 MB through an 8 MiB window)", budget=30.0)
+def _(ctx):
+    c = ctx.conn().handshake()
+    c.rst_ok = set()
+    piece = b"z" * 16000
+    for _ in range(600):
+        sid = c.new_sid()
+        block = c.block(c.fields("POST", ctx.routes.echo, [("content-length", "99999")]))
+        c.send(c.headers_frame(sid, block, end_stream=False) +
+               raw_frame(DATA, 0, sid, piece) + raw_frame(RST_STREAM, 0, sid, CANCEL.to_bytes(4, "big")))
+        c.rst_ok.add(sid)
+        c.drain()
+        time.sleep(0.005)       # each stream's three frames reach the server in one read
+    # then an upload that needs the connection window back: 100 kB in frames of 16000
+    body = b"y" * 100000
+    sid = c.request("POST", ctx.routes.echo, extra=[("content-length", str(len(body)))],
+                    end_stream=False)
+    for i in range(0, len(body), 16000):
+        c.data(sid, body[i:i + 16000], end_stream=i + 16000 >= len(body))
+        c.drain()
+    c.ok(sid, body)
+
+
 @case("http2/8.1.1/1", "content-length larger than the DATA sent -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
