@@ -906,6 +906,10 @@ static int st_gc(lua_State *L)
     if (!st) return 0;
     ud->st = NULL;
     st->task = NULL;
+    /* (st:done gives an unread body's window back; a stream collected without it, its
+     * task ended some other way, does it here) */
+    mw_buf_free(&st->in, &st->rt->pool);
+    consumed(st, st->unconsumed);
     if (st->c && st->handler) {
         st->handler = 0;
         st->c->handlers--;
