@@ -391,6 +391,32 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  it("an error reply to a command sent with send (SUBSCRIBE) goes to push_recv, not to the next call", function()
+    -- (it went to the next call: its GET returned the NOPERM error, and the GET's own reply,
+    -- taken for a reply nobody asked for, failed the connection)
+    run(function()
+      local admin <close> = connect()
+      assert(admin:call("ACL", "SETUSER", "mw_nochan", "on", ">pw", "~*", "+@all", "resetchannels"))
+      assert(admin:set("k", "value-of-k"))
+      local r <close> = connect{ resp = 3, pushes = true, user = "mw_nochan", password = "pw" }
+      assert.is_true(r:send("SUBSCRIBE", "news"))
+      assert.equal("value-of-k", r:get("k"))
+      local v = assert(r:push_recv(2))
+      assert.is_true(redis.is_error(v))
+      assert.matches("NOPERM", v.message)
+      assert.equal("PONG", r:ping())
+      -- and a SUBSCRIBE that works: its confirmation is a push, the next call gets its reply
+      local ok <close> = connect{ resp = 3, pushes = true }
+      assert.is_true(ok:send("SUBSCRIBE", "a", "b"))
+      assert.equal("value-of-k", ok:get("k"))
+      assert.same({ "subscribe", "a", 1 }, assert(ok:push_recv(2)))
+      assert.same({ "subscribe", "b", 2 }, assert(ok:push_recv(2)))
+      assert.is_true(ok:send("UNSUBSCRIBE"))
+      assert.equal("PONG", ok:ping())
+      assert(admin:call("ACL", "DELUSER", "mw_nochan"))
+    end)
+  end)
+
   it("a subscription made while the subscriber connects (before it is up) is sent once it is", function()
     run(function()
       local got = {}

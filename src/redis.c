@@ -340,7 +340,14 @@ typedef struct {
     mw_task *t;            /* the waiting task; NULL once it gave up */
     uint32_t left;         /* replies this slot still takes (a batch takes several) */
     uint32_t batch;        /* the task collects into a table at its stack index 2 */
+    uint8_t ack;           /* a command written by rc_send: its confirmations come as pushes
+                            * of kind ACK_KINDS[ack] (left of them), an error as a reply */
+    uint8_t until_zero;    /* ... an UNSUBSCRIBE of everything: until a count of 0 */
 } slot;
+
+/* the commands rc_send expects confirmations of (the push kinds are the same words) */
+static const char *const ACK_KINDS[] = { NULL, "subscribe", "psubscribe", "ssubscribe",
+                                         "unsubscribe", "punsubscribe", "sunsubscribe" };
 
 typedef struct rconn {
     uint64_t magic;
@@ -398,7 +405,10 @@ static int ring_push(rconn *c, mw_task *t, uint32_t n, int batch)
     sl->t = t;
     sl->left = n;
     sl->batch = (uint32_t)batch;
-    t->wait_tag = c->tail++;
+    sl->ack = 0;
+    sl->until_zero = 0;
+    if (t) t->wait_tag = c->tail;
+    c->tail++;
     return 0;
 }
 
@@ -442,6 +452,35 @@ static int deliver(lua_State *L, rconn *c, const char *p, size_t n)
 {
     int top = lua_gettop(L);
     int t = build(L, 2, p, n);
+    slot *head = c->head < c->tail ? &c->ring[c->head & (c->cap - 1)] : NULL;
+    if (head && head->ack) {
+        /* the confirmations of a command rc_send wrote come first (Redis answers in order) */
+        if (t == MW_RESP_PUSH) {
+            if (lua_rawgeti(L, -1, 1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), ACK_KINDS[head->ack]) == 0) {
+                int done;
+                if (head->until_zero) {
+                    lua_rawgeti(L, -2, 3);
+                    done = lua_tointeger(L, -1) == 0;
+                    lua_pop(L, 1);
+                } else {
+                    done = --head->left == 0;
+                }
+                if (done) c->head++;
+            }
+            lua_pop(L, 1);
+        } else {
+            /* its reply: an error (a confirmation is a push), handed to push_recv as an
+             * error object, not to the next call */
+            c->head++;
+            if (is_error_type(t)) {
+                size_t ln;
+                const char *m = lua_tolstring(L, -1, &ln);
+                push_errobj(L, 2, m, ln);
+                lua_remove(L, -2);
+            }
+            t = MW_RESP_PUSH;
+        }
+    }
     if (t == MW_RESP_PUSH) {
         if (!c->pushes) { c->dropped++; lua_settop(L, top); return 0; }
         lua_getiuservalue(L, 1, 2);
@@ -641,6 +680,24 @@ static int rc_send(lua_State *L)
     e.sink = sink_sock;
     e.ud = c->s;
     if (encode(L, &e, 2, top) < 0 || enc_flush(&e, NULL, 0) < 0) return luaL_error(L, "not enough memory");
+    /* a SUBSCRIBE-family command: its confirmations (pushes) or its error reply hold a
+     * slot, so that an error goes to push_recv and not to the next call's task */
+    size_t cl;
+    const char *cmd = lua_tolstring(L, 2, &cl);
+    char lc[16];
+    int ack = 0;
+    if (cmd && cl < sizeof lc) {
+        for (size_t i = 0; i <= cl; i++) lc[i] = (char)((cmd[i] >= 'A' && cmd[i] <= 'Z') ? cmd[i] + 32 : cmd[i]);
+        for (int k = 1; k < (int)(sizeof ACK_KINDS / sizeof *ACK_KINDS); k++)
+            if (strcmp(lc, ACK_KINDS[k]) == 0) ack = k;
+    }
+    if (ack) {
+        int nargs = top - 2;
+        if (ring_push(c, NULL, nargs > 0 ? (uint32_t)nargs : 1, 0) < 0) return luaL_error(L, "not enough memory");
+        slot *sl = &c->ring[(c->tail - 1) & (c->cap - 1)];
+        sl->ack = (uint8_t)ack;
+        sl->until_zero = nargs == 0;
+    }
     queue_out(c);
     lua_pushboolean(L, 1);
     return 1;
