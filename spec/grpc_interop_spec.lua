@@ -27,6 +27,22 @@ local function messages(body)
   return list
 end
 
+-- Messages out of body chunks as they come: feed(chunk) appends each message it completes
+-- to `got` and returns the bytes of a frame still torn (0 at a frame's end).
+local function deframer()
+  local buf, got = "", {}
+  return got, function(chunk)
+    buf = buf .. chunk
+    while #buf >= 5 do
+      local len = string.unpack(">I4", buf, 2)
+      if #buf < 5 + len then break end
+      got[#got + 1] = buf:sub(6, 5 + len)
+      buf = buf:sub(6 + len)
+    end
+    return #buf
+  end
+end
+
 describe("gRPC interop with @grpc/grpc-js", function()
   local peer_ok = procs.exists(procs.NODE) and procs.exists(procs.peers .. "/node_modules/@grpc/grpc-js/package.json")
 
@@ -79,18 +95,10 @@ describe("gRPC interop with @grpc/grpc-js", function()
     it("server streaming: each message read as it comes through body_reader, then the status", function()
       with_server(function(c, base)
         local res = call(c, base, "Count", frame("5"))
-        local buf, got = "", {}
-        for chunk in res:body_reader() do
-          buf = buf .. chunk
-          -- whole frames out of what came so far
-          while #buf >= 5 do
-            local len = string.unpack(">I4", buf, 2)
-            if #buf < 5 + len then break end
-            got[#got + 1] = buf:sub(6, 5 + len)
-            buf = buf:sub(6 + len)
-          end
-        end
-        assert.equal("", buf)
+        local got, feed = deframer()
+        local torn = 0
+        for chunk in res:body_reader() do torn = feed(chunk) end
+        assert.equal(0, torn)
         assert.same({ "n:1", "n:2", "n:3", "n:4", "n:5" }, got)
         assert.equal("0", res.trailers["grpc-status"])
       end)
@@ -161,16 +169,8 @@ describe("gRPC interop with @grpc/grpc-js", function()
               for i = 1, n do assert(res:write(frame("n:" .. i))) end
             elseif method == "Collect" then
               -- the frames as they arrive (the client writes them one by one)
-              local buf, got = "", {}
-              for chunk in req:body_reader() do
-                buf = buf .. chunk
-                while #buf >= 5 do
-                  local len = string.unpack(">I4", buf, 2)
-                  if #buf < 5 + len then break end
-                  got[#got + 1] = buf:sub(6, 5 + len)
-                  buf = buf:sub(6 + len)
-                end
-              end
+              local got, feed = deframer()
+              for chunk in req:body_reader() do feed(chunk) end
               status(res, 0)
               res:write(frame(table.concat(got, "+")))
             else
