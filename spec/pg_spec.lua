@@ -626,6 +626,18 @@ describe("moonwire.pg", function()
       end, 30)
     end)
 
+    it("a json decoder that raises: the query raises its error, the connection goes on (no leak)", function()
+      -- (the raise skipped PQclear: make test-asan's leak check saw the PGresult)
+      run(function()
+        local db = connect { json = function() error("bad json here") end }
+        local ok, err = pcall(db.query, db, [[SELECT '{"a":1}'::json AS j]])
+        assert.is_false(ok)
+        assert.matches("bad json here", err)
+        assert.equal(1, assert(db:query("SELECT 1 AS one"))[1].one)
+        db:close()
+      end)
+    end)
+
     it("a pool whose connect raises (a bad option) gives its opening slot back", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, json = 5 }

@@ -594,6 +594,26 @@ static int l_connect(lua_State *L)
     return park(L, p, t, 0, d, connect_k, (lua_KContext)d);
 }
 
+/* push_result under lua_pcall, taking r with it: a json decoder that raises (or a memory
+ * error) must not leak the PGresult. Pushes what push_result pushes; raises its error after
+ * PQclear. The connection is at index `self`. */
+static int push_result_p(lua_State *L)
+{
+    return push_result(L, 1, lua_touserdata(L, 2));
+}
+
+static int push_result_owned(lua_State *L, int self, PGresult *r)
+{
+    int base = lua_gettop(L);
+    lua_pushcfunction(L, push_result_p);
+    lua_pushvalue(L, self);
+    lua_pushlightuserdata(L, r);
+    int rc = lua_pcall(L, 2, LUA_MULTRET, 0);
+    PQclear(r);
+    if (rc != LUA_OK) return lua_error(L);
+    return lua_gettop(L) - base;
+}
+
 /* -- pipelined requests -- */
 
 /* The continuation of a request waiting for slot `ctx`; the connection is at index 1. */
@@ -630,9 +650,7 @@ static int request_k(lua_State *L, int status, lua_KContext ctx)
             elect(p);
             if (!r && !synced) return fail_broken(L, p);
             if (!r) { lua_pushboolean(L, 1); return 1; }   /* sync() */
-            int n = push_result(L, 1, r);
-            PQclear(r);
-            return n;
+            return push_result_owned(L, 1, r);
         }
         if (p->broken) return fail_broken(L, p);  /* not reached: broken completes all */
         if (p->driver && p->driver != t) {
@@ -948,10 +966,10 @@ static int x_step(lua_State *L, mw_pg *p, int op, int *nres)
         if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT) {
             lua_pushstring(L, st == PGRES_COPY_IN ? "copy_in" : "copy_out");
             *nres = 1;
+            PQclear(r);
         } else {
-            *nres = push_result(L, 1, r);
+            *nres = push_result_owned(L, 1, r);
         }
-        PQclear(r);
         if (PQstatus(p->c) == CONNECTION_BAD) set_broken(p, PQerrorMessage(p->c));
         return 0;
     }
