@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "f2b55fafe7b1f839b250aceba13f8cd6",
+  md5 = "c80b758524354e413dbb635237acf4c0",
   dir = "moonwire-0.1.0",
 }
 description = {
