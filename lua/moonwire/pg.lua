@@ -5,7 +5,8 @@
 local core = require "moonwire.core"
 
 local C = core.pg
-local park, unpark, current, now = core.park, core.unpark, core.current, core.now
+local new_channel = require "moonwire.channel"
+local current, now = core.current, core.now
 local pack, unpack = table.pack, table.unpack
 
 local M = { null = C.null }
@@ -62,28 +63,12 @@ local function self_task(fname)
   return t
 end
 
--- Parks the running task `me` in the queue q (a list its waker empties, unparking each)
--- until it is unparked, `timeout` passes or it is cancelled. A task that gave up takes itself
--- out of q: else the waker would unpark it later, in whatever it waits for by then.
-local function park_in(q, me, timeout)
-  q[#q + 1] = me
-  local ok, err, code = park(timeout)
-  if not ok then
-    for i = #q, 1, -1 do
-      if q[i] == me then
-        table.remove(q, i)
-        break
-      end
-    end
-  end
-  return ok, err, code
-end
-
--- Waits while another task holds the connection (a transaction, a COPY).
+-- Waits while another task holds the connection (a transaction, a COPY): on the channel
+-- unlock closes (a task that gives up leaves it, as any channel receiver does).
 local function wait_free(self, me)
   while self._owner and self._owner ~= me do
-    local ok, err, code = park_in(self._waitq, me)
-    if not ok then return nil, err, code end
+    local _, err, code = self._freed:recv()
+    if code ~= "closed" then return nil, err, code end
   end
   return true
 end
@@ -98,9 +83,9 @@ end
 
 local function unlock(self)
   self._owner = nil
-  local q = self._waitq
-  self._waitq = {}
-  for i = 1, #q do unpark(q[i], true) end
+  local freed = self._freed
+  self._freed = new_channel()
+  freed:close()                 -- every task waiting for the connection: its turn
   if self._on_release then self._on_release(self) end
 end
 
@@ -129,7 +114,7 @@ function M.connect(info, opts)
   if not c then return nil, err, code end
   if opts.json then c:set_decoder(opts.json) end
   if opts.query_timeout then c:set_timeout(opts.query_timeout) end
-  return setmetatable({ _c = c, _waitq = {}, created = now(), used = now() }, Db)
+  return setmetatable({ _c = c, _freed = new_channel(), created = now(), used = now() }, Db)
 end
 
 --- db:query(sql, ...) -> rows (rows.affected) | nil, msg, sqlstate, fields
@@ -385,14 +370,14 @@ function M.pool(opts)
   if math.type(size) ~= "integer" or size < 1 then
     error("bad argument #1 to 'pool' (size must be a positive integer)", 2)
   end
-  return setmetatable({ opts = opts, size = size, conns = {}, opening = 0, waitq = {},
+  return setmetatable({ opts = opts, size = size, conns = {}, opening = 0, waitq = new_channel(),
     max_lifetime = opts.max_lifetime, check_after = opts.check_after or 30 }, Pool)
 end
 
 local function pool_wake(self)
   local q = self.waitq
-  self.waitq = {}
-  for i = 1, #q do unpark(q[i], true) end
+  self.waitq = new_channel()
+  q:close()                     -- every task waiting for a connection: a look again
 end
 
 local function pool_remove(self, db)
@@ -448,7 +433,7 @@ end
 
 -- A connection for one pipelined query (shared), or for exclusive use.
 local function pool_pick(self, exclusive, deadline)
-  local me = self_task("pool")
+  self_task("pool")
   local open_failed = false
   while true do
     if self.closed then return nil, "pool closed", "closed" end
@@ -469,8 +454,8 @@ local function pool_pick(self, exclusive, deadline)
     else
       local left = deadline and deadline - now()
       if left and left <= 0 then return nil, "timeout waiting for a connection", "timeout" end
-      local ok, err, code = park_in(self.waitq, me, left)
-      if not ok then return nil, err, code end
+      local _, err, code = self.waitq:recv(left)
+      if code ~= "closed" then return nil, err, code end
     end
     ::continue::
   end

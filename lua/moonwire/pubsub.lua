@@ -326,30 +326,20 @@ function PS:_conn()
   if self._pub_retry and now() < self._pub_retry then
     return nil, self._pub_err or "Redis unavailable", "unavailable"
   end
-  local waiting = self._connecting
-  if waiting then
-    local me = core.current()
-    waiting[#waiting + 1] = me
-    if not core.park(self.timeout + 1) then
-      -- given up: out of the list, or the connecting task would unpark this one later, in
-      -- whatever it waits for by then
-      for i = #waiting, 1, -1 do
-        if waiting[i] == me then
-          table.remove(waiting, i)
-          break
-        end
-      end
-    end
+  local connecting = self._connecting
+  if connecting then
+    -- another task connects: wait until it closes the channel (a timeout leaves it)
+    connecting:recv(self.timeout + 1)
     if self._pub then return self._pub end
     return nil, self._pub_err or "Redis unavailable", "unavailable"
   end
-  waiting = {}
-  self._connecting = waiting
+  connecting = mw.channel()
+  self._connecting = connecting
   -- (a connect that raises, a bad option, must not leave the instance connecting for good)
   local done, err, code
   done, c, err, code = pcall(self._redis.connect, self._redis_url, { connect_timeout = self.timeout })
   self._connecting = nil
-  for i = 1, #waiting do core.unpark(waiting[i], true) end
+  connecting:close()
   if not done then error(c, 0) end
   if not c then
     self._pub, self._pub_err = nil, "Redis unavailable: " .. tostring(err)
