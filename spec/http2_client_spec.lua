@@ -427,25 +427,37 @@ describe("http2 client retries", function()
     return p, "http://127.0.0.1:" .. ev.port
   end
 
+  -- GETs of url/r1 .. url/rN, each in its task (`gap` seconds apart): the tasks, whose join
+  -- gives true, body | true, nil, err, code
+  local function spawn_gets(c, url, n, gap)
+    local tasks = {}
+    for i = 1, n do
+      tasks[i] = mw.spawn(function()
+        local res, err, code = c:get(url .. "/r" .. i)
+        if not res then return nil, err, code end
+        return res:body()
+      end)
+      if gap then mw.sleep(gap) end
+    end
+    return tasks
+  end
+
+  -- tasks[from .. to] were answered on the fake server's second connection
+  local function on_second_conn(tasks, from, to)
+    for i = from, to do
+      local ok, body, err = tasks[i]:join()
+      assert.is_true(ok)
+      assert.matches("^conn=2 ", body or tostring(err))
+    end
+  end
+
   it("requests above a GOAWAY's last stream id are retried on a new connection", function()
     run(function()
       local p, url = fake("goaway")
       local _ <close> = p
       local c = http.client{ http2 = true }
       assert.equal("conn=1 stream=1", assert(c:get(url .. "/first")):body())
-      local tasks = {}
-      for i = 1, 3 do
-        tasks[i] = mw.spawn(function()
-          local res, err, code = c:get(url .. "/r" .. i)
-          if not res then return nil, err, code end
-          return res:body()
-        end)
-      end
-      for i = 1, 3 do
-        local ok, body, err = tasks[i]:join()
-        assert.is_true(ok)
-        assert.matches("^conn=2 ", body or tostring(err))
-      end
+      on_second_conn(spawn_gets(c, url, 3), 1, 3)
       assert.equal(2, c:stats().h2_opened)
       c:close()
     end, 20)
@@ -456,24 +468,13 @@ describe("http2 client retries", function()
       local p, url = fake("drop")
       local _ <close> = p
       local c = http.client{ http2 = true }
-      local tasks = {}
-      for i = 1, 3 do
-        tasks[i] = mw.spawn(function()
-          local res, err, code = c:get(url .. "/r" .. i)
-          if not res then return nil, err, code end
-          return res:body()
-        end)
-        mw.sleep(0.02)     -- r1 goes out first; r2, r3 wait for the only stream slot
-      end
+      -- r1 goes out first; r2, r3 wait for the only stream slot
+      local tasks = spawn_gets(c, url, 3, 0.02)
       local ok, body, err, code = tasks[1]:join()
       assert.is_true(ok)
       assert.is_nil(body)                  -- sent, maybe processed: not retried
       assert.truthy(code == "closed" or code == "ECONNRESET", tostring(code) .. " " .. tostring(err))
-      for i = 2, 3 do
-        ok, body, err = tasks[i]:join()
-        assert.is_true(ok)
-        assert.matches("^conn=2 ", body or tostring(err))
-      end
+      on_second_conn(tasks, 2, 3)
       assert.equal(2, c:stats().h2_opened)
       c:close()
     end, 20)
