@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "c80b758524354e413dbb635237acf4c0",
+  md5 = "759473da88951e284eae2a1789a8f6e9",
   dir = "moonwire-0.1.0",
 }
 description = {
