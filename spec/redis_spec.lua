@@ -357,6 +357,27 @@ describe("moonwire.redis", function()
     end)
   end)
 
+  -- The same when the run ends after a call dispatched the reader but before the reader
+  -- first ran: its "being started" mark belongs to that run only.
+  it("keeps working in a later run after a run ended before its reader started", function()
+    local r, started
+    mw.run(function()                       -- not helper.run: mw.stop ends this body early
+      r = connect()
+      mw.spawn(function()
+        started = true
+        r:blpop("never-filled", 0.2)       -- dispatches the reader, which is queued behind main
+      end)
+      mw.yield()                            -- the call above runs, then main is back first
+      assert.is_true(started)
+      mw.stop()
+    end)
+    run(function()
+      r:settimeout(3)
+      assert.equal("PONG", r:ping())
+      r:close()
+    end)
+  end)
+
   it("fails with 'protocol' on a peer that does not speak RESP, and closes", function()
     run(function()
       local l, port = helper.listen()

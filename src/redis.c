@@ -356,6 +356,7 @@ typedef struct rconn {
     slot *ring;            /* replies owed, in order: sequence numbers head..tail-1 */
     uint64_t cap, head, tail;
     mw_task *reader;       /* the reader task, while there is one */
+    unsigned reader_run;   /* rt->runs when reader was set to the placeholder (mw_task *)1 */
     mw_task *push_waiter;  /* a task in push_recv */
     int64_t phead, ptail;  /* the push queue: user value 2, indices phead..ptail-1 */
     int pushes;            /* keep pushes (else they are counted and dropped) */
@@ -604,12 +605,15 @@ static int reader_main(lua_State *L)
 /* Starts the reader unless there is one. L: a connection method (upvalue 2: the reader). */
 static void ensure_reader(lua_State *L, rconn *c)
 {
-    /* a reader ended by the end of a run (mw.stop) never cleared its mark */
-    if (c->reader && c->reader != (mw_task *)1 &&
-        (c->reader->state == MW_T_DONE || c->reader->state == MW_T_FAILED))
+    /* a reader ended by the end of a run (mw.stop) never cleared its mark; nor did one
+     * dispatched in a run that ended before it first ran (the placeholder) */
+    if (c->reader == (mw_task *)1 ? c->reader_run != c->rt->runs
+                                  : c->reader && (c->reader->state == MW_T_DONE ||
+                                                  c->reader->state == MW_T_FAILED))
         c->reader = NULL;
     if (c->reader) return;
     c->reader = (mw_task *)1;   /* until it runs: at most one is dispatched */
+    c->reader_run = c->rt->runs;
     lua_pushvalue(L, lua_upvalueindex(2));
     lua_pushvalue(L, 1);
     mw_sched_dispatch(c->rt, L);

@@ -476,6 +476,7 @@ static int l_run(lua_State *L)
     rt->main = main;
     rt->running = 1;
     rt->stopping = 0;
+    rt->runs++;
     int rc = run_loop(rt);
     int err = errno;
     if (rt->after_run) rt->after_run(rt, L);

@@ -56,6 +56,7 @@ struct mw_rt {
     mw_task *live;             /* list of live tasks */
     int nlive;
     int running, stopping;
+    unsigned runs;             /* run() calls so far: a mark left by an earlier run is stale */
     /* set while the loop dispatches a batch of events (loop.h: no Lua may run then, since a
      * collection could free a handle the batch still points to). mw_sched_dispatch and
      * spawn abort when it is set: the rule is checked, not left to care. */
