@@ -293,6 +293,25 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    -- acquire checks a connection unused for check_after seconds with a query, which waits:
+    -- meanwhile no other acquire may take the same connection.
+    it("never hands one connection to two acquires while it checks it (check_after)", function()
+      run(function()
+        local pool = pg.pool { url = srv.url, size = 1, check_after = 0, acquire_timeout = 0.3 }
+        local first = assert(pool:acquire())
+        first.used = mw.now() - 1              -- due for a check at the next acquire
+        pool:release(first)
+        local got = {}
+        local t1 = mw.spawn(function() got[1] = pool:acquire() end)
+        local t2 = mw.spawn(function() got[2] = pool:acquire() end)
+        t1:join(); t2:join()
+        local n = (got[1] and 1 or 0) + (got[2] and 1 or 0)
+        assert.equal(1, n)                     -- the second timed out waiting for it
+        pool:release(got[1] or got[2])
+        pool:close()
+      end)
+    end)
+
     it("retires connections past max_lifetime", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, max_lifetime = 0.05 }
