@@ -345,6 +345,45 @@ describe("http2 client against our server", function()
     end)
   end)
 
+  -- nghttp2 would drop a HEADERS over its 64 KiB bound and call it refused: the request
+  -- fails as too large instead, and is not sent again.
+  it("a request head or trailers too large for HTTP/2 fail with 'toolarge', never retried", function()
+    run(function()
+      local seen = {}
+      local srv = serve(function(req, res)
+        seen[req.path] = (seen[req.path] or 0) + 1
+        req:body()
+        res:send("ok")
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local big = string.rep("v", 70000)
+      local res, err, code = c:request{ url = base(srv) .. "/h", headers = { ["x-big"] = big } }
+      assert.is_nil(res)
+      assert.equal("toolarge", code)
+      assert.matches("request head too large for HTTP/2", err)
+      local parts = { "a" }
+      res, err, code = c:request{ method = "POST", url = base(srv) .. "/t",
+        body = function() return table.remove(parts, 1) end, trailers = { ["x-big"] = big } }
+      assert.is_nil(res)
+      assert.equal("toolarge", code)
+      assert.matches("trailer fields too large for HTTP/2", err)
+      local many = {}
+      for i = 1, 65 do many["x-t" .. i] = "v" end
+      res, err, code = c:request{ method = "POST", url = base(srv) .. "/t", body = "x", trailers = many }
+      assert.is_nil(res)
+      assert.equal("toolarge", code)
+      assert.matches("too many trailer fields", err)
+      -- the connection goes on; the head too large never went out, nor went again
+      res = assert(c:request{ url = base(srv) .. "/ok", headers = { ["x-small"] = "v" } })
+      assert.equal("ok", res:body())
+      assert.is_nil(seen["/h"])
+      assert.equal(1, seen["/ok"])
+      assert.equal(1, c:stats().h2_opened)          -- no new connection for a retry
+      c:close()
+    end)
+  end)
+
   it("a gRPC-style exchange: length-prefixed messages, te: trailers, grpc-status trailer", function()
     run(function()
       local srv = serve(function(req, res)

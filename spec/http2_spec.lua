@@ -444,6 +444,60 @@ print(",".join(info))
     end)
   end)
 
+  -- nghttp2 never sends a HEADERS frame over 64 KiB (its bound), and says so only to a
+  -- callback: the stream would stay open with nothing sent and the client would wait. The
+  -- handler's call fails instead, the stream is reset at once; HTTP/1.1 sends the same head.
+  it("a response head or trailers too large for HTTP/2: the call fails, the stream is reset at once", function()
+    run(function()
+      local results = mw.channel(8)
+      local big = string.rep("v", 70000)
+      local srv = serve(function(req, res)
+        local ok, err, code
+        if req.path == "/head" then
+          res:header("x-big", big)
+          ok, err, code = res:send("hello")
+        elseif req.path == "/trailer" then
+          res:trailer("x-big", big)
+          ok, err, code = res:send("hello")
+        elseif req.path == "/many" then
+          for i = 1, 65 do res:trailer("x-t" .. i, "v") end
+          res:write("part")
+          ok, err, code = res:finish()
+        else
+          res:header("x-small", "ok")
+          ok, err, code = res:send("fine")
+        end
+        results:send { req.version, req.path, ok, err, code }
+      end)
+      local _ <close> = guard(srv)
+      for _, path in ipairs { "/head", "/trailer", "/many" } do
+        -- curl: a stream error (92) at once, not its 10 s timeout (28)
+        local t0 = mw.now()
+        local code = shell(CURL .. " --http2-prior-knowledge -o /dev/null " .. url(srv, path))
+        assert.equal(92, code, path)
+        assert.is_true(mw.now() - t0 < 5, path)
+        local r = results:recv(5)
+        assert.same({ "2", path }, { r[1], r[2] })
+        assert.is_nil(r[3])
+        assert.equal("toolarge", r[5])
+        assert.matches(path == "/many" and "too many trailer fields" or "too large for HTTP/2", r[4])
+      end
+      -- the connection and the server go on; HTTP/1.1 sends the big head as it is
+      assert.equal("fine", curl("--http2-prior-knowledge " .. url(srv, "/ok")))
+      assert.same({ "2", "/ok", true }, results:recv(5))
+      local c = http.client { http2 = true }
+      local res, err, code = c:request { url = url(srv, "/head") }
+      assert.is_nil(res)
+      assert.equal("reset", code, err)
+      assert.matches("INTERNAL_ERROR", err)
+      assert.is_nil(results:recv(5)[3])
+      c:close()
+      local out = curl("--http1.1 -D - -o /dev/null " .. url(srv, "/head"))
+      assert.matches("x%-big: " .. big, out)
+      assert.same({ "1.1", "/head", true }, results:recv(5))
+    end)
+  end)
+
   it("Node's http2 client: a GET, and a POST streamed in pieces read with req:body_reader()", function()
     run(function()
       local pieces = {}

@@ -384,6 +384,18 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
     return 0;   /* never a fatal error here (CVE-2023-35945's path) */
 }
 
+/* A frame nghttp2 would not send. A HEADERS it found too large (a response, a 1xx or
+ * trailers: respond_core and set_trailers check the same bound first, so only what gets
+ * past them) leaves its stream open with nothing sent: the stream is reset instead, so the
+ * client is not left waiting for it. */
+static int on_frame_not_send(nghttp2_session *ss, const nghttp2_frame *f, int err, void *ud)
+{
+    (void)ud;
+    if (f->hd.type == NGHTTP2_HEADERS && err == NGHTTP2_ERR_FRAME_SIZE_ERROR)
+        nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, f->hd.stream_id, NGHTTP2_INTERNAL_ERROR);
+    return 0;
+}
+
 static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t len,
                              uint32_t *flags, nghttp2_data_source *src, void *ud)
 {
@@ -535,6 +547,7 @@ static int l_h2_server(lua_State *L)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+    nghttp2_session_callbacks_set_on_frame_not_send_callback(cbs, on_frame_not_send);
     if (nghttp2_option_new(&opt) != 0) {
         nghttp2_session_callbacks_del(cbs);
         return luaL_error(L, "not enough memory");
@@ -1280,6 +1293,10 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
     if (clen >= 0 && status >= 200 && status != 204 && status != 304) {
         nv_add(l, "content-length", 14, clbuf, fmt_uint(clbuf, (uint64_t)clen), NV_STATIC);
     }
+    if (h2_nv_bound(l->nv, (size_t)l->n) > H2_MAX_SEND_HEAD) {
+        lua_settop(L, lidx - 1);
+        return mw_pushfail(L, "response head too large for HTTP/2 (64 KiB at most)", "toolarge");
+    }
     if (status < 200) {
         /* 1xx (103 Early Hints): a HEADERS frame that does not end the stream */
         int rv = nghttp2_submit_headers(c->session, NGHTTP2_FLAG_NONE, st->id, NULL, l->nv, (size_t)l->n, NULL);
@@ -1485,14 +1502,20 @@ void mw_h2_fields_from(lua_State *L, int idx, int n, fields *f)
     }
 }
 
-/* stream:set_trailers(list, n): trailer fields sent after the body (before the write or
- * finish that ends it) */
+/* stream:set_trailers(list, n) -> true | nil, err, "toolarge": trailer fields sent after
+ * the body (before the write or finish that ends it) */
 static int st_set_trailers(lua_State *L)
 {
     h2stream *st = checkstream(L);
     luaL_checktype(L, 2, LUA_TTABLE);
     mw_h2_fields_from(L, 2, (int)luaL_checkinteger(L, 3), &st->trout);
-    return 0;
+    const char *why = h2_trailers_unfit(&st->trout);
+    if (why) {
+        fields_free(&st->trout);
+        return mw_pushfail(L, why, "toolarge");
+    }
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 /* stream:reset([code]) : RST_STREAM (default CANCEL) */

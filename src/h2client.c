@@ -641,6 +641,8 @@ static int hc_request(lua_State *L)
     if (c->goaway_recv || c->goaway_sent) return mw_pushfail(L, "connection is going away", "goaway");
     nvlist *l = build_nv(L, 2, 6, nh, 0);
     int lidx = lua_gettop(L);
+    if (h2_nv_bound(l->nv, (size_t)l->n) > H2_MAX_SEND_HEAD)
+        return mw_pushfail(L, "request head too large for HTTP/2 (64 KiB at most)", "toolarge");
     hstream **ud = lua_newuserdatauv(L, sizeof *ud, 1);
     *ud = NULL;
     luaL_setmetatable(L, HS_MT);
@@ -1133,8 +1135,8 @@ static int hs_write(lua_State *L)
     return write_step(L, st, t, d);
 }
 
-/* stream:set_trailers(flat, n): trailer fields sent after the request body (call it
- * before the write that ends the body) */
+/* stream:set_trailers(flat, n) -> true | nil, err, "toolarge": trailer fields sent after
+ * the request body (call it before the write that ends the body) */
 static int hs_set_trailers(lua_State *L)
 {
     hstream *st = checkstream(L);
@@ -1142,7 +1144,13 @@ static int hs_set_trailers(lua_State *L)
     int n = (int)luaL_checkinteger(L, 3);
     if (st->out_eof) return luaL_error(L, "request body already finished");
     mw_h2_fields_from(L, 2, n, &st->trout);
-    return 0;
+    const char *why = h2_trailers_unfit(&st->trout);
+    if (why) {
+        fields_free(&st->trout);
+        return mw_pushfail(L, why, "toolarge");
+    }
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 /* stream:trailers() -> the response's trailer fields once the body ended, or nil */
@@ -1479,6 +1487,10 @@ static int hc_bench(lua_State *L)
         }
         int nh = (int)lua_rawlen(L, fidx) / 2;
         nvlist *l = build_nv(L, 4, fidx, nh, 1);
+        if (h2_nv_bound(l->nv, (size_t)l->n) > H2_MAX_SEND_HEAD) {
+            free(l);
+            return luaL_error(L, "request head too large for HTTP/2 (64 KiB at most)");
+        }
         /* copy names and values: the nv list outlives the Lua strings */
         size_t total = 0;
         for (int i = 0; i < l->n; i++) total += l->nv[i].namelen + l->nv[i].valuelen;

@@ -125,6 +125,36 @@ static inline void nv_add(nvlist *l, const char *n, size_t nl, const char *v, si
                                   how == NV_STATIC ? NGHTTP2_NV_FLAG_NO_COPY_NAME : NGHTTP2_NV_FLAG_NONE };
 }
 
+/* nghttp2 1.52 never sends a HEADERS frame whose fields exceed a bound it computes first
+ * (nghttp2_hd_deflate_bound: 12 bytes, then per field 12 more and its name and value, plus 5
+ * for a priority) against max_send_header_block_length, 64 KiB unless set: it drops the frame
+ * and tells only on_frame_not_send, which for a response or trailers leaves the stream open
+ * with nothing sent. So each head is checked against the same bound before it is submitted,
+ * and a head that fails says so to its caller. Trailers: at most H2_MAX_TRAILERS fields. */
+#define H2_MAX_SEND_HEAD 65536
+#define H2_MAX_TRAILERS 64
+
+static inline size_t h2_nv_bound(const nghttp2_nv *nv, size_t n)
+{
+    size_t b = 12 + 5;
+    for (size_t i = 0; i < n; i++) b += 12 + nv[i].namelen + nv[i].valuelen;
+    return b;
+}
+
+/* 0 when f's fields may go as trailers, else the message saying why not */
+static inline const char *h2_trailers_unfit(const fields *f)
+{
+    size_t pos = 0, nl, vl, b = 12 + 5, k = 0;
+    const char *nm, *v;
+    while (fields_next(f, &pos, &nm, &nl, &v, &vl)) {
+        b += 12 + nl + vl;
+        k++;
+    }
+    if (k > H2_MAX_TRAILERS) return "too many trailer fields (64 at most)";
+    if (b > H2_MAX_SEND_HEAD) return "trailer fields too large for HTTP/2 (64 KiB at most)";
+    return NULL;
+}
+
 /* Submits the fields of f (up to 64) as trailers on stream id, from a data provider's read
  * callback at the end of the body: 0 when submitted (the caller then sets
  * NGHTTP2_DATA_FLAG_NO_END_STREAM), -1 when there are none or nghttp2 refused them. */

@@ -658,8 +658,11 @@ local function h2_send(hc, method, scheme, authority, target, flat, nh, body, tr
     end
   end
   local tflat, tn = trailer_pairs(trailers)
-  if tn > 0 then st:set_trailers(tflat, tn) end
   local ok
+  if tn > 0 then
+    ok, err, code = st:set_trailers(tflat, tn)
+    if not ok then st:reset() return nil, err, code end    -- no response to wait for
+  end
   ok, err, code = st:write("", true)
   if not ok then return nil, err, code, st end
   return st

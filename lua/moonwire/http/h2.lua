@@ -51,7 +51,10 @@ local function send_raw(self, body)
   self.sent, self[FIN] = true, true
   self[BYTES] = (none or head) and 0 or #body
   local tr = self._trailers
-  if tr then self[SOCK]:set_trailers(tr, #tr // 2) end
+  if tr then
+    local ok, err, code = self[SOCK]:set_trailers(tr, #tr // 2)
+    if not ok then self[CLOSE] = true return nil, err, code end   -- st:done resets the stream
+  end
   local data = body
   if none or head then data = nil end
   local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE, data, true, srv.server_name,
@@ -104,7 +107,10 @@ function R2:finish()
   if not self.sent then return self:send("") end
   self[FIN] = true
   local tr = self._trailers
-  if tr then self[SOCK]:set_trailers(tr, #tr // 2) end
+  if tr then
+    local ok, err, code = self[SOCK]:set_trailers(tr, #tr // 2)
+    if not ok then self[CLOSE] = true return nil, err, code end   -- st:done resets the stream
+  end
   local ok, err, code = self[SOCK]:write("", true)
   if not ok then self[CLOSE] = true end
   return ok, err, code
