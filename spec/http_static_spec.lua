@@ -556,6 +556,39 @@ end)
 -- the same answers and the same errors, at the caller, over HTTP/1.1 and HTTP/2.
 describe("res:sendfile misuse and a missing file, HTTP/1.1 and HTTP/2", function()
   local http = require "moonwire.http"
+  -- a status without a body sends the head alone: on a kept-alive HTTP/1.1 connection the
+  -- file's bytes would be read as the start of the next response
+  it("after a 304 or a 204 sends the head alone, over HTTP/1.1 and HTTP/2", function()
+    helper.run(function()
+      local dir = own_tree()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req, res)
+        if req.path == "/304" then res:status(304) elseif req.path == "/204" then res:status(204) end
+        assert(res:sendfile(dir .. "/hello.txt"))
+      end })
+      local s = assert(helper.mw.tcp.connect("127.0.0.1", srv.port))
+      assert(s:write("GET /304 HTTP/1.1\r\nHost: x\r\n\r\nGET /204 HTTP/1.1\r\nHost: x\r\n\r\n" ..
+        "GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+      local all = assert(s:read("a"))
+      s:close()
+      local heads = {}
+      for status in all:gmatch("HTTP/1%.1 (%d+)") do heads[#heads + 1] = status end
+      assert.same({ "304", "204", "200" }, heads)
+      assert.equal(1, select(2, all:gsub("hello world", "")))   -- the file once, after the 200
+      assert.equal("\r\n\r\n" .. HELLO, all:sub(-4 - #HELLO))
+      assert.not_matches("204 No Content\r\n[^\r]*[Cc]ontent%-[Ll]ength", all)
+      local c = http.client { http2 = true }
+      for _, path in ipairs { "/304", "/204", "/ok" } do
+        local r = assert(c:request { url = ("http://127.0.0.1:%d%s"):format(srv.port, path) })
+        assert.equal(path == "/ok" and 200 or tonumber(path:sub(2)), r.status)
+        assert.equal(path == "/ok" and HELLO or "", assert(r:body()))
+        if path == "/204" then assert.is_nil(r.headers["content-length"]) end
+      end
+      assert.equal(1, c:stats().h2_opened)       -- one connection: no stream broke it
+      c:close()
+      srv:close(0)
+    end, 15)
+  end)
+
   it("raises naming the argument or the range, and returns nil, err for a missing file", function()
     helper.run(function()
       local dir = own_tree()

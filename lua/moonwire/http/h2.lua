@@ -119,6 +119,7 @@ end
 --- A file (or a byte range of it), read and sent in 64 KiB pieces (the stream's flow
 -- control paces it).
 function R2:sendfile(path, offset, length)
+  if bodyless(self) then return self:send("") end     -- the head alone, as on HTTP/1.1
   local ok, err, code
   offset, length, code = Response._sendfile_range(self, path, offset, length)
   if not offset then return nil, length, code end

@@ -401,8 +401,11 @@ local function sendfile_range(self, path, offset, length)
 end
 Response._sendfile_range = sendfile_range
 
---- Sends a file (or a byte range of it) with sendfile(2).
+--- Sends a file (or a byte range of it) with sendfile(2). A status without a body (1xx,
+-- 204, 304) sends the head alone, as res:send("") does.
 function Response:sendfile(path, offset, length)
+  local st = self[STATUS]
+  if st < 200 or st == 204 or st == 304 then return self:send("") end
   local err, code
   offset, length, code = sendfile_range(self, path, offset, length)
   if not offset then return nil, length, code end
