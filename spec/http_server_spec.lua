@@ -1417,6 +1417,27 @@ describe("http server: responses", function()
     end, 20)
   end)
 
+  -- timeouts.write bounds a wait without progress: a file that takes longer than it to
+  -- download, to a client that keeps reading, arrives whole (as through TLS or HTTP/2,
+  -- whose 64 KiB pieces each get the timeout)
+  it("res:sendfile of a file that takes longer than timeouts.write to a steady reader sends it all", function()
+    run(function()
+      local file = tmp(".bin")
+      local f = assert(io.open(file, "wb"))
+      local piece = helper.pattern(1024 * KiB)
+      for _ = 1, 24 do f:write(piece) end
+      f:close()
+      local srv = serve(function(_, res) assert(res:sendfile(file)) end, { timeouts = { write = 1 } })
+      local _g <close> = guard(srv)
+      local outfile = tmp(".out")
+      local t0 = mw.now()
+      curl("--http1.1 --limit-rate 12M -o " .. outfile .. " " .. url(srv, "/big"), 20)
+      assert.is_true(mw.now() - t0 > 1.2, "the download took less than the timeout: nothing shown")
+      assert.equal(24 * 1024 * KiB, #readfile(outfile))
+      os.remove(outfile)
+    end, 25)
+  end)
+
   it("gzips a compressible response above 1 KiB when the client accepts gzip", function()
     run(function()
       local text = ("All work and no play makes Jack a dull boy. "):rep(300)

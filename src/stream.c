@@ -401,13 +401,19 @@ static int sendfile_step(lua_State *L, mw_sock *s, mw_task *t, sendfile_t *f)
     int r = mw_buf_len(&s->obuf) > 0 ? mw_sock_flush(s, &want) : 1;  /* what was gathered first */
     if (r == 0) return mw_sock_wait(L, s, t, MW_ROLE_WRITE, want, s->wdeadline, sendfile_k, 0);
     if (r < 0) return mw_pusherrno(L, errno);
+    int moved = 0;
     while (f->left > 0) {
         ssize_t n = sendfile(s->io.fd, f->fd, &f->off, f->left > 0x7ffff000 ? 0x7ffff000 : f->left);
-        if (n > 0) { f->left -= (size_t)n; continue; }
+        if (n > 0) { f->left -= (size_t)n; moved = 1; continue; }
         if (n == 0) return mw_pushfail(L, "file shorter than expected", "EIO");
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            /* the timeout bounds a wait with no progress, not the whole file (as the 64 KiB
+             * pieces of a copy through TLS or HTTP/2 each get it): a large file to a client
+             * that keeps reading is never cut */
+            if (moved) s->wdeadline = mw_sched_after(s->rt, s->timeout);
             return mw_sock_wait(L, s, t, MW_ROLE_WRITE, EPOLLOUT, s->wdeadline, sendfile_k, 0);
+        }
         return mw_pusherrno(L, errno);
     }
     close(f->fd);  /* done: close it now rather than at collection */
