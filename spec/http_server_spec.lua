@@ -1465,9 +1465,17 @@ describe("http server: responses", function()
       assert.equal("gzip", r.headers["content-encoding"])
       assert.matches("accept%-encoding", r.headers["vary"]:lower())
       assert.equal("\31\139", r.body:sub(1, 2)) -- gzip magic
+      -- as Accept-Encoding weighs it (RFC 9110 §12.5.3): gzip's own entry, else "*";
+      -- case-insensitive codings; any spelling of a zero weight refuses
+      for _, ae in ipairs { "GZIP", "deflate, gzip;q=0.5", "br;q=1, *", "gzip ; q=1.0", "identity, *;q=0.1" } do
+        assert.equal("gzip", fetch(srv, "GET", "/text", { "Accept-Encoding: " .. ae }).headers["content-encoding"], ae)
+      end
       -- no Accept-Encoding, q=0, too small, not compressible: identity
       for _, case in ipairs {
         { "/text", {} }, { "/text", { "Accept-Encoding: gzip;q=0" } },
+        { "/text", { "Accept-Encoding: gzip;q=0.0" } }, { "/text", { "Accept-Encoding: gzip; q=0.000" } },
+        { "/text", { "Accept-Encoding: gzip ;q=0, deflate" } }, { "/text", { "Accept-Encoding: *;q=0" } },
+        { "/text", { "Accept-Encoding: *, gzip;q=0" } }, { "/text", { "Accept-Encoding: br, deflate" } },
         { "/small", { "Accept-Encoding: gzip" } }, { "/png", { "Accept-Encoding: gzip" } },
       } do
         local plain = fetch(srv, "GET", case[1], case[2])

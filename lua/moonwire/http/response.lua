@@ -128,10 +128,24 @@ local function connflags(self)
   return 0
 end
 
+-- Whether Accept-Encoding (RFC 9110 §12.5.3) takes gzip: its own entry's weight, else
+-- that of "*"; codings are case-insensitive, "q=0", "q=0.0", "q=0.000" refuse.
 local function accepts_gzip(req)
   local ae = req.headers["accept-encoding"]
-  return ae and ae:find("gzip", 1, true) and not ae:find("gzip;%s*q=0[^.]") and not ae:find("gzip;%s*q=0$")
+  if not ae or not ae:find("[gG][zZ][iI][pP]") and not ae:find("*", 1, true) then return false end
+  local gz, star
+  for item in ae:lower():gmatch("[^,]+") do
+    local coding, params = item:match("^%s*([^;%s]+)%s*(.*)$")
+    if coding then
+      local qv = params:match(";%s*q%s*=%s*([%d.]+)")
+      local q = qv and (tonumber(qv) or 0) or 1
+      if coding == "gzip" or coding == "x-gzip" then gz = q elseif coding == "*" then star = q end
+    end
+  end
+  if gz then return gz > 0 end
+  return star ~= nil and star > 0
 end
+Response._accepts_gzip = accepts_gzip
 
 local function maybe_gzip(self, body)
   if self[STATUS] < 200 or self[STATUS] == 206 or not accepts_gzip(self[REQ]) or find(self, "content-encoding") then
