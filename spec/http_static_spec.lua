@@ -1,9 +1,10 @@
 -- Static files (docs/http.md "Static files") and MIME types: headers, index files and the
 -- directory redirect, 404/405 and next(), every traversal attack (.., encoded dots and
--- slashes, NUL, backslash, symlinks out), 304 through If-None-Match and If-Modified-Since,
--- single ranges (206/416), If-Range, options and argument errors. The tests share one
--- read-only temporary tree (built once, removed in lazy_teardown); a test that changes the
--- file system builds its own, removed in `finally`. Fake req/res objects, no sockets.
+-- slashes, NUL, backslash, symlinks out), 412 through If-Match and If-Unmodified-Since,
+-- 304 through If-None-Match and If-Modified-Since, single ranges (206/416), If-Range,
+-- options and argument errors. The tests share one read-only temporary tree (built once,
+-- removed in lazy_teardown); a test that changes the file system builds its own, removed
+-- in `finally`. Fake req/res objects, no sockets.
 local core = require "moonwire.core"
 local static = require "moonwire.http.static"
 local mime = require "moonwire.http.mime"
@@ -365,6 +366,25 @@ describe("http.static", function()
       assert.equal(200, cond({ ["if-modified-since"] = "Tue, 14 Nov 2023 22:13:19 GMT" }).code)
       assert.equal(200, cond({ ["if-modified-since"] = "yesterday" }).code)
       assert.equal(200, cond({ ["if-modified-since"] = "Tue, 14 Nov 2023 25:13:20 GMT" }).code)
+    end)
+
+    -- RFC 9110 13.1.1, 13.1.4, 13.2.2: evaluated first; our entity tags are weak and
+    -- If-Match compares strongly, so only "*" matches
+    it("answers 412 when If-Match or If-Unmodified-Since fails, before any 304 or range", function()
+      local function assert_412(res)
+        assert.equal(412, res.code)
+        assert.equal("", res.body)
+        assert.is_nil(res.file)
+      end
+      assert_412(cond { ["if-match"] = '"nope"' })
+      assert_412(cond { ["if-match"] = ETAG })                     -- weak: never a strong match
+      assert_412(cond { ["if-match"] = '"nope"', ["if-none-match"] = ETAG, range = "bytes=0-1" })
+      assert.equal(200, cond({ ["if-match"] = " * " }).code)
+      assert_412(cond { ["if-unmodified-since"] = "Sat, 01 Jan 2000 00:00:00 GMT" })
+      assert.equal(200, cond({ ["if-unmodified-since"] = LASTMOD }).code)
+      assert.equal(200, cond({ ["if-unmodified-since"] = "not a date" }).code)
+      assert.equal(200, cond({ ["if-match"] = "*", ["if-unmodified-since"] = "Sat, 01 Jan 2000 00:00:00 GMT" }).code)
+      assert.equal(206, cond({ ["if-match"] = "*", range = "bytes=0-1" }).code)
     end)
 
     it("lets If-None-Match win over If-Modified-Since", function()

@@ -153,6 +153,20 @@ local function redirect_dir(req, res)
   return res:redirect(path .. "/" .. query, 301)
 end
 
+-- If-Match (strong comparison: ours are weak entity tags, so only "*" matches a file that
+-- exists) wins over If-Unmodified-Since (the file has not changed after that date; a bad
+-- date is ignored): true when the request's precondition fails (412), RFC 9110 13.2.2.
+local function precondition_failed(headers, mtime)
+  local im = headers["if-match"]
+  if im then return not find(im, "^%s*%*%s*$") end
+  local ius = headers["if-unmodified-since"]
+  if ius then
+    local t = parse_date(ius)
+    return t ~= nil and mtime > t
+  end
+  return false
+end
+
 -- If-None-Match ("*" or a list of entity tags, weak comparison: W/ ignored) wins over
 -- If-Modified-Since (a date at or after the file's mtime), RFC 9110 13.2.2.
 local function not_modified(headers, opaque, mtime)
@@ -212,6 +226,10 @@ local function send(h, req, res, real, name, size, mtime)
   local opaque = h.etag and format("%x-%x", size, mtime) or nil
   local etag = opaque and 'W/"' .. opaque .. '"'
   local modified = http_date(mtime)
+  if precondition_failed(headers, mtime) then
+    res:status(412)
+    return res:send()
+  end
   if not_modified(headers, opaque, mtime) then
     res:status(304)
     validators(h, res, etag, modified)
