@@ -538,6 +538,101 @@ print(",".join(info))
     end)
   end)
 
+  -- The lifecycle of a WebSocket over an HTTP/2 stream, as over HTTP/1.1: closed with 1000
+  -- after a handler that returned, 1011 after one that raised (unless message handlers keep
+  -- it); a reset stream or a dropped connection ends it with 1006 (not by cancelling the
+  -- handler), and frees the stream's slot and the connection; Server:close sends 1001.
+  describe("WebSocket over HTTP/2, its lifecycle", function()
+    local function ws_server()
+      local events = mw.channel(512)
+      local srv = serve(function(req)
+        local ws = assert(req:websocket())
+        if req.path == "/echo" then
+          while true do
+            local msg, kind, code = ws:receive()
+            if not msg then events:send { "echo-end", kind, code } break end
+            ws:send(msg, kind)
+          end
+        elseif req.path == "/on" then
+          ws:on("message", function(w, m, kind) w:send(m, kind) end)
+          ws:on("close", function(_, code) events:send { "on-close", code } end)
+        elseif req.path == "/error" then
+          error("boom")
+        end                                   -- "/return": returns with the ws open
+      end)
+      return srv, events
+    end
+    local function peer(srv, args)
+      local code, out, err = shell(("node %s/peers/h2_websocket_lifecycle.js %d %s"):format(SPEC_DIR, srv.port, args))
+      assert.equal(0, code, tostring(err) .. tostring(out))
+      return out
+    end
+    -- polls until srv has no connection left (each connection is a task's to end)
+    local function until_no_connections(srv)
+      for _ = 1, 100 do
+        if srv:connections() == 0 then return end
+        mw.sleep(0.03)
+      end
+      error("connections still open: " .. srv:connections())
+    end
+
+    it("a handler that returns closes with 1000, one that raises with 1011", function()
+      run(function()
+        local srv = ws_server()
+        local _ <close> = guard(srv)
+        assert.equal("close 1000\nend\n", peer(srv, "wait /return"))
+        assert.equal("close 1011\nend\n", peer(srv, "wait /error"))
+        assert.matches("boom", errors[1])
+      end)
+    end)
+
+    it("a dropped connection ends each of its WebSockets with 1006, and the connection", function()
+      run(function()
+        local srv, events = ws_server()
+        local _ <close> = guard(srv)
+        assert.equal("dropped\n", peer(srv, "drop /echo,/on,/echo"))
+        local seen = {}
+        for _ = 1, 3 do
+          local e = events:recv(5)
+          seen[#seen + 1] = table.concat(e, " ")
+        end
+        table.sort(seen)
+        assert.same({ "echo-end closed 1006", "echo-end closed 1006", "on-close 1006" }, seen)
+        until_no_connections(srv)
+      end)
+    end)
+
+    it("a reset stream ends its WebSocket with 1006 and gives its slot back", function()
+      run(function()
+        local srv, events = ws_server()
+        local _ <close> = guard(srv)
+        -- more than max_streams (100) one after the other: none refused
+        assert.equal("ok 150 refused 0\n", peer(srv, "reset 150"))
+        for _ = 1, 150 do assert.same({ "echo-end", "closed", 1006 }, events:recv(5)) end
+        until_no_connections(srv)
+      end)
+    end)
+
+    it("Server:close() closes them with 1001 and returns once they are done", function()
+      run(function()
+        local srv, events = ws_server()
+        local closer = mw.spawn(function()
+          while srv:connections() == 0 do mw.sleep(0.01) end
+          mw.sleep(0.1)                     -- the echo of "hello" is out by then
+          local t0 = mw.now()
+          srv:close(5)
+          return mw.now() - t0
+        end)
+        assert.equal("frame 1 hello\nclose 1001\nend\n", peer(srv, "wait /echo"))
+        local ok, took = closer:join()
+        assert.is_true(ok)
+        assert.is_true(took < 2, "Server:close took " .. took .. " s")
+        assert.same({ "echo-end", "closed", 1001 }, events:recv(5))
+        assert.equal(0, srv:connections())
+      end)
+    end)
+  end)
+
   it("Server:close() drains: GOAWAY, the in-flight stream finishes", function()
     run(function()
       local started = mw.channel(1)

@@ -58,6 +58,10 @@ struct h2stream {
     unsigned deferred : 1;     /* the data provider said DEFERRED */
     unsigned expect : 1;       /* Expect: 100-continue, not answered yet */
     unsigned bad : 1;          /* the head broke a rule: RST, no handler */
+    unsigned tunnel : 1;       /* st:tunnel(): a WebSocket's bytes go through the stream (RFC
+                                * 8441), read and written by tasks of its own: a reset or the
+                                * connection's end reaches the WebSocket through them (they
+                                * fail, it closes with 1006), never by cancelling the handler */
     unsigned data_eof : 1;     /* the data provider gave its last piece (END_STREAM, or the
                                 * trailers that carry it, are packed) */
     unsigned rst_after_eof : 1;  /* RST_STREAM(NO_ERROR) once that is out (st_done) */
@@ -685,7 +689,7 @@ static void run_event(lua_State *L, h2conn *c, h2stream *st)
         st->task = w;
         return;
     }
-    if (st->task) mw_sched_cancel(st->task);
+    if (st->task && !st->tunnel) mw_sched_cancel(st->task);
     stream_release(st);
 }
 
@@ -821,8 +825,13 @@ static int run_over(lua_State *L, h2conn *c, mw_task *t, int nres)
         }
         stream_release(st);
     }
-    for (st = c->streams; st; st = st->next)
-        if (st->handler && st->task) mw_sched_cancel(st->task);
+    /* handlers still running are cancelled; any task waiting on a stream (a tunnel's, or
+     * one a handler started) wakes to find the connection over (stream_fail: "closed") */
+    for (st = c->streams; st; st = st->next) {
+        if (st->handler && st->task && !st->tunnel) mw_sched_cancel(st->task);
+        wake(&st->reader);
+        wake(&st->writer);
+    }
     if (c->handlers <= 0) return nres;
     return over_wait(L, c, t, nres);
 }
@@ -984,7 +993,7 @@ static int body_fail(lua_State *L, const char *msg, int status)
 
 static int stream_fail(lua_State *L, h2stream *st)
 {
-    if (!st->c || !st->c->session) return mw_pushfail(L, "closed", "closed");
+    if (!st->c || !st->c->session || st->c->ending) return mw_pushfail(L, "closed", "closed");
     return mw_pushfail(L, "stream reset", "reset");
 }
 
@@ -1041,7 +1050,7 @@ static int body_step(lua_State *L, h2stream *st, mw_task *t, int mode)
             else lua_pushboolean(L, 1);
             return 1;
         }
-        if (st->closed || !st->c) return stream_fail(L, st);
+        if (st->closed || !st->c || st->c->ending) return stream_fail(L, st);
         if (mode == 0 && have > 0) {
             /* a whole body is read at once: give the window back as it arrives, or a body
              * larger than the stream window could never complete */
@@ -1430,7 +1439,7 @@ static void unwait_writer(mw_task *t)
 static int write_wait(lua_State *L, h2stream *st)
 {
     for (;;) {
-        if (st->closed || !st->c || !st->c->session) return stream_fail(L, st);
+        if (st->closed || !st->c || !st->c->session || st->c->ending) return stream_fail(L, st);
         if (mw_buf_len(&st->out) < st->c->out_hwm) {
             lua_pushboolean(L, 1);
             return 1;
@@ -1464,7 +1473,7 @@ static int st_write(lua_State *L)
     int eof = lua_toboolean(L, 3);
     if (!st->responded) return luaL_error(L, "write before the response head");
     if (st->out_eof) return luaL_error(L, "response already finished");
-    if (st->closed || !st->c || !st->c->session) return stream_fail(L, st);
+    if (st->closed || !st->c || !st->c->session || st->c->ending) return stream_fail(L, st);
     if (len) {
         size_t avail;
         char *w = mw_buf_reserve(&st->out, &st->rt->pool, len, &avail);
@@ -1527,6 +1536,14 @@ static int st_reset(lua_State *L)
         nghttp2_submit_rst_stream(st->c->session, NGHTTP2_FLAG_NONE, st->id, code);
         flush_session(st->c);
     }
+    return 0;
+}
+
+/* stream:tunnel(): the stream carries a WebSocket from now on (see h2stream.tunnel) */
+static int st_tunnel(lua_State *L)
+{
+    h2stream *st = checkstream(L);
+    st->tunnel = 1;
     return 0;
 }
 
@@ -1606,7 +1623,7 @@ void mw_h2_open(lua_State *L)
         { "socket", st_socket }, { "server", st_server }, { "headers_of", st_headers_of },
         { "trailers", st_trailers }, { "respond", st_respond }, { "write", st_write },
         { "set_trailers", st_set_trailers }, { "reset", st_reset }, { "done", st_done },
-        { "closed", st_closed }, { "id", st_id }, { "pseudo", st_pseudo }, { NULL, NULL }
+        { "closed", st_closed }, { "tunnel", st_tunnel }, { "id", st_id }, { "pseudo", st_pseudo }, { NULL, NULL }
     };
     luaL_newmetatable(L, H2_MT);
     luaL_newlib(L, conn_m);

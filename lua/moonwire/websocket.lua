@@ -847,6 +847,7 @@ end
 -- (RFC 8441), so that framing, deflate, queues and close codes are one path. The tunnel
 -- (res._tunnel) is over when both copies end; h2.lua waits for it before ending the stream.
 local function h2_tunnel(st)
+  st:tunnel()            -- a reset or the connection's end reaches the ws through the tasks below
   local a, b = assert(mw.unix.pair())
   local up = mw.spawn(function()        -- DATA from the client -> the WebSocket
     while true do
@@ -888,9 +889,14 @@ local function handshake_server(req, res, opts)
     res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
     res[slots.STATUS] = 200
     local sock, tunnel = h2_tunnel(st)
-    res._tunnel = tunnel
     local wc = open_conn(sock, false, opts, dparams)
-    return new(sock, wc, opts, protocol, ext, dparams)
+    local ws = new(sock, wc, opts, protocol, ext, dparams)
+    -- h2.lua's serve_stream closes it after the handler as HTTP/1.1's request loop does,
+    -- then waits for the tunnel; Server:close closes it with 1001 meanwhile
+    tunnel.ws = ws
+    res._tunnel = tunnel
+    res[slots.SRV]:_h2_upgraded(ws)
+    return ws
   end
   if req.method ~= "GET" or req.version ~= "1.1" then
     return refuse(res, 400, "WebSocket handshake needs GET and HTTP/1.1")

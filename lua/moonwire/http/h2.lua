@@ -168,10 +168,19 @@ local function serve_stream(srv, hooks, st, method, target, path, has_body)
     local lok, lerr = pcall(srv.log, hooks.access_line(req, res))
     if not lok then srv.error_log("moonwire: error in the access log: " .. tostring(lerr)) end
   end
-  -- a WebSocket over this stream (websocket.lua) lives on after a handler that set ws:on
-  -- handlers: the stream ends with it
+  -- a WebSocket over this stream (websocket.lua): as on HTTP/1.1 (server.lua's requests and
+  -- answer_failure), closed with 1011 after a handler that raised, with 1000 after one that
+  -- returned, unless it set ws:on handlers: then it lives on, and the stream ends with it
   local tunnel = rawget(res, "_tunnel")
-  if tunnel then tunnel.join() end
+  if tunnel then
+    local ws = tunnel.ws
+    if ws.state ~= "closed" and (not ok or not ws._on_message) then
+      local cok, cerr = pcall(ws.close, ws, ok and 1000 or 1011)
+      if not cok then srv.error_log("moonwire: error closing a WebSocket: " .. tostring(cerr)) end
+    end
+    tunnel.join()
+    srv:_h2_ws_done(ws)
+  end
   st:done()
 end
 

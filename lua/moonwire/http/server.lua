@@ -346,6 +346,22 @@ function Server:_upgraded(req, ws)
   self._conns[ws.sock] = ws
 end
 
+-- (websocket.lua, h2.lua) a WebSocket over an HTTP/2 stream: its connection stays the HTTP/2
+-- one's, in _conns; Server:close closes the WebSocket itself with 1001 (set by key, weakly)
+function Server:_h2_upgraded(ws)
+  local set = self._h2ws
+  if not set then
+    set = setmetatable({}, { __mode = "k" })
+    self._h2ws = set
+  end
+  set[ws] = true
+  if self.closing then mw.spawn(ws.close, ws, 1001) end
+end
+
+function Server:_h2_ws_done(ws)
+  if self._h2ws then self._h2ws[ws] = nil end
+end
+
 local function serve_connection(srv, sock)
   local conns = srv._conns
   srv._nconns = srv._nconns + 1
@@ -410,6 +426,7 @@ function Server:close(grace)
     elseif c:idle() then sock:close()
     else c:closing() end
   end
+  for ws in pairs(self._h2ws or {}) do mw.spawn(ws.close, ws, 1001) end   -- over HTTP/2
   if self._nconns > 0 then
     self._drained = mw.channel(0)
     if mw.current() then
