@@ -153,6 +153,15 @@ local function redirect_dir(req, res)
   return res:redirect(path .. "/" .. query, 301)
 end
 
+-- Whether the path of the request's target (origin- or absolute-form) ends in "/"; true
+-- when there is no target to ask.
+local function target_ends_in_slash(req)
+  local target = req.target
+  if type(target) ~= "string" or target == "" then return true end
+  local path = match(gsub(target, "^%a[%w+.-]*://[^/?#]*", ""), "^[^?#]*")
+  return byte(path, -1) == SLASH
+end
+
 -- If-Match (strong comparison: ours are weak entity tags, so only "*" matches a file that
 -- exists) wins over If-Unmodified-Since (the file has not changed after that date; a bad
 -- date is ignored): true when the request's precondition fails (412), RFC 9110 13.2.2.
@@ -271,7 +280,8 @@ local function serve(h, req, res, nxt)
   local name = h.dir .. rel
   local real, size, mtime, kind = resolve(h, name)
   if kind == "dir" then
-    if byte(rel, -1) ~= SLASH then return redirect_dir(req, res) end
+    -- (the request's own path decides: a router mounted at /docs hands "/docs" in as "/")
+    if byte(rel, -1) ~= SLASH or not target_ends_in_slash(req) then return redirect_dir(req, res) end
     if not h.index then return miss(res, nxt) end
     name = h.index
     real, size, mtime, kind = resolve(h, real .. "/" .. name)
