@@ -1517,10 +1517,15 @@ static int st_set_trailers(lua_State *L)
 {
     h2stream *st = checkstream(L);
     luaL_checktype(L, 2, LUA_TTABLE);
-    mw_h2_fields_from(L, 2, (int)luaL_checkinteger(L, 3), &st->trout);
-    const char *why = h2_trailers_unfit(&st->trout);
+    return mw_h2_set_trailers(L, 2, (int)luaL_checkinteger(L, 3), &st->trout);
+}
+
+int mw_h2_set_trailers(lua_State *L, int idx, int n, fields *f)
+{
+    mw_h2_fields_from(L, idx, n, f);
+    const char *why = h2_trailers_unfit(f);
     if (why) {
-        fields_free(&st->trout);
+        fields_free(f);
         return mw_pushfail(L, why, "toolarge");
     }
     lua_pushboolean(L, 1);

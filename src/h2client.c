@@ -1143,14 +1143,7 @@ static int hs_set_trailers(lua_State *L)
     luaL_checktype(L, 2, LUA_TTABLE);
     int n = (int)luaL_checkinteger(L, 3);
     if (st->out_eof) return luaL_error(L, "request body already finished");
-    mw_h2_fields_from(L, 2, n, &st->trout);
-    const char *why = h2_trailers_unfit(&st->trout);
-    if (why) {
-        fields_free(&st->trout);
-        return mw_pushfail(L, why, "toolarge");
-    }
-    lua_pushboolean(L, 1);
-    return 1;
+    return mw_h2_set_trailers(L, 2, n, &st->trout);
 }
 
 /* stream:trailers() -> the response's trailer fields once the body ended, or nil */

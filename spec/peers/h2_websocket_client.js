@@ -2,16 +2,10 @@
 // (:protocol websocket), sends one masked text frame, answers the echo with a close frame, and
 // prints what it saw. Usage: node h2_websocket_client.js PORT
 const http2 = require('http2');
+const frame = require('./ws_frame');
 const port = +process.argv[2];
 const client = http2.connect(`http://127.0.0.1:${port}`);
 client.on('error', e => { console.log('error', e.message); process.exit(1); });
-function frame(op, payload) {
-  const mask = Buffer.from([1, 2, 3, 4]);
-  const b = Buffer.from(payload);
-  const m = Buffer.alloc(b.length);
-  for (let i = 0; i < b.length; i++) m[i] = b[i] ^ mask[i % 4];
-  return Buffer.concat([Buffer.from([0x80 | op, 0x80 | b.length]), mask, m]);
-}
 client.on('remoteSettings', (s) => {
   if (!s.enableConnectProtocol) { console.log('no connect protocol'); process.exit(1); }
   const req = client.request({ ':method': 'CONNECT', ':protocol': 'websocket', ':path': '/ws',

@@ -11,16 +11,9 @@
 //               "hello", then the client resets it (CANCEL): prints "ok K refused R"
 const http2 = require('http2');
 const net = require('net');
+const frame = require('./ws_frame');
 const port = +process.argv[2], mode = process.argv[3], arg = process.argv[4];
 setTimeout(() => { console.log('timeout'); process.exit(2); }, 8000).unref();
-
-function frame(op, payload) {
-  const mask = Buffer.from([1, 2, 3, 4]);
-  const b = Buffer.from(payload);
-  const m = Buffer.alloc(b.length);
-  for (let i = 0; i < b.length; i++) m[i] = b[i] ^ mask[i % 4];
-  return Buffer.concat([Buffer.from([0x80 | op, 0x80 | b.length]), mask, m]);
-}
 
 // calls onFrame(op, payload) for each whole (short, unmasked) server frame on req
 function frames(req, onFrame) {
