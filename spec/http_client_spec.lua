@@ -2068,3 +2068,177 @@ describe("http client trailers", function()
     end)
   end)
 end)
+
+-- What a hostile or broken server, or a slip in the caller's options, must never turn into
+-- a wrong success, a raise, a leak or a request to the wrong place.
+describe("http client against bad answers", function()
+  local TEXT = ("compressible text, "):rep(4000)
+  it("compressed data cut short is an error from body() and body_reader(), not a shorter body", function()
+    run(function()
+      local z = core.deflater("gzip"):compress(TEXT, "finish")
+      local half = z:sub(1, #z // 2)
+      local f = fake_http(function(req)
+        if req.target == "/whole" then
+          return response("HTTP/1.1 200 OK", { "Content-Encoding: gzip", "Content-Length: " .. #z }, z)
+        end
+        return response("HTTP/1.1 200 OK", { "Content-Encoding: gzip", "Content-Length: " .. #half }, half)
+      end)
+      local _f <close> = f
+      local c = http.client { decompress = true }
+      local body, err, code = assert(c:get(f.url .. "/half")):body()
+      assert.is_nil(body)
+      assert.equal("http", code)
+      assert.matches("compressed data ends early", err)
+      local res = assert(c:get(f.url .. "/half"))
+      local ok, rerr = pcall(function() for _ in res:body_reader() do end end)
+      assert.is_false(ok)
+      assert.matches("compressed data ends early", rerr)
+      assert.equal(TEXT, assert(c:get(f.url .. "/whole")):body())
+      res = assert(c:get(f.url .. "/whole"))
+      local parts = {}
+      for piece in res:body_reader() do parts[#parts + 1] = piece end
+      assert.equal(TEXT, table.concat(parts))
+      c:close()
+    end)
+  end)
+
+  it("never pools a connection after a 101: the next request opens its own", function()
+    run(function()
+      local f = fake(function(s)
+        assert(read_request(s))
+        s:write("HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+        s:read("a", 2)                       -- whatever comes now is the other protocol's
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/up", { headers = { upgrade = "x", connection = "upgrade" } }))
+      assert.equal(101, res.status)
+      assert.is_false(res.keepalive)
+      res:close()
+      assert.equal(0, c:stats().idle)
+      c:close()
+    end)
+  end)
+
+  it("a redirect to another scheme fails with 'redirect' instead of raising", function()
+    run(function()
+      local f = fake_http(function(req)
+        local to = req.target == "/ftp" and "ftp://127.0.0.1/x" or "gopher://127.0.0.1:70/x"
+        return response("HTTP/1.1 302 Found", { "Location: " .. to, "Content-Length: 0" })
+      end)
+      local _f <close> = f
+      for _, path in ipairs { "/ftp", "/gopher" } do
+        local res, err, code = http.get(f.url .. path)
+        assert.is_nil(res)
+        assert.equal("redirect", code)
+        assert.matches("unsupported scheme", err)
+      end
+    end)
+  end)
+
+  it("a caller's Host goes to the first origin only, not across a redirect", function()
+    run(function()
+      local b = fake_http()
+      local _b <close> = b
+      local a = fake_http(function()
+        return response("HTTP/1.1 302 Found", { "Location: " .. b.url .. "/there", "Content-Length: 0" })
+      end)
+      local _a <close> = a
+      assert(http.get(a.url .. "/", { headers = { host = "a.internal" } })):body()
+      assert.equal("a.internal", a.requests[1].headers.host)
+      assert.equal("127.0.0.1:" .. b.port, b.requests[1].headers.host)
+    end)
+  end)
+
+  it("sends no proxy credentials to a Unix socket (no proxy is used for it)", function()
+    run(function()
+      local path = helper.socket_path("noproxy")
+      local l = assert(mw.unix.listen(path))
+      local got = mw.channel(1)
+      mw.spawn(function()
+        local s = assert(l:accept(5))
+        got:send(assert(read_request(s)))
+        s:write(ok_response())
+        s:close()
+      end)
+      local c = http.client()
+      assert.equal("ok", assert(c:get("http://localhost/x", { unix = path, proxy = "http://puser:ppass@127.0.0.1:9" })):body())
+      local req = got:recv(5)
+      assert.is_nil(req.headers["proxy-authorization"])
+      assert.equal("/x", req.target)
+      c:close()
+      l:close()
+      os.remove(path)
+    end)
+  end)
+
+  it("retries a GET on a new connection when the pooled ones were all closed", function()
+    run(function()
+      local gone = mw.channel(2)
+      local f = fake(function(s, n)
+        assert(read_request(s))
+        s:write(ok_response(n <= 2 and "ok" or "fresh"))
+        if n <= 2 then
+          s:close()                           -- after its answer: kept alive, then closed
+          gone:send(n)
+        end
+      end)
+      local _f <close> = f
+      local c = http.client()
+      -- two connections at once (two pooled), both closed by the server meanwhile
+      local t1 = mw.spawn(function() return assert(c:get(f.url .. "/1")):body() end)
+      local t2 = mw.spawn(function() return assert(c:get(f.url .. "/2")):body() end)
+      assert.same({ true, "ok" }, { t1:join() })
+      assert.same({ true, "ok" }, { t2:join() })
+      gone:recv(5); gone:recv(5)
+      assert.equal(2, c:stats().idle)
+      local res = assert(c:get(f.url .. "/3"))
+      assert.equal("fresh", res:body())
+      assert.equal(3, f.accepted)
+      c:close()
+    end)
+  end)
+
+  it("a connect that raises (a bad option) gives its slot back", function()
+    run(function()
+      local c = http.client { local_host = "not-an-ip", max_per_origin = 1 }
+      for _ = 1, 3 do
+        local ok, err = pcall(c.get, c, "http://127.0.0.1:9/")
+        assert.is_false(ok)
+        assert.matches("local_host", err)
+      end
+      assert.equal(0, c:stats().active)
+      c:close()
+    end)
+  end)
+
+  it("body_reader gives each read read_timeout (default timeout), not what was left of the request's", function()
+    run(function()
+      local f = fake(function(s)
+        assert(read_request(s))
+        s:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ = 1, 4 do
+          s:write("5\r\nabcde\r\n")
+          mw.sleep(0.2)
+        end
+        s:write("0\r\n\r\n")
+      end)
+      local _f <close> = f
+      local res = assert(http.get(f.url .. "/", { timeout = 0.5 }))
+      mw.sleep(0.6)                           -- the request's own deadline has passed
+      local n = 0
+      for piece in res:body_reader() do n = n + #piece end
+      assert.equal(20, n)
+    end)
+  end)
+
+  it("a URL with a control character fails with EINVAL instead of raising", function()
+    run(function()
+      for _, bad in ipairs { "http://127.0.0.1/\1x", "http://127.0.0.1/a\127b" } do
+        local res, err, code = http.get(bad)
+        assert.is_nil(res)
+        assert.equal("EINVAL", code, err)
+      end
+    end)
+  end)
+end)

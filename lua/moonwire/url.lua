@@ -62,7 +62,7 @@ end
 -- ipv6 (true for a bracketed literal)}, or nil, err.
 function M.parse(s)
   if type(s) ~= "string" then argerror(1, "parse", "string expected, got " .. type(s)) end
-  if s:find("[%z%s]") then return nil, "invalid URL (spaces or control characters): " .. s end
+  if s:find("[%z%s%c]") then return nil, "invalid URL (spaces or control characters): " .. s end
   local scheme, rest = s:match("^(%a[%w+.-]*)://(.*)$")
   if not scheme then return nil, "invalid URL (no scheme://): " .. s end
   scheme = scheme:lower()

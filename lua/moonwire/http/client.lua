@@ -129,13 +129,15 @@ local function wake_waiter(p)
   end
 end
 
--- Returns a connection record {sock, hc, pool, reused} or nil, err, code.
-local function checkout(self, key, connect)
+-- Returns a connection record {sock, hc, pool, reused} or nil, err, code. `fresh`: a new
+-- connection, not an idle one (the retry after a pooled one turned out closed: the others
+-- idle since the same moment are likely closed too).
+local function checkout(self, key, connect, fresh)
   local p = pool_of(self, key)
   while true do
     local idle = p.idle
     local now = mw.now()
-    while #idle > 0 do
+    while #idle > 0 and not fresh do
       local c = table.remove(idle)
       local age = now - c.idle_since
       -- a connection back in the pool for under a second is trusted without a syscall; a
@@ -149,7 +151,12 @@ local function checkout(self, key, connect)
     end
     if p.active < self.max_per_origin then
       p.active = p.active + 1
-      local sock, err, code = connect()
+      local done, sock, err, code = pcall(connect)   -- (a bad option raises: the slot goes back)
+      if not done then
+        p.active = p.active - 1
+        wake_waiter(p)
+        error(sock, 0)
+      end
       if not sock then
         p.active = p.active - 1
         wake_waiter(p)
@@ -258,6 +265,10 @@ local function whole_body(self, done, reusable, body, err, code)
       done(self, false)
       return nil, "response body: " .. derr, dcode
     end
+    if derr ~= "end" and body ~= "" then     -- cut short: never a shorter body as a success
+      done(self, false)
+      return nil, "response body: the compressed data ends early", "http"
+    end
     body = out
   end
   rawset(self, "_body", body)
@@ -284,13 +295,15 @@ local function h1_read_chunk(self, timeout)
   return c.hc:read_body("chunk", -1, timeout)
 end
 
--- A body's chunks as an iterator, decoded, in constant memory; raises on an I/O error. One
--- path for both versions: `read` is h2_read_chunk or h1_read_chunk, `done(self, reusable)`
--- lets the connection go, reusable when the body ended (`keep`).
+-- A body's chunks as an iterator, decoded, in constant memory; raises on an I/O error (and
+-- on compressed data cut short). Each read waits at most read_timeout (default: timeout).
+-- One path for both versions: `read` is h2_read_chunk or h1_read_chunk, `done(self,
+-- reusable)` lets the connection go, reusable when the body ended (`keep`).
 local function chunk_reader(self, read, done, keep)
-  local timeout = self:_body_timeout()
+  local timeout = rawget(self, "_read_timeout") or self:_body_timeout()
   local dec = decoder_for(self)
   local max = self._max_body
+  local fed, ended = false, false
   return function()
     while true do
       local chunk, err = read(self, timeout)
@@ -299,6 +312,10 @@ local function chunk_reader(self, read, done, keep)
         if err then
           done(self, false)
           error("response body: " .. tostring(err), 2)
+        end
+        if fed and not ended then
+          done(self, false)
+          error("response body: the compressed data ends early", 2)
         end
         done(self, keep)
         return nil
@@ -309,6 +326,8 @@ local function chunk_reader(self, read, done, keep)
           done(self, false)
           error("response body: " .. tostring(derr), 2)
         end
+        fed = fed or chunk ~= ""
+        if derr == "end" then ended = true end
         if out ~= "" then return out end
       else
         return chunk
@@ -529,7 +548,7 @@ end
 -- The proxy URL for u, from the option or the environment (http_proxy / no_proxy).
 local function proxy_for(self, o, u)
   local p = o.proxy
-  if p == false then return nil end
+  if p == false or o.unix then return nil end    -- (a Unix socket is reached directly)
   if p == nil then
     local env = self._env
     p = u.scheme == "https" and env.https or env.http
@@ -854,7 +873,7 @@ local function exchange(self, o, u, method, body)
   local head = request_head(method, target, u.authority, flat, nh, length)
   local replayable = type(body) ~= "function"
   for attempt = 1, 2 do
-    local c, err, code = checkout(self, key, connect)
+    local c, err, code = checkout(self, key, connect, attempt > 1)
     if not c then return nil, err, code end
     c.client = self
     local ok
@@ -876,6 +895,8 @@ local function exchange(self, o, u, method, body)
       until not res or res.status < 100 or res.status >= 200 or res.status == 101
     end
     if res then
+      -- a 101 hands the connection to another protocol: never back to the pool
+      if res.status == 101 then res.keepalive = false end
       rawset(res, "_c", c)
       return res
     end
@@ -889,7 +910,8 @@ local function exchange(self, o, u, method, body)
 end
 
 local redirect_codes = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
-local credential_headers = { authorization = true, cookie = true, ["proxy-authorization"] = true }
+-- (and Host: a caller's Host names the first origin, not the one redirected to)
+local credential_headers = { authorization = true, cookie = true, ["proxy-authorization"] = true, host = true }
 
 local function origin_of(u) return u.scheme .. "://" .. u.host .. ":" .. u.port end
 
@@ -941,6 +963,7 @@ function Client:request(o)
     rawset(res, "_decompress", opts._decompress)
     rawset(res, "_max_body", o.max_body or self.max_body)
     rawset(res, "_deadline", deadline)
+    rawset(res, "_read_timeout", self.read_timeout or timeout)
     finished(res)
     if not redirect_codes[res.status] or max_redirects <= 0 then return res end
     local loc = rawget(res.headers, "location")
@@ -956,6 +979,9 @@ function Client:request(o)
     local next_url = url.resolve(current_url, loc)
     local nu, nerr = url.parse(next_url)   -- a private copy: it may be changed below
     if not nu then return nil, "bad redirect location: " .. nerr, "redirect" end
+    if nu.scheme ~= "http" and nu.scheme ~= "https" then
+      return nil, "redirect to an unsupported scheme: " .. nu.scheme, "redirect"
+    end
     if not keep_method and method ~= "GET" and method ~= "HEAD" then
       method, body = "GET", nil
       opts.headers = without_framing(opts.headers)
