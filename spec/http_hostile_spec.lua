@@ -486,6 +486,9 @@ describe("http hostile: message framing", function()
     { "a folded trailer line (tab)", "0\r\nX-T: y\r\n\tz\r\n\r\n" },
     { "a trailer with an empty name", "0\r\n: y\r\n\r\n" },
     { "a CR not followed by LF ending the trailer section", "0\r\n\r\r" },
+    -- extensions are dropped unread, so they count against no body limit: 4 KiB a chunk
+    { "one chunk extension over 4 KiB", "5;a=" .. ("x"):rep(5000) .. "\r\nhello\r\n0\r\n\r\n" },
+    { "a chunk's extensions over 4 KiB together", "5" .. (';a="' .. ("x"):rep(95) .. '"'):rep(50) .. "\r\nhello\r\n0\r\n\r\n" },
   }
   for _, case in ipairs(chunk_cases) do
     it(case[1] .. " -> 400 to the reading handler, close, the smuggled request never answered", function()
@@ -504,6 +507,34 @@ describe("http hostile: message framing", function()
       end)
     end)
   end
+
+  it("chunk extensions up to 4 KiB a chunk are accepted, on every chunk", function()
+    run(function()
+      local srv = serve(nil, body_handler)
+      local _g <close> = guard(srv)
+      local ext = ";a=" .. ("x"):rep(4000)
+      local data = exchange(srv, head { "POST /upload HTTP/1.1", "Host: x", "Transfer-Encoding: chunked",
+        "Connection: close" } .. "5" .. ext .. "\r\nhello\r\n1" .. ext .. "\r\n!\r\n0" .. ext .. "\r\n\r\n")
+      assert.matches("^HTTP/1%.1 200 ", data)
+      assert.equal("hello!", seen[1].body)
+      srv:close()
+    end)
+  end)
+
+  -- what follows a CONNECT's head is a tunnel's bytes: a CONNECT the handler answered
+  -- without taking the connection over ends it, nothing after it is served as a request
+  it("a CONNECT the handler answers ends the connection; bytes after it are no request", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local data, how = exchange(srv, head { "CONNECT example.com:443 HTTP/1.1", "Host: example.com:443" }
+        .. SMUGGLED)
+      assert.equal("closed", how)
+      assert.equal(1, count_responses(data))
+      assert.same({ "CONNECT" }, { seen[1].method })
+      srv:close()
+    end)
+  end)
 
   it("a bad chunk the handler never reads: the connection closes after the answer", function()
     run(function()

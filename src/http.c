@@ -65,6 +65,7 @@ typedef struct mw_http {
     int tr_mark, tr_on;
     int tr_lf, tr_before, tr_last;  /* the last byte scanned was an LF; the byte before it; the last */
     uint32_t ext_len;          /* the chunk extension name or value being parsed, so far */
+    uint32_t ext_total;        /* the extensions of the chunk being parsed, so far */
     uint64_t lean_bytes;
     int idle_wait;             /* parked in read_request with nothing of the next head yet */
     int blank_lines;           /* requests: empty lines skipped before this request line */
@@ -374,6 +375,7 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
 static int on_chunk_header(llhttp_t *p)
 {
     mw_http *h = H(p);
+    h->ext_total = 0;    /* (called once the size line, extensions included, was parsed) */
     /* refuse before the data arrives: the chunk size is known now */
     if (p->content_length > h->body_max - h->body_seen) return fail(p, 413, "body too large");
     if (p->content_length == 0) {
@@ -385,11 +387,17 @@ static int on_chunk_header(llhttp_t *p)
 }
 
 /* chunk-ext = *( ";" chunk-ext-name [ "=" chunk-ext-val ] ): llhttp lets an empty name or
- * an empty value through */
+ * an empty value through. Extensions are read and dropped, so they count against no body
+ * limit: a chunk's may take CHUNK_EXT_MAX bytes (a body cannot be made of them instead of
+ * data, as CVE-2024-22019 did to Node) */
+#define CHUNK_EXT_MAX 4096
 static int on_chunk_ext_span(llhttp_t *p, const char *at, size_t len)
 {
+    mw_http *h = H(p);
     (void)at;
-    H(p)->ext_len += (uint32_t)len;
+    if (len > CHUNK_EXT_MAX || (h->ext_total += (uint32_t)len) > CHUNK_EXT_MAX)
+        return fail(p, 400, "chunk extensions too long");
+    h->ext_len += (uint32_t)len;
     return 0;
 }
 
@@ -750,7 +758,8 @@ static void build_request(lua_State *L, mw_http *h)
     /* socket and _server are looked up on first use (request.lua: hc:socket(), hc:server()) */
     /* [5] is set for every request, false too: the server reads it for each one (the upgrade
      * hand-off), and reading a missing slot would call the request's __index */
-    lua_pushboolean(L, h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE));
+    /* (a CONNECT too: what follows its head is a tunnel's bytes, never requests) */
+    lua_pushboolean(L, h->upgrade || (h->p.flags & F_CONNECTION_UPGRADE) || h->p.method == HTTP_CONNECT);
     lua_rawseti(L, -2, 5);
     lua_pushvalue(L, 1);
     lua_rawseti(L, -2, 1);
@@ -921,7 +930,7 @@ static void reset_message(mw_http *h)
     h->in_trailer_field = 0;
     h->tr_mark = h->tr_on = 0;
     h->blank_lines = 0;
-    h->ext_len = 0;
+    h->ext_len = h->ext_total = 0;
     mw_buf_free(&h->body, NULL);
     mw_buf_free(&h->trailers, NULL);
 }
