@@ -1242,6 +1242,12 @@ describe("http server: responses", function()
                                       samesite = "Lax", domain = "example.test" })
         res:cookie("theme", "dark")
         raised = not pcall(res.cookie, res, "bad", "has space")
+        -- an attribute cannot smuggle another one in, nor a line break
+        for _, opts in ipairs { { path = "/; Domain=evil.example" }, { domain = "a\r\nX: y" },
+                                { samesite = "Lax; Secure" }, { max_age = "10; Domain=x" }, { expires = 5 } } do
+          local ok, err = pcall(res.cookie, res, "c", "v", opts)
+          raised = raised and not ok and err:find("bad argument #3 to 'cookie'", 1, true) ~= nil
+        end
         res:send("ok")
       end)
       local _g <close> = guard(srv)

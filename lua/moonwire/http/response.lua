@@ -472,9 +472,19 @@ function Response:cookie(name, value, opts)
   end
   local parts = { name .. "=" .. value }
   opts = opts or {}
+  if type(opts) ~= "table" then argerror(3, "cookie", "table expected, got " .. type(opts)) end
   for _, a in ipairs(cookie_attrs) do
     local v = opts[a[1]]
-    if v ~= nil then parts[#parts + 1] = a[2] .. "=" .. tostring(v) end
+    if v ~= nil then
+      -- an attribute's value may hold no ";" (nor a control character): it would start
+      -- another attribute ("/; Domain=evil.example")
+      if a[1] == "max_age" then
+        if math.type(v) ~= "integer" then argerror(3, "cookie", "option 'max_age' must be an integer") end
+      elseif type(v) ~= "string" or v:find("[%c;]") then
+        argerror(3, "cookie", "option '" .. a[1] .. "' must be a string without ';' or control characters")
+      end
+      parts[#parts + 1] = a[2] .. "=" .. tostring(v)
+    end
   end
   if opts.secure then parts[#parts + 1] = "Secure" end
   if opts.httponly then parts[#parts + 1] = "HttpOnly" end
