@@ -444,6 +444,54 @@ print(",".join(info))
     end)
   end)
 
+  -- as over HTTP/1.1 (http_server_spec): a handler's content-length holds the body to it
+  it("holds the body to a handler's content-length, as HTTP/1.1 does", function()
+    run(function()
+      local notes = {}
+      local function note(ok, err) notes[#notes + 1] = ok and "ok" or tostring(err) end
+      local srv = serve(function(req, res)
+        local p = req.path
+        if p == "/mismatch" then
+          res:header("content-length", "5")
+          note(pcall(res.send, res, "hello world!"))
+          res:send("hello")
+        elseif p == "/over" then
+          res:header("content-length", "5")
+          res:write("hel")
+          note(pcall(res.write, res, "lo!!"))
+          res:write("lo")
+        elseif p == "/te" then
+          res:header("transfer-encoding", "chunked")
+          res:send("abc")
+        elseif p == "/nobody" then
+          res:header("content-length", "5")
+        elseif p == "/short" then
+          res:header("content-length", "10")
+          res:write("short")
+          note(res:finish())
+        end
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client { http2 = true }
+      for path, want in pairs { ["/mismatch"] = "hello", ["/over"] = "hello", ["/te"] = "abc" } do
+        local r = assert(c:request { url = url(srv, path) })
+        assert.equal(want, r:body(), path)
+        assert.equal(tostring(#want), r.headers["content-length"], path)
+      end
+      assert.equal(500, assert(c:request { url = url(srv, "/nobody") }).status)
+      local r = assert(c:request { url = url(srv, "/short") })
+      local body, err, code = r:body()
+      assert.is_nil(body)
+      assert.equal("reset", code, err)
+      c:close()
+      table.sort(notes)
+      assert.equal(3, #notes)
+      assert.matches("content%-length %(5%) does not match the body %(12 bytes%)$", notes[1])
+      assert.matches("res:write past the content%-length %(5 bytes, 3 written%)$", notes[2])
+      assert.equal("response body shorter than its content-length", notes[3])
+    end)
+  end)
+
   -- nghttp2 never sends a HEADERS frame over 64 KiB (its bound), and says so only to a
   -- callback: the stream would stay open with nothing sent and the client would wait. The
   -- handler's call fails instead, the stream is reset at once; HTTP/1.1 sends the same head.

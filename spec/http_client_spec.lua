@@ -2232,6 +2232,24 @@ describe("http client against bad answers", function()
     end)
   end)
 
+  it("res.url carries no user name or password, after a redirect either", function()
+    run(function()
+      local f = fake_http(function(req)
+        if req.target == "/from" then
+          return response("HTTP/1.1 302 Found", { "Location: /to", "Content-Length: 0" })
+        end
+        return ok_response()
+      end)
+      local _f <close> = f
+      local with = f.url:gsub("^http://", "http://u:secret@")
+      local res = assert(http.get(with .. "/from"))
+      assert.equal(f.url .. "/to", res.url)
+      assert.equal("Basic " .. b64("u:secret"), f.requests[2].headers.authorization)
+      res = assert(http.get(with .. "/direct", { redirects = 0 }))
+      assert.equal(f.url .. "/direct", res.url)
+    end)
+  end)
+
   it("a URL with a control character fails with EINVAL instead of raising", function()
     run(function()
       for _, bad in ipairs { "http://127.0.0.1/\1x", "http://127.0.0.1/a\127b" } do

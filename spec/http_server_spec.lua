@@ -855,6 +855,56 @@ describe("http server: request bodies", function()
     end)
   end)
 
+  -- timeouts.body bounds the whole body for req:body_reader() as for req:body(): a body
+  -- dripping in a byte at a time cannot hold the handler past it
+  it("req:body_reader() ends with 408 once timeouts.body has passed, however steady the drip", function()
+    run(function()
+      local got, over = mw.channel(1), false
+      local srv = serve(function(req, res)
+        local n = 0
+        local ok, err = pcall(function() for piece in req:body_reader() do n = n + #piece end end)
+        over = true
+        got:send { ok, n, err }
+        res:send("read " .. n)
+      end, { timeouts = { body = 0.5 } })
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("POST /drip HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n"))
+      local t0 = mw.now()
+      for _ = 1, 20 do
+        if not s:write("x") then break end
+        mw.sleep(0.1)
+        if over then break end
+      end
+      local r = got:recv(5)
+      assert.is_false(r[1])
+      assert.matches("request body: .*timeout", r[3])
+      assert.is_true(r[2] < 20)
+      assert.is_true(mw.now() - t0 < 1.5)
+      local resp = assert(read_response(s))
+      assert.equal(408, resp.status)
+      srv:close()
+    end)
+  end)
+
+  -- a declared length already over limits.body: the 413 at once, the client is not invited
+  -- to send a body that would be dropped
+  it("answers 413 without 100 Continue when the declared length is over limits.body", function()
+    run(function()
+      local srv = serve(function(req, res)
+        local body, err, code = req:body()
+        res:status(body and 200 or code)
+        res:send(body or err)
+      end, { limits = { body = 1000 } })
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("POST /big HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2000\r\n\r\n"))
+      local r = assert(read_response(s))
+      assert.equal(413, r.status)
+      srv:close()
+    end)
+  end)
+
   -- RFC 9110 §10.1.1: a server MUST ignore Expect: 100-continue in an HTTP/1.0 request, and
   -- never sends a 1xx to an HTTP/1.0 client (§15.2)
   it("Expect: 100-continue from HTTP/1.0 is ignored: no 100 Continue, just the answer", function()
@@ -1363,6 +1413,108 @@ describe("http server: responses", function()
       assert.equal("abcdef", body)
       srv:close()
       srv2:close()
+    end)
+  end)
+
+  -- The framing is the server's: a handler's Content-Length is checked against the body (a
+  -- wrong one would split the kept-alive connection's responses), its Transfer-Encoding is
+  -- not copied, its "Connection: close" closes. The same over HTTP/2 (http2_spec).
+  it("holds the body to a handler's content-length; owns Transfer-Encoding and Connection", function()
+    run(function()
+      local notes = {}
+      local function note(ok, err) notes[#notes + 1] = ok and "ok" or tostring(err) end
+      local srv = serve(function(req, res)
+        local p = req.path
+        if p == "/mismatch" then
+          res:header("content-length", "5")
+          note(pcall(res.send, res, "hello world!"))
+          res:send("hello")
+        elseif p == "/gzip" then            -- a length given: never compressed after it
+          res:header("content-type", "text/plain")
+          res:header("Content-Length", "2000")
+          res:send(("z"):rep(2000))
+        elseif p == "/te" then
+          res:header("transfer-encoding", "chunked")
+          res:send("abc")
+        elseif p == "/over" then
+          res:header("content-length", "5")
+          res:write("hel")
+          note(pcall(res.write, res, "lo!!"))
+          res:write("lo")
+        elseif p == "/bad" then
+          for _, v in ipairs { "abc", "-1", "5.5", "", " 5" } do note(pcall(res.header, res, "content-length", v)) end
+          res:send("bad")
+        elseif p == "/nobody" then
+          res:header("content-length", "5")
+        elseif p == "/short" then
+          res:header("content-length", "10")
+          res:write("short")
+          note(res:finish())
+        elseif p == "/close" then
+          res:header("Connection", "close")
+          res:send("bye")
+        end
+      end)
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/mismatch"), request("GET", "/gzip", { "Accept-Encoding: gzip" }),
+        request("GET", "/te"), request("GET", "/over"), request("GET", "/bad"), request("GET", "/close")))
+      local r = assert(read_response(s))
+      assert.same({ 200, "hello", "5" }, { r.status, r.body, r.headers["content-length"] })
+      r = assert(read_response(s))
+      assert.same({ 2000, "2000" }, { #r.body, r.headers["content-length"] })
+      assert.is_nil(r.headers["content-encoding"])
+      r = assert(read_response(s))
+      assert.same({ "abc", "3" }, { r.body, r.headers["content-length"] })
+      assert.is_nil(r.headers["transfer-encoding"])
+      r = assert(read_response(s))
+      assert.same({ "hello", "5" }, { r.body, r.headers["content-length"] })
+      r = assert(read_response(s))
+      assert.same({ 200, "bad" }, { r.status, r.body })
+      r = assert(read_response(s))
+      assert.same({ "bye", "close" }, { r.body, r.headers.connection })
+      assert.equal("", read_all(s, 2))          -- and the connection closed
+      assert.equal(7, #notes)
+      assert.matches("content%-length %(5%) does not match the body %(12 bytes%)$", notes[1])
+      assert.matches("res:write past the content%-length %(5 bytes, 3 written%)$", notes[2])
+      for i, v in ipairs { "abc", "-1", "5.5", "", " 5" } do
+        assert.equal("bad argument #2 to 'header' (content-length must be a non-negative integer, got '"
+          .. v .. "')", notes[2 + i])
+      end
+      -- a length promised, and no body sent: the handler's error, answered 500
+      assert.equal(500, fetch(srv, "GET", "/nobody").status)
+      assert.matches("content%-length %(5%) does not match the body %(0 bytes%)", errors[1])
+      -- a streamed body that ends short: the connection closes after it (the client sees the
+      -- body cut short, never the next response as its end)
+      local s2 <close> = connect(srv)
+      assert(s2:write(request("GET", "/short"), request("GET", "/mismatch")))
+      local data = read_all(s2, 3)
+      assert.matches("^HTTP/1%.1 200 OK\r\n", data)
+      assert.matches("\r\n[Cc]ontent%-[Ll]ength: 10\r\n", data)
+      assert.matches("\r\n\r\nshort$", data)
+      assert.equal("response body shorter than its content-length", notes[#notes])
+      srv:close()
+    end)
+  end)
+
+  -- a 1xx is never a final answer: sent as one, the client would take the next response
+  -- on the connection for this request's
+  it("res:status refuses a 1xx, naming the argument", function()
+    run(function()
+      local errs = {}
+      local srv = serve(function(_, res)
+        for _, code in ipairs { 100, 102, 103, 199 } do
+          local ok, err = pcall(res.status, res, code)
+          errs[#errs + 1] = not ok and err
+        end
+        res:status(200)
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      assert.equal("ok", fetch(srv, "GET", "/").body)
+      assert.equal(4, #errs)
+      for _, e in ipairs(errs) do assert.matches("bad argument #1 to 'status' %(final status expected", e) end
+      srv:close()
     end)
   end)
 

@@ -164,7 +164,12 @@ describe("url.parse", function()
     rejects("http://example.com/a b")
     rejects("http://example.com/\r\nX: y")
     rejects("http://example.com/\0")
+    rejects("http://example.com/\1")
+    rejects("http://example.com/a\127")
     rejects("1http://h/")
+    -- a browser (WHATWG URL) reads "\" as "/": host 127.0.0.1 to it, evil.example to RFC 3986
+    rejects("http://127.0.0.1:8080\\@evil.example/")
+    rejects("http://a\\b/")
   end)
 
   it("raises on a non-string argument", function()

@@ -1242,7 +1242,8 @@ static const char *cached_date(h2conn *c)
  * one); then body (NULL: none yet), eof: the body is complete. Pushes true, or nil, err,
  * code. res:send's C path (response_send) and stream:respond both come here. */
 static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh, int hbase,
-                        const char *body, size_t blen, int eof, const char *server, lua_Integer clen)
+                        const char *body, size_t blen, int eof, const char *server, lua_Integer clen,
+                        int fast)
 {
     h2conn *c = st->c;
     if (st->responded && status >= 200) return luaL_error(L, "response head already sent");
@@ -1288,7 +1289,15 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
         size_t m = kl < sizeof lk ? kl : sizeof lk;
         for (size_t j = 0; j < m; j++) lk[j] = (char)((k[j] >= 'A' && k[j] <= 'Z') ? k[j] + 32 : k[j]);
         if (kl < sizeof lk && h2_conn_specific(lk, kl)) { lua_pop(L, 2); continue; }
-        if (kl == 14 && memcmp(lk, "content-length", 14) == 0) clen = -2;  /* the handler's own */
+        if (kl == 14 && memcmp(lk, "content-length", 14) == 0) {
+            /* the handler's own: res:send's C path leaves it to h2.lua's, which holds the
+             * body to it (nothing was submitted yet) */
+            if (fast) {
+                lua_settop(L, lidx - 1);
+                return -1;
+            }
+            clen = -2;
+        }
         nv_add(l, k, kl, v, vl, NV_LOWER);
         /* the values stay referenced by the response table until submit returns */
         lua_pop(L, 2);
@@ -1355,7 +1364,7 @@ static int st_respond(lua_State *L)
     int eof = lua_toboolean(L, 7);
     const char *server = luaL_optstring(L, 8, NULL);
     lua_Integer clen = luaL_optinteger(L, 9, -1);
-    return respond_core(L, st, status, 3, nh, hbase, body, blen, eof, server, clen);
+    return respond_core(L, st, status, 3, nh, hbase, body, blen, eof, server, clen, 0);
 }
 
 /* The response's slots (response.lua), and what the request's slot 6 holds */
@@ -1397,7 +1406,13 @@ static int response_send(lua_State *L)
     lua_rawgeti(L, 1, R2_SOCK);
     h2box *ud = mw_udata_magic(L, -1, sizeof(h2box), offsetof(h2box, magic), H2S_MAGIC);
     if (!ud || !ud->st) return mw_call_upvalue(L, U2_SLOW, top0);
-    /* as send_raw: sent, finished, the bytes, then the head and the body at once */
+    /* as send_raw: the head and the body at once, then sent, finished, the bytes */
+    int base = lua_gettop(L);
+    int n = respond_core(L, ud->st, (int)status, 1, (int)nh, R2_HBASE, body, blen, 1, server, (lua_Integer)blen, 1);
+    if (n < 0) {                     /* a content-length of the handler's: h2.lua's send */
+        lua_settop(L, top0);
+        return mw_call_upvalue(L, U2_SLOW, top0);
+    }
     lua_pushvalue(L, lua_upvalueindex(U2_SENT));
     lua_pushboolean(L, 1);
     lua_rawset(L, 1);
@@ -1405,8 +1420,6 @@ static int response_send(lua_State *L)
     lua_rawseti(L, 1, R2_FIN);
     lua_pushinteger(L, (lua_Integer)blen);
     lua_rawseti(L, 1, R2_BYTES);
-    int base = lua_gettop(L);
-    int n = respond_core(L, ud->st, (int)status, 1, (int)nh, R2_HBASE, body, blen, 1, server, (lua_Integer)blen);
     if (lua_isnil(L, base + 1)) {
         lua_pushboolean(L, 1);
         lua_rawseti(L, 1, R2_CLOSE);

@@ -1559,8 +1559,8 @@ static int add_ok_start(sink *k, datecache *dc, const char *server)
 
 /* The response head: status line, Server, Date, the headers (flat array at hidx), then
  * Content-Length / Transfer-Encoding and Connection as length and flags say. */
-static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, int hidx, lua_Integer first,
-                       lua_Integer nh, lua_Integer length, lua_Integer flags, const char *server)
+static int build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, int hidx, lua_Integer first,
+                      lua_Integer nh, lua_Integer length, lua_Integer flags, const char *server)
 {
     if (status != 200 || !add_ok_start(k, dc, server)) {
         char line[16];
@@ -1589,6 +1589,7 @@ static void build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status,
         else if (flags & 2) puts_(k, "Connection: keep-alive\r\n");
     }
     put(k, "\r\n", 2);
+    return seen;
 }
 
 /* http_head(status, headers, nheaders, length, flags [, server [, first]]) -> head bytes
@@ -1625,8 +1626,10 @@ static int send_core(lua_State *L, datecache *dc, mw_sock *s, int tidx, lua_Inte
 {
     char head[4096];
     sink k = { NULL, head, 0, sizeof head, 0 };
-    build_head(L, &k, dc, status, tidx, first, nh, (lua_Integer)blen, flags, server);
-    if (k.overflow) return -1;
+    int seen = build_head(L, &k, dc, status, tidx, first, nh, (lua_Integer)blen, flags, server);
+    /* a head too big for this path, or a body under a content-length of the handler's
+     * (response.lua's send holds the body to it, then sends through http_head) */
+    if (k.overflow || ((seen & 1) && with_body)) return -1;
     size_t total = k.n + (with_body ? blen : 0), sent = 0;
     /* More requests already arrived (pipelined) and this one is small: gather it, to go out
      * with the next ones in one write before the loop polls; the last of them goes out with
@@ -1794,6 +1797,12 @@ static int l_res_header(lua_State *L)
     const char *k = lua_tolstring(L, 2, &kn);
     const char *v = lua_tolstring(L, 3, &vn);
     if (!name_ok(k, kn) || !value_clean(v, vn)) return mw_call_upvalue(L, UP_SLOW, top0);
+    /* the framing fields (Content-Length, Transfer-Encoding, Connection): response.lua
+     * checks what they say */
+    if ((kn == 14 && strncasecmp(k, "content-length", 14) == 0) ||
+        (kn == 17 && strncasecmp(k, "transfer-encoding", 17) == 0) ||
+        (kn == 10 && strncasecmp(k, "connection", 10) == 0))
+        return mw_call_upvalue(L, UP_SLOW, top0);
     if (mw_rawget_upvalue(L, 1, UP_SENT) != LUA_TBOOLEAN || lua_toboolean(L, -1)) return mw_call_upvalue(L, UP_SLOW, top0);
     int isnum;
     lua_rawgeti(L, 1, RS_NH);

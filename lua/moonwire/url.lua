@@ -67,6 +67,9 @@ function M.parse(s)
   if not scheme then return nil, "invalid URL (no scheme://): " .. s end
   scheme = scheme:lower()
   local authority, tail = rest:match("^([^/?#]*)(.*)$")
+  -- a browser reads "\" as "/" here (WHATWG URL): "http://a\@b/" is host a to it and host b
+  -- to RFC 3986; refused, so that a filter and this client never disagree on the host
+  if authority:find("\\", 1, true) then return nil, "invalid URL (a backslash in the authority): " .. s end
   local u = { scheme = scheme }
   local userinfo, hostport = authority:match("^(.*)@(.*)$")
   if userinfo then

@@ -959,7 +959,7 @@ function Client:request(o)
   for hop = 0, max_redirects do
     local res, err, code = mw.timeout(timeout, exchange, self, opts, u, method, body)
     if not res then return nil, err, code end
-    rawset(res, "url", current_url)
+    rawset(res, "url", (current_url:gsub("^(%a[%w+.-]*://)[^/?#]*@", "%1")))  -- (no credentials)
     rawset(res, "_decompress", opts._decompress)
     rawset(res, "_max_body", o.max_body or self.max_body)
     rawset(res, "_deadline", deadline)

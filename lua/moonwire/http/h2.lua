@@ -35,6 +35,7 @@ R2.__index = R2
 M.Response = R2
 
 local argerror, write_arg = Response._argerror, Response._write_arg
+local past_length, short_of_length = Response._past_length, Response._short_of_length
 
 local function bodyless(self)
   local st = self[STATUS]
@@ -69,6 +70,10 @@ end
 local function send_lua(self, body)
   if self.sent then error("response already sent", 2) end
   if body ~= nil and type(body) ~= "string" then argerror(1, "send", "string expected, got " .. type(body)) end
+  local clen = self._clen
+  if clen and not bodyless(self) and self[REQ][R_METHOD] ~= "HEAD" and clen ~= #(body or "") then
+    error(("content-length (%d) does not match the body (%d bytes)"):format(clen, #(body or "")), 3)
+  end
   return send_raw(self, body)
 end
 R2.send = core.h2_response_send(send_lua)
@@ -95,6 +100,7 @@ function R2:write(chunk)
     if not ok then return nil, err, code end
   end
   if #chunk == 0 or self._mode == "none" then return true end
+  past_length(self, chunk)
   self[BYTES] = self[BYTES] + #chunk
   local ok, err, code = self[SOCK]:write(chunk)
   if not ok then self[CLOSE] = true end
@@ -106,6 +112,11 @@ function R2:finish()
   if self[FIN] then return true end
   if not self.sent then return self:send("") end
   self[FIN] = true
+  if short_of_length(self) then
+    self[CLOSE] = true
+    self[SOCK]:reset(2)            -- INTERNAL_ERROR: the client knows the body was cut short
+    return nil, "response body shorter than its content-length", "length"
+  end
   local tr = self._trailers
   if tr then
     local ok, err, code = self[SOCK]:set_trailers(tr, #tr // 2)

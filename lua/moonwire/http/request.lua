@@ -6,6 +6,8 @@
 -- are private: 1 the connection object, 2 the response (response.lua sets it), 3 whether the
 -- message ended with its head (the server's keep-alive check), 4 the head's bytes, until
 -- `headers` is built from them.
+local now = require("moonwire").now
+
 local Request = {}
 local CONN <const> = 1
 local RES <const> = 2
@@ -140,14 +142,16 @@ function methods:header_list(name)
   return v and { v } or {}
 end
 
--- Sends "100 Continue" before the first body read, if the client asked for it.
-local function continue_if_expected(self)
+-- Sends "100 Continue" before the first body read, if the client asked for it; not for a
+-- body whose declared length is already over `max` (the read answers 413 at once: the
+-- client is not invited to send what will be dropped).
+local function continue_if_expected(self, max)
   local hc = self[CONN]
-  local _, _, expect = hc:state()
+  local _, _, expect, _, length = hc:state()
   if expect then
     hc:clear_expect()
     local res = rawget(self, RES)
-    if not (res and res.sent) then
+    if not (res and res.sent) and not (max and length and length > max) then
       self.socket:write("HTTP/1.1 100 Continue\r\n\r\n")
     end
   end
@@ -167,8 +171,8 @@ end
 function methods:body()
   local cached = rawget(self, "_body")
   if cached then return cached end
-  continue_if_expected(self)
   local srv = self._server
+  continue_if_expected(self, srv.limits.body)
   local body, err, status = self[CONN]:read_body("all", srv.limits.body, srv.timeouts.body)
   if not body then
     body_failed(self, err, status)
@@ -178,12 +182,15 @@ function methods:body()
   return body
 end
 
---- An iterator over the body's chunks, for bodies of any size.
+--- An iterator over the body's chunks, for bodies of any size. timeouts.body bounds the
+-- whole body, from the first read (each read waits at most what is left of it).
 function methods:body_reader()
   continue_if_expected(self)
-  local hc, timeout = self[CONN], self._server.timeouts.body
+  local hc, limit = self[CONN], self._server.timeouts.body
+  local deadline
   return function()
-    local chunk, err, status = hc:read_body("chunk", -1, timeout)
+    deadline = deadline or now() + limit
+    local chunk, err, status = hc:read_body("chunk", -1, limit < 0 and limit or math.max(0, deadline - now()))
     if chunk == nil and err then
       body_failed(self, err, status)
       error("request body: " .. tostring(err), 2)

@@ -63,6 +63,9 @@ function Response:status(code)
   if math.type(code) ~= "integer" or code < 100 or code > 999 then
     argerror(1, "status", "status code expected, got " .. tostring(code))
   end
+  -- a 1xx is never the answer (the client would take the next response for it): 103 goes
+  -- out through res:hint, 100 through req:body(), 101 through req:websocket()
+  if code < 200 then argerror(1, "status", "final status expected, got " .. code .. " (1xx: see res:hint)") end
   if self.sent then error("response head already sent", 2) end
   self[STATUS] = code
   self._touched = true
@@ -80,12 +83,16 @@ end
 --- res:header(name, value): adds a header (repeatable); value nil removes every header of
 -- that name. Its common case (two plain strings) runs in C (core.http_response_methods), and
 -- the rest here, one call level down.
+local framing = { ["content-length"] = "content-length", ["transfer-encoding"] = "transfer-encoding",
+  connection = "connection" }
+
 local function header_lua(self, name, value)
   if type(name) ~= "string" then argerror(1, "header", "string expected, got " .. type(name), 4) end
   if self.sent then error("response head already sent", 3) end
   self._touched = true
   if value == nil then
     local lname = name:lower()
+    if lname == "content-length" then self._clen = nil end
     local i = find(self, lname)
     while i do
       table.remove(self, i)
@@ -104,6 +111,22 @@ local function header_lua(self, name, value)
     argerror(2, "header", "string expected, got " .. tv, 4)
   end
   if not value_ok(value) then argerror(2, "header", "value contains CR, LF or NUL", 4) end
+  -- the framing is the server's: what the handler says of it is checked, not copied
+  local lname = framing[name:lower()]
+  if lname then
+    if lname == "transfer-encoding" then return self end        -- chunked when streamed
+    if lname == "connection" then
+      if value:lower():find("%f[%w]close%f[^%w]") then self[CLOSE] = true end
+      return self
+    end
+    -- content-length: the body's length, which res:send, res:write and res:finish hold the
+    -- response to (a HEAD's, a 304's: the length the GET would have)
+    if not value:find("^%d+$") or #value > 15 then
+      argerror(2, "header", "content-length must be a non-negative integer, got '" .. value .. "'", 4)
+    end
+    header_lua(self, name, nil)
+    self._clen = math.tointeger(tonumber(value))
+  end
   local n = self[NH]
   self[HBASE + 2 * n] = name
   self[HBASE + 2 * n + 1] = value
@@ -148,6 +171,7 @@ end
 Response._accepts_gzip = accepts_gzip
 
 local function maybe_gzip(self, body)
+  if self._clen then return body end     -- the handler gave the length: the body stays as it is
   if self[STATUS] < 200 or self[STATUS] == 206 or not accepts_gzip(self[REQ]) or find(self, "content-encoding") then
     return body
   end
@@ -188,9 +212,13 @@ local function send_lua(self, body)
   end
   local srv = self[SRV]
   if #body >= srv._gzip_from then body = maybe_gzip(self, body) end   -- (server.lua)
-  local flags = connflags(self)
   local st, n = self[STATUS], #body
   local with_body = st >= 200 and st ~= 204 and st ~= 304 and self[REQ][R_METHOD] ~= "HEAD"
+  local clen = self._clen
+  if clen and with_body and clen ~= n then
+    error(("content-length (%d) does not match the body (%d bytes)"):format(clen, n), 3)
+  end
+  local flags = connflags(self)
   -- head and body in one write from C; what the socket did not take goes through write
   local ok, a, b = http_send(self[SOCK], st, self, self[NH], body, flags, srv.server_name, with_body, HBASE)
   self.sent, self[FIN] = true, true
@@ -278,11 +306,10 @@ Response._maybe_gzip = maybe_gzip
 
 -- Streaming: chunked for HTTP/1.1 without a known length; close-delimited for 1.0.
 local function start_stream(self)
-  local length = tonumber(self:get_header("content-length") or nil)
+  local length = self._clen
   local flags = connflags(self)
   if length then
     self._mode = "length"
-    length = math.tointeger(length)
   elseif self[REQ][R_VERSION] == "1.0" then
     self._mode = "raw"
     self[CLOSE] = true
@@ -297,6 +324,21 @@ local function start_stream(self)
   if self[REQ][R_METHOD] == "HEAD" then self._mode = "none" end
   return write(self, head)
 end
+
+-- A streamed body against the content-length the handler set (both versions): a piece that
+-- would pass it raises (level: res:write's caller); the end before it is short.
+local function past_length(self, chunk)
+  local clen = self._clen
+  if clen and self[BYTES] + #chunk > clen then
+    error(("res:write past the content-length (%d bytes, %d written)"):format(clen, self[BYTES]), 3)
+  end
+end
+
+local function short_of_length(self)
+  local clen = self._clen
+  return clen ~= nil and self._mode ~= "none" and self[BYTES] < clen
+end
+Response._past_length, Response._short_of_length = past_length, short_of_length
 
 -- res:write's argument as a string (a number is turned into one); raises for anything else
 -- (level: res:write's caller). HTTP/2's res:write (h2.lua) takes it the same way.
@@ -324,6 +366,7 @@ function Response:write(chunk)
     if not ok then return nil, err, code end
   end
   if #chunk == 0 or self._mode == "none" then return true end
+  past_length(self, chunk)
   self[BYTES] = self[BYTES] + #chunk
   if self._mode == "chunked" then
     return write(self, ("%x\r\n"):format(#chunk), chunk, "\r\n")
@@ -336,6 +379,10 @@ function Response:finish()
   if self[FIN] then return true end
   if not self.sent then return self:send("") end
   self[FIN] = true
+  if short_of_length(self) then
+    self[CLOSE] = true             -- the client sees the body end early, not the next response
+    return nil, "response body shorter than its content-length", "length"
+  end
   if self._mode == "chunked" then
     local tr = self._trailers
     if not tr then return write(self, "0\r\n\r\n") end
@@ -423,6 +470,8 @@ function Response:sendfile(path, offset, length)
   local err, code
   offset, length, code = sendfile_range(self, path, offset, length)
   if not offset then return nil, length, code end
+  self._clen = nil       -- (the range's length is the body's: the head says it, not the handler)
+  header_lua(self, "content-length", nil)
   local head = http_head(self[STATUS], self, self[NH], length, connflags(self), self[SRV].server_name, HBASE)
   self.sent, self[FIN] = true, true
   local ok

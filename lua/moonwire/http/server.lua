@@ -135,7 +135,10 @@ local function after_handler(srv, req, res, ok, err)
     if res.sent then
       res:finish()
     elseif res._touched or res[NH] > 0 then
-      res:send("")
+      local sok, serr = pcall(res.send, res, "")
+      if not sok then      -- (a content-length the handler set, and no body): its error
+        return after_handler(srv, req, res, false, serr)
+      end
     else
       res[STATUS] = 204
       res:send()
