@@ -488,7 +488,8 @@ describe("http hostile: message framing", function()
     { "a CR not followed by LF ending the trailer section", "0\r\n\r\r" },
     -- extensions are dropped unread, so they count against no body limit: 4 KiB a chunk
     { "one chunk extension over 4 KiB", "5;a=" .. ("x"):rep(5000) .. "\r\nhello\r\n0\r\n\r\n" },
-    { "a chunk's extensions over 4 KiB together", "5" .. (';a="' .. ("x"):rep(95) .. '"'):rep(50) .. "\r\nhello\r\n0\r\n\r\n" },
+    { "a chunk's extensions over 4 KiB together",
+      "5" .. (';a="' .. ("x"):rep(95) .. '"'):rep(50) .. "\r\nhello\r\n0\r\n\r\n" },
   }
   for _, case in ipairs(chunk_cases) do
     it(case[1] .. " -> 400 to the reading handler, close, the smuggled request never answered", function()
