@@ -272,12 +272,14 @@ describe("moonwire.pubsub when Redis fails", function()
       local a, b = node(), node()
       wait_for(function() return a.state == "up" and b.state == "up" end)
       local got = 0
+      local release = mw.channel(1)
       b:subscribe("flood", function()
         got = got + 1
-        -- b stops reading at the flood's first message: its socket's receive buffer cannot
-        -- grow then (loopback autotunes it up to tcp_rmem's max, 32 MB here, for a reader
-        -- that keeps up, and the flood would fit), so Redis's output buffer passes the limit
-        if got == 2 then mw.sleep(1) end
+        -- b stops reading at the flood's first message until the whole flood was published:
+        -- its socket's receive buffer cannot grow then (loopback autotunes it up to
+        -- tcp_rmem's max, 32 MB here, for a reader that keeps up, and the flood would fit),
+        -- so Redis's output buffer for b passes the limit, however slow the publishing
+        if got == 2 then release:recv(15) end
       end)
       mw.sleep(0.05)
       -- a gap is seen against the last sequence number b has from a on the topic: b hears from
@@ -290,6 +292,7 @@ describe("moonwire.pubsub when Redis fails", function()
       local tasks = {}
       for i = 1, N do tasks[i] = mw.spawn(function() return a:publish("flood", big) end) end
       for i = 1, N do assert(tasks[i]:join()) end
+      release:close()
       wait_for(function() return b:subscriber().stats.reconnects >= 1 end, 5, "the cut subscriber to reconnect")
       wait_for(up(b), 3)
       assert(a:publish("flood", "last"))
