@@ -723,6 +723,44 @@ describe("tls interop", function()
     end)
   end)
 
+  -- RFC 8446 §6.1: a side that is done writing sends close_notify; the other half stays
+  -- open. Python's ssl reads a stream cut without it as an error (SSLEOFError).
+  describe("half-close with Python's ssl", function()
+    it("s:shutdown('write') sends close_notify; the peer's answer still comes back", function()
+      run(function()
+        local py = script(([[
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)   # (Debian's Python sets it)
+ctx.load_cert_chain(%q, %q)
+l = socket.create_server(("127.0.0.1", 0))
+print(l.getsockname()[1], flush=True)
+c, _ = l.accept()
+s = ctx.wrap_socket(c, server_side=True, suppress_ragged_eofs=False)
+got = b""
+try:
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        got += d
+    s.sendall(b"got %%d bytes, then close_notify" %% len(got))
+except ssl.SSLEOFError as e:
+    print("SSLEOFError", e, flush=True)
+s.close()
+]]):format(cert("server-chain.pem"), cert("server.key")), ".py")
+        local p <close> = start("python ssl", PYTHON .. " " .. py, 20)
+        local port = math.tointeger(tonumber(p:wait_for("^(%d+)\n")))
+        local s = assert(mw.tcp.connect("127.0.0.1", port, { tls = trusting(), timeout = 5 }))
+        assert(s:write("hello"))
+        assert(s:shutdown("write"))
+        assert.equal("got 5 bytes, then close_notify", s:read("a"))
+        s:close()
+        assert.not_matches("SSLEOFError", p:output())
+      end)
+    end)
+  end)
+
   describe("wss with python3-websockets", function()
     it("python's client (ssl context with the test CA) against our wss server", function()
       run(function()

@@ -65,7 +65,7 @@ local errors = {}
 -- An https server on 127.0.0.1, port 0 (TLS options, handler, other server options).
 local function serve(tls, handler, opts)
   opts = opts or {}
-  opts.host, opts.port, opts.tls = "127.0.0.1", 0, tls
+  opts.host, opts.port, opts.tls = opts.host or "127.0.0.1", 0, tls
   opts.handler = handler or function(_, res) res:send("ok") end
   errors = {}
   opts.error_log = opts.error_log or function(msg) errors[#errors + 1] = msg end
@@ -200,6 +200,23 @@ describe("tls", function()
   end)
 
   describe("client verification", function()
+    -- tcp.connect takes "[::1]" as it takes "::1": the name to verify is the address
+    it("verifies an IPv6 literal given in brackets as the address it is", function()
+      if not helper.has_ipv6() then
+        pending("no IPv6 loopback on this machine")
+        return
+      end
+      run(function()
+        local srv = serve(server_tls("server"), nil, { host = "::1" })
+        local _ <close> = guard(srv)
+        for _, host in ipairs { "::1", "[::1]" } do
+          local s = assert(mw.tcp.connect(host, srv.port, { tls = trusting(), timeout = 5 }))
+          assert.is_true(s:tls_info().peer_verified, host)
+          s:close()
+        end
+      end)
+    end)
+
     it("accepts the good certificate through the intermediate with cafile", function()
       run(function()
         local srv = serve(server_tls("server"), function(req, res)

@@ -208,7 +208,7 @@ static ssize_t plain_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t
 }
 
 /* Plain sockets: recv and sendmsg on the descriptor. */
-const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL, NULL, NULL, NULL };
+const mw_transport mw_plain_transport = { plain_read, plain_writev, NULL, NULL, NULL, NULL, NULL };
 
 /* ---- handles ---------------------------------------------------------------------- */
 
@@ -545,7 +545,10 @@ static int h_shutdown(lua_State *L)
     static const int how_v[] = { SHUT_WR, SHUT_RD, SHUT_RDWR };
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
     int how = luaL_checkoption(L, 2, "write", hows);
-    if (how_v[how] != SHUT_RD && s->obuf.data) s->rt->sock_output(s, 1);  /* gathered bytes first */
+    if (how_v[how] != SHUT_RD) {
+        if (s->obuf.data) s->rt->sock_output(s, 1);  /* gathered bytes first */
+        if (s->tp->shutdown_write) s->tp->shutdown_write(s);
+    }
     if (shutdown(s->io.fd, how_v[how]) < 0) return mw_pusherrno(L, errno);
     lua_pushboolean(L, 1);
     return 1;
@@ -563,6 +566,7 @@ static int accept_step(lua_State *L, mw_sock *l, mw_task *t)
         int fd = accept4(l->io.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
             s->family = l->family;
+            s->maxline = l->maxline;          /* (set on the listener: its connections' limit) */
             if (l->family != AF_UNIX) set_int_option(fd, 0, 1);  /* nodelay */
             if (mw_sock_open(s, fd) < 0) return mw_pusherrno(L, errno);
             if (l->on_accept) {

@@ -33,6 +33,9 @@ typedef struct mw_transport {
      * hold = 1 keeps them between calls (a busy connection: no allocation per record), 0
      * gives them back after each call (the default: an idle connection holds none); may be NULL */
     void (*trim)(mw_sock *s, int hold);
+    /* before the fd's write side shuts (s:shutdown "write" or "both"): the transport ends its
+     * own stream first (TLS: close_notify, RFC 8446 §6.1), never waiting; may be NULL */
+    void (*shutdown_write)(mw_sock *s);
 } mw_transport;
 
 enum { MW_ROLE_READ, MW_ROLE_WRITE };

@@ -145,7 +145,9 @@ static int read_try(lua_State *L, mw_sock *s, int fmt, size_t n, uint32_t *want)
             const char *nl = len > s->scan ? memchr(p + s->scan, '\n', len - s->scan) : NULL;
             if (nl) {
                 size_t whole = (size_t)(nl - p) + 1, out = whole;
-                if (whole - 1 > s->maxline) return mw_pushfail(L, "line too long", "toolong");
+                /* the line's length: without its "\n", nor a "\r" before it */
+                size_t body = whole - 1 - (whole >= 2 && p[whole - 2] == '\r');
+                if (body > s->maxline) return mw_pushfail(L, "line too long", "toolong");
                 if (fmt == F_LINE) {
                     out--;
                     if (out > 0 && p[out - 1] == '\r') out--;
@@ -161,7 +163,8 @@ static int read_try(lua_State *L, mw_sock *s, int fmt, size_t n, uint32_t *want)
                 consume(s, len);
                 return 1;
             }
-            if (len > s->maxline) return mw_pushfail(L, "line too long", "toolong");
+            /* (a "\r" may end a line of maxline bytes while its "\n" is on the way) */
+            if (len > s->maxline + (len > 0 && p[len - 1] == '\r')) return mw_pushfail(L, "line too long", "toolong");
             break;
         }
         case F_ALL:

@@ -205,19 +205,28 @@ static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *
     return x;
 }
 
+/* Sends close_notify (best effort, never waits) once the handshake is done. Handshakes
+ * driven by SSL_read/SSL_write (accepted, deferred) never set the flag. A forked child
+ * closing a session it inherited (its tasks are ended at fork, their <close> variables run)
+ * sends none: the connection is still the parent's, and a close_notify from here would end
+ * it for the peer. Reading goes on after it (the peer's half stays open). */
+static void tls_notify_close(mw_sock *s)
+{
+    mw_tlsconn *c = s->tls;
+    if (!c) return;
+    if ((c->handshake_done || SSL_is_init_finished(c->ssl)) && s->io.fd >= 0 && c->pid == getpid() &&
+        !(SSL_get_shutdown(c->ssl) & SSL_SENT_SHUTDOWN)) {
+        ERR_clear_error();
+        SSL_shutdown(c->ssl);
+        ERR_clear_error();
+    }
+}
+
 static void tls_close(mw_sock *s)
 {
     mw_tlsconn *c = s->tls;
     if (!c) return;
-    /* handshakes driven by SSL_read/SSL_write (accepted, deferred) never set the flag. A
-     * forked child closing a session it inherited (its tasks are ended at fork, their
-     * <close> variables run) only frees it: the connection is still the parent's, and a
-     * close_notify from here would end it for the peer */
-    if ((c->handshake_done || SSL_is_init_finished(c->ssl)) && s->io.fd >= 0 && c->pid == getpid()) {
-        ERR_clear_error();
-        SSL_shutdown(c->ssl);           /* best effort close_notify, never waits */
-        ERR_clear_error();
-    }
+    tls_notify_close(s);
     SSL_free(c->ssl);
     free(c);
     s->tls = NULL;
@@ -252,7 +261,8 @@ static void tls_trim(mw_sock *s, int hold)
     else SSL_set_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
 }
 
-static const mw_transport mw_tls_transport = { tls_read, tls_writev, tls_close, tls_pending, tls_errmsg, tls_trim };
+static const mw_transport mw_tls_transport = { tls_read, tls_writev, tls_close, tls_pending, tls_errmsg, tls_trim,
+                                               tls_notify_close };
 
 /* ---- contexts -------------------------------------------------------------------------------- */
 

@@ -67,7 +67,8 @@ function M.connect(tcp_connect, host, port, opts)
   local ctx = M.client_context(t)
   local sock, err, code = tcp_connect(host, port, opts)
   if not sock then return nil, err, code end
-  local verify_host = type(t) == "table" and t.host or host
+  -- (a bracketed IPv6 literal, as tcp.connect takes it, is verified as the address it is)
+  local verify_host = type(t) == "table" and t.host or (host:match("^%[(.*)%]$") or host)
   local ok
   ok, err, code = sock:starttls(ctx, { host = verify_host, timeout = opts.timeout })
   if not ok then
