@@ -556,6 +556,38 @@ describe("sock:write", function()
     end)
   end)
 
+  -- the socket's timeout bounds a wait without progress: a reader that keeps reading, slowly,
+  -- gets the whole write however long it takes (mw.timeout bounds the whole call)
+  it("a write to a slow, steady reader outlasting the socket's timeout goes through whole", function()
+    run(function()
+      local l <close> = assert(mw.tcp.listen { host = "127.0.0.1", port = 0 })
+      local _, port = l:getsockname()
+      l:setoption("rcvbuf", 65536)
+      local c <close> = assert(mw.tcp.connect("127.0.0.1", port))
+      local s <close> = assert(l:accept(2))
+      c:setoption("sndbuf", 65536)
+      local data = helper.pattern(2 * MiB)
+      local reader = mw.spawn(function()
+        local got = {}
+        local n = 0
+        while n < #data do
+          local piece = assert(s:recv(65536))
+          got[#got + 1] = piece
+          n = n + #piece
+          mw.sleep(0.01)
+        end
+        return table.concat(got)
+      end)
+      c:settimeout(0.2)
+      local t0 = mw.now()
+      assert.equal(c, c:write(data))
+      assert.is_true(mw.now() - t0 > 0.2, "the write took less than the timeout: nothing shown")
+      local ok, got = reader:join()
+      assert.is_true(ok)
+      assert.equal(data, got)
+    end)
+  end)
+
   it("to a peer that closed returns EPIPE or ECONNRESET and never raises SIGPIPE", function()
     run(function()
       local c <close>, s = helper.tcp_pair()

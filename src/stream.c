@@ -306,9 +306,14 @@ static int write_k(lua_State *L, int status, lua_KContext ctx);
 static int write_step(lua_State *L, mw_sock *s, mw_task *t, size_t sent)
 {
     uint32_t want = EPOLLOUT;
+    size_t before = sent;
     int r = write_try(L, s, lua_gettop(L), &sent, &want);
-    if (r == TRY_WAIT)
+    if (r == TRY_WAIT) {
+        /* the timeout bounds a wait without progress, not the whole write (as sendfile's):
+         * a large write to a peer that keeps reading, slowly, is never cut */
+        if (sent > before) s->wdeadline = mw_sched_after(s->rt, s->timeout);
         return mw_sock_wait(L, s, t, MW_ROLE_WRITE, want, s->wdeadline, write_k, (lua_KContext)sent);
+    }
     if (r == -3) {
         int e = errno;
         mw_stream_pusherr(L, s, e);
