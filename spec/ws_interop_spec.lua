@@ -23,6 +23,7 @@ local MiB = 1024 * 1024
 local quote = procs.quote
 local PEERS = procs.peers
 local LIMIT = 30
+local shell = helper.shell
 
 ---------------------------------------------------------------------------------------------
 -- prerequisites: fail (never skip) with what to do
@@ -495,6 +496,28 @@ end
 
 describe("WebSocket interop with node's ws:", function()
   before_each(need_node)   -- a missing peer fails each test, saying how to install it
+
+  -- A peer that breaks a limit mid-message gets the close code that says why: the server
+  -- lingers after its close frame (closed at once with the peer's bytes unread, the socket
+  -- is reset by the kernel and the peer reads 1006, never the code).
+  it("ws client over max_message gets 1009, with invalid UTF-8 1007, not 1006", function()
+    run(function()
+      local ends = mw.channel(4)
+      local srv = serve(function(req)
+        local ws = assert(req:websocket { max_message = MiB, deflate = false })
+        for msg, kind in ws:messages() do ws:send(msg, kind) end
+        ends:send { ws.close_code, ws.close_reason }
+      end)
+      local _ <close> = guard(srv)
+      for _, case in ipairs { { "big", 20 * MiB, 1009 }, { "badtext", 512 * 1024, 1007 } } do
+        local code, out, err = shell(("%s %s ws://127.0.0.1:%d/ %s %d"):format(procs.NODE,
+          quote(PEERS .. "/ws_violation_client.js"), srv.port, case[1], case[2]), 20)
+        assert.equal(0, code, err)
+        assert.matches("^close " .. case[3] .. " ", out, case[1])
+        assert.equal(case[3], ends:recv(5)[1])
+      end
+    end, LIMIT)
+  end)
 
   it("our client <-> ws server: every kind of message, pings and closes both ways; " ..
      "permessage-deflate (compressed on the wire both ways); the subprotocol ws picks", function()

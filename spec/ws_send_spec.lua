@@ -36,6 +36,34 @@ describe("WebSocket send", function()
     end, 20)
   end)
 
+  -- RFC 6455 §5.5.1: a close from the peer while a frame is going out: that frame is
+  -- finished, then the echo goes, then the connection ends (it was cut, the echo dropped)
+  it("a close from the peer while a frame goes out: the frame, then the echo, then the end", function()
+    run(function()
+      local ends = mw.channel(2)
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket())
+        mw.spawn(function() ends:send { "sent", ws:send(helper.pattern(8 * 1024 * 1024), "binary") } end)
+        for _ in ws:messages() do end
+        ends:send { "server", ws.close_code, ws.close_reason }
+      end })
+      local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/"):format(srv.port)))
+      -- the server's frame has begun arriving (8 MiB: its task is still writing, as this
+      -- side reads nothing yet)
+      for _ = 1, 500 do
+        if not ws.sock:alive() then break end
+        mw.sleep(0.01)
+      end
+      assert.is_false(ws.sock:alive())
+      assert.is_true(ws:close(1000, "bye"))
+      assert.equal(1000, ws.close_code)
+      local got = { ends:recv(5), ends:recv(5) }
+      table.sort(got, function(a, b) return a[1] < b[1] end)
+      assert.same({ { "sent", true }, { "server", 1000, "bye" } }, got)
+      srv:close()
+    end, 20)
+  end)
+
   it("a client's message the socket takes only in part (masked, through the C path) arrives whole", function()
     run(function()
       local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)

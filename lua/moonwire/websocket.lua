@@ -148,6 +148,34 @@ end
 -- broadcast, ping, pong or close frame does not wait and counts against send_queue
 -- (on_full). Of the pongs waiting there only the latest is kept (RFC 6455 5.5.3).
 
+-- The slot goes free: the tasks waiting for that (wait_writer) go on.
+local function free_writer(self)
+  self._writer = false
+  local ch = self._writer_free
+  if ch then
+    self._writer_free = nil
+    ch:close()
+  end
+end
+
+-- Waits, at most `limit` seconds, until nobody writes (the frame going out and the queue
+-- behind it are written); true when so. (A channel the freeing closes: a wait that times
+-- out leaves nothing behind.)
+local function wait_writer(self, limit)
+  local deadline = mw.now() + limit
+  while self._writer do
+    local left = deadline - mw.now()
+    if left <= 0 then return false end
+    local ch = self._writer_free
+    if not ch then
+      ch = mw.channel(0)
+      self._writer_free = ch
+    end
+    ch:recv(left)
+  end
+  return true
+end
+
 -- Sends the queue: runs in the writer task, which holds the slot until the queue is empty.
 local function writer_task(self)
   local q = self._outq
@@ -159,12 +187,12 @@ local function writer_task(self)
     local ok, err, code = self.sock:write(e[1], e[2])
     if e[3] then unpark(e[3], ok and true, err, code) end
     if not ok then
-      self._writer = false
+      free_writer(self)
       finish(self, 1006, "")
       return
     end
   end
-  self._writer = false
+  free_writer(self)
 end
 
 -- Queues a frame (header, payload); `waiter`: the task that will park until it is written
@@ -189,7 +217,7 @@ end
 -- Lets the writer slot go: to the writer task if frames were queued meanwhile.
 local function release(self)
   local q = self._outq
-  if q and q.first <= q.last then self._writer = mw.spawn(writer_task, self) else self._writer = false end
+  if q and q.first <= q.last then self._writer = mw.spawn(writer_task, self) else free_writer(self) end
 end
 
 -- With the slot held: writes h, p (waiting while the socket is full); a failure ends the
@@ -197,7 +225,7 @@ end
 local function write_held(self, h, p)
   local ok, err, code = self.sock:write(h, p)
   if ok then return true end
-  self._writer = false
+  free_writer(self)
   finish(self, 1006, "")
   return nil, err, code
 end
@@ -276,12 +304,33 @@ local function send_control(self, op, payload)
   return send_frame(self, op, payload, true, false)
 end
 
--- The peer broke the protocol: answer with the close code and drop the connection.
-local function fail(self, code, msg)
+-- A lingering close, as the HTTP server's: our side shut, the peer's bytes read and dropped
+-- until it closes (at most `limit` seconds and LINGER_BYTES). Closed at once with unread
+-- bytes, a socket is reset by the kernel, and the peer may lose what we sent last (the
+-- close frame saying why) before it reads it.
+local LINGER_BYTES = 4 * 1024 * 1024
+local function linger(self, limit)
+  local sock = self.sock
+  if not pcall(sock.shutdown, sock, "write") then return end
+  local deadline, n = mw.now() + limit, 0
+  while n < LINGER_BYTES do
+    local left = deadline - mw.now()
+    if left <= 0 then return end
+    local data = sock:recv(65536, left)
+    if not data then return end
+    n = n + #data
+  end
+end
+
+-- The peer broke the protocol, or went quiet: answer with the close code (after the frame
+-- being written, if any) and drop the connection. `reading`: called by the task that reads
+-- the connection (a broken frame), which then lingers so that the peer reads the code.
+local function fail(self, code, msg, reading)
   if self.state == "open" or self.state == "closing" then
     local payload = string.pack(">I2", code) .. msg:sub(1, 120)
     if not utf8_valid(payload:sub(3)) then payload = payload:sub(1, 2) end
     mw.timeout(1, send_control, self, OP.close, payload)
+    if wait_writer(self, 1) and reading then linger(self, 1) end
   end
   finish(self, code, msg)
 end
@@ -294,7 +343,7 @@ local AGAIN = {}
 local function received(self, a, b, c, d)
   if a == nil then
     if math.type(c) == "integer" then
-      fail(self, c, b)
+      fail(self, c, b, true)
       return nil, "closed", c, b
     elseif c == "closed" or c == "ECONNRESET" then
       finish(self, 1006, "")
@@ -320,6 +369,9 @@ local function received(self, a, b, c, d)
       local echo = c == 1005 and "" or string.pack(">I2", c)
       mw.timeout(1, send_control, self, OP.close, echo)
     end
+    -- the frame being written, then the echo queued behind it, go out before the end
+    -- (RFC 6455 §5.5.1): closing now would cut the one and drop the other
+    wait_writer(self, self.close_timeout)
     finish(self, c, d)
     return nil, "closed", c, d
   end
