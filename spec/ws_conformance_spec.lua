@@ -541,6 +541,30 @@ describe("ws server 1: framing", function()
       assert.equal(1001, r.code)
     end))
 
+  -- only whole messages reach the Lua side; the bytes of one still arriving are no silence
+  it("idle_timeout: a message arriving in pieces, slower than the timeout in all, keeps the connection",
+    case({ idle_timeout = 0.5 }, function(srv, results)
+      local c = upgrade(srv)
+      -- one frame of 1200 bytes, 100 every 0.1 s: 1.2 s in all, never 0.5 s of silence
+      local data = ("p"):rep(1200)
+      local bytes = frame(OP.text, data)
+      local t0 = mw.now()
+      for pos = 1, #bytes, 100 do
+        c:send_raw(bytes:sub(pos, pos + 99))
+        mw.sleep(0.1)
+      end
+      assert.is_true(mw.now() - t0 >= 1.2)
+      c:expect_message(data, "text")
+      -- fragments of one message, one every 0.3 s
+      local pieces = { "a", "b", "c", "d", "e" }
+      for i, piece in ipairs(pieces) do
+        c:send_raw(frame(i == 1 and OP.text or OP.cont, piece, { fin = i == #pieces }))
+        if i < #pieces then mw.sleep(0.3) end
+      end
+      c:expect_message("abcde", "text")
+      bye(c, results)
+    end))
+
   it("ping_interval: the server pings; data still flows; the pong is taken", case({ ping_interval = 0.2 },
     function(srv, results)
       local c = upgrade(srv)

@@ -55,6 +55,7 @@ struct mw_sock {
     double timeout;            /* default timeout (s), < 0: none */
     size_t maxline, scan;      /* line limit; bytes of the buffer known to hold no '\n' */
     int64_t rdeadline, wdeadline;
+    int64_t last_rx;           /* loop clock (ns) of the last read that brought bytes, 0: none */
     mw_buf rbuf;
     const mw_transport *tp;
     void *tls;                 /* the transport's session state (TLS) */

@@ -121,7 +121,11 @@ int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want)
     if (!w) { errno = ENOMEM; return -3; }
     for (;;) {
         ssize_t n = s->tp->read(s, w, avail, want);
-        if (n > 0) { mw_buf_commit(&s->rbuf, (size_t)n); return 1; }
+        if (n > 0) {
+            mw_buf_commit(&s->rbuf, (size_t)n);
+            s->last_rx = s->rt->loop.now;
+            return 1;
+        }
         if (n == 0) { s->eof = 1; return 0; }
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -358,6 +362,16 @@ static void mw_stream_sendfile(lua_State *L);
 /* sock:buffered() -> n: bytes received and not yet returned by a read (the stream's buffer,
  * plus what the transport holds: TLS may count its undecrypted records as 1). No syscall:
  * a connection that holds some is not at a message boundary (pools, starttls check it). */
+/* sock:_last_read() -> seconds (mw.now's clock) of the last read that brought bytes, or nil
+ * (websocket.lua's idle_timeout: a message still arriving in pieces is not silence) */
+static int s_last_read(lua_State *L)
+{
+    mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
+    if (!s->last_rx) return 0;
+    lua_pushnumber(L, (double)s->last_rx / 1e9);
+    return 1;
+}
+
 static int s_buffered(lua_State *L)
 {
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
@@ -370,7 +384,7 @@ static int s_buffered(lua_State *L)
 void mw_stream_open(lua_State *L, int rtidx)
 {
     static const luaL_Reg m[] = {
-        { "read", s_read }, { "recv", s_recv }, { "write", s_write }, { "buffered", s_buffered },
+        { "read", s_read }, { "recv", s_recv }, { "write", s_write }, { "buffered", s_buffered }, { "_last_read", s_last_read },
         { NULL, NULL }
     };
     mw_rt *rt = lua_touserdata(L, rtidx);

@@ -747,7 +747,9 @@ function M._keepalive(self)
   while self.state == "open" do
     mw.sleep(interval)
     if self.state ~= "open" then return end
-    if self.idle_timeout and mw.now() - self._last_rx > self.idle_timeout then
+    -- (bytes of a message still arriving in pieces count too: only whole messages reach
+    -- received(), the socket knows every read)
+    if self.idle_timeout and mw.now() - math.max(self._last_rx, self.sock:_last_read() or 0) > self.idle_timeout then
       fail(self, 1001, "idle timeout")
       return
     end
