@@ -64,6 +64,61 @@ describe("WebSocket send", function()
     end, 20)
   end)
 
+  -- a send given up (mw.timeout, a cancel) leaves the connection as it was: a frame half
+  -- out is finished by the queue's writer, and the messages given up count against
+  -- send_queue
+  it("a send given up while its frame is half out: the frame is finished, the connection goes on", function()
+    run(function()
+      local big = helper.pattern(8 * 1024 * 1024)
+      local got = mw.channel(1)
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket())
+        got:send { mw.timeout(0.3, ws.send, ws, big, "binary") }
+        got:send { ws.state, ws:send("after", "text") }
+        ws:receive()
+      end })
+      local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/"):format(srv.port)))
+      assert.same({ nil, "timeout", "timeout" }, got:recv(5))     -- this side read nothing yet
+      local msg, kind = ws:receive(10)
+      assert.equal("binary", kind)
+      assert.is_true(msg == big, "the message arrived whole")
+      assert.same({ "after", "text" }, { ws:receive(5) })
+      assert.same({ "open", true }, got:recv(5))
+      ws:close()
+      srv:close()
+    end, 20)
+  end)
+
+  it("messages given up while queued count against send_queue (on_full: close, or drop)", function()
+    run(function()
+      local ends = mw.channel(2)
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket { send_queue = 16, on_full = req.path == "/drop" and "drop" or "close" })
+        mw.spawn(function() ws:send(helper.pattern(8 * 1024 * 1024), "binary") end)  -- holds the writer
+        mw.sleep(0.05)
+        local msg = ("m"):rep(64 * 1024)
+        local tries = 0
+        for _ = 1, 200 do
+          tries = tries + 1
+          mw.timeout(0.001, ws.send, ws, msg, "binary")
+          if ws.state ~= "open" then break end
+        end
+        ends:send { req.path, ws.state, tries, (ws:buffered()) }
+        ws:receive(1)
+      end })
+      local c1 = assert(mw.websocket.connect(("ws://127.0.0.1:%d/close"):format(srv.port)))
+      local r = ends:recv(5)
+      assert.same({ "/close", "closed" }, { r[1], r[2] })
+      assert.is_true(r[3] <= 18, "closed after " .. r[3] .. " sends")
+      local c2 = assert(mw.websocket.connect(("ws://127.0.0.1:%d/drop"):format(srv.port)))
+      r = ends:recv(5)
+      assert.same({ "/drop", "open", 200 }, { r[1], r[2], r[3] })
+      assert.is_true(r[4] <= 17, r[4] .. " frames queued")
+      c1:close() c2:close()
+      srv:close()
+    end, 20)
+  end)
+
   it("a client's message the socket takes only in part (masked, through the C path) arrives whole", function()
     run(function()
       local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)

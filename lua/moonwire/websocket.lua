@@ -221,10 +221,21 @@ local function release(self)
 end
 
 -- With the slot held: writes h, p (waiting while the socket is full); a failure ends the
--- connection.
+-- connection. A wait the task gives up (a timeout, a cancel) does not: the frame is half
+-- out, so the queue's writer takes over the slot and sends the rest first, and the caller
+-- gets nil, err, code (its message still goes out, as a queued one's does).
 local function write_held(self, h, p)
-  local ok, err, code = self.sock:write(h, p)
+  local ok, err, code, sent = self.sock:write(h, p)
   if ok then return true end
+  if (code == "timeout" or code == "cancelled") and self.state ~= "closed" then
+    local rest = sent < #h and h:sub(sent + 1) .. p or p:sub(sent - #h + 1)
+    local q = self._outq
+    if not q then q = { first = 1, last = 0 } self._outq = q end
+    q.first = q.first - 1
+    q[q.first] = { rest, "", false }
+    self._writer = mw.spawn(writer_task, self)
+    return nil, err, code
+  end
   free_writer(self)
   finish(self, 1006, "")
   return nil, err, code
@@ -238,7 +249,23 @@ local function queue_and_wait(self, h, p)
   local ok
   ok, err, code = park()
   if ok then return true end
-  e[3] = false     -- (cancelled: the frame still goes out in its turn, nobody waits for it)
+  -- (cancelled, timed out: the frame still goes out in its turn, nobody waits for it; from
+  -- now on it counts against send_queue as a broadcast's does)
+  e[3] = false
+  local q = self._outq
+  if q and q[q.first] ~= e and q.last - q.first + 1 > self.send_queue then
+    if self.on_full == "drop" then
+      -- not begun (still queued behind another): never sent
+      if q[q.last] == e then
+        q[q.last] = nil
+        q.last = q.last - 1
+      else
+        e[1], e[2] = "", ""
+      end
+    else
+      finish(self, 1006, "send queue full")
+    end
+  end
   return nil, err, code
 end
 
