@@ -1504,6 +1504,12 @@ describe("ws server 13: permessage-deflate negotiation", function()
     "permessage-deflate; client_max_window_bits=x",
     "permessage-deflate; server_no_context_takeover=1",
     "permessage-deflate; client_no_context_takeover=true",
+    -- RFC 7692 §7.1: an empty value is no value; nor is an empty quoted one
+    "permessage-deflate; client_max_window_bits=",
+    'permessage-deflate; client_max_window_bits=""',
+    "permessage-deflate; server_max_window_bits=",
+    'permessage-deflate; client_no_context_takeover=""',
+    "permessage-deflate; server_no_context_takeover=",
     "permessage-deflate; foo",
     "permessage-deflate; foo=bar",
     "permessage-deflate; server_no_context_takeover; server_no_context_takeover",

@@ -795,12 +795,14 @@ local function parse_extensions(value)
     for part in ext:gmatch("[^;]+") do parts[#parts + 1] = part:match("^%s*(.-)%s*$") end
     local offer = { name = (parts[1] or ""):lower(), params = {} }
     for i = 2, #parts do
-      local k, v = parts[i]:match("^([^=]+)=?(.*)$")
+      local k, eq, v = parts[i]:match("^([^=]+)(=?)(.*)$")
       if k then
         k = k:match("^%s*(.-)%s*$"):lower()
         v = v:match("^%s*\"?(.-)\"?%s*$")
         if offer.params[k] ~= nil then offer.bad = true end
-        offer.params[k] = v ~= "" and v or true
+        -- a parameter without "=" is a flag (true); with it, its value, "" when empty (which
+        -- no parameter takes: the offer is declined)
+        offer.params[k] = eq == "" and true or v
       end
     end
     offers[#offers + 1] = offer
