@@ -48,6 +48,34 @@ local function wait_no_connections(srv)
 end
 
 describe("WebSocket message handlers", function()
+  -- a close handler on a connection read by a task (no message handler) runs as well, in a
+  -- task of its own, once the connection is closed; set after the end, it runs at once
+  it("a close handler runs on a connection read by a task too, both sides", function()
+    run(function()
+      local ev = mw.channel(8)
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket())
+        ws:on("close", function(w, code, reason) ev:send { "server", code, reason, w.state } end)
+        for m, k in ws:messages() do ws:send(m, k) end
+      end })
+      local ws = assert(mw.websocket.connect(url(srv)))
+      ws:on("close", function(_, code) ev:send { "client", code } end)
+      assert(ws:send("x"))
+      assert.same({ "x", "text" }, { ws:receive(5) })
+      assert(ws:close(1000, "bye"))
+      local got = { ev:recv(5), ev:recv(5) }
+      table.sort(got, function(a, b) return a[1] < b[1] end)
+      assert.same({ { "client", 1000 }, { "server", 1000, "bye", "closed" } }, got)
+      ws:on("close", function(_, code) ev:send { "late", code } end)   -- (a second one: not run)
+      local ws2 = assert(mw.websocket.connect(url(srv)))
+      ws2:close()
+      ev:recv(5)                                      -- the server's
+      ws2:on("close", function(_, code) ev:send { "after the end", code } end)
+      assert.same({ "after the end", 1000 }, ev:recv(5))
+      srv:close()
+    end)
+  end)
+
   it("echo through ws:on('message') after the handler returned; the close handler runs once", function()
     run(function()
       local ev = mw.channel(8)

@@ -119,11 +119,15 @@ local function drop_queue(self)
   end
 end
 
+local close_handler_task   -- (below: a close handler of a connection read by a task)
+
 -- Ends the connection now (no more frames either way).
 local function finish(self, code, reason)
   if self.state ~= "closed" then
     self.state = "closed"
     self.close_code, self.close_reason = code, reason or ""
+    -- a close handler without a message handler: no pump will call it, a task does
+    if self._on_close and not self._on_message then mw.spawn(close_handler_task, self) end
   end
   self.sock:close()
   drop_queue(self)
@@ -613,6 +617,13 @@ local function report(self, what, err)
   if srv then srv.error_log(line) else io.stderr:write(line, "\n") end
 end
 
+-- The close handler of a connection read by a task (ws:receive, ws:messages) rather than a
+-- message handler, once it is closed.
+function close_handler_task(self)
+  local ok, err = xpcall(self._on_close, traceback, self, self.close_code, self.close_reason)
+  if not ok then report(self, "close handler", err) end
+end
+
 -- A handled connection's messages, in order, to its handler; then, when no whole message
 -- is left, the socket is watched again, so an idle connection holds no task. Once the
 -- connection is closed, the close handler.
@@ -668,7 +679,10 @@ function WebSocket:on(event, fn)
   if event ~= "message" and event ~= "close" then argerror(1, "on", "'message' or 'close' expected") end
   if type(fn) ~= "function" then argerror(2, "on", "function expected, got " .. type(fn)) end
   if event == "close" then
+    local first = not self._on_close
     self._on_close = fn
+    -- set after the end, and no message handler to run it: it runs now (once)
+    if first and self.state == "closed" and not self._on_message then mw.spawn(close_handler_task, self) end
     return self
   end
   if self._on_message then
