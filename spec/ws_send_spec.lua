@@ -119,6 +119,33 @@ describe("WebSocket send", function()
     end, 20)
   end)
 
+  -- a text message written in pieces is held to UTF-8 as ws:send holds a whole one (the peer
+  -- would fail the connection with 1007); a character may be split between two pieces
+  it("ws:writer('text') raises on invalid UTF-8; a character split across pieces is fine", function()
+    run(function()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket())
+        for m, k in ws:messages() do ws:send(m, k) end
+      end })
+      local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/"):format(srv.port)))
+      local w = ws:writer("text")
+      assert(w:write("caf\xC3"))                           -- "é" is C3 A9: split here
+      assert(w:write("\xA9 \xF0\x9F"))                    -- and a 4-byte one split too
+      assert(w:write("\x8C\x99!"))
+      assert(w:close())
+      assert.same({ "café 🌙!", "text" }, { ws:receive(5) })
+      w = ws:writer("text")
+      helper.raises("text message is not valid UTF-8", w.write, w, "a\xFFb")
+      assert(w:write("ok \xE2\x82"))
+      helper.raises("ends inside a UTF-8 character", w.close, w)
+      assert(w:write("\xAC"))                              -- (the euro sign, finished)
+      assert(w:close())
+      assert.same({ "ok €", "text" }, { ws:receive(5) })
+      ws:close()
+      srv:close()
+    end, 20)
+  end)
+
   it("a client's message the socket takes only in part (masked, through the C path) arrives whole", function()
     run(function()
       local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)

@@ -505,13 +505,38 @@ WebSocket.send = core.ws_send(WebSocket.send, sent_part)
 
 --- A writer for a message whose size is not known up front: w:write(chunk) sends a frame,
 -- w:close() ends the message. Not compressed.
+-- The bytes at the end of s that begin a UTF-8 sequence not yet complete (0 to 3): a text
+-- message written in pieces may split a character between two of them.
+local function utf8_open_tail(s)
+  local n = #s
+  for back = 1, math.min(3, n) do
+    local b = s:byte(n - back + 1)
+    if b >= 0xC0 then                                   -- a lead byte: how long its sequence is
+      local len = b >= 0xF0 and 4 or b >= 0xE0 and 3 or 2
+      return len > back and back or 0
+    elseif b < 0x80 then
+      return 0
+    end
+  end
+  return 0
+end
+
 function WebSocket:writer(kind)
   kind = check_kind(kind, "writer")
   local ws, first, done = self, true, false
+  local carry = ""     -- (text: an unfinished character from the last piece, checked with the next)
   local w = {}
   function w.write(_, chunk)
     if type(chunk) ~= "string" then argerror(1, "write", "string expected, got " .. type(chunk)) end
     if done then error("message writer already closed", 2) end
+    if kind == "text" then
+      local whole = carry .. chunk
+      local open = utf8_open_tail(whole)
+      if not utf8_valid(whole:sub(1, #whole - open)) then
+        argerror(1, "write", "text message is not valid UTF-8")
+      end
+      carry = whole:sub(#whole - open + 1)
+    end
     if ws.state ~= "open" then return nil, "closed", "closed" end
     local op = first and OP[kind] or OP.continuation
     first = false
@@ -519,6 +544,7 @@ function WebSocket:writer(kind)
   end
   function w.close()
     if done then return true end
+    if carry ~= "" then error("text message ends inside a UTF-8 character", 2) end
     done = true
     if ws.state ~= "open" then return nil, "closed", "closed" end
     return send_frame(ws, first and OP[kind] or OP.continuation, "", true, false)
