@@ -61,6 +61,14 @@ local function parse_args(argv)
     if v == nil then error(("option %s needs a value"):format(name), 0) end
     return v
   end
+  -- the option's value read by parse (fmt.count, fmt.duration); one that does not parse is
+  -- an error naming the option, never a default taken in silence
+  local function number(name, parse)
+    local v = value(name)
+    local n = parse(v)
+    if not n then error(("bad value for %s: '%s'"):format(name, v), 0) end
+    return n
+  end
   while i <= #argv do
     local a = argv[i]
     local long, inline = a:match("^(%-%-[%w-]+)=(.*)$")
@@ -70,10 +78,10 @@ local function parse_args(argv)
     if a == "--" then
       for j = i + 1, #argv do o.script_args[#o.script_args + 1] = argv[j] end
       break
-    elseif a == "-c" or a == "--connections" then o.connections = fmt.count(value(a))
-    elseif a == "-d" or a == "--duration" then o.duration = fmt.duration(value(a))
+    elseif a == "-c" or a == "--connections" then o.connections = number(a, fmt.count)
+    elseif a == "-d" or a == "--duration" then o.duration = number(a, fmt.duration)
     elseif a == "-t" or a == "--threads" then
-      o.threads = fmt.count(value(a))
+      o.threads = number(a, fmt.count)
       o.threads_given = true
     elseif a == "-s" or a == "--script" then o.script = value(a)
     elseif a == "-H" or a == "--header" then
@@ -82,15 +90,15 @@ local function parse_args(argv)
       if not k then error("bad header '" .. h .. "' (Name: value expected)", 0) end
       o.headers[k] = v
     elseif a == "--latency" then o.latency = true
-    elseif a == "--timeout" then o.timeout = fmt.duration(value(a))
-    elseif a == "-R" or a == "--rate" then o.rate = fmt.count(value(a))
-    elseif a == "--pipeline" then o.pipeline = fmt.count(value(a))
+    elseif a == "--timeout" then o.timeout = number(a, fmt.duration)
+    elseif a == "-R" or a == "--rate" then o.rate = number(a, fmt.count)
+    elseif a == "--pipeline" then o.pipeline = number(a, fmt.count)
     elseif a == "-m" then
       -- h2load's -m (streams per connection) when numeric; else the method, as before
       local v = value(a)
       if v:match("^%d+[kK]?$") then o.streams = fmt.count(v) else o.method = v:upper() end
     elseif a == "--method" then o.method = value(a):upper()
-    elseif a == "--streams" then o.streams = fmt.count(value(a))
+    elseif a == "--streams" then o.streams = number(a, fmt.count)
     elseif a == "--h2" then o.h2 = true
     elseif a == "-b" or a == "--body" then o.body = value(a)
     elseif a == "--json" then o.json = value(a)
@@ -102,9 +110,9 @@ local function parse_args(argv)
     elseif a == "--agent" then o.agent = value(a)
     elseif a == "--agent-name" then o.agent_name = value(a)
     elseif a == "--source" then o.source = value(a)
-    elseif a == "--agents" then o.agents = fmt.count(value(a))
+    elseif a == "--agents" then o.agents = number(a, fmt.count)
     elseif a == "--via" then o.via = value(a)
-    elseif a == "--agent-wait" then o.agent_wait = fmt.duration(value(a))
+    elseif a == "--agent-wait" then o.agent_wait = number(a, fmt.duration)
     elseif a == "--on-agent-loss" then
       o.on_agent_loss = value(a)
       if o.on_agent_loss ~= "continue" and o.on_agent_loss ~= "stop" then
@@ -116,12 +124,13 @@ local function parse_args(argv)
     else o.script_args[#o.script_args + 1] = a end
     i = i + 1
   end
+  -- (counts are whole: 0.5 thread or pipeline depth is no count)
+  for _, k in ipairs{ "connections", "threads", "pipeline" } do
+    if o[k] then o[k] = math.floor(o[k]) end
+  end
   for _, k in ipairs{ "connections", "threads", "duration", "timeout", "pipeline" } do
     if not o[k] or o[k] <= 0 then error(("bad value for %s"):format(k), 0) end
   end
-  o.connections = math.floor(o.connections)
-  o.threads = math.floor(o.threads)
-  o.pipeline = math.floor(o.pipeline)
   if o.connections < o.threads and not o.scenario then error("number of connections must be >= threads", 0) end
   if o.rate and o.rate <= 0 then error("bad value for rate", 0) end
   if o.rate and o.pipeline > 1 then error("--rate and --pipeline do not go together", 0) end
@@ -497,6 +506,14 @@ function M.main(argv)
     if o.script then wrkenv.load(o.script, main_env) end
     -- 3 cells per thread (count, errors, p99) and a stop flag (see join_all)
     local shared = core.counters(3 * o.threads + 1)
+    -- Ctrl-C ends the run early, as its end would: the threads stop, the report (and the
+    -- JSON) covers what ran. (Set before the threads start: they inherit the signal mask.)
+    local interrupted = false
+    mw.signal("SIGINT", function()
+      interrupted = true
+      shared:set(3 * o.threads + 1, 1)
+    end)
+    local _sigint <close> = setmetatable({}, { __close = function() mw.signal("SIGINT", nil) end })
     local handles, threads = {}, {}
     for i = 1, o.threads do
       local h = core.thread()
@@ -533,6 +550,7 @@ function M.main(argv)
     if not o.quiet and core.isatty(1) and o.json ~= "-" then prog = mw.spawn(progress_line, o, shared, t0) end
     local results = join_all(started, shared, 3 * o.threads + 1)
     if prog then prog:cancel() io.stdout:write("\r", (" "):rep(70), "\r") end
+    if interrupted then io.stderr:write("moonwire bench: interrupted: the report covers what ran\n") end
     result = M.merge_results(results)
     local out = o.json == "-" and io.stderr or io.stdout
     M.print_wrk(o, result, out)

@@ -46,6 +46,21 @@ local function record(st, status, latency_us, bytes)
   end
 end
 
+-- A script's hook (request, response, delay) that raises stops the run: the error is kept
+-- for M.run to raise (the thread fails: "thread N failed: ..." and exit status 2, as an
+-- init() error), the other threads are told through the shared stop cell.
+local function hook_failed(st, err)
+  st.hook_error = st.hook_error or err
+  st.stop = true
+  if st.shared then st.shared:set(st.stop_cell, 1) end
+end
+
+local function call_hook(st, fn, ...)
+  local ok, a = xpcall(fn, debug.traceback, ...)
+  if ok then return a end
+  hook_failed(st, a)
+end
+
 -- One connection's life: connect, send, read, again, until the thread stops.
 local function connection(st, id, hooks)
   local cfg = st.cfg
@@ -55,6 +70,7 @@ local function connection(st, id, hooks)
   local fixed = hooks.fixed_request
   local depth = fixed and hooks.fixed_depth or 1
   local timeout = cfg.timeout
+  local head = fixed and fixed:sub(1, 5) == "HEAD "   -- (an answer to HEAD has no body)
   while not st.stop do
     local sock = connect(cfg)
     if not sock then
@@ -66,15 +82,22 @@ local function connection(st, id, hooks)
       local timed_out_at_end = false
       while alive and not st.stop do
         if hooks.delay then
-          local ms = hooks.delay()
+          local ms = call_hook(st, hooks.delay)
+          if st.stop then break end
           if ms and ms > 0 then mw.sleep(ms / 1000) end
           if st.stop then break end
         end
         local req = fixed
         if hooks.request then
-          req = hooks.request()
+          req = call_hook(st, hooks.request)
+          if st.stop then break end
+          if type(req) ~= "string" then
+            hook_failed(st, "request() returned a " .. type(req) .. ", not the request's bytes")
+            break
+          end
           if hooks.request_depth == nil then hooks.request_depth = math.max(1, wrkenv.count_requests(req)) end
           depth = hooks.request_depth
+          head = req:sub(1, 5) == "HEAD "
         end
         local t0
         if next_send then
@@ -101,7 +124,7 @@ local function connection(st, id, hooks)
           if hooks.response then
             local res, _, code
             repeat  -- interim responses (100, 103) are not the answer, as in the client
-              res, _, code = hc:read_request(-1, timeout)
+              res, _, code = hc:read_request(-1, timeout, head)
             until not res or res.status >= 200 or res.status == 101
             if res then
               local body
@@ -110,7 +133,7 @@ local function connection(st, id, hooks)
                 status, bytes, keep = res.status, #body, res.keepalive
                 -- wrk hands the names as the server sent them: any case finds them here
                 setmetatable(res.headers, headers_ci)
-                hooks.response(res.status, res.headers, body)
+                call_hook(st, hooks.response, res.status, res.headers, body)
               end
             end
             if not status then
@@ -122,12 +145,14 @@ local function connection(st, id, hooks)
               alive = false
             end
           else
-            status, bytes, keep = hc:read_lean(timeout)
+            status, bytes, keep = hc:read_lean(timeout, head)
             if not status then
               if bytes == "timeout" then
                 -- timing out while draining at the end: still unanswered, reported as hung
                 if st.stop then timed_out_at_end = true else st.errors.timeout = st.errors.timeout + 1 end
-              elseif keep ~= "closed" or st.count == 0 then
+              else
+                -- closed (or reset) with this request written and unanswered: it was lost,
+                -- as wrk counts it
                 st.errors.read = st.errors.read + 1
               end
               alive = false
@@ -173,6 +198,9 @@ local function sampler(st)
       errors = errs - sec_errors,
     }
     if st.reporter then st.reporter(st) end
+    -- (this second is counted: the sampler, waking once more, must not count it again)
+    st.second:reset()
+    sec_count, sec_t, sec_errors = count, now, errs
   end
   while not st.stop do
     mw.sleep(0.1)
@@ -219,6 +247,7 @@ function M.run(cfg, hooks, on_stop)
   st.hooks = hooks
   -- the shared cells: 3 per thread (count, errors, p99), then the run's stop flag
   local stop_cell = 3 * cfg.threads + 1
+  st.stop_cell = stop_cell
   if cfg.counters then st.shared = core.counters_attach(cfg.counters, stop_cell) end
   local h2tasks
   mw.run(function()
@@ -259,6 +288,7 @@ function M.run(cfg, hooks, on_stop)
     local _ = samp
   end)
   st.t_end = st.t_end or hrtime()
+  if st.hook_error then error(st.hook_error, 0) end
   local result = {
     count = st.count, bytes = st.bytes, errors = st.errors, statuses = st.statuses,
     duration_us = (st.t_end - st.t_start) // 1000, t_start = st.t_start, timeline = st.timeline, hung = st.hung or 0,
