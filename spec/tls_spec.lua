@@ -1101,6 +1101,30 @@ end)
         assert.equal("/O=moonwire tests/CN=other.test", subject_at(srv.port, { host = "other.test" }))
       end)
     end)
+
+    -- a renewed SNI certificate is served after the reload too; one half-replaced fails the
+    -- whole reload and leaves every pair as it was
+    it("reload() re-reads the SNI entries' files as well, all or nothing", function()
+      run(function()
+        local chain, key = cert("reload-chain.pem"), cert("reload.key")
+        copyfile(cert("other-chain.pem"), chain)
+        copyfile(cert("other.key"), key)
+        local srv = serve(server_tls("server", { sni = { ["other.test"] = { cert = chain, key = key } } }))
+        local _ <close> = guard(srv)
+        local sni = { host = "other.test", insecure = true }
+        assert.equal("/O=moonwire tests/CN=other.test", subject_at(srv.port, sni))
+        copyfile(cert("server2-chain.pem"), chain)      -- its key not yet
+        local ok, err, code = srv.tls:reload()
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("^sni 'other.test': ", err)
+        assert.equal("/O=moonwire tests/CN=other.test", subject_at(srv.port, sni, "after a failed reload"))
+        copyfile(cert("server2.key"), key)
+        assert.is_true(srv.tls:reload())
+        assert.equal("/O=moonwire tests/CN=moonwire test server 2", subject_at(srv.port, sni, "after the reload"))
+        assert.equal("/O=moonwire tests/CN=localhost", subject_at(srv.port))    -- the default's as it was
+      end)
+    end)
   end)
 
   describe("https client", function()

@@ -32,6 +32,7 @@ typedef struct mw_tlsctx {
     lua_State *L;               /* only used inside the SNI callback (no Lua calls there) */
     SSL_CTX **sni_ctx;
     char **sni_name;
+    char **sni_files;           /* 2 per entry: its cert and key files (NULL, NULL: PEM text) */
     int nsni;
     /* what reload() re-reads */
     char *cert_file, *key_file;
@@ -415,11 +416,15 @@ static int ctx_gc(lua_State *L)
     for (int i = 0; i < t->nsni; i++) {
         SSL_CTX_free(t->sni_ctx[i]);
         free(t->sni_name[i]);
+        free(t->sni_files[2 * i]);
+        free(t->sni_files[2 * i + 1]);
     }
     free(t->sni_ctx);
     free(t->sni_name);
+    free(t->sni_files);
     t->sni_ctx = NULL;
     t->sni_name = NULL;
+    t->sni_files = NULL;
     t->nsni = 0;
     free(t->alpn);
     t->alpn = NULL;
@@ -504,13 +509,20 @@ static int l_tls_context(lua_State *L)
                 /* each block is kept as soon as it moved: a failure after one realloc must
                  * not leave the context pointing at the freed old block */
                 char *name = strdup(lua_tostring(L, -2));
-                SSL_CTX **nc = name ? realloc(t->sni_ctx, (size_t)(t->nsni + 1) * sizeof *nc) : NULL;
+                int files = strncmp(c2, "-----BEGIN", 10) != 0;
+                char *cf = files ? strdup(c2) : NULL, *kf = files ? strdup(k2) : NULL;
+                int ok = name && (!files || (cf && kf));
+                SSL_CTX **nc = ok ? realloc(t->sni_ctx, (size_t)(t->nsni + 1) * sizeof *nc) : NULL;
                 if (nc) t->sni_ctx = nc;
                 char **nn = nc ? realloc(t->sni_name, (size_t)(t->nsni + 1) * sizeof *nn) : NULL;
                 if (nn) t->sni_name = nn;
-                if (!nn) { free(name); SSL_CTX_free(sc); luaL_error(L, "not enough memory"); }
+                char **nf = nn ? realloc(t->sni_files, (size_t)(t->nsni + 1) * 2 * sizeof *nf) : NULL;
+                if (nf) t->sni_files = nf;
+                if (!nf) { free(name); free(cf); free(kf); SSL_CTX_free(sc); luaL_error(L, "not enough memory"); }
                 t->sni_ctx[t->nsni] = sc;
                 t->sni_name[t->nsni] = name;
+                t->sni_files[2 * t->nsni] = cf;
+                t->sni_files[2 * t->nsni + 1] = kf;
                 t->nsni++;
                 lua_pop(L, 1);
             }
@@ -536,23 +548,39 @@ static int l_tls_context(lua_State *L)
     return 1;
 }
 
-/* ctx:reload() -> true | nil, err: re-reads the certificate and key files (new connections
- * use them; open ones keep theirs) */
+/* Whether the pair of files would load: tried on a scratch context (NULL: fine). */
+static const char *check_pair(const char *cert, const char *key)
+{
+    SSL_CTX *scratch = SSL_CTX_new(TLS_server_method());
+    if (!scratch) return "not enough memory";
+    const char *e = load_cert(scratch, cert, key);
+    SSL_CTX_free(scratch);
+    ERR_clear_error();
+    return e;
+}
+
+/* ctx:reload() -> true | nil, err: re-reads the certificate and key files, the SNI entries'
+ * too (new connections use them; open ones keep theirs). Every pair is checked on a scratch
+ * context first: one half-replaced (new certificate, old key) leaves them all as they were. */
 static int ctx_reload(lua_State *L)
 {
     mw_tlsctx *t = luaL_checkudata(L, 1, CTX_MT);
     if (!t->cert_file) return mw_pushfail(L, "the certificate was not given as files", "tls");
-    /* check the new pair on a scratch context first: a half-replaced pair (new certificate,
-     * old key) must leave the live context as it was */
-    SSL_CTX *scratch = SSL_CTX_new(TLS_server_method());
-    if (!scratch) return mw_pushfail(L, "not enough memory", "tls");
-    const char *e = load_cert(scratch, t->cert_file, t->key_file);
-    SSL_CTX_free(scratch);
-    if (e) {
-        ERR_clear_error();
-        return mw_pushfail(L, e, "tls");
+    const char *e = check_pair(t->cert_file, t->key_file);
+    if (e) return mw_pushfail(L, e, "tls");
+    for (int i = 0; i < t->nsni; i++) {
+        if (!t->sni_files[2 * i]) continue;
+        e = check_pair(t->sni_files[2 * i], t->sni_files[2 * i + 1]);
+        if (e) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "sni '%s': %s", t->sni_name[i], e);
+            lua_pushliteral(L, "tls");
+            return 3;
+        }
     }
     e = load_cert(t->ctx, t->cert_file, t->key_file);
+    for (int i = 0; !e && i < t->nsni; i++)
+        if (t->sni_files[2 * i]) e = load_cert(t->sni_ctx[i], t->sni_files[2 * i], t->sni_files[2 * i + 1]);
     if (e) {
         ERR_clear_error();
         return mw_pushfail(L, e, "tls");
