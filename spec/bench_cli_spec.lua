@@ -583,7 +583,48 @@ end
       assert.equal(2, d.hung, r.context)
       assert.matches("Socket errors: connect 0, read 0, write 0, timeout " .. d.errors.timeout, r.err, 1, true)
       assert.matches("Requests without an answer at the end: 2\n", r.err, 1, true)
+      -- pipelined: every request of each batch is unanswered, not one per connection
+      r = bench({ "-t1", "-c2", "-d0.5s", "--timeout", "5s", "--pipeline", "4", "--json", "-",
+        ("http://127.0.0.1:%d/"):format(port) })
+      assert.equal(8, json_of(r).hung, r.context)
     end, 20)
+  end)
+
+  -- --timeout bounds a whole answer, head and body, with a response() hook as without
+  it("--timeout covers the head and the body together, with a response() hook too", function()
+    run(function()
+      local l, port = helper.listen()
+      local acceptor = mw.spawn(function()
+        while true do
+          local s = l:accept()
+          if not s then return end
+          mw.spawn(function()
+            while true do
+              local line = s:read("l", 5)
+              if not line then return end
+              if line == "" then
+                -- the head after 0.3 s, the body 0.3 s after it: each within the 0.4 s
+                -- timeout, the whole answer not
+                mw.sleep(0.3)
+                s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+                mw.sleep(0.3)
+                if not s:write("ok") then return end
+              end
+            end
+          end)
+        end
+      end)
+      local _ <close> = setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
+      local script = writefile(tmp(".lua"), "function response() end")
+      for _, args in ipairs { {}, { "-s", script } } do
+        local words = { "-t1", "-c1", "-d1.5s", "--timeout", "0.4s", "--json", "-" }
+        for _, a in ipairs(args) do words[#words + 1] = a end
+        words[#words + 1] = ("http://127.0.0.1:%d/"):format(port)
+        local d = json_of(bench(words))
+        assert.equal(0, d.requests)
+        assert.is_true(d.errors.timeout >= 2, table.concat(args, " ") .. ": timeouts " .. d.errors.timeout)
+      end
+    end, 30)
   end)
 end)
 

@@ -112,23 +112,27 @@ local function connection(st, id, hooks)
           t0 = hrtime()
         end
         st.inflight = st.inflight + depth
-        st.pending[id] = t0
+        st.pending[id] = depth        -- (requests written and not answered yet: hung if left)
         local ok = sock:write(req)
         if not ok then
           st.errors.write = st.errors.write + 1
           st.inflight = st.inflight - depth
+          st.pending[id] = nil
           break
         end
         for _ = 1, depth do
           local status, bytes, keep
           if hooks.response then
+            -- one timeout for the whole answer, head and body, as the lean path has
+            local t_end = hrtime() + math.floor(timeout * 1e9)
+            local function left() return math.max(0, (t_end - hrtime()) / 1e9) end
             local res, _, code
             repeat  -- interim responses (100, 103) are not the answer, as in the client
-              res, _, code = hc:read_request(-1, timeout, head)
+              res, _, code = hc:read_request(-1, left(), head)
             until not res or res.status >= 200 or res.status == 101
             if res then
               local body
-              body, _, code = res._conn:read_body("all", -1, timeout)
+              body, _, code = res._conn:read_body("all", -1, left())
               if body then
                 status, bytes, keep = res.status, #body, res.keepalive
                 -- wrk hands the names as the server sent them: any case finds them here
@@ -158,11 +162,14 @@ local function connection(st, id, hooks)
               alive = false
             end
           end
-          st.inflight = st.inflight - 1
           if not alive then
+            -- this request and those behind it in the batch will not be answered here
+            st.inflight = st.inflight - st.pending[id]
             if not timed_out_at_end then st.pending[id] = nil end
             break
           end
+          st.inflight = st.inflight - 1
+          st.pending[id] = st.pending[id] - 1
           record(st, status, (hrtime() - t0) // 1000, bytes)
           if keep == false then alive = false end
         end
@@ -282,7 +289,7 @@ function M.run(cfg, hooks, on_stop)
     local drain_until = hrtime() + math.floor(math.min(cfg.timeout, 2) * 1e9)
     while st.inflight > 0 and hrtime() < drain_until do mw.sleep(0.005) end
     local hung = 0
-    for _ in pairs(st.pending) do hung = hung + 1 end
+    for _, n in pairs(st.pending) do hung = hung + n end
     st.hung = hung
     mw.stop()
     local _ = samp
