@@ -2251,6 +2251,28 @@ describe("http client against bad answers", function()
     end)
   end)
 
+  -- what the client cannot read as the server meant it is an error, never a wrong body
+  it("a transfer coding other than chunked, a status below 100, a version not 1.x: 'http' errors", function()
+    run(function()
+      local answers = {
+        ["/te"] = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ["/identity"] = "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nConnection: close\r\n\r\nok",
+        ["/099"] = "HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
+        ["/v2"] = "HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+      }
+      local f = fake_http(function(req) return answers[req.target] or ok_response() end)
+      local _f <close> = f
+      for path, want in pairs { ["/te"] = "transfer coding", ["/identity"] = "transfer coding",
+                                ["/099"] = "status", ["/v2"] = "version" } do
+        local res, err, code = http.get(f.url .. path)
+        assert.is_nil(res, path)
+        assert.equal("http", code, path .. ": " .. tostring(err))
+        assert.matches(want, err, 1, true)
+      end
+      assert.equal("ok", assert(http.get(f.url .. "/fine")):body())
+    end)
+  end)
+
   it("a URL with a control character fails with EINVAL instead of raising", function()
     run(function()
       for _, bad in ipairs { "http://127.0.0.1/\1x", "http://127.0.0.1/a\127b" } do

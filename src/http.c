@@ -313,13 +313,30 @@ static void check_field(mw_http *h, const hspan *sp)
     }
 }
 
+/* A response's header field, once whole: its Transfer-Encoding may only be chunked (llhttp
+ * undoes chunked; a coding before it, "gzip, chunked", would reach the caller still coded). */
+static void check_response_field(mw_http *h, const hspan *sp)
+{
+    if (!name_is(h, sp, "transfer-encoding", 17)) return;
+    const char *v;
+    size_t n;
+    value_of(h, sp, &v, &n);
+    if (!(n == 7 && strncasecmp(v, "chunked", 7) == 0) && !h->ferr_status) {
+        h->ferr_status = 502;
+        h->ferr_msg = "unsupported transfer coding in the response";
+    }
+}
+
 static int on_header_value_complete(llhttp_t *p)
 {
     mw_http *h = H(p);
     if (h->head_done) return 0;
     h->value_open = 0;
     h->value_done = 1;
-    if (p->type == HTTP_REQUEST && h->nhdrs > 0) check_field(h, &h->cur);
+    if (h->nhdrs > 0) {
+        if (p->type == HTTP_REQUEST) check_field(h, &h->cur);
+        else check_response_field(h, cur_span(h));
+    }
     return 0;
 }
 
@@ -349,6 +366,11 @@ static int on_headers_complete(llhttp_t *p)
         /* the value is "chunked" with optional white space (check_field): llhttp 8 takes a
          * space after it but not a tab (RFC 9110 §5.6.3 allows both) */
         if (te) p->flags |= F_CHUNKED;
+    } else {
+        /* an answer is HTTP/1.x with a status of three digits from 100 */
+        if (p->http_major != 1 || p->http_minor > 1) return fail(p, 502, "unsupported HTTP version in the response");
+        if (p->status_code < 100 || p->status_code > 999) return fail(p, 502, "bad status code in the response");
+        if (h->ferr_status) return fail(p, h->ferr_status, h->ferr_msg);
     }
     h->head_done = 1;
     /* no body whatever the head says: answers to HEAD, and 1xx/204/304 */
