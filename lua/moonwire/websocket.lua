@@ -338,8 +338,9 @@ end
 -- A lingering close, as the HTTP server's: our side shut, the peer's bytes read and dropped
 -- until it closes (at most `limit` seconds and LINGER_BYTES). Closed at once with unread
 -- bytes, a socket is reset by the kernel, and the peer may lose what we sent last (the
--- close frame saying why) before it reads it.
-local LINGER_BYTES = 4 * 1024 * 1024
+-- close frame saying why) before it reads it. (A peer may be in the middle of a message
+-- far over max_message when it is told: the rest of that comes first.)
+local LINGER_BYTES = 64 * 1024 * 1024
 local function linger(self, limit)
   local sock = self.sock
   if not pcall(sock.shutdown, sock, "write") then return end
@@ -361,7 +362,7 @@ local function fail(self, code, msg, reading)
     local payload = string.pack(">I2", code) .. msg:sub(1, 120)
     if not utf8_valid(payload:sub(3)) then payload = payload:sub(1, 2) end
     mw.timeout(1, send_control, self, OP.close, payload)
-    if wait_writer(self, 1) and reading then linger(self, 1) end
+    if wait_writer(self, 1) and reading then linger(self, 2) end
   end
   finish(self, code, msg)
 end
