@@ -504,8 +504,6 @@ end
 -- docs/websocket.md). ws_send_spec runs the same cases through both.
 WebSocket.send = core.ws_send(WebSocket.send, sent_part)
 
---- A writer for a message whose size is not known up front: w:write(chunk) sends a frame,
--- w:close() ends the message. Not compressed.
 -- The bytes at the end of s that begin a UTF-8 sequence not yet complete (0 to 3): a text
 -- message written in pieces may split a character between two of them.
 local function utf8_open_tail(s)
@@ -522,6 +520,9 @@ local function utf8_open_tail(s)
   return 0
 end
 
+--- A writer for a message whose size is not known up front: w:write(chunk) sends a frame,
+-- w:close() ends the message. Not compressed. A text message is held to UTF-8 as ws:send
+-- holds one, a character split between two pieces included.
 function WebSocket:writer(kind)
   kind = check_kind(kind, "writer")
   local ws, first, done = self, true, false
