@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "3ba56eb914e09f9407f07142ef68165c",
+  md5 = "073c6c87a3727aede0401f50ff909353",
   dir = "moonwire-0.1.0",
 }
 description = {
