@@ -73,4 +73,20 @@ function M.timeout(s, fn, ...)
   return finish(prev, pcall(fn, ...))
 end
 
+-- (internal) The lingering close's reading half, for the HTTP server and WebSocket: with
+-- the write side shut, what the peer still sends is read and dropped until it closes, for at
+-- most `seconds` and `bytes`, or until stop() says so. A socket closed at once with unread
+-- bytes is reset by the kernel, and the peer may lose what was sent last before it reads it.
+function M._linger(sock, seconds, bytes, stop)
+  if not sock:shutdown("write") then return end
+  local deadline = M.now() + seconds
+  while bytes > 0 do
+    local wait = deadline - M.now()
+    if wait <= 0 or (stop and stop()) then return end
+    local piece = sock:recv(math.min(bytes, 65536), wait)
+    if not piece then return end
+    bytes = bytes - #piece
+  end
+end
+
 return M

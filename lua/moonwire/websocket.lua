@@ -335,24 +335,10 @@ local function send_control(self, op, payload)
   return send_frame(self, op, payload, true, false)
 end
 
--- A lingering close, as the HTTP server's: our side shut, the peer's bytes read and dropped
--- until it closes (at most `limit` seconds and LINGER_BYTES). Closed at once with unread
--- bytes, a socket is reset by the kernel, and the peer may lose what we sent last (the
--- close frame saying why) before it reads it. (A peer may be in the middle of a message
--- far over max_message when it is told: the rest of that comes first.)
+-- A lingering close (mw._linger, as the HTTP server's) reads at most this much: a peer may
+-- be in the middle of a message far over max_message when it is told, and sends the rest
+-- first.
 local LINGER_BYTES = 64 * 1024 * 1024
-local function linger(self, limit)
-  local sock = self.sock
-  if not pcall(sock.shutdown, sock, "write") then return end
-  local deadline, n = mw.now() + limit, 0
-  while n < LINGER_BYTES do
-    local left = deadline - mw.now()
-    if left <= 0 then return end
-    local data = sock:recv(65536, left)
-    if not data then return end
-    n = n + #data
-  end
-end
 
 -- The peer broke the protocol, or went quiet: answer with the close code (after the frame
 -- being written, if any) and drop the connection. `reading`: called by the task that reads
@@ -362,7 +348,7 @@ local function fail(self, code, msg, reading)
     local payload = string.pack(">I2", code) .. msg:sub(1, 120)
     if not utf8_valid(payload:sub(3)) then payload = payload:sub(1, 2) end
     mw.timeout(1, send_control, self, OP.close, payload)
-    if wait_writer(self, 1) and reading then linger(self, 2) end
+    if wait_writer(self, 1) and reading then pcall(mw._linger, self.sock, 2, LINGER_BYTES) end
   end
   finish(self, code, msg)
 end

@@ -103,16 +103,7 @@ end
 local function linger(srv, sock)
   if srv.closing then return end
   srv._conns[sock] = true
-  if not sock:shutdown("write") then return end
-  local left = srv.limits.linger
-  local deadline = mw.now() + srv.timeouts.linger
-  while left > 0 do
-    local wait = deadline - mw.now()
-    if wait <= 0 or srv.closing then return end
-    local piece = sock:recv(math.min(left, 65536), wait)
-    if not piece then return end
-    left = left - #piece
-  end
+  mw._linger(sock, srv.timeouts.linger, srv.limits.linger, function() return srv.closing end)
 end
 
 -- After the handler, when it raised or left the response unfinished.
