@@ -109,6 +109,21 @@ struct h2conn {
     uint32_t glitches;         /* frames that did no work (floods) */
     uint64_t data_bytes;       /* DATA payload both ways: a long download earns its WINDOW_UPDATEs */
     uint32_t requests;
+    /* nghttp2 keeps no closed stream (no_closed_streams: a closed one cost ~230 bytes and
+     * kept the stream map's page resident, up to max_streams of them per idle connection),
+     * so RFC 9113 §5.1's STREAM_CLOSED is ours: of the 64 client streams up to closed_hi,
+     * bit k of closed_rd is stream closed_hi - 2k, closed after the client ended its side
+     * (END_STREAM or RST_STREAM received). A DATA or HEADERS on one of them is a connection
+     * error STREAM_CLOSED; on any other closed stream it is ignored, as after our own
+     * RST_STREAM it must be (and as nghttp2 did once it had let go of a closed stream). */
+    int32_t closed_hi;
+    uint64_t closed_rd;
+    /* the frame scanner over the bytes fed to nghttp2 (feed): what is left of the preface or
+     * of the frame being fed, the header being put together across reads */
+    uint32_t fskip;
+    int32_t fhi;               /* the highest stream id of a HEADERS it read */
+    uint8_t fhlen;
+    uint8_t fhdr[9];
     /* limits and timeouts */
     uint32_t max_streams, stream_window, conn_window, max_fields, max_header_bytes;
     size_t hwm, out_hwm;
@@ -363,9 +378,30 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     return 0;
 }
 
+/* The client ended its side of stream id, which closes now (closed_rd). */
+static void mark_closed(h2conn *c, int32_t id)
+{
+    if (id > c->closed_hi) {
+        uint32_t sh = (uint32_t)(id - c->closed_hi) / 2;
+        c->closed_rd = sh >= 64 ? 0 : c->closed_rd << sh;
+        c->closed_hi = id;
+    }
+    uint32_t k = (uint32_t)(c->closed_hi - id) / 2;
+    if (k < 64) c->closed_rd |= (uint64_t)1 << k;
+}
+
+static int closed_by_peer(const h2conn *c, int32_t id)
+{
+    if (!(id & 1) || id > c->closed_hi) return 0;
+    uint32_t k = (uint32_t)(c->closed_hi - id) / 2;
+    return k < 64 && (c->closed_rd >> k & 1);
+}
+
 static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void *ud)
 {
     h2conn *c = ud;
+    /* still nghttp2's stream here: is its remote side shut (END_STREAM or RST received)? */
+    if ((id & 1) && nghttp2_session_get_stream_remote_close(ss, id) == 1) mark_closed(c, id);
     h2stream *st = nghttp2_session_get_stream_user_data(ss, id);
     if (!st) return 0;
     nghttp2_session_set_stream_user_data(ss, id, NULL);
@@ -539,6 +575,7 @@ static int l_h2_server(lua_State *L)
     c->max_glitches = (uint32_t)optnum(L, 2, "glitches", 1000);
     c->t_trim = optnum(L, 2, "trim_after", 1);
     c->trimmed_for = -1;
+    c->fskip = NGHTTP2_CLIENT_MAGIC_LEN;           /* the scanner starts after the preface */
     lua_getfield(L, 2, "connect_protocol");
     int connect_protocol = lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -560,6 +597,7 @@ static int l_h2_server(lua_State *L)
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_outbound_ack(opt, 1000);
     nghttp2_option_set_max_settings(opt, 32);
+    nghttp2_option_set_no_closed_streams(opt, 1);   /* STREAM_CLOSED is ours (closed_rd) */
     if (nghttp2_option_set_max_continuations) nghttp2_option_set_max_continuations(opt, 8);
     if (nghttp2_option_set_stream_reset_rate_limit) nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
     mw_h2mem_init(&c->mem);
@@ -693,6 +731,53 @@ static void run_event(lua_State *L, h2conn *c, h2stream *st)
     stream_release(st);
 }
 
+/* Feeds nghttp2 the bytes at p (len > 0): what it took, or its error. On the way, each
+ * frame's header is read (the frame scanner: fskip, fhdr) for RFC 9113 §5.1: a DATA or
+ * HEADERS on a stream the client had ended (closed_by_peer) ends the connection with
+ * STREAM_CLOSED. The frames before it are fed first when one of them may close a stream (an
+ * RST_STREAM, an END_STREAM): the feed stops at its header, and the caller feeds the rest. */
+static ssize_t feed(h2conn *c, const uint8_t *p, size_t len)
+{
+    size_t off = 0;
+    int dirty = 0;             /* a frame fed in this call may close a stream */
+    while (off < len) {
+        if (c->fskip) {
+            size_t k = len - off < c->fskip ? len - off : c->fskip;
+            off += k;
+            c->fskip -= (uint32_t)k;
+            continue;
+        }
+        size_t k = 9u - c->fhlen;
+        if (len - off < k) {
+            /* a header cut by the read: its frame is checked once the rest has come, after
+             * the frames before it (fed first if they may close a stream) */
+            if (dirty && c->fhlen == 0 && off > 0) break;
+            memcpy(c->fhdr + c->fhlen, p + off, len - off);
+            c->fhlen = (uint8_t)(c->fhlen + (len - off));
+            off = len;
+            break;
+        }
+        const uint8_t *h = c->fhdr;
+        if (c->fhlen) memcpy(c->fhdr + c->fhlen, p + off, k);
+        else h = p + off;
+        uint8_t type = h[3];
+        int data_or_headers = type == NGHTTP2_DATA || type == NGHTTP2_HEADERS;
+        int32_t sid = (int32_t)(((uint32_t)(h[5] & 0x7f) << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8]);
+        /* (a HEADERS opening a new stream is not on a closed one) */
+        if (dirty && data_or_headers && sid <= c->fhi && c->fhlen == 0 && off > 0) break;
+        if (data_or_headers && closed_by_peer(c, sid) && !c->goaway) {
+            c->goaway = 1;
+            nghttp2_session_terminate_session(c->session, NGHTTP2_STREAM_CLOSED);
+        }
+        if (type == NGHTTP2_RST_STREAM || (data_or_headers && (h[4] & NGHTTP2_FLAG_END_STREAM))) dirty = 1;
+        if (type == NGHTTP2_HEADERS && sid > c->fhi) c->fhi = sid;
+        c->fskip = ((uint32_t)h[0] << 16) | ((uint32_t)h[1] << 8) | h[2];
+        c->fhlen = 0;
+        off += k;
+    }
+    return nghttp2_session_mem_recv(c->session, p, off);
+}
+
 static int next_step(lua_State *L, h2conn *c, mw_task *t)
 {
     mw_sock *s = c->sock;
@@ -720,7 +805,7 @@ static int next_step(lua_State *L, h2conn *c, mw_task *t)
         }
         size_t len = mw_buf_len(&s->rbuf);
         if (len > 0) {
-            ssize_t n = nghttp2_session_mem_recv(c->session, (const uint8_t *)mw_buf_head(&s->rbuf), len);
+            ssize_t n = feed(c, (const uint8_t *)mw_buf_head(&s->rbuf), len);
             if (n < 0) {
                 /* a connection error: nghttp2 queued its GOAWAY (or the peer broke the
                  * preface, or a flood limit hit): send what is queued, then close */

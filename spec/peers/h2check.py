@@ -1196,6 +1196,50 @@ def _(ctx):
     return c.stream_error(sid, STREAM_CLOSED)
 
 
+@case("http2/5.1/13", "RST_STREAM then DATA on its stream in one write -> STREAM_CLOSED")
+def _(ctx):
+    # both frames reach the server in one read: the RST must close the stream before the
+    # DATA behind it is judged
+    c = ctx.conn().handshake()
+    sid = c.request("POST", ctx.routes.echo, extra=[("content-length", "6")], end_stream=False)
+    c.send(RstStreamFrame(sid, error_code=CANCEL).serialize() +
+           DataFrame(sid, data=b"abcdef", flags=["END_STREAM"]).serialize())
+    return c.stream_error(sid, STREAM_CLOSED)
+
+
+@case("http2/5.1/14", "DATA after the server's RST_STREAM is ignored (the client had not ended)")
+def _(ctx):
+    # RFC 9113 5.1: frames on a stream we reset may still be in flight and MUST be ignored.
+    # A POST answered (405) before its body ended: the server resets it with NO_ERROR.
+    c = ctx.conn().handshake()
+    sid = c.request("POST", ctx.routes.root, end_stream=False)
+    st = c.stream(sid)
+    while st.rst is None:
+        try:
+            f = c.read()
+        except Closed as e:
+            raise Fail("closed before the server reset stream %d (%s)" % (sid, e)) from None
+        if f is None:
+            raise Fail("stream %d was not reset within %.1f s" % (sid, ctx.read_timeout))
+    c.data(sid, b"late body", end_stream=False)
+    c.send(c.headers_frame(sid, plain_block([("x-trailer", "t")])))
+    c.alive("DATA and trailers on a stream the server reset to be ignored")
+    c.ok(c.request(), ROOT_BODY)
+    return "ignored"
+
+
+@case("http2/5.1/15", "a request, then DATA on a stream closed by END_STREAM both ways, in one "
+                      "write -> STREAM_CLOSED")
+def _(ctx):
+    c = ctx.conn().handshake()
+    first = c.request()
+    c.ok(first, ROOT_BODY)
+    c.streams.pop(first)
+    c.send(c.headers_frame(c.new_sid(), c.block(c.fields()), end_stream=True) +
+           DataFrame(first, data=b"late", flags=["END_STREAM"]).serialize())
+    return c.stream_error(first, STREAM_CLOSED)
+
+
 @case("http2/5.1.1/1", "an even stream id from the client -> PROTOCOL_ERROR")
 def _(ctx):
     c = ctx.conn().handshake()
