@@ -95,6 +95,45 @@ describe("a streamed body after a bodyless status (res:status(204); res:write(..
   end)
 end)
 
+describe("a handler's Content-Length on a 204 (RFC 9110 §8.6: a 204 has none)", function()
+  -- it was sent as given: HTTP/2 (curl/nghttp2) resets the stream as malformed, HTTP/1.1
+  -- sends a field the status forbids
+  local function handler(_, res)
+    res:header("content-length", "0")
+    res:status(204)
+    res:send("")
+  end
+
+  it("HTTP/2: the 204 arrives, without it (curl)", function()
+    helper.run(function()
+      local srv = assert(http.server { host = "127.0.0.1", port = 0, handler = handler })
+      local code, out, err = helper.shell(("curl -sS --http2-prior-knowledge -D - -o /dev/null http://127.0.0.1:%d/")
+        :format(srv.port))
+      srv:close(0)
+      assert.equal(0, code, err)
+      assert.matches("^HTTP/2 204", out)
+      assert.is_nil(out:lower():find("content-length", 1, true), out)
+    end, 15)
+  end)
+
+  it("HTTP/1.1: the 204 head has none", function()
+    helper.run(function()
+      local srv = assert(http.server { host = "127.0.0.1", port = 0, handler = handler })
+      local c = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+      assert(c:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.equal("HTTP/1.1 204 No Content", assert(c:read("*l")))
+      local fields = {}
+      repeat
+        local line = assert(c:read("*l"))
+        fields[#fields + 1] = line:lower()
+      until line == ""
+      assert.is_nil(table.concat(fields, "\n"):find("content-length", 1, true))
+      c:close()
+      srv:close(0)
+    end, 15)
+  end)
+end)
+
 describe("HTTP/2 flow control: request bodies a handler never reads", function()
   -- their bytes are never given back to the connection's receive window (nghttp2_session_consume
   -- runs only as a handler reads): once conn_window bytes were left unread, the client can send

@@ -1510,7 +1510,10 @@ static void add_date(sink *k, datecache *dc)
  * names (tokens) and values (no CR, LF, NUL) unless `checked` says res:header did that as it
  * stored them. Sets bits in *seen: 1 content-length, 2 transfer-encoding, 4 connection,
  * 8 host. */
-static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_Integer nh, int *seen, int checked)
+/* no_length: a 1xx or 204 response, which has no Content-Length (RFC 9110 §8.6): a
+ * handler's is dropped */
+static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_Integer nh, int *seen, int checked,
+                        int no_length)
 {
     for (lua_Integer i = first; i < first + 2 * nh; i += 2) {
         size_t kn, vn;
@@ -1525,8 +1528,13 @@ static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_I
             if (!name_ok(key, kn)) luaL_error(L, "invalid header name '%s'", key);
             if (!value_clean(v, vn)) luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
         }
-        if (kn == 14 && strncasecmp(key, "content-length", 14) == 0) *seen |= 1;
-        else if (kn == 17 && strncasecmp(key, "transfer-encoding", 17) == 0) *seen |= 2;
+        if (kn == 14 && strncasecmp(key, "content-length", 14) == 0) {
+            *seen |= 1;
+            if (no_length) {
+                lua_pop(L, 2);
+                continue;
+            }
+        } else if (kn == 17 && strncasecmp(key, "transfer-encoding", 17) == 0) *seen |= 2;
         else if (kn == 10 && strncasecmp(key, "connection", 10) == 0) *seen |= 4;
         else if (kn == 4 && strncasecmp(key, "host", 4) == 0) *seen |= 8;
         lua_pop(L, 2);  /* balanced stack use while the luaL_Buffer is open */
@@ -1602,7 +1610,7 @@ static int build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, 
         add_date(k, dc);
     }
     int seen = 0;
-    add_headers(L, k, hidx, first, nh, &seen, (int)(flags & HF_CHECKED));
+    add_headers(L, k, hidx, first, nh, &seen, (int)(flags & HF_CHECKED), status < 200 || status == 204);
     int bodyless = status < 200 || status == 204 || status == 304;
     if (length >= 0 && !(seen & 3) && !bodyless && !(flags & 4)) add_length(k, length);
     else if (length == -1 && !(seen & 2) && !bodyless) puts_(k, "Transfer-Encoding: chunked\r\n");
@@ -1897,7 +1905,7 @@ static int l_http_request_head(lua_State *L)
     luaL_addlstring(&b, target, tn);
     luaL_addlstring(&b, " HTTP/1.1\r\n", 11);
     int seen = 0;
-    add_headers(L, &k, 4, 1, nh, &seen, 0);
+    add_headers(L, &k, 4, 1, nh, &seen, 0, 0);
     if (!(seen & 8)) {
         luaL_addlstring(&b, "Host: ", 6);
         luaL_addlstring(&b, host, hn);
