@@ -626,7 +626,42 @@ end
       end
     end, 30)
   end)
+
+  -- Transfer/sec is the bytes read, as wrk counts them: heads, interim responses and chunked
+  -- framing included, with a response() hook as without (with one, only bodies were counted)
+  it("bytes are what was read, with a response() hook too", function()
+    run(function()
+      local answer = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" ..
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+      local l, port = helper.listen()
+      local acceptor = mw.spawn(function()
+        while true do
+          local s = l:accept()
+          if not s then return end
+          mw.spawn(function()
+            while true do
+              local line = s:read("l", 5)
+              if not line then return end
+              if line == "" and not s:write(answer) then return end
+            end
+          end)
+        end
+      end)
+      local _ <close> = setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
+      local script = writefile(tmp(".lua"), "function response(status, headers, body) end")
+      for _, args in ipairs { {}, { "-s", script } } do
+        local words = { "-t1", "-c1", "-d0.5s", "--json", "-" }
+        for _, a in ipairs(args) do words[#words + 1] = a end
+        words[#words + 1] = ("http://127.0.0.1:%d/"):format(port)
+        local r = bench(words)
+        local d = json_of(r)
+        assert.is_true(d.requests > 0, r.context)
+        assert.equal(#answer * d.requests, d.bytes, table.concat(args, " ") .. r.context)
+      end
+    end, 30)
+  end)
 end)
+
 
 ---------------------------------------------------------------------------------------------
 -- wrk scripts

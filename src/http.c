@@ -66,7 +66,7 @@ typedef struct mw_http {
     int tr_lf, tr_before, tr_last;  /* the last byte scanned was an LF; the byte before it; the last */
     uint32_t ext_len;          /* the chunk extension name or value being parsed, so far */
     uint32_t ext_total;        /* the extensions of the chunk being parsed, so far */
-    uint64_t lean_bytes;
+    uint64_t msg_bytes;        /* bytes of this message taken from the socket (head, body, framing) */
     int idle_wait;             /* parked in read_request with nothing of the next head yet */
     int blank_lines;           /* requests: empty lines skipped before this request line */
     /* for res:send's C path (server side): the server's name and from which body size a
@@ -888,6 +888,7 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
             /* the head is in Lua now: drop it, then let llhttp reach the end of a message
              * without a body (it completes on a zero-length execute) */
             mw_buf_consume(&s->rbuf, h->parsed);
+            h->msg_bytes += h->parsed;
             h->parsed = 0;
             h->base = mw_buf_head(&s->rbuf);
             llhttp_errno_t e = llhttp_execute(&h->p, h->base, 0);
@@ -953,6 +954,7 @@ static void reset_message(mw_http *h)
     h->tr_mark = h->tr_on = 0;
     h->blank_lines = 0;
     h->ext_len = h->ext_total = 0;
+    h->msg_bytes = 0;
     mw_buf_free(&h->body, NULL);
     mw_buf_free(&h->trailers, NULL);
 }
@@ -971,7 +973,7 @@ static int lean_step(lua_State *L, mw_http *h, mw_task *t)
             if (st) return pushverdict(L, h->err_msg, st);
             if (h->head_done) {
                 mw_buf_consume(&s->rbuf, h->parsed);
-                h->lean_bytes += h->parsed;
+                h->msg_bytes += h->parsed;
                 h->parsed = 0;
             }
         }
@@ -983,7 +985,7 @@ static int lean_step(lua_State *L, mw_http *h, mw_task *t)
         }
         if (h->msg_done) {
             lua_pushinteger(L, h->p.status_code);
-            lua_pushinteger(L, (lua_Integer)h->lean_bytes);
+            lua_pushinteger(L, (lua_Integer)h->msg_bytes);
             lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
             return 3;
         }
@@ -1066,7 +1068,6 @@ static int hc_read_lean(lua_State *L)
     reset_message(h);
     h->discard = 1;
     h->skip_body = head;
-    h->lean_bytes = 0;
     h->deadline = mw_sched_after(h->s->rt, timeout);
     return lean_step(L, h, t);
 }
@@ -1126,6 +1127,7 @@ static int read_body_step(lua_State *L, mw_http *h, mw_task *t, int mode)
             h->parsed = 0;
             int st = feed(h);
             mw_buf_consume(&s->rbuf, h->parsed);
+            h->msg_bytes += h->parsed;
             h->parsed = 0;
             if (st) {
                 mw_buf_free(&h->body, NULL);
@@ -1192,6 +1194,15 @@ static int hc_read_body(lua_State *L)
     lua_settop(L, 1);
     h->deadline = mw_sched_after(h->s->rt, timeout);
     return read_body_step(L, h, t, mode);
+}
+
+/* hc:message_bytes() -> the bytes of the message being read (or last read) taken from the
+ * socket so far: its head, and its body as read, with the chunked framing (what wrk counts) */
+static int hc_message_bytes(lua_State *L)
+{
+    mw_http *h = checkhc(L);
+    lua_pushinteger(L, (lua_Integer)h->msg_bytes);
+    return 1;
 }
 
 /* hc:state() -> head_done, msg_done, expect_continue, upgrade, content_length|nil, chunked */
@@ -2010,7 +2021,7 @@ void mw_http_open(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
-        { "read_lean", hc_read_lean }, { "trailers", hc_trailers }, { "release", hc_release },
+        { "read_lean", hc_read_lean }, { "message_bytes", hc_message_bytes }, { "trailers", hc_trailers }, { "release", hc_release },
         { "idle", hc_idle }, { "closing", hc_closing }, { "socket", hc_socket }, { "server", hc_server }, { "headers_of", hc_headers_of },
         { NULL, NULL }
     };

@@ -127,14 +127,17 @@ local function connection(st, id, hooks)
             local t_end = hrtime() + math.floor(timeout * 1e9)
             local function left() return math.max(0, (t_end - hrtime()) / 1e9) end
             local res, _, code
+            local interim = 0   -- their bytes count, as on the lean path (and in wrk)
             repeat  -- interim responses (100, 103) are not the answer, as in the client
               res, _, code = hc:read_request(-1, left(), head)
+              if res and res.status < 200 and res.status ~= 101 then interim = interim + hc:message_bytes() end
             until not res or res.status >= 200 or res.status == 101
             if res then
               local body
               body, _, code = res._conn:read_body("all", -1, left())
               if body then
-                status, bytes, keep = res.status, #body, res.keepalive
+                -- the bytes read, head and framing included (wrk's Transfer/sec), not the body's
+                status, bytes, keep = res.status, interim + hc:message_bytes(), res.keepalive
                 -- wrk hands the names as the server sent them: any case finds them here
                 setmetatable(res.headers, headers_ci)
                 call_hook(st, hooks.response, res.status, res.headers, body)
