@@ -707,6 +707,44 @@ describe("tls", function()
     end)
   end)
 
+  -- TLS 1.3 servers send session tickets after the handshake: records without data, which a
+  -- fresh client connection has not read yet. They are not the peer talking: alive() was false
+  -- (a pool would drop every fresh connection it checks).
+  it("alive() reads through TLS 1.3 session tickets on a fresh connection", function()
+    run(function()
+      local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+      local cctx = mw.tls.context { cafile = cert("ca.pem"), min_version = "1.3" }
+      local l, port = helper.listen()
+      local shook = mw.channel(1)
+      local server = mw.spawn(function()
+        local a = assert(l:accept(5))
+        -- a server's handshake writes its tickets before it is done
+        assert(a:starttls(sctx, { timeout = 5 }))
+        shook:send(true)
+        local line = a:read("l", 5)
+        assert(a:write("echo " .. tostring(line) .. "\r\n"))
+        a:close()
+        return true
+      end)
+      local c = assert(mw.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+      assert(c:starttls(cctx, { host = "localhost", timeout = 5 }))
+      assert.equal("TLSv1.3", c:tls_info().version)
+      assert(shook:recv(5))
+      assert.is_true(c:alive())
+      assert.is_true(c:alive())
+      assert(c:write("hello\r\n"))
+      assert.equal("echo hello", c:read("l", 5))
+      assert(joined(server))
+      -- and data nobody asked for, or the end, still say no
+      assert.is_false(mw.timeout(5, function()
+        while c:alive() do mw.sleep(0.01) end
+        return c:alive()
+      end))
+      c:close()
+      l:close()
+    end)
+  end)
+
   describe("starttls", function()
     it("upgrades a plain line-protocol connection on both sides", function()
       run(function()

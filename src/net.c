@@ -6,6 +6,7 @@
 #include "dns.h"
 #include "mwlua.h"
 #include "list.h"
+#include "stream.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -535,6 +536,16 @@ static int h_alive(lua_State *L)
     }
     char c;
     ssize_t n = recv(s->io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0 && s->tp->pending) {
+        /* TLS: records that carry no data (TLS 1.3's session tickets after the handshake, a
+         * key update) are not the peer talking: read them through; data or the end is */
+        uint32_t want = EPOLLIN;
+        int r = mw_stream_fill(s, 0, &want);
+        int quiet = r != 1 && r != 0 && r != -3 && mw_buf_len(&s->rbuf) == 0;
+        if (mw_buf_len(&s->rbuf) == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
+        lua_pushboolean(L, quiet);
+        return 1;
+    }
     lua_pushboolean(L, n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
     return 1;
 }
