@@ -85,6 +85,44 @@ describe("moonwire.pubsub, local", function()
       ps:close()
     end)
   end)
+
+  -- Regression: these failed with "attempt to index a nil value" (join, leave, unsubscribe of
+  -- nil), returned nil silently (join of a table), or failed later, elsewhere: a string queue
+  -- at the first publish, a string unsubscribe_delay in the sweeper task (idle topics were
+  -- never forgotten afterwards), a topic over 65535 bytes inside string.pack.
+  it("raises on a bad argument or option, naming it", function()
+    run(function()
+      local ps = pubsub.new { bus = false }
+      helper.raises("bad argument #1 to 'join' (WebSocket expected, got nil)", ps.join, ps, nil, "room")
+      helper.raises("bad argument #1 to 'join' (WebSocket expected, got table)", ps.join, ps, {}, "room")
+      helper.raises("bad argument #1 to 'leave' (WebSocket expected, got nil)", ps.leave, ps, nil, "room")
+      helper.raises("bad argument #1 to 'unsubscribe' (subscription handle expected, got nil)",
+        ps.unsubscribe, ps, nil)
+      helper.raises("bad argument #1 to 'unsubscribe' (subscription handle expected, got table)",
+        ps.unsubscribe, ps, { topic = "t" })
+      local long = ("x"):rep(65536)
+      helper.raises("bad argument #1 to 'publish' (topic longer than 65535 bytes)", ps.publish, ps, long, "d")
+      helper.raises("bad argument #1 to 'subscribe' (topic longer than 65535 bytes)", ps.subscribe, ps, long,
+        function() end)
+      assert.is_true(ps:publish(("x"):rep(65535), "d"))          -- the longest topic is fine
+      for _, bad in ipairs {
+        { { queue = "big" }, "bad option 'queue' (positive integer expected, got string)" },
+        { { queue = 0 }, "bad option 'queue' (positive integer expected, got 0)" },
+        { { queue = 1.5 }, "bad option 'queue' (positive integer expected, got 1.5)" },
+        { { unsubscribe_delay = "x" }, "bad option 'unsubscribe_delay' (non-negative number expected, got string)" },
+        { { timeout = -1 }, "bad option 'timeout' (positive number expected, got -1)" },
+        { { history_ttl = "1" }, "bad option 'history_ttl' (non-negative number expected, got string)" },
+        { { kind = "utf8" }, "bad option 'kind' (\"text\" or \"binary\" expected, got string)" },
+        { { on_event = true }, "bad option 'on_event' (function expected, got boolean)" },
+        { { node = 1 }, "bad option 'node' (string expected, got number)" },
+        { { prefix = false }, "bad option 'prefix' (string expected, got boolean)" },
+      } do
+        bad[1].bus = false
+        helper.raises(bad[2], pubsub.new, bad[1])
+      end
+      ps:close()
+    end)
+  end)
 end)
 
 describe("moonwire.pubsub over Redis", function()

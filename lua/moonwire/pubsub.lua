@@ -26,6 +26,48 @@ local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
 end
 
+-- Topics travel the workers bus with a 2-byte length (">s2"): a longer one could be
+-- subscribed but never published, so every method refuses it.
+local MAX_TOPIC = 65535
+
+local function checktopic(n, fname, topic)
+  if type(topic) ~= "string" then
+    error(("bad argument #%d to '%s' (string expected, got %s)"):format(n, fname, type(topic)), 3)
+  end
+  if #topic > MAX_TOPIC then
+    error(("bad argument #%d to '%s' (topic longer than %d bytes)"):format(n, fname, MAX_TOPIC), 3)
+  end
+end
+
+local function checkws(n, fname, ws)
+  local mt = getmetatable(ws)
+  if type(mt) ~= "table" or mt.__name ~= "moonwire.WebSocket" then
+    error(("bad argument #%d to '%s' (WebSocket expected, got %s)"):format(n, fname,
+      type(mt) == "table" and type(mt.__name) == "string" and mt.__name or type(ws)), 3)
+  end
+end
+
+-- An option checked when the instance is made, not where it is first used (a string queue
+-- used to fail at the first publish; a string unsubscribe_delay killed the sweeper task, and
+-- idle topics were never forgotten afterwards).
+local function optcheck(opts, k, ok, expected, default)
+  local v = opts[k]
+  if v == nil then return default end
+  if not ok(v) then
+    -- (a number of the wrong range is shown: "got 0" says more than "got number")
+    local numeric = type(v) == "number" and (expected:find("number") or expected:find("integer"))
+    error(("bad option '%s' (%s expected, got %s)"):format(k, expected, numeric and tostring(v) or type(v)), 3)
+  end
+  return v
+end
+
+local function posint(v) return math.type(v) == "integer" and v > 0 end
+local function posnum(v) return type(v) == "number" and v > 0 end
+local function nonneg(v) return type(v) == "number" and v >= 0 end
+local function isstring(v) return type(v) == "string" end
+local function isfunction(v) return type(v) == "function" end
+local function iskind(v) return v == "text" or v == "binary" end
+
 local function hex(n)
   return (core.random(n):gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
@@ -73,12 +115,15 @@ function M.new(opts)
     error("bad option 'history' (number or function expected)", 2)
   end
   local self = setmetatable({
-    node = opts.node or hex(6), prefix = opts.prefix or "mw:",
+    node = optcheck(opts, "node", isstring, "string") or hex(6),
+    prefix = optcheck(opts, "prefix", isstring, "string", "mw:"),
     _history = type(hist) == "number" and function() return hist end or hist,
-    history_ttl = opts.history_ttl or 0,
-    queue = opts.queue or 1024, unsubscribe_delay = opts.unsubscribe_delay or 1,
-    timeout = opts.timeout or 2, kind = opts.kind or "text",
-    on_event = opts.on_event or function() end,
+    history_ttl = optcheck(opts, "history_ttl", nonneg, "non-negative number", 0),
+    queue = optcheck(opts, "queue", posint, "positive integer", 1024),
+    unsubscribe_delay = optcheck(opts, "unsubscribe_delay", nonneg, "non-negative number", 1),
+    timeout = optcheck(opts, "timeout", posnum, "positive number", 2),
+    kind = optcheck(opts, "kind", iskind, "\"text\" or \"binary\"", "text"),
+    on_event = optcheck(opts, "on_event", isfunction, "function") or function() end,
     _topics = {}, _seq = {}, _idle = {}, _nidle = 0,
     stats = { published = 0, delivered = 0, dropped = 0, duplicates = 0, lost = 0, recovered = 0,
       publish_errors = 0 },
@@ -357,7 +402,7 @@ end
 -- Delivered to this process's subscribers at once; then to the other workers (bus) or to
 -- Redis. nil, err: it did not leave this process (Redis down, a full bus queue).
 function PS:publish(topic, data)
-  if type(topic) ~= "string" then argerror(1, "publish", "string expected, got " .. type(topic)) end
+  checktopic(1, "publish", topic)
   if type(data) ~= "string" then argerror(2, "publish", "string expected, got " .. type(data)) end
   if self.closed then error("pubsub: publish after close", 2) end
   local seq = (self._seq[topic] or 0) + 1
@@ -399,7 +444,7 @@ Handle.__close = Handle.close
 --- ps:subscribe(topic, fn) -> handle: fn(data, topic) gets every message of the topic, in a
 -- task of the topic (it may block; a full queue drops and counts). handle:close() ends it.
 function PS:subscribe(topic, fn)
-  if type(topic) ~= "string" then argerror(1, "subscribe", "string expected, got " .. type(topic)) end
+  checktopic(1, "subscribe", topic)
   if type(fn) ~= "function" then argerror(2, "subscribe", "function expected, got " .. type(fn)) end
   local t = topic_of(self, topic)
   local h = setmetatable({ ps = self, topic = topic, fn = fn }, Handle)
@@ -410,6 +455,9 @@ end
 
 --- ps:unsubscribe(handle)
 function PS:unsubscribe(h)
+  if getmetatable(h) ~= Handle then
+    argerror(1, "unsubscribe", "subscription handle expected, got " .. type(h))
+  end
   local t = self._topics[h.topic]
   if not t or h.ps ~= self then return end
   for i, x in ipairs(t.handlers) do
@@ -423,7 +471,8 @@ end
 
 --- ps:join(ws, topic): the WebSocket connection gets every message of the topic (see ws:join).
 function PS:join(ws, topic)
-  if type(topic) ~= "string" then argerror(2, "join", "string expected, got " .. type(topic)) end
+  checkws(1, "join", ws)
+  checktopic(2, "join", topic)
   if ws.state ~= "open" then return nil, "closed", "closed" end
   local joined = ws._topics
   if not joined then joined = {} ws._topics = joined end
@@ -439,6 +488,8 @@ end
 
 --- ps:leave(ws, topic)
 function PS:leave(ws, topic)
+  checkws(1, "leave", ws)
+  checktopic(2, "leave", topic)
   local joined = ws._topics
   if not joined or joined[topic] ~= self then return false end
   joined[topic] = nil
