@@ -125,6 +125,62 @@ describe("moonwire.pubsub, local", function()
   end)
 end)
 
+-- Regression: bus.join had no way to remove a listener and ps:close did not leave the bus, so
+-- a closed pubsub kept delivering the other workers' messages to its handlers, and every
+-- pubsub.new() left a listener (and its instance) behind for the life of the worker.
+describe("moonwire.pubsub on the workers bus", function()
+  local bus = require "moonwire.pubsub.bus"
+
+  -- A frame as the hub relays it from another worker's publish.
+  local function frame(topic, seq, data)
+    return string.pack(">s4", string.pack(">s2s4", topic, "other " .. seq .. " 0 -\n" .. data))
+  end
+
+  it("a closed pubsub leaves the bus: it delivers nothing more and can be collected", function()
+    run(function()
+      -- this process plays a worker: bus.path names a listener that plays the hub
+      local dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir -m 700 " .. dir))
+      local l = assert(mw.unix.listen(dir .. "/bus.sock"))
+      bus.path = dir .. "/bus.sock"
+      local hub
+      local ok, err = pcall(function()
+        local closed, open = pubsub.new(), pubsub.new()
+        assert.is_true(closed._bus)
+        hub = assert(l:accept())
+        local got_closed, got_open = {}, {}
+        closed:subscribe("t", function(d) got_closed[#got_closed + 1] = d end)
+        open:subscribe("t", function(d) got_open[#got_open + 1] = d end)
+        assert(hub:write(frame("t", 1, "one")))
+        wait_for(function() return #got_closed == 1 and #got_open == 1 end, 3, "the first frame")
+        closed:close()
+        assert.has_error(function() closed:subscribe("t", function() end) end, "pubsub: subscribe after close")
+        assert(hub:write(frame("t", 2, "two")))
+        -- frames are read in order: once the open instance has the third, the closed one had
+        -- its chance at the second and the third
+        assert(hub:write(frame("t", 3, "three")))
+        wait_for(function() return #got_open == 3 end, 3, "the later frames")
+        mw.sleep(0.05)        -- (its handler task, had it been fed)
+        assert.same({ "one" }, got_closed)
+        assert.equal(1, closed.stats.delivered)
+        -- nothing but this test holds the closed instance now
+        local weak = setmetatable({ closed }, { __mode = "v" })
+        closed, got_closed = nil, nil
+        for _ = 1, 3 do collectgarbage("collect") end
+        assert.is_nil(weak[1], "the closed pubsub is still referenced (its bus listener)")
+        open:close()
+      end)
+      bus.path = nil
+      if hub then hub:close() end
+      l:close()
+      os.remove(dir .. "/bus.sock")
+      os.remove(dir)
+      assert(ok, err)
+    end)
+  end)
+end)
+
 describe("moonwire.pubsub over Redis", function()
   it("a publish reaches every node once, in each publisher's order; a node's own once", function()
     run(function()

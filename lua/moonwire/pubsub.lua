@@ -144,7 +144,7 @@ function M.new(opts)
     })
   elseif opts.bus ~= false and bus.available() then
     self._bus = true
-    assert(bus.join(function(body)
+    self._bus_leave = assert(bus.join(function(body)
       local topic, env = string.unpack(">s2s4", body)
       self:_incoming(topic, env)
     end))
@@ -249,6 +249,7 @@ end
 local recover
 
 function PS:_incoming(topic, env)
+  if self.closed then return end
   local t = self._topics[topic]
   if not t then return end
   local node, seq, off, epoch, data = parse_env(env)
@@ -446,6 +447,7 @@ Handle.__close = Handle.close
 function PS:subscribe(topic, fn)
   checktopic(1, "subscribe", topic)
   if type(fn) ~= "function" then argerror(2, "subscribe", "function expected, got " .. type(fn)) end
+  if self.closed then error("pubsub: subscribe after close", 2) end
   local t = topic_of(self, topic)
   local h = setmetatable({ ps = self, topic = topic, fn = fn }, Handle)
   t.handlers[#t.handlers + 1] = h
@@ -473,6 +475,7 @@ end
 function PS:join(ws, topic)
   checkws(1, "join", ws)
   checktopic(2, "join", topic)
+  if self.closed then error("pubsub: join after close", 2) end
   if ws.state ~= "open" then return nil, "closed", "closed" end
   local joined = ws._topics
   if not joined then joined = {} ws._topics = joined end
@@ -521,10 +524,12 @@ end
 --- ps:subscriber() -> the Redis subscriber (nil without Redis)
 function PS:subscriber() return self._sub end
 
---- ps:close()
+--- ps:close(): delivers nothing more (subscribe and join raise; unsubscribe and leave still
+-- work) and leaves Redis or the workers bus.
 function PS:close()
   if self.closed then return end
   self.closed = true
+  if self._bus_leave then self._bus_leave() end
   if self._sub then self._sub:close() end
   if self._pub then self._pub:close() end
   if self._sweeper and self._sweeper ~= mw.current() then self._sweeper:cancel() end

@@ -102,9 +102,14 @@ local conn   -- { sock, ch, listeners = { fn, ... } } once connected
 --- bus.available() -> whether this process is a worker with a bus to its siblings
 function M.available() return M.path ~= nil and hub == nil end
 
---- bus.join(fn) -> true | nil, err: from now on fn(body) gets every frame the other workers
--- send (body: the frame without its length prefix). Connects on first use (in a task).
+--- bus.join(fn) -> leave | nil, err, code: from now on fn(body) gets every frame the other
+-- workers send (body: the frame without its length prefix), until leave() is called (a closed
+-- pubsub calls it: else its listener, and the instance with it, would live as long as the
+-- process). Connects on first use (in a task).
 function M.join(fn)
+  if type(fn) ~= "function" then
+    error("bad argument #1 to 'join' (function expected, got " .. type(fn) .. ")", 2)
+  end
   if not conn then
     if not M.available() then return nil, "no workers bus in this process", "unavailable" end
     local sock, err, code = mw.unix.connect(M.path)
@@ -116,13 +121,24 @@ function M.join(fn)
       while true do
         local _, body = read_frame(c.sock)
         if not body then break end
-        for i = 1, #c.listeners do c.listeners[i](body) end
+        -- (the list is replaced, never changed, when a listener leaves: one that leaves
+        -- during this loop does not make it skip another)
+        local ls = c.listeners
+        for i = 1, #ls do ls[i](body) end
       end
       if conn == c then conn = nil end
     end)
   end
-  conn.listeners[#conn.listeners + 1] = fn
-  return true
+  local c = conn
+  local entry = function(body) return fn(body) end   -- a fn joined twice leaves once
+  local ls = { table.unpack(c.listeners) }
+  ls[#ls + 1] = entry
+  c.listeners = ls
+  return function()
+    local keep = {}
+    for _, x in ipairs(c.listeners) do if x ~= entry then keep[#keep + 1] = x end end
+    c.listeners = keep
+  end
 end
 
 --- bus.send(body) -> true | nil, err, code: to every other worker (never waits).
