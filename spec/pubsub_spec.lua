@@ -320,6 +320,80 @@ describe("moonwire.pubsub when Redis fails", function()
     end, 20)
   end)
 
+  -- Cuts ps's subscription (as a failover would); ps waits its backoff before reconnecting.
+  local function cut(ps)
+    local r = admin()
+    assert.equal(1, r:client("KILL", "ID", ps:subscriber()._conn:client("ID")))
+    r:close()
+    wait_for(function() return ps.state == "down" end, 3, "the cut to be seen")
+  end
+
+  -- Waits until Redis has `n` subscribers on the topic's channel.
+  local function subscribed(topic, n)
+    local r = admin()
+    wait_for(function() return r:pubsub("NUMSUB", "mw:" .. topic)[2] == n end, 3, "the subscriptions")
+    r:close()
+  end
+
+  -- Regression: recovery ran on "up" only for a topic with an offset, and a topic got its
+  -- offset from its first message: what was published while a node that had not had a
+  -- message yet was cut off was lost, silently. A history topic now reads its stream's place
+  -- before it subscribes, and recovers from there.
+  it("a history topic cut off before its first message recovers what was published meanwhile", function()
+    run(function()
+      -- (a reconnects 1 to 2 s after the cut: its backoff)
+      local a, b = node { history = 100, backoff_min = 2, backoff_max = 2 }, node { history = 100 }
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local ga = {}
+      a:subscribe("first", function(d) ga[#ga + 1] = d end)
+      subscribed("first", 1)
+      cut(a)
+      for i = 1, 3 do assert(b:publish("first", "during" .. i)) end
+      assert.equal("down", a.state)       -- they were published while a was cut off
+      wait_for(function() return #ga == 3 end, 5, "a to recover the 3 messages")
+      assert.same({ "during1", "during2", "during3" }, ga)
+      assert.equal(1, count_events(a, "recovered"))
+      assert.equal(0, count_events(a, "lost"))
+      a:close() b:close()
+    end)
+  end)
+
+  -- Regression: a recovery whose read failed (no connection, a timeout) gave up and threw away
+  -- the live messages it held back; on a quiet topic they, and the missed ones, stayed
+  -- undelivered with no event. It is now tried again (backoff) until it succeeds.
+  it("a history recovery whose read fails is tried again, and keeps the live messages it held", function()
+    run(function()
+      local a, b = node { history = 100, backoff_min = 1, backoff_max = 1 }, node { history = 100 }
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local ga = {}
+      a:subscribe("retry", function(d) ga[#ga + 1] = d end)
+      subscribed("retry", 1)
+      assert(b:publish("retry", "1"))
+      wait_for(function() return #ga == 1 end, 3, "the first")
+      -- the recovery's first read fails once a live message is held back
+      local gate, failed = mw.channel(), 0
+      a._conn = function()
+        gate:recv(5)
+        failed = failed + 1
+        a._conn = nil          -- (the class's again)
+        return nil, "injected failure", "unavailable"
+      end
+      cut(a)
+      for i = 2, 3 do assert(b:publish("retry", tostring(i))) end
+      assert.equal("down", a.state)
+      wait_for(up(a), 5, "a up again")
+      local seen = a:subscriber().stats.messages
+      assert(b:publish("retry", "4"))        -- live, held back by the recovery
+      wait_for(function() return a:subscriber().stats.messages > seen end, 3, "the live message")
+      gate:close()
+      wait_for(function() return #ga == 4 end, 5, "the recovery, tried again")
+      assert.equal(1, failed)
+      assert.same({ "1", "2", "3", "4" }, ga)
+      assert.equal(0, count_events(a, "lost"))
+      a:close() b:close()
+    end)
+  end)
+
   it("SIGSTOP for a while, then SIGCONT: the probe notices and the subscriber comes back", function()
     run(function()
       local a = node()

@@ -21,6 +21,7 @@ PS.__index = PS
 PS.__name = "moonwire.PubSub"
 
 local now, spawn = mw.now, mw.spawn
+local is_error
 
 local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
@@ -131,6 +132,7 @@ function M.new(opts)
   }, PS)
   if opts.redis then
     local redis = require "moonwire.redis"
+    is_error = redis.is_error
     self._redis, self._redis_url = redis, opts.redis
     self.backoff_min, self.backoff_max = opts.backoff_min or 0.1, opts.backoff_max or 5
     self.state = "down"
@@ -154,6 +156,8 @@ end
 
 -- ---- topics ------------------------------------------------------------------------------
 
+local baseline
+
 local function topic_of(self, topic)
   local t = self._topics[topic]
   if t then
@@ -166,8 +170,12 @@ local function topic_of(self, topic)
   t = { name = topic, refs = 0, members = {}, midx = {}, handlers = {}, last = {}, drops = 0 }
   self._topics[topic] = t
   if self._sub then
-    self._sub:subscribe(self.prefix .. topic)
-    if self._history and self._history(topic) then t.history = true end
+    if self._history and self._history(topic) then
+      t.history = true
+      spawn(baseline, self, t)          -- which subscribes
+    else
+      self._sub:subscribe(self.prefix .. topic)
+    end
   end
   return t
 end
@@ -261,10 +269,11 @@ function PS:_incoming(topic, env)
       return
     end
     if t.epoch and t.epoch ~= "" and t.epoch ~= epoch then
-      -- the stream was started again (Redis restarted empty): what came before is gone
+      -- the stream was started again (Redis restarted empty): what came before is gone; the
+      -- new stream is followed from its start (a gap before this message is recovered)
       self.stats.lost = self.stats.lost + 1
       event(self, "lost", topic, { reason = "epoch", epoch = epoch, was = t.epoch })
-      t.off = nil
+      t.off = 0
     end
     t.epoch = epoch
     if t.off and off <= t.off then
@@ -289,57 +298,108 @@ function PS:_incoming(topic, env)
   deliver(self, t, data)
 end
 
+-- Reads a history topic's place in Redis: its epoch ("" while the stream has none) and its
+-- last offset, and with `after` the stream's entries past that offset.
+-- -> epoch, top, entries | nil (no connection, a timeout, an error reply: try again later)
+local function read_stream(self, t, after)
+  local conn = self:_conn()
+  if not conn then return nil end
+  local meta, stream = self:_keys(t.name)
+  local res = mw.timeout(self.timeout, conn.pipeline, conn, function(p)
+    p:hmget(meta, "e", "o")
+    if after then p:xrange(stream, after > 0 and "(0-" .. after or "-", "+") end
+  end)
+  if self.closed then return nil end
+  if not res or is_error(res[1]) or (after and type(res[2]) ~= "table") or is_error(res[2]) then
+    return nil
+  end
+  local epoch = res[1][1]
+  return type(epoch) == "string" and epoch or "", tonumber(res[1][2]) or 0, res[2]
+end
+
+-- Calls fn(self, t) until it returns true, waiting a backoff after each false; gives up
+-- (false) once the instance is closed or the topic forgotten.
+local function retry(self, t, fn)
+  local delay = self.backoff_min
+  while true do
+    if self.closed or self._topics[t.name] ~= t then return false end
+    if fn(self, t) then return not self.closed and self._topics[t.name] == t end
+    mw.sleep(delay)
+    delay = math.min(delay * 2, self.backoff_max)
+  end
+end
+
+-- A history topic is subscribed once its stream's place (epoch, offset) is known: what is
+-- published after that read is this process's, live or recovered from the stream (after a
+-- gap, or at the next "up" if the subscription is cut before any message came). Read after
+-- subscribing, an outage in between would put what it missed before the offset: a silent gap.
+function baseline(self, t)
+  local ok = retry(self, t, function()
+    local epoch, top = read_stream(self, t)
+    if not epoch then return false end
+    t.epoch, t.off = epoch, top
+    return true
+  end)
+  if ok then self._sub:subscribe(self.prefix .. t.name) end
+end
+
+-- One recovery read: true when done, false when it must be tried again.
+local function recover_once(self, t)
+  local epoch, top, entries = read_stream(self, t, t.off)
+  if not epoch then return false end
+  if t.epoch and t.epoch ~= "" and epoch ~= t.epoch then
+    self.stats.lost = self.stats.lost + 1
+    event(self, "lost", t.name, { reason = "epoch", epoch = epoch, was = t.epoch })
+    t.off = 0
+  end
+  local first = entries[1] and tonumber(entries[1][1]:match("%-(%d+)$"))
+  local from = (t.off or 0) + 1
+  if (first and first > from) or (not first and top >= from) then
+    local n = (first or top + 1) - from
+    self.stats.lost = self.stats.lost + n
+    event(self, "lost", t.name, { reason = "trimmed", count = n })
+  end
+  t.epoch = epoch
+  local n = 0
+  for _, e in ipairs(entries) do
+    local fields = e[2]
+    local env = fields[2]
+    local node, _, off, _, data = parse_env(env)
+    if node and off > (t.off or 0) then
+      t.off = off
+      if node ~= self.node then
+        n = n + 1
+        deliver(self, t, data)
+      end
+    end
+  end
+  self.stats.recovered = self.stats.recovered + n
+  event(self, "recovered", t.name, { count = n, offset = t.off })
+  return true
+end
+
 -- Recovers a history topic from its stream after a gap or a reconnect: live messages for the
--- topic wait in t.pending meanwhile. Reports "recovered" (count) or "lost" (epoch, trimmed).
+-- topic wait in t.pending meanwhile, then follow (without duplicates). Reports "recovered"
+-- (count) or "lost" (epoch, trimmed). A read that fails is tried again after a backoff: given
+-- up, it would leave the topic short (and drop what waited), silently, until its next message.
 function recover(self, t)
-  if t.recovering then return end
+  if t.recovering then
+    t.again = true         -- (an outage during the read: what it missed is read next)
+    return
+  end
   t.recovering = true
   t.pending = t.pending or {}
   spawn(function()
-    local conn = self:_conn()
-    local res
-    if conn then
-      local meta, stream = self:_keys(t.name)
-      res = mw.timeout(self.timeout, conn.pipeline, conn, function(p)
-        p:hmget(meta, "e", "o")
-        p:xrange(stream, "(0-" .. (t.off or 0), "+")
-      end)
-    end
+    local ok = retry(self, t, function()
+      repeat
+        t.again = nil
+        if not recover_once(self, t) then return false end
+      until not t.again
+      return true
+    end)
     local pending = t.pending
     t.recovering, t.pending = nil, nil
-    if not res or self._topics[t.name] ~= t then return end   -- tried again at the next "up"
-    local epoch, top = res[1][1], tonumber(res[1][2]) or 0
-    epoch = type(epoch) == "string" and epoch or ""
-    local entries = type(res[2]) == "table" and res[2] or {}
-    if t.epoch and t.epoch ~= "" and epoch ~= t.epoch then
-      self.stats.lost = self.stats.lost + 1
-      event(self, "lost", t.name, { reason = "epoch", epoch = epoch, was = t.epoch })
-      t.off = 0
-    else
-      local first = entries[1] and tonumber(entries[1][1]:match("%-(%d+)$"))
-      local from = (t.off or 0) + 1
-      if (first and first > from) or (not first and top >= from) then
-        local n = (first or top + 1) - from
-        self.stats.lost = self.stats.lost + n
-        event(self, "lost", t.name, { reason = "trimmed", count = n })
-      end
-    end
-    t.epoch = epoch
-    local n = 0
-    for _, e in ipairs(entries) do
-      local fields = e[2]
-      local env = fields[2]
-      local node, _, off, _, data = parse_env(env)
-      if node and off > (t.off or 0) then
-        t.off = off
-        if node ~= self.node then
-          n = n + 1
-          deliver(self, t, data)
-        end
-      end
-    end
-    self.stats.recovered = self.stats.recovered + n
-    event(self, "recovered", t.name, { count = n, offset = t.off })
+    if not ok then return end
     for _, env in ipairs(pending) do self:_incoming(t.name, env) end
   end)
 end
@@ -367,6 +427,7 @@ end
 -- The publishing connection: connected on demand (by one task; the others wait for it), not
 -- retried before the backoff ran out.
 function PS:_conn()
+  if self.closed then return nil, "pubsub closed", "closed" end
   local c = self._pub
   if c and c:alive() then return c end
   if self._pub_retry and now() < self._pub_retry then
