@@ -348,9 +348,15 @@ local function recover_once(self, t)
   local epoch, top, entries = read_stream(self, t, t.off)
   if not epoch then return false end
   if t.epoch and t.epoch ~= "" and epoch ~= t.epoch then
+    -- the stream started again (Redis restarted empty, the keys expired): what this process
+    -- missed of the old one is gone; the new one is read from its start (the read above began
+    -- at the old offset). Said once: a failed read from here is tried from the new stream.
     self.stats.lost = self.stats.lost + 1
     event(self, "lost", t.name, { reason = "epoch", epoch = epoch, was = t.epoch })
-    t.off = 0
+    t.epoch, t.off = epoch, 0
+    epoch, top, entries = read_stream(self, t, 0)
+    if not epoch then return false end
+    if epoch ~= t.epoch then return false end      -- (started again meanwhile: once more)
   end
   local first = entries[1] and tonumber(entries[1][1]:match("%-(%d+)$"))
   local from = (t.off or 0) + 1
