@@ -16,7 +16,11 @@ M.client, M.request, M.get, M.post = client.client, client.request, client.get, 
 -- called outside one. With workers = N > 1, forks N processes (see docs/http.md).
 function M.serve(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'serve' (table expected)", 2) end
-  local workers = opts.workers or 1
+  local workers = opts.workers
+  if workers == nil then workers = 1
+  elseif math.type(workers) ~= "integer" or workers < 1 then
+    error("bad option 'workers' (positive integer expected)", 2)
+  end
   if workers > 1 then return require("moonwire.http.workers").serve(opts) end
   local function main()
     local srv, err = M.server(opts)
