@@ -1,6 +1,6 @@
 --- Multi-process serving: N forked workers share the port through SO_REUSEPORT (the kernel
 -- spreads connections over their listeners); the parent supervises them: a worker that dies
--- is restarted, SIGTERM/SIGINT stop them all gracefully.
+-- is restarted, SIGTERM/SIGINT stop them all gracefully, SIGHUP is passed on to them.
 local mw = require "moonwire"
 local core = require "moonwire.core"
 local server = require "moonwire.http.server"
@@ -8,20 +8,57 @@ local bus = require "moonwire.pubsub.bus"
 
 local M = {}
 
-local RESTART_DELAY = 0.1   -- a worker that keeps dying is not restarted in a hot loop
+-- A worker that keeps dying is not restarted in a hot loop: its slot waits RESTART_MIN
+-- seconds, doubling at each death up to RESTART_MAX, back to RESTART_MIN once a worker of
+-- that slot lived RESTART_RESET seconds.
+local RESTART_MIN, RESTART_MAX, RESTART_RESET = 0.1, 5, 10
+-- On stop, a worker has its server's `grace` to finish its requests; one still running this
+-- much later (a handler in a loop never reads its SIGTERM) is killed.
+local KILL_MARGIN = 5
+local READY_TIMEOUT = 30   -- seconds a worker may take to listen before on_listen goes ahead
 
+-- The worker's process, from just after fork; never returns. It reports on `ready` once
+-- it listens ("1") or why it cannot (the error message; the supervisor raises it).
 local function worker_main(opts, ready)
-  local srv, err = server.server(opts)
-  if not srv then error("worker cannot listen: " .. tostring(err), 0) end
-  ready:write("1")                 -- the parent's on_listen waits for every worker's listener
-  ready:close()
-  local function stop() srv:close() end
+  local srv, stop_requested = nil, false
+  local function stop()
+    stop_requested = true
+    if srv then srv:close() end
+  end
+  -- first, before anything can yield: fork copied the supervisor's handlers, which in a
+  -- worker would signal its siblings and wait for children it does not have
   mw.signal("SIGTERM", stop)
   mw.signal("SIGINT", stop)
-  if srv.tls then mw.signal("SIGHUP", function() srv.tls:reload() end) end
+  mw.signal("SIGHUP", function()
+    -- certificate rotation; without TLS a SIGHUP (the supervisor passes its own on) is ignored
+    if srv and srv.tls then
+      local ok, rerr = srv.tls:reload()
+      if not ok then srv.error_log("moonwire: TLS reload failed: " .. tostring(rerr)) end
+    end
+  end)
+  mw.signal("SIGCHLD", nil)
+  bus.forked()
+  local ok, s, err = pcall(server.server, opts)
+  if ok and not s then ok, s = false, "cannot listen: " .. tostring(err) end
+  if not ok then
+    -- nobody reads (a restarted worker's supervisor does not wait): say it here
+    if not ready:write(tostring(s)) then io.stderr:write("moonwire: worker: ", tostring(s), "\n") end
+    ready:close()
+    return 1
+  end
+  srv = s
+  if stop_requested then   -- stopped while it started: it never listens for the supervisor
+    ready:close()
+    srv:close()
+    server.close_pubsub()
+    return 0
+  end
+  ready:write("1")                 -- the parent's on_listen waits for every worker's listener
+  ready:close()
   srv._accept:join()
   srv:close()
   server.close_pubsub()
+  return 0
 end
 
 local function copy(t)
@@ -41,15 +78,20 @@ function M.serve(opts)
   local host, port = reserve:getsockname()
   local wopts = copy(opts)
   wopts.host, wopts.port, wopts.reuseport, wopts.workers = host, port, true, nil
+  local grace = type(opts.grace) == "number" and opts.grace or 10   -- server.lua's default
 
-  return mw.run(function()
+  local failure
+  mw.run(function()
     local children, count = {}, 0
-    local stopping = false
-    local all_gone = mw.channel(1)
+    local slots = {}                   -- slot -> { delay = next restart delay, born = mw.now() }
+    local stopping, starting = false, true
+    local halted = mw.channel()        -- closed when stopping: restarts waiting give up
+    local gone = mw.channel()          -- closed when stopping and every worker was reaped
+    local died_starting = {}           -- slots whose worker died before the startup was over
     if opts.bus ~= false then bus.hub_start() end   -- moonwire.pubsub between the workers
 
     -- Forks the worker of `slot`; returns the parent's end of a pair on which the worker
-    -- writes one byte once it listens (EOF if it never does).
+    -- writes "1" once it listens, or why it cannot (EOF if it dies first).
     local function start_worker(slot)
       local ready, ready_w = core.unix.pair()
       local pid, ferr = core.fork()
@@ -60,19 +102,41 @@ function M.serve(opts)
         return nil
       end
       if pid == 0 then                           -- the worker: never returns to this code
-        reserve:close()
         ready:close()
-        bus.forked()
-        mw.signal("SIGCHLD", nil)
-        local ok, werr = pcall(worker_main, wopts, ready_w)
-        if not ok then io.stderr:write("moonwire: worker: ", tostring(werr), "\n") end
+        reserve:close()
+        local wok, code = pcall(worker_main, wopts, ready_w)
+        if not wok then io.stderr:write("moonwire: worker: ", tostring(code), "\n") end
         io.stdout:flush()
-        os.exit(ok and 0 or 1, false)
+        os.exit(wok and code or 1, false)
       end
       ready_w:close()
       children[pid] = slot
       count = count + 1
+      slots[slot] = slots[slot] or { delay = RESTART_MIN }
+      slots[slot].born = mw.now()
       return ready
+    end
+
+    local function signal_all(sig)
+      for pid in pairs(children) do core.kill(pid, sig) end
+    end
+
+    local function check_gone()
+      if stopping and count == 0 and not gone:closed() then gone:close() end
+    end
+
+    local function restart(slot, pid, how, code)
+      local s = slots[slot]
+      if mw.now() - s.born >= RESTART_RESET then s.delay = RESTART_MIN end
+      local delay = s.delay
+      s.delay = math.min(delay * 2, RESTART_MAX)
+      io.stderr:write(("moonwire: worker %d exited (%s %d), restarting in %g s\n"):format(pid, how, code, delay))
+      mw.spawn(function()
+        halted:recv(delay)                       -- returns early when stopping
+        if stopping then return end
+        local ready = start_worker(slot)
+        if ready then ready:close() end
+      end)
     end
 
     mw.signal("SIGCHLD", function()
@@ -83,44 +147,68 @@ function M.serve(opts)
         if slot then
           children[pid] = nil
           count = count - 1
-          if not stopping then
-            io.stderr:write(("moonwire: worker %d exited (%s %d), restarting\n"):format(pid, how, code))
-            mw.sleep(RESTART_DELAY)
-            if not stopping then
-              local ready = start_worker(slot)
-              if ready then ready:close() end
-            end
-          end
+          if starting then died_starting[#died_starting + 1] = { slot, pid, how, code }
+          elseif not stopping then restart(slot, pid, how, code) end
         end
       end
-      if stopping and count == 0 then all_gone:send(true, 0) end
+      check_gone()
     end)
 
     local function stop()
-      if stopping then return end
+      if stopping then                           -- a second SIGTERM/SIGINT: no more grace
+        if count > 0 then io.stderr:write("moonwire: stopping again, killing the workers\n") end
+        signal_all("SIGKILL")
+        return
+      end
       stopping = true
-      for pid in pairs(children) do core.kill(pid, "SIGTERM") end
-      if count == 0 then all_gone:send(true, 0) end
+      halted:close()
+      signal_all("SIGTERM")
+      check_gone()
+      if gone:closed() then return end
+      gone:recv(grace + KILL_MARGIN)
+      if not gone:closed() then
+        io.stderr:write(("moonwire: workers still running %g s after SIGTERM, killing them\n"):format(
+          grace + KILL_MARGIN))
+        signal_all("SIGKILL")
+      end
     end
     mw.signal("SIGTERM", stop)
     mw.signal("SIGINT", stop)
+    mw.signal("SIGHUP", function() signal_all("SIGHUP") end)
 
-    -- on_listen once every worker listens (a client told the port at once is not refused)
+    local function cleanup()
+      for _, s in ipairs{ "SIGTERM", "SIGINT", "SIGHUP", "SIGCHLD" } do mw.signal(s, nil) end
+      reserve:close()
+      bus.hub_stop()
+    end
+
+    -- on_listen once every worker listens (a client told the port at once is not refused);
+    -- a worker that cannot (a bad option, a certificate that does not load) stops them all
     local readies = {}
     for i = 1, n do readies[#readies + 1] = start_worker(i) end
     for _, ready in ipairs(readies) do
-      ready:read(1, 30)                          -- "1", or nil when that worker failed
+      local msg = ready:read("a", READY_TIMEOUT)
       ready:close()
+      if msg and msg ~= "" and msg ~= "1" then failure = failure or msg end
     end
-    if opts.on_listen then
+    starting = false
+    if failure then
+      if not stopping then stop() end
+      gone:recv()
+      cleanup()
+      return
+    end
+    for _, d in ipairs(died_starting) do
+      if not stopping then restart(table.unpack(d)) end
+    end
+    if opts.on_listen and not stopping then
       opts.on_listen{ host = host, port = port, workers = children, pid = core.getpid() }
     end
-    all_gone:recv()
-    for _, s in ipairs{ "SIGTERM", "SIGINT", "SIGCHLD" } do mw.signal(s, nil) end
-    reserve:close()
-    bus.hub_stop()
-    return true
+    gone:recv()
+    cleanup()
   end)
+  if failure then error(failure, 0) end   -- as serve without workers: "cannot listen: ...", "bad option ..."
+  return true
 end
 
 return M
