@@ -14,10 +14,21 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
     drop     the first connection allows one stream at a time (MAX_CONCURRENT_STREAMS 1)
              and closes, without GOAWAY or answer, once its first request arrived; every
              later connection is answered normally
+    goaway_queued
+             the first connection allows one stream at a time; it answers stream 1 with
+             its head and one byte "a", sends GOAWAY with last_stream_id 1 (the client's
+             requests queued behind stream 1 will never go on it), and sends the rest of the
+             body ("b") a second later; every later connection is answered normally
+    window0  INITIAL_WINDOW_SIZE 0: a request body can never be sent; a request without
+             one is answered normally, one with a body never
+    push     sends a PUSH_PROMISE on every request's stream (though the client's
+             ENABLE_PUSH is 0, a connection error), then answers it
     normal   answers everything
+It prints `event=closed conn=C` when a connection's client closes it.
 """
 import argparse
 import socket
+import struct
 import threading
 import time
 
@@ -32,18 +43,30 @@ def emit(**kv):
     print("\t".join("%s=%s" % (k, v) for k, v in kv.items()), flush=True)
 
 
+def frame(ftype, flags, sid, payload):
+    """a raw HTTP/2 frame (what python-h2 refuses to send)"""
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", sid) + payload
+
+
 def serve(sock, conn_no, mode):
     conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
-    if mode == "drop" and conn_no == 1:
+    if mode in ("drop", "goaway_queued") and conn_no == 1:
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+    if mode == "window0":
+        conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
     pending = []
     refused = False
     while True:
-        data = sock.recv(65536)
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
         if not data:
+            emit(event="closed", conn=conn_no)
             break
         for ev in conn.receive_data(data):
             if isinstance(ev, h2.events.RequestReceived):
@@ -68,10 +91,28 @@ def serve(sock, conn_no, mode):
                         sock.close()
                         return
                     continue
+                if mode == "goaway_queued" and conn_no == 1:
+                    conn.send_headers(sid, [(":status", "200")])
+                    conn.send_data(sid, b"a")
+                    sock.sendall(conn.data_to_send())
+                    time.sleep(0.05)
+                    sock.sendall(frame(7, 0, 0, struct.pack(">II", sid, 0)))   # GOAWAY(last=sid)
+                    time.sleep(1)
+                    conn.send_data(sid, b"b", end_stream=True)
+                    sock.sendall(conn.data_to_send())
+                    continue
+                if mode == "window0" and not ev.stream_ended:
+                    continue
+                if mode == "push":
+                    sock.sendall(conn.data_to_send())
+                    block = conn.encoder.encode([(":method", "GET"), (":scheme", "http"),
+                                                 (":authority", "x"), (":path", "/pushed")])
+                    sock.sendall(frame(5, 4, sid, struct.pack(">I", 2) + block))  # PUSH_PROMISE
                 body = ("conn=%d stream=%d" % (conn_no, sid)).encode()
                 conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
                 conn.send_data(sid, body, end_stream=True)
             elif isinstance(ev, h2.events.ConnectionTerminated):
+                emit(event="closed", conn=conn_no)
                 sock.close()
                 return
         out = conn.data_to_send()
