@@ -519,6 +519,36 @@ describe("http2 client retries", function()
     end, 20)
   end)
 
+  -- Regression: a GOAWAY only set a flag, so requests whose HEADERS still waited in
+  -- nghttp2's queue (for the one stream slot a long download held) were neither woken nor
+  -- failed: they waited for their own timeout instead of going again on a new connection.
+  it("requests queued behind a long download when a GOAWAY comes go at once on a new connection", function()
+    run(function()
+      local p, url = fake("goaway_queued")
+      local _ <close> = p
+      local c = http.client{ http2 = true, timeout = 5 }
+      local long_done
+      local long = mw.spawn(function()
+        local res = assert(c:get(url .. "/long"))
+        local body, err = res:body()
+        long_done = mw.now()
+        return body, err
+      end)
+      -- stream 1 is open: the next requests wait for its slot
+      p:wait_event(function(e) return e.event == "request" and e.path == "/long" end)
+      local t0 = mw.now()
+      local tasks = spawn_gets(c, url, 3)
+      on_second_conn(tasks, 1, 3)
+      assert.is_nil(long_done)             -- answered before the long download ended
+      assert.is_true(mw.now() - t0 < 0.9)
+      local ok, body = long:join(3)
+      assert.is_true(ok)
+      assert.equal("ab", body)             -- stream 1 was below the GOAWAY's last stream id
+      assert.equal(2, c:stats().h2_opened)
+      c:close()
+    end, 20)
+  end)
+
   it("a REFUSED_STREAM reset is retried once", function()
     run(function()
       local p, url = fake("refuse")

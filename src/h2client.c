@@ -257,6 +257,12 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
         c->goaway_last = f->goaway.last_stream_id;
         c->goaway_code = f->goaway.error_code;
         if (c->b) c->b->goaway[code_slot(f->goaway.error_code)]++;
+        /* requests still queued in nghttp2 (waiting for a stream slot) can never go out on
+         * this connection now, but nghttp2 only tells us (on_frame_not_send) once a slot
+         * frees, which a long download may hold for good: their tasks are woken to see
+         * unsent_after_goaway() and go again on a new connection */
+        for (hstream *q = c->streams; q; q = q->next)
+            if (!q->sent) wake_stream(q);
         return 0;
     case NGHTTP2_RST_STREAM:
         if (c->b) c->b->rst[code_slot(f->rst_stream.error_code)]++;
@@ -805,6 +811,14 @@ static int hs_gc(lua_State *L)
     return 0;
 }
 
+/* A request whose HEADERS still waits in nghttp2's queue after the server's GOAWAY: it
+ * will never be sent on this connection (nghttp2 refuses to start streams past a GOAWAY),
+ * so its task fails it as "refused" at once instead of waiting for a stream slot. */
+static int unsent_after_goaway(const hstream *st)
+{
+    return !st->sent && !st->closed && st->c && st->c->goaway_recv;
+}
+
 /* Pushes nil, msg, code for a stream that cannot go on. Refused streams (REFUSED_STREAM,
  * above a GOAWAY's last stream id, never sent) say "refused": safe to retry elsewhere. */
 static int stream_fail(lua_State *L, hstream *st)
@@ -820,6 +834,7 @@ static int stream_fail(lua_State *L, hstream *st)
         snprintf(msg, sizeof msg, "stream reset (%s)", nghttp2_http2_strerror(st->close_code));
         return mw_pushfail(L, msg, "reset");
     }
+    if (unsent_after_goaway(st)) return mw_pushfail(L, "request not sent: the server sent GOAWAY", "refused");
     /* the connection failed (closed, reset, no GOAWAY) before this request's HEADERS went
      * out (it waited for a stream slot): the server never saw it, so it may go again */
     if (!st->sent && !st->head_done) return mw_pushfail(L, "request not sent: the connection ended", "refused");
@@ -914,7 +929,7 @@ static int head_step(lua_State *L, hstream *st, mw_task *t, int64_t deadline)
             st->hbytes = 0;
             return 3;
         }
-        if (st->closed || !c || !c->session || c->fatal) {
+        if (st->closed || !c || !c->session || c->fatal || unsent_after_goaway(st)) {
             if (c) handoff(c);
             return stream_fail(L, st);
         }
@@ -1070,7 +1085,7 @@ static int write_step(lua_State *L, hstream *st, mw_task *t, int64_t deadline)
 {
     for (;;) {
         hconn *c = st->c;
-        if (st->closed || !c || !c->session || c->fatal) {
+        if (st->closed || !c || !c->session || c->fatal || unsent_after_goaway(st)) {
             /* a response that ended the stream early (say, a 413) is not a write error
              * here: the caller finds it in the head */
             if (c) handoff(c);
