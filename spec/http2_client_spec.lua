@@ -549,6 +549,39 @@ describe("http2 client retries", function()
     end, 20)
   end)
 
+  -- Regression: a streamed request body whose write failed (the task cancelled, out of
+  -- time) went on to wait for the response head: up to the request's deadline, and a
+  -- cancelled task could even get the response as a success.
+  it("a task cancelled while its streamed body waits for the server's window returns 'cancelled' at once",
+    function()
+    run(function()
+      local p, url = fake("window0")
+      local _ <close> = p
+      local c = http.client{ http2 = true, timeout = 5 }
+      assert.matches("^conn=1 ", assert(c:get(url .. "/warm")):body())   -- the SETTINGS (window 0) seen
+      local chunks = 0
+      local t = mw.spawn(function()
+        local res, err, code = c:request{ method = "POST", url = url .. "/up", body = function()
+          chunks = chunks + 1
+          if chunks > 20 then return nil end
+          return string.rep("q", 16384)
+        end }
+        return res, err, code
+      end)
+      -- 64 KiB queued: the writer waits for a window that never opens
+      assert(procs.wait_for(function() return chunks >= 4 end, 3))
+      p:wait_event(function(e) return e.event == "request" and e.path == "/up" end)
+      t:cancel()
+      local ok, res, err, code = t:join(1)
+      assert.is_true(ok, tostring(res))
+      assert.is_nil(res)
+      assert.equal("cancelled", code, err)
+      -- the connection goes on
+      assert.matches("^conn=1 ", assert(c:get(url .. "/after")):body())
+      c:close()
+    end, 20)
+  end)
+
   it("a REFUSED_STREAM reset is retried once", function()
     run(function()
       local p, url = fake("refuse")

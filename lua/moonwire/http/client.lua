@@ -706,6 +706,15 @@ local function h2_exchange(self, o, key, connect, alpn, u, method, target, flat,
       done, st, err, code, st2 = pcall(h2_send, hc, method, u.scheme, authority, target, flat, nh, body, o.trailers)
       if not done then error(st, 0) end
     end
+    if st2 and (code == "cancelled" or code == "timeout") then
+      -- the task was cancelled or ran out of time while the body went out: that is the
+      -- answer (waiting for a head would block to the deadline, or turn a cancelled
+      -- request into a success); the server stops the request
+      st2:reset()
+      return nil, err, code
+    end
+    -- a write that failed for the stream's or the connection's sake: the head says why
+    -- (a response that came early, "refused", "reset", the connection's error)
     st = st or st2
     if st then
       status, headers, multi = st:head()
