@@ -443,6 +443,34 @@ describe("http2 client against our server", function()
     end)
   end)
 
+  -- Regression: conn:close() (client:close()) woke the tasks parked on streams but not the
+  -- one driving the connection, parked on its socket: that one waited for its response or
+  -- deadline.
+  it("client:close() ends every request on the connection at once, the driving task's too", function()
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path ~= "/warm" then mw.sleep(1.5) end
+        res:send(req.path)
+      end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true, timeout = 5 }
+      assert(c:get(base(srv) .. "/warm")):body()
+      local function get(path)
+        local res, err, code = c:get(base(srv) .. path)
+        return res and res:body(), err, code
+      end
+      local a, b = mw.spawn(get, "/a"), mw.spawn(get, "/b")
+      mw.sleep(0.1)
+      c:close()
+      for _, t in ipairs{ a, b } do
+        local ok, body, err, code = t:join(0.7)
+        assert.is_true(ok, tostring(body))
+        assert.is_nil(body)
+        assert.equal("closed", code, err)
+      end
+    end)
+  end)
+
   it("timeouts as in HTTP/1.1: nil, 'timeout', 'timeout'", function()
     run(function()
       local srv = serve(function(_, res)

@@ -171,6 +171,12 @@ static void conn_fail(hconn *c, const char *msg, const char *code)
     snprintf(c->err, sizeof c->err, "%s", msg);
     c->errcode = code;
     for (hstream *st = c->streams; st; st = st->next) wake_stream(st);
+    /* the task driving the connection is parked on the socket, not on its stream: woken
+     * too (its io_round sees c->fatal), or a conn:close() from another task would leave
+     * it waiting for bytes that never come, up to its deadline */
+    mw_sock *s = c->sock;
+    if (s->waiter[MW_ROLE_READ]) mw_sched_wake(s->waiter[MW_ROLE_READ], MW_WAKE_READY);
+    if (s->waiter[MW_ROLE_WRITE]) mw_sched_wake(s->waiter[MW_ROLE_WRITE], MW_WAKE_READY);
     wake_btask(c);
 }
 
@@ -763,18 +769,27 @@ static int hc_info(lua_State *L)
     return 1;
 }
 
-/* conn:close(): a GOAWAY (NO_ERROR) when the connection is still good, then the socket
- * closes; every stream still waiting fails with "closed". */
-static int hc_close(lua_State *L)
+/* A GOAWAY (NO_ERROR) when the connection is still good, then the socket closes; every
+ * stream still waiting fails with "closed". */
+static void conn_close(hconn *c)
 {
-    hconn *c = luaL_checkudata(L, 1, HC_MT);
-    if (!c->session) return 0;
     if (!c->fatal && !c->goaway_sent && !c->sock->closed) {
         c->goaway_sent = 1;
         nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE, 0, NGHTTP2_NO_ERROR, NULL, 0);
         flush_session(c);
     }
     conn_fail(c, "closed", "closed");
+    /* the descriptor goes now (the GOAWAY gets a last try at going out), not when the
+     * handle is collected: a closed connection held by a response or a pool entry would
+     * keep its fd (in CLOSE_WAIT once the server answers the GOAWAY) until the next GC */
+    if (!c->sock->closed) mw_sock_close(c->sock, 1);
+}
+
+/* conn:close(): see conn_close */
+static int hc_close(lua_State *L)
+{
+    hconn *c = luaL_checkudata(L, 1, HC_MT);
+    if (c->session) conn_close(c);
     return 0;
 }
 
