@@ -471,6 +471,24 @@ describe("http2 client against our server", function()
     end)
   end)
 
+  -- Regression: idle_timeout was only applied to HTTP/1.1 connections; a pooled HTTP/2 one
+  -- was reused however long it sat idle.
+  it("a pooled connection idle for idle_timeout is closed and a new one opened", function()
+    run(function()
+      local srv = serve(function(req, res) res:send(req.path) end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true, idle_timeout = 0.3 }
+      assert.equal("/x", assert(c:get(base(srv) .. "/x")):body())
+      assert.equal("/y", assert(c:get(base(srv) .. "/y")):body())
+      assert.equal(1, c:stats().h2_opened)       -- in use: kept
+      mw.sleep(0.5)
+      assert.equal("/z", assert(c:get(base(srv) .. "/z")):body())
+      assert.equal(2, c:stats().h2_opened)
+      assert.equal(1, c:stats().h2)
+      c:close()
+    end)
+  end)
+
   it("timeouts as in HTTP/1.1: nil, 'timeout', 'timeout'", function()
     run(function()
       local srv = serve(function(_, res)

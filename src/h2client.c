@@ -101,6 +101,7 @@ struct hconn {
     size_t bbodylen;
     int active;
     int64_t last_progress;
+    int64_t last_use;          /* loop clock: the last request put on it, or bytes from the server */
     bspec sp;
     mw_h2mem mem;              /* the session's allocator: no region, recycled small blocks */
 };
@@ -415,6 +416,7 @@ static int io_round(lua_State *L, hconn *c, mw_task *t, mw_task **slot, int64_t 
         mw_buf_consume(&s->rbuf, (size_t)n);
         s->scan = 0;
         c->last_progress = mw_loop_clock();
+        c->last_use = c->rt->loop.now;
         flush_session(c);
         return -1;
     }
@@ -438,6 +440,13 @@ static int io_round(lua_State *L, hconn *c, mw_task *t, mw_task **slot, int64_t 
         return -1;
     }
     return mw_sock_wait(L, s, t, MW_ROLE_READ, want, deadline, k, ctx);
+}
+
+static int unfinished(const hconn *c)
+{
+    for (const hstream *st = c->streams; st; st = st->next)
+        if (!st->closed) return 1;
+    return 0;
 }
 
 /* The running task stops needing the connection: when nobody drives it any more, one of
@@ -565,7 +574,7 @@ static int l_h2_client(lua_State *L)
     nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, iv, 3);
     if (conn_window > 65535)
         nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, (int32_t)conn_window);
-    c->last_progress = c->rt->loop.now;
+    c->last_progress = c->last_use = c->rt->loop.now;
     flush_session(c);
     return 1;
 }
@@ -687,6 +696,7 @@ static int hc_request(lua_State *L)
     st->id = id;
     st->lua_owned = 1;
     *ud = st;
+    c->last_use = c->rt->loop.now;
     flush_session(c);
     lua_remove(L, lidx);
     return 1;
@@ -712,6 +722,16 @@ static int hc_streams(lua_State *L)
     lua_pushinteger(L, c->session ? (lua_Integer)nghttp2_session_get_remote_settings(c->session,
                                                   NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS) : 0);
     return 2;
+}
+
+/* conn:idle() -> seconds since the connection was last used (a request put on it, bytes
+ * from the server), 0 while a request on it is unfinished: the pool's idle_timeout */
+static int hc_idle(lua_State *L)
+{
+    hconn *c = luaL_checkudata(L, 1, HC_MT);
+    if (unfinished(c)) lua_pushnumber(L, 0);
+    else lua_pushnumber(L, (double)(c->rt->loop.now - c->last_use) / 1e9);
+    return 1;
 }
 
 /* conn:poll() -> usable: processes what the socket holds now, without waiting (a pooled
@@ -1567,7 +1587,7 @@ static int hc_bench(lua_State *L)
 void mw_h2client_open(lua_State *L)
 {
     static const luaL_Reg conn_m[] = {
-        { "request", hc_request }, { "usable", hc_usable }, { "streams", hc_streams }, { "poll", hc_poll },
+        { "request", hc_request }, { "usable", hc_usable }, { "streams", hc_streams }, { "idle", hc_idle }, { "poll", hc_poll },
         { "info", hc_info }, { "close", hc_close }, { "bench", hc_bench }, { NULL, NULL }
     };
     static const luaL_Reg st_m[] = {

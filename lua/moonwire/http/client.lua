@@ -599,8 +599,10 @@ local function h2_checkout(self, key, connect, alpn)
     local hc = p.conn
     if hc then
       local now = mw.now()
-      -- a connection that sat idle is polled first: a GOAWAY or a close it got meanwhile
-      local ok = hc:usable() and (now - p.used < 1 or hc:poll())
+      -- a connection that sat idle is polled first: a GOAWAY or a close it got meanwhile;
+      -- one idle for idle_timeout is closed instead (as an HTTP/1.1 one is: the server may
+      -- be about to drop it, and a NAT or a proxy may have forgotten it already)
+      local ok = hc:idle() < self.idle_timeout and hc:usable() and (now - p.used < 1 or hc:poll())
       if ok then
         p.used = now
         return hc
