@@ -568,10 +568,14 @@ describe("http2 client retries", function()
   -- Regression: a GOAWAY only set a flag, so requests whose HEADERS still waited in
   -- nghttp2's queue (for the one stream slot a long download held) were neither woken nor
   -- failed: they waited for their own timeout instead of going again on a new connection.
+  -- The retired connection also kept its descriptor after its last stream ended.
   it("requests queued behind a long download when a GOAWAY comes go at once on a new connection", function()
     run(function()
       local p, url = fake("goaway_queued")
       local _ <close> = p
+      -- no collection meanwhile: only a close may end the first connection
+      collectgarbage("stop")
+      local _gc <close> = setmetatable({}, { __close = function() collectgarbage("restart") end })
       local c = http.client{ http2 = true, timeout = 5 }
       local long_done
       local long = mw.spawn(function()
@@ -591,6 +595,8 @@ describe("http2 client retries", function()
       assert.is_true(ok)
       assert.equal("ab", body)             -- stream 1 was below the GOAWAY's last stream id
       assert.equal(2, c:stats().h2_opened)
+      -- its last stream ended: the retired connection closes (not when collected)
+      p:wait_event(function(e) return e.event == "closed" and e.conn == "1" end, 2)
       c:close()
     end, 20)
   end)

@@ -87,6 +87,7 @@ struct hconn {
     const char *errcode;
     char errcodebuf[24];
     int goaway_recv, goaway_sent;
+    int retire;                /* out of the pool: closes once its last request ends */
     int32_t goaway_last;
     uint32_t goaway_code;
     size_t hwm, out_hwm;
@@ -442,6 +443,8 @@ static int io_round(lua_State *L, hconn *c, mw_task *t, mw_task **slot, int64_t 
     return mw_sock_wait(L, s, t, MW_ROLE_READ, want, deadline, k, ctx);
 }
 
+static void conn_close(hconn *c);
+
 static int unfinished(const hconn *c)
 {
     for (const hstream *st = c->streams; st; st = st->next)
@@ -450,10 +453,15 @@ static int unfinished(const hconn *c)
 }
 
 /* The running task stops needing the connection: when nobody drives it any more, one of
- * the tasks parked on a stream takes over. */
+ * the tasks parked on a stream takes over. A retired connection whose last request ended
+ * closes here (nobody else would: it is out of the pool). */
 static void handoff(hconn *c)
 {
     mw_sock *s = c->sock;
+    if (c->retire && !c->fatal && !unfinished(c)) {
+        conn_close(c);
+        return;
+    }
     if (c->fatal || s->waiter[MW_ROLE_READ] || s->waiter[MW_ROLE_WRITE]) return;
     for (hstream *st = c->streams; st; st = st->next) {
         if (st->reader) { wake(&st->reader); return; }
@@ -810,6 +818,18 @@ static int hc_close(lua_State *L)
 {
     hconn *c = luaL_checkudata(L, 1, HC_MT);
     if (c->session) conn_close(c);
+    return 0;
+}
+
+/* conn:retire(): the pool let go of the connection (a GOAWAY, a close seen, idle too
+ * long): it closes once its last request ends, now when none is unfinished, instead of
+ * keeping its descriptor until it is collected */
+static int hc_retire(lua_State *L)
+{
+    hconn *c = luaL_checkudata(L, 1, HC_MT);
+    if (!c->session) return 0;
+    c->retire = 1;
+    if (c->fatal || !unfinished(c)) conn_close(c);   /* (a failed one's streams end no more) */
     return 0;
 }
 
@@ -1231,6 +1251,7 @@ static int hs_reset(lua_State *L)
         flush_session(c);
     }
     drop_input(st);
+    if (c && c->session) handoff(c);    /* a retired connection's last request may end here */
     return 0;
 }
 
@@ -1588,7 +1609,7 @@ void mw_h2client_open(lua_State *L)
 {
     static const luaL_Reg conn_m[] = {
         { "request", hc_request }, { "usable", hc_usable }, { "streams", hc_streams }, { "idle", hc_idle }, { "poll", hc_poll },
-        { "info", hc_info }, { "close", hc_close }, { "bench", hc_bench }, { NULL, NULL }
+        { "info", hc_info }, { "close", hc_close }, { "retire", hc_retire }, { "bench", hc_bench }, { NULL, NULL }
     };
     static const luaL_Reg st_m[] = {
         { "head", hs_head }, { "read", hs_read }, { "write", hs_write }, { "set_trailers", hs_set_trailers },

@@ -608,7 +608,7 @@ local function h2_checkout(self, key, connect, alpn)
         return hc
       end
       p.conn = nil
-      if hc:streams() == 0 then hc:close() end   -- else its streams finish on it
+      hc:retire()   -- closed now, or once the requests still on it end
     elseif not p.connecting then
       p.connecting = true
       -- a connect that raises (a bad option) must not leave the origin marked as
