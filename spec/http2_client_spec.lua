@@ -601,6 +601,21 @@ describe("http2 client retries", function()
     end, 20)
   end)
 
+  -- Regression: nghttp2 answers a PUSH_PROMISE (push is disabled) with its own GOAWAY
+  -- (PROTOCOL_ERROR); the request then failed with "closed" as if the server had hung up.
+  it("a PUSH_PROMISE though ENABLE_PUSH is 0: nil, msg, 'http2'", function()
+    run(function()
+      local p, url = fake("push")
+      local _ <close> = p
+      local c = http.client{ http2 = true, timeout = 5 }
+      local res, err, code = c:get(url .. "/x")
+      assert.is_nil(res)
+      assert.equal("http2", code, err)
+      assert.matches("PROTOCOL_ERROR", err)
+      c:close()
+    end, 20)
+  end)
+
   -- Regression: a streamed request body whose write failed (the task cancelled, out of
   -- time) went on to wait for the response head: up to the request's deadline, and a
   -- cancelled task could even get the response as a success.

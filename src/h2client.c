@@ -88,6 +88,7 @@ struct hconn {
     char errcodebuf[24];
     int goaway_recv, goaway_sent;
     int retire;                /* out of the pool: closes once its last request ends */
+    uint32_t goaway_err;       /* the error code of a GOAWAY nghttp2 sent, 0: none */
     int32_t goaway_last;
     uint32_t goaway_code;
     size_t hwm, out_hwm;
@@ -170,8 +171,16 @@ static void conn_fail(hconn *c, const char *msg, const char *code)
 {
     if (c->fatal) return;
     c->fatal = 1;
-    snprintf(c->err, sizeof c->err, "%s", msg);
-    c->errcode = code;
+    if (c->goaway_err && strcmp(code, "closed") == 0) {
+        /* nghttp2 ended the connection over the server's protocol error (a PUSH_PROMISE
+         * though ENABLE_PUSH is 0, say): the connection's end is that error, not a close */
+        snprintf(c->err, sizeof c->err, "protocol error: GOAWAY (%s) sent to the server",
+                 nghttp2_http2_strerror(c->goaway_err));
+        c->errcode = "http2";
+    } else {
+        snprintf(c->err, sizeof c->err, "%s", msg);
+        c->errcode = code;
+    }
     for (hstream *st = c->streams; st; st = st->next) wake_stream(st);
     /* the task driving the connection is parked on the socket, not on its stream: woken
      * too (its io_round sees c->fatal), or a conn:close() from another task would leave
@@ -304,10 +313,15 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
 
 static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
 {
-    (void)ud;
+    hconn *c = ud;
     if (f->hd.type == NGHTTP2_HEADERS && f->headers.cat == NGHTTP2_HCAT_REQUEST) {
         hstream *st = nghttp2_session_get_stream_user_data(ss, f->hd.stream_id);
         if (st) st->sent = 1;
+    } else if (f->hd.type == NGHTTP2_GOAWAY) {
+        /* nghttp2's own GOAWAY (a connection error it found): no new requests here, and
+         * its error code is what conn_fail reports when the connection then ends */
+        c->goaway_sent = 1;
+        if (f->goaway.error_code != NGHTTP2_NO_ERROR && !c->goaway_err) c->goaway_err = f->goaway.error_code;
     }
     return 0;
 }
