@@ -892,6 +892,9 @@ static int l_fork(lua_State *L)
             rt->sigio.fd = signalfd(-1, &rt->sigset, SFD_NONBLOCK | SFD_CLOEXEC);
             if (rt->sigio.fd >= 0) mw_loop_add(&rt->loop, &rt->sigio);
         }
+        /* signals the parent read from its signalfd but has not handed to Lua yet are the
+         * parent's (a SIGTERM meant for the supervisor must not stop its new worker) */
+        rt->sigpending = 0;
         rt->resolver = NULL;  /* its threads and maybe its locked mutex stay behind: leaked */
         mw_task *keep = rt->current && rt->current->co == L ? rt->current : NULL;
         if (rt->running) {
