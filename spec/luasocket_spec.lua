@@ -151,6 +151,24 @@ local function start_redis()
   return port, pid
 end
 
+-- spec/luasocket/master.lua's case `name`, real and shimmed: the same transcript
+local function same_as_real(name)
+  assert(has_real_luasocket(), "Debian's lua-socket is missing (scripts/install-deps test)")
+  local real, how, code = transcript(DIR .. "/master.lua", false, name)
+  assert.same({ "exit", 0 }, { how, code }, real)
+  local shim
+  shim, how, code = transcript(DIR .. "/master.lua", true, name)
+  assert.same({ "exit", 0 }, { how, code }, shim)
+  assert.matches("\ndone\n$", real)
+  compare(real, shim, {})
+end
+
+describe("moonwire.socket against Debian's LuaSocket: masters and arguments", function()
+  it("bind without listen: close frees the address, connect leaves from it, getsockname", function()
+    same_as_real("bind")
+  end)
+end)
+
 describe("moonwire.socket runs nrk's redis-lua unchanged", function()
   local port, pid
   setup(function() port, pid = start_redis() end)

@@ -86,7 +86,6 @@ local function check(self, fname, kinds)
 end
 local CLIENT, SERVER, MASTER = { client = true }, { server = true }, { master = true }
 local ANY = { master = true, client = true, server = true }
-local CONNECTED = { client = true, server = true }
 
 M.is_socket = function(v) return getmetatable(v) == mt end
 
@@ -260,9 +259,10 @@ end
 --- sock:close() -> 1. The object stays: its calls then fail with "closed".
 function tcp:close()
   check(self, "close", ANY)
-  local s = self.s
-  self.s = nil
+  local s, l = self.s, self.l
+  self.s, self.l = nil, nil
   if s then s:close() end
+  if l then l:close() end   -- a master bound but never listen()ed: its listener
   self.rb, self.rp = "", 1
   return 1.0
 end
@@ -293,9 +293,10 @@ function tcp:getpeername()
 end
 
 function tcp:getsockname()
-  check(self, "getsockname", CONNECTED)
-  if not self.s then return nil, "closed" end
-  local host, port = self.s:getsockname()
+  check(self, "getsockname", ANY)
+  local s = self.s or self.l   -- a bound master: its listener's address
+  if not s then return nil, "closed" end
+  local host, port = s:getsockname()
   if not host then return nil, lserr(port, "") end
   return host, tostring(port), family_of(host)
 end
@@ -411,10 +412,18 @@ function tcp:connect(host, port, opts)
   end
   local addr, err = pick_family(host, self.family)
   if not addr then return nil, err end
+  local lhost, lport = self.bind_host, self.bind_port
+  if self.l then
+    -- bound (bind already listens here): LuaSocket connects from the bound address, so the
+    -- listener gives it up first
+    lhost, lport = self.l:getsockname()
+    self.l:close()
+    self.l = nil
+  end
   local t = retry(self, now())
   local s, msg, code = core.tcp.connect(addr, floor(port), {
     timeout = t, nodelay = self.opts.nodelay, keepalive = self.opts.keepalive,
-    local_host = self.bind_host, local_port = self.bind_port,
+    local_host = lhost, local_port = lport,
   })
   if not s then return nil, lserr(msg, code) end
   s:settimeout(-1)
@@ -477,6 +486,7 @@ end
 -- listens in one step); listen() only makes it a server object.
 function tcp:bind(host, port)
   check(self, "bind", MASTER)
+  if self.l then return nil, "Invalid argument" end   -- bound already (LuaSocket: EINVAL)
   if type(host) ~= "string" then argerror(1, "bind", "string expected, got " .. type(host)) end
   port = tonumber(port) or argerror(2, "bind", "number expected, got " .. type(port))
   if host == "*" then host = self.family == "inet6" and "::" or "0.0.0.0" end

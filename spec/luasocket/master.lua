@@ -1,0 +1,59 @@
+-- Small differential cases (spec/luasocket_spec.lua runs this with Debian's LuaSocket and
+-- under the shim and compares the transcripts): bind without listen, local addresses,
+-- argument checks. Needs no peer: it makes its own servers. Arg: the case to run.
+local socket = require "socket"
+
+local function fmt(v)
+  if type(v) == "string" then
+    v = v:gsub("^[^:]*:%d+: ", "")        -- the shim's errors carry the caller's position
+    if v:match("^tcp{") then v = v:gsub("0x%x+", "ADDR") end
+    return ("%q"):format(v)
+  end
+  if type(v) == "number" then return math.type(v) .. ":" .. tostring(v) end
+  return tostring(v)
+end
+
+local function show(label, ...)
+  local out = {}
+  for i = 1, select("#", ...) do out[i] = fmt((select(i, ...))) end
+  print(label .. " -> " .. table.concat(out, ", "))
+end
+
+-- a port nobody uses now (a listener closed before any connection leaves no TIME_WAIT)
+local function free_port()
+  local tmp = assert(socket.bind("127.0.0.1", 0))
+  local port = tonumber((select(2, tmp:getsockname())))
+  tmp:close()
+  return port
+end
+
+local cases = {}
+
+function cases.bind()
+  -- a master bound, never listen()ed, then closed: its address is free again
+  local port = free_port()
+  local m = socket.tcp()
+  show("bind", m:bind("127.0.0.1", port))
+  local host, p, fam = m:getsockname()
+  show("getsockname", host, tonumber(p) == port, fam)
+  show("bind again", m:bind("127.0.0.1", 0))
+  show("close", m:close())
+  local m2 = socket.tcp()
+  show("rebind after close", m2:bind("127.0.0.1", port))
+  m2:close()
+  -- bind, then connect: the connection leaves from the bound port
+  local srv = assert(socket.bind("127.0.0.1", 0))
+  local lport = free_port()
+  local c = socket.tcp()
+  show("bind", c:bind("127.0.0.1", lport))
+  show("connect", c:connect("127.0.0.1", (select(2, srv:getsockname()))))
+  srv:settimeout(2)
+  local a = assert(srv:accept())
+  show("peer sees the bound port", tonumber((select(2, a:getpeername()))) == lport)
+  show("own port", tonumber((select(2, c:getsockname()))) == lport)
+  c:close(); a:close(); srv:close()
+end
+
+print("case " .. arg[1])
+cases[arg[1]]()
+print("done")
