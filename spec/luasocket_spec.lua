@@ -167,6 +167,10 @@ describe("moonwire.socket against Debian's LuaSocket: masters and arguments", fu
   it("bind without listen: close frees the address, connect leaves from it, getsockname", function()
     same_as_real("bind")
   end)
+
+  it("socket.connect's local address: \"*\", a name, an address; unknown names fail", function()
+    same_as_real("lhost")
+  end)
 end)
 
 describe("moonwire.socket runs nrk's redis-lua unchanged", function()

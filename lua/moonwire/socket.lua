@@ -398,6 +398,36 @@ local function pick_family(host, family)
   return nil, "host or service not provided, or not known"
 end
 
+local function literal(h) return h:match("^%d+%.%d+%.%d+%.%d+$") or h:find(":", 1, true) end
+
+-- Where a connection to `addr` leaves from: `lhost` ("*" or nil: any; a name is resolved to
+-- an address of addr's family; addr itself may be a name, resolved here) -> addr, local
+-- address | nil, err.
+local function local_addr(lhost, addr, family)
+  if not literal(addr) then
+    local addrs, err, code = mw.resolve(addr)
+    if not addrs then return nil, lserr(err, code) end
+    local first
+    for _, a in ipairs(addrs) do
+      if not family or a.family == family then first = a.host break end
+    end
+    if not first then return nil, "host or service not provided, or not known" end
+    addr = first
+  end
+  local fam = family_of(addr)
+  if lhost == nil or lhost == "*" then return addr, fam == "inet6" and "::" or "0.0.0.0" end
+  if literal(lhost) then
+    if family_of(lhost) ~= fam then return nil, "Address family for hostname not supported" end
+    return addr, lhost
+  end
+  local addrs, err, code = mw.resolve(lhost)
+  if not addrs then return nil, lserr(err, code) end
+  for _, a in ipairs(addrs) do
+    if a.family == fam then return addr, a.host end
+  end
+  return nil, "Address family for hostname not supported"
+end
+
 --- sock:connect(host, port [, opts]) -> 1 | nil, err. opts.pool names the keepalive pool
 -- (default "host:port").
 function tcp:connect(host, port, opts)
@@ -419,6 +449,11 @@ function tcp:connect(host, port, opts)
     lhost, lport = self.l:getsockname()
     self.l:close()
     self.l = nil
+  end
+  lport = tonumber(lport) or 0
+  if lhost or lport ~= 0 then
+    addr, lhost = local_addr(lhost, addr, self.family)
+    if not addr then return nil, lhost end
   end
   local t = retry(self, now())
   local s, msg, code = core.tcp.connect(addr, floor(port), {
@@ -526,7 +561,10 @@ M._now = now
 
 function M.connect(host, port, lhost, lport, family)
   local s = new("master", family)
-  if lhost then s.bind_host, s.bind_port = lhost, tonumber(lport) or 0 end
+  if lhost ~= nil then
+    if type(lhost) ~= "string" then argerror(3, "connect", "string expected, got " .. type(lhost)) end
+    s.bind_host, s.bind_port = lhost, tonumber(lport) or 0
+  end
   local ok, err = s:connect(host, port)
   if not ok then return nil, err end
   return s

@@ -54,6 +54,27 @@ function cases.bind()
   c:close(); a:close(); srv:close()
 end
 
+function cases.lhost()
+  -- socket.connect's local address may be "*" or a name (resolved) as well as an address
+  local srv = assert(socket.bind("127.0.0.1", 0))
+  srv:settimeout(2)
+  local port = tonumber((select(2, srv:getsockname())))
+  for _, lhost in ipairs { "*", "localhost", "127.0.0.1" } do
+    local lport = free_port()
+    local c, err = socket.connect("127.0.0.1", port, lhost, lport)
+    show("connect from " .. lhost, c and tostring(c), err)
+    local a = assert(srv:accept())
+    show("peer sees the local port", tonumber((select(2, a:getpeername()))) == lport)
+    c:close(); a:close()
+  end
+  local c, err = socket.connect("127.0.0.1", port, "localhost")
+  show("no local port", c and tostring(c), err)
+  if c then c:close(); assert(srv:accept()):close() end
+  show("unknown name", socket.connect("127.0.0.1", port, "no-such-host.invalid", 0))
+  show("other family", socket.connect("127.0.0.1", port, "::1", 0))
+  srv:close()
+end
+
 print("case " .. arg[1])
 cases[arg[1]]()
 print("done")
