@@ -171,6 +171,10 @@ describe("moonwire.socket against Debian's LuaSocket: masters and arguments", fu
   it("socket.connect's local address: \"*\", a name, an address; unknown names fail", function()
     same_as_real("lhost")
   end)
+
+  it("send(data, i, j) raises for an index that is not a number", function()
+    same_as_real("send")
+  end)
 end)
 
 describe("moonwire.socket runs nrk's redis-lua unchanged", function()

@@ -206,6 +206,14 @@ local function flatten(t, out)
   return out
 end
 
+-- send's i and j: a number (or numeric string) truncated towards zero, as C's (long) cast
+local function index(v, n, default)
+  if v == nil then return default end
+  local x = tonumber(v)
+  if not x then argerror(n, "send", "number expected, got " .. type(v)) end
+  return math.tointeger(x) or (x < 0 and math.ceil(x) or floor(x))
+end
+
 --- sock:send(data [, i [, j]]) -> last index sent | nil, err, last index sent
 -- data may also be a (nested) table of strings (OpenResty's cosocket style).
 function tcp:send(data, i, j)
@@ -215,8 +223,7 @@ function tcp:send(data, i, j)
   elseif type(data) == "number" then data = tostring(data)
   elseif type(data) ~= "string" then argerror(1, "send", "string expected, got " .. type(data)) end
   local size = #data
-  i = i and (math.tointeger(i) or (tonumber(i) and (i < 0 and math.ceil(i) or floor(i)))) or 1
-  j = j and (math.tointeger(j) or (tonumber(j) and (j < 0 and math.ceil(j) or floor(j)))) or -1
+  i, j = index(i, 2, 1), index(j, 3, -1)
   if i < 0 then i = size + i + 1 end
   if j < 0 then j = size + j + 1 end
   if i < 1 then i = 1 end

@@ -75,6 +75,26 @@ function cases.lhost()
   srv:close()
 end
 
+function cases.send()
+  -- send's indices are numbers (or numeric strings); anything else raises
+  local srv = assert(socket.bind("127.0.0.1", 0))
+  local c = assert(socket.connect("127.0.0.1", (select(2, srv:getsockname()))))
+  local function try(...)
+    local args = table.pack(...)
+    show("send", pcall(function()
+      local n, err, last = c:send(table.unpack(args, 1, args.n))   -- not a tail call: the name
+      return n, err, last
+    end))
+  end
+  try("hello", "x")
+  try("hello", 2, {})
+  try("hello", true)
+  try("hello", "2", "3")
+  try("hello", 2.9, -1.5)
+  try("hello", nil, 2)
+  c:close(); srv:close()
+end
+
 print("case " .. arg[1])
 cases[arg[1]]()
 print("done")
