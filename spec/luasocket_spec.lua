@@ -175,6 +175,10 @@ describe("moonwire.socket against Debian's LuaSocket: masters and arguments", fu
   it("send(data, i, j) raises for an index that is not a number", function()
     same_as_real("send")
   end)
+
+  it("getfamily() on masters, servers and clients", function()
+    same_as_real("family")
+  end)
 end)
 
 describe("moonwire.socket runs nrk's redis-lua unchanged", function()

@@ -308,6 +308,15 @@ function tcp:getsockname()
   return host, tostring(port), family_of(host)
 end
 
+--- sock:getfamily() -> "inet4" | "inet6" (LuaSocket 3.1's names)
+function tcp:getfamily()
+  check(self, "getfamily", ANY)
+  local s = self.s or self.l
+  local host = s and s:getsockname()
+  if host then return family_of(host) == "inet6" and "inet6" or "inet4" end
+  return self.family == "inet6" and "inet6" or "inet4"
+end
+
 function tcp:getstats()
   check(self, "getstats", ANY)
   return self.nrecv + 0.0, self.nsent + 0.0, now() - self.born

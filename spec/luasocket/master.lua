@@ -95,6 +95,23 @@ function cases.send()
   c:close(); srv:close()
 end
 
+function cases.family()
+  show("tcp()", socket.tcp():getfamily())
+  show("tcp4()", socket.tcp4():getfamily())
+  show("tcp6()", socket.tcp6():getfamily())
+  local srv = assert(socket.bind("127.0.0.1", 0))
+  local c = assert(socket.connect("127.0.0.1", (select(2, srv:getsockname()))))
+  show("server", srv:getfamily())
+  show("client", c:getfamily())
+  c:close(); srv:close()
+  local s6 = socket.bind("::1", 0)
+  if s6 then   -- (no IPv6 loopback: LuaSocket's answers cannot be had either)
+    local c6 = assert(socket.connect("::1", (select(2, s6:getsockname()))))
+    show("client6", c6:getfamily())
+    c6:close(); s6:close()
+  end
+end
+
 print("case " .. arg[1])
 cases[arg[1]]()
 print("done")
