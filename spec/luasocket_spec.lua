@@ -335,6 +335,27 @@ describe("moonwire.socket in a task", function()
     end)
   end)
 
+  it("setkeepalive: an accepted connection returns nil, err; numeric strings count, the rest raises", function()
+    run(function()
+      local srv = assert(lsocket.bind("127.0.0.1", 0))
+      local c = assert(lsocket.connect("127.0.0.1", (select(2, srv:getsockname()))))
+      local a = assert(srv:accept())
+      local ok, err = a:setkeepalive()
+      assert.is_nil(ok)
+      assert.matches("no pool", err)
+      assert.equal("tcp{client}", (tostring(a):match("^tcp{%a+}")))   -- still open
+      assert.equal(6.0, a:send("hello\n"))
+      assert.equal("hello", c:receive())
+      assert.has_error(function() c:setkeepalive({}) end,
+        "bad argument #1 to 'setkeepalive' (number expected, got table)")
+      assert.has_error(function() c:setkeepalive(10, "x") end,
+        "bad argument #2 to 'setkeepalive' (number expected, got string)")
+      assert.equal(1, c:setkeepalive("10", "5"))
+      a:close()
+      srv:close()
+    end)
+  end)
+
   it("install() and with() scope `require \"socket\"`, restoring what was there", function()
     local before, before_core = package.loaded.socket, package.loaded["socket.core"]
     local uninstall = lsocket.install()

@@ -488,7 +488,15 @@ end
 -- timeout_ms: idle time before it is dropped (0: never; default 60 s); size: default 30.
 function tcp:setkeepalive(timeout, size)
   check(self, "setkeepalive", CLIENT)
+  if timeout ~= nil then
+    timeout = tonumber(timeout) or argerror(1, "setkeepalive", "number expected, got " .. type(timeout))
+  end
+  if size ~= nil then
+    size = tonumber(size) or argerror(2, "setkeepalive", "number expected, got " .. type(size))
+  end
   if not self.s then return nil, "closed" end
+  -- an accepted connection has no pool: only connect() names one
+  if not self.pool then return nil, "no pool (the connection was not made by connect)" end
   if self.rp <= #self.rb then return nil, "unread data in buffer" end
   if not self.s:alive() then
     self:close()
