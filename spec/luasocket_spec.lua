@@ -335,6 +335,35 @@ describe("moonwire.socket in a task", function()
     end)
   end)
 
+  it("settimeout(t, \"t\") bounds a whole send, also while a slow reader keeps taking bytes", function()
+    run(function()
+      local l, port = helper.listen()
+      local done, stop = false, false
+      mw.spawn(function()
+        local c = l:accept()
+        while not stop and c:recv(4096, 2) do mw.sleep(0.01) end   -- ~400 kB/s: every wait makes progress
+        c:close()
+        done = true
+      end)
+      local s = lsocket.tcp()
+      assert(s:connect("127.0.0.1", port))
+      assert(s:setoption("send-buffer-size", 4096))
+      local data = string.rep("x", 1024 * 1024)       -- ~2.5 s at that pace
+      s:settimeout(0.3, "t")
+      local t0 = lsocket.gettime()
+      local n, err, last = s:send(data)
+      local took = lsocket.gettime() - t0
+      assert.is_nil(n)
+      assert.equal("timeout", err)
+      assert.is_true(last > 0 and last < #data, tostring(last))
+      assert.is_true(took >= 0.29 and took < 0.8, ("took %.2fs"):format(took))
+      stop = true
+      s:close()
+      while not done do mw.sleep(0.01) end
+      l:close()
+    end)
+  end)
+
   it("setkeepalive: an accepted connection returns nil, err; numeric strings count, the rest raises", function()
     run(function()
       local srv = assert(lsocket.bind("127.0.0.1", 0))

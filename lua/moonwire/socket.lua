@@ -16,6 +16,7 @@ local M = {
 local floor, max, min = math.floor, math.max, math.min
 local concat = table.concat
 local hrtime = core.hrtime
+local deadline_push, deadline_pop = core.deadline_push, core.deadline_pop
 
 local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
@@ -230,9 +231,23 @@ function tcp:send(data, i, j)
   if j > size then j = size end
   if i > j then return (i - 1) + 0.0, nil, nil end
   if not self.s then return nil, "closed", (i - 1) + 0.0 end
-  self.s:settimeout(retry(self, start) or -1)
   local chunk = (i == 1 and j == size) and data or data:sub(i, j)
-  local ok, err, code, sent = self.s:write(chunk)
+  local ok, err, code, sent
+  if self.total < 0 or not core.current() then   -- (outside a task nothing may wait anyway)
+    self.s:settimeout(retry(self, start) or -1)
+    ok, err, code, sent = self.s:write(chunk)
+  else
+    -- "t" bounds the whole call, but write's own timeout restarts whenever bytes go out:
+    -- the call runs under a task deadline (mw.timeout's) instead, "b" still bounds each wait.
+    -- Deadlines count from the loop's cached clock (core.now), older than now(): start + total
+    -- is turned into seconds from that clock.
+    self.s:settimeout(self.block)
+    local prev = deadline_push(max(start + self.total - core.now(), 0))
+    local r = table.pack(pcall(self.s.write, self.s, chunk))
+    deadline_pop(prev)
+    if not r[1] then error(r[2], 0) end
+    ok, err, code, sent = r[2], r[3], r[4], r[5]
+  end
   if not ok then
     sent = sent or 0
     self.nsent = self.nsent + sent
