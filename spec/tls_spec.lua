@@ -826,6 +826,39 @@ describe("tls", function()
       end)
     end)
 
+    -- Regression: a handshake that timed out could never be finished: the second starttls
+    -- was refused ("the socket already uses TLS") as the session was already attached.
+    it("after a handshake timeout, starttls with the same context resumes the handshake", function()
+      run(function()
+        local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+        local cctx = mw.tls.context { cafile = cert("ca.pem") }
+        local c, a = helper.tcp_pair()
+        local _ <close> = helper.closer(c, a)
+        local t = mw.spawn(function()
+          mw.sleep(0.3)                          -- a slow server
+          assert(a:starttls(sctx, { timeout = 5 }))
+          a:write("hello " .. tostring(a:read("l", 5)) .. "\n")
+        end)
+        local ok, err, code = c:starttls(cctx, { host = "localhost", timeout = 0.1 })
+        assert.is_nil(ok)
+        assert.equal("timeout", code, err)
+        -- another context is still refused
+        ok, err, code = c:starttls(mw.tls.context { insecure = true }, { timeout = 5 })
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("already", err)
+        assert.equal(c, assert(c:starttls(cctx, { host = "localhost", timeout = 5 })))
+        assert.is_true(c:tls_info().peer_verified)
+        assert(c:write("resumed\n"))
+        assert.equal("hello resumed", c:read("l", 5))
+        joined(t)
+        -- and once done, a second starttls is refused as before
+        ok, err, code = c:starttls(cctx, { host = "localhost", timeout = 5 })
+        assert.is_nil(ok)
+        assert.equal("tls", code, err)
+      end)
+    end)
+
     it("a deferred server-side starttls handshakes on the first read", function()
       run(function()
         local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }

@@ -687,7 +687,8 @@ static int handshake_k(lua_State *L, int status, lua_KContext ctx)
 
 /* sock:starttls(ctx [, { host = name, timeout = s, defer = bool }]) -> sock | nil, err, code
  * Client contexts verify host (SNI and certificate name). defer: no handshake now (it happens
- * on the first read or write). */
+ * on the first read or write). Called again with the same ctx before the handshake finished
+ * (after "timeout"), it resumes the handshake; host is then the first call's. */
 static int s_starttls(lua_State *L)
 {
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
@@ -711,10 +712,22 @@ static int s_starttls(lua_State *L)
      * them to the plaintext "go ahead") */
     if (!s->tls && mw_buf_len(&s->rbuf) > 0)
         return mw_pushfail(L, "tls: bytes received before the upgrade are still buffered", "tls");
-    const char *e = attach(s, t, host);
-    if (e) return mw_pushfail(L, e, "tls");
-    lua_settop(L, 2);
-    lua_setiuservalue(L, 1, 1);   /* the socket keeps its context alive */
+    /* the same context again while the handshake is unfinished (it timed out): resume it, as
+     * LuaSec's dohandshake is called again after "wantread" */
+    int resume = 0;
+    if (s->tls && !((mw_tlsconn *)s->tls)->handshake_done) {
+        lua_getiuservalue(L, 1, 1);
+        resume = lua_rawequal(L, -1, 2);
+        lua_pop(L, 1);
+    }
+    if (resume) {
+        lua_settop(L, 1);
+    } else {
+        const char *e = attach(s, t, host);
+        if (e) return mw_pushfail(L, e, "tls");
+        lua_settop(L, 2);
+        lua_setiuservalue(L, 1, 1);   /* the socket keeps its context alive */
+    }
     if (defer) {
         lua_pushvalue(L, 1);
         return 1;

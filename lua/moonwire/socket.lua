@@ -546,10 +546,13 @@ function tcp:sslhandshake(reused, server_name, verify)
   end
   local tls = require "moonwire.tls"
   require "moonwire.socket.ssl"   -- adds getpeercertificate, info, ... to the methods
-  local ctx = tls.client_context(verify and {} or { insecure = true })
+  -- a timeout leaves the handshake pending; the next call resumes it with the same context
+  local ctx = self.tls_ctx or tls.client_context(verify and {} or { insecure = true })
+  self.tls_ctx = ctx
   local host = server_name or (verify and self.host) or nil
-  local ok, err = self.s:starttls(ctx, { host = host, timeout = retry(self, now()) or -1 })
-  if not ok then return nil, err end
+  local ok, err, code = self.s:starttls(ctx, { host = host, timeout = retry(self, now()) or -1 })
+  if not ok then return nil, code == "timeout" and "timeout" or err end
+  self.tls_ctx = nil
   self.tls = true
   return true
 end

@@ -86,7 +86,8 @@ function tcp:sni(name)
   return true
 end
 
---- sslsock:dohandshake() -> true | false, err (LuaSec's shape)
+--- sslsock:dohandshake() -> true | false, err (LuaSec's shape; a timeout is "wantread", as
+-- LuaSec's, and calling again resumes the handshake)
 function tcp:dohandshake()
   checkssl(self, "dohandshake")
   if self.tls then return true end
@@ -94,8 +95,9 @@ function tcp:dohandshake()
   local c = self.sslp
   local host = self.sni_name or c.params.server_name
   if not c.server and c.verify then host = host or self.host end
-  local ok, err = self.s:starttls(c.ctx, { host = host, timeout = retry(self, now()) or -1 })
-  if not ok then return false, err end
+  -- a timeout leaves the handshake pending: the next call resumes it (same context)
+  local ok, err, code = self.s:starttls(c.ctx, { host = host, timeout = retry(self, now()) or -1 })
+  if not ok then return false, code == "timeout" and "wantread" or err end
   self.tls = true
   return true
 end
