@@ -358,6 +358,28 @@ describe("moonwire.pubsub when Redis fails", function()
     end)
   end)
 
+  -- A history topic's place is read before it subscribes: a message published between that
+  -- read and the subscription taking effect is only in the stream. The subscription's
+  -- confirmation (on_subscribed) reads it; a quiet topic missed it until its next message.
+  it("a history topic gets what was published between reading its place and its subscription", function()
+    run(function()
+      local a, b = node { history = 100 }, node { history = 100 }
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local sub = a:subscriber()
+      local real = sub.subscribe
+      sub.subscribe = function(self, ...)     -- a message while a's SUBSCRIBE is on its way
+        assert(b:publish("between", "x"))
+        return real(self, ...)
+      end
+      local ga = {}
+      a:subscribe("between", function(d) ga[#ga + 1] = d end)
+      wait_for(function() return #ga == 1 end, 3, "the message published in between")
+      assert.same({ "x" }, ga)
+      assert.equal(0, count_events(a, "lost"))
+      a:close() b:close()
+    end)
+  end)
+
   -- Regression: after the stream started again (Redis restarted empty, the keys expired), the
   -- recovery read the new stream after the old offset, then reported the epoch change: the new
   -- stream's first entries were skipped, silently.

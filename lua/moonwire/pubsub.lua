@@ -143,6 +143,7 @@ function M.new(opts)
       connect_timeout = opts.connect_timeout,
       on_message = function(ch, data) self:_incoming(ch:sub(#self.prefix + 1), data) end,
       on_state = function(state, info) self:_sub_state(state, info) end,
+      on_subscribed = function(ch) self:_subscribed(ch) end,
     })
   elseif opts.bus ~= false and bus.available() then
     self._bus = true
@@ -380,7 +381,7 @@ local function recover_once(self, t)
     end
   end
   self.stats.recovered = self.stats.recovered + n
-  event(self, "recovered", t.name, { count = n, offset = t.off })
+  if n > 0 or t.loud then event(self, "recovered", t.name, { count = n, offset = t.off }) end
   return true
 end
 
@@ -388,7 +389,9 @@ end
 -- topic wait in t.pending meanwhile, then follow (without duplicates). Reports "recovered"
 -- (count) or "lost" (epoch, trimmed). A read that fails is tried again after a backoff: given
 -- up, it would leave the topic short (and drop what waited), silently, until its next message.
-function recover(self, t)
+-- quiet: a check (a subscription confirmed), reported only when it found something.
+function recover(self, t, quiet)
+  if not quiet then t.loud = true end
   if t.recovering then
     t.again = true         -- (an outage during the read: what it missed is read next)
     return
@@ -404,7 +407,7 @@ function recover(self, t)
       return true
     end)
     local pending = t.pending
-    t.recovering, t.pending = nil, nil
+    t.recovering, t.pending, t.loud = nil, nil, nil
     if not ok then return end
     for _, env in ipairs(pending) do self:_incoming(t.name, env) end
   end)
@@ -415,6 +418,21 @@ function PS:_keys(topic)
   return base .. ":meta", base .. ":stream", self.prefix .. topic
 end
 
+-- The server confirmed a subscription: from now on the topic's messages come live. For a
+-- history topic, what was published between the read of its place (baseline) or the last
+-- recovery and this moment is only in the stream: read it (a quiet topic would otherwise
+-- miss it until its next message showed the gap).
+-- After a reconnect that read is the recovery of what the outage missed ("recovered" is
+-- reported, with its count); after the first subscribe only if it found something.
+function PS:_subscribed(ch)
+  if self.closed then return end
+  local t = self._topics[ch:sub(#self.prefix + 1)]
+  if t and t.history and t.off then
+    recover(self, t, not t.confirmed)
+    t.confirmed = true
+  end
+end
+
 function PS:_sub_state(state, info)
   self.state = state
   if state == "down" and self._pub then
@@ -423,11 +441,7 @@ function PS:_sub_state(state, info)
     self._pub = nil
   end
   event(self, state, nil, info)
-  if state == "up" then
-    for _, t in pairs(self._topics) do
-      if t.history and t.off then recover(self, t) end
-    end
-  end
+  -- (history topics recover once their subscription is confirmed again: _subscribed)
 end
 
 -- The publishing connection: connected on demand (by one task; the others wait for it), not

@@ -32,7 +32,9 @@ end
 
 --- redis.subscriber(url_or_opts [, opts]) -> subscriber (it connects in its own task)
 -- opts (besides the connect options): on_message(channel, data, pattern, kind),
--- on_state(state, info) ("up" | "down"), backoff_min (0.1 s), backoff_max (5 s),
+-- on_state(state, info) ("up" | "down"), on_subscribed(channel, kind) (the server confirmed a
+-- subscribe, psubscribe or ssubscribe: from then on its messages come; after each
+-- reconnect too), backoff_min (0.1 s), backoff_max (5 s),
 -- probe_interval (5 s), probe_timeout (2 s), connect_timeout (probe_timeout + 1).
 function M.new(target, opts)
   if not mw.current() then error("redis.subscriber: called outside a task", 2) end
@@ -44,7 +46,7 @@ function M.new(target, opts)
   end
   local copts = {}
   for k, v in pairs(opts) do copts[k] = v end
-  for _, k in ipairs { "on_message", "on_state", "backoff_min", "backoff_max", "probe_interval",
+  for _, k in ipairs { "on_message", "on_state", "on_subscribed", "backoff_min", "backoff_max", "probe_interval",
     "probe_timeout", "url" } do copts[k] = nil end
   copts.resp, copts.pushes = 3, true
   copts.max_pushes = opts.max_pushes or 100000
@@ -52,6 +54,7 @@ function M.new(target, opts)
     _target = target, _copts = copts, _redis = redis,
     on_message = opts.on_message or function() end,
     on_state = opts.on_state or function() end,
+    on_subscribed = opts.on_subscribed,
     backoff_min = optnum(opts, "backoff_min", 0.1), backoff_max = optnum(opts, "backoff_max", 5),
     probe_interval = optnum(opts, "probe_interval", 5), probe_timeout = optnum(opts, "probe_timeout", 2),
     state = "down", closed = false,
@@ -167,10 +170,17 @@ local function resubscribe(self, conn)
 end
 
 local MSG = { message = true, smessage = true, pmessage = true }
+local SUBSCRIBED = { subscribe = true, psubscribe = true, ssubscribe = true }
 
 local function dispatch(self, v)
   local kind = v[1]
-  if not MSG[kind] then return end
+  if not MSG[kind] then
+    if SUBSCRIBED[kind] and self.on_subscribed and v[2] ~= self._probe then
+      local ok, err = pcall(self.on_subscribed, v[2], kind)
+      if not ok then io.stderr:write("moonwire: subscriber on_subscribed: ", tostring(err), "\n") end
+    end
+    return
+  end
   local ch, data, pat = v[2], v[3], nil
   if kind == "pmessage" then pat, ch, data = v[2], v[3], v[4] end
   if ch == self._probe then
