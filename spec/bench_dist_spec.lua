@@ -192,11 +192,12 @@ end
 -- The target: counts requests per source address, remembers the time of the last one,
 -- answers /ws as a WebSocket echo and counts /setup calls.
 local function target()
-  local t = { count = 0, by_source = {}, last = 0, setup = 0 }
+  local t = { count = 0, by_source = {}, by_path = {}, last = 0, setup = 0 }
   t.srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req, res)
     t.count = t.count + 1
     t.last = mw.now()
     t.by_source[req.remote_addr] = (t.by_source[req.remote_addr] or 0) + 1
+    t.by_path[req.path] = (t.by_path[req.path] or 0) + 1
     if req.path == "/ws" then
       local ws = req:websocket()
       if ws then for msg, kind in ws:messages() do ws:send(msg, kind) end end
@@ -545,6 +546,26 @@ return {
       assert.equal(doc.metrics.http_reqs.value, doc.checks["status 200"].pass)
       assert.equal(0, doc.checks["status 200"].fail)
       assert.equal(4, doc.max_users)
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  -- Regression: an agent's threads got wrk.thread.id = their index on that agent (1 on every
+  -- agent), not the test-wide thread number one process with T threads gives them.
+  it("gives wrk.thread.id the test-wide thread number on every agent", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local script = tmp(".lua")
+      writefile(script, 'function init() wrk.path = "/id" .. wrk.thread.id end\n')
+      local c = coordinator(u, 2, { "-c", "2", "-d", "1", "-s", script, t.url })
+      local code = wait(c, 30)
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      assert.is_true((t.by_path["/id1"] or 0) > 0, context(c))
+      assert.is_true((t.by_path["/id2"] or 0) > 0, context(c))
+      -- (no other path: no thread had another id)
+      assert.equal(t.by_path["/id1"] + t.by_path["/id2"], t.count)
       t.srv:close(0)
     end, 40)
   end)

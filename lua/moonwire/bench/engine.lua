@@ -314,7 +314,7 @@ function M.thread_main(arg)
   local cfg = serial.decode(arg)
   local hooks = {}
   local stop_flag = false
-  local thread = { id = cfg.thread_id }
+  local thread = { id = cfg.wrk_thread_id or cfg.thread_id }   -- (an agent's thread: the test-wide number)
   function thread.stop() stop_flag = true end
   function thread.get(_, name) return rawget(_G, name) end
   function thread.set(_, name, v) rawset(_G, name, v) end
