@@ -570,6 +570,82 @@ return {
     end, 40)
   end)
 
+  -- Regression: wrk's own scripts/setup.lua crashed the coordinator with a traceback and
+  -- no report: done() reads thread:get("requests"), but the coordinator's thread objects
+  -- only knew what setup() had set (agents never sent their threads' globals back), and
+  -- done() ran unprotected after the report, so the JSON was never written.
+  local wrk_setup_lua = [[
+local counter = 1
+local threads = {}
+function setup(thread)
+   thread:set("id", counter)
+   table.insert(threads, thread)
+   counter = counter + 1
+end
+function init(args)
+   requests  = 0
+   responses = 0
+end
+function request()
+   requests = requests + 1
+   return wrk.request()
+end
+function response(status, headers, body)
+   responses = responses + 1
+end
+function done(summary, latency, requests)
+   for index, thread in ipairs(threads) do
+      local id        = thread:get("id")
+      local requests  = thread:get("requests")
+      local responses = thread:get("responses")
+      local msg = "thread %d made %d requests and got %d responses"
+      print(msg:format(id, requests, responses))
+   end
+end
+]]
+
+  it("runs wrk's setup.lua: done() reads each agent thread's globals through thread:get", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local script, json = tmp(".lua"), tmp(".json")
+      writefile(script, wrk_setup_lua)
+      local c = coordinator(u, 2, { "-c", "2", "-d", "1", "-s", script, "--json", json, t.url })
+      local code, out = wait(c, 30)
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      local total = 0
+      for id = 1, 2 do
+        local req, resp = out:match("thread " .. id .. " made (%d+) requests and got (%d+) responses")
+        assert.is_truthy(req, context(c))
+        req, resp = tonumber(req), tonumber(resp)
+        assert.is_true(resp > 0 and req >= resp, context(c))
+        total = total + resp
+      end
+      local doc = json_decode(readfile(json))
+      assert.equal(doc.requests, total)   -- the responses each thread counted are the report's
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  it("writes the report and the JSON when done() fails, and exits 2 as one process does", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local script, json = tmp(".lua"), tmp(".json")
+      writefile(script, 'function done() error("boom in done") end\n')
+      local c = coordinator(u, 2, { "-c", "2", "-d", "1", "-s", script, "--json", json, t.url })
+      local code, out, err = wait(c, 30)
+      stop_agents(list)
+      assert.equal(2, code, context(c))
+      assert.matches("done%(%) failed: .*boom in done", err)
+      assert.matches("Requests/sec:", out)
+      local doc = json_decode(readfile(json) or "null")
+      assert.is_true(type(doc) == "table" and doc.requests > 0, context(c))
+      t.srv:close(0)
+    end, 40)
+  end)
+
   it("fails clearly when the agents do not come", function()
     run(function()
       db_next = db_next + 1

@@ -185,7 +185,7 @@ function M.main(o)
     -- what every agent needs
     local job = { run = run, T = T, kind = o.scenario and "scenario" or "http" }
     local main_env
-    local sets = {}
+    local sets, thread_objs = {}, {}
     if o.scenario then
       job.scenario_src = readfile(o.scenario)
       job.data = sc.setup and sc.setup() or nil
@@ -206,11 +206,17 @@ function M.main(o)
           local vals = {}
           local th = { id = g, addr = addrs[1] and setmetatable({ host = addrs[1].host, port = addrs[1].port },
             wrkenv.Addr) }
-          function th.get(_, name) return vals[name] end
+          -- after the run, the thread's globals as its agent sent them back (th.final);
+          -- what setup() set stays visible for a thread whose agent was lost
+          function th.get(_, name)
+            local v = th.final and th.final[name]
+            if v == nil then v = vals[name] end
+            return v
+          end
           function th.set(_, name, v) vals[name] = v end
           function th.stop() end
           main_env.setup(th)
-          sets[g] = vals
+          sets[g], thread_objs[g] = vals, th
         end
       end
       job.o = { url = o.url, headers = o.headers, duration = o.duration, timeout = o.timeout,
@@ -405,6 +411,9 @@ function M.main(o)
       for _, r in ipairs(results) do all[#all + 1] = r end
     end
     table.sort(all, function(a, b) return a.g < b.g end)
+    for _, r in ipairs(all) do
+      if thread_objs[r.g] and type(r.globals) == "table" then thread_objs[r.g].final = r.globals end
+    end
     local spread
     if #starts > 1 then
       table.sort(starts)
@@ -478,12 +487,20 @@ function M.main(o)
     code = 1
   end
   if #report.failures > 0 then code = 1 end
-  if not o.scenario and report.main_done then report.main_done(merged) end
+  -- done() fails as a script hook does in one process (exit status 2), but the report and
+  -- the JSON/HTML of a run that happened are still written
+  if not o.scenario and report.main_done then
+    local dok, derr = xpcall(report.main_done, debug.traceback, merged)
+    if not dok then
+      io.stderr:write("moonwire bench: done() failed: ", tostring(derr), "\n")
+      code = 2
+    end
+  end
   for _, expr in ipairs(all_thresholds) do
     local pass, msg = check(expr, merged)
     tres[#tres + 1] = { expr = expr, pass = pass, message = msg }
     out2:write(msg, "\n")
-    if not pass then code = 1 end
+    if not pass then code = math.max(code, 1) end
     for _, row in ipairs(rows) do
       row.thresholds = row.thresholds or {}
       local apass, amsg = check(expr, row.result)

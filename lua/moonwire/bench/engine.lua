@@ -342,6 +342,9 @@ function M.thread_main(arg)
     hooks.fixed_depth = cfg.pipeline or 1
   end
   local result = M.run(cfg, hooks, function() return stop_flag end)
+  -- an agent's thread: the script's globals go back with the result, for thread:get() in
+  -- the coordinator's done() (one process reads them from the live thread state)
+  if cfg.report then result.globals = serial.globals(_G, { _VERSION = true }) end
   return serial.encode(result)
 end
 

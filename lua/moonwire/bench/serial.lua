@@ -41,6 +41,38 @@ function M.encode(v)
   return table.concat(out)
 end
 
+-- Whether v is plain data encode() can write and decode() read back the same: no
+-- functions, userdata, cycles or metatables (those carry behaviour), at most 32 deep.
+local function plain(v, seen, depth)
+  local t = type(v)
+  if t == "table" then
+    if seen[v] or depth > 32 or getmetatable(v) ~= nil then return false end
+    seen[v] = true
+    for k, x in next, v do
+      if not plain(k, seen, depth + 1) or not plain(x, seen, depth + 1) then return false end
+    end
+    seen[v] = nil
+    return true
+  end
+  return t == "string" or t == "number" or t == "boolean"
+end
+
+--- The globals of a state (G) that are plain data, as name -> value: what a bench thread's
+-- script left behind for thread:get() in done(). Skips `skip[name]`, and values whose
+-- encoding exceeds 1 MiB or would take the total past 4 MiB.
+function M.globals(G, skip)
+  local out, total = {}, 0
+  for k, v in next, G do
+    if type(k) == "string" and not (skip and skip[k]) and v ~= G and plain(v, {}, 0) then
+      local n = #M.encode(v)
+      if n <= 1048576 and total + n <= 4194304 then
+        out[k], total = v, total + n
+      end
+    end
+  end
+  return out
+end
+
 function M.decode(s)
   return assert(load(s, "=serial", "t", { math = math }))()
 end
