@@ -646,6 +646,38 @@ end
     end, 40)
   end)
 
+  -- Regression: the coordinator had no SIGINT handler: Ctrl-C was ignored until the run's
+  -- end and then every result was thrown away (exit 2). Now the agents stop at once and
+  -- the report and the JSON cover what ran, as in one process.
+  it("stops the agents on Ctrl-C and reports what ran", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local json = tmp(".json")
+      local c = coordinator(u, 2, { "-c", "4", "-d", "20", "-R", "400", "--json", json, t.url })
+      wait_for(function() return (t.by_source["127.0.0.2"] or 0) > 0 and (t.by_source["127.0.0.3"] or 0) > 0 end,
+        15, "both agents' load")
+      mw.sleep(0.5)
+      kill(c.pid, "INT")
+      local t0 = mw.now()
+      local code, out, err = wait(c, 15)
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      assert.is_true(mw.now() - t0 < 6, "the run stopped early")
+      assert.matches("interrupted: the report covers what ran", err)
+      assert.matches("Requests/sec:", out)
+      local doc = json_decode(readfile(json) or "null")
+      assert.is_true(type(doc) == "table", context(c))
+      assert.is_true(doc.duration_s < 10)
+      assert.equal(doc.requests, doc.agents[1].requests + doc.agents[2].requests)
+      for _, a in ipairs(doc.agents) do
+        assert.equal("stopped: stopped by the coordinator", a.state)
+        assert.is_true(a.requests > 0)
+      end
+      t.srv:close(0)
+    end, 40)
+  end)
+
   it("fails clearly when the agents do not come", function()
     run(function()
       db_next = db_next + 1

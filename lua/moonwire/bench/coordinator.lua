@@ -34,11 +34,12 @@ local function readfile(path)
   return s
 end
 
--- Waits until n agents are idle; -> sorted list of their infos.
-local function wait_agents(link, n, limit)
+-- Waits until n agents are idle; -> sorted list of their infos. interrupted(): Ctrl-C.
+local function wait_agents(link, n, limit, interrupted)
   local deadline = mw.now() + limit
   local seen = {}
   while true do
+    if interrupted() then error("interrupted while waiting for the agents", 0) end
     local names = link:call("ZRANGE", key("agents"), 0, -1)
     if names and #names > 0 then
       local keys = {}
@@ -165,10 +166,17 @@ function M.main(o)
   local out = o.json == "-" and io.stderr or io.stdout
   local code, report = 0, nil
   local run_ok, run_err = pcall(mw.run, function()
+    -- Ctrl-C, as in one process: the agents are told to stop at once (the run's stop key),
+    -- their final results are collected and the report (and the JSON) covers what ran.
+    -- Before the start there is nothing to report: the agents are released, exit 2.
+    local interrupted = false
+    mw.signal("SIGINT", function() interrupted = true end)
+    local _sigint <close> = setmetatable({}, { __close = function() mw.signal("SIGINT", nil) end })
+    local function is_interrupted() return interrupted end
     local link, blk = dist.link(o.via), dist.link(o.via, 10)
     local c, cerr = link:conn()
     if not c then error("cannot connect to " .. o.via .. ": " .. tostring(cerr), 0) end
-    local agents = wait_agents(link, o.agents, o.agent_wait or 30)
+    local agents = wait_agents(link, o.agents, o.agent_wait or 30, is_interrupted)
     local caps = {}
     for i, a in ipairs(agents) do caps[i] = math.max(1, math.floor(tonumber(a.threads) or 1)) end
     local T = 0
@@ -278,6 +286,11 @@ function M.main(o)
     local ready, errors_ = 0, {}
     local barrier_deadline = mw.now() + 15
     while ready + #errors_ < #agents do
+      if interrupted then
+        link:call("SET", K("stop"), "1", "EX", 60)
+        for name in pairs(state) do link:call("LPUSH", K("go", name), "abort") end
+        error("interrupted before the start", 0)
+      end
       if mw.now() > barrier_deadline then
         link:call("SET", K("stop"), "1", "EX", 60)
         local missing = {}
@@ -322,6 +335,10 @@ function M.main(o)
     local last_check = mw.now()
     local hard_deadline = t_start + duration + o.timeout + 30
     while pending > 0 do
+      if interrupted and not stopping then
+        stopping = true
+        link:call("SET", K("stop"), "1", "EX", 60)
+      end
       read_events(200, function(ag, kind, d, f)
         if kind == "interval" then
           ag.intervals[d.th] = ag.intervals[d.th] or {}
@@ -384,6 +401,7 @@ function M.main(o)
     end
     finished = true
     if progress then io.stdout:write("\r", (" "):rep(70), "\r") end
+    if interrupted then io.stderr:write("moonwire bench: interrupted: the report covers what ran\n") end
     link:call("DEL", K("events"), K("coord"))
 
     -- the report
