@@ -224,6 +224,43 @@ local function coordinator(u, n, extra)
   return bg(args)
 end
 
+-- A hand-made agent in this process, to play the agent's side of the protocol wrongly or
+-- slowly: its heartbeat key says fa.info every 0.3 s until fa.stop(); fa.job() takes its job
+-- (and says busy with that run, as an agent does); fa.event() adds to the run's stream.
+local function fake_agent(u, name)
+  local fa = { info = { name = name, threads = 1, state = "idle" },
+    r = assert(redis.connect(u)), b = assert(redis.connect(u)) }
+  local hb = "mwbench:agent:" .. name
+  mw.spawn(function()
+    while not fa.stopped do
+      fa.r:call("SET", hb, serial.encode(fa.info), "PX", 2000)
+      fa.r:call("ZADD", "mwbench:agents", os.time(), name)
+      mw.sleep(0.3)
+    end
+    fa.r:call("DEL", hb)
+    fa.r:call("ZREM", "mwbench:agents", name)
+    fa.r:close()
+    fa.b:close()
+  end)
+  function fa.job(limit)
+    local v = assert(fa.b:call("BLPOP", hb .. ":jobs", limit))
+    assert(v ~= redis.null, "no job for " .. name)
+    local job = serial.decode(v[2])
+    fa.info.state, fa.info.run = "busy", job.run
+    fa.r:call("SET", hb, serial.encode(fa.info), "PX", 2000)
+    return job
+  end
+  function fa.event(run, kind, d, h)
+    local stream = ("mwbench:run:%d:events"):format(run)
+    if type(d) ~= "string" then d = serial.encode(d) end
+    if h then return assert(fa.r:call("XADD", stream, "*", "k", kind, "a", name, "d", d, "h", h)) end
+    return assert(fa.r:call("XADD", stream, "*", "k", kind, "a", name, "d", d))
+  end
+  function fa.blpop(k, limit) return fa.b:call("BLPOP", ("mwbench:run:%d:%s:%s"):format(fa.info.run, k, name), limit) end
+  function fa.stop() fa.stopped = true end
+  return fa
+end
+
 ---------------------------------------------------------------------------------------------
 
 describe("distributed bench", function()
@@ -676,6 +713,55 @@ end
       end
       t.srv:close(0)
     end, 40)
+  end)
+
+  -- Regression: a ready agent waited for the start with BLPOP ... 15 on a link whose client
+  -- timeout was 10 s, so a barrier of 10-15 s (one agent slow to get ready) made it drop
+  -- the job; the coordinator then started it anyway and waited 30 s for results.
+  it("keeps a ready agent waiting through a barrier of more than 10 s", function()
+    run(function()
+      local t = target()
+      local u, list = agents(1)
+      local json = tmp(".json")
+      local fa = fake_agent(u, "agent2")
+      local c = coordinator(u, 2, { "-c", "2", "-d", "1", "--json", json, t.url })
+      local job = fa.job(10)
+      mw.sleep(11)                          -- agent1 is ready and waits for the start
+      fa.event(job.run, "ready", { offset = 0, rtt = 0, threads = 1 })
+      local go = fa.blpop("go", 10)
+      assert.is_true(go ~= nil and go ~= redis.null, "the start signal")
+      fa.event(job.run, "final", { results = {}, failures = {}, threads = 1 })
+      fa.blpop("ack", 10)
+      local code = wait(c, 25)
+      fa.stop()
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      local doc = json_decode(readfile(json))
+      assert.equal("ok", doc.agents[1].state)
+      assert.is_true(doc.agents[1].requests > 0)
+      assert.is_nil(readfile(list[1].err):find("job dropped"))
+      t.srv:close(0)
+    end, 45)
+  end)
+
+  -- Regression: the coordinator never noticed that an agent which had taken the job went
+  -- back to idle (it dropped it): it waited out the 15 s barrier (or 30 s for results).
+  it("fails at once when an agent drops the job before the start", function()
+    run(function()
+      local u, list = agents(1)
+      local fa = fake_agent(u, "agent2")
+      local c = coordinator(u, 2, { "-c", "2", "-d", "1", "http://127.0.0.1:1/" })
+      fa.job(10)
+      mw.sleep(0.7)
+      fa.info.state, fa.info.run = "idle", nil   -- as an agent that gave the job up
+      local t0 = mw.now()
+      local code, _, err = wait(c, 20)
+      fa.stop()
+      stop_agents(list)
+      assert.equal(2, code, context(c))
+      assert.is_true(mw.now() - t0 < 5, ("took %.1fs"):format(mw.now() - t0))
+      assert.matches("agent2 dropped the job", err)
+    end, 30)
   end)
 
   it("fails clearly when the agents do not come", function()

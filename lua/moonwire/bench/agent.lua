@@ -140,7 +140,7 @@ local function run_job(a, job)
   end
   local offset, rtt = dist.clock_offset(link)
   event("ready", { offset = offset, rtt = rtt, threads = #job.threads })
-  local go = blk:call("BLPOP", key("run", run, "go", a.name), 15)
+  local go = blk:call("BLPOP", key("run", run, "go", a.name), dist.GO_WAIT)
   local start_us = go and go ~= dist.null and math.tointeger(tonumber(go[2]))
   if not start_us then
     log("run %s: no start signal, job dropped", run)
@@ -231,7 +231,7 @@ end
 --- The agent's main loop (never returns unless Redis refuses the URL at the start).
 function M.main(o)
   local a = {
-    url = o.agent, source = o.source, link = dist.link(o.agent), blk = dist.link(o.agent, 10),
+    url = o.agent, source = o.source, link = dist.link(o.agent), blk = dist.link(o.agent, dist.BLOCK_TIMEOUT),
   }
   a.name = o.agent_name or (hostname() .. ":" .. core.getpid())
   local info = { name = a.name, host = hostname(), pid = core.getpid(), threads = o.threads,
@@ -239,9 +239,14 @@ function M.main(o)
   local ok, err = pcall(mw.run, function()
     local c, cerr = a.link:conn()
     if not c then error("cannot connect to " .. o.agent .. ": " .. tostring(cerr), 0) end
+    -- the heartbeat; also written at once when the state changes (the coordinator reads a
+    -- busy agent's return to idle as the job given up)
+    local function beat()
+      a.link:call("SET", key("agent", a.name), serial.encode(info), "PX", math.floor(dist.TTL * 1000))
+    end
     mw.spawn(function()
       while true do
-        a.link:call("SET", key("agent", a.name), serial.encode(info), "PX", math.floor(dist.TTL * 1000))
+        beat()
         a.link:call("ZADD", key("agents"), os.time(), a.name)
         mw.sleep(dist.HEARTBEAT)
       end
@@ -257,12 +262,14 @@ function M.main(o)
         elseif now and job.deadline_us and now > job.deadline_us then log("run %s: stale job dropped", job.run)
         else
           info.state, info.run = "busy", job.run
+          beat()
           local final = run_job(a, job)
           if final then
             local delivered = deliver(a, job.run, final)
             log("run %s: %s", job.run, delivered and "results delivered" or "coordinator gone, results dropped")
           end
           info.state, info.run = "idle", nil
+          beat()
         end
       elseif not v then
         mw.sleep(0.2)

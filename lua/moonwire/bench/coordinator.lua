@@ -138,6 +138,33 @@ local function scenario_from_intervals(ag)
   return out
 end
 
+-- Reads the heartbeats of the agents for which owes(ag) holds; -> a list of { ag, why }:
+-- "gone" (its key expired) or "dropped" (it had taken this run's job, as its heartbeat
+-- said, and now says idle or another run: it gave the job up without delivering).
+local function check_heartbeats(link, state, run, owes)
+  local list, keys = {}, {}
+  for _, ag in pairs(state) do
+    if owes(ag) then list[#list + 1] = ag keys[#keys + 1] = key("agent", ag.name) end
+  end
+  local v = #keys > 0 and link:call("MGET", table.unpack(keys))
+  local out = {}
+  if not v then return out end
+  local now = mw.now()
+  for i, ag in ipairs(list) do
+    if v[i] == dist.null then
+      if dist.gone(link) then out[#out + 1] = { ag = ag, why = "gone" } end
+    else
+      ag.beat_seen = now
+      local ok, info = pcall(serial.decode, v[i])
+      if ok and type(info) == "table" then
+        if info.run == run then ag.took = true
+        elseif ag.took then out[#out + 1] = { ag = ag, why = "dropped" } end
+      end
+    end
+  end
+  return out
+end
+
 local function agents_text(rows, out)
   out:write("  Agents:\n")
   out:write(("    %-24s %7s %6s %10s %11s %9s %9s %7s  %s\n"):format("name", "threads", "conns", "requests",
@@ -173,7 +200,7 @@ function M.main(o)
     mw.signal("SIGINT", function() interrupted = true end)
     local _sigint <close> = setmetatable({}, { __close = function() mw.signal("SIGINT", nil) end })
     local function is_interrupted() return interrupted end
-    local link, blk = dist.link(o.via), dist.link(o.via, 10)
+    local link, blk = dist.link(o.via), dist.link(o.via, dist.BLOCK_TIMEOUT)
     local c, cerr = link:conn()
     if not c then error("cannot connect to " .. o.via .. ": " .. tostring(cerr), 0) end
     local agents = wait_agents(link, o.agents, o.agent_wait or 30, is_interrupted)
@@ -253,7 +280,7 @@ function M.main(o)
           conns = not o.scenario and dist.conns_of(g, T, o.connections) or nil,
           rate = o.rate and o.rate / T or nil }
       end
-      job.threads, job.deadline_us = threads, now_us + 15e6
+      job.threads, job.deadline_us = threads, now_us + dist.BARRIER * 1e6
       local conns = 0
       for _, th in ipairs(threads) do conns = conns + (th.conns or 0) end
       state[a.name] = { name = a.name, threads = #threads, connections = not o.scenario and conns or nil,
@@ -284,7 +311,8 @@ function M.main(o)
       end
     end
     local ready, errors_ = 0, {}
-    local barrier_deadline = mw.now() + 15
+    local barrier_deadline = mw.now() + dist.BARRIER
+    local barrier_check = mw.now()
     while ready + #errors_ < #agents do
       if interrupted then
         link:call("SET", K("stop"), "1", "EX", 60)
@@ -296,7 +324,22 @@ function M.main(o)
         local missing = {}
         for name, ag in pairs(state) do if not ag.ready then missing[#missing + 1] = name end end
         table.sort(missing)
-        error("agents not ready after 15s: " .. table.concat(missing, ", "), 0)
+        error(("agents not ready after %gs: %s"):format(dist.BARRIER, table.concat(missing, ", ")), 0)
+      end
+      if mw.now() - barrier_check >= 0.5 then
+        -- an agent that took the job and gave it up (or died) will never be ready
+        barrier_check = mw.now()
+        local bad = check_heartbeats(link, state, run, function(ag) return not ag.error end)
+        if #bad > 0 then
+          link:call("SET", K("stop"), "1", "EX", 60)
+          for name in pairs(state) do link:call("LPUSH", K("go", name), "abort") end
+          local why = {}
+          for _, b in ipairs(bad) do
+            why[#why + 1] = b.ag.name .. (b.why == "gone" and " is gone (no heartbeat)" or " dropped the job")
+          end
+          table.sort(why)
+          error("agents cannot run the test: " .. table.concat(why, "; "), 0)
+        end
       end
       read_events(200, function(ag, kind, d)
         if kind == "ready" and not ag.ready then
@@ -368,24 +411,20 @@ function M.main(o)
       end
       if now - last_check >= 0.5 then
         last_check = now
-        local names, keys = {}, {}
-        for name, ag in pairs(state) do
-          if not ag.final and not ag.lost then names[#names + 1] = name keys[#keys + 1] = key("agent", name) end
-        end
-        local v = #keys > 0 and link:call("MGET", table.unpack(keys))
-        if v then
-          for i, name in ipairs(names) do
-            local ag = state[name]
-            if v[i] ~= dist.null then ag.seen = now end
-            if v[i] == dist.null and dist.gone(link) then
-              ag.lost = true
-              pending = pending - 1
-              io.stderr:write(("moonwire bench: agent %s lost (no heartbeat for %.1fs)\n"):format(name, now - ag.seen))
-              if o.on_agent_loss == "stop" and not stopping then
-                stopping = true
-                link:call("SET", K("stop"), "1", "EX", 60)
-              end
-            end
+        local bad = check_heartbeats(link, state, run, function(ag) return not ag.final and not ag.lost end)
+        for _, b in ipairs(bad) do
+          local ag = b.ag
+          ag.lost = true
+          pending = pending - 1
+          if b.why == "gone" then
+            io.stderr:write(("moonwire bench: agent %s lost (no heartbeat for %.1fs)\n"):format(ag.name, now - ag.seen))
+          else
+            io.stderr:write(("moonwire bench: agent %s lost (it dropped the job: idle again without results)\n"):format(
+              ag.name))
+          end
+          if o.on_agent_loss == "stop" and not stopping then
+            stopping = true
+            link:call("SET", K("stop"), "1", "EX", 60)
           end
         end
         if now > hard_deadline then

@@ -13,6 +13,11 @@ local M = {}
 M.PREFIX = "mwbench:"
 M.HEARTBEAT = 0.5      -- seconds between heartbeats (agents and coordinator)
 M.TTL = 2              -- a heartbeat key lives this long: missing for longer = gone
+M.BARRIER = 15         -- seconds the coordinator waits for every agent to be ready
+M.GO_WAIT = M.BARRIER + 5   -- seconds a ready agent waits for the start signal (BLPOP)
+-- the client timeout of links that block (BLPOP, XREAD BLOCK): longer than the longest block,
+-- or the client gives up on a wait Redis still honours (and the agent drops its job)
+M.BLOCK_TIMEOUT = M.GO_WAIT + 10
 
 --- Key names: dist.key("agent", name) -> "mwbench:agent:NAME".
 function M.key(...)
