@@ -764,6 +764,36 @@ end
     end, 30)
   end)
 
+  -- Regression: a lost agent's requests counted in the totals but not in the status
+  -- counts, the timeline or Req/Sec (its pseudo results had statuses = {}, timeline = {}),
+  -- and "no heartbeat for 0.7s" gave the time since its last interval, not its silence.
+  it("reports a lost agent's requests consistently: statuses and timeline agree with the totals", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local json = tmp(".json")
+      local c = coordinator(u, 2, { "-c", "4", "-d", "3", "-R", "400", "--json", json, t.url })
+      wait_for(function() return (t.by_source["127.0.0.3"] or 0) > 0 end, 15, "agent 2's load")
+      mw.sleep(1.6)   -- its first second's snapshot sent
+      kill(list[2].pid)
+      local code, _, err = wait(c, 30)
+      stop_agents(list)
+      assert.equal(1, code, context(c))
+      local doc = json_decode(readfile(json))
+      assert.is_true(doc.agents[2].lost)
+      assert.is_true(doc.agents[2].requests > 0)
+      local by_status = 0
+      for _, v in pairs(doc.statuses) do by_status = by_status + v end
+      assert.equal(doc.requests, by_status)
+      -- both agents' first second: 200 req/s each (one agent alone is about 200)
+      assert.is_true(doc.timeline[1].rps > 300, ("first second %.0f req/s"):format(doc.timeline[1].rps))
+      local silence = tonumber(err:match("agent agent2 lost %(no heartbeat for ([%d.]+)s%)"))
+      assert.is_truthy(silence, context(c))
+      assert.is_true(silence >= 1.9, ("silence %.1fs is less than the heartbeat's TTL"):format(silence))
+      t.srv:close(0)
+    end, 40)
+  end)
+
   it("fails clearly when the agents do not come", function()
     run(function()
       db_next = db_next + 1

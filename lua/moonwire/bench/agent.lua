@@ -65,16 +65,22 @@ function M.reporter(cfg, _)
   local rep = cfg.report
   local push = M.sender(rep)
   local seq = 0
-  local last_count, last_bytes, last_err = 0, 0, {}
+  local last_count, last_bytes, last_err, last_st = 0, 0, {}, {}
   return function(s)
     seq = seq + 1
-    local errors = {}
+    local errors, statuses = {}, {}
     for k, v in pairs(s.errors) do
       errors[k] = v - (last_err[k] or 0)
       last_err[k] = v
     end
+    for k, v in pairs(s.statuses) do
+      if v ~= (last_st[k] or 0) then statuses[k] = v - (last_st[k] or 0) end
+      last_st[k] = v
+    end
+    -- the second's counts and status codes; rq: the thread's Req/Sec histogram so far (the
+    -- latest one received stands for a lost agent's thread)
     local d = { th = rep.thread, seq = seq, t = (hrtime() - s.t_start) / 1e9, n = s.count - last_count,
-      bytes = s.bytes - last_bytes, errors = errors }
+      bytes = s.bytes - last_bytes, errors = errors, st = statuses, rq = s.requests:encode() }
     last_count, last_bytes = s.count, s.bytes
     push(d, s.second:encode())
   end

@@ -83,21 +83,40 @@ local function fields(list)
 end
 
 -- A lost agent's result, rebuilt from the interval snapshots that reached us: one pseudo
--- thread result per thread, in the shape engine.run returns.
+-- thread result per thread, in the shape engine.run returns, whose parts (status counts,
+-- the per-second timeline, Req/Sec) cover the same requests as its totals.
 local function from_intervals(ag)
   local out = {}
   for g, th in pairs(ag.intervals) do
     local lat = core.histogram()
     local n, bytes, t = 0, 0, 0
     local errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 }
-    for _, iv in pairs(th) do
-      lat:merge(core.histogram_decode(iv.h))
+    local statuses, timeline = {}, {}
+    local seqs = {}
+    for seq in pairs(th) do seqs[#seqs + 1] = seq end
+    table.sort(seqs)
+    local prev_t, rq = 0, nil
+    for _, seq in ipairs(seqs) do
+      local iv = th[seq]
+      local h = core.histogram_decode(iv.h)
+      lat:merge(h)
       n, bytes = n + iv.d.n, bytes + iv.d.bytes
       if iv.d.t > t then t = iv.d.t end
-      for k, v in pairs(iv.d.errors) do errors[k] = (errors[k] or 0) + v end
+      local errs = 0
+      for k, v in pairs(iv.d.errors) do
+        errors[k] = (errors[k] or 0) + v
+        errs = errs + v
+      end
+      for k, v in pairs(iv.d.st or {}) do statuses[k] = (statuses[k] or 0) + v end
+      local dt = iv.d.t - prev_t
+      timeline[#timeline + 1] = { t = iv.d.t, rps = dt > 0 and iv.d.n / dt or 0, p50 = h:percentile(50),
+        p99 = h:percentile(99), max = select(3, h:stats()), errors = errs }
+      prev_t = iv.d.t
+      rq = iv.d.rq or rq
     end
-    out[#out + 1] = { g = g, latency = lat:encode(), requests = core.histogram():encode(), count = n, bytes = bytes,
-      errors = errors, statuses = {}, duration_us = math.floor(t * 1e6), timeline = {}, hung = 0 }
+    out[#out + 1] = { g = g, latency = lat:encode(), requests = rq or core.histogram():encode(), count = n,
+      bytes = bytes, errors = errors, statuses = statuses, duration_us = math.floor(t * 1e6), timeline = timeline,
+      hung = 0 }
   end
   table.sort(out, function(a, b) return a.g < b.g end)
   return out
@@ -154,7 +173,9 @@ local function check_heartbeats(link, state, run, owes)
     if v[i] == dist.null then
       if dist.gone(link) then out[#out + 1] = { ag = ag, why = "gone" } end
     else
-      ag.beat_seen = now
+      -- when it last beat: the key was set TTL - PTTL ago
+      local pttl = link:call("PTTL", keys[i])
+      ag.last_beat = math.tointeger(pttl) and pttl >= 0 and now - (dist.TTL * 1000 - pttl) / 1000 or now
       local ok, info = pcall(serial.decode, v[i])
       if ok and type(info) == "table" then
         if info.run == run then ag.took = true
@@ -284,7 +305,7 @@ function M.main(o)
       local conns = 0
       for _, th in ipairs(threads) do conns = conns + (th.conns or 0) end
       state[a.name] = { name = a.name, threads = #threads, connections = not o.scenario and conns or nil,
-        intervals = {}, seen = mw.now(), order = i }
+        intervals = {}, last_beat = mw.now(), order = i }
       link:call("LPUSH", key("agent", a.name, "jobs"), serial.encode(job))
     end
 
@@ -303,7 +324,6 @@ function M.main(o)
           local f = fields(entry[2])
           local ag = state[f.a]
           if ag then
-            ag.seen = mw.now()
             local ok, d = pcall(serial.decode, f.d)
             if ok then handle(ag, f.k, d, f) end
           end
@@ -417,7 +437,8 @@ function M.main(o)
           ag.lost = true
           pending = pending - 1
           if b.why == "gone" then
-            io.stderr:write(("moonwire bench: agent %s lost (no heartbeat for %.1fs)\n"):format(ag.name, now - ag.seen))
+            io.stderr:write(("moonwire bench: agent %s lost (no heartbeat for %.1fs)\n"):format(ag.name,
+              now - ag.last_beat))
           else
             io.stderr:write(("moonwire bench: agent %s lost (it dropped the job: idle again without results)\n"):format(
               ag.name))
