@@ -250,13 +250,15 @@ local function fake_agent(u, name)
     fa.r:call("SET", hb, serial.encode(fa.info), "PX", 2000)
     return job
   end
-  function fa.event(run, kind, d, h)
-    local stream = ("mwbench:run:%d:events"):format(run)
+  function fa.event(run_id, kind, d, h)
+    local stream = ("mwbench:run:%d:events"):format(run_id)
     if type(d) ~= "string" then d = serial.encode(d) end
     if h then return assert(fa.r:call("XADD", stream, "*", "k", kind, "a", name, "d", d, "h", h)) end
     return assert(fa.r:call("XADD", stream, "*", "k", kind, "a", name, "d", d))
   end
-  function fa.blpop(k, limit) return fa.b:call("BLPOP", ("mwbench:run:%d:%s:%s"):format(fa.info.run, k, name), limit) end
+  function fa.blpop(k, limit)
+    return fa.b:call("BLPOP", ("mwbench:run:%d:%s:%s"):format(fa.info.run, k, name), limit)
+  end
   function fa.stop() fa.stopped = true end
   return fa
 end
@@ -790,6 +792,65 @@ end
       local silence = tonumber(err:match("agent agent2 lost %(no heartbeat for ([%d.]+)s%)"))
       assert.is_truthy(silence, context(c))
       assert.is_true(silence >= 1.9, ("silence %.1fs is less than the heartbeat's TTL"):format(silence))
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  -- Regression: a malformed job ('return 5', 'return {}') killed the agent process, and
+  -- 'while true do end' made it spin forever (serial.decode was load() with no limit).
+  it("keeps an agent alive through malformed jobs, then runs a real one", function()
+    run(function()
+      local t = target()
+      local u, list = agents(1)
+      local r = assert(redis.connect(u))
+      wait_for(function() return r:call("GET", "mwbench:agent:agent1") ~= redis.null end, 10, "agent1's heartbeat")
+      local payloads = { "garbage", "return 5", "return {}", "return {run=1}", "while true do end",
+        "return {run=1,T=1,deadline_us=1e18,threads={{g=1}},kind='http'}" }
+      for _, p in ipairs(payloads) do assert(r:call("RPUSH", "mwbench:agent:agent1:jobs", p)) end
+      wait_for(function()
+        local _, n = (readfile(list[1].err) or ""):gsub("bad job ignored", "")
+        return n == #payloads
+      end, 10, "every bad job logged")
+      r:close()
+      assert.is_true(alive(list[1].pid))
+      local c = coordinator(u, 1, { "-c", "2", "-d", "1", t.url })
+      local code = wait(c, 30)
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      assert.is_true(t.count > 0)
+      t.srv:close(0)
+    end, 40)
+  end)
+
+  -- Regression: the coordinator used interval and final events as they came: a malformed
+  -- one raised inside its loop and the whole run was lost (exit 2, no report).
+  it("ignores malformed intervals and treats an agent with malformed results as lost", function()
+    run(function()
+      local t = target()
+      local u, list = agents(1)
+      local json = tmp(".json")
+      local fa = fake_agent(u, "agent2")
+      local c = coordinator(u, 2, { "-c", "2", "-d", "1", "--json", json, t.url })
+      local job = fa.job(10)
+      fa.event(job.run, "ready", { offset = 0, rtt = 0, threads = 1 })
+      local go = fa.blpop("go", 10)
+      assert.is_true(go ~= nil and go ~= redis.null, "the start signal")
+      fa.event(job.run, "interval", "return {th='x'}", "garbage")
+      fa.event(job.run, "interval", { th = 2, seq = 1, t = 1.0, n = 5, bytes = 10, errors = { nope = 1 } }, "garbage")
+      fa.event(job.run, "interval", "while true do end", "garbage")
+      fa.event(job.run, "final", { results = { 5 }, failures = {} })
+      fa.blpop("ack", 10)
+      local code, _, err = wait(c, 25)
+      fa.stop()
+      stop_agents(list)
+      assert.equal(1, code, context(c))
+      assert.matches("agent agent2 lost %(malformed results", err)
+      local doc = json_decode(readfile(json) or "null")
+      assert.is_true(type(doc) == "table", context(c))
+      assert.equal("ok", doc.agents[1].state)
+      assert.is_true(doc.agents[2].lost)
+      assert.equal(0, doc.agents[2].requests)
+      assert.equal(doc.requests, doc.agents[1].requests)
       t.srv:close(0)
     end, 40)
   end)

@@ -234,7 +234,29 @@ local function deliver(a, run, final)
   end
 end
 
+-- Why a decoded job cannot be run (nil: it can): its shape as the coordinator writes it.
+local function bad_job(job)
+  if type(job) ~= "table" then return "not a table" end
+  if math.type(job.run) ~= "integer" then return "no run id" end
+  if math.type(job.T) ~= "integer" or job.T < 1 then return "no thread total" end
+  if type(job.deadline_us) ~= "number" then return "no deadline" end
+  if type(job.threads) ~= "table" or #job.threads < 1 then return "no threads" end
+  for _, th in ipairs(job.threads) do
+    if type(th) ~= "table" or math.type(th.g) ~= "integer" then return "a bad thread entry" end
+    if th.set ~= nil and type(th.set) ~= "table" then return "a bad thread entry" end
+  end
+  if job.kind == "http" then
+    if type(job.o) ~= "table" or type(job.o.url) ~= "string" then return "no URL" end
+    if job.script_src ~= nil and type(job.script_src) ~= "string" then return "a bad script" end
+  elseif job.kind == "scenario" then
+    if type(job.scenario_src) ~= "string" then return "no scenario" end
+  else
+    return "an unknown kind"
+  end
+end
+
 --- The agent's main loop (never returns unless Redis refuses the URL at the start).
+-- A job that cannot be read or run is logged and skipped: the agent waits for the next.
 function M.main(o)
   local a = {
     url = o.agent, source = o.source, link = dist.link(o.agent), blk = dist.link(o.agent, dist.BLOCK_TIMEOUT),
@@ -263,17 +285,21 @@ function M.main(o)
       local v = a.blk:call("BLPOP", key("agent", a.name, "jobs"), 1)
       if v and v ~= dist.null then
         local jok, job = pcall(serial.decode, v[2])
-        local now = dist.redis_time(a.link)
-        if not jok then log("bad job: %s", tostring(job))
-        elseif now and job.deadline_us and now > job.deadline_us then log("run %s: stale job dropped", job.run)
+        local why = not jok and tostring(job) or bad_job(job)
+        local now = not why and dist.redis_time(a.link)
+        if why then log("bad job ignored: %s", why)
+        elseif now and now > job.deadline_us then log("run %s: stale job dropped", job.run)
         else
           info.state, info.run = "busy", job.run
           beat()
-          local final = run_job(a, job)
-          if final then
-            local delivered = deliver(a, job.run, final)
-            log("run %s: %s", job.run, delivered and "results delivered" or "coordinator gone, results dropped")
-          end
+          local rok, rerr = pcall(function()
+            local final = run_job(a, job)
+            if final then
+              local delivered = deliver(a, job.run, final)
+              log("run %s: %s", job.run, delivered and "results delivered" or "coordinator gone, results dropped")
+            end
+          end)
+          if not rok then log("run %s: failed: %s", job.run, tostring(rerr)) end
           info.state, info.run = "idle", nil
           beat()
         end

@@ -82,6 +82,67 @@ local function fields(list)
   return t
 end
 
+-- ---------------------------------------------------------------------------------------
+-- what agents send, checked before use: a malformed event is ignored (an interval) or
+-- makes its agent lost (a final), it never stops the coordinator
+
+local function num(v) return type(v) == "number" end
+local function hist(v) return type(v) == "string" and pcall(core.histogram_decode, v) end
+local function map_of(t, check)
+  if type(t) ~= "table" then return false end
+  for k, v in pairs(t) do if not check(v, k) then return false end end
+  return true
+end
+local ERROR_KINDS = { connect = true, read = true, write = true, status = true, timeout = true }
+local function errors_ok(t) return map_of(t, function(v, k) return num(v) and ERROR_KINDS[k] end) end
+local function num_map(t) return map_of(t, num) end
+local function checks_ok(t)
+  return map_of(t, function(c) return type(c) == "table" and num(c.pass) and num(c.fail) end)
+end
+local function sc_ok(sc)
+  return type(sc) == "table" and map_of(sc.trends, hist) and num_map(sc.counters) and checks_ok(sc.checks)
+    and map_of(sc.order, function(v) return type(v) == "string" end) and num(sc.errors) and num(sc.max_users)
+end
+
+-- Why an interval snapshot (d, h) cannot be used (nil: it can).
+local function bad_interval(d, h, scenario, gs)
+  if type(d) ~= "table" or not gs[d.th] or math.type(d.seq) ~= "integer" then return "no thread of its own or seq" end
+  if not (num(d.t) and num(d.n) and num(d.bytes) and errors_ok(d.errors)) then return "bad counts" end
+  if not hist(h) then return "bad histogram" end
+  if d.st ~= nil and not num_map(d.st) then return "bad statuses" end
+  if d.rq ~= nil and not hist(d.rq) then return "bad Req/Sec histogram" end
+  if scenario and d.sc ~= nil and not sc_ok(d.sc) then return "bad scenario metrics" end
+end
+
+local function timeline_ok(tl)
+  return map_of(tl, function(e)
+    return type(e) == "table" and num(e.t) and num(e.rps) and num(e.p50) and num(e.p99) and num(e.max)
+      and num(e.errors)
+  end)
+end
+
+-- Why a final message cannot be used (nil: it can); gs: the agent's thread numbers.
+local function bad_final(d, scenario, gs)
+  if type(d) ~= "table" or type(d.results) ~= "table" then return "no results" end
+  if not map_of(d.failures, function(f) return type(f) == "string" end) then return "bad failures" end
+  for _, r in pairs(d.results) do
+    if type(r) ~= "table" or not gs[r.g] then return "a result of no thread of its own" end
+    if scenario then
+      if not (sc_ok(r) and num(r.duration)) then return "a bad scenario result" end
+    else
+      if not (num(r.count) and num(r.bytes) and num(r.duration_us) and num(r.hung) and errors_ok(r.errors)
+        and num_map(r.statuses) and timeline_ok(r.timeline) and hist(r.latency) and hist(r.requests)) then
+        return "a bad thread result"
+      end
+      local h2 = r.h2
+      if h2 ~= nil and not (type(h2) == "table" and num(h2.streams) and num(h2.reconnects)
+        and num(h2.refused_retries) and num_map(h2.rst) and num_map(h2.goaway) and hist(h2.ttfb)) then
+        return "bad HTTP/2 figures"
+      end
+    end
+  end
+end
+
 -- A lost agent's result, rebuilt from the interval snapshots that reached us: one pseudo
 -- thread result per thread, in the shape engine.run returns, whose parts (status counts,
 -- the per-second timeline, Req/Sec) cover the same requests as its totals.
@@ -304,8 +365,10 @@ function M.main(o)
       job.threads, job.deadline_us = threads, now_us + dist.BARRIER * 1e6
       local conns = 0
       for _, th in ipairs(threads) do conns = conns + (th.conns or 0) end
+      local gs = {}
+      for _, th in ipairs(threads) do gs[th.g] = true end
       state[a.name] = { name = a.name, threads = #threads, connections = not o.scenario and conns or nil,
-        intervals = {}, last_beat = mw.now(), order = i }
+        intervals = {}, last_beat = mw.now(), order = i, gs = gs }
       link:call("LPUSH", key("agent", a.name, "jobs"), serial.encode(job))
     end
 
@@ -325,7 +388,12 @@ function M.main(o)
           local ag = state[f.a]
           if ag then
             local ok, d = pcall(serial.decode, f.d)
-            if ok then handle(ag, f.k, d, f) end
+            if ok then
+              handle(ag, f.k, d, f)
+            elseif not ag.warned then
+              ag.warned = true
+              io.stderr:write(("moonwire bench: agent %s: malformed event ignored: %s\n"):format(ag.name, tostring(d)))
+            end
           end
         end
       end
@@ -362,12 +430,12 @@ function M.main(o)
         end
       end
       read_events(200, function(ag, kind, d)
-        if kind == "ready" and not ag.ready then
+        if kind == "ready" and not ag.ready and type(d) == "table" then
           ag.ready, ag.offset, ag.rtt = true, d.offset, d.rtt
           ready = ready + 1
         elseif kind == "error" and not ag.error then
-          ag.error = d.error
-          errors_[#errors_ + 1] = ag.name .. ": " .. tostring(d.error)
+          ag.error = type(d) == "table" and d.error or "malformed error event"
+          errors_[#errors_ + 1] = ag.name .. ": " .. tostring(ag.error)
         end
       end)
     end
@@ -403,7 +471,22 @@ function M.main(o)
         link:call("SET", K("stop"), "1", "EX", 60)
       end
       read_events(200, function(ag, kind, d, f)
-        if kind == "interval" then
+        local why = kind == "interval" and bad_interval(d, f.h, o.scenario, ag.gs)
+          or kind == "final" and bad_final(d, o.scenario, ag.gs)
+        if why then
+          if kind == "final" then
+            link:call("LPUSH", K("ack", ag.name), "1")   -- (no use sending it again)
+            link:call("EXPIRE", K("ack", ag.name), 60)
+            if not ag.final and not ag.lost then
+              ag.lost = true
+              pending = pending - 1
+              io.stderr:write(("moonwire bench: agent %s lost (malformed results: %s)\n"):format(ag.name, why))
+            end
+          elseif not ag.warned then
+            ag.warned = true
+            io.stderr:write(("moonwire bench: agent %s: malformed interval ignored: %s\n"):format(ag.name, why))
+          end
+        elseif kind == "interval" then
           ag.intervals[d.th] = ag.intervals[d.th] or {}
           if not ag.intervals[d.th][d.seq] then
             ag.intervals[d.th][d.seq] = { d = d, h = f.h }

@@ -73,8 +73,15 @@ function M.globals(G, skip)
   return out
 end
 
+--- Reads back what encode() wrote. The text may come from the network (Redis): it runs
+-- with only `math` in reach and under an instruction budget (encode()'s output needs fewer
+-- instructions than it has bytes), so `while true do end` raises instead of spinning.
 function M.decode(s)
-  return assert(load(s, "=serial", "t", { math = math }))()
+  local co = coroutine.create(assert(load(s, "=serial", "t", { math = math })))
+  debug.sethook(co, function() error("serial: instruction limit exceeded (not data)", 0) end, "", 1000 + #s)
+  local ok, v = coroutine.resume(co)
+  if not ok then error(v, 0) end
+  return v
 end
 
 return M
