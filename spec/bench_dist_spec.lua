@@ -266,7 +266,8 @@ end
 ---------------------------------------------------------------------------------------------
 
 describe("distributed bench", function()
-  setup(function() srv = redis_server.start() end)
+  -- one database per test: more than Redis's default 16
+  setup(function() srv = redis_server.start{ args = { "--databases", "64" } } end)
   teardown(function()
     for pid in pairs(procs) do kill(pid) end
     if srv then srv.stop() end
