@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "012a52eb9503117e80b208218822bf92",
+  md5 = "ac18a8c67f586f676be20125a9b65aea",
   dir = "moonwire-0.1.0",
 }
 description = {
