@@ -707,6 +707,48 @@ describe("tls", function()
     end)
   end)
 
+  -- A client context keeps the sessions of the servers it connected to (by the name verified
+  -- and the port) and the next connection resumes one: no certificate exchange, no signature.
+  it("a client context resumes its session with the same server, for the same name only", function()
+    run(function()
+      local l, port = helper.listen { tls = server_tls("server") }
+      local server = mw.spawn(function()
+        while true do
+          local a = l:accept()
+          if not a then return end
+          mw.spawn(function()
+            local line = a:read("l", 5)
+            if line then a:write("echo " .. line .. "\r\n") end
+            a:close()
+          end)
+        end
+      end)
+      local ctx = mw.tls.context(trusting())
+      local function once(host)
+        local c = assert(mw.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+        assert(c:starttls(ctx, { host = host, timeout = 5 }))
+        assert(c:write("hi\r\n"))
+        assert.equal("echo hi", c:read("l", 5))   -- (TLS 1.3's tickets come before the data)
+        local info = c:tls_info()
+        c:close()
+        return info.resumed, info.peer_verified
+      end
+      assert.same({ false, true }, { once("localhost") })
+      assert.same({ true, true }, { once("localhost") })
+      assert.same({ true, true }, { once("localhost") })
+      -- another name the certificate also holds: verified in a full handshake of its own
+      assert.same({ false, true }, { once("127.0.0.1") })
+      assert.same({ true, true }, { once("127.0.0.1") })
+      -- another context (other options, other trust): its own sessions
+      local c = assert(mw.tcp.connect("127.0.0.1", port, { timeout = 5,
+        tls = trusting { host = "localhost", min_version = "1.3" } }))
+      assert.is_false(c:tls_info().resumed)
+      c:close()
+      l:close()
+      server:join()
+    end)
+  end)
+
   -- TLS 1.3 servers send session tickets after the handshake: records without data, which a
   -- fresh client connection has not read yet. They are not the peer talking: alive() was false
   -- (a pool would drop every fresh connection it checks).

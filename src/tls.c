@@ -16,10 +16,12 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
 #define CTX_MT "moonwire.TlsContext"
+#define SESS_SLOTS 32
 
 typedef struct mw_tlsctx {
     SSL_CTX *ctx;
@@ -36,10 +38,17 @@ typedef struct mw_tlsctx {
     int nsni;
     /* what reload() re-reads */
     char *cert_file, *key_file;
+    /* a client context's sessions to resume, by "host:port" (the name verified, the peer's
+     * port): a new connection to the same server skips the full handshake. A slot is
+     * replaced by a newer session of its key, or round-robin when all are taken. */
+    struct { char *key; SSL_SESSION *sess; } sessions[SESS_SLOTS];
+    int sess_next;
 } mw_tlsctx;
 
 typedef struct mw_tlsconn {
     SSL *ssl;
+    mw_tlsctx *t;              /* a client's context (sessions), kept alive by the socket */
+    char *sess_key;            /* its sessions' key, or NULL: none cached */
     int handshake_done;
     pid_t pid;                  /* the process that made the session (see tls_close) */
     char err[256];
@@ -229,6 +238,7 @@ static void tls_close(mw_sock *s)
     if (!c) return;
     tls_notify_close(s);
     SSL_free(c->ssl);
+    free(c->sess_key);
     free(c);
     s->tls = NULL;
 }
@@ -428,6 +438,12 @@ static int ctx_gc(lua_State *L)
     t->nsni = 0;
     free(t->alpn);
     t->alpn = NULL;
+    for (int i = 0; i < SESS_SLOTS; i++) {
+        if (t->sessions[i].sess) SSL_SESSION_free(t->sessions[i].sess);
+        free(t->sessions[i].key);
+        t->sessions[i].sess = NULL;
+        t->sessions[i].key = NULL;
+    }
     free(t->cert_file);
     free(t->key_file);
     t->cert_file = t->key_file = NULL;
@@ -452,6 +468,34 @@ static void configure_verify(lua_State *L, SSL_CTX *ctx, int t, int server, int 
     } else {
         SSL_CTX_set_verify(ctx, insecure ? SSL_VERIFY_NONE : SSL_VERIFY_PEER, NULL);
     }
+}
+
+/* OpenSSL's new session (after a full handshake; TLS 1.3's tickets come after it, read with
+ * the data): kept under the connection's key for the next connection to resume. Returns 1:
+ * the reference is ours. */
+static int new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    mw_tlsconn *c = SSL_get_app_data(ssl);
+    if (!c || !c->t || !c->sess_key || !SSL_SESSION_is_resumable(sess)) return 0;
+    mw_tlsctx *t = c->t;
+    int slot = -1;
+    for (int i = 0; i < SESS_SLOTS; i++)
+        if (t->sessions[i].key && strcmp(t->sessions[i].key, c->sess_key) == 0) { slot = i; break; }
+    if (slot < 0) {
+        for (int i = 0; i < SESS_SLOTS && slot < 0; i++)
+            if (!t->sessions[i].key) slot = i;
+        if (slot < 0) {
+            slot = t->sess_next;
+            t->sess_next = (t->sess_next + 1) % SESS_SLOTS;
+        }
+        char *key = strdup(c->sess_key);
+        if (!key) return 0;
+        free(t->sessions[slot].key);
+        t->sessions[slot].key = key;
+    }
+    if (t->sessions[slot].sess) SSL_SESSION_free(t->sessions[slot].sess);
+    t->sessions[slot].sess = sess;
+    return 1;
 }
 
 /* tls_context(opts) -> ctx
@@ -530,10 +574,15 @@ static int l_tls_context(lua_State *L)
             SSL_CTX_set_tlsext_servername_arg(t->ctx, t);
         }
         lua_pop(L, 1);
-    } else if (cert || key) {
-        if (!cert || !key) return luaL_error(L, "tls: a client certificate needs both 'cert' and 'key'");
-        const char *e = load_cert(t->ctx, cert, key);
-        if (e) { ERR_clear_error(); return luaL_error(L, "tls: %s", e); }
+    } else {
+        if (cert || key) {
+            if (!cert || !key) return luaL_error(L, "tls: a client certificate needs both 'cert' and 'key'");
+            const char *e = load_cert(t->ctx, cert, key);
+            if (e) { ERR_clear_error(); return luaL_error(L, "tls: %s", e); }
+        }
+        /* sessions resumed by the next connection to the same server (new_session) */
+        SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+        SSL_CTX_sess_set_new_cb(t->ctx, new_session);
     }
     if (lua_getfield(L, 1, "alpn") == LUA_TTABLE) {
         alpn_wire(L, lua_gettop(L), &t->alpn, &t->alpn_len);
@@ -557,6 +606,18 @@ static const char *check_pair(const char *cert, const char *key)
     SSL_CTX_free(scratch);
     ERR_clear_error();
     return e;
+}
+
+/* A server context's sessions end: its cache is flushed and its ticket keys are new, so no
+ * client resumes a session made under the certificate it had (a resumption shows the peer
+ * the old session's certificate, never the new one). */
+static void forget_sessions(SSL_CTX *ctx)
+{
+    unsigned char keys[80];    /* OpenSSL 3's ticket key block: name, HMAC and AES keys */
+    if (RAND_bytes(keys, sizeof keys) == 1) SSL_CTX_set_tlsext_ticket_keys(ctx, keys, sizeof keys);
+    OPENSSL_cleanse(keys, sizeof keys);
+    SSL_CTX_flush_sessions(ctx, 0);    /* (a time of 0: every session) */
+    ERR_clear_error();
 }
 
 /* ctx:reload() -> true | nil, err: re-reads the certificate and key files, the SNI entries'
@@ -585,6 +646,8 @@ static int ctx_reload(lua_State *L)
         ERR_clear_error();
         return mw_pushfail(L, e, "tls");
     }
+    forget_sessions(t->ctx);
+    for (int i = 0; i < t->nsni; i++) forget_sessions(t->sni_ctx[i]);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -618,6 +681,27 @@ static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
             if (!t->insecure) {
                 if (ip) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), host);
                 else SSL_set1_host(c->ssl, host);
+            }
+            /* a session of this server (the name verified, the peer's port) is resumed: a
+             * resumption is not verified again, so the key holds the name it was verified
+             * for, never another's */
+            struct sockaddr_storage ss;
+            socklen_t sl = sizeof ss;
+            unsigned port = 0;
+            if (getpeername(s->io.fd, (struct sockaddr *)&ss, &sl) == 0)
+                port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                      : ((struct sockaddr_in *)&ss)->sin_port);
+            size_t kl = strlen(host) + 8;
+            c->sess_key = malloc(kl);
+            if (c->sess_key) {
+                snprintf(c->sess_key, kl, "%s:%u", host, port);
+                c->t = t;
+                SSL_set_app_data(c->ssl, c);
+                for (int i = 0; i < SESS_SLOTS; i++)
+                    if (t->sessions[i].key && strcmp(t->sessions[i].key, c->sess_key) == 0) {
+                        SSL_set_session(c->ssl, t->sessions[i].sess);
+                        break;
+                    }
             }
         }
     }
