@@ -109,6 +109,23 @@ io.stdout:write("children left: ", tostring((core.waitpid(-1))), "\n")
       assert.not_matches("restarting", out)
     end, 15)
   end)
+  -- on_listen's error ended the supervisor's run without stopping anything: its workers went on
+  -- serving, orphaned
+  it("an error in on_listen stops the workers: serve raises it, no child left", function()
+    run(function()
+      local _, text = start([[
+local ok, err = pcall(http.serve, { workers = 2, host = "127.0.0.1", port = 0,
+  handler = function(_, res) res:send("x") end,
+  on_listen = function() error("boom in on_listen", 0) end })
+io.stdout:write("serve returned ", tostring(ok), " ", tostring(err), "\n")
+io.stdout:write("children left: ", tostring((core.waitpid(-1))), "\n")
+]])
+      assert.truthy(wait_for(8, function() return text():find("children left") end), text())
+      local out = text()
+      assert.matches("serve returned false boom in on_listen", out)
+      assert.matches("children left: nil", out)
+    end, 15)
+  end)
 end)
 
 describe("http.serve with workers: restarts", function()
@@ -278,5 +295,33 @@ describe("http.serve option 'workers'", function()
       assert.is_false(ok)
       assert.matches("bad option 'workers' %(positive integer expected%)", err, nil, false)
     end
+  end)
+end)
+
+describe("http.serve with workers: fork failures", function()
+  -- a fork that failed at a restart made no process, so no SIGCHLD ever brought the slot back:
+  -- the server ran a worker short for good
+  it("a restart whose fork fails is tried again", function()
+    run(function()
+      local sup, text = start(([[
+local real, calls = core.fork, 0
+core.fork = function()
+  calls = calls + 1
+  if calls == 3 then return nil, "Resource temporarily unavailable", 11 end
+  return real()
+end
+http.serve{ workers = 2, handler = function(_, res) res:send("x") end, %s }
+]]):format(LISTEN))
+      assert.truthy(wait_for(5, function() return text():find("listening") end), text())
+      local first = children(sup)
+      assert.equal(2, #first)
+      os.execute("kill -9 " .. first[1])
+      assert.truthy(wait_for(3, function() return text():find("fork failed", 1, true) end), text())
+      local now = wait_for(5, function()
+        local c = children(sup)
+        if #c == 2 and c[1] ~= first[1] and c[2] ~= first[1] then return c end
+      end)
+      assert.truthy(now, "the slot was not started again: " .. text())
+    end, 15)
   end)
 end)

@@ -7,6 +7,7 @@
 #define MW_H2FIELDS_H
 
 #include "stream.h"
+#include "h2mem.h"
 
 #include <nghttp2/nghttp2.h>
 #include <stdint.h>
@@ -26,7 +27,9 @@ static inline int fields_add(fields *f, const uint8_t *n, size_t nl, const uint8
     if (need > f->cap) {
         size_t cap = f->cap ? f->cap * 2 : 256;
         while (cap < need) cap *= 2;
-        char *p = realloc(f->p, cap);
+        /* a request's first 256 bytes come from h2mem's recycled blocks (a malloc and a
+         * free per request otherwise); more, by realloc (a block of h2mem's is malloc's) */
+        char *p = f->p ? realloc(f->p, cap) : mw_h2mem_alloc(cap);
         if (!p) return -1;
         f->p = p;
         f->cap = cap;
@@ -42,7 +45,7 @@ static inline int fields_add(fields *f, const uint8_t *n, size_t nl, const uint8
 
 static inline void fields_free(fields *f)
 {
-    free(f->p);
+    if (f->p) mw_h2mem_release(f->p);
     memset(f, 0, sizeof *f);
 }
 

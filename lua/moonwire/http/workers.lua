@@ -99,7 +99,7 @@ function M.serve(opts)
         io.stderr:write("moonwire: fork failed: ", tostring(ferr), "\n")
         ready:close()
         ready_w:close()
-        return nil
+        return nil, "fork failed: " .. tostring(ferr)
       end
       if pid == 0 then                           -- the worker: never returns to this code
         ready:close()
@@ -132,10 +132,16 @@ function M.serve(opts)
       s.delay = math.min(delay * 2, RESTART_MAX)
       io.stderr:write(("moonwire: worker %d exited (%s %d), restarting in %g s\n"):format(pid, how, code, delay))
       mw.spawn(function()
-        halted:recv(delay)                       -- returns early when stopping
-        if stopping then return end
-        local ready = start_worker(slot)
-        if ready then ready:close() end
+        while true do
+          halted:recv(delay)                     -- returns early when stopping
+          if stopping then return end
+          local ready = start_worker(slot)
+          if ready then ready:close() return end
+          -- no process was made (fork failed: EAGAIN, ENOMEM), so no SIGCHLD will bring
+          -- this slot back: it is tried again after its backoff
+          delay = s.delay
+          s.delay = math.min(delay * 2, RESTART_MAX)
+        end
       end)
     end
 
@@ -185,7 +191,14 @@ function M.serve(opts)
     -- on_listen once every worker listens (a client told the port at once is not refused);
     -- a worker that cannot (a bad option, a certificate that does not load) stops them all
     local readies = {}
-    for i = 1, n do readies[#readies + 1] = start_worker(i) end
+    for i = 1, n do
+      local ready, ferr = start_worker(i)
+      if not ready then
+        failure = failure or "cannot start worker " .. i .. ": " .. ferr
+        break
+      end
+      readies[#readies + 1] = ready
+    end
     for _, ready in ipairs(readies) do
       local msg = ready:read("a", READY_TIMEOUT)
       ready:close()
@@ -202,7 +215,12 @@ function M.serve(opts)
       if not stopping then restart(table.unpack(d)) end
     end
     if opts.on_listen and not stopping then
-      opts.on_listen{ host = host, port = port, workers = children, pid = core.getpid() }
+      local ok, err = pcall(opts.on_listen, { host = host, port = port, workers = children, pid = core.getpid() })
+      if not ok then
+        -- as with one process, where the error ends the only one serving: the workers stop
+        failure = err
+        stop()
+      end
     end
     gone:recv()
     cleanup()
