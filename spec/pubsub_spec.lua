@@ -358,6 +358,39 @@ describe("moonwire.pubsub when Redis fails", function()
     end)
   end)
 
+  -- A recovery read its whole backlog in one XRANGE under `timeout`: one longer than that failed
+  -- every time, was retried for good, and the topic's live messages piled up undelivered. It
+  -- reads a page (1,000 entries) at a time now, each under `timeout`.
+  it("a history topic recovers a backlog larger than one read can take in its timeout", function()
+    run(function()
+      local N = 60000
+      -- (b's reads are small: the default timeout; a's, 0.1 s: what the whole backlog's read
+      -- takes more than, and a page's far less)
+      local a, b = node { history = 100000, timeout = 0.1, backoff_min = 1, backoff_max = 1 },
+        node { history = 100000 }
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local got = 0
+      a:subscribe("backlog", function() got = got + 1 end)
+      subscribed("backlog", 1)
+      assert(b:publish("backlog", "first"))
+      wait_for(function() return got == 1 end, 3, "the first")
+      cut(a)
+      -- published while a is cut off, in the publish script's format, by the server itself
+      local r = admin()
+      local epoch = r:hget("mw:{backlog}:meta", "e")
+      r:eval([[
+        for i = 1, tonumber(ARGV[1]) do
+          local off = redis.call('HINCRBY', KEYS[1], 'o', 1)
+          redis.call('XADD', KEYS[2], '0-' .. off, 'e', 'x ' .. i .. ' ' .. off .. ' ' .. ARGV[2] .. '\nm')
+        end]], 2, "mw:{backlog}:meta", "mw:{backlog}:stream", N, epoch)
+      r:close()
+      for i = 1, 3 do assert(b:publish("backlog", "live" .. i)) end
+      wait_for(function() return got == N + 4 end, 20, "the backlog and the live messages")
+      assert.equal(0, count_events(a, "lost"))
+      a:close() b:close()
+    end, 30)
+  end)
+
   -- A history topic's place is read before it subscribes: a message published between that
   -- read and the subscription taking effect is only in the stream. The subscription's
   -- confirmation (on_subscribed) reads it; a quiet topic missed it until its next message.

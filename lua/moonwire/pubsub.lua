@@ -266,7 +266,7 @@ function PS:_incoming(topic, env)
   if t.history and off > 0 then
     if t.recovering then
       local p = t.pending
-      p[#p + 1] = env
+      if #p < PENDING_MAX then p[#p + 1] = env else t.again = true end
       return
     end
     if t.epoch and t.epoch ~= "" and t.epoch ~= epoch then
@@ -302,13 +302,21 @@ end
 -- Reads a history topic's place in Redis: its epoch ("" while the stream has none) and its
 -- last offset, and with `after` the stream's entries past that offset.
 -- -> epoch, top, entries | nil (no connection, a timeout, an error reply: try again later)
+-- A recovery reads the stream a page at a time, each read under `timeout`: a backlog of any
+-- length is read (in one XRANGE, one past what `timeout` allows failed every time, retried
+-- for good while the topic's live messages piled up).
+local PAGE = 1000
+-- Live messages held while a recovery runs, at most: past that they are let go, and read
+-- from the stream once the recovery reached its end (every one of them is in it).
+local PENDING_MAX = 10000
+
 local function read_stream(self, t, after)
   local conn = self:_conn()
   if not conn then return nil end
   local meta, stream = self:_keys(t.name)
   local res = mw.timeout(self.timeout, conn.pipeline, conn, function(p)
     p:hmget(meta, "e", "o")
-    if after then p:xrange(stream, after > 0 and "(0-" .. after or "-", "+") end
+    if after then p:xrange(stream, after > 0 and "(0-" .. after or "-", "+", "COUNT", PAGE) end
   end)
   if self.closed then return nil end
   if not res or is_error(res[1]) or (after and type(res[2]) ~= "table") or is_error(res[2]) then
@@ -368,19 +376,31 @@ local function recover_once(self, t)
   end
   t.epoch = epoch
   local n = 0
-  for _, e in ipairs(entries) do
-    local fields = e[2]
-    local env = fields[2]
-    local node, _, off, _, data = parse_env(env)
-    if node and off > (t.off or 0) then
-      t.off = off
-      if node ~= self.node then
-        n = n + 1
-        deliver(self, t, data)
+  while true do
+    for _, e in ipairs(entries) do
+      local fields = e[2]
+      local env = fields[2]
+      local node, _, off, _, data = parse_env(env)
+      if node and off > (t.off or 0) then
+        t.off = off
+        if node ~= self.node then
+          n = n + 1
+          deliver(self, t, data)
+        end
       end
+    end
+    if #entries < PAGE then break end                -- the stream's end
+    epoch, top, entries = read_stream(self, t, t.off)
+    if not epoch or epoch ~= t.epoch then
+      -- (tried again from t.off: what was delivered stays delivered)
+      self.stats.recovered = self.stats.recovered + n
+      t.recovered_n = (t.recovered_n or 0) + n
+      return false
     end
   end
   self.stats.recovered = self.stats.recovered + n
+  n = n + (t.recovered_n or 0)
+  t.recovered_n = nil
   if n > 0 or t.loud then event(self, "recovered", t.name, { count = n, offset = t.off }) end
   return true
 end
