@@ -148,6 +148,48 @@ describe("HTTP/2 server", function()
     end)
   end)
 
+  -- the upgraded request's stream 1 is made by nghttp2_session_upgrade2, not by a HEADERS the
+  -- frame scanner (h2.c's feed) read: an RST_STREAM(1) and a DATA(1) in one write went unjudged
+  -- (the DATA ignored) where, for any other stream, the DATA ends the connection (RFC 9113 §5.1)
+  it("after Upgrade: h2c, DATA behind the client's RST_STREAM on stream 1 is STREAM_CLOSED", function()
+    run(function()
+      local srv = serve(function(_, res)
+        mw.sleep(2)
+        res:send("late")
+      end, { http2 = { h2c = true } })
+      local _ <close> = guard(srv)
+      local out = python(([[
+import base64, socket
+from hyperframe.frame import Frame, SettingsFrame, RstStreamFrame, DataFrame, GoAwayFrame
+s = socket.create_connection(("127.0.0.1", %d)); s.settimeout(3)
+settings = base64.urlsafe_b64encode(SettingsFrame(0).serialize_body()).rstrip(b"=")
+s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+          b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n")
+buf = b""
+while b"\r\n\r\n" not in buf: buf += s.recv(4096)
+head, buf = buf.split(b"\r\n\r\n", 1)
+assert b" 101 " in head, head
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize() +
+          RstStreamFrame(1, error_code=8).serialize() + DataFrame(1, b"x").serialize())
+code = None
+while code is None:
+    try:
+        d = s.recv(65536)
+    except socket.timeout:
+        break
+    if not d: break
+    buf += d
+    while len(buf) >= 9:
+        f, n = Frame.parse_frame_header(memoryview(buf[:9]))
+        if len(buf) < 9 + n: break
+        f.parse_body(memoryview(buf[9:9 + n])); buf = buf[9 + n:]
+        if isinstance(f, GoAwayFrame): code = f.error_code
+print("goaway", code)
+]]):format(srv.port))
+      assert.equal("goaway 5\n", out)     -- STREAM_CLOSED
+    end)
+  end)
+
   it("the same handler gives the same status, headers and body over HTTP/1.1 and HTTP/2", function()
     run(function()
       local dir = os.tmpname()

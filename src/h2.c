@@ -521,6 +521,7 @@ static int upgrade(lua_State *L, h2conn *c, int idx)
         return 0;
     }
     lua_pop(L, 1);
+    c->fhi = 1;        /* stream 1 exists though the scanner never read its HEADERS (feed) */
     h2stream *st = stream_new(c, 1);
     if (!st) return -1;
     lua_getfield(L, idx, "fields");
