@@ -118,6 +118,7 @@ struct h2conn {
      * RST_STREAM it must be (and as nghttp2 did once it had let go of a closed stream). */
     int32_t closed_hi;
     uint64_t closed_rd;
+    int closed_err;            /* ... and that error was submitted */
     /* the frame scanner over the bytes fed to nghttp2 (feed): what is left of the preface or
      * of the frame being fed, the header being put together across reads */
     uint32_t fskip;
@@ -766,8 +767,9 @@ static ssize_t feed(h2conn *c, const uint8_t *p, size_t len)
         int32_t sid = (int32_t)(((uint32_t)(h[5] & 0x7f) << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8]);
         /* (a HEADERS opening a new stream is not on a closed one) */
         if (dirty && data_or_headers && sid <= c->fhi && c->fhlen == 0 && off > 0) break;
-        if (data_or_headers && closed_by_peer(c, sid) && !c->goaway) {
-            c->goaway = 1;
+        if (data_or_headers && closed_by_peer(c, sid) && !c->closed_err) {
+            /* (after a graceful GOAWAY too: the in-flight streams' peer broke the protocol) */
+            c->goaway = c->closed_err = 1;
             nghttp2_session_terminate_session(c->session, NGHTTP2_STREAM_CLOSED);
         }
         if (type == NGHTTP2_RST_STREAM || (data_or_headers && (h[4] & NGHTTP2_FLAG_END_STREAM))) dirty = 1;
