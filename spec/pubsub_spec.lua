@@ -181,6 +181,40 @@ describe("moonwire.pubsub on the workers bus", function()
   end)
 end)
 
+describe("the workers bus", function()
+  local bus = require "moonwire.pubsub.bus"
+
+  -- a listener's error ended the bus's reading task: every later frame was lost, to every
+  -- listener of the process, silently
+  it("a listener that raises does not stop the others' frames", function()
+    run(function()
+      local dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir -m 700 " .. dir))
+      local l = assert(mw.unix.listen(dir .. "/bus.sock"))
+      bus.path = dir .. "/bus.sock"
+      local hub, leave1, leave2
+      local ok, err = pcall(function()
+        local got = {}
+        leave1 = assert(bus.join(function() error("listener bug") end))
+        leave2 = assert(bus.join(function(body) got[#got + 1] = body end))
+        hub = assert(l:accept())
+        assert(hub:write(string.pack(">s4", "one"), string.pack(">s4", "two")))
+        wait_for(function() return #got == 2 end, 3, "both frames")
+        assert.same({ "one", "two" }, got)
+      end)
+      if leave1 then leave1() end
+      if leave2 then leave2() end
+      bus.path = nil
+      if hub then hub:close() end
+      l:close()
+      os.remove(dir .. "/bus.sock")
+      os.remove(dir)
+      assert(ok, err)
+    end)
+  end)
+end)
+
 describe("moonwire.pubsub over Redis", function()
   it("a publish reaches every node once, in each publisher's order; a node's own once", function()
     run(function()

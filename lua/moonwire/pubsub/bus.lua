@@ -124,7 +124,12 @@ function M.join(fn)
         -- (the list is replaced, never changed, when a listener leaves: one that leaves
         -- during this loop does not make it skip another)
         local ls = c.listeners
-        for i = 1, #ls do ls[i](body) end
+        for i = 1, #ls do
+          -- one listener's error must not end this task (every later frame would be lost
+          -- to all of them, silently)
+          local ok, err = pcall(ls[i], body)
+          if not ok then io.stderr:write("moonwire: workers bus listener: ", tostring(err), "\n") end
+        end
       end
       if conn == c then conn = nil end
     end)
