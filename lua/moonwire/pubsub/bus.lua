@@ -110,6 +110,8 @@ function M.join(fn)
   if type(fn) ~= "function" then
     error("bad argument #1 to 'join' (function expected, got " .. type(fn) .. ")", 2)
   end
+  local st = conn and conn.reader:status()
+  if st == "done" or st == "failed" then conn = nil end   -- (its loop's run ended: a new one)
   if not conn then
     if not M.available() then return nil, "no workers bus in this process", "unavailable" end
     local sock, err, code = mw.unix.connect(M.path)
@@ -117,7 +119,7 @@ function M.join(fn)
     conn = { sock = sock, ch = mw.channel(M.queue), listeners = {}, pid = core.getpid() }
     mw.spawn(writer, sock, conn.ch)
     local c = conn
-    mw.spawn(function()
+    c.reader = mw.spawn(function()
       while true do
         local _, body = read_frame(c.sock)
         if not body then break end
