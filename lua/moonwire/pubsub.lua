@@ -21,6 +21,14 @@ PS.__index = PS
 PS.__name = "moonwire.PubSub"
 
 local now, spawn = mw.now, mw.spawn
+
+-- A recovery reads the stream a page at a time, each read under `timeout`: a backlog of any
+-- length is read (in one XRANGE, one past what `timeout` allows failed every time, retried
+-- for good while the topic's live messages piled up).
+local PAGE = 1000
+-- Live messages held while a recovery runs, at most: past that they are let go, and read
+-- from the stream once the recovery reached its end (every one of them is in it).
+local PENDING_MAX = 10000
 local is_error
 
 local function argerror(n, fname, msg)
@@ -302,14 +310,6 @@ end
 -- Reads a history topic's place in Redis: its epoch ("" while the stream has none) and its
 -- last offset, and with `after` the stream's entries past that offset.
 -- -> epoch, top, entries | nil (no connection, a timeout, an error reply: try again later)
--- A recovery reads the stream a page at a time, each read under `timeout`: a backlog of any
--- length is read (in one XRANGE, one past what `timeout` allows failed every time, retried
--- for good while the topic's live messages piled up).
-local PAGE = 1000
--- Live messages held while a recovery runs, at most: past that they are let go, and read
--- from the stream once the recovery reached its end (every one of them is in it).
-local PENDING_MAX = 10000
-
 local function read_stream(self, t, after)
   local conn = self:_conn()
   if not conn then return nil end
@@ -390,7 +390,8 @@ local function recover_once(self, t)
       end
     end
     if #entries < PAGE then break end                -- the stream's end
-    epoch, top, entries = read_stream(self, t, t.off)
+    local page_epoch, _, more = read_stream(self, t, t.off)
+    epoch, entries = page_epoch, more
     if not epoch or epoch ~= t.epoch then
       -- (tried again from t.off: what was delivered stays delivered)
       self.stats.recovered = self.stats.recovered + n

@@ -215,10 +215,10 @@ function M.serve(opts)
       if not stopping then restart(table.unpack(d)) end
     end
     if opts.on_listen and not stopping then
-      local ok, err = pcall(opts.on_listen, { host = host, port = port, workers = children, pid = core.getpid() })
+      local ok, lerr = pcall(opts.on_listen, { host = host, port = port, workers = children, pid = core.getpid() })
       if not ok then
         -- as with one process, where the error ends the only one serving: the workers stop
-        failure = err
+        failure = lerr
         stop()
       end
     end

@@ -129,8 +129,8 @@ function M.join(fn)
         for i = 1, #ls do
           -- one listener's error must not end this task (every later frame would be lost
           -- to all of them, silently)
-          local ok, err = pcall(ls[i], body)
-          if not ok then io.stderr:write("moonwire: workers bus listener: ", tostring(err), "\n") end
+          local ok, lerr = pcall(ls[i], body)
+          if not ok then io.stderr:write("moonwire: workers bus listener: ", tostring(lerr), "\n") end
         end
       end
       if conn == c then conn = nil end
