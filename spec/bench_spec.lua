@@ -281,6 +281,17 @@ end)
 describe("bench serializer (serial)", function()
   local function rt(v) return serial.decode(serial.encode(v)) end
 
+  -- what it reads may come from the network (a distributed run's Redis): it is data, never
+  -- code that runs for long or reaches the process's state
+  it("decodes under an instruction limit, without the real math table", function()
+    local huge, floor = math.huge, math.floor
+    assert.equal(math.mininteger, serial.decode(serial.encode(math.mininteger)))
+    serial.decode("math.huge = 1 math.floor = nil return 1")
+    assert.equal(huge, math.huge)
+    assert.equal(floor, math.floor)
+    helper.raises("instruction limit", serial.decode, "while true do end")
+  end)
+
   it("round-trips plain values and nested tables", function()
     local v = {
       count = 12345, neg = -7, big = math.maxinteger, pi = math.pi, tiny = 5e-324, inf = math.huge,

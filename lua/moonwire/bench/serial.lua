@@ -76,8 +76,11 @@ end
 --- Reads back what encode() wrote. The text may come from the network (Redis): it runs
 -- with only `math` in reach and under an instruction budget (encode()'s output needs fewer
 -- instructions than it has bytes), so `while true do end` raises instead of spinning.
+-- (not the real `math`: a text that assigned to it would change the process's)
+local CONSTS = { huge = math.huge, mininteger = math.mininteger }
+
 function M.decode(s)
-  local co = coroutine.create(assert(load(s, "=serial", "t", { math = math })))
+  local co = coroutine.create(assert(load(s, "=serial", "t", { math = setmetatable({}, { __index = CONSTS }) })))
   debug.sethook(co, function() error("serial: instruction limit exceeded (not data)", 0) end, "", 1000 + #s)
   local ok, v = coroutine.resume(co)
   if not ok then error(v, 0) end
