@@ -12,6 +12,7 @@
 #include <malloc.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <pthread.h>
 #include <unistd.h>
 
 /* Room for what nghttp2 1.52 makes at creation after the session struct, in its order: the
@@ -81,7 +82,7 @@ static void *take(mw_h2mem *m, size_t size)
 #ifdef MW_SANITIZED
 #define SC_KEEP 0              /* sanitize.h: every block goes back to free() */
 #else
-#define SC_KEEP 256
+#define SC_KEEP 1024           /* (a garbage collection lets go of hundreds of streams at once) */
 #endif
 
 typedef struct freeblk {
@@ -90,6 +91,30 @@ typedef struct freeblk {
 
 static __thread freeblk *sc_head[SC_N + 1];
 static __thread unsigned sc_count[SC_N + 1];
+
+#if SC_KEEP > 0
+/* A thread that ends (core.thread) gives its lists' blocks back. */
+static pthread_key_t sc_key;
+static __thread int sc_registered;
+static pthread_once_t sc_once = PTHREAD_ONCE_INIT;
+
+static void sc_drain(void *unused)
+{
+    (void)unused;
+    for (int c = 0; c <= SC_N; c++) {
+        freeblk *f = sc_head[c];
+        while (f) {
+            freeblk *nx = f->next;
+            free(f);
+            f = nx;
+        }
+        sc_head[c] = NULL;
+        sc_count[c] = 0;
+    }
+}
+
+static void sc_key_make(void) { (void)pthread_key_create(&sc_key, sc_drain); }
+#endif
 
 void *mw_h2mem_alloc(size_t size)
 {
@@ -114,6 +139,11 @@ void mw_h2mem_release(void *ptr)
         size_t cls = have / SC_STEP;              /* it holds cls * SC_STEP bytes at least */
         if (cls > SC_N) cls = SC_N;
         if (sc_count[cls] < SC_KEEP) {
+            if (!sc_registered) {                        /* the thread's first: its destructor */
+                sc_registered = 1;
+                (void)pthread_once(&sc_once, sc_key_make);
+                (void)pthread_setspecific(sc_key, sc_head);
+            }
             freeblk *f = ptr;
             f->next = sc_head[cls];
             sc_head[cls] = f;
