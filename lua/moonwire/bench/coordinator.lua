@@ -97,7 +97,9 @@ local ERROR_KINDS = { connect = true, read = true, write = true, status = true, 
 local function errors_ok(t) return map_of(t, function(v, k) return num(v) and ERROR_KINDS[k] end) end
 local function num_map(t) return map_of(t, num) end
 local function checks_ok(t)
-  return map_of(t, function(c) return type(c) == "table" and num(c.pass) and num(c.fail) end)
+  return map_of(t, function(c)
+    return type(c) == "table" and num(c.pass) and num(c.fail) and (c.rate == nil or num(c.rate))
+  end)
 end
 local function sc_ok(sc)
   return type(sc) == "table" and map_of(sc.trends, hist) and num_map(sc.counters) and checks_ok(sc.checks)
@@ -122,11 +124,19 @@ local function timeline_ok(tl)
 end
 
 -- Why a final message cannot be used (nil: it can); gs: the agent's thread numbers.
+local function opt(v, check) return v == nil or check(v) end
+local function int(v) return math.type(v) == "integer" end
+local function str(v) return type(v) == "string" end
+
 local function bad_final(d, scenario, gs)
   if type(d) ~= "table" or type(d.results) ~= "table" then return "no results" end
   if not map_of(d.failures, function(f) return type(f) == "string" end) then return "bad failures" end
+  -- (what the report prints and sums: a wrong type would raise there, after the run)
+  if not (opt(d.stopped, str) and opt(d.offset, num) and opt(d.rtt, num)) then return "bad run facts" end
   for _, r in pairs(d.results) do
     if type(r) ~= "table" or not gs[r.g] then return "a result of no thread of its own" end
+    if not (opt(r.started_us, int) and opt(r.mono_start_ns, int)) then return "bad start times" end
+    if scenario and not opt(r.first_error, str) then return "a bad scenario error" end
     if scenario then
       if not (sc_ok(r) and num(r.duration)) then return "a bad scenario result" end
     else
