@@ -98,7 +98,7 @@ local function errors_ok(t) return map_of(t, function(v, k) return num(v) and ER
 local function num_map(t) return map_of(t, num) end
 local function checks_ok(t)
   return map_of(t, function(c)
-    return type(c) == "table" and num(c.pass) and num(c.fail) and (c.rate == nil or num(c.rate))
+    return type(c) == "table" and num(c.pass) and num(c.fail) and (c.rate == nil or type(c.rate) == "boolean")
   end)
 end
 local function sc_ok(sc)
