@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "1dd7bf01d939cceee4a73a8a7c813ef3",
+  md5 = "82cb4f86062dafbcdad193b212fecf7c",
   dir = "moonwire-0.1.0",
 }
 description = {
