@@ -590,31 +590,37 @@ end
     end, 20)
   end)
 
+  -- A raw HTTP/1.1 server: answer(sock) once for each request head it reads (a false result
+  -- ends the connection). -> port, a to-be-closed value that stops it.
+  local function raw_server(answer)
+    local l, port = helper.listen()
+    local acceptor = mw.spawn(function()
+      while true do
+        local s = l:accept()
+        if not s then return end
+        mw.spawn(function()
+          while true do
+            local line = s:read("l", 5)
+            if not line then return end
+            if line == "" and not answer(s) then return end
+          end
+        end)
+      end
+    end)
+    return port, setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
+  end
+
   -- --timeout bounds a whole answer, head and body, with a response() hook as without
   it("--timeout covers the head and the body together, with a response() hook too", function()
     run(function()
-      local l, port = helper.listen()
-      local acceptor = mw.spawn(function()
-        while true do
-          local s = l:accept()
-          if not s then return end
-          mw.spawn(function()
-            while true do
-              local line = s:read("l", 5)
-              if not line then return end
-              if line == "" then
-                -- the head after 0.3 s, the body 0.3 s after it: each within the 0.4 s
-                -- timeout, the whole answer not
-                mw.sleep(0.3)
-                s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
-                mw.sleep(0.3)
-                if not s:write("ok") then return end
-              end
-            end
-          end)
-        end
+      local port, _ <close> = raw_server(function(s)
+        -- the head after 0.3 s, the body 0.3 s after it: each within the 0.4 s timeout, the
+        -- whole answer not
+        mw.sleep(0.3)
+        s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        mw.sleep(0.3)
+        return s:write("ok")
       end)
-      local _ <close> = setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
       local script = writefile(tmp(".lua"), "function response() end")
       for _, args in ipairs { {}, { "-s", script } } do
         local words = { "-t1", "-c1", "-d1.5s", "--timeout", "0.4s", "--json", "-" }
@@ -633,21 +639,7 @@ end
     run(function()
       local answer = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" ..
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
-      local l, port = helper.listen()
-      local acceptor = mw.spawn(function()
-        while true do
-          local s = l:accept()
-          if not s then return end
-          mw.spawn(function()
-            while true do
-              local line = s:read("l", 5)
-              if not line then return end
-              if line == "" and not s:write(answer) then return end
-            end
-          end)
-        end
-      end)
-      local _ <close> = setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
+      local port, _ <close> = raw_server(function(s) return s:write(answer) end)
       local script = writefile(tmp(".lua"), "function response(status, headers, body) end")
       for _, args in ipairs { {}, { "-s", script } } do
         local words = { "-t1", "-c1", "-d0.5s", "--json", "-" }

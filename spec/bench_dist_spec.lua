@@ -823,19 +823,26 @@ end
     end, 40)
   end)
 
+  -- A run over one real agent and a fake one (agent2) that took its job, said it was ready
+  -- and got the start signal: what the fake sends next is the test's.
+  local function started_with_fake(json)
+    local t = target()
+    local u, list = agents(1)
+    local fa = fake_agent(u, "agent2")
+    local c = coordinator(u, 2, { "-c", "2", "-d", "1", "--json", json, t.url })
+    local job = fa.job(10)
+    fa.event(job.run, "ready", { offset = 0, rtt = 0, threads = 1 })
+    local go = fa.blpop("go", 10)
+    assert.is_true(go ~= nil and go ~= redis.null, "the start signal")
+    return t, list, fa, c, job
+  end
+
   -- Regression: the coordinator used interval and final events as they came: a malformed
   -- one raised inside its loop and the whole run was lost (exit 2, no report).
   it("ignores malformed intervals and treats an agent with malformed results as lost", function()
     run(function()
-      local t = target()
-      local u, list = agents(1)
       local json = tmp(".json")
-      local fa = fake_agent(u, "agent2")
-      local c = coordinator(u, 2, { "-c", "2", "-d", "1", "--json", json, t.url })
-      local job = fa.job(10)
-      fa.event(job.run, "ready", { offset = 0, rtt = 0, threads = 1 })
-      local go = fa.blpop("go", 10)
-      assert.is_true(go ~= nil and go ~= redis.null, "the start signal")
+      local t, list, fa, c, job = started_with_fake(json)
       fa.event(job.run, "interval", "return {th='x'}", "garbage")
       fa.event(job.run, "interval", { th = 2, seq = 1, t = 1.0, n = 5, bytes = 10, errors = { nope = 1 } }, "garbage")
       fa.event(job.run, "interval", "while true do end", "garbage")
@@ -860,15 +867,8 @@ end
   -- prints and sums) raised in the coordinator after the run: a traceback, no report, no JSON
   it("treats an agent whose final has a badly typed field as lost, and still reports", function()
     run(function()
-      local t = target()
-      local u, list = agents(1)
       local json = tmp(".json")
-      local fa = fake_agent(u, "agent2")
-      local c = coordinator(u, 2, { "-c", "2", "-d", "1", "--json", json, t.url })
-      local job = fa.job(10)
-      fa.event(job.run, "ready", { offset = 0, rtt = 0, threads = 1 })
-      local go = fa.blpop("go", 10)
-      assert.is_true(go ~= nil and go ~= redis.null, "the start signal")
+      local t, list, fa, c, job = started_with_fake(json)
       fa.event(job.run, "final", { results = {}, failures = {}, stopped = { "x" } })
       fa.blpop("ack", 10)
       local code, _, err = wait(c, 25)

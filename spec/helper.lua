@@ -118,6 +118,21 @@ function helper.pid()
   return math.tointeger(pid)
 end
 
+-- The pids of pid's child processes, sorted (pgrep).
+function helper.children(pid)
+  local p = io.popen("pgrep -P " .. pid)
+  local out = {}
+  for line in p:lines() do out[#out + 1] = tonumber(line) end
+  p:close()
+  table.sort(out)
+  return out
+end
+
+-- Whether process pid exists (kill -0).
+function helper.process_alive(pid)
+  return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true
+end
+
 function helper.fd_count()
   local n = 0
   if has_lfs then

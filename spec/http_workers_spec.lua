@@ -42,18 +42,7 @@ io.stdout:flush()
   return tonumber(port), tonumber(pid), log, script
 end
 
-local function children(pid)
-  local p = io.popen("pgrep -P " .. pid)
-  local out = {}
-  for line in p:lines() do out[#out + 1] = tonumber(line) end
-  p:close()
-  table.sort(out)
-  return out
-end
-
-local function alive(pid)
-  return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true
-end
+local children, alive = helper.children, helper.process_alive
 
 describe("http.serve with workers", function()
   it("spreads connections over N worker processes, restarts a dead one, stops all on SIGTERM", function()

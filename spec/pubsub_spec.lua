@@ -136,19 +136,34 @@ describe("moonwire.pubsub on the workers bus", function()
     return string.pack(">s4", string.pack(">s2s4", topic, "other " .. seq .. " 0 -\n" .. data))
   end
 
+  -- Runs fn(accept) with this process playing a worker: bus.path names a listener that plays
+  -- the hub, accept() -> the hub's end of the worker's bus connection; cleans up whatever
+  -- happens.
+  local function as_worker(fn)
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -m 700 " .. dir))
+    local l = assert(mw.unix.listen(dir .. "/bus.sock"))
+    bus.path = dir .. "/bus.sock"
+    local hub
+    local ok, err = pcall(fn, function()
+      hub = assert(l:accept())
+      return hub
+    end)
+    bus.path = nil
+    if hub then hub:close() end
+    l:close()
+    os.remove(dir .. "/bus.sock")
+    os.remove(dir)
+    assert(ok, err)
+  end
+
   it("a closed pubsub leaves the bus: it delivers nothing more and can be collected", function()
     run(function()
-      -- this process plays a worker: bus.path names a listener that plays the hub
-      local dir = os.tmpname()
-      os.remove(dir)
-      assert(os.execute("mkdir -m 700 " .. dir))
-      local l = assert(mw.unix.listen(dir .. "/bus.sock"))
-      bus.path = dir .. "/bus.sock"
-      local hub
-      local ok, err = pcall(function()
+      as_worker(function(accept)
         local closed, open = pubsub.new(), pubsub.new()
         assert.is_true(closed._bus)
-        hub = assert(l:accept())
+        local hub = accept()
         local got_closed, got_open = {}, {}
         closed:subscribe("t", function(d) got_closed[#got_closed + 1] = d end)
         open:subscribe("t", function(d) got_open[#got_open + 1] = d end)
@@ -171,46 +186,23 @@ describe("moonwire.pubsub on the workers bus", function()
         assert.is_nil(weak[1], "the closed pubsub is still referenced (its bus listener)")
         open:close()
       end)
-      bus.path = nil
-      if hub then hub:close() end
-      l:close()
-      os.remove(dir .. "/bus.sock")
-      os.remove(dir)
-      assert(ok, err)
     end)
   end)
-end)
-
-describe("the workers bus", function()
-  local bus = require "moonwire.pubsub.bus"
 
   -- a listener's error ended the bus's reading task: every later frame was lost, to every
   -- listener of the process, silently
   it("a listener that raises does not stop the others' frames", function()
     run(function()
-      local dir = os.tmpname()
-      os.remove(dir)
-      assert(os.execute("mkdir -m 700 " .. dir))
-      local l = assert(mw.unix.listen(dir .. "/bus.sock"))
-      bus.path = dir .. "/bus.sock"
-      local hub, leave1, leave2
-      local ok, err = pcall(function()
+      as_worker(function(accept)
         local got = {}
-        leave1 = assert(bus.join(function() error("listener bug") end))
-        leave2 = assert(bus.join(function(body) got[#got + 1] = body end))
-        hub = assert(l:accept())
-        assert(hub:write(string.pack(">s4", "one"), string.pack(">s4", "two")))
+        local leave1 = assert(bus.join(function() error("listener bug") end))
+        local _ <close> = setmetatable({}, { __close = leave1 })
+        local leave2 = assert(bus.join(function(body) got[#got + 1] = body end))
+        local _2 <close> = setmetatable({}, { __close = leave2 })
+        assert(accept():write(string.pack(">s4", "one"), string.pack(">s4", "two")))
         wait_for(function() return #got == 2 end, 3, "both frames")
         assert.same({ "one", "two" }, got)
       end)
-      if leave1 then leave1() end
-      if leave2 then leave2() end
-      bus.path = nil
-      if hub then hub:close() end
-      l:close()
-      os.remove(dir .. "/bus.sock")
-      os.remove(dir)
-      assert(ok, err)
     end)
   end)
 end)

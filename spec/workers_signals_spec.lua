@@ -9,18 +9,7 @@ local run = helper.run
 local readfile = helper.readfile
 local core = require "moonwire.core"
 
-local function alive(pid)
-  return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true
-end
-
-local function children(pid)
-  local p = io.popen("pgrep -P " .. pid)
-  local out = {}
-  for line in p:lines() do out[#out + 1] = tonumber(line) end
-  p:close()
-  table.sort(out)
-  return out
-end
+local children, alive = helper.children, helper.process_alive
 
 -- Waits up to `limit` seconds for cond() to return a true value; returns it (nil on timeout).
 local function wait_for(limit, cond)

@@ -6,7 +6,6 @@
 #include "dns.h"
 #include "mwlua.h"
 #include "list.h"
-#include "stream.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -522,31 +521,6 @@ static int h_tostring(lua_State *L)
     const char *kind = luaL_testudata(L, 1, MW_LISTENER_MT) ? "Listener" : "Socket";
     if (s->closed) lua_pushfstring(L, "moonwire.%s (closed): %p", kind, (void *)s);
     else lua_pushfstring(L, "moonwire.%s (fd %d): %p", kind, s->io.fd, (void *)s);
-    return 1;
-}
-
-/* s:alive() -> whether an idle connection is still usable: the peer has not closed it and
- * sent nothing unasked (a pooled HTTP connection must be silent). Never blocks. */
-static int h_alive(lua_State *L)
-{
-    mw_sock *s = luaL_checkudata(L, 1, MW_SOCK_MT);
-    if (s->closed || s->eof || mw_buf_len(&s->rbuf) > 0 || (s->tp->pending && s->tp->pending(s))) {
-        lua_pushboolean(L, 0);
-        return 1;
-    }
-    char c;
-    ssize_t n = recv(s->io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n > 0 && s->tp->pending) {
-        /* TLS: records that carry no data (TLS 1.3's session tickets after the handshake, a
-         * key update) are not the peer talking: read them through; data or the end is */
-        uint32_t want = EPOLLIN;
-        int r = mw_stream_fill(s, 0, &want);
-        int quiet = r != 1 && r != 0 && r != -3 && mw_buf_len(&s->rbuf) == 0;
-        if (mw_buf_len(&s->rbuf) == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
-        lua_pushboolean(L, quiet);
-        return 1;
-    }
-    lua_pushboolean(L, n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
     return 1;
 }
 
@@ -1070,7 +1044,7 @@ static void new_type(lua_State *L, const char *mt, const luaL_Reg *own)
 void mw_net_open(lua_State *L, int rtidx)
 {
     static const luaL_Reg sock_own[] = {
-        { "getpeername", h_getpeername }, { "shutdown", h_shutdown }, { "alive", h_alive },
+        { "getpeername", h_getpeername }, { "shutdown", h_shutdown },
         { NULL, NULL }
     };
     static const luaL_Reg listener_own[] = { { "accept", l_accept }, { NULL, NULL } };

@@ -381,10 +381,36 @@ static int s_buffered(lua_State *L)
     return 1;
 }
 
+/* s:alive() -> whether an idle connection is still usable: the peer has not closed it and
+ * sent nothing unasked (a pooled HTTP connection must be silent). Never blocks. */
+static int s_alive(lua_State *L)
+{
+    mw_sock *s = luaL_checkudata(L, 1, MW_SOCK_MT);
+    if (s->closed || s->eof || mw_buf_len(&s->rbuf) > 0 || (s->tp->pending && s->tp->pending(s))) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    char c;
+    ssize_t n = recv(s->io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0 && s->tp->pending) {
+        /* TLS: records that carry no data (TLS 1.3's session tickets after the handshake, a
+         * key update) are not the peer talking: read them through; data or the end is */
+        uint32_t want = EPOLLIN;
+        int r = mw_stream_fill(s, 0, &want);
+        int quiet = r == TRY_WAIT && mw_buf_len(&s->rbuf) == 0;
+        if (mw_buf_len(&s->rbuf) == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
+        lua_pushboolean(L, quiet);
+        return 1;
+    }
+    lua_pushboolean(L, n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+    return 1;
+}
+
 void mw_stream_open(lua_State *L, int rtidx)
 {
     static const luaL_Reg m[] = {
         { "read", s_read }, { "recv", s_recv }, { "write", s_write }, { "buffered", s_buffered }, { "_last_read", s_last_read },
+        { "alive", s_alive },
         { NULL, NULL }
     };
     mw_rt *rt = lua_touserdata(L, rtidx);

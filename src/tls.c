@@ -473,14 +473,20 @@ static void configure_verify(lua_State *L, SSL_CTX *ctx, int t, int server, int 
 /* OpenSSL's new session (after a full handshake; TLS 1.3's tickets come after it, read with
  * the data): kept under the connection's key for the next connection to resume. Returns 1:
  * the reference is ours. */
+/* The slot holding key's session, or -1. */
+static int sess_slot(const mw_tlsctx *t, const char *key)
+{
+    for (int i = 0; i < SESS_SLOTS; i++)
+        if (t->sessions[i].key && strcmp(t->sessions[i].key, key) == 0) return i;
+    return -1;
+}
+
 static int new_session(SSL *ssl, SSL_SESSION *sess)
 {
     mw_tlsconn *c = SSL_get_app_data(ssl);
     if (!c || !c->t || !c->sess_key || !SSL_SESSION_is_resumable(sess)) return 0;
     mw_tlsctx *t = c->t;
-    int slot = -1;
-    for (int i = 0; i < SESS_SLOTS; i++)
-        if (t->sessions[i].key && strcmp(t->sessions[i].key, c->sess_key) == 0) { slot = i; break; }
+    int slot = sess_slot(t, c->sess_key);
     if (slot < 0) {
         for (int i = 0; i < SESS_SLOTS && slot < 0; i++)
             if (!t->sessions[i].key) slot = i;
@@ -697,11 +703,8 @@ static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
                 snprintf(c->sess_key, kl, "%s:%u", host, port);
                 c->t = t;
                 SSL_set_app_data(c->ssl, c);
-                for (int i = 0; i < SESS_SLOTS; i++)
-                    if (t->sessions[i].key && strcmp(t->sessions[i].key, c->sess_key) == 0) {
-                        SSL_set_session(c->ssl, t->sessions[i].sess);
-                        break;
-                    }
+                int slot = sess_slot(t, c->sess_key);
+                if (slot >= 0) SSL_set_session(c->ssl, t->sessions[slot].sess);
             }
         }
     }

@@ -125,23 +125,27 @@ function M.serve(opts)
       if stopping and count == 0 and not gone:closed() then gone:close() end
     end
 
+    -- The slot's next delay (doubled for the one after).
+    local function backoff(s)
+      local delay = s.delay
+      s.delay = math.min(delay * 2, RESTART_MAX)
+      return delay
+    end
+
     local function restart(slot, pid, how, code)
       local s = slots[slot]
       if mw.now() - s.born >= RESTART_RESET then s.delay = RESTART_MIN end
-      local delay = s.delay
-      s.delay = math.min(delay * 2, RESTART_MAX)
+      local delay = backoff(s)
       io.stderr:write(("moonwire: worker %d exited (%s %d), restarting in %g s\n"):format(pid, how, code, delay))
       mw.spawn(function()
-        while true do
+        repeat
           halted:recv(delay)                     -- returns early when stopping
           if stopping then return end
           local ready = start_worker(slot)
-          if ready then ready:close() return end
-          -- no process was made (fork failed: EAGAIN, ENOMEM), so no SIGCHLD will bring
-          -- this slot back: it is tried again after its backoff
-          delay = s.delay
-          s.delay = math.min(delay * 2, RESTART_MAX)
-        end
+          -- (no process made: fork failed, EAGAIN or ENOMEM, so no SIGCHLD will bring this
+          -- slot back: it is tried again after its backoff)
+          if ready then ready:close() else delay = backoff(s) end
+        until ready
       end)
     end
 
