@@ -273,6 +273,31 @@ io.stdout:write("supervisor done\n")
   end)
 end)
 
+-- A process that is gone, or a zombie nobody reaps (an orphan's new parent may not wait).
+local function gone(pid)
+  local stat = readfile("/proc/" .. pid .. "/stat")
+  return not stat or stat:match("^%d+ %b() (%a)") == "Z"
+end
+
+describe("http.serve with workers: a supervisor killed outright", function()
+  it("SIGKILL to the supervisor: its workers stop (they get SIGTERM) instead of living on", function()
+    run(function()
+      local sup, text = start(([[
+http.serve{ workers = 2, %s handler = function(_, res) res:send("x") end }
+]]):format(LISTEN))
+      local port = tonumber(wait_for(5, function() return text():match("listening (%d+)") end))
+      assert.truthy(port, text())
+      local workers = children(sup)
+      assert.equal(2, #workers)
+      core.kill(sup, "SIGKILL")
+      for _, pid in ipairs(workers) do
+        assert.truthy(wait_for(5, function() return gone(pid) end), "worker " .. pid .. " lives on: " .. text())
+      end
+      assert.is_nil(mw.tcp.connect("127.0.0.1", port))   -- nobody listens on the port any more
+    end, 15)
+  end)
+end)
+
 describe("http.serve option 'workers'", function()
   it("raises for anything but a positive integer (nil: one process)", function()
     local http = require "moonwire.http"

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/wait.h>
 #include <sys/epoll.h>
@@ -875,13 +876,22 @@ static int l_signal(lua_State *L)
  * epoll instance is shared across fork, so it must never touch the parent's), keeps its
  * signal handlers, loses the resolver threads (threads do not survive fork) and every task
  * but the calling one: it goes on as that task alone. */
+static int signo_of(lua_State *L, int idx);
+
+/* fork([parent_death]) -> pid (0 in the child) | nil, err. parent_death: a signal's name,
+ * sent to the child when this process dies, however it dies (PR_SET_PDEATHSIG; the workers of
+ * a supervisor killed with SIGKILL get SIGTERM and stop instead of living on orphaned). */
 static int l_fork(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
+    int pdsig = lua_isnoneornil(L, 1) ? 0 : signo_of(L, 1);
+    pid_t parent = getpid();
     fflush(NULL);
     pid_t pid = fork();
     if (pid < 0) return mw_pusherrno(L, errno);
     if (pid == 0) {
+        /* (a parent gone before prctl: the signal is sent here, by the child itself) */
+        if (pdsig && prctl(PR_SET_PDEATHSIG, pdsig) == 0 && getppid() != parent) kill(getpid(), pdsig);
         int fresh = epoll_create1(EPOLL_CLOEXEC);
         if (fresh < 0) _exit(127);
         close(rt->loop.epfd);

@@ -94,7 +94,8 @@ function M.serve(opts)
     -- writes "1" once it listens, or why it cannot (EOF if it dies first).
     local function start_worker(slot)
       local ready, ready_w = core.unix.pair()
-      local pid, ferr = core.fork()
+      -- (a supervisor killed, even with SIGKILL, stops its workers as SIGTERM does)
+      local pid, ferr = core.fork("SIGTERM")
       if not pid then
         io.stderr:write("moonwire: fork failed: ", tostring(ferr), "\n")
         ready:close()
