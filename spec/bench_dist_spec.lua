@@ -668,6 +668,31 @@ end
     end, 40)
   end)
 
+  -- Regression: a global that setup() set and the thread's script then set to nil was read
+  -- back in done() as setup()'s value (wrk, and one process, read nil).
+  it("thread:get in done(): a global the thread set to nil is nil, not setup()'s value", function()
+    run(function()
+      local t = target()
+      local u, list = agents(2)
+      local script = tmp(".lua")
+      writefile(script, [[
+local threads = {}
+function setup(thread) thread:set("mark", "from setup") thread:set("kept", "kept") threads[#threads + 1] = thread end
+function init() mark = nil end
+function done()
+  for i, th in ipairs(threads) do print("thread " .. i .. " " .. tostring(th:get("mark")) .. " " .. tostring(th:get("kept"))) end
+end
+]])
+      local c = coordinator(u, 2, { "-c", "2", "-d", "0.5", "-s", script, t.url })
+      local code, out = wait(c, 30)
+      stop_agents(list)
+      assert.equal(0, code, context(c))
+      assert.matches("thread 1 nil kept\n", out)
+      assert.matches("thread 2 nil kept\n", out)
+      t.srv:close(0)
+    end, 40)
+  end)
+
   it("writes the report and the JSON when done() fails, and exits 2 as one process does", function()
     run(function()
       local t = target()

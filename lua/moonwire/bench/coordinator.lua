@@ -333,12 +333,12 @@ function M.main(o)
           local vals = {}
           local th = { id = g, addr = addrs[1] and setmetatable({ host = addrs[1].host, port = addrs[1].port },
             wrkenv.Addr) }
-          -- after the run, the thread's globals as its agent sent them back (th.final);
-          -- what setup() set stays visible for a thread whose agent was lost
+          -- after the run, the thread's globals as its agent sent them back (th.final: a
+          -- global the script set to nil is nil, as in wrk); what setup() set stays visible
+          -- only for a thread whose agent was lost
           function th.get(_, name)
-            local v = th.final and th.final[name]
-            if v == nil then v = vals[name] end
-            return v
+            if th.final then return th.final[name] end
+            return vals[name]
           end
           function th.set(_, name, v) vals[name] = v end
           function th.stop() end
