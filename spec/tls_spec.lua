@@ -787,6 +787,82 @@ describe("tls", function()
     end)
   end)
 
+  -- The bytes waiting in a TCP socket's receive queue (/proc/net/tcp's rx_queue), by its
+  -- local port: how a test knows what a peer sent has arrived without reading it.
+  local function rx_queue(port)
+    for line in io.lines("/proc/net/tcp") do
+      local lport, rx = line:match("^%s*%d+: %x+:(%x+) %x+:%x+ %x+ %x+:(%x+)")
+      if lport and tonumber(lport, 16) == port then return tonumber(rx, 16) end
+    end
+  end
+
+  -- A record cut in two by the network: alive() reads its first part into OpenSSL's buffer
+  -- and waits for the rest. It was true then: the peer talking unasked (a server's 408, say)
+  -- was taken for an idle connection.
+  it("alive() is false when the peer's bytes are the start of a record", function()
+    run(function()
+      local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+      local cctx = mw.tls.context { cafile = cert("ca.pem"), min_version = "1.3" }
+      local l, port = helper.listen()
+      local pl, pport = helper.listen()
+      local go, cut = mw.channel(1), mw.channel(1)
+      local server = mw.spawn(function()
+        local a = assert(l:accept(5))
+        assert(a:starttls(sctx, { timeout = 5 }))
+        assert(a:write("ready\r\n"))     -- after its session tickets
+        assert(go:recv(5))
+        assert(a:write("unasked\r\n"))
+        assert(go:recv(5))
+        a:close()
+        return true
+      end)
+      local hold = false         -- set: the proxy passes the server's next read on but 8 bytes
+      local proxy = mw.spawn(function()
+        local down = assert(pl:accept(5))
+        local up = assert(mw.tcp.connect("127.0.0.1", port, { timeout = 5 }))
+        local t = mw.spawn(function()
+          while true do
+            local b = down:recv(65536, 5)
+            if not b then break end
+            assert(up:write(b))
+          end
+          up:shutdown()
+        end)
+        while true do
+          local b = up:recv(65536, 5)
+          if not b then break end
+          if hold then b = b:sub(1, 8) cut:send(true) end
+          assert(down:write(b))
+        end
+        t:join()
+        down:close()
+        up:close()
+        return true
+      end)
+      local c = assert(mw.tcp.connect("127.0.0.1", pport, { timeout = 5 }))
+      assert(c:starttls(cctx, { host = "localhost", timeout = 5 }))
+      assert.equal("ready", c:read("l", 5))
+      assert.is_true(c:alive())
+      hold = true
+      go:send(true)
+      assert(cut:recv(5))
+      local _, cport = c:getsockname()
+      local deadline = mw.now() + 5
+      while rx_queue(cport) ~= 8 do
+        assert(mw.now() < deadline, "the 8 bytes did not arrive: " .. tostring(rx_queue(cport)))
+        mw.sleep(0.01)
+      end
+      assert.is_false(c:alive())       -- (the first call: it read the 8 bytes)
+      assert.is_false(c:alive())
+      go:send(true)
+      c:close()
+      assert(joined(server))
+      assert(joined(proxy))
+      l:close()
+      pl:close()
+    end)
+  end)
+
   describe("starttls", function()
     it("upgrades a plain line-protocol connection on both sides", function()
       run(function()

@@ -394,10 +394,11 @@ static int s_alive(lua_State *L)
     ssize_t n = recv(s->io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n > 0 && s->tp->pending) {
         /* TLS: records that carry no data (TLS 1.3's session tickets after the handshake, a
-         * key update) are not the peer talking: read them through; data or the end is */
+         * key update) are not the peer talking: read them through; data or the end is, and
+         * so is the start of a record whose rest is on the way (left in OpenSSL's buffer) */
         uint32_t want = EPOLLIN;
         int r = mw_stream_fill(s, 0, &want);
-        int quiet = r == TRY_WAIT && mw_buf_len(&s->rbuf) == 0;
+        int quiet = r == TRY_WAIT && mw_buf_len(&s->rbuf) == 0 && !s->tp->pending(s);
         if (mw_buf_len(&s->rbuf) == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
         lua_pushboolean(L, quiet);
         return 1;
