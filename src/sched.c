@@ -872,15 +872,14 @@ static int l_signal(lua_State *L)
 
 /* ---- processes ------------------------------------------------------------------------ */
 
-/* fork() -> pid (0 in the child) | nil, err, code. The child gets a loop of its own (the
- * epoll instance is shared across fork, so it must never touch the parent's), keeps its
- * signal handlers, loses the resolver threads (threads do not survive fork) and every task
- * but the calling one: it goes on as that task alone. */
 static int signo_of(lua_State *L, int idx);
 
-/* fork([parent_death]) -> pid (0 in the child) | nil, err. parent_death: a signal's name,
- * sent to the child when this process dies, however it dies (PR_SET_PDEATHSIG; the workers of
- * a supervisor killed with SIGKILL get SIGTERM and stop instead of living on orphaned). */
+/* fork([parent_death]) -> pid (0 in the child) | nil, err, code. The child gets a loop of its
+ * own (the epoll instance is shared across fork, so it must never touch the parent's), keeps
+ * its signal handlers, loses the resolver threads (threads do not survive fork) and every task
+ * but the calling one: it goes on as that task alone. parent_death: a signal's name, sent to
+ * the child when this process dies, however it dies (PR_SET_PDEATHSIG: the workers of a
+ * supervisor killed with SIGKILL get SIGTERM and stop instead of living on orphaned). */
 static int l_fork(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
