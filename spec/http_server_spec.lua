@@ -337,6 +337,23 @@ describe("http server: basics", function()
     end)
   end)
 
+  it("an unknown option, limit or timeout raises, naming it (a misspelt one would go unnoticed)", function()
+    run(function()
+      local h = function(_, res) res:send("x") end
+      local function raises(msg, opts)
+        local ok, err = pcall(http.server, opts)
+        assert.is_false(ok)
+        assert.matches(msg, err, 1, true)
+      end
+      raises("unknown option 'timeout'", { host = "127.0.0.1", port = 0, handler = h, timeout = 5 })
+      raises("unknown limits option 'bodie'", { host = "127.0.0.1", port = 0, handler = h, limits = { bodie = 1 } })
+      raises("unknown timeouts option 'head_'", { host = "127.0.0.1", port = 0, handler = h, timeouts = { head_ = 1 } })
+      local ok, err = pcall(http.serve, { host = "127.0.0.1", port = 0, handler = h, gzip_mn = 1 })
+      assert.is_false(ok)
+      assert.matches("unknown option 'gzip_mn'", err, 1, true)
+    end)
+  end)
+
   it("writes an access log line in combined log format", function()
     run(function()
       local lines = {}

@@ -454,8 +454,18 @@ function h2_settings(given, srv)
   return t
 end
 
+-- The options of http.server and http.serve (a misspelt one raises: `timeout = 5` would
+-- otherwise leave the defaults in place unnoticed, as an unknown limit or timeout raises)
+local OPTIONS = { host = true, port = true, unix = true, handler = true, workers = true,
+  backlog = true, log = true, error_log = true, server_name = true, gzip = true, gzip_min = true,
+  grace = true, limits = true, timeouts = true, tls = true, http2 = true, reuseport = true,
+  listener = true, on_listen = true, bus = true }
+
 local function check_opts(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'server' (table expected, got " .. type(opts) .. ")", 3) end
+  for k in pairs(opts) do
+    if not OPTIONS[k] then error("unknown option '" .. tostring(k) .. "'", 3) end
+  end
   local h = opts.handler
   local mt = getmetatable(h)
   if type(h) ~= "function" and not (mt and mt.__call) then
