@@ -34,6 +34,7 @@ Usage: moonwire bench <options> <url> [-- script args]
                            'errors<0.1%', 'rps>10000', 'mean<5ms', 'max<1s' (repeatable)
         --verify           Verify https certificates (off by default, as in wrk)
         --quiet            No progress line
+        --scenario  <FILE> Run virtual users from a scenario file instead of a URL
   Distributed (coordinated through Redis; docs/bench.md):
         --agent      <URL> Run as an agent: wait for work at redis://HOST[:PORT][/DB]
                            (or rediss://); -t is the capacity it announces
