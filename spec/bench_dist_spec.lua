@@ -680,7 +680,9 @@ local threads = {}
 function setup(thread) thread:set("mark", "from setup") thread:set("kept", "kept") threads[#threads + 1] = thread end
 function init() mark = nil end
 function done()
-  for i, th in ipairs(threads) do print("thread " .. i .. " " .. tostring(th:get("mark")) .. " " .. tostring(th:get("kept"))) end
+  for i, th in ipairs(threads) do
+    print("thread " .. i .. " " .. tostring(th:get("mark")) .. " " .. tostring(th:get("kept")))
+  end
 end
 ]])
       local c = coordinator(u, 2, { "-c", "2", "-d", "0.5", "-s", script, t.url })
