@@ -40,6 +40,15 @@ local function decode(s)
   return assert(load("return " .. src, "json", "t", {}))()
 end
 
+-- a wrk script in a temporary file (removed by the caller)
+local function script(src)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(src)
+  f:close()
+  return path
+end
+
 describe("moonwire bench --h2", function()
   it("prior knowledge on http://: -c x -m streams, counts match the server's, MAX_CONCURRENT_STREAMS kept", function()
     run(function()
@@ -161,5 +170,32 @@ describe("moonwire bench --h2", function()
       r = bench({ "--h2", "--pipeline", "4", "http://127.0.0.1:1/" }, 10)
       assert.equal(2, r.code, r.context)
     end)
+  end)
+
+  -- Regression: over --h2 the hooks were called bare in the stream tasks, so a response()
+  -- or request() that raised (or a request() returning no string) killed only that task:
+  -- exit 0, no requests, a new connection after another (found by review). They now go
+  -- through the HTTP/1.1 engine's call_hook: the thread fails, as over HTTP/1.1.
+  it("a hook that raises, or a request() that returns no string, fails the run as over HTTP/1.1", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local url = "http://127.0.0.1:" .. srv.port .. "/"
+      local cases = {
+        { 'response = function() error("boom in response") end', "boom in response" },
+        { 'request = function() error("boom in request") end', "boom in request" },
+        { "request = function() return nil end", "request() returned a nil" },
+        { 'request = function() return "garbage" end', "request(): request without an end of head" },
+        { 'delay = function() error("boom in delay") end', "boom in delay" },
+      }
+      for _, c in ipairs(cases) do
+        local path = script(c[1])
+        local r = bench({ "--h2", "-t1", "-c1", "-m2", "-d1s", "-s", path, url }, 20)
+        os.remove(path)
+        assert.equal(2, r.code, r.context)
+        assert.matches("thread 1 failed:", r.err, 1, true)
+        assert.matches(c[2], r.err, 1, true)
+      end
+      srv:close(0)
+    end, 60)
   end)
 end)

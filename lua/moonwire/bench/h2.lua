@@ -7,8 +7,10 @@
 -- sent again (counted).
 local mw = require "moonwire"
 local core = require "moonwire.core"
+local engine = require "moonwire.bench.engine"
 
 local hrtime = core.hrtime
+local call_hook, hook_failed = engine.call_hook, engine.hook_failed
 
 local M = {}
 
@@ -93,16 +95,27 @@ local function lua_stream(st, shared, hooks, spec)
   local cfg = st.cfg
   local timeout = cfg.timeout
   while not st.stop and not shared.dead do
+    -- the hooks run as over HTTP/1.1 (engine.call_hook): one that raises stops the run
     if hooks.delay then
-      local ms = hooks.delay()
+      local ms = call_hook(st, hooks.delay)
+      if st.stop then break end
       if ms and ms > 0 then mw.sleep(ms / 1000) end
       if st.stop then break end
     end
     local r = spec
     if hooks.request then
+      local raw = call_hook(st, hooks.request)
+      if st.stop then break end
+      if type(raw) ~= "string" then
+        hook_failed(st, "request() returned a " .. type(raw) .. ", not the request's bytes")
+        break
+      end
       local err
-      r, err = M.translate(hooks.request(), spec.authority)
-      if not r then error("request(): " .. err, 0) end
+      r, err = M.translate(raw, spec.authority)
+      if not r then
+        hook_failed(st, "request(): " .. err)
+        break
+      end
     end
     local t0 = hrtime()
     st.inflight = st.inflight + 1
@@ -128,7 +141,7 @@ local function lua_stream(st, shared, hooks, spec)
       st.second:record(us)
       st.statuses[status] = (st.statuses[status] or 0) + 1
       if status > 399 then st.errors.status = st.errors.status + 1 end
-      if hooks.response then hooks.response(status, headers, body) end
+      if hooks.response then call_hook(st, hooks.response, status, headers, body) end
     else
       if code == "timeout" then
         if not st.stop then st.errors.timeout = st.errors.timeout + 1 end
