@@ -198,4 +198,35 @@ describe("moonwire bench --h2", function()
       srv:close(0)
     end, 60)
   end)
+
+  -- Regression: the hooks path had no schedule, so -R was ignored whenever a script had
+  -- hooks (-R 50 made ~15000 requests in 2 s) and latency counted from when a request went
+  -- out, hiding a stalling server (found by review). Its streams now keep the C driver's
+  -- schedule: one request per stream per interval, latency and TTFB from when it was due.
+  it("-R with hooks: the requested rate, latency counted from when each request was due", function()
+    run(function()
+      local slow = false
+      local srv = serve(function(_, res)
+        if slow then mw.sleep(0.2) end
+        res:send("ok")
+      end)
+      local url = "http://127.0.0.1:" .. srv.port .. "/"
+      local path = script('request = function() return wrk.format("GET", "/") end')
+      local r = bench({ "--h2", "-t1", "-c2", "-m2", "-d2s", "-R", "50", "--json", "-", "-s", path, url }, 20)
+      assert.equal(0, r.code, r.context)
+      local doc = decode(r.out)
+      assert.is_true(doc.rps > 40 and doc.rps < 60, r.context)
+      -- one stream, one request per 20 ms, each answered in 200 ms: the n-th is answered
+      -- 200 + 180 n ms after it was due (the time since it was sent stays 200 ms)
+      slow = true
+      r = bench({ "--h2", "-t1", "-c1", "-m1", "-d1s", "-R", "50", "--json", "-", "-s", path, url }, 20)
+      os.remove(path)
+      srv:close(0)
+      assert.equal(0, r.code, r.context)
+      doc = decode(r.out)
+      assert.is_true(doc.requests >= 3, r.context)
+      assert.is_true(doc.latency_us.mean > 350000, r.context)
+      assert.is_true(doc.h2.ttfb_us.mean > 350000, r.context)
+    end, 60)
+  end)
 end)

@@ -90,8 +90,9 @@ local function c_connection(st, id, spec)
   end
 end
 
--- The hooks' path: m tasks per connection share it, one request each at a time.
-local function lua_stream(st, shared, hooks, spec)
+-- The hooks' path: m tasks per connection share it, one request each at a time. `slot`
+-- outlives the connection (a stream's place in the -R schedule: its next_send).
+local function lua_stream(st, shared, hooks, spec, slot)
   local cfg = st.cfg
   local timeout = cfg.timeout
   while not st.stop and not shared.dead do
@@ -117,7 +118,19 @@ local function lua_stream(st, shared, hooks, spec)
         break
       end
     end
-    local t0 = hrtime()
+    -- -R: sent when due, latency and time to first byte counted from then (as engine.lua)
+    local t0
+    if slot.interval then
+      local now = hrtime()
+      if slot.next_send > now then
+        mw.sleep((slot.next_send - now) / 1e9)
+        if st.stop or shared.dead then break end
+      end
+      t0 = slot.next_send
+      slot.next_send = slot.next_send + slot.interval
+    else
+      t0 = hrtime()
+    end
     st.inflight = st.inflight + 1
     local hc = shared.hc
     local s, err, code = hc:request(r.method, spec.scheme, r.authority or spec.authority, r.path, r.headers,
@@ -161,7 +174,19 @@ end
 local function lua_connection(st, id, hooks, spec)
   local cfg = st.cfg
   local first = true
-  local _ = id
+  -- -R: each of the thread's conns x streams tasks sends one request per interval, their
+  -- starts spread over one interval (the C driver's schedule, per stream)
+  local streams = cfg.streams or 1
+  local slots = {}
+  for i = 1, streams do
+    local slot = {}
+    if cfg.rate and cfg.rate > 0 then
+      local n = cfg.conns_in_thread * streams
+      slot.interval = math.floor(1e9 * n / cfg.rate)
+      slot.next_send = st.t_start + ((id - 1) * streams + i - 1) * slot.interval // n
+    end
+    slots[i] = slot
+  end
   while not st.stop do
     local sock = connect(cfg)
     if not sock then
@@ -172,7 +197,7 @@ local function lua_connection(st, id, hooks, spec)
       first = false
       local shared = { hc = core.h2_client(sock, conn_opts) }
       local workers = {}
-      for i = 1, cfg.streams or 1 do workers[i] = mw.spawn(lua_stream, st, shared, hooks, spec) end
+      for i = 1, streams do workers[i] = mw.spawn(lua_stream, st, shared, hooks, spec, slots[i]) end
       for _, w in ipairs(workers) do w:join() end
       shared.hc:close()
       sock:close()
