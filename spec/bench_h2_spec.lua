@@ -229,4 +229,27 @@ describe("moonwire bench --h2", function()
       assert.is_true(doc.h2.ttfb_us.mean > 350000, r.context)
     end, 60)
   end)
+
+  -- Regression: over HTTP/1.1 response() finds a header by any case of its name (wrk hands
+  -- the names as sent); over --h2 h["Content-Length"] was nil (found by review).
+  it("response() finds headers by any case of their name, as over HTTP/1.1", function()
+    run(function()
+      local srv = serve(function(_, res)
+        res:header("X-Token", "t")
+        res:send("ok")
+      end)
+      local path = script([[
+        response = function(status, h)
+          if h["X-Token"] ~= "t" or h["x-token"] ~= "t" or h["Content-Length"] ~= "2" then
+            error("headers: X-Token " .. tostring(h["X-Token"]) .. ", Content-Length " .. tostring(h["Content-Length"]))
+          end
+        end]])
+      local r = bench({ "--h2", "-t1", "-c1", "-m2", "-d1s", "--json", "-", "-s", path,
+        "http://127.0.0.1:" .. srv.port .. "/" }, 20)
+      os.remove(path)
+      srv:close(0)
+      assert.equal(0, r.code, r.context)
+      assert.is_true(decode(r.out).requests > 0, r.context)
+    end, 40)
+  end)
 end)

@@ -13,9 +13,12 @@ local hrtime, http_conn = core.hrtime, core.http_conn
 local M = {}
 
 local Response = {}
+-- wrk hands response() the names as the server sent them: any case finds them here (the
+-- HTTP/2 hooks path, bench/h2.lua, sets it too)
 local headers_ci = { __index = function(t, k)
   if type(k) == "string" then return rawget(t, k:lower()) end
 end }
+M.headers_ci = headers_ci
 
 local function connect(cfg)
   local opts = { timeout = cfg.timeout, local_host = cfg.source }

@@ -154,7 +154,10 @@ local function lua_stream(st, shared, hooks, spec, slot)
       st.second:record(us)
       st.statuses[status] = (st.statuses[status] or 0) + 1
       if status > 399 then st.errors.status = st.errors.status + 1 end
-      if hooks.response then call_hook(st, hooks.response, status, headers, body) end
+      if hooks.response then
+        setmetatable(headers, engine.headers_ci)   -- (HTTP/2 names are lower case: any case finds them)
+        call_hook(st, hooks.response, status, headers, body)
+      end
     else
       if code == "timeout" then
         if not st.stop then st.errors.timeout = st.errors.timeout + 1 end
