@@ -252,4 +252,37 @@ describe("moonwire bench --h2", function()
       assert.is_true(decode(r.out).requests > 0, r.context)
     end, 40)
   end)
+
+  -- Regression: an agent's --source (cfg.source, the load's local address) was ignored over
+  -- --h2: its connect() did not pass it on, as engine.lua's does (found by review). Run
+  -- through engine.run in a child, as an agent's thread does, on both HTTP/2 paths.
+  it("an agent's source address (cfg.source) binds the HTTP/2 connections, with and without hooks", function()
+    run(function()
+      local from = {}
+      local srv = serve(function(req, res)
+        from[req.remote_addr] = (from[req.remote_addr] or 0) + 1
+        res:send("ok")
+      end)
+      local child = script(([[
+        local engine = require "moonwire.bench.engine"
+        local port = %d
+        local cfg = { thread_id = 1, threads = 1, h2 = true, streams = 1, conns_in_thread = 1,
+          duration = 0.3, timeout = 1, source = "127.0.0.2", headers = {},
+          target = { scheme = "http", host = "127.0.0.1", port = port, authority = "127.0.0.1:" .. port, target = "/" },
+          addr = { host = "127.0.0.1", port = port } }
+        local raw = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        local a = engine.run(cfg, { fixed_request = raw, fixed_depth = 1 })
+        local b = engine.run(cfg, { request = function() return raw end })
+        io.write(a.count, " ", b.count, "\n")
+      ]]):format(srv.port))
+      local cmd = ("%s timeout -k 1 20 lua5.4 %s"):format(procs.lua_env(), procs.quote(child))
+      local code, out, err = procs.shell(cmd, 25)
+      os.remove(child)
+      srv:close(0)
+      assert.equal(0, code, err)
+      local a, b = out:match("^(%d+) (%d+)")
+      assert.is_true(tonumber(a) > 0 and tonumber(b) > 0, out .. err)
+      assert.same({ ["127.0.0.2"] = a + b }, from)
+    end, 40)
+  end)
 end)

@@ -41,7 +41,7 @@ function M.translate(raw, default_authority)
 end
 
 local function connect(cfg)
-  local opts = { timeout = cfg.timeout }
+  local opts = { timeout = cfg.timeout, local_host = cfg.source }   -- (an agent's --source)
   if cfg.target.scheme == "https" then
     opts.tls = { insecure = not cfg.verify, alpn = { "h2" } }
   end
