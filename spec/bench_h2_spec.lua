@@ -33,6 +33,13 @@ local function serve(handler, opts)
 end
 
 -- our JSON documents (no brackets inside strings) as Lua tables
+-- spec/peers/h2_fake_server.py in `mode`: the process (to close) and its URL
+local function fake(mode)
+  local p = procs.start("h2_fake_server", procs.PYTHON .. " " .. procs.peers .. "/h2_fake_server.py " .. mode, 30)
+  local ev = p:wait_event(function(e) return e.event == "listening" end)
+  return p, "http://127.0.0.1:" .. ev.port .. "/"
+end
+
 local function decode(s)
   local src = s:match("%b{}")
   assert(src, "no JSON document in: " .. tostring(s))
@@ -284,5 +291,45 @@ describe("moonwire bench --h2", function()
       assert.is_true(tonumber(a) > 0 and tonumber(b) > 0, out .. err)
       assert.same({ ["127.0.0.2"] = a + b }, from)
     end, 40)
+  end)
+
+  -- Regression: with hooks, a request refused by the server (REFUSED_STREAM, or above a
+  -- GOAWAY's last stream id) was dropped uncounted, one that met a connection going away
+  -- ("goaway") was counted a read error though never sent, and no RST_STREAM or GOAWAY frame
+  -- was counted (found by review). It is now sent again once, due when it was, on the same
+  -- connection or the next (counted as a REFUSED_STREAM retry); conn:attach counts the frames.
+  it("with hooks a refused request is sent again once, and RST_STREAM and GOAWAY frames count", function()
+    run(function()
+      local path = script('request = function() return wrk.format("GET", "/") end')
+      -- the first request of the first connection is reset with REFUSED_STREAM
+      local p, url = fake("refuse")
+      local r = bench({ "--h2", "-t1", "-c1", "-m1", "-d1s", "-R", "20", "--json", "-", "-s", path, url }, 20)
+      local seen = 0                   -- (every request the server saw, the refused one too)
+      for _, e in ipairs(p:events()) do
+        if e.event == "request" then seen = seen + 1 end
+      end
+      p:stop()
+      assert.equal(0, r.code, r.context)
+      local doc = decode(r.out)
+      assert.equal(1, doc.h2.rst.REFUSED_STREAM, r.context)
+      assert.equal(1, doc.h2.refused_retries, r.context)
+      assert.equal(0, doc.errors.read, r.context)
+      assert.equal(seen - 1, doc.requests, r.context)
+      assert.equal(0, doc.hung, r.context)
+      -- the first connection answers stream 1, then GOAWAY (last stream 1) once three more
+      -- requests came: those, and any that met the connection going away, go on the next
+      p, url = fake("goaway")
+      r = bench({ "--h2", "-t1", "-c1", "-m4", "-d1s", "-R", "40", "--json", "-", "-s", path, url }, 20)
+      p:stop()
+      os.remove(path)
+      assert.equal(0, r.code, r.context)
+      doc = decode(r.out)
+      assert.equal(1, doc.h2.goaway.NO_ERROR, r.context)
+      assert.equal(1, doc.h2.reconnects, r.context)
+      assert.is_true(doc.h2.refused_retries >= 3, r.context)
+      assert.same({ connect = 0, read = 0, write = 0, status = 0, timeout = 0 }, doc.errors, r.context)
+      assert.equal(0, doc.hung, r.context)
+      assert.is_true(doc.requests >= 30, r.context)
+    end, 60)
   end)
 end)

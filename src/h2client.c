@@ -1341,17 +1341,31 @@ static int hb_stats(lua_State *L)
     return 1;
 }
 
-/* b:add(field, n): counts from the Lua side (reconnects, connect errors) */
+/* b:add(field, n): counts from the Lua side (reconnects, the hooks path's figures) */
 static int hb_add(lua_State *L)
 {
     hbench *b = checkbench(L, 1);
     const char *k = luaL_checkstring(L, 2);
     lua_Integer n = luaL_optinteger(L, 3, 1);
     if (strcmp(k, "reconnects") == 0) b->reconnects += n;
+    else if (strcmp(k, "refused_retries") == 0) b->refused_retries += n;
     else if (strcmp(k, "read_errors") == 0) b->read_errors += n;
     else if (strcmp(k, "timeouts") == 0) b->timeouts += n;
     else if (strcmp(k, "hung") == 0) b->hung += n;
     else return luaL_argerror(L, 2, "unknown counter");
+    return 0;
+}
+
+/* conn:attach(b): the connection's RST_STREAM and GOAWAY frames count in b, as conn:bench's
+ * do (the bench's hooks path, whose requests go by conn:request) */
+static int hc_attach(lua_State *L)
+{
+    hconn *c = checkconn(L);
+    hbench *b = checkbench(L, 2);
+    if (c->b && c->b != b) return luaL_error(L, "connection already benched");
+    c->b = b;
+    lua_settop(L, 2);
+    lua_setiuservalue(L, 1, 2);     /* b outlives the connection */
     return 0;
 }
 
@@ -1623,7 +1637,8 @@ void mw_h2client_open(lua_State *L)
 {
     static const luaL_Reg conn_m[] = {
         { "request", hc_request }, { "usable", hc_usable }, { "streams", hc_streams }, { "idle", hc_idle }, { "poll", hc_poll },
-        { "info", hc_info }, { "close", hc_close }, { "retire", hc_retire }, { "bench", hc_bench }, { NULL, NULL }
+        { "info", hc_info }, { "close", hc_close }, { "retire", hc_retire }, { "bench", hc_bench },
+        { "attach", hc_attach }, { NULL, NULL }
     };
     static const luaL_Reg st_m[] = {
         { "head", hs_head }, { "read", hs_read }, { "write", hs_write }, { "set_trailers", hs_set_trailers },

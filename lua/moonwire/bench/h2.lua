@@ -90,86 +90,122 @@ local function c_connection(st, id, spec)
   end
 end
 
+-- One request of the hooks path on hc: status, headers, body, or nil, err, code. Code
+-- "refused" (REFUSED_STREAM, above a GOAWAY's last stream id) or "goaway" (the connection
+-- was going away): the server did not process it, it may go again.
+local function exchange(st, hc, spec, r, t0)
+  local timeout = st.cfg.timeout
+  local s, err, code = hc:request(r.method, spec.scheme, r.authority or spec.authority, r.path, r.headers,
+    #r.headers // 2, r.body)
+  if not s then return nil, err, code end
+  local status, headers
+  status, headers, code = s:head(timeout)
+  if not status then return nil, headers, code end
+  st.ttfb:record((hrtime() - t0) // 1000)
+  local body
+  body, err, code = s:read("all", -1, timeout)
+  if not body then return nil, err, code end
+  return status, headers, body
+end
+
+-- The next request of a stream task: r (translated), t0 (when due), or nil when the run
+-- stops (st.stop, a hook failed) or the connection is gone. A request left by the last
+-- connection (slot.carry: refused, or due when it ended) goes first, with its own t0.
+local function next_request(st, shared, hooks, spec, slot)
+  local carry = slot.carry
+  if carry then
+    slot.carry = nil
+    return carry.r, carry.t0, carry.retried
+  end
+  -- the hooks run as over HTTP/1.1 (engine.call_hook): one that raises stops the run
+  if hooks.delay then
+    local ms = call_hook(st, hooks.delay)
+    if st.stop then return nil end
+    if ms and ms > 0 then mw.sleep(ms / 1000) end
+    if st.stop then return nil end
+  end
+  local r = spec
+  if hooks.request then
+    local raw = call_hook(st, hooks.request)
+    if st.stop then return nil end
+    if type(raw) ~= "string" then
+      hook_failed(st, "request() returned a " .. type(raw) .. ", not the request's bytes")
+      return nil
+    end
+    local err
+    r, err = M.translate(raw, spec.authority)
+    if not r then
+      hook_failed(st, "request(): " .. err)
+      return nil
+    end
+  end
+  -- -R: sent when due, latency and time to first byte counted from then (as engine.lua)
+  local t0
+  if slot.interval then
+    local now = hrtime()
+    if slot.next_send > now then
+      mw.sleep((slot.next_send - now) / 1e9)
+      if st.stop then return nil end
+    end
+    t0 = slot.next_send
+    slot.next_send = slot.next_send + slot.interval
+    if shared.dead then   -- (the connection ended meanwhile: the request goes on the next)
+      slot.carry = { r = r, t0 = t0, retried = false }
+      return nil
+    end
+  else
+    t0 = hrtime()
+  end
+  return r, t0, false
+end
+
 -- The hooks' path: m tasks per connection share it, one request each at a time. `slot`
--- outlives the connection (a stream's place in the -R schedule: its next_send).
+-- outlives the connection: a stream's place in the -R schedule (next_send) and a refused
+-- request to send on the next connection (carry).
 local function lua_stream(st, shared, hooks, spec, slot)
-  local cfg = st.cfg
-  local timeout = cfg.timeout
   while not st.stop and not shared.dead do
-    -- the hooks run as over HTTP/1.1 (engine.call_hook): one that raises stops the run
-    if hooks.delay then
-      local ms = call_hook(st, hooks.delay)
-      if st.stop then break end
-      if ms and ms > 0 then mw.sleep(ms / 1000) end
-      if st.stop then break end
-    end
-    local r = spec
-    if hooks.request then
-      local raw = call_hook(st, hooks.request)
-      if st.stop then break end
-      if type(raw) ~= "string" then
-        hook_failed(st, "request() returned a " .. type(raw) .. ", not the request's bytes")
-        break
-      end
-      local err
-      r, err = M.translate(raw, spec.authority)
-      if not r then
-        hook_failed(st, "request(): " .. err)
-        break
-      end
-    end
-    -- -R: sent when due, latency and time to first byte counted from then (as engine.lua)
-    local t0
-    if slot.interval then
-      local now = hrtime()
-      if slot.next_send > now then
-        mw.sleep((slot.next_send - now) / 1e9)
-        if st.stop or shared.dead then break end
-      end
-      t0 = slot.next_send
-      slot.next_send = slot.next_send + slot.interval
-    else
-      t0 = hrtime()
-    end
-    st.inflight = st.inflight + 1
-    local hc = shared.hc
-    local s, err, code = hc:request(r.method, spec.scheme, r.authority or spec.authority, r.path, r.headers,
-      #r.headers // 2, r.body)
-    local status, headers, body
-    if s then
-      status, headers, code = s:head(timeout)
+    local r, t0, retried = next_request(st, shared, hooks, spec, slot)
+    if not r then break end
+    while true do
+      local hc = shared.hc
+      st.inflight = st.inflight + 1
+      local status, headers, body = exchange(st, hc, spec, r, t0)
+      st.inflight = st.inflight - 1
       if status then
-        st.ttfb:record((hrtime() - t0) // 1000)
-        body, err, code = s:read("all", -1, timeout)
+        shared.done = shared.done + 1
+        st.count = st.count + 1
+        st.bytes = st.bytes + #body
+        local us = (hrtime() - t0) // 1000
+        st.latency:record(us)
+        st.second:record(us)
+        st.statuses[status] = (st.statuses[status] or 0) + 1
+        if status > 399 then st.errors.status = st.errors.status + 1 end
+        if hooks.response then
+          setmetatable(headers, engine.headers_ci)   -- (HTTP/2 names are lower case: any case finds them)
+          call_hook(st, hooks.response, status, headers, body)
+        end
+        break
+      end
+      local code = body
+      local usable = hc:usable()
+      if not usable then shared.dead = true end
+      if (code == "refused" or code == "goaway") and not retried then
+        -- not processed by the server: sent again once, here or on the next connection,
+        -- due when it was (as the C driver does)
+        retried = true
+        st.h2b:add("refused_retries")
+        if not usable then
+          slot.carry = { r = r, t0 = t0, retried = true }
+          break
+        end
       else
-        err = headers
+        if code == "timeout" then
+          if not st.stop then st.errors.timeout = st.errors.timeout + 1 end
+        else
+          st.errors.read = st.errors.read + 1
+        end
+        break
       end
-    end
-    st.inflight = st.inflight - 1
-    if body then
-      st.count = st.count + 1
-      st.bytes = st.bytes + #body
-      local us = (hrtime() - t0) // 1000
-      st.latency:record(us)
-      st.second:record(us)
-      st.statuses[status] = (st.statuses[status] or 0) + 1
-      if status > 399 then st.errors.status = st.errors.status + 1 end
-      if hooks.response then
-        setmetatable(headers, engine.headers_ci)   -- (HTTP/2 names are lower case: any case finds them)
-        call_hook(st, hooks.response, status, headers, body)
-      end
-    else
-      if code == "timeout" then
-        if not st.stop then st.errors.timeout = st.errors.timeout + 1 end
-      elseif code == "reset" then
-        st.errors.read = st.errors.read + 1
-      elseif code == "refused" then
-        st.h2b:add("reconnects", 0)
-      else
-        st.errors.read = st.errors.read + 1
-      end
-      if not hc:usable() then shared.dead = true end
-      local _ = err
     end
   end
 end
@@ -198,13 +234,20 @@ local function lua_connection(st, id, hooks, spec)
     else
       if not first then st.h2b:add("reconnects") end
       first = false
-      local shared = { hc = core.h2_client(sock, conn_opts) }
+      local shared = { hc = core.h2_client(sock, conn_opts), done = 0 }
+      shared.hc:attach(st.h2b)   -- (its RST_STREAM and GOAWAY frames count)
       local workers = {}
       for i = 1, streams do workers[i] = mw.spawn(lua_stream, st, shared, hooks, spec, slots[i]) end
       for _, w in ipairs(workers) do w:join() end
       shared.hc:close()
       sock:close()
+      -- a server that ends every connection before answering: not a reconnect storm
+      if shared.done == 0 and not st.stop then mw.sleep(0.05) end
     end
+  end
+  -- refused requests the run ended before sending again: due, never answered
+  for _, slot in ipairs(slots) do
+    if slot.carry then st.h2b:add("hung") end
   end
 end
 
