@@ -69,6 +69,10 @@ struct hbench {
     int64_t rst[16], goaway[16];   /* by error code (14 and above: 15) */
     int stop;
     hconn *running;                /* connections in conn:bench (a list by bnext) */
+    /* when they were due, of the requests refused by a connection going away: the thread's
+     * next conn:bench sends them first, once (malloc'd, freed by __gc) */
+    int64_t *requeue;
+    size_t nrequeue, caprequeue;
 };
 
 /* a bench run's parameters (conn:bench's spec), read once per call */
@@ -102,6 +106,7 @@ struct hconn {
     char *bstore, *bbody;
     size_t bbodylen;
     int active;
+    int64_t answered;          /* bench requests answered in this conn:bench */
     int64_t last_progress;
     int64_t last_use;          /* loop clock: the last request put on it, or bytes from the server */
     bspec sp;
@@ -1291,6 +1296,15 @@ static int l_h2_bench(lua_State *L)
     return 1;
 }
 
+static int hb_gc(lua_State *L)
+{
+    hbench *b = checkbench(L, 1);
+    free(b->requeue);
+    b->requeue = NULL;
+    b->nrequeue = b->caprequeue = 0;
+    return 0;
+}
+
 /* b:stop(): the connections stop sending and finish what is in flight */
 static int hb_stop(lua_State *L)
 {
@@ -1326,9 +1340,12 @@ static int hb_stats(lua_State *L)
     hbench *b = checkbench(L, 1);
     lua_newtable(L);
 #define F(k) lua_pushinteger(L, b->k); lua_setfield(L, -2, #k)
-    F(count); F(bytes); F(status_errors); F(timeouts); F(read_errors); F(hung); F(refused_retries);
+    F(count); F(bytes); F(status_errors); F(timeouts); F(read_errors); F(refused_retries);
     F(reconnects);
 #undef F
+    /* refused requests the run ended before sending again: due, never answered */
+    lua_pushinteger(L, b->hung + (lua_Integer)b->nrequeue);
+    lua_setfield(L, -2, "hung");
     lua_newtable(L);
     for (int i = 0; i < 600; i++) {
         if (!b->statuses[i]) continue;
@@ -1391,6 +1408,20 @@ static int bench_submit(hconn *c, hstream *st)
     return 0;
 }
 
+/* Keeps t0 of a refused request for the next connection; -1: no memory (it fails). */
+static int requeue_push(hbench *b, int64_t t0)
+{
+    if (b->nrequeue == b->caprequeue) {
+        size_t cap = b->caprequeue ? 2 * b->caprequeue : 64;
+        int64_t *q = realloc(b->requeue, cap * sizeof *q);
+        if (!q) return -1;
+        b->requeue = q;
+        b->caprequeue = cap;
+    }
+    b->requeue[b->nrequeue++] = t0;
+    return 0;
+}
+
 /* A bench request's stream closed: count it (latency from when it was due), or submit it
  * again when the server refused it (REFUSED_STREAM or above a GOAWAY's last stream id). */
 static void bench_done(hconn *c, hstream *st)
@@ -1413,9 +1444,10 @@ static void bench_done(hconn *c, hstream *st)
             mw_hdr_record(b->latency, (uint64_t)us);
             mw_hdr_record(b->second, (uint64_t)us);
             b->count++;
+            c->answered++;
             if (st->status > 0 && st->status < 600) b->statuses[st->status]++;
             if (st->status > 399) b->status_errors++;
-        } else if (!refused || st->retries >= 1) {
+        } else if (!refused || st->retries >= 1 || requeue_push(b, st->t0) < 0) {
             b->read_errors++;
         } else {
             /* refused by a connection going away: the next connection sends it again */
@@ -1452,14 +1484,16 @@ static void bench_leave(hconn *c)
     c->bnext = NULL;
 }
 
-/* returns with the spec's next_send written back, the reason as a string */
+/* returns with the spec's next_send written back: the reason as a string, the requests
+ * answered on the connection */
 static int bench_return(lua_State *L, hconn *c, const bspec *sp, const char *why)
 {
     lua_pushinteger(L, sp->next_send);
     lua_setfield(L, 3, "next_send");
     bench_leave(c);
     lua_pushstring(L, why);
-    return 1;
+    lua_pushinteger(L, c->answered);
+    return 2;
 }
 
 static int bench_step(lua_State *L, hconn *c, mw_task *t)
@@ -1487,6 +1521,24 @@ static int bench_step(lua_State *L, hconn *c, mw_task *t)
         int may = !stopping && !c->goaway_recv && !c->goaway_sent;
         if (!may && c->active == 0) return bench_return(L, c, &sp, c->goaway_recv ? "goaway" : "done");
         int64_t wake_at = stopping ? sp.drain_end : sp.end;
+        /* the requests a connection going away refused: first, due when they were, once */
+        while (may && c->active < limit && b->nrequeue > 0) {
+            hstream *st = new_stream(c);
+            if (!st) return luaL_error(L, "not enough memory");
+            if (c->active == 0) c->last_progress = now;
+            st->bench = 1;
+            st->retries = 1;
+            st->t0 = b->requeue[--b->nrequeue];
+            if (bench_submit(c, st) < 0) {
+                b->nrequeue++;
+                MW_LIST_UNLINK(c->streams, st, prev, next);
+                stream_free(st);
+                c->goaway_sent = 1;
+                may = 0;
+                break;
+            }
+            c->active++;
+        }
         while (may && c->active < limit) {
             int64_t t0 = now;
             if (sp.interval > 0) {
@@ -1551,7 +1603,7 @@ static int bench_k(lua_State *L, int status, lua_KContext ctx)
     return bench_step(L, c, t);
 }
 
-/* conn:bench(b, spec) -> reason: runs requests on the connection until the run ends or
+/* conn:bench(b, spec) -> reason, answered: runs requests on the connection until the run ends or
  * the connection does ("done", "goaway", "timeout", "closed", "error", "hung"), keeping
  * spec.streams of them in flight (at most the peer's MAX_CONCURRENT_STREAMS). spec: method,
  * scheme, authority, path, headers (flat list), body, streams, interval_ns (0: closed
@@ -1629,6 +1681,7 @@ static int hc_bench(lua_State *L)
     c->bnext = b->running;
     b->running = c;
     c->last_progress = mw_loop_clock();
+    c->answered = 0;
     read_spec(L, 3, &c->sp);
     return bench_step(L, c, t);
 }
@@ -1662,6 +1715,8 @@ void mw_h2client_open(lua_State *L)
     luaL_newmetatable(L, HB_MT);
     luaL_newlib(L, bench_m);
     lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, hb_gc);
+    lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
     lua_pushcfunction(L, l_h2_client);
     lua_setfield(L, -2, "h2_client");

@@ -21,6 +21,9 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
              body ("b") a second later; every later connection is answered normally
     window0  INITIAL_WINDOW_SIZE 0: a request body can never be sent; a request without
              one is answered normally, one with a body never
+    goaway_at_once
+             every connection sends GOAWAY (last_stream_id 0, NO_ERROR) right after its
+             SETTINGS (`event=goaway conn=C`) and answers nothing
     push     sends a PUSH_PROMISE on every request's stream (though the client's
              ENABLE_PUSH is 0, a connection error), then answers it
     normal   answers everything
@@ -58,6 +61,18 @@ def serve(sock, conn_no, mode):
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
+    if mode == "goaway_at_once":
+        conn.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR, last_stream_id=0)
+        sock.sendall(conn.data_to_send())
+        emit(event="goaway", conn=conn_no)
+        try:
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+        emit(event="closed", conn=conn_no)
+        sock.close()
+        return
     pending = []
     refused = False
     while True:

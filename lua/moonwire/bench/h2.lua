@@ -82,10 +82,17 @@ local function c_connection(st, id, spec)
       if not first then b:add("reconnects") end
       first = false
       local hc = core.h2_client(sock, conn_opts)
-      local why = hc:bench(b, sp)
+      local why, answered = hc:bench(b, sp)
       hc:close()
       sock:close()
       if why == "done" or why == "hung" then break end
+      if why == "goaway" and answered == 0 then
+        -- a server that sends GOAWAY before answering anything: an error, and a pause
+        -- before the next connection instead of a reconnect storm
+        st.errors.connect = st.errors.connect + 1
+        st.connect_error = st.connect_error or "GOAWAY before any answer"
+        mw.sleep(0.05)
+      end
     end
   end
 end
