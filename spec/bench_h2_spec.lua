@@ -394,4 +394,28 @@ describe("moonwire bench --h2", function()
       os.remove(path)
     end, 40)
   end)
+
+  -- Regression: with hooks, the requests still unanswered when the run ended were reported
+  -- nowhere and waited the whole --timeout, not the drain (at most 2 s): against a silent
+  -- server -d1s --timeout 6s took 6.7 s (found by review). Each request's wait now ends at
+  -- the drain's end at the latest, and what is unanswered then is hung, as over HTTP/1.1.
+  it("with hooks, requests unanswered at the end are hung and wait at most the drain", function()
+    run(function()
+      local path = script('request = function() return wrk.format("GET", "/") end')
+      local p, url = fake("silent")
+      local t0 = mw.now()
+      local r = bench({ "--h2", "-t1", "-c1", "-m2", "-d1s", "--timeout", "6s", "--json", "-", "-s", path, url }, 20)
+      local took = mw.now() - t0
+      local _, seen = events(p, "request")
+      p:stop()
+      os.remove(path)
+      assert.equal(0, r.code, r.context)
+      local doc = decode(r.out)
+      assert.equal(2, seen, r.context)
+      assert.equal(0, doc.requests, r.context)
+      assert.equal(2, doc.hung, r.context)
+      assert.equal(0, doc.errors.timeout, r.context)
+      assert.is_true(took < 5, ("took %.1f s"):format(took) .. r.context)   -- 1 s + 2 s drain, not 6 s
+    end, 40)
+  end)
 end)

@@ -26,6 +26,7 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
              SETTINGS (`event=goaway conn=C`) and answers nothing
     push     sends a PUSH_PROMISE on every request's stream (though the client's
              ENABLE_PUSH is 0, a connection error), then answers it
+    silent   answers nothing
     normal   answers everything
 It prints `event=closed conn=C` when a connection's client closes it.
 """
@@ -89,6 +90,8 @@ def serve(sock, conn_no, mode):
                             for k, v in ev.headers)
                 sid = ev.stream_id
                 emit(event="request", conn=conn_no, stream=sid, path=hdrs.get(":path"))
+                if mode == "silent":
+                    continue
                 if mode == "drop" and conn_no == 1:
                     time.sleep(0.2)        # the client's other requests wait for the slot
                     sock.close()

@@ -101,16 +101,18 @@ end
 -- "refused" (REFUSED_STREAM, above a GOAWAY's last stream id) or "goaway" (the connection
 -- was going away): the server did not process it, it may go again.
 local function exchange(st, hc, spec, r, t0)
-  local timeout = st.cfg.timeout
+  -- one deadline for the whole answer (as engine.lua), and none past the end of the drain
+  local t_end = math.min(hrtime() + math.floor(st.cfg.timeout * 1e9), st.t_drain_ns)
+  local function left() return math.max(0, (t_end - hrtime()) / 1e9) end
   local s, err, code = hc:request(r.method, spec.scheme, r.authority or spec.authority, r.path, r.headers,
     #r.headers // 2, r.body)
   if not s then return nil, err, code end
   local status, headers
-  status, headers, code = s:head(timeout)
+  status, headers, code = s:head(left())
   if not status then return nil, headers, code end
   st.ttfb:record((hrtime() - t0) // 1000)
   local body
-  body, err, code = s:read("all", -1, timeout)
+  body, err, code = s:read("all", -1, left())
   if not body then return nil, err, code end
   return status, headers, body
 end
@@ -207,7 +209,9 @@ local function lua_stream(st, shared, hooks, spec, slot)
         end
       else
         if code == "timeout" then
-          if not st.stop then st.errors.timeout = st.errors.timeout + 1 end
+          -- unanswered when the run ended: reported as hung, as over HTTP/1.1
+          if st.stop or hrtime() >= st.t_end_ns then st.h2b:add("hung")
+          else st.errors.timeout = st.errors.timeout + 1 end
         else
           st.errors.read = st.errors.read + 1
         end
