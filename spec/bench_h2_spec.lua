@@ -418,4 +418,21 @@ describe("moonwire bench --h2", function()
       assert.is_true(took < 5, ("took %.1f s"):format(took) .. r.context)   -- 1 s + 2 s drain, not 6 s
     end, 40)
   end)
+
+  -- Regression: the C driver counted the requests still unanswered while draining at the
+  -- end as timeouts when --timeout (no byte from the server for that long) ran out inside
+  -- the drain; over HTTP/1.1 they are hung (found by review).
+  it("the C driver reports requests unanswered at the end as hung, when the timeout ends in the drain too", function()
+    run(function()
+      local p, url = fake("silent")
+      local r = bench({ "--h2", "-t1", "-c1", "-m2", "-d1s", "--timeout", "1.5s", "--json", "-", url }, 20)
+      local _, seen = events(p, "request")
+      p:stop()
+      assert.equal(0, r.code, r.context)
+      local doc = decode(r.out)
+      assert.equal(2, seen, r.context)
+      assert.equal(2, doc.hung, r.context)
+      assert.equal(0, doc.errors.timeout, r.context)
+    end, 40)
+  end)
 end)

@@ -1566,6 +1566,11 @@ static int bench_step(lua_State *L, hconn *c, mw_task *t)
             /* no byte from the server for `timeout` while requests are in flight */
             int64_t td = c->last_progress + sp.timeout;
             if (td <= now) {
+                /* while draining at the end they are still unanswered: hung, as over HTTP/1.1 */
+                if (stopping) {
+                    b->hung += c->active;
+                    return bench_return(L, c, &sp, "hung");
+                }
                 b->timeouts += c->active;
                 return bench_return(L, c, &sp, "timeout");
             }
