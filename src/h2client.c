@@ -1521,45 +1521,34 @@ static int bench_step(lua_State *L, hconn *c, mw_task *t)
         int may = !stopping && !c->goaway_recv && !c->goaway_sent;
         if (!may && c->active == 0) return bench_return(L, c, &sp, c->goaway_recv ? "goaway" : "done");
         int64_t wake_at = stopping ? sp.drain_end : sp.end;
-        /* the requests a connection going away refused: first, due when they were, once */
-        while (may && c->active < limit && b->nrequeue > 0) {
-            hstream *st = new_stream(c);
-            if (!st) return luaL_error(L, "not enough memory");
-            if (c->active == 0) c->last_progress = now;
-            st->bench = 1;
-            st->retries = 1;
-            st->t0 = b->requeue[--b->nrequeue];
-            if (bench_submit(c, st) < 0) {
-                b->nrequeue++;
-                MW_LIST_UNLINK(c->streams, st, prev, next);
-                stream_free(st);
-                c->goaway_sent = 1;
-                may = 0;
-                break;
-            }
-            c->active++;
-        }
         while (may && c->active < limit) {
+            /* first the requests a connection going away refused, due when they were, once;
+             * then the next of the schedule */
+            int retry = b->nrequeue > 0;
             int64_t t0 = now;
-            if (sp.interval > 0) {
+            if (retry) {
+                t0 = b->requeue[b->nrequeue - 1];
+            } else if (sp.interval > 0) {
                 if (sp.next_send > now) {
                     if (sp.next_send < wake_at) wake_at = sp.next_send;
                     break;
                 }
                 t0 = sp.next_send;
-                sp.next_send += sp.interval;
             }
             hstream *st = new_stream(c);
             if (!st) return luaL_error(L, "not enough memory");
             if (c->active == 0) c->last_progress = now;
             st->bench = 1;
+            st->retries = retry;
             st->t0 = t0;
             if (bench_submit(c, st) < 0) {
                 MW_LIST_UNLINK(c->streams, st, prev, next);
                 stream_free(st);
-                c->goaway_sent = 1;   /* stream ids exhausted: a new connection */
+                c->goaway_sent = 1;   /* stream ids exhausted: a new connection sends it */
                 break;
             }
+            if (retry) b->nrequeue--;
+            else if (sp.interval > 0) sp.next_send += sp.interval;
             c->active++;
         }
         if (c->active > 0) {
