@@ -395,6 +395,25 @@ describe("moonwire bench --h2", function()
     end, 40)
   end)
 
+  -- A request of the hooks path that timed out kept its stream open: against a server that
+  -- takes one stream at a time, every later request waited for that slot and timed out too.
+  -- It is now reset.
+  it("with hooks, a request that timed out is reset and frees its stream slot", function()
+    run(function()
+      local path = script('request = function() return wrk.format("GET", "/") end')
+      local p, url = fake("hang_first")    -- MAX_CONCURRENT_STREAMS 1; stream 1 never answered
+      local r = bench({ "--h2", "-t1", "-c1", "-m1", "-d1.5s", "--timeout", "0.3s", "--json", "-", "-s", path, url }, 20)
+      local _, resets = events(p, "reset")
+      p:stop()
+      os.remove(path)
+      assert.equal(0, r.code, r.context)
+      local doc = decode(r.out)
+      assert.equal(1, doc.errors.timeout, r.context)
+      assert.equal(1, resets, r.context)
+      assert.is_true(doc.requests > 10, r.context)
+    end, 40)
+  end)
+
   -- Regression: with hooks, the requests still unanswered when the run ended were reported
   -- nowhere and waited the whole --timeout, not the drain (at most 2 s): against a silent
   -- server -d1s --timeout 6s took 6.7 s (found by review). Each request's wait now ends at

@@ -26,6 +26,10 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
              SETTINGS (`event=goaway conn=C`) and answers nothing
     push     sends a PUSH_PROMISE on every request's stream (though the client's
              ENABLE_PUSH is 0, a connection error), then answers it
+    hang_first
+             every connection allows one stream at a time (MAX_CONCURRENT_STREAMS 1); the
+             first request of the first connection is never answered (`event=reset
+             stream=S` when the client resets it), every other one is
     silent   answers nothing
     normal   answers everything
 It prints `event=closed conn=C` when a connection's client closes it.
@@ -54,7 +58,7 @@ def frame(ftype, flags, sid, payload):
 
 def serve(sock, conn_no, mode):
     conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
-    if mode in ("drop", "goaway_queued") and conn_no == 1:
+    if mode == "hang_first" or (mode in ("drop", "goaway_queued") and conn_no == 1):
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1})
     if mode == "window0":
@@ -90,7 +94,7 @@ def serve(sock, conn_no, mode):
                             for k, v in ev.headers)
                 sid = ev.stream_id
                 emit(event="request", conn=conn_no, stream=sid, path=hdrs.get(":path"))
-                if mode == "silent":
+                if mode == "silent" or (mode == "hang_first" and conn_no == 1 and sid == 1):
                     continue
                 if mode == "drop" and conn_no == 1:
                     time.sleep(0.2)        # the client's other requests wait for the slot
@@ -129,6 +133,8 @@ def serve(sock, conn_no, mode):
                 body = ("conn=%d stream=%d" % (conn_no, sid)).encode()
                 conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
                 conn.send_data(sid, body, end_stream=True)
+            elif isinstance(ev, h2.events.StreamReset):
+                emit(event="reset", conn=conn_no, stream=ev.stream_id)
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 emit(event="closed", conn=conn_no)
                 sock.close()

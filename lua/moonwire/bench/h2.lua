@@ -108,12 +108,14 @@ local function exchange(st, hc, spec, r, t0)
     #r.headers // 2, r.body)
   if not s then return nil, err, code end
   local status, headers
+  -- (a request that failed, a timeout say, is reset: its stream would hold one of the
+  -- connection's slots for good)
   status, headers, code = s:head(left())
-  if not status then return nil, headers, code end
+  if not status then s:reset() return nil, headers, code end
   st.ttfb:record((hrtime() - t0) // 1000)
   local body
   body, err, code = s:read("all", -1, left())
-  if not body then return nil, err, code end
+  if not body then s:reset() return nil, err, code end
   return status, headers, body
 end
 
