@@ -646,6 +646,8 @@ print(",".join(info))
         elseif req.path == "/on" then
           ws:on("message", function(w, m, kind) w:send(m, kind) end)
           ws:on("close", function(_, code) events:send { "on-close", code } end)
+        elseif req.path == "/on-error" then
+          ws:on("message", function() error("boom in a message handler") end)
         elseif req.path == "/error" then
           error("boom")
         end                                   -- "/return": returns with the ws open
@@ -673,6 +675,19 @@ print(",".join(info))
         assert.equal("close 1000\nend\n", peer(srv, "wait /return"))
         assert.equal("close 1011\nend\n", peer(srv, "wait /error"))
         assert.matches("boom", errors[1])
+      end)
+    end)
+
+    -- (a message handler's error went to stderr, not the server's error_log: the HTTP/2
+    -- handshake did not give the WebSocket its server, as the HTTP/1.1 one does)
+    it("a message handler that raises: the server's error_log has it, the peer gets 1011", function()
+      run(function()
+        local srv = ws_server()
+        local _ <close> = guard(srv)
+        assert.equal("close 1011\nend\n", peer(srv, "wait /on-error"))
+        assert.equal(1, #errors)
+        assert.matches("WebSocket message handler error: .*boom in a message handler", errors[1])
+        assert.matches("stack traceback", errors[1])
       end)
     end)
 

@@ -1006,7 +1006,9 @@ local function handshake_server(req, res, opts)
     -- then waits for the tunnel; Server:close closes it with 1001 meanwhile
     tunnel.ws = ws
     res._tunnel = tunnel
-    res[slots.SRV]:_h2_upgraded(ws)
+    local srv = res[slots.SRV]
+    ws._srv = srv         -- (its handlers' errors go to srv.error_log, as on HTTP/1.1)
+    srv:_h2_upgraded(ws)
     return ws
   end
   if req.method ~= "GET" or req.version ~= "1.1" then
@@ -1038,7 +1040,7 @@ local function handshake_server(req, res, opts)
   local wc = open_conn(sock, false, opts, dparams)
   local ws = new(sock, wc, opts, protocol, ext, dparams)
   local srv = res[1]    -- the server (Response.slots.SRV)
-  ws._srv = srv         -- (for a handled connection's end)
+  ws._srv = srv         -- (for a handled connection's end, and its handlers' errors)
   srv:_upgraded(req, ws)
   return ws
 end

@@ -372,7 +372,9 @@ local function serve_connection(srv, sock)
   return serve_http1(srv, sock, hc)    -- (a tail call: this frame keeps nothing alive meanwhile)
 end
 
--- (websocket.lua) a WebSocket with a message handler, handed over above, is closed
+-- (websocket.lua) a WebSocket with a message handler, handed over above, is closed. (An
+-- HTTP/2 one's socket is an end of its tunnel's pair, never in _conns: nothing to do here,
+-- h2.lua's serve_stream ends its stream.)
 function Server:_ws_done(ws)
   if self._conns[ws.sock] == ws then conn_done(self, ws.sock) end
 end
