@@ -367,6 +367,36 @@ print(resp.decode())
     end, 30)
   end)
 
+  -- (HTTP/2 gave a plain CONNECT the path "/" and an empty target: it has no :path, RFC
+  -- 9113 §8.5, its target is :authority, as HTTP/1.1's authority-form target is)
+  it("a plain CONNECT: the same target and path (the authority) over HTTP/1.1 and HTTP/2", function()
+    run(function()
+      local seen = {}
+      local srv = serve(function(req, res)
+        seen[#seen + 1] = { req.version, req.method, req.target, req.path }
+        res:status(403):send("no tunnels\n")
+      end)
+      local _ <close> = guard(srv)
+      local sock = assert(mw.tcp.connect("127.0.0.1", srv.port))
+      assert(sock:write("CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n"))
+      local head = assert(sock:read("l", 5))
+      sock:close()
+      assert.equal("HTTP/1.1 403 Forbidden", head)
+      local out = python(H2PY .. ([[
+s, c = connect(%d)
+c.config.validate_outbound_headers = False
+c.send_headers(1, [(":method", "CONNECT"), (":authority", "127.0.0.1:1")])
+s.sendall(c.data_to_send())
+def until(e):
+    if isinstance(e, h2.events.ResponseReceived): return dict(e.headers)[b":status"].decode()
+print(pump(s, c, until))
+]]):format(srv.port))
+      assert.equal("403", out:match("^(.-)\n"))
+      assert.same({ { "1.1", "CONNECT", "127.0.0.1:1", "127.0.0.1:1" }, { "2", "CONNECT", "127.0.0.1:1", "127.0.0.1:1" } },
+        seen)
+    end)
+  end)
+
   it("a reset stream cancels its handler's pending call; the connection goes on", function()
     run(function()
       local results = mw.channel(4)

@@ -713,6 +713,9 @@ static void run_event(lua_State *L, h2conn *c, h2stream *st)
         lua_pushvalue(L, base + 1);
         size_t ml = 0, pl = 0;
         const char *m = fields_getl(&st->head, ":method", &ml), *p = fields_getl(&st->head, ":path", &pl);
+        /* a plain CONNECT has no :path, its target is :authority (RFC 9113 §8.5): target
+         * and path as HTTP/1.1's authority-form target gives them */
+        if (!p && m && ml == 7 && memcmp(m, "CONNECT", 7) == 0) p = fields_getl(&st->head, ":authority", &pl);
         lua_pushlstring(L, m ? m : "", ml);
         lua_pushlstring(L, p ? p : "", pl);
         /* the path: before any '?', %XX decoded (as HTTP/1.1's) */
