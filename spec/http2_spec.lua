@@ -768,6 +768,42 @@ print(",".join(info))
     end)
   end)
 
+  -- (the tunnel's socket pair was made after the 200 was out, in an assert: out of
+  -- descriptors, the handler got an exception instead of nil, err, status, and the client a
+  -- 200 then RST_STREAM INTERNAL_ERROR; here the pair fails as it does without descriptors)
+  it("WebSocket over HTTP/2 without descriptors for its tunnel: a 503, and nil, err, 503 for the handler", function()
+    run(function()
+      local got = mw.channel(1)
+      local srv = serve(function(req) got:send { req:websocket() } end)
+      local _ <close> = guard(srv)
+      local pair = mw.unix.pair
+      local _ <close> = setmetatable({}, { __close = function() mw.unix.pair = pair end })
+      mw.unix.pair = function() return nil, "Too many open files", "EMFILE" end
+      local out = python(H2PY .. ([[
+s, c = connect(%d)
+c.config.validate_outbound_headers = False
+c.send_headers(1, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+    (":path", "/ws"), (":authority", "x"), ("sec-websocket-version", "13")])
+s.sendall(c.data_to_send())
+seen = []
+def until(e):
+    if isinstance(e, h2.events.ResponseReceived): seen.append(dict(e.headers)[b":status"].decode())
+    if isinstance(e, h2.events.DataReceived): c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+    if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+        seen.append(type(e).__name__)
+        return True
+pump(s, c, until)
+print(" ".join(seen))
+]]):format(srv.port))
+      assert.equal("503 StreamEnded", out:match("^(.-)\n"))
+      local r = got:recv(5)
+      assert.is_nil(r[1])
+      assert.matches("Too many open files", r[2])
+      assert.equal(503, r[3])
+      assert.same({}, errors)
+    end)
+  end)
+
   it("Server:close() drains: GOAWAY, the in-flight stream finishes", function()
     run(function()
       local started = mw.channel(1)

@@ -957,9 +957,9 @@ end
 -- or one end of a socket pair whose other end two tasks copy to and from the HTTP/2 stream
 -- (RFC 8441), so that framing, deflate, queues and close codes are one path. The tunnel
 -- (res._tunnel) is over when both copies end; h2.lua waits for it before ending the stream.
-local function h2_tunnel(st)
+-- a, b: the pair (made before the 200: without descriptors the answer is a 503).
+local function h2_tunnel(st, a, b)
   st:tunnel()            -- a reset or the connection's end reaches the ws through the tasks below
-  local a, b = assert(mw.unix.pair())
   local up = mw.spawn(function()        -- DATA from the client -> the WebSocket
     while true do
       local chunk = st:read_body("chunk")
@@ -994,12 +994,20 @@ local function handshake_server(req, res, opts)
     if not ok then return nil, protocol, ext end
     if protocol then res:header("sec-websocket-protocol", protocol) end
     if ext then res:header("sec-websocket-extensions", ext) end
+    -- the tunnel's socket pair before the answer: each WebSocket over HTTP/2 costs two
+    -- descriptors, and without them it is refused as HTTP/1.1 refuses
+    local a, b = mw.unix.pair()
+    if not a then return refuse(res, 503, "no socket pair for the WebSocket: " .. tostring(b)) end
     local st = req[1]
     local sent, err, code = st:respond(200, res, res[slots.NH], slots.HBASE, nil, false, res[slots.SRV].server_name, -1)
-    if not sent then return nil, err, code end
+    if not sent then
+      a:close()
+      b:close()
+      return nil, err, code
+    end
     res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
     res[slots.STATUS] = 200
-    local sock, tunnel = h2_tunnel(st)
+    local sock, tunnel = h2_tunnel(st, a, b)
     local wc = open_conn(sock, false, opts, dparams)
     local ws = new(sock, wc, opts, protocol, ext, dparams)
     -- h2.lua's serve_stream closes it after the handler as HTTP/1.1's request loop does,
