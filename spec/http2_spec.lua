@@ -768,6 +768,59 @@ print(",".join(info))
     end)
   end)
 
+  -- (HTTP/1.1's 101 was a fixed head: a cookie or header set before req:websocket() went
+  -- out in HTTP/2's 200 only; and HTTP/2 sent a handler's own Sec-WebSocket-Protocol next to
+  -- the negotiated one)
+  it("a WebSocket's answer carries the handler's headers, the same over HTTP/1.1 and HTTP/2", function()
+    run(function()
+      local srv = serve(function(req, res)
+        res:header("set-cookie", "sid=1")
+        res:header("x-custom", "yes")
+        res:header("sec-websocket-protocol", "mine")     -- (the handshake's: negotiated)
+        res:header("keep-alive", "timeout=5")            -- (hop-by-hop)
+        res:header("content-length", "5")                -- (none for a 101 or a 2xx to CONNECT)
+        assert(req:websocket { protocols = { "chat" } })
+      end)
+      local _ <close> = guard(srv)
+      local out = python(H2PY .. ([[
+port = %d
+def show(version, fields):
+    # the fields both send, sorted (Date's value aside); HTTP/1.1's own three apart
+    own = [f for f in fields if f[0] in ("upgrade", "connection", "sec-websocket-accept")]
+    rest = sorted(f[0] + (": " + f[1] if f[0] != "date" else "") for f in fields if f not in own)
+    print(version, "|".join(rest), "|".join(sorted(f[0] + ": " + f[1] for f in own)))
+s = socket.create_connection(("127.0.0.1", port), timeout=5)
+s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+          b"Sec-WebSocket-Protocol: chat\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head: head += s.recv(4096)
+lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
+print(lines[0])
+show("1.1", [(k.lower(), v) for k, v in (l.split(": ", 1) for l in lines[1:])])
+s.close()
+s, c = connect(port)
+c.config.validate_outbound_headers = False
+c.send_headers(1, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+    (":path", "/ws"), (":authority", "x"), ("sec-websocket-version", "13"), ("sec-websocket-protocol", "chat")])
+s.sendall(c.data_to_send())
+def until(e):
+    if isinstance(e, h2.events.ResponseReceived): return [(k.decode(), v.decode()) for k, v in e.headers]
+fields = pump(s, c, until)
+print(fields[0][1])
+show("2", fields[1:])
+]]):format(srv.port))
+      local same = "date|sec-websocket-protocol: chat|server: moonwire|set-cookie: sid=1|x-custom: yes"
+      assert.equal(table.concat({
+        "HTTP/1.1 101 Switching Protocols",
+        "1.1 " .. same .. " connection: Upgrade|sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=|upgrade: websocket",
+        "200",
+        "2 " .. same .. " ",
+        "" }, "\n"), out)
+      assert.same({}, errors)
+    end)
+  end)
+
   -- (the tunnel's socket pair was made after the 200 was out, in an assert: out of
   -- descriptors, the handler got an exception instead of nil, err, status, and the client a
   -- 200 then RST_STREAM INTERNAL_ERROR; here the pair fails as it does without descriptors)

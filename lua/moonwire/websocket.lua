@@ -11,6 +11,7 @@ local watch, rewatch, unwatch = core.watch, core.rewatch, core.unwatch
 -- the per-frame methods of the C connection object, called as plain functions
 local receive_frame, try_send = core.ws_methods.receive_frame, core.ws_methods.try_send
 local ws_frame, ws_send_all = core.ws_frame, core.ws_send_all
+local http_head = core.http_head
 local traceback = debug.traceback
 
 local M = {}
@@ -953,6 +954,36 @@ local function negotiate(res, h, opts)
   return true, protocol, ext, dparams
 end
 
+-- The handler's headers that the answer accepting a WebSocket (HTTP/1.1's 101, HTTP/2's
+-- 200) does not carry: the handshake's own fields, negotiated here, and those that neither a
+-- 101 nor a 2xx to a CONNECT may have (hop-by-hop ones, a body's framing: RFC 9110 §7.6.1,
+-- §9.3.6). The others (a cookie set before req:websocket()) go out on both versions.
+local NOT_IN_ANSWER = { upgrade = true, connection = true, ["keep-alive"] = true, ["proxy-connection"] = true,
+  te = true, trailer = true, ["transfer-encoding"] = true, ["content-length"] = true,
+  ["sec-websocket-accept"] = true, ["sec-websocket-protocol"] = true, ["sec-websocket-extensions"] = true }
+
+-- The answer's header list, for both versions: the handler's (less NOT_IN_ANSWER's), then
+-- the negotiated subprotocol and extension.
+local function answer_fields(res, protocol, ext)
+  local slots = res.slots
+  local NH, HBASE = slots.NH, slots.HBASE
+  local n = res[NH]
+  if n > 0 then
+    local j = HBASE
+    for i = HBASE, HBASE + 2 * n - 1, 2 do
+      local k = res[i]
+      if not NOT_IN_ANSWER[k:lower()] then
+        res[j], res[j + 1] = k, res[i + 1]
+        j = j + 2
+      end
+    end
+    for i = j, HBASE + 2 * n - 1 do res[i] = false end
+    res[NH] = (j - HBASE) // 2
+  end
+  if protocol then res:header("Sec-WebSocket-Protocol", protocol) end
+  if ext then res:header("Sec-WebSocket-Extensions", ext) end
+end
+
 -- The WebSocket's socket, the same object on both versions: the connection's own (HTTP/1.1)
 -- or one end of a socket pair whose other end two tasks copy to and from the HTTP/2 stream
 -- (RFC 8441), so that framing, deflate, queues and close codes are one path. The tunnel
@@ -992,12 +1023,11 @@ local function handshake_server(req, res, opts)
     end
     local ok, protocol, ext, dparams = negotiate(res, h, opts)
     if not ok then return nil, protocol, ext end
-    if protocol then res:header("sec-websocket-protocol", protocol) end
-    if ext then res:header("sec-websocket-extensions", ext) end
     -- the tunnel's socket pair before the answer: each WebSocket over HTTP/2 costs two
     -- descriptors, and without them it is refused as HTTP/1.1 refuses
     local a, b = mw.unix.pair()
     if not a then return refuse(res, 503, "no socket pair for the WebSocket: " .. tostring(b)) end
+    answer_fields(res, protocol, ext)
     local st = req[1]
     local sent, err, code = st:respond(200, res, res[slots.NH], slots.HBASE, nil, false, res[slots.SRV].server_name, -1)
     if not sent then
@@ -1035,15 +1065,18 @@ local function handshake_server(req, res, opts)
   end
   local ok, protocol, ext, dparams = negotiate(res, h, opts)
   if not ok then return nil, protocol, ext end
+  -- the head as HTTP/2's 200 is (Server, Date, the handler's headers, the negotiated ones)
+  -- plus the 101's own fields; Connection by hand (res:header keeps it for the server)
+  answer_fields(res, protocol, ext)
+  res:header("Upgrade", "websocket")
+  res:header("Sec-WebSocket-Accept", ws_accept(key))
+  local n, HBASE = res[slots.NH], slots.HBASE
+  res[HBASE + 2 * n], res[HBASE + 2 * n + 1], res[slots.NH] = "Connection", "Upgrade", n + 1
   res.sent, res[slots.FIN], res[slots.UPGRADED] = true, true, true
   res[slots.CLOSE] = true     -- (no next request on this connection)
   res[slots.STATUS] = 101
   local sock = res[slots.SOCK]
-  -- (the head in pieces, one writev: no table, no concatenation)
-  local sent, err, code = sock:write(
-    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
-    ws_accept(key), protocol and "\r\nSec-WebSocket-Protocol: " or "", protocol or "",
-    ext and "\r\nSec-WebSocket-Extensions: " or "", ext or "", "\r\n\r\n")
+  local sent, err, code = sock:write(http_head(101, res, n + 1, -2, 0, res[slots.SRV].server_name, HBASE))
   if not sent then return nil, err, code end
   local wc = open_conn(sock, false, opts, dparams)
   local ws = new(sock, wc, opts, protocol, ext, dparams)
