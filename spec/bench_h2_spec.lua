@@ -402,7 +402,8 @@ describe("moonwire bench --h2", function()
     run(function()
       local path = script('request = function() return wrk.format("GET", "/") end')
       local p, url = fake("hang_first")    -- MAX_CONCURRENT_STREAMS 1; stream 1 never answered
-      local r = bench({ "--h2", "-t1", "-c1", "-m1", "-d1.5s", "--timeout", "0.3s", "--json", "-", "-s", path, url }, 20)
+      local r = bench({ "--h2", "-t1", "-c1", "-m1", "-d1.5s", "--timeout", "0.3s", "--json", "-", "-s", path, url },
+        20)
       local _, resets = events(p, "reset")
       p:stop()
       os.remove(path)
