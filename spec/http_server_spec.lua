@@ -10,6 +10,7 @@ local helper = require "spec.helper"
 local mw = helper.mw
 local run = helper.run
 local http = require "moonwire.http"
+local core = require "moonwire.core"
 
 local KiB, MiB = 1024, 1024 * 1024
 local CURL = "curl -q -sS --noproxy '*' --max-time 10"  -- -q: no ~/.curlrc
@@ -1665,6 +1666,43 @@ describe("http server: responses", function()
       assert.is_nil(r2.headers["content-encoding"])
       assert.equal(text, r2.body)
       srv2:close()
+    end, 20)
+  end)
+
+  -- Shared caches key a response on the fields its Vary names (RFC 9110 §12.5.5): a gzip'd
+  -- body whose Vary left out Accept-Encoding could be served to a client that cannot decode
+  -- it. Review: a handler's own Vary (Origin) made the server leave Accept-Encoding out.
+  -- Both versions, one table: the handler's Vary → the one sent with the gzip'd body.
+  it("gzip: Vary lists Accept-Encoding beside the handler's own Vary, on HTTP/1.1 and HTTP/2", function()
+    run(function()
+      local text = ("All work and no play makes Jack a dull boy. "):rep(300)
+      local CASES = {
+        { nil, "Accept-Encoding" },
+        { "Origin", "Origin, Accept-Encoding" },
+        { "Origin, Cookie", "Origin, Cookie, Accept-Encoding" },
+        { "accept-encoding", "accept-encoding" },
+        { "Origin,ACCEPT-ENCODING", "Origin,ACCEPT-ENCODING" },
+        { "*", "*" },
+        { "Origin, *", "Origin, *" },
+      }
+      local srv = serve(function(req, res)
+        local c = CASES[tonumber(req.path:match("%d+"))]
+        res:header("content-type", "text/plain")
+        if c[1] then res:header("vary", c[1]) end
+        res:send(text)
+      end)
+      local _g <close> = guard(srv)
+      for i, c in ipairs(CASES) do
+        for _, h2 in ipairs { false, true } do
+          local r = assert(http.request { url = ("http://127.0.0.1:%d/case%d"):format(srv.port, i), http2 = h2,
+            headers = { ["accept-encoding"] = "gzip" } })
+          assert.equal(h2 and "2" or "1.1", r.version)
+          assert.equal("gzip", r.headers["content-encoding"])
+          assert.equal(c[2], r.headers["vary"], ("case %d, HTTP/%s"):format(i, r.version))
+          assert.equal(1, #r:header_list("vary"))
+          assert.equal(text, core.gunzip(assert(r:body())))
+        end
+      end
     end, 20)
   end)
 end)

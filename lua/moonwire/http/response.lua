@@ -170,6 +170,36 @@ local function accepts_gzip(req)
 end
 Response._accepts_gzip = accepts_gzip
 
+-- Whether a Vary value already names Accept-Encoding, or is "*" (varies on everything).
+local function varies_on_encoding(value)
+  for item in value:gmatch("[^,]+") do
+    local name = item:match("^%s*(.-)%s*$"):lower()
+    if name == "accept-encoding" or name == "*" then return true end
+  end
+  return false
+end
+
+-- Vary: Accept-Encoding (RFC 9110 §12.5.5), so that a shared cache never hands a gzip'd
+-- body to a client that did not ask for one: added to the handler's own Vary (its first
+-- field; "Origin" → "Origin, Accept-Encoding") unless one of its Vary fields covers it.
+local function vary_on_encoding(self)
+  local first
+  for i = HBASE, HBASE + 2 * self[NH] - 1, 2 do
+    local k = self[i]
+    if k == "vary" or k:lower() == "vary" then
+      if varies_on_encoding(self[i + 1]) then return end
+      first = first or i
+    end
+  end
+  if not first then
+    self:header("vary", "Accept-Encoding")
+  elseif self[first + 1]:find("^%s*$") then
+    self[first + 1] = "Accept-Encoding"
+  else
+    self[first + 1] = self[first + 1] .. ", Accept-Encoding"
+  end
+end
+
 local function maybe_gzip(self, body)
   if self._clen then return body end     -- the handler gave the length: the body stays as it is
   if self[STATUS] < 200 or self[STATUS] == 206 or not accepts_gzip(self[REQ]) or find(self, "content-encoding") then
@@ -180,8 +210,7 @@ local function maybe_gzip(self, body)
   local z = gzip(body)
   if #z >= #body then return body end
   self:header("content-encoding", "gzip")
-  local vary = self:get_header("vary")
-  if not vary then self:header("vary", "Accept-Encoding") end
+  vary_on_encoding(self)
   return z
 end
 
