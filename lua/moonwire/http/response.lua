@@ -211,6 +211,14 @@ local function maybe_gzip(self, body)
   if #z >= #body then return body end
   self:header("content-encoding", "gzip")
   vary_on_encoding(self)
+  -- a strong ETag names one exact representation (RFC 9110 §8.8.3), and this is another one:
+  -- made weak, as nginx does (a weak one stays as it is)
+  for i = HBASE, HBASE + 2 * self[NH] - 1, 2 do
+    local k = self[i]
+    if (k == "etag" or k:lower() == "etag") and self[i + 1]:find('^%s*"') then
+      self[i + 1] = "W/" .. self[i + 1]:match('^%s*(.*)$')
+    end
+  end
   return z
 end
 
