@@ -570,6 +570,56 @@ describe("static dotfiles", function()
     assert.equal(200, res.code)
     assert.truthy(res.file:find("%.env$"))
   end)
+
+  -- Review: dotfiles = false looked at the request's path only, so a symlink inside the root
+  -- served what it points to: /envlink gave .env, /repo/config gave .git/config. The real
+  -- path below the root (symlinks resolved; the index file's too) is checked as well. A "."
+  -- segment names no file (the path is normalised before it is served): not hidden.
+  it("hides what a symlink inside the root leads to when that is hidden; '.' segments are not hidden", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir .. "/.git " .. dir .. "/.site " .. dir .. "/d " .. dir .. "/sub"
+      .. " && echo secret > " .. dir .. "/.env && echo x > " .. dir .. "/.git/config"
+      .. " && echo site > " .. dir .. "/.site/index.html && echo page > " .. dir .. "/.site/page.txt"
+      .. " && echo sub > " .. dir .. "/sub/index.html"
+      .. " && cd " .. dir .. " && ln -s .env envlink && ln -s .git repo && ln -s .site site"
+      .. " && ln -s ../.site/index.html d/index.html && ln -s sub/index.html shown.html"))
+    finally(function() os.execute("rm -rf " .. dir) end)
+    local function get(h, path)
+      local res = { headers = {} }
+      function res:status(c) self.code = c return self end
+      function res:header(k, v) self.headers[k:lower()] = v return self end
+      function res:send(b) self.code = self.code or 200 self.body = b return true end
+      function res:sendfile(p) self.code = self.code or 200 self.file = p return true end
+      function res:redirect(u, c) self.code, self.headers.location = c, u return true end
+      h({ method = "GET", path = path, target = path, headers = {} }, res)
+      return res
+    end
+    local real = core.realpath(dir)
+    local hidden = static.handler("/", dir)
+    local shown = static.handler("/", dir, { dotfiles = true })
+    -- path → the file served with dotfiles = true (with false: 404)
+    for path, file in pairs {
+      ["/envlink"] = "/.env", ["/repo/config"] = "/.git/config", ["/site/"] = "/.site/index.html",
+      ["/site/page.txt"] = "/.site/page.txt", ["/d/"] = "/.site/index.html",
+    } do
+      local res = get(hidden, path)
+      assert.equal(404, res.code, path)
+      assert.is_nil(res.file, path)
+      res = get(shown, path)
+      assert.equal(200, res.code, path)
+      assert.equal(real .. file, res.file, path)
+    end
+    -- a "." segment, and a symlink whose target is not hidden: served with dotfiles = false
+    for path, file in pairs {
+      ["/sub/./index.html"] = "/sub/index.html", ["/./sub/"] = "/sub/index.html", ["/shown.html"] = "/sub/index.html",
+    } do
+      local res = get(hidden, path)
+      assert.equal(200, res.code, path)
+      assert.equal(real .. file, res.file, path)
+    end
+    assert.equal(404, get(hidden, "/.site/page.txt").code)
+  end)
 end)
 
 -- res:sendfile's checks are one function for both versions (response.lua's sendfile_range):

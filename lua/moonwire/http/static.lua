@@ -123,7 +123,9 @@ local function inside(h, real)
   return r ~= nil and (real == r or sub(real, 1, #h.rootslash) == h.rootslash)
 end
 
--- real path, size, mtime, kind of `path` if it exists inside the directory, else nil
+-- real path, size, mtime, kind of `path` if it exists inside the directory, else nil; nil
+-- too, unless dotfiles, when its real path below the directory has a hidden segment (a
+-- symlink "envlink" → ".env" must not serve .env)
 local function resolve(h, path)
   local real = realpath(path)
   if not real then return nil end
@@ -131,6 +133,7 @@ local function resolve(h, path)
     local old = h.root
     if refresh(h) == old or not inside(h, real) then return nil end
   end
+  if not h.dotfiles and find(real, "/.", #h.rootslash, true) then return nil end
   local size, mtime, kind = stat(real)
   if not size then return nil end
   return real, size, mtime, kind
@@ -275,8 +278,10 @@ local function serve(h, req, res, nxt)
     return plain(res, 405, "Method Not Allowed\n")
   end
   if unsafe(rel, req.target) then return plain(res, 404, NOT_FOUND) end
-  -- hidden files (.env, .git/...) are not served unless asked for
-  if not h.dotfiles and find(rel, "/%.") then return miss(res, nxt) end
+  -- hidden files (.env, .git/...) are not served unless asked for: a segment that starts
+  -- with "." and is not "." itself (which names no file; ".." was refused above); what a
+  -- symlink leads to is checked on the real path (resolve)
+  if not h.dotfiles and find(rel, "/%.[^/]") then return miss(res, nxt) end
   local name = h.dir .. rel
   local real, size, mtime, kind = resolve(h, name)
   if kind == "dir" then
@@ -350,7 +355,8 @@ end
 
 --- static.handler(prefix, dir [, opts]) → function(req, res [, next]); opts: index
 -- ("index.html"; false: no index files), max_age (0; > 0 adds Cache-Control), etag (true),
--- dotfiles (false: names starting with "." are not served).
+-- dotfiles (false: names starting with "." are not served, nor what a symlink leads to
+-- when its real path below the directory has such a name).
 -- With `next`, a missing file or another method calls it instead of answering 404/405.
 function M.handler(prefix, dir, opts)
   local fn = M.build(3, "handler", prefix, dir, opts)
