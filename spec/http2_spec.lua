@@ -228,9 +228,10 @@ print("goaway", code)
         { "/redirect" }, { "/raise" }, { "/nope" }, { "/cookies", "-H 'Cookie: a=1' -H 'Cookie: b=2'" },
         { "/echo", "--data-binary 'some posted bytes'" }, { "/files/page.html" },
         { "/files/page.html", "-H 'Range: bytes=10-99'" }, { "/files/page.html", "-I" },
+        { "/files/page.html", "-X DELETE" }, { "/files/nope.html", "-X DELETE" },
       }
       local compared = { "content-type", "content-encoding", "content-length", "location", "etag",
-        "content-range", "accept-ranges", "set-cookie", "vary", "last-modified" }
+        "content-range", "accept-ranges", "set-cookie", "vary", "last-modified", "allow" }
       for _, case in ipairs(cases) do
         local path, args = case[1], case[2] or ""
         local dump1, dump2 = os.tmpname(), os.tmpname()
@@ -241,6 +242,7 @@ print("goaway", code)
         os.remove(dump1)
         os.remove(dump2)
         assert.equal(st1, st2, path)
+        if args == "-X DELETE" then assert.equal(path:find("nope") and 404 or 405, st1, path) end
         if args ~= "-I" then assert.equal(body1, body2, path) end
         for _, name in ipairs(compared) do
           if not (name == "content-length" and (h1["transfer-encoding"] or not h2[name])) then

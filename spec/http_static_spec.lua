@@ -251,15 +251,23 @@ describe("http.static", function()
       assert.equal(404, call(h, "/hello.txt/").code) -- a file is not a directory
     end)
 
-    it("answers 405 with Allow: GET, HEAD for other methods, or calls next", function()
+    -- (405 for a file, or a directory's index, that a GET would serve: RFC 9110 §15.5.6; a
+    -- path with nothing to serve is a miss whatever the method, as in nginx)
+    it("answers 405 with Allow: GET, HEAD for other methods on a file, 404 without one, or calls next", function()
       local dir = tree()
       local h = static.handler("/", dir)
-      local res = call(h, "/hello.txt", { method = "POST" })
-      assert.equal(405, res.code)
-      assert.equal("GET, HEAD", res.headers.allow)
-      assert.equal("Method Not Allowed\n", res.body)
-      local nexts
-      res, nexts = call(h, "/hello.txt", { method = "DELETE", next = true })
+      for _, path in ipairs { "/hello.txt", "/sub/", "/sub", "/link-in" } do
+        local res = call(h, path, { method = "POST" })
+        assert.equal(405, res.code, path)
+        assert.equal("GET, HEAD", res.headers.allow)
+        assert.equal("Method Not Allowed\n", res.body)
+      end
+      for _, path in ipairs { "/nope.txt", "/noindex/", "/link-out", "/.hidden", "/../secret.txt" } do
+        local res = call(h, path, { method = "POST" })
+        assert.equal(404, res.code, path)
+        assert.is_nil(res.headers.allow)
+      end
+      local res, nexts = call(h, "/hello.txt", { method = "DELETE", next = true })
       assert.equal(1, nexts)
       assert.equal(0, res.sends)
     end)

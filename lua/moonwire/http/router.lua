@@ -4,7 +4,8 @@
 -- hash lookup for literal routes and a short walk for the others. A middleware chain costs
 -- one small table per request; reaching mounts/static costs one closure (and a table per mount).
 -- Order of a request: `use` middleware (in order) → routes → mounts and static directories
--- (in registration order) → 405 if a route matched the path → the caller's `next` → 404.
+-- (in registration order) → 405 if a route matched the path or a static directory has a file
+-- there → the caller's `next` → 404.
 local static = require "moonwire.http.static"
 
 local find, sub, byte, format = string.find, string.sub, string.byte, string.format
@@ -126,9 +127,14 @@ local function collect(node, path, pos, set)
   end
 end
 
-local function allowed(self, path)
-  local set = {}
+-- (with the methods a static directory found a file for: req._allow, static.lua)
+local function allowed(self, req)
+  local path, set = req.path, {}
   if byte(path) == SLASH then collect(self.root, path, 2, set) end
+  local found = rawget(req, "_allow")
+  if found then
+    for m in pairs(found) do set[m] = true end
+  end
   if set.GET then set.HEAD = true end
   local list = {}
   for m in pairs(set) do list[#list + 1] = m end
@@ -136,9 +142,10 @@ local function allowed(self, path)
   return list
 end
 
--- The last stage: 405 when some route matches the path, else the caller's `next`, else 404.
+-- The last stage: 405 when some route matches the path (or a static directory has a file
+-- there), else the caller's `next`, else 404.
 local function finish(self, req, res, outer)
-  local allow = allowed(self, req.path)
+  local allow = allowed(self, req)
   if #allow > 0 then
     res:header("allow", concat(allow, ", "))
     return plain(res, 405, "Method Not Allowed\n")

@@ -268,20 +268,48 @@ local function send(h, req, res, real, name, size, mtime)
   return res:sendfile(real, offset, length)
 end
 
+-- hidden files (.env, .git/...) are not served unless asked for: a segment that starts with
+-- "." and is not "." itself (which names no file; ".." is refused by `unsafe`); what a
+-- symlink leads to is checked on the real path (resolve)
+local function hidden(h, rel)
+  return not h.dotfiles and find(rel, "/%.[^/]") ~= nil
+end
+
+-- Whether a GET of `rel` would be answered from a file (a file, or a directory's index).
+local function exists(h, req, rel)
+  if unsafe(rel, req.target) or hidden(h, rel) then return false end
+  local real, _, _, kind = resolve(h, h.dir .. rel)
+  if kind == "dir" and h.index then
+    _, _, _, kind = resolve(h, real .. "/" .. h.index)
+  end
+  return kind == "file"
+end
+
+-- Another method than GET or HEAD: 405 for a file that exists (RFC 9110 §15.5.6), else a
+-- miss. With `next` (a router) the request goes on, for a later mount or route may take that
+-- method; GET and HEAD are recorded in req._allow, which the router's 405 merges into Allow.
+local function other_method(h, req, res, nxt, rel)
+  if not exists(h, req, rel) then return miss(res, nxt) end
+  if nxt then
+    local allow = rawget(req, "_allow")
+    if not allow then
+      allow = {}
+      rawset(req, "_allow", allow)
+    end
+    allow.GET, allow.HEAD = true, true
+    return nxt()
+  end
+  res:header("allow", "GET, HEAD")
+  return plain(res, 405, "Method Not Allowed\n")
+end
+
 local function serve(h, req, res, nxt)
   local rel = relative(h, req.path)
   if not rel then return miss(res, nxt) end
   local method = req.method
-  if method ~= "GET" and method ~= "HEAD" then
-    if nxt then return nxt() end
-    res:header("allow", "GET, HEAD")
-    return plain(res, 405, "Method Not Allowed\n")
-  end
+  if method ~= "GET" and method ~= "HEAD" then return other_method(h, req, res, nxt, rel) end
   if unsafe(rel, req.target) then return plain(res, 404, NOT_FOUND) end
-  -- hidden files (.env, .git/...) are not served unless asked for: a segment that starts
-  -- with "." and is not "." itself (which names no file; ".." was refused above); what a
-  -- symlink leads to is checked on the real path (resolve)
-  if not h.dotfiles and find(rel, "/%.[^/]") then return miss(res, nxt) end
+  if hidden(h, rel) then return miss(res, nxt) end
   local name = h.dir .. rel
   local real, size, mtime, kind = resolve(h, name)
   if kind == "dir" then
@@ -357,7 +385,9 @@ end
 -- ("index.html"; false: no index files), max_age (0; > 0 adds Cache-Control), etag (true),
 -- dotfiles (false: names starting with "." are not served, nor what a symlink leads to
 -- when its real path below the directory has such a name).
--- With `next`, a missing file or another method calls it instead of answering 404/405.
+-- With `next`, a missing file or another method calls it instead of answering 404/405
+-- (another method on a file that exists: after recording GET and HEAD in req._allow, for
+-- the router's 405).
 function M.handler(prefix, dir, opts)
   local fn = M.build(3, "handler", prefix, dir, opts)
   return fn
