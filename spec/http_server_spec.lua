@@ -1737,6 +1737,59 @@ describe("http server: responses", function()
       end
     end, 20)
   end)
+
+  -- Review: Vary: Accept-Encoding went out only with a gzip'd body, so a shared cache that
+  -- stored the identity answer to a client without gzip served it to every client, and one
+  -- that stored the gzip'd answer had no identity one to tell apart. Whether the body is
+  -- compressed depends on Accept-Encoding whenever it could be (a compressible type, at
+  -- least gzip_min bytes): Vary then, whatever the client sent (nginx's gzip_vary).
+  it("gzip: Vary: Accept-Encoding whenever the body could be gzip'd, on HTTP/1.1 and HTTP/2", function()
+    run(function()
+      local text = ("All work and no play makes Jack a dull boy. "):rep(300)
+      local random = {}
+      for i = 1, 2000 do random[i] = string.char((i * 7919 + (i * i) % 251) % 256) end
+      random = table.concat(random)         -- compressible type, but gzip does not shrink it
+      -- path, Accept-Encoding (false: none) → Content-Encoding, Vary
+      local CASES = {
+        { "/text", false, nil, "Accept-Encoding" },
+        { "/text", "identity", nil, "Accept-Encoding" },
+        { "/text", "gzip;q=0", nil, "Accept-Encoding" },
+        { "/text", "gzip", "gzip", "Accept-Encoding" },
+        { "/origin", false, nil, "Origin, Accept-Encoding" },
+        { "/random", "gzip", nil, "Accept-Encoding" },
+        { "/small", false, nil, nil },
+        { "/png", false, nil, nil },
+        { "/length", false, nil, nil },         -- the handler's Content-Length: never compressed
+        { "/stream", "gzip", nil, nil },        -- streamed: never compressed
+      }
+      local srv = serve(function(req, res)
+        local p = req.path
+        res:header("content-type", p == "/png" and "image/png" or "text/plain")
+        if p == "/origin" then res:header("vary", "Origin") end
+        if p == "/small" then return res:send(("s"):rep(1000)) end
+        if p == "/random" then return res:send(random) end
+        if p == "/length" then res:header("content-length", #text) end
+        if p == "/stream" then
+          res:write(text)
+          return res:finish()
+        end
+        res:send(text)
+      end)
+      local _g <close> = guard(srv)
+      for i, c in ipairs(CASES) do
+        for _, h2 in ipairs { false, true } do
+          local r = assert(http.request { url = ("http://127.0.0.1:%d%s"):format(srv.port, c[1]), http2 = h2,
+            headers = c[2] and { ["accept-encoding"] = c[2] } or nil })
+          local what = ("case %d (%s %s), HTTP/%s"):format(i, c[1], tostring(c[2]), r.version)
+          assert.equal(c[3], r.headers["content-encoding"], what)
+          assert.equal(c[4], r.headers["vary"], what)
+          local body = assert(r:body())
+          if c[3] then body = core.gunzip(body) end
+          assert.equal(c[1] == "/small" and ("s"):rep(1000) or c[1] == "/random" and random or text, body, what)
+        end
+      end
+    end, 20)
+  end)
 end)
 
 describe("http server: srv:close()", function()

@@ -200,17 +200,19 @@ local function vary_on_encoding(self)
   end
 end
 
+-- (called for a body of at least gzip_min bytes)
 local function maybe_gzip(self, body)
   if self._clen then return body end     -- the handler gave the length: the body stays as it is
-  if self[STATUS] < 200 or self[STATUS] == 206 or not accepts_gzip(self[REQ]) or find(self, "content-encoding") then
-    return body
-  end
+  if self[STATUS] < 200 or self[STATUS] == 206 or find(self, "content-encoding") then return body end
   local ct = self:get_header("content-type")
   if not (ct and mime_ok and mime.compressible(ct)) then return body end
+  -- from here the body is gzip'd or not by what the client accepts: Vary says so either way
+  -- (as nginx's gzip_vary), so that a cache keeps the two answers apart
+  vary_on_encoding(self)
+  if not accepts_gzip(self[REQ]) then return body end
   local z = gzip(body)
   if #z >= #body then return body end
   self:header("content-encoding", "gzip")
-  vary_on_encoding(self)
   -- a strong ETag names one exact representation (RFC 9110 §8.8.3), and this is another one:
   -- made weak, as nginx does (a weak one stays as it is)
   for i = HBASE, HBASE + 2 * self[NH] - 1, 2 do
