@@ -357,6 +357,29 @@ describe("http.router", function()
       assert.is_false(routed)
     end)
 
+    -- Review: next() was marked used only when it returned, so after a raise it could be
+    -- called again, and a middleware that caught the error (pcall(next)) and called next()
+    -- once more ran the route a second time (docs/http.md: calling it twice raises).
+    it("raises when next is called again after it raised, also through a later middleware", function()
+      for _, depth in ipairs { 1, 2 } do
+        local app, routed, second = router.new(), 0, nil
+        app:use(function(_, _, nxt)
+          local ok, err = pcall(nxt)
+          assert.is_false(ok)
+          assert.matches("first", err)
+          second = select(2, pcall(nxt))
+        end)
+        if depth == 2 then app:use(function(_, _, nxt) nxt() end) end
+        app:get("/x", function()
+          routed = routed + 1
+          error("first")
+        end)
+        call(app, "GET", "/x")
+        assert.equal(1, routed, "depth " .. depth)
+        assert.matches("next%(%) called more than once", second)
+      end
+    end)
+
     it("accepts callable tables as middleware and handlers", function()
       local app = router.new()
       local mw = setmetatable({}, { __call = function(_, req, _, nxt) req.tag = "t"; nxt() end })

@@ -188,14 +188,20 @@ end
 
 -- Koa-style chain. `next` is one callable table per request: { router, req, res, outer, pos }
 -- (cheaper than a closure over five locals). `pos` is the middleware whose `next` is still
--- unused; once a `next` returns, the chain behind it has run, and calling `next` again is a
--- bug that raises instead of running part of the chain twice.
+-- unused; once a `next` returns or raises, the chain behind it has run, and calling `next`
+-- again is a bug that raises instead of running part of the chain twice (the table is its
+-- own to-be-closed value: a raise marks it used too, for a middleware that pcall'd it).
 local Next = {}
 Next.__name = "moonwire.RouterNext"
+
+Next.__close = function(nxt)
+  nxt[5] = -1
+end
 
 Next.__call = function(nxt)
   local pos = nxt[5]
   if pos < 0 then error("next() called more than once", 2) end
+  local _used <close> = nxt
   local self = nxt[1]
   local k = pos + 1
   nxt[5] = k
@@ -205,7 +211,6 @@ Next.__call = function(nxt)
   else
     dispatch(self, nxt[2], nxt[3], nxt[4])
   end
-  nxt[5] = -1
 end
 
 local function chain(self, req, res, outer)
