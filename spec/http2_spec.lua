@@ -229,6 +229,7 @@ print("goaway", code)
         { "/echo", "--data-binary 'some posted bytes'" }, { "/files/page.html" },
         { "/files/page.html", "-H 'Range: bytes=10-99'" }, { "/files/page.html", "-I" },
         { "/files/page.html", "-X DELETE" }, { "/files/nope.html", "-X DELETE" },
+        { "/files/page.html", "--compressed" },          -- a static file: never gzip'd
       }
       local compared = { "content-type", "content-encoding", "content-length", "location", "etag",
         "content-range", "accept-ranges", "set-cookie", "vary", "last-modified", "allow" }
@@ -243,6 +244,9 @@ print("goaway", code)
         os.remove(dump2)
         assert.equal(st1, st2, path)
         if args == "-X DELETE" then assert.equal(path:find("nope") and 404 or 405, st1, path) end
+        if args == "--compressed" then
+          assert.equal(path == "/gzip" and "gzip" or nil, h1["content-encoding"], path)
+        end
         if args ~= "-I" then assert.equal(body1, body2, path) end
         for _, name in ipairs(compared) do
           if not (name == "content-length" and (h1["transfer-encoding"] or not h2[name])) then
