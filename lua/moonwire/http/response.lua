@@ -45,6 +45,7 @@ Response._touched = false
 Response._mode = false
 Response._trailers = false
 Response._taken = false
+Response._stat_range = false
 
 -- server.lua makes each response with one table constructor (in its request loop):
 -- { srv, req, sock, 0, false, 0, 200, false, false, false, false, false, false,
@@ -485,17 +486,36 @@ function Response:redirect(url, code)
   return self:send("Redirecting to " .. url .. "\n")
 end
 
+-- A response given up before its head went out: nothing is sent, the connection closes
+-- (HTTP/2: the stream is reset), as when a file ends early while it is sent.
+local function abandon(self)
+  self.sent, self[FIN], self[BYTES], self[CLOSE] = true, true, 0, true
+  if self[REQ][R_VERSION] == "2" then self[SOCK]:reset(2) end     -- INTERNAL_ERROR
+end
+
 -- res:sendfile's checks and head fields, for both versions (HTTP/2's: h2.lua): the offset
 -- and length of the range to send, a content type from the path unless one is set; nil, err,
--- code when the file cannot be read. Raises (at sendfile's caller) for misuse.
+-- code when the file cannot be read. Raises (at sendfile's caller) for misuse. When the
+-- range comes from the caller's own stat of the file (static.lua sets _stat_range), a file
+-- that is gone or no longer holds it changed in between: not misuse, and the head static
+-- made (its length, validators, a Content-Range) would be wrong: abandoned, nil, err, code.
 local function sendfile_range(self, path, offset, length)
   if type(path) ~= "string" then argerror(1, "sendfile", "string expected, got " .. type(path), 4) end
   if self.sent then error("response already sent", 3) end
   local size, err, code = core.stat(path)
-  if not size then return nil, err, code end
+  if not size then
+    if self._stat_range then abandon(self) end
+    return nil, err, code
+  end
   offset = offset or 0
   length = length or (size - offset)
-  if offset < 0 or length < 0 or offset + length > size then error("bad range for sendfile", 3) end
+  if offset < 0 or length < 0 or offset + length > size then
+    if self._stat_range and offset >= 0 and length >= 0 then
+      abandon(self)
+      return nil, "file shorter than expected", "EIO"
+    end
+    error("bad range for sendfile", 3)
+  end
   if not self:get_header("content-type") and mime_ok then self:header("content-type", mime.type(path)) end
   return offset, length
 end
