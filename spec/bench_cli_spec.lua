@@ -1167,3 +1167,37 @@ describe("bench: pipelining", function()
     end, 20)
   end)
 end)
+
+---------------------------------------------------------------------------------------------
+-- scenarios (--scenario): virtual users in one process
+
+local function scenario_file(text)
+  return writefile(tmp(".lua"), text)
+end
+
+describe("bench: scenarios", function()
+  -- Regression: a user's iterations ran in a loop that never yielded, so a user without
+  -- I/O (or one raising at once) kept the loop, the stage loop never ran to set the stop,
+  -- and the run never ended. Now an iteration that gave the loop no turn is followed by a
+  -- yield, and an error by a back-off.
+  it("users that never yield, or raise at once, end with the run; user errors are reported", function()
+    run(function()
+      local busy = scenario_file([[
+return { users = 2, duration = "0.5s", user = function() local x = 0 for i = 1, 100 do x = x + i end end }
+]])
+      local r = bench({ "-t1", "--scenario", busy }, 10)
+      assert.equal(0, r.code, r.context)
+      assert.matches("iterations%.*: %d+", r.out)
+      local raising = scenario_file([[
+return { users = 2, duration = "0.5s", user = function() local x = nil; return x.field end }
+]])
+      r = bench({ "-t2", "--scenario", raising, "--json", "-" }, 10)
+      assert.equal(0, r.code, r.context)
+      local d = json_of(r)
+      -- backing off (10 ms doubling): a few iterations per user, not a spin
+      assert.is_true(d.user_errors >= 2 and d.user_errors <= 40, d.user_errors .. " user errors" .. r.context)
+      assert.equal(d.user_errors, d.metrics.iterations.value)
+      assert.matches("user errors: %d+ %(first: [^\n]*attempt to index", r.err)
+    end, 40)
+  end)
+end)
