@@ -917,6 +917,19 @@ describe("bench: thresholds and exit status", function()
     end, 20)
   end)
 
+  -- Regression: an empty histogram read as 0, so a latency threshold passed when no request
+  -- completed at all (a closed port: "PASS p99<50ms (actual 0.00us)", exit 0).
+  it("a latency threshold with no request completed fails: no samples", function()
+    run(function()
+      local port = helper.free_port()
+      local r = bench({ "-t1", "-c1", "-d0.3s", "--threshold", "p99<50ms", "--threshold", "mean<1s",
+        ("http://127.0.0.1:%d/"):format(port) })
+      assert.equal(1, r.code, r.context)
+      assert.matches("FAIL p99<50ms (no samples", r.out, 1, true)
+      assert.matches("FAIL mean<1s (no samples", r.out, 1, true)
+    end, 20)
+  end)
+
   it("usage errors exit 2 with a message, before any run", function()
     run(function()
       local r = bench({ "--no-such-option", "http://127.0.0.1:1/" })
@@ -1199,5 +1212,18 @@ return { users = 2, duration = "0.5s", user = function() local x = nil; return x
       assert.equal(d.user_errors, d.metrics.iterations.value)
       assert.matches("user errors: %d+ %(first: [^\n]*attempt to index", r.err)
     end, 40)
+  end)
+
+  it("a threshold on a trend with no value recorded fails: no samples", function()
+    run(function()
+      local sc = scenario_file([[
+local bench = require "moonwire.bench"
+return { users = 1, duration = "0.3s", thresholds = { "never.p99<50ms" },
+  user = function() bench.trend("never") bench.sleep(0.05) end }
+]])
+      local r = bench({ "-t1", "--scenario", sc }, 10)
+      assert.equal(1, r.code, r.context)
+      assert.matches("FAIL never.p99<50ms (no samples)", r.out, 1, true)
+    end, 20)
   end)
 end)

@@ -205,6 +205,10 @@ function M.check_threshold(expr, r)
   if not limit then return false, "bad value in threshold '" .. expr .. "'" end
   local actual
   local p = name:match("^p([%d.]+)$")
+  -- a latency of a run in which no request completed is unknown, not 0: it fails
+  if unit == "us" and r.latency.count == 0 then
+    return false, ("FAIL %s (no samples: no request completed)"):format(expr)
+  end
   if p then actual = r.latency:percentile(tonumber(p))
   elseif name == "mean" then actual = r.latency.mean
   elseif name == "max" then actual = r.latency.max

@@ -281,6 +281,8 @@ function M.check_threshold(expr, r)
     local m = r.metrics[name]
     if not m then return false, "unknown metric '" .. name .. "' in threshold '" .. expr .. "'" end
     if m.kind == "trend" then
+      -- a trend with no value recorded has no statistic (not 0): the threshold fails
+      if m.count == 0 then return false, ("FAIL %s (no samples)"):format(expr) end
       stat = (stat or "avg"):gsub("%.", "_")
       if stat:match("^p[%d_]+$") and not m[stat] then
         actual = m._h:percentile(tonumber((stat:sub(2):gsub("_", ".")))) / 1000
