@@ -516,6 +516,26 @@ end
     end, 60)
   end)
 
+  -- Regression: in one process a done() that raised ended the run with exit 2 and nothing
+  -- else: no thresholds, no JSON, no HTML (a distributed run wrote them, as documented).
+  it("a done() that raises: exit 2, yet the thresholds are judged and the JSON and HTML written", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local _ <close> = guard(srv)
+      local script = writefile(tmp(".lua"), "function done() error('boom in done') end")
+      local json, html = tmp(".json"), tmp(".html")
+      local r = bench({ "-t1", "-c2", "-d0.3s", "-s", script, "--json", json, "--html", html,
+        "--threshold", "requests>0", url(srv) })
+      assert.equal(2, r.code, r.context)
+      assert.matches("done%(%) failed: [^\n]*boom in done", r.err)
+      assert.matches("PASS requests>0", r.out, 1, true)
+      local d = json_of(r, json)
+      assert.is_true(d.requests > 0, r.context)
+      assert.equal("requests>0", d.thresholds[1].expr)
+      assert.matches("<html", readfile(html) or "", 1, true)
+    end, 20)
+  end)
+
   it("a server answering 500: every response is a status error (Non-2xx), errors.status in JSON", function()
     run(function()
       local srv = serve(function(_, res)

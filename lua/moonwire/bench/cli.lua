@@ -228,6 +228,43 @@ function M.check_threshold(expr, r)
 end
 
 -- ---------------------------------------------------------------------------------------
+-- the end of a run, one process or distributed (bench/coordinator.lua): done(), thresholds
+
+--- Calls a wrk script's done() on merged results `r`. One that raises fails as a script hook
+-- does (exit status 2), but the thresholds are still judged and the report, the JSON and the
+-- HTML of a run that happened are still written. Returns the exit status so far (0 or 2).
+function M.call_done(done, r)
+  if not done then return 0 end
+  local ok, err = xpcall(done, debug.traceback, { duration = r.duration_us, requests = r.requests_total,
+    bytes = r.bytes, errors = r.errors }, r.latency, r.requests)
+  if ok then return 0 end
+  io.stderr:write("moonwire bench: done() failed: ", tostring(err), "\n")
+  return 2
+end
+
+--- Judges threshold expressions `exprs` on `r` with `check` (M.check_threshold, or the
+-- scenario's), writing one PASS/FAIL line each to `out`. Returns the results
+-- ({ expr, pass, message } each) and the exit status they call for (0 or 1).
+function M.judge(exprs, r, check, out)
+  local tres, code = {}, 0
+  for _, expr in ipairs(exprs) do
+    local pass, msg = check(expr, r)
+    tres[#tres + 1] = { expr = expr, pass = pass, message = msg }
+    if out then out:write(msg, "\n") end
+    if not pass then code = 1 end
+  end
+  return tres, code
+end
+
+--- A scenario's thresholds, then those of the command line.
+function M.scenario_thresholds(sc, o)
+  local all = {}
+  for _, e in ipairs(sc.thresholds or {}) do all[#all + 1] = e end
+  for _, e in ipairs(o.thresholds) do all[#all + 1] = e end
+  return all
+end
+
+-- ---------------------------------------------------------------------------------------
 -- output
 
 function M.print_wrk(o, r, out)
@@ -452,17 +489,7 @@ local function run_scenario(o)
     merged = scenario.merge(results)
     out:write(("  max %d users, %.1fs\n"):format(merged.max_users, merged.duration))
     scenario.print(merged, out)
-    local tres = {}
-    local all = {}
-    for _, e in ipairs(sc.thresholds or {}) do all[#all + 1] = e end
-    for _, e in ipairs(o.thresholds) do all[#all + 1] = e end
-    for _, expr in ipairs(all) do
-      local pass, msg = scenario.check_threshold(expr, merged)
-      tres[#tres + 1] = { expr = expr, pass = pass, message = msg }
-      out:write(msg, "\n")
-      if not pass then code = 1 end
-    end
-    merged.threshold_results = tres
+    merged.threshold_results, code = M.judge(M.scenario_thresholds(sc, o), merged, scenario.check_threshold, out)
     if sc.teardown then sc.teardown(data) end
   end)
   if not run_ok then return die(tostring(run_err)) end
@@ -559,18 +586,10 @@ function M.main(argv)
     result = M.merge_results(results)
     local out = o.json == "-" and io.stderr or io.stdout
     M.print_wrk(o, result, out)
-    if main_env.done then
-      main_env.done({ duration = result.duration_us, requests = result.requests_total, bytes = result.bytes,
-        errors = result.errors }, result.latency, result.requests)
-    end
-    local tres = {}
-    for _, expr in ipairs(o.thresholds) do
-      local pass, msg = M.check_threshold(expr, result)
-      tres[#tres + 1] = { expr = expr, pass = pass, message = msg }
-      out:write(msg, "\n")
-      if not pass then code = 1 end
-    end
-    result.threshold_results = tres
+    local done_code = M.call_done(main_env.done, result)
+    local tcode
+    result.threshold_results, tcode = M.judge(o.thresholds, result, M.check_threshold, out)
+    code = math.max(done_code, tcode)
     local _ = shared
   end)
   if not run_ok then return die(tostring(run_err)) end

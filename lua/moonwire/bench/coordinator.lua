@@ -591,12 +591,7 @@ function M.main(o)
       spread = starts[#starts] - starts[1]
     end
     report = { agents = ordered, all = all, failures = failures, spread = spread, T = T, start_us = start_us }
-    if main_env and main_env.done then
-      report.main_done = function(r)
-        main_env.done({ duration = r.duration_us, requests = r.requests_total, bytes = r.bytes, errors = r.errors },
-          r.latency, r.requests)
-      end
-    end
+    report.main_done = main_env and main_env.done
     if #failures > 0 and #all == 0 then error(table.concat(failures, "; "), 0) end
     if o.scenario then
       report.merged = scenario_mod.merge(all)
@@ -635,10 +630,7 @@ function M.main(o)
     rows[#rows + 1] = row
   end
   local out2 = o.json == "-" and io.stderr or io.stdout
-  local tres = {}
-  local all_thresholds = {}
-  for _, e in ipairs(sc and sc.thresholds or {}) do all_thresholds[#all_thresholds + 1] = e end
-  for _, e in ipairs(o.thresholds) do all_thresholds[#all_thresholds + 1] = e end
+  local all_thresholds = o.scenario and cli.scenario_thresholds(sc, o) or o.thresholds
   local check = o.scenario and scenario_mod.check_threshold or cli.check_threshold
   if o.scenario then
     out2:write(("  max %d users, %.1fs\n"):format(merged.max_users, merged.duration))
@@ -658,26 +650,10 @@ function M.main(o)
     code = 1
   end
   if #report.failures > 0 then code = 1 end
-  -- done() fails as a script hook does in one process (exit status 2), but the report and
-  -- the JSON/HTML of a run that happened are still written
-  if not o.scenario and report.main_done then
-    local dok, derr = xpcall(report.main_done, debug.traceback, merged)
-    if not dok then
-      io.stderr:write("moonwire bench: done() failed: ", tostring(derr), "\n")
-      code = 2
-    end
-  end
-  for _, expr in ipairs(all_thresholds) do
-    local pass, msg = check(expr, merged)
-    tres[#tres + 1] = { expr = expr, pass = pass, message = msg }
-    out2:write(msg, "\n")
-    if not pass then code = math.max(code, 1) end
-    for _, row in ipairs(rows) do
-      row.thresholds = row.thresholds or {}
-      local apass, amsg = check(expr, row.result)
-      row.thresholds[#row.thresholds + 1] = { expr = expr, pass = apass, message = amsg }
-    end
-  end
+  if not o.scenario then code = math.max(code, cli.call_done(report.main_done, merged)) end
+  local tres, tcode = cli.judge(all_thresholds, merged, check, out2)
+  code = math.max(code, tcode)
+  for _, row in ipairs(rows) do row.thresholds = cli.judge(all_thresholds, row.result, check) end
   merged.threshold_results = tres
   local json = require "moonwire.bench.json"
   local function agent_docs()
