@@ -1234,6 +1234,33 @@ return { users = 2, duration = "0.5s", user = function() local x = nil; return x
     end, 40)
   end)
 
+  -- Regression: a scenario run had no SIGINT handler and no stop cell: Ctrl-C went
+  -- unheeded and the report was lost. Now it stops as in plain mode and reports what ran.
+  it("Ctrl-C ends the run early with the report and the JSON of what ran", function()
+    run(function()
+      local sc = scenario_file([[
+local bench = require "moonwire.bench"
+return { users = 2, duration = "20s", user = function() bench.counter("ticks"):add(1) bench.sleep(0.05) end }
+]])
+      local json = tmp(".json")
+      local words = { "env", "LUA_PATH=" .. quote(package.path), "LUA_CPATH=" .. quote(package.cpath) }
+      local preload = os.getenv("MW_ASAN_PRELOAD")
+      if preload then words[#words + 1] = "LD_PRELOAD=" .. quote(preload) end
+      local t0 = mw.now()
+      local code, out, err = shell(("%s timeout --preserve-status -s INT 1 lua5.4 %s bench --quiet -t2 "
+        .. "--scenario %s --json %s"):format(table.concat(words, " "), quote(ROOT .. "/bin/moonwire"), quote(sc),
+        quote(json)), 25)
+      local took = mw.now() - t0
+      assert.is_true(took < 8, ("a 20 s scenario went on %.1f s after Ctrl-C"):format(took))
+      assert.equal(0, code, tostring(err))
+      assert.matches("ticks", out)
+      assert.matches("interrupted", err)
+      local d = json_of({ context = err }, json)
+      assert.is_true(d.metrics.ticks.value > 0)
+      assert.is_true(d.duration_s < 5, "duration " .. tostring(d.duration_s))
+    end, 30)
+  end)
+
   it("a threshold on a trend with no value recorded fails: no samples", function()
     run(function()
       local sc = scenario_file([[

@@ -425,6 +425,18 @@ local function join_all(handles, shared, stop_cell, failure)
   return results
 end
 
+-- Ctrl-C ends the run early, as its end would: the stop cell is set, the threads stop, the
+-- report (and the JSON) covers what ran. Set before the threads start: they inherit the
+-- signal mask. Returns the state ({ interrupted }) and a to-be-closed handler removal.
+local function stop_on_sigint(shared, stop_cell)
+  local st = { interrupted = false }
+  mw.signal("SIGINT", function()
+    st.interrupted = true
+    shared:set(stop_cell, 1)
+  end)
+  return st, setmetatable({}, { __close = function() mw.signal("SIGINT", nil) end })
+end
+
 local function progress_line(o, shared, t0)
   local last, last_t = 0, mw.now()
   while mw.sleep(1) do   -- ends when cancelled
@@ -471,21 +483,20 @@ local function run_scenario(o)
   local out = o.json == "-" and io.stderr or io.stdout
   local run_ok, run_err = pcall(mw.run, function()
     local data = sc.setup and sc.setup() or nil
-    local handles = {}
-    for i = 1, o.threads do
-      local h = core.thread()
-      handles[i] = h
-      assert(h:start(scenario_code, serial.encode{ thread_id = i, threads = o.threads,
-        scenario = o.scenario, data = data }))
-    end
+    local shared = core.counters(1)   -- the stop cell (see join_all)
+    local sigint, _sigint <close> = stop_on_sigint(shared, 1)
     out:write(("Running scenario %s: %d threads, %.0fs\n"):format(o.scenario, o.threads,
       scenario.total_duration(sc.stages)))
-    local results = {}
-    for i, h in ipairs(handles) do
-      local s, terr = h:join()
-      if not s then error("thread " .. i .. " failed: " .. tostring(terr), 0) end
-      results[i] = serial.decode(s)
+    local started = {}
+    for i = 1, o.threads do
+      local h = core.thread()
+      local started_ok, serr = h:start(scenario_code, serial.encode{ thread_id = i, threads = o.threads,
+        scenario = o.scenario, data = data, counters = shared:address(), stop_cell = 1 })
+      if not started_ok then join_all(started, shared, 1, ("thread %d cannot start: %s"):format(i, tostring(serr))) end
+      started[i] = h
     end
+    local results = join_all(started, shared, 1)
+    if sigint.interrupted then io.stderr:write("moonwire bench: interrupted: the report covers what ran\n") end
     merged = scenario.merge(results)
     out:write(("  max %d users, %.1fs\n"):format(merged.max_users, merged.duration))
     scenario.print(merged, out)
@@ -538,14 +549,7 @@ function M.main(argv)
     if o.script then wrkenv.load(o.script, main_env) end
     -- 3 cells per thread (count, errors, p99) and a stop flag (see join_all)
     local shared = core.counters(3 * o.threads + 1)
-    -- Ctrl-C ends the run early, as its end would: the threads stop, the report (and the
-    -- JSON) covers what ran. (Set before the threads start: they inherit the signal mask.)
-    local interrupted = false
-    mw.signal("SIGINT", function()
-      interrupted = true
-      shared:set(3 * o.threads + 1, 1)
-    end)
-    local _sigint <close> = setmetatable({}, { __close = function() mw.signal("SIGINT", nil) end })
+    local sigint, _sigint <close> = stop_on_sigint(shared, 3 * o.threads + 1)
     local handles, threads = {}, {}
     for i = 1, o.threads do
       local h = core.thread()
@@ -582,7 +586,7 @@ function M.main(argv)
     if not o.quiet and core.isatty(1) and o.json ~= "-" then prog = mw.spawn(progress_line, o, shared, t0) end
     local results = join_all(started, shared, 3 * o.threads + 1)
     if prog then prog:cancel() io.stdout:write("\r", (" "):rep(70), "\r") end
-    if interrupted then io.stderr:write("moonwire bench: interrupted: the report covers what ran\n") end
+    if sigint.interrupted then io.stderr:write("moonwire bench: interrupted: the report covers what ran\n") end
     result = M.merge_results(results)
     local out = o.json == "-" and io.stderr or io.stdout
     M.print_wrk(o, result, out)
