@@ -1261,6 +1261,24 @@ return { users = 2, duration = "20s", user = function() bench.counter("ticks"):a
     end, 30)
   end)
 
+  -- Regression: the summary printed counters with %d, so one that added a fraction raised
+  -- in the report ("number has no integer representation"), exit 2 and no report.
+  it("a counter that adds fractions is reported as a number", function()
+    run(function()
+      local sc = scenario_file([[
+local bench = require "moonwire.bench"
+local done = false
+return { users = 1, duration = "0.3s", user = function()
+  if not done then bench.counter("n"):add(0.1) bench.counter("n"):add(0.15) done = true end
+  bench.sleep(0.05)
+end }
+]])
+      local r = bench({ "-t1", "--scenario", sc }, 10)
+      assert.equal(0, r.code, r.context)
+      assert.matches("  n%.+: 0%.25  [%d.]+/s\n", r.out)
+    end, 20)
+  end)
+
   it("a threshold on a trend with no value recorded fails: no samples", function()
     run(function()
       local sc = scenario_file([[

@@ -252,7 +252,9 @@ function M.print(r, out)
       out:write(("  %s: avg=%.2f min=%.2f med=%.2f max=%.2f p(90)=%.2f p(95)=%.2f p(99)=%.2f\n"):format(dots(name),
         m.avg, m.min, m.med, m.max, m.p90, m.p95, m.p99))
     elseif m then
-      out:write(("  %s: %d  %.2f/s\n"):format(dots(name), m.value, m.rate))
+      -- (a counter may add fractions: %d would raise on them)
+      local v = math.tointeger(m.value) or ("%.6g"):format(m.value)
+      out:write(("  %s: %s  %.2f/s\n"):format(dots(name), v, m.rate))
     end
   end
   if r.errors > 0 then
