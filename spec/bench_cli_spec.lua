@@ -924,17 +924,27 @@ describe("bench: thresholds and exit status", function()
     end, 20)
   end)
 
-  it("an unparsable threshold: exit 1 with a message naming it (checked after the run)", function()
+  -- Regression: thresholds were read only after the run: a bad one ran the whole test and
+  -- exited 1, and some raised there (a traceback, no outputs). Now exit 2 before the run.
+  it("an unparsable threshold: exit 2 with a message naming it, before any run", function()
     run(function()
-      local srv = hello()
-      local _g <close> = guard(srv)
-      local r = bench({ "-t1", "-c1", "-d0.2s", "--threshold", "p99 fast", "--threshold", "p99<soon",
-        "--threshold", "bogus<1", url(srv) })
-      assert.equal(1, r.code, r.context)
-      assert.matches("cannot parse threshold 'p99 fast'", r.out, 1, true)
-      assert.matches("bad value in threshold 'p99<soon'", r.out, 1, true)
-      assert.matches("unknown metric 'bogus' in threshold 'bogus<1'", r.out, 1, true)
-    end, 20)
+      for _, case in ipairs { { "p99 fast", "cannot parse threshold 'p99 fast'" },
+                              { "p99<soon", "bad value in threshold 'p99<soon'" },
+                              { "bogus<1", "unknown metric 'bogus' in threshold 'bogus<1'" },
+                              { "p99.9.9<1s", "bad percentile in threshold 'p99.9.9<1s'" },
+                              { "p.<1s", "bad percentile in threshold 'p.<1s'" },
+                              { "p150<1s", "bad percentile in threshold 'p150<1s'" },
+                              { "p99=5ms", "cannot parse threshold 'p99=5ms'" },
+                              { "p99<1M", "bad value in threshold 'p99<1M'" } } do
+        local json = tmp(".json")
+        -- (port 1: a run would be connect errors; none starts)
+        local r = bench({ "-t1", "-c1", "-d5s", "--json", json, "--threshold", case[1], "http://127.0.0.1:1/" })
+        assert.equal(2, r.code, r.context)
+        assert.matches(case[2], r.err, 1, true)
+        assert.not_matches("traceback", r.err)
+        assert.is_nil(readfile(json) ~= "" and readfile(json) or nil, "a run happened" .. r.context)
+      end
+    end, 60)
   end)
 
   -- Regression: an empty histogram read as 0, so a latency threshold passed when no request
@@ -1276,6 +1286,26 @@ end }
       local r = bench({ "-t1", "--scenario", sc }, 10)
       assert.equal(0, r.code, r.context)
       assert.matches("  n%.+: 0%.25  [%d.]+/s\n", r.out)
+    end, 20)
+  end)
+
+  -- Regression: a scenario's thresholds (and --threshold with --scenario) were read after
+  -- the run; an unknown statistic ('iterations.bogus>1') was ignored and passed.
+  it("a threshold that cannot be judged: exit 2 before the run (scenario file or command line)", function()
+    run(function()
+      local sc = scenario_file([[
+return { users = 1, duration = "5s", thresholds = { "iterations.bogus>1" }, user = function() end }
+]])
+      local r = bench({ "-t1", "--scenario", sc }, 10)
+      assert.equal(2, r.code, r.context)
+      assert.matches("a counter has no statistic 'bogus'", r.err, 1, true)
+      assert.not_matches("Running", r.out)
+      sc = scenario_file([[
+return { users = 1, duration = "5s", user = function() end }
+]])
+      r = bench({ "-t1", "--scenario", sc, "--threshold", "http_req_duration.p150<1s" }, 10)
+      assert.equal(2, r.code, r.context)
+      assert.matches("bad percentile in threshold 'http_req_duration.p150<1s'", r.err, 1, true)
     end, 20)
   end)
 

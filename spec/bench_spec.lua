@@ -271,8 +271,58 @@ describe("bench thresholds (cli.check_threshold)", function()
   it("unparsable expressions fail with a message naming them", function()
     assert.same({ false, "cannot parse threshold 'p99 50ms'" }, { check("p99 50ms") })
     assert.same({ false, "cannot parse threshold ''" }, { check("") })
-    assert.same({ false, "bad value in threshold 'p99<soon'" }, { check("p99<soon") })
+    assert.same({ false, "bad value in threshold 'p99<soon' (a time: 100us, 50ms, 1s, 2m, 1h; a bare number is ms)" },
+      { check("p99<soon") })
     assert.same({ false, "unknown metric 'latency' in threshold 'latency<5ms'" }, { check("latency<5ms") })
+  end)
+
+  -- Regression: expressions were only read after the run, and some raised there
+  -- ('p99.9.9<1s': a traceback, no outputs); a percentile above 100 was taken, 'p99<1M'
+  -- was a minute, and a bare number was seconds here but milliseconds in a scenario.
+  -- cli.parse_threshold now runs in parse_args: what it refuses is a usage error.
+  it("parse_threshold: refuses what cannot be judged; times are case-sensitive, a bare number is ms", function()
+    for _, bad in ipairs { "p99.9.9<1s", "p.<1s", "p<1s", "p150<1s", "p0<1s", "latency<5ms", "p99=5ms", "p99<50xs",
+      "p99<1M", "p99<", "errors<lots", "rps>fast", "p99 50ms" } do
+      assert.is_nil(cli.parse_threshold(bad), bad)
+      assert.is_false((check(bad)), bad)
+    end
+    local function limit(e) return assert(cli.parse_threshold(e), e).limit end
+    assert.near(50000, limit("p99<50"), 1e-6)       -- a bare number: ms
+    assert.near(50000, limit("p99<50ms"), 1e-6)
+    assert.near(60e6, limit("p99<1m"), 1e-6)        -- m: minutes; M is no unit of time
+    assert.near(100, limit("p100<100us"), 1e-6)
+    assert.equal(0.1, limit("errors<0.1 %"))
+    assert.equal(1000, limit("rps>1k"))
+  end)
+end)
+
+describe("bench scenario thresholds (scenario.parse_threshold, check_threshold)", function()
+  local scenario = require "moonwire.bench.scenario"
+  it("refuses unknown statistics, bad percentiles and values before the run", function()
+    for _, bad in ipairs { "iterations.bogus>1", "http_reqs.p99>1", "http_req_duration.bogus<1",
+      "http_req_duration.p150<1s", "http_req_duration.p99.9.9<1s", "http_req_duration.p99<1M", "checks.p99>1",
+      "checks>lots", "mine.bogus<1", "http_req_duration.p99=5ms", "iterations>1ms" } do
+      assert.is_nil(scenario.parse_threshold(bad), bad)
+    end
+    for _, good in ipairs { "iterations>1k", "iterations.rate>5", "http_req_duration.p99<50ms",
+      "http_req_duration.p99_9<50", "http_req_duration.count>10", "checks>99%", "http_req_failed<1%",
+      "mine.p99<5ms", "mine<3" } do
+      assert.is_table(scenario.parse_threshold(good), good)
+    end
+  end)
+
+  it("a bare number is the trend's unit (ms for durations), as in one process", function()
+    local h = core.histogram()
+    h:record(40000)    -- 40 ms (trends keep 1/1000 of their unit)
+    local r = { checks = {}, metrics = { d = { kind = "trend", count = 1, _h = h, avg = 40 },
+      n = { kind = "counter", value = 2.5, rate = 1 } } }
+    assert.is_true((scenario.check_threshold("d.p99<50", r)))
+    assert.is_true((scenario.check_threshold("d.p99<50ms", r)))
+    assert.is_false((scenario.check_threshold("d.p99<0.03s", r)))
+    assert.is_true((scenario.check_threshold("n>2", r)))
+    -- a statistic the metric's kind does not have fails (the kind is known only after the run)
+    assert.is_false((scenario.check_threshold("n.p99<1", r)))
+    assert.is_false((scenario.check_threshold("d.rate<1", r)))
   end)
 end)
 

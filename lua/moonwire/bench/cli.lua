@@ -150,6 +150,12 @@ local function parse_args(argv)
   end
   if o.agent and o.agents then error("--agent and --agents do not go together", 0) end
   if o.agent_wait and o.agent_wait <= 0 then error("bad value for agent-wait", 0) end
+  -- thresholds are judged after the run: one that cannot be is refused before it
+  local parse = o.scenario and require("moonwire.bench.scenario").parse_threshold or M.parse_threshold
+  for _, expr in ipairs(o.thresholds) do
+    local t, terr = parse(expr)
+    if not t then error(terr, 0) end
+  end
   return o
 end
 M.parse_args = parse_args
@@ -186,42 +192,58 @@ M.stats_object = stats_object
 -- ---------------------------------------------------------------------------------------
 -- thresholds
 
-local function threshold_value(name, s)
-  if name == "errors" then
-    local pct = s:match("^([%d.]+)%%$")
-    if pct then return tonumber(pct), "%" end
-    return tonumber(s), ""
+local LATENCY = { mean = "mean", max = "max", min = "min" }
+
+--- Parses 'p99<50ms' style expressions -> { name, op, limit, unit, p } or nil, message.
+-- Run before the test (parse_args), so a threshold that cannot be judged is a usage error.
+function M.parse_threshold(expr)
+  local name, op, val = expr:match("^%s*([%w.]+)%s*([<>]=?)%s*(.-)%s*$")
+  if not name or val == "" then return nil, "cannot parse threshold '" .. expr .. "'" end
+  local t = { name = name, op = op }
+  local p = name:match("^p(.*)$")
+  if p and not LATENCY[name] then
+    t.p = fmt.rank(p)
+    if not t.p then return nil, "bad percentile in threshold '" .. expr .. "' (p50, p99.9: above 0, at most 100)" end
   end
-  if name == "rps" or name == "requests" then return fmt.count(s), "" end
-  local secs = fmt.duration(s)
-  return secs and secs * 1e6, "us"
+  if t.p or LATENCY[name] then
+    local secs = fmt.threshold_time(val)
+    if not secs then
+      return nil, "bad value in threshold '" .. expr .. "' (a time: 100us, 50ms, 1s, 2m, 1h; a bare number is ms)"
+    end
+    t.limit, t.unit = secs * 1e6, "us"
+  elseif name == "errors" then
+    local pct = val:match("^([%d.]+)%s*%%$")
+    t.limit, t.unit = tonumber(pct or val), pct and "%" or ""
+  elseif name == "rps" or name == "requests" then t.limit, t.unit = fmt.count(val), ""
+  else return nil, "unknown metric '" .. name .. "' in threshold '" .. expr .. "'" end
+  if not t.limit then return nil, "bad value in threshold '" .. expr .. "'" end
+  return t
 end
+
+local function compare(op, actual, limit)
+  if op == "<" then return actual < limit elseif op == "<=" then return actual <= limit
+  elseif op == ">" then return actual > limit else return actual >= limit end
+end
+M.compare = compare
 
 --- Evaluates 'p99<50ms' style expressions against a result; returns ok, message.
 function M.check_threshold(expr, r)
-  local name, op, val = expr:match("^%s*([%w.]+)%s*([<>]=?)%s*(.-)%s*$")
-  if not name then return false, "cannot parse threshold '" .. expr .. "'" end
-  local limit, unit = threshold_value(name, val)
-  if not limit then return false, "bad value in threshold '" .. expr .. "'" end
-  local actual
-  local p = name:match("^p([%d.]+)$")
+  local t, perr = M.parse_threshold(expr)
+  if not t then return false, perr end
+  local name, unit = t.name, t.unit
   -- a latency of a run in which no request completed is unknown, not 0: it fails
   if unit == "us" and r.latency.count == 0 then
     return false, ("FAIL %s (no samples: no request completed)"):format(expr)
   end
-  if p then actual = r.latency:percentile(tonumber(p))
-  elseif name == "mean" then actual = r.latency.mean
-  elseif name == "max" then actual = r.latency.max
-  elseif name == "min" then actual = r.latency.min
+  local actual
+  if t.p then actual = r.latency:percentile(t.p)
+  elseif LATENCY[name] then actual = r.latency[LATENCY[name]]
   elseif name == "rps" then actual = r.rps
   elseif name == "errors" then
     actual = unit == "%" and (r.requests_total > 0 and 100 * r.errors_total / math.max(1, r.requests_total) or
       (r.errors_total > 0 and 100 or 0)) or r.errors_total
-  elseif name == "requests" then actual = r.requests_total
-  else return false, "unknown metric '" .. name .. "' in threshold '" .. expr .. "'" end
-  local ok
-  if op == "<" then ok = actual < limit elseif op == "<=" then ok = actual <= limit
-  elseif op == ">" then ok = actual > limit else ok = actual >= limit end
+  else actual = r.requests_total end
+  local ok = compare(t.op, actual, t.limit)
   local shown = unit == "us" and fmt.time_us(actual) or (unit == "%" and ("%.3f%%"):format(actual))
     or tostring(math.tointeger(actual) or ("%.2f"):format(actual))
   return ok, ("%s %s (actual %s)"):format(ok and "PASS" or "FAIL", expr, shown)

@@ -35,6 +35,27 @@ function M.duration(s)
   return f and n * f or nil
 end
 
+-- a threshold's units of time are case-sensitive: "1M" is no minute (it reads as a count)
+local time_units = { us = 1e-6, ms = 1e-3, s = 1, m = 60, h = 3600 }
+
+--- A threshold's time: "50ms", "1.5s", "2m", "100us", "1h", or a bare number, which is
+-- milliseconds (in one process as in a scenario, whose duration trends are in ms)
+-- -> seconds, or nil
+function M.threshold_time(s)
+  local n, u = s:match("^(%d*%.?%d+)%s*(%a*)$")
+  n = tonumber(n)
+  if not n then return nil end
+  if u == "" then return n / 1000 end
+  local f = time_units[u]
+  return f and n * f or nil
+end
+
+--- A percentile's rank from "99", "99.9" (or "99_9"): 0 < p <= 100, or nil
+function M.rank(s)
+  local p = tonumber(s:match("^%d+[._]?%d*$") and s:gsub("_", ".") or nil)
+  return p and p > 0 and p <= 100 and p or nil
+end
+
 --- "10k" -> 10000, "1.5M" -> 1500000, "200" -> 200
 function M.count(s)
   if type(s) == "number" then return s end

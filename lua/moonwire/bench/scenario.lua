@@ -31,6 +31,13 @@ function M.load(path)
     norm[i] = { duration = d, target = st.target }
   end
   sc.stages = norm
+  if sc.thresholds ~= nil and type(sc.thresholds) ~= "table" then
+    error("scenario " .. path .. ": 'thresholds' must be a list", 0)
+  end
+  for _, expr in ipairs(sc.thresholds or {}) do
+    local t, terr = M.parse_threshold(expr)
+    if not t then error("scenario " .. path .. ": " .. terr, 0) end
+  end
   return sc
 end
 
@@ -262,14 +269,70 @@ function M.print(r, out)
   end
 end
 
---- 'metric.stat<value' (trend), 'metric>value' (counter), 'checks>99%' (rate) -> ok, message
-function M.check_threshold(expr, r)
+-- Thresholds: 'metric.stat<value'. A metric's kind (trend, counter, check) is known for the
+-- built-ins before the run, for the scenario's own metrics only after it; the statistics and
+-- values each kind takes:
+local KINDS = {
+  trend = { stats = { avg = true, min = true, max = true, med = true, count = true }, percentiles = true },
+  counter = { stats = { value = true, rate = true } },
+  check = { stats = { rate = true } },
+}
+local BUILTIN = { http_req_duration = "trend", iteration_duration = "trend", http_reqs = "counter",
+  iterations = "counter", http_req_failed = "check", checks = "check" }
+
+-- The limit of threshold `t` for a metric of `kind` -> number, or nil, why not.
+-- Trends: a time ("50ms", "1s"; a bare number is the trend's own unit, ms for durations);
+-- counters: a count ("1k", "2M"); checks: a share ("99%", or 99).
+local function limit_for(kind, t)
+  local k = KINDS[kind]
+  local stat = t.stat
+  if stat and not k.stats[stat] and not (k.percentiles and t.p) then
+    return nil, ("a %s has no statistic '%s'"):format(kind, stat)
+  end
+  local val = t.val
+  if kind == "check" then
+    return tonumber(val:match("^([%d.]+)%s*%%$") or val) or nil, "a share (99%) expected"
+  elseif kind == "counter" or stat == "count" then
+    if stat == "rate" then return tonumber(val) or nil, "a number (per second) expected" end
+    return fmt.count(val) or nil, "a count (1000, 1k, 2M) expected"
+  end
+  local secs = fmt.threshold_time(val)
+  return secs and secs * 1000 or nil, "a time (50ms, 1s) or a number expected"
+end
+
+--- Parses 'metric.stat<value' (trend), 'metric>value' (counter), 'checks>99%' (rate)
+-- -> { name, stat, p, op, val } or nil, message. Run when a scenario loads and on the
+-- command line's --threshold: a threshold that cannot be judged is refused before the run.
+function M.parse_threshold(expr)
+  if type(expr) ~= "string" then return nil, "a threshold must be a string" end
   local lhs, op, val = expr:match("^%s*([%w_.]+)%s*([<>]=?)%s*(.-)%s*$")
-  if not lhs then return false, "cannot parse threshold '" .. expr .. "'" end
+  if not lhs or val == "" then return nil, "cannot parse threshold '" .. expr .. "'" end
   local name, stat = lhs:match("^([%w_]+)%.(%w[%w_.]*)$")
-  name = name or lhs
-  local actual, limit
-  local pct = val:match("^([%d.]+)%%$")
+  local t = { name = name or lhs, stat = stat, op = op, val = val }
+  if stat and stat:match("^p") then
+    t.p = fmt.rank(stat:sub(2))
+    if not t.p then
+      return nil, "bad percentile in threshold '" .. expr .. "' (p50, p99.9: above 0, at most 100)"
+    end
+  end
+  -- a built-in's kind is known; another metric's is one of the kinds that take the statistic
+  -- and the value
+  local kinds = BUILTIN[t.name] and { BUILTIN[t.name] } or { "trend", "counter", "check" }
+  local why
+  for _, kind in ipairs(kinds) do
+    local limit, err = limit_for(kind, t)
+    if limit then return t end
+    why = why or err
+  end
+  return nil, ("bad threshold '%s' (%s)"):format(expr, why)
+end
+
+--- Judges threshold `expr` on merged results `r` -> ok, message.
+function M.check_threshold(expr, r)
+  local t, perr = M.parse_threshold(expr)
+  if not t then return false, perr end
+  local name = t.name
+  local actual, limit, lerr
   if name == "checks" or (r.checks[name] and not r.metrics[name]) then
     local pass, fail = 0, 0
     if name == "checks" then
@@ -278,28 +341,22 @@ function M.check_threshold(expr, r)
       pass, fail = r.checks[name].pass, r.checks[name].fail
     end
     actual = 100 * pass / math.max(1, pass + fail)
-    limit = tonumber(pct or val)
+    limit, lerr = limit_for("check", t)
   else
     local m = r.metrics[name]
     if not m then return false, "unknown metric '" .. name .. "' in threshold '" .. expr .. "'" end
-    if m.kind == "trend" then
+    limit, lerr = limit_for(m.kind, t)
+    if limit and m.kind == "trend" then
       -- a trend with no value recorded has no statistic (not 0): the threshold fails
       if m.count == 0 then return false, ("FAIL %s (no samples)"):format(expr) end
-      stat = (stat or "avg"):gsub("%.", "_")
-      if stat:match("^p[%d_]+$") and not m[stat] then
-        actual = m._h:percentile(tonumber((stat:sub(2):gsub("_", ".")))) / 1000
-      else actual = m[stat] end
-      local secs = fmt.duration(val)
-      limit = val:match("%a") and secs and secs * 1000 or tonumber(val)
-    else
-      actual = stat == "rate" and m.rate or m.value
-      limit = fmt.count(val)
+      if t.p then actual = m._h:percentile(t.p) / 1000
+      else actual = m[t.stat or "avg"] end
+    elseif limit then
+      actual = t.stat == "rate" and m.rate or m.value
     end
   end
-  if not actual or not limit then return false, "bad threshold '" .. expr .. "'" end
-  local ok
-  if op == "<" then ok = actual < limit elseif op == "<=" then ok = actual <= limit
-  elseif op == ">" then ok = actual > limit else ok = actual >= limit end
+  if not limit then return false, ("bad threshold '%s' (%s)"):format(expr, lerr) end
+  local ok = require("moonwire.bench.cli").compare(t.op, actual, limit)
   return ok, ("%s %s (actual %.3f)"):format(ok and "PASS" or "FAIL", expr, actual)
 end
 
