@@ -1190,6 +1190,56 @@ describe("bench: the open model (-R)", function()
 end)
 
 describe("bench: pipelining", function()
+  -- Regression: with -s, --pipeline was ignored (the fixed request of a script without a
+  -- request() hook was built without :rep(pipeline)). The server here answers only once it
+  -- holds 4 requests: unpipelined, every request would time out.
+  it("--pipeline 4 with a script that only sets headers: 4 requests a write", function()
+    run(function()
+      local l, port = helper.listen()
+      local problems = {}
+      local acceptor = mw.spawn(function()
+        while true do
+          local s = l:accept()
+          if not s then return end
+          mw.spawn(function()
+            while true do
+              for _ = 1, 4 do
+                local line = s:read("l", 5)
+                if line and not line:match("^GET / HTTP/1%.1$") then problems[#problems + 1] = line end
+                local saw = false
+                while line and line ~= "" do
+                  if line == "X-Test: yes" then saw = true end
+                  line = s:read("l", 5)
+                end
+                if not line then s:close() return end
+                if not saw then problems[#problems + 1] = "no X-Test header" end
+              end
+              if not s:write(("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"):rep(4)) then return end
+            end
+          end)
+        end
+      end)
+      local _ <close> = setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
+      local script = writefile(tmp(".lua"), 'wrk.headers["X-Test"] = "yes"')
+      local r = bench({ "-t1", "-c2", "-d0.5s", "--timeout", "0.3s", "--pipeline", "4", "-s", script, "--json", "-",
+        ("http://127.0.0.1:%d/"):format(port) })
+      assert.equal(0, r.code, r.context)
+      local d = json_of(r)
+      assert.same({}, problems)
+      assert.is_true(d.requests >= 8 and d.requests % 4 == 0, d.requests .. " requests" .. r.context)
+      assert.equal(0, d.errors.timeout, r.context)
+    end, 20)
+  end)
+
+  it("--pipeline with a script's request() hook: exit 2 (the hook pipelines by itself)", function()
+    run(function()
+      local r = bench({ "-t1", "-c1", "-d5s", "--pipeline", "2", "-s", SCRIPTS .. "pipeline.lua",
+        "http://127.0.0.1:1/" })
+      assert.equal(2, r.code, r.context)
+      assert.matches("--pipeline does not go with a script's request()", r.err, 1, true)
+    end, 20)
+  end)
+
   it("--pipeline 4: every response counted (not one sample per batch, as wrk does)", function()
     run(function()
       local answered = 0

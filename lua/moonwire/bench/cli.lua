@@ -249,6 +249,14 @@ function M.check_threshold(expr, r)
   return ok, ("%s %s (actual %s)"):format(ok and "PASS" or "FAIL", expr, shown)
 end
 
+--- What a loaded wrk script `env` cannot go with (one process and the coordinator alike):
+-- -> nil, or the usage error.
+function M.script_conflict(o, env)
+  if o.pipeline > 1 and env.request then
+    return "--pipeline does not go with a script's request() (it pipelines by returning several requests)"
+  end
+end
+
 -- ---------------------------------------------------------------------------------------
 -- the end of a run, one process or distributed (bench/coordinator.lua): done(), thresholds
 
@@ -569,6 +577,8 @@ function M.main(argv)
     main_wrk.method = o.method or "GET"
     main_wrk.body = o.body
     if o.script then wrkenv.load(o.script, main_env) end
+    local conflict = M.script_conflict(o, main_env)
+    if conflict then error(conflict, 0) end
     -- 3 cells per thread (count, errors, p99) and a stop flag (see join_all)
     local shared = core.counters(3 * o.threads + 1)
     local sigint, _sigint <close> = stop_on_sigint(shared, 3 * o.threads + 1)

@@ -326,6 +326,8 @@ function M.main(o)
       if o.script then
         job.script_src = readfile(o.script)
         wrkenv.load(o.script, main_env)
+        local conflict = cli.script_conflict(o, main_env)
+        if conflict then error(conflict, 0) end
       end
       if main_env.setup then   -- setup(thread) once per thread of the whole test, here
         local addrs = mw.resolve(target.host, target.port) or {}

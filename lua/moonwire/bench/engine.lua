@@ -338,13 +338,14 @@ function M.thread_main(arg)
     hooks.request = rawget(_G, "request")
     hooks.response = rawget(_G, "response")
     hooks.delay = rawget(_G, "delay")
-    if not hooks.request then
-      hooks.fixed_request = wrk.format(nil, nil, nil, nil)
-      hooks.fixed_depth = math.max(1, wrkenv.count_requests(hooks.fixed_request))
-    end
-  else
-    hooks.fixed_request = wrk.format(nil, nil, nil, nil):rep(cfg.pipeline or 1)
-    hooks.fixed_depth = cfg.pipeline or 1
+  end
+  -- without a request() hook (no script, or one that only sets wrk's fields) the request is
+  -- fixed, and --pipeline N writes N of it at a time (a request() hook pipelines by returning
+  -- several requests: the CLI refuses --pipeline with it)
+  if not hooks.request then
+    local one = wrk.format(nil, nil, nil, nil)
+    hooks.fixed_request = one:rep(cfg.pipeline or 1)
+    hooks.fixed_depth = math.max(1, wrkenv.count_requests(one)) * (cfg.pipeline or 1)
   end
   local result = M.run(cfg, hooks, function() return stop_flag end)
   -- an agent's thread: the script's globals go back with the result, for thread:get() in
