@@ -219,8 +219,10 @@ describe("bench thresholds (cli.check_threshold)", function()
       local v = i <= 500 and 9999 or i <= 990 and 39999 or 900000
       h:record(v)
     end
-    return { latency = cli.stats_object(h), rps = opts.rps or 1234.5, requests_total = opts.requests or 1000,
-      errors_total = opts.errors or 5 }
+    -- (5 errors: status errors, which are responses; `socket` more, which are not)
+    local requests, socket = opts.requests or 1000, opts.socket or 0
+    return { latency = cli.stats_object(h), rps = opts.rps or 1234.5, requests_total = requests,
+      errors_total = (opts.errors or 5) + socket, attempts = requests + socket }
   end
 
   local function check(expr, r)
@@ -253,7 +255,11 @@ describe("bench thresholds (cli.check_threshold)", function()
     assert.is_false((check("errors<5")))
     assert.is_true((check("errors<=5")))
     assert.is_true((check("errors<1%", fake{ requests = 0, errors = 0 })))
-    assert.is_false((check("errors<1%", fake{ requests = 0, errors = 3 })))   -- all failed
+    assert.is_false((check("errors<1%", fake{ requests = 0, errors = 0, socket = 3 })))   -- all failed
+    -- Regression: the share was of the responses only: 1000 connect errors and 1000
+    -- responses were 100%, not 50% of what was tried
+    assert.same({ true, "PASS errors<51% (actual 50.000%)" },
+      { check("errors<51%", fake{ errors = 0, socket = 1000 }) })
   end)
 
   it("rps with SI suffixes", function()
@@ -594,6 +600,14 @@ describe("bench HTML report (report.html) from fake results", function()
 
   local opts = { url = "http://127.0.0.1:8080/a?b=<c>&d=\"e\"", threads = 2, connections = 50, duration = 5,
     rate = 2000, pipeline = 1, timeout = 2 }
+
+  -- Regression: the errors card divided by the responses only (10,000 connect errors and
+  -- 10,000 responses showed 100.07%)
+  it("the errors card is a share of the attempts (responses and requests that got none)", function()
+    local r = results()
+    r.errors.connect, r.errors_total, r.attempts = 10000, 10007, 20000
+    has(report.html(opts, r), "50.035% of attempts")
+  end)
 
   it("is one page with the settings, summary, charts and thresholds, nothing fetched", function()
     local h = report.html(opts, results())

@@ -240,8 +240,8 @@ function M.check_threshold(expr, r)
   elseif LATENCY[name] then actual = r.latency[LATENCY[name]]
   elseif name == "rps" then actual = r.rps
   elseif name == "errors" then
-    actual = unit == "%" and (r.requests_total > 0 and 100 * r.errors_total / math.max(1, r.requests_total) or
-      (r.errors_total > 0 and 100 or 0)) or r.errors_total
+    -- a share of the attempts (responses, and requests that got none), not of the responses
+    actual = unit == "%" and (r.attempts > 0 and 100 * r.errors_total / r.attempts or 0) or r.errors_total
   else actual = r.requests_total end
   local ok = compare(t.op, actual, t.limit)
   local shown = unit == "us" and fmt.time_us(actual) or (unit == "%" and ("%.3f%%"):format(actual))
@@ -423,9 +423,11 @@ function M.merge_results(results)
     end
   end
   local errors_total = errors.connect + errors.read + errors.write + errors.timeout + errors.status
+  -- what was tried: every response (a status error is one) and every attempt that got none
+  local attempts = total + errors.connect + errors.read + errors.write + errors.timeout
   return {
     latency = stats_object(lat), requests = stats_object(req), requests_total = total, bytes = bytes,
-    duration_us = dur, errors = errors, errors_total = errors_total, statuses = statuses,
+    duration_us = dur, errors = errors, errors_total = errors_total, attempts = attempts, statuses = statuses,
     rps = dur > 0 and total / (dur / 1e6) or 0, timeline = timeline, hung = hung,
     h2 = h2 and { streams = h2.streams, reconnects = h2.reconnects, refused_retries = h2.refused_retries,
       rst = h2.rst, goaway = h2.goaway, ttfb = stats_object(h2.ttfb) },

@@ -595,8 +595,10 @@ function M.html(o, r)
     o.rate and ("requested " .. grouped(o.rate) .. " req/s") or nil)
   h[#h + 1] = card("transferred", bytes(tonumber(r.bytes) or 0),
     dur_s and dur_s > 0 and (bytes((tonumber(r.bytes) or 0) / dur_s) .. "/s") or nil)
+  -- (a share of the attempts: responses and the requests that got none, as errors<X% is)
+  local attempts = tonumber(r.attempts) or requests
   h[#h + 1] = card("errors", grouped(errors_total),
-    requests > 0 and ("%.3f%% of requests"):format(100 * errors_total / requests) or nil, errors_total > 0)
+    attempts > 0 and ("%.3f%% of attempts"):format(100 * errors_total / attempts) or nil, errors_total > 0)
   if has_lat then
     h[#h + 1] = card("latency p50", time_us(lat:percentile(50)), "mean " .. time_us(lat.mean))
     h[#h + 1] = card("latency p99", time_us(lat:percentile(99)), "p99.9 " .. time_us(lat:percentile(99.9)))
