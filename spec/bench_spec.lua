@@ -334,6 +334,17 @@ end)
 
 ---------------------------------------------------------------------------------------------
 
+describe("bench JSON encoder (bench/json)", function()
+  local json = require "moonwire.bench.json"
+  -- Regression: strings were written byte for byte, so a name that is not valid UTF-8 (a
+  -- scenario's metric or check, an error message) made the whole document invalid JSON
+  it("writes valid UTF-8 whatever the strings hold: a bad byte becomes U+FFFD", function()
+    local text = json.encode({ ["a\xff"] = "b\xc3", s = "\xed\xa0\x80", ok = "é ✓", t = json.array{ "x\x80" } })
+    assert.is_truthy(utf8.len(text), text)
+    assert.equal('{"a\u{FFFD}":"b\u{FFFD}","ok":"é ✓","s":"\u{FFFD}\u{FFFD}\u{FFFD}","t":["x\u{FFFD}"]}', text)
+  end)
+end)
+
 describe("bench serializer (serial)", function()
   local function rt(v) return serial.decode(serial.encode(v)) end
 

@@ -9,8 +9,27 @@ function M.array(t) return setmetatable(t or {}, array_mt) end
 local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f", ["\n"] = "\\n",
   ["\r"] = "\\r", ["\t"] = "\\t" }
 
+-- JSON text is UTF-8: a byte that does not begin a valid UTF-8 sequence (a metric, check or
+-- error named in another encoding) becomes U+FFFD, so the document stays valid
+local function utf8_clean(s)
+  if utf8.len(s) then return s end
+  local out, i = {}, 1
+  while i <= #s do
+    if utf8.len(s, i, i) then   -- a valid sequence starts here: its lead byte gives its length
+      local b = s:byte(i)
+      local j = i + (b < 0x80 and 1 or b < 0xE0 and 2 or b < 0xF0 and 3 or 4)
+      out[#out + 1] = s:sub(i, j - 1)
+      i = j
+    else
+      out[#out + 1] = "\u{FFFD}"
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
 local function str(s)
-  return '"' .. s:gsub('[%c"\\]', function(c)
+  return '"' .. utf8_clean(s):gsub('[%c"\\]', function(c)
     return escapes[c] or ("\\u%04x"):format(c:byte())
   end) .. '"'
 end
