@@ -1359,6 +1359,45 @@ return { users = 1, duration = "5s", user = function() end }
     end, 20)
   end)
 
+  -- Regression: a scenario's HTML showed -d's default (10s) for its duration, 0 requests,
+  -- 0 req/s, empty errors and status tables, no checks and no user errors; its JSON had
+  -- "thresholds":{} (an object), no first_error, and was invalid with a name that is not UTF-8.
+  it("the JSON and HTML: requests, checks, user errors, thresholds as a list, valid UTF-8", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local _g <close> = guard(srv)
+      local sc = scenario_file(([[
+local bench = require "moonwire.bench"
+return { users = 2, duration = "0.5s", user = function(vu)
+  local res = bench.http.get("%s")
+  bench.check("status is 200", res and res.status == 200)
+  bench.check("badÿname", true)
+  if vu.iteration == 0 then error("first iteration fails") end
+  bench.sleep(0.02)
+end }
+]]):format(url(srv)))
+      local json, html = tmp(".json"), tmp(".html")
+      local r = bench({ "-t1", "--scenario", sc, "--json", json, "--html", html }, 20)
+      assert.equal(0, r.code, r.context)
+      local text = readfile(json)
+      assert.is_truthy(utf8.len(text), "the JSON is not UTF-8" .. r.context)
+      local d = json_of(r, json)
+      assert.equal("array", jkind(d.thresholds))
+      assert.matches("first iteration fails", d.first_error)
+      assert.equal(2, d.user_errors)
+      local n = d.metrics.http_reqs.value
+      assert.is_true(n > 4, r.context)
+      local h = readfile(html)
+      assert.matches("duration <b>500ms</b>", h, 1, true)
+      assert.not_matches("duration <b>10s</b>", h, 1, true)
+      assert.matches(("requests</div><div class=\"value\">%d</div>"):format(n), h, 1, true)
+      assert.matches("status is 200", h, 1, true)
+      assert.matches("user errors</div><div class=\"value\">2</div>", h, 1, true)
+      assert.matches("first iteration fails", h, 1, true)
+      assert.not_matches("No responses.", h, 1, true)    -- no empty status table
+    end, 30)
+  end)
+
   it("a threshold on a trend with no value recorded fails: no samples", function()
     run(function()
       local sc = scenario_file([[

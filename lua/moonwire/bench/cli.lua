@@ -536,23 +536,10 @@ local function run_scenario(o)
     if sc.teardown then sc.teardown(data) end
   end)
   if not run_ok then return die(tostring(run_err)) end
-  local function doc()
-    local metrics = {}
-    for name, m in pairs(merged.metrics) do
-      local c = {}
-      for k, v in pairs(m) do if k ~= "_h" then c[k] = v end end
-      metrics[name] = c
-    end
-    return require("moonwire.bench.json").encode({ scenario = o.scenario, threads = o.threads,
-      duration_s = merged.duration, max_users = merged.max_users, metrics = metrics, checks = merged.checks,
-      user_errors = merged.errors, thresholds = merged.threshold_results })
-  end
-  local werr = M.write_outputs(o, doc, function()
-    return require("moonwire.bench.report").html(o, { metrics = merged.metrics, checks = merged.checks,
-      threshold_results = merged.threshold_results, duration_us = merged.duration * 1e6, scenario = true,
-      timeline = {}, requests_total = 0, rps = 0, bytes = 0,
-      errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 }, statuses = {}, hung = 0 })
-  end)
+  local werr = M.write_outputs(o,
+    function() return require("moonwire.bench.json").encode(scenario.json_doc(o, merged, o.threads)) end,
+    function() return require("moonwire.bench.report").html(o, scenario.html_result(merged,
+      scenario.total_duration(sc.stages))) end)
   return werr or code
 end
 

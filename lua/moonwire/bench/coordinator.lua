@@ -673,14 +673,7 @@ function M.main(o)
   local werr = cli.write_outputs(o, function()
     local doc
     if o.scenario then
-      local metrics = {}
-      for name, m in pairs(merged.metrics) do
-        local cpy = {}
-        for k, v in pairs(m) do if k ~= "_h" then cpy[k] = v end end
-        metrics[name] = cpy
-      end
-      doc = { scenario = o.scenario, threads = report.T, duration_s = merged.duration, max_users = merged.max_users,
-        metrics = metrics, checks = merged.checks, user_errors = merged.errors, thresholds = json.array(tres) }
+      doc = scenario_mod.json_doc(o, merged, report.T)
     else
       doc = cli.json_doc(o2, merged)
       doc.out_of_range = clamped
@@ -689,12 +682,7 @@ function M.main(o)
     doc.start_spread_us = report.spread or json.null
     return json.encode(doc)
   end, function()
-    local r = merged
-    if o.scenario then
-      r = { metrics = merged.metrics, checks = merged.checks, threshold_results = tres,
-        duration_us = merged.duration * 1e6, scenario = true, timeline = {}, requests_total = 0, rps = 0, bytes = 0,
-        errors = { connect = 0, read = 0, write = 0, status = 0, timeout = 0 }, statuses = {}, hung = 0 }
-    end
+    local r = o.scenario and scenario_mod.html_result(merged, scenario_mod.total_duration(sc.stages)) or merged
     r.agents = rows
     return require("moonwire.bench.report").html(o2, r)
   end)

@@ -438,14 +438,23 @@ end
 
 local function metrics_section(r)
   if type(r.metrics) ~= "table" then return nil end
+  -- a scenario's checks (bench.check) come apart from its metrics; http_req_failed, a rate
+  -- whose "passes" are failures, is the summary's failed requests instead
+  local all = {}
+  for name, m in pairs(r.metrics) do all[name] = m end
+  for name, c in pairs(type(r.checks) == "table" and r.checks or {}) do
+    if name ~= "http_req_failed" and all[name] == nil and type(c) == "table" then
+      all[name] = { kind = "check", pass = c.pass, fail = c.fail }
+    end
+  end
   local names = {}
-  for name in pairs(r.metrics) do names[#names + 1] = tostring(name) end
+  for name in pairs(all) do names[#names + 1] = tostring(name) end
   if #names == 0 then return nil end
   table.sort(names)
   local trends, counters, checks, others = {}, {}, {}, {}
   local function v(x) return finite(x) and grouped(x, (x == floor(x)) and 0 or 2) or "–" end
   for _, name in ipairs(names) do
-    local m = r.metrics[name]
+    local m = all[name]
     if type(m) ~= "table" then m = { value = m } end
     local kind = m.kind
     if kind == "trend" then
@@ -570,13 +579,20 @@ function M.html(o, r)
   local settings = {}
   local function setting(k, v) settings[#settings + 1] = ("<li>%s <b>%s</b></li>"):format(esc(k), esc(v)) end
   if o.threads then setting("threads", num(o.threads)) end
-  if o.connections and not o.scenario then setting("connections", num(o.connections)) end
-  if o.duration then setting("duration", seconds(o.duration)) end
-  setting("rate", o.rate and (grouped(o.rate) .. " req/s (constant, open model)") or "max (closed model)")
-  if o.pipeline and o.pipeline > 1 then setting("pipeline", num(o.pipeline)) end
-  if o.timeout then setting("timeout", seconds(o.timeout)) end
-  if o.method and o.method ~= "GET" then setting("method", o.method) end
-  if o.script then setting("script", o.script) end
+  if r.scenario then
+    -- (a scenario's own duration and users, not -d and the URL options it does not use)
+    local planned = tonumber(r.planned_duration) or dur_s
+    if planned then setting("duration", seconds(planned)) end
+    if r.max_users then setting("max users", num(r.max_users)) end
+  else
+    if o.connections then setting("connections", num(o.connections)) end
+    if o.duration then setting("duration", seconds(o.duration)) end
+    setting("rate", o.rate and (grouped(o.rate) .. " req/s (constant, open model)") or "max (closed model)")
+    if o.pipeline and o.pipeline > 1 then setting("pipeline", num(o.pipeline)) end
+    if o.timeout then setting("timeout", seconds(o.timeout)) end
+    if o.method and o.method ~= "GET" then setting("method", o.method) end
+    if o.script then setting("script", o.script) end
+  end
 
   local h = {}
   h[#h + 1] = "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">"
@@ -590,23 +606,36 @@ function M.html(o, r)
   local errors_html, errors_total = errors_section(r)
   local rps = tonumber(r.rps) or 0
   h[#h + 1] = "<section><h2>Summary</h2><div class=\"cards\">"
-  h[#h + 1] = card("requests", grouped(requests), dur_s and ("in " .. seconds(dur_s)) or nil)
-  h[#h + 1] = card("throughput", grouped(rps, rps < 100 and 2 or 0) .. " req/s",
-    o.rate and ("requested " .. grouped(o.rate) .. " req/s") or nil)
-  h[#h + 1] = card("transferred", bytes(tonumber(r.bytes) or 0),
-    dur_s and dur_s > 0 and (bytes((tonumber(r.bytes) or 0) / dur_s) .. "/s") or nil)
-  -- (a share of the attempts: responses and the requests that got none, as errors<X% is)
-  local attempts = tonumber(r.attempts) or requests
-  h[#h + 1] = card("errors", grouped(errors_total),
-    attempts > 0 and ("%.3f%% of attempts"):format(100 * errors_total / attempts) or nil, errors_total > 0)
-  if has_lat then
-    h[#h + 1] = card("latency p50", time_us(lat:percentile(50)), "mean " .. time_us(lat.mean))
-    h[#h + 1] = card("latency p99", time_us(lat:percentile(99)), "p99.9 " .. time_us(lat:percentile(99.9)))
-    h[#h + 1] = card("latency max", time_us(lat.max), "min " .. time_us(lat.min))
+  if r.scenario then
+    -- bench.http's requests (http_reqs), its failures (http_req_failed) and the users' errors
+    local failed = tonumber(r.failed_requests) or 0
+    local uerr = tonumber(r.user_errors) or 0
+    h[#h + 1] = card("requests", grouped(requests), dur_s and ("in " .. seconds(dur_s)) or nil)
+    h[#h + 1] = card("throughput", grouped(rps, rps < 100 and 2 or 0) .. " req/s")
+    h[#h + 1] = card("failed requests", grouped(failed),
+      requests > 0 and ("%.3f%% of requests"):format(100 * failed / requests) or nil, failed > 0)
+    h[#h + 1] = card("user errors", grouped(uerr), r.first_error and ("first: " .. tostring(r.first_error)) or nil,
+      uerr > 0)
+    h[#h + 1] = "</div></section>"
+  else
+    h[#h + 1] = card("requests", grouped(requests), dur_s and ("in " .. seconds(dur_s)) or nil)
+    h[#h + 1] = card("throughput", grouped(rps, rps < 100 and 2 or 0) .. " req/s",
+      o.rate and ("requested " .. grouped(o.rate) .. " req/s") or nil)
+    h[#h + 1] = card("transferred", bytes(tonumber(r.bytes) or 0),
+      dur_s and dur_s > 0 and (bytes((tonumber(r.bytes) or 0) / dur_s) .. "/s") or nil)
+    -- (a share of the attempts: responses and the requests that got none, as errors<X% is)
+    local attempts = tonumber(r.attempts) or requests
+    h[#h + 1] = card("errors", grouped(errors_total),
+      attempts > 0 and ("%.3f%% of attempts"):format(100 * errors_total / attempts) or nil, errors_total > 0)
+    if has_lat then
+      h[#h + 1] = card("latency p50", time_us(lat:percentile(50)), "mean " .. time_us(lat.mean))
+      h[#h + 1] = card("latency p99", time_us(lat:percentile(99)), "p99.9 " .. time_us(lat:percentile(99.9)))
+      h[#h + 1] = card("latency max", time_us(lat.max), "min " .. time_us(lat.min))
+    end
+    local hung = tonumber(r.hung) or 0
+    h[#h + 1] = card("unanswered at end", grouped(hung), "requests still in flight", hung > 0 and errors_total > 0)
+    h[#h + 1] = "</div></section>"
   end
-  local hung = tonumber(r.hung) or 0
-  h[#h + 1] = card("unanswered at end", grouped(hung), "requests still in flight", hung > 0 and errors_total > 0)
-  h[#h + 1] = "</div></section>"
 
   local ag = agents_section(r)
   if ag then h[#h + 1] = "<section><h2>Agents</h2>" .. ag .. "</section>" end
@@ -628,8 +657,10 @@ function M.html(o, r)
     h[#h + 1] = "<section><h2>Throughput over time</h2>" .. throughput_chart(tl) .. "</section>"
   end
 
-  h[#h + 1] = ('<section><div class="cols"><div><h2>Errors</h2>%s</div><div><h2>Status codes</h2>%s</div></div>' ..
-    '</section>'):format(errors_html, statuses_section(r))
+  if not r.scenario then
+    h[#h + 1] = ('<section><div class="cols"><div><h2>Errors</h2>%s</div><div><h2>Status codes</h2>%s</div></div>' ..
+      '</section>'):format(errors_html, statuses_section(r))
+  end
 
   h[#h + 1] = ("<footer>Generated by moonwire bench on %s.</footer>"):format(esc(os.date("!%Y-%m-%d %H:%M:%S UTC")))
   h[#h + 1] = "</main>\n</body>\n</html>\n"

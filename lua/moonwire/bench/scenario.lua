@@ -229,6 +229,36 @@ function M.merge(results)
     first_error = first_error, max_users = max_users }
 end
 
+--- The JSON document of a scenario run (one process or distributed) with `threads` threads;
+-- `merged` as M.merge returns it, with its threshold_results.
+function M.json_doc(o, merged, threads)
+  local json = require "moonwire.bench.json"
+  local metrics = {}
+  for name, m in pairs(merged.metrics) do
+    local c = {}
+    for k, v in pairs(m) do if k ~= "_h" then c[k] = v end end
+    metrics[name] = c
+  end
+  return { scenario = o.scenario, threads = threads, duration_s = merged.duration, max_users = merged.max_users,
+    metrics = metrics, checks = merged.checks, user_errors = merged.errors,
+    first_error = merged.first_error or json.null, thresholds = json.array(merged.threshold_results or {}) }
+end
+
+--- What report.html reads of a scenario run: bench.http's requests (http_reqs) and their
+-- failures (http_req_failed), the metrics and checks, the users' errors; `planned`, the
+-- stages' duration (seconds).
+function M.html_result(merged, planned)
+  local reqs = merged.metrics.http_reqs
+  local n = reqs and reqs.value or 0
+  local failed = merged.checks.http_req_failed
+  return { scenario = true, metrics = merged.metrics, checks = merged.checks,
+    threshold_results = merged.threshold_results, duration_us = merged.duration * 1e6, max_users = merged.max_users,
+    planned_duration = planned,
+    requests_total = n, rps = merged.duration > 0 and n / merged.duration or 0,
+    failed_requests = failed and failed.pass or 0, user_errors = merged.errors, first_error = merged.first_error,
+    timeline = {} }
+end
+
 local function dots(name) return name .. (" "):rep(math.max(1, 30 - #name)):gsub(" ", ".") end
 
 --- k6-style summary lines.
