@@ -1398,6 +1398,23 @@ end }
     end, 30)
   end)
 
+  -- Regression: the run's duration (and so every rate) included the up-to-10 s grace given
+  -- to the iterations running at the end; "Running scenario" said 0s for 0.5 s.
+  it("the duration is the stages', not the grace after them; the header says 500.00ms", function()
+    run(function()
+      local sc = scenario_file([[
+local bench = require "moonwire.bench"
+return { users = 1, duration = "0.5s", user = function() bench.sleep(1.2) end }
+]])
+      local r = bench({ "-t1", "--scenario", sc, "--json", "-" }, 10)
+      assert.equal(0, r.code, r.context)
+      assert.matches("Running scenario [^\n]*: 1 threads, 500.00ms", r.err)
+      local d = json_of(r)
+      assert.is_true(d.duration_s >= 0.5 and d.duration_s < 0.9, "duration " .. d.duration_s .. r.context)
+      assert.equal(1, d.metrics.iterations.value, r.context)          -- the iteration of the grace counts
+    end, 20)
+  end)
+
   it("a threshold on a trend with no value recorded fails: no samples", function()
     run(function()
       local sc = scenario_file([[

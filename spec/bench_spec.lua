@@ -564,6 +564,21 @@ describe("bench option parsing (cli.parse_args)", function()
     assert.equal("POST", cli.parse_args{ "-m", "post", "http://h/" }.method)
   end)
 
+  -- Regression: with --scenario, -d, -R, -c and a URL (among others) were taken and ignored
+  it("refuses with --scenario the options of a URL run, and a URL", function()
+    assert.is_table(cli.parse_args{ "--scenario", "s.lua", "-t2", "--json", "-", "--threshold", "checks>99%" })
+    for _, case in ipairs{ { "-d", "5s" }, { "-R", "100" }, { "-c", "10" }, { "--pipeline", "2" }, { "-s", "x.lua" },
+      { "--timeout", "1s" }, { "-H", "A: b" }, { "--h2" } } do
+      local argv = { "--scenario", "s.lua", case[1], case[2] }
+      local ok, err = pcall(cli.parse_args, argv)
+      assert.is_false(ok, case[1])
+      assert.matches("--scenario does not take " .. case[1], err, 1, true)
+    end
+    local ok, err = pcall(cli.parse_args, { "--scenario", "s.lua", "http://h/" })
+    assert.is_false(ok)
+    assert.matches("--scenario takes no URL", err, 1, true)
+  end)
+
   it("refuses bad values", function()
     for _, argv in ipairs{ { "-c", "0", "u" }, { "-d", "soon", "u" }, { "-t", "x", "u" }, { "-c1", "-t2", "u" },
       { "--frobnicate", "u" }, { "-H", "no colon", "u" }, { "-R", "10", "--pipeline", "2", "u" }, { "-c" } } do

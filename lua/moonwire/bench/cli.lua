@@ -52,6 +52,13 @@ local function die(msg)
   return 2
 end
 
+-- options a scenario does not use (its stages set the duration, its users their requests)
+local URL_ONLY = {}
+for _, a in ipairs{ "-c", "--connections", "-d", "--duration", "-s", "--script", "-H", "--header", "--latency",
+  "--timeout", "-R", "--rate", "--pipeline", "-m", "--method", "--streams", "--h2", "-b", "--body" } do
+  URL_ONLY[a] = true
+end
+
 local function parse_args(argv)
   local o = { connections = 10, threads = 2, duration = 10, timeout = 2, headers = {}, thresholds = {},
     pipeline = 1, script_args = {} }
@@ -70,12 +77,14 @@ local function parse_args(argv)
     if not n then error(("bad value for %s: '%s'"):format(name, v), 0) end
     return n
   end
+  local given = {}   -- the options of a URL run given, refused with --scenario
   while i <= #argv do
     local a = argv[i]
     local long, inline = a:match("^(%-%-[%w-]+)=(.*)$")
     if long then a = long table.insert(argv, i + 1, inline) end
     local short, attached = a:match("^(%-[cdtsHRmb])(.+)$")   -- getopt style: -t2, -c100
     if short then a = short table.insert(argv, i + 1, attached) end
+    if URL_ONLY[a] then given[#given + 1] = a end
     if a == "--" then
       for j = i + 1, #argv do o.script_args[#o.script_args + 1] = argv[j] end
       break
@@ -132,6 +141,10 @@ local function parse_args(argv)
   for _, k in ipairs{ "connections", "threads", "duration", "timeout", "pipeline" } do
     if not o[k] or o[k] <= 0 then error(("bad value for %s"):format(k), 0) end
   end
+  if o.scenario and #given > 0 then
+    error(("--scenario does not take %s (the scenario sets its duration, users and requests)"):format(given[1]), 0)
+  end
+  if o.scenario and o.url then error("--scenario takes no URL (the scenario's users name theirs)", 0) end
   if o.connections < o.threads and not o.scenario then error("number of connections must be >= threads", 0) end
   if o.rate and o.rate <= 0 then error("bad value for rate", 0) end
   if o.rate and o.pipeline > 1 then error("--rate and --pipeline do not go together", 0) end
@@ -517,8 +530,8 @@ local function run_scenario(o)
     local data = sc.setup and sc.setup() or nil
     local shared = core.counters(1)   -- the stop cell (see join_all)
     local sigint, _sigint <close> = stop_on_sigint(shared, 1)
-    out:write(("Running scenario %s: %d threads, %.0fs\n"):format(o.scenario, o.threads,
-      scenario.total_duration(sc.stages)))
+    out:write(("Running scenario %s: %d threads, %s\n"):format(o.scenario, o.threads,
+      fmt.time_us(scenario.total_duration(sc.stages) * 1e6)))
     local started = {}
     for i = 1, o.threads do
       local h = core.thread()

@@ -165,7 +165,9 @@ local function run_users(cfg, sc)
       prev = st.target
     end
     rt.stop = true
-    -- let running iterations finish (bounded), then end the loop
+    -- the run's duration is the stages' (rates are per second of it); running iterations
+    -- then get up to 10 s to finish (what they record counts), and the loop ends
+    rt.duration = (hrtime() - t_start) / 1e9
     local deadline = hrtime() + 10e9
     while hrtime() < deadline do
       local busy = false
@@ -173,7 +175,6 @@ local function run_users(cfg, sc)
       if not busy then break end
       mw.sleep(0.05)
     end
-    rt.duration = (hrtime() - t_start) / 1e9
     mw.stop()
   end)
   local reg = bench._registry()
