@@ -711,6 +711,24 @@ describe("bench: wrk scripts (spec/wrk_scripts)", function()
     end, 30)
   end)
 
+  -- Regression: "Running 1s test @ URL" and the threads line were printed with the report,
+  -- after the run; wrk prints them before it starts (here: before any response() output).
+  it("wrk's header lines come before the run", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local _g <close> = guard(srv)
+      local script = writefile(tmp(".lua"), [[
+local said = false
+function response() if not said then said = true io.write("@response\n") io.flush() end end
+]])
+      local r = bench({ "-t1", "-c1", "-d0.3s", "-s", script, url(srv) })
+      assert.equal(0, r.code, r.context)
+      local running, first = r.out:find("Running 300ms test @ ", 1, true), r.out:find("@response", 1, true)
+      assert.is_truthy(running and first, r.context)
+      assert.is_true(running < first, "the header came after the run" .. r.context)
+    end, 20)
+  end)
+
   it("init(args) gets the URL as args[0], as wrk gives it", function()
     run(function()
       local r = setup_init()

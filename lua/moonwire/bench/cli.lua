@@ -310,10 +310,17 @@ end
 -- ---------------------------------------------------------------------------------------
 -- output
 
-function M.print_wrk(o, r, out)
-  local lat, req = r.latency, r.requests
+--- wrk's first lines: what is about to run (before the run, as wrk prints them).
+function M.print_header(o, out)
   out:write(("Running %s test @ %s\n"):format(fmt.time_us(o.duration * 1e6):gsub("%.00", ""), o.url))
   out:write(("  %d threads and %d connections\n"):format(o.threads, o.connections))
+  out:flush()
+end
+
+--- wrk's report of merged results `r`; `header_done`: M.print_header ran before the run.
+function M.print_wrk(o, r, out, header_done)
+  local lat, req = r.latency, r.requests
+  if not header_done then M.print_header(o, out) end
   out:write("  Thread Stats   Avg      Stdev     Max   +/- Stdev\n")
   local function within(s)
     return s._h:within(s.mean - s.stdev, s.mean + s.stdev)
@@ -598,6 +605,8 @@ function M.main(argv)
       threads[i] = th
     end
     if main_env.setup then for _, th in ipairs(threads) do main_env.setup(th) end end
+    local out = o.json == "-" and io.stderr or io.stdout
+    M.print_header(o, out)
     local per, extra = o.connections // o.threads, o.connections % o.threads
     local t0 = mw.now()
     local started = {}
@@ -622,8 +631,7 @@ function M.main(argv)
     if prog then prog:cancel() io.stdout:write("\r", (" "):rep(70), "\r") end
     if sigint.interrupted then io.stderr:write("moonwire bench: interrupted: the report covers what ran\n") end
     result = M.merge_results(results)
-    local out = o.json == "-" and io.stderr or io.stdout
-    M.print_wrk(o, result, out)
+    M.print_wrk(o, result, out, true)
     local done_code = M.call_done(main_env.done, result)
     local tcode
     result.threshold_results, tcode = M.judge(o.thresholds, result, M.check_threshold, out)
