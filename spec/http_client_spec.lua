@@ -1008,6 +1008,70 @@ describe("http client: stale pooled connections", function()
     end)
   end)
 
+  -- Regression: checkout trusted a connection idle for under a second without alive(), and
+  -- release only looked at bytes already in the userspace buffer. A response the server
+  -- sent unasked once the connection was back in the pool (here "POISON", written when the
+  -- test says so) was read as the next request's answer, before the server even read that
+  -- request. Now every checkout peeks: the connection is dropped and a fresh one is used.
+  it("a response sent unasked to an idle connection is never the next request's answer", function()
+    run(function()
+      local go, written = mw.channel(1), mw.channel(1)
+      local f = fake(function(s, n)
+        local req = assert(read_request(s))
+        assert(s:write(ok_response("hello " .. n .. " " .. req.target)))
+        if n == 1 then
+          assert(go:recv(5))
+          assert(s:write(ok_response("POISON")))
+          written:send(true)
+        end
+        while true do
+          req = read_request(s)
+          if not req then return end
+          s:write(ok_response("hello " .. n .. " " .. req.target))
+        end
+      end)
+      local _f <close> = f
+      local c = http.client()
+      assert.equal("hello 1 /1", assert(c:get(f.url .. "/1")):body())
+      assert.same({ idle = 1, active = 0 }, c:stats())
+      go:send(true)
+      assert(written:recv(5))   -- (on loopback the bytes are in our socket once written)
+      assert.equal("hello 2 /2", assert(c:get(f.url .. "/2")):body())
+      assert.equal(2, f.accepted)
+      c:close()
+    end)
+  end)
+
+  -- Regression: the same shortcut made a POST fail with "closed" on a connection the server
+  -- had closed (FIN received) less than a second ago, although alive() would have seen it and
+  -- a fresh connection been used; a POST is not retried, so the shortcut was the failure.
+  it("a POST after the server closed the idle connection goes on a fresh one", function()
+    run(function()
+      local closed = mw.channel(1)
+      local posts = {}
+      local f = fake(function(s, n)
+        local req = assert(read_request(s))
+        if n == 1 then
+          assert(s:write(ok_response("warm")))   -- keep-alive, then the server closes
+          s:close()
+          closed:send(true)
+          return
+        end
+        posts[#posts + 1] = req
+        s:write(ok_response(("conn %d %s %s"):format(n, req.method, req.body)))
+      end)
+      local _f <close> = f
+      local c = http.client()
+      assert.equal("warm", assert(c:get(f.url .. "/warm")):body())
+      assert(closed:recv(5))
+      local res, err = c:post(f.url .. "/post", "once")
+      assert(res, "request failed: " .. tostring(err))
+      assert.equal("conn 2 POST once", res:body())
+      assert.equal(1, #posts)
+      c:close()
+    end)
+  end)
+
   it("a fresh connection the server closes without answering fails with 'closed' (no retry)", function()
     run(function()
       local f = fake_http(function() return false end)

@@ -140,9 +140,12 @@ local function checkout(self, key, connect, fresh)
     while #idle > 0 and not fresh do
       local c = table.remove(idle)
       local age = now - c.idle_since
-      -- a connection back in the pool for under a second is trusted without a syscall; a
-      -- stale one is caught by the retry in exchange() for idempotent requests
-      if age < self.idle_timeout and c.sock:buffered() == 0 and (age < 1 or c.sock:alive()) then
+      -- alive() (one MSG_PEEK recv) on every checkout, however short the idle time: a
+      -- response the server sent unasked after the last one would otherwise be read as this
+      -- request's answer, and a close it sent meanwhile would fail a request that cannot be
+      -- retried (a POST) when a fresh connection would do; a close that crosses our request
+      -- is still caught by the retry in exchange() for idempotent requests
+      if age < self.idle_timeout and c.sock:alive() then
         p.active = p.active + 1
         c.reused, c.released = true, false
         return c
