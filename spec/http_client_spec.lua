@@ -1829,6 +1829,32 @@ describe("http client: redirects", function()
     end)
   end)
 
+  -- Regression: every hop ran under mw.timeout with the whole `timeout`, so 5 redirects of
+  -- 0.8 s each under timeout = 1.5 took 4.8 s and succeeded. The docs promise one deadline;
+  -- each hop now gets what is left of it. Here 6 answers of 0.3 s each (1.8 s) against 0.8 s.
+  it("timeout is one deadline over every redirect hop, not one per hop", function()
+    run(function()
+      local f = fake_http(function(req)
+        mw.sleep(0.3)
+        local i = tonumber(req.target:match("%d+"))
+        if i < 5 then
+          return response("HTTP/1.1 302 Found", { "Location: /" .. (i + 1), "Content-Length: 0" })
+        end
+        return ok_response("end")
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local t0 = mw.now()
+      helper.fails("timeout", c:request { url = f.url .. "/0", timeout = 0.8 })
+      local took = mw.now() - t0
+      assert(took < 1.2, ("took %.2f s, the deadline was 0.8 s"):format(took))
+      assert(#f.requests < 5, #f.requests .. " requests were sent")
+      -- a timeout long enough for all of them: the chain ends
+      assert.equal("end", assert(c:request { url = f.url .. "/0", timeout = 5 }):body())
+      c:close()
+    end)
+  end)
+
   it("a 3xx without Location is returned as it is", function()
     run(function()
       local srv, log = router { ["/choices"] = function(_, res)

@@ -971,7 +971,10 @@ function Client:request(o)
   local visited   -- made on the first redirect
   local current_url = o.url
   for hop = 0, max_redirects do
-    local res, err, code = mw.timeout(timeout, exchange, self, opts, u, method, body)
+    -- one deadline over every hop: each gets what the ones before it left
+    local left = deadline - mw.now()
+    if left <= 0 then return nil, "timeout", "timeout" end
+    local res, err, code = mw.timeout(left, exchange, self, opts, u, method, body)
     if not res then return nil, err, code end
     rawset(res, "url", (current_url:gsub("^(%a[%w+.-]*://)[^/?#]*@", "%1")))  -- (no credentials)
     rawset(res, "_decompress", opts._decompress)
