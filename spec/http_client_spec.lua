@@ -1340,6 +1340,41 @@ describe("http client: broken servers", function()
     end)
   end)
 
+  -- Regression: llhttp (strict) takes an obs-fold in a response head and reports the folded
+  -- value as spans the glue added up as if contiguous: "X-A: a\r\n b" gave "a\r\n", a
+  -- folded Location "/x\r\n\tev", raw CR LF handed to the caller (and on to a redirect).
+  -- The line rules of request heads (no obs-fold, no line starting with ':') now apply to
+  -- response heads too: refused with code "http" (RFC 9112 §5.2 allows rejecting).
+  it("an obs-fold or a line starting with ':' in a response head: nil, err, 'http'", function()
+    run(function()
+      local heads = {
+        "HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\nX-A: a\r\n\tb\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 302 Found\r\nLocation: /x\r\n\tevil\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n folded: 1\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\n:x\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n ; rel=preload\r\n\r\n" ..
+          "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+      }
+      local f = fake_http(function(req)
+        return heads[tonumber(req.target:match("%d+"))]
+      end)
+      local _f <close> = f
+      local c = http.client()
+      for i = 1, #heads do
+        helper.fails("http", c:get(f.url .. "/" .. i, { timeout = 3 }))
+      end
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      assert.equal("obsolete line folding", select(2, c:get(f.url .. "/3", { timeout = 3 })))
+      -- a value with white space inside, and one ending the head, are fine
+      heads[1] = "HTTP/1.1 200 OK\r\nX-A: a \t b\r\nContent-Length: 2\r\n\r\nok"
+      local res = assert(c:get(f.url .. "/1", { timeout = 3 }))
+      assert.equal("a \t b", res.headers["x-a"])
+      assert.equal("ok", res:body())
+      c:close()
+    end)
+  end)
+
   it("more header fields than max_headers: nil, err, 'http'", function()
     run(function()
       local f = fake_http(function(req)

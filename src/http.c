@@ -789,6 +789,21 @@ static void build_request(lua_State *L, mw_http *h)
     lua_setmetatable(L, -2);
 }
 
+/* Every line break of a complete head (request or response) by line_break_bad: llhttp
+ * (strict) takes an obs-fold, and reports the folded value as spans that on_header_value
+ * adds up as if contiguous (the CR LF and the fold's white space end up in the value). */
+static const char *head_breaks_bad(const char *p, size_t n)
+{
+    /* from one LF to the next (memchr: a few calls per head rather than a test per byte) */
+    const char *end = p + n;
+    for (const char *lf = memchr(p, '\n', n); lf; lf = memchr(lf + 1, '\n', (size_t)(end - lf - 1))) {
+        const char *bad = line_break_bad(lf == p ? -1 : lf[-1], lf + 1 < end ? lf[1] : -1);
+        if (bad) return bad;
+        if (lf + 1 >= end) break;
+    }
+    return NULL;
+}
+
 /* What llhttp lets through even in strict mode, checked over the whole head once it is
  * complete: every LF preceded by CR (no bare LF), no obs-fold (a line starting with SP or
  * HTAB), no line starting with ':' (empty field name), and a request line of exactly
@@ -805,14 +820,7 @@ static const char *strict_head(const char *p, size_t n)
         }
     }
     if (spaces != 2) return "malformed request line";
-    /* from one LF to the next (memchr: a few calls per head rather than a test per byte) */
-    const char *end = p + n;
-    for (const char *lf = memchr(p, '\n', n); lf; lf = memchr(lf + 1, '\n', (size_t)(end - lf - 1))) {
-        const char *bad = line_break_bad(lf == p ? -1 : lf[-1], lf + 1 < end ? lf[1] : -1);
-        if (bad) return bad;
-        if (lf + 1 >= end) break;
-    }
-    return NULL;
+    return head_breaks_bad(p, n);
 }
 
 /* Builds the response table (client side). */
@@ -883,6 +891,9 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
                 if (bad) return pushverdict(L, bad, 400);
                 build_request(L, h);
             } else {
+                /* RFC 9112 §5.2: an obs-fold is refused rather than unfolded (code "http") */
+                const char *bad = head_breaks_bad(h->base, h->parsed);
+                if (bad) return pushverdict(L, bad, 0);
                 build_response(L, h);
             }
             /* the head is in Lua now: drop it, then let llhttp reach the end of a message
