@@ -2020,6 +2020,93 @@ describe("http client: decompress", function()
     end)
   end)
 
+  -- Regression: on Z_STREAM_END the inflater dropped the rest of its input and said "end",
+  -- so gzip("hello") .. gzip(" world") decoded to "hello" and trailing garbage vanished,
+  -- both reported as success. A gzip body may be several members (RFC 9110 §8.4.1.3,
+  -- RFC 1952 §2.2): each is decoded; anything else after the end is an error.
+  local members = core.gzip("hello") .. core.gzip(" world") .. core.gzip("!")
+
+  it("the inflater: gzip members in any pieces; data after the end fails; other framings take one stream", function()
+    -- every split of three members into two calls, one byte at a time too
+    for cut = 0, #members do
+      local inf = core.inflater("gzip")
+      local a, ea = assert(inf:decompress(members:sub(1, cut)))
+      local b, eb = assert(inf:decompress(members:sub(cut + 1)))
+      assert.equal("hello world!", a .. b)
+      assert.equal("end", eb)
+      if cut == #members then assert.equal("end", ea) end
+    end
+    local inf, out = core.inflater("gzip"), {}
+    for i = 1, #members do out[#out + 1] = assert(inf:decompress(members:sub(i, i))) end
+    assert.equal("hello world!", table.concat(out))
+    assert.same({ "", "end" }, { inf:decompress("") })
+    -- a member cut short: no "end"
+    inf = core.inflater("gzip")
+    local part = core.gzip("hello") .. core.gzip(" world"):sub(1, 15)
+    local got, e = inf:decompress(part)
+    assert.is_nil(e)
+    assert.equal("hello", got:sub(1, 5))
+    -- garbage after a member, in the same call or a later one, and a second member in zlib
+    -- or raw framing: "data after the end of the compressed stream"
+    for _, case in ipairs {
+      { "gzip", core.gzip("hello") .. "garbage" },
+      { "gzip", core.gzip("hello") .. "\31garbage" },
+      { "gzip", core.gzip("hello") .. "\0" },
+      { "gzip", core.gzip("hello"), "x" },
+      { "auto", core.deflater("zlib"):compress("hello", "finish") .. "x" },
+      { "zlib", core.deflater("zlib"):compress("hello", "finish"), core.deflater("zlib"):compress("x", "finish") },
+      { "raw", core.deflater("raw"):compress("hello", "finish") .. "\0\0\255\255" },
+    } do
+      inf = core.inflater(case[1])
+      local ok, err, code = inf:decompress(case[2])
+      if case[3] then
+        assert.equal("end", err)
+        ok, err, code = inf:decompress(case[3])
+      end
+      assert.is_nil(ok)
+      assert.equal("zlib", code)
+      if case[2] ~= core.gzip("hello") .. "\31garbage" then
+        assert.equal("data after the end of the compressed stream", err)
+      end
+    end
+  end)
+
+  it("a gzip body of several members is decoded whole; trailing garbage fails (body and body_reader)", function()
+    run(function()
+      local bodies = { ["/members"] = members, ["/garbage"] = core.gzip("hello") .. "trailing garbage" }
+      local f = fake_http(function(req)
+        local z = bodies[req.target:match("^/%a+")]
+        if req.target:match("/chunked$") then
+          local parts = { "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" }
+          for i = 1, #z, 5 do
+            local piece = z:sub(i, i + 4)
+            parts[#parts + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
+          end
+          parts[#parts + 1] = "0\r\n\r\n"
+          return table.concat(parts)
+        end
+        return response("HTTP/1.1 200 OK", { "Content-Encoding: gzip", "Content-Length: " .. #z }, z)
+      end)
+      local _f <close> = f
+      local c = http.client { decompress = true }
+      local function read_all(res)
+        local parts = {}
+        local ok, err = pcall(function() for chunk in res:body_reader() do parts[#parts + 1] = chunk end end)
+        if not ok then return nil, err end
+        return table.concat(parts)
+      end
+      for _, framing in ipairs { "", "/chunked" } do
+        assert.equal("hello world!", assert(c:get(f.url .. "/members" .. framing)):body())
+        assert.equal("hello world!", read_all(assert(c:get(f.url .. "/members" .. framing))))
+        local _, err, code = assert(c:get(f.url .. "/garbage" .. framing)):body()
+        assert.same({ "response body: data after the end of the compressed stream", "zlib" }, { err, code })
+        _, err = read_all(assert(c:get(f.url .. "/garbage" .. framing)))
+        assert.matches("data after the end of the compressed stream", err)
+      end
+      c:close()
+    end)
+  end)
+
   it("corrupt compressed data: body() returns nil, err", function()
     run(function()
       local bad = "\31\139\8\0\0\0\0\0\0\3" .. ("garbage!"):rep(20)

@@ -77,7 +77,9 @@ static int l_gunzip(lua_State *L)
 #define DEFLATER_MT "moonwire.Deflater"
 #define INFLATER_MT "moonwire.Inflater"
 
-typedef struct { z_stream z; int open; } zbox;
+/* open: the z_stream is initialised; inflaters: gzip: gzip framing (a stream may be several
+ * members, RFC 1952 §2.2); ended: the (last) stream ended, only another member may follow */
+typedef struct { z_stream z; int open, gzip, ended; } zbox;
 
 static int zbox_gc_deflate(lua_State *L)
 {
@@ -177,11 +179,17 @@ static int l_inflater(lua_State *L)
     luaL_setmetatable(L, INFLATER_MT);
     if (inflateInit2(&b->z, wb) != Z_OK) return luaL_error(L, "inflateInit2 failed");
     b->open = 1;
+    b->gzip = wb > 15 && wb < 32;
     return 1;
 }
 
 /* i:decompress(data, max) -> output [, "end"] | nil, err, code ("toolarge": the output
- * would pass max bytes, checked as it is produced, so a bomb stops early; "zlib": bad data) */
+ * would pass max bytes, checked as it is produced, so a bomb stops early; "zlib": bad data,
+ * or data after the end of the stream). "end": the stream has ended with this call's data
+ * (a later call may still start another gzip member, then "end" comes again at its end).
+ * Gzip framing takes several members one after the other (RFC 1952 §2.2, RFC 9110
+ * §8.4.1.3: a body is not cut at the first member's end); anything else after the end is
+ * refused rather than dropped, so a truncated decoding never passes for the whole. */
 static int i_decompress(lua_State *L)
 {
     zbox *b = luaL_checkudata(L, 1, INFLATER_MT);
@@ -194,33 +202,43 @@ static int i_decompress(lua_State *L)
     b->z.next_in = (Bytef *)in;
     b->z.avail_in = (uInt)n;
     size_t total = 0;
-    int r = Z_OK;
-    while (b->z.avail_in > 0 || r == Z_OK) {
+    for (;;) {
+        if (b->ended) {
+            if (b->z.avail_in == 0) break;
+            /* another member starts with the magic 1f 8b (a lone 1f: inflate checks the 8b) */
+            const Bytef *next = b->z.next_in;
+            if (!b->gzip || next[0] != 0x1f || (b->z.avail_in > 1 && next[1] != 0x8b))
+                return mw_pushfail(L, "data after the end of the compressed stream", "zlib");
+            inflateReset(&b->z);
+            b->ended = 0;
+        }
         char *p = luaL_prepbuffsize(&out, 16384);
         b->z.next_out = (Bytef *)p;
         b->z.avail_out = 16384;
-        r = inflate(&b->z, Z_SYNC_FLUSH);
+        int r = inflate(&b->z, Z_SYNC_FLUSH);
         size_t got = 16384 - b->z.avail_out;
         luaL_addsize(&out, got);
         total += got;
         if (total > (size_t)max) return mw_pushfail(L, "decompressed data too large", "toolarge");
         if (r == Z_STREAM_END) {
-            luaL_pushresult(&out);
-            lua_pushliteral(L, "end");
-            return 2;
+            b->ended = 1;
+            continue;
         }
         if (r == Z_BUF_ERROR) break;  /* needs more input (or output fully drained) */
         if (r != Z_OK) return mw_pushfail(L, b->z.msg ? b->z.msg : "invalid compressed data", "zlib");
         if (b->z.avail_in == 0 && b->z.avail_out > 0) break;
     }
     luaL_pushresult(&out);
-    return 1;
+    if (!b->ended) return 1;
+    lua_pushliteral(L, "end");
+    return 2;
 }
 
 static int i_reset(lua_State *L)
 {
     zbox *b = luaL_checkudata(L, 1, INFLATER_MT);
     if (b->open) inflateReset(&b->z);
+    b->ended = 0;
     return 0;
 }
 

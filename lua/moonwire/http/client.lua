@@ -329,8 +329,8 @@ local function chunk_reader(self, read, done, keep)
           done(self, false)
           error("response body: " .. tostring(derr), 2)
         end
-        fed = fed or chunk ~= ""
-        if derr == "end" then ended = true end
+        -- (a gzip body may hold several members: "end" holds only at a member's end)
+        if chunk ~= "" then fed, ended = true, derr == "end" end
         if out ~= "" then return out end
       else
         return chunk
