@@ -2185,7 +2185,8 @@ describe("http client: unix, proxy, userinfo", function()
     local out, rc = file .. ".out", file .. ".rc"
     local preload = os.getenv("MW_ASAN_PRELOAD")
     local pre = preload and ("LD_PRELOAD=" .. preload .. " ") or ""
-    assert(os.execute(("(env -u http_proxy -u HTTP_PROXY -u no_proxy -u NO_PROXY %s%s timeout -k 1 %d lua5.4 %s"
+    assert(os.execute(("(env -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY -u no_proxy -u NO_PROXY"
+      .. " -u REQUEST_METHOD %s%s timeout -k 1 %d lua5.4 %s"
       .. " >%s 2>&1; echo $? >%s.tmp; mv %s.tmp %s) </dev/null >/dev/null 2>&1 &")
       :format(pre, env, limit, file, out, rc, rc, rc)))
     assert(wait_for(function()
@@ -2223,6 +2224,37 @@ end)
       assert.equal("error dns\n", child(env .. " no_proxy=localhost,.invalid", (CHILD:gsub("PROXY", "nil"))))
       assert.equal("error dns\n", child(env, (CHILD:gsub("PROXY", "false"))))
       assert.equal(1, #f.requests)
+    end, 30)
+  end)
+
+  -- Regression: proxy_for chose `u.scheme == "https" and env.https or env.http`, so with
+  -- https_proxy unset an https request went to http_proxy (a CONNECT carrying its
+  -- Proxy-Authorization). curl, Go and Python use https_proxy alone for https. Also
+  -- httpoxy (CVE-2016-5385): under CGI, HTTP_PROXY may come from a request's "Proxy:"
+  -- header, so with REQUEST_METHOD set only the lower-case http_proxy counts.
+  it("https takes https_proxy only (never http_proxy); HTTP_PROXY is ignored under CGI", function()
+    run(function()
+      local f = fake_http(function(req) return ok_response("proxied " .. req.target) end)
+      local _f <close> = f
+      local proxy = "http://u:p@127.0.0.1:" .. f.port
+      local https_child = (CHILD:gsub("PROXY", "nil"):gsub("http://example", "https://example"))
+      -- http_proxy alone: an https request connects directly (example.invalid: no such name)
+      assert.equal("error dns\n", child("http_proxy=" .. proxy, https_child))
+      assert.equal("error dns\n", child("HTTP_PROXY=" .. proxy, https_child))
+      assert.equal(0, #f.requests)
+      -- https_proxy: the CONNECT goes there (the fake answers it with a body: "proxy")
+      assert.equal("error proxy\n", child("https_proxy=" .. proxy, https_child))
+      assert.equal(1, #f.requests)
+      assert.same({ "CONNECT", "example.invalid:443", "Basic " .. b64("u:p") },
+        { f.requests[1].method, f.requests[1].target, f.requests[1].headers["proxy-authorization"] })
+      -- HTTP_PROXY with REQUEST_METHOD set (CGI): not used; http_proxy still is
+      local plain = (CHILD:gsub("PROXY", "nil"))
+      assert.equal("error dns\n", child("REQUEST_METHOD=GET HTTP_PROXY=" .. proxy, plain))
+      assert.equal(1, #f.requests)
+      assert.equal("status 200 proxied http://example.invalid/env?x=1\n", child("HTTP_PROXY=" .. proxy, plain))
+      assert.equal("status 200 proxied http://example.invalid/env?x=1\n",
+        child("REQUEST_METHOD=GET http_proxy=" .. proxy, plain))
+      assert.equal(3, #f.requests)
     end, 30)
   end)
 

@@ -539,22 +539,29 @@ local function no_proxy_match(host, list)
   return false
 end
 
--- The proxy settings of the environment, read once per client.
+-- The proxy settings of the environment, read once per client. An https URL takes
+-- https_proxy only, never http_proxy (as curl, Go and Python do: credentials meant for one
+-- proxy are not sent to another). Under CGI (REQUEST_METHOD set) HTTP_PROXY may come from a
+-- request's "Proxy:" header (httpoxy, CVE-2016-5385): then only the lower-case http_proxy
+-- counts, as in curl and Go.
 local function env_proxies()
+  local http = os.getenv("http_proxy")
+  if not http and not os.getenv("REQUEST_METHOD") then http = os.getenv("HTTP_PROXY") end
   return {
-    http = os.getenv("http_proxy") or os.getenv("HTTP_PROXY"),
+    http = http,
     https = os.getenv("https_proxy") or os.getenv("HTTPS_PROXY"),
     no = os.getenv("no_proxy") or os.getenv("NO_PROXY"),
   }
 end
 
--- The proxy URL for u, from the option or the environment (http_proxy / no_proxy).
+-- The proxy URL for u, from the option or the environment (http_proxy or https_proxy by
+-- the URL's scheme, no_proxy).
 local function proxy_for(self, o, u)
   local p = o.proxy
   if p == false or o.unix then return nil end    -- (a Unix socket is reached directly)
   if p == nil then
     local env = self._env
-    p = u.scheme == "https" and env.https or env.http
+    if u.scheme == "https" then p = env.https else p = env.http end
     if p and env.no and no_proxy_match(u.host, env.no) then p = nil end
   end
   if p == nil or p == "" then return nil end
