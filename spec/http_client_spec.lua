@@ -2107,6 +2107,71 @@ describe("http client: decompress", function()
     end)
   end)
 
+  -- Regression: decoder_for knew one coding per response: "gzip, gzip", two fields (joined
+  -- "deflate, gzip") and unknown codings ("br") came back still encoded, as a success. And
+  -- "deflate" used an "auto" inflater that fails on raw deflate ("incorrect header check"),
+  -- which some servers send and browsers and curl accept. Now the list is undone from the
+  -- last coding to the first, a coding we cannot undo fails with code "http" naming it,
+  -- and "deflate" takes zlib framing or raw deflate by its first two bytes.
+  it("a list of codings is undone in reverse order; an unknown one fails with 'http'; raw deflate", function()
+    run(function()
+      local zlib = function(s) return core.deflater("zlib"):compress(s, "finish") end
+      local raw = function(s) return core.deflater("raw"):compress(s, "finish") end
+      local cases = {
+        ["/gg"] = { { "Content-Encoding: gzip, gzip" }, core.gzip(core.gzip(TEXT)) },
+        ["/two"] = { { "Content-Encoding: deflate", "Content-Encoding: GZIP" }, core.gzip(zlib(TEXT)) },
+        ["/id"] = { { "Content-Encoding: identity, gzip ,identity" }, core.gzip(TEXT) },
+        ["/raw"] = { { "Content-Encoding: deflate" }, raw(TEXT) },
+        ["/rawgz"] = { { "Content-Encoding: deflate, gzip" }, core.gzip(raw(TEXT)) },
+        ["/br"] = { { "Content-Encoding: br" }, "\11\2\128hello\3" },
+        ["/gzbr"] = { { "Content-Encoding: gzip, br" }, core.gzip("x") },
+        ["/brempty"] = { { "Content-Encoding: br" }, "" },
+      }
+      local f = fake_http(function(req)
+        local path, chunked = req.target:match("^(/%a+)(.*)$")
+        local case = cases[path]
+        local h = table.move(case[1], 1, #case[1], 1, {})
+        if chunked == "/chunked" then
+          h[#h + 1] = "Transfer-Encoding: chunked"
+          local parts = {}
+          for i = 1, #case[2], 3 do
+            local piece = case[2]:sub(i, i + 2)
+            parts[#parts + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
+          end
+          parts[#parts + 1] = "0\r\n\r\n"
+          return response("HTTP/1.1 200 OK", h, table.concat(parts))
+        end
+        h[#h + 1] = "Content-Length: " .. #case[2]
+        return response("HTTP/1.1 200 OK", h, case[2])
+      end)
+      local _f <close> = f
+      local c = http.client { decompress = true }
+      local function read_all(res)
+        local parts = {}
+        local ok, err = pcall(function() for chunk in res:body_reader() do parts[#parts + 1] = chunk end end)
+        if not ok then return nil, err end
+        return table.concat(parts)
+      end
+      for _, framing in ipairs { "", "/chunked" } do
+        for _, path in ipairs { "/gg", "/two", "/id", "/raw", "/rawgz" } do
+          assert.equal(TEXT, assert(c:get(f.url .. path .. framing)):body(), path .. framing)
+          assert.equal(TEXT, read_all(assert(c:get(f.url .. path .. framing))), path .. framing)
+        end
+        for path, coding in pairs { ["/br"] = "br", ["/gzbr"] = "br" } do
+          local res = assert(c:get(f.url .. path .. framing))
+          assert.equal(200, res.status)
+          local _, err, code = res:body()
+          assert.same({ "response body: unsupported content coding '" .. coding .. "'", "http" }, { err, code })
+          _, err = read_all(assert(c:get(f.url .. path .. framing)))
+          assert.matches("unsupported content coding 'br'", err, 1, true)
+        end
+      end
+      -- nothing to decode: an empty body is fine whatever its coding
+      assert.equal("", assert(c:get(f.url .. "/brempty")):body())
+      c:close()
+    end)
+  end)
+
   it("corrupt compressed data: body() returns nil, err", function()
     run(function()
       local bad = "\31\139\8\0\0\0\0\0\0\3" .. ("garbage!"):rep(20)

@@ -217,14 +217,69 @@ local function finished(res)
   if c and c.hc:msg_done() then done_with(res, res.keepalive) end
 end
 
+-- "deflate" is meant as zlib framing (RFC 9110 §8.4.1.2), but some servers send raw
+-- deflate; browsers and curl take both. The first two bytes tell: a zlib header (CM 8,
+-- CINFO <= 7, a multiple of 31) or gzip's magic go to an "auto" inflater, anything else to a
+-- raw one. Same interface as an inflater.
+local Deflate = {}
+Deflate.__index = Deflate
+
+function Deflate:decompress(data, max)
+  local inf = self.inf
+  if not inf then
+    local head = self.head .. data
+    if #head < 2 then
+      self.head = head
+      return ""
+    end
+    local b0, b1 = head:byte(1, 2)
+    local zlib = (b0 & 15) == 8 and (b0 >> 4) <= 7 and (b0 * 256 + b1) % 31 == 0
+    inf = core.inflater((zlib or (b0 == 0x1f and b1 == 0x8b)) and "auto" or "raw")
+    self.inf, self.head, data = inf, nil, head
+  end
+  return inf:decompress(data, max)
+end
+
+-- Several codings, applied in the order listed: decoded from the last to the first. The
+-- whole has ended when every stage has.
+local Chain = {}
+Chain.__index = Chain
+
+function Chain:decompress(data, max)
+  local ended = true
+  for i = #self, 1, -1 do
+    local out, e, code = self[i]:decompress(data, max)
+    if not out then return nil, e, code end
+    if e ~= "end" then ended = false end
+    data = out
+  end
+  return data, ended and "end" or nil
+end
+
+local function stage_for(coding)
+  if coding == "gzip" or coding == "x-gzip" then return core.inflater("gzip") end
+  if coding == "deflate" then return setmetatable({ head = "" }, Deflate) end
+  return nil
+end
+
+-- The decoder of the response's Content-Encoding (every field, each a list of codings),
+-- nil when there is none to undo (or decompress is off), or false, err for a coding we
+-- cannot undo (never a body handed over still coded as if it were decoded).
 local function decoder_for(res)
   if not res._decompress then return nil end
   local ce = res.headers["content-encoding"]
   if not ce then return nil end
-  ce = ce:lower()
-  if ce == "gzip" or ce == "x-gzip" then return core.inflater("gzip") end
-  if ce == "deflate" then return core.inflater("auto") end  -- zlib framing, as most servers send
-  return nil
+  local stages = {}
+  for coding in ce:lower():gmatch("[^,]+") do
+    coding = coding:match("^[ \t]*(.-)[ \t]*$")
+    if coding ~= "" and coding ~= "identity" then
+      local stage = stage_for(coding)
+      if not stage then return false, "unsupported content coding '" .. coding .. "'" end
+      stages[#stages + 1] = stage
+    end
+  end
+  if #stages <= 1 then return stages[1] end
+  return setmetatable(stages, Chain)
 end
 
 -- What is left of the request's deadline (body reads share it), or the client's read_timeout.
@@ -261,14 +316,18 @@ local function whole_body(self, done, reusable, body, err, code)
     done(self, false)
     return nil, err, code
   end
-  local dec = decoder_for(self)
-  if dec then
+  local dec, cerr = decoder_for(self)
+  if dec == false and body ~= "" then
+    done(self, false)
+    return nil, "response body: " .. cerr, "http"
+  end
+  if dec and body ~= "" then
     local out, derr, dcode = dec:decompress(body, self._max_body)
     if not out then
       done(self, false)
       return nil, "response body: " .. derr, dcode
     end
-    if derr ~= "end" and body ~= "" then     -- cut short: never a shorter body as a success
+    if derr ~= "end" then     -- cut short: never a shorter body as a success
       done(self, false)
       return nil, "response body: the compressed data ends early", "http"
     end
@@ -304,7 +363,7 @@ end
 -- reusable)` lets the connection go, reusable when the body ended (`keep`).
 local function chunk_reader(self, read, done, keep)
   local timeout = rawget(self, "_read_timeout") or self:_body_timeout()
-  local dec = decoder_for(self)
+  local dec, cerr = decoder_for(self)
   local max = self._max_body
   local fed, ended = false, false
   return function()
@@ -322,6 +381,10 @@ local function chunk_reader(self, read, done, keep)
         end
         done(self, keep)
         return nil
+      end
+      if dec == false and chunk ~= "" then
+        done(self, false)
+        error("response body: " .. cerr, 2)
       end
       if dec then
         local out, derr = dec:decompress(chunk, max)
