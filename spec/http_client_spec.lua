@@ -2429,6 +2429,27 @@ describe("http client against bad answers", function()
     end)
   end)
 
+  -- Regression: a 101 to a request without Upgrade was returned as a normal response (with
+  -- whatever followed it on the connection left as "the body"). RFC 9110 §15.2.2: a server
+  -- switches only in answer to an Upgrade. Now it fails with code "http", connection closed.
+  it("an unsolicited 101 (the request asked for no upgrade) fails with 'http'", function()
+    run(function()
+      local f = fake(function(s)
+        assert(read_request(s))
+        s:write("HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\nother protocol")
+        s:read("a", 5)                       -- until the client closes
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local msg = helper.fails("http", c:get(f.url .. "/plain"))
+      assert.matches("101", msg)
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      helper.fails("http", c:post(f.url .. "/plain", "body", { headers = { connection = "upgrade" } }))
+      assert.equal(2, f.accepted)
+      c:close()
+    end)
+  end)
+
   it("a redirect to another scheme fails with 'redirect' instead of raising", function()
     run(function()
       local f = fake_http(function(req)

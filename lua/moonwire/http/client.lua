@@ -978,6 +978,12 @@ local function exchange(self, o, u, method, body)
         res, err, code = c.hc:read_request(-1, -1, method == "HEAD")
       until not res or res.status < 100 or res.status >= 200 or res.status == 101
     end
+    if res and res.status == 101 and not (o.headers and values_of(o.headers, "upgrade")[1]) then
+      -- a switch nobody asked for (RFC 9110 §15.2.2: only in answer to an Upgrade): what
+      -- follows is no HTTP we could read, and no response to this request
+      release(self, c, false)
+      return nil, "a 101 Switching Protocols answered a request that asked for no upgrade", "http"
+    end
     if res then
       -- a 101 hands the connection to another protocol: never back to the pool
       if res.status == 101 then res.keepalive = false end
