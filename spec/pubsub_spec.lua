@@ -77,6 +77,24 @@ describe("moonwire.pubsub, local", function()
     end)
   end)
 
+  -- Regression (found by a docs review): a message still queued for a topic when its
+  -- handler unsubscribed went to a handler that subscribed after it was published.
+  it("a handler gets only what was published once it subscribed", function()
+    run(function()
+      local ps = pubsub.new()
+      local a, b = {}, {}
+      local ha = ps:subscribe("news", function(data) a[#a + 1] = data end)
+      assert.is_true(ps:publish("news", "hello"))
+      ha:close()                 -- before the topic's task delivered "hello"
+      ps:subscribe("news", function(data) b[#b + 1] = data end)
+      assert.is_true(ps:publish("news", "hello2"))
+      wait_for(function() return #b == 1 end)   -- (in order: "hello" was drained before)
+      assert.same({}, a)
+      assert.same({ "hello2" }, b)
+      ps:close()
+    end)
+  end)
+
   it("raises on misuse, naming the argument", function()
     run(function()
       local ps = pubsub.new()

@@ -29,6 +29,11 @@ function M.install(app, opts)
     end
     return here_now
   end
+  -- whose count it is: without Redis, with sibling workers (the workers bus), this one's only
+  local function where()
+    if pool or not require("moonwire.pubsub.bus").available() then return "" end
+    return " on this worker"
+  end
 
   local function say(text)
     -- delivered here at once; nil, err when it could not reach the other servers (logged)
@@ -47,12 +52,12 @@ function M.install(app, opts)
     local name = (req:query().name or ""):gsub("[^%w _-]", ""):sub(1, 24)
     if name == "" then name = "guest" .. math.random(1000, 9999) end
     ws:join("chat")
-    say(("* %s joined (%d online)"):format(name, online(1)))
+    say(("* %s joined (%d online%s)"):format(name, online(1), where()))
     for msg in ws:messages() do
       if #msg > 0 then say(name .. ": " .. msg:sub(1, 2000)) end
     end
     -- closed: the connection has left the topic already
-    say(("* %s left (%d online)"):format(name, online(-1)))
+    say(("* %s left (%d online%s)"):format(name, online(-1), where()))
   end)
   return app
 end

@@ -222,13 +222,18 @@ end
 local function drain(t)
   local q = t.q
   while q.first <= q.last do
-    local data = q[q.first]
-    q[q.first] = nil
-    q.first = q.first + 1
+    local n = q.first
+    local data = q[n]
+    q[n] = nil
+    q.first = n + 1
     local hs = t.handlers
     for i = 1, #hs do
-      local ok, err = pcall(hs[i].fn, data, t.name)
-      if not ok then io.stderr:write("moonwire: pubsub handler: ", tostring(err), "\n") end
+      local h = hs[i]
+      -- (a handler gets what was published once it was there: h.from, set by subscribe)
+      if n >= h.from then
+        local ok, err = pcall(h.fn, data, t.name)
+        if not ok then io.stderr:write("moonwire: pubsub handler: ", tostring(err), "\n") end
+      end
     end
   end
   t.task = nil
@@ -551,7 +556,8 @@ function PS:subscribe(topic, fn)
   if type(fn) ~= "function" then argerror(2, "subscribe", "function expected, got " .. type(fn)) end
   if self.closed then error("pubsub: subscribe after close", 2) end
   local t = topic_of(self, topic)
-  local h = setmetatable({ ps = self, topic = topic, fn = fn }, Handle)
+  -- the first message of the topic's queue this handler gets: none queued before it came
+  local h = setmetatable({ ps = self, topic = topic, fn = fn, from = (t.q and t.q.last or 0) + 1 }, Handle)
   t.handlers[#t.handlers + 1] = h
   t.refs = t.refs + 1
   return h
