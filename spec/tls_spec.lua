@@ -787,12 +787,16 @@ describe("tls", function()
     end)
   end)
 
-  -- The bytes waiting in a TCP socket's receive queue (/proc/net/tcp's rx_queue), by its
-  -- local port: how a test knows what a peer sent has arrived without reading it.
-  local function rx_queue(port)
+  -- The bytes waiting in an established TCP socket's receive queue (/proc/net/tcp's
+  -- rx_queue), by its local and remote ports: how a test knows what a peer sent has arrived
+  -- without reading it. (By both ports and the state: an earlier connection in TIME_WAIT may
+  -- have had the same local port.)
+  local function rx_queue(lport, rport)
     for line in io.lines("/proc/net/tcp") do
-      local lport, rx = line:match("^%s*%d+: %x+:(%x+) %x+:%x+ %x+ %x+:(%x+)")
-      if lport and tonumber(lport, 16) == port then return tonumber(rx, 16) end
+      local l, r, st, rx = line:match("^%s*%d+: %x+:(%x+) %x+:(%x+) (%x+) %x+:(%x+)")
+      if l and tonumber(l, 16) == lport and tonumber(r, 16) == rport and st == "01" then
+        return tonumber(rx, 16)
+      end
     end
   end
 
@@ -848,8 +852,8 @@ describe("tls", function()
       assert(cut:recv(5))
       local _, cport = c:getsockname()
       local deadline = mw.now() + 5
-      while rx_queue(cport) ~= 8 do
-        assert(mw.now() < deadline, "the 8 bytes did not arrive: " .. tostring(rx_queue(cport)))
+      while rx_queue(cport, pport) ~= 8 do
+        assert(mw.now() < deadline, "the 8 bytes did not arrive: " .. tostring(rx_queue(cport, pport)))
         mw.sleep(0.01)
       end
       assert.is_false(c:alive())       -- (the first call: it read the 8 bytes)
