@@ -657,6 +657,69 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("a BEGIN whose wait is cut short leaves no transaction open for the pool's next user", function()
+      -- (transaction() unlocked and returned nil, "timeout" while the server still ran its
+      -- BEGIN; the pool handed the connection out again, and the next INSERT landed in that
+      -- open transaction, invisible to every other connection. Now a task of its own waits
+      -- for the BEGIN and rolls back before the connection is handed out; pool:release rolls
+      -- back what its user left open)
+      run(function()
+        local admin = connect()
+        assert(admin:query("CREATE TABLE tb1 (v int)"))
+        local pool = pg.pool { url = srv.url, size = 1 }
+        assert(pool:query("SELECT 1"))
+        local insert = function(d) return d:query("INSERT INTO tb1 VALUES (0)") end
+        for i = 1, 5 do
+          -- (a BEGIN whose answer is already there when it is sent completes: committed)
+          local r, _, code = mw.timeout(0, function() return pool:transaction(insert) end)
+          if not r then assert.equal("timeout", code) end
+          assert.equal(1, assert(pool:query("INSERT INTO tb1 VALUES ($1)", i)).affected)
+          local t = mw.spawn(function() return pool:transaction(insert) end)
+          mw.yield()
+          t:cancel()
+          local _, tr, _, tcode = t:join()
+          if not tr then assert.equal("cancelled", tcode) end
+          assert.equal(1, assert(pool:query("INSERT INTO tb1 VALUES ($1)", 10 + i)).affected)
+        end
+        -- a BEGIN left open by pool:acquire's user
+        local db = assert(pool:acquire())
+        assert(db:query("BEGIN"))
+        assert(db:query("INSERT INTO tb1 VALUES (0)"))
+        pool:release(db)
+        assert.equal(1, assert(pool:query("INSERT INTO tb1 VALUES (99)")).affected)
+        assert.same({ 1, 2, 3, 4, 5, 11, 12, 13, 14, 15, 99 },
+          assert(admin:query("SELECT array_agg(v ORDER BY v) AS a FROM tb1 WHERE v > 0"))[1].a)
+        assert.equal("idle", pool.conns[1]._c:txstatus())
+        pool:close()
+        assert(admin:query("DROP TABLE tb1"))
+      end)
+    end)
+
+    it("a transaction whose statement failed unseen (given up by fn, cancelled) is not reported committed", function()
+      -- (the check for a failed statement read txstatus while the given-up pg_sleep was still
+      -- in flight ("active"); the server cancelled it (57014), COMMIT answered with the tag
+      -- ROLLBACK and no error, and transaction() returned fn's values though nothing was
+      -- committed. Now it waits for what is in flight first, and a COMMIT tagged ROLLBACK fails)
+      run(function()
+        local db = connect()
+        assert(db:query("CREATE TABLE tb2 (v int)"))
+        local r, err, code = db:transaction(function(d)
+          assert(d:query("INSERT INTO tb2 VALUES (1)"))
+          local q, _, qcode = mw.timeout(0.05, function() return d:query("SELECT pg_sleep(5)") end)
+          assert.is_nil(q); assert.equal("timeout", qcode)
+          return "committed?"
+        end)
+        assert.is_nil(r); assert.equal("25P02", code); assert.matches("aborted", err)
+        assert.equal(0, assert(db:query("SELECT count(*) AS n FROM tb2"))[1].n)
+        -- the command tag tells a COMMIT that rolled back
+        assert(db:query("BEGIN"))
+        assert.is_nil(db:query("SELECT 1/0"))
+        assert.equal("ROLLBACK", assert(db:query("COMMIT")).command)
+        assert.equal("INSERT 0 1", assert(db:query("INSERT INTO tb2 VALUES (1)")).command)
+        assert(db:query("DROP TABLE tb2"))
+      end)
+    end)
+
     it("a pool whose connect raises (a bad option) gives its opening slot back", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, json = 5 }

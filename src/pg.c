@@ -29,6 +29,7 @@ typedef struct pg_slot {
     int state;
     int gotnull;               /* the query's results ended (NULL); its Sync comes next */
     int synced;                /* its Sync arrived (else it completed because of a failure) */
+    int nocancel;              /* given up, it is not cancelled (BEGIN, COMMIT, a sync) */
     int64_t deadline;
 } pg_slot;
 
@@ -464,6 +465,10 @@ static int push_result(lua_State *L, int self, const PGresult *r)
         }
         lua_rawseti(L, -2, row + 1);
     }
+    if (st == PGRES_COMMAND_OK) {          /* the command tag: "INSERT 0 1", "ROLLBACK" */
+        lua_pushstring(L, PQcmdStatus((PGresult *)r));
+        lua_setfield(L, -2, "command");
+    }
     const char *aff = PQcmdTuples((PGresult *)r);
     if (aff && *aff) {
         lua_pushinteger(L, (lua_Integer)strtoll(aff, NULL, 10));
@@ -634,7 +639,7 @@ static int request_k(lua_State *L, int status, lua_KContext ctx)
         sl->waiter = NULL;
         if (sl->state == SLOT_PENDING) {
             sl->state = SLOT_ABANDONED;
-            if (seq == p->recv && p->tail == seq + 1) send_cancel(p);
+            if (seq == p->recv && p->tail == seq + 1 && !sl->nocancel) send_cancel(p);
         }
         elect(p);
         return mw_sched_pushwake(L, why);
@@ -733,7 +738,7 @@ static void build_params(lua_State *L, int first, pg_params *pp)
     }
 }
 
-enum { REQ_QUERY, REQ_PREPARED, REQ_PREPARE, REQ_SYNC };
+enum { REQ_QUERY, REQ_PREPARED, REQ_PREPARE, REQ_SYNC, REQ_CONTROL };
 
 static int request(lua_State *L, int kind)
 {
@@ -759,6 +764,9 @@ static int request(lua_State *L, int kind)
         ok = PQsendQueryPrepared(p->c, name, pp.n, pp.values, pp.lengths, pp.formats, 0);
         break;
     }
+    case REQ_CONTROL:
+        ok = PQsendQueryParams(p->c, luaL_checkstring(L, 2), 0, NULL, NULL, NULL, NULL, 0);
+        break;
     case REQ_PREPARE:
         ok = PQsendPrepare(p->c, luaL_checkstring(L, 2), luaL_checkstring(L, 3), 0, NULL);
         break;
@@ -776,6 +784,7 @@ static int request(lua_State *L, int kind)
     }
     pg_slot *sl = push_slot(L, p, &seq);
     sl->deadline = mw_sched_after(rt, p->timeout);
+    sl->nocancel = kind == REQ_SYNC || kind == REQ_CONTROL;
     sl->waiter = t;
     lua_settop(L, 1);
     t->wake = MW_WAKE_NONE;
@@ -790,6 +799,9 @@ static int pg_query_prepared(lua_State *L) { return request(L, REQ_PREPARED); }
 static int pg_prepare(lua_State *L) { return request(L, REQ_PREPARE); }
 /* conn:sync() -> waits until every request sent before it completed */
 static int pg_sync(lua_State *L) { return request(L, REQ_SYNC); }
+/* conn:control(sql) -> as query, without parameters; a wait given up does not cancel it:
+ * the transaction's own statements, which must run (or settle after) whatever happens */
+static int pg_control(lua_State *L) { return request(L, REQ_CONTROL); }
 
 /* conn:set_timeout(seconds|nil), conn:set_decoder(fn|nil) */
 static int pg_set_timeout(lua_State *L)
@@ -814,6 +826,15 @@ static int pg_cancel(lua_State *L)
     mw_pg *p = checkpg(L);
     lua_pushboolean(L, send_cancel(p) == 0);
     return 1;
+}
+
+/* conn:discard(msg): marks the connection broken (queries fail with msg, 08006), for a
+ * connection whose state is unknown (moonwire.pg could not finish what a task left) */
+static int pg_discard(lua_State *L)
+{
+    mw_pg *p = luaL_checkudata(L, 1, PG_MT);
+    if (p->c) set_broken(p, luaL_optstring(L, 2, "connection discarded"));
+    return 0;
 }
 
 /* conn:status() -> "ok" | "broken", inflight */
@@ -1037,7 +1058,7 @@ void mw_pg_open(lua_State *L, int rtidx)
 {
     static const luaL_Reg methods[] = {
         { "query", pg_query }, { "query_prepared", pg_query_prepared },
-        { "prepare", pg_prepare }, { "sync", pg_sync }, { "close", pg_close },
+        { "prepare", pg_prepare }, { "sync", pg_sync }, { "control", pg_control }, { "discard", pg_discard }, { "close", pg_close },
         { "set_timeout", pg_set_timeout }, { "set_decoder", pg_set_decoder },
         { "cancel", pg_cancel }, { "status", pg_status }, { "txstatus", pg_txstatus }, { "notification", pg_notification },
         { "x_begin", pg_x_begin }, { "x_result", pg_x_result }, { "copy_get", pg_copy_get },

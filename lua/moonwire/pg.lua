@@ -73,20 +73,72 @@ local function wait_free(self, me)
   return true
 end
 
+-- Takes the connection for this task; true, plus "held" when it already had it (a COPY
+-- inside a transaction, a transaction on a connection taken with pool:acquire): the
+-- matching unlock then leaves it held.
 local function lock(self)
   local me = self_task("lock")
+  if self._owner == me then return true, "held" end
   local ok, err, code = wait_free(self, me)
   if not ok then return nil, err, code end
   self._owner = me
   return true
 end
 
-local function unlock(self)
-  self._owner = nil
+-- Gives the connection back (to `to`, a task that held it before, or to everyone).
+local function unlock(self, held, to)
+  if held then return end
+  self._owner = to
   local freed = self._freed
   self._freed = new_channel()
   freed:close()                 -- every task waiting for the connection: its turn
-  if self._on_release then self._on_release(self) end
+  if not to and self._on_release then self._on_release(self) end
+end
+
+local function cut_short(code) return code == "timeout" or code == "cancelled" end
+
+-- What a task started on the connection and could not wait for to end (its mw.timeout ran
+-- out, it was cancelled): a task of its own waits instead, holding the connection (nobody
+-- else's statement may run before it is done). `finish(c)` returns true when the
+-- connection is clean again; when it is not (or raises), the connection is marked broken,
+-- so that status() says so, its queries fail with 08006 and a pool replaces it. Then the
+-- connection goes back to `to` (the task that held it before) or to everyone.
+local function settle(self, finish, to)
+  if self._settling then                     -- one settler at a time: it runs this next
+    local q = self._settling
+    q[#q + 1] = finish
+    return
+  end
+  local q = { finish }
+  self._settling = q
+  self._settle_to = to                         -- (pool:release may give it to the pool)
+  self._owner = core.spawn(function()
+    local i = 1
+    while q[i] do
+      local ok, clean = pcall(q[i], self._c)
+      if not (ok and clean) then
+        self._c:discard("connection discarded: a statement given up left it in an unknown state")
+      end
+      i = i + 1
+    end
+    self._settling = nil
+    local to_task = self._settle_to
+    local st = to_task and to_task:status()
+    if st == "done" or st == "failed" then to_task = nil end
+    unlock(self, false, to_task)
+  end)
+end
+
+-- settle's finisher for a transaction: what is in flight ends, what is left open is
+-- rolled back.
+local function end_tx(c)
+  if c:status() ~= "ok" then return false end
+  if not c:sync() then return false end
+  if c:txstatus() ~= "idle" then
+    c:control("ROLLBACK")
+    if not c:sync() then return false end
+  end
+  return c:txstatus() == "idle"
 end
 
 --- pg.connect(conninfo_or_url [, opts]) -> connection | nil, msg, code
@@ -165,36 +217,83 @@ end
 
 -- The transaction's end never leaves the connection locked: its statements may raise (a
 -- connection another task closed meanwhile does), and the waiting tasks must get their
--- turn (and that error) all the same.
-local function rollback(c)
-  pcall(c.query, c, "ROLLBACK")        -- best effort: fn's own error is the one that counts
-end
-
-local function finish_tx(self, ok, ...)
-  local c = self._c
-  if not ok then                       -- fn raised: roll back, re-raise
-    rollback(c)
-    unlock(self)
-    error((...), 0)
-  end
-  if not (...) then                    -- fn returned nil/false, err...: roll back
-    rollback(c)
-    unlock(self)
-    return ...
-  end
-  local sok, status = pcall(c.txstatus, c)
-  if sok and status == "inerror" then
-    rollback(c)
-    unlock(self)
-    return nil, "transaction aborted by a failed statement", "25P02"
-  end
-  local done, r, err, code, fields = pcall(c.query, c, "COMMIT")
-  unlock(self)
-  if not done then error(r, 0) end
-  if not r then return nil, err, code, fields end
+-- turn (and that error) all the same. A statement whose wait was cut short (mw.timeout,
+-- task:cancel) is still on its way to the server: settle() ends the transaction in a task
+-- of its own, and the connection is handed out again only then.
+local function tx_end(self, held, ...)
+  self._txdepth = nil
+  unlock(self, held)
   return ...
 end
 
+-- Runs sql to the end of the transaction; true, or nil, err, code, fields (the connection
+-- then settled or given back).
+local function tx_run(self, held, sql)
+  local c = self._c
+  local done, r, err, code, fields
+  if sql then done, r, err, code, fields = pcall(c.control, c, sql)
+  else done, r, err, code = pcall(c.sync, c) end
+  if not done then
+    tx_end(self, held)
+    error(r, 0)
+  end
+  if not r and cut_short(code) then
+    self._txdepth = nil
+    settle(self, end_tx, held and current() or nil)
+    return nil, err, code
+  end
+  return r, err, code, fields
+end
+
+-- Rolls back after fn: best effort, fn's own outcome is the one that counts.
+local function tx_rollback(self, held)
+  local r, err, code = tx_run(self, held, "ROLLBACK")
+  if r or not cut_short(code) then tx_end(self, held) end
+  return r, err, code
+end
+
+-- Whether the transaction is still good: everything sent inside it has ended (a statement
+-- given up by its task may still run, and fail), and none failed.
+local function tx_check(self, held)
+  local c = self._c
+  local ok, err, code = tx_run(self, held, nil)
+  if not ok then return nil, err, code end
+  local sok, status = pcall(c.txstatus, c)
+  if sok and status == "inerror" then
+    return nil, "transaction aborted by a failed statement", "25P02", true
+  end
+  return true
+end
+
+local function finish_tx(self, held, ok, ...)
+  if not ok then                       -- fn raised: roll back, re-raise
+    local err = ...
+    pcall(tx_rollback, self, held)     -- (fn's error is the one that counts)
+    error(err, 0)
+  end
+  if not (...) then                    -- fn returned nil/false, err...: roll back
+    local r, _, code = tx_rollback(self, held)
+    if not r and cut_short(code) then return nil, "timeout", code end
+    return ...
+  end
+  local good, err, code, failed = tx_check(self, held)
+  if not good then
+    if failed then tx_rollback(self, held)
+    elseif not cut_short(code) then tx_end(self, held) end
+    return nil, err, code
+  end
+  local r, fields
+  r, err, code, fields = tx_run(self, held, "COMMIT")
+  if not r then
+    if not cut_short(code) then tx_end(self, held) end
+    return nil, err, code, fields
+  end
+  tx_end(self, held)
+  if r.command == "ROLLBACK" then      -- the server refused: the transaction had failed
+    return nil, "transaction aborted by a failed statement", "25P02"
+  end
+  return ...
+end
 --- db:transaction(fn, ...) -> fn's results. BEGIN, fn(db, ...), COMMIT. Other tasks'
 -- queries on this connection wait meanwhile. If fn raises: ROLLBACK and the error is
 -- raised again; if fn returns nil or false (nil, err...): ROLLBACK and those values are
@@ -203,16 +302,16 @@ function Db:transaction(fn, ...)
   if type(fn) ~= "function" then
     error(("bad argument #1 to 'transaction' (function expected, got %s)"):format(type(fn)), 2)
   end
-  local ok, err, code = lock(self)
-  if not ok then return nil, err, code end
-  local done, r, fields
-  done, r, err, code, fields = pcall(self._c.query, self._c, "BEGIN")
-  if not done or not r then
-    unlock(self)
-    if not done then error(r, 0) end
+  local ok, held, code = lock(self)
+  if not ok then return nil, held, code end
+  local r, err, fields
+  r, err, code, fields = tx_run(self, held, "BEGIN")
+  if not r then
+    if not cut_short(code) then tx_end(self, held) end
     return nil, err, code, fields
   end
-  return finish_tx(self, pcall(fn, self, ...))
+  self._txdepth = 1
+  return finish_tx(self, held, pcall(fn, self, ...))
 end
 
 --- db:listen(channel) / db:unlisten(channel)
@@ -479,8 +578,19 @@ function Pool:acquire()
   return db
 end
 
+-- A connection goes back clean: no transaction left open (pool:acquire's user may have
+-- run BEGIN, or given up waiting for its COMMIT), nothing of its user's still in flight.
 function Pool:release(db)
-  if db._c:status() ~= "ok" then pool_remove(self, db) end
+  if db._settling then                  -- its settler gives it back, to the pool
+    db._settle_to = nil
+    return
+  end
+  local st, n = db._c:status()
+  if st ~= "ok" then
+    pool_remove(self, db)
+  elseif n > 0 or db._c:txstatus() ~= "idle" then
+    return settle(db, end_tx)
+  end
   unlock(db)
 end
 
