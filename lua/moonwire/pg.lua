@@ -294,14 +294,51 @@ local function finish_tx(self, held, ok, ...)
   end
   return ...
 end
+-- A transaction inside a transaction (of the same task): a savepoint, released at the
+-- end or rolled back to; the outer transaction keeps the connection and commits.
+local function finish_nested(self, sp, depth, ok, ...)
+  self._txdepth = depth
+  local c = self._c
+  if not ok then
+    local err = ...
+    pcall(c.control, c, "ROLLBACK TO SAVEPOINT " .. sp)
+    error(err, 0)
+  end
+  if not (...) then
+    c:control("ROLLBACK TO SAVEPOINT " .. sp)
+    return ...
+  end
+  local r, err, code = c:sync()
+  if not r then return nil, err, code end
+  if c:txstatus() == "inerror" then
+    c:control("ROLLBACK TO SAVEPOINT " .. sp)
+    return nil, "transaction aborted by a failed statement", "25P02"
+  end
+  local fields
+  r, err, code, fields = c:control("RELEASE SAVEPOINT " .. sp)
+  if not r then return nil, err, code, fields end
+  return ...
+end
+
+local function nested(self, fn, ...)
+  local depth = self._txdepth
+  local sp = "mw_savepoint_" .. depth
+  local r, err, code, fields = self._c:control("SAVEPOINT " .. sp)
+  if not r then return nil, err, code, fields end
+  self._txdepth = depth + 1
+  return finish_nested(self, sp, depth, pcall(fn, self, ...))
+end
+
 --- db:transaction(fn, ...) -> fn's results. BEGIN, fn(db, ...), COMMIT. Other tasks'
 -- queries on this connection wait meanwhile. If fn raises: ROLLBACK and the error is
 -- raised again; if fn returns nil or false (nil, err...): ROLLBACK and those values are
--- returned; if a statement failed inside: ROLLBACK, nil, msg, "25P02".
+-- returned; if a statement failed inside: ROLLBACK, nil, msg, "25P02". Called inside fn:
+-- the same with SAVEPOINT, ROLLBACK TO SAVEPOINT and RELEASE SAVEPOINT.
 function Db:transaction(fn, ...)
   if type(fn) ~= "function" then
     error(("bad argument #1 to 'transaction' (function expected, got %s)"):format(type(fn)), 2)
   end
+  if self._txdepth and self._owner == current() then return nested(self, fn, ...) end
   local ok, held, code = lock(self)
   if not ok then return nil, held, code end
   local r, err, fields
