@@ -492,6 +492,68 @@ describe("moonwire.pg", function()
     end)
   end)
 
+  describe("COPY given up", function()
+    -- (a wait in a COPY cut short by mw.timeout: copy_from stopped at the first result that
+    -- timed out and gave the connection back outside pipeline mode; every later query raised
+    -- "the connection is in exclusive use (COPY)" while status() said "ok". And a chunk that
+    -- could not go ended the COPY normally: what was sent was committed. Now a task of its
+    -- own aborts and reads the COPY to its end before the connection is handed out)
+    it("leaves the connection usable; a COPY aborted by its source commits nothing", function()
+      run(function()
+        local db = connect()
+        assert(db:query("CREATE TABLE cg (v int)"))
+        local i
+        for _ = 1, 3 do
+          i = 0
+          local r, _, code = mw.timeout(0.03, function()
+            return db:copy_from("COPY cg FROM STDIN", function()
+              i = i + 1
+              if i > 3 then
+                mw.sleep(1)            -- ends with the timeout
+                return nil
+              end
+              return i .. "\n"
+            end)
+          end)
+          -- (the COPY's end was on its way: it may be committed, and even answered already)
+          if r then assert.equal(3, r) else assert.equal("timeout", code) end
+          assert.equal("ok", db:status())
+          assert(db:query("TRUNCATE cg"))
+        end
+        -- a source that raises once the timeout ran out: the COPY is aborted
+        i = 0
+        local ok, err = pcall(mw.timeout, 0.05, function()
+          return db:copy_from("COPY cg FROM STDIN", function()
+            i = i + 1
+            if i > 3 then
+              local _, _, scode = mw.sleep(1)
+              error("source gave up: " .. tostring(scode), 0)
+            end
+            return i .. "\n"
+          end)
+        end)
+        assert.is_false(ok); assert.equal("source gave up: timeout", err)
+        assert.equal(0, assert(db:query("SELECT count(*) AS n FROM cg"))[1].n)
+        -- a COPY TO given up, in its first result or in its rows
+        for _, pause in ipairs { 0, 0.02 } do
+          local chunks = 0
+          ok, err = pcall(mw.timeout, pause, function()
+            -- (rows come fast at first, then slowly: the server sends them 8 KiB at a time)
+            for _ in db:copy_to("COPY (SELECT g, CASE WHEN g > 5000 THEN pg_sleep(0.001) END "
+                .. "FROM generate_series(1, 1000000) g) TO STDOUT") do
+              chunks = chunks + 1
+              if chunks == 3 then mw.sleep(1) end    -- ends with the timeout
+            end
+          end)
+          assert.is_false(ok); assert.matches("timeout", err)
+          assert.equal("ok", db:status())
+          assert.equal(7, assert(db:query("SELECT 7 AS n"))[1].n)
+        end
+        assert(db:query("DROP TABLE cg"))
+      end)
+    end)
+  end)
+
   describe("authentication and TLS", function()
     it("SCRAM-SHA-256: the right password connects, a wrong one fails", function()
       run(function()

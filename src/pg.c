@@ -1005,7 +1005,10 @@ static int x_k(lua_State *L, int status, lua_KContext ctx)
     if (!p->c) return mw_pushfail(L, "connection closed", BROKEN_CODE);
     int why = mw_sched_reason(t);
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE) {
-        send_cancel(p);
+        /* the Lua layer finishes the COPY in a task of its own: a COPY FROM is aborted
+         * (its end says so), a COPY TO is stopped here. Not a COPY's end: a cancel that
+         * arrived after it would stop the next statement */
+        if ((int)ctx == X_GET) send_cancel(p);
         return mw_sched_pushwake(L, why);
     }
     int nres = 0;

@@ -374,50 +374,103 @@ function Db:notifications(timeout)
   end
 end
 
--- Takes the connection for COPY: exclusive, drained, out of pipeline mode.
-local function copy_begin(self, sql)
-  local ok, err, code = lock(self)
-  if not ok then return nil, err, code end
+-- settle's finisher for COPY: a COPY FROM is aborted, a COPY TO read out, and the results
+-- read to their end, back into pipeline mode.
+local function end_exclusive(c)
+  c:copy_end("abandoned")            -- in a COPY FROM: aborted (else a harmless failure)
+  for _ = 1, 16 do
+    local r = c:x_result()
+    if r == false then return c:status() == "ok" end
+    if r == "copy_in" then
+      c:copy_end("abandoned")
+    elseif r == "copy_out" then      -- stopped (as copy_to's early exit does), read out
+      c:cancel()
+      while c:copy_get() do end
+    elseif r == nil and c:status() ~= "ok" then
+      return false
+    end
+  end
+  return false
+end
+
+-- A wait in exclusive mode was cut short: settle() finishes the COPY.
+local function x_abandon(self, held, err, code)
+  settle(self, end_exclusive, held and current() or nil)
+  return nil, err, code
+end
+
+-- Reads the exclusive operation's results to their end (back in pipeline mode) and gives
+-- the connection back; the first result, or nil, err, code, fields.
+local function x_finish(self, held)
   local c = self._c
+  local res, err, code, fields = c:x_result()
+  if res == nil and cut_short(code) then return x_abandon(self, held, err, code) end
+  while res ~= false do
+    local more, merr, mcode = c:x_result()
+    if more == false then break end
+    if more == nil then
+      if cut_short(mcode) then return x_abandon(self, held, merr, mcode) end
+      if c:status() ~= "ok" then break end
+    end
+  end
+  unlock(self, held)
+  return res, err, code, fields
+end
+
+local function copy_finish(self, held)
+  local res, err, code, fields = x_finish(self, held)
+  if not res then return nil, err, code, fields end
+  return res.affected or 0
+end
+
+-- Takes the connection for COPY: exclusive, drained, out of pipeline mode. Returns
+-- "copy_in" or "copy_out", and whether the task held the connection already.
+local function copy_begin(self, sql)
+  local ok, held, code = lock(self)
+  if not ok then return nil, held, code end
+  local c = self._c
+  local err
   ok, err, code = c:sync()
   if ok then ok, err, code = c:x_begin(sql) end
   if not ok then
-    unlock(self)
+    unlock(self, held)
     return nil, err, code
   end
   local st, fields
   st, err, code, fields = c:x_result()
-  if st == "copy_in" or st == "copy_out" then return st end
+  if st == "copy_in" or st == "copy_out" then return st, held end
+  if st == nil and cut_short(code) then return x_abandon(self, held, err, code) end
   -- not a COPY: collect the end and give the connection back
-  while c:x_result() do end
-  unlock(self)
+  local r, ferr, fcode = x_finish(self, held)
+  if r == nil and cut_short(fcode) then return nil, ferr, fcode end
   if st then return nil, "not a COPY statement", "42601" end
   return nil, err, code, fields
 end
 
-local function copy_finish(self)
+-- Reads a COPY TO out, for nothing; true, or nil, err, code when a wait was cut short.
+local function copy_skip(self, held)
   local c = self._c
-  local res, err, code, fields = c:x_result()
   while true do
-    local more = c:x_result()
-    if not more then break end
+    local chunk, err, code = c:copy_get()
+    if not chunk then
+      if chunk == nil and cut_short(code) then return x_abandon(self, held, err, code) end
+      return true
+    end
   end
-  unlock(self)
-  if not res then return nil, err, code, fields end
-  return res.affected or 0
 end
 
 --- db:copy_from(sql, source) -> rows copied | nil, msg, code
 -- source: a string, an array of strings, or a function returning the next chunk (nil at
 -- the end). Chunks go out as they come, so memory stays flat.
 function Db:copy_from(sql, src)
-  local st, err, code, fields = copy_begin(self, sql)
-  if not st then return nil, err, code, fields end
+  local st, held, code, fields = copy_begin(self, sql)
+  if not st then return nil, held, code, fields end
   local c = self._c
   if st ~= "copy_in" then
-    c:copy_end("not COPY FROM STDIN") -- a COPY TO: read it to the end
-    while c:copy_get() do end
-    copy_finish(self)
+    local sk, skerr, skcode = copy_skip(self, held)
+    if not sk then return nil, skerr, skcode end
+    local _, err, ecode = x_finish(self, held)
+    if cut_short(ecode) then return nil, err, ecode end
     return nil, "not a COPY FROM STDIN statement", "42601"
   end
   local next_chunk
@@ -430,50 +483,64 @@ function Db:copy_from(sql, src)
   else
     next_chunk = src
   end
-  local ok, perr = pcall(function()
+  local ok, sent, serr, scode = pcall(function()
     while true do
       local chunk = next_chunk()
       if chunk == nil then break end
-      local sent, serr, scode = c:copy_put(chunk)
-      if not sent then return nil, serr, scode end
+      local put, perr, pcode = c:copy_put(chunk)
+      if not put then return nil, perr, pcode end
     end
     return true
   end)
-  if not ok then
-    c:copy_end(tostring(perr))
-    copy_finish(self)
-    error(perr, 0)
+  if not ok or not sent then               -- the source raised, or a chunk could not go
+    if ok and cut_short(scode) then return x_abandon(self, held, serr, scode) end
+    local e, eerr, ecode = c:copy_end(ok and tostring(serr) or tostring(sent))
+    if not e and cut_short(ecode) then x_abandon(self, held, eerr, ecode)
+    else
+      local _, ferr, fcode = x_finish(self, held)
+      if ok and cut_short(fcode) then return nil, ferr, fcode end
+    end
+    if not ok then error(sent, 0) end
+    return nil, serr, scode
   end
-  c:copy_end()
-  return copy_finish(self)
+  local e, eerr, ecode = c:copy_end()
+  if not e then
+    if cut_short(ecode) then return x_abandon(self, held, eerr, ecode) end
+    x_finish(self, held)
+    return nil, eerr, ecode
+  end
+  return copy_finish(self, held)
 end
 
 --- db:copy_to(sql) -> iterator of chunks (lines of COPY's text format), for a generic for;
 -- leaving the loop early cancels the COPY (the iterator's closing value).
 function Db:copy_to(sql)
-  local st, err, code = copy_begin(self, sql)
-  if not st then error(("copy_to: %s (%s)"):format(err, code), 2) end
+  local st, held, code = copy_begin(self, sql)
+  if not st then error(("copy_to: %s (%s)"):format(held, code), 2) end
   local c = self._c
   local done = false
   if st ~= "copy_out" then
-    c:copy_end("not COPY TO STDOUT")
-    copy_finish(self)
+    if c:copy_end("not COPY TO STDOUT") then x_finish(self, held)
+    else x_abandon(self, held) end
     error("copy_to: not a COPY TO STDOUT statement", 2)
   end
   local closer = setmetatable({}, { __close = function()
     if done then return end
     done = true
     c:cancel()
-    while c:copy_get() do end
-    copy_finish(self)
+    if copy_skip(self, held) then x_finish(self, held) end
   end })
   return function()
     if done then return nil end
     local chunk, cerr, ccode = c:copy_get()
     if chunk then return chunk end
     done = true
-    local n, ferr, fcode = copy_finish(self)
-    if chunk == nil then error(("copy_to: %s (%s)"):format(cerr, ccode), 2) end
+    if chunk == nil then
+      if cut_short(ccode) then x_abandon(self, held)
+      else x_finish(self, held) end
+      error(("copy_to: %s (%s)"):format(cerr, ccode), 2)
+    end
+    local n, ferr, fcode = copy_finish(self, held)
     if not n then error(("copy_to: %s (%s)"):format(ferr, fcode), 2) end
     return nil
   end, nil, nil, closer
