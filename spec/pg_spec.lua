@@ -62,6 +62,17 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("numeric[] and bytea[] are arrays of strings and of raw bytes", function()
+      -- (array_kind lacked their OIDs, 1231 and 1001: they came back as the array's text)
+      run(function()
+        local db = connect()
+        local row = assert(db:query([[SELECT '{1.5,NULL,12345678901234567890.1}'::numeric[] AS n,
+          ARRAY['\x00ff'::bytea, NULL, 'a\\b'::bytea] AS b]]))[1]
+        assert.same({ "1.5", pg.null, "12345678901234567890.1" }, row.n)
+        assert.same({ "\0\255", pg.null, "a\\b" }, row.b)
+      end)
+    end)
+
     it("decodes json columns with the decoder given to connect", function()
       run(function()
         local seen = {}
