@@ -657,6 +657,26 @@ describe("moonwire.pg", function()
     end, 60)
   end)
 
+  it("after a server restart, the pool's idle connections are replaced, not handed out", function()
+    -- (pool_scan trusted status(): nobody read an idle socket that had received FATAL and
+    -- EOF, so the first query on each idle connection failed with 57P01. Now the pool reads
+    -- what an idle connection received before handing it out)
+    run(function()
+      local pool = pg.pool { url = srv.url, size = 2 }
+      local a = mw.spawn(function() return assert(pool:query("SELECT pg_sleep(0.05)")) end)
+      local b = mw.spawn(function() return assert(pool:query("SELECT pg_sleep(0.05)")) end)
+      assert(a:join()); assert(b:join())
+      assert.equal(2, #pool.conns)
+      pgsrv.stop_server("fast")
+      assert(pgsrv.start_server())
+      for i = 1, 4 do assert.equal(i, assert(pool:query("SELECT $1::int AS v", i))[1].v) end
+      local db = assert(pool:acquire())
+      assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
+      pool:release(db)
+      pool:close()
+    end, 30)
+  end)
+
   it("examples/pg_api.lua: a JSON API over a table, driven over HTTP", function()
     run(function()
       local http = require "moonwire.http"

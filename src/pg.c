@@ -838,6 +838,19 @@ static int pg_discard(lua_State *L)
     return 0;
 }
 
+/* conn:check() -> as status(), after reading what an idle connection received: nobody
+ * reads an idle socket, so a server that went away (FATAL, then EOF) is seen only by the
+ * next query. One poll(fd, 0), and reads only when something is there. */
+static int pg_status(lua_State *L);
+static int pg_check(lua_State *L)
+{
+    mw_pg *p = luaL_checkudata(L, 1, PG_MT);
+    if (p->c && !p->broken && p->connected && p->recv == p->tail && !p->driver &&
+        PQpipelineStatus(p->c) != PQ_PIPELINE_OFF)
+        for (int i = 0; i < 4 && !p->broken && ready_now(p); i++) pump(p);
+    return pg_status(L);
+}
+
 /* conn:status() -> "ok" | "broken", inflight */
 static int pg_status(lua_State *L)
 {
@@ -1062,7 +1075,7 @@ void mw_pg_open(lua_State *L, int rtidx)
 {
     static const luaL_Reg methods[] = {
         { "query", pg_query }, { "query_prepared", pg_query_prepared },
-        { "prepare", pg_prepare }, { "sync", pg_sync }, { "control", pg_control }, { "discard", pg_discard }, { "close", pg_close },
+        { "prepare", pg_prepare }, { "sync", pg_sync }, { "control", pg_control }, { "discard", pg_discard }, { "check", pg_check }, { "close", pg_close },
         { "set_timeout", pg_set_timeout }, { "set_decoder", pg_set_decoder },
         { "cancel", pg_cancel }, { "status", pg_status }, { "txstatus", pg_txstatus }, { "notification", pg_notification },
         { "x_begin", pg_x_begin }, { "x_result", pg_x_result }, { "copy_get", pg_copy_get },

@@ -649,6 +649,10 @@ local function pool_pick(self, exclusive, deadline)
       open_failed = true
       goto continue
     end
+    if db and n == 0 and db._c:check() ~= "ok" then   -- idle, and the server went away
+      pool_remove(self, db)
+      goto continue
+    end
     if db then
       if exclusive and self.check_after and now() - db.used > self.check_after then
         if not db._c:query("SELECT 1") then pool_remove(self, db) db = nil end
