@@ -345,6 +345,19 @@ describe("moonwire.pg", function()
 
     -- acquire checks a connection unused for check_after seconds with a query, which waits:
     -- meanwhile no other acquire may take the same connection.
+    it("pool:query waits for a held connection up to acquire_timeout too", function()
+      -- (pool:query picked a connection with no deadline: it waited for ever)
+      run(function()
+        local pool = pg.pool { url = srv.url, size = 1, acquire_timeout = 0.05 }
+        local db = assert(pool:acquire())
+        local r, err, code = mw.timeout(1, pool.query, pool, "SELECT 1")
+        assert.is_nil(r); assert.equal("timeout", code); assert.equal("timeout waiting for a connection", err)
+        pool:release(db)
+        assert(pool:query("SELECT 1"))
+        pool:close()
+      end)
+    end)
+
     it("never hands one connection to two acquires while it checks it (check_after)", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, check_after = 0, acquire_timeout = 0.3 }

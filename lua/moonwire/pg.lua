@@ -662,15 +662,20 @@ local function pool_pick(self, exclusive, deadline)
       local left = deadline and deadline - now()
       if left and left <= 0 then return nil, "timeout waiting for a connection", "timeout" end
       local _, err, code = self.waitq:recv(left)
+      if code == "timeout" and deadline and now() >= deadline then
+        return nil, "timeout waiting for a connection", "timeout"
+      end
       if code ~= "closed" then return nil, err, code end
     end
     ::continue::
   end
 end
 
---- pool:query(sql, ...) -> as db:query, on the least busy connection
+--- pool:query(sql, ...) -> as db:query, on the least busy connection (waiting for one up
+-- to acquire_timeout when every connection is held)
 function Pool:query(sql, ...)
-  local db, err, code = pool_pick(self, false)
+  local t = self.opts.acquire_timeout
+  local db, err, code = pool_pick(self, false, t and now() + t)
   if not db then return nil, err, code end
   db.used = now()
   return db:query(sql, ...)
