@@ -617,6 +617,16 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("a URL whose host is a percent-encoded socket directory connects over that socket", function()
+      -- (the host was not percent-decoded, so "%2Ftmp%2F...": a name to resolve, a dns error)
+      run(function()
+        local url = ("postgresql://postgres@%s:%d/postgres"):format(srv.sock:gsub("/", "%%2F"), srv.port)
+        local db = assert(pg.connect(url))
+        assert.equal(pg.null, assert(db:query("SELECT inet_server_addr() AS a"))[1].a)  -- a Unix socket
+        db:close()
+      end)
+    end)
+
     it("connect failures: a closed port, a connect timeout", function()
       run(function()
         local r, err, code = pg.connect(("host=127.0.0.1 port=%d user=x"):format(srv.port == 1 and 2 or 1))

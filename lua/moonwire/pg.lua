@@ -35,6 +35,8 @@ local function with_hostaddr(info, timeout)
     host = auth:gsub("^.*@", "")
     if host:find("^%[") then return info end
     host = host:gsub(":%d*$", "")
+    -- percent-encoded, as libpq reads it ("%2Ftmp%2Fsock": a socket directory)
+    host = host:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
     if url:find("[?&]hostaddr=") or url:find("[?&]host=") then return info end
   else
     if info:find("hostaddr%s*=") then return info end
