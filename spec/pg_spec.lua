@@ -137,6 +137,9 @@ describe("moonwire.pg", function()
         assert.equal(1, assert(db:query("SELECT 1 AS one"))[1].one)
         assert.equal(3, assert(db:query("SELECT generate_series(1,3)")).affected)
         assert.equal(1, assert(db:query("UPDATE u SET k = 2")).affected)
+        -- one statement per query (the extended protocol), as the docs say
+        r, err, code = db:query("SELECT 1; SELECT 2")
+        assert.is_nil(r); assert.equal("42601", code); assert.matches("multiple commands", err)
       end)
     end)
 
