@@ -120,6 +120,19 @@ local function drop_queue(self)
   end
 end
 
+-- The tasks waiting in ws:ping() for a pong that will not come now: nil, "closed".
+local function wake_pings(self)
+  local pings = self._pings
+  if not pings then return end
+  self._pings = nil
+  for _, waiters in pairs(pings) do
+    for _, w in ipairs(waiters) do
+      w.closed = true
+      unpark(w.task, nil, "closed", "closed")
+    end
+  end
+end
+
 local close_handler_task   -- (below: a close handler of a connection read by a task)
 
 -- Ends the connection now (no more frames either way).
@@ -133,6 +146,7 @@ local function finish(self, code, reason)
   self.sock:close()
   drop_queue(self)
   wake_closers(self)
+  wake_pings(self)
   if self._topics then
     for topic, ps in pairs(self._topics) do ps:leave(self, topic) end
   end
@@ -375,11 +389,17 @@ local function received(self, a, b, c, d)
   if b == "ping" then
     if self.state == "open" then send_control(self, OP.pong, a) end
   elseif b == "pong" then
-    local waiter = self._pings and self._pings[a]
-    if waiter then
+    -- answers every ping with this payload still waiting (a peer may answer only the
+    -- latest of several: RFC 6455 5.5.3); self.rtt is the latest one's
+    local waiters = self._pings and self._pings[a]
+    if waiters then
       self._pings[a] = nil
-      self.rtt = mw.now() - waiter.t0
-      if waiter.task then unpark(waiter.task, self.rtt) end
+      local now = mw.now()
+      for _, w in ipairs(waiters) do
+        w.rtt = now - w.t0
+        self.rtt = w.rtt
+        unpark(w.task, w.rtt)
+      end
     end
   elseif b == "close" then
     if self.state == "open" then
@@ -561,21 +581,27 @@ function WebSocket:ping(data, timeout)
   data = data or random(8)
   local me = current()
   if not me then error("blocking call outside a task", 2) end
+  -- (a list per payload: tasks pinging with the same payload each get the pong)
   local waiter = { t0 = mw.now(), task = me }
-  self._pings = self._pings or {}
-  self._pings[data] = waiter
+  local pings = self._pings
+  if not pings then pings = {} self._pings = pings end
+  local waiters = pings[data]
+  if not waiters then waiters = {} pings[data] = waiters end
+  waiters[#waiters + 1] = waiter
   local ok, err, code = send_control(self, OP.ping, data)
-  if not ok then
-    self._pings[data] = nil
-    return nil, err, code
+  -- (sending may have waited: the pong, or the end, may have come meanwhile)
+  if ok and not waiter.rtt and not waiter.closed then
+    local _
+    _, err, code = park(timeout)
   end
-  local rtt
-  rtt, err, code = park(timeout)
-  if not rtt then
-    self._pings[data] = nil
-    return nil, err, code
+  if waiter.rtt then return waiter.rtt end
+  if waiter.closed then return nil, "closed", "closed" end
+  -- (failed, timed out, cancelled: no longer waiting)
+  for i = #waiters, 1, -1 do
+    if waiters[i] == waiter then table.remove(waiters, i) end
   end
-  return rtt
+  if waiters[1] == nil and self._pings and self._pings[data] == waiters then self._pings[data] = nil end
+  return nil, err, code
 end
 
 --- Closes with the close handshake (waits for the peer's close frame at most close_timeout).
