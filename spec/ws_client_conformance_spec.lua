@@ -1300,3 +1300,64 @@ describe("ws client: ping()", function()
     end)
   end)
 end)
+
+-- Regression (found by review): close() while another task was receiving parked for the
+-- whole close_timeout, counting on that task to read the server's close frame; a reader
+-- that left first (its receive timed out, it was cancelled, or a ws:messages() loop broke
+-- out on a message) left nobody reading, and close() reported 1006 after close_timeout.
+-- Now the reader leaving wakes close(), which reads the close frame itself (RFC 6455
+-- 7.1.5-6: the code and reason are the server's).
+describe("ws client: close() while another task receives, and that task leaves", function()
+  local function leaves(start_reader, leave, check_reader)
+    run(function()
+      local reader
+      local url, srv = fake(function(p)
+        p:accept()
+        p:expect_close(1000)
+        leave(p, reader)
+        local ok, msg, err, code = reader:join(T)     -- the reader has left
+        assert.is_true(ok, msg)
+        check_reader(msg, err, code)
+        p:send(OP.close, close_payload(1000, "ok"))
+        p:expect_eof()
+      end)
+      local ws = assert(connect(url, { close_timeout = 60 }))
+      reader = mw.spawn(start_reader, ws)
+      mw.yield()                                      -- (the reader waits for a frame)
+      assert.is_true(mw.timeout(T, ws.close, ws))
+      assert.equal("closed", ws.state)
+      assert.equal(1000, ws.close_code)
+      assert.equal("ok", ws.close_reason)
+      join(srv)
+    end)
+  end
+
+  it("its receive(timeout) expires", function()
+    leaves(function(ws) return ws:receive(0.05) end, function() end,
+      function(msg, err, code)
+        assert.is_nil(msg)
+        assert.equal("timeout", err)
+        assert.equal("timeout", code)
+      end)
+  end)
+
+  it("it is cancelled", function()
+    leaves(function(ws) return ws:receive() end, function(_, reader) reader:cancel() end,
+      function(msg, err)
+        assert.is_nil(msg)
+        assert.equal("cancelled", err)
+      end)
+  end)
+
+  it("a ws:messages() loop breaks out on a message", function()
+    leaves(function(ws)
+      local got
+      for msg in ws:messages() do
+        got = msg
+        if msg == "last" then break end
+      end
+      return got
+    end, function(p) p:send(OP.text, "last") end,
+      function(msg) assert.equal("last", msg) end)
+  end)
+end)

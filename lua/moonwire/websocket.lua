@@ -102,6 +102,12 @@ local function wake_closers(self)
   for _, t in ipairs(closers) do unpark(t, true) end
 end
 
+-- The task that was receiving leaves (a message, a timeout, a cancel) without the peer's
+-- close frame while close() waits for it to read that: close() is woken to read it itself.
+local function reader_left(self)
+  if self.state == "closing" and not self._close_reader then wake_closers(self) end
+end
+
 local function add_closer(self)
   local closers = self._closers
   if not closers then closers = {} self._closers = closers end
@@ -436,9 +442,15 @@ local function recv(self, timeout, nowait)
     if not nowait then self._reader = false end
     if not a and a ~= nil then return false end     -- (tests first: each == costs a call)
     -- (received's first case, inline)
-    if a and not self._tuned and (b == "text" or b == "binary") then return a, b end
+    if a and not self._tuned and (b == "text" or b == "binary") then
+      if self._closers then reader_left(self) end
+      return a, b
+    end
     a, b, c, d = received(self, a, b, c, d)
-    if a ~= AGAIN then return a, b, c, d end
+    if a ~= AGAIN then
+      if self._closers then reader_left(self) end
+      return a, b, c, d
+    end
   end
 end
 
@@ -458,9 +470,15 @@ local function next_message(self)
     self._reader = true
     local a, b, c, d = receive_frame(self.wc)
     self._reader = false
-    if a and not self._tuned and (b == "text" or b == "binary") then return a, b end
+    if a and not self._tuned and (b == "text" or b == "binary") then
+      if self._closers then reader_left(self) end
+      return a, b
+    end
     a, b, c, d = received(self, a, b, c, d)
-    if a ~= AGAIN then return a, b, c, d end
+    if a ~= AGAIN then
+      if self._closers then reader_left(self) end
+      return a, b, c, d
+    end
   end
   return recv(self)
 end
@@ -624,24 +642,30 @@ function WebSocket:close(code, reason)
       return true
     end
   end
-  -- wait for the peer's close: through the reading task if there is one, else read here
+  -- wait for the peer's close: through the reading task if there is one (which wakes us
+  -- if it leaves without that frame: then read in its place), else read here
   local deadline = mw.now() + self.close_timeout
   local rewatch_after = false
-  if self._reader then
-    add_closer(self)
-    park(self.close_timeout)
-  else
-    -- a message handler's socket is watched while no message is being handled: read here
-    -- instead, and watch again after, so that its close handler runs
-    rewatch_after = self._pump == PUMP_WATCHED and unwatch(self.sock)
-    self._close_reader = current()
-    while self.state ~= "closed" do
-      local left = deadline - mw.now()
-      if left <= 0 then break end
-      local msg, err, c = recv(self, left)
-      if msg == nil and err ~= "closed" and c ~= nil then break end
+  while self.state ~= "closed" do
+    local left = deadline - mw.now()
+    if left <= 0 then break end
+    if self._reader then
+      add_closer(self)
+      if not park(left) then break end
+    else
+      -- a message handler's socket is watched while no message is being handled: read here
+      -- instead, and watch again after, so that its close handler runs
+      rewatch_after = self._pump == PUMP_WATCHED and unwatch(self.sock)
+      self._close_reader = current()
+      while self.state ~= "closed" do
+        left = deadline - mw.now()
+        if left <= 0 then break end
+        local msg, err, c = recv(self, left)
+        if msg == nil and err ~= "closed" and c ~= nil then break end
+      end
+      self._close_reader = nil
+      break
     end
-    self._close_reader = nil
   end
   -- no close frame from the peer in time: an abnormal closure (RFC 6455 7.1.5)
   if self.state ~= "closed" then finish(self, 1006, "") end
