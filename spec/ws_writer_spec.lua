@@ -427,4 +427,34 @@ describe("WebSocket broadcast with a slow member", function()
       end, 30)
     end)
   end
+
+  -- Regression (found by review): broadcast checked the kind but not that a text message is
+  -- UTF-8, so it sent what ws:send refuses and every receiver failed its connection with
+  -- 1007; a pubsub publish (kind "text") took the same path. Now broadcast raises as ws:send
+  -- does, before any member gets a byte: a local publish raises, the members stay.
+  it("a text broadcast that is not UTF-8 raises, naming its argument; nobody gets it", function()
+    run(function()
+      local ps, _, clients, conns, all = join_members { deflate = false }
+      local _ <close> = all
+      local list = {}
+      for i = 1, K do list[i] = conns[i] end
+      local ok, err = pcall(mw.websocket.broadcast, list, "ab\xff\xfe", "text")
+      assert.is_false(ok)
+      assert.matches("bad argument #2 to 'broadcast' (text message is not valid UTF-8)", err, 1, true)
+      ok, err = pcall(mw.websocket.broadcast, list, "ab\xff\xfe")     -- (text by default)
+      assert.is_false(ok)
+      assert.matches("not valid UTF-8", err, 1, true)
+      ok, err = pcall(ps.publish, ps, "t", "\xc3")                    -- the pubsub's kind is text
+      assert.is_false(ok)
+      assert.matches("not valid UTF-8", err, 1, true)
+      -- the same bytes as binary go out; the members are all open and get what follows
+      assert.equal(K, mw.websocket.broadcast(list, "ab\xff\xfe", "binary"))
+      assert.is_true(ps:publish("t", "m1"))
+      for i = 1, K do
+        assert.equal("open", conns[i].state)
+        assert.same({ 2, "ab\xff\xfe" }, { read_frame(clients[i]) })
+        expect_messages(clients[i], 1, 1)
+      end
+    end, 30)
+  end)
 end)

@@ -827,6 +827,8 @@ function M.broadcast(list, data, kind)
   if type(data) ~= "string" then argerror(2, "broadcast", "string expected, got " .. type(data)) end
   kind = kind or "text"
   if kind ~= "text" and kind ~= "binary" then argerror(3, "broadcast", "'text' or 'binary' expected") end
+  -- (as ws:send: a receiver would fail the connection with 1007)
+  if kind == "text" and not utf8_valid(data) then argerror(2, "broadcast", "text message is not valid UTF-8") end
   if list[1] == nil then return 0 end
   local op = OP[kind]
   local frame = ws_frame(op, data)
