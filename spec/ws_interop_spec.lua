@@ -556,6 +556,26 @@ describe("WebSocket interop with node's ws:", function()
     end, LIMIT)
   end)
 
+  -- Regression (found by review): our client refused client_max_window_bits=8, which RFC
+  -- 7692 7.1.2.2 allows in answer to our offer of the parameter without a value, so a ws
+  -- server with clientMaxWindowBits 8 could not be connected to. (That what we send refers
+  -- at most 256 bytes back is checked strictly in ws_client_conformance_spec.)
+  it("our client <-> ws server with clientMaxWindowBits 8 (and serverMaxWindowBits 8): " ..
+     "messages both ways, large, repeated and far repeats", function()
+    run(function()
+      for _, deflate in ipairs { { clientMaxWindowBits = 8 }, { clientMaxWindowBits = 8, serverMaxWindowBits = 8 } } do
+        local peer <close> = node_server { protocols = { "chat" }, deflate = deflate }
+        local seen = our_client_exchange(peer.port,
+          function() return { deflate = true, protocols = { "chat" } } end, node_info)
+        assert.equal("permessage-deflate; client_max_window_bits=8" ..
+          (deflate.serverMaxWindowBits and "; server_max_window_bits=8" or ""), seen.extensions)
+        assert.is_true(seen.big_text_wire_in < MiB / 8, "we sent " .. seen.big_text_wire_in .. " bytes")
+        assert.is_true(seen.big_text_wire_out < MiB / 8, "ws sent " .. seen.big_text_wire_out .. " bytes")
+        check_peer_closes(peer)
+      end
+    end, LIMIT)
+  end)
+
   it("our client <-> ws server without perMessageDeflate: no extension, 1 MiB travels as it is", function()
     run(function()
       local peer <close> = node_server { protocols = { "chat" }, deflate = false }
@@ -605,6 +625,22 @@ describe("WebSocket interop with node's ws:", function()
       assert.equal('{"server_no_context_takeover":true,"client_no_context_takeover":true,' ..
         '"server_max_window_bits":11,"client_max_window_bits":10}', r["c1.negotiated"])
       assert.is_true(tonumber(r["c1.big_text_wire_in"]) < MiB / 4, "we sent " .. r["c1.big_text_wire_in"])
+      check_our_server_saw(seen, "node")
+    end, LIMIT)
+  end)
+
+  -- (our server declined server_max_window_bits=8, thinking zlib's deflate could not keep to
+  -- it: ws_conformance_spec)
+  it("ws client with serverMaxWindowBits 8 and clientMaxWindowBits 8 <-> our server", function()
+    run(function()
+      local srv, seen = echo_server { protocols = { "chat" } }
+      local _g <close> = guard(srv)
+      local r, out, err = node_client(srv.port, { protocols = { "chat" }, deflate = {
+        serverMaxWindowBits = 8, clientMaxWindowBits = 8 } })
+      check_client_report(r, "node", out, err)
+      assert.equal("permessage-deflate; server_max_window_bits=8", r["c1.extensions"])
+      assert.equal("permessage-deflate; server_max_window_bits=8", seen["/c1"].extensions)
+      assert.is_true(tonumber(r["c1.big_text_wire_in"]) < MiB / 8, "we sent " .. r["c1.big_text_wire_in"])
       check_our_server_saw(seen, "node")
     end, LIMIT)
   end)

@@ -868,7 +868,10 @@ static int ws_deflate(lua_State *L)
     if (!w->def) {
         w->def = calloc(1, sizeof *w->def);
         if (!w->def) return luaL_error(L, "not enough memory");
-        /* zlib cannot write an 8-bit window; 9 is compatible with a peer that asked for 8 */
+        /* zlib's deflate makes a raw 8-bit window a 9-bit one, yet a peer that asked for 8 can
+         * inflate what it writes: its matches reach at most w_size - MIN_LOOKAHEAD (512 - 262
+         * = 250) bytes back (deflate.h MAX_DIST), within 256. (ws_client_conformance_spec
+         * checks this with an 8-bit inflater fed a byte at a time.) */
         int bits = w->tx_bits < 9 ? 9 : w->tx_bits;
         if (deflateInit2(w->def, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -bits, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
             free(w->def);

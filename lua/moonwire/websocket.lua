@@ -915,9 +915,10 @@ local function accept_deflate(header, prefs)
         elseif k == "client_no_context_takeover" then
           if v ~= true then ok = false end
         elseif k == "server_max_window_bits" then
+          -- (8 included: zlib's deflate, at its least window of 9 bits, refers at most 250
+          -- bytes back; see ws_deflate in src/ws.c)
           local n = bits_param(v, false)
-          -- zlib cannot compress with an 8-bit window: decline such an offer
-          if not n or n == 8 then ok = false else c.tx_bits = n end
+          if not n then ok = false else c.tx_bits = n end
         elseif k == "client_max_window_bits" then
           if not bits_param(v, true) then ok = false end
         else
@@ -1188,8 +1189,9 @@ local function client_deflate(header, offered)
     elseif k == "server_max_window_bits" and bits_param(v, false) then
       c.rx_bits = 15
     elseif k == "client_max_window_bits" and bits_param(v, false) then
+      -- (any of 8..15: we offered the parameter without a value, RFC 7692 7.1.2.2; for 8
+      -- see ws_deflate in src/ws.c)
       c.tx_bits = bits_param(v, false)
-      if c.tx_bits == 8 then return false, "server asked for an 8-bit window (not supported)" end
     else
       return false, "bad permessage-deflate parameter from the server: " .. k
     end
