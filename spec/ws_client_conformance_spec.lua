@@ -436,6 +436,46 @@ describe("ws client: opening handshake", function()
       join(srv)
     end)
   end)
+
+  -- Regression (found by review): a URL's #fragment was dropped silently (RFC 6455 3: it
+  -- must not be used on a WebSocket URI), and so was its userinfo, which the HTTP client
+  -- sends as Basic credentials. Now a fragment is EINVAL before anything is sent, and
+  -- userinfo is sent as Authorization: Basic unless the caller gives an Authorization.
+  it("a URL with a #fragment is refused with EINVAL, nothing sent", function()
+    run(function()
+      local l, port = helper.listen()
+      local _ <close> = helper.closer(l)
+      for _, frag in ipairs { "#x", "#", "?a=1#x" } do
+        local ws, err, code = connect(("ws://127.0.0.1:%d/chat%s"):format(port, frag))
+        assert.is_nil(ws)
+        assert.equal("EINVAL", code)
+        assert.matches("fragment", err)
+      end
+      helper.fails("timeout", l:accept(0))      -- (no connection was made)
+    end)
+  end)
+
+  it("userinfo in the URL is sent as Basic credentials (an Authorization header given wins)", function()
+    run(function()
+      local function once(userinfo, headers)
+        local got
+        local url, srv = fake(function(p)
+          got = p.request.headers
+          p:accept()
+          p:expect_close(1000)
+          p:send(OP.close, close_payload(1000))
+        end)
+        local ws = assert(connect("ws://" .. userinfo .. url:sub(6), { headers = headers }))
+        assert.is_true(ws:close())
+        join(srv)
+        assert.truthy(got.host:match("^127%.0%.0%.1:%d+$"), "Host: " .. got.host)
+        return got.authorization
+      end
+      assert.equal("alice:s3cret p", unbase64(once("alice:s3cret%20p@"):match("^Basic (%S+)$")))
+      assert.equal("bob:", unbase64(once("bob@"):match("^Basic (%S+)$")))
+      assert.equal("Bearer t", once("alice:x@", { authorization = "Bearer t" }))
+    end)
+  end)
 end)
 
 describe("ws client: handshake answers it must refuse (code 'handshake')", function()

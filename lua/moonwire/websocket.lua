@@ -1214,7 +1214,14 @@ local function handshake(u, opts)
   if opts.protocols then add("Sec-WebSocket-Protocol", table.concat(opts.protocols, ", ")) end
   if opts.deflate then add("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits") end
   if opts.origin then add("Origin", opts.origin) end
-  for k, v in pairs(opts.headers or {}) do add(k, tostring(v)) end
+  local authorization = false
+  for k, v in pairs(opts.headers or {}) do
+    add(k, tostring(v))
+    if type(k) == "string" and k:lower() == "authorization" then authorization = true end
+  end
+  -- the URL's userinfo as Basic credentials, as the HTTP client sends it (an Authorization
+  -- header of the caller's wins)
+  if u.user and not authorization then add("Authorization", "Basic " .. base64(u.user .. ":" .. (u.password or ""))) end
   local head = core.http_request_head("GET", u.target, u.authority, flat, n, -2)
   local ok
   ok, err, code = sock:write(head)
@@ -1254,6 +1261,9 @@ function M.connect(target, opts)
   if u.scheme ~= "ws" and u.scheme ~= "wss" then
     return nil, "unsupported URL scheme '" .. u.scheme .. "'", "EINVAL"
   end
+  -- RFC 6455 3: "Fragment identifiers are meaningless in the context of WebSocket URIs and
+  -- MUST NOT be used on these URIs"
+  if u.fragment then return nil, "a WebSocket URL has no fragment (#" .. u.fragment .. ")", "EINVAL" end
   if opts.timeout then return mw.timeout(opts.timeout, handshake, u, opts) end
   return handshake(u, opts)
 end
