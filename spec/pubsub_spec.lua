@@ -95,6 +95,37 @@ describe("moonwire.pubsub, local", function()
     end)
   end)
 
+  -- A text message that is not UTF-8 would make every WebSocket member close with 1007
+  -- (mw.websocket.broadcast raises on it now): the handlers get it, the members do not.
+  it("kind text: a message that is not UTF-8 reaches the handlers, no member, and is counted", function()
+    run(function()
+      local http = require "moonwire.http"
+      local ps = pubsub.new()
+      local got = {}
+      ps:subscribe("room", function(data) got[#got + 1] = data end)
+      local joined = mw.channel(1)
+      local srv = assert(http.server { host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket())
+        assert(ws:join("room", ps))
+        joined:send(true)
+        for _ in ws:messages() do end
+      end })
+      local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/"):format(srv.port)))
+      assert(joined:recv(5))
+      assert.is_true(ps:publish("room", "bad \xff"))
+      assert.is_true(ps:publish("room", "good"))
+      local msg, kind = ws:receive(5)
+      assert.same({ "good", "text" }, { msg, kind })
+      wait_for(function() return #got == 2 end)
+      assert.same({ "bad \xff", "good" }, got)
+      assert.equal(1, ps:topic_stats("room").drops)
+      assert.equal(1, ps.stats.dropped)
+      ws:close()
+      srv:close()
+      ps:close()
+    end)
+  end)
+
   it("raises on misuse, naming the argument", function()
     run(function()
       local ps = pubsub.new()

@@ -244,7 +244,15 @@ local ws_broadcast
 local function deliver(self, t, data)
   if t.members[1] then
     ws_broadcast = ws_broadcast or require("moonwire.websocket").broadcast
-    self.stats.delivered = self.stats.delivered + ws_broadcast(t.members, data, self.kind)
+    local ok, n = pcall(ws_broadcast, t.members, data, self.kind)
+    if ok then
+      self.stats.delivered = self.stats.delivered + n
+    else
+      -- kind "text" and data that is not UTF-8 (raised before any member got a byte): the
+      -- members would all have to close with 1007 (RFC 6455 §8.1); none gets it, counted
+      t.drops = t.drops + 1
+      self.stats.dropped = self.stats.dropped + 1
+    end
   end
   if t.handlers[1] then
     local q = t.q
