@@ -41,6 +41,67 @@ return c:get(1) .. " " .. c:get(3)
     end)
   end)
 
+  -- A thread that returns its argument once cell 1 of the counters is set (at most 10 s).
+  local GATED = [[
+local core = require "moonwire.core"
+local c = core.counters_attach(math.tointeger(tonumber(...)), 1)
+local t0 = core.hrtime()
+while c:get(1) == 0 and core.hrtime() - t0 < 1e10 do end
+return "done"
+]]
+  local function gated_thread()
+    local gate = core.counters(1)
+    local h = core.thread()
+    assert(h:start(GATED, tostring(gate:address())))
+    return h, gate
+  end
+  local function until_waiting(...)
+    for _, task in ipairs({ ... }) do
+      while task:status() ~= "waiting" do mw.yield() end
+    end
+  end
+
+  -- Regression (review): the thread kept one waiting task; a second join() overwrote it, so
+  -- the first joiner was never woken (and mw.run never ended). Now every joiner is woken.
+  it("wakes every task that joins it", function()
+    helper.run(function()
+      local h, gate = gated_thread()
+      local a = mw.spawn(function() return h:join() end)
+      local b = mw.spawn(function() return h:join() end)
+      until_waiting(a, b)
+      gate:set(1, 1)
+      assert.same({ true, "done" }, { b:join() })
+      assert.same({ true, "done" }, { a:join() })
+    end)
+  end)
+
+  -- Regression (review): cancelling one joiner cleared the only waiter slot, so the other
+  -- joiner was never woken.
+  it("a cancelled joiner leaves the other joiners waiting for the result", function()
+    helper.run(function()
+      local h, gate = gated_thread()
+      local a = mw.spawn(function() return h:join() end)
+      local b = mw.spawn(function() return h:join() end)
+      until_waiting(a, b)
+      assert.is_true(b:cancel())
+      local _, msg, code = select(2, b:join())
+      assert.equal("cancelled", code, msg)
+      gate:set(1, 1)
+      assert.same({ true, "done" }, { a:join() })
+    end)
+  end)
+
+  -- Regression (review): a joiner woken before the thread ended (the eventfd's first
+  -- writable edge) waited again with no deadline: join(timeout) then never timed out.
+  it("join(timeout) times out although the joiner was woken early", function()
+    helper.run(function()
+      local h, gate = gated_thread()
+      helper.fails("timeout", h:join(0.05))
+      gate:set(1, 1)
+      assert.equal("done", h:join())
+    end)
+  end)
+
   local shim
   teardown(function() if shim then os.remove(shim) end end)
 

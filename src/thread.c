@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include "thread.h"
 #include "sched.h"
+#include "list.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -29,7 +30,7 @@ typedef struct mw_thread {
     char *result;              /* the thread's return value (a string) or its error */
     size_t reslen;
     int failed;
-    mw_task *waiter;
+    mw_task *joiners;          /* tasks waiting in join() (linked by wprev/wnext) */
 } mw_thread;
 
 /* Copies the value at idx of `from` onto `to` (nil, booleans, numbers, strings and tables
@@ -123,7 +124,17 @@ static void on_thread_event(mw_io *io, uint32_t ev)
     uint64_t n;
     (void)ev;
     while (read(io->fd, &n, sizeof n) > 0) {}
-    if (t->waiter) mw_sched_wake(t->waiter, MW_WAKE_READY);
+    /* every joiner, not just one: each one's unwait takes it off the list */
+    mw_task *j;
+    while ((j = t->joiners) != NULL) {
+        if (j->state == MW_T_WAITING) {
+            mw_sched_wake(j, MW_WAKE_READY);
+        } else {
+            MW_LIST_UNLINK(t->joiners, j, wprev, wnext);
+            j->unwait = NULL;
+            j->wait_obj = NULL;
+        }
+    }
 }
 
 /* thread_new() -> thread: a fresh lua_State with the standard libraries and this state's
@@ -244,23 +255,33 @@ static int join_result(lua_State *L, mw_thread *t)
 static void unwait_thread(mw_task *task)
 {
     mw_thread *t = task->wait_obj;
-    t->waiter = NULL;
+    MW_LIST_UNLINK(t->joiners, task, wprev, wnext);
 }
+
+/* Waits, with the other joiners, for the thread's eventfd; ctx is the deadline. */
+static int join_wait(lua_State *L, mw_thread *t, mw_task *task, int64_t deadline);
 
 static int join_k(lua_State *L, int status, lua_KContext ctx)
 {
     mw_thread *t = checkthread(L);
     int why = mw_sched_reason(t->rt->current);
-    (void)status; (void)ctx;
+    (void)status;
     if (why != MW_WAKE_READY) return mw_sched_pushwake(L, why);
     pthread_mutex_lock(&t->mu);
     int done = t->done;
     pthread_mutex_unlock(&t->mu);
     if (done) return join_result(L, t);
-    t->waiter = t->rt->current;
-    t->rt->current->wait_obj = t;
-    t->rt->current->unwait = unwait_thread;
-    return mw_sched_wait(L, t->rt->current, MW_NO_DEADLINE, join_k, 0);
+    /* woken before the end (the eventfd's first writable edge): wait again, until the
+     * same deadline */
+    return join_wait(L, t, t->rt->current, (int64_t)ctx);
+}
+
+static int join_wait(lua_State *L, mw_thread *t, mw_task *task, int64_t deadline)
+{
+    MW_LIST_PUSH(t->joiners, task, wprev, wnext);
+    task->wait_obj = t;
+    task->unwait = unwait_thread;
+    return mw_sched_wait(L, task, deadline, join_k, (lua_KContext)deadline);
 }
 
 /* t:join([timeout]) -> the string the thread's code returned | nil, err, "thread" */
@@ -275,10 +296,7 @@ static int t_join(lua_State *L)
     if (done) return join_result(L, t);
     mw_task *task = mw_sched_self(L, t->rt);
     lua_settop(L, 1);
-    t->waiter = task;
-    task->wait_obj = t;
-    task->unwait = unwait_thread;
-    return mw_sched_wait(L, task, d, join_k, 0);
+    return join_wait(L, t, task, d);
 }
 
 static int t_gc(lua_State *L)
@@ -288,6 +306,14 @@ static int t_gc(lua_State *L)
     if (!t) return 0;
     b->t = NULL;
     mw_loop_del(&t->rt->loop, &t->io);
+    /* a joiner keeps the handle on its stack, so one is left only when its coroutine was
+     * closed under it (misuse): it must not point here any more */
+    while (t->joiners) {
+        mw_task *j = t->joiners;
+        MW_LIST_UNLINK(t->joiners, j, wprev, wnext);
+        j->unwait = NULL;
+        j->wait_obj = NULL;
+    }
     pthread_mutex_lock(&t->mu);
     int running = t->started && !t->done;
     if (running) t->orphaned = 1;  /* the thread frees everything when it ends */
