@@ -585,6 +585,39 @@ describe("mw.timeout", function()
     end)
   end)
 
+  -- Regression (review): timeouts were counted from the loop's cached clock (read after
+  -- each poll), so after CPU work in a turn they ended early by that time: after 0.5 s of
+  -- work, mw.timeout(0.3, ...), ch:recv(0.4) and read("l", 0.3) timed out at once. Now
+  -- every timeout starts from the real clock, as mw.sleep does.
+  it("never ends early after CPU work in the same turn (nor do recv and read timeouts)", function()
+    run(function()
+      local core = require "moonwire.core"
+      local function busy(s) local t = core.hrtime() while core.hrtime() - t < s * 1e9 do end end
+      local function elapsed(t0) return (core.hrtime() - t0) / 1e9 end
+      busy(0.15)
+      local t0 = core.hrtime()
+      assert.same({ true, n = 1 }, pack(mw.timeout(0.1, function() return mw.sleep(0.05) end)))
+      local dt = elapsed(t0)
+      assert.is_true(dt >= 0.05, "the sleep inside ran " .. dt .. " s")
+
+      local ch = mw.channel()
+      busy(0.15)
+      t0 = core.hrtime()
+      helper.fails("timeout", ch:recv(0.1))
+      dt = elapsed(t0)
+      assert.is_true(dt >= 0.1, "recv(0.1) timed out after " .. dt .. " s")
+
+      local a, b = mw.unix.pair()
+      busy(0.15)
+      t0 = core.hrtime()
+      helper.fails("timeout", a:read("l", 0.1))
+      dt = elapsed(t0)
+      assert.is_true(dt >= 0.1, "read('l', 0.1) timed out after " .. dt .. " s")
+      a:close()
+      b:close()
+    end)
+  end)
+
   it("treats a negative time as no timeout", function()
     run(function()
       assert.same({ true, n = 1 }, pack(mw.timeout(-1, function() return mw.sleep(0.02) end)))

@@ -142,7 +142,8 @@ int mw_sched_pushwake(lua_State *L, int reason);
  * `dflt` (seconds, <0 none) applies when the argument is nil/none. */
 int64_t mw_sched_deadline(lua_State *L, mw_rt *rt, int idx, double dflt);
 
-/* The deadline `s` seconds from now (s < 0: none). */
+/* The deadline `s` seconds from now (s < 0: none), "now" read from the clock, not the
+ * loop's cached time: a timeout never ends early by the CPU time spent in the turn. */
 int64_t mw_sched_after(mw_rt *rt, double s);
 
 /* The standard failure triple: nil, msg, code; returns 3. */
