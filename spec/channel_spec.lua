@@ -150,6 +150,51 @@ describe("timed-out waiters", function()
   end)
 end)
 
+-- Regression (review): a send or recv that timed out or was cancelled only marked its queue
+-- entry dead; the entry (and a sender's value) stayed until the other side popped past it,
+-- so 200,000 recv(0) on an idle channel kept 19.7 MiB. Now a dead entry drops its value, a
+-- dead last entry leaves at once, and the queue is compacted when more than half is dead.
+describe("waiters that give up", function()
+  local function kib() collectgarbage(); collectgarbage(); return collectgarbage("count") end
+
+  it("leave nothing queued behind them when they time out", function()
+    run(function()
+      local ch = mw.channel()
+      local base = kib()
+      for _ = 1, 20000 do assert.same(TIMEOUT, pack(ch:recv(0))) end
+      local growth = kib() - base
+      assert.is_true(growth < 256, ("20,000 timed-out recv kept %.0f KiB"):format(growth))
+      local values = setmetatable({}, { __mode = "k" })
+      for _ = 1, 1000 do
+        local v = {}
+        values[v] = true
+        assert.same(TIMEOUT, pack(ch:send(v, 0)))
+      end
+      kib()
+      assert.is_nil(next(values), "a timed-out send's value is still referenced")
+    end)
+  end)
+
+  it("are compacted away when they are cancelled in front of a live waiter", function()
+    run(function()
+      local ch = mw.channel()
+      local base = kib()
+      local gone = {}
+      for i = 1, 20000 do gone[i] = mw.spawn(function() return ch:send({}) end) end
+      local live = mw.spawn(function() return ch:send("live") end)
+      while live:status() ~= "waiting" do mw.yield() end
+      for _, t in ipairs(gone) do t:cancel() end
+      for _, t in ipairs(gone) do assert.same({ true, nil, "cancelled", "cancelled" }, { t:join() }) end
+      gone = nil  -- luacheck: ignore
+      local growth = kib() - base
+      -- (about 1 MiB stays: the registry's and the queue's array slots; dead entries kept 4 MiB)
+      assert.is_true(growth < 2048, ("20,000 cancelled sends kept %.0f KiB"):format(growth))
+      assert.equal("live", ch:recv(0))
+      assert.same({ true, true }, { live:join() })
+    end)
+  end)
+end)
+
 describe("a buffered channel", function()
   it("accepts sends without blocking while there is room, then blocks", function()
     run(function()

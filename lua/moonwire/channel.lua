@@ -9,7 +9,9 @@ local Channel = {}
 Channel.__index = Channel
 Channel.__name = "moonwire.Channel"
 
--- A FIFO of waiting tasks; entries whose task gave up (timeout, cancel) are skipped.
+-- A FIFO of waiting tasks. An entry whose task gave up (timeout, cancel) is dead: its value
+-- is dropped at once, it leaves the queue at once when it is the last one, and the queue is
+-- compacted when dead entries are more than half of it, so waits that give up leave nothing.
 local function qpush(q, e)
   q.last = q.last + 1
   q[q.last] = e
@@ -21,10 +23,32 @@ local function qpop(q)
     q[q.first] = nil
     q.first = q.first + 1
     if e.task then return e end
+    q.dead = q.dead - 1
   end
 end
 
-local function newq() return { first = 1, last = 0 } end
+local function newq() return { first = 1, last = 0, dead = 0 } end
+
+-- Drops an entry still queued whose task gave up.
+local function qforget(q, entry)
+  entry.task, entry.value = nil, nil
+  q.dead = q.dead + 1
+  while q.last >= q.first and not q[q.last].task do   -- dead entries at the end
+    q[q.last] = nil
+    q.last = q.last - 1
+    q.dead = q.dead - 1
+  end
+  if q.dead * 2 > q.last - q.first + 1 then
+    local j = q.first
+    for i = q.first, q.last do
+      local e = q[i]
+      q[i] = nil
+      if e.task then q[j] = e; j = j + 1 end
+    end
+    q.last = j - 1
+    q.dead = 0
+  end
+end
 
 local function check(self, fname)
   if getmetatable(self) ~= Channel then
@@ -35,7 +59,8 @@ end
 local function wait(q, entry, timeout)
   qpush(q, entry)
   local v, err, code = park(timeout)
-  entry.task = nil
+  -- still queued (task set): nobody took it, the wait gave up
+  if entry.task then qforget(q, entry) end
   if v == nil then return nil, err, code end
   return v
 end
