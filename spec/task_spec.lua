@@ -755,6 +755,55 @@ describe("blocking calls", function()
   end)
 end)
 
+-- Regressions (review), misuse that must stay memory-safe. (1) Another task closed a waiting
+-- task's coroutine: its socket was collected (__gc cleared the socket's waiter slot) but the
+-- task still pointed to the freed socket, and task:cancel() wrote through that pointer
+-- (heap-use-after-free under ASan). Now an object collected under its waiter detaches it.
+-- (2) coroutine.resume on a task's coroutine ran the wait's continuation with another task's
+-- wake reason: mw.sleep returned nil, "closed" and the task ran to its end inside the
+-- resumer. Now that resume raises.
+describe("a waiting task's coroutine touched by another task", function()
+  it("closed and its socket collected: cancelling the task is safe", function()
+    run(function()
+      local co
+      local _, b = mw.unix.pair()
+      local a = mw.spawn(function()
+        local x = mw.unix.pair()
+        co = coroutine.running()
+        return x:read("l")
+      end)
+      while a:status() ~= "waiting" do mw.yield() end
+      assert.is_true(coroutine.close(co))
+      collectgarbage()
+      collectgarbage()
+      assert.is_true(a:cancel())
+      local ok = a:join()
+      assert.is_false(ok)
+      b:close()
+    end)
+  end)
+
+  it("resumed by coroutine.resume: the resume raises instead of running the task", function()
+    run(function()
+      local co
+      local ran_on = false
+      local a = mw.spawn(function()
+        co = coroutine.running()
+        mw.sleep(5)
+        ran_on = true
+      end)
+      while a:status() ~= "waiting" do mw.yield() end
+      local ok, err = coroutine.resume(co)
+      assert.is_false(ok)
+      assert.matches("resumed outside the scheduler", tostring(err))
+      assert.is_false(ran_on)
+      assert.is_true(a:cancel())
+      assert.is_false((a:join()))
+      assert.is_false(ran_on)
+    end)
+  end)
+end)
+
 describe("many tasks", function()
   it("runs 10,000 concurrent tasks, all parked at once", function()
     run(function()

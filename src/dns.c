@@ -207,6 +207,7 @@ static int job_gc(lua_State *L)
     }
     struct mw_resolver *r = j->r;
     pthread_mutex_lock(&r->mu);
+    if (j->waiter) mw_sched_forget(j->waiter, j);   /* its coroutine was closed under it */
     j->waiter = NULL;
     int last = 0;
     if (j->complete && !j->in_done) last = job_free_locked(j);

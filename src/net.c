@@ -291,6 +291,7 @@ void mw_sock_close(mw_sock *s, int wake)
         mw_task *t = s->waiter[role];
         if (!t) continue;
         if (wake) mw_sched_wake(t, MW_WAKE_CLOSED);  /* its unwait clears the slot */
+        else mw_sched_forget(t, s);     /* collected: the task must not point here any more */
         s->waiter[role] = NULL;
     }
 }

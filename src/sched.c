@@ -138,6 +138,31 @@ static void on_task_timer(mw_timer *tm)
     mw_sched_wake(t, MW_WAKE_TIMEOUT);
 }
 
+void mw_sched_forget(mw_task *t, void *obj)
+{
+    if (t->wait_obj != obj) return;
+    t->unwait = NULL;
+    t->wait_obj = NULL;
+}
+
+/* Every wait and requeue yields through here: the scheduler resumes a task with
+ * rt->current set to it, so anything else (coroutine.resume on the task's coroutine) is
+ * refused before the continuation reads a wake reason that is not its own. */
+static int resumed_k(lua_State *L, int status, lua_KContext ctx)
+{
+    mw_task *t = (mw_task *)ctx;
+    if (t->rt->current != t)
+        return luaL_error(L, "a waiting task was resumed outside the scheduler (coroutine.resume on a task's coroutine)");
+    return t->k(L, status, t->kctx);
+}
+
+static int yield_to_sched(lua_State *L, mw_task *t, lua_KFunction k, lua_KContext ctx)
+{
+    t->k = k;
+    t->kctx = ctx;
+    return lua_yieldk(L, 0, (lua_KContext)t, resumed_k);
+}
+
 mw_task *mw_sched_self(lua_State *L, mw_rt *rt)
 {
     mw_task *t = rt->current;
@@ -161,7 +186,7 @@ int mw_sched_wait(lua_State *L, mw_task *t, int64_t deadline, lua_KFunction k, l
         return luaL_error(L, "not enough memory");
     }
     t->state = MW_T_WAITING;
-    return lua_yieldk(L, 0, ctx, k);
+    return yield_to_sched(L, t, k, ctx);
 }
 
 int mw_sched_reason(mw_task *t)
@@ -622,7 +647,7 @@ int mw_sched_requeue(lua_State *L, mw_task *t, lua_KFunction k, lua_KContext ctx
     t->streak = 0;
     t->state = MW_T_READY;
     enqueue(t->rt, t);
-    return lua_yieldk(L, 0, ctx, k);
+    return yield_to_sched(L, t, k, ctx);
 }
 
 int mw_sched_checkpoint(lua_State *L, mw_task *t, int nres)

@@ -40,6 +40,8 @@ struct mw_task {
     int64_t scope_deadline;    /* nearest mw.timeout deadline, ns */
     mw_timer timer;
     void (*unwait)(mw_task *t); /* detaches the task from its wait source */
+    lua_KFunction k;           /* the continuation of the pending wait or requeue */
+    lua_KContext kctx;
     void *wait_obj;
     uint64_t wait_tag;         /* the wait source's own tag for this wait (resp.c: the reply slot) */
     mw_task *qnext;            /* run queue */
@@ -126,6 +128,10 @@ mw_task *mw_sched_dispatch_n(mw_rt *rt, lua_State *L, int nargs);
 /* task:cancel(): a waiting task's pending call fails with "cancelled" now, a running one's
  * next blocking call does; 0 when the task is over (nothing to cancel). */
 int mw_sched_cancel(mw_task *t);
+
+/* The object t waits on (obj) is going away without waking it (collected: t's coroutine
+ * was closed under it, a misuse): t no longer points to it (its unwait is not called). */
+void mw_sched_forget(mw_task *t, void *obj);
 
 /* Why the task was woken; resets to MW_WAKE_NONE. */
 int mw_sched_reason(mw_task *t);

@@ -311,8 +311,7 @@ static int t_gc(lua_State *L)
     while (t->joiners) {
         mw_task *j = t->joiners;
         MW_LIST_UNLINK(t->joiners, j, wprev, wnext);
-        j->unwait = NULL;
-        j->wait_obj = NULL;
+        mw_sched_forget(j, t);
     }
     pthread_mutex_lock(&t->mu);
     int running = t->started && !t->done;
