@@ -154,6 +154,30 @@ end)
 -- entry dead; the entry (and a sender's value) stayed until the other side popped past it,
 -- so 200,000 recv(0) on an idle channel kept 19.7 MiB. Now a dead entry drops its value, a
 -- dead last entry leaves at once, and the queue is compacted when more than half is dead.
+-- Regression (review): NaN timeouts meant "no timeout", numeric strings were refused (the
+-- core's timeouts take them), mw.channel(1.0) was refused and mw.channel(-1) said
+-- "got integer".
+describe("channel arguments", function()
+  it("a NaN timeout raises naming the argument; a numeric string is a timeout", function()
+    run(function()
+      local ch = mw.channel()
+      helper.raises("bad argument #1 to 'recv' (not a number)", function() return ch:recv(0 / 0) end)
+      helper.raises("bad argument #2 to 'send' (not a number)", function() return ch:send(1, 0 / 0) end)
+      helper.raises("bad argument #1 to 'recv' (number expected, got string)", function() return ch:recv("soon") end)
+      assert.same(TIMEOUT, pack(ch:recv("0.01")))
+      assert.same(TIMEOUT, pack(ch:send(1, "0")))
+    end)
+  end)
+
+  it("capacity: an integral float counts, a bad one is shown in the message", function()
+    assert.equal(2, mw.channel(2.0).capacity)
+    assert.equal("integer", math.type(mw.channel(2.0).capacity))
+    helper.raises("bad argument #1 to 'channel' (non-negative integer expected, got -1)", mw.channel, -1)
+    helper.raises("(non-negative integer expected, got 1.5)", mw.channel, 1.5)
+    helper.raises("(non-negative integer expected, got string)", mw.channel, "x")
+  end)
+end)
+
 describe("waiters that give up", function()
   local function kib() collectgarbage(); collectgarbage(); return collectgarbage("count") end
 

@@ -495,8 +495,9 @@ static int h_getoption(lua_State *L)
 static int h_settimeout(lua_State *L)
 {
     mw_sock *s = checkany(L, 1);
-    s->timeout = luaL_optnumber(L, 2, -1);
-    if (s->timeout != s->timeout) s->timeout = -1;
+    double timeout = luaL_optnumber(L, 2, -1);
+    luaL_argcheck(L, timeout == timeout, 2, "not a number");   /* NaN is no "no timeout" */
+    s->timeout = timeout;
     lua_settop(L, 1);
     return 1;
 }

@@ -218,7 +218,10 @@ int64_t mw_sched_after(mw_rt *rt, double s)
 int64_t mw_sched_deadline(lua_State *L, mw_rt *rt, int idx, double dflt)
 {
     double s = dflt;
-    if (!lua_isnoneornil(L, idx)) s = luaL_checknumber(L, idx);
+    if (!lua_isnoneornil(L, idx)) {
+        s = luaL_checknumber(L, idx);
+        luaL_argcheck(L, s == s, idx, "not a number");   /* NaN is no "no timeout" */
+    }
     return mw_sched_after(rt, s);
 }
 
@@ -706,6 +709,7 @@ static int l_deadline_push(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
     double s = luaL_checknumber(L, 1);
+    luaL_argcheck(L, s == s, 1, "not a number");
     mw_task *t = mw_sched_self(L, rt);
     int64_t prev = t->scope_deadline;
     int64_t d = mw_sched_after(rt, s);  /* negative: no deadline, as for every timeout */
@@ -721,6 +725,15 @@ static int l_deadline_pop(lua_State *L)
     mw_task *t = mw_sched_self(L, rt);
     t->scope_deadline = prev;
     return 0;
+}
+
+/* task() -> the running task; raises as every blocking call does outside a task (or in a
+ * coroutine nested in one): for blocking calls written in Lua (channels). */
+static int l_task(lua_State *L)
+{
+    mw_task *t = mw_sched_self(L, mw_rt_up(L));
+    lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);
+    return 1;
 }
 
 static int l_on_error(lua_State *L)
@@ -1044,7 +1057,7 @@ void mw_sched_open(lua_State *L, int rtidx)
     static const luaL_Reg funcs[] = {
         { "run", l_run }, { "spawn", l_spawn }, { "dispatch", l_dispatch },
         { "protected_body", l_protected_body }, { "stop", l_stop }, { "now", l_now },
-        { "current", l_current }, { "sleep", l_sleep }, { "yield", l_yield },
+        { "current", l_current }, { "task", l_task }, { "sleep", l_sleep }, { "yield", l_yield },
         { "park", l_park }, { "unpark", l_unpark }, { "deadline_push", l_deadline_push },
         { "deadline_pop", l_deadline_pop }, { "on_error", l_on_error }, { "signal", l_signal },
         { "hrtime", l_hrtime }, { "fork", l_fork }, { "waitpid", l_waitpid }, { "kill", l_kill }, { "getpid", l_getpid },

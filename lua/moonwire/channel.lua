@@ -3,7 +3,9 @@
 -- and is queued here; the other side unparks it with the value (or the failure).
 local core = require "moonwire.core"
 
-local park, unpark, current = core.park, core.unpark, core.current
+-- task(): the running task; raises as the core's blocking calls do outside a task (or in a
+-- coroutine nested in one)
+local park, unpark, task = core.park, core.unpark, core.task
 
 local Channel = {}
 Channel.__index = Channel
@@ -65,23 +67,22 @@ local function wait(q, entry, timeout)
   return v
 end
 
-local function self_task(fname)
-  local t = current()
-  if not t then error(("blocking call outside a task ('%s')"):format(fname), 3) end
-  return t
-end
-
-local function checktimeout(fname, timeout)
-  if timeout ~= nil and type(timeout) ~= "number" then
-    error(("bad argument #2 to '%s' (number expected, got %s)"):format(fname, type(timeout)), 3)
+-- A timeout: nil, a number or a numeric string (as for the core's timeouts); NaN raises.
+local function checktimeout(fname, n, timeout)
+  if timeout == nil then return nil end
+  local s = tonumber(timeout)
+  if type(timeout) ~= "number" and (type(timeout) ~= "string" or not s) then
+    error(("bad argument #%d to '%s' (number expected, got %s)"):format(n, fname, type(timeout)), 3)
   end
+  if s ~= s then error(("bad argument #%d to '%s' (not a number)"):format(n, fname), 3) end
+  return s
 end
 
 function Channel:send(value, timeout)
   check(self, "send")
   if value == nil then error("bad argument #1 to 'send' (value expected)", 2) end
-  checktimeout("send", timeout)
-  local me = self_task("send")
+  timeout = checktimeout("send", 2, timeout)
+  local me = task()   -- raises as the core does outside a task
   if self._closed then return nil, "closed", "closed" end
   -- a receiver already waiting takes the value directly
   local r = qpop(self._recvq)
@@ -118,10 +119,8 @@ end
 
 function Channel:recv(timeout)
   check(self, "recv")
-  if timeout ~= nil and type(timeout) ~= "number" then
-    error(("bad argument #1 to 'recv' (number expected, got %s)"):format(type(timeout)), 2)
-  end
-  local me = self_task("recv")
+  timeout = checktimeout("recv", 1, timeout)
+  local me = task()   -- raises as the core does outside a task
   if self._n > 0 then
     local h = self._head
     local v = self._buf[h]
@@ -184,10 +183,12 @@ end
 
 return function(capacity)
   if capacity == nil then capacity = 0 end
-  if math.type(capacity) ~= "integer" or capacity < 0 then
+  local n = type(capacity) == "number" and math.tointeger(capacity)   -- 1.0 is 1
+  if not n or n < 0 then
     error(("bad argument #1 to 'channel' (non-negative integer expected, got %s)"):format(
-      math.type(capacity) or type(capacity)), 2)
+      type(capacity) == "number" and tostring(capacity) or type(capacity)), 2)
   end
+  capacity = n
   return setmetatable({
     capacity = capacity, _buf = {}, _head = 1, _tail = 0, _n = 0, _closed = false,
     _recvq = newq(), _sendq = newq(),

@@ -63,13 +63,16 @@ end
 
 --- Runs fn(...) with a deadline `s` seconds away for every blocking call inside it.
 function M.timeout(s, fn, ...)
-  if type(s) ~= "number" then
+  -- a number or a numeric string, as for every other timeout; NaN raises
+  local n = tonumber(s)
+  if type(s) ~= "number" and (type(s) ~= "string" or not n) then
     error(("bad argument #1 to 'timeout' (number expected, got %s)"):format(type(s)), 2)
   end
+  if n ~= n then error("bad argument #1 to 'timeout' (not a number)", 2) end
   if type(fn) ~= "function" then
     error(("bad argument #2 to 'timeout' (function expected, got %s)"):format(type(fn)), 2)
   end
-  local prev = deadline_push(s)
+  local prev = deadline_push(n)
   return finish(prev, pcall(fn, ...))
 end
 
