@@ -245,6 +245,35 @@ describe("moonwire.redis", function()
     end)
   end)
 
+  -- Regressions (found by review): a pool took back a connection still owing a reply (a
+  -- BLPOP that timed out): the next user waited behind it, and the BLPOP, still waiting on
+  -- the server, took the next job pushed and it was lost. And redis.connect(tbl, opts)
+  -- ignored opts; redis.subscriber{ host, port } (no url) never connected.
+  it("a pool drops a connection owing a reply; connect(tbl, opts) takes both; subscriber{ host, port }", function()
+    run(function()
+      local pool = redis.pool { url = srv.url, size = 1, timeout = 0.2 }
+      local v, _, code = pool:call("BLPOP", "jobs:pool", 0)
+      assert.is_nil(v)
+      assert.equal("timeout", code)
+      local r <close> = connect()
+      assert.equal(1, r:rpush("jobs:pool", "job1"))
+      assert.equal("PONG", pool:call("PING"))         -- a fresh connection, not the blocked one
+      assert.equal(1, r:llen("jobs:pool"))            -- the job is still there
+      pool:close()
+      local u = assert(require("moonwire.url").parse(srv.url))
+      local c <close> = assert(redis.connect({ host = u.host, port = u.port }, { db = 3 }))
+      assert.equal("OK", c:set("where", "db3"))
+      assert.equal(redis.null, r:get("where"))        -- r is on db 0
+      local got = mw.channel(1)
+      local sub = redis.subscriber { host = u.host, port = u.port, on_message = function(_, data) got:send(data) end }
+      sub:subscribe("news:tbl")
+      local deadline = mw.now() + 5
+      while r:publish("news:tbl", "hi") == 0 and mw.now() < deadline do mw.sleep(0.02) end
+      assert.equal("hi", got:recv(5))
+      sub:close()
+    end, 20)
+  end)
+
   it("connects with TLS (rediss://, verified against cafile) and refuses an unknown CA", function()
     run(function()
       local url = ("rediss://localhost:%d"):format(srv.tls_port)

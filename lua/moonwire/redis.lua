@@ -84,7 +84,10 @@ local function settings(target, opts, fname)
       o, err = parse_url(target.url)
       if not o then argerror(1, fname, err, 3) end
     end
-    opts = target
+    -- the table's own fields, then a second table's over them (it was ignored)
+    for k, v in pairs(target) do
+      if k ~= "url" then o[k] = v end
+    end
   else
     argerror(1, fname, "URL or table expected, got " .. type(target), 3)
   end
@@ -385,7 +388,9 @@ end
 --- pool:release(conn): back to the pool (a broken connection is dropped).
 function Pool:release(c)
   if getmetatable(c) ~= Conn then argerror(1, "release", "moonwire.Redis expected, got " .. type(c)) end
-  if c:alive() then
+  -- (one still owing replies, a blocking command that timed out say, is dropped: the next
+  -- user would wait behind it, and a BLPOP still waiting on the server would take its data)
+  if c:alive() and c._rc:pending() == 0 then
     if wake_waiter(self, c) then return end
     self._idle[#self._idle + 1] = c
   else

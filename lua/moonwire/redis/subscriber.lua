@@ -234,7 +234,8 @@ function M._run(self)
   local first = true
   while not self.closed do
     -- (a connect that raises, a bad option, is a failed attempt: the task goes on)
-    local done, conn, err = pcall(self._redis.connect, self._target, self._copts)
+    -- (one options table without a url: its host, port... are in copts)
+    local done, conn, err = pcall(self._redis.connect, self._target or self._copts, self._target and self._copts or nil)
     if not done then conn, err = nil, conn end
     if self.closed then
       if conn then conn:close() end
