@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "e828d4f51b10c60e2530627fbada0d89",
+  md5 = "6c6f2bb2dc68503abbfcffc1bb7ea767",
   dir = "moonwire-0.1.0",
 }
 description = {
