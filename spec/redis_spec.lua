@@ -468,6 +468,40 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  -- Regression: an UNSUBSCRIBE (or PUNSUBSCRIBE) without arguments waited for a confirmation
+  -- whose count was 0, but Redis counts channels and patterns together: subscribed to a
+  -- channel and a pattern, UNSUBSCRIBE's last count is 1, its slot never ended and every
+  -- later call got the reply of the call before it.
+  -- Now a PING follows it and the PING's reply ends it, under RESP2 and RESP3. And
+  -- r:call("PUNSUBSCRIBE", p) under RESP3 (answered by a push) waited forever while the next
+  -- call's reply went to it: it returns true once confirmed.
+  it("an UNSUBSCRIBE of everything with patterns left ends; later calls get their own replies", function()
+    run(function()
+      for _, resp in ipairs { 3, 2 } do
+        local r <close> = connect { resp = resp, pushes = true, timeout = 2 }
+        assert.is_true(r:send("SUBSCRIBE", "uc1"))
+        assert.is_true(r:send("PSUBSCRIBE", "up*"))
+        assert.is_true(r:send("UNSUBSCRIBE"))         -- the pattern remains: its count is 1
+        local pong = r:ping()
+        if resp == 2 then assert.same({ "pong", "" }, pong) else assert.equal("PONG", pong) end
+        assert.is_true(r:call("PUNSUBSCRIBE", "up*"))
+        assert.equal("x", r:echo("x"))
+        assert.is_true(r:send("UNSUBSCRIBE"))         -- subscribed to nothing: one answer, count 0
+        assert.is_true(r:unsubscribe())
+        assert.equal("y", r:echo("y"))
+        assert.equal(0, (r:pending()))
+        local kinds = {}
+        for i = 1, 6 do
+          local v = assert(r:push_recv(1))
+          kinds[i] = v[1] .. " " .. tostring(v[2]) .. " " .. v[3]
+        end
+        assert.same({ "subscribe uc1 1", "psubscribe up* 2", "unsubscribe uc1 1", "punsubscribe up* 0",
+          "unsubscribe " .. tostring(redis.null) .. " 0", "unsubscribe " .. tostring(redis.null) .. " 0" }, kinds)
+        helper.fails("timeout", r:push_recv(0.05))
+      end
+    end)
+  end)
+
   it("a subscription made while the subscriber connects (before it is up) is sent once it is", function()
     run(function()
       local got = {}

@@ -342,7 +342,9 @@ typedef struct {
     uint32_t batch;        /* the task collects into a table at its stack index 2 */
     uint8_t ack;           /* a command written by rc_send: its confirmations come as pushes
                             * of kind ACK_KINDS[ack] (left of them), an error as a reply */
-    uint8_t until_zero;    /* ... an UNSUBSCRIBE of everything: until a count of 0 */
+    uint8_t marker;        /* ... an UNSUBSCRIBE of everything, followed by a PING: the
+                            * PING's reply ends the slot (see rc_send) */
+    uint8_t answered;      /* ... (marker) a confirmation or the command's error came */
 } slot;
 
 /* the commands rc_send expects confirmations of (the push kinds are the same words) */
@@ -407,7 +409,8 @@ static int ring_push(rconn *c, mw_task *t, uint32_t n, int batch)
     sl->left = n;
     sl->batch = (uint32_t)batch;
     sl->ack = 0;
-    sl->until_zero = 0;
+    sl->marker = 0;
+    sl->answered = 0;
     if (t) t->wait_tag = c->tail;
     c->tail++;
     return 0;
@@ -446,6 +449,18 @@ static int push_failure(lua_State *L, int idx)
     return 3;
 }
 
+/* A SUBSCRIBE-family command's slot (the head) got all its answers: the task of rc_call, if
+ * it still waits, gets true unless it got the error reply. */
+static void ack_done(rconn *c, slot *sl)
+{
+    mw_task *w = sl->t;
+    c->head++;
+    if (!w) return;
+    if (lua_gettop(w->co) == 1) lua_pushboolean(w->co, 1);
+    w->unwait = NULL;
+    mw_sched_wake(w, MW_WAKE_READY);
+}
+
 /* The reply at p (n bytes) goes to the task of the next slot, or to the push queue.
  * L's stack: the connection at 1, the error metatable at 2. Returns -1 on a reply nobody
  * asked for. */
@@ -455,29 +470,43 @@ static int deliver(lua_State *L, rconn *c, const char *p, size_t n)
     int t = build(L, 2, p, n);
     slot *head = c->head < c->tail ? &c->ring[c->head & (c->cap - 1)] : NULL;
     if (head && head->ack) {
-        /* the confirmations of a command rc_send wrote come first (Redis answers in order) */
-        if (t == MW_RESP_PUSH) {
-            if (lua_rawgeti(L, -1, 1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), ACK_KINDS[head->ack]) == 0) {
-                int done;
-                if (head->until_zero) {
-                    lua_rawgeti(L, -2, 3);
-                    done = lua_tointeger(L, -1) == 0;
-                    lua_pop(L, 1);
-                } else {
-                    done = --head->left == 0;
-                }
-                if (done) c->head++;
-            }
+        /* the answers of a SUBSCRIBE-family command come first (Redis answers in order); a
+         * confirmation is a push (RESP3) or an array (RESP2) that starts with the kind */
+        int conf = 0;
+        if (t == MW_RESP_PUSH || t == MW_RESP_ARRAY) {
+            conf = lua_rawgeti(L, -1, 1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), ACK_KINDS[head->ack]) == 0;
             lua_pop(L, 1);
+        }
+        if (conf) {
+            head->answered = 1;
+            if (!head->marker && --head->left == 0) ack_done(c, head);
+            t = MW_RESP_PUSH;
+        } else if (t == MW_RESP_PUSH) {
+            /* a message or an invalidation meanwhile: not this command's */
+        } else if (head->marker && head->answered) {
+            ack_done(c, head);  /* the marker PING's reply: every confirmation came before it */
+            lua_settop(L, top);
+            return 0;
         } else {
-            /* its reply: an error (a confirmation is a push), handed to push_recv as an
-             * error object, not to the next call */
-            c->head++;
-            if (is_error_type(t)) {
+            /* the command's reply: an error (a confirmation is a push). It goes to the task
+             * of rc_call; for rc_send, to push_recv as an error object, never to the next
+             * call. A marker's PING is still owed. */
+            mw_task *w = head->t;
+            if (w && lua_checkstack(w->co, 4)) {
+                lua_pushnil(w->co);
+                lua_xmove(L, w->co, 1);
+                lua_pushliteral(w->co, "redis");
+            } else if (is_error_type(t)) {
                 size_t ln;
                 const char *m = lua_tolstring(L, -1, &ln);
                 push_errobj(L, 2, m, ln);
                 lua_remove(L, -2);
+            }
+            if (head->marker) head->answered = 1;
+            else ack_done(c, head);
+            if (w) {
+                lua_settop(L, top);
+                return 0;
             }
             t = MW_RESP_PUSH;
         }
@@ -653,7 +682,49 @@ static int wait_reply(lua_State *L, rconn *c, mw_task *t, int batch)
     return mw_sched_wait(L, t, mw_sched_after(c->rt, c->timeout), call_k, batch);
 }
 
-/* rc:call(cmd, ...) -> value | nil, message, "redis" (an error reply) | nil, err, code */
+/* Writes the command at L[2..top] (checked) into the output buffer and takes its slot, for
+ * task t (NULL: the reply is read and dropped). A SUBSCRIBE-family command's slot takes its
+ * confirmations (pushes, which still go to the push queue) or its error reply, so that
+ * neither goes to the next call's task. */
+static void write_cmd(lua_State *L, rconn *c, int top, mw_task *t)
+{
+    size_t cl;
+    const char *cmd = lua_tolstring(L, 2, &cl);
+    char lc[16];
+    int ack = 0, nargs = top - 2;
+    if (cl < sizeof lc) {
+        for (size_t i = 0; i <= cl; i++) lc[i] = (char)((cmd[i] >= 'A' && cmd[i] <= 'Z') ? cmd[i] + 32 : cmd[i]);
+        for (int k = 1; k < (int)(sizeof ACK_KINDS / sizeof *ACK_KINDS); k++)
+            if (strcmp(lc, ACK_KINDS[k]) == 0) ack = k;
+    }
+    /* An UNSUBSCRIBE of everything gets a confirmation per name it drops (one with a nil
+     * name when there is none), and how many cannot be known here: the last one's count is
+     * not 0 while patterns remain (Redis counts channels and patterns together), and
+     * subscriptions may be on their way. So a PING follows it, and the PING's reply, which
+     * Redis sends after every confirmation, ends its slot: "+PONG" under RESP3 (and RESP2
+     * once nothing is subscribed), the array { "pong", "" } under RESP2 while subscribed;
+     * neither is a confirmation. */
+    int marker = ack && nargs == 0;
+    encoder e;
+    e.n = 0;
+    e.sink = sink_sock;
+    e.ud = c->s;
+    if (encode(L, &e, 2, top) < 0) luaL_error(L, "not enough memory");
+    if (marker) {
+        lua_pushliteral(L, "PING");
+        if (encode(L, &e, top + 1, top + 1) < 0) luaL_error(L, "not enough memory");
+        lua_pop(L, 1);
+    }
+    if (enc_flush(&e, NULL, 0) < 0) luaL_error(L, "not enough memory");
+    if (!t && !ack) return;   /* rc_send of another command: no slot */
+    if (ring_push(c, t, ack && nargs > 0 ? (uint32_t)nargs : 1, 0) < 0) luaL_error(L, "not enough memory");
+    slot *sl = &c->ring[(c->tail - 1) & (c->cap - 1)];
+    sl->ack = (uint8_t)ack;
+    sl->marker = (uint8_t)marker;
+}
+
+/* rc:call(cmd, ...) -> value | nil, message, "redis" (an error reply) | nil, err, code.
+ * A SUBSCRIBE-family command returns true once all its confirmations came. */
 static int rc_call(lua_State *L)
 {
     rconn *c = checkrc(L);
@@ -661,47 +732,20 @@ static int rc_call(lua_State *L)
     check_args(L, 2, top, lua_isstring(L, 2) ? lua_tostring(L, 2) : "call", 2);
     mw_task *t = mw_sched_self(L, c->rt);
     if (c->failed) return push_failure(L, 1);
-    encoder e;
-    e.n = 0;
-    e.sink = sink_sock;
-    e.ud = c->s;
-    if (encode(L, &e, 2, top) < 0 || enc_flush(&e, NULL, 0) < 0 || ring_push(c, t, 1, 0) < 0)
-        return luaL_error(L, "not enough memory");
+    write_cmd(L, c, top, t);
     lua_settop(L, 1);
     return wait_reply(L, c, t, 0);
 }
 
-/* rc:send(cmd, ...) -> true | nil, err, code: writes a command that takes no reply slot,
- * for commands whose answers come as RESP3 pushes (SUBSCRIBE and its family). */
+/* rc:send(cmd, ...) -> true | nil, err, code: writes a command no task waits for, for
+ * commands whose answers come as RESP3 pushes (SUBSCRIBE and its family). */
 static int rc_send(lua_State *L)
 {
     rconn *c = checkrc(L);
     int top = lua_gettop(L);
     check_args(L, 2, top, lua_isstring(L, 2) ? lua_tostring(L, 2) : "send", 2);
     if (c->failed) return push_failure(L, 1);
-    encoder e;
-    e.n = 0;
-    e.sink = sink_sock;
-    e.ud = c->s;
-    if (encode(L, &e, 2, top) < 0 || enc_flush(&e, NULL, 0) < 0) return luaL_error(L, "not enough memory");
-    /* a SUBSCRIBE-family command: its confirmations (pushes) or its error reply hold a
-     * slot, so that an error goes to push_recv and not to the next call's task */
-    size_t cl;
-    const char *cmd = lua_tolstring(L, 2, &cl);
-    char lc[16];
-    int ack = 0;
-    if (cmd && cl < sizeof lc) {
-        for (size_t i = 0; i <= cl; i++) lc[i] = (char)((cmd[i] >= 'A' && cmd[i] <= 'Z') ? cmd[i] + 32 : cmd[i]);
-        for (int k = 1; k < (int)(sizeof ACK_KINDS / sizeof *ACK_KINDS); k++)
-            if (strcmp(lc, ACK_KINDS[k]) == 0) ack = k;
-    }
-    if (ack) {
-        int nargs = top - 2;
-        if (ring_push(c, NULL, nargs > 0 ? (uint32_t)nargs : 1, 0) < 0) return luaL_error(L, "not enough memory");
-        slot *sl = &c->ring[(c->tail - 1) & (c->cap - 1)];
-        sl->ack = (uint8_t)ack;
-        sl->until_zero = nargs == 0;
-    }
+    write_cmd(L, c, top, NULL);
     queue_out(c);
     lua_pushboolean(L, 1);
     return 1;
