@@ -502,6 +502,21 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  -- Regression: r:send of a command other than the SUBSCRIBE family took no reply slot: its
+  -- reply went to the next call (a GET returned "OK"), and the GET's own reply, nobody's,
+  -- failed the connection. Its reply is now read and dropped.
+  it("r:send of an ordinary command: its reply is dropped, not given to the next call", function()
+    run(function()
+      local r <close> = connect { timeout = 2 }
+      assert.is_true(r:send("SET", "sent:k", "v"))
+      assert.is_true(r:send("NO-SUCH-COMMAND"))
+      assert.equal("v", r:get("sent:k"))
+      assert.equal("PONG", r:ping())
+      assert.is_true(r:alive())
+      assert.equal(0, (r:pending()))
+    end)
+  end)
+
   it("a subscription made while the subscriber connects (before it is up) is sent once it is", function()
     run(function()
       local got = {}

@@ -715,9 +715,8 @@ static void write_cmd(lua_State *L, rconn *c, int top, mw_task *t)
         if (encode(L, &e, top + 1, top + 1) < 0) luaL_error(L, "not enough memory");
         lua_pop(L, 1);
     }
-    if (enc_flush(&e, NULL, 0) < 0) luaL_error(L, "not enough memory");
-    if (!t && !ack) return;   /* rc_send of another command: no slot */
-    if (ring_push(c, t, ack && nargs > 0 ? (uint32_t)nargs : 1, 0) < 0) luaL_error(L, "not enough memory");
+    if (enc_flush(&e, NULL, 0) < 0 || ring_push(c, t, ack && nargs > 0 ? (uint32_t)nargs : 1, 0) < 0)
+        luaL_error(L, "not enough memory");
     slot *sl = &c->ring[(c->tail - 1) & (c->cap - 1)];
     sl->ack = (uint8_t)ack;
     sl->marker = (uint8_t)marker;
@@ -738,7 +737,8 @@ static int rc_call(lua_State *L)
 }
 
 /* rc:send(cmd, ...) -> true | nil, err, code: writes a command no task waits for, for
- * commands whose answers come as RESP3 pushes (SUBSCRIBE and its family). */
+ * commands whose answers come as RESP3 pushes (SUBSCRIBE and its family); any other
+ * command's reply is read and dropped. */
 static int rc_send(lua_State *L)
 {
     rconn *c = checkrc(L);
