@@ -517,6 +517,29 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  -- Regression: after a server restart a pool handed out its idle connections, dead (their
+  -- alive() flag changed only when a reader saw the end, and an idle connection has none):
+  -- the first call after the restart failed with "closed". An idle connection is now probed
+  -- (a non-blocking peek, as pg's pool does), over TCP and TLS.
+  it("a pool does not hand out an idle connection the server closed (restart)", function()
+    local victim = server.start { tls = certs }
+    local ok, err = pcall(run, function()
+      local plain = redis.pool { url = victim.url, size = 2 }
+      local tls = redis.pool { url = ("rediss://localhost:%d"):format(victim.tls_port), cafile = certs .. "/ca.pem" }
+      for _, pool in ipairs { plain, tls } do assert.equal("PONG", pool:call("PING")) end
+      local idle = plain._idle[1]
+      victim.restart()
+      for _, pool in ipairs { plain, tls } do
+        assert.equal("PONG", pool:call("PING"))
+        assert.equal(1, pool._n)
+        pool:close()
+      end
+      assert.is_false(idle:alive())
+    end, 15)
+    victim.stop()
+    assert(ok, err)
+  end)
+
   it("a subscription made while the subscriber connects (before it is up) is sent once it is", function()
     run(function()
       local got = {}
