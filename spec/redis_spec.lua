@@ -540,6 +540,28 @@ describe("redis clients when something raises or lags", function()
     assert(ok, err)
   end)
 
+  -- Regression: r:settimeout on a pooled connection stayed after its release: the next
+  -- borrower's calls timed out after the previous borrower's timeout.
+  it("a pooled connection's settimeout does not carry over to the next borrower", function()
+    run(function()
+      local pool = redis.pool { url = srv.url, size = 1 }
+      local a = assert(pool:acquire())
+      a:settimeout(0.05)
+      pool:release(a)
+      local b = assert(pool:acquire())
+      assert.equal(a, b)
+      assert.equal(redis.null, b:blpop("never:pooled", 0.3))   -- not "timeout" after 0.05 s
+      b:settimeout(0.05)
+      pool:release(b)
+      local tpool = redis.pool { url = srv.url, size = 1, timeout = 0.05 }
+      local v, _, code = tpool:call("BLPOP", "never:pooled", 0.3)
+      assert.is_nil(v)
+      assert.equal("timeout", code)                         -- the pool's own timeout stays
+      pool:close()
+      tpool:close()
+    end)
+  end)
+
   it("a subscription made while the subscriber connects (before it is up) is sent once it is", function()
     run(function()
       local got = {}

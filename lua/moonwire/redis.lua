@@ -391,6 +391,7 @@ function Pool:release(c)
   -- (one still owing replies, a blocking command that timed out say, is dropped: the next
   -- user would wait behind it, and a BLPOP still waiting on the server would take its data)
   if c:alive() and c._rc:pending() == 0 then
+    c._rc:settimeout(c._opts.timeout or -1)   -- (r:settimeout is the borrower's, not the next one's)
     if wake_waiter(self, c) then return end
     self._idle[#self._idle + 1] = c
   else
