@@ -562,6 +562,18 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  -- Regression: under RESP2 r.hello was nil, so the lookup fell through to the command
+  -- methods and r.hello was the HELLO command's function (truthy; r.hello.proto raised).
+  it("r.hello is the HELLO 3 map under RESP3 and false under RESP2", function()
+    run(function()
+      local r2 <close> = connect()
+      assert.is_false(r2.hello)
+      local r3 <close> = connect { resp = 3 }
+      assert.equal(3, r3.hello.proto)
+      assert.equal("server", r2:call("HELLO")[1])    -- HELLO itself: through r:call (RESP2: a flat array)
+    end)
+  end)
+
   it("a subscription made while the subscriber connects (before it is up) is sent once it is", function()
     run(function()
       local got = {}

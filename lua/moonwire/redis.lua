@@ -194,7 +194,8 @@ function M.connect(target, opts)
     return nil, hello, hcode
   end
   rc:settimeout(o.timeout or -1)
-  return setmetatable({ _rc = rc, _opts = o, hello = o.resp == 3 and hello or nil }, Conn)
+  -- (false, not nil, under RESP2: a missing field would be the HELLO command's method)
+  return setmetatable({ _rc = rc, _opts = o, hello = o.resp == 3 and hello or false }, Conn)
 end
 
 --- r:call(cmd, ...) -> reply | nil, message, "redis" | nil, err, code
