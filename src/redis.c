@@ -16,7 +16,6 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <sys/socket.h>
 #include <openssl/sha.h>
 
 #define RC_MT "moonwire.RespConn"
@@ -847,25 +846,12 @@ static int rc_pending(lua_State *L)
  * the next reader, or under TLS records to read through first. L's stack: the connection. */
 static void probe_idle(lua_State *L, rconn *c)
 {
-    mw_sock *s = c->s;
     if (c->head != c->tail || c->reader || c->push_waiter) return;   /* the reader will see it */
-    if (!s->eof && (mw_buf_len(&s->rbuf) > 0 || (s->tp->pending && s->tp->pending(s)))) return;
-    char ch;
-    ssize_t n = s->eof ? 0 : recv(s->io.fd, &ch, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
-    if (n > 0) {
-        if (!s->tp->pending) return;
-        uint32_t want = EPOLLIN;
-        int r = mw_stream_fill(s, 0, &want);
-        if (mw_buf_len(&s->rbuf) == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
-        if (r == 1 || r == -1) return;
-        n = r == 0 ? 0 : -1;
-    }
-    if (n == 0) {
+    int p = mw_stream_probe(c->s);
+    if (p == MW_PROBE_END) {
         fail_all(L, c, "closed", "closed");
-    } else {
-        int e = errno;
-        mw_stream_pusherr(L, s, e);
+    } else if (p == MW_PROBE_ERROR) {
+        mw_stream_pusherr(L, c->s, errno);
         fail_all(L, c, lua_tostring(L, -2), lua_tostring(L, -1));
         lua_settop(L, 1);
     }

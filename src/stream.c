@@ -381,29 +381,34 @@ static int s_buffered(lua_State *L)
     return 1;
 }
 
+int mw_stream_probe(mw_sock *s)
+{
+    if (s->eof) return MW_PROBE_END;
+    if (mw_buf_len(&s->rbuf) > 0 || (s->tp->pending && s->tp->pending(s))) return MW_PROBE_DATA;
+    char c;
+    ssize_t n = recv(s->io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? MW_PROBE_QUIET : MW_PROBE_ERROR;
+    if (n == 0) return MW_PROBE_END;
+    if (!s->tp->pending) return MW_PROBE_DATA;
+    /* TLS: records that carry no data (TLS 1.3's session tickets after the handshake, a key
+     * update) are not the peer talking: read them through; data or the end is, and so is
+     * the start of a record whose rest is on the way (left in OpenSSL's buffer) */
+    uint32_t want = EPOLLIN;
+    int r = mw_stream_fill(s, 0, &want);
+    int data = mw_buf_len(&s->rbuf) > 0 || s->tp->pending(s), e = errno;
+    if (!data) mw_buf_release(&s->rbuf, &s->rt->pool);
+    errno = e;
+    if (r == 0) return MW_PROBE_END;
+    if (r == -3) return MW_PROBE_ERROR;
+    return data ? MW_PROBE_DATA : MW_PROBE_QUIET;
+}
+
 /* s:alive() -> whether an idle connection is still usable: the peer has not closed it and
  * sent nothing unasked (a pooled HTTP connection must be silent). Never blocks. */
 static int s_alive(lua_State *L)
 {
     mw_sock *s = luaL_checkudata(L, 1, MW_SOCK_MT);
-    if (s->closed || s->eof || mw_buf_len(&s->rbuf) > 0 || (s->tp->pending && s->tp->pending(s))) {
-        lua_pushboolean(L, 0);
-        return 1;
-    }
-    char c;
-    ssize_t n = recv(s->io.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n > 0 && s->tp->pending) {
-        /* TLS: records that carry no data (TLS 1.3's session tickets after the handshake, a
-         * key update) are not the peer talking: read them through; data or the end is, and
-         * so is the start of a record whose rest is on the way (left in OpenSSL's buffer) */
-        uint32_t want = EPOLLIN;
-        int r = mw_stream_fill(s, 0, &want);
-        int quiet = r == TRY_WAIT && mw_buf_len(&s->rbuf) == 0 && !s->tp->pending(s);
-        if (mw_buf_len(&s->rbuf) == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
-        lua_pushboolean(L, quiet);
-        return 1;
-    }
-    lua_pushboolean(L, n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+    lua_pushboolean(L, !s->closed && mw_stream_probe(s) == MW_PROBE_QUIET);
     return 1;
 }
 

@@ -20,6 +20,13 @@ int mw_sock_gather(mw_sock *s, const char *a, size_t an, const char *b, size_t b
  * bytes, 0 end of stream (s->eof set), -1 would block (*want: readiness to wait for),
  * -3 error (errno). */
 int mw_stream_fill(mw_sock *s, size_t hint, uint32_t *want);
+/* Looks, without blocking, at an idle connection (no reader on it): MW_PROBE_QUIET (open,
+ * nothing waiting), MW_PROBE_DATA (bytes waiting, in s->rbuf or the transport: over TLS
+ * records that carry no data are read through first, and the start of a record whose rest
+ * is on the way counts as data), MW_PROBE_END (the peer closed it: s->eof, or EOF seen now),
+ * MW_PROBE_ERROR (errno). The one check behind s:alive() and the pools' checks (redis). */
+enum { MW_PROBE_QUIET, MW_PROBE_DATA, MW_PROBE_END, MW_PROBE_ERROR };
+int mw_stream_probe(mw_sock *s);
 /* Pushes nil, message, code for an I/O error of s (a transport's protocol error gives
  * "tls: reason", "tls"). */
 int mw_stream_pusherr(lua_State *L, mw_sock *s, int err);
