@@ -137,6 +137,18 @@ local function response(status_line, headers, body)
   return table.concat(t, "\r\n") .. "\r\n\r\n" .. (body or "")
 end
 
+-- `body` in chunked transfer coding: chunks of `size` bytes (the last one shorter), then the
+-- zero-size last chunk with no trailer fields.
+local function chunk_encode(body, size)
+  local parts = {}
+  for i = 1, #body, size do
+    local piece = body:sub(i, i + size - 1)
+    parts[#parts + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
+  end
+  parts[#parts + 1] = "0\r\n\r\n"
+  return table.concat(parts)
+end
+
 local function ok_response(body)
   body = body or "ok"
   return response("HTTP/1.1 200 OK", { "Content-Length: " .. #body }, body)
@@ -1979,13 +1991,8 @@ describe("http client: decompress", function()
       local z = d:compress(TEXT, "finish")
       local f = fake_http(function(req)
         if req.target == "/chunked" then
-          local parts = { "HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n" }
-          for i = 1, #z, 100 do
-            local piece = z:sub(i, i + 99)
-            parts[#parts + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
-          end
-          parts[#parts + 1] = "0\r\n\r\n"
-          return table.concat(parts)
+          return response("HTTP/1.1 200 OK", { "Content-Encoding: deflate", "Transfer-Encoding: chunked" },
+            chunk_encode(z, 100))
         end
         return response("HTTP/1.1 200 OK", { "Content-Encoding: deflate", "Content-Length: " .. #z }, z)
       end)
@@ -2077,13 +2084,8 @@ describe("http client: decompress", function()
       local f = fake_http(function(req)
         local z = bodies[req.target:match("^/%a+")]
         if req.target:match("/chunked$") then
-          local parts = { "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" }
-          for i = 1, #z, 5 do
-            local piece = z:sub(i, i + 4)
-            parts[#parts + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
-          end
-          parts[#parts + 1] = "0\r\n\r\n"
-          return table.concat(parts)
+          return response("HTTP/1.1 200 OK", { "Content-Encoding: gzip", "Transfer-Encoding: chunked" },
+            chunk_encode(z, 5))
         end
         return response("HTTP/1.1 200 OK", { "Content-Encoding: gzip", "Content-Length: " .. #z }, z)
       end)
@@ -2133,13 +2135,7 @@ describe("http client: decompress", function()
         local h = table.move(case[1], 1, #case[1], 1, {})
         if chunked == "/chunked" then
           h[#h + 1] = "Transfer-Encoding: chunked"
-          local parts = {}
-          for i = 1, #case[2], 3 do
-            local piece = case[2]:sub(i, i + 2)
-            parts[#parts + 1] = ("%x\r\n%s\r\n"):format(#piece, piece)
-          end
-          parts[#parts + 1] = "0\r\n\r\n"
-          return response("HTTP/1.1 200 OK", h, table.concat(parts))
+          return response("HTTP/1.1 200 OK", h, chunk_encode(case[2], 3))
         end
         h[#h + 1] = "Content-Length: " .. #case[2]
         return response("HTTP/1.1 200 OK", h, case[2])
