@@ -315,4 +315,20 @@ function helper.pattern(n)
 end
 
 package.loaded["spec.helper"] = helper
+-- Inflates `data` (a raw DEFLATE stream) through the inflater `inf` a byte at a time: each
+-- call's output is a few bytes, so a back-reference farther than the inflater's window reaches
+-- past what the window still holds, which zlib refuses ("invalid distance too far back"),
+-- where one call over the whole stream would take any distance it has output. Used to check
+-- that a peer's deflater keeps within a negotiated max_window_bits. Returns the output, or
+-- nil and zlib's message.
+function helper.strict_inflate(inf, data)
+  local out = {}
+  for i = 1, #data do
+    local got, err = inf:decompress(data:sub(i, i))
+    if not got then return nil, err end
+    out[#out + 1] = got
+  end
+  return table.concat(out)
+end
+
 return helper

@@ -12,6 +12,7 @@
 local helper = require "spec.helper"
 local mw = helper.mw
 local run = helper.run
+local strict_inflate = helper.strict_inflate
 local core = require "moonwire.core"
 
 local T = 5
@@ -1008,20 +1009,6 @@ describe("ws client: permessage-deflate", function()
       join(srv)
     end)
   end)
-
-  -- Inflates `data` (a raw DEFLATE stream) a byte at a time with a `bits`-bit window: each
-  -- call's output is a few bytes, so a back-reference farther than the window reaches into
-  -- what the window no longer holds, which zlib refuses ("invalid distance too far back"),
-  -- where one call over the whole stream would take any distance it has output.
-  local function strict_inflate(inf, data)
-    local out = {}
-    for i = 1, #data do
-      local got, err = inf:decompress(data:sub(i, i))
-      if not got then return nil, err end
-      out[#out + 1] = got
-    end
-    return table.concat(out)
-  end
 
   -- Regression (found by review): the client refused client_max_window_bits=8, which RFC
   -- 7692 7.1.2.2 allows in answer to our offer of the parameter without a value, so a

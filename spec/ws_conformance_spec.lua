@@ -13,6 +13,7 @@
 local helper = require "spec.helper"
 local mw = helper.mw
 local run = helper.run
+local strict_inflate = helper.strict_inflate
 local http = require "moonwire.http"
 local core = require "moonwire.core"
 
@@ -1483,19 +1484,6 @@ describe("ws server 13: permessage-deflate negotiation", function()
       end, nil, 30))
   end
 
-  -- Inflates `data` (raw DEFLATE) a byte at a time with an 8-bit window: each call's output
-  -- is a few bytes, so a back-reference farther than 256 bytes reaches past what the window
-  -- holds, which zlib refuses (one call over the whole stream would take any distance).
-  local function inflate8(inf, data)
-    local out = {}
-    for i = 1, #data do
-      local got, err = inf:decompress(data:sub(i, i))
-      if not got then return nil, err end
-      out[#out + 1] = got
-    end
-    return table.concat(out)
-  end
-
   -- Regression (found by review): server_max_window_bits=8 was declined, "zlib cannot
   -- compress with an 8-bit window". zlib makes a raw 8 a 9, yet refers at most 250 bytes back
   -- (w_size - MIN_LOOKAHEAD): what it writes inflates with an 8-bit window, so the offer is
@@ -1503,7 +1491,7 @@ describe("ws server 13: permessage-deflate negotiation", function()
   it("server_max_window_bits=8 is accepted; nothing the server sends refers farther than 256 bytes back",
     case(nil, function(srv, results)
       local near, far = noise(200, 6):rep(30), noise(300, 7):rep(20)
-      assert.is_nil(inflate8(core.inflater("raw", 8), core.deflater("raw", 6, 10):compress(far, "sync")),
+      assert.is_nil(strict_inflate(core.inflater("raw", 8), core.deflater("raw", 6, 10):compress(far, "sync")),
         "the check does not see a 10-bit window")
       local c = upgrade(srv, { extensions = "permessage-deflate; server_max_window_bits=8" })
       assert.equal("permessage-deflate; server_max_window_bits=8", c.headers["sec-websocket-extensions"])
@@ -1513,7 +1501,7 @@ describe("ws server 13: permessage-deflate negotiation", function()
         local f = c:next_frame()
         assert.equal(RSV1, f.rsv & RSV1, "a 6000-byte echo was not compressed")
         assert.is_true(f.fin)
-        assert.equal(m, assert(inflate8(inf, f.payload .. TAIL)))
+        assert.equal(m, assert(strict_inflate(inf, f.payload .. TAIL)))
         if m == near then assert.is_true(#f.payload < #m / 4, "not compressed: " .. #f.payload) end
       end
       bye(c, results)
