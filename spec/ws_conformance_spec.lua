@@ -991,6 +991,16 @@ end)
 -- 7 close handling
 
 describe("ws server 7: close handling", function()
+  -- Sends `bytes`, which hold a close (1000), in one write: the server echoes that close and
+  -- ends TCP (expect_close reads to EOF: no frame of ours after the close was answered), and
+  -- the handler sees the connection closed with 1000.
+  local function closes_with_1000(srv, results, bytes)
+    local c = upgrade(srv)
+    c:send_raw(bytes)
+    c:expect_close(1000)
+    assert.equal(1000, assert(results:recv(T)).code)
+  end
+
   it("an echo, then a close: the close is echoed and the server closes TCP", case(nil, function(srv, results)
     local c = upgrade(srv)
     c:echo("text", "before close")
@@ -1052,32 +1062,22 @@ describe("ws server 7: close handling", function()
   end
 
   it("a second close frame is ignored", case(nil, function(srv, results)
-    local c = upgrade(srv)
-    c:send_raw(frame(OP.close, close_payload(1000)) .. frame(OP.close, close_payload(1001)))
-    c:expect_close(1000)   -- then EOF: no second close frame
-    assert.equal(1000, assert(results:recv(T)).code)
+    -- (then EOF: no second close frame)
+    closes_with_1000(srv, results, frame(OP.close, close_payload(1000)) .. frame(OP.close, close_payload(1001)))
   end))
 
   it("a ping after the close is not answered", case(nil, function(srv, results)
-    local c = upgrade(srv)
-    c:send_raw(frame(OP.close, close_payload(1000)) .. frame(OP.ping, "too late"))
-    c:expect_close(1000)   -- then EOF: no pong
-    assert.equal(1000, assert(results:recv(T)).code)
+    -- (then EOF: no pong)
+    closes_with_1000(srv, results, frame(OP.close, close_payload(1000)) .. frame(OP.ping, "too late"))
   end))
 
   it("a text message after the close is not echoed", case(nil, function(srv, results)
-    local c = upgrade(srv)
-    c:send_raw(frame(OP.close, close_payload(1000)) .. frame(OP.text, "too late"))
-    c:expect_close(1000)
-    assert.equal(1000, assert(results:recv(T)).code)
+    closes_with_1000(srv, results, frame(OP.close, close_payload(1000)) .. frame(OP.text, "too late"))
   end))
 
   it("a close in the middle of a fragmented message ends the connection", case(nil, function(srv, results)
-    local c = upgrade(srv)
-    c:send_raw(frame(OP.text, "frag", { fin = false }) .. frame(OP.close, close_payload(1000)) ..
+    closes_with_1000(srv, results, frame(OP.text, "frag", { fin = false }) .. frame(OP.close, close_payload(1000)) ..
       frame(OP.cont, "ment"))
-    c:expect_close(1000)
-    assert.equal(1000, assert(results:recv(T)).code)
   end))
 
   it("a 256 KiB message followed at once by a close: echo, then close", case(nil, function(srv, results)
