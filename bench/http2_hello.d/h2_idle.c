@@ -15,6 +15,10 @@
  *     backlog of 511);
  * -s: spread the connections over source addresses 127.0.0.1 .. 127.0.0.NSRC (default 1);
  * -t: stop holding after SECS seconds (default 300).
+ * While holding, every connection is read as a browser's or Node's is (an event loop
+ * watches it): a SETTINGS is acknowledged and a PING answered. (An idle moonwire connection
+ * sends SETTINGS_HEADER_TABLE_SIZE 0 to empty its HPACK table: docs/http2.md.) A GOAWAY or
+ * a close ends that connection's holding (it counts in closed_by_server).
  *
  * Output (stdout, one line each):
  *   holding n=N open_secs=S body_bytes=B
@@ -31,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -76,7 +81,47 @@ static const unsigned char get_headers[] = {
 struct conn {
     int fd;
     int state; /* bits: 1 server SETTINGS seen, 2 our SETTINGS acked, 4 response ended */
+    unsigned char part[64]; /* while holding: the start of a frame not all read yet */
+    size_t have;
 };
+
+/* While holding: reads what the server sent on one connection; acknowledges SETTINGS and
+ * answers PING. Returns -1 once the connection is over (closed, GOAWAY, a frame too large
+ * to be an idle connection's). */
+static int hold_read(struct conn *c) {
+    unsigned char buf[16384 + sizeof c->part];
+    memcpy(buf, c->part, c->have);
+    size_t have = c->have;
+    ssize_t n = read(c->fd, buf + have, sizeof buf - have);
+    if (n == 0) return -1;
+    if (n < 0) return errno == EINTR || errno == EAGAIN ? 0 : -1;
+    have += (size_t)n;
+    size_t off = 0;
+    while (have - off >= 9) {
+        const unsigned char *f = buf + off;
+        size_t len = (size_t)f[0] << 16 | (size_t)f[1] << 8 | f[2];
+        if (have - off < 9 + len) {
+            if (have - off > sizeof c->part) return -1;
+            break;
+        }
+        unsigned type = f[3], flags = f[4];
+        if (type == 4 && !(flags & 1)) {
+            static const unsigned char ack[9] = {0, 0, 0, 4, 1, 0, 0, 0, 0};
+            if (write_all(c->fd, ack, sizeof ack) < 0) return -1;
+        } else if (type == 6 && !(flags & 1) && len == 8) {
+            unsigned char pong[17];
+            memcpy(pong, f, 17);
+            pong[4] = 1;
+            if (write_all(c->fd, pong, sizeof pong) < 0) return -1;
+        } else if (type == 7) {
+            return -1;
+        }
+        off += 9 + len;
+    }
+    memmove(c->part, buf + off, have - off);
+    c->have = have - off;
+    return 0;
+}
 
 /* Reads frames until the exchange is complete (returns the DATA bytes of stream 1). */
 static long exchange(struct conn *c, int i, int want) {
@@ -210,11 +255,30 @@ int main(int argc, char **argv) {
     fflush(stdout);
 
     alarm((unsigned)secs);
-    while (!stop) pause();
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) { perror("epoll_create1"); return 1; }
+    for (int i = 0; i < n; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (unsigned)i};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, cs[i].fd, &ev) < 0) { perror("epoll_ctl"); return 1; }
+    }
+    while (!stop) {
+        struct epoll_event evs[256];
+        int k = epoll_wait(ep, evs, 256, -1);
+        if (k < 0) { if (errno == EINTR) continue; perror("epoll_wait"); return 1; }
+        for (int j = 0; j < k; j++) {
+            struct conn *c = &cs[evs[j].data.u32];
+            if (c->fd >= 0 && hold_read(c) < 0) {
+                epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                close(c->fd);
+                c->fd = -1;
+            }
+        }
+    }
 
     int still = 0;
     for (int i = 0; i < n; i++) {
         char c;
+        if (cs[i].fd < 0) continue;
         ssize_t r = recv(cs[i].fd, &c, 1, MSG_DONTWAIT | MSG_PEEK);
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) still++;
     }
