@@ -23,8 +23,9 @@ local function get(id, path)
   return frame(1, 5, id, block)
 end
 
--- Reads frames until `done(type, flags, id, payload)` says so; answers the server's SETTINGS.
-local function read_frames(c, done)
+-- Reads frames until `done(type, flags, id, payload)` says so; answers the server's SETTINGS
+-- (unless `noack`).
+local function read_frames(c, done, noack)
   local buf = ""
   while true do
     while #buf >= 9 do
@@ -33,7 +34,7 @@ local function read_frames(c, done)
       local payload = buf:sub(10, 9 + len)
       buf = buf:sub(10 + len)
       id = id & 0x7fffffff
-      if ftype == 4 and flags & 1 == 0 then assert(c:write(frame(4, 1, 0, ""))) end
+      if ftype == 4 and flags & 1 == 0 and not noack then assert(c:write(frame(4, 1, 0, ""))) end
       assert(ftype ~= 7, "GOAWAY from the server")
       if done(ftype, flags, id, payload) then return buf end
     end
@@ -280,6 +281,134 @@ describe("an idle HTTP/2 connection", function()
         while h2:stats().trims == before and mw.now() < deadline do mw.sleep(0.01) end
         assert.is_true(h2:stats().trims > before)
       end
+    end)
+  end)
+
+  -- HPACK parking (h2.c, park; the option park_hpack): the fields a client indexed stay in our
+  -- decoder's table, which only the client may empty; an idle connection asks it to with
+  -- SETTINGS_HEADER_TABLE_SIZE 0 and sets 4,096 again at the next request.
+  it("with park_hpack, parks the client's HPACK table once idle for trim_after, and decodes every request around it",
+    function()
+    run(function()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, http2 = { trim_after = 0, park_hpack = true },
+        handler = function(req, res) res:send(req.headers.host or "-") end })
+      local _g <close> = helper.closer(srv)
+      local c = open_h2(srv.port)
+      local _c <close> = helper.closer(c)
+      local h2
+      for _, v in pairs(srv._conns) do if type(v) == "userdata" then h2 = v end end
+      assert(h2, "the server's H2Conn")
+      -- the server's SETTINGS: { [id] = value }
+      local function settings(payload)
+        local t = {}
+        for i = 1, #payload - 5, 6 do
+          local id, v = string.unpack(">I2I4", payload, i)
+          t[id] = v
+        end
+        return t
+      end
+      -- the frames in order (none answered here); SETTINGS' HEADER_TABLE_SIZE values go to
+      -- `sizes` as they come
+      local buf, sizes = "", {}
+      local function next_frame()
+        while #buf < 9 or #buf < 9 + string.unpack(">I3", buf) do
+          buf = buf .. assert(c:recv(65536, 10))
+        end
+        local len, ftype, flags, id = string.unpack(">I3BBI4", buf)
+        local payload = buf:sub(10, 9 + len)
+        buf = buf:sub(10 + len)
+        assert(ftype ~= 7 and ftype ~= 3, "GOAWAY or RST_STREAM from the server")
+        if ftype == 4 and flags & 1 == 0 then sizes[#sizes + 1] = settings(payload)[1] or "none" end
+        return ftype, flags, id & 0x7fffffff, payload
+      end
+      local function ack() assert(c:write(frame(4, 1, 0, ""))) end
+      -- a GET with its header block: its body
+      local function request(id, block)
+        assert(c:write(frame(1, 5, id, block)))
+        local parts = {}
+        while true do
+          local ftype, flags, sid, payload = next_frame()
+          if ftype == 0 and sid == id then parts[#parts + 1] = payload end
+          if sid == id and flags & 1 == 1 and (ftype == 0 or ftype == 1) then return table.concat(parts) end
+        end
+      end
+      -- waits for the next SETTINGS from the server (not acknowledged): its table size
+      local function next_settings()
+        while #sizes == 0 do next_frame() end
+        return table.remove(sizes, 1)
+      end
+      local GET = "\x82\x86\x84"
+      -- 1: :authority "a1" with incremental indexing (dynamic index 62); idle at once
+      -- (trim_after 0): parked
+      assert.equal("a1", request(1, GET .. "\x41\x02a1"))
+      assert.equal(0, next_settings())
+      assert.equal(1, h2:stats().parks)
+      -- 3: before the client acknowledged, its table still holds index 62 (a pooled client
+      -- that read nothing while idle sends so): decoded as before; the table is set back,
+      -- and parked again once idle (the field is still there)
+      assert.equal("a1", request(3, GET .. "\xbe"))
+      assert.equal(4096, next_settings())
+      assert.equal(0, next_settings())
+      assert.equal(2, h2:stats().parks)
+      assert.is_false(h2:stats().parked)
+      ack(); ack(); ack()
+      local function wait_parked()
+        local deadline = mw.now() + 10
+        while not h2:stats().parked and mw.now() < deadline do mw.sleep(0.01) end
+        assert.is_true(h2:stats().parked)
+        assert.is_true(h2:stats().trimmed)
+      end
+      wait_parked()
+      -- 5: the client signals the size it was given last (0) and sends a literal; the table
+      -- is set back, and with nothing indexed nothing is parked
+      assert.equal("a5", request(5, "\x20" .. GET .. "\x01\x02a5"))
+      assert.equal(4096, next_settings())
+      ack()
+      assert.is_false(h2:stats().parked)
+      -- 7: it indexes again ("a7" is index 62), and is parked again once idle
+      assert.equal("a7", request(7, "\x3f\xe1\x1f" .. GET .. "\x41\x02a7"))
+      assert.equal(0, next_settings())
+      ack()
+      wait_parked()
+      assert.equal(3, h2:stats().parks)
+      assert.are.same({}, sizes)
+      -- a connection whose client indexed nothing has nothing to park
+      local c2 = open_h2(srv.port, 2)
+      local _c2 <close> = helper.closer(c2)
+      local h2b
+      for _, v in pairs(srv._conns) do if type(v) == "userdata" and v ~= h2 then h2b = v end end
+      local deadline = mw.now() + 10
+      while h2b:stats().trims == 0 and mw.now() < deadline do mw.sleep(0.01) end
+      assert.is_true(h2b:stats().trims >= 1)
+      assert.equal(0, h2b:stats().parks)
+    end)
+  end)
+
+  it("without park_hpack, keeps the client's HPACK table when idle", function()
+    run(function()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, http2 = { trim_after = 0 },
+        handler = function(req, res) res:send(req.headers.host or "-") end })
+      local _g <close> = helper.closer(srv)
+      local c = open_h2(srv.port)
+      local _c <close> = helper.closer(c)
+      local h2
+      for _, v in pairs(srv._conns) do if type(v) == "userdata" then h2 = v end end
+      local function request(id, block)
+        assert(c:write(frame(1, 5, id, block)))
+        local parts = {}
+        read_frames(c, function(ftype, flags, sid, payload)
+          assert(ftype ~= 4 or flags & 1 == 1, "a SETTINGS from the server")
+          if ftype == 0 and sid == id then parts[#parts + 1] = payload end
+          return sid == id and flags & 1 == 1 and (ftype == 0 or ftype == 1)
+        end)
+        return table.concat(parts)
+      end
+      assert.equal("a1", request(1, "\x82\x86\x84\x41\x02a1"))
+      local deadline = mw.now() + 10
+      while h2:stats().trims == 0 and mw.now() < deadline do mw.sleep(0.01) end
+      assert.is_true(h2:stats().trims >= 1)
+      assert.equal("a1", request(3, "\x82\x86\x84\xbe"))
+      assert.equal(0, h2:stats().parks)
     end)
   end)
 end)

@@ -106,6 +106,12 @@ struct h2conn {
     int64_t head_deadline;     /* for the preface and an unfinished header block */
     int64_t idle_since;
     int64_t settings_sent;     /* our SETTINGS not acknowledged yet since (0: none pending) */
+    /* HPACK parking (park): our SETTINGS frames submitted and acknowledged so far, and the
+     * number of the one that set the client's table to 0 (0: the table is not parked) */
+    uint32_t settings_tx, settings_acked, park_seq;
+    int park_acked;            /* that one has been acknowledged: the table is empty */
+    int park_hpack;            /* the option: parking on (else our encoder indexes, as nghttp2's does) */
+    uint32_t parks;
     uint32_t glitches;         /* frames that did no work (floods) */
     uint64_t data_bytes;       /* DATA payload both ways: a long download earns its WINDOW_UPDATEs */
     uint32_t requests;
@@ -235,6 +241,51 @@ static void kick(h2conn *c)
     if (c->task) mw_sched_wake(c->task, MW_WAKE_READY);
 }
 
+/* ---- HPACK parking (the option park_hpack) ------------------------------------------------ *
+ * An idle connection's HPACK state is the client's: the fields its requests indexed stay in
+ * our decoder's table (entries on the heap, pointers in a ring whose page h2mem keeps apart),
+ * and only the client may evict them. So when a connection has been idle for trim_after
+ * (resume_step) and its table holds anything, it sends SETTINGS_HEADER_TABLE_SIZE 0; once the
+ * client acknowledges it, nghttp2 has emptied the table, and the rings' page goes back
+ * (park_done). The next request sets the table back to 4,096 bytes (RFC 9113 §6.5.2). Every
+ * request decodes around it: the table is emptied only at the acknowledgement, and the client
+ * signals the smallest size it was given first (RFC 7541 §4.2). A client that reads nothing
+ * while idle (a pool) acknowledges when it uses the connection again: no settings_timeout is
+ * armed for these SETTINGS. With the option our encoder indexes nothing (max_deflate_dynamic_
+ * table_size 0, as nginx's), so its table stays empty and its ring is never written. That
+ * costs ~1.6k instructions per small response (its fields Huffman-coded each time), so the
+ * option is off by default. */
+static void unpark(h2conn *c)
+{
+    nghttp2_settings_entry iv = { NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 4096 };
+    if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, &iv, 1) == 0) c->settings_tx++;
+    c->park_seq = 0;
+    c->park_acked = 0;
+}
+
+static void park(h2conn *c)
+{
+    if (!c->park_hpack || c->park_seq || c->goaway ||
+        nghttp2_session_get_hd_inflate_dynamic_table_size(c->session) == 0) return;
+    nghttp2_settings_entry iv = { NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 0 };
+    if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, &iv, 1) != 0) return;
+    c->park_seq = ++c->settings_tx;
+    c->parks++;
+}
+
+/* After the feed that carried the parking SETTINGS' acknowledgement: the rings' page and
+ * the frame buffer (written by that SETTINGS) go back, if the connection is still idle. */
+static void park_done(h2conn *c)
+{
+    c->park_acked = 0;
+    if (c->handlers > 0 || c->nopen > 0 || c->hdr_open > 0) return;
+    if (nghttp2_session_get_hd_inflate_dynamic_table_size(c->session) != 0 ||
+        nghttp2_session_get_hd_deflate_dynamic_table_size(c->session) != 0) return;
+    mw_h2mem_trim(&c->mem);
+    mw_h2mem_trim_hpack(&c->mem);
+    c->trimmed_for = c->idle_since;
+}
+
 /* ---- nghttp2 callbacks (no Lua here) ------------------------------------------------------ */
 
 static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
@@ -249,6 +300,7 @@ static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *u
     }
     h2stream *st = stream_new(c, f->hd.stream_id);
     if (!st) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    if (c->park_seq) unpark(c);
     c->hst = st;
     c->hdr_open++;
     if (c->hdr_open == 1) c->head_deadline = mw_sched_after(c->rt, c->t_head);
@@ -335,8 +387,13 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
         }
         return 0;
     case NGHTTP2_SETTINGS:
-        if (f->hd.flags & NGHTTP2_FLAG_ACK) c->settings_sent = 0;
-        else count_glitch(c);
+        if (f->hd.flags & NGHTTP2_FLAG_ACK) {
+            c->settings_sent = 0;
+            /* (nghttp2 has applied it: after the parking one, its HPACK decoder is empty) */
+            if (++c->settings_acked == c->park_seq) c->park_acked = 1;
+        } else {
+            count_glitch(c);
+        }
         return 0;
     case NGHTTP2_PING:
     case NGHTTP2_PRIORITY:
@@ -549,7 +606,8 @@ static int upgrade(lua_State *L, h2conn *c, int idx)
  * (256 KiB), conn_window (8 MiB), header_fields (128), header_bytes (64 KiB), hwm (64 KiB:
  * the socket output that pauses reading), out_hwm (64 KiB: a stream's queued body that
  * makes res:write wait), timeouts head/idle/write/settings (10/5/30/10 s), glitches (1000),
- * connect_protocol (bool: RFC 8441). The client's preface may already be buffered. */
+ * connect_protocol (bool: RFC 8441), trim_after (1 s), park_hpack (bool: park). The client's
+ * preface may already be buffered. */
 static int l_h2_server(lua_State *L)
 {
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
@@ -580,7 +638,9 @@ static int l_h2_server(lua_State *L)
     c->fskip = NGHTTP2_CLIENT_MAGIC_LEN;           /* the scanner starts after the preface */
     lua_getfield(L, 2, "connect_protocol");
     int connect_protocol = lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    lua_getfield(L, 2, "park_hpack");
+    c->park_hpack = lua_toboolean(L, -1);
+    lua_pop(L, 2);
 
     nghttp2_session_callbacks *cbs;
     nghttp2_option *opt;
@@ -600,6 +660,7 @@ static int l_h2_server(lua_State *L)
     nghttp2_option_set_max_outbound_ack(opt, 1000);
     nghttp2_option_set_max_settings(opt, 32);
     nghttp2_option_set_no_closed_streams(opt, 1);   /* STREAM_CLOSED is ours (closed_rd) */
+    if (c->park_hpack) nghttp2_option_set_max_deflate_dynamic_table_size(opt, 0);  /* (park) */
     if (nghttp2_option_set_max_continuations) nghttp2_option_set_max_continuations(opt, 8);
     if (nghttp2_option_set_stream_reset_rate_limit) nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
     mw_h2mem_init(&c->mem);
@@ -621,6 +682,7 @@ static int l_h2_server(lua_State *L)
     iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_ENABLE_PUSH, 0 };
     if (connect_protocol) iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1 };
     nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, iv, (size_t)n);
+    c->settings_tx = 1;
     if (c->conn_window > 65535)
         nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, (int32_t)c->conn_window);
     c->settings_sent = c->rt->loop.now;
@@ -822,6 +884,7 @@ static int next_step(lua_State *L, h2conn *c, mw_task *t)
             mw_buf_consume(&s->rbuf, (size_t)n);
             s->scan = 0;
             c->idle_since = c->rt->loop.now;
+            if (c->park_acked) park_done(c);
             continue;
         }
         if (s->eof) return mw_pushfail(L, "closed", "closed");
@@ -856,6 +919,7 @@ static int resume_step(lua_State *L, h2conn *c, mw_task *t)
             c->trims++;
             mw_h2mem_trim(&c->mem);
             if (c->sock->tp->trim) c->sock->tp->trim(c->sock, 1);
+            park(c);
             return next_step(L, c, t);
         }
         if (c->settings_sent && now >= c->settings_sent + (int64_t)(c->t_settings * 1e9)) {
@@ -975,11 +1039,12 @@ static int h2_shutdown(lua_State *L)
 }
 
 /* h2:stats() -> { handlers, requests, glitches, trims (times idle pages went back), trimmed
- * (they did in this idle spell) } */
+ * (they did in this idle spell), parks (times the HPACK table was parked), parked (it is now:
+ * acknowledged, no request since) } */
 static int h2_stats(lua_State *L)
 {
     h2conn *c = checkconn(L);
-    lua_createtable(L, 0, 5);
+    lua_createtable(L, 0, 7);
     lua_pushinteger(L, c->handlers);
     lua_setfield(L, -2, "handlers");
     lua_pushinteger(L, c->requests);
@@ -990,6 +1055,10 @@ static int h2_stats(lua_State *L)
     lua_setfield(L, -2, "trims");
     lua_pushboolean(L, c->trimmed_for == c->idle_since);
     lua_setfield(L, -2, "trimmed");
+    lua_pushinteger(L, c->parks);
+    lua_setfield(L, -2, "parks");
+    lua_pushboolean(L, c->park_seq && c->settings_acked >= c->park_seq);
+    lua_setfield(L, -2, "parked");
     return 1;
 }
 

@@ -23,6 +23,7 @@
  * or other sizes cost resident pages, never correctness.) */
 #define REGION_PAGES 8
 #define SMALL 1024             /* smaller blocks (bookkeeping nghttp2 writes at once) go to malloc */
+#define RING (128 * sizeof(void *))  /* an HPACK ring: 128 entry pointers (h2mem.h) */
 #define FRAME 16384            /* a block this large is the frame buffer (the minimum frame
                                 * payload; nothing else nghttp2 makes at creation is as large) */
 
@@ -64,6 +65,18 @@ static void *take(mw_h2mem *m, size_t size)
     size_t len = size >= ps ? (size + ps - 1) & ~(ps - 1) : size;
     if (off > cap || len > cap - off) return NULL;
     m->used = off + len;
+    if (size < ps) {
+        size_t pg = off / ps;
+        _Static_assert(sizeof m->rings >= REGION_PAGES, "a count per page");
+        if (pg < REGION_PAGES) {
+            if (size == RING) {
+                m->rings[pg]++;
+                m->nrings++;
+            } else {
+                m->others[pg]++;
+            }
+        }
+    }
     if (size >= FRAME && !m->frame_len) {
         m->frame_off = off;
         m->frame_len = len;
@@ -237,6 +250,18 @@ size_t mw_h2mem_trim(mw_h2mem *m)
         int frame = m->frame_len && off >= m->frame_off && off < m->frame_off + m->frame_len;
         if (frame ? !m->drained : !zero_page(m->region + off, ps)) continue;
         if (madvise(m->region + off, ps, MADV_DONTNEED) == 0) given += ps;
+    }
+    return given;
+}
+
+size_t mw_h2mem_trim_hpack(mw_h2mem *m)
+{
+    /* the layout nghttp2 1.52 makes (a deflater's and an inflater's ring); any other: keep */
+    if (!m->region || m->nrings != 2) return 0;
+    size_t ps = page_size(), given = 0;
+    for (size_t pg = 0; pg < REGION_PAGES; pg++) {
+        if (!m->rings[pg] || m->others[pg]) continue;
+        if (madvise(m->region + pg * ps, ps, MADV_DONTNEED) == 0) given += ps;
     }
     return given;
 }

@@ -21,6 +21,10 @@ typedef struct mw_h2mem {
     unsigned char *region;     /* mapped at the first block, unmapped by mw_h2mem_free */
     size_t used;               /* bytes of the region handed out (a bump pointer) */
     size_t frame_off, frame_len;  /* the frame buffer's whole pages in the region (len 0: none) */
+    /* per page of the region: the HPACK rings in it (blocks of RING bytes, the size nghttp2's
+     * hd_ringbuf_init makes for a 4 KiB table), and the other blocks smaller than a page */
+    unsigned char rings[8], others[8];
+    int nrings;
 } mw_h2mem;
 
 /* Sets the hooks up (the struct must not move while a session uses it). */
@@ -32,6 +36,11 @@ static inline void mw_h2mem_end(mw_h2mem *m) { m->creating = 0; }
  * that hold only zero bytes (a MADV_DONTNEED page reads back as zeros). Returns the bytes
  * given back (resident or not). */
 size_t mw_h2mem_trim(mw_h2mem *m);
+/* Gives back the pages that hold the two HPACK rings and nothing else. Only when the caller
+ * has seen both HPACK tables empty (nghttp2_session_get_hd_inflate_dynamic_table_size and
+ * _deflate_ both 0): nghttp2 reads a ring's slots below its length only, and writes a slot
+ * before it reads it, so an empty ring's bytes are dead. Returns the bytes given back. */
+size_t mw_h2mem_trim_hpack(mw_h2mem *m);
 /* Unmaps the region: after nghttp2_session_del (or a failed creation) only. */
 void mw_h2mem_free(mw_h2mem *m);
 

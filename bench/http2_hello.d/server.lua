@@ -5,7 +5,8 @@
 --     lua5.4 bench/http2_hello.d/server.lua CERT KEY [host] [idle_timeout]
 -- Both on port 0; prints "listening on http://HOST:PORT/" then
 -- "listening on https://HOST:PORT/". idle_timeout (seconds, default 5 as in the server) is
--- raised by the idle-connection measurement. SIGTERM/SIGINT stop it.
+-- raised by the idle-connection measurement. MW_PARK_HPACK=1 in the environment turns on the
+-- http2 option park_hpack (docs/http2.md). SIGTERM/SIGINT stop it.
 local mw = require "moonwire"
 local http = require "moonwire.http"
 
@@ -19,10 +20,13 @@ local function handler(_, res)
   res:send("hello world")
 end
 
+local h2 = { park_hpack = os.getenv("MW_PARK_HPACK") == "1" }
+
 mw.run(function()
-  local plain = assert(http.server{ host = host, port = 0, handler = handler, timeouts = { idle = idle } })
+  local plain = assert(http.server{ host = host, port = 0, handler = handler, timeouts = { idle = idle },
+    http2 = h2 })
   local tls = assert(http.server{ host = host, port = 0, handler = handler, timeouts = { idle = idle },
-    tls = { cert = cert, key = key } })
+    http2 = h2, tls = { cert = cert, key = key } })
   print(("listening on http://%s:%d/"):format(plain.host, plain.port))
   print(("listening on https://%s:%d/"):format(tls.host, tls.port))
   io.stdout:flush()
