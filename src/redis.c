@@ -752,7 +752,9 @@ static int rc_send(lua_State *L)
 }
 
 /* rc:batch(cmds) -> { reply, ... } (error replies as error objects) | nil, err, code.
- * cmds: a sequence of sequences { cmd, arg... }, written together, in order. */
+ * cmds: a sequence of sequences { cmd, arg... }, written together, in order, one reply
+ * each: no SUBSCRIBE-family command (the Lua layer refuses them, see record in redis.lua),
+ * whose confirmations the batch's slot would not count. */
 static int rc_batch(lua_State *L)
 {
     rconn *c = checkrc(L);

@@ -231,7 +231,20 @@ function Redis:push_recv(timeout) return self._rc:push_recv(timeout) end
 -- A pipeline's recorder: p:get(k), p:call(cmd, ...) queue the command.
 local Recorder = {}
 local Rec = { __index = Recorder }
+
+-- Refused in a batch: these commands answer with a confirmation per name (RESP3: pushes,
+-- which a batch does not count), and an UNSUBSCRIBE of everything with as many as there
+-- are subscriptions, where a batch counts one reply per command. Inside MULTI/EXEC Redis
+-- queues them but then counts one element of EXEC's array per command and sends one per
+-- name, breaking the protocol (redis/redis#12207); subscribed under RESP2 it refuses MULTI.
+local SUBSCRIBE_FAMILY = { subscribe = true, psubscribe = true, ssubscribe = true,
+  unsubscribe = true, punsubscribe = true, sunsubscribe = true }
+local BATCHED = { pipeline = "pipelined", transaction = "in a transaction" }
+
 local function record(self, name, ...)
+  if SUBSCRIBE_FAMILY[name:lower()] then
+    argerror(1, self._fname, ("%s cannot be %s: use r:call"):format(name:upper(), BATCHED[self._fname]), 3)
+  end
   local n = select("#", ...)
   local cmd = { name, ... }
   for i = 1, n do
@@ -255,7 +268,7 @@ end })
 
 local function recorded(fn, fname, first)
   if type(fn) ~= "function" then argerror(1, fname, "function expected, got " .. type(fn), 3) end
-  local p = setmetatable({ _cmds = first and { first } or {} }, Rec)
+  local p = setmetatable({ _cmds = first and { first } or {}, _fname = fname }, Rec)
   fn(p)
   return p._cmds
 end
