@@ -517,6 +517,46 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  -- Regression: a SUBSCRIBE-family command in r:pipeline or r:transaction took one plain
+  -- reply of the batch. Under RESP3 its confirmations are pushes the batch never counted: the
+  -- batch timed out waiting and every later call got the reply of the one before it. Under
+  -- RESP2 each confirmation took the next command's place ({ "PING", "SUBSCRIBE a b", "PING" }
+  -- returned the second confirmation for the last PING), and an UNSUBSCRIBE of everything got
+  -- no PING to tell where its confirmations end. Inside MULTI/EXEC Redis counts one element of
+  -- EXEC's array per command but sends one per name (redis/redis#12207): the GET after a
+  -- SUBSCRIBE a b leaked out of EXEC's reply. They are refused now, before anything is sent.
+  it("refuses the SUBSCRIBE family in pipelines and transactions; later calls stay in step", function()
+    run(function()
+      for _, resp in ipairs { 3, 2 } do
+        local pong = resp == 2 and { "pong", "" } or "PONG"     -- RESP2 while subscribed
+        local r <close> = connect { resp = resp, pushes = true, timeout = 2 }
+        assert.is_true(r:call("SUBSCRIBE", "bc1"))
+        assert.is_true(r:call("PSUBSCRIBE", "bp*"))
+        for _, cmd in ipairs { { "UNSUBSCRIBE" }, { "SUBSCRIBE", "ba", "bb" }, { "psubscribe", "bq*" },
+                               { "PUNSUBSCRIBE", "bp*" }, { "SSUBSCRIBE", "bs" }, { "sunsubscribe" } } do
+          local msg = "bad argument #1 to 'pipeline' (" .. cmd[1]:upper() .. " cannot be pipelined: use r:call)"
+          local function batch(p) p:ping(); p:call(table.unpack(cmd)); p:ping() end
+          local err = helper.raises(msg, function() r:pipeline(batch) end)
+          assert.matches("redis_spec%.lua:%d+: bad argument", err)    -- the p:call line
+        end
+        helper.raises("bad argument #1 to 'pipeline' (UNSUBSCRIBE cannot be pipelined: use r:call)",
+          function() r:pipeline(function(p) p:unsubscribe() end) end)
+        helper.raises("bad argument #1 to 'transaction' (SUBSCRIBE cannot be in a transaction: use r:call)",
+          function() r:transaction(function(t) t:subscribe("ba", "bb"); t:get("k") end) end)
+        assert.same({ pong, pong }, r:pipeline(function(p) p:ping(); p:ping() end))
+        assert.is_true(r:call("UNSUBSCRIBE"))
+        assert.is_true(r:call("PUNSUBSCRIBE"))
+        assert.same({ "OK", "1" }, r:transaction(function(t) t:set("bk", 1); t:get("bk") end))
+        assert.equal("y", r:echo("y"))
+        assert.equal(0, (r:pending()))
+        local kinds = {}
+        for i = 1, 4 do kinds[i] = assert(r:push_recv(1))[1] end
+        assert.same({ "subscribe", "psubscribe", "unsubscribe", "punsubscribe" }, kinds)
+        helper.fails("timeout", r:push_recv(0.05))
+      end
+    end)
+  end)
+
   -- Regression: after a server restart a pool handed out its idle connections, dead (their
   -- alive() flag changed only when a reader saw the end, and an idle connection has none):
   -- the first call after the restart failed with "closed". An idle connection is now probed
