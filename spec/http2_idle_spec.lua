@@ -284,20 +284,28 @@ describe("an idle HTTP/2 connection", function()
     end)
   end)
 
+  -- A server that answers with the request's host, with `h2opts` as its http2 options; an
+  -- HTTP/2 connection to it (SETTINGS exchanged), and the server's H2Conn of it.
+  local function host_echo(h2opts)
+    local srv = assert(http.server{ host = "127.0.0.1", port = 0, http2 = h2opts,
+      handler = function(req, res) res:send(req.headers.host or "-") end })
+    local ok, c = pcall(open_h2, srv.port)
+    if not ok then srv:close() error(c, 0) end
+    local h2
+    for _, v in pairs(srv._conns) do if type(v) == "userdata" then h2 = v end end
+    assert(h2, "the server's H2Conn")
+    return srv, c, h2
+  end
+
   -- HPACK parking (h2.c, park; the option park_hpack): the fields a client indexed stay in our
   -- decoder's table, which only the client may empty; an idle connection asks it to with
   -- SETTINGS_HEADER_TABLE_SIZE 0 and sets 4,096 again at the next request.
   it("with park_hpack, parks the client's HPACK table once idle for trim_after, and decodes every request around it",
     function()
     run(function()
-      local srv = assert(http.server{ host = "127.0.0.1", port = 0, http2 = { trim_after = 0, park_hpack = true },
-        handler = function(req, res) res:send(req.headers.host or "-") end })
+      local srv, c, h2 = host_echo{ trim_after = 0, park_hpack = true }
       local _g <close> = helper.closer(srv)
-      local c = open_h2(srv.port)
       local _c <close> = helper.closer(c)
-      local h2
-      for _, v in pairs(srv._conns) do if type(v) == "userdata" then h2 = v end end
-      assert(h2, "the server's H2Conn")
       -- the server's SETTINGS: { [id] = value }
       local function settings(payload)
         local t = {}
@@ -386,13 +394,9 @@ describe("an idle HTTP/2 connection", function()
 
   it("without park_hpack, keeps the client's HPACK table when idle", function()
     run(function()
-      local srv = assert(http.server{ host = "127.0.0.1", port = 0, http2 = { trim_after = 0 },
-        handler = function(req, res) res:send(req.headers.host or "-") end })
+      local srv, c, h2 = host_echo{ trim_after = 0 }
       local _g <close> = helper.closer(srv)
-      local c = open_h2(srv.port)
       local _c <close> = helper.closer(c)
-      local h2
-      for _, v in pairs(srv._conns) do if type(v) == "userdata" then h2 = v end end
       local function request(id, block)
         assert(c:write(frame(1, 5, id, block)))
         local parts = {}
