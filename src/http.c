@@ -75,7 +75,7 @@ typedef struct mw_http {
     char server_name[64];
     int has_server_name;       /* 1 a name, 0 none, -1 too long for this path */
     double gzip_from;
-    int req_keepalive, req_http10, req_head;
+    int req_keepalive, req_http10, req_head, req_connect;
     int closing;               /* the server is closing: responses say Connection: close, and
                                 * read_request reads no further request */
     double idle_s, head_s;     /* read_request's timeouts when given none (the server's) */
@@ -775,6 +775,7 @@ static void build_request(lua_State *L, mw_http *h)
     h->req_keepalive = llhttp_should_keep_alive(&h->p);
     h->req_http10 = h->p.http_minor != 1;
     h->req_head = h->p.method == HTTP_HEAD;
+    h->req_connect = h->p.method == HTTP_CONNECT;
     lua_pushboolean(L, h->req_keepalive);
     lua_rawseti(L, -2, 10);
     /* socket and _server are looked up on first use (request.lua: hc:socket(), hc:server()) */
@@ -1532,8 +1533,8 @@ static void add_date(sink *k, datecache *dc)
  * names (tokens) and values (no CR, LF, NUL) unless `checked` says res:header did that as it
  * stored them. Sets bits in *seen: 1 content-length, 2 transfer-encoding, 4 connection,
  * 8 host. */
-/* no_length: a 1xx or 204 response, which has no Content-Length (RFC 9110 §8.6): a
- * handler's is dropped */
+/* no_length: a response with no Content-Length (bodyless, but for a 304): a handler's is
+ * dropped */
 static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_Integer nh, int *seen, int checked,
                         int no_length)
 {
@@ -1577,10 +1578,21 @@ static void add_length(sink *k, lua_Integer length)
     put(k, d, (size_t)(e - d));
 }
 
-/* build_head's flags: 1 close, 2 keep-alive answer for HTTP/1.0, 4 no Content-Length; and,
- * not from Lua: the headers were checked as res:header stored them */
-#define HF_LUA 7
-#define HF_CHECKED 8
+/* build_head's flags: 1 close, 2 keep-alive answer for HTTP/1.0, 4 no Content-Length, 8 the
+ * answer to a CONNECT; and, not from Lua: the headers were checked as res:header stored them */
+#define HF_CONNECT 8
+#define HF_LUA 15
+#define HF_CHECKED 16
+
+/* Whether a response has no body, and its head no Content-Length or Transfer-Encoding for
+ * one (what a HEAD gets is the request's business, not this): 1xx, 204 and 304 (RFC 9110
+ * §6.4.1; a 304 may keep the GET's Content-Length), and a 2xx to CONNECT, after which the
+ * bytes are the tunnel's (§9.3.6). The one rule for both res:send paths, res:write and
+ * HTTP/2's res:send in Lua (core.http_bodyless). */
+static int bodyless(lua_Integer status, int connect)
+{
+    return status < 200 || status == 204 || status == 304 || (connect && status < 300);
+}
 
 /* The head's start for 200 from the cache (see datecache), remade when the second or the
  * server name changed; 0 if the name does not fit (the caller builds it piece by piece). */
@@ -1632,10 +1644,10 @@ static int build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, 
         add_date(k, dc);
     }
     int seen = 0;
-    add_headers(L, k, hidx, first, nh, &seen, (int)(flags & HF_CHECKED), status < 200 || status == 204);
-    int bodyless = status < 200 || status == 204 || status == 304;
-    if (length >= 0 && !(seen & 3) && !bodyless && !(flags & 4)) add_length(k, length);
-    else if (length == -1 && !(seen & 2) && !bodyless) puts_(k, "Transfer-Encoding: chunked\r\n");
+    int none = bodyless(status, (int)(flags & HF_CONNECT));
+    add_headers(L, k, hidx, first, nh, &seen, (int)(flags & HF_CHECKED), none && status != 304);
+    if (length >= 0 && !(seen & 3) && !none && !(flags & 4)) add_length(k, length);
+    else if (length == -1 && !(seen & 2) && !none) puts_(k, "Transfer-Encoding: chunked\r\n");
     if (!(seen & 4)) {
         if (flags & 1) puts_(k, "Connection: close\r\n");
         else if (flags & 2) puts_(k, "Connection: keep-alive\r\n");
@@ -1647,7 +1659,8 @@ static int build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, 
 /* http_head(status, headers, nheaders, length, flags [, server [, first]]) -> head bytes
  * headers: flat array {name1, value1, name2, value2, ...} from index first (default 1), of
  * which 2*nheaders entries count; length: body length (>= 0), -1 chunked, -2 none; flags: bit 1 close, bit 2
- * keep-alive answer for HTTP/1.0, bit 4 omit Content-Length even if length >= 0. */
+ * keep-alive answer for HTTP/1.0, bit 4 omit Content-Length even if length >= 0, bit 8 the
+ * answer to a CONNECT (a 2xx then has neither Content-Length nor Transfer-Encoding). */
 static int l_http_head(lua_State *L)
 {
     datecache *dc = lua_touserdata(L, lua_upvalueindex(1));
@@ -1805,7 +1818,8 @@ static int l_res_send(lua_State *L)
     } else if (h->req_http10) {
         flags = 2;
     }
-    int with_body = status >= 200 && status != 204 && status != 304 && !h->req_head;
+    if (h->req_connect) flags |= HF_CONNECT;
+    int with_body = !bodyless(status, h->req_connect) && !h->req_head;
     datecache *dc = lua_touserdata(L, lua_upvalueindex(UP_DC));
     int base = lua_gettop(L);
     int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags | HF_CHECKED,
@@ -1883,6 +1897,14 @@ static int l_http_response_methods(lua_State *L)
         lua_pushcclosure(L, m == 0 ? l_res_send : l_res_header, UP_COUNT);
     }
     return 2;
+}
+
+/* http_bodyless(status, connect) -> whether the response has no body (see bodyless); connect:
+ * it answers a CONNECT */
+static int l_http_bodyless(lua_State *L)
+{
+    lua_pushboolean(L, bodyless(luaL_checkinteger(L, 1), lua_toboolean(L, 2)));
+    return 1;
 }
 
 /* http_value_ok(v [, name]) -> whether v is a string that may be a header value (no CR, LF
@@ -2073,6 +2095,8 @@ void mw_http_open(lua_State *L)
     lua_setfield(L, -2, "http_response_methods");
     lua_pushcfunction(L, l_http_value_ok);
     lua_setfield(L, -2, "http_value_ok");
+    lua_pushcfunction(L, l_http_bodyless);
+    lua_setfield(L, -2, "http_bodyless");
     lua_pushcfunction(L, l_http_request_head);
     lua_setfield(L, -2, "http_request_head");
     lua_pushcfunction(L, l_http_count);

@@ -37,9 +37,13 @@ M.Response = R2
 local argerror, write_arg = Response._argerror, Response._write_arg
 local past_length, short_of_length = Response._past_length, Response._short_of_length
 
-local function bodyless(self)
-  local st = self[STATUS]
-  return st < 200 or st == 204 or st == 304
+-- 1xx, 204, 304 and a 2xx to CONNECT: no DATA, no content-length (response.lua's rule)
+local bodyless = Response._bodyless
+
+-- A handler's content-length on a response that has none (all but a 304's, which may say
+-- the GET's length): dropped, as HTTP/1.1's head builder drops it.
+local function drop_length(self)
+  if self._clen and self[STATUS] ~= 304 then self:header("content-length", nil) end
 end
 
 -- sends the head and the whole body (no checks: Failed's send_raw too)
@@ -48,6 +52,7 @@ local function send_raw(self, body)
   local srv = self[SRV]
   if #body >= srv._gzip_from then body = Response._maybe_gzip(self, body) end
   local none = bodyless(self)
+  if none then drop_length(self) end
   local head = self[REQ][R_METHOD] == "HEAD"
   self.sent, self[FIN] = true, true
   self[BYTES] = (none or head) and 0 or #body
@@ -78,10 +83,18 @@ local function send_lua(self, body)
 end
 R2.send = core.h2_response_send(send_lua)
 
+-- The response to a CONNECT (plain, or RFC 8441's extended one, which websocket.lua answers
+-- on the stream itself): its send is the Lua one, as the C path does not know the rule for
+-- a 2xx to CONNECT (bodyless).
+local R2C = setmetatable({ send = send_lua }, { __index = R2 })
+R2C.__index = R2C
+
 -- the head of a streamed body (no content-length unless the handler set one)
 local function start_stream(self)
+  local none = bodyless(self)
+  if none then drop_length(self) end
   self.sent = true
-  local head = self[REQ][R_METHOD] == "HEAD" or bodyless(self)   -- no DATA after a 204 or a 304
+  local head = self[REQ][R_METHOD] == "HEAD" or none   -- no DATA after a 204 or a 304
   if head then self._mode = "none" end
   local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE, nil, head,
     self[SRV].server_name, -1)
@@ -168,7 +181,7 @@ R2.Failed = Response.failed_class(R2, send_raw)
 local function serve_stream(srv, hooks, st, method, target, path, has_body)
   local req = setmetatable({ st, false, not has_body, false, false, method, target, "2", path, true }, Request)
   local res = setmetatable({ srv, req, st, 0, false, 0, 200, false, false, false, false, false, false,
-    sent = false }, R2)
+    sent = false }, method == "CONNECT" and R2C or R2)
   req[2] = res
   local ok, err = xpcall(srv.handler, traceback, req, res)
   if not ok or not res[FIN] then

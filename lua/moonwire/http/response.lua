@@ -4,6 +4,7 @@
 local core = require "moonwire.core"
 
 local http_head, http_send, value_ok, gzip = core.http_head, core.http_send, core.http_value_ok, core.gzip
+local http_bodyless = core.http_bodyless
 local type, error = type, error
 local mime_ok, mime = pcall(require, "moonwire.http.mime")
 
@@ -141,16 +142,26 @@ function Response:get_header(name)
   return i and self[i + 1]
 end
 
--- Connection flags for the C head builder: 1 close, 2 keep-alive for HTTP/1.0.
+-- Connection flags for the C head builder: 1 close, 2 keep-alive for HTTP/1.0; and 8, the
+-- answer to a CONNECT (whose 2xx has no Content-Length nor Transfer-Encoding: bodyless).
 local function connflags(self)
   local req, srv = self[REQ], self[SRV]
+  local connect = req[R_METHOD] == "CONNECT" and 8 or 0
   if not req[R_KEEPALIVE] or srv.closing or self[CLOSE] then
     self[CLOSE] = true
-    return 1
+    return 1 | connect
   end
-  if req[R_VERSION] == "1.0" then return 2 end
-  return 0
+  if req[R_VERSION] == "1.0" then return 2 | connect end
+  return connect
 end
+
+-- Whether the response has no body whatever is sent (a HEAD's aside): 1xx, 204, 304 and a
+-- 2xx to CONNECT. The rule is http.c's (bodyless), which res:send's C path applies too;
+-- h2.lua uses this one.
+local function bodyless(self)
+  return http_bodyless(self[STATUS], self[REQ][R_METHOD] == "CONNECT")
+end
+Response._bodyless = bodyless
 
 -- Whether Accept-Encoding (RFC 9110 §12.5.3) takes gzip: its own entry's weight, else
 -- that of "*"; codings are case-insensitive, "q=0", "q=0.0", "q=0.000" refuse.
@@ -253,7 +264,7 @@ local function send_lua(self, body)
   local srv = self[SRV]
   if #body >= srv._gzip_from then body = maybe_gzip(self, body) end   -- (server.lua)
   local st, n = self[STATUS], #body
-  local with_body = st >= 200 and st ~= 204 and st ~= 304 and self[REQ][R_METHOD] ~= "HEAD"
+  local with_body = not bodyless(self) and self[REQ][R_METHOD] ~= "HEAD"
   local clen = self._clen
   if clen and with_body and clen ~= n then
     error(("content-length (%d) does not match the body (%d bytes)"):format(clen, n), 3)
@@ -396,9 +407,9 @@ function Response:write(chunk)
   if self._mode == "none" then return true end      -- HEAD, or a status without a body
   if self[FIN] then error("response already finished", 2) end
   if not self.sent then
-    local st = self[STATUS]
-    if st < 200 or st == 204 or st == 304 then
-      -- a status that has no body (RFC 9110 §6.4.1): the head alone; what is written is dropped
+    if bodyless(self) then
+      -- a response that has no body (RFC 9110 §6.4.1, §9.3.6): the head alone; what is
+      -- written is dropped
       self._mode = "none"
       return self:send("")
     end
@@ -521,11 +532,10 @@ local function sendfile_range(self, path, offset, length)
 end
 Response._sendfile_range = sendfile_range
 
---- Sends a file (or a byte range of it) with sendfile(2). A status without a body (1xx,
--- 204, 304) sends the head alone, as res:send("") does.
+--- Sends a file (or a byte range of it) with sendfile(2). A response without a body (1xx,
+-- 204, 304, a 2xx to CONNECT) sends the head alone, as res:send("") does.
 function Response:sendfile(path, offset, length)
-  local st = self[STATUS]
-  if st < 200 or st == 204 or st == 304 then return self:send("") end
+  if bodyless(self) then return self:send("") end
   local err, code
   offset, length, code = sendfile_range(self, path, offset, length)
   if not offset then return nil, length, code end
