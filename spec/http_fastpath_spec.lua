@@ -20,12 +20,17 @@ local CASES = {
   { "GET", "1.0 keep", 200, "old client, kept" },
   { "GET", "1.1 close", 200, "closing" },
   { "POST", "1.1", 201, ("x"):rep(3000) },
+  -- a 2xx to CONNECT: no Content-Length, no body (RFC 9110 §9.3.6); a 4xx keeps both
+  { "CONNECT", "1.1", 200, "tunnel-body" },
+  { "CONNECT", "1.1", 403, "no tunnels" },
 }
 
 -- one request on a fresh connection; the response head (less Date) and body as received
 local function exchange(port, method, version, path)
   local s <close> = assert(mw.tcp.connect("127.0.0.1", port, { timeout = 5 }))
   local v, extra = version:match("^(%S+)%s*(%S*)$")
+  -- (a CONNECT's target is an authority: "case11.example:443")
+  if method == "CONNECT" then path = path:sub(2) .. ".example:443" end
   local req = ("%s %s HTTP/%s\r\nHost: x\r\n"):format(method, path, v)
   if extra == "keep" then req = req .. "Connection: keep-alive\r\n" end
   if extra == "close" then req = req .. "Connection: close\r\n" end
@@ -40,6 +45,13 @@ local function exchange(port, method, version, path)
   end
   local body = ""
   if len and len > 0 and method ~= "HEAD" then body = assert(s:read(len)) end
+  if method == "CONNECT" then        -- the connection closes after it: what else came
+    while true do
+      local piece = s:recv(65536, 5)
+      if not piece then break end
+      body = body .. piece
+    end
+  end
   return table.concat(head, "\n"), body
 end
 
@@ -68,6 +80,13 @@ describe("res:send and res:header: the C fast path and the Lua path agree", func
         assert.equal(h1, h2, ("case %d (%s HTTP/%s %d)"):format(i, c[1], c[2], c[3]))
         assert.equal(b1, b2, ("case %d body"):format(i))
         assert.matches("x%-count: 42", h1)
+        if c[1] == "CONNECT" and c[3] < 300 then
+          assert.is_nil(h1:lower():find("content%-length"), h1)
+          assert.is_nil(h1:lower():find("transfer%-encoding"), h1)
+          assert.equal("", b1)
+        elseif c[1] == "CONNECT" then
+          assert.equal(c[4], b1)
+        end
       end
       fast:close(0)
       slow:close(0)
@@ -115,7 +134,8 @@ describe("res:send and res:header: the C fast path and the Lua path agree", func
         return r.status, table.concat(h, "\n"), body, table.concat(tr, "\n")
       end
       local ids = {}
-      for i, c in ipairs(CASES) do if c[2] == "1.1" then ids[#ids + 1] = { i, c[1] } end end
+      -- (a CONNECT has no :path: the next test sends it)
+      for i, c in ipairs(CASES) do if c[2] == "1.1" and c[1] ~= "CONNECT" then ids[#ids + 1] = { i, c[1] } end end
       ids[#ids + 1] = { 100, "GET" }
       ids[#ids + 1] = { 101, "GET" }
       for _, id in ipairs(ids) do
@@ -127,6 +147,72 @@ describe("res:send and res:header: the C fast path and the Lua path agree", func
           assert.matches("content%-length: 5", a[2])
           assert.matches("server: moonwire", a[2])
           assert.equal("hello", a[3])
+        end
+      end
+      fast:close(0)
+      slow:close(0)
+    end, 30)
+  end)
+
+  -- a plain CONNECT over HTTP/2 (RFC 9113 §8.5: :authority, no :path; python-h2 sends it, the
+  -- moonwire client cannot): its 2xx has no content-length and no DATA, on both paths (the
+  -- C one sent both), a 403 has them
+  it("over HTTP/2, a 2xx to a plain CONNECT has no content-length and no DATA", function()
+    helper.run(function()
+      local function serve2(opts)
+        opts.host, opts.port = "127.0.0.1", 0
+        opts.handler = function(req, res)
+          assert.equal("CONNECT", req.method)
+          res:status(tonumber(req.target:match("^s(%d+)")))
+          res:header("x-a", "1")
+          res:send("tunnel-body")
+        end
+        return assert(http.server(opts))
+      end
+      local fast = serve2({ gzip = false })
+      local slow = serve2({ gzip = true, gzip_min = 0 })
+      local function connect(port, status)
+        local file = helper.writefile(os.tmpname() .. ".py", ([[
+import socket, json
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", %d), timeout=5)
+c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+c.initiate_connection()
+c.send_headers(1, [(":method", "CONNECT"), (":authority", "s%d.example:443")])
+s.sendall(c.data_to_send())
+out = {"data": ""}
+done = False
+while not done:
+    data = s.recv(65536)
+    if not data: break
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.ResponseReceived):
+            out["headers"] = sorted(k.decode() + ": " + v.decode() for k, v in e.headers if k != b"date")
+        elif isinstance(e, h2.events.DataReceived):
+            out["data"] += e.data.decode()
+        elif isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) and not done:
+            out["end"] = type(e).__name__      # (a reset, NO_ERROR, may follow the end)
+            done = True
+    s.sendall(c.data_to_send())
+print(json.dumps(out))
+]]):format(port, status))
+        local code, out, err = helper.shell("/usr/bin/python3 " .. file, 10)
+        os.remove(file)
+        assert.equal(0, code, tostring(err) .. tostring(out))
+        return out
+      end
+      for _, st in ipairs { 200, 403 } do
+        local a, b = connect(fast.port, st), connect(slow.port, st)
+        assert.equal(b, a, "status " .. st)
+        assert.matches('"end": "StreamEnded"', a)
+        assert.matches('":status: ' .. st .. '"', a, 1, true)
+        assert.matches('"x-a: 1"', a, 1, true)
+        if st == 200 then
+          assert.is_nil(a:find("content-length", 1, true), a)
+          assert.matches('"data": ""', a, 1, true)
+        else
+          assert.matches('"content-length: 11"', a, 1, true)
+          assert.matches('"data": "tunnel-body"', a, 1, true)
         end
       end
       fast:close(0)

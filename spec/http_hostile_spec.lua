@@ -537,6 +537,63 @@ describe("http hostile: message framing", function()
     end)
   end)
 
+  -- RFC 9110 §9.3.6: a 2xx to CONNECT has neither Content-Length nor Transfer-Encoding, and
+  -- no body: the client takes the bytes after its head for the tunnel's. (It went out with
+  -- the handler's body and its length, or chunked.) Every way a handler answers, through
+  -- res:send's C path (gzip off) and its Lua one (gzip from 0 bytes); a non-2xx keeps its body.
+  local this_file = debug.getinfo(1, "S").source:match("^@(.*)$")
+  for _, case in ipairs {
+    { "res:send", function(_, res) res:send("tunnel-body") end },
+    { "status 201, res:send", function(_, res) res:status(201):send("tunnel-body") end },
+    { "res:write, res:finish", function(_, res)
+      assert(res:write("tunnel-"))
+      assert(res:write("body"))
+      assert(res:finish())
+    end },
+    { "a content-length of the handler's", function(_, res)
+      res:header("content-length", "11")
+      res:send("tunnel-body")
+    end },
+    { "a header set, nothing sent", function(_, res) res:header("x-tunnel", "yes") end },
+    { "res:sendfile", function(_, res) assert(res:sendfile(this_file)) end },
+  } do
+    for _, path in ipairs { "C", "Lua" } do
+      it("a 2xx to CONNECT has no length and no body (" .. case[1] .. ", " .. path .. " path)", function()
+        run(function()
+          local ran = false
+          local srv = serve({ gzip = path == "Lua", gzip_min = 0 }, function(req, res)
+            ran = true
+            assert.equal("CONNECT", req.method)
+            case[2](req, res)
+          end)
+          local _g <close> = guard(srv)
+          local data, how = exchange(srv, head { "CONNECT example.com:443 HTTP/1.1", "Host: example.com:443" })
+          assert.is_true(ran)
+          assert.equal("closed", how)
+          assert.matches("^HTTP/1%.1 20[01] ", data)
+          local h, rest = data:match("^(.-\r\n\r\n)(.*)$")
+          assert.equal("", rest, "bytes after the head: " .. data)
+          assert.is_nil(h:lower():find("\r\ncontent%-length:"), data)
+          assert.is_nil(h:lower():find("\r\ntransfer%-encoding:"), data)
+          assert.matches("\r\nConnection: close\r\n", h, 1, true)
+          if case[1] == "a header set, nothing sent" then assert.matches("\r\nx%-tunnel: yes\r\n", h) end
+          srv:close()
+        end)
+      end)
+    end
+  end
+
+  it("a CONNECT answered 403 keeps its body and length", function()
+    run(function()
+      local srv = serve({}, function(_, res) res:status(403):send("no tunnels") end)
+      local _g <close> = guard(srv)
+      local data, how = exchange(srv, head { "CONNECT example.com:443 HTTP/1.1", "Host: example.com:443" })
+      assert.equal("closed", how)
+      assert.matches("^HTTP/1%.1 403 .-\r\nContent%-Length: 10\r\n.-\r\n\r\nno tunnels$", data)
+      srv:close()
+    end)
+  end)
+
   it("a bad chunk the handler never reads: the connection closes after the answer", function()
     run(function()
       local srv = serve()
