@@ -271,6 +271,26 @@ static const char *absolute_form(const char *url, size_t n, const char **auth, s
     return e;
 }
 
+/* A CONNECT's target: authority-form, a host and a port (RFC 9112 §3.2.3) */
+static int authority_form(const char *url, size_t n)
+{
+    if (!valid_host(url, n)) return 0;
+    const char *p = url[0] == '[' ? memchr(url, ']', n) : NULL;     /* (valid_host: there is one) */
+    p = p ? p + 1 : memchr(url, ':', n);
+    return p && p + 1 < url + n && *p == ':';
+}
+
+/* Why a request target does not fit its method (RFC 9112 §3.2), or NULL: asterisk-form is
+ * OPTIONS's alone, a CONNECT's is authority-form and no other method's is; no form has a
+ * fragment (a client leaves it out). Origin- and absolute-form are llhttp's. */
+static const char *target_bad(const char *url, size_t n, int method)
+{
+    if (memchr(url, '#', n)) return "fragment in the request target";
+    if (method == HTTP_CONNECT) return authority_form(url, n) ? NULL : "CONNECT needs an authority-form target";
+    if (n > 0 && url[0] == '*' && (n != 1 || method != HTTP_OPTIONS)) return "asterisk-form target for a method other than OPTIONS";
+    return NULL;
+}
+
 /* A request's header field, once whole: counts Host, Transfer-Encoding and Content-Length,
  * checks Host and Transfer-Encoding, notes Expect: 100-continue. The first bad field's
  * verdict is kept for the end of the head (on_headers_complete), where the version is
@@ -358,10 +378,12 @@ static int on_headers_complete(llhttp_t *p)
         if (te && cl) return fail(p, 400, "Content-Length with Transfer-Encoding");
         if (cl > 1) return fail(p, 400, "repeated Content-Length");
         if (te && p->http_minor == 0) return fail(p, 400, "Transfer-Encoding in HTTP/1.0");
+        const char *url = h->base + h->url_off, *bad = target_bad(url, h->url_len, p->method);
+        if (bad) return fail(p, 400, bad);
         /* an absolute-form target's authority replaces Host (RFC 9112 §3.2.2, hc:headers_of) */
         const char *auth;
         size_t alen;
-        if (absolute_form(h->base + h->url_off, h->url_len, &auth, &alen) && !valid_host(auth, alen))
+        if (absolute_form(url, h->url_len, &auth, &alen) && !valid_host(auth, alen))
             return fail(p, 400, "invalid authority in the request target");
         /* the value is "chunked" with optional white space (check_field): llhttp 8 takes a
          * space after it but not a tab (RFC 9110 §5.6.3 allows both) */
