@@ -897,6 +897,50 @@ describe("http hostile: absolute-form targets and Host", function()
   end
 end)
 
+describe("http hostile: request-target form against the method", function()
+  -- RFC 9112 §3.2: "*" is OPTIONS's alone, a CONNECT's target is host:port, and no target has
+  -- a fragment (all three reached the handler)
+  for _, line in ipairs {
+    "GET * HTTP/1.1", "HEAD * HTTP/1.1", "POST * HTTP/1.1", "OPTIONS *x HTTP/1.1",
+    "CONNECT /x HTTP/1.1", "CONNECT * HTTP/1.1", "CONNECT http://example.com:443/ HTTP/1.1",
+    "CONNECT example.com HTTP/1.1", "CONNECT example.com: HTTP/1.1", "CONNECT [::1] HTTP/1.1",
+    "GET /a#frag HTTP/1.1", "GET /a?q=1#frag HTTP/1.1", "GET http://example.com/a#frag HTTP/1.1",
+    "OPTIONS *#x HTTP/1.1", "CONNECT example.com:443#x HTTP/1.1",
+  } do
+    it(line .. " -> 400", function()
+      run(function()
+        local srv = serve()
+        local _g <close> = guard(srv)
+        rejects(srv, head { line, "Host: example.com:443" } .. SMUGGLED, 400)
+        srv:close()
+      end)
+    end)
+  end
+
+  it("OPTIONS *, authority-form CONNECT and absolute-form targets are served", function()
+    run(function()
+      local srv = serve()
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      for _, line in ipairs { "OPTIONS * HTTP/1.1", "OPTIONS http://example.com HTTP/1.1",
+                              "GET http://example.com/a?b=1 HTTP/1.1", "GET /a?b=/c HTTP/1.1" } do
+        assert(s:write(head { line, "Host: example.com" }))
+        assert.equal("HTTP/1.1 200 OK", (response(s)))
+      end
+      assert.same({ "*", "http://example.com", "http://example.com/a?b=1", "/a?b=/c" },
+        { seen[1].target, seen[2].target, seen[3].target, seen[4].target })
+      for _, target in ipairs { "example.com:443", "[::1]:443", "127.0.0.1:8080" } do
+        calls, seen = 0, {}
+        local data, how = exchange(srv, head { "CONNECT " .. target .. " HTTP/1.1", "Host: " .. target })
+        assert.equal("closed", how)
+        assert.matches("^HTTP/1%.1 200 ", data)
+        assert.same({ "CONNECT", target }, { seen[1].method, seen[1].target })
+      end
+      srv:close()
+    end)
+  end)
+end)
+
 describe("http hostile: clients that vanish", function()
   -- waits (bounded) until the server holds no connection
   local function settle(srv)
