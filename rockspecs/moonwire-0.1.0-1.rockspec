@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "d3a03a490bf028594da6e92a94ffb634",
+  md5 = "3ed3a4b29e95cdfb886657d8a8e33157",
   dir = "moonwire-0.1.0",
 }
 description = {
