@@ -326,8 +326,15 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
         nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_ENHANCE_YOUR_CALM);
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     }
-    /* nghttp2 checks pseudo-headers, case, connection-specific fields and TE itself */
+    /* nghttp2 checks pseudo-headers, case, connection-specific fields and TE itself; not a
+     * fragment in :path, which a request target never has (RFC 9113 §8.3.1, as http.c's
+     * target_bad on HTTP/1.1): malformed */
     if (h2_conn_specific((const char *)n, nl)) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    if (nl == 5 && memcmp(n, ":path", 5) == 0 && memchr(v, '#', vl)) {
+        st->bad = 1;
+        nghttp2_submit_rst_stream(ss, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_PROTOCOL_ERROR);
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
     if (nl == 14 && memcmp(n, "content-length", 14) == 0) {
         int64_t len = 0;
         for (size_t i = 0; i < vl; i++) len = len * 10 + (v[i] - '0');  /* nghttp2 checked digits */

@@ -1908,6 +1908,10 @@ malformed_case("http2/8.3.1/8", "a :path not starting with / -> malformed",
 malformed_case("http2/8.3.1/9", "CONNECT with :scheme and :path (no :protocol) -> malformed",
                lambda ctx, c: c.fields("CONNECT"))
 malformed_case("http2/8.3.1/10", "a duplicated :authority -> malformed", doubled(":authority"))
+malformed_case("http2/8.3.1/11", "a :path with a fragment -> malformed",
+               lambda ctx, c: [(n, "/#frag" if n == ":path" else v) for n, v in c.fields()])
+malformed_case("http2/8.3.1/12", "an asterisk :path for a method other than OPTIONS -> malformed",
+               lambda ctx, c: [(n, "*" if n == ":path" else v) for n, v in c.fields()])
 
 
 @case("http2/8.4/1", "PUSH_PROMISE from a client -> PROTOCOL_ERROR")
