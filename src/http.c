@@ -896,6 +896,14 @@ static int skip_blank_lines(mw_http *h)
     return h->blank_lines < MW_BLANK_LINES && n - k == 1 && p[k] == '\r';
 }
 
+/* A head's deadline passed: in a wait, or between reads of a peer that always had bytes. */
+static int head_timed_out(lua_State *L, mw_http *h)
+{
+    if (mw_buf_len(&h->s->rbuf) == 0) return mw_pushfail(L, "timeout", "timeout");  /* idle */
+    if (h->p.type == HTTP_RESPONSE) return mw_pushfail(L, "timeout", "timeout");
+    return pushverdict(L, "request head timeout", 408);
+}
+
 static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
 {
     mw_sock *s = h->s;
@@ -943,6 +951,7 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
         int r = mw_stream_fill(s, 4096, &want);
         if (r == 1) {
             if (len == 0) h->deadline = mw_sched_after(s->rt, (double)h->head_timeout / 1e9);
+            else if (mw_sched_expired(t, h->deadline)) return head_timed_out(L, h);  /* never waited */
             continue;
         }
         if (r == 0) {
@@ -965,11 +974,7 @@ static int read_request_k(lua_State *L, int status, lua_KContext ctx)
     int why = mw_sched_reason(t);
     (void)status; (void)ctx;
     h->idle_wait = 0;
-    if (why == MW_WAKE_TIMEOUT) {
-        if (mw_buf_len(&h->s->rbuf) == 0) return mw_pushfail(L, "timeout", "timeout");  /* idle */
-        if (h->p.type == HTTP_RESPONSE) return mw_pushfail(L, "timeout", "timeout");
-        return pushverdict(L, "request head timeout", 408);
-    }
+    if (why == MW_WAKE_TIMEOUT) return head_timed_out(L, h);
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
     if (h->s->closed) return mw_pushfail(L, "closed", "closed");
     return read_request_step(L, h, t);
@@ -1000,7 +1005,7 @@ static int lean_k(lua_State *L, int status, lua_KContext ctx);
 static int lean_step(lua_State *L, mw_http *h, mw_task *t)
 {
     mw_sock *s = h->s;
-    for (;;) {
+    for (int fills = 0;;) {
         size_t len = mw_buf_len(&s->rbuf);
         if (len > h->parsed || (h->head_done && !h->msg_done)) {
             int st = feed(h);
@@ -1027,7 +1032,11 @@ static int lean_step(lua_State *L, mw_http *h, mw_task *t)
         if (!h->head_done && mw_buf_len(&s->rbuf) > h->max_head) return pushverdict(L, "response head too large", 0);
         uint32_t want = EPOLLIN;
         int r = mw_stream_fill(s, 16384, &want);
-        if (r == 1) continue;
+        if (r == 1) {
+            /* (as read_body_step: a peer that never lets this wait still times out) */
+            if (fills++ && mw_sched_expired(t, h->deadline)) return mw_pushfail(L, "timeout", "timeout");
+            continue;
+        }
         if (r == 0) {
             if (h->head_done && llhttp_message_needs_eof(&h->p)) {
                 llhttp_finish(&h->p);
@@ -1153,10 +1162,16 @@ static int body_result(lua_State *L, mw_http *h, int mode)
     return 1;
 }
 
+static int body_timed_out(lua_State *L, mw_http *h)
+{
+    if (h->p.type == HTTP_RESPONSE) return mw_pushfail(L, "timeout", "timeout");
+    return pushverdict(L, "request body timeout", 408);
+}
+
 static int read_body_step(lua_State *L, mw_http *h, mw_task *t, int mode)
 {
     mw_sock *s = h->s;
-    for (;;) {
+    for (int fills = 0;;) {
         if (!h->msg_done && mw_buf_len(&s->rbuf) > 0) {
             h->parsed = 0;
             int st = feed(h);
@@ -1173,7 +1188,15 @@ static int read_body_step(lua_State *L, mw_http *h, mw_task *t, int mode)
         if (mode == 1 && mw_buf_len(&h->body) > 0) return body_result(L, h, mode);
         uint32_t want = EPOLLIN;
         int r = mw_stream_fill(s, 16384, &want);
-        if (r == 1) continue;
+        if (r == 1) {
+            /* a peer that always has bytes waiting never lets this wait: the deadline is
+             * checked between reads too (not on a call's first read: it was just set) */
+            if (fills++ && mw_sched_expired(t, h->deadline)) {
+                mw_buf_free(&h->body, NULL);
+                return body_timed_out(L, h);
+            }
+            continue;
+        }
         if (r == 0) {
             if (h->p.type == HTTP_RESPONSE && llhttp_message_needs_eof(&h->p)) {
                 llhttp_finish(&h->p);  /* the body was delimited by the close */
@@ -1195,10 +1218,7 @@ static int read_body_k(lua_State *L, int status, lua_KContext ctx)
     mw_task *t = h->s->rt->current;
     int why = mw_sched_reason(t);
     (void)status;
-    if (why == MW_WAKE_TIMEOUT) {
-        if (h->p.type == HTTP_RESPONSE) return mw_pushfail(L, "timeout", "timeout");
-        return pushverdict(L, "request body timeout", 408);
-    }
+    if (why == MW_WAKE_TIMEOUT) return body_timed_out(L, h);
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
     if (h->s->closed) return mw_pushfail(L, "closed", "closed");
     return read_body_step(L, h, t, (int)ctx);

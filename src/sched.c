@@ -124,10 +124,16 @@ void mw_sched_wake(mw_task *t, int reason)
     enqueue(t->rt, t);
 }
 
+/* The deadline a wait given `deadline` ends at: the nearer of it and the mw.timeout scope's. */
+static int64_t effective_deadline(mw_task *t, int64_t deadline)
+{
+    return deadline < t->scope_deadline ? deadline : t->scope_deadline;
+}
+
 void mw_sched_set_deadline(mw_task *t, int64_t deadline)
 {
     if (t->state != MW_T_WAITING) return;
-    int64_t d = deadline < t->scope_deadline ? deadline : t->scope_deadline;
+    int64_t d = effective_deadline(t, deadline);
     if (d == MW_NO_DEADLINE) mw_timer_stop(&t->rt->loop, &t->timer);
     else (void)mw_timer_start(&t->rt->loop, &t->timer, d);   /* (an armed timer: no allocation) */
 }
@@ -180,13 +186,20 @@ int mw_sched_wait(lua_State *L, mw_task *t, int64_t deadline, lua_KFunction k, l
         return k(L, LUA_YIELD, ctx);
     }
     t->streak = 0;
-    int64_t d = deadline < t->scope_deadline ? deadline : t->scope_deadline;
+    int64_t d = effective_deadline(t, deadline);
     if (d != MW_NO_DEADLINE && mw_timer_start(&t->rt->loop, &t->timer, d) < 0) {
         detach(t);
         return luaL_error(L, "not enough memory");
     }
     t->state = MW_T_WAITING;
     return yield_to_sched(L, t, k, ctx);
+}
+
+int mw_sched_expired(mw_task *t, int64_t deadline)
+{
+    int64_t d = effective_deadline(t, deadline);
+    /* the real clock (a timer fires once the loop's clock reaches its time) */
+    return d != MW_NO_DEADLINE && mw_loop_clock() >= d;
 }
 
 int mw_sched_reason(mw_task *t)

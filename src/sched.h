@@ -110,6 +110,10 @@ mw_task *mw_sched_self(lua_State *L, mw_rt *rt);
  * the enclosing mw.timeout deadline applies too. The caller has registered the task
  * with its source (t->unwait, t->wait_obj) before calling. */
 int mw_sched_wait(lua_State *L, mw_task *t, int64_t deadline, lua_KFunction k, lua_KContext ctx);
+/* Whether a wait given `deadline` (and the task's mw.timeout scope) would have timed out by
+ * now. A read loop that finds bytes every time never waits: it asks this between reads, so
+ * a peer that always has data waiting cannot outlast a timeout. Reads the clock. */
+int mw_sched_expired(mw_task *t, int64_t deadline);
 /* Puts the running task at the back of the run queue and yields; k(L, LUA_YIELD, ctx)
  * runs on its next turn (mw_sched_reason() gives MW_WAKE_NONE). */
 int mw_sched_requeue(lua_State *L, mw_task *t, lua_KFunction k, lua_KContext ctx);
