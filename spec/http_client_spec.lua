@@ -1404,6 +1404,27 @@ describe("http client: broken servers", function()
       c:close()
     end)
   end)
+  -- Regression (review): interim responses were skipped without end, so a server sending
+  -- "100 Continue" forever kept a request going (past its timeout, at full CPU). At most 16
+  -- are skipped now.
+  it("more than 16 interim (1xx) responses: nil, err, 'http'; 16 are fine", function()
+    run(function()
+      local f = fake_http(function(req)
+        local n = tonumber(req.target:match("%d+"))
+        return ("HTTP/1.1 100 Continue\r\n\r\n"):rep(n) .. ok_response()
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/16", { timeout = 3 }))
+      assert.equal(200, res.status)
+      assert.equal("ok", res:body())
+      local r = table.pack(c:get(f.url .. "/17", { timeout = 3 }))
+      assert.is_nil(r[1])
+      assert.matches("interim", r[2])
+      assert.equal("http", r[3])
+      c:close()
+    end)
+  end)
 end)
 
 ---------------------------------------------------------------------------------------------
@@ -1508,6 +1529,57 @@ describe("http client: timeouts", function()
       assert.same({ nil, "timeout", "timeout", n = 3 }, r)
       assert.is_true(dt < 1.5, ("res:body() timed out after %.2f s, not within the request's 0.5 s"):format(dt))
       c:close()
+    end)
+  end)
+
+  -- Regression (review): the C read loops went on reading as long as a read found bytes and
+  -- looked at the deadline only in a wait, so a server that always had bytes waiting (an
+  -- endless body, sent faster than it is parsed) kept res:body() going past its timeout
+  -- at full CPU. Between reads the deadline is now checked too. The server floods from
+  -- another OS thread, so the client's reads find bytes every time.
+  it("a server that always has bytes waiting (an endless chunked body) still times out", function()
+    run(function()
+      local path = helper.socket_path("flood")
+      local th = core.thread()
+      assert(th:start(([[
+package.path, package.cpath = %q, %q
+local mw = require "moonwire"
+local core = require "moonwire.core"
+local path = ...
+mw.run(function()
+  local l = assert(mw.unix.listen { path = path, unlink = true })
+  while true do
+    local s = assert(l:accept())
+    local line = s:read("l", 5)              -- nil: a probe of the test's, that connected
+    if line then
+      repeat line = s:read("l", 5) until not line or line == ""
+      s:write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+      -- tiny chunks with extensions: parsed slower than they are written
+      local piece = ("1\r\nx\r\n"):rep(65536)
+      local t0 = core.hrtime()
+      while core.hrtime() - t0 < 10e9 and s:write(piece) do end
+      s:close()
+      break
+    end
+    s:close()
+  end
+  l:close()
+end)
+]]):format(package.path, package.cpath), path))
+      assert(wait_for(function()
+        local probe = mw.unix.connect(path)
+        if probe then probe:close() end
+        return probe ~= nil
+      end))
+      local c = http.client()
+      local t0 = core.hrtime()
+      local res = assert(c:get("http://flood/", { unix = path, timeout = 0.5 }))
+      local r = table.pack(res:body())
+      local dt = (core.hrtime() - t0) / 1e9
+      c:close()
+      assert.same({ nil, "timeout", "timeout", n = 3 }, r)
+      assert.is_true(dt < 1.5, ("res:body() of a flooding server ended after %.2f s, not within its 0.5 s"):format(dt))
+      th:join()
     end)
   end)
 

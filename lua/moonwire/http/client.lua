@@ -66,6 +66,10 @@ local upper = { GET = "GET", get = "GET", POST = "POST", post = "POST", PUT = "P
   HEAD = "HEAD", head = "HEAD", DELETE = "DELETE", delete = "DELETE", PATCH = "PATCH", patch = "PATCH",
   OPTIONS = "OPTIONS", options = "OPTIONS" }
 
+-- Interim (1xx) responses skipped before a request fails: a server may send 100 Continue
+-- and a few 103 Early Hints, never this many.
+local MAX_INTERIM = 16
+
 local idempotent = { GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true, TRACE = true }
 
 local function argerror(n, fname, msg, level)
@@ -974,8 +978,17 @@ local function exchange(self, o, u, method, body)
     end
     local res
     if ok then
+      -- interim responses (100 Continue, 103 Early Hints) are skipped, but not without end:
+      -- a server sending them forever would otherwise keep the request going
+      local interim = 0
       repeat
         res, err, code = c.hc:read_request(-1, -1, method == "HEAD")
+        if res and res.status >= 100 and res.status < 200 and res.status ~= 101 then
+          interim = interim + 1
+          if interim > MAX_INTERIM then
+            res, err, code = nil, "too many interim (1xx) responses", "http"
+          end
+        end
       until not res or res.status < 100 or res.status >= 200 or res.status == 101
     end
     if res and res.status == 101 and not (o.headers and values_of(o.headers, "upgrade")[1]) then
