@@ -1404,6 +1404,54 @@ describe("http client: broken servers", function()
       c:close()
     end)
   end)
+  -- Regression (review): a reason phrase took any byte (an ESC sequence reached res.reason
+  -- and whoever logged it), and Transfer-Encoding in two fields passed where the same in one
+  -- ("chunked, chunked") was refused (RFC 9112 §4, §6.1)
+  it("a control byte in the reason phrase, or Transfer-Encoding twice: nil, err, 'http'", function()
+    run(function()
+      local heads = {
+        "HTTP/1.1 200 O\27[31mK\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 200 O\0K\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 200 O\1K\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 200 O\127K\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+      }
+      local f = fake_http(function(req) return heads[tonumber(req.target:match("%d+"))] end)
+      local _f <close> = f
+      local c = http.client()
+      for i = 1, #heads do helper.fails("http", c:get(f.url .. "/" .. i, { timeout = 3 })) end
+      -- a tab and obs-text are reason-phrase bytes
+      heads[1] = "HTTP/1.1 200 O\tK \xc3\xa9\r\nContent-Length: 2\r\n\r\nok"
+      local res = assert(c:get(f.url .. "/1", { timeout = 3 }))
+      assert.equal("O\tK \xc3\xa9", res.reason)
+      assert.equal("ok", res:body())
+      c:close()
+    end)
+  end)
+
+  -- Regression (review): an HTTP/1.0 response with Transfer-Encoding went back to the pool
+  -- when it said keep-alive; its framing is faulty and the client must close the connection
+  -- after it (RFC 9112 §6.1)
+  it("an HTTP/1.0 response with Transfer-Encoding is read, and its connection not kept", function()
+    run(function()
+      local f = fake_http(function(req)
+        if req.target == "/te" then
+          return "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        end
+        return "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nabc"
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/cl", { timeout = 3 }))
+      assert.equal("abc", res:body())
+      assert.equal(1, c:stats().idle)             -- (a length-delimited one is kept)
+      res = assert(c:get(f.url .. "/te", { timeout = 3 }))
+      assert.equal("abc", res:body())
+      assert.same({ idle = 0, active = 0 }, c:stats())
+      c:close()
+    end)
+  end)
+
   -- Regression (review): interim responses were skipped without end, so a server sending
   -- "100 Continue" forever kept a request going (past its timeout, at full CPU). At most 16
   -- are skipped now.

@@ -43,7 +43,7 @@ typedef struct mw_http {
     hspan cur;                 /* requests: the field being parsed; each is checked once whole
                                 * (check_field) and not kept: the head is found again from its
                                 * bytes if the handler asks for headers (hc:headers_of) */
-    int hosts, te, cl;         /* requests: how many Host, Transfer-Encoding, Content-Length */
+    int hosts, te, cl;         /* how many Host, Transfer-Encoding (responses too), Content-Length */
     int ferr_status;           /* requests: the first field's verdict (400, 501), for the end */
     const char *ferr_msg;      /* of the head, after the version's */
     int head_done, msg_done, upgrade;
@@ -111,6 +111,15 @@ static int on_message_begin(llhttp_t *p)
     h->nhdrs = 0;
     h->hosts = h->te = h->cl = h->ferr_status = 0;
     return 0;
+}
+
+/* Whether the connection may carry another message after this one: llhttp's answer, but an
+ * HTTP/1.0 response with Transfer-Encoding has faulty framing, and the client closes the
+ * connection after it (RFC 9112 §6.1; a request like it is refused, check_field). */
+static int msg_keepalive(mw_http *h)
+{
+    if (h->p.type == HTTP_RESPONSE && h->p.http_minor == 0 && h->te) return 0;
+    return llhttp_should_keep_alive(&h->p);
 }
 
 /* The span of the field being parsed. */
@@ -338,6 +347,7 @@ static void check_field(mw_http *h, const hspan *sp)
 static void check_response_field(mw_http *h, const hspan *sp)
 {
     if (!name_is(h, sp, "transfer-encoding", 17)) return;
+    h->te++;
     const char *v;
     size_t n;
     value_of(h, sp, &v, &n);
@@ -393,6 +403,13 @@ static int on_headers_complete(llhttp_t *p)
         if (p->http_major != 1 || p->http_minor > 1) return fail(p, 502, "unsupported HTTP version in the response");
         if (p->status_code < 100 || p->status_code > 999) return fail(p, 502, "bad status code in the response");
         if (h->ferr_status) return fail(p, h->ferr_status, h->ferr_msg);
+        /* chunked applied twice (as the request side: RFC 9112 §6.1), one field or two */
+        if (h->te > 1) return fail(p, 502, "repeated Transfer-Encoding in the response");
+        /* reason-phrase = *( HTAB / SP / VCHAR / obs-text ) (RFC 9112 §4): no control byte
+         * reaches res.reason (a terminal escape in a log line) */
+        const unsigned char *r = (const unsigned char *)h->base + h->url_off;
+        for (uint32_t i = 0; i < h->url_len; i++)
+            if ((r[i] < 0x20 && r[i] != '\t') || r[i] == 0x7f) return fail(p, 502, "invalid character in the reason phrase");
     }
     h->head_done = 1;
     /* no body whatever the head says: answers to HEAD, and 1xx/204/304 */
@@ -794,7 +811,7 @@ static void build_request(lua_State *L, mw_http *h)
      * table and no string per header */
     lua_pushlstring(L, h->base, h->parsed);
     lua_rawseti(L, -2, 4);
-    h->req_keepalive = llhttp_should_keep_alive(&h->p);
+    h->req_keepalive = msg_keepalive(h);
     h->req_http10 = h->p.http_minor != 1;
     h->req_head = h->p.method == HTTP_HEAD;
     h->req_connect = h->p.method == HTTP_CONNECT;
@@ -866,7 +883,7 @@ static void build_response(lua_State *L, mw_http *h)
     else lua_pop(L, 1);
     lua_rawset(L, -3);
     KEY(L, K_KEEPALIVE);
-    lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
+    lua_pushboolean(L, msg_keepalive(h));
     lua_rawset(L, -3);
     KEY(L, K_CONN);
     lua_pushvalue(L, 1);
@@ -1025,7 +1042,7 @@ static int lean_step(lua_State *L, mw_http *h, mw_task *t)
         if (h->msg_done) {
             lua_pushinteger(L, h->p.status_code);
             lua_pushinteger(L, (lua_Integer)h->msg_bytes);
-            lua_pushboolean(L, llhttp_should_keep_alive(&h->p));
+            lua_pushboolean(L, msg_keepalive(h));
             return 3;
         }
         if (h->head_done && mw_buf_len(&s->rbuf) > 0) continue;
