@@ -95,6 +95,39 @@ describe("moonwire.pubsub, local", function()
     end)
   end)
 
+  -- Regression (review): a handler closed while the topic's task was delivering to it (by
+  -- itself, or by another task while it waited) shifted the live handler list under that
+  -- loop: the next handler missed the message, the task died on a nil handler, and the
+  -- topic delivered nothing more.
+  it("a handler closed while a message is being delivered: the others get every message", function()
+    run(function()
+      local ps = pubsub.new { bus = false }
+      local a, b = {}, {}
+      local ha
+      ha = ps:subscribe("t", function(data) a[#a + 1] = data ha:close() end)
+      ps:subscribe("t", function(data) b[#b + 1] = data end)
+      for i = 1, 3 do ps:publish("t", "m" .. i) end
+      wait_for(function() return #b == 3 end)
+      assert.same({ "m1" }, a)
+      assert.same({ "m1", "m2", "m3" }, b)
+      -- closed by another task while it waits in its handler
+      local gate = mw.channel(1)
+      local c, d = {}, {}
+      local hc = ps:subscribe("u", function(data) c[#c + 1] = data gate:recv(5) end)
+      ps:subscribe("u", function(data) d[#d + 1] = data end)
+      ps:publish("u", "n1")
+      wait_for(function() return #c == 1 end)
+      hc:close()
+      gate:send(true)
+      ps:publish("u", "n2")
+      wait_for(function() return #d == 2 end)
+      assert.same({ "n1" }, c)
+      assert.same({ "n1", "n2" }, d)
+      assert.equal(0, ps.stats.dropped)
+      ps:close()
+    end)
+  end)
+
   -- A text message that is not UTF-8 would make every WebSocket member close with 1007
   -- (mw.websocket.broadcast raises on it now): the handlers get it, the members do not.
   it("kind text: a message that is not UTF-8 reaches the handlers, no member, and is counted", function()

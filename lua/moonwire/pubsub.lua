@@ -226,11 +226,13 @@ local function drain(t)
     local data = q[n]
     q[n] = nil
     q.first = n + 1
+    -- (ps:unsubscribe replaces t.handlers rather than editing it: a handler closed by one
+    -- of these calls leaves this loop's list whole, and is skipped by its mark)
     local hs = t.handlers
     for i = 1, #hs do
       local h = hs[i]
       -- (a handler gets what was published once it was there: h.from, set by subscribe)
-      if n >= h.from then
+      if not h.closed and n >= h.from then
         local ok, err = pcall(h.fn, data, t.name)
         if not ok then io.stderr:write("moonwire: pubsub handler: ", tostring(err), "\n") end
       end
@@ -578,9 +580,14 @@ function PS:unsubscribe(h)
   end
   local t = self._topics[h.topic]
   if not t or h.ps ~= self then return end
-  for i, x in ipairs(t.handlers) do
+  local hs = t.handlers
+  for i, x in ipairs(hs) do
     if x == h then
-      table.remove(t.handlers, i)
+      -- a new list, not table.remove: drain may be looping over this one (a handler that
+      -- closes itself, or another task closing it while it waits)
+      h.closed = true
+      local rest = table.move(hs, 1, i - 1, 1, {})
+      t.handlers = table.move(hs, i + 1, #hs, i, rest)
       unref(self, t)
       return
     end
