@@ -1538,7 +1538,7 @@ static int st_respond(lua_State *L)
 enum { R2_SRV = 1, R2_REQ = 2, R2_SOCK = 3, R2_NH = 4, R2_FIN = 5, R2_BYTES = 6, R2_STATUS = 7,
        R2_CLOSE = 8, R2_HBASE = 10, RQ_METHOD = 6 };
 /* upvalues of res:send's C path: the Lua implementation, then keys and a constant */
-enum { U2_SLOW = 1, U2_SENT, U2_TRAILERS, U2_GZIP_FROM, U2_SERVER_NAME, U2_HEAD, U2_COUNT = U2_HEAD };
+enum { U2_SLOW = 1, U2_SENT, U2_TRAILERS, U2_GZIP_FROM, U2_SERVER_NAME, U2_HEAD, U2_CONNECT, U2_COUNT = U2_CONNECT };
 
 /* res:send(body) for a response over HTTP/2 (h2.lua's R2): a string body, the head not
  * sent, no trailers, no compression to decide, a status with a body, not HEAD: done here,
@@ -1564,9 +1564,11 @@ static int response_send(lua_State *L)
     lua_rawgeti(L, -1, RQ_METHOD);
     lua_pushvalue(L, lua_upvalueindex(U2_HEAD));
     if (lua_rawequal(L, -1, -2)) return mw_call_upvalue(L, U2_SLOW, top0);
+    int connect = lua_rawequal(L, -2, lua_upvalueindex(U2_CONNECT));
     lua_rawgeti(L, 1, R2_STATUS);
     lua_Integer status = lua_tointegerx(L, -1, &isnum);
-    if (!isnum || status < 200 || status > 999 || status == 204 || status == 304) return mw_call_upvalue(L, U2_SLOW, top0);
+    /* (a response without a body: h2.lua's send, which drops a handler's content-length) */
+    if (!isnum || status > 999 || mw_http_bodyless(status, connect)) return mw_call_upvalue(L, U2_SLOW, top0);
     lua_rawgeti(L, 1, R2_NH);
     lua_Integer nh = lua_tointegerx(L, -1, &isnum);
     if (!isnum || nh < 0) return mw_call_upvalue(L, U2_SLOW, top0);
@@ -1604,6 +1606,7 @@ static int l_h2_response_send(lua_State *L)
     lua_pushliteral(L, "_gzip_from");
     lua_pushliteral(L, "server_name");
     lua_pushliteral(L, "HEAD");
+    lua_pushliteral(L, "CONNECT");
     lua_pushcclosure(L, response_send, U2_COUNT);
     return 1;
 }

@@ -1647,8 +1647,8 @@ static void add_length(sink *k, lua_Integer length)
  * one (what a HEAD gets is the request's business, not this): 1xx, 204 and 304 (RFC 9110
  * §6.4.1; a 304 may keep the GET's Content-Length), and a 2xx to CONNECT, after which the
  * bytes are the tunnel's (§9.3.6). The one rule for both res:send paths, res:write and
- * HTTP/2's res:send in Lua (core.http_bodyless). */
-static int bodyless(lua_Integer status, int connect)
+ * HTTP/2's res:send (h2.c's C path; core.http_bodyless in Lua). */
+int mw_http_bodyless(lua_Integer status, int connect)
 {
     return status < 200 || status == 204 || status == 304 || (connect && status < 300);
 }
@@ -1703,7 +1703,7 @@ static int build_head(lua_State *L, sink *k, datecache *dc, lua_Integer status, 
         add_date(k, dc);
     }
     int seen = 0;
-    int none = bodyless(status, (int)(flags & HF_CONNECT));
+    int none = mw_http_bodyless(status, (int)(flags & HF_CONNECT));
     add_headers(L, k, hidx, first, nh, &seen, (int)(flags & HF_CHECKED), none && status != 304);
     if (length >= 0 && !(seen & 3) && !none && !(flags & 4)) add_length(k, length);
     else if (length == -1 && !(seen & 2) && !none) puts_(k, "Transfer-Encoding: chunked\r\n");
@@ -1878,7 +1878,7 @@ static int l_res_send(lua_State *L)
         flags = 2;
     }
     if (h->req_connect) flags |= HF_CONNECT;
-    int with_body = !bodyless(status, h->req_connect) && !h->req_head;
+    int with_body = !mw_http_bodyless(status, h->req_connect) && !h->req_head;
     datecache *dc = lua_touserdata(L, lua_upvalueindex(UP_DC));
     int base = lua_gettop(L);
     int nret = send_core(L, dc, s, 1, status, RS_HBASE, nh, body, blen, flags | HF_CHECKED,
@@ -1958,11 +1958,11 @@ static int l_http_response_methods(lua_State *L)
     return 2;
 }
 
-/* http_bodyless(status, connect) -> whether the response has no body (see bodyless); connect:
+/* http_bodyless(status, connect) -> whether the response has no body (mw_http_bodyless); connect:
  * it answers a CONNECT */
 static int l_http_bodyless(lua_State *L)
 {
-    lua_pushboolean(L, bodyless(luaL_checkinteger(L, 1), lua_toboolean(L, 2)));
+    lua_pushboolean(L, mw_http_bodyless(luaL_checkinteger(L, 1), lua_toboolean(L, 2)));
     return 1;
 }
 

@@ -8,6 +8,10 @@
 
 /* Registers HttpConn and the head builders into the module table on top. */
 void mw_http_open(lua_State *L);
+/* Whether a response has no body, nor a Content-Length or Transfer-Encoding for one: 1xx,
+ * 204, 304 (which may keep a length), and a 2xx to CONNECT (connect: it answers one). The
+ * one rule of every send path, HTTP/1.1 and HTTP/2. */
+int mw_http_bodyless(lua_Integer status, int connect);
 /* Pushes s[0, n) with its %XX escapes decoded (a request path; h2.c uses it too). */
 void mw_http_push_decoded(lua_State *L, const char *s, size_t n);
 /* A header field seen again: appends v to req._multi[name] (the request at reqidx, the name

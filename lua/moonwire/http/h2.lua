@@ -83,12 +83,6 @@ local function send_lua(self, body)
 end
 R2.send = core.h2_response_send(send_lua)
 
--- The response to a CONNECT (plain, or RFC 8441's extended one, which websocket.lua answers
--- on the stream itself): its send is the Lua one, as the C path does not know the rule for
--- a 2xx to CONNECT (bodyless).
-local R2C = setmetatable({ send = send_lua }, { __index = R2 })
-R2C.__index = R2C
-
 -- the head of a streamed body (no content-length unless the handler set one)
 local function start_stream(self)
   local none = bodyless(self)
@@ -181,7 +175,7 @@ R2.Failed = Response.failed_class(R2, send_raw)
 local function serve_stream(srv, hooks, st, method, target, path, has_body)
   local req = setmetatable({ st, false, not has_body, false, false, method, target, "2", path, true }, Request)
   local res = setmetatable({ srv, req, st, 0, false, 0, 200, false, false, false, false, false, false,
-    sent = false }, method == "CONNECT" and R2C or R2)
+    sent = false }, R2)
   req[2] = res
   local ok, err = xpcall(srv.handler, traceback, req, res)
   if not ok or not res[FIN] then
