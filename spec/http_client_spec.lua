@@ -1329,6 +1329,37 @@ describe("http client: broken servers", function()
     end)
   end
 
+  -- Regression: the status check took any three digits from 100 (llhttp's range), so 600 to
+  -- 999 passed for answers; RFC 9110 §15 defines 100..599 only. Such an answer is refused
+  -- (code "http") and its connection is not reused; 599 is still fine.
+  it("a status code outside 100..599 (600, 999): nil, err, 'http'; the connection is not reused", function()
+    run(function()
+      local f = fake_http(function(req)
+        local code = req.target:match("%d+")
+        return response("HTTP/1.1 " .. code .. " Odd", { "Content-Length: 2" }, "ok")
+      end)
+      local _f <close> = f
+      local c = http.client()
+      local res = assert(c:get(f.url .. "/599", { timeout = 3 }))
+      assert.equal(599, res.status)
+      assert.equal("ok", res:body())
+      assert.equal(1, f.accepted)
+      for i, code in ipairs { 600, 999 } do
+        local r, err, ecode = c:get(f.url .. "/" .. code, { timeout = 3 })
+        assert.is_nil(r)
+        assert.equal("http", ecode)
+        assert.matches("status", err)
+        -- (the first goes on the pooled connection, which is then dropped: each a new one)
+        assert.equal(i, f.accepted)
+      end
+      res = assert(c:get(f.url .. "/200", { timeout = 3 }))
+      assert.equal("ok", res:body())
+      assert.equal(3, f.accepted)
+      assert.same({ idle = 1, active = 0 }, c:stats())
+      c:close()
+    end)
+  end)
+
   it("a response head above max_head: nil, err, 'http' (one under the limit is fine)", function()
     run(function()
       local f = fake_http(function(req)

@@ -399,9 +399,10 @@ static int on_headers_complete(llhttp_t *p)
          * space after it but not a tab (RFC 9110 §5.6.3 allows both) */
         if (te) p->flags |= F_CHUNKED;
     } else {
-        /* an answer is HTTP/1.x with a status of three digits from 100 */
+        /* an answer is HTTP/1.x with a status from 100 to 599 (RFC 9110 §15: llhttp takes
+         * any three digits) */
         if (p->http_major != 1 || p->http_minor > 1) return fail(p, 502, "unsupported HTTP version in the response");
-        if (p->status_code < 100 || p->status_code > 999) return fail(p, 502, "bad status code in the response");
+        if (p->status_code < 100 || p->status_code > 599) return fail(p, 502, "bad status code in the response (not 100..599)");
         if (h->ferr_status) return fail(p, h->ferr_status, h->ferr_msg);
         /* chunked applied twice (as the request side: RFC 9112 §6.1), one field or two */
         if (h->te > 1) return fail(p, 502, "repeated Transfer-Encoding in the response");
