@@ -1087,6 +1087,39 @@ describe("http hostile: timeouts", function()
     end)
   end)
 
+  -- Regression: each empty line (CRLF) before a request line re-armed the head timer (it
+  -- started at the first byte after an empty buffer, and skipped lines leave it empty); on a
+  -- kept-alive connection with idle > head, a client sending "\r\n" faster than the head
+  -- timeout held the connection for the whole idle timeout without ever sending a request.
+  -- The head timer now starts with the first byte of this request's wait (empty lines
+  -- included) and nothing re-arms it; a wait with only empty lines seen ends at that deadline.
+  it("empty lines before the request line do not restart the head timeout (kept-alive and fresh)", function()
+    run(function()
+      local srv = serve { timeouts = { head = 0.5, idle = 8 } }
+      local _g <close> = guard(srv)
+      local function blank_lines(s)
+        local t0 = mw.now()
+        -- 8 lines (the most skipped before a 400), one every 0.2 s: 1.4 s in all
+        local writer = trickle(s, "\r\n", "\r\n", 0.2, 7)
+        local data, how = read_all(s, 5)
+        local elapsed = mw.now() - t0
+        writer:cancel()
+        writer:join()
+        assert.equal("closed", how)
+        if data ~= "" then assert.matches("^HTTP/1%.1 408 ", data) end
+        assert.is_true(elapsed >= 0.45 and elapsed < 1.3, "closed after " .. elapsed .. " s")
+      end
+      local s <close> = connect(srv)
+      assert(s:write(head { "GET / HTTP/1.1", "Host: x" }))
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /" }, { response(s) })
+      blank_lines(s)
+      local s2 <close> = connect(srv)
+      blank_lines(s2)
+      assert.equal(1, calls)
+      srv:close()
+    end)
+  end)
+
   it("a head that stops arriving gets 408", function()
     run(function()
       local srv = serve { timeouts = { head = 0.3 } }

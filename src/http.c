@@ -69,6 +69,8 @@ typedef struct mw_http {
     uint64_t msg_bytes;        /* bytes of this message taken from the socket (head, body, framing) */
     int idle_wait;             /* parked in read_request with nothing of the next head yet */
     int blank_lines;           /* requests: empty lines skipped before this request line */
+    int head_armed;            /* read_request: `deadline` runs (from the first byte of this
+                                * wait, empty lines included: nothing re-arms it) */
     /* for res:send's C path (server side): the server's name and from which body size a
      * response may be compressed (read once from the server table), and what the request
      * being answered said (set with each request; responses are finished in order) */
@@ -968,8 +970,15 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
         uint32_t want = EPOLLIN;
         int r = mw_stream_fill(s, 4096, &want);
         if (r == 1) {
-            if (len == 0) h->deadline = mw_sched_after(s->rt, (double)h->head_timeout / 1e9);
-            else if (mw_sched_expired(t, h->deadline)) return head_timed_out(L, h);  /* never waited */
+            /* the head timer starts with this request's first byte; skipped empty lines
+             * leave the buffer empty but must not restart it (a CRLF every few seconds
+             * would hold the connection without a request) */
+            if (!h->head_armed) {
+                h->head_armed = 1;
+                h->deadline = mw_sched_after(s->rt, (double)h->head_timeout / 1e9);
+            } else if (mw_sched_expired(t, h->deadline)) {
+                return head_timed_out(L, h);  /* never waited */
+            }
             continue;
         }
         if (r == 0) {
@@ -980,8 +989,11 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
         if (r == -3) return mw_stream_pusherr(L, s, errno);
         if (len == 0) mw_buf_release(&s->rbuf, &s->rt->pool);
         h->idle_wait = len == 0;
-        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, len == 0 ? h->idle_deadline : h->deadline,
-                            read_request_k, 0);
+        /* nothing buffered: the idle deadline, or the head's if only empty lines came and it
+         * is sooner */
+        int64_t until = h->deadline;
+        if (len == 0 && (!h->head_armed || h->idle_deadline < until)) until = h->idle_deadline;
+        return mw_sock_wait(L, s, t, MW_ROLE_READ, want, until, read_request_k, 0);
     }
 }
 
@@ -1156,6 +1168,7 @@ static int hc_read_request(lua_State *L)
     h->idle_deadline = mw_sched_after(h->s->rt, idle);
     h->head_timeout = head < 0 ? -1 : (int64_t)(head * 1e9);
     h->deadline = mw_sched_after(h->s->rt, head);  /* bytes already buffered: starts now */
+    h->head_armed = mw_buf_len(&h->s->rbuf) > 0;
     return read_request_step(L, h, t);
 }
 
