@@ -1252,6 +1252,130 @@ end)
 
 ---------------------------------------------------------------------------------------------
 
+-- Regression: a server that answers before it has read the request body (413 for a body
+-- over its limit, 401) and closes made our upload fail with EPIPE / ECONNRESET, and the
+-- request returned that error: the answer was lost. RFC 9112 §9.6: a client sending a body
+-- should watch for an error response and stop sending (curl reads it). On a failed write the
+-- client now reads what the server answered and returns it (the connection is not reused);
+-- without a whole answer, the write's error stands.
+-- The servers close as real ones do (nginx's lingering close, ours): the answer, then a
+-- shutdown of their write side, then at most some bytes read and dropped, then close with the
+-- rest of the upload unread, which resets the connection. The answer and the end of the
+-- stream reach the client before the reset, so the test waits for nothing by the clock. The
+-- upload (32 MiB) is far more than the socket buffers hold (a send buffer of at most 4 MiB,
+-- a receive buffer that grows only as the server reads), so the write does fail.
+describe("http client: an early answer while the body is uploading", function()
+  local BIG = 32 * MiB
+
+  -- A server that reads the request head, answers `answer` (false: nothing) and closes after
+  -- draining 256 KiB (or a little more). f.drained: bytes it read after the head.
+  local function early(answer)
+    local f
+    f = fake(function(s)
+      repeat
+        local line = s:read("l", 5)
+      until not line or line == ""
+      if answer then assert(s:write(answer)) end
+      assert(s:shutdown("write"))
+      local got = 0
+      while got < 256 * KiB do
+        local piece = s:recv(65536, 5)
+        if not piece then break end
+        got = got + #piece
+      end
+      f.drained = got
+    end)
+    return f
+  end
+
+  local function bodies()
+    local piece = ("u"):rep(MiB)
+    return {
+      { "a string body", piece:rep(BIG // MiB) },
+      { "a function body (chunked)", function()
+          local n = 0
+          return function()
+            n = n + 1
+            if n <= BIG // MiB then return piece end
+          end
+        end },
+    }
+  end
+
+  for _, case in ipairs(bodies()) do
+    it("a 413 with Connection: close, then a reset: the 413 is the result (" .. case[1] .. ")", function()
+      run(function()
+        local f = early("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large")
+        local _f <close> = f
+        local c = http.client()
+        local body = case[2]
+        if type(body) == "function" then body = body() end
+        local res, err, code = c:request { method = "POST", url = f.url .. "/upload", body = body, timeout = 10 }
+        assert.is_table(res, "no response: " .. tostring(err) .. " (" .. tostring(code) .. ")")
+        assert.equal(413, res.status)
+        assert.equal("too large", res:body())
+        assert.is_false(res.keepalive)
+        assert.is_true(f.drained >= 256 * KiB, "the server read " .. tostring(f.drained))
+        assert.same({ idle = 0, active = 0 }, c:stats())
+        -- the next request goes on a new connection
+        local res2 = c:request { method = "POST", url = f.url .. "/small", body = "x", timeout = 10 }
+        assert.equal(413, res2.status)
+        assert.equal(2, f.accepted)
+        c:close()
+      end, 30)
+    end)
+  end
+
+  it("a 401 whose body arrives with the head: the 401 and its body", function()
+    run(function()
+      local f = early(response("HTTP/1.1 401 Unauthorized",
+        { "WWW-Authenticate: Basic realm=\"x\"", "Content-Length: 6", "Connection: close" }, "denied"))
+      local _f <close> = f
+      local res, err = http.client():request { method = "PUT", url = f.url .. "/", body = ("p"):rep(BIG), timeout = 10 }
+      assert.is_table(res, "no response: " .. tostring(err))
+      assert.equal(401, res.status)
+      assert.equal('Basic realm="x"', res.headers["www-authenticate"])
+      assert.equal("denied", res:body())
+    end, 30)
+  end)
+
+  it("no answer before the reset (or only part of one): the write's error", function()
+    run(function()
+      for _, answer in ipairs { false, "HTTP/1.1 413 Payload Too La" } do
+        local f = early(answer)
+        local _f <close> = f
+        local c = http.client()
+        helper.fails({ "EPIPE", "ECONNRESET" },
+          c:request { method = "POST", url = f.url .. "/", body = ("n"):rep(BIG), timeout = 10 })
+        assert.same({ idle = 0, active = 0 }, c:stats())
+        c:close()
+      end
+    end, 30)
+  end)
+
+  -- our own server: a body over limits.body is answered 413 at once (by its Content-Length),
+  -- then a lingering close drops at most limits.linger bytes (4 MiB) and closes
+  it("against moonwire's server: a body over limits.body gets its 413", function()
+    run(function()
+      local handled = 0
+      local srv = serve(function(req, res)
+        handled = handled + 1
+        local ok = req:body()
+        res:send(ok and "read" or "unread")
+      end, { limits = { body = 64 * KiB } })   -- (linger: the default 4 MiB)
+      local _g <close> = guard(srv)
+      local c = http.client()
+      local res, err, code = c:request { method = "POST", url = base(srv) .. "/", body = ("s"):rep(BIG), timeout = 10 }
+      assert.is_table(res, "no response: " .. tostring(err) .. " (" .. tostring(code) .. ")")
+      assert.equal(413, res.status)
+      res:body()
+      assert.equal(1, handled)
+      c:close()
+      srv:close()
+    end, 30)
+  end)
+end)
+
 describe("http client: broken servers", function()
   it("a server closing mid-body (Content-Length 100, 10 bytes sent): body() → nil, err; not pooled", function()
     run(function()

@@ -72,6 +72,11 @@ local MAX_INTERIM = 16
 
 local idempotent = { GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true, TRACE = true }
 
+-- Write failures after which the server may have answered already: it answered before
+-- reading the whole body (413, 401) and closed, and the rest of our upload reset the
+-- connection. Its answer may be in the receive buffer (see exchange).
+local answered_early = { EPIPE = true, ECONNRESET = true }
+
 local function argerror(n, fname, msg, level)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), (level or 2) + 1)
 end
@@ -976,7 +981,13 @@ local function exchange(self, o, u, method, body)
         error(ok, 0)
       end
     end
-    local res
+    local res, werr, wcode
+    if not ok and answered_early[code] then
+      -- RFC 9112 §9.6: a server may answer (413, 401) before it has read the body and close;
+      -- the write then fails, but the answer came first: read it (the socket is dead, so the
+      -- read ends at once, with the answer or without), else the write's error stands
+      ok, werr, wcode = true, err, code
+    end
     if ok then
       -- interim responses (100 Continue, 103 Early Hints) are skipped, but not without end:
       -- a server sending them forever would otherwise keep the request going
@@ -990,6 +1001,13 @@ local function exchange(self, o, u, method, body)
           end
         end
       until not res or res.status < 100 or res.status >= 200 or res.status == 101
+      if werr then
+        if res and res.status >= 200 then
+          res.keepalive = false   -- the request was not sent whole: never reused
+        else
+          res, err, code = nil, werr, wcode
+        end
+      end
     end
     if res and res.status == 101 and not (o.headers and values_of(o.headers, "upgrade")[1]) then
       -- a switch nobody asked for (RFC 9110 §15.2.2: only in answer to an Upgrade): what
