@@ -443,6 +443,67 @@ describe("moonwire.pubsub when Redis fails", function()
     r:close()
   end
 
+  -- Regression (review): a lost subscription (here CLIENT KILL of a's subscriber, as CLIENT
+  -- KILL TYPE pubsub does) closed the publishing connection too: publishes Redis had already
+  -- taken returned nil, "closed" (20 of 20 were in fact delivered), and an application that
+  -- published again sent duplicates. The publishing connection's fate is its own I/O's now.
+  -- (CLIENT PAUSE WRITE holds the publishes in Redis: they are in flight when the cut is seen.)
+  it("a subscriber cut while publishes are in flight: they succeed (nil would mean not sent)", function()
+    run(function()
+      local a, b = node { probe_interval = 5 }, node { probe_interval = 5 }
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local gb = {}
+      b:subscribe("inflight", function(d) gb[#gb + 1] = d end)
+      subscribed("inflight", 1)
+      assert(a:publish("inflight", "0"))         -- (a's publishing connection is made)
+      wait_for(function() return #gb == 1 end, 3, "the first")
+      local r = admin()
+      assert.equal("OK", r:client("PAUSE", 5000, "WRITE"))
+      local N = 20
+      local tasks = {}
+      for i = 1, N do tasks[i] = mw.spawn(function() return table.pack(a:publish("inflight", tostring(i))) end) end
+      wait_for(function() return a._pub and a._pub:pending() == N end, 3, "the publishes in flight")
+      assert.equal(1, r:client("KILL", "ID", a:subscriber()._conn:client("ID")))
+      wait_for(function() return count_events(a, "down") >= 1 end, 3, "a's subscriber down")
+      assert.equal("OK", r:client("UNPAUSE"))
+      for i = 1, N do
+        local _, res = tasks[i]:join(5)
+        assert.same({ true, n = 1 }, res)
+      end
+      wait_for(function() return #gb == N + 1 end, 3, "b to get every message")
+      assert.equal(0, a.stats.publish_errors)
+      r:close() a:close() b:close()
+    end)
+  end)
+
+  -- A publish whose reply did not come within `timeout` may have been published: it says so
+  -- (code "unknown"); it returned "timeout" under the promise that nil means "not sent". The
+  -- connection that timed out is retired: the next publish goes on a fresh one.
+  it("a publish unanswered within its timeout: nil, 'outcome unknown', 'unknown'; the next on a new connection", function()
+    run(function()
+      local a, b = node { timeout = 0.2, probe_interval = 5 }, node { probe_interval = 5 }
+      wait_for(function() return a.state == "up" and b.state == "up" end)
+      local gb = {}
+      b:subscribe("slow", function(d) gb[#gb + 1] = d end)
+      subscribed("slow", 1)
+      assert(a:publish("slow", "0"))
+      wait_for(function() return #gb == 1 end, 3, "the first")
+      local first = a._pub
+      local r = admin()
+      assert.equal("OK", r:client("PAUSE", 5000, "WRITE"))
+      local ok, err, code = a:publish("slow", "1")
+      assert.equal("OK", r:client("UNPAUSE"))
+      assert.is_nil(ok)
+      assert.equal("unknown", code)
+      assert.matches("^outcome unknown", err)
+      assert.is_true(a:publish("slow", "2"))
+      assert.are_not.equal(first, a._pub)
+      assert.is_false(first:alive())        -- (retired: Redis drops what it had not run yet)
+      wait_for(function() return gb[#gb] == "2" end, 3, "the next")
+      r:close() a:close() b:close()
+    end)
+  end)
+
   -- Regression: recovery ran on "up" only for a topic with an offset, and a topic got its
   -- offset from its first message: what was published while a node that had not had a
   -- message yet was cut off was lost, silently. A history topic now reads its stream's place

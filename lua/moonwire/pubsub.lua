@@ -4,7 +4,8 @@
 -- carrying the origin node id and a per-(node, topic) sequence number; when it comes back from
 -- Redis it is recognised by its node id and dropped. So each message reaches each process once,
 -- in the order its publisher published it, and local delivery goes on while Redis is down
--- (publish then returns nil, err: the message did not leave this process).
+-- (publish then returns nil, err: the message did not leave this process; or, code
+-- "unknown", it was sent and no answer came: it may have been published).
 -- Redis channels are per topic, reference-counted, unsubscribed after a delay (join/leave churn
 -- costs Redis nothing). History topics are kept in Redis Streams (offset + epoch, one script)
 -- and a resubscribed node recovers what it missed, or reports that it cannot. Handlers run in
@@ -133,7 +134,7 @@ function M.new(opts)
     timeout = optcheck(opts, "timeout", posnum, "positive number", 2),
     kind = optcheck(opts, "kind", iskind, "\"text\" or \"binary\"", "text"),
     on_event = optcheck(opts, "on_event", isfunction, "function") or function() end,
-    _topics = {}, _seq = {}, _idle = {}, _nidle = 0,
+    _topics = {}, _seq = {}, _idle = {}, _nidle = 0, _busy = {},
     stats = { published = 0, delivered = 0, dropped = 0, duplicates = 0, lost = 0, recovered = 0,
       publish_errors = 0 },
     state = "local",
@@ -329,9 +330,11 @@ local function read_stream(self, t, after)
   local conn = self:_conn()
   if not conn then return nil end
   local meta, stream = self:_keys(t.name)
-  local res = mw.timeout(self.timeout, conn.pipeline, conn, function(p)
-    p:hmget(meta, "e", "o")
-    if after then p:xrange(stream, after > 0 and "(0-" .. after or "-", "+", "COUNT", PAGE) end
+  local res = self:_call(conn, function(c)
+    return mw.timeout(self.timeout, c.pipeline, c, function(p)
+      p:hmget(meta, "e", "o")
+      if after then p:xrange(stream, after > 0 and "(0-" .. after or "-", "+", "COUNT", PAGE) end
+    end)
   end)
   if self.closed then return nil end
   if not res or is_error(res[1]) or (after and type(res[2]) ~= "table") or is_error(res[2]) then
@@ -469,13 +472,10 @@ function PS:_subscribed(ch)
   end
 end
 
+-- (the publishing connection is left alone: its own calls tell whether it works. Closed
+-- here, it failed publishes Redis had already taken, which then returned nil, "closed")
 function PS:_sub_state(state, info)
   self.state = state
-  if state == "down" and self._pub then
-    -- the publishing connection went through the same outage: a fresh one next time
-    self._pub:close()
-    self._pub = nil
-  end
   event(self, state, nil, info)
   -- (history topics recover once their subscription is confirmed again: _subscribed)
 end
@@ -514,11 +514,29 @@ function PS:_conn()
   return c
 end
 
+-- fn(conn) -> v, err, code: a call on a publishing connection. Its fate depends on its own
+-- I/O only: one that failed is replaced by _conn; one whose call timed out (a server that
+-- stopped answering, a silent failover) is retired: the next call connects anew, the calls
+-- still on it end as they will (each under its timeout), and the last one closes it.
+function PS:_call(conn, fn)
+  local busy = self._busy
+  busy[conn] = (busy[conn] or 0) + 1
+  local done, v, err, code = pcall(fn, conn)
+  local n = busy[conn] - 1
+  busy[conn] = n > 0 and n or nil
+  if done and v == nil and code == "timeout" and self._pub == conn then self._pub = nil end
+  if n == 0 and self._pub ~= conn then conn:close() end
+  if not done then error(v, 0) end
+  return v, err, code
+end
+
 -- ---- the API -----------------------------------------------------------------------------
 
 --- ps:publish(topic, data) -> true | nil, err, code
 -- Delivered to this process's subscribers at once; then to the other workers (bus) or to
--- Redis. nil, err: it did not leave this process (Redis down, a full bus queue).
+-- Redis. nil, err, code: it did not leave this process (Redis down, an error reply, a full
+-- bus queue); but code "unknown": it was sent to Redis and its answer did not come (a
+-- timeout, the connection lost): Redis may have published it, a retry may duplicate it.
 function PS:publish(topic, data)
   checktopic(1, "publish", topic)
   if type(data) ~= "string" then argerror(2, "publish", "string expected, got " .. type(data)) end
@@ -534,12 +552,19 @@ function PS:publish(topic, data)
     conn, err, code = self:_conn()
     if conn then
       local size = self._history and self._history(topic)
+      local send
       if size then
         local meta, stream, ch = self:_keys(topic)
-        ok, err, code = self._script:run(conn, { meta, stream, ch },
-          { self.node .. " " .. seq, data, size, self.history_ttl })
+        send = function(c)
+          return self._script:run(c, { meta, stream, ch }, { self.node .. " " .. seq, data, size, self.history_ttl })
+        end
       else
-        ok, err, code = conn:publish(self.prefix .. topic, self.node .. " " .. seq .. " 0 -\n" .. data)
+        send = function(c) return c:publish(self.prefix .. topic, self.node .. " " .. seq .. " 0 -\n" .. data) end
+      end
+      ok, err, code = self:_call(conn, send)
+      if not ok and code ~= "redis" then
+        -- (conn was alive: the command went into its output buffer; how far it got is unknown)
+        err, code = "outcome unknown (" .. tostring(err) .. "): Redis may have published it", "unknown"
       end
     else
       ok = nil
@@ -654,7 +679,10 @@ function PS:close()
   self.closed = true
   if self._bus_leave then self._bus_leave() end
   if self._sub then self._sub:close() end
-  if self._pub then self._pub:close() end
+  -- (publishes still on it end as they will: the last one closes it)
+  local pub = self._pub
+  self._pub = nil
+  if pub and not self._busy[pub] then pub:close() end
   if self._sweeper and self._sweeper ~= mw.current() then self._sweeper:cancel() end
 end
 
