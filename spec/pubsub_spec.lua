@@ -479,7 +479,8 @@ describe("moonwire.pubsub when Redis fails", function()
   -- A publish whose reply did not come within `timeout` may have been published: it says so
   -- (code "unknown"); it returned "timeout" under the promise that nil means "not sent". The
   -- connection that timed out is retired: the next publish goes on a fresh one.
-  it("a publish unanswered within its timeout: nil, 'outcome unknown', 'unknown'; the next on a new connection", function()
+  it("a publish unanswered within its timeout: nil, 'outcome unknown', 'unknown'; the next on a new connection",
+  function()
     run(function()
       local a, b = node { timeout = 0.2, probe_interval = 5 }, node { probe_interval = 5 }
       wait_for(function() return a.state == "up" and b.state == "up" end)
