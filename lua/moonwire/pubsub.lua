@@ -281,6 +281,30 @@ end
 
 local recover
 
+-- A message this process had from its publisher on the topic (history: the envelope's node and
+-- sequence number; a node's numbers only grow), and the record of one it has now.
+local function had(t, node, seq)
+  local last = t.last[node]
+  return last ~= nil and seq <= last
+end
+
+local function note(t, node, seq)
+  local last = t.last[node]
+  if not last or seq > last then t.last[node] = seq end
+end
+
+-- A history topic's stream went back (Redis restarted from an older snapshot, a failover to a
+-- replica that was behind, the keys restored): what was published past the point it went back
+-- to and not had here is gone, and new messages take offsets this process already passed (it
+-- dropped them as duplicates, silently). Reported; then the stream is read from its start and
+-- up to the old offset only what this process never had is delivered (t.redo).
+local function rolled_back(self, t)
+  self.stats.lost = self.stats.lost + 1
+  event(self, "lost", t.name, { reason = "rollback", offset = t.off })
+  t.redo = math.max(t.redo or 0, t.off)
+  t.off, t.had_off = 0, nil
+end
+
 function PS:_incoming(topic, env)
   if self.closed then return end
   local t = self._topics[topic]
@@ -298,18 +322,27 @@ function PS:_incoming(topic, env)
       -- new stream is followed from its start (a gap before this message is recovered)
       self.stats.lost = self.stats.lost + 1
       event(self, "lost", topic, { reason = "epoch", epoch = epoch, was = t.epoch })
-      t.off = 0
+      t.off, t.had_off = 0, nil
     end
     t.epoch = epoch
     if t.off and off <= t.off then
-      self.stats.duplicates = self.stats.duplicates + 1
-      return
+      if had(t, node, seq) then
+        self.stats.duplicates = self.stats.duplicates + 1
+        return
+      end
+      -- at or below the offset, and new: the stream went back (this is past it)
+      rolled_back(self, t)
+      t.pending = { env }
+      return recover(self, t)
     end
     if t.off and off > t.off + 1 then
       t.pending = { env }
       return recover(self, t)
     end
-    t.off = off
+    t.off, t.had_off = off, true
+    note(t, node, seq)
+    if node == self.node then return end        -- our own, delivered when published
+    return deliver(self, t, data)
   end
   if node == self.node then return end          -- our own, delivered when published
   local last = t.last[node]
@@ -324,16 +357,18 @@ function PS:_incoming(topic, env)
 end
 
 -- Reads a history topic's place in Redis: its epoch ("" while the stream has none) and its
--- last offset, and with `after` the stream's entries past that offset.
+-- last offset, and with `after` the stream's entries past that offset (from it: `inclusive`).
 -- -> epoch, top, entries | nil (no connection, a timeout, an error reply: try again later)
-local function read_stream(self, t, after)
+local function read_stream(self, t, after, inclusive)
   local conn = self:_conn()
   if not conn then return nil end
   local meta, stream = self:_keys(t.name)
   local res = self:_call(conn, function(c)
     return mw.timeout(self.timeout, c.pipeline, c, function(p)
       p:hmget(meta, "e", "o")
-      if after then p:xrange(stream, after > 0 and "(0-" .. after or "-", "+", "COUNT", PAGE) end
+      if after then
+        p:xrange(stream, after > 0 and (inclusive and "0-" or "(0-") .. after or "-", "+", "COUNT", PAGE)
+      end
     end)
   end)
   if self.closed then return nil end
@@ -370,9 +405,23 @@ function baseline(self, t)
   if ok then self._sub:subscribe(self.prefix .. t.name) end
 end
 
+local function entry_off(e)
+  return tonumber(e[1]:match("%-(%d+)$"))
+end
+
+-- Whether the stream's entry at the topic's offset (read with it) is still the message this
+-- process had there. One that cannot be checked (none there: trimmed; an offset that was
+-- not a message's: baseline) counts as still.
+local function still_had(t, entries)
+  local e = entries[1]
+  if not t.had_off or not e or entry_off(e) ~= t.off then return true end
+  local node, seq = parse_env(e[2][2])
+  return node ~= nil and had(t, node, seq)
+end
+
 -- One recovery read: true when done, false when it must be tried again.
 local function recover_once(self, t)
-  local epoch, top, entries = read_stream(self, t, t.off)
+  local epoch, top, entries = read_stream(self, t, t.off, t.had_off)
   if not epoch then return false end
   if t.epoch and t.epoch ~= "" and epoch ~= t.epoch then
     -- the stream started again (Redis restarted empty, the keys expired): what this process
@@ -380,13 +429,24 @@ local function recover_once(self, t)
     -- at the old offset). Said once: a failed read from here is tried from the new stream.
     self.stats.lost = self.stats.lost + 1
     event(self, "lost", t.name, { reason = "epoch", epoch = epoch, was = t.epoch })
-    t.epoch, t.off = epoch, 0
+    t.epoch, t.off, t.had_off = epoch, 0, nil
     epoch, top, entries = read_stream(self, t, 0)
     if not epoch then return false end
     if epoch ~= t.epoch then return false end      -- (started again meanwhile: once more)
+  elseif t.off and (top < t.off or not still_had(t, entries)) then
+    -- the same stream, behind this process's offset or with another message at it: it went
+    -- back (Redis restarted from an older snapshot, and maybe got as far again since). Read
+    -- from its start (what was had is skipped); said once, as above.
+    rolled_back(self, t)
+    epoch, top, entries = read_stream(self, t, 0)
+    if not epoch then return false end
+    if epoch ~= t.epoch then return false end
   end
-  local first = entries[1] and tonumber(entries[1][1]:match("%-(%d+)$"))
-  local from = (t.off or 0) + 1
+  local e1 = entries[1]
+  if e1 and entry_off(e1) <= (t.off or 0) then e1 = entries[2] end   -- (the one at t.off)
+  local first = e1 and entry_off(e1)
+  -- (after a rollback what lies below the old offset is not counted: reported already)
+  local from = math.max(t.off or 0, t.redo or 0) + 1
   if (first and first > from) or (not first and top >= from) then
     local n = (first or top + 1) - from
     self.stats.lost = self.stats.lost + n
@@ -398,10 +458,12 @@ local function recover_once(self, t)
     for _, e in ipairs(entries) do
       local fields = e[2]
       local env = fields[2]
-      local node, _, off, _, data = parse_env(env)
+      local node, seq, off, _, data = parse_env(env)
       if node and off > (t.off or 0) then
-        t.off = off
-        if node ~= self.node then
+        t.off, t.had_off = off, true
+        local redone = t.redo and off <= t.redo and had(t, node, seq)
+        note(t, node, seq)
+        if node ~= self.node and not redone then
           n = n + 1
           deliver(self, t, data)
         end
@@ -419,14 +481,14 @@ local function recover_once(self, t)
   end
   self.stats.recovered = self.stats.recovered + n
   n = n + (t.recovered_n or 0)
-  t.recovered_n = nil
+  t.recovered_n, t.redo = nil, nil
   if n > 0 or t.loud then event(self, "recovered", t.name, { count = n, offset = t.off }) end
   return true
 end
 
 -- Recovers a history topic from its stream after a gap or a reconnect: live messages for the
 -- topic wait in t.pending meanwhile, then follow (without duplicates). Reports "recovered"
--- (count) or "lost" (epoch, trimmed). A read that fails is tried again after a backoff: given
+-- (count) or "lost" (epoch, rollback, trimmed). A read that fails is tried again after a backoff: given
 -- up, it would leave the topic short (and drop what waited), silently, until its next message.
 -- quiet: a check (a subscription confirmed), reported only when it found something.
 function recover(self, t, quiet)
