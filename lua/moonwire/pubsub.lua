@@ -646,8 +646,10 @@ Handle.__index = Handle
 function Handle:close() self.ps:unsubscribe(self) end
 Handle.__close = Handle.close
 
---- ps:subscribe(topic, fn) -> handle: fn(data, topic) gets every message of the topic, in a
--- task of the topic (it may block; a full queue drops and counts). handle:close() ends it.
+--- ps:subscribe(topic, fn) -> handle: fn(data, topic) gets the topic's messages published from
+-- then on, in a task of the topic (it may block; a full queue drops and counts). handle:close()
+-- ends it. (All of them but, on a topic without history over Redis, another process's in the
+-- moment before the topic's SUBSCRIBE, sent without waiting, is in effect: see docs/pubsub.md.)
 function PS:subscribe(topic, fn)
   checktopic(1, "subscribe", topic)
   if type(fn) ~= "function" then argerror(2, "subscribe", "function expected, got " .. type(fn)) end
@@ -681,7 +683,8 @@ function PS:unsubscribe(h)
   end
 end
 
---- ps:join(ws, topic): the WebSocket connection gets every message of the topic (see ws:join).
+--- ps:join(ws, topic): the WebSocket connection gets the topic's messages, as a subscriber does
+-- (see ws:join).
 function PS:join(ws, topic)
   checkws(1, "join", ws)
   checktopic(2, "join", topic)
