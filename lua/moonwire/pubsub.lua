@@ -326,7 +326,9 @@ function PS:_incoming(topic, env)
     end
     t.epoch = epoch
     if t.off and off <= t.off then
-      if had(t, node, seq) then
+      -- (an offset from the baseline read was no message's: a message at or below it is from
+      -- before, come through a subscription not yet undone when the topic was forgotten)
+      if had(t, node, seq) or not t.had_off then
         self.stats.duplicates = self.stats.duplicates + 1
         return
       end
@@ -488,8 +490,9 @@ end
 
 -- Recovers a history topic from its stream after a gap or a reconnect: live messages for the
 -- topic wait in t.pending meanwhile, then follow (without duplicates). Reports "recovered"
--- (count) or "lost" (epoch, rollback, trimmed). A read that fails is tried again after a backoff: given
--- up, it would leave the topic short (and drop what waited), silently, until its next message.
+-- (count) or "lost" (epoch, rollback, trimmed). A read that fails is tried again after a
+-- backoff: given up, it would leave the topic short (and drop what waited), silently, until
+-- its next message.
 -- quiet: a check (a subscription confirmed), reported only when it found something.
 function recover(self, t, quiet)
   if not quiet then t.loud = true end
