@@ -764,9 +764,10 @@ end
 
 function WebSocket:__close() self:close(1001) end
 
---- ws:join(topic [, ps]): from now on every message published on the topic (moonwire.pubsub;
--- ps: pubsub.default() unless given) is sent to this connection, framed once per process and
--- queued like a broadcast. Left by ws:leave(topic) or when the connection closes.
+--- ws:join(topic [, ps]): the messages published on the topic from now on (moonwire.pubsub;
+-- ps: pubsub.default() unless given; what a subscriber gets, docs/pubsub.md) are sent to this
+-- connection, framed once per process and queued like a broadcast. Left by ws:leave(topic) or
+-- when the connection closes.
 function WebSocket:join(topic, ps)
   if type(topic) ~= "string" then argerror(1, "join", "string expected, got " .. type(topic)) end
   return (ps or require("moonwire.pubsub").default()):join(self, topic)
