@@ -112,6 +112,7 @@ struct h2conn {
     int park_acked;            /* that one has been acknowledged: the table is empty */
     int park_hpack;            /* the option: parking on (else our encoder indexes, as nghttp2's does) */
     uint32_t parks;
+    uint32_t hpack_trims;      /* times the rings' page went back (both tables empty, its area too) */
     uint32_t glitches;         /* frames that did no work (floods) */
     uint64_t data_bytes;       /* DATA payload both ways: a long download earns its WINDOW_UPDATEs */
     uint32_t requests;
@@ -255,6 +256,20 @@ static void kick(h2conn *c)
  * table_size 0, as nginx's), so its table stays empty and its ring is never written. That
  * costs ~1.6k instructions per small response (its fields Huffman-coded each time), so the
  * option is off by default. */
+static int hpack_empty(h2conn *c)
+{
+    return nghttp2_session_get_hd_inflate_dynamic_table_size(c->session) == 0 &&
+           nghttp2_session_get_hd_deflate_dynamic_table_size(c->session) == 0;
+}
+
+/* An idle session's spare pages go back (h2mem.h): the frame buffer's, the zero ones, and
+ * the rings' page (with the blocks a request left in its area) while both tables are empty. */
+static void trim_session(h2conn *c)
+{
+    mw_h2mem_trim(&c->mem);
+    if (hpack_empty(c) && mw_h2mem_trim_hpack(&c->mem) > 0) c->hpack_trims++;
+}
+
 static void unpark(h2conn *c)
 {
     nghttp2_settings_entry iv = { NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 4096 };
@@ -279,10 +294,8 @@ static void park_done(h2conn *c)
 {
     c->park_acked = 0;
     if (c->handlers > 0 || c->nopen > 0 || c->hdr_open > 0) return;
-    if (nghttp2_session_get_hd_inflate_dynamic_table_size(c->session) != 0 ||
-        nghttp2_session_get_hd_deflate_dynamic_table_size(c->session) != 0) return;
-    mw_h2mem_trim(&c->mem);
-    mw_h2mem_trim_hpack(&c->mem);
+    if (!hpack_empty(c)) return;
+    trim_session(c);
     c->trimmed_for = c->idle_since;
 }
 
@@ -850,7 +863,10 @@ static ssize_t feed(h2conn *c, const uint8_t *p, size_t len)
         c->fhlen = 0;
         off += k;
     }
-    return nghttp2_session_mem_recv(c->session, p, off);
+    c->mem.feeding = 1;
+    ssize_t n = nghttp2_session_mem_recv(c->session, p, off);
+    c->mem.feeding = 0;
+    return n;
 }
 
 static int next_step(lua_State *L, h2conn *c, mw_task *t)
@@ -924,7 +940,7 @@ static int resume_step(lua_State *L, h2conn *c, mw_task *t)
              * then back to reading under the other deadlines */
             c->trimmed_for = c->idle_since;
             c->trims++;
-            mw_h2mem_trim(&c->mem);
+            trim_session(c);
             if (c->sock->tp->trim) c->sock->tp->trim(c->sock, 1);
             park(c);
             return next_step(L, c, t);
@@ -1047,11 +1063,11 @@ static int h2_shutdown(lua_State *L)
 
 /* h2:stats() -> { handlers, requests, glitches, trims (times idle pages went back), trimmed
  * (they did in this idle spell), parks (times the HPACK table was parked), parked (it is now:
- * acknowledged, no request since) } */
+ * acknowledged, no request since), hpack_trims (times the HPACK rings' page went back) } */
 static int h2_stats(lua_State *L)
 {
     h2conn *c = checkconn(L);
-    lua_createtable(L, 0, 7);
+    lua_createtable(L, 0, 8);
     lua_pushinteger(L, c->handlers);
     lua_setfield(L, -2, "handlers");
     lua_pushinteger(L, c->requests);
@@ -1066,6 +1082,8 @@ static int h2_stats(lua_State *L)
     lua_setfield(L, -2, "parks");
     lua_pushboolean(L, c->park_seq && c->settings_acked >= c->park_seq);
     lua_setfield(L, -2, "parked");
+    lua_pushinteger(L, c->hpack_trims);
+    lua_setfield(L, -2, "hpack_trims");
     return 1;
 }
 

@@ -14,6 +14,14 @@
 #include <sys/mman.h>
 #include <pthread.h>
 #include <unistd.h>
+#ifdef MW_SANITIZED
+#include <sanitizer/asan_interface.h>
+#define AREA_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define AREA_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define AREA_POISON(p, n) ((void)(p), (void)(n))
+#define AREA_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 /* Room for what nghttp2 1.52 makes at creation after the session struct, in its order: the
  * HPACK deflater's and inflater's rings of 1 KiB share a page (written once a response has
@@ -71,6 +79,7 @@ static void *take(mw_h2mem *m, size_t size)
         if (pg < REGION_PAGES) {
             if (size == RING) {
                 m->rings[pg]++;
+                if (m->nrings < 2) m->ring_off[m->nrings] = off;
                 m->nrings++;
             } else {
                 m->others[pg]++;
@@ -168,6 +177,70 @@ void mw_h2mem_release(void *ptr)
     free(ptr);
 }
 
+/* ---- the area: the spare half of the rings' page (h2mem.h) ---- */
+#define GRAN 32
+
+void mw_h2mem_end(mw_h2mem *m)
+{
+    m->creating = 0;
+    size_t ps = page_size();
+    /* nghttp2 1.52's layout: two rings, one after the other from the start of a page that
+     * holds nothing else; any other: no area */
+    if (!m->region || m->nrings != 2 || m->ring_off[0] % ps != 0 || m->ring_off[1] != m->ring_off[0] + RING)
+        return;
+    size_t pg = m->ring_off[0] / ps;
+    if (pg >= REGION_PAGES || m->rings[pg] != 2 || m->others[pg] != 0 || ps < 2 * RING + GRAN) return;
+    size_t n = (ps - 2 * RING) / GRAN;
+    m->ngran = n > 64 ? 64 : (unsigned)n;
+    m->area = m->region + m->ring_off[0] + 2 * RING;
+    m->ause = m->astart = 0;
+    AREA_POISON(m->area, (size_t)m->ngran * GRAN);
+}
+
+static int in_area(const mw_h2mem *m, const void *p)
+{
+    return m->area && (const unsigned char *)p >= m->area &&
+           (const unsigned char *)p < m->area + (size_t)m->ngran * GRAN;
+}
+
+/* k granules in a row, first fit, or NULL */
+static void *area_take(mw_h2mem *m, size_t size)
+{
+    unsigned k = size ? (unsigned)((size + GRAN - 1) / GRAN) : 1;
+    uint64_t all = m->ngran == 64 ? ~(uint64_t)0 : (((uint64_t)1 << m->ngran) - 1);
+    uint64_t fit = ~m->ause & all;             /* bit i: granules i .. i+k-1 all free */
+    for (unsigned i = 1; i < k && fit; i++) fit &= fit >> 1;
+    if (!fit) return NULL;
+    unsigned g = (unsigned)__builtin_ctzll(fit);
+    uint64_t run = (k == 64 ? ~(uint64_t)0 : (((uint64_t)1 << k) - 1)) << g;
+    m->ause |= run;
+    m->astart |= (uint64_t)1 << g;
+    unsigned char *p = m->area + (size_t)g * GRAN;
+    AREA_UNPOISON(p, size ? size : 1);
+    return p;
+}
+
+/* the block at p: its first granule and how many it has */
+static unsigned area_block(const mw_h2mem *m, const void *p, unsigned *first)
+{
+    unsigned g = (unsigned)(((const unsigned char *)p - m->area) / GRAN);
+    uint64_t after = g == 63 ? 0 : ~(((uint64_t)2 << g) - 1);   /* the granules above g */
+    uint64_t ends = (~m->ause | m->astart) & after;
+    unsigned e = ends ? (unsigned)__builtin_ctzll(ends) : 64;
+    if (e > m->ngran) e = m->ngran;
+    *first = g;
+    return e - g;
+}
+
+static void area_give(mw_h2mem *m, void *p)
+{
+    unsigned g, n = area_block(m, p, &g);
+    uint64_t run = (n == 64 ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1)) << g;
+    m->ause &= ~run;
+    m->astart &= ~((uint64_t)1 << g);
+    AREA_POISON(m->area + (size_t)g * GRAN, (size_t)n * GRAN);
+}
+
 static size_t blk_cap(void *ptr)
 {
     return malloc_usable_size(ptr);
@@ -175,7 +248,8 @@ static size_t blk_cap(void *ptr)
 
 static void *h_malloc(size_t size, void *ud)
 {
-    void *p = take(ud, size);
+    mw_h2mem *m = ud;
+    void *p = m->creating ? take(m, size) : m->feeding && m->area && size <= MW_H2MEM_AREA_MAX ? area_take(m, size) : NULL;
     return p ? p : mw_h2mem_alloc(size);
 }
 
@@ -184,7 +258,8 @@ static void h_free(void *ptr, void *ud)
     mw_h2mem *m = ud;
     if (!ptr) return;
     if (in_region(m, ptr)) {
-        if (m->frame_len && (unsigned char *)ptr == m->region + m->frame_off) m->frame_len = 0;
+        if (in_area(m, ptr)) area_give(m, ptr);
+        else if (m->frame_len && (unsigned char *)ptr == m->region + m->frame_off) m->frame_len = 0;
         return;
     }
     mw_h2mem_release(ptr);
@@ -192,12 +267,15 @@ static void h_free(void *ptr, void *ud)
 
 static void *h_calloc(size_t n, size_t size, void *ud)
 {
+    mw_h2mem *m = ud;
     if (size && n > SIZE_MAX / size) return NULL;
-    void *p = take(ud, n * size);
+    void *p = m->creating ? take(m, n * size) : NULL;
     /* a block of the region is zero already: its pages were mapped fresh, no offset is
-     * handed out twice, and a trim only ever makes pages read back as zeros */
+     * handed out twice, and a trim only ever makes pages read back as zeros (not the
+     * area's: its granules are reused) */
     if (p) return p;
-    p = mw_h2mem_alloc(n * size);
+    if (m->feeding && m->area && n * size <= MW_H2MEM_AREA_MAX) p = area_take(m, n * size);
+    if (!p) p = mw_h2mem_alloc(n * size);
     if (p) memset(p, 0, n * size);
     return p;
 }
@@ -205,9 +283,16 @@ static void *h_calloc(size_t n, size_t size, void *ud)
 static void *h_realloc(void *ptr, size_t size, void *ud)
 {
     mw_h2mem *m = ud;
-    if (!ptr) return h_malloc(size, ud);
+    /* a block that grows (a priority queue's array, a buffer) lives as long as what it
+     * holds, often the session: never the area's, which an idle session must empty */
+    if (!ptr) return m->creating ? h_malloc(size, ud) : mw_h2mem_alloc(size);
     size_t have;
-    if (in_region(m, ptr)) {
+    if (in_area(m, ptr)) {
+        unsigned g;
+        have = (size_t)area_block(m, ptr, &g) * GRAN;
+        AREA_UNPOISON(ptr, have);              /* (copied whole below, then given back) */
+        if (size <= have) return ptr;
+    } else if (in_region(m, ptr)) {
         /* the old block's size is not kept: copy up to the region's end */
         have = (size_t)(m->region + REGION_PAGES * page_size() - (unsigned char *)ptr);
     } else {
@@ -248,6 +333,9 @@ size_t mw_h2mem_trim(mw_h2mem *m)
     size_t end = (m->used + ps - 1) & ~(ps - 1);
     for (size_t off = 0; off < end; off += ps) {
         int frame = m->frame_len && off >= m->frame_off && off < m->frame_off + m->frame_len;
+        /* (the rings' page with its area is mw_h2mem_trim_hpack's: its free granules hold
+         * what their blocks left) */
+        if (m->area && m->region + off == m->area - 2 * RING) continue;
         if (frame ? !m->drained : !zero_page(m->region + off, ps)) continue;
         if (madvise(m->region + off, ps, MADV_DONTNEED) == 0) given += ps;
     }
@@ -257,7 +345,7 @@ size_t mw_h2mem_trim(mw_h2mem *m)
 size_t mw_h2mem_trim_hpack(mw_h2mem *m)
 {
     /* the layout nghttp2 1.52 makes (a deflater's and an inflater's ring); any other: keep */
-    if (!m->region || m->nrings != 2) return 0;
+    if (!m->region || m->nrings != 2 || m->ause) return 0;
     size_t ps = page_size(), given = 0;
     for (size_t pg = 0; pg < REGION_PAGES; pg++) {
         if (!m->rings[pg] || m->others[pg]) continue;
@@ -268,7 +356,11 @@ size_t mw_h2mem_trim_hpack(mw_h2mem *m)
 
 void mw_h2mem_free(mw_h2mem *m)
 {
+    /* (the shadow of poisoned bytes outlives munmap: the next mapping there must start clean) */
+    if (m->area) AREA_UNPOISON(m->area, (size_t)m->ngran * GRAN);
     if (m->region) munmap(m->region, REGION_PAGES * page_size());
     m->region = NULL;
     m->used = m->frame_len = 0;
+    m->area = NULL;
+    m->ause = m->astart = 0;
 }

@@ -9,6 +9,9 @@
 
 #include <nghttp2/nghttp2.h>
 #include <stddef.h>
+#include <stdint.h>
+
+#define MW_H2MEM_AREA_MAX 512
 
 typedef struct mw_h2mem {
     nghttp2_mem hooks;         /* what nghttp2_session_server_new3 takes (mem_user_data: this) */
@@ -25,21 +28,37 @@ typedef struct mw_h2mem {
      * hd_ringbuf_init makes for a 4 KiB table), and the other blocks smaller than a page */
     unsigned char rings[8], others[8];
     int nrings;
+    size_t ring_off[2];        /* where the first two rings went */
+    /* The spare half of the rings' page (nghttp2 1.52 puts its two 1 KiB rings alone on one):
+     * blocks nghttp2 makes after creation, up to MW_H2MEM_AREA_MAX bytes, come from here when
+     * they fit, in granules of 32 bytes (bit k of `ause`: granule k is taken; of `astart`: a
+     * block begins there). What a request leaves behind while the connection idles (the HPACK
+     * tables' entries, the decoded fields that fill them) then sits on the page that
+     * mw_h2mem_trim_hpack gives back, not in holes of the heap. (Blocks made while sending, a
+     * response's, go to the heap: a bitmap's search costs more than a recycled block.) */
+    unsigned char *area;       /* NULL: no such page (another layout, or a client session) */
+    uint64_t ause, astart;
+    int feeding;               /* set by the caller around nghttp2_session_mem_recv: only blocks
+                                * made then (a request's stream, its decoded fields, the table
+                                * entries they make) go to the area */
+    unsigned ngran;            /* granules in the area (at most 64) */
 } mw_h2mem;
 
 /* Sets the hooks up (the struct must not move while a session uses it). */
 void mw_h2mem_init(mw_h2mem *m);
 /* Brackets nghttp2_session_server_new3: only blocks made in between go to the region. */
 static inline void mw_h2mem_begin(mw_h2mem *m) { m->creating = 1; }
-static inline void mw_h2mem_end(mw_h2mem *m) { m->creating = 0; }
+void mw_h2mem_end(mw_h2mem *m);
 /* Gives back the pages of the frame buffer (when `drained`) and the region's other pages
- * that hold only zero bytes (a MADV_DONTNEED page reads back as zeros). Returns the bytes
- * given back (resident or not). */
+ * that hold only zero bytes (a MADV_DONTNEED page reads back as zeros), but the rings' page
+ * when it has an area (mw_h2mem_trim_hpack's). Returns the bytes given back (resident or
+ * not). */
 size_t mw_h2mem_trim(mw_h2mem *m);
-/* Gives back the pages that hold the two HPACK rings and nothing else. Only when the caller
- * has seen both HPACK tables empty (nghttp2_session_get_hd_inflate_dynamic_table_size and
- * _deflate_ both 0): nghttp2 reads a ring's slots below its length only, and writes a slot
- * before it reads it, so an empty ring's bytes are dead. Returns the bytes given back. */
+/* Gives back the pages that hold the two HPACK rings and nothing else, when no block of the
+ * area is taken. Only when the caller has seen both HPACK tables empty
+ * (nghttp2_session_get_hd_inflate_dynamic_table_size and _deflate_ both 0): nghttp2 reads a
+ * ring's slots below its length only, and writes a slot before it reads it, so an empty
+ * ring's bytes are dead, as a free granule's are. Returns the bytes given back. */
 size_t mw_h2mem_trim_hpack(mw_h2mem *m);
 /* Unmaps the region: after nghttp2_session_del (or a failed creation) only. */
 void mw_h2mem_free(mw_h2mem *m);
