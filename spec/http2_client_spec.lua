@@ -616,6 +616,21 @@ describe("http2 client retries", function()
     end, 20)
   end)
 
+  -- RFC 9110 §15: a status is 100..599 (nghttp2 takes any three digits), as on HTTP/1.1
+  it("a :status outside 100..599: nil, msg, 'http'; the stream is reset, the connection goes on", function()
+    run(function()
+      local p, url = fake("status600")
+      local _ <close> = p
+      local c = http.client{ http2 = true, timeout = 5 }
+      local res, err, code = c:get(url .. "/600")
+      assert.is_nil(res)
+      assert.equal("http", code, err)
+      assert.matches("bad status code", err)
+      assert.equal("conn=1 stream=3", assert(c:get(url .. "/ok")):body())
+      c:close()
+    end, 20)
+  end)
+
   -- Regression: a streamed request body whose write failed (the task cancelled, out of
   -- time) went on to wait for the response head: up to the request's deadline, and a
   -- cancelled task could even get the response as a success.

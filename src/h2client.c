@@ -48,6 +48,7 @@ struct hstream {
     unsigned out_eof : 1;      /* the request body is complete */
     unsigned deferred : 1;     /* the data provider said DEFERRED */
     unsigned bad : 1;          /* the response broke a limit */
+    unsigned bad_status : 1;   /* ... its :status was not 100..599 */
     unsigned bench : 1;        /* a bench request: counted, not kept */
     unsigned rst : 1;          /* an RST_STREAM was submitted (stream_reset) */
     uint32_t close_code;
@@ -228,6 +229,12 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
     if (nl == 7 && memcmp(n, ":status", 7) == 0 && !st->head_done) {
         int status = 0;
         for (size_t i = 0; i < vl && i < 3; i++) status = status * 10 + (v[i] - '0');  /* nghttp2 checked it */
+        if (status > 599) {
+            /* RFC 9110 §15: 100..599 (nghttp2 takes any three digits from 100; http.c the same) */
+            st->bad = st->bad_status = 1;
+            stream_reset(ss, st, NGHTTP2_PROTOCOL_ERROR);
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+        }
         st->status = status;
         if (st->bench) return 0;
     }
@@ -903,7 +910,9 @@ static int stream_fail(lua_State *L, hstream *st)
                       (st->close_code == NGHTTP2_REFUSED_STREAM || !st->sent ||
                        (c && c->goaway_recv && st->id > c->goaway_last));
         if (refused) return mw_pushfail(L, "stream refused by the server", "refused");
-        if (st->bad) return mw_pushfail(L, "response header list too large", "http");
+        if (st->bad)
+            return mw_pushfail(L, st->bad_status ? "bad status code in the response (not 100..599)"
+                                                 : "response header list too large", "http");
         char msg[96];
         snprintf(msg, sizeof msg, "stream reset (%s)", nghttp2_http2_strerror(st->close_code));
         return mw_pushfail(L, msg, "reset");

@@ -31,6 +31,9 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
              first request of the first connection is never answered (`event=reset
              stream=S` when the client resets it), every other one is
     silent   answers nothing
+    status600
+             answers a request for /600 with :status 600 (outside RFC 9110's 100..599), the
+             others normally
     normal   answers everything
 It prints `event=closed conn=C` when a connection's client closes it.
 """
@@ -130,6 +133,11 @@ def serve(sock, conn_no, mode):
                     block = conn.encoder.encode([(":method", "GET"), (":scheme", "http"),
                                                  (":authority", "x"), (":path", "/pushed")])
                     sock.sendall(frame(5, 4, sid, struct.pack(">I", 2) + block))  # PUSH_PROMISE
+                if mode == "status600" and hdrs.get(":path") == "/600":
+                    sock.sendall(conn.data_to_send())
+                    block = conn.encoder.encode([(":status", "600"), ("content-length", "0")])
+                    sock.sendall(frame(1, 5, sid, block))       # HEADERS, END_STREAM|END_HEADERS
+                    continue
                 body = ("conn=%d stream=%d" % (conn_no, sid)).encode()
                 conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
                 conn.send_data(sid, body, end_stream=True)
