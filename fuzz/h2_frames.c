@@ -12,7 +12,8 @@
  * 8192, or 1000 with bit 4; "chunk"; "discard"; not at all), bits 2-3 answer (respond with
  * a whole body; respond then write pieces and end; the same with 204; reset the stream),
  * bits 4-5 the body size, bit 6 a 103 Early Hints first, bit 7 trailers. A PATCH request
- * also shuts the connection down (gracefully when its target's length is even). Everything an
+ * also shuts the connection down (gracefully when its target's length is even). An input of
+ * even length has the option park_hpack on (its idle moments park the HPACK table). Everything an
  * H2Conn or H2Stream method returns is checked (request fields are strings, header names
  * lower case, values without NUL/CR/LF, a body read whole matches its content-length,
  * failures are nil, msg, code), and a raise in a handler fails the input.
@@ -154,6 +155,9 @@ static const char harness[] =
     "      end\n"
     "    end)\n"
     "    assert(core.h2_preface(a, 1) == true)\n"
+    "    -- HPACK parking (park_hpack: the table emptied when idle, h2mem's area given back)\n"
+    "    -- on for inputs of even length\n"
+    "    SETTINGS.park_hpack = #data % 2 == 0\n"
     "    local h2 = core.h2_server(a, SETTINGS, {})\n"
     "    local seen = {}\n"
     "    local function serve(h2c, st, method, target, path, has_body)\n"
