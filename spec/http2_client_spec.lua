@@ -601,35 +601,32 @@ describe("http2 client retries", function()
     end, 20)
   end)
 
-  -- Regression: nghttp2 answers a PUSH_PROMISE (push is disabled) with its own GOAWAY
-  -- (PROTOCOL_ERROR); the request then failed with "closed" as if the server had hung up.
-  it("a PUSH_PROMISE though ENABLE_PUSH is 0: nil, msg, 'http2'", function()
-    run(function()
-      local p, url = fake("push")
-      local _ <close> = p
-      local c = http.client{ http2 = true, timeout = 5 }
-      local res, err, code = c:get(url .. "/x")
-      assert.is_nil(res)
-      assert.equal("http2", code, err)
-      assert.matches("PROTOCOL_ERROR", err)
-      c:close()
-    end, 20)
-  end)
-
-  -- RFC 9110 §15: a status is 100..599 (nghttp2 takes any three digits), as on HTTP/1.1
-  it("a :status outside 100..599: nil, msg, 'http'; the stream is reset, the connection goes on", function()
-    run(function()
-      local p, url = fake("status600")
-      local _ <close> = p
-      local c = http.client{ http2 = true, timeout = 5 }
-      local res, err, code = c:get(url .. "/600")
-      assert.is_nil(res)
-      assert.equal("http", code, err)
-      assert.matches("bad status code", err)
-      assert.equal("conn=1 stream=3", assert(c:get(url .. "/ok")):body())
-      c:close()
-    end, 20)
-  end)
+  -- A server that breaks the protocol on one request's stream (h2_fake_server.py's mode):
+  -- that request fails with code `code`, its message matching `pattern`; with `after`, the
+  -- connection goes on and answers the next request so.
+  -- - a PUSH_PROMISE though ENABLE_PUSH is 0 (regression: nghttp2 answers it with its own
+  --   GOAWAY PROTOCOL_ERROR, and the request failed with "closed" as if the server had hung up);
+  -- - a :status outside 100..599 (RFC 9110 §15; nghttp2 takes any three digits), as on
+  --   HTTP/1.1: the stream is reset.
+  for _, case in ipairs{
+    { mode = "push", path = "/x", code = "http2", pattern = "PROTOCOL_ERROR" },
+    { mode = "status600", path = "/600", code = "http", pattern = "bad status code", after = "conn=1 stream=3" },
+  } do
+    it(("a server in mode %s: nil, msg, %q%s"):format(case.mode, case.code,
+      case.after and "; the connection goes on" or ""), function()
+      run(function()
+        local p, url = fake(case.mode)
+        local _ <close> = p
+        local c = http.client{ http2 = true, timeout = 5 }
+        local res, err, code = c:get(url .. case.path)
+        assert.is_nil(res)
+        assert.equal(case.code, code, err)
+        assert.matches(case.pattern, err)
+        if case.after then assert.equal(case.after, assert(c:get(url .. "/ok")):body()) end
+        c:close()
+      end, 20)
+    end)
+  end
 
   -- Regression: a streamed request body whose write failed (the task cancelled, out of
   -- time) went on to wait for the response head: up to the request's deadline, and a
