@@ -1120,6 +1120,32 @@ describe("http hostile: timeouts", function()
     end)
   end)
 
+  -- RFC 9112 §2.2: old clients send an empty line after a POST body. It must not start the
+  -- next request's head timer (regression: with idle > head, such a connection was closed
+  -- after `head` seconds, and a next request that began in time got 408).
+  it("the empty line an old client sends after a POST body starts no head timer", function()
+    run(function()
+      local srv = serve { timeouts = { head = 0.5, idle = 8 } }
+      local _g <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "handled POST /" }, { response(s) })
+      mw.sleep(0.8)           -- longer than head: the connection waits under idle
+      assert(s:write(head { "GET / HTTP/1.1", "Host: x" }))
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /" }, { response(s) })
+      -- the stray line is in the buffer when the next request's wait starts: the same
+      assert(s:write("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "handled POST /" }, { response(s) })
+      mw.sleep(0.3)
+      assert(s:write("GET / HTTP/1.1\r\n"))
+      mw.sleep(0.3)           -- this head began 0.3 s ago: within head, though 0.6 s after the line
+      assert(s:write("Host: x\r\n\r\n"))
+      assert.same({ "HTTP/1.1 200 OK", "handled GET /" }, { response(s) })
+      assert.equal(4, calls)
+      srv:close()
+    end)
+  end)
+
   it("a head that stops arriving gets 408", function()
     run(function()
       local srv = serve { timeouts = { head = 0.3 } }

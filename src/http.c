@@ -70,7 +70,7 @@ typedef struct mw_http {
     int idle_wait;             /* parked in read_request with nothing of the next head yet */
     int blank_lines;           /* requests: empty lines skipped before this request line */
     int head_armed;            /* read_request: `deadline` runs (from the first byte of this
-                                * wait, empty lines included: nothing re-arms it) */
+                                * request, a first empty line excepted: nothing re-arms it) */
     /* for res:send's C path (server side): the server's name and from which body size a
      * response may be compressed (read once from the server table), and what the request
      * being answered said (set with each request; responses are finished in order) */
@@ -934,6 +934,15 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
             if (st) return pushverdict(L, h->err_msg, st);
         }
         size_t len = mw_buf_len(&s->rbuf);
+        /* the head timer starts with this request's first byte, but for one empty line before
+         * it (RFC 9112 §2.2: old clients send one after a POST body, and it may sit in the
+         * buffer from the last request); skipped lines never restart it (a CRLF every few
+         * seconds must not hold the connection) */
+        if (!h->head_armed && (h->blank_lines > 1 ||
+                               (len > 0 && !(len == 1 && h->blank_lines == 0 && *mw_buf_head(&s->rbuf) == '\r')))) {
+            h->head_armed = 1;
+            h->deadline = mw_sched_after(s->rt, (double)h->head_timeout / 1e9);
+        }
         if (h->head_done) {
             if (h->parsed > h->max_head)
                 return pushverdict(L, h->p.type == HTTP_REQUEST ? "request head too large" : "response head too large", 431);
@@ -970,15 +979,7 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
         uint32_t want = EPOLLIN;
         int r = mw_stream_fill(s, 4096, &want);
         if (r == 1) {
-            /* the head timer starts with this request's first byte; skipped empty lines
-             * leave the buffer empty but must not restart it (a CRLF every few seconds
-             * would hold the connection without a request) */
-            if (!h->head_armed) {
-                h->head_armed = 1;
-                h->deadline = mw_sched_after(s->rt, (double)h->head_timeout / 1e9);
-            } else if (mw_sched_expired(t, h->deadline)) {
-                return head_timed_out(L, h);  /* never waited */
-            }
+            if (h->head_armed && mw_sched_expired(t, h->deadline)) return head_timed_out(L, h);  /* never waited */
             continue;
         }
         if (r == 0) {
@@ -1167,8 +1168,8 @@ static int hc_read_request(lua_State *L)
     reset_message(h);
     h->idle_deadline = mw_sched_after(h->s->rt, idle);
     h->head_timeout = head < 0 ? -1 : (int64_t)(head * 1e9);
-    h->deadline = mw_sched_after(h->s->rt, head);  /* bytes already buffered: starts now */
-    h->head_armed = mw_buf_len(&h->s->rbuf) > 0;
+    h->deadline = mw_sched_after(h->s->rt, head);
+    h->head_armed = 0;                  /* (read_request_step: bytes already buffered start it now) */
     return read_request_step(L, h, t);
 }
 
