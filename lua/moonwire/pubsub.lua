@@ -332,6 +332,10 @@ function PS:_incoming(topic, env)
         self.stats.duplicates = self.stats.duplicates + 1
         return
       end
+      -- a live message held while a recovery read the stream, and not in what it read: it
+      -- was trimmed away before the read (counted lost there) or lies below what the read
+      -- delivered; no rollback (the read judged the stream), and its place is passed
+      if t.replaying then return end
       -- at or below the offset, and new: the stream went back (this is past it)
       rolled_back(self, t)
       t.pending = { env }
@@ -513,7 +517,9 @@ function recover(self, t, quiet)
     local pending = t.pending
     t.recovering, t.pending, t.loud = nil, nil, nil
     if not ok then return end
+    t.replaying = true
     for _, env in ipairs(pending) do self:_incoming(t.name, env) end
+    t.replaying = nil
   end)
 end
 
