@@ -242,20 +242,6 @@ static void kick(h2conn *c)
     if (c->task) mw_sched_wake(c->task, MW_WAKE_READY);
 }
 
-/* ---- HPACK parking (the option park_hpack) ------------------------------------------------ *
- * An idle connection's HPACK state is the client's: the fields its requests indexed stay in
- * our decoder's table (entries on the heap, pointers in a ring whose page h2mem keeps apart),
- * and only the client may evict them. So when a connection has been idle for trim_after
- * (resume_step) and its table holds anything, it sends SETTINGS_HEADER_TABLE_SIZE 0; once the
- * client acknowledges it, nghttp2 has emptied the table, and the rings' page goes back
- * (park_done). The next request sets the table back to 4,096 bytes (RFC 9113 §6.5.2). Every
- * request decodes around it: the table is emptied only at the acknowledgement, and the client
- * signals the smallest size it was given first (RFC 7541 §4.2). A client that reads nothing
- * while idle (a pool) acknowledges when it uses the connection again: no settings_timeout is
- * armed for these SETTINGS. With the option our encoder indexes nothing (max_deflate_dynamic_
- * table_size 0, as nginx's), so its table stays empty and its ring is never written. That
- * costs ~1.6k instructions per small response (its fields Huffman-coded each time), so the
- * option is off by default. */
 static int hpack_empty(h2conn *c)
 {
     return nghttp2_session_get_hd_inflate_dynamic_table_size(c->session) == 0 &&
@@ -270,6 +256,20 @@ static void trim_session(h2conn *c)
     if (hpack_empty(c) && mw_h2mem_trim_hpack(&c->mem) > 0) c->hpack_trims++;
 }
 
+/* ---- HPACK parking (the option park_hpack) ------------------------------------------------ *
+ * An idle connection's HPACK state is the client's: the fields its requests indexed stay in
+ * our decoder's table (pointers in a ring on a page h2mem keeps apart, the entries in that
+ * page's area when they fit, else on the heap), and only the client may evict them. So when a connection has been idle for trim_after
+ * (resume_step) and its table holds anything, it sends SETTINGS_HEADER_TABLE_SIZE 0; once the
+ * client acknowledges it, nghttp2 has emptied the table, and the rings' page goes back
+ * (park_done). The next request sets the table back to 4,096 bytes (RFC 9113 §6.5.2). Every
+ * request decodes around it: the table is emptied only at the acknowledgement, and the client
+ * signals the smallest size it was given first (RFC 7541 §4.2). A client that reads nothing
+ * while idle (a pool) acknowledges when it uses the connection again: no settings_timeout is
+ * armed for these SETTINGS. With the option our encoder indexes nothing (max_deflate_dynamic_
+ * table_size 0, as nginx's), so its table stays empty and its ring is never written. That
+ * costs ~1.6-1.9k instructions per small response (its fields Huffman-coded each time), and
+ * some clients ignore a lowered table size (RFC 9113 §6.5.2): the option is off by default. */
 static void unpark(h2conn *c)
 {
     nghttp2_settings_entry iv = { NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 4096 };

@@ -1,8 +1,10 @@
 /* h2mem: a region of pages for a server session's creation-time nghttp2 blocks (see
  * h2mem.h). A block in the region is never reused once nghttp2 frees it (a freed block
- * stays mapped until the session goes); anything that does not fit, and every allocation
- * after creation, is a heap block (blk_alloc: malloc's, small ones recycled per thread). madvise only ever covers whole pages of the
- * region, which is ours alone. */
+ * stays mapped until the session goes), but for the area's (the spare half of the HPACK
+ * rings' page: small blocks made while frames are fed, its granules reused); anything that
+ * does not fit, and every other allocation after creation, is a heap block (malloc's, small
+ * ones recycled per thread). madvise only ever covers whole pages of the region, which is
+ * ours alone. */
 #define _GNU_SOURCE
 #include "h2mem.h"
 #include "sanitize.h"

@@ -3,7 +3,9 @@
  * makes while it creates the session (the HPACK rings, the table of the stream map, the 16 KiB
  * output frame buffer; not the session struct) go to a region of pages mapped for the session;
  * mw_h2mem_trim gives back the pages that hold nothing the session needs (MADV_DONTNEED).
- * Everything else is malloc's. Lua-free; h2.c owns the calls. */
+ * The small blocks nghttp2 makes while it reads the client's frames go, when they fit, to the
+ * spare half of the rings' page (the area), given back with it. Everything else is malloc's.
+ * Lua-free; h2.c owns the calls. */
 #ifndef MW_H2MEM_H
 #define MW_H2MEM_H
 
@@ -46,7 +48,8 @@ typedef struct mw_h2mem {
 
 /* Sets the hooks up (the struct must not move while a session uses it). */
 void mw_h2mem_init(mw_h2mem *m);
-/* Brackets nghttp2_session_server_new3: only blocks made in between go to the region. */
+/* Brackets nghttp2_session_server_new3: only blocks made in between go to the region;
+ * mw_h2mem_end finds the area (when the rings' page is laid out as 1.52 does). */
 static inline void mw_h2mem_begin(mw_h2mem *m) { m->creating = 1; }
 void mw_h2mem_end(mw_h2mem *m);
 /* Gives back the pages of the frame buffer (when `drained`) and the region's other pages
