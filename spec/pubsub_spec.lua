@@ -587,6 +587,28 @@ describe("moonwire.pubsub when Redis fails", function()
   -- process had nothing later of, was taken for a rollback when replayed after the read;
   -- held again for the next recovery, which could never see it: "lost (rollback)" and a
   -- stream read, over and over, the topic never out of recovery.
+  it("closed while its publishing connection was being made: that connection is closed too", function()
+    run(function()
+      local r = admin()
+      local _r <close> = helper.closer(r)
+      local function clients() return select(2, r:client("LIST"):gsub("\n", "")) end
+      local base = clients()
+      local ps = node()
+      -- its connect takes 0.3 s (a slow network)
+      ps._redis = setmetatable({ connect = function(...)
+        mw.sleep(0.3)
+        return redis.connect(...)
+      end }, { __index = redis })
+      local t = mw.spawn(function() return ps:publish("x", "m") end)
+      mw.sleep(0.1)
+      ps:close()
+      local _, ok, err, code = t:join()
+      assert.is_nil(ok)
+      assert.equal("closed", code, err)
+      wait_for(function() return clients() <= base end, 2, "its connection closed")
+    end)
+  end)
+
   it("a held live message trimmed before the recovery read is no rollback", function()
     run(function()
       local a = node { history = 1 }

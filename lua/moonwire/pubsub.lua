@@ -580,6 +580,10 @@ function PS:_conn()
     self._pub_retry = now() + self.backoff_min
     return nil, self._pub_err, code or "unavailable"
   end
+  if self.closed then          -- closed while it connected: the new connection is nobody's
+    c:close()
+    return nil, "pubsub closed", "closed"
+  end
   c:settimeout(self.timeout)
   self._pub, self._pub_retry = c, nil
   return c
