@@ -628,6 +628,44 @@ describe("http2 client retries", function()
     end)
   end
 
+  -- Regression (found by review): the request's deadline was checked only inside a wait, so
+  -- a server that always had bytes waiting (empty DATA frames without end) held the request
+  -- past its timeout, and the task never yielded: no other task ran (HTTP/1.1's client checks
+  -- it between reads, and so does this one now). And at most 16 interim responses are taken
+  -- before the final one, as over HTTP/1.1.
+  it("a server that never stops sending: the timeout holds and other tasks run; 16 interim responses at most",
+    function()
+    run(function()
+      local p, url = fake("hints")
+      local _ <close> = p
+      local ticks, ticking = 0, true
+      local ticker = mw.spawn(function()
+        while ticking do ticks = ticks + 1; mw.sleep(0.05) end
+      end)
+      local c = http.client{ http2 = true, timeout = 5 }
+      local res = assert(c:get(url .. "/datafree", { timeout = 1 }))
+      assert.equal(200, res.status)
+      local t0 = mw.now()
+      local body, err, code = res:body()
+      local took = mw.now() - t0
+      assert.is_nil(body)
+      assert.equal("timeout", code, err)
+      assert.is_true(took < 2, "the body read took " .. took .. " s")
+      assert.is_true(ticks >= 5, "the other task ran " .. ticks .. " times")
+      ticking = false
+      ticker:join()
+      c:close()               -- (the server's connection floods on: a new one for the rest)
+      local c2 = http.client{ http2 = true, timeout = 5 }
+      local ok = assert(c2:get(url .. "/h16"))
+      assert.equal(200, ok.status)
+      local bad, berr, bcode = c2:get(url .. "/h17")
+      assert.is_nil(bad)
+      assert.equal("http", bcode, berr)
+      assert.matches("interim", berr)
+      c2:close()
+    end, 20)
+  end)
+
   -- Regression: a streamed request body whose write failed (the task cancelled, out of
   -- time) went on to wait for the response head: up to the request's deadline, and a
   -- cancelled task could even get the response as a success.

@@ -31,6 +31,7 @@
 #define HC_MT "moonwire.H2Client"
 #define HS_MT "moonwire.H2ClientStream"
 #define HB_MT "moonwire.H2Bench"
+#define MAX_INTERIM 16       /* interim (1xx) responses taken before the final one (client.lua's too) */
 
 typedef struct hconn hconn;
 typedef struct hstream hstream;
@@ -49,6 +50,8 @@ struct hstream {
     unsigned deferred : 1;     /* the data provider said DEFERRED */
     unsigned bad : 1;          /* the response broke a limit */
     unsigned bad_status : 1;   /* ... its :status was not 100..599 */
+    unsigned bad_interim : 1;  /* ... more than MAX_INTERIM interim (1xx) responses */
+    uint8_t interim;           /* interim responses so far (up to MAX_INTERIM + 1) */
     unsigned bench : 1;        /* a bench request: counted, not kept */
     unsigned rst : 1;          /* an RST_STREAM was submitted (stream_reset) */
     uint32_t close_code;
@@ -259,10 +262,16 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
         if (!st) return 0;
         if (!st->head_done) {
             if (st->status >= 100 && st->status < 200) {
-                /* an interim response (100 Continue, 103): not the answer */
+                /* an interim response (100 Continue, 103): not the answer; at most 16 of
+                 * them (as HTTP/1.1's client: a server sending them forever) */
                 fields_free(&st->head);
                 st->hbytes = 0;
                 st->status = 0;
+                if (++st->interim > MAX_INTERIM && !st->bad) {
+                    st->bad = st->bad_interim = 1;
+                    stream_reset(ss, st, NGHTTP2_PROTOCOL_ERROR);
+                    wake(&st->reader);
+                }
                 return 0;
             }
             st->head_done = 1;
@@ -911,8 +920,9 @@ static int stream_fail(lua_State *L, hstream *st)
                        (c && c->goaway_recv && st->id > c->goaway_last));
         if (refused) return mw_pushfail(L, "stream refused by the server", "refused");
         if (st->bad)
-            return mw_pushfail(L, st->bad_status ? "bad status code in the response (not 100..599)"
-                                                 : "response header list too large", "http");
+            return mw_pushfail(L, st->bad_status    ? "bad status code in the response (not 100..599)"
+                                  : st->bad_interim ? "more than 16 interim (1xx) responses"
+                                                    : "response header list too large", "http");
         char msg[96];
         snprintf(msg, sizeof msg, "stream reset (%s)", nghttp2_http2_strerror(st->close_code));
         return mw_pushfail(L, msg, "reset");
@@ -942,8 +952,18 @@ static void unwait_writer(mw_task *t)
  * it back, or a later wait of another kind (a sleep) would run unwait_reader on a stream
  * that may be freed by then. */
 static int stream_round(lua_State *L, hstream *st, mw_task *t, int reading, int64_t deadline,
-                        lua_KFunction k, lua_KContext ctx)
+                        lua_KFunction k, lua_KContext ctx, int *rounds)
 {
+    if (*rounds > 0) {
+        /* the last round did not wait (bytes were there): the deadline holds between reads
+         * too, as HTTP/1.1's (a server that always has bytes waiting, an endless 103 or empty
+         * DATA, must not outlast it), and now and then the other tasks run */
+        if (mw_sched_expired(t, deadline)) {
+            handoff(st->c);
+            return mw_sched_pushwake(L, MW_WAKE_TIMEOUT);
+        }
+        if (*rounds >= MW_STREAK_MAX) return mw_sched_requeue(L, t, k, ctx);
+    }
     t->wait_obj = st;
     t->unwait = reading ? unwait_reader : unwait_writer;
     int r = io_round(L, st->c, t, reading ? &st->reader : &st->writer, deadline, k, ctx);
@@ -951,6 +971,7 @@ static int stream_round(lua_State *L, hstream *st, mw_task *t, int reading, int6
         t->wait_obj = NULL;
         t->unwait = NULL;
     }
+    if (r < 0) ++*rounds;
     return r;
 }
 
@@ -1001,6 +1022,7 @@ static int head_k(lua_State *L, int status, lua_KContext ctx);
 
 static int head_step(lua_State *L, hstream *st, mw_task *t, int64_t deadline)
 {
+    int rounds = 0;
     for (;;) {
         hconn *c = st->c;
         if (st->head_done && !st->bad) {
@@ -1016,7 +1038,7 @@ static int head_step(lua_State *L, hstream *st, mw_task *t, int64_t deadline)
             if (c) handoff(c);
             return stream_fail(L, st);
         }
-        int r = stream_round(L, st, t, 1, deadline, head_k, (lua_KContext)deadline);
+        int r = stream_round(L, st, t, 1, deadline, head_k, (lua_KContext)deadline, &rounds);
         if (r >= 0) return r;
     }
 }
@@ -1086,6 +1108,7 @@ static int read_chunk_k(lua_State *L, int status, lua_KContext ctx);
 static int read_step(lua_State *L, hstream *st, mw_task *t, int mode, int64_t deadline)
 {
     lua_Integer max = luaL_optinteger(L, 3, -1);
+    int rounds = 0;
     for (;;) {
         hconn *c = st->c;
         size_t have = mw_buf_len(&st->in);
@@ -1122,7 +1145,8 @@ static int read_step(lua_State *L, hstream *st, mw_task *t, int mode, int64_t de
              * larger than the stream window could never complete otherwise) */
             consumed(st, st->unconsumed);
         }
-        int r = stream_round(L, st, t, 1, deadline, mode ? read_chunk_k : read_all_k, (lua_KContext)deadline);
+        int r = stream_round(L, st, t, 1, deadline, mode ? read_chunk_k : read_all_k, (lua_KContext)deadline,
+                             &rounds);
         if (r >= 0) return r;
     }
 }
@@ -1166,6 +1190,7 @@ static int write_k(lua_State *L, int status, lua_KContext ctx);
 
 static int write_step(lua_State *L, hstream *st, mw_task *t, int64_t deadline)
 {
+    int rounds = 0;
     for (;;) {
         hconn *c = st->c;
         if (st->closed || !c || !c->session || c->fatal || unsent_after_goaway(st)) {
@@ -1183,7 +1208,7 @@ static int write_step(lua_State *L, hstream *st, mw_task *t, int64_t deadline)
             lua_pushboolean(L, 1);
             return 1;
         }
-        int r = stream_round(L, st, t, 0, deadline, write_k, (lua_KContext)deadline);
+        int r = stream_round(L, st, t, 0, deadline, write_k, (lua_KContext)deadline, &rounds);
         if (r >= 0) return r;
     }
 }

@@ -34,6 +34,9 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
     status600
              answers a request for /600 with :status 600 (outside RFC 9110's 100..599), the
              others normally
+    hints    answers a request for /hN with N 103 (Early Hints) heads before its 200, and
+             /datafree with a 200 head and then empty DATA frames without end (until the
+             client goes), the others normally
     normal   answers everything
 It prints `event=closed conn=C` when a connection's client closes it.
 """
@@ -133,6 +136,19 @@ def serve(sock, conn_no, mode):
                     block = conn.encoder.encode([(":method", "GET"), (":scheme", "http"),
                                                  (":authority", "x"), (":path", "/pushed")])
                     sock.sendall(frame(5, 4, sid, struct.pack(">I", 2) + block))  # PUSH_PROMISE
+                hpath = hdrs.get(":path") or ""
+                if mode == "hints" and hpath.startswith("/h"):
+                    sock.sendall(conn.data_to_send())
+                    hint = frame(1, 4, sid, conn.encoder.encode([(":status", "103"), ("link", "</a>")]))
+                    sock.sendall(hint * int(hpath[2:]))        # HEADERS, END_HEADERS
+                if mode == "hints" and hpath == "/datafree":
+                    sock.sendall(conn.data_to_send())
+                    sock.sendall(frame(1, 4, sid, conn.encoder.encode([(":status", "200")])))
+                    try:
+                        while True:
+                            sock.sendall(frame(0, 0, sid, b"") * 256)   # empty DATA, no END_STREAM
+                    except OSError:
+                        break
                 if mode == "status600" and hdrs.get(":path") == "/600":
                     sock.sendall(conn.data_to_send())
                     block = conn.encoder.encode([(":status", "600"), ("content-length", "0")])
