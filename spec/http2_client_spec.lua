@@ -666,6 +666,30 @@ describe("http2 client retries", function()
     end, 20)
   end)
 
+  -- Regression (found by review): a request that timed out while its HEADERS waited for a
+  -- stream slot (a server whose MAX_CONCURRENT_STREAMS is 0) kept its body and counted as
+  -- unfinished until a slot freed, which here is never: every such request added to the
+  -- connection for good (~7 KiB each with a 2 KB body), and it never idled out. Now it is
+  -- abandoned (its body freed, not counted), and past 32 of them the connection is retired.
+  it("requests given up while waiting for a stream slot: not counted, the connection retired past 32", function()
+    run(function()
+      local p, url = fake("mcs0")
+      local _ <close> = p
+      local c = http.client{ http2 = true }
+      local body = ("x"):rep(2000)
+      for i = 1, 100 do
+        local res, err, code = c:request{ method = "PUT", url = url .. "/r" .. i, body = body, timeout = 0.02 }
+        assert.is_nil(res)
+        assert.equal("timeout", code, err)
+      end
+      collectgarbage(); collectgarbage()
+      local st = c:stats()
+      assert.is_true(st.h2_streams <= 32, "unfinished streams: " .. st.h2_streams)
+      assert.is_true(st.h2_opened >= 3, "connections opened: " .. st.h2_opened)
+      c:close()
+    end, 20)
+  end)
+
   -- Regression: a streamed request body whose write failed (the task cancelled, out of
   -- time) went on to wait for the response head: up to the request's deadline, and a
   -- cancelled task could even get the response as a success.

@@ -32,6 +32,7 @@
 #define HS_MT "moonwire.H2ClientStream"
 #define HB_MT "moonwire.H2Bench"
 #define MAX_INTERIM 16       /* interim (1xx) responses taken before the final one (client.lua's too) */
+#define MAX_ABANDONED 32     /* requests given up while queued, after which a connection is retired */
 
 typedef struct hconn hconn;
 typedef struct hstream hstream;
@@ -51,6 +52,7 @@ struct hstream {
     unsigned bad : 1;          /* the response broke a limit */
     unsigned bad_status : 1;   /* ... its :status was not 100..599 */
     unsigned bad_interim : 1;  /* ... more than MAX_INTERIM interim (1xx) responses */
+    unsigned abandoned : 1;    /* given up while its HEADERS waited in nghttp2's queue (abandon) */
     uint8_t interim;           /* interim responses so far (up to MAX_INTERIM + 1) */
     unsigned bench : 1;        /* a bench request: counted, not kept */
     unsigned rst : 1;          /* an RST_STREAM was submitted (stream_reset) */
@@ -96,6 +98,7 @@ struct hconn {
     char errcodebuf[24];
     int goaway_recv, goaway_sent;
     int retire;                /* out of the pool: closes once its last request ends */
+    int abandoned;             /* requests given up while their HEADERS waited (abandon) */
     uint32_t goaway_err;       /* the error code of a GOAWAY nghttp2 sent, 0: none */
     int32_t goaway_last;
     uint32_t goaway_code;
@@ -483,8 +486,22 @@ static void conn_close(hconn *c);
 static int unfinished(const hconn *c)
 {
     for (const hstream *st = c->streams; st; st = st->next)
-        if (!st->closed) return 1;
+        if (!st->closed && !st->abandoned) return 1;
     return 0;
+}
+
+/* A request given up (reset, or collected) while its HEADERS still waits in nghttp2's queue
+ * for a stream slot: nghttp2 drops the cancelled HEADERS only once a slot frees, which may be
+ * never (a server whose MAX_CONCURRENT_STREAMS is 0, slots held by long streams). Meanwhile
+ * it costs a small record, not its body (freed here), and no longer counts as unfinished (the
+ * connection may idle out); past MAX_ABANDONED of them the connection is retired: the next
+ * requests go on a new one, and this one closes once nothing on it is unfinished. */
+static void abandon(hconn *c, hstream *st)
+{
+    if (st->sent || st->closed || st->abandoned) return;
+    st->abandoned = 1;
+    mw_buf_free(&st->out, NULL);
+    if (++c->abandoned >= MAX_ABANDONED) c->retire = 1;
 }
 
 /* The running task stops needing the connection: when nobody drives it any more, one of
@@ -749,8 +766,8 @@ static int hc_request(lua_State *L)
 static int hc_usable(lua_State *L)
 {
     hconn *c = luaL_checkudata(L, 1, HC_MT);
-    lua_pushboolean(L, c->session && !c->fatal && !c->goaway_recv && !c->goaway_sent && !c->sock->closed &&
-                           nghttp2_session_check_request_allowed(c->session));
+    lua_pushboolean(L, c->session && !c->fatal && !c->retire && !c->goaway_recv && !c->goaway_sent &&
+                           !c->sock->closed && nghttp2_session_check_request_allowed(c->session));
     return 1;
 }
 
@@ -760,7 +777,7 @@ static int hc_streams(lua_State *L)
 {
     hconn *c = luaL_checkudata(L, 1, HC_MT);
     int n = 0;
-    for (hstream *st = c->streams; st; st = st->next) if (!st->closed) n++;
+    for (hstream *st = c->streams; st; st = st->next) if (!st->closed && !st->abandoned) n++;
     lua_pushinteger(L, n);
     lua_pushinteger(L, c->session ? (lua_Integer)nghttp2_session_get_remote_settings(c->session,
                                                   NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS) : 0);
@@ -894,6 +911,7 @@ static int hs_gc(lua_State *L)
          * runs: flushing may close the stream) */
         stream_reset(c->session, st, NGHTTP2_CANCEL);
         flush_session(c);
+        abandon(c, st);
     }
     drop_input(st);
     st->lua_owned = 0;
@@ -1302,6 +1320,7 @@ static int hs_reset(lua_State *L)
     if (c && c->session && !c->fatal && !st->closed) {
         stream_reset(c->session, st, code);
         flush_session(c);
+        abandon(c, st);
     }
     drop_input(st);
     if (c && c->session) handoff(c);    /* a retired connection's last request may end here */

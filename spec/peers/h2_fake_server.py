@@ -34,6 +34,7 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
     status600
              answers a request for /600 with :status 600 (outside RFC 9110's 100..599), the
              others normally
+    mcs0     MAX_CONCURRENT_STREAMS 0 on every connection: no request can start
     hints    answers a request for /hN with N 103 (Early Hints) heads before its 200, and
              /datafree with a 200 head and then empty DATA frames without end (until the
              client goes), the others normally
@@ -70,6 +71,9 @@ def serve(sock, conn_no, mode):
     if mode == "window0":
         conn.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    if mode == "mcs0":
+        conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
     if mode == "goaway_at_once":
