@@ -628,6 +628,26 @@ describe("http2 client retries", function()
     end)
   end
 
+  -- A response whose DATA does not match its content-length: nghttp2 resets the stream
+  -- itself; the body read fails with code "http" (malformed), not "reset", which says the
+  -- server reset it (regression, found by review); the connection goes on.
+  it("a content-length the DATA does not match (more, less): the body fails with code 'http'", function()
+    run(function()
+      local p, url = fake("badlen")
+      local _ <close> = p
+      local c = http.client{ http2 = true, timeout = 5 }
+      for _, path in ipairs{ "/more", "/less" } do
+        local res = assert(c:get(url .. path))
+        local body, err, code = res:body()
+        assert.is_nil(body, path)
+        assert.equal("http", code, err)
+        assert.matches("malformed", err)
+      end
+      assert.equal(200, assert(c:get(url .. "/ok")).status)
+      c:close()
+    end, 20)
+  end)
+
   -- Regression (found by review): the request's deadline was checked only inside a wait, so
   -- a server that always had bytes waiting (empty DATA frames without end) held the request
   -- past its timeout, and the task never yielded: no other task ran (HTTP/1.1's client checks

@@ -53,6 +53,7 @@ struct hstream {
     unsigned bad_status : 1;   /* ... its :status was not 100..599 */
     unsigned bad_interim : 1;  /* ... more than MAX_INTERIM interim (1xx) responses */
     unsigned abandoned : 1;    /* given up while its HEADERS waited in nghttp2's queue (abandon) */
+    unsigned local_rst : 1;    /* nghttp2 reset it itself: a malformed response (on_frame_send) */
     uint8_t interim;           /* interim responses so far (up to MAX_INTERIM + 1) */
     unsigned bench : 1;        /* a bench request: counted, not kept */
     unsigned rst : 1;          /* an RST_STREAM was submitted (stream_reset) */
@@ -341,6 +342,11 @@ static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
     if (f->hd.type == NGHTTP2_HEADERS && f->headers.cat == NGHTTP2_HCAT_REQUEST) {
         hstream *st = nghttp2_session_get_stream_user_data(ss, f->hd.stream_id);
         if (st) st->sent = 1;
+    } else if (f->hd.type == NGHTTP2_RST_STREAM) {
+        /* one nghttp2 sent by itself (not stream_reset's): the response broke a rule it
+         * checks (a content-length the DATA did not match, trailers without END_STREAM) */
+        hstream *st = nghttp2_session_get_stream_user_data(ss, f->hd.stream_id);
+        if (st && !st->rst) st->local_rst = 1;
     } else if (f->hd.type == NGHTTP2_GOAWAY) {
         /* nghttp2's own GOAWAY (a connection error it found): no new requests here, and
          * its error code is what conn_fail reports when the connection then ends */
@@ -941,6 +947,9 @@ static int stream_fail(lua_State *L, hstream *st)
             return mw_pushfail(L, st->bad_status    ? "bad status code in the response (not 100..599)"
                                   : st->bad_interim ? "more than 16 interim (1xx) responses"
                                                     : "response header list too large", "http");
+        if (st->local_rst)
+            return mw_pushfail(L, "malformed response (its content-length, trailers or fields broke HTTP/2's rules)",
+                               "http");
         char msg[96];
         snprintf(msg, sizeof msg, "stream reset (%s)", nghttp2_http2_strerror(st->close_code));
         return mw_pushfail(L, msg, "reset");

@@ -35,6 +35,8 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
              answers a request for /600 with :status 600 (outside RFC 9110's 100..599), the
              others normally
     mcs0     MAX_CONCURRENT_STREAMS 0 on every connection: no request can start
+    badlen   answers /more with content-length 3 and 6 bytes of DATA, /less with
+             content-length 10 and 3 bytes, the others normally
     hints    answers a request for /hN with N 103 (Early Hints) heads before its 200, and
              /datafree with a 200 head and then empty DATA frames without end (until the
              client goes), the others normally
@@ -153,6 +155,12 @@ def serve(sock, conn_no, mode):
                             sock.sendall(frame(0, 0, sid, b"") * 256)   # empty DATA, no END_STREAM
                     except OSError:
                         break
+                if mode == "badlen" and hpath in ("/more", "/less"):
+                    sock.sendall(conn.data_to_send())
+                    clen = "3" if hpath == "/more" else "10"
+                    sock.sendall(frame(1, 4, sid, conn.encoder.encode([(":status", "200"), ("content-length", clen)])))
+                    sock.sendall(frame(0, 1, sid, b"abcdef" if hpath == "/more" else b"abc"))   # END_STREAM
+                    continue
                 if mode == "status600" and hdrs.get(":path") == "/600":
                     sock.sendall(conn.data_to_send())
                     block = conn.encoder.encode([(":status", "600"), ("content-length", "0")])
