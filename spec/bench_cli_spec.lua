@@ -1446,3 +1446,105 @@ return { users = 1, duration = "0.3s", thresholds = { "never.p99<50ms" },
     end, 20)
   end)
 end)
+
+---------------------------------------------------------------------------------------------
+-- regressions (found by review)
+
+describe("bench: regressions", function()
+  -- Regression: the requests answered during the end-of-run drain were counted as requests
+  -- of the run (st.count grew after st.t_end was taken): a server answering every request
+  -- after 1.5 s, -c50 -d1s, reported "50 requests in 1.00s, Requests/sec 49.99" while the
+  -- timeline showed 0 and nothing completed within the run (wrk reports 0). An answer after
+  -- the end is now neither counted nor handed to response().
+  it("answers that arrive after -d ends are not requests of the run (count, bytes, rate, latency)", function()
+    run(function()
+      local srv = serve(function(_, res)
+        hold(0.6)
+        res:send("late")
+      end)
+      local _g <close> = guard(srv)
+      for _, extra in ipairs({ {}, { "-s", SCRIPTS .. "response.lua" } }) do
+        local jpath = tmp(".json")
+        local args = { "-t1", "-c5", "-d0.3s", "--timeout", "2s", "--json", jpath }
+        for _, a in ipairs(extra) do args[#args + 1] = a end
+        args[#args + 1] = url(srv)
+        local r = bench(args)
+        assert.equal(0, r.code, r.context)
+        local d = json_of(r, jpath)
+        assert.equal(0, d.requests, r.context)
+        assert.equal(0, d.bytes, r.context)
+        assert.equal(0, d.rps, r.context)
+        assert.equal(0, d.latency_us.max, r.context)
+        assert.same({}, setmetatable(d.statuses, nil), r.context)
+        assert.equal(0, d.hung, r.context)   -- (answered, within the drain: not hung either)
+        if extra[1] then assert.equal("0", r.kv.sum, r.context) end   -- response() not called
+      end
+    end, 30)
+  end)
+
+  -- Regression: -R gave every thread the same send schedule (each connection offset by its
+  -- index within its thread only), so the threads' requests went out at the same instants,
+  -- and a connection also sent at the deadline's edge: -R 2 -t2 -c4 -d3s sent pairs every
+  -- second and achieved 2.67/s. The connections of all threads now interleave, and nothing
+  -- due at or after the end is sent.
+  it("-R: the threads' schedules interleave evenly; nothing is sent at the deadline's edge", function()
+    run(function()
+      local arrivals = {}
+      local srv = serve(function(_, res)
+        arrivals[#arrivals + 1] = core.hrtime()
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local r = bench({ "-t2", "-c2", "-d2s", "-R", "2", "--json", "-", url(srv) })
+      assert.equal(0, r.code, r.context)
+      local d = json_of(r)
+      -- due at 0, 0.5, 1 and 1.5 s (the next, at 2 s, is the end)
+      assert.equal(4, #arrivals, r.context)
+      assert.equal(4, d.requests, r.context)
+      table.sort(arrivals)
+      for i = 2, #arrivals do
+        local gap = (arrivals[i] - arrivals[i - 1]) / 1e9
+        assert.is_true(gap > 0.3 and gap < 0.7, ("gap %.3f s between requests %d and %d"):format(gap, i - 1, i)
+          .. r.context)
+      end
+    end, 30)
+  end)
+
+  -- Regression: with --pipeline, a server that ends the connection on purpose in the middle
+  -- of a batch (Connection: close, as nginx after keepalive_requests) got the rest of the
+  -- batch read from the closed connection: a read error per batch. The batch now ends there,
+  -- without an error; its unanswered requests are dropped (not counted) and the next
+  -- connection writes a new batch.
+  it("--pipeline: a Connection: close in the middle of a batch is no read error", function()
+    run(function()
+      local l, port = helper.listen()
+      local answered = 0
+      local acceptor = mw.spawn(function()
+        while true do
+          local s = l:accept()
+          if not s then return end
+          mw.spawn(function()
+            for _ = 1, 4 do   -- the batch of 4, then 2 answers, the second ending the connection
+              local line = s:read("l", 5)
+              while line and line ~= "" do line = s:read("l", 5) end
+              if not line then s:close() return end
+            end
+            s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" ..
+              "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            answered = answered + 2
+            s:close()
+          end)
+        end
+      end)
+      local _ <close> = setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
+      local r = bench({ "-t1", "-c2", "-d0.5s", "--pipeline", "4", "--json", "-",
+        ("http://127.0.0.1:%d/"):format(port) })
+      assert.equal(0, r.code, r.context)
+      local d = json_of(r)
+      assert.same({ connect = 0, read = 0, write = 0, status = 0, timeout = 0 }, setmetatable(d.errors, nil), r.context)
+      assert.is_true(d.requests >= 10 and d.requests % 2 == 0, d.requests .. " requests" .. r.context)
+      assert.is_true(d.requests <= answered, ("%d counted, %d answered"):format(d.requests, answered) .. r.context)
+      assert.equal(0, d.hung, r.context)
+    end, 20)
+  end)
+end)

@@ -171,8 +171,10 @@ local function run_job(a, job)
       local o = job.o
       cfg = {
         -- thread_id: this agent's index (its counter cells); wrk_thread_id: the test-wide
-        -- number wrk.thread.id reports, as in one process with T threads
-        thread_id = i, wrk_thread_id = th.g, threads = n, target = prep.target, headers = o.headers, addr = prep.addr,
+        -- number wrk.thread.id reports, as in one process with T threads (all_threads: the
+        -- -R schedules of all threads interleave)
+        thread_id = i, wrk_thread_id = th.g, threads = n, all_threads = job.T, target = prep.target,
+        headers = o.headers, addr = prep.addr,
         conns_in_thread = th.conns, duration = o.duration, timeout = o.timeout, rate = th.rate,
         pipeline = o.pipeline, method = o.method, body = o.body, script = prep.script,
         script_args = o.script_args, verify = o.verify, counters = shared:address(), url = o.url,

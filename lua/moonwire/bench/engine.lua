@@ -37,7 +37,11 @@ local function new_state(cfg)
   }
 end
 
+-- A response answered once the run has ended (st.t_end: during the drain) is not one of the
+-- run's requests: wrk stops counting at -d, and counting it would inflate Requests/sec over
+-- a duration that ends before it. The drain only tells those answered from those hung.
 local function record(st, status, latency_us, bytes)
+  if st.t_end then return end
   st.count = st.count + 1
   st.bytes = st.bytes + (bytes or 0)
   if latency_us < 0 then latency_us = 0 end
@@ -66,12 +70,31 @@ end
 -- (the HTTP/2 hooks path, bench/h2.lua, calls the hooks through these too)
 M.hook_failed, M.call_hook = hook_failed, call_hook
 
+--- -R: when the k-th of a thread's n schedules (connections, or HTTP/2 streams) sends first,
+-- each sending once per `interval` ns. The schedules of all threads interleave (thread g's
+-- k-th is the ((g - 1) + T * (k - 1))-th of T * n), so the aggregate is evenly spaced, not
+-- T requests at the same instants. (A thread's rate is the total over T, and its n
+-- schedules share it: with uneven connection counts the spacing is still even.)
+function M.first_send(st, k, n, interval)
+  local cfg = st.cfg
+  local T = cfg.all_threads or cfg.threads or 1
+  local g = cfg.wrk_thread_id or cfg.thread_id or 1
+  return st.t_start + ((g - 1) + T * (k - 1)) * interval // (T * n)
+end
+
+-- Waits, sending nothing, until the run stops: a -R schedule whose next request is due at or
+-- after the end of the run (sending it at the deadline's edge would count one more interval
+-- than the run has).
+local function idle_to_end(st)
+  while not st.stop do mw.sleep(math.max(0.001, (st.deadline - hrtime()) / 1e9)) end
+end
+M.idle_to_end = idle_to_end
+
 -- One connection's life: connect, send, read, again, until the thread stops.
 local function connection(st, id, hooks)
   local cfg = st.cfg
   local interval_ns = cfg.rate and cfg.rate > 0 and math.floor(1e9 * cfg.conns_in_thread / cfg.rate) or nil
-  -- spread the connections' schedules over one interval
-  local next_send = interval_ns and (st.t_start + (id - 1) * interval_ns // cfg.conns_in_thread) or nil
+  local next_send = interval_ns and M.first_send(st, id, cfg.conns_in_thread, interval_ns) or nil
   local fixed = hooks.fixed_request
   local depth = fixed and hooks.fixed_depth or 1
   local timeout = cfg.timeout
@@ -106,6 +129,7 @@ local function connection(st, id, hooks)
         end
         local t0
         if next_send then
+          if next_send >= st.deadline then idle_to_end(st) break end
           local now = hrtime()
           if next_send > now then
             mw.sleep((next_send - now) / 1e9)
@@ -145,7 +169,8 @@ local function connection(st, id, hooks)
                 status, bytes, keep = res.status, interim + hc:message_bytes(), res.keepalive
                 -- wrk hands the names as the server sent them: any case finds them here
                 setmetatable(res.headers, headers_ci)
-                call_hook(st, hooks.response, res.status, res.headers, body)
+                -- (not for an answer after the end: it is not counted either, see record)
+                if not st.t_end then call_hook(st, hooks.response, res.status, res.headers, body) end
               end
             end
             if not status then
@@ -179,7 +204,15 @@ local function connection(st, id, hooks)
           st.inflight = st.inflight - 1
           st.pending[id] = st.pending[id] - 1
           record(st, status, (hrtime() - t0) // 1000, bytes)
-          if keep == false then alive = false end
+          if keep == false then
+            -- the server ends the connection on purpose (Connection: close, nginx after its
+            -- keepalive_requests): the rest of a pipelined batch will not be answered here.
+            -- Not read errors: they are dropped, and the next connection writes a new batch
+            -- (wrk writes its whole batch again on the new connection)
+            alive = false
+            st.inflight = st.inflight - st.pending[id]
+            break
+          end
         end
         if not timed_out_at_end then st.pending[id] = nil end
       end
@@ -271,6 +304,7 @@ function M.run(cfg, hooks, on_stop)
     st.t_start = hrtime()
     if cfg.reporter then st.reporter = require(cfg.reporter).reporter(cfg, st) end
     local deadline = st.t_start + math.floor(cfg.duration * 1e9)
+    st.deadline = deadline
     if cfg.h2 then
       st.t_end_ns = deadline
       st.t_drain_ns = deadline + math.floor(math.min(cfg.timeout, 2) * 1e9)
