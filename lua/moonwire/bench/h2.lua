@@ -66,7 +66,7 @@ local function c_connection(st, id, spec)
   for k, v in pairs(spec) do sp[k] = v end
   local interval = cfg.rate and cfg.rate > 0 and math.floor(1e9 * cfg.conns_in_thread / cfg.rate) or 0
   sp.interval_ns = interval
-  sp.next_send = interval > 0 and (st.t_start + (id - 1) * interval // cfg.conns_in_thread) or 0
+  sp.next_send = interval > 0 and engine.first_send(st, id, cfg.conns_in_thread, interval) or 0
   sp.end_ns, sp.drain_ns = st.t_end_ns, st.t_drain_ns
   sp.timeout_ns = math.floor(cfg.timeout * 1e9)
   sp.streams = cfg.streams or 1
@@ -97,26 +97,43 @@ local function c_connection(st, id, spec)
   end
 end
 
--- One request of the hooks path on hc: status, headers, body, or nil, err, code. Code
--- "refused" (REFUSED_STREAM, above a GOAWAY's last stream id) or "goaway" (the connection
--- was going away): the server did not process it, it may go again.
+-- Whether a failed request was never processed by a connection going away: not sent, or
+-- above its GOAWAY's last stream id (bench_done's rule in h2client.c).
+local function unprocessed(hc, id, err, code)
+  if code == "goaway" then return true end   -- (not even submitted)
+  if code ~= "refused" then return false end
+  if err:find("not sent", 1, true) then return true end
+  local info = hc:info()
+  return info.goaway ~= nil and id ~= nil and id > info.last_stream_id
+end
+
+-- One request of the hooks path on hc: status, headers, body, bytes (the frames received,
+-- as the C driver counts them), or nil, err, code, unprocessed. Code "refused"
+-- (REFUSED_STREAM, above a GOAWAY's last stream id) or "goaway" (the connection was going
+-- away): the server did not process it, it may go again; `unprocessed` when a connection
+-- going away never processed it (not a failure of the request: no retry used up).
 local function exchange(st, hc, spec, r, t0)
   -- one deadline for the whole answer (as engine.lua), and none past the end of the drain
   local t_end = math.min(hrtime() + math.floor(st.cfg.timeout * 1e9), st.t_drain_ns)
   local function left() return math.max(0, (t_end - hrtime()) / 1e9) end
   local s, err, code = hc:request(r.method, spec.scheme, r.authority or spec.authority, r.path, r.headers,
     #r.headers // 2, r.body)
-  if not s then return nil, err, code end
+  if not s then return nil, err, code, unprocessed(hc, nil, err, code) end
+  local id = select(3, s:state())
   local status, headers
   -- (a request that failed, a timeout say, is reset: its stream would hold one of the
   -- connection's slots for good)
   status, headers, code = s:head(left())
-  if not status then s:reset() return nil, headers, code end
+  if not status then
+    local gone = unprocessed(hc, id, headers, code)
+    s:reset()
+    return nil, headers, code, gone
+  end
   st.ttfb:record((hrtime() - t0) // 1000)
   local body
   body, err, code = s:read("all", -1, left())
-  if not body then s:reset() return nil, err, code end
-  return status, headers, body
+  if not body then s:reset() return nil, err, code, false end
+  return status, headers, body, st.h2b:received(s)
 end
 
 -- The next request of a stream task: r (translated), t0 (when due), or nil when the run
@@ -154,6 +171,10 @@ local function next_request(st, shared, hooks, spec, slot)
   local t0
   if slot.interval then
     local now = hrtime()
+    if slot.next_send >= st.t_end_ns then   -- (due at or after the end: not sent)
+      engine.idle_to_end(st)
+      return nil
+    end
     if slot.next_send > now then
       mw.sleep((slot.next_send - now) / 1e9)
       if st.stop then return nil end
@@ -180,12 +201,15 @@ local function lua_stream(st, shared, hooks, spec, slot)
     while true do
       local hc = shared.hc
       st.inflight = st.inflight + 1
-      local status, headers, body = exchange(st, hc, spec, r, t0)
+      local status, headers, body, bytes = exchange(st, hc, spec, r, t0)
       st.inflight = st.inflight - 1
-      if status then
+      if status and st.t_end then
+        -- answered during the drain: not one of the run's requests (engine.lua's record)
+        break
+      elseif status then
         shared.done = shared.done + 1
         st.count = st.count + 1
-        st.bytes = st.bytes + #body
+        st.bytes = st.bytes + bytes
         local us = (hrtime() - t0) // 1000
         st.latency:record(us)
         st.second:record(us)
@@ -197,16 +221,18 @@ local function lua_stream(st, shared, hooks, spec, slot)
         end
         break
       end
-      local code = body
-      local usable = hc:usable()
+      -- (a failure: headers, body, bytes are err, code, unprocessed)
+      local code, usable = body, hc:usable()
       if not usable then shared.dead = true end
-      if (code == "refused" or code == "goaway") and not retried then
+      -- never processed by a connection going away: to the next one, the retry not used up
+      local free = bytes and not usable
+      if (code == "refused" or code == "goaway") and (free or not retried) then
         -- not processed by the server: sent again once, here or on the next connection,
         -- due when it was (as the C driver does)
-        retried = true
+        if not free then retried = true end
         st.h2b:add("refused_retries")
         if not usable then
-          slot.carry = { r = r, t0 = t0, retried = true }
+          slot.carry = { r = r, t0 = t0, retried = retried }
           break
         end
       else
@@ -235,7 +261,7 @@ local function lua_connection(st, id, hooks, spec)
     if cfg.rate and cfg.rate > 0 then
       local n = cfg.conns_in_thread * streams
       slot.interval = math.floor(1e9 * n / cfg.rate)
-      slot.next_send = st.t_start + ((id - 1) * streams + i - 1) * slot.interval // n
+      slot.next_send = engine.first_send(st, (id - 1) * streams + i, n, slot.interval)
     end
     slots[i] = slot
   end
