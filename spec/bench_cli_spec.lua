@@ -1547,4 +1547,28 @@ describe("bench: regressions", function()
       assert.equal(0, d.hung, r.context)
     end, 20)
   end)
+
+  -- Regression: -t 1366 died with a Lua stack trace ("bad argument #1 to 'counters' (1..4096
+  -- cells)": 3 cells a thread and the stop flag); `-m 2.5 --h2` was taken as the method
+  -- "2.5"; a missing -s file and a hook that raised printed stack traces. Each is now one
+  -- line and exit 2.
+  it("too many threads, -m 2.5, a missing script, a hook that raises: one line, exit 2", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local _g <close> = guard(srv)
+      local hook = writefile(tmp(".lua"), "function response() error('boom in response') end")
+      for _, case in ipairs {
+        { { "-t", "1366", "-c", "1366" }, "too many threads: 1366 %(at most 1365%)" },
+        { { "-m", "2.5", "--h2" }, "bad value for %-m: '2%.5'" },
+        { { "-s", "/nonexistent/script.lua" }, "cannot load script: cannot open /nonexistent/script.lua" },
+        { { "-t1", "-c1", "-d2s", "-s", hook }, "thread 1 failed: [^\n]*boom in response\n$" } } do
+        local args = case[1]
+        args[#args + 1] = url(srv)
+        local r = bench(args)
+        assert.equal(2, r.code, r.context)
+        assert.matches(case[2], r.err)
+        assert.not_matches("traceback", r.err)
+      end
+    end, 20)
+  end)
 end)

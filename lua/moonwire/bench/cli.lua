@@ -47,7 +47,11 @@ Usage: moonwire bench <options> <url> [-- script args]
   Numbers accept SI units (1k, 1M); times accept units (2s, 1m, 2h, 500ms).
 ]]
 
+-- A failure ends the run with one line: a script's error (a missing -s file, a hook that
+-- raised in a thread) comes with the tracebacks of the layers it went through, which
+-- say where moonwire caught it, not where the script went wrong (its message says that).
 local function die(msg)
+  msg = tostring(msg):gsub("\n?stack traceback:.*$", "")
   io.stderr:write("moonwire bench: ", msg, "\n")
   return 2
 end
@@ -58,6 +62,8 @@ for _, a in ipairs{ "-c", "--connections", "-d", "--duration", "-s", "--script",
   "--timeout", "-R", "--rate", "--pipeline", "-m", "--method", "--streams", "--h2", "-b", "--body" } do
   URL_ONLY[a] = true
 end
+
+M.MAX_THREADS = (4096 - 1) // 3
 
 local function parse_args(argv)
   local o = { connections = 10, threads = 2, duration = 10, timeout = 2, headers = {}, thresholds = {},
@@ -106,7 +112,9 @@ local function parse_args(argv)
     elseif a == "-m" then
       -- h2load's -m (streams per connection) when numeric; else the method, as before
       local v = value(a)
-      if v:match("^%d+[kK]?$") then o.streams = fmt.count(v) else o.method = v:upper() end
+      if v:match("^%d+[kK]?$") then o.streams = fmt.count(v)
+      elseif v:match("^[%d.]+[kKmM]?$") then error(("bad value for %s: '%s' (streams: a whole number)"):format(a, v), 0)
+      else o.method = v:upper() end
     elseif a == "--method" then o.method = value(a):upper()
     elseif a == "--streams" then o.streams = number(a, fmt.count)
     elseif a == "--h2" then o.h2 = true
@@ -146,6 +154,10 @@ local function parse_args(argv)
   end
   if o.scenario and o.url then error("--scenario takes no URL (the scenario's users name theirs)", 0) end
   if o.connections < o.threads and not o.scenario then error("number of connections must be >= threads", 0) end
+  -- the threads' shared counters: 3 cells each and the stop flag, in core.counters' 4096
+  if o.threads > M.MAX_THREADS and not o.scenario then
+    error(("too many threads: %d (at most %d)"):format(o.threads, M.MAX_THREADS), 0)
+  end
   if o.rate and o.rate <= 0 then error("bad value for rate", 0) end
   if o.rate and o.pipeline > 1 then error("--rate and --pipeline do not go together", 0) end
   if o.streams and (o.streams < 1 or o.streams ~= math.floor(o.streams)) then error("bad value for streams", 0) end
