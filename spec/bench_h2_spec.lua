@@ -88,8 +88,10 @@ describe("moonwire bench --h2", function()
       assert.equal(0, r.code, r.context)
       local doc = assert(decode(r.out), r.context)
       assert.is_true(doc.requests > 100, r.context)
-      -- every request the server answered was counted (none in flight at the end)
-      assert.equal(served, doc.requests, r.context)
+      -- every request the server answered was counted, but for those in flight at the end
+      -- (at most 2 x 8), answered in the drain: not requests of the run, as in wrk
+      assert.is_true(served >= doc.requests and served <= doc.requests + 16,
+        ("served %d, counted %d"):format(served, doc.requests) .. r.context)
       assert.equal(doc.requests, doc.statuses["200"], r.context)
       assert.equal(0, doc.hung)
       assert.is_true(peak <= 16, "peak " .. peak)    -- 2 connections x 8 (the server's limit)
@@ -177,7 +179,8 @@ describe("moonwire bench --h2", function()
       local doc = decode(r.out)
       assert.is_true(doc.requests > 100, r.context)
       assert.equal(doc.requests, doc.statuses["200"], r.context)
-      assert.equal(5 * doc.requests, doc.bytes, r.context)
+      -- the frames received: HEADERS (9 + its block) and DATA (9 + "hello") at least
+      assert.is_true(doc.bytes >= 24 * doc.requests and doc.bytes < 200 * doc.requests, r.context)
     end, 40)
   end)
 
@@ -301,7 +304,13 @@ describe("moonwire bench --h2", function()
       assert.equal(0, code, err)
       local a, b = out:match("^(%d+) (%d+)")
       assert.is_true(tonumber(a) > 0 and tonumber(b) > 0, out .. err)
-      assert.same({ ["127.0.0.2"] = a + b }, from)
+      -- (the server answered those in flight at each run's end too: not counted)
+      local n = 0
+      for k, v in pairs(from) do
+        assert.equal("127.0.0.2", k)
+        n = n + v
+      end
+      assert.is_true(n >= a + b and n <= a + b + 2, ("server %d, counted %d"):format(n, a + b))
     end, 40)
   end)
 
