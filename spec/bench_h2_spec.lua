@@ -466,56 +466,6 @@ describe("moonwire bench --h2", function()
   end)
 end)
 
--- An HTTP/2 server (python3-h2, as spec/peers/h2_fake_server.py) whose every connection, as
--- nginx's after http2_max_requests, answers its first request and, once three more came,
--- sends a graceful GOAWAY (last stream id 1: those three were not processed) and closes.
-local GOAWAY_EACH = [[
-import socket, threading, time
-import h2.config, h2.connection, h2.errors, h2.events
-def serve(sock, n):
-    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
-    conn.initiate_connection()
-    sock.sendall(conn.data_to_send())
-    pending = 0
-    while True:
-        try:
-            data = sock.recv(65536)
-        except OSError:
-            data = b""
-        if not data:
-            break
-        for ev in conn.receive_data(data):
-            if isinstance(ev, h2.events.RequestReceived):
-                print("event=request\tconn=%d\tstream=%d" % (n, ev.stream_id), flush=True)
-                if ev.stream_id == 1:
-                    conn.send_headers(1, [(":status", "200"), ("content-length", "2")])
-                    conn.send_data(1, b"ok", end_stream=True)
-                else:
-                    pending += 1
-        if pending >= 3:
-            conn.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR, last_stream_id=1)
-            sock.sendall(conn.data_to_send())
-            time.sleep(0.05)
-            break
-        out = conn.data_to_send()
-        if out:
-            sock.sendall(out)
-    sock.close()
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(16)
-print("event=listening\tport=%d" % ls.getsockname()[1], flush=True)
-ls.settimeout(30)
-n = 0
-while True:
-    try:
-        s, _ = ls.accept()
-    except socket.timeout:
-        break
-    n += 1
-    threading.Thread(target=serve, args=(s, n), daemon=True).start()
-]]
-
 describe("moonwire bench --h2: regressions", function()
   local hrtime = require("moonwire.core").hrtime
   local hooks = 'request = function() return wrk.format("GET", "/") end'
@@ -611,17 +561,14 @@ describe("moonwire bench --h2: regressions", function()
   -- never processed now goes again without using up its retry.
   it("requests a graceful GOAWAY did not process go again, however many connections go away", function()
     run(function()
-      local src = os.tmpname()
-      local f = assert(io.open(src, "w"))
-      f:write(GOAWAY_EACH)
-      f:close()
       local path = script(hooks)
       for _, with_hooks in ipairs({ false, true }) do
-        local p = procs.start("goaway_each", procs.PYTHON .. " " .. src, 30)
-        local ev = p:wait_event(function(e) return e.event == "listening" end)
+        -- every connection, as nginx's after http2_max_requests, answers one request and
+        -- sends a graceful GOAWAY that leaves the next three unprocessed
+        local p, url = fake("goaway_each")
         local args = { "--h2", "-t1", "-c1", "-m4", "-d1s", "--json", "-" }
         if with_hooks then args[#args + 1] = "-s" args[#args + 1] = path end
-        args[#args + 1] = "http://127.0.0.1:" .. ev.port .. "/"
+        args[#args + 1] = url
         local r = bench(args)
         local conns = 0
         for c in pairs(events(p, "request")) do conns = math.max(conns, c) end
@@ -634,7 +581,6 @@ describe("moonwire bench --h2: regressions", function()
         assert.is_true(doc.hung <= 4, r.context)                -- (the refused ones left at the end)
       end
       os.remove(path)
-      os.remove(src)
     end, 40)
   end)
 end)

@@ -10,6 +10,8 @@ Listens on 127.0.0.1 (port chosen by the kernel) and prints `event=listening por
     goaway   on the first connection: answers stream 1, then, once three more requests
              arrived, sends GOAWAY with last_stream_id 1 (they were not processed) and closes;
              every later connection is answered normally
+    goaway_each
+             the same on every connection (as nginx's after http2_max_requests)
     refuse   resets the first request of the first connection with REFUSED_STREAM
     drop     the first connection allows one stream at a time (MAX_CONCURRENT_STREAMS 1)
              and closes, without GOAWAY or answer, once its first request arrived; every
@@ -116,7 +118,7 @@ def serve(sock, conn_no, mode):
                     refused = True
                     conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
                     continue
-                if mode == "goaway" and conn_no == 1 and sid > 1:
+                if (mode == "goaway" and conn_no == 1 or mode == "goaway_each") and sid > 1:
                     pending.append(sid)
                     if len(pending) >= 3:
                         conn.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR, last_stream_id=1)
