@@ -254,6 +254,26 @@ local function url(srv, path)
   return ("http://127.0.0.1:%d%s"):format(srv.port, path or "/")
 end
 
+-- A raw HTTP/1.1 server: answer(sock) once for each request head it reads (a false result
+-- ends the connection). -> port, a to-be-closed value that stops it.
+local function raw_server(answer)
+  local l, port = helper.listen()
+  local acceptor = mw.spawn(function()
+    while true do
+      local s = l:accept()
+      if not s then return end
+      mw.spawn(function()
+        while true do
+          local line = s:read("l", 5)
+          if not line then return end
+          if line == "" and not answer(s) then return end
+        end
+      end)
+    end
+  end)
+  return port, setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
+end
+
 -- A server that accepts, reads, and never answers.
 local function silent_server()
   local l, port = helper.listen()
@@ -610,25 +630,6 @@ end
     end, 20)
   end)
 
-  -- A raw HTTP/1.1 server: answer(sock) once for each request head it reads (a false result
-  -- ends the connection). -> port, a to-be-closed value that stops it.
-  local function raw_server(answer)
-    local l, port = helper.listen()
-    local acceptor = mw.spawn(function()
-      while true do
-        local s = l:accept()
-        if not s then return end
-        mw.spawn(function()
-          while true do
-            local line = s:read("l", 5)
-            if not line then return end
-            if line == "" and not answer(s) then return end
-          end
-        end)
-      end
-    end)
-    return port, setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
-  end
 
   -- --timeout bounds a whole answer, head and body, with a response() hook as without
   it("--timeout covers the head and the body together, with a response() hook too", function()
@@ -1517,26 +1518,17 @@ describe("bench: regressions", function()
   -- connection writes a new batch.
   it("--pipeline: a Connection: close in the middle of a batch is no read error", function()
     run(function()
-      local l, port = helper.listen()
-      local answered = 0
-      local acceptor = mw.spawn(function()
-        while true do
-          local s = l:accept()
-          if not s then return end
-          mw.spawn(function()
-            for _ = 1, 4 do   -- the batch of 4, then 2 answers, the second ending the connection
-              local line = s:read("l", 5)
-              while line and line ~= "" do line = s:read("l", 5) end
-              if not line then s:close() return end
-            end
-            s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" ..
-              "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            answered = answered + 2
-            s:close()
-          end)
-        end
+      local answered, heads = 0, {}
+      -- the batch of 4, then 2 answers, the second ending the connection
+      local port, _ <close> = raw_server(function(s)
+        heads[s] = (heads[s] or 0) + 1
+        if heads[s] < 4 then return true end
+        s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" ..
+          "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        answered = answered + 2
+        s:close()
+        return false
       end)
-      local _ <close> = setmetatable({}, { __close = function() acceptor:cancel() l:close() end })
       local r = bench({ "-t1", "-c2", "-d0.5s", "--pipeline", "4", "--json", "-",
         ("http://127.0.0.1:%d/"):format(port) })
       assert.equal(0, r.code, r.context)
