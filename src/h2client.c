@@ -31,7 +31,8 @@
 #define HC_MT "moonwire.H2Client"
 #define HS_MT "moonwire.H2ClientStream"
 #define HB_MT "moonwire.H2Bench"
-#define MAX_INTERIM 16       /* interim (1xx) responses taken before the final one (client.lua's too) */
+#define MAX_INTERIM 16       /* interim (1xx) responses taken before the final one (core.http_max_interim:
+                              * client.lua's HTTP/1.1 limit too) */
 #define MAX_ABANDONED 32     /* requests given up while queued, after which a connection is retired */
 
 typedef struct hconn hconn;
@@ -959,7 +960,7 @@ static int stream_fail(lua_State *L, hstream *st)
         if (refused) return mw_pushfail(L, "stream refused by the server", "refused");
         if (st->bad)
             return mw_pushfail(L, st->bad_status    ? "bad status code in the response (not 100..599)"
-                                  : st->bad_interim ? "more than 16 interim (1xx) responses"
+                                  : st->bad_interim ? "too many interim (1xx) responses"
                                                     : "response header list too large", "http");
         if (st->local_rst)
             return mw_pushfail(L, "malformed response (its content-length, trailers or fields broke HTTP/2's rules)",
@@ -1323,14 +1324,15 @@ static int hs_trailers(lua_State *L)
     return 1;
 }
 
-/* stream:state() -> body_done (everything received), closed, id */
+/* stream:state() -> body_done (everything received), closed, id, sent (its HEADERS went out) */
 static int hs_state(lua_State *L)
 {
     hstream *st = checkstream(L);
     lua_pushboolean(L, st->body_done && mw_buf_len(&st->in) == 0);
     lua_pushboolean(L, st->closed);
     lua_pushinteger(L, st->id);
-    return 3;
+    lua_pushboolean(L, st->sent);
+    return 4;
 }
 
 /* stream:reset([code]): RST_STREAM (default CANCEL); the window of what it holds comes
@@ -1820,4 +1822,6 @@ void mw_h2client_open(lua_State *L)
     lua_setfield(L, -2, "h2_client");
     lua_pushcfunction(L, l_h2_bench);
     lua_setfield(L, -2, "h2_bench");
+    lua_pushinteger(L, MAX_INTERIM);            /* client.lua's HTTP/1.1 limit: the same one */
+    lua_setfield(L, -2, "http_max_interim");
 }

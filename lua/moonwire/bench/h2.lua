@@ -97,14 +97,16 @@ local function c_connection(st, id, spec)
   end
 end
 
--- Whether a failed request was never processed by a connection going away: not sent, or
--- above its GOAWAY's last stream id (bench_done's rule in h2client.c).
-local function unprocessed(hc, id, err, code)
-  if code == "goaway" then return true end   -- (not even submitted)
-  if code ~= "refused" then return false end
-  if err:find("not sent", 1, true) then return true end
+-- Whether a failed request was never processed by a connection going away: not submitted
+-- (code "goaway", no stream s), its HEADERS never sent, or above the GOAWAY's last stream id
+-- (bench_done's rule in h2client.c).
+local function unprocessed(hc, s, code)
+  if code == "goaway" then return true end
+  if code ~= "refused" or not s then return false end
+  local _, _, id, sent = s:state()
+  if not sent then return true end
   local info = hc:info()
-  return info.goaway ~= nil and id ~= nil and id > info.last_stream_id
+  return info.goaway ~= nil and id > info.last_stream_id
 end
 
 -- One request of the hooks path on hc: status, headers, body, bytes (the frames received,
@@ -118,14 +120,13 @@ local function exchange(st, hc, spec, r, t0)
   local function left() return math.max(0, (t_end - hrtime()) / 1e9) end
   local s, err, code = hc:request(r.method, spec.scheme, r.authority or spec.authority, r.path, r.headers,
     #r.headers // 2, r.body)
-  if not s then return nil, err, code, unprocessed(hc, nil, err, code) end
-  local id = select(3, s:state())
+  if not s then return nil, err, code, unprocessed(hc, nil, code) end
   local status, headers
   -- (a request that failed, a timeout say, is reset: its stream would hold one of the
   -- connection's slots for good)
   status, headers, code = s:head(left())
   if not status then
-    local gone = unprocessed(hc, id, headers, code)
+    local gone = unprocessed(hc, s, code)
     s:reset()
     return nil, headers, code, gone
   end

@@ -67,8 +67,8 @@ local upper = { GET = "GET", get = "GET", POST = "POST", post = "POST", PUT = "P
   OPTIONS = "OPTIONS", options = "OPTIONS" }
 
 -- Interim (1xx) responses skipped before a request fails: a server may send 100 Continue
--- and a few 103 Early Hints, never this many.
-local MAX_INTERIM = 16
+-- and a few 103 Early Hints, never this many (h2client.c's limit, the same over HTTP/2).
+local MAX_INTERIM = core.http_max_interim
 
 local idempotent = { GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true, TRACE = true }
 
