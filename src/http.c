@@ -924,6 +924,18 @@ static int head_timed_out(lua_State *L, mw_http *h)
     return pushverdict(L, "request head timeout", 408);
 }
 
+/* Whether this request's head has begun, for its timer: a byte past the one empty line
+ * before it that RFC 9112 §2.2 says to ignore (old clients send one after a POST body; it may
+ * sit in the buffer from the last request), or a second empty line. Skipped lines never
+ * restart the timer: a CRLF every few seconds must not hold the connection. `len`: what the
+ * buffer holds past the skipped lines (a lone CR may be the first line's start). */
+static int head_begun(mw_http *h, size_t len)
+{
+    if (h->blank_lines > 1) return 1;
+    if (len == 0) return 0;
+    return !(len == 1 && h->blank_lines == 0 && *mw_buf_head(&h->s->rbuf) == '\r');
+}
+
 static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
 {
     mw_sock *s = h->s;
@@ -934,12 +946,7 @@ static int read_request_step(lua_State *L, mw_http *h, mw_task *t)
             if (st) return pushverdict(L, h->err_msg, st);
         }
         size_t len = mw_buf_len(&s->rbuf);
-        /* the head timer starts with this request's first byte, but for one empty line before
-         * it (RFC 9112 §2.2: old clients send one after a POST body, and it may sit in the
-         * buffer from the last request); skipped lines never restart it (a CRLF every few
-         * seconds must not hold the connection) */
-        if (!h->head_armed && (h->blank_lines > 1 ||
-                               (len > 0 && !(len == 1 && h->blank_lines == 0 && *mw_buf_head(&s->rbuf) == '\r')))) {
+        if (!h->head_armed && head_begun(h, len)) {
             h->head_armed = 1;
             h->deadline = mw_sched_after(s->rt, (double)h->head_timeout / 1e9);
         }
