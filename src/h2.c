@@ -259,8 +259,9 @@ static void trim_session(h2conn *c)
 /* ---- HPACK parking (the option park_hpack) ------------------------------------------------ *
  * An idle connection's HPACK state is the client's: the fields its requests indexed stay in
  * our decoder's table (pointers in a ring on a page h2mem keeps apart, the entries in that
- * page's area when they fit, else on the heap), and only the client may evict them. So when a connection has been idle for trim_after
- * (resume_step) and its table holds anything, it sends SETTINGS_HEADER_TABLE_SIZE 0; once the
+ * page's area when they fit, else on the heap), and only the client may evict them. So when
+ * a connection has been idle for trim_after (resume_step) and its table holds anything, it
+ * sends SETTINGS_HEADER_TABLE_SIZE 0; once the
  * client acknowledges it, nghttp2 has emptied the table, and the rings' page goes back
  * (park_done). The next request sets the table back to 4,096 bytes (RFC 9113 §6.5.2). Every
  * request decodes around it: the table is emptied only at the acknowledgement, and the client
@@ -293,8 +294,7 @@ static void park(h2conn *c)
 static void park_done(h2conn *c)
 {
     c->park_acked = 0;
-    if (c->handlers > 0 || c->nopen > 0 || c->hdr_open > 0) return;
-    if (!hpack_empty(c)) return;
+    if (c->handlers > 0 || c->nopen > 0 || c->hdr_open > 0 || !hpack_empty(c)) return;
     trim_session(c);
     c->trimmed_for = c->idle_since;
 }
