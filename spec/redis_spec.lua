@@ -633,4 +633,31 @@ describe("redis clients when something raises or lags", function()
       assert.same({ early = "1", late = "2" }, got)
     end)
   end)
+
+  -- Regression (found while fixing the next one): the subscriber's undo methods were
+  -- sub:unpsubscribe and sub:unssubscribe (the docs say punsubscribe, sunsubscribe) and sent
+  -- UNPSUBSCRIBE and UNSSUBSCRIBE, which Redis does not know: patterns and shard channels
+  -- stayed subscribed on the server.
+  it("a subscriber's punsubscribe and sunsubscribe leave the pattern and the shard channel", function()
+    run(function()
+      local up, confirmed = mw.channel(1), mw.channel(1)
+      local sub <close> = redis.subscriber(srv.url, {
+        on_state = function(state) if state == "up" then up:send(true) end end,
+        on_subscribed = function(ch) if ch == "undo:after" then confirmed:send(true) end end })
+      sub:psubscribe("undo:p*")
+      sub:ssubscribe("undo:s")
+      assert.is_true(up:recv(5))
+      local r <close> = connect()
+      assert.equal(1, r:publish("undo:p1", "x"))   -- (receivers: the pattern's, only)
+      assert.same({ "undo:s", 1 }, r:pubsub("SHARDNUMSUB", "undo:s"))
+      sub:punsubscribe("undo:p*")
+      sub:sunsubscribe("undo:s")
+      sub:subscribe("undo:after")   -- confirmed after Redis ran the two before it
+      assert.is_true(confirmed:recv(5))
+      assert.equal(0, r:publish("undo:p1", "x"))
+      assert.same({ "undo:s", 0 }, r:pubsub("SHARDNUMSUB", "undo:s"))
+      assert.is_nil(next(sub:channels("psubscribe")))
+      assert.is_nil(next(sub:channels("ssubscribe")))
+    end)
+  end)
 end)

@@ -16,6 +16,8 @@ Sub.__index = Sub
 Sub.__name = "moonwire.RedisSubscriber"
 
 local KINDS = { subscribe = "SUBSCRIBE", psubscribe = "PSUBSCRIBE", ssubscribe = "SSUBSCRIBE" }
+-- (Redis's names: not "UN" .. KINDS[kind], there is no UNPSUBSCRIBE)
+local UNDO = { subscribe = "UNSUBSCRIBE", psubscribe = "PUNSUBSCRIBE", ssubscribe = "SUNSUBSCRIBE" }
 local BATCH = 1000   -- channels per (re)subscribe command; all the commands leave in one write
 
 local function hex(n)
@@ -95,15 +97,15 @@ local function change(self, kind, op, names)
     local sent = self._sent[kind]
     for i = 1, #list do sent[list[i]] = op == "add" or nil end
     -- a failed send is the connection failing: the reader reconnects and resubscribes
-    send_batches(conn, (op == "add" and "" or "UN") .. KINDS[kind], list)
+    send_batches(conn, (op == "add" and KINDS or UNDO)[kind], list)
   end
 end
 
---- sub:subscribe(ch, ...), sub:unsubscribe(ch, ...), and the psubscribe / ssubscribe pairs:
--- remembered at once, sent when connected (never wait).
+--- sub:subscribe(ch, ...), sub:unsubscribe(ch, ...), and the psubscribe / punsubscribe and
+-- ssubscribe / sunsubscribe pairs: remembered at once, sent when connected (never wait).
 for kind in pairs(KINDS) do
   Sub[kind] = function(self, ...) change(self, kind, "add", { ... }) end
-  Sub["un" .. kind] = function(self, ...) change(self, kind, "del", { ... }) end
+  Sub[UNDO[kind]:lower()] = function(self, ...) change(self, kind, "del", { ... }) end
 end
 
 --- sub:channels(kind) -> the set of channels (or patterns) subscribed (kind: "subscribe" default)
@@ -137,7 +139,7 @@ local function reconcile(self, conn)
       end
       if #dels > 0 then
         busy = true
-        if not send_batches(conn, "UN" .. KINDS[kind], dels) then return false end
+        if not send_batches(conn, UNDO[kind], dels) then return false end
       end
     end
     if not busy then return true, any end   -- they agree, no send waited since they were compared
