@@ -660,4 +660,41 @@ describe("redis clients when something raises or lags", function()
       assert.is_nil(next(sub:channels("ssubscribe")))
     end)
   end)
+
+  -- Regression (found by review): the subscriber handed on_message everything Redis sent
+  -- before its UNSUBSCRIBE took effect: an app that unsubscribed at message 10 of a burst
+  -- got thousands more while sub:channels() was already empty. dispatch now drops a message
+  -- whose channel (or, for a pmessage, pattern) is no longer in the wanted set.
+  it("a subscriber delivers nothing for a channel, pattern or shard channel once unsubscribed", function()
+    run(function()
+      local counts, done, up = { message = 0, pmessage = 0, smessage = 0 }, mw.channel(1), mw.channel(1)
+      local sub
+      local undo = { message = "unsubscribe", pmessage = "punsubscribe", smessage = "sunsubscribe" }
+      local names = { message = "unsub:a", pmessage = "unsub:p*", smessage = "unsub:s" }
+      sub = redis.subscriber(srv.url, {
+        on_state = function(state) if state == "up" then up:send(true) end end,
+        on_message = function(ch, _, _, kind)
+          if ch == "unsub:end" then return done:send(true) end
+          counts[kind] = counts[kind] + 1
+          if counts[kind] == 10 then sub[undo[kind]](sub, names[kind]) end
+        end })
+      sub:subscribe("unsub:a", "unsub:end")
+      sub:psubscribe("unsub:p*")
+      sub:ssubscribe("unsub:s")
+      assert.is_true(up:recv(5))
+      local r <close> = connect()
+      assert(r:pipeline(function(p)
+        for i = 1, 2000 do
+          p:publish("unsub:a", i)
+          p:publish("unsub:p1", i)
+          p:spublish("unsub:s", i)
+        end
+      end))
+      r:publish("unsub:end", "x")   -- after every message of the burst on the subscriber's connection
+      assert.is_true(done:recv(5))
+      assert.same({ message = 10, pmessage = 10, smessage = 10 }, counts)
+      assert.is_nil(next(sub:channels("psubscribe")))
+      sub:close()
+    end)
+  end)
 end)

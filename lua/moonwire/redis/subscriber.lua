@@ -171,7 +171,9 @@ local function resubscribe(self, conn)
   return true
 end
 
-local MSG = { message = true, smessage = true, pmessage = true }
+-- Each message kind and the set (_sets) its name must still be in: the channel's, or for a
+-- pmessage the pattern's.
+local MSG = { message = "subscribe", smessage = "ssubscribe", pmessage = "psubscribe" }
 local SUBSCRIBED = { subscribe = true, psubscribe = true, ssubscribe = true }
 
 local function dispatch(self, v)
@@ -189,6 +191,9 @@ local function dispatch(self, v)
     self._probe_due = nil
     return
   end
+  -- Redis sends what was published before an UNSUBSCRIBE took effect; for the app an
+  -- unsubscribe is immediate (sub:channels() no longer has it), so those are dropped here.
+  if not self._sets[MSG[kind]][pat or ch] then return end
   self.stats.messages = self.stats.messages + 1
   local ok, err = pcall(self.on_message, ch, data, pat, kind)
   if not ok then io.stderr:write("moonwire: subscriber on_message: ", tostring(err), "\n") end
