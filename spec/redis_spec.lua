@@ -697,4 +697,23 @@ describe("redis clients when something raises or lags", function()
       sub:close()
     end)
   end)
+
+  -- Regression (found by review): script:run's misuse raised errors naming something else:
+  -- keys as a string gave "bad argument #3 to 'EVALSHA'", args as a number "attempt to get
+  -- length of a number value". Its connection, keys and args are checked first.
+  it("script:run raises naming its argument: the connection, keys and args", function()
+    run(function()
+      local r <close> = connect()
+      local s = redis.script("return #KEYS + #ARGV")
+      helper.raises("bad argument #1 to 'run' (moonwire.Redis expected, got string)", s.run, s, "r")
+      helper.raises("bad argument #2 to 'run' (table of keys expected, got string)", s.run, s, r, "counter")
+      helper.raises("bad argument #3 to 'run' (table of args expected, got number)", s.run, s, r, { "k" }, 5)
+      helper.raises("bad argument #2 to 'run' (keys[2]: string or number expected, got table)",
+        s.run, s, r, { "k", {} })
+      helper.raises("bad argument #3 to 'run' (args[1]: string or number expected, got boolean)",
+        s.run, s, r, nil, { true })
+      assert.equal(3, s:run(r, { "k" }, { 1, "x" }))
+      assert.equal(0, s:run(r))
+    end)
+  end)
 end)

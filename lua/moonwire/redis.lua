@@ -309,8 +309,23 @@ function M.script(src)
   return setmetatable({ src = src, sha = core.sha1hex(src) }, Script)
 end
 
+-- keys and args: sequences of strings or numbers, or nil (none); checked here so that an
+-- error names run's argument, not the position it would have in EVALSHA.
+local function checklist(t, n, what)
+  if t == nil then return {} end
+  if type(t) ~= "table" then argerror(n, "run", "table of " .. what .. " expected, got " .. type(t), 3) end
+  for i = 1, #t do
+    local ti = type(t[i])
+    if ti ~= "string" and ti ~= "number" then
+      argerror(n, "run", ("%s[%d]: string or number expected, got %s"):format(what, i, ti), 3)
+    end
+  end
+  return t
+end
+
 function Script:run(r, keys, args)
-  keys, args = keys or {}, args or {}
+  if getmetatable(r) ~= Conn then argerror(1, "run", "moonwire.Redis expected, got " .. type(r)) end
+  keys, args = checklist(keys, 2, "keys"), checklist(args, 3, "args")
   local nk = #keys
   local a = { self.sha, nk }
   for i = 1, nk do a[i + 2] = keys[i] end
