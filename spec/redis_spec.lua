@@ -716,4 +716,36 @@ describe("redis clients when something raises or lags", function()
       assert.equal(0, s:run(r))
     end)
   end)
+
+  -- Regression (found by review): a db or resp in a URL's query that is not a number
+  -- (?db=abc, ?db=1x, ?resp=three) was dropped: writes went to db 0, or over RESP2. And
+  -- connect{ db = "x" } connected, to db 0 (handshake() SELECTs only a db ~= 0).
+  it("refuses a db or resp that is not one: in a URL's query (as in its path) and as an option", function()
+    for _, u in ipairs { "redis://127.0.0.1/abc", "unix:///tmp/r.sock?db=abc", "redis://127.0.0.1?db=1x",
+      "redis://127.0.0.1:6379/2?db=-1" } do
+      local o, err = redis.parse_url(u)
+      assert.is_nil(o)
+      assert.equal("invalid database in Redis URL: " .. u, err)
+    end
+    for _, u in ipairs { "redis://127.0.0.1?resp=three", "rediss://h?protocol=4", "unix:///tmp/r.sock?resp=" } do
+      local o, err = redis.parse_url(u)
+      assert.is_nil(o)
+      assert.equal("invalid protocol (2 or 3) in Redis URL: " .. u, err)
+    end
+    local o = assert(redis.parse_url("unix:///tmp/r.sock?db=7&resp=3"))
+    assert.equal(7, o.db)
+    assert.equal(3, o.resp)
+    run(function()
+      helper.raises("bad argument #1 to 'connect' (invalid database in Redis URL: " .. srv.url .. "?db=x)",
+        redis.connect, srv.url .. "?db=x")
+      helper.raises("bad argument #1 to 'pool' (invalid protocol (2 or 3) in Redis URL", redis.pool,
+        { url = srv.url .. "?resp=three" })
+      for _, db in ipairs { "x", "1", -1, 1.5 } do
+        helper.raises("bad option 'db' (non-negative integer expected, got " .. tostring(db) .. ")",
+          redis.connect, srv.url, { db = db })
+      end
+      local r <close> = connect { db = 0 }
+      assert.equal("PONG", r:ping())
+    end)
+  end)
 end)

@@ -30,16 +30,23 @@ end
 
 -- ---- options -----------------------------------------------------------------------------
 
-local function parse_query(q, o)
-  if not q then return end
+-- true, or nil and a message naming the URL s when db or resp is not a number it can be
+-- (ignoring it would write to db 0, or speak RESP2)
+local function parse_query(q, o, s)
+  if not q then return true end
   for k, v in pairs(urlmod.parse_query(q)) do
     if type(v) == "table" then v = v[#v] end
-    if k == "db" then o.db = tonumber(v)
+    if k == "db" then
+      if not v:match("^%d+$") then return nil, "invalid database in Redis URL: " .. s end
+      o.db = tonumber(v)
     elseif k == "password" then o.password = v
     elseif k == "user" or k == "username" then o.user = v
-    elseif k == "resp" or k == "protocol" then o.resp = tonumber(v)
+    elseif k == "resp" or k == "protocol" then
+      if v ~= "2" and v ~= "3" then return nil, "invalid protocol (2 or 3) in Redis URL: " .. s end
+      o.resp = tonumber(v)
     end
   end
+  return true
 end
 
 -- redis://[user:pass@]host[:port][/db], rediss://..., unix:///path[?db=N&password=...]
@@ -48,7 +55,8 @@ local function parse_url(s)
   local path = s:match("^unix://(/[^?#]*)")
   if path then
     o.path = urlmod.decode(path)
-    parse_query(s:match("%?([^#]*)"), o)
+    local ok, err = parse_query(s:match("%?([^#]*)"), o, s)
+    if not ok then return nil, err end
     return o
   end
   local scheme = s:match("^(%a[%w+.-]*)://")
@@ -66,7 +74,8 @@ local function parse_url(s)
   if db then o.db = tonumber(db)
   elseif u.path ~= "/" then return nil, "invalid database in Redis URL: " .. s end
   if scheme == "rediss" then o.tls = true end
-  parse_query(u.query, o)
+  local ok, qerr = parse_query(u.query, o, s)
+  if not ok then return nil, qerr end
   return o
 end
 
@@ -111,6 +120,10 @@ local function settings(target, opts, fname)
   end
   if o.resp ~= nil and o.resp ~= 2 and o.resp ~= 3 then
     error(("bad option 'resp' (2 or 3 expected, got %s)"):format(tostring(o.resp)), 3)
+  end
+  -- (a db handshake() would skip, "x" or -1, would leave the connection on db 0)
+  if o.db ~= nil and (math.type(o.db) ~= "integer" or o.db < 0) then
+    error(("bad option 'db' (non-negative integer expected, got %s)"):format(tostring(o.db)), 3)
   end
   return o
 end
