@@ -748,4 +748,48 @@ describe("redis clients when something raises or lags", function()
       assert.equal("PONG", r:ping())
     end)
   end)
+
+  -- Regression (found by review): pool:release took the same connection twice: it was idle
+  -- twice, two acquires handed it to two borrowers (one's UNWATCH dropped the other's WATCH,
+  -- whose transaction then committed), and a broken one released twice gave its slot back
+  -- twice (the pool grew past `size`). release now refuses a connection it has not lent out.
+  it("a pool refuses to take back a connection it did not lend, or one released already", function()
+    run(function()
+      local pool = redis.pool { url = srv.url, size = 2 }
+      local other = redis.pool { url = srv.url, size = 1 }
+      local msg = "bad argument #1 to 'release' (connection not lent out by this pool"
+      local c = assert(pool:acquire())
+      pool:release(c)
+      helper.raises(msg, pool.release, pool, c)
+      local a, b = assert(pool:acquire()), assert(pool:acquire())
+      assert.are_not.equal(a, b)
+      local stranger = assert(other:acquire())
+      helper.raises(msg, pool.release, pool, stranger)
+      local r <close> = connect()
+      helper.raises(msg, pool.release, pool, r)
+      -- a broken one gives its slot back once
+      a:close()
+      pool:release(a)
+      helper.raises(msg, pool.release, pool, a)
+      assert.equal(1, pool._n)
+      -- one handed from a release to a waiting acquire is the waiter's to release
+      local got
+      local waiter = mw.spawn(function()
+        got = assert(pool:acquire(5))
+        pool:release(got)
+      end)
+      local c2 = assert(pool:acquire())
+      while pool._waiters.last < pool._waiters.first do mw.yield() end   -- the waiter is queued
+      pool:release(b)
+      waiter:join()
+      assert.equal(b, got)
+      helper.raises(msg, pool.release, pool, b)
+      pool:release(c2)
+      assert.equal(2, pool._n)
+      assert.equal("PONG", pool:call("PING"))
+      other:release(stranger)
+      pool:close()
+      other:close()
+    end)
+  end)
 end)

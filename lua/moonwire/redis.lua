@@ -368,8 +368,14 @@ function M.pool(opts)
     if k ~= "size" and k ~= "acquire_timeout" then copts[k] = v end
   end
   settings(copts, nil, "pool")   -- checks the URL and options now
+  -- _lent: the connections lent out (weak: one a borrower lost is still collected)
   return setmetatable({ _copts = copts, size = size, acquire_timeout = opts.acquire_timeout,
-    _idle = {}, _n = 0, _waiters = { first = 1, last = 0 } }, Pool)
+    _idle = {}, _n = 0, _waiters = { first = 1, last = 0 }, _lent = setmetatable({}, { __mode = "k" }) }, Pool)
+end
+
+local function lend(self, c)
+  self._lent[c] = true
+  return c
 end
 
 local function wake_waiter(self, value)
@@ -395,7 +401,7 @@ function Pool:acquire(timeout)
     local c = idle[#idle]
     while c do
       idle[#idle] = nil
-      if c:alive() then return c end
+      if c:alive() then return lend(self, c) end
       self._n = self._n - 1
       c = idle[#idle]
     end
@@ -413,7 +419,7 @@ function Pool:acquire(timeout)
         wake_waiter(self, false)   -- another waiter may try in its turn
         return nil, err, code
       end
-      return conn
+      return lend(self, conn)
     end
     local q = self._waiters
     local e = { task = current() }
@@ -422,19 +428,26 @@ function Pool:acquire(timeout)
     local v, err, code = park(timeout or self.acquire_timeout)
     e.task = nil
     if v == nil then return nil, err, code end
-    if v then return v end
+    if v then return v end    -- (release left it in _lent: lent again, to this task)
     -- false: a connection went away; try again
   end
 end
 
---- pool:release(conn): back to the pool (a broken connection is dropped).
+--- pool:release(conn): back to the pool (a broken connection is dropped). Only a connection
+-- this pool lent, once: a second release would let two borrowers share it (and count a
+-- broken one's slot twice).
 function Pool:release(c)
   if getmetatable(c) ~= Conn then argerror(1, "release", "moonwire.Redis expected, got " .. type(c)) end
+  if not self._lent[c] then argerror(1, "release", "connection not lent out by this pool, or released already") end
+  self._lent[c] = nil
   -- (one still owing replies, a blocking command that timed out say, is dropped: the next
   -- user would wait behind it, and a BLPOP still waiting on the server would take its data)
   if c:alive() and c._rc:pending() == 0 then
     c._rc:settimeout(c._opts.timeout or -1)   -- (r:settimeout is the borrower's, not the next one's)
-    if wake_waiter(self, c) then return end
+    if wake_waiter(self, c) then
+      self._lent[c] = true
+      return
+    end
     self._idle[#self._idle + 1] = c
   else
     c:close()
