@@ -792,4 +792,15 @@ describe("redis clients when something raises or lags", function()
       other:close()
     end)
   end)
+
+  -- Regression: redis.subscriber meant to raise for a bad URL but called parse_url, which
+  -- returns nil, err: its task retried the URL forever, and on_state never said so (the
+  -- state starts "down").
+  it("redis.subscriber raises for a malformed URL, as connect does", function()
+    run(function()
+      helper.raises("bad argument #1 to 'subscriber' (invalid Redis URL", redis.subscriber, "http://127.0.0.1")
+      helper.raises("bad argument #1 to 'subscriber' (invalid database in Redis URL", redis.subscriber,
+        { url = srv.url .. "?db=x" })
+    end)
+  end)
 end)
