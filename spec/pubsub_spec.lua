@@ -198,6 +198,11 @@ describe("moonwire.pubsub, local", function()
         { { on_event = true }, "bad option 'on_event' (function expected, got boolean)" },
         { { node = 1 }, "bad option 'node' (string expected, got number)" },
         { { prefix = false }, "bad option 'prefix' (string expected, got boolean)" },
+        { { redis = 6379 }, "bad option 'redis' (URL or table expected, got number)" },
+        { { redis = "http://127.0.0.1:6379" },
+          "bad option 'redis' (invalid Redis URL (redis://, rediss:// or unix:// expected): http://127.0.0.1:6379)" },
+        { { redis = { url = "redis://127.0.0.1/?db=x" } },
+          "bad option 'redis' (invalid database in Redis URL: redis://127.0.0.1/?db=x)" },
       } do
         bad[1].bus = false
         helper.raises(bad[2], pubsub.new, bad[1])

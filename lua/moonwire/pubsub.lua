@@ -141,6 +141,15 @@ function M.new(opts)
   }, PS)
   if opts.redis then
     local redis = require "moonwire.redis"
+    -- (a bad URL is this option's error, not one of redis.subscriber's arguments)
+    if type(opts.redis) ~= "string" and type(opts.redis) ~= "table" then
+      error("bad option 'redis' (URL or table expected, got " .. type(opts.redis) .. ")", 2)
+    end
+    local url = type(opts.redis) == "string" and opts.redis or opts.redis.url
+    if url ~= nil then
+      local ok, err = redis.parse_url(url)
+      if not ok then error("bad option 'redis' (" .. tostring(err) .. ")", 2) end
+    end
     is_error = redis.is_error
     self._redis, self._redis_url = redis, opts.redis
     self.backoff_min, self.backoff_max = opts.backoff_min or 0.1, opts.backoff_max or 5
