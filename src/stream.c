@@ -435,16 +435,30 @@ void mw_stream_open(lua_State *L, int rtidx)
 #include <sys/sendfile.h>
 #include <unistd.h>
 
-/* The open file of a sendfile in progress: a userdata on the task's stack (index 5),
- * so a cancelled or failed send closes it. */
+/* The open file of a sendfile in progress: a userdata on the task's stack (index 5). Every
+ * way out of the send (done, failed, timed out, cancelled, the socket closed) closes it
+ * through sf_end; its __gc is the last resort (a raise, a task that never resumes). Left to
+ * the collector, each client gone mid-file held a descriptor until the next cycle. */
 typedef struct { int fd; off_t off; size_t left; } sendfile_t;
+
+static void sf_close(sendfile_t *f)
+{
+    if (f->fd >= 0) close(f->fd);
+    f->fd = -1;
+}
 
 static int sf_gc(lua_State *L)
 {
-    sendfile_t *f = lua_touserdata(L, 1);
-    if (f->fd >= 0) close(f->fd);
-    f->fd = -1;
+    sf_close(lua_touserdata(L, 1));
     return 0;
+}
+
+/* The send is over: its file is closed, `nret` (the values pushed for the caller) returned.
+ * (The values are pushed first, in the argument, so errno is read before close.) */
+static int sf_end(sendfile_t *f, int nret)
+{
+    sf_close(f);
+    return nret;
 }
 
 static int sendfile_k(lua_State *L, int status, lua_KContext ctx);
@@ -454,12 +468,12 @@ static int sendfile_step(lua_State *L, mw_sock *s, mw_task *t, sendfile_t *f)
     uint32_t want = EPOLLOUT;
     int r = mw_buf_len(&s->obuf) > 0 ? mw_sock_flush(s, &want) : 1;  /* what was gathered first */
     if (r == 0) return mw_sock_wait(L, s, t, MW_ROLE_WRITE, want, s->wdeadline, sendfile_k, 0);
-    if (r < 0) return mw_pusherrno(L, errno);
+    if (r < 0) return sf_end(f, mw_pusherrno(L, errno));
     int moved = 0;
     while (f->left > 0) {
         ssize_t n = sendfile(s->io.fd, f->fd, &f->off, f->left > 0x7ffff000 ? 0x7ffff000 : f->left);
         if (n > 0) { f->left -= (size_t)n; moved = 1; continue; }
-        if (n == 0) return mw_pushfail(L, "file shorter than expected", "EIO");
+        if (n == 0) return sf_end(f, mw_pushfail(L, "file shorter than expected", "EIO"));
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
             /* the timeout bounds a wait with no progress, not the whole file (as the 64 KiB
@@ -468,12 +482,10 @@ static int sendfile_step(lua_State *L, mw_sock *s, mw_task *t, sendfile_t *f)
             if (moved) s->wdeadline = mw_sched_after(s->rt, s->timeout);
             return mw_sock_wait(L, s, t, MW_ROLE_WRITE, EPOLLOUT, s->wdeadline, sendfile_k, 0);
         }
-        return mw_pusherrno(L, errno);
+        return sf_end(f, mw_pusherrno(L, errno));
     }
-    close(f->fd);  /* done: close it now rather than at collection */
-    f->fd = -1;
     lua_pushboolean(L, 1);
-    return 1;
+    return sf_end(f, 1);
 }
 
 static int sendfile_k(lua_State *L, int status, lua_KContext ctx)
@@ -483,8 +495,8 @@ static int sendfile_k(lua_State *L, int status, lua_KContext ctx)
     mw_task *t = s->rt->current;
     int why = mw_sched_reason(t);
     (void)status; (void)ctx;
-    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return mw_sched_pushwake(L, why);
-    if (s->closed) return mw_pushfail(L, "closed", "closed");
+    if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return sf_end(f, mw_sched_pushwake(L, why));
+    if (s->closed) return sf_end(f, mw_pushfail(L, "closed", "closed"));
     return sendfile_step(L, s, t, f);
 }
 
