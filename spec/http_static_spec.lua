@@ -793,18 +793,29 @@ describe("res:sendfile's open file", function()
     return n
   end
 
+  -- A file of 64 MiB in a private tree (sparse: far more than a socket takes), by its real path.
+  local function big_file()
+    local _, real = own_tree()
+    local big = real .. "/big.bin"
+    local f = assert(io.open(big, "wb"))
+    f:seek("set", 64 * 1024 * 1024 - 1)
+    f:write("x")
+    f:close()
+    return big
+  end
+
+  -- Stops the collector until the returned value is closed.
+  local function no_gc()
+    local running = collectgarbage("isrunning")
+    collectgarbage("stop")
+    return setmetatable({}, { __close = function() if running then collectgarbage("restart") end end })
+  end
+
   it("is closed when the client resets the connection mid-file or stops reading past the write timeout",
     function()
     helper.run(function()
-      local _, real = own_tree()
-      local big = real .. "/big.bin"
-      local f = assert(io.open(big, "wb"))          -- 64 MiB, sparse: far more than the socket takes
-      f:seek("set", 64 * 1024 * 1024 - 1)
-      f:write("x")
-      f:close()
-      local running = collectgarbage("isrunning")
-      collectgarbage("stop")
-      local _gc <close> = setmetatable({}, { __close = function() if running then collectgarbage("restart") end end })
+      local big = big_file()
+      local _gc <close> = no_gc()
       local codes = {}
       local srv = assert(http.server{ host = "127.0.0.1", port = 0, timeouts = { write = 0.3 },
         handler = function(_, res)
@@ -831,6 +842,25 @@ describe("res:sendfile's open file", function()
       for _, code in ipairs(codes) do seen[code] = (seen[code] or 0) + 1 end
       assert.equal(CLIENTS.stall, seen.timeout)
       assert.equal(CLIENTS.reset, (seen.EPIPE or 0) + (seen.ECONNRESET or 0))
+      assert.equal(0, fds_on(big))
+    end, 20)
+  end)
+
+  -- sock:sendfile(path) opens the file itself (res:sendfile hands it an open one): the same
+  it("is closed by sock:sendfile(path) when the peer resets the connection mid-file", function()
+    helper.run(function()
+      local big = big_file()
+      local _gc <close> = no_gc()
+      local results = {}
+      for _ = 1, 5 do
+        local c, s = helper.tcp_pair()
+        local sender = helper.mw.spawn(function() return select(3, s:sendfile(big, 0, 64 * 1024 * 1024)) end)
+        assert(c:read(1))
+        c:close()                                   -- with unread bytes: a reset
+        results[#results + 1] = select(2, assert(sender:join()))
+        s:close()
+      end
+      for _, code in ipairs(results) do assert.is_true(code == "EPIPE" or code == "ECONNRESET", code) end
       assert.equal(0, fds_on(big))
     end, 20)
   end)

@@ -432,18 +432,20 @@ void mw_stream_open(lua_State *L, int rtidx)
 /* ---- sendfile ----------------------------------------------------------------------- */
 
 #include <fcntl.h>
+#include <stdio.h>
 #include <sys/sendfile.h>
 #include <unistd.h>
 
-/* The open file of a sendfile in progress: a userdata on the task's stack (index 5). Every
- * way out of the send (done, failed, timed out, cancelled, the socket closed) closes it
- * through sf_end; its __gc is the last resort (a raise, a task that never resumes). Left to
- * the collector, each client gone mid-file held a descriptor until the next cycle. */
-typedef struct { int fd; off_t off; size_t left; } sendfile_t;
+/* The file of a sendfile in progress: a userdata on the task's stack (index 5). One opened
+ * here from a path (own) is closed on every way out of the send (done, failed, timed out,
+ * cancelled, the socket closed) through sf_end, its __gc the last resort (a raise, a task
+ * that never resumes): left to the collector, each client gone mid-file held a descriptor
+ * until the next cycle. One given as an io file (index 2) stays open: it is the caller's. */
+typedef struct { int fd; int own; off_t off; size_t left; } sendfile_t;
 
 static void sf_close(sendfile_t *f)
 {
-    if (f->fd >= 0) close(f->fd);
+    if (f->fd >= 0 && f->own) close(f->fd);
     f->fd = -1;
 }
 
@@ -497,15 +499,29 @@ static int sendfile_k(lua_State *L, int status, lua_KContext ctx)
     (void)status; (void)ctx;
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE) return sf_end(f, mw_sched_pushwake(L, why));
     if (s->closed) return sf_end(f, mw_pushfail(L, "closed", "closed"));
+    /* the caller's file, closed meanwhile (by another task): its descriptor's number may
+     * name another file by now */
+    if (!f->own && ((luaL_Stream *)lua_touserdata(L, 2))->closef == NULL) {
+        sf_end(f, 0);
+        return luaL_error(L, "attempt to use a closed file");
+    }
     return sendfile_step(L, s, t, f);
 }
 
-/* sock:sendfile(path, offset, length) -> true | nil, err, code */
+/* sock:sendfile(file | path, offset, length) -> true | nil, err, code. A file (an io library
+ * file: core.open_file's, io.open's) is sent from and left open; a path is opened here. */
 static int s_sendfile(lua_State *L)
 {
     mw_sock *s = mw_sock_check(L, 1, MW_SOCK_MT);
-    size_t plen;
-    const char *path = luaL_checklstring(L, 2, &plen);
+    luaL_Stream *file = NULL;
+    const char *path = NULL;
+    size_t plen = 0;
+    if (lua_type(L, 2) == LUA_TUSERDATA) {
+        file = luaL_checkudata(L, 2, LUA_FILEHANDLE);
+        luaL_argcheck(L, file->closef != NULL, 2, "attempt to use a closed file");
+    } else {
+        path = luaL_checklstring(L, 2, &plen);
+    }
     if (s->tp != &mw_plain_transport) return mw_pushfail(L, "sendfile is not available on TLS sockets", "EOPNOTSUPP");
     lua_Integer off = luaL_optinteger(L, 3, 0);
     lua_Integer len = luaL_checkinteger(L, 4);
@@ -516,16 +532,21 @@ static int s_sendfile(lua_State *L)
     lua_settop(L, 4);
     sendfile_t *f = lua_newuserdatauv(L, sizeof *f, 0);
     f->fd = -1;
+    f->own = file == NULL;
     lua_createtable(L, 0, 1);
     lua_pushcfunction(L, sf_gc);
     lua_setfield(L, -2, "__gc");
     lua_setmetatable(L, -2);
-    if (strlen(path) != plen) return mw_pushfail(L, "path contains a NUL byte", "EINVAL");
-    f->fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (f->fd < 0) return mw_pusherrno(L, errno);
+    if (file) {
+        f->fd = fileno(file->f);
+    } else {
+        if (strlen(path) != plen) return mw_pushfail(L, "path contains a NUL byte", "EINVAL");
+        f->fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (f->fd < 0) return mw_pusherrno(L, errno);
+    }
     f->off = (off_t)off;
     f->left = (size_t)len;
-    /* index 1: the socket, 5: the file: sendfile_k finds them there */
+    /* index 1: the socket, 2: a caller's file, 5: the file's state: sendfile_k finds them there */
     return sendfile_step(L, s, t, f);
 }
 
