@@ -702,8 +702,10 @@ describe("res:sendfile misuse and a missing file, HTTP/1.1 and HTTP/2", function
   -- sendfile" (misuse!): a 500 with a traceback in the error log; a file deleted in between
   -- gave a 200 with the file's validators and an empty body. Now as when it shrinks while
   -- sent: no answer, the connection is closed (HTTP/2: the stream is reset), nothing logged.
-  -- A file that grew is sent as long as static saw it.
-  it("a file that shrinks or goes between static's stat and sendfile's: no answer, connection closed / stream reset",
+  -- A file that grew is sent as long as static saw it. (res:sendfile now opens the file and
+  -- measures the open file; the hook is on that open. A directory or a fifo put in the
+  -- file's place is the same change: the fifo must not block the loop in open.)
+  it("a file that shrinks, goes or is replaced after static's stat: no answer, connection closed / stream reset",
     function()
     helper.run(function()
       local dir = own_tree()
@@ -711,30 +713,33 @@ describe("res:sendfile misuse and a missing file, HTTP/1.1 and HTTP/2", function
       local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = static.handler("/", dir),
         error_log = function(m) errors[#errors + 1] = m end })
       local _srv <close> = setmetatable({}, { __close = function() srv:close(0) end })
-      local real_stat, change = core.stat, nil
-      -- the hook: response.lua's stat (static's own was taken at load) changes the file first
-      core.stat = function(p, ...)
+      local real_open, change = core.open_file, nil
+      -- the hook: response.lua's open (static's stat comes before it) changes the file first
+      core.open_file = function(p, ...)
         if change and p:find("/data%.bin$") then
           change(p)
           change = nil
         end
-        return real_stat(p, ...)
+        return real_open(p, ...)
       end
-      local _stat <close> = setmetatable({}, { __close = function() core.stat = real_stat end })
+      local _open <close> = setmetatable({}, { __close = function() core.open_file = real_open end })
       local data = helper.pattern(SIZE)
       local CHANGES = {
         shrink = function(p) write(p, "x") end,
         remove = function(p) os.remove(p) end,
+        dir = function(p) os.remove(p) sh(("mkdir '%s'"):format(p)) end,
+        fifo = function(p) os.remove(p) sh(("mkfifo '%s'"):format(p)) end,
         grow = function(p) write(p, data .. data) end,
       }
       -- change, Range → the answer (nil: none)
       local CASES = {
-        { "shrink" }, { "shrink", "bytes=100-199" }, { "remove" },
+        { "shrink" }, { "shrink", "bytes=100-199" }, { "remove" }, { "dir" }, { "fifo", "bytes=100-199" },
         { "grow", nil, 200, data }, { "grow", "bytes=100-199", 206, data:sub(101, 200) },
       }
       for i, c in ipairs(CASES) do
         for _, h2 in ipairs { false, true } do
           local what = ("case %d (%s %s), %s"):format(i, c[1], tostring(c[2]), h2 and "HTTP/2" or "HTTP/1.1")
+          sh(("rm -rf '%s/data.bin'"):format(dir))
           write(dir .. "/data.bin", data)
           change = CHANGES[c[1]]
           if h2 then
@@ -766,10 +771,74 @@ describe("res:sendfile misuse and a missing file, HTTP/1.1 and HTTP/2", function
       end
       assert.same({}, errors)
       -- and the server goes on
+      sh(("rm -rf '%s/data.bin'"):format(dir))
       write(dir .. "/data.bin", data)
       local r = assert(http.request { url = ("http://127.0.0.1:%d/data.bin"):format(srv.port) })
       assert.equal(data, r:body())
     end, 30)
+  end)
+end)
+
+-- Review (reproduced under `ulimit -n 40`): res:sendfile sent the head (status, Content-Length,
+-- the file's validators) and only then opened the file (HTTP/1.1: in C; HTTP/2: io.open).
+-- A file that could not be opened (EMFILE, EACCES) got a 200 or 206 promising a body and none
+-- (HTTP/1.1: the connection closed after the head; HTTP/2: the stream reset after it). Now
+-- res:sendfile opens the file first: static's answer is a 500 on both versions, and the
+-- connection goes on. A child process runs it: the test lowers its own descriptor limit
+-- (prlimit) and uses up what is left after its connections are up.
+describe("res:sendfile of a file that cannot be opened", function()
+  it("answers static's request 500 over HTTP/1.1 and HTTP/2, nothing that promises a body", function()
+    local dir = own_tree()
+    local out, how, code = helper.subprocess(([[
+local core = require "moonwire.core"
+local mw = require "moonwire"
+local http = require "moonwire.http"
+local static = require "moonwire.http.static"
+assert(os.execute(("prlimit --pid %%d --nofile=256:256"):format(core.getpid())))
+mw.run(function()
+  local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = static.handler("/", %q) })
+  local base = ("http://127.0.0.1:%%d"):format(srv.port)
+  local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
+  local c = http.client { http2 = true }
+  -- one answer over HTTP/1.1 (status, Content-Length, body) from the kept-alive connection s
+  local function h1(path)
+    assert(s:write("GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+    local status, len = assert(s:read("l")):match("^HTTP/1%%.1 (%%d+)"), 0
+    repeat
+      local l = assert(s:read("l"))
+      len = tonumber(l:match("^[Cc]ontent%%-[Ll]ength: (%%d+)")) or len
+    until l == ""
+    local body, err = s:read(len)
+    return ("%%s %%d %%q"):format(status, len, body or err)
+  end
+  local function h2(path)
+    local r, err = c:request { url = base .. path, timeout = 5 }
+    if not r then return "error " .. tostring(err) end
+    local body, berr = r:body()
+    return ("%%d %%s %%q"):format(r.status, r.headers["content-length"], body or berr)
+  end
+  -- both connections are up before the descriptors run out
+  print("warm", h1("/hello.txt"), h2("/hello.txt"))
+  local fill = {}
+  while true do
+    local f = io.open("/dev/null")
+    if not f then break end
+    fill[#fill + 1] = f
+  end
+  print("full", h1("/data.bin"), h2("/data.bin"))
+  for _, f in ipairs(fill) do f:close() end
+  print("again", h1("/hello.txt"), h2("/hello.txt"))
+  s:close()
+  c:close()
+  srv:close(0)
+end)
+]]):format(dir), 20)
+    assert.equal("exit", how, out)
+    assert.equal(0, code, out)
+    local HELLO_ANSWER = ("200 12 %q"):format(HELLO)
+    local ERROR_ANSWER = ("500 22 %q"):format("Internal Server Error\n")
+    assert.equal(("warm\t%s\t%s\nfull\t%s\t%s\nagain\t%s\t%s\n"):format(HELLO_ANSWER, HELLO_ANSWER,
+      ERROR_ANSWER, ERROR_ANSWER, HELLO_ANSWER, HELLO_ANSWER), out)
   end)
 end)
 

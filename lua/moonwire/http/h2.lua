@@ -138,14 +138,15 @@ end
 -- control paces it).
 function R2:sendfile(path, offset, length)
   if bodyless(self) then return self:send("") end     -- the head alone, as on HTTP/1.1
-  local ok, err, code
-  offset, length, code = Response._sendfile_range(self, path, offset, length)
-  if not offset then return nil, length, code end
+  local file, ok, err, code
+  file, offset, length = Response._sendfile_range(self, path, offset, length)
+  if not file then return nil, offset, length end
+  local _file <close> = file       -- closed however the send ends (a reset stream, a timeout)
   self:header("content-length", tostring(length))
   ok, err, code = start_stream(self)
   if not ok or self._mode == "none" then return ok, err, code end
   if length > 0 then
-    ok, err, code = self:_copyfile(path, offset, length)
+    ok, err, code = self:_copyfile(file, offset, length)
     if not ok then
       self[CLOSE] = true
       self[SOCK]:reset()

@@ -504,23 +504,40 @@ local function abandon(self)
   if self[REQ][R_VERSION] == "2" then self[SOCK]:reset(2) end     -- INTERNAL_ERROR
 end
 
--- res:sendfile's checks and head fields, for both versions (HTTP/2's: h2.lua): the offset
--- and length of the range to send, a content type from the path unless one is set; nil, err,
--- code when the file cannot be read. Raises (at sendfile's caller) for misuse. When the
--- range comes from the caller's own stat of the file (static.lua sets _stat_range), a file
--- that is gone or no longer holds it changed in between: not misuse, and the head static
--- made (its length, validators, a Content-Range) would be wrong: abandoned, nil, err, code.
+-- What open_file says of a file that is gone or no longer a regular file (EINVAL): it changed
+-- since the caller's stat. Any other failure to open (EMFILE, EACCES, ...) is the server's.
+local changed = { ENOENT = true, ENOTDIR = true, EINVAL = true }
+
+-- res:sendfile's checks, its file and head fields, for both versions (HTTP/2's: h2.lua): the
+-- file, open (before anything goes out: the range is measured on it, and a file that cannot
+-- be opened is answered, not promised), the offset and length of the range to send, a
+-- content type from the path unless one is set; nil, err, code when the file cannot be
+-- opened (nothing sent). The caller closes the file. Raises (at sendfile's caller) for
+-- misuse. When the range comes from the caller's own stat of the file (static.lua sets
+-- _stat_range), the head static made (its length, validators, a Content-Range) fits no
+-- other answer: a file that is gone, no longer a regular file or no longer holds the range
+-- changed in between, not misuse: abandoned, nil, err, code; one that cannot be opened gets
+-- a 500 in its place (the answer to a handler that raised), nil, err, code.
 local function sendfile_range(self, path, offset, length)
   if type(path) ~= "string" then argerror(1, "sendfile", "string expected, got " .. type(path), 4) end
   if self.sent then error("response already sent", 3) end
-  local size, err, code = core.stat(path)
-  if not size then
-    if self._stat_range then abandon(self) end
-    return nil, err, code
+  local file, size, code = core.open_file(path)
+  if not file then
+    if self._stat_range then
+      if changed[code] then
+        abandon(self)
+      else
+        self:_reset(500)
+        self:header("content-type", "text/plain; charset=utf-8")
+        self:send("Internal Server Error\n")
+      end
+    end
+    return nil, size, code
   end
   offset = offset or 0
   length = length or (size - offset)
   if offset < 0 or length < 0 or offset + length > size then
+    file:close()
     if self._stat_range and offset >= 0 and length >= 0 then
       abandon(self)
       return nil, "file shorter than expected", "EIO"
@@ -528,7 +545,7 @@ local function sendfile_range(self, path, offset, length)
     error("bad range for sendfile", 3)
   end
   if not self:get_header("content-type") and mime_ok then self:header("content-type", mime.type(path)) end
-  return offset, length
+  return file, offset, length
 end
 Response._sendfile_range = sendfile_range
 
@@ -536,9 +553,10 @@ Response._sendfile_range = sendfile_range
 -- 204, 304, a 2xx to CONNECT) sends the head alone, as res:send("") does.
 function Response:sendfile(path, offset, length)
   if bodyless(self) then return self:send("") end
-  local err, code
-  offset, length, code = sendfile_range(self, path, offset, length)
-  if not offset then return nil, length, code end
+  local file, err, code
+  file, offset, length = sendfile_range(self, path, offset, length)
+  if not file then return nil, offset, length end
+  local _file <close> = file       -- closed however the send ends (a client gone, a timeout)
   self._clen = nil       -- (the range's length is the body's: the head says it, not the handler)
   header_lua(self, "content-length", nil)
   local head = http_head(self[STATUS], self, self[NH], length, connflags(self), self[SRV].server_name, HBASE)
@@ -547,9 +565,9 @@ function Response:sendfile(path, offset, length)
   ok, err, code = write(self, head)
   if not ok or self[REQ][R_METHOD] == "HEAD" or length == 0 then return ok, err, code end
   if self[SOCK]:tls_info() then
-    ok, err, code = self:_copyfile(path, offset, length)   -- no sendfile(2) through TLS
+    ok, err, code = self:_copyfile(file, offset, length)   -- no sendfile(2) through TLS
   else
-    ok, err, code = self[SOCK]:sendfile(path, offset, length)
+    ok, err, code = self[SOCK]:sendfile(file, offset, length)
   end
   if not ok then
     self[CLOSE] = true
@@ -559,20 +577,18 @@ function Response:sendfile(path, offset, length)
   return true
 end
 
--- Copies a file range through the socket in 64 KiB pieces (TLS connections).
-function Response:_copyfile(path, offset, length)
-  local f, err = io.open(path, "rb")
-  if not f then return nil, err, "ENOENT" end
-  f:seek("set", offset)
+-- Copies a range of an open file through the socket in 64 KiB pieces (TLS connections, and
+-- HTTP/2's streams); the caller closes the file.
+function Response:_copyfile(file, offset, length)
+  file:seek("set", offset)
   local left = length
   while left > 0 do
-    local piece = f:read(math.min(left, 65536))
-    if not piece then f:close() return nil, "file shorter than expected", "EIO" end
+    local piece = file:read(math.min(left, 65536))
+    if not piece then return nil, "file shorter than expected", "EIO" end
     local ok, werr, code = self[SOCK]:write(piece)
-    if not ok then f:close() return nil, werr, code end
+    if not ok then return nil, werr, code end
     left = left - #piece
   end
-  f:close()
   return true
 end
 

@@ -265,8 +265,9 @@ local function send(h, req, res, real, name, size, mtime)
   res:header("content-type", mime.type(name))
   validators(h, res, etag, modified)
   res:header("accept-ranges", "bytes")
-  -- (the range is from this stat: a file that shrinks before sendfile's own is abandoned,
-  -- not a misuse that raises; response.lua's sendfile_range)
+  -- (the range is from this stat: a file that shrinks or goes before sendfile opens it is
+  -- abandoned, not a misuse that raises, and one it cannot open gets a 500; response.lua's
+  -- sendfile_range)
   res._stat_range = true
   return res:sendfile(real, offset, length)
 end
