@@ -1321,6 +1321,90 @@ end)
   end)
 
   describe("https client", function()
+    -- Regression (truncation attack): a response without a length ends at the close. Over TLS
+    -- only the server's close_notify says the body is whole; a bare TCP FIN can be anyone's
+    -- on the path (the transport asked OpenSSL to read it as a close_notify, and the client
+    -- returned the cut body as complete, status 200). A python3 ssl server answers each
+    -- connection with "HTTP/1.1 200 OK", no length, then ends it as told: "notify" sends
+    -- close_notify and closes, "bare" drops TLS and sends a FIN. It writes its port to a file
+    -- and serves the connections it is told, then exits.
+    local CUT_SERVER = [[
+import socket, ssl, sys
+d, portfile, modes = sys.argv[1], sys.argv[2], sys.argv[3:]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(d + "/server-chain.pem", d + "/server.key")
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(len(modes))
+ls.settimeout(15)
+with open(portfile + ".tmp", "w") as f: f.write(str(ls.getsockname()[1]))
+import os; os.rename(portfile + ".tmp", portfile)
+for mode in modes:
+    raw, _ = ls.accept()
+    raw.settimeout(15)
+    s = ctx.wrap_socket(raw, server_side=True)
+    req = b""
+    while b"\r\n\r\n" not in req: req += s.recv(4096)
+    s.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nPAY $100 TO ACCOUNT 1234")
+    if mode == "notify":
+        s.setblocking(False)
+        try: s.unwrap()               # close_notify out; the peer's is not waited for
+        except ssl.SSLWantReadError: pass
+        s.close()
+    else:
+        bare = socket.socket(fileno=s.detach())
+        bare.shutdown(socket.SHUT_RDWR)
+        bare.close()
+]]
+
+    -- Runs CUT_SERVER for the modes in a task; returns its port and the task (join: exit code,
+    -- stdout, stderr).
+    local function cut_server(...)
+      local script, portfile = os.tmpname(), os.tmpname()
+      os.remove(portfile)
+      writefile(script, CUT_SERVER)
+      local cmd = ("/usr/bin/python3 %s %s %s %s"):format(script, D, portfile, table.concat({ ... }, " "))
+      local t = mw.spawn(function()
+        local code, out, err = helper.shell(cmd, 20)
+        os.remove(script)
+        return code, out, err
+      end)
+      local deadline = mw.now() + 10
+      while not readfile(portfile) do
+        assert(mw.now() < deadline, "the python3 server did not start")
+        mw.sleep(0.01)
+      end
+      local port = math.tointeger(tonumber(readfile(portfile)))
+      os.remove(portfile)
+      return port, t
+    end
+
+    it("a body delimited by the close is whole after close_notify, refused after a bare FIN", function()
+      run(function()
+        local port, t = cut_server("notify", "bare", "bare")
+        local url = ("https://localhost:%d/"):format(port)
+        local c = http.client { tls = trusting(), http2 = false }
+        local res = assert(c:get(url))
+        assert.equal(200, res.status)
+        assert.equal("PAY $100 TO ACCOUNT 1234", assert(res:body()))
+        res = assert(c:get(url))
+        local msg = helper.fails("http", res:body())
+        assert.matches("closed in the response body", msg, 1, true)
+        -- read in pieces: the pieces that came are returned, then the reader raises
+        res = assert(c:get(url))
+        local got = {}
+        local ok, err = pcall(function()
+          for piece in res:body_reader() do got[#got + 1] = piece end
+        end)
+        assert.is_false(ok)
+        assert.matches("closed in the response body", tostring(err), 1, true)
+        assert.equal("PAY $100 TO ACCOUNT 1234", table.concat(got))
+        c:close()
+        local code, out, perr = joined(t)
+        assert.equal(0, code, out .. perr)
+      end)
+    end)
+
     it("pools connections: several requests go over one TLS connection", function()
       run(function()
         local ports = {}

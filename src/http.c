@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include "http.h"
 #include "stream.h"
+#include "tls.h"
 #include "mwlua.h"
 
 #include <ctype.h>
@@ -1076,7 +1077,7 @@ static int lean_step(lua_State *L, mw_http *h, mw_task *t)
             continue;
         }
         if (r == 0) {
-            if (h->head_done && llhttp_message_needs_eof(&h->p)) {
+            if (h->head_done && llhttp_message_needs_eof(&h->p) && !mw_tls_truncated(s)) {
                 llhttp_finish(&h->p);
                 h->msg_done = 1;
                 continue;
@@ -1237,8 +1238,10 @@ static int read_body_step(lua_State *L, mw_http *h, mw_task *t, int mode)
             continue;
         }
         if (r == 0) {
-            if (h->p.type == HTTP_RESPONSE && llhttp_message_needs_eof(&h->p)) {
-                llhttp_finish(&h->p);  /* the body was delimited by the close */
+            /* the body was delimited by the close; over TLS only by the peer's close_notify
+             * (a bare FIN may be anyone's cut: as a body cut short under a length) */
+            if (h->p.type == HTTP_RESPONSE && llhttp_message_needs_eof(&h->p) && !mw_tls_truncated(s)) {
+                llhttp_finish(&h->p);
                 h->msg_done = 1;
                 continue;
             }

@@ -50,6 +50,7 @@ typedef struct mw_tlsconn {
     mw_tlsctx *t;              /* a client's context (sessions), kept alive by the socket */
     char *sess_key;            /* its sessions' key, or NULL: none cached */
     int handshake_done;
+    int unclean_eof;            /* the stream ended without the peer's close_notify (mw_tls_truncated) */
     pid_t pid;                  /* the process that made the session (see tls_close) */
     char err[256];
 } mw_tlsconn;
@@ -154,9 +155,18 @@ static ssize_t ssl_result(mw_sock *s, mw_tlsconn *c, int r, uint32_t *want)
         return 0;                       /* close_notify */
     case SSL_ERROR_SYSCALL:
         ERR_clear_error();
-        if (errno == 0 || errno == EAGAIN) return 0;  /* the peer closed without close_notify */
+        if (errno == 0 || errno == EAGAIN) {
+            c->unclean_eof = 1;         /* the peer closed without close_notify */
+            return 0;
+        }
         return -1;
     default:
+        if (ERR_GET_REASON(ERR_peek_last_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+            /* the same bare end, as OpenSSL reports it when its BIO says EOF */
+            ERR_clear_error();
+            c->unclean_eof = 1;
+            return 0;
+        }
         tls_reason(c->ssl, c->err, sizeof c->err);
         errno = EPROTO;
         (void)s;
@@ -241,6 +251,12 @@ static void tls_close(mw_sock *s)
     free(c->sess_key);
     free(c);
     s->tls = NULL;
+}
+
+int mw_tls_truncated(const mw_sock *s)
+{
+    const mw_tlsconn *c = s->tls;
+    return c && c->unclean_eof;
 }
 
 /* decrypted bytes not yet read, or 1 for records read from the fd and not yet decrypted */
@@ -398,10 +414,12 @@ static SSL_CTX *new_ssl_ctx(lua_State *L, int server, int t, char *err, size_t e
     /* one read(2) for a record's header and body (and whatever follows): safe with our
      * edge-triggered waits because we only wait after SSL_read asked for more bytes */
     SSL_CTX_set_read_ahead(ctx, 1);
-    /* a peer closing without close_notify is an end of stream (HTTP framing catches a
-     * truncated body); without this OpenSSL 3 reports it as an error */
-    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE |
-                             SSL_OP_IGNORE_UNEXPECTED_EOF);
+    /* no SSL_OP_IGNORE_UNEXPECTED_EOF: it would report a peer closing without close_notify
+     * as a close_notify (ZERO_RETURN, SSL_RECEIVED_SHUTDOWN set). A bare TCP FIN, which
+     * anyone on the path can send, must stay told apart from the peer's own end: ssl_result
+     * reads it as the end of the stream and marks it (mw_tls_truncated), and a message that
+     * only the close delimits (an HTTP/1 body without a length) fails on it */
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
     if (ciphers && SSL_CTX_set_cipher_list(ctx, ciphers) != 1) {
         snprintf(err, errn, "bad cipher list");
         ERR_clear_error();
