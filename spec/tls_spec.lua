@@ -340,6 +340,51 @@ describe("tls", function()
       end)
     end)
 
+    -- Regression: the name was checked with X509_check_host's default flags, which let a
+    -- wildcard stand for part of a label: a certificate whose only name is w*.example.test
+    -- verified for www.example.test (RFC 6125 §6.4.3 allows it, browsers and RFC 9525 do
+    -- not). A whole-label wildcard still matches. Both certificates are made here, signed
+    -- by the test root.
+    it("refuses a partial-label wildcard (w*.example.test for www.example.test)", function()
+      local dir = os.tmpname()
+      os.remove(dir)
+      local function make(name, san)
+        local ext = writefile(("%s/%s.cnf"):format(dir, name), ("[x]\nbasicConstraints = critical, CA:FALSE\n"
+          .. "keyUsage = critical, digitalSignature\nextendedKeyUsage = serverAuth\nsubjectAltName = %s\n"):format(san))
+        local p = ("%s/%s"):format(dir, name)
+        local cmd = table.concat({
+          ("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out %s.key"):format(p),
+          ("openssl req -new -key %s.key -subj /CN=moonwire-wildcard-test -out %s.csr"):format(p, p),
+          ("openssl x509 -req -in %s.csr -CA %s -CAkey %s"):format(p, cert("ca.pem"), cert("ca.key"))
+            .. (" -set_serial %d -days 2 -extfile %s -extensions x -out %s.pem"):format(math.random(1 << 30), ext, p),
+        }, " && ")
+        assert(os.execute("(" .. cmd .. ") >" .. p .. ".log 2>&1"), readfile(p .. ".log"))
+        return { cert = p .. ".pem", key = p .. ".key" }
+      end
+      assert(os.execute("mkdir -p " .. dir))
+      local ok, err = pcall(run, function()
+        local function connect(tls)
+          local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0, tls = tls })
+          local _ <close> = helper.closer(l)
+          local _, port = l:getsockname()
+          local t = mw.spawn(function()
+            local a = l:accept(5)
+            if a then a:read(1, 2) a:close() end
+          end)
+          local r = table.pack(mw.tcp.connect("127.0.0.1", port,
+            { tls = trusting { host = "www.example.test" }, timeout = 5 }))
+          if r[1] then r[1]:close() end
+          t:join()
+          return table.unpack(r, 1, r.n)
+        end
+        local msg = helper.fails("tls", connect(make("partial", "DNS:w*.example.test")))
+        assert.matches("hostname mismatch", msg)
+        assert(connect(make("whole", "DNS:*.example.test")))
+      end)
+      os.execute("rm -rf " .. dir)
+      assert(ok, err)
+    end)
+
     -- Regression: attach() set the name to verify only for a non-empty host, so host = ""
     -- passed the "a client needs a host" check and then verified the chain alone: a
     -- certificate the CA issued for another name was accepted. An empty host is a missing

@@ -703,8 +703,14 @@ static const char *attach(mw_sock *s, mw_tlsctx *t, const char *host)
             int ip = inet_pton(AF_INET, host, tmp) == 1 || inet_pton(AF_INET6, host, tmp) == 1;
             if (!ip) SSL_set_tlsext_host_name(c->ssl, host);  /* SNI is for names only */
             if (!t->insecure) {
-                if (ip) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), host);
-                else SSL_set1_host(c->ssl, host);
+                if (ip) {
+                    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), host);
+                } else {
+                    /* a wildcard stands for a whole label only: w*.example.test is no name
+                     * for www.example.test (RFC 9525 §6.3, as browsers check) */
+                    SSL_set_hostflags(c->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+                    SSL_set1_host(c->ssl, host);
+                }
             }
             /* a session of this server (the name verified, the peer's port) is resumed: a
              * resumption is not verified again, so the key holds the name it was verified
