@@ -1288,6 +1288,71 @@ end)
     end)
   end)
 
+  describe("writes that time out", function()
+    -- Regression: on WANT_WRITE the TLS transport said EAGAIN, though OpenSSL had already
+    -- taken a record's plaintext (encrypted, partly sent) and waits for the same call again.
+    -- A write that timed out reported those bytes as not sent; the next write offered other
+    -- bytes, and OpenSSL sent the old record and counted the new bytes' first 16 KiB as sent:
+    -- the peer got 16 KiB more of the first write and 16 KiB less of the second, or, for a
+    -- second write shorter than the record, "tls: bad length". Now the record's bytes count
+    -- as sent (they go out first). The peer here reads nothing until the first write timed
+    -- out (its kernel buffers fill), then must receive exactly the bytes reported sent and
+    -- the second write's bytes; with no second write, exactly the bytes reported sent.
+    for _, case in ipairs {
+      { "a large second write", ("B"):rep(1024 * 1024) },
+      { "a short second write", "PING\n" },
+      { "no second write", nil },
+    } do
+      local what, second = case[1], case[2]
+      it("the peer receives what a timed-out write reported sent, then " .. what, function()
+        run(function()
+          local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0, tls = server_tls("server") })
+          local _l <close> = helper.closer(l)
+          local _, port = l:getsockname()
+          local t = mw.spawn(function()
+            local a = assert(l:accept(5))
+            assert.equal("hello", a:read("l", 5))   -- (the server's handshake is done)
+            return a
+          end)
+          local c = assert(mw.tcp.connect("127.0.0.1", port, { tls = trusting(), timeout = 5 }))
+          local _c <close> = helper.closer(c)
+          assert(c:write("hello\n"))
+          local a = joined(t)
+          local _a <close> = helper.closer(a)
+          -- the peer reads nothing: the write fills the buffers and times out
+          c:settimeout(0.2)
+          local total = 32 * 1024 * 1024
+          local ok, _, code, sent = c:write(("A"):rep(total))
+          assert.is_nil(ok)
+          assert.equal("timeout", code)
+          assert.is_true(sent > 0 and sent < total)
+          local want = sent + (second and #second or 0)
+          -- now the peer reads, as many bytes as it should get
+          local reader = mw.spawn(function()
+            local parts, n = {}, 0
+            while n < want do
+              local piece, err = a:recv(1024 * 1024, 5)
+              if not piece then return table.concat(parts), n, err end
+              parts[#parts + 1] = piece
+              n = n + #piece
+            end
+            return table.concat(parts), n
+          end)
+          c:settimeout(10)
+          if second then assert(c:write(second)) end
+          local got, n, err = joined(reader)
+          assert.equal(want, n, ("the peer got %d bytes, %d reported sent (%s)"):format(n, want, tostring(err)))
+          assert.is_true(got == ("A"):rep(sent) .. (second or ""), "the bytes differ from those reported sent")
+          -- and nothing after them
+          c:close()
+          local piece, _, rcode = a:recv(1024 * 1024, 5)
+          assert.is_nil(piece)
+          assert.equal("closed", rcode)
+        end)
+      end)
+    end
+  end)
+
   describe("certificate reload", function()
     it("srv.tls:reload(): new connections get the new certificate, an open keep-alive one goes on", function()
       run(function()
