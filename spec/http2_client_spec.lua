@@ -505,6 +505,83 @@ describe("http2 client against our server", function()
   end)
 end)
 
+-- Regression: over HTTP/2 the client sent what HTTP/1.1's request_head refuses: header
+-- values with CR, LF or NUL, names that are no token, a method with spaces and line breaks, a
+-- Host (our :authority) with a line break, request trailers alike; build_nv (h2client.c) and
+-- trailer_pairs checked nothing. Both versions now check with one validator
+-- (mw_http_check_field, mw_http_check_method in http.c), raising the same message; the
+-- fields HTTP/2 itself forbids are still lower-cased or dropped, not refused.
+describe("http2 client: request fields checked as in HTTP/1.1", function()
+  local cases = {
+    { "CR LF in a value", { headers = { ["X-A"] = "a\r\nInjected: 1" } },
+      "invalid value for header 'X-A' (CR, LF or NUL)" },
+    { "a NUL in a value", { headers = { ["x-a"] = "a\0b" } }, "invalid value for header 'x-a' (CR, LF or NUL)" },
+    { "CR LF in a name", { headers = { ["X-B\r\nInj"] = "b" } }, "invalid header name 'X-B\r\nInj'" },
+    { "a name with a colon", { headers = { ["x:y"] = "b" } }, "invalid header name 'x:y'" },
+    { "an empty name", { headers = { [""] = "b" } }, "empty header name" },
+    { "a method with a line break", { method = "GET /evil HTTP/1.1\r\nX:" },
+      "invalid method 'GET /EVIL HTTP/1.1\r\nX:'" },
+    { "an empty method", { method = "" }, "empty method" },
+    { "CR LF in Host (:authority)", { headers = { Host = "h\r\nInjHost: 1" } },
+      "invalid value for header 'Host' (CR, LF or NUL)" },
+    { "CR LF in a trailer", { body = "x", trailers = { ["x-t"] = "a\r\nb" } },
+      "invalid value for header 'x-t' (CR, LF or NUL)" },
+    { "a trailer name that is no token", { body = "x", trailers = { ["x t"] = "a" } }, "invalid header name 'x t'" },
+  }
+
+  it("each misuse raises the same error on HTTP/1.1 and HTTP/2, and no request reaches the server", function()
+    run(function()
+      local seen, last = 0, nil
+      local srv = serve(function(req, res)
+        seen, last = seen + 1, req
+        res:send("ok")
+      end)
+      local _ <close> = guard(srv)
+      for _, case in ipairs(cases) do
+        local name, opts, want = case[1], case[2], case[3]
+        local got = {}
+        for _, h2 in ipairs{ false, true } do
+          local c = http.client{ http2 = h2 }
+          local o = { url = base(srv) .. "/x" }
+          for k, v in pairs(opts) do o[k] = v end
+          local ok, err = pcall(c.request, c, o)
+          assert.is_false(ok, name .. (h2 and " (HTTP/2)" or " (HTTP/1.1)") .. " did not raise")
+          got[#got + 1] = tostring(err):gsub("^[^\n]-:%d+: ", "")
+          c:close()
+        end
+        assert.same({ want, want }, got, name)
+      end
+      assert.equal(0, seen)
+      -- what HTTP/2 forbids but HTTP/1.1 sends: names lower-cased, connection-specific fields
+      -- dropped (as before), never refused
+      local c = http.client{ http2 = true }
+      local res = assert(c:request{ url = base(srv) .. "/ok", headers = { ["X-Upper"] = "v",
+        Connection = "close", ["Keep-Alive"] = "5", ["Proxy-Connection"] = "x" } })
+      assert.equal("2", res.version)
+      assert.equal("ok", res:body())
+      assert.equal(1, seen)
+      assert.equal("v", rawget(last.headers, "x-upper"))
+      assert.is_nil(last.headers.connection)
+      assert.is_nil(last.headers["keep-alive"])
+      assert.is_nil(last.headers["proxy-connection"])
+      c:close()
+    end)
+  end)
+
+  it("a trailers function that gives a bad field raises over HTTP/2; the connection serves on", function()
+    run(function()
+      local srv = serve(function(req, res) res:send(req:body() or "") end)
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      helper.raises("invalid header name 'x y'", c.request, c, { url = base(srv) .. "/t",
+        body = function() return nil end, trailers = function() return { ["x y"] = "1" } end })
+      -- the connection goes on serving
+      assert.equal("ok", assert(c:post(base(srv) .. "/t", "ok")):body())
+      c:close()
+    end)
+  end)
+end)
+
 describe("http2 client retries", function()
   local function fake(mode)
     local p = procs.start("h2_fake_server", procs.PYTHON .. " " .. procs.peers .. "/h2_fake_server.py " .. mode, 30)

@@ -660,20 +660,44 @@ static int l_h2_client(lua_State *L)
     return 1;
 }
 
+/* Raises unless the n name/value pairs of the flat list at idx are fields HTTP/1.1 would
+ * send too (mw_http_check_field: the same rules and messages); returns the names' length. */
+static size_t check_fields(lua_State *L, int idx, int n)
+{
+    size_t names = 0;
+    for (int i = 0; i < n; i++) {
+        size_t kl, vl;
+        lua_rawgeti(L, idx, 2 * i + 1);
+        lua_rawgeti(L, idx, 2 * i + 2);
+        const char *k = lua_tolstring(L, -2, &kl), *v = lua_tolstring(L, -1, &vl);
+        if (!k || !v) luaL_error(L, "bad header list");
+        mw_http_check_field(L, k, kl, v, vl);
+        names += kl;
+        lua_pop(L, 2);
+    }
+    return names;
+}
+
+/* core.h2_check_fields(flat, n): raises unless every pair is a field that may be sent
+ * (request trailers: checked before the request goes out) */
+static int l_h2_check_fields(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    check_fields(L, 1, (int)luaL_checkinteger(L, 2));
+    return 0;
+}
+
 /* Builds the request's nv list (pseudo-headers, then the flat name/value pairs at `fidx`,
  * nh of them: names lower-cased, connection-specific ones and TE other than "trailers"
  * dropped) into a block from `alloc` (a userdata, or malloc for the bench). The strings
- * stay owned by the Lua stack (or are copied by the caller). */
+ * stay owned by the Lua stack (or are copied by the caller). The method and every field,
+ * dropped ones too, are checked first as HTTP/1.1 checks them (nothing is allocated yet). */
 static nvlist *build_nv(lua_State *L, int base, int fidx, int nh, int use_malloc)
 {
-    size_t arena = 0;
-    for (int i = 0; i < nh; i++) {
-        size_t kl;
-        lua_rawgeti(L, fidx, 2 * i + 1);
-        if (!lua_tolstring(L, -1, &kl)) luaL_error(L, "bad header list");
-        arena += kl;
-        lua_pop(L, 1);
-    }
+    size_t mn;
+    const char *method = luaL_checklstring(L, base, &mn);
+    mw_http_check_method(L, method, mn);
+    size_t arena = check_fields(L, fidx, nh);
     int cap = nh + 4;
     size_t size = sizeof(nvlist) + (size_t)cap * sizeof(nghttp2_nv) + arena;
     nvlist *l = use_malloc ? malloc(size) : lua_newuserdatauv(L, size, 0);
@@ -1822,6 +1846,8 @@ void mw_h2client_open(lua_State *L)
     lua_setfield(L, -2, "h2_client");
     lua_pushcfunction(L, l_h2_bench);
     lua_setfield(L, -2, "h2_bench");
+    lua_pushcfunction(L, l_h2_check_fields);
+    lua_setfield(L, -2, "h2_check_fields");
     lua_pushinteger(L, MAX_INTERIM);            /* client.lua's HTTP/1.1 limit: the same one */
     lua_setfield(L, -2, "http_max_interim");
 }

@@ -1577,6 +1577,19 @@ static int name_ok(const char *s, size_t n)
     return 1;
 }
 
+void mw_http_check_field(lua_State *L, const char *k, size_t kn, const char *v, size_t vn)
+{
+    if (kn == 0) luaL_error(L, "empty header name");
+    if (!name_ok(k, kn)) luaL_error(L, "invalid header name '%s'", k);
+    if (!value_clean(v, vn)) luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", k);
+}
+
+void mw_http_check_method(lua_State *L, const char *m, size_t mn)
+{
+    if (mn == 0) luaL_error(L, "empty method");
+    if (!name_ok(m, mn)) luaL_error(L, "invalid method '%s'", m);
+}
+
 /* Where a head is built: a luaL_Buffer, or a fixed array (the send fast path), which
  * records an overflow instead of growing. */
 typedef struct {
@@ -1630,11 +1643,7 @@ static void add_headers(lua_State *L, sink *k, int idx, lua_Integer first, lua_I
         /* both stay referenced by the table after the pops below */
         const char *key = lua_tolstring(L, -2, &kn);
         const char *v = lua_tolstring(L, -1, &vn);
-        if (!checked) {
-            if (kn == 0) luaL_error(L, "empty header name");
-            if (!name_ok(key, kn)) luaL_error(L, "invalid header name '%s'", key);
-            if (!value_clean(v, vn)) luaL_error(L, "invalid value for header '%s' (CR, LF or NUL)", key);
-        }
+        if (!checked) mw_http_check_field(L, key, kn, v, vn);
         if (kn == 14 && strncasecmp(key, "content-length", 14) == 0) {
             *seen |= 1;
             if (no_length) {
@@ -2017,9 +2026,7 @@ static int l_http_request_head(lua_State *L)
     luaL_checktype(L, 4, LUA_TTABLE);
     lua_Integer nh = luaL_checkinteger(L, 5);
     lua_Integer length = luaL_checkinteger(L, 6);
-    luaL_argcheck(L, mn > 0, 1, "empty method");
-    for (size_t i = 0; i < mn; i++)
-        if (!is_tchar((unsigned char)method[i])) luaL_argerror(L, 1, "invalid method");
+    mw_http_check_method(L, method, mn);
     luaL_argcheck(L, tn > 0, 2, "empty target");
     for (size_t i = 0; i < tn; i++)
         if ((unsigned char)target[i] <= ' ' || target[i] == 0x7f) luaL_argerror(L, 2, "invalid character in target");

@@ -18,5 +18,11 @@ void mw_http_push_decoded(lua_State *L, const char *s, size_t n);
  * at kidx, its first value at oldidx; creates the list with that first value). Leaves the
  * stack as it found it. h2.c uses it too. */
 void mw_http_add_multi(lua_State *L, int reqidx, int kidx, int oldidx, const char *v, size_t vn);
+/* Raises unless k[0, kn) is a field name (a token) and v[0, vn) a value that may go on the
+ * wire (no CR, LF or NUL): the one check of a request's header and trailer fields, HTTP/1.1
+ * (http_request_head) and HTTP/2 (h2client.c), so both refuse the same misuse alike. */
+void mw_http_check_field(lua_State *L, const char *k, size_t kn, const char *v, size_t vn);
+/* Raises unless m[0, mn) is a request method (a token), for both versions alike. */
+void mw_http_check_method(lua_State *L, const char *m, size_t mn);
 
 #endif

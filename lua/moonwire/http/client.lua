@@ -8,6 +8,7 @@ local core = require "moonwire.core"
 local url = require "moonwire.url"
 
 local http_conn, request_head, h2_client = core.http_conn, core.http_request_head, core.h2_client
+local check_fields = core.h2_check_fields
 local park, unpark, current = core.park, core.unpark, core.current
 
 local M = {}
@@ -726,7 +727,8 @@ local function h2_checkout(self, key, connect, alpn)
 end
 
 -- Request trailers as a flat list (the option: a table, or a function called once the body
--- has been sent that returns one).
+-- has been sent that returns one). Raises on a field HTTP/1.1 would refuse in a head (a
+-- name that is no token, CR, LF or NUL in a value), with the same message.
 local function trailer_pairs(tr)
   if type(tr) == "function" then tr = tr() end
   if tr == nil then return nil, 0 end
@@ -736,6 +738,7 @@ local function trailer_pairs(tr)
     flat[2 * n + 1], flat[2 * n + 2] = tostring(k), tostring(v)
     n = n + 1
   end
+  check_fields(flat, n)
   return flat, n
 end
 
@@ -760,7 +763,13 @@ local function h2_send(hc, method, scheme, authority, target, flat, nh, body, tr
       end
     end
   end
-  local tflat, tn = trailer_pairs(trailers)
+  -- (a table was checked before the request went out, see exchange; a function that raises
+  -- or gives a bad field raises here, and the stream, sent but for its end, is reset)
+  local done, tflat, tn = pcall(trailer_pairs, trailers)
+  if not done then
+    st:reset()
+    error(tflat, 0)
+  end
   local ok
   if tn > 0 then
     ok, err, code = st:set_trailers(tflat, tn)
@@ -936,6 +945,9 @@ local function exchange(self, o, u, method, body)
   end
   local length = body_length(body)
   local raw = framed and check_framing(o.headers, length)
+  -- trailers given as a table are checked here, as the head is, before anything is sent
+  -- and whatever the version (only HTTP/2 sends them): a bad one raises alike on both
+  if type(o.trailers) == "table" then trailer_pairs(o.trailers) end
   if use_h2 then
     -- the scratch list is the client's, shared by its tasks: an HTTP/2 exchange can wait
     -- (for the connection another task is opening, for a free stream, for a retry, for
