@@ -2595,6 +2595,39 @@ end)
     end, 30)
   end)
 
+  -- Regression: proxy_for never looked at the proxy URL's scheme: an https:// proxy (TLS
+  -- to the proxy) or a socks5:// one was spoken to as a plaintext HTTP proxy, its
+  -- Proxy-Authorization in the clear, from the option or from http_proxy / https_proxy.
+  -- Only http:// proxies are used; any other fails the request with EINVAL, unsent.
+  it("a proxy URL other than http:// fails the request (EINVAL) and is never connected to", function()
+    run(function()
+      local f = fake_http(function(req) return ok_response("proxied " .. req.target) end)
+      local _f <close> = f
+      local c = http.client()
+      for _, p in ipairs{ "https://pu:SECRETPW@127.0.0.1:" .. f.port, "socks5://127.0.0.1:" .. f.port,
+                          "socks5h://pu:pw@127.0.0.1:" .. f.port, "HTTPS://127.0.0.1:" .. f.port } do
+        for _, target in ipairs{ "http://example.invalid/x", "https://example.invalid/x" } do
+          local msg = helper.fails("EINVAL", c:request{ url = target, proxy = p })
+          local scheme = p:match("^(%a[%w]*)://"):lower()
+          assert.equal("unsupported proxy scheme '" .. scheme .. "' (only http:// proxies are supported)", msg)
+          assert.is_nil(msg:find("SECRETPW", 1, true))
+        end
+      end
+      -- an http:// proxy is still used: the first connection the fake sees is this one
+      assert.equal("proxied http://example.invalid/ok", assert(c:get("http://example.invalid/ok",
+        { proxy = "http://127.0.0.1:" .. f.port })):body())
+      assert.equal(1, f.accepted)
+      assert.equal(1, #f.requests)
+      -- the same from the environment
+      local https_child = (CHILD:gsub("PROXY", "nil"):gsub("http://example", "https://example"))
+      assert.equal("error EINVAL\n", child("https_proxy=socks5://u:p@127.0.0.1:" .. f.port, https_child))
+      assert.equal("error EINVAL\n", child("http_proxy=https://u:p@127.0.0.1:" .. f.port,
+        (CHILD:gsub("PROXY", "nil"))))
+      assert.equal(1, f.accepted)
+      c:close()
+    end, 30)
+  end)
+
   it("proxy = false connects directly", function()
     run(function()
       local srv, log = recorder()

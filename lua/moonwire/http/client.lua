@@ -628,7 +628,9 @@ local function env_proxies()
 end
 
 -- The proxy URL for u, from the option or the environment (http_proxy or https_proxy by
--- the URL's scheme, no_proxy).
+-- the URL's scheme, no_proxy), or nil, err. Only an http:// proxy is spoken to: an https://
+-- one (TLS to the proxy) or a SOCKS one is refused, never sent plaintext HTTP and its
+-- Proxy-Authorization in the clear.
 local function proxy_for(self, o, u)
   local p = o.proxy
   if p == false or o.unix then return nil end    -- (a Unix socket is reached directly)
@@ -640,6 +642,9 @@ local function proxy_for(self, o, u)
   if p == nil or p == "" then return nil end
   local pu, err = parse_cached(p)
   if not pu then return nil, "bad proxy: " .. err end
+  if pu.scheme ~= "http" then
+    return nil, "unsupported proxy scheme '" .. pu.scheme .. "' (only http:// proxies are supported)"
+  end
   return pu
 end
 
