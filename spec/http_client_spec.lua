@@ -2444,6 +2444,57 @@ describe("http client: decompress", function()
     end)
   end)
 
+  -- Regression: body_reader decoded each chunk whole with max_body as the cap of that one
+  -- call, so with decompress on a 4 MB gzip body under max_body = 256 KiB failed on its first
+  -- chunk ("decompressed data too large") while the same body plain streamed. It now feeds
+  -- the inflater (each stage of several codings) a slice at a time: pieces stay bounded
+  -- (deflate gives at most 1032 bytes a byte), the body any size; max_body still caps body().
+  it("body_reader streams a compressed body far above max_body in bounded pieces; body() keeps the cap", function()
+    run(function()
+      local zeros = ("\0"):rep(24 * MiB)        -- deflate's best ratio: the largest pieces
+      local log = {}
+      for i = 1, 60000 do log[i] = ("2024-01-01T00:00:%02d INFO served /api/items 200\n"):format(i % 60) end
+      local text = table.concat(log)
+      local cases = {
+        ["/zeros"] = { "gzip", core.gzip(zeros), zeros },
+        ["/log"] = { "gzip", core.gzip(text), text },
+        ["/gg"] = { "gzip, gzip", core.gzip(core.gzip(zeros)), zeros },
+        ["/zlib"] = { "deflate", core.deflater("zlib"):compress(text, "finish"), text },
+      }
+      local f = fake_http(function(req)
+        local path, chunked = req.target:match("^(/%a+)(.*)$")
+        local case = cases[path]
+        local h = { "Content-Encoding: " .. case[1] }
+        if chunked == "/chunked" then
+          h[#h + 1] = "Transfer-Encoding: chunked"
+          return response("HTTP/1.1 200 OK", h, chunk_encode(case[2], 65536))
+        end
+        h[#h + 1] = "Content-Length: " .. #case[2]
+        return response("HTTP/1.1 200 OK", h, case[2])
+      end)
+      local _f <close> = f
+      local c = http.client { decompress = true, max_body = 256 * 1024 }
+      for _, framing in ipairs { "", "/chunked" } do
+        for path, case in pairs(cases) do
+          local res = assert(c:get(f.url .. path .. framing))
+          local parts, largest = {}, 0
+          for piece in res:body_reader() do
+            parts[#parts + 1] = piece
+            largest = math.max(largest, #piece)
+          end
+          local body = table.concat(parts)
+          assert.equal(#case[3], #body, path .. framing)
+          assert.is_true(body == case[3], path .. framing)
+          assert.is_true(largest <= 4.5 * MiB, path .. framing .. ": a piece of " .. largest .. " bytes")
+          -- res:body() still holds the whole to max_body
+          local _, err, code = assert(c:get(f.url .. path .. framing)):body()
+          assert.same({ "response body: decompressed data too large", "toolarge" }, { err, code }, path .. framing)
+        end
+      end
+      c:close()
+    end, 30)
+  end)
+
   it("corrupt compressed data: body() returns nil, err", function()
     run(function()
       local bad = "\31\139\8\0\0\0\0\0\0\3" .. ("garbage!"):rep(20)

@@ -367,6 +367,55 @@ local function h1_read_chunk(self, timeout)
   return c.hc:read_body("chunk", -1, timeout)
 end
 
+-- body_reader decodes in bounded pieces, whatever the body's size (max_body limits body()
+-- alone): each stage is fed at most SLICE bytes per call, and deflate gives at most 1032
+-- bytes per byte of input, so one call's output stays below PIECE_MAX (the inflater's cap,
+-- which valid data never reaches); what a slice gives is handed over before the next slice
+-- is fed. (Decoding a chunk whole, capped at max_body, failed a large body on its first chunk.)
+local SLICE = 4096
+local PIECE_MAX = SLICE * 1032 + 65536
+
+-- A decoder's stages in decoding order (a Chain lists them in coding order).
+local function stages_of(dec)
+  if getmetatable(dec) ~= Chain then return { dec } end
+  local list = {}
+  for i = #dec, 1, -1 do list[#list + 1] = dec[i] end
+  return list
+end
+
+-- Feeds data through `stages` one slice at a time: a function giving the next decoded piece
+-- (never ""), or nil once the data given so far is used up; add(data) gives more, ended()
+-- whether every stage fed ended with its last data. Raises "response body: ..." on bad data.
+local function slicer(stages)
+  local n = #stages
+  local pend, pos, fed, ended = {}, {}, {}, {}
+  for j = 1, n do pend[j], pos[j] = "", 1 end
+  local function piece(j)
+    while true do
+      local p = pend[j]
+      if pos[j] <= #p then
+        local slice = (pos[j] == 1 and #p <= SLICE) and p or p:sub(pos[j], pos[j] + SLICE - 1)
+        pos[j] = pos[j] + #slice
+        local out, derr = stages[j]:decompress(slice, PIECE_MAX)
+        if not out then error("response body: " .. tostring(derr), 0) end
+        -- (a gzip body may hold several members: "end" holds only at a member's end)
+        fed[j], ended[j] = true, derr == "end"
+        if out ~= "" then return out end
+      else
+        local input = j > 1 and piece(j - 1)
+        if not input then return nil end
+        pend[j], pos[j] = input, 1
+      end
+    end
+  end
+  local function add(data) pend[1], pos[1] = data, 1 end
+  local function all_ended()
+    for j = 1, n do if fed[j] and not ended[j] then return false end end
+    return true
+  end
+  return function() return piece(n) end, add, all_ended
+end
+
 -- A body's chunks as an iterator, decoded, in constant memory; raises on an I/O error (and
 -- on compressed data cut short). Each read waits at most read_timeout (default: timeout).
 -- One path for both versions: `read` is h2_read_chunk or h1_read_chunk, `done(self,
@@ -374,10 +423,18 @@ end
 local function chunk_reader(self, read, done, keep)
   local timeout = rawget(self, "_read_timeout") or self:_body_timeout()
   local dec, cerr = decoder_for(self)
-  local max = self._max_body
-  local fed, ended = false, false
+  local next_piece, add, ended
+  if dec then next_piece, add, ended = slicer(stages_of(dec)) end
   return function()
     while true do
+      if dec then
+        local ok, out = pcall(next_piece)
+        if not ok then
+          done(self, false)
+          error(out, 2)
+        end
+        if out then return out end
+      end
       local chunk, err = read(self, timeout)
       if chunk == false then return nil end
       if chunk == nil then
@@ -385,7 +442,7 @@ local function chunk_reader(self, read, done, keep)
           done(self, false)
           error("response body: " .. tostring(err), 2)
         end
-        if fed and not ended then
+        if dec and not ended() then
           done(self, false)
           error("response body: the compressed data ends early", 2)
         end
@@ -397,14 +454,7 @@ local function chunk_reader(self, read, done, keep)
         error("response body: " .. cerr, 2)
       end
       if dec then
-        local out, derr = dec:decompress(chunk, max)
-        if not out then
-          done(self, false)
-          error("response body: " .. tostring(derr), 2)
-        end
-        -- (a gzip body may hold several members: "end" holds only at a member's end)
-        if chunk ~= "" then fed, ended = true, derr == "end" end
-        if out ~= "" then return out end
+        add(chunk)
       else
         return chunk
       end
