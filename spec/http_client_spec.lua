@@ -1825,8 +1825,10 @@ describe("http client: connection errors and bad URLs", function()
   it("bad URLs and unsupported schemes: nil, err, 'EINVAL'", function()
     run(function()
       local c = http.client()
+      -- ("[127.1]" and "[1]" were taken as IPv6 literals, then connected to as IPv4 addresses)
       for _, u in ipairs { "not a url", "ftp://127.0.0.1/x", "gopher://127.0.0.1:1/", "http://",
-                           "http://127.0.0.1:99999/", "http://[::1/", "/relative/only" } do
+                           "http://127.0.0.1:99999/", "http://[::1/", "/relative/only", "http://[127.1]:1/",
+                           "http://[1]:1/" } do
         local ok, msg, code = c:get(u)
         assert.is_nil(ok, u)
         assert.is_string(msg, u)

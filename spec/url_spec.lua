@@ -126,6 +126,25 @@ describe("url.parse", function()
     rejects("http://[]/")
   end)
 
+  -- Regression: any run of hex digits, ':' and '.' in brackets passed for an IPv6 literal:
+  -- "[127.1]" and "[1]" parsed (ipv6 = true) and the client then connected to them as the
+  -- IPv4 addresses 127.0.0.1 and 0.0.0.1. Only RFC 4291 text forms are taken now (what
+  -- inet_pton(AF_INET6) takes), so a bracketed host is always an IPv6 address.
+  it("a bracketed host must be an IPv6 address in RFC 4291 text form (as inet_pton takes it)", function()
+    for _, h in ipairs { "::", "::1", "1::", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7::", "::2:3:4:5:6:7:8",
+                         "fe80::1:2", "0:0:0:0:0:0:0:0", "::ffff:1.2.3.4", "::1.2.3.4",
+                         "1:2:3:4:5:6:255.255.255.255", "64:ff9b::192.0.2.33" } do
+      local u = assert(url.parse("http://[" .. h .. "]:8/"), h)
+      assert.same({ h, true, "[" .. h .. "]:8" }, { u.host, u.ipv6, u.authority })
+    end
+    for _, h in ipairs { "127.1", "1", "...", ":", ":::", "127.0.0.1", "1:::2", "1::2::3", ":1::", "1:",
+                         "1:2:3:4:5:6:7", "1:2:3:4:5:6:7:8:9", "1::2:3:4:5:6:7:8", "12345::", "::g",
+                         "::1.2.3", "::1.2.3.256", "::01.2.3.4", "::1.2.3.4.5", "1.2.3.4::", "::1.2.3.4:5",
+                         "1:2:3:4:5:6:7:1.2.3.4", "1::." } do
+      assert.matches("invalid IPv6 literal", rejects("http://[" .. h .. "]/"), 1, true)
+    end
+  end)
+
   it("userinfo: user and password percent-decoded; a password may hold ':'; user alone", function()
     local u = parses("http://us%20er:p%40ss%3Aword@h/")
     assert.equal("us er", u.user)

@@ -56,6 +56,50 @@ function M.parse_query(s)
   return t
 end
 
+-- Whether s is a dotted IPv4 address: four decimal octets, 0..255, no leading zeros (which
+-- some resolvers read as octal), as inet_pton takes it.
+local function ipv4_ok(s)
+  local n = 0
+  for octet in (s .. "."):gmatch("([^.]*)%.") do
+    n = n + 1
+    if not octet:match("^%d%d?%d?$") or (#octet > 1 and octet:sub(1, 1) == "0") or tonumber(octet) > 255 then
+      return false
+    end
+  end
+  return n == 4
+end
+
+-- The number of 16-bit groups in one side of an IPv6 address's "::" (0 for ""), or nil when
+-- a group is malformed; with `last`, the final group may be a dotted IPv4 address (two).
+local function ipv6_groups(s, last)
+  if s == "" then return 0 end
+  local n, parts = 0, {}
+  for g in (s .. ":"):gmatch("([^:]*):") do parts[#parts + 1] = g end
+  for i, g in ipairs(parts) do
+    if last and i == #parts and g:find(".", 1, true) then
+      if not ipv4_ok(g) then return nil end
+      n = n + 2
+    elseif g:match("^%x%x?%x?%x?$") then
+      n = n + 1
+    else
+      return nil
+    end
+  end
+  return n
+end
+
+-- Whether s is an IPv6 address in RFC 4291 §2.2 text form: eight groups of 1-4 hex digits,
+-- one "::" standing for one or more zero groups, the last 32 bits as a dotted IPv4 address
+-- allowed (::ffff:1.2.3.4). A bracketed host that is no such address ("[127.1]", "[1]") is
+-- refused: it would otherwise be looked up, and connected to, as an IPv4 address.
+local function ipv6_ok(s)
+  local head, tail = s:match("^(.-)::(.*)$")
+  if not head then return ipv6_groups(s, true) == 8 end
+  if tail:find("::", 1, true) then return false end
+  local a, b = ipv6_groups(head, false), ipv6_groups(tail, true)
+  return a ~= nil and b ~= nil and a + b <= 7
+end
+
 --- Parses an absolute URL. Returns a table {scheme, user, password, host, port (number,
 -- the scheme's default when absent), path ("/" when empty), query (or nil), fragment,
 -- target (path [+ "?" query]), authority ("host[:port]" as the Host header wants it),
@@ -82,7 +126,7 @@ function M.parse(s)
   local host, port
   if hostport:sub(1, 1) == "[" then
     host, port = hostport:match("^%[([%x:.]+)%]:?(%d*)$")
-    if not host then return nil, "invalid IPv6 literal in URL: " .. s end
+    if not host or not ipv6_ok(host) then return nil, "invalid IPv6 literal in URL: " .. s end
     u.ipv6 = true
   else
     host, port = hostport:match("^([^:]*):?(%d*)$")
