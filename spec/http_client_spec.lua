@@ -2677,6 +2677,10 @@ end)
       assert.equal("error EINVAL\n", child("http_proxy=https://u:p@127.0.0.1:" .. f.port,
         (CHILD:gsub("PROXY", "nil"))))
       assert.equal(1, f.accepted)
+      -- a proxy URL that does not parse: the message names it without its password
+      local msg = helper.fails("EINVAL", c:request{ url = "http://example.invalid/x",
+        proxy = "http://pu:SECRETPW@127.0.0.1:99999" })
+      assert.equal("bad proxy: invalid port in URL: http://pu:***@127.0.0.1:99999", msg)
       c:close()
     end, 30)
   end)

@@ -691,7 +691,8 @@ local function proxy_for(self, o, u)
   end
   if p == nil or p == "" then return nil end
   local pu, err = parse_cached(p)
-  if not pu then return nil, "bad proxy: " .. err end
+  -- (the URL in the message without its password: errors end up in logs)
+  if not pu then return nil, "bad proxy: " .. err:gsub("(//[^/?#@]-:)[^/?#]*@", "%1***@") end
   if pu.scheme ~= "http" then
     return nil, "unsupported proxy scheme '" .. pu.scheme .. "' (only http:// proxies are supported)"
   end
