@@ -517,6 +517,28 @@ describe("moonwire.pg", function()
         assert(db:query("DROP TABLE big"))
       end, 120)
     end)
+    it("a COPY sent through query fails at once and discards its connection", function()
+      -- (the loop spun at 100% for good: in COPY state libpq is never busy and PQgetResult
+      -- hands out the COPY result again on every call, so pump never left; mw.timeout could
+      -- not fire either. Run in a process of its own, killed after 10 s)
+      local out, how, status = helper.subprocess([[
+        local mw = require "moonwire"
+        local pg = require "moonwire.pg"
+        mw.run(function()
+          for _, sql in ipairs { "COPY cq FROM STDIN", "COPY (SELECT 1) TO STDOUT" } do
+            local db = assert(pg.connect(os.getenv("URL")))
+            assert(db:query("CREATE TEMP TABLE cq (a int)"))
+            local r, err, code = mw.timeout(5, function() return db:query(sql) end)
+            print(("%s|%s|%s|%s"):format(tostring(r), err, code, (db:status())))
+            db:close()
+          end
+        end)
+      ]], 10, { URL = srv.url })
+      assert.equal("exit", how, out)
+      assert.equal(0, status, out)
+      local want = "nil|COPY needs copy_from/copy_to (connection discarded)|08006|broken\n"
+      assert.equal(want .. want, out)
+    end)
   end)
 
   describe("COPY given up", function()

@@ -227,6 +227,14 @@ static void pump(mw_pg *p)
             complete(p);
             continue;
         }
+        if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT) {
+            /* a COPY sent as a query: libpq hands out its COPY result again on every call
+             * (this loop would never end), and the server waits for COPY data (or sends
+             * rows) where the next result should come. Only copy_from/copy_to run COPY */
+            PQclear(r);
+            set_broken(p, "COPY needs copy_from/copy_to (connection discarded)");
+            return;
+        }
         sl->gotnull = 0;
         if (sl->res && PQresultStatus(sl->res) == PGRES_FATAL_ERROR) PQclear(r);
         else { PQclear(sl->res); sl->res = r; }
