@@ -1028,9 +1028,8 @@ static int x_k(lua_State *L, int status, lua_KContext ctx)
     int why = mw_sched_reason(t);
     if (why != MW_WAKE_READY && why != MW_WAKE_NONE) {
         /* the Lua layer finishes the COPY in a task of its own: a COPY FROM is aborted
-         * (its end says so), a COPY TO is stopped here. Not a COPY's end: a cancel that
-         * arrived after it would stop the next statement */
-        if ((int)ctx == X_GET) send_cancel(p);
+         * (its end says so), a COPY TO stopped (pg.lua's stop_copy_out: a cancel sent
+         * here could arrive after the COPY's end and stop the next statement) */
         return mw_sched_pushwake(L, why);
     }
     int nres = 0;
@@ -1058,6 +1057,28 @@ static int pg_copy_get(lua_State *L) { return x_op(L, X_GET); }
 static int pg_copy_put(lua_State *L) { return x_op(L, X_PUT); }
 /* conn:copy_end([errmsg]) -> true (then x_result gives the command's result) */
 static int pg_copy_end(lua_State *L) { return x_op(L, X_END); }
+
+/* conn:copy_drain() -> true (the COPY TO's rows ended) | false (more are coming) | nil, msg,
+ * code: drops the rows that arrived, without waiting. Bounded: a server that sends faster
+ * than this reads is stopped by a cancel instead */
+static int pg_copy_drain(lua_State *L)
+{
+    mw_pg *p = checkpg(L);
+    if (PQpipelineStatus(p->c) != PQ_PIPELINE_OFF)
+        return luaL_error(L, "the connection is not in exclusive mode");
+    if (p->broken) return fail_broken(L, p);
+    for (int i = 0; i < 64; i++) {
+        char *buf = NULL;
+        int r;
+        while ((r = PQgetCopyData(p->c, &buf, 1)) > 0) PQfreemem(buf);
+        if (r == -1) { lua_pushboolean(L, 1); return 1; }
+        if (r < -1) return mw_pushfail(L, PQerrorMessage(p->c), BROKEN_CODE);
+        if (!ready_now(p)) break;
+        if (!PQconsumeInput(p->c)) { set_broken(p, PQerrorMessage(p->c)); return fail_broken(L, p); }
+    }
+    lua_pushboolean(L, 0);
+    return 1;
+}
 
 /* pg.escape_identifier(conn, s) */
 static int pg_escape_identifier(lua_State *L)
@@ -1087,7 +1108,7 @@ void mw_pg_open(lua_State *L, int rtidx)
         { "set_timeout", pg_set_timeout }, { "set_decoder", pg_set_decoder },
         { "cancel", pg_cancel }, { "status", pg_status }, { "txstatus", pg_txstatus }, { "notification", pg_notification },
         { "x_begin", pg_x_begin }, { "x_result", pg_x_result }, { "copy_get", pg_copy_get },
-        { "copy_put", pg_copy_put }, { "copy_end", pg_copy_end },
+        { "copy_put", pg_copy_put }, { "copy_end", pg_copy_end }, { "copy_drain", pg_copy_drain },
         { "escape_identifier", pg_escape_identifier },
         { NULL, NULL },
     };

@@ -376,7 +376,22 @@ function Db:notifications(timeout)
   end
 end
 
--- settle's finisher for COPY: a COPY FROM is aborted, a COPY TO read out, and the results
+-- Ends a COPY TO whose rows nobody reads any more (its loop left early, a wait given up):
+-- the rows that arrived are dropped, and a cancel request stops the rest only while rows are
+-- still coming. A cancel acts on whatever the server runs when it arrives: had the COPY ended
+-- meanwhile, it would stop the next statement on the connection. So the cancel must be seen
+-- to land (the COPY fails with 57014), else it may still be on its way and the connection is
+-- not clean. True when clean (the COPY's result read, when it was cancelled).
+local function stop_copy_out(c)
+  local ended = c:copy_drain()
+  if ended ~= false then return ended == true end
+  if not c:cancel() then return false end
+  while c:copy_get() do end
+  local _, _, code = c:x_result()
+  return code == "57014"
+end
+
+-- settle's finisher for COPY: a COPY FROM is aborted, a COPY TO stopped, and the results
 -- read to their end, back into pipeline mode.
 local function end_exclusive(c)
   c:copy_end("abandoned")            -- in a COPY FROM: aborted (else a harmless failure)
@@ -385,9 +400,8 @@ local function end_exclusive(c)
     if r == false then return c:status() == "ok" end
     if r == "copy_in" then
       c:copy_end("abandoned")
-    elseif r == "copy_out" then      -- stopped (as copy_to's early exit does), read out
-      c:cancel()
-      while c:copy_get() do end
+    elseif r == "copy_out" then
+      if not stop_copy_out(c) then return false end
     elseif r == nil and c:status() ~= "ok" then
       return false
     end
@@ -515,7 +529,7 @@ function Db:copy_from(sql, src)
 end
 
 --- db:copy_to(sql) -> iterator of chunks (lines of COPY's text format), for a generic for;
--- leaving the loop early cancels the COPY (the iterator's closing value).
+-- leaving the loop early stops the COPY (the iterator's closing value): see stop_copy_out.
 function Db:copy_to(sql)
   local st, held, code = copy_begin(self, sql)
   if not st then error(("copy_to: %s (%s)"):format(held, code), 2) end
@@ -529,8 +543,7 @@ function Db:copy_to(sql)
   local closer = setmetatable({}, { __close = function()
     if done then return end
     done = true
-    c:cancel()
-    if copy_skip(self, held) then x_finish(self, held) end
+    x_abandon(self, held)            -- the rows left: stopped, in a task of its own
   end })
   return function()
     if done then return nil end
