@@ -361,6 +361,35 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("a pool:query given up is read out: its connection is handed out again", function()
+      -- (with no other task's query on the connection, nobody read the given-up query's
+      -- result: status() counted it in flight for good, and acquire, which needs none in
+      -- flight, waited its acquire_timeout out. Two queries given up: neither is cancelled,
+      -- so no cancel request can reach the statements after them)
+      run(function()
+        local pool = pg.pool { url = srv.url, size = 1, acquire_timeout = 3 }
+        assert(pool:query("SELECT 1"))             -- the connection is open
+        local tasks = {}
+        for i = 1, 2 do
+          tasks[i] = mw.spawn(function()
+            return mw.timeout(0.05, pool.query, pool, "SELECT pg_sleep(0.2)")
+          end)
+        end
+        for i = 1, 2 do
+          local _, r, _, code = tasks[i]:join()
+          assert.is_nil(r); assert.equal("timeout", code)
+        end
+        local t0 = mw.now()
+        local db = assert(pool:acquire())
+        assert.is_true(mw.now() - t0 < 1.5, "took " .. mw.now() - t0)
+        assert.equal(0, select(2, db:status()))
+        assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
+        pool:release(db)
+        assert.equal(1, #pool.conns)
+        pool:close()
+      end)
+    end)
+
     it("never hands one connection to two acquires while it checks it (check_after)", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, check_after = 0, acquire_timeout = 0.3 }

@@ -686,6 +686,24 @@ local function pool_pick(self, exclusive, deadline)
   end
 end
 
+-- A query whose wait was cut short is still in flight, and with no other task's query on
+-- the connection nobody reads its result: status() would count it for good, and acquire
+-- (which needs none in flight) never take the connection again. A task of its own waits
+-- for it (a sync), then those waiting for a connection look again.
+local function pool_query_end(self, db, ...)
+  if not (...) and cut_short(select(3, ...)) and not db._draining then
+    db._draining = true
+    core.spawn(function()
+      local c = db._c
+      local _, n = c:status()
+      if n > 0 and not db._owner then pcall(c.sync, c) end
+      db._draining = nil
+      pool_wake(self)
+    end)
+  end
+  return ...
+end
+
 --- pool:query(sql, ...) -> as db:query, on the least busy connection (waiting for one up
 -- to acquire_timeout when every connection is held)
 function Pool:query(sql, ...)
@@ -693,7 +711,7 @@ function Pool:query(sql, ...)
   local db, err, code = pool_pick(self, false, t and now() + t)
   if not db then return nil, err, code end
   db.used = now()
-  return db:query(sql, ...)
+  return pool_query_end(self, db, db:query(sql, ...))
 end
 
 --- pool:acquire() -> db for exclusive use until pool:release(db) | nil, msg, code
