@@ -390,6 +390,32 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("a pool closed while it opens a connection closes that connection too", function()
+      -- (pool_open added the new connection to the closed pool's list, the query ran on it,
+      -- and nothing ever closed it: its server backend stayed connected)
+      run(function()
+        local admin = connect()
+        local pool = pg.pool { url = srv.url .. "&application_name=mw_close_race", size = 2 }
+        local t = mw.spawn(function() return pool:query("SELECT 1 AS x") end)
+        mw.yield()                            -- t is inside pool_open's connect
+        assert.equal(1, pool.opening)
+        pool:close()
+        local _, r, err, code = t:join()
+        assert.is_nil(r); assert.equal("pool closed", err); assert.equal("closed", code)
+        assert.equal(0, #pool.conns)
+        -- the backend goes once the server has read the connection's end
+        local n
+        for _ = 1, 200 do
+          n = assert(admin:query("SELECT count(*) AS n FROM pg_stat_activity "
+            .. "WHERE application_name = 'mw_close_race'"))[1].n
+          if n == 0 then break end
+          mw.sleep(0.01)
+        end
+        assert.equal(0, n)
+        admin:close()
+      end)
+    end)
+
     it("never hands one connection to two acquires while it checks it (check_after)", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, check_after = 0, acquire_timeout = 0.3 }

@@ -619,6 +619,10 @@ local function pool_open(self)
     pool_wake(self)
     return nil, err, code
   end
+  if self.closed then                -- closed while it connected: nobody would close it
+    db:close()
+    return nil, "pool closed", "closed"
+  end
   db._on_release = function() pool_wake(self) end
   self.conns[#self.conns + 1] = db
   pool_wake(self)   -- those waiting while it opened may share it
