@@ -722,6 +722,26 @@ describe("moonwire.pg", function()
         l:close()
       end)
     end)
+
+    it("connect_timeout in the conninfo or URL ends a connect to a server that never answers", function()
+      -- (libpq enforces it only in its blocking connect, PQconnectStart leaves it to the
+      -- caller: the connect waited for good)
+      run(function()
+        local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0 })
+        local _, lport = l:getsockname()
+        for _, info in ipairs {
+          ("host=127.0.0.1 port=%d user=x sslmode=disable connect_timeout=1"):format(lport),
+          ("postgresql://x@127.0.0.1:%d/db?sslmode=disable&connect_timeout=1"):format(lport),
+        } do
+          local t0 = mw.now()
+          local r, err, code = mw.timeout(4, pg.connect, info)
+          local dt = mw.now() - t0
+          assert.is_nil(r); assert.equal("timeout", code); assert.equal("connection timed out", err)
+          assert.is_true(dt > 0.9 and dt < 3, "took " .. dt)
+        end
+        l:close()
+      end)
+    end)
   end)
 
   it("the server restarted under load: in-flight queries fail, none hangs, the pool recovers", function()

@@ -582,12 +582,33 @@ static int connect_k(lua_State *L, int status, lua_KContext ctx)
 /* the server's notices (NOTICE, WARNING) are not printed to stderr */
 static void quiet(void *arg, const char *msg) { (void)arg; (void)msg; }
 
-/* connect(conninfo [, timeout]) -> conn | nil, msg, code */
+/* libpq enforces connect_timeout (conninfo, URL or PGCONNECT_TIMEOUT) only in its blocking
+ * connect: the deadline it gives, whole seconds as libpq reads them (0 or less, or not a
+ * number: none), else d */
+static int64_t conninfo_deadline(mw_pg *p, int64_t d)
+{
+    PQconninfoOption *opts = PQconninfo(p->c);
+    if (!opts) return d;
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        if (strcmp(o->keyword, "connect_timeout") != 0 || !o->val) continue;
+        char *end;
+        errno = 0;
+        long s = strtol(o->val, &end, 10);
+        while (*end == ' ' || *end == '\t') end++;
+        if (end != o->val && !*end && errno == 0 && s > 0) d = mw_sched_after(p->rt, (double)s);
+        break;
+    }
+    PQconninfoFree(opts);
+    return d;
+}
+
+/* connect(conninfo [, timeout]) -> conn | nil, msg, code; no timeout: the conninfo's */
 static int l_connect(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
     const char *info = luaL_checkstring(L, 1);
     int64_t d = mw_sched_deadline(L, rt, 2, -1);
+    int own_timeout = lua_isnoneornil(L, 2);
     mw_task *t = mw_sched_self(L, rt);
     lua_settop(L, 1);
     mw_pg *p = lua_newuserdatauv(L, sizeof *p, 1);
@@ -600,6 +621,7 @@ static int l_connect(lua_State *L)
     p->c = PQconnectStart(info);
     if (!p->c) return luaL_error(L, "not enough memory");
     PQsetNoticeProcessor(p->c, quiet, NULL);
+    if (own_timeout) d = conninfo_deadline(p, d);
     if (PQstatus(p->c) == CONNECTION_BAD) {
         t->wake = MW_WAKE_READY;
         return connect_k(L, LUA_YIELD, (lua_KContext)d);
