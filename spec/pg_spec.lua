@@ -189,6 +189,27 @@ describe("moonwire.pg", function()
     end)
   end)
 
+  it("argument errors name the argument, and come before anything is sent", function()
+    -- (execute(42) raised "attempt to index a number value", listen(nil) escape_identifier's
+    -- error, and copy_from with a bad source sent the COPY first, then raised from inside)
+    run(function()
+      local db = connect()
+      assert(db:query("CREATE TEMP TABLE ae (a int)"))
+      helper.raises("bad argument #1 to 'execute' (statement expected, got number)", db.execute, db, 42)
+      helper.raises("bad argument #1 to 'execute' (statement expected, got table)", db.execute, db, {})
+      helper.raises("bad argument #1 to 'listen' (string expected, got nil)", db.listen, db, nil)
+      helper.raises("bad argument #1 to 'unlisten' (string expected, got number)", db.unlisten, db, 1)
+      helper.raises("bad argument #2 to 'copy_from' (string, table or function expected, got number)",
+        db.copy_from, db, "COPY ae FROM STDIN", 5)
+      helper.raises("bad argument #1 to 'copy_from' (string expected, got nil)", db.copy_from, db, nil, "1\n")
+      helper.raises("bad argument #1 to 'copy_to' (string expected, got number)", db.copy_to, db, 5)
+      -- nothing was sent, nothing is held
+      assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
+      assert.equal(1, assert(db:copy_from("COPY ae FROM STDIN", "1\n")))
+      db:close()
+    end)
+  end)
+
   describe("transactions", function()
     it("commit; a raising fn rolls back and re-raises; a failed statement rolls back", function()
       run(function()

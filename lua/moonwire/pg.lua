@@ -205,6 +205,9 @@ end
 
 --- db:execute(stmt, ...) -> as query
 function Db:execute(stmt, ...)
+  if type(stmt) ~= "table" or type(stmt.name) ~= "string" then
+    error(("bad argument #1 to 'execute' (statement expected, got %s)"):format(type(stmt)), 2)
+  end
   if self._owner and self._owner ~= current() then
     local ok, err, code = wait_free(self, self_task("execute"))
     if not ok then return nil, err, code end
@@ -353,12 +356,20 @@ function Db:transaction(fn, ...)
   return finish_tx(self, held, pcall(fn, self, ...))
 end
 
+local function check_channel(channel, fname)
+  if type(channel) ~= "string" then
+    error(("bad argument #1 to '%s' (string expected, got %s)"):format(fname, type(channel)), 3)
+  end
+end
+
 --- db:listen(channel) / db:unlisten(channel)
 function Db:listen(channel)
+  check_channel(channel, "listen")
   return self:query("LISTEN " .. self._c:escape_identifier(channel))
 end
 
 function Db:unlisten(channel)
+  check_channel(channel, "unlisten")
   return self:query("UNLISTEN " .. self._c:escape_identifier(channel))
 end
 
@@ -479,6 +490,13 @@ end
 -- source: a string, an array of strings, or a function returning the next chunk (nil at
 -- the end). Chunks go out as they come, so memory stays flat.
 function Db:copy_from(sql, src)
+  if type(sql) ~= "string" then
+    error(("bad argument #1 to 'copy_from' (string expected, got %s)"):format(type(sql)), 2)
+  end
+  local ts = type(src)
+  if ts ~= "string" and ts ~= "table" and ts ~= "function" then
+    error(("bad argument #2 to 'copy_from' (string, table or function expected, got %s)"):format(ts), 2)
+  end
   local st, held, code, fields = copy_begin(self, sql)
   if not st then return nil, held, code, fields end
   local c = self._c
@@ -531,6 +549,9 @@ end
 --- db:copy_to(sql) -> iterator of chunks (lines of COPY's text format), for a generic for;
 -- leaving the loop early stops the COPY (the iterator's closing value): see stop_copy_out.
 function Db:copy_to(sql)
+  if type(sql) ~= "string" then
+    error(("bad argument #1 to 'copy_to' (string expected, got %s)"):format(type(sql)), 2)
+  end
   local st, held, code = copy_begin(self, sql)
   if not st then error(("copy_to: %s (%s)"):format(held, code), 2) end
   local c = self._c
