@@ -454,6 +454,34 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("retires a connection a cancel request was sent on: the next query goes to another", function()
+      -- (the server signals a cancelled backend twice, the process and its group: on a busy
+      -- machine the second signal came after the 57014 and stopped the next statement sent
+      -- on that connection, another task's)
+      run(function()
+        local admin = connect()
+        local pool = pg.pool { url = srv.url .. "&application_name=mw_cancel_retire", size = 1,
+          query_timeout = 0.05 }
+        local p1 = assert(pool:query("SELECT pg_backend_pid() AS p"))[1].p
+        local r, _, code = pool:query("SELECT pg_sleep(10)")     -- cancelled at its timeout
+        assert.is_nil(r); assert.equal("timeout", code)
+        local p2 = assert(pool:query("SELECT pg_backend_pid() AS p"))[1].p
+        assert.are_not.equal(p1, p2)
+        assert.equal(1, #pool.conns)
+        -- the cancelled connection is closed: its backend goes once the server has read that
+        local n
+        for _ = 1, 200 do
+          n = assert(admin:query("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1", p1))[1].n
+          if n == 0 then break end
+          mw.sleep(0.01)
+        end
+        assert.equal(0, n)
+        assert.equal(0, select(3, pool.conns[1]._c:status()))  -- (the new one: no cancel yet)
+        pool:close()
+        admin:close()
+      end)
+    end)
+
     it("retires connections past max_lifetime", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, max_lifetime = 0.05 }

@@ -39,6 +39,7 @@ typedef struct mw_pg {
     PGconn *c;
     int registered;
     int broken;                /* failed or closed: every slot completes with errmsg */
+    unsigned cancels;          /* cancel requests sent (a pool retires such a connection) */
     int connected;
     char *errmsg;
     pg_slot *q;
@@ -269,6 +270,7 @@ static int send_cancel(mw_pg *p)
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) { PQfreeCancel(cc); return -1; }
+    p->cancels++;
     return 0;
 }
 
@@ -881,13 +883,14 @@ static int pg_check(lua_State *L)
     return pg_status(L);
 }
 
-/* conn:status() -> "ok" | "broken", inflight */
+/* conn:status() -> "ok" | "broken", inflight, cancels (the cancel requests sent so far) */
 static int pg_status(lua_State *L)
 {
     mw_pg *p = luaL_checkudata(L, 1, PG_MT);
     lua_pushstring(L, !p->c ? "closed" : p->broken ? "broken" : "ok");
     lua_pushinteger(L, (lua_Integer)(p->tail - p->recv));
-    return 2;
+    lua_pushinteger(L, (lua_Integer)p->cancels);
+    return 3;
 }
 
 /* conn:txstatus() -> "idle" | "active" | "intrans" | "inerror" | "unknown" */

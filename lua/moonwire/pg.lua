@@ -651,7 +651,10 @@ local function pool_open(self)
 end
 
 -- Drops broken connections and idle ones past max_lifetime; returns the usable
--- connection with the fewest queries in flight and that number.
+-- connection with the fewest queries in flight and that number. A connection a cancel
+-- request was sent on is retired as an old one is (taken by nobody, closed once idle): the
+-- server signals a cancelled backend twice (the process, then its group), and the second
+-- signal may come late enough to stop the next statement sent on it ("Cancelling").
 local function pool_scan(self, exclusive)
   local best, bn
   local t = now()
@@ -659,8 +662,8 @@ local function pool_scan(self, exclusive)
   local i = 1
   while i <= #conns do
     local db = conns[i]
-    local st, n = db._c:status()
-    local old = self.max_lifetime and t - db.created > self.max_lifetime
+    local st, n, cancels = db._c:status()
+    local old = cancels > 0 or (self.max_lifetime and t - db.created > self.max_lifetime)
     if st ~= "ok" or (old and n == 0 and not db._owner) then
       table.remove(conns, i)
       db:close()
