@@ -1,11 +1,16 @@
 -- ws:send's fast path (one writev from C) and its fallback when the socket takes only part of
 -- a frame: a large message to a peer that is not reading yet, then small ones, must arrive
 -- whole and in order; after a broadcast queue was used, sends still keep their order.
+-- Regression: a message sent in frames (fragment_size) whose task gave up waiting between
+-- them (mw.timeout, a cancel): the queue's writer finished the frame being written, but the
+-- message's later frames, its final one too, never went, so the next message began inside
+-- it and the peer failed the connection (1002, "new message inside a fragmented message").
 
 local helper = require "spec.helper"
 local mw = helper.mw
 local run = helper.run
 local http = require "moonwire.http"
+local core = require "moonwire.core"
 
 describe("WebSocket send", function()
   it("a frame the socket takes only in part is finished in order, before the next one", function()
@@ -88,6 +93,54 @@ describe("WebSocket send", function()
       srv:close()
     end, 20)
   end)
+
+  -- the frames not yet sent follow the one being written, before what other tasks queued
+  -- meanwhile, as one queue entry; with permessage-deflate (context taken over) the
+  -- messages after it still inflate: the message was compressed whole before it was cut
+  for _, deflate in ipairs { false, true } do
+    for _, how in ipairs { "timeout", "cancelled" } do
+      it(("a message in frames given up between them (%s%s): the rest follows, whole, before the next")
+          :format(how, deflate and ", deflate" or ""), function()
+        run(function()
+          local parts = {}                    -- 8 MiB that do not compress: the writer blocks
+          for i = 1, 128 do parts[i] = core.random(65536) end
+          local big = table.concat(parts)
+          local other, after = ("other "):rep(100), ("after "):rep(100)
+          local got = mw.channel(1)
+          local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+            local ws = assert(req:websocket { fragment_size = 65536, deflate = deflate and {} or false })
+            local sender = mw.spawn(function()
+              local r
+              if how == "timeout" then r = { mw.timeout(0.3, ws.send, ws, big, "binary") }
+              else r = { ws:send(big, "binary") } end
+              -- (before the queue's writer starts) the message's rest is one entry, then the other
+              r[4] = ws:buffered()
+              return r
+            end)
+            -- another task's message waits for the writer meanwhile
+            local queued = mw.spawn(function() return ws:send(other) end)
+            repeat mw.yield() until ws:buffered() == 1
+            if how == "cancelled" then sender:cancel() end
+            local _, r = sender:join(10)
+            got:send(r)
+            assert(ws:send(after))
+            assert.same({ true, true }, { queued:join(10) })
+            ws:receive()
+          end })
+          local ws = assert(mw.websocket.connect(("ws://127.0.0.1:%d/"):format(srv.port), { deflate = deflate }))
+          assert.equal(deflate, ws.extensions:find("permessage-deflate", 1, true) ~= nil)
+          assert.same({ nil, how, how, 2 }, got:recv(5))    -- this side read nothing yet
+          local msg, kind = ws:receive(10)
+          assert.equal("binary", kind)
+          assert.is_true(msg == big, "the message arrived whole")
+          assert.same({ other, "text" }, { ws:receive(5) })
+          assert.same({ after, "text" }, { ws:receive(5) })
+          ws:close()
+          srv:close()
+        end, 20)
+      end)
+    end
+  end
 
   it("messages given up while queued count against send_queue (on_full: close, or drop)", function()
     run(function()

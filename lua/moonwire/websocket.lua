@@ -248,7 +248,10 @@ end
 -- With the slot held: writes h, p (waiting while the socket is full); a failure ends the
 -- connection. A wait the task gives up (a timeout, a cancel) does not: the frame is half
 -- out, so the queue's writer takes over the slot and sends the rest first, and the caller
--- gets nil, err, code (its message still goes out, as a queued one's does).
+-- gets nil, err, code (its message still goes out, as a queued one's does) and that first
+-- queue entry, whose second string is still "": a fragmented message puts its other
+-- frames there, so that they follow before anything queued meanwhile. (The writer starts
+-- at the loop's next turn: until the caller returns, the entry is still first.)
 local function write_held(self, h, p)
   local ok, err, code, sent = self.sock:write(h, p)
   if ok then return true end
@@ -256,10 +259,11 @@ local function write_held(self, h, p)
     local rest = sent < #h and h:sub(sent + 1) .. p or p:sub(sent - #h + 1)
     local q = self._outq
     if not q then q = { first = 1, last = 0 } self._outq = q end
+    local e = { rest, "", false }
     q.first = q.first - 1
-    q[q.first] = { rest, "", false }
+    q[q.first] = e
     self._writer = mw.spawn(writer_task, self)
-    return nil, err, code
+    return nil, err, code, e
   end
   free_writer(self)
   finish(self, 1006, "")
@@ -329,24 +333,36 @@ local function send_frame(self, op, payload, fin, rsv1)
   return true
 end
 
+-- The frames of a message in frames of `fs` bytes from byte `from` on, as one string.
+-- (The payload is compressed whole before it is cut, so this is framing only: the
+-- compression context is not touched.)
+local function encode_frames(wc, op, payload, fs, rsv1, from)
+  local n, frames = #payload, {}
+  for pos = from, n, fs do
+    frames[#frames + 1], frames[#frames + 2] = wc:encode(pos == 1 and op or OP.continuation,
+      payload:sub(pos, pos + fs - 1), pos + fs > n, pos == 1 and rsv1)
+  end
+  return table.concat(frames)
+end
+
 -- A message in frames of `fs` bytes: the slot is held from the first to the last, so that
--- no other message comes between them (control frames wait too).
+-- no other message comes between them (control frames wait too). A task that gives up
+-- waiting in between leaves the frames not yet sent to the queue's writer, right behind
+-- the one it was writing: the message goes out whole, as a queued one does.
 local function send_fragments(self, op, payload, fs, rsv1)
   local n, wc = #payload, self.wc
   if self._writer then
-    local frames = {}
-    for pos = 1, n, fs do
-      frames[#frames + 1], frames[#frames + 2] = wc:encode(pos == 1 and op or OP.continuation,
-        payload:sub(pos, pos + fs - 1), pos + fs > n, pos == 1 and rsv1)
-    end
-    return queue_and_wait(self, table.concat(frames), "")
+    return queue_and_wait(self, encode_frames(wc, op, payload, fs, rsv1, 1), "")
   end
   self._writer = current() or false
   for pos = 1, n, fs do
     local h, p = wc:encode(pos == 1 and op or OP.continuation, payload:sub(pos, pos + fs - 1), pos + fs > n,
       pos == 1 and rsv1)
-    local ok, err, code = write_held(self, h, p)
-    if not ok then return nil, err, code end
+    local ok, err, code, e = write_held(self, h, p)
+    if not ok then
+      if e then e[2] = encode_frames(wc, op, payload, fs, rsv1, pos + fs) end
+      return nil, err, code
+    end
   end
   release(self)
   return true
