@@ -1683,6 +1683,44 @@ describe("ws server 12: permessage-deflate data", function()
     bye(c, results)
   end))
 
+  -- RFC 7692 7.2.2: with context takeover the receiver inflates each message with the LZ77
+  -- window of the last, and 7.2.3.4 lets a sender end its messages with BFINAL blocks. A
+  -- sender (python's zlib here) that finishes each message and primes the next one's
+  -- deflater with what it sent before refers back across that end. Regression: the
+  -- inflater was reset at the end of a BFINAL block, its window lost, and such a message
+  -- failed with 1007. (Each message with and without the empty stored block that 7.2.1
+  -- appends; the third refers back into both the first and the short second.)
+  it("messages ending with BFINAL blocks that refer back to the ones before (context takeover)",
+    case(nil, function(srv, results)
+      local p = assert(io.popen("/usr/bin/python3 -c " .. [['
+import zlib, random
+r = random.Random(7)
+noise = lambda n: bytes(r.randrange(97, 123) for _ in range(n))
+m1 = noise(1500)
+m2 = m1[200:400] + noise(50)
+m3 = m1[:300] + m2[-50:] + noise(40)
+window = b""
+for m in (m1, m2, m3, m1[::-1], m2):
+    c = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=window) if window else zlib.compressobj(6, zlib.DEFLATED, -15)
+    print(m.hex(), (c.compress(m) + c.flush(zlib.Z_FINISH)).hex())
+    window = (window + m)[-32768:]
+']]))
+      local messages = {}
+      for m, z in p:read("a"):gmatch("(%x+) (%x+)") do
+        local unhex = function(h) return (h:gsub("%x%x", function(x) return string.char(tonumber(x, 16)) end)) end
+        messages[#messages + 1] = { unhex(m), unhex(z) }
+      end
+      assert(p:close())
+      assert.equal(5, #messages)
+      local c = upgrade(srv, { extensions = "permessage-deflate" })
+      assert.is_false(c.client_reset)
+      for i, mz in ipairs(messages) do
+        c:send(OP.text, i % 2 == 0 and mz[2] .. "\0" or mz[2], { rsv = RSV1 })
+        c:expect_message(mz[1], "text")
+      end
+      bye(c, results)
+    end))
+
   it("the server compresses its messages above deflate_threshold only", case({ deflate_threshold = 1000 },
     function(srv, results)
       local c = upgrade(srv, offer)

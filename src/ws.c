@@ -239,7 +239,19 @@ static int inflate_message(lua_State *L, mw_ws *w)
             return 1009;  /* a decompression bomb stops here, not after */
         }
         if (r == Z_STREAM_END) {
+            /* The peer ended the message with a BFINAL block (RFC 7692 7.2.3.4): zlib takes
+             * nothing more on this stream, so it is begun again; with context takeover the
+             * next message may still refer back into the window (7.2.2), which is carried
+             * over. (Raw inflate takes a dictionary at any time.) */
+            Bytef window[1 << 15];
+            uInt wlen = 0;
+            if (!w->rx_reset) inflateGetDictionary(w->inf, window, &wlen);
             inflateReset(w->inf);
+            if (wlen && inflateSetDictionary(w->inf, window, wlen) != Z_OK) {
+                luaL_pushresult(&b);
+                lua_pop(L, 1);
+                return 1011;
+            }
             break;
         }
         if (r == Z_BUF_ERROR || (r == Z_OK && w->inf->avail_in == 0 && w->inf->avail_out > 0)) break;
