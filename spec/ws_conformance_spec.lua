@@ -1123,6 +1123,66 @@ describe("ws server 7: close handling", function()
       ws:close()
     end))
 
+  -- RFC 6455 5.5.1: after its close frame an endpoint sends nothing more, another close
+  -- frame included. A protocol error from the peer while the server waits for the peer's
+  -- close (read by close() itself, or by a task receiving meanwhile) ends the connection
+  -- without a second close frame.
+  for _, reader in ipairs { "close() reads", "a task receives" } do
+    it(("a protocol error after the server's close frame: no second close frame (%s)"):format(reader), case(nil,
+      function(srv, results)
+        local c = upgrade(srv)
+        c:send(OP.text, "close please")
+        c:expect_close(4001, { keep_open = true })
+        c:send(3, "reserved opcode")
+        c:expect_eof()
+        c:close()
+        local r = assert(results:recv(T))
+        assert.equal("closed", r.state)
+        assert.equal(1002, r.code)
+      end,
+      function(ws)
+        assert.equal("close please", ws:receive())
+        local t = reader == "a task receives" and mw.spawn(function() return ws:receive() end)
+        if t then mw.yield() end             -- (it is blocked receiving now)
+        assert.is_true(ws:close(4001, "bye"))
+        if t then assert.same({ true, nil, "closed", 1002, "reserved opcode" }, { t:join(T) }) end
+      end))
+  end
+
+  -- The same from the other side: the server fails the connection (1002) while its close
+  -- frame waits behind a frame being written; a message and a close() of other tasks
+  -- meanwhile send nothing after it (they got through as the state was still "open").
+  local ready, late
+  it("a message and a close() while the server's 1002 waits to go out: nothing after it", case(nil,
+    function(srv, results)
+      ready, late = mw.channel(1), mw.channel(1)
+      local c = upgrade(srv)
+      c:send(OP.text, "go")
+      c:send(3, "reserved opcode")
+      assert(ready:recv(T))                             -- read nothing until then
+      local f = c:next_frame()
+      assert.same({ OP.binary, 8 * 1024 * 1024 }, { f.op, f.len })
+      c:expect_close(1002)
+      c:close()
+      assert.same({ { true, nil, "closed", "closed" }, { true, true } }, late:recv(T))
+      local r = assert(results:recv(T))
+      assert.equal("closed", r.state)
+      assert.equal(1002, r.code)
+    end,
+    function(ws)
+      assert.equal("go", ws:receive())
+      local big = mw.spawn(ws.send, ws, bin(8 * 1024 * 1024), "binary")   -- holds the writer
+      local reader = mw.spawn(ws.receive, ws)
+      repeat mw.yield() until ws:buffered() == 1       -- the reader failed: its close frame waits
+      local send = mw.spawn(ws.send, ws, "late")
+      local close = mw.spawn(ws.close, ws)
+      mw.yield()
+      ready:send(true)
+      late:send { { send:join(T) }, { close:join(T) } }
+      big:join(T)
+      reader:join(T)
+    end))
+
   it("a handler that returns with the connection open closes it with 1000", case(nil,
     function(srv)
       local c = upgrade(srv)

@@ -380,12 +380,22 @@ local LINGER_BYTES = 64 * 1024 * 1024
 -- The peer broke the protocol, or went quiet: answer with the close code (after the frame
 -- being written, if any) and drop the connection. `reading`: called by the task that reads
 -- the connection (a broken frame), which then lingers so that the peer reads the code.
+-- An endpoint sends one close frame (RFC 6455 5.5.1): when closing, ours is out or queued
+-- already, and it still goes before the end; while this one waits to go out, the state is
+-- "closing", so that no other task sends a close frame, or a message, after it. (The
+-- reading task counts as reading meanwhile: a close() in another task waits for the end
+-- rather than read beside the linger.)
 local function fail(self, code, msg, reading)
   if self.state == "open" or self.state == "closing" then
-    local payload = string.pack(">I2", code) .. msg:sub(1, 120)
-    if not utf8_valid(payload:sub(3)) then payload = payload:sub(1, 2) end
-    mw.timeout(1, send_control, self, OP.close, payload)
+    if reading then self._reader = true end
+    if self.state == "open" then
+      self.state = "closing"
+      local payload = string.pack(">I2", code) .. msg:sub(1, 120)
+      if not utf8_valid(payload:sub(3)) then payload = payload:sub(1, 2) end
+      mw.timeout(1, send_control, self, OP.close, payload)
+    end
     if wait_writer(self, 1) and reading then pcall(mw._linger, self.sock, 2, LINGER_BYTES) end
+    if reading then self._reader = false end
   end
   finish(self, code, msg)
 end
