@@ -102,6 +102,52 @@ return "done"
     end)
   end)
 
+  -- Regression (review): copy_value (t:set, t:get) checked for stack room on the state it
+  -- copied to only, while each table level pushes lua_next's key and value on the state it
+  -- copies from: from depth 15 it wrote past the caller's Lua stack (a hang at 15, a
+  -- segfault at 30). Now both states are checked; past 32 levels set and get raise. In a
+  -- child process, as the old code took the process down; each copy is made from a fresh
+  -- coroutine (a stack of 40 slots) with the system allocator, whose block headers right
+  -- after the stack made the overflow a crash every time.
+  it("tables nested up to 32 levels cross into and out of a thread; deeper ones raise", function()
+    local out, how, status = helper.subprocess([[
+local core = require "moonwire.core"
+local function nest(d)
+  local t = {}
+  local c = t
+  for _ = 1, d do c.x = {}; c = c.x end
+  c.v = "leaf"
+  return t
+end
+local function depth(t)
+  local d = 0
+  while t.x do t = t.x; d = d + 1 end
+  return d, t.v
+end
+for _, d in ipairs { 15, 30, 32 } do
+  local h = core.thread()
+  print("set/get", d, coroutine.wrap(function()
+    h:set("deep", nest(d))
+    return depth(h:get("deep"))
+  end)())
+end
+local h = core.thread()
+print("set 33", pcall(function() h:set("deep", nest(33)) end))
+assert(h:start("deep = ...; for _ = 1, 40 do deep = { x = deep } end; return 'built'", "leaf"))
+print("join", require("moonwire").run(function() return h:join() end))
+print("get 40", pcall(function() return h:get("deep") end))
+print("ok")
+]], 20, { MOONWIRE_ALLOC = "system" })
+    assert.equal("exit", how, out)
+    assert.equal(0, status, out)
+    for _, d in ipairs { 15, 30, 32 } do
+      assert.matches(("set/get\t%d\t%d\tleaf\n"):format(d, d), out, 1, true)
+    end
+    assert.matches("set 33\tfalse\t[^\n]*bad argument #2 to 'set' %(tables nested deeper than 32 levels%)", out)
+    assert.matches("join\tbuilt\n", out, 1, true)
+    assert.matches("get 40\tfalse\t[^\n]*thread global 'deep': tables nested deeper than 32 levels", out)
+  end)
+
   local shim
   teardown(function() if shim then os.remove(shim) end end)
 

@@ -33,40 +33,49 @@ typedef struct mw_thread {
     mw_task *joiners;          /* tasks waiting in join() (linked by wprev/wnext) */
 } mw_thread;
 
+#define COPY_MAXDEPTH 32
+static const char copy_badtype[] = "only nil, booleans, numbers, strings and tables of those";
+
 /* Copies the value at idx of `from` onto `to` (nil, booleans, numbers, strings and tables
- * of those); returns 0, or -1 for anything else. */
-static int copy_value(lua_State *from, int idx, lua_State *to, int depth)
+ * of those, nested at most COPY_MAXDEPTH levels); returns NULL, or why it could not (then
+ * `to` may hold a partial copy above its old top, and `from` is as it was). */
+static const char *copy_value(lua_State *from, int idx, lua_State *to, int depth)
 {
     idx = lua_absindex(from, idx);
-    if (!lua_checkstack(to, 3)) return -1;
+    /* a table level holds the table, a key and a value on `to`, and lua_next's key and
+     * value on `from`: both stacks must have room (a C function is given only
+     * LUA_MINSTACK slots) */
+    if (!lua_checkstack(to, 3) || !lua_checkstack(from, 2)) return "stack overflow";
     switch (lua_type(from, idx)) {
-    case LUA_TNIL: lua_pushnil(to); return 0;
-    case LUA_TBOOLEAN: lua_pushboolean(to, lua_toboolean(from, idx)); return 0;
+    case LUA_TNIL: lua_pushnil(to); return NULL;
+    case LUA_TBOOLEAN: lua_pushboolean(to, lua_toboolean(from, idx)); return NULL;
     case LUA_TNUMBER:
         if (lua_isinteger(from, idx)) lua_pushinteger(to, lua_tointeger(from, idx));
         else lua_pushnumber(to, lua_tonumber(from, idx));
-        return 0;
+        return NULL;
     case LUA_TSTRING: {
         size_t n;
         const char *s = lua_tolstring(from, idx, &n);
         lua_pushlstring(to, s, n);
-        return 0;
+        return NULL;
     }
     case LUA_TTABLE:
-        if (depth > 32) return -1;
+        if (depth > COPY_MAXDEPTH) return "tables nested deeper than 32 levels";
         lua_newtable(to);
         lua_pushnil(from);
         while (lua_next(from, idx)) {
-            if (copy_value(from, -2, to, depth + 1) < 0 || copy_value(from, -1, to, depth + 1) < 0) {
+            const char *err = copy_value(from, -2, to, depth + 1);
+            if (!err) err = copy_value(from, -1, to, depth + 1);
+            if (err) {
                 lua_pop(from, 2);
-                return -1;
+                return err;
             }
             lua_rawset(to, -3);
             lua_pop(from, 1);
         }
-        return 0;
+        return NULL;
     default:
-        return -1;
+        return copy_badtype;
     }
 }
 
@@ -177,15 +186,17 @@ static int t_set(lua_State *L)
     const char *name = luaL_checkstring(L, 2);
     luaL_checkany(L, 3);
     if (t->started && !t->done) return luaL_error(L, "the thread is running");
-    if (copy_value(L, 3, t->TL, 0) < 0) {
+    const char *err = copy_value(L, 3, t->TL, 0);
+    if (err) {
         lua_settop(t->TL, 0);
-        return luaL_argerror(L, 3, "only nil, booleans, numbers, strings and tables of those");
+        return luaL_argerror(L, 3, err);
     }
     lua_setglobal(t->TL, name);
     return 0;
 }
 
-/* t:get(name) -> a copy of the thread's global (before start or after it ended) */
+/* t:get(name) -> a copy of the thread's global (before start or after it ended); nil for a
+ * value of another type; raises for tables nested too deep to copy */
 static int t_get(lua_State *L)
 {
     mw_thread *t = checkthread(L);
@@ -195,9 +206,14 @@ static int t_get(lua_State *L)
     pthread_mutex_unlock(&t->mu);
     if (running) return luaL_error(L, "the thread is running");
     lua_getglobal(t->TL, name);
-    int r = copy_value(t->TL, -1, L, 0);
+    int top = lua_gettop(L);
+    const char *err = copy_value(t->TL, -1, L, 0);
     lua_pop(t->TL, 1);
-    if (r < 0) lua_pushnil(L);
+    if (err) {
+        lua_settop(L, top);
+        if (err != copy_badtype) return luaL_error(L, "thread global '%s': %s", name, err);
+        lua_pushnil(L);
+    }
     return 1;
 }
 
