@@ -760,6 +760,41 @@ describe("task errors", function()
     assert.not_matches("custom handler ran", out)
     assert.same({ "exit", 0 }, { how, status })
   end)
+
+  -- Regression (review): the scheduler made the report's message with luaL_tolstring outside
+  -- any protected call, so an error object whose __tostring raised (or returned no string)
+  -- unwound out of the loop: run() raised that error, skipping its cleanup, and every later
+  -- run() failed with "the loop is already running". Now the message is made protected
+  -- (falling back to the object's type), and run() ends its tasks and state even when
+  -- something below it raises.
+  it("an error object whose __tostring fails is reported by its type; the next run works", function()
+    local out, how, status = helper.subprocess([[
+      local mw = require "moonwire"
+      local raising = setmetatable({}, { __tostring = function() error("tostring blew up") end })
+      local nostring = setmetatable({}, { __tostring = function() return true end })
+      print("default", pcall(mw.run, function()
+        mw.spawn(function() error(raising) end)
+        mw.spawn(function() error(nostring) end)
+        return "first run"
+      end))
+      io.stdout:flush()
+      mw.on_error(function(err) error(err) end)
+      print("handler", pcall(mw.run, function()
+        mw.spawn(function() error(raising) end)
+        return "second run"
+      end))
+      io.stdout:flush()
+      mw.on_error(nil)
+      print("again", pcall(mw.run, function() mw.sleep(0) return "third run" end))
+    ]])
+    assert.same({ "exit", 0 }, { how, status }, out)
+    local _, n = out:gsub("moonwire: uncaught error in task: %(error object is a table value%)\n", "")
+    assert.equal(2, n, out)
+    assert.matches("moonwire: error in on_error handler: (error object is a table value)\n", out, 1, true)
+    assert.matches("default\ttrue\tfirst run\n", out, 1, true)
+    assert.matches("handler\ttrue\tsecond run\n", out, 1, true)
+    assert.matches("again\ttrue\tthird run\n", out, 1, true)
+  end)
 end)
 
 describe("blocking calls", function()

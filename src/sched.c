@@ -366,9 +366,30 @@ static int l_dispatch(lua_State *L)
     return 1;
 }
 
+static int tostring_protected(lua_State *L)
+{
+    luaL_tolstring(L, 1, NULL);
+    return 1;
+}
+
+/* Pushes the message for the error object at idx. The loop is not a protected call: an
+ * object whose __tostring raises or returns no string must not unwind through it. */
+static const char *error_message(lua_State *L, int idx)
+{
+    idx = lua_absindex(L, idx);
+    lua_pushcfunction(L, tostring_protected);
+    lua_pushvalue(L, idx);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        lua_pop(L, 1);
+        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
+    }
+    return lua_tostring(L, -1);
+}
+
 static void report_error(mw_rt *rt, mw_task *t)
 {
     lua_State *L = rt->L;
+    lua_checkstack(L, 8);
     push_runtime(L);
     lua_getiuservalue(L, -1, 2);                 /* on_error handler */
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);   /* the task */
@@ -378,12 +399,11 @@ static void report_error(mw_rt *rt, mw_task *t)
         lua_pushvalue(L, -2);
         lua_pushvalue(L, -4);
         if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-            fprintf(stderr, "moonwire: error in on_error handler: %s\n",
-                    luaL_tolstring(L, -1, NULL));
+            fprintf(stderr, "moonwire: error in on_error handler: %s\n", error_message(L, -1));
             lua_pop(L, 2);
         }
     } else {
-        fprintf(stderr, "moonwire: uncaught error in task: %s\n", luaL_tolstring(L, -1, NULL));
+        fprintf(stderr, "moonwire: uncaught error in task: %s\n", error_message(L, -1));
         lua_pop(L, 1);
     }
     lua_pop(L, 4);
