@@ -526,6 +526,19 @@ static int run_loop(mw_rt *rt)
     }
 }
 
+/* run_loop under a protected call (the light userdata of a run_args on the stack): an error
+ * raised below it (out of memory) must still let l_run end the run's tasks and state, or
+ * every later run() would find the loop "already running". */
+typedef struct { mw_rt *rt; int rc, err; } run_args;
+
+static int run_protected(lua_State *L)
+{
+    run_args *a = lua_touserdata(L, 1);
+    a->rc = run_loop(a->rt);
+    a->err = errno;
+    return 0;
+}
+
 static int l_run(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
@@ -543,14 +556,19 @@ static int l_run(lua_State *L)
     rt->running = 1;
     rt->stopping = 0;
     rt->runs++;
-    int rc = run_loop(rt);
-    int err = errno;
+    run_args a = { rt, 0, 0 };
+    lua_pushcfunction(L, run_protected);
+    lua_pushlightuserdata(L, &a);
+    int st = lua_pcall(L, 1, 0, 0);          /* on failure: the error on top */
+    rt->current = NULL;
+    rt->in_batch = 0;
     if (rt->after_run) rt->after_run(rt, L);
     if (rt->nlive > 0) kill_all(rt, "stopped", NULL);
     rt->running = 0;
     rt->stopping = 0;
     rt->main = NULL;
-    if (rc < 0) return luaL_error(L, "epoll_wait failed: %s", strerror(err));
+    if (st != LUA_OK) return lua_error(L);
+    if (a.rc < 0) return luaL_error(L, "epoll_wait failed: %s", strerror(a.err));
     if (main->state == MW_T_FAILED) {
         if (main->killed) return 0;          /* mw.stop() before main returned */
         lua_getiuservalue(L, mainidx, 2);
