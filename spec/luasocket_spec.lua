@@ -364,6 +364,36 @@ describe("moonwire.socket in a task", function()
     end)
   end)
 
+  -- Regression (review): the "t" bound of a send was turned into seconds from core.now, the
+  -- loop's cached clock, while the task deadline it became counts from the real clock: the
+  -- bound grew by whatever the task computed in the turn before the send (0.5 s of work
+  -- turned 0.2 s into 0.7 s). Both now count from the real clock.
+  it("settimeout(t, \"t\") bounds a send from its start, whatever the turn computed before it", function()
+    run(function()
+      local hrtime = require("moonwire.core").hrtime
+      local l, port = helper.listen()
+      local peer
+      mw.spawn(function() peer = l:accept() end)       -- never reads
+      local s = lsocket.tcp()
+      assert(s:connect("127.0.0.1", port))
+      assert(s:setoption("send-buffer-size", 4096))
+      s:settimeout(0.2, "t")
+      mw.yield()                                        -- a fresh turn: the cached clock is now
+      local spin = hrtime()
+      while hrtime() - spin < 5e8 do end                -- 0.5 s of CPU work in this turn
+      local t0 = hrtime()
+      local n, err, last = s:send(string.rep("x", 16 * 1024 * 1024))
+      local took = (hrtime() - t0) / 1e9
+      assert.is_nil(n)
+      assert.equal("timeout", err)
+      assert.is_true(last < 16 * 1024 * 1024, tostring(last))
+      assert.is_true(took >= 0.19 and took < 0.45, ("took %.2fs (bound 0.2s)"):format(took))
+      s:close()
+      if peer then peer:close() end
+      l:close()
+    end)
+  end)
+
   it("a TLS handshake that timed out resumes: dohandshake (\"wantread\") and sslhandshake (\"timeout\")", function()
     local certs = make_certs()
     local ok, err = pcall(run, function()

@@ -239,10 +239,10 @@ function tcp:send(data, i, j)
   else
     -- "t" bounds the whole call, but write's own timeout restarts whenever bytes go out:
     -- the call runs under a task deadline (mw.timeout's) instead, "b" still bounds each wait.
-    -- Deadlines count from the loop's cached clock (core.now), older than now(): start + total
-    -- is turned into seconds from that clock.
+    -- deadline_push counts from the real clock, as now() does (not from core.now, the loop's
+    -- cached clock, older by whatever this turn computed): what is left of start + total.
     self.s:settimeout(self.block)
-    local prev = deadline_push(max(start + self.total - core.now(), 0))
+    local prev = deadline_push(max(start + self.total - now(), 0))
     local r = table.pack(pcall(self.s.write, self.s, chunk))
     deadline_pop(prev)
     if not r[1] then error(r[2], 0) end
