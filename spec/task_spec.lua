@@ -168,6 +168,31 @@ describe("mw.spawn and task:join", function()
     end)
   end)
 
+  -- Regression (review): only a direct self-join was refused. A joining B while B joined A
+  -- left both waiting for good, and once main returned run() blocked in epoll_wait with
+  -- nothing to wait for. A join whose target waits, through joins, for the caller raises.
+  it("raises 'join cycle' when the joined task waits, through joins, for the caller", function()
+    run(function()
+      local a, b, c
+      a = mw.spawn(function() return b:join() end)           -- a waits for b
+      b = mw.spawn(function() return c:join() end)           -- b waits for c
+      c = mw.spawn(function() return pcall(a.join, a) end)   -- c would wait for a
+      local ok, pok, msg = c:join(2)
+      assert.is_true(ok)
+      assert.is_false(pok)
+      assert.matches("join cycle", msg)
+      assert.same({ true, true, true, false, msg }, { a:join(2) })
+      -- two tasks joining each other: the second join raises, the first gets its error
+      local x, y
+      x = mw.spawn(function() return y:join() end)
+      y = mw.spawn(function() mw.yield() return x:join() end)
+      local xok, yok, err = x:join(2)
+      assert.is_true(xok)
+      assert.is_false(yok)
+      assert.matches("join cycle", err)
+    end, 3)
+  end)
+
   it("join(timeout) returns nil, 'timeout', 'timeout' and leaves the task running", function()
     run(function()
       local t = mw.spawn(function()

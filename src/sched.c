@@ -831,6 +831,18 @@ static int join_k(lua_State *L, int status, lua_KContext ctx)
     return push_outcome(L, t, 1);
 }
 
+/* Whether t waits, directly or through a chain of joins, for self: self joining t would
+ * then wait forever (nothing else wakes a join). The chain holds no cycle (each join is
+ * checked here), so the walk ends; nlive bounds it anyway. */
+static int joins_into(mw_task *t, mw_task *self)
+{
+    for (int n = t->rt->nlive; n >= 0 && t->state == MW_T_WAITING && t->unwait == unlink_joiner; n--) {
+        t = t->wait_obj;
+        if (t == self) return 1;
+    }
+    return 0;
+}
+
 static int t_join(lua_State *L)
 {
     mw_rt *rt = mw_rt_up(L);
@@ -842,6 +854,7 @@ static int t_join(lua_State *L)
     }
     mw_task *self = mw_sched_self(L, rt);
     if (self == t) return luaL_error(L, "a task cannot join itself");
+    if (joins_into(t, self)) return luaL_error(L, "join cycle: the task is waiting, through joins, for this one");
     t->joined = 1;
     MW_LIST_PUSH(t->joiners, self, wprev, wnext);
     self->wait_obj = t;
