@@ -437,6 +437,44 @@ describe("moonwire.socket in a task", function()
     assert(ok, err)
   end)
 
+  -- Regression (review): sslhandshake resumed a timed-out handshake with the context it had
+  -- cached from the first call, so a retry passing verify = true finished the first call's
+  -- unverified handshake and returned true (and a retry naming another server_name kept the
+  -- first name). The pending handshake cannot change its options: a retry that asks for
+  -- other ones raises; one with the same options still resumes.
+  it("sslhandshake: a retry with other options than the timed-out handshake raises", function()
+    local certs = make_certs()
+    local ok, err = pcall(run, function()
+      local sctx = mw.tls.context { server = true, cert = certs .. "/server-chain.pem",
+                                    key = certs .. "/server.key" }
+      local l, port = helper.listen()
+      local go = mw.channel()
+      mw.spawn(function()
+        local a = assert(l:accept(5))
+        go:recv()                                -- the client's first handshake has timed out
+        a:starttls(sctx, { timeout = 5 })
+        a:write("pong\n")
+        a:read("l", 5)
+        a:close()
+      end)
+      local c = assert(lsocket.connect("127.0.0.1", port))
+      c:settimeout(0.05)
+      assert.same({ nil, "timeout" }, { c:sslhandshake(false, "localhost", false) })
+      go:send(true)
+      c:settimeout(5)
+      helper.raises("sslhandshake: the handshake that timed out was started with other",
+        c.sslhandshake, c, false, "localhost", true)   -- the test CA is not in the system store
+      helper.raises("sslhandshake: the handshake that timed out was started with other",
+        c.sslhandshake, c, false, "other.test", false)
+      assert.is_true(c:sslhandshake(false, "localhost", false))
+      assert.equal("pong", c:receive())
+      c:close()
+      l:close()
+    end)
+    os.execute("rm -rf " .. certs)
+    assert(ok, err)
+  end)
+
   it("setkeepalive: an accepted connection returns nil, err; numeric strings count, the rest raises", function()
     run(function()
       local srv = assert(lsocket.bind("127.0.0.1", 0))

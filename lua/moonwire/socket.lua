@@ -546,13 +546,21 @@ function tcp:sslhandshake(reused, server_name, verify)
   end
   local tls = require "moonwire.tls"
   require "moonwire.socket.ssl"   -- adds getpeercertificate, info, ... to the methods
-  -- a timeout leaves the handshake pending; the next call resumes it with the same context
-  local ctx = self.tls_ctx or tls.client_context(verify and {} or { insecure = true })
-  self.tls_ctx = ctx
+  verify = verify and true or false
   local host = server_name or (verify and self.host) or nil
-  local ok, err, code = self.s:starttls(ctx, { host = host, timeout = retry(self, now()) or -1 })
+  -- a timeout leaves the handshake pending; the next call resumes it with the same context,
+  -- whose verify and name were set when it started: a retry asking for others would get the
+  -- first call's (true from an unverified handshake), so it is refused
+  local p = self.tls_pending
+  if p and (p.verify ~= verify or p.host ~= host) then
+    error(("sslhandshake: the handshake that timed out was started with other options"
+      .. " (verify = %s, server_name = %s)"):format(tostring(p.verify), tostring(p.host)), 2)
+  end
+  p = p or { ctx = tls.client_context(verify and {} or { insecure = true }), verify = verify, host = host }
+  self.tls_pending = p
+  local ok, err, code = self.s:starttls(p.ctx, { host = host, timeout = retry(self, now()) or -1 })
   if not ok then return nil, code == "timeout" and "timeout" or err end
-  self.tls_ctx = nil
+  self.tls_pending = nil
   self.tls = true
   return true
 end
