@@ -23,10 +23,25 @@ local CASES = {
   -- a 2xx to CONNECT: no Content-Length, no body (RFC 9110 §9.3.6); a 4xx keeps both
   { "CONNECT", "1.1", 200, "tunnel-body" },
   { "CONNECT", "1.1", 403, "no tunnels" },
+  -- a request body the handler leaves unread (5th field, what the client sends): drained
+  -- when small (keep-alive); not drained, and the answer says Connection: close, when a 100
+  -- Continue is still awaited or the declared length is over 64 KiB (http.c: unread_closes)
+  { "POST", "1.1", 200, "small, unread", "small" },
+  { "POST", "1.1", 200, "expect, unread", "expect" },
+  { "POST", "1.1", 200, "big, unread", "big" },
+}
+
+-- what the client sends after the head of a POST, by the case's 5th field
+local BODIES = {
+  read = "Content-Length: 4\r\n\r\nbody",
+  small = "Content-Length: 4\r\n\r\nbody",
+  expect = "Expect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+  big = "Content-Length: 100000\r\n\r\n" .. ("b"):rep(1000),
 }
 
 -- one request on a fresh connection; the response head (less Date) and body as received
-local function exchange(port, method, version, path)
+-- (after the body, until the close, when the connection closes: CONNECT, a body not drained)
+local function exchange(port, method, version, path, sends)
   local s <close> = assert(mw.tcp.connect("127.0.0.1", port, { timeout = 5 }))
   local v, extra = version:match("^(%S+)%s*(%S*)$")
   -- (a CONNECT's target is an authority: "case11.example:443")
@@ -34,7 +49,7 @@ local function exchange(port, method, version, path)
   local req = ("%s %s HTTP/%s\r\nHost: x\r\n"):format(method, path, v)
   if extra == "keep" then req = req .. "Connection: keep-alive\r\n" end
   if extra == "close" then req = req .. "Connection: close\r\n" end
-  if method == "POST" then req = req .. "Content-Length: 4\r\n\r\nbody" else req = req .. "\r\n" end
+  if method == "POST" then req = req .. BODIES[sends or "read"] else req = req .. "\r\n" end
   assert(s:write(req))
   local head, len = {}, nil
   while true do
@@ -45,7 +60,7 @@ local function exchange(port, method, version, path)
   end
   local body = ""
   if len and len > 0 and method ~= "HEAD" then body = assert(s:read(len)) end
-  if method == "CONNECT" then        -- the connection closes after it: what else came
+  if method == "CONNECT" or sends == "expect" or sends == "big" then    -- it closes: what else came
     while true do
       local piece = s:recv(65536, 5)
       if not piece then break end
@@ -63,7 +78,7 @@ local function serve(opts, numbers)
     res:header("content-type", "application/octet-stream")
     res:header("x-count", numbers and 42 or "42")          -- a number: header_lua only
     res:header("x-case", numbers and tonumber(req.path:match("%d+")) or req.path:match("%d+"))
-    if req.method == "POST" then assert(req:body()) end
+    if req.method == "POST" and not c[5] then assert(req:body()) end
     res:send(c[4])
   end
   return assert(http.server(opts))
@@ -75,8 +90,8 @@ describe("res:send and res:header: the C fast path and the Lua path agree", func
       local fast = serve({ gzip = false }, false)
       local slow = serve({ gzip = true, gzip_min = 0 }, true)
       for i, c in ipairs(CASES) do
-        local h1, b1 = exchange(fast.port, c[1], c[2], "/case" .. i)
-        local h2, b2 = exchange(slow.port, c[1], c[2], "/case" .. i)
+        local h1, b1 = exchange(fast.port, c[1], c[2], "/case" .. i, c[5])
+        local h2, b2 = exchange(slow.port, c[1], c[2], "/case" .. i, c[5])
         assert.equal(h1, h2, ("case %d (%s HTTP/%s %d)"):format(i, c[1], c[2], c[3]))
         assert.equal(b1, b2, ("case %d body"):format(i))
         assert.matches("x%-count: 42", h1)
@@ -86,6 +101,11 @@ describe("res:send and res:header: the C fast path and the Lua path agree", func
           assert.equal("", b1)
         elseif c[1] == "CONNECT" then
           assert.equal(c[4], b1)
+        end
+        if c[5] then
+          local close = c[5] ~= "small"
+          assert.equal(close, h1:lower():find("connection: close", 1, true) ~= nil, h1)
+          assert.equal(c[4], b1)        -- (and nothing after it: the connection closed)
         end
       end
       fast:close(0)

@@ -1124,6 +1124,106 @@ describe("http server: request bodies", function()
       srv:close()
     end)
   end)
+
+  -- Regression: a body the server will not drain after the response (a 100 Continue still
+  -- awaited: the client was never asked for the body; or a declared length over the 64 KiB
+  -- it drains) closed the connection after a response that said keep-alive: settle decided
+  -- to close after the head went out. A client that trusted the keep-alive (RFC 9112 §9.6)
+  -- lost its next request to the close. Now the rule is decided before the head (http.c:
+  -- unread_closes, for res:send's C path and response.lua's connflags): Connection: close,
+  -- then the (lingering) close.
+  it("a body that will not be drained: the response says Connection: close, then the close", function()
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path == "/stream" then
+          res:write("streamed ")
+          res:write(req.path)
+          return
+        end
+        res:send("answered " .. req.path)          -- the body is left unread
+      end)
+      local _g <close> = guard(srv)
+      local function closes(s, what)
+        local rest, how = read_all(s, 5)
+        assert.equal("closed", how, what)
+        assert.is_nil(rest:find("HTTP/1.1", 1, true), what)
+      end
+      -- a 100 Continue still awaited, the handler does not read
+      local s1 <close> = connect(srv)
+      assert(s1:write("POST /expect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"))
+      local r = assert(read_response(s1))
+      assert.equal("answered /expect", r.body)
+      assert.equal("close", r.headers["connection"])
+      closes(s1, "expect")
+      -- 200 KB declared, some of it sent, not read
+      local s2 <close> = connect(srv)
+      assert(s2:write("POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n", ("a"):rep(70000)))
+      r = assert(read_response(s2))
+      assert.equal("answered /big", r.body)
+      assert.equal("close", r.headers["connection"])
+      closes(s2, "big")
+      -- the client sends the body after the answer, then its next request: never answered,
+      -- and the answer had said so
+      local s3 <close> = connect(srv)
+      assert(s3:write("POST /late HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"))
+      r = assert(read_response(s3))
+      assert.equal("close", r.headers["connection"])
+      s3:write("hello" .. request("GET", "/second"))      -- (the server may have gone: unchecked)
+      closes(s3, "late body")
+      -- a streamed answer (response.lua's path) says so too
+      local s4 <close> = connect(srv)
+      assert(s4:write("POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"))
+      r = assert(read_response(s4))
+      assert.equal("streamed /stream", r.body)
+      assert.equal("close", r.headers["connection"])
+      closes(s4, "stream")
+      srv:close()
+    end)
+  end)
+
+  -- The controls: a body drained or read keeps the connection, and a chunked body's size is
+  -- not known when the answer goes out: past 64 KiB unread, the keep-alive answer is followed
+  -- by the close all the same (docs/http.md)
+  it("a body drained, or read, keeps the connection; a long chunked one unread closes it", function()
+    run(function()
+      local srv = serve(function(req, res)
+        if req.path == "/read" then
+          res:send("read " .. #assert(req:body()))
+        else
+          res:send("answered " .. req.path)
+        end
+      end)
+      local _g <close> = guard(srv)
+      local function kept(s, r, what)
+        assert.is_nil(r.headers["connection"], what)
+        assert(s:write(request("GET", "/next")))
+        assert.equal("answered /next", assert(read_response(s)).body, what)
+      end
+      local s1 <close> = connect(srv)
+      assert(s1:write(request("POST", "/small", nil, "hello")))
+      kept(s1, assert(read_response(s1)), "small, unread")
+      local s2 <close> = connect(srv)
+      assert(s2:write("POST /read HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"))
+      assert.equal(100, assert(read_response(s2)).status)
+      assert(s2:write("hello"))
+      local r = assert(read_response(s2))
+      assert.equal("read 5", r.body)
+      kept(s2, r, "expect, read")
+      local s3 <close> = connect(srv)
+      assert(s3:write(request("POST", "/read", nil, ("b"):rep(200000))))
+      r = assert(read_response(s3))
+      assert.equal("read 200000", r.body)
+      kept(s3, r, "big, read")
+      local s4 <close> = connect(srv)
+      assert(s4:write("POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ("10000\r\n" .. ("c"):rep(65536) .. "\r\n"):rep(2), "0\r\n\r\n"))
+      r = assert(read_response(s4))
+      assert.equal("answered /chunked", r.body)
+      assert.is_nil(r.headers["connection"])
+      assert.equal("closed", select(2, read_all(s4, 5)))
+      srv:close()
+    end)
+  end)
 end)
 
 describe("http server: request parsing", function()

@@ -1480,6 +1480,36 @@ static int hc_clear_expect(lua_State *L)
     return 0;
 }
 
+/* A request body the handler left unread is read and dropped after its response, up to
+ * this many bytes in all (server.lua's settle: core.http_drain_max), so that the connection
+ * can serve the next request; past it the connection closes. */
+#define DRAIN_MAX 65536
+
+/* Whether the connection closes after the response to the request being read because of
+ * its body: not read to its end, and either the client still waits for 100 Continue (it
+ * was never asked for the body, and may never send it: nothing to drain) or the declared
+ * length is over DRAIN_MAX (as read_body's "discard" counts it). Decided before the head
+ * goes out, so that the response says Connection: close (RFC 9112 §9.6) rather than a
+ * keep-alive the server will not keep; res:send's C path and response.lua's connflags
+ * (hc:unread_closes) both ask here. A chunked body's size is not known ahead: its drain may
+ * still fail after a keep-alive answer (docs/http.md). */
+static int unread_closes(const mw_http *h)
+{
+    if (!h->head_done || h->msg_done) return 0;
+    if (h->expect_continue) return 1;
+    if (!(h->p.flags & F_CONTENT_LENGTH) || (h->p.flags & F_CHUNKED)) return 0;
+    /* (what was read and what is left, without an overflow: the length is the client's) */
+    return h->body_seen >= DRAIN_MAX || h->p.content_length > DRAIN_MAX - h->body_seen;
+}
+
+/* hc:unread_closes() -> unread_closes */
+static int hc_unread_closes(lua_State *L)
+{
+    mw_http *h = luaL_checkudata(L, 1, HC_MT);
+    lua_pushboolean(L, unread_closes(h));
+    return 1;
+}
+
 /* ---- response heads ---------------------------------------------------------------------- */
 
 /* The Date line, formatted at most once a second; and the head's start for the usual
@@ -1904,7 +1934,7 @@ static int l_res_send(lua_State *L)
     if (s->closed) luaL_error(L, "attempt to use a closed socket");
     lua_rawgeti(L, 1, RS_CLOSE);
     lua_Integer flags = 0;
-    if (!h->req_keepalive || h->closing || lua_toboolean(L, -1)) {
+    if (!h->req_keepalive || h->closing || lua_toboolean(L, -1) || unread_closes(h)) {
         flags = 1;
         lua_pushboolean(L, 1);
         lua_rawseti(L, 1, RS_CLOSE);
@@ -2147,6 +2177,7 @@ void mw_http_open(lua_State *L)
         { "read_body", hc_read_body }, { "state", hc_state }, { "clear_expect", hc_clear_expect },
         { "read_lean", hc_read_lean }, { "message_bytes", hc_message_bytes }, { "trailers", hc_trailers }, { "release", hc_release },
         { "idle", hc_idle }, { "closing", hc_closing }, { "socket", hc_socket }, { "server", hc_server }, { "headers_of", hc_headers_of },
+        { "unread_closes", hc_unread_closes },
         { NULL, NULL }
     };
     pthread_once(&settings_once, init_settings);
@@ -2190,6 +2221,8 @@ void mw_http_open(lua_State *L)
     lua_setfield(L, -2, "http_bodyless");
     lua_pushcfunction(L, l_http_request_head);
     lua_setfield(L, -2, "http_request_head");
+    lua_pushinteger(L, DRAIN_MAX);
+    lua_setfield(L, -2, "http_drain_max");
     lua_pushcfunction(L, l_http_count);
     lua_setfield(L, -2, "http_count");
     lua_pushcfunction(L, l_isatty);

@@ -36,6 +36,7 @@ local CLOSE <const> = 8
 local UPGRADED <const> = 9
 local HBASE <const> = 10
 -- the request's parsed fields (request.lua: Request.slots)
+local CONN <const> = 1
 local R_METHOD <const> = 6
 local R_VERSION <const> = 8
 local R_KEEPALIVE <const> = 10
@@ -144,10 +145,12 @@ end
 
 -- Connection flags for the C head builder: 1 close, 2 keep-alive for HTTP/1.0; and 8, the
 -- answer to a CONNECT (whose 2xx has no Content-Length nor Transfer-Encoding: bodyless).
+-- Close when the request body is left unread and will not be drained (the request's
+-- connection says: http.c's unread_closes, which res:send's C path applies too).
 local function connflags(self)
   local req, srv = self[REQ], self[SRV]
   local connect = req[R_METHOD] == "CONNECT" and 8 or 0
-  if not req[R_KEEPALIVE] or srv.closing or self[CLOSE] then
+  if not req[R_KEEPALIVE] or srv.closing or self[CLOSE] or req[CONN]:unread_closes() then
     self[CLOSE] = true
     return 1 | connect
   end

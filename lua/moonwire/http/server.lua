@@ -33,8 +33,9 @@ Server.__index = Server
 
 local default_limits = { request_line = 8192, head = 16384, headers = 100, body = 1048576, linger = 4194304 }
 local default_timeouts = { head = 10, body = 30, idle = 5, write = 30, linger = 5 }
--- a body the handler left unread is read and dropped up to this size, else the connection closes
-local DRAIN_MAX = 65536
+-- a body the handler left unread is read and dropped up to this size, else the connection
+-- closes, and its response said so (http.c: unread_closes)
+local DRAIN_MAX = core.http_drain_max
 
 local h2_settings
 local function merge(defaults, given, what)
@@ -82,12 +83,16 @@ local function send_error(sock, status, msg)
 end
 
 -- After a response whose request body was not read to its end: read and drop what is left
--- (up to DRAIN_MAX) so the connection can serve the next request, or say it cannot.
+-- (up to DRAIN_MAX) so the connection can serve the next request, or say it cannot. A body
+-- the server will not drain (a 100 Continue still awaited, a declared length over
+-- DRAIN_MAX) closed the connection already: its response said Connection: close
+-- (hc:unread_closes, from res:send). What is left here can still fail after a keep-alive
+-- answer: a chunked body past DRAIN_MAX (its size is not known ahead), a body that does not
+-- come within timeouts.body; the connection closes all the same (docs/http.md).
 local function settle(srv, hc, req)
   if srv.closing then return false end  -- no next request: do not wait for the rest of a body
-  local _, _, expect = hc:state()
   if rawget(req, "_body_error") then return false end
-  if expect then return false end  -- the client waits for 100 Continue: never drain
+  if hc:unread_closes() then return false end   -- (the rule its response followed: never drained)
   local ok = hc:read_body("discard", DRAIN_MAX, srv.timeouts.body)
   return ok == true
 end
@@ -324,6 +329,7 @@ local released_conn = {
   read_body = function() return nil, "the connection was upgraded", "closed" end,
   trailers = function() return nil end,
   clear_expect = function() end,
+  unread_closes = function() return false end,
 }
 local upgraded_res = { false, false, false, 0, true, 0, 101, true, true, sent = true }
 
