@@ -368,6 +368,29 @@ describe("http server: basics", function()
     end)
   end)
 
+  -- Regression: the request target, Referer and User-Agent went into the line as sent, so a
+  -- `"` in them let a client forge the quoted fields of its own line (a status, a size,
+  -- another agent). They are escaped as nginx escapes them: `"`, `\` and bytes outside
+  -- printable ASCII as \xHH.
+  it("escapes the client's fields of the access log line as nginx does", function()
+    run(function()
+      local lines = {}
+      local srv = serve(text_handler("12345"), { log = function(line) lines[#lines + 1] = line end })
+      local _g <close> = guard(srv)
+      -- (a target takes `"` and `\`, no control byte nor obs-text: llhttp; header values do)
+      fetch(srv, "GET", '/q?a="b"&c=\\', { 'User-Agent: ua" 500 0 "-" "forged\t\xe9',
+        'Referer: http://r.example/" 200 1 "x' })
+      assert.equal(1, #lines)
+      local line = lines[1]
+      assert.equal('"GET /q?a=\\x22b\\x22&c=\\x5C HTTP/1.1" 200 5 '
+        .. '"http://r.example/\\x22 200 1 \\x22x" "ua\\x22 500 0 \\x22-\\x22 \\x22forged\\x09\\xE9"',
+        line:match('%] (.*)$'))
+      local _, quotes = line:gsub('"', "")
+      assert.equal(6, quotes)                 -- three quoted fields, none forged
+      srv:close()
+    end)
+  end)
+
   it("listens on a Unix socket with opts.unix", function()
     run(function()
       local path = helper.socket_path("http")

@@ -67,13 +67,21 @@ local function make_logger(log)
   error("bad option 'log' (path, \"stderr\" or function expected)", 4)
 end
 
+-- A field of the client's in a log line, escaped as nginx does: `"`, `\` and the bytes
+-- outside printable ASCII as \xHH, so that the client cannot end a quoted field and forge
+-- the rest of its own line (nor put a line break or a terminal escape in the log).
+local function hex_byte(c) return ("\\x%02X"):format(c:byte()) end
+local function log_escape(s)
+  return (s:gsub('[\0-\31"\\\127-\255]', hex_byte))
+end
+
 -- Combined log format.
 local function access_line(req, res)
   local h = req.headers
   local host = req.remote_addr or "-"
   return ('%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"'):format(host,
-    os.date("%d/%b/%Y:%H:%M:%S %z"), req.method, req.target, req.version, res[STATUS],
-    res[BYTES] or 0, h.referer or "-", h["user-agent"] or "-")
+    os.date("%d/%b/%Y:%H:%M:%S %z"), req.method, log_escape(req.target), req.version, res[STATUS],
+    res[BYTES] or 0, log_escape(h.referer or "-"), log_escape(h["user-agent"] or "-"))
 end
 
 local function send_error(sock, status, msg)
