@@ -1528,6 +1528,43 @@ describe("http server: responses", function()
     end, 30)
   end)
 
+  -- Regression: res:write added its chunk to the response's size before the write, so a
+  -- write that failed (a client gone, a write timeout) was counted whole in the access log.
+  -- Now what the socket took counts: here a 32 MiB chunk to a client that reads nothing (more
+  -- than socket buffers hold) times out part-way; the logged size is the body bytes the
+  -- client then gets, chunked (less the size line) or not.
+  it("res:write that fails counts in the access log only what went out", function()
+    run(function()
+      local size = 32 * MiB
+      local logged = mw.channel(2)
+      local results = {}
+      local srv = serve(function(req, res)
+        if req.path == "/length" then res:header("content-length", tostring(size)) end
+        results[req.path] = { res:write(("x"):rep(size)) }
+      end, { timeouts = { write = 0.3 }, log = function(line) logged:send(line) end })
+      local _g <close> = guard(srv)
+      for _, path in ipairs { "/length", "/chunked" } do
+        local s <close> = connect(srv)
+        assert(s:write(request("GET", path)))
+        -- the client reads nothing until the server is done with the request
+        local line = assert(logged:recv(10))
+        local bytes = assert(tonumber(line:match('" 200 (%d+) "')), line)
+        local raw, how = read_all(s, 10)
+        assert.equal("closed", how)
+        assert.same({ nil, "timeout", "timeout" }, results[path])
+        local body = raw:sub(assert(raw:find("\r\n\r\n", 1, true)) + 4)
+        if path == "/chunked" then
+          -- (the size line; and the last chunk, which res:finish may still get through after
+          -- the failed write, into the cut chunk's data: the client sees a cut body either way)
+          body = body:sub(#("%x\r\n"):format(size) + 1):gsub("0\r\n\r\n$", "")
+        end
+        assert.is_true(#body > 0 and #body < size, path .. ": " .. #body)
+        assert.equal(#body, bytes, path)
+      end
+      srv:close()
+    end, 30)
+  end)
+
   it("res:write with a Content-Length streams unchunked; HTTP/1.0 gets a close-delimited body", function()
     run(function()
       local srv = serve(function(_, res)

@@ -421,11 +421,23 @@ function Response:write(chunk)
   end
   if #chunk == 0 or self._mode == "none" then return true end
   past_length(self, chunk)
-  self[BYTES] = self[BYTES] + #chunk
+  local ok, err, code, sent, size
   if self._mode == "chunked" then
-    return write(self, ("%x\r\n"):format(#chunk), chunk, "\r\n")
+    size = ("%x\r\n"):format(#chunk)
+    ok, err, code, sent = self[SOCK]:write(size, chunk, "\r\n")
+  else
+    ok, err, code, sent = self[SOCK]:write(chunk)
   end
-  return write(self, chunk)
+  if ok then
+    self[BYTES] = self[BYTES] + #chunk
+    return true
+  end
+  -- what the socket took of the chunk (its framing aside) counts, not the whole chunk: the
+  -- access log's size is what was sent
+  sent = (sent or 0) - (size and #size or 0)
+  self[BYTES] = self[BYTES] + math.max(0, math.min(sent, #chunk))
+  self[CLOSE] = true
+  return nil, err, code
 end
 
 --- Ends the response (the last chunk of a streamed body; an empty body otherwise).
