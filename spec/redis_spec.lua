@@ -722,7 +722,8 @@ describe("redis clients when something raises or lags", function()
   -- connect{ db = "x" } connected, to db 0 (handshake() SELECTs only a db ~= 0).
   it("refuses a db or resp that is not one: in a URL's query (as in its path) and as an option", function()
     for _, u in ipairs { "redis://127.0.0.1/abc", "unix:///tmp/r.sock?db=abc", "redis://127.0.0.1?db=1x",
-      "redis://127.0.0.1:6379/2?db=-1" } do
+      "redis://127.0.0.1:6379/2?db=-1", "redis://127.0.0.1?db=99999999999999999999",
+      "redis://127.0.0.1/99999999999999999999" } do
       local o, err = redis.parse_url(u)
       assert.is_nil(o)
       assert.equal("invalid database in Redis URL: " .. u, err)
@@ -740,12 +741,18 @@ describe("redis clients when something raises or lags", function()
         redis.connect, srv.url .. "?db=x")
       helper.raises("bad argument #1 to 'pool' (invalid protocol (2 or 3) in Redis URL", redis.pool,
         { url = srv.url .. "?resp=three" })
-      for _, db in ipairs { "x", "1", -1, 1.5 } do
+      for _, db in ipairs { "x", "-1", -1, 1.5 } do
         helper.raises("bad option 'db' (non-negative integer expected, got " .. tostring(db) .. ")",
           redis.connect, srv.url, { db = db })
       end
       local r <close> = connect { db = 0 }
       assert.equal("PONG", r:ping())
+      -- digits in a string (an environment variable's) are the number
+      local r1 <close> = connect { db = "1" }
+      assert(r1:set("mw:db-string", "one"))
+      assert.equal(redis.null, r:get("mw:db-string"))
+      assert.equal("one", r1:get("mw:db-string"))
+      r1:del("mw:db-string")
     end)
   end)
 
@@ -801,6 +808,22 @@ describe("redis clients when something raises or lags", function()
       helper.raises("bad argument #1 to 'subscriber' (invalid Redis URL", redis.subscriber, "http://127.0.0.1")
       helper.raises("bad argument #1 to 'subscriber' (invalid database in Redis URL", redis.subscriber,
         { url = srv.url .. "?db=x" })
+      -- and for a bad option in the table form (it was retried in the task, unseen)
+      helper.raises("bad option 'db' (non-negative integer expected, got -1)", redis.subscriber, srv.url,
+        { db = -1 })
+      helper.raises("bad option 'resp' (2 or 3 expected, got 7)", redis.connect, { url = srv.url, resp = 7 })
+      helper.raises("bad argument #1 to 'subscriber' (URL or table expected, got number)", redis.subscriber, 5)
     end)
+  end)
+
+  -- A URL in an error message shows no password (errors end up in logs).
+  it("URL errors hide the password", function()
+    local _, err = redis.parse_url("redis://u:s3cret@127.0.0.1/x")
+    assert.equal("invalid database in Redis URL: redis://u:***@127.0.0.1/x", err)
+    _, err = redis.parse_url("unix:///tmp/r.sock?password=s3cret&db=x")
+    assert.equal("invalid database in Redis URL: unix:///tmp/r.sock?password=***&db=x", err)
+    _, err = redis.parse_url("redis://u:s3cret@127.0.0.1:99999/")
+    assert.is_nil(err:find("s3cret", 1, true))
+    assert.matches("redis://u:***@127.0.0.1:99999/", err, 1, true)
   end)
 end)

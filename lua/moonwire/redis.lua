@@ -30,6 +30,11 @@ end
 
 -- ---- options -----------------------------------------------------------------------------
 
+-- The URL s as an error message shows it: without a password (errors end up in logs).
+local function shown(s)
+  return (s:gsub("(//[^/?#@]-:)[^/?#]*@", "%1***@"):gsub("([?&]password=)[^&#]*", "%1***"))
+end
+
 -- true, or nil and a message naming the URL s when db or resp is not a number it can be
 -- (ignoring it would write to db 0, or speak RESP2)
 local function parse_query(q, o, s)
@@ -37,12 +42,12 @@ local function parse_query(q, o, s)
   for k, v in pairs(urlmod.parse_query(q)) do
     if type(v) == "table" then v = v[#v] end
     if k == "db" then
-      if not v:match("^%d+$") then return nil, "invalid database in Redis URL: " .. s end
-      o.db = tonumber(v)
+      o.db = v:match("^%d+$") and math.tointeger(tonumber(v))
+      if not o.db then return nil, "invalid database in Redis URL: " .. shown(s) end
     elseif k == "password" then o.password = v
     elseif k == "user" or k == "username" then o.user = v
     elseif k == "resp" or k == "protocol" then
-      if v ~= "2" and v ~= "3" then return nil, "invalid protocol (2 or 3) in Redis URL: " .. s end
+      if v ~= "2" and v ~= "3" then return nil, "invalid protocol (2 or 3) in Redis URL: " .. shown(s) end
       o.resp = tonumber(v)
     end
   end
@@ -62,17 +67,20 @@ local function parse_url(s)
   local scheme = s:match("^(%a[%w+.-]*)://")
   scheme = scheme and scheme:lower()
   if scheme ~= "redis" and scheme ~= "rediss" then
-    return nil, "invalid Redis URL (redis://, rediss:// or unix:// expected): " .. s
+    return nil, "invalid Redis URL (redis://, rediss:// or unix:// expected): " .. shown(s)
   end
   local u, err = urlmod.parse(s)
-  if not u then return nil, err end
+  if not u then
+    if err:sub(-#s) == s then err = err:sub(1, #err - #s) .. shown(s) end
+    return nil, err
+  end
   o.host, o.port = u.host, u.port or 6379
   o.user = u.user ~= "" and u.user or nil
   o.password = u.password
   if u.user and not u.password then o.password, o.user = u.user, nil end  -- redis://secret@host
   local db = u.path:match("^/(%d+)$")
-  if db then o.db = tonumber(db)
-  elseif u.path ~= "/" then return nil, "invalid database in Redis URL: " .. s end
+  if db then o.db = math.tointeger(tonumber(db)) end
+  if (db and not o.db) or (not db and u.path ~= "/") then return nil, "invalid database in Redis URL: " .. shown(s) end
   if scheme == "rediss" then o.tls = true end
   local ok, qerr = parse_query(u.query, o, s)
   if not ok then return nil, qerr end
@@ -121,7 +129,9 @@ local function settings(target, opts, fname)
   if o.resp ~= nil and o.resp ~= 2 and o.resp ~= 3 then
     error(("bad option 'resp' (2 or 3 expected, got %s)"):format(tostring(o.resp)), 3)
   end
-  -- (a db handshake() would skip, "x" or -1, would leave the connection on db 0)
+  -- (a db handshake() would skip, "x" or -1, would leave the connection on db 0; digits in a
+  -- string, as an environment variable gives them, are a number)
+  if type(o.db) == "string" and o.db:match("^%d+$") then o.db = math.tointeger(tonumber(o.db)) or o.db end
   if o.db ~= nil and (math.type(o.db) ~= "integer" or o.db < 0) then
     error(("bad option 'db' (non-negative integer expected, got %s)"):format(tostring(o.db)), 3)
   end
@@ -479,4 +489,5 @@ end
 function M.subscriber(...) return require("moonwire.redis.subscriber").new(...) end
 
 M.parse_url = parse_url
+M._settings = settings         -- (redis.subscriber checks its options with it, up front)
 return M

@@ -65,12 +65,9 @@ function M.new(target, opts)
     stats = { connects = 0, reconnects = 0, probes = 0, probe_failures = 0, dropped = 0, messages = 0 },
   }, Sub)
   copts.connect_timeout = opts.connect_timeout or (self.probe_timeout + 1)
-  -- bad URLs raise now (parse_url returns nil, err: the task would retry one forever, unseen:
-  -- the state starts "down", so on_state would not even be called)
-  if type(target) == "string" then
-    local ok, err = redis.parse_url(target)
-    if not ok then error("bad argument #1 to 'subscriber' (" .. err .. ")", 2) end
-  end
+  -- a bad URL or option raises now, as connect's would (in the task, connect's error would
+  -- be retried forever, unseen: the state starts "down", so on_state would not even be called)
+  redis._settings(target or copts, target and copts or nil, "subscriber")
   self._task = mw.spawn(M._run, self)
   return self
 end
