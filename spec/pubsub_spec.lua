@@ -201,6 +201,7 @@ describe("moonwire.pubsub, local", function()
         { { redis = 6379 }, "bad option 'redis' (URL or table expected, got number)" },
         { { redis = "http://127.0.0.1:6379" },
           "bad option 'redis' (invalid Redis URL (redis://, rediss:// or unix:// expected): http://127.0.0.1:6379)" },
+        { { redis = { url = 5 } }, "bad option 'redis' (its url: string expected, got number)" },
         { { redis = { url = "redis://127.0.0.1/?db=x" } },
           "bad option 'redis' (invalid database in Redis URL: redis://127.0.0.1/?db=x)" },
       } do

@@ -146,6 +146,9 @@ function M.new(opts)
       error("bad option 'redis' (URL or table expected, got " .. type(opts.redis) .. ")", 2)
     end
     local url = type(opts.redis) == "string" and opts.redis or opts.redis.url
+    if url ~= nil and type(url) ~= "string" then
+      error("bad option 'redis' (its url: string expected, got " .. type(url) .. ")", 2)
+    end
     if url ~= nil then
       local ok, err = redis.parse_url(url)
       if not ok then error("bad option 'redis' (" .. tostring(err) .. ")", 2) end
