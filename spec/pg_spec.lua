@@ -411,6 +411,28 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("acquire waiting behind another task's query gets the connection when the query ends", function()
+      -- (only a query cut short woke the tasks waiting for a connection: an acquire waiting
+      -- on a pool of 1 behind a plain query waited its acquire_timeout out)
+      run(function()
+        local pool = pg.pool { url = srv.url, size = 1, acquire_timeout = 4 }
+        assert(pool:query("SELECT 1"))
+        local done
+        local a = mw.spawn(function()
+          assert(pool:query("SELECT pg_sleep(0.2)"))
+          done = mw.now()
+        end)
+        mw.yield()                                 -- a's query is in flight
+        assert.equal(1, select(2, pool.conns[1]:status()))
+        local db = assert(pool:acquire())
+        assert(a:join())
+        assert.is_true(mw.now() - done < 0.5, "acquired " .. (mw.now() - done) .. " s after the query ended")
+        assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
+        pool:release(db)
+        pool:close()
+      end)
+    end)
+
     it("a pool closed while it opens a connection closes that connection too", function()
       -- (pool_open added the new connection to the closed pool's list, the query ran on it,
       -- and nothing ever closed it: its server backend stayed connected)

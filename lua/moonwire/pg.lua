@@ -609,7 +609,7 @@ function M.pool(opts)
   if math.type(size) ~= "integer" or size < 1 then
     error("bad argument #1 to 'pool' (size must be a positive integer)", 2)
   end
-  return setmetatable({ opts = opts, size = size, conns = {}, opening = 0, waitq = new_channel(),
+  return setmetatable({ opts = opts, size = size, conns = {}, opening = 0, waitq = new_channel(), waiting = 0,
     max_lifetime = opts.max_lifetime, check_after = opts.check_after or 30 }, Pool)
 end
 
@@ -704,7 +704,9 @@ local function pool_pick(self, exclusive, deadline)
     else
       local left = deadline and deadline - now()
       if left and left <= 0 then return nil, "timeout waiting for a connection", "timeout" end
+      self.waiting = self.waiting + 1
       local _, err, code = self.waitq:recv(left)
+      self.waiting = self.waiting - 1
       if code == "timeout" and deadline and now() >= deadline then
         return nil, "timeout waiting for a connection", "timeout"
       end
@@ -728,6 +730,10 @@ local function pool_query_end(self, db, ...)
       db._draining = nil
       pool_wake(self)
     end)
+  elseif self.waiting > 0 and select(2, db._c:status()) == 0 then
+    -- its last query in flight is over: a task waiting for a connection to itself
+    -- (acquire, transaction), or a retired one's slot, may go on now
+    pool_wake(self)
   end
   return ...
 end
