@@ -380,14 +380,15 @@ describe("moonwire.socket in a task", function()
       s:settimeout(0.2, "t")
       mw.yield()                                        -- a fresh turn: the cached clock is now
       local spin = hrtime()
-      while hrtime() - spin < 5e8 do end                -- 0.5 s of CPU work in this turn
+      while hrtime() - spin < 1.5e9 do end              -- 1.5 s of CPU work in this turn
       local t0 = hrtime()
       local n, err, last = s:send(string.rep("x", 16 * 1024 * 1024))
       local took = (hrtime() - t0) / 1e9
       assert.is_nil(n)
       assert.equal("timeout", err)
       assert.is_true(last < 16 * 1024 * 1024, tostring(last))
-      assert.is_true(took >= 0.19 and took < 0.45, ("took %.2fs (bound 0.2s)"):format(took))
+      -- (the old clock: 1.7 s and more; the margin is for a slow build, ASan's, on a busy host)
+      assert.is_true(took >= 0.19 and took < 1.2, ("took %.2fs (bound 0.2s)"):format(took))
       s:close()
       if peer then peer:close() end
       l:close()
