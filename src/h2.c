@@ -68,6 +68,7 @@ struct h2stream {
     uint32_t close_code;
     int64_t content_length;    /* the request's, -1 unknown */
     int64_t received;          /* DATA bytes of the request */
+    uint64_t owed;             /* DATA bytes sent on it that the client has not given back yet */
     size_t unconsumed;         /* received, window not given back yet (consumed()) */
     size_t hbytes;             /* decoded header list size */
     fields head, trailers, trout;
@@ -114,7 +115,8 @@ struct h2conn {
     uint32_t parks;
     uint32_t hpack_trims;      /* times the rings' page went back (both tables empty, its area too) */
     uint32_t glitches;         /* frames that did no work (floods) */
-    uint64_t data_bytes;       /* DATA payload both ways: a long download earns its WINDOW_UPDATEs */
+    uint64_t data_bytes;       /* DATA payload both ways */
+    uint64_t owed;             /* DATA bytes sent that the client has not given back yet */
     uint32_t requests;
     /* nghttp2 keeps no closed stream (no_closed_streams: a closed one cost ~230 bytes and
      * kept the stream map's page resident, up to max_streams of them per idle connection),
@@ -360,9 +362,9 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
 }
 
 /* A frame that did no work (an empty DATA, a PING, a SETTINGS, a PRIORITY, an RST_STREAM, a
- * WINDOW_UPDATE): past the budget (the configured allowance, plus two per request, plus one
- * per 16 KiB of DATA either way, so real traffic never runs out) the connection is ended
- * with GOAWAY ENHANCE_YOUR_CALM. */
+ * WINDOW_UPDATE that gives back no credit: returned_credit): past the budget (the configured
+ * allowance, plus two per request, plus one per 16 KiB of DATA either way, so real traffic
+ * never runs out) the connection is ended with GOAWAY ENHANCE_YOUR_CALM. */
 static void count_glitch(h2conn *c)
 {
     uint64_t budget = (uint64_t)c->max_glitches + 2u * c->requests + c->data_bytes / 16384;
@@ -372,6 +374,25 @@ static void count_glitch(h2conn *c)
                               nghttp2_session_get_last_proc_stream_id(c->session),
                               NGHTTP2_ENHANCE_YOUR_CALM, NULL, 0);
     }
+}
+
+/* A WINDOW_UPDATE that gives back credit for DATA we sent (1 KiB of it at least, or all
+ * that was still owed) is flow control at work, not a useless frame: a client that gives
+ * credit back every 4 KiB it reads, on the stream and on the connection (Go's transport),
+ * sends two per 4 KiB, where the budget grows by one per 16 KiB. Smaller steps, or more than
+ * was sent, count (a flood of them costs the client 1 KiB of our DATA per free frame). */
+static int returned_credit(h2conn *c, h2stream *st, const nghttp2_frame *f)
+{
+    uint64_t *owed = f->hd.stream_id == 0 ? &c->owed : st ? &st->owed : NULL;
+    uint64_t inc = (uint64_t)f->window_update.window_size_increment;
+    if (!owed || *owed == 0) return 0;
+    if (inc > *owed) {
+        *owed = 0;
+        return 0;
+    }
+    int earned = inc >= 1024 || inc == *owed;
+    *owed -= inc;
+    return earned;
 }
 
 static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
@@ -415,10 +436,12 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *ud)
             count_glitch(c);
         }
         return 0;
+    case NGHTTP2_WINDOW_UPDATE:
+        if (!returned_credit(c, st, f)) count_glitch(c);
+        return 0;
     case NGHTTP2_PING:
     case NGHTTP2_PRIORITY:
     case NGHTTP2_RST_STREAM:
-    case NGHTTP2_WINDOW_UPDATE:
         count_glitch(c);
         return 0;
     default:
@@ -533,6 +556,8 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
     }
     if (st->writer && mw_buf_len(&st->out) < st->c->out_hwm / 2) wake(&st->writer);
     st->c->data_bytes += (uint64_t)n;
+    st->owed += (uint64_t)n;
+    st->c->owed += (uint64_t)n;
     return n;
 }
 

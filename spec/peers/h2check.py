@@ -2226,6 +2226,62 @@ def _(ctx):
     return flood(ctx, c, WindowUpdateFrame(0, window_increment=1).serialize())
 
 
+def download_giving_back(ctx, c, n, step, inc_of):
+    """GETs n bytes with auto_window off, giving credit back whenever `step` bytes of DATA
+    came since the last time, on the stream and on the connection, in WINDOW_UPDATEs of
+    inc_of(bytes owed) each (repeated until all is given back). Returns what ended it."""
+    c.auto_window = False
+    path, n = ctx.routes.big(n)
+    sid = c.request(path=path)
+    owed, end = 0, time.monotonic() + 20
+    while time.monotonic() < end:
+        try:
+            f = c.read(timeout=max(0.0, end - time.monotonic()))
+        except Closed:
+            return "closed"
+        if f is None:
+            continue
+        if isinstance(f, GoAwayFrame):
+            return "GOAWAY " + ename(f.error_code)
+        if isinstance(f, RstStreamFrame) and f.stream_id == sid:
+            return "RST_STREAM " + ename(f.error_code)
+        if isinstance(f, DataFrame) and f.stream_id == sid:
+            owed += f.wire_len
+            st = c.stream(sid)
+            if st.end:
+                return "body %d" % len(st.data)
+            if owed >= step:
+                out = b""
+                while owed > 0:
+                    inc = min(owed, inc_of(owed))
+                    out += (WindowUpdateFrame(sid, window_increment=inc).serialize() +
+                            WindowUpdateFrame(0, window_increment=inc).serialize())
+                    owed -= inc
+                c.send(out)
+    return "timeout"
+
+
+@case("abuse/window-update/earned", "a client giving credit back every 4 KiB it reads, on the "
+      "stream and the connection (Go's transport): 24 MB served, no GOAWAY", budget=30.0)
+def _(ctx):
+    # (every WINDOW_UPDATE counted as a useless frame: two per 4 KiB against a budget that
+    # grows by one per 16 KiB of DATA ended such a download with ENHANCE_YOUR_CALM at 16 MB)
+    c = ctx.conn().handshake()
+    n = 24000000
+    got = download_giving_back(ctx, c, n, 4096, lambda owed: owed)
+    if got != "body %d" % n:
+        raise Fail("expected the whole body of %d bytes, got: %s" % (n, got))
+
+
+@case("abuse/window-update/tiny", "credit given back 1 byte per WINDOW_UPDATE during a download "
+      "-> GOAWAY ENHANCE_YOUR_CALM", abuse=True, budget=30.0)
+def _(ctx):
+    c = ctx.conn().handshake()
+    got = download_giving_back(ctx, c, 24000000, 4096, lambda owed: 1)
+    if got != "GOAWAY ENHANCE_YOUR_CALM":
+        raise Fail("expected GOAWAY ENHANCE_YOUR_CALM, got: %s" % got)
+
+
 @case("abuse/flood/priority", "10,000 PRIORITY frames -> GOAWAY ENHANCE_YOUR_CALM",
       abuse=True, budget=20)
 def _(ctx):
