@@ -2,9 +2,8 @@
  * configured from Lua options; a socket gets a TLS session by starttls (or by accept on a
  * TLS listener) and from then on reads and writes through the TLS transport below, so read,
  * write, accept and everything above (HTTP, WebSocket) work unchanged. WANT_READ/WANT_WRITE
- * become EAGAIN with the readiness to wait for (a record a write leaves half-sent counts as
- * written, its bytes kept in the stream's output buffer: tls_writev). Secure by default:
- * TLS 1.2+, clients verify the chain and the host name against the system CA store. */
+ * become EAGAIN with the readiness to wait for. Secure by default: TLS 1.2+, clients verify
+ * the chain and the host name against the system CA store. */
 #define _GNU_SOURCE
 #include "tls.h"
 #include "stream.h"
@@ -52,7 +51,6 @@ typedef struct mw_tlsconn {
     char *sess_key;            /* its sessions' key, or NULL: none cached */
     int handshake_done;
     int unclean_eof;            /* the stream ended without the peer's close_notify (mw_tls_truncated) */
-    int wlost;                  /* a record sent in part could not be kept for its retry (tls_writev) */
     pid_t pid;                  /* the process that made the session (see tls_close) */
     char err[256];
 } mw_tlsconn;
@@ -193,24 +191,11 @@ static ssize_t tls_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
     return ssl_result(s, c, r, want);
 }
 
-/* On WANT_WRITE, SSL_write has made its record (the plaintext taken, encrypted, counted by
- * the sequence number) and sent part of it, maybe none, and OpenSSL expects the same call again, same length; the retry sends the record's rest and
- * counts that many of the bytes offered as sent, whatever they are. Reporting EAGAIN then
- * would tell the caller nothing was taken; a caller that gives up (a write "timeout") and
- * later writes other bytes would have the peer receive the old record's bytes in place of
- * as many new ones. So the bytes of a record that went out only in part are taken as sent:
- * copied into the stream's output buffer (s->obuf), which goes out before anything else
- * (every write flushes it first, the loop before it polls and on each readiness), and whose
- * next write, beginning with those same bytes and no shorter, is OpenSSL's retry. That is
- * why a call offers at most one record (16 KiB): that much at most is ever copied. */
 static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
 {
     mw_tlsconn *c = s->tls;
-    if (c->wlost) {     /* a record's copy could not be kept: the stream is out of step */
-        errno = EPROTO;
-        return -1;
-    }
-    /* one record for small pieces: coalesce up to 16 KiB */
+    /* one record for small pieces: coalesce up to 16 KiB (the same bytes are offered again
+     * after WANT_WRITE: SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER) */
     char buf[16384];
     const char *p = iov[0].iov_base;
     size_t len = iov[0].iov_len;
@@ -224,22 +209,12 @@ static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *
         }
         p = buf;
     }
-    if (len > sizeof buf) len = sizeof buf;
     if (len == 0) return 0;
     clear_errors();
     errno = 0;
-    int r = SSL_write(c->ssl, p, (int)len);
+    int r = SSL_write(c->ssl, p, len > 0x7fffffff ? 0x7fffffff : (int)len);
     if (r > 0) return r;
     ssize_t x = ssl_result(s, c, r, want);
-    if (x < 0 && errno == EAGAIN && *want == EPOLLOUT) {
-        /* the output buffer's own bytes (its flush) stay there, offered again as they are */
-        if (mw_buf_len(&s->obuf) > 0 && p == mw_buf_head(&s->obuf)) return x;
-        if (mw_sock_gather(s, p, len, NULL, 0) == 0) return (ssize_t)len;
-        c->wlost = 1;
-        snprintf(c->err, sizeof c->err, "not enough memory for a record's retry");
-        errno = EPROTO;
-        return -1;
-    }
     if (x == 0) {
         /* "closed" (the peer's close_notify came in, or a bare EOF) is an end for a read;
          * for a write that moved nothing it must be an error, or the caller's write loop
