@@ -1288,6 +1288,89 @@ end)
     end)
   end)
 
+  describe("writes that time out", function()
+    -- Regression: on WANT_WRITE the TLS transport said EAGAIN, though OpenSSL had already
+    -- made a record from the bytes offered (encrypted, partly sent) and expects the same
+    -- call again. A write that timed out reported those bytes as not sent; the next write
+    -- offered other bytes, and OpenSSL sent the old record and counted the new bytes' first
+    -- 16 KiB as sent: the peer got 16 KiB more of the first write and 16 KiB less of the
+    -- second, the write reporting success (or "tls: bad length" for a short one). Now a
+    -- write that does not go on with the record's bytes fails, and every write after it:
+    -- the peer never gets bytes in the wrong place. One that goes on with them (what a
+    -- writer resuming from the reported offset does) completes the stream intact.
+    local function stalled(second)
+      return function()
+        run(function()
+          local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0, tls = server_tls("server") })
+          local _l <close> = helper.closer(l)
+          local _, port = l:getsockname()
+          local t = mw.spawn(function()
+            local a = assert(l:accept(5))
+            assert.equal("hello", a:read("l", 5))   -- (the server's handshake is done)
+            return a
+          end)
+          local c = assert(mw.tcp.connect("127.0.0.1", port, { tls = trusting(), timeout = 5 }))
+          local _c <close> = helper.closer(c)
+          assert(c:write("hello\n"))
+          local a = joined(t)
+          local _a <close> = helper.closer(a)
+          -- the peer reads nothing: the write fills the buffers and times out
+          c:settimeout(0.2)
+          local total = 32 * 1024 * 1024
+          local first = ("A"):rep(total)
+          local ok, _, code, sent = c:write(first)
+          assert.is_nil(ok)
+          assert.equal("timeout", code)
+          assert.is_true(sent > 0 and sent < total)
+          -- now the peer reads everything until the end
+          local reader = mw.spawn(function()
+            local parts = {}
+            while true do
+              local piece = a:recv(1024 * 1024, 10)
+              if not piece then return table.concat(parts) end
+              parts[#parts + 1] = piece
+            end
+          end)
+          c:settimeout(10)
+          local expect = second(c, first, sent)
+          -- read what the server sent (its session tickets) before closing: a close with
+          -- bytes unread is a reset, and the peer would lose what it had not read yet
+          repeat until not c:recv(65536, 0.05)
+          c:close()
+          local got = joined(reader)
+          if expect then
+            assert.equal(#expect, #got)
+            assert.is_true(got == expect, "the bytes differ from those written")
+          else
+            -- what came is the first write's bytes, in place: a prefix of it, nothing else
+            assert.is_true(#got >= sent and #got <= sent + 16384, ("%d bytes, %d reported sent"):format(#got, sent))
+            assert.is_true(got == first:sub(1, #got), "bytes other than the first write's came")
+          end
+        end)
+      end
+    end
+
+    it("a write of other bytes after it fails (tls), and the peer gets none of them", stalled(function(c)
+      for _, other in ipairs { ("B"):rep(1024 * 1024), "PING\n" } do
+        local ok, err, code = c:write(other)
+        assert.is_nil(ok)
+        assert.equal("tls", code)
+        assert.matches("given up in the middle of a record", err, 1, true)
+      end
+      return nil
+    end))
+
+    it("a write that goes on from the offset reported sent completes the stream intact",
+      stalled(function(c, first, sent)
+      assert(c:write(first:sub(sent + 1), "and the end\n"))
+      return first .. "and the end\n"
+    end))
+
+    it("with no write after it, the peer gets a prefix of its bytes and nothing else", stalled(function()
+      return nil
+    end))
+  end)
+
   describe("certificate reload", function()
     it("srv.tls:reload(): new connections get the new certificate, an open keep-alive one goes on", function()
       run(function()

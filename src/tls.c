@@ -51,6 +51,11 @@ typedef struct mw_tlsconn {
     char *sess_key;            /* its sessions' key, or NULL: none cached */
     int handshake_done;
     int unclean_eof;            /* the stream ended without the peer's close_notify (mw_tls_truncated) */
+    /* a record SSL_write made and sent only in part (WANT_WRITE): its bytes, which the next
+     * write must begin with (tls_writev); wbroken: one began with other bytes */
+    unsigned char *wpend;
+    size_t wpend_len;
+    int wbroken;
     pid_t pid;                  /* the process that made the session (see tls_close) */
     char err[256];
 } mw_tlsconn;
@@ -191,11 +196,24 @@ static ssize_t tls_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
     return ssl_result(s, c, r, want);
 }
 
+/* On WANT_WRITE (EAGAIN to the caller: nothing written), SSL_write has already made its
+ * record from the bytes offered and sent part of it, maybe none; OpenSSL's retry sends the
+ * rest and counts as many of the bytes then offered as written, whatever they are. A caller
+ * that waits and writes on offers the same bytes again (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER:
+ * maybe from elsewhere); one that gave up (a write "timeout") and then writes other bytes
+ * would have the peer receive the old record in their place. So a call offers one record at
+ * most (16 KiB: then the record is exactly the bytes offered, none of it reported written),
+ * keeps a copy of it on WANT_WRITE, and a later call that does not begin with those bytes
+ * fails, as every write after it does: the stream cannot go on without a hole or a splice. */
 static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
 {
     mw_tlsconn *c = s->tls;
-    /* one record for small pieces: coalesce up to 16 KiB (the same bytes are offered again
-     * after WANT_WRITE: SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER) */
+    if (c->wbroken) {
+        snprintf(c->err, sizeof c->err, "a write given up in the middle of a record was followed by other bytes");
+        errno = EPROTO;
+        return -1;
+    }
+    /* one record: small pieces coalesced, up to 16 KiB */
     char buf[16384];
     const char *p = iov[0].iov_base;
     size_t len = iov[0].iov_len;
@@ -209,12 +227,33 @@ static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *
         }
         p = buf;
     }
+    if (len > sizeof buf) len = sizeof buf;
     if (len == 0) return 0;
+    if (c->wpend_len && (len < c->wpend_len || memcmp(p, c->wpend, c->wpend_len) != 0)) {
+        c->wbroken = 1;
+        snprintf(c->err, sizeof c->err, "a write given up in the middle of a record was followed by other bytes");
+        errno = EPROTO;
+        return -1;
+    }
     clear_errors();
     errno = 0;
-    int r = SSL_write(c->ssl, p, len > 0x7fffffff ? 0x7fffffff : (int)len);
-    if (r > 0) return r;
+    int r = SSL_write(c->ssl, p, (int)len);
+    if (r > 0) {
+        c->wpend_len = 0;
+        return r;
+    }
     ssize_t x = ssl_result(s, c, r, want);
+    if (x < 0 && errno == EAGAIN && !c->wpend_len) {
+        if (!c->wpend) c->wpend = malloc(sizeof buf);
+        if (!c->wpend) {
+            c->wbroken = 1;            /* (no copy: a retry could not be checked) */
+            snprintf(c->err, sizeof c->err, "not enough memory");
+            errno = EPROTO;
+            return -1;
+        }
+        memcpy(c->wpend, p, len);
+        c->wpend_len = len;
+    }
     if (x == 0) {
         /* "closed" (the peer's close_notify came in, or a bare EOF) is an end for a read;
          * for a write that moved nothing it must be an error, or the caller's write loop
@@ -249,6 +288,7 @@ static void tls_close(mw_sock *s)
     tls_notify_close(s);
     SSL_free(c->ssl);
     free(c->sess_key);
+    free(c->wpend);
     free(c);
     s->tls = NULL;
 }
