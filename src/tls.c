@@ -165,8 +165,9 @@ static ssize_t ssl_result(mw_sock *s, mw_tlsconn *c, int r, uint32_t *want)
             return 0;
         }
         return -1;
-    default:
-        if (ERR_GET_REASON(ERR_peek_last_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+    default: {
+        unsigned long last = ERR_peek_last_error();
+        if (ERR_GET_LIB(last) == ERR_LIB_SSL && ERR_GET_REASON(last) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
             /* the same bare end, as OpenSSL reports it when its BIO says EOF */
             ERR_clear_error();
             c->unclean_eof = 1;
@@ -176,6 +177,7 @@ static ssize_t ssl_result(mw_sock *s, mw_tlsconn *c, int r, uint32_t *want)
         errno = EPROTO;
         (void)s;
         return -1;
+    }
     }
 }
 
