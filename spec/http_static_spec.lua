@@ -796,7 +796,9 @@ local http = require "moonwire.http"
 local static = require "moonwire.http.static"
 assert(os.execute(("prlimit --pid %%d --nofile=256:256"):format(core.getpid())))
 mw.run(function()
-  local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = static.handler("/", %q) })
+  local logged = {}
+  local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = static.handler("/", %q),
+    error_log = function(m) logged[#logged + 1] = m end })
   local base = ("http://127.0.0.1:%%d"):format(srv.port)
   local s = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 5 }))
   local c = http.client { http2 = true }
@@ -828,6 +830,12 @@ mw.run(function()
   print("full", h1("/data.bin"), h2("/data.bin"))
   for _, f in ipairs(fill) do f:close() end
   print("again", h1("/hello.txt"), h2("/hello.txt"))
+  -- each 500 has its line in the error log
+  local named = 0
+  for _, m in ipairs(logged) do
+    if m:find("moonwire: cannot open ", 1, true) and m:find("data.bin: ", 1, true) then named = named + 1 end
+  end
+  print("logged", named)
   s:close()
   c:close()
   srv:close(0)
@@ -837,7 +845,7 @@ end)
     assert.equal(0, code, out)
     local HELLO_ANSWER = ("200 12 %q"):format(HELLO)
     local ERROR_ANSWER = ("500 22 %q"):format("Internal Server Error\n")
-    assert.equal(("warm\t%s\t%s\nfull\t%s\t%s\nagain\t%s\t%s\n"):format(HELLO_ANSWER, HELLO_ANSWER,
+    assert.equal(("warm\t%s\t%s\nfull\t%s\t%s\nagain\t%s\t%s\nlogged\t2\n"):format(HELLO_ANSWER, HELLO_ANSWER,
       ERROR_ANSWER, ERROR_ANSWER, HELLO_ANSWER, HELLO_ANSWER), out)
   end)
 end)

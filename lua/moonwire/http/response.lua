@@ -542,6 +542,8 @@ local function sendfile_range(self, path, offset, length)
       if changed[code] then
         abandon(self)
       else
+        -- (the server's trouble, not the client's: said where the operator looks)
+        self[SRV].error_log(("moonwire: cannot open %s: %s"):format(path, tostring(size)))
         self:_reset(500)
         self:header("content-type", "text/plain; charset=utf-8")
         self:send("Internal Server Error\n")
