@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "62eb3364e47634f50129a5252dc71bea",
+  md5 = "b6bc2220adef8b9921d3bbe62819c85d",
   dir = "moonwire-0.1.0",
 }
 description = {
