@@ -163,6 +163,21 @@ describe("url.parse", function()
     assert.equal("", u.password)
   end)
 
+  -- messages end up in logs: url.redact hides passwords, and url.parse's errors use it
+  it("redact hides a userinfo's password and password= values; parse errors show no password", function()
+    assert.equal("http://u:***@h/p", url.redact("http://u:s3cret@h/p"))
+    assert.equal("http://u:***@h/", url.redact("http://u:a:b@c@h/"))
+    assert.equal("http://bob@h/", url.redact("http://bob@h/"))
+    assert.equal("x://h/?a=1&password=***#f", url.redact("x://h/?a=1&password=s3cret#f"))
+    assert.equal("http://h/", url.redact("http://h/"))
+    for _, s in ipairs { "http://u:s3cret@h:99999/", "http://u:s3cret@[1::2::3]/", "http://u:s3cret@/",
+                         "http://u:s3 cret@h/", "http://u:s3cret@h\\x/" } do
+      local err = rejects(s)
+      assert.is_nil(err:find("s3", 1, true), err)
+      assert.matches("u:***@", err, 1, true)
+    end
+  end)
+
   it("userinfo never leaks into authority or target", function()
     local u = parses("http://u:p@[::1]:9/t?q")
     assert.equal("[::1]:9", u.authority)

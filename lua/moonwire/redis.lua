@@ -30,9 +30,10 @@ end
 
 -- ---- options -----------------------------------------------------------------------------
 
--- The URL s as an error message shows it: without a password (errors end up in logs).
+-- The URL s as an error message shows it: without a password (errors end up in logs); a
+-- userinfo without ":" is one too here (redis://secret@host).
 local function shown(s)
-  return (s:gsub("(//[^/?#@]-:)[^/?#]*@", "%1***@"):gsub("([?&]password=)[^&#]*", "%1***"))
+  return (urlmod.redact(s):gsub("^(%a[%w+.-]*://)[^/?#:@]+@", "%1***@"))
 end
 
 -- true, or nil and a message naming the URL s when db or resp is not a number it can be
@@ -71,7 +72,8 @@ local function parse_url(s)
   end
   local u, err = urlmod.parse(s)
   if not u then
-    if err:sub(-#s) == s then err = err:sub(1, #err - #s) .. shown(s) end
+    local r = urlmod.redact(s)                 -- (url.parse's message ends with that)
+    if err:sub(-#r) == r then err = err:sub(1, #err - #r) .. shown(s) end
     return nil, err
   end
   o.host, o.port = u.host, u.port or 6379

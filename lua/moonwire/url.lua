@@ -100,20 +100,27 @@ local function ipv6_ok(s)
   return a ~= nil and b ~= nil and a + b <= 7
 end
 
+--- The URL s as a message may show it: a userinfo's password and
+-- the values of password= query parameters replaced by "***" (messages end up in logs).
+function M.redact(s)
+  return (s:gsub("(//[^/?#@]-:)[^/?#]*@", "%1***@"):gsub("([?&]password=)[^&#]*", "%1***"))
+end
+local redact = M.redact
+
 --- Parses an absolute URL. Returns a table {scheme, user, password, host, port (number,
 -- the scheme's default when absent), path ("/" when empty), query (or nil), fragment,
 -- target (path [+ "?" query]), authority ("host[:port]" as the Host header wants it),
 -- ipv6 (true for a bracketed literal)}, or nil, err.
 function M.parse(s)
   if type(s) ~= "string" then argerror(1, "parse", "string expected, got " .. type(s)) end
-  if s:find("[%z%s%c]") then return nil, "invalid URL (spaces or control characters): " .. s end
+  if s:find("[%z%s%c]") then return nil, "invalid URL (spaces or control characters): " .. redact(s) end
   local scheme, rest = s:match("^(%a[%w+.-]*)://(.*)$")
-  if not scheme then return nil, "invalid URL (no scheme://): " .. s end
+  if not scheme then return nil, "invalid URL (no scheme://): " .. redact(s) end
   scheme = scheme:lower()
   local authority, tail = rest:match("^([^/?#]*)(.*)$")
   -- a browser reads "\" as "/" here (WHATWG URL): "http://a\@b/" is host a to it and host b
   -- to RFC 3986; refused, so that a filter and this client never disagree on the host
-  if authority:find("\\", 1, true) then return nil, "invalid URL (a backslash in the authority): " .. s end
+  if authority:find("\\", 1, true) then return nil, "invalid URL (a backslash in the authority): " .. redact(s) end
   local u = { scheme = scheme }
   local userinfo, hostport = authority:match("^(.*)@(.*)$")
   if userinfo then
@@ -126,17 +133,17 @@ function M.parse(s)
   local host, port
   if hostport:sub(1, 1) == "[" then
     host, port = hostport:match("^%[([%x:.]+)%]:?(%d*)$")
-    if not host or not ipv6_ok(host) then return nil, "invalid IPv6 literal in URL: " .. s end
+    if not host or not ipv6_ok(host) then return nil, "invalid IPv6 literal in URL: " .. redact(s) end
     u.ipv6 = true
   else
     host, port = hostport:match("^([^:]*):?(%d*)$")
-    if not host then return nil, "invalid port in URL: " .. s end
+    if not host then return nil, "invalid port in URL: " .. redact(s) end
   end
-  if host == "" then return nil, "no host in URL: " .. s end
+  if host == "" then return nil, "no host in URL: " .. redact(s) end
   u.host = host:lower()
   if port ~= "" then
     u.port = math.tointeger(tonumber(port))
-    if not u.port or u.port < 1 or u.port > 65535 then return nil, "invalid port in URL: " .. s end
+    if not u.port or u.port < 1 or u.port > 65535 then return nil, "invalid port in URL: " .. redact(s) end
   else
     u.port = default_ports[scheme]
   end

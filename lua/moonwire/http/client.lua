@@ -691,8 +691,7 @@ local function proxy_for(self, o, u)
   end
   if p == nil or p == "" then return nil end
   local pu, err = parse_cached(p)
-  -- (the URL in the message without its password: errors end up in logs)
-  if not pu then return nil, "bad proxy: " .. err:gsub("(//[^/?#@]-:)[^/?#]*@", "%1***@") end
+  if not pu then return nil, "bad proxy: " .. err end  -- (url.parse hides the password)
   if pu.scheme ~= "http" then
     return nil, "unsupported proxy scheme '" .. pu.scheme .. "' (only http:// proxies are supported)"
   end
