@@ -55,11 +55,19 @@ Response._stat_range = false
 -- because set later on a table without a hash part, it would cost a rehash that counts the
 -- whole array.
 
--- Drops every header and sets the status (the 500 answer to a handler that raised).
+-- Drops every header and sets the status.
 function Response:_reset(status)
   for i = HBASE, HBASE + 2 * self[NH] - 1 do self[i] = false end
   self[NH] = 0
   self[STATUS] = status
+end
+
+-- The 500 answer, whatever the handler had set (a handler that raised, a file that cannot
+-- be opened); the head must not have gone out. Returns what res:send does.
+function Response:_internal_error()
+  self:_reset(500)
+  self:header("content-type", "text/plain; charset=utf-8")
+  return self:send("Internal Server Error\n")
 end
 
 function Response:status(code)
@@ -544,9 +552,7 @@ local function sendfile_range(self, path, offset, length)
       else
         -- (the server's trouble, not the client's: said where the operator looks)
         self[SRV].error_log(("moonwire: cannot open %s: %s"):format(path, tostring(size)))
-        self:_reset(500)
-        self:header("content-type", "text/plain; charset=utf-8")
-        self:send("Internal Server Error\n")
+        self:_internal_error()
       end
     end
     return nil, size, code

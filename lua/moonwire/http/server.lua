@@ -126,10 +126,8 @@ local function after_handler(srv, req, res, ok, err)
     if res._answer_failure then
       res:_answer_failure()    -- its body failed: that failure's answer (response.lua), not 500
     elseif not res.sent then
-      res:_reset(500)
-      res:header("content-type", "text/plain; charset=utf-8")
       res[CLOSE] = true
-      res:send("Internal Server Error\n")
+      res:_internal_error()
     else
       res[CLOSE] = true
     end
