@@ -797,7 +797,8 @@ local function trailer_pairs(tr)
   return flat, n
 end
 
--- Sends the request on hc: returns the stream or nil, err, code.
+-- Sends the request on hc: returns the stream or nil, err, code. trailers: nil, a flat list
+-- (the option's table, made and checked by exchange) or the option's function.
 local function h2_send(hc, method, scheme, authority, target, flat, nh, body, trailers)
   local tb = type(body)
   if tb == "table" then body, tb = table.concat(body), "string" end
@@ -818,12 +819,18 @@ local function h2_send(hc, method, scheme, authority, target, flat, nh, body, tr
       end
     end
   end
-  -- (a table was checked before the request went out, see exchange; a function that raises
-  -- or gives a bad field raises here, and the stream, sent but for its end, is reset)
-  local done, tflat, tn = pcall(trailer_pairs, trailers)
-  if not done then
-    st:reset()
-    error(tflat, 0)
+  -- (a function that raises or gives a bad field raises here, and the stream, sent but for
+  -- its end, is reset)
+  local tflat, tn = trailers, 0
+  if type(trailers) == "function" then
+    local done
+    done, tflat, tn = pcall(trailer_pairs, trailers)
+    if not done then
+      st:reset()
+      error(tflat, 0)
+    end
+  elseif trailers then
+    tn = #trailers // 2
   end
   local ok
   if tn > 0 then
@@ -837,7 +844,7 @@ end
 
 -- One HTTP/2 exchange: the response (head read) or nil, err, code; nil, sock, "h1" when
 -- the origin turned out to speak HTTP/1.1.
-local function h2_exchange(self, o, key, connect, alpn, u, method, target, flat, nh, body)
+local function h2_exchange(self, o, key, connect, alpn, u, method, target, flat, nh, body, trailers)
   local authority = u.authority
   local hosts = o.headers and values_of(o.headers, "host")
   if hosts and hosts[1] then authority = hosts[1] end
@@ -848,10 +855,10 @@ local function h2_exchange(self, o, key, connect, alpn, u, method, target, flat,
     if not hc then return nil, err, code end
     local st, status, headers, multi, st2
     if replayable then
-      st, err, code, st2 = h2_send(hc, method, u.scheme, authority, target, flat, nh, body, o.trailers)
+      st, err, code, st2 = h2_send(hc, method, u.scheme, authority, target, flat, nh, body, trailers)
     else
       local done
-      done, st, err, code, st2 = pcall(h2_send, hc, method, u.scheme, authority, target, flat, nh, body, o.trailers)
+      done, st, err, code, st2 = pcall(h2_send, hc, method, u.scheme, authority, target, flat, nh, body, trailers)
       if not done then error(st, 0) end
     end
     if st2 and (code == "cancelled" or code == "timeout") then
@@ -1000,9 +1007,11 @@ local function exchange(self, o, u, method, body)
   end
   local length = body_length(body)
   local raw = framed and check_framing(o.headers, length)
-  -- trailers given as a table are checked here, as the head is, before anything is sent
-  -- and whatever the version (only HTTP/2 sends them): a bad one raises alike on both
-  if type(o.trailers) == "table" then trailer_pairs(o.trailers) end
+  -- trailers given as a table are made a flat list and checked here, as the head is, before
+  -- anything is sent and whatever the version (only HTTP/2 sends them): a bad one raises
+  -- alike on both
+  local trailers = o.trailers
+  if type(trailers) == "table" then trailers = trailer_pairs(trailers) end
   if use_h2 then
     -- the scratch list is the client's, shared by its tasks: an HTTP/2 exchange can wait
     -- (for the connection another task is opening, for a free stream, for a retry, for
@@ -1013,7 +1022,7 @@ local function exchange(self, o, u, method, body)
       flat[2 * nh + 1], flat[2 * nh + 2] = "content-length", tostring(length)
       nh = nh + 1
     end
-    local res, err, code = h2_exchange(self, o, key, connect, alpn, u, method, target, flat, nh, body)
+    local res, err, code = h2_exchange(self, o, key, connect, alpn, u, method, target, flat, nh, body, trailers)
     if res or code ~= "h1" then return res, err, code end
     -- the server chose HTTP/1.1: its socket is the first connection of the HTTP/1.1 pool
     if err then
