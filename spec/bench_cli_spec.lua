@@ -908,6 +908,24 @@ function response() if not said then said = true io.write("@response\n") io.flus
         ["bit.tohex"] = "000000ff" }, r.kv)
     end, 20)
   end)
+
+  it("wrk.thread:stop() in response() stops the thread's requests at once, as wrk's aeStop", function()
+    run(function()
+      local served = 0
+      local srv = serve(function(_, res) served = served + 1 res:send("ok") end)
+      local _g <close> = guard(srv)
+      local script = writefile(tmp(".lua"), [[
+local n = 0
+function response() n = n + 1 if n >= 5 then wrk.thread:stop() end end
+function done(summary) io.write("@requests=", summary.requests, "\n") end
+]])
+      local r = bench({ "-t1", "-c1", "-d1s", "-s", script, url(srv) })
+      assert.equal(0, r.code, r.context)
+      -- one connection, one request at a time: the fifth answer is the last request sent
+      assert.equal("5", r.kv.requests, r.context)
+      assert.equal(5, served, r.context)
+    end, 20)
+  end)
 end)
 
 ---------------------------------------------------------------------------------------------

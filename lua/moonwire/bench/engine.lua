@@ -293,6 +293,7 @@ end
 function M.run(cfg, hooks, on_stop)
   local st = new_state(cfg)
   st.hooks = hooks
+  hooks.state = st   -- (wrk.thread:stop() in a hook stops this thread's requests at once)
   -- the shared cells: 3 per thread (count, errors, p99), then the run's stop flag
   local stop_cell = 3 * cfg.threads + 1
   st.stop_cell = stop_cell
@@ -320,7 +321,8 @@ function M.run(cfg, hooks, on_stop)
     end
     st.stop = true
     if st.h2b then st.h2b:stop() end
-    st.t_end = hrtime()
+    -- (a thread its script stopped ran until then, not until this loop noticed)
+    st.t_end = st.t_stopped or hrtime()
     if st.final_second then st.final_second() end
     if h2tasks then
       -- each connection ends once its streams are answered, or at the drain deadline
@@ -354,7 +356,12 @@ function M.thread_main(arg)
   local hooks = {}
   local stop_flag = false
   local thread = { id = cfg.wrk_thread_id or cfg.thread_id }   -- (an agent's thread: the test-wide number)
-  function thread.stop() stop_flag = true end
+  -- wrk stops the thread's loop at once: no request goes out after the hook that called it
+  function thread.stop()
+    stop_flag = true
+    local st = hooks.state
+    if st and not st.stop then st.stop, st.t_stopped = true, hrtime() end
+  end
   function thread.get(_, name) return rawget(_G, name) end
   function thread.set(_, name, v) rawset(_G, name, v) end
   local _, wrk = wrkenv.env(cfg.target, cfg.headers, thread, _G)
