@@ -918,6 +918,18 @@ end
       local code, _, err = wait(c, 15)
       assert.equal(2, code)
       assert.matches("only 0 of 2 agents present after 1s", err)
+      assert.not_matches("traceback", err)   -- one line, as the errors of one process
     end, 20)
+  end)
+
+  it("a Redis that cannot be reached: one line and exit 2, agent and coordinator alike", function()
+    run(function()
+      local dead = "redis://127.0.0.1:1/0"
+      for _, args in ipairs{ { "--agent", dead, "-t1" }, { "--agents", "1", "--via", dead, "http://127.0.0.1:1/" } } do
+        local code, _, err = wait(bg(args), 15)
+        assert.equal(2, code)
+        assert.matches("^moonwire bench: cannot connect to redis://127.0.0.1:1/0: [^\n]*\n$", err)
+      end
+    end, 40)
   end)
 end)

@@ -311,7 +311,7 @@ function M.main(o)
     end
   end)
   if not ok then
-    io.stderr:write("moonwire bench: ", tostring(err), "\n")
+    io.stderr:write("moonwire bench: ", (tostring(err):gsub("\n?stack traceback:.*$", "")), "\n")
     return 2
   end
   return 0

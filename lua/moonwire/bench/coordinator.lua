@@ -21,7 +21,10 @@ local M = {}
 
 local START_MARGIN_US = 500000
 
+-- one line, as in one process (bench/cli.lua): an error raised in the loop comes with the
+-- traceback of where moonwire caught it, which says nothing to the user
 local function die(msg)
+  msg = tostring(msg):gsub("\n?stack traceback:.*$", "")
   io.stderr:write("moonwire bench: ", msg, "\n")
   return 2
 end
