@@ -909,6 +909,24 @@ function response() if not said then said = true io.write("@response\n") io.flus
     end, 20)
   end)
 
+  it("wrk.headers.Host is set before init(), as wrk's init sets it (-H Host: wins)", function()
+    run(function()
+      local hosts = {}
+      local srv = serve(function(req, res) hosts[req.headers.host] = true res:send("ok") end)
+      local _g <close> = guard(srv)
+      local script = writefile(tmp(".lua"), [[
+function request() return "GET / HTTP/1.1\r\nHost: " .. wrk.headers["Host"] .. "\r\n\r\n" end
+]])
+      local r = bench({ "-t1", "-c1", "-d0.3s", "-s", script, url(srv) })
+      assert.equal(0, r.code, r.context)
+      assert.same({ [url(srv):match("^http://([^/]+)")] = true }, hosts, r.context)
+      hosts = {}
+      r = bench({ "-t1", "-c1", "-d0.3s", "-H", "Host: example.test", "-s", script, url(srv) })
+      assert.equal(0, r.code, r.context)
+      assert.same({ ["example.test"] = true }, hosts, r.context)
+    end, 20)
+  end)
+
   it("wrk.thread:stop() in response() stops the thread's requests at once, as wrk's aeStop", function()
     run(function()
       local served = 0

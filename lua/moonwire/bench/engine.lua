@@ -370,6 +370,11 @@ function M.thread_main(arg)
   wrk.request = function() return wrk.format(nil, nil, nil, nil) end
   if cfg.script then
     wrkenv.load(cfg.script, _G)
+    -- wrk's own init puts the Host header into wrk.headers before the script's init() runs
+    -- (scripts read wrk.headers.Host); one given with -H or by the script stays
+    local has_host = false
+    for k in pairs(wrk.headers) do if tostring(k):lower() == "host" then has_host = true end end
+    if not has_host then wrk.headers.Host = cfg.target.authority end
     local init = rawget(_G, "init")
     if init then
       local args = { [0] = cfg.url }
