@@ -451,9 +451,9 @@ describe("bench wrk environment", function()
     assert.equal("GET / HTTP/1.1\r\nHost: [::1]:8443\r\nX-Api: k\r\n\r\n", wrk.format())
   end)
 
-  it("the wrk table: scheme, host, port (nil without one in the URL), method, headers, body", function()
+  it("the wrk table: scheme, host, port (a string, nil without one in the URL), method, headers, body", function()
     local _, wrk = env("https://example.com:8443/a/b")
-    assert.same({ "https", "example.com", 8443, "GET", "/a/b" },
+    assert.same({ "https", "example.com", "8443", "GET", "/a/b" },
       { wrk.scheme, wrk.host, wrk.port, wrk.method, wrk.path })
     assert.is_nil(wrk.body)
     assert.same({}, wrk.headers)

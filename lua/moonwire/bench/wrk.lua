@@ -53,8 +53,9 @@ function M.env(target, headers, thread, G)
   env.bit = new_bit()
   env.setfenv = function(f, t) return f, t end
   local wrk = {
-    scheme = target.scheme, host = target.host, port = target.port_given, method = "GET",
-    path = target.target, headers = {}, body = nil, thread = thread,
+    -- (the port as the URL spells it, a string, as wrk gives it)
+    scheme = target.scheme, host = target.host, port = target.port_given and tostring(target.port_given),
+    method = "GET", path = target.target, headers = {}, body = nil, thread = thread,
   }
   for k, v in pairs(headers or {}) do wrk.headers[k] = v end
   local host_line = "Host: " .. target.authority .. "\r\n"
