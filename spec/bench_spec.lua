@@ -330,6 +330,15 @@ describe("bench scenario thresholds (scenario.parse_threshold, check_threshold)"
     assert.is_false((scenario.check_threshold("n.p99<1", r)))
     assert.is_false((scenario.check_threshold("d.rate<1", r)))
   end)
+
+  it("a check's name as bench.check gave it, spaces and all (docs: bench.check(\"status is 200\", ...))", function()
+    local t = assert(scenario.parse_threshold("status is 200>99%"))
+    assert.equal("status is 200", t.name)
+    local r = { checks = { ["status is 200"] = { pass = 99, fail = 1 } }, metrics = {} }
+    assert.is_true((scenario.check_threshold("status is 200>=99%", r)))
+    assert.is_false((scenario.check_threshold(" status is 200 > 99% ", r)))
+    assert.is_nil(scenario.parse_threshold(">99%"))
+  end)
 end)
 
 ---------------------------------------------------------------------------------------------

@@ -336,8 +336,9 @@ end
 -- command line's --threshold: a threshold that cannot be judged is refused before the run.
 function M.parse_threshold(expr)
   if type(expr) ~= "string" then return nil, "a threshold must be a string" end
-  local lhs, op, val = expr:match("^%s*([%w_.]+)%s*([<>]=?)%s*(.-)%s*$")
-  if not lhs or val == "" then return nil, "cannot parse threshold '" .. expr .. "'" end
+  -- (a check's name is the name given to bench.check: "status is 200>99%")
+  local lhs, op, val = expr:match("^%s*([^<>]-)%s*([<>]=?)%s*(.-)%s*$")
+  if not lhs or lhs == "" or val == "" then return nil, "cannot parse threshold '" .. expr .. "'" end
   local name, stat = lhs:match("^([%w_]+)%.(%w[%w_.]*)$")
   local t = { name = name or lhs, stat = stat, op = op, val = val }
   if stat and stat:match("^p") then
