@@ -750,6 +750,24 @@ function response() if not said then said = true io.write("@response\n") io.flus
     end, 20)
   end)
 
+  it("delay() returning a string: a number as wrk reads it (\"50\" is 50 ms, anything else none)", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local _g <close> = guard(srv)
+      for _, case in ipairs{ { '"50"', 5, 30 }, { '"soon"', 100, math.huge } } do
+        for _, h2 in ipairs{ false, true } do
+          local script = writefile(tmp(".lua"), "function delay() return " .. case[1] .. " end")
+          local args = { "-t1", "-c1", "-d1s", "--json", "-", "-s", script, url(srv) }
+          if h2 then table.insert(args, 1, "--h2") end
+          local r = bench(args)
+          assert.equal(0, r.code, r.context)
+          assert.not_matches("error", r.err)
+          between(case[2], case[3], json_of(r).requests, "requests, delay " .. case[1] .. r.context)
+        end
+      end
+    end, 30)
+  end)
+
   it("request() returning two wrk.format requests pipelines them; each response counts", function()
     run(function()
       local seen, problems, last_a = { a = 0, b = 0 }, {}, nil

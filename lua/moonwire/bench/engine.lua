@@ -112,6 +112,7 @@ local function connection(st, id, hooks)
         if hooks.delay then
           local ms = call_hook(st, hooks.delay)
           if st.stop then break end
+          ms = tonumber(ms)   -- (as wrk reads it: a numeric string is a number, anything else 0)
           if ms and ms > 0 then mw.sleep(ms / 1000) end
           if st.stop then break end
         end

@@ -150,6 +150,7 @@ local function next_request(st, shared, hooks, spec, slot)
   if hooks.delay then
     local ms = call_hook(st, hooks.delay)
     if st.stop then return nil end
+    ms = tonumber(ms)   -- (as wrk reads it: a numeric string is a number, anything else 0)
     if ms and ms > 0 then mw.sleep(ms / 1000) end
     if st.stop then return nil end
   end
