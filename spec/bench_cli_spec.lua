@@ -909,6 +909,9 @@ function response() if not said then said = true io.write("@response\n") io.flus
       assert.equal(k.lookup_count, k.reachable)
       assert.equal("127.0.0.1:" .. closed, k.closed)
       assert.equal("false", k.closed_connect)
+      -- in the threads, wrk.thread.addr is the address setup() chose
+      assert.equal("127.0.0.1:" .. srv.port, k["thread_addr." .. srv.port], r.context)
+      assert.equal("127.0.0.1:" .. closed, k["thread_addr." .. closed], r.context)
       -- thread 1 loads the server, thread 2 cannot connect to its address
       assert.is_true(d.requests > 0, r.context)
       assert.is_true(d.errors.connect > 0, r.context)

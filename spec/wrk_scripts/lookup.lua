@@ -22,3 +22,9 @@ function setup(thread)
     thread.addr = closed
   end
 end
+
+-- each thread reads the address setup() gave it as wrk.thread.addr (wrk's scripts/addr.lua)
+function init()
+  local addr = tostring(wrk.thread.addr)
+  print("@thread_addr." .. addr:match(":(%d+)$") .. "=" .. addr)
+end

@@ -357,6 +357,8 @@ function M.thread_main(arg)
   local hooks = {}
   local stop_flag = false
   local thread = { id = cfg.wrk_thread_id or cfg.thread_id }   -- (an agent's thread: the test-wide number)
+  -- where this thread connects (setup()'s thread.addr), as wrk.thread.addr reads in wrk
+  if cfg.addr then thread.addr = setmetatable({ host = cfg.addr.host, port = cfg.addr.port }, wrkenv.Addr) end
   -- wrk stops the thread's loop at once: no request goes out after the hook that called it
   function thread.stop()
     stop_flag = true
