@@ -329,6 +329,12 @@ describe("bench scenario thresholds (scenario.parse_threshold, check_threshold)"
     -- a statistic the metric's kind does not have fails (the kind is known only after the run)
     assert.is_false((scenario.check_threshold("n.p99<1", r)))
     assert.is_false((scenario.check_threshold("d.rate<1", r)))
+    -- ... and says FAIL, as every failed threshold does (a metric never recorded too)
+    for _, expr in ipairs{ "n.p99<1", "d.rate<1", "never.p99<5ms" } do
+      local ok, msg = scenario.check_threshold(expr, r)
+      assert.is_false(ok)
+      assert.matches("^FAIL " .. expr:gsub("%p", "%%%0") .. " %(", msg)
+    end
   end)
 
   it("a check's name as bench.check gave it, spaces and all (docs: bench.check(\"status is 200\", ...))", function()

@@ -376,7 +376,8 @@ function M.check_threshold(expr, r)
     limit, lerr = limit_for("check", t)
   else
     local m = r.metrics[name]
-    if not m then return false, "unknown metric '" .. name .. "' in threshold '" .. expr .. "'" end
+    -- (a FAIL line as any other: the run recorded nothing under that name)
+    if not m then return false, ("FAIL %s (no metric '%s' was recorded)"):format(expr, name) end
     limit, lerr = limit_for(m.kind, t)
     if limit and m.kind == "trend" then
       -- a trend with no value recorded has no statistic (not 0): the threshold fails
@@ -387,7 +388,7 @@ function M.check_threshold(expr, r)
       actual = t.stat == "rate" and m.rate or m.value
     end
   end
-  if not limit then return false, ("bad threshold '%s' (%s)"):format(expr, lerr) end
+  if not limit then return false, ("FAIL %s (%s)"):format(expr, lerr) end
   local ok = require("moonwire.bench.cli").compare(t.op, actual, limit)
   return ok, ("%s %s (actual %.3f)"):format(ok and "PASS" or "FAIL", expr, actual)
 end
