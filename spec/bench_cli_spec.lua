@@ -1491,6 +1491,20 @@ return { users = 1, duration = "0.5s", user = function() bench.sleep(1.2) end }
     end, 20)
   end)
 
+  it("stages end on time, not at the next tenth of a second (3 x 250 ms is 750 ms, not 900)", function()
+    run(function()
+      local sc = scenario_file([[
+local bench = require "moonwire.bench"
+return { stages = { { duration = "250ms", target = 2 }, { duration = "250ms", target = 2 },
+  { duration = "250ms", target = 0 } }, user = function() bench.sleep(0.01) end }
+]])
+      local r = bench({ "-t1", "--scenario", sc, "--json", "-" }, 10)
+      assert.equal(0, r.code, r.context)
+      local d = json_of(r)
+      assert.is_true(d.duration_s >= 0.75 and d.duration_s < 0.8, "duration " .. d.duration_s .. r.context)
+    end, 20)
+  end)
+
   it("a threshold on a trend with no value recorded fails: no samples", function()
     run(function()
       local sc = scenario_file([[

@@ -160,7 +160,9 @@ local function run_users(cfg, sc)
           end
         end
         if f >= 1 or stopped() then break end
-        mw.sleep(0.1)
+        -- (a tenth of a second between ramp steps, but never past the stage's end: a stage of
+        -- 550 ms must not last 600)
+        mw.sleep(math.max(0, math.min(0.1, st.duration - (hrtime() - t0) / 1e9)))
       until false
       prev = st.target
     end
