@@ -312,6 +312,7 @@ describe("bench scenario thresholds (scenario.parse_threshold, check_threshold)"
     end
     for _, good in ipairs { "iterations>1k", "iterations.rate>5", "http_req_duration.p99<50ms",
       "http_req_duration.p99_9<50", "http_req_duration.count>10", "checks>99%", "http_req_failed<1%",
+      "iterations.rate>1k", "iterations.rate>2.5",
       "mine.p99<5ms", "mine<3" } do
       assert.is_table(scenario.parse_threshold(good), good)
     end

@@ -326,7 +326,8 @@ local function limit_for(kind, t)
   if kind == "check" then
     return tonumber(val:match("^([%d.]+)%s*%%$") or val) or nil, "a share (99%) expected"
   elseif kind == "counter" or stat == "count" then
-    if stat == "rate" then return tonumber(val) or nil, "a number (per second) expected" end
+    -- (a rate per second takes SI suffixes as any count: 'pages.rate>1k', as 'rps>1k')
+    if stat == "rate" then return fmt.count(val) or nil, "a number per second (10, 2.5, 1k) expected" end
     return fmt.count(val) or nil, "a count (1000, 1k, 2M) expected"
   end
   local secs = fmt.threshold_time(val)
