@@ -501,6 +501,9 @@ describe("bench wrk environment", function()
 
   it("unpack, loadstring, bit: LuaJIT's names in a script's environment", function()
     local e = env("http://127.0.0.1:8080/")
+    -- table.getn and table.maxn, which LuaJIT keeps (wrk runs `table.getn(paths)`)
+    assert.equal(3, e.table.getn({ "a", "b", "c" }))
+    assert.equal(7, e.table.maxn({ 1, [7] = true, x = 9 }))
     assert.same({ 1, 2, 3 }, { e.unpack({ 1, 2, 3 }) })
     assert.equal(42, e.loadstring("return 6 * 7")())
     local bit = e.bit

@@ -42,6 +42,19 @@ end
 
 local services = { http = 80, https = 443, ws = 80, wss = 443 }
 
+-- Lua 5.1's table.getn and table.maxn: LuaJIT (wrk's Lua) keeps them, and wrk scripts call
+-- them (`table.getn(paths)`); harmless additions to the table library of the state
+local function add_table_compat()
+  if rawget(table, "getn") == nil then rawset(table, "getn", function(t) return #t end) end
+  if rawget(table, "maxn") == nil then
+    rawset(table, "maxn", function(t)
+      local n = 0
+      for k in pairs(t) do if type(k) == "number" and k > n then n = k end end
+      return n
+    end)
+  end
+end
+
 --- The global environment for a script, with `wrk` filled from the target: `G` itself (a
 -- bench thread's own state runs the script in its real globals, so thread:get/set reach
 -- them) or a fresh table over _G.
@@ -52,6 +65,7 @@ function M.env(target, headers, thread, G)
   env.loadstring = load
   env.bit = new_bit()
   env.setfenv = function(f, t) return f, t end
+  add_table_compat()
   local wrk = {
     -- (the port as the URL spells it, a string, as wrk gives it)
     scheme = target.scheme, host = target.host, port = target.port_given and tostring(target.port_given),
