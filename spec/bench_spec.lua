@@ -465,6 +465,10 @@ describe("bench wrk environment", function()
     _, wrk = env("https://[::1]:8443/", { ["X-Api"] = "k" })
     assert.same({ ["X-Api"] = "k" }, wrk.headers)
     assert.equal("GET / HTTP/1.1\r\nHost: [::1]:8443\r\nX-Api: k\r\n\r\n", wrk.format())
+    -- -H Host: also for a headers table of the script's own without one, as wrk's format
+    _, wrk = env("http://127.0.0.1:8080/", { host = "h.test" })
+    assert.equal("GET / HTTP/1.1\r\nHost: h.test\r\nX-A: 1\r\n\r\n", wrk.format("GET", "/", { ["X-A"] = 1 }))
+    assert.equal("GET / HTTP/1.1\r\nHost: o.test\r\n\r\n", wrk.format("GET", "/", { Host = "o.test" }))
   end)
 
   it("the wrk table: scheme, host, port (a string, nil without one in the URL), method, headers, body", function()

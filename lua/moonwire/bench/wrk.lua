@@ -90,7 +90,17 @@ function M.env(target, headers, thread, G)
       end
       h = h .. k .. ": " .. tostring(v) .. "\r\n"
     end
-    if not has_host then s = s .. host_line end
+    if not has_host then
+      -- a table of the script's own without Host: wrk.headers' Host (-H Host: ...), as wrk's
+      -- format takes it, else the URL's
+      local line = host_line
+      if hdrs ~= wrk.headers then
+        for k, v in pairs(wrk.headers) do
+          if type(k) == "string" and #k == 4 and k:lower() == "host" then line = "Host: " .. tostring(v) .. "\r\n" end
+        end
+      end
+      s = s .. line
+    end
     s = s .. h
     if body then
       if not has_len then s = s .. "Content-Length: " .. #body .. "\r\n" end
