@@ -1222,6 +1222,17 @@ describe("bench: the open model (-R)", function()
     end, 30)
   end)
 
+  it("-R below one a second: the requested rate is said as given (0.50/s, not 0/s)", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local _g <close> = guard(srv)
+      local r = bench({ "-t1", "-c1", "-d1s", "-R", "0.5", url(srv) })
+      assert.equal(0, r.code, r.context)
+      assert.matches("Requested rate: 0.50/s, achieved [%d.]+/s", r.out, 1, false)
+      assert.equal(1, tonumber(r.out:match("(%d+) requests in")), r.context)
+    end, 20)
+  end)
+
   it("-R never reports a latency below the real round trip (min > 0 µs)", function()
     -- latency counts from the scheduled time; a request sent before it (a timer firing
     -- early) must not get a shorter latency than its round trip

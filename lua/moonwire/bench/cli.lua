@@ -363,7 +363,9 @@ function M.print_wrk(o, r, out, header_done)
   out:write(("Requests/sec: %9.2f\n"):format(r.rps))
   out:write(("Transfer/sec: %9s\n"):format(fmt.bytes(r.bytes / (r.duration_us / 1e6))))
   if o.rate then
-    out:write(("Requested rate: %.0f/s, achieved %.2f/s\n"):format(o.rate, r.rps))
+    -- (-R 0.5 is half a request a second, not "0/s")
+    local asked = math.tointeger(o.rate) or ("%.2f"):format(o.rate)
+    out:write(("Requested rate: %s/s, achieved %.2f/s\n"):format(asked, r.rps))
   end
   local h2 = r.h2
   if h2 then
