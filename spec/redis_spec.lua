@@ -816,6 +816,39 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  -- Regression (found by review): only db and resp were checked up front. A bad user,
+  -- password or name raised from the handshake naming 'AUTH' or 'CLIENT' (its socket left
+  -- open), max_bulk/max_depth/max_pushes were checked once connected (max_pushes = "x" or 0
+  -- taken as 1), and redis.subscriber (so pubsub) retried a bad one forever in its task.
+  it("every connect option is checked before connecting, naming the option", function()
+    run(function()
+      local cases = {
+        { { user = {}, password = "pw" }, "bad option 'user' (string expected, got table)" },
+        { { password = {} }, "bad option 'password' (string expected, got table)" },
+        { { name = true }, "bad option 'name' (string expected, got boolean)" },
+        { { timeout = "1" }, "bad option 'timeout' (number expected, got string)" },
+        { { connect_timeout = "x" }, "bad option 'connect_timeout' (number expected, got string)" },
+        { { max_bulk = 0 }, "bad option 'max_bulk' (positive integer expected, got 0)" },
+        { { max_depth = 129 }, "bad option 'max_depth' (integer 1..128 expected, got 129)" },
+        { { max_pushes = "x" }, "bad option 'max_pushes' (positive integer expected, got string)" },
+        { { max_pushes = 0 }, "bad option 'max_pushes' (positive integer expected, got 0)" },
+        { { host = 1 }, "bad option 'host' (string expected, got number)" },
+        { { port = "x" }, "bad option 'port' (port number expected, got string)" },
+        { { port = 70000 }, "bad option 'port' (port number expected, got 70000)" },
+      }
+      for _, c in ipairs(cases) do
+        -- (on a port nothing listens on: raised before connecting, not ECONNREFUSED)
+        local o = { host = "127.0.0.1", port = 1 }
+        for k, v in pairs(c[1]) do o[k] = v end
+        helper.raises(c[2], redis.connect, o)
+        helper.raises(c[2], redis.pool, o)
+        helper.raises(c[2], redis.subscriber, o)
+      end
+      local r <close> = connect { max_bulk = 1024, max_depth = 128, max_pushes = 5, port = tostring(srv.port) }
+      assert.equal("PONG", r:ping())
+    end)
+  end)
+
   -- A URL in an error message shows no password (errors end up in logs).
   it("URL errors hide the password", function()
     local _, err = redis.parse_url("redis://u:s3cret@127.0.0.1/x")

@@ -137,6 +137,36 @@ local function settings(target, opts, fname)
   if o.db ~= nil and (math.type(o.db) ~= "integer" or o.db < 0) then
     error(("bad option 'db' (non-negative integer expected, got %s)"):format(tostring(o.db)), 3)
   end
+  -- the others too, before anything connects: a bad one raised from the handshake naming a
+  -- command ('AUTH', 'CLIENT') or from the C layer once connected (leaving the socket open),
+  -- and redis.subscriber (so pubsub) retried it forever in its task instead of raising
+  local function bad(k, expected, v)
+    local numeric = type(v) == "number" and (expected:find("number") or expected:find("integer"))
+    error(("bad option '%s' (%s expected, got %s)"):format(k, expected, numeric and tostring(v) or type(v)), 4)
+  end
+  if not o.path then
+    if type(o.host) ~= "string" then bad("host", "string", o.host) end
+    local port = math.tointeger(tonumber(o.port))
+    if type(o.port) ~= "number" and type(o.port) ~= "string" or not port or port < 1 or port > 65535 then
+      bad("port", "port number", o.port)
+    end
+  elseif type(o.path) ~= "string" then
+    bad("path", "string", o.path)
+  end
+  for _, k in ipairs { "user", "password", "name" } do
+    local v = o[k]
+    if v ~= nil and type(v) ~= "string" and type(v) ~= "number" then bad(k, "string", v) end
+  end
+  for _, k in ipairs { "timeout", "connect_timeout" } do
+    if o[k] ~= nil and type(o[k]) ~= "number" then bad(k, "number", o[k]) end
+  end
+  for _, k in ipairs { "max_bulk", "max_pushes" } do
+    local v = o[k]
+    if v ~= nil and (math.type(v) ~= "integer" or v < 1) then bad(k, "positive integer", v) end
+  end
+  if o.max_depth ~= nil and (math.type(o.max_depth) ~= "integer" or o.max_depth < 1 or o.max_depth > 128) then
+    bad("max_depth", "integer 1..128", o.max_depth)
+  end
   return o
 end
 
