@@ -187,6 +187,9 @@ describe("moonwire.pubsub, local", function()
       helper.raises("bad argument #1 to 'subscribe' (topic longer than 65535 bytes)", ps.subscribe, ps, long,
         function() end)
       assert.is_true(ps:publish(("x"):rep(65535), "d"))          -- the longest topic is fine
+      -- (regression: these answered 0 and nil for any argument)
+      helper.raises("bad argument #1 to 'members' (string expected, got nil)", ps.members, ps, nil)
+      helper.raises("bad argument #1 to 'topic_stats' (string expected, got table)", ps.topic_stats, ps, {})
       for _, bad in ipairs {
         { { queue = "big" }, "bad option 'queue' (positive integer expected, got string)" },
         { { queue = 0 }, "bad option 'queue' (positive integer expected, got 0)" },
@@ -204,6 +207,14 @@ describe("moonwire.pubsub, local", function()
         { { redis = { url = 5 } }, "bad option 'redis' (its url: string expected, got number)" },
         { { redis = { url = "redis://127.0.0.1/?db=x" } },
           "bad option 'redis' (invalid database in Redis URL: redis://127.0.0.1/?db=x)" },
+        -- (regression: these were taken, and every publish failed, or the subscriber retried
+        -- its connect forever, "down", with the option's error)
+        { { history = -1 }, "bad option 'history' (positive integer expected, got -1)" },
+        { { history = 1.5 }, "bad option 'history' (positive integer expected, got 1.5)" },
+        { { redis = "redis://127.0.0.1:1", connect_timeout = "x" },
+          "bad option 'connect_timeout' (number expected, got string)" },
+        { { redis = { url = "redis://127.0.0.1:1", max_bulk = 0 } },
+          "bad option 'max_bulk' (positive integer expected, got 0)" },
       } do
         bad[1].bus = false
         helper.raises(bad[2], pubsub.new, bad[1])

@@ -124,6 +124,10 @@ function M.new(opts)
   if hist ~= nil and type(hist) ~= "number" and type(hist) ~= "function" then
     error("bad option 'history' (number or function expected)", 2)
   end
+  -- (the stream's MAXLEN: -1 or 1.5 made every publish of every topic fail with Redis's error)
+  if type(hist) == "number" and not posint(hist) then
+    error(("bad option 'history' (positive integer expected, got %s)"):format(tostring(hist)), 2)
+  end
   local self = setmetatable({
     node = optcheck(opts, "node", isstring, "string") or hex(6),
     prefix = optcheck(opts, "prefix", isstring, "string", "mw:"),
@@ -748,12 +752,14 @@ end
 
 --- ps:members(topic) -> number of local WebSocket members
 function PS:members(topic)
+  checktopic(1, "members", topic)
   local t = self._topics[topic]
   return t and #t.members or 0
 end
 
 --- ps:topic_stats(topic) -> { refs, members, drops, offset, epoch } | nil
 function PS:topic_stats(topic)
+  checktopic(1, "topic_stats", topic)
   local t = self._topics[topic]
   if not t then return nil end
   return { refs = t.refs, members = #t.members, drops = t.drops, offset = t.off, epoch = t.epoch }
