@@ -849,6 +849,22 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  -- Regression (found by review): a bad acquire_timeout, or a bad timeout to acquire, was
+  -- taken, and raised "bad argument #1 to 'park'" only once a task had to wait.
+  it("a pool's acquire_timeout and acquire's timeout are checked, naming them", function()
+    run(function()
+      helper.raises("bad option 'acquire_timeout' (number expected, got string)", redis.pool,
+        { url = srv.url, acquire_timeout = "5" })
+      local pool = redis.pool { url = srv.url, size = 1 }
+      helper.raises("bad argument #1 to 'acquire' (number expected, got string)", pool.acquire, pool, "x")
+      local c = assert(pool:acquire())
+      helper.raises("bad argument #1 to 'acquire' (number expected, got table)", pool.acquire, pool, {})
+      assert.same({ nil, "timeout", "timeout" }, { pool:acquire(0.05) })
+      pool:release(c)
+      pool:close()
+    end)
+  end)
+
   -- A URL in an error message shows no password (errors end up in logs).
   it("URL errors hide the password", function()
     local _, err = redis.parse_url("redis://u:s3cret@127.0.0.1/x")

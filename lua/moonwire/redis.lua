@@ -405,6 +405,10 @@ function M.pool(opts)
   if type(opts) ~= "table" then argerror(1, "pool", "table expected, got " .. type(opts)) end
   local size = opts.size or 10
   if math.type(size) ~= "integer" or size < 1 then error("bad option 'size' (positive integer expected)", 2) end
+  -- (a bad one raised from park, naming its argument, only once a task had to wait)
+  if opts.acquire_timeout ~= nil and type(opts.acquire_timeout) ~= "number" then
+    error("bad option 'acquire_timeout' (number expected, got " .. type(opts.acquire_timeout) .. ")", 2)
+  end
   local copts = {}
   for k, v in pairs(opts) do
     if k ~= "size" and k ~= "acquire_timeout" then copts[k] = v end
@@ -438,6 +442,9 @@ end
 -- while fewer than `size` exist, else waits for a release.
 function Pool:acquire(timeout)
   if not current() then error("blocking call outside a task ('acquire')", 2) end
+  if timeout ~= nil and type(timeout) ~= "number" then
+    argerror(1, "acquire", "number expected, got " .. type(timeout))
+  end
   while true do
     local idle = self._idle
     local c = idle[#idle]
