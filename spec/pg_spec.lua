@@ -203,6 +203,15 @@ describe("moonwire.pg", function()
         db.copy_from, db, "COPY ae FROM STDIN", 5)
       helper.raises("bad argument #1 to 'copy_from' (string expected, got nil)", db.copy_from, db, nil, "1\n")
       helper.raises("bad argument #1 to 'copy_to' (string expected, got number)", db.copy_to, db, 5)
+      -- (regression: these raised "attempt to sub a 'string' with a 'number'", set_timeout's
+      -- error once connected, or an arithmetic error at the pool's first query)
+      helper.raises("bad argument #2 to 'connect' (opts.connect_timeout must be a number)", pg.connect, srv.url,
+        { connect_timeout = "x" })
+      helper.raises("bad argument #2 to 'connect' (opts.query_timeout must be a number)", pg.connect, srv.url,
+        { query_timeout = {} })
+      for _, k in ipairs { "acquire_timeout", "max_lifetime", "check_after" } do
+        helper.raises("bad argument #1 to 'pool' (" .. k .. " must be a number)", pg.pool, { url = srv.url, [k] = "x" })
+      end
       -- nothing was sent, nothing is held
       assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
       assert.equal(1, assert(db:copy_from("COPY ae FROM STDIN", "1\n")))

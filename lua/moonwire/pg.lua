@@ -157,6 +157,13 @@ function M.connect(info, opts)
   if opts.json ~= nil and type(opts.json) ~= "function" then
     error("bad argument #2 to 'connect' (opts.json must be a function)", 2)
   end
+  -- (one that is not a number raised an arithmetic error, or set_timeout's once connected;
+  -- digits in a string did work, and still do)
+  for _, k in ipairs { "connect_timeout", "query_timeout" } do
+    if opts[k] ~= nil and not tonumber(opts[k]) then
+      error(("bad argument #2 to 'connect' (opts.%s must be a number)"):format(k), 2)
+    end
+  end
   self_task("connect")
   local start = now()
   local conninfo, err, code = with_hostaddr(info, opts.connect_timeout)
@@ -608,6 +615,12 @@ function M.pool(opts)
   local size = opts.size or 10
   if math.type(size) ~= "integer" or size < 1 then
     error("bad argument #1 to 'pool' (size must be a positive integer)", 2)
+  end
+  -- (a string raised an arithmetic error at the first query or acquire)
+  for _, k in ipairs { "acquire_timeout", "max_lifetime", "check_after" } do
+    if opts[k] ~= nil and type(opts[k]) ~= "number" then
+      error(("bad argument #1 to 'pool' (%s must be a number)"):format(k), 2)
+    end
   end
   return setmetatable({ opts = opts, size = size, conns = {}, opening = 0, waitq = new_channel(), waiting = 0,
     max_lifetime = opts.max_lifetime, check_after = opts.check_after or 30 }, Pool)
