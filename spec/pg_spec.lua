@@ -1089,6 +1089,35 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    -- Regression (found by review): release took any value (nil: "attempt to index a nil
+    -- value"), and a connection released twice: the second release unlocked it again, so
+    -- that release, if it came after another task had acquired it, let a third acquire get
+    -- it while the second still used it.
+    it("a pool refuses to take back a connection it did not lend, or one released already", function()
+      run(function()
+        local pool = pg.pool { url = srv.url, size = 1, acquire_timeout = 0.3 }
+        local msg = "bad argument #1 to 'release' (connection not lent out by this pool"
+        helper.raises("bad argument #1 to 'release' (moonwire.pg.Connection expected, got nil)",
+          pool.release, pool, nil)
+        local a = assert(pool:acquire())
+        pool:release(a)
+        helper.raises(msg, pool.release, pool, a)
+        local b = assert(pool:acquire())
+        assert.equal(a, b)
+        local c, err, code = pool:acquire()          -- b's: nothing to lend
+        assert.is_nil(c)
+        assert.equal("timeout waiting for a connection", err)
+        assert.equal("timeout", code)
+        local own = connect()
+        helper.raises(msg, pool.release, pool, own)
+        own:close()
+        pool:release(b)
+        assert.equal(7, assert(pool:transaction(function(db) return db:query("SELECT 7 AS v") end))[1].v)
+        helper.raises(msg, pool.release, pool, b)
+        pool:close()
+      end)
+    end)
+
     it("a pool whose connect raises (a bad option) gives its opening slot back", function()
       run(function()
         local pool = pg.pool { url = srv.url, size = 1, json = 5 }

@@ -767,6 +767,7 @@ function Pool:acquire()
   local db, err, code = pool_pick(self, true, t and now() + t)
   if not db then return nil, err, code end
   db._owner = current()
+  db._lent = self
   db.used = now()
   return db
 end
@@ -774,6 +775,15 @@ end
 -- A connection goes back clean: no transaction left open (pool:acquire's user may have
 -- run BEGIN, or given up waiting for its COMMIT), nothing of its user's still in flight.
 function Pool:release(db)
+  -- Only a connection this pool lent, once: a second release (after another task acquired
+  -- it) handed it to a third borrower while the second still used it.
+  if getmetatable(db) ~= Db then
+    error(("bad argument #1 to 'release' (moonwire.pg.Connection expected, got %s)"):format(type(db)), 2)
+  end
+  if db._lent ~= self then
+    error("bad argument #1 to 'release' (connection not lent out by this pool, or released already)", 2)
+  end
+  db._lent = nil
   if db._settling then                  -- its settler gives it back, to the pool
     db._settle_to = nil
     return
