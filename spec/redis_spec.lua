@@ -813,6 +813,13 @@ describe("redis clients when something raises or lags", function()
         { db = -1 })
       helper.raises("bad option 'resp' (2 or 3 expected, got 7)", redis.connect, { url = srv.url, resp = 7 })
       helper.raises("bad argument #1 to 'subscriber' (URL or table expected, got number)", redis.subscriber, 5)
+      -- (regression: callbacks that are not functions were taken; each call wrote an error)
+      helper.raises("bad option 'on_message' (function expected, got string)", redis.subscriber, srv.url,
+        { on_message = "print" })
+      helper.raises("bad option 'on_state' (function expected, got number)", redis.subscriber,
+        { url = srv.url, on_state = 1 })
+      helper.raises("bad option 'on_subscribed' (function expected, got boolean)", redis.subscriber, srv.url,
+        { on_subscribed = true })
     end)
   end)
 

@@ -46,6 +46,12 @@ function M.new(target, opts)
   if type(opts) ~= "table" then
     error("bad argument #2 to 'subscriber' (table expected, got " .. type(opts) .. ")", 2)
   end
+  -- (one that is not a function was taken, and its error written to stderr at every call)
+  for _, k in ipairs { "on_message", "on_state", "on_subscribed" } do
+    if opts[k] ~= nil and type(opts[k]) ~= "function" then
+      error(("bad option '%s' (function expected, got %s)"):format(k, type(opts[k])), 2)
+    end
+  end
   local copts = {}
   for k, v in pairs(opts) do copts[k] = v end
   for _, k in ipairs { "on_message", "on_state", "on_subscribed", "backoff_min", "backoff_max", "probe_interval",
