@@ -62,6 +62,20 @@ describe("moonwire.pg", function()
       end)
     end)
 
+    it("name[], varchar[] and char[] are arrays, as the doc says; path[] is its text", function()
+      -- (array_kind had 1019, path[], where name[]'s OID, 1003, belongs: a name[] came back as
+      -- the array's text, "{a,b}", and a path[] as an array)
+      run(function()
+        local db = connect()
+        local row = assert(db:query([[SELECT '{a,NULL,"b c"}'::name[] AS n, '{x,y}'::varchar[] AS v,
+          '{p}'::char[] AS c, '{"((0,0),(1,1))"}'::path[] AS p]]))[1]
+        assert.same({ "a", pg.null, "b c" }, row.n)
+        assert.same({ "x", "y" }, row.v)
+        assert.same({ "p" }, row.c)
+        assert.equal('{"((0,0),(1,1))"}', row.p)
+      end)
+    end)
+
     it("numeric[] and bytea[] are arrays of strings and of raw bytes", function()
       -- (array_kind lacked their OIDs, 1231 and 1001: they came back as the array's text)
       run(function()

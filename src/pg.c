@@ -323,7 +323,8 @@ static int array_kind(Oid oid)
     case 1005: case 1007: case 1016: case 1028: return T_INT;
     case 1021: case 1022: return T_FLOAT;
     case 1000: return T_BOOL;
-    case 1009: case 1015: case 1014: case 1002: case 1019: case 2951: case 1231: return T_TEXT;
+    /* text, varchar, bpchar, "char", name, uuid, numeric (1019 is path[], not name[]) */
+    case 1009: case 1015: case 1014: case 1002: case 1003: case 2951: case 1231: return T_TEXT;
     case 1001: return T_BYTEA;
     case 199: case 3807: return T_JSON;
     default: return -1;
