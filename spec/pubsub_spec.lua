@@ -218,7 +218,18 @@ describe("moonwire.pubsub, local", function()
       } do
         bad[1].bus = false
         helper.raises(bad[2], pubsub.new, bad[1])
+        -- (regression: configure took them; pubsub.default() raised in every handler instead)
+        helper.raises(bad[2], pubsub.configure, bad[1])
       end
+      for _, bad in ipairs {
+        { { redis = "redis://127.0.0.1:1", backoff_max = 0 },
+          "bad option 'backoff_max' (positive number expected, got 0)" },
+        { { redis = { url = "redis://127.0.0.1:1", db = -1 } },
+          "bad option 'db' (non-negative integer expected, got -1)" },
+      } do
+        helper.raises(bad[2], pubsub.configure, bad[1])
+      end
+      pubsub.configure {}
       ps:close()
     end)
   end)

@@ -116,10 +116,11 @@ end
 -- handler queue), unsubscribe_delay (1 s), backoff_min/backoff_max/probe_interval/probe_timeout
 -- (the subscriber's), timeout (per publish, 2 s), on_event(event, topic, info),
 -- kind ("text" | "binary": WebSocket members' frames), bus (false: not the workers bus).
-function M.new(opts)
+-- (dry: only the checks, for pubsub.configure; then nothing is made)
+local function new(opts, dry)
   opts = opts or {}
-  if type(opts) ~= "table" then argerror(1, "new", "table expected, got " .. type(opts)) end
-  if not mw.current() then error("pubsub.new: called outside a task", 2) end
+  if type(opts) ~= "table" then argerror(1, dry and "configure" or "new", "table expected, got " .. type(opts)) end
+  if not dry and not mw.current() then error("pubsub.new: called outside a task", 2) end
   local hist = opts.history
   if hist ~= nil and type(hist) ~= "number" and type(hist) ~= "function" then
     error("bad option 'history' (number or function expected)", 2)
@@ -157,6 +158,13 @@ function M.new(opts)
       local ok, err = redis.parse_url(url)
       if not ok then error("bad option 'redis' (" .. tostring(err) .. ")", 2) end
     end
+    if dry then        -- (what redis.subscriber checks, below)
+      for _, k in ipairs { "backoff_min", "backoff_max", "probe_interval", "probe_timeout" } do
+        optcheck(opts, k, posnum, "positive number")
+      end
+      redis._settings(opts.redis, { connect_timeout = opts.connect_timeout }, "configure")
+      return
+    end
     is_error = redis.is_error
     self._redis, self._redis_url = redis, opts.redis
     self.backoff_min, self.backoff_max = opts.backoff_min or 0.1, opts.backoff_max or 5
@@ -170,6 +178,8 @@ function M.new(opts)
       on_state = function(state, info) self:_sub_state(state, info) end,
       on_subscribed = function(ch) self:_subscribed(ch) end,
     })
+  elseif dry then
+    return
   elseif opts.bus ~= false and bus.available() then
     self._bus = true
     self._bus_leave = assert(bus.join(function(body)
@@ -179,6 +189,7 @@ function M.new(opts)
   end
   return self
 end
+function M.new(opts) return new(opts) end
 
 -- ---- topics ------------------------------------------------------------------------------
 
@@ -789,6 +800,8 @@ local default_opts, default_ps, default_pid
 --- pubsub.configure(opts): the options of pubsub.default() (call before the workers fork).
 function M.configure(opts)
   if type(opts) ~= "table" then argerror(1, "configure", "table expected, got " .. type(opts)) end
+  -- a bad option raises here, not in each handler that uses pubsub.default()
+  new(opts, true)
   default_opts = opts
   if default_ps and default_pid == core.getpid() then default_ps:close() end
   default_ps = nil
