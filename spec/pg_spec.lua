@@ -217,6 +217,13 @@ describe("moonwire.pg", function()
         db.copy_from, db, "COPY ae FROM STDIN", 5)
       helper.raises("bad argument #1 to 'copy_from' (string expected, got nil)", db.copy_from, db, nil, "1\n")
       helper.raises("bad argument #1 to 'copy_to' (string expected, got number)", db.copy_to, db, 5)
+      -- (regression: a chunk that is not a string raised "bad argument #1 to 'copy_put'")
+      helper.raises("bad argument #2 to 'copy_from' (chunk 2: string expected, got table)",
+        db.copy_from, db, "COPY ae FROM STDIN", { "7\n", {} })
+      local calls = 0
+      helper.raises("bad argument #2 to 'copy_from' (chunk 1: string expected, got boolean)",
+        db.copy_from, db, "COPY ae FROM STDIN", function() calls = calls + 1 return calls == 1 or nil end)
+      assert.equal(0, assert(db:query("SELECT count(*) AS n FROM ae"))[1].n)   -- aborted: none copied
       -- (regression: these raised "attempt to sub a 'string' with a 'number'", set_timeout's
       -- error once connected, or an arithmetic error at the pool's first query)
       helper.raises("bad argument #2 to 'connect' (opts.connect_timeout must be a number)", pg.connect, srv.url,

@@ -525,9 +525,15 @@ function Db:copy_from(sql, src)
     next_chunk = src
   end
   local ok, sent, serr, scode = pcall(function()
+    local n = 0
     while true do
       local chunk = next_chunk()
       if chunk == nil then break end
+      n = n + 1
+      -- (it raised copy_put's error, naming an argument of a function the caller never saw)
+      if type(chunk) ~= "string" and type(chunk) ~= "number" then
+        error(("bad argument #2 to 'copy_from' (chunk %d: string expected, got %s)"):format(n, type(chunk)), 0)
+      end
       local put, perr, pcode = c:copy_put(chunk)
       if not put then return nil, perr, pcode end
     end
