@@ -213,6 +213,7 @@ describe("moonwire.pg", function()
       helper.raises("bad argument #1 to 'execute' (statement expected, got table)", db.execute, db, {})
       helper.raises("bad argument #1 to 'listen' (string expected, got nil)", db.listen, db, nil)
       helper.raises("bad argument #1 to 'unlisten' (string expected, got number)", db.unlisten, db, 1)
+      helper.raises("bad argument #1 to 'notifications' (number expected, got string)", db.notifications, db, "x")
       helper.raises("bad argument #2 to 'copy_from' (string, table or function expected, got number)",
         db.copy_from, db, "COPY ae FROM STDIN", 5)
       helper.raises("bad argument #1 to 'copy_from' (string expected, got nil)", db.copy_from, db, nil, "1\n")

@@ -389,6 +389,10 @@ end
 
 --- for n in db:notifications([timeout]) do ... end: ends on a timeout or a lost connection
 function Db:notifications(timeout)
+  -- (a bad one raised only at the loop's first step, naming 'notification')
+  if timeout ~= nil and not tonumber(timeout) then
+    error(("bad argument #1 to 'notifications' (number expected, got %s)"):format(type(timeout)), 2)
+  end
   return function()
     return (self:notification(timeout))
   end
