@@ -820,6 +820,14 @@ describe("redis clients when something raises or lags", function()
         { url = srv.url, on_state = 1 })
       helper.raises("bad option 'on_subscribed' (function expected, got boolean)", redis.subscriber, srv.url,
         { on_subscribed = true })
+      -- (regression: a misspelt kind answered nil)
+      local sub = redis.subscriber(srv.url)
+      sub:psubscribe("p:*")
+      assert.same({ ["p:*"] = true }, sub:channels("psubscribe"))
+      assert.same({}, sub:channels())
+      helper.raises([[bad argument #1 to 'channels' ("subscribe", "psubscribe" or "ssubscribe" expected, ]]
+        .. [[got "pattern")]], sub.channels, sub, "pattern")
+      sub:close()
     end)
   end)
 

@@ -117,7 +117,15 @@ for kind in pairs(KINDS) do
 end
 
 --- sub:channels(kind) -> the set of channels (or patterns) subscribed (kind: "subscribe" default)
-function Sub:channels(kind) return self._sets[kind or "subscribe"] end
+function Sub:channels(kind)
+  local set = self._sets[kind or "subscribe"]
+  -- (a misspelt kind answered nil, as if nothing were subscribed)
+  if not set then
+    error(("bad argument #1 to 'channels' (\"subscribe\", \"psubscribe\" or \"ssubscribe\" expected, got %s)")
+      :format(type(kind) == "string" and ("%q"):format(kind) or type(kind)), 2)
+  end
+  return set
+end
 
 local function set_state(self, state, info)
   if self.state == state then return end
