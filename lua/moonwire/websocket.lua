@@ -796,6 +796,11 @@ function WebSocket:__close() self:close(1001) end
 -- when the connection closes.
 function WebSocket:join(topic, ps)
   if type(topic) ~= "string" then argerror(1, "join", "string expected, got " .. type(topic)) end
+  -- (anything else raised "attempt to index a number value" or "attempt to call a nil value")
+  local mt = getmetatable(ps)
+  if ps ~= nil and (type(mt) ~= "table" or mt.__name ~= "moonwire.PubSub") then
+    argerror(2, "join", "pubsub instance expected, got " .. type(ps))
+  end
   return (ps or require("moonwire.pubsub").default()):join(self, topic)
 end
 
