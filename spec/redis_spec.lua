@@ -880,6 +880,27 @@ describe("redis clients when something raises or lags", function()
     end)
   end)
 
+  -- Regression (found by review): the state starts "down", so a Redis unreachable from the
+  -- start was never reported (docs/pubsub.md: "down" when the connection is lost or cannot
+  -- be made, once per outage), and neither was pubsub's on_event("down").
+  it("a subscriber whose first connect fails says \"down\" once", function()
+    run(function()
+      local states = {}
+      local sub = redis.subscriber("redis://127.0.0.1:1", { backoff_min = 0.02, backoff_max = 0.05,
+        on_state = function(state, info) states[#states + 1] = state .. " " .. tostring(info.error) end })
+      mw.sleep(0.4)
+      sub:close()
+      assert.same({ "down Connection refused" }, states)
+      local events = {}
+      local ps = require("moonwire.pubsub").new { redis = "redis://127.0.0.1:1", backoff_min = 0.02,
+        backoff_max = 0.05,
+        on_event = function(event, _, info) events[#events + 1] = event .. " " .. tostring(info.error) end }
+      mw.sleep(0.4)
+      ps:close()
+      assert.same({ "down Connection refused" }, events)
+    end)
+  end)
+
   -- A URL in an error message shows no password (errors end up in logs).
   it("URL errors hide the password", function()
     local _, err = redis.parse_url("redis://u:s3cret@127.0.0.1/x")

@@ -127,8 +127,8 @@ function Sub:channels(kind)
   return set
 end
 
-local function set_state(self, state, info)
-  if self.state == state then return end
+local function set_state(self, state, info, force)
+  if self.state == state and not force then return end
   self.state = state
   local ok, err = pcall(self.on_state, state, info)
   if not ok then io.stderr:write("moonwire: subscriber on_state: ", tostring(err), "\n") end
@@ -281,7 +281,10 @@ function M._run(self)
       set_state(self, "down", { error = err })
     else
       self.last_error = err
-      set_state(self, "down", { error = err })
+      -- (the state starts "down": an outage from the start, the first connect failing, was
+      -- never reported; it is, once)
+      set_state(self, "down", { error = err }, first and not self._told)
+      self._told = true
     end
     mw.sleep(jitter(delay))
     delay = math.min(delay * 2, self.backoff_max)
