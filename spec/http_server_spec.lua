@@ -355,6 +355,31 @@ describe("http server: basics", function()
     end)
   end)
 
+  it("an option of the wrong type raises when the server is made, naming it (not at each request)", function()
+    run(function()
+      local h = function(_, res) res:send("x") end
+      local function raises(msg, opts)
+        opts.host, opts.port, opts.handler = "127.0.0.1", 0, h
+        local ok, err = pcall(http.server, opts)
+        if ok and type(err) == "table" then err:close() end
+        assert.is_false(ok)
+        assert.matches(msg, err, 1, true)
+      end
+      raises("bad option 'error_log'", { error_log = "stderr" })     -- called when a handler raises
+      raises("bad option 'gzip_min'", { gzip_min = "1k" })           -- compared at each res:send
+      raises("bad option 'server_name'", { server_name = true })     -- a 500 at each request
+      raises("bad option 'server_name'", { server_name = "a\r\nX-Injected: 1" })
+      raises("bad option 'grace'", { grace = "5" })
+      raises("bad option 'gzip'", { gzip = "no" })                   -- (only false disabled it)
+      raises("bad option 'listener'", { listener = 5 })
+      raises("bad option 'on_listen'", { on_listen = 5 })
+      raises("bad limits option 'body' (non-negative integer expected)", { limits = { body = -1 } })
+      raises("bad limits option 'head' (non-negative integer expected)", { limits = { head = 1.5 } })
+      raises("bad limits option 'body' (not a number)", { limits = { body = 0 / 0 } })
+      raises("bad timeouts option 'idle' (not a number)", { timeouts = { idle = 0 / 0 } })
+    end)
+  end)
+
   it("writes an access log line in combined log format", function()
     run(function()
       local lines = {}

@@ -47,6 +47,10 @@ local function merge(defaults, given, what)
       if defaults[k] == nil then error(("unknown %s option '%s'"):format(what, tostring(k)), 4) end
       local want = type(defaults[k])
       if type(v) ~= want then error(("bad %s option '%s' (%s expected)"):format(what, k, want), 4) end
+      if v ~= v then error(("bad %s option '%s' (not a number)"):format(what, k), 4) end
+      if what == "limits" and (not math.tointeger(v) or v < 0) then
+        error(("bad limits option '%s' (non-negative integer expected)"):format(k), 4)
+      end
       t[k] = v
     end
   end
@@ -476,6 +480,20 @@ local OPTIONS = { host = true, port = true, unix = true, handler = true, workers
   grace = true, limits = true, timeouts = true, tls = true, http2 = true, reuseport = true,
   listener = true, on_listen = true, bus = true }
 
+local function is_fn(v) return type(v) == "function" end
+local function is_bool(v) return type(v) == "boolean" end
+local function is_num(v) return type(v) == "number" and v == v end
+local OPTION_TYPES = {
+  error_log = is_fn, on_listen = is_fn, gzip = is_bool, bus = is_bool, grace = is_num,
+  gzip_min = function(v) return is_num(v) and v >= 0 end,
+  -- (a field value: no CR, LF or NUL, as res:header asks)
+  server_name = function(v) return v == false or (type(v) == "string" and not v:find("[\r\n%z]")) end,
+  listener = function(v) return type(v) == "userdata" end,
+}
+local OPTION_WANTS = { error_log = "function", on_listen = "function", gzip = "boolean", bus = "boolean",
+  grace = "number", gzip_min = "non-negative number", server_name = "string without CR, LF or NUL, or false",
+  listener = "listener" }
+
 local function check_opts(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'server' (table expected, got " .. type(opts) .. ")", 3) end
   for k in pairs(opts) do
@@ -485,6 +503,13 @@ local function check_opts(opts)
   local mt = getmetatable(h)
   if type(h) ~= "function" and not (mt and mt.__call) then
     error("bad option 'handler' (function expected, got " .. type(h) .. ")", 3)
+  end
+  -- the rest are used only later (per request, on close): a bad value raises here, not there
+  for k, want in pairs(OPTION_TYPES) do
+    local v = opts[k]
+    if v ~= nil and not want(v) then
+      error(("bad option '%s' (%s expected, got %s)"):format(k, OPTION_WANTS[k], type(v)), 3)
+    end
   end
 end
 
