@@ -641,6 +641,7 @@ static double opt_num(lua_State *L, int t, const char *k, double dflt)
         int ok;
         v = lua_tonumberx(L, -1, &ok);
         if (!ok) luaL_error(L, "bad option '%s' (number expected, got %s)", k, luaL_typename(L, -1));
+        if (v != v) luaL_error(L, "bad option '%s' (not a number)", k);   /* NaN is no "no timeout" */
     }
     lua_pop(L, 1);
     return v;
