@@ -82,6 +82,43 @@ local function argerror(n, fname, msg, level)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), (level or 2) + 1)
 end
 
+-- Settings (of a client, and those a request may give for itself) of a known kind, checked
+-- where they are given: a bad one would otherwise fail later, elsewhere, or not at all
+-- (`redirects = -1` returned nothing). Returns the value to keep (a numeric string's number).
+local kinds = {
+  max_per_origin = "count", max_head = "count", max_headers = "count", h2_stream_window = "count",
+  h2_conn_window = "count", max_idle = "count0", redirects = "count0",
+  idle_timeout = "seconds", timeout = "seconds", connect_timeout = "seconds", read_timeout = "seconds",
+  max_body = "size", decompress = "boolean", http2 = "boolean", user_agent = "string",
+}
+local function checked(fname, k, v, level)
+  local kind = kinds[k]
+  if v == nil or not kind then return v end
+  local n, given = tonumber(v), v
+  local ok
+  if kind == "count" or kind == "count0" then
+    ok = math.type(v) and math.tointeger(v) and v >= (kind == "count" and 1 or 0)
+    if k == "redirects" and v == false then ok = true end
+  elseif kind == "seconds" then
+    ok = n and n == n
+    v = n
+  elseif kind == "size" then
+    ok = type(v) == "number" and v >= 0
+  elseif kind == "boolean" then
+    ok = type(v) == "boolean"
+  else
+    ok = type(v) == "string" or v == false
+  end
+  if not ok then
+    local want = ({ count = "positive integer", count0 = "non-negative integer", seconds = "number",
+      size = "non-negative number", boolean = "boolean", string = "string or false" })[kind]
+    if k == "redirects" then want = "non-negative integer or false" end
+    error(("bad argument #1 to '%s' (bad option '%s' (%s expected, got %s))"):format(fname, k, want,
+      n ~= n and "nan" or type(given)), level + 1)
+  end
+  return v
+end
+
 -- ---------------------------------------------------------------------------------------
 -- base64 for Basic credentials
 
@@ -1139,12 +1176,17 @@ function Client:request(o)
   local method = o.method or (o.body ~= nil and "POST" or "GET")
   if type(method) ~= "string" then argerror(1, "request", "option 'method' must be a string") end
   method = upper[method] or method:upper()
+  if o.timeout ~= nil or o.redirects ~= nil or o.max_body ~= nil or o.decompress ~= nil or o.http2 ~= nil then
+    for _, k in ipairs { "timeout", "redirects", "max_body", "decompress", "http2" } do
+      checked("request", k, o[k], 3)
+    end
+  end
   local u, uerr = parse_cached(o.url)
   if not u then return nil, uerr, "EINVAL" end
   local max_redirects = o.redirects
   if max_redirects == nil then max_redirects = self.redirects end
   if max_redirects == false then max_redirects = 0 end
-  local timeout = o.timeout or self.timeout
+  local timeout = tonumber(o.timeout) or self.timeout
   local deadline = mw.now() + timeout
   local opts = {
     headers = o.headers, unix = o.unix, proxy = o.proxy, tls = o.tls, http2 = o.http2, trailers = o.trailers,
@@ -1253,7 +1295,7 @@ function M.client(opts)
     if defaults[k] == nil and k ~= "read_timeout" and k ~= "tls" and k ~= "http2" and k ~= "local_host" then
       argerror(1, "client", "unknown option '" .. tostring(k) .. "'")
     end
-    self[k] = v
+    self[k] = checked("client", k, v, 2)
   end
   if self.local_host ~= nil and type(self.local_host) ~= "string" then
     argerror(1, "client", "bad option 'local_host' (string expected, got " .. type(self.local_host) .. ")")
