@@ -1741,6 +1741,35 @@ describe("http server: responses", function()
     end, 20)
   end)
 
+  it("res:redirect and res:sendfile name their own bad arguments, before anything is set", function()
+    run(function()
+      local errs
+      local srv = serve(function(_, res)
+        errs = {}
+        for _, f in ipairs {
+          function() res:redirect("/x", "301") end,         -- raised as 'status' #1
+          function() res:redirect("/x\r\nX-Injected: 1") end,  -- as 'header' #2, with the 302 set
+          function() res:sendfile("/etc/hostname", "10") end,  -- an arithmetic error
+          function() res:sendfile("/etc/hostname", 0, {}) end,
+        } do
+          local ok, err = pcall(f)
+          errs[#errs + 1] = not ok and err:gsub("^[^:]*:%d+: ", "")
+        end
+        res:send("ok")
+      end)
+      local _g <close> = guard(srv)
+      local r = fetch(srv, "GET", "/")
+      assert.equal(200, r.status)
+      assert.same({
+        "bad argument #2 to 'redirect' (status code expected, got 301)",
+        "bad argument #1 to 'redirect' (value contains CR, LF or NUL)",
+        "bad argument #2 to 'sendfile' (integer expected, got string)",
+        "bad argument #3 to 'sendfile' (integer expected, got table)",
+      }, errs)
+      srv:close()
+    end)
+  end)
+
   it("res:sendfile sends a file (Content-Length, type from the extension), a range, and HEAD", function()
     run(function()
       local data = helper.pattern(300 * KiB)

@@ -513,7 +513,11 @@ end
 
 function Response:redirect(url, code)
   if type(url) ~= "string" then argerror(1, "redirect", "string expected, got " .. type(url)) end
+  if not value_ok(url) then argerror(1, "redirect", "value contains CR, LF or NUL") end
   code = code or 302
+  if math.type(code) ~= "integer" or code < 200 or code > 999 then
+    argerror(2, "redirect", "status code expected, got " .. tostring(code))
+  end
   self:status(code)
   self:header("location", url)
   self:header("content-type", "text/plain; charset=utf-8")
@@ -543,6 +547,12 @@ local changed = { ENOENT = true, ENOTDIR = true, EINVAL = true }
 -- a 500 in its place (the answer to a handler that raised), nil, err, code.
 local function sendfile_range(self, path, offset, length)
   if type(path) ~= "string" then argerror(1, "sendfile", "string expected, got " .. type(path), 4) end
+  if offset ~= nil and not (math.type(offset) and math.tointeger(offset)) then
+    argerror(2, "sendfile", "integer expected, got " .. type(offset), 4)
+  end
+  if length ~= nil and not (math.type(length) and math.tointeger(length)) then
+    argerror(3, "sendfile", "integer expected, got " .. type(length), 4)
+  end
   if self.sent then error("response already sent", 3) end
   local file, size, code = core.open_file(path)
   if not file then
