@@ -419,12 +419,17 @@ describe("http server: basics", function()
   it("listens on a Unix socket with opts.unix", function()
     run(function()
       local path = helper.socket_path("http")
-      local srv = assert(http.server { unix = path, handler = function(req, res) res:send("unix " .. req.path) end })
+      local lines = {}
+      local srv = assert(http.server { unix = path, handler = function(req, res) res:send("unix " .. req.path) end,
+        log = function(line) lines[#lines + 1] = line end })
       local _g <close> = guard(srv)
       local s <close> = assert(mw.unix.connect(path, { timeout = 5 }))
       assert(s:write(request("GET", "/u")))
       local r = assert(read_response(s))
       assert.equal("unix /u", r.body)
+      -- the peer has no address: the log line's host field is "-", not empty (a line that
+      -- starts with a space is no combined log format line)
+      assert.matches('^%- %- %- %[.-%] "GET /u HTTP/1%.1" 200 7 "%-" "%-"$', lines[1])
       srv:close()
       os.remove(path)
     end)

@@ -82,7 +82,8 @@ end
 -- Combined log format.
 local function access_line(req, res)
   local h = req.headers
-  local host = req.remote_addr or "-"
+  local host = req.remote_addr
+  if host == nil or host == "" then host = "-" end    -- (a Unix socket's peer has none)
   return ('%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"'):format(host,
     os.date("%d/%b/%Y:%H:%M:%S %z"), req.method, log_escape(req.target), req.version, res[STATUS],
     res[BYTES] or 0, log_escape(h.referer or "-"), log_escape(h["user-agent"] or "-"))
