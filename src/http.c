@@ -1282,6 +1282,9 @@ static int hc_read_body(lua_State *L)
         else lua_pushboolean(L, 1);
         return 1;
     }
+    /* a socket closed before this read (Server:close after its grace) has nothing more to
+     * give: at once, not after the timeout (a closed socket never becomes readable) */
+    if (h->s->closed) return mw_pushfail(L, "closed", "closed");
     h->body_max = max < 0 ? UINT64_MAX : (uint64_t)max;
     if (max >= 0 && !(h->p.flags & F_CHUNKED) && (h->p.flags & F_CONTENT_LENGTH) &&
         h->p.content_length > h->body_max - h->body_seen)
