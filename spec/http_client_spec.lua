@@ -699,6 +699,12 @@ describe("http client: requests and responses", function()
       raises("bad option 'max_per_origin'", function() http.client{ max_per_origin = 0 } end)
       raises("bad option 'idle_timeout'", function() http.client{ idle_timeout = "long" } end)
       raises("bad option 'max_body'", function() http.client{ max_body = "1M" } end)
+      -- tls = a path (not a table): it was replaced by the table that offers h2 by ALPN, so
+      -- the request went on with the defaults (the system CA store), the option unseen
+      raises("bad option 'tls' (true, table or context expected, got string)", function()
+        return http.get("https://127.0.0.1:1/", { tls = "/etc/ssl/ca.pem", proxy = false })
+      end)
+      raises("bad option 'tls'", function() return http.client{ tls = 5 }:get("https://127.0.0.1:1/") end)
       -- good values still go: a numeric string for a timeout, redirects = false
       assert.equal("ok", assert(http.client{ timeout = "5", idle_timeout = "5" }:get(base(srv) .. "/")):body())
       assert.equal(302, assert(http.get(base(srv) .. "/r", { redirects = false, timeout = "5" })).status)

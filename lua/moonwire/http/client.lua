@@ -956,6 +956,10 @@ local function exchange(self, o, u, method, body)
   elseif https then
     local tls = require "moonwire.tls"
     local topt = tlsopt
+    if tlsopt ~= true and type(tlsopt) ~= "table" and not tls.is_context(tlsopt) then
+      -- (not replaced by the ALPN table below: a path given as `tls` is no CA file)
+      error("bad option 'tls' (true, table or context expected, got " .. type(tlsopt) .. ")", 0)
+    end
     if alpn and not tls.is_context(tlsopt) then
       -- offer h2 and http/1.1 by ALPN
       topt = {}
