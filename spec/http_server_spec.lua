@@ -2202,4 +2202,34 @@ describe("http server trailers", function()
       srv:close()
     end)
   end)
+
+  -- Regression: res:trailer(nil, v) raised "table index is nil", and a bad value was
+  -- called argument #1 (the name)
+  it("res:trailer names its bad arguments", function()
+    run(function()
+      local errs
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(_, res)
+        errs = {}
+        for _, args in ipairs { { nil, "v" }, { "x-a", "a\r\nb" }, { "x-a", {} }, { "bad name", "v" } } do
+          local ok, err = pcall(res.trailer, res, args[1], args[2])
+          errs[#errs + 1] = not ok and err:gsub("^[^:]*:%d+: ", "")
+        end
+        res:trailer("x-ok", 1)
+        res:write("ab")
+        res:finish()
+      end })
+      local c <close> = assert(mw.tcp.connect("127.0.0.1", srv.port))
+      c:write("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.equal("HTTP/1.1 200 OK", c:read("l"))
+      repeat local line = c:read("l") until line == "0" or not line
+      assert.equal("x-ok: 1", c:read("l"))
+      assert.same({
+        "bad argument #1 to 'trailer' (string expected, got nil)",
+        "bad argument #2 to 'trailer' (value contains CR, LF or NUL)",
+        "bad argument #2 to 'trailer' (string expected, got table)",
+        "bad argument #1 to 'trailer' (invalid header name)",
+      }, errs)
+      srv:close()
+    end)
+  end)
 end)

@@ -491,6 +491,11 @@ Response._field_list = field_list
 --- res:trailer(name, value): a trailer field, sent after a streamed body (HTTP/1.1 chunked
 -- responses, and every HTTP/2 response); call it before finish().
 function Response:trailer(name, value)
+  if type(name) ~= "string" then argerror(1, "trailer", "string expected, got " .. type(name)) end
+  if type(value) ~= "string" and type(value) ~= "number" then
+    argerror(2, "trailer", "string expected, got " .. type(value))
+  end
+  if not value_ok(tostring(value)) then argerror(2, "trailer", "value contains CR, LF or NUL") end
   if self[FIN] then error("response already finished", 2) end
   local list = field_list("trailer", { [name] = value })
   local tr = self._trailers or {}
