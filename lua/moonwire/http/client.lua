@@ -727,6 +727,7 @@ local function proxy_for(self, o, u)
     if p and env.no and no_proxy_match(u.host, env.no) then p = nil end
   end
   if p == nil or p == "" then return nil end
+  if type(p) ~= "string" then error("bad option 'proxy' (string or false expected, got " .. type(p) .. ")", 0) end
   local pu, err = parse_cached(p)
   if not pu then return nil, "bad proxy: " .. err end  -- (url.parse hides the password)
   if pu.scheme ~= "http" then
