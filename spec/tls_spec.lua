@@ -1448,6 +1448,24 @@ end)
     end)
   end)
 
+  -- Regression: http.server{ unix = path, tls = ... } left tls unused: the Unix socket served
+  -- plaintext HTTP, the option unseen (srv.tls nil, req.tls false).
+  it("http.server with unix and tls serves https on the Unix socket", function()
+    run(function()
+      local path = helper.socket_path("https")
+      local srv = assert(http.server { unix = path, tls = server_tls("server"),
+        handler = function(req, res) res:send(req.tls and req.tls.version or "plain") end })
+      local _g <close> = guard(srv)
+      assert.is_truthy(srv.tls)
+      local r = assert(http.get("https://localhost/", { unix = path, tls = trusting() }))
+      assert.matches("^TLSv1%.[23]$", r:body())
+      local plain = http.get("http://localhost/", { unix = path, timeout = 5 })
+      assert.is_nil(plain)
+      srv:close()
+      os.remove(path)
+    end)
+  end)
+
   describe("https client", function()
     -- Regression (truncation attack): a response without a length ends at the close. Over TLS
     -- only the server's close_notify says the body is whole; a bare TCP FIN can be anyone's

@@ -543,21 +543,23 @@ function M.server(opts)
   -- bodies from this size on may be compressed (res:send, and its C path through http_conn)
   srv._gzip_from = srv.gzip and srv.gzip_min or math.huge
   local l, err, code
+  if opts.tls and not opts.listener then
+    local tls = opts.tls
+    if srv.h2_settings and type(tls) == "table" and tls.alpn == nil then
+      -- h2 preferred by ALPN, http/1.1 for the rest
+      tls = setmetatable({ alpn = { "h2", "http/1.1" } }, { __index = opts.tls })
+      for k, v in pairs(opts.tls) do tls[k] = v end
+      tls.alpn = { "h2", "http/1.1" }
+    end
+    srv.tls = require("moonwire.tls").server_context(tls)
+  end
   if opts.listener then
     l = opts.listener
   elseif opts.unix then
+    -- (with tls: https on the Unix socket, as on TCP; it was plaintext, the option unseen)
     l, err, code = mw.unix.listen{ path = opts.unix, backlog = opts.backlog }
+    if l and srv.tls then l = l:set_tls(srv.tls) end
   else
-    if opts.tls then
-      local tls = opts.tls
-      if srv.h2_settings and type(tls) == "table" and tls.alpn == nil then
-        -- h2 preferred by ALPN, http/1.1 for the rest
-        tls = setmetatable({ alpn = { "h2", "http/1.1" } }, { __index = opts.tls })
-        for k, v in pairs(opts.tls) do tls[k] = v end
-        tls.alpn = { "h2", "http/1.1" }
-      end
-      srv.tls = require("moonwire.tls").server_context(tls)
-    end
     l, err, code = mw.tcp.listen{ host = opts.host or "127.0.0.1", port = opts.port or 8080,
       backlog = opts.backlog, reuseport = opts.reuseport, tls = srv.tls }
   end
