@@ -310,6 +310,16 @@ describe("http.serve option 'workers'", function()
       assert.matches("bad option 'workers' %(positive integer expected%)", err, nil, false)
     end
   end)
+
+  -- Regression: each worker listened on the Unix path itself; the second found it taken and
+  -- serve raised "cannot listen: Address already in use"
+  it("raises with unix (workers share a TCP port)", function()
+    local http = require "moonwire.http"
+    local ok, err = pcall(http.serve, { unix = helper.socket_path("workers"), workers = 2,
+      handler = function() end, on_listen = function() error("a server ran", 0) end })
+    assert.is_false(ok)
+    assert.matches("bad option 'workers' (not with 'unix'", err, 1, true)
+  end)
 end)
 
 describe("http.serve with workers: fork failures", function()

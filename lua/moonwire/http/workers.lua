@@ -71,6 +71,9 @@ function M.serve(opts)
   if mw.current() then error("http.serve with workers must be called outside mw.run", 3) end
   local n = opts.workers
   if math.type(n) ~= "integer" or n < 1 then error("bad option 'workers' (positive integer expected)", 3) end
+  -- (SO_REUSEPORT shares a TCP port: each worker's Unix listener found the path taken, and
+  -- serve said "cannot listen: Address already in use")
+  if opts.unix then error("bad option 'workers' (not with 'unix': workers share a TCP port)", 3) end
   -- reserve the port (bound, not listening: it takes no connections) so port = 0 works
   local reserve, err = mw.tcp.listen{ host = opts.host or "127.0.0.1", port = opts.port or 8080,
     reuseport = true, listen = false }
