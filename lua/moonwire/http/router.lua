@@ -299,6 +299,11 @@ function Router:route(method, pattern, fn)
   if method ~= "*" and not find(method, "^[%w!#$%%&'*+%-.^_`|~]+$") then
     argerror(2, 1, "route", "bad method '" .. method .. "'")
   end
+  -- (methods are case-sensitive, RFC 9110 §9.1, and llhttp parses upper-case ones only: a
+  -- "get" route would answer nothing over HTTP/1.1, a GET 405 with "Allow: get")
+  if find(method, "%l") then
+    argerror(2, 1, "route", "bad method '" .. method .. "' (methods are case-sensitive: '" .. method:upper() .. "'?)")
+  end
   add(self, method, pattern, fn, "route", 2)
   return self
 end
