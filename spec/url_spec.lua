@@ -379,6 +379,16 @@ describe("url.build_query / url.parse_query", function()
     assert.same({}, url.parse_query(""))
   end)
 
+  it("build_query refuses a value it cannot write (a nested table, a function)", function()
+    local ok, err = pcall(url.build_query, { a = { {} } })
+    assert.is_false(ok)
+    assert.matches("bad argument #1 to 'build_query' (value of 'a' is a table", err, 1, true)
+    ok, err = pcall(url.build_query, { f = print })
+    assert.is_false(ok)
+    assert.matches("value of 'f' is a function", err, 1, true)
+    assert.equal("a=1&b&n=2.5", url.build_query { a = 1, b = true, c = false, n = 2.5 })
+  end)
+
   it("build_query and parse_query round-trip", function()
     local t = { name = "Jürgen & Co", list = { "1", "two words", "a=b" }, plus = "1+1" }
     assert.same(t, url.parse_query(url.build_query(t)))

@@ -32,6 +32,12 @@ function M.build_query(t)
     if v == nil then v = t[tonumber(k)] end
     local list = type(v) == "table" and v or { v }
     for _, item in ipairs(list) do
+      local ti = type(item)
+      if ti ~= "string" and ti ~= "number" and ti ~= "boolean" then
+        -- (a nested table or a function went out as its address)
+        argerror(1, "build_query", "value of '" .. k .. "' is a " .. ti
+          .. " (string, number, boolean or a list of them expected)")
+      end
       if item == true then
         out[#out + 1] = M.encode(k)
       elseif item ~= false then
