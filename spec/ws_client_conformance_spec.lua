@@ -477,6 +477,26 @@ describe("ws client: opening handshake", function()
       assert.equal("Bearer t", once("alice:x@", { authorization = "Bearer t" }))
     end)
   end)
+
+  -- Regression (found by review): the connection options were not checked. fragment_size = 0
+  -- raised "'for' step is zero" from ws:send, a negative one sent nothing and returned true,
+  -- ping_interval = "x" raised in the keepalive task, on_full = "bogus" acted as "close".
+  -- Each now raises "bad option '<name>'" from connect, before anything is sent.
+  it("bad option values raise naming the option, before connecting", function()
+    run(function()
+      local l, port = helper.listen()
+      local _ <close> = helper.closer(l)
+      local url = ("ws://127.0.0.1:%d/chat"):format(port)
+      for _, o in ipairs { { fragment_size = 0 }, { fragment_size = -5 }, { fragment_size = 1.5 },
+          { ping_interval = "x" }, { ping_interval = 0 }, { idle_timeout = -1 }, { close_timeout = "x" },
+          { send_queue = 0 }, { on_full = "bogus" }, { deflate_threshold = "x" }, { max_message = 0 },
+          { protocols = "chat" }, { headers = 5 }, { origin = 5 }, { timeout = "x" }, { deflate = 5 } } do
+        local name = next(o)
+        helper.raises("bad option '" .. name .. "'", mw.websocket.connect, url, o)
+      end
+      helper.fails("timeout", l:accept(0))      -- (no connection was made)
+    end)
+  end)
 end)
 
 describe("ws client: handshake answers it must refuse (code 'handshake')", function()

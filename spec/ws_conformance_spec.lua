@@ -1389,6 +1389,32 @@ describe("ws server: opening handshake", function()
 
   it("origins: no Origin at all -> 403", refused({ wsopts = { origins = origins } }, 403))
 
+  -- Regression (found by review): the options were not checked before the 101 went out, so
+  -- a bad max_message raised after the upgrade (the client saw 101, then the connection
+  -- closed), and most bad values (fragment_size = 0, ping_interval = "x", on_full = "bogus")
+  -- only failed later, or never. Now req:websocket raises "bad option '<name>'" first.
+  it("bad option values raise naming the option, and no 101 goes out", function()
+    run(function()
+      local errs = {}
+      local srv = assert(http.server { host = "127.0.0.1", port = 0, error_log = function() end,
+        handler = function(req)
+          local o = { [req.headers["x-name"]] = load("return " .. req.headers["x-value"])() }
+          local ok, err = pcall(req.websocket, req, o)
+          errs[#errs + 1] = not ok and tostring(err) or "upgraded"
+          error(err, 0)
+        end })
+      local url = ("ws://127.0.0.1:%d/"):format(srv.port)
+      for _, c in ipairs { { "max_message", "0" }, { "fragment_size", "0" }, { "ping_interval", "'x'" },
+          { "on_full", "'bogus'" }, { "send_queue", "-1" }, { "origins", "5" }, { "protocols", "'chat'" } } do
+        local ws, err = mw.websocket.connect(url, { headers = { ["x-name"] = c[1], ["x-value"] = c[2] } })
+        assert.is_nil(ws)
+        assert.matches("server answered 500", err)
+        assert.matches("bad option '" .. c[1] .. "'", errs[#errs], 1, true)
+      end
+      srv:close()
+    end)
+  end)
+
   it("origins as a function", case({ origins = function(o) return o == "https://fn.example" end },
     function(srv, results)
       bye(upgrade(srv, { origin = "https://fn.example" }), results)

@@ -51,6 +51,41 @@ end
 
 local base64 = require("moonwire.http.client").base64
 
+-- The connection options, checked before the handshake (a server would otherwise have
+-- answered 101 already, and a bad value would surface later: in a send, in the keepalive
+-- task). Raises "bad option 'name' (...)" at the caller of connect / req:websocket.
+local function positive_int(v)
+  return math.type(v) == "integer" and v > 0 or (math.type(v) == "float" and v > 0 and v % 1 == 0)
+end
+local function positive(v) return type(v) == "number" and v > 0 end
+local function non_negative(v) return type(v) == "number" and v >= 0 end
+local option_checks = {
+  max_message = { positive_int, "positive integer" },
+  max_frame = { positive_int, "positive integer" },
+  fragment_size = { positive_int, "positive integer" },
+  send_queue = { positive_int, "positive integer" },
+  deflate_threshold = { non_negative, "non-negative number" },
+  close_timeout = { non_negative, "non-negative number" },
+  ping_interval = { positive, "positive number" },
+  idle_timeout = { positive, "positive number" },
+  timeout = { non_negative, "non-negative number" },
+  on_full = { function(v) return v == "close" or v == "drop" end, "'close' or 'drop'" },
+  deflate = { function(v) return type(v) == "boolean" or type(v) == "table" end, "boolean or table" },
+  protocols = { function(v) return type(v) == "table" end, "table" },
+  origins = { function(v) return type(v) == "table" or type(v) == "function" end, "table or function" },
+  headers = { function(v) return type(v) == "table" end, "table" },
+  origin = { function(v) return type(v) == "string" end, "string" },
+}
+local function check_options(opts)
+  for k, c in pairs(option_checks) do
+    local v = opts[k]
+    if v ~= nil and not c[1](v) then
+      error(("bad option '%s' (%s expected, got %s)"):format(k, c[2],
+        type(v) == "number" and tostring(v) or type(v)), 3)
+    end
+  end
+end
+
 local function valid_send_code(code)
   return (code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014) or (code >= 3000 and code <= 4999)
 end
@@ -1184,6 +1219,7 @@ end
 function M.upgrade(req, opts)
   opts = opts or no_opts
   if type(opts) ~= "table" then argerror(1, "websocket", "table expected, got " .. type(opts)) end
+  if opts ~= no_opts then check_options(opts) end
   local res = rawget(req, 2)            -- the request's response (Request.slots.RES)
   if not res or res.sent then error("websocket: the response was already sent", 3) end
   if req.version == "2" then return handshake_server(req, res, opts) end
@@ -1287,7 +1323,8 @@ end
 function M.connect(target, opts)
   if type(target) ~= "string" then argerror(1, "connect", "string expected, got " .. type(target)) end
   if opts ~= nil and type(opts) ~= "table" then argerror(2, "connect", "table expected, got " .. type(opts)) end
-  opts = opts or {}
+  opts = opts or no_opts
+  check_options(opts)
   local u, err = url.parse(target)
   if not u then return nil, err, "EINVAL" end
   if u.scheme ~= "ws" and u.scheme ~= "wss" then
