@@ -345,6 +345,23 @@ describe("WebSocket message handlers", function()
       srv:close()
     end)
   end)
+
+  -- Regression (found by review): a timeout of the wrong type raised from the internals,
+  -- naming another function ("bad argument #2 to 'receive_frame'", "#1 to 'park'").
+  it("ws:receive and ws:ping check their timeout", function()
+    run(function()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, handler = function(req)
+        local ws = assert(req:websocket())
+        ws:receive()
+      end })
+      local ws = assert(mw.websocket.connect(url(srv)))
+      helper.raises("bad argument #1 to 'receive' (number expected, got string)", ws.receive, ws, "x")
+      helper.raises("bad argument #2 to 'ping' (number expected, got string)", ws.ping, ws, "p", "x")
+      assert.equal("open", ws.state)
+      ws:close()
+      srv:close()
+    end)
+  end)
 end)
 
 describe("core.watch", function()
