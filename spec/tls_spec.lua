@@ -174,6 +174,27 @@ describe("tls", function()
       helper.raises("table", tls.context, "server.pem")
     end)
 
+    -- Regression (found by review): verify_client, alpn and sni of another type were taken
+    -- silently: verify_client = "optinal" (a typo) required a certificate as true does,
+    -- alpn = "h2" offered only http/1.1 (a client's raised from table.concat), sni = 5 was
+    -- no SNI at all.
+    it("verify_client, alpn and sni of another type raise naming the option", function()
+      local tls = mw.tls
+      local function srv(o)
+        o.server, o.cert, o.key = true, cert("server-chain.pem"), cert("server.key")
+        return o
+      end
+      helper.raises("bad option 'verify_client' (true or 'optional' expected)", tls.context,
+        srv { verify_client = "optinal", cafile = cert("ca.pem") })
+      helper.raises("bad option 'verify_client'", tls.context, srv { verify_client = 1 })
+      assert.is_true(tls.is_context(tls.context(srv { verify_client = false })))
+      assert.is_true(tls.is_context(tls.context(srv { verify_client = "optional", cafile = cert("ca.pem") })))
+      helper.raises("bad option 'alpn' (list of protocol names expected)", tls.context, srv { alpn = "h2" })
+      helper.raises("bad option 'alpn' (list of protocol names expected)", tls.context, { alpn = "h2" })
+      helper.raises("bad option 'alpn' (list of protocol names expected)", tls.client_context, { alpn = "h2" })
+      helper.raises("bad option 'sni'", tls.context, srv { sni = "other.test" })
+    end)
+
     it("starttls as a client needs a host to verify (or insecure = true)", function()
       run(function()
         local c, s = helper.tcp_pair()

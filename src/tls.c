@@ -522,7 +522,9 @@ static void configure_verify(lua_State *L, SSL_CTX *ctx, int t, int server, int 
     if (server) {
         lua_getfield(L, t, "verify_client");
         int vc = lua_toboolean(L, -1);
-        int optional = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "optional") == 0;
+        int optional = lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "optional") == 0;
+        if (!lua_isnil(L, -1) && !lua_isboolean(L, -1) && !optional)
+            luaL_error(L, "bad option 'verify_client' (true or 'optional' expected)");
         lua_pop(L, 1);
         if (vc) SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (optional ? 0 : SSL_VERIFY_FAIL_IF_NO_PEER_CERT), NULL);
     } else {
@@ -601,7 +603,10 @@ static int l_tls_context(lua_State *L)
         SSL_CTX_set_session_id_context(t->ctx, sid, sizeof sid - 1);
         SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_SERVER);
         SSL_CTX_set_alpn_select_cb(t->ctx, alpn_select, t);
-        if (lua_getfield(L, 1, "sni") == LUA_TTABLE) {
+        int sni_type = lua_getfield(L, 1, "sni");
+        if (sni_type != LUA_TNIL && sni_type != LUA_TTABLE)
+            luaL_error(L, "bad option 'sni' (name -> { cert, key } expected)");
+        if (sni_type == LUA_TTABLE) {
             int sidx = lua_gettop(L);
             lua_pushnil(L);
             while (lua_next(L, sidx)) {
@@ -650,7 +655,10 @@ static int l_tls_context(lua_State *L)
         SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
         SSL_CTX_sess_set_new_cb(t->ctx, new_session);
     }
-    if (lua_getfield(L, 1, "alpn") == LUA_TTABLE) {
+    int alpn_type = lua_getfield(L, 1, "alpn");
+    if (alpn_type != LUA_TNIL && alpn_type != LUA_TTABLE)
+        luaL_error(L, "bad option 'alpn' (list of protocol names expected)");
+    if (alpn_type == LUA_TTABLE) {
         alpn_wire(L, lua_gettop(L), &t->alpn, &t->alpn_len);
         if (!server) SSL_CTX_set_alpn_protos(t->ctx, t->alpn, t->alpn_len);
     } else if (server) {

@@ -38,7 +38,10 @@ function M.client_context(opt)
   end
   local parts = {}
   for _, k in ipairs(client_keys) do parts[#parts + 1] = tostring(opt[k]) end
-  if opt.alpn then parts[#parts + 1] = table.concat(opt.alpn, ",") end
+  if opt.alpn then
+    if type(opt.alpn) ~= "table" then error("bad option 'alpn' (list of protocol names expected)", 3) end
+    parts[#parts + 1] = table.concat(opt.alpn, ",")
+  end
   local key = table.concat(parts, "\0")
   local ctx = client_cache[key]
   if not ctx then
