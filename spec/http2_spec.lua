@@ -928,4 +928,27 @@ print(pump(s, c, until), round(time.time() - t0, 1) < 2)
       c:close()
     end)
   end)
+
+  -- Regression (found by review): http2 limits were checked for their type only. max_streams
+  -- = 0 or 2^40 left every request hanging, hwm = 0 too, stream_window = -1 (cast to
+  -- uint32_t in h2.c) sent SETTINGS that made every client answer GOAWAY PROTOCOL_ERROR.
+  it("http2 limits out of their range raise naming the option", function()
+    helper.run(function()
+      for _, c in ipairs { { "max_streams", 0 }, { "max_streams", 2 ^ 40 }, { "max_streams", 1.5 },
+          { "stream_window", -1 }, { "stream_window", 2 ^ 31 }, { "conn_window", -1 }, { "header_fields", 0 },
+          { "header_bytes", -1 }, { "hwm", 0 }, { "out_hwm", -1 }, { "glitches", -1 }, { "settings_timeout", 0 } } do
+        helper.raises("bad http2 option '" .. c[1] .. "'", http.server,
+          { host = "127.0.0.1", port = 0, handler = print, http2 = { [c[1]] = c[2] } })
+      end
+      -- the edges still serve
+      local srv = serve(function(_, res) res:send("ok") end,
+        { http2 = { max_streams = 1, stream_window = 2 ^ 31 - 1, out_hwm = 0, trim_after = -1 } })
+      local _ <close> = guard(srv)
+      local c = http.client{ http2 = true }
+      local res = assert(c:request{ url = url(srv, "/") })
+      assert.equal("2", res.version)
+      assert.equal("ok", res:body())
+      c:close()
+    end)
+  end)
 end)

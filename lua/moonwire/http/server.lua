@@ -463,12 +463,29 @@ local h2_defaults = { max_streams = 100, stream_window = 262144, conn_window = 8
   header_bytes = 65536, hwm = 65536, out_hwm = 65536, glitches = 1000, settings_timeout = 10, h2c = false,
   trim_after = 1, park_hpack = false }
 
+-- their ranges: what SETTINGS and WINDOW_UPDATE can carry (RFC 9113 §6.5.2, §6.9.1), what
+-- h2.c's counters hold; hwm 0 would never let the connection read again
+local I31, I32 = 2 ^ 31 - 1, 2 ^ 32 - 1
+local h2_ranges = { max_streams = { 1, I31 }, stream_window = { 0, I31 }, conn_window = { 0, I31 },
+  header_fields = { 1, I32 }, header_bytes = { 1, I32 }, hwm = { 1, 2 ^ 53 }, out_hwm = { 0, 2 ^ 53 },
+  glitches = { 0, I32 } }
+
 function h2_settings(given, srv)
   if given == false then return false end
   if given ~= nil and given ~= true and type(given) ~= "table" then
     error("bad option 'http2' (boolean or table expected)", 4)
   end
   local t = merge(h2_defaults, type(given) == "table" and given or nil, "http2")
+  for k, r in pairs(h2_ranges) do
+    local v = t[k]
+    if v ~= math.floor(v) or v < r[1] or v > r[2] then
+      error(("bad http2 option '%s' (integer %d-%d expected, got %s)"):format(k, r[1], r[2], tostring(v)), 4)
+    end
+  end
+  local st = t.settings_timeout
+  if st ~= st or st <= 0 then
+    error(("bad http2 option 'settings_timeout' (positive number expected, got %s)"):format(t.settings_timeout), 4)
+  end
   t.head_timeout, t.idle_timeout, t.write_timeout = srv.timeouts.head, srv.timeouts.idle, srv.timeouts.write
   t.connect_protocol = true
   return t
