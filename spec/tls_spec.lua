@@ -203,6 +203,17 @@ describe("tls", function()
       end)
     end)
 
+    -- Regression (found by review): a timeout of another type raised "bad argument #-2 to
+    -- 'starttls'", naming no argument.
+    it("starttls names a bad timeout option", function()
+      run(function()
+        local c, s = helper.tcp_pair()
+        local _ <close> = helper.closer(c, s)
+        helper.raises("bad option 'timeout' (number expected)", c.starttls, c, mw.tls.context { insecure = true },
+          { timeout = "x" })
+      end)
+    end)
+
     it("takes the certificate and key as PEM strings", function()
       run(function()
         local srv = serve({ cert = readfile(cert("server-chain.pem")), key = readfile(cert("server.key")) },

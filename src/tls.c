@@ -861,7 +861,10 @@ static int s_starttls(lua_State *L)
         luaL_checktype(L, 3, LUA_TTABLE);
         host = optstr(L, 3, "host");
         lua_getfield(L, 3, "timeout");
-        if (!lua_isnil(L, -1)) timeout = luaL_checknumber(L, -1);
+        if (!lua_isnil(L, -1)) {
+            if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "bad option 'timeout' (number expected)");
+            timeout = lua_tonumber(L, -1);
+        }
         lua_pop(L, 1);
         defer = optbool(L, 3, "defer");
     }
