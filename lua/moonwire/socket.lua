@@ -299,6 +299,7 @@ function tcp:shutdown(how)
   if not self.s then return nil, "closed" end
   local ok, err, code = self.s:shutdown(m)
   if not ok then return nil, lserr(err, code) end
+  if m ~= "read" then self.shut_send = self.s end   -- (setkeepalive must not pool it)
   return 1.0
 end
 
@@ -513,7 +514,8 @@ function tcp:setkeepalive(timeout, size)
   -- an accepted connection has no pool: only connect() names one
   if not self.pool then return nil, "no pool (the connection was not made by connect)" end
   if self.rp <= #self.rb then return nil, "unread data in buffer" end
-  if not self.s:alive() then
+  -- (a connection shut for sending would give the next connect one it cannot write on)
+  if self.shut_send == self.s or not self.s:alive() then
     self:close()
     return nil, "closed"
   end
