@@ -84,4 +84,16 @@ do   -- TLS 1.3's suites: the client's single suite is the one used
   show("cipher", s:info("cipher"))
   s:close()
 end
+do   -- a verify flag or a protocol LuaSec does not know: nil, err (a misspelt "peer" left
+     -- the shim's connection unverified)
+  for _, p in ipairs { { verify = "peeer" }, { verify = { "peer", "bogus" } }, { protocol = "sslv3" },
+                       { protocol = "tlsv9" } } do
+    p.mode, p.protocol, p.verify = "client", p.protocol or "any", p.verify or "none"
+    show("newcontext " .. tostring(p.protocol) .. " " .. tostring(type(p.verify) == "table" and
+      table.concat(p.verify, ",") or p.verify), ssl.newcontext(p))
+    local c = assert(socket.connect("127.0.0.1", port))
+    show("wrap", ssl.wrap(c, p))
+    c:close()
+  end
+end
 print("done")

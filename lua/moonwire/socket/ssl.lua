@@ -14,12 +14,21 @@ local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
 end
 
+-- LuaSec's verify flags and protocol names (others: nil, "invalid ... (name)", as LuaSec)
+local VERIFY = { none = true, peer = true, client_once = true, fail_if_no_peer_cert = true }
+local PROTOCOL = { any = true, sslv23 = true, tlsv1 = true, tlsv1_1 = true, tlsv1_2 = true, tlsv1_3 = true }
+
+-- true when the verify option asks for "peer"; nil, err for a flag LuaSec does not know (a
+-- misspelt "peer" must not leave the connection unverified)
 local function wants_peer(v)
-  if type(v) == "string" then return v == "peer" end
-  if type(v) == "table" then
-    for _, x in ipairs(v) do if x == "peer" then return true end end
+  if v == nil then return false end
+  local list = type(v) == "table" and v or { v }
+  local peer = false
+  for _, x in ipairs(list) do
+    if not VERIFY[x] then return nil, "invalid verify option (" .. tostring(x) .. ")" end
+    if x == "peer" then peer = true end
   end
-  return false
+  return peer
 end
 
 local ctx_mt = { __name = "SSL context" }
@@ -34,7 +43,11 @@ function M.newcontext(params)
   if not server and params.mode ~= nil and params.mode ~= "client" then
     return nil, "invalid mode"
   end
-  local verify = wants_peer(params.verify)
+  if params.protocol ~= nil and not PROTOCOL[params.protocol] then
+    return nil, "invalid protocol (" .. tostring(params.protocol) .. ")"
+  end
+  local verify, verr = wants_peer(params.verify)
+  if verify == nil then return nil, verr end
   local o = {
     cert = params.certificate, key = params.key, cafile = params.cafile, capath = params.capath,
     ciphers = params.ciphers, ciphersuites = params.ciphersuites,
