@@ -135,7 +135,7 @@ end
 
 --- cert:pem() -> the certificate in PEM (64-column base64, as OpenSSL writes it)
 function cert_mt:pem()
-  local b = base64(self.der)
+  local b = base64(self._der)
   local lines = { "-----BEGIN CERTIFICATE-----" }
   for i = 1, #b, 64 do lines[#lines + 1] = b:sub(i, i + 63) end
   lines[#lines + 1] = "-----END CERTIFICATE-----\n"
@@ -143,7 +143,7 @@ function cert_mt:pem()
 end
 
 --- cert:der() -> DER bytes (an extension); cert:getsignaturename() -> "RSA-SHA256", ...
-function cert_mt:der() return self.der end
+function cert_mt:der() return self._der end
 function cert_mt:getsignaturename() return self.signature end
 cert_mt.__tostring = function(self) return ("X509 certificate: %p"):format(self) end
 
@@ -153,7 +153,7 @@ function tcp:getpeercertificate(n)
   if (n and n ~= 1) or not self.s then return nil end
   local der, sig = self.s:tls_peer_certificate()
   if not der then return nil end
-  return setmetatable({ der = der, signature = sig }, cert_mt)
+  return setmetatable({ _der = der, signature = sig }, cert_mt)   -- (not `der`: the method)
 end
 
 --- sslsock:getpeerverification() -> verified, errors (LuaSec's shape, without the details)
