@@ -542,6 +542,22 @@ describe("ws server 1: framing", function()
       assert.equal(1001, r.code)
     end))
 
+  -- Regression (found by review): the task blocked in ws:receive() when the idle timeout
+  -- closed the connection got nil, "closed", 1006, "" (its read saw the socket closed under
+  -- it), while ws.close_code said 1001 and the peer got 1001.
+  local seen
+  it("idle_timeout: the receiving task gets the 1001 too, as ws.close_code says", case({ idle_timeout = 0.3 },
+    function(srv, results)
+      local c = upgrade(srv)
+      assert.equal("idle timeout", c:expect_close(1001))
+      local r = assert(results:recv(T))
+      assert.equal(1001, r.code)
+      assert.same({ nil, "closed", 1001, "idle timeout" }, seen)
+    end, function(ws)
+      seen = table.pack(ws:receive())
+      seen.n = nil
+    end))
+
   -- only whole messages reach the Lua side; the bytes of one still arriving are no silence
   it("idle_timeout: a message arriving in pieces, slower than the timeout in all, keeps the connection",
     case({ idle_timeout = 0.5 }, function(srv, results)

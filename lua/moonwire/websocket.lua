@@ -446,6 +446,9 @@ local function received(self, a, b, c, d)
       fail(self, c, b, true)
       return nil, "closed", c, b
     elseif c == "closed" or c == "ECONNRESET" then
+      -- (closed here already: another task failed the connection, e.g. the idle timeout's
+      -- 1001, and closed the socket under this read; its code is the one to report)
+      if self.state == "closed" then return nil, "closed", self.close_code, self.close_reason end
       finish(self, 1006, "")
       return nil, "closed", 1006, ""
     end
