@@ -389,6 +389,23 @@ describe("WebSocket broadcast with a slow member", function()
       end, 30)
     end)
 
+    -- Regression (found by review): the writer task spawned for the first message had not run
+    -- when the queue overflowed in the same turn: finish() dropped the queue, and the task,
+    -- running then, raised "attempt to index a nil value (local 'q')" (uncaught).
+    it("on_full = 'close' in the very turn the queue's writer was started: no error in its task" .. how, function()
+      uring_mode()
+      run(function()
+        local _, _, _, conns, all = join_members { deflate = false, send_queue = 2, on_full = "close" }
+        local _ <close> = all
+        local counts = {}
+        for i = 1, 4 do counts[i] = mw.websocket.broadcast({ conns[1] }, ("b"):rep(BIG), "binary") end
+        assert.same({ 1, 1, 0, 0 }, counts)
+        assert.equal("closed", conns[1].state)
+        mw.sleep(0.05)                     -- (the writer task runs now)
+        assert.is_false(conns[1]._writer)
+      end, 30)
+    end)
+
     it("on_full = 'drop': the slow member loses what does not fit and stays; the broadcast's count " ..
        "leaves it out" .. how, function()
       uring_mode()

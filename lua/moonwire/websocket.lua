@@ -239,6 +239,9 @@ end
 -- Sends the queue: runs in the writer task, which holds the slot until the queue is empty.
 local function writer_task(self)
   local q = self._outq
+  -- (the connection ended before this task first ran, e.g. the queue it was spawned for
+  -- overflowed with on_full = "close" in the same turn: finish() dropped the queue)
+  if not q then free_writer(self) return end
   while q.first <= q.last do
     local e = q[q.first]
     q[q.first] = nil
