@@ -611,7 +611,15 @@ M.tcp_mt = mt
 M._retry = retry   -- for moonwire.socket.ssl
 M._now = now
 
+-- (LuaSocket's inet_optfamily: "unspec", "inet", "inet6"; anything else raises)
+local families = { unspec = false, inet = "inet", inet6 = "inet6" }
+
 function M.connect(host, port, lhost, lport, family)
+  if family ~= nil then
+    local f = families[family]
+    if f == nil then argerror(5, "connect", "invalid option '" .. tostring(family) .. "'") end
+    family = f or nil
+  end
   local s = new("master", family)
   if lhost ~= nil then
     if type(lhost) ~= "string" then argerror(3, "connect", "string expected, got " .. type(lhost)) end

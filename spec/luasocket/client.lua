@@ -145,6 +145,17 @@ do
   c:close()
 end
 
+-- the family argument of socket.connect: "unspec", "inet", "inet6"; another raises
+do
+  for _, f in ipairs { "unspec", "inet" } do
+    local c, err = socket.connect("127.0.0.1", port, nil, nil, f)
+    show("connect family " .. f, c and tostring(c):match("^tcp{%a+}") or nil, err)
+    if c then c:close() end
+  end
+  local ok, err = pcall(socket.connect, "127.0.0.1", port, nil, nil, "bogus")
+  show("connect family bogus", ok, tostring(err):match("#5 to '.-' %((.*)%)$"))
+end
+
 -- errors: refused, reset by the peer, use after close, closed mid-read
 do
   show("refused", socket.connect("127.0.0.1", dead))
