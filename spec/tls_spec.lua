@@ -205,6 +205,29 @@ describe("tls", function()
 
     -- Regression (found by review): a timeout of another type raised "bad argument #-2 to
     -- 'starttls'", naming no argument.
+    -- Regression (found by review): a server context given as a client's `tls` made the
+    -- client wait for a ClientHello as a server does: both ends waited, until the timeout or
+    -- for good without one.
+    it("a server context given to a client's connect raises", function()
+      run(function()
+        local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+        local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0, tls = sctx })
+        local _, port = l:getsockname()
+        local _ <close> = helper.closer(l)
+        helper.raises("bad option 'tls' (a client context expected, got a server context)",
+          mw.tcp.connect, "127.0.0.1", port, { tls = sctx, timeout = 5 })
+        helper.raises("bad option 'tls' (a client context expected",
+          mw.websocket.connect, ("wss://127.0.0.1:%d/"):format(port), { tls = sctx, timeout = 5 })
+        helper.raises("bad option 'tls' (a client context expected",
+          http.get, ("https://127.0.0.1:%d/"):format(port), { tls = sctx, timeout = 5 })
+        -- a client context still works, and a server context still serves
+        mw.spawn(function() local a = l:accept(5) if a then a:write("ok") a:close() end end)
+        local c = assert(mw.tcp.connect("127.0.0.1", port, { tls = { cafile = cert("ca.pem") }, timeout = 5 }))
+        assert.equal("ok", c:read(2, 5))
+        c:close()
+      end)
+    end)
+
     it("starttls names a bad timeout option", function()
       run(function()
         local c, s = helper.tcp_pair()

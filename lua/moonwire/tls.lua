@@ -13,9 +13,15 @@ end
 
 --- mw.tls.context{ server = bool, cert, key, sni, alpn, min_version, ciphers, ciphersuites,
 -- cafile, capath, insecure, verify_client } -> context (raises on bad options or files)
+-- the server contexts made here (a client's connect given one would wait for a ClientHello
+-- the server never sends: the handshake would hang, or time out)
+local server_contexts = setmetatable({}, { __mode = "k" })
+
 function M.context(opts)
   if type(opts) ~= "table" then argerror(1, "context", "table expected, got " .. type(opts)) end
-  return core.tls_context(opts)
+  local ctx = core.tls_context(opts)
+  if opts.server then server_contexts[ctx] = true end
+  return ctx
 end
 
 function M.is_context(v)
@@ -28,7 +34,10 @@ local client_cache = setmetatable({}, { __mode = "v" })
 --- The client context for a `tls` option value (true, a table of client options, or a
 -- context); also returns the host to verify when the table names one.
 function M.client_context(opt)
-  if M.is_context(opt) then return opt end
+  if M.is_context(opt) then
+    if server_contexts[opt] then error("bad option 'tls' (a client context expected, got a server context)", 3) end
+    return opt
+  end
   if opt == true then opt = {} end
   if type(opt) ~= "table" then error("bad option 'tls' (true, table or context expected)", 3) end
   local host = opt.host
@@ -61,7 +70,9 @@ function M.server_context(opt)
   local o = {}
   for k, v in pairs(opt) do o[k] = v end
   o.server = true
-  return core.tls_context(o)
+  local ctx = core.tls_context(o)
+  server_contexts[ctx] = true
+  return ctx
 end
 
 --- Connects and handshakes: mw.tcp.connect(host, port, { tls = ..., timeout = ... }).
