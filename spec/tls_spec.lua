@@ -234,6 +234,10 @@ describe("tls", function()
         local _ <close> = helper.closer(c, s)
         helper.raises("bad option 'timeout' (number expected)", c.starttls, c, mw.tls.context { insecure = true },
           { timeout = "x" })
+        -- a numeric string is a timeout, as everywhere (no peer answers here: it runs out)
+        local ok, _, code = c:starttls(mw.tls.context { insecure = true }, { timeout = "0.05" })
+        assert.is_nil(ok)
+        assert.equal("timeout", code)
       end)
     end)
 

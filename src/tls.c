@@ -862,7 +862,8 @@ static int s_starttls(lua_State *L)
         host = optstr(L, 3, "host");
         lua_getfield(L, 3, "timeout");
         if (!lua_isnil(L, -1)) {
-            if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "bad option 'timeout' (number expected)");
+            /* (a numeric string is a timeout too, as everywhere: docs/api.md) */
+            if (!lua_isnumber(L, -1)) luaL_error(L, "bad option 'timeout' (number expected)");
             timeout = lua_tonumber(L, -1);
         }
         lua_pop(L, 1);
