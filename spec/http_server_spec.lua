@@ -369,7 +369,7 @@ describe("http server: basics", function()
       raises("bad option 'gzip_min'", { gzip_min = "1k" })           -- compared at each res:send
       raises("bad option 'server_name'", { server_name = true })     -- a 500 at each request
       raises("bad option 'server_name'", { server_name = "a\r\nX-Injected: 1" })
-      raises("bad option 'grace'", { grace = "5" })
+      raises("bad option 'grace'", { grace = "x" })
       raises("bad option 'gzip'", { gzip = "no" })                   -- (only false disabled it)
       raises("bad option 'listener'", { listener = 5 })
       raises("bad option 'on_listen'", { on_listen = 5 })

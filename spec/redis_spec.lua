@@ -841,7 +841,7 @@ describe("redis clients when something raises or lags", function()
         { { user = {}, password = "pw" }, "bad option 'user' (string expected, got table)" },
         { { password = {} }, "bad option 'password' (string expected, got table)" },
         { { name = true }, "bad option 'name' (string expected, got boolean)" },
-        { { timeout = "1" }, "bad option 'timeout' (number expected, got string)" },
+        { { timeout = "x" }, "bad option 'timeout' (number expected, got string)" },
         { { connect_timeout = "x" }, "bad option 'connect_timeout' (number expected, got string)" },
         { { max_bulk = 0 }, "bad option 'max_bulk' (positive integer expected, got 0)" },
         { { max_depth = 129 }, "bad option 'max_depth' (integer 1..128 expected, got 129)" },
@@ -859,7 +859,9 @@ describe("redis clients when something raises or lags", function()
         helper.raises(c[2], redis.pool, o)
         helper.raises(c[2], redis.subscriber, o)
       end
-      local r <close> = connect { max_bulk = 1024, max_depth = 128, max_pushes = 5, port = tostring(srv.port) }
+      -- (timeouts may be numeric strings, as everywhere: docs/api.md)
+      local r <close> = connect { max_bulk = 1024, max_depth = 128, max_pushes = 5, port = tostring(srv.port),
+        timeout = "5", connect_timeout = "5" }
       assert.equal("PONG", r:ping())
     end)
   end)
@@ -869,12 +871,14 @@ describe("redis clients when something raises or lags", function()
   it("a pool's acquire_timeout and acquire's timeout are checked, naming them", function()
     run(function()
       helper.raises("bad option 'acquire_timeout' (number expected, got string)", redis.pool,
-        { url = srv.url, acquire_timeout = "5" })
-      local pool = redis.pool { url = srv.url, size = 1 }
+        { url = srv.url, acquire_timeout = "x" })
+      -- (a numeric string is a timeout, as everywhere: docs/api.md)
+      local pool = redis.pool { url = srv.url, size = 1, acquire_timeout = "5" }
       helper.raises("bad argument #1 to 'acquire' (number expected, got string)", pool.acquire, pool, "x")
       local c = assert(pool:acquire())
       helper.raises("bad argument #1 to 'acquire' (number expected, got table)", pool.acquire, pool, {})
       assert.same({ nil, "timeout", "timeout" }, { pool:acquire(0.05) })
+      assert.same({ nil, "timeout", "timeout" }, { pool:acquire("0.05") })
       pool:release(c)
       pool:close()
     end)

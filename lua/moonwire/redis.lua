@@ -158,7 +158,8 @@ local function settings(target, opts, fname)
     if v ~= nil and type(v) ~= "string" and type(v) ~= "number" then bad(k, "string", v) end
   end
   for _, k in ipairs { "timeout", "connect_timeout" } do
-    if o[k] ~= nil and type(o[k]) ~= "number" then bad(k, "number", o[k]) end
+    -- (numbers or numeric strings, as every timeout: docs/api.md)
+    if o[k] ~= nil and not tonumber(o[k]) then bad(k, "number", o[k]) end
   end
   for _, k in ipairs { "max_bulk", "max_pushes" } do
     local v = o[k]
@@ -406,7 +407,8 @@ function M.pool(opts)
   local size = opts.size or 10
   if math.type(size) ~= "integer" or size < 1 then error("bad option 'size' (positive integer expected)", 2) end
   -- (a bad one raised from park, naming its argument, only once a task had to wait)
-  if opts.acquire_timeout ~= nil and type(opts.acquire_timeout) ~= "number" then
+  -- (numbers or numeric strings, as every timeout: docs/api.md)
+  if opts.acquire_timeout ~= nil and not tonumber(opts.acquire_timeout) then
     error("bad option 'acquire_timeout' (number expected, got " .. type(opts.acquire_timeout) .. ")", 2)
   end
   local copts = {}
@@ -442,7 +444,7 @@ end
 -- while fewer than `size` exist, else waits for a release.
 function Pool:acquire(timeout)
   if not current() then error("blocking call outside a task ('acquire')", 2) end
-  if timeout ~= nil and type(timeout) ~= "number" then
+  if timeout ~= nil and not tonumber(timeout) then   -- (numbers or numeric strings, as every timeout: docs/api.md)
     argerror(1, "acquire", "number expected, got " .. type(timeout))
   end
   while true do

@@ -555,7 +555,8 @@ end
 function WebSocket:receive(timeout)
   check_unhandled(self, "receive")
   if timeout == nil then return next_message(self) end
-  if type(timeout) ~= "number" then argerror(1, "receive", "number expected, got " .. type(timeout)) end
+  -- (numbers or numeric strings, as every timeout: docs/api.md)
+  if not tonumber(timeout) then argerror(1, "receive", "number expected, got " .. type(timeout)) end
   return recv(self, timeout)
 end
 
@@ -663,7 +664,7 @@ function WebSocket:ping(data, timeout)
   if data ~= nil and (type(data) ~= "string" or #data > 125) then
     argerror(1, "ping", "string of at most 125 bytes expected")
   end
-  if timeout ~= nil and type(timeout) ~= "number" then
+  if timeout ~= nil and not tonumber(timeout) then   -- (numbers or numeric strings, as every timeout: docs/api.md)
     argerror(2, "ping", "number expected, got " .. type(timeout))
   end
   if self.state ~= "open" then return nil, "closed", "closed" end

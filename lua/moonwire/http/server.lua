@@ -501,8 +501,10 @@ local OPTIONS = { host = true, port = true, unix = true, handler = true, workers
 local function is_fn(v) return type(v) == "function" end
 local function is_bool(v) return type(v) == "boolean" end
 local function is_num(v) return type(v) == "number" and v == v end
+-- (grace is a timeout: a number or a numeric string, docs/api.md)
+local function is_secs(v) v = tonumber(v) return v ~= nil and v == v end
 local OPTION_TYPES = {
-  error_log = is_fn, on_listen = is_fn, gzip = is_bool, bus = is_bool, grace = is_num,
+  error_log = is_fn, on_listen = is_fn, gzip = is_bool, bus = is_bool, grace = is_secs,
   gzip_min = function(v) return is_num(v) and v >= 0 end,
   -- (a field value: no CR, LF or NUL, as res:header asks)
   server_name = function(v) return v == false or (type(v) == "string" and not v:find("[\r\n%z]")) end,
@@ -551,7 +553,7 @@ function M.server(opts)
     server_name = opts.server_name == nil and "moonwire" or opts.server_name or nil,
     gzip = opts.gzip ~= false,
     gzip_min = opts.gzip_min or 1024,
-    grace = opts.grace or 10,
+    grace = tonumber(opts.grace) or 10,
     closing = false,
     _conns = {}, _nconns = 0,
   }, Server)
