@@ -234,6 +234,13 @@ describe("moonwire.pg", function()
       for _, k in ipairs { "acquire_timeout", "max_lifetime", "check_after" } do
         helper.raises("bad argument #1 to 'pool' (" .. k .. " must be a number)", pg.pool, { url = srv.url, [k] = "x" })
       end
+      -- (numeric strings are taken, as every timeout: docs/api.md)
+      local p = pg.pool { url = srv.url, size = 1, acquire_timeout = "5", max_lifetime = "60", check_after = "0" }
+      assert.equal(1, assert(p:query("SELECT 1 AS v"))[1].v)
+      local held = assert(p:acquire())
+      assert.equal(1, assert(held:query("SELECT 1 AS v"))[1].v)
+      p:release(held)
+      p:close()
       -- nothing was sent, nothing is held
       assert.equal(1, assert(db:query("SELECT 1 AS v"))[1].v)
       assert.equal(1, assert(db:copy_from("COPY ae FROM STDIN", "1\n")))

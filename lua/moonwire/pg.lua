@@ -626,14 +626,15 @@ function M.pool(opts)
   if math.type(size) ~= "integer" or size < 1 then
     error("bad argument #1 to 'pool' (size must be a positive integer)", 2)
   end
-  -- (a string raised an arithmetic error at the first query or acquire)
+  -- (a string raised an arithmetic error at the first query or acquire; a numeric one is
+  -- taken, as every timeout: docs/api.md)
   for _, k in ipairs { "acquire_timeout", "max_lifetime", "check_after" } do
-    if opts[k] ~= nil and type(opts[k]) ~= "number" then
+    if opts[k] ~= nil and not tonumber(opts[k]) then
       error(("bad argument #1 to 'pool' (%s must be a number)"):format(k), 2)
     end
   end
   return setmetatable({ opts = opts, size = size, conns = {}, opening = 0, waitq = new_channel(), waiting = 0,
-    max_lifetime = opts.max_lifetime, check_after = opts.check_after or 30 }, Pool)
+    max_lifetime = tonumber(opts.max_lifetime), check_after = tonumber(opts.check_after) or 30 }, Pool)
 end
 
 local function pool_wake(self)
@@ -764,7 +765,7 @@ end
 --- pool:query(sql, ...) -> as db:query, on the least busy connection (waiting for one up
 -- to acquire_timeout when every connection is held)
 function Pool:query(sql, ...)
-  local t = self.opts.acquire_timeout
+  local t = tonumber(self.opts.acquire_timeout)
   local db, err, code = pool_pick(self, false, t and now() + t)
   if not db then return nil, err, code end
   db.used = now()
@@ -773,7 +774,7 @@ end
 
 --- pool:acquire() -> db for exclusive use until pool:release(db) | nil, msg, code
 function Pool:acquire()
-  local t = self.opts.acquire_timeout
+  local t = tonumber(self.opts.acquire_timeout)
   local db, err, code = pool_pick(self, true, t and now() + t)
   if not db then return nil, err, code end
   db._owner = current()
