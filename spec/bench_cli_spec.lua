@@ -451,6 +451,30 @@ end
     end, 30)
   end)
 
+  -- Regression (found by review): --source was passed on by agents only; a local run took
+  -- it and connected from the default address
+  it("--source binds a local run's connections (HTTP/1.1 and --h2)", function()
+    run(function()
+      local peers = {}
+      local srv = serve(function(req, res)
+        peers[req.remote_addr] = (peers[req.remote_addr] or 0) + 1
+        res:send("ok")
+      end)
+      local _ <close> = guard(srv)
+      for _, extra in ipairs { {}, { "--h2" } } do
+        peers = {}
+        local args = { "-t1", "-c2", "-d0.3s", "--source", "127.0.0.2" }
+        for _, a in ipairs(extra) do args[#args + 1] = a end
+        args[#args + 1] = url(srv)
+        local r = bench(args, 20)
+        assert.equal(0, r.code, r.context)
+        assert.is_true((peers["127.0.0.2"] or 0) > 0, r.context)
+        assert.is_nil(peers["127.0.0.1"], r.context)
+      end
+      cleanup()
+    end, 30)
+  end)
+
   -- a request written and then dropped (the server closes without answering) is lost: it
   -- counts as a read error (as wrk counts it), however many answers came before
   it("a server that closes without answering: each dropped request is a read error", function()

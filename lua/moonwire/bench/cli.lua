@@ -39,7 +39,7 @@ Usage: moonwire bench <options> <url> [-- script args]
         --agent      <URL> Run as an agent: wait for work at redis://HOST[:PORT][/DB]
                            (or rediss://); -t is the capacity it announces
         --agent-name <N>   The agent's name (host:pid)
-        --source     <IP>  Bind the agent's load connections to this source address
+        --source     <IP>  Bind the load connections to this source address
         --agents     <N>   Run the test on N agents (with --via)
         --via        <URL> The Redis the agents wait on
         --agent-wait <T>   How long to wait for the agents           (30s)
@@ -557,7 +557,7 @@ local function run_scenario(o)
     for i = 1, o.threads do
       local h = core.thread()
       local started_ok, serr = h:start(scenario_code, serial.encode{ thread_id = i, threads = o.threads,
-        scenario = o.scenario, data = data, counters = shared:address(), stop_cell = 1 })
+        scenario = o.scenario, data = data, counters = shared:address(), stop_cell = 1, source = o.source })
       if not started_ok then join_all(started, shared, 1, ("thread %d cannot start: %s"):format(i, tostring(serr))) end
       started[i] = h
     end
@@ -631,7 +631,7 @@ function M.main(argv)
         conns_in_thread = per + (i <= extra and 1 or 0), duration = o.duration, timeout = o.timeout,
         rate = o.rate and o.rate / o.threads, pipeline = o.pipeline, method = o.method or main_wrk.method,
         body = o.body or main_wrk.body, script = o.script, script_args = o.script_args, verify = o.verify,
-        counters = shared:address(), url = o.url, h2 = o.h2, streams = o.streams or 1,
+        counters = shared:address(), url = o.url, h2 = o.h2, streams = o.streams or 1, source = o.source,
       }
       local started_ok, serr = h:start(thread_code, serial.encode(cfg))
       if not started_ok then
