@@ -19,8 +19,10 @@ end
 M.tcp = {
   connect = function(host, port, opts)
     argcheck(type(host) == "string", 1, "connect", "string expected, got " .. type(host))
+    -- (an integral float, 6379.0, is that port: Lua's integer arguments take one)
+    if math.type(port) == "float" and math.tointeger(port) then port = math.tointeger(port) end
     argcheck(math.type(port) == "integer" or (type(port) == "string" and tonumber(port)), 2, "connect",
-      "port number expected, got " .. type(port))
+      "port number expected, got " .. (type(port) == "number" and tostring(port) or type(port)))
     argcheck(opts == nil or type(opts) == "table", 3, "connect", "table expected, got " .. type(opts))
     if opts and opts.tls then
       return require("moonwire.tls").connect(tcp_connect, host, port, opts)
