@@ -952,3 +952,53 @@ print(pump(s, c, until), round(time.time() - t0, 1) < 2)
     end)
   end)
 end)
+
+-- Regression (HTTP/1.1's twin: http_server_spec): a handler answering after Server:close's
+-- grace period cut its connection off gets nil, "closed", "closed" from its writes (no raise,
+-- nothing logged as a handler error), and the connection counts until its handler returns.
+describe("HTTP/2: a handler answering after the grace period cut its connection off", function()
+  local cases = {
+    { "res:send", function(res) return res:send("late") end },
+    { "res:send (gzip)", function(res)
+      res:header("content-type", "text/plain")
+      return res:send(("x"):rep(4096))
+    end },
+    { "res:write (first)", function(res) return res:write("late") end },
+    { "res:write (after a first piece)", function(res) return res:write("late") end, function(res)
+      assert(res:write("early"))
+    end },
+    { "res:finish (streamed)", function(res) return res:finish() end, function(res)
+      assert(res:write("early"))
+    end },
+    { "res:finish (nothing sent)", function(res) return res:finish() end },
+    { "res:sendfile", function(res) return res:sendfile(SPEC_DIR .. "/http2_spec.lua") end },
+    { "res:hint", function(res) return res:hint({ link = "</a.css>; rel=preload" }) end },
+  }
+  for _, case in ipairs(cases) do
+    it(case[1] .. " returns nil, 'closed', 'closed' and nothing is logged", function()
+      run(function()
+        local entered, go, got = mw.channel(1), mw.channel(1), mw.channel(1)
+        local srv = serve(function(_, res)
+          if case[3] then case[3](res) end
+          entered:send(true)
+          go:recv()
+          got:send(table.pack(pcall(case[2], res)))
+        end)
+        local _ <close> = guard(srv)
+        local c = http.client{ http2 = true }
+        local client = mw.spawn(function() return c:request{ url = url(srv, "/late") } end)
+        assert(entered:recv(5))
+        assert.is_true(srv:close(0.05))      -- its grace over: the connection is cut off
+        assert.equal(1, srv:connections())   -- (its handler still runs)
+        assert(go:send(true))
+        local r = assert(got:recv(5))
+        assert.same({ n = 4, true, nil, "closed", "closed" }, r)
+        assert.is_true(srv:close(5))         -- waits for the handler's end
+        assert.equal(0, srv:connections())
+        assert.same({}, errors)
+        client:join()
+        c:close()
+      end)
+    end)
+  end
+end)

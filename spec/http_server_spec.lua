@@ -2180,6 +2180,79 @@ describe("http server: srv:close()", function()
       assert.is_true(r[4] < 1, "req:body() took " .. r[4])
     end)
   end)
+
+  -- Regression: a handler that answered after the grace period (its connection cut off by
+  -- Server:close) got a raised "attempt to use a closed socket" from res:send, res:write,
+  -- res:finish, res:sendfile and res:hint, logged as a handler error (and then as an error
+  -- answering the failed request). The server closed that socket, not the handler: a run-time
+  -- failure, nil, "closed", "closed"; the handler ends normally and nothing is logged. The
+  -- connection counts in srv:connections() until its handler has returned.
+  describe("a handler answering after the grace period cut its connection off", function()
+    local file
+    local cases = {
+      { "res:send (C path)", function(res) return res:send("late") end },
+      { "res:send (Lua path: gzip)", function(res)
+        res:header("content-type", "text/plain")
+        return res:send(("x"):rep(4096))
+      end },
+      { "res:send(nil)", function(res) return res:send() end },
+      { "res:redirect", function(res) return res:redirect("/elsewhere") end },
+      { "res:write (first)", function(res) return res:write("late") end },
+      { "res:write (after a first piece)", function(res) return res:write("late") end, function(res)
+        assert(res:write("early"))
+      end },
+      { "res:finish (streamed)", function(res) return res:finish() end, function(res)
+        assert(res:write("early"))
+      end },
+      { "res:finish (nothing sent)", function(res) return res:finish() end },
+      { "res:sendfile", function(res) return res:sendfile(file) end },
+      { "res:hint", function(res) return res:hint({ link = "</a.css>; rel=preload" }) end },
+    }
+    for _, case in ipairs(cases) do
+      it(case[1] .. " returns nil, 'closed', 'closed' and nothing is logged", function()
+        file = writefile(tmp(".txt"), "file body\n")
+        run(function()
+          local entered, go, got = mw.channel(1), mw.channel(1), mw.channel(1)
+          local srv = serve(function(_, res)
+            if case[3] then case[3](res) end
+            entered:send(true)
+            go:recv()
+            got:send(table.pack(pcall(case[2], res)))
+          end)
+          local _ <close> = guard(srv)
+          local s <close> = connect(srv)
+          assert(s:write(request("GET", "/late")))
+          assert(entered:recv(5))
+          assert.is_true(srv:close(0.05))      -- its grace over: the connection is cut off
+          assert.equal(1, srv:connections())   -- (its handler still runs)
+          assert(go:send(true))
+          assert.same({ n = 4, true, nil, "closed", "closed" }, assert(got:recv(5)))
+          assert.is_true(srv:close(5))         -- waits for the handler's end
+          assert.equal(0, srv:connections())
+          assert.same({}, errors)
+          assert.equal("closed", select(2, read_all(s, 5)))
+        end)
+        cleanup()
+      end)
+    end
+  end)
+
+  -- (what the handler closed itself is still misuse: api.md's raise)
+  it("a handler that closed its own connection's socket still gets a raise from res:send", function()
+    run(function()
+      local got = mw.channel(1)
+      local srv = serve(function(req, res)
+        req.socket:close()
+        got:send({ pcall(res.send, res, "x") })
+      end)
+      local _ <close> = guard(srv)
+      local s <close> = connect(srv)
+      assert(s:write(request("GET", "/own")))
+      local r = assert(got:recv(5))
+      assert.is_false(r[1])
+      assert.matches("attempt to use a closed socket", r[2])
+    end)
+  end)
 end)
 
 describe("http server trailers", function()

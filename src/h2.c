@@ -1457,7 +1457,9 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
 {
     h2conn *c = st->c;
     if (st->responded && status >= 200) return luaL_error(L, "response head already sent");
-    if (!c || !c->session || st->closed) return stream_fail(L, st);
+    /* (ending: the connection is over, as st:write says; Server:close cut it off after its
+     * grace period: a head submitted now would never go out) */
+    if (!c || !c->session || c->ending || st->closed) return stream_fail(L, st);
     int cap = nh + 4;
     size_t arena = 0;
     for (int i = 0; i < nh; i++) {

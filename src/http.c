@@ -1934,7 +1934,9 @@ static int l_res_send(lua_State *L)
     lua_Integer nh = lua_tointegerx(L, -1, &isnum);
     if (!isnum) return mw_call_upvalue(L, UP_SLOW, top0);
     mw_sock *s = h->s;
-    if (s->closed) luaL_error(L, "attempt to use a closed socket");
+    /* closed: by the handler (misuse, raises) or by Server:close after its grace period (a
+     * failure): response.lua tells which */
+    if (s->closed) return mw_call_upvalue(L, UP_SLOW, top0);
     lua_rawgeti(L, 1, RS_CLOSE);
     lua_Integer flags = 0;
     if (!h->req_keepalive || h->closing || lua_toboolean(L, -1) || unread_closes(h)) {

@@ -92,10 +92,16 @@ local function start_stream(self)
   if head then self._mode = "none" end
   local ok, err, code = self[SOCK]:respond(self[STATUS], self, self[NH], HBASE, nil, head,
     self[SRV].server_name, -1)
-  if not ok then self[CLOSE] = true end
+  if not ok then
+    -- no head went out (a reset stream, a connection over): what follows fails the same way,
+    -- the stream's write would raise (write before the response head)
+    self[CLOSE] = true
+    self._head_err, self._head_code = err, code
+  end
   if head then self[FIN] = true end
   return ok, err, code
 end
+R2._head_err = false
 
 --- Streams a piece of the body; waits while the client reads slowly (its stream only).
 function R2:write(chunk)
@@ -108,6 +114,7 @@ function R2:write(chunk)
   end
   if #chunk == 0 or self._mode == "none" then return true end
   past_length(self, chunk)
+  if self._head_err then return nil, self._head_err, self._head_code end
   self[BYTES] = self[BYTES] + #chunk
   local ok, err, code = self[SOCK]:write(chunk)
   if not ok then self[CLOSE] = true end
@@ -119,6 +126,7 @@ function R2:finish()
   if self[FIN] then return true end
   if not self.sent then return self:send("") end
   self[FIN] = true
+  if self._head_err then return nil, self._head_err, self._head_code end
   if short_of_length(self) then
     self[CLOSE] = true
     self[SOCK]:reset(2)            -- INTERNAL_ERROR: the client knows the body was cut short

@@ -247,7 +247,20 @@ local function maybe_gzip(self, body)
   return z
 end
 
+-- Whether Server:close cut the response's connection off after its grace period (server.lua
+-- closed its socket under the handler). Then a write is a run-time failure, nil, "closed",
+-- "closed" (what a write waiting on the socket got when it was closed), not misuse: the
+-- handler did not close that socket (one it closed itself still raises).
+local function cut(self)
+  local c = self[SRV]._cut
+  return c ~= nil and c[self[SOCK]] == true
+end
+
 local function write(self, ...)
+  if cut(self) then
+    self[CLOSE] = true
+    return nil, "closed", "closed"
+  end
   local ok, err, code = self[SOCK]:write(...)
   if not ok then
     self[CLOSE] = true
@@ -281,6 +294,10 @@ local function send_lua(self, body)
     error(("content-length (%d) does not match the body (%d bytes)"):format(clen, n), 3)
   end
   local flags = connflags(self)
+  if cut(self) then             -- (res:send's C path comes here for a closed socket)
+    self.sent, self[FIN], self[BYTES], self[CLOSE] = true, true, 0, true
+    return nil, "closed", "closed"
+  end
   -- head and body in one write from C; what the socket did not take goes through write
   local ok, a, b = http_send(self[SOCK], st, self, self[NH], body, flags, srv.server_name, with_body, HBASE)
   self.sent, self[FIN] = true, true
@@ -429,6 +446,10 @@ function Response:write(chunk)
   end
   if #chunk == 0 or self._mode == "none" then return true end
   past_length(self, chunk)
+  if cut(self) then
+    self[CLOSE] = true
+    return nil, "closed", "closed"
+  end
   local ok, err, code, sent, size
   if self._mode == "chunked" then
     size = ("%x\r\n"):format(#chunk)
@@ -623,6 +644,7 @@ function Response:_copyfile(file, offset, length)
   while left > 0 do
     local piece = file:read(math.min(left, 65536))
     if not piece then return nil, "file shorter than expected", "EIO" end
+    if cut(self) then return nil, "closed", "closed" end
     local ok, werr, code = self[SOCK]:write(piece)
     if not ok then return nil, werr, code end
     left = left - #piece

@@ -444,7 +444,15 @@ function Server:close(grace)
     self._drained = mw.channel(0)
     if mw.current() then
       self._drained:recv(grace)
-      for sock in pairs(self._conns) do sock:close() end
+      -- cut off: a handler still running there gets nil, "closed", "closed" from its writes
+      -- (response.lua), not the raise of a socket it closed itself; its connection counts
+      -- until it returns
+      local cut = setmetatable({}, { __mode = "k" })
+      self._cut = cut
+      for sock in pairs(self._conns) do
+        cut[sock] = true
+        sock:close()
+      end
     end
   end
   return true
