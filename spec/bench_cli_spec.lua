@@ -1405,6 +1405,21 @@ return { users = 2, duration = "0.5s", user = function() local x = nil; return x
     end, 40)
   end)
 
+  -- Regression (found by review): setup() returning a function failed with serial.lua's
+  -- line ("cannot serialize a function"), which names neither setup() nor the fix
+  it("setup() returning what cannot go to the threads: one line that names setup()", function()
+    run(function()
+      local sc = scenario_file([[
+return { users = 1, duration = "0.2s", setup = function() return { f = print } end, user = function() end }
+]])
+      local r = bench({ "-t1", "--scenario", sc }, 10)
+      assert.equal(2, r.code, r.context)
+      assert.matches("moonwire bench: scenario setup() returned what cannot go to the threads "
+        .. "(cannot serialize a function)", r.err, 1, true)
+      assert.is_nil(r.err:find("serial.lua", 1, true), r.context)
+    end, 20)
+  end)
+
   -- Regression: a scenario run had no SIGINT handler and no stop cell: Ctrl-C went
   -- unheeded and the report was lost. Now it stops as in plain mode and reports what ran.
   it("Ctrl-C ends the run early with the report and the JSON of what ran", function()

@@ -549,6 +549,12 @@ local function run_scenario(o)
   local out = o.json == "-" and io.stderr or io.stdout
   local run_ok, run_err = pcall(mw.run, function()
     local data = sc.setup and sc.setup() or nil
+    -- (what setup() returns goes to every thread: data only, said so, not serial.lua's line)
+    local sent, why = pcall(serial.encode, data)
+    if not sent then
+      error(("scenario setup() returned what cannot go to the threads (%s): return tables, strings, "
+        .. "numbers and booleans"):format(tostring(why):gsub("^.-:%d+: ", "")), 0)
+    end
     local shared = core.counters(1)   -- the stop cell (see join_all)
     local sigint, _sigint <close> = stop_on_sigint(shared, 1)
     out:write(("Running scenario %s: %d threads, %s\n"):format(o.scenario, o.threads,
