@@ -211,6 +211,11 @@ describe("tls", function()
     it("a server context given to a client's connect raises", function()
       run(function()
         local sctx = mw.tls.context { server = true, cert = cert("server-chain.pem"), key = cert("server.key") }
+        assert.is_true(sctx:is_server())
+        assert.is_false(mw.tls.context { insecure = true }:is_server())
+        -- (asked of the context, not of one instance of moonwire.tls: busted reloads the
+        -- Lua modules between spec files, and a table kept in the module missed contexts)
+        package.loaded["moonwire.tls"] = nil
         local l = assert(mw.tcp.listen { host = "127.0.0.1", port = 0, tls = sctx })
         local _, port = l:getsockname()
         local _ <close> = helper.closer(l)

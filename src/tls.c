@@ -962,9 +962,17 @@ static int s_tls_peer_certificate(lua_State *L)
     return 2;
 }
 
+/* ctx:is_server() -> whether the context was made with server = true */
+static int ctx_is_server(lua_State *L)
+{
+    mw_tlsctx *t = luaL_checkudata(L, 1, CTX_MT);
+    lua_pushboolean(L, t->server);
+    return 1;
+}
+
 void mw_tls_open(lua_State *L)
 {
-    static const luaL_Reg cm[] = { { "reload", ctx_reload }, { NULL, NULL } };
+    static const luaL_Reg cm[] = { { "reload", ctx_reload }, { "is_server", ctx_is_server }, { NULL, NULL } };
     if (luaL_newmetatable(L, CTX_MT)) {
         luaL_newlib(L, cm);
         lua_setfield(L, -2, "__index");

@@ -13,15 +13,9 @@ end
 
 --- mw.tls.context{ server = bool, cert, key, sni, alpn, min_version, ciphers, ciphersuites,
 -- cafile, capath, insecure, verify_client } -> context (raises on bad options or files)
--- the server contexts made here (a client's connect given one would wait for a ClientHello
--- the server never sends: the handshake would hang, or time out)
-local server_contexts = setmetatable({}, { __mode = "k" })
-
 function M.context(opts)
   if type(opts) ~= "table" then argerror(1, "context", "table expected, got " .. type(opts)) end
-  local ctx = core.tls_context(opts)
-  if opts.server then server_contexts[ctx] = true end
-  return ctx
+  return core.tls_context(opts)
 end
 
 function M.is_context(v)
@@ -35,7 +29,9 @@ local client_cache = setmetatable({}, { __mode = "v" })
 -- context); also returns the host to verify when the table names one.
 function M.client_context(opt)
   if M.is_context(opt) then
-    if server_contexts[opt] then error("bad option 'tls' (a client context expected, got a server context)", 3) end
+    -- (a client's connect given a server context would wait for a ClientHello the server
+    -- never sends: the handshake would hang, or time out)
+    if opt:is_server() then error("bad option 'tls' (a client context expected, got a server context)", 3) end
     return opt
   end
   if opt == true then opt = {} end
@@ -70,9 +66,7 @@ function M.server_context(opt)
   local o = {}
   for k, v in pairs(opt) do o[k] = v end
   o.server = true
-  local ctx = core.tls_context(o)
-  server_contexts[ctx] = true
-  return ctx
+  return core.tls_context(o)
 end
 
 --- Connects and handshakes: mw.tcp.connect(host, port, { tls = ..., timeout = ... }).
