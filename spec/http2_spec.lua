@@ -1002,3 +1002,50 @@ describe("HTTP/2: a handler answering after the grace period cut its connection 
     end)
   end
 end)
+
+-- Regression: an RST_STREAM flood on a closed stream met the glitch budget (1,000 beyond two
+-- per request) and nghttp2's reset rate limit (1,000 burst) within a frame of each other, so
+-- the GOAWAY was ENHANCE_YOUR_CALM or INTERNAL_ERROR as the clock fell (h2check's
+-- abuse/flood/rst failed now and then). One on a closed stream counts twice now: 600 of them
+-- get ENHANCE_YOUR_CALM, and nghttp2's limit cannot have tripped at 600.
+describe("HTTP/2: RST_STREAM on a closed stream", function()
+  local PREFACE = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+  local function frame(ftype, flags, id, payload)
+    return string.pack(">I3BBI4", #payload, ftype, flags, id) .. payload
+  end
+
+  it("600 of them get GOAWAY ENHANCE_YOUR_CALM", function()
+    run(function()
+      local srv = serve(function(_, res) res:send("ok") end)
+      local _ <close> = guard(srv)
+      local c = assert(mw.tcp.connect("127.0.0.1", srv.port, { timeout = 10 }))
+      local _c <close> = helper.closer(c)
+      -- GET / (static :method GET, :scheme http, :path /; :authority a literal), then wait
+      -- for its END_STREAM: stream 1 is closed
+      assert(c:write(PREFACE .. frame(4, 0, 0, "") .. frame(1, 5, 1, "\x82\x86\x84\x01\x01x")))
+      local buf, ended, goaway = "", false, nil
+      local function pump(until_fn)
+        while not until_fn() do
+          while #buf >= 9 do
+            local len, ftype, flags, id = string.unpack(">I3BBI4", buf)
+            if #buf < 9 + len then break end
+            local payload = buf:sub(10, 9 + len)
+            buf = buf:sub(10 + len)
+            if ftype == 4 and flags & 1 == 0 then assert(c:write(frame(4, 1, 0, ""))) end
+            if (ftype == 0 or ftype == 1) and id == 1 and flags & 1 == 1 then ended = true end
+            if ftype == 7 then goaway = string.unpack(">I4", payload, 5) end
+          end
+          if until_fn() then return end
+          local d, err = c:recv(65536, 10)
+          if not d then return err end
+          buf = buf .. d
+        end
+      end
+      pump(function() return ended end)
+      assert.is_true(ended)
+      assert(c:write(frame(3, 0, 1, "\0\0\0\8"):rep(600)))     -- RST_STREAM CANCEL
+      pump(function() return goaway ~= nil end)
+      assert.equal(11, goaway)                                    -- ENHANCE_YOUR_CALM
+    end)
+  end)
+end)
