@@ -13,7 +13,10 @@
  * a whole body; respond then write pieces and end; the same with 204; reset the stream),
  * bits 4-5 the body size, bit 6 a 103 Early Hints first, bit 7 trailers. A PATCH request
  * also shuts the connection down (gracefully when its target's length is even). An input of
- * even length has the option park_hpack on (its idle moments park the HPACK table). Everything an
+ * even length has the option park_hpack on (its idle moments park the HPACK table). A frame of
+ * type 0xEE in the input is a pause (not sent): the client waits there until the server has
+ * been idle and trimmed its session (and parked its HPACK table), so that the frames after it
+ * (a SETTINGS ACK, the next request) meet a trimmed, parked session. Everything an
  * H2Conn or H2Stream method returns is checked (request fields are strings, header names
  * lower case, values without NUL/CR/LF, a body read whole matches its content-length,
  * failures are nil, msg, code), and a raise in a handler fails the input.
@@ -139,12 +142,42 @@ static const char harness[] =
     "  assert(type(st:closed()) == 'boolean')\n"
     "end\n"
     "\n"
+    "-- h2:stats(), or nil before the connection is made or once it is closed\n"
+    "local function stats(h2)\n"
+    "  if not h2 then return nil end\n"
+    "  local ok, s = pcall(h2.stats, h2)\n"
+    "  return ok and s or nil\n"
+    "end\n"
+    "\n"
     "return function(data)\n"
     "  local failures = {}\n"
     "  core.run(function()\n"
     "    local a, b = core.unix.pair()\n"
+    "    local h2\n"
     "    local writer = core.spawn(function()\n"
-    "      b:write(PREFACE .. data)\n"
+    "      -- a frame of type 0xEE (whole, at a frame boundary) is a pause: what comes before it\n"
+    "      -- is written, then the client waits until the server has been idle (its trim, and\n"
+    "      -- with park_hpack its parking SETTINGS, done); the marker itself is not sent\n"
+    "      local from, pos = 1, 1\n"
+    "      b:write(PREFACE)\n"
+    "      while pos + 8 <= #data do\n"
+    "        local len = string.unpack('>I3', data, pos)\n"
+    "        if data:byte(pos + 3) == 0xEE and pos + 8 + len <= #data then\n"
+    "          if pos > from then b:write(data:sub(from, pos - 1)) end\n"
+    "          local s0 = stats(h2)\n"
+    "          local t0 = s0 and s0.trims or 0\n"
+    "          for _ = 1, 30 do\n"
+    "            core.sleep(0.001)\n"
+    "            if h2 then\n"
+    "              local s = stats(h2)\n"
+    "              if not s or (s.handlers == 0 and s.trims > t0) then break end\n"
+    "            end\n"
+    "          end\n"
+    "          from = pos + 9 + len\n"
+    "        end\n"
+    "        pos = pos + 9 + len\n"
+    "      end\n"
+    "      if from <= #data then b:write(data:sub(from)) end\n"
     "      for _ = 1, 16 do core.yield() end\n"
     "      b:shutdown('write')\n"
     "    end)\n"
@@ -158,7 +191,7 @@ static const char harness[] =
     "    -- HPACK parking (park_hpack: the table emptied when idle, h2mem's area given back)\n"
     "    -- on for inputs of even length\n"
     "    SETTINGS.park_hpack = #data % 2 == 0\n"
-    "    local h2 = core.h2_server(a, SETTINGS, {})\n"
+    "    h2 = core.h2_server(a, SETTINGS, {})\n"
     "    local seen = {}\n"
     "    local function serve(h2c, st, method, target, path, has_body)\n"
     "      local sel = (target:byte(-1) or 0) ~ (#target * 7)\n"
