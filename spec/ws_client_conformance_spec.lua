@@ -495,6 +495,11 @@ describe("ws client: opening handshake", function()
         helper.raises("bad option '" .. name .. "'", mw.websocket.connect, url, o)
       end
       helper.fails("timeout", l:accept(0))      -- (no connection was made)
+      -- timeout is a timeout as everywhere (docs/api.md): a numeric string is taken (a
+      -- listener that never answers: it runs out)
+      local ok, _, code = mw.websocket.connect(url, { timeout = "0.2" })
+      assert.is_nil(ok)
+      assert.equal("timeout", code)
     end)
   end)
 end)

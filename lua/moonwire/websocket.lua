@@ -68,7 +68,8 @@ local option_checks = {
   close_timeout = { non_negative, "non-negative number" },
   ping_interval = { positive, "positive number" },
   idle_timeout = { positive, "positive number" },
-  timeout = { non_negative, "non-negative number" },
+  -- (as every timeout: a number or a numeric string, negative for none; docs/api.md)
+  timeout = { function(v) v = tonumber(v) return v ~= nil and v == v end, "number" },
   on_full = { function(v) return v == "close" or v == "drop" end, "'close' or 'drop'" },
   deflate = { function(v) return type(v) == "boolean" or type(v) == "table" end, "boolean or table" },
   protocols = { function(v) return type(v) == "table" end, "table" },
