@@ -207,14 +207,18 @@ static ssize_t tls_read(mw_sock *s, char *buf, size_t len, uint32_t *want)
  * most (16 KiB: then the record is exactly the bytes offered, none of it reported written),
  * keeps a copy of it on WANT_WRITE, and a later call that does not begin with those bytes
  * fails, as every write after it does: the stream cannot go on without a hole or a splice. */
+static ssize_t write_broken(mw_tlsconn *c)
+{
+    c->wbroken = 1;
+    snprintf(c->err, sizeof c->err, "a write given up in the middle of a record was followed by other bytes");
+    errno = EPROTO;
+    return -1;
+}
+
 static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *want)
 {
     mw_tlsconn *c = s->tls;
-    if (c->wbroken) {
-        snprintf(c->err, sizeof c->err, "a write given up in the middle of a record was followed by other bytes");
-        errno = EPROTO;
-        return -1;
-    }
+    if (c->wbroken) return write_broken(c);
     /* one record: small pieces coalesced, up to 16 KiB */
     char buf[16384];
     const char *p = iov[0].iov_base;
@@ -231,12 +235,7 @@ static ssize_t tls_writev(mw_sock *s, const struct iovec *iov, int n, uint32_t *
     }
     if (len > sizeof buf) len = sizeof buf;
     if (len == 0) return 0;
-    if (c->wpend_len && (len < c->wpend_len || memcmp(p, c->wpend, c->wpend_len) != 0)) {
-        c->wbroken = 1;
-        snprintf(c->err, sizeof c->err, "a write given up in the middle of a record was followed by other bytes");
-        errno = EPROTO;
-        return -1;
-    }
+    if (c->wpend_len && (len < c->wpend_len || memcmp(p, c->wpend, c->wpend_len) != 0)) return write_broken(c);
     clear_errors();
     errno = 0;
     int r = SSL_write(c->ssl, p, (int)len);
