@@ -511,16 +511,15 @@ local function is_bool(v) return type(v) == "boolean" end
 local function is_num(v) return type(v) == "number" and v == v end
 -- (grace is a timeout: a number or a numeric string, docs/api.md)
 local function is_secs(v) v = tonumber(v) return v ~= nil and v == v end
-local OPTION_TYPES = {
-  error_log = is_fn, on_listen = is_fn, gzip = is_bool, bus = is_bool, grace = is_secs,
-  gzip_min = function(v) return is_num(v) and v >= 0 end,
+local OPTION_TYPES = {          -- name = { check, what it wants }
+  error_log = { is_fn, "function" }, on_listen = { is_fn, "function" }, gzip = { is_bool, "boolean" },
+  bus = { is_bool, "boolean" }, grace = { is_secs, "number" },
+  gzip_min = { function(v) return is_num(v) and v >= 0 end, "non-negative number" },
   -- (a field value: no CR, LF or NUL, as res:header asks)
-  server_name = function(v) return v == false or (type(v) == "string" and not v:find("[\r\n%z]")) end,
-  listener = function(v) return type(v) == "userdata" end,
+  server_name = { function(v) return v == false or (type(v) == "string" and not v:find("[\r\n%z]")) end,
+    "string without CR, LF or NUL, or false" },
+  listener = { function(v) return type(v) == "userdata" end, "listener" },
 }
-local OPTION_WANTS = { error_log = "function", on_listen = "function", gzip = "boolean", bus = "boolean",
-  grace = "number", gzip_min = "non-negative number", server_name = "string without CR, LF or NUL, or false",
-  listener = "listener" }
 
 local function check_opts(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'server' (table expected, got " .. type(opts) .. ")", 3) end
@@ -533,10 +532,10 @@ local function check_opts(opts)
     error("bad option 'handler' (function expected, got " .. type(h) .. ")", 3)
   end
   -- the rest are used only later (per request, on close): a bad value raises here, not there
-  for k, want in pairs(OPTION_TYPES) do
+  for k, t in pairs(OPTION_TYPES) do
     local v = opts[k]
-    if v ~= nil and not want(v) then
-      error(("bad option '%s' (%s expected, got %s)"):format(k, OPTION_WANTS[k], type(v)), 3)
+    if v ~= nil and not t[1](v) then
+      error(("bad option '%s' (%s expected, got %s)"):format(k, t[2], type(v)), 3)
     end
   end
 end
@@ -573,8 +572,8 @@ function M.server(opts)
   if opts.tls and not opts.listener then
     local tls = opts.tls
     if srv.h2_settings and type(tls) == "table" and tls.alpn == nil then
-      -- h2 preferred by ALPN, http/1.1 for the rest
-      tls = setmetatable({ alpn = { "h2", "http/1.1" } }, { __index = opts.tls })
+      -- h2 preferred by ALPN, http/1.1 for the rest (a copy: the caller's table stays as given)
+      tls = {}
       for k, v in pairs(opts.tls) do tls[k] = v end
       tls.alpn = { "h2", "http/1.1" }
     end
