@@ -111,6 +111,10 @@ lint: deps
 	luacheck -q lua spec examples bench
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability,performance \
 	  --inline-suppr --suppress=missingIncludeSystem --suppress=toomanyconfigs $(LUA_CFLAGS) $(PQ_CFLAGS) src/
+	@# h2.c reaches its session through sess(c) only (an idle one may be stowed: h2mem.h); the
+	@# pointer itself may be tested or set
+	@if grep -n -- '->ngs' src/h2.c | grep -v -E '!(st->)?c->ngs\b|&& (st->)?c->ngs\)|(st->)?c->ngs &&|c->ngs = NULL|server_new3\(&c->ngs|return c->ngs;'; then \
+	  echo "src/h2.c: use sess(c), not ->ngs (a stowed session must be put back first)"; exit 1; fi
 
 demo: deps-build
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA) examples/app.lua 8080

@@ -15,8 +15,8 @@
  * also shuts the connection down (gracefully when its target's length is even). An input of
  * even length has the option park_hpack on (its idle moments park the HPACK table). A frame of
  * type 0xEE in the input is a pause (not sent): the client waits there until the server has
- * been idle and trimmed its session (and parked its HPACK table), so that the frames after it
- * (a SETTINGS ACK, the next request) meet a trimmed, parked session. Everything an
+ * been idle, trimmed and stowed its session (and parked its HPACK table), so that the frames
+ * after it (a SETTINGS ACK, the next request) meet a stowed, parked session. Everything an
  * H2Conn or H2Stream method returns is checked (request fields are strings, header names
  * lower case, values without NUL/CR/LF, a body read whole matches its content-length,
  * failures are nil, msg, code), and a raise in a handler fails the input.
@@ -156,8 +156,9 @@ static const char harness[] =
     "    local h2\n"
     "    local writer = core.spawn(function()\n"
     "      -- a frame of type 0xEE (whole, at a frame boundary) is a pause: what comes before it\n"
-    "      -- is written, then the client waits until the server has been idle (its trim, and\n"
-    "      -- with park_hpack its parking SETTINGS, done); the marker itself is not sent\n"
+    "      -- is written, then the client waits until the server has been idle (its trim and\n"
+    "      -- its session stowed, and with park_hpack its parking SETTINGS, done); the marker\n"
+    "      -- itself is not sent\n"
     "      local from, pos = 1, 1\n"
     "      b:write(PREFACE)\n"
     "      while pos + 8 <= #data do\n"

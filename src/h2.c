@@ -81,7 +81,9 @@ struct h2stream {
 };
 
 struct h2conn {
-    nghttp2_session *session;
+    /* the session: used through sess(c) only, which puts it back first when it was stowed
+     * (stow_idle); the pointer itself may be tested (NULL: the connection is over) */
+    nghttp2_session *ngs;
     mw_sock *sock;
     mw_rt *rt;
     mw_task *task;             /* the task in h2:run, while it waits */
@@ -114,6 +116,7 @@ struct h2conn {
     int park_hpack;            /* the option: parking on (else our encoder indexes, as nghttp2's does) */
     uint32_t parks;
     uint32_t hpack_trims;      /* times the rings' page went back (both tables empty, its area too) */
+    uint32_t stows;            /* times an idle spell stowed the session (stow_idle) */
     uint32_t glitches;         /* frames that did no work (floods) */
     uint64_t data_bytes;       /* DATA payload both ways */
     uint64_t owed;             /* DATA bytes sent that the client has not given back yet */
@@ -150,6 +153,14 @@ struct h2conn {
 
 /* ---- small helpers ----------------------------------------------------------------------- */
 
+/* The session, put back first if an idle spell stowed it (stow_idle): nghttp2 reads and
+ * writes the stowed pages (its session struct is one), so every use goes through here. */
+static inline nghttp2_session *sess(h2conn *c)
+{
+    if (c->mem.stowed) mw_h2mem_unstow(&c->mem);
+    return c->ngs;
+}
+
 static void stream_free(h2stream *st)
 {
     if (st->c && st->c->hst == st) st->c->hst = NULL;
@@ -182,7 +193,7 @@ static h2stream *stream_new(h2conn *c, int32_t id)
     c->nopen++;
     st->content_length = -1;
     MW_LIST_PUSH(c->streams, st, prev, next);
-    nghttp2_session_set_stream_user_data(c->session, id, st);
+    nghttp2_session_set_stream_user_data(sess(c), id, st);
     return st;
 }
 
@@ -226,13 +237,13 @@ static int flush_session(h2conn *c)
         c->fatal = 1;
         return -1;
     }
-    int r = h2_drain(c->session, s, c->hwm);
+    int r = h2_drain(sess(c), s, c->hwm);
     c->mem.drained = r == 0;
     if (r < 0) {
         c->fatal = 1;
         return -1;
     }
-    if (r == 1 && nghttp2_session_want_write(c->session) && c->task) mw_sched_wake(c->task, MW_WAKE_READY);
+    if (r == 1 && nghttp2_session_want_write(sess(c)) && c->task) mw_sched_wake(c->task, MW_WAKE_READY);
     return 0;
 }
 
@@ -246,8 +257,8 @@ static void kick(h2conn *c)
 
 static int hpack_empty(h2conn *c)
 {
-    return nghttp2_session_get_hd_inflate_dynamic_table_size(c->session) == 0 &&
-           nghttp2_session_get_hd_deflate_dynamic_table_size(c->session) == 0;
+    return nghttp2_session_get_hd_inflate_dynamic_table_size(sess(c)) == 0 &&
+           nghttp2_session_get_hd_deflate_dynamic_table_size(sess(c)) == 0;
 }
 
 /* An idle session's spare pages go back (h2mem.h): the frame buffer's, the zero ones, and
@@ -256,6 +267,20 @@ static void trim_session(h2conn *c)
 {
     mw_h2mem_trim(&c->mem);
     if (hpack_empty(c) && mw_h2mem_trim_hpack(&c->mem) > 0) c->hpack_trims++;
+}
+
+/* An idle connection, once trimmed in this idle spell, waits with its session stowed
+ * (h2mem.h): the session struct's page, the rings' page and the stream map's go back, the
+ * few hundred bytes of them that matter copied aside, until the next frame, timer or call
+ * reaches the session through sess(). Only with nothing pending: no handler, no stream, no
+ * header block, nothing nghttp2 wants to send. */
+static void stow_idle(h2conn *c)
+{
+    if (c->mem.stowed || c->trimmed_for != c->idle_since || c->handlers > 0 || c->nopen > 0 ||
+        c->hdr_open > 0 || c->fatal || nghttp2_session_want_write(sess(c)))
+        return;
+    mw_h2mem_stow(&c->mem, hpack_empty(c));
+    if (c->mem.stowed) c->stows++;
 }
 
 /* ---- HPACK parking (the option park_hpack) ------------------------------------------------ *
@@ -276,7 +301,7 @@ static void trim_session(h2conn *c)
 static void unpark(h2conn *c)
 {
     nghttp2_settings_entry iv = { NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 4096 };
-    if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, &iv, 1) == 0) c->settings_tx++;
+    if (nghttp2_submit_settings(sess(c), NGHTTP2_FLAG_NONE, &iv, 1) == 0) c->settings_tx++;
     c->park_seq = 0;
     c->park_acked = 0;
 }
@@ -284,9 +309,9 @@ static void unpark(h2conn *c)
 static void park(h2conn *c)
 {
     if (!c->park_hpack || c->park_seq || c->goaway ||
-        nghttp2_session_get_hd_inflate_dynamic_table_size(c->session) == 0) return;
+        nghttp2_session_get_hd_inflate_dynamic_table_size(sess(c)) == 0) return;
     nghttp2_settings_entry iv = { NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 0 };
-    if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, &iv, 1) != 0) return;
+    if (nghttp2_submit_settings(sess(c), NGHTTP2_FLAG_NONE, &iv, 1) != 0) return;
     c->park_seq = ++c->settings_tx;
     c->parks++;
 }
@@ -370,8 +395,8 @@ static void count_glitch(h2conn *c)
     uint64_t budget = (uint64_t)c->max_glitches + 2u * c->requests + c->data_bytes / 16384;
     if (++c->glitches > budget && !c->goaway) {
         c->goaway = 1;
-        nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
-                              nghttp2_session_get_last_proc_stream_id(c->session),
+        nghttp2_submit_goaway(sess(c), NGHTTP2_FLAG_NONE,
+                              nghttp2_session_get_last_proc_stream_id(sess(c)),
                               NGHTTP2_ENHANCE_YOUR_CALM, NULL, 0);
     }
 }
@@ -572,7 +597,7 @@ static ssize_t read_body_out(nghttp2_session *ss, int32_t id, uint8_t *buf, size
 static h2conn *checkconn(lua_State *L)
 {
     h2conn *c = luaL_checkudata(L, 1, H2_MT);
-    if (!c->session) luaL_error(L, "attempt to use a closed HTTP/2 connection");
+    if (!c->ngs) luaL_error(L, "attempt to use a closed HTTP/2 connection");
     return c;
 }
 
@@ -586,7 +611,7 @@ static double optnum(lua_State *L, int t, const char *k, double d)
 
 static void conn_free(h2conn *c)
 {
-    if (!c->session) return;
+    if (!c->ngs) return;
     /* the session goes without callbacks: its streams are ours to let go */
     h2stream *st = c->streams;
     while (st) {
@@ -603,8 +628,8 @@ static void conn_free(h2conn *c)
     c->streams = NULL;
     c->hst = NULL;
     c->qhead = c->qtail = NULL;
-    nghttp2_session_del(c->session);
-    c->session = NULL;
+    nghttp2_session_del(sess(c));
+    c->ngs = NULL;
     mw_h2mem_free(&c->mem);
 }
 
@@ -626,7 +651,7 @@ static int upgrade(lua_State *L, h2conn *c, int idx)
     lua_getfield(L, idx, "head");
     int head = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    if (nghttp2_session_upgrade2(c->session, (const uint8_t *)payload, n, head, NULL) != 0) {
+    if (nghttp2_session_upgrade2(sess(c), (const uint8_t *)payload, n, head, NULL) != 0) {
         lua_pop(L, 1);
         c->fatal = 1;
         return 0;
@@ -718,7 +743,7 @@ static int l_h2_server(lua_State *L)
     if (nghttp2_option_set_stream_reset_rate_limit) nghttp2_option_set_stream_reset_rate_limit(opt, 1000, 33);
     mw_h2mem_init(&c->mem);
     mw_h2mem_begin(&c->mem);
-    int rv = nghttp2_session_server_new3(&c->session, cbs, c, opt, &c->mem.hooks);
+    int rv = nghttp2_session_server_new3(&c->ngs, cbs, c, opt, &c->mem.hooks);
     mw_h2mem_end(&c->mem);
     nghttp2_session_callbacks_del(cbs);
     nghttp2_option_del(opt);
@@ -734,10 +759,10 @@ static int l_h2_server(lua_State *L)
     iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, c->max_header_bytes };
     iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_ENABLE_PUSH, 0 };
     if (connect_protocol) iv[n++] = (nghttp2_settings_entry){ NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL, 1 };
-    nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, iv, (size_t)n);
+    nghttp2_submit_settings(sess(c), NGHTTP2_FLAG_NONE, iv, (size_t)n);
     c->settings_tx = 1;
     if (c->conn_window > 65535)
-        nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, (int32_t)c->conn_window);
+        nghttp2_session_set_local_window_size(sess(c), NGHTTP2_FLAG_NONE, 0, (int32_t)c->conn_window);
     c->settings_sent = c->rt->loop.now;
     /* a busy connection: TLS keeps its record buffers between reads and writes until the
      * connection has been idle for trim_after (resume_step) */
@@ -790,11 +815,11 @@ static void end_session(h2conn *c, uint32_t code)
 {
     if (!c->goaway) {
         c->goaway = 1;
-        nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
-                              nghttp2_session_get_last_proc_stream_id(c->session), code, NULL, 0);
+        nghttp2_submit_goaway(sess(c), NGHTTP2_FLAG_NONE,
+                              nghttp2_session_get_last_proc_stream_id(sess(c)), code, NULL, 0);
     }
     c->fatal = 1;
-    c->mem.drained = h2_drain(c->session, c->sock, SIZE_MAX) == 0;   /* all of it, past hwm */
+    c->mem.drained = h2_drain(sess(c), c->sock, SIZE_MAX) == 0;   /* all of it, past hwm */
 }
 
 /* The event of st: a request gets its handler, fn(<the values after fn>, stream, method,
@@ -888,7 +913,7 @@ static ssize_t feed(h2conn *c, const uint8_t *p, size_t len)
         if (data_or_headers && closed_by_peer(c, sid) && !c->closed_err) {
             /* (after a graceful GOAWAY too: the in-flight streams' peer broke the protocol) */
             c->goaway = c->closed_err = 1;
-            nghttp2_session_terminate_session(c->session, NGHTTP2_STREAM_CLOSED);
+            nghttp2_session_terminate_session(sess(c), NGHTTP2_STREAM_CLOSED);
         }
         if (type == NGHTTP2_RST_STREAM || (data_or_headers && (h[4] & NGHTTP2_FLAG_END_STREAM))) dirty = 1;
         if (type == NGHTTP2_HEADERS && sid > c->fhi) c->fhi = sid;
@@ -897,7 +922,7 @@ static ssize_t feed(h2conn *c, const uint8_t *p, size_t len)
         off += k;
     }
     c->mem.feeding = 1;
-    ssize_t n = nghttp2_session_mem_recv(c->session, p, off);
+    ssize_t n = nghttp2_session_mem_recv(sess(c), p, off);
     c->mem.feeding = 0;
     return n;
 }
@@ -909,7 +934,7 @@ static int next_step(lua_State *L, h2conn *c, mw_task *t)
         h2stream *st;
         while ((st = pop_event(c)) != NULL) run_event(L, c, st);
         if (!c->fatal) flush_session(c);
-        if (c->fatal || (!nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session))) {
+        if (c->fatal || (!nghttp2_session_want_read(sess(c)) && !nghttp2_session_want_write(sess(c)))) {
             if (c->handlers > 0 && c->graceful && !c->fatal && !s->closed) {
                 /* our graceful GOAWAY went out; in-flight handlers finish: wait for them (a
                  * connection error ends at once instead: run_over cancels the handlers) */
@@ -954,6 +979,7 @@ static int next_step(lua_State *L, h2conn *c, mw_task *t)
             return mw_stream_pusherr(L, s, errno);
         }
         mw_buf_release(&s->rbuf, &s->rt->pool);  /* idle: hold no buffer */
+        stow_idle(c);
         c->task = t;
         c->reading = 1;
         return mw_sock_wait(L, s, t, MW_ROLE_READ, want, read_deadline(c), next_k, 0);
@@ -965,7 +991,7 @@ static int resume_step(lua_State *L, h2conn *c, mw_task *t)
     c->task = NULL;
     c->reading = 0;
     int why = mw_sched_reason(t);
-    if (!c->session) return mw_pushfail(L, "closed", "closed");
+    if (!c->ngs) return mw_pushfail(L, "closed", "closed");
     if (why == MW_WAKE_TIMEOUT) {
         int64_t now = c->rt->loop.now;
         if (c->handlers == 0 && c->hdr_open == 0 && c->preface_seen && now >= trim_deadline(c)) {
@@ -1082,10 +1108,10 @@ static int h2_shutdown(lua_State *L)
     int graceful = lua_toboolean(L, 2);
     c->graceful = graceful;
     if (!c->goaway) {
-        if (graceful) nghttp2_submit_shutdown_notice(c->session);
+        if (graceful) nghttp2_submit_shutdown_notice(sess(c));
         c->goaway = 1;
-        nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
-                              nghttp2_session_get_last_proc_stream_id(c->session), NGHTTP2_NO_ERROR, NULL, 0);
+        nghttp2_submit_goaway(sess(c), NGHTTP2_FLAG_NONE,
+                              nghttp2_session_get_last_proc_stream_id(sess(c)), NGHTTP2_NO_ERROR, NULL, 0);
     }
     if (!graceful) c->fatal = 1;
     flush_session(c);
@@ -1096,11 +1122,12 @@ static int h2_shutdown(lua_State *L)
 
 /* h2:stats() -> { handlers, requests, glitches, trims (times idle pages went back), trimmed
  * (they did in this idle spell), parks (times the HPACK table was parked), parked (it is now:
- * acknowledged, no request since), hpack_trims (times the HPACK rings' page went back) } */
+ * acknowledged, no request since), hpack_trims (times the HPACK rings' page went back),
+ * stows (times an idle spell stowed the session), stowed (it is now) } */
 static int h2_stats(lua_State *L)
 {
     h2conn *c = checkconn(L);
-    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 10);
     lua_pushinteger(L, c->handlers);
     lua_setfield(L, -2, "handlers");
     lua_pushinteger(L, c->requests);
@@ -1117,6 +1144,10 @@ static int h2_stats(lua_State *L)
     lua_setfield(L, -2, "parked");
     lua_pushinteger(L, c->hpack_trims);
     lua_setfield(L, -2, "hpack_trims");
+    lua_pushinteger(L, c->stows);
+    lua_setfield(L, -2, "stows");
+    lua_pushboolean(L, c->mem.stowed != NULL);
+    lua_setfield(L, -2, "stowed");
     return 1;
 }
 
@@ -1176,11 +1207,11 @@ static int st_done(lua_State *L)
         mw_buf_free(&st->in, &st->rt->pool);
         consumed(st, st->unconsumed);
         int submitted = 0;
-        if (!st->closed && c->session) {
+        if (!st->closed && c->ngs) {
             if (!st->responded || !st->out_eof)
-                submitted = !nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
+                submitted = !nghttp2_submit_rst_stream(sess(c), NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
             else if (!st->body_done && st->data_eof)
-                submitted = !nghttp2_submit_rst_stream(c->session, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
+                submitted = !nghttp2_submit_rst_stream(sess(c), NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
             else if (!st->body_done) {
                 st->rst_after_eof = 1;       /* read_body_out sends it after the last DATA */
                 submitted = 1;               /* (the connection's task draws that DATA out) */
@@ -1191,7 +1222,7 @@ static int st_done(lua_State *L)
             mw_sched_wake(c->over_waiter, MW_WAKE_READY);
         } else if (submitted || (c->handlers == 0 && c->graceful)) {
             kick(c);      /* an RST to send, or a draining connection may end now */
-        } else if (c->handlers == 0 && c->task && c->reading && c->session) {
+        } else if (c->handlers == 0 && c->task && c->reading && c->ngs) {
             /* the last handler ended: the connection's read now waits under the idle
              * deadline (moved without waking the task) */
             mw_sched_set_deadline(c->task, read_deadline(c));
@@ -1211,7 +1242,7 @@ static int body_fail(lua_State *L, const char *msg, int status)
 
 static int stream_fail(lua_State *L, h2stream *st)
 {
-    if (!st->c || !st->c->session || st->c->ending) return mw_pushfail(L, "closed", "closed");
+    if (!st->c || !st->c->ngs || st->c->ending) return mw_pushfail(L, "closed", "closed");
     return mw_pushfail(L, "stream reset", "reset");
 }
 
@@ -1221,9 +1252,9 @@ static void consumed(h2stream *st, size_t n)
     h2conn *c = st->c;
     if (n > st->unconsumed) n = st->unconsumed;
     st->unconsumed -= n;
-    if (!c || !c->session || n == 0) return;
-    if (st->in_session) nghttp2_session_consume(c->session, st->id, n);
-    else nghttp2_session_consume_connection(c->session, n);
+    if (!c || !c->ngs || n == 0) return;
+    if (st->in_session) nghttp2_session_consume(sess(c), st->id, n);
+    else nghttp2_session_consume_connection(sess(c), n);
     flush_session(c);
 }
 
@@ -1274,11 +1305,11 @@ static int body_step(lua_State *L, h2stream *st, mw_task *t, int mode)
              * larger than the stream window could never complete */
             consumed(st, st->unconsumed);
         }
-        if (st->expect && st->c && st->c->session && !st->responded) {
+        if (st->expect && st->c && st->c->ngs && !st->responded) {
             /* the client waits for 100 Continue before it sends the body */
             st->expect = 0;
             nghttp2_nv nv = { (uint8_t *)":status", (uint8_t *)"100", 7, 3, NGHTTP2_NV_FLAG_NONE };
-            nghttp2_submit_headers(st->c->session, NGHTTP2_FLAG_NONE, st->id, NULL, &nv, 1, NULL);
+            nghttp2_submit_headers(sess(st->c), NGHTTP2_FLAG_NONE, st->id, NULL, &nv, 1, NULL);
             flush_session(st->c);
         }
         /* the deadline first: a bad timeout raises, and must find no wait recorded */
@@ -1467,7 +1498,7 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
     if (st->responded && status >= 200) return luaL_error(L, "response head already sent");
     /* (ending: the connection is over, as st:write says; Server:close cut it off after its
      * grace period: a head submitted now would never go out) */
-    if (!c || !c->session || c->ending || st->closed) return stream_fail(L, st);
+    if (!c || !c->ngs || c->ending || st->closed) return stream_fail(L, st);
     int cap = nh + 4;
     size_t arena = 0;
     for (int i = 0; i < nh; i++) {
@@ -1537,7 +1568,7 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
     }
     if (status < 200) {
         /* 1xx (103 Early Hints): a HEADERS frame that does not end the stream */
-        int rv = nghttp2_submit_headers(c->session, NGHTTP2_FLAG_NONE, st->id, NULL, l->nv, (size_t)l->n, NULL);
+        int rv = nghttp2_submit_headers(sess(c), NGHTTP2_FLAG_NONE, st->id, NULL, l->nv, (size_t)l->n, NULL);
         lua_settop(L, lidx - 1);
         if (rv != 0) return mw_pushfail(L, nghttp2_strerror(rv), "http2");
         flush_session(c);
@@ -1558,7 +1589,7 @@ static int respond_core(lua_State *L, h2stream *st, int status, int hidx, int nh
     prd.read_callback = read_body_out;
     int bodiless = eof && mw_buf_len(&st->out) == 0 && st->trout.n == 0;
     st->data_eof = bodiless;         /* END_STREAM on the HEADERS itself */
-    int rv = nghttp2_submit_response(c->session, st->id, l->nv, (size_t)l->n, bodiless ? NULL : &prd);
+    int rv = nghttp2_submit_response(sess(c), st->id, l->nv, (size_t)l->n, bodiless ? NULL : &prd);
     lua_settop(L, lidx - 1);
     if (rv != 0) return mw_pushfail(L, nghttp2_strerror(rv), "http2");
     /* the only handler running: out now (waking the connection's task would cost more);
@@ -1675,7 +1706,7 @@ static void unwait_writer(mw_task *t)
 static int write_wait(lua_State *L, h2stream *st)
 {
     for (;;) {
-        if (st->closed || !st->c || !st->c->session || st->c->ending) return stream_fail(L, st);
+        if (st->closed || !st->c || !st->c->ngs || st->c->ending) return stream_fail(L, st);
         if (mw_buf_len(&st->out) < st->c->out_hwm) {
             lua_pushboolean(L, 1);
             return 1;
@@ -1709,7 +1740,7 @@ static int st_write(lua_State *L)
     int eof = lua_toboolean(L, 3);
     if (!st->responded) return luaL_error(L, "write before the response head");
     if (st->out_eof) return luaL_error(L, "response already finished");
-    if (st->closed || !st->c || !st->c->session || st->c->ending) return stream_fail(L, st);
+    if (st->closed || !st->c || !st->c->ngs || st->c->ending) return stream_fail(L, st);
     if (len) {
         size_t avail;
         char *w = mw_buf_reserve(&st->out, &st->rt->pool, len, &avail);
@@ -1720,7 +1751,7 @@ static int st_write(lua_State *L)
     if (eof) st->out_eof = 1;
     if (st->deferred) {
         st->deferred = 0;
-        nghttp2_session_resume_data(st->c->session, st->id);
+        nghttp2_session_resume_data(sess(st->c), st->id);
     }
     flush_session(st->c);
     if (eof) {
@@ -1773,8 +1804,8 @@ static int st_reset(lua_State *L)
 {
     h2stream *st = checkstream(L);
     uint32_t code = (uint32_t)luaL_optinteger(L, 2, NGHTTP2_CANCEL);
-    if (st->c && st->c->session && !st->closed) {
-        nghttp2_submit_rst_stream(st->c->session, NGHTTP2_FLAG_NONE, st->id, code);
+    if (st->c && st->c->ngs && !st->closed) {
+        nghttp2_submit_rst_stream(sess(st->c), NGHTTP2_FLAG_NONE, st->id, code);
         flush_session(st->c);
     }
     return 0;
@@ -1792,7 +1823,7 @@ static int st_tunnel(lua_State *L)
 static int st_closed(lua_State *L)
 {
     h2stream *st = checkstream(L);
-    lua_pushboolean(L, st->closed || !st->c || !st->c->session);
+    lua_pushboolean(L, st->closed || !st->c || !st->c->ngs);
     return 1;
 }
 

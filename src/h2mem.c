@@ -25,13 +25,14 @@
 #define AREA_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
-/* Room for what nghttp2 1.52 makes at creation after the session struct, in its order: the
- * HPACK deflater's and inflater's rings of 1 KiB share a page (written once a response has
- * gone out, or the client indexes a field), the stream map's 4 KiB table has the next (zero
- * again whenever no stream is open), the frame buffer (16 KiB + 10 bytes) the next five; a
- * page to spare. Address space only: pages never written are not resident. (Another order
- * or other sizes cost resident pages, never correctness.) */
-#define REGION_PAGES 8
+/* Room for what nghttp2 1.52 makes at creation, in its order: the session struct (2.9 KiB,
+ * alone on the first page: mw_h2mem_stow gives it back with the others while the connection
+ * idles), the HPACK deflater's and inflater's rings of 1 KiB sharing the next page (written
+ * once a response has gone out, or the client indexes a field), the stream map's 4 KiB table
+ * the next (zero again whenever no stream is open), the frame buffer (16 KiB + 10 bytes) the
+ * next five; a page to spare. Address space only: pages never written are not resident.
+ * (Another order or other sizes cost resident pages, never correctness.) */
+#define REGION_PAGES 9
 #define SMALL 1024             /* smaller blocks (bookkeeping nghttp2 writes at once) go to malloc */
 #define RING (128 * sizeof(void *))  /* an HPACK ring: 128 entry pointers (h2mem.h) */
 #define FRAME 16384            /* a block this large is the frame buffer (the minimum frame
@@ -54,11 +55,13 @@ static int in_region(const mw_h2mem *m, const void *p)
 }
 
 /* A block in the region, or NULL (then malloc's). The session struct, nghttp2's first
- * block, stays on the heap: it is written at once and is live for good, and there it takes
- * its 2.9 KiB, not a page. */
+ * block, takes the region's first pages alone: live for good, it is what a stowed session
+ * copies out word by word (mw_h2mem_stow). */
 static void *take(mw_h2mem *m, size_t size)
 {
-    if (!m->creating || m->creating++ == 1 || size < SMALL) return NULL;
+    if (!m->creating) return NULL;
+    int first = m->creating++ == 1;
+    if (!first && size < SMALL) return NULL;
     size_t ps = page_size(), cap = REGION_PAGES * ps;
     if (!m->region) {
         void *r = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -67,6 +70,12 @@ static void *take(mw_h2mem *m, size_t size)
             return NULL;
         }
         m->region = r;
+    }
+    if (first) {
+        size_t len = (size + ps - 1) & ~(ps - 1);
+        if (m->used || len > cap / 2) return NULL;
+        m->used = m->sess_len = len;
+        return m->region;
     }
     /* a block of a page or more owns its pages whole (no other block shares the pages a
      * trim may give back); smaller ones are packed, none across a page boundary */
@@ -330,7 +339,7 @@ static int zero_page(const unsigned char *p, size_t n)
 
 size_t mw_h2mem_trim(mw_h2mem *m)
 {
-    if (!m->region) return 0;
+    if (!m->region || m->stowed) return 0;       /* (stowed: given back already) */
     size_t ps = page_size(), given = 0;
     size_t end = (m->used + ps - 1) & ~(ps - 1);
     for (size_t off = 0; off < end; off += ps) {
@@ -347,7 +356,7 @@ size_t mw_h2mem_trim(mw_h2mem *m)
 size_t mw_h2mem_trim_hpack(mw_h2mem *m)
 {
     /* the layout nghttp2 1.52 makes (a deflater's and an inflater's ring); any other: keep */
-    if (!m->region || m->nrings != 2 || m->ause) return 0;
+    if (!m->region || m->stowed || m->nrings != 2 || m->ause) return 0;
     size_t ps = page_size(), given = 0;
     for (size_t pg = 0; pg < REGION_PAGES; pg++) {
         if (!m->rings[pg] || m->others[pg]) continue;
@@ -356,8 +365,206 @@ size_t mw_h2mem_trim_hpack(mw_h2mem *m)
     return given;
 }
 
+/* ---- stowing an idle session (h2mem.h) ---- *
+ * A stow keeps, of the stowed pages' words, those that differ from a prediction: the words
+ * of the first session this process stowed (the template), its pointers into its own region
+ * moved to this one's. Most of a session struct is the same in every session (the
+ * callbacks, the settings, the pointers between its own parts), so an idle session keeps
+ * ~40 words where it has ~130 that are not zero. Dead words (below) are not kept and may
+ * come back as the template's. */
+
+/* The region's words as a stow reads and writes them: whole words, where ASan may have
+ * poisoned the tail of a live area block smaller than its granules (AREA_UNPOISON covers a
+ * block's size only). The loads and stores are volatile, so that no memcpy (which ASan's
+ * interceptor checks) is made of them. */
+#ifdef MW_SANITIZED
+#define NO_ASAN __attribute__((no_sanitize_address))
+#else
+#define NO_ASAN
+#endif
+
+NO_ASAN static uint64_t word_get(const mw_h2mem *m, size_t i)
+{
+    return ((const volatile uint64_t *)(const void *)m->region)[i];
+}
+
+NO_ASAN static void word_put(mw_h2mem *m, size_t i, uint64_t v)
+{
+    ((volatile uint64_t *)(void *)m->region)[i] = v;
+}
+
+/* Whether the word at index i of the region is dead: a free granule of the area, a ring's
+ * slot when the rings are dead (nghttp2 writes both before it reads them). */
+static int dead_word(const mw_h2mem *m, size_t i, int hpack_dead)
+{
+    const unsigned char *p = m->region + i * 8;
+    if (!m->area) return 0;
+    if (p >= m->area - 2 * RING && p < m->area) return hpack_dead;
+    return in_area(m, p) && !(m->ause >> ((size_t)(p - m->area) / GRAN) & 1);
+}
+
+/* The pages a stow covers: every page handed out but the frame buffer's. */
+static int stow_page(const mw_h2mem *m, size_t pg)
+{
+    size_t ps = page_size(), off = pg * ps;
+    if (off >= ((m->used + ps - 1) & ~(ps - 1))) return 0;
+    return !(m->frame_len && off >= m->frame_off && off < m->frame_off + m->frame_len);
+}
+
+/* The template: words 0 .. n-1 of the first stowed region, a pointer into that region kept
+ * as its offset (rel set). Made once per process, never changed or freed after. */
+typedef struct {
+    size_t n;
+    uint64_t *val;
+    unsigned char *rel;
+} stow_tmpl;
+
+static stow_tmpl *the_tmpl;
+
+static stow_tmpl *tmpl_get(void)
+{
+    return __atomic_load_n(&the_tmpl, __ATOMIC_ACQUIRE);
+}
+
+static void tmpl_make(const mw_h2mem *m, uint32_t pages, int hpack_dead)
+{
+    if (tmpl_get()) return;
+    size_t ps = page_size(), wpp = ps / 8, top = 0;
+    for (size_t pg = 0; pg < REGION_PAGES; pg++)
+        if (pages >> pg & 1) top = pg + 1;
+    stow_tmpl *nt = malloc(sizeof *nt);
+    if (!nt) return;
+    nt->n = top * wpp;
+    nt->val = calloc(nt->n ? nt->n : 1, sizeof *nt->val);
+    nt->rel = calloc(nt->n ? nt->n : 1, 1);
+    if (!nt->val || !nt->rel) {
+        free(nt->val);
+        free(nt->rel);
+        free(nt);
+        return;
+    }
+    uintptr_t lo = (uintptr_t)m->region, hi = lo + REGION_PAGES * ps;
+    for (size_t i = 0; i < nt->n; i++) {
+        if (!(pages >> (i / wpp) & 1) || dead_word(m, i, hpack_dead)) continue;
+        uint64_t v = word_get(m, i);
+        nt->rel[i] = v >= lo && v < hi;
+        nt->val[i] = nt->rel[i] ? v - lo : v;
+    }
+    stow_tmpl *none = NULL;
+    if (!__atomic_compare_exchange_n(&the_tmpl, &none, nt, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        free(nt->val);
+        free(nt->rel);
+        free(nt);
+    }
+}
+
+/* What the template says word i of this region holds (0 past it). */
+static uint64_t predict(const mw_h2mem *m, const stow_tmpl *t, size_t i)
+{
+    if (!t || i >= t->n) return 0;
+    return t->rel[i] ? (uint64_t)(uintptr_t)m->region + t->val[i] : t->val[i];
+}
+
+/* ASan: a stowed page is poisoned, but the area's bytes, whose shadow says which granules
+ * are live (it must outlive the stow; nothing reaches them but through the poisoned rings
+ * and session struct). */
+static void stow_poison(mw_h2mem *m, size_t pg, int poison)
+{
+    size_t ps = page_size();
+    unsigned char *p = m->region + pg * ps;
+    size_t n = ps;
+    if (m->area && p == m->area - 2 * RING) n = 2 * RING;
+    if (poison) AREA_POISON(p, n);
+    else AREA_UNPOISON(p, n);
+}
+
+size_t mw_h2mem_stow(mw_h2mem *m, int hpack_dead)
+{
+    if (!m->region || m->stowed) return 0;
+    size_t ps = page_size(), wpp = ps / 8;
+    _Static_assert(REGION_PAGES <= 32, "a bit per page in stowed_pages");
+    uint32_t pages = 0;
+    for (size_t pg = 0; pg < REGION_PAGES; pg++)
+        if (stow_page(m, pg)) pages |= (uint32_t)1 << pg;
+    tmpl_make(m, pages, hpack_dead);
+    const stow_tmpl *t = tmpl_get();
+    /* the words to keep: live ones that differ from the prediction; in runs (a header
+     * word, then the words), counted first */
+    size_t words = 1;
+    for (int pass = 0; pass < 2; pass++) {
+        uint64_t *copy = NULL;
+        if (pass == 1 && !(copy = malloc(words * sizeof *copy))) return 0;
+        size_t k = 0, head = 0;
+        for (size_t pg = 0; pg < REGION_PAGES; pg++) {
+            if (!(pages >> pg & 1)) continue;
+            int in_run = 0;
+            for (size_t i = pg * wpp; i < (pg + 1) * wpp; i++) {
+                int keep = 0;
+                uint64_t v = 0;
+                if (!dead_word(m, i, hpack_dead)) {
+                    v = word_get(m, i);
+                    keep = v != predict(m, t, i);
+                }
+                if (keep && pass == 0) words += in_run ? 1 : 2;
+                if (keep && pass == 1) {
+                    if (!in_run) {
+                        head = k++;
+                        copy[head] = (uint64_t)i << 32;
+                    }
+                    copy[k++] = v;
+                    copy[head]++;
+                }
+                in_run = keep;
+            }
+        }
+        if (pass == 1) {
+            copy[k] = 0;
+            m->stowed = copy;
+        }
+    }
+    size_t given = 0;
+    for (size_t pg = 0; pg < REGION_PAGES; pg++) {
+        if (!(pages >> pg & 1)) continue;
+        size_t n = 1;                                  /* a row of stowed pages: one call */
+        while (pg + n < REGION_PAGES && (pages >> (pg + n) & 1)) n++;
+        /* (a page madvise fails on keeps its bytes: the words put back are the same) */
+        if (madvise(m->region + pg * ps, n * ps, MADV_DONTNEED) == 0) given += n * ps;
+        pg += n - 1;
+    }
+    for (size_t pg = 0; pg < REGION_PAGES; pg++)
+        if (pages >> pg & 1) stow_poison(m, pg, 1);
+    m->stowed_pages = pages;
+    return given;
+}
+
+void mw_h2mem_unstow(mw_h2mem *m)
+{
+    uint64_t *copy = m->stowed;
+    if (!copy) return;
+    size_t wpp = page_size() / 8;
+    const stow_tmpl *t = tmpl_get();
+    for (size_t pg = 0; pg < REGION_PAGES; pg++) {
+        if (!(m->stowed_pages >> pg & 1)) continue;
+        stow_poison(m, pg, 0);
+        /* the prediction first (a page given back reads as zeros: only what is not zero) */
+        for (size_t i = pg * wpp; t && i < (pg + 1) * wpp && i < t->n; i++) {
+            uint64_t v = predict(m, t, i);
+            if (v) word_put(m, i, v);
+        }
+    }
+    for (size_t k = 0; copy[k]; ) {
+        size_t at = (size_t)(copy[k] >> 32), n = (size_t)(copy[k] & 0xffffffffu);
+        for (size_t j = 0; j < n; j++) word_put(m, at + j, copy[k + 1 + j]);
+        k += 1 + n;
+    }
+    free(copy);
+    m->stowed = NULL;
+    m->stowed_pages = 0;
+}
+
 void mw_h2mem_free(mw_h2mem *m)
 {
+    mw_h2mem_unstow(m);          /* (its copy; the pages are unmapped next) */
     /* (the shadow of poisoned bytes outlives munmap: the next mapping there must start clean) */
     if (m->area) AREA_UNPOISON(m->area, (size_t)m->ngran * GRAN);
     if (m->region) munmap(m->region, REGION_PAGES * page_size());

@@ -1,8 +1,10 @@
 /* h2mem: the allocator (nghttp2_mem) of a server connection's nghttp2 session, so that an
- * idle HTTP/2 connection keeps few pages resident. The blocks of 1 KiB or more that nghttp2
- * makes while it creates the session (the HPACK rings, the table of the stream map, the 16 KiB
- * output frame buffer; not the session struct) go to a region of pages mapped for the session;
- * mw_h2mem_trim gives back the pages that hold nothing the session needs (MADV_DONTNEED).
+ * idle HTTP/2 connection keeps few pages resident. The session struct (a page of its own) and
+ * the blocks of 1 KiB or more that nghttp2 makes while it creates the session (the HPACK
+ * rings, the table of the stream map, the 16 KiB output frame buffer) go to a region of pages
+ * mapped for the session; mw_h2mem_trim gives back the pages that hold nothing the session
+ * needs (MADV_DONTNEED), and mw_h2mem_stow the others, their live words copied to the heap
+ * until the session is used again (mw_h2mem_unstow).
  * The small blocks nghttp2 makes while it reads the client's frames go, when they fit, to the
  * spare half of the rings' page (the area), given back with it. Everything else is malloc's.
  * Lua-free; h2.c owns the calls. */
@@ -28,7 +30,7 @@ typedef struct mw_h2mem {
     size_t frame_off, frame_len;  /* the frame buffer's whole pages in the region (len 0: none) */
     /* per page of the region: the HPACK rings in it (blocks of RING bytes, the size nghttp2's
      * hd_ringbuf_init makes for a 4 KiB table), and the other blocks smaller than a page */
-    unsigned char rings[8], others[8];
+    unsigned char rings[9], others[9];  /* (REGION_PAGES in h2mem.c) */
     int nrings;
     size_t ring_off[2];        /* where the first two rings went */
     /* The spare half of the rings' page (nghttp2 1.52 puts its two 1 KiB rings alone on one):
@@ -44,6 +46,11 @@ typedef struct mw_h2mem {
                                 * made then (a request's stream, its decoded fields, the table
                                 * entries they make) go to the area */
     unsigned ngran;            /* granules in the area (at most 64) */
+    size_t sess_len;           /* the session struct's pages, from the region's start */
+    /* mw_h2mem_stow's copy of the live words of the pages it gave back (runs: a uint64_t
+     * word index << 32 | count, then the words; a count of 0 ends it), NULL when none */
+    uint64_t *stowed;
+    uint32_t stowed_pages;     /* bit k: page k was stowed (poisoned under ASan) */
 } mw_h2mem;
 
 /* Sets the hooks up (the struct must not move while a session uses it). */
@@ -63,6 +70,20 @@ size_t mw_h2mem_trim(mw_h2mem *m);
  * ring's slots below its length only, and writes a slot before it reads it, so an empty
  * ring's bytes are dead, as a free granule's are. Returns the bytes given back. */
 size_t mw_h2mem_trim_hpack(mw_h2mem *m);
+/* Stows an idle session: the region's pages (the frame buffer's aside: mw_h2mem_trim's) go
+ * back, what they hold that the session still needs copied to one heap block first (a few
+ * hundred bytes where the pages are 12 KiB: the session struct's page, the rings' page with
+ * the area's live blocks, the stream map's table). Dead bytes are not kept: the area's free
+ * granules, and the rings' slots when `hpack_dead` (the caller has seen both HPACK tables
+ * empty, as for mw_h2mem_trim_hpack). After this NOTHING may read or write the session (no
+ * nghttp2 call on it, no block of it) before mw_h2mem_unstow: the session struct reads as
+ * zeros. h2.c reaches its session through one accessor that unstows first (`make lint`
+ * refuses a call that does not); under ASan the stowed pages are poisoned, so that our own
+ * code's use is reported (nghttp2's is not instrumented: it would read a session of zeros).
+ * Returns the bytes given back (0: nothing stowed, e.g. no memory for the copy). */
+size_t mw_h2mem_stow(mw_h2mem *m, int hpack_dead);
+/* Puts a stowed session's words back (a page fault per page): the session is as it was. */
+void mw_h2mem_unstow(mw_h2mem *m);
 /* Unmaps the region: after nghttp2_session_del (or a failed creation) only. */
 void mw_h2mem_free(mw_h2mem *m);
 

@@ -464,9 +464,9 @@ end
 
 -- HTTP/2 (h2.lua, h2.c): on unless `http2 = false`; a table sets its limits (max_streams,
 -- stream_window, conn_window, header_fields, header_bytes, hwm, out_hwm, glitches,
--- settings_timeout, trim_after: seconds idle before a connection gives its session's spare
--- pages back, negative never; park_hpack: then also the client's HPACK table, and responses
--- are not indexed); the timeouts are the server's (head, idle, write).
+-- settings_timeout, trim_after: seconds idle before a connection gives its session's pages
+-- back and stows it, negative never; park_hpack: then also the client's HPACK table, and
+-- responses are not indexed); the timeouts are the server's (head, idle, write).
 local h2_defaults = { max_streams = 100, stream_window = 262144, conn_window = 8388608, header_fields = 128,
   header_bytes = 65536, hwm = 65536, out_hwm = 65536, glitches = 1000, settings_timeout = 10, h2c = false,
   trim_after = 1, park_hpack = false }
