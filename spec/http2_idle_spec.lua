@@ -577,4 +577,56 @@ describe("an idle HTTP/2 connection", function()
       assert.is_nil(next(srv._conns))
     end)
   end)
+
+  -- The decoder's table wraps around its ring (128 slots) and evicts (4,096 bytes) across
+  -- stows: each request indexes five new fields, the next one (after a stow) names them by
+  -- index only, and the server must decode the same values.
+  it("stows an idle session whose HPACK table wraps and evicts, and decodes every request after it", function()
+    run(function()
+      local srv = assert(http.server{ host = "127.0.0.1", port = 0, http2 = { trim_after = 0 },
+        handler = function(req, res)
+          local h = req.headers
+          res:send(table.concat({ h["x-a"] or "-", h["x-b"] or "-", h["x-c"] or "-", h["x-d"] or "-",
+            h["x-e"] or "-" }, ","))
+        end })
+      local _g <close> = helper.closer(srv)
+      local c = open_h2(srv.port)
+      local _c <close> = helper.closer(c)
+      local h2
+      for _, v in pairs(srv._conns) do if type(v) == "userdata" then h2 = v end end
+      local function request(id, block)
+        assert(c:write(frame(1, 5, id, block)))
+        local parts = {}
+        read_frames(c, function(ftype, flags, sid, payload)
+          if ftype == 0 and sid == id then parts[#parts + 1] = payload end
+          return sid == id and flags & 1 == 1 and (ftype == 0 or ftype == 1)
+        end)
+        return table.concat(parts)
+      end
+      local function wait_stowed()
+        local deadline = mw.now() + 10
+        while not h2:stats().stowed and mw.now() < deadline do mw.sleep(0.01) end
+        assert.is_true(h2:stats().stowed)
+      end
+      local GET = "\x82\x86\x84\x01\x01x"
+      local id = 1
+      for round = 1, 30 do
+        -- five literal fields with incremental indexing (new names: 0x40, name, value)
+        local block, want = GET, {}
+        for _, n in ipairs{ "a", "b", "c", "d", "e" } do
+          local v = ("%s%03d"):format(n, round) .. ("v"):rep(60)
+          block = block .. "\x40\x03x-" .. n .. string.char(#v) .. v
+          want[#want + 1] = v
+        end
+        assert.equal(table.concat(want, ","), request(id, block))
+        id = id + 2
+        wait_stowed()
+        -- the same five by index: x-e is 62 (the newest), x-a 66
+        assert.equal(table.concat(want, ","), request(id, GET .. "\xc2\xc1\xc0\xbf\xbe"))
+        id = id + 2
+        wait_stowed()
+      end
+      assert.is_true(h2:stats().stows >= 60)
+    end)
+  end)
 end)
