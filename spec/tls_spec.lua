@@ -195,6 +195,33 @@ describe("tls", function()
       helper.raises("bad option 'sni'", tls.context, srv { sni = "other.test" })
     end)
 
+    -- Regression: a misspelt key was ignored: `verify_clinet = true` served without client
+    -- certificates, `cafiel = ...` verified against the system's CAs instead.
+    it("a key it does not know raises, wherever a tls table is given", function()
+      local tls = mw.tls
+      helper.raises("unknown option 'tls.verify_clinet'", tls.context, { server = true, cert = cert("server-chain.pem"),
+        key = cert("server.key"), verify_clinet = true, cafile = cert("ca.pem") })
+      helper.raises("unknown option 'tls.cafiel'", tls.client_context, { cafiel = cert("ca.pem") })
+      helper.raises("unknown option 'tls.verfiy'", tls.server_context, { cert = cert("server-chain.pem"),
+        key = cert("server.key"), verfiy = false })
+      local ok, err = pcall(http.server, { host = "127.0.0.1", port = 0, handler = function() end,
+        tls = { cert = cert("server-chain.pem"), key = cert("server.key"), verify_clinet = true } })
+      assert.is_false(ok)
+      assert.matches("unknown option 'tls.verify_clinet'", err, 1, true)
+      run(function()
+        ok, err = pcall(mw.tcp.connect, "127.0.0.1", 1, { tls = { cafiel = cert("ca.pem") } })
+        assert.is_false(ok)
+        assert.matches("unknown option 'tls.cafiel'", err, 1, true)
+        ok, err = pcall(http.get, "https://127.0.0.1:1/", { tls = { insecure = true, hots = "x" } })
+        assert.is_false(ok)
+        assert.matches("unknown option 'tls.hots'", err, 1, true)
+      end)
+      -- every key the docs name is known
+      assert.is_true(tls.is_context(tls.client_context { cafile = cert("ca.pem"), capath = D, insecure = false,
+        min_version = "1.2", ciphers = "HIGH", ciphersuites = "TLS_AES_128_GCM_SHA256", alpn = { "h2" },
+        host = "localhost", timeout = 5 }))
+    end)
+
     it("starttls as a client needs a host to verify (or insecure = true)", function()
       run(function()
         local c, s = helper.tcp_pair()

@@ -11,10 +11,23 @@ local function argerror(n, fname, msg)
   error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
 end
 
+-- Every key a `tls` table may hold (the context's, and a connection's host and timeout): a
+-- misspelt one raises instead of being ignored (`verify_clinet = "require"` served without
+-- client certificates, `cafiel = ...` verified against the system's CAs).
+local KNOWN = { server = true, cert = true, key = true, sni = true, alpn = true, min_version = true,
+  ciphers = true, ciphersuites = true, cafile = true, capath = true, insecure = true, verify_client = true,
+  host = true, timeout = true }
+local function check_keys(opt, level)
+  for k in pairs(opt) do
+    if not KNOWN[k] then error(("unknown option 'tls.%s'"):format(tostring(k)), level + 1) end
+  end
+end
+
 --- mw.tls.context{ server = bool, cert, key, sni, alpn, min_version, ciphers, ciphersuites,
 -- cafile, capath, insecure, verify_client } -> context (raises on bad options or files)
 function M.context(opts)
   if type(opts) ~= "table" then argerror(1, "context", "table expected, got " .. type(opts)) end
+  check_keys(opts, 2)
   return core.tls_context(opts)
 end
 
@@ -36,6 +49,7 @@ function M.client_context(opt)
   end
   if opt == true then opt = {} end
   if type(opt) ~= "table" then error("bad option 'tls' (true, table or context expected)", 3) end
+  check_keys(opt, 2)
   local host = opt.host
   if host ~= nil and (type(host) ~= "string" or host == "" and opt.insecure ~= true) then
     -- an empty name would verify the chain alone: any certificate of the CA would do
@@ -63,6 +77,7 @@ end
 function M.server_context(opt)
   if M.is_context(opt) then return opt end
   if type(opt) ~= "table" then error("bad option 'tls' (table or context expected)", 3) end
+  check_keys(opt, 2)
   local o = {}
   for k, v in pairs(opt) do o[k] = v end
   o.server = true
