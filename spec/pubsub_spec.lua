@@ -218,20 +218,21 @@ describe("moonwire.pubsub, local", function()
           "bad option 'connect_timeout' (number expected, got string)" },
         { { redis = { url = "redis://127.0.0.1:1", max_bulk = 0 } },
           "bad option 'max_bulk' (positive integer expected, got 0)" },
+        -- (redis.subscriber's own checks, the same for configure)
+        { { redis = "redis://127.0.0.1:1", backoff_max = 0 },
+          "bad option 'backoff_max' (positive number expected, got 0)" },
+        { { redis = "redis://127.0.0.1:1", probe_timeout = "soon" },
+          "bad option 'probe_timeout' (positive number expected, got string)" },
+        { { redis = { url = "redis://127.0.0.1:1", db = -1 } },
+          "bad option 'db' (non-negative integer expected, got -1)" },
       } do
         bad[1].bus = false
         helper.raises(bad[2], pubsub.new, bad[1])
         -- (regression: configure took them; pubsub.default() raised in every handler instead)
         helper.raises(bad[2], pubsub.configure, bad[1])
       end
-      for _, bad in ipairs {
-        { { redis = "redis://127.0.0.1:1", backoff_max = 0 },
-          "bad option 'backoff_max' (positive number expected, got 0)" },
-        { { redis = { url = "redis://127.0.0.1:1", db = -1 } },
-          "bad option 'db' (non-negative integer expected, got -1)" },
-      } do
-        helper.raises(bad[2], pubsub.configure, bad[1])
-      end
+      -- (seconds, as every timeout: numbers or numeric strings)
+      pubsub.configure { redis = "redis://127.0.0.1:1", probe_timeout = "2", backoff_max = "0.5" }
       pubsub.configure {}
       ps:close()
     end)

@@ -158,11 +158,10 @@ local function new(opts, dry)
       local ok, err = redis.parse_url(url)
       if not ok then error("bad option 'redis' (" .. tostring(err) .. ")", 2) end
     end
-    if dry then        -- (what redis.subscriber checks, below)
-      for _, k in ipairs { "backoff_min", "backoff_max", "probe_interval", "probe_timeout" } do
-        optcheck(opts, k, posnum, "positive number")
-      end
-      redis._settings(opts.redis, { connect_timeout = opts.connect_timeout }, "configure")
+    if dry then        -- (what redis.subscriber checks, below: its own checks)
+      require("moonwire.redis.subscriber").check(opts.redis, { backoff_min = opts.backoff_min,
+        backoff_max = opts.backoff_max, probe_interval = opts.probe_interval, probe_timeout = opts.probe_timeout,
+        connect_timeout = opts.connect_timeout }, "configure")
       return
     end
     is_error = redis.is_error

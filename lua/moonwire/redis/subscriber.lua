@@ -25,11 +25,51 @@ local function hex(n)
   return (b:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
-local function optnum(opts, k, default)
+-- (seconds: numbers or numeric strings, as every timeout: docs/api.md)
+local function optnum(opts, k, default, level)
   local v = opts[k]
   if v == nil then return default end
-  if type(v) ~= "number" or v <= 0 then error(("bad option '%s' (positive number expected)"):format(k), 3) end
-  return v
+  local n = (type(v) == "number" or type(v) == "string") and tonumber(v)
+  if not n or not (n > 0) then
+    error(("bad option '%s' (positive number expected, got %s)"):format(k,
+      type(v) == "number" and tostring(v) or type(v)), level + 1)
+  end
+  return n
+end
+
+local CALLBACKS = { "on_message", "on_state", "on_subscribed" }
+local DURATIONS = { backoff_min = 0.1, backoff_max = 5, probe_interval = 5, probe_timeout = 2 }
+
+-- The options' checks, before anything is made (also pubsub.configure's, which makes
+-- nothing): raises naming the option at the caller of the function `fname` called this from.
+-- Returns the durations (defaults filled in) and the connect options.
+local function check(target, opts, fname)
+  if type(opts) ~= "table" then
+    error("bad argument #2 to '" .. fname .. "' (table expected, got " .. type(opts) .. ")", 3)
+  end
+  -- (one that is not a function was taken, and its error written to stderr at every call)
+  for _, k in ipairs(CALLBACKS) do
+    if opts[k] ~= nil and type(opts[k]) ~= "function" then
+      error(("bad option '%s' (function expected, got %s)"):format(k, type(opts[k])), 3)
+    end
+  end
+  local d = {}
+  for k, default in pairs(DURATIONS) do d[k] = optnum(opts, k, default, 3) end
+  local copts = {}
+  for k, v in pairs(opts) do copts[k] = v end
+  for _, k in ipairs(CALLBACKS) do copts[k] = nil end
+  for k in pairs(DURATIONS) do copts[k] = nil end
+  copts.url = nil
+  copts.resp, copts.pushes = 3, true
+  copts.max_pushes = opts.max_pushes or 100000
+  copts.connect_timeout = opts.connect_timeout or (d.probe_timeout + 1)
+  return d, copts
+end
+
+--- The checks redis.subscriber(target, opts) makes, and nothing else (pubsub.configure).
+function M.check(target, opts, fname)
+  local _, copts = check(target, opts, fname)
+  require("moonwire.redis")._settings(target or copts, target and copts or nil, fname)
 end
 
 --- redis.subscriber(url_or_opts [, opts]) -> subscriber (it connects in its own task)
@@ -40,40 +80,25 @@ end
 -- probe_interval (5 s), probe_timeout (2 s), connect_timeout (probe_timeout + 1).
 function M.new(target, opts)
   if not mw.current() then error("redis.subscriber: called outside a task", 2) end
-  local redis = require "moonwire.redis"
   if type(target) == "table" and opts == nil then opts, target = target, target.url end
   opts = opts or {}
-  if type(opts) ~= "table" then
-    error("bad argument #2 to 'subscriber' (table expected, got " .. type(opts) .. ")", 2)
-  end
-  -- (one that is not a function was taken, and its error written to stderr at every call)
-  for _, k in ipairs { "on_message", "on_state", "on_subscribed" } do
-    if opts[k] ~= nil and type(opts[k]) ~= "function" then
-      error(("bad option '%s' (function expected, got %s)"):format(k, type(opts[k])), 2)
-    end
-  end
-  local copts = {}
-  for k, v in pairs(opts) do copts[k] = v end
-  for _, k in ipairs { "on_message", "on_state", "on_subscribed", "backoff_min", "backoff_max", "probe_interval",
-    "probe_timeout", "url" } do copts[k] = nil end
-  copts.resp, copts.pushes = 3, true
-  copts.max_pushes = opts.max_pushes or 100000
+  local d, copts = check(target, opts, "subscriber")
+  local redis = require "moonwire.redis"
+  -- a bad URL or option raises now, as connect's would (in the task, connect's error would
+  -- be retried forever, unseen: the state starts "down", so on_state would not even be called)
+  redis._settings(target or copts, target and copts or nil, "subscriber")
   local self = setmetatable({
     _target = target, _copts = copts, _redis = redis,
     on_message = opts.on_message or function() end,
     on_state = opts.on_state or function() end,
     on_subscribed = opts.on_subscribed,
-    backoff_min = optnum(opts, "backoff_min", 0.1), backoff_max = optnum(opts, "backoff_max", 5),
-    probe_interval = optnum(opts, "probe_interval", 5), probe_timeout = optnum(opts, "probe_timeout", 2),
+    backoff_min = d.backoff_min, backoff_max = d.backoff_max,
+    probe_interval = d.probe_interval, probe_timeout = d.probe_timeout,
     state = "down", closed = false,
     _sets = { subscribe = {}, psubscribe = {}, ssubscribe = {} },
     _probe = "mw:probe:" .. hex(8),
     stats = { connects = 0, reconnects = 0, probes = 0, probe_failures = 0, dropped = 0, messages = 0 },
   }, Sub)
-  copts.connect_timeout = opts.connect_timeout or (self.probe_timeout + 1)
-  -- a bad URL or option raises now, as connect's would (in the task, connect's error would
-  -- be retried forever, unseen: the state starts "down", so on_state would not even be called)
-  redis._settings(target or copts, target and copts or nil, "subscriber")
   self._task = mw.spawn(M._run, self)
   return self
 end
