@@ -30,7 +30,7 @@ local function optnum(opts, k, default, level)
   local v = opts[k]
   if v == nil then return default end
   local n = (type(v) == "number" or type(v) == "string") and tonumber(v)
-  if not n or not (n > 0) then
+  if not n or n ~= n or n <= 0 then
     error(("bad option '%s' (positive number expected, got %s)"):format(k,
       type(v) == "number" and tostring(v) or type(v)), level + 1)
   end
@@ -43,7 +43,7 @@ local DURATIONS = { backoff_min = 0.1, backoff_max = 5, probe_interval = 5, prob
 -- The options' checks, before anything is made (also pubsub.configure's, which makes
 -- nothing): raises naming the option at the caller of the function `fname` called this from.
 -- Returns the durations (defaults filled in) and the connect options.
-local function check(target, opts, fname)
+local function check(opts, fname)
   if type(opts) ~= "table" then
     error("bad argument #2 to '" .. fname .. "' (table expected, got " .. type(opts) .. ")", 3)
   end
@@ -68,7 +68,7 @@ end
 
 --- The checks redis.subscriber(target, opts) makes, and nothing else (pubsub.configure).
 function M.check(target, opts, fname)
-  local _, copts = check(target, opts, fname)
+  local _, copts = check(opts, fname)
   require("moonwire.redis")._settings(target or copts, target and copts or nil, fname)
 end
 
@@ -82,7 +82,7 @@ function M.new(target, opts)
   if not mw.current() then error("redis.subscriber: called outside a task", 2) end
   if type(target) == "table" and opts == nil then opts, target = target, target.url end
   opts = opts or {}
-  local d, copts = check(target, opts, "subscriber")
+  local d, copts = check(opts, "subscriber")
   local redis = require "moonwire.redis"
   -- a bad URL or option raises now, as connect's would (in the task, connect's error would
   -- be retried forever, unseen: the state starts "down", so on_state would not even be called)
