@@ -74,7 +74,7 @@ static void *take(mw_h2mem *m, size_t size)
     if (first) {
         size_t len = (size + ps - 1) & ~(ps - 1);
         if (m->used || len > cap / 2) return NULL;
-        m->used = m->sess_len = len;
+        m->used = len;
         return m->region;
     }
     /* a block of a page or more owns its pages whole (no other block shares the pages a

@@ -46,9 +46,9 @@ typedef struct mw_h2mem {
                                 * made then (a request's stream, its decoded fields, the table
                                 * entries they make) go to the area */
     unsigned ngran;            /* granules in the area (at most 64) */
-    size_t sess_len;           /* the session struct's pages, from the region's start */
-    /* mw_h2mem_stow's copy of the live words of the pages it gave back (runs: a uint64_t
-     * word index << 32 | count, then the words; a count of 0 ends it), NULL when none */
+    /* mw_h2mem_stow's copy of the pages it gave back: their live words that differ from the
+     * template's prediction (h2mem.c), in runs (a uint64_t word index << 32 | count, then
+     * the words; a count of 0 ends it); NULL when none */
     uint64_t *stowed;
     uint32_t stowed_pages;     /* bit k: page k was stowed (poisoned under ASan) */
 } mw_h2mem;
@@ -73,7 +73,9 @@ size_t mw_h2mem_trim_hpack(mw_h2mem *m);
 /* Stows an idle session: the region's pages (the frame buffer's aside: mw_h2mem_trim's) go
  * back, what they hold that the session still needs copied to one heap block first (a few
  * hundred bytes where the pages are 12 KiB: the session struct's page, the rings' page with
- * the area's live blocks, the stream map's table). Dead bytes are not kept: the area's free
+ * the area's live blocks, the stream map's table; only the words that differ from the first
+ * session the process stowed, its pointers into its own pages moved to these). Dead bytes
+ * are not kept (they may come back as the template's): the area's free
  * granules, and the rings' slots when `hpack_dead` (the caller has seen both HPACK tables
  * empty, as for mw_h2mem_trim_hpack). After this NOTHING may read or write the session (no
  * nghttp2 call on it, no block of it) before mw_h2mem_unstow: the session struct reads as
