@@ -46,6 +46,24 @@ local function read_frames(c, done, noack)
   end
 end
 
+-- A request on c (HEADERS with `block`, END_STREAM unless a DATA `body` follows): its body.
+local function request_on(c, id, block, body)
+  assert(c:write(frame(1, body and 4 or 5, id, block) .. (body and frame(0, 1, id, body) or "")))
+  local parts = {}
+  read_frames(c, function(ftype, flags, sid, payload)
+    if ftype == 0 and sid == id then parts[#parts + 1] = payload end
+    return sid == id and flags & 1 == 1 and (ftype == 0 or ftype == 1)
+  end)
+  return table.concat(parts)
+end
+
+-- Waits (bounded) until the server's H2Conn h2 has stowed its session.
+local function wait_stowed(h2)
+  local deadline = mw.now() + 10
+  while not h2:stats().stowed and mw.now() < deadline do mw.sleep(0.01) end
+  assert.is_true(h2:stats().stowed)
+end
+
 -- A GET / as curl sends it: :authority, user-agent and accept as literals with incremental
 -- indexing (our decoder's table keeps them, as it does a browser's or curl's), after the
 -- first request as indexed fields (62..64)
@@ -489,40 +507,27 @@ describe("an idle HTTP/2 connection", function()
       local srv, c, h2 = host_echo{ trim_after = 0 }
       local _g <close> = helper.closer(srv)
       local _c <close> = helper.closer(c)
-      local function request(id, block, body)
-        assert(c:write(frame(1, body and 4 or 5, id, block) .. (body and frame(0, 1, id, body) or "")))
-        local parts = {}
-        read_frames(c, function(ftype, flags, sid, payload)
-          if ftype == 0 and sid == id then parts[#parts + 1] = payload end
-          return sid == id and flags & 1 == 1 and (ftype == 0 or ftype == 1)
-        end)
-        return table.concat(parts)
-      end
-      local function wait_stowed()
-        local deadline = mw.now() + 10
-        while not h2:stats().stowed and mw.now() < deadline do mw.sleep(0.01) end
-        assert.is_true(h2:stats().stowed)
-      end
+      local function request(id, block, body) return request_on(c, id, block, body) end
       assert.equal("a1", request(1, "\x82\x86\x84\x41\x02a1"))   -- "a1" indexed (62)
-      wait_stowed()
+      wait_stowed(h2)
       local stows = h2:stats().stows
       assert.is_true(stows >= 1)
       for i = 1, 4 do
         -- only by index: the decoder's table came back
         assert.equal("a1", request(2 * i + 1, "\x82\x86\x84\xbe"))
-        wait_stowed()
+        wait_stowed(h2)
         assert.is_true(h2:stats().stows > stows)
         stows = h2:stats().stows
       end
       -- a POST with a body (the stream map, the window) after a stow
       assert.equal("a1", request(11, "\x83\x86\x84\xbe", "some body"))
-      wait_stowed()
+      wait_stowed(h2)
       -- a PING while stowed is answered; the session stows again once idle
       assert(c:write(frame(6, 0, 0, "12345678")))
       read_frames(c, function(ftype, flags, _, payload)
         return ftype == 6 and flags & 1 == 1 and payload == "12345678"
       end)
-      wait_stowed()
+      wait_stowed(h2)
       -- the server closing a stowed connection: GOAWAY, then the end
       srv:close(1)
       local goaway = false
@@ -594,20 +599,7 @@ describe("an idle HTTP/2 connection", function()
       local _c <close> = helper.closer(c)
       local h2
       for _, v in pairs(srv._conns) do if type(v) == "userdata" then h2 = v end end
-      local function request(id, block)
-        assert(c:write(frame(1, 5, id, block)))
-        local parts = {}
-        read_frames(c, function(ftype, flags, sid, payload)
-          if ftype == 0 and sid == id then parts[#parts + 1] = payload end
-          return sid == id and flags & 1 == 1 and (ftype == 0 or ftype == 1)
-        end)
-        return table.concat(parts)
-      end
-      local function wait_stowed()
-        local deadline = mw.now() + 10
-        while not h2:stats().stowed and mw.now() < deadline do mw.sleep(0.01) end
-        assert.is_true(h2:stats().stowed)
-      end
+      local function request(id, block) return request_on(c, id, block) end
       local GET = "\x82\x86\x84\x01\x01x"
       local id = 1
       for round = 1, 30 do
@@ -620,11 +612,11 @@ describe("an idle HTTP/2 connection", function()
         end
         assert.equal(table.concat(want, ","), request(id, block))
         id = id + 2
-        wait_stowed()
+        wait_stowed(h2)
         -- the same five by index: x-e is 62 (the newest), x-a 66
         assert.equal(table.concat(want, ","), request(id, GET .. "\xc2\xc1\xc0\xbf\xbe"))
         id = id + 2
-        wait_stowed()
+        wait_stowed(h2)
       end
       assert.is_true(h2:stats().stows >= 60)
     end)
