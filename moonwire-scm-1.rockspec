@@ -48,6 +48,7 @@ build = {
       ["moonwire.channel"] = "lua/moonwire/channel.lua",
       ["moonwire.cli"] = "lua/moonwire/cli.lua",
       ["moonwire.url"] = "lua/moonwire/url.lua",
+      ["moonwire.opts"] = "lua/moonwire/opts.lua",
       ["moonwire.http"] = "lua/moonwire/http/init.lua",
       ["moonwire.http.server"] = "lua/moonwire/http/server.lua",
       ["moonwire.http.request"] = "lua/moonwire/http/request.lua",

@@ -843,6 +843,8 @@ describe("redis clients when something raises or lags", function()
         { { name = true }, "bad option 'name' (string expected, got boolean)" },
         { { timeout = "x" }, "bad option 'timeout' (number expected, got string)" },
         { { connect_timeout = "x" }, "bad option 'connect_timeout' (number expected, got string)" },
+        -- (regression: NaN was taken here, then raised by the connect as "bad option 'timeout'")
+        { { connect_timeout = 0 / 0 }, "bad option 'connect_timeout' (number expected, got " },
         { { max_bulk = 0 }, "bad option 'max_bulk' (positive integer expected, got 0)" },
         { { max_depth = 129 }, "bad option 'max_depth' (integer 1..128 expected, got 129)" },
         { { max_pushes = "x" }, "bad option 'max_pushes' (positive integer expected, got string)" },

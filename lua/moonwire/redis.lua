@@ -10,6 +10,7 @@
 local core = require "moonwire.core"
 local mw = require "moonwire"
 local urlmod = require "moonwire.url"
+local seconds = require("moonwire.opts").seconds
 
 local rc_methods = core.resp_methods
 local rc_call, rc_batch = rc_methods.call, rc_methods.batch
@@ -159,7 +160,7 @@ local function settings(target, opts, fname)
   end
   for _, k in ipairs { "timeout", "connect_timeout" } do
     -- (numbers or numeric strings, as every timeout: docs/api.md)
-    if o[k] ~= nil and not tonumber(o[k]) then bad(k, "number", o[k]) end
+    if o[k] ~= nil and not seconds(o[k]) then bad(k, "number", o[k]) end
   end
   for _, k in ipairs { "max_bulk", "max_pushes" } do
     local v = o[k]

@@ -4,6 +4,7 @@
 local mw = require "moonwire"
 local core = require "moonwire.core"
 local url = require "moonwire.url"
+local seconds = require("moonwire.opts").seconds
 
 local ws_conn, ws_accept, random, utf8_valid = core.ws_conn, core.ws_accept, core.random, core.utf8_valid
 local park, unpark, current, dispatch = core.park, core.unpark, core.current, core.dispatch
@@ -69,7 +70,7 @@ local option_checks = {
   ping_interval = { positive, "positive number" },
   idle_timeout = { positive, "positive number" },
   -- (as every timeout: a number or a numeric string, negative for none; docs/api.md)
-  timeout = { function(v) v = tonumber(v) return v ~= nil and v == v end, "number" },
+  timeout = { function(v) return seconds(v) ~= nil end, "number" },
   on_full = { function(v) return v == "close" or v == "drop" end, "'close' or 'drop'" },
   deflate = { function(v) return type(v) == "boolean" or type(v) == "table" end, "boolean or table" },
   protocols = { function(v) return type(v) == "table" end, "table" },

@@ -6,6 +6,7 @@
 local mw = require "moonwire"
 local core = require "moonwire.core"
 local url = require "moonwire.url"
+local seconds = require("moonwire.opts").seconds
 
 local http_conn, request_head, h2_client = core.http_conn, core.http_request_head, core.h2_client
 local check_fields = core.h2_check_fields
@@ -100,8 +101,8 @@ local function checked(fname, k, v, level)
     ok = math.type(v) and math.tointeger(v) and v >= (kind == "count" and 1 or 0)
     if k == "redirects" and v == false then ok = true end
   elseif kind == "seconds" then
-    ok = n and n == n
-    v = n
+    v = seconds(v)
+    ok = v ~= nil
   elseif kind == "size" then
     ok = type(v) == "number" and v >= 0
   elseif kind == "boolean" then

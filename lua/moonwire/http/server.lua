@@ -1,6 +1,7 @@
 --- The HTTP/1.1 server: one task per connection, requests parsed in C, answered in order.
 local mw = require "moonwire"
 local core = require "moonwire.core"
+local seconds = require("moonwire.opts").seconds
 local Request = require "moonwire.http.request"
 local Response = require "moonwire.http.response"
 
@@ -510,7 +511,7 @@ local function is_fn(v) return type(v) == "function" end
 local function is_bool(v) return type(v) == "boolean" end
 local function is_num(v) return type(v) == "number" and v == v end
 -- (grace is a timeout: a number or a numeric string, docs/api.md)
-local function is_secs(v) v = tonumber(v) return v ~= nil and v == v end
+local function is_secs(v) return seconds(v) ~= nil end
 local OPTION_TYPES = {          -- name = { check, what it wants }
   error_log = { is_fn, "function" }, on_listen = { is_fn, "function" }, gzip = { is_bool, "boolean" },
   bus = { is_bool, "boolean" }, grace = { is_secs, "number" },

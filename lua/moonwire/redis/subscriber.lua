@@ -8,6 +8,7 @@
 -- task: it must not block (moonwire.pubsub queues what it cannot hand over at once).
 local mw = require "moonwire"
 local core = require "moonwire.core"
+local seconds = require("moonwire.opts").seconds
 
 local M = {}
 
@@ -29,8 +30,8 @@ end
 local function optnum(opts, k, default, level)
   local v = opts[k]
   if v == nil then return default end
-  local n = (type(v) == "number" or type(v) == "string") and tonumber(v)
-  if not n or n ~= n or n <= 0 then
+  local n = seconds(v)
+  if not n or n <= 0 then
     error(("bad option '%s' (positive number expected, got %s)"):format(k,
       type(v) == "number" and tostring(v) or type(v)), level + 1)
   end
