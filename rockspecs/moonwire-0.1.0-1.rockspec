@@ -5,7 +5,7 @@ version = "0.1.0-1"
 -- `make rock` packs it with this file into moonwire-0.1.0-1.src.rock, which installs offline
 source = {
   url = "https://github.com/moonwire-lua/moonwire/releases/download/v0.1.0/moonwire-0.1.0.tar.gz",
-  md5 = "c105cb0cb829d545fea76c123f97152c",
+  md5 = "76c60c086607e9750fcc61e1e630832f",
   dir = "moonwire-0.1.0",
 }
 description = {
